@@ -1,0 +1,139 @@
+"""The few libbpf calls bcc 0.26 has no Python binding for.
+
+BPF_PROG_TEST_RUN (bpf_prog_test_run_opts), map info by fd, object pin/get,
+and raw iteration of a map we hold only as an fd (pinned maps of another
+layout, during migration). Uses Debian's libbpf.so.1 through ctypes.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from dataclasses import dataclass
+
+_lib = None
+
+
+def lib() -> ct.CDLL:
+    global _lib
+    if _lib is None:
+        _lib = ct.CDLL("libbpf.so.1", use_errno=True)
+        _lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.c_void_p]
+        _lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+        _lib.bpf_obj_get.argtypes = [ct.c_char_p]
+        _lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        _lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        _lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+        _lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
+        _lib.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
+    return _lib
+
+
+class _TestRunOpts(ct.Structure):
+    # struct bpf_test_run_opts from libbpf's bpf.h (a kernel/libbpf ABI, not ours)
+    _fields_ = [
+        ("sz", ct.c_size_t),
+        ("data_in", ct.c_void_p),
+        ("data_out", ct.c_void_p),
+        ("data_size_in", ct.c_uint32),
+        ("data_size_out", ct.c_uint32),
+        ("ctx_in", ct.c_void_p),
+        ("ctx_out", ct.c_void_p),
+        ("ctx_size_in", ct.c_uint32),
+        ("ctx_size_out", ct.c_uint32),
+        ("retval", ct.c_uint32),
+        ("repeat", ct.c_int),
+        ("duration", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("cpu", ct.c_uint32),
+        ("batch_size", ct.c_uint32),
+    ]
+
+
+class SkBuffCtx(ct.Structure):
+    # The leading part of struct __sk_buff (uapi); test runs accept a prefix.
+    _fields_ = [
+        ("len", ct.c_uint32), ("pkt_type", ct.c_uint32), ("mark", ct.c_uint32),
+        ("queue_mapping", ct.c_uint32), ("protocol", ct.c_uint32), ("vlan_present", ct.c_uint32),
+        ("vlan_tci", ct.c_uint32), ("vlan_proto", ct.c_uint32), ("priority", ct.c_uint32),
+        ("ingress_ifindex", ct.c_uint32), ("ifindex", ct.c_uint32), ("tc_index", ct.c_uint32),
+        ("cb", ct.c_uint32 * 5), ("hash", ct.c_uint32), ("tc_classid", ct.c_uint32),
+    ]
+
+
+@dataclass
+class TestRunResult:
+    retval: int
+    data: bytes
+    duration_ns: int
+
+
+def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, repeat: int = 1,
+                  out_size: int | None = None) -> TestRunResult:
+    out = ct.create_string_buffer(out_size or (len(packet) + 256))
+    inp = ct.create_string_buffer(bytes(packet), len(packet))
+    ctx = SkBuffCtx()
+    ctx.ifindex = ifindex
+    ctx.ingress_ifindex = ifindex
+    opts = _TestRunOpts()
+    opts.sz = ct.sizeof(_TestRunOpts)
+    opts.data_in = ct.cast(inp, ct.c_void_p)
+    opts.data_size_in = len(packet)
+    opts.data_out = ct.cast(out, ct.c_void_p)
+    opts.data_size_out = len(out)
+    if ifindex:
+        opts.ctx_in = ct.cast(ct.pointer(ctx), ct.c_void_p)
+        opts.ctx_size_in = ct.sizeof(ctx)
+    opts.repeat = repeat
+    rc = lib().bpf_prog_test_run_opts(prog_fd, ct.byref(opts))
+    if rc != 0:
+        err = ct.get_errno() or -rc
+        raise OSError(err, f"BPF_PROG_TEST_RUN failed: {os.strerror(err)}")
+    # retval is the tc verdict as an int (TC_ACT_SHOT = 2, UNSPEC = -1)
+    retval = ct.c_int32(opts.retval).value
+    return TestRunResult(retval, out.raw[: opts.data_size_out], opts.duration)
+
+
+class MapInfo(ct.Structure):
+    # Leading part of struct bpf_map_info (uapi).
+    _fields_ = [
+        ("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+        ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32),
+        ("name", ct.c_char * 16),
+    ]
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    n = ct.c_uint32(ct.sizeof(info))
+    if lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)) != 0:
+        err = ct.get_errno()
+        raise OSError(err, f"bpf_obj_get_info_by_fd: {os.strerror(err)}")
+    return info
+
+
+def obj_get(path: str) -> int:
+    fd = lib().bpf_obj_get(path.encode())
+    if fd < 0:
+        err = ct.get_errno()
+        raise OSError(err, f"bpf_obj_get({path}): {os.strerror(err)}")
+    return fd
+
+
+def map_items_raw(fd: int, key_size: int, value_size: int):
+    """Yield (key bytes, value bytes) of a map we only hold as an fd."""
+    key = ct.create_string_buffer(key_size)
+    nxt = ct.create_string_buffer(key_size)
+    val = ct.create_string_buffer(value_size)
+    prev = None
+    while lib().bpf_map_get_next_key(fd, prev, nxt) == 0:
+        ct.memmove(key, nxt, key_size)
+        if lib().bpf_map_lookup_elem(fd, key, val) == 0:
+            yield key.raw, val.raw
+        prev = key
+
+
+MAP_TYPE_NAMES = {
+    1: "hash", 2: "array", 3: "prog_array", 4: "perf_event_array", 5: "percpu_hash",
+    6: "percpu_array", 9: "lru_hash", 10: "lru_percpu_hash", 11: "lpm_trie",
+    27: "ringbuf",
+}

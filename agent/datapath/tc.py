@@ -1,0 +1,143 @@
+"""tc attachment with pyroute2: clsact + direct-action bpf filters.
+
+fastpath's filters sit at one configured priority with handle 1 and are
+named after their program (fp_*), which is how we tell ours from foreign
+filters: attaching replaces only our own filter (atomically, so no packet
+sees the device without a program), detaching deletes only ours, and a
+foreign filter already at our priority is an error, not something to
+overwrite.
+"""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent.datapath.errors import DatapathError, InterfaceNotFound
+
+DIRECTIONS = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}
+PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
+OUR_PREFIX = "fp_"
+HANDLE = 1
+
+
+@dataclass(frozen=True)
+class Filter:
+    ifname: str
+    ifindex: int
+    direction: str
+    prio: int
+    handle: int
+    name: str
+    prog_id: int
+
+    @property
+    def ours(self) -> bool:
+        return self.name.startswith(OUR_PREFIX)
+
+
+def _ifindex(ipr: IPRoute, dev: str | int, netns: str | None) -> tuple[int, str]:
+    if isinstance(dev, int):
+        links = ipr.get_links(dev) if dev else []
+        if not links:
+            raise InterfaceNotFound(str(dev), netns)
+        return dev, links[0].get_attr("IFLA_IFNAME")
+    idx = ipr.link_lookup(ifname=dev)
+    if not idx:
+        raise InterfaceNotFound(dev, netns)
+    return idx[0], dev
+
+
+def _filters(ipr: IPRoute, ifindex: int, ifname: str) -> list[Filter]:
+    out = []
+    for direction, parent in DIRECTIONS.items():
+        try:
+            msgs = ipr.get_filters(ifindex, parent=parent)
+        except NetlinkError as exc:
+            if exc.code == errno.EINVAL:     # no clsact on the device
+                continue
+            raise
+        for m in msgs:
+            if m.get_attr("TCA_KIND") != "bpf" or not m["handle"]:
+                continue
+            opts = m.get_attr("TCA_OPTIONS")
+            name = (opts.get_attr("TCA_BPF_NAME") if opts else None) or ""
+            prog_id = (opts.get_attr("TCA_BPF_ID") if opts else None) or 0
+            out.append(Filter(ifname, ifindex, direction, m["info"] >> 16, m["handle"],
+                              name, prog_id))
+    return out
+
+
+def _any_filters(ipr: IPRoute, ifindex: int) -> bool:
+    for parent in DIRECTIONS.values():
+        try:
+            if any(m["handle"] for m in ipr.get_filters(ifindex, parent=parent)):
+                return True
+        except NetlinkError:
+            continue
+    return False
+
+
+def list_filters(dev: str | int, netns: str | None = None) -> list[Filter]:
+    with IPRoute(netns=netns) as ipr:
+        idx, name = _ifindex(ipr, dev, netns)
+        return _filters(ipr, idx, name)
+
+
+def attach(dev: str | int, direction: str, prog_fd: int, prog_name: str, prio: int,
+           netns: str | None = None) -> Filter:
+    with IPRoute(netns=netns) as ipr:
+        idx, ifname = _ifindex(ipr, dev, netns)
+        try:
+            ipr.tc("add", "clsact", idx)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise DatapathError(f"cannot add clsact qdisc on {ifname}: {exc}") from None
+        for f in _filters(ipr, idx, ifname):
+            if f.direction == direction and f.prio == prio and not f.ours:
+                raise DatapathError(
+                    f"{ifname} {direction}: tc priority {prio} is taken by a foreign filter "
+                    f"({f.name or 'unnamed'}); choose another tc_priority")
+        try:
+            ipr.tc("replace-filter", "bpf", idx, handle=HANDLE, fd=prog_fd, name=prog_name,
+                   parent=PARENT[direction], classid=1, direct_action=True, prio=prio)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                raise InterfaceNotFound(ifname, netns) from None
+            raise DatapathError(f"cannot attach {prog_name} to {ifname} {direction}: {exc}") from None
+        for f in _filters(ipr, idx, ifname):
+            if f.direction == direction and f.prio == prio and f.name == prog_name:
+                return f
+        raise DatapathError(f"{prog_name} on {ifname} {direction}: attached but not listed")
+
+
+def detach(dev: str | int, prio: int | None = None, netns: str | None = None,
+           missing_ok: bool = True) -> list[Filter]:
+    """Remove fastpath's filters (all priorities, or only `prio`) from `dev`."""
+    removed = []
+    with IPRoute(netns=netns) as ipr:
+        try:
+            idx, ifname = _ifindex(ipr, dev, netns)
+        except InterfaceNotFound:
+            if missing_ok:
+                return []
+            raise
+        for f in _filters(ipr, idx, ifname):
+            if not f.ours or (prio is not None and f.prio != prio):
+                continue
+            try:
+                ipr.tc("del-filter", "bpf", idx, handle=f.handle, parent=PARENT[f.direction],
+                       prio=f.prio)
+                removed.append(f)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ENOENT, errno.ENODEV):
+                    raise
+        if removed and not _any_filters(ipr, idx):
+            # clsact with no filter of any kind left on it is ours to remove
+            try:
+                ipr.tc("del", "clsact", idx)
+            except NetlinkError:
+                pass
+    return removed

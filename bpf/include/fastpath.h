@@ -1,0 +1,111 @@
+/* fastpath's datapath contract: every map layout, enum and reason code.
+ *
+ * This header is the single source of truth shared by the BPF programs and
+ * the Python agent. Python never restates a layout: it takes struct layouts
+ * from bcc's generated ctypes for each table, and it reads the enums and
+ * X-macro lists below by parsing this file (agent/bpfdefs.py). When you
+ * change a struct here, bump the version suffix of every map that uses it
+ * (FP_MAP_* below), so that a new agent never reuses an old pinned map.
+ *
+ * Byte order is stated on every multi-byte field: NBO (network) or HBO (host).
+ */
+#ifndef FASTPATH_H
+#define FASTPATH_H
+
+#include <linux/types.h>
+
+/* Pinned map names (kernel limit: 15 characters). The suffix is the layout
+ * version; the agent refuses a pinned map whose key/value size or type does
+ * not match and migrates it (agent/datapath/pins.py). */
+#define FP_MAP_ENDPOINTS  fp_ep4_v1
+#define FP_MAP_COUNTERS   fp_cnt_v1
+#define FP_MAP_BYPASS     fp_bypass4_v1
+#define FP_MAP_TESTREC    fp_testrec_v1
+
+/* Pod endpoints on this node, keyed by pod IPv4 address. Filled by the agent
+ * (CNI ADD or restore); read by every program to find local destinations. */
+struct fp_endpoint_key {
+	__be32 ip4;            /* NBO */
+};
+
+#define FP_EP_F_REGISTERED   (1U << 0)  /* entry is complete and usable */
+
+struct fp_endpoint {
+	__u32 host_ifindex;    /* HBO: host-side cali* veth */
+	__u32 eni_ifindex;     /* HBO: ENI the pod's policy routing uses; 0 = unknown */
+	__u8  pod_mac[6];      /* pod's eth0 */
+	__u8  host_mac[6];     /* host-side veth */
+	__u32 flags;           /* HBO: FP_EP_F_* */
+	__u32 ep_id;           /* HBO: agent-assigned endpoint id, stable per pod */
+};
+_Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
+
+/* Where a packet was seen; part of the counter key and of monitor events. */
+#define FP_DIRS(X)                 \
+	X(FP_DIR_FROM_POD, 0, "from-pod") \
+	X(FP_DIR_TO_POD,   1, "to-pod")   \
+	X(FP_DIR_FROM_VPC, 2, "from-vpc") \
+	X(FP_DIR_TO_VPC,   3, "to-vpc")
+
+/* Every verdict has a reason; the label is also the metric label.
+ * Codes < 100 are forwarding outcomes, codes >= 100 are drops. */
+#define FP_REASONS(X)                                          \
+	X(FP_FWD_LOCAL,        0, "redirected-local")          \
+	X(FP_FWD_ENI,          1, "redirected-eni")            \
+	X(FP_FWD_STACK,        2, "to-stack")                  \
+	X(FP_FWD_BYPASS,       3, "to-stack-bypass")           \
+	X(FP_FWD_FIB_MISS,     4, "to-stack-fib")              \
+	X(FP_FWD_TTL,          5, "to-stack-ttl")              \
+	X(FP_FWD_PASS,         6, "passed")                    \
+	X(FP_DROP_INVALID,   100, "dropped-invalid-packet")    \
+	X(FP_DROP_SPOOFED,   101, "dropped-source-spoofed")    \
+	X(FP_DROP_REDIRECT,  102, "dropped-redirect-failed")
+
+#define FP_ENUM_ENTRY(name, val, label) name = val,
+enum fp_dir { FP_DIRS(FP_ENUM_ENTRY) };
+enum fp_reason { FP_REASONS(FP_ENUM_ENTRY) };
+#undef FP_ENUM_ENTRY
+
+#define FP_REASON_DROP_MIN 100
+
+/* Per-CPU packet/byte counters per (interface, direction, reason). */
+struct fp_counter_key {
+	__u32 ifindex;         /* HBO */
+	__u16 reason;          /* HBO: enum fp_reason */
+	__u8  dir;             /* enum fp_dir */
+	__u8  pad;
+};
+_Static_assert(sizeof(struct fp_counter_key) == 8, "fp_counter_key layout");
+
+struct fp_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Destinations that must always reach the host stack (node-local DNS and
+ * the like): an LPM trie of IPv4 prefixes. */
+struct fp_lpm4_key {
+	__u32 prefixlen;       /* HBO */
+	__be32 addr;           /* NBO */
+};
+
+/* Test builds only (FP_TEST): BPF_PROG_TEST_RUN does not perform redirects,
+ * so programs record the target they chose here for the tests to assert. */
+#define FP_REDIRECT_KINDS(X)             \
+	X(FP_RD_NONE,  0, "none")         \
+	X(FP_RD_PLAIN, 1, "redirect")     \
+	X(FP_RD_PEER,  2, "redirect-peer") \
+	X(FP_RD_NEIGH, 3, "redirect-neigh")
+
+#define FP_ENUM_ENTRY(name, val, label) name = val,
+enum fp_redirect_kind { FP_REDIRECT_KINDS(FP_ENUM_ENTRY) };
+#undef FP_ENUM_ENTRY
+
+struct fp_testrec {
+	__u32 ifindex;         /* HBO: redirect target */
+	__u32 kind;            /* HBO: enum fp_redirect_kind */
+	__be32 nexthop;        /* NBO: neighbour the redirect resolves, if any */
+	__u32 reason;          /* HBO: last reason counted */
+};
+
+#endif /* FASTPATH_H */

@@ -1,0 +1,142 @@
+/* Forwarding without the host stack.
+ *
+ * Local delivery: bpf_redirect_peer() hands the packet straight to the pod's
+ * eth0 in its netns (skipping the backlog queue and the host veth's egress
+ * hook), with the MACs the pod would see from the stack.
+ * Towards the VPC: bpf_fib_lookup() follows the node's policy routing (the
+ * `from <podIP> lookup <eni table>` rules Terway installs), and the packet
+ * leaves by the ENI it names, via bpf_redirect() when the neighbour is known
+ * or bpf_redirect_neigh() when the kernel must resolve it.
+ * Either way the TTL is decremented as a router would; packets whose TTL
+ * would expire go to the stack so it can answer with ICMP time exceeded.
+ */
+#ifndef FP_LIB_FWD_H
+#define FP_LIB_FWD_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <linux/socket.h>
+#include "lib/parse.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+/* bcc 0.26 declares bpf_redirect_neigh with the pre-5.11 three-argument
+ * prototype; the kernel helper takes (ifindex, params, plen, flags). */
+static long (*fp_bpf_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params,
+				     int plen, __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+
+/* tc verdict for "not mine to decide": the next filter (or the stack) runs. */
+#define FP_TC_CONTINUE TC_ACT_UNSPEC
+
+static __always_inline int fp_ttl_dec(struct __sk_buff *skb, const struct fp_ipv4 *ip)
+{
+	/* ttl and protocol share one 16-bit word of the header checksum. */
+	__u32 off = ip->l3_off + offsetof(struct iphdr, ttl);
+	__be16 old_word, new_word;
+	__u8 new_ttl = ip->ttl - 1;
+
+	if (bpf_skb_load_bytes(skb, off, &old_word, sizeof(old_word)))
+		return -1;
+	new_word = old_word;
+	((__u8 *)&new_word)[0] = new_ttl;
+	if (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
+				old_word, new_word, sizeof(new_word)))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new_ttl, 1, 0);
+}
+
+static __always_inline int fp_set_macs(struct __sk_buff *skb, __u8 *dst, __u8 *src)
+{
+	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), dst, ETH_ALEN, 0))
+		return -1;
+	return bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), src, ETH_ALEN, 0);
+}
+
+/* Deliver to a pod on this node. Returns the tc verdict; *reason is set. */
+static __always_inline int fp_redirect_local(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					     const struct fp_endpoint *dst, enum fp_reason *reason)
+{
+	__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
+	int ret;
+
+	if (ip->ttl <= 1) {
+		*reason = FP_FWD_TTL;
+		return FP_TC_CONTINUE;
+	}
+	/* Copy before writing the packet: the map value stays valid, but keep
+	 * the helper arguments on the stack as the verifier prefers. */
+	__builtin_memcpy(pod_mac, dst->pod_mac, ETH_ALEN);
+	__builtin_memcpy(host_mac, dst->host_mac, ETH_ALEN);
+	if (fp_ttl_dec(skb, ip) || fp_set_macs(skb, pod_mac, host_mac)) {
+		*reason = FP_DROP_INVALID;
+		return TC_ACT_SHOT;
+	}
+	ret = bpf_redirect_peer(dst->host_ifindex, 0);
+	if (ret != TC_ACT_REDIRECT) {
+		*reason = FP_DROP_REDIRECT;
+		return TC_ACT_SHOT;
+	}
+	*reason = FP_FWD_LOCAL;
+	fp_test_record(dst->host_ifindex, FP_RD_PEER, 0, FP_FWD_LOCAL);
+	return ret;
+}
+
+/* Send towards the VPC by the ENI the pod's policy routing selects.
+ * `eni_ifindex` is the pod's ENI; any other FIB answer goes to the stack so
+ * that fastpath never takes a path the node's routing would not. */
+static __always_inline int fp_redirect_vpc(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					   __u32 eni_ifindex, enum fp_reason *reason)
+{
+	struct bpf_fib_lookup fib = {};
+	int rc, ret;
+
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->proto;
+	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = skb->ifindex;
+
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+	    eni_ifindex == 0 || fib.ifindex != eni_ifindex) {
+		*reason = FP_FWD_FIB_MISS;
+		return FP_TC_CONTINUE;
+	}
+	if (ip->ttl <= 1) {
+		*reason = FP_FWD_TTL;
+		return FP_TC_CONTINUE;
+	}
+	if (fp_ttl_dec(skb, ip)) {
+		*reason = FP_DROP_INVALID;
+		return TC_ACT_SHOT;
+	}
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (fp_set_macs(skb, fib.dmac, fib.smac)) {
+			*reason = FP_DROP_INVALID;
+			return TC_ACT_SHOT;
+		}
+		ret = bpf_redirect(fib.ifindex, 0);
+		fp_test_record(fib.ifindex, FP_RD_PLAIN, fib.ipv4_dst, FP_FWD_ENI);
+	} else {
+		struct bpf_redir_neigh nh = {};
+
+		nh.nh_family = AF_INET;
+		nh.ipv4_nh = fib.ipv4_dst;
+		ret = fp_bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+		fp_test_record(fib.ifindex, FP_RD_NEIGH, fib.ipv4_dst, FP_FWD_ENI);
+	}
+	if (ret != TC_ACT_REDIRECT) {
+		*reason = FP_DROP_REDIRECT;
+		return TC_ACT_SHOT;
+	}
+	*reason = FP_FWD_ENI;
+	return ret;
+}
+
+#endif /* FP_LIB_FWD_H */

@@ -1,0 +1,88 @@
+/* fastpath's maps and their typed accessors (bcc dialect).
+ *
+ * bcc rewrites map method calls (m.lookup(&k)) only in the main source text,
+ * never inside #included headers. The loader (agent/datapath/loader.py)
+ * therefore puts this file first in the text it compiles, followed by the
+ * attach-point files (pod.c, eni.c, ...); helpers in lib/ only call the
+ * accessor functions below and never touch a map symbol.
+ *
+ * Map names are written as their FP_MAP_* macros; the loader substitutes
+ * the real names (bcc cannot call methods through a macro).
+ *
+ * Every map is pinned under FP_PIN_ROOT (a build option from the agent
+ * configuration), so a restarted agent reuses maps and keeps state.
+ * Sizes (FP_*_MAX) are build options too; see agent/config.py for defaults.
+ */
+#define FP__STR(x) #x
+#define FP_STR(x) FP__STR(x)
+#define FP_PIN(name) FP_PIN_ROOT "/" FP_STR(name)
+
+/* Local pod endpoints: the destination table of every redirect. */
+BPF_TABLE_PINNED("hash", struct fp_endpoint_key, struct fp_endpoint,
+		 FP_MAP_ENDPOINTS, FP_EP_MAX, FP_PIN(FP_MAP_ENDPOINTS));
+
+/* Verdict counters, per CPU so the hot path needs no atomics. */
+BPF_TABLE_PINNED("percpu_hash", struct fp_counter_key, struct fp_counter,
+		 FP_MAP_COUNTERS, FP_COUNTERS_MAX, FP_PIN(FP_MAP_COUNTERS));
+
+/* Host-stack bypass prefixes (node-local DNS etc). */
+BPF_TABLE_PINNED("lpm_trie", struct fp_lpm4_key, __u8,
+		 FP_MAP_BYPASS, FP_BYPASS_MAX, FP_PIN(FP_MAP_BYPASS), BPF_F_NO_PREALLOC);
+
+#ifdef FP_TEST
+/* Test builds record their redirect decisions (see struct fp_testrec). */
+BPF_ARRAY(FP_MAP_TESTREC, struct fp_testrec, 1);
+#endif
+
+static __always_inline struct fp_endpoint *fp_endpoint_lookup(__be32 ip4)
+{
+	struct fp_endpoint_key key = { .ip4 = ip4 };
+	struct fp_endpoint *ep = FP_MAP_ENDPOINTS.lookup(&key);
+
+	/* A half-written entry must never be used: the agent sets
+	 * FP_EP_F_REGISTERED only in a complete value. */
+	if (ep && (ep->flags & FP_EP_F_REGISTERED))
+		return ep;
+	return NULL;
+}
+
+static __always_inline int fp_bypass_match(__be32 ip4)
+{
+	struct fp_lpm4_key key = { .prefixlen = 32, .addr = ip4 };
+
+	return FP_MAP_BYPASS.lookup(&key) != NULL;
+}
+
+static __always_inline void fp_count(__u32 ifindex, enum fp_dir dir,
+				     enum fp_reason reason, __u32 bytes)
+{
+	struct fp_counter_key key = { .ifindex = ifindex, .reason = reason, .dir = dir };
+	struct fp_counter *c = FP_MAP_COUNTERS.lookup(&key);
+
+	if (!c) {
+		struct fp_counter zero = {};
+
+		FP_MAP_COUNTERS.insert(&key, &zero);
+		c = FP_MAP_COUNTERS.lookup(&key);
+		if (!c)
+			return;
+	}
+	c->packets += 1;
+	c->bytes += bytes;
+}
+
+static __always_inline void fp_test_record(__u32 ifindex, enum fp_redirect_kind kind,
+					   __be32 nexthop, enum fp_reason reason)
+{
+#ifdef FP_TEST
+	int zero = 0;
+	struct fp_testrec *rec = FP_MAP_TESTREC.lookup(&zero);
+
+	if (rec) {
+		rec->ifindex = ifindex;
+		rec->kind = kind;
+		rec->nexthop = nexthop;
+		rec->reason = reason;
+	}
+#endif
+}
