@@ -1,0 +1,215 @@
+"""The fastpath agent: owns the datapath on one node.
+
+Start-up order (each step idempotent, so a restarted agent converges
+without flushing anything that forwards traffic):
+  1. load: compile once, reopen pinned maps (migrating a changed layout);
+  2. attach the ENI programs;
+  3. restore endpoints from the state dir (skipping pods whose veth is gone);
+  4. replay CNI deletions queued while the agent was down;
+  5. serve the API (CNI plugin, CLI).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from agent.api.server import ApiError, ApiServer
+from agent.config import Config
+from agent.datapath import Datapath, tc
+from agent.datapath.discover import DiscoveryError, discover
+from agent.datapath.errors import DatapathError, InterfaceNotFound
+from agent.endpoints import Endpoint
+
+log = logging.getLogger("fastpath.agent")
+
+DEL_QUEUE = "cni-del-queue"
+
+
+class Agent:
+    def __init__(self, config: Config, *, netns: str | None = None, test_build: bool = False):
+        self.config = config
+        self.netns = netns
+        self.datapath = Datapath(config, netns=netns, test_build=test_build)
+        self.state_dir = Path(config.state_dir)
+        self.ep_dir = self.state_dir / "endpoints"
+        self.endpoints: dict[str, Endpoint] = {}
+        self.lock = threading.RLock()
+        self.api: ApiServer | None = None
+        self.started_at = 0.0
+        self.ready = threading.Event()
+        self.enis: list[str] = []
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self, serve: bool = True) -> "Agent":
+        t0 = time.monotonic()
+        self.ep_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / DEL_QUEUE).mkdir(parents=True, exist_ok=True)
+        self.datapath.load()
+        for note in self.datapath.migration_notes:
+            log.warning("pinned maps: %s", note)
+        self.enis = self.datapath.attach_enis()
+        log.info("attached to ENIs: %s", ", ".join(self.enis) or "(none)")
+        restored, dropped = self.restore()
+        log.info("restored %d endpoints (%d stale removed)", restored, dropped)
+        replayed = self.replay_deletions()
+        if replayed:
+            log.info("replayed %d queued CNI deletions", replayed)
+        if serve:
+            self.api = ApiServer(self.config.api_socket, self)
+            self.api.start()
+            log.info("API on %s", self.config.api_socket)
+        self.started_at = time.time()
+        self.ready.set()
+        log.info("ready in %.2fs", time.monotonic() - t0)
+        return self
+
+    def stop(self) -> None:
+        if self.api:
+            self.api.stop()
+        self.datapath.close()
+
+    # -- endpoint state ----------------------------------------------------
+    def _state_file(self, ep: Endpoint) -> Path:
+        return self.ep_dir / f"{ep.key}.json"
+
+    def _persist(self, ep: Endpoint) -> None:
+        tmp = self._state_file(ep).with_suffix(".tmp")
+        tmp.write_text(ep.to_json())
+        os.replace(tmp, self._state_file(ep))
+
+    def restore(self) -> tuple[int, int]:
+        """Re-apply saved endpoints whose host veth still exists; forget the
+        rest (their pods went away while we were not looking)."""
+        restored = dropped = 0
+        wanted_ips = set()
+        for f in sorted(self.ep_dir.glob("*.json")):
+            try:
+                ep = Endpoint.from_json(f.read_text())
+            except (ValueError, TypeError) as exc:
+                log.warning("ignoring unreadable endpoint state %s: %s", f, exc)
+                f.unlink()
+                continue
+            try:
+                cur = tc.list_filters(ep.host_ifname, self.netns)  # raises if veth gone
+                del cur
+                self.datapath.add_endpoint(ep)
+                self.endpoints[ep.key] = ep
+                wanted_ips.add(ep.ip)
+                restored += 1
+            except InterfaceNotFound:
+                self.datapath.maps.endpoint_delete(ep.ip)
+                f.unlink()
+                dropped += 1
+        # map entries nobody claims any more (e.g. state dir lost) are stale
+        for entry in self.datapath.maps.endpoints():
+            if entry.ip not in wanted_ips:
+                self.datapath.maps.endpoint_delete(entry.ip)
+                dropped += 1
+        return restored, dropped
+
+    def replay_deletions(self) -> int:
+        qdir = self.state_dir / DEL_QUEUE
+        n = 0
+        for f in sorted(qdir.glob("*.json")):
+            try:
+                req = json.loads(f.read_text())
+                self.rpc_EndpointDel(container_id=req.get("container_id", ""),
+                                     ifname=req.get("ifname", "eth0"))
+                n += 1
+            except (ValueError, ApiError) as exc:
+                log.warning("dropping queued deletion %s: %s", f.name, exc)
+            f.unlink()
+        return n
+
+    # -- API -----------------------------------------------------------------
+    def rpc_EndpointAdd(self, netns: str, ifname: str = "eth0", container_id: str = "",
+                        pod_namespace: str = "", pod_name: str = "") -> dict:
+        try:
+            ep = discover(netns, ifname, self.netns, container_id=container_id,
+                          pod_namespace=pod_namespace, pod_name=pod_name)
+        except DiscoveryError as exc:
+            raise ApiError("discovery", str(exc)) from None
+        with self.lock:
+            for key, other in list(self.endpoints.items()):
+                if other.ip == ep.ip and key != ep.key:
+                    # the IP was reassigned: the old attachment is stale
+                    log.info("endpoint %s replaces stale %s for %s", ep.key, key, ep.ip)
+                    self._forget(other, detach=other.host_ifname != ep.host_ifname)
+            try:
+                self.datapath.add_endpoint(ep)
+            except DatapathError as exc:
+                raise ApiError("datapath", str(exc)) from None
+            self.endpoints[ep.key] = ep
+            self._persist(ep)
+        log.info("endpoint added: %s %s/%s ip=%s veth=%s eni=%s", ep.key, pod_namespace,
+                 pod_name, ep.ip, ep.host_ifname, ep.eni_name or "-")
+        return endpoint_view(ep)
+
+    def _forget(self, ep: Endpoint, detach: bool = True) -> None:
+        if detach:
+            self.datapath.remove_endpoint(ep)
+        else:
+            self.datapath.maps.endpoint_delete(ep.ip)
+        self.endpoints.pop(ep.key, None)
+        self._state_file(ep).unlink(missing_ok=True)
+
+    def rpc_EndpointDel(self, container_id: str, ifname: str = "eth0") -> dict:
+        key = f"{container_id}-{ifname}"
+        with self.lock:
+            ep = self.endpoints.get(key)
+            if ep is None:
+                return {"deleted": False}
+            self._forget(ep)
+        log.info("endpoint deleted: %s ip=%s", key, ep.ip)
+        return {"deleted": True, "ip": ep.ip}
+
+    def rpc_EndpointCheck(self, container_id: str, ifname: str = "eth0") -> dict:
+        """Verify the datapath for one endpoint; list every problem found."""
+        key = f"{container_id}-{ifname}"
+        ep = self.endpoints.get(key)
+        if ep is None:
+            raise ApiError("not-found", f"endpoint {key} is not known to the agent")
+        problems = []
+        try:
+            progs = {(f.direction, f.name) for f in tc.list_filters(ep.host_ifname, self.netns)
+                     if f.prio == self.config.tc_priority}
+            for direction, prog in (("ingress", "fp_from_pod"), ("egress", "fp_to_pod")):
+                if (direction, prog) not in progs:
+                    problems.append(f"{prog} is not attached to {ep.host_ifname} {direction}")
+        except InterfaceNotFound:
+            problems.append(f"host veth {ep.host_ifname} no longer exists")
+        if ep.ip not in {e.ip for e in self.datapath.maps.endpoints()}:
+            problems.append(f"no endpoints map entry for {ep.ip}")
+        if ep.eni_name:
+            try:
+                tc.list_filters(ep.eni_name, self.netns)
+            except InterfaceNotFound:
+                problems.append(f"ENI {ep.eni_name} no longer exists")
+        if problems:
+            raise ApiError("check-failed", "; ".join(problems))
+        return {"ok": True}
+
+    def rpc_EndpointList(self) -> list[dict]:
+        with self.lock:
+            return [endpoint_view(e) for e in sorted(self.endpoints.values(), key=lambda e: e.ip)]
+
+    def rpc_Counters(self) -> list[dict]:
+        return [dict(ifindex=r.ifindex, direction=r.direction, reason=r.reason,
+                     packets=r.packets, bytes=r.bytes, drop=r.is_drop)
+                for r in self.datapath.maps.counters()]
+
+    def rpc_Status(self) -> dict:
+        return {"ready": self.ready.is_set(), "started_at": self.started_at,
+                "endpoints": len(self.endpoints), "enis": self.enis,
+                "bpffs_root": self.config.bpffs_root, "pid": os.getpid()}
+
+
+def endpoint_view(ep: Endpoint) -> dict:
+    return {"key": ep.key, "ip": ep.ip, "pod": f"{ep.pod_namespace}/{ep.pod_name}".strip("/"),
+            "host_ifname": ep.host_ifname, "host_ifindex": ep.host_ifindex,
+            "eni": ep.eni_name, "eni_ifindex": ep.eni_ifindex, "pod_mac": ep.pod_mac,
+            "host_mac": ep.host_mac, "container_id": ep.container_id, "ifname": ep.ifname}

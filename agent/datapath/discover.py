@@ -1,0 +1,81 @@
+"""Learn a pod endpoint from the kernel, not from what a CNI result claims.
+
+Terway's CNI result holds only the pod's eth0 and IP (no host interface), so
+the agent looks for itself: in the pod's netns (CNI_NETNS) it finds the
+interface, its MAC and IPv4 address and the ifindex of its veth peer; in the
+node's netns it finds the host-side peer (checking that it really points
+back at the pod's interface) and resolves the pod's ENI from Terway's
+policy routing: `from <podIP> lookup <table>`, then that table's default
+route's device.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent.datapath.errors import DatapathError
+from agent.endpoints import Endpoint
+
+
+class DiscoveryError(DatapathError):
+    pass
+
+
+def _pod_side(netns_path: str, ifname: str):
+    if not netns_path or not os.path.exists(netns_path):
+        raise DiscoveryError(f"pod netns {netns_path!r} does not exist")
+    try:
+        ipr = IPRoute(netns=netns_path)
+    except Exception as exc:
+        raise DiscoveryError(f"cannot open pod netns {netns_path}: {exc}") from None
+    with ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise DiscoveryError(f"interface {ifname} not found in pod netns {netns_path}")
+        link = ipr.get_links(idx[0])[0]
+        peer = link.get_attr("IFLA_LINK")
+        if not peer:
+            raise DiscoveryError(f"{ifname} in {netns_path} is not a veth (no peer ifindex)")
+        addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx[0], family=socket.AF_INET)
+                 if a["scope"] == 0]
+        if not addrs:
+            raise DiscoveryError(f"{ifname} in {netns_path} has no IPv4 address")
+        return idx[0], link.get_attr("IFLA_ADDRESS"), peer, addrs[0]
+
+
+def resolve_eni(ipr: IPRoute, pod_ip: str) -> tuple[str, int]:
+    """The ENI Terway's policy routing gives `pod_ip`, or ("", 0)."""
+    for rule in sorted(ipr.get_rules(family=socket.AF_INET),
+                       key=lambda r: r.get_attr("FRA_PRIORITY") or 0):
+        if rule["src_len"] == 32 and rule.get_attr("FRA_SRC") == pod_ip:
+            table = rule.get_attr("FRA_TABLE") or rule["table"]
+            for route in ipr.get_routes(family=socket.AF_INET, table=table):
+                if route["dst_len"] == 0 and route.get_attr("RTA_OIF"):
+                    oif = route.get_attr("RTA_OIF")
+                    links = ipr.get_links(oif)
+                    return links[0].get_attr("IFLA_IFNAME"), oif
+    return "", 0
+
+
+def discover(netns_path: str, ifname: str = "eth0", node_netns: str | None = None,
+             **identity) -> Endpoint:
+    """Build the Endpoint for the pod interface `ifname` in `netns_path`.
+    `identity` carries container_id, pod_namespace, pod_name."""
+    pod_idx, pod_mac, peer_idx, pod_ip = _pod_side(netns_path, ifname)
+    with IPRoute(netns=node_netns) as ipr:
+        try:
+            host = ipr.get_links(peer_idx)[0]
+        except (NetlinkError, IndexError):
+            raise DiscoveryError(f"host-side peer (ifindex {peer_idx}) of {ifname} in "
+                                 f"{netns_path} not found in the node netns") from None
+        if host.get_attr("IFLA_LINK") != pod_idx:
+            raise DiscoveryError(f"ifindex {peer_idx} in the node netns is not the peer of "
+                                 f"{ifname} in {netns_path}")
+        eni_name, eni_idx = resolve_eni(ipr, pod_ip)
+    return Endpoint(ip=pod_ip, host_ifname=host.get_attr("IFLA_IFNAME"), host_ifindex=peer_idx,
+                    host_mac=host.get_attr("IFLA_ADDRESS"), pod_mac=pod_mac,
+                    eni_name=eni_name, eni_ifindex=eni_idx, ifname=ifname, netns=netns_path,
+                    **identity)

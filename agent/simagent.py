@@ -1,0 +1,131 @@
+"""Run fastpath on a simulated node (agent/sim), in process or as a daemon.
+
+Used by the demo, the vm-tests and the benchmarks. Everything it makes is
+private: a bpffs mounted on a temporary directory (never /sys/fs/bpf), a
+temporary state dir and API socket. On exit it detaches fastpath's filters
+from the node's devices, unpins its maps and unmounts.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import Config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SimPaths:
+    root: str
+    bpffs: str
+    state_dir: str
+    socket: str
+
+    def config(self, **overrides) -> Config:
+        return Config.defaults().replace(bpffs_root=f"{self.bpffs}/fastpath",
+                                         state_dir=self.state_dir, api_socket=self.socket,
+                                         **overrides)
+
+
+@contextlib.contextmanager
+def private_paths():
+    root = tempfile.mkdtemp(prefix="fp-sim-")
+    paths = SimPaths(root, f"{root}/bpffs", f"{root}/state", f"{root}/agent.sock")
+    os.makedirs(paths.bpffs)
+    subprocess.run(["mount", "-t", "bpf", "bpf", paths.bpffs], check=True)
+    try:
+        yield paths
+    finally:
+        subprocess.run(["umount", "-l", paths.bpffs], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def register_pod(agent_or_socket, pod) -> dict:
+    """Tell the agent about a pod the way the CNI plugin does."""
+    params = {"netns": pod.netns_path, "ifname": pod.ifname,
+              "container_id": f"sim-{pod.name}", "pod_namespace": "default",
+              "pod_name": pod.name}
+    if isinstance(agent_or_socket, str):
+        from agent.api import wire
+        return wire.call(agent_or_socket, "EndpointAdd", params)
+    return agent_or_socket.rpc_EndpointAdd(**params)
+
+
+def _detach_node(node, prio: int) -> None:
+    from agent.datapath import tc
+    from pyroute2 import IPRoute
+    with IPRoute(netns=node.netns) as ipr:
+        names = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
+    for name in names:
+        tc.detach(name, prio, node.netns)
+
+
+@contextlib.contextmanager
+def sim_attach(node, *, register: bool = True, test_build: bool = False, **overrides):
+    """In-process agent on `node` (an agent.sim Node); yields the Agent."""
+    from agent.agent import Agent
+    with private_paths() as paths:
+        cfg = paths.config(**overrides)
+        agent = Agent(cfg, netns=node.netns, test_build=test_build)
+        try:
+            agent.start(serve=False)
+            if register:
+                for pod in node.pods:
+                    register_pod(agent, pod)
+            yield agent
+        finally:
+            agent.stop()
+            _detach_node(node, cfg.tc_priority)
+
+
+class AgentProcess:
+    """`fastpath agent` as a real process inside the node's netns."""
+
+    def __init__(self, node, paths: SimPaths, extra_args: list[str] | None = None):
+        self.node = node
+        self.paths = paths
+        self.extra = extra_args or []
+        self.proc: subprocess.Popen | None = None
+        self.log = Path(paths.root) / "agent.log"
+
+    def start(self, timeout: float = 60) -> "AgentProcess":
+        cmd = ["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "agent.cli.main",
+               "agent", "--bpffs-root", f"{self.paths.bpffs}/fastpath",
+               "--state-dir", self.paths.state_dir, "--api-socket", self.paths.socket,
+               *self.extra]
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        from agent.api import wire
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n"
+                                   + self.log.read_text()[-3000:])
+            try:
+                if wire.call(self.paths.socket, "Status", timeout=2)["ready"]:
+                    return self
+            except (OSError, wire.WireError):
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError("agent not ready in time:\n" + self.log.read_text()[-3000:])
+
+    def kill(self, sig: int = 9) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def stop(self) -> None:
+        self.kill(15)
