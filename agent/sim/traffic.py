@@ -1,0 +1,54 @@
+"""Real traffic between simulated endpoints, with the tools the machine has.
+
+Each helper starts a one-shot server in the destination netns, waits until it
+listens, runs one client in the source netns and returns what each side
+received, so a test asserts on delivered bytes rather than on exit codes.
+Servers bind the destination address only; clients send only to it.
+"""
+from __future__ import annotations
+
+import subprocess
+
+from .netns import Netns
+
+
+def tcp_exchange(client: Netns, server: Netns, ip: str | None = None, port: int = 7000,
+                 request: str = "ping", reply: str = "pong",
+                 timeout: float = 5.0) -> tuple[str, str]:
+    """One TCP connection: client sends `request`, server answers `reply`.
+
+    Returns (bytes the server received, bytes the client received).
+    """
+    ip = ip or getattr(server, "ip")
+    # -N on both ends: each side half-closes after its message, so both exit
+    # as soon as the exchange is complete instead of waiting for -w.
+    srv = server.popen(["sh", "-c", f"printf %s '{reply}' | nc -l -N -w {int(timeout)} {ip} {port}"],
+                       stdout=subprocess.PIPE, text=True)
+    try:
+        server.wait_port(port, timeout=timeout)
+        got = client.run(["sh", "-c", f"printf %s '{request}' | nc -N -w {int(timeout)} {ip} {port}"],
+                         check=False, timeout=timeout + 2).stdout
+        out, _ = srv.communicate(timeout=timeout + 2)
+        return out, got
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
+
+
+def udp_send(client: Netns, server: Netns, ip: str | None = None, port: int = 7001,
+             payload: str = "dgram", timeout: float = 5.0) -> str:
+    """One UDP datagram from client to server; returns what the server received."""
+    ip = ip or getattr(server, "ip")
+    srv = server.popen(["nc", "-u", "-l", "-W", "1", "-w", str(int(timeout)), ip, str(port)],
+                       stdout=subprocess.PIPE, text=True)
+    try:
+        server.wait_port(port, udp=True, timeout=timeout)
+        client.run(["sh", "-c", f"printf %s '{payload}' | nc -u -q 0 -w 1 {ip} {port}"],
+                   timeout=timeout + 2)
+        out, _ = srv.communicate(timeout=timeout + 2)
+        return out
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait()
