@@ -1,0 +1,183 @@
+"""Pod-to-pod on one node: fastpath's redirect vs the host stack vs a bare veth.
+
+Three arms, alternated A B C per round (medians over rounds):
+
+  direct    two pod netns joined by one veth: the physical limit
+  stack     pod a -> cali -> node routing (rule 512, endpoint route) -> cali -> pod b
+  fastpath  the same node and pods with fastpath attached (bpf_redirect_peer)
+
+       direct:  [a]==veth==[b]
+   stack/fp:    [a]--cali--( node n1 )--cali--[b]
+
+Each arm measures TCP_RR (1-byte transactions/s on one connection), TCP_CRR
+(connect, 1-byte request/response, close: connections/s) with bench/tools/fprr,
+and TCP throughput with iperf3, client and server pinned to CPU 0.
+
+The fastpath arm is a hook: `run(fastpath_setup)` where
+`fastpath_setup(world, node)` returns a context manager that attaches fastpath
+to the node (and registers its pods) for the duration of the arm. Without one,
+`run()` uses `sim_attach(node)` from agent.datapath or agent.simagent if
+either exists; with neither it measures direct and stack only and says so.
+Stack is re-checked to carry no tc/XDP program before each of its rounds, so
+a detach that failed can never pass fastpath off as the baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from typing import Callable, ContextManager
+
+from agent.sim import World
+from bench import harness
+from bench.harness import Endpoints, median
+
+COMMAND = "python -m bench.pod_to_pod"
+FastpathSetup = Callable[[World, object], ContextManager]
+
+
+def find_fastpath_setup() -> tuple[FastpathSetup | None, str]:
+    """fastpath's simulated-node attach, wherever the datapath exposes it."""
+    reasons = []
+    for mod_name in ("agent.datapath", "agent.simagent"):
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception as e:           # a half-built datapath must not stop the baselines
+            reasons.append(f"{mod_name}: import failed ({type(e).__name__}: {e})")
+            continue
+        fn = getattr(mod, "sim_attach", None)
+        if fn is not None:
+            return (lambda world, node: fn(node)), f"{mod_name}.sim_attach"
+        reasons.append(f"{mod_name} has no sim_attach")
+    return None, "; ".join(reasons)
+
+
+def _assert_no_bpf(node) -> None:
+    devs = ["eth0"] + [e.name for e in node.enis] + [p.host_ifname for p in node.pods]
+    for dev in devs:
+        for hook in ("ingress", "egress"):
+            out = node.run(["tc", "filter", "show", "dev", dev, hook]).stdout.strip()
+            if out:
+                raise RuntimeError(f"stack arm: {dev} {hook} still has tc filters:\n{out}")
+        if "xdp" in node.run(["ip", "link", "show", "dev", dev]).stdout:
+            raise RuntimeError(f"stack arm: {dev} still has an XDP program")
+
+
+def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, rounds: int = 5,
+        rr_seconds: float = 2.0, crr_seconds: float = 2.0, stream_seconds: float = 3.0,
+        record_results: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Measure the arms; record figures (bench/results.py) if `record_results`.
+
+    Without `fastpath_setup`, looks for sim_attach unless `discover` is False.
+    Returns {"medians": {arm: {metric: value}}, "raw": ..., "fastpath": source or None}.
+    """
+    source = "given by the caller" if fastpath_setup else None
+    if fastpath_setup is None and not discover:
+        log("pod_to_pod: fastpath arm NOT run (asked not to); measuring direct and stack only")
+    elif fastpath_setup is None:
+        fastpath_setup, why = find_fastpath_setup()
+        source = why if fastpath_setup else None
+        if fastpath_setup is None:
+            log(f"pod_to_pod: fastpath arm NOT run (no sim_attach: {why}); measuring direct and stack only")
+    if source:
+        log(f"pod_to_pod: fastpath arm attaches with {source}")
+    harness.build_fprr()
+
+    started = time.monotonic()
+    with World() as w:
+        node = w.add_node("n1", enis=1)
+        a, b = node.add_pod("a"), node.add_pod("b")
+        pair = w.add_direct_pair()
+        eps = {"direct": Endpoints(pair.a, pair.b, pair.b.ip, pair.a.ip),
+               "stack": Endpoints(a, b, b.ip, a.ip)}
+        servers = []
+        try:
+            for ep in eps.values():
+                harness.tune_client(ep.client)
+                servers += harness.start_servers(ep)
+                # Resolve neighbours and fault in the path before anything counts.
+                ep.client.ping(ep.server_ip, count=1)
+                harness.fprr(ep, "rr", 0.2)
+
+            def measure(ep: Endpoints) -> dict[str, float]:
+                return {"rr": harness.fprr(ep, "rr", rr_seconds),
+                        "crr": harness.fprr(ep, "crr", crr_seconds),
+                        "stream": harness.iperf3(ep, stream_seconds)}
+
+            def stack_arm() -> dict[str, float]:
+                _assert_no_bpf(node)
+                return measure(eps["stack"])
+
+            def fastpath_arm() -> dict[str, float]:
+                t = time.monotonic()
+                with fastpath_setup(w, node):
+                    log(f"  (fastpath attached in {time.monotonic() - t:.1f}s)")
+                    harness.fprr(eps["stack"], "rr", 0.2)
+                    return measure(eps["stack"])
+
+            arms = {"direct": lambda: measure(eps["direct"]), "stack": stack_arm}
+            if fastpath_setup:
+                arms["fastpath"] = fastpath_arm
+            raw = harness.alternate(arms, rounds, log)
+        finally:
+            harness.stop(servers)
+    elapsed = time.monotonic() - started
+
+    med = {arm: {m: median(v) for m, v in ms.items()} for arm, ms in raw.items()}
+    _print_table(med, log)
+    log(f"pod_to_pod: {rounds} rounds in {elapsed:.0f}s")
+    if record_results:
+        _record(med, rounds, rr_seconds, crr_seconds, stream_seconds, source)
+    return {"medians": med, "raw": raw, "fastpath": source}
+
+
+UNITS = {"rr": "trans/s", "crr": "conn/s", "stream": "Gbit/s"}
+
+
+def _print_table(med: dict, log) -> None:
+    arms = list(med)
+    log("pod_to_pod medians: " + "  ".join(f"{a:>12s}" for a in arms) + "   stack/direct"
+        + ("  fastpath/direct  fastpath/stack" if "fastpath" in med else ""))
+    for m in ("rr", "crr", "stream"):
+        row = f"  {m:6s} {UNITS[m]:8s}  " + "  ".join(f"{med[a][m]:12,.1f}" for a in arms)
+        row += f"   {med['stack'][m] / med['direct'][m]:12.3f}"
+        if "fastpath" in med:
+            row += f"  {med['fastpath'][m] / med['direct'][m]:15.3f}"
+            row += f"  {med['fastpath'][m] / med['stack'][m]:14.3f}"
+        log(row)
+
+
+def _record(med: dict, rounds: int, rr_s: float, crr_s: float, st_s: float, source) -> None:
+    from bench import results
+    method = (f"median of {rounds} alternating rounds; client+server pinned to CPU 0; "
+              f"fprr 1-byte RR {rr_s:g}s, CRR {crr_s:g}s; iperf3 {st_s:g}s")
+    d, s = med["direct"], med["stack"]
+    for m in ("rr", "crr", "stream"):
+        results.record(f"redirect.stack_vs_direct.{m}", s[m], UNITS[m], command=COMMAND,
+                       baseline=d[m], ratio=s[m] / d[m],
+                       notes=f"context: host-stack routing vs a direct veth pair; {method}")
+    if "fastpath" not in med:
+        return
+    f = med["fastpath"]
+    results.record("redirect.pod_to_pod_same_node", f["crr"], "conn/s", command=COMMAND,
+                   baseline=s["crr"], ratio=f["crr"] / s["crr"], target=">= 1.10",
+                   notes=f"TCP_CRR, fastpath vs host stack on the same node; {method}; attach: {source}")
+    for m in ("rr", "crr", "stream"):
+        results.record(f"redirect.vs_direct_veth.{m}", f[m], UNITS[m], command=COMMAND,
+                       baseline=d[m], ratio=f[m] / d[m], target=">= 0.97",
+                       notes=f"fastpath pod-to-pod vs a direct veth pair; {method}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-record", action="store_true", help="print only; leave bench/results.* alone")
+    ap.add_argument("--no-fastpath", action="store_true", help="measure direct and stack only")
+    args = ap.parse_args(argv)
+    run(discover=not args.no_fastpath, rounds=args.rounds, record_results=not args.no_record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""`make bench`: run every benchmark module, then print bench/RESULTS.md.
+
+Each module in MODULES has a `main()` that measures its figures and records
+them with bench.results.record(). A module that is listed but missing, or that
+fails, is reported by name (and makes the exit status non-zero): a benchmark
+that silently did not run would leave an old figure looking current.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import traceback
+
+from bench import results
+
+# Add a benchmark here when its module exists; keep the cheap ones first.
+MODULES = [
+    "bench.pod_to_pod",
+]
+
+
+def _run_one(name: str) -> str:
+    try:
+        mod = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return "missing"
+        raise
+    argv = sys.argv
+    sys.argv = [name]          # each main() parses its own (empty) command line
+    try:
+        rc = mod.main()
+    finally:
+        sys.argv = argv
+    return "ok" if rc in (None, 0) else f"exit {rc}"
+
+
+def main() -> int:
+    outcome: dict[str, str] = {}
+    for name in MODULES:
+        print(f"== {name}", flush=True)
+        t = time.monotonic()
+        try:
+            outcome[name] = _run_one(name)
+        except Exception:
+            traceback.print_exc()
+            outcome[name] = "failed"
+        print(f"== {name}: {outcome[name]} ({time.monotonic() - t:.0f}s)", flush=True)
+    print()
+    print("benchmarks: " + ", ".join(f"{n} {o}" for n, o in outcome.items()))
+    print()
+    if results.RESULTS_MD.exists():
+        print(results.RESULTS_MD.read_text())
+    else:
+        print("(no bench/RESULTS.md yet: nothing was recorded)")
+    return 0 if all(o == "ok" for o in outcome.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
