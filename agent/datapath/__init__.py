@@ -72,8 +72,8 @@ class Datapath:
 
     def enis(self) -> list[str]:
         """ENI devices on the node: eni_pattern, except the primary device."""
-        from pyroute2 import IPRoute
-        with IPRoute(netns=self.netns) as ipr:
+        from agent.datapath.netlink import iproute
+        with iproute(self.netns) as ipr:
             names = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
         return sorted(n for n in names if fnmatch.fnmatch(n, self.config.eni_pattern)
                       and n != self.config.primary_device)

@@ -14,9 +14,12 @@ import os
 import socket
 
 from pyroute2 import IPRoute
+
+from agent.datapath.netlink import iproute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.datapath.errors import DatapathError
+from agent.datapath.tc import ifindex_by_name
 from agent.endpoints import Endpoint
 
 
@@ -28,13 +31,14 @@ def _pod_side(netns_path: str, ifname: str):
     if not netns_path or not os.path.exists(netns_path):
         raise DiscoveryError(f"pod netns {netns_path!r} does not exist")
     try:
-        ipr = IPRoute(netns=netns_path)
+        ipr = iproute(netns_path)
     except Exception as exc:
         raise DiscoveryError(f"cannot open pod netns {netns_path}: {exc}") from None
     with ipr:
-        idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
+        idx = ifindex_by_name(ipr, ifname)
+        if idx is None:
             raise DiscoveryError(f"interface {ifname} not found in pod netns {netns_path}")
+        idx = [idx]
         link = ipr.get_links(idx[0])[0]
         peer = link.get_attr("IFLA_LINK")
         if not peer:
@@ -65,7 +69,7 @@ def discover(netns_path: str, ifname: str = "eth0", node_netns: str | None = Non
     """Build the Endpoint for the pod interface `ifname` in `netns_path`.
     `identity` carries container_id, pod_namespace, pod_name."""
     pod_idx, pod_mac, peer_idx, pod_ip = _pod_side(netns_path, ifname)
-    with IPRoute(netns=node_netns) as ipr:
+    with iproute(node_netns) as ipr:
         try:
             host = ipr.get_links(peer_idx)[0]
         except (NetlinkError, IndexError):

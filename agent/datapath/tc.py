@@ -13,6 +13,8 @@ import errno
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
+
+from agent.datapath.netlink import iproute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.datapath.errors import DatapathError, InterfaceNotFound
@@ -38,16 +40,26 @@ class Filter:
         return self.name.startswith(OUR_PREFIX)
 
 
+def ifindex_by_name(ipr: IPRoute, name: str) -> int | None:
+    """pyroute2 0.9's link_lookup(ifname=...) intermittently answers [] for
+    an existing device in another netns; a full dump filtered here is
+    reliable and cheap enough at the scale of one node."""
+    for link in ipr.get_links():
+        if link.get_attr("IFLA_IFNAME") == name:
+            return link["index"]
+    return None
+
+
 def _ifindex(ipr: IPRoute, dev: str | int, netns: str | None) -> tuple[int, str]:
     if isinstance(dev, int):
         links = ipr.get_links(dev) if dev else []
         if not links:
             raise InterfaceNotFound(str(dev), netns)
         return dev, links[0].get_attr("IFLA_IFNAME")
-    idx = ipr.link_lookup(ifname=dev)
-    if not idx:
+    idx = ifindex_by_name(ipr, dev)
+    if idx is None:
         raise InterfaceNotFound(dev, netns)
-    return idx[0], dev
+    return idx, dev
 
 
 def _filters(ipr: IPRoute, ifindex: int, ifname: str) -> list[Filter]:
@@ -81,14 +93,14 @@ def _any_filters(ipr: IPRoute, ifindex: int) -> bool:
 
 
 def list_filters(dev: str | int, netns: str | None = None) -> list[Filter]:
-    with IPRoute(netns=netns) as ipr:
+    with iproute(netns) as ipr:
         idx, name = _ifindex(ipr, dev, netns)
         return _filters(ipr, idx, name)
 
 
 def attach(dev: str | int, direction: str, prog_fd: int, prog_name: str, prio: int,
            netns: str | None = None) -> Filter:
-    with IPRoute(netns=netns) as ipr:
+    with iproute(netns) as ipr:
         idx, ifname = _ifindex(ipr, dev, netns)
         try:
             ipr.tc("add", "clsact", idx)
@@ -117,7 +129,7 @@ def detach(dev: str | int, prio: int | None = None, netns: str | None = None,
            missing_ok: bool = True) -> list[Filter]:
     """Remove fastpath's filters (all priorities, or only `prio`) from `dev`."""
     removed = []
-    with IPRoute(netns=netns) as ipr:
+    with iproute(netns) as ipr:
         try:
             idx, ifname = _ifindex(ipr, dev, netns)
         except InterfaceNotFound:

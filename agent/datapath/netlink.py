@@ -1,0 +1,19 @@
+"""rtnetlink sockets bound to a chosen network namespace.
+
+A netlink socket belongs to the netns it was created in, whatever thread
+uses it later. So we create it with the calling thread briefly inside the
+target netns (agent/datapath/nsenter.py) and switch straight back: no
+forked helper process, and no other thread is ever moved.
+"""
+from __future__ import annotations
+
+from pyroute2 import IPRoute
+
+from agent.datapath.nsenter import in_netns
+
+
+def iproute(netns: str | None = None) -> IPRoute:
+    """An IPRoute for `netns` (name or path; None = the caller's netns).
+    Use as a context manager."""
+    with in_netns(netns):
+        return IPRoute()
