@@ -102,3 +102,9 @@ class Datapath:
 
 
 __all__ = ["Datapath", "DatapathError", "Endpoint"]
+
+
+def sim_attach(node, **kwargs):
+    """fastpath on a simulated node (agent.sim); see agent/simagent.py."""
+    from agent.simagent import sim_attach as _sim_attach
+    return _sim_attach(node, **kwargs)
