@@ -1,0 +1,158 @@
+"""The datapath machinery against the real kernel: tc attach semantics,
+pinned maps across agent restarts, layout migration, and the errors an
+operator sees."""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import subprocess
+
+import pytest
+
+from agent.config import Config
+from agent.datapath import Datapath, loader, tc
+from agent.datapath.errors import (DatapathError, InterfaceNotFound, MissingKernelHeaders,
+                                   NotPrivileged, VerifierRejected)
+from agent.datapath.libbpf import lib, map_info
+from agent.endpoints import Endpoint
+
+
+def _veth(netns, name="caliT"):
+    ns = netns("tc")
+    subprocess.run(f"ip -n {ns} link add {name} type veth peer name peerT", shell=True, check=True)
+    subprocess.run(f"ip -n {ns} link set {name} up", shell=True, check=True)
+    return ns
+
+
+def test_attaching_twice_leaves_exactly_one_filter_per_direction(dp, netns):
+    ns = _veth(netns)
+    dp.netns, saved = ns, dp.netns
+    try:
+        dp.attach("caliT", "pod")
+        dp.attach("caliT", "pod")
+        fl = tc.list_filters("caliT", ns)
+        assert sorted((f.direction, f.name, f.prio) for f in fl) == [
+            ("egress", "fp_to_pod", 25000), ("ingress", "fp_from_pod", 25000)]
+    finally:
+        dp.netns = saved
+
+
+def test_detach_removes_only_fastpaths_filters_and_keeps_a_busy_clsact(dp, netns):
+    ns = _veth(netns)
+    from bcc import BPF
+    other = BPF(text="int other_prog(struct __sk_buff *skb) { return -1; }")
+    fn = other.load_func("other_prog", BPF.SCHED_CLS)
+    tc.attach("caliT", "ingress", fn.fd, "other_prog", 100, ns)
+    tc.attach("caliT", "ingress", dp.prog_fd("fp_from_pod"), "fp_from_pod", 25000, ns)
+    removed = tc.detach("caliT", 25000, ns)
+    assert [f.name for f in removed] == ["fp_from_pod"]
+    assert [f.name for f in tc.list_filters("caliT", ns)] == ["other_prog"]
+    qdiscs = subprocess.run(f"tc -n {ns} qdisc show dev caliT", shell=True,
+                            capture_output=True, text=True).stdout
+    assert "clsact" in qdiscs
+
+
+def test_a_foreign_filter_at_our_priority_is_an_error_not_overwritten(dp, netns):
+    ns = _veth(netns)
+    from bcc import BPF
+    other = BPF(text="int other_prog(struct __sk_buff *skb) { return -1; }")
+    fn = other.load_func("other_prog", BPF.SCHED_CLS)
+    tc.attach("caliT", "ingress", fn.fd, "other_prog", 25000, ns)
+    with pytest.raises(DatapathError, match="priority 25000 is taken by a foreign filter"):
+        tc.attach("caliT", "ingress", dp.prog_fd("fp_from_pod"), "fp_from_pod", 25000, ns)
+    assert [f.name for f in tc.list_filters("caliT", ns)] == ["other_prog"]
+
+
+def test_attaching_to_a_missing_interface_names_it(dp, netns):
+    ns = netns("tc")
+    with pytest.raises(InterfaceNotFound, match="'cali404' not found in netns"):
+        tc.attach("cali404", "ingress", dp.prog_fd("fp_from_pod"), "fp_from_pod", 25000, ns)
+
+
+def _cfg(root, **kw):
+    return Config.defaults().replace(bpffs_root=root, **kw)
+
+
+def test_a_restarted_datapath_reuses_pinned_maps_and_their_entries(bpffs):
+    root = f"{bpffs}/restart"
+    ep = Endpoint("10.9.0.1", "caliX", 7, "02:00:00:00:00:01", "02:00:00:00:00:02", "eth1", 3)
+    first = Datapath(_cfg(root)).load()
+    first.maps.endpoint_put(ep)
+    first.close()
+    second = Datapath(_cfg(root)).load()
+    try:
+        assert [e.ip for e in second.maps.endpoints()] == ["10.9.0.1"]
+        assert second.migration_notes == []
+    finally:
+        second.close()
+
+
+def test_a_resized_map_is_migrated_with_its_entries(bpffs):
+    root = f"{bpffs}/resize"
+    ep = Endpoint("10.9.0.2", "caliY", 8, "02:00:00:00:00:03", "02:00:00:00:00:04")
+    first = Datapath(_cfg(root)).load()
+    first.maps.endpoint_put(ep)
+    first.close()
+    second = Datapath(_cfg(root, endpoints_map_size=32768)).load()
+    try:
+        assert any("resized, 1 entries carried over" in n for n in second.migration_notes)
+        info = map_info(second.module.table("fp_ep4_v1").map_fd)
+        assert info.max_entries == 32768
+        assert [e.ip for e in second.maps.endpoints()] == ["10.9.0.2"]
+    finally:
+        second.close()
+
+
+def test_a_pinned_map_with_another_layout_is_replaced_never_reused(bpffs):
+    root = f"{bpffs}/layout"
+    os.makedirs(root)
+    # an impostor: same name, a value 4 bytes shorter than struct fp_endpoint
+    lb = lib()
+    lb.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32,
+                                  ct.c_uint32, ct.c_void_p]
+    lb.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    fd = lb.bpf_map_create(1, b"fp_ep4_v1", 4, 24, 16, None)
+    assert fd >= 0
+    assert lb.bpf_obj_pin(fd, f"{root}/fp_ep4_v1".encode()) == 0
+    os.close(fd)
+    # and a pin of an older layout version nobody uses any more
+    fd = lb.bpf_map_create(1, b"fp_ep4_v0", 4, 24, 16, None)
+    assert lb.bpf_obj_pin(fd, f"{root}/fp_ep4_v0".encode()) == 0
+    os.close(fd)
+    d = Datapath(_cfg(root)).load()
+    try:
+        assert any("layout changed" in n for n in d.migration_notes), d.migration_notes
+        assert any("stale pinned map fp_ep4_v0" in n for n in d.migration_notes)
+        assert map_info(d.module.table("fp_ep4_v1").map_fd).value_size == 28
+        assert not os.path.exists(f"{root}/fp_ep4_v0")
+    finally:
+        d.close()
+
+
+def test_errors_say_what_is_wrong_and_how_to_fix_it(bpffs, monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(NotPrivileged, match="needs root"):
+        loader.preflight(f"{bpffs}/x")
+    monkeypatch.undo()
+    import platform
+    monkeypatch.setattr(platform, "release", lambda: "0.0.0-no-such-kernel")
+    with pytest.raises(MissingKernelHeaders, match="make setup"):
+        loader.preflight(f"{bpffs}/x")
+    monkeypatch.undo()
+    with pytest.raises(DatapathError, match="not on a bpf filesystem"):
+        loader.preflight(str(tmp_path / "fastpath"))
+
+
+def test_a_verifier_rejection_names_the_program_and_shows_the_log(bpffs, monkeypatch):
+    from bcc import BPF
+    bad = BPF(text="""
+        int fp_bad(struct __sk_buff *skb) {
+            char *p = (char *)(long)skb->data;
+            return p[100];    /* unchecked packet access */
+        }""")
+    monkeypatch.setattr(loader, "PROGRAMS", {"fp_bad": "bad.c"})
+    module = loader.Loaded(bad, None)
+    with pytest.raises(VerifierRejected) as exc:
+        module.load_programs()
+    assert exc.value.program == "fp_bad"
+    assert "invalid access to packet" in exc.value.log_tail
