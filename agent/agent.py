@@ -86,6 +86,7 @@ class Agent:
         rest (their pods went away while we were not looking)."""
         restored = dropped = 0
         wanted_ips = set()
+        links = self._links()
         for f in sorted(self.ep_dir.glob("*.json")):
             try:
                 ep = Endpoint.from_json(f.read_text())
@@ -93,23 +94,27 @@ class Agent:
                 log.warning("ignoring unreadable endpoint state %s: %s", f, exc)
                 f.unlink()
                 continue
-            try:
-                cur = tc.list_filters(ep.host_ifname, self.netns)  # raises if veth gone
-                del cur
-                self.datapath.add_endpoint(ep)
-                self.endpoints[ep.key] = ep
-                wanted_ips.add(ep.ip)
-                restored += 1
-            except InterfaceNotFound:
+            if links.get(ep.host_ifname) != ep.host_ifindex:
+                # the veth is gone (or its name now belongs to another pod)
                 self.datapath.maps.endpoint_delete(ep.ip)
                 f.unlink()
                 dropped += 1
+                continue
+            self.datapath.add_endpoint(ep)
+            self.endpoints[ep.key] = ep
+            wanted_ips.add(ep.ip)
+            restored += 1
         # map entries nobody claims any more (e.g. state dir lost) are stale
         for entry in self.datapath.maps.endpoints():
             if entry.ip not in wanted_ips:
                 self.datapath.maps.endpoint_delete(entry.ip)
                 dropped += 1
         return restored, dropped
+
+    def _links(self) -> dict[str, int]:
+        from agent.datapath.netlink import iproute
+        with iproute(self.netns) as ipr:
+            return {l.get_attr("IFLA_IFNAME"): l["index"] for l in ipr.get_links()}
 
     def replay_deletions(self) -> int:
         qdir = self.state_dir / DEL_QUEUE
