@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -44,6 +45,7 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 ObjId = tuple[Kind, Key]
 _KINDS = frozenset(k.value for k in Kind)
+_RACY_NS = 2_000_000_000
 
 
 @dataclass
@@ -141,9 +143,13 @@ class DirectorySource(Source):
     def _scan(self) -> bool:
         listing = self._list_files()
         touched: list[str] = []
+        # File times have coarse (clock-tick) granularity: a same-size rewrite
+        # within one tick keeps the same stat. Files modified that recently
+        # are hashed again on every scan until their mtime is safely past.
+        racy = time.time_ns() - _RACY_NS
         for rel, stat in listing.items():
             prev = self._files.get(rel)
-            if prev is not None and prev.stat == stat:
+            if prev is not None and prev.stat == stat and stat[0] < racy:
                 continue
             try:
                 with open(os.path.join(self.root, rel), "rb") as f:
@@ -160,6 +166,7 @@ class DirectorySource(Source):
         removed = [rel for rel in self._files if rel not in listing]
         for rel in removed:
             del self._files[rel]
+            self.forget_origin(rel)
             log.info("manifest %s removed", rel)
         self.metrics.files.set(len(self._files))
         changed = bool(touched or removed)
@@ -173,6 +180,7 @@ class DirectorySource(Source):
     def _load_file(self, rel: str, stat, digest: str, data: bytes,
                    prev: Optional[_FileState]) -> _FileState:
         new = _FileState(stat, digest)
+        self.forget_origin(rel)
         try:
             docs = list(_documents(rel, data))
         except (yaml.YAMLError, ValueError, UnicodeDecodeError) as e:

@@ -117,6 +117,13 @@ class Source:
             with self._lock:
                 self._rejected.pop((kind, name), None)
 
+    def forget_origin(self, origin: str) -> None:
+        """A file is re-read or gone: its earlier rejections no longer apply."""
+        if self._rejected:
+            with self._lock:
+                for ident in [i for i, e in self._rejected.items() if e.origin == origin]:
+                    del self._rejected[ident]
+
     def rejected(self) -> list[ValidationError]:
         with self._lock:
             return list(self._rejected.values())

@@ -298,7 +298,7 @@ class FakeAPIServer:
         return json.dumps({"type": type_, "object": o}, separators=(",", ":")).encode() + b"\n"
 
     def serve_watch(self, kind: str, query: dict[str, str], write: Callable[[bytes], None],
-                    abort: Callable[[], None]) -> None:
+                    abort: Callable[[], None], drop_gen: Optional[int] = None) -> None:
         """Stream watch events through `write` until timeout, drop or client gone."""
         pred = _field_predicate(query.get("fieldSelector", ""))
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
@@ -310,7 +310,9 @@ class FakeAPIServer:
         _, av, _ = KINDS[kind]
         with self._cond:
             self.stats["watch"] += 1
-            drop_gen, bm_gen = self._drop_gen, self._bookmark_gen
+            if drop_gen is None:
+                drop_gen = self._drop_gen
+            bm_gen = self._bookmark_gen
             out: list[bytes] = []
             if rv_param in ("", "0"):
                 cursor = self._rv
@@ -379,6 +381,13 @@ class FakeAPIServer:
                     self.stats["bookmarks"] += 1
                     last_bookmark = time.monotonic()
                 if not pending and not bm_due and time.monotonic() >= deadline:
+                    if bookmarks:
+                        # Like the API server, a last bookmark before a watch
+                        # ends on its timeout, so the client resumes from here.
+                        out.append(json.dumps({"type": "BOOKMARK", "object": {
+                            "kind": kind, "apiVersion": av,
+                            "metadata": {"resourceVersion": str(self._rv)}}}).encode() + b"\n")
+                        self.stats["bookmarks"] += 1
                     if out:
                         write(b"".join(out))
                     return
@@ -465,6 +474,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _watch(self, fake: FakeAPIServer, kind: str, query: dict[str, str]) -> None:
         threading.current_thread().name = "fakeapi-watch"
+        # Taken before the response starts: a drop requested once the client
+        # has its headers must reach this stream.
+        drop_gen = fake._drop_gen
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -485,7 +497,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 pass
 
         try:
-            fake.serve_watch(kind, query, write, abort)
+            fake.serve_watch(kind, query, write, abort, drop_gen)
             if not aborted:
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
