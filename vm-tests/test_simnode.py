@@ -248,6 +248,22 @@ def test_bad_requests_fail_loudly_and_leave_the_world_usable(world, node):
     assert tcp_exchange(node.pod("a"), b) == ("ping", "pong")
 
 
+def test_a_pod_whose_plumbing_fails_leaves_nothing_half_made(world, node, monkeypatch):
+    # A host-side name longer than IFNAMSIZ makes the veth creation fail after
+    # the pod's netns already exists.
+    monkeypatch.setattr(plan, "cali_name", lambda tag, pod: "cali" + "0" * 20)
+    with pytest.raises(Exception):
+        node.add_pod("broken")
+    monkeypatch.undo()
+    assert node.pods == [] and plan.pod_ns(world.tag, "broken") not in list_netns()
+    assert not [r for r in node.ip_json("rule", "show") if r["priority"] in (512, 2048)]
+    pod_routes = [r for r in world.vpc.ip_json("route", "show", "root", node.eni(1).vswitch)
+                  if r["dst"] != node.eni(1).ip]
+    assert pod_routes == []
+    a, b = node.add_pod("a"), node.add_pod("b")
+    assert tcp_exchange(a, b) == ("ping", "pong")
+
+
 # -- cleanup ------------------------------------------------------------------
 
 def _populate(w):

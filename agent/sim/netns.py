@@ -116,8 +116,22 @@ def _alive(pid: int) -> bool:
 
 
 def delete_netns(name: str) -> None:
-    """Kill what runs inside, then delete (its veths go with it)."""
+    """Kill what runs inside, delete its links, then the netns itself.
+
+    The kernel would destroy the links with the netns, but asynchronously (a
+    workqueue); deleting them first means that when this returns, every veth
+    is gone from both ends, and programs attached to them are released.
+    """
     kill_pids(netns_pids(name))
+    r = sh(["ip", "-j", "-n", name, "link", "show"], check=False)
+    if r.returncode == 0 and r.stdout.strip():
+        links = [l["ifname"] for l in json.loads(r.stdout) if l["ifname"] != "lo"]
+        # -force: carry on past misses (deleting one end of a veth removes
+        # the other, which may live in this same netns).
+        if links:
+            subprocess.run(["ip", "-force", "-n", name, "-batch", "-"], capture_output=True,
+                           input="".join(f"link del {l}\n" for l in links), text=True,
+                           timeout=DEFAULT_TIMEOUT)
     r = sh(["ip", "netns", "del", name], check=False)
     if r.returncode != 0 and (NETNS_DIR / name).exists():
         raise CommandError(r.returncode, ["ip", "netns", "del", name], r.stdout, r.stderr)

@@ -173,10 +173,21 @@ class Node(Netns):
         ip = plan.pod_ip(self.index, e.index, e._next_slot)
         e._next_slot += 1    # never reused within a world: no stale conntrack/neigh surprises
         pod = Pod(self, name, e, ip)
-        vpc = self.world.vpc
         self.world._track(pod)
+        try:
+            self._plumb(pod)
+        except BaseException:
+            # Leave no half-made pod behind (rules without a netns, a route
+            # the vpc would follow into nothing) for the rest of the test.
+            self._unplumb(pod)
+            raise
+        self.pods.append(pod)
+        return pod
+
+    def _plumb(self, pod: Pod) -> None:
+        """What Terway's CNI ADD does for a shared-ENI pod (veth datapath)."""
+        ip, e, cali = pod.ip, pod.eni, pod.host_ifname
         pod._create()
-        cali = pod.host_ifname
         ip_batch(self.netns, [f"link add {cali} type veth peer name eth0 netns {pod.netns}",
                               f"link set {cali} up"])
         host = self.link(cali)
@@ -194,20 +205,25 @@ class Node(Netns):
             f"rule add to {ip} lookup main pref 512",
             f"rule add from {ip} lookup {e.table} pref 2048",
         ])
-        ip_batch(vpc.netns, [f"route add {ip}/32 via {e.ip} dev {e.vpc_ifname} onlink"])
-        self.pods.append(pod)
-        return pod
+        ip_batch(self.world.vpc.netns, [f"route add {ip}/32 via {e.ip} dev {e.vpc_ifname} onlink"])
 
-    def remove_pod(self, pod: Pod) -> None:
-        """Undo add_pod: as Terway's CNI DEL, then the runtime deleting the netns."""
-        if pod not in self.pods:
-            raise ValueError(f"{pod!r} is not on node {self.name}")
-        self.pods.remove(pod)
+    def _unplumb(self, pod: Pod) -> None:
+        """CNI DEL, then the runtime deleting the netns; tolerates a partial pod."""
         self.iproute(*f"rule del to {pod.ip} lookup main pref 512".split(), check=False)
         self.iproute(*f"rule del from {pod.ip} lookup {pod.eni.table} pref 2048".split(), check=False)
         self.world.vpc.iproute("route", "del", f"{pod.ip}/32", check=False)
-        pod._destroy()          # the veth, and with it the endpoint route, go with the netns
+        # Deleting the veth takes the endpoint route with it; the netns goes last.
+        self.iproute("link", "del", pod.host_ifname, check=False)
+        if pod.netns in list_netns():
+            pod._destroy()
         self.world._untrack(pod)
+
+    def remove_pod(self, pod: Pod) -> None:
+        """Undo add_pod: stop the pod's processes, remove its rules, routes, veth and netns."""
+        if pod not in self.pods:
+            raise ValueError(f"{pod!r} is not on node {self.name}")
+        self.pods.remove(pod)
+        self._unplumb(pod)
 
     def pod(self, name: str) -> Pod:
         return next(p for p in self.pods if p.name == name)
