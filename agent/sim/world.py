@@ -33,15 +33,16 @@ import atexit
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from . import plan
-from .netns import (CommandError, Netns, acquire_lock, cleanup_stale, ip_batch,
-                    list_netns, release_lock)
+from .netns import (CommandError, Netns, acquire_lock, cleanup_stale, delete_many,
+                    delete_netns, ip_batch, list_netns, release_lock)
 
 
 @dataclass
@@ -276,8 +277,10 @@ _HOOKS_INSTALLED = False
 
 
 def _close_all_live() -> None:
+    # Only worlds this process made: a forked child that exits must not tear
+    # down its parent's world.
     with _LIVE_LOCK:
-        worlds = list(_LIVE)
+        worlds = [w for w in _LIVE if w._owner_pid == os.getpid()]
     for w in worlds:
         try:
             w.close()
@@ -321,6 +324,7 @@ class World:
         self.direct_pairs: list[DirectPair] = []
         self._ns: list[Netns] = []          # every netns made, in creation order
         self._lock_fd: int | None = None
+        self._owner_pid = os.getpid()
         self._closed = False
         self._mutex = threading.RLock()
 
@@ -343,6 +347,7 @@ class World:
         if os.geteuid() != 0:
             raise PermissionError("agent.sim needs root (network namespaces, veths)")
         _install_hooks()
+        self._owner_pid = os.getpid()
         cleanup_stale()
         for _ in range(64):
             tag = secrets.token_hex(2)
@@ -372,19 +377,20 @@ class World:
                 return
             self._closed = True
             errors: list[str] = []
-            # Processes first, everywhere: one left in a node netns could be
-            # holding a pod's namespace open through /proc.
+            # Processes we started first (so their return codes stay true),
+            # then anything else still inside; then every netns in one go,
+            # including any made by a failed step before it was tracked.
             for ns in self._ns:
                 ns._stop_procs()
-            for ns in reversed(self._ns):
+            names = list(dict.fromkeys([ns.netns for ns in self._ns] +
+                                       [n for n in list_netns() if plan.tag_of(n) == self.tag]))
+            try:
+                failed = delete_many(names)
+            except (subprocess.SubprocessError, OSError) as e:
+                failed, errors = names, [str(e)]
+            for n in failed:
                 try:
-                    ns._destroy()
-                except (CommandError, OSError) as e:
-                    errors.append(str(e))
-            left = [n for n in list_netns() if plan.tag_of(n) == self.tag]
-            for n in left:   # made by a failed step before it was tracked
-                try:
-                    Netns(n)._destroy()
+                    delete_netns(n)
                 except (CommandError, OSError) as e:
                     errors.append(str(e))
             self._ns.clear()
