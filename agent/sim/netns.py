@@ -57,15 +57,21 @@ def sh(cmd: Cmd, *, check: bool = True, timeout: float | None = DEFAULT_TIMEOUT,
     return r
 
 
-def ip_batch(ns: str | None, lines: Sequence[str]) -> None:
-    """Run iproute2 commands in one process (a node takes dozens of them)."""
+def ip_batch(ns: str | None, lines: Sequence[str]) -> list:
+    """Run iproute2 commands in one process (a pod takes a dozen of them).
+
+    Output is JSON: end the batch with one `... show` line to get that
+    object's state back without another process; returns it parsed ([] if
+    the batch shows nothing).
+    """
     if not lines:
-        return
-    argv = ["ip"] + (["-n", ns] if ns else []) + ["-batch", "-"]
+        return []
+    argv = ["ip", "-j"] + (["-n", ns] if ns else []) + ["-batch", "-"]
     r = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True,
                        text=True, timeout=DEFAULT_TIMEOUT)
     if r.returncode != 0:
         raise CommandError(r.returncode, argv + ["<<", *lines], r.stdout, r.stderr)
+    return json.loads(r.stdout) if r.stdout.strip() else []
 
 
 def list_netns() -> list[str]:
@@ -182,9 +188,10 @@ class Netns:
         self._procs: list[subprocess.Popen] = []
 
     # -- creation ----------------------------------------------------------
-    def _create(self, sysctls: dict[str, str | int] | None = None) -> None:
+    def _create(self, sysctls: dict[str, str | int] | None = None, lo: bool = True) -> None:
         sh(["ip", "netns", "add", self.netns])
-        ip_batch(self.netns, ["link set lo up"])
+        if lo:
+            ip_batch(self.netns, ["link set lo up"])
         if sysctls:
             self.sysctl(sysctls)
 
