@@ -46,6 +46,8 @@ KEYS: tuple[Key, ...] = (
     Key("tc_priority", int, 25000, "tc filter priority of fastpath's programs", minimum=1, maximum=65535),
     Key("host_stack_cidrs", tuple, ("169.254.20.10/32",),
         "destinations always handed to the host stack (node-local DNS)"),
+    Key("service_cidrs", tuple, (),
+        "Service VIP ranges handed to the host stack (kube-proxy's) while fastpath does not translate them"),
     Key("eni_pattern", str, "eth*", "glob of ENI device names (the primary device is excluded)"),
     Key("primary_device", str, "eth0", "the node's primary NIC, never an ENI"),
     Key("pod_device_pattern", str, "cali*", "glob of host-side pod veth names"),

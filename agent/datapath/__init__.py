@@ -44,7 +44,7 @@ class Datapath:
         if not self.options.test_build:
             names.remove(MAP["FP_MAP_TESTREC"])
         self.maps = Maps({n: self.module.table(n) for n in names})
-        self.maps.bypass_set(self.config.host_stack_cidrs)
+        self.maps.bypass_set(self.config.host_stack_cidrs + self.config.service_cidrs)
         return self
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ REMOTE = "10.0.2.20"          # a pod on another node, behind the VPC
 REMOTE_NO_NEIGH = "10.0.3.30"  # reached via a gateway with no neighbour entry
 GW2 = "10.0.0.254"
 BYPASS_IP = "169.254.20.10"
+SERVICE_CIDR, SERVICE_VIP = "192.168.0.0/16", "192.168.0.10"
 NOT_RECORDED = 0xFFFF         # testrec reason before a run: "program recorded nothing"
 
 
@@ -99,7 +100,7 @@ def bpfnet():
 
 @pytest.fixture(scope="session")
 def dp(bpffs, bpfnet):
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath")
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath", service_cidrs=SERVICE_CIDR)
     d = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
     n = bpfnet
     d.maps.endpoint_put(Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac, n.pod_a_mac,

@@ -16,7 +16,7 @@ from scapy.layers.l2 import ARP, Ether
 
 from agent.datapath.maps import DEFS
 from tests.bpf.conftest import (BYPASS_IP, ENI_IP, GW, GW2, GW_MAC, POD_A, POD_B, POD_C,
-                                REMOTE, REMOTE_NO_NEIGH, TC_ACT_REDIRECT, TC_ACT_SHOT,
+                                REMOTE, REMOTE_NO_NEIGH, SERVICE_VIP, TC_ACT_REDIRECT, TC_ACT_SHOT,
                                 TC_ACT_UNSPEC, run_prog)
 
 
@@ -81,6 +81,9 @@ CASES = [
          "redirected-eni", "redirect-neigh", "eth1", nexthop=GW2),
     Case("node-local DNS in the bypass list always goes to the host stack, untouched",
          "fp_from_pod", "cali_a", lambda n: from_a(n, BYPASS_IP), TC_ACT_UNSPEC,
+         "to-stack-bypass", unchanged=True),
+    Case("a Service VIP of kube-proxy's range is left to the host stack, which translates it",
+         "fp_from_pod", "cali_a", lambda n: from_a(n, SERVICE_VIP), TC_ACT_UNSPEC,
          "to-stack-bypass", unchanged=True),
     Case("traffic to the node itself is left to the stack (FIB says local)",
          "fp_from_pod", "cali_a", lambda n: from_a(n, ENI_IP), TC_ACT_UNSPEC,
