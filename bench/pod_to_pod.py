@@ -18,13 +18,15 @@ The fastpath arm is a hook: `run(fastpath_setup)` where
 to the node (and registers its pods) for the duration of the arm. Without one,
 `run()` uses `sim_attach(node)` from agent.datapath or agent.simagent if
 either exists; with neither it measures direct and stack only and says so.
-Stack is re-checked to carry no tc/XDP program before each of its rounds, so
-a detach that failed can never pass fastpath off as the baseline.
+Each round checks with bpftool that the stack node carries no program at all
+and that fastpath's arm has programs on both pods' veths, so a failed detach
+or a no-op attach can never pass one arm off as the other.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
 from typing import Callable, ContextManager
@@ -53,15 +55,28 @@ def find_fastpath_setup() -> tuple[FastpathSetup | None, str]:
     return None, "; ".join(reasons)
 
 
+def _bpf_programs(node) -> dict[str, list[str]]:
+    """Device -> programs attached to it in the node (tc, tcx or XDP), as bpftool sees them."""
+    out = json.loads(node.run(["bpftool", "-j", "net", "show"]).stdout or "[]")
+    progs: dict[str, list[str]] = {}
+    for section in out:
+        for kind in ("xdp", "tc"):
+            for p in section.get(kind, []):
+                progs.setdefault(p.get("devname", "?"), []).append(p.get("name", "?"))
+    return progs
+
+
 def _assert_no_bpf(node) -> None:
-    devs = ["eth0"] + [e.name for e in node.enis] + [p.host_ifname for p in node.pods]
-    for dev in devs:
-        for hook in ("ingress", "egress"):
-            out = node.run(["tc", "filter", "show", "dev", dev, hook]).stdout.strip()
-            if out:
-                raise RuntimeError(f"stack arm: {dev} {hook} still has tc filters:\n{out}")
-        if "xdp" in node.run(["ip", "link", "show", "dev", dev]).stdout:
-            raise RuntimeError(f"stack arm: {dev} still has an XDP program")
+    progs = _bpf_programs(node)
+    if progs:
+        raise RuntimeError(f"stack arm: node still has BPF programs attached: {progs}")
+
+
+def _assert_bpf_on_pods(node) -> None:
+    progs = _bpf_programs(node)
+    bare = [p.host_ifname for p in node.pods if not progs.get(p.host_ifname)]
+    if bare:
+        raise RuntimeError(f"fastpath arm: nothing attached to {bare} (attached: {progs})")
 
 
 def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, rounds: int = 5,
@@ -113,6 +128,7 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                 t = time.monotonic()
                 with fastpath_setup(w, node):
                     log(f"  (fastpath attached in {time.monotonic() - t:.1f}s)")
+                    _assert_bpf_on_pods(node)
                     harness.fprr(eps["stack"], "rr", 0.2)
                     return measure(eps["stack"])
 
