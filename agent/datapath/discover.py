@@ -5,8 +5,8 @@ the agent looks for itself: in the pod's netns (CNI_NETNS) it finds the
 interface, its MAC and IPv4 address and the ifindex of its veth peer; in the
 node's netns it finds the host-side peer (checking that it really points
 back at the pod's interface) and resolves the pod's ENI from Terway's
-policy routing: `from <podIP> lookup <table>`, then that table's default
-route's device.
+policy routing (`from <podIP> lookup <table>` and that table's default
+route), by asking the kernel which device it would route the pod's traffic to.
 """
 from __future__ import annotations
 
@@ -50,17 +50,25 @@ def _pod_side(netns_path: str, ifname: str):
         return idx[0], link.get_attr("IFLA_ADDRESS"), peer, addrs[0]
 
 
-def resolve_eni(ipr: IPRoute, pod_ip: str) -> tuple[str, int]:
-    """The ENI Terway's policy routing gives `pod_ip`, or ("", 0)."""
-    for rule in sorted(ipr.get_rules(family=socket.AF_INET),
-                       key=lambda r: r.get_attr("FRA_PRIORITY") or 0):
-        if rule["src_len"] == 32 and rule.get_attr("FRA_SRC") == pod_ip:
-            table = rule.get_attr("FRA_TABLE") or rule["table"]
-            for route in ipr.get_routes(family=socket.AF_INET, table=table):
-                if route["dst_len"] == 0 and route.get_attr("RTA_OIF"):
-                    oif = route.get_attr("RTA_OIF")
-                    links = ipr.get_links(oif)
-                    return links[0].get_attr("IFLA_IFNAME"), oif
+# A documentation address (TEST-NET-1): only ever used as the destination of
+# a route *lookup*, never of a packet.
+PROBE_DST = "192.0.2.1"
+
+
+def resolve_eni(ipr: IPRoute, pod_ip: str, host_ifindex: int) -> tuple[str, int]:
+    """The device the node's policy routing sends `pod_ip`'s traffic out of:
+    the same question the BPF program asks the FIB, asked once here as a
+    route lookup (`ip route get <off-node> from <podIP> iif <veth>`), so
+    Terway's `from <podIP> lookup <eni table>` rule decides. One netlink
+    message, where dumping every rule and route would cost O(pods)."""
+    try:
+        routes = ipr.route("get", dst=PROBE_DST, src=pod_ip, iif=host_ifindex)
+    except NetlinkError:
+        return "", 0
+    for r in routes:
+        oif = r.get_attr("RTA_OIF")
+        if oif:
+            return ipr.get_links(oif)[0].get_attr("IFLA_IFNAME"), oif
     return "", 0
 
 
@@ -78,7 +86,7 @@ def discover(netns_path: str, ifname: str = "eth0", node_netns: str | None = Non
         if host.get_attr("IFLA_LINK") != pod_idx:
             raise DiscoveryError(f"ifindex {peer_idx} in the node netns is not the peer of "
                                  f"{ifname} in {netns_path}")
-        eni_name, eni_idx = resolve_eni(ipr, pod_ip)
+        eni_name, eni_idx = resolve_eni(ipr, pod_ip, peer_idx)
     return Endpoint(ip=pod_ip, host_ifname=host.get_attr("IFLA_IFNAME"), host_ifindex=peer_idx,
                     host_mac=host.get_attr("IFLA_ADDRESS"), pod_mac=pod_mac,
                     eni_name=eni_name, eni_ifindex=eni_idx, ifname=ifname, netns=netns_path,
