@@ -23,6 +23,7 @@ from agent.datapath import Datapath, tc
 from agent.datapath.discover import DiscoveryError, discover
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.endpoints import Endpoint
+from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger("fastpath.agent")
 
@@ -42,10 +43,14 @@ class Agent:
         self.started_at = 0.0
         self.ready = threading.Event()
         self.enis: list[str] = []
+        self.store = None
+        self.source = None
+        self.source_error = ""
 
     # -- lifecycle -------------------------------------------------------
     def start(self, serve: bool = True) -> "Agent":
         t0 = time.monotonic()
+        self._open_cluster_state()
         self.ep_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / DEL_QUEUE).mkdir(parents=True, exist_ok=True)
         self.datapath.load()
@@ -62,12 +67,49 @@ class Agent:
             self.api = ApiServer(self.config.api_socket, self)
             self.api.start()
             log.info("API on %s", self.config.api_socket)
+            # a CNI DEL that found no socket between the sweep above and
+            # now was queued too: sweep once more now that DELs get through
+            replayed = self.replay_deletions()
+            if replayed:
+                log.info("replayed %d CNI deletions queued during start-up", replayed)
         self.started_at = time.time()
         self.ready.set()
         log.info("ready in %.2fs", time.monotonic() - t0)
         return self
 
+    def _open_cluster_state(self) -> None:
+        """Start following cluster state. The datapath does not wait for it:
+        pods keep being registered and forwarded while the API is away."""
+        from agent.k8s.source import open_source
+        from agent.k8s.store import Store
+        import socket as _socket
+        self.store = Store()
+        node = self.config.node_name or _socket.gethostname()
+        try:
+            self.source = open_source(self.config.source, node, self.store)
+        except Exception as exc:      # no kubeconfig, unreadable directory, ...
+            self.source = None
+            self.source_error = f"{type(exc).__name__}: {exc}"
+            log.error("cluster state source %r cannot start: %s", self.config.source, exc)
+            return
+        threading.Thread(target=self._log_initial_sync, name="k8s-sync", daemon=True).start()
+
+    def _log_initial_sync(self) -> None:
+        from agent.k8s.source import describe, summarize
+        src = self.source
+        while not src.synced.wait(30):
+            log.warning("cluster state from %s: initial sync not complete yet",
+                        src.describe_source())
+        snap = self.store.snapshot()
+        log.info("%s (from %s)", summarize(snap), src.describe_source())
+        for line in describe(snap):
+            log.info("  %s", line)
+        for err in src.rejected():
+            log.warning("  rejected: %s", err)
+
     def stop(self) -> None:
+        if self.source is not None:
+            self.source.stop()
         if self.api:
             self.api.stop()
         self.datapath.close()
@@ -132,34 +174,69 @@ class Agent:
 
     # -- API -----------------------------------------------------------------
     def rpc_EndpointAdd(self, netns: str, ifname: str = "eth0", container_id: str = "",
-                        pod_namespace: str = "", pod_name: str = "") -> dict:
+                        pod_namespace: str = "", pod_name: str = "",
+                        require_eni: bool = False) -> dict:
+        """Discover, attach, write the map entry; return once all are in place.
+        Idempotent for one container id + ifname (a CNI ADD retry)."""
+        t0 = time.monotonic()
         try:
             ep = discover(netns, ifname, self.netns, container_id=container_id,
                           pod_namespace=pod_namespace, pod_name=pod_name)
         except DiscoveryError as exc:
             raise ApiError("discovery", str(exc)) from None
+        t1 = time.monotonic()
+        if require_eni and not ep.eni_name:
+            raise ApiError("eni-unresolved",
+                           f"no ENI found for pod IP {ep.ip}: the node needs a policy-routing rule "
+                           f"`from {ep.ip} lookup <table>` whose table has a default route through "
+                           f"an ENI (Terway adds both); see `ip rule` and `ip route show table all`")
         with self.lock:
             for key, other in list(self.endpoints.items()):
                 if other.ip == ep.ip and key != ep.key:
                     # the IP was reassigned: the old attachment is stale
                     log.info("endpoint %s replaces stale %s for %s", ep.key, key, ep.ip)
-                    self._forget(other, detach=other.host_ifname != ep.host_ifname)
+                    self._forget(other, detach=other.host_ifindex != ep.host_ifindex)
             try:
                 self.datapath.add_endpoint(ep)
             except DatapathError as exc:
                 raise ApiError("datapath", str(exc)) from None
             self.endpoints[ep.key] = ep
             self._persist(ep)
+            # an ADD supersedes a deletion of the same attachment still queued
+            (self.state_dir / DEL_QUEUE / f"{ep.key}.json").unlink(missing_ok=True)
+        t2 = time.monotonic()
         log.info("endpoint added: %s %s/%s ip=%s veth=%s eni=%s", ep.key, pod_namespace,
                  pod_name, ep.ip, ep.host_ifname, ep.eni_name or "-")
-        return endpoint_view(ep)
+        view = endpoint_view(ep)
+        view["timing_ms"] = {"discover": round((t1 - t0) * 1e3, 3),
+                             "attach": round((t2 - t1) * 1e3, 3),
+                             "total": round((t2 - t0) * 1e3, 3)}
+        return view
+
+    def _host_link_is(self, ep: Endpoint) -> bool:
+        """Whether ep's veth still exists as the device it was at ADD time: a
+        pod re-created under the same name gets a veth of the same name, which
+        a late DEL of the old one must not touch."""
+        from agent.datapath.netlink import iproute
+        with iproute(self.netns) as ipr:
+            try:
+                links = ipr.get_links(ep.host_ifindex)
+            except NetlinkError:
+                return False
+        return bool(links) and links[0].get_attr("IFLA_IFNAME") == ep.host_ifname
 
     def _forget(self, ep: Endpoint, detach: bool = True) -> None:
-        if detach:
-            self.datapath.remove_endpoint(ep)
-        else:
-            self.datapath.maps.endpoint_delete(ep.ip)
         self.endpoints.pop(ep.key, None)
+        # map entry first (nobody is redirected to it any more), then filters;
+        # either may since belong to a newer attachment, which keeps them
+        if not any(o.ip == ep.ip for o in self.endpoints.values()):
+            self.datapath.maps.endpoint_delete(ep.ip)
+        if detach and self._host_link_is(ep) and not any(
+                o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
+            try:
+                self.datapath.detach(ep.host_ifindex)
+            except (InterfaceNotFound, NetlinkError):
+                pass        # the veth went away meanwhile, and our filters with it
         self._state_file(ep).unlink(missing_ok=True)
 
     def rpc_EndpointDel(self, container_id: str, ifname: str = "eth0") -> dict:
@@ -187,8 +264,16 @@ class Agent:
                     problems.append(f"{prog} is not attached to {ep.host_ifname} {direction}")
         except InterfaceNotFound:
             problems.append(f"host veth {ep.host_ifname} no longer exists")
-        if ep.ip not in {e.ip for e in self.datapath.maps.endpoints()}:
+        else:
+            if not self._host_link_is(ep):
+                problems.append(f"host veth {ep.host_ifname} is not the device registered at "
+                                f"ADD (ifindex {ep.host_ifindex}): it was re-created")
+        entry = next((e for e in self.datapath.maps.endpoints() if e.ip == ep.ip), None)
+        if entry is None:
             problems.append(f"no endpoints map entry for {ep.ip}")
+        elif entry.host_ifindex != ep.host_ifindex:
+            problems.append(f"endpoints map entry for {ep.ip} points at ifindex "
+                            f"{entry.host_ifindex}, not {ep.host_ifname} ({ep.host_ifindex})")
         if ep.eni_name:
             try:
                 tc.list_filters(ep.eni_name, self.netns)
@@ -196,7 +281,7 @@ class Agent:
                 problems.append(f"ENI {ep.eni_name} no longer exists")
         if problems:
             raise ApiError("check-failed", "; ".join(problems))
-        return {"ok": True}
+        return {"ok": True, "endpoint": endpoint_view(ep)}
 
     def rpc_EndpointList(self) -> list[dict]:
         with self.lock:
@@ -208,9 +293,13 @@ class Agent:
                 for r in self.datapath.maps.counters()]
 
     def rpc_Status(self) -> dict:
+        src = self.source
+        source = ({"spec": self.config.source, "synced": src.synced.is_set(),
+                   "status": src.status(), "objects": self.store.snapshot().counts()}
+                  if src is not None else {"spec": self.config.source, "error": self.source_error})
         return {"ready": self.ready.is_set(), "started_at": self.started_at,
                 "endpoints": len(self.endpoints), "enis": self.enis,
-                "bpffs_root": self.config.bpffs_root, "pid": os.getpid()}
+                "bpffs_root": self.config.bpffs_root, "pid": os.getpid(), "source": source}
 
 
 def endpoint_view(ep: Endpoint) -> dict:

@@ -28,8 +28,10 @@ class SimPaths:
     bpffs: str
     state_dir: str
     socket: str
+    manifests: str      # the cluster-state source: a directory of manifests
 
     def config(self, **overrides) -> Config:
+        overrides.setdefault("source", self.manifests)
         return Config.defaults().replace(bpffs_root=f"{self.bpffs}/fastpath",
                                          state_dir=self.state_dir, api_socket=self.socket,
                                          **overrides)
@@ -38,8 +40,10 @@ class SimPaths:
 @contextlib.contextmanager
 def private_paths():
     root = tempfile.mkdtemp(prefix="fp-sim-")
-    paths = SimPaths(root, f"{root}/bpffs", f"{root}/state", f"{root}/agent.sock")
+    paths = SimPaths(root, f"{root}/bpffs", f"{root}/state", f"{root}/agent.sock",
+                     f"{root}/manifests")
     os.makedirs(paths.bpffs)
+    os.makedirs(paths.manifests)
     subprocess.run(["mount", "-t", "bpf", "bpf", paths.bpffs], check=True)
     try:
         yield paths
@@ -61,8 +65,8 @@ def register_pod(agent_or_socket, pod) -> dict:
 
 def _detach_node(node, prio: int) -> None:
     from agent.datapath import tc
-    from pyroute2 import IPRoute
-    with IPRoute(netns=node.netns) as ipr:
+    from agent.datapath.netlink import iproute
+    with iproute(node.netns) as ipr:
         names = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
     for name in names:
         tc.detach(name, prio, node.netns)
@@ -100,7 +104,7 @@ class AgentProcess:
         cmd = ["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "agent.cli.main",
                "agent", "--bpffs-root", f"{self.paths.bpffs}/fastpath",
                "--state-dir", self.paths.state_dir, "--api-socket", self.paths.socket,
-               *self.extra]
+               "--source", self.paths.manifests, *self.extra]
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
