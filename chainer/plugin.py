@@ -131,6 +131,13 @@ def loads(data):
         value, end = _scan(text, i)
     except StopIteration as stop:
         raise ValueError(f"expecting a JSON value at char {stop.value}") from None
+    except Exception:
+        # Malformed inside a value: the C scanner reports that through
+        # json.decoder's exception class, which it finds only if json is
+        # already imported. Only on this path is it worth importing.
+        import json
+        json.loads(text)
+        raise
     while end < n and text[end] in _WHITESPACE:
         end += 1
     if end != n:
