@@ -25,6 +25,8 @@ client's generated model classes, which are several times slower and larger.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
@@ -52,8 +54,44 @@ _LIST_FUNCS = {
 }
 
 
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Suspend the cyclic collector while decoding and parsing a batch.
+
+    Decoding one 500-object page allocates some 100,000 containers that all
+    survive until the page is parsed; each gen0/gen1 collection promotes
+    them and the growing old generation triggers full collections of the
+    whole heap, which measured 3-4x the cost of the decoding itself. JSON
+    decoding and model parsing create no reference cycles, so nothing is
+    lost by not collecting during them. Counted, so overlapping reflectors
+    re-enable the collector only when the last one is done.
+    """
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
+
+
 class _Expired(Exception):
     """The server no longer has history from our resourceVersion (410 Gone)."""
+
+
+# Freeze only after pages of a big list; small lists leave nothing worth it.
+_FREEZE_MIN = 500
 
 
 class _WatchError(Exception):
@@ -101,7 +139,8 @@ class KubernetesSource(Source):
                  watch_all_pods: bool = False, api_client=None,
                  resync_seconds: float = 900.0, min_watch_seconds: float = 300.0,
                  page_size: int = 500, backoff_initial: float = 0.5,
-                 backoff_cap: float = 30.0, connect_timeout: float = 10.0):
+                 backoff_cap: float = 30.0, connect_timeout: float = 10.0,
+                 freeze_gc: bool = True):
         super().__init__(store, metrics)
         from kubernetes import client
         self.api = api_client if api_client is not None else make_api_client()
@@ -110,6 +149,7 @@ class KubernetesSource(Source):
         self.min_watch_seconds = min_watch_seconds
         self.page_size = page_size
         self.connect_timeout = connect_timeout
+        self.freeze_gc = freeze_gc
         self._health_lock = threading.Lock()
         self._down_since: Optional[float] = None
         self._reflectors = []
@@ -277,23 +317,36 @@ class _Reflector:
                 raise
             self._resp = resp
             try:
-                doc = json.loads(resp.data)
+                data = resp.data
             finally:
                 resp.release_conn()
                 self._resp = None
             src._connected(kind)
-            for raw in doc.get("items") or ():
-                try:
-                    obj = parse_object(raw, kind)
-                except ValidationError as err:
-                    kept = err.key is not None and src.store.get(kind, err.key) is not None
-                    if err.key is not None:
-                        failed_keys.add(err.key)
-                    src.reject(err, kept_previous=kept)
-                    continue
-                objs.append(obj)
-                src.accepted(kind.value, object_name(kind, obj.key))
-            meta = doc.get("metadata") or {}
+            with _gc_paused():
+                doc = json.loads(data)
+                del data
+                meta = doc.get("metadata") or {}
+                for raw in doc.get("items") or ():
+                    try:
+                        obj = parse_object(raw, kind)
+                    except ValidationError as err:
+                        kept = err.key is not None and src.store.get(kind, err.key) is not None
+                        if err.key is not None:
+                            failed_keys.add(err.key)
+                        src.reject(err, kept_previous=kept)
+                        continue
+                    objs.append(obj)
+                    src.accepted(kind.value, object_name(kind, obj.key))
+                del doc
+            if src.freeze_gc and len(objs) >= _FREEZE_MIN:
+                # A full sync holds millions of long-lived, acyclic objects. Left
+                # in the collector's generations they are re-traversed by every
+                # full collection while the heap grows. Freezing moves what is
+                # alive now out of the collector's view; these objects are still
+                # freed by reference counting when replaced. Young cycles are
+                # collected first so that no garbage is frozen with them.
+                gc.collect(1)
+                gc.freeze()
             cont = meta.get("continue")
             if not cont:
                 rv = meta.get("resourceVersion", "")
@@ -332,9 +385,10 @@ class _Reflector:
                     continue
                 lines = buf.split(b"\n")
                 buf = lines.pop()
-                for line in lines:
-                    if line.strip():
-                        self._event(json.loads(line))
+                with _gc_paused():
+                    for line in lines:
+                        if line.strip():
+                            self._event(json.loads(line))
                 self.backoff.reset()
                 if src._stop.is_set():
                     return

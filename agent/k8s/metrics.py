@@ -74,15 +74,27 @@ class K8sMetrics:
             return
         self._attached.add(id(store))
 
+        # Labelled children looked up once: labels() takes a lock and builds a
+        # key on every call, a visible cost at thousands of changes a second.
+        changes: dict = {}
+        objects: dict = {}
+
         def on_change(cs: ChangeSet) -> None:
             touched = set()
             for d in cs.deltas:
-                self.changes.labels(kind=d.kind.value, action=d.action.value).inc()
+                c = changes.get((d.kind, d.action))
+                if c is None:
+                    c = changes[(d.kind, d.action)] = self.changes.labels(
+                        kind=d.kind.value, action=d.action.value)
+                c.inc()
                 touched.add(d.kind)
             # Called under the store's lock: these counts are exactly the
             # state this ChangeSet produced.
             for k in touched:
-                self.objects.labels(kind=k.value).set(store.count(k))
+                g = objects.get(k)
+                if g is None:
+                    g = objects[k] = self.objects.labels(kind=k.value)
+                g.set(store.count(k))
 
         snap = store.subscribe(on_change).snapshot
         for k, n in snap.counts().items():

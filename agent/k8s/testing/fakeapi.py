@@ -195,17 +195,20 @@ class FakeAPIServer:
         with self._cond:
             rv = self._rv
             for o in objs:
-                o = json.loads(json.dumps(o))
-                kind = o.pop("kind")
-                o.pop("apiVersion", None)
-                key = self._key(kind, o)
-                md = o["metadata"]
-                old = self._objects[kind].get(key)
-                md.setdefault("uid", old["metadata"]["uid"] if old else str(uuid.uuid4()))
-                md.setdefault("creationTimestamp", "2024-01-01T00:00:00Z")
-                rv = self._commit(kind, "MODIFIED" if old else "ADDED", key, o, old)
+                rv = self._apply_locked(o)
             self._cond.notify_all()
             return rv
+
+    def _apply_locked(self, o: dict) -> int:
+        o = json.loads(json.dumps(o))
+        kind = o.pop("kind")
+        o.pop("apiVersion", None)
+        key = self._key(kind, o)
+        md = o["metadata"]
+        old = self._objects[kind].get(key)
+        md.setdefault("uid", old["metadata"]["uid"] if old else str(uuid.uuid4()))
+        md.setdefault("creationTimestamp", "2024-01-01T00:00:00Z")
+        return self._commit(kind, "MODIFIED" if old else "ADDED", key, o, old)
 
     def delete(self, kind: str, namespace: str, name: str) -> Optional[int]:
         with self._cond:
@@ -307,7 +310,6 @@ class FakeAPIServer:
             timeout = min(timeout, self.max_watch_seconds)
         deadline = time.monotonic() + timeout
         rv_param = query.get("resourceVersion", "")
-        _, av, _ = KINDS[kind]
         with self._cond:
             self.stats["watch"] += 1
             if drop_gen is None:
@@ -331,10 +333,20 @@ class FakeAPIServer:
                           .encode() + b"\n")
                     return
         last_bookmark = time.monotonic()
+        # Items to send: (type, object) pairs or ready-made lines. Objects are
+        # serialised outside the lock and written in small batches, so a burst
+        # streams to the client while it is still being encoded.
+        todo: list = out
         while True:
-            if out:
-                write(b"".join(out))
-                out = []
+            batch: list[bytes] = []
+            for item in todo:
+                batch.append(item if isinstance(item, bytes) else self._event_line(item[0], kind, item[1]))
+                if len(batch) >= 32:
+                    write(b"".join(batch))
+                    batch = []
+            if batch:
+                write(b"".join(batch))
+            todo = []
             with self._cond:
                 while True:
                     if self._drop_gen != drop_gen:
@@ -368,42 +380,56 @@ class FakeAPIServer:
                         # Stopped matching the selector: to this watcher it is gone.
                         t = "DELETED" if was_match else None
                     if t is not None:
-                        out.append(self._event_line(t, kind, ev.obj))
+                        # History objects are never mutated after commit, so
+                        # they can be encoded after the lock is released.
+                        todo.append((t, ev.obj))
                         self.stats["events"] += 1
                 if bm_due:
                     bm_gen = self._bookmark_gen
                     # Under the lock every event up to the current version has
                     # just been handled, so the bookmark may claim all of it.
                     cursor = max(cursor, self._rv)
-                    out.append(json.dumps({"type": "BOOKMARK", "object": {
-                        "kind": kind, "apiVersion": av,
-                        "metadata": {"resourceVersion": str(cursor)}}}).encode() + b"\n")
-                    self.stats["bookmarks"] += 1
+                    todo.append(self._bookmark_line(kind, cursor))
                     last_bookmark = time.monotonic()
                 if not pending and not bm_due and time.monotonic() >= deadline:
                     if bookmarks:
                         # Like the API server, a last bookmark before a watch
                         # ends on its timeout, so the client resumes from here.
-                        out.append(json.dumps({"type": "BOOKMARK", "object": {
-                            "kind": kind, "apiVersion": av,
-                            "metadata": {"resourceVersion": str(self._rv)}}}).encode() + b"\n")
-                        self.stats["bookmarks"] += 1
-                    if out:
-                        write(b"".join(out))
+                        todo.append(self._bookmark_line(kind, self._rv))
+                    if todo:
+                        write(b"".join(todo))
                     return
+
+    def _bookmark_line(self, kind: str, rv: int) -> bytes:
+        # Caller holds self._cond.
+        self.stats["bookmarks"] += 1
+        return json.dumps({"type": "BOOKMARK", "object": {
+            "kind": kind, "apiVersion": KINDS[kind][1],
+            "metadata": {"resourceVersion": str(rv)}}}).encode() + b"\n"
 
     # ------------------------------------------------------------ benchmarks
 
     def burst(self, n: int) -> int:
-        """Make n changes, each one visible to a store as exactly one delta."""
+        """Make n changes, each one visible to a store as exactly one delta.
+
+        All changes are prepared first and committed together, so watchers
+        receive them as fast as they can read: a benchmark then measures the
+        client, not this server's preparation."""
         from agent.k8s.testing.objects import burst_changes
         with self._cond:
             snapshot = {k: dict(v) for k, v in self._objects.items()}
-        for op, payload in burst_changes(snapshot, n):
-            if op == "apply":
-                self.apply(payload)
-            else:
-                self.delete(*payload)
+        ops = list(burst_changes(snapshot, n))
+        with self._cond:
+            for op, payload in ops:
+                if op == "apply":
+                    self._apply_locked(payload)
+                else:
+                    kind, ns, name = payload
+                    key = (ns if KINDS[kind][2] else "", name)
+                    old = self._objects[kind].get(key)
+                    if old is not None:
+                        self._commit(kind, "DELETED", key, None, old)
+            self._cond.notify_all()
         return n
 
 
@@ -522,6 +548,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         spec = {k: int(v) for k, v in (kv.split("=") for kv in args.populate.split(","))}
         fake.apply_many(populate(**spec))
         fake.compact()  # clients list first; the creation history is not needed
+        # The populated cluster lives as long as the process: keep the cyclic
+        # collector from re-traversing it, so this server is never the
+        # bottleneck of the client it serves.
+        import gc
+        gc.collect()
+        gc.freeze()
     fake.start()
     print(f"PORT {fake.port}", flush=True)
     try:
