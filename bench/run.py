@@ -16,7 +16,9 @@ from bench import results
 
 # Add a benchmark here when its module exists; keep the cheap ones first.
 MODULES = [
+    "bench.sync_bench",
     "bench.agent_bench",
+    "bench.cni_bench",
     "bench.pod_to_pod",
 ]
 
