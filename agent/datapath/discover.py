@@ -53,6 +53,8 @@ def _pod_side(netns_path: str, ifname: str):
 # A documentation address (TEST-NET-1): only ever used as the destination of
 # a route *lookup*, never of a packet.
 PROBE_DST = "192.0.2.1"
+NOT_AN_ENI_TABLE = {253, 254, 255}      # default, main, local
+RTM_F_LOOKUP_TABLE = 0x1000             # report the table that matched, not "main"
 
 
 def resolve_eni(ipr: IPRoute, pod_ip: str, host_ifindex: int) -> tuple[str, int]:
@@ -62,12 +64,16 @@ def resolve_eni(ipr: IPRoute, pod_ip: str, host_ifindex: int) -> tuple[str, int]
     Terway's `from <podIP> lookup <eni table>` rule decides. One netlink
     message, where dumping every rule and route would cost O(pods)."""
     try:
-        routes = ipr.route("get", dst=PROBE_DST, src=pod_ip, iif=host_ifindex)
+        routes = ipr.route("get", dst=PROBE_DST, src=pod_ip, iif=host_ifindex,
+                           flags=RTM_F_LOOKUP_TABLE)
     except NetlinkError:
         return "", 0
     for r in routes:
         oif = r.get_attr("RTA_OIF")
-        if oif:
+        # An answer from the main (or local/default) table means no policy
+        # rule claimed the pod: its traffic leaves by the node's own route,
+        # through no ENI of its own.
+        if oif and r.get_attr("RTA_TABLE") not in NOT_AN_ENI_TABLE:
             return ipr.get_links(oif)[0].get_attr("IFLA_IFNAME"), oif
     return "", 0
 
