@@ -111,6 +111,7 @@ class FakeAPIServer:
         self._floor = 1              # watches from an older resourceVersion get 410
         self._drop_gen = 0
         self._bookmark_gen = 0
+        self._down = False
         self._httpd: Optional[http.server.ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
         self.stats = {"list": 0, "watch": 0, "expired": 0, "bookmarks": 0,
@@ -137,6 +138,8 @@ class FakeAPIServer:
 
     def down(self) -> None:
         """Stop listening and cut every open connection: the API is unreachable."""
+        # Also refuses requests already accepted but not yet handled.
+        self._down = True
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -147,6 +150,7 @@ class FakeAPIServer:
         """Listen again on the same port (after down())."""
         if self._httpd is None:
             self.start()
+        self._down = False
 
     def __enter__(self) -> "FakeAPIServer":
         return self.start()
@@ -349,7 +353,7 @@ class FakeAPIServer:
             todo = []
             with self._cond:
                 while True:
-                    if self._drop_gen != drop_gen:
+                    if self._drop_gen != drop_gen or self._down:
                         self.stats["dropped"] += 1
                         abort()
                         return
@@ -459,6 +463,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         fake = self.server.fake
+        if fake._down:
+            self.stats_refused(fake)
+            return
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
         fake.requests.append(self.path)
@@ -475,6 +482,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         code, body = fake.list_body(kind, query)
         self._send(code, body)
+
+    def stats_refused(self, fake: FakeAPIServer) -> None:
+        fake.stats["refused_while_down"] += 1
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def do_POST(self) -> None:
         fake = self.server.fake
