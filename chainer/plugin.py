@@ -711,9 +711,9 @@ def run(environ, data: bytes, log: Log | None = None) -> tuple[int, str]:
                                        f"{type(exc).__name__}: {exc}"), version)
 
 
-def main(t_launch: float | None = None) -> int:
-    """Entry point. `t_launch` is when the launcher's first line ran (before
-    this module was imported), for the timing log line."""
+def main(t_launch: float | None = None) -> None:
+    """Entry point; exits the process. `t_launch` is when the launcher's
+    first line ran (before this module was loaded), for the timing log."""
     START[1] = time.time()
     START[0] = t_launch or START[1]
     data = sys.stdin.buffer.read()
@@ -721,8 +721,11 @@ def main(t_launch: float | None = None) -> int:
     code, out = run(os.environ, data, log)
     if out:
         sys.stdout.write(out + "\n")
-        sys.stdout.flush()
-    return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is written (the log unbuffered); skipping the interpreter's
+    # teardown saves the runtime a few milliseconds per pod.
+    os._exit(code)
 
 
 if __name__ == "__main__":

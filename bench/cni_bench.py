@@ -1,0 +1,277 @@
+"""CNI ADD latency of fastpath-cni, measured from the runtime's side.
+
+On one simulated Terway node running `fastpath agent`, a libcni-like
+runtime (chainer.testing) runs deploy/10-terway.conflist (the Terway
+stand-in, then fastpath-cni as a node installs it) for 200 pods one after
+another, then for rounds of 20 pods at once. The figure is fastpath-cni's
+own ADD: fork to exit of its process, as the runtime waits for it. In the
+same loop, alternating which goes first, Debian's `ptp` with `host-local`
+adds a pod of its own: the reference for what a plain veth plugin costs
+here.
+
+Each ADD is split with the plugin's debug log line (wall-clock times of its
+first line and of main(), its round trip to the agent) and the agent's own
+timing (discovery, attach + map write): start-up = fork to main(); agent =
+discovery + attach; round trip = the call minus the agent's part; the rest
+is reading stdin and writing the result.
+
+Start-up alone is also compared with `python -c "import grpc"` (why the
+CNI path does not use gRPC), the launcher in the source tree and the venv's
+console script: VERSION runs, alternating, medians.
+
+Run: python -m bench.cni_bench [--pods 200] [--rounds 5] [--concurrency 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from agent.sim import World, plan
+from agent.sim.netns import ip_batch, sh
+from agent.simagent import AgentProcess, private_paths
+from bench.results import record
+from chainer.testing import (Attachment, CniRuntime, PluginFailed, install_plugins, ptp_conflist,
+                             terway_conflist)
+
+COMMAND = "python -m bench.cni_bench"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+
+def timing_lines(log_file: str) -> dict[str, dict]:
+    """container id -> the plugin's ADD timing (debug log line)."""
+    out = {}
+    for line in Path(log_file).read_text().splitlines():
+        if " ADD " in line and " timing " in line:
+            cid = line.split(" ADD ", 1)[1].split("/", 1)[0]
+            out[cid] = json.loads(line.split(" timing ", 1)[1])
+    return out
+
+
+class Bench:
+    def __init__(self, world, node, paths, bin_dir: str):
+        self.world, self.node, self.paths = world, node, paths
+        self.log_file = f"{paths.root}/cni.log"
+        self.terway = CniRuntime(terway_conflist(
+            agent_socket=paths.socket, state_dir=paths.state_dir, log_file=self.log_file,
+            ipam_dir=f"{paths.root}/terway-ipam", first="10.241.2.1", last="10.241.3.254",
+            log_level="debug"), bin_dir, node.netns)
+        ptp = ptp_conflist(agent_socket=paths.socket, state_dir=paths.state_dir,
+                           log_file=self.log_file, ipam_dir=f"{paths.root}/ptp-ipam",
+                           subnet="10.250.0.0/16")
+        ptp["plugins"] = ptp["plugins"][:1]          # the reference: ptp + host-local alone
+        self.ptp = CniRuntime(ptp, bin_dir, node.netns)
+        self.ours: dict[str, object] = {}      # container id -> fastpath-cni's ADD Invocation
+        self.ref: dict[str, object] = {}       # container id -> ptp's ADD Invocation
+        self.lock = threading.Lock()
+
+    def netns(self, names: list[str]) -> dict[str, str]:
+        ns = {n: plan.pod_ns(self.world.tag, n) for n in names}
+        ip_batch(None, [f"netns add {v}" for v in ns.values()])
+        return {n: f"/var/run/netns/{v}" for n, v in ns.items()}
+
+    def add_ours(self, cid: str, netns: str) -> None:
+        att = self.terway.add(cid, netns, args=self.args(cid))
+        with self.lock:
+            self.ours[cid] = att.invocations[1]
+
+    @staticmethod
+    def args(cid: str) -> str:
+        return f"K8S_POD_NAMESPACE=bench;K8S_POD_NAME={cid}"
+
+    def add_terway_only(self, cid: str, netns: str) -> None:
+        inv = self.terway.exec_plugin("terway", "ADD", json.dumps(self.terway.plugin_conf(0)),
+                                      cid, netns, "eth0", self.args(cid))
+        if inv.rc != 0:
+            raise PluginFailed(inv)
+        with self.lock:
+            self.terway.cache[(cid, "eth0")] = Attachment(cid, netns, "eth0", self.args(cid),
+                                                          inv.output)
+
+    def add_fastpath_only(self, cid: str) -> None:
+        att = self.terway.cache[(cid, "eth0")]
+        inv = self.terway.exec_plugin("fastpath-cni", "ADD",
+                                      json.dumps(self.terway.plugin_conf(1, att.result)),
+                                      cid, att.netns, "eth0", att.args)
+        if inv.rc != 0:
+            raise PluginFailed(inv)
+        with self.lock:
+            att.result = inv.output
+            self.ours[cid] = inv
+
+    def add_ref(self, cid: str, netns: str) -> None:
+        att = self.ptp.add(cid, netns)
+        with self.lock:
+            self.ref[cid] = att.invocations[0]
+
+    def concurrently(self, fn, items) -> None:
+        errors: list[BaseException] = []
+
+        def run(*args):
+            try:
+                fn(*args)
+            except BaseException as exc:     # re-raised below, not lost in a thread
+                errors.append(exc)
+        threads = [threading.Thread(target=run, args=a) for a in items]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+
+def startup_comparison(bin_dir: str, runs: int) -> dict[str, float]:
+    """Medians (ms) of VERSION runs (start-up and exit, no agent) and of
+    `import grpc`, alternating the arms."""
+    venv_py = REPO / ".venv" / "bin" / "python"
+    arms = {
+        "installed": [f"{bin_dir}/fastpath-cni"],
+        "launcher": [str(REPO / "chainer" / "fastpath-cni")],
+        "console_script": [str(REPO / ".venv" / "bin" / "fastpath-cni")],
+        "python_bare": ["/usr/bin/python3", "-sSE", "-c", "pass"],
+        "grpc_import": [str(venv_py), "-c", "import grpc"],
+    }
+    samples: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(runs):
+        for name, cmd in arms.items():
+            t = time.perf_counter()
+            subprocess.run(cmd, input=b'{"cniVersion": "1.0.0"}', capture_output=True,
+                           env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"}, check=True)
+            samples[name].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pods", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--concurrency", type=int, default=20)
+    ap.add_argument("--startup-runs", type=int, default=25)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args(argv)
+
+    with World() as w, private_paths() as paths:
+        node = w.add_node("n1", enis=1)
+        bin_dir = str(install_plugins(f"{paths.root}/bin"))
+        agent = AgentProcess(node, paths).start()
+        try:
+            b = Bench(w, node, paths, bin_dir)
+            startup = startup_comparison(bin_dir, args.startup_runs)
+            print("start-up medians (ms): " + ", ".join(f"{k} {v:.1f}"
+                                                         for k, v in startup.items()))
+
+            # sequential: the node fills up to --pods pods
+            t0 = time.monotonic()
+            seq = [f"s{i:04d}" for i in range(args.pods)]
+            ns = b.netns(seq + [f"r{c}" for c in seq])
+            for i, cid in enumerate(seq):
+                arms = [(b.add_ours, cid, ns[cid]), (b.add_ref, cid, ns[f"r{cid}"])]
+                for fn, c, n in (arms if i % 2 == 0 else arms[::-1]):
+                    fn(c, n)
+            print(f"{args.pods} sequential pods in {time.monotonic() - t0:.1f}s")
+            dels = []
+            for cid in seq:
+                invs = b.terway.delete(cid)
+                dels.append(invs[0].elapsed_ms)      # fastpath-cni runs first on DEL
+                b.ptp.delete(cid)
+
+            # concurrent: rounds of --concurrency pods at once
+            t0 = time.monotonic()
+            conc = []
+            for r in range(args.rounds):
+                batch = [f"c{r}x{i:02d}" for i in range(args.concurrency)]
+                bns = b.netns(batch + [f"r{c}" for c in batch])
+                # Terway's part first, so that the 20 fastpath-cni runs
+                # contend with each other (and the agent), not with it
+                b.concurrently(b.add_terway_only, [(c, bns[c]) for c in batch])
+                b.concurrently(b.add_fastpath_only, [(c,) for c in batch])
+                b.concurrently(b.add_ref, [(c, bns[f"r{c}"]) for c in batch])
+                b.concurrently(b.terway.delete, [(c,) for c in batch])
+                b.concurrently(b.ptp.delete, [(c,) for c in batch])
+                sh(["ip", "-force", "-batch", "-"], input="".join(
+                    f"netns del {plan.pod_ns(w.tag, n)}\n" for n in bns))
+                conc += batch
+            print(f"{args.rounds} rounds of {args.concurrency} concurrent pods in "
+                  f"{time.monotonic() - t0:.1f}s")
+        finally:
+            agent.stop()
+        timing = timing_lines(b.log_file)
+
+    ours_seq = [b.ours[c].elapsed_ms for c in seq]
+    ref_seq = [b.ref[c].elapsed_ms for c in seq]
+    ours_conc = [b.ours[c].elapsed_ms for c in conc]
+    ref_conc = [b.ref[c].elapsed_ms for c in conc]
+    split = {"startup": [], "round_trip": [], "agent": [], "agent_discover": [],
+             "agent_attach": [], "rest": []}
+    for c in seq:
+        inv, t = b.ours[c], timing[c]
+        startup_ms = (t["t_main"] - inv.t_spawn) * 1e3
+        split["startup"].append(startup_ms)
+        split["agent"].append(t["agent_total_ms"])
+        split["agent_discover"].append(t["agent_discover_ms"])
+        split["agent_attach"].append(t["agent_attach_ms"])
+        split["round_trip"].append(t["rpc_ms"] - t["agent_total_ms"])
+        split["rest"].append(inv.elapsed_ms - startup_ms - t["rpc_ms"])
+    med = {k: statistics.median(v) for k, v in split.items()}
+    conc_startup = [(timing[c]["t_main"] - b.ours[c].t_spawn) * 1e3 for c in conc]
+    conc_agent = [timing[c]["rpc_ms"] for c in conc]
+    figures = {
+        "p50": statistics.median(ours_seq), "p99": pct(ours_seq, 99),
+        "ref_p50": statistics.median(ref_seq), "ref_p99": pct(ref_seq, 99),
+        "conc_p50": statistics.median(ours_conc), "conc_p99": pct(ours_conc, 99),
+        "ref_conc_p99": pct(ref_conc, 99), "del_p50": statistics.median(dels),
+        "del_p99": pct(dels, 99),
+    }
+    split_text = (f"median split of a sequential ADD: start-up {med['startup']:.1f} ms "
+                  f"(fork to main(), interpreter + plugin code), agent round trip "
+                  f"{med['round_trip']:.1f} ms, agent discovery {med['agent_discover']:.1f} ms, "
+                  f"attach + map write {med['agent_attach']:.1f} ms, rest "
+                  f"{med['rest']:.1f} ms")
+    print(json.dumps({k: round(v, 2) for k, v in figures.items()}))
+    print(split_text)
+    print(f"concurrent medians: start-up {statistics.median(conc_startup):.1f} ms, call to the "
+          f"agent {statistics.median(conc_agent):.1f} ms")
+    if args.no_record:
+        return 0
+    base = f"{args.pods} sequential pods on one node filling up, Terway stand-in chain"
+    record("cni.add_p50_ms", figures["p50"], "ms", command=COMMAND,
+           baseline=figures["ref_p50"], ratio=figures["p50"] / figures["ref_p50"],
+           target="< 40 ms",
+           notes=f"fastpath-cni ADD, fork to exit as the runtime sees it; {base}; baseline: "
+                 f"Debian ptp + host-local ADD in the same loop; {split_text}")
+    record("cni.add_p99_ms", figures["p99"], "ms", command=COMMAND,
+           baseline=figures["ref_p99"], ratio=figures["p99"] / figures["ref_p99"],
+           target="< 100 ms", notes=f"{base}; baseline: ptp + host-local p99")
+    record("cni.add_concurrent_p99_ms", figures["conc_p99"], "ms", command=COMMAND,
+           baseline=figures["ref_conc_p99"], ratio=figures["conc_p99"] / figures["ref_conc_p99"],
+           notes=f"{args.rounds} rounds of {args.concurrency} fastpath-cni ADDs at once "
+                 f"against one agent, on 2 vCPUs (p50 {figures['conc_p50']:.1f} ms; medians: "
+                 f"start-up {statistics.median(conc_startup):.1f} ms, call to the agent "
+                 f"{statistics.median(conc_agent):.1f} ms); baseline: {args.concurrency} ptp + "
+                 f"host-local ADDs at once, same rounds")
+    record("cni.del_p50_ms", figures["del_p50"], "ms", command=COMMAND,
+           notes=f"fastpath-cni DEL of the {args.pods} pods, one after another "
+                 f"(p99 {figures['del_p99']:.1f} ms)")
+    record("cni.plugin_startup_ms", startup["installed"], "ms", command=COMMAND,
+           baseline=startup["grpc_import"], ratio=startup["installed"] / startup["grpc_import"],
+           notes=f"VERSION run of the installed plugin (start-up + exit, no agent), median of "
+                 f"{args.startup_runs}; baseline: `python -c 'import grpc'` in the venv; same "
+                 f"loop: bare `python3 -sSE -c pass` {startup['python_bare']:.1f} ms, source-tree "
+                 f"launcher {startup['launcher']:.1f} ms, venv console script "
+                 f"{startup['console_script']:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
