@@ -34,7 +34,7 @@ MIN_PYTHON = (3, 8)
 # Run by the target interpreter: the code object must be its own.
 _COMPILE = """\
 import marshal, sys
-code = compile(open(sys.argv[1]).read(), "chainer/plugin.py", "exec", dont_inherit=True)
+code = compile(sys.stdin.buffer.read(), "chainer/plugin.py", "exec", dont_inherit=True)
 sys.stdout.buffer.write(sys.implementation.cache_tag.encode() + b" " + marshal.dumps(code))
 """
 
@@ -77,9 +77,16 @@ class InstallError(RuntimeError):
     pass
 
 
-def _check_python(python: str) -> None:
+def _interpreter(python: str, host_root: str | None) -> list[str]:
+    """How to run the node's interpreter from here: directly, or inside the
+    node's filesystem when installing from a container that mounts it."""
+    return ["chroot", host_root, python] if host_root else [python]
+
+
+def _check_python(python: str, host_root: str | None = None) -> None:
     try:
-        out = subprocess.run([python, "-sSE", "-c", "import sys; print(*sys.version_info[:2])"],
+        out = subprocess.run([*_interpreter(python, host_root), "-sSE", "-c",
+                              "import sys; print(*sys.version_info[:2])"],
                              capture_output=True, text=True, timeout=30)
     except OSError as exc:
         raise InstallError(f"cannot run {python}: {exc.strerror}") from None
@@ -91,11 +98,11 @@ def _check_python(python: str) -> None:
                            f"{NAME} needs {'.'.join(map(str, MIN_PYTHON))} or later")
 
 
-def build(python: str = "/usr/bin/python3") -> bytes:
+def build(python: str = "/usr/bin/python3", host_root: str | None = None) -> bytes:
     """The installed file's bytes."""
-    _check_python(python)
-    r = subprocess.run([python, "-sSE", "-c", _COMPILE, str(SOURCE)], capture_output=True,
-                       timeout=60)
+    _check_python(python, host_root)
+    r = subprocess.run([*_interpreter(python, host_root), "-sSE", "-c", _COMPILE],
+                       input=SOURCE.read_bytes(), capture_output=True, timeout=60)
     if r.returncode != 0:
         raise InstallError(f"{python} could not compile {SOURCE}: "
                            f"{r.stderr.decode(errors='replace').strip()}")
@@ -106,11 +113,14 @@ def build(python: str = "/usr/bin/python3") -> bytes:
                           ).encode()
 
 
-def install(dest_dir: str | Path, python: str = "/usr/bin/python3", name: str = NAME) -> Path:
-    """Write the plugin to dest_dir/name atomically; returns its path."""
+def install(dest_dir: str | Path, python: str = "/usr/bin/python3", name: str = NAME,
+            host_root: str | None = None) -> Path:
+    """Write the plugin to dest_dir/name atomically and check that it
+    answers VERSION; returns its path. With `host_root`, dest_dir lies
+    inside it and `python` is the node's interpreter, as seen from there."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    data = build(python)
+    data = build(python, host_root)
     target = dest_dir / name
     tmp = dest_dir / f".{name}.{os.getpid()}.tmp"
     try:
@@ -119,8 +129,13 @@ def install(dest_dir: str | Path, python: str = "/usr/bin/python3", name: str = 
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    r = subprocess.run([str(target)], input=b'{"cniVersion":"1.0.0"}', capture_output=True,
-                       env={"CNI_COMMAND": "VERSION"}, timeout=30)
+    run = [str(target)]
+    if host_root:
+        run = ["chroot", host_root, "/" + str(target.resolve().relative_to(
+            Path(host_root).resolve()))]
+    r = subprocess.run(run, input=b'{"cniVersion":"1.0.0"}', capture_output=True, timeout=30,
+                       env={"CNI_COMMAND": "VERSION",
+                            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")})
     if r.returncode != 0 or b"supportedVersions" not in r.stdout:
         raise InstallError(f"installed {target} does not answer VERSION: "
                            f"{(r.stdout + r.stderr).decode(errors='replace').strip()}")
@@ -134,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python", default="/usr/bin/python3",
                    help="interpreter on the node that will run the plugin (default: %(default)s)")
     p.add_argument("--name", default=NAME, help="file name (the conflist's type)")
+    p.add_argument("--host-root", metavar="DIR",
+                   help="the node's / as mounted in an installing container (e.g. /host): "
+                        "DEST lies under it, --python is run with chroot DIR")
     args = p.parse_args(argv)
     try:
-        path = install(args.dest, args.python, args.name)
+        path = install(args.dest, args.python, args.name, args.host_root)
     except InstallError as exc:
         print(f"install: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ on the host veth and the pinned endpoints map.
 """
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 from types import SimpleNamespace
 
@@ -275,3 +277,20 @@ def _guard(errors, fn, name):
         fn(name)
     except (PluginFailed, Exception) as exc:     # reported by the test, not lost in a thread
         errors.append(exc)
+
+
+def test_install_from_a_container_that_mounts_the_nodes_root(tmp_path):
+    """The DaemonSet's init step: the node's / is mounted in the container,
+    and the plugin must be built for the node's interpreter, not the
+    image's. Here the "mount" is / itself, reached through chroot."""
+    from chainer import install
+    dest = tmp_path / "opt-cni-bin"
+    path = install.install(dest, python="/usr/bin/python3", host_root="/")
+    text = path.read_bytes()
+    assert text.startswith(b"#!/usr/bin/python3 -sSE\n")
+    tag = sh(["chroot", "/", "/usr/bin/python3", "-c",
+              "import sys; print(sys.implementation.cache_tag)"]).stdout.strip()
+    assert f"\n#:code {tag} ".encode() in text, "compiled by the node's interpreter"
+    r = subprocess.run([str(path)], input=b'{"cniVersion": "1.1.0"}', capture_output=True,
+                       env={"CNI_COMMAND": "VERSION"}, check=True)
+    assert json.loads(r.stdout)["cniVersion"] == "1.1.0"
