@@ -13,7 +13,7 @@ the kernel (finding the veth from CNI_NETNS, its host-side peer, the ENI from
 the node's policy routing, tc attach, map writes) happens in the agent, a
 warm process. Hence the imports below: only modules that are built into the
 interpreter or cost next to nothing. Not even `json` and `socket`: they pull
-in `re` and `enum`, about 10 ms per pod here (chainer/README-section.md has
+in `re` and `enum`, about 15 ms per pod here (chainer/README-section.md has
 the figures), so the plugin speaks agent/api/wire.py's framed protocol
 through the C modules `_json` and `_socket` that those two are built on.
 
@@ -36,7 +36,6 @@ SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 E_INCOMPATIBLE_VERSION = 1
 E_UNSUPPORTED_FIELD = 2
 E_INVALID_ENV = 4
-E_IO = 5
 E_DECODE = 6
 E_INVALID_CONFIG = 7
 E_TRY_AGAIN_LATER = 11
@@ -277,7 +276,7 @@ def parse_config(data: bytes, command: str) -> Conf:
     conf.state_dir = _abs_path("state_dir", raw.get("state_dir", conf.state_dir))
     conf.log_file = _abs_path("log_file", raw.get("log_file", conf.log_file), allow_empty=True)
     level = raw.get("log_level", conf.log_level)
-    if level not in LOG_LEVELS:
+    if not isinstance(level, str) or level not in LOG_LEVELS:
         raise CniError(E_INVALID_CONFIG, f"log_level must be one of {', '.join(LOG_LEVELS)}, "
                        f"not {level!r}")
     conf.log_level = level
@@ -392,7 +391,7 @@ class Log:
             return
         now = time.time()
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e3):03d}Z"
-        line = f"{stamp} {level.upper()} pid={os.getpid()} {self.context} {msg}\n"
+        line = f"{stamp} {level.upper()} pid={os.getpid()} {self.context or '-'} {msg}\n"
         if self.path:
             try:
                 self._append(line)
@@ -531,6 +530,12 @@ def cmd_add(conf: Conf, env: Env, log: Log) -> dict:
                        f"{PLUGIN} got no prevResult: it must be chained after the plugin that "
                        f"creates the pod's interface (Terway's `terway`); put it after that "
                        f"plugin in the conflist's plugins list")
+    if env.infra_container_id and env.infra_container_id != env.container_id:
+        # DEL and CHECK find the endpoint by CNI_CONTAINERID: say so if the
+        # runtime names the sandbox differently
+        log.write("warning", f"CNI_CONTAINERID {env.container_id} differs from "
+                             f"K8S_POD_INFRA_CONTAINER_ID {env.infra_container_id}; the "
+                             f"endpoint is keyed by CNI_CONTAINERID")
     params = {"netns": env.netns, "ifname": env.ifname, "container_id": env.container_id,
               "pod_namespace": env.pod_namespace, "pod_name": env.pod_name,
               "require_eni": conf.require_eni}

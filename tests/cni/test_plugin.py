@@ -242,6 +242,12 @@ def test_add_passes_require_eni_false_through(paths, agent):
     assert agent.calls[0][1]["pod_name"] == ""
 
 
+def test_add_warns_when_the_sandbox_ids_disagree(paths, agent):
+    rc, _ = run(env(args="K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=other"), conf(paths))
+    assert rc == 0
+    assert "differs from K8S_POD_INFRA_CONTAINER_ID other" in open(paths["log"]).read()
+
+
 AGENT_ERRORS = [
     ("discovery", "interface eth0 not found in pod netns /x", 101),
     ("eni-unresolved", "no ENI found for pod IP 10.241.1.100", 102),
