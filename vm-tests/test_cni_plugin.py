@@ -13,7 +13,6 @@ import subprocess
 import threading
 from types import SimpleNamespace
 
-import pytest
 
 from agent.sim.netns import Netns, sh
 from agent.sim.traffic import tcp_exchange
