@@ -29,6 +29,7 @@ import importlib
 import json
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, ContextManager
 
 from agent.sim import World
@@ -132,7 +133,15 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                     harness.fprr(eps["stack"], "rr", 0.2)
                     return measure(eps["stack"])
 
-            arms = {"direct": lambda: measure(eps["direct"]), "stack": stack_arm}
+            bare = BarePeer(a, b)
+
+            def bare_arm() -> dict[str, float]:
+                with bare.attached(node):
+                    harness.fprr(eps["stack"], "rr", 0.2)
+                    return measure(eps["stack"])
+
+            arms = {"direct": lambda: measure(eps["direct"]), "stack": stack_arm,
+                    "bare-peer": bare_arm}
             if fastpath_setup:
                 arms["fastpath"] = fastpath_arm
             raw = harness.alternate(arms, rounds, log)
@@ -146,6 +155,47 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
     if record_results:
         _record(med, rounds, rr_seconds, crr_seconds, stream_seconds, source)
     return {"medians": med, "raw": raw, "fastpath": source}
+
+
+class BarePeer:
+    """The floor of the technique itself: a program that does nothing but
+    bpf_redirect_peer() to the other pod (no lookups, no rewrite, no
+    counters). fastpath's distance to direct veth minus this arm's is what
+    fastpath's own logic costs."""
+
+    SRC = r"""
+    #include <uapi/linux/bpf.h>
+    #include <uapi/linux/pkt_cls.h>
+    #include <uapi/linux/if_ether.h>
+    static __always_inline int peer(struct __sk_buff *skb, __u32 ifindex)
+    {
+        void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+        struct ethhdr *eth = data;
+        if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+            return TC_ACT_UNSPEC;
+        return bpf_redirect_peer(ifindex, 0);
+    }
+    int bare_to_b(struct __sk_buff *skb) { return peer(skb, TO_B); }
+    int bare_to_a(struct __sk_buff *skb) { return peer(skb, TO_A); }
+    """
+
+    def __init__(self, a, b):
+        from bcc import BPF
+        self.a, self.b = a, b
+        self.bpf = BPF(text=self.SRC, cflags=[f"-DTO_B={b.host_ifindex}",
+                                               f"-DTO_A={a.host_ifindex}"])
+        self.fds = {n: self.bpf.load_func(n, BPF.SCHED_CLS).fd for n in ("bare_to_b", "bare_to_a")}
+
+    @contextmanager
+    def attached(self, node):
+        from agent.datapath import tc
+        tc.attach(self.a.host_ifname, "ingress", self.fds["bare_to_b"], "bare_to_b", 25000, node.netns)
+        tc.attach(self.b.host_ifname, "ingress", self.fds["bare_to_a"], "bare_to_a", 25000, node.netns)
+        try:
+            yield
+        finally:
+            for dev in (self.a.host_ifname, self.b.host_ifname):
+                node.run(["tc", "filter", "del", "dev", dev, "ingress", "prio", "25000"], check=False)
 
 
 UNITS = {"rr": "trans/s", "crr": "conn/s", "stream": "Gbit/s"}
@@ -173,9 +223,18 @@ def _record(med: dict, rounds: int, rr_s: float, crr_s: float, st_s: float, sour
         results.record(f"redirect.stack_vs_direct.{m}", s[m], UNITS[m], command=COMMAND,
                        baseline=d[m], ratio=s[m] / d[m],
                        notes=f"context: host-stack routing vs a direct veth pair; {method}")
+    bp = med["bare-peer"]
+    for m in ("rr", "crr", "stream"):
+        results.record(f"redirect.bare_peer_vs_direct.{m}", bp[m], UNITS[m], command=COMMAND,
+                       baseline=d[m], ratio=bp[m] / d[m],
+                       notes=f"context: a program doing only bpf_redirect_peer vs a direct veth pair; {method}")
     if "fastpath" not in med:
         return
     f = med["fastpath"]
+    for m in ("rr", "crr", "stream"):
+        results.record(f"redirect.vs_bare_peer.{m}", f[m], UNITS[m], command=COMMAND,
+                       baseline=bp[m], ratio=f[m] / bp[m],
+                       notes=f"context: fastpath vs the bare redirect_peer program; {method}")
     results.record("redirect.pod_to_pod_same_node", f["crr"], "conn/s", command=COMMAND,
                    baseline=s["crr"], ratio=f["crr"] / s["crr"], target=">= 1.10",
                    notes=f"TCP_CRR, fastpath vs host stack on the same node; {method}; attach: {source}")
