@@ -29,6 +29,22 @@ BPF_TABLE_PINNED("percpu_hash", struct fp_counter_key, struct fp_counter,
 BPF_TABLE_PINNED("lpm_trie", struct fp_lpm4_key, __u8,
 		 FP_MAP_BYPASS, FP_BYPASS_MAX, FP_PIN(FP_MAP_BYPASS), BPF_F_NO_PREALLOC);
 
+/* Service frontends, their backend slots, and backends. */
+BPF_TABLE_PINNED("hash", struct fp_svc4_key, struct fp_svc4,
+		 FP_MAP_SERVICES, FP_SVC_MAX, FP_PIN(FP_MAP_SERVICES));
+BPF_TABLE_PINNED("hash", struct fp_slot_key, struct fp_slot,
+		 FP_MAP_SLOTS, FP_SLOT_MAX, FP_PIN(FP_MAP_SLOTS));
+BPF_TABLE_PINNED("hash", __u32, struct fp_backend4,
+		 FP_MAP_BACKENDS, FP_BE_MAX, FP_PIN(FP_MAP_BACKENDS));
+
+/* Translated flows; LRU so the table can never fill up and refuse new flows. */
+BPF_TABLE_PINNED("lru_hash", struct fp_ct4_key, struct fp_ct4,
+		 FP_MAP_CT, FP_CT_MAX, FP_PIN(FP_MAP_CT));
+
+/* ClientIP affinity. */
+BPF_TABLE_PINNED("lru_hash", struct fp_aff4_key, struct fp_aff4,
+		 FP_MAP_AFFINITY, FP_AFF_MAX, FP_PIN(FP_MAP_AFFINITY));
+
 #ifdef FP_TEST
 /* Test builds record their redirect decisions (see struct fp_testrec). */
 BPF_ARRAY(FP_MAP_TESTREC, struct fp_testrec, 1);
@@ -69,6 +85,49 @@ static __always_inline void fp_count(__u32 ifindex, enum fp_dir dir,
 	}
 	c->packets += 1;
 	c->bytes += bytes;
+}
+
+static __always_inline struct fp_svc4 *fp_service_lookup(__be32 vip, __be16 port, __u8 proto)
+{
+	struct fp_svc4_key key = { .vip = vip, .port = port, .proto = proto };
+
+	return FP_MAP_SERVICES.lookup(&key);
+}
+
+static __always_inline struct fp_backend4 *fp_backend_lookup(__u32 backend_id)
+{
+	return FP_MAP_BACKENDS.lookup(&backend_id);
+}
+
+static __always_inline struct fp_backend4 *fp_slot_backend(__u32 svc_id, __u32 slot, __u32 *backend_id)
+{
+	struct fp_slot_key key = { .svc_id = svc_id, .slot = slot };
+	struct fp_slot *s = FP_MAP_SLOTS.lookup(&key);
+
+	if (!s)
+		return NULL;
+	*backend_id = s->backend_id;
+	return FP_MAP_BACKENDS.lookup(&s->backend_id);
+}
+
+static __always_inline struct fp_ct4 *fp_ct_lookup(struct fp_ct4_key *key)
+{
+	return FP_MAP_CT.lookup(key);
+}
+
+static __always_inline void fp_ct_put(struct fp_ct4_key *key, struct fp_ct4 *val)
+{
+	FP_MAP_CT.update(key, val);
+}
+
+static __always_inline struct fp_aff4 *fp_affinity_lookup(struct fp_aff4_key *key)
+{
+	return FP_MAP_AFFINITY.lookup(key);
+}
+
+static __always_inline void fp_affinity_put(struct fp_aff4_key *key, struct fp_aff4 *val)
+{
+	FP_MAP_AFFINITY.update(key, val);
 }
 
 static __always_inline void fp_test_record(__u32 ifindex, enum fp_redirect_kind kind,

@@ -4,11 +4,13 @@
  *   - anything but IPv4 (ARP, IPv6, ...) goes to the stack unchanged;
  *   - the source must be the endpoint registered on this veth (anti-spoof);
  *     a pod fastpath does not know yet is left to the stack;
+ *   - a TCP/UDP packet to a service frontend is translated to a backend
+ *     (conntrack keeps the flow on it), then forwarded like any other;
  *   - host-stack bypass prefixes (node-local DNS) go to the stack;
  *   - a destination that is a local endpoint is redirected into its netns;
  *   - anything else leaves by the pod's ENI when the FIB agrees.
- * fp_to_pod (tc egress: packets the stack delivers to the pod) lets
- * everything through; later stages hook reverse NAT and ingress policy here.
+ * fp_to_pod (tc egress: packets the stack delivers to the pod) restores the
+ * VIP on replies of translated flows and lets everything through.
  * Programs never return TC_ACT_OK for "not mine": they return
  * TC_ACT_UNSPEC so that other tc filters on the device still run.
  */
@@ -45,6 +47,19 @@ int fp_from_pod(struct __sk_buff *skb)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT);
 	eni_ifindex = src->eni_ifindex;
 
+	{
+		struct fp_l4 l4;
+
+		if (fp_parse_l4(skb, &ip, &l4) == 0) {
+			int rc = fp_lb_translate(skb, &ip, &l4, &reason);
+
+			if (rc < 0)
+				return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+			if (rc == 0)
+				fp_count(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len);
+		}
+	}
+
 	if (fp_bypass_match(ip.daddr))
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE);
 
@@ -58,5 +73,15 @@ int fp_from_pod(struct __sk_buff *skb)
 
 int fp_to_pod(struct __sk_buff *skb)
 {
+	struct fp_ipv4 ip = {};
+	int rc;
+
+	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
+		return FP_TC_CONTINUE;
+	rc = fp_lb_reverse(skb, &ip);
+	if (rc < 0)
+		return fp_finish(skb, FP_DIR_TO_POD, FP_DROP_CSUM, TC_ACT_SHOT);
+	if (rc > 0)
+		fp_count(skb->ifindex, FP_DIR_TO_POD, FP_FWD_REVNAT, skb->len);
 	return FP_TC_CONTINUE;
 }

@@ -14,7 +14,7 @@ from agent.config import Config
 from agent.datapath import tc
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.datapath.loader import BuildOptions, Loaded, open_module, preflight
-from agent.datapath.maps import Maps, MAP
+from agent.datapath.maps import LbMaps, Maps, MAP
 from agent.endpoints import Endpoint
 
 log = logging.getLogger("fastpath.datapath")
@@ -33,6 +33,7 @@ class Datapath:
         self.options = BuildOptions.from_config(config, test_build)
         self.module: Loaded | None = None
         self.maps: Maps | None = None
+        self.lb: LbMaps | None = None
         self.migration_notes: list[str] = []
 
     # -- lifecycle -------------------------------------------------------
@@ -43,7 +44,9 @@ class Datapath:
         names = list(MAP.values())
         if not self.options.test_build:
             names.remove(MAP["FP_MAP_TESTREC"])
-        self.maps = Maps({n: self.module.table(n) for n in names})
+        tables = {n: self.module.table(n) for n in names}
+        self.maps = Maps(tables)
+        self.lb = LbMaps(tables)
         self.maps.bypass_set(self.config.host_stack_cidrs + self.config.service_cidrs)
         return self
 

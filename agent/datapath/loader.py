@@ -46,12 +46,19 @@ class BuildOptions:
     endpoints_max: int
     counters_max: int
     bypass_max: int
+    svc_max: int
+    backends_max: int
+    slots_max: int
+    ct_max: int
+    affinity_max: int
     test_build: bool = False
 
     @classmethod
     def from_config(cls, config: Config, test_build: bool = False) -> "BuildOptions":
         return cls(config.bpffs_root, config.endpoints_map_size, config.counters_map_size,
-                   config.bypass_map_size, test_build)
+                   config.bypass_map_size, config.services_map_size, config.backends_map_size,
+                   config.slots_map_size, config.conntrack_map_size, config.affinity_map_size,
+                   test_build)
 
     def cflags(self) -> list[str]:
         flags = [
@@ -60,17 +67,16 @@ class BuildOptions:
             f"-DFP_EP_MAX={self.endpoints_max}",
             f"-DFP_COUNTERS_MAX={self.counters_max}",
             f"-DFP_BYPASS_MAX={self.bypass_max}",
+            f"-DFP_SVC_MAX={self.svc_max}",
+            f"-DFP_BE_MAX={self.backends_max}",
+            f"-DFP_SLOT_MAX={self.slots_max}",
+            f"-DFP_CT_MAX={self.ct_max}",
+            f"-DFP_AFF_MAX={self.affinity_max}",
             "-Wno-unused-function",
         ]
         if self.test_build:
             flags.append("-DFP_TEST=1")
         return flags
-
-    def expected_max_entries(self) -> dict[str, int]:
-        m = bpfdefs.load().maps
-        return {m["FP_MAP_ENDPOINTS"]: self.endpoints_max,
-                m["FP_MAP_COUNTERS"]: self.counters_max,
-                m["FP_MAP_BYPASS"]: self.bypass_max}
 
 
 def program_text() -> str:
@@ -214,7 +220,7 @@ def _declared(bpf, table) -> tuple[int, int, int, int]:
 
 def pinned_map_names() -> list[str]:
     m = bpfdefs.load().maps
-    return [m[k] for k in ("FP_MAP_ENDPOINTS", "FP_MAP_COUNTERS", "FP_MAP_BYPASS")]
+    return [v for k, v in m.items() if k != "FP_MAP_TESTREC"]
 
 
 def _mismatches(bpf) -> list[tuple[str, str, bool]]:

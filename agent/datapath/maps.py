@@ -134,3 +134,120 @@ class Maps:
         t = self._t[MAP["FP_MAP_TESTREC"]]
         rec = t[t.Key(0)]
         return rec
+
+
+PROTO_NUM = {"TCP": 6, "UDP": 17, "SCTP": 132}
+PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
+
+
+def be16(port: int) -> int:
+    """Port -> the integer whose in-memory bytes are the port in network order."""
+    return struct.unpack("=H", struct.pack("!H", port))[0]
+
+
+def port_from_be16(value: int) -> int:
+    return struct.unpack("!H", struct.pack("=H", value))[0]
+
+
+@dataclass(frozen=True)
+class CtRow:
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    proto: str
+    direction: str        # "forward" (client -> VIP) or "reply" (backend -> client)
+    nat_addr: str
+    nat_port: int
+    backend_id: int
+    svc_id: int
+    last_seen_ns: int
+
+
+class LbMaps:
+    """Service maps: frontends, slots, backends, conntrack, affinity.
+
+    Writers are single map updates; the order in which callers use them is
+    what keeps a service whole for the packets reading it (see fastpath.h)."""
+
+    def __init__(self, tables):
+        self._svc = tables[MAP["FP_MAP_SERVICES"]]
+        self._slot = tables[MAP["FP_MAP_SLOTS"]]
+        self._be = tables[MAP["FP_MAP_BACKENDS"]]
+        self._ct = tables[MAP["FP_MAP_CT"]]
+        self._aff = tables[MAP["FP_MAP_AFFINITY"]]
+
+    def _svc_key(self, vip: str, port: int, proto: str):
+        return self._svc.Key(vip=be32(vip), port=be16(port), proto=PROTO_NUM[proto])
+
+    def put_backend(self, backend_id: int, ip: str, port: int, proto: str) -> None:
+        v = self._be.Leaf(ip=be32(ip), port=be16(port), proto=PROTO_NUM[proto])
+        self._be[self._be.Key(backend_id)] = v
+
+    def delete_backend(self, backend_id: int) -> None:
+        try:
+            del self._be[self._be.Key(backend_id)]
+        except KeyError:
+            pass
+
+    def put_slots(self, svc_id: int, backend_ids, first: int = 1) -> None:
+        for i, bid in enumerate(backend_ids, start=first):
+            self._slot[self._slot.Key(svc_id=svc_id, slot=i)] = self._slot.Leaf(backend_id=bid)
+
+    def delete_slots(self, svc_id: int, first: int, last: int) -> None:
+        for i in range(first, last + 1):
+            try:
+                del self._slot[self._slot.Key(svc_id=svc_id, slot=i)]
+            except KeyError:
+                pass
+
+    def put_service(self, vip: str, port: int, proto: str, svc_id: int, count: int,
+                    flags: int = 0, affinity_timeout: int = 0) -> None:
+        v = self._svc.Leaf(svc_id=svc_id, count=count, flags=flags,
+                           affinity_timeout=affinity_timeout)
+        self._svc[self._svc_key(vip, port, proto)] = v
+
+    def delete_service(self, vip: str, port: int, proto: str) -> None:
+        try:
+            del self._svc[self._svc_key(vip, port, proto)]
+        except KeyError:
+            pass
+
+    def services(self) -> list[dict]:
+        out = []
+        for k, v in self._svc.items():
+            out.append({"vip": ip_from_be32(k.vip), "port": port_from_be16(k.port),
+                        "proto": PROTO_NAME.get(k.proto, str(k.proto)), "svc_id": v.svc_id,
+                        "count": v.count, "flags": v.flags, "affinity_timeout": v.affinity_timeout})
+        return out
+
+    def slots(self, svc_id: int, count: int) -> list[int]:
+        return [self._slot[self._slot.Key(svc_id=svc_id, slot=i)].backend_id
+                for i in range(1, count + 1)]
+
+    def backends(self) -> dict[int, tuple[str, int, str]]:
+        return {k.value: (ip_from_be32(v.ip), port_from_be16(v.port), PROTO_NAME.get(v.proto, "?"))
+                for k, v in self._be.items()}
+
+    def conntrack(self) -> list[CtRow]:
+        rows = []
+        for k, v in self._ct.items():
+            rows.append(CtRow(ip_from_be32(k.saddr), port_from_be16(k.sport), ip_from_be32(k.daddr),
+                              port_from_be16(k.dport), PROTO_NAME.get(k.proto, str(k.proto)),
+                              "reply" if k.dir == DEFS.defines["FP_CT_REPLY"] else "forward",
+                              ip_from_be32(v.nat_addr), port_from_be16(v.nat_port), v.backend_id,
+                              v.svc_id, v.last_seen))
+        return rows
+
+    def conntrack_delete_backend(self, backend_id: int) -> int:
+        """Forget the flows of a removed backend (both directions)."""
+        doomed = [k for k, v in self._ct.items() if v.backend_id == backend_id]
+        for k in doomed:
+            try:
+                del self._ct[k]
+            except KeyError:
+                pass
+        return len(doomed)
+
+    def conntrack_flush(self) -> None:
+        self._ct.clear()

@@ -21,6 +21,11 @@
 #define FP_MAP_COUNTERS   fp_cnt_v1
 #define FP_MAP_BYPASS     fp_bypass4_v1
 #define FP_MAP_TESTREC    fp_testrec_v1
+#define FP_MAP_SERVICES   fp_svc4_v1
+#define FP_MAP_SLOTS      fp_slot4_v1
+#define FP_MAP_BACKENDS   fp_be4_v1
+#define FP_MAP_CT         fp_ct4_v1
+#define FP_MAP_AFFINITY   fp_aff4_v1
 
 /* Pod endpoints on this node, keyed by pod IPv4 address. Filled by the agent
  * (CNI ADD or restore); read by every program to find local destinations. */
@@ -57,9 +62,13 @@ _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 	X(FP_FWD_FIB_MISS,     4, "to-stack-fib")              \
 	X(FP_FWD_TTL,          5, "to-stack-ttl")              \
 	X(FP_FWD_PASS,         6, "passed")                    \
+	X(FP_FWD_SVC,          7, "service-translated")        \
+	X(FP_FWD_REVNAT,       8, "service-reply-restored")    \
 	X(FP_DROP_INVALID,   100, "dropped-invalid-packet")    \
 	X(FP_DROP_SPOOFED,   101, "dropped-source-spoofed")    \
-	X(FP_DROP_REDIRECT,  102, "dropped-redirect-failed")
+	X(FP_DROP_REDIRECT,  102, "dropped-redirect-failed")   \
+	X(FP_DROP_NO_BACKEND, 103, "dropped-service-no-backend") \
+	X(FP_DROP_CSUM,      104, "dropped-checksum-update")
 
 #define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_dir { FP_DIRS(FP_ENUM_ENTRY) };
@@ -87,6 +96,90 @@ struct fp_counter {
 struct fp_lpm4_key {
 	__u32 prefixlen;       /* HBO */
 	__be32 addr;           /* NBO */
+};
+
+/* Service load-balancing (per packet). A frontend (VIP, port, protocol)
+ * names a service id and how many backend slots it has; slots 1..count map
+ * to backend ids; backends hold the real address. The agent writes them in
+ * the order backends -> slots -> service entry (and the reverse on removal),
+ * so a packet that sees a service entry always finds its slots and backends.
+ * IPv4 maps carry the "4" in their names; IPv6 gets its own maps. */
+struct fp_svc4_key {
+	__be32 vip;            /* NBO */
+	__be16 port;           /* NBO */
+	__u8 proto;            /* IPPROTO_* */
+	__u8 pad;
+};
+_Static_assert(sizeof(struct fp_svc4_key) == 8, "fp_svc4_key layout");
+
+#define FP_SVC_F_AFFINITY  (1U << 0)  /* sessionAffinity: ClientIP */
+#define FP_SVC_F_REJECT    (1U << 1)  /* no usable endpoint: reject, never black-hole */
+#define FP_SVC_F_LOCAL     (1U << 2)  /* internalTrafficPolicy Local applied */
+#define FP_SVC_F_EXTERNAL  (1U << 3)  /* ExternalIP / LoadBalancer frontend */
+
+struct fp_svc4 {
+	__u32 svc_id;          /* HBO */
+	__u16 count;           /* HBO: backend slots 1..count */
+	__u16 flags;           /* HBO: FP_SVC_F_* */
+	__u32 affinity_timeout; /* HBO: seconds, with FP_SVC_F_AFFINITY */
+};
+_Static_assert(sizeof(struct fp_svc4) == 12, "fp_svc4 layout");
+
+struct fp_slot_key {
+	__u32 svc_id;          /* HBO */
+	__u32 slot;            /* HBO: 1..count */
+};
+
+struct fp_slot {
+	__u32 backend_id;      /* HBO */
+};
+
+struct fp_backend4 {
+	__be32 ip;             /* NBO */
+	__be16 port;           /* NBO */
+	__u8 proto;
+	__u8 flags;
+};
+_Static_assert(sizeof(struct fp_backend4) == 8, "fp_backend4 layout");
+
+/* Connection tracking of translated flows (LRU). The forward entry (dir 0,
+ * the client's tuple towards the VIP) remembers the backend; the reply entry
+ * (dir 1, the backend's tuple back to the client) remembers the VIP to put
+ * back as source. */
+#define FP_CT_FORWARD 0
+#define FP_CT_REPLY   1
+
+struct fp_ct4_key {
+	__be32 saddr;          /* NBO */
+	__be32 daddr;          /* NBO */
+	__be16 sport;          /* NBO */
+	__be16 dport;          /* NBO */
+	__u8 proto;
+	__u8 dir;              /* FP_CT_FORWARD / FP_CT_REPLY */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_ct4_key) == 16, "fp_ct4_key layout");
+
+struct fp_ct4 {
+	__u64 last_seen;       /* HBO: bpf_ktime_get_ns() */
+	__be32 nat_addr;       /* NBO: forward: backend IP; reply: VIP */
+	__be16 nat_port;       /* NBO */
+	__u16 flags;
+	__u32 backend_id;      /* HBO */
+	__u32 svc_id;          /* HBO */
+};
+_Static_assert(sizeof(struct fp_ct4) == 24, "fp_ct4 layout");
+
+/* ClientIP session affinity: (service, client) -> backend, last use. */
+struct fp_aff4_key {
+	__u32 svc_id;          /* HBO */
+	__be32 client;         /* NBO */
+};
+
+struct fp_aff4 {
+	__u64 last_seen;       /* HBO: ns */
+	__u32 backend_id;      /* HBO */
+	__u32 pad;
 };
 
 /* Test builds only (FP_TEST): BPF_PROG_TEST_RUN does not perform redirects,

@@ -19,6 +19,7 @@
 #include <uapi/linux/ip.h>
 #include <linux/socket.h>
 #include "lib/parse.h"
+#include "lib/lb.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -56,8 +57,10 @@ static __always_inline int fp_set_macs(struct __sk_buff *skb, __u8 *dst, __u8 *s
 	return bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), src, ETH_ALEN, 0);
 }
 
-/* Deliver to a pod on this node. Returns the tc verdict; *reason is set. */
-static __always_inline int fp_redirect_local(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+/* Deliver to a pod on this node. Returns the tc verdict; *reason is set.
+ * A reply of a translated flow gets its VIP back first: this is where
+ * replies meet their client, whichever way they came. */
+static __always_inline int fp_redirect_local(struct __sk_buff *skb, struct fp_ipv4 *ip,
 					     const struct fp_endpoint *dst, enum fp_reason *reason)
 {
 	__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
@@ -66,6 +69,10 @@ static __always_inline int fp_redirect_local(struct __sk_buff *skb, const struct
 	if (ip->ttl <= 1) {
 		*reason = FP_FWD_TTL;
 		return FP_TC_CONTINUE;
+	}
+	if (fp_lb_reverse(skb, ip) < 0) {
+		*reason = FP_DROP_CSUM;
+		return TC_ACT_SHOT;
 	}
 	/* Copy before writing the packet: the map value stays valid, but keep
 	 * the helper arguments on the stack as the verifier prefers. */

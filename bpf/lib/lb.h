@@ -1,0 +1,221 @@
+/* Per-packet service translation (DNAT) with connection tracking, and the
+ * reverse translation of replies.
+ *
+ * A new flow to a frontend picks a backend (ClientIP affinity first, else a
+ * random slot), is rewritten to it, and leaves two conntrack entries: the
+ * forward one keeps later packets of the flow on the same backend, the reply
+ * one lets the delivery path put the VIP back as the reply's source. A
+ * forward entry whose backend has been removed is re-balanced at once (the
+ * backend id no longer resolves), so UDP flows move without waiting.
+ * Checksums are fixed incrementally: the IPv4 header checksum, and the
+ * TCP/UDP checksum including its pseudo-header (a zero UDP checksum stays
+ * zero). SCTP (CRC32c) and IP fragments are not translated per packet.
+ */
+#ifndef FP_LIB_LB_H
+#define FP_LIB_LB_H
+
+#include <uapi/linux/in.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include "lib/parse.h"
+
+#define FP_NSEC_PER_SEC 1000000000ULL
+
+struct fp_l4 {
+	__be16 sport;          /* NBO */
+	__be16 dport;          /* NBO */
+	__u32 off;             /* HBO: offset of the L4 header */
+};
+
+/* Ports of a first (or only) TCP/UDP fragment; -1 when there are none. */
+static __always_inline int fp_parse_l4(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+				       struct fp_l4 *l4)
+{
+	__be16 frag;
+	__be16 ports[2];
+
+	if (ip->proto != IPPROTO_TCP && ip->proto != IPPROTO_UDP)
+		return -1;
+	if (bpf_skb_load_bytes(skb, ip->l3_off + offsetof(struct iphdr, frag_off), &frag, 2))
+		return -1;
+	if (frag & bpf_htons(0x3FFF))      /* MF or a fragment offset */
+		return -1;
+	l4->off = ip->l3_off + ip->ihl_bytes;
+	if (bpf_skb_load_bytes(skb, l4->off, ports, sizeof(ports)))
+		return -1;
+	l4->sport = ports[0];
+	l4->dport = ports[1];
+	return 0;
+}
+
+static __always_inline int fp_l4_csum_off(__u8 proto)
+{
+	return proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check);
+}
+
+/* Rewrite one address (saddr or daddr) and one port, checksums included. */
+static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					  const struct fp_l4 *l4, int is_src,
+					  __be32 old_addr, __be32 new_addr,
+					  __be16 old_port, __be16 new_port)
+{
+	__u32 addr_off = ip->l3_off + (is_src ? offsetof(struct iphdr, saddr)
+					      : offsetof(struct iphdr, daddr));
+	__u32 port_off = l4->off + (is_src ? 0 : 2);
+	__u32 csum_off = l4->off + fp_l4_csum_off(ip->proto);
+	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+
+	if (old_addr != new_addr) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+					l4flags | BPF_F_PSEUDO_HDR | sizeof(new_addr)))
+			return -1;
+		if (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
+					old_addr, new_addr, sizeof(new_addr)))
+			return -1;
+		if (bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0))
+			return -1;
+	}
+	if (old_port != new_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, l4flags | sizeof(new_port)))
+			return -1;
+		if (bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+			return -1;
+	}
+	return 0;
+}
+
+static __always_inline struct fp_backend4 *fp_lb_pick(struct fp_svc4 *svc, __be32 client,
+						       __u32 *backend_id, __u64 now)
+{
+	struct fp_backend4 *be;
+	__u32 slot;
+
+	if (svc->count == 0)
+		return NULL;
+	if (svc->flags & FP_SVC_F_AFFINITY) {
+		struct fp_aff4_key akey = { .svc_id = svc->svc_id, .client = client };
+		struct fp_aff4 *aff = fp_affinity_lookup(&akey);
+
+		if (aff && now - aff->last_seen <= (__u64)svc->affinity_timeout * FP_NSEC_PER_SEC) {
+			be = fp_backend_lookup(aff->backend_id);
+			if (be) {
+				*backend_id = aff->backend_id;
+				aff->last_seen = now;
+				return be;
+			}
+		}
+	}
+	slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	be = fp_slot_backend(svc->svc_id, slot, backend_id);
+	if (be && (svc->flags & FP_SVC_F_AFFINITY)) {
+		struct fp_aff4_key akey = { .svc_id = svc->svc_id, .client = client };
+		struct fp_aff4 val = { .last_seen = now, .backend_id = *backend_id };
+
+		fp_affinity_put(&akey, &val);
+	}
+	return be;
+}
+
+/* DNAT a packet addressed to a frontend. Returns 0 when translated (ip and
+ * l4 then describe the rewritten packet), 1 when the destination is not a
+ * service, and -1 (with *reason) when the packet must be dropped. */
+static __always_inline int fp_lb_translate(struct __sk_buff *skb, struct fp_ipv4 *ip,
+					   struct fp_l4 *l4, enum fp_reason *reason)
+{
+	struct fp_svc4 *svc = fp_service_lookup(ip->daddr, l4->dport, ip->proto);
+	struct fp_ct4_key fwd = {}, rev = {};
+	struct fp_ct4 *ct, entry = {}, reply = {};
+	struct fp_backend4 *be = NULL;
+	__u32 backend_id = 0;
+	__u64 now;
+
+	if (!svc)
+		return 1;
+	now = bpf_ktime_get_ns();
+	fwd.saddr = ip->saddr;
+	fwd.daddr = ip->daddr;
+	fwd.sport = l4->sport;
+	fwd.dport = l4->dport;
+	fwd.proto = ip->proto;
+	fwd.dir = FP_CT_FORWARD;
+
+	ct = fp_ct_lookup(&fwd);
+	if (ct && ct->svc_id == svc->svc_id) {
+		be = fp_backend_lookup(ct->backend_id);
+		if (be) {
+			backend_id = ct->backend_id;
+			ct->last_seen = now;
+		}
+	}
+	if (!be) {
+		be = fp_lb_pick(svc, ip->saddr, &backend_id, now);
+		if (!be) {
+			*reason = FP_DROP_NO_BACKEND;
+			return -1;
+		}
+		entry.last_seen = now;
+		entry.nat_addr = be->ip;
+		entry.nat_port = be->port;
+		entry.backend_id = backend_id;
+		entry.svc_id = svc->svc_id;
+		fp_ct_put(&fwd, &entry);
+
+		rev.saddr = be->ip;
+		rev.daddr = ip->saddr;
+		rev.sport = be->port;
+		rev.dport = l4->sport;
+		rev.proto = ip->proto;
+		rev.dir = FP_CT_REPLY;
+		reply.last_seen = now;
+		reply.nat_addr = ip->daddr;
+		reply.nat_port = l4->dport;
+		reply.backend_id = backend_id;
+		reply.svc_id = svc->svc_id;
+		fp_ct_put(&rev, &reply);
+	}
+	{
+		__be32 new_addr = be->ip;
+		__be16 new_port = be->port;
+
+		if (fp_nat_rewrite(skb, ip, l4, 0, ip->daddr, new_addr, l4->dport, new_port)) {
+			*reason = FP_DROP_CSUM;
+			return -1;
+		}
+		ip->daddr = new_addr;
+		l4->dport = new_port;
+	}
+	*reason = FP_FWD_SVC;
+	return 0;
+}
+
+/* Put the VIP back as the source of a reply from a backend. Returns 1 when
+ * the packet was a reply of a translated flow, 0 when not, -1 on failure. */
+static __always_inline int fp_lb_reverse(struct __sk_buff *skb, struct fp_ipv4 *ip)
+{
+	struct fp_ct4_key key = {};
+	struct fp_ct4 *ct;
+	struct fp_l4 l4;
+	__be32 vip;
+	__be16 vport;
+
+	if (fp_parse_l4(skb, ip, &l4))
+		return 0;
+	key.saddr = ip->saddr;
+	key.daddr = ip->daddr;
+	key.sport = l4.sport;
+	key.dport = l4.dport;
+	key.proto = ip->proto;
+	key.dir = FP_CT_REPLY;
+	ct = fp_ct_lookup(&key);
+	if (!ct)
+		return 0;
+	ct->last_seen = bpf_ktime_get_ns();
+	vip = ct->nat_addr;
+	vport = ct->nat_port;
+	if (fp_nat_rewrite(skb, ip, &l4, 1, ip->saddr, vip, l4.sport, vport))
+		return -1;
+	ip->saddr = vip;
+	return 1;
+}
+
+#endif /* FP_LIB_LB_H */

@@ -1,0 +1,186 @@
+"""Per-packet service translation: DNAT to a backend, conntrack, reverse NAT
+of replies, affinity, removed backends and services without backends.
+
+Maps are filled through the agent's LbMaps writer; packets are scapy-built
+and every rewritten packet's IPv4 and TCP/UDP checksums are recomputed by
+scapy and compared with what the program produced.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from agent.datapath.maps import DEFS
+from tests.bpf.conftest import (POD_A, POD_B, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT,
+                                TC_ACT_UNSPEC, run_prog)
+
+VIP = "192.168.50.10"
+VIP_AFF = "192.168.50.11"
+VIP_EMPTY = "192.168.50.12"
+VIP_TWO = "192.168.50.13"
+AFF = DEFS.defines["FP_SVC_F_AFFINITY"]
+REJECT = DEFS.defines["FP_SVC_F_REJECT"]
+
+
+@pytest.fixture(scope="module")
+def services(dp):
+    lb = dp.lb
+    lb.put_backend(1, POD_B, 8080, "TCP")
+    lb.put_backend(2, POD_B, 5353, "UDP")
+    lb.put_backend(3, REMOTE, 8080, "TCP")
+    lb.put_slots(10, [1])
+    lb.put_service(VIP, 80, "TCP", 10, 1)
+    lb.put_slots(11, [2])
+    lb.put_service(VIP, 53, "UDP", 11, 1)
+    lb.put_slots(12, [1, 3])
+    lb.put_service(VIP_AFF, 80, "TCP", 12, 2, AFF, 10800)
+    lb.put_service(VIP_EMPTY, 80, "TCP", 13, 0, REJECT)
+    lb.put_slots(14, [1, 3])
+    lb.put_service(VIP_TWO, 80, "TCP", 14, 2)
+    yield lb
+    for vip, port, proto in ((VIP, 80, "TCP"), (VIP, 53, "UDP"), (VIP_AFF, 80, "TCP"),
+                             (VIP_EMPTY, 80, "TCP"), (VIP_TWO, 80, "TCP")):
+        lb.delete_service(vip, port, proto)
+    lb.conntrack_flush()
+
+
+def syn(net, dst, dport=80, sport=40000):
+    return Ether(src=net.pod_a_mac, dst=net.cali_a.mac) / IP(src=POD_A, dst=dst) \
+        / TCP(sport=sport, dport=dport, flags="S", seq=1000) / b"GET /"
+
+
+def assert_checksums_valid(out: bytes):
+    pkt = Ether(out)
+    l4 = pkt[TCP] if TCP in pkt else pkt[UDP]
+    got_ip, got_l4 = pkt[IP].chksum, l4.chksum
+    if UDP in pkt and got_l4 == 0:
+        got_l4 = None
+    fresh = Ether(out)
+    del fresh[IP].chksum
+    if TCP in fresh:
+        del fresh[TCP].chksum
+    elif got_l4 is not None:
+        del fresh[UDP].chksum
+    fresh = Ether(bytes(fresh))
+    assert fresh[IP].chksum == got_ip, "IPv4 header checksum"
+    if got_l4 is not None:
+        want = fresh[TCP].chksum if TCP in fresh else fresh[UDP].chksum
+        assert want == got_l4, "L4 checksum incl. pseudo-header"
+
+
+def test_a_connection_to_a_clusterip_is_translated_to_its_backend_and_redirected(dp, bpfnet, services):
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP)), bpfnet.cali_a.ifindex)
+    assert r.verdict == TC_ACT_REDIRECT and r.reason == "redirected-local"
+    assert r.redirect_ifindex == bpfnet.cali_b.ifindex
+    out = Ether(r.out)
+    assert (out[IP].dst, out[TCP].dport) == (POD_B, 8080)
+    assert (out[IP].src, out[TCP].sport) == (POD_A, 40000), "the client is not masqueraded"
+    assert bytes(out[TCP].payload) == b"GET /"
+    assert_checksums_valid(r.out)
+    ct = {(c.direction, c.saddr, c.sport, c.daddr, c.dport): c for c in services.conntrack()}
+    fwd = ct[("forward", POD_A, 40000, VIP, 80)]
+    assert (fwd.nat_addr, fwd.nat_port) == (POD_B, 8080)
+    rev = ct[("reply", POD_B, 8080, POD_A, 40000)]
+    assert (rev.nat_addr, rev.nat_port) == (VIP, 80)
+
+
+def test_the_reply_gets_the_vip_back_as_its_source(dp, bpfnet, services):
+    run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP, sport=40001)), bpfnet.cali_a.ifindex)
+    reply = Ether(src=bpfnet.pod_b_mac, dst=bpfnet.cali_b.mac) / IP(src=POD_B, dst=POD_A) \
+        / TCP(sport=8080, dport=40001, flags="SA", seq=5, ack=1001) / b"200 OK"
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(reply), bpfnet.cali_b.ifindex)
+    assert r.verdict == TC_ACT_REDIRECT and r.redirect_ifindex == bpfnet.cali_a.ifindex
+    out = Ether(r.out)
+    assert (out[IP].src, out[TCP].sport) == (VIP, 80)
+    assert (out[IP].dst, out[TCP].dport) == (POD_A, 40001)
+    assert_checksums_valid(r.out)
+
+
+def test_a_reply_delivered_by_the_stack_is_restored_on_the_pods_veth(dp, bpfnet, services):
+    # a remote backend's reply that took the host stack reaches fp_to_pod
+    run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP_TWO, sport=40002)),
+             bpfnet.cali_a.ifindex)
+    fwd = {(c.saddr, c.sport): c for c in services.conntrack() if c.direction == "forward"}
+    be_ip, be_port = fwd[(POD_A, 40002)].nat_addr, fwd[(POD_A, 40002)].nat_port
+    reply = Ether(dst=bpfnet.pod_a_mac, src=bpfnet.cali_a.mac) / IP(src=be_ip, dst=POD_A) \
+        / TCP(sport=be_port, dport=40002, flags="SA")
+    r = run_prog(dp, bpfnet.ns, "fp_to_pod", bytes(reply), bpfnet.cali_a.ifindex)
+    assert r.verdict == TC_ACT_UNSPEC
+    out = Ether(r.out)
+    assert (out[IP].src, out[TCP].sport) == (VIP_TWO, 80)
+    assert_checksums_valid(r.out)
+
+
+def test_later_packets_of_a_flow_stay_on_the_same_backend(dp, bpfnet, services):
+    chosen = set()
+    for _ in range(10):
+        r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP_TWO, sport=41000)),
+                     bpfnet.cali_a.ifindex)
+        chosen.add(Ether(r.out)[IP].dst)
+    assert len(chosen) == 1
+
+
+def test_new_flows_spread_over_backends_without_affinity(dp, bpfnet, services):
+    picks = Counter()
+    for sport in range(42000, 42040):
+        r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP_TWO, sport=sport)),
+                     bpfnet.cali_a.ifindex)
+        picks[Ether(r.out)[IP].dst] += 1
+    assert set(picks) == {POD_B, REMOTE}, picks
+
+
+def test_client_ip_affinity_keeps_every_new_flow_on_one_backend(dp, bpfnet, services):
+    picks = set()
+    for sport in range(43000, 43030):
+        r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP_AFF, sport=sport)),
+                     bpfnet.cali_a.ifindex)
+        picks.add(Ether(r.out)[IP].dst)
+    assert len(picks) == 1, picks
+
+
+def test_udp_is_translated_with_a_valid_checksum_and_zero_stays_zero(dp, bpfnet, services):
+    q = Ether(src=bpfnet.pod_a_mac, dst=bpfnet.cali_a.mac) / IP(src=POD_A, dst=VIP) \
+        / UDP(sport=33333, dport=53) / b"dns-query"
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(q), bpfnet.cali_a.ifindex)
+    out = Ether(r.out)
+    assert (out[IP].dst, out[UDP].dport) == (POD_B, 5353)
+    assert_checksums_valid(r.out)
+    raw = bytearray(bytes(Ether(src=bpfnet.pod_a_mac, dst=bpfnet.cali_a.mac)
+                          / IP(src=POD_A, dst=VIP) / UDP(sport=33334, dport=53) / b"x"))
+    raw[14 + 20 + 6: 14 + 20 + 8] = b"\x00\x00"     # "no checksum"
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(raw), bpfnet.cali_a.ifindex)
+    assert Ether(r.out)[UDP].chksum == 0
+
+
+def test_a_service_without_backends_drops_with_a_reason_not_silently(dp, bpfnet, services):
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP_EMPTY)), bpfnet.cali_a.ifindex)
+    assert r.verdict == TC_ACT_SHOT and r.reason == "dropped-service-no-backend"
+
+
+def test_a_flow_whose_backend_was_removed_moves_to_a_remaining_backend(dp, bpfnet, services):
+    lb = services
+    lb.put_backend(4, POD_B, 9090, "TCP")
+    lb.put_backend(5, REMOTE, 9090, "TCP")
+    lb.put_slots(20, [4, 5])
+    lb.put_service("192.168.50.20", 80, "TCP", 20, 2)
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, "192.168.50.20", sport=44000)),
+                 bpfnet.cali_a.ifindex)
+    first = Ether(r.out)[IP].dst
+    gone, stays = (4, 5) if first == POD_B else (5, 4)
+    # the agent's order on removal: shrink the service, then slots, then the backend
+    lb.put_slots(20, [stays])
+    lb.put_service("192.168.50.20", 80, "TCP", 20, 1)
+    lb.delete_slots(20, 2, 2)
+    lb.delete_backend(gone)
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, "192.168.50.20", sport=44000)),
+                 bpfnet.cali_a.ifindex)
+    assert Ether(r.out)[IP].dst != first
+    lb.delete_service("192.168.50.20", 80, "TCP")
+
+
+def test_traffic_to_a_non_service_port_of_a_vip_is_not_translated(dp, bpfnet, services):
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP, dport=81)), bpfnet.cali_a.ifindex)
+    assert Ether(r.out)[IP].dst == VIP
