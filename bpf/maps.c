@@ -45,6 +45,13 @@ BPF_TABLE_PINNED("lru_hash", struct fp_ct4_key, struct fp_ct4,
 BPF_TABLE_PINNED("lru_hash", struct fp_aff4_key, struct fp_aff4,
 		 FP_MAP_AFFINITY, FP_AFF_MAX, FP_PIN(FP_MAP_AFFINITY));
 
+/* Socket-LB reverse translation for recvmsg/getpeername. */
+BPF_TABLE_PINNED("lru_hash", struct fp_sockrev4_key, struct fp_sockrev4,
+		 FP_MAP_SOCKREV, FP_SOCKREV_MAX, FP_PIN(FP_MAP_SOCKREV));
+
+/* Runtime settings (one entry). */
+BPF_TABLE_PINNED("array", __u32, struct fp_config, FP_MAP_CONFIG, 1, FP_PIN(FP_MAP_CONFIG));
+
 #ifdef FP_TEST
 /* Test builds record their redirect decisions (see struct fp_testrec). */
 BPF_ARRAY(FP_MAP_TESTREC, struct fp_testrec, 1);
@@ -128,6 +135,23 @@ static __always_inline struct fp_aff4 *fp_affinity_lookup(struct fp_aff4_key *ke
 static __always_inline void fp_affinity_put(struct fp_aff4_key *key, struct fp_aff4 *val)
 {
 	FP_MAP_AFFINITY.update(key, val);
+}
+
+static __always_inline struct fp_config *fp_config_get(void)
+{
+	__u32 zero = 0;
+
+	return FP_MAP_CONFIG.lookup(&zero);
+}
+
+static __always_inline void fp_sockrev_put(struct fp_sockrev4_key *key, struct fp_sockrev4 *val)
+{
+	FP_MAP_SOCKREV.update(key, val);
+}
+
+static __always_inline struct fp_sockrev4 *fp_sockrev_lookup(struct fp_sockrev4_key *key)
+{
+	return FP_MAP_SOCKREV.lookup(key);
 }
 
 static __always_inline void fp_test_record(__u32 ifindex, enum fp_redirect_kind kind,

@@ -14,7 +14,7 @@ from agent.config import Config
 from agent.datapath import tc
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.datapath.loader import BuildOptions, Loaded, open_module, preflight
-from agent.datapath.maps import LbMaps, Maps, MAP
+from agent.datapath.maps import ConfigMap, LbMaps, Maps, MAP, netns_cookie
 from agent.endpoints import Endpoint
 
 log = logging.getLogger("fastpath.datapath")
@@ -47,6 +47,7 @@ class Datapath:
         tables = {n: self.module.table(n) for n in names}
         self.maps = Maps(tables)
         self.lb = LbMaps(tables)
+        self.settings = ConfigMap(tables)
         self.maps.bypass_set(self.config.host_stack_cidrs + self.config.service_cidrs)
         return self
 
@@ -86,6 +87,20 @@ class Datapath:
         for eni in enis:
             self.attach(eni, "eni")
         return enis
+
+    # -- socket-LB -------------------------------------------------------
+    def attach_socket_lb(self, cgroup_path: str, hostns_only: bool = True):
+        """Translate services at connect()/sendmsg() for sockets in
+        `cgroup_path`; with `hostns_only`, only for the node's own netns."""
+        from agent.datapath import cgroup
+        self.settings.set(socket_lb=True, hostns_only=hostns_only,
+                          host_netns_cookie=netns_cookie(self.netns))
+        progs = {n: self.prog_fd(n) for n in cgroup.SOCK_PROGRAMS}
+        return cgroup.attach(cgroup_path, progs)
+
+    def detach_socket_lb(self, cgroup_path: str):
+        from agent.datapath import cgroup
+        return cgroup.detach(cgroup_path)
 
     # -- endpoints -------------------------------------------------------
     def add_endpoint(self, ep: Endpoint) -> None:

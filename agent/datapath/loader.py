@@ -29,13 +29,22 @@ log = logging.getLogger("fastpath.datapath")
 
 BPF_DIR = bpfdefs.BPF_DIR
 # Attach-point files, in the order they are appended after maps.c.
-PROGRAM_FILES = ("pod.c", "eni.c")
-# Entry functions: name -> (file, tc direction on its device).
+PROGRAM_FILES = ("pod.c", "eni.c", "sock.c")
+# Entry functions: name -> (file, program type, expected attach type or -1).
+# Names fit the kernel's 15 characters, so listings show them whole.
+# Attach types are the kernel's enum bpf_attach_type values (uapi).
+SCHED_CLS, CGROUP_SOCK_ADDR = 3, 18
+BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_UDP4_SENDMSG = 10, 14
+BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME = 19, 29
 PROGRAMS = {
-    "fp_from_pod": "pod.c",
-    "fp_to_pod": "pod.c",
-    "fp_from_vpc": "eni.c",
-    "fp_to_vpc": "eni.c",
+    "fp_from_pod": ("pod.c", SCHED_CLS, -1),
+    "fp_to_pod": ("pod.c", SCHED_CLS, -1),
+    "fp_from_vpc": ("eni.c", SCHED_CLS, -1),
+    "fp_to_vpc": ("eni.c", SCHED_CLS, -1),
+    "fp_sock_conn4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT),
+    "fp_sock_send4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_SENDMSG),
+    "fp_sock_recv4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_RECVMSG),
+    "fp_sock_peer4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_GETPEERNAME),
 }
 BPFFS_MAGIC_TYPE = "bpf"
 
@@ -51,6 +60,7 @@ class BuildOptions:
     slots_max: int
     ct_max: int
     affinity_max: int
+    sockrev_max: int
     test_build: bool = False
 
     @classmethod
@@ -58,7 +68,9 @@ class BuildOptions:
         return cls(config.bpffs_root, config.endpoints_map_size, config.counters_map_size,
                    config.bypass_map_size, config.services_map_size, config.backends_map_size,
                    config.slots_map_size, config.conntrack_map_size, config.affinity_map_size,
-                   test_build)
+                   # socket-LB's reverse table holds one entry per translated
+                   # socket, the socket-level twin of a conntrack entry
+                   config.conntrack_map_size, test_build)
 
     def cflags(self) -> list[str]:
         flags = [
@@ -72,6 +84,7 @@ class BuildOptions:
             f"-DFP_SLOT_MAX={self.slots_max}",
             f"-DFP_CT_MAX={self.ct_max}",
             f"-DFP_AFF_MAX={self.affinity_max}",
+            f"-DFP_SOCKREV_MAX={self.sockrev_max}",
             "-Wno-unused-function",
         ]
         if self.test_build:
@@ -170,11 +183,10 @@ class Loaded:
         return self.bpf[name]
 
     def load_programs(self) -> None:
-        from bcc import BPF
-        for name in PROGRAMS:
+        for name, (_, prog_type, attach_type) in PROGRAMS.items():
             with _capture_stderr() as err:
                 try:
-                    fn = self.bpf.load_func(name, BPF.SCHED_CLS)
+                    fn = self.bpf.load_func(name, prog_type, attach_type=attach_type)
                 except Exception:
                     fn = None
             if fn is None:

@@ -251,3 +251,36 @@ class LbMaps:
 
     def conntrack_flush(self) -> None:
         self._ct.clear()
+
+
+SO_NETNS_COOKIE = 71
+
+
+def netns_cookie(netns: str | None = None) -> int:
+    """The kernel's cookie of a network namespace (what bpf_get_netns_cookie
+    returns for sockets in it)."""
+    import socket as _socket
+    from agent.datapath.nsenter import in_netns
+    with in_netns(netns):
+        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    with s:
+        return struct.unpack("=Q", s.getsockopt(_socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+
+
+class ConfigMap:
+    """The programs' runtime settings (one array entry)."""
+
+    def __init__(self, tables):
+        self._t = tables[MAP["FP_MAP_CONFIG"]]
+
+    def set(self, *, socket_lb: bool, hostns_only: bool, host_netns_cookie: int) -> None:
+        flags = 0
+        if socket_lb:
+            flags |= DEFS.defines["FP_CFG_F_SOCKLB"]
+        if hostns_only:
+            flags |= DEFS.defines["FP_CFG_F_SOCKLB_HOSTNS"]
+        self._t[self._t.Key(0)] = self._t.Leaf(host_netns_cookie=host_netns_cookie, flags=flags)
+
+    def get(self) -> dict:
+        v = self._t[self._t.Key(0)]
+        return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags}

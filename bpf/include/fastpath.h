@@ -26,6 +26,8 @@
 #define FP_MAP_BACKENDS   fp_be4_v1
 #define FP_MAP_CT         fp_ct4_v1
 #define FP_MAP_AFFINITY   fp_aff4_v1
+#define FP_MAP_SOCKREV    fp_sockrev4_v1
+#define FP_MAP_CONFIG     fp_cfg_v1
 
 /* Pod endpoints on this node, keyed by pod IPv4 address. Filled by the agent
  * (CNI ADD or restore); read by every program to find local destinations. */
@@ -181,6 +183,34 @@ struct fp_aff4 {
 	__u32 backend_id;      /* HBO */
 	__u32 pad;
 };
+
+/* Socket-LB: what a connected socket's peer really is. Keyed by socket
+ * cookie and the backend the socket was sent to, so recvmsg/getpeername can
+ * show the application the VIP it asked for. */
+struct fp_sockrev4_key {
+	__u64 cookie;          /* HBO: bpf_get_socket_cookie() */
+	__be32 addr;           /* NBO: backend */
+	__be16 port;           /* NBO */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_sockrev4_key) == 16, "fp_sockrev4_key layout");
+
+struct fp_sockrev4 {
+	__be32 vip;            /* NBO */
+	__be16 vport;          /* NBO */
+	__u16 pad;
+};
+
+/* Runtime settings the programs read (one entry), written by the agent. */
+#define FP_CFG_F_SOCKLB          (1U << 0)  /* socket-LB on */
+#define FP_CFG_F_SOCKLB_HOSTNS   (1U << 1)  /* ... for the host netns only */
+
+struct fp_config {
+	__u64 host_netns_cookie; /* HBO: the node's netns, for host-only socket-LB */
+	__u32 flags;             /* HBO: FP_CFG_F_* */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct fp_config) == 16, "fp_config layout");
 
 /* Test builds only (FP_TEST): BPF_PROG_TEST_RUN does not perform redirects,
  * so programs record the target they chose here for the tests to assert. */

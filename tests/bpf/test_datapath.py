@@ -150,7 +150,7 @@ def test_a_verifier_rejection_names_the_program_and_shows_the_log(bpffs, monkeyp
             char *p = (char *)(long)skb->data;
             return p[100];    /* unchecked packet access */
         }""")
-    monkeypatch.setattr(loader, "PROGRAMS", {"fp_bad": "bad.c"})
+    monkeypatch.setattr(loader, "PROGRAMS", {"fp_bad": ("bad.c", loader.SCHED_CLS, -1)})
     module = loader.Loaded(bad, None)
     with pytest.raises(VerifierRejected) as exc:
         module.load_programs()

@@ -1,0 +1,140 @@
+"""Socket-LB attachment to a cgroup v2 directory.
+
+Programs are attached with BPF_F_ALLOW_MULTI so that they coexist with
+other tools' programs on the same cgroup. An agent restart attaches its new
+programs first and only then detaches the previous agent's (found by name
+with BPF_PROG_QUERY), so sockets are never without translation in between.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from dataclasses import dataclass
+
+from agent.datapath import libbpf
+from agent.datapath.errors import DatapathError
+from agent.datapath.loader import PROGRAMS
+
+BPF_F_ALLOW_MULTI = 2
+SOCK_PROGRAMS = {n: spec[2] for n, spec in PROGRAMS.items() if spec[0] == "sock.c"}
+OUR_PREFIX = "fp_sock_"
+
+
+class _ProgInfo(ct.Structure):
+    # leading part of struct bpf_prog_info (uapi)
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+                ("name", ct.c_char * 16)]
+
+
+@dataclass(frozen=True)
+class CgroupProg:
+    attach_type: int
+    prog_id: int
+    name: str
+
+    @property
+    def ours(self) -> bool:
+        return self.name.startswith(OUR_PREFIX)
+
+
+def _lib():
+    lb = libbpf.lib()
+    lb.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
+                                  ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
+    lb.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
+    lb.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
+    return lb
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise DatapathError(f"cgroup {path} cannot be opened: {exc.strerror}") from None
+
+
+def _prog_name(prog_id: int) -> tuple[int, str]:
+    fd = _lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return -1, ""
+    info = _ProgInfo()
+    n = ct.c_uint32(ct.sizeof(info))
+    _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n))
+    return fd, info.name.decode()
+
+
+def _prog_id(fd: int) -> int:
+    info = _ProgInfo()
+    n = ct.c_uint32(ct.sizeof(info))
+    if _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)) != 0:
+        raise DatapathError(f"program fd {fd}: cannot read its info")
+    return info.id
+
+
+def attached(path: str) -> list[CgroupProg]:
+    out = []
+    cg = _open(path)
+    try:
+        for attach_type in sorted(set(SOCK_PROGRAMS.values())):
+            ids = (ct.c_uint32 * 64)()
+            cnt = ct.c_uint32(64)
+            flags = ct.c_uint32(0)
+            if _lib().bpf_prog_query(cg, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt)) != 0:
+                continue
+            for i in range(cnt.value):
+                fd, name = _prog_name(ids[i])
+                if fd >= 0:
+                    os.close(fd)
+                out.append(CgroupProg(attach_type, ids[i], name))
+    finally:
+        os.close(cg)
+    return out
+
+
+def _detach_ids(cg: int, progs: list[CgroupProg]) -> None:
+    for p in progs:
+        fd, _ = _prog_name(p.prog_id)
+        if fd < 0:
+            continue
+        try:
+            _lib().bpf_prog_detach2(fd, cg, p.attach_type)
+        finally:
+            os.close(fd)
+
+
+def attach(path: str, prog_fds: dict[str, int]) -> list[CgroupProg]:
+    """Attach fastpath's socket programs to cgroup `path`, replacing those of
+    an earlier agent without a gap."""
+    before = [p for p in attached(path) if p.ours]
+    present = {p.prog_id for p in before}
+    keep = set()
+    cg = _open(path)
+    try:
+        for name, attach_type in SOCK_PROGRAMS.items():
+            pid = _prog_id(prog_fds[name])
+            if pid in present:          # this very program is attached already
+                keep.add(pid)
+                continue
+            if _lib().bpf_prog_attach(prog_fds[name], cg, attach_type, BPF_F_ALLOW_MULTI) != 0:
+                err = ct.get_errno()
+                raise DatapathError(f"cannot attach {name} to cgroup {path}: {os.strerror(err)}")
+        _detach_ids(cg, [p for p in before if p.prog_id not in keep])
+    finally:
+        os.close(cg)
+    return [p for p in attached(path) if p.ours]
+
+
+def detach(path: str) -> list[CgroupProg]:
+    if not os.path.isdir(path):
+        return []
+    ours = [p for p in attached(path) if p.ours]
+    cg = _open(path)
+    try:
+        _detach_ids(cg, ours)
+    finally:
+        os.close(cg)
+    return ours

@@ -1,0 +1,130 @@
+"""Socket-LB with real sockets: cgroup sock_addr hooks on the test's own
+cgroup v2 child (never the root cgroup), clients in a simulated node's netns
+and in a pod's netns.
+
+    client (node netns or pod netns, in cgroup fp-sock-*)
+        connect(VIP:80) --[fp_sock_conn4]--> backend pod b:8080
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent.simagent import sim_attach
+
+CGROUP2 = "/sys/fs/cgroup/unified"
+VIP = "192.168.88.10"
+FLAGS_REJECT = 2
+
+CLIENT = r"""
+import socket, sys
+vip, port, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+try:
+    if proto == "tcp":
+        s = socket.create_connection((vip, port), timeout=3)
+        peer = s.getpeername()
+        s.sendall(b"hi"); s.shutdown(socket.SHUT_WR)
+        data = s.recv(100)
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+        s.sendto(b"question", (vip, port))
+        data, peer = s.recvfrom(100)
+    print(data.decode(), peer[0], peer[1])
+except OSError as e:
+    print("ERROR", e.errno, e.strerror)
+"""
+
+
+@pytest.fixture
+def cgroup():
+    path = f"{CGROUP2}/fp-sock-{secrets.token_hex(3)}"
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        # move any straggler back to the parent before removing the child
+        try:
+            with open(f"{path}/cgroup.procs") as f:
+                for pid in f.read().split():
+                    with open(f"{CGROUP2}/cgroup.procs", "w") as parent:
+                        parent.write(pid)
+        except OSError:
+            pass
+        os.rmdir(path)
+
+
+def in_cgroup(ns, cg: str, *args: str) -> str:
+    """Run the client in cgroup `cg` and netns `ns`. The cgroup is joined
+    first, from this mount namespace: `ip netns exec` remounts /sys, which
+    hides the cgroup2 mount from inside it."""
+    cmd = (f'echo $$ > {cg}/cgroup.procs && '
+           f'exec ip netns exec {ns.netns} {sys.executable} -c "$0" "$@"')
+    return subprocess.run(["sh", "-c", cmd, CLIENT, *args], capture_output=True, text=True,
+                          timeout=15).stdout.strip()
+
+
+def serve(pod, port: int, reply: str, udp: bool = False):
+    if udp:
+        return pod.popen(["sh", "-c", f"while true; do printf {reply} | nc -u -l -W 1 -w 3 {pod.ip} {port}; done"])
+    return pod.popen(["sh", "-c", f"while true; do printf {reply} | nc -l -N -w 3 {pod.ip} {port}; done"])
+
+
+def program_service(lb, b):
+    lb.put_backend(1, b.ip, 8080, "TCP")
+    lb.put_backend(2, b.ip, 5353, "UDP")
+    lb.put_slots(1, [1])
+    lb.put_service(VIP, 80, "TCP", 1, 1)
+    lb.put_slots(2, [2])
+    lb.put_service(VIP, 53, "UDP", 2, 1)
+    lb.put_service(VIP, 81, "TCP", 3, 0, FLAGS_REJECT)
+
+
+def test_host_sockets_reach_a_clusterip_and_still_see_the_vip(world, cgroup):
+    node = world.add_node("n1", enis=1)
+    b = node.add_pod("b")
+    with sim_attach(node) as agent:
+        program_service(agent.datapath.lb, b)
+        progs = agent.datapath.attach_socket_lb(cgroup, hostns_only=True)
+        assert {p.name for p in progs} == {"fp_sock_conn4", "fp_sock_send4",
+                                           "fp_sock_recv4", "fp_sock_peer4"}
+        serve(b, 8080, "from-b")
+        serve(b, 5353, "answer", udp=True)
+        b.wait_port(8080)
+        b.wait_port(5353, udp=True)
+        assert in_cgroup(node, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+        assert in_cgroup(node, cgroup, VIP, "53", "udp") == f"answer {VIP} 53"
+        # translated at the socket: no packet needed translating
+        assert agent.datapath.lb.conntrack() == []
+        t = time.monotonic()
+        out = in_cgroup(node, cgroup, VIP, "81", "tcp")
+        assert out.startswith("ERROR") and time.monotonic() - t < 2.5, out
+        agent.datapath.detach_socket_lb(cgroup)
+        from agent.datapath import cgroup as cg
+        assert [p for p in cg.attached(cgroup) if p.ours] == []
+
+
+def test_host_namespace_only_leaves_pod_sockets_to_the_per_packet_path(world, cgroup):
+    node = world.add_node("n1", enis=1)
+    a, b = node.add_pod("a"), node.add_pod("b")
+    with sim_attach(node) as agent:
+        lb = agent.datapath.lb
+        program_service(lb, b)
+        agent.datapath.attach_socket_lb(cgroup, hostns_only=True)
+        serve(b, 8080, "from-b")
+        b.wait_port(8080)
+        assert in_cgroup(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+        assert any(r.saddr == a.ip and r.daddr == VIP for r in lb.conntrack()), \
+            "the pod's flow was translated per packet"
+        lb.conntrack_flush()
+        agent.datapath.attach_socket_lb(cgroup, hostns_only=False)   # re-attach: no gap, no double
+        from agent.datapath import cgroup as cg
+        assert sorted(p.name for p in cg.attached(cgroup) if p.ours) == sorted(
+            ["fp_sock_conn4", "fp_sock_send4", "fp_sock_recv4", "fp_sock_peer4"])
+        assert in_cgroup(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+        assert lb.conntrack() == [], "socket-LB for all sockets: nothing to translate per packet"
+        agent.datapath.detach_socket_lb(cgroup)
