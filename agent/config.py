@@ -2,9 +2,11 @@
 
 Each key is declared once below with its type, default and meaning. The
 agent, the CLI and the datapath read a `Config`; nothing else holds a
-default. Values come from defaults, then a file (YAML/JSON, the ConfigMap key
-mounted into the pod), then command-line overrides; `Config.origin` records
-where each value came from (for `fastpath config show`).
+default. Values come from defaults, then Terway's eni-config ConfigMap (when
+`eni_config` names it: agent/eniconfig.py), then a file (YAML/JSON, the
+ConfigMap key mounted into the pod), then command-line overrides;
+`Config.origin` records where each value came from (for `fastpath config
+show`). Keys whose feature is not built yet say so in `Key.pending`.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import ipaddress
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 class ConfigError(ValueError):
@@ -28,6 +30,34 @@ def _cidrs(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _ipv4(value: str) -> None:
+    ipaddress.IPv4Address(value)
+
+
+def _abs_path_or_empty(value: str) -> None:
+    if value and not value.startswith("/"):
+        raise ValueError("expected an absolute path (or empty)")
+
+
+def _listen_address(value: str) -> None:
+    """host:port, [v6]:port, or empty (endpoint off)."""
+    if value:
+        parse_address(value)
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected host:port with a port 0-65535")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    ipaddress.ip_address(host)
+    return host, int(port)
+
+
+# Shared reason of the Service keys' `pending`, removed with the feature.
+_NO_LB = "Service translation is not wired to the cluster state yet: no Service is translated"
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -37,6 +67,9 @@ class Key:
     choices: tuple | None = None
     minimum: int | None = None
     maximum: int | None = None
+    why: str = ""              # why only `choices` are allowed
+    pending: str = ""          # accepted and validated, but not yet in effect: why
+    check: Callable[[Any], None] | None = None   # raises ValueError on a bad value
 
 
 KEYS: tuple[Key, ...] = (
@@ -67,6 +100,55 @@ KEYS: tuple[Key, ...] = (
     Key("source", str, "kubernetes", "cluster state: 'kubernetes' or a manifest directory"),
     Key("node_name", str, "", "this node's Kubernetes name (default: hostname)"),
     Key("log_level", str, "info", "log level", choices=("debug", "info", "warning", "error")),
+    # DataPath V2's agent settings (the policy container's flags in Terway's
+    # DaemonSet), with its values as defaults. Keys whose feature the datapath
+    # does not implement yet are validated like any other and carry `pending`,
+    # which `fastpath config show` prints: setting them changes nothing yet.
+    Key("routing_mode", str, "native", "how pod traffic leaves the node",
+        choices=("native",), why="pods hold VPC-routable ENI addresses; there is no tunnel mode"),
+    Key("masquerade", bool, False, "source-NAT pod traffic leaving the node",
+        choices=(False,), why="pod IPs are routable in the VPC; fastpath never masquerades"),
+    Key("endpoint_routes", bool, True, "pods are reached through Terway's per-pod routes "
+        "(podIP dev cali*)", choices=(True,),
+        why="the datapath finds local pods through the routes and rules Terway installs"),
+    Key("kube_proxy_replacement", bool, True, "translate Services in the datapath instead of kube-proxy",
+        pending=_NO_LB),
+    Key("socket_lb", bool, True, "translate Services at connect()/sendmsg() (cgroup hooks)",
+        pending=_NO_LB),
+    Key("socket_lb_hostns_only", bool, True,
+        "socket-LB for the node's own sockets only; pods get per-packet translation at tc",
+        pending=_NO_LB),
+    Key("node_port", bool, True, "serve NodePort Services", pending=_NO_LB),
+    Key("host_port", bool, True, "serve pods' hostPort mappings", pending=_NO_LB),
+    Key("external_ips", bool, True, "serve Services' externalIPs", pending=_NO_LB),
+    Key("session_affinity", bool, True, "honour sessionAffinity: ClientIP", pending=_NO_LB),
+    Key("service_topology", bool, True, "honour topology-aware routing hints of EndpointSlices",
+        pending=_NO_LB),
+    Key("in_cluster_lb", bool, True, "load-balance LoadBalancer Service IPs inside the cluster "
+        "instead of sending them to the cloud load balancer", pending=_NO_LB),
+    Key("bandwidth_manager", bool, True, "pace pod egress to kubernetes.io/egress-bandwidth (EDT)",
+        pending="bandwidth pacing is not built yet: pod annotations are not applied"),
+    Key("policy_enforcement", str, "never",
+        "NetworkPolicy enforcement: never (DataPath V2), default (as Kubernetes: pods selected "
+        "by a policy are isolated), always (deny unless allowed)",
+        choices=("never", "default", "always"),
+        pending="NetworkPolicy enforcement is not built yet: every value behaves as never"),
+    Key("local_router_ipv4", str, "169.254.10.1", "the node-side router address DataPath V2 "
+        "gives its host device", check=_ipv4,
+        pending="no datapath path sources traffic from the local router address yet"),
+    Key("policy_map_size", int, 65536, "max NetworkPolicy entries", minimum=16, maximum=1 << 22,
+        pending="the policy map does not exist yet"),
+    Key("cgroup_root", str, "", "cgroup v2 directory where socket-LB programs attach "
+        "(empty: the cgroup2 mount of this host)", check=_abs_path_or_empty),
+    Key("metrics_address", str, "0.0.0.0:9962",
+        "host:port of the Prometheus endpoint /metrics (empty: off; port 0: any free port)",
+        check=_listen_address),
+    Key("health_address", str, "127.0.0.1:9099",
+        "host:port of /healthz (liveness) and /readyz (readiness) (empty: off; port 0: any free port)",
+        check=_listen_address),
+    Key("eni_config", str, "", "Terway's eni-config ConfigMap, mounted (a directory) or as a file: "
+        "disable_network_policy selects policy_enforcement never/default (file and flags win)",
+        check=_abs_path_or_empty),
 )
 KEYS_BY_NAME = {k.name: k for k in KEYS}
 
@@ -75,6 +157,7 @@ KEYS_BY_NAME = {k.name: k for k in KEYS}
 class Config:
     values: Mapping[str, Any]
     origin: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()     # what a source said beyond values (eni-config's mode)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -95,32 +178,81 @@ class Config:
                 continue
             values[name] = coerce(name, raw)
             org[name] = origin
-        return Config(values, org)
+        return Config(values, org, self.notes)
 
     def with_file(self, path: str | Path) -> "Config":
-        text = Path(path).read_text()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            import yaml
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML or JSON: {exc}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of configuration keys")
+        data = read_file(path)
         try:
             return self.with_values(data, f"file {path}")
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+    def with_eni_config(self, path: str) -> "Config":
+        """Apply what Terway's eni-config says (agent/eniconfig.py)."""
+        from agent import eniconfig
+        try:
+            eni = eniconfig.read(path)
+            cfg = self.with_values(eni.overrides, f"eni-config {path}")
+        except (eniconfig.EniConfigError, ConfigError) as exc:
+            raise ConfigError(f"eni_config: {exc}") from None
+        notes = [f"eni-config {path}: Terway mode {eni.mode}"] + [
+            f"eni-config {path}: {n}" for n in eni.notes]
+        return Config(cfg.values, cfg.origin, self.notes + tuple(notes))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.values.items()}
 
     def replace(self, **kw: Any) -> "Config":
         return self.with_values(kw, "override")
+
+
+def read_file(path: str | Path) -> dict:
+    """A configuration file's mapping of keys (YAML or JSON), unvalidated."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        import yaml
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML or JSON: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of configuration keys")
+    return data
+
+
+def load(file: str | Path | None = None, flags: Mapping[str, Any] | None = None) -> Config:
+    """The configuration in force: defaults, then Terway's eni-config (when
+    `eni_config` names one), then the file, then flags. The file and flags
+    come last so an operator's explicit choice wins over what Terway says."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    data = read_file(file) if file else {}
+    eni_path = flags.get("eni_config", data.get("eni_config", KEYS_BY_NAME["eni_config"].default))
+    cfg = Config.defaults()
+    if eni_path:
+        coerce("eni_config", eni_path)
+        cfg = cfg.with_eni_config(eni_path)
+    if file:
+        cfg = cfg.with_file(file)
+    return cfg.with_values(flags, "flag")
+
+
+def describe(cfg: Config) -> list[dict]:
+    """One row per key for `fastpath config show`: value, where it came from,
+    and whether the datapath acts on it yet."""
+    rows = []
+    for k in KEYS:
+        value = cfg.values[k.name]
+        rows.append({"key": k.name, "value": list(value) if isinstance(value, tuple) else value,
+                     "source": cfg.origin.get(k.name, "default"),
+                     "in_effect": not k.pending, "pending": k.pending})
+    return rows
 
 
 def coerce(name: str, raw: Any) -> Any:
@@ -137,20 +269,19 @@ def coerce(name: str, raw: Any) -> Any:
                 raise ValueError("a boolean is not an integer")
             value = int(raw)
         elif key.type is bool:
-            if isinstance(raw, str):
-                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError("expected true or false")
-                value = raw.lower() in ("true", "1", "yes")
-            else:
-                value = bool(raw)
+            value = _bool(raw)
         else:
             if not isinstance(raw, str):
                 raise ValueError("expected a string")
             value = raw
+        if key.check is not None:
+            key.check(value)
     except ValueError as exc:
         raise ConfigError(f"{name}: invalid value {raw!r}: {exc}") from None
     if key.choices and value not in key.choices:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, key.choices))}")
+        allowed = ", ".join(show(c) for c in key.choices)
+        why = f" ({key.why})" if key.why else ""
+        raise ConfigError(f"{name}: {show(value)!r} is not one of {allowed}{why}")
     if key.minimum is not None and value < key.minimum:
         raise ConfigError(f"{name}: {value} is below the minimum {key.minimum}")
     if key.maximum is not None and value > key.maximum:
@@ -158,8 +289,30 @@ def coerce(name: str, raw: Any) -> Any:
     return value
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _bool(raw: Any) -> bool:
+    """Booleans are typed: YAML/JSON true/false, or those words in a flag.
+    Anything else (a number, "enabled", a list) is an error, never truthy."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE + _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ValueError("expected true or false")
+
+
+def show(value: Any) -> str:
+    """A value as the configuration file would spell it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ", ".join(value)
+    return str(value)
+
+
 def field_names() -> list[str]:
     return [k.name for k in KEYS]
 
 
-__all__ = ["Config", "ConfigError", "KEYS", "coerce", "field_names"]
+__all__ = ["Config", "ConfigError", "KEYS", "coerce", "describe", "field_names", "load"]

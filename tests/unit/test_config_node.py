@@ -1,0 +1,229 @@
+"""The node agent's configuration: DataPath V2's settings, their validation,
+the precedence of sources, and Terway's eni-config in its three modes."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from agent import config as C
+from agent.config import KEYS, KEYS_BY_NAME, Config, ConfigError
+
+# DataPath V2's policy-container flags (the seed's cilium-agent command line)
+# and the key that mirrors each, with the value both must have by default.
+DATAPATH_V2 = {
+    "routing-mode=native": ("routing_mode", "native"),
+    "enable-ipv4-masquerade=false": ("masquerade", False),
+    "kube-proxy-replacement=true": ("kube_proxy_replacement", True),
+    "bpf-lb-sock=true": ("socket_lb", True),
+    "bpf-lb-sock-hostns-only=true": ("socket_lb_hostns_only", True),
+    "enable-node-port=true": ("node_port", True),
+    "enable-host-port=true": ("host_port", True),
+    "enable-external-ips=true": ("external_ips", True),
+    "enable-endpoint-routes=true": ("endpoint_routes", True),
+    "enable-session-affinity=true": ("session_affinity", True),
+    "enable-service-topology=true": ("service_topology", True),
+    "enable-bandwidth-manager=true": ("bandwidth_manager", True),
+    "enable-in-cluster-loadbalance=true": ("in_cluster_lb", True),
+    "enable-policy=never": ("policy_enforcement", "never"),
+    "local-router-ipv4=169.254.10.1": ("local_router_ipv4", "169.254.10.1"),
+    "terway-host-stack-cidr=169.254.20.10/32": ("host_stack_cidrs", ("169.254.20.10/32",)),
+}
+
+
+@pytest.mark.parametrize("flag", sorted(DATAPATH_V2))
+def test_defaults_are_datapath_v2_settings(flag):
+    key, value = DATAPATH_V2[flag]
+    got = getattr(Config.defaults(), key)
+    assert got == value and type(got) is type(value), (key, got)
+
+
+def test_booleans_are_typed_and_only_true_or_false_words_are_accepted():
+    cfg = Config.defaults()
+    assert cfg.with_values({"socket_lb": "false"}, "flag").socket_lb is False
+    assert cfg.with_values({"socket_lb": "TRUE"}, "flag").socket_lb is True
+    assert cfg.with_values({"node_port": False}, "file").node_port is False
+    for bad in (1, 0, "enabled", "", [True]):
+        with pytest.raises(ConfigError, match=r"socket_lb: invalid value .*expected true or false"):
+            cfg.with_values({"socket_lb": bad}, "flag")
+
+
+# Every key, with a value it must refuse and the words the error must contain.
+BAD = {
+    "bpffs_root": (5, "expected a string"),
+    "state_dir": (["/a"], "expected a string"),
+    "api_socket": (7, "expected a string"),
+    "tc_priority": ("70000", "above the maximum 65535"),
+    "host_stack_cidrs": ("169.254.20.10/33", "host_stack_cidrs: invalid value"),
+    "service_cidrs": ("10.0.0.1/8", "host bits set"),
+    "eni_pattern": (3, "expected a string"),
+    "primary_device": (False, "expected a string"),
+    "pod_device_pattern": (1.5, "expected a string"),
+    "endpoints_map_size": ("8", "below the minimum 16"),
+    "counters_map_size": (True, "a boolean is not an integer"),
+    "bypass_map_size": ("0", "below the minimum 1"),
+    "services_map_size": ("many", "invalid value"),
+    "backends_map_size": (1 << 30, "above the maximum"),
+    "slots_map_size": ("1", "below the minimum"),
+    "conntrack_map_size": ("100", "below the minimum 1024"),
+    "affinity_map_size": ("-1", "below the minimum"),
+    "source": (["kubernetes"], "expected a string"),
+    "node_name": (1, "expected a string"),
+    "log_level": ("trace", "not one of debug, info, warning, error"),
+    "routing_mode": ("tunnel", "'tunnel' is not one of native (pods hold VPC-routable"),
+    "masquerade": ("true", "'true' is not one of false (pod IPs are routable"),
+    "endpoint_routes": (False, "'false' is not one of true"),
+    "kube_proxy_replacement": ("partial", "expected true or false"),
+    "socket_lb": ("yes please", "expected true or false"),
+    "socket_lb_hostns_only": (2, "expected true or false"),
+    "node_port": ("on-ish", "expected true or false"),
+    "host_port": ({}, "expected true or false"),
+    "external_ips": ("1.2.3.4", "expected true or false"),
+    "session_affinity": ("ClientIP", "expected true or false"),
+    "service_topology": ("auto", "expected true or false"),
+    "bandwidth_manager": ("edt", "expected true or false"),
+    "in_cluster_lb": ("maybe", "expected true or false"),
+    "policy_enforcement": ("strict", "'strict' is not one of never, default, always"),
+    "local_router_ipv4": ("169.254.10", "local_router_ipv4: invalid value"),
+    "policy_map_size": ("4", "below the minimum 16"),
+    "cgroup_root": ("sys/fs/cgroup", "expected an absolute path"),
+    "metrics_address": ("localhost:9962", "does not appear to be an IPv4 or IPv6 address"),
+    "health_address": ("127.0.0.1:99999", "port 0-65535"),
+    "eni_config": ("etc/eni", "expected an absolute path"),
+}
+
+
+def test_every_key_has_a_rejection_case():
+    assert set(BAD) == {k.name for k in KEYS}
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_every_key_rejects_a_bad_value_naming_the_key_and_what_is_allowed(key):
+    value, words = BAD[key]
+    with pytest.raises(ConfigError) as exc:
+        Config.defaults().with_values({key: value}, "flag")
+    msg = str(exc.value)
+    assert msg.startswith(f"{key}: "), msg
+    assert words in msg, msg
+
+
+def test_addresses_accept_ipv4_ipv6_ephemeral_and_off():
+    cfg = Config.defaults()
+    for v in ("0.0.0.0:9962", "127.0.0.1:0", "[::1]:9099", ""):
+        assert cfg.with_values({"metrics_address": v}, "flag").metrics_address == v
+    assert C.parse_address("[::1]:9099") == ("::1", 9099)
+
+
+def test_flags_win_over_the_file_which_wins_over_eni_config_over_defaults(tmp_path):
+    eni = tmp_path / "eni"
+    eni.mkdir()
+    (eni / "disable_network_policy").write_text("false")
+    f = tmp_path / "config.yaml"
+    f.write_text(f"eni_config: {eni}\ntc_priority: 26000\nlog_level: debug\n")
+    cfg = C.load(f, {"log_level": "warning", "tc_priority": None})
+    assert (cfg.log_level, cfg.origin["log_level"]) == ("warning", "flag")
+    assert (cfg.tc_priority, cfg.origin["tc_priority"]) == (26000, f"file {f}")
+    assert (cfg.policy_enforcement, cfg.origin["policy_enforcement"]) == (
+        "default", f"eni-config {eni}")
+    assert cfg.origin["socket_lb"] == "default"
+    f.write_text(f"eni_config: {eni}\npolicy_enforcement: never\n")
+    cfg = C.load(f, {})
+    assert (cfg.policy_enforcement, cfg.origin["policy_enforcement"]) == ("never", f"file {f}")
+    cfg = C.load(f, {"policy_enforcement": "always"})
+    assert (cfg.policy_enforcement, cfg.origin["policy_enforcement"]) == ("always", "flag")
+    # the eni_config path itself may come from a flag
+    cfg = C.load(None, {"eni_config": str(eni)})
+    assert cfg.policy_enforcement == "default" and cfg.origin["eni_config"] == "flag"
+
+
+# The eni-config ConfigMap as Terway's three modes have it (seed: ACK's
+# default, DataPath V2, DataPath V2 + NetworkPolicy).
+def terway_configmap(mode: str) -> dict:
+    eni_conf = {"version": "1", "max_pool_size": 5, "min_pool_size": 0,
+                "credential_path": "/var/addon/token-config",
+                "vswitches": {"cn-hangzhou-k": ["vsw-0001"]},
+                "security_group": "sg-0001", "service_cidr": "192.168.0.0/16"}
+    cni = {"cniVersion": "0.4.0", "name": "terway", "type": "terway"}
+    if mode != "default":
+        cni.update({"eniip_virtual_type": "datapathv2", "network_policy_provider": "ebpf",
+                    "host_stack_cidrs": ["169.254.20.10/32"]})
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "eni-config", "namespace": "kube-system"},
+            "data": {"eni_conf": json.dumps(eni_conf, indent=2),
+                     "10-terway.conf": json.dumps(cni, indent=2),
+                     "disable_network_policy": "false" if mode == "networkpolicy" else "true"}}
+
+
+def mount_as_volume(cm: dict, root) -> str:
+    """What the kubelet makes of a ConfigMap volume: one file per key, reached
+    through the ..data symlink of an atomic update."""
+    stamp = root / "..2025_01_01_00_00_00.000000001"
+    stamp.mkdir(parents=True)
+    for k, v in cm["data"].items():
+        (stamp / k).write_text(v)
+    (root / "..data").symlink_to(stamp.name)
+    for k in cm["data"]:
+        (root / k).symlink_to(f"..data/{k}")
+    return str(root)
+
+
+MODES = {"default": ("never", "default"), "datapathv2": ("never", "datapathv2"),
+         "networkpolicy": ("default", "datapathv2")}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("shape", ["mounted directory", "manifest file", "eni_conf only"])
+def test_terway_modes_select_policy_enforcement(tmp_path, mode, shape):
+    cm = terway_configmap(mode)
+    policy, terway_mode = MODES[mode]
+    if shape == "mounted directory":
+        path = mount_as_volume(cm, tmp_path / "eni")
+    elif shape == "manifest file":
+        path = str(tmp_path / "eni-config.yaml")
+        (tmp_path / "eni-config.yaml").write_text(yaml.safe_dump(cm))
+    else:
+        # terwayd's own file, /etc/eni/eni_conf, with the flag inside it
+        conf = json.loads(cm["data"]["eni_conf"])
+        conf["disable_network_policy"] = cm["data"]["disable_network_policy"] == "true"
+        path = str(tmp_path / "eni_conf")
+        (tmp_path / "eni_conf").write_text(json.dumps(conf))
+        terway_mode = "unknown"
+    cfg = C.load(None, {"eni_config": path})
+    assert cfg.policy_enforcement == policy
+    assert cfg.origin["policy_enforcement"] == f"eni-config {path}"
+    assert f"eni-config {path}: Terway mode {terway_mode}" in cfg.notes
+    if terway_mode == "datapathv2":
+        assert cfg.origin["host_stack_cidrs"] == f"eni-config {path}"
+    if terway_mode == "default":
+        assert any("default mode" in n for n in cfg.notes)
+
+
+def test_eni_config_that_contradicts_itself_or_is_malformed_is_rejected(tmp_path):
+    d = tmp_path / "eni"
+    d.mkdir()
+    (d / "disable_network_policy").write_text("true")
+    (d / "eni_conf").write_text(json.dumps({"disable_network_policy": "false"}))
+    with pytest.raises(ConfigError, match=r"^eni_config: .*disable_network_policy disagrees"):
+        C.load(None, {"eni_config": str(d)})
+    (d / "eni_conf").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"eni_conf: not valid JSON"):
+        C.load(None, {"eni_config": str(d)})
+    (d / "eni_conf").unlink()
+    (d / "disable_network_policy").write_text("sometimes")
+    with pytest.raises(ConfigError, match=re.escape("'sometimes' is not true or false")):
+        C.load(None, {"eni_config": str(d)})
+    with pytest.raises(ConfigError, match="no such file"):
+        C.load(None, {"eni_config": str(tmp_path / "absent")})
+
+
+def test_describe_says_which_keys_are_not_in_effect_yet():
+    rows = {r["key"]: r for r in C.describe(Config.defaults())}
+    assert set(rows) == set(KEYS_BY_NAME)
+    for name in ("socket_lb", "node_port", "policy_enforcement", "bandwidth_manager",
+                 "policy_map_size"):
+        assert not rows[name]["in_effect"] and rows[name]["pending"], name
+    for name in ("tc_priority", "host_stack_cidrs", "metrics_address", "routing_mode"):
+        assert rows[name]["in_effect"] and not rows[name]["pending"], name
+    assert rows["host_stack_cidrs"]["value"] == ["169.254.20.10/32"]
