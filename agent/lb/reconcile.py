@@ -1,0 +1,592 @@
+"""Desired frontends -> the ordered map writes that get the datapath there.
+
+The services compiler (`agent.lb.compile`) says what each frontend should
+translate to; this module turns a change of that answer into operations on
+the three service maps (see bpf/include/fastpath.h):
+
+    service map   frontend (VIP, port, proto) -> service id, count, flags, affinity
+    slot map      (service id, slot 1..count) -> backend id
+    backend map   backend id                  -> backend address
+
+A packet reads them in that order, so the writes go the other way round: new
+backends, then slots, then the service entry that makes them visible; a
+shrinking service first lowers its count, then loses its surplus slots;
+removed frontends lose their entry, then their slots; a backend is deleted
+only once no slot refers to it. After every single operation each service
+entry a packet can see is whole. `FakeMaps` and `check_whole` let tests prove
+that after each step.
+
+Ids are stable: a frontend keeps its service id and a backend address keeps
+its backend id for as long as they exist, so a change to one Service writes
+only that Service's entries. Released ids are held back for a while before
+they are handed out again, so that affinity and conntrack entries naming an
+old id age out before the id means something else. After an agent restart,
+`Reconciler.restore` rebuilds ids and layout from what the pinned maps hold,
+and the next plan writes only what differs.
+
+Pure module: no kubernetes client, prometheus, grpc or kernel imports.
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from agent import bpfdefs
+from agent.lb.compile import KIND_CLUSTER_IP, Backend, Frontend, FrontendState
+
+__all__ = [
+    "PutBackend", "PutSlots", "PutService", "DeleteService", "DeleteSlots",
+    "DeleteBackend", "Op", "ServiceEntry", "IdAllocator", "IdsExhausted",
+    "Reconciler", "FakeMaps", "check_whole", "FLAG_AFFINITY", "FLAG_REJECT",
+    "FLAG_LOCAL", "FLAG_EXTERNAL", "MAX_SLOTS",
+]
+
+_DEFS = bpfdefs.load().defines
+FLAG_AFFINITY = _DEFS["FP_SVC_F_AFFINITY"]
+FLAG_REJECT = _DEFS["FP_SVC_F_REJECT"]
+FLAG_LOCAL = _DEFS["FP_SVC_F_LOCAL"]
+FLAG_EXTERNAL = _DEFS["FP_SVC_F_EXTERNAL"]
+
+# fp_svc4.count is a __u16.
+MAX_SLOTS = 0xFFFF
+# Service and backend ids are __u32 in every map; 0 means "none".
+MAX_ID = 0xFFFFFFFF
+
+
+# ------------------------------------------------------------- operations
+
+@dataclass(frozen=True, slots=True)
+class PutBackend:
+    """Create or overwrite backend `backend_id`."""
+
+    backend_id: int
+    backend: Backend
+
+
+@dataclass(frozen=True, slots=True)
+class PutSlots:
+    """Write slots first, first+1, ... of `service_id` with these backend ids."""
+
+    service_id: int
+    slots: tuple[int, ...]
+    first: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PutService:
+    """Create or overwrite the frontend's service entry."""
+
+    frontend: Frontend
+    service_id: int
+    count: int
+    affinity_timeout: int
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteService:
+    frontend: Frontend
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteSlots:
+    """Delete slots from_slot..to_slot (inclusive) of `service_id`."""
+
+    service_id: int
+    from_slot: int
+    to_slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteBackend:
+    backend_id: int
+
+
+Op = Union[PutBackend, PutSlots, PutService, DeleteService, DeleteSlots, DeleteBackend]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    """What the service map holds for one frontend."""
+
+    service_id: int
+    count: int
+    affinity_timeout: int
+    flags: int
+
+
+def flags_of(state: FrontendState) -> int:
+    f = 0
+    if state.affinity_timeout:
+        f |= FLAG_AFFINITY
+    if state.reject or not state.backends:
+        f |= FLAG_REJECT
+    if state.local_only:
+        f |= FLAG_LOCAL
+    if state.kind != KIND_CLUSTER_IP:
+        f |= FLAG_EXTERNAL
+    return f
+
+
+def _written(b: Backend) -> tuple:
+    # The fields the backend map stores; node and zone are for inspection
+    # only and never cause a map write (nor can a restart recover them).
+    return (b.ip, b.port, b.protocol, b.terminating)
+
+
+# ------------------------------------------------------------------- ids
+
+class IdsExhausted(RuntimeError):
+    pass
+
+
+class IdAllocator:
+    """Numeric ids for hashable keys, from `first` to `limit` inclusive.
+
+    An id belongs to one key from allocate() until release(); it is never
+    given to a second key in between. Released ids queue up and are reused
+    oldest first, but only once more than `quarantine` of them are waiting
+    (or no fresh id is left), so a just-released id does not come straight
+    back with another meaning while state that names it is still around.
+    """
+
+    def __init__(self, limit: int = MAX_ID, first: int = 1, quarantine: int = 1024):
+        if not 0 < first <= limit:
+            raise ValueError(f"bad id range {first}..{limit}")
+        self.first = first
+        self.limit = limit
+        self.quarantine = quarantine
+        self._by_key: dict[Hashable, int] = {}
+        self._by_id: dict[int, Hashable] = {}
+        self._next = first
+        self._free: collections.deque[int] = collections.deque()
+
+    def get(self, key: Hashable) -> Optional[int]:
+        return self._by_key.get(key)
+
+    def key_of(self, id_: int) -> Optional[Hashable]:
+        return self._by_id.get(id_)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._by_key
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def items(self):
+        return self._by_key.items()
+
+    def allocate(self, key: Hashable) -> int:
+        """The key's id, allocating one if it has none."""
+        id_ = self._by_key.get(key)
+        if id_ is not None:
+            return id_
+        if self._free and (len(self._free) > self.quarantine or self._next > self.limit):
+            id_ = self._free.popleft()
+        elif self._next <= self.limit:
+            id_ = self._next
+            self._next += 1
+        else:
+            raise IdsExhausted(f"all ids {self.first}..{self.limit} are in use")
+        self._by_key[key] = id_
+        self._by_id[id_] = key
+        return id_
+
+    def release(self, key: Hashable) -> int:
+        id_ = self._by_key.pop(key)
+        del self._by_id[id_]
+        self._free.append(id_)
+        return id_
+
+    @classmethod
+    def restore(cls, held: Mapping[Hashable, int], limit: int = MAX_ID, first: int = 1,
+                quarantine: int = 1024) -> "IdAllocator":
+        """An allocator in which exactly `held` is allocated (key -> id).
+
+        Ids below the highest held one that are free count as released long
+        ago; fresh ids continue above it.
+        """
+        a = cls(limit, first, quarantine)
+        for key, id_ in held.items():
+            if not first <= id_ <= limit:
+                raise ValueError(f"id {id_} of {key!r} is outside {first}..{limit}")
+            if id_ in a._by_id:
+                raise ValueError(f"id {id_} is held by both {a._by_id[id_]!r} and {key!r}")
+            a._by_key[key] = id_
+            a._by_id[id_] = key
+        top = max(a._by_id, default=first - 1)
+        a._next = top + 1
+        a._free.extend(i for i in range(first, top) if i not in a._by_id)
+        return a
+
+
+# ------------------------------------------------------------ reconciler
+
+class _Applied:
+    """What the maps hold for one frontend this reconciler owns."""
+
+    __slots__ = ("entry", "slots", "state")
+
+    def __init__(self, entry: ServiceEntry, slots: tuple[int, ...],
+                 state: Optional[FrontendState]):
+        self.entry = entry
+        self.slots = slots            # backend id per slot 1..count (0 = missing)
+        self.state = state            # None after restore: compare written form only
+
+
+def _layout(old: tuple[int, ...], want: list[int]) -> list[int]:
+    """New slot contents: survivors keep their slot, newcomers fill the gaps.
+
+    Keeping positions means removing one backend of a 1,000-backend service
+    rewrites one slot, not every slot after it.
+    """
+    n = len(want)
+    wanted = set(want)
+    out = [0] * n
+    placed: set[int] = set()
+    for i in range(min(len(old), n)):
+        b = old[i]
+        if b in wanted and b not in placed:
+            out[i] = b
+            placed.add(b)
+    rest = iter([b for b in want if b not in placed])
+    for i in range(n):
+        if not out[i]:
+            out[i] = next(rest)
+    return out
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted 0-based positions -> (start, end_exclusive) runs."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+class Reconciler:
+    """Remembers what it wrote; plans the next writes from a new desired state.
+
+        rec = Reconciler()
+        ops = rec.plan(compile_services(snap, node, zone))   # apply in order
+        ...
+        ops = rec.plan(compile_services(snap2, node, zone))  # only the changes
+
+    plan() commits its result: the reconciler assumes every returned op gets
+    applied, in order. If applying fails part-way, rebuild with restore()
+    from what the maps hold.
+    """
+
+    def __init__(self, *, max_services: int = MAX_ID, max_backends: int = MAX_ID,
+                 max_slots: int = MAX_SLOTS, quarantine: int = 1024):
+        self.service_ids = IdAllocator(max_services, quarantine=quarantine)
+        self.backend_ids = IdAllocator(max_backends, quarantine=quarantine)
+        self.max_slots = max_slots
+        self._applied: dict[Frontend, _Applied] = {}
+        self._backends: dict[int, Backend] = {}     # as last written
+        self._refs: dict[int, int] = {}             # backend id -> frontends using it
+        # Left behind by an earlier run, found by restore(): service entries
+        # whose id another entry owns, slots no entry can reach, backends no
+        # slot names. The next plan removes them.
+        self._stale_frontends: set[Frontend] = set()
+        self._orphan_slots: dict[int, list[int]] = {}
+        self._orphan_backends: set[int] = set()
+        # Frontends with more backends than a service entry can count:
+        # frontend -> how many the compiler offered (only max_slots are used).
+        self.truncated: dict[Frontend, int] = {}
+
+    # -------------------------------------------------------- inspection
+
+    def service_id(self, frontend: Frontend) -> Optional[int]:
+        a = self._applied.get(frontend)
+        return a.entry.service_id if a else None
+
+    def backend_id(self, backend: Union[Backend, tuple[str, int, str]]) -> Optional[int]:
+        key = backend.key if isinstance(backend, Backend) else tuple(backend)
+        return self.backend_ids.get(key)
+
+    def frontends(self) -> dict[Frontend, ServiceEntry]:
+        return {fe: a.entry for fe, a in self._applied.items()}
+
+    def slots(self, frontend: Frontend) -> tuple[int, ...]:
+        a = self._applied.get(frontend)
+        return a.slots if a else ()
+
+    # --------------------------------------------------------- planning
+
+    def plan(self, desired: Mapping[Frontend, FrontendState]) -> list[Op]:
+        """Operations that take the maps from the last plan to `desired`."""
+        updates: dict[Frontend, Optional[FrontendState]] = {}
+        for fe, st in desired.items():
+            a = self._applied.get(fe)
+            if a is None or a.state is None or a.state != st:
+                updates[fe] = st
+        for fe in self._applied:
+            if fe not in desired:
+                updates[fe] = None
+        for fe in self._stale_frontends:
+            if fe not in desired:
+                updates[fe] = None
+        return self.plan_changes(updates)
+
+    def plan_changes(self, updates: Mapping[Frontend, Optional[FrontendState]]) -> list[Op]:
+        """Like plan(), for callers that know which frontends changed.
+
+        updates: frontend -> its new state, or None to remove it; frontends
+        not mentioned stay as they are. Costs O(size of the change), not of
+        the whole service table.
+        """
+        put_backends: dict[int, Backend] = {}
+        stale_ops: list[Op] = []
+        service_ops: list[Op] = []
+        removal_ops: list[Op] = []
+        released_services: list[Frontend] = []
+        maybe_unused: set[int] = set(self._orphan_backends)
+
+        # Entries found sharing another's service id go first, so they have
+        # their own slots before the owner's slots change under them.
+        stale = self._stale_frontends
+        for fe in sorted(updates, key=lambda f: (f not in stale, f.sort_key())):
+            st = updates[fe]
+            a = self._applied.get(fe)
+            if st is None:
+                if a is not None:
+                    sid = a.entry.service_id
+                    removal_ops.append(DeleteService(fe))
+                    if a.slots:
+                        removal_ops.append(DeleteSlots(sid, 1, len(a.slots)))
+                    self._unref(a.slots, maybe_unused)
+                    del self._applied[fe]
+                    released_services.append(fe)
+                elif fe in self._stale_frontends:
+                    # First of all: its slots may belong to another entry
+                    # that is about to shrink.
+                    stale_ops.append(DeleteService(fe))
+                    self._stale_frontends.discard(fe)
+                self.truncated.pop(fe, None)
+                continue
+
+            # A rejecting frontend has no slots whatever else it says.
+            backends = () if st.reject else st.backends
+            if len(backends) > self.max_slots:
+                self.truncated[fe] = len(backends)
+                backends = backends[:self.max_slots]
+            else:
+                self.truncated.pop(fe, None)
+            want: dict[int, None] = {}
+            for b in backends:
+                bid = self.backend_ids.allocate(b.key)
+                if bid in want:
+                    continue
+                cur = put_backends.get(bid) or self._backends.get(bid)
+                if cur is None or _written(cur) != _written(b):
+                    # First writer in this plan wins if two Services disagree
+                    # about one address (say, terminating in one slice only).
+                    if bid not in put_backends:
+                        put_backends[bid] = b
+                want[bid] = None
+
+            sid = a.entry.service_id if a else self.service_ids.allocate(fe)
+            old = a.slots if a else ()
+            new = _layout(old, list(want))
+            changed = [i for i, b in enumerate(new) if i >= len(old) or old[i] != b]
+            for s, e in _runs(changed):
+                service_ops.append(PutSlots(sid, tuple(new[s:e]), s + 1))
+            entry = ServiceEntry(sid, len(new), st.affinity_timeout, flags_of(st))
+            if a is None or a.entry != entry:
+                service_ops.append(PutService(fe, sid, entry.count, entry.affinity_timeout,
+                                              entry.flags))
+            if len(old) > len(new):
+                service_ops.append(DeleteSlots(sid, len(new) + 1, len(old)))
+            self._stale_frontends.discard(fe)
+
+            old_set, new_set = set(old), set(new)
+            for b in new_set - old_set:
+                self._refs[b] = self._refs.get(b, 0) + 1
+            self._unref(tuple(old_set - new_set), maybe_unused)
+            self._applied[fe] = _Applied(entry, tuple(new), st)
+
+        # Leftovers from before a restart go last among the removals: no
+        # service entry reaches them, so their order does not matter to packets.
+        for sid in sorted(self._orphan_slots):
+            for s, e in _runs(sorted(p - 1 for p in self._orphan_slots[sid])):
+                removal_ops.append(DeleteSlots(sid, s + 1, e))
+            key = ("orphan-slots", sid)
+            if key in self.service_ids:
+                self.service_ids.release(key)
+        self._orphan_slots.clear()
+
+        delete_backends: list[int] = []
+        for bid in sorted(maybe_unused):
+            if self._refs.get(bid, 0) == 0 and bid not in put_backends:
+                delete_backends.append(bid)
+        for bid in delete_backends:
+            self._refs.pop(bid, None)
+            self._backends.pop(bid, None)
+            self.backend_ids.release(self.backend_ids.key_of(bid))
+        # Every orphan is now either deleted or referenced again.
+        self._orphan_backends.clear()
+        # Ids are released only after the plan is complete, so no id serves
+        # two meanings within one plan.
+        for fe in released_services:
+            self.service_ids.release(fe)
+
+        ops: list[Op] = stale_ops
+        for bid in sorted(put_backends):
+            self._backends[bid] = put_backends[bid]
+            ops.append(PutBackend(bid, put_backends[bid]))
+        ops += service_ops
+        ops += removal_ops
+        ops += [DeleteBackend(bid) for bid in delete_backends]
+        return ops
+
+    def _unref(self, ids: Iterable[int], maybe_unused: set[int]) -> None:
+        for b in set(ids):
+            if not b:
+                continue
+            n = self._refs.get(b, 0) - 1
+            if n > 0:
+                self._refs[b] = n
+            else:
+                self._refs.pop(b, None)
+                maybe_unused.add(b)
+
+    # ----------------------------------------------------------- restart
+
+    @classmethod
+    def restore(cls, services: Mapping[Frontend, ServiceEntry],
+                slots: Mapping[tuple[int, int], int],
+                backends: Mapping[int, Backend], **kw) -> "Reconciler":
+        """A reconciler that owns what the maps hold (read at agent start).
+
+        services: frontend -> entry; slots: (service id, slot) -> backend id,
+        every slot in the map; backends: backend id -> backend (node and zone
+        need not be known). Whatever is inconsistent (entries sharing an id,
+        slots no entry reaches, backends no slot names, slots naming missing
+        backends) is repaired by the next plan; until then it stays as found.
+        """
+        r = cls(**kw)
+        held_b: dict[Hashable, int] = {}
+        for bid in sorted(backends):
+            key = backends[bid].key
+            # Two ids for one address can only come from an older agent's
+            # bug; the lowest keeps the address, the other ages out as orphan.
+            held_b[key if key not in held_b else ("orphan-backend", bid)] = bid
+        r.backend_ids = IdAllocator.restore(held_b, r.backend_ids.limit,
+                                            quarantine=r.backend_ids.quarantine)
+        r._backends = dict(backends)
+
+        held_s: dict[Hashable, int] = {}
+        taken: set[int] = set()
+        reached: set[tuple[int, int]] = set()
+        for fe in sorted(services, key=Frontend.sort_key):
+            e = services[fe]
+            if e.service_id in taken or not 0 < e.service_id <= r.service_ids.limit:
+                r._stale_frontends.add(fe)
+                continue
+            taken.add(e.service_id)
+            held_s[fe] = e.service_id
+            got = []
+            for i in range(1, e.count + 1):
+                reached.add((e.service_id, i))
+                bid = slots.get((e.service_id, i), 0)
+                got.append(bid if bid in backends else 0)
+            r._applied[fe] = _Applied(e, tuple(got), None)
+            for b in set(got):
+                if b:
+                    r._refs[b] = r._refs.get(b, 0) + 1
+        for (sid, slot) in slots:
+            if (sid, slot) not in reached:
+                r._orphan_slots.setdefault(sid, []).append(slot)
+                if sid not in taken and 0 < sid <= r.service_ids.limit:
+                    taken.add(sid)
+                    held_s[("orphan-slots", sid)] = sid
+        r.service_ids = IdAllocator.restore(held_s, r.service_ids.limit,
+                                            quarantine=r.service_ids.quarantine)
+        r._orphan_backends = {b for b in backends if r._refs.get(b, 0) == 0}
+        return r
+
+
+# ------------------------------------------------------------ test maps
+
+class FakeMaps:
+    """The three service maps as dicts, applying operations like the real ones.
+
+    Strict where the kernel would be lenient: deleting what is not there, or
+    a slot write for an id no one allocated, is a reconciler bug and raises.
+    """
+
+    def __init__(self) -> None:
+        self.services: dict[Frontend, ServiceEntry] = {}
+        self.slots: dict[tuple[int, int], int] = {}
+        self.backends: dict[int, Backend] = {}
+
+    def apply(self, op: Op) -> None:
+        if isinstance(op, PutBackend):
+            self.backends[op.backend_id] = op.backend
+        elif isinstance(op, PutSlots):
+            if op.first < 1 or any(b <= 0 for b in op.slots):
+                raise ValueError(f"bad slots {op}")
+            for i, b in enumerate(op.slots, start=op.first):
+                self.slots[(op.service_id, i)] = b
+        elif isinstance(op, PutService):
+            self.services[op.frontend] = ServiceEntry(op.service_id, op.count,
+                                                      op.affinity_timeout, op.flags)
+        elif isinstance(op, DeleteService):
+            del self.services[op.frontend]
+        elif isinstance(op, DeleteSlots):
+            if op.from_slot < 1 or op.to_slot < op.from_slot:
+                raise ValueError(f"bad range {op}")
+            for i in range(op.from_slot, op.to_slot + 1):
+                del self.slots[(op.service_id, i)]
+        elif isinstance(op, DeleteBackend):
+            del self.backends[op.backend_id]
+        else:
+            raise TypeError(f"not an operation: {op!r}")
+
+    def apply_all(self, ops: Iterable[Op]) -> None:
+        for op in ops:
+            self.apply(op)
+
+    def resolve(self, frontend: Frontend) -> Optional[tuple[Backend, ...]]:
+        """The backends a packet to `frontend` may reach (() = rejected,
+        None = not a service)."""
+        e = self.services.get(frontend)
+        if e is None:
+            return None
+        return tuple(self.backends[self.slots[(e.service_id, i)]]
+                     for i in range(1, e.count + 1))
+
+    def restore(self, **kw) -> Reconciler:
+        return Reconciler.restore(self.services, self.slots, self.backends, **kw)
+
+
+def check_whole(maps: FakeMaps) -> list[str]:
+    """Every way a packet could find a visible service entry incomplete.
+
+    Empty when every entry's count slots exist, each names an existing
+    backend of the frontend's protocol, and an entry without slots rejects
+    (a count of 0 without the reject flag would black-hole).
+    """
+    problems: list[str] = []
+    for fe, e in maps.services.items():
+        if e.count == 0 and not e.flags & FLAG_REJECT:
+            problems.append(f"{fe}: no backends and no reject flag")
+        if e.count and e.flags & FLAG_REJECT:
+            problems.append(f"{fe}: reject flag with {e.count} backends")
+        for i in range(1, e.count + 1):
+            bid = maps.slots.get((e.service_id, i))
+            if bid is None:
+                problems.append(f"{fe}: slot {i} of service {e.service_id} missing")
+                continue
+            b = maps.backends.get(bid)
+            if b is None:
+                problems.append(f"{fe}: slot {i} names missing backend {bid}")
+            elif b.protocol != fe.protocol:
+                problems.append(f"{fe}: slot {i} names {b.protocol} backend {bid}")
+    return problems
