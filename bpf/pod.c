@@ -15,6 +15,7 @@
  * TC_ACT_UNSPEC so that other tc filters on the device still run.
  */
 #include "lib/fwd.h"
+#include "lib/icmp.h"
 
 static __always_inline int fp_finish(struct __sk_buff *skb, enum fp_dir dir,
 				     enum fp_reason reason, int verdict)
@@ -53,6 +54,10 @@ int fp_from_pod(struct __sk_buff *skb)
 		if (fp_parse_l4(skb, &ip, &l4) == 0) {
 			int rc = fp_lb_translate(skb, &ip, &l4, &reason);
 
+			if (rc < 0 && reason == FP_DROP_NO_BACKEND)
+				/* counted as a drop of the original; the client gets ICMP */
+				return fp_finish(skb, FP_DIR_FROM_POD, reason,
+						 fp_reject_icmp(skb, &ip, ICMP_PORT_UNREACH, &reason));
 			if (rc < 0)
 				return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 			if (rc == 0)

@@ -86,3 +86,27 @@ def test_a_backend_removed_under_load_gets_no_new_connections(world):
         lb.delete_backend(2)
         lb.conntrack_delete_backend(2)
         assert {tcp_to_vip(a) for _ in range(10)} == {"from-b"}
+
+
+REFUSE = r"""
+import socket, sys, time
+t = time.monotonic()
+try:
+    socket.create_connection((sys.argv[1], 80), timeout=5)
+    print("connected")
+except OSError as e:
+    print(e.errno, round(time.monotonic() - t, 2))
+"""
+
+
+def test_a_service_without_endpoints_is_refused_at_once_not_black_holed(world):
+    n1 = world.add_node("n1", enis=1)
+    a = n1.add_pod("a")
+    with sim_attach(n1) as ag:
+        ag.datapath.lb.put_service(VIP, 80, "TCP", 9, 0, 2)     # no slots: reject
+        out = a.run(["python3", "-c", REFUSE, VIP], check=False, timeout=15).stdout.split()
+        import errno
+        assert int(out[0]) == errno.ECONNREFUSED, out
+        assert float(out[1]) < 1.0, "refused at once"
+        cnt = counters_by(ag.datapath.maps.counters(), a.host_ifindex)
+        assert cnt[("from-pod", "dropped-service-no-backend")] >= 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, IPerror, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from agent.datapath.maps import DEFS
@@ -155,9 +155,25 @@ def test_udp_is_translated_with_a_valid_checksum_and_zero_stays_zero(dp, bpfnet,
     assert Ether(r.out)[UDP].chksum == 0
 
 
-def test_a_service_without_backends_drops_with_a_reason_not_silently(dp, bpfnet, services):
-    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP_EMPTY)), bpfnet.cali_a.ifindex)
-    assert r.verdict == TC_ACT_SHOT and r.reason == "dropped-service-no-backend"
+def test_a_service_without_backends_answers_icmp_port_unreachable_from_the_vip(dp, bpfnet, services):
+    sent = syn(bpfnet, VIP_EMPTY, sport=45000)
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(sent), bpfnet.cali_a.ifindex)
+    assert r.reason == "dropped-service-no-backend"
+    assert r.verdict == TC_ACT_REDIRECT and r.redirect_kind == "redirect-peer"
+    assert r.redirect_ifindex == bpfnet.cali_a.ifindex, "the error goes back into the client's netns"
+    out = Ether(r.out)
+    assert (out.dst, out.src) == (bpfnet.pod_a_mac, bpfnet.cali_a.mac)
+    assert (out[IP].src, out[IP].dst, out[IP].proto) == (VIP_EMPTY, POD_A, 1)
+    icmp = out[ICMP]
+    assert (icmp.type, icmp.code) == (3, 3)
+    quoted = IPerror(bytes(icmp.payload))
+    assert (quoted.src, quoted.dst) == (POD_A, VIP_EMPTY)
+    assert bytes(icmp.payload)[20:24] == bytes(sent[TCP])[:4], "the original ports are quoted"
+    fresh = Ether(r.out)
+    del fresh[IP].chksum
+    del fresh[ICMP].chksum
+    fresh = Ether(bytes(fresh))
+    assert (fresh[IP].chksum, fresh[ICMP].chksum) == (out[IP].chksum, icmp.chksum)
 
 
 def test_a_flow_whose_backend_was_removed_moves_to_a_remaining_backend(dp, bpfnet, services):

@@ -1,0 +1,79 @@
+/* Reject a packet with ICMP destination unreachable, answered on the spot.
+ *
+ * Used when a Service has no usable endpoint: the client must learn at once
+ * (a TCP connect fails with ECONNREFUSED, a UDP socket sees the error)
+ * instead of retrying into a black hole. The packet itself is rewritten in
+ * place into the ICMP error (IPv4 header + 8 bytes of the original, as
+ * RFC 792 asks) and sent back into the sender's netns.
+ */
+#ifndef FP_LIB_ICMP_H
+#define FP_LIB_ICMP_H
+
+#include <uapi/linux/icmp.h>
+#include "lib/parse.h"
+
+#define FP_ICMP_QUOTE (sizeof(struct iphdr) + 8)
+
+struct fp_icmp_reply {
+	struct iphdr ip;
+	struct icmphdr icmp;
+	__u8 quote[FP_ICMP_QUOTE];
+};
+
+static __always_inline __u16 fp_csum_fold(__s64 sum)
+{
+	__u32 s = (__u32)sum;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+/* Returns the tc verdict: the ICMP error redirected to the sender, or a
+ * drop (with *reason) when the packet cannot be quoted. `code` is an ICMP
+ * unreachable code (ICMP_PORT_UNREACH, ICMP_HOST_UNREACH). */
+static __always_inline int fp_reject_icmp(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					  __u8 code, enum fp_reason *reason)
+{
+	struct fp_icmp_reply r = {};
+	struct ethhdr eth;
+	__s64 sum;
+
+	if (ip->ihl_bytes != sizeof(struct iphdr) ||
+	    bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, ip->l3_off, r.quote, FP_ICMP_QUOTE))
+		return TC_ACT_SHOT;
+
+	r.ip.version = 4;
+	r.ip.ihl = 5;
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_ICMP;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.saddr = ip->daddr;      /* the VIP the client asked for */
+	r.ip.daddr = ip->saddr;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0);
+	r.ip.check = fp_csum_fold(sum);
+
+	r.icmp.type = ICMP_DEST_UNREACH;
+	r.icmp.code = code;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp, sizeof(r.icmp) + FP_ICMP_QUOTE, 0);
+	r.icmp.checksum = fp_csum_fold(sum);
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0))
+		return TC_ACT_SHOT;
+	{
+		struct ethhdr out = {};
+
+		__builtin_memcpy(out.h_dest, eth.h_source, ETH_ALEN);
+		__builtin_memcpy(out.h_source, eth.h_dest, ETH_ALEN);
+		out.h_proto = bpf_htons(ETH_P_IP);
+		if (bpf_skb_store_bytes(skb, 0, &out, sizeof(out), 0) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+			return TC_ACT_SHOT;
+	}
+	*reason = FP_DROP_NO_BACKEND;
+	fp_test_record(skb->ifindex, FP_RD_PEER, 0, FP_DROP_NO_BACKEND);
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
+#endif /* FP_LIB_ICMP_H */
