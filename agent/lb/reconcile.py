@@ -29,6 +29,7 @@ Pure module: no kubernetes client, prometheus, grpc or kernel imports.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -227,12 +228,13 @@ class IdAllocator:
 class _Applied:
     """What the maps hold for one frontend this reconciler owns."""
 
-    __slots__ = ("entry", "slots", "state")
+    __slots__ = ("entry", "slots", "claims", "state")
 
-    def __init__(self, entry: ServiceEntry, slots: tuple[int, ...],
+    def __init__(self, entry: ServiceEntry, slots: tuple[int, ...], claims: frozenset[int],
                  state: Optional[FrontendState]):
         self.entry = entry
         self.slots = slots            # backend id per slot 1..count (0 = missing)
+        self.claims = claims          # backend ids this frontend reports terminating
         self.state = state            # None after restore: compare written form only
 
 
@@ -290,6 +292,7 @@ class Reconciler:
         self._applied: dict[Frontend, _Applied] = {}
         self._backends: dict[int, Backend] = {}     # as last written
         self._refs: dict[int, int] = {}             # backend id -> frontends using it
+        self._term: dict[int, int] = {}             # ... of which report it terminating
         # Left behind by an earlier run, found by restore(): service entries
         # whose id another entry owns, slots no entry can reach, backends no
         # slot names. The next plan removes them.
@@ -341,12 +344,14 @@ class Reconciler:
         not mentioned stay as they are. Costs O(size of the change), not of
         the whole service table.
         """
-        put_backends: dict[int, Backend] = {}
         stale_ops: list[Op] = []
         service_ops: list[Op] = []
         removal_ops: list[Op] = []
         released_services: list[Frontend] = []
         maybe_unused: set[int] = set(self._orphan_backends)
+        # Backends whose users changed: their record is recomputed below.
+        touched: set[int] = set()
+        records: dict[int, Backend] = {}
 
         # Entries found sharing another's service id go first, so they have
         # their own slots before the owner's slots change under them.
@@ -360,7 +365,7 @@ class Reconciler:
                     removal_ops.append(DeleteService(fe))
                     if a.slots:
                         removal_ops.append(DeleteSlots(sid, 1, len(a.slots)))
-                    self._unref(a.slots, maybe_unused)
+                    self._account(a.slots, a.claims, (), frozenset(), touched, maybe_unused)
                     del self._applied[fe]
                     released_services.append(fe)
                 elif fe in self._stale_frontends:
@@ -378,18 +383,13 @@ class Reconciler:
                 backends = backends[:self.max_slots]
             else:
                 self.truncated.pop(fe, None)
-            want: dict[int, None] = {}
+            want: dict[int, Backend] = {}
             for b in backends:
                 bid = self.backend_ids.allocate(b.key)
-                if bid in want:
-                    continue
-                cur = put_backends.get(bid) or self._backends.get(bid)
-                if cur is None or _written(cur) != _written(b):
-                    # First writer in this plan wins if two Services disagree
-                    # about one address (say, terminating in one slice only).
-                    if bid not in put_backends:
-                        put_backends[bid] = b
-                want[bid] = None
+                if bid not in want:
+                    want[bid] = b
+                    records.setdefault(bid, b)
+            claims = frozenset(bid for bid, b in want.items() if b.terminating)
 
             sid = a.entry.service_id if a else self.service_ids.allocate(fe)
             old = a.slots if a else ()
@@ -404,12 +404,25 @@ class Reconciler:
             if len(old) > len(new):
                 service_ops.append(DeleteSlots(sid, len(new) + 1, len(old)))
             self._stale_frontends.discard(fe)
+            self._account(old, a.claims if a else frozenset(), new, claims,
+                          touched, maybe_unused)
+            self._applied[fe] = _Applied(entry, tuple(new), claims, st)
 
-            old_set, new_set = set(old), set(new)
-            for b in new_set - old_set:
-                self._refs[b] = self._refs.get(b, 0) + 1
-            self._unref(tuple(old_set - new_set), maybe_unused)
-            self._applied[fe] = _Applied(entry, tuple(new), st)
+        # A backend's record is a function of the frontends using it, not of
+        # which changed last: it is terminating only if every Service using
+        # it says so (two Services may see one pod in different states for
+        # a moment while the EndpointSlice controller catches up).
+        put_backends: dict[int, Backend] = {}
+        for bid in touched:
+            users = self._refs.get(bid, 0)
+            if not users:
+                continue
+            base = records.get(bid) or self._backends[bid]
+            term = self._term.get(bid, 0) == users
+            rec = base if base.terminating == term else dataclasses.replace(base, terminating=term)
+            cur = self._backends.get(bid)
+            if cur is None or _written(cur) != _written(rec):
+                put_backends[bid] = rec
 
         # Leftovers from before a restart go last among the removals: no
         # service entry reaches them, so their order does not matter to packets.
@@ -421,12 +434,10 @@ class Reconciler:
                 self.service_ids.release(key)
         self._orphan_slots.clear()
 
-        delete_backends: list[int] = []
-        for bid in sorted(maybe_unused):
-            if self._refs.get(bid, 0) == 0 and bid not in put_backends:
-                delete_backends.append(bid)
+        delete_backends = sorted(b for b in maybe_unused if not self._refs.get(b))
         for bid in delete_backends:
             self._refs.pop(bid, None)
+            self._term.pop(bid, None)
             self._backends.pop(bid, None)
             self.backend_ids.release(self.backend_ids.key_of(bid))
         # Every orphan is now either deleted or referenced again.
@@ -445,16 +456,32 @@ class Reconciler:
         ops += [DeleteBackend(bid) for bid in delete_backends]
         return ops
 
-    def _unref(self, ids: Iterable[int], maybe_unused: set[int]) -> None:
-        for b in set(ids):
-            if not b:
-                continue
+    def _account(self, old: Iterable[int], old_claims: frozenset[int], new: Iterable[int],
+                 new_claims: frozenset[int], touched: set[int], maybe_unused: set[int]) -> None:
+        """Move one frontend's references (and terminating claims) from old to new."""
+        old_set, new_set = set(old), set(new)
+        # 0 marks a slot a restored entry lacks: no reference to count.
+        old_set.discard(0)
+        new_set.discard(0)
+        for b in new_set - old_set:
+            self._refs[b] = self._refs.get(b, 0) + 1
+        for b in old_set - new_set:
             n = self._refs.get(b, 0) - 1
             if n > 0:
                 self._refs[b] = n
             else:
                 self._refs.pop(b, None)
                 maybe_unused.add(b)
+        for b in new_claims - old_claims:
+            self._term[b] = self._term.get(b, 0) + 1
+        for b in old_claims - new_claims:
+            n = self._term.get(b, 0) - 1
+            if n > 0:
+                self._term[b] = n
+            else:
+                self._term.pop(b, None)
+        touched |= old_set ^ new_set
+        touched |= old_claims ^ new_claims
 
     # ----------------------------------------------------------- restart
 
@@ -496,10 +523,9 @@ class Reconciler:
                 reached.add((e.service_id, i))
                 bid = slots.get((e.service_id, i), 0)
                 got.append(bid if bid in backends else 0)
-            r._applied[fe] = _Applied(e, tuple(got), None)
-            for b in set(got):
-                if b:
-                    r._refs[b] = r._refs.get(b, 0) + 1
+            claims = frozenset(b for b in got if b and backends[b].terminating)
+            r._applied[fe] = _Applied(e, tuple(got), claims, None)
+            r._account((), frozenset(), got, claims, set(), set())
         for (sid, slot) in slots:
             if (sid, slot) not in reached:
                 r._orphan_slots.setdefault(sid, []).append(slot)
