@@ -7,6 +7,9 @@ without flushing anything that forwards traffic):
   3. restore endpoints from the state dir (skipping pods whose veth is gone);
   4. replay CNI deletions queued while the agent was down;
   5. serve the API (CNI plugin, CLI).
+Health and metrics (agent/health.py, agent/metrics.py) are served from the
+beginning, so liveness answers while the programs compile and readiness
+says what is still missing.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from agent.datapath import Datapath, tc
 from agent.datapath.discover import DiscoveryError, discover
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.endpoints import Endpoint
+from agent.metrics import AgentMetrics, cni_observed
 from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger("fastpath.agent")
@@ -46,13 +50,19 @@ class Agent:
         self.store = None
         self.source = None
         self.source_error = ""
+        self.metrics = AgentMetrics(self)
+        self.http = None
 
     # -- lifecycle -------------------------------------------------------
     def start(self, serve: bool = True) -> "Agent":
         t0 = time.monotonic()
         self._open_cluster_state()
+        if serve:
+            from agent.health import HttpEndpoints
+            self.http = HttpEndpoints(self).start()
         self.ep_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / DEL_QUEUE).mkdir(parents=True, exist_ok=True)
+        self.metrics.count_start(self.state_dir)
         self.datapath.load()
         for note in self.datapath.migration_notes:
             log.warning("pinned maps: %s", note)
@@ -69,11 +79,14 @@ class Agent:
             log.info("API on %s", self.config.api_socket)
             # a CNI DEL that found no socket between the sweep above and
             # now was queued too: sweep once more now that DELs get through
-            replayed = self.replay_deletions()
-            if replayed:
-                log.info("replayed %d CNI deletions queued during start-up", replayed)
+            late = self.replay_deletions()
+            if late:
+                log.info("replayed %d CNI deletions queued during start-up", late)
+            replayed += late
+        self.metrics.record_restore(restored, dropped, replayed, self.datapath.migration_notes)
         self.started_at = time.time()
         self.ready.set()
+        self.metrics.start_seconds.set(time.monotonic() - t0)
         log.info("ready in %.2fs", time.monotonic() - t0)
         return self
 
@@ -86,7 +99,8 @@ class Agent:
         self.store = Store()
         node = self.config.node_name or _socket.gethostname()
         try:
-            self.source = open_source(self.config.source, node, self.store)
+            self.source = open_source(self.config.source, node, self.store,
+                                      metrics=self.metrics.k8s)
         except Exception as exc:      # no kubeconfig, unreadable directory, ...
             self.source = None
             self.source_error = f"{type(exc).__name__}: {exc}"
@@ -112,6 +126,8 @@ class Agent:
             self.source.stop()
         if self.api:
             self.api.stop()
+        if self.http:
+            self.http.stop()
         self.datapath.close()
 
     # -- endpoint state ----------------------------------------------------
@@ -173,6 +189,7 @@ class Agent:
         return n
 
     # -- API -----------------------------------------------------------------
+    @cni_observed("ADD")
     def rpc_EndpointAdd(self, netns: str, ifname: str = "eth0", container_id: str = "",
                         pod_namespace: str = "", pod_name: str = "",
                         require_eni: bool = False) -> dict:
@@ -239,6 +256,7 @@ class Agent:
                 pass        # the veth went away meanwhile, and our filters with it
         self._state_file(ep).unlink(missing_ok=True)
 
+    @cni_observed("DEL")
     def rpc_EndpointDel(self, container_id: str, ifname: str = "eth0") -> dict:
         key = f"{container_id}-{ifname}"
         with self.lock:
@@ -297,9 +315,27 @@ class Agent:
         source = ({"spec": self.config.source, "synced": src.synced.is_set(),
                    "status": src.status(), "objects": self.store.snapshot().counts()}
                   if src is not None else {"spec": self.config.source, "error": self.source_error})
+        source["state"] = source_state(source)
         return {"ready": self.ready.is_set(), "started_at": self.started_at,
                 "endpoints": len(self.endpoints), "enis": self.enis,
-                "bpffs_root": self.config.bpffs_root, "pid": os.getpid(), "source": source}
+                "bpffs_root": self.config.bpffs_root, "pid": os.getpid(), "source": source,
+                "http": dict(self.http.addresses) if self.http else {}}
+
+    def rpc_Config(self) -> dict:
+        """The configuration in force and where each value came from."""
+        from agent.config import describe
+        return {"keys": describe(self.config), "notes": list(self.config.notes)}
+
+
+def source_state(source: dict) -> str:
+    """One word for `fastpath status`: synced, syncing, unreachable (while
+    the datapath keeps the last known state), or failed (never started)."""
+    if "error" in source:
+        return "failed"
+    st = source["status"]
+    if not st["connected"] and any(k["errors"] for k in st["kinds"].values()):
+        return "unreachable"
+    return "synced" if source["synced"] else "syncing"
 
 
 def endpoint_view(ep: Endpoint) -> dict:

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from agent import config as configuration
 from agent.config import KEYS, Config, ConfigError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NO_AGENT, EXIT_PRIV = 0, 1, 2, 3, 4
@@ -31,11 +32,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def load_config(args) -> Config:
-    cfg = Config.defaults()
-    if getattr(args, "config", None):
-        cfg = cfg.with_file(args.config)
     overrides = {k.name: getattr(args, f"cfg_{k.name}", None) for k in KEYS}
-    return cfg.with_values(overrides, "flag")
+    return configuration.load(getattr(args, "config", None), overrides)
 
 
 def cmd_agent(args) -> int:
@@ -119,6 +117,88 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def cmd_config(args) -> int:
+    """The configuration in force: the running agent's, or (--local) the one
+    an agent started with these files and flags would use."""
+    if args.local:
+        cfg = load_config(args)
+        data = {"keys": configuration.describe(cfg), "notes": list(cfg.notes)}
+    else:
+        data = _call(args, "Config")
+    if args.json:
+        print(json.dumps(data, indent=1, sort_keys=True))
+        return EXIT_OK
+    rows = [{"key": r["key"], "value": configuration.show(
+                tuple(r["value"]) if isinstance(r["value"], list) else r["value"]),
+             "source": r["source"], "note": "" if r["in_effect"] else "not yet in effect"}
+            for r in data["keys"]]
+    print(_table(rows, ["key", "value", "source", "note"]))
+    pending = [r for r in data["keys"] if not r["in_effect"]]
+    if pending:
+        print("\nNot yet in effect (accepted and validated; the datapath does not act on them):")
+        for r in pending:
+            print(f"  {r['key']}: {r['pending']}")
+    for note in data["notes"]:
+        print(f"\n{note}")
+    return EXIT_OK
+
+
+def cmd_uninstall(args) -> int:
+    """Remove fastpath from this node: kernel state, then files."""
+    from agent import cgroups, nodeinstall
+    from agent.api import wire
+    from agent.datapath import uninstall
+    cfg = load_config(args)
+    sock = os.path.join(args.host_root or "/", cfg.api_socket.lstrip("/"))
+    try:
+        wire.call(sock, "Status", timeout=2)
+        running = True
+    except (OSError, wire.WireError):
+        running = False
+    if running and not args.force:
+        print(f"fastpath uninstall: an agent answers on {sock}; stop it first (delete the "
+              "DaemonSet), or it re-attaches what is removed", file=sys.stderr)
+        return EXIT_FAIL
+    try:
+        cgroup_root = cgroups.resolve_root(cfg.cgroup_root)
+    except FileNotFoundError as exc:
+        cgroup_root = None
+        print(f"fastpath uninstall: {exc}; no cgroup programs to look for", file=sys.stderr)
+    kernel = uninstall.uninstall(cfg.bpffs_root, cgroup_root, netns=args.netns)
+    files = nodeinstall.FileReport()
+    if not args.keep_cni:
+        nodeinstall.uninstall_cni(conf_dir=args.cni_conf_dir, host_root=args.host_root,
+                                  report=files)
+    nodeinstall.uninstall_state(cfg.state_dir, cfg.api_socket, host_root=args.host_root,
+                                report=files)
+    data = {**kernel.as_dict(), "files": files.as_dict()}
+    data["kept"] = kernel.kept + files.kept
+    data["files"].pop("kept")
+    if args.json:
+        print(json.dumps(data, indent=1, sort_keys=True))
+    else:
+        for what, items in (("detached", kernel.filters + kernel.cgroup_programs),
+                            ("unpinned", kernel.pins), ("removed", files.removed),
+                            ("restored", files.restored), ("edited", files.edited),
+                            ("kept", data["kept"])):
+            for item in items:
+                print(f"{what}: {item}")
+    return EXIT_OK
+
+
+def cmd_cni(args) -> int:
+    from agent import nodeinstall
+    try:
+        for line in nodeinstall.install_cni(args.conflist, bin_dir=args.cni_bin_dir,
+                                            conf_dir=args.cni_conf_dir, python=args.python,
+                                            host_root=args.host_root):
+            print(line)
+    except nodeinstall.InstallError as exc:
+        print(f"fastpath cni install: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpath", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="object", required=True)
@@ -147,6 +227,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = client("status", help="agent health")
     s.set_defaults(func=cmd_status)
+
+    c = client("config", help="the configuration in force and where each value came from")
+    c.add_argument("verb", choices=["show"])
+    c.add_argument("--local", action="store_true",
+                   help="compute it from --config, --eni-config and flags instead of asking "
+                        "the running agent")
+    add_config_flags(c)
+    c.set_defaults(func=cmd_config)
+
+    def node_paths(sp):
+        sp.add_argument("--cni-conf-dir", default="/etc/cni/net.d")
+        sp.add_argument("--host-root", default=None, metavar="DIR",
+                        help="where the node's / is mounted (paths are the node's)")
+
+    u = sub.add_parser("uninstall", help="remove every program, filter, pinned map and file "
+                                         "fastpath put on this node, and nothing else")
+    add_config_flags(u)
+    node_paths(u)
+    u.add_argument("--netns", default=None, help="the node's netns (default: this process's)")
+    u.add_argument("--keep-cni", action="store_true",
+                   help="leave fastpath-cni and the conflist installed")
+    u.add_argument("--force", action="store_true", help="even if an agent still answers")
+    u.add_argument("--json", action="store_true")
+    u.set_defaults(func=cmd_uninstall)
+
+    n = sub.add_parser("cni", help="install fastpath-cni and the conflist (the DaemonSet's "
+                                   "init step)")
+    n.add_argument("verb", choices=["install"])
+    n.add_argument("--conflist", required=True, help="the conflist to install (deploy/)")
+    n.add_argument("--cni-bin-dir", default="/opt/cni/bin")
+    n.add_argument("--python", default="/usr/bin/python3",
+                   help="the node's interpreter that runs the plugin")
+    node_paths(n)
+    n.set_defaults(func=cmd_cni)
     return p
 
 

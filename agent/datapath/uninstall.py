@@ -1,0 +1,208 @@
+"""Remove everything fastpath put into the kernel of one node, and nothing else.
+
+What is fastpath's, and how it is recognised:
+  pinned maps    the `fp_<name>_v<N>` entries under bpffs_root (the directory
+                 is removed too once empty; anything else in it stays);
+  tc filters     on every device of the node's netns, at any priority: bpf
+                 filters whose program is one of ours by name (the loader's
+                 PROGRAMS) or is named fp_* and uses one of our pinned maps
+                 (a program of an older release, renamed since). A foreign
+                 filter, even one named fp_*, is left in place, and so is the
+                 clsact qdisc while any filter remains on it;
+  cgroup hooks   programs attached to cgroup_root, recognised the same way.
+Programs are not pinned: once no filter or cgroup holds them (and no agent
+runs) the kernel frees them. Order: hooks first, so nothing runs that still
+expects the maps, then the pins.
+
+The agent must not be running: it would re-attach. `fastpath uninstall`
+(agent/cli) checks that and also removes the files (agent/nodeinstall.py).
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+import re
+from dataclasses import dataclass, field
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent.datapath import libbpf, tc
+from agent.datapath.loader import PROGRAMS
+from agent.datapath.netlink import iproute
+
+PIN_PATTERN = re.compile(r"fp_\w+_v\d+")
+OUR_PREFIX = "fp_"
+# enum bpf_attach_type (uapi) runs from 0 to a little over 50 today; types a
+# kernel does not know are answered with EINVAL and skipped.
+ATTACH_TYPES = range(0, 64)
+
+
+class _ProgInfo(ct.Structure):
+    # leading part of struct bpf_prog_info (uapi)
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+                ("name", ct.c_char * 16)]
+
+
+@dataclass
+class Report:
+    filters: list[str] = field(default_factory=list)
+    cgroup_programs: list[str] = field(default_factory=list)
+    pins: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)      # ours by place, left with the reason
+
+    def as_dict(self) -> dict:
+        return {"filters": self.filters, "cgroup_programs": self.cgroup_programs,
+                "pins": self.pins, "kept": self.kept}
+
+
+def _lib():
+    lb = libbpf.lib()
+    lb.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
+                                  ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
+    lb.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
+    return lb
+
+
+def prog_identity(prog_id: int) -> tuple[str, set[int]]:
+    """(name, ids of the maps it uses) of a loaded program; ("", set()) if gone."""
+    fd = _lib().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return "", set()
+    try:
+        info = _ProgInfo()
+        n = ct.c_uint32(ct.sizeof(info))
+        if _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)) != 0:
+            return "", set()
+        name, count = info.name.decode(errors="replace"), info.nr_map_ids
+        if not count:
+            return name, set()
+        ids = (ct.c_uint32 * count)()
+        info2 = _ProgInfo()
+        info2.nr_map_ids = count
+        info2.map_ids = ct.addressof(ids)
+        n = ct.c_uint32(ct.sizeof(info2))
+        if _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info2), ct.byref(n)) != 0:
+            return name, set()
+        return name, set(ids[:min(count, info2.nr_map_ids)])
+    finally:
+        os.close(fd)
+
+
+def pinned_map_ids(bpffs_root: str) -> dict[int, str]:
+    """Map id -> pin name of fastpath's pins under bpffs_root."""
+    out = {}
+    if not os.path.isdir(bpffs_root):
+        return out
+    for entry in sorted(os.listdir(bpffs_root)):
+        if not PIN_PATTERN.fullmatch(entry):
+            continue
+        try:
+            fd = libbpf.obj_get(os.path.join(bpffs_root, entry))
+        except OSError:
+            continue
+        try:
+            out[libbpf.map_info(fd).id] = entry
+        except OSError:
+            pass                  # a pinned program or link, not a map
+        finally:
+            os.close(fd)
+    return out
+
+
+def is_ours(prog_id: int, our_maps: set[int]) -> bool:
+    name, maps = prog_identity(prog_id)
+    return name in PROGRAMS or (name.startswith(OUR_PREFIX) and bool(maps & our_maps))
+
+
+def remove_filters(netns: str | None, our_maps: set[int], report: Report) -> None:
+    with iproute(netns) as ipr:
+        links = [(l["index"], l.get_attr("IFLA_IFNAME")) for l in ipr.get_links()]
+        for idx, name in links:
+            filters = tc._filters(ipr, idx, name)
+            removed = 0
+            for f in filters:
+                if not is_ours(f.prog_id, our_maps):
+                    continue
+                try:
+                    ipr.tc("del-filter", "bpf", idx, handle=f.handle, parent=tc.PARENT[f.direction],
+                           prio=f.prio)
+                except NetlinkError as exc:
+                    if exc.code not in (errno.ENOENT, errno.ENODEV):
+                        raise
+                removed += 1
+                report.filters.append(f"{name} {f.direction} prio {f.prio} {f.name}")
+            if removed and not tc._any_filters(ipr, idx):
+                # the clsact qdisc fastpath added for its filters, now empty
+                try:
+                    ipr.tc("del", "clsact", idx)
+                except NetlinkError:
+                    pass
+
+
+def remove_cgroup_programs(cgroup_root: str, our_maps: set[int], report: Report) -> None:
+    if not os.path.isdir(cgroup_root):
+        return
+    lib = _lib()
+    cg = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for attach_type in ATTACH_TYPES:
+            ids = (ct.c_uint32 * 64)()
+            cnt = ct.c_uint32(64)
+            flags = ct.c_uint32(0)
+            if lib.bpf_prog_query(cg, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt)) != 0:
+                continue
+            for prog_id in list(ids[:cnt.value]):
+                if not is_ours(prog_id, our_maps):
+                    continue
+                name, _ = prog_identity(prog_id)
+                fd = lib.bpf_prog_get_fd_by_id(prog_id)
+                if fd < 0:
+                    continue
+                try:
+                    if lib.bpf_prog_detach2(fd, cg, attach_type) != 0:
+                        err = ct.get_errno()
+                        report.kept.append(f"cgroup {cgroup_root} attach type {attach_type} "
+                                           f"{name}: detach failed: {os.strerror(err)}")
+                        continue
+                finally:
+                    os.close(fd)
+                report.cgroup_programs.append(f"{cgroup_root} attach type {attach_type} {name}")
+    finally:
+        os.close(cg)
+
+
+def remove_pins(bpffs_root: str, report: Report) -> None:
+    if not os.path.isdir(bpffs_root):
+        return
+    for entry in sorted(os.listdir(bpffs_root)):
+        path = os.path.join(bpffs_root, entry)
+        if PIN_PATTERN.fullmatch(entry):
+            os.unlink(path)
+            report.pins.append(path)
+        else:
+            report.kept.append(f"{path}: not a fastpath pin")
+    try:
+        os.rmdir(bpffs_root)
+        report.pins.append(bpffs_root + "/")
+    except OSError as exc:
+        if exc.errno != errno.ENOTEMPTY:
+            raise
+
+
+def uninstall(bpffs_root: str, cgroup_root: str | None, netns: str | None = None) -> Report:
+    """Detach fastpath's tc filters and cgroup programs, then unpin its maps."""
+    report = Report()
+    ours = set(pinned_map_ids(bpffs_root))
+    remove_filters(netns, ours, report)
+    if cgroup_root:
+        remove_cgroup_programs(cgroup_root, ours, report)
+    remove_pins(bpffs_root, report)
+    return report
+
+
+__all__ = ["Report", "uninstall", "pinned_map_ids", "prog_identity", "is_ours"]

@@ -1,0 +1,239 @@
+"""The node agent's Prometheus metrics.
+
+One registry per Agent (so agents in one test process never collide), served
+on `metrics_address` by agent/health.py. Three kinds of source:
+
+- read from the kernel at scrape time by `DatapathCollector`: the per-CPU
+  verdict counters (forwarded or dropped, by interface, direction and the
+  reason code of bpf/include/fastpath.h, summed over CPUs) and, per pinned
+  map, its entries against its capacity. Nothing is cached, so a scrape
+  shows what the datapath holds now, also after an agent restart;
+- kept by the agent: CNI ADD/DEL counts and latency (`cni_observed` wraps
+  the API handlers), endpoints, what the last start restored and migrated,
+  starts persisted in the state dir (a restart adds one);
+- the cluster-state source's `fastpath_k8s_*` metrics (agent/k8s/metrics.py),
+  registered here instead of on the process-wide registry.
+
+Metrics of features not built yet (Services, NetworkPolicy, conntrack GC)
+are not exposed at all: a dashboard must never show a zero that only means
+"not implemented".
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+from agent.api.server import ApiError
+
+log = logging.getLogger("fastpath.metrics")
+
+STARTS_FILE = "agent-starts"
+ARRAY_TYPES = (2, 6)     # BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY (uapi)
+# CNI latency is tens of milliseconds when healthy (README: p50 ~26 ms from
+# the runtime's side, ~10 ms of it in the agent); the top buckets catch an
+# agent that queues requests.
+CNI_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def count_keys(fd: int, key_size: int, limit: int) -> int:
+    """Entries of a map we hold as an fd, by walking its keys (no values:
+    per-CPU values would cost a copy per CPU for nothing). Bounded by the
+    map's capacity in case entries churn under the walk."""
+    from agent.datapath import libbpf
+    lib = libbpf.lib()
+    cur = ct.create_string_buffer(key_size)
+    nxt = ct.create_string_buffer(key_size)
+    prev = None
+    n = 0
+    while n < limit and lib.bpf_map_get_next_key(fd, prev, nxt) == 0:
+        ct.memmove(cur, nxt, key_size)
+        prev = cur
+        n += 1
+    return n
+
+
+class DatapathCollector:
+    """Kernel-side state, read when Prometheus scrapes."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def describe(self):
+        # Families depend on what the datapath holds; an empty describe keeps
+        # the registry from calling collect() at registration time.
+        return []
+
+    def collect(self):
+        dp = self.agent.datapath
+        if dp.module is None or dp.maps is None:
+            return
+        try:
+            yield from self._counters(dp)
+            yield from self._maps(dp)
+        except Exception as exc:     # a scrape must never take the agent down
+            log.warning("datapath metrics unavailable: %s", exc)
+
+    def _counters(self, dp):
+        labels = ["interface", "direction", "reason"]
+        fam = {
+            (False, "packets"): CounterMetricFamily(
+                "fastpath_forwarded_packets", "Packets fastpath's programs let through or "
+                "redirected, by interface, direction and reason.", labels=labels),
+            (False, "bytes"): CounterMetricFamily(
+                "fastpath_forwarded_bytes", "Bytes of the packets in fastpath_forwarded_packets_total.",
+                labels=labels),
+            (True, "packets"): CounterMetricFamily(
+                "fastpath_dropped_packets", "Packets fastpath's programs dropped, by interface, "
+                "direction and drop reason.", labels=labels),
+            (True, "bytes"): CounterMetricFamily(
+                "fastpath_dropped_bytes", "Bytes of the packets in fastpath_dropped_packets_total.",
+                labels=labels),
+        }
+        names = {idx: name for name, idx in self.agent._links().items()}
+        for r in dp.maps.counters():
+            # A deleted pod's veth keeps its counters until they are cleared;
+            # its ifindex is all that is left to name it by.
+            iface = names.get(r.ifindex, f"ifindex:{r.ifindex}")
+            values = [iface, r.direction, r.reason]
+            fam[(r.is_drop, "packets")].add_metric(values, r.packets)
+            fam[(r.is_drop, "bytes")].add_metric(values, r.bytes)
+        yield from fam.values()
+
+    def _maps(self, dp):
+        from agent.datapath import libbpf
+        from agent.datapath.loader import pinned_map_names
+        entries = GaugeMetricFamily("fastpath_map_entries",
+                                    "Entries in each of fastpath's pinned BPF maps.", labels=["map"])
+        capacity = GaugeMetricFamily("fastpath_map_max_entries",
+                                     "Capacity (max_entries) of each pinned BPF map.", labels=["map"])
+        pressure = GaugeMetricFamily(
+            "fastpath_map_pressure_ratio",
+            "Entries / max_entries of each pinned BPF map; a full hash map refuses new entries "
+            "(an LRU map evicts the oldest).", labels=["map"])
+        for name in pinned_map_names():
+            fd = dp.module.table(name).map_fd
+            info = libbpf.map_info(fd)
+            if info.type in ARRAY_TYPES:
+                continue     # every slot of an array always exists: it cannot fill up
+            n = count_keys(fd, info.key_size, info.max_entries)
+            entries.add_metric([name], n)
+            capacity.add_metric([name], info.max_entries)
+            pressure.add_metric([name], n / info.max_entries if info.max_entries else 0.0)
+        yield from (entries, capacity, pressure)
+
+
+class AgentMetrics:
+    def __init__(self, agent, registry: CollectorRegistry | None = None):
+        from agent.k8s.metrics import K8sMetrics
+        r = registry if registry is not None else CollectorRegistry()
+        self.registry = r
+        # CPU and memory of the agent itself: what DataPath V2 is known to
+        # cost per node (about 0.5 core, 512 MB) is the figure to beat.
+        ProcessCollector(registry=r)
+        self.k8s = K8sMetrics.for_registry(r)
+        self.cni_requests = Counter(
+            "fastpath_cni_requests_total",
+            "CNI requests handled by the agent, by command (ADD, DEL) and result (ok, "
+            "unknown for a DEL of an endpoint the agent does not know, else the error code).",
+            ["command", "result"], registry=r)
+        self.cni_seconds = Histogram(
+            "fastpath_cni_request_duration_seconds",
+            "Time the agent took for a CNI request (discovery, attach, map writes).",
+            ["command"], buckets=CNI_BUCKETS, registry=r)
+        self.endpoints = Gauge("fastpath_endpoints", "Pod endpoints the agent has registered.",
+                               registry=r)
+        self.endpoints.set_function(lambda: len(agent.endpoints))
+        self.ready = Gauge("fastpath_agent_ready",
+                           "1 once the agent has started (maps loaded, programs attached, "
+                           "endpoints restored, API served), else 0.", registry=r)
+        self.ready.set_function(lambda: 1.0 if agent.ready.is_set() else 0.0)
+        self.starts = Counter(
+            "fastpath_agent_starts_total",
+            "Agent starts on this node since its state dir was created (a restart adds one).",
+            registry=r)
+        self.start_seconds = Gauge("fastpath_agent_start_duration_seconds",
+                                   "Time the last start took until the agent was ready.",
+                                   registry=r)
+        self.restored = Gauge(
+            "fastpath_agent_restored_endpoints",
+            "Endpoints the last start found in its state dir, by result: restored, or removed "
+            "because their veth was gone (or no state claimed their map entry).",
+            ["result"], registry=r)
+        self.replayed = Gauge("fastpath_agent_replayed_cni_deletions",
+                              "CNI deletions queued while the agent was down, replayed by the "
+                              "last start.", registry=r)
+        self.migrations = Gauge(
+            "fastpath_agent_map_migrations",
+            "Pinned maps the last start had to migrate: resized (entries carried over), "
+            "rebuilt (layout changed, entries rebuilt from agent state), removed (superseded "
+            "layout version).", ["action"], registry=r)
+        for action in ("resized", "rebuilt", "removed"):
+            self.migrations.labels(action=action).set(0)
+        r.register(DatapathCollector(agent))
+
+    def count_start(self, state_dir: Path) -> int:
+        """Persist one more start in the state dir and expose the total."""
+        path = Path(state_dir) / STARTS_FILE
+        try:
+            n = int(path.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            n = 0
+        n += 1
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{n}\n")
+        os.replace(tmp, path)
+        self.starts.inc(n)
+        return n
+
+    def record_restore(self, restored: int, removed: int, replayed: int, notes: list[str]) -> None:
+        self.restored.labels(result="restored").set(restored)
+        self.restored.labels(result="removed").set(removed)
+        self.replayed.set(replayed)
+        # The loader's notes say what it did to each map (see open_module).
+        counts = {"resized": 0, "rebuilt": 0, "removed": 0}
+        for note in notes:
+            if "resized" in note:
+                counts["resized"] += 1
+            elif "layout changed" in note:
+                counts["rebuilt"] += 1
+            elif note.startswith("removed stale"):
+                counts["removed"] += 1
+        for action, n in counts.items():
+            self.migrations.labels(action=action).set(n)
+
+    def observe_cni(self, command: str, result: str, seconds: float) -> None:
+        self.cni_requests.labels(command=command, result=result).inc()
+        self.cni_seconds.labels(command=command).observe(seconds)
+
+
+def cni_observed(command: str):
+    """Count and time an Agent API handler that serves a CNI command."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def handler(self, *args, **kwargs):
+            t0 = time.monotonic()
+            result = "internal"
+            try:
+                out = fn(self, *args, **kwargs)
+                result = "unknown" if isinstance(out, dict) and out.get("deleted") is False else "ok"
+                return out
+            except ApiError as exc:
+                result = exc.code
+                raise
+            finally:
+                metrics = getattr(self, "metrics", None)
+                if metrics is not None:
+                    metrics.observe_cni(command, result, time.monotonic() - t0)
+        return handler
+    return wrap
+
+
+__all__ = ["AgentMetrics", "DatapathCollector", "cni_observed", "count_keys"]
