@@ -36,9 +36,12 @@ Pure module: no kubernetes client, prometheus, grpc or kernel imports.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Optional
 
 from agent.k8s.model import Endpoint, EndpointSlice, Key, Service, ServicePort
 
@@ -142,37 +145,45 @@ class FrontendState:
     topology: str = ""
 
 
+@contextlib.contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """Hold the cyclic collector off while building many acyclic objects.
+
+    A full compile or plan allocates hundreds of thousands of objects, none
+    in a cycle; every few hundred allocations would otherwise let the
+    collector walk the whole heap (the cluster state included), which costs
+    more than the work itself. Reference counting still frees everything.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 # ------------------------------------------------------------- endpoints
 
-class _Ep:
-    """One deduplicated endpoint of one Service port (address + slice port)."""
+# One deduplicated endpoint of one Service port: (address, slice port, the
+# Endpoint, whether it is on this node). Plain tuples: a full compile builds
+# hundreds of thousands of them.
+_Ep = tuple[str, int, Endpoint, bool]
 
-    __slots__ = ("ip", "port", "ready", "serving", "terminating", "node_name",
-                 "zone", "hints_zones", "hints_nodes", "local")
 
-    def __init__(self, ip: str, port: int, e: Endpoint, local: bool):
-        self.ip = ip
-        self.port = port
-        self.ready = e.ready
-        self.serving = e.serving
-        self.terminating = e.terminating
-        self.node_name = e.node_name
-        self.zone = e.zone
-        self.hints_zones = e.hints_zones
-        self.hints_nodes = e.hints_nodes
-        self.local = local
-
-    def rank(self) -> tuple[bool, bool, bool]:
-        # When slices disagree about one address (an endpoint moving between
-        # slices), prefer the copy that says local (as kube-proxy does), then
-        # the more usable one; kube-proxy's own choice here depends on map
-        # iteration order, ours must not.
-        return (self.local, self.ready, self.serving and self.terminating)
+def _rank(ep: _Ep) -> tuple[bool, bool, bool]:
+    # When slices disagree about one address (an endpoint moving between
+    # slices), prefer the copy that says local (as kube-proxy does), then the
+    # more usable one; kube-proxy's own choice here depends on map iteration
+    # order, ours must not.
+    e = ep[2]
+    return (ep[3], e.ready, e.serving and e.terminating)
 
 
 def _endpoints_for_port(sp: ServicePort, slices: Iterable[EndpointSlice],
-                        node_name: str) -> list[_Ep]:
-    """Every distinct (address, port) the slices offer for this Service port.
+                        node_name: str, ip_keys: dict[str, tuple]) -> list[_Ep]:
+    """Every distinct (address, port) the slices offer for this Service port,
+    in numeric (address, port) order.
 
     A Service port is matched to slice ports by name and protocol, never by
     number: the slice port number is the already-resolved targetPort.
@@ -194,13 +205,19 @@ def _endpoints_for_port(sp: ServicePort, slices: Iterable[EndpointSlice],
             # Endpoint addresses are fungible by API contract; consumers use
             # the first.
             ip = e.addresses[0]
-            if not _is_v4(ip):
+            if ":" in ip:
                 continue
-            ep = _Ep(ip, port, e, bool(node_name) and e.node_name == node_name)
+            ep = (ip, port, e, e.node_name == node_name and bool(node_name))
             prev = found.get((ip, port))
-            if prev is None or ep.rank() > prev.rank():
+            if prev is None or _rank(ep) > _rank(prev):
                 found[(ip, port)] = ep
-    return list(found.values())
+    eps = list(found.values())
+    if len(eps) > 1:
+        for ip, _, _, _ in eps:
+            if ip not in ip_keys:
+                ip_keys[ip] = ip_sort_key(ip)
+        eps.sort(key=lambda ep: (ip_keys[ep[0]], ep[1]))
+    return eps
 
 
 def _topology_mode(eps: list[_Ep], node_name: str, zone: str) -> str:
@@ -210,16 +227,17 @@ def _topology_mode(eps: list[_Ep], node_name: str, zone: str) -> str:
     all_node, for_node = True, False
     all_zone, for_zone = True, False
     for ep in eps:
-        if not ep.ready:
+        e = ep[2]
+        if not e.ready:
             continue
         any_ready = True
-        if not ep.hints_nodes:
+        if not e.hints_nodes:
             all_node = False
-        elif node_name and node_name in ep.hints_nodes:
+        elif node_name and node_name in e.hints_nodes:
             for_node = True
-        if not ep.hints_zones:
+        if not e.hints_zones:
             all_zone = False
-        elif zone and zone in ep.hints_zones:
+        elif zone and zone in e.hints_zones:
             for_zone = True
     if not any_ready:
         return ""
@@ -233,30 +251,29 @@ def _topology_mode(eps: list[_Ep], node_name: str, zone: str) -> str:
 def _cluster_endpoints(eps: list[_Ep], node_name: str, zone: str) -> tuple[list[_Ep], str]:
     mode = _topology_mode(eps, node_name, zone)
     if mode == TOPOLOGY_SAME_NODE:
-        out = [ep for ep in eps if ep.ready and node_name in ep.hints_nodes]
+        out = [ep for ep in eps if ep[2].ready and node_name in ep[2].hints_nodes]
     elif mode == TOPOLOGY_SAME_ZONE:
-        out = [ep for ep in eps if ep.ready and zone in ep.hints_zones]
+        out = [ep for ep in eps if ep[2].ready and zone in ep[2].hints_zones]
     else:
-        out = [ep for ep in eps if ep.ready]
+        out = [ep for ep in eps if ep[2].ready]
     if out:
         return out, mode
     # No ready endpoint anywhere (a topology mode always leaves at least one
     # ready endpoint, so topology plays no part in this fallback).
-    return [ep for ep in eps if ep.serving and ep.terminating], ""
+    return [ep for ep in eps if ep[2].serving and ep[2].terminating], ""
 
 
 def _local_endpoints(eps: list[_Ep]) -> list[_Ep]:
-    out = [ep for ep in eps if ep.local and ep.ready]
+    out = [ep for ep in eps if ep[3] and ep[2].ready]
     if out:
         return out
-    return [ep for ep in eps if ep.local and ep.serving and ep.terminating]
+    return [ep for ep in eps if ep[3] and ep[2].serving and ep[2].terminating]
 
 
 def _backends(eps: list[_Ep], protocol: str) -> tuple[Backend, ...]:
-    bs = [Backend(ep.ip, ep.port, protocol, ep.terminating, ep.node_name, ep.zone)
-          for ep in eps]
-    bs.sort(key=Backend.sort_key)
-    return tuple(bs)
+    # eps is already in backend order.
+    return tuple([Backend(ip, port, protocol, e.terminating, e.node_name, e.zone)
+                  for ip, port, e, _ in eps])
 
 
 # --------------------------------------------------------------- services
@@ -276,7 +293,8 @@ def translated(svc: Service, proxy_name: str = "") -> bool:
 
 
 def compile_service(svc: Service, slices: Iterable[EndpointSlice], node_name: str,
-                    node_zone: str, proxy_name: str = "") -> dict[Frontend, FrontendState]:
+                    node_zone: str, proxy_name: str = "",
+                    _ip_keys: Optional[dict] = None) -> dict[Frontend, FrontendState]:
     """The frontends of one Service, given its EndpointSlices.
 
     For callers that recompile only the Services a change touched; the result
@@ -296,10 +314,11 @@ def compile_service(svc: Service, slices: Iterable[EndpointSlice], node_name: st
     if svc.session_affinity == "ClientIP":
         affinity = svc.session_affinity_timeout or DEFAULT_AFFINITY_TIMEOUT
     itp_local = svc.internal_traffic_policy == "Local"
+    ip_keys = {} if _ip_keys is None else _ip_keys
 
     out: dict[Frontend, FrontendState] = {}
     for sp in svc.ports:
-        eps = _endpoints_for_port(sp, slices, node_name)
+        eps = _endpoints_for_port(sp, slices, node_name, ip_keys)
         cluster, mode = _cluster_endpoints(eps, node_name, node_zone)
         cluster_b = _backends(cluster, sp.protocol)
         if itp_local:
@@ -330,15 +349,23 @@ def compile_services(snapshot, node_name: str, node_zone: str,
     address and otherwise the Service first in (namespace, name) order wins,
     so the outcome never depends on the order objects arrived in.
     """
+    with no_cyclic_gc():
+        return _compile_all(snapshot, node_name, node_zone, proxy_name)
+
+
+def _compile_all(snapshot, node_name: str, node_zone: str,
+                 proxy_name: str) -> dict[Frontend, FrontendState]:
     services: Mapping[Key, Service] = snapshot.services
     out: dict[Frontend, FrontendState] = {}
     externals: list[tuple[Frontend, FrontendState]] = []
+    ip_keys: dict[str, tuple] = {}
     for key in sorted(services):
         svc = services[key]
         if not translated(svc, proxy_name):
             continue
         slices = snapshot.endpoint_slices_for(svc.namespace, svc.name)
-        for fe, st in compile_service(svc, slices, node_name, node_zone, proxy_name).items():
+        for fe, st in compile_service(svc, slices, node_name, node_zone, proxy_name,
+                                      ip_keys).items():
             if st.kind == KIND_CLUSTER_IP:
                 out.setdefault(fe, st)
             else:

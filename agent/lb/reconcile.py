@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from agent import bpfdefs
-from agent.lb.compile import KIND_CLUSTER_IP, Backend, Frontend, FrontendState
+from agent.lb.compile import KIND_CLUSTER_IP, Backend, Frontend, FrontendState, no_cyclic_gc
 
 __all__ = [
     "PutBackend", "PutSlots", "PutService", "DeleteService", "DeleteSlots",
@@ -344,6 +344,10 @@ class Reconciler:
         not mentioned stay as they are. Costs O(size of the change), not of
         the whole service table.
         """
+        with no_cyclic_gc():
+            return self._plan_changes(updates)
+
+    def _plan_changes(self, updates: Mapping[Frontend, Optional[FrontendState]]) -> list[Op]:
         stale_ops: list[Op] = []
         service_ops: list[Op] = []
         removal_ops: list[Op] = []
@@ -351,7 +355,11 @@ class Reconciler:
         maybe_unused: set[int] = set(self._orphan_backends)
         # Backends whose users changed: their record is recomputed below.
         touched: set[int] = set()
+        # Records for backends the maps do not hold yet (or hold as orphans).
         records: dict[int, Backend] = {}
+        held = self.backend_ids._by_key
+        allocate = self.backend_ids.allocate
+        known = self._backends
 
         # Entries found sharing another's service id go first, so they have
         # their own slots before the owner's slots change under them.
@@ -383,20 +391,36 @@ class Reconciler:
                 backends = backends[:self.max_slots]
             else:
                 self.truncated.pop(fe, None)
-            want: dict[int, Backend] = {}
+            want: dict[int, None] = {}
+            term: list[int] = []
             for b in backends:
-                bid = self.backend_ids.allocate(b.key)
-                if bid not in want:
-                    want[bid] = b
+                key = (b.ip, b.port, b.protocol)
+                bid = held.get(key)
+                if bid is None:
+                    bid = allocate(key)
+                    records[bid] = b
+                elif bid in want:
+                    continue
+                elif bid not in known:
                     records.setdefault(bid, b)
-            claims = frozenset(bid for bid, b in want.items() if b.terminating)
+                want[bid] = None
+                if b.terminating:
+                    term.append(bid)
+            claims = frozenset(term)
 
             sid = a.entry.service_id if a else self.service_ids.allocate(fe)
-            old = a.slots if a else ()
-            new = _layout(old, list(want))
-            changed = [i for i, b in enumerate(new) if i >= len(old) or old[i] != b]
-            for s, e in _runs(changed):
-                service_ops.append(PutSlots(sid, tuple(new[s:e]), s + 1))
+            if a is None:
+                # The common case at start-up: nothing to keep in place.
+                old: tuple[int, ...] = ()
+                new = list(want)
+                if new:
+                    service_ops.append(PutSlots(sid, tuple(new), 1))
+            else:
+                old = a.slots
+                new = _layout(old, list(want))
+                changed = [i for i, b in enumerate(new) if i >= len(old) or old[i] != b]
+                for s, e in _runs(changed):
+                    service_ops.append(PutSlots(sid, tuple(new[s:e]), s + 1))
             entry = ServiceEntry(sid, len(new), st.affinity_timeout, flags_of(st))
             if a is None or a.entry != entry:
                 service_ops.append(PutService(fe, sid, entry.count, entry.affinity_timeout,
