@@ -280,8 +280,8 @@ class Reconciler:
         ops = rec.plan(compile_services(snap2, node, zone))  # only the changes
 
     plan() commits its result: the reconciler assumes every returned op gets
-    applied, in order. If applying fails part-way, rebuild with restore()
-    from what the maps hold.
+    applied, in order. If applying fails part-way, or plan() itself raises
+    (IdsExhausted), rebuild with restore() from what the maps hold.
     """
 
     def __init__(self, *, max_services: int = MAX_ID, max_backends: int = MAX_ID,
