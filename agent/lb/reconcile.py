@@ -225,6 +225,16 @@ class IdAllocator:
 
 # ------------------------------------------------------------ reconciler
 
+MISSING = 0
+DANGLING = -1
+
+
+def _present(slots: tuple[int, ...], start: int) -> list[tuple[int, int]]:
+    """Runs (1-based, inclusive) of slots from `start` on that exist in the map."""
+    return [(s + 1, e) for s, e in _runs([i for i in range(start - 1, len(slots))
+                                          if slots[i] != MISSING])]
+
+
 class _Applied:
     """What the maps hold for one frontend this reconciler owns."""
 
@@ -233,7 +243,9 @@ class _Applied:
     def __init__(self, entry: ServiceEntry, slots: tuple[int, ...], claims: frozenset[int],
                  state: Optional[FrontendState]):
         self.entry = entry
-        self.slots = slots            # backend id per slot 1..count (0 = missing)
+        # Backend id per slot 1..count. Only after restore: MISSING for a slot
+        # the map lacks, DANGLING for one naming no backend.
+        self.slots = slots
         self.claims = claims          # backend ids this frontend reports terminating
         self.state = state            # None after restore: compare written form only
 
@@ -371,8 +383,8 @@ class Reconciler:
                 if a is not None:
                     sid = a.entry.service_id
                     removal_ops.append(DeleteService(fe))
-                    if a.slots:
-                        removal_ops.append(DeleteSlots(sid, 1, len(a.slots)))
+                    for lo, hi in _present(a.slots, 1):
+                        removal_ops.append(DeleteSlots(sid, lo, hi))
                     self._account(a.slots, a.claims, (), frozenset(), touched, maybe_unused)
                     del self._applied[fe]
                     released_services.append(fe)
@@ -425,8 +437,8 @@ class Reconciler:
             if a is None or a.entry != entry:
                 service_ops.append(PutService(fe, sid, entry.count, entry.affinity_timeout,
                                               entry.flags))
-            if len(old) > len(new):
-                service_ops.append(DeleteSlots(sid, len(new) + 1, len(old)))
+            for lo, hi in _present(old, len(new) + 1):
+                service_ops.append(DeleteSlots(sid, lo, hi))
             self._stale_frontends.discard(fe)
             self._account(old, a.claims if a else frozenset(), new, claims,
                           touched, maybe_unused)
@@ -451,7 +463,12 @@ class Reconciler:
         # Leftovers from before a restart go last among the removals: no
         # service entry reaches them, so their order does not matter to packets.
         for sid in sorted(self._orphan_slots):
-            for s, e in _runs(sorted(p - 1 for p in self._orphan_slots[sid])):
+            # An interrupted grow leaves slots past the count; if this plan
+            # grew the entry over them again they are live now, not orphans.
+            owner = self._applied.get(self.service_ids.key_of(sid))
+            live = len(owner.slots) if owner is not None else 0
+            gone = sorted(p - 1 for p in self._orphan_slots[sid] if p > live)
+            for s, e in _runs(gone):
                 removal_ops.append(DeleteSlots(sid, s + 1, e))
             key = ("orphan-slots", sid)
             if key in self.service_ids:
@@ -484,9 +501,9 @@ class Reconciler:
                  new_claims: frozenset[int], touched: set[int], maybe_unused: set[int]) -> None:
         """Move one frontend's references (and terminating claims) from old to new."""
         old_set, new_set = set(old), set(new)
-        # 0 marks a slot a restored entry lacks: no reference to count.
-        old_set.discard(0)
-        new_set.discard(0)
+        # Slots a restored entry lacks, or that name nothing, hold no reference.
+        old_set -= {MISSING, DANGLING}
+        new_set -= {MISSING, DANGLING}
         for b in new_set - old_set:
             self._refs[b] = self._refs.get(b, 0) + 1
         for b in old_set - new_set:
@@ -545,9 +562,9 @@ class Reconciler:
             got = []
             for i in range(1, e.count + 1):
                 reached.add((e.service_id, i))
-                bid = slots.get((e.service_id, i), 0)
-                got.append(bid if bid in backends else 0)
-            claims = frozenset(b for b in got if b and backends[b].terminating)
+                bid = slots.get((e.service_id, i), MISSING)
+                got.append(bid if bid in backends or bid == MISSING else DANGLING)
+            claims = frozenset(b for b in got if b > 0 and backends[b].terminating)
             r._applied[fe] = _Applied(e, tuple(got), claims, None)
             r._account((), frozenset(), got, claims, set(), set())
         for (sid, slot) in slots:

@@ -471,3 +471,54 @@ def test_compiled_services_end_up_in_the_maps_as_compiled():
     # 10.0.0.2:8080/TCP serves three frontends through one backend entry.
     assert sorted(b.key for b in maps.backends.values()) == [
         ("10.0.0.1", 8080, "TCP"), ("10.0.0.2", 53, "UDP"), ("10.0.0.2", 8080, "TCP")]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_an_agent_killed_mid_plan_is_repaired_by_the_next_one(seed):
+    # The agent dies after an arbitrary prefix of a plan; the next agent only
+    # has the maps. Its first plan must keep every visible entry whole and
+    # end exactly at the desired state, leaving nothing behind.
+    rng = random.Random(1000 + seed)
+    rec, maps = Reconciler(quarantine=0), FakeMaps()
+    for step in range(25):
+        new = compile_services(snapshot(*random_cluster(rng)), NODE, ZONE)
+        ops = rec.plan(new)
+        cut = rng.randrange(len(ops) + 1) if rng.random() < 0.5 else len(ops)
+        apply_checked(maps, ops[:cut])
+        if cut < len(ops):
+            rec = maps.restore(quarantine=0)
+            apply_checked(maps, rec.plan(new))
+        assert_converged(maps, new, rec)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_restore_converges_from_randomly_damaged_maps(seed):
+    # Damage no correct agent leaves (lost slots, stray slots and backends,
+    # entries sharing ids): whatever was found, one plan ends at the desired
+    # state with nothing left over.
+    rng = random.Random(2000 + seed)
+    rec, maps = Reconciler(), FakeMaps()
+    for step in range(15):
+        new = compile_services(snapshot(*random_cluster(rng)), NODE, ZONE)
+        maps.apply_all(rec.plan(new))
+        for _ in range(rng.randrange(4)):
+            what = rng.randrange(4)
+            if what == 0 and maps.slots:
+                del maps.slots[rng.choice(sorted(maps.slots))]
+            elif what == 1:
+                # A stray slot, possibly naming a backend that does not exist.
+                maps.slots[(rng.randrange(1, 40), rng.randrange(1, 20))] = \
+                    rng.choice(sorted(maps.backends) + [9999])
+            elif what == 2:
+                maps.backends[rng.randrange(1, 400)] = Backend(
+                    rng.choice(IPS), rng.choice([8080, 8081]), "TCP")
+            elif maps.services:
+                fe = rng.choice(sorted(maps.services, key=Frontend.sort_key))
+                e = maps.services[fe]
+                other = rng.choice(list(maps.services.values()))
+                maps.services[fe] = ServiceEntry(other.service_id, e.count,
+                                                 e.affinity_timeout, e.flags)
+        rec = maps.restore()
+        maps.apply_all(rec.plan(new))
+        assert_converged(maps, new, rec)
+        assert rec.plan(new) == []
