@@ -204,9 +204,13 @@ def uninstall_state(state_dir: str, api_socket: str, *, host_root: str | None = 
     rest = sorted(p.name for p in sdir.iterdir())
     if rest:
         report.kept.append(f"{sdir}: not fastpath's, left: {', '.join(rest)}")
-    else:
+        return
+    try:
         sdir.rmdir()
         report.removed.append(str(sdir) + "/")
+    except OSError as exc:
+        # e.g. a mount point (a hostPath of the state dir itself): emptied
+        report.kept.append(f"{sdir}: emptied, not removed ({exc.strerror})")
 
 
 __all__ = ["FileReport", "InstallError", "install_cni", "uninstall_cni", "uninstall_state",
