@@ -50,6 +50,7 @@ class Agent:
         self.store = None
         self.source = None
         self.source_error = ""
+        self.services = None
         self.metrics = AgentMetrics(self)
         self.http = None
 
@@ -70,6 +71,7 @@ class Agent:
         log.info("attached to ENIs: %s", ", ".join(self.enis) or "(none)")
         restored, dropped = self.restore()
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
+        self._start_services()
         replayed = self.replay_deletions()
         if replayed:
             log.info("replayed %d queued CNI deletions", replayed)
@@ -89,6 +91,24 @@ class Agent:
         self.metrics.start_seconds.set(time.monotonic() - t0)
         log.info("ready in %.2fs", time.monotonic() - t0)
         return self
+
+    def _start_services(self) -> None:
+        """Service translation: the maps follow cluster state (per packet,
+        for pods); socket-LB on the configured cgroup (for host sockets, or
+        all sockets when not host-namespace-only)."""
+        if not self.config.kube_proxy_replacement:
+            return
+        if self.source is not None:
+            from agent.services import ServiceSync
+            import socket as _socket
+            node = self.config.node_name or _socket.gethostname()
+            self.services = ServiceSync(self.datapath.lb, self.store, self.source, node).start()
+        if self.config.socket_lb:
+            path = self.config.cgroup_root or cgroup2_mount()
+            progs = self.datapath.attach_socket_lb(path, self.config.socket_lb_hostns_only)
+            log.info("socket-LB on cgroup %s (%s): %s", path,
+                     "host netns only" if self.config.socket_lb_hostns_only else "all sockets",
+                     ", ".join(p.name for p in progs))
 
     def _open_cluster_state(self) -> None:
         """Start following cluster state. The datapath does not wait for it:
@@ -122,6 +142,8 @@ class Agent:
             log.warning("  rejected: %s", err)
 
     def stop(self) -> None:
+        if self.services is not None:
+            self.services.stop()
         if self.source is not None:
             self.source.stop()
         if self.api:
@@ -325,6 +347,17 @@ class Agent:
         """The configuration in force and where each value came from."""
         from agent.config import describe
         return {"keys": describe(self.config), "notes": list(self.config.notes)}
+
+
+def cgroup2_mount() -> str:
+    """Where this host mounts cgroup v2 (socket-LB's default attach point)."""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            dev, mnt, fstype = line.split()[:3]
+            if fstype == "cgroup2":
+                return mnt
+    raise DatapathError("no cgroup2 filesystem is mounted: socket-LB needs cgroup v2 "
+                        "(set socket_lb: false to run without it)")
 
 
 def source_state(source: dict) -> str:

@@ -94,7 +94,7 @@ KEYS: tuple[Key, ...] = (
     Key("backends_map_size", int, 131072, "max service backends", minimum=16, maximum=1 << 22),
     Key("slots_map_size", int, 524288, "max backend slots over all services",
         minimum=16, maximum=1 << 24),
-    Key("conntrack_map_size", int, 262144, "max tracked translated flows (LRU)",
+    Key("conntrack_map_size", int, 262144, "max tracked translated flows (LRU; also sizes socket-LB's per-socket table)",
         minimum=1024, maximum=1 << 24),
     Key("affinity_map_size", int, 65536, "max ClientIP affinity entries (LRU)",
         minimum=16, maximum=1 << 22),

@@ -32,6 +32,9 @@ class SimPaths:
 
     def config(self, **overrides) -> Config:
         overrides.setdefault("source", self.manifests)
+        # Never the machine's own cgroups or ports: a test that wants
+        # socket-LB attaches it to a cgroup child of its own.
+        overrides.setdefault("socket_lb", False)
         return Config.defaults().replace(bpffs_root=f"{self.bpffs}/fastpath",
                                          state_dir=self.state_dir, api_socket=self.socket,
                                          **overrides)
@@ -77,6 +80,7 @@ def sim_attach(node, *, register: bool = True, test_build: bool = False, **overr
     """In-process agent on `node` (an agent.sim Node); yields the Agent."""
     from agent.agent import Agent
     with private_paths() as paths:
+        overrides.setdefault("node_name", node.name)
         cfg = paths.config(**overrides)
         agent = Agent(cfg, netns=node.netns, test_build=test_build)
         try:
@@ -104,7 +108,8 @@ class AgentProcess:
         cmd = ["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "agent.cli.main",
                "agent", "--bpffs-root", f"{self.paths.bpffs}/fastpath",
                "--state-dir", self.paths.state_dir, "--api-socket", self.paths.socket,
-               "--source", self.paths.manifests, *self.extra]
+               "--source", self.paths.manifests, "--socket-lb", "false",
+               "--node-name", self.node.name, *self.extra]
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -229,6 +229,9 @@ class LbMaps:
         return {k.value: (ip_from_be32(v.ip), port_from_be16(v.port), PROTO_NAME.get(v.proto, "?"))
                 for k, v in self._be.items()}
 
+    def all_slots(self) -> dict[tuple[int, int], int]:
+        return {(k.svc_id, k.slot): v.backend_id for k, v in self._slot.items()}
+
     def conntrack(self) -> list[CtRow]:
         rows = []
         for k, v in self._ct.items():
@@ -284,3 +287,4 @@ class ConfigMap:
     def get(self) -> dict:
         v = self._t[self._t.Key(0)]
         return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags}
+

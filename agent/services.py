@@ -1,0 +1,115 @@
+"""Keep the datapath's service maps equal to what the cluster state says.
+
+Cluster state (agent/k8s store) -> agent.lb.compile (kube-proxy's choices)
+-> agent.lb.reconcile (ordered minimal map writes) -> the pinned service
+maps. The first plan waits for the source's initial sync: an agent that
+restarts with an empty store must not withdraw every Service it is still
+serving. Bursts of changes are coalesced into one plan.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from agent.lb.compile import Backend, Frontend, compile_services
+from agent.lb.reconcile import (DeleteBackend, DeleteService, DeleteSlots, PutBackend,
+                                PutService, PutSlots, Reconciler, ServiceEntry)
+
+log = logging.getLogger("fastpath.services")
+
+
+def apply_op(lb, op) -> None:
+    """One reconciler operation as one or more map writes."""
+    if isinstance(op, PutBackend):
+        b = op.backend
+        lb.put_backend(op.backend_id, b.ip, b.port, b.protocol)
+    elif isinstance(op, PutSlots):
+        lb.put_slots(op.service_id, op.slots, op.first)
+    elif isinstance(op, PutService):
+        fe = op.frontend
+        lb.put_service(fe.ip, fe.port, fe.protocol, op.service_id, op.count, op.flags,
+                       op.affinity_timeout)
+    elif isinstance(op, DeleteService):
+        fe = op.frontend
+        lb.delete_service(fe.ip, fe.port, fe.protocol)
+    elif isinstance(op, DeleteSlots):
+        lb.delete_slots(op.service_id, op.from_slot, op.to_slot)
+    elif isinstance(op, DeleteBackend):
+        lb.delete_backend(op.backend_id)
+        # its flows must not linger (UDP would keep hitting a dead address)
+        lb.conntrack_delete_backend(op.backend_id)
+    else:
+        raise TypeError(f"unknown service map operation {op!r}")
+
+
+def restore_reconciler(lb) -> Reconciler:
+    """A reconciler owning what the pinned maps already hold."""
+    services = {Frontend(s["vip"], s["port"], s["proto"]):
+                ServiceEntry(s["svc_id"], s["count"], s["affinity_timeout"], s["flags"])
+                for s in lb.services()}
+    backends = {bid: Backend(ip, port, proto) for bid, (ip, port, proto) in lb.backends().items()}
+    return Reconciler.restore(services, lb.all_slots(), backends)
+
+
+class ServiceSync:
+    def __init__(self, lb, store, source, node_name: str, *, settle: float = 0.05):
+        self.lb = lb
+        self.store = store
+        self.source = source
+        self.node_name = node_name
+        self.settle = settle
+        self.reconciler = restore_reconciler(lb)
+        self.applied_version = -1
+        self.last_plan_ops = 0
+        self.plans = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="service-sync", daemon=True)
+
+    def start(self) -> "ServiceSync":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def sync_once(self) -> int:
+        snap = self.store.snapshot()
+        node = snap.nodes.get(("", self.node_name))
+        zone = node.zone if node is not None else ""
+        desired = compile_services(snap, self.node_name, zone)
+        ops = self.reconciler.plan(desired)
+        for op in ops:
+            apply_op(self.lb, op)
+        self.applied_version = snap.version
+        self.last_plan_ops = len(ops)
+        self.plans += 1
+        if ops:
+            log.info("services: %d frontends, %d map writes (store v%d)",
+                     len(desired), len(ops), snap.version)
+        return len(ops)
+
+    def _run(self) -> None:
+        while not self.source.synced.wait(0.5):
+            if self._stop.is_set():
+                return
+        sub = self.store.subscribe()
+        try:
+            self._guarded_sync()
+            while not self._stop.is_set():
+                if sub.get(timeout=0.5) is None:
+                    continue
+                time.sleep(self.settle)      # let a burst land, then plan once
+                sub.drain()
+                self._guarded_sync()
+        finally:
+            sub.close()
+
+    def _guarded_sync(self) -> None:
+        try:
+            self.sync_once()
+        except Exception:      # one bad plan must not stop the loop
+            self.errors += 1
+            log.exception("service sync failed; keeping the maps as they are")

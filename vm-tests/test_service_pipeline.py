@@ -1,0 +1,92 @@
+"""Services end to end: manifests -> cluster state -> kube-proxy semantics ->
+service maps -> real connections, with `fastpath agent` as a real process.
+
+    pod a (client) ─┐
+    pod b, pod d ───┴ node n1     Service web: ClusterIP 192.168.99.10:80 -> :8080
+"""
+from __future__ import annotations
+
+import time
+
+from agent.api import wire
+from agent.simagent import AgentProcess, private_paths, register_pod
+
+VIP = "192.168.99.10"
+
+
+def manifests(endpoints: list[tuple[str, bool]]) -> str:
+    eps = "".join(f"""
+  - addresses: ["{ip}"]
+    conditions: {{ready: {str(ready).lower()}}}
+    nodeName: n1""" for ip, ready in endpoints)
+    return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  clusterIP: {VIP}
+  ports: [{{name: http, port: 80, targetPort: http, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:{eps if endpoints else " []"}
+"""
+
+
+def serve(pod, reply: str):
+    pod.popen(["sh", "-c", f"while true; do printf {reply} | nc -l -N -w 3 {pod.ip} 8080; done"])
+    pod.wait_port(8080)
+
+
+def ask(pod) -> str:
+    return pod.run(["sh", "-c", f"printf hi | nc -N -w 2 {VIP} 80"], check=False, timeout=10).stdout
+
+
+def wait_for(cond, what: str, timeout: float = 15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_service_manifests_become_translated_connections_and_follow_changes(world):
+    node = world.add_node("n1", enis=1)
+    a, b, d = node.add_pod("a"), node.add_pod("b"), node.add_pod("d")
+    serve(b, "from-b")
+    serve(d, "from-d")
+    with private_paths() as paths:
+        path = f"{paths.manifests}/web.yaml"
+        with open(path, "w") as f:
+            f.write(manifests([(b.ip, True), (d.ip, True)]))
+        agent = AgentProcess(node, paths).start()
+        try:
+            for p in (a, b, d):
+                register_pod(paths.socket, p)
+            wait_for(lambda: {ask(a) for _ in range(8)} == {"from-b", "from-d"},
+                     "both endpoints to answer through the ClusterIP")
+            # d stops being ready: kube-proxy stops sending it new connections
+            with open(path, "w") as f:
+                f.write(manifests([(b.ip, True), (d.ip, False)]))
+            wait_for(lambda: {ask(a) for _ in range(8)} == {"from-b"}, "d to be withdrawn")
+            # no endpoints at all: the Service refuses instead of hanging
+            with open(path, "w") as f:
+                f.write(manifests([]))
+            def refused():
+                t = time.monotonic()
+                out = a.run(["sh", "-c", f"printf hi | nc -N -w 3 {VIP} 80; echo rc=$?"],
+                            check=False, timeout=10).stdout
+                return "rc=1" in out and time.monotonic() - t < 1.5
+            wait_for(refused, "the Service to refuse connections")
+            status = wire.call(paths.socket, "Status")
+            assert status["source"]["objects"]["Service"] == 1
+        finally:
+            agent.stop()
