@@ -55,7 +55,8 @@ def parse_address(value: str) -> tuple[str, int]:
 
 
 # Shared reason of the Service keys' `pending`, removed with the feature.
-_NO_LB = "Service translation is not wired to the cluster state yet: no Service is translated"
+_NO_LB = "not built yet: the datapath translates ClusterIP frontends only (per packet and at the socket)"
+_ALWAYS_ON = "always honoured by the service compiler; turning it off is not supported yet"
 
 
 @dataclass(frozen=True)
@@ -112,19 +113,16 @@ KEYS: tuple[Key, ...] = (
     Key("endpoint_routes", bool, True, "pods are reached through Terway's per-pod routes "
         "(podIP dev cali*)", choices=(True,),
         why="the datapath finds local pods through the routes and rules Terway installs"),
-    Key("kube_proxy_replacement", bool, True, "translate Services in the datapath instead of kube-proxy",
-        pending=_NO_LB),
-    Key("socket_lb", bool, True, "translate Services at connect()/sendmsg() (cgroup hooks)",
-        pending=_NO_LB),
+    Key("kube_proxy_replacement", bool, True, "translate Services in the datapath instead of kube-proxy"),
+    Key("socket_lb", bool, True, "translate Services at connect()/sendmsg() (cgroup hooks)"),
     Key("socket_lb_hostns_only", bool, True,
-        "socket-LB for the node's own sockets only; pods get per-packet translation at tc",
-        pending=_NO_LB),
+        "socket-LB for the node's own sockets only; pods get per-packet translation at tc"),
     Key("node_port", bool, True, "serve NodePort Services", pending=_NO_LB),
     Key("host_port", bool, True, "serve pods' hostPort mappings", pending=_NO_LB),
     Key("external_ips", bool, True, "serve Services' externalIPs", pending=_NO_LB),
-    Key("session_affinity", bool, True, "honour sessionAffinity: ClientIP", pending=_NO_LB),
+    Key("session_affinity", bool, True, "honour sessionAffinity: ClientIP", pending=_ALWAYS_ON),
     Key("service_topology", bool, True, "honour topology-aware routing hints of EndpointSlices",
-        pending=_NO_LB),
+        pending=_ALWAYS_ON),
     Key("in_cluster_lb", bool, True, "load-balance LoadBalancer Service IPs inside the cluster "
         "instead of sending them to the cloud load balancer", pending=_NO_LB),
     Key("bandwidth_manager", bool, True, "pace pod egress to kubernetes.io/egress-bandwidth (EDT)",

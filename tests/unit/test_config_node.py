@@ -221,9 +221,9 @@ def test_eni_config_that_contradicts_itself_or_is_malformed_is_rejected(tmp_path
 def test_describe_says_which_keys_are_not_in_effect_yet():
     rows = {r["key"]: r for r in C.describe(Config.defaults())}
     assert set(rows) == set(KEYS_BY_NAME)
-    for name in ("socket_lb", "node_port", "policy_enforcement", "bandwidth_manager",
-                 "policy_map_size"):
+    for name in ("node_port", "policy_enforcement", "bandwidth_manager", "policy_map_size"):
         assert not rows[name]["in_effect"] and rows[name]["pending"], name
-    for name in ("tc_priority", "host_stack_cidrs", "metrics_address", "routing_mode"):
+    for name in ("tc_priority", "host_stack_cidrs", "metrics_address", "routing_mode",
+                 "socket_lb", "kube_proxy_replacement"):
         assert rows[name]["in_effect"] and not rows[name]["pending"], name
     assert rows["host_stack_cidrs"]["value"] == ["169.254.20.10/32"]
