@@ -133,8 +133,7 @@ KEYS: tuple[Key, ...] = (
         choices=("never", "default", "always"),
         pending="NetworkPolicy enforcement is not built yet: every value behaves as never"),
     Key("local_router_ipv4", str, "169.254.10.1", "the node-side router address DataPath V2 "
-        "gives its host device", check=_ipv4,
-        pending="no datapath path sources traffic from the local router address yet"),
+        "gives its host device; fastpath sources hairpinned Service traffic from it", check=_ipv4),
     Key("policy_map_size", int, 65536, "max NetworkPolicy entries", minimum=16, maximum=1 << 22,
         pending="the policy map does not exist yet"),
     Key("cgroup_root", str, "", "cgroup v2 directory where socket-LB programs attach "
@@ -315,3 +314,18 @@ def field_names() -> list[str]:
 
 
 __all__ = ["Config", "ConfigError", "KEYS", "coerce", "describe", "field_names", "load"]
+
+
+def readme_rows() -> list[str]:
+    """The README's configuration table rows, made from the schema so the
+    README cannot drift from it (tests/unit/test_readme.py checks)."""
+    rows = []
+    for k in KEYS:
+        default = ", ".join(k.default) if isinstance(k.default, tuple) else k.default
+        text = k.help
+        if k.choices and len(k.choices) == 1:
+            text += "; the only supported value"
+        if k.pending:
+            text += " — **not yet in effect**"
+        rows.append(f"| `{k.name}` | `{default}` | {text} |")
+    return rows

@@ -48,6 +48,11 @@ int fp_from_pod(struct __sk_buff *skb)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT);
 	eni_ifindex = src->eni_ifindex;
 
+	/* A hairpinned flow's reply is addressed to the local router address:
+	 * give it back its client (and the VIP as source) before routing. */
+	if (ip.daddr == FP_HAIRPIN_IP && fp_lb_reverse(skb, &ip) < 0)
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT);
+
 	{
 		struct fp_l4 l4;
 

@@ -110,3 +110,16 @@ def test_a_service_without_endpoints_is_refused_at_once_not_black_holed(world):
         assert float(out[1]) < 1.0, "refused at once"
         cnt = counters_by(ag.datapath.maps.counters(), a.host_ifindex)
         assert cnt[("from-pod", "dropped-service-no-backend")] >= 1
+
+
+def test_a_pod_reaches_itself_through_its_own_service(world):
+    n1 = world.add_node("n1", enis=1)
+    a = n1.add_pod("a")
+    with sim_attach(n1) as ag:
+        lb = ag.datapath.lb
+        lb.put_backend(1, a.ip, 8080, "TCP")
+        lb.put_slots(1, [1])
+        lb.put_service(VIP, 80, "TCP", 1, 1)
+        serve_tcp(a, 8080, "myself")
+        a.wait_port(8080)
+        assert tcp_to_vip(a) == "myself"

@@ -61,6 +61,7 @@ class BuildOptions:
     ct_max: int
     affinity_max: int
     sockrev_max: int
+    hairpin_ip: str = "169.254.10.1"
     test_build: bool = False
 
     @classmethod
@@ -70,7 +71,7 @@ class BuildOptions:
                    config.slots_map_size, config.conntrack_map_size, config.affinity_map_size,
                    # socket-LB's reverse table holds one entry per translated
                    # socket, the socket-level twin of a conntrack entry
-                   config.conntrack_map_size, test_build)
+                   config.conntrack_map_size, config.local_router_ipv4, test_build)
 
     def cflags(self) -> list[str]:
         flags = [
@@ -85,11 +86,18 @@ class BuildOptions:
             f"-DFP_CT_MAX={self.ct_max}",
             f"-DFP_AFF_MAX={self.affinity_max}",
             f"-DFP_SOCKREV_MAX={self.sockrev_max}",
+            # as the raw value of a __be32 field, to compare without swapping
+            f"-DFP_HAIRPIN_IP={_be32_literal(self.hairpin_ip)}",
             "-Wno-unused-function",
         ]
         if self.test_build:
             flags.append("-DFP_TEST=1")
         return flags
+
+
+def _be32_literal(ip: str) -> str:
+    from agent.datapath.maps import be32
+    return f"0x{be32(ip):08x}U"
 
 
 def program_text() -> str:

@@ -151,6 +151,12 @@ _Static_assert(sizeof(struct fp_backend4) == 8, "fp_backend4 layout");
 #define FP_CT_FORWARD 0
 #define FP_CT_REPLY   1
 
+/* fp_ct4.flags */
+#define FP_CT_F_HAIRPIN (1U << 0)  /* a pod reaching itself through a Service:
+				    * its source is replaced by the local
+				    * router address (FP_HAIRPIN_IP), because a
+				    * pod drops packets whose source is its own IP */
+
 struct fp_ct4_key {
 	__be32 saddr;          /* NBO */
 	__be32 daddr;          /* NBO */

@@ -127,6 +127,7 @@ static __always_inline int fp_lb_translate(struct __sk_buff *skb, struct fp_ipv4
 	struct fp_ct4 *ct, entry = {}, reply = {};
 	struct fp_backend4 *be = NULL;
 	__u32 backend_id = 0;
+	int hairpin = 0;
 	__u64 now;
 
 	if (!svc)
@@ -147,13 +148,16 @@ static __always_inline int fp_lb_translate(struct __sk_buff *skb, struct fp_ipv4
 			ct->last_seen = now;
 		}
 	}
+	hairpin = be && be->ip == ip->saddr;
 	if (!be) {
 		be = fp_lb_pick(svc, ip->saddr, &backend_id, now);
 		if (!be) {
 			*reason = FP_DROP_NO_BACKEND;
 			return -1;
 		}
+		hairpin = be->ip == ip->saddr;
 		entry.last_seen = now;
+		entry.flags = hairpin ? FP_CT_F_HAIRPIN : 0;
 		entry.nat_addr = be->ip;
 		entry.nat_port = be->port;
 		entry.backend_id = backend_id;
@@ -161,12 +165,13 @@ static __always_inline int fp_lb_translate(struct __sk_buff *skb, struct fp_ipv4
 		fp_ct_put(&fwd, &entry);
 
 		rev.saddr = be->ip;
-		rev.daddr = ip->saddr;
+		rev.daddr = hairpin ? FP_HAIRPIN_IP : ip->saddr;
 		rev.sport = be->port;
 		rev.dport = l4->sport;
 		rev.proto = ip->proto;
 		rev.dir = FP_CT_REPLY;
 		reply.last_seen = now;
+		reply.flags = entry.flags;
 		reply.nat_addr = ip->daddr;
 		reply.nat_port = l4->dport;
 		reply.backend_id = backend_id;
@@ -183,6 +188,15 @@ static __always_inline int fp_lb_translate(struct __sk_buff *skb, struct fp_ipv4
 		}
 		ip->daddr = new_addr;
 		l4->dport = new_port;
+		if (hairpin) {
+			__be32 router = FP_HAIRPIN_IP;
+
+			if (fp_nat_rewrite(skb, ip, l4, 1, ip->saddr, router, l4->sport, l4->sport)) {
+				*reason = FP_DROP_CSUM;
+				return -1;
+			}
+			ip->saddr = router;
+		}
 	}
 	*reason = FP_FWD_SVC;
 	return 0;
@@ -212,6 +226,14 @@ static __always_inline int fp_lb_reverse(struct __sk_buff *skb, struct fp_ipv4 *
 	ct->last_seen = bpf_ktime_get_ns();
 	vip = ct->nat_addr;
 	vport = ct->nat_port;
+	if (ct->flags & FP_CT_F_HAIRPIN) {
+		/* the client is the backend itself */
+		__be32 client = ip->saddr;
+
+		if (fp_nat_rewrite(skb, ip, &l4, 0, ip->daddr, client, l4.dport, l4.dport))
+			return -1;
+		ip->daddr = client;
+	}
 	if (fp_nat_rewrite(skb, ip, &l4, 1, ip->saddr, vip, l4.sport, vport))
 		return -1;
 	ip->saddr = vip;

@@ -200,3 +200,28 @@ def test_a_flow_whose_backend_was_removed_moves_to_a_remaining_backend(dp, bpfne
 def test_traffic_to_a_non_service_port_of_a_vip_is_not_translated(dp, bpfnet, services):
     r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP, dport=81)), bpfnet.cali_a.ifindex)
     assert Ether(r.out)[IP].dst == VIP
+
+
+def test_a_pod_reaching_itself_through_its_service_is_hairpinned_via_the_router_address(
+        dp, bpfnet, services):
+    router = dp.config.local_router_ipv4
+    lb = services
+    lb.put_backend(6, POD_A, 8080, "TCP")
+    lb.put_slots(30, [6])
+    lb.put_service("192.168.50.30", 80, "TCP", 30, 1)
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, "192.168.50.30", sport=46000)),
+                 bpfnet.cali_a.ifindex)
+    assert r.verdict == TC_ACT_REDIRECT and r.redirect_ifindex == bpfnet.cali_a.ifindex
+    out = Ether(r.out)
+    # a pod drops packets whose source is its own address: the router's stands in
+    assert (out[IP].src, out[TCP].sport, out[IP].dst, out[TCP].dport) == (router, 46000, POD_A, 8080)
+    assert_checksums_valid(r.out)
+    reply = Ether(src=bpfnet.pod_a_mac, dst=bpfnet.cali_a.mac) / IP(src=POD_A, dst=router) \
+        / TCP(sport=8080, dport=46000, flags="SA")
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(reply), bpfnet.cali_a.ifindex)
+    assert r.verdict == TC_ACT_REDIRECT and r.redirect_ifindex == bpfnet.cali_a.ifindex
+    out = Ether(r.out)
+    assert (out[IP].src, out[TCP].sport, out[IP].dst, out[TCP].dport) == (
+        "192.168.50.30", 80, POD_A, 46000)
+    assert_checksums_valid(r.out)
+    lb.delete_service("192.168.50.30", 80, "TCP")
