@@ -5,6 +5,9 @@
     ops = rec.plan(compile_services(snapshot, node_name, node_zone))
     for op in ops: apply op to the maps, in order
 
+For one change among thousands of Services, ServiceTable recompiles only the
+Services a ChangeSet touched and feeds Reconciler.plan_changes.
+
 compile (kube-proxy's choice of backends) -> reconcile (ordered minimal map
 writes). Neither touches the kernel; agent/datapath applies the operations.
 See agent/lb/README-section.md for the semantics.
@@ -17,10 +20,12 @@ from agent.lb.reconcile import (
     DeleteBackend, DeleteService, DeleteSlots, FakeMaps, IdAllocator, IdsExhausted,
     Op, PutBackend, PutService, PutSlots, Reconciler, ServiceEntry, check_whole,
 )
+from agent.lb.table import ServiceTable, touched_services
 
 __all__ = [
     "Backend", "Frontend", "FrontendState", "compile_service", "compile_services",
     "describe", "translated", "DeleteBackend", "DeleteService", "DeleteSlots",
     "FakeMaps", "IdAllocator", "IdsExhausted", "Op", "PutBackend", "PutService",
-    "PutSlots", "Reconciler", "ServiceEntry", "check_whole",
+    "PutSlots", "Reconciler", "ServiceEntry", "check_whole", "ServiceTable",
+    "touched_services",
 ]
