@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import json
 import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -30,6 +32,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from agent.datapath import libbpf, tc
 from agent.datapath.loader import PROGRAMS
 from agent.datapath.netlink import iproute
+from agent.datapath.nsenter import in_netns
 
 PIN_PATTERN = re.compile(r"fp_\w+_v\d+")
 OUR_PREFIX = "fp_"
@@ -119,14 +122,35 @@ def is_ours(prog_id: int, our_maps: set[int]) -> bool:
     return name in PROGRAMS or (name.startswith(OUR_PREFIX) and bool(maps & our_maps))
 
 
+def filter_prog_ids(ifname: str, netns: str | None) -> dict[tuple[str, int, int], int]:
+    """(direction, prio, handle) -> id of the program of each bpf filter on
+    a device. From iproute2's JSON: the netlink library in use does not
+    decode the program id attribute (TCA_BPF_ID)."""
+    out = {}
+    for direction in tc.DIRECTIONS:
+        # A process forked by a thread inside the netns starts inside it.
+        with in_netns(netns):
+            r = subprocess.run(["tc", "-j", "filter", "show", "dev", ifname, direction],
+                               capture_output=True, text=True, timeout=30)
+        if r.returncode != 0 or not r.stdout.strip():
+            continue        # no clsact on the device, or it just went away
+        for f in json.loads(r.stdout):
+            opts = f.get("options") or {}
+            prog = opts.get("prog") or {}
+            if f.get("kind") == "bpf" and "handle" in opts and "id" in prog:
+                out[(direction, f["pref"], int(opts["handle"], 16))] = prog["id"]
+    return out
+
+
 def remove_filters(netns: str | None, our_maps: set[int], report: Report) -> None:
     with iproute(netns) as ipr:
         links = [(l["index"], l.get_attr("IFLA_IFNAME")) for l in ipr.get_links()]
         for idx, name in links:
             filters = tc._filters(ipr, idx, name)
+            ids = filter_prog_ids(name, netns) if filters else {}
             removed = 0
             for f in filters:
-                if not is_ours(f.prog_id, our_maps):
+                if not is_ours(ids.get((f.direction, f.prio, f.handle), 0), our_maps):
                     continue
                 try:
                     ipr.tc("del-filter", "bpf", idx, handle=f.handle, parent=tc.PARENT[f.direction],

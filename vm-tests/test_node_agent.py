@@ -1,0 +1,502 @@
+"""The agent run as a node agent: its HTTP endpoints, restarts and upgrades
+under real traffic, and a clean uninstall.
+
+    pod a ─ cali ┐                    ┌ eth1 ─ node n2 (no fastpath) ─ cali ─ pod c
+    pod b ─ cali ┴ node n1 ─ eth1 ═ vpc
+
+Load clients (LOAD below) hold one TCP connection and one UDP socket each,
+send a numbered message every 20 ms and check every echo; a broken connection
+or a lost datagram is theirs to report. Bounded: they stop after a fixed time,
+and the echo servers (bench/tools/fprr.c) exit on their own after a minute.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.agent import Agent
+from agent.api import wire
+from agent.datapath import tc
+from agent.simagent import AgentProcess, _detach_node, private_paths
+from bench.harness import build_fprr
+from fastpath_helpers import forwarded_by_stack
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+# The CLI as a process in a node's netns, from this source tree.
+FASTPATH = ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "agent.cli.main"]
+TCP_PORT, UDP_PORT = 7300, 7301
+
+LOAD = r"""
+import json, socket, sys, time
+ip, tport, uport, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+res = {"tcp_ok": 0, "tcp_error": "", "udp_ok": 0, "udp_lost": 0}
+tcp = socket.create_connection((ip, tport), timeout=5)
+tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.connect((ip, uport))
+udp.settimeout(1.0)
+end, seq = time.monotonic() + secs, 0
+while time.monotonic() < end:
+    seq += 1
+    msg = b"%08d" % seq
+    try:
+        tcp.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            chunk = tcp.recv(len(msg) - len(got))
+            if not chunk:
+                raise ConnectionError("closed by the peer")
+            got += chunk
+        if got != msg:
+            raise ValueError(f"echo {got!r} for {msg!r}")
+        res["tcp_ok"] += 1
+    except (OSError, ValueError) as e:
+        res["tcp_error"] = f"{type(e).__name__}: {e}"
+        break
+    udp.send(msg)
+    try:
+        while udp.recv(64) != msg:
+            pass          # a late echo of an earlier datagram
+        res["udp_ok"] += 1
+    except socket.timeout:
+        res["udp_lost"] += 1
+    time.sleep(0.02)
+print(json.dumps(res))
+"""
+
+
+class Load:
+    """Echo servers in each destination pod, one load client per flow."""
+
+    def __init__(self, src, dsts, seconds: float):
+        fprr = str(build_fprr())
+        self.clients = []
+        for dst in dsts:
+            for extra, port in (([], TCP_PORT), (["-u"], UDP_PORT)):
+                dst.popen([fprr, "server", "-H", dst.ip, "-p", str(port), "-t", "60", *extra])
+            dst.wait_port(TCP_PORT)
+            dst.wait_port(UDP_PORT, udp=True)
+        for dst in dsts:
+            p = src.popen(["/usr/bin/python3", "-c", LOAD, dst.ip, str(TCP_PORT), str(UDP_PORT),
+                           str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.clients.append((dst, p))
+
+    def results(self, timeout: float = 60) -> dict[str, dict]:
+        out = {}
+        for dst, p in self.clients:
+            stdout, stderr = p.communicate(timeout=timeout)
+            assert p.returncode == 0, stderr
+            out[dst.name] = json.loads(stdout)
+        return out
+
+
+def assert_unbroken(results: dict[str, dict], seconds: float) -> None:
+    print("load clients:", json.dumps(results, sort_keys=True))
+    for name, r in results.items():
+        assert r["tcp_error"] == "", (name, r)
+        assert r["udp_lost"] == 0, (name, r)
+        # a message every 20 ms plus the round trip: well over 10 a second
+        assert r["tcp_ok"] >= 10 * seconds and r["udp_ok"] >= 10 * seconds, (name, r)
+
+
+def http_in(node, url: str) -> tuple[int, str]:
+    """GET from inside the node's netns, where the agent listens."""
+    out = node.run(["curl", "-s", "-m", "5", "-w", "\n%{http_code}", url], check=False).stdout
+    body, _, code = out.rpartition("\n")
+    return int(code or 0), body
+
+
+def http(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(fams: dict, family: str, suffix: str = "", **labels) -> float:
+    for s in fams[family].samples:
+        if s.name == family + suffix and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise LookupError(f"{family}{suffix} {labels}")
+
+
+def exposed_names(fams: dict) -> set[str]:
+    """Every series name the exposition declares, with or without samples."""
+    out = set()
+    for f in fams.values():
+        out.add(f.name)
+        out |= {s.name for s in f.samples}
+        if f.type == "counter":
+            out.add(f.name + "_total")
+        elif f.type == "histogram":
+            out |= {f.name + s for s in ("_bucket", "_sum", "_count")}
+    return out
+
+
+def names_used_in_deploy() -> set[str]:
+    from tests.unit.test_deploy import dashboard_metric_names, rule_metric_names
+    return dashboard_metric_names() | rule_metric_names()
+
+
+INJECT = r"""
+import socket, sys
+frame = bytes.fromhex(sys.argv[1])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+for _ in range(5):
+    s.send(frame)
+"""
+
+
+def inject_truncated(pod) -> None:
+    ipv4 = "4500003c0000400040060000" + "".join(f"{int(x):02x}" for x in pod.ip.split("."))
+    frame = pod.host_mac.replace(":", "") + pod.mac.replace(":", "") + "0800" + ipv4
+    pod.run([sys.executable, "-c", INJECT, frame])
+
+
+@contextlib.contextmanager
+def serving_agent(node, paths, **overrides):
+    """The agent in this process with its API and HTTP endpoints on
+    127.0.0.1, ephemeral ports: only this test's own loopback."""
+    cfg = paths.config(metrics_address="127.0.0.1:0", health_address="127.0.0.1:0", **overrides)
+    agent = Agent(cfg, netns=node.netns)
+    try:
+        yield agent.start()
+    finally:
+        agent.stop()
+        _detach_node(node, cfg.tc_priority)
+
+
+def test_metrics_and_health_endpoints_report_the_real_datapath(world):
+    node = world.add_node("n1", enis=1)
+    a, b = node.add_pod("a"), node.add_pod("b")
+    with private_paths() as paths:
+        Path(paths.manifests, "bad.yaml").write_text(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: default}\n"
+            "spec: {clusterIP: 192.168.9.9, ports: [{port: 70000}]}\n")
+        with serving_agent(node, paths) as agent:
+            for p in (a, b):
+                wire.call(paths.socket, "EndpointAdd", {
+                    "netns": p.netns_path, "ifname": "eth0", "container_id": f"c-{p.name}",
+                    "pod_namespace": "default", "pod_name": p.name})
+            try:
+                wire.call(paths.socket, "EndpointAdd", {"netns": "/var/run/netns/absent-0",
+                                                        "container_id": "c-x"})
+                raise AssertionError("an ADD for a netns that does not exist succeeded")
+            except wire.RemoteError as exc:
+                assert exc.code == "discovery"
+            assert wire.call(paths.socket, "EndpointDel", {"container_id": "never"}) == {
+                "deleted": False}
+            a.ping(b.ip, count=3)
+            inject_truncated(a)
+            time.sleep(0.2)
+            addr = wire.call(paths.socket, "Status")["http"]
+            assert re.fullmatch(r"127\.0\.0\.1:\d+", addr["metrics"]), addr
+
+            code, text = http(f"http://{addr['metrics']}/metrics")
+            assert code == 200
+            fams = families(text)
+            cnt = {(r.ifindex, r.direction, r.reason): r for r in agent.datapath.maps.counters()}
+            fwd = cnt[(a.host_ifindex, "from-pod", "redirected-local")]
+            assert sample(fams, "fastpath_forwarded_packets", "_total", interface=a.host_ifname,
+                          direction="from-pod", reason="redirected-local") == fwd.packets >= 3
+            assert sample(fams, "fastpath_forwarded_bytes", "_total", interface=a.host_ifname,
+                          direction="from-pod", reason="redirected-local") == fwd.bytes
+            assert sample(fams, "fastpath_dropped_packets", "_total", interface=a.host_ifname,
+                          direction="from-pod", reason="dropped-invalid-packet") == 5
+            assert sample(fams, "fastpath_map_entries", map="fp_ep4_v1") == 2
+            assert sample(fams, "fastpath_map_max_entries", map="fp_ep4_v1") == 16384
+            assert sample(fams, "fastpath_map_pressure_ratio", map="fp_ep4_v1") == 2 / 16384
+            assert sample(fams, "fastpath_endpoints") == 2
+            assert sample(fams, "fastpath_cni_requests", "_total", command="ADD", result="ok") == 2
+            assert sample(fams, "fastpath_cni_requests", "_total", command="ADD",
+                          result="discovery") == 1
+            assert sample(fams, "fastpath_cni_requests", "_total", command="DEL",
+                          result="unknown") == 1
+            assert sample(fams, "fastpath_cni_request_duration_seconds", "_count",
+                          command="ADD") == 3
+            assert sample(fams, "fastpath_agent_starts", "_total") == 1
+            assert sample(fams, "fastpath_agent_ready") == 1
+            assert sample(fams, "fastpath_k8s_synced") == 1
+            assert sample(fams, "fastpath_k8s_rejected_objects", "_total", source="directory",
+                          kind="Service") >= 1
+            # what the dashboard and the alert rules query exists, by name
+            missing = names_used_in_deploy() - exposed_names(fams)
+            assert not missing, missing
+
+            code, text = http(f"http://{addr['health']}/healthz")
+            assert code == 200 and "ok api" in text and "ok agent-lock" in text, text
+            code, text = http(f"http://{addr['health']}/readyz")
+            assert code == 200, text
+            assert "ok programs-attached: 3 devices" in text and "ok maps-writable" in text
+            assert http(f"http://{addr['health']}/nothing")[0] == 404
+
+            # someone removes fastpath's filters from b's veth: not ready,
+            # with the reason; still alive (a restart would not help)
+            tc.detach(b.host_ifname, agent.config.tc_priority, node.netns)
+            time.sleep(1.1)
+            code, text = http(f"http://{addr['health']}/readyz")
+            assert code == 503, text
+            assert (f"fail programs-attached: missing: fp_to_pod on {b.host_ifname} egress, "
+                    f"fp_from_pod on {b.host_ifname} ingress\n") in text
+            assert http(f"http://{addr['health']}/healthz")[0] == 200
+
+
+UNREACHABLE_KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{name: gone, cluster: {server: "http://127.0.0.1:1"}}]
+users: [{name: agent, user: {token: unused}}]
+contexts: [{name: gone, context: {cluster: gone, user: agent}}]
+current-context: gone
+"""
+
+
+def wait_for(fn, timeout: float = 20, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(step)
+
+
+def test_flows_survive_kill9_restart_and_a_restart_with_the_api_unreachable(world, monkeypatch):
+    n1, n2 = world.add_node("n1", enis=1), world.add_node("n2", enis=1)
+    a, b, c = n1.add_pod("a"), n1.add_pod("b"), n2.add_pod("c")
+    seconds = 26
+    with private_paths() as paths:
+        agent = AgentProcess(n1, paths).start()
+        try:
+            for p in (a, b):
+                wire.call(paths.socket, "EndpointAdd", {
+                    "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
+            stack = forwarded_by_stack(n1)
+            prog_ids = {f.prog_id for f in tc.list_filters(a.host_ifname, n1.netns)}
+            load = Load(a, [b, c], seconds)
+            time.sleep(2)
+            agent.kill(9)                       # crash: nothing runs, pins and filters stay
+            time.sleep(3)
+            agent = AgentProcess(n1, paths).start()
+            eps = wire.call(paths.socket, "EndpointList")
+            assert sorted(e["ip"] for e in eps) == sorted([a.ip, b.ip])
+            time.sleep(1)
+            agent.kill(9)
+            kubeconfig = Path(paths.root, "kubeconfig")
+            kubeconfig.write_text(UNREACHABLE_KUBECONFIG)
+            monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+            agent = AgentProcess(n1, paths, ["--source", "kubernetes"]).start()
+            status = wait_for(lambda: (s := wire.call(paths.socket, "Status"))
+                              ["source"]["state"] == "unreachable" and s)
+            assert status and status["ready"], status
+            assert status["source"]["spec"] == "kubernetes"
+            code, text = http_in(n1, "http://127.0.0.1:9099/readyz")
+            assert code == 503 and "fail cluster-state-synced" in text, text
+            assert http_in(n1, "http://127.0.0.1:9099/healthz")[0] == 200
+            code, text = http_in(n1, "http://127.0.0.1:9962/metrics")
+            fams = families(text)
+            assert sample(fams, "fastpath_k8s_api_up", kind="Pod") == 0
+            assert sample(fams, "fastpath_agent_starts", "_total") == 3
+            assert sample(fams, "fastpath_agent_restored_endpoints", result="restored") == 2
+            results = load.results()
+        finally:
+            agent.kill(9)
+            _detach_node(n1, 25000)
+    assert_unbroken(results, seconds)
+    # the whole time, the node's own stack forwarded nothing of it: the
+    # path never changed, across two crashes and three starts
+    assert forwarded_by_stack(n1) == stack
+    assert prog_ids, "fastpath's programs were attached to a's veth"
+
+
+def test_a_changed_map_size_is_migrated_without_breaking_flows(world):
+    node = world.add_node("n1", enis=1)
+    a, b = node.add_pod("a"), node.add_pod("b")
+    seconds = 14
+    with private_paths() as paths:
+        agent = AgentProcess(node, paths).start()
+        try:
+            for p in (a, b):
+                wire.call(paths.socket, "EndpointAdd", {
+                    "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
+            stack = forwarded_by_stack(node)
+            load = Load(a, [b], seconds)
+            time.sleep(2)
+            agent.stop()                        # an upgrade: SIGTERM, then the new config
+            agent = AgentProcess(node, paths, ["--endpoints-map-size", "32768"]).start()
+            code, text = http_in(node, "http://127.0.0.1:9962/metrics")
+            assert code == 200
+            fams = families(text)
+            assert sample(fams, "fastpath_agent_map_migrations", action="resized") == 1
+            assert sample(fams, "fastpath_map_max_entries", map="fp_ep4_v1") == 32768
+            assert sample(fams, "fastpath_map_entries", map="fp_ep4_v1") == 2
+            log = agent.log.read_text()
+            assert "fp_ep4_v1" in log and "resized, 2 entries carried over" in log, log[-2000:]
+            results = load.results()
+        finally:
+            agent.kill(9)
+            _detach_node(node, 25000)
+    assert_unbroken(results, seconds)
+    assert forwarded_by_stack(node) == stack
+
+
+# -- uninstall -------------------------------------------------------------
+
+FOREIGN = r"""
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+int other_drop9999(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
+int fp_lookalike(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }
+int other_conn4(struct bpf_sock_addr *ctx) { return 1; }
+"""
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_F_ALLOW_MULTI = 2
+
+
+def cgroup_attachments(path: str) -> list[tuple[int, str]]:
+    from agent.datapath import uninstall
+    import ctypes as ct
+    lib = uninstall._lib()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    out = []
+    try:
+        for attach_type in uninstall.ATTACH_TYPES:
+            ids = (ct.c_uint32 * 64)()
+            cnt = ct.c_uint32(64)
+            flags = ct.c_uint32(0)
+            if lib.bpf_prog_query(fd, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt)) == 0:
+                out += [(attach_type, uninstall.prog_identity(i)[0]) for i in ids[:cnt.value]]
+    finally:
+        os.close(fd)
+    return sorted(out)
+
+
+def node_state(node, paths, cgroup: str, cni_root: Path) -> dict:
+    """Everything an install could leave behind, as comparable data."""
+    from tests.unit.test_nodeinstall import digest_tree
+    filters = {}
+    for link in node.ip_json("link", "show"):
+        name = link["ifname"]
+        filters[name] = sorted((f.direction, f.prio, f.name)
+                               for f in tc.list_filters(name, node.netns))
+    qdiscs = sorted((q["dev"], q["kind"]) for q in json.loads(
+        node.run(["tc", "-j", "qdisc", "show"]).stdout) if q["kind"] == "clsact")
+    pins = sorted(str(Path(d, f).relative_to(paths.bpffs))
+                  for d, dirs, files in os.walk(paths.bpffs) for f in dirs + files)
+    return {"filters": filters, "qdiscs": qdiscs, "pins": pins,
+            "cgroup": cgroup_attachments(cgroup), "cni": digest_tree(cni_root),
+            "state": os.path.exists(paths.state_dir) or os.path.exists(paths.socket)}
+
+
+@contextlib.contextmanager
+def private_cgroup():
+    """A cgroup v2 child of the test's own, reached through a cgroup2 mount
+    in a temporary directory: `ip netns exec` mounts a fresh /sys for the
+    commands it runs, which hides /sys/fs/cgroup from the agent and the CLI."""
+    import tempfile
+    mnt = tempfile.mkdtemp(prefix="fp-cg2-")
+    subprocess.run(["mount", "-t", "cgroup2", "none", mnt], check=True)
+    path = f"{mnt}/fp-uninstall-{secrets.token_hex(3)}"
+    try:
+        os.mkdir(path)
+        try:
+            yield path
+        finally:
+            os.rmdir(path)
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+        os.rmdir(mnt)
+
+
+def test_uninstall_removes_all_fastpath_put_on_the_node_and_nothing_else(world):
+    with private_cgroup() as cgroup:
+        uninstall_scenario(world, cgroup)
+
+
+def uninstall_scenario(world, cgroup: str) -> None:
+    from bcc import BPF
+    from agent.datapath import cgroup as cg
+    from tests.unit.test_nodeinstall import TERWAY_CONFLIST
+    node = world.add_node("n1", enis=1)
+    a, b = node.add_pod("a"), node.add_pod("b")
+    foreign = BPF(text=FOREIGN)
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    conn = foreign.load_func("other_conn4", BPF.CGROUP_SOCK_ADDR,
+                             attach_type=BPF_CGROUP_INET4_CONNECT)
+    try:
+        with private_paths() as paths:
+            # what was on the node before fastpath: other tools' tc filters
+            # (one named like ours), cgroup program and pinned map, Terway's
+            # conflist, another plugin
+            tc.attach(a.host_ifname, "ingress", foreign.load_func("other_drop9999", BPF.SCHED_CLS).fd,
+                      "other_drop9999", 30000, node.netns)
+            tc.attach("eth1", "egress", foreign.load_func("fp_lookalike", BPF.SCHED_CLS).fd,
+                      "fp_lookalike", 40000, node.netns)
+            assert cg._lib().bpf_prog_attach(conn.fd, cg_fd, BPF_CGROUP_INET4_CONNECT,
+                                             BPF_F_ALLOW_MULTI) == 0
+            subprocess.run(["bpftool", "map", "create", f"{paths.bpffs}/other_map_v1", "type",
+                            "hash", "key", "4", "value", "4", "entries", "8", "name", "other_map"],
+                           check=True)
+            cni = Path(paths.root, "host")
+            (cni / "etc/cni/net.d").mkdir(parents=True)
+            (cni / "opt/cni/bin").mkdir(parents=True)
+            (cni / "etc/cni/net.d/10-terway.conflist").write_text(TERWAY_CONFLIST)
+            (cni / "opt/cni/bin/terway").write_bytes(b"terway")
+            before = node_state(node, paths, cgroup, cni)
+
+            dirs = ["--cni-conf-dir", str(cni / "etc/cni/net.d")]
+            node.run([*FASTPATH, "cni", "install", "--conflist", str(DEPLOY / "10-terway.conflist"),
+                      "--cni-bin-dir", str(cni / "opt/cni/bin"), *dirs])
+            agent = AgentProcess(node, paths, ["--socket-lb", "true", "--cgroup-root", cgroup]).start()
+            try:
+                for p in (a, b):
+                    wire.call(paths.socket, "EndpointAdd", {
+                        "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
+                a.ping(b.ip)
+                installed = node_state(node, paths, cgroup, cni)
+                # fastpath is really there: its filters, socket hooks, pins, files
+                assert ("ingress", 25000, "fp_from_pod") in installed["filters"][a.host_ifname]
+                assert ("egress", 25000, "fp_to_vpc") in installed["filters"]["eth1"]
+                assert {n for _, n in installed["cgroup"]} >= {"fp_sock_conn4", "other_conn4"}
+                assert "fastpath/fp_ep4_v1" in installed["pins"]
+                assert "opt/cni/bin/fastpath-cni" in installed["cni"] and installed["state"]
+
+                flags = ["--bpffs-root", f"{paths.bpffs}/fastpath", "--state-dir", paths.state_dir,
+                         "--api-socket", paths.socket, "--cgroup-root", cgroup, *dirs]
+                refused = node.run([*FASTPATH, "uninstall", *flags], check=False)
+                assert refused.returncode == 1 and "stop it first" in refused.stderr
+            finally:
+                agent.kill(9)                   # a crash leaves a stale socket behind too
+            assert os.path.exists(paths.socket)
+            out = node.run([*FASTPATH, "uninstall", *flags, "--json"])
+            report = json.loads(out.stdout)
+            after = node_state(node, paths, cgroup, cni)
+            assert after == before
+            assert len(report["filters"]) == 6      # two veths and the ENI, both directions
+            assert len(report["cgroup_programs"]) == 4
+            assert f"{paths.bpffs}/fastpath/" in report["pins"]
+            assert report["kept"] == []
+            # the node still works, through its own stack now
+            stack = forwarded_by_stack(node)
+            a.ping(b.ip)
+            assert forwarded_by_stack(node) > stack
+    finally:
+        cg._lib().bpf_prog_detach2(conn.fd, cg_fd, BPF_CGROUP_INET4_CONNECT)
+        os.close(cg_fd)
+        foreign.cleanup()
