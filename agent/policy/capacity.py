@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from agent.policy.diff import (
-    EndpointDelete, EndpointPut, IpcacheDelete, IpcachePut, Op, RuleDelete, RulePut, diff,
+    EndpointDelete, EndpointPut, IpcacheDelete, IpcachePut, Op, RulePut, diff,
 )
 from agent.policy.state import POLICY_DYNAMIC_MIN, MapImage, PolicyState
 

@@ -234,27 +234,37 @@ class _Compiler:
         for ident, i in sorted(identity_info.items()):
             for b in i.blocks:
                 self.block_members[b].append(ident)
-        self.host_idents = sorted(k for k, i in identity_info.items() if i.kind == "host")
+        # Only identities a node address really has: with no node address
+        # known there is nothing to allow.
+        self.host_idents = sorted({self.id_of[ident_of_ip[ip]] for ip in self.node_ips})
+        self.info_by_id = dict(self.pod_idents)
         self._peer_cache: dict[tuple[str, PolicyPeer], tuple[int, ...]] = {}
 
         # 3. Rules.
         endpoints: dict[str, EndpointPolicy] = {}
         acc: dict[str, tuple[list[DirectionPolicy], dict[PolicyKey, RuleValue]]] = {}
+        enforced_ids: set[int] = set()
         for ip, pod, d, dp, compiled in plan:
             dps, rules = acc.setdefault(ip, ([], {}))
             dps.append(dp)
             if dp.isolated:
-                rules.update(self._rules(pod, d, dp, compiled))
+                new = self._rules(pod, d, dp, compiled)
+                rules.update(new)
+                if dp.enforced:
+                    enforced_ids.update(k.identity for k in new)
         for ip, pod in local:
             dps, rules = acc[ip]
             endpoints[ip] = EndpointPolicy(ip, pod.namespace, pod.name,
                                            EndpointConfig(ingress=dps[0], egress=dps[1]), rules)
 
-        return PolicyState(
+        state = PolicyState(
             mode=self.mode, node_name=self.node_name, node_ips=self.node_ips,
             identities={i.name: n for n, i in identity_info.items()},
             identity_info=identity_info, ipcache=ipcache, ipcache_policies=ipcache_policies,
             endpoints=endpoints, policies=policy_table, audited=self.audited)
+        # Known here for free; diff asks for it on every change.
+        state._cache["enforced_ids"] = frozenset(enforced_ids)
+        return state
 
     # -------------------------------------------------------------- ipBlocks
 
@@ -363,7 +373,7 @@ class _Compiler:
                     for ident in self.peer_identities(pol, peer):
                         add(ident, pid, numeric)
                         if by_pod and named:
-                            add(ident, pid, _resolve(self._info(ident), named))
+                            add(ident, pid, _resolve(self.info_by_id[ident], named))
 
         if d == Direction.INGRESS:
             # The node reaches its pods whatever the policies say (kubelet
@@ -376,11 +386,6 @@ class _Compiler:
             for k, pids in _lpm_entries(per_policy).items():
                 out[PolicyKey(d, ident, *k)] = RuleValue(pids, dp.audit)
         return out
-
-    def _info(self, ident: int) -> Identity:
-        if not hasattr(self, "_info_by_id"):
-            self._info_by_id = {i: info for i, info in self.pod_idents}
-        return self._info_by_id[ident]
 
 
 def _named_port(pod: Pod, name: str, proto: int) -> Optional[int]:

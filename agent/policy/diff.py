@@ -22,8 +22,10 @@ is between old AND new and old OR new. In steps:
   2. ipcache to M: an address whose identity changes (old o, new n) first
      moves to a transitional identity T(o, n) whose rules admit only what
      both o (old rules) and n (new rules) admit: never more permissive than
-     where it comes from. New prefixes are written longest first, so each
-     write only re-labels the addresses that prefix is meant for.
+     where it comes from. (Skipped when o and n get exactly the same rules
+     in every enforced direction, or when old enforces nothing.) New
+     prefixes are written longest first, so each write only re-labels the
+     addresses that prefix is meant for.
   3. endpoint configs to M: default deny switched on where either state
      has it (the rules of step 1 are already in place).
   4. delete the old rules M does not have (M's are present, so nothing that
@@ -132,7 +134,7 @@ class _View:
         if s is None:
             s = MapImage()
         if isinstance(s, PolicyState):
-            self.image = s.frozen_image()
+            self.ipcache: Mapping[str, int] = s.ipcache
             self.configs: Mapping[str, EndpointConfig] = {ip: ep.config for ip, ep in s.endpoints.items()}
             self.rules: Mapping[str, Mapping[PolicyKey, RuleValue]] = {
                 ip: ep.rules for ip, ep in s.endpoints.items()}
@@ -140,7 +142,7 @@ class _View:
             self.enforced_ids = s.enforced_identities()
             self.enforces = s.enforces_anything()
         else:
-            self.image = s
+            self.ipcache = s.ipcache
             self.configs = s.endpoints
             grouped: dict[str, dict[PolicyKey, RuleValue]] = defaultdict(dict)
             for (ip, k), v in s.rules.items():
@@ -152,7 +154,16 @@ class _View:
                 if ip in s.endpoints and s.endpoints[ip].of(k.direction).enforced)
             self.enforces = any(c.ingress.enforced or c.egress.enforced
                                 for c in s.endpoints.values())
-        self.max_identity = max([self.max_identity, *self.image.ipcache.values()])
+        self.max_identity = max([self.max_identity, *self.ipcache.values()])
+
+    def resolve(self, prefixlen: int, network: int) -> int:
+        """The identity the ipcache gives a prefix's addresses from entries no
+        longer than it (probing the few candidate prefixes, no index needed)."""
+        for plen in range(prefixlen, -1, -1):
+            hit = self.ipcache.get(ip4.prefix_text(plen, network & ip4.mask(plen)))
+            if hit is not None:
+                return hit
+        return ID_WORLD
 
     def config(self, ip: str) -> EndpointConfig:
         return self.configs.get(ip) or EndpointConfig()
@@ -204,7 +215,7 @@ def diff(old: Union[PolicyState, MapImage, None],
     ops: list[Op] = []
 
     # ---- identities that change under some ipcache key
-    o_cache, n_cache = O.image.ipcache, N.image.ipcache
+    o_cache, n_cache = O.ipcache, N.ipcache
     changed = [k for k in set(o_cache) | set(n_cache) if o_cache.get(k) != n_cache.get(k)]
     parsed = {k: ip4.parse_prefix(k) for k in changed}
     next_id = max(O.max_identity, N.max_identity, ID_DYNAMIC_MIN - 1) + 1
@@ -213,8 +224,8 @@ def diff(old: Union[PolicyState, MapImage, None],
     final: dict[str, int] = {}     # what new resolves each changed key to
     for k in sorted(changed):
         plen, net = parsed[k]
-        o = O.image.identity_of_prefix(plen, net)
-        n = N.image.identity_of_prefix(plen, net)
+        o = O.resolve(plen, net)
+        n = N.resolve(plen, net)
         final[k] = n
         if o == n or not _needs_transition(O, N, o, n):
             mid[k] = n
@@ -350,10 +361,14 @@ def _intermediate(eo: bool, en: bool, RO: dict[int, Bucket], RN: dict[int, Bucke
         return {}
     empty: Bucket = {}
     o0, n0 = RO.get(ID_ANY, empty), RN.get(ID_ANY, empty)
+    same_any = eo == en and o0 == n0
+    if same_any and RO == RN and not any(o in RO or n in RN for o, n in trans):
+        # Nothing to narrow: M is old (and new) for this direction.
+        return {i: dict(b) for i, b in RO.items()}
     m0 = _allowance(eo, {}, o0).intersection(_allowance(en, {}, n0))
     out: dict[int, Bucket] = {}
 
-    def choose(ident: int, src_o: int, src_n: int, am: PortSet, base: PortSet) -> None:
+    def choose(ident: int, src_o: int, src_n: int, am: Optional[PortSet], base: PortSet) -> None:
         bo, bn = RO.get(src_o, empty), RN.get(src_n, empty)
         if src_o == src_n == ident:
             if eo and PortSet.from_keys(bo).union(base) == am:
@@ -390,6 +405,10 @@ def _intermediate(eo: bool, en: bool, RO: dict[int, Bucket], RN: dict[int, Bucke
 
     plain = ((set(RO) if eo else set()) | (set(RN) if en else set())) - {ID_ANY}
     for z in sorted(plain & present):
+        if same_any and RO.get(z) == RN.get(z) and out.get(ID_ANY, empty) == o0:
+            # Same rules on both sides, over the same "any peer" rules.
+            out[z] = dict(RO[z])
+            continue
         am = (_allowance(eo, RO.get(z, empty), o0)
               .intersection(_allowance(en, RN.get(z, empty), n0)))
         choose(z, z, z, am, base)

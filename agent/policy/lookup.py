@@ -42,11 +42,15 @@ class Decision:
     allowed: bool
     reason: str
     policies: tuple[int, ...] = ()
-    rule: Optional[tuple] = None     # the PolicyKeys that matched (specific identity, any)
+    matched: tuple = ()              # the PolicyKeys that matched (peer identity, then any)
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """The flow's fate on this node. `reason` and `policies` come from the
+    check that decided: the first one that drops, else the first reporting
+    a would-be drop, else the first allowed by a rule (egress before ingress)."""
+
     allowed: bool
     reason: str
     policies: tuple[int, ...] = ()

@@ -28,7 +28,9 @@ from typing import NamedTuple, Optional
 
 from agent.k8s.model import EMPTY_MAP, FrozenMap, IPBlock
 from agent.policy import ip4
-from agent.policy.ports import ANY_KEY, PORT_BITS, PROTO_ANY, PortKey, block_size
+from agent.policy.ports import (
+    ANY_KEY, PORT_BITS, PROTO_ANY, PROTOCOL_NAMES, PortKey, block_size,
+)
 
 
 class Mode(enum.StrEnum):
@@ -88,7 +90,6 @@ class PolicyKey(NamedTuple):
         return RULE_FIXED_BITS + 8 + self.prefixlen
 
     def describe(self) -> str:
-        from agent.policy.ports import PROTOCOL_NAMES
         if self.protocol == PROTO_ANY:
             what = "any"
         else:
@@ -336,17 +337,6 @@ class MapImage:
         lpm = self._lpm
         for plen in self._lens:
             hit = lpm[plen].get(addr & _MASKS[plen])
-            if hit is not None:
-                return hit
-        return ID_WORLD
-
-    def identity_of_prefix(self, prefixlen: int, network: int) -> int:
-        """The identity the addresses of a prefix get from entries no longer
-        than it (what they fall back to if nothing more specific exists)."""
-        for plen in self._lens:
-            if plen > prefixlen:
-                continue
-            hit = self._lpm[plen].get(network & _MASKS[plen])
             if hit is not None:
                 return hit
         return ID_WORLD

@@ -57,11 +57,21 @@ def probes_for(world: World, old: PolicyState, new: PolicyState) -> list[tuple]:
 def violations(old: PolicyState, new: PolicyState, ops: list, probes: list) -> list[str]:
     before = {p: evaluate(old, *p).allowed for p in probes}
     after = {p: evaluate(new, *p).allowed for p in probes}
+    # A write to one endpoint's config or rules can only change the checks
+    # made at that endpoint, i.e. flows from or to it; an ipcache write can
+    # change anything. Re-evaluating just those keeps this test fast while
+    # still covering every probe after every write.
+    touching: dict[str, list] = {}
+    for p in probes:
+        touching.setdefault(p[0], []).append(p)
+        if p[1] != p[0]:
+            touching.setdefault(p[1], []).append(p)
     img = old.image()
     out = []
     for i, op in enumerate(ops):
         op.apply(img)
-        for p in probes:
+        ep = getattr(op, "endpoint", None)
+        for p in (probes if ep is None else touching.get(ep, ())):
             allowed = evaluate(img, *p).allowed
             if allowed and not (before[p] or after[p]):
                 out.append(f"op {i} {op}: {p} allowed, neither state allows it")
@@ -74,9 +84,9 @@ def same_maps(a: MapImage, b: MapImage) -> bool:
     return a.ipcache == b.ipcache and a.endpoints == b.endpoints and a.rules == b.rules
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(8))
 def test_every_single_operation_stays_between_old_and_new(seed):
-    for old, new, world, what in history(seed, steps=5):
+    for old, new, world, what in history(seed, steps=6):
         ops = diff(old, new)
         bad = violations(old, new, ops, probes_for(world, old, new))
         assert not bad, f"{what}: {bad[:3]}"
