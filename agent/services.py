@@ -4,7 +4,9 @@ Cluster state (agent/k8s store) -> agent.lb.compile (kube-proxy's choices)
 -> agent.lb.reconcile (ordered minimal map writes) -> the pinned service
 maps. The first plan waits for the source's initial sync: an agent that
 restarts with an empty store must not withdraw every Service it is still
-serving. Bursts of changes are coalesced into one plan.
+serving. After that, each change set recompiles only the Services it
+touches (agent.lb.table), and bursts are coalesced into one plan; a change
+of this node's zone label rebuilds everything (topology hints depend on it).
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ import logging
 import threading
 import time
 
-from agent.lb.compile import Backend, Frontend, compile_services
+from agent.lb.compile import Backend, Frontend
 from agent.lb.reconcile import (DeleteBackend, DeleteService, DeleteSlots, PutBackend,
                                 PutService, PutSlots, Reconciler, ServiceEntry)
+from agent.lb.table import ServiceTable
 
 log = logging.getLogger("fastpath.services")
 
@@ -60,6 +63,7 @@ class ServiceSync:
         self.node_name = node_name
         self.settle = settle
         self.reconciler = restore_reconciler(lb)
+        self.table: ServiceTable | None = None     # None: rebuild on the next change
         self.applied_version = -1
         self.last_plan_ops = 0
         self.plans = 0
@@ -75,21 +79,32 @@ class ServiceSync:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def sync_once(self) -> int:
-        snap = self.store.snapshot()
+    def _zone(self, snap) -> str:
         node = snap.nodes.get(("", self.node_name))
-        zone = node.zone if node is not None else ""
-        desired = compile_services(snap, self.node_name, zone)
-        ops = self.reconciler.plan(desired)
+        return node.zone if node is not None else ""
+
+    def _apply(self, updates, version: int) -> int:
+        ops = self.reconciler.plan_changes(updates)
         for op in ops:
             apply_op(self.lb, op)
-        self.applied_version = snap.version
+        self.applied_version = version
         self.last_plan_ops = len(ops)
         self.plans += 1
         if ops:
-            log.info("services: %d frontends, %d map writes (store v%d)",
-                     len(desired), len(ops), snap.version)
+            log.info("services: %d frontends changed, %d map writes (store v%d)",
+                     len(updates), len(ops), version)
         return len(ops)
+
+    def sync_once(self) -> int:
+        """Full rebuild from the current snapshot (start, zone change)."""
+        snap = self.store.snapshot()
+        self.table = ServiceTable(self.node_name, self._zone(snap))
+        updates = self.table.rebuild(snap)
+        # frontends the maps hold that the cluster no longer has
+        for fe in self.reconciler.frontends():
+            if fe not in self.table.desired:
+                updates.setdefault(fe, None)
+        return self._apply(updates, snap.version)
 
     def _run(self) -> None:
         while not self.source.synced.wait(0.5):
@@ -97,19 +112,30 @@ class ServiceSync:
                 return
         sub = self.store.subscribe()
         try:
-            self._guarded_sync()
+            self._guarded(self.sync_once)
             while not self._stop.is_set():
-                if sub.get(timeout=0.5) is None:
+                first = sub.get(timeout=0.5)
+                if first is None:
                     continue
                 time.sleep(self.settle)      # let a burst land, then plan once
-                sub.drain()
-                self._guarded_sync()
+                changes = [first] + sub.drain()
+                self._guarded(lambda: self._sync_changes(changes))
         finally:
             sub.close()
 
-    def _guarded_sync(self) -> None:
+    def _sync_changes(self, changes) -> int:
+        snap = self.store.snapshot()
+        if self.table is None or self._zone(snap) != self.table.node_zone:
+            return self.sync_once()
+        updates = {}
+        for cs in changes:
+            updates.update(self.table.apply(cs.deltas))
+        return self._apply(updates, changes[-1].version)
+
+    def _guarded(self, fn) -> None:
         try:
-            self.sync_once()
+            fn()
         except Exception:      # one bad plan must not stop the loop
             self.errors += 1
             log.exception("service sync failed; keeping the maps as they are")
+            self.table = None
