@@ -184,7 +184,7 @@ def serving_agent(node, paths, **overrides):
         _detach_node(node, cfg.tc_priority)
 
 
-def test_metrics_and_health_endpoints_report_the_real_datapath(world):
+def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
     node = world.add_node("n1", enis=1)
     a, b = node.add_pod("a"), node.add_pod("b")
     with private_paths() as paths:
@@ -209,6 +209,13 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world):
             time.sleep(0.2)
             addr = wire.call(paths.socket, "Status")["http"]
             assert re.fullmatch(r"127\.0\.0\.1:\d+", addr["metrics"]), addr
+            # `fastpath config show` asks the running agent what is in force
+            from agent.cli.main import main
+            assert main(["config", "show", "--socket", paths.socket, "--json"]) == 0
+            shown = {r["key"]: r for r in json.loads(capsys.readouterr().out)["keys"]}
+            assert (shown["metrics_address"]["value"], shown["metrics_address"]["source"]) == (
+                "127.0.0.1:0", "override")
+            assert shown["state_dir"]["value"] == paths.state_dir
 
             code, text = http(f"http://{addr['metrics']}/metrics")
             assert code == 200

@@ -227,3 +227,28 @@ def test_describe_says_which_keys_are_not_in_effect_yet():
                  "socket_lb", "kube_proxy_replacement"):
         assert rows[name]["in_effect"] and not rows[name]["pending"], name
     assert rows["host_stack_cidrs"]["value"] == ["169.254.20.10/32"]
+
+
+def test_config_show_prints_values_sources_and_what_is_not_in_effect(tmp_path, capsys):
+    from agent.cli.main import main
+    eni = mount_as_volume(terway_configmap("networkpolicy"), tmp_path / "eni")
+    f = tmp_path / "config.yaml"
+    f.write_text("log_level: debug\n")
+    assert main(["config", "show", "--local", "--config", str(f), "--eni-config", eni,
+                 "--tc-priority", "26000", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["key"]: r for r in data["keys"]}
+    assert (rows["policy_enforcement"]["value"], rows["policy_enforcement"]["source"]) == (
+        "default", f"eni-config {eni}")
+    assert (rows["log_level"]["value"], rows["log_level"]["source"]) == ("debug", f"file {f}")
+    assert (rows["tc_priority"]["value"], rows["tc_priority"]["source"]) == (26000, "flag")
+    assert rows["routing_mode"]["source"] == "default"
+    assert f"eni-config {eni}: Terway mode datapathv2" in data["notes"]
+    assert main(["config", "show", "--local", "--eni-config", eni]) == 0
+    text = capsys.readouterr().out
+    line = next(l for l in text.splitlines() if l.startswith("policy_enforcement "))
+    assert line.split()[1:4] == ["default", "eni-config", eni] and "not yet in effect" in line
+    pending = text.split("Not yet in effect")[1]
+    assert "policy_enforcement: NetworkPolicy enforcement is not built yet" in pending
+    assert main(["config", "show", "--local", "--socket-lb", "sometimes"]) == 2
+    assert "socket_lb: invalid value 'sometimes'" in capsys.readouterr().err
