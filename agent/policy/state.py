@@ -22,7 +22,7 @@ programs will.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -286,15 +286,6 @@ class MapImage:
         self._lpm: dict[int, dict[int, int]] = {}
         self._lens: list[int] = []
 
-    def copy(self) -> "MapImage":
-        img = MapImage()
-        img.ipcache = dict(self.ipcache)
-        img.endpoints = dict(self.endpoints)
-        img.rules = dict(self.rules)
-        img._lpm = {k: dict(v) for k, v in self._lpm.items()}
-        img._lens = list(self._lens)
-        return img
-
     # ------------------------------------------------------------ writes
 
     def put_ipcache(self, prefix: str, identity: int) -> None:
@@ -354,8 +345,3 @@ class MapImage:
         k = PolicyKey(direction, identity, *ANY_KEY)
         v = rules.get((ip, k))
         return (k, v) if v is not None else None
-
-    def rules_of(self, ip: str) -> Iterator[tuple[PolicyKey, RuleValue]]:
-        for (ep, k), v in self.rules.items():
-            if ep == ip:
-                yield k, v
