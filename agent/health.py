@@ -8,8 +8,9 @@
                    reason to restart an agent whose datapath forwards.
     GET /readyz    readiness: 200 once the start is complete, the cluster
                    state has been synced once, fastpath's programs are on
-                   every ENI and registered pod veth, and the maps take a
-                   write. A rolling update waits for it on each node.
+                   every ENI and registered pod veth (and socket-LB's on its
+                   cgroup, when on), and the maps take a write. A rolling
+                   update waits for it on each node.
     GET /metrics   Prometheus text format (agent/metrics.py).
 
 Each answer lists its checks one per line ("ok NAME" or "fail NAME: why"),
@@ -93,6 +94,20 @@ def _programs_attached(agent) -> Check:
     return ("programs-attached", True, f"{len(devices)} devices")
 
 
+def _socket_lb_attached(agent) -> Check:
+    from agent import cgroups
+    from agent.datapath import cgroup
+    try:
+        path = cgroups.resolve_root(agent.config.cgroup_root)
+        have = {p.name for p in cgroup.attached(path)}
+    except Exception as exc:      # no cgroup2, cgroup gone: the finding itself
+        return ("socket-lb-attached", False, str(exc))
+    missing = sorted(set(cgroup.SOCK_PROGRAMS) - have)
+    if missing:
+        return ("socket-lb-attached", False, f"missing on cgroup {path}: {', '.join(missing)}")
+    return ("socket-lb-attached", True, path)
+
+
 def _maps_writable(agent) -> Check:
     maps = agent.datapath.maps
     if maps is None:
@@ -119,6 +134,8 @@ def readiness(agent) -> list[Check]:
     else:
         checks.append(("cluster-state-synced", True, ""))
     checks.append(_programs_attached(agent))
+    if agent.config.kube_proxy_replacement and agent.config.socket_lb:
+        checks.append(_socket_lb_attached(agent))
     checks.append(_maps_writable(agent))
     return checks
 

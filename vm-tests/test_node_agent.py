@@ -476,6 +476,8 @@ def uninstall_scenario(world, cgroup: str) -> None:
                     wire.call(paths.socket, "EndpointAdd", {
                         "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
                 a.ping(b.ip)
+                code, text = http_in(node, "http://127.0.0.1:9099/readyz")
+                assert code == 200 and f"ok socket-lb-attached: {cgroup}" in text, text
                 installed = node_state(node, paths, cgroup, cni)
                 # fastpath is really there: its filters, socket hooks, pins, files
                 assert ("ingress", 25000, "fp_from_pod") in installed["filters"][a.host_ifname]
