@@ -24,7 +24,7 @@ from typing import Optional, Union
 from agent.k8s.model import FrozenMap, IPBlock, Key, NetworkPolicy, Pod, PolicyPeer, PolicyRule
 from agent.k8s.store import Snapshot
 from agent.policy import ip4
-from agent.policy.ports import PortKey, PortSet, key_ancestors, proto_number
+from agent.policy.ports import ANY_KEY, PortKey, PortSet, block_size, proto_number
 from agent.policy.state import (
     HOST_IDENTITY, ID_ANY, ID_DYNAMIC_MIN, ID_HOST, ID_WORLD, POLICY_ALWAYS, POLICY_DYNAMIC_MIN,
     POLICY_HOST, RESERVED_POLICIES, WORLD_IDENTITY, Direction, DirectionPolicy, EndpointConfig,
@@ -434,16 +434,39 @@ def _lpm_entries(per_policy: Mapping[int, PortSet]) -> dict[PortKey, tuple[int, 
     for pid, ps in per_policy.items():
         for k in ps.keys():
             raw[k].add(pid)
+    if len(raw) == 1:
+        return {k: tuple(sorted(p)) for k, p in raw.items()}
+    # Only prefix lengths some key of the same protocol has can cover a key.
+    lens: dict[int, list[int]] = defaultdict(list)
+    for proto, _, plen in raw:
+        lens[proto].append(plen)
+    lens = {p: sorted(set(v), reverse=True) for p, v in lens.items()}
+    has_any = ANY_KEY in raw
+
+    def covering(k: PortKey) -> list[PortKey]:
+        """Keys of `raw` strictly covering k, most specific first."""
+        proto, port, plen = k
+        out = []
+        if proto != ANY_KEY[0]:
+            for l in lens[proto]:
+                if l < plen:
+                    a = (proto, port & ~(block_size(l) - 1) & 0xFFFF, l)
+                    if a in raw:
+                        out.append(a)
+            if has_any:
+                out.append(ANY_KEY)
+        return out
+
+    out = {}
     merged: dict[PortKey, tuple[int, ...]] = {}
+    parents: dict[PortKey, list[PortKey]] = {k: covering(k) for k in raw}
     for k, pids in raw.items():
         s = set(pids)
-        for a in key_ancestors(k):
-            if a in raw:
-                s |= raw[a]
+        for a in parents[k]:
+            s |= raw[a]
         merged[k] = tuple(sorted(s))
-    out = {}
     for k, pids in merged.items():
-        parent = next((a for a in key_ancestors(k) if a in merged), None)
-        if parent is None or merged[parent] != pids:
+        up = parents[k]
+        if not up or merged[up[0]] != pids:
             out[k] = pids
     return out

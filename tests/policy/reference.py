@@ -156,6 +156,19 @@ class Reference:
                 return True
         return False
 
+    def admitting(self, pod: Pod, direction: str, remote_ip: str, proto: str,
+                  port: int) -> set[str]:
+        """Every policy ("namespace/name") with a rule admitting the flow at
+        this pod, and the node's own allow as "reserved:host-allow"."""
+        out = set()
+        if direction == "Ingress" and remote_ip in self.host_of(pod):
+            out.add("reserved:host-allow")
+        for pol in self.policies_for(pod, direction):
+            rules = pol.ingress if direction == "Ingress" else pol.egress
+            if any(self.rule_admits(pol, r, pod, direction, remote_ip, proto, port) for r in rules):
+                out.add(f"{pol.namespace}/{pol.name}")
+        return out
+
     def allows(self, src_ip: str, dst_ip: str, proto: str, port: int) -> bool:
         if src_ip == dst_ip:
             return True

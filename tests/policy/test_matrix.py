@@ -16,7 +16,8 @@ import random
 import pytest
 
 from agent.policy import compile_policy, evaluate
-from agent.policy.lookup import REASON_AUDIT_DENIED
+from agent.policy.lookup import REASON_ALLOWED, REASON_AUDIT_DENIED
+from agent.policy.state import Direction
 from tests.policy.gen import (
     EXTERNAL, NAMESPACES, NODES, PODS, PROBE_PORTS, World, base_world, pod_ip, probe_ips,
     random_policies,
@@ -100,6 +101,14 @@ def compare(world: World, mode: str = "default", audited=frozenset()) -> tuple[i
                 assert got == want, (f"{src} -> {dst} {proto}/{port}: maps say "
                                      f"{'allow' if got else 'deny'}, Kubernetes says "
                                      f"{'allow' if want else 'deny'}; {verdicts}")
+                for state, v in zip(states, verdicts):
+                    for c in v.checks:
+                        if c.reason == REASON_ALLOWED:
+                            # The longest match names every admitting policy.
+                            local, remote = (src, dst) if c.direction == Direction.EGRESS else (dst, src)
+                            side = "Egress" if c.direction == Direction.EGRESS else "Ingress"
+                            assert {state.policy_name(p) for p in c.policies} == ref.admitting(
+                                ref.pod_at(local), side, remote, proto, port), (src, dst, proto, port)
                 if got:
                     # A would-be drop is reported exactly when enforcing the
                     # audited policies too would drop the flow.
