@@ -20,6 +20,7 @@ MODULES = [
     "bench.agent_bench",
     "bench.cni_bench",
     "bench.pod_to_pod",
+    "bench.lb_bench",
 ]
 
 
