@@ -104,7 +104,11 @@ class Agent:
             node = self.config.node_name or _socket.gethostname()
             self.services = ServiceSync(self.datapath.lb, self.store, self.source, node).start()
         if self.config.socket_lb:
-            path = self.config.cgroup_root or cgroup2_mount()
+            from agent.cgroups import resolve_root
+            try:
+                path = resolve_root(self.config.cgroup_root)
+            except FileNotFoundError as exc:
+                raise DatapathError(f"socket-LB: {exc} (or set socket_lb: false)") from None
             progs = self.datapath.attach_socket_lb(path, self.config.socket_lb_hostns_only)
             log.info("socket-LB on cgroup %s (%s): %s", path,
                      "host netns only" if self.config.socket_lb_hostns_only else "all sockets",
@@ -347,28 +351,6 @@ class Agent:
         """The configuration in force and where each value came from."""
         from agent.config import describe
         return {"keys": describe(self.config), "notes": list(self.config.notes)}
-
-
-def cgroup2_mount() -> str:
-    """Where this host mounts cgroup v2 (socket-LB's default attach point)."""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            dev, mnt, fstype = line.split()[:3]
-            if fstype == "cgroup2":
-                return mnt
-    raise DatapathError("no cgroup2 filesystem is mounted: socket-LB needs cgroup v2 "
-                        "(set socket_lb: false to run without it)")
-
-
-def source_state(source: dict) -> str:
-    """One word for `fastpath status`: synced, syncing, unreachable (while
-    the datapath keeps the last known state), or failed (never started)."""
-    if "error" in source:
-        return "failed"
-    st = source["status"]
-    if not st["connected"] and any(k["errors"] for k in st["kinds"].values()):
-        return "unreachable"
-    return "synced" if source["synced"] else "syncing"
 
 
 def endpoint_view(ep: Endpoint) -> dict:

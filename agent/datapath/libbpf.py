@@ -119,8 +119,30 @@ def obj_get(path: str) -> int:
     return fd
 
 
+PERCPU_MAP_TYPES = {5, 6, 10}     # percpu_hash, percpu_array, lru_percpu_hash
+
+
+def possible_cpus() -> int:
+    """CPUs a per-CPU map value has a slot for (the kernel's "possible" set)."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        n = 0
+        for part in f.read().strip().split(","):
+            lo, _, hi = part.partition("-")
+            n = max(n, int(hi or lo) + 1)
+    return n
+
+
+def value_buffer_size(map_type: int, value_size: int) -> int:
+    """Bytes a lookup writes: per-CPU maps return one 8-byte aligned value
+    for every possible CPU."""
+    if map_type in PERCPU_MAP_TYPES:
+        return ((value_size + 7) // 8 * 8) * possible_cpus()
+    return value_size
+
+
 def map_items_raw(fd: int, key_size: int, value_size: int):
-    """Yield (key bytes, value bytes) of a map we only hold as an fd."""
+    """Yield (key bytes, value bytes) of a map we only hold as an fd.
+    `value_size` is the buffer size (see value_buffer_size)."""
     key = ct.create_string_buffer(key_size)
     nxt = ct.create_string_buffer(key_size)
     val = ct.create_string_buffer(value_size)

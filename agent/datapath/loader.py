@@ -273,7 +273,8 @@ def open_module(options: BuildOptions) -> tuple[Loaded, list[str]]:
             t = bpf[name]
             if copyable:
                 info = libbpf.map_info(t.map_fd)
-                saved[name] = list(libbpf.map_items_raw(t.map_fd, info.key_size, info.value_size))
+                vsize = libbpf.value_buffer_size(info.type, info.value_size)
+                saved[name] = list(libbpf.map_items_raw(t.map_fd, info.key_size, vsize))
                 notes.append(f"{desc}: resized, {len(saved[name])} entries carried over")
             else:
                 notes.append(f"{desc}: layout changed, entries are rebuilt from agent state")

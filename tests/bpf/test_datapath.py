@@ -156,3 +156,24 @@ def test_a_verifier_rejection_names_the_program_and_shows_the_log(bpffs, monkeyp
         module.load_programs()
     assert exc.value.program == "fp_bad"
     assert "invalid access to packet" in exc.value.log_tail
+
+
+def test_a_resized_per_cpu_map_is_migrated_with_its_counts(bpffs):
+    """Per-CPU values are one slot per possible CPU: the migration must read
+    and write all of them (a one-slot buffer would be overrun)."""
+    root = f"{bpffs}/resize-percpu"
+    first = Datapath(_cfg(root)).load()
+    t = first.module.table("fp_cnt_v1")
+    key = t.Key(ifindex=7, reason=0, dir=0)
+    vals = t.Leaf()
+    for i in range(len(vals)):
+        vals[i].packets, vals[i].bytes = i + 1, 100 * (i + 1)
+    t[key] = vals
+    first.close()
+    second = Datapath(_cfg(root, counters_map_size=32768)).load()
+    try:
+        rows = [r for r in second.maps.counters() if r.ifindex == 7]
+        n = len(vals)
+        assert [(r.packets, r.bytes) for r in rows] == [(n * (n + 1) // 2, 100 * n * (n + 1) // 2)]
+    finally:
+        second.close()
