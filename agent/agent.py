@@ -353,6 +353,17 @@ class Agent:
         return {"keys": describe(self.config), "notes": list(self.config.notes)}
 
 
+def source_state(source: dict) -> str:
+    """One word for `fastpath status`: synced, syncing, unreachable (while
+    the datapath keeps the last known state), or failed (never started)."""
+    if "error" in source:
+        return "failed"
+    st = source["status"]
+    if not st["connected"] and any(k["errors"] for k in st["kinds"].values()):
+        return "unreachable"
+    return "synced" if source["synced"] else "syncing"
+
+
 def endpoint_view(ep: Endpoint) -> dict:
     return {"key": ep.key, "ip": ep.ip, "pod": f"{ep.pod_namespace}/{ep.pod_name}".strip("/"),
             "host_ifname": ep.host_ifname, "host_ifindex": ep.host_ifindex,

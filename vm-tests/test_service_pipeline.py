@@ -10,6 +10,7 @@ import time
 
 from agent.api import wire
 from agent.simagent import AgentProcess, private_paths, register_pod
+from fastpath_helpers import serve_reply
 
 VIP = "192.168.99.10"
 
@@ -40,8 +41,7 @@ endpoints:{eps if endpoints else " []"}
 
 
 def serve(pod, reply: str):
-    pod.popen(["sh", "-c", f"while true; do printf {reply} | nc -l -N -w 3 {pod.ip} 8080; done"])
-    pod.wait_port(8080)
+    serve_reply(pod, 8080, reply)
 
 
 def ask(pod) -> str:

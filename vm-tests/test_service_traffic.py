@@ -15,13 +15,13 @@ import subprocess
 
 from agent.simagent import sim_attach
 from agent.sim.traffic import tcp_exchange, udp_send
-from fastpath_helpers import counters_by
+from fastpath_helpers import counters_by, serve_reply
 
 VIP = "192.168.77.10"
 
 
 def serve_tcp(pod, port: int, reply: str):
-    return pod.popen(["sh", "-c", f"while true; do printf %s '{reply}' | nc -l -N -w 3 {pod.ip} {port}; done"])
+    return serve_reply(pod, port, reply)
 
 
 def tcp_to_vip(client, port: int = 80) -> str:

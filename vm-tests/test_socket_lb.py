@@ -16,6 +16,7 @@ import time
 import pytest
 
 from agent.simagent import sim_attach
+from fastpath_helpers import serve_reply
 
 CGROUP2 = "/sys/fs/cgroup/unified"
 VIP = "192.168.88.10"
@@ -71,7 +72,7 @@ def in_cgroup(ns, cg: str, *args: str) -> str:
 def serve(pod, port: int, reply: str, udp: bool = False):
     if udp:
         return pod.popen(["sh", "-c", f"while true; do printf {reply} | nc -u -l -W 1 -w 3 {pod.ip} {port}; done"])
-    return pod.popen(["sh", "-c", f"while true; do printf {reply} | nc -l -N -w 3 {pod.ip} {port}; done"])
+    return serve_reply(pod, port, reply)
 
 
 def program_service(lb, b):
