@@ -122,6 +122,11 @@ static __always_inline struct fp_ct4 *fp_ct_lookup(struct fp_ct4_key *key)
 	return FP_MAP_CT.lookup(key);
 }
 
+static __always_inline void fp_ct_delete(struct fp_ct4_key *key)
+{
+	FP_MAP_CT.delete(key);
+}
+
 static __always_inline void fp_ct_put(struct fp_ct4_key *key, struct fp_ct4 *val)
 {
 	FP_MAP_CT.update(key, val);

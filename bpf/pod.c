@@ -67,6 +67,8 @@ int fp_from_pod(struct __sk_buff *skb)
 				return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 			if (rc == 0)
 				fp_count(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len);
+			else
+				fp_lb_forget_stale_reply(skb, &ip, &l4);
 		}
 	}
 

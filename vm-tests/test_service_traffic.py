@@ -123,3 +123,33 @@ def test_a_pod_reaches_itself_through_its_own_service(world):
         serve_tcp(a, 8080, "myself")
         a.wait_port(8080)
         assert tcp_to_vip(a) == "myself"
+
+
+SAME_PORT = r"""
+import socket, sys
+dst, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", 47123)); s.settimeout(3)
+try:
+    s.connect((dst, port)); s.sendall(b"hi"); print(s.recv(100).decode(), s.getpeername()[0])
+except OSError as e:
+    print("ERROR", e)
+finally:
+    s.close()
+"""
+
+
+def test_a_direct_connection_after_a_service_one_on_the_same_ports_is_not_hijacked(world):
+    n1 = world.add_node("n1", enis=1)
+    a, b = n1.add_pod("a"), n1.add_pod("b")
+    with sim_attach(n1) as ag:
+        lb = ag.datapath.lb
+        lb.put_backend(1, b.ip, 8080, "TCP")
+        lb.put_slots(1, [1])
+        lb.put_service(VIP, 80, "TCP", 1, 1)
+        serve_tcp(b, 8080, "from-b")
+        assert a.run(["python3", "-c", SAME_PORT, VIP, "80"], timeout=15).stdout.split() == ["from-b", VIP]
+        a.sysctl({"net.ipv4.tcp_tw_reuse": 1})
+        # same source port, straight to the backend: its SYN-ACK must stay "from b"
+        out = a.run(["python3", "-c", SAME_PORT, b.ip, "8080"], timeout=15).stdout.split()
+        assert out == ["from-b", b.ip], out

@@ -202,6 +202,30 @@ static __always_inline int fp_lb_translate(struct __sk_buff *skb, struct fp_ipv4
 	return 0;
 }
 
+/* A new TCP connection that is not translated (its SYN goes straight to a
+ * pod) may reuse the 4-tuple of an earlier translated one; the reply entry
+ * of that old flow would turn the new flow's SYN-ACK into one "from the VIP"
+ * and the connection would hang. The SYN retires it. */
+static __always_inline void fp_lb_forget_stale_reply(struct __sk_buff *skb,
+						     const struct fp_ipv4 *ip,
+						     const struct fp_l4 *l4)
+{
+	struct fp_ct4_key key = {};
+	__u8 flags;
+
+	if (ip->proto != IPPROTO_TCP ||
+	    bpf_skb_load_bytes(skb, l4->off + 13, &flags, 1) ||
+	    (flags & 0x12) != 0x02)      /* SYN without ACK */
+		return;
+	key.saddr = ip->daddr;
+	key.daddr = ip->saddr;
+	key.sport = l4->dport;
+	key.dport = l4->sport;
+	key.proto = IPPROTO_TCP;
+	key.dir = FP_CT_REPLY;
+	fp_ct_delete(&key);
+}
+
 /* Put the VIP back as the source of a reply from a backend. Returns 1 when
  * the packet was a reply of a translated flow, 0 when not, -1 on failure. */
 static __always_inline int fp_lb_reverse(struct __sk_buff *skb, struct fp_ipv4 *ip)

@@ -225,3 +225,17 @@ def test_a_pod_reaching_itself_through_its_service_is_hairpinned_via_the_router_
         "192.168.50.30", 80, POD_A, 46000)
     assert_checksums_valid(r.out)
     lb.delete_service("192.168.50.30", 80, "TCP")
+
+
+def test_a_direct_connection_reusing_a_translated_flows_tuple_is_not_hijacked(dp, bpfnet, services):
+    """The old flow's reply entry must not turn the new flow's SYN-ACK into a
+    packet "from the VIP": the direct SYN retires it."""
+    run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP, sport=47000)), bpfnet.cali_a.ifindex)
+    assert any(c.direction == "reply" and c.dport == 47000 for c in services.conntrack())
+    run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, POD_B, dport=8080, sport=47000)),
+             bpfnet.cali_a.ifindex)
+    assert not any(c.direction == "reply" and c.dport == 47000 for c in services.conntrack())
+    synack = Ether(src=bpfnet.pod_b_mac, dst=bpfnet.cali_b.mac) / IP(src=POD_B, dst=POD_A) \
+        / TCP(sport=8080, dport=47000, flags="SA")
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(synack), bpfnet.cali_b.ifindex)
+    assert (Ether(r.out)[IP].src, Ether(r.out)[TCP].sport) == (POD_B, 8080)
