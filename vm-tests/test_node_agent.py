@@ -27,10 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.agent import Agent
 from agent.api import wire
-from agent.datapath import tc
+from agent.datapath import libbpf, tc
 from agent.simagent import AgentProcess, _detach_node, private_paths
 from bench.harness import build_fprr
-from fastpath_helpers import forwarded_by_stack
+from fastpath_helpers import forwarded_by_stack, inject_truncated
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -153,22 +153,6 @@ def exposed_names(fams: dict) -> set[str]:
 def names_used_in_deploy() -> set[str]:
     from tests.unit.test_deploy import dashboard_metric_names, rule_metric_names
     return dashboard_metric_names() | rule_metric_names()
-
-
-INJECT = r"""
-import socket, sys
-frame = bytes.fromhex(sys.argv[1])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind(("eth0", 0))
-for _ in range(5):
-    s.send(frame)
-"""
-
-
-def inject_truncated(pod) -> None:
-    ipv4 = "4500003c0000400040060000" + "".join(f"{int(x):02x}" for x in pod.ip.split("."))
-    frame = pod.host_mac.replace(":", "") + pod.mac.replace(":", "") + "0800" + ipv4
-    pod.run([sys.executable, "-c", INJECT, frame])
 
 
 @contextlib.contextmanager
@@ -379,7 +363,7 @@ BPF_F_ALLOW_MULTI = 2
 def cgroup_attachments(path: str) -> list[tuple[int, str]]:
     from agent.datapath import uninstall
     import ctypes as ct
-    lib = uninstall._lib()
+    lib = libbpf.lib()
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     out = []
     try:
@@ -455,7 +439,7 @@ def uninstall_scenario(world, cgroup: str) -> None:
                       "other_drop9999", 30000, node.netns)
             tc.attach("eth1", "egress", foreign.load_func("fp_lookalike", BPF.SCHED_CLS).fd,
                       "fp_lookalike", 40000, node.netns)
-            assert cg._lib().bpf_prog_attach(conn.fd, cg_fd, BPF_CGROUP_INET4_CONNECT,
+            assert libbpf.lib().bpf_prog_attach(conn.fd, cg_fd, BPF_CGROUP_INET4_CONNECT,
                                              BPF_F_ALLOW_MULTI) == 0
             subprocess.run(["bpftool", "map", "create", f"{paths.bpffs}/other_map_v1", "type",
                             "hash", "key", "4", "value", "4", "entries", "8", "name", "other_map"],
@@ -506,6 +490,6 @@ def uninstall_scenario(world, cgroup: str) -> None:
             a.ping(b.ip)
             assert forwarded_by_stack(node) > stack
     finally:
-        cg._lib().bpf_prog_detach2(conn.fd, cg_fd, BPF_CGROUP_INET4_CONNECT)
+        libbpf.lib().bpf_prog_detach2(conn.fd, cg_fd, BPF_CGROUP_INET4_CONNECT)
         os.close(cg_fd)
         foreign.cleanup()

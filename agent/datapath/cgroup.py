@@ -20,16 +20,6 @@ SOCK_PROGRAMS = {n: spec[2] for n, spec in PROGRAMS.items() if spec[0] == "sock.
 OUR_PREFIX = "fp_sock_"
 
 
-class _ProgInfo(ct.Structure):
-    # leading part of struct bpf_prog_info (uapi)
-    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
-                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
-                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
-                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
-                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
-                ("name", ct.c_char * 16)]
-
-
 @dataclass(frozen=True)
 class CgroupProg:
     attach_type: int
@@ -41,15 +31,6 @@ class CgroupProg:
         return self.name.startswith(OUR_PREFIX)
 
 
-def _lib():
-    lb = libbpf.lib()
-    lb.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
-                                  ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
-    lb.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
-    lb.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
-    return lb
-
-
 def _open(path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -58,21 +39,20 @@ def _open(path: str) -> int:
 
 
 def _prog_name(prog_id: int) -> tuple[int, str]:
-    fd = _lib().bpf_prog_get_fd_by_id(prog_id)
+    fd = libbpf.lib().bpf_prog_get_fd_by_id(prog_id)
     if fd < 0:
         return -1, ""
-    info = _ProgInfo()
-    n = ct.c_uint32(ct.sizeof(info))
-    _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n))
-    return fd, info.name.decode()
+    try:
+        return fd, libbpf.prog_info(fd).name.decode()
+    except OSError:
+        return fd, ""
 
 
 def _prog_id(fd: int) -> int:
-    info = _ProgInfo()
-    n = ct.c_uint32(ct.sizeof(info))
-    if _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)) != 0:
-        raise DatapathError(f"program fd {fd}: cannot read its info")
-    return info.id
+    try:
+        return libbpf.prog_info(fd).id
+    except OSError:
+        raise DatapathError(f"program fd {fd}: cannot read its info") from None
 
 
 def attached(path: str) -> list[CgroupProg]:
@@ -83,7 +63,7 @@ def attached(path: str) -> list[CgroupProg]:
             ids = (ct.c_uint32 * 64)()
             cnt = ct.c_uint32(64)
             flags = ct.c_uint32(0)
-            if _lib().bpf_prog_query(cg, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt)) != 0:
+            if libbpf.lib().bpf_prog_query(cg, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt)) != 0:
                 continue
             for i in range(cnt.value):
                 fd, name = _prog_name(ids[i])
@@ -101,7 +81,7 @@ def _detach_ids(cg: int, progs: list[CgroupProg]) -> None:
         if fd < 0:
             continue
         try:
-            _lib().bpf_prog_detach2(fd, cg, p.attach_type)
+            libbpf.lib().bpf_prog_detach2(fd, cg, p.attach_type)
         finally:
             os.close(fd)
 
@@ -119,7 +99,7 @@ def attach(path: str, prog_fds: dict[str, int]) -> list[CgroupProg]:
             if pid in present:          # this very program is attached already
                 keep.add(pid)
                 continue
-            if _lib().bpf_prog_attach(prog_fds[name], cg, attach_type, BPF_F_ALLOW_MULTI) != 0:
+            if libbpf.lib().bpf_prog_attach(prog_fds[name], cg, attach_type, BPF_F_ALLOW_MULTI) != 0:
                 err = ct.get_errno()
                 raise DatapathError(f"cannot attach {name} to cgroup {path}: {os.strerror(err)}")
         _detach_ids(cg, [p for p in before if p.prog_id not in keep])

@@ -25,6 +25,10 @@ def lib() -> ct.CDLL:
         _lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
         _lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
         _lib.bpf_map_get_fd_by_id.argtypes = [ct.c_uint32]
+        _lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
+                                        ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
+        _lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
+        _lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
     return _lib
 
 
@@ -104,6 +108,27 @@ class MapInfo(ct.Structure):
 
 def map_info(fd: int) -> MapInfo:
     info = MapInfo()
+    n = ct.c_uint32(ct.sizeof(info))
+    if lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)) != 0:
+        err = ct.get_errno()
+        raise OSError(err, f"bpf_obj_get_info_by_fd: {os.strerror(err)}")
+    return info
+
+
+class ProgInfo(ct.Structure):
+    # Leading part of struct bpf_prog_info (uapi).
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+                ("name", ct.c_char * 16)]
+
+
+def prog_info(fd: int, info: ProgInfo | None = None) -> ProgInfo:
+    """Info of a loaded program; pass `info` with nr_map_ids/map_ids set to
+    also receive its map ids."""
+    info = info if info is not None else ProgInfo()
     n = ct.c_uint32(ct.sizeof(info))
     if lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)) != 0:
         err = ct.get_errno()

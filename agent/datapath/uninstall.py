@@ -41,16 +41,6 @@ OUR_PREFIX = "fp_"
 ATTACH_TYPES = range(0, 64)
 
 
-class _ProgInfo(ct.Structure):
-    # leading part of struct bpf_prog_info (uapi)
-    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
-                ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
-                ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
-                ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
-                ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
-                ("name", ct.c_char * 16)]
-
-
 @dataclass
 class Report:
     filters: list[str] = field(default_factory=list)
@@ -63,35 +53,28 @@ class Report:
                 "pins": self.pins, "kept": self.kept}
 
 
-def _lib():
-    lb = libbpf.lib()
-    lb.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
-                                  ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
-    lb.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
-    return lb
-
-
 def prog_identity(prog_id: int) -> tuple[str, set[int]]:
     """(name, ids of the maps it uses) of a loaded program; ("", set()) if gone."""
-    fd = _lib().bpf_prog_get_fd_by_id(prog_id)
+    fd = libbpf.lib().bpf_prog_get_fd_by_id(prog_id)
     if fd < 0:
         return "", set()
     try:
-        info = _ProgInfo()
-        n = ct.c_uint32(ct.sizeof(info))
-        if _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(n)) != 0:
+        try:
+            info = libbpf.prog_info(fd)
+        except OSError:
             return "", set()
         name, count = info.name.decode(errors="replace"), info.nr_map_ids
         if not count:
             return name, set()
         ids = (ct.c_uint32 * count)()
-        info2 = _ProgInfo()
-        info2.nr_map_ids = count
-        info2.map_ids = ct.addressof(ids)
-        n = ct.c_uint32(ct.sizeof(info2))
-        if _lib().bpf_obj_get_info_by_fd(fd, ct.byref(info2), ct.byref(n)) != 0:
+        want = libbpf.ProgInfo()
+        want.nr_map_ids = count
+        want.map_ids = ct.addressof(ids)
+        try:
+            got = libbpf.prog_info(fd, want)
+        except OSError:
             return name, set()
-        return name, set(ids[:min(count, info2.nr_map_ids)])
+        return name, set(ids[:min(count, got.nr_map_ids)])
     finally:
         os.close(fd)
 
@@ -171,7 +154,7 @@ def remove_filters(netns: str | None, our_maps: set[int], report: Report) -> Non
 def remove_cgroup_programs(cgroup_root: str, our_maps: set[int], report: Report) -> None:
     if not os.path.isdir(cgroup_root):
         return
-    lib = _lib()
+    lib = libbpf.lib()
     cg = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for attach_type in ATTACH_TYPES:
