@@ -15,18 +15,12 @@ import time
 
 from agent.api import wire
 from agent.sim import World
-from agent.sim.traffic import tcp_exchange, udp_send
+from agent.sim.traffic import forwarded_datagrams, tcp_exchange, udp_send
 from agent.simagent import AgentProcess, private_paths
 
 
 def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
-
-
-def forwarded(node) -> int:
-    lines = [l.split() for l in node.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
-             if l.startswith("Ip:")]
-    return int(dict(zip(lines[0][1:], lines[1][1:]))["ForwDatagrams"])
 
 
 def cli(sock: str, *args: str) -> None:
@@ -65,12 +59,12 @@ def main() -> int:
             cli(p1.socket, "endpoint", "list")
 
             say("traffic: same node (redirect_peer) and across nodes (ENI via FIB + redirect)")
-            f1, f2 = forwarded(n1), forwarded(n2)
+            f1, f2 = forwarded_datagrams(n1), forwarded_datagrams(n2)
             traffic(a, b)
             traffic(a, c)
             traffic(c, b)
             print(f"   IP datagrams forwarded by the nodes' own stacks meanwhile: "
-                  f"n1 {forwarded(n1) - f1}, n2 {forwarded(n2) - f2}")
+                  f"n1 {forwarded_datagrams(n1) - f1}, n2 {forwarded_datagrams(n2) - f2}")
 
             say("fastpath metrics   (node n1; ifindex -> device: "
                 + ", ".join(f"{x.host_ifindex}={x.host_ifname}" for x in n1.pods)
@@ -79,10 +73,10 @@ def main() -> int:
 
             say("kill -9 the agent on n1: pinned programs and maps keep forwarding")
             agents[0].kill(9)
-            f1 = forwarded(n1)
+            f1 = forwarded_datagrams(n1)
             traffic(a, b)
             traffic(b, c)
-            print(f"   n1's stack forwarded {forwarded(n1) - f1} datagrams with no agent running")
+            print(f"   n1's stack forwarded {forwarded_datagrams(n1) - f1} datagrams with no agent running")
 
             say("restart the agent on n1: it restores its endpoints from its state dir")
             agents[0] = AgentProcess(n1, p1).start()

@@ -138,3 +138,15 @@ def alternate(arms: dict[str, Callable[[], dict[str, float]]], rounds: int,
                 " ".join(f"{k}={v:,.1f}" for k, v in vals.items()) +
                 f"  ({time.monotonic() - t:.1f}s)")
     return results
+
+
+def bpf_devices(node) -> dict[str, list[str]]:
+    """Device -> programs attached to it in `node` (tc, tcx or XDP), as
+    bpftool sees them: the check that an arm is what it claims to be."""
+    out = json.loads(node.run(["bpftool", "-j", "net", "show"]).stdout or "[]")
+    progs: dict[str, list[str]] = {}
+    for section in out:
+        for kind in ("xdp", "tc"):
+            for p in section.get(kind, []):
+                progs.setdefault(p.get("devname", "?"), []).append(p.get("name", "?"))
+    return progs

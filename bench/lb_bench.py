@@ -139,24 +139,14 @@ def measure(client: Client, dst: str, crr_s: float, rr_s: float,
 
 # -- checks that an arm is what it claims -----------------------------------------
 
-def bpf_devices(node) -> dict[str, list[str]]:
-    out = json.loads(node.run(["bpftool", "-j", "net", "show"]).stdout or "[]")
-    progs: dict[str, list[str]] = {}
-    for section in out:
-        for kind in ("xdp", "tc"):
-            for p in section.get(kind, []):
-                progs.setdefault(p.get("devname", "?"), []).append(p.get("name", "?"))
-    return progs
-
-
 def assert_no_bpf(node) -> None:
-    progs = bpf_devices(node)
+    progs = harness.bpf_devices(node)
     if progs:
         raise RuntimeError(f"kube-proxy node {node.name} carries BPF programs: {progs}")
 
 
 def assert_fastpath_on(node, pods) -> None:
-    progs = bpf_devices(node)
+    progs = harness.bpf_devices(node)
     bare = [p.host_ifname for p in pods if not progs.get(p.host_ifname)]
     if bare:
         raise RuntimeError(f"fastpath node {node.name}: nothing attached to {bare}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -56,25 +55,14 @@ def find_fastpath_setup() -> tuple[FastpathSetup | None, str]:
     return None, "; ".join(reasons)
 
 
-def _bpf_programs(node) -> dict[str, list[str]]:
-    """Device -> programs attached to it in the node (tc, tcx or XDP), as bpftool sees them."""
-    out = json.loads(node.run(["bpftool", "-j", "net", "show"]).stdout or "[]")
-    progs: dict[str, list[str]] = {}
-    for section in out:
-        for kind in ("xdp", "tc"):
-            for p in section.get(kind, []):
-                progs.setdefault(p.get("devname", "?"), []).append(p.get("name", "?"))
-    return progs
-
-
 def _assert_no_bpf(node) -> None:
-    progs = _bpf_programs(node)
+    progs = harness.bpf_devices(node)
     if progs:
         raise RuntimeError(f"stack arm: node still has BPF programs attached: {progs}")
 
 
 def _assert_bpf_on_pods(node) -> None:
-    progs = _bpf_programs(node)
+    progs = harness.bpf_devices(node)
     bare = [p.host_ifname for p in node.pods if not progs.get(p.host_ifname)]
     if bare:
         raise RuntimeError(f"fastpath arm: nothing attached to {bare} (attached: {progs})")

@@ -10,14 +10,12 @@ only moves when the host stack routes a packet.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 
-from agent.config import Config
 from agent.datapath import Datapath
 from agent.simagent import AgentProcess, private_paths, register_pod, sim_attach
 from agent.sim.traffic import tcp_exchange, udp_send
-from fastpath_helpers import counters_by, forwarded_by_stack
+from fastpath_helpers import counters_by, forwarded_by_stack, inject_truncated
 
 
 def exchange_all(src, dst):
@@ -95,27 +93,13 @@ def test_forwarding_survives_the_agent_being_killed_and_restarted(world):
                             "clsact"], check=False)
 
 
-INJECT = r"""
-import socket, sys
-frame = bytes.fromhex(sys.argv[1])
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-s.bind(("eth0", 0))
-for _ in range(5):
-    s.send(frame)
-"""
-
-
 def test_truncated_ipv4_frames_on_a_real_veth_are_dropped_and_counted(world):
     """The kernel's test run refuses IPv4 frames shorter than an IP header,
     so they are proven here, written raw onto a pod's eth0."""
     node = world.add_node("n1", enis=1)
     a, b = node.add_pod("a"), node.add_pod("b")
     with sim_attach(node) as agent:
-        host_mac = a.host_mac.replace(":", "")
-        pod_mac = a.mac.replace(":", "")
-        ipv4_start = "4500003c0000400040060000" + "".join(f"{int(x):02x}" for x in a.ip.split("."))
-        frame = host_mac + pod_mac + "0800" + ipv4_start     # cut inside the IPv4 header
-        a.run([sys.executable, "-c", INJECT, frame])
+        inject_truncated(a)
         time.sleep(0.2)
         c = counters_by(agent.datapath.maps.counters(), a.host_ifindex)
         assert c[("from-pod", "dropped-invalid-packet")] == 5

@@ -14,7 +14,6 @@ from __future__ import annotations
 import subprocess
 
 from agent.simagent import sim_attach
-from agent.sim.traffic import tcp_exchange, udp_send
 from fastpath_helpers import counters_by, serve_reply
 
 VIP = "192.168.77.10"

@@ -24,15 +24,9 @@ import pytest
 
 from agent.sim import World, cleanup_stale, plan
 from agent.sim.netns import LOCK_DIR, list_netns
-from agent.sim.traffic import tcp_exchange, udp_send
+from agent.sim.traffic import forwarded_datagrams, tcp_exchange, udp_send
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _forwarded(ns) -> int:
-    """IPv4 datagrams this netns has routed (Ip: ForwDatagrams in /proc/net/snmp)."""
-    lines = [l.split() for l in ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines() if l.startswith("Ip:")]
-    return int(lines[1][lines[0].index("ForwDatagrams")])
 
 
 def _tx_bytes(ns, ifname) -> int:
@@ -57,7 +51,7 @@ def _leftovers(tag: str) -> dict:
 
 def test_pods_on_one_node_talk_icmp_tcp_udp_without_touching_the_vpc(world, node):
     a, b = node.add_pod("a"), node.add_pod("b")
-    before = _forwarded(world.vpc)
+    before = forwarded_datagrams(world.vpc)
     a.ping(b.ip)
     b.ping(a.ip)
     assert tcp_exchange(a, b) == ("ping", "pong")
@@ -66,7 +60,7 @@ def test_pods_on_one_node_talk_icmp_tcp_udp_without_touching_the_vpc(world, node
     assert udp_send(b, a) == "dgram"
     # Rule 512 (to podIP lookup main) must win over the ENI table, so
     # same-node traffic never goes out to the VPC and back.
-    assert _forwarded(world.vpc) == before
+    assert forwarded_datagrams(world.vpc) == before
     r = _route_get(node, b.ip, a.ip, a.host_ifname)
     assert r["dev"] == b.host_ifname
 

@@ -52,3 +52,12 @@ def udp_send(client: Netns, server: Netns, ip: str | None = None, port: int = 70
         if srv.poll() is None:
             srv.kill()
             srv.wait()
+
+
+def forwarded_datagrams(ns: Netns) -> int:
+    """IPv4 datagrams `ns` has routed (Ip: ForwDatagrams in /proc/net/snmp).
+    Packets a datapath redirects past the stack never count here, so this
+    number staying put proves the stack was not on the path."""
+    lines = [l.split() for l in ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
+             if l.startswith("Ip:")]
+    return int(lines[1][lines[0].index("ForwDatagrams")])
