@@ -51,6 +51,7 @@ class Agent:
         self.source = None
         self.source_error = ""
         self.services = None
+        self.socklb_optout = None
         self.metrics = AgentMetrics(self)
         self.http = None
 
@@ -110,9 +111,29 @@ class Agent:
             except FileNotFoundError as exc:
                 raise DatapathError(f"socket-LB: {exc} (or set socket_lb: false)") from None
             progs = self.datapath.attach_socket_lb(path, self.config.socket_lb_hostns_only)
+            self._start_socket_lb_opt_out()
             log.info("socket-LB on cgroup %s (%s): %s", path,
                      "host netns only" if self.config.socket_lb_hostns_only else "all sockets",
                      ", ".join(p.name for p in progs))
+
+    def _start_socket_lb_opt_out(self) -> None:
+        """Pods annotated fastpath.io/socket-lb: disabled (or in such a
+        Namespace) bypass socket-LB; only meaningful for all sockets."""
+        if self.config.socket_lb_hostns_only or self.source is None:
+            self.datapath.socklb_skip.set({})
+            return
+        from agent.services import SocketLbOptOut
+        self.socklb_optout = SocketLbOptOut(self.datapath.socklb_skip, self.store,
+                                            self._endpoint_list).start()
+
+    def _endpoint_list(self) -> list[Endpoint]:
+        with self.lock:
+            return list(self.endpoints.values())
+
+    def _refresh_socket_lb_opt_out(self) -> None:
+        # never with self.lock held: refresh takes it (through _endpoint_list)
+        if self.socklb_optout is not None:
+            self.socklb_optout.refresh()
 
     def _open_cluster_state(self) -> None:
         """Start following cluster state. The datapath does not wait for it:
@@ -148,6 +169,8 @@ class Agent:
     def stop(self) -> None:
         if self.services is not None:
             self.services.stop()
+        if self.socklb_optout is not None:
+            self.socklb_optout.stop()
         if self.source is not None:
             self.source.stop()
         if self.api:
@@ -247,6 +270,7 @@ class Agent:
             self._persist(ep)
             # an ADD supersedes a deletion of the same attachment still queued
             (self.state_dir / DEL_QUEUE / f"{ep.key}.json").unlink(missing_ok=True)
+        self._refresh_socket_lb_opt_out()
         t2 = time.monotonic()
         log.info("endpoint added: %s %s/%s ip=%s veth=%s eni=%s", ep.key, pod_namespace,
                  pod_name, ep.ip, ep.host_ifname, ep.eni_name or "-")
@@ -290,6 +314,7 @@ class Agent:
             if ep is None:
                 return {"deleted": False}
             self._forget(ep)
+        self._refresh_socket_lb_opt_out()
         log.info("endpoint deleted: %s ip=%s", key, ep.ip)
         return {"deleted": True, "ip": ep.ip}
 

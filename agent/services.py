@@ -139,3 +139,94 @@ class ServiceSync:
             self.errors += 1
             log.exception("service sync failed; keeping the maps as they are")
             self.table = None
+
+
+class SocketLbOptOut:
+    """Keep the socket-LB skip map equal to the local pods that opted out
+    (agent.lb.optout): their network namespaces, by cookie.
+
+    Refreshed when an endpoint is added or removed (before the CNI ADD
+    returns, so the pod's first socket already sees its choice) and when a
+    Pod's or Namespace's annotation changes."""
+
+    def __init__(self, skip_map, store, endpoints_fn, cookie_fn=None):
+        from agent.datapath.maps import netns_cookie
+        self.skip_map = skip_map
+        self.store = store
+        self.endpoints_fn = endpoints_fn
+        self.cookie_fn = cookie_fn or netns_cookie
+        self._cookies: dict[tuple[str, str], int] = {}    # (key, netns) -> cookie
+        self._lock = threading.Lock()
+        self.problems: list[str] = []
+        self.refreshes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="socklb-optout", daemon=True)
+
+    def start(self) -> "SocketLbOptOut":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _cookie(self, ep) -> int | None:
+        k = (ep.key, ep.netns)
+        if k not in self._cookies:
+            if not ep.netns:
+                return None
+            try:
+                self._cookies[k] = self.cookie_fn(ep.netns)
+            except OSError as exc:
+                log.warning("socket-LB opt-out: netns %s of %s unreadable: %s",
+                            ep.netns, ep.key, exc)
+                return None
+        return self._cookies[k]
+
+    def refresh(self) -> dict[int, int]:
+        """Recompute and write the map; returns {netns cookie: flags}."""
+        from agent.lb.optout import opt_outs
+        with self._lock:
+            endpoints = list(self.endpoints_fn())
+            chosen, problems = opt_outs(self.store.snapshot(), endpoints)
+            live = {(ep.key, ep.netns) for ep in endpoints}
+            for k in list(self._cookies):
+                if k not in live:
+                    del self._cookies[k]
+            want = {}
+            for ep in endpoints:
+                if ep.key in chosen:
+                    cookie = self._cookie(ep)
+                    if cookie is not None:
+                        want[cookie] = want.get(cookie, 0) | chosen[ep.key]
+            written, removed = self.skip_map.set(want)
+            for p in set(problems) - set(self.problems):
+                log.warning("socket-LB opt-out: %s", p)
+            self.problems = problems
+            self.refreshes += 1
+            if written or removed:
+                log.info("socket-LB opt-out: %d pods bypass socket-LB (%d written, %d removed)",
+                         len(want), written, removed)
+            return want
+
+    def _run(self) -> None:
+        from agent.lb.optout import touches_opt_out
+        sub = self.store.subscribe()
+        try:
+            self._guarded()
+            while not self._stop.is_set():
+                cs = sub.get(timeout=0.5)
+                if cs is None:
+                    continue
+                batch = [cs] + sub.drain()
+                if any(touches_opt_out(c.deltas) for c in batch):
+                    self._guarded()
+        finally:
+            sub.close()
+
+    def _guarded(self) -> None:
+        try:
+            self.refresh()
+        except Exception:      # keep following; the next change retries
+            log.exception("socket-LB opt-out refresh failed")

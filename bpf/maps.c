@@ -52,6 +52,11 @@ BPF_TABLE_PINNED("lru_hash", struct fp_sockrev4_key, struct fp_sockrev4,
 /* Runtime settings (one entry). */
 BPF_TABLE_PINNED("array", __u32, struct fp_config, FP_MAP_CONFIG, 1, FP_PIN(FP_MAP_CONFIG));
 
+/* Network namespaces whose sockets socket-LB leaves alone (opt-out);
+ * one entry per pod at most, so sized like the endpoints map. */
+BPF_TABLE_PINNED("hash", __u64, struct fp_socklb_skip, FP_MAP_SOCKLB_SKIP, FP_EP_MAX,
+		 FP_PIN(FP_MAP_SOCKLB_SKIP));
+
 #ifdef FP_TEST
 /* Test builds record their redirect decisions (see struct fp_testrec). */
 BPF_ARRAY(FP_MAP_TESTREC, struct fp_testrec, 1);
@@ -173,4 +178,9 @@ static __always_inline void fp_test_record(__u32 ifindex, enum fp_redirect_kind 
 		rec->reason = reason;
 	}
 #endif
+}
+
+static __always_inline int fp_socklb_skipped(__u64 netns_cookie)
+{
+	return FP_MAP_SOCKLB_SKIP.lookup(&netns_cookie) != NULL;
 }

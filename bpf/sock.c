@@ -7,6 +7,9 @@
  * application the VIP it asked for. In host-namespace-only mode (the
  * DataPath V2 default) sockets of pods are left alone: their traffic is
  * translated per packet on their veth, so service meshes still see the VIP.
+ * In the all-sockets mode, pods that opted out (annotation
+ * fastpath.io/socket-lb: disabled on the Pod or its Namespace, their netns
+ * listed in FP_MAP_SOCKLB_SKIP) get that per-packet treatment too.
  * ClientIP affinity here is per network namespace (the socket's source
  * address is not known yet at connect time).
  */
@@ -21,10 +24,10 @@ static __always_inline int fp_sock_applies(struct bpf_sock_addr *ctx)
 
 	if (!cfg || !(cfg->flags & FP_CFG_F_SOCKLB))
 		return 0;
-	if ((cfg->flags & FP_CFG_F_SOCKLB_HOSTNS) &&
-	    bpf_get_netns_cookie(ctx) != cfg->host_netns_cookie)
-		return 0;
-	return 1;
+	if (cfg->flags & FP_CFG_F_SOCKLB_HOSTNS)
+		return bpf_get_netns_cookie(ctx) == cfg->host_netns_cookie;
+	/* all sockets, except those of opted-out pods */
+	return !fp_socklb_skipped(bpf_get_netns_cookie(ctx));
 }
 
 /* The core, free of the hook context so it can be reasoned about alone:

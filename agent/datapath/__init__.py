@@ -14,7 +14,7 @@ from agent.config import Config
 from agent.datapath import tc
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.datapath.loader import BuildOptions, Loaded, open_module, preflight
-from agent.datapath.maps import ConfigMap, LbMaps, Maps, MAP, netns_cookie
+from agent.datapath.maps import ConfigMap, LbMaps, Maps, MAP, SocketLbSkipMap, netns_cookie
 from agent.endpoints import Endpoint
 
 log = logging.getLogger("fastpath.datapath")
@@ -48,6 +48,7 @@ class Datapath:
         self.maps = Maps(tables)
         self.lb = LbMaps(tables)
         self.settings = ConfigMap(tables)
+        self.socklb_skip = SocketLbSkipMap(tables)
         self.maps.bypass_set(self.config.host_stack_cidrs + self.config.service_cidrs)
         return self
 

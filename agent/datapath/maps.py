@@ -288,3 +288,30 @@ class ConfigMap:
         v = self._t[self._t.Key(0)]
         return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags}
 
+
+
+class SocketLbSkipMap:
+    """Network namespaces (by cookie) whose sockets socket-LB leaves alone."""
+
+    def __init__(self, tables):
+        self._t = tables[MAP["FP_MAP_SOCKLB_SKIP"]]
+
+    def get(self) -> dict[int, int]:
+        return {k.value: v.flags for k, v in self._t.items()}
+
+    def set(self, want: dict[int, int]) -> tuple[int, int]:
+        """Make the map hold exactly `want` {netns cookie: flags}: additions
+        first, then removals. Returns (written, removed)."""
+        have = self.get()
+        written = removed = 0
+        for cookie, flags in want.items():
+            if have.get(cookie) != flags:
+                self._t[self._t.Key(cookie)] = self._t.Leaf(flags=flags)
+                written += 1
+        for cookie in set(have) - set(want):
+            try:
+                del self._t[self._t.Key(cookie)]
+                removed += 1
+            except KeyError:
+                pass
+        return written, removed

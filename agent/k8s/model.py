@@ -64,6 +64,10 @@ ANNOTATION_INGRESS_BANDWIDTH = "kubernetes.io/ingress-bandwidth"
 # Directory mode only: where a hand-written Pod manifest may put its IPs when
 # it has no status (see agent/k8s/README-section.md).
 ANNOTATION_POD_IPS = "fastpath.io/pod-ips"
+# On a Pod or a Namespace: "disabled" keeps socket-LB away from the pod's
+# sockets (translated per packet instead); "enabled" on a Pod overrides its
+# Namespace.
+ANNOTATION_SOCKET_LB = "fastpath.io/socket-lb"
 
 
 class FrozenMap(Mapping[str, str]):
@@ -158,6 +162,7 @@ class LabelSelector:
 class Namespace:
     name: str
     labels: FrozenMap = EMPTY_MAP
+    annotations: FrozenMap = EMPTY_MAP
     uid: str = ""
     resource_version: str = field(default="", compare=False)
 

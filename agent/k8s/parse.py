@@ -341,7 +341,9 @@ def _meta(d: Mapping, kind: Kind, default_namespace: str, name_check) -> _Meta:
 
 def parse_namespace(d: Mapping, ctx: "_Ctx") -> Namespace:
     md = _meta(d, Kind.NAMESPACE, "", _check_dns_label)
-    return Namespace(name=md.name, labels=md.labels, uid=md.uid, resource_version=md.rv)
+    return Namespace(name=md.name, labels=md.labels,
+                     annotations=_annotations(md.raw.get("annotations")),
+                     uid=md.uid, resource_version=md.rv)
 
 
 _BANDWIDTH_SUFFIX = {

@@ -28,6 +28,7 @@
 #define FP_MAP_AFFINITY   fp_aff4_v1
 #define FP_MAP_SOCKREV    fp_sockrev4_v1
 #define FP_MAP_CONFIG     fp_cfg_v1
+#define FP_MAP_SOCKLB_SKIP fp_sklbskip_v1
 
 /* Pod endpoints on this node, keyed by pod IPv4 address. Filled by the agent
  * (CNI ADD or restore); read by every program to find local destinations. */
@@ -217,6 +218,18 @@ struct fp_config {
 	__u32 pad;
 };
 _Static_assert(sizeof(struct fp_config) == 16, "fp_config layout");
+
+/* Socket-LB opt-out: network namespaces (pods annotated
+ * fastpath.io/socket-lb: disabled, or in such a namespace) whose sockets
+ * socket-LB leaves alone even when it translates all sockets; their
+ * traffic is translated per packet, so a service mesh sidecar sees the VIP.
+ * Key: the netns cookie (HBO, bpf_get_netns_cookie()). */
+struct fp_socklb_skip {
+	__u32 flags;           /* HBO: FP_SOCKLB_SKIP_* (why it is listed) */
+};
+
+#define FP_SOCKLB_SKIP_POD        (1U << 0)  /* the Pod's annotation */
+#define FP_SOCKLB_SKIP_NAMESPACE  (1U << 1)  /* its Namespace's annotation */
 
 /* Test builds only (FP_TEST): BPF_PROG_TEST_RUN does not perform redirects,
  * so programs record the target they chose here for the tests to assert. */
