@@ -52,6 +52,7 @@ class Agent:
         self.source_error = ""
         self.services = None
         self.socklb_optout = None
+        self.conntrack_gc = None
         self.metrics = AgentMetrics(self)
         self.http = None
 
@@ -72,6 +73,7 @@ class Agent:
         log.info("attached to ENIs: %s", ", ".join(self.enis) or "(none)")
         restored, dropped = self.restore()
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
+        self.metrics.record_restored_maps(self.datapath)
         self._start_services()
         replayed = self.replay_deletions()
         if replayed:
@@ -103,7 +105,14 @@ class Agent:
             from agent.services import ServiceSync
             import socket as _socket
             node = self.config.node_name or _socket.gethostname()
-            self.services = ServiceSync(self.datapath.lb, self.store, self.source, node).start()
+            self.services = ServiceSync(self.datapath.lb, self.store, self.source, node,
+                                        metrics=self.metrics).start()
+        from agent.conntrack import ConntrackGC
+        cfg = self.config
+        self.conntrack_gc = ConntrackGC(
+            self.datapath.lb, interval=cfg.conntrack_gc_interval,
+            tcp_idle=cfg.conntrack_tcp_idle_timeout, other_idle=cfg.conntrack_idle_timeout,
+            hairpin_ip=cfg.local_router_ipv4, metrics=self.metrics).start()
         if self.config.socket_lb:
             from agent.cgroups import resolve_root
             try:
@@ -167,6 +176,8 @@ class Agent:
             log.warning("  rejected: %s", err)
 
     def stop(self) -> None:
+        if self.conntrack_gc is not None:
+            self.conntrack_gc.stop()
         if self.services is not None:
             self.services.stop()
         if self.socklb_optout is not None:

@@ -99,6 +99,13 @@ KEYS: tuple[Key, ...] = (
         minimum=1024, maximum=1 << 24),
     Key("affinity_map_size", int, 65536, "max ClientIP affinity entries (LRU)",
         minimum=16, maximum=1 << 22),
+    Key("conntrack_gc_interval", int, 60, "seconds between sweeps that remove idle conntrack "
+        "entries (0: off; the LRU map then only evicts its oldest when full)",
+        minimum=0, maximum=86400),
+    Key("conntrack_tcp_idle_timeout", int, 21600, "seconds without a packet after which a "
+        "translated TCP flow's conntrack entries are removed", minimum=10, maximum=1 << 22),
+    Key("conntrack_idle_timeout", int, 120, "the same for UDP and other protocols",
+        minimum=10, maximum=1 << 22),
     Key("source", str, "kubernetes", "cluster state: 'kubernetes' or a manifest directory"),
     Key("node_name", str, "", "this node's Kubernetes name (default: hostname)"),
     Key("log_level", str, "info", "log level", choices=("debug", "info", "warning", "error")),

@@ -8,15 +8,22 @@ on `metrics_address` by agent/health.py. Three kinds of source:
   reason code of bpf/include/fastpath.h, summed over CPUs) and, per pinned
   map, its entries against its capacity. Nothing is cached, so a scrape
   shows what the datapath holds now, also after an agent restart;
+  Conntrack entries are counted by protocol and direction from the same
+  key walk;
 - kept by the agent: CNI ADD/DEL counts and latency (`cni_observed` wraps
-  the API handlers), endpoints, what the last start restored and migrated,
-  starts persisted in the state dir (a restart adds one);
+  the API handlers), endpoints, Services and backends the service maps
+  hold, map sync durations and errors per object kind, conntrack GC runs,
+  what the last start restored and migrated, starts persisted in the state
+  dir (a restart adds one);
 - the cluster-state source's `fastpath_k8s_*` metrics (agent/k8s/metrics.py),
   registered here instead of on the process-wide registry.
 
-Metrics of features not built yet (Services, NetworkPolicy, conntrack GC)
-are not exposed at all: a dashboard must never show a zero that only means
-"not implemented".
+NetworkPolicy counts (`fastpath_policies`, `fastpath_policy_rules`,
+`fastpath_policy_refused`) are read from `agent.policy_status()`, a dict
+with the keys "policies", "rules" and "refused", and exposed only once the
+agent has that method (enforcement built): a dashboard must never show a
+zero that only means "not implemented". The policy sync reports each run
+with `metrics.observe_sync("NetworkPolicy", seconds, ops, ok)`.
 """
 from __future__ import annotations
 
@@ -37,16 +44,24 @@ log = logging.getLogger("fastpath.metrics")
 
 STARTS_FILE = "agent-starts"
 ARRAY_TYPES = (2, 6)     # BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY (uapi)
+# Object kinds whose datapath maps the agent syncs from cluster state: the
+# service maps follow Services + EndpointSlices (+ the node's zone); the
+# policy maps follow NetworkPolicies + Pods + Namespaces.
+SYNC_KINDS = ("Service", "NetworkPolicy")
+# A sync of the service maps is a few map writes when one thing changed and
+# seconds for 10,000 Services at start.
+SYNC_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # CNI latency is tens of milliseconds when healthy (README: p50 ~26 ms from
 # the runtime's side, ~10 ms of it in the agent); the top buckets catch an
 # agent that queues requests.
 CNI_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def count_keys(fd: int, key_size: int, limit: int) -> int:
+def count_keys(fd: int, key_size: int, limit: int, on_key=None) -> int:
     """Entries of a map we hold as an fd, by walking its keys (no values:
     per-CPU values would cost a copy per CPU for nothing). Bounded by the
-    map's capacity in case entries churn under the walk."""
+    map's capacity in case entries churn under the walk. `on_key(buf)` sees
+    each key's bytes."""
     from agent.datapath import libbpf
     lib = libbpf.lib()
     cur = ct.create_string_buffer(key_size)
@@ -57,7 +72,32 @@ def count_keys(fd: int, key_size: int, limit: int) -> int:
         ct.memmove(cur, nxt, key_size)
         prev = cur
         n += 1
+        if on_key is not None:
+            on_key(cur)
     return n
+
+
+class ConntrackTally:
+    """Counts conntrack keys by (protocol, direction) during a key walk; the
+    field offsets come from the compiled key type (fastpath.h's fp_ct4_key)."""
+
+    def __init__(self, key_type):
+        from agent.datapath.maps import DEFS, PROTO_NAME
+        self.proto_at = key_type.proto.offset
+        self.dir_at = key_type.dir.offset
+        self.reply = DEFS.defines["FP_CT_REPLY"]
+        self.proto_name = PROTO_NAME
+        self.counts: dict[tuple[int, int], int] = {}
+
+    def __call__(self, buf) -> None:
+        raw = buf.raw
+        k = (raw[self.proto_at], raw[self.dir_at])
+        self.counts[k] = self.counts.get(k, 0) + 1
+
+    def rows(self):
+        for (proto, d), n in sorted(self.counts.items()):
+            yield (self.proto_name.get(proto, str(proto)),
+                   "reply" if d == self.reply else "forward", n)
 
 
 class DatapathCollector:
@@ -72,6 +112,7 @@ class DatapathCollector:
         return []
 
     def collect(self):
+        yield from self._agent_state()
         dp = self.agent.datapath
         if dp.module is None or dp.maps is None:
             return
@@ -80,6 +121,39 @@ class DatapathCollector:
             yield from self._maps(dp)
         except Exception as exc:     # a scrape must never take the agent down
             log.warning("datapath metrics unavailable: %s", exc)
+
+    def _agent_state(self):
+        """Counts the agent holds: what the service maps were last synced to,
+        and NetworkPolicy state when enforcement is built."""
+        svc = self.agent.services
+        if svc is not None:
+            n_svc = GaugeMetricFamily(
+                "fastpath_services", "Service frontends (VIP, port, protocol) programmed in the "
+                "service maps.")
+            n_svc.add_metric([], len(svc.reconciler.frontends()))
+            n_be = GaugeMetricFamily(
+                "fastpath_service_backends", "Distinct backends (IP, port, protocol) programmed "
+                "in the service maps.")
+            n_be.add_metric([], len(svc.reconciler.backend_ids))
+            yield from (n_svc, n_be)
+        status = getattr(self.agent, "policy_status", None)
+        if callable(status):
+            try:
+                st = status()
+            except Exception as exc:
+                log.warning("policy metrics unavailable: %s", exc)
+                return
+            for name, key, help_ in (
+                    ("fastpath_policies", "policies",
+                     "NetworkPolicies enforced on this node's endpoints."),
+                    ("fastpath_policy_rules", "rules",
+                     "Policy map entries the enforced NetworkPolicies compile to."),
+                    ("fastpath_policy_refused", "refused",
+                     "NetworkPolicies refused (e.g. they would overflow the policy map); the "
+                     "previous state keeps being enforced.")):
+                g = GaugeMetricFamily(name, help_)
+                g.add_metric([], float(st.get(key, 0)))
+                yield g
 
     def _counters(self, dp):
         labels = ["interface", "direction", "reason"]
@@ -118,16 +192,27 @@ class DatapathCollector:
             "fastpath_map_pressure_ratio",
             "Entries / max_entries of each pinned BPF map; a full hash map refuses new entries "
             "(an LRU map evicts the oldest).", labels=["map"])
+        conntrack = GaugeMetricFamily(
+            "fastpath_conntrack_entries", "Conntrack entries of translated flows, by protocol "
+            "and direction (forward: client to Service; reply: backend to client).",
+            labels=["protocol", "direction"])
+        from agent.datapath.maps import MAP
+        ct_name = MAP["FP_MAP_CT"]
         for name in pinned_map_names():
-            fd = dp.module.table(name).map_fd
+            table = dp.module.table(name)
+            fd = table.map_fd
             info = libbpf.map_info(fd)
             if info.type in ARRAY_TYPES:
                 continue     # every slot of an array always exists: it cannot fill up
-            n = count_keys(fd, info.key_size, info.max_entries)
+            tally = ConntrackTally(table.Key) if name == ct_name else None
+            n = count_keys(fd, info.key_size, info.max_entries, tally)
             entries.add_metric([name], n)
             capacity.add_metric([name], info.max_entries)
             pressure.add_metric([name], n / info.max_entries if info.max_entries else 0.0)
-        yield from (entries, capacity, pressure)
+            if tally is not None:
+                for proto, direction, k in tally.rows():
+                    conntrack.add_metric([proto, direction], k)
+        yield from (entries, capacity, pressure, conntrack)
 
 
 class AgentMetrics:
@@ -177,7 +262,72 @@ class AgentMetrics:
             "layout version).", ["action"], registry=r)
         for action in ("resized", "rebuilt", "removed"):
             self.migrations.labels(action=action).set(0)
+        self.restored_services = Gauge(
+            "fastpath_agent_restored_services",
+            "Service frontends the last start found in the pinned service maps (kept "
+            "forwarding, then reconciled against cluster state without a flush).", registry=r)
+        self.restored_conntrack = Gauge(
+            "fastpath_agent_restored_conntrack_entries",
+            "Conntrack entries the last start found in the pinned conntrack map (translated "
+            "flows that keep their backend across the restart).", registry=r)
+        self.sync_seconds = Histogram(
+            "fastpath_sync_duration_seconds",
+            "Time to bring the datapath maps of one object kind in line with cluster state "
+            "(plan and map writes), per sync.", ["kind"], buckets=SYNC_BUCKETS, registry=r)
+        self.sync_errors = Counter(
+            "fastpath_sync_errors_total",
+            "Syncs of the maps of one object kind that failed; the maps keep their previous "
+            "state and the next change retries from a full rebuild.", ["kind"], registry=r)
+        self.sync_ops = Counter(
+            "fastpath_sync_map_operations_total",
+            "Map operations made by syncs of one object kind (for Services: a backend, a run "
+            "of slots, a service entry, or the delete of one).", ["kind"], registry=r)
+        self.gc_runs = Counter(
+            "fastpath_conntrack_gc_runs_total",
+            "Garbage-collection sweeps of the conntrack map.", registry=r)
+        self.gc_deleted = Counter(
+            "fastpath_conntrack_gc_deleted_entries_total",
+            "Conntrack entries removed by the agent, by reason: idle (no packet for longer "
+            "than the protocol's idle timeout), backend-removed (its backend left the Service).",
+            ["reason"], registry=r)
+        self.gc_seconds = Gauge(
+            "fastpath_conntrack_gc_last_duration_seconds",
+            "Time the last conntrack garbage-collection sweep took.", registry=r)
+        for kind in SYNC_KINDS:
+            self.sync_errors.labels(kind=kind)
+            self.sync_ops.labels(kind=kind)
+        for reason in ("idle", "backend-removed"):
+            self.gc_deleted.labels(reason=reason)
         r.register(DatapathCollector(agent))
+
+    def observe_sync(self, kind: str, seconds: float, ops: int = 0, ok: bool = True) -> None:
+        """One sync of `kind`'s maps (the service sync; the policy sync when
+        enforcement is built)."""
+        self.sync_seconds.labels(kind=kind).observe(seconds)
+        if ops:
+            self.sync_ops.labels(kind=kind).inc(ops)
+        if not ok:
+            self.sync_errors.labels(kind=kind).inc()
+
+    def observe_backend_flows_removed(self, n: int) -> None:
+        if n:
+            self.gc_deleted.labels(reason="backend-removed").inc(n)
+
+    def observe_gc(self, seconds: float, idle: int) -> None:
+        self.gc_runs.inc()
+        self.gc_seconds.set(seconds)
+        if idle:
+            self.gc_deleted.labels(reason="idle").inc(idle)
+
+    def record_restored_maps(self, datapath) -> None:
+        """What the pinned service and conntrack maps held when this start
+        opened them (before any reconcile)."""
+        from agent.datapath import libbpf
+        from agent.datapath.maps import MAP
+        self.restored_services.set(len(datapath.lb.services()))
+        fd = datapath.module.table(MAP["FP_MAP_CT"]).map_fd
+        info = libbpf.map_info(fd)
+        self.restored_conntrack.set(count_keys(fd, info.key_size, info.max_entries))
 
     def count_start(self, state_dir: Path) -> int:
         """Persist one more start in the state dir and expose the total."""

@@ -22,8 +22,9 @@ from agent.lb.table import ServiceTable
 log = logging.getLogger("fastpath.services")
 
 
-def apply_op(lb, op) -> None:
-    """One reconciler operation as one or more map writes."""
+def apply_op(lb, op) -> int:
+    """One reconciler operation as one or more map writes. Returns the
+    conntrack entries it removed (those of a deleted backend)."""
     if isinstance(op, PutBackend):
         b = op.backend
         lb.put_backend(op.backend_id, b.ip, b.port, b.protocol)
@@ -41,9 +42,10 @@ def apply_op(lb, op) -> None:
     elif isinstance(op, DeleteBackend):
         lb.delete_backend(op.backend_id)
         # its flows must not linger (UDP would keep hitting a dead address)
-        lb.conntrack_delete_backend(op.backend_id)
+        return lb.conntrack_delete_backend(op.backend_id)
     else:
         raise TypeError(f"unknown service map operation {op!r}")
+    return 0
 
 
 def restore_reconciler(lb) -> Reconciler:
@@ -56,8 +58,10 @@ def restore_reconciler(lb) -> Reconciler:
 
 
 class ServiceSync:
-    def __init__(self, lb, store, source, node_name: str, *, settle: float = 0.05):
+    def __init__(self, lb, store, source, node_name: str, *, settle: float = 0.05,
+                 metrics=None):
         self.lb = lb
+        self.metrics = metrics          # agent.metrics.AgentMetrics, or None
         self.store = store
         self.source = source
         self.node_name = node_name
@@ -85,8 +89,11 @@ class ServiceSync:
 
     def _apply(self, updates, version: int) -> int:
         ops = self.reconciler.plan_changes(updates)
+        purged = 0
         for op in ops:
-            apply_op(self.lb, op)
+            purged += apply_op(self.lb, op)
+        if self.metrics is not None:
+            self.metrics.observe_backend_flows_removed(purged)
         self.applied_version = version
         self.last_plan_ops = len(ops)
         self.plans += 1
@@ -133,12 +140,18 @@ class ServiceSync:
         return self._apply(updates, changes[-1].version)
 
     def _guarded(self, fn) -> None:
+        t0 = time.monotonic()
         try:
-            fn()
+            ops = fn()
         except Exception:      # one bad plan must not stop the loop
             self.errors += 1
             log.exception("service sync failed; keeping the maps as they are")
             self.table = None
+            if self.metrics is not None:
+                self.metrics.observe_sync("Service", time.monotonic() - t0, ok=False)
+        else:
+            if self.metrics is not None:
+                self.metrics.observe_sync("Service", time.monotonic() - t0, ops)
 
 
 class SocketLbOptOut:

@@ -30,7 +30,7 @@ from agent.api import wire
 from agent.datapath import libbpf, tc
 from agent.simagent import AgentProcess, _detach_node, private_paths
 from bench.harness import build_fprr
-from fastpath_helpers import forwarded_by_stack, inject_truncated
+from fastpath_helpers import forwarded_by_stack, inject_truncated, serve_reply
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -126,6 +126,15 @@ def http(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def wait_for(fn, timeout: float = 20, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(step)
+
+
 def families(text: str) -> dict:
     return {f.name: f for f in text_string_to_metric_families(text)}
 
@@ -168,6 +177,52 @@ def serving_agent(node, paths, **overrides):
         _detach_node(node, cfg.tc_priority)
 
 
+def readme_metric_names() -> set[str]:
+    """Metric names the README's metrics table lists (wildcards left out)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Health and metrics"):text.index("### Upgrade, restart")]
+    names = set()
+    for line in section.splitlines():
+        if line.startswith("| `fastpath_"):
+            names |= set(re.findall(r"`(fastpath_[a-z0-9_]+)`", line.split(" | ")[0]))
+    return names
+
+
+def family_names(fams: dict) -> set[str]:
+    """Exposed families as the README names them (counters with _total);
+    the client's `_created` timestamps come as families of their own."""
+    return {f.name + "_total" if f.type == "counter" else f.name for f in fams.values()
+            if not f.name.endswith("_created")}
+
+
+SVC_VIP = "192.168.9.10"
+
+
+def web_service(backends: list[str], port: int = 8080, name: str = "web") -> str:
+    """A ClusterIP Service (TCP 80 and UDP 53 -> `port`) and its EndpointSlice."""
+    eps = "".join(f'\n  - addresses: ["{ip}"]\n    conditions: {{ready: true}}' for ip in backends)
+    return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {SVC_VIP}
+  ports:
+  - {{name: tcp, port: 80, targetPort: {port}, protocol: TCP}}
+  - {{name: udp, port: 53, targetPort: {port + 1}, protocol: UDP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: tcp, port: {port}, protocol: TCP}}, {{name: udp, port: {port + 1}, protocol: UDP}}]
+endpoints:{eps if backends else " []"}
+"""
+
+
 def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
     node = world.add_node("n1", enis=1)
     a, b = node.add_pod("a"), node.add_pod("b")
@@ -175,11 +230,17 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
         Path(paths.manifests, "bad.yaml").write_text(
             "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: default}\n"
             "spec: {clusterIP: 192.168.9.9, ports: [{port: 70000}]}\n")
+        Path(paths.manifests, "web.yaml").write_text(web_service([b.ip]))
         with serving_agent(node, paths) as agent:
             for p in (a, b):
                 wire.call(paths.socket, "EndpointAdd", {
                     "netns": p.netns_path, "ifname": "eth0", "container_id": f"c-{p.name}",
                     "pod_namespace": "default", "pod_name": p.name})
+            # one translated TCP connection through the Service
+            serve_reply(b, 8080, "from-b")
+            b.wait_port(8080)
+            assert wait_for(lambda: a.run(["sh", "-c", f"printf hi | nc -N -w 2 {SVC_VIP} 80"],
+                                          check=False, timeout=10).stdout == "from-b")
             try:
                 wire.call(paths.socket, "EndpointAdd", {"netns": "/var/run/netns/absent-0",
                                                         "container_id": "c-x"})
@@ -228,9 +289,36 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
             assert sample(fams, "fastpath_k8s_synced") == 1
             assert sample(fams, "fastpath_k8s_rejected_objects", "_total", source="directory",
                           kind="Service") >= 1
+            assert sample(fams, "fastpath_services") == 2          # TCP 80 and UDP 53
+            assert sample(fams, "fastpath_service_backends") == 2
+            assert sample(fams, "fastpath_sync_duration_seconds", "_count", kind="Service") >= 1
+            assert sample(fams, "fastpath_sync_map_operations", "_total", kind="Service") >= 6
+            assert sample(fams, "fastpath_sync_errors", "_total", kind="Service") == 0
+            ct_rows = agent.datapath.lb.conntrack()
+            for direction in ("forward", "reply"):
+                n = sum(1 for r in ct_rows if r.proto == "TCP" and r.direction == direction)
+                assert sample(fams, "fastpath_conntrack_entries", protocol="TCP",
+                              direction=direction) == n >= 1
+            assert sample(fams, "fastpath_map_entries", map="fp_ct4_v1") == len(ct_rows)
+            assert sample(fams, "fastpath_agent_restored_services") == 0   # a first start
+            # every pinned hash map is listed, the conntrack map included
+            from agent.datapath.loader import pinned_map_names
+            listed = {s.labels["map"] for s in fams["fastpath_map_entries"].samples}
+            assert {"fp_ep4_v1", "fp_svc4_v1", "fp_be4_v1", "fp_slot4_v1", "fp_ct4_v1",
+                    "fp_aff4_v1", "fp_sockrev4_v1", "fp_bypass4_v1"} <= listed <= set(
+                        pinned_map_names())
             # what the dashboard and the alert rules query exists, by name
             missing = names_used_in_deploy() - exposed_names(fams)
             assert not missing, missing
+            # the README's table and the exposition name the same families
+            # (the policy ones appear with enforcement: not built yet)
+            policy = {"fastpath_policies", "fastpath_policy_rules", "fastpath_policy_refused"}
+            exposed = {n for n in family_names(fams)
+                       if n.startswith("fastpath_") and not n.startswith("fastpath_k8s_")}
+            listed = readme_metric_names()
+            assert listed - exposed - policy - {"fastpath_k8s_api_reconnects_total"} == set()
+            assert "fastpath_k8s_api_reconnects_total" in family_names(fams)
+            assert exposed - listed == set()
 
             code, text = http(f"http://{addr['health']}/healthz")
             assert code == 200 and "ok api" in text and "ok agent-lock" in text, text
@@ -257,15 +345,6 @@ users: [{name: agent, user: {token: unused}}]
 contexts: [{name: gone, context: {cluster: gone, user: agent}}]
 current-context: gone
 """
-
-
-def wait_for(fn, timeout: float = 20, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(step)
 
 
 def test_flows_survive_kill9_restart_and_a_restart_with_the_api_unreachable(world, monkeypatch):

@@ -252,6 +252,10 @@ class LbMaps:
                 pass
         return len(doomed)
 
+    def conntrack_table(self):
+        """The conntrack map itself, for the garbage collector (agent/conntrack.py)."""
+        return self._ct
+
     def conntrack_flush(self) -> None:
         self._ct.clear()
 

@@ -195,6 +195,8 @@ class KubernetesSource(Source):
         if not st.connected:
             st.connected = True
             self.metrics.api_up.labels(kind=kind.value).set(1)
+            if st.errors:
+                self.metrics.reconnects.labels(kind=kind.value).inc()
         with self._health_lock:
             if self._down_since is not None and all(s.connected for s in self.kinds.values()):
                 log.info("Kubernetes API at %s reachable again after %.1fs", self.host,

@@ -41,6 +41,11 @@ class K8sMetrics:
             "fastpath_k8s_api_errors_total",
             "Failed list or watch requests to the Kubernetes API, by kind and reason.",
             ["kind", "reason"], registry=r)
+        self.reconnects = Counter(
+            "fastpath_k8s_api_reconnects_total",
+            "Times a kind's list or watch reached the Kubernetes API again after a failed "
+            "request (the API was unreachable or refused, then answered).",
+            ["kind"], registry=r)
         self.relists = Counter(
             "fastpath_k8s_relists_total",
             "Full lists of a kind, by reason (initial, expired, resync, error).",

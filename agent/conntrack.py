@@ -1,0 +1,135 @@
+"""Conntrack garbage collection for translated flows.
+
+The conntrack map is an LRU: when full, the kernel evicts its least recently
+used entries, which may be those of a quiet but live TCP connection (a
+database session idle for minutes) pushed out by a burst of short UDP
+flows (DNS). The agent sweeps the map every `conntrack_gc_interval` seconds
+and removes the flows idle for longer than their protocol's timeout
+(`conntrack_tcp_idle_timeout`, `conntrack_idle_timeout`), so the LRU only
+ever has to evict under real pressure.
+
+A flow is its forward entry (client -> VIP) and its reply entry (backend ->
+client); each direction refreshes its own `last_seen` (bpf_ktime_get_ns, the
+clock of time.monotonic_ns). A flow is removed only when both are idle, so a
+flow where one side sends (a server push acknowledged by the client, a
+one-way UDP stream) is kept. Both entries are read again just before they
+are deleted and the flow is kept if a packet refreshed either since the
+sweep looked (a window of microseconds remains between that read and the
+delete).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+log = logging.getLogger("fastpath.conntrack")
+
+IPPROTO_TCP = 6
+
+
+def _key_tuple(k) -> tuple:
+    return (k.saddr, k.daddr, k.sport, k.dport, k.proto, k.dir)
+
+
+def sweep(table, now_ns: int, tcp_idle_ns: int, other_idle_ns: int, hairpin_ip: str) -> int:
+    """Remove idle flows from the conntrack map `table` (a bcc table of
+    fp_ct4_key -> fp_ct4). Returns the number of entries removed."""
+    from agent.datapath.maps import DEFS, be32
+    fwd_dir, rep_dir = DEFS.defines["FP_CT_FORWARD"], DEFS.defines["FP_CT_REPLY"]
+    hairpin_flag = DEFS.defines["FP_CT_F_HAIRPIN"]
+    hairpin = be32(hairpin_ip)
+    seen = {}
+    for k, v in table.items():
+        seen[_key_tuple(k)] = v.last_seen
+
+    def idle_for(proto: int) -> int:
+        return tcp_idle_ns if proto == IPPROTO_TCP else other_idle_ns
+
+    doomed: list[list[tuple]] = []      # flows: [forward, reply] or [orphan]
+    paired: set[tuple] = set()
+    for key, last in seen.items():
+        saddr, daddr, sport, dport, proto, d = key
+        if d != fwd_dir:
+            continue
+        try:
+            v = table[table.Key(*key)]
+        except KeyError:
+            continue          # evicted or removed since the walk
+        rdaddr = hairpin if v.flags & hairpin_flag else saddr
+        rkey = (v.nat_addr, rdaddr, v.nat_port, sport, proto, rep_dir)
+        rlast = seen.get(rkey)
+        if rlast is not None:
+            paired.add(rkey)
+        newest = max(last, rlast or 0)
+        if now_ns - newest > idle_for(proto):
+            doomed.append([key] if rlast is None else [key, rkey])
+    for key, last in seen.items():
+        if key[5] == rep_dir and key not in paired and now_ns - last > idle_for(key[4]):
+            doomed.append([key])    # its forward entry is gone (evicted, or a flush)
+    removed = 0
+    for flow in doomed:
+        keys = [table.Key(*key) for key in flow]
+        try:
+            # a packet in either direction since the walk: the flow lives
+            if any(table[k].last_seen != seen[key] for k, key in zip(keys, flow)):
+                continue
+        except KeyError:
+            pass              # one entry already gone: remove the rest
+        for k in keys:
+            try:
+                del table[k]
+                removed += 1
+            except KeyError:
+                pass
+    return removed
+
+
+class ConntrackGC:
+    """The agent's periodic sweep (a daemon thread)."""
+
+    def __init__(self, lb, *, interval: float, tcp_idle: float, other_idle: float,
+                 hairpin_ip: str, metrics=None, lock=None):
+        self.lb = lb
+        self.interval = interval
+        self.tcp_idle_ns = int(tcp_idle * 1e9)
+        self.other_idle_ns = int(other_idle * 1e9)
+        self.hairpin_ip = hairpin_ip
+        self.metrics = metrics
+        self.runs = 0
+        self.removed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="conntrack-gc", daemon=True)
+
+    def start(self) -> "ConntrackGC":
+        if self.interval > 0:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def run_once(self) -> int:
+        t0 = time.monotonic()
+        n = sweep(self.lb.conntrack_table(), time.monotonic_ns(), self.tcp_idle_ns,
+                  self.other_idle_ns, self.hairpin_ip)
+        secs = time.monotonic() - t0
+        self.runs += 1
+        self.removed += n
+        if self.metrics is not None:
+            self.metrics.observe_gc(secs, n)
+        if n:
+            log.info("conntrack GC: removed %d idle entries in %.3fs", n, secs)
+        return n
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run_once()
+            except Exception:         # the next sweep tries again
+                log.exception("conntrack GC sweep failed")
+
+
+__all__ = ["ConntrackGC", "sweep"]
