@@ -54,6 +54,8 @@ def parse_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+_NO_POLICY = ("the datapath checks exist but the agent does not program the policy maps yet: "
+              "every value behaves as never")
 # Shared reason of the Service keys' `pending`, removed with the feature.
 _NO_LB = "not built yet: the datapath translates ClusterIP frontends only (per packet and at the socket)"
 _ALWAYS_ON = "always honoured by the service compiler; turning it off is not supported yet"
@@ -138,11 +140,14 @@ KEYS: tuple[Key, ...] = (
         "NetworkPolicy enforcement: never (DataPath V2), default (as Kubernetes: pods selected "
         "by a policy are isolated), always (deny unless allowed)",
         choices=("never", "default", "always"),
-        pending="NetworkPolicy enforcement is not built yet: every value behaves as never"),
+        pending=_NO_POLICY),
     Key("local_router_ipv4", str, "169.254.10.1", "the node-side router address DataPath V2 "
         "gives its host device; fastpath sources hairpinned Service traffic from it", check=_ipv4),
-    Key("policy_map_size", int, 65536, "max NetworkPolicy entries", minimum=16, maximum=1 << 22,
-        pending="the policy map does not exist yet"),
+    Key("policy_map_size", int, 65536, "max NetworkPolicy rule entries (pod, peer identity, "
+        "direction, protocol, port block) on this node", minimum=16, maximum=1 << 22,
+        pending=_NO_POLICY),
+    Key("ipcache_map_size", int, 65536, "max NetworkPolicy peer prefixes (pod and node /32s, "
+        "ipBlock boundaries)", minimum=16, maximum=1 << 22, pending=_NO_POLICY),
     Key("cgroup_root", str, "", "cgroup v2 directory where socket-LB programs attach "
         "(empty: the cgroup2 mount of this host)", check=_abs_path_or_empty),
     Key("metrics_address", str, "0.0.0.0:9962",

@@ -1,34 +1,57 @@
 /* Programs on the node's ENIs (eth1..ethN), tc hooks.
  *
- * fp_from_vpc (tc ingress): IPv4 for a local endpoint is redirected straight
- * into the pod's netns; everything else (the node's own traffic, ARP, ...)
- * goes to the stack unchanged.
+ * fp_from_vpc (tc ingress): IPv4 for a local endpoint passes the pod's
+ * ingress policy (when NetworkPolicy is on) and is redirected straight into
+ * the pod's netns; everything else (the node's own traffic, ARP, ...) goes to
+ * the stack unchanged.
  * fp_to_vpc (tc egress) lets everything through; a hook for later stages.
  */
 #include "lib/fwd.h"
+#include "lib/policy.h"
 
-int fp_from_vpc(struct __sk_buff *skb)
+static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 {
 	struct fp_ipv4 ip = {};
 	struct fp_endpoint *dst;
+	struct fp_verdict pv = {};
 	enum fp_reason reason = FP_FWD_STACK;
 	int verdict = FP_TC_CONTINUE;
+	__be16 sport = 0, dport = 0;
 
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
 		return FP_TC_CONTINUE;
 	case FP_PARSE_INVALID:
-		fp_count(skb->ifindex, FP_DIR_FROM_VPC, FP_DROP_INVALID, skb->len);
-		fp_test_record(0, FP_RD_NONE, 0, FP_DROP_INVALID);
-		return TC_ACT_SHOT;
+		reason = FP_DROP_INVALID;
+		verdict = TC_ACT_SHOT;
+		goto out;
 	}
 
 	dst = fp_endpoint_lookup(ip.daddr);
-	if (dst)
+	if (dst) {
+		fp_policy_ports(skb, &ip, &sport, &dport);
+		if (fp_policy_enabled() &&
+		    fp_policy_judge(skb, FP_DIR_FROM_VPC, &ip, sport, dport, 0, &pv) < 0) {
+			reason = FP_DROP_POLICY;
+			verdict = TC_ACT_SHOT;
+			goto out;
+		}
 		verdict = fp_redirect_local(skb, &ip, dst, &reason);
+	}
+out:
 	fp_count(skb->ifindex, FP_DIR_FROM_VPC, reason, skb->len);
+	fp_report(skb, FP_DIR_FROM_VPC, reason, &ip, sport, dport, ip.daddr, dport, &pv);
 	if (verdict != TC_ACT_REDIRECT)
 		fp_test_record(0, FP_RD_NONE, 0, reason);
+	return verdict;
+}
+
+int fp_from_vpc(struct __sk_buff *skb)
+{
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_from_vpc_run(skb);
+
+	fp_whatif_exit(prev);
 	return verdict;
 }
 

@@ -57,10 +57,38 @@ BPF_TABLE_PINNED("array", __u32, struct fp_config, FP_MAP_CONFIG, 1, FP_PIN(FP_M
 BPF_TABLE_PINNED("hash", __u64, struct fp_socklb_skip, FP_MAP_SOCKLB_SKIP, FP_EP_MAX,
 		 FP_PIN(FP_MAP_SOCKLB_SKIP));
 
-#ifdef FP_TEST
-/* Test builds record their redirect decisions (see struct fp_testrec). */
-BPF_ARRAY(FP_MAP_TESTREC, struct fp_testrec, 1);
-#endif
+/* Decisions of test and what-if packets (see struct fp_decision). */
+BPF_TABLE_PINNED("array", __u32, struct fp_decision, FP_MAP_DECISION, 1, FP_PIN(FP_MAP_DECISION));
+
+/* NetworkPolicy: peer identities, per-pod isolation, rules, verdict counters. */
+BPF_TABLE_PINNED("lpm_trie", struct fp_lpm4_key, __u32,
+		 FP_MAP_IPCACHE, FP_IPCACHE_MAX, FP_PIN(FP_MAP_IPCACHE), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __be32, struct fp_pol_ep,
+		 FP_MAP_POLICY_EP, FP_EP_MAX, FP_PIN(FP_MAP_POLICY_EP));
+BPF_TABLE_PINNED("lpm_trie", struct fp_pol_key, struct fp_pol_rule,
+		 FP_MAP_POLICY, FP_POLICY_MAX, FP_PIN(FP_MAP_POLICY), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_hash", struct fp_polcnt_key, struct fp_counter,
+		 FP_MAP_POLICY_CNT, FP_POLCNT_MAX, FP_PIN(FP_MAP_POLICY_CNT));
+
+/* Events for `fastpath monitor`. bcc 0.26 has no pinned form of
+ * BPF_RINGBUF_OUTPUT, so its table type is spelled out here with the pin
+ * path in the section name, as BPF_TABLE_PINNED does for other maps. */
+struct FP_MAP_EVENTS_table_t {
+	int key;
+	__u32 leaf;
+	int (*ringbuf_output)(void *, __u64, __u64);
+	void *(*ringbuf_reserve)(__u64);
+	void (*ringbuf_discard)(void *, __u64);
+	void (*ringbuf_submit)(void *, __u64);
+	__u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" FP_PIN(FP_MAP_EVENTS))))
+struct FP_MAP_EVENTS_table_t FP_MAP_EVENTS = { .max_entries = FP_EVENTS_BYTES };
+
+/* Whether the packet being processed on this CPU is a what-if packet: the
+ * tc programs set it on entry and restore it on exit (see fp_whatif_enter),
+ * and every state-changing accessor below checks it. */
+BPF_PERCPU_ARRAY(fp_whatif_cpu, __u32, 1);
 
 static __always_inline struct fp_endpoint *fp_endpoint_lookup(__be32 ip4)
 {
@@ -81,12 +109,56 @@ static __always_inline int fp_bypass_match(__be32 ip4)
 	return FP_MAP_BYPASS.lookup(&key) != NULL;
 }
 
+static __always_inline int fp_whatif(void)
+{
+	__u32 zero = 0;
+	__u32 *on = fp_whatif_cpu.lookup(&zero);
+
+	return on && *on;
+}
+
+/* Returns the previous state, to give back to fp_whatif_exit. */
+static __always_inline __u32 fp_whatif_enter(struct __sk_buff *skb)
+{
+	__u32 zero = 0, prev = 0;
+	__u32 *on = fp_whatif_cpu.lookup(&zero);
+
+	if (on) {
+		prev = *on;
+		*on = skb->mark == FP_WHATIF_MARK;
+	}
+	return prev;
+}
+
+static __always_inline void fp_whatif_exit(__u32 prev)
+{
+	__u32 zero = 0;
+	__u32 *on = fp_whatif_cpu.lookup(&zero);
+
+	if (on)
+		*on = prev;
+}
+
+static __always_inline struct fp_decision *fp_decision_rec(void)
+{
+	__u32 zero = 0;
+
+#ifndef FP_TEST
+	if (!fp_whatif())
+		return NULL;
+#endif
+	return FP_MAP_DECISION.lookup(&zero);
+}
+
 static __always_inline void fp_count(__u32 ifindex, enum fp_dir dir,
 				     enum fp_reason reason, __u32 bytes)
 {
 	struct fp_counter_key key = { .ifindex = ifindex, .reason = reason, .dir = dir };
-	struct fp_counter *c = FP_MAP_COUNTERS.lookup(&key);
+	struct fp_counter *c;
 
+	if (fp_whatif())
+		return;
+	c = FP_MAP_COUNTERS.lookup(&key);
 	if (!c) {
 		struct fp_counter zero = {};
 
@@ -129,12 +201,14 @@ static __always_inline struct fp_ct4 *fp_ct_lookup(struct fp_ct4_key *key)
 
 static __always_inline void fp_ct_delete(struct fp_ct4_key *key)
 {
-	FP_MAP_CT.delete(key);
+	if (!fp_whatif())
+		FP_MAP_CT.delete(key);
 }
 
 static __always_inline void fp_ct_put(struct fp_ct4_key *key, struct fp_ct4 *val)
 {
-	FP_MAP_CT.update(key, val);
+	if (!fp_whatif())
+		FP_MAP_CT.update(key, val);
 }
 
 static __always_inline struct fp_aff4 *fp_affinity_lookup(struct fp_aff4_key *key)
@@ -144,7 +218,8 @@ static __always_inline struct fp_aff4 *fp_affinity_lookup(struct fp_aff4_key *ke
 
 static __always_inline void fp_affinity_put(struct fp_aff4_key *key, struct fp_aff4 *val)
 {
-	FP_MAP_AFFINITY.update(key, val);
+	if (!fp_whatif())
+		FP_MAP_AFFINITY.update(key, val);
 }
 
 static __always_inline struct fp_config *fp_config_get(void)
@@ -167,9 +242,7 @@ static __always_inline struct fp_sockrev4 *fp_sockrev_lookup(struct fp_sockrev4_
 static __always_inline void fp_test_record(__u32 ifindex, enum fp_redirect_kind kind,
 					   __be32 nexthop, enum fp_reason reason)
 {
-#ifdef FP_TEST
-	int zero = 0;
-	struct fp_testrec *rec = FP_MAP_TESTREC.lookup(&zero);
+	struct fp_decision *rec = fp_decision_rec();
 
 	if (rec) {
 		rec->ifindex = ifindex;
@@ -177,7 +250,85 @@ static __always_inline void fp_test_record(__u32 ifindex, enum fp_redirect_kind 
 		rec->nexthop = nexthop;
 		rec->reason = reason;
 	}
-#endif
+}
+
+static __always_inline void fp_decision_nat(__u32 svc_id, __u32 backend_id,
+					    __be32 addr, __be16 port)
+{
+	struct fp_decision *rec = fp_decision_rec();
+
+	if (rec) {
+		rec->svc_id = svc_id;
+		rec->backend_id = backend_id;
+		rec->nat_daddr = addr;
+		rec->nat_dport = port;
+	}
+}
+
+static __always_inline void fp_decision_policy(__u8 dir, __u8 verdict, __u32 policy_id,
+					       __u32 peer_id)
+{
+	struct fp_decision *rec = fp_decision_rec();
+
+	if (rec && dir < 2) {
+		rec->pv[dir] = verdict;
+		rec->policy_id[dir] = policy_id;
+		rec->peer_id[dir] = peer_id;
+	}
+}
+
+/* ---- NetworkPolicy ---- */
+
+static __always_inline __u32 fp_identity_of(__be32 addr)
+{
+	struct fp_lpm4_key key = { .prefixlen = 32, .addr = addr };
+	__u32 *id = FP_MAP_IPCACHE.lookup(&key);
+
+	return id ? *id : FP_ID_WORLD;
+}
+
+static __always_inline struct fp_pol_ep *fp_policy_ep(__be32 ip4)
+{
+	return FP_MAP_POLICY_EP.lookup(&ip4);
+}
+
+static __always_inline struct fp_pol_rule *fp_policy_rule(struct fp_pol_key *key)
+{
+	return FP_MAP_POLICY.lookup(key);
+}
+
+static __always_inline void fp_policy_count(__u32 policy_id, __u8 dir, __u8 verdict, __u32 bytes)
+{
+	struct fp_polcnt_key key = { .policy_id = policy_id, .dir = dir, .verdict = verdict };
+	struct fp_counter *c;
+
+	if (fp_whatif())
+		return;
+	c = FP_MAP_POLICY_CNT.lookup(&key);
+	if (!c) {
+		struct fp_counter zero = {};
+
+		FP_MAP_POLICY_CNT.insert(&key, &zero);
+		c = FP_MAP_POLICY_CNT.lookup(&key);
+		if (!c)
+			return;
+	}
+	c->packets += 1;
+	c->bytes += bytes;
+}
+
+/* Ring buffer events. Reserve-and-submit: when the buffer is full (nobody
+ * reading, or a reader too slow) the event is lost, never the packet. */
+static __always_inline struct fp_event *fp_event_reserve(void)
+{
+	if (fp_whatif())
+		return NULL;
+	return FP_MAP_EVENTS.ringbuf_reserve(sizeof(struct fp_event));
+}
+
+static __always_inline void fp_event_submit(struct fp_event *ev)
+{
+	FP_MAP_EVENTS.ringbuf_submit(ev, 0);
 }
 
 static __always_inline int fp_socklb_skipped(__u64 netns_cookie)

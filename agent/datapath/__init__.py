@@ -41,9 +41,7 @@ class Datapath:
         preflight(self.options.pin_root)
         self.module, self.migration_notes = open_module(self.options)
         self.module.load_programs()
-        names = list(MAP.values())
-        if not self.options.test_build:
-            names.remove(MAP["FP_MAP_TESTREC"])
+        names = [n for n in MAP.values() if n != MAP["FP_MAP_EVENTS"]]
         tables = {n: self.module.table(n) for n in names}
         self.maps = Maps(tables)
         self.lb = LbMaps(tables)

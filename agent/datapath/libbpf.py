@@ -145,6 +145,7 @@ def obj_get(path: str) -> int:
 
 
 PERCPU_MAP_TYPES = {5, 6, 10}     # percpu_hash, percpu_array, lru_percpu_hash
+BPF_MAP_TYPE_RINGBUF = 27
 
 
 def possible_cpus() -> int:

@@ -62,6 +62,8 @@ class BuildOptions:
     affinity_max: int
     sockrev_max: int
     hairpin_ip: str = "169.254.10.1"
+    policy_max: int = 65536
+    ipcache_max: int = 65536
     test_build: bool = False
 
     @classmethod
@@ -71,7 +73,9 @@ class BuildOptions:
                    config.slots_map_size, config.conntrack_map_size, config.affinity_map_size,
                    # socket-LB's reverse table holds one entry per translated
                    # socket, the socket-level twin of a conntrack entry
-                   config.conntrack_map_size, config.local_router_ipv4, test_build)
+                   config.conntrack_map_size, config.local_router_ipv4,
+                   policy_max=config.policy_map_size, ipcache_max=config.ipcache_map_size,
+                   test_build=test_build)
 
     def cflags(self) -> list[str]:
         flags = [
@@ -86,6 +90,10 @@ class BuildOptions:
             f"-DFP_CT_MAX={self.ct_max}",
             f"-DFP_AFF_MAX={self.affinity_max}",
             f"-DFP_SOCKREV_MAX={self.sockrev_max}",
+            f"-DFP_POLICY_MAX={self.policy_max}",
+            f"-DFP_IPCACHE_MAX={self.ipcache_max}",
+            # (policy, direction, verdict) counters: bounded, whatever the rules
+            f"-DFP_POLCNT_MAX={min(self.policy_max, 16384)}",
             # as the raw value of a __be32 field, to compare without swapping
             f"-DFP_HAIRPIN_IP={_be32_literal(self.hairpin_ip)}",
             "-Wno-unused-function",
@@ -240,7 +248,7 @@ def _declared(bpf, table) -> tuple[int, int, int, int]:
 
 def pinned_map_names() -> list[str]:
     m = bpfdefs.load().maps
-    return [v for k, v in m.items() if k != "FP_MAP_TESTREC"]
+    return list(m.values())
 
 
 def _mismatches(bpf) -> list[tuple[str, str, bool]]:
@@ -255,7 +263,9 @@ def _mismatches(bpf) -> list[tuple[str, str, bool]]:
             continue
         desc = (f"pinned {name}: type {info.type} key {info.key_size}B value {info.value_size}B "
                 f"max {info.max_entries}; compiled: type {mtype} key {ksize}B value {vsize}B max {maxent}")
-        copyable = (info.type, info.key_size, info.value_size) == (mtype, ksize, vsize)
+        # a ring buffer holds events in flight, not state: never copied
+        copyable = ((info.type, info.key_size, info.value_size) == (mtype, ksize, vsize)
+                    and mtype != libbpf.BPF_MAP_TYPE_RINGBUF)
         out.append((name, desc, copyable))
     return out
 

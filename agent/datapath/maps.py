@@ -130,10 +130,17 @@ class Maps:
         t = self._t[MAP["FP_MAP_BYPASS"]]
         return sorted(f"{ip_from_be32(k.addr)}/{k.prefixlen}" for k, _ in t.items())
 
-    def testrec(self):
-        t = self._t[MAP["FP_MAP_TESTREC"]]
-        rec = t[t.Key(0)]
-        return rec
+    def decision(self):
+        """The decision record of the last test or what-if packet."""
+        t = self._t[MAP["FP_MAP_DECISION"]]
+        return t[t.Key(0)]
+
+    def decision_reset(self, reason: int) -> None:
+        t = self._t[MAP["FP_MAP_DECISION"]]
+        v = t.Leaf()
+        v.reason = reason
+        v.pv[0] = v.pv[1] = DEFS.defines["FP_PV_NONE"]
+        t[t.Key(0)] = v
 
 
 PROTO_NUM = {"TCP": 6, "UDP": 17, "SCTP": 132}
@@ -275,22 +282,33 @@ def netns_cookie(netns: str | None = None) -> int:
 
 
 class ConfigMap:
-    """The programs' runtime settings (one array entry)."""
+    """The programs' runtime settings (one array entry). Each writer changes
+    only its own fields: socket-LB, policy and monitor settings are set by
+    different parts of the agent (and the monitor) at different times."""
 
     def __init__(self, tables):
         self._t = tables[MAP["FP_MAP_CONFIG"]]
 
+    def _update(self, *, set_flags: int = 0, clear_flags: int = 0, **fields) -> None:
+        v = self._t[self._t.Key(0)]
+        v.flags = (v.flags & ~clear_flags) | set_flags
+        for name, value in fields.items():
+            setattr(v, name, value)
+        self._t[self._t.Key(0)] = v
+
     def set(self, *, socket_lb: bool, hostns_only: bool, host_netns_cookie: int) -> None:
-        flags = 0
-        if socket_lb:
-            flags |= DEFS.defines["FP_CFG_F_SOCKLB"]
-        if hostns_only:
-            flags |= DEFS.defines["FP_CFG_F_SOCKLB_HOSTNS"]
-        self._t[self._t.Key(0)] = self._t.Leaf(host_netns_cookie=host_netns_cookie, flags=flags)
+        sock = DEFS.defines["FP_CFG_F_SOCKLB"]
+        hostns = DEFS.defines["FP_CFG_F_SOCKLB_HOSTNS"]
+        self._update(set_flags=(sock if socket_lb else 0) | (hostns if hostns_only else 0),
+                     clear_flags=sock | hostns, host_netns_cookie=host_netns_cookie)
+
+    def set_policy(self, enabled: bool) -> None:
+        flag = DEFS.defines["FP_CFG_F_POLICY"]
+        self._update(set_flags=flag if enabled else 0, clear_flags=flag)
 
     def get(self) -> dict:
         v = self._t[self._t.Key(0)]
-        return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags}
+        return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags, "events": v.events}
 
 
 

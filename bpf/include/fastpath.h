@@ -20,14 +20,19 @@
 #define FP_MAP_ENDPOINTS  fp_ep4_v1
 #define FP_MAP_COUNTERS   fp_cnt_v1
 #define FP_MAP_BYPASS     fp_bypass4_v1
-#define FP_MAP_TESTREC    fp_testrec_v1
+#define FP_MAP_DECISION   fp_decision_v1
 #define FP_MAP_SERVICES   fp_svc4_v1
 #define FP_MAP_SLOTS      fp_slot4_v1
 #define FP_MAP_BACKENDS   fp_be4_v1
 #define FP_MAP_CT         fp_ct4_v1
 #define FP_MAP_AFFINITY   fp_aff4_v1
 #define FP_MAP_SOCKREV    fp_sockrev4_v1
-#define FP_MAP_CONFIG     fp_cfg_v1
+#define FP_MAP_CONFIG     fp_cfg_v2
+#define FP_MAP_EVENTS     fp_events_v1
+#define FP_MAP_IPCACHE    fp_ipcache4_v1
+#define FP_MAP_POLICY_EP  fp_polep4_v1
+#define FP_MAP_POLICY     fp_pol4_v1
+#define FP_MAP_POLICY_CNT fp_polcnt_v1
 #define FP_MAP_SOCKLB_SKIP fp_sklbskip_v1
 
 /* Pod endpoints on this node, keyed by pod IPv4 address. Filled by the agent
@@ -67,11 +72,13 @@ _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 	X(FP_FWD_PASS,         6, "passed")                    \
 	X(FP_FWD_SVC,          7, "service-translated")        \
 	X(FP_FWD_REVNAT,       8, "service-reply-restored")    \
+	X(FP_FWD_AUDIT,        9, "policy-audit-would-deny")   \
 	X(FP_DROP_INVALID,   100, "dropped-invalid-packet")    \
 	X(FP_DROP_SPOOFED,   101, "dropped-source-spoofed")    \
 	X(FP_DROP_REDIRECT,  102, "dropped-redirect-failed")   \
 	X(FP_DROP_NO_BACKEND, 103, "dropped-service-no-backend") \
-	X(FP_DROP_CSUM,      104, "dropped-checksum-update")
+	X(FP_DROP_CSUM,      104, "dropped-checksum-update") \
+	X(FP_DROP_POLICY,    105, "dropped-policy-denied")
 
 #define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_dir { FP_DIRS(FP_ENUM_ENTRY) };
@@ -211,11 +218,17 @@ struct fp_sockrev4 {
 /* Runtime settings the programs read (one entry), written by the agent. */
 #define FP_CFG_F_SOCKLB          (1U << 0)  /* socket-LB on */
 #define FP_CFG_F_SOCKLB_HOSTNS   (1U << 1)  /* ... for the host netns only */
+#define FP_CFG_F_POLICY          (1U << 2)  /* NetworkPolicy checks on (mode default/always) */
+
+/* fp_config.events: which events besides drops go to the ring buffer.
+ * Drops are always reported; `fastpath monitor` sets these while it runs. */
+#define FP_CFG_EV_TRACE          (1U << 0)  /* every forwarding decision */
+#define FP_CFG_EV_POLICY         (1U << 1)  /* policy verdicts of new flows */
 
 struct fp_config {
 	__u64 host_netns_cookie; /* HBO: the node's netns, for host-only socket-LB */
 	__u32 flags;             /* HBO: FP_CFG_F_* */
-	__u32 pad;
+	__u32 events;            /* HBO: FP_CFG_EV_* */
 };
 _Static_assert(sizeof(struct fp_config) == 16, "fp_config layout");
 
@@ -231,8 +244,120 @@ struct fp_socklb_skip {
 #define FP_SOCKLB_SKIP_POD        (1U << 0)  /* the Pod's annotation */
 #define FP_SOCKLB_SKIP_NAMESPACE  (1U << 1)  /* its Namespace's annotation */
 
-/* Test builds only (FP_TEST): BPF_PROG_TEST_RUN does not perform redirects,
- * so programs record the target they chose here for the tests to assert. */
+/* NetworkPolicy (agent/policy compiles these; README "NetworkPolicy").
+ *
+ * ipcache: LPM trie, IPv4 prefix (struct fp_lpm4_key) -> peer identity
+ * (__u32 HBO). A miss is FP_ID_WORLD.
+ * policy endpoints: pod IPv4 -> per direction, whether it is isolated
+ * (enforced or audited) and the lowest deciding policy id.
+ * rules: LPM trie keyed by (pod, identity, direction) exactly, then
+ * protocol and destination port as the prefix; looked up with the peer's
+ * identity and with FP_ID_ANY. */
+#define FP_ID_ANY    0
+#define FP_ID_HOST   1
+#define FP_ID_WORLD  2
+
+#define FP_POL_INGRESS 0
+#define FP_POL_EGRESS  1
+
+#define FP_POL_F_ENFORCED (1U << 0)  /* default deny: only rules admit */
+#define FP_POL_F_AUDIT    (1U << 1)  /* would-be default deny: misses reported, forwarded */
+
+struct fp_pol_dir {
+	__u32 flags;           /* HBO: FP_POL_F_* */
+	__u32 policy_id;       /* HBO: lowest deciding policy id */
+};
+
+struct fp_pol_ep {
+	struct fp_pol_dir dir[2];  /* [FP_POL_INGRESS], [FP_POL_EGRESS] */
+};
+_Static_assert(sizeof(struct fp_pol_ep) == 16, "fp_pol_ep layout");
+
+/* Bits of a rule key matched exactly before protocol and port. */
+#define FP_POL_FIXED_BITS 72
+
+struct fp_pol_key {
+	__u32 prefixlen;       /* HBO: 72 (any protocol) or 80 + port prefix */
+	__be32 ep_ip4;         /* NBO: the pod the rule belongs to */
+	__be32 identity;       /* NBO: peer identity, FP_ID_ANY = any peer */
+	__u8 dir;              /* FP_POL_INGRESS / FP_POL_EGRESS */
+	__u8 proto;            /* IPPROTO_* */
+	__be16 dport;          /* NBO */
+};
+_Static_assert(sizeof(struct fp_pol_key) == 16, "fp_pol_key layout");
+
+#define FP_RULE_F_AUDIT (1U << 0)  /* the rule belongs to an audited direction */
+
+struct fp_pol_rule {
+	__u32 policy_id;       /* HBO: lowest id of the policies admitting the key */
+	__u32 flags;           /* HBO: FP_RULE_F_* */
+	__u64 flows;           /* HBO: new flows admitted by this entry */
+};
+_Static_assert(sizeof(struct fp_pol_rule) == 16, "fp_pol_rule layout");
+
+/* Per-policy verdict counters (new flows), per CPU. */
+#define FP_PV_ALLOW      0
+#define FP_PV_DENY       1
+#define FP_PV_AUDIT_DENY 2
+
+struct fp_polcnt_key {
+	__u32 policy_id;       /* HBO */
+	__u8 dir;              /* FP_POL_INGRESS / FP_POL_EGRESS */
+	__u8 verdict;          /* FP_PV_* */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_polcnt_key) == 8, "fp_polcnt_key layout");
+
+/* Policy conntrack: flows admitted while enforcement is on live in the
+ * conntrack map (struct fp_ct4_key with dir FP_CT_POLICY, keyed by the
+ * tuple after service translation), so that later packets and replies skip
+ * the rule lookups, and a policy change does not cut established flows. */
+#define FP_CT_POLICY  2
+#define FP_CT_POLICY_TCP_LIFETIME_NS   (6ULL * 3600 * 1000000000ULL)
+#define FP_CT_POLICY_OTHER_LIFETIME_NS (60ULL * 1000000000ULL)
+
+/* Events to `fastpath monitor`: a ring buffer of struct fp_event. */
+#define FP_EVENT_TYPES(X)                     \
+	X(FP_EV_DROP,   1, "drop")           \
+	X(FP_EV_TRACE,  2, "trace")          \
+	X(FP_EV_POLICY, 3, "policy-verdict")
+
+#define FP_ENUM_ENTRY(name, val, label) name = val,
+enum fp_event_type { FP_EVENT_TYPES(FP_ENUM_ENTRY) };
+#undef FP_ENUM_ENTRY
+
+#define FP_EVENTS_BYTES (256 * 1024)
+
+#define FP_EV_F_NAT     (1U << 0)  /* nat_daddr/nat_dport hold the service translation */
+#define FP_EV_F_INGRESS (1U << 1)  /* policy verdict of the destination's ingress (else egress) */
+
+struct fp_event {
+	__u64 ts_ns;           /* HBO: bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
+	__u32 ifindex;         /* HBO */
+	__u16 reason;          /* HBO: enum fp_reason */
+	__u8 dir;              /* enum fp_dir */
+	__u8 type;             /* enum fp_event_type */
+	__be32 saddr;          /* NBO: as the packet arrived */
+	__be32 daddr;          /* NBO: as the packet arrived (a VIP if translated) */
+	__be16 sport;          /* NBO */
+	__be16 dport;          /* NBO */
+	__u8 proto;
+	__u8 flags;            /* FP_EV_F_* */
+	__u16 pad;
+	__be32 nat_daddr;      /* NBO: backend, with FP_EV_F_NAT */
+	__be16 nat_dport;      /* NBO */
+	__u16 pad2;
+	__u32 policy_id;       /* HBO: deciding policy (0: none) */
+	__u32 peer_id;         /* HBO: peer identity of a policy verdict */
+};
+_Static_assert(sizeof(struct fp_event) == 48, "fp_event layout");
+
+/* What a program decided for one packet. BPF_PROG_TEST_RUN does not perform
+ * redirects, so programs record their decisions here: always in test builds
+ * (FP_TEST), and in production for packets marked FP_WHATIF_MARK, the
+ * packets `fastpath trace` runs through the live programs. A what-if packet
+ * changes no state: no conntrack, affinity, counter or event is written. */
+#define FP_WHATIF_MARK 0xfa570001U
 #define FP_REDIRECT_KINDS(X)             \
 	X(FP_RD_NONE,  0, "none")         \
 	X(FP_RD_PLAIN, 1, "redirect")     \
@@ -243,11 +368,21 @@ struct fp_socklb_skip {
 enum fp_redirect_kind { FP_REDIRECT_KINDS(FP_ENUM_ENTRY) };
 #undef FP_ENUM_ENTRY
 
-struct fp_testrec {
+#define FP_PV_NONE 0xff    /* fp_decision.pv[]: this direction was not checked */
+
+struct fp_decision {
 	__u32 ifindex;         /* HBO: redirect target */
 	__u32 kind;            /* HBO: enum fp_redirect_kind */
 	__be32 nexthop;        /* NBO: neighbour the redirect resolves, if any */
 	__u32 reason;          /* HBO: last reason counted */
+	__u32 svc_id;          /* HBO: service translation (0: none) */
+	__u32 backend_id;      /* HBO */
+	__be32 nat_daddr;      /* NBO */
+	__be16 nat_dport;      /* NBO */
+	__u8 pv[2];            /* FP_PV_* per FP_POL_INGRESS/EGRESS, FP_PV_NONE if unchecked */
+	__u32 policy_id[2];    /* HBO: deciding policy per direction */
+	__u32 peer_id[2];      /* HBO: peer identity per direction */
 };
+_Static_assert(sizeof(struct fp_decision) == 48, "fp_decision layout");
 
 #endif /* FASTPATH_H */

@@ -198,6 +198,7 @@ static __always_inline int fp_lb_translate(struct __sk_buff *skb, struct fp_ipv4
 			ip->saddr = router;
 		}
 	}
+	fp_decision_nat(svc->svc_id, backend_id, ip->daddr, l4->dport);
 	*reason = FP_FWD_SVC;
 	return 0;
 }

@@ -33,7 +33,7 @@ REMOTE_NO_NEIGH = "10.0.3.30"  # reached via a gateway with no neighbour entry
 GW2 = "10.0.0.254"
 BYPASS_IP = "169.254.20.10"
 SERVICE_CIDR, SERVICE_VIP = "192.168.0.0/16", "192.168.0.10"
-NOT_RECORDED = 0xFFFF         # testrec reason before a run: "program recorded nothing"
+NOT_RECORDED = 0xFFFF         # decision reason before a run: "program recorded nothing"
 
 
 def sh(cmd: str) -> str:
@@ -127,10 +127,9 @@ class Run:
 
 def run_prog(dp: Datapath, netns: str, prog: str, packet: bytes, ifindex: int) -> Run:
     from agent.datapath.maps import DEFS, ip_from_be32
-    t = dp.maps._t[DEFS.maps["FP_MAP_TESTREC"]]
-    t[t.Key(0)] = t.Leaf(0, 0, 0, NOT_RECORDED)
+    dp.maps.decision_reset(NOT_RECORDED)
     with in_netns(netns):
         res = prog_test_run(dp.prog_fd(prog), packet, ifindex=ifindex)
-    rec = dp.maps.testrec()
+    rec = dp.maps.decision()
     return Run(res.retval, res.data, DEFS.reason(rec.reason),
                DEFS.redirect_kinds[rec.kind].label, rec.ifindex, ip_from_be32(rec.nexthop))

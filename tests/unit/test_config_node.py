@@ -91,6 +91,7 @@ BAD = {
     "policy_enforcement": ("strict", "'strict' is not one of never, default, always"),
     "local_router_ipv4": ("169.254.10", "local_router_ipv4: invalid value"),
     "policy_map_size": ("4", "below the minimum 16"),
+    "ipcache_map_size": ("8", "below the minimum 16"),
     "cgroup_root": ("sys/fs/cgroup", "expected an absolute path"),
     "metrics_address": ("localhost:9962", "does not appear to be an IPv4 or IPv6 address"),
     "health_address": ("127.0.0.1:99999", "port 0-65535"),
@@ -252,6 +253,6 @@ def test_config_show_prints_values_sources_and_what_is_not_in_effect(tmp_path, c
     line = next(l for l in text.splitlines() if l.startswith("policy_enforcement "))
     assert line.split()[1:4] == ["default", "eni-config", eni] and "not yet in effect" in line
     pending = text.split("Not yet in effect")[1]
-    assert "policy_enforcement: NetworkPolicy enforcement is not built yet" in pending
+    assert "policy_enforcement: the datapath checks exist but the agent does not program" in pending
     assert main(["config", "show", "--local", "--socket-lb", "sometimes"]) == 2
     assert "socket_lb: invalid value 'sometimes'" in capsys.readouterr().err
