@@ -55,6 +55,7 @@ class Agent:
         self.conntrack_gc = None
         self.metrics = AgentMetrics(self)
         self.http = None
+        self.inspect = None      # gRPC inspection service (agent/api/inspect.py)
 
     # -- lifecycle -------------------------------------------------------
     def start(self, serve: bool = True) -> "Agent":
@@ -82,6 +83,7 @@ class Agent:
             self.api = ApiServer(self.config.api_socket, self)
             self.api.start()
             log.info("API on %s", self.config.api_socket)
+            self._start_inspect()
             # a CNI DEL that found no socket between the sweep above and
             # now was queued too: sweep once more now that DELs get through
             late = self.replay_deletions()
@@ -94,6 +96,17 @@ class Agent:
         self.metrics.start_seconds.set(time.monotonic() - t0)
         log.info("ready in %.2fs", time.monotonic() - t0)
         return self
+
+    def _start_inspect(self) -> None:
+        """The CLI's gRPC service; the agent runs on without it."""
+        from agent.api import inspect
+        from agent.config import grpc_socket_path
+        path = grpc_socket_path(self.config)
+        try:
+            self.inspect = inspect.start_for(self, path)
+            log.info("inspection service (gRPC) on %s", path)
+        except Exception as exc:
+            log.error("inspection service (gRPC) cannot start on %s: %s", path, exc)
 
     def _start_services(self) -> None:
         """Service translation: the maps follow cluster state (per packet,
@@ -186,6 +199,8 @@ class Agent:
             self.source.stop()
         if self.api:
             self.api.stop()
+        if self.inspect is not None:
+            self.inspect.stop()
         if self.http:
             self.http.stop()
         self.datapath.close()

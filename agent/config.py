@@ -79,6 +79,8 @@ KEYS: tuple[Key, ...] = (
     Key("bpffs_root", str, "/sys/fs/bpf/fastpath", "directory on a bpffs where maps are pinned"),
     Key("state_dir", str, "/var/run/fastpath", "agent state (endpoints, queued CNI deletions)"),
     Key("api_socket", str, "/var/run/fastpath/agent.sock", "unix socket of the agent's API"),
+    Key("grpc_socket", str, "", "unix socket of the agent's gRPC inspection service (the CLI) "
+        "(empty: grpc.sock next to api_socket)", check=_abs_path_or_empty),
     Key("tc_priority", int, 25000, "tc filter priority of fastpath's programs", minimum=1, maximum=65535),
     Key("host_stack_cidrs", tuple, ("169.254.20.10/32",),
         "destinations always handed to the host stack (node-local DNS)"),
@@ -341,3 +343,10 @@ def readme_rows() -> list[str]:
             text += " — **not yet in effect**"
         rows.append(f"| `{k.name}` | `{default}` | {text} |")
     return rows
+
+
+def grpc_socket_path(cfg: Config) -> str:
+    """Where the gRPC inspection service listens: grpc_socket, or
+    grpc.sock in api_socket's directory."""
+    import os
+    return cfg.grpc_socket or os.path.join(os.path.dirname(cfg.api_socket) or ".", "grpc.sock")

@@ -199,6 +199,31 @@ def cmd_cni(args) -> int:
     return EXIT_OK
 
 
+def register_inspection(sub) -> None:
+    """bpftool-style objects and fastpath's own views (agent/cli/*.py)."""
+    from agent.cli import bpfobj
+    from agent.cli.common import add_common
+
+    def cmd(parent, name: str, func, **kw):
+        sp = parent.add_parser(name, **kw)
+        add_common(sp)
+        sp.set_defaults(func=func)
+        return sp
+
+    prog = sub.add_parser("prog", help="fastpath's loaded programs").add_subparsers(
+        dest="verb", required=True)
+    cmd(prog, "show", bpfobj.cmd_prog, help="programs using fastpath's pinned maps, where attached")
+    net = sub.add_parser("net", help="where fastpath's programs are attached").add_subparsers(
+        dest="verb", required=True)
+    n = cmd(net, "show", bpfobj.cmd_net, help="tc filters and cgroup hooks of fastpath's programs")
+    n.add_argument("--all", action="store_true", help="also other bpf tc filters and cgroup hooks")
+    mp = sub.add_parser("map", help="fastpath's pinned maps").add_subparsers(dest="verb",
+                                                                              required=True)
+    cmd(mp, "list", bpfobj.cmd_map_list, help="type, sizes, entries and fill of every pinned map")
+    d = cmd(mp, "dump", bpfobj.cmd_map_dump, help="decoded entries of one map")
+    d.add_argument("name", help="pinned name (fp_ep4_v1) or alias (endpoints, ct, services, ...)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpath", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="object", required=True)
@@ -222,11 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pod", help="namespace/name (add)")
     e.set_defaults(func=cmd_endpoint)
 
-    m = client("metrics", help="datapath counters by interface, direction and reason")
-    m.set_defaults(func=cmd_metrics)
-
-    s = client("status", help="agent health")
-    s.set_defaults(func=cmd_status)
+    register_inspection(sub)
 
     c = client("config", help="the configuration in force and where each value came from")
     c.add_argument("verb", choices=["show"])

@@ -1,0 +1,214 @@
+"""Decode raw map entries into plain values, from the header's layouts.
+
+Pure: bytes in, dicts out. Layouts come from bpf/include/fastpath.h through
+agent.bpfdefs (ctypes built from the parsed structs; map key and value
+types from bpf/maps.c), so nothing here restates a field.
+
+The decoded form (also the `--json` form of `fastpath map dump`):
+  * every field keeps its C name; `pad*` fields are left out;
+  * `__be32` fields are IPv4 addresses as dotted strings, `__be16` fields
+    are ports in host order, `__u8 x[6]` fields are MAC addresses;
+  * enumerations keep their number and gain `<field>_label`: `reason`
+    (FP_REASONS), `dir` (FP_DIRS, or forward/reply in conntrack keys),
+    `kind` (FP_REDIRECT_KINDS), `proto` (TCP/UDP/ICMP/SCTP);
+  * flag words keep their number and gain `<field>_names` (the FP_*_F_*
+    bits set, lower case, e.g. ["affinity", "local"]);
+  * per-CPU values are summed over CPUs (numbers only).
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import socket
+import struct
+from dataclasses import dataclass
+
+from agent import bpfdefs
+
+PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
+PROTO_NUMBERS = {v: k for k, v in PROTOCOLS.items()}
+
+# Which FP_*_F_* bits belong to which struct's flag word.
+FLAG_PREFIX = {
+    ("fp_endpoint", "flags"): "FP_EP_F_",
+    ("fp_svc4", "flags"): "FP_SVC_F_",
+    ("fp_ct4", "flags"): "FP_CT_F_",
+    ("fp_config", "flags"): "FP_CFG_F_",
+}
+
+
+def ip4(raw: int) -> str:
+    """A __be32 as read into a host integer -> dotted quad."""
+    return socket.inet_ntoa(struct.pack("=I", raw))
+
+
+def ip4_raw(text: str) -> int:
+    return struct.unpack("=I", socket.inet_aton(text))[0]
+
+
+def port(raw: int) -> int:
+    """A __be16 as read into a host integer -> the port number."""
+    return struct.unpack("!H", struct.pack("=H", raw))[0]
+
+
+def mac(raw) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+def flag_names(struct_name: str, field: str, value: int) -> list[str] | None:
+    prefix = FLAG_PREFIX.get((struct_name, field))
+    if prefix is None:
+        return None
+    defs = bpfdefs.load().defines
+    out = []
+    for name, bit in sorted(defs.items(), key=lambda kv: kv[1]):
+        if name.startswith(prefix) and bit and value & bit == bit:
+            out.append(name[len(prefix):].lower())
+    return out
+
+
+def enum_label(struct_name: str, field: str, value: int) -> str | None:
+    d = bpfdefs.load()
+    if field == "reason":
+        return d.reason(value)
+    if field == "dir":
+        if struct_name.startswith("fp_ct4"):
+            return {d.defines["FP_CT_FORWARD"]: "forward",
+                    d.defines["FP_CT_REPLY"]: "reply"}.get(value, f"dir-{value}")
+        if struct_name.startswith("fp_pol"):
+            return _policy_dir(value)
+        return d.dir(value)
+    if field == "kind" and struct_name in ("fp_testrec", "fp_decision"):
+        code = d.redirect_kinds.get(value)
+        return code.label if code else f"kind-{value}"
+    if field in ("proto", "protocol"):
+        return PROTOCOLS.get(value, str(value))
+    if field == "type" and struct_name.startswith("fp_event"):
+        return event_type(value)
+    return None
+
+
+def _policy_dir(value: int) -> str:
+    for name, v in bpfdefs.load().defines.items():
+        if v == value and name.startswith("FP_POL_") and name.endswith(("INGRESS", "EGRESS")):
+            return name.rsplit("_", 1)[-1].lower()
+    return f"dir-{value}"
+
+
+def event_type(value: int) -> str:
+    d = bpfdefs.load()
+    types = getattr(d, "event_types", None) or {}
+    code = types.get(value)
+    if code is not None:
+        return code.label
+    for name, v in d.defines.items():
+        if name.startswith("FP_EVENT_") and v == value and not name.startswith("FP_EVENT_F_"):
+            return name[len("FP_EVENT_"):].lower().replace("_", "-")
+    return f"type-{value}"
+
+
+def decode_value(type_name: str, obj) -> object:
+    """A ctypes instance (or scalar) of a header type -> plain data."""
+    t = type_name.strip()
+    if t in bpfdefs.SCALARS:
+        return obj
+    sname = t[len("struct "):] if t.startswith("struct ") else t
+    out: dict = {}
+    for f in bpfdefs.field_defs(sname):
+        if f.name.startswith("pad") or f.name.startswith("_"):
+            continue
+        v = getattr(obj, f.name)
+        if f.count:
+            if f.ctype == "__u8" and f.count == 6:
+                out[f.name] = mac(v)
+            elif f.ctype == "char":
+                out[f.name] = bytes(v).split(b"\0", 1)[0].decode(errors="replace")
+            elif f.ctype == "__be32":
+                out[f.name] = [ip4(x) for x in v]
+            elif f.ctype.startswith("struct "):
+                out[f.name] = [decode_value(f.ctype, x) for x in v]
+            else:
+                out[f.name] = list(v)
+            continue
+        if f.ctype.startswith("struct "):
+            out[f.name] = decode_value(f.ctype, v)
+        elif f.ctype == "__be32":
+            out[f.name] = ip4(v)
+        elif f.ctype == "__be16":
+            out[f.name] = port(v)
+        else:
+            out[f.name] = v
+            label = enum_label(sname, f.name, v)
+            if label is not None:
+                out[f.name + "_label"] = label
+            names = flag_names(sname, f.name, v)
+            if names is not None:
+                out[f.name + "_names"] = names
+    return out
+
+
+def from_bytes(type_name: str, raw: bytes):
+    cls = bpfdefs.ctype(type_name)
+    size = ct.sizeof(cls)
+    if len(raw) < size:
+        raise ValueError(f"{type_name}: {len(raw)} bytes, layout needs {size}")
+    return cls.from_buffer_copy(raw[:size])
+
+
+def _sum(values: list):
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _sum([v[k] for v in values]) if isinstance(first[k], (int, dict)) and not
+                k.endswith("_label") else first[k] for k in first}
+    if isinstance(first, bool) or not isinstance(first, int):
+        return first
+    return sum(values)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to decode one pinned map: its declaration and the sizes the
+    header gives its key and value."""
+    decl: bpfdefs.MapDecl
+    key_size: int
+    value_size: int
+
+    @classmethod
+    def of(cls, name: str) -> "Layout | None":
+        decl = bpfdefs.map_decls().get(name)
+        if decl is None:
+            return None
+        ks = ct.sizeof(bpfdefs.ctype(decl.key)) if decl.key else 0
+        vs = ct.sizeof(bpfdefs.ctype(decl.value)) if decl.value else 0
+        return cls(decl, ks, vs)
+
+    def matches(self, key_size: int, value_size: int) -> bool:
+        return (self.key_size, self.value_size) == (key_size, value_size)
+
+
+def decode_entry(layout: Layout, key: bytes, value: bytes, percpu: bool = False,
+                 ncpus: int = 1) -> dict:
+    k = decode_value(layout.decl.key, from_bytes(layout.decl.key, key))
+    if percpu:
+        slot = (layout.value_size + 7) // 8 * 8
+        vals = [decode_value(layout.decl.value, from_bytes(layout.decl.value, value[i * slot:]))
+                for i in range(ncpus) if len(value) >= (i + 1) * slot]
+        v = _sum(vals)
+    else:
+        v = decode_value(layout.decl.value, from_bytes(layout.decl.value, value))
+    return {"key": k, "value": v}
+
+
+def encode_key(type_name: str, **fields) -> bytes:
+    """Build key bytes of a header struct from host-order values (addresses
+    as text for __be32, ports as numbers for __be16)."""
+    cls = bpfdefs.ctype(type_name)
+    obj = cls()
+    sname = type_name[len("struct "):] if type_name.startswith("struct ") else type_name
+    kinds = {f.name: f.ctype for f in bpfdefs.field_defs(sname)}
+    for name, v in fields.items():
+        if kinds[name] == "__be32":
+            v = ip4_raw(v)
+        elif kinds[name] == "__be16":
+            v = struct.unpack("=H", struct.pack("!H", v))[0]
+        setattr(obj, name, v)
+    return bytes(obj)
