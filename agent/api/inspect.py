@@ -149,8 +149,10 @@ class Client:
         except grpc.RpcError as exc:
             code = exc.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise AgentUnreachable(f"the agent does not answer on {self.path} "
-                                       f"({exc.details()})") from None
+                detail = exc.details() or ""
+                why = ("connection refused" if "refused" in detail.lower() else
+                       "timed out" if code == grpc.StatusCode.DEADLINE_EXCEEDED else detail[:120])
+                raise AgentUnreachable(f"the agent does not answer on {self.path} ({why})") from None
             raise RemoteFailure(code.name.lower().replace("_", "-"), exc.details()) from None
 
     def close(self) -> None:

@@ -61,10 +61,12 @@ def cmd_agent(args) -> int:
 
 def _call(args, method: str, params: dict | None = None):
     from agent.api import wire
+    sock = getattr(args, "socket", None) or getattr(args, "cfg_api_socket", None) \
+        or Config.defaults().api_socket
     try:
-        return wire.call(args.socket, method, params)
+        return wire.call(sock, method, params)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        print(f"fastpath: the agent is not reachable at {args.socket} ({exc.strerror}); "
+        print(f"fastpath: the agent is not reachable at {sock} ({exc.strerror}); "
               "is `fastpath agent` running?", file=sys.stderr)
         raise SystemExit(EXIT_NO_AGENT)
     except wire.RemoteError as exc:
@@ -73,11 +75,8 @@ def _call(args, method: str, params: dict | None = None):
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols}
-    out = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
-    for r in rows:
-        out.append("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
-    return "\n".join(out)
+    from agent.inspect.table import table
+    return table(rows, cols)
 
 
 def _emit(args, data, cols: list[str] | None = None) -> None:
@@ -91,6 +90,7 @@ def _emit(args, data, cols: list[str] | None = None) -> None:
 
 
 def cmd_endpoint(args) -> int:
+    from agent.cli import views
     if args.verb == "add":
         ns, _, name = (args.pod or "/").partition("/")
         res = _call(args, "EndpointAdd", {"netns": args.netns, "ifname": args.ifname,
@@ -100,20 +100,14 @@ def cmd_endpoint(args) -> int:
     elif args.verb == "del":
         _emit(args, _call(args, "EndpointDel", {"container_id": args.container_id,
                                                  "ifname": args.ifname}))
+    elif args.verb == "get":
+        if not args.endpoint:
+            print("fastpath endpoint get: name the endpoint (IP, namespace/pod, pod, host veth)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        return views.cmd_endpoint_get(args)
     else:
-        rows = _call(args, "EndpointList")
-        _emit(args, rows, ["ip", "pod", "host_ifname", "eni", "pod_mac", "key"])
-    return EXIT_OK
-
-
-def cmd_metrics(args) -> int:
-    rows = _call(args, "Counters")
-    _emit(args, rows, ["ifindex", "direction", "reason", "packets", "bytes"])
-    return EXIT_OK
-
-
-def cmd_status(args) -> int:
-    _emit(args, _call(args, "Status"))
+        return views.cmd_endpoint_list(args)
     return EXIT_OK
 
 
@@ -223,6 +217,40 @@ def register_inspection(sub) -> None:
     d = cmd(mp, "dump", bpfobj.cmd_map_dump, help="decoded entries of one map")
     d.add_argument("name", help="pinned name (fp_ep4_v1) or alias (endpoints, ct, services, ...)")
 
+    from agent.cli import views
+    sv = sub.add_parser("service", help="Service frontends and their backends").add_subparsers(
+        dest="verb", required=True)
+    cmd(sv, "list", views.cmd_service_list, help="frontend -> backends, affinity, traffic policy")
+    g = cmd(sv, "get", views.cmd_service_get, help="one Service's frontends, backend by backend")
+    g.add_argument("service", help="namespace/name, name, VIP, VIP:port or VIP:port/PROTO")
+    bpf = sub.add_parser("bpf", help="aliases in the style of other datapaths").add_subparsers(
+        dest="area", required=True)
+    lb = bpf.add_parser("lb", help="service load-balancing").add_subparsers(dest="verb",
+                                                                             required=True)
+    cmd(lb, "list", views.cmd_service_list, help="same as `fastpath service list`")
+
+    ct = sub.add_parser("ct", help="conntrack of translated flows").add_subparsers(
+        dest="verb", required=True)
+
+    def ct_filters(sp):
+        sp.add_argument("--src", help="the flow's client: address or CIDR")
+        sp.add_argument("--dst", help="the flow's frontend or backend: address or CIDR")
+        sp.add_argument("--proto", help="TCP or UDP")
+        sp.add_argument("--port", type=int, help="frontend or backend port")
+    cl = cmd(ct, "list", views.cmd_ct_list, help="entries with NAT state and age")
+    ct_filters(cl)
+    cl.add_argument("--top", type=int, nargs="?", const=10, default=None, metavar="N",
+                    help="the N busiest endpoints (default 10) instead of the entries")
+    cf = cmd(ct, "flush", views.cmd_ct_flush, help="delete matching entries (both directions)")
+    ct_filters(cf)
+    cf.add_argument("--all", action="store_true", help="every entry")
+
+    m = cmd(sub, "metrics", views.cmd_metrics,
+            help="datapath counters by interface, direction and reason")
+    m.add_argument("--drops", action="store_true", help="drop reasons only")
+    cmd(sub, "status", views.cmd_status, help="agent health, config in force, kernel features, "
+        "map pressure, source sync state")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpath", description=__doc__.splitlines()[0])
@@ -239,8 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
-    e = client("endpoint", help="pods on this node")
-    e.add_argument("verb", choices=["list", "add", "del"])
+    from agent.cli.common import add_common
+    e = sub.add_parser("endpoint", help="pods on this node")
+    add_common(e)
+    e.add_argument("verb", choices=["list", "get", "add", "del"])
+    e.add_argument("endpoint", nargs="?", help="get: IP, namespace/pod, pod, host veth")
     e.add_argument("--netns", help="pod netns path (add)")
     e.add_argument("--ifname", default="eth0")
     e.add_argument("--container-id", default="")

@@ -110,7 +110,7 @@ def decode_value(type_name: str, obj) -> object:
     """A ctypes instance (or scalar) of a header type -> plain data."""
     t = type_name.strip()
     if t in bpfdefs.SCALARS:
-        return obj
+        return getattr(obj, "value", obj)
     sname = t[len("struct "):] if t.startswith("struct ") else t
     out: dict = {}
     for f in bpfdefs.field_defs(sname):

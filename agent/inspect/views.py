@@ -161,7 +161,8 @@ def ct_rows(entries: list[dict], now_ns: int) -> list[dict]:
             backend, bport = v["nat_addr"], v["nat_port"]
         age = max(0, now_ns - v["last_seen"]) / 1e9 if v["last_seen"] else None
         rows.append({
-            "dir": d, "proto": k.get("proto_label", str(k["proto"])),
+            "dir": d, "dir_num": k["dir"], "proto": k.get("proto_label", str(k["proto"])),
+            "proto_num": k["proto"],
             "saddr": k["saddr"], "sport": k["sport"], "daddr": k["daddr"], "dport": k["dport"],
             "nat_addr": v["nat_addr"], "nat_port": v["nat_port"],
             "client": client, "client_port": cport, "frontend": vip, "frontend_port": vport,
