@@ -42,6 +42,8 @@ def cmd_agent(args) -> int:
     cfg = load_config(args)
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.api.inspect import log_ring
+    log_ring()          # recent lines for `fastpath bugtool`, from the first one
     agent = Agent(cfg)
     try:
         agent.start()
@@ -248,6 +250,12 @@ def register_inspection(sub) -> None:
     m = cmd(sub, "metrics", views.cmd_metrics,
             help="datapath counters by interface, direction and reason")
     m.add_argument("--drops", action="store_true", help="drop reasons only")
+    from agent.cli import bugtool
+    b = cmd(sub, "bugtool", bugtool.cmd_bugtool, help="one tar.gz with every view as JSON, "
+            "config and recent agent logs, for a support ticket")
+    b.add_argument("-o", "--output", help="archive path (default: DIR/fastpath-bugtool-HOST-"
+                   "TIME.tar.gz)")
+    b.add_argument("--dir", default="/tmp", help="where to write it (default /tmp)")
     cmd(sub, "status", views.cmd_status, help="agent health, config in force, kernel features, "
         "map pressure, source sync state")
 

@@ -50,6 +50,11 @@ def port(raw: int) -> int:
     return struct.unpack("!H", struct.pack("=H", raw))[0]
 
 
+def encode_port(value: int) -> int:
+    """A port -> the host integer whose bytes are it in network order."""
+    return struct.unpack("=H", struct.pack("!H", value))[0]
+
+
 def mac(raw) -> str:
     return ":".join(f"{b:02x}" for b in bytes(raw))
 
@@ -209,6 +214,6 @@ def encode_key(type_name: str, **fields) -> bytes:
         if kinds[name] == "__be32":
             v = ip4_raw(v)
         elif kinds[name] == "__be16":
-            v = struct.unpack("=H", struct.pack("!H", v))[0]
+            v = encode_port(v)
         setattr(obj, name, v)
     return bytes(obj)
