@@ -96,6 +96,7 @@ BAD = {
     "metrics_address": ("localhost:9962", "does not appear to be an IPv4 or IPv6 address"),
     "health_address": ("127.0.0.1:99999", "port 0-65535"),
     "eni_config": ("etc/eni", "expected an absolute path"),
+    "grpc_socket": ("run/grpc.sock", "expected an absolute path"),
 }
 
 
