@@ -51,6 +51,7 @@ class Agent:
         self.source = None
         self.source_error = ""
         self.services = None
+        self.policy = None
         self.socklb_optout = None
         self.conntrack_gc = None
         self.metrics = AgentMetrics(self)
@@ -76,6 +77,7 @@ class Agent:
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
         self.metrics.record_restored_maps(self.datapath)
         self._start_services()
+        self._start_policy()
         replayed = self.replay_deletions()
         if replayed:
             log.info("replayed %d queued CNI deletions", replayed)
@@ -138,6 +140,49 @@ class Agent:
                      "host netns only" if self.config.socket_lb_hostns_only else "all sockets",
                      ", ".join(p.name for p in progs))
 
+    def _start_policy(self) -> None:
+        """NetworkPolicy: the policy maps follow cluster state; with
+        enforcement `never` the checks are switched off and the maps emptied."""
+        from agent.policy import Capacities
+        from agent.policysync import PolicySync
+        import socket as _socket
+        cfg = self.config
+        if cfg.policy_enforcement != "never" and self.source is None:
+            log.error("policy: enforcement %r needs a cluster state source; the last "
+                      "policy state in the maps stays enforced", cfg.policy_enforcement)
+            return
+        node = cfg.node_name or _socket.gethostname()
+        self.policy = PolicySync(
+            self.datapath.policy, self.datapath.settings, self.store, self.source,
+            node, cfg.policy_enforcement,
+            Capacities(cfg.ipcache_map_size, cfg.endpoints_map_size, cfg.policy_map_size),
+            self._node_ips, metrics=self.metrics).start()
+
+    def _node_ips(self) -> list[str]:
+        """This node's own IPv4 addresses: what the host stack (kubelet
+        probes) sends from, always allowed to reach the node's pods."""
+        from agent.datapath.netlink import iproute
+        ips = {self.config.local_router_ipv4}
+        with iproute(self.netns) as ipr:
+            for a in ipr.get_addr(family=2):
+                ip = a.get_attr("IFA_ADDRESS")
+                if ip and not ip.startswith("127."):
+                    ips.add(ip)
+        snap = self.store.snapshot() if self.store is not None else None
+        node = snap.nodes.get(("", self.policy.node_name)) if snap and self.policy else None
+        if node is not None:
+            ips.update(a.address for a in node.addresses
+                       if a.type == "InternalIP" and ":" not in a.address)
+        return sorted(ips)
+
+    def policy_status(self) -> dict:
+        if self.policy is None:
+            return {"mode": self.config.policy_enforcement, "policies": 0, "rules": 0,
+                    "refused": 0}
+        st = self.policy.status.as_dict()
+        st["refused"] = len(st["refused"])
+        return st
+
     def _start_socket_lb_opt_out(self) -> None:
         """Pods annotated fastpath.io/socket-lb: disabled (or in such a
         Namespace) bypass socket-LB; only meaningful for all sockets."""
@@ -167,7 +212,9 @@ class Agent:
         node = self.config.node_name or _socket.gethostname()
         try:
             self.source = open_source(self.config.source, node, self.store,
-                                      metrics=self.metrics.k8s)
+                                      metrics=self.metrics.k8s,
+                                      # peer selectors match pods of every node
+                                      watch_all_pods=self.config.policy_enforcement != "never")
         except Exception as exc:      # no kubeconfig, unreadable directory, ...
             self.source = None
             self.source_error = f"{type(exc).__name__}: {exc}"
@@ -189,6 +236,8 @@ class Agent:
             log.warning("  rejected: %s", err)
 
     def stop(self) -> None:
+        if self.policy is not None:
+            self.policy.stop()
         if self.conntrack_gc is not None:
             self.conntrack_gc.stop()
         if self.services is not None:
@@ -396,7 +445,30 @@ class Agent:
         return {"ready": self.ready.is_set(), "started_at": self.started_at,
                 "endpoints": len(self.endpoints), "enis": self.enis,
                 "bpffs_root": self.config.bpffs_root, "pid": os.getpid(), "source": source,
-                "http": dict(self.http.addresses) if self.http else {}}
+                "http": dict(self.http.addresses) if self.http else {},
+                "policy": self.rpc_PolicyStatus()}
+
+    def rpc_PolicyStatus(self) -> dict:
+        if self.policy is None:
+            return {"mode": self.config.policy_enforcement, "enabled": False}
+        st = self.policy.status.as_dict()
+        st["enabled"] = self.policy.mode.value != "never"
+        return st
+
+    def rpc_PolicyGet(self, endpoint: str) -> dict:
+        """The effective rules of a pod (by IPv4 or namespace/name)."""
+        if self.policy is None or self.policy.state is None:
+            raise ApiError("unavailable", "NetworkPolicy enforcement is off or not synced yet")
+        ip = endpoint
+        if "/" in endpoint:
+            for addr, ep in self.policy.state.endpoints.items():
+                if f"{ep.namespace}/{ep.name}" == endpoint:
+                    ip = addr
+                    break
+        view = self.policy.describe_endpoint(ip)
+        if view is None:
+            raise ApiError("not-found", f"{endpoint}: no policy endpoint on this node")
+        return view
 
     def rpc_Config(self) -> dict:
         """The configuration in force and where each value came from."""

@@ -54,8 +54,6 @@ def parse_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-_NO_POLICY = ("the datapath checks exist but the agent does not program the policy maps yet: "
-              "every value behaves as never")
 # Shared reason of the Service keys' `pending`, removed with the feature.
 _NO_LB = "not built yet: the datapath translates ClusterIP frontends only (per packet and at the socket)"
 _ALWAYS_ON = "always honoured by the service compiler; turning it off is not supported yet"
@@ -141,15 +139,13 @@ KEYS: tuple[Key, ...] = (
     Key("policy_enforcement", str, "never",
         "NetworkPolicy enforcement: never (DataPath V2), default (as Kubernetes: pods selected "
         "by a policy are isolated), always (deny unless allowed)",
-        choices=("never", "default", "always"),
-        pending=_NO_POLICY),
+        choices=("never", "default", "always")),
     Key("local_router_ipv4", str, "169.254.10.1", "the node-side router address DataPath V2 "
         "gives its host device; fastpath sources hairpinned Service traffic from it", check=_ipv4),
     Key("policy_map_size", int, 65536, "max NetworkPolicy rule entries (pod, peer identity, "
-        "direction, protocol, port block) on this node", minimum=16, maximum=1 << 22,
-        pending=_NO_POLICY),
+        "direction, protocol, port block) on this node", minimum=16, maximum=1 << 22),
     Key("ipcache_map_size", int, 65536, "max NetworkPolicy peer prefixes (pod and node /32s, "
-        "ipBlock boundaries)", minimum=16, maximum=1 << 22, pending=_NO_POLICY),
+        "ipBlock boundaries)", minimum=16, maximum=1 << 22),
     Key("cgroup_root", str, "", "cgroup v2 directory where socket-LB programs attach "
         "(empty: the cgroup2 mount of this host)", check=_abs_path_or_empty),
     Key("metrics_address", str, "0.0.0.0:9962",

@@ -43,9 +43,12 @@ class Datapath:
         self.module.load_programs()
         names = [n for n in MAP.values() if n != MAP["FP_MAP_EVENTS"]]
         tables = {n: self.module.table(n) for n in names}
+        self.tables = tables
         self.maps = Maps(tables)
         self.lb = LbMaps(tables)
         self.settings = ConfigMap(tables)
+        from agent.datapath.policymaps import PolicyMaps
+        self.policy = PolicyMaps(tables)
         self.socklb_skip = SocketLbSkipMap(tables)
         self.maps.bypass_set(self.config.host_stack_cidrs + self.config.service_cidrs)
         return self

@@ -72,19 +72,20 @@ class TestRunResult:
 
 
 def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, repeat: int = 1,
-                  out_size: int | None = None) -> TestRunResult:
+                  out_size: int | None = None, mark: int = 0) -> TestRunResult:
     out = ct.create_string_buffer(out_size or (len(packet) + 256))
     inp = ct.create_string_buffer(bytes(packet), len(packet))
     ctx = SkBuffCtx()
     ctx.ifindex = ifindex
     ctx.ingress_ifindex = ifindex
+    ctx.mark = mark
     opts = _TestRunOpts()
     opts.sz = ct.sizeof(_TestRunOpts)
     opts.data_in = ct.cast(inp, ct.c_void_p)
     opts.data_size_in = len(packet)
     opts.data_out = ct.cast(out, ct.c_void_p)
     opts.data_size_out = len(out)
-    if ifindex:
+    if ifindex or mark:
         opts.ctx_in = ct.cast(ct.pointer(ctx), ct.c_void_p)
         opts.ctx_size_in = ct.sizeof(ctx)
     opts.repeat = repeat

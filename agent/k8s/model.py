@@ -68,6 +68,8 @@ ANNOTATION_POD_IPS = "fastpath.io/pod-ips"
 # sockets (translated per packet instead); "enabled" on a Pod overrides its
 # Namespace.
 ANNOTATION_SOCKET_LB = "fastpath.io/socket-lb"
+# On a NetworkPolicy: "true" audits it (would-be drops reported, not enforced).
+ANNOTATION_POLICY_AUDIT = "fastpath.io/audit"
 
 
 class FrozenMap(Mapping[str, str]):
@@ -428,8 +430,13 @@ class NetworkPolicy:
     labels: FrozenMap = EMPTY_MAP
     uid: str = ""
     resource_version: str = field(default="", compare=False)
+    annotations: FrozenMap = EMPTY_MAP
 
     kind = Kind.NETWORK_POLICY
+
+    @property
+    def audited(self) -> bool:
+        return self.annotations.get(ANNOTATION_POLICY_AUDIT, "").lower() == "true"
 
     @property
     def key(self) -> Key:

@@ -797,7 +797,8 @@ def parse_network_policy(d: Mapping, ctx: "_Ctx") -> NetworkPolicy:
         types = tuple(t for t in ("Ingress", "Egress") if t in seen)
     return NetworkPolicy(namespace=md.namespace, name=md.name, pod_selector=sel,
                          policy_types=types, ingress=ingress, egress=egress,
-                         labels=md.labels, uid=md.uid, resource_version=md.rv)
+                         labels=md.labels, uid=md.uid, resource_version=md.rv,
+                         annotations=_annotations(md.raw.get("annotations")))
 
 
 # ------------------------------------------------------------------ entry

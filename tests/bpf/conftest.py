@@ -123,13 +123,15 @@ class Run:
     redirect_kind: str
     redirect_ifindex: int
     nexthop: str
+    record: object = None     # the whole fp_decision (service and policy decisions)
 
 
-def run_prog(dp: Datapath, netns: str, prog: str, packet: bytes, ifindex: int) -> Run:
+def run_prog(dp: Datapath, netns: str, prog: str, packet: bytes, ifindex: int,
+             mark: int = 0) -> Run:
     from agent.datapath.maps import DEFS, ip_from_be32
     dp.maps.decision_reset(NOT_RECORDED)
     with in_netns(netns):
-        res = prog_test_run(dp.prog_fd(prog), packet, ifindex=ifindex)
+        res = prog_test_run(dp.prog_fd(prog), packet, ifindex=ifindex, mark=mark)
     rec = dp.maps.decision()
     return Run(res.retval, res.data, DEFS.reason(rec.reason),
-               DEFS.redirect_kinds[rec.kind].label, rec.ifindex, ip_from_be32(rec.nexthop))
+               DEFS.redirect_kinds[rec.kind].label, rec.ifindex, ip_from_be32(rec.nexthop), rec)

@@ -226,10 +226,10 @@ def test_eni_config_that_contradicts_itself_or_is_malformed_is_rejected(tmp_path
 def test_describe_says_which_keys_are_not_in_effect_yet():
     rows = {r["key"]: r for r in C.describe(Config.defaults())}
     assert set(rows) == set(KEYS_BY_NAME)
-    for name in ("node_port", "policy_enforcement", "bandwidth_manager", "policy_map_size"):
+    for name in ("node_port", "bandwidth_manager"):
         assert not rows[name]["in_effect"] and rows[name]["pending"], name
     for name in ("tc_priority", "host_stack_cidrs", "metrics_address", "routing_mode",
-                 "socket_lb", "kube_proxy_replacement"):
+                 "socket_lb", "kube_proxy_replacement", "policy_enforcement", "policy_map_size"):
         assert rows[name]["in_effect"] and not rows[name]["pending"], name
     assert rows["host_stack_cidrs"]["value"] == ["169.254.20.10/32"]
 
@@ -252,8 +252,9 @@ def test_config_show_prints_values_sources_and_what_is_not_in_effect(tmp_path, c
     assert main(["config", "show", "--local", "--eni-config", eni]) == 0
     text = capsys.readouterr().out
     line = next(l for l in text.splitlines() if l.startswith("policy_enforcement "))
-    assert line.split()[1:4] == ["default", "eni-config", eni] and "not yet in effect" in line
+    assert line.split()[1:4] == ["default", "eni-config", eni] and "not yet in effect" not in line
     pending = text.split("Not yet in effect")[1]
-    assert "policy_enforcement: the datapath checks exist but the agent does not program" in pending
+    assert "bandwidth_manager: bandwidth pacing is not built yet" in pending
+    assert "policy_enforcement" not in pending
     assert main(["config", "show", "--local", "--socket-lb", "sometimes"]) == 2
     assert "socket_lb: invalid value 'sometimes'" in capsys.readouterr().err

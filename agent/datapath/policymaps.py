@@ -1,0 +1,159 @@
+"""The NetworkPolicy maps: agent/policy's operations as map writes, and the
+maps read back as a MapImage (what a restarted agent starts its diff from).
+
+Layouts are fastpath.h's (struct fp_pol_key, fp_pol_ep, fp_pol_rule); the
+byte order of every field is stated there. The datapath keeps the lowest
+policy id of a rule or a direction; the agent keeps the full lists, so a
+MapImage read back from the maps names one policy where the compiled state
+may name several (an attribution difference only: the same packets pass).
+"""
+from __future__ import annotations
+
+from agent.bpfdefs import load as _defs
+from agent.datapath.maps import MAP, be16, be32, ip_from_be32, port_from_be16
+from agent.policy import ip4
+from agent.policy.diff import (
+    EndpointDelete, EndpointPut, IpcacheDelete, IpcachePut, Op, RuleDelete, RulePut,
+)
+from agent.policy.ports import PROTO_ANY
+from agent.policy.state import (
+    RULE_FIXED_BITS, Direction, DirectionPolicy, EndpointConfig, MapImage, PolicyKey, RuleValue,
+)
+
+DEFS = _defs()
+F_ENFORCED = DEFS.defines["FP_POL_F_ENFORCED"]
+F_AUDIT = DEFS.defines["FP_POL_F_AUDIT"]
+F_RULE_AUDIT = DEFS.defines["FP_RULE_F_AUDIT"]
+VERDICTS = {DEFS.defines["FP_PV_ALLOW"]: "allow", DEFS.defines["FP_PV_DENY"]: "deny",
+            DEFS.defines["FP_PV_AUDIT_DENY"]: "audit-would-deny"}
+
+
+def _htonl(v: int) -> int:
+    """An int whose in-memory (host order) bytes are `v` in network order."""
+    return int.from_bytes(v.to_bytes(4, "big"), "little")
+
+
+def _ntohl(v: int) -> int:
+    return int.from_bytes(v.to_bytes(4, "little"), "big")
+
+
+class PolicyMaps:
+    def __init__(self, tables):
+        self.ipcache = tables[MAP["FP_MAP_IPCACHE"]]
+        self.endpoints = tables[MAP["FP_MAP_POLICY_EP"]]
+        self.rules = tables[MAP["FP_MAP_POLICY"]]
+        self.counters = tables[MAP["FP_MAP_POLICY_CNT"]]
+
+    # ------------------------------------------------------------ keys
+    def _ipcache_key(self, prefix: str):
+        p = ip4.parse_prefix(prefix)
+        if p is None:
+            raise ValueError(f"ipcache: {prefix!r} is not an IPv4 prefix")
+        plen, net = p
+        return self.ipcache.Key(prefixlen=plen, addr=be32(ip4.to_text(net)))
+
+    def _rule_key(self, ep: str, k: PolicyKey):
+        return self.rules.Key(prefixlen=k.lpm_prefixlen, ep_ip4=be32(ep),
+                              identity=_htonl(k.identity), dir=int(k.direction),
+                              proto=k.protocol, dport=be16(k.port))
+
+    def _ep_value(self, cfg: EndpointConfig):
+        v = self.endpoints.Leaf()
+        for d in Direction:
+            dp = cfg.of(d)
+            v.dir[int(d)].flags = (F_ENFORCED if dp.enforced else 0) | (F_AUDIT if dp.audit else 0)
+            v.dir[int(d)].policy_id = min(dp.deciding) if dp.deciding else 0
+        return v
+
+    # ----------------------------------------------------------- writes
+    def apply(self, op: Op) -> None:
+        if isinstance(op, IpcachePut):
+            self.ipcache[self._ipcache_key(op.prefix)] = self.ipcache.Leaf(op.identity)
+        elif isinstance(op, IpcacheDelete):
+            self._delete(self.ipcache, self._ipcache_key(op.prefix))
+        elif isinstance(op, RulePut):
+            key = self._rule_key(op.endpoint, op.key)
+            v = self.rules.Leaf()
+            v.policy_id = min(op.value.policies) if op.value.policies else 0
+            v.flags = F_RULE_AUDIT if op.value.audit else 0
+            try:
+                v.flows = self.rules[key].flows     # keep the flow count of a rewritten rule
+            except KeyError:
+                v.flows = 0
+            self.rules[key] = v
+        elif isinstance(op, RuleDelete):
+            self._delete(self.rules, self._rule_key(op.endpoint, op.key))
+        elif isinstance(op, EndpointPut):
+            self.endpoints[self.endpoints.Key(be32(op.endpoint))] = self._ep_value(op.config)
+        elif isinstance(op, EndpointDelete):
+            self._delete(self.endpoints, self.endpoints.Key(be32(op.endpoint)))
+        else:
+            raise TypeError(f"unknown policy map operation {op!r}")
+
+    @staticmethod
+    def _delete(table, key) -> None:
+        try:
+            del table[key]
+        except KeyError:
+            pass
+
+    def clear(self) -> int:
+        """Empty the three maps (enforcement turned off). Rules first, the
+        ipcache last, so no lookup ever finds a rule for a missing piece."""
+        n = 0
+        for table in (self.endpoints, self.rules, self.ipcache):
+            keys = [k for k, _ in table.items()]
+            for k in keys:
+                self._delete(table, k)
+            n += len(keys)
+        return n
+
+    # ------------------------------------------------------------ reads
+    def image(self) -> MapImage:
+        """What the maps hold, as the compiler's MapImage."""
+        img = MapImage()
+        for k, v in self.ipcache.items():
+            img.put_ipcache(f"{ip_from_be32(k.addr)}/{k.prefixlen}", v.value)
+        for k, v in self.endpoints.items():
+            dirs = {}
+            for d in Direction:
+                dv = v.dir[int(d)]
+                dirs[d] = DirectionPolicy(bool(dv.flags & F_ENFORCED), bool(dv.flags & F_AUDIT),
+                                          (dv.policy_id,) if dv.policy_id else ())
+            img.put_endpoint(ip_from_be32(k.value),
+                             EndpointConfig(dirs[Direction.INGRESS], dirs[Direction.EGRESS]))
+        for k, v in self.rules.items():
+            pk = self.decode_rule_key(k)
+            img.put_rule(ip_from_be32(k.ep_ip4), pk,
+                         RuleValue((v.policy_id,) if v.policy_id else (),
+                                   bool(v.flags & F_RULE_AUDIT)))
+        return img
+
+    @staticmethod
+    def decode_rule_key(k) -> PolicyKey:
+        if k.prefixlen <= RULE_FIXED_BITS:
+            return PolicyKey(Direction(k.dir), _ntohl(k.identity), PROTO_ANY, 0, 0)
+        return PolicyKey(Direction(k.dir), _ntohl(k.identity), k.proto, port_from_be16(k.dport),
+                         k.prefixlen - RULE_FIXED_BITS - 8)
+
+    def rule_flows(self) -> dict[tuple[str, PolicyKey], int]:
+        """New flows each rule admitted (since it was written)."""
+        return {(ip_from_be32(k.ep_ip4), self.decode_rule_key(k)): v.flows
+                for k, v in self.rules.items()}
+
+    def verdicts(self) -> list[dict]:
+        """Per-policy verdict counters (new flows), summed over CPUs."""
+        out = []
+        for k, vals in self.counters.items():
+            out.append({"policy_id": k.policy_id, "direction": Direction(k.dir).label,
+                        "verdict": VERDICTS.get(k.verdict, str(k.verdict)),
+                        "flows": sum(v.packets for v in vals),
+                        "bytes": sum(v.bytes for v in vals)})
+        return sorted(out, key=lambda r: (r["policy_id"], r["direction"], r["verdict"]))
+
+    def usage(self) -> dict[str, int]:
+        return {"ipcache": sum(1 for _ in self.ipcache.keys()),
+                "endpoints": sum(1 for _ in self.endpoints.keys()),
+                "rules": sum(1 for _ in self.rules.keys())}
+
+
