@@ -156,7 +156,8 @@ class Agent:
             self.datapath.policy, self.datapath.settings, self.store, self.source,
             node, cfg.policy_enforcement,
             Capacities(cfg.ipcache_map_size, cfg.endpoints_map_size, cfg.policy_map_size),
-            self._node_ips, metrics=self.metrics).start()
+            self._node_ips, ids_file=str(self.state_dir / "policy-ids.json"),
+            metrics=self.metrics).start()
 
     def _node_ips(self) -> list[str]:
         """This node's own IPv4 addresses: what the host stack (kubelet

@@ -8,8 +8,9 @@ and removes the flows idle for longer than their protocol's timeout
 (`conntrack_tcp_idle_timeout`, `conntrack_idle_timeout`), so the LRU only
 ever has to evict under real pressure.
 
-A flow is its forward entry (client -> VIP) and its reply entry (backend ->
-client); each direction refreshes its own `last_seen` (bpf_ktime_get_ns, the
+Flows admitted by NetworkPolicy have one entry (FP_CT_POLICY, refreshed by
+both directions) and go when it is idle. A translated flow is its forward
+entry (client -> VIP) and its reply entry (backend -> client); each direction refreshes its own `last_seen` (bpf_ktime_get_ns, the
 clock of time.monotonic_ns). A flow is removed only when both are idle, so a
 flow where one side sends (a server push acknowledged by the client, a
 one-way UDP stream) is kept. Both entries are read again just before they
@@ -37,6 +38,7 @@ def sweep(table, now_ns: int, tcp_idle_ns: int, other_idle_ns: int, hairpin_ip: 
     fp_ct4_key -> fp_ct4). Returns the number of entries removed."""
     from agent.datapath.maps import DEFS, be32
     fwd_dir, rep_dir = DEFS.defines["FP_CT_FORWARD"], DEFS.defines["FP_CT_REPLY"]
+    pol_dir = DEFS.defines["FP_CT_POLICY"]
     hairpin_flag = DEFS.defines["FP_CT_F_HAIRPIN"]
     hairpin = be32(hairpin_ip)
     seen = {}
@@ -67,6 +69,8 @@ def sweep(table, now_ns: int, tcp_idle_ns: int, other_idle_ns: int, hairpin_ip: 
     for key, last in seen.items():
         if key[5] == rep_dir and key not in paired and now_ns - last > idle_for(key[4]):
             doomed.append([key])    # its forward entry is gone (evicted, or a flush)
+        elif key[5] == pol_dir and now_ns - last > idle_for(key[4]):
+            doomed.append([key])    # an admitted flow (NetworkPolicy), one entry per flow
     removed = 0
     for flow in doomed:
         keys = [table.Key(*key) for key in flow]

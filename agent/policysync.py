@@ -10,16 +10,22 @@ maps (agent/datapath/policymaps.py).
 Start and restart: the first plan waits for the source's initial sync, and
 diffs against what the pinned maps hold, so a restarted agent rewrites only
 what changed while it was away and never opens or closes a hole on the way.
+The maps hold numeric identities and policy ids only, so their names are
+kept in the state directory (`ids_file`) and given back to the compiler:
+a restarted agent then numbers everything as before.
 The datapath's policy switch (FP_CFG_F_POLICY) is turned on only once the
 maps hold a complete state; with enforcement `never` it is turned off first
 and the maps are emptied after.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 from agent.policy import (
@@ -57,7 +63,7 @@ def audited_policies(snapshot) -> frozenset[str]:
 class PolicySync:
     def __init__(self, maps, settings, store, source, node_name: str, mode: str,
                  capacities: Capacities, node_ips: Callable[[], list[str]], *,
-                 settle: float = 0.02, metrics=None):
+                 ids_file: Optional[str] = None, settle: float = 0.02, metrics=None):
         self.maps = maps                  # agent.datapath.policymaps.PolicyMaps
         self.settings = settings          # agent.datapath.maps.ConfigMap
         self.store = store
@@ -69,6 +75,8 @@ class PolicySync:
         self.settle = settle
         self.metrics = metrics
         self.state: Optional[PolicyState] = None
+        self.ids_file = Path(ids_file) if ids_file else None
+        self._saved_ids: Optional[dict] = None
         self.status = PolicyStatus(self.mode.value)
         self.lock = threading.Lock()      # one plan at a time; readers take it too
         self._stop = threading.Event()
@@ -102,7 +110,9 @@ class PolicySync:
             t0 = time.monotonic()
             snap = self.store.snapshot()
             new = compile_policy(snap, self.node_name, self.node_ips(), self.mode,
-                                 audited_policies(snap), previous=self.state)
+                                 audited_policies(snap),
+                                 previous=self.state if self.state is not None
+                                 else self._restored_ids(snap))
             old = self.state if self.state is not None else self.maps.image()
             ops = diff(old, new)
             overflows = check_capacity(new, self.capacities, old, ops)
@@ -122,6 +132,7 @@ class PolicySync:
             # On only once the maps hold a complete state (idempotent).
             self.settings.set_policy(True)
             self.state = new
+            self._save_ids(new)
             st.refused = []
             st.applied_version = snap.version
             st.policies = len(snap.network_policies)
@@ -137,6 +148,32 @@ class PolicySync:
         with self.applied:
             self.applied.notify_all()
         return len(ops)
+
+    def _save_ids(self, state: PolicyState) -> None:
+        if self.ids_file is None:
+            return
+        ids = {"policies": {str(k): v for k, v in state.policies.items()},
+               "identities": dict(state.identities)}
+        if ids == self._saved_ids:
+            return
+        tmp = self.ids_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ids))
+        os.replace(tmp, self.ids_file)
+        self._saved_ids = ids
+
+    def _restored_ids(self, snap) -> Optional[PolicyState]:
+        """The names behind the ids in the pinned maps, as a state that
+        holds nothing but those tables (only ids are taken from `previous`)."""
+        if self.ids_file is None or not self.ids_file.exists():
+            return None
+        try:
+            ids = json.loads(self.ids_file.read_text())
+            policies = {int(k): v for k, v in ids["policies"].items()}
+            identities = {k: int(v) for k, v in ids["identities"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("policy: %s unreadable (%s); ids are allocated afresh", self.ids_file, exc)
+            return None
+        return PolicyState(self.mode, self.node_name, (), identities, {}, {}, {}, {}, policies)
 
     def wait_applied(self, version: int, timeout: float) -> bool:
         """Block until the maps reflect store version >= `version`."""

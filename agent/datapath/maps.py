@@ -156,6 +156,10 @@ def port_from_be16(value: int) -> int:
     return struct.unpack("!H", struct.pack("=H", value))[0]
 
 
+CT_DIRECTIONS = {DEFS.defines["FP_CT_FORWARD"]: "forward", DEFS.defines["FP_CT_REPLY"]: "reply",
+                 DEFS.defines["FP_CT_POLICY"]: "policy"}
+
+
 @dataclass(frozen=True)
 class CtRow:
     saddr: str
@@ -163,7 +167,8 @@ class CtRow:
     daddr: str
     dport: int
     proto: str
-    direction: str        # "forward" (client -> VIP) or "reply" (backend -> client)
+    direction: str        # "forward" (client -> VIP), "reply" (backend -> client),
+                          # or "policy" (a flow NetworkPolicy admitted)
     nat_addr: str
     nat_port: int
     backend_id: int
@@ -244,7 +249,7 @@ class LbMaps:
         for k, v in self._ct.items():
             rows.append(CtRow(ip_from_be32(k.saddr), port_from_be16(k.sport), ip_from_be32(k.daddr),
                               port_from_be16(k.dport), PROTO_NAME.get(k.proto, str(k.proto)),
-                              "reply" if k.dir == DEFS.defines["FP_CT_REPLY"] else "forward",
+                              CT_DIRECTIONS.get(k.dir, str(k.dir)),
                               ip_from_be32(v.nat_addr), port_from_be16(v.nat_port), v.backend_id,
                               v.svc_id, v.last_seen))
         return rows

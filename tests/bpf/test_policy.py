@@ -335,3 +335,21 @@ def test_maps_read_back_as_the_compiled_image(dp, policy):
     from agent.policy import diff as _diff
     from agent.policy.diff import RulePut, EndpointPut
     assert all(isinstance(op, (RulePut, EndpointPut)) for op in _diff(img, policy))
+
+
+def test_admitted_flows_are_tracked_and_swept_when_idle(dp, bpfnet, policy):
+    import time
+    from agent.conntrack import sweep
+    sport = next(_sport)
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(tcp(POD_A, POD_B, 8080, sport=sport)),
+                 bpfnet.cali_a.ifindex)
+    assert r.verdict == TC_ACT_REDIRECT
+
+    def tracked():
+        return [c for c in dp.lb.conntrack() if c.direction == "policy" and c.sport == sport]
+    assert len(tracked()) == 1 and tracked()[0].daddr == POD_B
+    table, now, hour = dp.lb.conntrack_table(), time.monotonic_ns(), 3600 * 10**9
+    sweep(table, now, hour, 60 * 10**9, "169.254.10.1")
+    assert len(tracked()) == 1          # not idle yet
+    sweep(table, now + hour + 10**9, hour, 60 * 10**9, "169.254.10.1")
+    assert tracked() == []
