@@ -124,8 +124,7 @@ class PolicySync:
                 for o in overflows:
                     log.error("policy: refused the new state, the old one stays enforced: %s",
                               o.reason)
-                if self.metrics is not None and hasattr(self.metrics, "policy_refused"):
-                    self.metrics.policy_refused()
+                self._observe(time.monotonic() - t0, 0, False)
                 return 0
             for op in ops:
                 self.maps.apply(op)
@@ -142,6 +141,7 @@ class PolicySync:
             st.plans += 1
             st.last_ops = len(ops)
             st.last_seconds = time.monotonic() - t0
+        self._observe(st.last_seconds, len(ops), True)
         if ops:
             log.info("policy: %d map writes in %.1f ms (store v%d, %d rules for %d pods)",
                      len(ops), st.last_seconds * 1e3, snap.version, st.rules, st.endpoints)
@@ -203,10 +203,16 @@ class PolicySync:
         finally:
             sub.close()
 
+    def _observe(self, seconds: float, ops: int, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_sync("NetworkPolicy", seconds, ops, ok)
+
     def _guarded(self) -> None:
+        t0 = time.monotonic()
         try:
             self.sync_once()
         except Exception as exc:      # one bad plan must not stop the loop
+            self._observe(time.monotonic() - t0, 0, False)
             self.status.errors += 1
             self.status.error = f"{type(exc).__name__}: {exc}"
             log.exception("policy sync failed; keeping the maps as they are")
