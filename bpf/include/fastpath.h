@@ -310,7 +310,8 @@ _Static_assert(sizeof(struct fp_polcnt_key) == 8, "fp_polcnt_key layout");
 
 /* Policy conntrack: flows admitted while enforcement is on live in the
  * conntrack map (struct fp_ct4_key with dir FP_CT_POLICY, keyed by the
- * tuple after service translation), so that later packets and replies skip
+ * tuple after service translation, lower (address, port) end first so one
+ * entry serves both directions), so that later packets and replies skip
  * the rule lookups, and a policy change does not cut established flows. */
 #define FP_CT_POLICY  2
 #define FP_CT_POLICY_TCP_LIFETIME_NS   (6ULL * 3600 * 1000000000ULL)

@@ -135,6 +135,20 @@ static __always_inline void fp_policy_event(struct __sk_buff *skb, enum fp_dir w
 	fp_event_submit(ev);
 }
 
+static __always_inline void fp_policy_ct_key(struct fp_ct4_key *key, const struct fp_ipv4 *ip,
+					    __be16 sport, __be16 dport)
+{
+	int swap = ip->saddr > ip->daddr || (ip->saddr == ip->daddr && sport > dport);
+
+	key->saddr = swap ? ip->daddr : ip->saddr;
+	key->daddr = swap ? ip->saddr : ip->daddr;
+	key->sport = swap ? dport : sport;
+	key->dport = swap ? sport : dport;
+	key->proto = ip->proto;
+	key->dir = FP_CT_POLICY;
+	key->pad = 0;
+}
+
 /* Judge a packet (already translated). Returns 0 to let it pass, -1 to drop
  * it (v says which check and policy decided). `check_egress`: the source is
  * a pod of this node whose egress has not been checked on the way here. */
@@ -157,25 +171,14 @@ static __always_inline int fp_policy_judge(struct __sk_buff *skb, enum fp_dir wh
 	v->dir = FP_POL_EGRESS;
 	v->audit = 0;
 
-	/* An admitted flow, in either direction. */
-	key.saddr = ip->saddr;
-	key.daddr = ip->daddr;
-	key.sport = sport;
-	key.dport = dport;
-	key.proto = ip->proto;
-	key.dir = FP_CT_POLICY;
+	/* An admitted flow, in either direction: one entry per flow, its
+	 * endpoints in a fixed order, so one lookup serves both ways. */
+	fp_policy_ct_key(&key, ip, sport, dport);
 	ct = fp_ct_lookup(&key);
 	if (ct && now - ct->last_seen < lifetime) {
-		ct->last_seen = now;
-		return 0;
-	}
-	key.saddr = ip->daddr;
-	key.daddr = ip->saddr;
-	key.sport = dport;
-	key.dport = sport;
-	ct = fp_ct_lookup(&key);
-	if (ct && now - ct->last_seen < lifetime) {
-		ct->last_seen = now;
+		/* a coarse refresh keeps the entry's cache line mostly read-only */
+		if (now - ct->last_seen > FP_NSEC_PER_SEC)
+			ct->last_seen = now;
 		return 0;
 	}
 
@@ -228,10 +231,6 @@ static __always_inline int fp_policy_judge(struct __sk_buff *skb, enum fp_dir wh
 				d == FP_POL_INGRESS ? in_peer : eg_peer);
 	}
 
-	key.saddr = ip->saddr;
-	key.daddr = ip->daddr;
-	key.sport = sport;
-	key.dport = dport;
 	entry.last_seen = now;
 	fp_ct_put(&key, &entry);
 	return 0;
