@@ -17,6 +17,7 @@ choice); the output is shaped for constant-cost lookups (state.py):
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Optional, Union
@@ -44,7 +45,8 @@ def policy_name(key: Union[Key, str]) -> str:
 
 def compile_policy(snapshot: Snapshot, node_name: str, node_ips: Iterable[str],
                    mode: Union[Mode, str], audited: Iterable[Union[Key, str]] = frozenset(),
-                   *, previous: Optional[PolicyState] = None) -> PolicyState:
+                   *, previous: Optional[PolicyState] = None,
+                   incremental: bool = True) -> PolicyState:
     """Compile the policy of node `node_name`.
 
     `audited` names the NetworkPolicies in audit mode, as (namespace, name)
@@ -52,9 +54,22 @@ def compile_policy(snapshot: Snapshot, node_name: str, node_ips: Iterable[str],
     annotation passes them here. `previous`, the state currently in the
     maps, keeps identity and policy ids stable so that a change rewrites
     only what it changes.
+
+    With `previous` compiled by this function for the same node, node
+    addresses and mode, only what the objects changed since then reach
+    (policies, pods, namespaces, audited policies) is recompiled; the result
+    is the same as a full compile with the same `previous`, which
+    `incremental=False` forces. `previous` itself is left valid: it can be
+    the base of another compile (e.g. when its successor was refused).
     """
-    return _Compiler(snapshot, node_name, node_ips, Mode(mode),
-                     frozenset(policy_name(k) for k in audited), previous).run()
+    mode = Mode(mode)
+    audited = frozenset(policy_name(k) for k in audited)
+    comp = _Compiler(node_name, node_ips, mode, audited)
+    base = previous._cache.get("compiler") if (previous is not None and incremental) else None
+    if (isinstance(base, _Compiler) and base.node_name == comp.node_name
+            and base.node_ips == comp.node_ips and base.mode == mode):
+        return base.update(snapshot, audited)
+    return comp.full(snapshot, previous)
 
 
 def _allocate(names: Iterable[str], previous: Mapping[str, int],
@@ -82,60 +97,103 @@ def _allocate(names: Iterable[str], previous: Mapping[str, int],
     return out
 
 
-def _usable_pods(snapshot: Snapshot, node_ips: frozenset[str]) -> dict[str, Pod]:
-    """IPv4 -> the pod that owns it. Host-network pods have no identity of their
-    own (their address is the node's); terminal pods and pods without an IPv4
-    address cannot send or receive. Two live pods claiming one IP (a stale
-    object during IP reuse) resolve to the running, not-deleting one."""
-    best: dict[str, tuple[tuple, Pod]] = {}
-    for p in snapshot.pods.values():
-        if p.host_network or p.is_terminal:
-            continue
-        ip = next((a for a in p.ips if ip4.is_ip4(a)), None)
-        if ip is None or ip in node_ips:
-            continue
-        rank = (_PHASE_RANK.get(p.phase, 3), p.deleting, p.namespace, p.name)
-        cur = best.get(ip)
-        if cur is None or rank < cur[0]:
-            best[ip] = (rank, p)
-    return {ip: p for ip, (_, p) in best.items()}
+# Peer-dependency key of an egress rule without peers that names ports: its
+# rules depend on every pod identity.
+ANY_POD = ("", None)
+
+Slot = tuple[str, Direction]      # (endpoint IPv4, direction)
+
+
+def _eligible_ip(p: Pod, node_ips: frozenset[str]) -> Optional[str]:
+    if p.host_network or p.is_terminal:
+        return None
+    ip = next((a for a in p.ips if ip4.is_ip4(a)), None)
+    if ip is None or ip in node_ips:
+        return None
+    return ip
+
+
+def _rank(p: Pod) -> tuple:
+    return (_PHASE_RANK.get(p.phase, 3), p.deleting, p.namespace, p.name)
+
+
+def _bump(counter: dict, key, delta: int) -> bool:
+    """Add delta to a count kept without zeros; True if the key appeared or vanished."""
+    n = counter.get(key, 0) + delta
+    if n:
+        counter[key] = n
+    else:
+        del counter[key]
+    return n == 0 or n == delta
+
+
+def _changed(old: Mapping, new: Mapping) -> set:
+    """Keys whose object differs (added, removed, or replaced by an unequal one)."""
+    out = {k for k, v in new.items() if (o := old.get(k)) is not v and o != v}
+    out.update(old.keys() - new.keys())
+    return out
+
+
+def _affects(pol: NetworkPolicy, d: Direction) -> bool:
+    return pol.affects_ingress if d == Direction.INGRESS else pol.affects_egress
 
 
 class _Compiler:
-    def __init__(self, snap: Snapshot, node_name: str, node_ips: Iterable[str], mode: Mode,
-                 audited: frozenset[str], previous: Optional[PolicyState]):
-        self.snap = snap
+    """The compile and everything needed to redo only part of it.
+
+    A full compile fills every table below; `update` starts from a copy of
+    the tables of the previous compile and redoes only what the changed
+    objects reach. The tables are never modified once a state has been made
+    from them (an update copies each one before writing), so a state can be
+    updated again, e.g. after its successor was refused.
+    """
+
+    # Tables an update writes to (each copied first); the others are only
+    # ever replaced as a whole.
+    _TABLES = ("policies", "pods", "namespaces", "_ns_labels", "pid", "policy_table", "by_ns",
+               "cands", "usable", "local", "local_by_ns", "ns_ips", "sel", "plan", "act_n",
+               "act_obj", "block_n", "block_pid_n", "named_n", "ident_of_ip", "ident_n", "id_of",
+               "identity_info", "identities", "ipcache", "peer_cache", "deps_of", "peer_deps",
+               "peer_index", "endpoints", "enf_n")
+
+    def __init__(self, node_name: str, node_ips: Iterable[str], mode: Mode, audited: frozenset[str]):
         self.node_name = node_name
         self.node_ips = tuple(sorted({ip for ip in node_ips if ip4.is_ip4(ip)}))
         self.mode = mode
         self.audited = audited
-        self.previous = previous
         self._ns_labels: dict[str, FrozenMap] = {}
 
     def ns_labels(self, ns: str) -> FrozenMap:
         m = self._ns_labels.get(ns)
         if m is None:
-            labels = self.snap.namespace_labels(ns)
+            obj = self.namespaces.get(("", ns))
+            labels = obj.labels if obj is not None else {}
             if NAMESPACE_NAME_LABEL not in labels:
                 labels = {**dict(labels), NAMESPACE_NAME_LABEL: ns}
             m = self._ns_labels[ns] = FrozenMap(labels)
         return m
 
-    # ------------------------------------------------------------------ run
+    # ------------------------------------------------------------ full
 
-    def run(self) -> PolicyState:
-        snap = self.snap
-        prev = self.previous
-        policies = sorted(snap.network_policies.values(), key=lambda p: p.key)
-        pol_ids = _allocate((policy_name(p.key) for p in policies),
+    def full(self, snap: Snapshot, prev: Optional[PolicyState]) -> PolicyState:
+        self.policies: dict[Key, NetworkPolicy] = dict(snap.network_policies)
+        self.pods: dict[Key, Pod] = dict(snap.pods)
+        self.namespaces = dict(snap.namespaces)
+        pol_ids = _allocate((policy_name(k) for k in self.policies),
                             {n: i for i, n in prev.policies.items()} if prev else {},
                             {v: k for k, v in RESERVED_POLICIES.items()}, POLICY_DYNAMIC_MIN)
-        self.pid = {p.key: pol_ids[policy_name(p.key)] for p in policies}
-        policy_table = {i: n for n, i in pol_ids.items()}
+        self.pid = {k: pol_ids[policy_name(k)] for k in self.policies}
+        self.policy_table = {i: n for n, i in pol_ids.items()}
 
-        pods = _usable_pods(snap, frozenset(self.node_ips))
-        local = sorted(((ip, p) for ip, p in pods.items() if p.node_name == self.node_name),
-                       key=lambda t: ip4.to_int(t[0]))
+        node_ips = frozenset(self.node_ips)
+        self.cands: dict[str, tuple[Pod, ...]] = {}
+        for p in self.pods.values():
+            ip = _eligible_ip(p, node_ips)
+            if ip is not None:
+                self.cands[ip] = self.cands.get(ip, ()) + (p,)
+        self.usable = {ip: min(c, key=_rank) for ip, c in self.cands.items()}
+        self.local = {ip: p for ip, p in sorted(self.usable.items(), key=lambda t: ip4.to_int(t[0]))
+                      if p.node_name == self.node_name}
 
         if self.mode == Mode.NEVER:
             return PolicyState(
@@ -143,132 +201,524 @@ class _Compiler:
                 identities={HOST_IDENTITY.name: ID_HOST, WORLD_IDENTITY.name: ID_WORLD},
                 identity_info={ID_HOST: HOST_IDENTITY, ID_WORLD: WORLD_IDENTITY},
                 ipcache={}, ipcache_policies={},
-                endpoints={ip: EndpointPolicy(ip, p.namespace, p.name, EndpointConfig(), {})
-                           for ip, p in local},
-                policies=policy_table, audited=self.audited)
+                endpoints={ip: EndpointPolicy(ip, p.namespace, p.name, EndpointConfig(), {}, {})
+                           for ip, p in self.local.items()},
+                policies=self.policy_table, audited=self.audited)
 
-        by_ns: dict[str, list[NetworkPolicy]] = defaultdict(list)
-        for p in policies:
-            by_ns[p.namespace].append(p)
+        by_ns: dict[str, list[Key]] = defaultdict(list)
+        for k in sorted(self.policies):
+            by_ns[k[0]].append(k)
+        self.by_ns = {ns: tuple(v) for ns, v in by_ns.items()}
+        self.local_by_ns: dict[str, frozenset[str]] = {}
+        self.ns_ips: dict[str, frozenset[str]] = {}
+        for ip, p in self.usable.items():
+            self.ns_ips[p.namespace] = self.ns_ips.get(p.namespace, frozenset()) | {ip}
+        for ip, p in self.local.items():
+            self.local_by_ns[p.namespace] = self.local_by_ns.get(p.namespace, frozenset()) | {ip}
 
         # 1. Isolation per endpoint and direction, and which policies' rules count.
-        plan: list[tuple[str, Pod, Direction, DirectionPolicy, list[NetworkPolicy]]] = []
-        for ip, pod in local:
+        self.sel: dict[Slot, frozenset[Key]] = {}
+        self.plan: dict[Slot, tuple[DirectionPolicy, tuple[Key, ...]]] = {}
+        self.act_n: dict[tuple[Key, Direction], int] = {}
+        self.act_obj: dict[tuple[Key, Direction], tuple[NetworkPolicy, int]] = {}
+        self.block_n: dict[IPBlock, int] = {}
+        self.block_pid_n: dict[tuple[IPBlock, int], int] = {}
+        self.named_n: dict[tuple[str, int], int] = {}
+        for ip, pod in self.local.items():
             for d in Direction:
-                enforced, audit = [], []
-                for pol in by_ns.get(pod.namespace, ()):
-                    affects = pol.affects_ingress if d == Direction.INGRESS else pol.affects_egress
-                    if affects and pol.pod_selector.matches(pod.labels):
-                        (audit if policy_name(pol.key) in self.audited else enforced).append(pol)
-                if enforced or self.mode == Mode.ALWAYS:
-                    deciding = tuple(sorted(self.pid[p.key] for p in enforced)) or (POLICY_ALWAYS,)
-                    dp, compiled = DirectionPolicy(True, False, deciding), enforced
-                elif audit:
-                    # An audited policy can only ever add allows to a direction
-                    # an enforced policy already isolates, so its rules matter
-                    # (as would-be drops) only where nothing enforced selects.
-                    dp = DirectionPolicy(False, True, tuple(sorted(self.pid[p.key] for p in audit)))
-                    compiled = audit
-                else:
-                    dp, compiled = DirectionPolicy(), []
-                plan.append((ip, pod, d, dp, compiled))
+                self.sel[(ip, d)] = self._select(pod, d)
+                self.plan[(ip, d)] = plan = self._plan((ip, d))
+                for k in plan[1]:
+                    self._activate(k, d, 1)
 
         # 2. Identities, from what the compiled rules can ask about a peer.
-        blocks: set[IPBlock] = set()
-        named_refs: set[tuple[str, int]] = set()
-        block_policies: dict[IPBlock, set[int]] = defaultdict(set)
-        for _, _, d, _, compiled in plan:
-            for pol in compiled:
-                for rule in (pol.ingress if d == Direction.INGRESS else pol.egress):
-                    for peer in rule.peers:
-                        b = peer.ip_block
-                        if b is not None and ip4.is_ip4(b.cidr):
-                            blocks.add(b)
-                            block_policies[b].add(self.pid[pol.key])
-                    if d == Direction.EGRESS:
-                        for pp in rule.ports:
-                            if isinstance(pp.port, str):
-                                named_refs.add((pp.port, proto_number(pp.protocol)))
-        self._build_cidrs(blocks)
-
-        ident_of_ip: dict[str, Identity] = {}
-        for ip, pod in pods.items():
-            ports = tuple(sorted(
-                (name, proto, num) for name, proto in named_refs
-                if (num := _named_port(pod, name, proto)) is not None))
-            ident_of_ip[ip] = Identity("pod", pod.namespace, pod.labels,
-                                       self.ns_labels(pod.namespace),
-                                       self.blocks_of(ip4.to_int(ip), 32), ports)
+        self.blocks = frozenset(self.block_n)
+        self.named_refs = frozenset(self.named_n)
+        self._build_cidrs(self.blocks)
+        self.ident_of_ip: dict[str, Identity] = {
+            ip: self._pod_identity(ip, pod) for ip, pod in self.usable.items()}
         for ip in self.node_ips:
-            ident_of_ip[ip] = Identity("host", blocks=self.blocks_of(ip4.to_int(ip), 32))
-        cidr_ident = {pfx: (Identity("cidr", blocks=sig) if sig else WORLD_IDENTITY)
-                      for pfx, sig in self.cidr_entries.items()}
-
-        all_idents = set(ident_of_ip.values()) | set(cidr_ident.values())
+            self.ident_of_ip[ip] = self._host_identity(ip)
+        self.cidr_ident = self._cidr_identities()
+        self.ident_n: dict[Identity, int] = {}
+        for i in (*self.ident_of_ip.values(), *self.cidr_ident.values()):
+            self.ident_n[i] = self.ident_n.get(i, 0) + 1
+        all_idents = set(self.ident_n)
         names = _allocate((i.name for i in all_idents), prev.identities if prev else {},
                           {HOST_IDENTITY.name: ID_HOST, WORLD_IDENTITY.name: ID_WORLD},
                           ID_DYNAMIC_MIN)
         self.id_of = {i: names[i.name] for i in all_idents}
         self.id_of[HOST_IDENTITY] = ID_HOST
         self.id_of[WORLD_IDENTITY] = ID_WORLD
-        identity_info = {self.id_of[i]: i for i in all_idents | {HOST_IDENTITY, WORLD_IDENTITY}}
+        self.identity_info = {self.id_of[i]: i for i in all_idents | {HOST_IDENTITY, WORLD_IDENTITY}}
+        self.identities = {i.name: n for n, i in self.identity_info.items()}
 
         # Most specific last, so a pod's /32 overrides an ipBlock prefix and a
         # node address overrides both.
-        ipcache: dict[str, int] = {}
-        ipcache_policies: dict[str, tuple[int, ...]] = {}
-        for (plen, net), ident in sorted(cidr_ident.items()):
-            text = ip4.prefix_text(plen, net)
-            ipcache[text] = self.id_of[ident]
-            ipcache_policies[text] = tuple(sorted(
-                pid for b in self.prefix_blocks[(plen, net)] for pid in block_policies[b]))
-        for ip in sorted(ident_of_ip, key=ip4.to_int):
-            ipcache[f"{ip}/32"] = self.id_of[ident_of_ip[ip]]
+        self.ipcache: dict[str, int] = {}
+        for (plen, net), ident in sorted(self.cidr_ident.items()):
+            self.ipcache[ip4.prefix_text(plen, net)] = self.id_of[ident]
+        for ip in sorted(self.ident_of_ip, key=ip4.to_int):
+            self.ipcache[f"{ip}/32"] = self.id_of[self.ident_of_ip[ip]]
+        self.ipcache_policies = self._cidr_policies()
+        self._index_identities()
+        self.peer_cache: dict[tuple, tuple[tuple[int, ...], frozenset[int]]] = {}
+        self.peer_index: dict[tuple, frozenset] = {}
 
-        self.pod_idents = sorted({(self.id_of[i], i) for i in ident_of_ip.values()
-                                  if i.kind == "pod"}, key=lambda t: t[0])
+        # 3. Rules.
+        self.endpoints: dict[str, EndpointPolicy] = {}
+        self.enf_n: dict[int, int] = {}
+        self.deps_of: dict[Slot, frozenset] = {}
+        self.peer_deps: dict[tuple, frozenset[Slot]] = {}
+        acc: dict[tuple, set[Slot]] = defaultdict(set)
+        for ip, pod in self.local.items():
+            by_peer: dict[tuple[Direction, int], dict] = {}
+            for d in Direction:
+                deps: set = set()
+                filled = self._fill(ip, d, by_peer, deps)
+                if self.plan[(ip, d)][0].enforced:
+                    for ident in filled:
+                        _bump(self.enf_n, ident, 1)
+                if deps:
+                    self.deps_of[(ip, d)] = frozenset(deps)
+                    for ck in deps:
+                        acc[ck].add((ip, d))
+            self.endpoints[ip] = self._endpoint(ip, by_peer, None)
+        self.peer_deps = {ck: frozenset(v) for ck, v in acc.items()}
+        return self._state()
+
+    def _state(self) -> PolicyState:
+        state = PolicyState(
+            mode=self.mode, node_name=self.node_name, node_ips=self.node_ips,
+            identities=self.identities, identity_info=self.identity_info, ipcache=self.ipcache,
+            ipcache_policies=self.ipcache_policies, endpoints=self.endpoints,
+            policies=self.policy_table, audited=self.audited)
+        # Known here for free; diff asks for it on every change.
+        state._cache["enforced_ids"] = frozenset(self.enf_n)
+        state._cache["compiler"] = self
+        return state
+
+    # ------------------------------------------------------- plan pieces
+
+    def _select(self, pod: Pod, d: Direction) -> frozenset[Key]:
+        pols = self.policies
+        return frozenset(k for k in self.by_ns.get(pod.namespace, ())
+                         if _affects(pols[k], d) and pols[k].pod_selector.matches(pod.labels))
+
+    def _plan(self, slot: Slot) -> tuple[DirectionPolicy, tuple[Key, ...]]:
+        sel = self.sel[slot]
+        enforced = sorted(k for k in sel if policy_name(k) not in self.audited)
+        if enforced or self.mode == Mode.ALWAYS:
+            deciding = tuple(sorted(self.pid[k] for k in enforced)) or (POLICY_ALWAYS,)
+            return DirectionPolicy(True, False, deciding), tuple(enforced)
+        audit = sorted(k for k in sel if policy_name(k) in self.audited)
+        if audit:
+            # An audited policy can only ever add allows to a direction an
+            # enforced policy already isolates, so its rules matter (as
+            # would-be drops) only where nothing enforced selects.
+            return DirectionPolicy(False, True, tuple(sorted(self.pid[k] for k in audit))), tuple(audit)
+        return DirectionPolicy(), ()
+
+    def _activate(self, key: Key, d: Direction, delta: int) -> None:
+        """Count the endpoints compiling policy `key` in direction d; its
+        ipBlocks and egress named ports count while that is not zero."""
+        n = self.act_n.get((key, d), 0)
+        if delta > 0 and n == 0:
+            pol = self.policies[key]
+            self.act_obj[(key, d)] = (pol, self.pid[key])
+            self._contribute(pol, self.pid[key], d, 1)
+        elif delta < 0 and n == 1:
+            pol, pid = self.act_obj.pop((key, d))
+            self._contribute(pol, pid, d, -1)
+        _bump(self.act_n, (key, d), delta)
+
+    def _contribute(self, pol: NetworkPolicy, pid: int, d: Direction, sign: int) -> None:
+        blocks, named = set(), set()
+        for rule in (pol.ingress if d == Direction.INGRESS else pol.egress):
+            for peer in rule.peers:
+                b = peer.ip_block
+                if b is not None and ip4.is_ip4(b.cidr):
+                    blocks.add(b)
+            if d == Direction.EGRESS:
+                for pp in rule.ports:
+                    if isinstance(pp.port, str):
+                        named.add((pp.port, proto_number(pp.protocol)))
+        for b in blocks:
+            _bump(self.block_n, b, sign)
+            if _bump(self.block_pid_n, (b, pid), sign):
+                self.block_pids_changed = True
+        for r in named:
+            _bump(self.named_n, r, sign)
+
+    # --------------------------------------------------- identity pieces
+
+    def _pod_identity(self, ip: str, pod: Pod) -> Identity:
+        ports = tuple(sorted(
+            (name, proto, num) for name, proto in self.named_refs
+            if (num := _named_port(pod, name, proto)) is not None))
+        return Identity("pod", pod.namespace, pod.labels, self.ns_labels(pod.namespace),
+                        self.blocks_of(ip4.to_int(ip), 32), ports)
+
+    def _host_identity(self, ip: str) -> Identity:
+        return Identity("host", blocks=self.blocks_of(ip4.to_int(ip), 32))
+
+    def _cidr_identities(self) -> dict[tuple[int, int], Identity]:
+        return {pfx: (Identity("cidr", blocks=sig) if sig else WORLD_IDENTITY)
+                for pfx, sig in self.cidr_entries.items()}
+
+    def _cidr_policies(self) -> dict[str, tuple[int, ...]]:
+        block_policies: dict[IPBlock, set[int]] = defaultdict(set)
+        for b, pid in self.block_pid_n:
+            block_policies[b].add(pid)
+        return {ip4.prefix_text(plen, net): tuple(sorted(
+                    pid for b in self.prefix_blocks[(plen, net)] for pid in block_policies[b]))
+                for plen, net in sorted(self.cidr_ident)}
+
+    def _index_identities(self) -> None:
+        self.pod_idents = sorted(((n, i) for n, i in self.identity_info.items() if i.kind == "pod"),
+                                 key=lambda t: t[0])
         self.pod_idents_by_ns: dict[str, list[tuple[int, Identity]]] = defaultdict(list)
         for t in self.pod_idents:
             self.pod_idents_by_ns[t[1].namespace].append(t)
         self.block_members: dict[IPBlock, list[int]] = defaultdict(list)
-        for ident, i in sorted(identity_info.items()):
+        for ident, i in sorted(self.identity_info.items()):
             for b in i.blocks:
                 self.block_members[b].append(ident)
         # Only identities a node address really has: with no node address
         # known there is nothing to allow.
-        self.host_idents = sorted({self.id_of[ident_of_ip[ip]] for ip in self.node_ips})
+        self.host_idents = sorted({self.id_of[self.ident_of_ip[ip]] for ip in self.node_ips})
         self.info_by_id = dict(self.pod_idents)
-        self._peer_cache: dict[tuple[str, PolicyPeer], tuple[int, ...]] = {}
 
-        # 3. Rules.
-        endpoints: dict[str, EndpointPolicy] = {}
-        acc: dict[str, tuple[list[DirectionPolicy], dict[PolicyKey, RuleValue]]] = {}
-        enforced_ids: set[int] = set()
-        for ip, pod, d, dp, compiled in plan:
-            dps, rules = acc.setdefault(ip, ([], {}))
-            dps.append(dp)
-            if dp.isolated:
-                new = self._rules(pod, d, dp, compiled)
-                rules.update(new)
-                if dp.enforced:
-                    enforced_ids.update(k.identity for k in new)
-        for ip, pod in local:
-            dps, rules = acc[ip]
-            endpoints[ip] = EndpointPolicy(ip, pod.namespace, pod.name,
-                                           EndpointConfig(ingress=dps[0], egress=dps[1]), rules)
+    # -------------------------------------------------------------- update
 
-        state = PolicyState(
-            mode=self.mode, node_name=self.node_name, node_ips=self.node_ips,
-            identities={i.name: n for n, i in identity_info.items()},
-            identity_info=identity_info, ipcache=ipcache, ipcache_policies=ipcache_policies,
-            endpoints=endpoints, policies=policy_table, audited=self.audited)
-        # Known here for free; diff asks for it on every change.
-        state._cache["enforced_ids"] = frozenset(enforced_ids)
-        return state
+    def update(self, snap: Snapshot, audited: frozenset[str]) -> PolicyState:
+        """The state for `snap`, computed from this compile's tables (left as
+        they are) by redoing only what changed objects reach."""
+        new = copy.copy(self)
+        for name in self._TABLES:
+            setattr(new, name, dict(getattr(self, name)))
+        return new._update(snap, audited)
+
+    def _update(self, snap: Snapshot, audited: frozenset[str]) -> PolicyState:
+        IN, EG = Direction.INGRESS, Direction.EGRESS
+        self.block_pids_changed = False
+        # ---- what changed in the inputs
+        chg_pol = _changed(self.policies, snap.network_policies)
+        chg_pod = _changed(self.pods, snap.pods)
+        chg_ns = {k[1] for k in _changed(self.namespaces, snap.namespaces)}
+        for name in self.audited ^ audited:
+            ns, _, n = name.partition("/")
+            if (ns, n) in snap.network_policies:
+                chg_pol.add((ns, n))
+        self.audited = audited
+
+        # ---- policies and their ids (a new name takes the lowest id neither
+        # the previous nor this state uses, exactly as a full compile does)
+        used = set(self.policy_table)
+        fresh = []
+        for k in chg_pol:
+            pol = snap.network_policies.get(k)
+            had = k in self.policies
+            if pol is None:
+                del self.policies[k]
+                del self.policy_table[self.pid.pop(k)]
+            else:
+                self.policies[k] = pol
+                if not had:
+                    fresh.append(k)
+            if pol is None or not had:
+                self.by_ns[k[0]] = tuple(sorted(x for x in (*self.by_ns.get(k[0], ()), k)
+                                                if x in self.policies))
+        nxt = POLICY_DYNAMIC_MIN
+        for k in sorted(fresh, key=policy_name):
+            while nxt in used:
+                nxt += 1
+            self.pid[k] = nxt
+            self.policy_table[nxt] = policy_name(k)
+            used.add(nxt)
+
+        # ---- pods: which address changes owner
+        node_ips = frozenset(self.node_ips)
+        touched_ips: set[str] = set()
+        for k in chg_pod:
+            old, pod = self.pods.get(k), snap.pods.get(k)
+            if old is not None:
+                ip = _eligible_ip(old, node_ips)
+                if ip is not None:
+                    rest = tuple(c for c in self.cands[ip] if c is not old)
+                    if rest:
+                        self.cands[ip] = rest
+                    else:
+                        del self.cands[ip]
+                    touched_ips.add(ip)
+                del self.pods[k]
+            if pod is not None:
+                ip = _eligible_ip(pod, node_ips)
+                if ip is not None:
+                    self.cands[ip] = self.cands.get(ip, ()) + (pod,)
+                    touched_ips.add(ip)
+                self.pods[k] = pod
+        for k in chg_ns:
+            obj = snap.namespaces.get(("", k))
+            if obj is None:
+                self.namespaces.pop(("", k), None)
+            else:
+                self.namespaces[("", k)] = obj
+            self._ns_labels.pop(k, None)
+
+        changed_ips: set[str] = set()
+        old_plans: dict[Slot, tuple[DirectionPolicy, tuple[Key, ...]]] = {}
+        gone_eps: set[str] = set()
+        for ip in touched_ips:
+            c = self.cands.get(ip)
+            w = min(c, key=_rank) if c else None
+            was = self.usable.get(ip)
+            if w is was:
+                continue
+            changed_ips.add(ip)
+            if was is not None:
+                del self.usable[ip]
+                _discard(self.ns_ips, was.namespace, ip)
+            if w is not None:
+                self.usable[ip] = w
+                self.ns_ips[w.namespace] = self.ns_ips.get(w.namespace, frozenset()) | {ip}
+            if ip in self.local:
+                was_local = self.local.pop(ip)
+                _discard(self.local_by_ns, was_local.namespace, ip)
+                for d in Direction:
+                    old_plans[(ip, d)] = self.plan.pop((ip, d))
+                    del self.sel[(ip, d)]
+                gone_eps.add(ip)
+            if w is not None and w.node_name == self.node_name:
+                self.local[ip] = w
+                self.local_by_ns[w.namespace] = self.local_by_ns.get(w.namespace, frozenset()) | {ip}
+                for d in Direction:
+                    self.sel[(ip, d)] = self._select(w, d)
+                    self.plan[(ip, d)] = self._plan((ip, d))
+                    old_plans.setdefault((ip, d), (DirectionPolicy(), ()))
+                gone_eps.discard(ip)
+
+        # ---- policies: which local endpoints they select (every selection
+        # first: a plan must not see a policy this change removes)
+        reselected: dict[Slot, set[Key]] = defaultdict(set)
+        for k in chg_pol:
+            pol = self.policies.get(k)
+            for ip in self.local_by_ns.get(k[0], ()):
+                if ip in changed_ips:
+                    continue     # planned from scratch above
+                pod = self.local[ip]
+                for d in Direction:
+                    slot = (ip, d)
+                    sel = self.sel[slot]
+                    hit = pol is not None and _affects(pol, d) and pol.pod_selector.matches(pod.labels)
+                    if hit or k in sel:
+                        self.sel[slot] = sel | {k} if hit else sel - {k}
+                        reselected[slot].add(k)
+        for slot, keys in reselected.items():
+            before = self.plan[slot]
+            after = self._plan(slot)
+            if after != before or not keys.isdisjoint(after[1]):
+                self.plan[slot] = after
+                old_plans.setdefault(slot, before)
+
+        # ---- which policies' ipBlocks and named ports count (all releases
+        # first, so a replaced policy's old object is released before its new
+        # one is taken)
+        for slot, (_, keys) in old_plans.items():
+            for k in keys:
+                self._activate(k, slot[1], -1)
+        for slot in old_plans:
+            if slot in self.plan:
+                for k in self.plan[slot][1]:
+                    self._activate(k, slot[1], 1)
+
+        # ---- identities of addresses
+        redo = set(changed_ips)
+        for ns in chg_ns:
+            redo |= self.ns_ips.get(ns, frozenset())
+        blocks = frozenset(self.block_n)
+        blocks_changed = blocks != self.blocks
+        if blocks_changed:
+            moved = [ip4.parse_prefix(b.cidr) for b in blocks ^ self.blocks]
+            for ip in (*self.usable, *self.node_ips):
+                a = ip4.to_int(ip)
+                if any(a & ip4.mask(plen) == net for plen, net in moved):
+                    redo.add(ip)
+            self.blocks = blocks
+            self._build_cidrs(blocks)
+        named = frozenset(self.named_n)
+        if named != self.named_refs:
+            names = {n for n, _ in named ^ self.named_refs}
+            for ip, p in self.usable.items():
+                if any(cp.name in names for cp in p.ports):
+                    redo.add(ip)
+            self.named_refs = named
+
+        touched: set[Identity] = set()
+        dirty_texts: set[str] = set()
+
+        def count(i: Identity, delta: int) -> None:
+            if _bump(self.ident_n, i, delta):
+                touched.add(i)
+
+        for ip in redo:
+            old_i = self.ident_of_ip.get(ip)
+            if ip in node_ips:
+                new_i = self._host_identity(ip)
+            else:
+                pod = self.usable.get(ip)
+                new_i = self._pod_identity(ip, pod) if pod is not None else None
+            if old_i == new_i:
+                continue
+            if old_i is not None:
+                count(old_i, -1)
+            if new_i is not None:
+                count(new_i, 1)
+                self.ident_of_ip[ip] = new_i
+            else:
+                del self.ident_of_ip[ip]
+            dirty_texts.add(f"{ip}/32")
+        if blocks_changed:
+            old_cidr = self.cidr_ident
+            self.cidr_ident = self._cidr_identities()
+            for pfx in old_cidr.keys() | self.cidr_ident.keys():
+                o, n = old_cidr.get(pfx), self.cidr_ident.get(pfx)
+                if o != n:
+                    if o is not None:
+                        count(o, -1)
+                    if n is not None:
+                        count(n, 1)
+                    dirty_texts.add(ip4.prefix_text(*pfx))
+        if blocks_changed or self.block_pids_changed:
+            self.ipcache_policies = self._cidr_policies()
+
+        reserved = (HOST_IDENTITY, WORLD_IDENTITY)
+        added = sorted((i for i in touched if i in self.ident_n and i not in self.id_of),
+                       key=lambda i: i.name)
+        removed = [i for i in touched if i not in self.ident_n and i in self.id_of
+                   and i not in reserved]
+        used = set(self.identity_info)
+        removed_ids = set()
+        for i in removed:
+            n = self.id_of.pop(i)
+            del self.identity_info[n]
+            self.identities.pop(i.name, None)
+            removed_ids.add(n)
+        nxt = ID_DYNAMIC_MIN
+        for i in added:
+            while nxt in used:
+                nxt += 1
+            self.id_of[i] = nxt
+            self.identity_info[nxt] = i
+            self.identities[i.name] = nxt
+            used.add(nxt)
+        for text in dirty_texts:
+            plen, net = ip4.parse_prefix(text)
+            i = self.ident_of_ip.get(text[:-3]) if plen == 32 else None
+            if i is None:
+                i = self.cidr_ident.get((plen, net))
+            if i is None:
+                self.ipcache.pop(text, None)
+            else:
+                self.ipcache[text] = self.id_of[i]
+        host_before = self.host_idents
+        if added or removed:
+            self._index_identities()
+        else:
+            self.host_idents = sorted({self.id_of[self.ident_of_ip[ip]] for ip in self.node_ips})
+
+        # ---- peers: new identities join the peers that match them
+        whole: set[Slot] = {s for s in old_plans if s in self.plan}
+        if self.host_idents != host_before:
+            whole |= {(ip, IN) for ip in self.local}
+        partial: dict[Slot, set[int]] = defaultdict(set)
+        for i in removed:
+            for ck in self._peers_of(i):
+                ids, members = self.peer_cache[ck]
+                self.peer_cache[ck] = (tuple(x for x in ids if x not in removed_ids),
+                                       members - removed_ids)
+        for i in added:
+            n = self.id_of[i]
+            for ck in self._peers_of(i):
+                ids, members = self.peer_cache[ck]
+                self.peer_cache[ck] = (tuple(sorted((*ids, n))), members | {n})
+                for slot in self.peer_deps.get(ck, ()):
+                    partial[slot].add(n)
+            if i.kind == "pod" and i.named_ports:
+                for slot in self.peer_deps.get(ANY_POD, ()):
+                    partial[slot].add(n)
+
+        # ---- rules
+        eps = {ip for ip, _ in whole} | {ip for ip, _ in partial} | gone_eps
+        if removed_ids:
+            eps |= {ip for ip, ep in self.endpoints.items()
+                    if any((d, n) in ep.by_peer for n in removed_ids for d in Direction)}
+        for ip in eps:
+            old_ep = self.endpoints.get(ip)
+            if ip not in self.local:
+                if old_ep is not None:
+                    for d, n in old_ep.by_peer:
+                        if old_plans[(ip, d)][0].enforced:
+                            _bump(self.enf_n, n, -1)
+                    del self.endpoints[ip]
+                for d in Direction:
+                    self._set_deps((ip, d), frozenset())
+                continue
+            by_peer = dict(old_ep.by_peer) if old_ep is not None else {}
+            flat = dict(old_ep.rules) if old_ep is not None else {}
+            for d in Direction:
+                slot = (ip, d)
+                was_enforced = old_plans.get(slot, self.plan[slot])[0].enforced
+                enforced = self.plan[slot][0].enforced
+                if slot in whole:
+                    gone = [key for key in by_peer if key[0] == d]
+                else:
+                    gone = [(d, n) for n in removed_ids | partial.get(slot, set()) if (d, n) in by_peer]
+                for key in gone:
+                    for k in by_peer.pop(key):
+                        del flat[PolicyKey(d, key[1], *k)]
+                    if was_enforced:
+                        _bump(self.enf_n, key[1], -1)
+                if slot in whole:
+                    deps: set = set()
+                    filled = self._fill(ip, d, by_peer, deps)
+                    self._set_deps(slot, frozenset(deps))
+                elif slot in partial:
+                    filled = self._fill(ip, d, by_peer, None, only=partial[slot])
+                else:
+                    continue
+                for n in filled:
+                    for k, v in by_peer[(d, n)].items():
+                        flat[PolicyKey(d, n, *k)] = v
+                    if enforced:
+                        _bump(self.enf_n, n, 1)
+            self.endpoints[ip] = self._endpoint(ip, by_peer, flat)
+        return self._state()
+
+    def _set_deps(self, slot: Slot, deps: frozenset) -> None:
+        old = self.deps_of.get(slot, frozenset())
+        if old == deps:
+            return
+        for ck in old - deps:
+            rest = self.peer_deps[ck] - {slot}
+            if rest:
+                self.peer_deps[ck] = rest
+            else:
+                del self.peer_deps[ck]
+                self.peer_cache.pop(ck, None)
+                ix = _index_key(ck)
+                if ix is not None:
+                    _discard(self.peer_index, ix, ck)
+        for ck in deps - old:
+            self.peer_deps[ck] = self.peer_deps.get(ck, frozenset()) | {slot}
+        if deps:
+            self.deps_of[slot] = deps
+        else:
+            self.deps_of.pop(slot, None)
 
     # -------------------------------------------------------------- ipBlocks
 
-    def _build_cidrs(self, blocks: set[IPBlock]) -> None:
+    def _build_cidrs(self, blocks: frozenset[IPBlock]) -> None:
         """Where the set of blocks containing an address changes.
 
         Every cidr and except is a boundary; all addresses whose longest
@@ -311,11 +761,12 @@ class _Compiler:
 
     # ----------------------------------------------------------------- peers
 
-    def peer_identities(self, pol: NetworkPolicy, peer: PolicyPeer) -> tuple[int, ...]:
-        ck = (pol.namespace, peer)
-        hit = self._peer_cache.get(ck)
+    def _peer(self, ck: tuple[str, PolicyPeer]) -> tuple[tuple[int, ...], frozenset[int]]:
+        """The identities a peer of a policy of namespace ck[0] matches."""
+        hit = self.peer_cache.get(ck)
         if hit is not None:
             return hit
+        ns, peer = ck
         if peer.ip_block is not None:
             out = tuple(self.block_members.get(peer.ip_block, ()))
         elif peer.pod_selector is None and peer.namespace_selector is None:
@@ -323,19 +774,49 @@ class _Compiler:
             out = ()
         else:
             if peer.namespace_selector is None:
-                cands = self.pod_idents_by_ns.get(pol.namespace, [])
+                cands = self.pod_idents_by_ns.get(ns, [])
             else:
                 nss = peer.namespace_selector
                 cands = [t for t in self.pod_idents if nss.matches(t[1].namespace_labels)]
             ps = peer.pod_selector
             out = tuple(i for i, ident in cands if ps is None or ps.matches(ident.labels))
-        self._peer_cache[ck] = out
-        return out
+        hit = self.peer_cache[ck] = (out, frozenset(out))
+        ix = _index_key(ck)
+        if ix is not None:
+            self.peer_index[ix] = self.peer_index.get(ix, frozenset()) | {ck}
+        return hit
+
+    def _peers_of(self, info: Identity) -> list[tuple[str, PolicyPeer]]:
+        """The cached peers that match identity `info`."""
+        pi = self.peer_index
+        cands: set = set()
+        for b in info.blocks:
+            cands |= pi.get(("block", b), frozenset())
+        if info.kind == "pod":
+            cands |= pi.get(("ns", info.namespace), frozenset())
+            for ix, cks in pi.items():
+                if ix[0] == "nss" and ix[1].matches(info.namespace_labels):
+                    cands |= cks
+        return [ck for ck in cands if _peer_matches(ck, info)]
 
     # ----------------------------------------------------------------- rules
 
-    def _rules(self, pod: Pod, d: Direction, dp: DirectionPolicy,
-               compiled: list[NetworkPolicy]) -> dict[PolicyKey, RuleValue]:
+    def _fill(self, ip: str, d: Direction, by_peer: dict, deps: Optional[set],
+              only: Optional[set[int]] = None) -> list[int]:
+        """Write the rules of endpoint ip in direction d into by_peer, for
+        every peer identity or only those in `only`; returns the identities
+        that got rules. `deps` collects the peers they depend on."""
+        dp, keys = self.plan[(ip, d)]
+        if not dp.isolated:
+            return []
+        want = self._want(self.local[ip], d, [self.policies[k] for k in keys], only, deps)
+        for ident, per_policy in want.items():
+            by_peer[(d, ident)] = {k: RuleValue(pids, dp.audit)
+                                   for k, pids in _lpm_entries(per_policy).items()}
+        return list(want)
+
+    def _want(self, pod: Pod, d: Direction, compiled: list[NetworkPolicy],
+              only: Optional[set[int]], deps: Optional[set]) -> dict[int, dict[int, PortSet]]:
         # identity -> policy id -> the ports that policy admits from/to it
         want: dict[int, dict[int, PortSet]] = defaultdict(dict)
 
@@ -343,6 +824,12 @@ class _Compiler:
             if ps:
                 cur = want[ident].get(pid)
                 want[ident][pid] = ps if cur is None else cur.union(ps)
+
+        def select(ck: tuple) -> Iterable[int]:
+            if deps is not None:
+                deps.add(ck)
+            ids, members = self._peer(ck)
+            return ids if only is None else [i for i in only if i in members]
 
         for pol in compiled:
             pid = self.pid[pol.key]
@@ -355,22 +842,27 @@ class _Compiler:
                         num = _named_port(pod, name, proto)
                         if num is not None:
                             ps = ps.union(PortSet.of(proto, num, num))
-                    if not rule.peers:
+                    if not rule.peers and only is None:
                         add(ID_ANY, pid, ps)
                     for peer in rule.peers:
-                        for ident in self.peer_identities(pol, peer):
+                        for ident in select((pol.namespace, peer)):
                             add(ident, pid, ps)
                     continue
                 # Egress: named ports resolve on the destination peer, which
                 # only a pod has; towards an ipBlock they match nothing.
                 if not rule.peers:
-                    add(ID_ANY, pid, numeric)
+                    if only is None:
+                        add(ID_ANY, pid, numeric)
                     if named:
-                        for ident, info in self.pod_idents:
+                        if deps is not None:
+                            deps.add(ANY_POD)
+                        pods = (self.pod_idents if only is None else
+                                [(i, self.info_by_id[i]) for i in only if i in self.info_by_id])
+                        for ident, info in pods:
                             add(ident, pid, _resolve(info, named))
                 for peer in rule.peers:
                     by_pod = peer.ip_block is None
-                    for ident in self.peer_identities(pol, peer):
+                    for ident in select((pol.namespace, peer)):
                         add(ident, pid, numeric)
                         if by_pod and named:
                             add(ident, pid, _resolve(self.info_by_id[ident], named))
@@ -379,13 +871,55 @@ class _Compiler:
             # The node reaches its pods whatever the policies say (kubelet
             # probes), under every identity a node address can have.
             for ident in self.host_idents:
-                add(ident, POLICY_HOST, PortSet.all())
+                if only is None or ident in only:
+                    add(ident, POLICY_HOST, PortSet.all())
+        return want
 
-        out: dict[PolicyKey, RuleValue] = {}
-        for ident, per_policy in want.items():
-            for k, pids in _lpm_entries(per_policy).items():
-                out[PolicyKey(d, ident, *k)] = RuleValue(pids, dp.audit)
-        return out
+    def _endpoint(self, ip: str, by_peer: dict, flat: Optional[dict]) -> EndpointPolicy:
+        if flat is None:
+            flat = {PolicyKey(d, ident, *k): v
+                    for (d, ident), b in by_peer.items() for k, v in b.items()}
+        pod = self.local[ip]
+        cfg = EndpointConfig(ingress=self.plan[(ip, Direction.INGRESS)][0],
+                             egress=self.plan[(ip, Direction.EGRESS)][0])
+        return EndpointPolicy(ip, pod.namespace, pod.name, cfg, flat, by_peer)
+
+
+def _index_key(ck: tuple) -> Optional[tuple]:
+    """Where the peer index files a peer: by ipBlock, by namespace (pod
+    selector alone), by namespace selector; None for peers matching nothing."""
+    ns, peer = ck
+    if peer is None:
+        return None
+    if peer.ip_block is not None:
+        return ("block", peer.ip_block)
+    if peer.namespace_selector is not None:
+        return ("nss", peer.namespace_selector)
+    if peer.pod_selector is not None:
+        return ("ns", ns)
+    return None
+
+
+def _peer_matches(ck: tuple, info: Identity) -> bool:
+    ns, peer = ck
+    if peer.ip_block is not None:
+        return peer.ip_block in info.blocks
+    if info.kind != "pod" or (peer.pod_selector is None and peer.namespace_selector is None):
+        return False
+    if peer.namespace_selector is None:
+        if info.namespace != ns:
+            return False
+    elif not peer.namespace_selector.matches(info.namespace_labels):
+        return False
+    return peer.pod_selector is None or peer.pod_selector.matches(info.labels)
+
+
+def _discard(index: dict, key, item) -> None:
+    rest = index.get(key, frozenset()) - {item}
+    if rest:
+        index[key] = rest
+    else:
+        index.pop(key, None)
 
 
 def _named_port(pod: Pod, name: str, proto: int) -> Optional[int]:

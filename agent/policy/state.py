@@ -146,6 +146,19 @@ class EndpointPolicy:
     name: str
     config: EndpointConfig
     rules: Mapping[PolicyKey, RuleValue]
+    # The same rules grouped by (direction, peer identity) -> port key -> value,
+    # as the compiler builds them; None when constructed without (see peer_buckets).
+    by_peer: Optional[Mapping[tuple[Direction, int], Mapping[PortKey, RuleValue]]] = field(
+        default=None, repr=False)
+
+    def peer_buckets(self) -> Mapping[tuple[Direction, int], Mapping[PortKey, RuleValue]]:
+        if self.by_peer is not None:
+            return self.by_peer
+        out: dict[tuple[Direction, int], dict[PortKey, RuleValue]] = {}
+        for k, v in self.rules.items():
+            out.setdefault((k.direction, k.identity), {})[k.port_key] = v
+        object.__setattr__(self, "by_peer", out)
+        return out
 
     @property
     def ingress(self) -> DirectionPolicy:
