@@ -56,13 +56,26 @@ def peak_usage(old: Union[PolicyState, MapImage, None], ops: list[Op]) -> dict[s
     """The largest size each map reaches while `ops` are applied to `old`."""
     if old is None:
         old = MapImage()
-    img = old.frozen_image() if isinstance(old, PolicyState) else old
-    present = {MAP_IPCACHE: {}, MAP_ENDPOINTS: {}, MAP_RULES: {}}
-    size = {MAP_IPCACHE: len(img.ipcache), MAP_ENDPOINTS: len(img.endpoints),
-            MAP_RULES: len(img.rules)}
-    initially = {MAP_IPCACHE: lambda k: k in img.ipcache,
-                 MAP_ENDPOINTS: lambda k: k in img.endpoints,
-                 MAP_RULES: lambda k: k in img.rules}
+    if isinstance(old, PolicyState):
+        # Asked of the state itself: building its image would cost more than
+        # the change being checked.
+        eps = old.endpoints
+
+        def has_rule(k: tuple) -> bool:
+            ep = eps.get(k[0])
+            return ep is not None and k[1] in ep.rules
+
+        size = {MAP_IPCACHE: len(old.ipcache), MAP_ENDPOINTS: len(eps),
+                MAP_RULES: old.rule_count()}
+        initially = {MAP_IPCACHE: old.ipcache.__contains__, MAP_ENDPOINTS: eps.__contains__,
+                     MAP_RULES: has_rule}
+    else:
+        img = old
+        size = {MAP_IPCACHE: len(img.ipcache), MAP_ENDPOINTS: len(img.endpoints),
+                MAP_RULES: len(img.rules)}
+        initially = {MAP_IPCACHE: img.ipcache.__contains__, MAP_ENDPOINTS: img.endpoints.__contains__,
+                     MAP_RULES: img.rules.__contains__}
+    present: dict[str, dict] = {MAP_IPCACHE: {}, MAP_ENDPOINTS: {}, MAP_RULES: {}}
     peak = dict(size)
     for op in ops:
         if isinstance(op, (IpcachePut, IpcacheDelete)):

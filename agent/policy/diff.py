@@ -133,6 +133,7 @@ class _View:
     def __init__(self, s: Union[PolicyState, MapImage, None]):
         if s is None:
             s = MapImage()
+        self.state = s if isinstance(s, PolicyState) else None
         if isinstance(s, PolicyState):
             self.ipcache: Mapping[str, int] = s.ipcache
             self.configs: Mapping[str, EndpointConfig] = {ip: ep.config for ip, ep in s.endpoints.items()}
@@ -168,12 +169,18 @@ class _View:
     def config(self, ip: str) -> EndpointConfig:
         return self.configs.get(ip) or EndpointConfig()
 
-    def buckets(self, ip: str, d: Direction) -> dict[int, Bucket]:
-        out: dict[int, Bucket] = defaultdict(dict)
+    def grouped(self, ip: str) -> Mapping[tuple[Direction, int], Bucket]:
+        """The endpoint's rules by (direction, identity)."""
+        if self.state is not None:
+            ep = self.state.endpoints.get(ip)
+            return ep.peer_buckets() if ep is not None else {}
+        out: dict[tuple[Direction, int], Bucket] = {}
         for k, v in self.rules.get(ip, {}).items():
-            if k.direction == d:
-                out[k.identity][k.port_key] = v
+            out.setdefault((k.direction, k.identity), {})[k.port_key] = v
         return out
+
+    def buckets(self, ip: str, d: Direction) -> dict[int, Bucket]:
+        return {ident: b for (dd, ident), b in self.grouped(ip).items() if dd == d}
 
 
 def _allowance(enforced: bool, bucket: Bucket, bucket0: Bucket) -> PortSet:
@@ -247,15 +254,31 @@ def diff(old: Union[PolicyState, MapImage, None],
     # ---- per endpoint and direction: M's rules
     eps = sorted(set(O.configs) | set(O.rules) | set(N.configs) | set(N.rules), key=ip4.to_int)
     work = []   # (ip, d, dO, dN, RO, RN, EM)
+    both_states = O.state is not None and N.state is not None
     for ip in eps:
         cO, cN = O.config(ip), N.config(ip)
         rO, rN = O.rules.get(ip, {}), N.rules.get(ip, {})
-        if cO == cN and rO == rN and not (
-                touched_ids and touched_ids & {k.identity for k in rO}):
+        gO = O.grouped(ip)
+        if cO == cN and (rO is rN or rO == rN) and not (
+                touched_ids and any((d, i) in gO for i in touched_ids for d in Direction)):
             continue
         for d in Direction:
             dO, dN = cO.of(d), cN.of(d)
             RO, RN = O.buckets(ip, d), N.buckets(ip, d)
+            if both_states and dO.enforced == dN.enforced and RO.get(ID_ANY) == RN.get(ID_ANY):
+                # Same default deny and the same "any peer" rules: the peers
+                # whose rules are equal on both sides, present as themselves
+                # and not moving, need no write in any step (their rules in
+                # the intermediate state are the old = new ones), so only the
+                # others are looked at.
+                look = {z for z in RO.keys() | RN.keys() if RO.get(z) != RN.get(z)}
+                look |= (RO.keys() | RN.keys()) - present
+                look |= touched_ids & (RO.keys() | RN.keys())
+                if not look:
+                    continue
+                look.add(ID_ANY)
+                RO = {z: RO[z] for z in look if z in RO}
+                RN = {z: RN[z] for z in look if z in RN}
             EM = _intermediate(dO.enforced, dN.enforced, RO, RN, present, trans)
             work.append((ip, d, dO, dN, RO, RN, EM))
 
