@@ -18,6 +18,7 @@ choice); the output is shaped for constant-cost lookups (state.py):
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Optional, Union
@@ -666,6 +667,7 @@ class _Compiler:
                 continue
             by_peer = dict(old_ep.by_peer) if old_ep is not None else {}
             flat = dict(old_ep.rules) if old_ep is not None else {}
+            rewritten: set[tuple[Direction, int]] = set()
             for d in Direction:
                 slot = (ip, d)
                 was_enforced = old_plans.get(slot, self.plan[slot])[0].enforced
@@ -674,6 +676,7 @@ class _Compiler:
                     gone = [key for key in by_peer if key[0] == d]
                 else:
                     gone = [(d, n) for n in removed_ids | partial.get(slot, set()) if (d, n) in by_peer]
+                rewritten.update(gone)
                 for key in gone:
                     for k in by_peer.pop(key):
                         del flat[PolicyKey(d, key[1], *k)]
@@ -688,11 +691,14 @@ class _Compiler:
                 else:
                     continue
                 for n in filled:
+                    rewritten.add((d, n))
                     for k, v in by_peer[(d, n)].items():
                         flat[PolicyKey(d, n, *k)] = v
                     if enforced:
                         _bump(self.enf_n, n, 1)
-            self.endpoints[ip] = self._endpoint(ip, by_peer, flat)
+            ep = self.endpoints[ip] = self._endpoint(ip, by_peer, flat)
+            if old_ep is not None:
+                object.__setattr__(ep, "derived", (weakref.ref(old_ep), frozenset(rewritten)))
         return self._state()
 
     def _set_deps(self, slot: Slot, deps: frozenset) -> None:

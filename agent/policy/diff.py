@@ -134,6 +134,7 @@ class _View:
         if s is None:
             s = MapImage()
         self.state = s if isinstance(s, PolicyState) else None
+        self._split: dict[str, tuple[dict[int, Bucket], dict[int, Bucket]]] = {}
         if isinstance(s, PolicyState):
             self.ipcache: Mapping[str, int] = s.ipcache
             self.configs: Mapping[str, EndpointConfig] = {ip: ep.config for ip, ep in s.endpoints.items()}
@@ -180,7 +181,23 @@ class _View:
         return out
 
     def buckets(self, ip: str, d: Direction) -> dict[int, Bucket]:
-        return {ident: b for (dd, ident), b in self.grouped(ip).items() if dd == d}
+        split = self._split.get(ip)
+        if split is None:
+            split = self._split[ip] = ({}, {})
+            for (dd, ident), b in self.grouped(ip).items():
+                split[dd][ident] = b
+        return split[d]
+
+    def changed_peers(self, ip: str, other: "_View") -> Optional[frozenset]:
+        """The (direction, identity) groups of this side's endpoint that may
+        differ from the other side's, when the compiler derived one from the
+        other; None if unknown."""
+        if self.state is None or other.state is None:
+            return None
+        ep, base = self.state.endpoints.get(ip), other.state.endpoints.get(ip)
+        if ep is None or base is None or ep.derived is None or ep.derived[0]() is not base:
+            return None
+        return ep.derived[1]
 
 
 def _allowance(enforced: bool, bucket: Bucket, bucket0: Bucket) -> PortSet:
@@ -255,6 +272,9 @@ def diff(old: Union[PolicyState, MapImage, None],
     eps = sorted(set(O.configs) | set(O.rules) | set(N.configs) | set(N.rules), key=ip4.to_int)
     work = []   # (ip, d, dO, dN, RO, RN, EM)
     both_states = O.state is not None and N.state is not None
+    # Identities some rule may name that have no address as themselves in M
+    # (all moved away: compiled states name no identity without an address).
+    special = touched_ids | ({o_cache[k] for k in changed if k in o_cache} - present)
     for ip in eps:
         cO, cN = O.config(ip), N.config(ip)
         rO, rN = O.rules.get(ip, {}), N.rules.get(ip, {})
@@ -262,23 +282,31 @@ def diff(old: Union[PolicyState, MapImage, None],
         if cO == cN and (rO is rN or rO == rN) and not (
                 touched_ids and any((d, i) in gO for i in touched_ids for d in Direction)):
             continue
+        gN = N.grouped(ip)
+        known = N.changed_peers(ip, O)
         for d in Direction:
             dO, dN = cO.of(d), cN.of(d)
-            RO, RN = O.buckets(ip, d), N.buckets(ip, d)
-            if both_states and dO.enforced == dN.enforced and RO.get(ID_ANY) == RN.get(ID_ANY):
+            if (both_states and dO.enforced == dN.enforced
+                    and ((a0 := gO.get((d, ID_ANY))) is (n0 := gN.get((d, ID_ANY))) or a0 == n0)):
                 # Same default deny and the same "any peer" rules: the peers
                 # whose rules are equal on both sides, present as themselves
                 # and not moving, need no write in any step (their rules in
                 # the intermediate state are the old = new ones), so only the
                 # others are looked at.
-                look = {z for z in RO.keys() | RN.keys() if RO.get(z) != RN.get(z)}
-                look |= (RO.keys() | RN.keys()) - present
-                look |= touched_ids & (RO.keys() | RN.keys())
+                if known is None:
+                    cand = {z for dd, z in gO.keys() | gN.keys() if dd == d}
+                else:
+                    cand = {z for dd, z in known if dd == d}
+                look = {z for z in cand
+                        if (a := gO.get((d, z))) is not (b := gN.get((d, z))) and a != b}
+                look |= {z for z in special if (d, z) in gO or (d, z) in gN}
                 if not look:
                     continue
                 look.add(ID_ANY)
-                RO = {z: RO[z] for z in look if z in RO}
-                RN = {z: RN[z] for z in look if z in RN}
+                RO = {z: b for z in look if (b := gO.get((d, z))) is not None}
+                RN = {z: b for z in look if (b := gN.get((d, z))) is not None}
+            else:
+                RO, RN = O.buckets(ip, d), N.buckets(ip, d)
             EM = _intermediate(dO.enforced, dN.enforced, RO, RN, present, trans)
             work.append((ip, d, dO, dN, RO, RN, EM))
 

@@ -22,6 +22,7 @@ programs will.
 from __future__ import annotations
 
 import enum
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
@@ -149,6 +150,11 @@ class EndpointPolicy:
     # The same rules grouped by (direction, peer identity) -> port key -> value,
     # as the compiler builds them; None when constructed without (see peer_buckets).
     by_peer: Optional[Mapping[tuple[Direction, int], Mapping[PortKey, RuleValue]]] = field(
+        default=None, repr=False)
+    # When the compiler patched this endpoint from the previous state's: a
+    # weak reference to that one and the groups it rewrote (every other
+    # group is the very same object), so a diff need not compare the rest.
+    derived: Optional[tuple[weakref.ref, frozenset[tuple[Direction, int]]]] = field(
         default=None, repr=False)
 
     def peer_buckets(self) -> Mapping[tuple[Direction, int], Mapping[PortKey, RuleValue]]:
