@@ -303,6 +303,7 @@ class Cluster:
     ns_labels: dict[str, dict] = field(default_factory=dict)
     policies: list[dict] = field(default_factory=list)
     _written: int = 0
+    _last_text: str = ""
 
     def objects(self) -> list[dict]:
         out = [namespace_manifest(n, self.ns_labels.get(n)) for n in NAMESPACES]
@@ -310,18 +311,22 @@ class Cluster:
         out += [pod_manifest(p) for p in self.pods.values()]
         return out + list(self.policies)
 
-    def write(self) -> None:
-        """Replace the manifests of every node's source, atomically per file."""
+    def write(self) -> bool:
+        """Replace the manifests of every node's source: one file, renamed
+        into place, so a source applies the whole case in one step. Returns
+        whether anything changed."""
+        text = json.dumps({"apiVersion": "v1", "kind": "List", "items": self.objects()},
+                          sort_keys=True)
+        if text == self._last_text:
+            return False
+        self._last_text = text
         self._written += 1
-        cluster = self.objects()
-        pols = cluster[len(cluster) - len(self.policies):]
-        base = cluster[:len(cluster) - len(self.policies)]
         for d in self.manifest_dirs:
-            for fname, docs in (("cluster.json", base), ("policies.json", pols)):
-                tmp = os.path.join(d, f".{fname}.{self._written}.tmp")
-                with open(tmp, "w") as f:
-                    json.dump({"apiVersion": "v1", "kind": "List", "items": docs}, f)
-                os.replace(tmp, os.path.join(d, fname))
+            tmp = os.path.join(d, f".cluster.json.{self._written}.tmp")
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, os.path.join(d, "cluster.json"))
+        return True
 
     def model_objects(self) -> list:
         return [parse_object(d, default_namespace="default") for d in self.objects()]

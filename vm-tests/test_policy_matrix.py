@@ -75,6 +75,7 @@ class Env:
         with concurrent.futures.ThreadPoolExecutor(len(procs)) as ex:
             self.agents = list(ex.map(lambda a: a.start(timeout=120), procs))
         self.mode = mode
+        self.wait_converged()
         for node, paths in zip(self.nodes, self.paths):
             have = {e.get("ip") for e in wire.call(paths.socket, "EndpointList")}
             for p in self.pods.values():
@@ -99,22 +100,26 @@ class Env:
         for k, p in self.pods.items():
             p.labels = (labels or {}).get(k, {"pod": p.name})
         self.cluster.policies = policies
-        self.cluster.write()
-        self.wait_converged()
+        before = [store_version(wire.call(s, "Status")) for s in self.sockets]
+        changed = self.cluster.write()
+        self.wait_converged(before if changed else None)
 
-    def wait_converged(self) -> None:
-        want = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in self.cluster.policies}
-        labels = {k: p.labels for k, p in self.pods.items()}
-
-        def done():
-            for s in self.sockets:
+    def wait_converged(self, before: list[int] | None = None) -> None:
+        """Wait until each agent's store has taken the last write (its
+        version moved past `before`) and its policy maps reflect that
+        store version."""
+        for i, s in enumerate(self.sockets):
+            def done():
                 st = wire.call(s, "Status")
-                if not st["source"].get("synced"):
+                pol = st.get("policy") or {}
+                assert pol.get("mode") == self.mode, pol
+                assert not pol.get("error") and not pol.get("refused"), pol
+                v = store_version(st)
+                if not st["source"].get("synced") or (before is not None and v <= before[i]):
                     return False
-                if not policy_converged(st, want, labels):
-                    return False
-            return True
-        wait_until(done, "both agents to enforce the new policies", CONVERGE_TIMEOUT)
+                return pol.get("applied_version", -1) >= v
+            wait_until(done, f"the agent on {self.nodes[i].name} to enforce the manifests",
+                       CONVERGE_TIMEOUT)
 
     def check(self, case: str, mode: str = "default") -> tuple:
         """Probe everything; compare with the reference; return (expected, observed)."""
@@ -128,13 +133,8 @@ class Env:
         return exp, obs
 
 
-def policy_converged(status: dict, want: set, labels: dict) -> bool:
-    """Whether an agent's Status shows the current manifests compiled and
-    written to its policy maps."""
-    pol = status.get("policy")
-    if not pol:
-        return not want
-    return bool(pol.get("in_sync"))
+def store_version(status: dict) -> int:
+    return status["source"]["status"]["store_version"]
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +301,6 @@ def test_always_mode_without_policies_only_the_node_reaches_its_pods(env):
     env.cluster.policies = []
     env.cluster.write()
     env.start_agents("always")
-    env.wait_converged()
     exp, _ = env.check("always, no policies", mode="always")
     assert exp.allowed[("node:n1", "x/a", "TCP", 80)]
     assert not exp.allowed[("node:n2", "x/a", "TCP", 80)]
