@@ -31,6 +31,7 @@ class Defs:
     maps: dict[str, str]          # FP_MAP_ENDPOINTS -> fp_ep4_v1
     defines: dict[str, int]       # numeric #defines (flags, limits)
     drop_min: int
+    event_types: dict[int, Code] = None   # FP_EVENT_TYPES (monitor events), if declared
 
     def reason(self, value: int) -> str:
         code = self.reasons.get(value)
@@ -86,6 +87,7 @@ def load(header: Path = HEADER) -> Defs:
         maps=maps,
         defines=defines,
         drop_min=defines["FP_REASON_DROP_MIN"],
+        event_types=_xmacro(text, "FP_EVENT_TYPES") if "FP_EVENT_TYPES(X)" in text else {},
     )
 
 
@@ -220,13 +222,13 @@ def map_decls(maps_c: Path = MAPS_C, header: Path = HEADER) -> dict[str, MapDecl
                          r"\s*(\w+)\s*,", text):
         kind, key, value, macro = m.groups()
         out[names.get(macro, macro)] = MapDecl(names.get(macro, macro), macro, kind, key, value)
-    # ring buffers: BPF_TABLE_PINNED("ringbuf", ...) is covered above; the
-    # record layout of a ring buffer is named in the header as its map's
-    # "record" (FP_MAP_<X>_RECORD) when there is one.
+    # Pinned ring buffers are declared by their section, "maps/ringbuf:"
+    # plus the pin path; their record is the struct the programs reserve.
     for macro, name in names.items():
         if name in out:
             continue
-        mm = re.search(rf"\b(?:BPF_RINGBUF_OUTPUT|BPF_RINGBUF_OUTPUT_PINNED)\s*\(\s*{macro}\b", text)
-        if mm:
-            out[name] = MapDecl(name, macro, "ringbuf", "", "")
+        if re.search(rf"section\(\s*\"maps/ringbuf:\"\s*FP_PIN\(\s*{macro}\s*\)", text):
+            rec = re.search(rf"\b{macro}\.ringbuf_reserve\(\s*sizeof\(\s*(struct\s+\w+)\s*\)",
+                            text)
+            out[name] = MapDecl(name, macro, "ringbuf", "", rec.group(1) if rec else "")
     return out

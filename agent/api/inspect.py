@@ -10,6 +10,7 @@ what only the agent knows; the CLI reads the pinned maps itself.
   Links     {}                  ifindex -> name in the node's netns
   Services  {}                  frontend -> Service name, port name, backend states
   Policy    {"endpoint": str}   effective rules of a pod, traced to policies
+  PolicyNames {}                policy id -> namespace/name ({} without policy state)
   Logs      {"lines": int}      the agent's recent log lines
 
 Errors: NOT_FOUND for an unknown object, FAILED_PRECONDITION when the
@@ -25,7 +26,7 @@ import os
 import threading
 
 SERVICE = "fastpath.v1.Inspect"
-METHODS = ("Status", "Endpoints", "Links", "Services", "Policy", "Logs")
+METHODS = ("Status", "Endpoints", "Links", "Services", "Policy", "PolicyNames", "Logs")
 
 log = logging.getLogger("fastpath.api")
 
@@ -226,6 +227,10 @@ class AgentInspect:
             return pview.endpoint_rules(state, endpoint, snap)
         except KeyError as exc:
             raise InspectError("not-found", str(exc.args[0])) from None
+
+    def inspect_PolicyNames(self) -> dict:
+        state = getattr(self.agent, "policy_state", None)
+        return {str(k): v for k, v in state.policies.items()} if state is not None else {}
 
     def inspect_Logs(self, lines: int = 500) -> list[str]:
         if self.logs is None:

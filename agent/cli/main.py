@@ -250,7 +250,25 @@ def register_inspection(sub) -> None:
     m = cmd(sub, "metrics", views.cmd_metrics,
             help="datapath counters by interface, direction and reason")
     m.add_argument("--drops", action="store_true", help="drop reasons only")
-    from agent.cli import bugtool
+    from agent.cli import bugtool, monitor, policy, trace
+    pol = sub.add_parser("policy", help="NetworkPolicy as enforced on this node").add_subparsers(
+        dest="verb", required=True)
+    pg = cmd(pol, "get", policy.cmd_policy_get, help="a pod's effective rules, traced to their "
+             "NetworkPolicies, with hit counters")
+    pg.add_argument("endpoint", help="pod IP, namespace/pod or pod")
+    mo = cmd(sub, "monitor", monitor.cmd_monitor, help="live drop / trace / policy-verdict events")
+    mo.add_argument("--type", action="append", help="drop, trace, policy-verdict (repeat or "
+                    "comma-separate; default all)")
+    mo.add_argument("--endpoint", action="append", help="only events to or from this pod "
+                    "(IP, namespace/pod, pod; repeatable)")
+    mo.add_argument("--count", type=int, default=0, help="stop after N events")
+    mo.add_argument("--duration", type=float, default=0, help="stop after S seconds")
+    tr = cmd(sub, "trace", trace.cmd_trace, help="run one packet through the loaded programs "
+             "(BPF_PROG_TEST_RUN, no state change) and print each decision")
+    tr.add_argument("--from", required=True, help="source pod: IP, namespace/pod or pod")
+    tr.add_argument("--to", required=True, help="destination IP:PORT")
+    tr.add_argument("--proto", default="tcp", help="tcp (a SYN, default) or udp")
+    tr.add_argument("--sport", type=int, default=43210, help="source port (default 43210)")
     b = cmd(sub, "bugtool", bugtool.cmd_bugtool, help="one tar.gz with every view as JSON, "
             "config and recent agent logs, for a support ticket")
     b.add_argument("-o", "--output", help="archive path (default: DIR/fastpath-bugtool-HOST-"

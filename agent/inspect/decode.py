@@ -33,7 +33,14 @@ FLAG_PREFIX = {
     ("fp_svc4", "flags"): "FP_SVC_F_",
     ("fp_ct4", "flags"): "FP_CT_F_",
     ("fp_config", "flags"): "FP_CFG_F_",
+    ("fp_config", "events"): "FP_CFG_EV_",
+    ("fp_socklb_skip", "flags"): "FP_SOCKLB_SKIP_",
+    ("fp_pol_dir", "flags"): "FP_POL_F_",
+    ("fp_pol_rule", "flags"): "FP_RULE_F_",
+    ("fp_event", "flags"): "FP_EV_F_",
 }
+# Conntrack entry kinds (fp_ct4_key.dir) and policy verdicts (FP_PV_*).
+CT_DIRS = ("FORWARD", "REPLY", "POLICY")
 
 
 def ip4(raw: int) -> str:
@@ -77,11 +84,13 @@ def enum_label(struct_name: str, field: str, value: int) -> str | None:
         return d.reason(value)
     if field == "dir":
         if struct_name.startswith("fp_ct4"):
-            return {d.defines["FP_CT_FORWARD"]: "forward",
-                    d.defines["FP_CT_REPLY"]: "reply"}.get(value, f"dir-{value}")
+            return {d.defines[f"FP_CT_{n}"]: n.lower() for n in CT_DIRS
+                    if f"FP_CT_{n}" in d.defines}.get(value, f"dir-{value}")
         if struct_name.startswith("fp_pol"):
-            return _policy_dir(value)
+            return policy_dir(value)
         return d.dir(value)
+    if field in ("verdict", "pv"):
+        return policy_verdict(value)
     if field == "kind" and struct_name in ("fp_testrec", "fp_decision"):
         code = d.redirect_kinds.get(value)
         return code.label if code else f"kind-{value}"
@@ -92,36 +101,69 @@ def enum_label(struct_name: str, field: str, value: int) -> str | None:
     return None
 
 
-def _policy_dir(value: int) -> str:
+def policy_dir(value: int) -> str:
     for name, v in bpfdefs.load().defines.items():
-        if v == value and name.startswith("FP_POL_") and name.endswith(("INGRESS", "EGRESS")):
+        if v == value and name in ("FP_POL_INGRESS", "FP_POL_EGRESS"):
             return name.rsplit("_", 1)[-1].lower()
     return f"dir-{value}"
 
 
+def policy_verdict(value: int) -> str:
+    """FP_PV_ALLOW -> allow, FP_PV_AUDIT_DENY -> audit-deny, FP_PV_NONE -> none."""
+    for name, v in bpfdefs.load().defines.items():
+        if v == value and name.startswith("FP_PV_"):
+            return name[len("FP_PV_"):].lower().replace("_", "-")
+    return f"verdict-{value}"
+
+
 def event_type(value: int) -> str:
-    d = bpfdefs.load()
-    types = getattr(d, "event_types", None) or {}
-    code = types.get(value)
-    if code is not None:
-        return code.label
-    for name, v in d.defines.items():
-        if name.startswith("FP_EVENT_") and v == value and not name.startswith("FP_EVENT_F_"):
-            return name[len("FP_EVENT_"):].lower().replace("_", "-")
-    return f"type-{value}"
+    code = (bpfdefs.load().event_types or {}).get(value)
+    return code.label if code is not None else f"type-{value}"
+
+
+def _is_identity(f) -> bool:
+    # a __be32 is an address unless the header says it holds an identity
+    return "identity" in f.name or "identity" in f.comment
+
+
+def _directional(f) -> bool:
+    """A two-element array indexed by FP_POL_INGRESS / FP_POL_EGRESS."""
+    return f.count == 2 and ("FP_POL_INGRESS" in f.comment or "direction" in f.comment)
+
+
+def _be32_int(raw: int) -> int:
+    return struct.unpack("!I", struct.pack("=I", raw))[0]
 
 
 def decode_value(type_name: str, obj) -> object:
     """A ctypes instance (or scalar) of a header type -> plain data."""
     t = type_name.strip()
     if t in bpfdefs.SCALARS:
-        return getattr(obj, "value", obj)
+        v = getattr(obj, "value", obj)
+        if t == "__be32":
+            return ip4(v)
+        if t == "__be16":
+            return port(v)
+        return v
     sname = t[len("struct "):] if t.startswith("struct ") else t
     out: dict = {}
     for f in bpfdefs.field_defs(sname):
         if f.name.startswith("pad") or f.name.startswith("_"):
             continue
         v = getattr(obj, f.name)
+        if f.count and _directional(f):
+            vals = {}
+            for i, d in enumerate(("ingress", "egress")):
+                x = v[i]
+                if f.ctype.startswith("struct "):
+                    vals[policy_dir(i)] = decode_value(f.ctype, x)
+                else:
+                    vals[policy_dir(i)] = x
+                    label = enum_label(sname, f.name, x)
+                    if label is not None:
+                        vals[policy_dir(i) + "_label"] = label
+            out[f.name] = vals
+            continue
         if f.count:
             if f.ctype == "__u8" and f.count == 6:
                 out[f.name] = mac(v)
@@ -137,7 +179,7 @@ def decode_value(type_name: str, obj) -> object:
         if f.ctype.startswith("struct "):
             out[f.name] = decode_value(f.ctype, v)
         elif f.ctype == "__be32":
-            out[f.name] = ip4(v)
+            out[f.name] = _be32_int(v) if _is_identity(f) else ip4(v)
         elif f.ctype == "__be16":
             out[f.name] = port(v)
         else:

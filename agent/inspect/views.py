@@ -151,7 +151,12 @@ def ct_rows(entries: list[dict], now_ns: int) -> list[dict]:
     for e in entries:
         k, v = e["key"], e["value"]
         d = k.get("dir_label", str(k["dir"]))
-        if d == "reply":
+        if d == "policy":
+            # a policy entry: the tuple after translation, no NAT of its own
+            client, cport = k["saddr"], k["sport"]
+            vip, vport = k["daddr"], k["dport"]
+            backend, bport = k["daddr"], k["dport"]
+        elif d == "reply":
             client, cport = k["daddr"], k["dport"]
             backend, bport = k["saddr"], k["sport"]
             vip, vport = v["nat_addr"], v["nat_port"]

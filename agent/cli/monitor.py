@@ -1,0 +1,167 @@
+"""`fastpath monitor`: a live stream of the datapath's events.
+
+Reads the pinned ring buffer (fp_events_v1) with libbpf's ring_buffer API;
+nothing is compiled. Drops are always in the buffer; trace and policy
+verdict events are produced only while a monitor asks for them: it sets the
+matching bits of fp_config.events on start and clears the bits it set on
+exit (Ctrl-C, SIGTERM, --count or --duration reached). One monitor at a
+time per node: the ring buffer has one consumer position.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import json
+import signal
+import sys
+import time
+
+from agent import bpfdefs
+from agent.cli import bpfobj
+from agent.cli.common import EXIT_FAIL, EXIT_USAGE, CliExit, run
+from agent.datapath import libbpf
+from agent.inspect import decode, events
+
+SAMPLE_FN = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+TYPE_BITS = {"trace": "FP_CFG_EV_TRACE", "policy-verdict": "FP_CFG_EV_POLICY"}
+
+
+class RingReader:
+    def __init__(self, fd: int):
+        lib = libbpf.lib()
+        lib.ring_buffer__new.argtypes = [ct.c_int, SAMPLE_FN, ct.c_void_p, ct.c_void_p]
+        lib.ring_buffer__new.restype = ct.c_void_p
+        lib.ring_buffer__poll.argtypes = [ct.c_void_p, ct.c_int]
+        lib.ring_buffer__free.argtypes = [ct.c_void_p]
+        self.records: list[bytes] = []
+
+        def on_sample(_ctx, data, size):
+            self.records.append(ct.string_at(data, size))
+            return 0
+        self._cb = SAMPLE_FN(on_sample)     # keep a reference for the C side
+        self._rb = lib.ring_buffer__new(fd, self._cb, None, None)
+        if not self._rb:
+            err = ct.get_errno()
+            raise OSError(err, "ring_buffer__new failed")
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        libbpf.lib().ring_buffer__poll(self._rb, timeout_ms)
+        out, self.records = self.records, []
+        return out
+
+    def close(self) -> None:
+        if self._rb:
+            libbpf.lib().ring_buffer__free(self._rb)
+            self._rb = None
+
+
+class EventBits:
+    """Set fp_config.events bits for the monitor's lifetime."""
+
+    def __init__(self, cfg_map, bits: int):
+        self.m = cfg_map
+        self.bits = bits
+        self.added = 0
+        self.cls = bpfdefs.ctype("struct fp_config")
+        self.key = (0).to_bytes(4, "little")
+
+    def _rw(self, fn) -> None:
+        raw = self.m.lookup(self.key)
+        if raw is None:
+            raise CliExit(EXIT_FAIL, f"{self.m.name}: no entry 0")
+        v = self.cls.from_buffer_copy(raw[:ct.sizeof(self.cls)])
+        fn(v)
+        self.m.update(self.key, bytes(v))
+
+    def __enter__(self):
+        def add(v):
+            self.added = self.bits & ~v.events
+            v.events |= self.bits
+        if self.bits:
+            self._rw(add)
+        return self
+
+    def __exit__(self, *exc):
+        if self.added:
+            def clear(v):
+                v.events &= ~self.added
+            self._rw(clear)
+
+
+def _resolve_endpoints(ctx, specs: list[str]) -> set[str]:
+    from agent.cli import views
+    out = set()
+    rows = None
+    for s in specs:
+        if all(c.isdigit() or c == "." for c in s):
+            out.add(s)
+            continue
+        rows = rows if rows is not None else views.data_endpoints(ctx)
+        hit = [r["ip"] for r in rows if s in (r["pod"], r["pod"].split("/")[-1],
+                                              r["host_ifname"])]
+        if not hit:
+            raise CliExit(EXIT_FAIL, f"--endpoint {s!r}: no such endpoint on this node")
+        out.update(hit)
+    return out
+
+
+@run
+def cmd_monitor(ctx, args) -> int:
+    M = bpfobj.aliases()
+    types = set()
+    for t in args.type or []:
+        for x in t.split(","):
+            x = x.strip()
+            if x not in ("drop", "trace", "policy-verdict"):
+                raise CliExit(EXIT_USAGE, f"--type {x!r}: one of drop, trace, policy-verdict")
+            types.add(x)
+    addrs = _resolve_endpoints(ctx, args.endpoint or []) or None
+    ring = ctx.maps().get(M["events"])
+    if ring is None:
+        raise CliExit(EXIT_FAIL, f"no event ring buffer {M['events']} under {ctx.bpffs_root} "
+                                 "(an agent of a release without the monitor?)")
+    defs = bpfdefs.load().defines
+    want = types or {"drop", "trace", "policy-verdict"}
+    bits = 0
+    for t in want:
+        if t in TYPE_BITS:
+            bits |= defs[TYPE_BITS[t]]
+    links = ctx.links()
+    names = {int(k): v for k, v in (ctx.agent("PolicyNames") or {}).items()}
+    reader = RingReader(ring.fd)
+    stop = {"now": False}
+
+    def on_term(*_):
+        stop["now"] = True
+    old = signal.signal(signal.SIGTERM, on_term)
+    seen = 0
+    deadline = time.monotonic() + args.duration if args.duration else None
+    try:
+        with EventBits(ctx.map(M["config"]), bits):
+            if not ctx.json:
+                print(f"listening for {', '.join(sorted(want))} events on {ring.name} "
+                      f"(Ctrl-C to stop)", file=sys.stderr, flush=True)
+            while not stop["now"]:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                for raw in reader.poll(200):
+                    row = events.event_row(events.decode_event(raw), links=links,
+                                           policy_names=names)
+                    if not events.matches(row, types or None, addrs):
+                        continue
+                    if ctx.json:
+                        print(json.dumps(row, sort_keys=True), flush=True)
+                    else:
+                        print(events.event_line(row), flush=True)
+                    seen += 1
+                    if args.count and seen >= args.count:
+                        stop["now"] = True
+                        break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        reader.close()
+    return 0
+
+
+__all__ = ["cmd_monitor", "RingReader", "EventBits", "decode"]

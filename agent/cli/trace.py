@@ -1,0 +1,153 @@
+"""`fastpath trace`: what the loaded programs would do with one packet.
+
+Builds the packet (scapy) as the source pod would send it, finds the
+program fastpath attached to the ingress of the pod's host veth, and runs
+it with BPF_PROG_TEST_RUN against the live maps, marked FP_WHATIF_MARK:
+such a run changes no state (no conntrack, affinity, counter or event) and
+records its decisions in fp_decision_v1, which is read back and printed:
+service translation, policy verdicts with the deciding policy, redirect
+target, drop reason. Nothing is sent.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import os
+
+from agent import bpfdefs
+from agent.cli import bpfobj
+from agent.cli.common import EXIT_FAIL, EXIT_USAGE, CliExit, run
+from agent.datapath import libbpf, pinned
+from agent.inspect import decode, events
+
+TC_VERDICTS = {-1: "TC_ACT_UNSPEC", 0: "TC_ACT_OK", 2: "TC_ACT_SHOT", 7: "TC_ACT_REDIRECT"}
+NOT_RECORDED = 0xFFFFFFFF
+
+
+def build_packet(src_ip: str, src_mac: str, gw_mac: str, dst_ip: str, dport: int,
+                 proto: str, sport: int = 43210) -> bytes:
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+    l4 = TCP(sport=sport, dport=dport, flags="S") if proto == "tcp" else \
+        UDP(sport=sport, dport=dport) / b"fastpath-trace"
+    return bytes(Ether(src=src_mac, dst=gw_mac) / IP(src=src_ip, dst=dst_ip, ttl=64) / l4)
+
+
+def test_run(prog_fd: int, packet: bytes, ifindex: int, mark: int) -> int:
+    out = ct.create_string_buffer(len(packet) + 256)
+    inp = ct.create_string_buffer(bytes(packet), len(packet))
+    ctx = libbpf.SkBuffCtx()
+    ctx.ifindex = ifindex
+    ctx.ingress_ifindex = ifindex
+    ctx.mark = mark
+    opts = libbpf._TestRunOpts()
+    opts.sz = ct.sizeof(opts)
+    opts.data_in = ct.cast(inp, ct.c_void_p)
+    opts.data_size_in = len(packet)
+    opts.data_out = ct.cast(out, ct.c_void_p)
+    opts.data_size_out = len(out)
+    opts.ctx_in = ct.cast(ct.pointer(ctx), ct.c_void_p)
+    opts.ctx_size_in = ct.sizeof(ctx)
+    opts.repeat = 1
+    if libbpf.lib().bpf_prog_test_run_opts(prog_fd, ct.byref(opts)) != 0:
+        err = ct.get_errno()
+        raise CliExit(EXIT_FAIL, f"BPF_PROG_TEST_RUN failed: {os.strerror(err)}")
+    return ct.c_int32(opts.retval).value
+
+
+def _source(ctx, spec: str) -> dict:
+    from agent.cli import views
+    rows = views.data_endpoints(ctx)
+    hit = [r for r in rows if spec in (r["ip"], r["pod"], r["pod"].split("/")[-1] if r["pod"]
+                                       else None, r["host_ifname"])]
+    if not hit:
+        raise CliExit(EXIT_FAIL, f"--from {spec!r}: not an endpoint of this node (by IP, "
+                                 "namespace/pod, pod or host veth); `fastpath endpoint list`")
+    return hit[0]
+
+
+def _ingress_prog(ifname: str) -> pinned.Attachment:
+    for a in pinned.tc_attachments():
+        if a.target == ifname and a.hook == "ingress" \
+                and a.prog_name.startswith("fp_from_pod"):
+            return a
+    raise CliExit(EXIT_FAIL, f"no fastpath program on {ifname} ingress (is the pod's veth "
+                             "attached? `fastpath net show`)")
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    try:
+        ipaddress.IPv4Address(host)
+        p = int(port)
+        if not sep or not 0 < p < 65536:
+            raise ValueError
+    except ValueError:
+        raise CliExit(EXIT_USAGE, f"--to {text!r}: expected IPv4:PORT, e.g. 192.168.0.10:80") \
+            from None
+    return host, p
+
+
+@run
+def cmd_trace(ctx, args) -> int:
+    M = bpfobj.aliases()
+    dst, dport = parse_target(args.to)
+    proto = args.proto.lower()
+    if proto not in ("tcp", "udp"):
+        raise CliExit(EXIT_USAGE, f"--proto {args.proto!r}: tcp or udp")
+    src = _source(ctx, getattr(args, "from"))
+    att = _ingress_prog(src["host_ifname"])
+    dmap = ctx.map(M["decision"])
+    cls = bpfdefs.ctype("struct fp_decision")
+    fresh = cls()
+    fresh.reason = NOT_RECORDED
+    pv_none = bpfdefs.load().defines.get("FP_PV_NONE", 0xFF)
+    fresh.pv[0] = fresh.pv[1] = pv_none
+    key = (0).to_bytes(4, "little")
+    dmap.update(key, bytes(fresh))
+    pkt = build_packet(src["ip"], src["pod_mac"], src["host_mac"], dst, dport, proto,
+                       sport=args.sport)
+    fd = pinned.prog_fd(att.prog_id)
+    try:
+        retval = test_run(fd, pkt, src["host_ifindex"], bpfdefs.load().defines["FP_WHATIF_MARK"])
+    finally:
+        os.close(fd)
+    raw = dmap.lookup(key)
+    dec = decode.decode_value("struct fp_decision", decode.from_bytes("struct fp_decision", raw))
+    if dec["reason"] == NOT_RECORDED:
+        raise CliExit(EXIT_FAIL, f"{att.prog_name} (id {att.prog_id}) recorded no decision: "
+                                 "its programs predate what-if runs (restart the agent)")
+    names = {int(k): v for k, v in (ctx.agent("PolicyNames") or {}).items()}
+    view = events.decision_view(dec, ctx.links(), names)
+    if view["service"]:
+        svcs = {s["svc_id"]: s for s in _services(ctx)}
+        s = svcs.get(view["service"]["svc_id"])
+        if s:
+            view["service"]["service"] = s["service"]
+            view["service"]["frontend"] = s["frontend"]
+    data = {"from": {"ip": src["ip"], "pod": src["pod"], "host_ifname": src["host_ifname"]},
+            "to": {"ip": dst, "port": dport, "proto": proto.upper()},
+            "program": {"name": att.prog_name, "id": att.prog_id, "hook": "ingress",
+                        "interface": src["host_ifname"]},
+            "tc_verdict": TC_VERDICTS.get(retval, str(retval)), "retval": retval, **view}
+
+    def render(d):
+        head = (f"packet:   {d['to']['proto']} {d['from']['ip']}:{args.sport} -> "
+                f"{d['to']['ip']}:{d['to']['port']} from {d['from']['pod'] or d['from']['ip']}"
+                f" ({d['from']['host_ifname']})")
+        prog = (f"program:  {d['program']['name']} (id {d['program']['id']}) on "
+                f"{d['program']['interface']} ingress -> {d['tc_verdict']}")
+        lines = events.decision_lines(d)
+        if d["service"] and d["service"].get("service"):
+            lines[0] += f" ({d['service']['service']}, {d['service']['frontend']})"
+        return "\n".join([head, prog] + lines)
+    ctx.emit(data, render)
+    return 0
+
+
+def _services(ctx) -> list[dict]:
+    from agent.cli import views
+    try:
+        return views.data_services(ctx)
+    except CliExit:
+        return []
