@@ -87,21 +87,22 @@ class EventBits:
             self._rw(clear)
 
 
-def _resolve_endpoints(ctx, specs: list[str]) -> set[str]:
+def _resolve_endpoints(ctx, specs: list[str]) -> tuple[set[str], set[int]]:
+    """--endpoint values -> (addresses, host veth ifindexes of local pods)."""
     from agent.cli import views
-    out = set()
-    rows = None
+    addrs, ifindexes = set(), set()
+    rows = views.data_endpoints(ctx) if specs else []
     for s in specs:
-        if all(c.isdigit() or c == "." for c in s):
-            out.add(s)
+        hit = [r for r in rows if s in (r["ip"], r["pod"], r["pod"].split("/")[-1],
+                                        r["host_ifname"])]
+        if not hit and all(c.isdigit() or c == "." for c in s):
+            addrs.add(s)             # a remote address
             continue
-        rows = rows if rows is not None else views.data_endpoints(ctx)
-        hit = [r["ip"] for r in rows if s in (r["pod"], r["pod"].split("/")[-1],
-                                              r["host_ifname"])]
         if not hit:
             raise CliExit(EXIT_FAIL, f"--endpoint {s!r}: no such endpoint on this node")
-        out.update(hit)
-    return out
+        addrs.update(r["ip"] for r in hit)
+        ifindexes.update(r["host_ifindex"] for r in hit)
+    return addrs, ifindexes
 
 
 @run
@@ -114,7 +115,7 @@ def cmd_monitor(ctx, args) -> int:
             if x not in ("drop", "trace", "policy-verdict"):
                 raise CliExit(EXIT_USAGE, f"--type {x!r}: one of drop, trace, policy-verdict")
             types.add(x)
-    addrs = _resolve_endpoints(ctx, args.endpoint or []) or None
+    addrs, ifindexes = _resolve_endpoints(ctx, args.endpoint or [])
     ring = ctx.maps().get(M["events"])
     if ring is None:
         raise CliExit(EXIT_FAIL, f"no event ring buffer {M['events']} under {ctx.bpffs_root} "
@@ -146,7 +147,7 @@ def cmd_monitor(ctx, args) -> int:
                 for raw in reader.poll(200):
                     row = events.event_row(events.decode_event(raw), links=links,
                                            policy_names=names)
-                    if not events.matches(row, types or None, addrs):
+                    if not events.matches(row, types or None, addrs, ifindexes):
                         continue
                     if ctx.json:
                         print(json.dumps(row, sort_keys=True), flush=True)

@@ -254,7 +254,7 @@ def encode_key(type_name: str, **fields) -> bytes:
     kinds = {f.name: f.ctype for f in bpfdefs.field_defs(sname)}
     for name, v in fields.items():
         if kinds[name] == "__be32":
-            v = ip4_raw(v)
+            v = struct.unpack("=I", struct.pack("!I", v))[0] if isinstance(v, int) else ip4_raw(v)
         elif kinds[name] == "__be16":
             v = encode_port(v)
         setattr(obj, name, v)

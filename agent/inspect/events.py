@@ -66,11 +66,17 @@ def event_line(r: dict) -> str:
     return f"{t} {r['type']:<14} {where:<24} {tup}  {r['verdict']}: {r['reason']}{pol}"
 
 
-def matches(r: dict, types: set[str] | None, addrs: set[str] | None) -> bool:
+def matches(r: dict, types: set[str] | None, addrs: set[str] | None,
+            ifindexes: set[int] | None = None) -> bool:
+    """--type, and --endpoint: an event of the pod's address (source,
+    destination or translated destination) or seen on its host veth (a
+    frame too short to parse has no addresses)."""
     if types and r["type"] not in types:
         return False
-    if addrs and not ({r["saddr"], r["daddr"], r["nat_daddr"]} & addrs):
-        return False
+    if addrs or ifindexes:
+        if not ({r["saddr"], r["daddr"], r["nat_daddr"]} & (addrs or set())
+                or r["ifindex"] in (ifindexes or set())):
+            return False
     return True
 
 

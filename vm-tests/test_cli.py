@@ -1,0 +1,409 @@
+"""The `fastpath` CLI against a running agent on a simulated node.
+
+    pod a (client) ─┐
+    pod b, pod d ───┴ node n1 ─ eth1 ═ vpc
+    Service shop/web: ClusterIP 192.168.99.10:80 -> :8080 (b ready, d terminating),
+    sessionAffinity ClientIP
+
+The agent is a real `fastpath agent` process with a manifest-directory
+source; the CLI runs as a process in the node's netns, exactly as an SRE
+would run it, and its `--json` output is parsed and checked against what the
+test knows (pods, MACs, veths, the Service) and against real traffic.
+NetworkPolicy state is written into the pinned policy maps by the test
+itself (policy_maps below), the layout the datapath reads.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import bpfdefs
+from agent.api import wire
+from agent.datapath import pinned
+from agent.inspect import decode
+from agent.sim import World
+from agent.simagent import AgentProcess, private_paths, register_pod
+from fastpath_helpers import inject_truncated, serve_reply
+
+REPO = Path(__file__).resolve().parents[1]
+VIP = "192.168.99.10"
+DEFS = bpfdefs.load()
+M = {k[len("FP_MAP_"):].lower(): v for k, v in DEFS.maps.items()}
+
+MANIFESTS = """
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  clusterIP: {vip}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 600}}}}
+  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+  - addresses: ["{b}"]
+    conditions: {{ready: true}}
+    nodeName: n1
+  - addresses: ["{d}"]
+    conditions: {{ready: false, serving: true, terminating: true}}
+    nodeName: n1
+"""
+
+
+class Node:
+    def __init__(self, world, paths):
+        self.world, self.paths = world, paths
+        self.node = world.add_node("n1", enis=1)
+        self.a, self.b, self.d = (self.node.add_pod(n) for n in ("a", "b", "d"))
+        serve_reply(self.b, 8080, "from-b")
+        serve_reply(self.d, 8080, "from-d")
+        Path(paths.manifests, "web.yaml").write_text(
+            MANIFESTS.format(vip=VIP, b=self.b.ip, d=self.d.ip))
+        self.agent = AgentProcess(self.node, paths).start()
+        for p in (self.a, self.b, self.d):
+            register_pod(paths.socket, p)
+        self.root = f"{paths.bpffs}/fastpath"
+        deadline = time.monotonic() + 15
+        while not self.cli_json("service", "list") and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 30):
+        where = [] if "--bpffs-root" in args else ["--bpffs-root", self.root]
+        cmd = ["ip", "netns", "exec", self.node.netns, "env", f"PYTHONPATH={REPO}",
+               sys.executable, "-m", "agent.cli.main", *args,
+               *where, "--socket", self.paths.socket]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if check and r.returncode != 0:
+            raise AssertionError(f"fastpath {' '.join(args)} -> {r.returncode}\n{r.stderr}")
+        return r
+
+    def cli_json(self, *args: str):
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def ask(self, pod, target: str, port: int) -> str:
+        return pod.run(["sh", "-c", f"printf hi | nc -N -w 2 {target} {port}"], check=False,
+                       timeout=10).stdout
+
+
+@pytest.fixture(scope="module")
+def n1():
+    with World() as w, private_paths() as paths:
+        node = Node(w, paths)
+        try:
+            yield node
+        finally:
+            node.agent.stop()
+
+
+def test_prog_net_and_map_list_show_what_is_attached_and_pinned(n1):
+    hosts = {p.host_ifname for p in (n1.a, n1.b, n1.d)}
+    net = n1.cli_json("net", "show")
+    tc = {(r["target"], r["hook"]): r for r in net if r["kind"] == "tc"}
+    for veth in hosts:
+        assert tc[(veth, "ingress")]["prog_name"] == "fp_from_pod"
+        assert tc[(veth, "egress")]["prog_name"] == "fp_to_pod"
+        assert tc[(veth, "ingress")]["priority"] == 25000
+    assert tc[("eth1", "ingress")]["prog_name"] == "fp_from_vpc"
+    assert tc[("eth1", "egress")]["prog_name"] == "fp_to_vpc"
+    progs = {p["name"]: p for p in n1.cli_json("prog", "show")}
+    assert set(progs) >= {"fp_from_pod", "fp_to_pod", "fp_from_vpc", "fp_to_vpc"}
+    assert progs["fp_from_pod"]["attached"] == 3
+    assert sorted(progs["fp_from_pod"]["attached_to"]) == sorted(f"{h}/ingress" for h in hosts)
+    assert progs["fp_from_pod"]["id"] == tc[(n1.a.host_ifname, "ingress")]["prog_id"]
+    assert M["endpoints"] in progs["fp_from_pod"]["maps"]
+    maps = {m["name"]: m for m in n1.cli_json("map", "list")}
+    pinned_names = {v for k, v in M.items() if k != "testrec"}
+    assert pinned_names <= set(maps), pinned_names - set(maps)
+    ep = maps[M["endpoints"]]
+    assert (ep["entries"], ep["key_size"], ep["value_size"], ep["type"]) == (3, 4, 28, "hash")
+    assert ep["fill"] == round(3 / ep["max_entries"], 4) and ep["decoded"]
+    assert maps[M["events"]]["type"] == "ringbuf" and maps[M["events"]]["entries"] is None
+    text = n1.cli("map", "list").stdout
+    assert text.splitlines()[0].split()[:4] == ["NAME", "ALIAS", "TYPE", "KEY"]
+
+
+def test_map_dump_decodes_every_map(n1):
+    ep = n1.cli_json("map", "dump", "endpoints")
+    got = {e["key"]["ip4"]: e["value"] for e in ep["entries"]}
+    for p in (n1.a, n1.b, n1.d):
+        v = got[p.ip]
+        assert (v["pod_mac"], v["host_ifindex"]) == (p.mac, p.host_ifindex), p
+        assert v["flags_names"] == ["registered"]
+    svc = n1.cli_json("map", "dump", "services")["entries"]
+    assert [(e["key"]["vip"], e["key"]["port"], e["key"]["proto_label"]) for e in svc] == [
+        (VIP, 80, "TCP")]
+    assert svc[0]["value"]["flags_names"] == ["affinity"]
+    assert svc[0]["value"]["affinity_timeout"] == 600
+    bes = n1.cli_json("map", "dump", "backends")["entries"]
+    assert [(e["value"]["ip"], e["value"]["port"]) for e in bes] == [(n1.b.ip, 8080)]
+    bypass = n1.cli_json("map", "dump", "bypass")["entries"]
+    assert [(e["key"]["addr"], e["key"]["prefixlen"]) for e in bypass] == [("169.254.20.10", 32)]
+    for alias in M:
+        if alias in ("testrec", "events"):
+            continue
+        r = n1.cli("map", "dump", alias, "--json")
+        assert json.loads(r.stdout)["map"] == M[alias]
+    r = n1.cli("map", "dump", "events", check=False)
+    assert r.returncode == 1 and "fastpath monitor" in r.stderr
+    r = n1.cli("map", "dump", "nosuchmap", check=False)
+    assert r.returncode == 1 and "aliases" in r.stderr
+    # counters are per CPU in the kernel, summed here: equal to the agent's own sum
+    n1.a.ping(n1.b.ip, count=2)
+    mine = {(r["key"]["ifindex"], r["key"]["dir_label"], r["key"]["reason_label"]):
+            r["value"]["packets"] for r in n1.cli_json("map", "dump", "counters")["entries"]}
+    theirs = {(r["ifindex"], r["direction"], r["reason"]): r["packets"]
+              for r in wire.call(n1.paths.socket, "Counters")}
+    assert mine == theirs and mine[(n1.a.host_ifindex, "from-pod", "redirected-local")] >= 2
+
+
+def test_endpoints_services_and_status_join_the_agents_names(n1):
+    eps = {e["ip"]: e for e in n1.cli_json("endpoint", "list")}
+    for p in (n1.a, n1.b, n1.d):
+        e = eps[p.ip]
+        assert (e["pod"], e["host_ifname"], e["eni"], e["pod_mac"]) == (
+            f"default/{p.name}", p.host_ifname, "eth1", p.mac)
+        assert e["policy"] == {"state": "not-enforced"}
+    one = n1.cli_json("endpoint", "get", "default/b")
+    assert one["ip"] == n1.b.ip and one["host_ifindex"] == n1.b.host_ifindex
+    assert n1.cli("endpoint", "get", "nope", check=False).returncode == 1
+    svc = n1.cli_json("service", "get", "shop/web")
+    assert len(svc) == 1
+    s = svc[0]
+    assert (s["frontend"], s["service"], s["port_name"], s["affinity"], s["traffic_policy"]) == (
+        f"{VIP}:80/TCP", "shop/web", "http", "ClientIP", "Cluster")
+    # kube-proxy's choice: the ready endpoint only (d is terminating)
+    assert [(b["ip"], b["port"], b["state"], b["node"]) for b in s["backends"]] == [
+        (n1.b.ip, 8080, "ready", "n1")]
+    assert n1.cli_json("bpf", "lb", "list") == n1.cli_json("service", "list")
+    assert n1.cli("service", "get", "192.168.99.99", check=False).returncode == 1
+    st = n1.cli_json("status")
+    assert st["agent"]["reachable"] and st["agent"]["ready"] and st["agent"]["endpoints"] == 3
+    assert st["source"]["state"] == "synced" and st["source"]["objects"]["Service"] == 1
+    assert st["services"]["frontends"] == 1 and st["services"]["errors"] == 0
+    assert st["config"]["bpffs_root"] == n1.root and st["config_sources"]["node_name"] == "flag"
+    assert st["kernel"]["helpers"]["redirect_peer"] and st["pressure"] == []
+    assert {m["name"] for m in st["maps"]} >= {M["endpoints"], M["ct"]}
+
+
+def test_conntrack_list_top_and_flush_after_real_connections(n1):
+    n1.cli("ct", "flush", "--all")
+    assert n1.ask(n1.a, VIP, 80) == "from-b"
+    rows = n1.cli_json("ct", "list", "--src", n1.a.ip)
+    fwd = [r for r in rows if r["dir"] == "forward"]
+    rep = [r for r in rows if r["dir"] == "reply"]
+    assert len(fwd) == 1 and len(rep) == 1, rows
+    assert (fwd[0]["daddr"], fwd[0]["dport"], fwd[0]["nat_addr"], fwd[0]["nat_port"]) == (
+        VIP, 80, n1.b.ip, 8080)
+    assert (rep[0]["saddr"], rep[0]["daddr"], rep[0]["nat_addr"]) == (n1.b.ip, n1.a.ip, VIP)
+    assert fwd[0]["client_port"] == rep[0]["client_port"] and 0 <= fwd[0]["age_seconds"] < 30
+    assert n1.cli_json("ct", "list", "--src", n1.b.ip) == []
+    def same(rs):
+        return sorted((r["dir"], r["saddr"], r["sport"], r["daddr"], r["dport"]) for r in rs)
+    assert same(n1.cli_json("ct", "list", "--dst", n1.b.ip, "--proto", "tcp")) == same(rows)
+    assert n1.cli_json("ct", "list", "--proto", "udp") == []
+    top = n1.cli_json("ct", "list", "--top", "2")
+    assert top["entries"] == 2 and {(t["ip"], t["entries"]) for t in top["top"]} == {
+        (n1.a.ip, 2), (n1.b.ip, 2)}
+    assert {t["pod"] for t in top["top"]} == {"default/a", "default/b"}
+    assert n1.cli("ct", "flush", check=False).returncode == 2
+    assert n1.cli_json("ct", "flush", "--src", n1.a.ip) == {"matched": 2, "deleted": 2}
+    assert n1.cli_json("ct", "list") == []
+    # the flow still works: a new SYN makes new entries (affinity keeps b)
+    assert n1.ask(n1.a, VIP, 80) == "from-b"
+    assert len(n1.cli_json("ct", "list", "--src", n1.a.ip)) == 2
+
+
+def test_trace_agrees_with_real_traffic_and_changes_nothing(n1):
+    n1.cli("ct", "flush", "--all")
+    def ipv4_counters():
+        # "passed" counts non-IPv4 frames, which pods send on their own (IPv6 ND)
+        return [e for e in n1.cli_json("map", "dump", "counters")["entries"]
+                if e["key"]["reason_label"] != "passed"]
+    before_counters = ipv4_counters()
+    t = n1.cli_json("trace", "--from", "default/a", "--to", f"{VIP}:80")
+    assert t["service"]["svc_id"] > 0 and t["service"]["service"] == "shop/web"
+    assert (t["service"]["nat_daddr"], t["service"]["nat_dport"]) == (n1.b.ip, 8080)
+    assert t["redirect"]["kind"] == "redirect-peer"
+    assert t["redirect"]["ifname"] == n1.b.host_ifname and t["tc_verdict"] == "TC_ACT_REDIRECT"
+    assert t["reason"] == "redirected-local" and not t["dropped"]
+    # a what-if run leaves no trace in the maps
+    assert n1.cli_json("ct", "list") == []
+    assert ipv4_counters() == before_counters
+    # and the real packet goes where the trace said
+    assert n1.ask(n1.a, VIP, 80) == "from-b"
+    fwd = [r for r in n1.cli_json("ct", "list") if r["dir"] == "forward"]
+    assert (fwd[0]["nat_addr"], fwd[0]["nat_port"]) == (
+        t["service"]["nat_daddr"], t["service"]["nat_dport"])
+    direct = n1.cli_json("trace", "--from", n1.a.ip, "--to", f"{n1.d.ip}:8080", "--proto", "udp")
+    assert direct["service"] is None and direct["redirect"]["ifname"] == n1.d.host_ifname
+    text = n1.cli("trace", "--from", "a", "--to", f"{VIP}:80").stdout
+    assert "shop/web" in text and "redirect-peer" in text
+    assert n1.cli("trace", "--from", "zz", "--to", f"{VIP}:80", check=False).returncode == 1
+    assert n1.cli("trace", "--from", "a", "--to", VIP, check=False).returncode == 2
+
+
+def test_monitor_streams_drops_and_traces_and_clears_its_event_bits(n1):
+    mon = subprocess.Popen(
+        ["ip", "netns", "exec", n1.node.netns, "env", f"PYTHONPATH={REPO}", sys.executable,
+         "-m", "agent.cli.main", "monitor", "--json", "--duration", "8", "--endpoint",
+         "default/a", "--bpffs-root", n1.root, "--socket", n1.paths.socket],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        cfg = n1.cli_json("map", "dump", "config")["entries"][0]["value"]
+        deadline = time.monotonic() + 10
+        while not cfg["events_names"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+            cfg = n1.cli_json("map", "dump", "config")["entries"][0]["value"]
+        assert set(cfg["events_names"]) == {"trace", "policy"}
+        assert n1.ask(n1.a, VIP, 80) == "from-b"
+        inject_truncated(n1.b)      # not a's: filtered out
+        inject_truncated(n1.a)
+        out, err = mon.communicate(timeout=20)
+    finally:
+        if mon.poll() is None:
+            mon.kill()
+            mon.wait()
+    events = [json.loads(l) for l in out.splitlines()]
+    drops = [e for e in events if e["type"] == "drop"]
+    traces = [e for e in events if e["type"] == "trace"]
+    assert drops and all(e["ifname"] == n1.a.host_ifname for e in drops), events
+    assert {e["reason"] for e in drops} == {"dropped-invalid-packet"}
+    syn = [e for e in traces if e["daddr"] == VIP and e["saddr"] == n1.a.ip]
+    assert syn and syn[0]["nat"] and (syn[0]["nat_daddr"], syn[0]["nat_dport"]) == (
+        n1.b.ip, 8080)
+    assert syn[0]["reason"] == "redirected-local" and syn[0]["ifname"] == n1.a.host_ifname
+    cfg = n1.cli_json("map", "dump", "config")["entries"][0]["value"]
+    assert cfg["events"] == 0, "the monitor left its event bits set"
+
+
+class policy_maps:
+    """Isolate pod b's ingress with one rule: TCP 8080 from pod a only
+    (policy id 20), written straight into the pinned maps the programs read."""
+
+    def __init__(self, root: str, a_ip: str, b_ip: str):
+        self.m = {n: pinned.open_map(root, M[n]) for n in ("ipcache", "policy_ep", "policy",
+                                                          "config")}
+        self.a_ip, self.b_ip = a_ip, b_ip
+
+    def __enter__(self):
+        d = DEFS.defines
+        self.m["ipcache"].update(decode.encode_key("struct fp_lpm4_key", prefixlen=32,
+                                                   addr=self.a_ip), (300).to_bytes(4, "little"))
+        ep = bpfdefs.ctype("struct fp_pol_ep")()
+        ep.dir[d["FP_POL_INGRESS"]].flags = d["FP_POL_F_ENFORCED"]
+        ep.dir[d["FP_POL_INGRESS"]].policy_id = 20
+        self.m["policy_ep"].update(bytes(ct.c_uint32(decode.ip4_raw(self.b_ip))), bytes(ep))
+        key = decode.encode_key("struct fp_pol_key", prefixlen=d["FP_POL_FIXED_BITS"] + 8 + 16,
+                                ep_ip4=self.b_ip, identity=300, dir=d["FP_POL_INGRESS"],
+                                proto=6, dport=8080)
+        rule = bpfdefs.ctype("struct fp_pol_rule")(policy_id=20)
+        self.m["policy"].update(key, bytes(rule))
+        self._flag(True)
+        return self
+
+    def _flag(self, on: bool):
+        cls = bpfdefs.ctype("struct fp_config")
+        k = (0).to_bytes(4, "little")
+        v = cls.from_buffer_copy(self.m["config"].lookup(k)[:ct.sizeof(cls)])
+        bit = DEFS.defines["FP_CFG_F_POLICY"]
+        v.flags = (v.flags | bit) if on else (v.flags & ~bit)
+        self.m["config"].update(k, bytes(v))
+
+    def __exit__(self, *exc):
+        self._flag(False)
+        for name, m in self.m.items():
+            if name != "config":
+                for k, _ in list(m.items()):
+                    m.delete(k)
+            m.close()
+
+
+def test_policy_verdicts_in_trace_monitor_and_policy_get(n1):
+    with policy_maps(n1.root, n1.a.ip, n1.b.ip):
+        allowed = n1.cli_json("trace", "--from", "a", "--to", f"{n1.b.ip}:8080")
+        denied = n1.cli_json("trace", "--from", "d", "--to", f"{n1.b.ip}:8080")
+        assert allowed["policy"]["ingress"]["verdict"] == "allow"
+        assert allowed["policy"]["ingress"]["policy_id"] == 20 and not allowed["dropped"]
+        assert denied["dropped"] and denied["reason"] == "dropped-policy-denied"
+        assert denied["policy"]["ingress"]["verdict"] == "deny"
+        assert denied["policy"]["ingress"]["policy_id"] == 20
+        mon = subprocess.Popen(
+            ["ip", "netns", "exec", n1.node.netns, "env", f"PYTHONPATH={REPO}",
+             sys.executable, "-m", "agent.cli.main", "monitor", "--json", "--type", "drop",
+             "--duration", "8", "--count", "1", "--bpffs-root", n1.root,
+             "--socket", n1.paths.socket],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        try:
+            time.sleep(2.5)
+            # real traffic agrees with both traces
+            assert n1.ask(n1.a, n1.b.ip, 8080) == "from-b"
+            assert n1.ask(n1.d, n1.b.ip, 8080) == ""
+            out, _ = mon.communicate(timeout=20)
+        finally:
+            if mon.poll() is None:
+                mon.kill()
+                mon.wait()
+        drop = json.loads(out.splitlines()[0])
+        assert (drop["type"], drop["reason"], drop["policy_id"]) == (
+            "drop", "dropped-policy-denied", 20)
+        assert (drop["saddr"], drop["daddr"], drop["dport"]) == (n1.d.ip, n1.b.ip, 8080)
+        pol = n1.cli_json("policy", "get", "default/b")
+        assert pol["directions"]["ingress"]["enforced"] is True
+        assert pol["directions"]["ingress"]["deciding_ids"] == [20]
+        assert pol["directions"]["egress"]["enforced"] is False
+        (rule,) = pol["rules"]
+        assert (rule["direction"], rule["identity"], rule["ports"], rule["policy_ids"]) == (
+            "ingress", 300, "TCP/8080", [20])
+        assert rule["flows"] >= 1        # a's connection was admitted by this entry
+        assert "TCP/8080" in n1.cli("policy", "get", n1.b.ip).stdout
+
+
+def test_agent_down_maps_still_read_and_exit_codes_say_so(n1, tmp_path):
+    bt = tmp_path / "bt.tar.gz"
+    assert n1.cli_json("bugtool", "-o", str(bt))["archive"] == str(bt)
+    with tarfile.open(bt) as tar:
+        names = {Path(m.name).relative_to(Path(m.name).parts[0]).as_posix()
+                 for m in tar.getmembers()}
+        top = tar.getmembers()[0].name.split("/")[0]
+        status = json.load(tar.extractfile(f"{top}/status.json"))
+        services = json.load(tar.extractfile(f"{top}/services.json"))
+        log = tar.extractfile(f"{top}/agent.log").read().decode()
+    assert {"status.json", "services.json", "endpoints.json", "conntrack.json", "metrics.json",
+            "config.json", "agent.log", "programs.json", "attachments.json", "maps.json",
+            f"map/{M['endpoints']}.json", "errors.json"} <= names
+    assert status["agent"]["ready"] and services[0]["service"] == "shop/web"
+    assert "endpoint added" in log
+    n1.agent.kill(9)
+    try:
+        eps = n1.cli_json("endpoint", "list")
+        assert {e["ip"] for e in eps} == {n1.a.ip, n1.b.ip, n1.d.ip}
+        assert all(e["pod"] == "" for e in eps)
+        svc = n1.cli_json("service", "list")
+        assert svc[0]["service"] == "" and svc[0]["backends"][0]["ip"] == n1.b.ip
+        r = n1.cli("service", "list", check=False)
+        assert r.returncode == 0 and "agent not reachable" in r.stderr
+        r = n1.cli("status", "--json", check=False)
+        assert r.returncode == 3
+        st = json.loads(r.stdout)
+        assert not st["agent"]["reachable"] and len(st["maps"]) >= 10
+        r = n1.cli("map", "list", "--bpffs-root", "/nonexistent/fp", check=False)
+        assert r.returncode == 1 and "no fastpath maps are pinned" in r.stderr
+    finally:
+        n1.agent.start()
+    assert n1.cli_json("status")["agent"]["ready"]
