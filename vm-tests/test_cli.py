@@ -4,19 +4,17 @@
     pod b, pod d ───┴ node n1 ─ eth1 ═ vpc
     Service shop/web: ClusterIP 192.168.99.10:80 -> :8080 (b ready, d terminating),
     sessionAffinity ClientIP
+    NetworkPolicy default/b-from-a: pod b accepts TCP 8080 from pod a only
 
 The agent is a real `fastpath agent` process with a manifest-directory
 source; the CLI runs as a process in the node's netns, exactly as an SRE
 would run it, and its `--json` output is parsed and checked against what the
-test knows (pods, MACs, veths, the Service) and against real traffic.
-NetworkPolicy state is written into the pinned policy maps by the test
-itself (policy_maps below), the layout the datapath reads.
+test knows (pods, MACs, veths, the Service, the policy) and against real
+traffic. The agent enforces NetworkPolicy (`--policy-enforcement default`).
 """
 from __future__ import annotations
 
-import ctypes as ct
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -27,8 +25,6 @@ import pytest
 
 from agent import bpfdefs
 from agent.api import wire
-from agent.datapath import pinned
-from agent.inspect import decode
 from agent.sim import World
 from agent.simagent import AgentProcess, private_paths, register_pod
 from fastpath_helpers import inject_truncated, serve_reply
@@ -38,7 +34,32 @@ VIP = "192.168.99.10"
 DEFS = bpfdefs.load()
 M = {k[len("FP_MAP_"):].lower(): v for k, v in DEFS.maps.items()}
 
+POD = """---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: {name}}}}}
+spec:
+  nodeName: n1
+  containers: [{{name: c, image: busybox, ports: [{{name: http, containerPort: 8080}}]}}]
+status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
+"""
+
+POLICY = """---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-from-a, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: b}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{port: 8080, protocol: TCP}]
+"""
+
 MANIFESTS = """
+apiVersion: v1
+kind: Namespace
+metadata: {{name: default}}
+---
 apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: shop}}
@@ -74,14 +95,20 @@ class Node:
         serve_reply(self.b, 8080, "from-b")
         serve_reply(self.d, 8080, "from-d")
         Path(paths.manifests, "web.yaml").write_text(
-            MANIFESTS.format(vip=VIP, b=self.b.ip, d=self.d.ip))
-        self.agent = AgentProcess(self.node, paths).start()
+            MANIFESTS.format(vip=VIP, b=self.b.ip, d=self.d.ip)
+            + "".join(POD.format(name=p.name, ip=p.ip) for p in (self.a, self.b, self.d))
+            + POLICY)
+        self.agent = AgentProcess(self.node, paths,
+                                  ["--policy-enforcement", "default"]).start()
         for p in (self.a, self.b, self.d):
             register_pod(paths.socket, p)
         self.root = f"{paths.bpffs}/fastpath"
-        deadline = time.monotonic() + 15
-        while not self.cli_json("service", "list") and time.monotonic() < deadline:
-            time.sleep(0.2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            st = self.cli_json("status")
+            if (st.get("services") or {}).get("frontends") and st["policy"].get("compiled"):
+                break
+            time.sleep(0.3)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 30):
         where = [] if "--bpffs-root" in args else ["--bpffs-root", self.root]
@@ -164,7 +191,7 @@ def test_map_dump_decodes_every_map(n1):
     r = n1.cli("map", "dump", "nosuchmap", check=False)
     assert r.returncode == 1 and "aliases" in r.stderr
     # counters are per CPU in the kernel, summed here: equal to the agent's own sum
-    n1.a.ping(n1.b.ip, count=2)
+    n1.a.ping(n1.d.ip, count=2)        # d is not isolated (b accepts only TCP 8080)
     mine = {(r["key"]["ifindex"], r["key"]["dir_label"], r["key"]["reason_label"]):
             r["value"]["packets"] for r in n1.cli_json("map", "dump", "counters")["entries"]}
     theirs = {(r["ifindex"], r["direction"], r["reason"]): r["packets"]
@@ -178,7 +205,10 @@ def test_endpoints_services_and_status_join_the_agents_names(n1):
         e = eps[p.ip]
         assert (e["pod"], e["host_ifname"], e["eni"], e["pod_mac"]) == (
             f"default/{p.name}", p.host_ifname, "eth1", p.mac)
-        assert e["policy"] == {"state": "not-enforced"}
+    assert eps[n1.b.ip]["policy"]["ingress"].startswith("enforced(")
+    assert eps[n1.b.ip]["policy"]["egress"] == "open"
+    assert eps[n1.a.ip]["policy"] in ({"state": "not-isolated"},
+                                      {"ingress": "open", "egress": "open"})
     one = n1.cli_json("endpoint", "get", "default/b")
     assert one["ip"] == n1.b.ip and one["host_ifindex"] == n1.b.host_ifindex
     assert n1.cli("endpoint", "get", "nope", check=False).returncode == 1
@@ -198,13 +228,16 @@ def test_endpoints_services_and_status_join_the_agents_names(n1):
     assert st["services"]["frontends"] == 1 and st["services"]["errors"] == 0
     assert st["config"]["bpffs_root"] == n1.root and st["config_sources"]["node_name"] == "flag"
     assert st["kernel"]["helpers"]["redirect_peer"] and st["pressure"] == []
+    assert st["policy"]["enforcement"] == "default" and st["policy"]["compiled"]
+    assert st["policy"]["policies"] >= 1 and st["policy"]["errors"] == 0
     assert {m["name"] for m in st["maps"]} >= {M["endpoints"], M["ct"]}
 
 
 def test_conntrack_list_top_and_flush_after_real_connections(n1):
     n1.cli("ct", "flush", "--all")
     assert n1.ask(n1.a, VIP, 80) == "from-b"
-    rows = n1.cli_json("ct", "list", "--src", n1.a.ip)
+    rows = [r for r in n1.cli_json("ct", "list", "--src", n1.a.ip)
+            if r["dir"] in ("forward", "reply")]      # policy entries aside
     fwd = [r for r in rows if r["dir"] == "forward"]
     rep = [r for r in rows if r["dir"] == "reply"]
     assert len(fwd) == 1 and len(rep) == 1, rows
@@ -212,21 +245,27 @@ def test_conntrack_list_top_and_flush_after_real_connections(n1):
         VIP, 80, n1.b.ip, 8080)
     assert (rep[0]["saddr"], rep[0]["daddr"], rep[0]["nat_addr"]) == (n1.b.ip, n1.a.ip, VIP)
     assert fwd[0]["client_port"] == rep[0]["client_port"] and 0 <= fwd[0]["age_seconds"] < 30
+    everything = n1.cli_json("ct", "list")
+    assert all(r["client"] == n1.a.ip for r in everything), everything
     assert n1.cli_json("ct", "list", "--src", n1.b.ip) == []
+
     def same(rs):
         return sorted((r["dir"], r["saddr"], r["sport"], r["daddr"], r["dport"]) for r in rs)
-    assert same(n1.cli_json("ct", "list", "--dst", n1.b.ip, "--proto", "tcp")) == same(rows)
+    assert same(n1.cli_json("ct", "list", "--dst", n1.b.ip, "--proto", "tcp")) == same(
+        everything)
     assert n1.cli_json("ct", "list", "--proto", "udp") == []
     top = n1.cli_json("ct", "list", "--top", "2")
-    assert top["entries"] == 2 and {(t["ip"], t["entries"]) for t in top["top"]} == {
-        (n1.a.ip, 2), (n1.b.ip, 2)}
+    n = len(everything)
+    assert top["entries"] == n and [(t["ip"], t["entries"]) for t in top["top"]] == sorted(
+        [(n1.a.ip, n), (n1.b.ip, n)])
     assert {t["pod"] for t in top["top"]} == {"default/a", "default/b"}
     assert n1.cli("ct", "flush", check=False).returncode == 2
-    assert n1.cli_json("ct", "flush", "--src", n1.a.ip) == {"matched": 2, "deleted": 2}
+    assert n1.cli_json("ct", "flush", "--src", n1.a.ip) == {"matched": n, "deleted": n}
     assert n1.cli_json("ct", "list") == []
     # the flow still works: a new SYN makes new entries (affinity keeps b)
     assert n1.ask(n1.a, VIP, 80) == "from-b"
-    assert len(n1.cli_json("ct", "list", "--src", n1.a.ip)) == 2
+    again = n1.cli_json("ct", "list", "--src", n1.a.ip)
+    assert len([r for r in again if r["dir"] in ("forward", "reply")]) == 2
 
 
 def test_trace_agrees_with_real_traffic_and_changes_nothing(n1):
@@ -292,86 +331,50 @@ def test_monitor_streams_drops_and_traces_and_clears_its_event_bits(n1):
     assert cfg["events"] == 0, "the monitor left its event bits set"
 
 
-class policy_maps:
-    """Isolate pod b's ingress with one rule: TCP 8080 from pod a only
-    (policy id 20), written straight into the pinned maps the programs read."""
-
-    def __init__(self, root: str, a_ip: str, b_ip: str):
-        self.m = {n: pinned.open_map(root, M[n]) for n in ("ipcache", "policy_ep", "policy",
-                                                          "config")}
-        self.a_ip, self.b_ip = a_ip, b_ip
-
-    def __enter__(self):
-        d = DEFS.defines
-        self.m["ipcache"].update(decode.encode_key("struct fp_lpm4_key", prefixlen=32,
-                                                   addr=self.a_ip), (300).to_bytes(4, "little"))
-        ep = bpfdefs.ctype("struct fp_pol_ep")()
-        ep.dir[d["FP_POL_INGRESS"]].flags = d["FP_POL_F_ENFORCED"]
-        ep.dir[d["FP_POL_INGRESS"]].policy_id = 20
-        self.m["policy_ep"].update(bytes(ct.c_uint32(decode.ip4_raw(self.b_ip))), bytes(ep))
-        key = decode.encode_key("struct fp_pol_key", prefixlen=d["FP_POL_FIXED_BITS"] + 8 + 16,
-                                ep_ip4=self.b_ip, identity=300, dir=d["FP_POL_INGRESS"],
-                                proto=6, dport=8080)
-        rule = bpfdefs.ctype("struct fp_pol_rule")(policy_id=20)
-        self.m["policy"].update(key, bytes(rule))
-        self._flag(True)
-        return self
-
-    def _flag(self, on: bool):
-        cls = bpfdefs.ctype("struct fp_config")
-        k = (0).to_bytes(4, "little")
-        v = cls.from_buffer_copy(self.m["config"].lookup(k)[:ct.sizeof(cls)])
-        bit = DEFS.defines["FP_CFG_F_POLICY"]
-        v.flags = (v.flags | bit) if on else (v.flags & ~bit)
-        self.m["config"].update(k, bytes(v))
-
-    def __exit__(self, *exc):
-        self._flag(False)
-        for name, m in self.m.items():
-            if name != "config":
-                for k, _ in list(m.items()):
-                    m.delete(k)
-            m.close()
-
-
 def test_policy_verdicts_in_trace_monitor_and_policy_get(n1):
-    with policy_maps(n1.root, n1.a.ip, n1.b.ip):
-        allowed = n1.cli_json("trace", "--from", "a", "--to", f"{n1.b.ip}:8080")
-        denied = n1.cli_json("trace", "--from", "d", "--to", f"{n1.b.ip}:8080")
-        assert allowed["policy"]["ingress"]["verdict"] == "allow"
-        assert allowed["policy"]["ingress"]["policy_id"] == 20 and not allowed["dropped"]
-        assert denied["dropped"] and denied["reason"] == "dropped-policy-denied"
-        assert denied["policy"]["ingress"]["verdict"] == "deny"
-        assert denied["policy"]["ingress"]["policy_id"] == 20
-        mon = subprocess.Popen(
-            ["ip", "netns", "exec", n1.node.netns, "env", f"PYTHONPATH={REPO}",
-             sys.executable, "-m", "agent.cli.main", "monitor", "--json", "--type", "drop",
-             "--duration", "8", "--count", "1", "--bpffs-root", n1.root,
-             "--socket", n1.paths.socket],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-        try:
-            time.sleep(2.5)
-            # real traffic agrees with both traces
-            assert n1.ask(n1.a, n1.b.ip, 8080) == "from-b"
-            assert n1.ask(n1.d, n1.b.ip, 8080) == ""
-            out, _ = mon.communicate(timeout=20)
-        finally:
-            if mon.poll() is None:
-                mon.kill()
-                mon.wait()
-        drop = json.loads(out.splitlines()[0])
-        assert (drop["type"], drop["reason"], drop["policy_id"]) == (
-            "drop", "dropped-policy-denied", 20)
-        assert (drop["saddr"], drop["daddr"], drop["dport"]) == (n1.d.ip, n1.b.ip, 8080)
-        pol = n1.cli_json("policy", "get", "default/b")
-        assert pol["directions"]["ingress"]["enforced"] is True
-        assert pol["directions"]["ingress"]["deciding_ids"] == [20]
-        assert pol["directions"]["egress"]["enforced"] is False
-        (rule,) = pol["rules"]
-        assert (rule["direction"], rule["identity"], rule["ports"], rule["policy_ids"]) == (
-            "ingress", 300, "TCP/8080", [20])
-        assert rule["flows"] >= 1        # a's connection was admitted by this entry
-        assert "TCP/8080" in n1.cli("policy", "get", n1.b.ip).stdout
+    allowed = n1.cli_json("trace", "--from", "a", "--to", f"{n1.b.ip}:8080")
+    denied = n1.cli_json("trace", "--from", "d", "--to", f"{n1.b.ip}:8080")
+    ing = allowed["policy"]["ingress"]
+    assert (ing["verdict"], ing["policy"]) == ("allow", "default/b-from-a") and ing["policy_id"]
+    assert not allowed["dropped"] and allowed["redirect"]["ifname"] == n1.b.host_ifname
+    assert denied["dropped"] and denied["reason"] == "dropped-policy-denied"
+    ing_d = denied["policy"]["ingress"]
+    assert (ing_d["verdict"], ing_d["policy"], ing_d["policy_id"]) == (
+        "deny", "default/b-from-a", ing["policy_id"])
+    text = n1.cli("trace", "--from", "d", "--to", f"{n1.b.ip}:8080").stdout
+    assert "DROP (dropped-policy-denied)" in text and "default/b-from-a" in text
+    mon = subprocess.Popen(
+        ["ip", "netns", "exec", n1.node.netns, "env", f"PYTHONPATH={REPO}",
+         sys.executable, "-m", "agent.cli.main", "monitor", "--json", "--type", "drop",
+         "--duration", "8", "--count", "1", "--bpffs-root", n1.root,
+         "--socket", n1.paths.socket],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        time.sleep(2.5)
+        # real traffic agrees with both traces
+        assert n1.ask(n1.a, n1.b.ip, 8080) == "from-b"
+        assert n1.ask(n1.d, n1.b.ip, 8080) == ""
+        out, _ = mon.communicate(timeout=20)
+    finally:
+        if mon.poll() is None:
+            mon.kill()
+            mon.wait()
+    drop = json.loads(out.splitlines()[0])
+    assert (drop["type"], drop["reason"], drop["policy_id"], drop["policy"]) == (
+        "drop", "dropped-policy-denied", ing["policy_id"], "default/b-from-a")
+    assert (drop["saddr"], drop["daddr"], drop["dport"]) == (n1.d.ip, n1.b.ip, 8080)
+    pol = n1.cli_json("policy", "get", "default/b")
+    assert pol["pod"] == "default/b" and pol["ip"] == n1.b.ip
+    assert pol["directions"]["ingress"]["enforced"] is True
+    assert pol["directions"]["ingress"]["deciding"] == ["default/b-from-a"]
+    assert pol["directions"]["egress"]["enforced"] is False
+    from_a = [r for r in pol["rules"] if r["policies"] == ["default/b-from-a"]]
+    assert from_a and all(r["direction"] == "ingress" and r["ports"] == "TCP/8080"
+                          for r in from_a), pol["rules"]
+    assert all(r["in_map"] for r in pol["rules"]), "a rule of the state is not in the map"
+    assert sum(r["flows"] for r in from_a) >= 1      # a's connection was admitted
+    assert "default/b-from-a" in n1.cli("policy", "get", n1.b.ip).stdout
+    assert n1.cli("policy", "get", "nobody", check=False).returncode == 1
 
 
 def test_agent_down_maps_still_read_and_exit_codes_say_so(n1, tmp_path):
@@ -402,6 +405,9 @@ def test_agent_down_maps_still_read_and_exit_codes_say_so(n1, tmp_path):
         assert r.returncode == 3
         st = json.loads(r.stdout)
         assert not st["agent"]["reachable"] and len(st["maps"]) >= 10
+        pol = n1.cli_json("policy", "get", n1.b.ip)
+        assert pol["directions"]["ingress"]["enforced"] and pol["rules"]
+        assert all(r["policy_ids"][0] > 0 and r["flows"] is not None for r in pol["rules"])
         r = n1.cli("map", "list", "--bpffs-root", "/nonexistent/fp", check=False)
         assert r.returncode == 1 and "no fastpath maps are pinned" in r.stderr
     finally:

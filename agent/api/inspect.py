@@ -186,9 +186,10 @@ class AgentInspect:
                           if svc is not None else None)
         if a.store is not None:
             st["source"]["store_version"] = a.store.snapshot().version
-        pol = getattr(a, "policy_state", None)
-        st["policy"] = {"enforcement": a.config.policy_enforcement,
-                        "compiled": pol is not None}
+        pol = dict(st.get("policy") or {})
+        pol["enforcement"] = a.config.policy_enforcement
+        pol["compiled"] = _policy_state(a) is not None
+        st["policy"] = pol
         return st
 
     def inspect_Endpoints(self) -> list[dict]:
@@ -216,12 +217,12 @@ class AgentInspect:
 
     def inspect_Policy(self, endpoint: str = "") -> dict:
         from agent.inspect import policy as pview
-        state = getattr(self.agent, "policy_state", None)
+        state = _policy_state(self.agent)
         if state is None:
             raise InspectError("failed-precondition",
                                "the agent holds no compiled NetworkPolicy state (policy_enforcement "
-                               f"is {self.agent.config.policy_enforcement!r}, or enforcement is "
-                               "not running in this agent)")
+                               f"is {self.agent.config.policy_enforcement!r}, or the first sync "
+                               "has not completed)")
         snap = self.agent.store.snapshot() if self.agent.store is not None else None
         try:
             return pview.endpoint_rules(state, endpoint, snap)
@@ -229,13 +230,19 @@ class AgentInspect:
             raise InspectError("not-found", str(exc.args[0])) from None
 
     def inspect_PolicyNames(self) -> dict:
-        state = getattr(self.agent, "policy_state", None)
+        state = _policy_state(self.agent)
         return {str(k): v for k, v in state.policies.items()} if state is not None else {}
 
     def inspect_Logs(self, lines: int = 500) -> list[str]:
         if self.logs is None:
             return []
         return list(self.logs.lines)[-int(lines):]
+
+
+def _policy_state(agent):
+    """The compiled PolicyState the agent enforces (None: off or not synced)."""
+    sync = getattr(agent, "policy", None)
+    return getattr(sync, "state", None) if sync is not None else None
 
 
 def _links(netns) -> dict[int, str]:

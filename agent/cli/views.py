@@ -18,25 +18,41 @@ M = bpfobj.aliases()
 
 # -- endpoints ---------------------------------------------------------------
 
-def policy_states(ctx) -> dict | None:
-    """pod IP -> policy state, from the agent's compiled policy."""
-    st = ctx.status()
-    if st is None:
-        return None
-    pol = st.get("policy") or {}
-    if pol.get("enforcement") == "never":
-        return {}
-    eps = pol.get("endpoints")
-    return eps if isinstance(eps, dict) else None
+def policy_states(ctx) -> tuple[bool | None, dict]:
+    """pod IP -> its policy state, from the pinned maps (works while the
+    agent is down): {"state": "not-enforced"} for every pod when the
+    datapath's policy checks are off, else per direction enforced / audit /
+    open with the deciding policy id."""
+    from agent import bpfdefs
+    maps = ctx.maps()
+    if M.get("policy_ep") not in maps or M.get("config") not in maps:
+        return None, {}
+    cfg = ctx.entries(M["config"])
+    on = bool(cfg) and "policy" in cfg[0]["value"].get("flags_names", [])
+    if not on:
+        return False, {}
+    out = {}
+    for e in ctx.entries(M["policy_ep"]):
+        dirs = {}
+        for d, v in e["value"]["dir"].items():
+            if d.endswith("_label"):
+                continue
+            names = v.get("flags_names", [])
+            dirs[d] = ("enforced" if "enforced" in names else "audit" if "audit" in names
+                       else "open")
+            if v["policy_id"] and dirs[d] != "open":
+                dirs[d] += f"({v['policy_id']})"
+        out[e["key"]] = dirs
+    return True, out
 
 
 def data_endpoints(ctx) -> list[dict]:
     entries = ctx.entries(M["endpoints"])
     agent_view = ctx.agent("Endpoints")
     ctx.note_agent_down("pod names are not shown")
-    pol = policy_states(ctx)
-    rows = views.endpoints(entries, ctx.links(), agent_view, pol)
-    if pol == {}:
+    enabled, pol = policy_states(ctx)
+    rows = views.endpoints(entries, ctx.links(), agent_view, pol if enabled else None)
+    if enabled is False:
         for r in rows:
             r["policy"] = {"state": "not-enforced"}
     return rows
@@ -257,8 +273,13 @@ def render_status(d: dict) -> str:
             lines.append(f"services: {s['frontends']} frontends, {s['plans']} plans applied, "
                          f"{s['errors']} errors (store v{s['applied_version']})")
         p = d.get("policy") or {}
-        lines.append(f"policy:   enforcement {p.get('enforcement', '?')}"
-                     + (", compiled" if p.get("compiled") else ""))
+        line = f"policy:   enforcement {p.get('enforcement', p.get('mode', '?'))}"
+        if p.get("compiled"):
+            line += (f", {p.get('policies', 0)} policies, {p.get('endpoints', 0)} endpoints, "
+                     f"{p.get('rules', 0)} rules, {p.get('errors', 0)} errors")
+            if p.get("refused"):
+                line += f", REFUSED: {p['refused']}"
+        lines.append(line)
     else:
         lines.append(f"agent:    NOT REACHABLE ({a.get('error', '')})")
     k = d["kernel"]

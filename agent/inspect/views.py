@@ -60,7 +60,7 @@ def policy_state_text(p: dict) -> str:
     parts = []
     for d in ("ingress", "egress"):
         s = p.get(d)
-        if s:
+        if s and s != "open":
             parts.append(f"{d}:{s}")
     return ",".join(parts) or "not-isolated"
 
