@@ -121,7 +121,12 @@ class Agent:
             import socket as _socket
             node = self.config.node_name or _socket.gethostname()
             self.services = ServiceSync(self.datapath.lb, self.store, self.source, node,
-                                        metrics=self.metrics).start()
+                                        metrics=self.metrics)
+            if self.config.socket_lb:
+                from agent.services import UdpSocketReaper
+                self.services.on_backends_lost = UdpSocketReaper(
+                    self.datapath.lb, self._socket_netns).reap
+            self.services.start()
         from agent.conntrack import ConntrackGC
         cfg = self.config
         self.conntrack_gc = ConntrackGC(
@@ -193,6 +198,12 @@ class Agent:
         from agent.services import SocketLbOptOut
         self.socklb_optout = SocketLbOptOut(self.datapath.socklb_skip, self.store,
                                             self._endpoint_list).start()
+
+    def _socket_netns(self) -> list:
+        """Network namespaces whose sockets socket-LB may translate: the
+        node's own (None: this process's) and every local pod's."""
+        pods = sorted({ep.netns for ep in self._endpoint_list() if ep.netns})
+        return [self.netns] + pods
 
     def _endpoint_list(self) -> list[Endpoint]:
         with self.lock:

@@ -72,6 +72,9 @@ class ServiceSync:
         self.last_plan_ops = 0
         self.plans = 0
         self.errors = 0
+        # called with {Frontend: {(ip, port)}} of UDP frontends that lost
+        # backends, after the plan is written (see UdpSocketReaper)
+        self.on_backends_lost = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="service-sync", daemon=True)
 
@@ -87,13 +90,25 @@ class ServiceSync:
         node = snap.nodes.get(("", self.node_name))
         return node.zone if node is not None else ""
 
+    def _udp_backends(self, fe) -> set[tuple[str, int]]:
+        rec = self.reconciler
+        return {rec.backend_ids.key_of(b)[:2] for b in rec.slots(fe)}
+
     def _apply(self, updates, version: int) -> int:
+        udp = [fe for fe in updates if fe.protocol == "UDP"] if self.on_backends_lost else []
+        before = {fe: self._udp_backends(fe) for fe in udp}
         ops = self.reconciler.plan_changes(updates)
         purged = 0
         for op in ops:
             purged += apply_op(self.lb, op)
         if self.metrics is not None:
             self.metrics.observe_backend_flows_removed(purged)
+        lost = {fe: gone for fe in udp if (gone := before[fe] - self._udp_backends(fe))}
+        if lost:
+            try:
+                self.on_backends_lost(lost)
+            except Exception:      # the maps are right; sockets are best effort
+                log.exception("closing UDP sockets of removed backends failed")
         self.applied_version = version
         self.last_plan_ops = len(ops)
         self.plans += 1
@@ -243,3 +258,52 @@ class SocketLbOptOut:
             self.refresh()
         except Exception:      # keep following; the next change retries
             log.exception("socket-LB opt-out refresh failed")
+
+
+class UdpSocketReaper:
+    """Close connected UDP sockets that socket-LB sent to a backend their
+    frontend no longer has.
+
+    Such a socket's datagrams carry the backend's address: no map change
+    can move them. For each network namespace where socket-LB may have
+    translated sockets (the node's, and every local pod's), sock_diag lists
+    the connected UDP sockets; one whose destination is a lost backend and
+    whose socket-LB record (sockrev map: socket cookie + backend -> VIP)
+    names a frontend that lost it is aborted (SOCK_DESTROY). Sockets the
+    application connected to the backend address itself are left alone."""
+
+    def __init__(self, lb, netns_fn, diag=None):
+        from agent.datapath import sockdiag
+        self.lb = lb
+        self.netns_fn = netns_fn
+        self.diag = diag or sockdiag
+        self.closed = 0
+
+    def reap(self, lost) -> int:
+        by_backend: dict[tuple[str, int], set[tuple[str, int]]] = {}
+        for fe, backends in lost.items():
+            for b in backends:
+                by_backend.setdefault(b, set()).add((fe.ip, fe.port))
+        n = 0
+        for ns in self.netns_fn():
+            try:
+                socks = self.diag.udp_connected(ns)
+            except OSError as exc:     # the pod's netns went away meanwhile
+                log.debug("UDP sockets of netns %s: %s", ns, exc)
+                continue
+            for s in socks:
+                frontends = by_backend.get((s.dst, s.dport))
+                if not frontends:
+                    continue
+                if self.lb.sockrev_get(s.cookie, s.dst, s.dport) not in frontends:
+                    continue
+                try:
+                    if self.diag.destroy_udp(s, ns):
+                        n += 1
+                        log.info("closed UDP socket %s:%d -> %s:%d (netns %s): backend removed",
+                                 s.src, s.sport, s.dst, s.dport, ns or "node")
+                except OSError as exc:
+                    log.warning("cannot close UDP socket %s:%d -> %s:%d: %s",
+                                s.src, s.sport, s.dst, s.dport, exc)
+        self.closed += n
+        return n

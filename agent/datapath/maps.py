@@ -188,6 +188,7 @@ class LbMaps:
         self._be = tables[MAP["FP_MAP_BACKENDS"]]
         self._ct = tables[MAP["FP_MAP_CT"]]
         self._aff = tables[MAP["FP_MAP_AFFINITY"]]
+        self._sockrev = tables[MAP["FP_MAP_SOCKREV"]]
 
     def _svc_key(self, vip: str, port: int, proto: str):
         return self._svc.Key(vip=be32(vip), port=be16(port), proto=PROTO_NUM[proto])
@@ -270,6 +271,16 @@ class LbMaps:
 
     def conntrack_flush(self) -> None:
         self._ct.clear()
+
+    def sockrev_get(self, cookie: int, addr: str, port: int) -> tuple[str, int] | None:
+        """The frontend (VIP, port) socket-LB translated socket `cookie` from,
+        when it sent it to backend addr:port; None when it did not."""
+        k = self._sockrev.Key(cookie=cookie, addr=be32(addr), port=be16(port))
+        try:
+            v = self._sockrev[k]
+        except KeyError:
+            return None
+        return ip_from_be32(v.vip), port_from_be16(v.vport)
 
 
 SO_NETNS_COOKIE = 71

@@ -1,0 +1,167 @@
+"""Connected UDP sockets that socket-LB sent to a backend, when that backend
+leaves the Service: the agent closes them (sock_diag SOCK_DESTROY), so the
+application's next send() fails instead of going to the dead backend, and a
+reconnect to the VIP reaches a live one. Real sockets in the node's netns
+and in a pod's netns, socket-LB for all sockets on the test's own cgroup,
+the agent's own pipeline from manifests.
+
+    node / pod a (clients, cgroup fp-sock-*) --connect(VIP:53/udp)--> b1 | b2 :5353
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from agent.simagent import sim_attach
+from test_socket_lb import cgroup  # noqa: F401  (fixture)
+
+VIP = "192.168.66.53"
+
+# Replies with its name; prints one line per datagram it received.
+SERVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5353))
+while True:
+    data, peer = s.recvfrom(100)
+    print(data.decode(), flush=True)
+    s.sendto(sys.argv[2].encode(), peer)
+"""
+
+# A long-lived client driven line by line: connect <ip> <port> | send <tag>
+CLIENT = r"""
+import socket, sys
+s = None
+for line in sys.stdin:
+    cmd, *args = line.split()
+    try:
+        if cmd == "connect":
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
+            s.connect((args[0], int(args[1])))
+            print("ok", *s.getpeername(), flush=True)
+        elif cmd == "send":
+            s.send(args[0].encode())
+            print("ok", s.recv(100).decode(), flush=True)
+    except OSError as e:
+        print("err", e.errno, flush=True)
+"""
+
+
+def manifests(*backends: str) -> str:
+    eps = "".join(f'\n  - addresses: ["{ip}"]\n    conditions: {{ready: true}}\n    nodeName: n1'
+                  for ip in backends)
+    return f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: dns, namespace: default}}
+spec:
+  clusterIP: {VIP}
+  ports: [{{name: dns, port: 53, targetPort: 5353, protocol: UDP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: dns-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{{name: dns, port: 5353, protocol: UDP}}]
+endpoints:{eps}
+"""
+
+
+class Client:
+    def __init__(self, ns, cg: str):
+        cmd = f'echo $$ > {cg}/cgroup.procs && exec ip netns exec {ns.netns} {sys.executable} -c "$0"'
+        self.p = subprocess.Popen(["sh", "-c", cmd, CLIENT], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def __call__(self, line: str) -> str:
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().strip()
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(timeout=5)
+
+
+class Server:
+    def __init__(self, pod):
+        self.pod = pod
+        self.log = open(f"/tmp/fp-udp-{os.getpid()}-{pod.name}.log", "w+")
+        pod.popen(["python3", "-c", SERVER, pod.ip, pod.name], stdout=self.log)
+        pod.wait_port(5353, udp=True)
+
+    def received(self) -> list[str]:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read().split()
+
+    def close(self):
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+def test_connected_udp_sockets_of_a_removed_backend_are_closed(world, cgroup):
+    node = world.add_node("n1", enis=1)
+    a, b1, b2 = node.add_pod("a"), node.add_pod("b1"), node.add_pod("b2")
+    s1, s2 = Server(b1), Server(b2)
+    clients = []
+    try:
+        with sim_attach(node, socket_lb=True, socket_lb_hostns_only=False,
+                        cgroup_root=cgroup) as agent:
+            path = f"{agent.config.source}/dns.yaml"
+            with open(path, "w") as f:
+                f.write(manifests(b1.ip))
+            deadline = time.monotonic() + 15
+            while not agent.datapath.lb.services() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            host, pod, direct = Client(node, cgroup), Client(a, cgroup), Client(node, cgroup)
+            clients = [host, pod, direct]
+            assert host(f"connect {VIP} 53") == f"ok {VIP} 53"
+            assert pod(f"connect {VIP} 53") == f"ok {VIP} 53"
+            assert direct(f"connect {b1.ip} 5353") == f"ok {b1.ip} 5353"
+            assert host("send h0") == "ok b1"
+            assert pod("send p0") == "ok b1"
+            assert direct("send d0") == "ok b1"
+            assert agent.datapath.lb.conntrack() == [], "translated at the socket"
+
+            # b1 leaves the Service; b2 takes over
+            with open(path + ".tmp", "w") as f:
+                f.write(manifests(b2.ip))
+            os.replace(path + ".tmp", path)
+            results = {}
+            deadline = time.monotonic() + 15
+            for c, tag in ((host, "h"), (pod, "p")):
+                i = 0
+                while time.monotonic() < deadline:
+                    i += 1
+                    out = c(f"send {tag}{i}")
+                    if out.startswith("err"):
+                        results[tag] = out
+                        break
+                    assert out == "ok b1", out      # before the change was applied
+                    time.sleep(0.1)
+            # closed: the next send fails (EDESTADDRREQ: the socket was disconnected)
+            assert results == {"h": "err 89", "p": "err 89"}, results
+            seen = s1.received()
+            for c, tag in ((host, "h"), (pod, "p")):
+                assert c(f"send {tag}-after") == "err 89"
+            time.sleep(0.3)
+            assert s1.received() == seen, "nothing reached the removed backend"
+            # a reconnect to the VIP reaches the surviving backend
+            assert host(f"connect {VIP} 53") == f"ok {VIP} 53"
+            assert host("send h-new") == "ok b2"
+            assert pod(f"connect {VIP} 53") == f"ok {VIP} 53"
+            assert pod("send p-new") == "ok b2"
+            # a socket the application connected to b1's own address is its business
+            assert direct("send d1") == "ok b1"
+            agent.datapath.detach_socket_lb(cgroup)
+    finally:
+        for c in clients:
+            c.close()
+        s1.close()
+        s2.close()
