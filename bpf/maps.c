@@ -90,6 +90,9 @@ struct FP_MAP_EVENTS_table_t FP_MAP_EVENTS = { .max_entries = FP_EVENTS_BYTES };
  * and every state-changing accessor below checks it. */
 BPF_PERCPU_ARRAY(fp_whatif_cpu, __u32, 1);
 
+/* Powers of x for the SCTP CRC32c update (constants, see fastpath.h). */
+BPF_TABLE_PINNED("array", __u32, __u32, FP_MAP_CRC32C, FP_CRC32C_POWERS, FP_PIN(FP_MAP_CRC32C));
+
 static __always_inline struct fp_endpoint *fp_endpoint_lookup(__be32 ip4)
 {
 	struct fp_endpoint_key key = { .ip4 = ip4 };
@@ -334,4 +337,14 @@ static __always_inline void fp_event_submit(struct fp_event *ev)
 static __always_inline int fp_socklb_skipped(__u64 netns_cookie)
 {
 	return FP_MAP_SOCKLB_SKIP.lookup(&netns_cookie) != NULL;
+}
+
+static __always_inline int fp_crc32c_power(__u32 idx, __u32 *out)
+{
+	__u32 *v = FP_MAP_CRC32C.lookup(&idx);
+
+	if (!v)
+		return -1;
+	*out = *v;
+	return 0;
 }

@@ -93,20 +93,19 @@ static __always_inline int fp_sock_reverse(struct bpf_sock_addr *ctx)
 	return FP_SOCK_SKIP;
 }
 
-static __always_inline __u8 fp_sock_proto(struct bpf_sock_addr *ctx)
-{
-	return ctx->type == SOCK_STREAM ? IPPROTO_TCP : IPPROTO_UDP;
-}
-
+/* TCP and UDP sockets only: an SCTP socket (SOCK_STREAM or SOCK_SEQPACKET,
+ * possibly multi-homed) is left to the per-packet path. */
 int fp_sock_conn4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->type != SOCK_STREAM && ctx->type != SOCK_DGRAM)
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
 		return FP_SOCK_SKIP;
-	return fp_sock_forward(ctx, fp_sock_proto(ctx));
+	return fp_sock_forward(ctx, ctx->protocol);
 }
 
 int fp_sock_send4(struct bpf_sock_addr *ctx)
 {
+	if (ctx->protocol != IPPROTO_UDP)
+		return FP_SOCK_SKIP;
 	return fp_sock_forward(ctx, IPPROTO_UDP);
 }
 

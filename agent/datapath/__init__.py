@@ -14,7 +14,8 @@ from agent.config import Config
 from agent.datapath import tc
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.datapath.loader import BuildOptions, Loaded, open_module, preflight
-from agent.datapath.maps import ConfigMap, LbMaps, Maps, MAP, SocketLbSkipMap, netns_cookie
+from agent.datapath.maps import (ConfigMap, LbMaps, Maps, MAP, SocketLbSkipMap, crc32c_fill,
+                                 netns_cookie)
 from agent.endpoints import Endpoint
 
 log = logging.getLogger("fastpath.datapath")
@@ -50,6 +51,7 @@ class Datapath:
         from agent.datapath.policymaps import PolicyMaps
         self.policy = PolicyMaps(tables)
         self.socklb_skip = SocketLbSkipMap(tables)
+        crc32c_fill(tables)
         self.maps.bypass_set(self.config.host_stack_cidrs + self.config.service_cidrs)
         return self
 

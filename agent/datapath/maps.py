@@ -353,3 +353,38 @@ class SocketLbSkipMap:
             except KeyError:
                 pass
         return written, removed
+
+
+CRC32C_POLY = 0x82F63B78          # reflected Castagnoli polynomial
+
+
+def crc32c_mulmod(a: int, b: int) -> int:
+    """a * b modulo the CRC32c polynomial, bit-reflected (x^0 = 1 << 31)."""
+    p = 0
+    for i in range(32):
+        if a & (0x80000000 >> i):
+            p ^= b
+        b = (b >> 1) ^ CRC32C_POLY if b & 1 else b >> 1
+    return p
+
+
+def crc32c_powers() -> list[int]:
+    """FP_MAP_CRC32C's content: x^(8k) for k < 256, then x^(8*256*k)."""
+    one, x8 = 0x80000000, 0x80000000 >> 8
+    lo = [one]
+    for _ in range(255):
+        lo.append(crc32c_mulmod(lo[-1], x8))
+    step = crc32c_mulmod(lo[255], x8)            # x^(8*256)
+    hi = [one]
+    for _ in range(255):
+        hi.append(crc32c_mulmod(hi[-1], step))
+    return lo + hi
+
+
+def crc32c_fill(tables) -> None:
+    """Write the SCTP checksum constants (idempotent; done at every load)."""
+    t = tables[MAP["FP_MAP_CRC32C"]]
+    want = crc32c_powers()
+    assert len(want) == DEFS.defines["FP_CRC32C_POWERS"]
+    for i, v in enumerate(want):
+        t[t.Key(i)] = t.Leaf(v)

@@ -34,6 +34,7 @@
 #define FP_MAP_POLICY     fp_pol4_v1
 #define FP_MAP_POLICY_CNT fp_polcnt_v1
 #define FP_MAP_SOCKLB_SKIP fp_sklbskip_v1
+#define FP_MAP_CRC32C     fp_crc32c_v1
 
 /* Pod endpoints on this node, keyed by pod IPv4 address. Filled by the agent
  * (CNI ADD or restore); read by every program to find local destinations. */
@@ -359,6 +360,12 @@ _Static_assert(sizeof(struct fp_event) == 48, "fp_event layout");
  * packets `fastpath trace` runs through the live programs. A what-if packet
  * changes no state: no conntrack, affinity, counter or event is written. */
 #define FP_WHATIF_MARK 0xfa570001U
+/* Constants for the incremental SCTP checksum (CRC32c) update after a port
+ * rewrite, written by the agent at load (agent/datapath/maps.py): powers
+ * x^(8k) modulo the Castagnoli polynomial, bit-reflected. Index k (0..255):
+ * x^(8k); index 256 + k: x^(8 * 256 * k). Array of __u32 values. */
+#define FP_CRC32C_POWERS 512
+
 #define FP_REDIRECT_KINDS(X)             \
 	X(FP_RD_NONE,  0, "none")         \
 	X(FP_RD_PLAIN, 1, "redirect")     \

@@ -9,7 +9,9 @@
  * backend id no longer resolves), so UDP flows move without waiting.
  * Checksums are fixed incrementally: the IPv4 header checksum, and the
  * TCP/UDP checksum including its pseudo-header (a zero UDP checksum stays
- * zero). SCTP (CRC32c) and IP fragments are not translated per packet.
+ * zero). SCTP's CRC32c covers no pseudo-header, so an address change needs
+ * no L4 fix; a port change updates the CRC incrementally (fp_sctp_crc_fix).
+ * IP fragments are not translated per packet.
  */
 #ifndef FP_LIB_LB_H
 #define FP_LIB_LB_H
@@ -34,7 +36,7 @@ static __always_inline int fp_parse_l4(struct __sk_buff *skb, const struct fp_ip
 	__be16 frag;
 	__be16 ports[2];
 
-	if (ip->proto != IPPROTO_TCP && ip->proto != IPPROTO_UDP)
+	if (ip->proto != IPPROTO_TCP && ip->proto != IPPROTO_UDP && ip->proto != IPPROTO_SCTP)
 		return -1;
 	if (bpf_skb_load_bytes(skb, ip->l3_off + offsetof(struct iphdr, frag_off), &frag, 2))
 		return -1;
@@ -53,6 +55,74 @@ static __always_inline int fp_l4_csum_off(__u8 proto)
 	return proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check);
 }
 
+/* SCTP checksum (CRC32c, RFC 9260 appendix A) after a port change, without
+ * reading the packet: the CRC is affine in the message, so for two messages
+ * of equal length crc(A) ^ crc(B) = crc0(A ^ B), the CRC with zero initial
+ * value and no final xor. A ^ B is the two changed port bytes followed by
+ * `tail` zero bytes: crc0 of the two bytes, times x^(8 * tail) modulo the
+ * polynomial (bit-reflected arithmetic). x^(8 * tail) is the product of two
+ * powers the agent wrote into FP_MAP_CRC32C (tail < 65536), which keeps the
+ * work (and the verifier's) to two 32-step multiplications. */
+#define FP_CRC32C_POLY 0x82F63B78U     /* reflected Castagnoli polynomial */
+#define FP_SCTP_CSUM_OFF 8             /* offset of the checksum in the SCTP header */
+
+static __always_inline __u32 fp_crc32c_mulmod(__u32 a, __u32 b)
+{
+	__u32 p = 0;
+	int i;
+
+	/* branch-free and kept a loop: the verifier walks it once per call */
+#pragma clang loop unroll(disable)
+	for (i = 0; i < 32; i++) {
+		p ^= b & -((a >> (31 - i)) & 1);
+		b = (b >> 1) ^ (FP_CRC32C_POLY & -(b & 1));
+	}
+	return p;
+}
+
+static __always_inline __u32 fp_crc32c_byte0(__u32 crc, __u8 byte)
+{
+	int i;
+
+	crc ^= byte;
+#pragma clang loop unroll(disable)
+	for (i = 0; i < 8; i++)
+		crc = (crc >> 1) ^ (FP_CRC32C_POLY & -(crc & 1));
+	return crc;
+}
+
+/* The SCTP checksum field is stored little-endian (Linux: cpu_to_le32 of the
+ * CRC); like the rest of fastpath this assumes a little-endian host. A zero
+ * field means the sender left the CRC to offload (CHECKSUM_PARTIAL: the
+ * stack zeroes it and the CRC is computed over the final bytes later), so
+ * it is left zero. */
+static __always_inline int fp_sctp_crc_fix(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					   __u32 l4_off, __u32 field_off, __be16 old_port,
+					   __be16 new_port)
+{
+	__be16 delta = old_port ^ new_port;
+	__u8 *d = (__u8 *)&delta;
+	__u32 len = bpf_ntohs(ip->tot_len) - ip->ihl_bytes;
+	__u32 tail, crc, lo, hi;
+	__u32 sum;
+
+	if (bpf_skb_load_bytes(skb, l4_off + FP_SCTP_CSUM_OFF, &sum, sizeof(sum)))
+		return -1;
+	if (sum == 0)
+		return 0;
+	if (len < field_off - l4_off + 2)
+		return -1;
+	tail = len - (field_off - l4_off) - 2;
+	if (tail > 0xFFFF ||
+	    fp_crc32c_power(tail & 0xFF, &lo) ||
+	    fp_crc32c_power(256 + (tail >> 8), &hi))
+		return -1;
+	crc = fp_crc32c_byte0(fp_crc32c_byte0(0, d[0]), d[1]);
+	crc = fp_crc32c_mulmod(fp_crc32c_mulmod(lo, hi), crc);
+	sum ^= crc;
+	return bpf_skb_store_bytes(skb, l4_off + FP_SCTP_CSUM_OFF, &sum, sizeof(sum), 0) ? -1 : 0;
+}
+
 /* Rewrite one address (saddr or daddr) and one port, checksums included. */
 static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp_ipv4 *ip,
 					  const struct fp_l4 *l4, int is_src,
@@ -66,7 +136,8 @@ static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp
 	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
 	if (old_addr != new_addr) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+		if (ip->proto != IPPROTO_SCTP &&
+		    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
 					l4flags | BPF_F_PSEUDO_HDR | sizeof(new_addr)))
 			return -1;
 		if (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
@@ -76,8 +147,13 @@ static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp
 			return -1;
 	}
 	if (old_port != new_port) {
-		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, l4flags | sizeof(new_port)))
+		if (ip->proto == IPPROTO_SCTP) {
+			if (fp_sctp_crc_fix(skb, ip, l4->off, port_off, old_port, new_port))
+				return -1;
+		} else if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
+					       l4flags | sizeof(new_port))) {
 			return -1;
+		}
 		if (bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
 			return -1;
 	}
