@@ -268,6 +268,10 @@ def render_status(d: dict) -> str:
                      + (f"; {', '.join(f'{k}={v}' for k, v in sorted(objs.items()))}"
                         if objs else "") + (f"; error: {src['error']}" if src.get("error")
                                             else "") + ")")
+        for rej in ((src.get("status") or {}).get("rejected") or []):
+            lines.append(f"  rejected: {rej.get('kind', '')} {rej.get('object', '')}: "
+                         f"{rej.get('field', '')} {rej.get('message', '')} "
+                         f"({rej.get('origin', '')})")
         s = d.get("services")
         if s:
             lines.append(f"services: {s['frontends']} frontends, {s['plans']} plans applied, "
@@ -277,9 +281,11 @@ def render_status(d: dict) -> str:
         if p.get("compiled"):
             line += (f", {p.get('policies', 0)} policies, {p.get('endpoints', 0)} endpoints, "
                      f"{p.get('rules', 0)} rules, {p.get('errors', 0)} errors")
-            if p.get("refused"):
-                line += f", REFUSED: {p['refused']}"
         lines.append(line)
+        refused = p.get("refused")
+        for r in refused if isinstance(refused, list) else []:
+            lines.append("  REFUSED (previous state kept): " + ", ".join(
+                f"{k} {v}" for k, v in sorted(r.items())))
     else:
         lines.append(f"agent:    NOT REACHABLE ({a.get('error', '')})")
     k = d["kernel"]
