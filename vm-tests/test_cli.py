@@ -161,6 +161,7 @@ def test_prog_net_and_map_list_show_what_is_attached_and_pinned(n1):
     assert (ep["entries"], ep["key_size"], ep["value_size"], ep["type"]) == (3, 4, 28, "hash")
     assert ep["fill"] == round(3 / ep["max_entries"], 4) and ep["decoded"]
     assert maps[M["events"]]["type"] == "ringbuf" and maps[M["events"]]["entries"] is None
+    assert maps[M["config"]]["type"] == "array" and maps[M["config"]]["fill"] is None
     text = n1.cli("map", "list").stdout
     assert text.splitlines()[0].split()[:4] == ["NAME", "ALIAS", "TYPE", "KEY"]
 

@@ -107,11 +107,13 @@ def map_rows(ctx) -> list[dict]:
         layout = decode.Layout.of(name)
         ringbuf = m.type_name == "ringbuf"
         entries = None if ringbuf else m.count()
+        # an array always holds max_entries: no fill, no pressure
+        array = m.type_name in ("array", "percpu_array")
         rows.append({"name": name, "alias": alias_of(name), "id": m.id, "type": m.type_name,
                      "key_size": m.key_size, "value_size": m.value_size,
                      "max_entries": m.max_entries, "entries": entries,
                      "fill": (round(entries / m.max_entries, 4)
-                              if entries is not None and m.max_entries else None),
+                              if entries is not None and m.max_entries and not array else None),
                      "decoded": bool(ringbuf or (layout and layout.matches(m.key_size,
                                                                            m.value_size)))})
     return rows
