@@ -375,6 +375,10 @@ def test_policy_verdicts_in_trace_monitor_and_policy_get(n1):
     assert all(r["in_map"] for r in pol["rules"]), "a rule of the state is not in the map"
     assert sum(r["flows"] for r in from_a) >= 1      # a's connection was admitted
     assert "default/b-from-a" in n1.cli("policy", "get", n1.b.ip).stdout
+    verdicts = {(r["policy"], r["direction"], r["verdict"]): r["flows"]
+                for r in n1.cli_json("metrics", "--policy")}
+    assert verdicts[("default/b-from-a", "ingress", "deny")] >= 1
+    assert verdicts[("default/b-from-a", "ingress", "allow")] >= 1
     assert n1.cli("policy", "get", "nobody", check=False).returncode == 1
 
 

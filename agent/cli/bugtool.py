@@ -59,6 +59,7 @@ def collect(ctx) -> tuple[dict[str, bytes], dict[str, str]]:
     part("services.json", lambda: views.data_services(ctx))
     part("conntrack.json", lambda: views.data_ct(ctx))
     part("metrics.json", lambda: views.data_metrics(ctx))
+    part("policy-metrics.json", lambda: views.data_policy_metrics(ctx))
     part("config.json", lambda: ctx.require_agent("Status").get("config"))
     logs = ctx.agent("Logs", lines=2000)
     if logs is not None:

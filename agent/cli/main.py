@@ -250,6 +250,8 @@ def register_inspection(sub) -> None:
     m = cmd(sub, "metrics", views.cmd_metrics,
             help="datapath counters by interface, direction and reason")
     m.add_argument("--drops", action="store_true", help="drop reasons only")
+    m.add_argument("--policy", action="store_true",
+                   help="new flows per NetworkPolicy, direction and verdict instead")
     from agent.cli import bugtool, monitor, policy, trace
     pol = sub.add_parser("policy", help="NetworkPolicy as enforced on this node").add_subparsers(
         dest="verb", required=True)

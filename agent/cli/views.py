@@ -205,8 +205,28 @@ def data_metrics(ctx) -> list[dict]:
     return views.counters(ctx.entries(M["counters"]), ctx.links())
 
 
+def data_policy_metrics(ctx) -> list[dict]:
+    """New flows (and their bytes) per NetworkPolicy, direction and verdict."""
+    if M.get("policy_cnt") not in ctx.maps():
+        return []
+    names = {int(k): v for k, v in (ctx.agent("PolicyNames") or {}).items()}
+    rows = []
+    for e in ctx.entries(M["policy_cnt"]):
+        k, v = e["key"], e["value"]
+        rows.append({"policy_id": k["policy_id"], "policy": names.get(k["policy_id"], ""),
+                     "direction": k["dir_label"], "verdict": k["verdict_label"],
+                     "flows": v["packets"], "bytes": v["bytes"]})
+    return sorted(rows, key=lambda r: (r["policy_id"], r["direction"], r["verdict"]))
+
+
 @run
 def cmd_metrics(ctx, args) -> int:
+    if args.policy:
+        rows = data_policy_metrics(ctx)
+        ctx.emit(rows, lambda rows: tbl.table(rows, [
+            ("id", "policy_id"), ("policy", lambda r: r["policy"] or "-"), "direction",
+            "verdict", "flows", "bytes"]) if rows else "(no policy verdicts counted)")
+        return 0
     rows = data_metrics(ctx)
     if args.drops:
         rows = [r for r in rows if r["drop"]]
