@@ -633,21 +633,27 @@ class _Compiler:
         if self.host_idents != host_before:
             whole |= {(ip, IN) for ip in self.local}
         partial: dict[Slot, set[int]] = defaultdict(set)
+        joins: dict[tuple, set[int]] = defaultdict(set)
         for i in removed:
             for ck in self._peers_of(i):
-                ids, members = self.peer_cache[ck]
-                self.peer_cache[ck] = (tuple(x for x in ids if x not in removed_ids),
-                                       members - removed_ids)
+                joins[ck]
         for i in added:
             n = self.id_of[i]
             for ck in self._peers_of(i):
-                ids, members = self.peer_cache[ck]
-                self.peer_cache[ck] = (tuple(sorted((*ids, n))), members | {n})
+                joins[ck].add(n)
                 for slot in self.peer_deps.get(ck, ()):
                     partial[slot].add(n)
             if i.kind == "pod" and i.named_ports:
                 for slot in self.peer_deps.get(ANY_POD, ()):
                     partial[slot].add(n)
+        for ck, new_ids in joins.items():
+            ids, members = self.peer_cache[ck]
+            members = (members - removed_ids) | new_ids
+            if new_ids:
+                ids = tuple(sorted(members))
+            elif len(members) != len(ids):
+                ids = tuple(x for x in ids if x in members)
+            self.peer_cache[ck] = (ids, members)
 
         # ---- rules
         eps = {ip for ip, _ in whole} | {ip for ip, _ in partial} | gone_eps
