@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from agent.policy import ip4
-from agent.policy.ports import PortKey, PortSet, key_ancestors
+from agent.policy.ports import PortKey, PortSet, key_ancestors, key_covers
 from agent.policy.state import (
     ID_ANY, ID_DYNAMIC_MIN, ID_WORLD, Direction, DirectionPolicy, EndpointConfig, MapImage,
     PolicyKey, PolicyState, RuleValue,
@@ -195,6 +195,8 @@ class _View:
         if self.state is None or other.state is None:
             return None
         ep, base = self.state.endpoints.get(ip), other.state.endpoints.get(ip)
+        if ep is base or (ep is not None and base is not None and ep.rules is base.rules):
+            return frozenset()
         if ep is None or base is None or ep.derived is None or ep.derived[0]() is not base:
             return None
         return ep.derived[1]
@@ -207,14 +209,26 @@ def _allowance(enforced: bool, bucket: Bucket, bucket0: Bucket) -> PortSet:
 
 
 def _covering(bucket: Bucket, key: PortKey) -> Optional[RuleValue]:
+    """The value of the most specific key of `bucket` covering `key`."""
     v = bucket.get(key)
-    if v is not None:
+    if v is not None or not bucket:
         return v
+    if len(bucket) <= 8:
+        # Fewer keys than ancestors to probe: look at each.
+        best = None
+        for k, v in bucket.items():
+            if key_covers(k, key) and (best is None or _specificity(k) > _specificity(best[0])):
+                best = (k, v)
+        return best[1] if best is not None else None
     for a in key_ancestors(key):
         v = bucket.get(a)
         if v is not None:
             return v
     return None
+
+
+def _specificity(k: PortKey) -> int:
+    return -1 if k[0] == 0 else k[2]
 
 
 def _synth_value(buckets: dict[int, Bucket], ident: int, key: PortKey) -> RuleValue:
