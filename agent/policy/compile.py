@@ -28,6 +28,7 @@ from agent.k8s.store import Snapshot
 from agent.policy import ip4
 from agent.policy.ports import ANY_KEY, PortKey, PortSet, block_size, proto_number
 from agent.policy.state import (
+    DIRECTIONS,
     HOST_IDENTITY, ID_ANY, ID_DYNAMIC_MIN, ID_HOST, ID_WORLD, POLICY_ALWAYS, POLICY_DYNAMIC_MIN,
     POLICY_HOST, RESERVED_POLICIES, WORLD_IDENTITY, Direction, DirectionPolicy, EndpointConfig,
     EndpointPolicy, Identity, Mode, PolicyKey, PolicyState, RuleValue,
@@ -155,7 +156,7 @@ class _Compiler:
                "cands", "usable", "local", "local_by_ns", "ns_ips", "sel", "plan", "act_n",
                "act_obj", "block_n", "block_pid_n", "named_n", "ident_of_ip", "ident_n", "id_of",
                "identity_info", "identities", "ipcache", "peer_cache", "deps_of", "peer_deps",
-               "peer_index", "endpoints", "enf_n")
+               "peer_index", "endpoints", "enf_n", "program")
 
     def __init__(self, node_name: str, node_ips: Iterable[str], mode: Mode, audited: frozenset[str]):
         self.node_name = node_name
@@ -226,7 +227,7 @@ class _Compiler:
         self.block_pid_n: dict[tuple[IPBlock, int], int] = {}
         self.named_n: dict[tuple[str, int], int] = {}
         for ip, pod in self.local.items():
-            for d in Direction:
+            for d in DIRECTIONS:
                 self.sel[(ip, d)] = self._select(pod, d)
                 self.plan[(ip, d)] = plan = self._plan((ip, d))
                 for k in plan[1]:
@@ -267,6 +268,7 @@ class _Compiler:
         self.peer_index: dict[tuple, frozenset] = {}
 
         # 3. Rules.
+        self.program: dict[Slot, tuple] = {}
         self.endpoints: dict[str, EndpointPolicy] = {}
         self.enf_n: dict[int, int] = {}
         self.deps_of: dict[Slot, frozenset] = {}
@@ -274,7 +276,7 @@ class _Compiler:
         acc: dict[tuple, set[Slot]] = defaultdict(set)
         for ip, pod in self.local.items():
             by_peer: dict[tuple[Direction, int], dict] = {}
-            for d in Direction:
+            for d in DIRECTIONS:
                 deps: set = set()
                 filled = self._fill(ip, d, by_peer, deps)
                 if self.plan[(ip, d)][0].enforced:
@@ -486,14 +488,14 @@ class _Compiler:
             if ip in self.local:
                 was_local = self.local.pop(ip)
                 _discard(self.local_by_ns, was_local.namespace, ip)
-                for d in Direction:
+                for d in DIRECTIONS:
                     old_plans[(ip, d)] = self.plan.pop((ip, d))
                     del self.sel[(ip, d)]
                 gone_eps.add(ip)
             if w is not None and w.node_name == self.node_name:
                 self.local[ip] = w
                 self.local_by_ns[w.namespace] = self.local_by_ns.get(w.namespace, frozenset()) | {ip}
-                for d in Direction:
+                for d in DIRECTIONS:
                     self.sel[(ip, d)] = self._select(w, d)
                     self.plan[(ip, d)] = self._plan((ip, d))
                     old_plans.setdefault((ip, d), (DirectionPolicy(), ()))
@@ -508,7 +510,7 @@ class _Compiler:
                 if ip in changed_ips:
                     continue     # planned from scratch above
                 pod = self.local[ip]
-                for d in Direction:
+                for d in DIRECTIONS:
                     slot = (ip, d)
                     sel = self.sel[slot]
                     hit = pol is not None and _affects(pol, d) and pol.pod_selector.matches(pod.labels)
@@ -659,7 +661,7 @@ class _Compiler:
         eps = {ip for ip, _ in whole} | {ip for ip, _ in partial} | gone_eps
         if removed_ids:
             eps |= {ip for ip, ep in self.endpoints.items()
-                    if any((d, n) in ep.by_peer for n in removed_ids for d in Direction)}
+                    if any((d, n) in ep.by_peer for n in removed_ids for d in DIRECTIONS)}
         for ip in eps:
             old_ep = self.endpoints.get(ip)
             if ip not in self.local:
@@ -668,13 +670,14 @@ class _Compiler:
                         if old_plans[(ip, d)][0].enforced:
                             _bump(self.enf_n, n, -1)
                     del self.endpoints[ip]
-                for d in Direction:
+                for d in DIRECTIONS:
                     self._set_deps((ip, d), frozenset())
+                    self.program.pop((ip, d), None)
                 continue
             by_peer = dict(old_ep.by_peer) if old_ep is not None else {}
             flat = dict(old_ep.rules) if old_ep is not None else {}
             rewritten: set[tuple[Direction, int]] = set()
-            for d in Direction:
+            for d in DIRECTIONS:
                 slot = (ip, d)
                 was_enforced = old_plans.get(slot, self.plan[slot])[0].enforced
                 enforced = self.plan[slot][0].enforced
@@ -816,33 +819,29 @@ class _Compiler:
     def _fill(self, ip: str, d: Direction, by_peer: dict, deps: Optional[set],
               only: Optional[set[int]] = None) -> list[int]:
         """Write the rules of endpoint ip in direction d into by_peer, for
-        every peer identity or only those in `only`; returns the identities
-        that got rules. `deps` collects the peers they depend on."""
-        dp, keys = self.plan[(ip, d)]
+        every peer identity (then `deps` collects the peers they depend on)
+        or only those in `only`; returns the identities that got rules."""
+        slot = (ip, d)
+        dp, keys = self.plan[slot]
         if not dp.isolated:
+            self.program.pop(slot, None)
             return []
-        want = self._want(self.local[ip], d, [self.policies[k] for k in keys], only, deps)
+        if only is None:
+            prog = self.program[slot] = self._program(
+                self.local[ip], d, [self.policies[k] for k in keys])
+        else:
+            prog = self.program[slot]
+        want = self._want(d, prog, only, deps)
         for ident, per_policy in want.items():
             by_peer[(d, ident)] = {k: RuleValue(pids, dp.audit)
                                    for k, pids in _lpm_entries(per_policy).items()}
         return list(want)
 
-    def _want(self, pod: Pod, d: Direction, compiled: list[NetworkPolicy],
-              only: Optional[set[int]], deps: Optional[set]) -> dict[int, dict[int, PortSet]]:
-        # identity -> policy id -> the ports that policy admits from/to it
-        want: dict[int, dict[int, PortSet]] = defaultdict(dict)
-
-        def add(ident: int, pid: int, ps: PortSet) -> None:
-            if ps:
-                cur = want[ident].get(pid)
-                want[ident][pid] = ps if cur is None else cur.union(ps)
-
-        def select(ck: tuple) -> Iterable[int]:
-            if deps is not None:
-                deps.add(ck)
-            ids, members = self._peer(ck)
-            return ids if only is None else [i for i in only if i in members]
-
+    def _program(self, pod: Pod, d: Direction, compiled: list[NetworkPolicy]) -> tuple:
+        """The rules of the policies compiled for a pod and direction, as
+        (policy id, peer key, ports, named ports to resolve on the peer):
+        peer key None for "any peer", ANY_POD for every pod identity."""
+        prog = []
         for pol in compiled:
             pid = self.pid[pol.key]
             for rule in (pol.ingress if d == Direction.INGRESS else pol.egress):
@@ -854,30 +853,51 @@ class _Compiler:
                         num = _named_port(pod, name, proto)
                         if num is not None:
                             ps = ps.union(PortSet.of(proto, num, num))
-                    if not rule.peers and only is None:
-                        add(ID_ANY, pid, ps)
+                    if not rule.peers:
+                        prog.append((pid, None, ps, ()))
                     for peer in rule.peers:
-                        for ident in select((pol.namespace, peer)):
-                            add(ident, pid, ps)
+                        prog.append((pid, (pol.namespace, peer), ps, ()))
                     continue
                 # Egress: named ports resolve on the destination peer, which
                 # only a pod has; towards an ipBlock they match nothing.
+                named = tuple(named)
                 if not rule.peers:
-                    if only is None:
-                        add(ID_ANY, pid, numeric)
+                    prog.append((pid, None, numeric, ()))
                     if named:
-                        if deps is not None:
-                            deps.add(ANY_POD)
-                        pods = (self.pod_idents if only is None else
-                                [(i, self.info_by_id[i]) for i in only if i in self.info_by_id])
-                        for ident, info in pods:
-                            add(ident, pid, _resolve(info, named))
+                        prog.append((pid, ANY_POD, PortSet.none(), named))
                 for peer in rule.peers:
-                    by_pod = peer.ip_block is None
-                    for ident in select((pol.namespace, peer)):
-                        add(ident, pid, numeric)
-                        if by_pod and named:
-                            add(ident, pid, _resolve(self.info_by_id[ident], named))
+                    prog.append((pid, (pol.namespace, peer), numeric,
+                                 named if peer.ip_block is None else ()))
+        return tuple(prog)
+
+    def _want(self, d: Direction, prog: tuple, only: Optional[set[int]],
+              deps: Optional[set]) -> dict[int, dict[int, PortSet]]:
+        # identity -> policy id -> the ports that policy admits from/to it
+        want: dict[int, dict[int, PortSet]] = defaultdict(dict)
+
+        def add(ident: int, pid: int, ps: PortSet) -> None:
+            if ps:
+                cur = want[ident].get(pid)
+                want[ident][pid] = ps if cur is None else cur.union(ps)
+
+        for pid, ck, ps, named in prog:
+            if ck is None:
+                if only is None:
+                    add(ID_ANY, pid, ps)
+                continue
+            if deps is not None:
+                deps.add(ck)
+            if ck is ANY_POD:
+                pods = (self.pod_idents if only is None else
+                        [(i, self.info_by_id[i]) for i in only if i in self.info_by_id])
+                for ident, info in pods:
+                    add(ident, pid, _resolve(info, named))
+                continue
+            ids, members = self._peer(ck)
+            for ident in (ids if only is None else [i for i in only if i in members]):
+                add(ident, pid, ps)
+                if named:
+                    add(ident, pid, _resolve(self.info_by_id[ident], named))
 
         if d == Direction.INGRESS:
             # The node reaches its pods whatever the policies say (kubelet

@@ -54,6 +54,7 @@ from typing import Optional, Union
 from agent.policy import ip4
 from agent.policy.ports import PortKey, PortSet, key_ancestors, key_covers
 from agent.policy.state import (
+    DIRECTIONS,
     ID_ANY, ID_DYNAMIC_MIN, ID_WORLD, Direction, DirectionPolicy, EndpointConfig, MapImage,
     PolicyKey, PolicyState, RuleValue,
 )
@@ -294,11 +295,11 @@ def diff(old: Union[PolicyState, MapImage, None],
         rO, rN = O.rules.get(ip, {}), N.rules.get(ip, {})
         gO = O.grouped(ip)
         if cO == cN and (rO is rN or rO == rN) and not (
-                touched_ids and any((d, i) in gO for i in touched_ids for d in Direction)):
+                touched_ids and any((d, i) in gO for i in touched_ids for d in DIRECTIONS)):
             continue
         gN = N.grouped(ip)
         known = N.changed_peers(ip, O)
-        for d in Direction:
+        for d in DIRECTIONS:
             dO, dN = cO.of(d), cN.of(d)
             if (both_states and dO.enforced == dN.enforced
                     and ((a0 := gO.get((d, ID_ANY))) is (n0 := gN.get((d, ID_ANY))) or a0 == n0)):
@@ -360,7 +361,7 @@ def diff(old: Union[PolicyState, MapImage, None],
     for ip in eps:                                                        # 3
         cO, cN = O.config(ip), N.config(ip)
         dirs = []
-        for d in Direction:
+        for d in DIRECTIONS:
             dO, dN = cO.of(d), cN.of(d)
             if dO.enforced or dN.enforced:
                 dirs.append(DirectionPolicy(True, False, dN.deciding if dN.enforced else dO.deciding))

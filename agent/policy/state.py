@@ -44,6 +44,10 @@ class Direction(enum.IntEnum):
     INGRESS = 0
     EGRESS = 1
 
+    # An int's hash (Enum's hashes the name, in Python): directions are in
+    # every rule key, and equal to their int values anyway.
+    __hash__ = int.__hash__
+
     @property
     def label(self) -> str:
         return self.name.lower()
@@ -66,6 +70,9 @@ RESERVED_POLICIES = {POLICY_HOST: "reserved:host-allow", POLICY_ALWAYS: "reserve
 # Rule key bits fully matched before protocol and port: endpoint IPv4 (32),
 # identity (32), direction (8). The protocol byte follows, then the port.
 RULE_FIXED_BITS = 72
+
+
+DIRECTIONS = (Direction.INGRESS, Direction.EGRESS)   # iterating the enum costs more
 
 
 class PolicyKey(NamedTuple):
@@ -135,7 +142,7 @@ class EndpointConfig:
     egress: DirectionPolicy = OPEN
 
     def of(self, direction: Direction) -> DirectionPolicy:
-        return self.ingress if direction == Direction.INGRESS else self.egress
+        return self.ingress if direction == 0 else self.egress
 
 
 @dataclass(frozen=True, eq=False)
