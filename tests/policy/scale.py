@@ -18,6 +18,7 @@ named ports, port ranges.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import statistics
@@ -191,6 +192,9 @@ def main() -> None:
     ap.add_argument("--changes", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--full", action="store_true", help="also time each change as a full compile")
+    ap.add_argument("--freeze", action="store_true",
+                    help="gc.freeze() after adopting each state (long-lived tables out of "
+                         "the cyclic collector's full passes)")
     a = ap.parse_args()
     caps = Capacities(ipcache=1 << 20, endpoints=1 << 16, rules=1 << 22)
 
@@ -209,6 +213,7 @@ def main() -> None:
     per_kind: dict[str, list[float]] = {k: [] for k in Scale.CHANGES}
     full_kind: dict[str, list[float]] = {k: [] for k in Scale.CHANGES}
     cpu_kind: dict[str, list[float]] = {k: [] for k in Scale.CHANGES}
+    ops_kind: dict[str, list[int]] = {k: [] for k in Scale.CHANGES}
     nops: list[int] = []
     for i in range(a.changes):
         kind = Scale.CHANGES[i % len(Scale.CHANGES)]
@@ -221,6 +226,7 @@ def main() -> None:
         assert not problems
         per_kind[kind].append(dt)
         cpu_kind[kind].append(dc)
+        ops_kind[kind].append(len(ops))
         nops.append(len(ops))
         if a.full:
             t0 = time.perf_counter()
@@ -228,6 +234,8 @@ def main() -> None:
             check_capacity(full, caps, state, diff(state, full))
             full_kind[kind].append(time.perf_counter() - t0)
         state = new
+        if a.freeze:
+            gc.freeze()
     every = [x for v in per_kind.values() for x in v]
     cpu = [x for v in cpu_kind.values() for x in v]
     print(f"one change (compile previous= + check_capacity + diff), {a.changes} changes: "
@@ -239,7 +247,8 @@ def main() -> None:
         c = cpu_kind[k]
         line = (f"  {k:18s} n={len(v):4d} p50 {_pct(v, .5) * 1e3:6.1f} ms  "
                 f"p99 {_pct(v, .99) * 1e3:6.1f} ms  max {max(v) * 1e3:6.1f} ms  "
-                f"(CPU p50 {_pct(c, .5) * 1e3:6.1f} p99 {_pct(c, .99) * 1e3:6.1f})")
+                f"(CPU p50 {_pct(c, .5) * 1e3:6.1f} p99 {_pct(c, .99) * 1e3:6.1f})  "
+                f"writes p50 {_pct(ops_kind[k], .5)} max {max(ops_kind[k])}")
         if a.full:
             f = full_kind[k]
             line += f"   full compile instead: p50 {_pct(f, .5) * 1e3:6.1f} ms"
