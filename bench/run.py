@@ -21,6 +21,7 @@ MODULES = [
     "bench.cni_bench",
     "bench.pod_to_pod",
     "bench.lb_bench",
+    "bench.policy_bench",
 ]
 
 
