@@ -470,3 +470,66 @@ def drops_by_reason(sockets: Iterable[str]) -> dict[str, int]:
         for r in counters(s):
             out[r["reason"]] = out.get(r["reason"], 0) + int(r["packets"])
     return out
+
+
+def policy_verdicts(bpffs_root: str, grpc_socket: str) -> dict[tuple[str, str, str], int]:
+    """(policy name, direction, verdict) -> new flows, from one agent's
+    per-policy verdict counters (its pinned map, decoded as `fastpath map
+    dump` does) and its names for policy ids (`PolicyNames`)."""
+    from agent.api.inspect import Client
+    from agent.bpfdefs import load
+    from agent.datapath import libbpf, pinned
+    from agent.datapath.maps import MAP
+    from agent.inspect import decode
+    defs = load().defines
+    labels = {defs["FP_PV_ALLOW"]: "allow", defs["FP_PV_DENY"]: "deny",
+              defs["FP_PV_AUDIT_DENY"]: "audit-would-deny"}
+    dirs = {defs["FP_POL_INGRESS"]: "Ingress", defs["FP_POL_EGRESS"]: "Egress"}
+    name = MAP["FP_MAP_POLICY_CNT"]
+    m = pinned.open_map(bpffs_root, name)
+    try:
+        layout = decode.Layout.of(name)
+        ncpu = libbpf.possible_cpus() if m.percpu else 1
+        entries = [decode.decode_entry(layout, k, v, m.percpu, ncpu) for k, v in m.items()]
+    finally:
+        os.close(m.fd)
+    client = Client(grpc_socket)
+    try:
+        names = {int(k): v for k, v in client.call("PolicyNames").items()}
+    finally:
+        client.close()
+    out: dict[tuple[str, str, str], int] = {}
+    for e in entries:
+        k = e["key"]
+        key = (names.get(k["policy_id"], f"id {k['policy_id']}"), dirs[k["dir"]],
+               labels.get(k["verdict"], str(k["verdict"])))
+        out[key] = out.get(key, 0) + int(e["value"]["packets"])
+    return out
+
+
+def verdict_delta(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+
+
+def deciding_policies(cluster: Cluster, sources: dict[str, str], exp: Matrix,
+                      mode: str = "default") -> list[tuple[Cell, str, set[str]]]:
+    """For each denied cell: the direction that denies it and the policies
+    that isolate that end in that direction (any one of them may be named
+    as the decider), from the reference."""
+    ref = cluster.reference(mode)
+    out = []
+    for c, ok in exp.allowed.items():
+        if ok:
+            continue
+        s, d, proto, port = c
+        sip, dip = sources[s], cluster.pods[d].ip
+        src, dst = ref.pod_at(sip), ref.pod_at(dip)
+        if src is not None and not ref.one_side(src, "Egress", dip, proto, port):
+            side, pod = "Egress", src
+        else:
+            side, pod = "Ingress", dst
+        names = {f"{p.namespace}/{p.name}" for p in ref.policies_for(pod, side)}
+        if not names and mode == "always":
+            names = {"reserved:mode-always"}
+        out.append((c, side, names))
+    return out

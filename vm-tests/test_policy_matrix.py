@@ -29,8 +29,9 @@ from agent.api import wire
 from agent.sim import World
 from agent.simagent import AgentProcess, private_paths
 from policy_helpers import (
-    NAMESPACES, PODS, Cluster, PodInfo, Prober, assert_matrix, drops_by_reason,
-    expected_matrix, netpol, probe_matrix, summary, wait_until,
+    NAMESPACES, PODS, Cluster, PodInfo, Prober, assert_matrix, deciding_policies,
+    drops_by_reason, expected_matrix, netpol, policy_verdicts, probe_matrix, summary,
+    verdict_delta, wait_until,
 )
 
 DENIED = "dropped-policy-denied"
@@ -120,16 +121,41 @@ class Env:
             wait_until(done, f"the agent on {self.nodes[i].name} to enforce the manifests",
                        CONVERGE_TIMEOUT)
 
+    def verdicts(self) -> dict:
+        """Per-policy verdict counters of both agents, by policy name."""
+        out: dict = {}
+        for p in self.paths:
+            for k, v in policy_verdicts(f"{p.bpffs}/fastpath", f"{p.root}/grpc.sock").items():
+                out[k] = out.get(k, 0) + v
+        return out
+
     def check(self, case: str, mode: str = "default") -> tuple:
-        """Probe everything; compare with the reference; return (expected, observed)."""
+        """Probe everything; compare with the reference; check that every
+        denied probe was counted against a policy that decides it. Returns
+        (expected, observed, verdict counter deltas)."""
         exp = expected_matrix(self.cluster, self.sources, mode)
+        before = self.verdicts()
         obs = probe_matrix(self.probers, self.cluster)
-        print(f"{case}: expected {summary(exp)}; observed {summary(obs)}")
+        delta = verdict_delta(self.verdicts(), before)
+        print(f"{case}: expected {summary(exp)}; observed {summary(obs)}; verdicts {delta}")
         try:
             assert_matrix(exp, obs, case)
         except AssertionError as e:
             raise AssertionError(f"{e}\n\n{self.agent_logs()}") from None
-        return exp, obs
+        denied = deciding_policies(self.cluster, self.sources, exp, mode)
+        counted = sum(v for (_, _, verdict), v in delta.items() if verdict == "deny")
+        assert counted >= len(denied), (
+            f"{case}: {len(denied)} probes were denied, {counted} denials counted per policy: {delta}")
+        named = {(name, side) for (name, side, verdict) in delta if verdict == "deny"}
+        allowed_names = {(n, side) for _, side, names in denied for n in names}
+        assert named <= allowed_names, (
+            f"{case}: denials attributed to policies that decide none of the denied probes: "
+            f"{named - allowed_names}")
+        for c, side, names in denied:
+            assert {(n, side) for n in names} & named, (
+                f"{case}: {c} denied at {side}, but no deny was counted against any of {names}: "
+                f"{delta}")
+        return exp, obs, delta
 
 
 def store_version(status: dict) -> int:
@@ -165,14 +191,14 @@ def check_drops_explained(env, before: int, exp) -> None:
 
 def test_no_policy_everything_is_reachable(env):
     env.apply([])
-    exp, _ = env.check("no policy")
+    exp, _, _ = env.check("no policy")
     assert all(exp.allowed.values())
 
 
 def test_default_deny_ingress_in_x(env):
     before = denied_count(env)
     env.apply([netpol("x", "deny-ingress", {"podSelector": {}, "policyTypes": ["Ingress"]})])
-    exp, _ = env.check("default-deny ingress in x")
+    exp, _, _ = env.check("default-deny ingress in x")
     check_drops_explained(env, before, exp)
 
 
@@ -202,7 +228,7 @@ def test_ipblock_with_except(env):
     cidr = "10.240.0.0/12"          # every pod and node of the world
     env.apply([netpol("z", "from-block", {"ingress": [{"from": [
         {"ipBlock": {"cidr": cidr, "except": [f"{xa}/32", f"{yb}/32"]}}]}]})])
-    exp, _ = env.check(f"z: from {cidr} except x/a, y/b")
+    exp, _, _ = env.check(f"z: from {cidr} except x/a, y/b")
     assert not exp.allowed[("x/a", "z/a", "TCP", 80)] and exp.allowed[("x/b", "z/a", "TCP", 80)]
 
 
@@ -215,7 +241,7 @@ def test_named_ports_resolve_on_each_destination(env):
     # "web" is 80 on a and c, 81 on b; serve-81-udp is UDP 81 everywhere
     env.apply([netpol("x", "named", {"ingress": [{"ports": [
         {"port": "web"}, {"port": "serve-81-udp", "protocol": "UDP"}]}]})])
-    exp, _ = env.check("x: named ports web (TCP 80/81 per pod), serve-81-udp")
+    exp, _, _ = env.check("x: named ports web (TCP 80/81 per pod), serve-81-udp")
     assert exp.allowed[("y/a", "x/b", "TCP", 81)] and not exp.allowed[("y/a", "x/b", "TCP", 80)]
 
 
@@ -229,7 +255,7 @@ def test_egress_deny_to_y(env):
     env.apply([netpol("x", "not-to-y", {"policyTypes": ["Egress"], "egress": [{"to": [
         {"namespaceSelector": {"matchExpressions": [
             {"key": "ns", "operator": "NotIn", "values": ["y"]}]}}]}]})])
-    exp, _ = env.check("x: egress anywhere but y")
+    exp, _, _ = env.check("x: egress anywhere but y")
     assert not exp.allowed[("x/a", "y/a", "TCP", 80)] and exp.allowed[("y/a", "x/a", "TCP", 80)]
 
 
@@ -242,13 +268,14 @@ def test_udp_and_tcp_are_told_apart(env):
 def test_audited_policy_allows_and_counts_would_be_drops(env):
     before_denied, before_audit = denied_count(env), denied_count(env, WOULD_DENY)
     env.apply([netpol("x", "deny-ingress-audit", {"policyTypes": ["Ingress"]}, audit=True)])
-    exp, _ = env.check("x: deny ingress, audited")
+    exp, _, delta = env.check("x: deny ingress, audited")
     assert all(exp.allowed.values())
     would = expected_matrix(env.cluster, env.sources, "default", include_audited=True)
     n_would = sum(1 for v in would.allowed.values() if not v)
     assert n_would > 0
     got = denied_count(env, WOULD_DENY) - before_audit
     assert got >= n_would, f"{n_would} flows would have been denied, {got} counted as {WOULD_DENY}"
+    assert delta.get(("x/deny-ingress-audit", "Ingress", "audit-would-deny"), 0) >= n_would, delta
     assert denied_count(env) == before_denied, "an audited policy dropped packets"
 
 
@@ -256,12 +283,12 @@ def test_a_pod_whose_labels_change(env):
     pol = [netpol("x", "from-clients", {"ingress": [{"from": [
         {"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "client"}}}]}]})]
     env.apply(pol)
-    exp1, _ = env.check("x: from role=client pods (none yet)")
+    exp1, _, _ = env.check("x: from role=client pods (none yet)")
     env.apply(pol, labels={"y/a": {"pod": "a", "role": "client"}})
-    exp2, _ = env.check("x: from role=client pods (y/a labelled)")
+    exp2, _, _ = env.check("x: from role=client pods (y/a labelled)")
     assert not exp1.allowed[("y/a", "x/b", "TCP", 80)] and exp2.allowed[("y/a", "x/b", "TCP", 80)]
     env.apply(pol, labels={"y/a": {"pod": "a"}, "z/c": {"pod": "c", "role": "client"}})
-    exp3, _ = env.check("x: from role=client pods (label moved from y/a to z/c)")
+    exp3, _, _ = env.check("x: from role=client pods (label moved from y/a to z/c)")
     assert not exp3.allowed[("y/a", "x/b", "TCP", 80)] and exp3.allowed[("z/c", "x/b", "TCP", 80)]
 
 
@@ -281,7 +308,7 @@ def test_policy_change_with_open_connections(env):
         assert got.get("reply", "").startswith(f"{d} ") and got["reply"].endswith("before"), got
     try:
         env.apply([netpol("y", "deny-ingress", {"policyTypes": ["Ingress"]})])
-        exp, _ = env.check("y: deny ingress, with connections into y open")
+        exp, _, _ = env.check("y: deny ingress, with connections into y open")
         for s, d in flows:
             assert not exp.allowed[(s, d, "TCP", 80)]
         for i, (s, d) in enumerate(flows):
@@ -300,7 +327,7 @@ def test_always_mode_without_policies_only_the_node_reaches_its_pods(env):
     env.cluster.policies = []
     env.cluster.write()
     env.start_agents("always")
-    exp, _ = env.check("always, no policies", mode="always")
+    exp, _, _ = env.check("always, no policies", mode="always")
     assert exp.allowed[("node:n1", "x/a", "TCP", 80)]
     assert not exp.allowed[("node:n2", "x/a", "TCP", 80)]
     assert not exp.allowed[("y/a", "x/a", "TCP", 80)]
@@ -313,5 +340,5 @@ def test_always_mode_allows_only_what_rules_allow(env):
                   for ns in NAMESPACES]
     env.apply(egress_all + [netpol("x", "from-y", {"ingress": [{"from": [
         {"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]})])
-    exp, _ = env.check("always: egress open everywhere, x from y", mode="always")
+    exp, _, _ = env.check("always: egress open everywhere, x from y", mode="always")
     assert exp.allowed[("y/a", "x/b", "UDP", 81)] and not exp.allowed[("z/a", "x/b", "UDP", 81)]
