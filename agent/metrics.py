@@ -43,7 +43,10 @@ from agent.api.server import ApiError
 log = logging.getLogger("fastpath.metrics")
 
 STARTS_FILE = "agent-starts"
-ARRAY_TYPES = (2, 6)     # BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY (uapi)
+# Maps without a fill level: every slot of an array always exists
+# (BPF_MAP_TYPE_ARRAY, _PERCPU_ARRAY), a ring buffer's size is bytes of
+# events in flight (BPF_MAP_TYPE_RINGBUF) (uapi numbers).
+ARRAY_TYPES = (2, 6, 27)
 # Object kinds whose datapath maps the agent syncs from cluster state: the
 # service maps follow Services + EndpointSlices (+ the node's zone); the
 # policy maps follow NetworkPolicies + Pods + Namespaces.
@@ -203,7 +206,7 @@ class DatapathCollector:
             fd = table.map_fd
             info = libbpf.map_info(fd)
             if info.type in ARRAY_TYPES:
-                continue     # every slot of an array always exists: it cannot fill up
+                continue     # arrays cannot fill up; a ring buffer has no entries
             tally = ConntrackTally(table.Key) if name == ct_name else None
             n = count_keys(fd, info.key_size, info.max_entries, tally)
             entries.add_metric([name], n)

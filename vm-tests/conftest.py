@@ -19,6 +19,38 @@ def pytest_sessionstart(session):
     # waste memory, but sweeping them here keeps the machine tidy; live
     # worlds of parallel runs hold their lock and are left alone.
     cleanup_stale()
+    sweep_stale_cgroup_mounts()
+
+
+def sweep_stale_cgroup_mounts() -> None:
+    """cgroup2 mounts of test_node_agent.private_cgroup (/tmp/fp-cg2-<pid>-*)
+    whose test process is gone: kill what is left in their children, remove
+    the children, detach the mounts."""
+    import re
+    import subprocess
+    import time
+    with open("/proc/self/mounts") as f:
+        mounts = [line.split()[1] for line in f]
+    for mnt in mounts:
+        m = re.fullmatch(r"/tmp/fp-cg2-(\d+)-\w+", mnt)
+        if not m or os.path.exists(f"/proc/{m.group(1)}"):
+            continue
+        for child in os.listdir(mnt):
+            path = f"{mnt}/{child}"
+            if not child.startswith("fp-") or not os.path.isdir(path):
+                continue
+            try:
+                with open(f"{path}/cgroup.kill", "w") as k:
+                    k.write("1")
+                time.sleep(0.1)
+                os.rmdir(path)
+            except OSError:
+                pass
+        subprocess.run(["umount", "-l", mnt], check=False)
+        try:
+            os.rmdir(mnt)
+        except OSError:
+            pass
 
 
 @pytest.fixture

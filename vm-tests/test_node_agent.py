@@ -77,29 +77,60 @@ print(json.dumps(res))
 """
 
 
-class Load:
-    """Echo servers in each destination pod, one load client per flow."""
+def echo_servers(pods) -> None:
+    """TCP and UDP echo servers in each pod (they exit on their own after a minute)."""
+    fprr = str(build_fprr())
+    for dst in pods:
+        for extra, port in (([], TCP_PORT), (["-u"], UDP_PORT)):
+            dst.popen([fprr, "server", "-H", dst.ip, "-p", str(port), "-t", "60", *extra])
+        dst.wait_port(TCP_PORT)
+        dst.wait_port(UDP_PORT, udp=True)
 
-    def __init__(self, src, dsts, seconds: float):
-        fprr = str(build_fprr())
-        self.clients = []
+
+class Load:
+    """Load clients, one TCP connection and one UDP socket each. Used as a
+    context manager, every client still running at the end is killed."""
+
+    def __init__(self, src=None, dsts=(), seconds: float = 0, *, servers: bool = True):
+        self.seconds = seconds
+        self.clients: list[tuple[str, subprocess.Popen]] = []
+        if servers:
+            echo_servers(dsts)
         for dst in dsts:
-            for extra, port in (([], TCP_PORT), (["-u"], UDP_PORT)):
-                dst.popen([fprr, "server", "-H", dst.ip, "-p", str(port), "-t", "60", *extra])
-            dst.wait_port(TCP_PORT)
-            dst.wait_port(UDP_PORT, udp=True)
-        for dst in dsts:
-            p = src.popen(["/usr/bin/python3", "-c", LOAD, dst.ip, str(TCP_PORT), str(UDP_PORT),
-                           str(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            self.clients.append((dst, p))
+            self.add(dst.name, src, dst.ip, TCP_PORT, UDP_PORT)
+
+    def add(self, name: str, src, ip: str, tport: int, uport: int, cgroup: str = "") -> None:
+        """A client in `src`'s netns (joining `cgroup` first, if given:
+        `ip netns exec` remounts /sys, which hides cgroup2 inside)."""
+        args = [LOAD, ip, str(tport), str(uport), str(self.seconds)]
+        if cgroup:
+            cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec ip netns exec '
+                   f'{src.netns} /usr/bin/python3 -c "$0" "$@"', *args]
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        else:
+            p = src.popen(["/usr/bin/python3", "-c", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+        self.clients.append((name, p))
+
+    def running(self) -> list[str]:
+        return [name for name, p in self.clients if p.poll() is None]
 
     def results(self, timeout: float = 60) -> dict[str, dict]:
         out = {}
-        for dst, p in self.clients:
+        for name, p in self.clients:
             stdout, stderr = p.communicate(timeout=timeout)
-            assert p.returncode == 0, stderr
-            out[dst.name] = json.loads(stdout)
+            assert p.returncode == 0, (name, stderr)
+            out[name] = json.loads(stdout)
         return out
+
+    def __enter__(self) -> "Load":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, p in self.clients:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
 
 
 def assert_unbroken(results: dict[str, dict], seconds: float) -> None:
@@ -338,92 +369,125 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
             assert http(f"http://{addr['health']}/healthz")[0] == 200
 
 
-UNREACHABLE_KUBECONFIG = """apiVersion: v1
-kind: Config
-clusters: [{name: gone, cluster: {server: "http://127.0.0.1:1"}}]
-users: [{name: agent, user: {token: unused}}]
-contexts: [{name: gone, context: {cluster: gone, user: agent}}]
-current-context: gone
-"""
+@contextlib.contextmanager
+def agent_process(node, paths, args: list[str] | None = None):
+    """`fastpath agent` in the node's netns; killed on the way out, whatever
+    happened (its filters and pins go with the world and private_paths)."""
+    holder = [AgentProcess(node, paths, args).start()]
+    try:
+        yield holder
+    finally:
+        holder[0].kill(9)
 
 
-def test_flows_survive_kill9_restart_and_a_restart_with_the_api_unreachable(world, monkeypatch):
+@contextlib.contextmanager
+def pinned_maps(paths, **overrides):
+    """The node's pinned maps opened from this process, as the agent opens
+    them (the same header and sizes; nothing is attached): a second reader."""
+    from agent.datapath.loader import BuildOptions, open_module
+    from agent.datapath.maps import LbMaps, Maps
+    cfg = paths.config(**overrides)
+    module, notes = open_module(BuildOptions.from_config(cfg))
+    try:
+        assert notes == [], f"the reader would have migrated the agent's maps: {notes}"
+        class Tables(dict):
+            def __missing__(self, name):      # the maps the readers ask for
+                return module.table(name)
+        yield Maps(Tables()), LbMaps(Tables())
+    finally:
+        module.close()
+
+
+def datapath_view(paths, client_ip: str, vip: str, **overrides) -> dict:
+    """What a restart must not change: the endpoints map entries (identity
+    included) and the translated flows of `client_ip` to `vip` (backend per
+    flow), plus the per-packet translation counters and flow timestamps."""
+    with pinned_maps(paths, **overrides) as (maps, lb):
+        ct = {(r.saddr, r.sport, r.daddr, r.dport, r.proto): r for r in lb.conntrack()
+              if r.direction == "forward" and r.saddr == client_ip and r.daddr == vip}
+        return {"endpoints": maps.endpoints(),
+                "flows": {k: (r.backend_id, r.nat_addr, r.nat_port) for k, r in ct.items()},
+                "last_seen": {k: r.last_seen_ns for k, r in ct.items()},
+                "translated": sum(r.packets for r in maps.counters()
+                                  if r.reason == "service-translated")}
+
+
+def metric(node, name: str, suffix: str = "", **labels) -> float:
+    code, text = http_in(node, "http://127.0.0.1:9962/metrics")
+    assert code == 200, text
+    return sample(families(text), name, suffix, **labels)
+
+
+def test_flows_to_pods_and_services_survive_kill9_and_an_upgrade_that_resizes_maps(world):
+    """Pod a talks to pods b (same node) and c (other node) directly, and to
+    a ClusterIP Service backed by b and c (per packet, at a's veth); the
+    node itself talks to the Service through socket-LB. The agent is killed
+    with SIGKILL and restarted, then stopped and started with bigger
+    endpoints and conntrack maps (an upgrade with a changed configuration).
+    Two backends: a flow that lost its conntrack entry would be sent to a
+    random one mid-connection and break."""
     n1, n2 = world.add_node("n1", enis=1), world.add_node("n2", enis=1)
     a, b, c = n1.add_pod("a"), n1.add_pod("b"), n2.add_pod("c")
-    seconds = 26
-    with private_paths() as paths:
-        agent = AgentProcess(n1, paths).start()
-        try:
+    seconds = 50
+    resized = {"endpoints_map_size": 32768, "conntrack_map_size": 300000}
+    with private_cgroup() as cgroup, private_paths() as paths:
+        Path(paths.manifests, "web.yaml").write_text(web_service([b.ip, c.ip], port=TCP_PORT))
+        assert UDP_PORT == TCP_PORT + 1
+        args = ["--socket-lb", "true", "--cgroup-root", cgroup]
+        with agent_process(n1, paths, args) as agent:
             for p in (a, b):
                 wire.call(paths.socket, "EndpointAdd", {
                     "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
+            assert wait_for(lambda: metric(n1, "fastpath_services") == 2)
             stack = forwarded_by_stack(n1)
-            prog_ids = {f.prog_id for f in tc.list_filters(a.host_ifname, n1.netns)}
-            load = Load(a, [b, c], seconds)
-            time.sleep(2)
-            agent.kill(9)                       # crash: nothing runs, pins and filters stay
-            time.sleep(3)
-            agent = AgentProcess(n1, paths).start()
-            eps = wire.call(paths.socket, "EndpointList")
-            assert sorted(e["ip"] for e in eps) == sorted([a.ip, b.ip])
-            time.sleep(1)
-            agent.kill(9)
-            kubeconfig = Path(paths.root, "kubeconfig")
-            kubeconfig.write_text(UNREACHABLE_KUBECONFIG)
-            monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-            agent = AgentProcess(n1, paths, ["--source", "kubernetes"]).start()
-            status = wait_for(lambda: (s := wire.call(paths.socket, "Status"))
-                              ["source"]["state"] == "unreachable" and s)
-            assert status and status["ready"], status
-            assert status["source"]["spec"] == "kubernetes"
-            code, text = http_in(n1, "http://127.0.0.1:9099/readyz")
-            assert code == 503 and "fail cluster-state-synced" in text, text
-            assert http_in(n1, "http://127.0.0.1:9099/healthz")[0] == 200
-            code, text = http_in(n1, "http://127.0.0.1:9962/metrics")
-            fams = families(text)
-            assert sample(fams, "fastpath_k8s_api_up", kind="Pod") == 0
-            assert sample(fams, "fastpath_agent_starts", "_total") == 3
-            assert sample(fams, "fastpath_agent_restored_endpoints", result="restored") == 2
-            results = load.results()
-        finally:
-            agent.kill(9)
-            _detach_node(n1, 25000)
+            extra = dict(socket_lb=True, cgroup_root=cgroup)
+            with Load(a, [b, c], seconds) as load:
+                load.add("a->svc", a, SVC_VIP, 80, 53)
+                load.add("node->svc", n1, SVC_VIP, 80, 53, cgroup=cgroup)
+                time.sleep(3)
+                before = datapath_view(paths, a.ip, SVC_VIP, **extra)
+                # a's TCP and UDP flow to the Service, each pinned to a backend
+                assert {k[4] for k in before["flows"]} == {"TCP", "UDP"}, before["flows"]
+
+                agent[0].kill(9)                # crash: pins and filters stay
+                time.sleep(3)
+                agent[0] = AgentProcess(n1, paths, args).start()
+                assert metric(n1, "fastpath_agent_restored_services") == 2
+                assert metric(n1, "fastpath_agent_restored_conntrack_entries") >= 4
+                assert metric(n1, "fastpath_agent_restored_endpoints", result="restored") == 2
+                time.sleep(2)
+                after = datapath_view(paths, a.ip, SVC_VIP, **extra)
+                # nothing was flushed or re-picked: same entries, same identities,
+                # the same flows on the same backends, still carried by fastpath
+                assert after["endpoints"] == before["endpoints"]
+                assert after["flows"] == before["flows"]
+                assert all(after["last_seen"][k] > before["last_seen"][k] for k in before["flows"])
+                assert after["translated"] > before["translated"]
+
+                agent[0].stop()                 # an upgrade: SIGTERM, new configuration
+                agent[0] = AgentProcess(n1, paths, args + [
+                    "--endpoints-map-size", str(resized["endpoints_map_size"]),
+                    "--conntrack-map-size", str(resized["conntrack_map_size"])]).start()
+                # the maps sized by those keys: endpoints (and socket-LB's
+                # per-pod skip map), conntrack (and socket-LB's per-socket map)
+                log = agent[0].log.read_text()
+                moved = set(re.findall(r"pinned (fp_\w+): .*resized", log))
+                assert {"fp_ep4_v1", "fp_ct4_v1", "fp_sockrev4_v1"} <= moved, log[-3000:]
+                assert metric(n1, "fastpath_agent_map_migrations", action="resized") == len(moved)
+                assert metric(n1, "fastpath_map_max_entries", map="fp_ct4_v1") == 300000
+                time.sleep(2)
+                upgraded = datapath_view(paths, a.ip, SVC_VIP, **extra, **resized)
+                assert upgraded["endpoints"] == before["endpoints"]
+                assert upgraded["flows"] == before["flows"]   # carried over with the entries
+                assert all(upgraded["last_seen"][k] > after["last_seen"][k]
+                           for k in before["flows"])
+                # every client was still sending after the last start
+                running = load.running()
+                results = load.results()
+                assert len(running) == 4, f"load ended before the last restart: {results}"
     assert_unbroken(results, seconds)
-    # the whole time, the node's own stack forwarded nothing of it: the
-    # path never changed, across two crashes and three starts
+    # the pods' packets never took the node's own stack: the path never changed
     assert forwarded_by_stack(n1) == stack
-    assert prog_ids, "fastpath's programs were attached to a's veth"
-
-
-def test_a_changed_map_size_is_migrated_without_breaking_flows(world):
-    node = world.add_node("n1", enis=1)
-    a, b = node.add_pod("a"), node.add_pod("b")
-    seconds = 14
-    with private_paths() as paths:
-        agent = AgentProcess(node, paths).start()
-        try:
-            for p in (a, b):
-                wire.call(paths.socket, "EndpointAdd", {
-                    "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
-            stack = forwarded_by_stack(node)
-            load = Load(a, [b], seconds)
-            time.sleep(2)
-            agent.stop()                        # an upgrade: SIGTERM, then the new config
-            agent = AgentProcess(node, paths, ["--endpoints-map-size", "32768"]).start()
-            code, text = http_in(node, "http://127.0.0.1:9962/metrics")
-            assert code == 200
-            fams = families(text)
-            assert sample(fams, "fastpath_agent_map_migrations", action="resized") == 1
-            assert sample(fams, "fastpath_map_max_entries", map="fp_ep4_v1") == 32768
-            assert sample(fams, "fastpath_map_entries", map="fp_ep4_v1") == 2
-            log = agent.log.read_text()
-            assert "fp_ep4_v1" in log and "resized, 2 entries carried over" in log, log[-2000:]
-            results = load.results()
-        finally:
-            agent.kill(9)
-            _detach_node(node, 25000)
-    assert_unbroken(results, seconds)
-    assert forwarded_by_stack(node) == stack
 
 
 # -- uninstall -------------------------------------------------------------
@@ -474,24 +538,48 @@ def node_state(node, paths, cgroup: str, cni_root: Path) -> dict:
             "state": os.path.exists(paths.state_dir) or os.path.exists(paths.socket)}
 
 
+CGROUP_MOUNT_PREFIX = "fp-cg2-"
+
+
 @contextlib.contextmanager
 def private_cgroup():
     """A cgroup v2 child of the test's own, reached through a cgroup2 mount
     in a temporary directory: `ip netns exec` mounts a fresh /sys for the
-    commands it runs, which hides /sys/fs/cgroup from the agent and the CLI."""
+    commands it runs, which hides /sys/fs/cgroup from the agent and the CLI.
+    On the way out, whatever happened: processes still in the child are
+    killed, the child removed, the mount detached. The mount's name carries
+    this process's pid, so a run killed outright is swept by the next one
+    (conftest.py)."""
     import tempfile
-    mnt = tempfile.mkdtemp(prefix="fp-cg2-")
-    subprocess.run(["mount", "-t", "cgroup2", "none", mnt], check=True)
-    path = f"{mnt}/fp-uninstall-{secrets.token_hex(3)}"
+    mnt = tempfile.mkdtemp(prefix=f"{CGROUP_MOUNT_PREFIX}{os.getpid()}-")
     try:
+        subprocess.run(["mount", "-t", "cgroup2", "none", mnt], check=True)
+        path = f"{mnt}/fp-test-{secrets.token_hex(3)}"
         os.mkdir(path)
         try:
             yield path
         finally:
-            os.rmdir(path)
+            remove_cgroup(path)
     finally:
-        subprocess.run(["umount", mnt], check=False)
+        subprocess.run(["umount", "-l", mnt], check=False)
         os.rmdir(mnt)
+
+
+def remove_cgroup(path: str, timeout: float = 5.0) -> None:
+    """Kill what is left in a cgroup and remove it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        with open(f"{path}/cgroup.kill", "w") as f:     # kernel >= 5.14
+            f.write("1")
+        time.sleep(0.05)
 
 
 def test_uninstall_removes_all_fastpath_put_on_the_node_and_nothing_else(world):
