@@ -490,6 +490,131 @@ def test_flows_to_pods_and_services_survive_kill9_and_an_upgrade_that_resizes_ma
     assert forwarded_by_stack(n1) == stack
 
 
+# -- the Kubernetes API goes away ------------------------------------------
+
+@contextlib.contextmanager
+def fake_api_in(node):
+    """The fake Kubernetes API server (agent/k8s/testing) listening on the
+    node's own loopback, where the agent's process looks for it; driven from
+    this process. Yields (server, start-listening-again function)."""
+    from agent.datapath.nsenter import in_netns
+    from agent.k8s.testing.fakeapi import FakeAPIServer
+    fake = FakeAPIServer()
+
+    def listen():
+        with in_netns(node.netns):      # the listening socket belongs to the node's netns
+            fake.up()
+
+    with in_netns(node.netns):
+        fake.start()
+    try:
+        yield fake, listen
+    finally:
+        fake.stop()
+
+
+def kubeconfig_for(path: Path, port: int) -> Path:
+    path.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: fake, cluster: {{server: "http://127.0.0.1:{port}"}}}}]
+users: [{{name: agent, user: {{token: unused}}}}]
+contexts: [{{name: fake, context: {{cluster: fake, user: agent}}}}]
+current-context: fake
+""")
+    return path
+
+
+def service_backends(paths, vip: str, **overrides) -> set[str]:
+    """Backend IPs the pinned service maps give `vip`'s TCP frontend."""
+    with pinned_maps(paths, **overrides) as (_, lb):
+        svc = next((s for s in lb.services() if s["vip"] == vip and s["proto"] == "TCP"), None)
+        if svc is None:
+            return set()
+        backends = lb.backends()
+        return {backends[b][0] for b in lb.slots(svc["svc_id"], svc["count"])}
+
+
+def echo_once(client, ip: str, port: int = 80) -> bool:
+    """A new TCP connection through `ip:port` to an echo server."""
+    return client.run(["sh", "-c", f"printf ping | nc -N -w 2 {ip} {port}"], check=False,
+                      timeout=10).stdout == "ping"
+
+
+def test_the_datapath_keeps_its_state_while_the_api_is_away_and_converges_on_its_return(
+        world, monkeypatch):
+    """Service web (one backend, b) is programmed from the API; a's flows to
+    it run. The API goes away; meanwhile web gains a backend (d) and a new
+    Service (api -> d) is created. The agent is killed and started again
+    while the API is still away. Then the API returns."""
+    import yaml
+    n1 = world.add_node("n1", enis=1)
+    a, b, d = n1.add_pod("a"), n1.add_pod("b"), n1.add_pod("d")
+    vip2 = "192.168.9.20"
+    seconds = 40
+    with fake_api_in(n1) as (fake, listen), private_paths() as paths:
+        fake.apply_many([{"apiVersion": "v1", "kind": "Namespace",
+                          "metadata": {"name": "default"}},
+                         {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}])
+        fake.apply_many(list(yaml.safe_load_all(web_service([b.ip], port=TCP_PORT))))
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig_for(Path(paths.root, "kubeconfig"),
+                                                            fake.port)))
+        args = ["--source", "kubernetes"]
+        with agent_process(n1, paths, args) as agent:
+            for p in (a, b, d):
+                wire.call(paths.socket, "EndpointAdd", {
+                    "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
+            assert wait_for(lambda: metric(n1, "fastpath_services") == 2)
+            assert http_in(n1, "http://127.0.0.1:9099/readyz")[0] == 200
+            echo_servers([b, d])
+            with Load(servers=False, seconds=seconds) as load:
+                load.add("a->web", a, SVC_VIP, 80, 53)
+                time.sleep(2)
+
+                fake.down()                                   # connection refused from now on
+                assert wait_for(lambda: metric(n1, "fastpath_k8s_api_up", kind="Service") == 0)
+                # the agent that had synced stays ready: it forwards the last
+                # good state, and every node losing readiness at once over an
+                # API outage would help nobody (see README)
+                code, text = http_in(n1, "http://127.0.0.1:9099/readyz")
+                assert code == 200, text
+                assert http_in(n1, "http://127.0.0.1:9099/healthz")[0] == 200
+                fake.apply_many(list(yaml.safe_load_all(web_service([b.ip, d.ip], port=TCP_PORT))))
+                fake.apply_many(list(yaml.safe_load_all(
+                    web_service([d.ip], port=TCP_PORT, name="api").replace(SVC_VIP, vip2))))
+                assert service_backends(paths, SVC_VIP) == {b.ip}   # last good state
+                assert echo_once(a, SVC_VIP)                       # new connections too
+
+                agent[0].kill(9)                 # and the agent restarts, API still away
+                time.sleep(1)
+                agent[0] = AgentProcess(n1, paths, args).start()
+                status = wire.call(paths.socket, "Status")
+                assert wait_for(lambda: wire.call(paths.socket, "Status")["source"]["state"]
+                                == "unreachable"), status
+                # up from the pins: ready to serve CNI, not ready for a rollout
+                code, text = http_in(n1, "http://127.0.0.1:9099/readyz")
+                assert code == 503 and "fail cluster-state-synced" in text, text
+                assert http_in(n1, "http://127.0.0.1:9099/healthz")[0] == 200
+                assert metric(n1, "fastpath_agent_restored_services") == 2
+                assert metric(n1, "fastpath_agent_restored_endpoints", result="restored") == 3
+                # an empty store withdraws nothing: the maps keep what they had
+                time.sleep(1)
+                assert service_backends(paths, SVC_VIP) == {b.ip}
+                assert echo_once(a, SVC_VIP)
+                assert not echo_once(a, vip2)
+                assert load.running() == ["a->web"], "load ended before the restart"
+
+                listen()                                      # the API is back
+                assert wait_for(lambda: service_backends(paths, SVC_VIP) == {b.ip, d.ip},
+                                timeout=60), "web's new backend was never programmed"
+                assert wait_for(lambda: echo_once(a, vip2), timeout=20), "api never translated"
+                assert metric(n1, "fastpath_services") == 4
+                assert http_in(n1, "http://127.0.0.1:9099/readyz")[0] == 200
+                assert metric(n1, "fastpath_k8s_api_reconnects", "_total", kind="Service") >= 1
+                assert metric(n1, "fastpath_k8s_synced") == 1
+                results = load.results()
+    assert_unbroken(results, seconds)
+
+
 # -- uninstall -------------------------------------------------------------
 
 FOREIGN = r"""
