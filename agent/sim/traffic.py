@@ -61,3 +61,32 @@ def forwarded_datagrams(ns: Netns) -> int:
     lines = [l.split() for l in ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
              if l.startswith("Ip:")]
     return int(lines[1][lines[0].index("ForwDatagrams")])
+
+
+# A TCP server that answers every connection with a fixed text and never
+# stops listening: a `while true; do nc -l; done` loop has a gap between
+# connections in which a client is refused, which would make tests flaky.
+REPLY_SERVER = r"""
+import socket, sys, threading
+host, port, reply = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port)); s.listen(128)
+def answer(c):
+    with c:
+        c.settimeout(3)
+        try:
+            c.recv(100)
+            c.sendall(reply)
+        except OSError:
+            pass
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=answer, args=(c,), daemon=True).start()
+"""
+
+
+def serve_reply(pod, port: int, reply: str):
+    """Start the reply server in `pod` and wait until it listens."""
+    p = pod.popen(["python3", "-c", REPLY_SERVER, pod.ip, str(port), reply])
+    pod.wait_port(port)
+    return p
