@@ -382,6 +382,23 @@ def test_policy_verdicts_in_trace_monitor_and_policy_get(n1):
     assert n1.cli("policy", "get", "nobody", check=False).returncode == 1
 
 
+def test_trace_from_the_vpc_runs_the_enis_program_and_agrees_with_real_traffic(n1):
+    vpc = n1.world.vpc
+    src = json.loads(vpc.run(["ip", "-j", "route", "get", n1.d.ip]).stdout)[0]["prefsrc"]
+    to_d = n1.cli_json("trace", "--from", src, "--to", f"{n1.d.ip}:8080")
+    assert (to_d["program"]["name"], to_d["program"]["interface"]) == ("fp_from_vpc", "eth1")
+    assert to_d["redirect"]["ifname"] == n1.d.host_ifname and not to_d["dropped"]
+    to_b = n1.cli_json("trace", "--from", src, "--to", f"{n1.b.ip}:8080")
+    assert to_b["dropped"] and to_b["reason"] == "dropped-policy-denied"
+    assert to_b["policy"]["ingress"]["policy"] == "default/b-from-a"
+    assert n1.ask(vpc, n1.d.ip, 8080) == "from-d"
+    assert n1.ask(vpc, n1.b.ip, 8080) == ""
+    r = n1.cli("trace", "--from", src, "--to", "10.99.0.1:80", check=False)
+    assert r.returncode == 2 and "--via" in r.stderr
+    via = n1.cli_json("trace", "--from", src, "--to", f"{n1.d.ip}:8080", "--via", "eth1")
+    assert via["redirect"] == to_d["redirect"]
+
+
 def test_agent_down_maps_still_read_and_exit_codes_say_so(n1, tmp_path):
     bt = tmp_path / "bt.tar.gz"
     assert n1.cli_json("bugtool", "-o", str(bt))["archive"] == str(bt)

@@ -267,10 +267,13 @@ def register_inspection(sub) -> None:
     mo.add_argument("--duration", type=float, default=0, help="stop after S seconds")
     tr = cmd(sub, "trace", trace.cmd_trace, help="run one packet through the loaded programs "
              "(BPF_PROG_TEST_RUN, no state change) and print each decision")
-    tr.add_argument("--from", required=True, help="source pod: IP, namespace/pod or pod")
+    tr.add_argument("--from", required=True, help="source: a pod of this node (IP, "
+                    "namespace/pod, pod) or any IPv4 address (arriving from the VPC)")
     tr.add_argument("--to", required=True, help="destination IP:PORT")
     tr.add_argument("--proto", default="tcp", help="tcp (a SYN, default) or udp")
     tr.add_argument("--sport", type=int, default=43210, help="source port (default 43210)")
+    tr.add_argument("--via", help="for a source outside this node: the ENI the packet arrives "
+                    "on (default: the destination pod's ENI)")
     b = cmd(sub, "bugtool", bugtool.cmd_bugtool, help="one tar.gz with every view as JSON, "
             "config and recent agent logs, for a support ticket")
     b.add_argument("-o", "--output", help="archive path (default: DIR/fastpath-bugtool-HOST-"

@@ -1,7 +1,9 @@
 """`fastpath trace`: what the loaded programs would do with one packet.
 
 Builds the packet (scapy) as the source pod would send it, finds the
-program fastpath attached to the ingress of the pod's host veth, and runs
+program fastpath attached to the ingress of the pod's host veth (for a
+source that is not a pod of this node: as it arrives from the VPC, on the
+ingress of the destination pod's ENI, or of `--via`), and runs
 it with BPF_PROG_TEST_RUN against the live maps, marked FP_WHATIF_MARK:
 such a run changes no state (no conntrack, affinity, counter or event) and
 records its decisions in fp_decision_v1, which is read back and printed:
@@ -55,24 +57,62 @@ def test_run(prog_fd: int, packet: bytes, ifindex: int, mark: int) -> int:
     return ct.c_int32(opts.retval).value
 
 
-def _source(ctx, spec: str) -> dict:
-    from agent.cli import views
-    rows = views.data_endpoints(ctx)
+def _find(rows: list[dict], spec: str) -> dict | None:
     hit = [r for r in rows if spec in (r["ip"], r["pod"], r["pod"].split("/")[-1] if r["pod"]
                                        else None, r["host_ifname"])]
-    if not hit:
-        raise CliExit(EXIT_FAIL, f"--from {spec!r}: not an endpoint of this node (by IP, "
-                                 "namespace/pod, pod or host veth); `fastpath endpoint list`")
-    return hit[0]
+    return hit[0] if hit else None
 
 
-def _ingress_prog(ifname: str) -> pinned.Attachment:
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _ingress_prog(ifname: str, prog: str) -> pinned.Attachment:
     for a in pinned.tc_attachments():
-        if a.target == ifname and a.hook == "ingress" \
-                and a.prog_name.startswith("fp_from_pod"):
+        if a.target == ifname and a.hook == "ingress" and a.prog_name == prog:
             return a
-    raise CliExit(EXIT_FAIL, f"no fastpath program on {ifname} ingress (is the pod's veth "
+    raise CliExit(EXIT_FAIL, f"no fastpath program {prog} on {ifname} ingress (is it "
                              "attached? `fastpath net show`)")
+
+
+def _link(name: str) -> dict:
+    import json
+    import subprocess
+    r = subprocess.run(["ip", "-j", "link", "show", "dev", name], capture_output=True,
+                       text=True, timeout=10)
+    if r.returncode != 0:
+        raise CliExit(EXIT_FAIL, f"--via {name}: no such interface ({r.stderr.strip()})")
+    return json.loads(r.stdout)[0]
+
+
+def _origin(ctx, spec: str, dst: str, via: str | None) -> dict:
+    """Where the packet enters: a local pod's veth, or (a source address
+    that is no pod of this node) an ENI from the VPC."""
+    from agent.cli import views
+    rows = views.data_endpoints(ctx)
+    src = _find(rows, spec)
+    if src is not None and not via:
+        return {"ip": src["ip"], "pod": src["pod"], "ifname": src["host_ifname"],
+                "ifindex": src["host_ifindex"], "src_mac": src["pod_mac"],
+                "dst_mac": src["host_mac"], "prog": "fp_from_pod"}
+    if not _is_ipv4(spec):
+        raise CliExit(EXIT_FAIL, f"--from {spec!r}: not an endpoint of this node (by IP, "
+                                 "namespace/pod, pod or host veth) nor an IPv4 address; "
+                                 "`fastpath endpoint list`")
+    if via is None:
+        dst_ep = _find(rows, dst)
+        if dst_ep is None or not dst_ep["eni"]:
+            raise CliExit(EXIT_USAGE, f"--from {spec}: not a pod of this node, so the packet "
+                                      "comes from the VPC: name the ENI it arrives on with --via")
+        via = dst_ep["eni"]
+    link = _link(via)
+    return {"ip": spec, "pod": "", "ifname": via, "ifindex": link["ifindex"],
+            "src_mac": "02:00:00:00:00:01", "dst_mac": link.get("address", "00:00:00:00:00:00"),
+            "prog": "fp_from_vpc"}
 
 
 def parse_target(text: str) -> tuple[str, int]:
@@ -95,8 +135,8 @@ def cmd_trace(ctx, args) -> int:
     proto = args.proto.lower()
     if proto not in ("tcp", "udp"):
         raise CliExit(EXIT_USAGE, f"--proto {args.proto!r}: tcp or udp")
-    src = _source(ctx, getattr(args, "from"))
-    att = _ingress_prog(src["host_ifname"])
+    src = _origin(ctx, getattr(args, "from"), dst, args.via)
+    att = _ingress_prog(src["ifname"], src["prog"])
     dmap = ctx.map(M["decision"])
     cls = bpfdefs.ctype("struct fp_decision")
     fresh = cls()
@@ -105,11 +145,11 @@ def cmd_trace(ctx, args) -> int:
     fresh.pv[0] = fresh.pv[1] = pv_none
     key = (0).to_bytes(4, "little")
     dmap.update(key, bytes(fresh))
-    pkt = build_packet(src["ip"], src["pod_mac"], src["host_mac"], dst, dport, proto,
+    pkt = build_packet(src["ip"], src["src_mac"], src["dst_mac"], dst, dport, proto,
                        sport=args.sport)
     fd = pinned.prog_fd(att.prog_id)
     try:
-        retval = test_run(fd, pkt, src["host_ifindex"], bpfdefs.load().defines["FP_WHATIF_MARK"])
+        retval = test_run(fd, pkt, src["ifindex"], bpfdefs.load().defines["FP_WHATIF_MARK"])
     finally:
         os.close(fd)
     raw = dmap.lookup(key)
@@ -125,16 +165,16 @@ def cmd_trace(ctx, args) -> int:
         if s:
             view["service"]["service"] = s["service"]
             view["service"]["frontend"] = s["frontend"]
-    data = {"from": {"ip": src["ip"], "pod": src["pod"], "host_ifname": src["host_ifname"]},
+    data = {"from": {"ip": src["ip"], "pod": src["pod"], "interface": src["ifname"]},
             "to": {"ip": dst, "port": dport, "proto": proto.upper()},
             "program": {"name": att.prog_name, "id": att.prog_id, "hook": "ingress",
-                        "interface": src["host_ifname"]},
+                        "interface": src["ifname"]},
             "tc_verdict": TC_VERDICTS.get(retval, str(retval)), "retval": retval, **view}
 
     def render(d):
         head = (f"packet:   {d['to']['proto']} {d['from']['ip']}:{args.sport} -> "
-                f"{d['to']['ip']}:{d['to']['port']} from {d['from']['pod'] or d['from']['ip']}"
-                f" ({d['from']['host_ifname']})")
+                f"{d['to']['ip']}:{d['to']['port']} from "
+                f"{d['from']['pod'] or 'the VPC'} ({d['from']['interface']})")
         prog = (f"program:  {d['program']['name']} (id {d['program']['id']}) on "
                 f"{d['program']['interface']} ingress -> {d['tc_verdict']}")
         lines = events.decision_lines(d)
