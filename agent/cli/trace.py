@@ -28,8 +28,12 @@ NOT_RECORDED = 0xFFFFFFFF
 
 def build_packet(src_ip: str, src_mac: str, gw_mac: str, dst_ip: str, dport: int,
                  proto: str, sport: int = 43210) -> bytes:
-    from scapy.layers.inet import IP, TCP, UDP
-    from scapy.layers.l2 import Ether
+    try:
+        from scapy.layers.inet import IP, TCP, UDP
+        from scapy.layers.l2 import Ether
+    except ImportError as exc:
+        raise CliExit(EXIT_FAIL, f"fastpath trace builds packets with scapy, which is not "
+                                 f"importable ({exc}): pip install scapy") from None
     l4 = TCP(sport=sport, dport=dport, flags="S") if proto == "tcp" else \
         UDP(sport=sport, dport=dport) / b"fastpath-trace"
     return bytes(Ether(src=src_mac, dst=gw_mac) / IP(src=src_ip, dst=dst_ip, ttl=64) / l4)
