@@ -185,11 +185,13 @@ def uninstall_cni(*, conf_dir: str = "/etc/cni/net.d", host_root: str | None = N
 
 
 def uninstall_state(state_dir: str, api_socket: str, *, host_root: str | None = None,
-                    report: FileReport) -> None:
-    sock = _on_host(host_root, api_socket)
-    if sock.is_socket():
-        sock.unlink()
-        report.removed.append(str(sock))
+                    report: FileReport, other_sockets: tuple[str, ...] = ()) -> None:
+    """The agent's sockets (API, gRPC), then its state dir's content."""
+    for path in (api_socket, *other_sockets):
+        sock = _on_host(host_root, path)
+        if sock.is_socket():
+            sock.unlink()
+            report.removed.append(str(sock))
     sdir = _on_host(host_root, state_dir)
     if not sdir.is_dir():
         return

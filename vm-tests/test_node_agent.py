@@ -688,9 +688,12 @@ def node_state(node, paths, cgroup: str, cni_root: Path) -> dict:
         node.run(["tc", "-j", "qdisc", "show"]).stdout) if q["kind"] == "clsact")
     pins = sorted(str(Path(d, f).relative_to(paths.bpffs))
                   for d, dirs, files in os.walk(paths.bpffs) for f in dirs + files)
+    # whatever the agent created next to the test's own files: state dir,
+    # API and gRPC sockets, anything else
+    own = {"bpffs", "manifests", "host", "agent.log"}
+    files = sorted(set(os.listdir(paths.root)) - own)
     return {"filters": filters, "qdiscs": qdiscs, "pins": pins,
-            "cgroup": cgroup_attachments(cgroup), "cni": digest_tree(cni_root),
-            "state": os.path.exists(paths.state_dir) or os.path.exists(paths.socket)}
+            "cgroup": cgroup_attachments(cgroup), "cni": digest_tree(cni_root), "files": files}
 
 
 CGROUP_MOUNT_PREFIX = "fp-cg2-"
@@ -790,7 +793,8 @@ def uninstall_scenario(world, cgroup: str) -> None:
                 assert ("egress", 25000, "fp_to_vpc") in installed["filters"]["eth1"]
                 assert {n for _, n in installed["cgroup"]} >= {"fp_sock_conn4", "other_conn4"}
                 assert "fastpath/fp_ep4_v1" in installed["pins"]
-                assert "opt/cni/bin/fastpath-cni" in installed["cni"] and installed["state"]
+                assert "opt/cni/bin/fastpath-cni" in installed["cni"]
+                assert {"state", "agent.sock", "grpc.sock"} <= set(installed["files"])
 
                 flags = ["--bpffs-root", f"{paths.bpffs}/fastpath", "--state-dir", paths.state_dir,
                          "--api-socket", paths.socket, "--cgroup-root", cgroup, *dirs]

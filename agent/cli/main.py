@@ -165,8 +165,9 @@ def cmd_uninstall(args) -> int:
     if not args.keep_cni:
         nodeinstall.uninstall_cni(conf_dir=args.cni_conf_dir, host_root=args.host_root,
                                   report=files)
+    from agent.config import grpc_socket_path
     nodeinstall.uninstall_state(cfg.state_dir, cfg.api_socket, host_root=args.host_root,
-                                report=files)
+                                report=files, other_sockets=(grpc_socket_path(cfg),))
     data = {**kernel.as_dict(), "files": files.as_dict()}
     data["kept"] = kernel.kept + files.kept
     data["files"].pop("kept")
