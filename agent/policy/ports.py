@@ -108,7 +108,7 @@ def key_ancestors(key: PortKey) -> Iterator[PortKey]:
 class PortSet:
     """An immutable set of (protocol, port); `everything` covers all protocols."""
 
-    __slots__ = ("everything", "ranges")
+    __slots__ = ("everything", "ranges", "_keys")
 
     def __init__(self, everything: bool = False,
                  ranges: Optional[dict[int, Iterable[tuple[int, int]]]] = None):
@@ -120,6 +120,7 @@ class PortSet:
                 if m:
                     merged[proto] = m
         self.ranges: dict[int, tuple[tuple[int, int], ...]] = merged
+        self._keys: Optional[tuple[PortKey, ...]] = None
 
     @classmethod
     def all(cls) -> "PortSet":
@@ -199,12 +200,14 @@ class PortSet:
 
     def keys(self) -> list[PortKey]:
         """The minimal LPM keys whose union is exactly this set."""
-        if self.everything:
-            return [ANY_KEY]
-        return [(proto, port, plen)
+        if self._keys is None:
+            # Computed once: the compiler asks the same sets again and again.
+            self._keys = (ANY_KEY,) if self.everything else tuple(
+                (proto, port, plen)
                 for proto, ivs in sorted(self.ranges.items())
                 for lo, hi in ivs
-                for port, plen in range_to_prefixes(lo, hi)]
+                for port, plen in range_to_prefixes(lo, hi))
+        return list(self._keys)
 
 
 _ALL = PortSet(everything=True)
