@@ -48,6 +48,78 @@ def apply_op(lb, op) -> int:
     return 0
 
 
+class ConntrackPurger:
+    """Deletes the conntrack entries of removed backends, right after the
+    plan that removed them, off the plan's path.
+
+    Correctness does not wait for it: a packet whose forward entry names a
+    backend id that no longer resolves is re-balanced at once (UDP flows
+    move on their next datagram), and a released id is not reused before
+    many more ids have been allocated (the reconciler's quarantine). The
+    walk keeps the table clean; it reads the whole map (about 1.5 us per
+    entry here), so removals that arrive together are purged in one pass."""
+
+    def __init__(self, lb, metrics=None, settle: float = 0.02):
+        self.lb = lb
+        self.metrics = metrics
+        self.settle = settle
+        self.purged = 0
+        self.passes = 0
+        self._pending: set[int] = set()
+        self._cond = threading.Condition()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def add(self, backend_ids) -> None:
+        with self._cond:
+            self._pending.update(backend_ids)
+            self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ct-purge", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Until every backend added so far has been purged."""
+        return self._idle.wait(timeout)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._stopped)
+                if self._stopped and not self._pending:
+                    return
+            time.sleep(self.settle)           # let the rest of a burst arrive
+            with self._cond:
+                ids, self._pending = self._pending, set()
+            try:
+                n = self.lb.conntrack_delete_backends(ids)
+                self.purged += n
+                self.passes += 1
+                if self.metrics is not None:
+                    self.metrics.observe_backend_flows_removed(n)
+                if n:
+                    log.info("conntrack: %d entries of %d removed backends deleted", n, len(ids))
+            except Exception:      # keep them for another pass a moment later
+                log.exception("conntrack purge of removed backends failed")
+                with self._cond:
+                    self._pending |= ids
+                time.sleep(1)
+                continue
+            with self._cond:
+                if not self._pending:
+                    self._idle.set()
+
+
 def restore_reconciler(lb) -> Reconciler:
     """A reconciler owning what the pinned maps already hold."""
     services = {Frontend(s["vip"], s["port"], s["proto"]):
@@ -75,6 +147,7 @@ class ServiceSync:
         # called with {Frontend: {(ip, port)}} of UDP frontends that lost
         # backends, after the plan is written (see UdpSocketReaper)
         self.on_backends_lost = None
+        self.purger = ConntrackPurger(lb, metrics)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="service-sync", daemon=True)
 
@@ -85,6 +158,7 @@ class ServiceSync:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self.purger.stop()
 
     def _zone(self, snap) -> str:
         node = snap.nodes.get(("", self.node_name))
@@ -98,11 +172,15 @@ class ServiceSync:
         udp = [fe for fe in updates if fe.protocol == "UDP"] if self.on_backends_lost else []
         before = {fe: self._udp_backends(fe) for fe in udp}
         ops = self.reconciler.plan_changes(updates)
-        purged = 0
+        removed = []
         for op in ops:
-            purged += apply_op(self.lb, op)
-        if self.metrics is not None:
-            self.metrics.observe_backend_flows_removed(purged)
+            if isinstance(op, DeleteBackend):
+                self.lb.delete_backend(op.backend_id)
+                removed.append(op.backend_id)
+            else:
+                apply_op(self.lb, op)
+        if removed:
+            self.purger.add(removed)
         lost = {fe: gone for fe in udp if (gone := before[fe] - self._udp_backends(fe))}
         if lost:
             try:

@@ -73,8 +73,10 @@ endpoints:{eps}
 
 
 class Client:
-    def __init__(self, ns, cg: str):
-        cmd = f'echo $$ > {cg}/cgroup.procs && exec ip netns exec {ns.netns} {sys.executable} -c "$0"'
+    def __init__(self, ns, cg: str | None):
+        cmd = f'exec ip netns exec {ns.netns} {sys.executable} -c "$0"'
+        if cg:
+            cmd = f'echo $$ > {cg}/cgroup.procs && {cmd}'
         self.p = subprocess.Popen(["sh", "-c", cmd, CLIENT], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, bufsize=1)
 
@@ -120,14 +122,22 @@ def test_connected_udp_sockets_of_a_removed_backend_are_closed(world, cgroup):
             while not agent.datapath.lb.services() and time.monotonic() < deadline:
                 time.sleep(0.1)
             host, pod, direct = Client(node, cgroup), Client(a, cgroup), Client(node, cgroup)
-            clients = [host, pod, direct]
+            # outside the socket-LB cgroup: translated per packet, with conntrack
+            packet = Client(a, None)
+            clients = [host, pod, direct, packet]
+            assert packet(f"connect {VIP} 53") == f"ok {VIP} 53"
+            assert packet("send k0") == "ok b1"
+            lb = agent.datapath.lb
+            assert {r.direction for r in lb.conntrack() if b1.ip in (r.saddr, r.nat_addr)} == {
+                "forward", "reply"}
             assert host(f"connect {VIP} 53") == f"ok {VIP} 53"
             assert pod(f"connect {VIP} 53") == f"ok {VIP} 53"
             assert direct(f"connect {b1.ip} 5353") == f"ok {b1.ip} 5353"
             assert host("send h0") == "ok b1"
             assert pod("send p0") == "ok b1"
             assert direct("send d0") == "ok b1"
-            assert agent.datapath.lb.conntrack() == [], "translated at the socket"
+            assert not [r for r in lb.conntrack() if r.saddr not in (a.ip, b1.ip)], \
+                "the cgroup's sockets were translated at the socket"
 
             # b1 leaves the Service; b2 takes over
             with open(path + ".tmp", "w") as f:
@@ -152,6 +162,13 @@ def test_connected_udp_sockets_of_a_removed_backend_are_closed(world, cgroup):
                 assert c(f"send {tag}-after") == "err 89"
             time.sleep(0.3)
             assert s1.received() == seen, "nothing reached the removed backend"
+            # per packet: b1's conntrack entries are gone (both directions) and
+            # the flow's next datagram goes to b2 on the same socket
+            deadline = time.monotonic() + 5
+            while [r for r in lb.conntrack() if b1.ip in (r.saddr, r.nat_addr)]:
+                assert time.monotonic() < deadline, lb.conntrack()
+                time.sleep(0.05)
+            assert packet("send k1") == "ok b2"
             # a reconnect to the VIP reaches the surviving backend
             assert host(f"connect {VIP} 53") == f"ok {VIP} 53"
             assert host("send h-new") == "ok b2"

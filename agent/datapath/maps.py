@@ -6,7 +6,10 @@ place where host and network byte order are converted.
 """
 from __future__ import annotations
 
+import ctypes as ct
+import errno
 import ipaddress
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -257,13 +260,72 @@ class LbMaps:
 
     def conntrack_delete_backend(self, backend_id: int) -> int:
         """Forget the flows of a removed backend (both directions)."""
-        doomed = [k for k, v in self._ct.items() if v.backend_id == backend_id]
-        for k in doomed:
-            try:
-                del self._ct[k]
-            except KeyError:
-                pass
-        return len(doomed)
+        return self.conntrack_delete_backends((backend_id,))
+
+    CT_BATCH = 16384
+
+    def conntrack_delete_backends(self, backend_ids) -> int:
+        """Forget the flows of removed backends (both directions, TCP and UDP
+        alike), in one pass over the map: the entries are read in batches
+        (BPF_MAP_LOOKUP_BATCH), their backend ids picked out of the raw
+        values without building an object per entry, and the matching keys
+        deleted in batches. Returns how many entries were deleted."""
+        ids = set(backend_ids)
+        if not ids:
+            return 0
+        return self._ct_delete_keys(self._ct_keys_of_backends(ids))
+
+    def _ct_keys_of_backends(self, ids: set[int]) -> list[bytes]:
+        """Raw keys of the conntrack entries naming one of `ids`."""
+        from bcc.libbcc import lib
+        fd = self._ct.map_fd
+        ks, vs = ct.sizeof(self._ct.Key), ct.sizeof(self._ct.Leaf)
+        off = self._ct.Leaf.backend_id.offset
+        if vs % 4 or off % 4:
+            raise ValueError("fp_ct4 layout: backend_id must be 4-byte aligned")
+        n = self.CT_BATCH
+        keys = ct.create_string_buffer(ks * n)
+        vals = ct.create_string_buffer(vs * n)
+        in_b, out_b = ct.c_uint32(0), ct.c_uint32(0)
+        first = True
+        out: list[bytes] = []
+        while True:
+            cnt = ct.c_uint32(n)
+            res = lib.bpf_lookup_batch(fd, None if first else ct.byref(in_b), ct.byref(out_b),
+                                       keys, vals, ct.byref(cnt))
+            err = ct.get_errno() if res else 0
+            if res and err != errno.ENOENT:
+                raise OSError(err, f"conntrack batch lookup: {os.strerror(err)}")
+            got = cnt.value
+            if got:
+                bids = memoryview(vals).cast("B")[:vs * got].cast("I")[off // 4::vs // 4].tolist()
+                hits = [i for i, bid in enumerate(bids) if bid in ids]
+                if hits:
+                    kmv = memoryview(keys).cast("B")
+                    out.extend(bytes(kmv[i * ks:(i + 1) * ks]) for i in hits)
+            if res:            # ENOENT: that was the last batch
+                return out
+            in_b.value = out_b.value
+            first = False
+
+    def _ct_delete_keys(self, raw_keys: list[bytes]) -> int:
+        from bcc.libbcc import lib
+        fd = self._ct.map_fd
+        deleted = 0
+        i = 0
+        while i < len(raw_keys):
+            part = raw_keys[i:i + self.CT_BATCH]
+            buf = ct.create_string_buffer(b"".join(part), len(part) * len(part[0]))
+            cnt = ct.c_uint32(len(part))
+            res = lib.bpf_delete_batch(fd, buf, ct.byref(cnt))
+            deleted += cnt.value
+            i += cnt.value
+            if res:
+                err = ct.get_errno()
+                if err != errno.ENOENT:
+                    raise OSError(err, f"conntrack batch delete: {os.strerror(err)}")
+                i += 1     # that entry went meanwhile (LRU eviction, the datapath)
+        return deleted
 
     def conntrack_table(self):
         """The conntrack map itself, for the garbage collector (agent/conntrack.py)."""

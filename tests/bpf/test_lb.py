@@ -335,3 +335,42 @@ def test_sctp_counts_in_conntrack_like_tcp_and_udp(dp, bpfnet, sctp_services):
     assert (ct[("forward", "SCTP", 53000)].nat_addr, ct[("forward", "SCTP", 53000)].nat_port) == (
         POD_B, 3869)
     assert ct[("reply", "SCTP", 3869)].nat_port == 3868
+
+
+# ------------------------------------------------ conntrack upkeep on removal
+
+def test_removing_backends_deletes_exactly_their_conntrack_entries(dp, services):
+    """Both directions of every flow of the removed backends go at once (UDP
+    too); nothing else is touched. Entries written straight into the map,
+    40,000 of them, so the batched walk crosses several batches."""
+    t = dp.lb._ct
+    dp.lb.conntrack_flush()
+    n = 40000
+    keys = (t.Key * n)()
+    vals = (t.Leaf * n)()
+    for i in range(n):
+        keys[i].saddr, keys[i].sport, keys[i].proto = 0x0A000000 + i, i & 0xFFFF, 6 if i % 2 else 17
+        keys[i].dir = i % 2
+        vals[i].backend_id = i % 50
+        vals[i].svc_id = 1
+    t.items_update_batch(keys, vals)
+    assert len(dp.lb.conntrack()) == n
+    assert dp.lb.conntrack_delete_backends([7, 11, 49]) == 3 * n // 50
+    left = dp.lb.conntrack()
+    assert len(left) == n - 3 * n // 50
+    assert not {r.backend_id for r in left} & {7, 11, 49}
+    assert {r.backend_id for r in left} == set(range(50)) - {7, 11, 49}
+    assert dp.lb.conntrack_delete_backend(7) == 0        # nothing left to delete
+    assert dp.lb.conntrack_delete_backends([]) == 0
+    # the agent's purger: removals that arrive together, one pass, off the plan's path
+    from agent.services import ConntrackPurger
+    purger = ConntrackPurger(dp.lb)
+    try:
+        purger.add([1])
+        purger.add([2, 3])
+        assert purger.wait_idle(10)
+        assert purger.purged == 3 * n // 50
+        assert not {r.backend_id for r in dp.lb.conntrack()} & {1, 2, 3}
+    finally:
+        purger.stop()
+    dp.lb.conntrack_flush()
