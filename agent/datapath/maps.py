@@ -275,8 +275,8 @@ class LbMaps:
             return 0
         return self._ct_delete_keys(self._ct_keys_of_backends(ids))
 
-    def _ct_keys_of_backends(self, ids: set[int]) -> list[bytes]:
-        """Raw keys of the conntrack entries naming one of `ids`."""
+    def _ct_keys_of_backends(self, ids: set[int] | None) -> list[bytes]:
+        """Raw keys of the conntrack entries naming one of `ids` (None: all)."""
         from bcc.libbcc import lib
         fd = self._ct.map_fd
         ks, vs = ct.sizeof(self._ct.Key), ct.sizeof(self._ct.Leaf)
@@ -299,7 +299,8 @@ class LbMaps:
             got = cnt.value
             if got:
                 bids = memoryview(vals).cast("B")[:vs * got].cast("I")[off // 4::vs // 4].tolist()
-                hits = [i for i, bid in enumerate(bids) if bid in ids]
+                hits = (range(got) if ids is None
+                        else [i for i, bid in enumerate(bids) if bid in ids])
                 if hits:
                     kmv = memoryview(keys).cast("B")
                     out.extend(bytes(kmv[i * ks:(i + 1) * ks]) for i in hits)
@@ -332,7 +333,9 @@ class LbMaps:
         return self._ct
 
     def conntrack_flush(self) -> None:
-        self._ct.clear()
+        """Delete every entry (batched; entries that go meanwhile, to the
+        datapath's LRU or the agent's GC, are skipped)."""
+        self._ct_delete_keys(self._ct_keys_of_backends(None))
 
     def sockrev_get(self, cookie: int, addr: str, port: int) -> tuple[str, int] | None:
         """The frontend (VIP, port) socket-LB translated socket `cookie` from,
