@@ -20,10 +20,9 @@ on `metrics_address` by agent/health.py. Three kinds of source:
 
 NetworkPolicy counts (`fastpath_policies`, `fastpath_policy_rules`,
 `fastpath_policy_refused`) are read from `agent.policy_status()`, a dict
-with the keys "policies", "rules" and "refused", and exposed only once the
-agent has that method (enforcement built): a dashboard must never show a
-zero that only means "not implemented". The policy sync reports each run
-with `metrics.observe_sync("NetworkPolicy", seconds, ops, ok)`.
+with the keys "policies", "rules" and "refused" (an agent without it exposes
+none of them: no zero that only means "not implemented"). The policy sync
+reports each run with `metrics.observe_sync("NetworkPolicy", seconds, ops, ok)`.
 """
 from __future__ import annotations
 
