@@ -1,11 +1,14 @@
 """`make demo`: fastpath on the built-in simulated Terway node.
 
 Builds two simulated nodes (network namespaces laid out as Terway's
-ENIMultiIP datapath), runs `fastpath agent` on each, registers the pods the
-way the CNI plugin does, sends real traffic, and shows the counters that
-prove the fast path: packets redirected by fastpath while the nodes' own IP
-forwarding counter does not move. Then it kills an agent and shows that the
-pinned programs keep forwarding. Everything is removed at the end.
+ENIMultiIP datapath), runs `fastpath agent` on each with NetworkPolicy on,
+registers the pods the way the CNI plugin does, sends real traffic, and
+shows the counters that prove the fast path: packets redirected by fastpath
+while the nodes' own IP forwarding counter does not move. A ClusterIP
+Service is answered by backends on both nodes; a NetworkPolicy then drops
+one client, and the monitor, the packet what-if and the effective rules say
+which policy did it. Then it kills an agent and shows that the pinned
+programs keep forwarding (and enforcing). Everything is removed at the end.
 """
 from __future__ import annotations
 
@@ -15,18 +18,90 @@ import time
 
 from agent.api import wire
 from agent.sim import World
-from agent.sim.traffic import forwarded_datagrams, tcp_exchange, udp_send
-from agent.simagent import AgentProcess, private_paths
+from agent.sim.traffic import forwarded_datagrams, serve_reply, tcp_exchange, udp_send
+from agent.simagent import REPO, AgentProcess, private_paths
+
+VIP = "192.168.99.10"
+
+CLUSTER = """
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{team: web}}}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {{name: lab, labels: {{team: research}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  clusterIP: {vip}
+  ports: [{{name: http, port: 80, targetPort: http, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080, protocol: TCP}}]
+endpoints:
+- {{addresses: ["{b}"], conditions: {{ready: true}}, nodeName: n1}}
+- {{addresses: ["{c}"], conditions: {{ready: true}}, nodeName: n2}}
+{pods}"""
+
+POD = """---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}
+spec:
+  nodeName: {node}
+  containers: [{{name: main, image: busybox, ports: [{{name: http, containerPort: 8080}}]}}]
+status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
+"""
+
+# The web backends accept connections only from the shop's frontend pods.
+POLICY = """
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-frontend, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: frontend}}}]
+    ports: [{port: http}]
+"""
 
 
 def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def cli(sock: str, *args: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "agent.cli.main", *args, "--socket", sock],
-                         capture_output=True, text=True)
+def node_cli(node, paths, *args: str, background: bool = False):
+    """`fastpath ...` inside the node's netns, on the node's pinned maps."""
+    cmd = ["ip", "netns", "exec", node.netns, "env", f"PYTHONPATH={REPO}", sys.executable,
+           "-m", "agent.cli.main", *args, "--bpffs-root", f"{paths.bpffs}/fastpath",
+           "--socket", paths.socket]
+    if background:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=REPO)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     print(out.stdout.rstrip() or out.stderr.rstrip())
+
+
+def ask(pod, target: str) -> str:
+    """One short HTTP-style exchange; the reply, or "(no answer)"."""
+    got = pod.run(["sh", "-c", f"printf hi | nc -N -w 1 {target}"], check=False, timeout=10).stdout
+    return got or "(no answer)"
+
+
+def wait_policy(paths, policies: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = wire.call(paths.socket, "PolicyStatus")
+        if st.get("plans", 0) > 0 and st.get("policies") == policies:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"policy state with {policies} policies not applied in {timeout}s")
 
 
 def traffic(src, dst) -> None:
@@ -42,21 +117,32 @@ def main() -> int:
     with World() as w, private_paths() as p1, private_paths() as p2:
         say("building two simulated Terway nodes (netns + veth, ENIs to a VPC netns)")
         n1, n2 = w.add_node("n1", enis=1), w.add_node("n2", enis=1)
-        a, b = n1.add_pod("a"), n1.add_pod("b")
+        a, b, d = n1.add_pod("a"), n1.add_pod("b"), n1.add_pod("d")
         c = n2.add_pod("c")
-        for pod in (a, b, c):
-            print(f"   {pod}")
+        roles = {a: ("shop", "frontend", "n1"), b: ("shop", "web", "n1"),
+                 d: ("lab", "scanner", "n1"), c: ("shop", "web", "n2")}
+        for pod in (a, b, d, c):
+            ns, app, _ = roles[pod]
+            print(f"   {pod}   {ns}/{pod.name} app={app}")
+        cluster = CLUSTER.format(vip=VIP, b=b.ip, c=c.ip, pods="".join(
+            POD.format(name=p.name, ns=ns, app=app, node=node, ip=p.ip)
+            for p, (ns, app, node) in roles.items()))
+        for paths in (p1, p2):
+            with open(f"{paths.manifests}/cluster.yaml", "w") as f:
+                f.write(cluster)
 
-        say("starting `fastpath agent` on each node (compiles once, pins maps, attaches ENIs)")
-        agents = [AgentProcess(n1, p1).start(), AgentProcess(n2, p2).start()]
+        say("starting `fastpath agent` on each node (compiles once, pins maps, attaches ENIs; "
+            "cluster state from a manifest directory; NetworkPolicy on)")
+        agents = [AgentProcess(n, p, ["--policy-enforcement", "default"]).start()
+                  for n, p in ((n1, p1), (n2, p2))]
         try:
             for node, paths in ((n1, p1), (n2, p2)):
                 for pod in node.pods:
                     wire.call(paths.socket, "EndpointAdd", {
                         "netns": pod.netns_path, "ifname": "eth0", "container_id": f"demo-{pod.name}",
-                        "pod_namespace": "default", "pod_name": pod.name})
+                        "pod_namespace": roles[pod][0], "pod_name": pod.name})
             say("fastpath endpoint list   (node n1)")
-            cli(p1.socket, "endpoint", "list")
+            node_cli(n1, p1, "endpoint", "list")
 
             say("traffic: same node (redirect_peer) and across nodes (ENI via FIB + redirect)")
             f1, f2 = forwarded_datagrams(n1), forwarded_datagrams(n2)
@@ -66,21 +152,50 @@ def main() -> int:
             print(f"   IP datagrams forwarded by the nodes' own stacks meanwhile: "
                   f"n1 {forwarded_datagrams(n1) - f1}, n2 {forwarded_datagrams(n2) - f2}")
 
-            say("fastpath metrics   (node n1; ifindex -> device: "
-                + ", ".join(f"{x.host_ifindex}={x.host_ifname}" for x in n1.pods)
-                + f", {n1.enis[0].ifindex}={n1.enis[0].name})")
-            cli(p1.socket, "metrics")
+            say(f"a ClusterIP Service: shop/web {VIP}:80 -> b and c on :8080 (translated per packet)")
+            servers = [serve_reply(b, 8080, "web-b"), serve_reply(c, 8080, "web-c")]
+            answers = sorted({ask(a, f"{VIP} 80") for _ in range(12)})
+            print(f"   a -> {VIP}:80 answered by: {', '.join(answers)}")
+            node_cli(n1, p1, "service", "list")
 
-            say("kill -9 the agent on n1: pinned programs and maps keep forwarding")
+            say("NetworkPolicy shop/web-from-frontend: the web pods accept only app=frontend")
+            for paths in (p1, p2):
+                with open(f"{paths.manifests}/policy.yaml", "w") as f:
+                    f.write(POLICY)
+            for paths in (p1, p2):
+                wait_policy(paths, 1)
+            monitor = node_cli(n1, p1, "monitor", "--type", "drop", "--count", "1",
+                               "--duration", "10", background=True)
+            time.sleep(1.5)
+            print(f"   a (shop, frontend) -> b:8080: {ask(a, f'{b.ip} 8080')}")
+            print(f"   d (lab, scanner)   -> b:8080: {ask(d, f'{b.ip} 8080')}")
+            print(f"   d (lab, scanner)   -> {VIP}:80 (the Service): {ask(d, f'{VIP} 80')}")
+            say("fastpath monitor --type drop   (node n1, while d tried)")
+            out, _ = monitor.communicate(timeout=15)
+            print(out.rstrip())
+            say(f"fastpath trace --from lab/d --to {b.ip}:8080   (what-if on the live programs)")
+            node_cli(n1, p1, "trace", "--from", "lab/d", "--to", f"{b.ip}:8080")
+            say("fastpath policy get shop/b   (effective rules, traced to their policies)")
+            node_cli(n1, p1, "policy", "get", "shop/b")
+
+            say("kill -9 the agent on n1: pinned programs and maps keep forwarding and enforcing")
             agents[0].kill(9)
             f1 = forwarded_datagrams(n1)
-            traffic(a, b)
-            traffic(b, c)
+            print(f"   a -> b:8080 (same node):  {ask(a, f'{b.ip} 8080')}")
+            print(f"   a -> c:8080 (other node): {ask(a, f'{c.ip} 8080')}")
+            print(f"   a -> {VIP}:80:     {ask(a, f'{VIP} 80')}")
+            print(f"   d -> b:8080 (denied):     {ask(d, f'{b.ip} 8080')}")
             print(f"   n1's stack forwarded {forwarded_datagrams(n1) - f1} datagrams with no agent running")
 
-            say("restart the agent on n1: it restores its endpoints from its state dir")
-            agents[0] = AgentProcess(n1, p1).start()
-            cli(p1.socket, "status")
+            say("restart the agent on n1: it restores its endpoints and policy state")
+            agents[0] = AgentProcess(n1, p1, ["--policy-enforcement", "default"]).start()
+            wait_policy(p1, 1)
+            st = wire.call(p1.socket, "PolicyStatus")
+            print(f"   first policy plan after restart: {st['last_ops']} map writes "
+                  f"({st['rules']} rules for {st['endpoints']} pods kept)")
+            node_cli(n1, p1, "status")
+            for srv in servers:
+                srv.kill()
         finally:
             for ag in agents:
                 ag.stop()

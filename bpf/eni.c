@@ -17,6 +17,7 @@ static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 	enum fp_reason reason = FP_FWD_STACK;
 	int verdict = FP_TC_CONTINUE;
 	__be16 sport = 0, dport = 0;
+	__be32 arrived = 0;
 
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
@@ -27,6 +28,8 @@ static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 		goto out;
 	}
 
+	/* the redirect may restore a VIP as source: report the arrival */
+	arrived = ip.saddr;
 	dst = fp_endpoint_lookup(ip.daddr);
 	if (dst) {
 		fp_policy_ports(skb, &ip, &sport, &dport);
@@ -40,7 +43,7 @@ static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 	}
 out:
 	fp_count(skb->ifindex, FP_DIR_FROM_VPC, reason, skb->len);
-	fp_report(skb, FP_DIR_FROM_VPC, reason, &ip, sport, dport, ip.daddr, dport, &pv);
+	fp_report(skb, FP_DIR_FROM_VPC, reason, &ip, sport, dport, arrived, ip.daddr, dport, &pv);
 	if (verdict != TC_ACT_REDIRECT)
 		fp_test_record(0, FP_RD_NONE, 0, reason);
 	return verdict;

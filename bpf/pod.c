@@ -24,6 +24,7 @@
 
 /* What a from-pod packet looked like on arrival, for the report. */
 struct fp_seen {
+	__be32 saddr;
 	__be32 daddr;
 	__be16 sport;
 	__be16 dport;
@@ -44,7 +45,7 @@ static __always_inline int fp_finish_report(struct __sk_buff *skb, enum fp_dir d
 					    __be16 sport, __be16 dport,
 					    const struct fp_verdict *v)
 {
-	fp_report(skb, dir, reason, ip, sport, dport, seen->daddr, seen->dport, v);
+	fp_report(skb, dir, reason, ip, sport, dport, seen->saddr, seen->daddr, seen->dport, v);
 	return fp_finish(skb, dir, reason, verdict);
 }
 
@@ -68,6 +69,8 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 					&ip, &seen, 0, 0, NULL);
 	}
 
+	seen.saddr = ip.saddr;
+	seen.daddr = ip.daddr;
 	src = fp_endpoint_lookup(ip.saddr);
 	if (!src)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE);
@@ -95,7 +98,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 		if (rc < 0 && reason == FP_DROP_NO_BACKEND) {
 			/* counted as a drop of the original; the client gets ICMP */
 			fp_report(skb, FP_DIR_FROM_POD, reason, &ip, l4.sport, l4.dport,
-				  ip.daddr, l4.dport, NULL);
+				  seen.saddr, ip.daddr, l4.dport, NULL);
 			return fp_finish(skb, FP_DIR_FROM_POD, reason,
 					 fp_reject_icmp(skb, &ip, ICMP_PORT_UNREACH, &reason));
 		}
@@ -155,7 +158,7 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 		fp_policy_ports(skb, &ip, &sport, &dport);
 		if (fp_policy_judge(skb, FP_DIR_TO_POD, &ip, sport, dport, 0, &pv) < 0) {
 			fp_report(skb, FP_DIR_TO_POD, FP_DROP_POLICY, &ip, sport, dport,
-				  ip.daddr, dport, &pv);
+				  ip.saddr, ip.daddr, dport, &pv);
 			return fp_finish(skb, FP_DIR_TO_POD, FP_DROP_POLICY, TC_ACT_SHOT);
 		}
 	}

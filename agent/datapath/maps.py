@@ -383,6 +383,10 @@ class ConfigMap:
         self._update(set_flags=(sock if socket_lb else 0) | (hostns if hostns_only else 0),
                      clear_flags=sock | hostns, host_netns_cookie=host_netns_cookie)
 
+    def set_events(self, mask: int) -> None:
+        """FP_CFG_EV_* bits: which events besides drops reach the monitor."""
+        self._update(events=mask)
+
     def set_policy(self, enabled: bool) -> None:
         flag = DEFS.defines["FP_CFG_F_POLICY"]
         self._update(set_flags=flag if enabled else 0, clear_flags=flag)

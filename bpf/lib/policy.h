@@ -251,10 +251,14 @@ static __always_inline void fp_policy_ports(struct __sk_buff *skb, const struct 
 	}
 }
 
-/* A drop or (when asked for) a forwarding decision, to the monitor. */
+/* A drop or (when asked for) a forwarding decision, to the monitor: the
+ * tuple as the packet arrived (orig_*, sport), and where a service
+ * translation sent it (ip->daddr, dport) when that differs. A reply whose
+ * source the delivery path put back to the VIP is reported as it arrived,
+ * from the backend. */
 static __always_inline void fp_report(struct __sk_buff *skb, enum fp_dir dir,
 				      enum fp_reason reason, const struct fp_ipv4 *ip,
-				      __be16 sport, __be16 dport,
+				      __be16 sport, __be16 dport, __be32 orig_saddr,
 				      __be32 orig_daddr, __be16 orig_dport,
 				      const struct fp_verdict *v)
 {
@@ -269,6 +273,7 @@ static __always_inline void fp_report(struct __sk_buff *skb, enum fp_dir dir,
 	if (!ev)
 		return;
 	fp_event_fill(ev, ifindex, drop ? FP_EV_DROP : FP_EV_TRACE, dir, reason, ip, sport, dport);
+	ev->saddr = orig_saddr;
 	if (orig_daddr != ip->daddr || orig_dport != dport) {
 		/* translated: report what the client sent, and where it went */
 		ev->daddr = orig_daddr;

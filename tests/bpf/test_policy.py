@@ -353,3 +353,36 @@ def test_admitted_flows_are_tracked_and_swept_when_idle(dp, bpfnet, policy):
     assert len(tracked()) == 1          # not idle yet
     sweep(table, now + hour + 10**9, hour, 60 * 10**9, "169.254.10.1")
     assert tracked() == []
+
+
+def test_trace_events_report_a_reply_as_it_arrived(dp, bpfnet, policy, events):
+    """A reply of a translated flow gets its VIP back on delivery; the
+    monitor still reports the packet as it arrived, from the backend."""
+    vip = "192.168.60.10"
+    dp.lb.put_backend(90, POD_B, 8080, "TCP")
+    dp.lb.put_slots(90, [90])
+    dp.lb.put_service(vip, 80, "TCP", 90, 1)
+    dp.settings.set_events(DEFS.defines["FP_CFG_EV_TRACE"])
+    try:
+        events.poll()
+        sport = next(_sport)
+        r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(tcp(POD_A, vip, 80, sport=sport)),
+                     bpfnet.cali_a.ifindex)
+        assert r.verdict == TC_ACT_REDIRECT
+        r = run_prog(dp, bpfnet.ns, "fp_from_pod",
+                     bytes(tcp(POD_B, POD_A, sport, sport=8080, flags="SA",
+                               src_mac="02:00:00:00:0b:0b")), bpfnet.cali_b.ifindex)
+        assert r.verdict == TC_ACT_REDIRECT
+        assert Ether(r.out)[IP].src == vip        # the client sees the VIP
+        evs = [decode_event(e) for e in events.poll()]
+        fwd = [e for e in evs if e["type"] == 2 and e["sport"] == sport]
+        rep = [e for e in evs if e["type"] == 2 and e["dport"] == sport]
+        assert len(fwd) == 1 and len(rep) == 1, evs
+        assert (fwd[0]["saddr"], fwd[0]["daddr"], fwd[0]["dport"]) == (POD_A, vip, 80)
+        assert fwd[0]["flags"] & DEFS.defines["FP_EV_F_NAT"]
+        assert (rep[0]["saddr"], rep[0]["sport"], rep[0]["daddr"]) == (POD_B, 8080, POD_A)
+    finally:
+        dp.settings.set_events(0)
+        dp.lb.delete_service(vip, 80, "TCP")
+        dp.lb.delete_slots(90, 1, 1)
+        dp.lb.delete_backend(90)
