@@ -69,13 +69,14 @@ class Agent:
         (self.state_dir / DEL_QUEUE).mkdir(parents=True, exist_ok=True)
         self.metrics.count_start(self.state_dir)
         self.datapath.load()
+        # what the pins held, before any program of this start runs
+        self.metrics.record_restored_maps(self.datapath)
         for note in self.datapath.migration_notes:
             log.warning("pinned maps: %s", note)
         self.enis = self.datapath.attach_enis()
         log.info("attached to ENIs: %s", ", ".join(self.enis) or "(none)")
         restored, dropped = self.restore()
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
-        self.metrics.record_restored_maps(self.datapath)
         self._start_services()
         self._start_policy()
         replayed = self.replay_deletions()

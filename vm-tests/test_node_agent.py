@@ -516,6 +516,49 @@ def test_flows_to_pods_and_services_survive_kill9_and_an_upgrade_that_resizes_ma
     assert forwarded_by_stack(n1) == stack
 
 
+def test_an_upgrade_to_new_map_layout_versions_keeps_flows_that_need_no_lost_state(world):
+    """The new agent's header versions the endpoints and conntrack maps anew
+    (made here by renaming the old agent's pins to the previous version, as
+    an older release would have left them). Their entries cannot be copied:
+    endpoints are rebuilt from the state dir, conntrack starts empty. Pod to
+    pod flows and flows to a one-backend Service go on; the superseded pins
+    are removed."""
+    n1 = world.add_node("n1", enis=1)
+    a, b = n1.add_pod("a"), n1.add_pod("b")
+    with private_paths() as paths:
+        Path(paths.manifests, "web.yaml").write_text(web_service([b.ip], port=TCP_PORT))
+        pins = Path(paths.bpffs, "fastpath")
+        with agent_process(n1, paths) as agent:
+            for p in (a, b):
+                wire.call(paths.socket, "EndpointAdd", {
+                    "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
+            assert wait_for(lambda: metric(n1, "fastpath_services") == 2)
+            with Load(a, [b]) as load:
+                load.add("a->svc", a, SVC_VIP, 80, 53)
+                t0 = time.monotonic()
+                time.sleep(2)
+                before = datapath_view(paths, a.ip, SVC_VIP)
+                assert len(before["flows"]) == 2
+                agent[0].stop()
+                for name in ("fp_ep4", "fp_ct4"):
+                    os.rename(pins / f"{name}_v1", pins / f"{name}_v0")
+                agent[0] = AgentProcess(n1, paths).start()
+                assert metric(n1, "fastpath_agent_map_migrations", action="removed") == 2
+                assert not (pins / "fp_ep4_v0").exists() and not (pins / "fp_ct4_v0").exists()
+                assert metric(n1, "fastpath_agent_restored_conntrack_entries") == 0
+                time.sleep(2)
+                after = datapath_view(paths, a.ip, SVC_VIP)
+                # endpoints rebuilt from the state dir, as they were
+                assert after["endpoints"] == before["endpoints"]
+                # the Service flows got new conntrack entries, on the only backend
+                assert after["flows"] == before["flows"]
+                running = load.running()
+                results = load.results()
+                seconds = time.monotonic() - t0
+                assert len(running) == 2, results
+    assert_unbroken(results, seconds - 3)
+
+
 # -- the Kubernetes API goes away ------------------------------------------
 
 @contextlib.contextmanager
