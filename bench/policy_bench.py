@@ -4,10 +4,10 @@ Data path (pods a -> b on one node, fastpath attached, fprr CRR and iperf3,
 client and server pinned to CPU 0, arms alternated per round, medians):
 
   policy.vs_off.<N>          N = 0, 1000, 10000 rules
-        enforced: N NetworkPolicies select b (ingress) and N select a
-        (egress), one rule each (an ipBlock of one address elsewhere);
-        the probed pair is allowed by the last one in each direction
-        (N = 0: no policy at all, enforcement on)
+        enforced: N ingress rules for b and N egress rules for a (100 per
+        NetworkPolicy; each an ipBlock /24 elsewhere and a port); the probed
+        pair is allowed by the last rule of each direction (N = 0: no
+        policy at all, enforcement on)
         off: the same node, maps and pods with the datapath's policy switch
         off (what `policy_enforcement: never` runs)
         ratio = enforced / off, connection rate and throughput
@@ -20,6 +20,10 @@ client and server pinned to CPU 0, arms alternated per round, medians):
         with no BPF at all (host stack routing)
 
 Control plane:
+
+  policy.from_pod_ns_per_packet.<N>   (context, largest N)
+        fp_from_pod's own run time per packet, enforced vs off, from the
+        kernel's BPF run-time statistics
 
   policy.compile_seconds     full compile of 1,000 NetworkPolicies over
                              1,000 pods (100 on the node): agent.policy.compile_policy
@@ -199,9 +203,11 @@ def record_change(c: dict) -> None:
 
 def filler(i: int, net: int) -> tuple[str, int]:
     """Peer and port of the i-th rule that does not match the probed pair:
-    100 /24 blocks x 100 ports, so N rules are N distinct (peer, port) pairs
-    without N distinct CIDRs."""
-    return f"10.{net}.{i // 100 % 250}.0/24", 10000 + i % 100
+    100 /24 blocks x 100 ports (rule i: block i % 100, port 10000 + i // 100),
+    so N rules are N distinct (peer, port) pairs without N distinct CIDRs,
+    and rules of one policy (100 consecutive i) never share a port range
+    the compiler could merge."""
+    return f"10.{net}.{i % 100}.0/24", 10000 + i // 100 % 100
 
 
 def iptables_filter(n: int, client_ip: str, client_if: str, server_ip: str, server_if: str,
@@ -234,33 +240,40 @@ def iptables_filter(n: int, client_ip: str, client_if: str, server_ip: str, serv
     return "\n".join(lines) + "\n"
 
 
+RULES_PER_POLICY = 100
+
+
+def policy_count(n: int) -> int:
+    """NetworkPolicies per direction holding N rules."""
+    return -(-n // RULES_PER_POLICY)
+
+
 def datapath_policies(n: int, port_lo: int, port_hi: int) -> list[dict]:
-    """The same rules as NetworkPolicies: N select the server (app=server)
-    for ingress, N the client (app=client) for egress, each with one rule;
-    the last of each admits the pair."""
-    pair_ports = [{"port": port_lo, "endPort": port_hi, "protocol": "TCP"}]
+    """The same rules as NetworkPolicies: N ingress rules for the server
+    (app=server) and N egress rules for the client (app=client), 100 per
+    policy; the last rule of each direction admits the pair."""
+    def rule(i: int, net: int, pair: dict) -> dict:
+        if i == n - 1:
+            return {"peer": pair, "ports": [{"port": port_lo, "endPort": port_hi,
+                                             "protocol": "TCP"}]}
+        cidr, port = filler(i, net)
+        return {"peer": {"ipBlock": {"cidr": cidr}}, "ports": [{"port": port, "protocol": "TCP"}]}
+
     out = []
-    for i in range(n):
-        last = i == n - 1
-        if last:
-            src = {"podSelector": {"matchLabels": {"app": "client"}}}
-            dst = {"podSelector": {"matchLabels": {"app": "server"}}}
-            in_ports = out_ports = pair_ports
-        else:
-            (src_net, in_port), (dst_net, out_port) = filler(i, 200), filler(i, 201)
-            src, dst = {"ipBlock": {"cidr": src_net}}, {"ipBlock": {"cidr": dst_net}}
-            in_ports = [{"port": in_port, "protocol": "TCP"}]
-            out_ports = [{"port": out_port, "protocol": "TCP"}]
+    for p in range(policy_count(n)):
+        idx = range(p * RULES_PER_POLICY, min(n, (p + 1) * RULES_PER_POLICY))
+        ins = [rule(i, 200, {"podSelector": {"matchLabels": {"app": "client"}}}) for i in idx]
+        outs = [rule(i, 201, {"podSelector": {"matchLabels": {"app": "server"}}}) for i in idx]
         out.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                    "metadata": {"namespace": "bench", "name": f"in-{i:05d}"},
+                    "metadata": {"namespace": "bench", "name": f"in-{p:04d}"},
                     "spec": {"podSelector": {"matchLabels": {"app": "server"}},
                              "policyTypes": ["Ingress"],
-                             "ingress": [{"from": [src], "ports": in_ports}]}})
+                             "ingress": [{"from": [r["peer"]], "ports": r["ports"]} for r in ins]}})
         out.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                    "metadata": {"namespace": "bench", "name": f"out-{i:05d}"},
+                    "metadata": {"namespace": "bench", "name": f"out-{p:04d}"},
                     "spec": {"podSelector": {"matchLabels": {"app": "client"}},
                              "policyTypes": ["Egress"],
-                             "egress": [{"to": [dst], "ports": out_ports}]}})
+                             "egress": [{"to": [r["peer"]], "ports": r["ports"]} for r in outs]}})
     return out
 
 
@@ -297,13 +310,15 @@ def wait_policy(agent, n: int, before: int, timeout: float = 300) -> dict:
         src = agent.source.status()
         st = agent.policy.status
         if (src["synced"] and src["store_version"] > before
-                and st.applied_version >= src["store_version"] and st.policies == 2 * n):
+                and st.applied_version >= src["store_version"]
+                and st.policies == 2 * policy_count(n)):
             if st.error or st.refused:
                 raise RuntimeError(f"policy reconciler: {st.error or st.refused}")
             return st.as_dict()
         time.sleep(0.1)
-    raise RuntimeError(f"the agent did not apply {2 * n} policies within {timeout}s: "
-                       f"{agent.policy.status.as_dict()}")
+    raise RuntimeError(f"the agent did not apply {2 * policy_count(n)} policies within "
+                       f"{timeout}s: store {agent.source.status()['store_version']}, "
+                       f"policy {agent.policy.status.as_dict()}")
 
 
 def reachable(client, server_ip: str, port: int = harness.FPRR_PORT) -> bool:
@@ -404,11 +419,17 @@ def data_path(args) -> dict:
                         allowed = {state.policy_name(v["policy_id"]): v["flows"]
                                    for v in agent.datapath.policy.verdicts()
                                    if v["verdict"] == "allow" and v["flows"]}
-                        last = {f"bench/in-{n - 1:05d}", f"bench/out-{n - 1:05d}"}
+                        p = policy_count(n) - 1
+                        last = {f"bench/in-{p:04d}", f"bench/out-{p:04d}"}
                         if not last <= set(allowed):
                             raise RuntimeError(f"N={n}: flows were not admitted by {last}: "
                                                f"{allowed}")
                         setup["admitted"] = {k: allowed[k] for k in sorted(last)}
+                    if n == max(args.sizes):
+                        res["bpf_cost"] = from_pod_cost(n1, a, b, settings, eps["fp"],
+                                                        args.crr_seconds)
+                        res["bpf_cost"]["size"] = n
+                        settings.set_policy(True)
                     res["raw"][n], res["setup"][n], res["checks"][n] = raw, setup, checks
                     res["medians"][n] = {arm: {m: harness.median(v) for m, v in ms.items()}
                                          for arm, ms in raw.items()}
@@ -416,6 +437,27 @@ def data_path(args) -> dict:
             harness.stop(servers)
     res["elapsed"] = time.monotonic() - started
     return res
+
+
+def from_pod_cost(n1, a, b, settings, ep: Endpoints, seconds: float) -> dict:
+    """fp_from_pod's own run time per packet under CRR, enforcement on vs
+    the switch off (kernel BPF run-time statistics, alternated): the
+    per-packet price of the checks without the noise of connection rates.
+    Same-node traffic is judged there at both ends (egress of a, ingress of
+    b before the redirect), replies included (conntrack)."""
+    from bench.lb_bench import run_time
+    out = json.loads(n1.run(["bpftool", "-j", "net", "show"]).stdout or "[]")
+    ids = {p["id"] for sec in out for p in sec.get("tc", [])
+           if p.get("devname") == a.host_ifname and p.get("name") == "fp_from_pod"}
+    if len(ids) != 1:
+        raise RuntimeError(f"fp_from_pod on {a.host_ifname}: {ids}")
+
+    def load(on: bool):
+        def run() -> float:
+            settings.set_policy(on)
+            return harness.fprr(ep, "crr", seconds) * seconds
+        return run
+    return run_time(ids.pop(), {"off": load(False), "enforced": load(True)})
 
 
 def measure(ep: Endpoints, args) -> dict[str, float]:
@@ -433,9 +475,10 @@ def record_data_path(res: dict, args) -> None:
               f"fprr 1-byte CRR {args.crr_seconds:g}s, iperf3 {args.stream_seconds:g}s")
     for n, med in sorted(res["medians"].items()):
         raw, setup = res["raw"][n], res["setup"][n]
-        shape = (f"{n} NetworkPolicies select the server for ingress and {n} the client for "
-                 f"egress, one rule each (ipBlock /24 + port), the pair admitted by the last "
-                 f"of each: {setup['rules']:,} rules, {setup['ipcache']} ipcache entries"
+        shape = (f"{n} ingress rules for the server and {n} egress rules for the client "
+                 f"(ipBlock /24 + port each, {RULES_PER_POLICY} per NetworkPolicy), the pair "
+                 f"admitted by the last rule of each: {setup['rules']:,} rule entries, "
+                 f"{setup['ipcache']} ipcache entries"
                  if n else "enforcement on, no NetworkPolicy (no pod isolated)")
         e, o = med["enforced"], med["off"]
         for m in ("crr", "stream"):
@@ -465,6 +508,25 @@ def record_data_path(res: dict, args) -> None:
 
 # -- main ------------------------------------------------------------------------------------
 
+def record_bpf_cost(res: dict, args) -> None:
+    from bench import results
+    bc = res.get("bpf_cost")
+    if not bc:
+        return
+    e, o, n = bc["enforced"], bc["off"], bc["size"]
+    conn_us = 1e6 / res["medians"][n]["enforced"]["crr"]
+    results.record(f"policy.from_pod_ns_per_packet.{n}", e["ns_per_run"], "ns", command=COMMAND,
+                   baseline=o["ns_per_run"], ratio=e["ns_per_run"] / o["ns_per_run"],
+                   notes=f"context: fp_from_pod's own run time per packet (kernel BPF run-time "
+                         f"statistics, enabled through BPF_ENABLE_STATS for this step only) under "
+                         f"CRR a -> b with {n}+{n} rules, policy enforced vs the switch off, "
+                         f"alternated 3 times x {args.crr_seconds:g}s: {e['runs_per_conn']:.1f} runs "
+                         f"per connection, so enforcement adds "
+                         f"{e['us_per_conn'] - o['us_per_conn']:.2f} us of program time to a "
+                         f"connection that takes about {conn_us:.0f} us in all "
+                         f"({(e['us_per_conn'] - o['us_per_conn']) / conn_us:.1%})")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -487,8 +549,14 @@ def main(argv: list[str] | None = None) -> int:
         for n, med in sorted(res["medians"].items()):
             log(f"N={n}: " + "; ".join(f"{arm} " + " ".join(f"{m}={v:,.2f}" for m, v in ms.items())
                                        for arm, ms in med.items()))
+        bc = res.get("bpf_cost")
+        if bc:
+            log("policy_bench: fp_from_pod run time: " + "; ".join(
+                f"{arm} {c['ns_per_run']:.0f} ns x {c['runs_per_conn']:.1f}/conn"
+                for arm, c in bc.items() if isinstance(c, dict)))
         if not args.no_record:
             record_data_path(res, args)
+            record_bpf_cost(res, args)
     return 0
 
 
