@@ -20,7 +20,11 @@ delete).
 """
 from __future__ import annotations
 
+import ctypes as ct
+import errno
 import logging
+import os
+import struct
 import threading
 import time
 
@@ -29,42 +33,88 @@ log = logging.getLogger("fastpath.conntrack")
 IPPROTO_TCP = 6
 
 
-def _key_tuple(k) -> tuple:
-    return (k.saddr, k.daddr, k.sport, k.dport, k.proto, k.dir)
+KEY_FIELDS = ("saddr", "daddr", "sport", "dport", "proto", "dir")
+VALUE_FIELDS = ("last_seen", "nat_addr", "nat_port", "flags")
+BATCH = 16384
 
 
-def sweep(table, now_ns: int, tcp_idle_ns: int, other_idle_ns: int, hairpin_ip: str) -> int:
+def _struct_format(ctype, fields: tuple[str, ...]) -> tuple[str, list[str]]:
+    """A struct format that unpacks `fields` of the compiled ctypes layout
+    (offsets and sizes from bcc's types for fastpath.h: nothing restated)."""
+    codes = {1: "B", 2: "H", 4: "I", 8: "Q"}
+    spec = sorted((getattr(ctype, f).offset, getattr(ctype, f).size, f) for f in fields)
+    fmt, at = "=", 0
+    for off, size, _ in spec:
+        fmt += "x" * (off - at) + codes[size]
+        at = off + size
+    fmt += "x" * (ct.sizeof(ctype) - at)
+    return fmt, [f for _, _, f in spec]
+
+
+def read_entries(table):
+    """Every conntrack entry as (key tuple in KEY_FIELDS order, last_seen,
+    nat_addr, nat_port, flags), read in batches (BPF_MAP_LOOKUP_BATCH) and
+    unpacked without an object per entry."""
+    from bcc.libbcc import lib
+    kfmt, korder = _struct_format(table.Key, KEY_FIELDS)
+    vfmt, vorder = _struct_format(table.Leaf, VALUE_FIELDS)
+    kidx = [korder.index(f) for f in KEY_FIELDS]
+    vidx = [vorder.index(f) for f in VALUE_FIELDS]
+    ks, vs = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
+    keys = ct.create_string_buffer(ks * BATCH)
+    vals = ct.create_string_buffer(vs * BATCH)
+    in_b, out_b = ct.c_uint32(0), ct.c_uint32(0)
+    first = True
+    out = []
+    while True:
+        cnt = ct.c_uint32(BATCH)
+        res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(in_b),
+                                   ct.byref(out_b), keys, vals, ct.byref(cnt))
+        err = ct.get_errno() if res else 0
+        if res and err != errno.ENOENT:
+            raise OSError(err, f"conntrack batch lookup: {os.strerror(err)}")
+        got = cnt.value
+        if got:
+            kraw = struct.iter_unpack(kfmt, memoryview(keys)[:ks * got])
+            vraw = struct.iter_unpack(vfmt, memoryview(vals)[:vs * got])
+            for k, v in zip(kraw, vraw):
+                out.append((tuple(k[i] for i in kidx),) + tuple(v[i] for i in vidx))
+        if res:                # ENOENT: that was the last batch
+            return out
+        in_b.value = out_b.value
+        first = False
+
+
+def sweep(table, now_ns: int, tcp_idle_ns: int, other_idle_ns: int, hairpin_ip: str,
+          entries=None) -> int:
     """Remove idle flows from the conntrack map `table` (a bcc table of
-    fp_ct4_key -> fp_ct4). Returns the number of entries removed."""
+    fp_ct4_key -> fp_ct4). `entries` is what read_entries(table) returns
+    (read now when not given). Returns the number of entries removed."""
     from agent.datapath.maps import DEFS, be32
     fwd_dir, rep_dir = DEFS.defines["FP_CT_FORWARD"], DEFS.defines["FP_CT_REPLY"]
     pol_dir = DEFS.defines["FP_CT_POLICY"]
     hairpin_flag = DEFS.defines["FP_CT_F_HAIRPIN"]
     hairpin = be32(hairpin_ip)
-    seen = {}
-    for k, v in table.items():
-        seen[_key_tuple(k)] = v.last_seen
+    seen = {}          # key -> last_seen
+    partner = {}       # forward key -> its reply entry's key
+    for key, last, nat_addr, nat_port, flags in (read_entries(table) if entries is None
+                                                 else entries):
+        seen[key] = last
+        if key[5] == fwd_dir:
+            rdaddr = hairpin if flags & hairpin_flag else key[0]
+            partner[key] = (nat_addr, rdaddr, nat_port, key[2], key[4], rep_dir)
 
     def idle_for(proto: int) -> int:
         return tcp_idle_ns if proto == IPPROTO_TCP else other_idle_ns
 
     doomed: list[list[tuple]] = []      # flows: [forward, reply] or [orphan]
     paired: set[tuple] = set()
-    for key, last in seen.items():
-        saddr, daddr, sport, dport, proto, d = key
-        if d != fwd_dir:
-            continue
-        try:
-            v = table[table.Key(*key)]
-        except KeyError:
-            continue          # evicted or removed since the walk
-        rdaddr = hairpin if v.flags & hairpin_flag else saddr
-        rkey = (v.nat_addr, rdaddr, v.nat_port, sport, proto, rep_dir)
+    for key, rkey in partner.items():
         rlast = seen.get(rkey)
         if rlast is not None:
             paired.add(rkey)
-        newest = max(last, rlast or 0)
-        if now_ns - newest > idle_for(proto):
+        newest = max(seen[key], rlast or 0)
+        if now_ns - newest > idle_for(key[4]):
             doomed.append([key] if rlast is None else [key, rkey])
     for key, last in seen.items():
         if key[5] == rep_dir and key not in paired and now_ns - last > idle_for(key[4]):
