@@ -752,11 +752,20 @@ class _Compiler:
             bounds[cidr].add(b)
             for e in excepts:
                 bounds[e].add(b)
+        # Blocks by cidr: the cidrs containing a prefix are its ancestors, one
+        # per prefix length, so each boundary looks at 33 lengths at most
+        # instead of at every block.
+        by_cidr: dict[tuple[int, int], list] = defaultdict(list)
+        for b, cidr, excepts in parsed:
+            by_cidr[cidr].append((b, excepts))
+        cidr_lens = sorted({c[0] for c in by_cidr})
         sig: dict[tuple[int, int], frozenset[IPBlock]] = {}
         for p in bounds:
+            plen, addr = p
             sig[p] = frozenset(
-                b for b, cidr, excepts in parsed
-                if ip4.contains(cidr, p) and not any(ip4.contains(e, p) for e in excepts))
+                b for l in cidr_lens if l <= plen
+                for b, excepts in by_cidr.get((l, addr & ip4.mask(l)), ())
+                if not any(ip4.contains(e, p) for e in excepts))
         self.boundaries = sig
         self.prefix_blocks = bounds
         self.boundary_lens = sorted({p[0] for p in sig}, reverse=True)
