@@ -419,6 +419,7 @@ class _Compiler:
         # the previous nor this state uses, exactly as a full compile does)
         used = set(self.policy_table)
         fresh = []
+        touched_ns: set[str] = set()
         for k in chg_pol:
             pol = snap.network_policies.get(k)
             had = k in self.policies
@@ -430,8 +431,12 @@ class _Compiler:
                 if not had:
                     fresh.append(k)
             if pol is None or not had:
-                self.by_ns[k[0]] = tuple(sorted(x for x in (*self.by_ns.get(k[0], ()), k)
-                                                if x in self.policies))
+                touched_ns.add(k[0])
+        # once per namespace, however many of its policies came or went
+        for ns in touched_ns:
+            keys = {x for x in self.by_ns.get(ns, ()) if x in self.policies}
+            keys.update(k for k in chg_pol if k[0] == ns and k in self.policies)
+            self.by_ns[ns] = tuple(sorted(keys))
         nxt = POLICY_DYNAMIC_MIN
         for k in sorted(fresh, key=policy_name):
             while nxt in used:
