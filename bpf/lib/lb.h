@@ -192,6 +192,17 @@ static __always_inline struct fp_backend4 *fp_lb_pick(struct fp_svc4 *svc, __be3
 	return be;
 }
 
+/* A TCP SYN without ACK: the first packet of a new connection. */
+static __always_inline int fp_tcp_syn_only(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					   const struct fp_l4 *l4)
+{
+	__u8 flags;
+
+	if (ip->proto != IPPROTO_TCP || bpf_skb_load_bytes(skb, l4->off + 13, &flags, 1))
+		return 0;
+	return (flags & 0x12) == 0x02;
+}
+
 /* DNAT a packet addressed to a frontend. Returns 0 when translated (ip and
  * l4 then describe the rewritten packet), 1 when the destination is not a
  * service, and -1 (with *reason) when the packet must be dropped. */
@@ -203,7 +214,7 @@ static __always_inline int fp_lb_translate(struct __sk_buff *skb, struct fp_ipv4
 	struct fp_ct4 *ct, entry = {}, reply = {};
 	struct fp_backend4 *be = NULL;
 	__u32 backend_id = 0;
-	int hairpin = 0;
+	int hairpin = 0, write_reply;
 	__u64 now;
 
 	if (!svc)
@@ -239,7 +250,15 @@ static __always_inline int fp_lb_translate(struct __sk_buff *skb, struct fp_ipv4
 		entry.backend_id = backend_id;
 		entry.svc_id = svc->svc_id;
 		fp_ct_put(&fwd, &entry);
-
+		write_reply = 1;
+	} else {
+		/* A new connection on the tuple of an old one keeps its backend,
+		 * but the old reply entry may be gone (a direct SYN on the
+		 * backend's tuple in between retires it): write it again, or the
+		 * SYN-ACK would reach the client from the backend, not the VIP. */
+		write_reply = fp_tcp_syn_only(skb, ip, l4);
+	}
+	if (write_reply) {
 		rev.saddr = be->ip;
 		rev.daddr = hairpin ? FP_HAIRPIN_IP : ip->saddr;
 		rev.sport = be->port;
@@ -247,7 +266,7 @@ static __always_inline int fp_lb_translate(struct __sk_buff *skb, struct fp_ipv4
 		rev.proto = ip->proto;
 		rev.dir = FP_CT_REPLY;
 		reply.last_seen = now;
-		reply.flags = entry.flags;
+		reply.flags = hairpin ? FP_CT_F_HAIRPIN : 0;
 		reply.nat_addr = ip->daddr;
 		reply.nat_port = l4->dport;
 		reply.backend_id = backend_id;
@@ -288,11 +307,8 @@ static __always_inline void fp_lb_forget_stale_reply(struct __sk_buff *skb,
 						     const struct fp_l4 *l4)
 {
 	struct fp_ct4_key key = {};
-	__u8 flags;
 
-	if (ip->proto != IPPROTO_TCP ||
-	    bpf_skb_load_bytes(skb, l4->off + 13, &flags, 1) ||
-	    (flags & 0x12) != 0x02)      /* SYN without ACK */
+	if (!fp_tcp_syn_only(skb, ip, l4))
 		return;
 	key.saddr = ip->daddr;
 	key.daddr = ip->saddr;

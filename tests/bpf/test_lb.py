@@ -374,3 +374,31 @@ def test_removing_backends_deletes_exactly_their_conntrack_entries(dp, services)
     finally:
         purger.stop()
     dp.lb.conntrack_flush()
+
+
+def test_a_translated_connection_after_a_direct_one_on_its_tuple_gets_its_reply_entry_back(
+        dp, bpfnet, services):
+    """translated, then direct (which retires the reply entry), then translated
+    again on the same 4-tuple: the new SYN finds the old forward entry and
+    must write the reply entry again, or its SYN-ACK arrives from the
+    backend's address and the connection hangs."""
+    run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP, sport=47100)), bpfnet.cali_a.ifindex)
+    run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, POD_B, dport=8080, sport=47100)),
+             bpfnet.cali_a.ifindex)
+    assert not any(c.direction == "reply" and c.dport == 47100 for c in services.conntrack())
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP, sport=47100)),
+                 bpfnet.cali_a.ifindex)
+    assert (Ether(r.out)[IP].dst, Ether(r.out)[TCP].dport) == (POD_B, 8080)
+    synack = Ether(src=bpfnet.pod_b_mac, dst=bpfnet.cali_b.mac) / IP(src=POD_B, dst=POD_A) \
+        / TCP(sport=8080, dport=47100, flags="SA")
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(synack), bpfnet.cali_b.ifindex)
+    out = Ether(r.out)
+    assert (out[IP].src, out[TCP].sport) == (VIP, 80)
+    assert_checksums_valid(r.out)
+    # a later packet of the connection (not a SYN) rewrites nothing more
+    ack = syn(bpfnet, VIP, sport=47100)
+    ack[TCP].flags = "A"
+    before = [c for c in services.conntrack() if c.dport == 47100 or c.sport == 47100]
+    run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(ack), bpfnet.cali_a.ifindex)
+    after = [c for c in services.conntrack() if c.dport == 47100 or c.sport == 47100]
+    assert len(after) == len(before) == 2
