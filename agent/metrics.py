@@ -87,7 +87,8 @@ class ConntrackTally:
         from agent.datapath.maps import DEFS, PROTO_NAME
         self.proto_at = key_type.proto.offset
         self.dir_at = key_type.dir.offset
-        self.reply = DEFS.defines["FP_CT_REPLY"]
+        self.dirs = {DEFS.defines[f"FP_CT_{d.upper()}"]: d
+                     for d in ("forward", "reply", "policy") if f"FP_CT_{d.upper()}" in DEFS.defines}
         self.proto_name = PROTO_NAME
         self.counts: dict[tuple[int, int], int] = {}
 
@@ -98,8 +99,7 @@ class ConntrackTally:
 
     def rows(self):
         for (proto, d), n in sorted(self.counts.items()):
-            yield (self.proto_name.get(proto, str(proto)),
-                   "reply" if d == self.reply else "forward", n)
+            yield (self.proto_name.get(proto, str(proto)), self.dirs.get(d, f"dir-{d}"), n)
 
 
 class DatapathCollector:
@@ -195,8 +195,9 @@ class DatapathCollector:
             "Entries / max_entries of each pinned BPF map; a full hash map refuses new entries "
             "(an LRU map evicts the oldest).", labels=["map"])
         conntrack = GaugeMetricFamily(
-            "fastpath_conntrack_entries", "Conntrack entries of translated flows, by protocol "
-            "and direction (forward: client to Service; reply: backend to client).",
+            "fastpath_conntrack_entries", "Conntrack entries, by protocol and direction "
+            "(forward: client to Service; reply: backend to client; policy: a flow admitted "
+            "by NetworkPolicy).",
             labels=["protocol", "direction"])
         from agent.datapath.maps import MAP
         ct_name = MAP["FP_MAP_CT"]
