@@ -49,6 +49,47 @@ def apply_op(lb, op) -> int:
     return 0
 
 
+_BATCHED = (PutBackend, PutSlots, PutService)
+
+
+def apply_ops(lb, ops) -> list[int]:
+    """A plan's operations in order, runs of one kind of write as one
+    batched map update (the kernel applies a batch's entries in order, so
+    the plan's order holds entry by entry). Returns the removed backends'
+    ids (their conntrack entries are for the purger)."""
+    removed: list[int] = []
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        if isinstance(op, _BATCHED):
+            j = i + 1
+            while j < len(ops) and type(ops[j]) is type(op):
+                j += 1
+            if j - i > 1:
+                _apply_batch(lb, ops[i:j])
+                i = j
+                continue
+        if isinstance(op, DeleteBackend):
+            lb.delete_backend(op.backend_id)
+            removed.append(op.backend_id)
+        else:
+            apply_op(lb, op)
+        i += 1
+    return removed
+
+
+def _apply_batch(lb, run) -> None:
+    op = run[0]
+    if isinstance(op, PutBackend):
+        lb.put_backends([(o.backend_id, o.backend.ip, o.backend.port, o.backend.protocol)
+                         for o in run])
+    elif isinstance(op, PutSlots):
+        lb.put_slot_runs([(o.service_id, o.slots, o.first) for o in run])
+    else:
+        lb.put_services([(o.frontend.ip, o.frontend.port, o.frontend.protocol, o.service_id,
+                          o.count, o.flags, o.affinity_timeout) for o in run])
+
+
 class ConntrackPurger:
     """Deletes the conntrack entries of removed backends, right after the
     plan that removed them, off the plan's path.
@@ -173,13 +214,7 @@ class ServiceSync:
         udp = [fe for fe in updates if fe.protocol == "UDP"] if self.on_backends_lost else []
         before = {fe: self._udp_backends(fe) for fe in udp}
         ops = self.reconciler.plan_changes(updates)
-        removed = []
-        for op in ops:
-            if isinstance(op, DeleteBackend):
-                self.lb.delete_backend(op.backend_id)
-                removed.append(op.backend_id)
-            else:
-                apply_op(self.lb, op)
+        removed = apply_ops(self.lb, ops)
         if removed:
             self.purger.add(removed)
         lost = {fe: gone for fe in udp if (gone := before[fe] - self._udp_backends(fe))}

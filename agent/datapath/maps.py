@@ -223,6 +223,53 @@ class LbMaps:
                            affinity_timeout=affinity_timeout)
         self._svc[self._svc_key(vip, port, proto)] = v
 
+    # Batched writes (BPF_MAP_UPDATE_BATCH): entries are applied in order.
+    # Keys and values are filled in place in ctypes arrays of the compiled
+    # layouts: building one ctypes object per entry costs more than the
+    # syscalls a batch saves.
+    BATCH = 8192
+
+    @classmethod
+    def _update_batch(cls, table, n: int, fill) -> None:
+        for lo in range(0, n, cls.BATCH):
+            m = min(cls.BATCH, n - lo)
+            keys, vals = (table.Key * m)(), (table.Leaf * m)()
+            fill(keys, vals, lo, m)
+            table.items_update_batch(keys, vals)
+
+    def put_backends(self, rows) -> None:
+        """[(backend_id, ip, port, proto)], in order."""
+        def fill(keys, vals, lo, m):
+            for i in range(m):
+                bid, ip, port, proto = rows[lo + i]
+                keys[i] = bid
+                v = vals[i]
+                v.ip, v.port, v.proto = be32(ip), be16(port), PROTO_NUM[proto]
+        self._update_batch(self._be, len(rows), fill)
+
+    def put_slot_runs(self, runs) -> None:
+        """[(svc_id, backend_ids, first slot)], in order."""
+        flat = [(sid, i, bid) for sid, bids, first in runs
+                for i, bid in enumerate(bids, start=first)]
+
+        def fill(keys, vals, lo, m):
+            for i in range(m):
+                sid, slot, bid = flat[lo + i]
+                k = keys[i]
+                k.svc_id, k.slot = sid, slot
+                vals[i].backend_id = bid
+        self._update_batch(self._slot, len(flat), fill)
+
+    def put_services(self, rows) -> None:
+        """[(vip, port, proto, svc_id, count, flags, affinity_timeout)], in order."""
+        def fill(keys, vals, lo, m):
+            for i in range(m):
+                vip, port, proto, sid, count, flags, aff = rows[lo + i]
+                k, v = keys[i], vals[i]
+                k.vip, k.port, k.proto = be32(vip), be16(port), PROTO_NUM[proto]
+                v.svc_id, v.count, v.flags, v.affinity_timeout = sid, count, flags, aff
+        self._update_batch(self._svc, len(rows), fill)
+
     def delete_service(self, vip: str, port: int, proto: str) -> None:
         try:
             del self._svc[self._svc_key(vip, port, proto)]

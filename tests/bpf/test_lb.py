@@ -402,3 +402,33 @@ def test_a_translated_connection_after_a_direct_one_on_its_tuple_gets_its_reply_
     run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(ack), bpfnet.cali_a.ifindex)
     after = [c for c in services.conntrack() if c.dport == 47100 or c.sport == 47100]
     assert len(after) == len(before) == 2
+
+
+def test_a_batched_plan_writes_what_one_write_per_op_writes(dp):
+    """apply_ops turns runs of backend, slot and service writes into batched
+    map updates; the maps end up exactly as the plan says, op by op."""
+    from agent.lb.compile import Backend, Frontend, FrontendState
+    from agent.services import apply_ops, restore_reconciler
+    lb = dp.lb
+    rec = restore_reconciler(lb)          # owns what other tests left in the maps
+    apply_ops(lb, rec.plan_changes({}))   # ... and drops what nothing uses
+    before = (lb.services(), lb.all_slots(), lb.backends())
+    desired = {Frontend(f"192.168.70.{i}", 80, "TCP"): FrontendState(
+        ("shop", f"s{i}"), "http",
+        tuple(Backend(f"10.70.{i}.{j}", 8080, "TCP") for j in range(1, 1 + i % 4)),
+        reject=i % 4 == 0)
+        for i in range(1, 200)}
+    ops = rec.plan_changes(desired)
+    assert len(ops) > 3 * 150
+    try:
+        assert apply_ops(lb, ops) == []
+        svcs = {(s["vip"], s["port"], s["proto"]): s for s in lb.services()}
+        slots, bes = lb.all_slots(), lb.backends()
+        for fe, st in desired.items():
+            s = svcs[(fe.ip, fe.port, fe.protocol)]
+            assert s["count"] == len(st.backends)
+            got = [bes[slots[(s["svc_id"], k)]] for k in range(1, s["count"] + 1)]
+            assert sorted(got) == sorted((b.ip, b.port, b.protocol) for b in st.backends)
+    finally:
+        apply_ops(lb, rec.plan_changes({fe: None for fe in desired}))
+    assert (lb.services(), lb.all_slots(), lb.backends()) == before
