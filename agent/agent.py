@@ -265,7 +265,24 @@ class Agent:
             self.inspect.stop()
         if self.http:
             self.http.stop()
+        # The module's tables must outlive every thread that uses them: a
+        # table call releases the GIL, and destroying the module under it
+        # corrupts the process (in-process agents in tests and the demo).
+        busy = [t.name for t in self._worker_threads() if not _joined(t, 60)]
+        if busy:
+            log.warning("threads still busy at stop (%s): leaving the BPF module open",
+                        ", ".join(busy))
+            return
         self.datapath.close()
+
+    def _worker_threads(self) -> list[threading.Thread]:
+        out = []
+        for w in (self.policy, self.conntrack_gc, self.services, self.socklb_optout,
+                  getattr(self.services, "purger", None)):
+            t = getattr(w, "_thread", None) if w is not None else None
+            if isinstance(t, threading.Thread):
+                out.append(t)
+        return out
 
     # -- endpoint state ----------------------------------------------------
     def _state_file(self, ep: Endpoint) -> Path:
@@ -487,6 +504,12 @@ class Agent:
         """The configuration in force and where each value came from."""
         from agent.config import describe
         return {"keys": describe(self.config), "notes": list(self.config.notes)}
+
+
+def _joined(t: threading.Thread, timeout: float) -> bool:
+    if t.is_alive() and t is not threading.current_thread():
+        t.join(timeout)
+    return not t.is_alive()
 
 
 def source_state(source: dict) -> str:
