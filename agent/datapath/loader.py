@@ -239,6 +239,13 @@ def _compile(options: BuildOptions):
 
 def _declared(bpf, table) -> tuple[int, int, int, int]:
     from bcc import lib as bcclib
+    # bcc 0.26 declares no argtypes for these two: ctypes would pass the
+    # module pointer as a C int (truncated), which crashes once the module
+    # lives at a high enough address (seen after ~45 agents in one process)
+    for fn in (bcclib.bpf_table_key_size_id, bcclib.bpf_table_leaf_size_id):
+        if fn.argtypes is None:
+            fn.argtypes = [ct.c_void_p, ct.c_ulonglong]
+            fn.restype = ct.c_size_t
     tid = table.map_id
     return (bcclib.bpf_table_type_id(bpf.module, tid),
             bcclib.bpf_table_key_size_id(bpf.module, tid),
