@@ -25,8 +25,9 @@ import errno
 import logging
 import os
 import struct
-import threading
 import time
+
+from agent.worker import Worker
 
 log = logging.getLogger("fastpath.conntrack")
 
@@ -139,7 +140,7 @@ def sweep(table, now_ns: int, tcp_idle_ns: int, other_idle_ns: int, hairpin_ip: 
     return removed
 
 
-class ConntrackGC:
+class ConntrackGC(Worker):
     """The agent's periodic sweep (a daemon thread)."""
 
     def __init__(self, lb, *, interval: float, tcp_idle: float, other_idle: float,
@@ -152,18 +153,12 @@ class ConntrackGC:
         self.metrics = metrics
         self.runs = 0
         self.removed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="conntrack-gc", daemon=True)
+        Worker.__init__(self, "conntrack-gc")
 
     def start(self) -> "ConntrackGC":
         if self.interval > 0:
             self._thread.start()
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
 
     def run_once(self) -> int:
         t0 = time.monotonic()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from agent.worker import Worker
 from agent.policy import (
     Capacities, Mode, PolicyState, check_capacity, compile_policy, diff,
 )
@@ -61,7 +62,7 @@ def audited_policies(snapshot) -> frozenset[str]:
                      if p.audited)
 
 
-class PolicySync:
+class PolicySync(Worker):
     def __init__(self, maps, settings, store, source, node_name: str, mode: str,
                  capacities: Capacities, node_ips: Callable[[], list[str]], *,
                  ids_file: Optional[str] = None, settle: float = 0.02, metrics=None):
@@ -80,8 +81,7 @@ class PolicySync:
         self._saved_ids: Optional[dict] = None
         self.status = PolicyStatus(self.mode.value)
         self.lock = threading.Lock()      # one plan at a time; readers take it too
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="policy-sync", daemon=True)
+        Worker.__init__(self, "policy-sync")
         self.applied = threading.Condition()
 
     # ----------------------------------------------------------- lifecycle
@@ -91,11 +91,6 @@ class PolicySync:
             return self
         self._thread.start()
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
 
     def disable(self) -> None:
         """Enforcement `never`: switch the checks off, then empty the maps."""

@@ -19,6 +19,7 @@ from agent.lb.compile import Backend, Frontend
 from agent.lb.reconcile import (DeleteBackend, DeleteService, DeleteSlots, PutBackend,
                                 PutService, PutSlots, Reconciler, ServiceEntry)
 from agent.lb.table import ServiceTable
+from agent.worker import Worker
 
 log = logging.getLogger("fastpath.services")
 
@@ -171,7 +172,7 @@ def restore_reconciler(lb) -> Reconciler:
     return Reconciler.restore(services, lb.all_slots(), backends)
 
 
-class ServiceSync:
+class ServiceSync(Worker):
     def __init__(self, lb, store, source, node_name: str, *, settle: float = 0.05,
                  metrics=None):
         self.lb = lb
@@ -190,16 +191,14 @@ class ServiceSync:
         # backends, after the plan is written (see UdpSocketReaper)
         self.on_backends_lost = None
         self.purger = ConntrackPurger(lb, metrics)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="service-sync", daemon=True)
+        Worker.__init__(self, "service-sync")
 
     def start(self) -> "ServiceSync":
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    def stop(self, timeout: float = 5.0) -> None:
+        super().stop(timeout)
         self.purger.stop()
 
     def _zone(self, snap) -> str:
@@ -297,7 +296,7 @@ class ServiceSync:
                 self.metrics.observe_sync("Service", time.monotonic() - t0, ops)
 
 
-class SocketLbOptOut:
+class SocketLbOptOut(Worker):
     """Keep the socket-LB skip map equal to the local pods that opted out
     (agent.lb.optout): their network namespaces, by cookie.
 
@@ -315,17 +314,11 @@ class SocketLbOptOut:
         self._lock = threading.Lock()
         self.problems: list[str] = []
         self.refreshes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="socklb-optout", daemon=True)
+        Worker.__init__(self, "socklb-optout")
 
     def start(self) -> "SocketLbOptOut":
         self._thread.start()
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
 
     def _cookie(self, ep) -> int | None:
         k = (ep.key, ep.netns)
