@@ -18,46 +18,11 @@ import time
 
 from agent.api import wire
 from agent.sim import World
+from agent.sim import manifests as m
 from agent.sim.traffic import forwarded_datagrams, serve_reply, tcp_exchange, udp_send
 from agent.simagent import REPO, AgentProcess, private_paths
 
 VIP = "192.168.99.10"
-
-CLUSTER = """
-apiVersion: v1
-kind: Namespace
-metadata: {{name: shop, labels: {{team: web}}}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: lab, labels: {{team: research}}}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec:
-  clusterIP: {vip}
-  ports: [{{name: http, port: 80, targetPort: http, protocol: TCP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints:
-- {{addresses: ["{b}"], conditions: {{ready: true}}, nodeName: n1}}
-- {{addresses: ["{c}"], conditions: {{ready: true}}, nodeName: n2}}
-{pods}"""
-
-POD = """---
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}
-spec:
-  nodeName: {node}
-  containers: [{{name: main, image: busybox, ports: [{{name: http, containerPort: 8080}}]}}]
-status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
-"""
 
 # The web backends accept connections only from the shop's frontend pods.
 POLICY = """
@@ -124,9 +89,11 @@ def main() -> int:
         for pod in (a, b, d, c):
             ns, app, _ = roles[pod]
             print(f"   {pod}   {ns}/{pod.name} app={app}")
-        cluster = CLUSTER.format(vip=VIP, b=b.ip, c=c.ip, pods="".join(
-            POD.format(name=p.name, ns=ns, app=app, node=node, ip=p.ip)
-            for p, (ns, app, node) in roles.items()))
+        cluster = m.dump([
+            m.namespace("shop", team="web"), m.namespace("lab", team="research"),
+            m.service("shop", "web", VIP, 80, "http"),
+            m.endpoint_slice("shop", "web", 8080, [(b.ip, True, "n1"), (c.ip, True, "n2")]),
+            *(m.pod(ns, p.name, p.ip, node, {"app": app}) for p, (ns, app, node) in roles.items())])
         for paths in (p1, p2):
             with open(f"{paths.manifests}/cluster.yaml", "w") as f:
                 f.write(cluster)

@@ -15,29 +15,9 @@ import os
 import time
 
 from agent.api import wire
+from agent.sim import manifests as m
 from agent.simagent import AgentProcess, private_paths, register_pod
 from fastpath_helpers import serve_reply
-
-BASE = """
-apiVersion: v1
-kind: Namespace
-metadata: {{name: x, labels: {{ns: x}}}}
----
-apiVersion: v1
-kind: Namespace
-metadata: {{name: y, labels: {{ns: y}}}}
-{pods}
-"""
-
-POD = """---
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}
-spec:
-  nodeName: n1
-  containers: [{{name: c, image: busybox, ports: [{{name: http, containerPort: 8080}}]}}]
-status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
-"""
 
 ALLOW_A_TO_B = """
 apiVersion: networking.k8s.io/v1
@@ -61,6 +41,12 @@ spec:
   - from: [{{namespaceSelector: {{}}}}]
     ports: [{ports}]
 """
+
+
+def cluster(pods) -> str:
+    """Namespaces x and y, and the pods (pod, namespace), all on n1."""
+    return m.dump([m.namespace("x", ns="x"), m.namespace("y", ns="y"),
+                   *(m.pod(ns, p.name, p.ip, "n1", {"app": p.name}) for p, ns in pods)])
 
 
 def connects(client, server_ip: str) -> bool:
@@ -98,8 +84,7 @@ def test_policies_from_manifests_are_enforced_and_follow_changes_and_restarts(wo
         base = f"{paths.manifests}/base.yaml"
         pol = f"{paths.manifests}/policy.yaml"
         with open(base, "w") as f:
-            f.write(BASE.format(pods="".join(POD.format(name=p.name, ns=ns, ip=p.ip)
-                                             for p, ns in ((a, "x"), (b, "x"), (c, "y")))))
+            f.write(cluster(((a, "x"), (b, "x"), (c, "y"))))
         agent = AgentProcess(node, paths, ["--policy-enforcement", "default"]).start()
         try:
             for p in (a, b, c):
@@ -151,8 +136,7 @@ def test_a_policy_that_would_overflow_the_rules_map_is_refused_and_the_old_state
     serve_reply(b, 8080, "ok")
     with private_paths() as paths:
         with open(f"{paths.manifests}/base.yaml", "w") as f:
-            f.write(BASE.format(pods="".join(POD.format(name=p.name, ns=ns, ip=p.ip)
-                                             for p, ns in ((a, "x"), (b, "x"), (c, "y")))))
+            f.write(cluster(((a, "x"), (b, "x"), (c, "y"))))
         with open(f"{paths.manifests}/policy.yaml", "w") as f:
             f.write(ALLOW_A_TO_B)
         agent = AgentProcess(node, paths, ["--policy-enforcement", "default",
