@@ -19,7 +19,6 @@ and the maps are emptied after.
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from agent.worker import Worker
+from agent.worker import Worker, settle_gc
 from agent.policy import (
     Capacities, Mode, PolicyState, check_capacity, compile_policy, diff,
 )
@@ -128,7 +127,7 @@ class PolicySync(Worker):
             self.settings.set_policy(True)
             self.state = new
             self._save_ids(new)
-            self._settle_gc()
+            settle_gc(st.plans + 1)
             st.refused = []
             st.applied_version = snap.version
             st.policies = len(snap.network_policies)
@@ -145,19 +144,6 @@ class PolicySync(Worker):
         with self.applied:
             self.applied.notify_all()
         return len(ops)
-
-    # A compiled state is ~100k long-lived objects; a full collection walking
-    # them would land on whichever change triggers it (tens of ms). Freezing
-    # after each plan keeps them out of collections; an occasional full
-    # collection with everything unfrozen reclaims cyclic garbage of old
-    # states, so freezing never leaks for long.
-    GC_FULL_EVERY = 200
-
-    def _settle_gc(self) -> None:
-        if self.status.plans % self.GC_FULL_EVERY == 0:
-            gc.unfreeze()
-            gc.collect()
-        gc.freeze()
 
     def _save_ids(self, state: PolicyState) -> None:
         if self.ids_file is None:
@@ -197,21 +183,10 @@ class PolicySync(Worker):
         return True
 
     def _run(self) -> None:
-        while not self.source.synced.wait(0.5):
-            if self._stop.is_set():
-                return
-        sub = self.store.subscribe()
-        try:
-            self._guarded()
-            while not self._stop.is_set():
-                first = sub.get(timeout=0.5)
-                if first is None:
-                    continue
-                time.sleep(self.settle)      # let a burst land, then plan once
-                sub.drain()
-                self._guarded()
-        finally:
-            sub.close()
+        # every plan compiles the whole snapshot (incrementally from the
+        # last state): which change sets arrived does not matter
+        self._follow(self.source, self.store, self.settle, self._guarded,
+                     lambda _changes: self._guarded())
 
     def _observe(self, seconds: float, ops: int, ok: bool) -> None:
         if self.metrics is not None:

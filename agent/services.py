@@ -10,7 +10,6 @@ of this node's zone label rebuilds everything (topology hints depend on it).
 """
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -19,7 +18,7 @@ from agent.lb.compile import Backend, Frontend
 from agent.lb.reconcile import (DeleteBackend, DeleteService, DeleteSlots, PutBackend,
                                 PutService, PutSlots, Reconciler, ServiceEntry)
 from agent.lb.table import ServiceTable
-from agent.worker import Worker
+from agent.worker import Worker, settle_gc
 
 log = logging.getLogger("fastpath.services")
 
@@ -225,24 +224,11 @@ class ServiceSync(Worker):
         self.applied_version = version
         self.last_plan_ops = len(ops)
         self.plans += 1
-        self._settle_gc()
+        settle_gc(self.plans)
         if ops:
             log.info("services: %d frontends changed, %d map writes (store v%d)",
                      len(updates), len(ops), version)
         return len(ops)
-
-    # The compiled state of 10,000 Services is about a million long-lived
-    # objects; a full collection walking them (tens of ms) would land on
-    # whichever change triggered it. Freezing after each plan keeps them out
-    # of collections; a full collection with everything unfrozen every
-    # GC_FULL_EVERY plans reclaims cyclic garbage of old states.
-    GC_FULL_EVERY = 200
-
-    def _settle_gc(self) -> None:
-        if self.plans % self.GC_FULL_EVERY == 1:
-            gc.unfreeze()
-            gc.collect()
-        gc.freeze()
 
     def sync_once(self) -> int:
         """Full rebuild from the current snapshot (start, zone change)."""
@@ -256,21 +242,8 @@ class ServiceSync(Worker):
         return self._apply(updates, snap.version)
 
     def _run(self) -> None:
-        while not self.source.synced.wait(0.5):
-            if self._stop.is_set():
-                return
-        sub = self.store.subscribe()
-        try:
-            self._guarded(self.sync_once)
-            while not self._stop.is_set():
-                first = sub.get(timeout=0.5)
-                if first is None:
-                    continue
-                time.sleep(self.settle)      # let a burst land, then plan once
-                changes = [first] + sub.drain()
-                self._guarded(lambda: self._sync_changes(changes))
-        finally:
-            sub.close()
+        self._follow(self.source, self.store, self.settle, lambda: self._guarded(self.sync_once),
+                     lambda changes: self._guarded(lambda: self._sync_changes(changes)))
 
     def _sync_changes(self, changes) -> int:
         snap = self.store.snapshot()

@@ -3,7 +3,26 @@ socket-LB opt-out): each is one daemon thread running `_run` until `stop()`
 sets `_stop`; `Agent.stop` joins them before it releases the BPF module."""
 from __future__ import annotations
 
+import gc
 import threading
+import time
+from typing import Callable
+
+# A compiled state (10,000 Services, or a node's NetworkPolicy) is hundreds
+# of thousands of long-lived objects; a full collection walking them (tens
+# of ms) would land on whichever change triggered it. Freezing after each
+# plan keeps them out of collections; a full unfrozen collection every
+# GC_FULL_EVERY plans reclaims cyclic garbage of old states.
+GC_FULL_EVERY = 200
+
+
+def settle_gc(plans_done: int) -> None:
+    """Call after a plan is applied, with the number of plans applied so far
+    (this one included)."""
+    if plans_done % GC_FULL_EVERY == 1:
+        gc.unfreeze()
+        gc.collect()
+    gc.freeze()
 
 
 class Worker:
@@ -18,3 +37,23 @@ class Worker:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def _follow(self, source, store, settle: float, plan_all: Callable[[], None],
+                plan_changes: Callable[[list], None]) -> None:
+        """The sync loops' shape: wait for the source's initial sync (an
+        empty store must never withdraw what the maps serve), plan once,
+        then once per burst of change sets (after `settle` seconds)."""
+        while not source.synced.wait(0.5):
+            if self._stop.is_set():
+                return
+        sub = store.subscribe()
+        try:
+            plan_all()
+            while not self._stop.is_set():
+                first = sub.get(timeout=0.5)
+                if first is None:
+                    continue
+                time.sleep(settle)
+                plan_changes([first] + sub.drain())
+        finally:
+            sub.close()
