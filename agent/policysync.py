@@ -81,7 +81,6 @@ class PolicySync(Worker):
         self.status = PolicyStatus(self.mode.value)
         self.lock = threading.Lock()      # one plan at a time; readers take it too
         Worker.__init__(self, "policy-sync")
-        self.applied = threading.Condition()
 
     # ----------------------------------------------------------- lifecycle
     def start(self) -> "PolicySync":
@@ -141,8 +140,6 @@ class PolicySync(Worker):
         if ops:
             log.info("policy: %d map writes in %.1f ms (store v%d, %d rules for %d pods)",
                      len(ops), st.last_seconds * 1e3, snap.version, st.rules, st.endpoints)
-        with self.applied:
-            self.applied.notify_all()
         return len(ops)
 
     def _save_ids(self, state: PolicyState) -> None:
@@ -170,17 +167,6 @@ class PolicySync(Worker):
             log.warning("policy: %s unreadable (%s); ids are allocated afresh", self.ids_file, exc)
             return None
         return PolicyState(self.mode, self.node_name, (), identities, {}, {}, {}, {}, policies)
-
-    def wait_applied(self, version: int, timeout: float) -> bool:
-        """Block until the maps reflect store version >= `version`."""
-        deadline = time.monotonic() + timeout
-        with self.applied:
-            while self.status.applied_version < version:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.applied.wait(left)
-        return True
 
     def _run(self) -> None:
         # every plan compiles the whole snapshot (incrementally from the

@@ -26,7 +26,6 @@
 struct fp_seen {
 	__be32 saddr;
 	__be32 daddr;
-	__be16 sport;
 	__be16 dport;
 };
 
@@ -92,7 +91,6 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 
 		has_l4 = 1;
 		seen.daddr = ip.daddr;
-		seen.sport = l4.sport;
 		seen.dport = l4.dport;
 		rc = fp_lb_translate(skb, &ip, &l4, &reason);
 		if (rc < 0 && reason == FP_DROP_NO_BACKEND) {

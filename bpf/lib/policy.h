@@ -29,7 +29,6 @@ struct fp_verdict {
 	__u32 policy_id;       /* deciding policy of a drop or audit report */
 	__u32 peer_id;         /* peer identity of that check */
 	__u8 dir;              /* FP_POL_INGRESS / FP_POL_EGRESS of that check */
-	__u8 audit;            /* an audited policy would have dropped it */
 };
 
 static __always_inline int fp_policy_enabled(void)
@@ -169,7 +168,6 @@ static __always_inline int fp_policy_judge(struct __sk_buff *skb, enum fp_dir wh
 	v->policy_id = 0;
 	v->peer_id = 0;
 	v->dir = FP_POL_EGRESS;
-	v->audit = 0;
 
 	/* An admitted flow, in either direction: one entry per flow, its
 	 * endpoints in a fixed order, so one lookup serves both ways. */
@@ -216,7 +214,6 @@ static __always_inline int fp_policy_judge(struct __sk_buff *skb, enum fp_dir wh
 		 * always sent to the monitor, like a drop */
 		__u8 d = eg == FP_PV_AUDIT_DENY ? FP_POL_EGRESS : FP_POL_INGRESS;
 
-		v->audit = 1;
 		v->dir = d;
 		v->policy_id = d == FP_POL_EGRESS ? eg_id : in_id;
 		v->peer_id = d == FP_POL_EGRESS ? eg_peer : in_peer;
