@@ -2,9 +2,12 @@
 
 Start-up order (each step idempotent, so a restarted agent converges
 without flushing anything that forwards traffic):
-  1. load: compile once, reopen pinned maps (migrating a changed layout);
+  1. load: compile once, reopen pinned maps; a changed layout gets a new
+     map and the old one's entries are carried over field by field;
   2. attach the ENI programs;
   3. restore endpoints from the state dir (skipping pods whose veth is gone);
+     the new programs now run everywhere: entries the old programs created
+     since step 1 are carried over too, and the superseded pins removed;
   4. replay CNI deletions queued while the agent was down;
   5. serve the API (CNI plugin, CLI).
 Health and metrics (agent/health.py, agent/metrics.py) are served from the
@@ -68,15 +71,16 @@ class Agent:
         self.ep_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / DEL_QUEUE).mkdir(parents=True, exist_ok=True)
         self.metrics.count_start(self.state_dir)
-        self.datapath.load()
+        self.datapath.load(defer_migration=True)
         # what the pins held, before any program of this start runs
         self.metrics.record_restored_maps(self.datapath)
-        for note in self.datapath.migration_notes:
-            log.warning("pinned maps: %s", note)
         self.enis = self.datapath.attach_enis()
         log.info("attached to ENIs: %s", ", ".join(self.enis) or "(none)")
         restored, dropped = self.restore()
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
+        self.datapath.finish_migration()
+        for note in self.datapath.migration_notes:
+            log.warning("pinned maps: %s", note)
         self._start_services()
         self._start_policy()
         replayed = self.replay_deletions()
@@ -128,12 +132,10 @@ class Agent:
                 self.services.on_backends_lost = UdpSocketReaper(
                     self.datapath.lb, self._socket_netns).reap
             self.services.start()
-        from agent.conntrack import ConntrackGC
-        cfg = self.config
+        from agent.conntrack.gc import ConntrackGC
         self.conntrack_gc = ConntrackGC(
-            self.datapath.lb, interval=cfg.conntrack_gc_interval,
-            tcp_idle=cfg.conntrack_tcp_idle_timeout, other_idle=cfg.conntrack_idle_timeout,
-            hairpin_ip=cfg.local_router_ipv4, metrics=self.metrics).start()
+            self.datapath.lb.ct, interval=self.config.conntrack_gc_interval,
+            lifetimes=self.datapath.options.lifetimes(), metrics=self.metrics).start()
         if self.config.socket_lb:
             from agent.cgroups import resolve_root
             try:

@@ -32,6 +32,8 @@ class Defs:
     defines: dict[str, int]       # numeric #defines (flags, limits)
     drop_min: int
     event_types: dict[int, Code] = None   # FP_EVENT_TYPES (monitor events), if declared
+    ct_states: dict[int, Code] = None     # FP_CT_STATES (conntrack flow states)
+    ct_events: dict[int, Code] = None     # FP_CT_EVENTS (conntrack event counters)
 
     def reason(self, value: int) -> str:
         code = self.reasons.get(value)
@@ -88,6 +90,8 @@ def load(header: Path = HEADER) -> Defs:
         defines=defines,
         drop_min=defines["FP_REASON_DROP_MIN"],
         event_types=_xmacro(text, "FP_EVENT_TYPES") if "FP_EVENT_TYPES(X)" in text else {},
+        ct_states=_xmacro(text, "FP_CT_STATES") if "FP_CT_STATES(X)" in text else {},
+        ct_events=_xmacro(text, "FP_CT_EVENTS") if "FP_CT_EVENTS(X)" in text else {},
     )
 
 

@@ -28,7 +28,7 @@ def apply_op(lb, op) -> int:
     conntrack entries it removed (those of a deleted backend)."""
     if isinstance(op, PutBackend):
         b = op.backend
-        lb.put_backend(op.backend_id, b.ip, b.port, b.protocol)
+        lb.put_backend(op.backend_id, b.ip, b.port, b.protocol, op.draining)
     elif isinstance(op, PutSlots):
         lb.put_slots(op.service_id, op.slots, op.first)
     elif isinstance(op, PutService):
@@ -42,8 +42,10 @@ def apply_op(lb, op) -> int:
         lb.delete_slots(op.service_id, op.from_slot, op.to_slot)
     elif isinstance(op, DeleteBackend):
         lb.delete_backend(op.backend_id)
-        # its flows must not linger (UDP would keep hitting a dead address)
-        return lb.conntrack_delete_backend(op.backend_id)
+        # its datagram flows must not linger (UDP would keep hitting a dead
+        # address); its connections finish on their own
+        from agent.conntrack.purge import purge_backends
+        return purge_backends(lb.ct, (op.backend_id,))
     else:
         raise TypeError(f"unknown service map operation {op!r}")
     return 0
@@ -81,85 +83,13 @@ def apply_ops(lb, ops) -> list[int]:
 def _apply_batch(lb, run) -> None:
     op = run[0]
     if isinstance(op, PutBackend):
-        lb.put_backends([(o.backend_id, o.backend.ip, o.backend.port, o.backend.protocol)
-                         for o in run])
+        lb.put_backends([(o.backend_id, o.backend.ip, o.backend.port, o.backend.protocol,
+                          o.draining) for o in run])
     elif isinstance(op, PutSlots):
         lb.put_slot_runs([(o.service_id, o.slots, o.first) for o in run])
     else:
         lb.put_services([(o.frontend.ip, o.frontend.port, o.frontend.protocol, o.service_id,
                           o.count, o.flags, o.affinity_timeout) for o in run])
-
-
-class ConntrackPurger:
-    """Deletes the conntrack entries of removed backends, right after the
-    plan that removed them, off the plan's path.
-
-    Correctness does not wait for it: a packet whose forward entry names a
-    backend id that no longer resolves is re-balanced at once (UDP flows
-    move on their next datagram), and a released id is not reused before
-    many more ids have been allocated (the reconciler's quarantine). The
-    walk keeps the table clean; it reads the whole map (about 1.5 us per
-    entry here), so removals that arrive together are purged in one pass."""
-
-    def __init__(self, lb, metrics=None, settle: float = 0.02):
-        self.lb = lb
-        self.metrics = metrics
-        self.settle = settle
-        self.purged = 0
-        self.passes = 0
-        self._pending: set[int] = set()
-        self._cond = threading.Condition()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._stopped = False
-        self._thread: threading.Thread | None = None
-
-    def add(self, backend_ids) -> None:
-        with self._cond:
-            self._pending.update(backend_ids)
-            self._idle.clear()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="ct-purge", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Until every backend added so far has been purged."""
-        return self._idle.wait(timeout)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending or self._stopped)
-                if self._stopped and not self._pending:
-                    return
-            time.sleep(self.settle)           # let the rest of a burst arrive
-            with self._cond:
-                ids, self._pending = self._pending, set()
-            try:
-                n = self.lb.conntrack_delete_backends(ids)
-                self.purged += n
-                self.passes += 1
-                if self.metrics is not None:
-                    self.metrics.observe_backend_flows_removed(n)
-                if n:
-                    log.info("conntrack: %d entries of %d removed backends deleted", n, len(ids))
-            except Exception:      # keep them for another pass a moment later
-                log.exception("conntrack purge of removed backends failed")
-                with self._cond:
-                    self._pending |= ids
-                time.sleep(1)
-                continue
-            with self._cond:
-                if not self._pending:
-                    self._idle.set()
 
 
 def restore_reconciler(lb) -> Reconciler:
@@ -168,7 +98,7 @@ def restore_reconciler(lb) -> Reconciler:
                 ServiceEntry(s["svc_id"], s["count"], s["affinity_timeout"], s["flags"])
                 for s in lb.services()}
     backends = {bid: Backend(ip, port, proto) for bid, (ip, port, proto) in lb.backends().items()}
-    return Reconciler.restore(services, lb.all_slots(), backends)
+    return Reconciler.restore(services, lb.all_slots(), backends, lb.draining_backends())
 
 
 class ServiceSync(Worker):
@@ -189,7 +119,8 @@ class ServiceSync(Worker):
         # called with {Frontend: {(ip, port)}} of UDP frontends that lost
         # backends, after the plan is written (see UdpSocketReaper)
         self.on_backends_lost = None
-        self.purger = ConntrackPurger(lb, metrics)
+        from agent.conntrack.purge import ConntrackPurger
+        self.purger = ConntrackPurger(lb.ct, metrics)
         Worker.__init__(self, "service-sync")
 
     def start(self) -> "ServiceSync":
@@ -205,8 +136,11 @@ class ServiceSync(Worker):
         return node.zone if node is not None else ""
 
     def _udp_backends(self, fe) -> set[tuple[str, int]]:
+        """Where a UDP frontend's flows may be: its backends, and the
+        draining ones (their sockets live until the backend is gone)."""
         rec = self.reconciler
-        return {rec.backend_ids.key_of(b)[:2] for b in rec.slots(fe)}
+        return {rec.backend_ids.key_of(b)[:2] for b in (*rec.slots(fe), *rec.draining(fe))
+                if b > 0}
 
     def _apply(self, updates, version: int) -> int:
         udp = [fe for fe in updates if fe.protocol == "UDP"] if self.on_backends_lost else []

@@ -17,6 +17,10 @@ workload can observe:
   slices);
 - ready endpoints only; when none is ready anywhere, endpoints that are
   serving and terminating;
+- terminating endpoints not chosen above are *draining*: no new connection
+  goes to them, but the flows already on them keep their backend (the
+  datapath keeps a draining backend for them; kube-proxy likewise leaves
+  established connections to a terminating pod alone);
 - internalTrafficPolicy Local: only this node's endpoints (ready, else
   serving+terminating), topology ignored;
 - topology: when every ready endpoint carries a node hint and one names this
@@ -130,6 +134,8 @@ class FrontendState:
     and the reconciler's minimal diff is not disturbed by slice order.
     reject: no usable endpoint; the datapath must refuse the connection
     (ECONNREFUSED / ICMP unreachable), never let it time out.
+    draining: terminating endpoints new connections must not choose, kept
+    for the flows already on them (numeric order, none of `backends`).
     local_only: internalTrafficPolicy Local was applied to this frontend.
     topology: which hints narrowed the set ("" none, PreferSameZone,
     PreferSameNode); for inspection, the backends already reflect it.
@@ -143,6 +149,7 @@ class FrontendState:
     local_only: bool = False
     kind: str = KIND_CLUSTER_IP
     topology: str = ""
+    draining: tuple[Backend, ...] = ()
 
 
 @contextlib.contextmanager
@@ -276,6 +283,15 @@ def _backends(eps: list[_Ep], protocol: str) -> tuple[Backend, ...]:
                   for ip, port, e, _ in eps])
 
 
+def _draining(eps: list[_Ep], chosen: tuple[Backend, ...], protocol: str) -> tuple[Backend, ...]:
+    """Terminating endpoints new connections do not get: their flows stay."""
+    if not any(ep[2].terminating for ep in eps):
+        return ()
+    taken = {(b.ip, b.port) for b in chosen}
+    return tuple([Backend(ip, port, protocol, True, e.node_name, e.zone)
+                  for ip, port, e, _ in eps if e.terminating and (ip, port) not in taken])
+
+
 # --------------------------------------------------------------- services
 
 def translated(svc: Service, proxy_name: str = "") -> bool:
@@ -328,13 +344,14 @@ def compile_service(svc: Service, slices: Iterable[EndpointSlice], node_name: st
             internal_b, internal_mode = cluster_b, mode
         out[Frontend(cluster_ip, sp.port, sp.protocol)] = FrontendState(
             svc.key, sp.name, internal_b, affinity, not internal_b, itp_local,
-            KIND_CLUSTER_IP, internal_mode)
+            KIND_CLUSTER_IP, internal_mode, _draining(eps, internal_b, sp.protocol))
         # External addresses as seen from this node's own sockets and pods
         # (the only clients socket-LB and from-pod translate): kube-proxy
         # sends those to the cluster-wide set whatever the traffic policies.
         for ip, kind in externals:
             out.setdefault(Frontend(ip, sp.port, sp.protocol), FrontendState(
-                svc.key, sp.name, cluster_b, affinity, not cluster_b, False, kind, mode))
+                svc.key, sp.name, cluster_b, affinity, not cluster_b, False, kind, mode,
+                _draining(eps, cluster_b, sp.protocol)))
     return out
 
 
@@ -389,6 +406,8 @@ def describe(state: FrontendState) -> str:
         extra.append("local")
     if state.topology:
         extra.append(state.topology)
+    if state.draining:
+        extra.append("draining " + ", ".join(str(b) for b in state.draining))
     if state.affinity_timeout:
         extra.append(f"affinity {state.affinity_timeout}s")
     tail = f" [{', '.join(extra)}]" if extra else ""

@@ -6,7 +6,7 @@ the three service maps (see bpf/include/fastpath.h):
 
     service map   frontend (VIP, port, proto) -> service id, count, flags, affinity
     slot map      (service id, slot 1..count) -> backend id
-    backend map   backend id                  -> backend address
+    backend map   backend id                  -> backend address, draining flag
 
 A packet reads them in that order, so the writes go the other way round: new
 backends, then slots, then the service entry that makes them visible; a
@@ -60,10 +60,12 @@ MAX_ID = 0xFFFFFFFF
 
 @dataclass(frozen=True, slots=True)
 class PutBackend:
-    """Create or overwrite backend `backend_id`."""
+    """Create or overwrite backend `backend_id`. `draining`: kept for the
+    flows already on it; no new connection may choose it."""
 
     backend_id: int
     backend: Backend
+    draining: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,16 +240,17 @@ def _present(slots: tuple[int, ...], start: int) -> list[tuple[int, int]]:
 class _Applied:
     """What the maps hold for one frontend this reconciler owns."""
 
-    __slots__ = ("entry", "slots", "claims", "state")
+    __slots__ = ("entry", "slots", "claims", "state", "draining")
 
     def __init__(self, entry: ServiceEntry, slots: tuple[int, ...], claims: frozenset[int],
-                 state: Optional[FrontendState]):
+                 state: Optional[FrontendState], draining: frozenset[int] = frozenset()):
         self.entry = entry
         # Backend id per slot 1..count. Only after restore: MISSING for a slot
         # the map lacks, DANGLING for one naming no backend.
         self.slots = slots
         self.claims = claims          # backend ids this frontend reports terminating
         self.state = state            # None after restore: compare written form only
+        self.draining = draining      # backend ids it keeps only for existing flows
 
 
 def _layout(old: tuple[int, ...], want: list[int]) -> list[int]:
@@ -305,6 +308,8 @@ class Reconciler:
         self._backends: dict[int, Backend] = {}     # as last written
         self._refs: dict[int, int] = {}             # backend id -> frontends using it
         self._term: dict[int, int] = {}             # ... of which report it terminating
+        self._slotrefs: dict[int, int] = {}         # ... of which have it in their slots
+        self._drained: set[int] = set()             # written with the draining flag
         # Left behind by an earlier run, found by restore(): service entries
         # whose id another entry owns, slots no entry can reach, backends no
         # slot names. The next plan removes them.
@@ -331,6 +336,11 @@ class Reconciler:
     def slots(self, frontend: Frontend) -> tuple[int, ...]:
         a = self._applied.get(frontend)
         return a.slots if a else ()
+
+    def draining(self, frontend: Frontend) -> frozenset[int]:
+        """Backend ids the frontend keeps only for flows already on them."""
+        a = self._applied.get(frontend)
+        return a.draining if a else frozenset()
 
     # --------------------------------------------------------- planning
 
@@ -385,7 +395,8 @@ class Reconciler:
                     removal_ops.append(DeleteService(fe))
                     for lo, hi in _present(a.slots, 1):
                         removal_ops.append(DeleteSlots(sid, lo, hi))
-                    self._account(a.slots, a.claims, (), frozenset(), touched, maybe_unused)
+                    self._account(a.slots, a.claims, (), frozenset(), touched, maybe_unused,
+                                  a.draining, frozenset())
                     del self._applied[fe]
                     released_services.append(fe)
                 elif fe in self._stale_frontends:
@@ -419,6 +430,20 @@ class Reconciler:
                 if b.terminating:
                     term.append(bid)
             claims = frozenset(term)
+            drain: list[int] = []
+            for b in st.draining:
+                key = (b.ip, b.port, b.protocol)
+                bid = held.get(key)
+                if bid is None:
+                    bid = allocate(key)
+                    records[bid] = b
+                elif bid in want:
+                    continue
+                elif bid not in known:
+                    records.setdefault(bid, b)
+                drain.append(bid)
+            draining = frozenset(drain)
+            claims |= draining          # a draining backend is terminating too
 
             sid = a.entry.service_id if a else self.service_ids.allocate(fe)
             if a is None:
@@ -441,14 +466,18 @@ class Reconciler:
                 service_ops.append(DeleteSlots(sid, lo, hi))
             self._stale_frontends.discard(fe)
             self._account(old, a.claims if a else frozenset(), new, claims,
-                          touched, maybe_unused)
-            self._applied[fe] = _Applied(entry, tuple(new), claims, st)
+                          touched, maybe_unused, a.draining if a else frozenset(), draining)
+            self._applied[fe] = _Applied(entry, tuple(new), claims, st, draining)
 
         # A backend's record is a function of the frontends using it, not of
         # which changed last: it is terminating only if every Service using
         # it says so (two Services may see one pod in different states for
         # a moment while the EndpointSlice controller catches up).
-        put_backends: dict[int, Backend] = {}
+        # Draining: in no frontend's slots. A backend turning draining is
+        # written after the slots that named it changed (late); one that
+        # stops draining, or is new, before any slot names it (early).
+        put_backends: dict[int, tuple[Backend, bool]] = {}
+        late: set[int] = set()
         for bid in touched:
             users = self._refs.get(bid, 0)
             if not users:
@@ -456,9 +485,13 @@ class Reconciler:
             base = records.get(bid) or self._backends[bid]
             term = self._term.get(bid, 0) == users
             rec = base if base.terminating == term else dataclasses.replace(base, terminating=term)
+            drained = not self._slotrefs.get(bid, 0)
             cur = self._backends.get(bid)
-            if cur is None or _written(cur) != _written(rec):
-                put_backends[bid] = rec
+            was = bid in self._drained
+            if cur is None or _written(cur) != _written(rec) or was != drained:
+                put_backends[bid] = (rec, drained)
+                if drained and cur is not None and not was:
+                    late.add(bid)
 
         # Leftovers from before a restart go last among the removals: no
         # service entry reaches them, so their order does not matter to packets.
@@ -479,6 +512,8 @@ class Reconciler:
         for bid in delete_backends:
             self._refs.pop(bid, None)
             self._term.pop(bid, None)
+            self._slotrefs.pop(bid, None)
+            self._drained.discard(bid)
             self._backends.pop(bid, None)
             self.backend_ids.release(self.backend_ids.key_of(bid))
         # Every orphan is now either deleted or referenced again.
@@ -489,21 +524,40 @@ class Reconciler:
             self.service_ids.release(fe)
 
         ops: list[Op] = stale_ops
+        late_ops: list[Op] = []
         for bid in sorted(put_backends):
-            self._backends[bid] = put_backends[bid]
-            ops.append(PutBackend(bid, put_backends[bid]))
+            rec, drained = put_backends[bid]
+            self._backends[bid] = rec
+            if drained:
+                self._drained.add(bid)
+            else:
+                self._drained.discard(bid)
+            (late_ops if bid in late else ops).append(PutBackend(bid, rec, drained))
         ops += _phased(service_ops)
         ops += removal_ops
+        ops += late_ops
         ops += [DeleteBackend(bid) for bid in delete_backends]
         return ops
 
     def _account(self, old: Iterable[int], old_claims: frozenset[int], new: Iterable[int],
-                 new_claims: frozenset[int], touched: set[int], maybe_unused: set[int]) -> None:
-        """Move one frontend's references (and terminating claims) from old to new."""
-        old_set, new_set = set(old), set(new)
+                 new_claims: frozenset[int], touched: set[int], maybe_unused: set[int],
+                 old_drain: frozenset[int] = frozenset(),
+                 new_drain: frozenset[int] = frozenset()) -> None:
+        """Move one frontend's references (and terminating claims, and which
+        of them are in its slots) from old to new."""
+        old_slots, new_slots = set(old), set(new)
         # Slots a restored entry lacks, or that name nothing, hold no reference.
-        old_set -= {MISSING, DANGLING}
-        new_set -= {MISSING, DANGLING}
+        old_slots -= {MISSING, DANGLING}
+        new_slots -= {MISSING, DANGLING}
+        for b in new_slots - old_slots:
+            self._slotrefs[b] = self._slotrefs.get(b, 0) + 1
+        for b in old_slots - new_slots:
+            n = self._slotrefs.get(b, 0) - 1
+            if n > 0:
+                self._slotrefs[b] = n
+            else:
+                self._slotrefs.pop(b, None)
+        old_set, new_set = old_slots | old_drain, new_slots | new_drain
         for b in new_set - old_set:
             self._refs[b] = self._refs.get(b, 0) + 1
         for b in old_set - new_set:
@@ -523,18 +577,22 @@ class Reconciler:
                 self._term.pop(b, None)
         touched |= old_set ^ new_set
         touched |= old_claims ^ new_claims
+        touched |= old_slots ^ new_slots
 
     # ----------------------------------------------------------- restart
 
     @classmethod
     def restore(cls, services: Mapping[Frontend, ServiceEntry],
                 slots: Mapping[tuple[int, int], int],
-                backends: Mapping[int, Backend], **kw) -> "Reconciler":
+                backends: Mapping[int, Backend], draining: Iterable[int] = (),
+                **kw) -> "Reconciler":
         """A reconciler that owns what the maps hold (read at agent start).
 
         services: frontend -> entry; slots: (service id, slot) -> backend id,
         every slot in the map; backends: backend id -> backend (node and zone
-        need not be known). Whatever is inconsistent (entries sharing an id,
+        need not be known); draining: the backend ids flagged draining (no
+        frontend is known to list them until the next plan says so, which
+        keeps them). Whatever is inconsistent (entries sharing an id,
         slots no entry reaches, backends no slot names, slots naming missing
         backends) is repaired by the next plan; until then it stays as found.
         """
@@ -548,6 +606,7 @@ class Reconciler:
         r.backend_ids = IdAllocator.restore(held_b, r.backend_ids.limit,
                                             quarantine=r.backend_ids.quarantine)
         r._backends = dict(backends)
+        r._drained = set(draining) & set(backends)
 
         held_s: dict[Hashable, int] = {}
         taken: set[int] = set()
@@ -592,10 +651,15 @@ class FakeMaps:
         self.services: dict[Frontend, ServiceEntry] = {}
         self.slots: dict[tuple[int, int], int] = {}
         self.backends: dict[int, Backend] = {}
+        self.draining: set[int] = set()
 
     def apply(self, op: Op) -> None:
         if isinstance(op, PutBackend):
             self.backends[op.backend_id] = op.backend
+            if op.draining:
+                self.draining.add(op.backend_id)
+            else:
+                self.draining.discard(op.backend_id)
         elif isinstance(op, PutSlots):
             if op.first < 1 or any(b <= 0 for b in op.slots):
                 raise ValueError(f"bad slots {op}")
@@ -613,6 +677,7 @@ class FakeMaps:
                 del self.slots[(op.service_id, i)]
         elif isinstance(op, DeleteBackend):
             del self.backends[op.backend_id]
+            self.draining.discard(op.backend_id)
         else:
             raise TypeError(f"not an operation: {op!r}")
 
@@ -630,15 +695,16 @@ class FakeMaps:
                      for i in range(1, e.count + 1))
 
     def restore(self, **kw) -> Reconciler:
-        return Reconciler.restore(self.services, self.slots, self.backends, **kw)
+        return Reconciler.restore(self.services, self.slots, self.backends, self.draining, **kw)
 
 
 def check_whole(maps: FakeMaps) -> list[str]:
     """Every way a packet could find a visible service entry incomplete.
 
     Empty when every entry's count slots exist, each names an existing
-    backend of the frontend's protocol, and an entry without slots rejects
-    (a count of 0 without the reject flag would black-hole).
+    backend of the frontend's protocol that is not draining, and an entry
+    without slots rejects (a count of 0 without the reject flag would
+    black-hole).
     """
     problems: list[str] = []
     for fe, e in maps.services.items():
@@ -654,6 +720,8 @@ def check_whole(maps: FakeMaps) -> list[str]:
             b = maps.backends.get(bid)
             if b is None:
                 problems.append(f"{fe}: slot {i} names missing backend {bid}")
+            elif bid in maps.draining:
+                problems.append(f"{fe}: slot {i} names draining backend {bid}")
             elif b.protocol != fe.protocol:
                 problems.append(f"{fe}: slot {i} names {b.protocol} backend {bid}")
     return problems
