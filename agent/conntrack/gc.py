@@ -14,19 +14,13 @@ its own. Every entry chosen is read again just before it is deleted and
 kept if a packet refreshed it since the walk (a window of microseconds
 remains between that read and the delete).
 
-`plan()` is pure over entries; `sweep()` and `ConntrackGC` use the
-datapath's conntrack maps object (agent.datapath.maps.CtMaps) they are
-given.
+`plan()` is pure over entries; `sweep()` uses the datapath's conntrack
+maps object (agent.datapath.maps.CtMaps) it is given. The agent runs it
+every `conntrack_gc_interval` seconds (agent/daemon/conntrack_gc.py).
 """
 from __future__ import annotations
 
-import logging
-import time
-
-from agent.conntrack.model import Lifetimes
-from agent.worker import Worker
-
-log = logging.getLogger("fastpath.conntrack")
+from agent.model.conntrack import Lifetimes
 
 FRAG_LIFETIME_NS = 30 * 1_000_000_000      # FP_FRAG_LIFETIME_NS
 
@@ -69,41 +63,4 @@ def sweep(ct, now_ns: int, lifetimes: Lifetimes, entries=None) -> int:
     return removed
 
 
-class ConntrackGC(Worker):
-    """The agent's periodic sweep (a daemon thread)."""
-
-    def __init__(self, ct, *, interval: float, lifetimes: Lifetimes, metrics=None):
-        self.ct = ct
-        self.interval = interval
-        self.lifetimes = lifetimes
-        self.metrics = metrics
-        self.runs = 0
-        self.removed = 0
-        Worker.__init__(self, "conntrack-gc")
-
-    def start(self) -> "ConntrackGC":
-        if self.interval > 0:
-            self._thread.start()
-        return self
-
-    def run_once(self) -> int:
-        t0 = time.monotonic()
-        n = sweep(self.ct, time.monotonic_ns(), self.lifetimes)
-        secs = time.monotonic() - t0
-        self.runs += 1
-        self.removed += n
-        if self.metrics is not None:
-            self.metrics.observe_gc(secs, n)
-        if n:
-            log.info("conntrack GC: removed %d expired entries in %.3fs", n, secs)
-        return n
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except Exception:         # the next sweep tries again
-                log.exception("conntrack GC sweep failed")
-
-
-__all__ = ["ConntrackGC", "plan", "sweep"]
+__all__ = ["plan", "sweep"]

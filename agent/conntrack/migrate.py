@@ -21,28 +21,13 @@ Pure: lineages and key fields in, target map macros out.
 """
 from __future__ import annotations
 
-import re
-
-from agent import bpfdefs
-from agent.conntrack.model import ESTABLISHED, POLICY
+from agent.model import bpfdefs
+from agent.model.conntrack import ESTABLISHED, POLICY
 
 MAPS = bpfdefs.load().maps
 NAT, NAT_NEW, POLICY_MAP = "FP_MAP_CT", "FP_MAP_CT_NEW", "FP_MAP_CT_POLICY"
 DEFAULTS = {"state": ESTABLISHED}
-
-
-def lineage(pin_name: str) -> str:
-    """fp_ct4_v2 -> fp_ct4 (also for a pin set aside: fp_ct4_v2_old)."""
-    m = re.fullmatch(r"(fp_\w+?)_v\d+(_old\d*)?", pin_name)
-    if not m:
-        raise ValueError(f"{pin_name!r} is not a fastpath map name")
-    return m.group(1)
-
-
-def version(pin_name: str) -> int:
-    return int(re.fullmatch(r"fp_\w+?_v(\d+).*", pin_name).group(1))
-
-
+lineage = bpfdefs.map_lineage
 CONNTRACK = {lineage(MAPS[m]): m for m in (NAT, NAT_NEW, POLICY_MAP)}
 
 
@@ -62,6 +47,19 @@ def targets(lineage_name: str, key_fields: dict[str, int]) -> tuple[str, ...]:
     return (NAT, NAT_NEW)
 
 
-def defaults(target_macro: str) -> dict[str, int]:
-    """Values of fields the old layout lacks, for entries going to `target`."""
-    return dict(DEFAULTS)
+class Rules:
+    """The loader's migration rules (agent/datapath/loader.Migration): where
+    an entry of a superseded pinned map goes and which defaults new fields
+    take. Maps that are not conntrack's go to the map of their lineage."""
+
+    def targets(self, source_pin: str, key_fields: dict[str, int]) -> list[str] | None:
+        lin = lineage(source_pin)
+        if not is_conntrack(lin):
+            return None
+        return [MAPS[m] for m in targets(lin, key_fields)]
+
+    def defaults(self, target_pin: str) -> dict[str, int]:
+        return dict(DEFAULTS) if is_conntrack(lineage(target_pin)) else {}
+
+
+RULES = Rules()

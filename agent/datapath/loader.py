@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.config import Config
 from agent.datapath import libbpf
 from agent.datapath.errors import (DatapathError, MissingKernelHeaders, NoBpfSupport,
@@ -97,7 +97,7 @@ class BuildOptions:
     def lifetimes(self) -> "Lifetimes":
         """The conntrack lifetimes these programs apply (the agent's GC
         applies the same ones)."""
-        from agent.conntrack.model import Lifetimes
+        from agent.model.conntrack import Lifetimes
         return Lifetimes(self.ct_tcp_syn, self.ct_tcp_established, self.ct_tcp_fin,
                          self.ct_tcp_close, self.ct_other)
 
@@ -378,30 +378,22 @@ class Migration:
     removes the superseded pins."""
 
     def __init__(self, pin_root: str, bpf, compiled: dict[str, Compiled],
-                 sources: list[Source], notes: list[str]):
+                 sources: list[Source], notes: list[str], rules=None):
         self.pin_root = pin_root
         self.bpf = bpf
         self.compiled = compiled
         self.sources = sources
         self.notes = notes
+        self.rules = rules
         self.finished = False
-        by_lineage = {}
-        from agent.conntrack import migrate as ctm
-        for name in compiled:
-            by_lineage[ctm.lineage(name)] = name
-        self._by_lineage = by_lineage
+        self._by_lineage = {bpfdefs.map_lineage(name): name for name in compiled}
 
     def _targets(self, src: Source, key_fields: dict[str, int]) -> list[str]:
-        from agent.conntrack import migrate as ctm
-        lin = ctm.lineage(src.pin)
-        if ctm.is_conntrack(lin):
-            maps = bpfdefs.load().maps
-            return [maps[m] for m in ctm.targets(lin, key_fields)]
-        return [self._by_lineage[lin]]
+        got = self.rules.targets(src.pin, key_fields) if self.rules is not None else None
+        return list(got) if got else [self._by_lineage[bpfdefs.map_lineage(src.pin)]]
 
     def _defaults(self, target: str) -> dict[str, int]:
-        from agent.conntrack import migrate as ctm
-        return ctm.defaults(target) if ctm.is_conntrack(ctm.lineage(target)) else {}
+        return self.rules.defaults(target) if self.rules is not None else {}
 
     def copy(self, final: bool = False) -> int:
         """Carry every source's entries over; `final`: only those the first
@@ -541,7 +533,7 @@ def _aside_name(pin_root: str, name: str) -> str:
     return cand
 
 
-def open_module(options: BuildOptions) -> tuple[Loaded, Migration]:
+def open_module(options: BuildOptions, rules=None) -> tuple[Loaded, Migration]:
     """Compile, reconcile pinned maps, and return the module plus the
     migration of whatever pinned maps it supersedes (already copied once;
     `Migration.finish()` once the new programs are attached).
@@ -550,8 +542,9 @@ def open_module(options: BuildOptions) -> tuple[Loaded, Migration]:
     capacity and layout fingerprint (BTF) are what was compiled. Otherwise
     it is set aside, a new map is made at its name, and its entries are
     carried over field by field; pins of older versions of a map's lineage
-    are carried over the same way."""
-    from agent.conntrack import migrate as ctm
+    are carried over the same way. `rules` (agent.conntrack.migrate.Rules):
+    where an entry goes when not simply to the map of its lineage, and the
+    defaults of fields its old layout lacks."""
     os.makedirs(options.pin_root, exist_ok=True)
     bpf = _compile(options)
     compiled = _compiled(bpf)
@@ -575,14 +568,14 @@ def open_module(options: BuildOptions) -> tuple[Loaded, Migration]:
             raise PinnedMapMismatch("pinned maps still differ from the compiled ones after "
                                     "setting them aside: " + "; ".join(still))
     current = set(compiled)
-    lineages = {ctm.lineage(n): n for n in compiled}
+    lineages = {bpfdefs.map_lineage(n): n for n in compiled}
     whys = dict(aside)
     sources: list[Source] = []
     notes: list[str] = []
     for entry in sorted(os.listdir(options.pin_root)):
         if not PIN_RE.fullmatch(entry) or entry in current:
             continue
-        lin = ctm.lineage(entry)
+        lin = bpfdefs.map_lineage(entry)
         path = os.path.join(options.pin_root, entry)
         if lin not in lineages:
             os.unlink(path)
@@ -596,7 +589,7 @@ def open_module(options: BuildOptions) -> tuple[Loaded, Migration]:
                 os.unlink(path)
             continue
         sources.append(src)
-    migration = Migration(options.pin_root, bpf, compiled, sources, notes)
+    migration = Migration(options.pin_root, bpf, compiled, sources, notes, rules)
     migration.copy()
     for n in notes:
         log.warning("%s", n)

@@ -13,9 +13,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from agent import bpfdefs
 from agent.datapath import libbpf
-from agent.endpoints import Endpoint
+from agent.model import bpfdefs
+from agent.model.endpoint import Endpoint
 
 DEFS = bpfdefs.load()
 MAP = DEFS.maps
@@ -184,14 +184,14 @@ class CtMaps:
 
     Translated flows live in two tables, "established" (FP_MAP_CT, a hash
     nothing evicts) and "new" (FP_MAP_CT_NEW, an LRU); flows NetworkPolicy
-    admitted in "policy". Keys and values are agent.conntrack.model tuples,
+    admitted in "policy". Keys and values are agent.model.conntrack tuples,
     read in batches (agent/datapath/mapio) and unpacked by the compiled
     layouts; what to delete is agent/conntrack's decision."""
 
     NAT_TABLES = {"established": "FP_MAP_CT", "new": "FP_MAP_CT_NEW"}
 
     def __init__(self, tables):
-        from agent.conntrack import model
+        from agent.model import conntrack as model
         from agent.datapath import mapio
         self._m = model
         self.tables = {t: tables[MAP[m]] for t, m in self.NAT_TABLES.items()}
@@ -294,7 +294,7 @@ class CtMaps:
 
     def rows(self) -> list[CtRow]:
         """Every entry of every table, for people and tests."""
-        from agent.conntrack.model import DIRECTIONS, state_label
+        from agent.model.conntrack import DIRECTIONS, state_label
         rows = []
         for table in self.NAT_TABLES:
             for k, v in self.nat_entries(table):

@@ -20,7 +20,7 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from agent.conntrack import model as M
+from agent.model import conntrack as M
 from agent.datapath.maps import DEFS, be16, be32
 from tests.bpf.conftest import (CT_LIFETIMES, CT_SMALL, POD_A, POD_B, REMOTE, TC_ACT_REDIRECT,
                                 TC_ACT_SHOT, run_prog)

@@ -11,7 +11,7 @@ import pytest
 from scapy.layers.inet import IP, UDP, fragment
 from scapy.layers.l2 import Ether
 
-from agent.conntrack import model as M
+from agent.model import conntrack as M
 from agent.conntrack.gc import sweep
 from tests.bpf.conftest import CT_LIFETIMES, POD_A, POD_B, run_prog
 from tests.bpf.test_conntrack import LIFE, Conn, find

@@ -358,8 +358,9 @@ def test_removing_backends_deletes_their_datagram_flows_and_keeps_their_connecti
     nothing else is touched. Entries written straight into both maps of
     translated flows, 40,000 of them, so the batched walk crosses several
     batches."""
-    from agent.conntrack import model as M
-    from agent.conntrack.purge import ConntrackPurger, purge_backends
+    from agent.conntrack.purge import purge_backends
+    from agent.daemon.conntrack_gc import ConntrackPurger
+    from agent.model import conntrack as M
     ct = dp.lb.ct
     dp.lb.conntrack_flush()
     n = 40000
@@ -432,7 +433,7 @@ def test_a_batched_plan_writes_what_one_write_per_op_writes(dp):
     """apply_ops turns runs of backend, slot and service writes into batched
     map updates; the maps end up exactly as the plan says, op by op."""
     from agent.lb.compile import Backend, Frontend, FrontendState
-    from agent.services import apply_ops, restore_reconciler
+    from agent.daemon.services import apply_ops, restore_reconciler
     lb = dp.lb
     rec = restore_reconciler(lb)          # owns what other tests left in the maps
     apply_ops(lb, rec.plan_changes({}))   # ... and drops what nothing uses

@@ -1,5 +1,7 @@
 """Upgrades keep conntrack: pinned maps of another layout are carried over
-field by field by name, driven by the layouts the kernel holds (BTF).
+field by field by name, driven by the layouts the kernel holds (BTF), and
+conntrack entries routed to their maps by agent.conntrack.migrate (the
+agent's rules, given to the Datapath as the agent gives them).
 
 The old maps are made the way an older release made them: bcc compiles the
 older header's structs and pins the table, BTF included. Then a Datapath of
@@ -13,8 +15,9 @@ import time
 import pytest
 
 from agent.config import Config
-from agent.conntrack import model as M
+from agent.conntrack.migrate import RULES
 from agent.datapath import Datapath, btf, mapio
+from agent.model import conntrack as M
 from agent.datapath.maps import be16, be32, ip_from_be32
 
 # fastpath.h's conntrack structs of the release before this one: one LRU map
@@ -71,7 +74,7 @@ def test_the_old_layout_is_told_apart_by_its_fingerprint_not_its_size(bpffs):
         assert v.size == 24 and v.by_path["flags"].type == "__u16" and "state" not in v.by_path
     finally:
         os.close(fd)
-    d = Datapath(cfg(root)).load()
+    d = Datapath(cfg(root), migration_rules=RULES).load()
     try:
         note = [n for n in d.migration_notes if "fp_ct4_v2_old" in n]
         assert note and "layout struct fp_ct4" in note[0] and "migrated 2 entries" in note[0], \
@@ -99,7 +102,7 @@ def test_an_upgrade_from_the_single_conntrack_map_routes_every_entry(bpffs):
     entries = flow(0, now) + flow(1, now - 5 * 10**9, proto=17) + flow(2, now, flags=HAIRPIN)
     entries.append((CLIENT, BACKEND, 40009, 8080, 6, M.POLICY, now, "0.0.0.0", 0, 0, 0, 0))
     old_map(f"{root}/fp_ct4_v1", "fp_ct4_v1", entries)
-    d = Datapath(cfg(root)).load()
+    d = Datapath(cfg(root), migration_rules=RULES).load()
     try:
         rows = by_key(d.lb.conntrack())
         assert len(rows) == 7
@@ -125,7 +128,8 @@ def test_a_full_established_map_takes_what_fits_and_the_rest_goes_to_the_lru(bpf
     os.makedirs(root)
     now = time.monotonic_ns()
     old_map(f"{root}/fp_ct4_v1", "fp_ct4_v1", [e for i in range(800) for e in flow(i, now)])
-    d = Datapath(cfg(root, conntrack_map_size=1024, conntrack_new_map_size=1024)).load()
+    d = Datapath(cfg(root, conntrack_map_size=1024, conntrack_new_map_size=1024),
+                 migration_rules=RULES).load()
     try:
         tables = [r.table for r in d.lb.conntrack()]
         assert len(tables) == 1600
@@ -142,7 +146,7 @@ def test_entries_the_old_programs_make_after_the_first_copy_are_carried_by_the_s
     os.makedirs(root)
     now = time.monotonic_ns()
     old_map(f"{root}/fp_ct4_v1", "fp_ct4_v1", flow(0, now) + flow(1, now))
-    d = Datapath(cfg(root)).load(defer_migration=True)
+    d = Datapath(cfg(root), migration_rules=RULES).load(defer_migration=True)
     try:
         assert len(d.lb.conntrack()) == 4
         src = next(s for s in d.migration.sources if s.pin == "fp_ct4_v1")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 HEADER = BPF_DIR / "include" / "fastpath.h"
 
 
@@ -71,6 +71,15 @@ def _eval_int(expr: str) -> int | None:
         return int(eval(expr, {"__builtins__": {}}))  # digits and shifts only
     except Exception:
         return None
+
+
+def map_lineage(pin_name: str) -> str:
+    """A pinned map's lineage, its name without the layout version:
+    fp_ct4_v2 -> fp_ct4 (also for a pin the loader set aside, fp_ct4_v2_old)."""
+    m = re.fullmatch(r"(fp_\w+?)_v\d+(_old\d*)?", pin_name)
+    if not m:
+        raise ValueError(f"{pin_name!r} is not a fastpath map name")
+    return m.group(1)
 
 
 @lru_cache(maxsize=None)

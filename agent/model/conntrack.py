@@ -1,4 +1,6 @@
-"""Conntrack entries as data, and the rules the datapath and the agent share.
+"""Conntrack entries as data, and the rules the datapath and the agent share
+(plain data: the datapath unpacks map entries into these types, the
+conntrack package decides over them).
 
 An entry is what one of the conntrack maps holds for one key (see
 bpf/include/fastpath.h, "Connection tracking"), unpacked into plain values:
@@ -14,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 
 _D = bpfdefs.load()
 DEFS = _D.defines

@@ -18,7 +18,7 @@ from agent.lb.compile import Backend, Frontend
 from agent.lb.reconcile import (DeleteBackend, DeleteService, DeleteSlots, PutBackend,
                                 PutService, PutSlots, Reconciler, ServiceEntry)
 from agent.lb.table import ServiceTable
-from agent.worker import Worker, settle_gc
+from agent.daemon.worker import Worker, settle_gc
 
 log = logging.getLogger("fastpath.services")
 
@@ -119,7 +119,7 @@ class ServiceSync(Worker):
         # called with {Frontend: {(ip, port)}} of UDP frontends that lost
         # backends, after the plan is written (see UdpSocketReaper)
         self.on_backends_lost = None
-        from agent.conntrack.purge import ConntrackPurger
+        from agent.daemon.conntrack_gc import ConntrackPurger
         self.purger = ConntrackPurger(lb.ct, metrics)
         Worker.__init__(self, "service-sync")
 
