@@ -525,16 +525,18 @@ CT_FULL, CT_BACKENDS = 65_536, 64
 
 
 def ct_fill(lb) -> None:
-    """A full conntrack map: n entries (both directions of n/2 flows) spread
+    """A map of established translated flows holding n entries (both
+    directions of n/2 UDP flows: the flows a removed backend loses) spread
     over `backends` backend ids, written in one batch."""
-    t, n, backends = lb._ct, CT_FULL, CT_BACKENDS
+    t, n, backends = lb.ct.tables["established"], CT_FULL, CT_BACKENDS
     lb.conntrack_flush()
     keys, vals = (t.Key * n)(), (t.Leaf * n)()
     now = time.monotonic_ns()
     for i in range(n):
         k, v = keys[i], vals[i]
         k.saddr, k.daddr, k.sport, k.dport = 0x0A800000 + (i >> 1), 0x0AF00001, 1024 + (i >> 1) % 60000, 80
-        k.proto, k.dir = 6 if i % 4 < 2 else 17, i % 2
+        k.proto, k.dir = 17, i % 2
+        v.state = 2                 # established (FP_CT_STATES)
         # fresh (bpf_ktime_get_ns is CLOCK_MONOTONIC): the agent's idle-flow
         # GC must not sweep them while they are measured
         v.backend_id, v.svc_id, v.last_seen = 1 + (i >> 1) % backends, 1, now
@@ -544,19 +546,21 @@ def ct_fill(lb) -> None:
 def ct_delete_per_entry(lb, backend_id: int) -> int:
     """The previous implementation, as the baseline: a Python object per
     entry through the map's item iterator, then one delete per match."""
-    doomed = [k for k, v in lb._ct.items() if v.backend_id == backend_id]
+    t = lb.ct.tables["established"]
+    doomed = [k for k, v in t.items() if v.backend_id == backend_id]
     for k in doomed:
-        del lb._ct[k]
+        del t[k]
     return len(doomed)
 
 
 def ct_delete_backend(lb, reps: int = 5) -> dict:
-    """Forgetting one removed backend's flows in a full 64k map: the batched
-    walk (LbMaps.conntrack_delete_backends) vs the per-entry walk, each on a
-    freshly filled map, alternated."""
+    """Forgetting one removed backend's flows in a 64k-entry map: the batched
+    walk (agent.conntrack.purge.purge_backends over agent/datapath/mapio)
+    vs the per-entry walk, each on a freshly filled map, alternated."""
+    from agent.conntrack.purge import purge_backends
     new_ms, old_ms, deleted = [], [], set()
     for r in range(reps):
-        for name, fn, acc in (("batched", lb.conntrack_delete_backends, new_ms),
+        for name, fn, acc in (("batched", lambda ids: purge_backends(lb.ct, ids), new_ms),
                               ("per-entry", ct_delete_per_entry, old_ms)):
             ct_fill(lb)
             bid = 1 + r
@@ -922,10 +926,10 @@ def _record_cp(results, cp: dict, loads: dict) -> None:
     if ct:
         results.record("lb.ct_delete_backend_ms", ct["batched_ms"], "ms", command=COMMAND,
                        baseline=ct["per_entry_ms"], ratio=ct["batched_ms"] / ct["per_entry_ms"],
-                       notes=f"forgetting one removed backend's flows ({ct['deleted']:,} of "
-                             f"{ct['entries']:,} entries, both directions, TCP and UDP) in a full "
-                             f"conntrack map: LbMaps.conntrack_delete_backends (batched lookup, "
-                             f"backend ids read from the raw values, batched delete) vs the "
+                       notes=f"forgetting one removed backend's datagram flows ({ct['deleted']:,} "
+                             f"of {ct['entries']:,} entries, both directions, UDP) in the map of "
+                             f"established flows: agent.conntrack.purge.purge_backends (batched "
+                             f"lookup, unpacked by layout, batched delete) vs the "
                              f"per-entry walk it replaced (a Python object per entry, one delete "
                              f"per match); ratio = new / old time (lower is better); median of "
                              f"{ct['reps']} alternating runs, each on a freshly filled map")

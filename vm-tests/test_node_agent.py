@@ -346,13 +346,18 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
                 n = sum(1 for r in ct_rows if r.proto == "TCP" and r.direction == direction)
                 assert sample(fams, "fastpath_conntrack_entries", protocol="TCP",
                               direction=direction) == n >= 1
-            assert sample(fams, "fastpath_map_entries", map="fp_ct4_v1") == len(ct_rows)
+            assert sum(sample(fams, "fastpath_map_entries", map=m) for m in (
+                "fp_ct4_v2", "fp_ctnew4_v1", "fp_ctpol4_v1")) == len(ct_rows)
+            # the datapath's conntrack events: one flow created, then established
+            assert sample(fams, "fastpath_conntrack_events", "_total", event="created") >= 1
+            assert sample(fams, "fastpath_conntrack_events", "_total", event="promoted") >= 1
             assert sample(fams, "fastpath_agent_restored_services") == 0   # a first start
             # every pinned hash map is listed, the conntrack map included
             from agent.datapath.loader import pinned_map_names
             listed = {s.labels["map"] for s in fams["fastpath_map_entries"].samples}
-            assert {"fp_ep4_v1", "fp_svc4_v1", "fp_be4_v1", "fp_slot4_v1", "fp_ct4_v1",
-                    "fp_aff4_v1", "fp_sockrev4_v1", "fp_bypass4_v1"} <= listed <= set(
+            assert {"fp_ep4_v1", "fp_svc4_v1", "fp_be4_v1", "fp_slot4_v1", "fp_ct4_v2",
+                    "fp_ctnew4_v1", "fp_ctpol4_v1", "fp_frag4_v1", "fp_aff4_v1",
+                    "fp_sockrev4_v1", "fp_bypass4_v1"} <= listed <= set(
                         pinned_map_names())
             # what the dashboard and the alert rules query exists, by name
             missing = names_used_in_deploy() - exposed_names(fams)
@@ -495,10 +500,11 @@ def test_flows_to_pods_and_services_survive_kill9_and_an_upgrade_that_resizes_ma
                 # the maps sized by those keys: endpoints (and socket-LB's
                 # per-pod skip map), conntrack (and socket-LB's per-socket map)
                 log = agent[0].log.read_text()
-                moved = set(re.findall(r"pinned (fp_\w+): .*resized", log))
-                assert {"fp_ep4_v1", "fp_ct4_v1", "fp_sockrev4_v1"} <= moved, log[-3000:]
+                moved = set(re.findall(r"pinned (fp_\w+?)_old\d*: max \d+ \(compiled \d+\): "
+                                       r"migrated \d+ entries", log))
+                assert {"fp_ep4_v1", "fp_ct4_v2", "fp_sockrev4_v1"} <= moved, log[-3000:]
                 assert metric(n1, "fastpath_agent_map_migrations", action="resized") == len(moved)
-                assert metric(n1, "fastpath_map_max_entries", map="fp_ct4_v1") == 300000
+                assert metric(n1, "fastpath_map_max_entries", map="fp_ct4_v2") == 300000
                 time.sleep(2)
                 upgraded = datapath_view(paths, a.ip, SVC_VIP)
                 assert upgraded["endpoints"] == before["endpoints"]
@@ -516,13 +522,12 @@ def test_flows_to_pods_and_services_survive_kill9_and_an_upgrade_that_resizes_ma
     assert forwarded_by_stack(n1) == stack
 
 
-def test_an_upgrade_to_new_map_layout_versions_keeps_flows_that_need_no_lost_state(world):
-    """The new agent's header versions the endpoints and conntrack maps anew
-    (made here by renaming the old agent's pins to the previous version, as
-    an older release would have left them). Their entries cannot be copied:
-    endpoints are rebuilt from the state dir, conntrack starts empty. Pod to
-    pod flows and flows to a one-backend Service go on; the superseded pins
-    are removed."""
+def test_pins_of_older_map_versions_are_carried_over_field_by_field(world):
+    """A release that versions the endpoints and conntrack maps anew (made
+    here by renaming this agent's pins to the previous version numbers, as
+    an older release would have left them): their entries are carried over
+    by field name from the layouts the kernel holds, the superseded pins
+    removed. The flows keep their backends; nothing is rebuilt."""
     n1 = world.add_node("n1", enis=1)
     a, b = n1.add_pod("a"), n1.add_pod("b")
     with private_paths() as paths:
@@ -540,23 +545,113 @@ def test_an_upgrade_to_new_map_layout_versions_keeps_flows_that_need_no_lost_sta
                 before = datapath_view(paths, a.ip, SVC_VIP)
                 assert len(before["flows"]) == 2
                 agent[0].stop()
-                for name in ("fp_ep4", "fp_ct4"):
-                    os.rename(pins / f"{name}_v1", pins / f"{name}_v0")
+                for old, older in (("fp_ep4_v1", "fp_ep4_v0"), ("fp_ct4_v2", "fp_ct4_v1")):
+                    os.rename(pins / old, pins / older)
                 agent[0] = AgentProcess(n1, paths).start()
-                assert metric(n1, "fastpath_agent_map_migrations", action="removed") == 2
-                assert not (pins / "fp_ep4_v0").exists() and not (pins / "fp_ct4_v0").exists()
-                assert metric(n1, "fastpath_agent_restored_conntrack_entries") == 0
+                assert metric(n1, "fastpath_agent_map_migrations", action="migrated") == 2
+                assert not (pins / "fp_ep4_v0").exists() and not (pins / "fp_ct4_v1").exists()
+                assert metric(n1, "fastpath_agent_restored_conntrack_entries") >= 4
                 time.sleep(2)
                 after = datapath_view(paths, a.ip, SVC_VIP)
-                # endpoints rebuilt from the state dir, as they were
                 assert after["endpoints"] == before["endpoints"]
-                # the Service flows got new conntrack entries, on the only backend
                 assert after["flows"] == before["flows"]
                 running = load.running()
                 results = load.results()
                 seconds = time.monotonic() - t0
                 assert len(running) == 2, results
     assert_unbroken(results, seconds - 3)
+
+
+# The last release before conntrack was split over several maps: one LRU
+# map fp_ct4_v1 for translated and admitted flows, a 24-byte value with a
+# __u16 `flags` and no TCP state (the same size as fp_ct4_v2's value: only
+# the layout tells them apart).
+OLD_RELEASE = "a32bfcfbfb5051b990ebd8547eda201df261dd5b"
+
+
+@contextlib.contextmanager
+def release_tree(commit: str):
+    """That release's source, from this repository's history."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix="fp-release-")
+    try:
+        subprocess.run(f"git -C {REPO} archive {commit} | tar -x -C {d}", shell=True,
+                       check=True)
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def flows_in_pin(path: str, client_ip: str) -> dict:
+    """Forward flows of `client_ip` in a pinned conntrack map of any layout,
+    decoded from the layout the kernel holds for it (BTF): the same reader
+    the migration uses, so this works for the older release's map too."""
+    from agent.datapath import btf, libbpf, mapio
+    from agent.datapath.maps import be32, ip_from_be32, port_from_be16
+    fd = libbpf.obj_get(path)
+    try:
+        info = libbpf.map_info(fd)
+        klay, vlay = btf.map_layouts(fd)
+        out = {}
+        for k, v in mapio.items(fd, info.key_size, info.value_size):
+            kf, vf = btf.read_fields(klay, k), btf.read_fields(vlay, v)
+            if kf["dir"] == 0 and kf["saddr"] == be32(client_ip):
+                out[(port_from_be16(kf["sport"]), kf["proto"])] = (
+                    ip_from_be32(vf["nat_addr"]), port_from_be16(vf["nat_port"]))
+        return out
+    finally:
+        os.close(fd)
+
+
+def test_an_upgrade_that_changes_the_conntrack_layout_breaks_nothing_under_load(world):
+    """The previous release runs the node, with TCP and UDP load through a
+    ClusterIP with two backends (one on this node, one on another); this
+    release replaces it. Its conntrack layout is another (several maps, TCP
+    state): every flow is carried over field by field before the new
+    programs attach, and again after; a flow that lost its entry would be
+    dropped mid-stream (or, before, sent to either backend at random).
+    0 broken connections, 0 lost datagrams."""
+    n1, n2 = world.add_node("n1", enis=1), world.add_node("n2", enis=1)
+    a, b, c = n1.add_pod("a"), n1.add_pod("b"), n2.add_pod("c")
+    with release_tree(OLD_RELEASE) as old, private_paths() as paths:
+        Path(paths.manifests, "web.yaml").write_text(web_service([b.ip, c.ip], port=TCP_PORT))
+        pins = Path(paths.bpffs, "fastpath")
+        holder = [AgentProcess(n1, paths, repo=old).start()]
+        try:
+            for p in (a, b):
+                wire.call(paths.socket, "EndpointAdd", {
+                    "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
+            assert wait_for(lambda: metric(n1, "fastpath_services") == 2)
+            assert (pins / "fp_ct4_v1").exists() and not (pins / "fp_ct4_v2").exists()
+            stack = forwarded_by_stack(n1)
+            with Load(a, [b, c]) as load:
+                t0 = time.monotonic()
+                for i in range(4):
+                    load.add(f"a->svc-{i}", a, SVC_VIP, 80, 53)
+                time.sleep(3)
+                before = flows_in_pin(str(pins / "fp_ct4_v1"), a.ip)
+                assert {proto for _, proto in before} == {6, 17}, before
+                assert {ip for ip, _ in before.values()} == {b.ip, c.ip}, \
+                    "flows on both backends: a lost entry would be noticed"
+
+                holder[0].stop()                     # the DaemonSet's rolling update
+                holder[0] = AgentProcess(n1, paths).start()
+                assert metric(n1, "fastpath_agent_map_migrations", action="migrated") >= 1
+                assert not (pins / "fp_ct4_v1").exists(), "the old pin is gone once carried"
+                assert metric(n1, "fastpath_agent_restored_conntrack_entries") >= 2 * len(before)
+                time.sleep(3)
+                after = flows_in_pin(str(pins / "fp_ct4_v2"), a.ip)
+                for flow, backend in before.items():
+                    assert after.get(flow) == backend, (flow, backend, after.get(flow))
+                running = load.running()
+                results = load.results()
+                seconds = time.monotonic() - t0
+                # a to b and c directly, and four clients through the Service
+                assert len(running) == 6, results
+        finally:
+            holder[0].kill(9)
+    assert_unbroken(results, seconds - 3)
+    assert forwarded_by_stack(n1) == stack
 
 
 # -- the Kubernetes API goes away ------------------------------------------

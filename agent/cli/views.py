@@ -140,8 +140,15 @@ def cmd_service_get(ctx, args) -> int:
 
 # -- conntrack ---------------------------------------------------------------
 
+# The conntrack maps as `ct list` shows them: translated flows, established
+# and new, then flows NetworkPolicy admitted.
+CT_TABLES = (("established", "ct"), ("new", "ct_new"), ("policy", "ct_policy"))
+
+
 def data_ct(ctx, args=None) -> list[dict]:
-    rows = views.ct_rows(ctx.entries(M["ct"]), now_ns())
+    rows = []
+    for table, alias in CT_TABLES:
+        rows += views.ct_rows(ctx.entries(M[alias], missing_ok=True), now_ns(), table)
     if args is not None:
         if getattr(args, "proto", None):
             try:
@@ -154,17 +161,18 @@ def data_ct(ctx, args=None) -> list[dict]:
 
 CT_COLS = ["proto", "dir", ("source", lambda r: f"{r['saddr']}:{r['sport']}"),
            ("destination", lambda r: f"{r['daddr']}:{r['dport']}"),
-           ("nat", lambda r: f"{r['nat_addr']}:{r['nat_port']}"), ("svc", "svc_id"),
-           ("backend", "backend_id"), "flags", ("age", lambda r: fmt_age(r["age_seconds"]))]
+           ("nat", lambda r: f"{r['nat_addr']}:{r['nat_port']}" if r["dir"] != "policy" else "-"),
+           ("svc", "svc_id"), ("backend", "backend_id"), "state", "table", "flags",
+           ("age", lambda r: fmt_age(r["age_seconds"]))]
 
 
 @run
 def cmd_ct_list(ctx, args) -> int:
     rows = data_ct(ctx, args)
     if args.top is not None:
-        m = ctx.map(M["ct"])
+        cap = sum(ctx.map(M[alias]).max_entries for _, alias in CT_TABLES)
         eps = data_endpoints(ctx)
-        top = views.ct_top(rows, eps, m.max_entries, args.top)
+        top = views.ct_top(rows, eps, cap, args.top)
 
         def render(t):
             head = (f"conntrack: {t['entries']} entries of {t['max_entries']} "
@@ -185,14 +193,14 @@ def cmd_ct_flush(ctx, args) -> int:
     if not (args.src or args.dst or args.proto or args.port or args.all):
         raise CliExit(EXIT_USAGE, "ct flush without a filter removes every translated flow: "
                                   "give --src/--dst/--proto/--port, or --all")
-    m = ctx.map(M["ct"])
+    maps = {table: ctx.map(M[alias]) for table, alias in CT_TABLES}
     rows = data_ct(ctx, args)
     deleted = 0
     for r in rows:
         key = decode.encode_key("struct fp_ct4_key", saddr=r["saddr"], daddr=r["daddr"],
                                 sport=r["sport"], dport=r["dport"],
                                 proto=r["proto_num"], dir=r["dir_num"])
-        if m.delete(key):
+        if maps[r["table"]].delete(key):
             deleted += 1
     ctx.emit({"matched": len(rows), "deleted": deleted},
              lambda d: f"deleted {d['deleted']} conntrack entries ({d['matched']} matched)")

@@ -32,6 +32,7 @@ PROTO_NUMBERS = {v: k for k, v in PROTOCOLS.items()}
 FLAG_PREFIX = {
     ("fp_endpoint", "flags"): "FP_EP_F_",
     ("fp_svc4", "flags"): "FP_SVC_F_",
+    ("fp_backend4", "flags"): "FP_BE_F_",
     ("fp_ct4", "flags"): "FP_CT_F_",
     ("fp_ctpol4", "flags"): "FP_CT_F_",
     ("fp_config", "flags"): "FP_CFG_F_",

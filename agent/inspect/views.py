@@ -142,17 +142,21 @@ def find_service(rows: list[dict], query: str) -> list[dict]:
 
 # -- conntrack ---------------------------------------------------------------
 
-def ct_rows(entries: list[dict], now_ns: int) -> list[dict]:
+def ct_rows(entries: list[dict], now_ns: int, table: str = "") -> list[dict]:
     """One row per conntrack entry, in flow terms: `client` is the side
     that opened the flow, `frontend` the Service address it asked for and
     `backend` the address it was translated to, whichever direction the
-    entry is for."""
+    entry is for. `table`: the map the entries come from (established, new
+    or policy), kept in each row."""
     rows = []
     for e in entries:
         k, v = e["key"], e["value"]
         d = k.get("dir_label", str(k["dir"]))
         if d == "policy":
             # a policy entry: the tuple after translation, no NAT of its own
+            # (lower end first: the originator is at either end)
+            v = {"nat_addr": k["daddr"], "nat_port": k["dport"], "svc_id": 0,
+                 "backend_id": 0, **v}
             client, cport = k["saddr"], k["sport"]
             vip, vport = k["daddr"], k["dport"]
             backend, bport = k["daddr"], k["dport"]
@@ -173,7 +177,8 @@ def ct_rows(entries: list[dict], now_ns: int) -> list[dict]:
             "client": client, "client_port": cport, "frontend": vip, "frontend_port": vport,
             "backend": backend, "backend_port": bport,
             "svc_id": v["svc_id"], "backend_id": v["backend_id"],
-            "flags": v.get("flags_names", []),
+            "flags": v.get("flags_names", []), "table": table,
+            "state": v.get("state_label", ""), "state_num": v.get("state", 0),
             "age_seconds": round(age, 3) if age is not None else None,
         })
     return sorted(rows, key=lambda r: (_ipkey(r["client"]), r["client_port"], r["dir"]))

@@ -97,10 +97,14 @@ def sim_attach(node, *, register: bool = True, test_build: bool = False, **overr
 class AgentProcess:
     """`fastpath agent` as a real process inside the node's netns."""
 
-    def __init__(self, node, paths: SimPaths, extra_args: list[str] | None = None):
+    def __init__(self, node, paths: SimPaths, extra_args: list[str] | None = None,
+                 repo: Path | str | None = None):
+        """`repo`: the source tree to run (another release's, for upgrade
+        tests); this one by default."""
         self.node = node
         self.paths = paths
         self.extra = extra_args or []
+        self.repo = Path(repo) if repo else REPO
         self.proc: subprocess.Popen | None = None
         self.log = Path(paths.root) / "agent.log"
 
@@ -111,7 +115,7 @@ class AgentProcess:
                "--source", self.paths.manifests, "--socket-lb", "false",
                "--node-name", self.node.name, *self.extra]
         logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=self.repo, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         from agent.api import wire
         while time.monotonic() < deadline:
