@@ -26,12 +26,14 @@ MODULES = [
     "bench.cni_bench",
     "bench.pod_to_pod",
     "bench.lb_bench",
+    "bench.ct_bench",
     "bench.policy_bench",
 ]
 QUICK = [
     ("bench.pod_to_pod", ["--quick", "--no-record"]),
     ("bench.lb_bench", ["--rounds", "3", "--sizes", "1", "10000", "--kp-sizes",
                         "--no-control-plane", "--no-record"]),
+    ("bench.ct_bench", ["--rounds", "2", "--no-record"]),
 ]
 
 

@@ -41,7 +41,7 @@ BPF_TABLE_PINNED("hash", __u32, struct fp_backend4,
  * nothing evicts, allocated as flows arrive; new and closing ones in an
  * LRU; flows NetworkPolicy admitted in an LRU of their own; fragments. */
 BPF_TABLE_PINNED("hash", struct fp_ct4_key, struct fp_ct4,
-		 FP_MAP_CT, FP_CT_MAX, FP_PIN(FP_MAP_CT), BPF_F_NO_PREALLOC);
+		 FP_MAP_CT, FP_CT_MAX, FP_PIN(FP_MAP_CT));
 BPF_TABLE_PINNED("lru_hash", struct fp_ct4_key, struct fp_ct4,
 		 FP_MAP_CT_NEW, FP_CT_NEW_MAX, FP_PIN(FP_MAP_CT_NEW));
 BPF_TABLE_PINNED("lru_hash", struct fp_ct4_key, struct fp_ctpol4,

@@ -133,7 +133,10 @@ def test_scalar_keys_and_service_flags():
                                             port=decode.encode_port(8080), proto=17)
     e = decode.decode_entry(be, (42).to_bytes(4, "little"), bytes(v))
     assert e == {"key": 42, "value": {"ip": "10.0.0.5", "port": 8080, "proto": 17,
-                                      "proto_label": "UDP", "flags": 0}}
+                                      "proto_label": "UDP", "flags": 0, "flags_names": []}}
+    v.flags = d.defines["FP_BE_F_DRAINING"]
+    assert decode.decode_entry(be, (42).to_bytes(4, "little"), bytes(v))["value"][
+        "flags_names"] == ["draining"]
     svc = decode.Layout.of(d.maps["FP_MAP_SERVICES"])
     f = d.defines["FP_SVC_F_AFFINITY"] | d.defines["FP_SVC_F_LOCAL"]
     sv = bpfdefs.ctype("struct fp_svc4")(svc_id=1, count=2, flags=f, affinity_timeout=30)
