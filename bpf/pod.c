@@ -123,6 +123,13 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 			translated = 1;
 			fp_count(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len);
 			hairpin = ip.saddr == FP_HAIRPIN_IP;
+		} else if (l4.kind == FP_L4_ICMP_ERR) {
+			/* a client's error about a reply it got from a VIP */
+			rc = fp_ct_related_forward(skb, &ip, &l4);
+			if (rc < 0)
+				return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_CSUM,
+							TC_ACT_SHOT, &ip, &seen, &l4, NULL);
+			translated = rc == 0;
 		} else {
 			fp_ct_forget_reply(&ip, &l4);
 		}

@@ -20,7 +20,9 @@
  *     is full it stays in the LRU and FP_CTE_PROMOTE_FULL counts it.
  *   - reverse translation (fp_ct_reverse, the only one): replies, hairpin
  *     replies, and ICMP errors quoting a client's packet (RELATED), whose
- *     outer and quoted headers are rewritten with every checksum fixed.
+ *     outer and quoted headers are rewritten with every checksum fixed; and
+ *     the other way, a client's error about a reply goes to the backend
+ *     (fp_ct_related_forward).
  *   - RELATED for policy: an ICMP error quoting an admitted flow passes.
  *   - ICMP echo is tracked by its identifier (struct fp_l4).
  *   - fragments: later fragments follow their first one's record.
@@ -457,19 +459,16 @@ static __always_inline __u16 fp_csum_update(__u16 check, __s64 diff)
 	return (__u16)~fp_csum_reduce(s);
 }
 
-/* Rewrite an ICMP error about a forward packet of a translated flow (the
- * client's packet after DNAT, quoted by the backend or a router on the
- * way) so that the client recognises its own packet: the quoted
- * destination becomes the VIP and Service port again (hairpin: the quoted
- * source becomes the client again), and the error's own source becomes the
- * VIP when the backend sent it (hairpin: its destination the client).
- * Fixed: the quoted IP header checksum, the quoted TCP/UDP checksum when
- * the quote holds it (a zero UDP checksum stays zero), the ICMP checksum
- * and the outer IP header checksum. The quoted SCTP CRC is left as is: the
- * receiver reads the ports of an SCTP quote, never checks its CRC. */
-static __always_inline int fp_ct_related_rewrite(struct __sk_buff *skb, struct fp_ipv4 *ip,
-						 const struct fp_l4 *l4, const struct fp_quote *q,
-						 __be32 vip, __be16 vport, int hairpin)
+/* Rewrite the packet an ICMP error quotes to (qsrc:qsport -> qdst:qdport),
+and the error's own addresses to (osrc -> odst). Fixed: the quoted IP
+header checksum, the quoted TCP/UDP checksum when the quote holds it (a
+zero UDP checksum stays zero), the ICMP checksum and the outer IP header
+checksum. The quoted SCTP CRC is left as is: the receiver reads the ports
+of an SCTP quote, never checks its CRC. */
+static __always_inline int fp_ct_quote_rewrite(struct __sk_buff *skb, struct fp_ipv4 *ip,
+					       const struct fp_l4 *l4, const struct fp_quote *q,
+					       __be32 qsrc, __be32 qdst, __be16 qsport,
+					       __be16 qdport, __be32 osrc, __be32 odst)
 {
 	/* the quoted words that can change: saddr, daddr, (ttl, protocol,
 	 * check), the ports, and the word holding the L4 checksum */
@@ -477,18 +476,17 @@ static __always_inline int fp_ct_related_rewrite(struct __sk_buff *skb, struct f
 	__u32 csum_word_off = 0;
 	__s64 d_addr, d_l4, d_icmp;
 	__u16 check;
-	__be16 dport = vport;
 
 	o[0] = q->saddr;
 	o[1] = q->daddr;
-	n[0] = hairpin ? q->daddr : q->saddr;
-	n[1] = vip;
+	n[0] = qsrc;
+	n[1] = qdst;
 	if (bpf_skb_load_bytes(skb, q->off + 8, &o[2], 4) ||
 	    bpf_skb_load_bytes(skb, q->l4_off, &o[3], 4))
 		return -1;
 	n[2] = o[2];
-	n[3] = o[3];
-	__builtin_memcpy((__u8 *)&n[3] + 2, &dport, 2);
+	__builtin_memcpy((__u8 *)&n[3], &qsport, 2);
+	__builtin_memcpy((__u8 *)&n[3] + 2, &qdport, 2);
 	d_addr = bpf_csum_diff(&o[0], 8, &n[0], 8, 0);
 	check = fp_csum_update(((__u16 *)&o[2])[1], d_addr);
 	((__u16 *)&n[2])[1] = check;
@@ -526,22 +524,57 @@ static __always_inline int fp_ct_related_rewrite(struct __sk_buff *skb, struct f
 	if (bpf_l4_csum_replace(skb, l4->off + 2, 0, d_icmp, 0))
 		return -1;
 
-	if (ip->saddr == q->daddr) {
+	if (osrc != ip->saddr) {
 		if (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
-					ip->saddr, vip, 4) ||
-		    bpf_skb_store_bytes(skb, ip->l3_off + offsetof(struct iphdr, saddr), &vip, 4, 0))
+					ip->saddr, osrc, 4) ||
+		    bpf_skb_store_bytes(skb, ip->l3_off + offsetof(struct iphdr, saddr), &osrc, 4, 0))
 			return -1;
-		ip->saddr = vip;
+		ip->saddr = osrc;
 	}
-	if (hairpin && ip->daddr == FP_HAIRPIN_IP) {
-		__be32 client = q->daddr;
+	if (odst != ip->daddr) {
+		if (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
+					ip->daddr, odst, 4) ||
+		    bpf_skb_store_bytes(skb, ip->l3_off + offsetof(struct iphdr, daddr), &odst, 4, 0))
+			return -1;
+		ip->daddr = odst;
+	}
+	return 0;
+}
 
-		if (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
-					ip->daddr, client, 4) ||
-		    bpf_skb_store_bytes(skb, ip->l3_off + offsetof(struct iphdr, daddr), &client, 4, 0))
-			return -1;
-		ip->daddr = client;
-	}
+/* An ICMP error from a client about a reply it got from a VIP (its socket
+ * closed, say): the quote is the reply as the client saw it, so the flow's
+ * forward entry is that tuple reversed. The error goes to the backend, about
+ * the reply as the backend sent it. Returns 0 when translated (ip describes
+ * the rewritten packet), 1 when it belongs to no translated flow, -1 when a
+ * rewrite failed. (Hairpinned flows are left alone: client and backend are
+ * one pod.) */
+static __always_inline int fp_ct_related_forward(struct __sk_buff *skb, struct fp_ipv4 *ip,
+						 const struct fp_l4 *l4)
+{
+	struct fp_ct4_key key = {};
+	struct fp_quote q = {};
+	struct fp_ct4 *ct;
+	int tier = 0;
+	__be32 backend;
+	__be16 bport;
+
+	if (fp_ct_quote(skb, l4, &q))
+		return 1;
+	key.saddr = q.daddr;
+	key.daddr = q.saddr;
+	key.sport = q.dport;
+	key.dport = q.sport;
+	key.proto = q.proto;
+	key.dir = FP_CT_FORWARD;
+	ct = fp_ct_nat_get(&key, &tier, bpf_ktime_get_ns());
+	if (!ct || (ct->flags & FP_CT_F_HAIRPIN))
+		return 1;
+	backend = ct->nat_addr;
+	bport = ct->nat_port;
+	if (fp_ct_quote_rewrite(skb, ip, l4, &q, backend, q.daddr, bport, q.dport, ip->saddr,
+				ip->daddr == q.saddr ? backend : ip->daddr))
+		return -1;
+	fp_ct_event(FP_CTE_RELATED);
 	return 0;
 }
 
@@ -580,7 +613,14 @@ static __always_inline int fp_ct_reverse(struct __sk_buff *skb, struct fp_ipv4 *
 		vip = ct->nat_addr;
 		vport = ct->nat_port;
 		hairpin = ct->flags & FP_CT_F_HAIRPIN;
-		if (fp_ct_related_rewrite(skb, ip, l4, &q, vip, vport, hairpin))
+		/* The quote is the client's packet after DNAT: it gets the VIP
+		 * and Service port back as its destination (hairpin: the client
+		 * back as its source); the error comes from the VIP when the
+		 * backend sent it (hairpin: it goes to the client). */
+		if (fp_ct_quote_rewrite(skb, ip, l4, &q, hairpin ? q.daddr : q.saddr, vip,
+					q.sport, vport,
+					ip->saddr == q.daddr ? vip : ip->saddr,
+					hairpin && ip->daddr == FP_HAIRPIN_IP ? q.daddr : ip->daddr))
 			return -1;
 		fp_ct_event(FP_CTE_RELATED);
 		return 1;

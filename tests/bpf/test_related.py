@@ -281,3 +281,23 @@ def test_echo_is_tracked_by_its_identifier(ct_dp, bpfnet, svc, isolated):
         r = run_prog(ct_dp, bpfnet.ns, "fp_from_vpc", bytes(_remote_icmp(bpfnet, icmp)),
                      bpfnet.eth1.ifindex)
         assert r.verdict == TC_ACT_SHOT and r.reason == "dropped-policy-denied", icmp.summary()
+
+
+def test_a_clients_error_about_a_reply_goes_to_the_backend_about_what_it_sent(ct_dp, bpfnet,
+                                                                              svc):
+    """The other way round: the backend's reply reached the client from the
+    VIP; the client's stack answers it with "port unreachable" (its socket
+    is gone). The error goes to the backend, quoting the reply as the
+    backend sent it."""
+    sport = next(_ports)
+    translated(ct_dp, bpfnet, from_a(bpfnet, VIP_L, UDP(sport=sport, dport=53)))
+    reply = Ether(src=bpfnet.pod_b_mac, dst=bpfnet.cali_b.mac) \
+        / IP(src=POD_B, dst=POD_A, ttl=64) / UDP(sport=5353, dport=sport) / b"answer"
+    r = run_prog(ct_dp, bpfnet.ns, "fp_from_pod", bytes(reply), bpfnet.cali_b.ifindex)
+    seen = Ether(r.out)[IP]
+    assert (seen.src, seen[UDP].sport) == (VIP_L, 53)
+    err = Ether(src=bpfnet.pod_a_mac, dst=bpfnet.cali_a.mac) / IP(src=POD_A, dst=VIP_L) \
+        / ICMP(type=3, code=3) / bytes(seen)
+    r = run_prog(ct_dp, bpfnet.ns, "fp_from_pod", bytes(err), bpfnet.cali_a.ifindex)
+    assert r.verdict == TC_ACT_REDIRECT and r.redirect_ifindex == bpfnet.cali_b.ifindex
+    check_error(r.out, POD_A, POD_B, (3, 3), as_sent(reply))
