@@ -23,10 +23,11 @@ from pathlib import Path
 from agent.api.server import ApiError, ApiServer
 from agent.config import Config
 from agent.datapath import Datapath, tc
-from agent.datapath.discover import DiscoveryError, discover
+from agent.datapath.discover import DiscoveryError, InvalidNetns, discover
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.endpoints import Endpoint
 from agent.metrics import AgentMetrics, cni_observed
+from chainer.plugin import container_id_problem, ifname_problem
 from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger("fastpath.agent")
@@ -350,9 +351,19 @@ class Agent:
         """Discover, attach, write the map entry; return once all are in place.
         Idempotent for one container id + ifname (a CNI ADD retry)."""
         t0 = time.monotonic()
+        _check_identity(container_id, ifname, empty_id=True)
+        for name, value in (("netns", netns), ("pod_namespace", pod_namespace),
+                            ("pod_name", pod_name)):
+            if not isinstance(value, str):
+                raise ApiError("invalid-argument", f"{name} must be a string, not "
+                               f"{type(value).__name__}")
+        if not isinstance(require_eni, bool):
+            raise ApiError("invalid-argument", "require_eni must be true or false")
         try:
             ep = discover(netns, ifname, self.netns, container_id=container_id,
                           pod_namespace=pod_namespace, pod_name=pod_name)
+        except InvalidNetns as exc:
+            raise ApiError("invalid-netns", str(exc)) from None
         except DiscoveryError as exc:
             raise ApiError("discovery", str(exc)) from None
         t1 = time.monotonic()
@@ -413,6 +424,7 @@ class Agent:
 
     @cni_observed("DEL")
     def rpc_EndpointDel(self, container_id: str, ifname: str = "eth0") -> dict:
+        _check_identity(container_id, ifname, empty_id=True)
         key = f"{container_id}-{ifname}"
         with self.lock:
             ep = self.endpoints.get(key)
@@ -425,6 +437,7 @@ class Agent:
 
     def rpc_EndpointCheck(self, container_id: str, ifname: str = "eth0") -> dict:
         """Verify the datapath for one endpoint; list every problem found."""
+        _check_identity(container_id, ifname, empty_id=True)
         key = f"{container_id}-{ifname}"
         ep = self.endpoints.get(key)
         if ep is None:
@@ -504,6 +517,20 @@ class Agent:
         """The configuration in force and where each value came from."""
         from agent.config import describe
         return {"keys": describe(self.config), "notes": list(self.config.notes)}
+
+
+def _check_identity(container_id, ifname, empty_id: bool = False) -> None:
+    """The CNI spec's rules for a container id and an interface name (the
+    CNI plugin's own checks, so both ends agree); an empty id is allowed
+    where endpoints registered without one (by IP) are meant."""
+    for name, value, problem in (("container_id", container_id, container_id_problem),
+                                 ("ifname", ifname, ifname_problem)):
+        if name == "container_id" and empty_id and value == "":
+            continue
+        why = problem(value)
+        if why:
+            shown = f" {value[:60]!r}" if isinstance(value, str) else ""
+            raise ApiError("invalid-argument", f"{name}{shown} {why}")
 
 
 def _joined(t: threading.Thread, timeout: float) -> bool:
