@@ -19,7 +19,7 @@ test-vm: setup
 	$(PYTEST) -q vm-tests
 
 demo: setup
-	$(PY) -m agent.demo
+	$(PY) -m agent.sim.demo
 
 bench: setup
 	$(PY) -m bench.run

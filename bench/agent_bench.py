@@ -15,7 +15,7 @@ import time
 
 from agent.api import wire
 from agent.sim import World
-from agent.simagent import AgentProcess, private_paths
+from agent.sim.agent import AgentProcess, private_paths
 from bench.results import record
 
 COMMAND = "python -m bench.agent_bench"

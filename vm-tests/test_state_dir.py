@@ -21,7 +21,7 @@ import yaml
 
 from agent.api import wire
 from agent.sim import plan
-from agent.simagent import AgentProcess, SimPaths, private_paths, register_pod, sim_attach
+from agent.sim.agent import AgentProcess, SimPaths, private_paths, register_pod, sim_attach
 from chainer.testing import CniRuntime, install_plugins, terway_conflist
 
 REPO = Path(__file__).resolve().parent.parent

@@ -165,7 +165,7 @@ class Client:
 # -- the agent's side ---------------------------------------------------------
 
 class AgentInspect:
-    """The methods, over a running Agent (agent/agent.py)."""
+    """The methods, over a running Agent (agent/daemon/agent.py)."""
 
     def __init__(self, agent, logs: LogRing | None = None):
         self.agent = agent

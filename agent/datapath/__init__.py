@@ -16,7 +16,7 @@ from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.datapath.loader import BuildOptions, Loaded, open_module, preflight
 from agent.datapath.maps import (ConfigMap, LbMaps, Maps, MAP, SocketLbSkipMap, crc32c_fill,
                                  netns_cookie)
-from agent.endpoints import Endpoint
+from agent.model.endpoint import Endpoint
 
 log = logging.getLogger("fastpath.datapath")
 
@@ -125,8 +125,3 @@ class Datapath:
 
 __all__ = ["Datapath", "DatapathError", "Endpoint"]
 
-
-def sim_attach(node, **kwargs):
-    """fastpath on a simulated node (agent.sim); see agent/simagent.py."""
-    from agent.simagent import sim_attach as _sim_attach
-    return _sim_attach(node, **kwargs)

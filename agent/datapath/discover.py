@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from agent.datapath.errors import DatapathError
 from agent.datapath.nsenter import CLONE_NEWNET, netns_path as _named_netns
 from agent.datapath.tc import ifindex_by_name
-from agent.endpoints import Endpoint
+from agent.model.endpoint import Endpoint
 
 NS_GET_NSTYPE = 0xB703          # linux/nsfs.h: _IO(0xb7, 0x3)
 

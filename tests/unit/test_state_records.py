@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from agent.agent import MAX_RECORD_BYTES, StrayEntry, _restrict, read_record
-from agent.endpoints import Endpoint
+from agent.daemon.agent import MAX_RECORD_BYTES, StrayEntry, _restrict, read_record
+from agent.model.endpoint import Endpoint
 
 GOOD = {"ip": "10.241.1.100", "host_ifname": "cali1", "host_ifindex": 7,
         "host_mac": "02:00:00:00:00:01", "pod_mac": "02:00:00:00:00:02",

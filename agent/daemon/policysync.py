@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from agent.worker import Worker, settle_gc
+from agent.daemon.worker import Worker, settle_gc
 from agent.policy import (
     Capacities, Mode, PolicyState, check_capacity, compile_policy, diff,
 )
