@@ -690,13 +690,17 @@ def _joined(t: threading.Thread, timeout: float) -> bool:
 
 def source_state(source: dict) -> str:
     """One word for `fastpath status`: synced, syncing, unreachable (while
-    the datapath keeps the last known state), or failed (never started)."""
+    the datapath keeps the last known state), degraded (synced, but the
+    source reports problems of its own, e.g. a manifest directory with a
+    link loop: its status lists them), or failed (never started)."""
     if "error" in source:
         return "failed"
     st = source["status"]
     if not st["connected"] and any(k["errors"] for k in st["kinds"].values()):
         return "unreachable"
-    return "synced" if source["synced"] else "syncing"
+    if not source["synced"]:
+        return "syncing"
+    return "degraded" if st.get("problems") else "synced"
 
 
 def endpoint_view(ep: Endpoint) -> dict:
