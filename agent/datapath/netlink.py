@@ -28,3 +28,16 @@ def link_name(ifindex: int, netns: str | None = None) -> str | None:
         except NetlinkError:
             return None
     return links[0].get_attr("IFLA_IFNAME") if links else None
+
+
+def first_ipv4(device: str, netns: str | None = None) -> str | None:
+    """The first global IPv4 address of `device` in `netns`; None when the
+    device does not exist or has none."""
+    with iproute(netns) as ipr:
+        idx = ipr.link_lookup(ifname=device)
+        if not idx:
+            return None
+        for a in ipr.get_addr(index=idx[0], family=2):
+            if a["scope"] == 0:
+                return a.get_attr("IFA_ADDRESS")
+    return None
