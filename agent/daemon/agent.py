@@ -372,9 +372,8 @@ class Agent:
         return restored, dropped
 
     def _links(self) -> dict[str, int]:
-        from agent.datapath.netlink import iproute
-        with iproute(self.netns) as ipr:
-            return {l.get_attr("IFLA_IFNAME"): l["index"] for l in ipr.get_links()}
+        from agent.datapath.netlink import link_names
+        return {name: index for index, name in link_names(self.netns).items()}
 
     def replay_deletions(self) -> int:
         """Apply the CNI DELs the plugin queued while the agent was away.
