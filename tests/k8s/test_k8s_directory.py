@@ -357,6 +357,18 @@ def test_a_directory_that_vanishes_keeps_its_objects_and_the_source_says_so(tmp_
         assert src.status()["problems"] == [f"cannot read {root}: No such file or directory; "
                                             "keeping its objects"]
         assert caplog.text.count("cannot read") == 1, "reported once, not per poll"
+        # what `fastpath status` prints of it
+        from agent.cli.views import render_status
+        shown = render_status({
+            "agent": {"reachable": True, "ready": True, "started_at": 0, "pid": 1,
+                      "endpoints": 0, "enis": []},
+            "source": {"state": state(), "spec": str(root), "status": src.status()},
+            "kernel": {"release": "6.1", "btf": True, "map_types": {}, "helpers": {},
+                       "bpf_stats_enabled": False},
+            "bpffs_root": "/sys/fs/bpf/fastpath", "maps": [], "pressure": [], "config": {},
+            "config_sources": {}, "config_from": "defaults"})
+        assert f"source:   degraded ({root}" in shown
+        assert f"  problem: cannot read {root}: No such file or directory" in shown
         os.rename(tmp_path / "elsewhere", root)
         (root / "a.yaml").unlink()
         with caplog.at_level(logging.INFO, "fastpath.k8s"):
