@@ -373,7 +373,7 @@ def parse_config(data: bytes, command: str) -> Conf:
 
 class Env:
     __slots__ = ("command", "container_id", "netns", "ifname", "args", "pod_namespace",
-                 "pod_name", "infra_container_id")
+                 "pod_name", "infra_container_id", "ignored_netns")
 
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
@@ -467,12 +467,15 @@ def parse_env(environ) -> Env:
         why = ifname_problem(env.ifname)
         if why:
             raise CniError(E_INVALID_ENV, f"CNI_IFNAME={env.ifname!r} {why}")
-    # DEL may come without a netns (the runtime lost it); when one is given,
-    # for any command, it must be a path the agent can judge
-    if env.netns or env.command in ("ADD", "CHECK"):
+    env.ignored_netns = ""
+    if env.command in ("ADD", "CHECK"):
         why = netns_path_problem(env.netns)
         if why:
             raise CniError(E_INVALID_ENV, f"CNI_NETNS={_shown(env.netns)} {why}")
+    elif env.netns and netns_path_problem(env.netns):
+        # DEL may come without a netns (the runtime lost it) and never fails
+        # for it: one that names nothing usable is as good as none
+        env.ignored_netns, env.netns = env.netns, ""
     env.args = parse_cni_args(environ.get("CNI_ARGS", ""))
     env.pod_namespace = env.args.get("K8S_POD_NAMESPACE", "")
     env.pod_name = env.args.get("K8S_POD_NAME", "")
@@ -731,6 +734,9 @@ def queue_deletion(conf: Conf, env: Env, log: Log, why: str) -> None:
 
 
 def cmd_del(conf: Conf, env: Env, log: Log) -> None:
+    if env.ignored_netns:
+        log.write("warning", f"CNI_NETNS={_shown(env.ignored_netns)} is not an absolute path: "
+                             "deleting by container id and interface alone")
     params = {"container_id": env.container_id, "ifname": env.ifname}
     try:
         res = agent_call(conf, "EndpointDel", params, wait=0)

@@ -199,7 +199,10 @@ class Listener:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # the connection stays queued and the listener readable:
+                    # pause rather than spin until descriptors are free again
                     log.warning("http %s: cannot accept: %s", self.name, exc.strerror)
+                    time.sleep(0.1)
                     return
                 raise
             sock.setblocking(False)
@@ -263,11 +266,7 @@ class Listener:
             self._queue(conn)
 
     def _parse_head(self, conn: _Conn) -> tuple | None:
-        try:
-            head = conn.buf[:conn.head_end - 4].decode("latin-1")
-        except UnicodeDecodeError:          # latin-1 decodes every byte; kept for clarity
-            return 400, "undecodable request"
-        lines = head.split("\r\n")
+        lines = conn.buf[:conn.head_end - 4].decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[1].startswith("/"):
             return 400, "malformed request line"

@@ -217,7 +217,6 @@ def test_stdin_that_is_not_a_json_object_is_a_decode_error(data, words):
     (env(cid="\u0661\u0662"), ["CNI_CONTAINERID", "start with a letter or digit"]),
     (env(netns="var/run/netns/pod"), ["CNI_NETNS='var/run/netns/pod'", "absolute path"]),
     (env(netns="."), ["CNI_NETNS='.'", "absolute path"]),
-    (env(command="DEL", netns="pod"), ["CNI_NETNS='pod'", "absolute path"]),
     (env(netns="/" + "n" * 5000), ["CNI_NETNS", "longer than a path"]),
     (env(args="K8S_POD_NAMESPACE=Shop;K8S_POD_NAME=web-0"), ["K8S_POD_NAMESPACE='Shop'"]),
     (env(args="K8S_POD_NAMESPACE=shop;K8S_POD_NAME=" + "w" * 254), ["K8S_POD_NAME", "254"]),
@@ -235,9 +234,12 @@ def test_identity_rules_accept_what_runtimes_really_send():
         assert plugin.ifname_problem(name) == "", name
     assert plugin.netns_path_problem("/var/run/netns/cni-1234") == ""
     assert plugin.netns_path_problem("/proc/4242/ns/net") == ""
-    # a DEL without a netns (the runtime lost it) is still a DEL
+    # a DEL without a netns (the runtime lost it) is still a DEL, and one
+    # whose netns names nothing usable is a DEL without one
     e = plugin.parse_env(env("DEL", netns=""))
     assert (e.command, e.netns) == ("DEL", "")
+    e = plugin.parse_env(env("DEL", netns="pod"))
+    assert (e.netns, e.ignored_netns) == ("", "pod")
 
 
 def test_wrong_types_in_gc_attachments_are_named(paths, agent):
@@ -377,6 +379,14 @@ def test_del_with_the_agent_down_is_queued_for_replay(paths):
     assert rc == 0
     assert os.listdir(os.path.dirname(qfile)) == ["c1-eth0.json"], "a repeated DEL queues once"
     assert "queued" in open(paths["log"]).read()
+
+
+def test_a_del_with_an_unusable_netns_still_deletes_by_container_id(paths):
+    rc, out = run(env("DEL", netns="var/run/netns/pod"), conf(paths))
+    assert (rc, out) == (0, None)
+    qfile = os.path.join(paths["state"], plugin.DEL_QUEUE, "c1-eth0.json")
+    assert json.loads(open(qfile).read())["netns"] == ""
+    assert "is not an absolute path: deleting by container id" in open(paths["log"]).read()
 
 
 def test_del_queue_is_bounded_and_del_still_succeeds(paths, monkeypatch):
