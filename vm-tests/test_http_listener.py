@@ -326,7 +326,7 @@ def test_at_the_cap_the_oldest_half_sent_request_makes_room(node):
             s.close()
 
 
-def test_when_every_slot_holds_a_complete_request_newcomers_get_503(node):
+def test_when_every_slot_holds_a_complete_request_newcomers_wait_their_turn(node):
     release = threading.Event()
 
     def slow(path):
@@ -338,9 +338,14 @@ def test_when_every_slot_holds_a_complete_request_newcomers_get_503(node):
         for s in (a, b):
             s.sendall(b"GET / HTTP/1.1\r\n\r\n")      # one runs, one waits for the worker
         time.sleep(0.3)
-        assert srv.ask(b"GET / HTTP/1.1\r\n\r\n")[0] == 503
+        c = srv.connect()                             # in the kernel's accept queue
+        c.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        c.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            c.recv(64)
+        assert len(srv.listener.conns) == 2 and srv.listener.stats["paused"] >= 1
         release.set()
-        for s in (a, b):
+        for s in (a, b, c):
             s.settimeout(5)
             assert s.recv(64).startswith(b"HTTP/1.1 200")
             s.close()

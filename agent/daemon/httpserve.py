@@ -11,8 +11,9 @@ requests. What a client can cost:
   - a connection slot: at most `max_connections` per listener. At the cap,
     a new connection takes the slot of the oldest one still sending its
     request (a half-sent request is the cheap attack; a complete one is
-    already being answered); if every slot holds a complete request, the
-    newcomer gets a 503 and is closed;
+    already being answered); if every slot holds a complete request, no
+    connection is accepted until one is answered (newcomers wait in the
+    kernel's accept queue);
   - time: the request line and headers must arrive within `timeout`
     seconds of the accept, the body (if any) within `timeout` of the
     headers, and the answer must be taken within `timeout` of being ready;
@@ -48,7 +49,7 @@ ACCEPTS_PER_WAKEUP = 64
 Handler = Callable[[str], tuple[int, str, bytes]]
 
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
+           411: "Length Required", 413: "Content Too Large",
            431: "Request Header Fields Too Large", 500: "Internal Server Error",
            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
@@ -102,6 +103,7 @@ class Listener:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._workers = workers
+        self._paused = False        # every slot holds a complete request: not accepting
 
     # -- lifecycle --------------------------------------------------------------
     @classmethod
@@ -193,6 +195,12 @@ class Listener:
 
     def _accept(self) -> None:
         for _ in range(ACCEPTS_PER_WAKEUP):
+            if len(self.conns) >= self.max_connections and not any(
+                    c.state == RECEIVING for c in self.conns.values()):
+                self._sel.unregister(self.sock)      # resumed when a slot frees
+                self._paused = True
+                self.stats["paused"] += 1
+                return
             try:
                 sock, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -207,27 +215,18 @@ class Listener:
                 raise
             sock.setblocking(False)
             now = time.monotonic()
-            if len(self.conns) >= self.max_connections and not self._evict():
-                self.stats["refused-full"] += 1
-                try:
-                    sock.send(_error(503, "too many connections; try again"))
-                except OSError:
-                    pass
-                sock.close()
-                continue
+            if len(self.conns) >= self.max_connections:
+                self._evict()
             peer = addr[0] if isinstance(addr, tuple) else str(addr)
             conn = _Conn(sock, peer, now, now + self.timeout)
             self.conns[sock] = conn
             self.stats["accepted"] += 1
             self._sel.register(sock, selectors.EVENT_READ, conn)
 
-    def _evict(self) -> bool:
+    def _evict(self) -> None:
         """Free the slot of the oldest connection still sending its request."""
         waiting = [c for c in self.conns.values() if c.state == RECEIVING]
-        if not waiting:
-            return False
         self._close(min(waiting, key=lambda c: c.accepted), "evicted")
-        return True
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -335,6 +334,9 @@ class Listener:
             except (KeyError, ValueError):
                 pass
         conn.sock.close()
+        if self._paused and not self._stop.is_set():
+            self._paused = False
+            self._sel.register(self.sock, selectors.EVENT_READ, "accept")
 
     # -- workers --------------------------------------------------------------------
     def _work_loop(self) -> None:
