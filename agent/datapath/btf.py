@@ -21,6 +21,7 @@ kernel goes through libbpf.so.1 (agent/datapath/libbpf.py).
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import hashlib
 import os
 import struct
@@ -264,6 +265,11 @@ def btf_by_id(btf_id: int) -> Btf:
     fd = lib.bpf_btf_get_fd_by_id(btf_id)
     if fd < 0:
         err = ct.get_errno()
+        if err == errno.EPERM:
+            from agent.datapath.errors import NotPrivileged
+            raise NotPrivileged(f"reading map layouts from the kernel (BTF {btf_id}) is not "
+                                "permitted: it needs CAP_SYS_ADMIN (BPF and PERFMON do not "
+                                "cover BPF_BTF_GET_FD_BY_ID)")
         raise OSError(err, f"BTF {btf_id}: {os.strerror(err)}")
     try:
         info = _BtfInfo()

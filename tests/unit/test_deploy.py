@@ -122,9 +122,10 @@ CAPABILITIES = {
         "tc: clsact qdiscs and bpf filters on ENIs and pod veths; netlink reads of links, "
         "routes and rules for discovery",
     ("policy", "SYS_ADMIN"):
-        "setns() into a pod's network namespace at CNI ADD (discovery); the kernel also takes "
-        "it for bpf() (maps, programs, pins, cgroup attach) and for the verifier's pointer "
-        "rules, so BPF and PERFMON would add nothing",
+        "setns() into a pod's network namespace at CNI ADD (discovery); reading map layouts "
+        "from the kernel's BTF at start (BPF_BTF_GET_FD_BY_ID, the layout check and "
+        "migration); the kernel also takes it for bpf() (maps, programs, pins, cgroup "
+        "attach) and for the verifier's pointer rules, so BPF and PERFMON would add nothing",
     ("policy", "SYS_RESOURCE"):
         "bcc lifts RLIMIT_MEMLOCK when a map is refused for it: kernels before 5.11 (Alibaba "
         "Cloud Linux 3 ships 5.10) charge BPF maps to it; unused on newer kernels",
