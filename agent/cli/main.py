@@ -236,7 +236,7 @@ def register_inspection(sub) -> None:
                                                                              required=True)
     cmd(lb, "list", views.cmd_service_list, help="same as `fastpath service list`")
 
-    ct = sub.add_parser("ct", help="conntrack of translated flows").add_subparsers(
+    ct = sub.add_parser("ct", help="conntrack: translated flows and flows NetworkPolicy admitted").add_subparsers(
         dest="verb", required=True)
 
     def ct_filters(sp):
