@@ -370,6 +370,12 @@ print(json.dumps({"sent_ok": digest.decode() == hashlib.sha256(data).hexdigest()
 """
 
 
+def nstat(ns, *names: str) -> dict[str, int]:
+    """The netns' SNMP counters (absolute values, nothing reset)."""
+    out = ns.run(["nstat", "-az", "--json", *names]).stdout
+    return {k: int(v) for k, v in json.loads(out)["kernel"].items()}
+
+
 def test_a_megabyte_through_a_clusterip_crosses_a_narrower_vpc_hop_to_a_default_deny_pod(world):
     """n1's ENI link is 1,400 bytes: the pods' 1,500-byte packets do not fit.
     Outbound (a -> ClusterIP -> c on n2), n1's stack answers "fragmentation
@@ -404,9 +410,17 @@ def test_a_megabyte_through_a_clusterip_crosses_a_narrower_vpc_hop_to_a_default_
         out = a.run(["python3", "-c", BULK_CLIENT, VIP, "80", str(1 << 20)], timeout=90).stdout
         res = json.loads(out)
         assert res["sent_ok"] and res["back_ok"], res
-        # both ends learned the narrower path, for the addresses they use
-        assert "mtu 1400" in a.run(["ip", "route", "get", VIP]).stdout
-        assert "mtu 1400" in c.run(["ip", "route", "get", a.ip]).stdout
+        # Each end's stack took a "fragmentation needed" for its own socket:
+        # an ICMP error whose quote matches no socket counts as IcmpInErrors
+        # (before: a's quoted the backend, not the VIP; c's was dropped by
+        # c's default-deny ingress). The learned MTU is in the route cache.
+        for pod, to in ((a, VIP), (c, a.ip)):
+            got = nstat(pod, "IcmpInDestUnreachs", "IcmpInErrors")
+            route = pod.run(["ip", "route", "get", to]).stdout
+            print(pod.name, got, route)
+            assert got["IcmpInDestUnreachs"] >= 1 and got["IcmpInErrors"] == 0, (pod, got)
+            assert "mtu 1400" in route, (pod, route)
+        assert ag1.datapath.lb.ct_events()["related-icmp"] >= 1
         drops = {(r.direction, r.reason): r.packets for r in ag2.datapath.maps.counters()}
         assert drops.get(("from-vpc", "dropped-policy-denied"), 0) == 0, drops
         # big segments are redirected, not left to the stack: after the first
