@@ -321,6 +321,7 @@ class Agent:
             if entry.ip not in wanted_ips:
                 self.datapath.maps.endpoint_delete(entry.ip)
                 dropped += 1
+        self.datapath.maps.veths_retain({ep.host_ifindex: ep.ip for ep in self.endpoints.values()})
         return restored, dropped
 
     def _links(self) -> dict[str, int]:
@@ -403,6 +404,8 @@ class Agent:
         # either may since belong to a newer attachment, which keeps them
         if not any(o.ip == ep.ip for o in self.endpoints.values()):
             self.datapath.maps.endpoint_delete(ep.ip)
+        if not any(o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
+            self.datapath.maps.veth_delete(ep.host_ifindex, ep.ip)
         if detach and self._host_link_is(ep) and not any(
                 o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
             try:

@@ -25,6 +25,7 @@ class Endpoint:
     netns: str = ""            # CNI_NETNS at ADD time
     pod_namespace: str = ""
     pod_name: str = ""
+    ip6: str = ""              # the pod's global IPv6 address on that interface, if any
 
     @property
     def key(self) -> str:

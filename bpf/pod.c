@@ -1,9 +1,13 @@
 /* Programs on the host side of each pod's veth (cali*), tc hooks.
  *
  * fp_from_pod (tc ingress: packets the pod sends):
- *   - anything but IPv4 (ARP, IPv6, ...) goes to the stack unchanged;
- *   - the source must be the endpoint registered on this veth (anti-spoof);
- *     a pod fastpath does not know yet is left to the stack;
+ *   - first the guard (lib/guard.h): on a registered veth, any packet
+ *     (IPv4, IPv6, ARP) whose source is not the endpoint's own is dropped
+ *     as spoofed;
+ *   - anything else but IPv4 goes to the stack unchanged;
+ *   - the source must be the endpoint registered on this veth; on a veth
+ *     without a registration, an unknown source is left to the stack and
+ *     another local pod's address is dropped as spoofed;
  *   - a TCP/UDP packet to a service frontend is translated to a backend
  *     (conntrack keeps the flow on it), then forwarded like any other;
  *   - with NetworkPolicy on, a new flow must pass the pod's egress and, when
@@ -21,6 +25,7 @@
 #include "lib/fwd.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
+#include "lib/guard.h"
 
 /* What a from-pod packet looked like on arrival, for the report. */
 struct fp_seen {
@@ -59,6 +64,9 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	int has_l4 = 0, hairpin = 0;
 	__u32 eni_ifindex;
 	int verdict;
+
+	if (fp_guard_from_pod(skb, &reason))
+		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
