@@ -80,7 +80,8 @@ _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 	X(FP_DROP_REDIRECT,  102, "dropped-redirect-failed")   \
 	X(FP_DROP_NO_BACKEND, 103, "dropped-service-no-backend") \
 	X(FP_DROP_CSUM,      104, "dropped-checksum-update") \
-	X(FP_DROP_POLICY,    105, "dropped-policy-denied")
+	X(FP_DROP_POLICY,    105, "dropped-policy-denied") \
+	X(FP_DROP_IPV6_UNJUDGED, 106, "dropped-ipv6-not-judged")
 
 #define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_dir { FP_DIRS(FP_ENUM_ENTRY) };

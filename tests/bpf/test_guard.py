@@ -1,7 +1,10 @@
 """The guards every packet passes first (bpf/lib/guard.h): anti-spoofing on
-registered pod veths in every family and on ENIs.
+registered pod veths in every family and on ENIs, and IPv6 of isolated pods
+dropped (neighbour discovery aside) while NetworkPolicy judges IPv4 only.
 
-Pod A's veth is registered with an IPv4 and an IPv6 address.
+Pod A's veth is registered with an IPv4 and an IPv6 address; the policy maps
+are filled by the real compiler and diff: A is isolated (ingress), B is not,
+C is only audited.
 """
 from __future__ import annotations
 
@@ -9,18 +12,23 @@ import itertools
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
-from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
+from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6MLReport2, ICMPv6ND_NA, ICMPv6ND_NS, \
+    ICMPv6ND_RS, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from agent.datapath.maps import DEFS
 from agent.endpoints import Endpoint
+from agent.policy import compile_policy, diff
 from tests.bpf.conftest import (ENI_IP, GW_MAC, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
                                 TC_ACT_SHOT, run_prog)
 from tests.bpf.conftest import decode_event
+from tests.bpf.test_policy import audited
+from tests.policy.kube import namespace, netpol, pod, snapshot
 
 POD_A6 = "fd00:10::a"
 OTHER6 = "fd00:10::b"
 SPOOFED = "dropped-source-spoofed"
+UNJUDGED = "dropped-ipv6-not-judged"
 _sport = itertools.count(31000)
 
 
@@ -36,6 +44,30 @@ def pod_a6(dp, bpfnet):
     finally:
         dp.maps.endpoint_put(Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac,
                                       n.pod_a_mac, "eth1", n.eth1.ifindex))
+
+
+@pytest.fixture(scope="module")
+def isolation(dp):
+    """A isolated for ingress, B open, C audited only; policy checks on."""
+    snap = snapshot([
+        namespace("x", ns="x"), namespace("y", ns="y"),
+        pod("x", "a", POD_A, labels={"app": "a"}),
+        pod("x", "b", POD_B, labels={"app": "b"}),
+        pod("y", "c", POD_C, labels={"app": "c"}),
+        netpol("x", "a-deny", {"podSelector": {"matchLabels": {"app": "a"}}, "ingress": []}),
+        audited(netpol("y", "c-audit", {"podSelector": {"matchLabels": {"app": "c"}},
+                                        "ingress": []})),
+    ])
+    state = compile_policy(snap, "n1", [ENI_IP], "default", {"y/c-audit"})
+    for op in diff(dp.policy.image(), state):
+        dp.policy.apply(op)
+    dp.settings.set_policy(True)
+    try:
+        yield state
+    finally:
+        dp.settings.set_policy(False)
+        dp.policy.clear()
+        dp.lb.conntrack_flush()
 
 
 def eth_a(n):
@@ -163,3 +195,65 @@ def test_a_removed_registration_disarms_the_guard(dp, bpfnet):
     assert n.cali_d.ifindex not in dp.maps.veths()
     r = run_prog(dp, n.ns, "fp_from_pod", bytes(pkt), n.cali_d.ifindex)
     assert r.reason == "to-stack"
+
+
+# ---- IPv6 of isolated pods ------------------------------------------------
+
+def to_pod(n, dev, dst6, l4=None):
+    d = getattr(n, dev)
+    return (Ether(src=d.mac, dst="02:00:00:00:0a:0a") / IPv6(src=OTHER6, dst=dst6)
+            / (l4 if l4 is not None else UDP(sport=next(_sport), dport=53) / b"q"))
+
+
+def test_ipv6_from_an_isolated_pod_is_dropped_but_neighbour_discovery(dp, bpfnet, pod_a6,
+                                                                      isolation):
+    n = bpfnet
+    for l4 in (None, ICMPv6EchoRequest()):
+        r = run_a(dp, n, v6_from_a(n, POD_A6, l4=l4))
+        assert r.verdict == TC_ACT_SHOT and r.reason == UNJUDGED
+    # multicast listener reports are not neighbour discovery
+    r = run_a(dp, n, v6_from_a(n, "fe80::a", dst="ff02::16", l4=ICMPv6MLReport2()))
+    assert r.verdict == TC_ACT_SHOT and r.reason == UNJUDGED
+    for l4, dst in ((ICMPv6ND_NS(tgt="fe80::1"), "ff02::1:ff00:1"),
+                    (ICMPv6ND_NA(tgt=POD_A6), "fe80::1"),
+                    (ICMPv6ND_RS(), "ff02::2")):
+        r = run_a(dp, n, v6_from_a(n, POD_A6, dst=dst, l4=l4))
+        assert r.verdict != TC_ACT_SHOT and r.reason == "passed", l4.name
+    # a spoofed source is still that, whatever the isolation
+    r = run_a(dp, n, v6_from_a(n, OTHER6))
+    assert r.reason == SPOOFED
+
+
+def test_ipv6_to_an_isolated_pod_is_dropped_but_neighbour_discovery(dp, bpfnet, isolation):
+    n = bpfnet
+    r = run_prog(dp, n.ns, "fp_to_pod", bytes(to_pod(n, "cali_a", POD_A6)), n.cali_a.ifindex)
+    assert r.verdict == TC_ACT_SHOT and r.reason == UNJUDGED
+    r = run_prog(dp, n.ns, "fp_to_pod", bytes(to_pod(n, "cali_a", POD_A6, ICMPv6ND_NA(tgt=OTHER6))),
+                 n.cali_a.ifindex)
+    assert r.verdict != TC_ACT_SHOT
+    counted = {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()}
+    assert counted[(n.cali_a.ifindex, "to-pod", UNJUDGED)] >= 1
+
+
+def test_ipv6_of_open_and_audited_pods_passes(dp, bpfnet, isolation):
+    n = bpfnet
+    for dev in ("cali_b", "cali_c"):        # B: no policy; C: audit only
+        r = run_prog(dp, n.ns, "fp_to_pod", bytes(to_pod(n, dev, "fd00:10::99")),
+                     getattr(n, dev).ifindex)
+        assert r.verdict != TC_ACT_SHOT, (dev, r.reason)
+    r = run_prog(dp, n.ns, "fp_from_pod", bytes(
+        Ether(src=n.pod_c_mac, dst=n.cali_c.mac) / IPv6(src="fe80::c", dst="fe80::1") / UDP()),
+        n.cali_c.ifindex)
+    assert r.verdict != TC_ACT_SHOT and r.reason == "passed"
+
+
+def test_ipv6_of_isolated_pods_passes_while_policy_checks_are_off(dp, bpfnet, pod_a6, isolation):
+    dp.settings.set_policy(False)
+    try:
+        r = run_a(dp, bpfnet, v6_from_a(bpfnet, POD_A6))
+        assert r.verdict != TC_ACT_SHOT and r.reason == "passed"
+        r = run_prog(dp, bpfnet.ns, "fp_to_pod", bytes(to_pod(bpfnet, "cali_a", POD_A6)),
+                     bpfnet.cali_a.ifindex)
+        assert r.verdict != TC_ACT_SHOT
+    finally:
+        dp.settings.set_policy(True)
