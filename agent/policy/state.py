@@ -246,6 +246,9 @@ class PolicyState:
     endpoints: Mapping[str, EndpointPolicy]  # pod IPv4 -> its policy
     policies: Mapping[int, str]              # policy id -> "namespace/name" (reserved included)
     audited: frozenset[str] = frozenset()    # "namespace/name" of audited policies
+    # (policy "namespace/name", endpoint IPv4) pairs whose rules are left out
+    # for lack of map room: the policy isolates the endpoint, admits nothing
+    refused: frozenset[tuple[str, str]] = frozenset()
     # Derived data computed on first use (the state itself never changes).
     _cache: dict = field(default_factory=dict, repr=False)
 
