@@ -169,7 +169,11 @@ class Agent:
             Capacities(cfg.ipcache_map_size, cfg.endpoints_map_size, cfg.policy_map_size),
             self._node_ips, ids_file=str(self.state_dir / "policy-ids.json"),
             metrics=self.metrics, events=self.events,
-            unknown_pod=cfg.policy_unknown_pod).start()
+            unknown_pod=cfg.policy_unknown_pod)
+        # restored endpoints keep what their ADD said until the store agrees
+        for ep in self._endpoint_list():
+            self.policy.remember(ep.ip, ep.pod_namespace, ep.pod_name)
+        self.policy.start()
 
     def _node_ips(self) -> list[str]:
         """This node's own IPv4 addresses: what the host stack (kubelet

@@ -118,10 +118,14 @@ class PolicySync(Worker):
         self.ids_file = Path(ids_file) if ids_file else None
         self._saved_ids: Optional[dict] = None
         self.hints: dict[str, Hint] = {}  # pod IPv4 -> what CNI ADD said
+        # pod IPv4 -> (the Pod it was made from, the Pod at the ADD's address):
+        # the same object plan after plan, so the compiler sees no change
+        self._placed: dict[str, tuple[Pod, Pod]] = {}
         self.status = PolicyStatus(self.mode.value)
         self.lock = threading.Lock()      # one plan at a time; readers take it too
         self.planned = threading.Event()  # a plan has written a state (or tried to)
         self._again = threading.Event()   # plan again without a store change
+        self._node_ips_seen: Optional[list[str]] = None
         self._refused_named: dict[str, tuple[str, ...]] = {}
         Worker.__init__(self, "policy-sync")
 
@@ -151,6 +155,12 @@ class PolicySync(Worker):
         "compiled", "pending" (safe state) or "open"."""
         if self.mode == Mode.NEVER:
             return "open"
+        if not namespace or not name:
+            # not a Kubernetes pod (no K8S_POD_* in the ADD): no policy
+            # selects it, unless the store knows a pod at that address
+            with self.lock:
+                known = self.state is not None and ip in self.state.endpoints
+            return "compiled" if known else "open"
         with self.lock:
             self.hints[ip] = Hint(namespace, name, fetched)
         if not self.planned.is_set():
@@ -163,13 +173,23 @@ class PolicySync(Worker):
             else:
                 ep = self.state.endpoints.get(ip) if self.state is not None else None
                 if ep is None or (ep.namespace, ep.name) != (namespace, name) or is_pending(ep):
-                    self._plan()
+                    # on the ADD's clock: the node's addresses of the last
+                    # plan, and the ids file left to the plan that follows
+                    self._plan(node_ips=self._node_ips_seen, persist=False)
+                    self._again.set()
             ep = self.state.endpoints.get(ip) if self.state is not None else None
         if ep is None:
             # before any plan the safe state went straight to the maps
             return "pending" if self.state is None and self.unknown_pod == DENY_INGRESS \
                 else "open"
         return "pending" if is_pending(ep) else "compiled"
+
+    def remember(self, ip: str, namespace: str, name: str) -> None:
+        """A restored endpoint: what its ADD said counts again (a pod whose
+        Pod has no address yet, or none at all, keeps its state)."""
+        if self.mode != Mode.NEVER and namespace and name:
+            with self.lock:
+                self.hints.setdefault(ip, Hint(namespace, name))
 
     def forget(self, ip: str) -> None:
         """CNI DEL: the pod's word no longer counts; the next plan drops
@@ -208,9 +228,24 @@ class PolicySync(Worker):
                 continue
             if pods is None:
                 pods = dict(snap.pods)
-            pods[cur.key] = replace(cur, ips=(ip,), node_name=self.node_name)
+            made = self._placed.get(ip)
+            if made is None or made[0] is not cur:
+                # the ADD is the word on who holds the address here now: it
+                # outranks a Pod object still claiming it (phase Running,
+                # as the pod is about to be)
+                made = self._placed[ip] = (cur, replace(
+                    cur, ips=(ip,), node_name=self.node_name,
+                    phase="Running" if cur.phase in ("", "Pending") else cur.phase))
+            pods[cur.key] = made[1]
+            was = self.state.endpoints.get(ip) if self.state is not None else None
+            if was is not None and (was.namespace, was.name) != cur.key:
+                stale = pods.get((was.namespace, was.name))
+                if stale is not None and ip in stale.ips:
+                    pods[stale.key] = replace(stale, ips=tuple(a for a in stale.ips if a != ip))
         for ip in done:
             del self.hints[ip]
+        for ip in [ip for ip in self._placed if ip not in self.hints]:
+            del self._placed[ip]
         if pods is None:
             return snap, pending
         maps = {k: snap.of(k) for k in Kind}
@@ -223,11 +258,12 @@ class PolicySync(Worker):
         with self.lock:
             return self._plan()
 
-    def _plan(self) -> int:
+    def _plan(self, node_ips: Optional[list[str]] = None, persist: bool = True) -> int:
         t0 = time.monotonic()
         store_snap = self.store.snapshot()
         snap, pending = self._overlay(store_snap)
-        node_ips = self.node_ips()
+        if node_ips is None:
+            node_ips = self._node_ips_seen = self.node_ips()
         audited = audited_policies(snap)
         previous = self.state if self.state is not None else (
             self._base if self._base is not None else self._restored_ids(snap))
@@ -251,12 +287,14 @@ class PolicySync(Worker):
         if plan.state is not None:
             self.state, self._base = plan.state, None
             self._applied_policies = snap.network_policies
-            self._save_ids(plan.state)
         else:
             # isolate_only (or nothing) went in: the maps are neither the
             # old state nor the new one; diff from what they hold next time
             self.state, self._base = None, compile_with(frozenset())
-            self._save_ids(self._base)
+        if persist:
+            # (a restart that finds an id the file does not name yet only
+            # rewrites those entries: its first plan diffs from the maps)
+            self._save_ids(self.state if self.state is not None else self._base)
         settle_gc(st.plans + 1)
         self._report(plan, snap)
         ref = self.state if self.state is not None else self._base

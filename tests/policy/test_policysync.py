@@ -296,3 +296,54 @@ def test_no_write_ever_overflows_while_refusals_come_and_go():
                 assert maps.img.endpoints[ip].ingress.enforced, (step, m)
         assert len(maps.img.rules) <= 150
     assert sync.status.refused_total > 0, "the map was never tight: the test proves nothing"
+
+
+def test_a_restarted_agent_keeps_a_pending_pod_in_its_safe_state():
+    sync, store, maps, _ = make([namespace("x", ns="x")] + pods({"a": "web"}))
+    sync.sync_once()
+    sync.admit(E, "x", "e")
+    assert maps.img.endpoints[E].ingress.enforced
+    # a new PolicySync over the same maps, as after a restart; the endpoint
+    # is restored from the state directory
+    again = PolicySync(maps, FakeSettings(), store, FakeSource(store), NODE, "default",
+                       maps.caps, lambda: [HOST])
+    again.remember(E, "x", "e")
+    again.sync_once()
+    assert maps.img.endpoints[E].ingress.enforced and again.status.pending == ["x/e"]
+    # without the restored word it would have been opened
+    third = PolicySync(maps, FakeSettings(), store, FakeSource(store), NODE, "default",
+                       maps.caps, lambda: [HOST])
+    third.sync_once()
+    assert E not in maps.img.endpoints
+
+
+def test_an_unchanged_pod_at_its_add_address_is_not_recompiled_plan_after_plan():
+    base = [namespace("x", ns="x"), DENY_ALL]
+    sync, store, maps, _ = make(base + pods({"a": "web", "b": "web"}, no_ip=("b",)))
+    sync.sync_once()
+    sync.admit(B, "x", "b")
+    first = sync.state.endpoints[B]
+    store.apply(upserts=[namespace("y", ns="y")])      # an unrelated change
+    sync.sync_once()
+    assert sync.state.endpoints[B] is first
+
+
+def test_an_add_without_a_pod_name_is_no_kubernetes_pod_and_stays_open():
+    sync, store, maps, _ = make([namespace("x", ns="x"), DENY_ALL] + pods({"a": "web"}))
+    sync.sync_once()
+    assert sync.admit(E, "", "") == "open"
+    assert E not in maps.img.endpoints and sync.hints == {}
+    assert sync.admit(A, "", "") == "compiled"        # the store knows a pod there
+
+
+def test_an_address_reused_by_a_new_pod_is_compiled_as_the_new_pod():
+    # the old pod's object still claims the address (being deleted, Running)
+    old = pod("x", "old", E, labels={"app": "web"}, deleting=True)
+    sync, store, maps, _ = make([namespace("x", ns="x"), WEB, old] + pods({"a": "db"}))
+    sync.sync_once()
+    assert sync.state.endpoints[E].name == "old" and maps.img.endpoints[E].ingress.enforced
+    store.apply(upserts=[pod("x", "new", None, labels={"app": "db"})])
+    assert sync.admit(E, "x", "new") == "compiled"
+    assert sync.state.endpoints[E].name == "new"
+    assert E not in maps.img.endpoints or not maps.img.endpoints[E].ingress.enforced
+    assert evaluate(maps.img, A, E, "TCP", 80).allowed       # db pods are not isolated
