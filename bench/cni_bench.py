@@ -41,7 +41,7 @@ from pathlib import Path
 from agent.api import wire
 from agent.sim import World, plan
 from agent.sim.netns import ip_batch, sh
-from agent.simagent import AgentProcess, private_paths
+from agent.sim.agent import AgentProcess, private_paths
 from bench.results import record
 from chainer.testing import (Attachment, CniRuntime, PluginFailed, install_plugins, ptp_conflist,
                              terway_conflist)

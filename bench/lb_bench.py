@@ -339,7 +339,7 @@ def medians(raw: dict) -> dict:
 def run(args) -> dict:
     started = time.monotonic()
     harness.build_fprr()
-    from agent.simagent import sim_attach
+    from agent.sim.agent import sim_attach
     ncpu = os.cpu_count() or 1
     bg_cpu = ncpu - 1 if ncpu > 1 else 0
     res: dict = {"medians": {}, "raw": {}, "loads": {}, "cp": {}, "errors": {}, "host_services": 0,
@@ -403,7 +403,7 @@ def run(args) -> dict:
 
 
 def _measure(args, res: dict, n1, a, b, kps: dict, cg: str) -> None:
-    from agent.simagent import sim_attach
+    from agent.sim.agent import sim_attach
     rounds, crr_s, rr_s = args.rounds, args.crr_seconds, args.rr_seconds
     with sim_attach(n1) as agent:
         lb = agent.datapath.lb
@@ -653,7 +653,7 @@ def control_plane(sim_attach, node, loader: Loader, min_changes: int = 20,
     from agent.k8s.parse import parse_object
     from agent.k8s.store import Store
     from agent.lb.compile import compile_service
-    from agent.services import ServiceSync, apply_op
+    from agent.daemon.services import ServiceSync, apply_op
 
     out: dict = {}
     log(f"lb_bench: control plane: {CP_SERVICES} Services x {CP_ENDPOINTS} endpoints")

@@ -54,7 +54,7 @@ IPT_SIZES = (1000, 10000)
 
 
 def _flag_policy() -> int:
-    from agent.bpfdefs import load
+    from agent.model.bpfdefs import load
     return load().defines["FP_CFG_F_POLICY"]
 
 
@@ -115,8 +115,8 @@ def change_figure(budget: float = 600.0) -> dict:
     capacity check, ordered diff, writes to the real pinned maps of a
     simulated node): time from the store update to the last map write."""
     from agent.policy import Capacities
-    from agent.policysync import PolicySync
-    from agent.simagent import sim_attach
+    from agent.daemon.policysync import PolicySync
+    from agent.sim.agent import sim_attach
     from tests.policy.scale import NODE as SCALE_NODE, NODE_IPS, Scale
     sc = Scale(2, CP_PODS, CP_LOCAL, CP_POLICIES)
     out: dict = {}
@@ -340,7 +340,7 @@ def load_iptables(node, text: str, loaded: bool) -> float:
 
 
 def data_path(args) -> dict:
-    from agent.simagent import sim_attach
+    from agent.sim.agent import sim_attach
     from bench.lb_bench import assert_fastpath_on, assert_no_bpf, assert_no_netfilter
     harness.build_fprr()
     res: dict = {"raw": {}, "medians": {}, "setup": {}, "checks": {}}

@@ -65,7 +65,7 @@ STANDARD_KEYS = frozenset(("cniVersion", "name", "type", "prevResult", "runtimeC
                            "capabilities", "args", "ipam", "dns", "cni.dev/valid-attachments"))
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 MAX_TIMEOUT = 300
-DEL_QUEUE = "cni-del-queue"        # shared with agent/agent.py (replay_deletions)
+DEL_QUEUE = "cni-del-queue"        # shared with agent/daemon/agent.py (replay_deletions)
 DEL_QUEUE_MAX = 4096
 LOG_ROTATE_BYTES = 4 << 20
 SUN_PATH_MAX = 107                 # sizeof(sockaddr_un.sun_path) - 1

@@ -23,7 +23,7 @@ from agent.datapath import tc
 from agent.datapath.maps import MAP
 from agent.sim import plan
 from agent.sim.netns import sh
-from agent.simagent import AgentProcess, SimPaths, private_paths
+from agent.sim.agent import AgentProcess, SimPaths, private_paths
 from chainer.testing import CniRuntime, install_plugins, terway_conflist
 
 TC_PRIORITY = 25000            # agent.config's default, which the sim agents keep

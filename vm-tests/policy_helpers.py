@@ -477,7 +477,7 @@ def policy_verdicts(bpffs_root: str, grpc_socket: str) -> dict[tuple[str, str, s
     per-policy verdict counters (its pinned map, decoded as `fastpath map
     dump` does) and its names for policy ids (`PolicyNames`)."""
     from agent.api.inspect import Client
-    from agent.bpfdefs import load
+    from agent.model.bpfdefs import load
     from agent.datapath import libbpf, pinned
     from agent.datapath.maps import MAP
     from agent.inspect import decode

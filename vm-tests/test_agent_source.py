@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from agent.api import wire
-from agent.simagent import AgentProcess, private_paths
+from agent.sim.agent import AgentProcess, private_paths
 
 MANIFESTS = """
 apiVersion: v1

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.api import wire
 from agent.sim import World
-from agent.simagent import AgentProcess, private_paths, register_pod
+from agent.sim.agent import AgentProcess, private_paths, register_pod
 from fastpath_helpers import inject_truncated, serve_reply
 
 REPO = Path(__file__).resolve().parents[1]

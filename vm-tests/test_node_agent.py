@@ -26,10 +26,10 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.agent import Agent
+from agent.daemon.agent import Agent
 from agent.api import wire
 from agent.datapath import libbpf, tc
-from agent.simagent import AgentProcess, _detach_node, private_paths
+from agent.sim.agent import AgentProcess, _detach_node, private_paths
 from bench.harness import build_fprr
 from fastpath_helpers import forwarded_by_stack, inject_truncated, serve_reply
 
@@ -422,7 +422,7 @@ def datapath_view(paths, client_ip: str, vip: str) -> dict:
     """What a restart must not change: the endpoints map entries (identity
     included) and the translated flows of `client_ip` to `vip` (backend per
     flow), plus the per-packet translation counters and flow timestamps."""
-    from agent.bpfdefs import load
+    from agent.model.bpfdefs import load
     translated = load().reason_value("service-translated")
     eps, ct, counters = pinned_entries(paths, "FP_MAP_ENDPOINTS", "FP_MAP_CT", "FP_MAP_COUNTERS")
     flows = {}

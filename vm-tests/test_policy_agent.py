@@ -17,7 +17,7 @@ import time
 
 from agent.api import wire
 from agent.sim import manifests as m
-from agent.simagent import AgentProcess, private_paths, register_pod
+from agent.sim.agent import AgentProcess, private_paths, register_pod
 from fastpath_helpers import serve_reply
 
 ALLOW_A_TO_B = """

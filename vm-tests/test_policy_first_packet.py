@@ -29,7 +29,7 @@ from agent.api import wire
 from agent.sim import manifests as m
 from agent.sim import plan
 from agent.sim.netns import sh
-from agent.simagent import AgentProcess, private_paths, register_pod
+from agent.sim.agent import AgentProcess, private_paths, register_pod
 from chainer.testing import CniRuntime, install_plugins, terway_conflist
 
 PORT = 7777

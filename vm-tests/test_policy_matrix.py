@@ -27,7 +27,7 @@ import pytest
 
 from agent.api import wire
 from agent.sim import World
-from agent.simagent import AgentProcess, private_paths
+from agent.sim.agent import AgentProcess, private_paths
 from policy_helpers import (
     NAMESPACES, PODS, Cluster, PodInfo, Prober, assert_matrix, deciding_policies,
     drops_by_reason, expected_matrix, netpol, policy_verdicts, probe_matrix, summary,

@@ -26,7 +26,7 @@ import time
 from agent.api import wire
 from agent.datapath.maps import MAP
 from agent.sim import manifests as m
-from agent.simagent import AgentProcess, private_paths, register_pod
+from agent.sim.agent import AgentProcess, private_paths, register_pod
 
 PORT = 5353
 SPOOFED = "dropped-source-spoofed"

@@ -13,7 +13,7 @@ import subprocess
 import time
 
 from agent.datapath import Datapath
-from agent.simagent import AgentProcess, private_paths, register_pod, sim_attach
+from agent.sim.agent import AgentProcess, private_paths, register_pod, sim_attach
 from agent.sim.traffic import tcp_exchange, udp_send
 from fastpath_helpers import counters_by, forwarded_by_stack, inject_truncated
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from agent.api import wire
-from agent.simagent import AgentProcess, private_paths, register_pod
+from agent.sim.agent import AgentProcess, private_paths, register_pod
 from fastpath_helpers import serve_reply
 
 VIP = "192.168.99.10"

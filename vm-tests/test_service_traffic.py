@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import subprocess
 
-from agent.simagent import sim_attach
+from agent.sim.agent import sim_attach
 from fastpath_helpers import counters_by, serve_reply
 
 VIP = "192.168.77.10"

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from agent.simagent import sim_attach
+from agent.sim.agent import sim_attach
 from test_socket_lb import cgroup  # noqa: F401  (fixture)
 
 VIP = "192.168.66.53"

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from agent.simagent import sim_attach
+from agent.sim.agent import sim_attach
 from fastpath_helpers import serve_reply
 
 CGROUP2 = "/sys/fs/cgroup/unified"

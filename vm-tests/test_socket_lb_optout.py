@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from agent.datapath.maps import netns_cookie
-from agent.simagent import sim_attach
+from agent.sim.agent import sim_attach
 from fastpath_helpers import counters_by, serve_reply
 from test_socket_lb import cgroup, in_cgroup  # noqa: F401  (fixture)
 

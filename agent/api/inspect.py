@@ -165,7 +165,7 @@ class Client:
 # -- the agent's side ---------------------------------------------------------
 
 class AgentInspect:
-    """The methods, over a running Agent (agent/agent.py)."""
+    """The methods, over a running Agent (agent/daemon/agent.py)."""
 
     def __init__(self, agent, logs: LogRing | None = None):
         self.agent = agent
@@ -225,9 +225,12 @@ class AgentInspect:
                                "has not completed)")
         snap = self.agent.store.snapshot() if self.agent.store is not None else None
         try:
-            return pview.endpoint_rules(state, endpoint, snap)
+            view = pview.endpoint_rules(state, endpoint, snap)
         except KeyError as exc:
             raise InspectError("not-found", str(exc.args[0])) from None
+        from agent.policy.pending import is_pending
+        view["pending"] = is_pending(state.endpoints[view["ip"]])
+        return view
 
     def inspect_PolicyNames(self) -> dict:
         state = _policy_state(self.agent)
@@ -246,9 +249,8 @@ def _policy_state(agent):
 
 
 def _links(netns) -> dict[int, str]:
-    from agent.datapath.netlink import iproute
-    with iproute(netns) as ipr:
-        return {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+    from agent.datapath.netlink import link_names
+    return link_names(netns)
 
 
 _ring_lock = threading.Lock()

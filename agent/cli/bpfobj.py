@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.cli.common import EXIT_FAIL, CliExit, run
 from agent.inspect import table as tbl
 
@@ -32,7 +32,7 @@ def alias_of(pin: str) -> str:
 
 def _attachments(ctx, include_foreign: bool = False):
     from agent.datapath import pinned
-    from agent.cgroups import resolve_root
+    from agent.datapath.cgroup import resolve_root
     maps = ctx.maps()
     progs = {p.id: p for p in pinned.our_programs(maps)}
     att = pinned.tc_attachments()

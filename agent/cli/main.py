@@ -37,7 +37,7 @@ def load_config(args) -> Config:
 
 
 def cmd_agent(args) -> int:
-    from agent.agent import Agent
+    from agent.daemon.agent import Agent
     from agent.datapath.errors import DatapathError, NotPrivileged, NoBpfSupport
     cfg = load_config(args)
     logging.basicConfig(level=cfg.log_level.upper(),
@@ -141,7 +141,8 @@ def cmd_config(args) -> int:
 
 def cmd_uninstall(args) -> int:
     """Remove fastpath from this node: kernel state, then files."""
-    from agent import cgroups, nodeinstall
+    from agent.datapath import cgroup as cgroups
+    from agent.daemon import nodeinstall
     from agent.api import wire
     from agent.datapath import uninstall
     cfg = load_config(args)
@@ -184,7 +185,7 @@ def cmd_uninstall(args) -> int:
 
 
 def cmd_cni(args) -> int:
-    from agent import nodeinstall
+    from agent.daemon import nodeinstall
     try:
         for line in nodeinstall.install_cni(args.conflist, bin_dir=args.cni_bin_dir,
                                             conf_dir=args.cni_conf_dir, python=args.python,

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.cli import bpfobj
 from agent.cli.common import EXIT_FAIL, EXIT_USAGE, CliExit, run
 from agent.datapath import libbpf

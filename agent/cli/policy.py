@@ -3,7 +3,7 @@ each traced to the policies (namespace/name) that admit it, with per-rule
 hit counters from the pinned rule map."""
 from __future__ import annotations
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.cli import bpfobj
 from agent.cli.common import EXIT_FAIL, CliExit, run
 from agent.inspect import policy as pview

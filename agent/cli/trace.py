@@ -16,7 +16,7 @@ import ctypes as ct
 import ipaddress
 import os
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.cli import bpfobj
 from agent.cli.common import EXIT_FAIL, EXIT_USAGE, CliExit, run
 from agent.datapath import libbpf, pinned

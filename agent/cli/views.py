@@ -23,7 +23,7 @@ def policy_states(ctx) -> tuple[bool | None, dict]:
     agent is down): {"state": "not-enforced"} for every pod when the
     datapath's policy checks are off, else per direction enforced / audit /
     open with the deciding policy id."""
-    from agent import bpfdefs
+    from agent.model import bpfdefs
     maps = ctx.maps()
     if M.get("policy_ep") not in maps or M.get("config") not in maps:
         return None, {}

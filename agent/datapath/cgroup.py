@@ -4,6 +4,11 @@ Programs are attached with BPF_F_ALLOW_MULTI so that they coexist with
 other tools' programs on the same cgroup. An agent restart attaches its new
 programs first and only then detaches the previous agent's (found by name
 with BPF_PROG_QUERY), so sockets are never without translation in between.
+
+Where cgroup v2 lives on this host (the root socket-LB attaches to):
+`cgroup_root` empty means the cgroup2 mount itself: /sys/fs/cgroup on a
+pure cgroup v2 host, /sys/fs/cgroup/unified on a hybrid one (systemd's
+layout with v1 controllers beside a v2 tree).
 """
 from __future__ import annotations
 
@@ -18,6 +23,28 @@ from agent.datapath.loader import PROGRAMS
 BPF_F_ALLOW_MULTI = 2
 SOCK_PROGRAMS = {n: spec[2] for n, spec in PROGRAMS.items() if spec[0] == "sock.c"}
 OUR_PREFIX = "fp_sock_"
+
+
+def cgroup2_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    out = []
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[sep + 1] == "cgroup2":
+                out.append(fields[4])
+    return out
+
+
+def resolve_root(cgroup_root: str) -> str:
+    """The configured cgroup root, or the (first) cgroup2 mount."""
+    if cgroup_root:
+        return cgroup_root
+    mounts = cgroup2_mounts()
+    if not mounts:
+        raise FileNotFoundError("no cgroup2 filesystem is mounted: mount one "
+                                "(mount -t cgroup2 none /sys/fs/cgroup) or set cgroup_root")
+    return mounts[0]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.datapath.errors import DatapathError
 from agent.datapath.tc import ifindex_by_name
-from agent.endpoints import Endpoint
+from agent.model.endpoint import Endpoint
 
 
 class DiscoveryError(DatapathError):

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.config import Config
 from agent.datapath import libbpf
 from agent.datapath.errors import (DatapathError, MissingKernelHeaders, NoBpfSupport,

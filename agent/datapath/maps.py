@@ -14,8 +14,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from agent import bpfdefs
-from agent.endpoints import Endpoint
+from agent.model import bpfdefs
+from agent.model.endpoint import Endpoint
 
 DEFS = bpfdefs.load()
 MAP = DEFS.maps

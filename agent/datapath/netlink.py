@@ -7,7 +7,10 @@ forked helper process, and no other thread is ever moved.
 """
 from __future__ import annotations
 
+import socket
+
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.datapath.nsenter import in_netns
 
@@ -17,3 +20,21 @@ def iproute(netns: str | None = None) -> IPRoute:
     Use as a context manager."""
     with in_netns(netns):
         return IPRoute()
+
+
+def link_name(ifindex: int, netns: str | None = None) -> str | None:
+    """The name of the link with `ifindex` in `netns`; None when there is none."""
+    with iproute(netns) as ipr:
+        try:
+            links = ipr.get_links(ifindex)
+        except NetlinkError:
+            return None
+    return links[0].get_attr("IFLA_IFNAME") if links else None
+
+
+def link_names(netns: str | None = None) -> dict[int, str]:
+    """ifindex -> name of every link in `netns`. libc's if_nameindex reads
+    the same rtnetlink dump in C: with a thousand pod veths it answers in a
+    few milliseconds where decoding the dump in Python takes hundreds."""
+    with in_netns(netns):
+        return dict(socket.if_nameindex())

@@ -9,7 +9,7 @@ may name several (an attribution difference only: the same packets pass).
 """
 from __future__ import annotations
 
-from agent.bpfdefs import load as _defs
+from agent.model.bpfdefs import load as _defs
 from agent.datapath.maps import MAP, be16, be32, ip_from_be32, port_from_be16
 from agent.policy import ip4
 from agent.policy.diff import (

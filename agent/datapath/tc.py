@@ -136,7 +136,15 @@ def detach(dev: str | int, prio: int | None = None, netns: str | None = None,
             if missing_ok:
                 return []
             raise
-        for f in _filters(ipr, idx, ifname):
+        try:
+            found = _filters(ipr, idx, ifname)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise DatapathError(f"cannot list tc filters of {ifname}: {exc}") from None
+            if missing_ok:
+                return []      # the device went away after we found it
+            raise InterfaceNotFound(ifname, netns) from None
+        for f in found:
             if not f.ours or (prio is not None and f.prio != prio):
                 continue
             try:
@@ -145,7 +153,7 @@ def detach(dev: str | int, prio: int | None = None, netns: str | None = None,
                 removed.append(f)
             except NetlinkError as exc:
                 if exc.code not in (errno.ENOENT, errno.ENODEV):
-                    raise
+                    raise DatapathError(f"cannot detach {f.name} from {ifname}: {exc}") from None
         if removed and not _any_filters(ipr, idx):
             # clsact with no filter of any kind left on it is ours to remove
             try:

@@ -15,7 +15,7 @@ runs) the kernel frees them. Order: hooks first, so nothing runs that still
 expects the maps, then the pins.
 
 The agent must not be running: it would re-attach. `fastpath uninstall`
-(agent/cli) checks that and also removes the files (agent/nodeinstall.py).
+(agent/cli) checks that and also removes the files (agent/daemon/nodeinstall.py).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
 PROTO_NUMBERS = {v: k for k, v in PROTOCOLS.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.inspect import decode
 
 

@@ -53,12 +53,10 @@ def endpoint_rules(state, endpoint: str, snapshot=None) -> dict:
             "policies": [state.policy_name(p) for p in v.policies],
             "audit": v.audit,
         })
-    from agent.policy.pending import is_pending
     return {"ip": ep.ip, "pod": f"{ep.namespace}/{ep.name}", "mode": str(state.mode),
             "directions": dirs, "rules": rules,
             # policies isolating it whose rules the maps had no room for
             "refused": sorted(n for n, ip in getattr(state, "refused", ()) if ip == ep.ip),
-            "pending": is_pending(ep),
             "policy_names": {str(k): v for k, v in state.policies.items()}}
 
 

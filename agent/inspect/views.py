@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.inspect.decode import PROTO_NUMBERS
 
 

@@ -14,7 +14,8 @@ import signal
 import sys
 import threading
 
-from agent.k8s.source import describe, open_source, summarize
+from agent.k8s import open_source
+from agent.k8s.source import describe, summarize
 from agent.k8s.store import Store
 
 log = logging.getLogger("fastpath.k8s")

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Optional
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.k8s.model import ANNOTATION_SOCKET_LB, Kind, Namespace, Pod
 
 __all__ = ["SKIP_POD", "SKIP_NAMESPACE", "Decision", "decide", "opt_outs",

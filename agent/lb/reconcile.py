@@ -34,7 +34,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.lb.compile import KIND_CLUSTER_IP, Backend, Frontend, FrontendState, no_cyclic_gc
 
 __all__ = [

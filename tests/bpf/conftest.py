@@ -22,7 +22,7 @@ from agent.config import Config
 from agent.datapath import Datapath
 from agent.datapath.libbpf import prog_test_run
 from agent.datapath.nsenter import in_netns
-from agent.endpoints import Endpoint
+from agent.model.endpoint import Endpoint
 
 TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = -1, 0, 2, 7
 

@@ -14,7 +14,7 @@ from agent.datapath import Datapath, loader, tc
 from agent.datapath.errors import (DatapathError, InterfaceNotFound, MissingKernelHeaders,
                                    NotPrivileged, VerifierRejected)
 from agent.datapath.libbpf import lib, map_info
-from agent.endpoints import Endpoint
+from agent.model.endpoint import Endpoint
 
 
 def _veth(netns, name="caliT"):

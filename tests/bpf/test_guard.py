@@ -17,7 +17,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6MLReport2, ICMPv6ND_NA, 
 from scapy.layers.l2 import ARP, Ether
 
 from agent.datapath.maps import DEFS
-from agent.endpoints import Endpoint
+from agent.model.endpoint import Endpoint
 from agent.policy import compile_policy, diff
 from tests.bpf.conftest import (ENI_IP, GW_MAC, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
                                 TC_ACT_SHOT, run_prog)

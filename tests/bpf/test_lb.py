@@ -363,7 +363,7 @@ def test_removing_backends_deletes_exactly_their_conntrack_entries(dp, services)
     assert dp.lb.conntrack_delete_backend(7) == 0        # nothing left to delete
     assert dp.lb.conntrack_delete_backends([]) == 0
     # the agent's purger: removals that arrive together, one pass, off the plan's path
-    from agent.services import ConntrackPurger
+    from agent.daemon.services import ConntrackPurger
     purger = ConntrackPurger(dp.lb)
     try:
         purger.add([1])
@@ -408,7 +408,7 @@ def test_a_batched_plan_writes_what_one_write_per_op_writes(dp):
     """apply_ops turns runs of backend, slot and service writes into batched
     map updates; the maps end up exactly as the plan says, op by op."""
     from agent.lb.compile import Backend, Frontend, FrontendState
-    from agent.services import apply_ops, restore_reconciler
+    from agent.daemon.services import apply_ops, restore_reconciler
     lb = dp.lb
     rec = restore_reconciler(lb)          # owns what other tests left in the maps
     apply_ops(lb, rec.plan_changes({}))   # ... and drops what nothing uses

@@ -5,7 +5,7 @@ import ctypes as ct
 
 import pytest
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.inspect import decode
 from agent.inspect.table import entries_table, flatten, table
 

@@ -2,7 +2,7 @@
 the header's layouts."""
 from __future__ import annotations
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.inspect import decode, events
 from agent.inspect import policy as pview
 

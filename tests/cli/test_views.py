@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.cli.main import main
 from agent.inspect import views
 from tests.cli.test_decode import ct_entry

@@ -22,7 +22,7 @@ PREV_040 = {"cniVersion": "0.4.0", "interfaces": [{"name": "eth0", "sandbox": "c
 
 
 class StubAgent:
-    """Answers like agent/agent.py's rpc_ methods and records the calls."""
+    """Answers like agent/daemon/agent.py's rpc_ methods and records the calls."""
 
     def __init__(self):
         self.calls: list[tuple[str, dict]] = []
@@ -415,7 +415,7 @@ def test_gc_deletes_only_attachments_the_runtime_no_longer_has(paths, agent):
 # -- the pieces the plugin restates, and its own JSON --------------------------------------
 
 def test_protocol_and_queue_constants_match_the_agent():
-    from agent import agent as agent_mod
+    from agent.daemon import agent as agent_mod
     assert (plugin.MAX_FRAME, plugin.PROTOCOL_VERSION) == (wire.MAX_FRAME, wire.PROTOCOL_VERSION)
     assert plugin.DEL_QUEUE == agent_mod.DEL_QUEUE
 

@@ -11,7 +11,7 @@ import yaml
 
 from agent.k8s.directory import DirectorySource
 from agent.k8s.model import Action, Kind
-from agent.k8s.source import open_source
+from agent.k8s import open_source
 from agent.k8s.store import Store
 from tests.k8s.k8sdata import NAMESPACE, POD, POLICY, SERVICE, SLICE, clone, wait_for
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from agent.k8s.kube import KubernetesSource, make_api_client
-from agent.k8s.source import Backoff, open_source
+from agent.k8s import open_source
+from agent.k8s.source import Backoff
 from agent.k8s.store import Store
 from tests.k8s.k8sdata import ALL_VALID
 

@@ -10,7 +10,7 @@ import pytest
 from agent.k8s.parse import parse_object
 from agent.k8s.store import Store
 from agent.lb.optout import SKIP_NAMESPACE, SKIP_POD, decide, opt_outs, touches_opt_out
-from agent.services import SocketLbOptOut
+from agent.daemon.services import SocketLbOptOut
 
 ANN = "fastpath.io/socket-lb"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agent.datapath.sockdiag import DiagSocket
 from agent.lb.compile import Frontend
-from agent.services import UdpSocketReaper
+from agent.daemon.services import UdpSocketReaper
 
 DNS = Frontend("10.96.0.10", 53, "UDP")
 OTHER = Frontend("10.96.0.11", 53, "UDP")

@@ -22,7 +22,7 @@ from agent.policy.capacity import MAP_RULES, usage
 from agent.policy.diff import (
     EndpointDelete, EndpointPut, IpcacheDelete, IpcachePut, RuleDelete, RulePut,
 )
-from agent.policysync import PolicySync
+from agent.daemon.policysync import PolicySync
 from tests.policy.kube import namespace, netpol, pod
 
 NODE, HOST = "n1", "192.168.0.1"

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from agent import bpfdefs
+from agent.model import bpfdefs
 from agent.api import wire
 from agent.api.server import ApiError, ApiServer
 from agent.config import KEYS, Config, ConfigError

@@ -15,7 +15,7 @@ import yaml
 
 from agent import config as C
 from agent.cli.main import build_parser
-from agent.nodeinstall import check_conflist
+from agent.daemon.nodeinstall import check_conflist
 from tests.unit.test_config_node import mount_as_volume, terway_configmap
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

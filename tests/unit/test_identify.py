@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from agent.agent import Agent
+from agent.daemon.agent import Agent
 from agent.config import Config
 from agent.k8s.store import Store
 from agent.policy import Mode

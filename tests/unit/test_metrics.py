@@ -13,7 +13,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.api.server import ApiError
-from agent.metrics import SYNC_KINDS, AgentMetrics, cni_observed
+from agent.daemon.metrics import SYNC_KINDS, AgentMetrics, cni_observed
 
 
 class FakeAgent:

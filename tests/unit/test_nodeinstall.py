@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.nodeinstall import (RECORD, FileReport, InstallError, install_cni, uninstall_cni,
+from agent.daemon.nodeinstall import (RECORD, FileReport, InstallError, install_cni, uninstall_cni,
                                uninstall_state)
 
 DEPLOY_CONFLIST = Path(__file__).resolve().parents[2] / "deploy" / "10-terway.conflist"

@@ -18,7 +18,7 @@ data keys that matter here:
 The ConfigMap reaches the agent as a mounted volume (a directory with one
 file per key, the way Terway's own containers read it at /etc/eni), or as a
 single file: the ConfigMap manifest itself, or just the `eni_conf` JSON.
-`read()` turns it into configuration overrides for agent/config.py, which
+`read()` turns it into configuration overrides for agent/config/schema.py, which
 applies them above the defaults and below the configuration file and flags.
 Pure: reads files, imports nothing of the datapath.
 """

@@ -18,7 +18,7 @@ from agent.lb.compile import Backend, Frontend
 from agent.lb.reconcile import (DeleteBackend, DeleteService, DeleteSlots, PutBackend,
                                 PutService, PutSlots, Reconciler, ServiceEntry)
 from agent.lb.table import ServiceTable
-from agent.worker import Worker, settle_gc
+from agent.daemon.worker import Worker, settle_gc
 
 log = logging.getLogger("fastpath.services")
 

@@ -43,9 +43,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from agent.daemon.worker import Worker, settle_gc
 from agent.k8s.model import Kind, Pod
 from agent.k8s.store import Snapshot
-from agent.worker import Worker, settle_gc
 from agent.policy import (
     Capacities, Mode, PolicyState, compile_policy, diff, fit, pairs_of,
 )

@@ -7,7 +7,7 @@ without flushing anything that forwards traffic):
   3. restore endpoints from the state dir (skipping pods whose veth is gone);
   4. replay CNI deletions queued while the agent was down;
   5. serve the API (CNI plugin, CLI).
-Health and metrics (agent/health.py, agent/metrics.py) are served from the
+Health and metrics (agent/daemon/health.py, agent/daemon/metrics.py) are served from the
 beginning, so liveness answers while the programs compile and readiness
 says what is still missing.
 """
@@ -25,10 +25,9 @@ from agent.config import Config
 from agent.datapath import Datapath, tc
 from agent.datapath.discover import DiscoveryError, discover
 from agent.datapath.errors import DatapathError, InterfaceNotFound
-from agent.endpoints import Endpoint
+from agent.model.endpoint import Endpoint
 from agent.k8s.model import Kind
-from agent.metrics import AgentMetrics, cni_observed
-from pyroute2.netlink.exceptions import NetlinkError
+from agent.daemon.metrics import AgentMetrics, cni_observed
 
 log = logging.getLogger("fastpath.agent")
 
@@ -65,7 +64,7 @@ class Agent:
         t0 = time.monotonic()
         self._open_cluster_state()
         if serve:
-            from agent.health import HttpEndpoints
+            from agent.daemon.health import HttpEndpoints
             self.http = HttpEndpoints(self).start()
         self.ep_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / DEL_QUEUE).mkdir(parents=True, exist_ok=True)
@@ -120,24 +119,24 @@ class Agent:
         if not self.config.kube_proxy_replacement:
             return
         if self.source is not None:
-            from agent.services import ServiceSync
+            from agent.daemon.services import ServiceSync
             import socket as _socket
             node = self.config.node_name or _socket.gethostname()
             self.services = ServiceSync(self.datapath.lb, self.store, self.source, node,
                                         metrics=self.metrics)
             if self.config.socket_lb:
-                from agent.services import UdpSocketReaper
+                from agent.daemon.services import UdpSocketReaper
                 self.services.on_backends_lost = UdpSocketReaper(
                     self.datapath.lb, self._socket_netns).reap
             self.services.start()
-        from agent.conntrack import ConntrackGC
+        from agent.daemon.conntrack_gc import ConntrackGC
         cfg = self.config
         self.conntrack_gc = ConntrackGC(
             self.datapath.lb, interval=cfg.conntrack_gc_interval,
             tcp_idle=cfg.conntrack_tcp_idle_timeout, other_idle=cfg.conntrack_idle_timeout,
             hairpin_ip=cfg.local_router_ipv4, metrics=self.metrics).start()
         if self.config.socket_lb:
-            from agent.cgroups import resolve_root
+            from agent.datapath.cgroup import resolve_root
             try:
                 path = resolve_root(self.config.cgroup_root)
             except FileNotFoundError as exc:
@@ -152,7 +151,7 @@ class Agent:
         """NetworkPolicy: the policy maps follow cluster state; with
         enforcement `never` the checks are switched off and the maps emptied."""
         from agent.policy import Capacities
-        from agent.policysync import PolicySync
+        from agent.daemon.policysync import PolicySync
         import socket as _socket
         cfg = self.config
         if cfg.policy_enforcement != "never" and self.source is None:
@@ -210,7 +209,7 @@ class Agent:
         if self.config.socket_lb_hostns_only or self.source is None:
             self.datapath.socklb_skip.set({})
             return
-        from agent.services import SocketLbOptOut
+        from agent.daemon.services import SocketLbOptOut
         self.socklb_optout = SocketLbOptOut(self.datapath.socklb_skip, self.store,
                                             self._endpoint_list).start()
 
@@ -232,7 +231,7 @@ class Agent:
     def _open_cluster_state(self) -> None:
         """Start following cluster state. The datapath does not wait for it:
         pods keep being registered and forwarded while the API is away."""
-        from agent.k8s.source import open_source
+        from agent.k8s import open_source
         from agent.k8s.store import Store
         import socket as _socket
         self.store = Store()
@@ -341,9 +340,8 @@ class Agent:
         return restored, dropped
 
     def _links(self) -> dict[str, int]:
-        from agent.datapath.netlink import iproute
-        with iproute(self.netns) as ipr:
-            return {l.get_attr("IFLA_IFNAME"): l["index"] for l in ipr.get_links()}
+        from agent.datapath.netlink import link_names
+        return {name: index for index, name in link_names(self.netns).items()}
 
     def replay_deletions(self) -> int:
         qdir = self.state_dir / DEL_QUEUE
@@ -464,13 +462,8 @@ class Agent:
         """Whether ep's veth still exists as the device it was at ADD time: a
         pod re-created under the same name gets a veth of the same name, which
         a late DEL of the old one must not touch."""
-        from agent.datapath.netlink import iproute
-        with iproute(self.netns) as ipr:
-            try:
-                links = ipr.get_links(ep.host_ifindex)
-            except NetlinkError:
-                return False
-        return bool(links) and links[0].get_attr("IFLA_IFNAME") == ep.host_ifname
+        from agent.datapath.netlink import link_name
+        return link_name(ep.host_ifindex, self.netns) == ep.host_ifname
 
     def _forget(self, ep: Endpoint, detach: bool = True) -> None:
         self.endpoints.pop(ep.key, None)
@@ -484,7 +477,7 @@ class Agent:
                 o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
             try:
                 self.datapath.detach(ep.host_ifindex)
-            except (InterfaceNotFound, NetlinkError):
+            except DatapathError:
                 pass        # the veth went away meanwhile, and our filters with it
         self._state_file(ep).unlink(missing_ok=True)
 

@@ -20,7 +20,7 @@ from agent.api import wire
 from agent.sim import World
 from agent.sim import manifests as m
 from agent.sim.traffic import forwarded_datagrams, serve_reply, tcp_exchange, udp_send
-from agent.simagent import REPO, AgentProcess, private_paths
+from agent.sim.agent import REPO, AgentProcess, private_paths
 
 VIP = "192.168.99.10"
 

@@ -11,7 +11,7 @@
                    every ENI and registered pod veth (and socket-LB's on its
                    cgroup, when on), and the maps take a write. A rolling
                    update waits for it on each node.
-    GET /metrics   Prometheus text format (agent/metrics.py).
+    GET /metrics   Prometheus text format (agent/daemon/metrics.py).
 
 Each answer lists its checks one per line ("ok NAME" or "fail NAME: why"),
 which is what `kubectl describe pod` shows of a failed probe. Health and
@@ -95,7 +95,7 @@ def _programs_attached(agent) -> Check:
 
 
 def _socket_lb_attached(agent) -> Check:
-    from agent import cgroups
+    from agent.datapath import cgroup as cgroups
     from agent.datapath import cgroup
     try:
         path = cgroups.resolve_root(agent.config.cgroup_root)

@@ -3,7 +3,7 @@
 Each key is declared once below with its type, default and meaning. The
 agent, the CLI and the datapath read a `Config`; nothing else holds a
 default. Values come from defaults, then Terway's eni-config ConfigMap (when
-`eni_config` names it: agent/eniconfig.py), then a file (YAML/JSON, the
+`eni_config` names it: agent/config/eniconfig.py), then a file (YAML/JSON, the
 ConfigMap key mounted into the pod), then command-line overrides;
 `Config.origin` records where each value came from (for `fastpath config
 show`). Keys whose feature is not built yet say so in `Key.pending`.
@@ -204,8 +204,8 @@ class Config:
             raise ConfigError(f"{path}: {exc}") from None
 
     def with_eni_config(self, path: str) -> "Config":
-        """Apply what Terway's eni-config says (agent/eniconfig.py)."""
-        from agent import eniconfig
+        """Apply what Terway's eni-config says (agent/config/eniconfig.py)."""
+        from agent.config import eniconfig
         try:
             eni = eniconfig.read(path)
             cfg = self.with_values(eni.overrides, f"eni-config {path}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from agent.config import Config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -78,7 +78,7 @@ def _detach_node(node, prio: int) -> None:
 @contextlib.contextmanager
 def sim_attach(node, *, register: bool = True, test_build: bool = False, **overrides):
     """In-process agent on `node` (an agent.sim Node); yields the Agent."""
-    from agent.agent import Agent
+    from agent.daemon.agent import Agent
     with private_paths() as paths:
         overrides.setdefault("node_name", node.name)
         cfg = paths.config(**overrides)

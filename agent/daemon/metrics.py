@@ -1,7 +1,7 @@
 """The node agent's Prometheus metrics.
 
 One registry per Agent (so agents in one test process never collide), served
-on `metrics_address` by agent/health.py. Three kinds of source:
+on `metrics_address` by agent/daemon/health.py. Three kinds of source:
 
 - read from the kernel at scrape time by `DatapathCollector`: the per-CPU
   verdict counters (forwarded or dropped, by interface, direction and the
