@@ -38,3 +38,16 @@ def link_names(netns: str | None = None) -> dict[int, str]:
     few milliseconds where decoding the dump in Python takes hundreds."""
     with in_netns(netns):
         return dict(socket.if_nameindex())
+
+
+def first_ipv4(device: str, netns: str | None = None) -> str | None:
+    """The first global IPv4 address of `device` in `netns`; None when the
+    device does not exist or has none."""
+    with iproute(netns) as ipr:
+        idx = ipr.link_lookup(ifname=device)
+        if not idx:
+            return None
+        for a in ipr.get_addr(index=idx[0], family=2):
+            if a["scope"] == 0:
+                return a.get_attr("IFA_ADDRESS")
+    return None
