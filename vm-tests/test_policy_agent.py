@@ -210,8 +210,10 @@ def capacity_window(node, pods, labels_before, labels_after) -> range:
 
 
 def scrape(node, port: int = 9962) -> str:
+    """The agent's /metrics, where it serves them by default: the node's
+    primary address."""
     r = node.run(["python3", "-c", "import urllib.request,sys; sys.stdout.write(urllib.request."
-                  f"urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"],
+                  f"urlopen('http://{node.ip}:{port}/metrics', timeout=5).read().decode())"],
                  timeout=20)
     return r.stdout
 
