@@ -1,6 +1,8 @@
 /* Programs on the node's ENIs (eth1..ethN), tc hooks.
  *
- * fp_from_vpc (tc ingress): IPv4 for a local endpoint passes the pod's
+ * fp_from_vpc (tc ingress): IPv4 claiming a local pod's address as its
+ * source is dropped as spoofed first (lib/guard.h); IPv4 for a local
+ * endpoint passes the pod's
  * ingress policy (when NetworkPolicy is on) and is redirected straight into
  * the pod's netns; everything else (the node's own traffic, ARP, ...) goes to
  * the stack unchanged.
@@ -8,6 +10,7 @@
  */
 #include "lib/fwd.h"
 #include "lib/policy.h"
+#include "lib/guard.h"
 
 static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 {
@@ -18,6 +21,12 @@ static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 	int verdict = FP_TC_CONTINUE;
 	__be16 sport = 0, dport = 0;
 	__be32 arrived = 0;
+
+	if (fp_guard_from_vpc(skb, &reason)) {
+		fp_count(skb->ifindex, FP_DIR_FROM_VPC, reason, skb->len);
+		fp_test_record(0, FP_RD_NONE, 0, reason);
+		return TC_ACT_SHOT;
+	}
 
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:

@@ -93,6 +93,11 @@ BPF_PERCPU_ARRAY(fp_whatif_cpu, __u32, 1);
 /* Powers of x for the SCTP CRC32c update (constants, see fastpath.h). */
 BPF_TABLE_PINNED("array", __u32, __u32, FP_MAP_CRC32C, FP_CRC32C_POWERS, FP_PIN(FP_MAP_CRC32C));
 
+/* Registered host veths: ifindex -> the endpoint's addresses (anti-spoofing);
+ * one entry per endpoint, so sized like the endpoints map. */
+BPF_TABLE_PINNED("hash", __u32, struct fp_ep_if, FP_MAP_EP_IFINDEX, FP_EP_MAX,
+		 FP_PIN(FP_MAP_EP_IFINDEX));
+
 static __always_inline struct fp_endpoint *fp_endpoint_lookup(__be32 ip4)
 {
 	struct fp_endpoint_key key = { .ip4 = ip4 };
@@ -347,4 +352,9 @@ static __always_inline int fp_crc32c_power(__u32 idx, __u32 *out)
 		return -1;
 	*out = *v;
 	return 0;
+}
+
+static __always_inline struct fp_ep_if *fp_epif_lookup(__u32 ifindex)
+{
+	return FP_MAP_EP_IFINDEX.lookup(&ifindex);
 }

@@ -1,9 +1,14 @@
 /* Programs on the host side of each pod's veth (cali*), tc hooks.
  *
  * fp_from_pod (tc ingress: packets the pod sends):
- *   - anything but IPv4 (ARP, IPv6, ...) goes to the stack unchanged;
- *   - the source must be the endpoint registered on this veth (anti-spoof);
- *     a pod fastpath does not know yet is left to the stack;
+ *   - first the guards (lib/guard.h): on a registered veth, any packet
+ *     (IPv4, IPv6, ARP) whose source is not the endpoint's own is dropped
+ *     as spoofed; IPv6 of an isolated pod is dropped, neighbour discovery
+ *     aside;
+ *   - anything else but IPv4 goes to the stack unchanged;
+ *   - the source must be the endpoint registered on this veth; on a veth
+ *     without a registration, an unknown source is left to the stack and
+ *     another local pod's address is dropped as spoofed;
  *   - a TCP/UDP packet to a service frontend is translated to a backend
  *     (conntrack keeps the flow on it), then forwarded like any other;
  *   - with NetworkPolicy on, a new flow must pass the pod's egress and, when
@@ -11,9 +16,10 @@
  *   - host-stack bypass prefixes (node-local DNS) go to the stack;
  *   - a destination that is a local endpoint is redirected into its netns;
  *   - anything else leaves by the pod's ENI when the FIB agrees.
- * fp_to_pod (tc egress: packets the stack delivers to the pod) checks the
- * pod's ingress policy, restores the VIP on replies of translated flows and
- * lets everything else through.
+ * fp_to_pod (tc egress: packets the stack delivers to the pod) drops IPv6
+ * to an isolated pod (lib/guard.h), checks the pod's ingress policy,
+ * restores the VIP on replies of translated flows and lets everything else
+ * through.
  * Every drop is reported to the monitor's ring buffer (lib/policy.h).
  * Programs never return TC_ACT_OK for "not mine": they return
  * TC_ACT_UNSPEC so that other tc filters on the device still run.
@@ -21,6 +27,7 @@
 #include "lib/fwd.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
+#include "lib/guard.h"
 
 /* What a from-pod packet looked like on arrival, for the report. */
 struct fp_seen {
@@ -59,6 +66,9 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	int has_l4 = 0, hairpin = 0;
 	__u32 eni_ifindex;
 	int verdict;
+
+	if (fp_guard_from_pod(skb, &reason))
+		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
@@ -147,8 +157,12 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 {
 	struct fp_ipv4 ip = {};
 	struct fp_verdict pv = {};
+	enum fp_reason reason;
 	__be16 sport, dport;
 	int rc;
+
+	if (fp_guard_to_pod(skb, &reason))
+		return fp_finish(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
 
 	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
 		return FP_TC_CONTINUE;

@@ -156,6 +156,14 @@ KEYS: tuple[Key, ...] = (
         "direction, protocol, port block) on this node", minimum=16, maximum=1 << 22),
     Key("ipcache_map_size", int, 65536, "max NetworkPolicy peer prefixes (pod and node /32s, "
         "ipBlock boundaries)", minimum=16, maximum=1 << 22),
+    Key("policy_pod_lookup_timeout_ms", int, 2000, "how long a CNI ADD waits for a new pod's "
+        "labels when the agent's store does not hold its Pod (one GET of the Pod, or a rescan "
+        "of the manifest directory, retried while unanswered) before the pod starts in "
+        "policy_unknown_pod's state", minimum=0, maximum=60000),
+    Key("policy_unknown_pod", str, "deny-ingress", "NetworkPolicy state of a new pod whose "
+        "labels are not known when its CNI ADD returns, until its Pod arrives: deny-ingress "
+        "(only the node reaches it; egress as the mode says) or open",
+        choices=("deny-ingress", "open")),
     Key("cgroup_root", str, "", "cgroup v2 directory where socket-LB programs attach "
         "(empty: the cgroup2 mount of this host)", check=_abs_path_or_empty),
     Key("metrics_address", str, f"{NODE_IP}:9962",

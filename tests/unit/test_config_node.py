@@ -92,6 +92,8 @@ BAD = {
     "local_router_ipv4": ("169.254.10", "local_router_ipv4: invalid value"),
     "policy_map_size": ("4", "below the minimum 16"),
     "ipcache_map_size": ("8", "below the minimum 16"),
+    "policy_pod_lookup_timeout_ms": ("60001", "above the maximum 60000"),
+    "policy_unknown_pod": ("deny", "'deny' is not one of deny-ingress, open"),
     "cgroup_root": ("sys/fs/cgroup", "expected an absolute path"),
     "metrics_address": ("localhost:9962", "'localhost' is not an IP address or node-ip"),
     "http_max_connections": (0, "below the minimum 1"),
