@@ -58,6 +58,16 @@ class LogEvents:
         pass
 
 
+def post(api_client, body: dict, timeout: float = 10.0) -> None:
+    """Create one Event (the only write the agent makes to the API; the
+    ClusterRole grants exactly this: deploy/rbac.yaml)."""
+    from kubernetes import client
+    resp = client.CoreV1Api(api_client).create_namespaced_event(
+        body["metadata"]["namespace"], body, _preload_content=False, _request_timeout=timeout)
+    resp.read()          # a connection goes back to the pool emptied
+    resp.release_conn()
+
+
 class KubeEvents:
     """Events posted to the Kubernetes API from a background thread."""
 
@@ -89,8 +99,6 @@ class KubeEvents:
             log.warning("event queue full: %s %s/%s %s not posted", kind, namespace, name, reason)
 
     def _run(self) -> None:
-        from kubernetes import client
-        api = client.CoreV1Api(self.api)
         while not self._stop.is_set():
             try:
                 body = self._q.get(timeout=0.5)
@@ -98,10 +106,7 @@ class KubeEvents:
                 continue
             ns = body["metadata"]["namespace"]
             try:
-                resp = api.create_namespaced_event(ns, body, _preload_content=False,
-                                                   _request_timeout=self.timeout)
-                resp.read()          # a connection goes back to the pool emptied
-                resp.release_conn()
+                post(self.api, body, self.timeout)
                 self.posted += 1
             except Exception as exc:     # never let the API take the agent's thread down
                 self.failed += 1
