@@ -22,6 +22,7 @@ MODULES = [
     "bench.pod_to_pod",
     "bench.lb_bench",
     "bench.policy_bench",
+    "bench.bw_bench",
 ]
 
 

@@ -176,6 +176,7 @@ def cmd_uninstall(args) -> int:
         print(json.dumps(data, indent=1, sort_keys=True))
     else:
         for what, items in (("detached", kernel.filters + kernel.cgroup_programs),
+                            ("restored", kernel.qdiscs),
                             ("unpinned", kernel.pins), ("removed", files.removed),
                             ("restored", files.restored), ("edited", files.edited),
                             ("kept", data["kept"])):

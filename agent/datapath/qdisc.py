@@ -132,6 +132,23 @@ def restore(dev: str, netns: str | None = None) -> Root | None:
     return root(dev, netns)
 
 
+def restore_all(netns: str | None = None) -> list[str]:
+    """Give every device whose root qdisc is fastpath's its kernel default
+    back (`fastpath uninstall`); one line per device."""
+    from agent.datapath.netlink import iproute
+    with iproute(netns) as ipr:
+        names = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
+    out = []
+    for dev in names:
+        try:
+            now = restore(dev, netns)
+        except QdiscError:
+            continue            # the device went away meanwhile
+        if now is not None:
+            out.append(f"{dev} root qdisc: {now.describe()}")
+    return out
+
+
 # -- HTB classes (HTB mode) ----------------------------------------------------
 
 _RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
