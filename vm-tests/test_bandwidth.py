@@ -421,3 +421,46 @@ def test_uninstall_gives_the_enis_their_qdisc_back(world):
     assert roots() == before
     assert sorted(out["qdiscs"]) == ["eth1 root qdisc: noqueue 0: (kernel default)",
                                      "eth2 root qdisc: noqueue 0: (kernel default)"]
+
+
+def test_cli_and_metrics_show_limits_rates_and_drops(limited, capsys, tmp_path):
+    """`fastpath bandwidth list` from the pinned maps while a is sending,
+    `endpoint get` with its limits, and the per-pod metrics."""
+    from prometheus_client import generate_latest
+    from agent.cli.main import main
+    n = limited
+    n.annotate({"a": {EGRESS: f"{LIMIT}M", INGRESS: "20M",
+                      "fastpath.io/egressMaxConnections": "100"},
+                "e": {"fastpath.io/ingressPacketRate": "5k"}})
+    ag = n.agents["n1"]
+    where = ["--bpffs-root", ag.config.bpffs_root, "--socket", str(tmp_path / "none.sock"),
+             "--grpc-socket", str(tmp_path / "none-grpc.sock")]
+    t = threading.Thread(target=lambda: iperf(n.a, n.b.ip, udp=True, seconds=6, omit=0,
+                                              rate="100M"))
+    t.start()
+    try:
+        time.sleep(2)
+        assert main(["bandwidth", "list", *where, "--json", "--interval", "2"]) == 0
+    finally:
+        t.join()
+    data = json.loads(capsys.readouterr().out)
+    rows = {r["ip"]: r for r in data["pods"]}
+    assert set(rows) == {n.a.ip, n.e.ip}
+    a = rows[n.a.ip]
+    assert a["limits"] == {"egress_bps": 50_000_000, "egress_burst_bits": 12_500_000,
+                           "ingress_bps": 20_000_000, "ingress_burst_bits": 5_000_000,
+                           "egress_max_conns": 100}
+    assert near(a["rate_bps"]["egress"], LIMIT * 1e6, 0.15), a
+    assert rows[n.e.ip]["limits"] == {"ingress_pps": 5000, "ingress_pkt_burst": 1250}
+    assert main(["bandwidth", "list", *where, "--interval", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "50Mbit/s 100conn" in text and "20Mbit/s" in text and "5,000pkt/s" in text, text
+    assert main(["endpoint", "get", n.a.ip, *where]) == 0
+    assert "bandwidth: egress 50Mbit/s 100conn, ingress 20Mbit/s" in capsys.readouterr().out
+    metrics = generate_latest(ag.metrics.registry).decode()
+    assert 'fastpath_bandwidth_limit{direction="egress",kind="bits_per_second",pod="default/a"} ' \
+           '5e+07' in metrics
+    assert 'fastpath_bandwidth_packets_total{direction="egress",pod="default/a",' \
+           'reason="passed"}' in metrics
+    assert 'fastpath_bandwidth_connections{direction="egress",pod="default/a"} 0.0' in metrics
+    assert "fastpath_bandwidth_enabled 1.0" in metrics
