@@ -17,8 +17,9 @@
         on: the agent with the bandwidth manager on (its root qdisc on eth1,
         pod d limited in both directions, so the datapath looks every
         packet's pods up); off: the agent with bandwidth_manager: false
-        (the ENI's default qdisc, no lookups). A fresh agent per arm, arms
-        alternated per round, medians; ratio = on / off (target >= 0.98).
+        (the ENI's default qdisc, no lookups). A fresh agent per arm, the
+        arms' order swapped every round, medians; ratio = on / off (target
+        >= 0.98).
   bw.unlimited_overhead.same_node.{stream,crr}   (context)
         the same for c -> e, a pod of the same node (redirect_peer path)
   bw.unlimited_ns_per_packet   (context)
@@ -145,7 +146,17 @@ def overhead(rounds: int, log) -> dict:
                             "same_node.stream": s["stream"], "same_node.crr": s["crr"]}
                 return run
 
-            raw = harness.alternate({"off": arm(False), "on": arm(True)}, rounds, log)
+            # the arms swap places every round (off on, on off, ...): whichever
+            # runs second after an agent start must not always be the same
+            raw: dict = {"off": {}, "on": {}}
+            for i in range(rounds):
+                order = ("off", "on") if i % 2 == 0 else ("on", "off")
+                got = harness.alternate({a: arm(a == "on") for a in order}, 1,
+                                        lambda m, i=i: log(m.replace("round 1/1",
+                                                                     f"round {i + 1}/{rounds}")))
+                for a, ms in got.items():
+                    for m, v in ms.items():
+                        raw[a].setdefault(m, []).extend(v)
         finally:
             harness.stop(servers)
     return {arm: {m: median(v) for m, v in ms.items()} for arm, ms in raw.items()}
@@ -217,8 +228,8 @@ def run(rounds: int = 5, record_results: bool = True, log=print) -> dict:
                                  "a pod on another node (paced at the ENI: HTB classes on this "
                                  "kernel, which has no fq), 8 s with 2 s omitted; the limit "
                                  "counts L2 bytes, so an exact limit reads 0.956 in goodput")
-        method = (f"median of {rounds} alternating rounds, a fresh agent per arm; iperf3 3 s, "
-                  "fprr CRR 2 s; client and server pinned to CPU 0")
+        method = (f"median of {rounds} rounds, a fresh agent per arm, the arms' order swapped "
+                  "every round; iperf3 3 s, fprr CRR 2 s; client and server pinned to CPU 0")
         for m in ("stream", "crr"):
             on, off = med["on"][m], med["off"][m]
             results.record(f"bw.unlimited_overhead.{m}", on, UNITS[m], command=COMMAND,

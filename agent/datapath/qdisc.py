@@ -185,10 +185,19 @@ def quantum(bps: int) -> int:
     return max(min(bps // 8 // 10, 200_000), 1514)
 
 
+def burst(bps: int) -> int:
+    """HTB's burst: 10 ms of the rate, at least two 64 KiB GSO packets. tc's
+    own default (rate / HZ) is a single frame at Gbit rates here, which
+    leaves the class under its rate (measured: 0.90 of 1 Gbit/s in goodput
+    vs 0.956, the header overhead, with this burst)."""
+    return max(bps // 8 // 100, 2 * 65536)
+
+
 def set_class(dev: str, minor: int, bps: int, netns: str | None = None) -> None:
-    rate = f"{bps}bit"
+    rate, b = f"{bps}bit", f"{burst(bps)}b"
     tc(["class", "replace", "dev", dev, "parent", HANDLE, "classid", f"{HANDLE}{minor:x}", "htb",
-        "rate", rate, "ceil", rate, "quantum", str(quantum(bps))], netns)
+        "rate", rate, "ceil", rate, "burst", b, "cburst", b, "quantum", str(quantum(bps))],
+       netns)
 
 
 def del_class(dev: str, minor: int, netns: str | None = None) -> None:

@@ -109,3 +109,4 @@ def test_htb_classes_are_read_from_tcs_text(monkeypatch):
     assert qdisc.classes("eth1") == {1: 50_000_000, 0x1f: 12_346_000}
     assert qdisc.same_rate(12_346_000, 12_345_678) and not qdisc.same_rate(50_000_000, 20_000_000)
     assert qdisc.quantum(10**9) == 200_000 and qdisc.quantum(1000) == 1514
+    assert qdisc.burst(10**9) == 1_250_000 and qdisc.burst(10**7) == 131072
