@@ -159,7 +159,9 @@ def overhead(rounds: int, log) -> dict:
                         raw[a].setdefault(m, []).extend(v)
         finally:
             harness.stop(servers)
-    return {arm: {m: median(v) for m, v in ms.items()} for arm, ms in raw.items()}
+    med = {arm: {m: median(v) for m, v in ms.items()} for arm, ms in raw.items()}
+    med["spread"] = {arm: {m: (min(v), max(v)) for m, v in ms.items()} for arm, ms in raw.items()}
+    return med
 
 
 def program_cost(reps: int, log, seconds: float = 1.5) -> dict:
@@ -230,18 +232,24 @@ def run(rounds: int = 5, record_results: bool = True, log=print) -> dict:
                                  "counts L2 bytes, so an exact limit reads 0.956 in goodput")
         method = (f"median of {rounds} rounds, a fresh agent per arm, the arms' order swapped "
                   "every round; iperf3 3 s, fprr CRR 2 s; client and server pinned to CPU 0")
+        def spread(m: str) -> str:
+            sp = med["spread"]
+            return (f"rounds ranged off {sp['off'][m][0]:,.4g}-{sp['off'][m][1]:,.4g}, on "
+                    f"{sp['on'][m][0]:,.4g}-{sp['on'][m][1]:,.4g} {UNITS[m.split('.')[-1]]}: "
+                    "where that spread is wider than the difference, the run's noise decides "
+                    "the ratio and bw.unlimited_ns_per_packet says what the manager costs")
         for m in ("stream", "crr"):
             on, off = med["on"][m], med["off"][m]
             results.record(f"bw.unlimited_overhead.{m}", on, UNITS[m], command=COMMAND,
                            baseline=off, ratio=on / off, target=">= 0.98",
                            notes="an unlimited pod to another node with the bandwidth manager "
                                  "on (fastpath's root qdisc on the ENI, a limited pod beside) "
-                                 f"vs off; {method}")
+                                 f"vs off; {method}; {spread(m)}")
             on, off = med["on"][f"same_node.{m}"], med["off"][f"same_node.{m}"]
             results.record(f"bw.unlimited_overhead.same_node.{m}", on, UNITS[m],
                            command=COMMAND, baseline=off, ratio=on / off,
                            notes="context: the same between two pods of one node "
-                                 f"(redirect_peer); {method}")
+                                 f"(redirect_peer); {method}; {spread('same_node.' + m)}")
         on, off = cost["on"], cost["off"]
         added = on["ns_per_run"] - off["ns_per_run"]
         results.record("bw.unlimited_ns_per_packet", on["ns_per_run"], "ns",

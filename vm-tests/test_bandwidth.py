@@ -197,9 +197,12 @@ def test_a_changed_annotation_takes_effect_within_seconds(limited):
     applied = time.monotonic() - changed
     t.join()
     _, per_s = res["r"]
+    mean = lambda xs: sum(xs) / len(xs)      # noqa: E731
     assert applied < 5, f"the new limit reached the map after {applied:.1f}s"
-    assert all(near(x, LIMIT, 0.15) for x in per_s[1:3]), per_s
-    assert all(near(x, 20, 0.15) for x in per_s[-5:]), per_s
+    assert near(mean(per_s[1:3]), LIMIT), per_s
+    assert near(mean(per_s[-5:]), 20) and max(per_s[-5:]) < 30, per_s
+    first_low = next(i for i, x in enumerate(per_s) if x < 30)
+    assert first_low <= 3.5 + applied + 2, f"the rate followed after {first_low}s: {per_s}"
     # the annotation removed: unlimited again, class gone
     n.annotate({})
     assert iperf(n.a, n.b.ip, seconds=3) > 10 * LIMIT

@@ -79,6 +79,7 @@ class BandwidthSync(Worker):
         self._owners: dict[str, str] = {}      # pod IP -> endpoint key its entry was made for
         self._bbr_done: set[str] = set()
         self._synced = False                   # planned once from a complete cluster state
+        self._classes_checked = False          # the ENIs' HTB classes compared with the map
         Worker.__init__(self, "bandwidth")
 
     # ----------------------------------------------------------------- start
@@ -172,7 +173,11 @@ class BandwidthSync(Worker):
                      new_gen=lambda: secrets.randbits(31) | 1)
             after = {ip: e for ip, e in self._entries.items() if ip not in p.deletes}
             after.update(p.writes)
-            if htb:
+            # the classes follow the plan (reading them costs a tc run: not
+            # on every CNI ADD/DEL that changes no limit), and are checked
+            # whole once after start
+            classes = htb and (p.writes or p.deletes or not self._classes_checked)
+            if classes:
                 self._htb_classes(after)
             for ip, e in p.writes.items():
                 self.maps.write(ip, e, ip in p.fresh)
@@ -181,8 +186,9 @@ class BandwidthSync(Worker):
             for ip in p.deletes:
                 self.maps.delete(ip)
                 self._owners.pop(ip, None)
-            if htb:
+            if classes:
                 self._htb_classes(after, remove=True)
+                self._classes_checked = True
             self._entries = after
             for pr in set(problems) - set(self.status.problems):
                 log.warning("bandwidth: %s", pr)
