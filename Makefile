@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup test test-unit test-vm demo bench clean
+.PHONY: setup test test-unit test-vm demo bench bench-quick clean
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# The hot-path figures only, fewer and shorter rounds, nothing recorded.
+bench-quick: setup
+	$(PY) -m bench.run --quick
 
 clean:
 	rm -rf .venv bench/build .pytest_cache

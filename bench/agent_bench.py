@@ -6,12 +6,21 @@ the agent's RSS; then kill -9 it and start it again, which restores all
 1,000 endpoints from its state dir, and time that. Terway documents about
 512 MB per node for its DataPath V2 agent; that is the baseline for RSS.
 
+With the restarted agent running, time the CLI's everyday reads
+(`fastpath endpoint list`, `service list`, `status`) as a user runs them on
+the node: a new process each, bytecode compiled as in the image.
+
 Run: python -m bench.agent_bench [--pods N]
 """
 from __future__ import annotations
 
 import argparse
+import compileall
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from agent.api import wire
 from agent.sim import World
@@ -19,6 +28,33 @@ from agent.sim.agent import AgentProcess, private_paths
 from bench.results import record
 
 COMMAND = "python -m bench.agent_bench"
+REPO = Path(__file__).resolve().parents[1]
+CLI_READS = (("endpoint", "list"), ("service", "list"), ("status",))
+
+
+def cli_read_ms(node, paths, args: tuple[str, ...], rounds: int = 5) -> float:
+    """Median wall time of one CLI command, a fresh process each round."""
+    cmd = ["ip", "netns", "exec", node.netns, sys.executable, "-m", "agent.cli.main", *args,
+           "--bpffs-root", f"{paths.bpffs}/fastpath", "--socket", paths.socket]
+    times = []
+    for _ in range(rounds):
+        t = time.monotonic()
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+        times.append(time.monotonic() - t)
+        if r.returncode != 0:
+            raise RuntimeError(f"fastpath {' '.join(args)} failed: {r.stderr[-500:]}")
+    return statistics.median(times) * 1000
+
+
+def python_floor_ms(node, rounds: int = 5) -> float:
+    """The same process start with nothing to do: the floor under every command."""
+    cmd = ["ip", "netns", "exec", node.netns, sys.executable, "-c", "pass"]
+    times = []
+    for _ in range(rounds):
+        t = time.monotonic()
+        subprocess.run(cmd, check=True, timeout=60)
+        times.append(time.monotonic() - t)
+    return statistics.median(times) * 1000
 
 
 def rss_mb(pid: int) -> float:
@@ -56,6 +92,10 @@ def main(argv=None) -> int:
         warm = time.monotonic() - t
         n = len(wire.call(paths.socket, "EndpointList"))
         rss_restart = rss_mb(agent.proc.pid)
+        # an installed image carries compiled bytecode (deploy/Containerfile)
+        compileall.compile_dir(str(REPO / "agent"), quiet=1)
+        floor = python_floor_ms(node)
+        reads = {" ".join(a): cli_read_ms(node, paths, a) for a in CLI_READS}
         agent.stop()
         assert n == len(pods), f"restored {n} of {len(pods)} endpoints"
 
@@ -69,6 +109,11 @@ def main(argv=None) -> int:
     record("agent.rss_mb_1000_endpoints", max(rss, rss_restart), "MB", command=COMMAND,
            baseline=512, ratio=max(rss, rss_restart) / 512, target="well below 512 MB",
            notes="baseline: Terway's documented ~512 MB per node for its DataPath V2 agent")
+    for what, ms in reads.items():
+        print(f"fastpath {what}: {ms:.0f} ms (python start floor {floor:.0f} ms)")
+        record(f"cli.read_ms.{what.replace(' ', '_')}", ms, "ms", command=COMMAND, target="<= 150 ms",
+               notes=f"agent running with {n} endpoints; a new process per call; "
+                     f"python start alone {floor:.0f} ms in the same run")
     record("agent.endpoint_add_ms", per_add_ms, "ms", command=COMMAND,
            notes="agent side of a CNI ADD (discovery + attach + map write), sequential")
     return 0

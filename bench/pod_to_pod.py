@@ -1,34 +1,38 @@
-"""Pod-to-pod on one node: fastpath's redirect vs the host stack vs a bare veth.
+"""Pod to pod: fastpath's redirect vs the host stack vs a bare veth, on one
+node and across two nodes.
 
-Three arms, alternated A B C per round (medians over rounds):
+Arms, alternated per round (medians over rounds):
 
-  direct    two pod netns joined by one veth: the physical limit
-  stack     pod a -> cali -> node routing (rule 512, endpoint route) -> cali -> pod b
-  fastpath  the same node and pods with fastpath attached (bpf_redirect_peer)
+  direct     two pod netns joined by one veth: the physical limit
+  stack      pod a -> cali -> node routing (rule 512, endpoint route) -> cali -> pod b
+  bare-peer  a program doing nothing but bpf_redirect_peer, on the same veths
+  fastpath   the same node and pods with fastpath attached (bpf_redirect_peer)
+  x-stack    pod a on n1 -> n1's stack -> ENI -> vpc -> ENI -> n2's stack -> pod c
+  x-fastpath the same with fastpath on both nodes (FIB lookup + redirect out of
+             the pod's ENI on n1, redirect_peer from the ENI on n2)
 
        direct:  [a]==veth==[b]
    stack/fp:    [a]--cali--( node n1 )--cali--[b]
+   cross-node:  [a]--cali--( n1 )--eth1==( vpc )==eth1--( n2 )--cali--[c]
 
 Each arm measures TCP_RR (1-byte transactions/s on one connection), TCP_CRR
 (connect, 1-byte request/response, close: connections/s) with bench/tools/fprr,
 and TCP throughput with iperf3, client and server pinned to CPU 0.
 
-The fastpath arm is a hook: `run(fastpath_setup)` where
-`fastpath_setup(world, node)` returns a context manager that attaches fastpath
-to the node (and registers its pods) for the duration of the arm. Without one,
-`run()` uses `sim_attach(node)` from agent.datapath or agent.simagent if
-either exists; with neither it measures direct and stack only and says so.
-Each round checks with bpftool that the stack node carries no program at all
-and that fastpath's arm has programs on both pods' veths, so a failed detach
-or a no-op attach can never pass one arm off as the other.
+The fastpath arms attach with `fastpath_setup(world, node)`, a context
+manager that attaches fastpath to the node (and registers its pods) for the
+duration of the arm: `agent.sim.agent.sim_attach` unless the caller gives
+another. Each round checks with bpftool that the stack arms' nodes carry no
+program at all and that fastpath's arms have programs on every pod veth, so
+a failed detach or a no-op attach can never pass one arm off as the other.
+`--quick` runs fewer and shorter rounds (make bench-quick).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, ContextManager
 
 from agent.sim import World
@@ -39,20 +43,9 @@ COMMAND = "python -m bench.pod_to_pod"
 FastpathSetup = Callable[[World, object], ContextManager]
 
 
-def find_fastpath_setup() -> tuple[FastpathSetup | None, str]:
-    """fastpath's simulated-node attach, wherever the datapath exposes it."""
-    reasons = []
-    for mod_name in ("agent.datapath", "agent.simagent"):
-        try:
-            mod = importlib.import_module(mod_name)
-        except Exception as e:           # a half-built datapath must not stop the baselines
-            reasons.append(f"{mod_name}: import failed ({type(e).__name__}: {e})")
-            continue
-        fn = getattr(mod, "sim_attach", None)
-        if fn is not None:
-            return (lambda world, node: fn(node)), f"{mod_name}.sim_attach"
-        reasons.append(f"{mod_name} has no sim_attach")
-    return None, "; ".join(reasons)
+def default_fastpath_setup() -> tuple[FastpathSetup, str]:
+    from agent.sim.agent import sim_attach
+    return (lambda world, node: sim_attach(node)), "agent.sim.agent.sim_attach"
 
 
 def _assert_no_bpf(node) -> None:
@@ -70,7 +63,8 @@ def _assert_bpf_on_pods(node) -> None:
 
 def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, rounds: int = 5,
         rr_seconds: float = 2.0, crr_seconds: float = 2.0, stream_seconds: float = 3.0,
-        record_results: bool = True, log: Callable[[str], None] = print) -> dict:
+        record_results: bool = True, log: Callable[[str], None] = print,
+        command: str = COMMAND) -> dict:
     """Measure the arms; record figures (bench/results.py) if `record_results`.
 
     Without `fastpath_setup`, looks for sim_attach unless `discover` is False.
@@ -78,23 +72,23 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
     """
     source = "given by the caller" if fastpath_setup else None
     if fastpath_setup is None and not discover:
-        log("pod_to_pod: fastpath arm NOT run (asked not to); measuring direct and stack only")
+        log("pod_to_pod: fastpath arms NOT run (asked not to); measuring the baselines only")
     elif fastpath_setup is None:
-        fastpath_setup, why = find_fastpath_setup()
-        source = why if fastpath_setup else None
-        if fastpath_setup is None:
-            log(f"pod_to_pod: fastpath arm NOT run (no sim_attach: {why}); measuring direct and stack only")
+        fastpath_setup, source = default_fastpath_setup()
     if source:
-        log(f"pod_to_pod: fastpath arm attaches with {source}")
+        log(f"pod_to_pod: fastpath arms attach with {source}")
     harness.build_fprr()
 
     started = time.monotonic()
     with World() as w:
         node = w.add_node("n1", enis=1)
+        node2 = w.add_node("n2", enis=1)
         a, b = node.add_pod("a"), node.add_pod("b")
+        c = node2.add_pod("c")
         pair = w.add_direct_pair()
         eps = {"direct": Endpoints(pair.a, pair.b, pair.b.ip, pair.a.ip),
-               "stack": Endpoints(a, b, b.ip, a.ip)}
+               "stack": Endpoints(a, b, b.ip, a.ip),
+               "cross": Endpoints(a, c, c.ip, a.ip)}
         servers = []
         try:
             for ep in eps.values():
@@ -128,10 +122,24 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                     harness.fprr(eps["stack"], "rr", 0.2)
                     return measure(eps["stack"])
 
+            def x_stack_arm() -> dict[str, float]:
+                _assert_no_bpf(node)
+                _assert_no_bpf(node2)
+                return measure(eps["cross"])
+
+            def x_fastpath_arm() -> dict[str, float]:
+                with ExitStack() as on:
+                    for n in (node, node2):
+                        on.enter_context(fastpath_setup(w, n))
+                        _assert_bpf_on_pods(n)
+                    harness.fprr(eps["cross"], "rr", 0.2)
+                    return measure(eps["cross"])
+
             arms = {"direct": lambda: measure(eps["direct"]), "stack": stack_arm,
-                    "bare-peer": bare_arm}
+                    "bare-peer": bare_arm, "x-stack": x_stack_arm}
             if fastpath_setup:
                 arms["fastpath"] = fastpath_arm
+                arms["x-fastpath"] = x_fastpath_arm
             raw = harness.alternate(arms, rounds, log)
         finally:
             harness.stop(servers)
@@ -141,7 +149,7 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
     _print_table(med, log)
     log(f"pod_to_pod: {rounds} rounds in {elapsed:.0f}s")
     if record_results:
-        _record(med, rounds, rr_seconds, crr_seconds, stream_seconds, source)
+        _record(med, rounds, rr_seconds, crr_seconds, stream_seconds, source, command)
     return {"medians": med, "raw": raw, "fastpath": source}
 
 
@@ -190,7 +198,7 @@ UNITS = {"rr": "trans/s", "crr": "conn/s", "stream": "Gbit/s"}
 
 
 def _print_table(med: dict, log) -> None:
-    arms = list(med)
+    arms = [a for a in med if not a.startswith("x-")]
     log("pod_to_pod medians: " + "  ".join(f"{a:>12s}" for a in arms) + "   stack/direct"
         + ("  fastpath/direct  fastpath/stack" if "fastpath" in med else ""))
     for m in ("rr", "crr", "stream"):
@@ -200,45 +208,62 @@ def _print_table(med: dict, log) -> None:
             row += f"  {med['fastpath'][m] / med['direct'][m]:15.3f}"
             row += f"  {med['fastpath'][m] / med['stack'][m]:14.3f}"
         log(row)
+    if "x-fastpath" in med:
+        log("cross-node medians:   x-stack  x-fastpath  x-fastpath/x-stack")
+        for m in ("rr", "crr", "stream"):
+            xs, xf = med["x-stack"][m], med["x-fastpath"][m]
+            log(f"  {m:6s} {UNITS[m]:8s} {xs:10,.1f} {xf:11,.1f} {xf / xs:19.3f}")
 
 
-def _record(med: dict, rounds: int, rr_s: float, crr_s: float, st_s: float, source) -> None:
+def _record(med: dict, rounds: int, rr_s: float, crr_s: float, st_s: float, source,
+            command: str) -> None:
     from bench import results
     method = (f"median of {rounds} alternating rounds; client+server pinned to CPU 0; "
               f"fprr 1-byte RR {rr_s:g}s, CRR {crr_s:g}s; iperf3 {st_s:g}s")
     d, s = med["direct"], med["stack"]
     for m in ("rr", "crr", "stream"):
-        results.record(f"redirect.stack_vs_direct.{m}", s[m], UNITS[m], command=COMMAND,
+        results.record(f"redirect.stack_vs_direct.{m}", s[m], UNITS[m], command=command,
                        baseline=d[m], ratio=s[m] / d[m],
                        notes=f"context: host-stack routing vs a direct veth pair; {method}")
     bp = med["bare-peer"]
     for m in ("rr", "crr", "stream"):
-        results.record(f"redirect.bare_peer_vs_direct.{m}", bp[m], UNITS[m], command=COMMAND,
+        results.record(f"redirect.bare_peer_vs_direct.{m}", bp[m], UNITS[m], command=command,
                        baseline=d[m], ratio=bp[m] / d[m],
                        notes=f"context: a program doing only bpf_redirect_peer vs a direct veth pair; {method}")
     if "fastpath" not in med:
         return
     f = med["fastpath"]
     for m in ("rr", "crr", "stream"):
-        results.record(f"redirect.vs_bare_peer.{m}", f[m], UNITS[m], command=COMMAND,
-                       baseline=bp[m], ratio=f[m] / bp[m],
-                       notes=f"context: fastpath vs the bare redirect_peer program; {method}")
-    results.record("redirect.pod_to_pod_same_node", f["crr"], "conn/s", command=COMMAND,
+        results.record(f"redirect.vs_bare_peer.{m}", f[m], UNITS[m], command=command,
+                       baseline=bp[m], ratio=f[m] / bp[m], target=None if m == "stream" else ">= 0.97",
+                       notes=f"fastpath vs the bare redirect_peer program on the same veths; {method}")
+    results.record("redirect.pod_to_pod_same_node", f["crr"], "conn/s", command=command,
                    baseline=s["crr"], ratio=f["crr"] / s["crr"], target=">= 1.10",
                    notes=f"TCP_CRR, fastpath vs host stack on the same node; {method}; attach: {source}")
     for m in ("rr", "crr", "stream"):
-        results.record(f"redirect.vs_direct_veth.{m}", f[m], UNITS[m], command=COMMAND,
-                       baseline=d[m], ratio=f[m] / d[m], target=">= 0.97",
-                       notes=f"fastpath pod-to-pod vs a direct veth pair; {method}")
+        results.record(f"redirect.vs_direct_veth.{m}", f[m], UNITS[m], command=command,
+                       baseline=d[m], ratio=f[m] / d[m],
+                       notes=f"context: fastpath pod-to-pod vs a direct veth pair; {method}")
+    xs, xf = med["x-stack"], med["x-fastpath"]
+    for m, target in (("rr", None), ("crr", ">= 1.10"), ("stream", ">= 1.0")):
+        results.record(f"redirect.cross_node.{m}", xf[m], UNITS[m], command=command,
+                       baseline=xs[m], ratio=xf[m] / xs[m], target=target,
+                       notes=f"pod to pod across two nodes through the ENIs and the VPC, fastpath "
+                             f"on both nodes vs the same topology routed by the stacks; {method}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 1 s runs (make bench-quick)")
     ap.add_argument("--no-record", action="store_true", help="print only; leave bench/results.* alone")
     ap.add_argument("--no-fastpath", action="store_true", help="measure direct and stack only")
     args = ap.parse_args(argv)
-    run(discover=not args.no_fastpath, rounds=args.rounds, record_results=not args.no_record)
+    if args.quick:
+        run(discover=not args.no_fastpath, rounds=3, rr_seconds=1.0, crr_seconds=1.0,
+            stream_seconds=1.5, record_results=not args.no_record, command=COMMAND + " --quick")
+    else:
+        run(discover=not args.no_fastpath, rounds=args.rounds, record_results=not args.no_record)
     return 0
 
 

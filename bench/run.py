@@ -1,5 +1,9 @@
 """`make bench`: run every benchmark module, then print bench/RESULTS.md.
 
+`make bench-quick` (`--quick`) runs only the hot-path figures, with fewer
+and shorter rounds, in a few minutes, and records nothing: its figures are
+for a developer's loop, never a replacement for the recorded full runs.
+
 Each module in MODULES has a `main()` that measures its figures and records
 them with bench.results.record(). A module that is listed but missing, or that
 fails, is reported by name (and makes the exit status non-zero): a benchmark
@@ -15,6 +19,7 @@ import traceback
 from bench import results
 
 # Add a benchmark here when its module exists; keep the cheap ones first.
+# Each entry: module, or (module, its arguments).
 MODULES = [
     "bench.sync_bench",
     "bench.agent_bench",
@@ -24,9 +29,14 @@ MODULES = [
     "bench.policy_bench",
     "bench.bw_bench",
 ]
+QUICK = [
+    ("bench.pod_to_pod", ["--quick", "--no-record"]),
+    ("bench.lb_bench", ["--rounds", "3", "--sizes", "1", "10000", "--kp-sizes",
+                        "--no-control-plane", "--no-record"]),
+]
 
 
-def _run_one(name: str) -> str:
+def _run_one(name: str, args: list[str]) -> str:
     try:
         mod = importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -34,7 +44,7 @@ def _run_one(name: str) -> str:
             return "missing"
         raise
     argv = sys.argv
-    sys.argv = [name]          # each main() parses its own (empty) command line
+    sys.argv = [name, *args]   # each main() parses its own command line
     try:
         rc = mod.main()
     finally:
@@ -45,12 +55,14 @@ def _run_one(name: str) -> str:
 
 
 def main() -> int:
+    quick = "--quick" in sys.argv[1:]
     outcome: dict[str, str] = {}
-    for name in MODULES:
+    for entry in QUICK if quick else MODULES:
+        name, args = (entry, []) if isinstance(entry, str) else entry
         print(f"== {name}", flush=True)
         t = time.monotonic()
         try:
-            outcome[name] = _run_one(name)
+            outcome[name] = _run_one(name, args)
         except Exception:
             traceback.print_exc()
             outcome[name] = "failed"
@@ -58,6 +70,8 @@ def main() -> int:
     print()
     print("benchmarks: " + ", ".join(f"{n} {o}" for n, o in outcome.items()))
     print()
+    if quick:
+        return 0 if all(o == "ok" for o in outcome.values()) else 1
     if results.RESULTS_MD.exists():
         print(results.RESULTS_MD.read_text())
     else:

@@ -252,9 +252,8 @@ def _policy_state(agent):
 
 
 def _links(netns) -> dict[int, str]:
-    from agent.datapath.netlink import iproute
-    with iproute(netns) as ipr:
-        return {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+    from agent.datapath.netlink import link_names
+    return link_names(netns)
 
 
 _ring_lock = threading.Lock()

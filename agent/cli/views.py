@@ -294,6 +294,8 @@ def render_status(d: dict) -> str:
                      + (f"; {', '.join(f'{k}={v}' for k, v in sorted(objs.items()))}"
                         if objs else "") + (f"; error: {src['error']}" if src.get("error")
                                             else "") + ")")
+        for problem in ((src.get("status") or {}).get("problems") or []):
+            lines.append(f"  problem: {problem}")
         for rej in ((src.get("status") or {}).get("rejected") or []):
             lines.append(f"  rejected: {rej.get('kind', '')} {rej.get('object', '')}: "
                          f"{rej.get('field', '')} {rej.get('message', '')} "

@@ -386,16 +386,32 @@ class AgentMetrics:
         self.restored_conntrack.set(count_keys(fd, info.key_size, info.max_entries))
 
     def count_start(self, state_dir: Path) -> int:
-        """Persist one more start in the state dir and expose the total."""
+        """Persist one more start in the state dir and expose the total. A
+        counter that cannot be read (a stray entry in its place) restarts
+        from one rather than stopping the start; one that cannot be written
+        is only logged."""
         path = Path(state_dir) / STARTS_FILE
         try:
             n = int(path.read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            n = 0
+        except OSError as exc:
+            log.warning("start counter %s cannot be read (%s): counting from 1", path,
+                        exc.strerror)
             n = 0
         n += 1
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{n}\n")
-        os.replace(tmp, path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, f"{n}\n".encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("start counter %s cannot be written: %s", path, exc.strerror)
         self.starts.inc(n)
         return n
 

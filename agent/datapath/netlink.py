@@ -7,6 +7,8 @@ forked helper process, and no other thread is ever moved.
 """
 from __future__ import annotations
 
+import socket
+
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -28,3 +30,24 @@ def link_name(ifindex: int, netns: str | None = None) -> str | None:
         except NetlinkError:
             return None
     return links[0].get_attr("IFLA_IFNAME") if links else None
+
+
+def link_names(netns: str | None = None) -> dict[int, str]:
+    """ifindex -> name of every link in `netns`. libc's if_nameindex reads
+    the same rtnetlink dump in C: with a thousand pod veths it answers in a
+    few milliseconds where decoding the dump in Python takes hundreds."""
+    with in_netns(netns):
+        return dict(socket.if_nameindex())
+
+
+def first_ipv4(device: str, netns: str | None = None) -> str | None:
+    """The first global IPv4 address of `device` in `netns`; None when the
+    device does not exist or has none."""
+    with iproute(netns) as ipr:
+        idx = ipr.link_lookup(ifname=device)
+        if not idx:
+            return None
+        for a in ipr.get_addr(index=idx[0], family=2):
+            if a["scope"] == 0:
+                return a.get_attr("IFA_ADDRESS")
+    return None

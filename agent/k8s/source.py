@@ -151,10 +151,15 @@ class Source:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    def problems(self) -> list[str]:
+        """What is wrong with the source itself (not with an object), now."""
+        return []
+
     def status(self) -> dict:
         return {
             "source": self.describe_source(),
             "synced": self.synced.is_set(),
+            "problems": self.problems(),
             "connected": all(s.connected for s in self.kinds.values()),
             "store_version": self.store.version,
             "kinds": {k.value: s.as_dict() for k, s in self.kinds.items()},

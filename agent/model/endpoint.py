@@ -6,9 +6,10 @@ a restarted agent can restore the datapath without asking anyone.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class Endpoint:
     netns: str = ""            # CNI_NETNS at ADD time
     pod_namespace: str = ""
     pod_name: str = ""
+    # When this attachment was (last) registered (wall clock, persisted): a
+    # CNI DEL queued before it is about an earlier attachment and is dropped.
+    added_at: float = 0.0
 
     @property
     def key(self) -> str:
@@ -40,6 +44,28 @@ class Endpoint:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Endpoint":
+    def from_json(cls, text: str | bytes) -> "Endpoint":
+        """An endpoint from its state file; ValueError naming the field if
+        the text is not one (a file written by hand, or damaged)."""
         data = json.loads(text)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value, want = data[f.name], _FIELD_TYPES[f.type]
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise ValueError(f"{f.name} must be {_TYPE_WORDS[f.type]}, not {value!r:.40}")
+            values[f.name] = value
+        if "ip" not in values:
+            raise ValueError("no ip")
+        try:
+            ipaddress.IPv4Address(values["ip"])
+        except ValueError:
+            raise ValueError(f"ip {values['ip']!r:.40} is not an IPv4 address") from None
+        return cls(**values)
+
+
+_FIELD_TYPES = {"str": str, "int": int, "float": (int, float)}
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number"}
