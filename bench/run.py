@@ -27,6 +27,7 @@ MODULES = [
     "bench.pod_to_pod",
     "bench.lb_bench",
     "bench.policy_bench",
+    "bench.bw_bench",
 ]
 QUICK = [
     ("bench.pod_to_pod", ["--quick", "--no-record"]),

@@ -6,11 +6,13 @@
  * ingress policy (when NetworkPolicy is on) and is redirected straight into
  * the pod's netns; everything else (the node's own traffic, ARP, ...) goes to
  * the stack unchanged.
- * fp_to_vpc (tc egress) lets everything through; a hook for later stages.
+ * fp_to_vpc (tc egress) paces what limited pods send (lib/bw.h: an EDT
+ * timestamp for fq, or the pod's HTB class) and lets everything through.
  */
 #include "lib/fwd.h"
 #include "lib/policy.h"
 #include "lib/guard.h"
+#include "lib/bw.h"
 
 static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 {
@@ -69,5 +71,12 @@ int fp_from_vpc(struct __sk_buff *skb)
 
 int fp_to_vpc(struct __sk_buff *skb)
 {
+	enum fp_reason reason;
+
+	/* Bandwidth manager (lib/bw.h): pace the pod that sends. */
+	if (fp_bw_to_vpc(skb, &reason) < 0) {
+		fp_count(skb->ifindex, FP_DIR_TO_VPC, reason, skb->len);
+		return TC_ACT_SHOT;
+	}
 	return FP_TC_CONTINUE;
 }

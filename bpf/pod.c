@@ -13,13 +13,14 @@
  *     (conntrack keeps the flow on it), then forwarded like any other;
  *   - with NetworkPolicy on, a new flow must pass the pod's egress and, when
  *     the destination is a pod of this node, that pod's ingress (lib/policy.h);
+ *   - the pod's egress limits apply (lib/bw.h);
  *   - host-stack bypass prefixes (node-local DNS) go to the stack;
  *   - a destination that is a local endpoint is redirected into its netns;
  *   - anything else leaves by the pod's ENI when the FIB agrees.
  * fp_to_pod (tc egress: packets the stack delivers to the pod) drops IPv6
- * to an isolated pod (lib/guard.h), checks the pod's ingress policy,
- * restores the VIP on replies of translated flows and lets everything else
- * through.
+ * to an isolated pod (lib/guard.h), checks the pod's ingress policy and
+ * ingress limits (lib/bw.h), restores the VIP on replies of translated
+ * flows and lets everything else through.
  * Every drop is reported to the monitor's ring buffer (lib/policy.h).
  * Programs never return TC_ACT_OK for "not mine": they return
  * TC_ACT_UNSPEC so that other tc filters on the device still run.
@@ -28,6 +29,7 @@
 #include "lib/icmp.h"
 #include "lib/policy.h"
 #include "lib/guard.h"
+#include "lib/bw.h"
 
 /* What a from-pod packet looked like on arrival, for the report. */
 struct fp_seen {
@@ -130,6 +132,11 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_POLICY, TC_ACT_SHOT, &ip,
 					&seen, l4.sport, l4.dport, &pv);
 
+	/* Bandwidth manager (lib/bw.h): the pod's egress limits. */
+	if (fp_bw_from_pod(skb, &ip, &l4, has_l4, &reason) < 0)
+		return fp_finish_report(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT, &ip, &seen,
+					l4.sport, l4.dport, &pv);
+
 	if (fp_bypass_match(ip.daddr)) {
 		verdict = FP_TC_CONTINUE;
 		reason = FP_FWD_BYPASS;
@@ -173,6 +180,11 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 				  ip.saddr, ip.daddr, dport, &pv);
 			return fp_finish(skb, FP_DIR_TO_POD, FP_DROP_POLICY, TC_ACT_SHOT);
 		}
+	}
+	/* Bandwidth manager (lib/bw.h): the pod's ingress limits. */
+	if (fp_bw_deliver(skb, &ip, &reason) < 0) {
+		fp_report(skb, FP_DIR_TO_POD, reason, &ip, 0, 0, ip.saddr, ip.daddr, 0, NULL);
+		return fp_finish(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
 	}
 	rc = fp_lb_reverse(skb, &ip);
 	if (rc < 0)

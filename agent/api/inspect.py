@@ -11,6 +11,8 @@ what only the agent knows; the CLI reads the pinned maps itself.
   Services  {}                  frontend -> Service name, port name, backend states
   Policy    {"endpoint": str}   effective rules of a pod, traced to policies
   PolicyNames {}                policy id -> namespace/name ({} without policy state)
+  Bandwidth {}                  the bandwidth manager's status, rejected annotations,
+                                every limited pod's limits
   Logs      {"lines": int}      the agent's recent log lines
 
 Errors: NOT_FOUND for an unknown object, FAILED_PRECONDITION when the
@@ -26,7 +28,8 @@ import os
 import threading
 
 SERVICE = "fastpath.v1.Inspect"
-METHODS = ("Status", "Endpoints", "Links", "Services", "Policy", "PolicyNames", "Logs")
+METHODS = ("Status", "Endpoints", "Links", "Services", "Policy", "PolicyNames", "Logs",
+           "Bandwidth")
 
 log = logging.getLogger("fastpath.api")
 
@@ -235,6 +238,9 @@ class AgentInspect:
     def inspect_PolicyNames(self) -> dict:
         state = _policy_state(self.agent)
         return {str(k): v for k, v in state.policies.items()} if state is not None else {}
+
+    def inspect_Bandwidth(self) -> dict:
+        return self.agent.rpc_Bandwidth()
 
     def inspect_Logs(self, lines: int = 500) -> list[str]:
         if self.logs is None:

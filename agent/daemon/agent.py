@@ -5,8 +5,9 @@ without flushing anything that forwards traffic):
   1. load: compile once, reopen pinned maps (migrating a changed layout);
   2. attach the ENI programs;
   3. restore endpoints from the state dir (skipping pods whose veth is gone);
-  4. replay CNI deletions queued while the agent was down;
-  5. serve the API (CNI plugin, CLI).
+  4. the bandwidth manager: kernel probe, the ENIs' root qdisc, pods' limits;
+  5. replay CNI deletions queued while the agent was down;
+  6. serve the API (CNI plugin, CLI).
 Health and metrics (agent/daemon/health.py, agent/daemon/metrics.py) are served from the
 beginning, so liveness answers while the programs compile and readiness
 says what is still missing.
@@ -71,6 +72,7 @@ class Agent:
         self.events = None       # Kubernetes Events about policies (agent/k8s/events.py)
         self.socklb_optout = None
         self.conntrack_gc = None
+        self.bandwidth = None
         self.metrics = AgentMetrics(self)
         self.http = None
         self.inspect = None      # gRPC inspection service (agent/api/inspect.py)
@@ -96,6 +98,7 @@ class Agent:
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
         self._start_services()
         self._start_policy()
+        self._start_bandwidth()
         replayed = self.replay_deletions()
         if replayed:
             log.info("replayed %d queued CNI deletions", replayed)
@@ -190,6 +193,24 @@ class Agent:
             self.policy.remember(ep.ip, ep.pod_namespace, ep.pod_name)
         self.policy.start()
 
+    def _start_bandwidth(self) -> None:
+        """Per-pod limits (agent/daemon/bandwidth.py): on when the config
+        asks and the kernel can, else off with the reason in the status."""
+        from agent.daemon.bandwidth import BandwidthSync
+        self.bandwidth = BandwidthSync(self.datapath, self.config, self.store, self.source,
+                                       self._endpoint_list, netns=self.netns,
+                                       sweep_interval=max(self.config.conntrack_gc_interval, 5)
+                                       if self.config.conntrack_gc_interval else 30,
+                                       metrics=self.metrics).start(self.enis)
+
+    def _refresh_bandwidth(self) -> None:
+        # never with self.lock held: refresh takes it (through _endpoint_list)
+        if self.bandwidth is not None:
+            try:
+                self.bandwidth.refresh()
+            except Exception as exc:      # a CNI request must not fail on a limit
+                log.error("bandwidth: refresh after an endpoint change failed: %s", exc)
+
     def _node_ips(self) -> list[str]:
         """This node's own IPv4 addresses: what the host stack (kubelet
         probes) sends from, always allowed to reach the node's pods."""
@@ -278,6 +299,8 @@ class Agent:
             log.warning("  rejected: %s", err)
 
     def stop(self) -> None:
+        if self.bandwidth is not None:
+            self.bandwidth.stop()
         if self.policy is not None:
             self.policy.stop()
         if self.events is not None:
@@ -309,7 +332,7 @@ class Agent:
     def _worker_threads(self) -> list[threading.Thread]:
         out = []
         for w in (self.policy, self.conntrack_gc, self.services, self.socklb_optout,
-                  getattr(self.services, "purger", None)):
+                  self.bandwidth, getattr(self.services, "purger", None)):
             t = getattr(w, "_thread", None) if w is not None else None
             if isinstance(t, threading.Thread):
                 out.append(t)
@@ -507,6 +530,7 @@ class Agent:
             # an ADD supersedes a deletion of the same attachment still queued
             (self.state_dir / DEL_QUEUE / f"{ep.key}.json").unlink(missing_ok=True)
         self._refresh_socket_lb_opt_out()
+        self._refresh_bandwidth()
         t3 = time.monotonic()
         log.info("endpoint added: %s %s/%s ip=%s veth=%s eni=%s policy=%s (labels: %s)", ep.key,
                  pod_namespace, pod_name, ep.ip, ep.host_ifname, ep.eni_name or "-", policy, how)
@@ -603,6 +627,7 @@ class Agent:
         if self.policy is not None and not any(o.ip == ep.ip for o in self._endpoint_list()):
             self.policy.forget(ep.ip)
         self._refresh_socket_lb_opt_out()
+        self._refresh_bandwidth()
         log.info("endpoint deleted: %s ip=%s", key, ep.ip)
         return {"deleted": True, "ip": ep.ip}
 
@@ -660,7 +685,18 @@ class Agent:
                 "endpoints": len(self.endpoints), "enis": self.enis,
                 "bpffs_root": self.config.bpffs_root, "pid": os.getpid(), "source": source,
                 "http": dict(self.http.addresses) if self.http else {},
-                "policy": self.rpc_PolicyStatus()}
+                "policy": self.rpc_PolicyStatus(), "bandwidth": self.bandwidth_status()}
+
+    def bandwidth_status(self) -> dict:
+        if self.bandwidth is None:
+            return {"enabled": False, "summary": "not started"}
+        return self.bandwidth.status.as_dict()
+
+    def rpc_Bandwidth(self) -> dict:
+        """Status, rejected annotations and every limited pod's limits."""
+        if self.bandwidth is None:
+            return {"status": self.bandwidth_status(), "pods": {}}
+        return self.bandwidth.view()
 
     def rpc_PolicyStatus(self) -> dict:
         if self.policy is None:

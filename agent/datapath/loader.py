@@ -65,6 +65,7 @@ class BuildOptions:
     hairpin_ip: str = "169.254.10.1"
     policy_max: int = 65536
     ipcache_max: int = 65536
+    bw_flows_max: int = 65536
     test_build: bool = False
 
     @classmethod
@@ -76,7 +77,7 @@ class BuildOptions:
                    # socket, the socket-level twin of a conntrack entry
                    config.conntrack_map_size, config.local_router_ipv4,
                    policy_max=config.policy_map_size, ipcache_max=config.ipcache_map_size,
-                   test_build=test_build)
+                   bw_flows_max=config.bandwidth_flows_map_size, test_build=test_build)
 
     def cflags(self) -> list[str]:
         flags = [
@@ -95,6 +96,10 @@ class BuildOptions:
             f"-DFP_IPCACHE_MAX={self.ipcache_max}",
             # (policy, direction, verdict) counters: bounded, whatever the rules
             f"-DFP_POLCNT_MAX={min(self.policy_max, 16384)}",
+            f"-DFP_BW_FLOWS_MAX={self.bw_flows_max}",
+            # per limited pod: passed and each drop reason, both directions
+            # (allocated per entry, so the bound costs nothing unused)
+            f"-DFP_BWCNT_MAX={self.endpoints_max * 12}",
             # as the raw value of a __be32 field, to compare without swapping
             f"-DFP_HAIRPIN_IP={_be32_literal(self.hairpin_ip)}",
             "-Wno-unused-function",

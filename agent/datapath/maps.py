@@ -486,6 +486,14 @@ class ConfigMap:
         flag = DEFS.defines["FP_CFG_F_POLICY"]
         self._update(set_flags=flag if enabled else 0, clear_flags=flag)
 
+    def set_bandwidth(self, enabled: bool, edt: bool = False) -> None:
+        """FP_CFG_F_BW: limits in force (the kernel supports them and some
+        pod is limited); FP_CFG_F_BW_EDT: traffic to the VPC is paced by
+        EDT timestamps (else by the ENIs' HTB classes)."""
+        on, e = DEFS.defines["FP_CFG_F_BW"], DEFS.defines["FP_CFG_F_BW_EDT"]
+        self._update(set_flags=(on if enabled else 0) | (e if enabled and edt else 0),
+                     clear_flags=on | e)
+
     def get(self) -> dict:
         v = self._t[self._t.Key(0)]
         return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags, "events": v.events}

@@ -51,6 +51,8 @@ class Datapath:
         from agent.datapath.policymaps import PolicyMaps
         self.policy = PolicyMaps(tables)
         self.socklb_skip = SocketLbSkipMap(tables)
+        from agent.datapath.bwmaps import BandwidthMaps
+        self.bandwidth = BandwidthMaps(tables)
         crc32c_fill(tables)
         self.maps.bypass_set(self.config.host_stack_cidrs + self.config.service_cidrs)
         return self

@@ -40,6 +40,7 @@ FLAG_PREFIX = {
     ("fp_pol_dir", "flags"): "FP_POL_F_",
     ("fp_pol_rule", "flags"): "FP_RULE_F_",
     ("fp_event", "flags"): "FP_EV_F_",
+    ("fp_bw", "flags"): "FP_BW_F_",
 }
 # Conntrack entry kinds (fp_ct4_key.dir) and policy verdicts (FP_PV_*).
 CT_DIRS = ("FORWARD", "REPLY", "POLICY")

@@ -20,6 +20,7 @@
 #include <linux/socket.h>
 #include "lib/parse.h"
 #include "lib/lb.h"
+#include "lib/bw.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -70,6 +71,9 @@ static __always_inline int fp_redirect_local(struct __sk_buff *skb, struct fp_ip
 		*reason = FP_FWD_TTL;
 		return FP_TC_CONTINUE;
 	}
+	/* Bandwidth manager (lib/bw.h): the destination's ingress limits. */
+	if (fp_bw_deliver(skb, ip, reason) < 0)
+		return TC_ACT_SHOT;
 	if (fp_lb_reverse(skb, ip) < 0) {
 		*reason = FP_DROP_CSUM;
 		return TC_ACT_SHOT;
