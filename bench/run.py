@@ -28,6 +28,7 @@ MODULES = [
     "bench.lb_bench",
     "bench.ct_bench",
     "bench.policy_bench",
+    "bench.bw_bench",
 ]
 QUICK = [
     ("bench.pod_to_pod", ["--quick", "--no-record"]),

@@ -1,15 +1,19 @@
 /* Programs on the node's ENIs (eth1..ethN), tc hooks.
  *
- * fp_from_vpc (tc ingress): IPv4 for a local endpoint passes the pod's
- * ingress policy (when NetworkPolicy is on), gets its VIP back if it is a
- * reply of a translated flow (or an ICMP error about one), and is
- * redirected straight into the pod's netns; a fragment after the first
- * follows its first one. Everything else (the node's own traffic, ARP, ...)
- * goes to the stack unchanged.
- * fp_to_vpc (tc egress) lets everything through; a hook for later stages.
+ * fp_from_vpc (tc ingress): IPv4 claiming a local pod's address as its
+ * source is dropped as spoofed first (lib/guard.h); IPv4 for a local
+ * endpoint passes the pod's ingress policy (when NetworkPolicy is on), gets
+ * its VIP back if it is a reply of a translated flow (or an ICMP error about
+ * one), and is redirected straight into the pod's netns; a fragment after
+ * the first follows its first one. Everything else (the node's own traffic,
+ * ARP, ...) goes to the stack unchanged.
+ * fp_to_vpc (tc egress) paces what limited pods send (lib/bw.h: an EDT
+ * timestamp for fq, or the pod's HTB class) and lets everything through.
  */
 #include "lib/fwd.h"
 #include "lib/policy.h"
+#include "lib/guard.h"
+#include "lib/bw.h"
 
 static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 {
@@ -21,6 +25,12 @@ static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 	int verdict = FP_TC_CONTINUE, rc;
 	__be32 arrived = 0, arrived_dst = 0;
 	__be16 sport = 0, dport = 0;
+
+	if (fp_guard_from_vpc(skb, &reason)) {
+		fp_count(skb->ifindex, FP_DIR_FROM_VPC, reason, skb->len);
+		fp_test_record(0, FP_RD_NONE, 0, reason);
+		return TC_ACT_SHOT;
+	}
 
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
@@ -86,5 +96,12 @@ int fp_from_vpc(struct __sk_buff *skb)
 
 int fp_to_vpc(struct __sk_buff *skb)
 {
+	enum fp_reason reason;
+
+	/* Bandwidth manager (lib/bw.h): pace the pod that sends. */
+	if (fp_bw_to_vpc(skb, &reason) < 0) {
+		fp_count(skb->ifindex, FP_DIR_TO_VPC, reason, skb->len);
+		return TC_ACT_SHOT;
+	}
 	return FP_TC_CONTINUE;
 }

@@ -103,6 +103,11 @@ BPF_PERCPU_ARRAY(fp_whatif_cpu, __u32, 1);
 /* Powers of x for the SCTP CRC32c update (constants, see fastpath.h). */
 BPF_TABLE_PINNED("array", __u32, __u32, FP_MAP_CRC32C, FP_CRC32C_POWERS, FP_PIN(FP_MAP_CRC32C));
 
+/* Registered host veths: ifindex -> the endpoint's addresses (anti-spoofing);
+ * one entry per endpoint, so sized like the endpoints map. */
+BPF_TABLE_PINNED("hash", __u32, struct fp_ep_if, FP_MAP_EP_IFINDEX, FP_EP_MAX,
+		 FP_PIN(FP_MAP_EP_IFINDEX));
+
 static __always_inline struct fp_endpoint *fp_endpoint_lookup(__be32 ip4)
 {
 	struct fp_endpoint_key key = { .ip4 = ip4 };
@@ -409,4 +414,87 @@ static __always_inline int fp_crc32c_power(__u32 idx, __u32 *out)
 		return -1;
 	*out = *v;
 	return 0;
+}
+
+static __always_inline struct fp_ep_if *fp_epif_lookup(__u32 ifindex)
+{
+	return FP_MAP_EP_IFINDEX.lookup(&ifindex);
+}
+
+/* ---- Bandwidth manager (lib/bw.h) ---- */
+
+/* Per-pod limits, written by the agent; one entry per limited pod. */
+BPF_TABLE_PINNED("hash", __be32, struct fp_bw, FP_MAP_BW, FP_EP_MAX, FP_PIN(FP_MAP_BW));
+/* Per-pod buckets and connection counts, kept by the programs. */
+BPF_TABLE_PINNED("hash", __be32, struct fp_bw_state, FP_MAP_BW_STATE, FP_EP_MAX,
+		 FP_PIN(FP_MAP_BW_STATE));
+/* TCP connections of connection-limited pods. A plain hash, not an LRU:
+ * an evicted entry would never give its count back; a full map admits new
+ * connections uncounted (FP_FWD_BW_UNTRACKED) until the agent's sweep of
+ * idle entries makes room. */
+BPF_TABLE_PINNED("hash", struct fp_bw_flow_key, struct fp_bw_flow, FP_MAP_BW_FLOWS,
+		 FP_BW_FLOWS_MAX, FP_PIN(FP_MAP_BW_FLOWS));
+/* What each limited pod sent and received, and what was dropped, by reason. */
+BPF_TABLE_PINNED("percpu_hash", struct fp_bwcnt_key, struct fp_counter, FP_MAP_BW_COUNTERS,
+		 FP_BWCNT_MAX, FP_PIN(FP_MAP_BW_COUNTERS), BPF_F_NO_PREALLOC);
+
+static __always_inline struct fp_bw *fp_bw_limits(__be32 ip4)
+{
+	return FP_MAP_BW.lookup(&ip4);
+}
+
+/* The pod's state; created when missing (the agent creates it with the
+ * limits, but a layout migration may have emptied the state map). */
+static __always_inline struct fp_bw_state *fp_bw_state_of(__be32 ip4, __u32 conn_gen)
+{
+	struct fp_bw_state *st = FP_MAP_BW_STATE.lookup(&ip4);
+
+	if (!st) {
+		struct fp_bw_state zero = { .conn_gen = conn_gen };
+
+		FP_MAP_BW_STATE.insert(&ip4, &zero);
+		st = FP_MAP_BW_STATE.lookup(&ip4);
+	}
+	return st;
+}
+
+/* Another pod's state, never created (closing a flow it was counted for). */
+static __always_inline struct fp_bw_state *fp_bw_state_lookup(__be32 ip4)
+{
+	return FP_MAP_BW_STATE.lookup(&ip4);
+}
+
+static __always_inline struct fp_bw_flow *fp_bw_flow_lookup(struct fp_bw_flow_key *key)
+{
+	return FP_MAP_BW_FLOWS.lookup(key);
+}
+
+/* 0 when inserted, < 0 when the map is full or the entry exists. */
+static __always_inline int fp_bw_flow_insert(struct fp_bw_flow_key *key, struct fp_bw_flow *val)
+{
+	return FP_MAP_BW_FLOWS.insert(key, val);
+}
+
+/* 0 when this call removed the entry: the caller then owns its counts. */
+static __always_inline int fp_bw_flow_delete(struct fp_bw_flow_key *key)
+{
+	return FP_MAP_BW_FLOWS.delete(key);
+}
+
+static __always_inline void fp_bw_count(__be32 ip4, enum fp_dir dir, enum fp_reason reason,
+					__u32 bytes)
+{
+	struct fp_bwcnt_key key = { .ip4 = ip4, .reason = reason, .dir = dir };
+	struct fp_counter *c = FP_MAP_BW_COUNTERS.lookup(&key);
+
+	if (!c) {
+		struct fp_counter zero = {};
+
+		FP_MAP_BW_COUNTERS.insert(&key, &zero);
+		c = FP_MAP_BW_COUNTERS.lookup(&key);
+		if (!c)
+			return;
+	}
+	c->packets += 1;
+	c->bytes += bytes;
 }

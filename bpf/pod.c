@@ -1,23 +1,30 @@
 /* Programs on the host side of each pod's veth (cali*), tc hooks.
  *
  * fp_from_pod (tc ingress: packets the pod sends):
- *   - anything but IPv4 (ARP, IPv6, ...) goes to the stack unchanged;
- *   - the source must be the endpoint registered on this veth (anti-spoof);
- *     a pod fastpath does not know yet is left to the stack;
+ *   - first the guards (lib/guard.h): on a registered veth, any packet
+ *     (IPv4, IPv6, ARP) whose source is not the endpoint's own is dropped
+ *     as spoofed; IPv6 of an isolated pod is dropped, neighbour discovery
+ *     aside;
+ *   - anything else but IPv4 goes to the stack unchanged;
+ *   - the source must be the endpoint registered on this veth; on a veth
+ *     without a registration, an unknown source is left to the stack and
+ *     another local pod's address is dropped as spoofed;
  *   - a TCP/UDP/SCTP packet to a service frontend is translated to a
  *     backend (conntrack keeps the flow on it; a mid-stream packet conntrack
  *     does not know is dropped), then forwarded like any other;
  *   - a fragment after the first follows its first fragment (lib/ct.h);
  *   - with NetworkPolicy on, a new flow must pass the pod's egress and, when
  *     the destination is a pod of this node, that pod's ingress (lib/policy.h);
+ *   - the pod's egress limits apply (lib/bw.h);
  *   - host-stack bypass prefixes (node-local DNS) go to the stack;
  *   - a destination that is a local endpoint is redirected into its netns;
  *   - anything else leaves by the pod's ENI when the FIB agrees.
  * Replies of translated flows (and ICMP errors about them) get their VIP
  * back on delivery to a local pod (fp_ct_reverse).
- * fp_to_pod (tc egress: packets the stack delivers to the pod) checks the
- * pod's ingress policy, restores the VIP on replies of translated flows and
- * lets everything else through.
+ * fp_to_pod (tc egress: packets the stack delivers to the pod) drops IPv6
+ * to an isolated pod (lib/guard.h), checks the pod's ingress policy and
+ * ingress limits (lib/bw.h), restores the VIP on replies of translated
+ * flows (and ICMP errors about them) and lets everything else through.
  * Every drop is reported to the monitor's ring buffer (lib/policy.h).
  * Programs never return TC_ACT_OK for "not mine": they return
  * TC_ACT_UNSPEC so that other tc filters on the device still run.
@@ -25,6 +32,8 @@
 #include "lib/fwd.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
+#include "lib/guard.h"
+#include "lib/bw.h"
 
 /* What a packet looked like on arrival, for reports and fragment records. */
 struct fp_seen {
@@ -69,6 +78,9 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	int hairpin = 0, hairpin_reply, translated = 0, rc;
 	__u32 eni_ifindex;
 	int verdict;
+
+	if (fp_guard_from_pod(skb, &reason))
+		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
@@ -146,6 +158,16 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT, &ip,
 					&seen, &l4, &pv);
 route:
+	/* Bandwidth manager (lib/bw.h): the pod's egress limits, by its own
+	 * address (a hairpinned or restored packet's source is no longer it) */
+	{
+		struct fp_ipv4 sent = ip;
+
+		sent.saddr = seen.saddr;
+		if (fp_bw_from_pod(skb, &sent, &l4, l4.kind == FP_L4_PORTS, &reason) < 0)
+			return fp_finish_report(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT, &ip,
+						&seen, &l4, &pv);
+	}
 	if (fp_bypass_match(ip.daddr)) {
 		verdict = FP_TC_CONTINUE;
 		reason = FP_FWD_BYPASS;
@@ -184,6 +206,9 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 	__be16 sport, dport;
 	int rc;
 
+	if (fp_guard_to_pod(skb, &reason))
+		return fp_finish(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
+
 	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
 		return FP_TC_CONTINUE;
 	fp_parse_l4(skb, &ip, &l4);
@@ -195,7 +220,7 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 		rc = fp_ct_frag_follow(skb, &ip, &l4, &reason);
 		if (rc > 0 && fp_policy_enabled())
 			reason = FP_DROP_FRAG_NO_FIRST;
-		else if (rc >= 0)
+		else if (rc >= 0 && fp_bw_deliver(skb, &ip, &reason) == 0)
 			return FP_TC_CONTINUE;
 		fp_report(skb, FP_DIR_TO_POD, reason, &ip, l4.sport, l4.dport, saddr, daddr,
 			  l4.dport, NULL);
@@ -206,6 +231,12 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 		fp_report(skb, FP_DIR_TO_POD, FP_DROP_POLICY, &ip, sport, dport, saddr, daddr,
 			  dport, &pv);
 		return fp_finish(skb, FP_DIR_TO_POD, FP_DROP_POLICY, TC_ACT_SHOT);
+	}
+	/* Bandwidth manager (lib/bw.h): the pod's ingress limits. */
+	if (fp_bw_deliver(skb, &ip, &reason) < 0) {
+		fp_ct_frag_record(&ip, saddr, daddr, sport, dport, reason);
+		fp_report(skb, FP_DIR_TO_POD, reason, &ip, sport, dport, saddr, daddr, dport, NULL);
+		return fp_finish(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
 	}
 	rc = fp_ct_reverse(skb, &ip, &l4);
 	if (rc < 0) {

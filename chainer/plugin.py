@@ -687,6 +687,7 @@ def cmd_add(conf: Conf, env: Env, log: Log) -> dict:
         log.write("debug", "timing " + dumps(
             {"t_launch": START[0], "t_main": START[1], "rpc_ms": round(rpc_ms, 3),
              "agent_discover_ms": timing.get("discover"), "agent_attach_ms": timing.get("attach"),
+             "agent_identity_ms": timing.get("identity"), "agent_policy_ms": timing.get("policy"),
              "agent_total_ms": timing.get("total")}))
     prev_ips = result_ips(conf.prev_result)
     if prev_ips and ep.get("ip") not in prev_ips:

@@ -823,8 +823,10 @@ def node_state(node, paths, cgroup: str, cni_root: Path) -> dict:
         name = link["ifname"]
         filters[name] = sorted((f.direction, f.prio, f.name)
                                for f in tc.list_filters(name, node.netns))
-    qdiscs = sorted((q["dev"], q["kind"]) for q in json.loads(
-        node.run(["tc", "-j", "qdisc", "show"]).stdout) if q["kind"] == "clsact")
+    # clsact for the filters; root qdiscs for the bandwidth manager's (fa57:)
+    qdiscs = sorted((q["dev"], q["kind"], q.get("handle", "")) for q in json.loads(
+        node.run(["tc", "-j", "qdisc", "show"]).stdout)
+        if q["kind"] == "clsact" or q.get("root"))
     pins = sorted(str(Path(d, f).relative_to(paths.bpffs))
                   for d, dirs, files in os.walk(paths.bpffs) for f in dirs + files)
     # whatever the agent created next to the test's own files: state dir,
@@ -930,6 +932,7 @@ def uninstall_scenario(world, cgroup: str) -> None:
                 # fastpath is really there: its filters, socket hooks, pins, files
                 assert ("ingress", 25000, "fp_from_pod") in installed["filters"][a.host_ifname]
                 assert ("egress", 25000, "fp_to_vpc") in installed["filters"]["eth1"]
+                assert ("eth1", "htb", "fa57:") in installed["qdiscs"]
                 assert {n for _, n in installed["cgroup"]} >= {"fp_sock_conn4", "other_conn4"}
                 assert "fastpath/fp_ep4_v1" in installed["pins"]
                 assert "opt/cni/bin/fastpath-cni" in installed["cni"]

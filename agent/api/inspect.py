@@ -11,6 +11,8 @@ what only the agent knows; the CLI reads the pinned maps itself.
   Services  {}                  frontend -> Service name, port name, backend states
   Policy    {"endpoint": str}   effective rules of a pod, traced to policies
   PolicyNames {}                policy id -> namespace/name ({} without policy state)
+  Bandwidth {}                  the bandwidth manager's status, rejected annotations,
+                                every limited pod's limits
   Logs      {"lines": int}      the agent's recent log lines
 
 Errors: NOT_FOUND for an unknown object, FAILED_PRECONDITION when the
@@ -26,7 +28,8 @@ import os
 import threading
 
 SERVICE = "fastpath.v1.Inspect"
-METHODS = ("Status", "Endpoints", "Links", "Services", "Policy", "PolicyNames", "Logs")
+METHODS = ("Status", "Endpoints", "Links", "Services", "Policy", "PolicyNames", "Logs",
+           "Bandwidth")
 
 log = logging.getLogger("fastpath.api")
 
@@ -225,13 +228,19 @@ class AgentInspect:
                                "has not completed)")
         snap = self.agent.store.snapshot() if self.agent.store is not None else None
         try:
-            return pview.endpoint_rules(state, endpoint, snap)
+            view = pview.endpoint_rules(state, endpoint, snap)
         except KeyError as exc:
             raise InspectError("not-found", str(exc.args[0])) from None
+        from agent.policy.pending import is_pending
+        view["pending"] = is_pending(state.endpoints[view["ip"]])
+        return view
 
     def inspect_PolicyNames(self) -> dict:
         state = _policy_state(self.agent)
         return {str(k): v for k, v in state.policies.items()} if state is not None else {}
+
+    def inspect_Bandwidth(self) -> dict:
+        return self.agent.rpc_Bandwidth()
 
     def inspect_Logs(self, lines: int = 500) -> list[str]:
         if self.logs is None:

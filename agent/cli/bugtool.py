@@ -58,6 +58,8 @@ def collect(ctx) -> tuple[dict[str, bytes], dict[str, str]]:
     part("endpoints.json", lambda: views.data_endpoints(ctx))
     part("services.json", lambda: views.data_services(ctx))
     part("conntrack.json", lambda: views.data_ct(ctx))
+    from agent.cli.bandwidth import data_bandwidth
+    part("bandwidth.json", lambda: data_bandwidth(ctx, 0))
     part("metrics.json", lambda: views.data_metrics(ctx))
     part("policy-metrics.json", lambda: views.data_policy_metrics(ctx))
     part("config.json", lambda: ctx.require_agent("Status").get("config"))

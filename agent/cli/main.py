@@ -179,6 +179,7 @@ def cmd_uninstall(args) -> int:
         print(json.dumps(data, indent=1, sort_keys=True))
     else:
         for what, items in (("detached", kernel.filters + kernel.cgroup_programs),
+                            ("restored", kernel.qdiscs),
                             ("unpinned", kernel.pins), ("removed", files.removed),
                             ("restored", files.restored), ("edited", files.edited),
                             ("kept", data["kept"])):
@@ -257,6 +258,13 @@ def register_inspection(sub) -> None:
     m.add_argument("--drops", action="store_true", help="drop reasons only")
     m.add_argument("--policy", action="store_true",
                    help="new flows per NetworkPolicy, direction and verdict instead")
+    from agent.cli import bandwidth
+    bwp = sub.add_parser("bandwidth", help="per-pod bandwidth, packet-rate and connection "
+                         "limits").add_subparsers(dest="verb", required=True)
+    bl = cmd(bwp, "list", bandwidth.cmd_bandwidth_list, help="limited pods: limits, current "
+             "rate, connections, drops by reason, rejected annotations")
+    bl.add_argument("--interval", type=float, default=1.0, help="seconds over which the "
+                    "current rate is measured (0: do not measure)")
     from agent.cli import bugtool, monitor, policy, trace
     pol = sub.add_parser("policy", help="NetworkPolicy as enforced on this node").add_subparsers(
         dest="verb", required=True)

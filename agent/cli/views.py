@@ -47,6 +47,7 @@ def policy_states(ctx) -> tuple[bool | None, dict]:
 
 
 def data_endpoints(ctx) -> list[dict]:
+    from agent.cli.bandwidth import limits_by_ip
     entries = ctx.entries(M["endpoints"])
     agent_view = ctx.agent("Endpoints")
     ctx.note_agent_down("pod names are not shown")
@@ -55,6 +56,9 @@ def data_endpoints(ctx) -> list[dict]:
     if enabled is False:
         for r in rows:
             r["policy"] = {"state": "not-enforced"}
+    limits = limits_by_ip(ctx)
+    for r in rows:
+        r["bandwidth"] = limits.get(r["ip"], {})
     return rows
 
 
@@ -84,7 +88,8 @@ def cmd_endpoint_get(ctx, args) -> int:
     r = hit[0]
 
     def render(r):
-        return "\n".join(f"{k}: {views.policy_state_text(v) if k == 'policy' else v}"
+        from agent.cli.bandwidth import limits_text
+        return "\n".join(f"{k}: {views.policy_state_text(v) if k == 'policy' else limits_text(v) if k == 'bandwidth' else v}"
                          for k, v in r.items())
     ctx.emit(r, render)
     return 0
@@ -264,6 +269,7 @@ def data_status(ctx) -> dict:
         out["source"] = st.get("source")
         out["services"] = st.get("services")
         out["policy"] = st.get("policy")
+        out["bandwidth"] = st.get("bandwidth")
         out["config"] = st.get("config")
         out["config_sources"] = st.get("config_sources")
         out["config_from"] = "the agent"
@@ -307,15 +313,29 @@ def render_status(d: dict) -> str:
             lines.append(f"services: {s['frontends']} frontends, {s['plans']} plans applied, "
                          f"{s['errors']} errors (store v{s['applied_version']})")
         p = d.get("policy") or {}
+        refused = p.get("refused") if isinstance(p.get("refused"), list) else []
+        pending = p.get("pending") if isinstance(p.get("pending"), list) else []
         line = f"policy:   enforcement {p.get('enforcement', p.get('mode', '?'))}"
-        if p.get("compiled"):
+        if p.get("compiled") or refused:
             line += (f", {p.get('policies', 0)} policies, {p.get('endpoints', 0)} endpoints, "
-                     f"{p.get('rules', 0)} rules, {p.get('errors', 0)} errors")
+                     f"{p.get('rules', 0)} rules, {p.get('errors', 0)} errors, "
+                     f"{len(refused)} refused")
         lines.append(line)
-        refused = p.get("refused")
-        for r in refused if isinstance(refused, list) else []:
-            lines.append("  REFUSED (previous state kept): " + ", ".join(
-                f"{k} {v}" for k, v in sorted(r.items())))
+        for r in refused:
+            lines.append(f"  REFUSED {r.get('policy')}: rules not written for "
+                         f"{', '.join(r.get('pods') or [])} ({r.get('reason', '')})")
+        if pending:
+            lines.append(f"  PENDING (labels not known yet, in the policy_unknown_pod state): "
+                         f"{', '.join(pending)}")
+        bw = d.get("bandwidth") or {}
+        if bw:
+            lines.append(f"bandwidth: {bw.get('summary', '?')}"
+                         + (f"; {bw.get('pods', 0)} pods limited" if bw.get("enabled") else "")
+                         + (f", {len(bw['problems'])} annotations rejected (fastpath bandwidth "
+                            "list)" if bw.get("problems") else ""))
+            for eni, what in sorted((bw.get("enis") or {}).items()):
+                if not what.startswith("fastpath"):
+                    lines.append(f"  {eni}: {what}")
     else:
         lines.append(f"agent:    NOT REACHABLE ({a.get('error', '')})")
     k = d["kernel"]

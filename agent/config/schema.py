@@ -156,8 +156,16 @@ KEYS: tuple[Key, ...] = (
         pending=_ALWAYS_ON),
     Key("in_cluster_lb", bool, True, "load-balance LoadBalancer Service IPs inside the cluster "
         "instead of sending them to the cloud load balancer", pending=_NO_LB),
-    Key("bandwidth_manager", bool, True, "pace pod egress to kubernetes.io/egress-bandwidth (EDT)",
-        pending="bandwidth pacing is not built yet: pod annotations are not applied"),
+    Key("bandwidth_manager", bool, True, "per-pod limits from pod annotations: egress and "
+        "ingress bandwidth (kubernetes.io/*-bandwidth), packet rate and connections "
+        "(fastpath.io/*); see docs/bandwidth.md"),
+    Key("bandwidth_egress", str, "auto", "how traffic to the VPC is paced: edt (timestamps, "
+        "fq on the ENIs), htb (per-pod HTB classes on the ENIs, for kernels without fq), "
+        "auto (edt when the kernel has fq, else htb)", choices=("auto", "edt", "htb")),
+    Key("bandwidth_bbr", bool, False, "make BBR the TCP congestion control of every pod's "
+        "network namespace (new sockets; needs a kernel with tcp_bbr)"),
+    Key("bandwidth_flows_map_size", int, 65536, "max TCP connections tracked for pods with a "
+        "connection limit", minimum=1024, maximum=1 << 22),
     Key("policy_enforcement", str, "never",
         "NetworkPolicy enforcement: never (DataPath V2), default (as Kubernetes: pods selected "
         "by a policy are isolated), always (deny unless allowed)",
@@ -168,6 +176,14 @@ KEYS: tuple[Key, ...] = (
         "direction, protocol, port block) on this node", minimum=16, maximum=1 << 22),
     Key("ipcache_map_size", int, 65536, "max NetworkPolicy peer prefixes (pod and node /32s, "
         "ipBlock boundaries)", minimum=16, maximum=1 << 22),
+    Key("policy_pod_lookup_timeout_ms", int, 2000, "how long a CNI ADD waits for a new pod's "
+        "labels when the agent's store does not hold its Pod (one GET of the Pod, or a rescan "
+        "of the manifest directory, retried while unanswered) before the pod starts in "
+        "policy_unknown_pod's state", minimum=0, maximum=60000),
+    Key("policy_unknown_pod", str, "deny-ingress", "NetworkPolicy state of a new pod whose "
+        "labels are not known when its CNI ADD returns, until its Pod arrives: deny-ingress "
+        "(only the node reaches it; egress as the mode says) or open",
+        choices=("deny-ingress", "open")),
     Key("cgroup_root", str, "", "cgroup v2 directory where socket-LB programs attach "
         "(empty: the cgroup2 mount of this host)", check=_abs_path_or_empty),
     Key("metrics_address", str, f"{NODE_IP}:9962",

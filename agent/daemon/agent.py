@@ -8,8 +8,9 @@ without flushing anything that forwards traffic):
   3. restore endpoints from the state dir (skipping pods whose veth is gone);
      the new programs now run everywhere: entries the old programs created
      since step 1 are carried over too, and the superseded pins removed;
-  4. replay CNI deletions queued while the agent was down;
-  5. serve the API (CNI plugin, CLI).
+  4. the bandwidth manager: kernel probe, the ENIs' root qdisc, pods' limits;
+  5. replay CNI deletions queued while the agent was down;
+  6. serve the API (CNI plugin, CLI).
 Health and metrics (agent/daemon/health.py, agent/daemon/metrics.py) are served from the
 beginning, so liveness answers while the programs compile and readiness
 says what is still missing.
@@ -32,6 +33,7 @@ from agent.datapath import Datapath, tc
 from agent.datapath.discover import DiscoveryError, InvalidNetns, discover
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.model.endpoint import Endpoint
+from agent.k8s.model import Kind
 from agent.daemon.metrics import AgentMetrics, cni_observed
 from chainer.plugin import container_id_problem, ifname_problem
 
@@ -72,8 +74,10 @@ class Agent:
         self.source_error = ""
         self.services = None
         self.policy = None
+        self.events = None       # Kubernetes Events about policies (agent/k8s/events.py)
         self.socklb_optout = None
         self.conntrack_gc = None
+        self.bandwidth = None
         self.metrics = AgentMetrics(self)
         self.http = None
         self.inspect = None      # gRPC inspection service (agent/api/inspect.py)
@@ -100,6 +104,7 @@ class Agent:
             log.warning("pinned maps: %s", note)
         self._start_services()
         self._start_policy()
+        self._start_bandwidth()
         replayed = self.replay_deletions()
         if replayed:
             log.info("replayed %d queued CNI deletions", replayed)
@@ -177,12 +182,38 @@ class Agent:
                       "policy state in the maps stays enforced", cfg.policy_enforcement)
             return
         node = cfg.node_name or _socket.gethostname()
+        if self.source is not None and cfg.policy_enforcement != "never":
+            from agent.k8s.events import recorder_for
+            self.events = recorder_for(self.source, node)
         self.policy = PolicySync(
             self.datapath.policy, self.datapath.settings, self.store, self.source,
             node, cfg.policy_enforcement,
             Capacities(cfg.ipcache_map_size, cfg.endpoints_map_size, cfg.policy_map_size),
             self._node_ips, ids_file=str(self.state_dir / "policy-ids.json"),
-            metrics=self.metrics).start()
+            metrics=self.metrics, events=self.events,
+            unknown_pod=cfg.policy_unknown_pod)
+        # restored endpoints keep what their ADD said until the store agrees
+        for ep in self._endpoint_list():
+            self.policy.remember(ep.ip, ep.pod_namespace, ep.pod_name)
+        self.policy.start()
+
+    def _start_bandwidth(self) -> None:
+        """Per-pod limits (agent/daemon/bandwidth.py): on when the config
+        asks and the kernel can, else off with the reason in the status."""
+        from agent.daemon.bandwidth import BandwidthSync
+        self.bandwidth = BandwidthSync(self.datapath, self.config, self.store, self.source,
+                                       self._endpoint_list, netns=self.netns,
+                                       sweep_interval=max(self.config.conntrack_gc_interval, 5)
+                                       if self.config.conntrack_gc_interval else 30,
+                                       metrics=self.metrics).start(self.enis)
+
+    def _refresh_bandwidth(self) -> None:
+        # never with self.lock held: refresh takes it (through _endpoint_list)
+        if self.bandwidth is not None:
+            try:
+                self.bandwidth.refresh()
+            except Exception as exc:      # a CNI request must not fail on a limit
+                log.error("bandwidth: refresh after an endpoint change failed: %s", exc)
 
     def _node_ips(self) -> list[str]:
         """This node's own IPv4 addresses: what the host stack (kubelet
@@ -202,11 +233,15 @@ class Agent:
         return sorted(ips)
 
     def policy_status(self) -> dict:
+        """For the metrics: counts, and `refused_policies` (policy -> pods
+        its rules are not written for)."""
         if self.policy is None:
             return {"mode": self.config.policy_enforcement, "policies": 0, "rules": 0,
-                    "refused": 0}
+                    "refused": 0, "refused_policies": {}, "pending": 0}
         st = self.policy.status.as_dict()
+        st["refused_policies"] = {r["policy"]: len(r["pods"]) for r in st["refused"]}
         st["refused"] = len(st["refused"])
+        st["pending"] = len(st["pending"])
         return st
 
     def _start_socket_lb_opt_out(self) -> None:
@@ -268,8 +303,12 @@ class Agent:
             log.warning("  rejected: %s", err)
 
     def stop(self) -> None:
+        if self.bandwidth is not None:
+            self.bandwidth.stop()
         if self.policy is not None:
             self.policy.stop()
+        if self.events is not None:
+            self.events.stop()
         if self.conntrack_gc is not None:
             self.conntrack_gc.stop()
         if self.services is not None:
@@ -297,7 +336,7 @@ class Agent:
     def _worker_threads(self) -> list[threading.Thread]:
         out = []
         for w in (self.policy, self.conntrack_gc, self.services, self.socklb_optout,
-                  getattr(self.services, "purger", None)):
+                  self.bandwidth, getattr(self.services, "purger", None)):
             t = getattr(w, "_thread", None) if w is not None else None
             if isinstance(t, threading.Thread):
                 out.append(t)
@@ -373,6 +412,7 @@ class Agent:
             if entry.ip not in wanted_ips:
                 self.datapath.maps.endpoint_delete(entry.ip)
                 dropped += 1
+        self.datapath.maps.veths_retain({ep.host_ifindex: ep.ip for ep in self.endpoints.values()})
         return restored, dropped
 
     def _links(self) -> dict[str, int]:
@@ -468,11 +508,17 @@ class Agent:
             raise ApiError("discovery", str(exc)) from None
         ep = dataclasses.replace(ep, added_at=time.time())
         t1 = time.monotonic()
+        fetched, how = self._identify(pod_namespace, pod_name)
+        t_identity = time.monotonic()
         if require_eni and not ep.eni_name:
             raise ApiError("eni-unresolved",
                            f"no ENI found for pod IP {ep.ip}: the node needs a policy-routing rule "
                            f"`from {ep.ip} lookup <table>` whose table has a default route through "
                            f"an ENI (Terway adds both); see `ip rule` and `ip route show table all`")
+        # the pod's NetworkPolicy before its programs and its entry: the
+        # first packet anyone sends it is judged as its policies say
+        policy = self._admit_policy(ep, fetched, t0)
+        t2 = time.monotonic()
         with self.lock:
             for key, other in list(self.endpoints.items()):
                 if other.ip == ep.ip and key != ep.key:
@@ -488,14 +534,67 @@ class Agent:
             # an ADD supersedes a deletion of the same attachment still queued
             (self.state_dir / DEL_QUEUE / f"{ep.key}.json").unlink(missing_ok=True)
         self._refresh_socket_lb_opt_out()
-        t2 = time.monotonic()
-        log.info("endpoint added: %s %s/%s ip=%s veth=%s eni=%s", ep.key, pod_namespace,
-                 pod_name, ep.ip, ep.host_ifname, ep.eni_name or "-")
+        self._refresh_bandwidth()
+        t3 = time.monotonic()
+        log.info("endpoint added: %s %s/%s ip=%s veth=%s eni=%s policy=%s (labels: %s)", ep.key,
+                 pod_namespace, pod_name, ep.ip, ep.host_ifname, ep.eni_name or "-", policy, how)
         view = endpoint_view(ep)
+        view["policy"] = policy
         view["timing_ms"] = {"discover": round((t1 - t0) * 1e3, 3),
-                             "attach": round((t2 - t1) * 1e3, 3),
-                             "total": round((t2 - t0) * 1e3, 3)}
+                             "identity": round((t_identity - t1) * 1e3, 3),
+                             "policy": round((t2 - t_identity) * 1e3, 3),
+                             "attach": round((t3 - t2) * 1e3, 3),
+                             "total": round((t3 - t0) * 1e3, 3)}
         return view
+
+    def _identify(self, namespace: str, name: str):
+        """A new pod's labels, for its NetworkPolicy: (the Pod fetched for
+        it when the store does not hold it, where the labels came from).
+        The store first; else the source is asked for that one Pod (a GET,
+        or a rescan of the manifests), retried while it cannot answer, for
+        at most policy_pod_lookup_timeout_ms. (None, "unknown") when the
+        labels cannot be had in time: the pod starts in the safe state."""
+        if self.policy is None or self.policy.mode.value == "never":
+            return None, "not needed"
+        if not namespace or not name:
+            return None, "no pod name in the CNI request"
+        key = (namespace, name)
+        if self.store.get(Kind.POD, key) is not None:
+            return None, "store"
+        src = self.source
+        deadline = time.monotonic() + self.config.policy_pod_lookup_timeout_ms / 1e3
+        last = "no answer in time"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                pod = src.lookup_pod(namespace, name, left)
+            except Exception as exc:       # unreachable, timeout: ask again while time is left
+                last = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                continue
+            if self.store.get(Kind.POD, key) is not None:
+                return None, "store"
+            if pod is None:
+                last = f"{src.kind_name} has no Pod {namespace}/{name}"
+                break
+            return pod, src.kind_name
+        log.warning("CNI ADD of %s/%s: its labels are not known (%s): it starts as %s until "
+                    "its Pod arrives", namespace, name, last, self.config.policy_unknown_pod)
+        return None, f"unknown ({last})"
+
+    def _admit_policy(self, ep: Endpoint, fetched, t0: float) -> str:
+        if self.policy is None:
+            return "not-enforced"
+        if self.policy.mode.value == "never":
+            return "not-enforced"
+        left = max(0.0, t0 + self.config.policy_pod_lookup_timeout_ms / 1e3 - time.monotonic())
+        try:
+            return self.policy.admit(ep.ip, ep.pod_namespace, ep.pod_name, fetched, wait=left)
+        except Exception as exc:
+            raise ApiError("datapath", f"NetworkPolicy of {ep.pod_namespace}/{ep.pod_name} "
+                                       f"({ep.ip}) could not be written: {exc}") from None
 
     def _host_link_is(self, ep: Endpoint) -> bool:
         """Whether ep's veth still exists as the device it was at ADD time: a
@@ -510,6 +609,8 @@ class Agent:
         # either may since belong to a newer attachment, which keeps them
         if not any(o.ip == ep.ip for o in self.endpoints.values()):
             self.datapath.maps.endpoint_delete(ep.ip)
+        if not any(o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
+            self.datapath.maps.veth_delete(ep.host_ifindex, ep.ip)
         if detach and self._host_link_is(ep) and not any(
                 o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
             try:
@@ -527,7 +628,10 @@ class Agent:
             if ep is None:
                 return {"deleted": False}
             self._forget(ep)
+        if self.policy is not None and not any(o.ip == ep.ip for o in self._endpoint_list()):
+            self.policy.forget(ep.ip)
         self._refresh_socket_lb_opt_out()
+        self._refresh_bandwidth()
         log.info("endpoint deleted: %s ip=%s", key, ep.ip)
         return {"deleted": True, "ip": ep.ip}
 
@@ -585,7 +689,18 @@ class Agent:
                 "endpoints": len(self.endpoints), "enis": self.enis,
                 "bpffs_root": self.config.bpffs_root, "pid": os.getpid(), "source": source,
                 "http": dict(self.http.addresses) if self.http else {},
-                "policy": self.rpc_PolicyStatus()}
+                "policy": self.rpc_PolicyStatus(), "bandwidth": self.bandwidth_status()}
+
+    def bandwidth_status(self) -> dict:
+        if self.bandwidth is None:
+            return {"enabled": False, "summary": "not started"}
+        return self.bandwidth.status.as_dict()
+
+    def rpc_Bandwidth(self) -> dict:
+        """Status, rejected annotations and every limited pod's limits."""
+        if self.bandwidth is None:
+            return {"status": self.bandwidth_status(), "pods": {}}
+        return self.bandwidth.view()
 
     def rpc_PolicyStatus(self) -> dict:
         if self.policy is None:

@@ -42,7 +42,10 @@ log = logging.getLogger("fastpath.http")
 
 MAX_HEADER_BYTES = 8 << 10
 MAX_BODY_BYTES = 4 << 10
-ACCEPTS_PER_WAKEUP = 64
+# Few accepts per wakeup, so that the reads of connections already accepted
+# are served between them: a flood of new connections cannot turn over every
+# slot (evicting requests whose bytes wait unread) in one pass.
+ACCEPTS_PER_WAKEUP = 8
 
 # (status, content type, body) for a path; the handler may take its time
 # (it runs on a worker), and may raise: that is a 500.
@@ -224,9 +227,18 @@ class Listener:
             self._sel.register(sock, selectors.EVENT_READ, conn)
 
     def _evict(self) -> None:
-        """Free the slot of the oldest connection still sending its request."""
-        waiting = [c for c in self.conns.values() if c.state == RECEIVING]
-        self._close(min(waiting, key=lambda c: c.accepted), "evicted")
+        """Free the slot of the oldest connection still sending its request.
+        A candidate's socket is read first: a probe whose request already sits
+        in the kernel's buffer (sent right after its connect, not yet read
+        because accepts came first in this wakeup) is complete, not idle."""
+        for c in sorted((c for c in self.conns.values() if c.state == RECEIVING),
+                        key=lambda c: c.accepted):
+            self._read(c)
+            if c.sock in self.conns and c.state == RECEIVING:
+                self._close(c, "evicted")
+                return
+            if c.sock not in self.conns:
+                return          # reading found it closed: its slot is free
 
     def _read(self, conn: _Conn) -> None:
         try:

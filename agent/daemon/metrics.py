@@ -19,9 +19,12 @@ on `metrics_address` by agent/daemon/health.py. Three kinds of source:
   registered here instead of on the process-wide registry.
 
 NetworkPolicy counts (`fastpath_policies`, `fastpath_policy_rules`,
-`fastpath_policy_refused`) are read from `agent.policy_status()`, a dict
-with the keys "policies", "rules" and "refused" (an agent without it exposes
-none of them: no zero that only means "not implemented"). The policy sync
+`fastpath_policy_refused`, per refused policy `fastpath_policy_refused_pods`,
+`fastpath_policy_pending_pods`) are read from `agent.policy_status()`, a
+dict with the keys "policies", "rules", "refused" and, when known,
+"refused_policies" ({"namespace/name": pods}) and "pending" (an agent
+without it exposes none of them: no zero that only means "not
+implemented"). The policy sync
 reports each run with `metrics.observe_sync("NetworkPolicy", seconds, ops, ok)`.
 """
 from __future__ import annotations
@@ -122,6 +125,7 @@ class DatapathCollector:
         try:
             yield from self._counters(dp)
             yield from self._maps(dp)
+            yield from self._bandwidth(dp)
         except Exception as exc:     # a scrape must never take the agent down
             log.warning("datapath metrics unavailable: %s", exc)
 
@@ -152,10 +156,28 @@ class DatapathCollector:
                     ("fastpath_policy_rules", "rules",
                      "Policy map entries the enforced NetworkPolicies compile to."),
                     ("fastpath_policy_refused", "refused",
-                     "NetworkPolicies refused (e.g. they would overflow the policy map); the "
-                     "previous state keeps being enforced.")):
+                     "NetworkPolicies whose rules are not written for some pods of this node "
+                     "because the policy maps cannot hold them; those pods stay isolated by "
+                     "them and admit nothing they allow.")):
                 g = GaugeMetricFamily(name, help_)
                 g.add_metric([], float(st.get(key, 0)))
+                yield g
+            per = st.get("refused_policies")
+            if per is not None:
+                g = GaugeMetricFamily(
+                    "fastpath_policy_refused_pods",
+                    "Pods of this node a refused NetworkPolicy's rules are not written for, per "
+                    "policy (only refused policies have a series).", labels=["namespace", "policy"])
+                for pol, n in sorted(per.items()):
+                    ns, _, name = pol.partition("/")
+                    g.add_metric([ns, name], float(n))
+                yield g
+            if "pending" in st:
+                g = GaugeMetricFamily(
+                    "fastpath_policy_pending_pods",
+                    "Pods of this node whose labels were not known at CNI ADD and are not yet: "
+                    "they are in the policy_unknown_pod state.")
+                g.add_metric([], float(st["pending"]))
                 yield g
 
     def _counters(self, dp):
@@ -183,6 +205,58 @@ class DatapathCollector:
             fam[(r.is_drop, "packets")].add_metric(values, r.packets)
             fam[(r.is_drop, "bytes")].add_metric(values, r.bytes)
         yield from fam.values()
+
+    def _bandwidth(self, dp):
+        """Per limited pod: what passed and what each limit dropped, its
+        limits and its counted connections; the manager's state."""
+        from agent.bandwidth import limits_of
+        from agent.bandwidth.encode import LIMIT_FIELDS
+        bw = getattr(self.agent, "bandwidth", None)
+        st = bw.status if bw is not None else None
+        on = GaugeMetricFamily("fastpath_bandwidth_enabled", "1 while the bandwidth manager "
+                               "limits pods (the kernel supports it and the config asks).")
+        on.add_metric([], 1.0 if st is not None and st.enabled else 0.0)
+        rejected = GaugeMetricFamily(
+            "fastpath_bandwidth_rejected_annotations", "Pod limit annotations rejected (bad "
+            "value, or a burst without its rate); those limits are not applied.")
+        rejected.add_metric([], float(len(st.problems)) if st is not None else 0.0)
+        yield from (on, rejected)
+        names = {ep.ip: f"{ep.pod_namespace}/{ep.pod_name}".strip("/") or ep.ip
+                 for ep in self.agent._endpoint_list()}
+        pkts = CounterMetricFamily(
+            "fastpath_bandwidth_packets", "Packets of limited pods, by pod, direction "
+            "(egress: sent, ingress: delivered) and reason (passed, or the limit that dropped "
+            "them).", labels=["pod", "direction", "reason"])
+        byts = CounterMetricFamily(
+            "fastpath_bandwidth_bytes", "Bytes of the packets in "
+            "fastpath_bandwidth_packets_total.", labels=["pod", "direction", "reason"])
+        for r in dp.bandwidth.counters():
+            labels = [names.get(r["ip"], r["ip"]), r["direction"], r["reason"]]
+            pkts.add_metric(labels, r["packets"])
+            byts.add_metric(labels, r["bytes"])
+        limit = GaugeMetricFamily(
+            "fastpath_bandwidth_limit", "A limited pod's limits, by direction and kind "
+            "(bits_per_second, packets_per_second, connections).",
+            labels=["pod", "direction", "kind"])
+        conns = GaugeMetricFamily(
+            "fastpath_bandwidth_connections", "TCP connections counted against a pod's "
+            "connection limit, by direction.", labels=["pod", "direction"])
+        states = dp.bandwidth.states()
+        for ip, e in dp.bandwidth.entries().items():
+            lim = limits_of({f: e.limits[f] for f in LIMIT_FIELDS})
+            pod = names.get(ip, ip)
+            for d in ("egress", "ingress"):
+                for kind, field in (("bits_per_second", "bps"), ("packets_per_second", "pps"),
+                                    ("connections", "max_conns")):
+                    v = getattr(lim, f"{d}_{field}")
+                    if v is not None:
+                        limit.add_metric([pod, d, kind], float(v))
+                if getattr(lim, f"{d}_max_conns") is not None and ip in states:
+                    s_ = states[ip]
+                    n = (s_[f"{d}_conns_opened"] - s_[f"{d}_conns_closed"]
+                         - getattr(e, f"{d}_reaped"))
+                    conns.add_metric([pod, d], float(max(n, 0)))
+        yield from (pkts, byts, limit, conns)
 
     def _maps(self, dp):
         from agent.datapath import libbpf

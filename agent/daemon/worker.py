@@ -39,10 +39,12 @@ class Worker:
             self._thread.join(timeout)
 
     def _follow(self, source, store, settle: float, plan_all: Callable[[], None],
-                plan_changes: Callable[[list], None]) -> None:
+                plan_changes: Callable[[list], None],
+                wake: threading.Event | None = None) -> None:
         """The sync loops' shape: wait for the source's initial sync (an
         empty store must never withdraw what the maps serve), plan once,
-        then once per burst of change sets (after `settle` seconds)."""
+        then once per burst of change sets (after `settle` seconds), and
+        once more whenever `wake` is set (checked every 0.1 s)."""
         while not source.synced.wait(0.5):
             if self._stop.is_set():
                 return
@@ -50,10 +52,16 @@ class Worker:
         try:
             plan_all()
             while not self._stop.is_set():
-                first = sub.get(timeout=0.5)
+                first = sub.get(timeout=0.5 if wake is None else 0.1)
                 if first is None:
+                    if wake is None or not wake.is_set():
+                        continue
+                    wake.clear()
+                    plan_changes([])
                     continue
                 time.sleep(settle)
+                if wake is not None:
+                    wake.clear()
                 plan_changes([first] + sub.drain())
         finally:
             sub.close()

@@ -88,7 +88,12 @@ def _pod_side(netns_path: str, ifname: str, node_netns: str | None = None):
                  if a["scope"] == 0]
         if not addrs:
             raise DiscoveryError(f"{ifname} in {netns_path} has no IPv4 address")
-        return idx[0], link.get_attr("IFLA_ADDRESS"), peer, addrs[0]
+        # The IPv6 source the anti-spoofing guard lets through besides
+        # link-local ones (bpf/lib/guard.h); none on an IPv4-only pod.
+        addrs6 = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx[0],
+                                                                   family=socket.AF_INET6)
+                  if a["scope"] == 0]
+        return idx[0], link.get_attr("IFLA_ADDRESS"), peer, addrs[0], (addrs6[0] if addrs6 else "")
 
 
 # A documentation address (TEST-NET-1): only ever used as the destination of
@@ -123,7 +128,7 @@ def discover(netns_path: str, ifname: str = "eth0", node_netns: str | None = Non
              **identity) -> Endpoint:
     """Build the Endpoint for the pod interface `ifname` in `netns_path`.
     `identity` carries container_id, pod_namespace, pod_name."""
-    pod_idx, pod_mac, peer_idx, pod_ip = _pod_side(netns_path, ifname, node_netns)
+    pod_idx, pod_mac, peer_idx, pod_ip, pod_ip6 = _pod_side(netns_path, ifname, node_netns)
     with iproute(node_netns) as ipr:
         try:
             host = ipr.get_links(peer_idx)[0]
@@ -137,4 +142,4 @@ def discover(netns_path: str, ifname: str = "eth0", node_netns: str | None = Non
     return Endpoint(ip=pod_ip, host_ifname=host.get_attr("IFLA_IFNAME"), host_ifindex=peer_idx,
                     host_mac=host.get_attr("IFLA_ADDRESS"), pod_mac=pod_mac,
                     eni_name=eni_name, eni_ifindex=eni_idx, ifname=ifname, netns=netns_path,
-                    **identity)
+                    ip6=pod_ip6, **identity)

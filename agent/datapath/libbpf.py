@@ -54,13 +54,22 @@ class _TestRunOpts(ct.Structure):
 
 
 class SkBuffCtx(ct.Structure):
-    # The leading part of struct __sk_buff (uapi); test runs accept a prefix.
+    # struct __sk_buff (uapi) as of Linux 5.16+. Test runs take only mark,
+    # priority, the ifindexes, cb, tstamp, wire_len, gso_segs, gso_size and
+    # hwtstamp from it (the rest must be zero), and give the whole back.
     _fields_ = [
         ("len", ct.c_uint32), ("pkt_type", ct.c_uint32), ("mark", ct.c_uint32),
         ("queue_mapping", ct.c_uint32), ("protocol", ct.c_uint32), ("vlan_present", ct.c_uint32),
         ("vlan_tci", ct.c_uint32), ("vlan_proto", ct.c_uint32), ("priority", ct.c_uint32),
         ("ingress_ifindex", ct.c_uint32), ("ifindex", ct.c_uint32), ("tc_index", ct.c_uint32),
         ("cb", ct.c_uint32 * 5), ("hash", ct.c_uint32), ("tc_classid", ct.c_uint32),
+        ("data", ct.c_uint32), ("data_end", ct.c_uint32), ("napi_id", ct.c_uint32),
+        ("family", ct.c_uint32), ("remote_ip4", ct.c_uint32), ("local_ip4", ct.c_uint32),
+        ("remote_ip6", ct.c_uint32 * 4), ("local_ip6", ct.c_uint32 * 4),
+        ("remote_port", ct.c_uint32), ("local_port", ct.c_uint32), ("data_meta", ct.c_uint32),
+        ("flow_keys", ct.c_uint64), ("tstamp", ct.c_uint64), ("wire_len", ct.c_uint32),
+        ("gso_segs", ct.c_uint32), ("sk", ct.c_uint64), ("gso_size", ct.c_uint32),
+        ("tstamp_type", ct.c_uint8), ("pad", ct.c_uint8 * 3), ("hwtstamp", ct.c_uint64),
     ]
 
 
@@ -69,25 +78,34 @@ class TestRunResult:
     retval: int
     data: bytes
     duration_ns: int
+    ctx: SkBuffCtx | None = None      # the skb's fields after the run (tstamp, priority, ...)
 
 
 def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, repeat: int = 1,
-                  out_size: int | None = None, mark: int = 0) -> TestRunResult:
+                  out_size: int | None = None, mark: int = 0, tstamp: int = 0,
+                  gso_segs: int = 0, priority: int = 0) -> TestRunResult:
     out = ct.create_string_buffer(out_size or (len(packet) + 256))
     inp = ct.create_string_buffer(bytes(packet), len(packet))
     ctx = SkBuffCtx()
     ctx.ifindex = ifindex
     ctx.ingress_ifindex = ifindex
     ctx.mark = mark
+    ctx.tstamp = tstamp
+    ctx.gso_segs = gso_segs
+    ctx.priority = priority
+    ctx_out = SkBuffCtx()
     opts = _TestRunOpts()
     opts.sz = ct.sizeof(_TestRunOpts)
     opts.data_in = ct.cast(inp, ct.c_void_p)
     opts.data_size_in = len(packet)
     opts.data_out = ct.cast(out, ct.c_void_p)
     opts.data_size_out = len(out)
-    if ifindex or mark:
+    with_ctx = bool(ifindex or mark or tstamp or gso_segs or priority)
+    if with_ctx:
         opts.ctx_in = ct.cast(ct.pointer(ctx), ct.c_void_p)
         opts.ctx_size_in = ct.sizeof(ctx)
+        opts.ctx_out = ct.cast(ct.pointer(ctx_out), ct.c_void_p)
+        opts.ctx_size_out = ct.sizeof(ctx_out)
     opts.repeat = repeat
     rc = lib().bpf_prog_test_run_opts(prog_fd, ct.byref(opts))
     if rc != 0:
@@ -95,7 +113,8 @@ def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, repeat: int 
         raise OSError(err, f"BPF_PROG_TEST_RUN failed: {os.strerror(err)}")
     # retval is the tc verdict as an int (TC_ACT_SHOT = 2, UNSPEC = -1)
     retval = ct.c_int32(opts.retval).value
-    return TestRunResult(retval, out.raw[: opts.data_size_out], opts.duration)
+    return TestRunResult(retval, out.raw[: opts.data_size_out], opts.duration,
+                         ctx_out if with_ctx else None)
 
 
 class MapInfo(ct.Structure):

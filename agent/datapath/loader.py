@@ -74,6 +74,7 @@ class BuildOptions:
     ct_tcp_fin: int = 60
     ct_tcp_close: int = 10
     ct_other: int = 120
+    bw_flows_max: int = 65536
     test_build: bool = False
 
     @classmethod
@@ -92,7 +93,7 @@ class BuildOptions:
                    ct_tcp_fin=config.conntrack_tcp_fin_timeout,
                    ct_tcp_close=config.conntrack_tcp_close_timeout,
                    ct_other=config.conntrack_idle_timeout,
-                   test_build=test_build)
+                   bw_flows_max=config.bandwidth_flows_map_size, test_build=test_build)
 
     def lifetimes(self) -> "Lifetimes":
         """The conntrack lifetimes these programs apply (the agent's GC
@@ -125,6 +126,10 @@ class BuildOptions:
             f"-DFP_IPCACHE_MAX={self.ipcache_max}",
             # (policy, direction, verdict) counters: bounded, whatever the rules
             f"-DFP_POLCNT_MAX={min(self.policy_max, 16384)}",
+            f"-DFP_BW_FLOWS_MAX={self.bw_flows_max}",
+            # per limited pod: passed and each drop reason, both directions
+            # (allocated per entry, so the bound costs nothing unused)
+            f"-DFP_BWCNT_MAX={self.endpoints_max * 12}",
             # as the raw value of a __be32 field, to compare without swapping
             f"-DFP_HAIRPIN_IP={_be32_literal(self.hairpin_ip)}",
             "-Wno-unused-function",

@@ -63,6 +63,8 @@ class Datapath:
         from agent.datapath.policymaps import PolicyMaps
         self.policy = PolicyMaps(tables)
         self.socklb_skip = SocketLbSkipMap(tables)
+        from agent.datapath.bwmaps import BandwidthMaps
+        self.bandwidth = BandwidthMaps(tables)
         crc32c_fill(tables)
         self.maps.bypass_set(self.config.host_stack_cidrs + self.config.service_cidrs)
         if not defer_migration:
@@ -126,8 +128,11 @@ class Datapath:
 
     # -- endpoints -------------------------------------------------------
     def add_endpoint(self, ep: Endpoint) -> None:
-        """Programs first, then the map entry: by the time other pods can be
-        redirected to this one, its own traffic is already handled."""
+        """The veth's anti-spoofing guard, then the programs, then the map
+        entry: no packet passes fastpath's programs on a registered veth
+        unchecked, and by the time other pods can be redirected to this one
+        its own traffic is already handled."""
+        self.maps.veth_put(ep)
         self.attach(ep.host_ifindex or ep.host_ifname, "pod")
         self.maps.endpoint_put(ep)
 

@@ -9,7 +9,10 @@ What is fastpath's, and how it is recognised:
                  (a program of an older release, renamed since). A foreign
                  filter, even one named fp_*, is left in place, and so is the
                  clsact qdisc while any filter remains on it;
-  cgroup hooks   programs attached to cgroup_root, recognised the same way.
+  cgroup hooks   programs attached to cgroup_root, recognised the same way;
+  root qdiscs    the bandwidth manager's (handle fa57:, agent/datapath/qdisc.py)
+                 on the ENIs: deleted, so the kernel puts back the default
+                 root it had replaced (fastpath only ever replaces a default).
 Programs are not pinned: once no filter or cgroup holds them (and no agent
 runs) the kernel frees them. Order: hooks first, so nothing runs that still
 expects the maps, then the pins.
@@ -47,11 +50,12 @@ class Report:
     filters: list[str] = field(default_factory=list)
     cgroup_programs: list[str] = field(default_factory=list)
     pins: list[str] = field(default_factory=list)
+    qdiscs: list[str] = field(default_factory=list)    # root qdiscs given back to the kernel
     kept: list[str] = field(default_factory=list)      # ours by place, left with the reason
 
     def as_dict(self) -> dict:
         return {"filters": self.filters, "cgroup_programs": self.cgroup_programs,
-                "pins": self.pins, "kept": self.kept}
+                "pins": self.pins, "qdiscs": self.qdiscs, "kept": self.kept}
 
 
 def prog_identity(prog_id: int) -> tuple[str, set[int]]:
@@ -203,10 +207,13 @@ def remove_pins(bpffs_root: str, report: Report) -> None:
 
 
 def uninstall(bpffs_root: str, cgroup_root: str | None, netns: str | None = None) -> Report:
-    """Detach fastpath's tc filters and cgroup programs, then unpin its maps."""
+    """Detach fastpath's tc filters and cgroup programs, give the ENIs their
+    default root qdisc back, then unpin its maps."""
+    from agent.datapath import qdisc
     report = Report()
     ours = set(pinned_map_ids(bpffs_root))
     remove_filters(netns, ours, report)
+    report.qdiscs.extend(qdisc.restore_all(netns))
     if cgroup_root:
         remove_cgroup_programs(cgroup_root, ours, report)
     remove_pins(bpffs_root, report)

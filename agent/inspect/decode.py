@@ -7,7 +7,8 @@ types from bpf/maps.c), so nothing here restates a field.
 The decoded form (also the `--json` form of `fastpath map dump`):
   * every field keeps its C name; `pad*` fields are left out;
   * `__be32` fields are IPv4 addresses as dotted strings, `__be16` fields
-    are ports in host order, `__u8 x[6]` fields are MAC addresses;
+    are ports in host order, `__u8 x[6]` fields are MAC addresses, `__u8
+    x[16]` fields the header calls IPv6 are IPv6 addresses;
   * enumerations keep their number and gain `<field>_label`: `reason`
     (FP_REASONS), `dir` (FP_DIRS, or forward/reply in conntrack keys),
     `kind` (FP_REDIRECT_KINDS), `proto` (TCP/UDP/ICMP/SCTP), `state`
@@ -31,6 +32,7 @@ PROTO_NUMBERS = {v: k for k, v in PROTOCOLS.items()}
 # Which FP_*_F_* bits belong to which struct's flag word.
 FLAG_PREFIX = {
     ("fp_endpoint", "flags"): "FP_EP_F_",
+    ("fp_ep_if", "flags"): "FP_EPIF_F_",
     ("fp_svc4", "flags"): "FP_SVC_F_",
     ("fp_backend4", "flags"): "FP_BE_F_",
     ("fp_ct4", "flags"): "FP_CT_F_",
@@ -41,6 +43,7 @@ FLAG_PREFIX = {
     ("fp_pol_dir", "flags"): "FP_POL_F_",
     ("fp_pol_rule", "flags"): "FP_RULE_F_",
     ("fp_event", "flags"): "FP_EV_F_",
+    ("fp_bw", "flags"): "FP_BW_F_",
 }
 # Conntrack entry kinds (fp_ct4_key.dir) and policy verdicts (FP_PV_*).
 CT_DIRS = ("FORWARD", "REPLY", "POLICY")
@@ -173,6 +176,8 @@ def decode_value(type_name: str, obj) -> object:
         if f.count:
             if f.ctype == "__u8" and f.count == 6:
                 out[f.name] = mac(v)
+            elif f.ctype == "__u8" and f.count == 16 and "IPv6" in f.comment:
+                out[f.name] = socket.inet_ntop(socket.AF_INET6, bytes(v))
             elif f.ctype == "char":
                 out[f.name] = bytes(v).split(b"\0", 1)[0].decode(errors="replace")
             elif f.ctype == "__be32":

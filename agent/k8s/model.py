@@ -202,9 +202,6 @@ class Pod:
     phase: str = ""               # Pending/Running/Succeeded/Failed/Unknown; "" if unset
     deleting: bool = False        # metadata.deletionTimestamp is set
     ports: tuple[ContainerPort, ...] = ()
-    # kubernetes.io/{egress,ingress}-bandwidth in bits per second, None if unset.
-    egress_bandwidth: Optional[int] = None
-    ingress_bandwidth: Optional[int] = None
     uid: str = ""
     resource_version: str = field(default="", compare=False)
 

@@ -27,7 +27,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Optional
 
 from agent.k8s.model import (
-    ANNOTATION_EGRESS_BANDWIDTH, ANNOTATION_INGRESS_BANDWIDTH, ANNOTATION_POD_IPS,
+    ANNOTATION_POD_IPS,
     CLUSTER_SCOPED, EMPTY_MAP, LABEL_MANAGED_BY, LABEL_SERVICE_NAME,
     LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, LABEL_ZONE_LEGACY, PROTOCOLS,
     ContainerPort, Endpoint, EndpointPort, EndpointSlice, FrozenMap, IPBlock,
@@ -346,7 +346,7 @@ def parse_namespace(d: Mapping, ctx: "_Ctx") -> Namespace:
                      uid=md.uid, resource_version=md.rv)
 
 
-_BANDWIDTH_SUFFIX = {
+_QUANTITY_SUFFIX = {
     "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
     "m": Decimal("0.001"),
@@ -354,15 +354,24 @@ _BANDWIDTH_SUFFIX = {
 _QUANTITY = re.compile(r"([+]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)\Z")
 
 
+def parse_quantity(text: str) -> Decimal:
+    """A Kubernetes resource.Quantity (10M, 1Gi, 1.5k, 1e6, 500m) as a
+    number; ValueError when `text` is not one."""
+    mt = _QUANTITY.match(text.strip())
+    if not mt or mt.group(2) not in _QUANTITY_SUFFIX:
+        raise ValueError(f"{text!r} is not a valid quantity (e.g. 10M, 1Gi)")
+    try:
+        return Decimal(mt.group(1)) * _QUANTITY_SUFFIX[mt.group(2)]
+    except InvalidOperation:
+        raise ValueError(f"{text!r} is not a valid quantity") from None
+
+
 def parse_bandwidth(text: str, path: str) -> int:
     """A resource.Quantity in bits per second, within the kubelet's sane bounds."""
-    mt = _QUANTITY.match(text.strip())
-    if not mt or mt.group(2) not in _BANDWIDTH_SUFFIX:
-        _fail(path, f"{text!r} is not a valid quantity (e.g. 10M, 1Gi)")
     try:
-        bps = int(Decimal(mt.group(1)) * _BANDWIDTH_SUFFIX[mt.group(2)])
-    except InvalidOperation:
-        _fail(path, f"{text!r} is not a valid quantity")
+        bps = int(parse_quantity(text))
+    except ValueError as exc:
+        _fail(path, str(exc))
     # Same bounds the kubelet applies before it shapes traffic.
     if bps < 1000:
         _fail(path, f"{text!r} is unreasonably small (< 1kbit)")
@@ -422,10 +431,8 @@ def parse_pod(d: Mapping, ctx: "_Ctx") -> Pod:
         path = f"metadata.annotations[{ANNOTATION_POD_IPS}]"
     ips = _pod_ips(raw_ips, path)
 
-    bw = {}
-    for a in (ANNOTATION_EGRESS_BANDWIDTH, ANNOTATION_INGRESS_BANDWIDTH):
-        if a in ann:
-            bw[a] = parse_bandwidth(ann[a], f"metadata.annotations[{a}]")
+    # Bandwidth and other limit annotations are read by agent.bandwidth: a
+    # bad value there leaves the pod unlimited, it never rejects the Pod.
 
     return Pod(
         namespace=md.namespace, name=md.name, labels=md.labels, annotations=ann,
@@ -435,8 +442,6 @@ def parse_pod(d: Mapping, ctx: "_Ctx") -> Pod:
         phase=_intern(_str(status.get("phase"), "status.phase")),
         deleting=md.raw.get("deletionTimestamp") is not None,
         ports=tuple(ports),
-        egress_bandwidth=bw.get(ANNOTATION_EGRESS_BANDWIDTH),
-        ingress_bandwidth=bw.get(ANNOTATION_INGRESS_BANDWIDTH),
         uid=md.uid, resource_version=md.rv,
     )
 

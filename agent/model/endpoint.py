@@ -26,6 +26,7 @@ class Endpoint:
     netns: str = ""            # CNI_NETNS at ADD time
     pod_namespace: str = ""
     pod_name: str = ""
+    ip6: str = ""              # the pod's global IPv6 address on that interface, if any
     # When this attachment was (last) registered (wall clock, persisted): a
     # CNI DEL queued before it is about an earlier attachment and is dropped.
     added_at: float = 0.0

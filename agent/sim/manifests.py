@@ -14,12 +14,16 @@ def namespace(name: str, **labels: str) -> dict:
 
 
 def pod(ns: str, name: str, ip: str, node: str, labels: Optional[dict] = None,
-        ports: Optional[dict[str, int]] = None) -> dict:
+        ports: Optional[dict[str, int]] = None,
+        annotations: Optional[dict[str, str]] = None) -> dict:
     """A running pod with its address in status, as the API server reports it;
     `ports`: named TCP container ports (default http: 8080)."""
     ports = {"http": 8080} if ports is None else ports
+    md = {"name": name, "namespace": ns, "labels": dict(labels or {})}
+    if annotations:
+        md["annotations"] = dict(annotations)
     return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": dict(labels or {})},
+            "metadata": md,
             "spec": {"nodeName": node, "containers": [{
                 "name": "main", "image": "busybox",
                 "ports": [{"name": n, "containerPort": p} for n, p in ports.items()]}]},

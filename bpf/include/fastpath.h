@@ -43,6 +43,13 @@
 #define FP_MAP_POLICY_CNT fp_polcnt_v1
 #define FP_MAP_SOCKLB_SKIP fp_sklbskip_v1
 #define FP_MAP_CRC32C     fp_crc32c_v1
+#define FP_MAP_EP_IFINDEX fp_epif_v1
+/* Bandwidth manager (lib/bw.h): per-pod limits, their state, tracked
+ * connections of connection-limited pods, per-pod counters. */
+#define FP_MAP_BW          fp_bw4_v1
+#define FP_MAP_BW_STATE    fp_bwst4_v1
+#define FP_MAP_BW_FLOWS    fp_bwflow4_v1
+#define FP_MAP_BW_COUNTERS fp_bwcnt_v1
 
 /* Pod endpoints on this node, keyed by pod IPv4 address. Filled by the agent
  * (CNI ADD or restore); read by every program to find local destinations. */
@@ -83,14 +90,23 @@ _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 	X(FP_FWD_REVNAT,       8, "service-reply-restored")    \
 	X(FP_FWD_AUDIT,        9, "policy-audit-would-deny")   \
 	X(FP_FWD_RELATED,     10, "related-icmp-restored")     \
+	X(FP_FWD_BW_UNTRACKED, 20, "connection-untracked")    \
 	X(FP_DROP_INVALID,   100, "dropped-invalid-packet")    \
 	X(FP_DROP_SPOOFED,   101, "dropped-source-spoofed")    \
 	X(FP_DROP_REDIRECT,  102, "dropped-redirect-failed")   \
 	X(FP_DROP_NO_BACKEND, 103, "dropped-service-no-backend") \
 	X(FP_DROP_CSUM,      104, "dropped-checksum-update") \
-	X(FP_DROP_POLICY,    105, "dropped-policy-denied")     \
-	X(FP_DROP_CT_NO_BACKEND, 106, "dropped-ct-no-backend") \
-	X(FP_DROP_FRAG_NO_FIRST, 107, "dropped-fragment-without-first")
+	X(FP_DROP_POLICY,    105, "dropped-policy-denied") \
+	X(FP_DROP_IPV6_UNJUDGED, 106, "dropped-ipv6-not-judged") \
+	X(FP_DROP_CT_NO_BACKEND, 107, "dropped-ct-no-backend") \
+	X(FP_DROP_FRAG_NO_FIRST, 108, "dropped-fragment-without-first") \
+	X(FP_DROP_BW_EGRESS,  120, "dropped-bandwidth-egress") \
+	X(FP_DROP_BW_INGRESS, 121, "dropped-bandwidth-ingress") \
+	X(FP_DROP_BW_HORIZON, 122, "dropped-bandwidth-horizon") \
+	X(FP_DROP_PPS_EGRESS, 123, "dropped-packet-rate-egress") \
+	X(FP_DROP_PPS_INGRESS, 124, "dropped-packet-rate-ingress") \
+	X(FP_DROP_CONN_EGRESS, 125, "dropped-connection-limit-egress") \
+	X(FP_DROP_CONN_INGRESS, 126, "dropped-connection-limit-ingress")
 
 #define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_dir { FP_DIRS(FP_ENUM_ENTRY) };
@@ -336,6 +352,9 @@ struct fp_sockrev4 {
 #define FP_CFG_F_SOCKLB          (1U << 0)  /* socket-LB on */
 #define FP_CFG_F_SOCKLB_HOSTNS   (1U << 1)  /* ... for the host netns only */
 #define FP_CFG_F_POLICY          (1U << 2)  /* NetworkPolicy checks on (mode default/always) */
+#define FP_CFG_F_BW              (1U << 3)  /* bandwidth manager on and some pod limited (lib/bw.h) */
+#define FP_CFG_F_BW_EDT          (1U << 4)  /* ... traffic to the VPC paced by EDT (fq on the ENIs);
+					     * without it, by the ENIs' HTB classes */
 
 /* fp_config.events: which events besides drops go to the ring buffer.
  * Drops are always reported; `fastpath monitor` sets these while it runs. */
@@ -499,5 +518,110 @@ struct fp_decision {
 	__u32 peer_id[2];      /* HBO: peer identity per direction */
 };
 _Static_assert(sizeof(struct fp_decision) == 48, "fp_decision layout");
+
+/* Which endpoint a registered host veth belongs to, keyed by the veth's
+ * ifindex (__u32 HBO). The endpoints map is keyed by address, so it cannot
+ * tell a packet whose source is unknown from one of an unknown pod; this one
+ * can: the agent writes it with the endpoint, before fastpath's programs are
+ * attached to the veth (agent/datapath/maps.py), and the guards of
+ * bpf/lib/guard.h drop whatever a registered veth sends from another source
+ * (dropped-source-spoofed) before anything else looks at the packet. */
+#define FP_EPIF_F_IP6 (1U << 0)   /* ip6 holds the pod's global IPv6 address */
+
+struct fp_ep_if {
+	__be32 ip4;            /* NBO: the endpoint's IPv4 address */
+	__u32 flags;           /* HBO: FP_EPIF_F_* */
+	__u8 ip6[16];          /* NBO: its IPv6 address, with FP_EPIF_F_IP6 */
+};
+_Static_assert(sizeof(struct fp_ep_if) == 24, "fp_ep_if layout");
+
+/* ---- Bandwidth manager (bpf/lib/bw.h; agent/bandwidth, docs/bandwidth.md) ----
+ *
+ * Per-pod limits keyed by pod IPv4 (__be32, NBO). The agent writes
+ * struct fp_bw (limits, never touched by the programs); the programs keep
+ * struct fp_bw_state (buckets and connection counts, never written by the
+ * agent after it creates the entry). Rates are enforced as virtual times
+ * ("tat": the time at which the bucket would be full again): a packet of
+ * cost c is admitted when max(tat, now) + c - now <= burst, or when the
+ * bucket is full (tat <= now), which lets a packet larger than the burst
+ * through into debt instead of stalling its flow; admitting it advances
+ * tat by c. Egress to the VPC is not policed but paced: the ENI's egress
+ * program stamps skb->tstamp with max(tat, now) for fq (EDT), or names the
+ * pod's HTB class in skb->priority (kernels without fq). */
+#define FP_BW_HORIZON_NS      2000000000  /* 2 s. EDT: later departures are dropped (fq on
+					   * the ENIs uses the same horizon) */
+#define FP_BW_HTB_MAJOR       0xfa57  /* handle of fastpath's root qdisc on the ENIs */
+
+#define FP_BW_F_CONNS         (1U << 0)  /* a connection limit is set: track the pod's TCP flows */
+
+struct fp_bw {
+	__u64 egress_rate;          /* HBO: bytes/s; 0 = unlimited */
+	__u64 egress_burst_ns;      /* HBO: bucket depth as time at egress_rate */
+	__u64 ingress_rate;         /* HBO: bytes/s; 0 = unlimited */
+	__u64 ingress_burst_ns;     /* HBO */
+	__u64 egress_pkt_ns;        /* HBO: cost of one packet (1e9 / pps); 0 = unlimited */
+	__u64 egress_pkt_burst_ns;  /* HBO */
+	__u64 ingress_pkt_ns;       /* HBO */
+	__u64 ingress_pkt_burst_ns; /* HBO */
+	__u64 egress_conns_reaped;  /* HBO: flows the agent removed idle (it alone writes this) */
+	__u64 ingress_conns_reaped; /* HBO */
+	__u32 egress_max_conns;     /* HBO: 0 = unlimited */
+	__u32 ingress_max_conns;    /* HBO */
+	__u32 htb_class;            /* HBO: skb->priority (FP_BW_HTB_MAJOR:minor) of the pod's HTB class */
+	__u32 conn_gen;             /* HBO: generation of the pod's connection counts */
+	__u32 flags;                /* HBO: FP_BW_F_* */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct fp_bw) == 104, "fp_bw layout");
+
+struct fp_bw_state {
+	__u64 egress_tat;           /* HBO: ns, CLOCK_MONOTONIC (bytes: EDT and same-node bucket) */
+	__u64 ingress_tat;          /* HBO */
+	__u64 egress_pkt_tat;       /* HBO */
+	__u64 ingress_pkt_tat;      /* HBO */
+	__u64 egress_conns_opened;  /* HBO: atomically counted by the programs */
+	__u64 egress_conns_closed;  /* HBO */
+	__u64 ingress_conns_opened; /* HBO */
+	__u64 ingress_conns_closed; /* HBO */
+	__u32 conn_gen;             /* HBO: fp_bw.conn_gen the counts belong to */
+	__u32 pad;
+};
+_Static_assert(sizeof(struct fp_bw_state) == 72, "fp_bw_state layout");
+
+/* A TCP connection counted against a pod's connection limit, keyed by the
+ * tuple its SYN carried (initiator first). */
+struct fp_bw_flow_key {
+	__be32 saddr;               /* NBO: initiator */
+	__be32 daddr;               /* NBO: responder */
+	__be16 sport;               /* NBO */
+	__be16 dport;               /* NBO */
+};
+_Static_assert(sizeof(struct fp_bw_flow_key) == 12, "fp_bw_flow_key layout");
+
+/* Each field has one writer at a time and is written with a plain store
+ * (no read-modify-write): a pod address set means "counted against it". */
+struct fp_bw_flow {
+	__u64 last_seen;            /* HBO: ns, refreshed at most once a second */
+	__be32 egress_pod;          /* NBO: the initiator, when counted against its limit; else 0 */
+	__be32 ingress_pod;         /* NBO: the responder, when counted against its limit; else 0 */
+	__u32 egress_gen;           /* HBO: conn_gen of egress_pod when counted */
+	__u32 ingress_gen;          /* HBO */
+	__u8 established;           /* the responder answered (SYN-ACK seen) */
+	__u8 fin_ini;               /* FIN seen from the initiator */
+	__u8 fin_rsp;               /* FIN seen from the responder */
+	__u8 pad[5];
+};
+_Static_assert(sizeof(struct fp_bw_flow) == 32, "fp_bw_flow layout");
+
+/* Per-CPU counters per limited pod: what passed (reason FP_FWD_PASS) and
+ * each drop reason, by direction (FP_DIR_FROM_POD: egress, FP_DIR_TO_POD:
+ * ingress). */
+struct fp_bwcnt_key {
+	__be32 ip4;                 /* NBO: the pod */
+	__u16 reason;               /* HBO: enum fp_reason */
+	__u8 dir;                   /* enum fp_dir */
+	__u8 pad;
+};
+_Static_assert(sizeof(struct fp_bwcnt_key) == 8, "fp_bwcnt_key layout");
 
 #endif /* FASTPATH_H */

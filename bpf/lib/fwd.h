@@ -19,6 +19,7 @@
 #include <uapi/linux/ip.h>
 #include <linux/socket.h>
 #include "lib/parse.h"
+#include "lib/bw.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -69,6 +70,9 @@ static __always_inline int fp_redirect_local(struct __sk_buff *skb, struct fp_ip
 		*reason = FP_FWD_TTL;
 		return FP_TC_CONTINUE;
 	}
+	/* Bandwidth manager (lib/bw.h): the destination's ingress limits. */
+	if (fp_bw_deliver(skb, ip, reason) < 0)
+		return TC_ACT_SHOT;
 	/* Copy before writing the packet: the map value stays valid, but keep
 	 * the helper arguments on the stack as the verifier prefers. */
 	__builtin_memcpy(pod_mac, dst->pod_mac, ETH_ALEN);

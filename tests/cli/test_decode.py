@@ -111,6 +111,19 @@ def test_endpoint_entry_decodes_macs_and_flags():
                            "flags_names": ["registered"], "ep_id": 99}}
 
 
+def test_veth_registration_decodes_both_addresses_and_flags():
+    import socket
+    import struct
+    name = bpfdefs.load().maps["FP_MAP_EP_IFINDEX"]
+    v = bpfdefs.ctype("struct fp_ep_if")()
+    v.ip4 = struct.unpack("=I", socket.inet_aton("10.1.2.3"))[0]
+    v.ip6[:] = list(socket.inet_pton(socket.AF_INET6, "fd00::a"))
+    v.flags = bpfdefs.load().defines["FP_EPIF_F_IP6"]
+    e = decode.decode_entry(decode.Layout.of(name), struct.pack("=I", 17), bytes(v))
+    assert e == {"key": 17, "value": {"ip4": "10.1.2.3", "flags": 1, "flags_names": ["ip6"],
+                                      "ip6": "fd00::a"}}
+
+
 def test_per_cpu_counters_are_summed_over_cpus_and_labelled():
     d = bpfdefs.load()
     name = d.maps["FP_MAP_COUNTERS"]

@@ -92,11 +92,16 @@ BAD = {
     "session_affinity": ("ClientIP", "expected true or false"),
     "service_topology": ("auto", "expected true or false"),
     "bandwidth_manager": ("edt", "expected true or false"),
+    "bandwidth_egress": ("tbf", "'tbf' is not one of auto, edt, htb"),
+    "bandwidth_bbr": ("cubic", "expected true or false"),
+    "bandwidth_flows_map_size": ("100", "below the minimum 1024"),
     "in_cluster_lb": ("maybe", "expected true or false"),
     "policy_enforcement": ("strict", "'strict' is not one of never, default, always"),
     "local_router_ipv4": ("169.254.10", "local_router_ipv4: invalid value"),
     "policy_map_size": ("4", "below the minimum 16"),
     "ipcache_map_size": ("8", "below the minimum 16"),
+    "policy_pod_lookup_timeout_ms": ("60001", "above the maximum 60000"),
+    "policy_unknown_pod": ("deny", "'deny' is not one of deny-ingress, open"),
     "cgroup_root": ("sys/fs/cgroup", "expected an absolute path"),
     "metrics_address": ("localhost:9962", "'localhost' is not an IP address or node-ip"),
     "http_max_connections": (0, "below the minimum 1"),
@@ -236,10 +241,11 @@ def test_eni_config_that_contradicts_itself_or_is_malformed_is_rejected(tmp_path
 def test_describe_says_which_keys_are_not_in_effect_yet():
     rows = {r["key"]: r for r in C.describe(Config.defaults())}
     assert set(rows) == set(KEYS_BY_NAME)
-    for name in ("node_port", "bandwidth_manager"):
+    for name in ("node_port",):
         assert not rows[name]["in_effect"] and rows[name]["pending"], name
     for name in ("tc_priority", "host_stack_cidrs", "metrics_address", "routing_mode",
-                 "socket_lb", "kube_proxy_replacement", "policy_enforcement", "policy_map_size"):
+                 "socket_lb", "kube_proxy_replacement", "policy_enforcement", "policy_map_size",
+                 "bandwidth_manager", "bandwidth_egress", "bandwidth_bbr"):
         assert rows[name]["in_effect"] and not rows[name]["pending"], name
     assert rows["host_stack_cidrs"]["value"] == ["169.254.20.10/32"]
 
@@ -264,7 +270,7 @@ def test_config_show_prints_values_sources_and_what_is_not_in_effect(tmp_path, c
     line = next(l for l in text.splitlines() if l.startswith("policy_enforcement "))
     assert line.split()[1:4] == ["default", "eni-config", eni] and "not yet in effect" not in line
     pending = text.split("Not yet in effect")[1]
-    assert "bandwidth_manager: bandwidth pacing is not built yet" in pending
+    assert "node_port: not built yet" in pending and "bandwidth_manager" not in pending
     assert "policy_enforcement" not in pending
     assert main(["config", "show", "--local", "--socket-lb", "sometimes"]) == 2
     assert "socket_lb: invalid value 'sometimes'" in capsys.readouterr().err

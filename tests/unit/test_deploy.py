@@ -58,14 +58,15 @@ def test_schema_validation_really_rejects_a_misplaced_field():
         kubernetes_validate.validate(ds, K8S_VERSIONS[0], strict=True)
 
 
+class Sent(Exception):
+    """A request the Kubernetes client built, stopped before the network."""
+
+
 def agent_reads() -> set[tuple[str, str]]:
     """(API group, resource) of every list/watch the cluster-state source
     makes, taken from the requests the Kubernetes client builds."""
     from kubernetes import client
     from agent.k8s.kube import _LIST_FUNCS
-
-    class Sent(Exception):
-        pass
 
     cfg = client.Configuration()
     cfg.host = "http://api.invalid"
@@ -84,15 +85,45 @@ def agent_reads() -> set[tuple[str, str]]:
     return out
 
 
-def test_cluster_role_grants_read_on_exactly_what_the_agent_reads():
+def agent_writes() -> set[tuple[str, str]]:
+    """(apiGroup, resource) of every object the agent creates: the Events of
+    agent/k8s/events.py, found by letting it post one to nowhere."""
+    from kubernetes import client
+    from agent.k8s import events
+    cfg = client.Configuration()
+    cfg.host = "http://api.invalid"
+    api = client.ApiClient(cfg)
+    sent = []
+
+    def request(method, url, *a, **kw):
+        sent.append((method, url.split("api.invalid", 1)[1].split("?")[0].strip("/").split("/")))
+        raise Sent(url)
+
+    api.rest_client.request = request
+    with pytest.raises(Sent):
+        events.post(api, events.event_body("NetworkPolicy", "default", "p", "Warning",
+                                           "PolicyRefused", "m", "n1"))
+    out = set()
+    for method, path in sent:
+        assert method == "POST"
+        out.add(("", path[-1]) if path[0] == "api" else (path[1], path[-1]))
+    return out
+
+
+def test_cluster_role_grants_exactly_what_the_agent_reads_and_creates():
     role = by_kind("ClusterRole", "fastpath")
-    granted = set()
+    read, created = set(), set()
     for rule in role["rules"]:
-        assert sorted(rule["verbs"]) == ["get", "list", "watch"], rule
         assert "resourceNames" not in rule and "nonResourceURLs" not in rule
-        granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
-    assert granted == agent_reads()
-    assert len(granted) == 6
+        pairs = {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+        if sorted(rule["verbs"]) == ["create"]:
+            created |= pairs
+        else:
+            assert sorted(rule["verbs"]) == ["get", "list", "watch"], rule
+            read |= pairs
+    assert read == agent_reads()
+    assert len(read) == 6
+    assert created == agent_writes() == {("", "events")}
     binding = by_kind("ClusterRoleBinding", "fastpath")
     ds = by_kind("DaemonSet", "terway-eniip")
     sa = ds["spec"]["template"]["spec"]["serviceAccountName"]

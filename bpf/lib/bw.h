@@ -1,0 +1,414 @@
+/* Bandwidth manager: per-pod rate, packet-rate and connection limits.
+ *
+ * Where each limit is enforced (docs/bandwidth.md says the same for users):
+ *
+ *   pod --from-pod--> [egress packet rate, egress connections]
+ *        |-- to a pod of this node (redirect_peer, no qdisc on the way):
+ *        |     [egress token bucket] then that pod's delivery checks
+ *        '-- to the VPC, by redirect or through the stack: the ENI's egress
+ *              program [egress pacing: EDT timestamp for fq, or the pod's
+ *              HTB class], then the ENI's root qdisc holds the packet
+ *   delivery into a pod (fp_redirect_local for redirects, fp_to_pod for
+ *   the stack path): [ingress packet rate, ingress token bucket, ingress
+ *   connections]
+ *
+ * The rules behind every bucket are in fastpath.h (struct fp_bw). Limits
+ * apply only to pods with an entry in the limits map, and only while the
+ * agent has set FP_CFG_F_BW (the kernel supports the mechanism and some
+ * pod is limited): an unlimited pod costs one config read then, one hash
+ * lookup per hook when some pod is limited. What-if packets (`fastpath
+ * trace`) are never limited and change no bucket.
+ *
+ * Entry points, one call each: fp_bw_from_pod (pod.c), fp_bw_deliver
+ * (fwd.h fp_redirect_local, pod.c fp_to_pod), fp_bw_to_vpc (eni.c).
+ * Connection counting opens a flow on a new TCP SYN and closes it on RST
+ * or on FINs from both ends (fp_bw_flow_opened / fp_bw_flow_closed): the
+ * conntrack rewrite may call these from its own "flow created / closed"
+ * points instead of the flag tests below.
+ */
+#ifndef FP_LIB_BW_H
+#define FP_LIB_BW_H
+
+#include <uapi/linux/in.h>
+#include "lib/parse.h"
+#include "lib/lb.h"
+
+#define FP_TCP_FIN 0x01
+#define FP_TCP_SYN 0x02
+#define FP_TCP_RST 0x04
+#define FP_TCP_ACK 0x10
+
+/* Flows refresh their last_seen at most this often (a write per packet
+ * would make the entry's cache line bounce between CPUs). */
+#define FP_BW_REFRESH_NS FP_NSEC_PER_SEC
+
+static __always_inline __u32 fp_bw_cfg(void)
+{
+	struct fp_config *cfg = fp_config_get();
+
+	if (!cfg || !(cfg->flags & FP_CFG_F_BW) || fp_whatif())
+		return 0;
+	return cfg->flags;
+}
+
+/* Admit a packet of `cost` ns into a bucket of depth `burst` ns whose
+ * virtual time is *tat (see struct fp_bw). Concurrent CPUs each add their
+ * own cost atomically, so no admitted packet goes uncharged. */
+static __always_inline int fp_bw_admit(__u64 *tat, __u64 now, __u64 cost, __u64 burst)
+{
+	__u64 t = *(volatile __u64 *)tat;
+
+	if (t > now) {
+		if (t - now + cost > burst)
+			return 0;
+		__sync_fetch_and_add(tat, cost);
+		return 1;
+	}
+	/* full bucket: even a packet costlier than the burst goes, into debt */
+	*tat = now + cost;
+	return 1;
+}
+
+static __always_inline __u64 fp_bw_byte_cost(__u32 len, __u64 rate)
+{
+	return (__u64)len * FP_NSEC_PER_SEC / rate;
+}
+
+/* Wire packets of this skb: a GSO super-packet counts as its segments. */
+static __always_inline __u32 fp_bw_segs(struct __sk_buff *skb)
+{
+	__u32 segs = skb->gso_segs;
+
+	return segs ? segs : 1;
+}
+
+static __always_inline int fp_bw_tcp_flags(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					   const struct fp_l4 *l4)
+{
+	__u8 flags;
+
+	if (ip->proto != IPPROTO_TCP || bpf_skb_load_bytes(skb, l4->off + 13, &flags, 1))
+		return -1;
+	return flags;
+}
+
+/* ---- connections ---- */
+
+/* The pod's current count in one direction. */
+static __always_inline __s64 fp_bw_conns(const struct fp_bw *lim, const struct fp_bw_state *st,
+					 int ingress)
+{
+	if (ingress)
+		return (__s64)(st->ingress_conns_opened - st->ingress_conns_closed -
+			       lim->ingress_conns_reaped);
+	return (__s64)(st->egress_conns_opened - st->egress_conns_closed -
+		       lim->egress_conns_reaped);
+}
+
+/* Give a closed flow's counts back to the pods it was counted for. */
+static __always_inline void fp_bw_flow_closed(const struct fp_bw_flow *f)
+{
+	struct fp_bw_state *st;
+
+	if (f->egress_pod) {
+		st = fp_bw_state_lookup(f->egress_pod);
+		if (st && st->conn_gen == f->egress_gen)
+			__sync_fetch_and_add(&st->egress_conns_closed, 1);
+	}
+	if (f->ingress_pod) {
+		st = fp_bw_state_lookup(f->ingress_pod);
+		if (st && st->conn_gen == f->ingress_gen)
+			__sync_fetch_and_add(&st->ingress_conns_closed, 1);
+	}
+}
+
+/* Delete the flow and, when this call removed it, give its counts back
+ * (whoever deletes an entry owns its counts: the programs here, the
+ * agent's idle sweep otherwise). */
+static __always_inline void fp_bw_flow_close(struct fp_bw_flow_key *key, struct fp_bw_flow *f)
+{
+	struct fp_bw_flow copy = *f;
+
+	if (fp_bw_flow_delete(key) == 0)
+		fp_bw_flow_closed(&copy);
+}
+
+/* A new connection (its SYN) to count against `pod` (the initiator when
+ * !ingress, the responder when ingress). Returns 0 to pass, -1 when the
+ * limit is reached, 1 when it passes uncounted (the flows map is full). */
+static __always_inline int fp_bw_flow_opened(struct fp_bw_flow_key *key, __be32 pod,
+					     const struct fp_bw *lim, struct fp_bw_state *st,
+					     int ingress, __u64 now)
+{
+	__u32 max = ingress ? lim->ingress_max_conns : lim->egress_max_conns;
+	struct fp_bw_flow *f = fp_bw_flow_lookup(key);
+
+	if (!max || st->conn_gen != lim->conn_gen)
+		return 0;
+	if (f && (ingress ? f->ingress_pod : f->egress_pod))
+		return 0;                   /* a retransmitted SYN */
+	if (fp_bw_conns(lim, st, ingress) >= (__s64)max) {
+		/* The initiator's side may have been counted by this very
+		 * SYN on its way here (same node): give that back, or a SYN
+		 * the destination keeps refusing would hold its count. */
+		if (f && !f->established)
+			fp_bw_flow_close(key, f);
+		return -1;
+	}
+	if (f) {
+		/* the generation first: a set address means "counted" */
+		if (ingress) {
+			f->ingress_gen = lim->conn_gen;
+			f->ingress_pod = pod;
+		} else {
+			f->egress_gen = lim->conn_gen;
+			f->egress_pod = pod;
+		}
+	} else {
+		struct fp_bw_flow nf = {};
+
+		nf.last_seen = now;
+		if (ingress) {
+			nf.ingress_pod = pod;
+			nf.ingress_gen = lim->conn_gen;
+		} else {
+			nf.egress_pod = pod;
+			nf.egress_gen = lim->conn_gen;
+		}
+		if (fp_bw_flow_insert(key, &nf) != 0)
+			/* another CPU's copy of this SYN won, or the map is full */
+			return fp_bw_flow_lookup(key) ? 0 : 1;
+	}
+	if (ingress)
+		__sync_fetch_and_add(&st->ingress_conns_opened, 1);
+	else
+		__sync_fetch_and_add(&st->egress_conns_opened, 1);
+	return 0;
+}
+
+/* The flow a packet belongs to, in either direction; *from_ini says
+ * whether the packet travels as the SYN did. */
+static __always_inline struct fp_bw_flow *fp_bw_flow_of(const struct fp_ipv4 *ip,
+							const struct fp_l4 *l4,
+							struct fp_bw_flow_key *key, int *from_ini)
+{
+	struct fp_bw_flow *f;
+
+	key->saddr = ip->saddr;
+	key->daddr = ip->daddr;
+	key->sport = l4->sport;
+	key->dport = l4->dport;
+	f = fp_bw_flow_lookup(key);
+	*from_ini = 1;
+	if (f)
+		return f;
+	key->saddr = ip->daddr;
+	key->daddr = ip->saddr;
+	key->sport = l4->dport;
+	key->dport = l4->sport;
+	*from_ini = 0;
+	return fp_bw_flow_lookup(key);
+}
+
+/* Connection accounting for one TCP packet seen at a conn-limited pod's
+ * hook (`ingress`: being delivered to `pod`). Returns -1 to drop. */
+static __always_inline int fp_bw_conn_track(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					    const struct fp_l4 *l4, __be32 pod,
+					    const struct fp_bw *lim, struct fp_bw_state *st,
+					    int ingress, __u64 now, enum fp_reason *untracked)
+{
+	struct fp_bw_flow_key key = {};
+	struct fp_bw_flow *f;
+	int flags = fp_bw_tcp_flags(skb, ip, l4), from_ini, rc;
+
+	if (flags < 0)
+		return 0;
+	if ((flags & (FP_TCP_SYN | FP_TCP_ACK | FP_TCP_RST)) == FP_TCP_SYN) {
+		key.saddr = ip->saddr;
+		key.daddr = ip->daddr;
+		key.sport = l4->sport;
+		key.dport = l4->dport;
+		rc = fp_bw_flow_opened(&key, pod, lim, st, ingress, now);
+		if (rc > 0)
+			*untracked = FP_FWD_BW_UNTRACKED;
+		return rc < 0 ? -1 : 0;
+	}
+	if (flags & (FP_TCP_RST | FP_TCP_FIN | FP_TCP_SYN)) {
+		f = fp_bw_flow_of(ip, l4, &key, &from_ini);
+		if (!f)
+			return 0;
+		if (flags & FP_TCP_RST) {
+			fp_bw_flow_close(&key, f);
+			return 0;
+		}
+		if ((flags & FP_TCP_SYN) && !from_ini)
+			f->established = 1;
+		if (flags & FP_TCP_FIN) {
+			/* mark ours, then look at theirs (either end may close: one
+			 * delete wins). Two FINs crossing on two CPUs can miss
+			 * each other's mark; the agent's idle sweep closes those. */
+			if (from_ini)
+				f->fin_ini = 1;
+			else
+				f->fin_rsp = 1;
+			asm volatile("" ::: "memory");
+			if (f->fin_ini && f->fin_rsp)
+				fp_bw_flow_close(&key, f);
+		}
+		return 0;
+	}
+	/* the pod's own traffic keeps its flows from looking idle */
+	if (!ingress) {
+		f = fp_bw_flow_of(ip, l4, &key, &from_ini);
+		if (f && now - f->last_seen > FP_BW_REFRESH_NS)
+			f->last_seen = now;
+	}
+	return 0;
+}
+
+/* ---- entry points ---- */
+
+/* A packet the pod sends (fp_from_pod), after service translation and
+ * policy. Returns 0 to go on, -1 to drop (*reason set). */
+static __always_inline int fp_bw_from_pod(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					  const struct fp_l4 *l4, int has_l4,
+					  enum fp_reason *reason)
+{
+	enum fp_reason counted = FP_FWD_PASS;
+	struct fp_bw_state *st;
+	struct fp_bw *lim;
+	int local_dst;
+	__u64 now;
+
+	if (!fp_bw_cfg())
+		return 0;
+	lim = fp_bw_limits(ip->saddr);
+	if (!lim)
+		return 0;
+	st = fp_bw_state_of(ip->saddr, lim->conn_gen);
+	if (!st)
+		return 0;
+	/* to a pod of this node: redirected past every qdisc, so policed here */
+	local_dst = fp_endpoint_lookup(ip->daddr) != NULL;
+	now = bpf_ktime_get_ns();
+	if (lim->egress_pkt_ns &&
+	    !fp_bw_admit(&st->egress_pkt_tat, now, fp_bw_segs(skb) * lim->egress_pkt_ns,
+			 lim->egress_pkt_burst_ns)) {
+		*reason = FP_DROP_PPS_EGRESS;
+		goto drop;
+	}
+	if (local_dst && lim->egress_rate &&
+	    !fp_bw_admit(&st->egress_tat, now, fp_bw_byte_cost(skb->len, lim->egress_rate),
+			 lim->egress_burst_ns)) {
+		*reason = FP_DROP_BW_EGRESS;
+		goto drop;
+	}
+	if (has_l4 && (lim->flags & FP_BW_F_CONNS) &&
+	    fp_bw_conn_track(skb, ip, l4, ip->saddr, lim, st, 0, now, &counted) < 0) {
+		*reason = FP_DROP_CONN_EGRESS;
+		goto drop;
+	}
+	/* traffic to the VPC is counted where it leaves (fp_bw_to_vpc) */
+	if (local_dst || counted != FP_FWD_PASS)
+		fp_bw_count(ip->saddr, FP_DIR_FROM_POD, counted, skb->len);
+	return 0;
+drop:
+	fp_bw_count(ip->saddr, FP_DIR_FROM_POD, *reason, skb->len);
+	return -1;
+}
+
+/* A packet about to be delivered into the pod ip->daddr, by redirect or
+ * by the stack. Returns 0 to deliver, -1 to drop (*reason set). */
+static __always_inline int fp_bw_deliver(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					 enum fp_reason *reason)
+{
+	enum fp_reason counted = FP_FWD_PASS;
+	struct fp_bw_state *st;
+	struct fp_bw *lim;
+	struct fp_l4 l4 = {};
+	__u64 now;
+
+	if (!fp_bw_cfg())
+		return 0;
+	lim = fp_bw_limits(ip->daddr);
+	if (!lim)
+		return 0;
+	st = fp_bw_state_of(ip->daddr, lim->conn_gen);
+	if (!st)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (lim->ingress_pkt_ns &&
+	    !fp_bw_admit(&st->ingress_pkt_tat, now, fp_bw_segs(skb) * lim->ingress_pkt_ns,
+			 lim->ingress_pkt_burst_ns)) {
+		*reason = FP_DROP_PPS_INGRESS;
+		goto drop;
+	}
+	if (lim->ingress_rate &&
+	    !fp_bw_admit(&st->ingress_tat, now, fp_bw_byte_cost(skb->len, lim->ingress_rate),
+			 lim->ingress_burst_ns)) {
+		*reason = FP_DROP_BW_INGRESS;
+		goto drop;
+	}
+	if ((lim->flags & FP_BW_F_CONNS) && fp_parse_l4(skb, ip, &l4) == 0 &&
+	    fp_bw_conn_track(skb, ip, &l4, ip->daddr, lim, st, 1, now, &counted) < 0) {
+		*reason = FP_DROP_CONN_INGRESS;
+		goto drop;
+	}
+	fp_bw_count(ip->daddr, FP_DIR_TO_POD, counted, skb->len);
+	return 0;
+drop:
+	fp_bw_count(ip->daddr, FP_DIR_TO_POD, *reason, skb->len);
+	return -1;
+}
+
+/* A packet leaving the node by an ENI (fp_to_vpc): pace the pod it comes
+ * from. EDT: the departure time goes into skb->tstamp and fq on the ENI
+ * holds the packet until then; a departure beyond the horizon is dropped
+ * here (fq would drop it too). HTB: the pod's class goes into
+ * skb->priority, which the ENI's HTB root classifies by. Returns 0 to go
+ * on, -1 to drop (*reason set). */
+static __always_inline int fp_bw_to_vpc(struct __sk_buff *skb, enum fp_reason *reason)
+{
+	struct fp_ipv4 ip = {};
+	struct fp_bw_state *st;
+	struct fp_bw *lim;
+	__u32 cfg = fp_bw_cfg();
+	__u64 now, start, cost, t;
+
+	if (!cfg || fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
+		return 0;
+	lim = fp_bw_limits(ip.saddr);
+	if (!lim || !lim->egress_rate)
+		return 0;
+	if (!(cfg & FP_CFG_F_BW_EDT)) {
+		if (lim->htb_class)
+			skb->priority = lim->htb_class;
+		fp_bw_count(ip.saddr, FP_DIR_FROM_POD, FP_FWD_PASS, skb->len);
+		return 0;
+	}
+	st = fp_bw_state_of(ip.saddr, lim->conn_gen);
+	if (!st)
+		return 0;
+	now = bpf_ktime_get_ns();
+	t = *(volatile __u64 *)&st->egress_tat;
+	start = t > now ? t : now;
+	/* a departure time the sender's own pacing (TCP) chose is kept */
+	if (skb->tstamp > start)
+		start = skb->tstamp;
+	if (start - now > FP_BW_HORIZON_NS) {
+		*reason = FP_DROP_BW_HORIZON;
+		fp_bw_count(ip.saddr, FP_DIR_FROM_POD, *reason, skb->len);
+		return -1;
+	}
+	cost = fp_bw_byte_cost(skb->len, lim->egress_rate);
+	if (t > now)
+		__sync_fetch_and_add(&st->egress_tat, cost);
+	else
+		st->egress_tat = start + cost;
+	if (start > now)
+		skb->tstamp = start;
+	fp_bw_count(ip.saddr, FP_DIR_FROM_POD, FP_FWD_PASS, skb->len);
+	return 0;
+}
+
+#endif /* FP_LIB_BW_H */
