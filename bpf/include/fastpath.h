@@ -124,9 +124,16 @@ struct fp_svc4_key {
 _Static_assert(sizeof(struct fp_svc4_key) == 8, "fp_svc4_key layout");
 
 #define FP_SVC_F_AFFINITY  (1U << 0)  /* sessionAffinity: ClientIP */
-#define FP_SVC_F_REJECT    (1U << 1)  /* no usable endpoint: reject, never black-hole */
-#define FP_SVC_F_LOCAL     (1U << 2)  /* internalTrafficPolicy Local applied */
-#define FP_SVC_F_EXTERNAL  (1U << 3)  /* ExternalIP / LoadBalancer frontend */
+#define FP_SVC_F_REJECT    (1U << 1)  /* no usable endpoint anywhere: reject, never black-hole */
+#define FP_SVC_F_LOCAL     (1U << 2)  /* a Local traffic policy applied */
+#define FP_SVC_F_EXTERNAL  (1U << 3)  /* a node-facing frontend (ExternalIP, LoadBalancer
+				       * IP, NodePort, hostPort) */
+#define FP_SVC_F_DROP      (1U << 4)  /* endpoints exist, but the traffic policy leaves
+				       * none for this entry's clients here: drop */
+#define FP_SVC_F_MAGLEV    (1U << 5)  /* new flows choose by the Maglev table */
+#define FP_SVC_F_SRC_RANGE (1U << 6)  /* loadBalancerSourceRanges: other sources dropped */
+#define FP_SVC_F_NODEPORT  (1U << 7)  /* a NodePort (kind, for inspection) */
+#define FP_SVC_F_HOSTPORT  (1U << 8)  /* a pod's hostPort (kind, for inspection) */
 
 struct fp_svc4 {
 	__u32 svc_id;          /* HBO */
