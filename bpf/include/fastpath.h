@@ -143,6 +143,15 @@ struct fp_svc4 {
 };
 _Static_assert(sizeof(struct fp_svc4) == 12, "fp_svc4 layout");
 
+/* Service address ranges (kube-proxy's nftables-mode checks): an LPM trie
+ * of IPv4 prefixes (struct fp_lpm4_key) -> __u32 FP_SVCNET_F_* flags. A new
+ * flow to an address here that is no frontend is rejected when the address
+ * is a live ClusterIP (an unknown port or protocol), dropped when it lies in
+ * a Service CIDR but is no ClusterIP (unallocated); a ClusterIP of a Service
+ * fastpath does not translate (another proxy's) is here with no flag. */
+#define FP_SVCNET_F_CLUSTER_IP (1U << 0)
+#define FP_SVCNET_F_RANGE      (1U << 1)
+
 struct fp_slot_key {
 	__u32 svc_id;          /* HBO */
 	__u32 slot;            /* HBO: 1..count */
