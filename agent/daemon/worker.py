@@ -39,11 +39,15 @@ class Worker:
             self._thread.join(timeout)
 
     def _follow(self, source, store, settle: float, plan_all: Callable[[], None],
-                plan_changes: Callable[[list], None]) -> None:
+                plan_changes: Callable[[list], None],
+                on_idle: Callable[[], None] | None = None) -> None:
         """The sync loops' shape: wait for the source's initial sync (an
         empty store must never withdraw what the maps serve), plan once,
-        then once per burst of change sets (after `settle` seconds)."""
-        while not source.synced.wait(0.5):
+        then once per burst of change sets (after `settle` seconds).
+        `on_idle` runs after each burst and whenever half a second passes
+        without a change (a retry timer, a poll). A source of None is synced from the start
+        (state that comes only through the agent's API, like hostPorts)."""
+        while source is not None and not source.synced.wait(0.5):
             if self._stop.is_set():
                 return
         sub = store.subscribe()
@@ -51,9 +55,10 @@ class Worker:
             plan_all()
             while not self._stop.is_set():
                 first = sub.get(timeout=0.5)
-                if first is None:
-                    continue
-                time.sleep(settle)
-                plan_changes([first] + sub.drain())
+                if first is not None:
+                    time.sleep(settle)
+                    plan_changes([first] + sub.drain())
+                if on_idle is not None:
+                    on_idle()
         finally:
             sub.close()

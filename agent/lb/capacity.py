@@ -12,8 +12,10 @@ overflow a map is refused as a whole, by name, and the maps keep what they
 had for it (nothing for a new Service, its previous state for a changed
 one). Nothing another Service has is ever taken away to make room.
 
-The count is of the plan's peak: a plan writes every addition before any
-removal (agent.lb.reconcile), so removals free nothing until the next plan.
+The count is of the plan's peak: a plan removes the frontends that go
+before it adds anything (their entries, slots, tables and ranges are room
+for the additions), but deletes backends only after every addition, so a
+backend removal frees nothing until the next plan.
 """
 from __future__ import annotations
 
@@ -71,6 +73,12 @@ def admit(rec: Reconciler, updates: Mapping[Frontend, Optional[FrontendState]],
     before it in this call."""
     used = rec.usage()
     cap = {m: getattr(caps, m) for m in MAPS}
+    # A plan removes frontends before it adds any (agent.lb.reconcile):
+    # their entries, slots, tables and ranges are room for the additions.
+    for fe, st in updates.items():
+        if st is None:
+            for m, n in rec.freed_first(fe).items():
+                used[m] -= n
     held = rec.backend_ids
     groups: dict[tuple, dict[Frontend, FrontendState]] = {}
     out: dict[Frontend, Optional[FrontendState]] = {}

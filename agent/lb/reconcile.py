@@ -14,8 +14,9 @@ A packet reads them in that order, so the writes go the other way round: new
 backends, then slots, Maglev tables and source ranges, then the service
 entry that makes them visible; a shrinking service first lowers its count,
 then loses its surplus slots and ranges; removed frontends lose their entry,
-then their slots, table and ranges; a backend is deleted only once no slot
-or table refers to it. After every single operation each service entry a
+then their slots, table and ranges, and that comes first in a plan (nothing
+else reads them, and a full map gets its room back before the additions); a
+backend is deleted only once no slot or table refers to it. After every single operation each service entry a
 packet can see is whole. `FakeMaps` and `check_whole` let tests prove that
 after each step.
 
@@ -450,22 +451,36 @@ class Reconciler:
         return a.state if a else None
 
     def usage(self) -> dict[str, int]:
-        """Entries this reconciler believes each map holds (agent.lb.capacity)."""
+        """Entries each map holds once the next plan has made its first
+        removals (agent.lb.capacity): what restore found left behind (stale
+        entries, orphan slots, tables, ranges and backends) is deleted
+        before anything is added, so it is not counted."""
         return {
-            "services": len(self._applied) + len(self._stale_frontends),
-            "slots": sum(len(a.slots) for a in self._applied.values())
-            + sum(len(v) for v in self._orphan_slots.values()),
-            "backends": len(self._backends),
-            "maglev": sum(1 for a in self._applied.values() if a.maglev)
-            + len(self._orphan_maglev),
-            "ranges": sum(len(a.ranges) for a in self._applied.values())
-            + sum(len(v) for v in self._orphan_ranges.values()),
+            "services": len(self._applied),
+            "slots": sum(len(a.slots) for a in self._applied.values()),
+            "backends": len(self._backends) - len(self._orphan_backends),
+            "maglev": sum(1 for a in self._applied.values() if a.maglev),
+            "ranges": sum(len(a.ranges) for a in self._applied.values()),
         }
+
+    def freed_first(self, frontend: Frontend) -> dict[str, int]:
+        """Entries a plan frees before adding anything when it removes
+        `frontend` (its backends are deleted last, so not counted)."""
+        a = self._applied.get(frontend)
+        if a is None:
+            return {}
+        return {"services": 1, "slots": len(a.slots), "maglev": 1 if a.maglev else 0,
+                "ranges": len(a.ranges)}
 
     # --------------------------------------------------------- planning
 
     def plan(self, desired: Mapping[Frontend, FrontendState]) -> list[Op]:
         """Operations that take the maps from the last plan to `desired`."""
+        return self.plan_changes(self.changes(desired))
+
+    def changes(self, desired: Mapping[Frontend, FrontendState]
+                ) -> dict[Frontend, Optional[FrontendState]]:
+        """The updates that take the last plan to `desired` (for plan_changes)."""
         updates: dict[Frontend, Optional[FrontendState]] = {}
         for fe, st in desired.items():
             a = self._applied.get(fe)
@@ -477,7 +492,7 @@ class Reconciler:
         for fe in self._stale_frontends:
             if fe not in desired:
                 updates[fe] = None
-        return self.plan_changes(updates)
+        return updates
 
     def plan_changes(self, updates: Mapping[Frontend, Optional[FrontendState]]) -> list[Op]:
         """Like plan(), for callers that know which frontends changed.
@@ -646,6 +661,11 @@ class Reconciler:
         self._orphan_ranges.clear()
 
         delete_backends = sorted(b for b in maybe_unused if not self._refs.get(b))
+        # Backends a restore found unreferenced, and still unreferenced, go
+        # first: no slot ever named them, and a map they fill must make room
+        # for this plan's additions.
+        early_backends = [b for b in delete_backends if b in self._orphan_backends]
+        late_backends = [b for b in delete_backends if b not in self._orphan_backends]
         for bid in delete_backends:
             self._refs.pop(bid, None)
             self._term.pop(bid, None)
@@ -664,13 +684,16 @@ class Reconciler:
         self.ended_pairs = ended
         self.released_service_ids = released_ids
 
-        ops: list[Op] = stale_ops
+        # Removed frontends go before anything is added: each has its own
+        # service id, so nothing else reads its entry, slots, table or ranges,
+        # and a full map gets the room back before this plan needs it.
+        ops: list[Op] = stale_ops + removal_ops
+        ops += [DeleteBackend(bid) for bid in early_backends]
         for bid in sorted(put_backends):
             self._backends[bid] = put_backends[bid]
             ops.append(PutBackend(bid, put_backends[bid]))
         ops += _phased(service_ops)
-        ops += removal_ops
-        ops += [DeleteBackend(bid) for bid in delete_backends]
+        ops += [DeleteBackend(bid) for bid in late_backends]
         return ops
 
     def _account(self, old: Iterable[int], old_claims: frozenset[int], new: Iterable[int],

@@ -151,13 +151,24 @@ def test_a_service_already_in_the_maps_is_never_displaced_by_a_new_one():
     assert set(ok) == {fe(5)} and refused[0].owner == ("shop", "a")
 
 
-def test_removals_always_pass_and_free_nothing_within_the_plan():
+def test_removals_always_pass_and_backends_are_freed_only_after_the_additions():
     rec, maps = Reconciler(), FakeMaps()
     maps.apply_all(rec.plan({fe(1): st("a", *[f"10.0.0.{i}" for i in range(5)])}))
     updates = {fe(1): None, fe(2): st("b", "10.0.1.1")}
     ok, refused = admit(rec, updates, CAPS)
     # b's backend is written before a's go: six at the peak
     assert ok == {fe(1): None} and refused[0].map == "backends"
+
+
+def test_a_removed_frontend_makes_room_for_a_new_one_in_the_same_plan():
+    rec, maps = Reconciler(), FakeMaps()
+    maps.apply_all(rec.plan({fe(i): st(f"s{i}", "10.0.0.1") for i in range(1, 5)}))
+    # the services map is full (4); one goes, one comes: its entry is
+    # deleted before the new one is written
+    ok, refused = admit(rec, {fe(4): None, fe(9): st("new", "10.0.0.1")}, CAPS)
+    assert refused == [] and set(ok) == {fe(4), fe(9)}
+    ops = rec.plan_changes(ok)
+    assert [type(o).__name__ for o in ops][:2] == ["DeleteService", "DeleteSlots"]
 
 
 def test_maglev_tables_and_source_ranges_count_against_their_maps():
