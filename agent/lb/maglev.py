@@ -31,13 +31,13 @@ import socket
 import struct
 from collections.abc import Sequence
 
+from agent.config.schema import KEYS_BY_NAME, MAGLEV_TABLE_SIZES
+
 __all__ = ["TABLE_SIZES", "DEFAULT_TABLE_SIZE", "build_table", "permutation_seeds",
            "flow_hash", "backend_name"]
 
-# Primes, the largest below 2^16 last: a table entry count fits the slot
-# arithmetic of the datapath (__u32) and a value of M * 4 bytes.
-TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521)
-DEFAULT_TABLE_SIZE = 1021
+TABLE_SIZES = MAGLEV_TABLE_SIZES
+DEFAULT_TABLE_SIZE = KEYS_BY_NAME["maglev_table_size"].default
 
 
 def backend_name(ip: str, port: int, protocol: str) -> str:

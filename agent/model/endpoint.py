@@ -25,6 +25,9 @@ class Endpoint:
     netns: str = ""            # CNI_NETNS at ADD time
     pod_namespace: str = ""
     pod_name: str = ""
+    # hostPorts from the CNI portMappings capability, validated by the agent:
+    # (host port, container port, protocol, host IP or "") each
+    port_mappings: tuple[tuple[int, int, str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -39,7 +42,18 @@ class Endpoint:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    @property
+    def owner(self) -> tuple[str, str]:
+        """The pod this attachment belongs to (namespace, name), or the
+        container id when the runtime gave no pod name: what its hostPorts
+        are registered under, so a new sandbox of one pod replaces the old."""
+        if self.pod_name:
+            return (self.pod_namespace, self.pod_name)
+        return ("", self.container_id or self.ip)
+
     @classmethod
     def from_json(cls, text: str) -> "Endpoint":
         data = json.loads(text)
+        if "port_mappings" in data:
+            data["port_mappings"] = tuple(tuple(m) for m in data["port_mappings"])
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

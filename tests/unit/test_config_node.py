@@ -88,6 +88,10 @@ BAD = {
     "service_topology": ("auto", "expected true or false"),
     "bandwidth_manager": ("edt", "expected true or false"),
     "in_cluster_lb": ("maybe", "expected true or false"),
+    "nodeport_addresses": ("primary", "nodeport_addresses: invalid value"),
+    "lb_external_algorithm": ("hash", "'hash' is not one of random, maglev"),
+    "maglev_table_size": ("1000", "1000' is not one of 251, 509"),
+    "source_ranges_map_size": ("8", "below the minimum 16"),
     "policy_enforcement": ("strict", "'strict' is not one of never, default, always"),
     "local_router_ipv4": ("169.254.10", "local_router_ipv4: invalid value"),
     "policy_map_size": ("4", "below the minimum 16"),
@@ -226,10 +230,12 @@ def test_eni_config_that_contradicts_itself_or_is_malformed_is_rejected(tmp_path
 def test_describe_says_which_keys_are_not_in_effect_yet():
     rows = {r["key"]: r for r in C.describe(Config.defaults())}
     assert set(rows) == set(KEYS_BY_NAME)
-    for name in ("node_port", "bandwidth_manager"):
+    for name in ("bandwidth_manager",):
         assert not rows[name]["in_effect"] and rows[name]["pending"], name
     for name in ("tc_priority", "host_stack_cidrs", "metrics_address", "routing_mode",
-                 "socket_lb", "kube_proxy_replacement", "policy_enforcement", "policy_map_size"):
+                 "socket_lb", "kube_proxy_replacement", "policy_enforcement", "policy_map_size",
+                 "node_port", "host_port", "external_ips", "in_cluster_lb", "session_affinity",
+                 "service_topology", "nodeport_addresses", "lb_external_algorithm"):
         assert rows[name]["in_effect"] and not rows[name]["pending"], name
     assert rows["host_stack_cidrs"]["value"] == ["169.254.20.10/32"]
 
