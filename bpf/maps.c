@@ -37,6 +37,18 @@ BPF_TABLE_PINNED("hash", struct fp_slot_key, struct fp_slot,
 BPF_TABLE_PINNED("hash", __u32, struct fp_backend4,
 		 FP_MAP_BACKENDS, FP_BE_MAX, FP_PIN(FP_MAP_BACKENDS));
 
+/* Maglev tables, by service id; allocated as frontends ask for one. */
+BPF_TABLE_PINNED("hash", __u32, struct fp_maglev,
+		 FP_MAP_MAGLEV, FP_SVC_MAX, FP_PIN(FP_MAP_MAGLEV), BPF_F_NO_PREALLOC);
+
+/* loadBalancerSourceRanges, by service id and source prefix. */
+BPF_TABLE_PINNED("lpm_trie", struct fp_srcrange4_key, __u8,
+		 FP_MAP_SRC_RANGE, FP_SRC_RANGE_MAX, FP_PIN(FP_MAP_SRC_RANGE), BPF_F_NO_PREALLOC);
+
+/* Service CIDRs and ClusterIPs (FP_SVCNET_F_*), for kube-proxy's reject/drop. */
+BPF_TABLE_PINNED("lpm_trie", struct fp_lpm4_key, __u32,
+		 FP_MAP_SVCNET, FP_SVC_MAX, FP_PIN(FP_MAP_SVCNET), BPF_F_NO_PREALLOC);
+
 /* Translated flows; LRU so the table can never fill up and refuse new flows. */
 BPF_TABLE_PINNED("lru_hash", struct fp_ct4_key, struct fp_ct4,
 		 FP_MAP_CT, FP_CT_MAX, FP_PIN(FP_MAP_CT));

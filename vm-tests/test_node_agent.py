@@ -351,7 +351,7 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
             # every pinned hash map is listed, the conntrack map included
             from agent.datapath.loader import pinned_map_names
             listed = {s.labels["map"] for s in fams["fastpath_map_entries"].samples}
-            assert {"fp_ep4_v1", "fp_svc4_v1", "fp_be4_v1", "fp_slot4_v1", "fp_ct4_v1",
+            assert {"fp_ep4_v1", "fp_svc4_v2", "fp_be4_v1", "fp_slot4_v1", "fp_ct4_v1",
                     "fp_aff4_v1", "fp_sockrev4_v1", "fp_bypass4_v1"} <= listed <= set(
                         pinned_map_names())
             # what the dashboard and the alert rules query exists, by name

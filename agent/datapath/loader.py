@@ -64,6 +64,8 @@ class BuildOptions:
     hairpin_ip: str = "169.254.10.1"
     policy_max: int = 65536
     ipcache_max: int = 65536
+    maglev_m: int = 1021
+    src_range_max: int = 16384
     test_build: bool = False
 
     @classmethod
@@ -75,7 +77,8 @@ class BuildOptions:
                    # socket, the socket-level twin of a conntrack entry
                    config.conntrack_map_size, config.local_router_ipv4,
                    policy_max=config.policy_map_size, ipcache_max=config.ipcache_map_size,
-                   test_build=test_build)
+                   maglev_m=config.maglev_table_size,
+                   src_range_max=config.source_ranges_map_size, test_build=test_build)
 
     def cflags(self) -> list[str]:
         flags = [
@@ -92,6 +95,8 @@ class BuildOptions:
             f"-DFP_SOCKREV_MAX={self.sockrev_max}",
             f"-DFP_POLICY_MAX={self.policy_max}",
             f"-DFP_IPCACHE_MAX={self.ipcache_max}",
+            f"-DFP_MAGLEV_M={self.maglev_m}",
+            f"-DFP_SRC_RANGE_MAX={self.src_range_max}",
             # (policy, direction, verdict) counters: bounded, whatever the rules
             f"-DFP_POLCNT_MAX={min(self.policy_max, 16384)}",
             # as the raw value of a __be32 field, to compare without swapping

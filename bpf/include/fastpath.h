@@ -21,7 +21,7 @@
 #define FP_MAP_COUNTERS   fp_cnt_v1
 #define FP_MAP_BYPASS     fp_bypass4_v1
 #define FP_MAP_DECISION   fp_decision_v1
-#define FP_MAP_SERVICES   fp_svc4_v1
+#define FP_MAP_SERVICES   fp_svc4_v2
 #define FP_MAP_SLOTS      fp_slot4_v1
 #define FP_MAP_BACKENDS   fp_be4_v1
 #define FP_MAP_CT         fp_ct4_v1
@@ -35,6 +35,9 @@
 #define FP_MAP_POLICY_CNT fp_polcnt_v1
 #define FP_MAP_SOCKLB_SKIP fp_sklbskip_v1
 #define FP_MAP_CRC32C     fp_crc32c_v1
+#define FP_MAP_MAGLEV     fp_maglev4_v1
+#define FP_MAP_SRC_RANGE  fp_srcrng4_v1
+#define FP_MAP_SVCNET     fp_svcnet4_v1
 
 /* Pod endpoints on this node, keyed by pod IPv4 address. Filled by the agent
  * (CNI ADD or restore); read by every program to find local destinations. */
@@ -119,9 +122,17 @@ struct fp_svc4_key {
 	__be32 vip;            /* NBO */
 	__be16 port;           /* NBO */
 	__u8 proto;            /* IPPROTO_* */
-	__u8 pad;
+	__u8 scope;            /* FP_SCOPE_*: which clients the entry is for */
 };
 _Static_assert(sizeof(struct fp_svc4_key) == 8, "fp_svc4_key layout");
+
+/* An internal entry serves this node's own sockets and pods, and traffic
+ * from outside when the frontend has no external entry; an external entry
+ * serves only traffic arriving on the node's interfaces (the primary NIC
+ * and the ENIs), which looks for it first (externalTrafficPolicy Local,
+ * Maglev). agent/lb/compile.py SCOPE_* are these values. */
+#define FP_SCOPE_INTERNAL 0
+#define FP_SCOPE_EXTERNAL 1
 
 #define FP_SVC_F_AFFINITY  (1U << 0)  /* sessionAffinity: ClientIP */
 #define FP_SVC_F_REJECT    (1U << 1)  /* no usable endpoint anywhere: reject, never black-hole */
@@ -168,6 +179,32 @@ struct fp_backend4 {
 	__u8 flags;
 };
 _Static_assert(sizeof(struct fp_backend4) == 8, "fp_backend4 layout");
+
+/* Maglev: for a frontend with FP_SVC_F_MAGLEV, a new flow takes entry
+ * fp_maglev_hash(flow) % FP_MAGLEV_M of its table (the same backends on
+ * every node for a flow; agent/lb/maglev.py builds the table). Keyed by
+ * service id (__u32 HBO). FP_MAGLEV_M is a build option (the prime
+ * maglev_table_size of agent/config), so the value's size is too. */
+#ifndef FP_MAGLEV_M
+#define FP_MAGLEV_M 1021
+#endif
+
+struct fp_maglev {
+	__u32 backend_ids[FP_MAGLEV_M];  /* HBO */
+};
+
+/* loadBalancerSourceRanges: an LPM trie keyed by the frontend's service id
+ * (matched exactly, the first 32 bits of the prefix) then the source
+ * prefix. A frontend with FP_SVC_F_SRC_RANGE drops (FP_DROP_SOURCE_RANGE)
+ * a new flow whose source has no match. Value: __u8, unused. */
+#define FP_SRC_RANGE_FIXED_BITS 32
+
+struct fp_srcrange4_key {
+	__u32 prefixlen;       /* HBO: 32 + the source prefix length */
+	__u32 svc_id;          /* HBO */
+	__be32 addr;           /* NBO */
+};
+_Static_assert(sizeof(struct fp_srcrange4_key) == 12, "fp_srcrange4_key layout");
 
 /* Connection tracking of translated flows (LRU). The forward entry (dir 0,
  * the client's tuple towards the VIP) remembers the backend; the reply entry

@@ -134,7 +134,8 @@ def test_scalar_keys_and_service_flags():
     k = decode.encode_key("struct fp_svc4_key", vip="192.168.0.10", port=53, proto=17)
     e = decode.decode_entry(svc, k, bytes(sv))
     assert e["value"]["flags_names"] == ["affinity", "local"]
-    assert e["key"] == {"vip": "192.168.0.10", "port": 53, "proto": 17, "proto_label": "UDP"}
+    assert e["key"] == {"vip": "192.168.0.10", "port": 53, "proto": 17, "proto_label": "UDP",
+                        "scope": 0}
 
 
 def test_layout_mismatch_is_detected():
