@@ -45,9 +45,12 @@ BPF_TABLE_PINNED("hash", __u32, struct fp_maglev,
 BPF_TABLE_PINNED("lpm_trie", struct fp_srcrange4_key, __u8,
 		 FP_MAP_SRC_RANGE, FP_SRC_RANGE_MAX, FP_PIN(FP_MAP_SRC_RANGE), BPF_F_NO_PREALLOC);
 
-/* Service CIDRs and ClusterIPs (FP_SVCNET_F_*), for kube-proxy's reject/drop. */
+/* Service CIDRs and ClusterIPs (FP_SVCNET_F_*), for kube-proxy's reject/drop:
+ * one /32 per Service with a ClusterIP, translated or not (a Service has at
+ * least one frontend, other proxies' Services none), and the CIDRs; twice
+ * the frontends is room for both, and costs nothing until used. */
 BPF_TABLE_PINNED("lpm_trie", struct fp_lpm4_key, __u32,
-		 FP_MAP_SVCNET, FP_SVC_MAX, FP_PIN(FP_MAP_SVCNET), BPF_F_NO_PREALLOC);
+		 FP_MAP_SVCNET, 2 * FP_SVC_MAX, FP_PIN(FP_MAP_SVCNET), BPF_F_NO_PREALLOC);
 
 /* Translated flows; LRU so the table can never fill up and refuse new flows. */
 BPF_TABLE_PINNED("lru_hash", struct fp_ct4_key, struct fp_ct4,
