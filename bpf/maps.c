@@ -363,3 +363,43 @@ static __always_inline int fp_crc32c_power(__u32 idx, __u32 *out)
 	*out = *v;
 	return 0;
 }
+
+/* ---- node-facing Services ---- */
+
+static __always_inline struct fp_svc4 *fp_service_lookup_scope(__be32 vip, __be16 port,
+								__u8 proto, __u8 scope)
+{
+	struct fp_svc4_key key = { .vip = vip, .port = port, .proto = proto, .scope = scope };
+
+	return FP_MAP_SERVICES.lookup(&key);
+}
+
+/* Whether `saddr` may reach the frontend of `svc_id` (its loadBalancerSourceRanges). */
+static __always_inline int fp_src_range_ok(__u32 svc_id, __be32 saddr)
+{
+	struct fp_srcrange4_key key = {
+		.prefixlen = FP_SRC_RANGE_FIXED_BITS + 32, .svc_id = svc_id, .addr = saddr,
+	};
+
+	return FP_MAP_SRC_RANGE.lookup(&key) != NULL;
+}
+
+/* FP_SVCNET_F_* of the Service address range holding `addr`; -1 when none does. */
+static __always_inline int fp_svcnet_flags(__be32 addr)
+{
+	struct fp_lpm4_key key = { .prefixlen = 32, .addr = addr };
+	__u32 *f = FP_MAP_SVCNET.lookup(&key);
+
+	return f ? (int)*f : -1;
+}
+
+/* Entry `idx` of the Maglev table of `svc_id`: a backend id, 0 if none. */
+static __always_inline __u32 fp_maglev_backend(__u32 svc_id, __u32 idx)
+{
+	struct fp_maglev *t = FP_MAP_MAGLEV.lookup(&svc_id);
+
+	if (!t || idx >= FP_MAGLEV_M)
+		return 0;
+	return t->backend_ids[idx];
+}
+

@@ -134,6 +134,7 @@ class Agent:
                 capacities=lb_capacities(cfg),
                 service_cidrs=cfg.service_cidrs, reconciler_kw=reconciler_options(cfg),
                 health=self.healthchecks)
+            self.services.on_addresses = self._write_node_addresses
             if self.config.socket_lb:
                 from agent.daemon.services import UdpSocketReaper
                 self.services.on_backends_lost = UdpSocketReaper(
@@ -170,6 +171,17 @@ class Agent:
                                              [PortMapping(*m) for m in ep.port_mappings])
             except HostPortRefused as exc:
                 log.error("restored hostPorts of %s/%s not programmed: %s", *ep.owner, exc)
+
+    def _write_node_addresses(self, addrs) -> None:
+        """The primary address and NIC, for the programs: the source of
+        SNATed Service traffic and of the node's unbound sockets."""
+        links = {name: idx for idx, name in self._links_by_index().items()}
+        self.datapath.settings.set_node(addrs.primary[0] if addrs.primary else "",
+                                        links.get(self.config.primary_device, 0))
+
+    def _links_by_index(self) -> dict[int, str]:
+        from agent.datapath.netlink import link_names
+        return link_names(self.netns)
 
     def _node_addresses(self):
         """This node's addresses for NodePorts and hostPorts (agent.lb.nodeaddr)."""

@@ -269,6 +269,9 @@ class ServiceSync(Worker):
         # () -> NodeAddresses; None: no NodePort address known (tests)
         self.addresses_fn = addresses_fn
         self.addresses = NodeAddresses()
+        # called with the new NodeAddresses whenever they change (the agent
+        # writes the primary address into the datapath's settings)
+        self.on_addresses = None
         self.capacities = capacities
         self.service_cidrs = tuple(service_cidrs)
         self.reconciler_kw = dict(reconciler_kw or {})
@@ -339,9 +342,15 @@ class ServiceSync(Worker):
             return False
         if addrs == self.addresses:
             return False
-        log.info("node addresses: NodePorts on %s, hostPorts on %s",
-                 ", ".join(addrs.nodeport) or "(none)", ", ".join(addrs.local) or "(none)")
+        log.info("node addresses: primary %s, NodePorts on %s, hostPorts on %s",
+                 ", ".join(addrs.primary) or "(none)", ", ".join(addrs.nodeport) or "(none)",
+                 ", ".join(addrs.local) or "(none)")
         self.addresses = addrs
+        if self.on_addresses is not None:
+            try:
+                self.on_addresses(addrs)
+            except Exception:
+                log.exception("node addresses not written to the datapath")
         return True
 
     def _udp_backends(self, fe) -> set[tuple[str, int]]:

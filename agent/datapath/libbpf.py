@@ -107,6 +107,14 @@ class MapInfo(ct.Structure):
     ]
 
 
+def probe_helper(prog_type: int, helper_id: int) -> bool:
+    """Whether this kernel lets programs of `prog_type` call helper
+    `helper_id` (libbpf loads a tiny program to find out)."""
+    f = lib().libbpf_probe_bpf_helper
+    f.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+    return f(prog_type, helper_id, None) == 1
+
+
 def map_info(fd: int) -> MapInfo:
     info = MapInfo()
     n = ct.c_uint32(ct.sizeof(info))

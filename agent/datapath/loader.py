@@ -66,6 +66,7 @@ class BuildOptions:
     ipcache_max: int = 65536
     maglev_m: int = 1021
     src_range_max: int = 16384
+    set_retval: bool = False         # the kernel has bpf_set_retval for cgroup hooks
     test_build: bool = False
 
     @classmethod
@@ -78,7 +79,8 @@ class BuildOptions:
                    config.conntrack_map_size, config.local_router_ipv4,
                    policy_max=config.policy_map_size, ipcache_max=config.ipcache_map_size,
                    maglev_m=config.maglev_table_size,
-                   src_range_max=config.source_ranges_map_size, test_build=test_build)
+                   src_range_max=config.source_ranges_map_size,
+                   set_retval=kernel_has_set_retval(), test_build=test_build)
 
     def cflags(self) -> list[str]:
         flags = [
@@ -103,9 +105,24 @@ class BuildOptions:
             f"-DFP_HAIRPIN_IP={_be32_literal(self.hairpin_ip)}",
             "-Wno-unused-function",
         ]
+        if self.set_retval:
+            flags.append("-DFP_HAVE_SET_RETVAL=1")
         if self.test_build:
             flags.append("-DFP_TEST=1")
         return flags
+
+
+# uapi: enum bpf_func_id (BPF_FUNC_set_retval, Linux 5.18)
+BPF_FUNC_SET_RETVAL = 187
+
+
+def kernel_has_set_retval() -> bool:
+    """Whether socket-LB can refuse with ECONNREFUSED (bpf_set_retval) rather
+    than the EPERM every refusing cgroup hook gives without it."""
+    try:
+        return libbpf.probe_helper(CGROUP_SOCK_ADDR, BPF_FUNC_SET_RETVAL)
+    except (OSError, AttributeError):
+        return False
 
 
 def _be32_literal(ip: str) -> str:

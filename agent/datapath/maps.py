@@ -546,13 +546,19 @@ class ConfigMap:
         """FP_CFG_EV_* bits: which events besides drops reach the monitor."""
         self._update(events=mask)
 
+    def set_node(self, ip4: str, primary_ifindex: int) -> None:
+        """The node's primary address and NIC (SNAT source, unbound sockets)."""
+        self._update(node_ip4=be32(ip4) if ip4 else 0, primary_ifindex=primary_ifindex)
+
     def set_policy(self, enabled: bool) -> None:
         flag = DEFS.defines["FP_CFG_F_POLICY"]
         self._update(set_flags=flag if enabled else 0, clear_flags=flag)
 
     def get(self) -> dict:
         v = self._t[self._t.Key(0)]
-        return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags, "events": v.events}
+        return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags, "events": v.events,
+                "node_ip4": ip_from_be32(v.node_ip4) if v.node_ip4 else "",
+                "primary_ifindex": v.primary_ifindex}
 
 
 

@@ -27,7 +27,7 @@
 #define FP_MAP_CT         fp_ct4_v1
 #define FP_MAP_AFFINITY   fp_aff4_v1
 #define FP_MAP_SOCKREV    fp_sockrev4_v1
-#define FP_MAP_CONFIG     fp_cfg_v2
+#define FP_MAP_CONFIG     fp_cfg_v3
 #define FP_MAP_EVENTS     fp_events_v1
 #define FP_MAP_IPCACHE    fp_ipcache4_v1
 #define FP_MAP_POLICY_EP  fp_polep4_v1
@@ -283,8 +283,12 @@ struct fp_config {
 	__u64 host_netns_cookie; /* HBO: the node's netns, for host-only socket-LB */
 	__u32 flags;             /* HBO: FP_CFG_F_* */
 	__u32 events;            /* HBO: FP_CFG_EV_* */
+	__be32 node_ip4;         /* NBO: the node's primary address: the source of
+				  * Service traffic SNATed on its way to a backend on
+				  * another node, and of the node's unbound sockets */
+	__u32 primary_ifindex;   /* HBO: the node's primary NIC (eth0) */
 };
-_Static_assert(sizeof(struct fp_config) == 16, "fp_config layout");
+_Static_assert(sizeof(struct fp_config) == 24, "fp_config layout");
 
 /* Socket-LB opt-out: network namespaces (pods annotated
  * fastpath.io/socket-lb: disabled, or in such a namespace) whose sockets
