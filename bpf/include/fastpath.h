@@ -279,13 +279,13 @@ struct fp_sockrev4 {
 #define FP_CFG_EV_TRACE          (1U << 0)  /* every forwarding decision */
 #define FP_CFG_EV_POLICY         (1U << 1)  /* policy verdicts of new flows */
 
+/* node_ip4 is the source of Service traffic SNATed on its way to a backend
+ * on another node, and of the node's unbound sockets. */
 struct fp_config {
 	__u64 host_netns_cookie; /* HBO: the node's netns, for host-only socket-LB */
 	__u32 flags;             /* HBO: FP_CFG_F_* */
 	__u32 events;            /* HBO: FP_CFG_EV_* */
-	__be32 node_ip4;         /* NBO: the node's primary address: the source of
-				  * Service traffic SNATed on its way to a backend on
-				  * another node, and of the node's unbound sockets */
+	__be32 node_ip4;         /* NBO: the node's primary address (SNAT source) */
 	__u32 primary_ifindex;   /* HBO: the node's primary NIC (eth0) */
 };
 _Static_assert(sizeof(struct fp_config) == 24, "fp_config layout");
