@@ -52,9 +52,19 @@ BPF_TABLE_PINNED("lpm_trie", struct fp_srcrange4_key, __u8,
 BPF_TABLE_PINNED("lpm_trie", struct fp_lpm4_key, __u32,
 		 FP_MAP_SVCNET, 2 * FP_SVC_MAX, FP_PIN(FP_MAP_SVCNET), BPF_F_NO_PREALLOC);
 
-/* Translated flows; LRU so the table can never fill up and refuse new flows. */
+/* Conntrack (see fastpath.h): established translated flows in a hash that
+ * nothing evicts, allocated as flows arrive; new and closing ones in an
+ * LRU; flows NetworkPolicy admitted in an LRU of their own; fragments. */
+BPF_TABLE_PINNED("hash", struct fp_ct4_key, struct fp_ct4,
+		 FP_MAP_CT, FP_CT_MAX, FP_PIN(FP_MAP_CT), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct fp_ct4_key, struct fp_ct4,
-		 FP_MAP_CT, FP_CT_MAX, FP_PIN(FP_MAP_CT));
+		 FP_MAP_CT_NEW, FP_CT_NEW_MAX, FP_PIN(FP_MAP_CT_NEW));
+BPF_TABLE_PINNED("lru_hash", struct fp_ct4_key, struct fp_ctpol4,
+		 FP_MAP_CT_POLICY, FP_CT_POLICY_MAX, FP_PIN(FP_MAP_CT_POLICY));
+BPF_TABLE_PINNED("lru_hash", struct fp_frag4_key, struct fp_frag4,
+		 FP_MAP_FRAG, FP_FRAG_MAX, FP_PIN(FP_MAP_FRAG));
+BPF_TABLE_PINNED("percpu_array", __u32, __u64,
+		 FP_MAP_CT_STATS, FP_CTE_COUNT, FP_PIN(FP_MAP_CT_STATS));
 
 /* ClientIP affinity. */
 BPF_TABLE_PINNED("lru_hash", struct fp_aff4_key, struct fp_aff4,
@@ -212,21 +222,73 @@ static __always_inline struct fp_backend4 *fp_slot_backend(__u32 svc_id, __u32 s
 	return FP_MAP_BACKENDS.lookup(&s->backend_id);
 }
 
-static __always_inline struct fp_ct4 *fp_ct_lookup(struct fp_ct4_key *key)
+/* ---- conntrack (callers: lib/ct.h only) ---- */
+
+#define FP_CT_TIER_EST 1       /* FP_MAP_CT */
+#define FP_CT_TIER_NEW 2       /* FP_MAP_CT_NEW */
+
+static __always_inline struct fp_ct4 *fp_ct_est_get(struct fp_ct4_key *key)
 {
 	return FP_MAP_CT.lookup(key);
 }
 
-static __always_inline void fp_ct_delete(struct fp_ct4_key *key)
+static __always_inline struct fp_ct4 *fp_ct_new_get(struct fp_ct4_key *key)
 {
-	if (!fp_whatif())
-		FP_MAP_CT.delete(key);
+	return FP_MAP_CT_NEW.lookup(key);
 }
 
-static __always_inline void fp_ct_put(struct fp_ct4_key *key, struct fp_ct4 *val)
+/* Write an entry into a tier: 0, or the map's error (-E2BIG: the
+ * established hash is full). A what-if packet writes nothing. */
+static __always_inline int fp_ct_tier_put(int tier, struct fp_ct4_key *key, struct fp_ct4 *val)
+{
+	if (fp_whatif())
+		return 0;
+	if (tier == FP_CT_TIER_EST)
+		return FP_MAP_CT.update(key, val);
+	return FP_MAP_CT_NEW.update(key, val);
+}
+
+static __always_inline void fp_ct_tier_del(int tier, struct fp_ct4_key *key)
+{
+	if (fp_whatif())
+		return;
+	if (tier == FP_CT_TIER_EST)
+		FP_MAP_CT.delete(key);
+	else
+		FP_MAP_CT_NEW.delete(key);
+}
+
+static __always_inline struct fp_ctpol4 *fp_ctpol_get(struct fp_ct4_key *key)
+{
+	return FP_MAP_CT_POLICY.lookup(key);
+}
+
+static __always_inline void fp_ctpol_put(struct fp_ct4_key *key, struct fp_ctpol4 *val)
 {
 	if (!fp_whatif())
-		FP_MAP_CT.update(key, val);
+		FP_MAP_CT_POLICY.update(key, val);
+}
+
+static __always_inline struct fp_frag4 *fp_frag_get(struct fp_frag4_key *key)
+{
+	return FP_MAP_FRAG.lookup(key);
+}
+
+static __always_inline void fp_frag_put(struct fp_frag4_key *key, struct fp_frag4 *val)
+{
+	if (!fp_whatif())
+		FP_MAP_FRAG.update(key, val);
+}
+
+static __always_inline void fp_ct_event(__u32 event)
+{
+	__u64 *n;
+
+	if (fp_whatif())
+		return;
+	n = FP_MAP_CT_STATS.lookup(&event);
+	if (n)
+		*n += 1;
 }
 
 static __always_inline struct fp_aff4 *fp_affinity_lookup(struct fp_aff4_key *key)

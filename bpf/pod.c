@@ -4,13 +4,17 @@
  *   - anything but IPv4 (ARP, IPv6, ...) goes to the stack unchanged;
  *   - the source must be the endpoint registered on this veth (anti-spoof);
  *     a pod fastpath does not know yet is left to the stack;
- *   - a TCP/UDP packet to a service frontend is translated to a backend
- *     (conntrack keeps the flow on it), then forwarded like any other;
+ *   - a TCP/UDP/SCTP packet to a service frontend is translated to a
+ *     backend (conntrack keeps the flow on it; a mid-stream packet conntrack
+ *     does not know is dropped), then forwarded like any other;
+ *   - a fragment after the first follows its first fragment (lib/ct.h);
  *   - with NetworkPolicy on, a new flow must pass the pod's egress and, when
  *     the destination is a pod of this node, that pod's ingress (lib/policy.h);
  *   - host-stack bypass prefixes (node-local DNS) go to the stack;
  *   - a destination that is a local endpoint is redirected into its netns;
  *   - anything else leaves by the pod's ENI when the FIB agrees.
+ * Replies of translated flows (and ICMP errors about them) get their VIP
+ * back on delivery to a local pod (fp_ct_reverse).
  * fp_to_pod (tc egress: packets the stack delivers to the pod) checks the
  * pod's ingress policy, restores the VIP on replies of translated flows and
  * lets everything else through.
@@ -22,10 +26,11 @@
 #include "lib/icmp.h"
 #include "lib/policy.h"
 
-/* What a from-pod packet looked like on arrival, for the report. */
+/* What a packet looked like on arrival, for reports and fragment records. */
 struct fp_seen {
 	__be32 saddr;
 	__be32 daddr;
+	__be16 sport;
 	__be16 dport;
 };
 
@@ -38,13 +43,18 @@ static __always_inline int fp_finish(struct __sk_buff *skb, enum fp_dir dir,
 	return verdict;
 }
 
+/* The end of every IPv4 packet's walk: the fragments after a first one
+ * will get what it got; the monitor and the counters hear of it. */
 static __always_inline int fp_finish_report(struct __sk_buff *skb, enum fp_dir dir,
 					    enum fp_reason reason, int verdict,
 					    const struct fp_ipv4 *ip, const struct fp_seen *seen,
-					    __be16 sport, __be16 dport,
-					    const struct fp_verdict *v)
+					    const struct fp_l4 *l4, const struct fp_verdict *v)
 {
-	fp_report(skb, dir, reason, ip, sport, dport, seen->saddr, seen->daddr, seen->dport, v);
+	fp_ct_frag_record(ip, seen->saddr, seen->daddr, seen->sport, seen->dport, reason);
+	/* the source as it arrived (a reply's is restored to the VIP's on
+	 * delivery); the destination after translation, with the arrival's */
+	fp_report(skb, dir, reason, ip, seen->sport, l4->dport, seen->saddr, seen->daddr,
+		  seen->dport, v);
 	return fp_finish(skb, dir, reason, verdict);
 }
 
@@ -56,7 +66,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	struct fp_verdict pv = {};
 	struct fp_seen seen = {};
 	struct fp_l4 l4 = {};
-	int has_l4 = 0, hairpin = 0;
+	int hairpin = 0, hairpin_reply, translated = 0, rc;
 	__u32 eni_ifindex;
 	int verdict;
 
@@ -64,74 +74,88 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	case FP_PARSE_OTHER:
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
 	case FP_PARSE_INVALID:
-		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT,
-					&ip, &seen, 0, 0, NULL);
+		fp_report(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, &ip, 0, 0, 0, 0, 0, NULL);
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT);
 	}
 
-	seen.saddr = ip.saddr;
-	seen.daddr = ip.daddr;
 	src = fp_endpoint_lookup(ip.saddr);
 	if (!src)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE);
+	fp_parse_l4(skb, &ip, &l4);
+	seen.saddr = ip.saddr;
+	seen.daddr = ip.daddr;
+	seen.sport = l4.sport;
+	seen.dport = l4.dport;
 	if (src->host_ifindex != skb->ifindex)
 		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT,
-					&ip, &seen, 0, 0, NULL);
+					&ip, &seen, &l4, NULL);
 	eni_ifindex = src->eni_ifindex;
 
-	/* A hairpinned flow's reply is addressed to the local router address:
-	 * give it back its client (and the VIP as source) before routing. */
-	if (ip.daddr == FP_HAIRPIN_IP) {
-		hairpin = 1;
-		if (fp_lb_reverse(skb, &ip) < 0)
-			return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT);
+	if (l4.kind == FP_L4_LATER_FRAG) {
+		/* no ports: it goes where its first fragment went, or nowhere */
+		rc = fp_ct_frag_follow(skb, &ip, &l4, &reason);
+		if (rc > 0)
+			reason = FP_DROP_FRAG_NO_FIRST;
+		if (rc)
+			return fp_finish_report(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT, &ip,
+						&seen, &l4, NULL);
+		translated = 1;        /* (or left alone, as its first one was) */
+		goto route;
 	}
 
-	if (fp_parse_l4(skb, &ip, &l4) == 0) {
-		int rc;
-
-		has_l4 = 1;
-		seen.daddr = ip.daddr;
-		seen.dport = l4.dport;
-		rc = fp_lb_translate(skb, &ip, &l4, &reason);
+	/* A hairpinned flow's reply is addressed to the local router address:
+	 * it is restored below (client and VIP) before routing. */
+	hairpin_reply = ip.daddr == FP_HAIRPIN_IP;
+	if (!hairpin_reply) {
+		rc = fp_ct_service(skb, &ip, &l4, &reason);
 		if (rc < 0 && reason == FP_DROP_NO_BACKEND) {
 			/* counted as a drop of the original; the client gets ICMP */
+			fp_ct_frag_record(&ip, seen.saddr, seen.daddr, seen.sport, seen.dport, reason);
 			fp_report(skb, FP_DIR_FROM_POD, reason, &ip, l4.sport, l4.dport,
 				  seen.saddr, ip.daddr, l4.dport, NULL);
 			return fp_finish(skb, FP_DIR_FROM_POD, reason,
 					 fp_reject_icmp(skb, &ip, ICMP_PORT_UNREACH, &reason));
 		}
 		if (rc < 0)
-			return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+			return fp_finish_report(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT, &ip,
+						&seen, &l4, NULL);
 		if (rc == 0) {
+			translated = 1;
 			fp_count(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len);
-			hairpin |= ip.saddr == FP_HAIRPIN_IP;
+			hairpin = ip.saddr == FP_HAIRPIN_IP;
 		} else {
-			fp_lb_forget_stale_reply(skb, &ip, &l4);
+			fp_ct_forget_reply(&ip, &l4);
 		}
-	} else {
-		seen.daddr = ip.daddr;
 	}
 
 	/* A pod reaching itself through a Service never leaves its netns as
 	 * far as policy is concerned. */
-	if (!hairpin && fp_policy_enabled() &&
-	    fp_policy_judge(skb, FP_DIR_FROM_POD, &ip, has_l4 ? l4.sport : 0,
-			    has_l4 ? l4.dport : 0, 1, &pv) < 0)
+	if (!hairpin && !hairpin_reply && fp_policy_enabled() &&
+	    fp_policy_judge(skb, FP_DIR_FROM_POD, &ip, &l4, 1, &pv) < 0)
 		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_POLICY, TC_ACT_SHOT, &ip,
-					&seen, l4.sport, l4.dport, &pv);
+					&seen, &l4, &pv);
 
+	if (hairpin_reply && fp_ct_reverse(skb, &ip, &l4) < 0)
+		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT, &ip,
+					&seen, &l4, &pv);
+route:
 	if (fp_bypass_match(ip.daddr)) {
 		verdict = FP_TC_CONTINUE;
 		reason = FP_FWD_BYPASS;
 	} else {
 		dst = fp_endpoint_lookup(ip.daddr);
-		if (dst)
+		if (dst) {
+			/* replies meet their client here (a forward packet just
+			 * translated, or a hairpin reply, has nothing to undo) */
+			if (!translated && !hairpin_reply && fp_ct_reverse(skb, &ip, &l4) < 0)
+				return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_CSUM,
+							TC_ACT_SHOT, &ip, &seen, &l4, &pv);
 			verdict = fp_redirect_local(skb, &ip, dst, &reason);
-		else
+		} else {
 			verdict = fp_redirect_vpc(skb, &ip, eni_ifindex, &reason);
+		}
 	}
-	return fp_finish_report(skb, FP_DIR_FROM_POD, reason, verdict, &ip, &seen,
-				l4.sport, l4.dport, &pv);
+	return fp_finish_report(skb, FP_DIR_FROM_POD, reason, verdict, &ip, &seen, &l4, &pv);
 }
 
 int fp_from_pod(struct __sk_buff *skb)
@@ -147,24 +171,44 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 {
 	struct fp_ipv4 ip = {};
 	struct fp_verdict pv = {};
+	struct fp_l4 l4 = {};
+	enum fp_reason reason = FP_FWD_PASS;
+	__be32 saddr, daddr;
 	__be16 sport, dport;
 	int rc;
 
 	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
 		return FP_TC_CONTINUE;
-	if (fp_policy_enabled()) {
-		fp_policy_ports(skb, &ip, &sport, &dport);
-		if (fp_policy_judge(skb, FP_DIR_TO_POD, &ip, sport, dport, 0, &pv) < 0) {
-			fp_report(skb, FP_DIR_TO_POD, FP_DROP_POLICY, &ip, sport, dport,
-				  ip.saddr, ip.daddr, dport, &pv);
-			return fp_finish(skb, FP_DIR_TO_POD, FP_DROP_POLICY, TC_ACT_SHOT);
-		}
+	fp_parse_l4(skb, &ip, &l4);
+	saddr = ip.saddr;
+	daddr = ip.daddr;
+	sport = l4.sport;
+	dport = l4.dport;
+	if (l4.kind == FP_L4_LATER_FRAG) {
+		rc = fp_ct_frag_follow(skb, &ip, &l4, &reason);
+		if (rc > 0 && fp_policy_enabled())
+			reason = FP_DROP_FRAG_NO_FIRST;
+		else if (rc >= 0)
+			return FP_TC_CONTINUE;
+		fp_report(skb, FP_DIR_TO_POD, reason, &ip, l4.sport, l4.dport, saddr, daddr,
+			  l4.dport, NULL);
+		return fp_finish(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
 	}
-	rc = fp_lb_reverse(skb, &ip);
-	if (rc < 0)
+	if (fp_policy_enabled() && fp_policy_judge(skb, FP_DIR_TO_POD, &ip, &l4, 0, &pv) < 0) {
+		fp_ct_frag_record(&ip, saddr, daddr, sport, dport, FP_DROP_POLICY);
+		fp_report(skb, FP_DIR_TO_POD, FP_DROP_POLICY, &ip, sport, dport, saddr, daddr,
+			  dport, &pv);
+		return fp_finish(skb, FP_DIR_TO_POD, FP_DROP_POLICY, TC_ACT_SHOT);
+	}
+	rc = fp_ct_reverse(skb, &ip, &l4);
+	if (rc < 0) {
+		fp_ct_frag_record(&ip, saddr, daddr, sport, dport, FP_DROP_CSUM);
 		return fp_finish(skb, FP_DIR_TO_POD, FP_DROP_CSUM, TC_ACT_SHOT);
+	}
+	fp_ct_frag_record(&ip, saddr, daddr, sport, dport, reason);
 	if (rc > 0)
-		fp_count(skb->ifindex, FP_DIR_TO_POD, FP_FWD_REVNAT, skb->len);
+		fp_count(skb->ifindex, FP_DIR_TO_POD,
+			 l4.kind == FP_L4_ICMP_ERR ? FP_FWD_RELATED : FP_FWD_REVNAT, skb->len);
 	return FP_TC_CONTINUE;
 }
 

@@ -99,17 +99,29 @@ KEYS: tuple[Key, ...] = (
     Key("backends_map_size", int, 131072, "max service backends", minimum=16, maximum=1 << 22),
     Key("slots_map_size", int, 524288, "max backend slots over all services",
         minimum=16, maximum=1 << 24),
-    Key("conntrack_map_size", int, 262144, "max tracked translated flows (LRU; also sizes socket-LB's per-socket table)",
+    Key("conntrack_map_size", int, 262144, "max entries (two per flow) of established "
+        "translated flows, the conntrack map nothing evicts (allocated as flows arrive; "
+        "also sizes socket-LB's per-socket table)", minimum=1024, maximum=1 << 24),
+    Key("conntrack_new_map_size", int, 65536, "max entries (two per flow) of new, half-open "
+        "and closing translated flows (LRU: under pressure they evict only each other)",
+        minimum=1024, maximum=1 << 24),
+    Key("conntrack_policy_map_size", int, 262144, "max flows NetworkPolicy admitted (LRU)",
         minimum=1024, maximum=1 << 24),
     Key("affinity_map_size", int, 65536, "max ClientIP affinity entries (LRU)",
         minimum=16, maximum=1 << 22),
-    Key("conntrack_gc_interval", int, 60, "seconds between sweeps that remove idle conntrack "
-        "entries (0: off; the LRU map then only evicts its oldest when full)",
-        minimum=0, maximum=86400),
-    Key("conntrack_tcp_idle_timeout", int, 21600, "seconds without a packet after which a "
-        "translated TCP flow's conntrack entries are removed", minimum=10, maximum=1 << 22),
-    Key("conntrack_idle_timeout", int, 120, "the same for UDP and other protocols",
-        minimum=10, maximum=1 << 22),
+    Key("conntrack_gc_interval", int, 60, "seconds between sweeps that remove conntrack "
+        "entries past their lifetime (0: off; the datapath ignores them anyway, but the "
+        "established map then fills up)", minimum=0, maximum=86400),
+    Key("conntrack_tcp_idle_timeout", int, 21600, "lifetime in seconds of an established TCP "
+        "flow without a packet", minimum=10, maximum=1 << 22),
+    Key("conntrack_tcp_syn_timeout", int, 60, "lifetime in seconds of a TCP flow whose "
+        "handshake has not completed", minimum=5, maximum=3600),
+    Key("conntrack_tcp_fin_timeout", int, 60, "lifetime in seconds of a TCP flow one end "
+        "has closed (the other may still send)", minimum=5, maximum=86400),
+    Key("conntrack_tcp_close_timeout", int, 10, "lifetime in seconds of a TCP flow both ends "
+        "closed, or one reset", minimum=1, maximum=3600),
+    Key("conntrack_idle_timeout", int, 120, "lifetime in seconds of a UDP, SCTP or other "
+        "flow without a packet", minimum=10, maximum=1 << 22),
     Key("source", str, "kubernetes", "cluster state: 'kubernetes' or a manifest directory"),
     Key("node_name", str, "", "this node's Kubernetes name (default: hostname)"),
     Key("log_level", str, "info", "log level", choices=("debug", "info", "warning", "error")),

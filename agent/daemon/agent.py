@@ -2,9 +2,12 @@
 
 Start-up order (each step idempotent, so a restarted agent converges
 without flushing anything that forwards traffic):
-  1. load: compile once, reopen pinned maps (migrating a changed layout);
+  1. load: compile once, reopen pinned maps; a changed layout gets a new
+     map and the old one's entries are carried over field by field;
   2. attach the ENI programs;
   3. restore endpoints from the state dir (skipping pods whose veth is gone);
+     the new programs now run everywhere: entries the old programs created
+     since step 1 are carried over too, and the superseded pins removed;
   4. replay CNI deletions queued while the agent was down;
   5. serve the API (CNI plugin, CLI).
 Health and metrics (agent/daemon/health.py, agent/daemon/metrics.py) are served from the
@@ -37,7 +40,9 @@ class Agent:
     def __init__(self, config: Config, *, netns: str | None = None, test_build: bool = False):
         self.config = config
         self.netns = netns
-        self.datapath = Datapath(config, netns=netns, test_build=test_build)
+        from agent.conntrack.migrate import RULES
+        self.datapath = Datapath(config, netns=netns, test_build=test_build,
+                                 migration_rules=RULES)
         self.state_dir = Path(config.state_dir)
         self.ep_dir = self.state_dir / "endpoints"
         self.endpoints: dict[str, Endpoint] = {}
@@ -68,15 +73,16 @@ class Agent:
         self.ep_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / DEL_QUEUE).mkdir(parents=True, exist_ok=True)
         self.metrics.count_start(self.state_dir)
-        self.datapath.load()
+        self.datapath.load(defer_migration=True)
         # what the pins held, before any program of this start runs
         self.metrics.record_restored_maps(self.datapath)
-        for note in self.datapath.migration_notes:
-            log.warning("pinned maps: %s", note)
         self.enis = self.datapath.attach_enis()
         log.info("attached to ENIs: %s", ", ".join(self.enis) or "(none)")
         restored, dropped = self.restore()
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
+        self.datapath.finish_migration()
+        for note in self.datapath.migration_notes:
+            log.warning("pinned maps: %s", note)
         self._start_services()
         self._start_policy()
         replayed = self.replay_deletions()
@@ -142,11 +148,9 @@ class Agent:
             self._restore_host_ports()
             self.services.start()
         from agent.daemon.conntrack_gc import ConntrackGC
-        cfg = self.config
         self.conntrack_gc = ConntrackGC(
-            self.datapath.lb, interval=cfg.conntrack_gc_interval,
-            tcp_idle=cfg.conntrack_tcp_idle_timeout, other_idle=cfg.conntrack_idle_timeout,
-            hairpin_ip=cfg.local_router_ipv4, metrics=self.metrics).start()
+            self.datapath.lb.ct, interval=self.config.conntrack_gc_interval,
+            lifetimes=self.datapath.options.lifetimes(), metrics=self.metrics).start()
         if self.config.socket_lb:
             from agent.datapath.cgroup import resolve_root
             try:

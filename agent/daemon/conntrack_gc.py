@@ -1,27 +1,28 @@
-"""The agent's periodic conntrack sweep (a Worker thread): agent/conntrack.py
-decides what is idle; this loop runs it every `conntrack_gc_interval`
-seconds and reports to the metrics."""
+"""The agent's conntrack loops: the periodic sweep of expired entries and
+the purge of removed backends' flows. What goes is agent/conntrack's
+decision (gc.sweep, purge.purge_backends); these threads run it and report
+to the metrics."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
-from agent.conntrack import sweep
+from agent.conntrack.gc import sweep
+from agent.conntrack.purge import purge_backends
 from agent.daemon.worker import Worker
+from agent.model.conntrack import Lifetimes
 
 log = logging.getLogger("fastpath.conntrack")
 
 
 class ConntrackGC(Worker):
-    """The agent's periodic sweep (a daemon thread)."""
+    """Sweeps entries past their lifetime every `interval` seconds."""
 
-    def __init__(self, lb, *, interval: float, tcp_idle: float, other_idle: float,
-                 hairpin_ip: str, metrics=None, lock=None):
-        self.lb = lb
+    def __init__(self, ct, *, interval: float, lifetimes: Lifetimes, metrics=None):
+        self.ct = ct
         self.interval = interval
-        self.tcp_idle_ns = int(tcp_idle * 1e9)
-        self.other_idle_ns = int(other_idle * 1e9)
-        self.hairpin_ip = hairpin_ip
+        self.lifetimes = lifetimes
         self.metrics = metrics
         self.runs = 0
         self.removed = 0
@@ -34,15 +35,14 @@ class ConntrackGC(Worker):
 
     def run_once(self) -> int:
         t0 = time.monotonic()
-        n = sweep(self.lb.conntrack_table(), time.monotonic_ns(), self.tcp_idle_ns,
-                  self.other_idle_ns, self.hairpin_ip)
+        n = sweep(self.ct, time.monotonic_ns(), self.lifetimes)
         secs = time.monotonic() - t0
         self.runs += 1
         self.removed += n
         if self.metrics is not None:
             self.metrics.observe_gc(secs, n)
         if n:
-            log.info("conntrack GC: removed %d idle entries in %.3fs", n, secs)
+            log.info("conntrack GC: removed %d expired entries in %.3fs", n, secs)
         return n
 
     def _run(self) -> None:
@@ -53,4 +53,77 @@ class ConntrackGC(Worker):
                 log.exception("conntrack GC sweep failed")
 
 
-__all__ = ["ConntrackGC"]
+class ConntrackPurger:
+    """Purges the datagram flows of removed backends (`purge_backends`),
+    right after the plan that removed them, off the plan's path.
+
+    Correctness does not wait for it: a UDP packet whose forward entry
+    names a backend id that no longer resolves is re-balanced at once, and
+    a released id is not reused before many more ids have been allocated
+    (the reconciler's quarantine). The walk keeps the tables clean; it
+    reads every translated flow, so removals that arrive together are
+    purged in one pass."""
+
+    def __init__(self, ct, metrics=None, settle: float = 0.02):
+        self.ct = ct
+        self.metrics = metrics
+        self.settle = settle
+        self.purged = 0
+        self.passes = 0
+        self._pending: set[int] = set()
+        self._cond = threading.Condition()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def add(self, backend_ids) -> None:
+        with self._cond:
+            self._pending.update(backend_ids)
+            self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ct-purge", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Until every backend added so far has been purged."""
+        return self._idle.wait(timeout)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._stopped)
+                if self._stopped and not self._pending:
+                    return
+            time.sleep(self.settle)           # let the rest of a burst arrive
+            with self._cond:
+                ids, self._pending = self._pending, set()
+            try:
+                n = purge_backends(self.ct, ids)
+                self.purged += n
+                self.passes += 1
+                if self.metrics is not None:
+                    self.metrics.observe_backend_flows_removed(n)
+                if n:
+                    log.info("conntrack: %d entries of %d removed backends' datagram flows "
+                             "deleted", n, len(ids))
+            except Exception:      # keep them for another pass a moment later
+                log.exception("conntrack purge of removed backends failed")
+                with self._cond:
+                    self._pending |= ids
+                time.sleep(1)
+                continue
+            with self._cond:
+                if not self._pending:
+                    self._idle.set()
+
+
+__all__ = ["ConntrackGC", "ConntrackPurger"]

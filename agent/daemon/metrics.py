@@ -80,8 +80,9 @@ def count_keys(fd: int, key_size: int, limit: int, on_key=None) -> int:
 
 
 class ConntrackTally:
-    """Counts conntrack keys by (protocol, direction) during a key walk; the
-    field offsets come from the compiled key type (fastpath.h's fp_ct4_key)."""
+    """Counts conntrack keys by (protocol, direction) during key walks of
+    the conntrack maps; the field offsets come from the compiled key type
+    (fastpath.h's fp_ct4_key)."""
 
     def __init__(self, key_type):
         from agent.datapath.maps import DEFS, PROTO_NAME
@@ -210,25 +211,38 @@ class DatapathCollector:
         conntrack = GaugeMetricFamily(
             "fastpath_conntrack_entries", "Conntrack entries, by protocol and direction "
             "(forward: client to Service; reply: backend to client; policy: a flow admitted "
-            "by NetworkPolicy).",
+            "by NetworkPolicy), over the established, new and policy maps.",
             labels=["protocol", "direction"])
         from agent.datapath.maps import MAP
-        ct_name = MAP["FP_MAP_CT"]
+        ct_names = {MAP["FP_MAP_CT"], MAP["FP_MAP_CT_NEW"], MAP["FP_MAP_CT_POLICY"]}
+        tally = None
         for name in pinned_map_names():
             table = dp.module.table(name)
             fd = table.map_fd
             info = libbpf.map_info(fd)
             if info.type in ARRAY_TYPES:
                 continue     # arrays cannot fill up; a ring buffer has no entries
-            tally = ConntrackTally(table.Key) if name == ct_name else None
-            n = count_keys(fd, info.key_size, info.max_entries, tally)
+            if name in ct_names and tally is None:
+                tally = ConntrackTally(table.Key)
+            n = count_keys(fd, info.key_size, info.max_entries,
+                           tally if name in ct_names else None)
             entries.add_metric([name], n)
             capacity.add_metric([name], info.max_entries)
             pressure.add_metric([name], n / info.max_entries if info.max_entries else 0.0)
-            if tally is not None:
-                for proto, direction, k in tally.rows():
-                    conntrack.add_metric([proto, direction], k)
-        yield from (entries, capacity, pressure, conntrack)
+        if tally is not None:
+            for proto, direction, k in tally.rows():
+                conntrack.add_metric([proto, direction], k)
+        events = CounterMetricFamily(
+            "fastpath_conntrack_events", "Conntrack events in the datapath, summed over CPUs: "
+            "flows created, promoted to the established map (TCP handshake done, or a reply "
+            "seen), promotion-failed-full (the established map was full: the flow stays in "
+            "the LRU map of new flows, where new flows can evict it), demoted (started "
+            "closing), related-icmp (ICMP errors translated back for their flow), "
+            "fragment-followed (fragments that took their first fragment's verdict).",
+            labels=["event"])
+        for label, n in dp.lb.ct_events().items():
+            events.add_metric([label], n)
+        yield from (entries, capacity, pressure, conntrack, events)
 
 
 class AgentMetrics:
@@ -273,10 +287,11 @@ class AgentMetrics:
                               "last start.", registry=r)
         self.migrations = Gauge(
             "fastpath_agent_map_migrations",
-            "Pinned maps the last start had to migrate: resized (entries carried over), "
-            "rebuilt (layout changed, entries rebuilt from agent state), removed (superseded "
-            "layout version).", ["action"], registry=r)
-        for action in ("resized", "rebuilt", "removed"):
+            "Pinned maps the last start had to migrate: resized (capacity changed, entries "
+            "carried over), migrated (layout or version changed, entries carried over field "
+            "by field), rebuilt (layout unknown, entries rebuilt from agent state), removed "
+            "(no map of its lineage any more).", ["action"], registry=r)
+        for action in ("resized", "migrated", "rebuilt", "removed"):
             self.migrations.labels(action=action).set(0)
         self.restored_services = Gauge(
             "fastpath_agent_restored_services",
@@ -284,8 +299,9 @@ class AgentMetrics:
             "forwarding, then reconciled against cluster state without a flush).", registry=r)
         self.restored_conntrack = Gauge(
             "fastpath_agent_restored_conntrack_entries",
-            "Conntrack entries the last start found in the pinned conntrack map (translated "
-            "flows that keep their backend across the restart).", registry=r)
+            "Conntrack entries the last start found in (or carried over into) the pinned "
+            "conntrack maps: translated flows that keep their backend across the restart, and "
+            "flows NetworkPolicy admitted.", registry=r)
         self.sync_seconds = Histogram(
             "fastpath_sync_duration_seconds",
             "Time to bring the datapath maps of one object kind in line with cluster state "
@@ -341,9 +357,12 @@ class AgentMetrics:
         from agent.datapath import libbpf
         from agent.datapath.maps import MAP
         self.restored_services.set(len(datapath.lb.services()))
-        fd = datapath.module.table(MAP["FP_MAP_CT"]).map_fd
-        info = libbpf.map_info(fd)
-        self.restored_conntrack.set(count_keys(fd, info.key_size, info.max_entries))
+        n = 0
+        for macro in ("FP_MAP_CT", "FP_MAP_CT_NEW", "FP_MAP_CT_POLICY"):
+            fd = datapath.module.table(MAP[macro]).map_fd
+            info = libbpf.map_info(fd)
+            n += count_keys(fd, info.key_size, info.max_entries)
+        self.restored_conntrack.set(n)
 
     def count_start(self, state_dir: Path) -> int:
         """Persist one more start in the state dir and expose the total."""
@@ -363,15 +382,18 @@ class AgentMetrics:
         self.restored.labels(result="restored").set(restored)
         self.restored.labels(result="removed").set(removed)
         self.replayed.set(replayed)
-        # The loader's notes say what it did to each map (see open_module).
-        counts = {"resized": 0, "rebuilt": 0, "removed": 0}
+        # The loader's notes say what it did to each map (see loader.Migration).
+        counts = {"resized": 0, "migrated": 0, "rebuilt": 0, "removed": 0}
         for note in notes:
-            if "resized" in note:
-                counts["resized"] += 1
-            elif "layout changed" in note:
+            if "entries are rebuilt" in note:
                 counts["rebuilt"] += 1
             elif note.startswith("removed stale"):
                 counts["removed"] += 1
+            elif "migrated" in note:
+                only_size = "max " in note and not any(
+                    w in note for w in ("layout", "key/value", "type ", "superseded",
+                                        "interrupted"))
+                counts["resized" if only_size else "migrated"] += 1
         for action, n in counts.items():
             self.migrations.labels(action=action).set(n)
 

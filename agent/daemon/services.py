@@ -50,7 +50,7 @@ def apply_op(lb, op) -> int:
     conntrack entries it removed (those of a deleted backend)."""
     if isinstance(op, PutBackend):
         b = op.backend
-        lb.put_backend(op.backend_id, b.ip, b.port, b.protocol)
+        lb.put_backend(op.backend_id, b.ip, b.port, b.protocol, op.draining)
     elif isinstance(op, PutSlots):
         lb.put_slots(op.service_id, op.slots, op.first)
     elif isinstance(op, PutService):
@@ -72,8 +72,10 @@ def apply_op(lb, op) -> int:
         lb.delete_ranges(op.service_id, op.cidrs)
     elif isinstance(op, DeleteBackend):
         lb.delete_backend(op.backend_id)
-        # its flows must not linger (UDP would keep hitting a dead address)
-        return lb.conntrack_delete_backend(op.backend_id)
+        # its datagram flows must not linger (UDP would keep hitting a dead
+        # address); its connections finish on their own
+        from agent.conntrack.purge import purge_backends
+        return purge_backends(lb.ct, (op.backend_id,))
     else:
         raise TypeError(f"unknown service map operation {op!r}")
     return 0
@@ -112,8 +114,8 @@ def apply_ops(lb, ops) -> list[int]:
 def _apply_batch(lb, run) -> None:
     op = run[0]
     if isinstance(op, PutBackend):
-        lb.put_backends([(o.backend_id, o.backend.ip, o.backend.port, o.backend.protocol)
-                         for o in run])
+        lb.put_backends([(o.backend_id, o.backend.ip, o.backend.port, o.backend.protocol,
+                          o.draining) for o in run])
     elif isinstance(op, PutSlots):
         lb.put_slot_runs([(o.service_id, o.slots, o.first) for o in run])
     else:
@@ -188,33 +190,6 @@ class _Purger:
                     self._idle.set()
 
 
-class ConntrackPurger(_Purger):
-    """Deletes the conntrack entries of removed backends, right after the
-    plan that removed them, off the plan's path.
-
-    Correctness does not wait for it: a packet whose forward entry names a
-    backend id that no longer resolves is re-balanced at once (UDP flows
-    move on their next datagram), and a released id is not reused before
-    its quarantine is over (the reconciler's). The walk keeps the table
-    clean; removals that arrive together are purged in one pass."""
-
-    name = "ct-purge"
-
-    def __init__(self, lb, metrics=None, settle: float = 0.02):
-        super().__init__(settle)
-        self.lb = lb
-        self.metrics = metrics
-        self.purged = 0
-
-    def _purge(self, ids: set) -> None:
-        n = self.lb.conntrack_delete_backends(ids)
-        self.purged += n
-        if self.metrics is not None:
-            self.metrics.observe_backend_flows_removed(n)
-        if n:
-            log.info("conntrack: %d entries of %d removed backends deleted", n, len(ids))
-
-
 class AffinityPurger(_Purger):
     """Deletes ClientIP affinity entries that name what a plan ended: a
     released service id, a deleted backend, or a backend its frontend no
@@ -246,8 +221,9 @@ def restore_reconciler(lb, **kw) -> Reconciler:
                 for s in lb.services()}
     backends = {bid: Backend(ip, port, proto) for bid, (ip, port, proto) in lb.backends().items()}
     named_sids, named_bids = lb.named_ids()
-    return Reconciler.restore(services, lb.all_slots(), backends, lb.maglev_tables(),
-                              lb.ranges(), named_sids, named_bids, **kw)
+    return Reconciler.restore(services, lb.all_slots(), backends, lb.draining_backends(),
+                              maglev=lb.maglev_tables(), ranges=lb.ranges(),
+                              named_service_ids=named_sids, named_backend_ids=named_bids, **kw)
 
 
 class ServiceSync(Worker):
@@ -296,7 +272,8 @@ class ServiceSync(Worker):
         # called with {Frontend: {(ip, port)}} of UDP frontends that lost
         # backends, after the plan is written (see UdpSocketReaper)
         self.on_backends_lost = None
-        self.purger = ConntrackPurger(lb, metrics)
+        from agent.daemon.conntrack_gc import ConntrackPurger
+        self.purger = ConntrackPurger(lb.ct, metrics)
         self.affinity_purger = AffinityPurger(lb)
         Worker.__init__(self, "service-sync")
 
@@ -354,8 +331,11 @@ class ServiceSync(Worker):
         return True
 
     def _udp_backends(self, fe) -> set[tuple[str, int]]:
+        """Where a UDP frontend's flows may be: its backends, and the
+        draining ones (their sockets live until the backend is gone)."""
         rec = self.reconciler
-        return {rec.backend_ids.key_of(b)[:2] for b in rec.slots(fe) if b > 0}
+        return {rec.backend_ids.key_of(b)[:2] for b in (*rec.slots(fe), *rec.draining(fe))
+                if b > 0}
 
     def _desired(self, fe: Frontend):
         svc = self.table.desired.get(fe) if self.table is not None else None

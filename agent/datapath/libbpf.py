@@ -154,6 +154,7 @@ def obj_get(path: str) -> int:
 
 
 PERCPU_MAP_TYPES = {5, 6, 10}     # percpu_hash, percpu_array, lru_percpu_hash
+BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY = 2, 6
 BPF_MAP_TYPE_RINGBUF = 27
 
 

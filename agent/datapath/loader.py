@@ -2,21 +2,23 @@
 
 One compile per agent start: the text is maps.c followed by each attach-point
 file, parameterised only by build options derived from the configuration
-(pin root, map sizes, test build). Per-endpoint facts live in maps, so pods
-never cause a compile. Pinned maps are checked against the layout the
-programs were compiled with; a mismatch (a layout change without a version
-bump, or a resized map) is migrated, never silently reused.
+(pin root, map sizes, conntrack lifetimes, test build). Per-endpoint facts
+live in maps, so pods never cause a compile. Pinned maps are checked
+against the layout the programs were compiled with (BTF fingerprints,
+agent/datapath/btf.py); a mismatch (a layout change, a resized map, an
+older version) is migrated field by field, never silently reused.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import errno
 import logging
 import os
 import platform
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.model import bpfdefs
@@ -67,6 +69,14 @@ class BuildOptions:
     maglev_m: int = 1021
     src_range_max: int = 16384
     set_retval: bool = False         # the kernel has bpf_set_retval for cgroup hooks
+    ct_new_max: int = 65536
+    ct_policy_max: int = 262144
+    # conntrack lifetimes in seconds (agent/config.py conntrack_*_timeout)
+    ct_tcp_syn: int = 60
+    ct_tcp_established: int = 21600
+    ct_tcp_fin: int = 60
+    ct_tcp_close: int = 10
+    ct_other: int = 120
     test_build: bool = False
 
     @classmethod
@@ -80,7 +90,22 @@ class BuildOptions:
                    policy_max=config.policy_map_size, ipcache_max=config.ipcache_map_size,
                    maglev_m=config.maglev_table_size,
                    src_range_max=config.source_ranges_map_size,
-                   set_retval=kernel_has_set_retval(), test_build=test_build)
+                   set_retval=kernel_has_set_retval(),
+                   ct_new_max=config.conntrack_new_map_size,
+                   ct_policy_max=config.conntrack_policy_map_size,
+                   ct_tcp_syn=config.conntrack_tcp_syn_timeout,
+                   ct_tcp_established=config.conntrack_tcp_idle_timeout,
+                   ct_tcp_fin=config.conntrack_tcp_fin_timeout,
+                   ct_tcp_close=config.conntrack_tcp_close_timeout,
+                   ct_other=config.conntrack_idle_timeout,
+                   test_build=test_build)
+
+    def lifetimes(self) -> "Lifetimes":
+        """The conntrack lifetimes these programs apply (the agent's GC
+        applies the same ones)."""
+        from agent.model.conntrack import Lifetimes
+        return Lifetimes(self.ct_tcp_syn, self.ct_tcp_established, self.ct_tcp_fin,
+                         self.ct_tcp_close, self.ct_other)
 
     def cflags(self) -> list[str]:
         flags = [
@@ -93,6 +118,13 @@ class BuildOptions:
             f"-DFP_BE_MAX={self.backends_max}",
             f"-DFP_SLOT_MAX={self.slots_max}",
             f"-DFP_CT_MAX={self.ct_max}",
+            f"-DFP_CT_NEW_MAX={self.ct_new_max}",
+            f"-DFP_CT_POLICY_MAX={self.ct_policy_max}",
+            f"-DFP_CT_TCP_SYN_S={self.ct_tcp_syn}ULL",
+            f"-DFP_CT_TCP_ESTABLISHED_S={self.ct_tcp_established}ULL",
+            f"-DFP_CT_TCP_FIN_S={self.ct_tcp_fin}ULL",
+            f"-DFP_CT_TCP_CLOSE_S={self.ct_tcp_close}ULL",
+            f"-DFP_CT_OTHER_S={self.ct_other}ULL",
             f"-DFP_AFF_MAX={self.affinity_max}",
             f"-DFP_SOCKREV_MAX={self.sockrev_max}",
             f"-DFP_POLICY_MAX={self.policy_max}",
@@ -280,63 +312,308 @@ def pinned_map_names() -> list[str]:
     return list(m.values())
 
 
-def _mismatches(bpf) -> list[tuple[str, str, bool]]:
-    """Pinned maps whose real layout differs from what was compiled:
-    (name, description, entries copyable)."""
-    out = []
+# A pinned map set aside while its successor is created at its name; a
+# start that finds one (the previous start died mid-migration) carries it
+# over like any superseded map.
+ASIDE = "_old"  # (bpffs refuses names with a dot)
+PIN_RE = re.compile(r"fp_\w+_v\d+(_old\d*)?")
+# Arrays hold settings and constants the agent writes at every start, a
+# ring buffer events in flight: their content is rebuilt, never copied.
+NOT_COPIED = (libbpf.BPF_MAP_TYPE_ARRAY, libbpf.BPF_MAP_TYPE_PERCPU_ARRAY,
+              libbpf.BPF_MAP_TYPE_RINGBUF)
+
+
+@dataclass
+class Compiled:
+    """What the programs were compiled with for one map."""
+    name: str
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    key: "btf.Layout | None"
+    value: "btf.Layout | None"
+
+
+def _compiled(bpf) -> dict[str, Compiled]:
+    """Every pinned map's compiled declaration, layouts from the programs'
+    BTF (one trivial program is loaded to read it)."""
+    from agent.datapath import btf
+    fn = bpf.load_func("fp_to_vpc", SCHED_CLS)
+    prog_btf = btf.program_btf(fn.fd)
+    out = {}
     for name in pinned_map_names():
-        t = bpf[name]
-        mtype, ksize, vsize, maxent = _declared(bpf, t)
-        info = libbpf.map_info(t.map_fd)
-        if (info.type, info.key_size, info.value_size, info.max_entries) == (mtype, ksize, vsize, maxent):
-            continue
-        desc = (f"pinned {name}: type {info.type} key {info.key_size}B value {info.value_size}B "
-                f"max {info.max_entries}; compiled: type {mtype} key {ksize}B value {vsize}B max {maxent}")
-        # a ring buffer holds events in flight, not state: never copied
-        copyable = ((info.type, info.key_size, info.value_size) == (mtype, ksize, vsize)
-                    and mtype != libbpf.BPF_MAP_TYPE_RINGBUF)
-        out.append((name, desc, copyable))
+        mtype, ks, vs, maxent = _declared(bpf, bpf[name])
+        key = value = None
+        if mtype != libbpf.BPF_MAP_TYPE_RINGBUF:
+            k, v = prog_btf.map_types(name)
+            key, value = prog_btf.layout(k), prog_btf.layout(v)
+        out[name] = Compiled(name, mtype, ks, vs, maxent, key, value)
     return out
 
 
-def open_module(options: BuildOptions) -> tuple[Loaded, list[str]]:
-    """Compile, reconcile pinned maps, and return the module plus a list of
-    human-readable migration notes (empty when every pin was reused as is)."""
+def _difference(c: Compiled, fd: int) -> str:
+    """How the pinned map behind `fd` differs from what was compiled ("" when
+    it can be used as it is)."""
+    from agent.datapath import btf
+    info = libbpf.map_info(fd)
+    what = []
+    if info.type != c.type:
+        what.append(f"type {info.type} (compiled {c.type})")
+    if (info.key_size, info.value_size) != (c.key_size, c.value_size):
+        what.append(f"key/value {info.key_size}/{info.value_size} B "
+                    f"(compiled {c.key_size}/{c.value_size} B)")
+    if info.max_entries != c.max_entries:
+        what.append(f"max {info.max_entries} (compiled {c.max_entries})")
+    if c.value is not None:
+        have = btf.map_layouts(fd)
+        if have is None:
+            what.append("layout unknown (no BTF)")
+        elif (have[0].fingerprint(), have[1].fingerprint()) != (c.key.fingerprint(),
+                                                               c.value.fingerprint()):
+            what.append(f"layout {have[1].describe()} (compiled {c.value.describe()})"
+                        if have[1].fingerprint() != c.value.fingerprint() else
+                        f"key layout {have[0].describe()} (compiled {c.key.describe()})")
+    return "; ".join(what)
+
+
+@dataclass
+class Source:
+    """A superseded pinned map whose entries go to the maps replacing it."""
+    pin: str                 # its name under the pin root
+    path: str
+    fd: int
+    type: int
+    key_size: int
+    value_size: int
+    layouts: "tuple | None"  # (key, value) btf.Layout, None without BTF
+    why: str                 # what superseded it
+    copied: set = field(default_factory=set)   # raw keys carried by the first copy
+    count: int = 0
+    refused: int = 0
+
+
+class Migration:
+    """Carries entries of superseded pinned maps into the maps that replace
+    them, field by field by name, twice: when the new maps are made (before
+    any new program is attached) and once more after the new programs are
+    attached (`finish`: entries the old programs created in between); then
+    removes the superseded pins."""
+
+    def __init__(self, pin_root: str, bpf, compiled: dict[str, Compiled],
+                 sources: list[Source], notes: list[str], rules=None):
+        self.pin_root = pin_root
+        self.bpf = bpf
+        self.compiled = compiled
+        self.sources = sources
+        self.notes = notes
+        self.rules = rules
+        self.finished = False
+        self._by_lineage = {bpfdefs.map_lineage(name): name for name in compiled}
+
+    def _targets(self, src: Source, key_fields: dict[str, int]) -> list[str]:
+        got = self.rules.targets(src.pin, key_fields) if self.rules is not None else None
+        return list(got) if got else [self._by_lineage[bpfdefs.map_lineage(src.pin)]]
+
+    def _defaults(self, target: str) -> dict[str, int]:
+        return self.rules.defaults(target) if self.rules is not None else {}
+
+    def copy(self, final: bool = False) -> int:
+        """Carry every source's entries over; `final`: only those the first
+        copy did not see (what was carried then and is gone now was deleted
+        on purpose: a closed flow, a removed endpoint). An entry whose key
+        a target already holds is left as the target has it."""
+        from agent.datapath import btf, mapio
+        total = 0
+        for src in self.sources:
+            if src.layouts is None:
+                continue
+            vbuf = libbpf.value_buffer_size(src.type, src.value_size)
+            ncpu = vbuf // ((src.value_size + 7) // 8 * 8) if src.type in libbpf.PERCPU_MAP_TYPES else 1
+            per_target: dict[str, list[tuple[bytes, bytes]]] = {}
+            fallbacks: dict[bytes, list[str]] = {}
+            for k, v in mapio.items(src.fd, src.key_size, vbuf):
+                if final and k in src.copied:
+                    continue
+                if not final:
+                    src.copied.add(k)
+                kf = btf.read_fields(src.layouts[0], k)
+                tg = self._targets(src, kf)
+                first = tg[0]
+                c = self.compiled[first]
+                try:
+                    nk = btf.convert(src.layouts[0], c.key, k)
+                    nv = self._convert_value(src, c, v, ncpu, self._defaults(first))
+                except btf.MigrationError as exc:
+                    src.refused += 1
+                    log.warning("migration of %s: entry not carried over: %s", src.pin, exc)
+                    continue
+                if (final or len(tg) > 1) and any(
+                        mapio.lookup(self.bpf[t].map_fd, nk, libbpf.value_buffer_size(
+                            self.compiled[t].type, self.compiled[t].value_size)) is not None
+                        for t in tg):
+                    continue            # the new maps have it already (in any tier)
+                per_target.setdefault(first, []).append((nk, nv))
+                if len(tg) > 1:
+                    fallbacks[nk] = tg[1:]
+            for target, pairs in per_target.items():
+                total += self._write(src, target, pairs, fallbacks)
+        return total
+
+    def _convert_value(self, src: Source, c: Compiled, raw: bytes, ncpu: int,
+                       defaults: dict[str, int]) -> bytes:
+        from agent.datapath import btf
+        if src.type not in libbpf.PERCPU_MAP_TYPES:
+            return btf.convert(src.layouts[1], c.value, raw, defaults)
+        old_slot = (src.value_size + 7) // 8 * 8
+        new_slot = (c.value_size + 7) // 8 * 8
+        out = b""
+        for i in range(ncpu):
+            one = btf.convert(src.layouts[1], c.value, raw[i * old_slot:i * old_slot + src.value_size],
+                              defaults)
+            out += one + bytes(new_slot - len(one))
+        return out
+
+    def _write(self, src: Source, target: str, pairs, fallbacks) -> int:
+        from agent.datapath import mapio
+        fd = self.bpf[target].map_fd
+        written = 0
+        for i, (k, v) in enumerate(pairs):
+            err = mapio.update(fd, k, v, mapio.BPF_NOEXIST)
+            if err == 0:
+                written += 1
+                continue
+            if err == errno.EEXIST:
+                continue
+            # full (E2BIG): the next target of this entry, if any
+            placed = False
+            for other in fallbacks.get(k, ()):
+                if mapio.update(self.bpf[other].map_fd, k, v, mapio.BPF_NOEXIST) in (0, errno.EEXIST):
+                    placed = True
+                    written += 1
+                    break
+            if not placed:
+                src.refused += 1
+        src.count += written
+        return written
+
+    def finish(self) -> list[str]:
+        """The second copy, then the superseded pins go. Returns notes."""
+        if self.finished:
+            return []
+        self.finished = True
+        notes = []
+        try:
+            self.copy(final=True)
+        finally:
+            for src in self.sources:
+                extra = f", {src.refused} not carried over" if src.refused else ""
+                if src.layouts is None:
+                    notes.append(f"pinned {src.pin}: {src.why}: entries are rebuilt from "
+                                 "agent state")
+                else:
+                    notes.append(f"pinned {src.pin}: {src.why}: migrated {src.count} entries "
+                                 f"field by field{extra}")
+                with contextlib.suppress(OSError):
+                    os.close(src.fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(src.path)
+        for n in notes:
+            log.warning("%s", n)
+        self.notes.extend(notes)
+        return notes
+
+
+def _source(pin_root: str, pin: str, why: str) -> Source | None:
+    from agent.datapath import btf
+    path = os.path.join(pin_root, pin)
+    try:
+        fd = libbpf.obj_get(path)
+    except OSError:
+        return None
+    try:
+        info = libbpf.map_info(fd)
+        layouts = btf.map_layouts(fd) if info.type not in NOT_COPIED else None
+    except OSError:
+        os.close(fd)
+        return None
+    return Source(pin, path, fd, info.type, info.key_size, info.value_size, layouts, why)
+
+
+def _pin(fd: int, path: str) -> None:
+    lib = libbpf.lib()
+    lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    if lib.bpf_obj_pin(fd, path.encode()) != 0:
+        err = ct.get_errno()
+        raise OSError(err, f"pin {path}: {os.strerror(err)}")
+
+
+def _aside_name(pin_root: str, name: str) -> str:
+    cand, n = name + ASIDE, 0
+    while os.path.exists(os.path.join(pin_root, cand)):
+        n += 1
+        cand = f"{name}{ASIDE}{n}"
+    return cand
+
+
+def open_module(options: BuildOptions, rules=None) -> tuple[Loaded, Migration]:
+    """Compile, reconcile pinned maps, and return the module plus the
+    migration of whatever pinned maps it supersedes (already copied once;
+    `Migration.finish()` once the new programs are attached).
+
+    A pinned map is used as it is only when its type, key and value sizes,
+    capacity and layout fingerprint (BTF) are what was compiled. Otherwise
+    it is set aside, a new map is made at its name, and its entries are
+    carried over field by field; pins of older versions of a map's lineage
+    are carried over the same way. `rules` (agent.conntrack.migrate.Rules):
+    where an entry goes when not simply to the map of its lineage, and the
+    defaults of fields its old layout lacks."""
     os.makedirs(options.pin_root, exist_ok=True)
     bpf = _compile(options)
-    notes: list[str] = []
-    bad = _mismatches(bpf)
-    if bad:
-        saved: dict[str, list[tuple[bytes, bytes]]] = {}
-        for name, desc, copyable in bad:
-            t = bpf[name]
-            if copyable:
-                info = libbpf.map_info(t.map_fd)
-                vsize = libbpf.value_buffer_size(info.type, info.value_size)
-                saved[name] = list(libbpf.map_items_raw(t.map_fd, info.key_size, vsize))
-                notes.append(f"{desc}: resized, {len(saved[name])} entries carried over")
-            else:
-                notes.append(f"{desc}: layout changed, entries are rebuilt from agent state")
-            os.unlink(os.path.join(options.pin_root, name))
+    compiled = _compiled(bpf)
+    aside: list[tuple[str, str]] = []
+    for name, c in compiled.items():
+        why = _difference(c, bpf[name].map_fd)
+        if why:
+            # bpffs has no rename: pin the map at its new name, then unpin
+            # the old one (the map lives on as long as a pin or fd holds it)
+            new = _aside_name(options.pin_root, name)
+            old_path = os.path.join(options.pin_root, name)
+            _pin(bpf[name].map_fd, os.path.join(options.pin_root, new))
+            os.unlink(old_path)
+            aside.append((new, why))
+    if aside:
         bpf.cleanup()
         bpf = _compile(options)
-        for name, items in saved.items():
-            fd = bpf[name].map_fd
-            for k, v in items:
-                kb = ct.create_string_buffer(k, len(k))
-                vb = ct.create_string_buffer(v, len(v))
-                libbpf.lib().bpf_map_update_elem(fd, kb, vb, 0)
-        still = _mismatches(bpf)
+        compiled = _compiled(bpf)
+        still = [f"{n}: {w}" for n in compiled if (w := _difference(compiled[n], bpf[n].map_fd))]
         if still:
-            raise PinnedMapMismatch("pinned maps still mismatch after migration: "
-                                    + "; ".join(d for _, d, _ in still))
-        for n in notes:
-            log.warning("migrated %s", n)
-    # Pins of older layout versions are no longer referenced by any program.
-    current = set(pinned_map_names())
+            raise PinnedMapMismatch("pinned maps still differ from the compiled ones after "
+                                    "setting them aside: " + "; ".join(still))
+    current = set(compiled)
+    lineages = {bpfdefs.map_lineage(n): n for n in compiled}
+    whys = dict(aside)
+    sources: list[Source] = []
+    notes: list[str] = []
     for entry in sorted(os.listdir(options.pin_root)):
-        if re.fullmatch(r"fp_\w+_v\d+", entry) and entry not in current:
-            os.unlink(os.path.join(options.pin_root, entry))
-            notes.append(f"removed stale pinned map {entry} (superseded layout)")
-            log.warning("removed stale pinned map %s", entry)
-    return Loaded(bpf, options), notes
+        if not PIN_RE.fullmatch(entry) or entry in current:
+            continue
+        lin = bpfdefs.map_lineage(entry)
+        path = os.path.join(options.pin_root, entry)
+        if lin not in lineages:
+            os.unlink(path)
+            notes.append(f"removed stale pinned map {entry} (no map of its lineage any more)")
+            continue
+        why = whys.get(entry) or (f"superseded by {lineages[lin]}" if not entry.startswith(
+            lineages[lin]) else "left over from an interrupted migration")
+        src = _source(options.pin_root, entry, why)
+        if src is None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            continue
+        sources.append(src)
+    migration = Migration(options.pin_root, bpf, compiled, sources, notes, rules)
+    migration.copy()
+    for n in notes:
+        log.warning("%s", n)
+    return Loaded(bpf, options), migration

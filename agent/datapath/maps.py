@@ -7,13 +7,13 @@ place where host and network byte order are converted.
 from __future__ import annotations
 
 import ctypes as ct
-import errno
 import ipaddress
 import os
 import socket
 import struct
 from dataclasses import dataclass
 
+from agent.datapath import libbpf
 from agent.model import bpfdefs
 from agent.model.endpoint import Endpoint
 
@@ -148,6 +148,7 @@ class Maps:
 
 PROTO_NUM = {"TCP": 6, "UDP": 17, "SCTP": 132}
 PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
+FLOW_PROTO_NAME = {**PROTO_NAME, 1: "ICMP"}      # flows may be ICMP; frontends never
 
 
 def be16(port: int) -> int:
@@ -157,10 +158,6 @@ def be16(port: int) -> int:
 
 def port_from_be16(value: int) -> int:
     return struct.unpack("!H", struct.pack("=H", value))[0]
-
-
-CT_DIRECTIONS = {DEFS.defines["FP_CT_FORWARD"]: "forward", DEFS.defines["FP_CT_REPLY"]: "reply",
-                 DEFS.defines["FP_CT_POLICY"]: "policy"}
 
 
 @dataclass(frozen=True)
@@ -177,6 +174,142 @@ class CtRow:
     backend_id: int
     svc_id: int
     last_seen_ns: int
+    state: str = ""       # "new", "syn-recv", "established", "fin-wait", "closed"
+    table: str = ""       # "established", "new" (translated flows) or "policy"
+    flags: int = 0
+
+
+class CtMaps:
+    """The conntrack maps (bpf/include/fastpath.h), their entries as data.
+
+    Translated flows live in two tables, "established" (FP_MAP_CT, a hash
+    nothing evicts) and "new" (FP_MAP_CT_NEW, an LRU); flows NetworkPolicy
+    admitted in "policy". Keys and values are agent.model.conntrack tuples,
+    read in batches (agent/datapath/mapio) and unpacked by the compiled
+    layouts; what to delete is agent/conntrack's decision."""
+
+    NAT_TABLES = {"established": "FP_MAP_CT", "new": "FP_MAP_CT_NEW"}
+
+    def __init__(self, tables):
+        from agent.model import conntrack as model
+        from agent.datapath import mapio
+        self._m = model
+        self.tables = {t: tables[MAP[m]] for t, m in self.NAT_TABLES.items()}
+        self.tables["policy"] = tables[MAP["FP_MAP_CT_POLICY"]]
+        self.frag = tables[MAP["FP_MAP_FRAG"]]
+        nat = self.tables["established"]
+        pol = self.tables["policy"]
+        self.key_size = ct.sizeof(nat.Key)
+        self._key = mapio.Unpacker(mapio.fields_of(nat.Key), self.key_size, model.CtKey._fields)
+        self._key_fields = mapio.fields_of(nat.Key)
+        self._nat_size = ct.sizeof(nat.Leaf)
+        self._nat = mapio.Unpacker(mapio.fields_of(nat.Leaf), self._nat_size,
+                                   model.CtValue._fields)
+        self._nat_fields = mapio.fields_of(nat.Leaf)
+        self._pol_size = ct.sizeof(pol.Leaf)
+        self._pol = mapio.Unpacker(mapio.fields_of(pol.Leaf), self._pol_size,
+                                   model.PolicyValue._fields)
+        self._pol_fields = mapio.fields_of(pol.Leaf)
+        self._frag_ks, self._frag_vs = ct.sizeof(self.frag.Key), ct.sizeof(self.frag.Leaf)
+        self._frag_seen = mapio.Unpacker(mapio.fields_of(self.frag.Leaf), self._frag_vs,
+                                         ("first_seen",))
+
+    def _walk(self, table: str, unpack_value, vsize):
+        from agent.datapath import mapio
+        t = self.tables[table]
+        out = []
+        for kb, vb, _ in mapio.batches(t.map_fd, self.key_size, vsize):
+            out.extend(zip(map(self._m.CtKey._make, self._key.many(kb)),
+                           unpack_value(vb)))
+        return out
+
+    def nat_entries(self, table: str) -> list[tuple]:
+        """(CtKey, CtValue) of one translated-flow table."""
+        V = self._m.CtValue._make
+        return self._walk(table, lambda vb: map(V, self._nat.many(vb)), self._nat_size)
+
+    def policy_entries(self) -> list[tuple]:
+        """(CtKey, PolicyValue) of the policy table."""
+        V = self._m.PolicyValue._make
+        return self._walk("policy", lambda vb: map(V, self._pol.many(vb)), self._pol_size)
+
+    def frag_entries(self) -> list[tuple[bytes, int]]:
+        """(raw key, first_seen) of the fragment records."""
+        from agent.datapath import mapio
+        out = []
+        for kb, vb, n in mapio.batches(self.frag.map_fd, self._frag_ks, self._frag_vs):
+            kraw = bytes(kb)
+            seen = [v[0] for v in self._frag_seen.many(vb)]
+            out.extend((kraw[i * self._frag_ks:(i + 1) * self._frag_ks], seen[i]) for i in range(n))
+        return out
+
+    def key_bytes(self, key) -> bytes:
+        from agent.datapath import mapio
+        return mapio.pack(self._key_fields, self.key_size, key._asdict())
+
+    def get(self, table: str, key):
+        """The value of `key` in `table` now (a CtValue or PolicyValue), or None."""
+        from agent.datapath import mapio
+        if table == "policy":
+            raw = mapio.lookup(self.tables[table].map_fd, self.key_bytes(key), self._pol_size)
+            return None if raw is None else self._m.PolicyValue._make(self._pol.one(raw))
+        raw = mapio.lookup(self.tables[table].map_fd, self.key_bytes(key), self._nat_size)
+        return None if raw is None else self._m.CtValue._make(self._nat.one(raw))
+
+    def put(self, table: str, key, value) -> None:
+        from agent.datapath import mapio
+        if table == "policy":
+            raw = mapio.pack(self._pol_fields, self._pol_size, value._asdict())
+        else:
+            raw = mapio.pack(self._nat_fields, self._nat_size, value._asdict())
+        err = mapio.update(self.tables[table].map_fd, self.key_bytes(key), raw)
+        if err:
+            raise OSError(err, f"conntrack {table}: update: {os.strerror(err)}")
+
+    def delete(self, table: str, keys) -> int:
+        """Delete these CtKeys from `table` (batched; keys already gone are
+        skipped). Returns how many were deleted."""
+        from agent.datapath import mapio
+        return mapio.delete_batch(self.tables[table].map_fd, [self.key_bytes(k) for k in keys])
+
+    def delete_frag(self, raw_keys) -> int:
+        from agent.datapath import mapio
+        return mapio.delete_batch(self.frag.map_fd, list(raw_keys))
+
+    def flush(self) -> int:
+        """Delete every conntrack entry (entries that go meanwhile are skipped)."""
+        from agent.datapath import mapio
+        n = 0
+        for table, t in self.tables.items():
+            vsize = self._pol_size if table == "policy" else self._nat_size
+            keys = [k for kb, _, cnt in mapio.batches(t.map_fd, self.key_size, vsize)
+                    for k in (bytes(kb)[i * self.key_size:(i + 1) * self.key_size]
+                              for i in range(cnt))]
+            n += mapio.delete_batch(t.map_fd, keys)
+        self.delete_frag(k for k, _ in self.frag_entries())
+        return n
+
+    def max_entries(self, table: str) -> int:
+        return libbpf.map_info(self.tables[table].map_fd).max_entries
+
+    def rows(self) -> list[CtRow]:
+        """Every entry of every table, for people and tests."""
+        from agent.model.conntrack import DIRECTIONS, state_label
+        rows = []
+        for table in self.NAT_TABLES:
+            for k, v in self.nat_entries(table):
+                rows.append(CtRow(ip_from_be32(k.saddr), port_from_be16(k.sport),
+                                  ip_from_be32(k.daddr), port_from_be16(k.dport),
+                                  FLOW_PROTO_NAME.get(k.proto, str(k.proto)),
+                                  DIRECTIONS.get(k.dir, str(k.dir)), ip_from_be32(v.nat_addr),
+                                  port_from_be16(v.nat_port), v.backend_id, v.svc_id,
+                                  v.last_seen, state_label(v.state), table, v.flags))
+        for k, v in self.policy_entries():
+            rows.append(CtRow(ip_from_be32(k.saddr), port_from_be16(k.sport),
+                              ip_from_be32(k.daddr), port_from_be16(k.dport),
+                              FLOW_PROTO_NAME.get(k.proto, str(k.proto)), "policy", "0.0.0.0", 0, 0, 0,
+                              v.last_seen, state_label(v.state), "policy", v.flags))
+        return rows
 
 
 class LbMaps:
@@ -189,7 +322,8 @@ class LbMaps:
         self._svc = tables[MAP["FP_MAP_SERVICES"]]
         self._slot = tables[MAP["FP_MAP_SLOTS"]]
         self._be = tables[MAP["FP_MAP_BACKENDS"]]
-        self._ct = tables[MAP["FP_MAP_CT"]]
+        self.ct = CtMaps(tables)
+        self._ctstat = tables[MAP["FP_MAP_CT_STATS"]]
         self._aff = tables[MAP["FP_MAP_AFFINITY"]]
         self._sockrev = tables[MAP["FP_MAP_SOCKREV"]]
         self._maglev = tables[MAP["FP_MAP_MAGLEV"]]
@@ -200,8 +334,10 @@ class LbMaps:
     def _svc_key(self, vip: str, port: int, proto: str, scope: int = 0):
         return self._svc.Key(vip=be32(vip), port=be16(port), proto=PROTO_NUM[proto], scope=scope)
 
-    def put_backend(self, backend_id: int, ip: str, port: int, proto: str) -> None:
-        v = self._be.Leaf(ip=be32(ip), port=be16(port), proto=PROTO_NUM[proto])
+    def put_backend(self, backend_id: int, ip: str, port: int, proto: str,
+                    draining: bool = False) -> None:
+        v = self._be.Leaf(ip=be32(ip), port=be16(port), proto=PROTO_NUM[proto],
+                          flags=DEFS.defines["FP_BE_F_DRAINING"] if draining else 0)
         self._be[self._be.Key(backend_id)] = v
 
     def delete_backend(self, backend_id: int) -> None:
@@ -242,13 +378,16 @@ class LbMaps:
             table.items_update_batch(keys, vals)
 
     def put_backends(self, rows) -> None:
-        """[(backend_id, ip, port, proto)], in order."""
+        """[(backend_id, ip, port, proto, draining)], in order."""
+        drain = DEFS.defines["FP_BE_F_DRAINING"]
+
         def fill(keys, vals, lo, m):
             for i in range(m):
-                bid, ip, port, proto = rows[lo + i]
+                bid, ip, port, proto, draining = rows[lo + i]
                 keys[i] = bid
                 v = vals[i]
                 v.ip, v.port, v.proto = be32(ip), be16(port), PROTO_NUM[proto]
+                v.flags = drain if draining else 0
         self._update_batch(self._be, len(rows), fill)
 
     def put_slot_runs(self, runs) -> None:
@@ -389,11 +528,12 @@ class LbMaps:
         for k, v in self._aff.items():
             sids.add(k.svc_id)
             bids.add(v.backend_id)
-        for _, v in self._ct.items():
-            if v.svc_id:
-                sids.add(v.svc_id)
-            if v.backend_id:
-                bids.add(v.backend_id)
+        for table in self.ct.NAT_TABLES:
+            for _, v in self.ct.nat_entries(table):
+                if v.svc_id:
+                    sids.add(v.svc_id)
+                if v.backend_id:
+                    bids.add(v.backend_id)
         return sids, bids
 
     def slots(self, svc_id: int, count: int) -> list[int]:
@@ -404,97 +544,30 @@ class LbMaps:
         return {k.value: (ip_from_be32(v.ip), port_from_be16(v.port), PROTO_NAME.get(v.proto, "?"))
                 for k, v in self._be.items()}
 
+    def draining_backends(self) -> set[int]:
+        """Backend ids kept only for the flows already on them."""
+        drain = DEFS.defines["FP_BE_F_DRAINING"]
+        return {k.value for k, v in self._be.items() if v.flags & drain}
+
     def all_slots(self) -> dict[tuple[int, int], int]:
         return {(k.svc_id, k.slot): v.backend_id for k, v in self._slot.items()}
 
     def conntrack(self) -> list[CtRow]:
-        rows = []
-        for k, v in self._ct.items():
-            rows.append(CtRow(ip_from_be32(k.saddr), port_from_be16(k.sport), ip_from_be32(k.daddr),
-                              port_from_be16(k.dport), PROTO_NAME.get(k.proto, str(k.proto)),
-                              CT_DIRECTIONS.get(k.dir, str(k.dir)),
-                              ip_from_be32(v.nat_addr), port_from_be16(v.nat_port), v.backend_id,
-                              v.svc_id, v.last_seen))
-        return rows
-
-    def conntrack_delete_backend(self, backend_id: int) -> int:
-        """Forget the flows of a removed backend (both directions)."""
-        return self.conntrack_delete_backends((backend_id,))
-
-    CT_BATCH = 16384
-
-    def conntrack_delete_backends(self, backend_ids) -> int:
-        """Forget the flows of removed backends (both directions, TCP and UDP
-        alike), in one pass over the map: the entries are read in batches
-        (BPF_MAP_LOOKUP_BATCH), their backend ids picked out of the raw
-        values without building an object per entry, and the matching keys
-        deleted in batches. Returns how many entries were deleted."""
-        ids = set(backend_ids)
-        if not ids:
-            return 0
-        return self._ct_delete_keys(self._ct_keys_of_backends(ids))
-
-    def _ct_keys_of_backends(self, ids: set[int] | None) -> list[bytes]:
-        """Raw keys of the conntrack entries naming one of `ids` (None: all)."""
-        from bcc.libbcc import lib
-        fd = self._ct.map_fd
-        ks, vs = ct.sizeof(self._ct.Key), ct.sizeof(self._ct.Leaf)
-        off = self._ct.Leaf.backend_id.offset
-        if vs % 4 or off % 4:
-            raise ValueError("fp_ct4 layout: backend_id must be 4-byte aligned")
-        n = self.CT_BATCH
-        keys = ct.create_string_buffer(ks * n)
-        vals = ct.create_string_buffer(vs * n)
-        in_b, out_b = ct.c_uint32(0), ct.c_uint32(0)
-        first = True
-        out: list[bytes] = []
-        while True:
-            cnt = ct.c_uint32(n)
-            res = lib.bpf_lookup_batch(fd, None if first else ct.byref(in_b), ct.byref(out_b),
-                                       keys, vals, ct.byref(cnt))
-            err = ct.get_errno() if res else 0
-            if res and err != errno.ENOENT:
-                raise OSError(err, f"conntrack batch lookup: {os.strerror(err)}")
-            got = cnt.value
-            if got:
-                bids = memoryview(vals).cast("B")[:vs * got].cast("I")[off // 4::vs // 4].tolist()
-                hits = (range(got) if ids is None
-                        else [i for i, bid in enumerate(bids) if bid in ids])
-                if hits:
-                    kmv = memoryview(keys).cast("B")
-                    out.extend(bytes(kmv[i * ks:(i + 1) * ks]) for i in hits)
-            if res:            # ENOENT: that was the last batch
-                return out
-            in_b.value = out_b.value
-            first = False
-
-    def _ct_delete_keys(self, raw_keys: list[bytes]) -> int:
-        from bcc.libbcc import lib
-        fd = self._ct.map_fd
-        deleted = 0
-        i = 0
-        while i < len(raw_keys):
-            part = raw_keys[i:i + self.CT_BATCH]
-            buf = ct.create_string_buffer(b"".join(part), len(part) * len(part[0]))
-            cnt = ct.c_uint32(len(part))
-            res = lib.bpf_delete_batch(fd, buf, ct.byref(cnt))
-            deleted += cnt.value
-            i += cnt.value
-            if res:
-                err = ct.get_errno()
-                if err != errno.ENOENT:
-                    raise OSError(err, f"conntrack batch delete: {os.strerror(err)}")
-                i += 1     # that entry went meanwhile (LRU eviction, the datapath)
-        return deleted
-
-    def conntrack_table(self):
-        """The conntrack map itself, for the garbage collector (agent/conntrack.py)."""
-        return self._ct
+        """Every conntrack entry (translated flows and admitted flows)."""
+        return self.ct.rows()
 
     def conntrack_flush(self) -> None:
-        """Delete every entry (batched; entries that go meanwhile, to the
-        datapath's LRU or the agent's GC, are skipped)."""
-        self._ct_delete_keys(self._ct_keys_of_backends(None))
+        """Delete every conntrack entry (batched; entries that go meanwhile,
+        to the datapath's LRU or the agent's GC, are skipped)."""
+        self.ct.flush()
+
+    def ct_events(self) -> dict[str, int]:
+        """The datapath's conntrack event counters (FP_CT_EVENTS), summed over CPUs."""
+        t = self._ctstat
+        out = {}
+        for code in DEFS.ct_events.values():
+            out[code.label] = sum(int(v) for v in t[t.Key(code.value)])
+        return out
 
     def sockrev_get(self, cookie: int, addr: str, port: int) -> tuple[str, int] | None:
         """The frontend (VIP, port) socket-LB translated socket `cookie` from,

@@ -28,19 +28,31 @@ ATTACH = {
 
 
 class Datapath:
-    def __init__(self, config: Config, *, netns: str | None = None, test_build: bool = False):
+    def __init__(self, config: Config, *, netns: str | None = None, test_build: bool = False,
+                 migration_rules=None):
+        """`migration_rules`: where entries of superseded pinned maps go
+        (agent.conntrack.migrate.RULES for the conntrack maps); without
+        them each goes to the map of its lineage (loader.Migration)."""
         self.config = config
         self.netns = netns
         self.options = BuildOptions.from_config(config, test_build)
+        self.migration_rules = migration_rules
         self.module: Loaded | None = None
         self.maps: Maps | None = None
         self.lb: LbMaps | None = None
         self.migration_notes: list[str] = []
+        self.migration = None
 
     # -- lifecycle -------------------------------------------------------
-    def load(self) -> "Datapath":
+    def load(self, defer_migration: bool = False) -> "Datapath":
+        """Compile, open the pinned maps and load the programs. Entries of
+        superseded pinned maps are carried over before this returns; with
+        `defer_migration` the caller attaches the new programs first and
+        then calls finish_migration() (entries the old programs still
+        create meanwhile are carried over then)."""
         preflight(self.options.pin_root)
-        self.module, self.migration_notes = open_module(self.options)
+        self.module, self.migration = open_module(self.options, self.migration_rules)
+        self.migration_notes = self.migration.notes
         self.module.load_programs()
         names = [n for n in MAP.values() if n != MAP["FP_MAP_EVENTS"]]
         tables = {n: self.module.table(n) for n in names}
@@ -53,7 +65,13 @@ class Datapath:
         self.socklb_skip = SocketLbSkipMap(tables)
         crc32c_fill(tables)
         self.maps.bypass_set(self.config.host_stack_cidrs + self.config.service_cidrs)
+        if not defer_migration:
+            self.finish_migration()
         return self
+
+    def finish_migration(self) -> list[str]:
+        """Second copy of superseded pinned maps, then their pins go."""
+        return self.migration.finish() if self.migration is not None else []
 
     def close(self) -> None:
         """Release our fds. Attached programs and pinned maps stay in the

@@ -34,7 +34,8 @@ from agent.datapath.loader import PROGRAMS
 from agent.datapath.netlink import iproute
 from agent.datapath.nsenter import in_netns
 
-PIN_PATTERN = re.compile(r"fp_\w+_v\d+")
+# current pins, and pins set aside by an interrupted migration (loader.ASIDE)
+PIN_PATTERN = re.compile(r"fp_\w+_v\d+(_old\d*)?")
 OUR_PREFIX = "fp_"
 # enum bpf_attach_type (uapi) runs from 0 to a little over 50 today; types a
 # kernel does not know are answered with EINVAL and skipped.

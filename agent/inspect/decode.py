@@ -10,7 +10,8 @@ The decoded form (also the `--json` form of `fastpath map dump`):
     are ports in host order, `__u8 x[6]` fields are MAC addresses;
   * enumerations keep their number and gain `<field>_label`: `reason`
     (FP_REASONS), `dir` (FP_DIRS, or forward/reply in conntrack keys),
-    `kind` (FP_REDIRECT_KINDS), `proto` (TCP/UDP/ICMP/SCTP);
+    `kind` (FP_REDIRECT_KINDS), `proto` (TCP/UDP/ICMP/SCTP), `state`
+    (FP_CT_STATES in conntrack values);
   * flag words keep their number and gain `<field>_names` (the FP_*_F_*
     bits set, lower case, e.g. ["affinity", "local"]);
   * per-CPU values are summed over CPUs (numbers only).
@@ -32,6 +33,7 @@ FLAG_PREFIX = {
     ("fp_endpoint", "flags"): "FP_EP_F_",
     ("fp_svc4", "flags"): "FP_SVC_F_",
     ("fp_ct4", "flags"): "FP_CT_F_",
+    ("fp_ctpol4", "flags"): "FP_CT_F_",
     ("fp_config", "flags"): "FP_CFG_F_",
     ("fp_config", "events"): "FP_CFG_EV_",
     ("fp_socklb_skip", "flags"): "FP_SOCKLB_SKIP_",
@@ -91,6 +93,9 @@ def enum_label(struct_name: str, field: str, value: int) -> str | None:
         return d.dir(value)
     if field in ("verdict", "pv"):
         return policy_verdict(value)
+    if field == "state" and struct_name.startswith("fp_ct"):
+        code = (d.ct_states or {}).get(value)
+        return code.label if code else f"state-{value}"
     if field == "kind" and struct_name in ("fp_testrec", "fp_decision"):
         code = d.redirect_kinds.get(value)
         return code.label if code else f"kind-{value}"

@@ -17,6 +17,10 @@ workload can observe:
   slices);
 - ready endpoints only; when none is ready anywhere, endpoints that are
   serving and terminating;
+- terminating endpoints not chosen above are *draining*: no new connection
+  goes to them, but the flows already on them keep their backend (the
+  datapath keeps a draining backend for them; kube-proxy likewise leaves
+  established connections to a terminating pod alone);
 - internalTrafficPolicy Local: only this node's endpoints (ready, else
   serving+terminating), topology ignored;
 - topology: when every ready endpoint carries a node hint and one names this
@@ -159,6 +163,8 @@ class FrontendState:
     node's clients of this entry (internalTrafficPolicy Local, or
     externalTrafficPolicy Local for traffic from outside): packets are
     dropped, as kube-proxy does.
+    draining: terminating endpoints new connections must not choose, kept
+    for the flows already on them (numeric order, none of `backends`).
     local_only: a Local traffic policy was applied to this frontend.
     topology: which hints narrowed the set ("" none, PreferSameZone,
     PreferSameNode); for inspection, the backends already reflect it.
@@ -176,6 +182,7 @@ class FrontendState:
     local_only: bool = False
     kind: str = KIND_CLUSTER_IP
     topology: str = ""
+    draining: tuple[Backend, ...] = ()
     drop: bool = False
     maglev: bool = False
     source_ranges: tuple[str, ...] = ()
@@ -345,6 +352,15 @@ def _backends(eps: list[_Ep], protocol: str) -> tuple[Backend, ...]:
                   for ip, port, e, _ in eps])
 
 
+def _draining(eps: list[_Ep], chosen: tuple[Backend, ...], protocol: str) -> tuple[Backend, ...]:
+    """Terminating endpoints new connections do not get: their flows stay."""
+    if not any(ep[2].terminating for ep in eps):
+        return ()
+    taken = {(b.ip, b.port) for b in chosen}
+    return tuple([Backend(ip, port, protocol, True, e.node_name, e.zone)
+                  for ip, port, e, _ in eps if e.terminating and (ip, port) not in taken])
+
+
 # --------------------------------------------------------------- services
 
 def translated(svc: Service, proxy_name: str = "") -> bool:
@@ -425,7 +441,8 @@ def compile_service(svc: Service, slices: Iterable[EndpointSlice], node_name: st
             internal_b, internal_mode = cluster_b, mode
         out[Frontend(cluster_ip, sp.port, sp.protocol)] = FrontendState(
             svc.key, sp.name, internal_b, affinity, not usable,
-            itp_local, KIND_CLUSTER_IP, internal_mode, drop=usable and not internal_b)
+            itp_local, KIND_CLUSTER_IP, internal_mode, _draining(eps, internal_b, sp.protocol),
+            drop=usable and not internal_b)
 
         externals = _external_frontends(svc, sp, options)
         if not externals:
@@ -441,9 +458,11 @@ def compile_service(svc: Service, slices: Iterable[EndpointSlice], node_name: st
             # This node's sockets and pods: the cluster-wide set, whatever
             # the traffic policies (kube-proxy's short-circuit).
             inside = FrontendState(svc.key, sp.name, cluster_b, affinity, not usable, False,
-                                   kind, mode, source_ranges=fr)
+                                   kind, mode, _draining(eps, cluster_b, sp.protocol),
+                                   source_ranges=fr)
             outside = FrontendState(svc.key, sp.name, outside_b, affinity, not usable,
                                     etp_local, kind, outside_mode,
+                                    _draining(eps, outside_b, sp.protocol),
                                     drop=usable and not outside_b,
                                     maglev=options.maglev and bool(outside_b), source_ranges=fr)
             fe = Frontend(ip, port, sp.protocol)
@@ -530,6 +549,8 @@ def describe(state: FrontendState) -> str:
         extra.append("local")
     if state.topology:
         extra.append(state.topology)
+    if state.draining:
+        extra.append("draining " + ", ".join(str(b) for b in state.draining))
     if state.affinity_timeout:
         extra.append(f"affinity {state.affinity_timeout}s")
     if state.maglev:

@@ -6,7 +6,7 @@ the three service maps (see bpf/include/fastpath.h):
 
     service map   frontend (VIP, port, proto, scope) -> service id, count, flags, affinity
     slot map      (service id, slot 1..count) -> backend id
-    backend map   backend id                  -> backend address
+    backend map   backend id                  -> backend address, draining flag
     maglev map    service id -> the Maglev table (backend ids), for MAGLEV entries
     source ranges (service id, prefix) of SRC_RANGE entries
 
@@ -86,10 +86,12 @@ ID_QUARANTINE_SECONDS = 86400 + 3600
 
 @dataclass(frozen=True, slots=True)
 class PutBackend:
-    """Create or overwrite backend `backend_id`."""
+    """Create or overwrite backend `backend_id`. `draining`: kept for the
+    flows already on it; no new connection may choose it."""
 
     backend_id: int
     backend: Backend
+    draining: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,17 +335,18 @@ def _present(slots: tuple[int, ...], start: int) -> list[tuple[int, int]]:
 class _Applied:
     """What the maps hold for one frontend this reconciler owns."""
 
-    __slots__ = ("entry", "slots", "claims", "state", "maglev", "ranges")
+    __slots__ = ("entry", "slots", "claims", "state", "draining", "maglev", "ranges")
 
     def __init__(self, entry: ServiceEntry, slots: tuple[int, ...], claims: frozenset[int],
-                 state: Optional[FrontendState], maglev: tuple[int, ...] = (),
-                 ranges: frozenset[str] = frozenset()):
+                 state: Optional[FrontendState], draining: frozenset[int] = frozenset(),
+                 maglev: tuple[int, ...] = (), ranges: frozenset[str] = frozenset()):
         self.entry = entry
         # Backend id per slot 1..count. Only after restore: MISSING for a slot
         # the map lacks, DANGLING for one naming no backend.
         self.slots = slots
         self.claims = claims          # backend ids this frontend reports terminating
         self.state = state            # None after restore: compare written form only
+        self.draining = draining      # backend ids it keeps only for existing flows
         self.maglev = maglev          # its Maglev table as written (() = none)
         self.ranges = ranges          # its source prefixes as written
 
@@ -407,6 +410,8 @@ class Reconciler:
         self._backends: dict[int, Backend] = {}     # as last written
         self._refs: dict[int, int] = {}             # backend id -> frontends using it
         self._term: dict[int, int] = {}             # ... of which report it terminating
+        self._slotrefs: dict[int, int] = {}         # ... of which have it in their slots
+        self._drained: set[int] = set()             # written with the draining flag
         # Left behind by an earlier run, found by restore(): service entries
         # whose id another entry owns, slots (Maglev tables, source ranges)
         # no entry can reach, backends no slot names. The next plan removes
@@ -440,6 +445,11 @@ class Reconciler:
     def slots(self, frontend: Frontend) -> tuple[int, ...]:
         a = self._applied.get(frontend)
         return a.slots if a else ()
+
+    def draining(self, frontend: Frontend) -> frozenset[int]:
+        """Backend ids the frontend keeps only for flows already on them."""
+        a = self._applied.get(frontend)
+        return a.draining if a else frozenset()
 
     def maglev_table(self, frontend: Frontend) -> tuple[int, ...]:
         a = self._applied.get(frontend)
@@ -547,7 +557,7 @@ class Reconciler:
                     if a.ranges:
                         removal_ops.append(DeleteRanges(sid, tuple(sorted(a.ranges))))
                     self._account(a.slots, a.claims, (), frozenset(), touched, maybe_unused,
-                                  a.maglev, ())
+                                  a.draining, frozenset(), a.maglev, ())
                     del self._applied[fe]
                     released_services.append(fe)
                 elif fe in self._stale_frontends:
@@ -581,6 +591,20 @@ class Reconciler:
                 if b.terminating:
                     term.append(bid)
             claims = frozenset(term)
+            drain: list[int] = []
+            for b in st.draining:
+                key = (b.ip, b.port, b.protocol)
+                bid = held.get(key)
+                if bid is None:
+                    bid = allocate(key)
+                    records[bid] = b
+                elif bid in want:
+                    continue
+                elif bid not in known:
+                    records.setdefault(bid, b)
+                drain.append(bid)
+            draining = frozenset(drain)
+            claims |= draining          # a draining backend is terminating too
 
             sid = a.entry.service_id if a else self.service_ids.allocate(fe)
             if a is None:
@@ -617,14 +641,19 @@ class Reconciler:
             if a is not None:
                 ended.update((sid, b) for b in set(old) - set(new) if b > 0)
             self._account(old, a.claims if a else frozenset(), new, claims,
-                          touched, maybe_unused, old_table, table)
-            self._applied[fe] = _Applied(entry, tuple(new), claims, st, table, ranges)
+                          touched, maybe_unused, a.draining if a else frozenset(), draining,
+                          old_table, table)
+            self._applied[fe] = _Applied(entry, tuple(new), claims, st, draining, table, ranges)
 
         # A backend's record is a function of the frontends using it, not of
         # which changed last: it is terminating only if every Service using
         # it says so (two Services may see one pod in different states for
         # a moment while the EndpointSlice controller catches up).
-        put_backends: dict[int, Backend] = {}
+        # Draining: in no frontend's slots. A backend turning draining is
+        # written after the slots that named it changed (late); one that
+        # stops draining, or is new, before any slot names it (early).
+        put_backends: dict[int, tuple[Backend, bool]] = {}
+        late: set[int] = set()
         for bid in touched:
             users = self._refs.get(bid, 0)
             if not users:
@@ -632,12 +661,16 @@ class Reconciler:
             base = records.get(bid) or self._backends[bid]
             term = self._term.get(bid, 0) == users
             rec = base if base.terminating == term else dataclasses.replace(base, terminating=term)
+            drained = not self._slotrefs.get(bid, 0)
             cur = self._backends.get(bid)
-            if cur is None or _written(cur) != _written(rec):
-                put_backends[bid] = rec
+            was = bid in self._drained
+            if cur is None or _written(cur) != _written(rec) or was != drained:
+                put_backends[bid] = (rec, drained)
+                if drained and cur is not None and not was:
+                    late.add(bid)
 
-        # Leftovers from before a restart go last among the removals: no
-        # service entry reaches them, so their order does not matter to packets.
+        # Leftovers from before a restart: no service entry reaches them, so
+        # they go with the removals, before anything is added.
         for sid in sorted(set(self._orphan_slots) | self._orphan_maglev
                           | set(self._orphan_ranges)):
             # An interrupted grow leaves slots past the count; if this plan
@@ -669,6 +702,8 @@ class Reconciler:
         for bid in delete_backends:
             self._refs.pop(bid, None)
             self._term.pop(bid, None)
+            self._slotrefs.pop(bid, None)
+            self._drained.discard(bid)
             self._backends.pop(bid, None)
             self.backend_ids.release(self.backend_ids.key_of(bid))
         # Every orphan is now either deleted or referenced again.
@@ -689,24 +724,42 @@ class Reconciler:
         # and a full map gets the room back before this plan needs it.
         ops: list[Op] = stale_ops + removal_ops
         ops += [DeleteBackend(bid) for bid in early_backends]
+        late_ops: list[Op] = []
         for bid in sorted(put_backends):
-            self._backends[bid] = put_backends[bid]
-            ops.append(PutBackend(bid, put_backends[bid]))
+            rec, drained = put_backends[bid]
+            self._backends[bid] = rec
+            if drained:
+                self._drained.add(bid)
+            else:
+                self._drained.discard(bid)
+            (late_ops if bid in late else ops).append(PutBackend(bid, rec, drained))
         ops += _phased(service_ops)
+        ops += late_ops
         ops += [DeleteBackend(bid) for bid in late_backends]
         return ops
 
     def _account(self, old: Iterable[int], old_claims: frozenset[int], new: Iterable[int],
                  new_claims: frozenset[int], touched: set[int], maybe_unused: set[int],
+                  old_drain: frozenset[int] = frozenset(),
+                 new_drain: frozenset[int] = frozenset(),
                  old_table: Iterable[int] = (), new_table: Iterable[int] = ()) -> None:
-        """Move one frontend's references (and terminating claims) from old to new.
-        A Maglev table only names the frontend's own slot backends, but a
-        restored one may name others: those count as references until the
-        table is rewritten or deleted."""
-        old_set, new_set = set(old) | set(old_table), set(new) | set(new_table)
+        """Move one frontend's references (and terminating claims, and which
+        of them new flows may choose) from old to new. A Maglev table only
+        names the frontend's own slot backends, but a restored one may name
+        others: those count as choosable until the table is rewritten."""
+        old_slots, new_slots = set(old) | set(old_table), set(new) | set(new_table)
         # Slots a restored entry lacks, or that name nothing, hold no reference.
-        old_set -= {MISSING, DANGLING}
-        new_set -= {MISSING, DANGLING}
+        old_slots -= {MISSING, DANGLING}
+        new_slots -= {MISSING, DANGLING}
+        for b in new_slots - old_slots:
+            self._slotrefs[b] = self._slotrefs.get(b, 0) + 1
+        for b in old_slots - new_slots:
+            n = self._slotrefs.get(b, 0) - 1
+            if n > 0:
+                self._slotrefs[b] = n
+            else:
+                self._slotrefs.pop(b, None)
+        old_set, new_set = old_slots | old_drain, new_slots | new_drain
         for b in new_set - old_set:
             self._refs[b] = self._refs.get(b, 0) + 1
         for b in old_set - new_set:
@@ -726,13 +779,14 @@ class Reconciler:
                 self._term.pop(b, None)
         touched |= old_set ^ new_set
         touched |= old_claims ^ new_claims
+        touched |= old_slots ^ new_slots
 
     # ----------------------------------------------------------- restart
 
     @classmethod
     def restore(cls, services: Mapping[Frontend, ServiceEntry],
                 slots: Mapping[tuple[int, int], int],
-                backends: Mapping[int, Backend],
+                backends: Mapping[int, Backend], draining: Iterable[int] = (),
                 maglev: Optional[Mapping[int, tuple[int, ...]]] = None,
                 ranges: Optional[Mapping[int, Iterable[str]]] = None,
                 named_service_ids: Iterable[int] = (),
@@ -741,12 +795,14 @@ class Reconciler:
 
         services: frontend -> entry; slots: (service id, slot) -> backend id,
         every slot in the map; backends: backend id -> backend (node and zone
-        need not be known); maglev: service id -> table; ranges: service id
-        -> its source prefixes. named_*: ids that conntrack and affinity
-        entries still name (their quarantine starts now). Whatever is
-        inconsistent (entries sharing an id, slots, tables or ranges no
-        entry reaches, backends nothing names, slots naming missing
-        backends) is repaired by the next plan; until then it stays as found.
+        need not be known); draining: the backend ids flagged draining (no
+        frontend is known to list them until the next plan says so, which
+        keeps them); maglev: service id -> table; ranges: service id -> its
+        source prefixes. named_*: ids that conntrack and affinity entries
+        still name (their quarantine starts now). Whatever is inconsistent
+        (entries sharing an id, slots, tables or ranges no entry reaches,
+        backends nothing names, slots naming missing backends) is repaired by
+        the next plan; until then it stays as found.
         """
         r = cls(**kw)
         maglev = maglev or {}
@@ -761,6 +817,7 @@ class Reconciler:
                                             quarantine=r.backend_ids.quarantine,
                                             clock=r.backend_ids.clock, named=named_backend_ids)
         r._backends = dict(backends)
+        r._drained = set(draining) & set(backends)
 
         held_s: dict[Hashable, int] = {}
         taken: set[int] = set()
@@ -783,9 +840,10 @@ class Reconciler:
             table = tuple(maglev.get(e.service_id, ()))
             if any(b not in backends for b in table):
                 table = tuple(b if b in backends else DANGLING for b in table)
-            r._applied[fe] = _Applied(e, tuple(got), claims, None, table,
+            r._applied[fe] = _Applied(e, tuple(got), claims, None, frozenset(), table,
                                       ranges.get(e.service_id, frozenset()))
-            r._account((), frozenset(), got, claims, set(), set(), (), table)
+            r._account((), frozenset(), got, claims, set(), set(), frozenset(), frozenset(),
+                       (), table)
         orphans: set[int] = set()
         for (sid, slot) in slots:
             if (sid, slot) not in reached:
@@ -823,12 +881,17 @@ class FakeMaps:
         self.services: dict[Frontend, ServiceEntry] = {}
         self.slots: dict[tuple[int, int], int] = {}
         self.backends: dict[int, Backend] = {}
+        self.draining: set[int] = set()
         self.maglev: dict[int, tuple[int, ...]] = {}
         self.ranges: dict[int, set[str]] = {}
 
     def apply(self, op: Op) -> None:
         if isinstance(op, PutBackend):
             self.backends[op.backend_id] = op.backend
+            if op.draining:
+                self.draining.add(op.backend_id)
+            else:
+                self.draining.discard(op.backend_id)
         elif isinstance(op, PutSlots):
             if op.first < 1 or any(b <= 0 for b in op.slots):
                 raise ValueError(f"bad slots {op}")
@@ -846,6 +909,7 @@ class FakeMaps:
                 del self.slots[(op.service_id, i)]
         elif isinstance(op, DeleteBackend):
             del self.backends[op.backend_id]
+            self.draining.discard(op.backend_id)
         elif isinstance(op, PutMaglev):
             if not op.table or any(b <= 0 for b in op.table):
                 raise ValueError(f"bad Maglev table for {op.service_id}")
@@ -881,18 +945,18 @@ class FakeMaps:
                      for i in range(1, e.count + 1))
 
     def restore(self, **kw) -> Reconciler:
-        return Reconciler.restore(self.services, self.slots, self.backends, self.maglev,
-                                  self.ranges, **kw)
+        return Reconciler.restore(self.services, self.slots, self.backends, self.draining,
+                                  maglev=self.maglev, ranges=self.ranges, **kw)
 
 
 def check_whole(maps: FakeMaps) -> list[str]:
     """Every way a packet could find a visible service entry incomplete.
 
     Empty when every entry's count slots exist, each names an existing
-    backend of the frontend's protocol, an entry without slots rejects or
-    drops (a count of 0 without either would black-hole unexplained), a
-    Maglev entry's table exists and names only such backends, and an entry
-    with source ranges has at least one.
+    backend of the frontend's protocol that is not draining, an entry
+    without slots rejects or drops (a count of 0 without either would
+    black-hole unexplained), a Maglev entry's table exists and names only
+    such backends, and an entry with source ranges has at least one.
     """
     problems: list[str] = []
     for fe, e in maps.services.items():
@@ -909,6 +973,8 @@ def check_whole(maps: FakeMaps) -> list[str]:
             b = maps.backends.get(bid)
             if b is None:
                 problems.append(f"{fe}: slot {i} names missing backend {bid}")
+            elif bid in maps.draining:
+                problems.append(f"{fe}: slot {i} names draining backend {bid}")
             elif b.protocol != fe.protocol:
                 problems.append(f"{fe}: slot {i} names {b.protocol} backend {bid}")
         if e.flags & FLAG_MAGLEV:
@@ -916,7 +982,7 @@ def check_whole(maps: FakeMaps) -> list[str]:
             if not table:
                 problems.append(f"{fe}: Maglev flag without a table")
             else:
-                bad = {b for b in table if b not in maps.backends
+                bad = {b for b in table if b not in maps.backends or b in maps.draining
                        or maps.backends[b].protocol != fe.protocol}
                 if bad:
                     problems.append(f"{fe}: Maglev table names missing backends {sorted(bad)}")

@@ -32,6 +32,8 @@ class Defs:
     defines: dict[str, int]       # numeric #defines (flags, limits)
     drop_min: int
     event_types: dict[int, Code] = None   # FP_EVENT_TYPES (monitor events), if declared
+    ct_states: dict[int, Code] = None     # FP_CT_STATES (conntrack flow states)
+    ct_events: dict[int, Code] = None     # FP_CT_EVENTS (conntrack event counters)
 
     def reason(self, value: int) -> str:
         code = self.reasons.get(value)
@@ -71,6 +73,15 @@ def _eval_int(expr: str) -> int | None:
         return None
 
 
+def map_lineage(pin_name: str) -> str:
+    """A pinned map's lineage, its name without the layout version:
+    fp_ct4_v2 -> fp_ct4 (also for a pin the loader set aside, fp_ct4_v2_old)."""
+    m = re.fullmatch(r"(fp_\w+?)_v\d+(_old\d*)?", pin_name)
+    if not m:
+        raise ValueError(f"{pin_name!r} is not a fastpath map name")
+    return m.group(1)
+
+
 @lru_cache(maxsize=None)
 def load(header: Path = HEADER) -> Defs:
     text = header.read_text()
@@ -88,6 +99,8 @@ def load(header: Path = HEADER) -> Defs:
         defines=defines,
         drop_min=defines["FP_REASON_DROP_MIN"],
         event_types=_xmacro(text, "FP_EVENT_TYPES") if "FP_EVENT_TYPES(X)" in text else {},
+        ct_states=_xmacro(text, "FP_CT_STATES") if "FP_CT_STATES(X)" in text else {},
+        ct_events=_xmacro(text, "FP_CT_EVENTS") if "FP_CT_EVENTS(X)" in text else {},
     )
 
 

@@ -15,8 +15,12 @@
 #include <linux/types.h>
 
 /* Pinned map names (kernel limit: 15 characters). The suffix is the layout
- * version; the agent refuses a pinned map whose key/value size or type does
- * not match and migrates it (agent/datapath/pins.py). */
+ * version; the name before it is the map's lineage. A pinned map whose
+ * layout (BTF fingerprint: field names, offsets and sizes, recursively) or
+ * size differs from what the agent compiled, or an older version of the
+ * same lineage, is migrated field by field by name into the new map
+ * (agent/datapath/btf.py reads the layouts, agent/conntrack/migrate.py
+ * plans the conntrack maps' entries), never reused as it is. */
 #define FP_MAP_ENDPOINTS  fp_ep4_v1
 #define FP_MAP_COUNTERS   fp_cnt_v1
 #define FP_MAP_BYPASS     fp_bypass4_v1
@@ -24,7 +28,11 @@
 #define FP_MAP_SERVICES   fp_svc4_v2
 #define FP_MAP_SLOTS      fp_slot4_v1
 #define FP_MAP_BACKENDS   fp_be4_v1
-#define FP_MAP_CT         fp_ct4_v1
+#define FP_MAP_CT         fp_ct4_v2
+#define FP_MAP_CT_NEW     fp_ctnew4_v1
+#define FP_MAP_CT_POLICY  fp_ctpol4_v1
+#define FP_MAP_FRAG       fp_frag4_v1
+#define FP_MAP_CT_STATS   fp_ctstat_v1
 #define FP_MAP_AFFINITY   fp_aff4_v1
 #define FP_MAP_SOCKREV    fp_sockrev4_v1
 #define FP_MAP_CONFIG     fp_cfg_v3
@@ -77,12 +85,15 @@ _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 	X(FP_FWD_SVC,          7, "service-translated")        \
 	X(FP_FWD_REVNAT,       8, "service-reply-restored")    \
 	X(FP_FWD_AUDIT,        9, "policy-audit-would-deny")   \
+	X(FP_FWD_RELATED,     10, "related-icmp-restored")     \
 	X(FP_DROP_INVALID,   100, "dropped-invalid-packet")    \
 	X(FP_DROP_SPOOFED,   101, "dropped-source-spoofed")    \
 	X(FP_DROP_REDIRECT,  102, "dropped-redirect-failed")   \
 	X(FP_DROP_NO_BACKEND, 103, "dropped-service-no-backend") \
 	X(FP_DROP_CSUM,      104, "dropped-checksum-update") \
-	X(FP_DROP_POLICY,    105, "dropped-policy-denied")
+	X(FP_DROP_POLICY,    105, "dropped-policy-denied")     \
+	X(FP_DROP_CT_NO_BACKEND, 106, "dropped-ct-no-backend") \
+	X(FP_DROP_FRAG_NO_FIRST, 107, "dropped-fragment-without-first")
 
 #define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_dir { FP_DIRS(FP_ENUM_ENTRY) };
@@ -172,11 +183,16 @@ struct fp_slot {
 	__u32 backend_id;      /* HBO */
 };
 
+/* A terminating backend (its pod is going away) stays in the backends map
+ * for the flows already on it; slots never name it and affinity skips it,
+ * so no new connection chooses it. */
+#define FP_BE_F_DRAINING (1U << 0)
+
 struct fp_backend4 {
 	__be32 ip;             /* NBO */
 	__be16 port;           /* NBO */
 	__u8 proto;
-	__u8 flags;
+	__u8 flags;            /* FP_BE_F_* */
 };
 _Static_assert(sizeof(struct fp_backend4) == 8, "fp_backend4 layout");
 
@@ -206,39 +222,139 @@ struct fp_srcrange4_key {
 };
 _Static_assert(sizeof(struct fp_srcrange4_key) == 12, "fp_srcrange4_key layout");
 
-/* Connection tracking of translated flows (LRU). The forward entry (dir 0,
- * the client's tuple towards the VIP) remembers the backend; the reply entry
- * (dir 1, the backend's tuple back to the client) remembers the VIP to put
- * back as source. */
+/* Connection tracking (bpf/lib/ct.h owns it; agent/conntrack/ is its agent
+ * side). Four maps, so that one kind of state can never evict another:
+ *
+ *   FP_MAP_CT         hash (never evicts): translated flows that are
+ *                     established (TCP: the handshake completed; other
+ *                     protocols: a reply was seen). Removed when they start
+ *                     closing (moved to FP_MAP_CT_NEW), when idle past their
+ *                     lifetime (the agent's GC), or by the agent's purge.
+ *   FP_MAP_CT_NEW     LRU: translated flows that are new, half-open or
+ *                     closing, and established ones the hash could not take
+ *                     (full: counted as FP_CTE_PROMOTE_FULL). A SYN flood or
+ *                     thousands of closed flows evict only each other here.
+ *   FP_MAP_CT_POLICY  LRU: flows NetworkPolicy admitted (one entry per flow,
+ *                     keyed by the tuple after translation, lower
+ *                     (address, port) end first, dir FP_CT_POLICY).
+ *   FP_MAP_FRAG       LRU: what the first fragment of a datagram decided,
+ *                     for the fragments after it (struct fp_frag4).
+ *
+ * A translated flow has two entries with the same value layout: the
+ * forward one (dir FP_CT_FORWARD, the client's tuple towards the VIP)
+ * names the backend; the reply one (dir FP_CT_REPLY, the backend's tuple
+ * back to the client) names the VIP to put back as source. Both always
+ * live in the same map and carry the flow's state; a packet refreshes its
+ * own entry and, at most once a second, its partner, so a flow is idle
+ * only when both directions are.
+ *
+ * An entry older than its state's lifetime is absent for the datapath as
+ * for the agent. Lifetimes are build options set from agent/config.py
+ * (conntrack_tcp_*_timeout, conntrack_idle_timeout), in seconds:
+ * FP_CT_TCP_SYN_S, FP_CT_TCP_ESTABLISHED_S, FP_CT_TCP_FIN_S,
+ * FP_CT_TCP_CLOSE_S, FP_CT_OTHER_S. */
 #define FP_CT_FORWARD 0
 #define FP_CT_REPLY   1
+#define FP_CT_POLICY  2
 
-/* fp_ct4.flags */
-#define FP_CT_F_HAIRPIN (1U << 0)  /* a pod reaching itself through a Service:
-				    * its source is replaced by the local
-				    * router address (FP_HAIRPIN_IP), because a
-				    * pod drops packets whose source is its own IP */
+/* fp_ct4.flags and fp_ctpol4.flags */
+#define FP_CT_F_HAIRPIN   (1U << 0)  /* a pod reaching itself through a Service:
+				      * its source is replaced by the local
+				      * router address (FP_HAIRPIN_IP), because a
+				      * pod drops packets whose source is its own IP */
+#define FP_CT_F_FIN_ORIG  (1U << 1)  /* the flow's originator sent a FIN */
+#define FP_CT_F_FIN_REPLY (1U << 2)  /* the other end sent a FIN */
+#define FP_CT_F_ORIG_HIGH (1U << 3)  /* policy entries: the originator is the
+				      * key's (daddr, dport) end */
+
+/* Flow states. TCP follows the handshake and the FINs; other protocols
+ * are FP_CT_NEW until a reply is seen, then FP_CT_ESTABLISHED. */
+#define FP_CT_STATES(X)                          \
+	X(FP_CT_NEW,         0, "new")           \
+	X(FP_CT_SYN_RECV,    1, "syn-recv")      \
+	X(FP_CT_ESTABLISHED, 2, "established")   \
+	X(FP_CT_FIN_WAIT,    3, "fin-wait")      \
+	X(FP_CT_CLOSED,      4, "closed")
+
+#define FP_ENUM_ENTRY(name, val, label) name = val,
+enum fp_ct_state { FP_CT_STATES(FP_ENUM_ENTRY) };
+#undef FP_ENUM_ENTRY
 
 struct fp_ct4_key {
 	__be32 saddr;          /* NBO */
 	__be32 daddr;          /* NBO */
-	__be16 sport;          /* NBO */
+	__be16 sport;          /* NBO; ICMP echo: the identifier at the requester's end */
 	__be16 dport;          /* NBO */
 	__u8 proto;
-	__u8 dir;              /* FP_CT_FORWARD / FP_CT_REPLY */
+	__u8 dir;              /* FP_CT_FORWARD / FP_CT_REPLY / FP_CT_POLICY */
 	__u16 pad;
 };
 _Static_assert(sizeof(struct fp_ct4_key) == 16, "fp_ct4_key layout");
 
 struct fp_ct4 {
-	__u64 last_seen;       /* HBO: bpf_ktime_get_ns() */
+	__u64 last_seen;       /* HBO: bpf_ktime_get_ns() of the last refresh (coarse, ~1 s) */
 	__be32 nat_addr;       /* NBO: forward: backend IP; reply: VIP */
 	__be16 nat_port;       /* NBO */
-	__u16 flags;
+	__u8 flags;            /* FP_CT_F_* */
+	__u8 state;            /* enum fp_ct_state */
 	__u32 backend_id;      /* HBO */
 	__u32 svc_id;          /* HBO */
 };
 _Static_assert(sizeof(struct fp_ct4) == 24, "fp_ct4 layout");
+
+struct fp_ctpol4 {
+	__u64 last_seen;       /* HBO: as in fp_ct4 */
+	__u8 flags;            /* FP_CT_F_* */
+	__u8 state;            /* enum fp_ct_state */
+	__u16 pad;
+	__u32 pad2;
+};
+_Static_assert(sizeof(struct fp_ctpol4) == 16, "fp_ctpol4 layout");
+
+/* Fragments: the first fragment of a datagram (offset 0, MF set) is judged
+ * and translated like any packet, and what it got is kept under its
+ * arrival (source, destination, protocol, IP id): the later fragments,
+ * which carry no ports, get the same addresses and the same verdict. A
+ * later fragment with no record (its first one not seen, or more than
+ * FP_FRAG_LIFETIME_NS ago) is dropped (FP_DROP_FRAG_NO_FIRST) wherever its
+ * ports would matter. */
+#define FP_FRAG_MAX 8192
+#define FP_FRAG_LIFETIME_NS (30ULL * 1000000000ULL)  /* Linux's ipfrag_time */
+
+struct fp_frag4_key {
+	__be32 saddr;          /* NBO: as the fragments arrive */
+	__be32 daddr;          /* NBO */
+	__be16 id;             /* NBO: IP identification */
+	__u8 proto;
+	__u8 pad;
+};
+_Static_assert(sizeof(struct fp_frag4_key) == 12, "fp_frag4_key layout");
+
+struct fp_frag4 {
+	__u64 first_seen;      /* HBO: ns */
+	__be32 saddr;          /* NBO: the source the fragments leave with */
+	__be32 daddr;          /* NBO: the destination they leave with */
+	__be16 sport;          /* NBO: the first fragment's ports, as it arrived */
+	__be16 dport;          /* NBO */
+	__u16 reason;          /* HBO: enum fp_reason of the first fragment (a drop drops them all) */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_frag4) == 24, "fp_frag4 layout");
+
+/* Conntrack events, per-CPU counters (an array of __u64 indexed by these);
+ * the agent exports them as fastpath_conntrack_events_total{event}. */
+#define FP_CT_EVENTS(X)                                      \
+	X(FP_CTE_CREATED,      0, "created")                 \
+	X(FP_CTE_PROMOTED,     1, "promoted")                \
+	X(FP_CTE_PROMOTE_FULL, 2, "promotion-failed-full")   \
+	X(FP_CTE_DEMOTED,      3, "demoted")                 \
+	X(FP_CTE_RELATED,      4, "related-icmp")            \
+	X(FP_CTE_FRAG_FOLLOWED, 5, "fragment-followed")
+
+#define FP_ENUM_ENTRY(name, val, label) name = val,
+enum fp_ct_event { FP_CT_EVENTS(FP_ENUM_ENTRY) };
+#undef FP_ENUM_ENTRY
+#define FP_CTE_COUNT 8
 
 /* ClientIP session affinity: (service, client) -> backend, last use. */
 struct fp_aff4_key {
@@ -365,15 +481,6 @@ struct fp_polcnt_key {
 	__u16 pad;
 };
 _Static_assert(sizeof(struct fp_polcnt_key) == 8, "fp_polcnt_key layout");
-
-/* Policy conntrack: flows admitted while enforcement is on live in the
- * conntrack map (struct fp_ct4_key with dir FP_CT_POLICY, keyed by the
- * tuple after service translation, lower (address, port) end first so one
- * entry serves both directions), so that later packets and replies skip
- * the rule lookups, and a policy change does not cut established flows. */
-#define FP_CT_POLICY  2
-#define FP_CT_POLICY_TCP_LIFETIME_NS   (6ULL * 3600 * 1000000000ULL)
-#define FP_CT_POLICY_OTHER_LIFETIME_NS (60ULL * 1000000000ULL)
 
 /* Events to `fastpath monitor`: a ring buffer of struct fp_event. */
 #define FP_EVENT_TYPES(X)                     \

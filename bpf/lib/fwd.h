@@ -19,7 +19,6 @@
 #include <uapi/linux/ip.h>
 #include <linux/socket.h>
 #include "lib/parse.h"
-#include "lib/lb.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -58,8 +57,8 @@ static __always_inline int fp_set_macs(struct __sk_buff *skb, __u8 *dst, __u8 *s
 }
 
 /* Deliver to a pod on this node. Returns the tc verdict; *reason is set.
- * A reply of a translated flow gets its VIP back first: this is where
- * replies meet their client, whichever way they came. */
+ * Callers restore a translated flow's VIP first (fp_ct_reverse): delivery
+ * is where replies meet their client, whichever way they came. */
 static __always_inline int fp_redirect_local(struct __sk_buff *skb, struct fp_ipv4 *ip,
 					     const struct fp_endpoint *dst, enum fp_reason *reason)
 {
@@ -69,10 +68,6 @@ static __always_inline int fp_redirect_local(struct __sk_buff *skb, struct fp_ip
 	if (ip->ttl <= 1) {
 		*reason = FP_FWD_TTL;
 		return FP_TC_CONTINUE;
-	}
-	if (fp_lb_reverse(skb, ip) < 0) {
-		*reason = FP_DROP_CSUM;
-		return TC_ACT_SHOT;
 	}
 	/* Copy before writing the packet: the map value stays valid, but keep
 	 * the helper arguments on the stack as the verifier prefers. */
@@ -94,7 +89,11 @@ static __always_inline int fp_redirect_local(struct __sk_buff *skb, struct fp_ip
 
 /* Send towards the VPC by the ENI the pod's policy routing selects.
  * `eni_ifindex` is the pod's ENI; any other FIB answer goes to the stack so
- * that fastpath never takes a path the node's routing would not. */
+ * that fastpath never takes a path the node's routing would not.
+ * No length is given to the lookup: the kernel then checks the packet
+ * against the ENI's MTU itself, segment by segment for a GSO packet (a
+ * pod's TCP sends 64 KB ones). A packet too big for it goes to the stack,
+ * which fragments it or answers "fragmentation needed" (path MTU). */
 static __always_inline int fp_redirect_vpc(struct __sk_buff *skb, const struct fp_ipv4 *ip,
 					   __u32 eni_ifindex, enum fp_reason *reason)
 {
@@ -104,7 +103,7 @@ static __always_inline int fp_redirect_vpc(struct __sk_buff *skb, const struct f
 	fib.family = AF_INET;
 	fib.tos = ip->tos;
 	fib.l4_protocol = ip->proto;
-	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.tot_len = 0;
 	fib.ipv4_src = ip->saddr;
 	fib.ipv4_dst = ip->daddr;
 	fib.ifindex = skb->ifindex;

@@ -9,6 +9,7 @@
 
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
 
 enum fp_parse_result {
 	FP_PARSE_IPV4 = 0,
@@ -25,7 +26,24 @@ struct fp_ipv4 {
 	__u8 ttl;
 	__u8 tos;
 	__u8 ihl_bytes;
+	__be16 frag_off;       /* NBO: flags and fragment offset, as in the header */
+	__be16 id;             /* NBO: identification (fragments of one datagram share it) */
 };
+
+#define FP_IP_MF     0x2000    /* more fragments (host order of frag_off) */
+#define FP_IP_OFFSET 0x1FFF    /* fragment offset, in 8-byte units */
+
+/* A fragment after the first: no L4 header, no ports. */
+static __always_inline int fp_ip_later_fragment(const struct fp_ipv4 *ip)
+{
+	return (ip->frag_off & bpf_htons(FP_IP_OFFSET)) != 0;
+}
+
+/* The first fragment of a datagram that has more. */
+static __always_inline int fp_ip_first_fragment(const struct fp_ipv4 *ip)
+{
+	return (ip->frag_off & bpf_htons(FP_IP_MF | FP_IP_OFFSET)) == bpf_htons(FP_IP_MF);
+}
 
 static __always_inline int fp_parse_ipv4(struct __sk_buff *skb, struct fp_ipv4 *out)
 {
@@ -66,7 +84,102 @@ static __always_inline int fp_parse_ipv4(struct __sk_buff *skb, struct fp_ipv4 *
 	out->ttl = ip->ttl;
 	out->tos = ip->tos;
 	out->ihl_bytes = ip->ihl * 4;
+	out->frag_off = ip->frag_off;
+	out->id = ip->id;
 	return FP_PARSE_IPV4;
+}
+
+/* What a packet carries above IPv4, parsed once per packet. */
+#define FP_L4_NONE       0   /* no ports: other protocols, other ICMP types */
+#define FP_L4_PORTS      1   /* TCP, UDP, SCTP: the only or first fragment */
+#define FP_L4_ECHO       2   /* ICMP echo request or reply: the identifier as a port */
+#define FP_L4_ICMP_ERR   3   /* ICMP unreachable, time exceeded, parameter problem */
+#define FP_L4_LATER_FRAG 4   /* a fragment after the first: nothing to parse */
+
+#define FP_TCP_FIN 0x01
+#define FP_TCP_SYN 0x02
+#define FP_TCP_RST 0x04
+#define FP_TCP_ACK 0x10
+
+#define FP_ICMP_ECHOREPLY   0
+#define FP_ICMP_UNREACH     3
+#define FP_ICMP_ECHO        8
+#define FP_ICMP_TIMXCEED    11
+#define FP_ICMP_PARAMPROB   12
+#define FP_SCTP_CHUNK_INIT  1
+
+struct fp_l4 {
+	__be16 sport;          /* NBO; ICMP echo: the identifier at the requester's end, 0 at the other */
+	__be16 dport;          /* NBO */
+	__u32 off;             /* HBO: offset of the L4 header */
+	__u8 kind;             /* FP_L4_* */
+	__u8 tcp_flags;        /* TCP: the header's flags byte */
+	__u8 icmp_type;
+	__u8 opening;          /* may start a flow: TCP SYN without ACK, SCTP INIT, any
+				* UDP datagram, ICMP echo request */
+};
+
+/* Parse the transport header. Returns 0 when the packet has ports (TCP,
+ * UDP or SCTP), -1 otherwise; l4->kind says what it is in every case. */
+static __always_inline int fp_parse_l4(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+				       struct fp_l4 *l4)
+{
+	__be16 ports[2];
+	__u8 b[2];
+
+	l4->sport = 0;
+	l4->dport = 0;
+	l4->tcp_flags = 0;
+	l4->icmp_type = 0;
+	l4->opening = 0;
+	l4->kind = FP_L4_NONE;
+	l4->off = ip->l3_off + ip->ihl_bytes;
+	if (fp_ip_later_fragment(ip)) {
+		l4->kind = FP_L4_LATER_FRAG;
+		return -1;
+	}
+	if (ip->proto == IPPROTO_ICMP) {
+		if (bpf_skb_load_bytes(skb, l4->off, b, 2))
+			return -1;
+		l4->icmp_type = b[0];
+		if (b[0] == FP_ICMP_ECHO || b[0] == FP_ICMP_ECHOREPLY) {
+			__be16 id;
+
+			if (bpf_skb_load_bytes(skb, l4->off + 4, &id, 2))
+				return -1;
+			l4->kind = FP_L4_ECHO;
+			if (b[0] == FP_ICMP_ECHO) {
+				l4->sport = id;
+				l4->opening = 1;
+			} else {
+				l4->dport = id;
+			}
+		} else if (b[0] == FP_ICMP_UNREACH || b[0] == FP_ICMP_TIMXCEED ||
+			   b[0] == FP_ICMP_PARAMPROB) {
+			l4->kind = FP_L4_ICMP_ERR;
+		}
+		return -1;
+	}
+	if (ip->proto != IPPROTO_TCP && ip->proto != IPPROTO_UDP && ip->proto != IPPROTO_SCTP)
+		return -1;
+	if (bpf_skb_load_bytes(skb, l4->off, ports, sizeof(ports)))
+		return -1;
+	l4->sport = ports[0];
+	l4->dport = ports[1];
+	if (ip->proto == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, l4->off + 13, b, 1))
+			return -1;
+		l4->tcp_flags = b[0];
+		l4->opening = (b[0] & (FP_TCP_SYN | FP_TCP_ACK)) == FP_TCP_SYN;
+	} else if (ip->proto == IPPROTO_SCTP) {
+		if (bpf_skb_load_bytes(skb, l4->off + 12, b, 1))
+			return -1;
+		l4->opening = b[0] == FP_SCTP_CHUNK_INIT;
+	} else {
+		l4->opening = 1;
+	}
+	l4->kind = FP_L4_PORTS;
+	return 0;
 }
 
 #endif /* FP_LIB_PARSE_H */

@@ -1,10 +1,10 @@
 /* NetworkPolicy checks and the events that report them.
  *
  * A packet is judged on its real addresses, after service translation. A
- * flow that is already admitted (its tuple, or the reverse one for a reply,
- * is in the conntrack map under FP_CT_POLICY) passes without rule lookups;
- * a new flow is checked at the source pod's egress and at the destination
- * pod's ingress, each check being:
+ * flow that is already admitted (conntrack's policy entry, lib/ct.h)
+ * passes without rule lookups, and so does an ICMP error quoting a packet
+ * of an admitted flow (RELATED); a new flow is checked at the source pod's
+ * egress and at the destination pod's ingress, each check being:
  *
  *   isolation = policy_endpoints[pod].dir[d]      (absent: not isolated)
  *   rule = rules[pod, peer identity, d, proto, dport]
@@ -18,7 +18,7 @@
 #define FP_LIB_POLICY_H
 
 #include "lib/parse.h"
-#include "lib/lb.h"
+#include "lib/ct.h"
 
 #ifndef barrier_var
 #define barrier_var(var) asm volatile("" : "+r"(var))
@@ -134,34 +134,19 @@ static __always_inline void fp_policy_event(struct __sk_buff *skb, enum fp_dir w
 	fp_event_submit(ev);
 }
 
-static __always_inline void fp_policy_ct_key(struct fp_ct4_key *key, const struct fp_ipv4 *ip,
-					    __be16 sport, __be16 dport)
-{
-	int swap = ip->saddr > ip->daddr || (ip->saddr == ip->daddr && sport > dport);
-
-	key->saddr = swap ? ip->daddr : ip->saddr;
-	key->daddr = swap ? ip->saddr : ip->daddr;
-	key->sport = swap ? dport : sport;
-	key->dport = swap ? sport : dport;
-	key->proto = ip->proto;
-	key->dir = FP_CT_POLICY;
-	key->pad = 0;
-}
-
 /* Judge a packet (already translated). Returns 0 to let it pass, -1 to drop
  * it (v says which check and policy decided). `check_egress`: the source is
- * a pod of this node whose egress has not been checked on the way here. */
+ * a pod of this node whose egress has not been checked on the way here.
+ * Rules see the destination port of TCP, UDP and SCTP; anything else is
+ * looked up with port 0 (ICMP is admitted only by rules without ports, as
+ * Kubernetes defines). */
 static __always_inline int fp_policy_judge(struct __sk_buff *skb, enum fp_dir where,
-					   const struct fp_ipv4 *ip, __be16 sport,
-					   __be16 dport, int check_egress,
-					   struct fp_verdict *v)
+					   const struct fp_ipv4 *ip, const struct fp_l4 *l4,
+					   int check_egress, struct fp_verdict *v)
 {
-	struct fp_ct4_key key = {};
-	struct fp_ct4 *ct, entry = {};
 	__u64 now = bpf_ktime_get_ns();
-	__u64 lifetime = ip->proto == IPPROTO_TCP ? FP_CT_POLICY_TCP_LIFETIME_NS
-						  : FP_CT_POLICY_OTHER_LIFETIME_NS;
 	__u32 eg_id = 0, in_id = 0, eg_peer = 0, in_peer = 0;
+	__be16 sport = l4->sport, dport = l4->kind == FP_L4_PORTS ? l4->dport : 0;
 	int eg = FP_PV_NONE, in;
 	__u32 events;
 
@@ -169,16 +154,11 @@ static __always_inline int fp_policy_judge(struct __sk_buff *skb, enum fp_dir wh
 	v->peer_id = 0;
 	v->dir = FP_POL_EGRESS;
 
-	/* An admitted flow, in either direction: one entry per flow, its
-	 * endpoints in a fixed order, so one lookup serves both ways. */
-	fp_policy_ct_key(&key, ip, sport, dport);
-	ct = fp_ct_lookup(&key);
-	if (ct && now - ct->last_seen < lifetime) {
-		/* a coarse refresh keeps the entry's cache line mostly read-only */
-		if (now - ct->last_seen > FP_NSEC_PER_SEC)
-			ct->last_seen = now;
+	/* an admitted flow, in either direction, or an error about one */
+	if (fp_ct_policy_seen(ip, l4, now))
 		return 0;
-	}
+	if (l4->kind == FP_L4_ICMP_ERR && fp_ct_policy_related(skb, l4, now))
+		return 0;
 
 	/* A new flow. */
 	if (check_egress) {
@@ -228,24 +208,8 @@ static __always_inline int fp_policy_judge(struct __sk_buff *skb, enum fp_dir wh
 				d == FP_POL_INGRESS ? in_peer : eg_peer);
 	}
 
-	entry.last_seen = now;
-	fp_ct_put(&key, &entry);
+	fp_ct_policy_admit(ip, l4, now);
 	return 0;
-}
-
-/* The tuple's ports for policy: TCP/UDP/SCTP ports, 0 for anything else
- * (ICMP is admitted only by rules without ports, as Kubernetes defines). */
-static __always_inline void fp_policy_ports(struct __sk_buff *skb, const struct fp_ipv4 *ip,
-					    __be16 *sport, __be16 *dport)
-{
-	struct fp_l4 l4;
-
-	*sport = 0;
-	*dport = 0;
-	if (fp_parse_l4(skb, ip, &l4) == 0) {
-		*sport = l4.sport;
-		*dport = l4.dport;
-	}
 }
 
 /* A drop or (when asked for) a forwarding decision, to the monitor: the

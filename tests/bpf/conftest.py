@@ -135,3 +135,32 @@ def run_prog(dp: Datapath, netns: str, prog: str, packet: bytes, ifindex: int,
     rec = dp.maps.decision()
     return Run(res.retval, res.data, DEFS.reason(rec.reason),
                DEFS.redirect_kinds[rec.kind].label, rec.ifindex, ip_from_be32(rec.nexthop), rec)
+
+
+# Conntrack lifetimes of the `ct_dp` datapath: short, and each state's its
+# own, so a test can tell which one the programs applied.
+CT_LIFETIMES = dict(conntrack_tcp_syn_timeout=40, conntrack_tcp_idle_timeout=300,
+                    conntrack_tcp_fin_timeout=25, conntrack_tcp_close_timeout=7,
+                    conntrack_idle_timeout=55)
+CT_SMALL = 1024           # entries of each conntrack map of `ct_dp`
+
+
+@pytest.fixture(scope="session")
+def ct_dp(bpffs, bpfnet):
+    """A second datapath (its own pins) with the lifetimes above and the
+    smallest conntrack maps the configuration allows."""
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/ct", service_cidrs=SERVICE_CIDR,
+                                    conntrack_map_size=CT_SMALL,
+                                    conntrack_new_map_size=CT_SMALL,
+                                    conntrack_policy_map_size=CT_SMALL, **CT_LIFETIMES)
+    d = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
+    n = bpfnet
+    d.maps.endpoint_put(Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac, n.pod_a_mac,
+                                 "eth1", n.eth1.ifindex))
+    d.maps.endpoint_put(Endpoint(POD_B, "caliB", n.cali_b.ifindex, n.cali_b.mac, n.pod_b_mac,
+                                 "eth1", n.eth1.ifindex))
+    d.maps.endpoint_put(Endpoint(POD_C, "caliC", n.cali_c.ifindex, n.cali_c.mac, n.pod_c_mac))
+    try:
+        yield d
+    finally:
+        d.close()

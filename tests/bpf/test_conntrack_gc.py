@@ -1,125 +1,127 @@
-"""Conntrack garbage collection (agent/conntrack.py) on entries the
-programs really wrote: a flow goes only when both of its entries are idle
-for longer than its protocol's timeout; hairpinned flows pair up through
-the router address; an orphan reply entry goes on its own timeout."""
+"""Conntrack garbage collection (agent/conntrack/gc.py) on entries the
+programs really wrote: an entry goes once it is past its state's lifetime,
+the same lifetime the programs apply; one refreshed while the sweep runs is
+kept; fragment records go after Linux's reassembly time."""
 from __future__ import annotations
 
-from scapy.layers.inet import IP, TCP, UDP
+import itertools
+import time
+
+import pytest
+from scapy.layers.inet import IP, UDP, fragment
 from scapy.layers.l2 import Ether
 
-from agent.conntrack import sweep
-from agent.datapath.maps import be16, be32
-from tests.bpf.conftest import POD_A, POD_B, run_prog
+from agent.model import conntrack as M
+from agent.conntrack.gc import sweep
+from tests.bpf.conftest import CT_LIFETIMES, POD_A, POD_B, run_prog
+from tests.bpf.test_conntrack import LIFE, Conn, find
 
-VIP = "192.168.51.10"
-SEC = 10**9
-TCP_IDLE, OTHER_IDLE = 3600 * SEC, 60 * SEC
-
-
-def send(dp, net, proto, sport, dport=80, src=POD_A, dst=VIP, iface=None, mac=None):
-    l4 = TCP(sport=sport, dport=dport, flags="S") if proto == "TCP" else UDP(sport=sport, dport=dport)
-    iface = iface or net.cali_a
-    pkt = Ether(src=mac or net.pod_a_mac, dst=iface.mac) / IP(src=src, dst=dst) / l4 / b"x"
-    return run_prog(dp, net.ns, "fp_from_pod", bytes(pkt), iface.ifindex)
+VIP_GC = "192.168.83.10"
+SEC = 1_000_000_000
+_ports = itertools.count(32000)
 
 
-def flows(lb) -> dict:
-    return {(c.direction, c.saddr, c.sport, c.daddr, c.dport, c.proto): c for c in lb.conntrack()}
-
-
-def set_last_seen(lb, row, value: int) -> None:
-    t = lb.conntrack_table()
-    from agent.datapath.maps import DEFS
-    d = DEFS.defines["FP_CT_REPLY"] if row.direction == "reply" else DEFS.defines["FP_CT_FORWARD"]
-    k = t.Key(be32(row.saddr), be32(row.daddr), be16(row.sport), be16(row.dport),
-              {"TCP": 6, "UDP": 17}[row.proto], d)
-    v = t[k]
-    v.last_seen = value
-    t[k] = v
-
-
-def test_idle_flows_are_removed_whole_and_live_ones_kept(dp, bpfnet):
-    lb = dp.lb
-    lb.conntrack_flush()
+@pytest.fixture(scope="module")
+def svc(ct_dp):
+    lb = ct_dp.lb
     lb.put_backend(41, POD_B, 8080, "TCP")
     lb.put_backend(42, POD_B, 5353, "UDP")
-    lb.put_backend(43, POD_A, 8080, "TCP")
     lb.put_slots(41, [41])
-    lb.put_service(VIP, 80, "TCP", 41, 1)
+    lb.put_service(VIP_GC, 80, "TCP", 41, 1)
     lb.put_slots(42, [42])
-    lb.put_service(VIP, 53, "UDP", 42, 1)
-    lb.put_slots(43, [43])
-    lb.put_service(VIP, 81, "TCP", 43, 1)
-    hairpin = dp.config.local_router_ipv4
-    try:
-        send(dp, bpfnet, "TCP", 41000)
-        send(dp, bpfnet, "UDP", 41001, dport=53)
-        send(dp, bpfnet, "TCP", 41002)            # a flow kept alive by its replies
-        send(dp, bpfnet, "TCP", 41003, dport=81)  # a pod reaching itself
-        ct = flows(lb)
-        assert len(ct) == 8, sorted(ct)
-        assert ("reply", POD_A, 8080, hairpin, 41003, "TCP") in ct
-        t0 = max(r.last_seen_ns for r in ct.values())
-        table = lb.conntrack_table()
-
-        # within every timeout: nothing goes
-        assert sweep(table, t0 + OTHER_IDLE - SEC, TCP_IDLE, OTHER_IDLE, hairpin) == 0
-        # past the UDP timeout only: the UDP flow's two entries go
-        assert sweep(table, t0 + OTHER_IDLE + SEC, TCP_IDLE, OTHER_IDLE, hairpin) == 2
-        assert not any(k[5] == "UDP" for k in flows(lb))
-
-        # 41002's backend keeps answering: its reply entry is fresh
-        rep = flows(lb)[("reply", POD_B, 8080, POD_A, 41002, "TCP")]
-        set_last_seen(lb, rep, t0 + TCP_IDLE)
-        removed = sweep(table, t0 + TCP_IDLE + SEC, TCP_IDLE, OTHER_IDLE, hairpin)
-        left = flows(lb)
-        # 41000 and the hairpinned 41003 (paired through the router address) went
-        assert removed == 4, sorted(left)
-        assert set(left) == {("forward", POD_A, 41002, VIP, 80, "TCP"),
-                             ("reply", POD_B, 8080, POD_A, 41002, "TCP")}
-
-        # an orphan reply entry (its forward one evicted) goes on its own age
-        fwd = left[("forward", POD_A, 41002, VIP, 80, "TCP")]
-        t = lb.conntrack_table()
-        del t[t.Key(be32(fwd.saddr), be32(fwd.daddr), be16(fwd.sport), be16(fwd.dport), 6, 0)]
-        assert sweep(table, t0 + TCP_IDLE + SEC, TCP_IDLE, OTHER_IDLE, hairpin) == 0
-        assert sweep(table, t0 + 2 * TCP_IDLE + 2 * SEC, TCP_IDLE, OTHER_IDLE, hairpin) == 1
-        assert flows(lb) == {}
-    finally:
-        for port, proto in ((80, "TCP"), (53, "UDP"), (81, "TCP")):
-            lb.delete_service(VIP, port, proto)
-        for svc in (41, 42, 43):
-            lb.delete_slots(svc, 1, 1)
-            lb.delete_backend(svc)
-        lb.conntrack_flush()
-
-
-def test_an_entry_refreshed_during_the_sweep_is_kept(dp, bpfnet):
-    """The sweep reads each entry again before deleting it."""
-    lb = dp.lb
+    lb.put_service(VIP_GC, 53, "UDP", 42, 1)
     lb.conntrack_flush()
-    lb.put_backend(44, POD_B, 5353, "UDP")
-    lb.put_slots(44, [44])
-    lb.put_service(VIP, 54, "UDP", 44, 1)
-    try:
-        send(dp, bpfnet, "UDP", 42000, dport=54)
-        table = lb.conntrack_table()
+    yield lb
+    lb.delete_service(VIP_GC, 80, "TCP")
+    lb.delete_service(VIP_GC, 53, "UDP")
+    lb.conntrack_flush()
 
-        from agent.conntrack import read_entries
-        last = max(r.last_seen_ns for r in lb.conntrack())
-        walked = read_entries(table)
-        assert len(walked) == 2
-        send(dp, bpfnet, "UDP", 42000, dport=54)      # a packet right after the walk
-        assert sweep(table, last + OTHER_IDLE + SEC, TCP_IDLE, OTHER_IDLE, "169.254.10.1",
-                     entries=walked) == 0
-        # the forward entry was refreshed under the sweep: the flow lives,
-        # with both entries (its replies still need theirs)
-        assert sorted(r.direction for r in lb.conntrack()) == ["forward", "reply"]
-        # once idle again, both go
-        now = max(r.last_seen_ns for r in lb.conntrack())
-        assert sweep(table, now + OTHER_IDLE + SEC, TCP_IDLE, OTHER_IDLE, "169.254.10.1") == 2
-    finally:
-        lb.delete_service(VIP, 54, "UDP")
-        lb.delete_slots(44, 1, 1)
-        lb.delete_backend(44)
-        lb.conntrack_flush()
+
+def conn_in(dp, net, state: str):
+    """A real connection brought to `state` by its packets."""
+    c = Conn(dp, net, vip=VIP_GC)
+    c.client("S")
+    if state in ("syn-recv", "established", "fin-wait", "closed"):
+        c.server("SA")
+    if state in ("established", "fin-wait", "closed"):
+        c.client("A")
+    if state in ("fin-wait", "closed"):
+        c.client("FA")
+    if state == "closed":
+        c.server("FA")
+    assert {s for _, s in c.state()} == {state}
+    return c
+
+
+def test_each_entry_goes_when_past_its_states_lifetime(ct_dp, bpfnet, svc):
+    ct = ct_dp.lb.ct
+    conns = {s: conn_in(ct_dp, bpfnet, s)
+             for s in ("new", "syn-recv", "established", "fin-wait", "closed")}
+    udp_port = next(_ports)
+    q = Ether(src=bpfnet.pod_a_mac, dst=bpfnet.cali_a.mac) / IP(src=POD_A, dst=VIP_GC) \
+        / UDP(sport=udp_port, dport=53) / b"q"
+    run_prog(ct_dp, bpfnet.ns, "fp_from_pod", bytes(q), bpfnet.cali_a.ifindex)
+    t0 = max(v.last_seen for t in ct.NAT_TABLES for _, v in ct.nat_entries(t))
+    total = len(ct_dp.lb.conntrack())
+    assert total == 12
+
+    # just before the shortest lifetime (closed): nothing goes
+    assert sweep(ct, t0 + (LIFE.tcp_close - 1) * SEC, LIFE) == 0
+    # past it: the closed connection's two entries, nothing else
+    assert sweep(ct, t0 + (LIFE.tcp_close + 1) * SEC, LIFE) == 2
+    assert conns["closed"].state() == [(None, None)] * 2
+    assert conns["fin-wait"].state() == [("new", "fin-wait")] * 2
+    # past the one-side-closed lifetime
+    assert sweep(ct, t0 + (LIFE.tcp_fin + 1) * SEC, LIFE) == 2
+    # past the handshake's: both half-open connections
+    assert sweep(ct, t0 + (LIFE.tcp_syn + 1) * SEC, LIFE) == 4
+    # past UDP's
+    assert sweep(ct, t0 + (LIFE.other + 1) * SEC, LIFE) == 2
+    assert conns["established"].state() == [("established", "established")] * 2
+    # and the established one last, from the map nothing else empties
+    assert sweep(ct, t0 + (LIFE.tcp_established - 1) * SEC, LIFE) == 0
+    assert sweep(ct, t0 + (LIFE.tcp_established + 1) * SEC, LIFE) == 2
+    assert ct_dp.lb.conntrack() == []
+
+
+def test_an_entry_refreshed_during_the_sweep_is_kept(ct_dp, bpfnet, svc):
+    ct = ct_dp.lb.ct
+    c = conn_in(ct_dp, bpfnet, "established")
+    walked = {t: ct.nat_entries(t) for t in ct.NAT_TABLES}
+    walked["policy"] = ct.policy_entries()
+    last = max(v.last_seen for t in ct.NAT_TABLES for _, v in walked[t])
+    # a packet right after the walk moves the flow on (state and stamp)
+    c.client("FA")
+    assert sweep(ct, last + (LIFE.tcp_syn + 1) * SEC, LIFE, entries={
+        t: [(k, v._replace(last_seen=last - LIFE.tcp_established * SEC)) for k, v in e]
+        for t, e in walked.items()}) == 0, "what the walk saw is stale: nothing goes"
+    assert c.state() == [("new", "fin-wait")] * 2
+
+
+def test_policy_entries_go_by_the_same_lifetimes(ct_dp, bpfnet, svc):
+    ct = ct_dp.lb.ct
+    now = time.monotonic_ns()
+    k_tcp = M.CtKey(1, 2, 3, 4, 6, M.POLICY)
+    k_udp = M.CtKey(1, 2, 3, 5, 17, M.POLICY)
+    ct.put("policy", k_tcp, M.PolicyValue(now - (LIFE.tcp_close + 1) * SEC, 0, M.CLOSED))
+    ct.put("policy", k_udp, M.PolicyValue(now - (LIFE.other - 5) * SEC, 0, M.NEW))
+    assert sweep(ct, now, LIFE) == 1
+    assert ct.get("policy", k_tcp) is None and ct.get("policy", k_udp) is not None
+    ct.delete("policy", [k_udp])
+
+
+def test_fragment_records_go_after_the_reassembly_time(ct_dp, bpfnet, svc):
+    ct = ct_dp.lb.ct
+    ct.delete_frag(k for k, _ in ct.frag_entries())
+    dgram = IP(src=POD_A, dst=VIP_GC, id=777) / UDP(sport=next(_ports), dport=53) / (b"z" * 2000)
+    first = fragment(dgram, fragsize=1200)[0]
+    run_prog(ct_dp, bpfnet.ns, "fp_from_pod",
+             bytes(Ether(src=bpfnet.pod_a_mac, dst=bpfnet.cali_a.mac) / first),
+             bpfnet.cali_a.ifindex)
+    recs = ct.frag_entries()
+    assert len(recs) == 1
+    seen = recs[0][1]
+    sweep(ct, seen + 29 * SEC, LIFE)
+    assert len(ct.frag_entries()) == 1
+    sweep(ct, seen + 31 * SEC, LIFE)
+    assert ct.frag_entries() == []

@@ -95,10 +95,14 @@ def test_a_resized_map_is_migrated_with_its_entries(bpffs):
     first.close()
     second = Datapath(_cfg(root, endpoints_map_size=32768)).load()
     try:
-        assert any("resized, 1 entries carried over" in n for n in second.migration_notes)
+        note = [n for n in second.migration_notes if "fp_ep4_v1" in n]
+        assert len(note) == 1 and "max 16384 (compiled 32768)" in note[0], note
+        assert "migrated 1 entries field by field" in note[0]
         info = map_info(second.module.table("fp_ep4_v1").map_fd)
         assert info.max_entries == 32768
         assert [e.ip for e in second.maps.endpoints()] == ["10.9.0.2"]
+        assert sorted(os.listdir(root)) == sorted(loader.pinned_map_names()), \
+            "the map set aside is gone once migrated"
     finally:
         second.close()
 
@@ -106,7 +110,8 @@ def test_a_resized_map_is_migrated_with_its_entries(bpffs):
 def test_a_pinned_map_with_another_layout_is_replaced_never_reused(bpffs):
     root = f"{bpffs}/layout"
     os.makedirs(root)
-    # an impostor: same name, a value 4 bytes shorter than struct fp_endpoint
+    # an impostor: same name, a value 4 bytes shorter than struct fp_endpoint,
+    # and no BTF: its layout cannot be known, so nothing is carried over
     lb = lib()
     lb.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32,
                                   ct.c_uint32, ct.c_void_p]
@@ -115,16 +120,20 @@ def test_a_pinned_map_with_another_layout_is_replaced_never_reused(bpffs):
     assert fd >= 0
     assert lb.bpf_obj_pin(fd, f"{root}/fp_ep4_v1".encode()) == 0
     os.close(fd)
-    # and a pin of an older layout version nobody uses any more
+    # and a pin of an older layout version, and one of a lineage gone
     fd = lb.bpf_map_create(1, b"fp_ep4_v0", 4, 24, 16, None)
     assert lb.bpf_obj_pin(fd, f"{root}/fp_ep4_v0".encode()) == 0
+    assert lb.bpf_obj_pin(fd, f"{root}/fp_gone_v3".encode()) == 0
     os.close(fd)
     d = Datapath(_cfg(root)).load()
     try:
-        assert any("layout changed" in n for n in d.migration_notes), d.migration_notes
-        assert any("stale pinned map fp_ep4_v0" in n for n in d.migration_notes)
+        notes = d.migration_notes
+        assert any("fp_ep4_v1_old" in n and "layout unknown (no BTF)" in n and
+                   "rebuilt from agent state" in n for n in notes), notes
+        assert any("fp_ep4_v0: superseded by fp_ep4_v1" in n for n in notes), notes
+        assert any("removed stale pinned map fp_gone_v3" in n for n in notes), notes
         assert map_info(d.module.table("fp_ep4_v1").map_fd).value_size == 28
-        assert not os.path.exists(f"{root}/fp_ep4_v0")
+        assert sorted(os.listdir(root)) == sorted(loader.pinned_map_names())
     finally:
         d.close()
 

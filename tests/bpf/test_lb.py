@@ -270,6 +270,14 @@ def sctp_packet(src, dst, sport, dport, data: bytes | None, mac_src, mac_dst):
         / SCTP(sport=sport, dport=dport, tag=0 if data is None else 0x1234) / chunk
 
 
+def sctp_open(dp, net, sport, dport):
+    """The association's INIT: only it may pick a backend (a DATA chunk of
+    an association conntrack does not know is dropped)."""
+    init = sctp_packet(POD_A, VIP_SCTP, sport, dport, None, net.pod_a_mac, net.cali_a.mac)
+    r = run_prog(dp, net.ns, "fp_from_pod", bytes(init), net.cali_a.ifindex)
+    assert r.verdict == TC_ACT_REDIRECT, r.reason
+
+
 def assert_sctp_checksums_valid(out: bytes):
     from scapy.layers.sctp import SCTP
     pkt = Ether(out)
@@ -286,6 +294,8 @@ def test_sctp_is_translated_with_a_valid_crc32c_when_the_port_changes(
         dp, bpfnet, sctp_services, data):
     from scapy.layers.sctp import SCTP
     sport = 50000 + (len(data) if data is not None else 1999)
+    if data is not None:
+        sctp_open(dp, bpfnet, sport, 3868)
     pkt = sctp_packet(POD_A, VIP_SCTP, sport, 3868, data, bpfnet.pod_a_mac, bpfnet.cali_a.mac)
     r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(pkt), bpfnet.cali_a.ifindex)
     assert r.verdict == TC_ACT_REDIRECT and r.redirect_ifindex == bpfnet.cali_b.ifindex
@@ -307,6 +317,7 @@ def test_sctp_is_translated_with_a_valid_crc32c_when_the_port_changes(
 def test_sctp_to_the_same_port_changes_only_the_address_and_keeps_the_crc(
         dp, bpfnet, sctp_services):
     from scapy.layers.sctp import SCTP
+    sctp_open(dp, bpfnet, 51000, 2905)
     pkt = Ether(bytes(sctp_packet(POD_A, VIP_SCTP, 51000, 2905, b"m3ua", bpfnet.pod_a_mac,
                                   bpfnet.cali_a.mac)))
     r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(pkt), bpfnet.cali_a.ifindex)
@@ -319,6 +330,7 @@ def test_sctp_to_the_same_port_changes_only_the_address_and_keeps_the_crc(
 
 def test_sctp_with_its_crc_left_to_offload_keeps_a_zero_checksum(dp, bpfnet, sctp_services):
     from scapy.layers.sctp import SCTP
+    sctp_open(dp, bpfnet, 52000, 3868)
     raw = bytearray(bytes(sctp_packet(POD_A, VIP_SCTP, 52000, 3868, b"q", bpfnet.pod_a_mac,
                                       bpfnet.cali_a.mac)))
     raw[14 + 20 + 8: 14 + 20 + 12] = bytes(4)     # CHECKSUM_PARTIAL: computed later
@@ -329,6 +341,7 @@ def test_sctp_with_its_crc_left_to_offload_keeps_a_zero_checksum(dp, bpfnet, sct
 
 
 def test_sctp_counts_in_conntrack_like_tcp_and_udp(dp, bpfnet, sctp_services):
+    sctp_open(dp, bpfnet, 53000, 3868)
     pkt = sctp_packet(POD_A, VIP_SCTP, 53000, 3868, b"z", bpfnet.pod_a_mac, bpfnet.cali_a.mac)
     run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(pkt), bpfnet.cali_a.ifindex)
     ct = {(c.direction, c.proto, c.sport): c for c in sctp_services.conntrack()}
@@ -339,38 +352,50 @@ def test_sctp_counts_in_conntrack_like_tcp_and_udp(dp, bpfnet, sctp_services):
 
 # ------------------------------------------------ conntrack upkeep on removal
 
-def test_removing_backends_deletes_exactly_their_conntrack_entries(dp, services):
-    """Both directions of every flow of the removed backends go at once (UDP
-    too); nothing else is touched. Entries written straight into the map,
-    40,000 of them, so the batched walk crosses several batches."""
-    t = dp.lb._ct
+def test_removing_backends_deletes_their_datagram_flows_and_keeps_their_connections(dp, services):
+    """Both directions of every UDP flow of the removed backends go at once;
+    their TCP flows stay (they go on to the backend until it closes them);
+    nothing else is touched. Entries written straight into both maps of
+    translated flows, 40,000 of them, so the batched walk crosses several
+    batches."""
+    from agent.conntrack.purge import purge_backends
+    from agent.daemon.conntrack_gc import ConntrackPurger
+    from agent.model import conntrack as M
+    ct = dp.lb.ct
     dp.lb.conntrack_flush()
     n = 40000
-    keys = (t.Key * n)()
-    vals = (t.Leaf * n)()
-    for i in range(n):
-        keys[i].saddr, keys[i].sport, keys[i].proto = 0x0A000000 + i, i & 0xFFFF, 6 if i % 2 else 17
-        keys[i].dir = i % 2
-        vals[i].backend_id = i % 50
-        vals[i].svc_id = 1
-    t.items_update_batch(keys, vals)
+    for table in ("established", "new"):
+        t = ct.tables[table]
+        keys = (t.Key * (n // 2))()
+        vals = (t.Leaf * (n // 2))()
+        for j in range(n // 2):
+            i = j if table == "established" else n // 2 + j
+            keys[j].saddr, keys[j].sport, keys[j].proto = 0x0A000000 + i, i & 0xFFFF, 6 if i % 2 else 17
+            keys[j].dir = i % 2
+            vals[j].backend_id = i % 50
+            vals[j].svc_id = 1
+            vals[j].state = M.ESTABLISHED
+        t.items_update_batch(keys, vals)
     assert len(dp.lb.conntrack()) == n
-    assert dp.lb.conntrack_delete_backends([7, 11, 49]) == 3 * n // 50
+    gone = {7, 11, 49}
+    # i % 50 in gone and UDP (i even): 3 of 50 ids, half of each's entries
+    want = sum(1 for i in range(n) if i % 50 in gone and i % 2 == 0)
+    assert purge_backends(ct, gone) == want
     left = dp.lb.conntrack()
-    assert len(left) == n - 3 * n // 50
-    assert not {r.backend_id for r in left} & {7, 11, 49}
-    assert {r.backend_id for r in left} == set(range(50)) - {7, 11, 49}
-    assert dp.lb.conntrack_delete_backend(7) == 0        # nothing left to delete
-    assert dp.lb.conntrack_delete_backends([]) == 0
+    assert len(left) == n - want
+    assert not any(r.backend_id in gone and r.proto == "UDP" for r in left)
+    assert {r.backend_id for r in left if r.proto == "TCP"} >= gone, "connections stay"
+    assert {r.backend_id for r in left} == set(range(50))
+    assert purge_backends(ct, [7]) == 0                  # nothing left to delete
+    assert purge_backends(ct, []) == 0
     # the agent's purger: removals that arrive together, one pass, off the plan's path
-    from agent.daemon.services import ConntrackPurger
-    purger = ConntrackPurger(dp.lb)
+    purger = ConntrackPurger(ct)
     try:
         purger.add([1])
         purger.add([2, 3])
         assert purger.wait_idle(10)
-        assert purger.purged == 3 * n // 50
-        assert not {r.backend_id for r in dp.lb.conntrack()} & {1, 2, 3}
+        assert purger.purged == sum(1 for i in range(n) if i % 50 in (1, 2, 3) and i % 2 == 0)
+        assert not any(r.backend_id in (1, 2, 3) and r.proto == "UDP" for r in dp.lb.conntrack())
     finally:
         purger.stop()
     dp.lb.conntrack_flush()

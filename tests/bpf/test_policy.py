@@ -339,7 +339,7 @@ def test_maps_read_back_as_the_compiled_image(dp, policy):
 
 def test_admitted_flows_are_tracked_and_swept_when_idle(dp, bpfnet, policy):
     import time
-    from agent.conntrack import sweep
+    from agent.conntrack.gc import sweep
     sport = next(_sport)
     r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(tcp(POD_A, POD_B, 8080, sport=sport)),
                  bpfnet.cali_a.ifindex)
@@ -348,11 +348,35 @@ def test_admitted_flows_are_tracked_and_swept_when_idle(dp, bpfnet, policy):
     def tracked():
         return [c for c in dp.lb.conntrack() if c.direction == "policy" and c.sport == sport]
     assert len(tracked()) == 1 and tracked()[0].daddr == POD_B
-    table, now, hour = dp.lb.conntrack_table(), time.monotonic_ns(), 3600 * 10**9
-    sweep(table, now, hour, 60 * 10**9, "169.254.10.1")
+    assert tracked()[0].state == "new", "a SYN, not answered yet"
+    life = dp.options.lifetimes()
+    now = time.monotonic_ns()
+    sweep(dp.lb.ct, now, life)
     assert len(tracked()) == 1          # not idle yet
-    sweep(table, now + hour + 10**9, hour, 60 * 10**9, "169.254.10.1")
+    sweep(dp.lb.ct, now + (life.tcp_syn + 1) * 10**9, life)
     assert tracked() == []
+
+
+def test_admitted_tcp_flows_follow_their_handshake_and_close(dp, bpfnet, policy):
+    """One entry per flow, moved by both directions' packets."""
+    sport = next(_sport)
+    a = lambda flags: run_prog(dp, bpfnet.ns, "fp_from_pod",
+                               bytes(tcp(POD_A, POD_B, 8080, sport=sport, flags=flags)),
+                               bpfnet.cali_a.ifindex)
+    b = lambda flags: run_prog(dp, bpfnet.ns, "fp_from_pod",
+                               bytes(tcp(POD_B, POD_A, sport, sport=8080, flags=flags,
+                                         src_mac="02:00:00:00:0b:0b")), bpfnet.cali_b.ifindex)
+
+    def state():
+        got = [c.state for c in dp.lb.conntrack() if c.direction == "policy"
+               and sport in (c.sport, c.dport)]
+        assert len(got) == 1, got
+        return got[0]
+    for step, want in ((lambda: a("S"), "new"), (lambda: b("SA"), "syn-recv"),
+                       (lambda: a("A"), "established"), (lambda: b("FA"), "fin-wait"),
+                       (lambda: a("FA"), "closed")):
+        assert step().verdict == TC_ACT_REDIRECT
+        assert state() == want
 
 
 def test_trace_events_report_a_reply_as_it_arrived(dp, bpfnet, policy, events):

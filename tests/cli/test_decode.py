@@ -76,7 +76,13 @@ def ct_entry(saddr, daddr, sport, dport, proto, d, nat, nport, last_seen=5, flag
     v = bpfdefs.ctype("struct fp_ct4")()
     v.last_seen, v.nat_addr, v.nat_port = last_seen, decode.ip4_raw(nat), decode.encode_port(nport)
     v.flags, v.backend_id, v.svc_id = flags, 7, 3
+    v.state = next(c.value for c in bpfdefs.load().ct_states.values()
+                   if c.label == "established")
     return decode.decode_entry(decode.Layout.of(bpfdefs.load().maps["FP_MAP_CT"]), key, bytes(v))
+
+
+def v_state():
+    return next(c.value for c in bpfdefs.load().ct_states.values() if c.label == "established")
 
 
 def test_conntrack_entry_decodes_addresses_ports_direction_and_flags():
@@ -86,8 +92,8 @@ def test_conntrack_entry_decodes_addresses_ports_direction_and_flags():
     assert e["key"] == {"saddr": "10.0.0.1", "daddr": "192.168.1.1", "sport": 40000, "dport": 80,
                         "proto": 6, "proto_label": "TCP", "dir": 0, "dir_label": "forward"}
     assert e["value"] == {"last_seen": 5, "nat_addr": "10.0.0.9", "nat_port": 8080,
-                          "flags": hairpin, "flags_names": ["hairpin"], "backend_id": 7,
-                          "svc_id": 3}
+                          "flags": hairpin, "flags_names": ["hairpin"], "state": v_state(),
+                          "state_label": "established", "backend_id": 7, "svc_id": 3}
 
 
 def test_endpoint_entry_decodes_macs_and_flags():

@@ -9,6 +9,21 @@ from agent.lb.compile import Frontend
 from agent.lb.reconcile import ServiceEntry
 
 
+class FakeCt:
+    """The conntrack maps object's face the service sync's purger uses."""
+
+    NAT_TABLES = {"established": "FP_MAP_CT", "new": "FP_MAP_CT_NEW"}
+
+    def __init__(self):
+        self.purged: list[set] = []
+
+    def nat_entries(self, table):
+        return []
+
+    def delete(self, table, keys):
+        return 0
+
+
 class FakeLb:
     def __init__(self, sizes: dict | None = None):
         self.sizes = {"services": 1 << 20, "slots": 1 << 20, "backends": 1 << 20,
@@ -25,6 +40,8 @@ class FakeLb:
         self.fail_at: int | None = None    # fail the write with this number (1-based)
         self.fail_error = errno.EIO
         self.purged_backends: list[set] = []
+        self.draining: set[int] = set()
+        self.ct = FakeCt()
 
     # -- failure injection ------------------------------------------------
     def _write(self, table: dict, key, value, size_key: str) -> None:
@@ -36,15 +53,20 @@ class FakeLb:
         table[key] = value
 
     # -- writers (LbMaps' interface) --------------------------------------
-    def put_backend(self, bid, ip, port, proto):
+    def put_backend(self, bid, ip, port, proto, draining=False):
         self._write(self.be, bid, (ip, port, proto), "backends")
+        (self.draining.add if draining else self.draining.discard)(bid)
 
     def put_backends(self, rows):
-        for bid, ip, port, proto in rows:
-            self.put_backend(bid, ip, port, proto)
+        for bid, ip, port, proto, *draining in rows:
+            self.put_backend(bid, ip, port, proto, bool(draining and draining[0]))
 
     def delete_backend(self, bid):
         self.be.pop(bid, None)
+        self.draining.discard(bid)
+
+    def draining_backends(self):
+        return set(self.draining)
 
     def put_slots(self, sid, ids, first=1):
         for i, b in enumerate(ids, start=first):

@@ -496,3 +496,40 @@ def test_describe_says_where_a_frontend_goes():
     assert describe(only(out)) == (
         "shop/web:http (clusterip) -> 10.0.0.1:8080/TCP (terminating) [local, affinity 10800s]")
     assert describe(only(compile_(service("web")))) == "shop/web:http (clusterip) -> reject"
+
+
+# ------------------------------------------------- graceful termination
+
+def test_a_terminating_endpoint_is_draining_while_others_are_ready():
+    """New connections get only the ready ones; the terminating one stays
+    listed as draining, for the flows already on it, serving or not."""
+    out = compile_(service("web"), eslice("web-1", "web", [
+        ep("10.0.0.1"), ep("10.0.0.2", ready=False, serving=True, terminating=True),
+        ep("10.0.0.3", ready=False, serving=False, terminating=True),
+        ep("10.0.0.4", ready=False)]))
+    st = only(out)
+    assert addrs(st) == ["10.0.0.1:8080"]
+    assert [f"{b.ip}:{b.port}" for b in st.draining] == ["10.0.0.2:8080", "10.0.0.3:8080"]
+    assert all(b.terminating for b in st.draining)
+    assert "draining 10.0.0.2:8080/TCP, 10.0.0.3:8080/TCP" in describe(st)
+
+
+def test_serving_terminating_endpoints_used_as_the_fallback_are_not_draining():
+    out = compile_(service("web"), eslice("web-1", "web", [
+        ep("10.0.0.2", ready=False, serving=True, terminating=True),
+        ep("10.0.0.3", ready=False, serving=False, terminating=True)]))
+    st = only(out)
+    assert addrs(st) == ["10.0.0.2:8080"]
+    assert [b.ip for b in st.draining] == ["10.0.0.3"]
+
+
+def test_a_frontend_without_usable_endpoints_rejects_and_keeps_its_draining_ones():
+    st = only(compile_(service("web"), eslice("web-1", "web", [
+        ep("10.0.0.3", ready=False, serving=False, terminating=True)])))
+    assert st.reject and st.backends == ()
+    assert [b.ip for b in st.draining] == ["10.0.0.3"]
+
+
+def test_an_endpoint_removed_from_the_slice_is_neither_backend_nor_draining():
+    st = only(compile_(service("web"), eslice("web-1", "web", [ep("10.0.0.1")])))
+    assert st.draining == ()

@@ -71,11 +71,19 @@ def assert_converged(maps: FakeMaps, desired: dict, rec: Reconciler) -> None:
         assert bool(e.flags & FLAG_LOCAL) == st.local_only
         assert bool(e.flags & FLAG_EXTERNAL) == (st.kind != KIND_CLUSTER_IP)
     # Nothing left behind: every slot is reachable from an entry, every
-    # backend is named by a slot, and ids are unique per meaning.
+    # backend is named by a slot or kept draining, and ids are unique per
+    # meaning.
     reachable = {(e.service_id, i) for e in maps.services.values()
                  for i in range(1, e.count + 1)}
     assert set(maps.slots) == reachable
-    assert set(maps.backends) == set(maps.slots.values())
+    in_slots = set(maps.slots.values())
+    usable = {b.key for st in desired.values() for b in (() if st.reject or st.drop else st.backends)}
+    draining = {b.key for st in desired.values() for b in st.draining} - usable
+    assert {maps.backends[b].key for b in in_slots} == usable
+    assert {maps.backends[b].key for b in maps.draining} == draining, \
+        "draining: exactly the terminating backends no frontend offers new connections"
+    assert set(maps.backends) == in_slots | maps.draining
+    assert not in_slots & maps.draining
     live = {e.service_id for e in maps.services.values()}
     assert set(maps.maglev) <= live and set(maps.ranges) <= live
     assert set(maps.maglev) == {e.service_id for e in maps.services.values()
@@ -91,8 +99,8 @@ def assert_converged(maps: FakeMaps, desired: dict, rec: Reconciler) -> None:
     for st in desired.values():
         for b in () if st.reject or st.drop else st.backends:
             says.setdefault(b.key, []).append(b.terminating)
-    assert {b.key: b.terminating for b in maps.backends.values()} == \
-        {k: all(v) for k, v in says.items()}
+    assert {b.key: b.terminating for bid, b in maps.backends.items()
+            if bid not in maps.draining} == {k: all(v) for k, v in says.items()}
 
 
 def run(rec: Reconciler, maps: FakeMaps, desired: dict) -> list:
@@ -705,3 +713,46 @@ def test_restore_converges_from_randomly_damaged_maps(seed):
         maps.apply_all(rec.plan(new))
         assert_converged(maps, new, rec)
         assert rec.plan(new) == []
+
+
+# ------------------------------------------------- graceful termination
+
+def draining(*backends: Backend, usable=()) -> FrontendState:
+    return FrontendState(("shop", "web"), "http", tuple(usable), 0, not usable, False,
+                         KIND_CLUSTER_IP, "", tuple(backends))
+
+
+def test_a_rolling_update_keeps_the_old_backend_for_its_flows_until_it_is_gone():
+    """ready -> terminating (draining: out of the slots, then flagged, id
+    and entry kept) -> removed from the slice (deleted, id released)."""
+    rec, maps = Reconciler(quarantine=0), FakeMaps()
+    run(rec, maps, {FE: state(be(1), be(2))})
+    old = rec.backend_id(be(1))
+    ops = run(rec, maps, {FE: draining(be(1, terminating=True), usable=[be(2)])})
+    assert maps.resolve(FE) == (be(2),), "new connections: only the ready one"
+    assert old in maps.backends and maps.draining == {old}, "the old one kept for its flows"
+    assert rec.backend_id(be(1)) == old, "its id unchanged"
+    flag = next(i for i, op in enumerate(ops) if isinstance(op, PutBackend) and op.draining)
+    assert all(not isinstance(op, PutSlots) and not isinstance(op, PutService)
+               for op in ops[flag:]), "flagged only after the slots stopped naming it"
+    assert not any(isinstance(op, DeleteBackend) for op in ops)
+    # back to ready (the rollout was undone): unflagged before a slot names it
+    ops = run(rec, maps, {FE: state(be(1), be(2))})
+    unflag = next(i for i, op in enumerate(ops) if isinstance(op, PutBackend))
+    assert not ops[unflag].draining and unflag < next(
+        i for i, op in enumerate(ops) if isinstance(op, PutSlots))
+    assert maps.draining == set()
+    run(rec, maps, {FE: draining(be(1, terminating=True), usable=[be(2)])})
+    ops = run(rec, maps, {FE: state(be(2))})
+    assert DeleteBackend(old) in ops and old not in maps.backends
+    assert rec.backend_id(be(1)) is None
+
+
+def test_a_draining_backend_survives_a_restart_of_the_agent():
+    rec, maps = Reconciler(), FakeMaps()
+    run(rec, maps, {FE: draining(be(1, terminating=True), usable=[be(2)])})
+    bid = rec.backend_id(be(1))
+    rec = maps.restore()
+    ops = run(rec, maps, {FE: draining(be(1, terminating=True), usable=[be(2)])})
+    assert DeleteBackend(bid) not in ops and maps.draining == {bid}
+    assert rec.backend_id(be(1)) == bid

@@ -107,15 +107,16 @@ def test_restore_results_and_starts(tmp_path):
     m2 = AgentMetrics(agent)
     assert m2.count_start(tmp_path) == 2      # kept in the state dir across starts
     m2.record_restore(5, 1, 2, [
-        "pinned fp_ep4_v1: ...: resized, 2 entries carried over",
-        "pinned fp_ct4_v1: ...: layout changed, entries are rebuilt from agent state",
-        "removed stale pinned map fp_ct4_v0 (superseded layout)"])
+        "pinned fp_ep4_v1_old: max 16384 (compiled 32768): migrated 2 entries field by field",
+        "pinned fp_ct4_v1: superseded by fp_ct4_v2: migrated 7 entries field by field",
+        "pinned fp_cnt_v1_old: layout unknown (no BTF): entries are rebuilt from agent state",
+        "removed stale pinned map fp_gone_v1 (no map of its lineage any more)"])
     s = scrape(m2)
     assert value(s, "fastpath_agent_starts_total") == 2
     assert value(s, "fastpath_agent_restored_endpoints", result="restored") == 5
     assert value(s, "fastpath_agent_restored_endpoints", result="removed") == 1
     assert value(s, "fastpath_agent_replayed_cni_deletions") == 2
-    for action in ("resized", "rebuilt", "removed"):
+    for action in ("resized", "migrated", "rebuilt", "removed"):
         assert value(s, "fastpath_agent_map_migrations", action=action) == 1
     assert value(s, "fastpath_agent_ready") == 0
     agent.ready.set()

@@ -1,0 +1,231 @@
+"""Raw map I/O by fd: batched reads, writes and deletes of key/value bytes,
+and unpacking by a layout.
+
+One layer for every caller that walks or rewrites a whole map (conntrack
+GC, backend purge, migration, metrics): entries are read with
+BPF_MAP_LOOKUP_BATCH into one buffer per batch and unpacked with
+struct.iter_unpack, never one ctypes object or one syscall per entry.
+A layout is a list of (field name, offset, size) for a struct: from BTF
+(agent/datapath/btf.py) or a compiled ctypes class (`fields_of`).
+Uses libbpf.so.1 through agent/datapath/libbpf.py; no bcc.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+
+from agent.datapath import libbpf
+
+BATCH = 16384
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+
+
+def _lib():
+    lib = libbpf.lib()
+    if getattr(lib, "_fp_mapio", False):
+        return lib
+    lib.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                                         ct.c_void_p, ct.POINTER(ct.c_uint32), ct.c_void_p]
+    lib.bpf_map_delete_batch.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32),
+                                         ct.c_void_p]
+    lib.bpf_map_update_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p,
+                                         ct.POINTER(ct.c_uint32), ct.c_void_p]
+    lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+    lib._fp_mapio = True
+    return lib
+
+
+class _BatchOpts(ct.Structure):
+    # struct bpf_map_batch_opts (libbpf's bpf.h)
+    _fields_ = [("sz", ct.c_size_t), ("elem_flags", ct.c_uint64), ("flags", ct.c_uint64)]
+
+
+def _opts(elem_flags: int = 0) -> _BatchOpts:
+    o = _BatchOpts()
+    o.sz = ct.sizeof(_BatchOpts)
+    o.elem_flags = elem_flags
+    return o
+
+
+def batches(fd: int, key_size: int, value_size: int,
+            batch: int = BATCH) -> Iterator[tuple[memoryview, memoryview, int]]:
+    """(keys, values, count) per batch of the whole map: `count` entries,
+    packed back to back. `value_size` is the buffer size of one value
+    (libbpf.value_buffer_size for per-CPU maps). Entries added or removed
+    during the walk may or may not be seen; none is seen twice."""
+    lib = _lib()
+    keys = ct.create_string_buffer(key_size * batch)
+    vals = ct.create_string_buffer(value_size * batch)
+    in_b = ct.create_string_buffer(8)
+    out_b = ct.create_string_buffer(8)
+    first = True
+    while True:
+        cnt = ct.c_uint32(batch)
+        res = lib.bpf_map_lookup_batch(fd, None if first else in_b, out_b, keys, vals,
+                                       ct.byref(cnt), None)
+        err = ct.get_errno() if res else 0
+        if res and err != errno.ENOENT:
+            raise OSError(err, f"map {fd}: batch lookup: {os.strerror(err)}")
+        if cnt.value:
+            yield (memoryview(keys)[:key_size * cnt.value],
+                   memoryview(vals)[:value_size * cnt.value], cnt.value)
+        if res:                 # ENOENT: that was the last batch
+            return
+        ct.memmove(in_b, out_b, 8)
+        first = False
+
+
+def items(fd: int, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of the map as bytes."""
+    out = []
+    for kb, vb, n in batches(fd, key_size, value_size):
+        kraw, vraw = bytes(kb), bytes(vb)
+        out.extend((kraw[i * key_size:(i + 1) * key_size],
+                    vraw[i * value_size:(i + 1) * value_size]) for i in range(n))
+    return out
+
+
+def delete_batch(fd: int, keys: Sequence[bytes]) -> int:
+    """Delete these keys (all of one size); keys already gone (the LRU, the
+    datapath, a concurrent GC) are skipped. Returns how many were deleted."""
+    if not keys:
+        return 0
+    lib = _lib()
+    size = len(keys[0])
+    deleted = 0
+    i = 0
+    while i < len(keys):
+        part = keys[i:i + BATCH]
+        buf = ct.create_string_buffer(b"".join(part), len(part) * size)
+        cnt = ct.c_uint32(len(part))
+        res = lib.bpf_map_delete_batch(fd, buf, ct.byref(cnt), None)
+        deleted += cnt.value
+        i += cnt.value
+        if res:
+            err = ct.get_errno()
+            if err != errno.ENOENT:
+                raise OSError(err, f"map {fd}: batch delete: {os.strerror(err)}")
+            i += 1              # that key went meanwhile
+    return deleted
+
+
+def update_batch(fd: int, pairs: Sequence[tuple[bytes, bytes]], flags: int = BPF_ANY) -> int:
+    """Write (key, value) pairs in order, in batches. With BPF_NOEXIST, keys
+    that exist are left as they are and skipped. Returns how many were
+    written; raises on any other error (E2BIG: the map is full)."""
+    if not pairs:
+        return 0
+    lib = _lib()
+    ks, vs = len(pairs[0][0]), len(pairs[0][1])
+    written = 0
+    i = 0
+    while i < len(pairs):
+        part = pairs[i:i + BATCH]
+        kbuf = ct.create_string_buffer(b"".join(k for k, _ in part), len(part) * ks)
+        vbuf = ct.create_string_buffer(b"".join(v for _, v in part), len(part) * vs)
+        cnt = ct.c_uint32(len(part))
+        opts = _opts(flags)
+        res = lib.bpf_map_update_batch(fd, kbuf, vbuf, ct.byref(cnt), ct.byref(opts))
+        written += cnt.value
+        i += cnt.value
+        if res:
+            err = ct.get_errno()
+            if err == errno.EEXIST and flags == BPF_NOEXIST:
+                i += 1          # that key is there already: keep it
+                continue
+            raise OSError(err, f"map {fd}: batch update: {os.strerror(err)}")
+    return written
+
+
+def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    kb = ct.create_string_buffer(key, len(key))
+    vb = ct.create_string_buffer(value_size)
+    if _lib().bpf_map_lookup_elem(fd, kb, vb) != 0:
+        return None
+    return vb.raw
+
+
+def delete(fd: int, key: bytes) -> bool:
+    kb = ct.create_string_buffer(key, len(key))
+    if _lib().bpf_map_delete_elem(fd, kb) == 0:
+        return True
+    err = ct.get_errno()
+    if err == errno.ENOENT:
+        return False
+    raise OSError(err, f"map {fd}: delete: {os.strerror(err)}")
+
+
+def update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> int:
+    """0, or the errno of a refused write (EEXIST with BPF_NOEXIST, E2BIG
+    when full)."""
+    kb = ct.create_string_buffer(key, len(key))
+    vb = ct.create_string_buffer(value, len(value))
+    if _lib().bpf_map_update_elem(fd, kb, vb, flags) == 0:
+        return 0
+    return ct.get_errno()
+
+
+# -- unpacking by layout ---------------------------------------------------------
+
+Field = tuple[str, int, int]        # (name, byte offset, byte size)
+_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+def fields_of(ctype) -> list[Field]:
+    """The top-level scalar fields of a compiled ctypes struct (bcc's
+    table.Key / table.Leaf), as a layout."""
+    out = []
+    for name, _ in ctype._fields_:
+        d = getattr(ctype, name)
+        out.append((name, d.offset, d.size))
+    return out
+
+
+class Unpacker:
+    """Unpacks the named scalar fields of packed structs of one layout, in
+    the order asked for. Fields wider than 8 bytes are not scalars and
+    cannot be asked for."""
+
+    def __init__(self, layout: Iterable[Field], size: int, names: Sequence[str]):
+        by_name = {n: (off, sz) for n, off, sz in layout}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise KeyError(f"layout has no field {', '.join(missing)}")
+        spec = sorted((by_name[n][0], by_name[n][1], n) for n in names)
+        fmt, at = "=", 0
+        for off, sz, n in spec:
+            if sz not in _CODES:
+                raise ValueError(f"field {n} is {sz} bytes: not a scalar")
+            fmt += "x" * (off - at) + _CODES[sz]
+            at = off + sz
+        fmt += "x" * (size - at)
+        self.size = size
+        self._struct = struct.Struct(fmt)
+        order = [n for _, _, n in spec]
+        self._idx = [order.index(n) for n in names]
+
+    def one(self, raw) -> tuple:
+        v = self._struct.unpack_from(raw)
+        return tuple(v[i] for i in self._idx)
+
+    def many(self, raw) -> Iterator[tuple]:
+        idx = self._idx
+        if idx == list(range(len(idx))):
+            yield from self._struct.iter_unpack(raw)
+            return
+        for v in self._struct.iter_unpack(raw):
+            yield tuple(v[i] for i in idx)
+
+
+def pack(layout: Iterable[Field], size: int, values: dict[str, int]) -> bytes:
+    """Bytes of a struct of this layout with the given scalar fields set
+    (native byte order: a raw __be field's integer is written as read)."""
+    buf = bytearray(size)
+    by_name = {n: (off, sz) for n, off, sz in layout}
+    for n, v in values.items():
+        off, sz = by_name[n]
+        struct.pack_into("=" + _CODES[sz], buf, off, v)
+    return bytes(buf)
