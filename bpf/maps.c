@@ -460,6 +460,9 @@ static __always_inline __u32 fp_maglev_backend(__u32 svc_id, __u32 idx)
 {
 	struct fp_maglev *t = FP_MAP_MAGLEV.lookup(&svc_id);
 
+	/* the verifier cannot follow a modulo: keep the compiler from
+	 * dropping a bound it thinks the caller's `% FP_MAGLEV_M` implies */
+	asm volatile("" : "+r"(idx));
 	if (!t || idx >= FP_MAGLEV_M)
 		return 0;
 	return t->backend_ids[idx];

@@ -6,7 +6,9 @@
  *     a pod fastpath does not know yet is left to the stack;
  *   - a TCP/UDP/SCTP packet to a service frontend is translated to a
  *     backend (conntrack keeps the flow on it; a mid-stream packet conntrack
- *     does not know is dropped), then forwarded like any other;
+ *     does not know is dropped), then forwarded like any other; a new flow
+ *     to a live ClusterIP's unknown port is rejected, one to an unallocated
+ *     address of the Service CIDRs dropped (kube-proxy's nftables mode);
  *   - a fragment after the first follows its first fragment (lib/ct.h);
  *   - with NetworkPolicy on, a new flow must pass the pod's egress and, when
  *     the destination is a pod of this node, that pod's ingress (lib/policy.h);
@@ -14,7 +16,10 @@
  *   - a destination that is a local endpoint is redirected into its netns;
  *   - anything else leaves by the pod's ENI when the FIB agrees.
  * Replies of translated flows (and ICMP errors about them) get their VIP
- * back on delivery to a local pod (fp_ct_reverse).
+ * back on delivery to a local pod (fp_ct_reverse); a local backend's reply
+ * to a client outside the node (a NodePort, external or load-balancer IP)
+ * gets its frontend back before it is routed, and may then leave by the
+ * node's primary NIC, which owns that address.
  * fp_to_pod (tc egress: packets the stack delivers to the pod) checks the
  * pod's ingress policy, restores the VIP on replies of translated flows and
  * lets everything else through.
@@ -125,6 +130,19 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 			hairpin = ip.saddr == FP_HAIRPIN_IP;
 		} else {
 			fp_ct_forget_reply(&ip, &l4);
+			reason = fp_svcnet_check(&ip, &l4);
+			if (reason == FP_DROP_SVC_UNKNOWN_PORT) {
+				fp_ct_frag_record(&ip, seen.saddr, seen.daddr, seen.sport, seen.dport,
+						  reason);
+				fp_report(skb, FP_DIR_FROM_POD, reason, &ip, l4.sport, l4.dport,
+					  seen.saddr, ip.daddr, l4.dport, NULL);
+				return fp_finish(skb, FP_DIR_FROM_POD, reason,
+						 fp_reject_icmp(skb, &ip, ICMP_PORT_UNREACH, &reason));
+			}
+			if (reason)
+				return fp_finish_report(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT,
+							&ip, &seen, &l4, NULL);
+			reason = FP_FWD_STACK;
 		}
 	}
 
@@ -152,7 +170,23 @@ route:
 							TC_ACT_SHOT, &ip, &seen, &l4, &pv);
 			verdict = fp_redirect_local(skb, &ip, dst, &reason);
 		} else {
-			verdict = fp_redirect_vpc(skb, &ip, eni_ifindex, &reason);
+			__u32 also = 0;
+
+			/* a local backend's reply to a client outside the node:
+			 * the frontend (a node or external address) is its source
+			 * again, so the node's routing, not the pod's, decides */
+			if (!translated && !hairpin_reply) {
+				rc = fp_ct_reverse(skb, &ip, &l4);
+				if (rc < 0)
+					return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_CSUM,
+								TC_ACT_SHOT, &ip, &seen, &l4, &pv);
+				if (rc > 0) {
+					struct fp_config *cfg = fp_config_get();
+
+					also = cfg ? cfg->primary_ifindex : 0;
+				}
+			}
+			verdict = fp_redirect_fib(skb, &ip, eni_ifindex, also, &reason);
 		}
 	}
 	return fp_finish_report(skb, FP_DIR_FROM_POD, reason, verdict, &ip, &seen, &l4, &pv);

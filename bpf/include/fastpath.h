@@ -28,8 +28,8 @@
 #define FP_MAP_SERVICES   fp_svc4_v2
 #define FP_MAP_SLOTS      fp_slot4_v1
 #define FP_MAP_BACKENDS   fp_be4_v1
-#define FP_MAP_CT         fp_ct4_v2
-#define FP_MAP_CT_NEW     fp_ctnew4_v1
+#define FP_MAP_CT         fp_ct4_v3
+#define FP_MAP_CT_NEW     fp_ctnew4_v2
 #define FP_MAP_CT_POLICY  fp_ctpol4_v1
 #define FP_MAP_FRAG       fp_frag4_v1
 #define FP_MAP_CT_STATS   fp_ctstat_v1
@@ -93,7 +93,12 @@ _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 	X(FP_DROP_CSUM,      104, "dropped-checksum-update") \
 	X(FP_DROP_POLICY,    105, "dropped-policy-denied")     \
 	X(FP_DROP_CT_NO_BACKEND, 106, "dropped-ct-no-backend") \
-	X(FP_DROP_FRAG_NO_FIRST, 107, "dropped-fragment-without-first")
+	X(FP_DROP_FRAG_NO_FIRST, 107, "dropped-fragment-without-first") \
+	X(FP_DROP_NO_LOCAL_BACKEND, 108, "dropped-service-no-local-backend") \
+	X(FP_DROP_SOURCE_RANGE, 109, "dropped-source-range")       \
+	X(FP_DROP_SVC_UNALLOCATED, 110, "dropped-service-unallocated") \
+	X(FP_DROP_SVC_UNKNOWN_PORT, 111, "dropped-service-unknown-port") \
+	X(FP_DROP_SNAT_NO_PORT, 112, "dropped-snat-no-port")
 
 #define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_dir { FP_DIRS(FP_ENUM_ENTRY) };
@@ -264,6 +269,10 @@ _Static_assert(sizeof(struct fp_srcrange4_key) == 12, "fp_srcrange4_key layout")
 				      * pod drops packets whose source is its own IP */
 #define FP_CT_F_FIN_ORIG  (1U << 1)  /* the flow's originator sent a FIN */
 #define FP_CT_F_FIN_REPLY (1U << 2)  /* the other end sent a FIN */
+#define FP_CT_F_SNAT      (1U << 4)  /* a flow from outside sent to a backend on
+				      * another node: its source was replaced by
+				      * (peer_addr, peer_port), so the reply comes
+				      * back through this node */
 #define FP_CT_F_ORIG_HIGH (1U << 3)  /* policy entries: the originator is the
 				      * key's (daddr, dport) end */
 
@@ -291,6 +300,10 @@ struct fp_ct4_key {
 };
 _Static_assert(sizeof(struct fp_ct4_key) == 16, "fp_ct4_key layout");
 
+/* With FP_CT_F_SNAT, peer_addr/peer_port are the SNAT in force: on the
+ * forward entry the source the flow leaves with (the node's address and a
+ * port of FP_SNAT_PORT_MIN..MAX), on the reply entry the client the reply
+ * goes back to. */
 struct fp_ct4 {
 	__u64 last_seen;       /* HBO: bpf_ktime_get_ns() of the last refresh (coarse, ~1 s) */
 	__be32 nat_addr;       /* NBO: forward: backend IP; reply: VIP */
@@ -299,8 +312,18 @@ struct fp_ct4 {
 	__u8 state;            /* enum fp_ct_state */
 	__u32 backend_id;      /* HBO */
 	__u32 svc_id;          /* HBO */
+	__be32 peer_addr;      /* NBO: with FP_CT_F_SNAT (see above) */
+	__be16 peer_port;      /* NBO */
+	__u16 pad;
 };
-_Static_assert(sizeof(struct fp_ct4) == 24, "fp_ct4 layout");
+_Static_assert(sizeof(struct fp_ct4) == 32, "fp_ct4 layout");
+
+/* Source ports SNAT may give a flow (their own range, above Linux's default
+ * ephemeral ports, 32768-60999, so no socket of the node shares a tuple with
+ * a translated flow), and how many it tries before giving up on a flow. */
+#define FP_SNAT_PORT_MIN 61000
+#define FP_SNAT_PORT_MAX 65535
+#define FP_SNAT_TRIES    8
 
 struct fp_ctpol4 {
 	__u64 last_seen;       /* HBO: as in fp_ct4 */
