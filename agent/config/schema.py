@@ -84,8 +84,9 @@ KEYS: tuple[Key, ...] = (
         "destinations always handed to the host stack (node-local DNS)"),
     Key("service_cidrs", tuple, (),
         "the cluster's Service CIDRs: a new flow to an address in them that no Service holds is "
-        "dropped, one to a ClusterIP's unknown port rejected (kube-proxy's nftables mode); with "
-        "kube_proxy_replacement false, these ranges are handed to the host stack (kube-proxy's)"),
+        "dropped, one to a ClusterIP's unknown port rejected (kube-proxy's nftables mode); "
+        "addresses fastpath does not translate (kube_proxy_replacement false, another proxy's "
+        "Services) are handed to the host stack"),
     Key("eni_pattern", str, "eth*", "glob of ENI device names (the primary device is excluded)"),
     Key("primary_device", str, "eth0", "the node's primary NIC, never an ENI"),
     Key("pod_device_pattern", str, "cali*", "glob of host-side pod veth names",
