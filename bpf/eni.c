@@ -86,8 +86,8 @@ static __always_inline int fp_from_vpc_node(struct __sk_buff *skb, struct fp_ipv
 		rc = fp_ct_frag_follow(skb, ip, &l4, &reason);
 		a->sport = l4.sport;
 		a->dport = l4.dport;
-		if (rc > 0)
-			return FP_TC_CONTINUE;      /* the node's own datagram */
+		if (rc > 0)                     /* the node's own datagram */
+			return fp_vpc_done(skb, FP_FWD_STACK, FP_TC_CONTINUE, ip, &l4, a, &pv);
 		record = 0;
 		if (rc < 0) {
 			verdict = TC_ACT_SHOT;
@@ -120,8 +120,8 @@ static __always_inline int fp_from_vpc_node(struct __sk_buff *skb, struct fp_ipv
 	if (rc > 0) {
 		/* no frontend: kube-proxy's checks of the Service CIDRs */
 		reason = fp_svcnet_check(ip, &l4);
-		if (!reason)
-			return FP_TC_CONTINUE;   /* the node's own traffic: not counted */
+		if (!reason)                    /* the node's own traffic */
+			return fp_vpc_done(skb, FP_FWD_STACK, FP_TC_CONTINUE, ip, &l4, a, &pv);
 	}
 	if (reason == FP_DROP_NO_BACKEND || reason == FP_DROP_SVC_UNKNOWN_PORT) {
 		fp_ct_frag_record(ip, a->saddr, a->daddr, a->sport, a->dport, reason);
