@@ -26,6 +26,7 @@ MODULES = [
     "bench.cni_bench",
     "bench.pod_to_pod",
     "bench.lb_bench",
+    "bench.nodeport_bench",
     "bench.policy_bench",
 ]
 QUICK = [

@@ -97,8 +97,12 @@ static __always_inline int fp_from_vpc_node(struct __sk_buff *skb, struct fp_ipv
 		goto out;
 	}
 
-	/* the reply of a flow this node SNATed, or an error about one */
-	rc = fp_ct_reverse(skb, ip, &l4);
+	/* the reply of a flow this node SNATed (its destination port is one
+	 * SNAT hands out), or an error about one; nothing else can be */
+	rc = 0;
+	if (l4.kind == FP_L4_ICMP_ERR ||
+	    (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN))
+		rc = fp_ct_reverse(skb, ip, &l4);
 	if (rc < 0) {
 		reason = FP_DROP_CSUM;
 		verdict = TC_ACT_SHOT;
@@ -187,6 +191,10 @@ static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 		verdict = TC_ACT_SHOT;
 		goto done;
 	}
+	/* a new connection straight to the pod may reuse the tuple a flow
+	 * through a NodePort had: that flow's reply entry must not turn this
+	 * one's SYN-ACK into one from the NodePort */
+	fp_ct_forget_reply(&ip, &l4);
 	if (fp_ct_reverse(skb, &ip, &l4) < 0) {
 		reason = FP_DROP_CSUM;
 		verdict = TC_ACT_SHOT;
