@@ -249,3 +249,47 @@ def test_services_are_reached_from_outside_from_pods_and_from_the_nodes(world, c
             out = tcp(src, n1.ip, 30083, cgroup=cg)
             assert out.startswith("ERROR 111"), (src, out)
         ag1.datapath.detach_socket_lb(cgroup)
+
+
+def test_host_ports_answer_per_packet_and_at_the_socket_and_go_with_the_pod(world, cgroup):
+    #   ext ── vpc ══ eth0 n1 ─┬ pod a (client)
+    #                          └ pod h (hostPort 8080 -> 80, 5300/UDP -> 53)
+    n1 = world.add_node("n1", enis=1)
+    a, h = n1.add_pod("a"), n1.add_pod("h")
+    ext = world.add_client("ext")
+    serve_reply(h, 80, "from-h", peer=True)
+    serve_reply(h, 53, "from-h", udp=True)
+    with sim_attach(n1, register=False) as ag:
+        wait_for(lambda: ag.services is not None and ag.services.synced.is_set(),
+                 "the service sync")
+        from agent.sim.agent import register_pod
+        register_pod(ag, a)
+        view = ag.rpc_EndpointAdd(h.netns_path, "eth0", "sim-h", "default", "h",
+                                  port_mappings=[
+                                      {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                                      {"hostPort": 5300, "containerPort": 53, "protocol": "udp",
+                                       "hostIP": n1.ip}])
+        assert view["host_ports"] == ["*:8080/TCP->80", f"{n1.ip}:5300/UDP->53"]
+        ag.datapath.attach_socket_lb(cgroup, hostns_only=True)
+        # per packet: from outside and from a pod of the node, client kept
+        assert who(tcp(ext, n1.ip, 8080)) == ("from-h", ext.ip)
+        assert who(tcp(a, n1.ip, 8080)) == ("from-h", a.ip)
+        assert udp(ext, n1.ip, 5300).endswith(f"from {n1.ip}:5300")
+        # at the socket: the node's own connections, loopback included
+        assert who(tcp(n1, n1.ip, 8080, cgroup=cgroup))[0] == "from-h"
+        assert who(tcp(n1, "127.0.0.1", 8080, cgroup=cgroup))[0] == "from-h"
+        # the hostIP-only mapping is not on the other addresses
+        assert udp(n1, "127.0.0.1", 5300, cgroup=cgroup) != "from-h"
+        # a second pod cannot take the port
+        from agent.api.server import ApiError
+        b = n1.add_pod("b")
+        with pytest.raises(ApiError, match="hostPort 10.240.0.11:8080/TCP of pod default/b is "
+                                           "taken by pod default/h"):
+            ag.rpc_EndpointAdd(b.netns_path, "eth0", "sim-b", "default", "b",
+                               port_mappings=[{"hostPort": 8080, "containerPort": 80}])
+        assert not any(e["pod"] == "default/b" for e in ag.rpc_EndpointList())
+        # the DEL takes the mapping away: the node itself answers (nothing listens)
+        ag.rpc_EndpointDel("sim-h")
+        assert tcp(ext, n1.ip, 8080).startswith("ERROR 111")
+        assert tcp(n1, "127.0.0.1", 8080, cgroup=cgroup).startswith("ERROR 111")
+        ag.datapath.detach_socket_lb(cgroup)
