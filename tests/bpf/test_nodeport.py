@@ -163,6 +163,10 @@ def svcs(dp):
     for fe, st in maglev.items():
         if st.service == ("shop", "mag"):
             desired[fe] = st
+    # a pod's hostPort (what a CNI ADD with portMappings registers)
+    from agent.lb.hostport import PortMapping, frontends_of
+    desired.update(frontends_of(("web", "h"), POD_A, [PortMapping(8443, 443, "TCP")],
+                                [NODE_IP, ENI_IP, "127.0.0.1"], NODE))
     rec = Reconciler(maglev_size=dp.lb.maglev_size)
     apply_ops(dp.lb, rec.plan(desired))
     table = ServiceTable(NODE, "")
@@ -384,3 +388,19 @@ def test_the_nodes_own_packets_that_kube_proxy_would_drop_are_dropped_on_the_way
         "dropped-service-unallocated"
     assert run(dp, net, "fp_to_vpc", own(REMOTE, 8080), "eth0")[0] == TC_ACT_UNSPEC
     assert run(dp, net, "fp_to_vpc", own(LB_IP, 80, src=CLIENT), "eth0")[0] == TC_ACT_UNSPEC
+
+
+# -- hostPort ------------------------------------------------------------------------
+
+def test_a_host_port_takes_a_packet_from_outside_and_from_a_pod_to_the_pod(dp, net, svcs):
+    for dev, dst in (("eth0", NODE_IP), ("eth1", ENI_IP)):
+        v, out, reason, kind, idx = run(dp, net, "fp_from_vpc",
+                                        from_outside(net, dst, 8443, 40800, dev=dev), dev)
+        o = Ether(out)
+        assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-local", net.idx("caliA"))
+        assert (o[IP].src, o[IP].dst, o[TCP].dport) == (CLIENT, POD_A, 443)
+        assert_checksums_valid(out)
+    v, out, reason, kind, idx = run(dp, net, "fp_from_pod", from_pod(net, "B", NODE_IP, 8443),
+                                    "caliB")
+    assert (reason, idx) == ("redirected-local", net.idx("caliA"))
+    assert (Ether(out)[IP].dst, Ether(out)[TCP].dport) == (POD_A, 443)
