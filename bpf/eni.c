@@ -2,6 +2,8 @@
  * the primary NIC (eth0), tc hooks.
  *
  * fp_from_vpc (tc ingress):
+ *   - IPv4 claiming a local pod's address as its source is dropped as
+ *     spoofed first (lib/guard.h);
  *   - IPv4 for a local endpoint passes the pod's ingress policy (when
  *     NetworkPolicy is on), gets its VIP back if it is a reply of a
  *     translated flow (or an ICMP error about one), and is redirected
@@ -27,6 +29,7 @@
 #include "lib/fwd.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
+#include "lib/guard.h"
 
 struct fp_arrival {
 	__u32 ifindex;         /* HBO: where it arrived */
@@ -155,6 +158,13 @@ static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 	struct fp_l4 l4 = {};
 	enum fp_reason reason = FP_FWD_STACK;
 	int verdict = FP_TC_CONTINUE, rc;
+
+	if (fp_guard_from_vpc(skb, &reason)) {
+		fp_count(skb->ifindex, FP_DIR_FROM_VPC, reason, skb->len);
+		fp_test_record(0, FP_RD_NONE, 0, reason);
+		return TC_ACT_SHOT;
+	}
+	barrier_var(skb);
 
 	a.ifindex = skb->ifindex;
 	switch (fp_parse_ipv4(skb, &ip)) {

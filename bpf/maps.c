@@ -118,6 +118,11 @@ BPF_PERCPU_ARRAY(fp_whatif_cpu, __u32, 1);
 /* Powers of x for the SCTP CRC32c update (constants, see fastpath.h). */
 BPF_TABLE_PINNED("array", __u32, __u32, FP_MAP_CRC32C, FP_CRC32C_POWERS, FP_PIN(FP_MAP_CRC32C));
 
+/* Registered host veths: ifindex -> the endpoint's addresses (anti-spoofing);
+ * one entry per endpoint, so sized like the endpoints map. */
+BPF_TABLE_PINNED("hash", __u32, struct fp_ep_if, FP_MAP_EP_IFINDEX, FP_EP_MAX,
+		 FP_PIN(FP_MAP_EP_IFINDEX));
+
 static __always_inline struct fp_endpoint *fp_endpoint_lookup(__be32 ip4)
 {
 	struct fp_endpoint_key key = { .ip4 = ip4 };
@@ -466,5 +471,10 @@ static __always_inline __u32 fp_maglev_backend(__u32 svc_id, __u32 idx)
 	if (!t || idx >= FP_MAGLEV_M)
 		return 0;
 	return t->backend_ids[idx];
+}
+
+static __always_inline struct fp_ep_if *fp_epif_lookup(__u32 ifindex)
+{
+	return FP_MAP_EP_IFINDEX.lookup(&ifindex);
 }
 

@@ -1,9 +1,14 @@
 /* Programs on the host side of each pod's veth (cali*), tc hooks.
  *
  * fp_from_pod (tc ingress: packets the pod sends):
- *   - anything but IPv4 (ARP, IPv6, ...) goes to the stack unchanged;
- *   - the source must be the endpoint registered on this veth (anti-spoof);
- *     a pod fastpath does not know yet is left to the stack;
+ *   - first the guards (lib/guard.h): on a registered veth, any packet
+ *     (IPv4, IPv6, ARP) whose source is not the endpoint's own is dropped
+ *     as spoofed; IPv6 of an isolated pod is dropped, neighbour discovery
+ *     aside;
+ *   - anything else but IPv4 goes to the stack unchanged;
+ *   - the source must be the endpoint registered on this veth; on a veth
+ *     without a registration, an unknown source is left to the stack and
+ *     another local pod's address is dropped as spoofed;
  *   - a TCP/UDP/SCTP packet to a service frontend is translated to a
  *     backend (conntrack keeps the flow on it; a mid-stream packet conntrack
  *     does not know is dropped), then forwarded like any other; a new flow
@@ -20,9 +25,10 @@
  * to a client outside the node (a NodePort, external or load-balancer IP)
  * gets its frontend back before it is routed, and may then leave by the
  * node's primary NIC, which owns that address.
- * fp_to_pod (tc egress: packets the stack delivers to the pod) checks the
- * pod's ingress policy, restores the VIP on replies of translated flows and
- * lets everything else through.
+ * fp_to_pod (tc egress: packets the stack delivers to the pod) drops IPv6
+ * to an isolated pod (lib/guard.h), checks the pod's ingress policy,
+ * restores the VIP on replies of translated flows and lets everything else
+ * through.
  * Every drop is reported to the monitor's ring buffer (lib/policy.h).
  * Programs never return TC_ACT_OK for "not mine": they return
  * TC_ACT_UNSPEC so that other tc filters on the device still run.
@@ -30,6 +36,7 @@
 #include "lib/fwd.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
+#include "lib/guard.h"
 
 /* What a packet looked like on arrival, for reports and fragment records. */
 struct fp_seen {
@@ -42,6 +49,9 @@ struct fp_seen {
 static __always_inline int fp_finish(struct __sk_buff *skb, enum fp_dir dir,
 				     enum fp_reason reason, int verdict)
 {
+	/* a fresh ctx access: the verifier refuses a ctx field's address the
+	 * compiler would otherwise keep in a register across the walk */
+	barrier_var(skb);
 	fp_count(skb->ifindex, dir, reason, skb->len);
 	if (verdict != TC_ACT_REDIRECT)
 		fp_test_record(0, FP_RD_NONE, 0, reason);
@@ -74,6 +84,11 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	int hairpin = 0, hairpin_reply, translated = 0, rc;
 	__u32 eni_ifindex;
 	int verdict;
+
+	if (fp_guard_from_pod(skb, &reason))
+		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+	/* the guard's ctx reads are not to be reused past here (see fp_finish) */
+	barrier_var(skb);
 
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
@@ -210,6 +225,11 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 	__be32 saddr, daddr;
 	__be16 sport, dport;
 	int rc;
+
+	if (fp_guard_to_pod(skb, &reason))
+		return fp_finish(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
+	reason = FP_FWD_PASS;
+	barrier_var(skb);
 
 	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
 		return FP_TC_CONTINUE;

@@ -51,7 +51,10 @@ E_HOSTPORT = 105         # a hostPort is taken (by a Service or another pod) or 
 AGENT_CODES = {"discovery": E_POD_INTERFACE, "eni-unresolved": E_ENI_UNRESOLVED,
                "datapath": E_DATAPATH, "check-failed": E_CHECK_FAILED,
                "not-found": E_CHECK_FAILED, "hostport-refused": E_HOSTPORT,
-               "invalid-port-mappings": E_INVALID_CONFIG}
+               "invalid-port-mappings": E_INVALID_CONFIG,
+               # the agent checks what it is handed, whoever calls it: an
+               # environment this plugin passed on unchanged
+               "invalid-netns": E_INVALID_ENV, "invalid-argument": E_INVALID_ENV}
 
 # Keys of our conflist entry, with their defaults.
 DEFAULTS = {
@@ -71,6 +74,20 @@ DEL_QUEUE = "cni-del-queue"        # shared with agent/daemon/agent.py (replay_d
 DEL_QUEUE_MAX = 4096
 LOG_ROTATE_BYTES = 4 << 20
 SUN_PATH_MAX = 107                 # sizeof(sockaddr_un.sun_path) - 1
+# Input bounds. The spec bounds the interface name (IFNAMSIZ - 1) but not the
+# container id; ours must fit a file name (NAME_MAX 255) as the DEL queue's
+# ".<id>-<ifname>.json.<pid>.tmp" (id + 34 bytes), and 200 holds containerd's
+# longest "<namespace>-<id>" pair (76 + 1 + 76) as well as any 64-hex id.
+MAX_CONTAINER_ID = 200
+MAX_IFNAME = 15
+MAX_NETNS_PATH = 4095              # PATH_MAX - 1
+MAX_STDIN = 1 << 20                # a conflist entry plus prevResult: kilobytes
+# Real configurations nest a few levels (prevResult.ips[0]); anything deeper
+# is refused before it can exhaust the interpreter's recursion limit.
+MAX_NESTING = 32
+# Kubernetes' own bounds for the names the runtime passes in CNI_ARGS.
+MAX_POD_NAMESPACE = 63             # a DNS-1123 label
+MAX_POD_NAME = 253                 # a DNS-1123 subdomain
 
 # The agent's framed protocol, as agent/api/wire.py defines it: a 4-byte
 # big-endian length, then that many bytes of UTF-8 JSON; request
@@ -132,6 +149,9 @@ def loads(data):
         value, end = _scan(text, i)
     except StopIteration as stop:
         raise ValueError(f"expecting a JSON value at char {stop.value}") from None
+    except RecursionError:
+        raise ValueError(f"nested deeper than the decoder can follow "
+                         f"(more than {MAX_NESTING} levels are refused)") from None
     except Exception:
         # Malformed inside a value: the C scanner reports that through
         # json.decoder's exception class, which it finds only if json is
@@ -191,6 +211,37 @@ def dumps(obj) -> str:
     return "".join(out)
 
 
+def nesting(value, limit: int) -> int:
+    """How deep `value` nests (a scalar is 0), counted without recursion and
+    up to limit + 1 at most."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        elif not isinstance(v, list):
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            break
+        stack.extend((item, depth + 1) for item in v)
+    return deepest
+
+
+def _json_type(value) -> str:
+    """A value's type as JSON names it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
 def _vtuple(v: str) -> tuple:
     return tuple(int(p) for p in v.split("."))
 
@@ -244,10 +295,16 @@ def parse_config(data: bytes, command: str) -> Conf:
         raise CniError(E_DECODE, f"the network configuration on stdin is not valid JSON: {exc}")
     if not isinstance(raw, dict):
         raise CniError(E_DECODE, "the network configuration on stdin must be a JSON object, "
-                       f"not {type(raw).__name__}")
+                       f"not {_json_type(raw)}")
+    if nesting(raw, MAX_NESTING) > MAX_NESTING:
+        raise CniError(E_DECODE, f"the network configuration on stdin nests deeper than "
+                       f"{MAX_NESTING} levels")
     conf = Conf()
     version = raw.get("cniVersion", "")
-    if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
+    if not isinstance(version, str):
+        raise CniError(E_INVALID_CONFIG, f"cniVersion must be a string such as \"1.0.0\", "
+                       f"not {_json_type(version)}")
+    if version not in SUPPORTED_VERSIONS:
         raise CniError(E_INCOMPATIBLE_VERSION,
                        f"{PLUGIN} does not support cniVersion {version!r}; it supports "
                        f"{', '.join(SUPPORTED_VERSIONS)} (set cniVersion in the conflist)")
@@ -259,7 +316,11 @@ def parse_config(data: bytes, command: str) -> Conf:
         raise CniError(E_INCOMPATIBLE_VERSION, f"{command} needs cniVersion 1.1.0 or later, "
                        f"the conflist says {version}")
     for required in ("name", "type"):
-        if not isinstance(raw.get(required), str) or not raw[required]:
+        value = raw.get(required)
+        if value is not None and not isinstance(value, str):
+            raise CniError(E_INVALID_CONFIG, f"{required} must be a string, not "
+                           f"{_json_type(value)}")
+        if not value:
             raise CniError(E_INVALID_CONFIG, f"the network configuration has no {required!r}")
     conf.name = raw["name"]
     for key, value in raw.items():
@@ -299,22 +360,26 @@ def parse_config(data: bytes, command: str) -> Conf:
 
     runtime = raw.get("runtimeConfig")
     if runtime is not None and not isinstance(runtime, dict):
-        raise CniError(E_DECODE, f"runtimeConfig must be a JSON object, not "
-                       f"{type(runtime).__name__}")
+        raise CniError(E_DECODE, f"runtimeConfig must be a JSON object, not {_json_type(runtime)}")
     mappings = (runtime or {}).get("portMappings")
     if mappings is not None and not isinstance(mappings, list):
         raise CniError(E_INVALID_CONFIG, f"runtimeConfig.portMappings must be a list, not "
-                       f"{type(mappings).__name__}")
+                       f"{_json_type(mappings)}")
     conf.port_mappings = mappings or None
 
     prev = raw.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
-        raise CniError(E_DECODE, f"prevResult must be a JSON object, not {type(prev).__name__}")
+        raise CniError(E_DECODE, f"prevResult must be a JSON object, not {_json_type(prev)}")
     conf.prev_result = prev
     if command == "GC":
         valid = raw.get("cni.dev/valid-attachments", [])
         if not isinstance(valid, list) or not all(isinstance(a, dict) for a in valid):
             raise CniError(E_DECODE, "cni.dev/valid-attachments must be a list of objects")
+        for i, a in enumerate(valid):
+            for key in ("containerID", "ifname"):
+                if not isinstance(a.get(key), str):
+                    raise CniError(E_DECODE, f"cni.dev/valid-attachments[{i}].{key} must be "
+                                   f"a string, not {_json_type(a.get(key))}")
         conf.valid_attachments = valid
     return conf
 
@@ -323,7 +388,7 @@ def parse_config(data: bytes, command: str) -> Conf:
 
 class Env:
     __slots__ = ("command", "container_id", "netns", "ifname", "args", "pod_namespace",
-                 "pod_name", "infra_container_id")
+                 "pod_name", "infra_container_id", "ignored_netns")
 
 
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
@@ -342,15 +407,58 @@ def parse_cni_args(text: str) -> dict:
     return out
 
 
-def _valid_container_id(cid: str) -> bool:
-    # spec: an alphanumeric, then alphanumerics, '_', '.' or '-'
-    return bool(cid) and cid[0].isascii() and cid[0].isalnum() and all(
-        c.isascii() and (c.isalnum() or c in "_.-") for c in cid)
+def container_id_problem(cid) -> str:
+    """Why `cid` is not a container id the spec allows ("" if it is): an
+    ASCII alphanumeric, then alphanumerics, '_', '.' or '-'; at most
+    MAX_CONTAINER_ID bytes (ours, see there). The agent checks with this too."""
+    if not isinstance(cid, str):
+        return f"must be a string, not {_json_type(cid)}"
+    if not cid:
+        return "must not be empty"
+    if len(cid) > MAX_CONTAINER_ID:
+        return f"is {len(cid)} characters long; at most {MAX_CONTAINER_ID} are accepted"
+    if not (cid[0].isascii() and cid[0].isalnum()):
+        return "must start with a letter or digit"
+    if not all(c.isascii() and (c.isalnum() or c in "_.-") for c in cid):
+        return "may hold only letters, digits, '_', '.' and '-'"
+    return ""
 
 
-def _valid_ifname(name: str) -> bool:
-    return (0 < len(name.encode()) < 16 and name not in (".", "..")
-            and not any(c in "/:" or c.isspace() for c in name))
+def ifname_problem(name) -> str:
+    """Why `name` is not an interface name the spec allows ("" if it is):
+    1 to 15 bytes, not "." or "..", no '/', ':' or whitespace."""
+    if not isinstance(name, str):
+        return f"must be a string, not {_json_type(name)}"
+    size = len(name.encode(errors="surrogateescape"))
+    if not 0 < size <= MAX_IFNAME:
+        return f"must be 1 to {MAX_IFNAME} bytes long, not {size}"
+    if name in (".", ".."):
+        return "must not be '.' or '..'"
+    if any(c in "/:" or c.isspace() for c in name):
+        return "must not contain '/', ':' or whitespace"
+    return ""
+
+
+def netns_path_problem(path) -> str:
+    """Why `path` cannot name a pod's network namespace, as far as the text
+    tells ("" if it can); the agent then asks the kernel what it is."""
+    if not isinstance(path, str):
+        return f"must be a string, not {_json_type(path)}"
+    if not path.startswith("/"):
+        return "must be an absolute path (such as /var/run/netns/cni-...)"
+    if len(path) > MAX_NETNS_PATH:
+        return f"is longer than a path may be ({MAX_NETNS_PATH} bytes)"
+    return ""
+
+
+def _dns_name_problem(value: str, limit: int, dots: bool) -> str:
+    if len(value) > limit:
+        return f"is {len(value)} characters long; at most {limit} are allowed"
+    allowed = "abcdefghijklmnopqrstuvwxyz0123456789-" + ("." if dots else "")
+    if not all(c in allowed for c in value) or value[0] in "-." or value[-1] in "-.":
+        return ("must be lower-case letters, digits and '-'" + (" or '.'" if dots else "")
+                + ", starting and ending with a letter or digit")
+    return ""
 
 
 def parse_env(environ) -> Env:
@@ -368,17 +476,37 @@ def parse_env(environ) -> Env:
     env.netns = environ.get("CNI_NETNS", "")
     env.ifname = environ.get("CNI_IFNAME", "")
     if env.command in NEEDS:
-        if not _valid_container_id(env.container_id):
-            raise CniError(E_INVALID_ENV, f"CNI_CONTAINERID={env.container_id!r} is not a valid "
-                           "container id (alphanumerics, then also '_', '.', '-')")
-        if not _valid_ifname(env.ifname):
-            raise CniError(E_INVALID_ENV, f"CNI_IFNAME={env.ifname!r} is not a valid interface "
-                           "name")
+        why = container_id_problem(env.container_id)
+        if why:
+            raise CniError(E_INVALID_ENV, f"CNI_CONTAINERID={_shown(env.container_id)} {why}")
+        why = ifname_problem(env.ifname)
+        if why:
+            raise CniError(E_INVALID_ENV, f"CNI_IFNAME={env.ifname!r} {why}")
+    env.ignored_netns = ""
+    if env.command in ("ADD", "CHECK"):
+        why = netns_path_problem(env.netns)
+        if why:
+            raise CniError(E_INVALID_ENV, f"CNI_NETNS={_shown(env.netns)} {why}")
+    elif env.netns and netns_path_problem(env.netns):
+        # DEL may come without a netns (the runtime lost it) and never fails
+        # for it: one that names nothing usable is as good as none
+        env.ignored_netns, env.netns = env.netns, ""
     env.args = parse_cni_args(environ.get("CNI_ARGS", ""))
     env.pod_namespace = env.args.get("K8S_POD_NAMESPACE", "")
     env.pod_name = env.args.get("K8S_POD_NAME", "")
+    for key, value, limit, dots in (("K8S_POD_NAMESPACE", env.pod_namespace, MAX_POD_NAMESPACE,
+                                     False),
+                                    ("K8S_POD_NAME", env.pod_name, MAX_POD_NAME, True)):
+        why = _dns_name_problem(value, limit, dots) if value else ""
+        if why:
+            raise CniError(E_INVALID_ENV, f"CNI_ARGS {key}={_shown(value)} {why}")
     env.infra_container_id = env.args.get("K8S_POD_INFRA_CONTAINER_ID", "")
     return env
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """A value for an error message: quoted, and cut short if long."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
 
 
 # -- log ---------------------------------------------------------------------------
@@ -421,8 +549,9 @@ class Log:
             if os.stat(self.path).st_size > LOG_ROTATE_BYTES:
                 os.replace(self.path, self.path + ".1")
         except FileNotFoundError:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        # the log names containers, pods and netns paths: root's alone
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, line.encode())
         finally:
@@ -577,6 +706,7 @@ def cmd_add(conf: Conf, env: Env, log: Log) -> dict:
         log.write("debug", "timing " + dumps(
             {"t_launch": START[0], "t_main": START[1], "rpc_ms": round(rpc_ms, 3),
              "agent_discover_ms": timing.get("discover"), "agent_attach_ms": timing.get("attach"),
+             "agent_identity_ms": timing.get("identity"), "agent_policy_ms": timing.get("policy"),
              "agent_total_ms": timing.get("total")}))
     prev_ips = result_ips(conf.prev_result)
     if prev_ips and ep.get("ip") not in prev_ips:
@@ -593,7 +723,13 @@ def queue_deletion(conf: Conf, env: Env, log: Log, why: str) -> None:
     name = f"{env.container_id}-{env.ifname}.json"
     path = os.path.join(qdir, name)
     try:
-        os.makedirs(qdir, mode=0o700, exist_ok=True)
+        # the agent's state dir is root's alone (agent/agent.py); if the
+        # plugin is first to make it, it makes it so
+        os.makedirs(conf.state_dir, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(qdir, 0o700)
+        except FileExistsError:
+            pass
         if not os.path.exists(path):
             queued = sum(1 for n in os.listdir(qdir) if n.endswith(".json"))
             if queued >= DEL_QUEUE_MAX:
@@ -602,9 +738,12 @@ def queue_deletion(conf: Conf, env: Env, log: Log, why: str) -> None:
                                    f"agent drops its endpoint at start if the veth is gone")
                 return
         tmp = os.path.join(qdir, f".{name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            f.write(dumps({"container_id": env.container_id, "ifname": env.ifname,
-                           "netns": env.netns, "queued_at": time.time()}))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, dumps({"container_id": env.container_id, "ifname": env.ifname,
+                                "netns": env.netns, "queued_at": time.time()}).encode())
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
         log.write("error", f"agent unreachable ({why}) and the deletion could not be queued in "
@@ -615,6 +754,9 @@ def queue_deletion(conf: Conf, env: Env, log: Log, why: str) -> None:
 
 
 def cmd_del(conf: Conf, env: Env, log: Log) -> None:
+    if env.ignored_netns:
+        log.write("warning", f"CNI_NETNS={_shown(env.ignored_netns)} is not an absolute path: "
+                             "deleting by container id and interface alone")
     params = {"container_id": env.container_id, "ifname": env.ifname}
     try:
         res = agent_call(conf, "EndpointDel", params, wait=0)
@@ -719,6 +861,9 @@ def run(environ, data: bytes, log: Log | None = None) -> tuple[int, str]:
     log = log or Log()
     version = "1.0.0"
     try:
+        if len(data) > MAX_STDIN:
+            raise CniError(E_DECODE, f"the network configuration on stdin is larger than "
+                           f"{MAX_STDIN} bytes")
         env = parse_env(environ)
         if env.command == "VERSION":
             return 0, dumps(cmd_version(data))
@@ -741,7 +886,7 @@ def main(t_launch: float | None = None) -> None:
     first line ran (before this module was loaded), for the timing log."""
     START[1] = time.time()
     START[0] = t_launch or START[1]
-    data = sys.stdin.buffer.read()
+    data = sys.stdin.buffer.read(MAX_STDIN + 1)
     log = Log()
     code, out = run(os.environ, data, log)
     if out:

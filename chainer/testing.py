@@ -80,11 +80,14 @@ class Attachment:
 
 class CniRuntime:
     def __init__(self, conflist: dict, bin_dir: str | Path, node_netns: str | None,
-                 timeout: float = 60):
+                 timeout: float = 60, wrapper: tuple[str, ...] = ()):
         self.conflist = conflist
         self.bin_dir = str(bin_dir)
         self.node_netns = node_netns
         self.timeout = timeout
+        # a command each plugin runs under (e.g. nsenter into the mount
+        # namespace where the node's files are)
+        self.wrapper = list(wrapper)
         self.cache: dict[tuple[str, str], Attachment] = {}
         self._lock = threading.Lock()
 
@@ -108,7 +111,8 @@ class CniRuntime:
         with in_netns(self.node_netns):
             t_spawn = time.time()
             t0 = time.perf_counter()
-            proc = subprocess.Popen([os.path.join(self.bin_dir, plugin_type)], env=env,
+            proc = subprocess.Popen([*self.wrapper, os.path.join(self.bin_dir, plugin_type)],
+                                    env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)
         out, err = proc.communicate(data, timeout=self.timeout)

@@ -28,7 +28,11 @@ host_link() {
     [ -d "$target/include" ] && printf '%s\n' "$target"
 }
 
-mkdir -p "$mods"
+if ! mkdir -p "$mods" 2>/dev/null || [ ! -w "$mods" ]; then
+    # A read-only /lib/modules: a container that compiles nothing (the CNI
+    # installer, uninstall). The agent's container mounts an emptyDir there.
+    exec "$@"
+fi
 if build=$(host_link build); then
     source=$(host_link source || printf '%s\n' "$build")
     ln -sfn "$build" "$mods/build"

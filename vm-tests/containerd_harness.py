@@ -222,6 +222,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
     def _enter(self, *cmd: str) -> list[str]:
         return ["nsenter", "-t", str(self.anchor.pid), "-m", "-n", *cmd]
 
+    def enter(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a command in the harness's mount and network namespaces."""
+        r = subprocess.run(self._enter(*cmd), capture_output=True, text=True, timeout=60)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")
+        return r
+
     def _ctr(self, *args: str) -> list[str]:
         return self._enter("ctr", "--address", self.socket, "--namespace", NAMESPACE, *args)
 

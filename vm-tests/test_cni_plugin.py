@@ -9,10 +9,15 @@ on the host veth and the pinned endpoints map.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
+import time
 from types import SimpleNamespace
 
+import pytest
+
+from agent.api import wire
 from agent.sim.netns import Netns, sh
 from agent.sim.traffic import tcp_exchange
 from chainer.testing import CniRuntime, ptp_conflist
@@ -292,3 +297,105 @@ def test_install_from_a_container_that_mounts_the_nodes_root(tmp_path):
     r = subprocess.run([str(path)], input=b'{"cniVersion": "1.1.0"}', capture_output=True,
                        env={"CNI_COMMAND": "VERSION"}, check=True)
     assert json.loads(r.stdout)["cniVersion"] == "1.1.0"
+
+
+HOSTILE = [
+    # description, what to change, expected code, words the message must contain
+    ("stdin nested 100,000 levels deep", {"stdin": "deep"}, 6, ["nest"]),
+    ("a relative CNI_NETNS", {"netns": "relative"}, 4, ["CNI_NETNS", "absolute path"]),
+    ("CNI_NETNS '.'", {"netns": "."}, 4, ["CNI_NETNS", "absolute path"]),
+    ("CNI_NETNS is the node's own network namespace", {"netns": "node"}, 4,
+     ["node's own network namespace"]),
+    ("CNI_NETNS is a plain file", {"netns": "/etc/hostname"}, 4,
+     ["/etc/hostname", "not a network namespace"]),
+    ("CNI_NETNS is a namespace of another type", {"netns": "/proc/self/ns/pid"}, 4,
+     ["/proc/self/ns/pid", "not a network namespace"]),
+    ("CNI_NETNS is a FIFO (must not hang the agent)", {"netns": "fifo"}, 4,
+     ["not a network namespace"]),
+    ("CNI_NETNS is a directory", {"netns": "/var/run/netns"}, 4, ["not a network namespace"]),
+    ("a 4,096-character container id", {"cid": "c" * 4096}, 4,
+     ["CNI_CONTAINERID", "4096 characters", "at most 200"]),
+    ("a container id with a slash", {"cid": "c/../x"}, 4, ["CNI_CONTAINERID", "only letters"]),
+    ("a container id that is not ASCII", {"cid": "c\u00e9"}, 4, ["CNI_CONTAINERID"]),
+    ("an interface name of 16 bytes", {"ifname": "e" * 16}, 4, ["CNI_IFNAME", "1 to 15 bytes"]),
+    ("an interface name '..'", {"ifname": ".."}, 4, ["CNI_IFNAME", "'..'"]),
+    ("an interface name with a space", {"ifname": "eth 0"}, 4, ["CNI_IFNAME", "whitespace"]),
+    ("name is a list", {"conf": {"name": ["a"]}}, 7, ["name must be a string, not array"]),
+    ("type is a number", {"conf": {"type": 5}}, 7, ["type must be a string, not number"]),
+    ("cniVersion is a number", {"conf": {"cniVersion": 1}}, 7,
+     ["cniVersion must be a string"]),
+    ("a pod name Kubernetes would refuse", {"args": "K8S_POD_NAMESPACE=default;K8S_POD_NAME=Web_0"},
+     4, ["K8S_POD_NAME", "lower-case"]),
+    ("stdin of 2 MiB", {"stdin": "huge"}, 6, ["larger than"]),
+]
+
+
+def test_hostile_cni_input_gets_a_clean_error_and_changes_nothing(world):
+    """Each case through the installed plugin against the real agent, on
+    the pod of a case: a clean CNI error with the spec's code naming what
+    is wrong, nothing registered, nothing queued, and the agent answering
+    the next request. The agent is then asked directly (it checks for
+    itself, whoever calls it)."""
+    with cni_node(world) as cn:
+        fifo = f"{cn.paths.root}/not-a-netns"
+        os.mkfifo(fifo)
+        node_ns = f"/var/run/netns/{cn.node.netns}"
+        problems = []
+        for i, (description, change, code, words) in enumerate(HOSTILE):
+            netns = cn.pod_netns(f"h{i}")
+            att = cn.runtime.add(f"c-h{i}", netns, args=pod_args(f"h{i}"))   # Terway's part
+            cn.fastpath("DEL", cn.conf(1, att.result), f"c-h{i}", netns)
+            conf = cn.conf(1, att.invocations[0].output, timeout_seconds=2)
+            conf.update(change.get("conf", {}))
+            stdin = json.dumps(conf)
+            if change.get("stdin") == "deep":
+                stdin = stdin[:-1] + ', "runtimeConfig": ' + "[" * 100_000 + "]" * 100_000 + "}"
+            elif change.get("stdin") == "huge":
+                stdin = stdin[:-1] + ', "runtimeConfig": {"pad": "' + "x" * (2 << 20) + '"}}'
+            target = {"relative": netns.lstrip("/"), "node": node_ns, "fifo": fifo}.get(
+                change.get("netns"), change.get("netns", netns))
+            before = (cn.endpoints(), cn.endpoint_map(), cn.queued_deletions())
+            t0 = time.monotonic()
+            inv = cn.fastpath("ADD", stdin, change.get("cid", f"c-h{i}"), target,
+                              ifname=change.get("ifname", "eth0"),
+                              args=change.get("args", pod_args(f"h{i}")))
+            took = time.monotonic() - t0
+            out = inv.output if inv.stdout.startswith("{") else {}
+            if inv.rc != 1 or out.get("code") != code or \
+                    not all(w in out.get("msg", "") for w in words):
+                problems.append((description, inv.rc, inv.stdout[:300], inv.stderr[-300:]))
+            if took > 1.5:
+                problems.append((description, f"took {took:.1f}s"))
+            if (cn.endpoints(), cn.endpoint_map(), cn.queued_deletions()) != before:
+                problems.append((description, "changed the agent's state"))
+        assert problems == []
+        # a DEL of an unusable id with the agent down is refused, not queued
+        cn.agent.kill(9)
+        inv = cn.fastpath("DEL", cn.conf(1, att.result), "c" * 4096, "")
+        assert inv.rc == 1 and inv.output["code"] == 4, inv
+        assert cn.queued_deletions() == []
+        cn.restart_agent()
+        # the agent's API checks what it is handed, whoever calls it
+        for params, code, words in (
+                ({"netns": "var/run/netns/x", "container_id": "c1"}, "invalid-netns",
+                 "absolute path"),
+                ({"netns": node_ns, "container_id": "c1"}, "invalid-netns", "node's own"),
+                ({"netns": fifo, "container_id": "c1"}, "invalid-netns", "not a network"),
+                ({"netns": netns, "container_id": ["c1"]}, "invalid-argument",
+                 "container_id must be a string"),
+                ({"netns": netns, "container_id": "c" * 300}, "invalid-argument", "at most 200"),
+                ({"netns": netns, "container_id": "c1", "ifname": "../x"}, "invalid-argument",
+                 "ifname"),
+                ({"netns": netns, "container_id": "c1", "pod_name": 5}, "invalid-argument",
+                 "pod_name must be a string")):
+            with pytest.raises(wire.RemoteError) as err:
+                cn.api("EndpointAdd", params)
+            assert err.value.code == code and words in err.value.message, (params, err.value)
+        with pytest.raises(wire.RemoteError) as err:
+            cn.api("EndpointDel", {"container_id": "x/y"})
+        assert err.value.code == "invalid-argument"
+        assert cn.endpoints() == {} and cn.endpoint_map() == {}
+        # and the one well-formed ADD of the last pod still works
+        assert cn.fastpath("ADD", cn.conf(1, att.invocations[0].output), f"c-h{i}", netns,
+                           args=pod_args(f"h{i}")).rc == 0
+        assert set(cn.endpoints()) == {f"c-h{i}-eth0"}

@@ -438,7 +438,7 @@ def datapath_view(paths, client_ip: str, vip: str) -> dict:
 
 
 def metric(node, name: str, suffix: str = "", **labels) -> float:
-    code, text = http_in(node, "http://127.0.0.1:9962/metrics")
+    code, text = http_in(node, f"http://{node.ip}:9962/metrics")    # metrics_address node-ip
     assert code == 200, text
     return sample(families(text), name, suffix, **labels)
 

@@ -5,8 +5,9 @@ compiler -> pinned policy maps -> real connections dropped or admitted, with
     node n1:  x/a (app=a)   x/b (app=b, serves :8080)   y/c (app=c)
 
 Also: the agent's restart keeps enforcing without a gap and rewrites
-nothing that did not change; a policy that would overflow the rules map is
-refused by name while the previous state stays enforced.
+nothing that did not change; a relabel into a policy whose rules the map
+cannot hold leaves the pod isolated and names the policy (log, status text
+and --json, metrics, event) until room is freed.
 """
 from __future__ import annotations
 
@@ -130,37 +131,172 @@ def test_policies_from_manifests_are_enforced_and_follow_changes_and_restarts(wo
             agent.stop()
 
 
-def test_a_policy_that_would_overflow_the_rules_map_is_refused_and_the_old_state_kept(world):
+def node_policy_ips(node) -> list[str]:
+    """The node addresses the agent gives the compiler: its netns' IPv4
+    addresses and the local router's (agent._node_ips)."""
+    ips = {"169.254.10.1"}
+    for link in node.ip_json("addr", "show"):
+        for a in link.get("addr_info", []):
+            if a.get("family") == "inet" and not a["local"].startswith("127."):
+                ips.add(a["local"])
+    return sorted(ips)
+
+
+def web_policy(ports: int) -> dict:
+    """app=web admits every pod of x on 8080 and `ports` odd ports more."""
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "web", "namespace": "x"},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                     "ingress": [{"from": [{"podSelector": {}}],
+                                  "ports": [{"port": 8080}] + [{"port": 9001 + 2 * i}
+                                                               for i in range(ports)]}]}}
+
+
+def extra_policy(ports: int) -> dict:
+    """app=a admits pods of x on `ports` odd ports: rules that take room."""
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "extra", "namespace": "x"},
+            "spec": {"podSelector": {"matchLabels": {"app": "a"}},
+                     "ingress": [{"from": [{"podSelector": {}}],
+                                  "ports": [{"port": 7001 + 2 * i} for i in range(ports)]}]}}
+
+
+def capacity_window(node, pods, labels_before, labels_after) -> range:
+    """Rule-map sizes at which the agent's own planner (agent.policy.fit, on
+    the same objects and node addresses) applies `labels_before` in full,
+    refuses exactly (x/web, the relabelled pod) after the relabel, also in
+    the plan after that, and applies everything once x/extra is deleted
+    (within three plans)."""
+    from agent.k8s.parse import parse_object
+    from agent.policy import Capacities, compile_policy, fit, pairs_of
+    from tests.policy.kube import snapshot
+    ips = node_policy_ips(node)
+
+    def objs(labels, extra=True):
+        docs = [m.namespace("x", ns="x"), web_policy(30)] + ([extra_policy(30)] if extra else [])
+        docs += [m.pod("x", p.name, p.ip, "n1", labels[p.name]) for p in pods]
+        return [parse_object(d) for d in docs]
+
+    def plan(o, cap, old):
+        snap = snapshot(o)
+        applied = pairs_of(old) - old.refused if old is not None else ()
+        return fit(lambda r: compile_policy(snap, "n1", ips, "default", previous=old, refused=r),
+                   Capacities(65536, 16384, cap), old, applied=applied)
+
+    good = []
+    for cap in range(16, 1200, 4):
+        f0 = plan(objs(labels_before), cap, None)
+        if f0.state is None or f0.refused:
+            continue
+        f1 = plan(objs(labels_after), cap, f0.state)
+        if f1.state is None or f1.refused_policies() != {"x/web": [pods[-1].ip]}:
+            continue
+        # and still after the plan that follows a refusal (not only the
+        # transition's peak, which the agent's next plan no longer has)
+        f1 = plan(objs(labels_after), cap, f1.state)
+        if f1.state is None or f1.refused_policies() != {"x/web": [pods[-1].ip]}:
+            continue
+        st = f1.state
+        for _ in range(3):
+            f2 = plan(objs(labels_after, extra=False), cap, st)
+            if f2.state is None:
+                break
+            st = f2.state
+            if not f2.refused:
+                good.append(cap)
+                break
+    assert good, "no rules map size shows the scenario"
+    return range(good[0], good[-1] + 1)
+
+
+def scrape(node, port: int = 9962) -> str:
+    """The agent's /metrics, where it serves them by default: the node's
+    primary address."""
+    r = node.run(["python3", "-c", "import urllib.request,sys; sys.stdout.write(urllib.request."
+                  f"urlopen('http://{node.ip}:{port}/metrics', timeout=5).read().decode())"],
+                 timeout=20)
+    return r.stdout
+
+
+def cli(node, paths, *args) -> str:
+    import sys
+    r = node.run([sys.executable, "-m", "agent.cli.main", *args, "--socket", paths.socket,
+                  "--bpffs-root", f"{paths.bpffs}/fastpath"], check=False, timeout=60)
+    assert r.stdout, f"fastpath {' '.join(args)}: exit {r.returncode}: {r.stderr}"
+    return r.stdout
+
+
+def test_a_relabel_that_does_not_fit_leaves_the_pod_isolated_and_names_the_policy(world):
+    """Small rules map; c is relabelled into x/web, which does not fit for
+    it: c is isolated (only the node reaches it) and x/web is named as
+    refused for x/c in the log, `fastpath status` (text and --json), the
+    metrics and an event; deleting x/extra frees room and c gets x/web's
+    rules."""
     node = world.add_node("n1", enis=1)
     a, b, c = node.add_pod("a"), node.add_pod("b"), node.add_pod("c")
-    serve_reply(b, 8080, "ok")
+    for p in (b, c):
+        serve_reply(p, 8080, "ok")
+    # c keeps an identity of its own (role=c), so web's rules at c are
+    # rules of their own, not shared with b's
+    before = {"a": {"app": "a"}, "b": {"app": "web"}, "c": {"app": "c", "role": "c"}}
+    after = {"a": {"app": "a"}, "b": {"app": "web"}, "c": {"app": "web", "role": "c"}}
+    window = capacity_window(node, [a, b, c], before, after)
+    cap = window[len(window) // 2]
     with private_paths() as paths:
-        with open(f"{paths.manifests}/base.yaml", "w") as f:
-            f.write(cluster(((a, "x"), (b, "x"), (c, "y"))))
-        with open(f"{paths.manifests}/policy.yaml", "w") as f:
-            f.write(ALLOW_A_TO_B)
+        base = f"{paths.manifests}/base.yaml"
+
+        def write_base(labels):
+            tmp = base + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(m.dump([m.namespace("x", ns="x")] + [
+                    m.pod("x", p.name, p.ip, "n1", labels[p.name]) for p in (a, b, c)]))
+            os.replace(tmp, base)
+        write_base(before)
+        with open(f"{paths.manifests}/web.yaml", "w") as f:
+            f.write(m.dump([web_policy(30)]))
+        with open(f"{paths.manifests}/extra.yaml", "w") as f:
+            f.write(m.dump([extra_policy(30)]))
         agent = AgentProcess(node, paths, ["--policy-enforcement", "default",
-                                           "--policy-map-size", "64"]).start()
+                                           "--policy-map-size", str(cap)]).start()
         try:
             for p in (a, b, c):
                 register_pod(paths.socket, p)
-            wait_for(applied(paths, 1), "b-from-a")
-            assert not connects(c, b.ip)
-            # 40 odd ports to every pod of x: 80 entries, more than 64
-            ports = ", ".join(f"{{port: {9000 + 2 * i}}}" for i in range(40))
-            with open(f"{paths.manifests}/wide.yaml", "w") as f:
-                f.write(WIDE.format(ports=ports))
+            wait_for(applied(paths, 2), "web and extra")
+            assert connects(a, b.ip) and connects(a, c.ip)      # c is not isolated yet
 
-            def refused():
-                return policy_status(paths)["refused"]
-            wait_for(refused, "the wide policy to be refused")
-            r = policy_status(paths)["refused"][0]
-            assert r["map"] == "rules" and r["policy"] == "x/wide" and r["capacity"] == 64, r
-            assert "x/wide" in agent.log.read_text()
-            # the previous state is still the one enforced
-            assert connects(a, b.ip) and not connects(c, b.ip)
-            st = wire.call(paths.socket, "Status")["policy"]
-            assert st["policies"] == 1 and st["refused_total"] >= 1, json.dumps(st)
+            write_base(after)
+            wait_for(lambda: policy_status(paths)["refused"], "x/web to be refused for x/c")
+            st = policy_status(paths)
+            assert [(r["policy"], r["pods"]) for r in st["refused"]] == [("x/web", ["x/c"])], st
+            assert st["errors"] == 0 and st["refused_total"] >= 1
+            # c is isolated, web still admits a at b
+            assert not connects(a, c.ip)
+            assert connects(a, b.ip)
+            # named: in the log and as an event (directory mode: in the log)
+            log = agent.log.read_text()
+            assert "rules of NetworkPolicy x/web are not written for x/c" in log
+            assert "PolicyRefused" in log
+            # fastpath status, text and --json
+            text = cli(node, paths, "status")
+            assert "REFUSED x/web: rules not written for x/c" in text, text
+            assert "1 refused" in text
+            shown = json.loads(cli(node, paths, "status", "--json"))
+            assert [(r["policy"], r["pods"]) for r in shown["policy"]["refused"]] == \
+                [("x/web", ["x/c"])]
+            # policy get names it for the pod
+            view = json.loads(cli(node, paths, "policy", "get", c.ip, "--json"))
+            assert view["refused"] == ["x/web"] and view["directions"]["ingress"]["enforced"]
+            # metrics
+            metrics = scrape(node)
+            assert "fastpath_policy_refused 1.0" in metrics
+            assert 'fastpath_policy_refused_pods{namespace="x",policy="web"} 1.0' in metrics
+
+            # room again: c gets web's rules
+            os.remove(f"{paths.manifests}/extra.yaml")
+            wait_for(lambda: (not policy_status(paths)["refused"]
+                              and policy_status(paths)["policies"] == 1), "the refusal to lift")
+            assert connects(a, c.ip)
+            assert "are written in full on node n1 again" in agent.log.read_text()
+            assert "fastpath_policy_refused 0.0" in scrape(node)
         finally:
             agent.stop()
-

@@ -241,9 +241,12 @@ class AgentInspect:
                                "has not completed)")
         snap = self.agent.store.snapshot() if self.agent.store is not None else None
         try:
-            return pview.endpoint_rules(state, endpoint, snap)
+            view = pview.endpoint_rules(state, endpoint, snap)
         except KeyError as exc:
             raise InspectError("not-found", str(exc.args[0])) from None
+        from agent.policy.pending import is_pending
+        view["pending"] = is_pending(state.endpoints[view["ip"]])
+        return view
 
     def inspect_PolicyNames(self) -> dict:
         state = _policy_state(self.agent)

@@ -50,8 +50,10 @@ def recv_frame(sock: socket.socket):
         raise WireError(f"frame of {n} bytes exceeds {MAX_FRAME}")
     try:
         return json.loads(_recv_exact(sock, n))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise WireError(f"malformed frame: {exc}") from None
+    except RecursionError:
+        raise WireError("malformed frame: nested too deeply") from None
 
 
 def call(socket_path: str, method: str, params: dict | None = None, timeout: float = 30.0):

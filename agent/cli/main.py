@@ -44,6 +44,9 @@ def cmd_agent(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from agent.api.inspect import log_ring
     log_ring()          # recent lines for `fastpath bugtool`, from the first one
+    # Whatever the agent creates (state records, sockets, pins' directory)
+    # is root's alone, including files written by code that does not say so.
+    os.umask(0o077)
     agent = Agent(cfg)
     try:
         agent.start()

@@ -50,6 +50,12 @@ def render(d: dict) -> str:
         who = s.get("deciding") or [f"id {i}" for i in s.get("deciding_ids", [])]
         lines.append(f"  {direction}: {state}" + (f" (default deny from {', '.join(who)})"
                                                    if who and state != "not isolated" else ""))
+    if d.get("refused"):
+        lines.append(f"  REFUSED (isolated by them, their rules not written: the policy maps are "
+                     f"full): {', '.join(d['refused'])}")
+    if d.get("pending"):
+        lines.append("  PENDING: its labels were not known at CNI ADD; only the node reaches it "
+                     "until its Pod arrives")
     rows = d["rules"]
     if not rows:
         lines.append("(no rules: everything an isolated direction sees is denied)")

@@ -292,6 +292,8 @@ def render_status(d: dict) -> str:
                      + (f"; {', '.join(f'{k}={v}' for k, v in sorted(objs.items()))}"
                         if objs else "") + (f"; error: {src['error']}" if src.get("error")
                                             else "") + ")")
+        for problem in ((src.get("status") or {}).get("problems") or []):
+            lines.append(f"  problem: {problem}")
         for rej in ((src.get("status") or {}).get("rejected") or []):
             lines.append(f"  rejected: {rej.get('kind', '')} {rej.get('object', '')}: "
                          f"{rej.get('field', '')} {rej.get('message', '')} "
@@ -301,15 +303,20 @@ def render_status(d: dict) -> str:
             lines.append(f"services: {s['frontends']} frontends, {s['plans']} plans applied, "
                          f"{s['errors']} errors (store v{s['applied_version']})")
         p = d.get("policy") or {}
+        refused = p.get("refused") if isinstance(p.get("refused"), list) else []
+        pending = p.get("pending") if isinstance(p.get("pending"), list) else []
         line = f"policy:   enforcement {p.get('enforcement', p.get('mode', '?'))}"
-        if p.get("compiled"):
+        if p.get("compiled") or refused:
             line += (f", {p.get('policies', 0)} policies, {p.get('endpoints', 0)} endpoints, "
-                     f"{p.get('rules', 0)} rules, {p.get('errors', 0)} errors")
+                     f"{p.get('rules', 0)} rules, {p.get('errors', 0)} errors, "
+                     f"{len(refused)} refused")
         lines.append(line)
-        refused = p.get("refused")
-        for r in refused if isinstance(refused, list) else []:
-            lines.append("  REFUSED (previous state kept): " + ", ".join(
-                f"{k} {v}" for k, v in sorted(r.items())))
+        for r in refused:
+            lines.append(f"  REFUSED {r.get('policy')}: rules not written for "
+                         f"{', '.join(r.get('pods') or [])} ({r.get('reason', '')})")
+        if pending:
+            lines.append(f"  PENDING (labels not known yet, in the policy_unknown_pod state): "
+                         f"{', '.join(pending)}")
     else:
         lines.append(f"agent:    NOT REACHABLE ({a.get('error', '')})")
     k = d["kernel"]

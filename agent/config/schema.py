@@ -40,17 +40,27 @@ def _abs_path_or_empty(value: str) -> None:
 
 
 def _listen_address(value: str) -> None:
-    """host:port, [v6]:port, or empty (endpoint off)."""
+    """host:port, [v6]:port, node-ip:port, or empty (endpoint off)."""
     if value:
         parse_address(value)
 
 
+# The host part of a listen address that stands for the node's own IPv4
+# address: the first one of `primary_device`, looked up when the agent starts.
+NODE_IP = "node-ip"
+
+
 def parse_address(value: str) -> tuple[str, int]:
+    """(host, port) of a listen address; host is an IP address or NODE_IP."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError("expected host:port with a port 0-65535")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    ipaddress.ip_address(host)
+    if host != NODE_IP:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address or {NODE_IP}") from None
     return host, int(port)
 
 
@@ -173,14 +183,31 @@ KEYS: tuple[Key, ...] = (
         "direction, protocol, port block) on this node", minimum=16, maximum=1 << 22),
     Key("ipcache_map_size", int, 65536, "max NetworkPolicy peer prefixes (pod and node /32s, "
         "ipBlock boundaries)", minimum=16, maximum=1 << 22),
+    Key("policy_pod_lookup_timeout_ms", int, 2000, "how long a CNI ADD waits for a new pod's "
+        "labels when the agent's store does not hold its Pod (one GET of the Pod, or a rescan "
+        "of the manifest directory, retried while unanswered) before the pod starts in "
+        "policy_unknown_pod's state", minimum=0, maximum=60000),
+    Key("policy_unknown_pod", str, "deny-ingress", "NetworkPolicy state of a new pod whose "
+        "labels are not known when its CNI ADD returns, until its Pod arrives: deny-ingress "
+        "(only the node reaches it; egress as the mode says) or open",
+        choices=("deny-ingress", "open")),
     Key("cgroup_root", str, "", "cgroup v2 directory where socket-LB programs attach "
         "(empty: the cgroup2 mount of this host)", check=_abs_path_or_empty),
-    Key("metrics_address", str, "0.0.0.0:9962",
-        "host:port of the Prometheus endpoint /metrics (empty: off; port 0: any free port)",
+    Key("metrics_address", str, f"{NODE_IP}:9962",
+        f"host:port of the Prometheus endpoint /metrics; host `{NODE_IP}` (the first IPv4 "
+        "address of primary_device: what Prometheus scrapes, reachable from the VPC and the "
+        "node's pods), `127.0.0.1` (the node alone), an explicit address, or `0.0.0.0` (every "
+        "address of the node) (empty: off; port 0: any free port)",
         check=_listen_address),
     Key("health_address", str, "127.0.0.1:9099",
-        "host:port of /healthz (liveness) and /readyz (readiness) (empty: off; port 0: any free port)",
+        "host:port of /healthz (liveness) and /readyz (readiness), for the kubelet's probes; "
+        "the same choices as metrics_address (empty: off; port 0: any free port)",
         check=_listen_address),
+    Key("http_max_connections", int, 64, "open connections each HTTP listener (health, "
+        "metrics) keeps; beyond, the oldest one still sending its request is closed",
+        minimum=1, maximum=4096),
+    Key("http_timeout", int, 5, "seconds an HTTP client has to send its request headers, "
+        "then its body, and to take the answer", minimum=1, maximum=300),
     Key("eni_config", str, "", "Terway's eni-config ConfigMap, mounted (a directory) or as a file: "
         "disable_network_policy selects policy_enforcement never/default (file and flags win)",
         check=_abs_path_or_empty),

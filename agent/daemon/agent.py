@@ -16,9 +16,12 @@ says what is still missing.
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -26,14 +29,28 @@ from pathlib import Path
 from agent.api.server import ApiError, ApiServer
 from agent.config import Config
 from agent.datapath import Datapath, tc
-from agent.datapath.discover import DiscoveryError, discover
+from agent.datapath.discover import DiscoveryError, InvalidNetns, discover
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.model.endpoint import Endpoint
+from agent.k8s.model import Kind
 from agent.daemon.metrics import AgentMetrics, cni_observed
+from chainer.plugin import container_id_problem, ifname_problem
 
 log = logging.getLogger("fastpath.agent")
 
 DEL_QUEUE = "cni-del-queue"
+# The state dir names containers, netns paths, pods and policies: root's
+# alone (the CLI and the CNI plugin run as root).
+STATE_DIR_MODE = 0o700
+STATE_FILE_MODE = 0o600
+# An endpoint record or a queued DEL is a few hundred bytes; a stray file
+# far larger than that is not one of ours and is not read into memory.
+MAX_RECORD_BYTES = 64 << 10
+
+
+class StrayEntry(Exception):
+    """An entry of the state dir that cannot be one of the agent's records:
+    not a regular file, unreadable, or far too large."""
 
 
 class Agent:
@@ -57,11 +74,13 @@ class Agent:
         self.services = None
         self.healthchecks = None
         self.policy = None
+        self.events = None       # Kubernetes Events about policies (agent/k8s/events.py)
         self.socklb_optout = None
         self.conntrack_gc = None
         self.metrics = AgentMetrics(self)
         self.http = None
         self.inspect = None      # gRPC inspection service (agent/api/inspect.py)
+        self._strays_reported: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------
     def start(self, serve: bool = True) -> "Agent":
@@ -70,8 +89,7 @@ class Agent:
         if serve:
             from agent.daemon.health import HttpEndpoints
             self.http = HttpEndpoints(self).start()
-        self.ep_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / DEL_QUEUE).mkdir(parents=True, exist_ok=True)
+        self._prepare_state_dir()
         self.metrics.count_start(self.state_dir)
         self.datapath.load(defer_migration=True)
         # what the pins held, before any program of this start runs
@@ -213,12 +231,20 @@ class Agent:
                       "policy state in the maps stays enforced", cfg.policy_enforcement)
             return
         node = cfg.node_name or _socket.gethostname()
+        if self.source is not None and cfg.policy_enforcement != "never":
+            from agent.k8s.events import recorder_for
+            self.events = recorder_for(self.source, node)
         self.policy = PolicySync(
             self.datapath.policy, self.datapath.settings, self.store, self.source,
             node, cfg.policy_enforcement,
             Capacities(cfg.ipcache_map_size, cfg.endpoints_map_size, cfg.policy_map_size),
             self._node_ips, ids_file=str(self.state_dir / "policy-ids.json"),
-            metrics=self.metrics).start()
+            metrics=self.metrics, events=self.events,
+            unknown_pod=cfg.policy_unknown_pod)
+        # restored endpoints keep what their ADD said until the store agrees
+        for ep in self._endpoint_list():
+            self.policy.remember(ep.ip, ep.pod_namespace, ep.pod_name)
+        self.policy.start()
 
     def _node_ips(self) -> list[str]:
         """This node's own IPv4 addresses: what the host stack (kubelet
@@ -238,11 +264,15 @@ class Agent:
         return sorted(ips)
 
     def policy_status(self) -> dict:
+        """For the metrics: counts, and `refused_policies` (policy -> pods
+        its rules are not written for)."""
         if self.policy is None:
             return {"mode": self.config.policy_enforcement, "policies": 0, "rules": 0,
-                    "refused": 0}
+                    "refused": 0, "refused_policies": {}, "pending": 0}
         st = self.policy.status.as_dict()
+        st["refused_policies"] = {r["policy"]: len(r["pods"]) for r in st["refused"]}
         st["refused"] = len(st["refused"])
+        st["pending"] = len(st["pending"])
         return st
 
     def _start_socket_lb_opt_out(self) -> None:
@@ -306,6 +336,8 @@ class Agent:
     def stop(self) -> None:
         if self.policy is not None:
             self.policy.stop()
+        if self.events is not None:
+            self.events.stop()
         if self.conntrack_gc is not None:
             self.conntrack_gc.stop()
         if self.services is not None:
@@ -344,13 +376,41 @@ class Agent:
         return out
 
     # -- endpoint state ----------------------------------------------------
+    def _prepare_state_dir(self) -> None:
+        """Make the state dir and its two record dirs 0700, and take group
+        and other access away from whatever an earlier release (or anyone)
+        left in them: files and sockets 0600 at most. Symbolic links are
+        never followed, stray directories are left as they are."""
+        dirs = (self.state_dir, self.ep_dir, self.state_dir / DEL_QUEUE)
+        for d in dirs:
+            d.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+        fixed = []
+        for d in dirs:
+            fixed += _restrict(d, STATE_DIR_MODE)
+            try:
+                entries = list(os.scandir(d))
+            except OSError as exc:
+                log.warning("state dir: cannot list %s: %s", d, exc.strerror)
+                continue
+            for e in entries:
+                try:
+                    mode = e.stat(follow_symlinks=False).st_mode
+                except OSError:
+                    continue            # gone meanwhile
+                if stat.S_ISREG(mode) or stat.S_ISSOCK(mode):
+                    fixed += _restrict(Path(e.path), STATE_FILE_MODE)
+        if fixed:
+            log.warning("state dir: took group/other access away from %d entries (%s%s)",
+                        len(fixed), ", ".join(fixed[:5]),
+                        f" and {len(fixed) - 5} more" if len(fixed) > 5 else "")
+
     def _state_file(self, ep: Endpoint) -> Path:
         return self.ep_dir / f"{ep.key}.json"
 
     def _persist(self, ep: Endpoint) -> None:
-        tmp = self._state_file(ep).with_suffix(".tmp")
-        tmp.write_text(ep.to_json())
-        os.replace(tmp, self._state_file(ep))
+        path = self._state_file(ep)
+        _write_private(path.with_suffix(".tmp"), ep.to_json())
+        os.replace(path.with_suffix(".tmp"), path)
 
     def restore(self) -> tuple[int, int]:
         """Re-apply saved endpoints whose host veth still exists; forget the
@@ -360,15 +420,20 @@ class Agent:
         links = self._links()
         for f in sorted(self.ep_dir.glob("*.json")):
             try:
-                ep = Endpoint.from_json(f.read_text())
+                ep = Endpoint.from_json(read_record(f))
+            except FileNotFoundError:
+                continue
+            except StrayEntry as exc:
+                log.warning("endpoint state: %s; left alone", exc)
+                continue
             except (ValueError, TypeError) as exc:
                 log.warning("ignoring unreadable endpoint state %s: %s", f, exc)
-                f.unlink()
+                f.unlink(missing_ok=True)
                 continue
             if links.get(ep.host_ifname) != ep.host_ifindex:
                 # the veth is gone (or its name now belongs to another pod)
                 self.datapath.maps.endpoint_delete(ep.ip)
-                f.unlink()
+                f.unlink(missing_ok=True)
                 dropped += 1
                 continue
             self.datapath.add_endpoint(ep)
@@ -380,6 +445,7 @@ class Agent:
             if entry.ip not in wanted_ips:
                 self.datapath.maps.endpoint_delete(entry.ip)
                 dropped += 1
+        self.datapath.maps.veths_retain({ep.host_ifindex: ep.ip for ep in self.endpoints.values()})
         return restored, dropped
 
     def _links(self) -> dict[str, int]:
@@ -387,18 +453,68 @@ class Agent:
         return {name: index for index, name in link_names(self.netns).items()}
 
     def replay_deletions(self) -> int:
+        """Apply the CNI DELs the plugin queued while the agent was away.
+        Runs while ADDs may arrive (the second sweep of start()): each file
+        is read, judged and removed under the agent's lock, which an ADD
+        holds while it registers and removes the queued DEL it supersedes.
+        So a file an ADD took away is skipped, and a DEL queued before the
+        attachment it names was registered again is dropped, not applied."""
         qdir = self.state_dir / DEL_QUEUE
         n = 0
+        removed = False
         for f in sorted(qdir.glob("*.json")):
-            try:
-                req = json.loads(f.read_text())
-                self.rpc_EndpointDel(container_id=req.get("container_id", ""),
-                                     ifname=req.get("ifname", "eth0"))
+            t0 = time.monotonic()
+            with self.lock:
+                try:
+                    text = read_record(f)
+                except FileNotFoundError:
+                    continue                # an ADD superseded it meanwhile
+                except StrayEntry as exc:
+                    if str(f) not in self._strays_reported:    # each sweep meets it again
+                        self._strays_reported.add(str(f))
+                        log.warning("CNI DEL queue: %s; left alone", exc)
+                    continue
+                try:
+                    outcome = self._replay_deletion(json.loads(text))
+                except (ValueError, ApiError) as exc:
+                    log.warning("dropping queued deletion %s: %s", f.name, exc)
+                    outcome = None
+                f.unlink(missing_ok=True)
+            if outcome is not None:
                 n += 1
-            except (ValueError, ApiError) as exc:
-                log.warning("dropping queued deletion %s: %s", f.name, exc)
-            f.unlink()
+                removed |= outcome == "ok"
+                self.metrics.observe_cni("DEL", outcome, time.monotonic() - t0)
+        if removed:
+            self._refresh_socket_lb_opt_out()
         return n
+
+    def _replay_deletion(self, req) -> str:
+        """One queued DEL, with self.lock held; its result as a CNI metric
+        label ("ok", or "unknown" when nothing was deleted)."""
+        if not isinstance(req, dict):
+            raise ValueError("not a JSON object")
+        container_id, ifname = req.get("container_id", ""), req.get("ifname", "eth0")
+        _check_identity(container_id, ifname)
+        queued_at, netns = req.get("queued_at", 0), req.get("netns", "")
+        if isinstance(queued_at, bool) or not isinstance(queued_at, (int, float)):
+            raise ValueError(f"queued_at must be a number, not {queued_at!r:.40}")
+        if not isinstance(netns, str):
+            raise ValueError(f"netns must be a string, not {netns!r:.40}")
+        key = f"{container_id}-{ifname}"
+        ep = self.endpoints.get(key)
+        if ep is None:
+            return "unknown"
+        if queued_at and ep.added_at > queued_at:
+            log.info("queued DEL of %s dropped: it was queued at %.3f, before the attachment "
+                     "was registered again at %.3f", key, queued_at, ep.added_at)
+            return "unknown"
+        if netns and ep.netns and netns != ep.netns:
+            log.info("queued DEL of %s dropped: it names netns %s, the registered attachment "
+                     "is in %s", key, netns, ep.netns)
+            return "unknown"
+        self._forget(ep)
+        log.info("endpoint deleted (queued CNI DEL): %s ip=%s", key, ep.ip)
+        return "ok"
 
     # -- API -----------------------------------------------------------------
     @cni_observed("ADD")
@@ -408,6 +524,15 @@ class Agent:
         """Discover, attach, write the map entry and the pod's hostPorts;
         return once all are in place. Idempotent for one container id +
         ifname (a CNI ADD retry). Nothing is left behind when it fails."""
+        t0 = time.monotonic()
+        _check_identity(container_id, ifname, empty_id=True)
+        for name, value in (("netns", netns), ("pod_namespace", pod_namespace),
+                            ("pod_name", pod_name)):
+            if not isinstance(value, str):
+                raise ApiError("invalid-argument", f"{name} must be a string, not "
+                               f"{type(value).__name__}")
+        if not isinstance(require_eni, bool):
+            raise ApiError("invalid-argument", "require_eni must be true or false")
         from agent.lb.hostport import PortMappingError, parse_port_mappings
         try:
             mappings, notes = parse_port_mappings(port_mappings)
@@ -425,22 +550,29 @@ class Agent:
                            f"pod {pod_namespace}/{pod_name} asks for hostPorts, but Service "
                            "translation is off on this node (kube_proxy_replacement, or no "
                            "cluster state)")
-        t0 = time.monotonic()
         try:
             ep = discover(netns, ifname, self.netns, container_id=container_id,
                           pod_namespace=pod_namespace, pod_name=pod_name)
+        except InvalidNetns as exc:
+            raise ApiError("invalid-netns", str(exc)) from None
         except DiscoveryError as exc:
             raise ApiError("discovery", str(exc)) from None
+        ep = dataclasses.replace(ep, added_at=time.time())
         t1 = time.monotonic()
+        fetched, how = self._identify(pod_namespace, pod_name)
+        t_identity = time.monotonic()
         if require_eni and not ep.eni_name:
             raise ApiError("eni-unresolved",
                            f"no ENI found for pod IP {ep.ip}: the node needs a policy-routing rule "
                            f"`from {ep.ip} lookup <table>` whose table has a default route through "
                            f"an ENI (Terway adds both); see `ip rule` and `ip route show table all`")
         if mappings:
-            import dataclasses
             ep = dataclasses.replace(ep, port_mappings=tuple(
                 (m.host_port, m.container_port, m.protocol, m.host_ip) for m in mappings))
+        # the pod's NetworkPolicy before its programs and its entry: the
+        # first packet anyone sends it is judged as its policies say
+        policy = self._admit_policy(ep, fetched, t0)
+        t2 = time.monotonic()
         with self.lock:
             for key, other in list(self.endpoints.items()):
                 if other.ip == ep.ip and key != ep.key:
@@ -468,15 +600,67 @@ class Agent:
             # an ADD supersedes a deletion of the same attachment still queued
             (self.state_dir / DEL_QUEUE / f"{ep.key}.json").unlink(missing_ok=True)
         self._refresh_socket_lb_opt_out()
-        t2 = time.monotonic()
-        log.info("endpoint added: %s %s/%s ip=%s veth=%s eni=%s", ep.key, pod_namespace,
-                 pod_name, ep.ip, ep.host_ifname, ep.eni_name or "-")
+        t3 = time.monotonic()
+        log.info("endpoint added: %s %s/%s ip=%s veth=%s eni=%s policy=%s (labels: %s)", ep.key,
+                 pod_namespace, pod_name, ep.ip, ep.host_ifname, ep.eni_name or "-", policy, how)
         view = endpoint_view(ep)
         view["host_ports"] = [f"{h or '*'}:{hp}/{p}->{cp}" for hp, cp, p, h in ep.port_mappings]
+        view["policy"] = policy
         view["timing_ms"] = {"discover": round((t1 - t0) * 1e3, 3),
-                             "attach": round((t2 - t1) * 1e3, 3),
-                             "total": round((t2 - t0) * 1e3, 3)}
+                             "identity": round((t_identity - t1) * 1e3, 3),
+                             "policy": round((t2 - t_identity) * 1e3, 3),
+                             "attach": round((t3 - t2) * 1e3, 3),
+                             "total": round((t3 - t0) * 1e3, 3)}
         return view
+
+    def _identify(self, namespace: str, name: str):
+        """A new pod's labels, for its NetworkPolicy: (the Pod fetched for
+        it when the store does not hold it, where the labels came from).
+        The store first; else the source is asked for that one Pod (a GET,
+        or a rescan of the manifests), retried while it cannot answer, for
+        at most policy_pod_lookup_timeout_ms. (None, "unknown") when the
+        labels cannot be had in time: the pod starts in the safe state."""
+        if self.policy is None or self.policy.mode.value == "never":
+            return None, "not needed"
+        if not namespace or not name:
+            return None, "no pod name in the CNI request"
+        key = (namespace, name)
+        if self.store.get(Kind.POD, key) is not None:
+            return None, "store"
+        src = self.source
+        deadline = time.monotonic() + self.config.policy_pod_lookup_timeout_ms / 1e3
+        last = "no answer in time"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                pod = src.lookup_pod(namespace, name, left)
+            except Exception as exc:       # unreachable, timeout: ask again while time is left
+                last = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                continue
+            if self.store.get(Kind.POD, key) is not None:
+                return None, "store"
+            if pod is None:
+                last = f"{src.kind_name} has no Pod {namespace}/{name}"
+                break
+            return pod, src.kind_name
+        log.warning("CNI ADD of %s/%s: its labels are not known (%s): it starts as %s until "
+                    "its Pod arrives", namespace, name, last, self.config.policy_unknown_pod)
+        return None, f"unknown ({last})"
+
+    def _admit_policy(self, ep: Endpoint, fetched, t0: float) -> str:
+        if self.policy is None:
+            return "not-enforced"
+        if self.policy.mode.value == "never":
+            return "not-enforced"
+        left = max(0.0, t0 + self.config.policy_pod_lookup_timeout_ms / 1e3 - time.monotonic())
+        try:
+            return self.policy.admit(ep.ip, ep.pod_namespace, ep.pod_name, fetched, wait=left)
+        except Exception as exc:
+            raise ApiError("datapath", f"NetworkPolicy of {ep.pod_namespace}/{ep.pod_name} "
+                                       f"({ep.ip}) could not be written: {exc}") from None
 
     def _host_link_is(self, ep: Endpoint) -> bool:
         """Whether ep's veth still exists as the device it was at ADD time: a
@@ -500,6 +684,8 @@ class Agent:
         # either may since belong to a newer attachment, which keeps them
         if not any(o.ip == ep.ip for o in self.endpoints.values()):
             self.datapath.maps.endpoint_delete(ep.ip)
+        if not any(o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
+            self.datapath.maps.veth_delete(ep.host_ifindex, ep.ip)
         if detach and self._host_link_is(ep) and not any(
                 o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
             try:
@@ -510,18 +696,22 @@ class Agent:
 
     @cni_observed("DEL")
     def rpc_EndpointDel(self, container_id: str, ifname: str = "eth0") -> dict:
+        _check_identity(container_id, ifname, empty_id=True)
         key = f"{container_id}-{ifname}"
         with self.lock:
             ep = self.endpoints.get(key)
             if ep is None:
                 return {"deleted": False}
             self._forget(ep)
+        if self.policy is not None and not any(o.ip == ep.ip for o in self._endpoint_list()):
+            self.policy.forget(ep.ip)
         self._refresh_socket_lb_opt_out()
         log.info("endpoint deleted: %s ip=%s", key, ep.ip)
         return {"deleted": True, "ip": ep.ip}
 
     def rpc_EndpointCheck(self, container_id: str, ifname: str = "eth0") -> dict:
         """Verify the datapath for one endpoint; list every problem found."""
+        _check_identity(container_id, ifname, empty_id=True)
         key = f"{container_id}-{ifname}"
         ep = self.endpoints.get(key)
         if ep is None:
@@ -629,6 +819,76 @@ def reconciler_options(cfg: Config) -> dict:
             "maglev_size": cfg.maglev_table_size}
 
 
+def _check_identity(container_id, ifname, empty_id: bool = False) -> None:
+    """The CNI spec's rules for a container id and an interface name (the
+    CNI plugin's own checks, so both ends agree); an empty id is allowed
+    where endpoints registered without one (by IP) are meant."""
+    for name, value, problem in (("container_id", container_id, container_id_problem),
+                                 ("ifname", ifname, ifname_problem)):
+        if name == "container_id" and empty_id and value == "":
+            continue
+        why = problem(value)
+        if why:
+            shown = f" {value[:60]!r}" if isinstance(value, str) else ""
+            raise ApiError("invalid-argument", f"{name}{shown} {why}")
+
+
+def read_record(path: Path) -> bytes:
+    """The content of one of the agent's record files (an endpoint, a queued
+    DEL). FileNotFoundError if it is gone; StrayEntry for what cannot be a
+    record: a directory, link, FIFO or other non-file, a file that cannot be
+    read, or one larger than MAX_RECORD_BYTES. Opened without following
+    links and without blocking, so no entry can hang or redirect a start."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StrayEntry(f"{path} is a symbolic link") from None
+        raise StrayEntry(f"{path} cannot be read ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StrayEntry(f"{path} is not a regular file")
+        if st.st_size > MAX_RECORD_BYTES:
+            raise StrayEntry(f"{path} is {st.st_size} bytes, far more than a record")
+        try:
+            data = os.read(fd, MAX_RECORD_BYTES + 1)
+        except OSError as exc:
+            raise StrayEntry(f"{path} cannot be read ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    return data
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 STATE_FILE_MODE)
+    try:
+        os.fchmod(fd, STATE_FILE_MODE)      # a leftover temporary file keeps its mode
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _restrict(path: Path, mask: int) -> list[str]:
+    """Clear the mode bits of `path` outside `mask`; [path] if it changed."""
+    mode = 0
+    try:
+        st = os.lstat(path)
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & ~mask == 0 or stat.S_ISLNK(st.st_mode):
+            return []
+        os.chmod(path, mode & mask)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("state dir: cannot restrict %s (mode %o): %s", path, mode, exc.strerror)
+        return []
+    return [f"{path} {mode:o}->{mode & mask:o}"]
+
+
 def _joined(t: threading.Thread, timeout: float) -> bool:
     if t.is_alive() and t is not threading.current_thread():
         t.join(timeout)
@@ -637,13 +897,17 @@ def _joined(t: threading.Thread, timeout: float) -> bool:
 
 def source_state(source: dict) -> str:
     """One word for `fastpath status`: synced, syncing, unreachable (while
-    the datapath keeps the last known state), or failed (never started)."""
+    the datapath keeps the last known state), degraded (synced, but the
+    source reports problems of its own, e.g. a manifest directory with a
+    link loop: its status lists them), or failed (never started)."""
     if "error" in source:
         return "failed"
     st = source["status"]
     if not st["connected"] and any(k["errors"] for k in st["kinds"].values()):
         return "unreachable"
-    return "synced" if source["synced"] else "syncing"
+    if not source["synced"]:
+        return "syncing"
+    return "degraded" if st.get("problems") else "synced"
 
 
 def endpoint_view(ep: Endpoint) -> dict:

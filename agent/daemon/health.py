@@ -16,19 +16,20 @@
 Each answer lists its checks one per line ("ok NAME" or "fail NAME: why"),
 which is what `kubectl describe pod` shows of a failed probe. Health and
 metrics listen on separate addresses (health on loopback for the kubelet,
-metrics where Prometheus can reach them); the same address serves both.
+metrics on the node's IP where Prometheus reaches them); the same address
+serves both. A slow or idle client costs a bounded share of a listener,
+never a thread (httpserve.py).
 """
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from agent.config import parse_address
+from agent.config import NODE_IP, parse_address
+from agent.daemon.httpserve import Listener
 
 log = logging.getLogger("fastpath.health")
 
@@ -147,17 +148,13 @@ def render(checks: list[Check]) -> tuple[bool, str]:
     return ok, "\n".join(lines) + "\n"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
 class HttpEndpoints:
-    """The agent's HTTP listeners (one per distinct address)."""
+    """The agent's HTTP listeners (one per distinct address), each with a
+    bounded cost per client (agent/daemon/httpserve.py)."""
 
     def __init__(self, agent):
         self.agent = agent
-        self.servers: list[_Server] = []
+        self.listeners: list[Listener] = []
         self.addresses: dict[str, str] = {}
         self._ready_cache: tuple[float, list[Check]] = (0.0, [])
         self._ready_lock = threading.Lock()
@@ -173,68 +170,56 @@ class HttpEndpoints:
             return checks
 
     def _handler(self, paths: set[str]):
-        endpoints = self
+        def handle(path: str) -> tuple[int, str, bytes]:
+            if path not in paths:
+                return 404, "text/plain", f"not found; try {', '.join(sorted(paths))}\n".encode()
+            if path == "/metrics":
+                return 200, CONTENT_TYPE_LATEST, generate_latest(self.agent.metrics.registry)
+            checks = liveness(self.agent) if path == "/healthz" else self._ready_checks()
+            ok, text = render(checks)
+            return (200 if ok else 503), "text/plain; charset=utf-8", text.encode()
+        return handle
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                path = self.path.split("?", 1)[0]
-                if path not in paths:
-                    self._send(404, "text/plain", f"not found; try {', '.join(sorted(paths))}\n")
-                elif path == "/metrics":
-                    body = generate_latest(endpoints.agent.metrics.registry)
-                    self._send(200, CONTENT_TYPE_LATEST, body)
-                else:
-                    checks = (liveness(endpoints.agent) if path == "/healthz"
-                              else endpoints._ready_checks())
-                    ok, text = render(checks)
-                    self._send(200 if ok else 503, "text/plain; charset=utf-8", text)
-
-            def _send(self, code: int, ctype: str, body):
-                data = body if isinstance(body, bytes) else body.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, fmt, *args):     # probes every few seconds: not log-worthy
-                log.debug("%s %s", self.address_string(), fmt % args)
-
-        return Handler
+    def _host(self, host: str) -> str:
+        if host != NODE_IP:
+            return host
+        from agent.datapath.netlink import first_ipv4
+        dev = self.agent.config.primary_device
+        ip = first_ipv4(dev, self.agent.netns)
+        if ip is None:
+            from agent.datapath.errors import DatapathError
+            raise DatapathError(f"{NODE_IP}: primary_device {dev} has no IPv4 address here; "
+                                "set metrics_address / health_address to an explicit address")
+        return ip
 
     def start(self) -> "HttpEndpoints":
-        wanted: dict[str, set[str]] = {}
+        wanted: dict[tuple[str, int], set[str]] = {}
         cfg = self.agent.config
-        if cfg.health_address:
-            wanted.setdefault(cfg.health_address, set()).update({"/healthz", "/readyz"})
-        if cfg.metrics_address:
-            wanted.setdefault(cfg.metrics_address, set()).add("/metrics")
-        try:
-            for address, paths in wanted.items():
+        for address, paths in ((cfg.health_address, {"/healthz", "/readyz"}),
+                               (cfg.metrics_address, {"/metrics"})):
+            if address:
                 host, port = parse_address(address)
-                server_cls = type("Server", (_Server,), {
-                    "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
-                srv = server_cls((host, port), self._handler(paths))
-                self.servers.append(srv)
-                bound = srv.server_address
-                shown = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
+                wanted.setdefault((self._host(host), port), set()).update(paths)
+        try:
+            for (host, port), paths in wanted.items():
+                lst = Listener.bind(host, port, self._handler(paths),
+                                    max_connections=cfg.http_max_connections,
+                                    timeout=cfg.http_timeout).start()
+                self.listeners.append(lst)
                 for p in paths:
-                    self.addresses["health" if p != "/metrics" else "metrics"] = shown
-                threading.Thread(target=srv.serve_forever, name=f"http-{shown}",
-                                 daemon=True).start()
-                log.info("serving %s on %s", ", ".join(sorted(paths)), shown)
+                    self.addresses["health" if p != "/metrics" else "metrics"] = lst.name
+                log.info("serving %s on %s", ", ".join(sorted(paths)), lst.name)
         except OSError as exc:
             self.stop()
             from agent.datapath.errors import DatapathError
-            raise DatapathError(f"cannot listen on {address}: {exc.strerror}; change "
+            raise DatapathError(f"cannot listen on {host}:{port}: {exc.strerror}; change "
                                 "metrics_address / health_address") from None
         return self
 
     def stop(self) -> None:
-        for srv in self.servers:
-            srv.shutdown()
-            srv.server_close()
-        self.servers.clear()
+        for lst in self.listeners:
+            lst.stop()
+        self.listeners.clear()
 
 
 __all__ = ["HttpEndpoints", "liveness", "readiness", "render"]

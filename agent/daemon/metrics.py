@@ -19,9 +19,12 @@ on `metrics_address` by agent/daemon/health.py. Three kinds of source:
   registered here instead of on the process-wide registry.
 
 NetworkPolicy counts (`fastpath_policies`, `fastpath_policy_rules`,
-`fastpath_policy_refused`) are read from `agent.policy_status()`, a dict
-with the keys "policies", "rules" and "refused" (an agent without it exposes
-none of them: no zero that only means "not implemented"). The policy sync
+`fastpath_policy_refused`, per refused policy `fastpath_policy_refused_pods`,
+`fastpath_policy_pending_pods`) are read from `agent.policy_status()`, a
+dict with the keys "policies", "rules", "refused" and, when known,
+"refused_policies" ({"namespace/name": pods}) and "pending" (an agent
+without it exposes none of them: no zero that only means "not
+implemented"). The policy sync
 reports each run with `metrics.observe_sync("NetworkPolicy", seconds, ops, ok)`.
 """
 from __future__ import annotations
@@ -165,10 +168,28 @@ class DatapathCollector:
                     ("fastpath_policy_rules", "rules",
                      "Policy map entries the enforced NetworkPolicies compile to."),
                     ("fastpath_policy_refused", "refused",
-                     "NetworkPolicies refused (e.g. they would overflow the policy map); the "
-                     "previous state keeps being enforced.")):
+                     "NetworkPolicies whose rules are not written for some pods of this node "
+                     "because the policy maps cannot hold them; those pods stay isolated by "
+                     "them and admit nothing they allow.")):
                 g = GaugeMetricFamily(name, help_)
                 g.add_metric([], float(st.get(key, 0)))
+                yield g
+            per = st.get("refused_policies")
+            if per is not None:
+                g = GaugeMetricFamily(
+                    "fastpath_policy_refused_pods",
+                    "Pods of this node a refused NetworkPolicy's rules are not written for, per "
+                    "policy (only refused policies have a series).", labels=["namespace", "policy"])
+                for pol, n in sorted(per.items()):
+                    ns, _, name = pol.partition("/")
+                    g.add_metric([ns, name], float(n))
+                yield g
+            if "pending" in st:
+                g = GaugeMetricFamily(
+                    "fastpath_policy_pending_pods",
+                    "Pods of this node whose labels were not known at CNI ADD and are not yet: "
+                    "they are in the policy_unknown_pod state.")
+                g.add_metric([], float(st["pending"]))
                 yield g
 
     def _counters(self, dp):
@@ -365,16 +386,32 @@ class AgentMetrics:
         self.restored_conntrack.set(n)
 
     def count_start(self, state_dir: Path) -> int:
-        """Persist one more start in the state dir and expose the total."""
+        """Persist one more start in the state dir and expose the total. A
+        counter that cannot be read (a stray entry in its place) restarts
+        from one rather than stopping the start; one that cannot be written
+        is only logged."""
         path = Path(state_dir) / STARTS_FILE
         try:
             n = int(path.read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            n = 0
+        except OSError as exc:
+            log.warning("start counter %s cannot be read (%s): counting from 1", path,
+                        exc.strerror)
             n = 0
         n += 1
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(f"{n}\n")
-        os.replace(tmp, path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, f"{n}\n".encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("start counter %s cannot be written: %s", path, exc.strerror)
         self.starts.inc(n)
         return n
 

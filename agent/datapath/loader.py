@@ -197,14 +197,20 @@ def mount_fstype(path: str) -> tuple[str, str]:
 def preflight(pin_root: str) -> None:
     """Fail early, with the fix, for the usual reasons a node cannot run us."""
     if os.geteuid() != 0:
-        raise NotPrivileged("fastpath needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): "
-                            "run it as root or in the privileged policy container")
+        raise NotPrivileged("fastpath needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN: run it "
+                            "as root or in the policy container of deploy/daemonset.yaml")
     lb = libbpf.lib()
     lb.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32,
                                   ct.c_uint32, ct.c_void_p]
     fd = lb.bpf_map_create(2, b"fp_probe", 4, 4, 1, None)
     if fd < 0:
         err = ct.get_errno()
+        if err == errno.EPERM:
+            # a missing capability, or a seccomp profile that blocks bpf():
+            # the runtime's default one does unless CAP_SYS_ADMIN is held
+            raise NotPrivileged("bpf() is not permitted here: fastpath needs CAP_SYS_ADMIN (it "
+                                "also covers bpf()), and a seccomp profile that allows bpf() "
+                                "(RuntimeDefault does, given CAP_SYS_ADMIN)")
         raise NoBpfSupport(f"this kernel refuses BPF maps ({os.strerror(err)}): fastpath needs "
                            "Linux >= 5.10 with CONFIG_BPF_SYSCALL and BTF")
     os.close(fd)

@@ -73,7 +73,52 @@ class Maps:
     def __init__(self, tables):
         self._t = tables   # name -> bcc table
 
+    def veth_put(self, ep: Endpoint) -> None:
+        """Arm the anti-spoofing guard of ep's host veth (bpf/lib/guard.h):
+        from now on fp_from_pod drops what it sends from other addresses."""
+        t = self._t[MAP["FP_MAP_EP_IFINDEX"]]
+        v = t.Leaf()
+        v.ip4 = be32(ep.ip)
+        v.flags = 0
+        if ep.ip6:
+            v.ip6[:] = list(socket.inet_pton(socket.AF_INET6, ep.ip6))
+            v.flags = DEFS.defines["FP_EPIF_F_IP6"]
+        t[t.Key(ep.host_ifindex)] = v
+
+    def veth_delete(self, ifindex: int, ip: str) -> bool:
+        """Disarm the guard of a veth, if it still names `ip` (the ifindex
+        may since belong to another registration)."""
+        t = self._t[MAP["FP_MAP_EP_IFINDEX"]]
+        k = t.Key(ifindex)
+        try:
+            if t[k].ip4 != be32(ip):
+                return False
+            del t[k]
+            return True
+        except KeyError:
+            return False
+
+    def veths(self) -> dict[int, str]:
+        """Registered host veths: ifindex -> the endpoint's IPv4 address."""
+        t = self._t[MAP["FP_MAP_EP_IFINDEX"]]
+        return {k.value: ip_from_be32(v.ip4) for k, v in t.items()}
+
+    def veths_retain(self, wanted: dict[int, str]) -> int:
+        """Remove every veth registration but `wanted` (ifindex -> IPv4)."""
+        t = self._t[MAP["FP_MAP_EP_IFINDEX"]]
+        n = 0
+        for ifindex, ip in self.veths().items():
+            if wanted.get(ifindex) != ip:
+                try:
+                    del t[t.Key(ifindex)]
+                    n += 1
+                except KeyError:
+                    pass
+        return n
+
     def endpoint_put(self, ep: Endpoint) -> None:
+        # the veth's guard before the entry that makes the pod a destination
+        self.veth_put(ep)
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
         k = t.Key(ip4=be32(ep.ip))
         v = t.Leaf()
@@ -89,11 +134,14 @@ class Maps:
 
     def endpoint_delete(self, ip: str) -> bool:
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
+        k = t.Key(ip4=be32(ip))
         try:
-            del t[t.Key(ip4=be32(ip))]
-            return True
+            host_ifindex = t[k].host_ifindex
+            del t[k]
         except KeyError:
             return False
+        self.veth_delete(host_ifindex, ip)
+        return True
 
     def endpoints(self) -> list[EndpointEntry]:
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]

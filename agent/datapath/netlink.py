@@ -50,3 +50,16 @@ def interface_addresses(netns: str | None = None) -> dict[str, list[str]]:
             if ip:
                 out.setdefault(names.get(a["index"], f"if{a['index']}"), []).append(ip)
     return out
+
+
+def first_ipv4(device: str, netns: str | None = None) -> str | None:
+    """The first global IPv4 address of `device` in `netns`; None when the
+    device does not exist or has none."""
+    with iproute(netns) as ipr:
+        idx = ipr.link_lookup(ifname=device)
+        if not idx:
+            return None
+        for a in ipr.get_addr(index=idx[0], family=2):
+            if a["scope"] == 0:
+                return a.get_attr("IFA_ADDRESS")
+    return None

@@ -135,8 +135,11 @@ class Datapath:
 
     # -- endpoints -------------------------------------------------------
     def add_endpoint(self, ep: Endpoint) -> None:
-        """Programs first, then the map entry: by the time other pods can be
-        redirected to this one, its own traffic is already handled."""
+        """The veth's anti-spoofing guard, then the programs, then the map
+        entry: no packet passes fastpath's programs on a registered veth
+        unchecked, and by the time other pods can be redirected to this one
+        its own traffic is already handled."""
+        self.maps.veth_put(ep)
         self.attach(ep.host_ifindex or ep.host_ifname, "pod")
         self.maps.endpoint_put(ep)
 

@@ -109,6 +109,17 @@ class PolicyMaps:
         return n
 
     # ------------------------------------------------------------ reads
+    def identities_of(self, prefixes) -> dict[str, int]:
+        """The identities the ipcache holds for exactly these prefixes (a
+        lookup would answer with a covering prefix's: the trie is walked)."""
+        want = set(prefixes)
+        out = {}
+        for k, v in self.ipcache.items():
+            text = f"{ip_from_be32(k.addr)}/{k.prefixlen}"
+            if text in want:
+                out[text] = v.value
+        return out
+
     def image(self) -> MapImage:
         """What the maps hold, as the compiler's MapImage."""
         img = MapImage()

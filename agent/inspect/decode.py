@@ -7,7 +7,8 @@ types from bpf/maps.c), so nothing here restates a field.
 The decoded form (also the `--json` form of `fastpath map dump`):
   * every field keeps its C name; `pad*` fields are left out;
   * `__be32` fields are IPv4 addresses as dotted strings, `__be16` fields
-    are ports in host order, `__u8 x[6]` fields are MAC addresses;
+    are ports in host order, `__u8 x[6]` fields are MAC addresses, `__u8
+    x[16]` fields the header calls IPv6 are IPv6 addresses;
   * enumerations keep their number and gain `<field>_label`: `reason`
     (FP_REASONS), `dir` (FP_DIRS, or forward/reply in conntrack keys),
     `kind` (FP_REDIRECT_KINDS), `proto` (TCP/UDP/ICMP/SCTP), `state`
@@ -31,6 +32,7 @@ PROTO_NUMBERS = {v: k for k, v in PROTOCOLS.items()}
 # Which FP_*_F_* bits belong to which struct's flag word.
 FLAG_PREFIX = {
     ("fp_endpoint", "flags"): "FP_EP_F_",
+    ("fp_ep_if", "flags"): "FP_EPIF_F_",
     ("fp_svc4", "flags"): "FP_SVC_F_",
     ("fp_ct4", "flags"): "FP_CT_F_",
     ("fp_ctpol4", "flags"): "FP_CT_F_",
@@ -172,6 +174,8 @@ def decode_value(type_name: str, obj) -> object:
         if f.count:
             if f.ctype == "__u8" and f.count == 6:
                 out[f.name] = mac(v)
+            elif f.ctype == "__u8" and f.count == 16 and "IPv6" in f.comment:
+                out[f.name] = socket.inet_ntop(socket.AF_INET6, bytes(v))
             elif f.ctype == "char":
                 out[f.name] = bytes(v).split(b"\0", 1)[0].decode(errors="replace")
             elif f.ctype == "__be32":

@@ -55,6 +55,8 @@ def endpoint_rules(state, endpoint: str, snapshot=None) -> dict:
         })
     return {"ip": ep.ip, "pod": f"{ep.namespace}/{ep.name}", "mode": str(state.mode),
             "directions": dirs, "rules": rules,
+            # policies isolating it whose rules the maps had no room for
+            "refused": sorted(n for n, ip in getattr(state, "refused", ()) if ip == ep.ip),
             "policy_names": {str(k): v for k, v in state.policies.items()}}
 
 

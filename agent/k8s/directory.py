@@ -12,6 +12,17 @@ inotify) and every scan that finds changes is applied to the store as one
 ChangeSet, so a rename (old file gone, new file present) or an edit that moves
 an object between files never makes it blink.
 
+A scan costs what the directory holds, whatever its links do: symbolic links
+are followed, but each real directory and file (by device and inode) is read
+once, so a link back to a parent (`a -> .`) or a second path to a directory
+already read is skipped and reported, once, as a problem of the source. So
+are entries that are not regular files (a FIFO is never opened), unreadable
+directories, files larger than MAX_FILE_BYTES, and a tree beyond MAX_DIRS
+directories, MAX_FILES files or MAX_DEPTH levels. A scan that could not list
+everything removes nothing it did not see: a directory that vanished or
+cannot be read keeps the objects it had, and the source says it is degraded
+until the problem is gone (`problems()`, `fastpath status`).
+
 Bad input never half-applies: a file that does not decode keeps all the
 objects it had; an object that fails validation keeps its previous version;
 an object defined by two files is taken from the one that defined it first
@@ -21,10 +32,12 @@ Pods may give their IPs in the fastpath.io/pod-ips annotation.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +59,24 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 ObjId = tuple[Kind, Key]
 _KINDS = frozenset(k.value for k in Kind)
 _RACY_NS = 2_000_000_000
+
+# Bounds of one scan. A node's manifests are tens of files; these only stop
+# a mistaken mount (a whole filesystem, a huge file) from costing the agent
+# its memory or its poll: the tree beyond them is not read, and said so.
+MAX_DIRS = 10_000
+MAX_FILES = 50_000
+MAX_DEPTH = 64
+MAX_FILE_BYTES = 16 << 20
+
+
+@dataclass
+class _Listing:
+    files: dict[str, tuple[int, int]] = field(default_factory=dict)   # rel -> (mtime_ns, size)
+    problems: dict[str, str] = field(default_factory=dict)            # what -> message
+    # directories (rel, "" for the root) whose content could not be listed:
+    # their files keep what they had, as if unchanged
+    unlisted: list[str] = field(default_factory=list)
+    complete: bool = True       # False: a bound was reached, nothing is removed
 
 
 @dataclass
@@ -86,6 +117,8 @@ class DirectorySource(Source):
         self._owner: dict[ObjId, str] = {}
         self._published: dict[ObjId, Object] = {}
         self._dups_logged: set[tuple[ObjId, str]] = set()
+        self._problems: dict[str, str] = {}
+        self._scan_failure = ""
         self._scan_lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         for st in self.kinds.values():
@@ -115,25 +148,155 @@ class DirectorySource(Source):
         while not self._stop.wait(self.interval):
             try:
                 self.scan()
-            except Exception:  # never let one bad scan end the source
-                log.exception("scanning %s failed; retrying", self.root)
+                self._scan_failure = ""
+            except Exception as exc:  # never let one bad scan end the source
+                what = f"{type(exc).__name__}: {exc}"
+                if what != self._scan_failure:      # once per distinct failure, not per poll
+                    log.exception("scanning %s failed; retrying every %gs", self.root,
+                                  self.interval)
+                self._scan_failure = what
+
+    def problems(self) -> list[str]:
+        out = sorted(self._problems.values())
+        if self._scan_failure:
+            out.append(f"scanning failed: {self._scan_failure}")
+        return out
 
     # ------------------------------------------------------------------ scan
 
-    def _list_files(self) -> dict[str, tuple[int, int]]:
-        out = {}
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in filenames:
-                if fn.startswith(".") or not fn.endswith(SUFFIXES):
+    def _list_files(self) -> _Listing:
+        """Every manifest file under the root, each real directory and file
+        visited once (by device and inode) in a sorted depth-first walk. What
+        is reached through a symbolic link is taken only after everything
+        reached without one, so a link never takes a name from its target."""
+        out = _Listing()
+        seen_dirs: dict[tuple[int, int], str] = {}
+        seen_files: dict[tuple[int, int], str] = {}
+        try:
+            st = os.stat(self.root)
+        except OSError as exc:
+            out.problems["root"] = f"cannot read {self.root}: {exc.strerror}; keeping its objects"
+            out.unlisted.append("")
+            return out
+        seen_dirs[(st.st_dev, st.st_ino)] = "."
+        # (path, rel, ancestors' (dev, ino)); popped in sorted order, links last
+        stack = [(self.root, "", ((st.st_dev, st.st_ino),))]
+        linked_dirs: list = []
+        linked_files: list = []
+        dirs = 0
+        while stack or linked_dirs:
+            if stack:
+                path, rel, ancestors = stack.pop()
+            else:
+                path, rel, ancestors = linked_dirs.pop()
+                first = seen_dirs.get(ancestors[-1])
+                if first is not None:
+                    kind = "a loop back to" if ancestors[-1] in ancestors[:-1] else \
+                        "another path to"
+                    out.problems[f"alias:{rel}"] = f"{rel} is {kind} {first}, already read; skipped"
                     continue
-                p = os.path.join(dirpath, fn)
+                seen_dirs[ancestors[-1]] = rel
+            dirs += 1
+            if dirs > MAX_DIRS or len(ancestors) > MAX_DEPTH:
+                bound = (f"more than {MAX_DIRS} directories" if dirs > MAX_DIRS
+                         else f"deeper than {MAX_DEPTH} levels at {rel}")
+                out.problems["bound"] = (f"{self.root} holds {bound}: the rest is not read and "
+                                         f"nothing is removed until it is within bounds")
+                out.complete = False
+                if dirs > MAX_DIRS:
+                    break
+                continue
+            try:
+                with os.scandir(path) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                out.problems[f"dir:{rel}"] = (f"cannot list {rel or self.root}: {exc.strerror}; "
+                                              "keeping the objects of its files")
+                out.unlisted.append(rel)
+                continue
+            subdirs = []
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                erel = f"{rel}/{e.name}" if rel else e.name
                 try:
-                    st = os.stat(p)
-                except OSError:
-                    continue  # vanished between listing and stat
-                out[os.path.relpath(p, self.root)] = (st.st_mtime_ns, st.st_size)
+                    link = e.is_symlink()
+                    est = e.stat()              # follows links: what the name leads to
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        out.problems[f"link:{erel}"] = f"{erel} is a symbolic link loop; skipped"
+                    continue                    # dangling, or gone since the listing
+                ident = (est.st_dev, est.st_ino)
+                if stat.S_ISDIR(est.st_mode):
+                    if link:
+                        linked_dirs.append((e.path, erel, ancestors + (ident,)))
+                    elif ident not in seen_dirs:    # a bind mount may repeat one
+                        seen_dirs[ident] = erel
+                        subdirs.append((e.path, erel, ancestors + (ident,)))
+                    continue
+                if not e.name.endswith(SUFFIXES):
+                    continue
+                if not stat.S_ISREG(est.st_mode):
+                    out.problems[f"notfile:{erel}"] = f"{erel} is not a regular file; skipped"
+                elif link:
+                    linked_files.append((erel, est))
+                else:
+                    self._take_file(out, seen_files, erel, est)
+            stack.extend(reversed(subdirs))
+            # links found in this directory wait until no real directory is left
+            if not stack:
+                linked_dirs.reverse()
+        for erel, est in linked_files:
+            self._take_file(out, seen_files, erel, est)
         return out
+
+    @staticmethod
+    def _take_file(out: _Listing, seen: dict, rel: str, st: os.stat_result) -> None:
+        ident = (st.st_dev, st.st_ino)
+        first = seen.get(ident)
+        if first is not None:
+            out.problems[f"alias:{rel}"] = f"{rel} is another path to {first}, already read; skipped"
+        elif len(out.files) >= MAX_FILES:
+            out.problems["bound-files"] = (f"more than {MAX_FILES} manifest files: the rest is not "
+                                           "read and nothing is removed until it is within bounds")
+            out.complete = False
+        else:
+            seen[ident] = rel
+            out.files[rel] = (st.st_mtime_ns, st.st_size)
+
+    def _report(self, problems: dict[str, str]) -> None:
+        """Log each problem when it appears and when it is gone; never per poll."""
+        for key in problems.keys() - self._problems.keys():
+            log.warning("manifest directory %s: %s", self.root, problems[key])
+        for key in self._problems.keys() - problems.keys():
+            log.info("manifest directory %s: no longer: %s", self.root, self._problems[key])
+        self._problems = problems
+        self.metrics.manifest_problems.set(len(problems))
+
+    def _read(self, rel: str) -> bytes:
+        """A manifest's content, never opening anything but a regular file
+        and never reading more than MAX_FILE_BYTES."""
+        fd = os.open(os.path.join(self.root, rel), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise OSError(errno.EFBIG, f"{st.st_size} bytes, more than the "
+                              f"{MAX_FILE_BYTES} read")
+            chunks, left = [], MAX_FILE_BYTES + 1
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            data = b"".join(chunks)
+            if len(data) > MAX_FILE_BYTES:
+                raise OSError(errno.EFBIG, f"more than the {MAX_FILE_BYTES} bytes read")
+            return data
+        finally:
+            os.close(fd)
 
     def scan(self) -> bool:
         """Read what changed since the last scan and apply it; True if anything did."""
@@ -141,34 +304,42 @@ class DirectorySource(Source):
             return self._scan()
 
     def _scan(self) -> bool:
-        listing = self._list_files()
+        found = self._list_files()
+        listing = found.files
+        problems = dict(found.problems)
+        # files the listing could not judge keep what they had, as if unchanged
+        carried = {rel for rel in self._files if rel not in listing and (not found.complete or any(
+            d == "" or rel.startswith(d + "/") for d in found.unlisted))}
         touched: list[str] = []
         # File times have coarse (clock-tick) granularity: a same-size rewrite
         # within one tick keeps the same stat. Files modified that recently
         # are hashed again on every scan until their mtime is safely past.
         racy = time.time_ns() - _RACY_NS
-        for rel, stat in listing.items():
+        for rel, st in listing.items():
             prev = self._files.get(rel)
-            if prev is not None and prev.stat == stat and stat[0] < racy:
+            if prev is not None and prev.stat == st and st[0] < racy:
                 continue
             try:
-                with open(os.path.join(self.root, rel), "rb") as f:
-                    data = f.read()
+                data = self._read(rel)
+            except FileNotFoundError:
+                continue        # gone since the listing: the next scan removes it
             except OSError as e:
-                log.warning("cannot read %s: %s", rel, e)
+                problems[f"read:{rel}"] = (f"cannot read {rel}: {e.strerror or e}"
+                                           + ("; keeping its objects" if prev else ""))
                 continue
             digest = hashlib.sha256(data).hexdigest()
             if prev is not None and prev.digest == digest:
-                prev.stat = stat  # touched, not changed
+                prev.stat = st  # touched, not changed
                 continue
-            self._files[rel] = self._load_file(rel, stat, digest, data, prev)
+            self._files[rel] = self._load_file(rel, st, digest, data, prev)
             touched.append(rel)
-        removed = [rel for rel in self._files if rel not in listing]
+        removed = [rel for rel in self._files if rel not in listing and rel not in carried]
         for rel in removed:
             del self._files[rel]
             self.forget_origin(rel)
             log.info("manifest %s removed", rel)
         self.metrics.files.set(len(self._files))
+        self._report(problems)
         changed = bool(touched or removed)
         if changed:
             self._publish(touched, removed)

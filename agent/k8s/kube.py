@@ -172,6 +172,27 @@ class KubernetesSource(Source):
     def describe_source(self) -> str:
         return f"kubernetes {self.host}"
 
+    def lookup_pod(self, namespace: str, name: str, timeout: float):
+        """GET one Pod (bounded by `timeout` seconds): the parsed Pod, None
+        if the API has none (404), or an exception if it cannot answer."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+        timeout = max(0.05, timeout)
+        try:
+            resp = client.CoreV1Api(self.api).read_namespaced_pod(
+                name, namespace, _preload_content=False,
+                _request_timeout=(min(timeout, self.connect_timeout), timeout))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        try:
+            data = resp.data
+        finally:
+            resp.release_conn()
+        obj = parse_object(json.loads(data), Kind.POD)
+        return obj
+
     def start(self) -> "KubernetesSource":
         log.info("watching the Kubernetes API at %s (pods: %s, nodes: %s)", self.host,
                  self.kinds[Kind.POD].scope, self.kinds[Kind.NODE].scope)

@@ -62,6 +62,12 @@ class K8sMetrics:
             "fastpath_k8s_manifest_files",
             "Manifest files currently read by the directory source.",
             registry=r)
+        self.manifest_problems = Gauge(
+            "fastpath_k8s_manifest_problems",
+            "Problems the last scan of the manifest directory found (symbolic link loops, "
+            "other paths to what was already read, entries that are not files, unreadable "
+            "directories or files, bounds reached); each is also logged once.",
+            registry=r)
         self._attached: set[int] = set()
 
     @classmethod

@@ -151,10 +151,15 @@ class Source:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    def problems(self) -> list[str]:
+        """What is wrong with the source itself (not with an object), now."""
+        return []
+
     def status(self) -> dict:
         return {
             "source": self.describe_source(),
             "synced": self.synced.is_set(),
+            "problems": self.problems(),
             "connected": all(s.connected for s in self.kinds.values()),
             "store_version": self.store.version,
             "kinds": {k.value: s.as_dict() for k, s in self.kinds.items()},
@@ -163,6 +168,17 @@ class Source:
 
     def describe_source(self) -> str:
         return self.kind_name
+
+    def lookup_pod(self, namespace: str, name: str, timeout: float):
+        """One Pod asked for now, not waited for (a new pod's CNI ADD needs
+        its labels before its Pod may have reached the store): the Pod, or
+        None if the source says there is none; raises if it cannot answer.
+        The store is left to the source's own flow. A manifest directory
+        is read again (`scan`, when the source has it) and answers from it."""
+        rescan = getattr(self, "scan", None)
+        if callable(rescan):
+            rescan()
+        return self.store.get(Kind.POD, (namespace, name))
 
     def __enter__(self) -> "Source":
         return self

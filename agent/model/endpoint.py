@@ -6,9 +6,10 @@ a restarted agent can restore the datapath without asking anyone.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class Endpoint:
     netns: str = ""            # CNI_NETNS at ADD time
     pod_namespace: str = ""
     pod_name: str = ""
+    ip6: str = ""              # the pod's global IPv6 address on that interface, if any
+    # When this attachment was (last) registered (wall clock, persisted): a
+    # CNI DEL queued before it is about an earlier attachment and is dropped.
+    added_at: float = 0.0
     # hostPorts from the CNI portMappings capability, validated by the agent:
     # (host port, container port, protocol, host IP or "") each
     port_mappings: tuple[tuple[int, int, str, str], ...] = ()
@@ -52,8 +57,45 @@ class Endpoint:
         return ("", self.container_id or self.ip)
 
     @classmethod
-    def from_json(cls, text: str) -> "Endpoint":
+    def from_json(cls, text: str | bytes) -> "Endpoint":
+        """An endpoint from its state file; ValueError naming the field if
+        the text is not one (a file written by hand, or damaged)."""
         data = json.loads(text)
-        if "port_mappings" in data:
-            data["port_mappings"] = tuple(tuple(m) for m in data["port_mappings"])
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            if f.name == "port_mappings":
+                values[f.name] = _port_mappings(data[f.name])
+                continue
+            value, want = data[f.name], _FIELD_TYPES[f.type]
+            if isinstance(value, bool) or not isinstance(value, want):
+                raise ValueError(f"{f.name} must be {_TYPE_WORDS[f.type]}, not {value!r:.40}")
+            values[f.name] = value
+        if "ip" not in values:
+            raise ValueError("no ip")
+        try:
+            ipaddress.IPv4Address(values["ip"])
+        except ValueError:
+            raise ValueError(f"ip {values['ip']!r:.40} is not an IPv4 address") from None
+        return cls(**values)
+
+
+def _port_mappings(value) -> tuple[tuple[int, int, str, str], ...]:
+    shape = "a list of [host port, container port, protocol, host IP]"
+    if not isinstance(value, list):
+        raise ValueError(f"port_mappings must be {shape}, not {value!r:.40}")
+    out = []
+    for m in value:
+        if (not isinstance(m, list) or len(m) != 4
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in m[:2])
+                or not all(isinstance(x, str) for x in m[2:])):
+            raise ValueError(f"port_mappings must be {shape}, not {m!r:.40}")
+        out.append(tuple(m))
+    return tuple(out)
+
+
+_FIELD_TYPES = {"str": str, "int": int, "float": (int, float)}
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number"}

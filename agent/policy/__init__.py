@@ -2,6 +2,8 @@
 
     state = compile_policy(snapshot, node_name, node_ips, mode, audited, previous=old)
     problems = check_capacity(state, capacities, old)     # refuse before overflowing
+    plan = fit(lambda refused: compile_policy(..., refused=refused), capacities, old)
+                                                          # what fits, failing closed
     ops = diff(old, state)                                # ordered, never widens/narrows past old|new
     verdict = evaluate(state, src_ip, dst_ip, "TCP", 80)  # the datapath's decision, in Python
 
@@ -12,7 +14,9 @@ such states; `evaluate` performs the programs' lookups on a state or on any
 intermediate image. Nothing here touches the kernel or the network: no bcc,
 pyroute2, kubernetes client, grpc or prometheus imports.
 """
-from agent.policy.capacity import Capacities, Overflow, check_capacity, peak_usage, usage
+from agent.policy.capacity import (
+    Capacities, Fit, Overflow, check_capacity, fit, pairs_of, peak_usage, refusal_order, usage,
+)
 from agent.policy.compile import compile_policy
 from agent.policy.diff import (
     EndpointDelete, EndpointPut, IpcacheDelete, IpcachePut, Op, RuleDelete, RulePut, apply_ops, diff,
@@ -24,7 +28,8 @@ from agent.policy.state import (
 )
 
 __all__ = [
-    "Capacities", "Overflow", "check_capacity", "peak_usage", "usage",
+    "Capacities", "Fit", "Overflow", "check_capacity", "fit", "pairs_of", "peak_usage",
+    "refusal_order", "usage",
     "compile_policy",
     "EndpointDelete", "EndpointPut", "IpcacheDelete", "IpcachePut", "Op", "RuleDelete", "RulePut",
     "apply_ops", "diff",

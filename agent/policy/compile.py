@@ -48,7 +48,8 @@ def policy_name(key: Union[Key, str]) -> str:
 def compile_policy(snapshot: Snapshot, node_name: str, node_ips: Iterable[str],
                    mode: Union[Mode, str], audited: Iterable[Union[Key, str]] = frozenset(),
                    *, previous: Optional[PolicyState] = None,
-                   incremental: bool = True) -> PolicyState:
+                   incremental: bool = True,
+                   refused: Iterable[tuple[str, str]] = frozenset()) -> PolicyState:
     """Compile the policy of node `node_name`.
 
     `audited` names the NetworkPolicies in audit mode, as (namespace, name)
@@ -63,14 +64,22 @@ def compile_policy(snapshot: Snapshot, node_name: str, node_ips: Iterable[str],
     is the same as a full compile with the same `previous`, which
     `incremental=False` forces. `previous` itself is left valid: it can be
     the base of another compile (e.g. when its successor was refused).
+
+    `refused` names (policy "namespace/name", endpoint IPv4) pairs whose
+    rules are left out because the maps cannot hold them (agent/policy/
+    capacity.py decides which): the policy still isolates the endpoint
+    (its default deny and its place among the deciding policies stay), it
+    only admits nothing there, so a refusal never opens anything. The
+    state's `refused` lists the pairs that took effect.
     """
     mode = Mode(mode)
     audited = frozenset(policy_name(k) for k in audited)
-    comp = _Compiler(node_name, node_ips, mode, audited)
+    refused = frozenset(refused)
+    comp = _Compiler(node_name, node_ips, mode, audited, refused)
     base = previous._cache.get("compiler") if (previous is not None and incremental) else None
     if (isinstance(base, _Compiler) and base.node_name == comp.node_name
             and base.node_ips == comp.node_ips and base.mode == mode):
-        return base.update(snapshot, audited)
+        return base.update(snapshot, audited, refused)
     return comp.full(snapshot, previous)
 
 
@@ -158,12 +167,21 @@ class _Compiler:
                "identity_info", "identities", "ipcache", "peer_cache", "deps_of", "peer_deps",
                "peer_index", "endpoints", "enf_n", "program")
 
-    def __init__(self, node_name: str, node_ips: Iterable[str], mode: Mode, audited: frozenset[str]):
+    def __init__(self, node_name: str, node_ips: Iterable[str], mode: Mode, audited: frozenset[str],
+                 refused: frozenset[tuple[str, str]] = frozenset()):
         self.node_name = node_name
         self.node_ips = tuple(sorted({ip for ip in node_ips if ip4.is_ip4(ip)}))
         self.mode = mode
         self.audited = audited
+        self._set_refused(refused)
         self._ns_labels: dict[str, FrozenMap] = {}
+
+    def _set_refused(self, refused: frozenset[tuple[str, str]]) -> None:
+        self.refused = refused
+        by_ip: dict[str, set[str]] = defaultdict(set)
+        for name, ip in refused:
+            by_ip[ip].add(name)
+        self.refused_at = {ip: frozenset(v) for ip, v in by_ip.items()}
 
     def ns_labels(self, ns: str) -> FrozenMap:
         m = self._ns_labels.get(ns)
@@ -295,7 +313,7 @@ class _Compiler:
             mode=self.mode, node_name=self.node_name, node_ips=self.node_ips,
             identities=self.identities, identity_info=self.identity_info, ipcache=self.ipcache,
             ipcache_policies=self.ipcache_policies, endpoints=self.endpoints,
-            policies=self.policy_table, audited=self.audited)
+            policies=self.policy_table, audited=self.audited, refused=self._refused_in_effect())
         # Known here for free; diff asks for it on every change.
         state._cache["enforced_ids"] = frozenset(self.enf_n)
         state._cache["compiler"] = self
@@ -309,6 +327,15 @@ class _Compiler:
                          if _affects(pols[k], d) and pols[k].pod_selector.matches(pod.labels))
 
     def _plan(self, slot: Slot) -> tuple[DirectionPolicy, tuple[Key, ...]]:
+        """The slot's isolation and the policies whose rules it compiles:
+        those of _candidates but the refused ones, which keep isolating."""
+        dp, keys = self._candidates(slot)
+        refused = self.refused_at.get(slot[0])
+        if refused:
+            keys = tuple(k for k in keys if policy_name(k) not in refused)
+        return dp, keys
+
+    def _candidates(self, slot: Slot) -> tuple[DirectionPolicy, tuple[Key, ...]]:
         sel = self.sel[slot]
         enforced = sorted(k for k in sel if policy_name(k) not in self.audited)
         if enforced or self.mode == Mode.ALWAYS:
@@ -321,6 +348,18 @@ class _Compiler:
             # would-be drops) only where nothing enforced selects.
             return DirectionPolicy(False, True, tuple(sorted(self.pid[k] for k in audit))), tuple(audit)
         return DirectionPolicy(), ()
+
+    def _refused_in_effect(self) -> frozenset[tuple[str, str]]:
+        """The refused pairs whose policy would compile rules for the endpoint."""
+        out = set()
+        for name, ip in self.refused:
+            if ip not in self.local:
+                continue
+            for d in DIRECTIONS:
+                if any(policy_name(k) == name for k in self._candidates((ip, d))[1]):
+                    out.add((name, ip))
+                    break
+        return frozenset(out)
 
     def _activate(self, key: Key, d: Direction, delta: int) -> None:
         """Count the endpoints compiling policy `key` in direction d; its
@@ -394,17 +433,21 @@ class _Compiler:
 
     # -------------------------------------------------------------- update
 
-    def update(self, snap: Snapshot, audited: frozenset[str]) -> PolicyState:
+    def update(self, snap: Snapshot, audited: frozenset[str],
+               refused: frozenset[tuple[str, str]] = frozenset()) -> PolicyState:
         """The state for `snap`, computed from this compile's tables (left as
         they are) by redoing only what changed objects reach."""
         new = copy.copy(self)
         for name in self._TABLES:
             setattr(new, name, dict(getattr(self, name)))
-        return new._update(snap, audited)
+        return new._update(snap, audited, refused)
 
-    def _update(self, snap: Snapshot, audited: frozenset[str]) -> PolicyState:
+    def _update(self, snap: Snapshot, audited: frozenset[str],
+                refused: frozenset[tuple[str, str]] = frozenset()) -> PolicyState:
         IN, EG = Direction.INGRESS, Direction.EGRESS
         self.block_pids_changed = False
+        refusal_changed = {ip for _, ip in self.refused ^ refused}
+        self._set_refused(refused)
         # ---- what changed in the inputs
         chg_pol = _changed(self.policies, snap.network_policies)
         chg_pod = _changed(self.pods, snap.pods)
@@ -528,6 +571,17 @@ class _Compiler:
             if after != before or not keys.isdisjoint(after[1]):
                 self.plan[slot] = after
                 old_plans.setdefault(slot, before)
+        # endpoints where a policy's rules were refused or are let in again
+        for ip in refusal_changed:
+            if ip not in self.local or ip in changed_ips:
+                continue
+            for d in DIRECTIONS:
+                slot = (ip, d)
+                before = self.plan[slot]
+                after = self._plan(slot)
+                if after != before:
+                    self.plan[slot] = after
+                    old_plans.setdefault(slot, before)
 
         # ---- which policies' ipBlocks and named ports count (all releases
         # first, so a replaced policy's old object is released before its new

@@ -64,8 +64,10 @@ ID_DYNAMIC_MIN = 256
 POLICY_NONE = 0
 POLICY_HOST = 1      # the node may always reach its pods
 POLICY_ALWAYS = 2    # default deny of enforcement mode `always` (no policy selects the pod)
+POLICY_PENDING = 3   # default deny of a pod whose labels are not known yet (agent/policy/pending.py)
 POLICY_DYNAMIC_MIN = 16
-RESERVED_POLICIES = {POLICY_HOST: "reserved:host-allow", POLICY_ALWAYS: "reserved:mode-always"}
+RESERVED_POLICIES = {POLICY_HOST: "reserved:host-allow", POLICY_ALWAYS: "reserved:mode-always",
+                     POLICY_PENDING: "reserved:identity-pending"}
 
 # Rule key bits fully matched before protocol and port: endpoint IPv4 (32),
 # identity (32), direction (8). The protocol byte follows, then the port.
@@ -246,6 +248,9 @@ class PolicyState:
     endpoints: Mapping[str, EndpointPolicy]  # pod IPv4 -> its policy
     policies: Mapping[int, str]              # policy id -> "namespace/name" (reserved included)
     audited: frozenset[str] = frozenset()    # "namespace/name" of audited policies
+    # (policy "namespace/name", endpoint IPv4) pairs whose rules are left out
+    # for lack of map room: the policy isolates the endpoint, admits nothing
+    refused: frozenset[tuple[str, str]] = frozenset()
     # Derived data computed on first use (the state itself never changes).
     _cache: dict = field(default_factory=dict, repr=False)
 

@@ -97,15 +97,20 @@ def sim_attach(node, *, register: bool = True, test_build: bool = False, **overr
 class AgentProcess:
     """`fastpath agent` as a real process inside the node's netns."""
 
-    def __init__(self, node, paths: SimPaths, extra_args: list[str] | None = None):
+    def __init__(self, node, paths: SimPaths, extra_args: list[str] | None = None,
+                 wrapper: list[str] | None = None):
         self.node = node
         self.paths = paths
         self.extra = extra_args or []
+        # a command the agent runs under inside the netns (e.g. setpriv
+        # with the DaemonSet's capabilities)
+        self.wrapper = wrapper or []
         self.proc: subprocess.Popen | None = None
         self.log = Path(paths.root) / "agent.log"
 
     def start(self, timeout: float = 60) -> "AgentProcess":
-        cmd = ["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "agent.cli.main",
+        cmd = ["ip", "netns", "exec", self.node.netns, *self.wrapper, sys.executable, "-m",
+               "agent.cli.main",
                "agent", "--bpffs-root", f"{self.paths.bpffs}/fastpath",
                "--state-dir", self.paths.state_dir, "--api-socket", self.paths.socket,
                "--source", self.paths.manifests, "--socket-lb", "false",

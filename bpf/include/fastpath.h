@@ -46,6 +46,7 @@
 #define FP_MAP_MAGLEV     fp_maglev4_v1
 #define FP_MAP_SRC_RANGE  fp_srcrng4_v1
 #define FP_MAP_SVCNET     fp_svcnet4_v1
+#define FP_MAP_EP_IFINDEX fp_epif_v1
 
 /* Pod endpoints on this node, keyed by pod IPv4 address. Filled by the agent
  * (CNI ADD or restore); read by every program to find local destinations. */
@@ -92,13 +93,14 @@ _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 	X(FP_DROP_NO_BACKEND, 103, "dropped-service-no-backend") \
 	X(FP_DROP_CSUM,      104, "dropped-checksum-update") \
 	X(FP_DROP_POLICY,    105, "dropped-policy-denied")     \
-	X(FP_DROP_CT_NO_BACKEND, 106, "dropped-ct-no-backend") \
-	X(FP_DROP_FRAG_NO_FIRST, 107, "dropped-fragment-without-first") \
-	X(FP_DROP_NO_LOCAL_BACKEND, 108, "dropped-service-no-local-backend") \
-	X(FP_DROP_SOURCE_RANGE, 109, "dropped-source-range")       \
-	X(FP_DROP_SVC_UNALLOCATED, 110, "dropped-service-unallocated") \
-	X(FP_DROP_SVC_UNKNOWN_PORT, 111, "dropped-service-unknown-port") \
-	X(FP_DROP_SNAT_NO_PORT, 112, "dropped-snat-no-port")
+	X(FP_DROP_IPV6_UNJUDGED, 106, "dropped-ipv6-not-judged") \
+	X(FP_DROP_CT_NO_BACKEND, 107, "dropped-ct-no-backend") \
+	X(FP_DROP_FRAG_NO_FIRST, 108, "dropped-fragment-without-first") \
+	X(FP_DROP_NO_LOCAL_BACKEND, 109, "dropped-service-no-local-backend") \
+	X(FP_DROP_SOURCE_RANGE, 110, "dropped-source-range")       \
+	X(FP_DROP_SVC_UNALLOCATED, 111, "dropped-service-unallocated") \
+	X(FP_DROP_SVC_UNKNOWN_PORT, 112, "dropped-service-unknown-port") \
+	X(FP_DROP_SNAT_NO_PORT, 113, "dropped-snat-no-port")
 
 #define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_dir { FP_DIRS(FP_ENUM_ENTRY) };
@@ -579,5 +581,21 @@ struct fp_decision {
 	__u32 peer_id[2];      /* HBO: peer identity per direction */
 };
 _Static_assert(sizeof(struct fp_decision) == 48, "fp_decision layout");
+
+/* Which endpoint a registered host veth belongs to, keyed by the veth's
+ * ifindex (__u32 HBO). The endpoints map is keyed by address, so it cannot
+ * tell a packet whose source is unknown from one of an unknown pod; this one
+ * can: the agent writes it with the endpoint, before fastpath's programs are
+ * attached to the veth (agent/datapath/maps.py), and the guards of
+ * bpf/lib/guard.h drop whatever a registered veth sends from another source
+ * (dropped-source-spoofed) before anything else looks at the packet. */
+#define FP_EPIF_F_IP6 (1U << 0)   /* ip6 holds the pod's global IPv6 address */
+
+struct fp_ep_if {
+	__be32 ip4;            /* NBO: the endpoint's IPv4 address */
+	__u32 flags;           /* HBO: FP_EPIF_F_* */
+	__u8 ip6[16];          /* NBO: its IPv6 address, with FP_EPIF_F_IP6 */
+};
+_Static_assert(sizeof(struct fp_ep_if) == 24, "fp_ep_if layout");
 
 #endif /* FASTPATH_H */

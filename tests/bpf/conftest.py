@@ -7,7 +7,8 @@ made by the programs give real answers:
 
     podA --- caliA \\                      (10.0.1.10, ENI eth1)
     podB --- caliB  >  node netns --- eth1 === vpc1   (gw 10.0.0.253)
-                                      (10.0.1.2/32, table 1001)
+    podC --- caliC /                  (10.0.1.2/32, table 1001)
+    podD --- caliD    (a veth whose pod fastpath was never told about)
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class BpfNet:
     cali_b: Dev
     cali_c: Dev
     eth1: Dev
+    cali_d: Dev = None
     pod_a_mac: str = "02:00:00:00:0a:0a"
     pod_b_mac: str = "02:00:00:00:0b:0b"
     pod_c_mac: str = "02:00:00:00:0c:0c"
@@ -75,9 +77,10 @@ def bpfnet():
             "link add caliA type veth peer name podA",
             "link add caliB type veth peer name podB",
             "link add caliC type veth peer name podC",
+            "link add caliD type veth peer name podD",
             "link add eth1 type veth peer name vpc1",
-            "link set caliA up", "link set caliB up", "link set caliC up",
-            "link set podA up", "link set podB up", "link set podC up",
+            "link set caliA up", "link set caliB up", "link set caliC up", "link set caliD up",
+            "link set podA up", "link set podB up", "link set podC up", "link set podD up",
             "link set eth1 up", "link set vpc1 up",
             f"addr add {ENI_IP}/32 dev eth1",
             f"route add {POD_A} dev caliA scope link",
@@ -93,7 +96,8 @@ def bpfnet():
         for c in cmds:
             sh(f"ip -n {ns} {c}")
         sh(f"ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1")
-        yield BpfNet(ns, _dev(ns, "caliA"), _dev(ns, "caliB"), _dev(ns, "caliC"), _dev(ns, "eth1"))
+        yield BpfNet(ns, _dev(ns, "caliA"), _dev(ns, "caliB"), _dev(ns, "caliC"), _dev(ns, "eth1"),
+                     _dev(ns, "caliD"))
     finally:
         subprocess.run(f"ip netns del {ns}", shell=True)
 
@@ -164,3 +168,41 @@ def ct_dp(bpffs, bpfnet):
         yield d
     finally:
         d.close()
+
+
+class Events:
+    """The monitor's ring buffer, read through bcc (one reader per module:
+    bcc opens a ring buffer once)."""
+
+    def __init__(self, dp):
+        from agent.datapath.maps import MAP
+        self.bpf = dp.module.bpf
+        self.got: list[bytes] = []
+        table = dp.module.table(MAP["FP_MAP_EVENTS"])
+        table.open_ring_buffer(self._cb)
+
+    def _cb(self, ctx, data, size):
+        import ctypes as ct
+        self.got.append(ct.string_at(data, size))
+
+    def poll(self):
+        self.bpf.ring_buffer_consume()
+        out, self.got = self.got, []
+        return out
+
+
+def decode_event(raw: bytes) -> dict:
+    import socket
+    import struct
+    from agent.datapath.maps import DEFS
+    ts, ifindex, reason, d, typ, saddr, daddr, sport, dport, proto, flags, _, nat_d, nat_p, _, \
+        pid, peer = struct.unpack("=QIHBB4s4sHHBBH4sHHII", raw[:48])
+    return dict(ifindex=ifindex, reason=DEFS.reason(reason), type=typ,
+                saddr=socket.inet_ntoa(saddr), daddr=socket.inet_ntoa(daddr),
+                sport=socket.ntohs(sport), dport=socket.ntohs(dport), proto=proto,
+                flags=flags, policy_id=pid, peer_id=peer)
+
+
+@pytest.fixture(scope="session")
+def events(dp):
+    return Events(dp)

@@ -198,7 +198,7 @@ def test_a_syn_on_a_closed_tuple_opens_a_new_connection(ct_dp, bpfnet, svc):
 def test_a_packet_that_is_not_an_opening_one_never_picks_a_backend(ct_dp, bpfnet, svc):
     """An ACK of a connection conntrack does not know: dropped with its own
     reason, counted, reported to the monitor; never sent to some backend."""
-    from tests.bpf.test_policy import Events, decode_event
+    from tests.bpf.conftest import Events, decode_event
     ev = Events(ct_dp)
     ev.poll()
     drops = lambda: sum(c.packets for c in ct_dp.maps.counters()

@@ -8,7 +8,6 @@ reference of the same lookups (agent.policy.evaluate).
 """
 from __future__ import annotations
 
-import ctypes as ct
 import itertools
 
 import pytest
@@ -18,7 +17,7 @@ from scapy.layers.l2 import Ether
 from agent.datapath.maps import DEFS, be32
 from agent.k8s.model import FrozenMap, NetworkPolicy
 from agent.policy import compile_policy, diff, evaluate
-from tests.bpf.conftest import (ENI_IP, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
+from tests.bpf.conftest import (ENI_IP, decode_event, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
                                 TC_ACT_SHOT, run_prog)
 from tests.policy.kube import namespace, netpol, pod, snapshot
 
@@ -230,42 +229,6 @@ def test_rule_flow_counters_count_new_flows(dp, bpfnet, policy):
     after = sum(v for k, v in dp.policy.rule_flows().items() if k[0] == POD_B
                 and k[1].direction == Direction.INGRESS)
     assert after == before + 1
-
-
-class Events:
-    """The monitor's ring buffer, read through bcc."""
-
-    def __init__(self, dp):
-        from agent.datapath.maps import MAP
-        self.bpf = dp.module.bpf
-        self.got: list[dict] = []
-        table = dp.module.table(MAP["FP_MAP_EVENTS"])
-        table.open_ring_buffer(self._cb)
-
-    def _cb(self, ctx, data, size):
-        raw = ct.string_at(data, size)
-        self.got.append(raw)
-
-    def poll(self):
-        self.bpf.ring_buffer_consume()
-        out, self.got = self.got, []
-        return out
-
-
-def decode_event(raw: bytes) -> dict:
-    import struct
-    ts, ifindex, reason, d, typ, saddr, daddr, sport, dport, proto, flags, _, nat_d, nat_p, _, \
-        pid, peer = struct.unpack("=QIHBB4s4sHHBBH4sHHII", raw[:48])
-    import socket
-    return dict(ifindex=ifindex, reason=DEFS.reason(reason), type=typ,
-                saddr=socket.inet_ntoa(saddr), daddr=socket.inet_ntoa(daddr),
-                sport=socket.ntohs(sport), dport=socket.ntohs(dport), proto=proto,
-                flags=flags, policy_id=pid, peer_id=peer)
-
-
-@pytest.fixture(scope="module")
-def events(dp):
-    return Events(dp)
 
 
 def test_a_denied_packet_reaches_the_monitor_with_its_policy(dp, bpfnet, policy, events):

@@ -104,9 +104,12 @@ CASES = [
     Case("a source address that belongs to another pod is dropped as spoofed",
          "fp_from_pod", "cali_a", lambda n: Ether(src=n.pod_a_mac, dst=n.cali_a.mac)
          / IP(src=POD_B, dst=REMOTE) / ICMP(), TC_ACT_SHOT, "dropped-source-spoofed"),
-    Case("a source fastpath does not know (pod not registered yet) is left to the stack",
-         "fp_from_pod", "cali_a", lambda n: Ether(src=n.pod_a_mac, dst=n.cali_a.mac)
+    Case("on a veth fastpath has no registration for, an unknown source is left to the stack",
+         "fp_from_pod", "cali_d", lambda n: Ether(src="02:00:00:00:0d:0d", dst=n.cali_d.mac)
          / IP(src="10.0.1.99", dst=POD_B) / ICMP(), TC_ACT_UNSPEC, "to-stack", unchanged=True),
+    Case("on a veth fastpath has no registration for, another pod's address is spoofed",
+         "fp_from_pod", "cali_d", lambda n: Ether(src="02:00:00:00:0d:0d", dst=n.cali_d.mac)
+         / IP(src=POD_B, dst=REMOTE) / ICMP(), TC_ACT_SHOT, "dropped-source-spoofed"),
     Case("an IPv4 header length below 20 bytes is invalid",
          "fp_from_pod", "cali_a", lambda n: from_a(n, POD_B, ihl=3), TC_ACT_SHOT,
          "dropped-invalid-packet"),

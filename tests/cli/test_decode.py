@@ -93,7 +93,8 @@ def test_conntrack_entry_decodes_addresses_ports_direction_and_flags():
                         "proto": 6, "proto_label": "TCP", "dir": 0, "dir_label": "forward"}
     assert e["value"] == {"last_seen": 5, "nat_addr": "10.0.0.9", "nat_port": 8080,
                           "flags": hairpin, "flags_names": ["hairpin"], "state": v_state(),
-                          "state_label": "established", "backend_id": 7, "svc_id": 3}
+                          "state_label": "established", "backend_id": 7, "svc_id": 3,
+                          "peer_addr": "0.0.0.0", "peer_port": 0}
 
 
 def test_endpoint_entry_decodes_macs_and_flags():
@@ -109,6 +110,19 @@ def test_endpoint_entry_decodes_macs_and_flags():
                  "value": {"host_ifindex": 4, "eni_ifindex": 3, "pod_mac": "02:00:00:00:0a:0a",
                            "host_mac": "ee:ee:ee:ee:ee:ee", "flags": 1,
                            "flags_names": ["registered"], "ep_id": 99}}
+
+
+def test_veth_registration_decodes_both_addresses_and_flags():
+    import socket
+    import struct
+    name = bpfdefs.load().maps["FP_MAP_EP_IFINDEX"]
+    v = bpfdefs.ctype("struct fp_ep_if")()
+    v.ip4 = struct.unpack("=I", socket.inet_aton("10.1.2.3"))[0]
+    v.ip6[:] = list(socket.inet_pton(socket.AF_INET6, "fd00::a"))
+    v.flags = bpfdefs.load().defines["FP_EPIF_F_IP6"]
+    e = decode.decode_entry(decode.Layout.of(name), struct.pack("=I", 17), bytes(v))
+    assert e == {"key": 17, "value": {"ip4": "10.1.2.3", "flags": 1, "flags_names": ["ip6"],
+                                      "ip6": "fd00::a"}}
 
 
 def test_per_cpu_counters_are_summed_over_cpus_and_labelled():
@@ -146,8 +160,9 @@ def test_scalar_keys_and_service_flags():
 
 def test_layout_mismatch_is_detected():
     layout = decode.Layout.of(bpfdefs.load().maps["FP_MAP_CT"])
-    assert layout.matches(16, 24)
-    assert not layout.matches(16, 32)
+    assert (layout.key_size, layout.value_size) == (16, 32)
+    assert layout.matches(16, 32)
+    assert not layout.matches(16, 24)
     with pytest.raises(ValueError, match="layout needs"):
         decode.from_bytes("struct fp_ct4", b"\0" * 8)
 

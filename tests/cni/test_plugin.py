@@ -156,7 +156,12 @@ CONFIG_ERRORS = [
     ("state_dir must be a string", {"state_dir": 5}, 7, ["state_dir"]),
     ("require_eni must be a boolean", {"require_eni": "yes"}, 7, ["require_eni"]),
     ("the network needs a name", {"name": None}, 7, ["'name'"]),
-    ("prevResult must be an object", {"prevResult": [1]}, 6, ["prevResult"]),
+    ("a name of the wrong type is named as such", {"name": ["a"]}, 7,
+     ["name must be a string, not array"]),
+    ("so is a type of the wrong type", {"type": {"t": 1}}, 7, ["type must be a string, not object"]),
+    ("cniVersion must be a string", {"cniVersion": 1.0}, 7, ["cniVersion must be a string"]),
+    ("prevResult must be an object", {"prevResult": [1]}, 6, ["prevResult", "not array"]),
+    ("nesting is bounded", {"runtimeConfig": json.loads("[" * 40 + "]" * 40)}, 6, ["nests deeper"]),
     ("runtimeConfig must be an object", {"runtimeConfig": "x"}, 6, ["runtimeConfig"]),
     ("portMappings must be a list", {"runtimeConfig": {"portMappings": {"hostPort": 80}}}, 7,
      ["runtimeConfig.portMappings must be a list"]),
@@ -188,6 +193,10 @@ def test_defaults_apply_when_keys_are_absent():
     (b"[1, 2]", ["JSON object"]),
     (b"\xff\xfe{}", ["not valid JSON"]),
     (b'{"cniVersion": "1.0.0"} trailing', ["not valid JSON"]),
+    # the C scanner's recursion limit, met at any depth the interpreter allows
+    (b"[" * 100_000 + b"]" * 100_000, ["nested deeper than the decoder can follow"]),
+    (b'{"a": ' * 5000 + b"1" + b"}" * 5000, ["nested deeper than the decoder can follow"]),
+    (b'{"cniVersion": "1.0.0", "pad": "' + b"x" * (1 << 20) + b'"}', ["larger than"]),
 ])
 def test_stdin_that_is_not_a_json_object_is_a_decode_error(data, words):
     assert_error(*run(env(), data), 6, *words)
@@ -201,11 +210,47 @@ def test_stdin_that_is_not_a_json_object_is_a_decode_error(data, words):
     (env(cid="-bad"), ["'-bad'"]),
     (env(cid="a/b"), ["'a/b'"]),
     (env(ifname="eth0:1"), ["'eth0:1'"]),
-    (env(ifname="x" * 16), ["CNI_IFNAME"]),
+    (env(ifname="x" * 16), ["CNI_IFNAME", "1 to 15 bytes"]),
+    (env(ifname="\u00e9" * 8), ["CNI_IFNAME", "not 16"]),
+    (env(ifname=".."), ["CNI_IFNAME", "'..'"]),
+    (env(ifname="eth\t0"), ["CNI_IFNAME", "whitespace"]),
     (env(command="CHECK", netns=""), ["CNI_NETNS"]),
+    (env(cid="c" * 4096), ["CNI_CONTAINERID", "4096 characters", "at most 200"]),
+    (env(cid="c" * 4096, command="DEL"), ["CNI_CONTAINERID", "at most 200"]),
+    (env(cid="\u0661\u0662"), ["CNI_CONTAINERID", "start with a letter or digit"]),
+    (env(netns="var/run/netns/pod"), ["CNI_NETNS='var/run/netns/pod'", "absolute path"]),
+    (env(netns="."), ["CNI_NETNS='.'", "absolute path"]),
+    (env(netns="/" + "n" * 5000), ["CNI_NETNS", "longer than a path"]),
+    (env(args="K8S_POD_NAMESPACE=Shop;K8S_POD_NAME=web-0"), ["K8S_POD_NAMESPACE='Shop'"]),
+    (env(args="K8S_POD_NAMESPACE=shop;K8S_POD_NAME=" + "w" * 254), ["K8S_POD_NAME", "254"]),
+    (env(args="K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web_0"), ["K8S_POD_NAME='web_0'"]),
 ])
 def test_invalid_environment(paths, environ, words):
     assert_error(*run(environ, conf(paths)), 4, *words)
+
+
+def test_identity_rules_accept_what_runtimes_really_send():
+    for cid in ("0" * 64, "k8s.io-" + "f" * 64, "fpcni-" + "a" * 76 + "-" + "b" * 70, "c1",
+                "c" * plugin.MAX_CONTAINER_ID):
+        assert plugin.container_id_problem(cid) == "", cid
+    for name in ("eth0", "net1", "e" * 15, "veth_x-1.2"):
+        assert plugin.ifname_problem(name) == "", name
+    assert plugin.netns_path_problem("/var/run/netns/cni-1234") == ""
+    assert plugin.netns_path_problem("/proc/4242/ns/net") == ""
+    # a DEL without a netns (the runtime lost it) is still a DEL, and one
+    # whose netns names nothing usable is a DEL without one
+    e = plugin.parse_env(env("DEL", netns=""))
+    assert (e.command, e.netns) == ("DEL", "")
+    e = plugin.parse_env(env("DEL", netns="pod"))
+    assert (e.netns, e.ignored_netns) == ("", "pod")
+
+
+def test_wrong_types_in_gc_attachments_are_named(paths, agent):
+    c = conf(paths, version="1.1.0", prev=None)
+    c["cni.dev/valid-attachments"] = [{"containerID": ["x"], "ifname": "eth0"}]
+    assert_error(*run(env("GC", cid="", netns="", ifname=""), c), 6,
+                 "valid-attachments[0].containerID must be a string, not array")
+    assert agent.calls == []
 
 
 def test_cni_args_parsing():
@@ -345,12 +390,24 @@ def test_del_with_the_agent_down_is_queued_for_replay(paths):
     rc, out = run(env("DEL", netns=""), conf(paths))
     assert (rc, out) == (0, None)
     qfile = os.path.join(paths["state"], plugin.DEL_QUEUE, "c1-eth0.json")
+    # the plugin made the state dir: root's alone, as the agent keeps it
+    for path, mode in ((paths["state"], 0o700), (os.path.dirname(qfile), 0o700),
+                       (qfile, 0o600), (paths["log"], 0o600)):
+        assert os.stat(path).st_mode & 0o777 == mode, path
     queued = json.loads(open(qfile).read())
     assert (queued["container_id"], queued["ifname"]) == ("c1", "eth0")
     rc, _ = run(env("DEL", netns=""), conf(paths))
     assert rc == 0
     assert os.listdir(os.path.dirname(qfile)) == ["c1-eth0.json"], "a repeated DEL queues once"
     assert "queued" in open(paths["log"]).read()
+
+
+def test_a_del_with_an_unusable_netns_still_deletes_by_container_id(paths):
+    rc, out = run(env("DEL", netns="var/run/netns/pod"), conf(paths))
+    assert (rc, out) == (0, None)
+    qfile = os.path.join(paths["state"], plugin.DEL_QUEUE, "c1-eth0.json")
+    assert json.loads(open(qfile).read())["netns"] == ""
+    assert "is not an absolute path: deleting by container id" in open(paths["log"]).read()
 
 
 def test_del_queue_is_bounded_and_del_still_succeeds(paths, monkeypatch):

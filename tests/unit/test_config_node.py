@@ -101,8 +101,12 @@ BAD = {
     "local_router_ipv4": ("169.254.10", "local_router_ipv4: invalid value"),
     "policy_map_size": ("4", "below the minimum 16"),
     "ipcache_map_size": ("8", "below the minimum 16"),
+    "policy_pod_lookup_timeout_ms": ("60001", "above the maximum 60000"),
+    "policy_unknown_pod": ("deny", "'deny' is not one of deny-ingress, open"),
     "cgroup_root": ("sys/fs/cgroup", "expected an absolute path"),
-    "metrics_address": ("localhost:9962", "does not appear to be an IPv4 or IPv6 address"),
+    "metrics_address": ("localhost:9962", "'localhost' is not an IP address or node-ip"),
+    "http_max_connections": (0, "below the minimum 1"),
+    "http_timeout": (3600, "above the maximum 300"),
     "health_address": ("127.0.0.1:99999", "port 0-65535"),
     "eni_config": ("etc/eni", "expected an absolute path"),
     "grpc_socket": ("run/grpc.sock", "expected an absolute path"),
@@ -125,9 +129,12 @@ def test_every_key_rejects_a_bad_value_naming_the_key_and_what_is_allowed(key):
 
 def test_addresses_accept_ipv4_ipv6_ephemeral_and_off():
     cfg = Config.defaults()
-    for v in ("0.0.0.0:9962", "127.0.0.1:0", "[::1]:9099", ""):
+    for v in ("0.0.0.0:9962", "127.0.0.1:0", "[::1]:9099", "", "node-ip:9962", "node-ip:0"):
         assert cfg.with_values({"metrics_address": v}, "flag").metrics_address == v
     assert C.parse_address("[::1]:9099") == ("::1", 9099)
+    assert C.parse_address("node-ip:9962") == (C.NODE_IP, 9962)
+    # metrics face the node's own address by default, never every address
+    assert cfg.metrics_address == "node-ip:9962" and cfg.health_address == "127.0.0.1:9099"
 
 
 def test_flags_win_over_the_file_which_wins_over_eni_config_over_defaults(tmp_path):

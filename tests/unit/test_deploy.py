@@ -58,14 +58,15 @@ def test_schema_validation_really_rejects_a_misplaced_field():
         kubernetes_validate.validate(ds, K8S_VERSIONS[0], strict=True)
 
 
+class Sent(Exception):
+    """A request the Kubernetes client built, stopped before the network."""
+
+
 def agent_reads() -> set[tuple[str, str]]:
     """(API group, resource) of every list/watch the cluster-state source
     makes, taken from the requests the Kubernetes client builds."""
     from kubernetes import client
     from agent.k8s.kube import _LIST_FUNCS
-
-    class Sent(Exception):
-        pass
 
     cfg = client.Configuration()
     cfg.host = "http://api.invalid"
@@ -84,15 +85,45 @@ def agent_reads() -> set[tuple[str, str]]:
     return out
 
 
-def test_cluster_role_grants_read_on_exactly_what_the_agent_reads():
+def agent_writes() -> set[tuple[str, str]]:
+    """(apiGroup, resource) of every object the agent creates: the Events of
+    agent/k8s/events.py, found by letting it post one to nowhere."""
+    from kubernetes import client
+    from agent.k8s import events
+    cfg = client.Configuration()
+    cfg.host = "http://api.invalid"
+    api = client.ApiClient(cfg)
+    sent = []
+
+    def request(method, url, *a, **kw):
+        sent.append((method, url.split("api.invalid", 1)[1].split("?")[0].strip("/").split("/")))
+        raise Sent(url)
+
+    api.rest_client.request = request
+    with pytest.raises(Sent):
+        events.post(api, events.event_body("NetworkPolicy", "default", "p", "Warning",
+                                           "PolicyRefused", "m", "n1"))
+    out = set()
+    for method, path in sent:
+        assert method == "POST"
+        out.add(("", path[-1]) if path[0] == "api" else (path[1], path[-1]))
+    return out
+
+
+def test_cluster_role_grants_exactly_what_the_agent_reads_and_creates():
     role = by_kind("ClusterRole", "fastpath")
-    granted = set()
+    read, created = set(), set()
     for rule in role["rules"]:
-        assert sorted(rule["verbs"]) == ["get", "list", "watch"], rule
         assert "resourceNames" not in rule and "nonResourceURLs" not in rule
-        granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
-    assert granted == agent_reads()
-    assert len(granted) == 6
+        pairs = {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+        if sorted(rule["verbs"]) == ["create"]:
+            created |= pairs
+        else:
+            assert sorted(rule["verbs"]) == ["get", "list", "watch"], rule
+            read |= pairs
+    assert read == agent_reads()
+    assert len(read) == 6
+    assert created == agent_writes() == {("", "events")}
     binding = by_kind("ClusterRoleBinding", "fastpath")
     ds = by_kind("DaemonSet", "terway-eniip")
     sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
@@ -101,15 +132,215 @@ def test_cluster_role_grants_read_on_exactly_what_the_agent_reads():
                                     "namespace": ds["metadata"]["namespace"]}]
 
 
-def test_policy_container_is_unprivileged_with_the_capabilities_it_needs():
+# -- privileges: an allow-list, each entry with its reason ----------------------------------
+#
+# Everything the manifests grant beyond an ordinary container: capabilities,
+# host paths, privileged mode, host namespaces. The check below fails on
+# anything a manifest holds that is not listed here with its reason, and on
+# an entry no manifest needs any more; README's privileges table is made of
+# these rows (privilege_rows()). Every container of ours also drops ALL
+# capabilities, cannot gain privileges, has a read-only root filesystem and
+# runs under the runtime's default seccomp profile
+# (vm-tests/test_deploy_runtime.py runs them so, under containerd).
+
+TERWAY = "Terway's own container, as Terway's release ships it; fastpath does not change it"
+
+CAPABILITIES = {
+    ("install-cni", "SYS_CHROOT"):
+        "runs the node's python3 through `chroot /host`, so the plugin is compiled for the "
+        "interpreter that will run it",
+    ("policy", "NET_ADMIN"):
+        "tc: clsact qdiscs and bpf filters on ENIs and pod veths; netlink reads of links, "
+        "routes and rules for discovery",
+    ("policy", "SYS_ADMIN"):
+        "setns() into a pod's network namespace at CNI ADD (discovery); the kernel also takes "
+        "it for bpf() (maps, programs, pins, cgroup attach) and for the verifier's pointer "
+        "rules, so BPF and PERFMON would add nothing",
+    ("policy", "SYS_RESOURCE"):
+        "bcc lifts RLIMIT_MEMLOCK when a map is refused for it: kernels before 5.11 (Alibaba "
+        "Cloud Linux 3 ships 5.10) charge BPF maps to it; unused on newer kernels",
+    ("uninstall", "NET_ADMIN"): "removes fastpath's tc filters from the node's devices",
+    ("uninstall", "SYS_ADMIN"):
+        "opens programs by id (tc and cgroup queries report ids) to check they are fastpath's, "
+        "which the kernel allows to SYS_ADMIN alone; also bpf() for pins and cgroup detach",
+}
+
+# (container, host path, mount path, read-only) -> why
+HOST_PATHS = {
+    ("install-cni", "/usr", "/host/usr", True): "the node's python3 and its standard library",
+    ("install-cni", "/lib", "/host/lib", True): "the shared libraries the node's python3 loads",
+    ("install-cni", "/lib64", "/host/lib64", True): "the node's dynamic loader",
+    ("install-cni", "/opt/cni/bin", "/host/opt/cni/bin", False): "writes fastpath-cni",
+    ("install-cni", "/etc/cni/net.d", "/host/etc/cni/net.d", False):
+        "writes the conflist and the record of what it replaced",
+    ("policy", "/sys/fs/bpf", "/sys/fs/bpf", False):
+        "pins the maps, so they and forwarding outlive the container",
+    ("policy", "/sys/fs/cgroup", "/host/sys/fs/cgroup", True):
+        "socket-LB attaches to the node's cgroup v2 tree (through a descriptor: read-only)",
+    ("policy", "/var/run/fastpath", "/var/run/fastpath", False):
+        "the state dir and the API socket the CNI plugin, on the node, calls",
+    ("policy", "/var/run/netns", "/var/run/netns", True):
+        "the pods' network namespaces the CNI plugin names (CNI_NETNS)",
+    ("policy", "/lib/modules", "/host/lib/modules", True): "the node's kernel headers, for bcc",
+    ("policy", "/usr/src", "/host/usr/src", True): "the node's kernel headers, for bcc",
+    ("uninstall", "/sys/fs/bpf", "/sys/fs/bpf", False): "removes fastpath's pins",
+    ("uninstall", "/sys/fs/cgroup", "/host/sys/fs/cgroup", True): "detaches socket-LB",
+    ("uninstall", "/var/run/fastpath", "/host/var/run/fastpath", False):
+        "empties the state dir, removes the sockets",
+    ("uninstall", "/opt/cni/bin", "/host/opt/cni/bin", False):
+        "removes fastpath-cni if fastpath's installer put it there",
+    ("uninstall", "/etc/cni/net.d", "/host/etc/cni/net.d", False):
+        "puts back the conflist the install record kept",
+    ("terway", "/opt/cni/bin", "/opt/cni/bin", False): TERWAY,
+    ("terway", "/etc/cni/net.d", "/etc/cni/net.d", False): TERWAY,
+    ("terway", "/var/run", "/var/run", False): TERWAY,
+}
+
+PRIVILEGED = {"terway": TERWAY}
+
+# (workload, pod-level setting) -> why
+POD_LEVEL = {
+    ("terway-eniip", "hostNetwork"):
+        "the agent attaches to the node's own devices and serves the node's CNI plugin, "
+        "health and metrics on node addresses",
+    ("fastpath-uninstall", "hostNetwork"): "removes tc filters from the node's own devices",
+}
+HOST_NAMESPACES = ("hostNetwork", "hostPID", "hostIPC", "shareProcessNamespace")
+WORKLOADS = {"terway-eniip": "daemonset.yaml", "fastpath-uninstall": "uninstall.yaml"}
+
+
+def pod_specs(manifests: dict[str, list[dict]] | None = None) -> dict[str, dict]:
+    out = {}
+    for name, f in WORKLOADS.items():
+        for d in (manifests or {}).get(f) or docs(f):
+            if d["kind"] == "DaemonSet" and d["metadata"]["name"] == name:
+                out[name] = d["spec"]["template"]["spec"]
+    return out
+
+
+def privilege_violations(manifests: dict[str, list[dict]] | None = None) -> list[str]:
+    """What the manifests grant that the allow-list does not, and the
+    allow-list entries nothing uses any more."""
+    bad, caps_seen, paths_seen, pod_seen = [], set(), set(), set()
+    for workload, spec in pod_specs(manifests).items():
+        for key in HOST_NAMESPACES:
+            if spec.get(key):
+                pod_seen.add((workload, key))
+                if (workload, key) not in POD_LEVEL:
+                    bad.append(f"{workload}: {key} is not in the allow-list")
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        mounted_hostpaths = set()
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            name, sc = c["name"], c.get("securityContext") or {}
+            if sc.get("privileged"):
+                if name not in PRIVILEGED:
+                    bad.append(f"{name}: privileged is not in the allow-list")
+                for m in c.get("volumeMounts", []):
+                    hp = volumes[m["name"]].get("hostPath")
+                    if hp:
+                        mounted_hostpaths.add(m["name"])
+                        key = (name, hp["path"], m["mountPath"], bool(m.get("readOnly")))
+                        paths_seen.add(key)
+                        if key not in HOST_PATHS:
+                            bad.append(f"{name}: hostPath {key[1:]} is not in the allow-list")
+                continue
+            caps = sc.get("capabilities") or {}
+            if caps.get("drop") != ["ALL"]:
+                bad.append(f"{name}: must drop ALL capabilities, drops {caps.get('drop')}")
+            for cap in caps.get("add") or []:
+                caps_seen.add((name, cap))
+                if (name, cap) not in CAPABILITIES:
+                    bad.append(f"{name}: capability {cap} is not in the allow-list")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                bad.append(f"{name}: allowPrivilegeEscalation must be false")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                bad.append(f"{name}: readOnlyRootFilesystem must be true")
+            if (sc.get("seccompProfile") or {}).get("type") != "RuntimeDefault":
+                bad.append(f"{name}: seccompProfile must be RuntimeDefault, not "
+                           f"{sc.get('seccompProfile')}")
+            if sc.get("procMount", "Default") != "Default":
+                bad.append(f"{name}: procMount {sc['procMount']} is not in the allow-list")
+            for m in c.get("volumeMounts", []):
+                hp = volumes[m["name"]].get("hostPath")
+                if hp is None:
+                    continue
+                mounted_hostpaths.add(m["name"])
+                key = (name, hp["path"], m["mountPath"], bool(m.get("readOnly")))
+                paths_seen.add(key)
+                if key not in HOST_PATHS:
+                    bad.append(f"{name}: hostPath {hp['path']} at {m['mountPath']}"
+                               f"{' read-only' if m.get('readOnly') else ''} is not in the "
+                               "allow-list")
+        for vname, v in volumes.items():
+            if "hostPath" in v and vname not in mounted_hostpaths:
+                bad.append(f"{workload}: hostPath volume {vname} is mounted by no container")
+    for key in CAPABILITIES.keys() - caps_seen:
+        bad.append(f"allow-list entry no manifest uses: capability {key}")
+    for key in HOST_PATHS.keys() - paths_seen:
+        bad.append(f"allow-list entry no manifest uses: hostPath {key}")
+    for key in POD_LEVEL.keys() - pod_seen:
+        bad.append(f"allow-list entry no manifest uses: {key}")
+    return bad
+
+
+def privilege_rows() -> list[str]:
+    """README's privileges table, one row per allow-list entry."""
+    rows = [f"| `{c}` | capability `{cap}` | {why} |" for (c, cap), why in CAPABILITIES.items()]
+    rows += [f"| `{c}` | host `{hp}` at `{mp}`{' (read-only)' if ro else ''} | {why} |"
+             for (c, hp, mp, ro), why in HOST_PATHS.items() if c not in PRIVILEGED]
+    rows += [f"| `{c}` | privileged, host `/var/run`, `/opt/cni/bin`, `/etc/cni/net.d` | {why} |"
+             for c, why in PRIVILEGED.items()]
+    rows += [f"| pod `{w}` | `{k}` | {why} |" for (w, k), why in POD_LEVEL.items()]
+    return rows
+
+
+def test_every_privilege_the_manifests_grant_is_allowed_with_its_reason():
+    assert privilege_violations() == []
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda ds, un: container(ds, "policy")["securityContext"]["capabilities"]["add"].append(
+        "DAC_OVERRIDE"), "policy: capability DAC_OVERRIDE is not in the allow-list"),
+    (lambda ds, un: container(ds, "install-cni", init=True)["securityContext"]["capabilities"][
+        "add"].append("SYS_ADMIN"), "install-cni: capability SYS_ADMIN"),
+    (lambda ds, un: container(ds, "policy")["securityContext"].update(privileged=True),
+     "policy: privileged is not in the allow-list"),
+    (lambda ds, un: container(ds, "policy")["securityContext"].update(
+        seccompProfile={"type": "Unconfined"}), "policy: seccompProfile must be RuntimeDefault"),
+    (lambda ds, un: container(un, "uninstall", init=True)["securityContext"].update(
+        readOnlyRootFilesystem=False), "uninstall: readOnlyRootFilesystem must be true"),
+    (lambda ds, un: container(un, "done")["securityContext"].pop("allowPrivilegeEscalation"),
+     "done: allowPrivilegeEscalation must be false"),
+    (lambda ds, un: (ds["volumes"].append({"name": "root", "hostPath": {"path": "/"}}),
+                     container(ds, "policy")["volumeMounts"].append(
+                         {"name": "root", "mountPath": "/host"})),
+     "policy: hostPath / at /host is not in the allow-list"),
+    (lambda ds, un: next(m for m in container(ds, "policy")["volumeMounts"]
+                         if m["name"] == "netns").pop("readOnly"),
+     "policy: hostPath /var/run/netns at /var/run/netns is not in the allow-list"),
+    (lambda ds, un: ds.update(hostPID=True), "terway-eniip: hostPID is not in the allow-list"),
+    (lambda ds, un: container(ds, "policy")["securityContext"]["capabilities"]["add"].remove(
+        "SYS_RESOURCE"), "allow-list entry no manifest uses: capability ('policy', 'SYS_RESOURCE')"),
+])
+def test_the_privilege_check_fails_on_what_is_not_allowed(change, words):
+    manifests = {f: docs(f) for f in WORKLOADS.values()}
+    specs = pod_specs(manifests)
+    change(specs["terway-eniip"], specs["fastpath-uninstall"])
+    found = privilege_violations(manifests)
+    assert any(words in v for v in found), found
+
+
+def test_readme_lists_every_privilege_and_why():
+    text = (DEPLOY.parent / "README.md").read_text()
+    section = text[text.index("## Deploy on a cluster"):text.index("### Install\n")]
+    missing = [row for row in privilege_rows() if row not in section]
+    assert missing == [], "\n".join(missing)
+
+
+def test_policy_container_runs_on_the_node_and_rolls_one_node_at_a_time():
     spec = by_kind("DaemonSet", "terway-eniip")["spec"]["template"]["spec"]
-    sc = container(spec, "policy")["securityContext"]
-    assert sc["privileged"] is False
-    assert sc["capabilities"]["drop"] == ["ALL"]
-    assert sorted(sc["capabilities"]["add"]) == ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN",
-                                                  "SYS_RESOURCE"]
     text = (DEPLOY / "daemonset.yaml").read_text()
-    for cap in sc["capabilities"]["add"]:
+    for cap in container(spec, "policy")["securityContext"]["capabilities"]["add"]:
         # each capability is preceded by the comment that justifies it
         assert re.search(r"#[^\n]*\n(\s+#[^\n]*\n)*\s+- " + cap + r"\n", text), cap
     assert spec["hostNetwork"] is True
@@ -207,7 +438,8 @@ def test_commands_are_ones_the_cli_accepts():
     step = container(un, "uninstall", init=True)
     args = parser.parse_args(step["args"][1:])
     assert args.object == "uninstall" and args.host_root == "/host"
-    for path, host_path in (("/host/var/run/fastpath", "/var/run"), ("/sys/fs/bpf/fastpath", "/sys/fs/bpf"),
+    for path, host_path in (("/host/var/run/fastpath", "/var/run/fastpath"),
+                            ("/sys/fs/bpf/fastpath", "/sys/fs/bpf"),
                             ("/host/etc/cni/net.d/x", "/etc/cni/net.d"),
                             ("/host/opt/cni/bin/x", "/opt/cni/bin")):
         assert mounted(step, un, path)["hostPath"]["path"] == host_path, path

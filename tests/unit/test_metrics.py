@@ -93,6 +93,15 @@ def test_policy_counts_appear_only_with_the_agents_policy_status():
     assert (value(s, "fastpath_policies"), value(s, "fastpath_policy_rules"),
             value(s, "fastpath_policy_refused")) == (4, 310, 1)
 
+    # refused policies are named, one series each; pending pods counted
+    agent.policy_status = lambda: {"policies": 4, "rules": 310, "refused": 2,
+                                   "refused_policies": {"x/web": 1, "y/db": 3}, "pending": 2}
+    s = scrape(m)
+    assert value(s, "fastpath_policy_refused") == 2
+    assert value(s, "fastpath_policy_refused_pods", namespace="x", policy="web") == 1
+    assert value(s, "fastpath_policy_refused_pods", namespace="y", policy="db") == 3
+    assert value(s, "fastpath_policy_pending_pods") == 2
+
     def broken():
         raise RuntimeError("policy state being rebuilt")
     agent.policy_status = broken

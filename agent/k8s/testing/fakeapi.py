@@ -16,6 +16,11 @@ client and client-go expect:
   transitions (an object that starts or stops matching is ADDED or DELETED);
 - one cluster-wide resourceVersion counter, as etcd has.
 
+Also a GET of one namespaced object (`/api/v1/namespaces/<ns>/pods/<name>`
+and the like: the object, or a 404 Status), delayed by `get_delay` seconds
+when a test wants a slow API, and POSTed core/v1 Events
+(`/api/v1/namespaces/<ns>/events`), kept in `events`.
+
 Tests drive it: create/update/delete objects, `compact()` history,
 `drop_connections()` (abrupt, mid-stream), `down()`/`up()` (connection
 refused, then back on the same port), `bookmark_now()`.
@@ -117,6 +122,8 @@ class FakeAPIServer:
         self.stats = {"list": 0, "watch": 0, "expired": 0, "bookmarks": 0,
                       "events": 0, "dropped": 0, "refused_while_down": 0}
         self.requests: list[str] = []   # request lines, for tests asserting parameters
+        self.events: list[dict] = []    # Events POSTed by clients
+        self.get_delay = 0.0            # seconds before a single-object GET is answered
 
     # ------------------------------------------------------------- lifecycle
 
@@ -437,6 +444,30 @@ class FakeAPIServer:
         return n
 
 
+def _single_object(path: str) -> Optional[tuple[str, str, str]]:
+    """(kind, namespace, name) of a GET of one namespaced object, else None."""
+    parts = path.strip("/").split("/")
+    try:
+        i = parts.index("namespaces")
+    except ValueError:
+        return None
+    if len(parts) != i + 4:
+        return None
+    plural = "/" + "/".join(parts[:i] + [parts[i + 2]])
+    res = RESOURCES.get(plural)
+    if res is None or not res[2]:
+        return None
+    return res[0], parts[i + 1], parts[i + 3]
+
+
+def _events_path(path: str) -> Optional[str]:
+    """The namespace of a POST of a core/v1 Event, else None."""
+    parts = path.strip("/").split("/")
+    if len(parts) == 5 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "events":
+        return parts[3]
+    return None
+
+
 class _HTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -474,6 +505,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         res = RESOURCES.get(url.path.rstrip("/"))
         if res is None:
+            one = _single_object(url.path)
+            if one is not None:
+                kind, ns, name = one
+                if fake.get_delay:
+                    time.sleep(fake.get_delay)
+                obj = fake.get(kind, ns, name)
+                if obj is None:
+                    self._send(404, json.dumps(_status(
+                        404, "NotFound", f'{kind.lower()}s "{name}" not found')).encode())
+                    return
+                obj = {"kind": kind, "apiVersion": KINDS[kind][1], **obj}
+                self._send(200, json.dumps(obj).encode())
+                return
             self._send(404, json.dumps(_status(404, "NotFound", f"{url.path} not found")).encode())
             return
         kind = res[0]
@@ -510,6 +554,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif url.path == "/fake/drop":
             fake.drop_connections()
             self._send(200, b"{}")
+        elif _events_path(url.path) is not None:
+            if fake._down:
+                self.stats_refused(fake)
+                return
+            ev = json.loads(body)
+            ev.setdefault("metadata", {})["namespace"] = _events_path(url.path)
+            ev["metadata"].setdefault("name", ev["metadata"].get("generateName", "ev.")
+                                      + uuid.uuid4().hex[:8])
+            with fake._cond:
+                fake.events.append(ev)
+            self._send(201, json.dumps(ev).encode())
         else:
             self._send(404, b"{}")
 

@@ -1,0 +1,221 @@
+/* Guards: what every packet must pass before anything else looks at it.
+ *
+ * Anti-spoofing (fp_guard_from_pod, first thing fp_from_pod does). On a
+ * registered pod veth (an entry of FP_MAP_EP_IFINDEX, written before any of
+ * fastpath's programs is attached to the veth), the source must be that
+ * endpoint's own address, in every family:
+ *   IPv4  the endpoint's IPv4 address;
+ *   ARP   the sender's protocol address is the endpoint's IPv4 address, or
+ *         0.0.0.0 (an address probe);
+ *   IPv6  the endpoint's IPv6 address, a link-local address (fe80::/10,
+ *         which no router forwards) or :: (duplicate address detection).
+ * Anything else is dropped as dropped-source-spoofed, so a forged packet
+ * never reaches conntrack, service translation, policy or the node's stack.
+ * Other ethertypes are left to the stack as before (it forwards none of
+ * them from a veth). A veth without a registration keeps pod.c's own
+ * check: an unknown source goes to the stack, another local pod's address
+ * is dropped.
+ *
+ * Anti-spoofing from the VPC (fp_guard_from_vpc, first thing fp_from_vpc
+ * does): an IPv4 packet arriving on an ENI whose source is a pod of this
+ * node is dropped as dropped-source-spoofed: the VPC never delivers a node
+ * its own pods' packets.
+ *
+ * Nothing unjudged (fp_guard_from_pod and fp_guard_to_pod, first thing
+ * fp_to_pod does). NetworkPolicy is judged for IPv4. While a pod is isolated
+ * (default deny in either direction, policy checks on), IPv6 from or to it is
+ * dropped as dropped-ipv6-not-judged, except neighbour discovery (ICMPv6
+ * types 133-137), which its link needs. A direction that is only audited
+ * does not count as isolated: audit never drops.
+ *
+ * These are self-contained on purpose: plain loads (bpf_skb_load_bytes),
+ * map accessors of maps.c, and their own event; a caller only counts the
+ * drop with the reason given back.
+ */
+#ifndef FP_LIB_GUARD_H
+#define FP_LIB_GUARD_H
+
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+
+#ifndef ETH_P_ARP
+#define ETH_P_ARP 0x0806
+#endif
+#ifndef ETH_P_IPV6
+#define ETH_P_IPV6 0x86DD
+#endif
+
+#define FP_ARP_SPA_OFF  (ETH_HLEN + 14)  /* Ethernet/IPv4 ARP: sender protocol address */
+#define FP_IP4_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
+#define FP_IP6_NEXTHDR_OFF (ETH_HLEN + offsetof(struct ipv6hdr, nexthdr))
+#define FP_IP6_SADDR_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
+#define FP_ICMP6_TYPE_OFF (ETH_HLEN + sizeof(struct ipv6hdr))
+#define FP_NEXTHDR_ICMPV6 58
+#define FP_ND_FIRST 133   /* router solicitation */
+#define FP_ND_LAST  137   /* redirect */
+
+static __always_inline void fp_guard_event(struct __sk_buff *skb, enum fp_dir dir,
+					   enum fp_reason reason, __be32 saddr, __be32 daddr,
+					   __u8 proto)
+{
+	/* read before reserving (see fp_policy_event) */
+	__u32 ifindex = skb->ifindex;
+	struct fp_event *ev;
+
+	asm volatile("" : "+r"(ifindex));
+	ev = fp_event_reserve();
+	if (!ev)
+		return;
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->ifindex = ifindex;
+	ev->reason = reason;
+	ev->dir = dir;
+	ev->type = FP_EV_DROP;
+	ev->saddr = saddr;
+	ev->daddr = daddr;
+	ev->proto = proto;
+	fp_event_submit(ev);
+}
+
+/* Whether IPv4 endpoint `ip4` has default deny in either direction while
+ * the datapath's policy checks are on. */
+static __always_inline int fp_guard_isolated(__be32 ip4)
+{
+	struct fp_config *cfg = fp_config_get();
+	struct fp_pol_ep *pe;
+
+	if (!cfg || !(cfg->flags & FP_CFG_F_POLICY))
+		return 0;
+	pe = fp_policy_ep(ip4);
+	if (!pe)
+		return 0;
+	return ((pe->dir[FP_POL_INGRESS].flags | pe->dir[FP_POL_EGRESS].flags)
+		& FP_POL_F_ENFORCED) != 0;
+}
+
+/* Neighbour discovery: ICMPv6 right after the fixed header, types 133-137. */
+static __always_inline int fp_guard_is_nd(struct __sk_buff *skb)
+{
+	__u8 nexthdr, type;
+
+	if (bpf_skb_load_bytes(skb, FP_IP6_NEXTHDR_OFF, &nexthdr, 1) ||
+	    nexthdr != FP_NEXTHDR_ICMPV6)
+		return 0;
+	if (bpf_skb_load_bytes(skb, FP_ICMP6_TYPE_OFF, &type, 1))
+		return 0;
+	return type >= FP_ND_FIRST && type <= FP_ND_LAST;
+}
+
+static __always_inline __be16 fp_guard_ethertype(struct __sk_buff *skb)
+{
+	__be16 proto = 0;
+
+	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)))
+		return 0;
+	return proto;
+}
+
+/* An IPv6 source a registered endpoint may use. */
+static __always_inline int fp_guard_ip6_source_ok(const struct fp_ep_if *self,
+						  const __u32 *saddr)
+{
+	const __u8 *b = (const __u8 *)saddr;
+	const __u32 *own = (const __u32 *)self->ip6;
+
+	if (b[0] == 0xfe && (b[1] & 0xc0) == 0x80)
+		return 1;                       /* link-local */
+	if ((saddr[0] | saddr[1] | saddr[2] | saddr[3]) == 0)
+		return 1;                       /* unspecified (DAD) */
+	return (self->flags & FP_EPIF_F_IP6) && saddr[0] == own[0] && saddr[1] == own[1] &&
+	       saddr[2] == own[2] && saddr[3] == own[3];
+}
+
+/* The first check of fp_from_pod. Returns 0 to carry on, or 1 to drop the
+ * packet with *reason (already reported to the monitor; the caller counts). */
+static __always_inline int fp_guard_from_pod(struct __sk_buff *skb, enum fp_reason *reason)
+{
+	struct fp_ep_if *self = fp_epif_lookup(skb->ifindex);
+	__be16 proto;
+	__be32 ip4;
+
+	if (!self)
+		return 0;
+	ip4 = self->ip4;
+	proto = fp_guard_ethertype(skb);
+	if (proto == bpf_htons(ETH_P_IP)) {
+		__be32 saddr, daddr = 0;
+
+		/* too short to hold a source: fp_parse_ipv4 drops it as invalid */
+		if (bpf_skb_load_bytes(skb, FP_IP4_SADDR_OFF, &saddr, sizeof(saddr)))
+			return 0;
+		if (saddr == ip4)
+			return 0;
+		bpf_skb_load_bytes(skb, FP_IP4_SADDR_OFF + 4, &daddr, sizeof(daddr));
+		*reason = FP_DROP_SPOOFED;
+		fp_guard_event(skb, FP_DIR_FROM_POD, *reason, saddr, daddr, 0);
+		return 1;
+	}
+	if (proto == bpf_htons(ETH_P_ARP)) {
+		__be32 spa;
+
+		if (bpf_skb_load_bytes(skb, FP_ARP_SPA_OFF, &spa, sizeof(spa)))
+			return 0;
+		if (spa == ip4 || spa == 0)
+			return 0;
+		*reason = FP_DROP_SPOOFED;
+		fp_guard_event(skb, FP_DIR_FROM_POD, *reason, spa, 0, 0);
+		return 1;
+	}
+	if (proto == bpf_htons(ETH_P_IPV6)) {
+		__u32 saddr[4];
+
+		if (bpf_skb_load_bytes(skb, FP_IP6_SADDR_OFF, saddr, sizeof(saddr))) {
+			*reason = FP_DROP_INVALID;
+		} else if (!fp_guard_ip6_source_ok(self, saddr)) {
+			*reason = FP_DROP_SPOOFED;
+		} else if (fp_guard_isolated(ip4) && !fp_guard_is_nd(skb)) {
+			*reason = FP_DROP_IPV6_UNJUDGED;
+		} else {
+			return 0;
+		}
+		fp_guard_event(skb, FP_DIR_FROM_POD, *reason, ip4, 0, 0);
+		return 1;
+	}
+	return 0;
+}
+
+/* The first check of fp_to_pod: IPv6 to an isolated pod. */
+static __always_inline int fp_guard_to_pod(struct __sk_buff *skb, enum fp_reason *reason)
+{
+	struct fp_ep_if *self;
+
+	if (fp_guard_ethertype(skb) != bpf_htons(ETH_P_IPV6))
+		return 0;
+	self = fp_epif_lookup(skb->ifindex);
+	if (!self || !fp_guard_isolated(self->ip4) || fp_guard_is_nd(skb))
+		return 0;
+	*reason = FP_DROP_IPV6_UNJUDGED;
+	fp_guard_event(skb, FP_DIR_TO_POD, *reason, 0, self->ip4, 0);
+	return 1;
+}
+
+/* The first check of fp_from_vpc: a local pod's address as source. */
+static __always_inline int fp_guard_from_vpc(struct __sk_buff *skb, enum fp_reason *reason)
+{
+	__be32 saddr, daddr = 0;
+
+	if (fp_guard_ethertype(skb) != bpf_htons(ETH_P_IP))
+		return 0;
+	if (bpf_skb_load_bytes(skb, FP_IP4_SADDR_OFF, &saddr, sizeof(saddr)))
+		return 0;
+	if (!fp_endpoint_lookup(saddr))
+		return 0;
+	bpf_skb_load_bytes(skb, FP_IP4_SADDR_OFF + 4, &daddr, sizeof(daddr));
+	*reason = FP_DROP_SPOOFED;
+	fp_guard_event(skb, FP_DIR_FROM_VPC, *reason, saddr, daddr, 0);
+	return 1;
+}
+
+#endif /* FP_LIB_GUARD_H */

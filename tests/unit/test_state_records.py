@@ -1,0 +1,73 @@
+"""The agent's state records read back defensively (no root needed): an
+endpoint record names the wrong field, a stray entry is refused without
+being followed, opened for long or read whole."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from agent.daemon.agent import MAX_RECORD_BYTES, StrayEntry, _restrict, read_record
+from agent.model.endpoint import Endpoint
+
+GOOD = {"ip": "10.241.1.100", "host_ifname": "cali1", "host_ifindex": 7,
+        "host_mac": "02:00:00:00:00:01", "pod_mac": "02:00:00:00:00:02",
+        "container_id": "c1", "ifname": "eth0", "added_at": 1700000000.5}
+
+
+def test_an_endpoint_record_round_trips_with_its_registration_time():
+    ep = Endpoint.from_json(json.dumps(GOOD))
+    assert ep.added_at == 1700000000.5
+    assert Endpoint.from_json(ep.to_json()) == ep
+    old = {k: v for k, v in GOOD.items() if k != "added_at"}     # an older release's record
+    assert Endpoint.from_json(json.dumps(old)).added_at == 0.0
+    hp = Endpoint.from_json(json.dumps(dict(GOOD, port_mappings=[[8080, 80, "TCP", ""]])))
+    assert hp.port_mappings == ((8080, 80, "TCP", ""),)
+    assert Endpoint.from_json(hp.to_json()) == hp
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"host_ifindex": "7"}, "host_ifindex must be an integer"),
+    ({"host_ifindex": True}, "host_ifindex must be an integer"),
+    ({"ip": ["10.0.0.1"]}, "ip must be a string"),
+    ({"ip": "10.0.0.300"}, "is not an IPv4 address"),
+    ({"added_at": "yesterday"}, "added_at must be a number"),
+    ({"port_mappings": {"8080": 80}}, "port_mappings must be a list of"),
+    ({"port_mappings": [[8080, 80, "TCP"]]}, "port_mappings must be a list of"),
+    ({"port_mappings": [["8080", 80, "TCP", ""]]}, "port_mappings must be a list of"),
+    ({"port_mappings": [[8080, True, "TCP", ""]]}, "port_mappings must be a list of"),
+])
+def test_a_damaged_endpoint_record_names_the_field(change, words):
+    with pytest.raises(ValueError, match=words):
+        Endpoint.from_json(json.dumps(dict(GOOD, **change)))
+    with pytest.raises(ValueError, match="not a JSON object"):
+        Endpoint.from_json("[1]")
+
+
+def test_read_record_refuses_what_cannot_be_a_record(tmp_path):
+    (tmp_path / "ok.json").write_text("{}")
+    assert read_record(tmp_path / "ok.json") == b"{}"
+    (tmp_path / "dir.json").mkdir()
+    os.mkfifo(tmp_path / "fifo.json")             # opened without blocking
+    (tmp_path / "link.json").symlink_to(tmp_path / "ok.json")
+    (tmp_path / "big.json").write_bytes(b" " * (MAX_RECORD_BYTES + 1))
+    for name, words in (("dir.json", "not a regular file"), ("fifo.json", "not a regular file"),
+                        ("link.json", "symbolic link"), ("big.json", "far more than a record")):
+        with pytest.raises(StrayEntry, match=words):
+            read_record(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        read_record(tmp_path / "gone.json")
+
+
+def test_restrict_only_takes_access_away(tmp_path):
+    f = tmp_path / "f"
+    f.write_text("x")
+    for before, after in ((0o644, 0o600), (0o600, 0o600), (0o400, 0o400), (0o000, 0o000),
+                          (0o666, 0o600)):
+        f.chmod(before)
+        changed = _restrict(f, 0o600)
+        assert os.stat(f).st_mode & 0o777 == after
+        assert bool(changed) == (before != after)
+    (tmp_path / "l").symlink_to(f)
+    assert _restrict(tmp_path / "l", 0o600) == []
