@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.daemon.agent import Agent
 from agent.api import wire
 from agent.datapath import libbpf, tc
+from agent.datapath.maps import MAP
 from agent.sim.agent import AgentProcess, _detach_node, private_paths
 from bench.harness import build_fprr
 from fastpath_helpers import forwarded_by_stack, inject_truncated, serve_reply
@@ -82,6 +83,8 @@ while time.monotonic() < end and not os.path.exists(stop):
 res["seconds"] = round(time.monotonic() - t0, 2)
 print(json.dumps(res))
 """
+
+CT_MAP = MAP["FP_MAP_CT"]
 
 
 def echo_servers(pods) -> None:
@@ -346,12 +349,12 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
                 n = sum(1 for r in ct_rows if r.proto == "TCP" and r.direction == direction)
                 assert sample(fams, "fastpath_conntrack_entries", protocol="TCP",
                               direction=direction) == n >= 1
-            assert sample(fams, "fastpath_map_entries", map="fp_ct4_v1") == len(ct_rows)
+            assert sample(fams, "fastpath_map_entries", map=CT_MAP) == len(ct_rows)
             assert sample(fams, "fastpath_agent_restored_services") == 0   # a first start
             # every pinned hash map is listed, the conntrack map included
             from agent.datapath.loader import pinned_map_names
             listed = {s.labels["map"] for s in fams["fastpath_map_entries"].samples}
-            assert {"fp_ep4_v1", "fp_svc4_v2", "fp_be4_v1", "fp_slot4_v1", "fp_ct4_v1",
+            assert {"fp_ep4_v1", MAP["FP_MAP_SERVICES"], "fp_be4_v1", "fp_slot4_v1", CT_MAP,
                     "fp_aff4_v1", "fp_sockrev4_v1", "fp_bypass4_v1"} <= listed <= set(
                         pinned_map_names())
             # what the dashboard and the alert rules query exists, by name
@@ -402,7 +405,6 @@ def pinned_entries(paths, *macros: str) -> list[list[dict]]:
     this process through the pins, the way the CLI reads them: nothing is
     compiled, nothing attached."""
     from agent.datapath import libbpf, pinned
-    from agent.datapath.maps import MAP
     from agent.inspect import decode
     maps = pinned.open_maps(f"{paths.bpffs}/fastpath")
     try:
@@ -495,10 +497,12 @@ def test_flows_to_pods_and_services_survive_kill9_and_an_upgrade_that_resizes_ma
                 # the maps sized by those keys: endpoints (and socket-LB's
                 # per-pod skip map), conntrack (and socket-LB's per-socket map)
                 log = agent[0].log.read_text()
-                moved = set(re.findall(r"pinned (fp_\w+): .*resized", log))
-                assert {"fp_ep4_v1", "fp_ct4_v1", "fp_sockrev4_v1"} <= moved, log[-3000:]
+                # (a pin is set aside as <name>_old while its entries are copied)
+                moved = set(re.findall(r"pinned (fp_\w+?)(?:_old)?: max \d+ \(compiled \d+\): "
+                                       r"(?:resized|migrated)", log))
+                assert {"fp_ep4_v1", CT_MAP, "fp_sockrev4_v1"} <= moved, log[-3000:]
                 assert metric(n1, "fastpath_agent_map_migrations", action="resized") == len(moved)
-                assert metric(n1, "fastpath_map_max_entries", map="fp_ct4_v1") == 300000
+                assert metric(n1, "fastpath_map_max_entries", map=CT_MAP) == 300000
                 time.sleep(2)
                 upgraded = datapath_view(paths, a.ip, SVC_VIP)
                 assert upgraded["endpoints"] == before["endpoints"]
@@ -540,8 +544,8 @@ def test_an_upgrade_to_new_map_layout_versions_keeps_flows_that_need_no_lost_sta
                 before = datapath_view(paths, a.ip, SVC_VIP)
                 assert len(before["flows"]) == 2
                 agent[0].stop()
-                for name in ("fp_ep4", "fp_ct4"):
-                    os.rename(pins / f"{name}_v1", pins / f"{name}_v0")
+                for name in ("fp_ep4_v1", CT_MAP):
+                    os.rename(pins / name, pins / f"{name.rsplit('_v', 1)[0]}_v0")
                 agent[0] = AgentProcess(n1, paths).start()
                 assert metric(n1, "fastpath_agent_map_migrations", action="removed") == 2
                 assert not (pins / "fp_ep4_v0").exists() and not (pins / "fp_ct4_v0").exists()
@@ -851,7 +855,8 @@ def uninstall_scenario(world, cgroup: str) -> None:
             report = json.loads(out.stdout)
             after = node_state(node, paths, cgroup, cni)
             assert after == before
-            assert len(report["filters"]) == 6      # two veths and the ENI, both directions
+            # two veths, the ENI and the primary NIC, both directions
+            assert len(report["filters"]) == 8
             assert len(report["cgroup_programs"]) == 4
             assert f"{paths.bpffs}/fastpath/" in report["pins"]
             assert report["kept"] == []

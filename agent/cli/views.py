@@ -145,7 +145,14 @@ def cmd_service_get(ctx, args) -> int:
 # -- conntrack ---------------------------------------------------------------
 
 def data_ct(ctx, args=None) -> list[dict]:
-    rows = views.ct_rows(ctx.entries(M["ct"]), now_ns())
+    # a flow lives in one tier at a time: the established hash, or the LRU
+    # of new and closing flows (bpf/lib/ct.h)
+    rows, now = [], now_ns()
+    for table in ("ct", "ct_new"):
+        if M.get(table) in ctx.maps():
+            for r in views.ct_rows(ctx.entries(M[table]), now):
+                r["table"] = table
+                rows.append(r)
     if args is not None:
         if getattr(args, "proto", None):
             try:
@@ -189,14 +196,13 @@ def cmd_ct_flush(ctx, args) -> int:
     if not (args.src or args.dst or args.proto or args.port or args.all):
         raise CliExit(EXIT_USAGE, "ct flush without a filter removes every translated flow: "
                                   "give --src/--dst/--proto/--port, or --all")
-    m = ctx.map(M["ct"])
     rows = data_ct(ctx, args)
     deleted = 0
     for r in rows:
         key = decode.encode_key("struct fp_ct4_key", saddr=r["saddr"], daddr=r["daddr"],
                                 sport=r["sport"], dport=r["dport"],
                                 proto=r["proto_num"], dir=r["dir_num"])
-        if m.delete(key):
+        if ctx.map(M[r["table"]]).delete(key):
             deleted += 1
     ctx.emit({"matched": len(rows), "deleted": deleted},
              lambda d: f"deleted {d['deleted']} conntrack entries ({d['matched']} matched)")
