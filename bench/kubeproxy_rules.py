@@ -24,10 +24,21 @@ nftables mode (one table `ip kube-proxy`): one verdict-map lookup on
 Service port has a `service-*` chain choosing an `endpoint-*` chain with
 `numgen random mod n vmap`, which DNATs.
 
-Only what ClusterIP Services with endpoints produce is generated (no
-NodePorts, external IPs, load balancers, affinity, or no-endpoint rejects);
-the base chains and the always-present checks are included because every
-packet or new connection on a kube-proxy node passes them.
+NodePorts (a Service port with `node_port`, externalTrafficPolicy Cluster):
+
+    iptables: KUBE-SERVICES' last rule sends traffic for the node's
+              NodePort addresses (`-d <ip>` each, or `--dst-type LOCAL`
+              without a list) to KUBE-NODEPORTS, one rule per NodePort
+              -> KUBE-EXT-<hash>: masquerade mark, then the Service's
+              KUBE-SVC chain
+    nftables: the `nodeport-ips` set and the `service-nodeports` verdict map
+              (l4proto . port) -> `external-*` chain: masquerade mark,
+              then `goto` the Service's `service-*` chain
+
+Only what Services with endpoints produce is generated (no external IPs,
+load balancers, affinity, or no-endpoint rejects); the base chains and the
+always-present checks are included because every packet or new connection
+on a kube-proxy node passes them.
 """
 from __future__ import annotations
 
@@ -48,6 +59,7 @@ class ServicePort:
     port: int
     endpoints: tuple[tuple[str, int], ...]
     protocol: str = "tcp"
+    node_port: int = 0            # 0: not a NodePort
 
     @property
     def svc_port_name(self) -> str:
@@ -69,12 +81,18 @@ def sep_chain(sp: ServicePort, ip: str, port: int) -> str:
     return "KUBE-SEP-" + _hash(f"{sp.svc_port_name}{sp.protocol}{ip}:{port}", 16)
 
 
+def ext_chain(sp: ServicePort) -> str:
+    return "KUBE-EXT-" + _hash(sp.svc_port_name + sp.protocol, 16)
+
+
 # -- iptables mode -------------------------------------------------------------
 
-def iptables_restore(services: list[ServicePort], cluster_cidr: str) -> str:
+def iptables_restore(services: list[ServicePort], cluster_cidr: str,
+                     nodeport_ips: tuple[str, ...] = ()) -> str:
     """The filter and nat tables kube-proxy's full sync writes, for
     `iptables-restore --noflush`. The jumps from the built-in chains are in
-    `iptables_jumps()` (kube-proxy adds those with separate commands)."""
+    `iptables_jumps()` (kube-proxy adds those with separate commands).
+    nodeport_ips: --nodeport-addresses resolved (empty: every local address)."""
     filt = [
         "*filter",
         ":KUBE-NODEPORTS - [0:0]",
@@ -124,9 +142,20 @@ def iptables_restore(services: list[ServicePort], cluster_cidr: str) -> str:
             rules.append(f"-A {sep} -m comment --comment {name} -s {ip} -j KUBE-MARK-MASQ")
             rules.append(f"-A {sep} -m comment --comment {name} -m {p} -p {p} "
                          f"-j DNAT --to-destination {ip}:{port}")
-    rules.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: '
-                 'this must be the last rule in this chain" -m addrtype --dst-type LOCAL '
-                 "-j KUBE-NODEPORTS")
+        if sp.node_port:
+            ext = ext_chain(sp)
+            heads.append(f":{ext} - [0:0]")
+            rules.append(f'-A KUBE-NODEPORTS -m comment --comment {name} -m {p} -p {p} '
+                         f"--dport {sp.node_port} -j {ext}")
+            rules.append(f'-A {ext} -m comment --comment "masquerade traffic for {name} '
+                         f'external destinations" -j KUBE-MARK-MASQ')
+            rules.append(f"-A {ext} -j {svc}")
+    note = ('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: '
+            'this must be the last rule in this chain"')
+    if nodeport_ips:
+        rules += [f"{note} -d {ip} -j KUBE-NODEPORTS" for ip in nodeport_ips]
+    else:
+        rules.append(f"{note} -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
     return "\n".join(filt + heads + rules + ["COMMIT", ""])
 
 
@@ -240,7 +269,13 @@ def nft_base(service_cidr: str) -> list[str]:
     ]
 
 
-def nft_script(services: list[ServicePort], cluster_cidr: str, service_cidr: str) -> str:
+def _nft_ext(sp: ServicePort) -> str:
+    return (f"external-{_hash(sp.svc_port_name + sp.protocol, 8)}-"
+            f"{sp.namespace}/{sp.name}/{sp.protocol}/{sp.port_name}")
+
+
+def nft_script(services: list[ServicePort], cluster_cidr: str, service_cidr: str,
+               nodeport_ips: tuple[str, ...] = ()) -> str:
     """What kube-proxy's full sync hands `nft -f` for these Service ports."""
     t = f"ip {NFT_TABLE}"
     lines = nft_base(service_cidr)
@@ -261,4 +296,13 @@ def nft_script(services: list[ServicePort], cluster_cidr: str, service_cidr: str
             rules.append(f"add rule {t} {name} meta l4proto {p} dnat to {ip}:{port}")
         elements.append(f"add element {t} cluster-ips {{ {sp.vip} }}")
         elements.append(f"add element {t} service-ips {{ {sp.vip} . {p} . {sp.port} : goto {svc} }}")
+        if sp.node_port:
+            ext = _nft_ext(sp)
+            chains.append(f"add chain {t} {ext}")
+            rules.append(f"add rule {t} {ext} jump mark-for-masquerade")
+            rules.append(f"add rule {t} {ext} goto {svc}")
+            elements.append(f"add element {t} service-nodeports {{ {p} . {sp.node_port} : "
+                            f"goto {ext} }}")
+    if nodeport_ips:
+        elements.append(f"add element {t} nodeport-ips {{ {', '.join(nodeport_ips)} }}")
     return "\n".join(lines + chains + rules + elements) + "\n"

@@ -27,6 +27,7 @@ MODULES = [
     "bench.pod_to_pod",
     "bench.lb_bench",
     "bench.ct_bench",
+    "bench.nodeport_bench",
     "bench.policy_bench",
     "bench.bw_bench",
 ]

@@ -1,67 +1,202 @@
-/* Programs on the node's ENIs (eth1..ethN), tc hooks.
+/* Programs on the node's interfaces to the VPC: the ENIs (eth1..ethN) and
+ * the primary NIC (eth0), tc hooks.
  *
- * fp_from_vpc (tc ingress): IPv4 claiming a local pod's address as its
- * source is dropped as spoofed first (lib/guard.h); IPv4 for a local
- * endpoint passes the pod's ingress policy (when NetworkPolicy is on), gets
- * its VIP back if it is a reply of a translated flow (or an ICMP error about
- * one), and is redirected straight into the pod's netns; a fragment after
- * the first follows its first one. Everything else (the node's own traffic,
- * ARP, ...) goes to the stack unchanged.
- * fp_to_vpc (tc egress) paces what limited pods send (lib/bw.h: an EDT
- * timestamp for fq, or the pod's HTB class) and lets everything through.
+ * fp_from_vpc (tc ingress):
+ *   - IPv4 claiming a local pod's address as its source is dropped as
+ *     spoofed first (lib/guard.h);
+ *   - IPv4 for a local endpoint passes the pod's ingress policy (when
+ *     NetworkPolicy is on), gets its VIP back if it is a reply of a
+ *     translated flow (or an ICMP error about one), and is redirected
+ *     straight into the pod's netns; a fragment after the first follows
+ *     its first one;
+ *   - anything else is for the node: a reply of a flow this node SNATed
+ *     (or an ICMP error about one) gets its client back and is routed to
+ *     it; a new flow to a frontend (NodePort, external or load-balancer IP,
+ *     hostPort, ClusterIP) is translated with this node's view of outside
+ *     traffic (externalTrafficPolicy, Maglev, source ranges; SNAT to the
+ *     node's address for a backend on another node) and sent to a local
+ *     pod or out again by the FIB's device; a frontend without endpoints
+ *     answers ICMP port unreachable out the interface the packet came in
+ *     on; a new flow to a ClusterIP's unknown port is rejected, one to an
+ *     unallocated Service CIDR address dropped;
+ *   - the rest (the node's own traffic, ARP, ...) goes to the stack unchanged.
+ * fp_to_vpc (tc egress): the node's own packets that socket-LB left
+ * untranslated because kube-proxy would drop them (a frontend whose traffic
+ * policy leaves this node nothing, a load-balancer IP the source may not
+ * reach, an unallocated Service address) are dropped here, and counted;
+ * everything else goes through.
+ * fp_to_vpc also paces what limited pods send (lib/bw.h: an EDT timestamp
+ * for fq, or the pod's HTB class).
  */
 #include "lib/fwd.h"
+#include "lib/icmp.h"
 #include "lib/policy.h"
 #include "lib/guard.h"
 #include "lib/bw.h"
 
+struct fp_arrival {
+	__u32 ifindex;         /* HBO: where it arrived */
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+};
+
+static __always_inline int fp_vpc_done(struct __sk_buff *skb, enum fp_reason reason, int verdict,
+				       const struct fp_ipv4 *ip, const struct fp_l4 *l4,
+				       const struct fp_arrival *a, const struct fp_verdict *pv)
+{
+	/* a fresh ctx access: the verifier refuses a ctx field's address the
+	 * compiler would otherwise keep in a register across the walk */
+	barrier_var(skb);
+	fp_count(a->ifindex, FP_DIR_FROM_VPC, reason, skb->len);
+	fp_report(skb, FP_DIR_FROM_VPC, reason, ip, a->sport, l4->dport, a->saddr, a->daddr,
+		  a->dport, pv);
+	if (verdict != TC_ACT_REDIRECT)
+		fp_test_record(0, FP_RD_NONE, 0, reason);
+	return verdict;
+}
+
+/* Deliver a packet that now goes to `ip->daddr`: a local pod (after its
+ * ingress policy), or out again where the FIB says. */
+static __always_inline int fp_vpc_deliver(struct __sk_buff *skb, struct fp_ipv4 *ip,
+					  struct fp_l4 *l4, enum fp_reason *reason,
+					  struct fp_verdict *pv)
+{
+	struct fp_endpoint *dst = fp_endpoint_lookup(ip->daddr);
+
+	barrier_var(skb);
+	if (!dst)
+		return fp_redirect_fib(skb, ip, FP_ANY_DEVICE, 0, reason);
+	if (fp_policy_enabled() &&
+	    fp_policy_judge(skb, FP_DIR_FROM_VPC, ip, l4, 0, pv) < 0) {
+		*reason = FP_DROP_POLICY;
+		return TC_ACT_SHOT;
+	}
+	return fp_redirect_local(skb, ip, dst, reason);
+}
+
+/* A packet for the node itself, not for one of its pods. */
+static __always_inline int fp_from_vpc_node(struct __sk_buff *skb, struct fp_ipv4 *ip,
+					    struct fp_arrival *a)
+{
+	struct fp_verdict pv = {};
+	struct fp_l4 l4 = {};
+	enum fp_reason reason = FP_FWD_STACK;
+	int rc, verdict = FP_TC_CONTINUE, deliver = 0, record = 1;
+
+	fp_parse_l4(skb, ip, &l4);
+	a->sport = l4.sport;
+	a->dport = l4.dport;
+	if (l4.kind == FP_L4_LATER_FRAG) {
+		rc = fp_ct_frag_follow(skb, ip, &l4, &reason);
+		a->sport = l4.sport;
+		a->dport = l4.dport;
+		if (rc > 0)                     /* the node's own datagram */
+			return fp_vpc_done(skb, FP_FWD_STACK, FP_TC_CONTINUE, ip, &l4, a, &pv);
+		record = 0;
+		if (rc < 0) {
+			verdict = TC_ACT_SHOT;
+			goto done;
+		}
+		deliver = 1;
+		goto out;
+	}
+
+	/* the reply of a flow this node SNATed (its destination port is one
+	 * SNAT hands out), or an error about one; nothing else can be */
+	rc = 0;
+	if (l4.kind == FP_L4_ICMP_ERR ||
+	    (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN))
+		rc = fp_ct_reverse(skb, ip, &l4);
+	if (rc < 0) {
+		reason = FP_DROP_CSUM;
+		verdict = TC_ACT_SHOT;
+		goto done;
+	}
+	if (rc > 0) {
+		fp_count(a->ifindex, FP_DIR_FROM_VPC,
+			 l4.kind == FP_L4_ICMP_ERR ? FP_FWD_RELATED : FP_FWD_REVNAT, skb->len);
+		deliver = 1;
+		goto out;
+	}
+
+	rc = fp_ct_service_from(skb, ip, &l4, &reason, 1);
+	if (rc == 0) {
+		fp_count(a->ifindex, FP_DIR_FROM_VPC, FP_FWD_SVC, skb->len);
+		deliver = 1;
+		goto out;
+	}
+	if (rc > 0) {
+		/* no frontend: kube-proxy's checks of the Service CIDRs */
+		reason = fp_svcnet_check(ip, &l4);
+		if (!reason)                    /* the node's own traffic */
+			return fp_vpc_done(skb, FP_FWD_STACK, FP_TC_CONTINUE, ip, &l4, a, &pv);
+	}
+	if (reason == FP_DROP_NO_BACKEND || reason == FP_DROP_SVC_UNKNOWN_PORT) {
+		fp_ct_frag_record(ip, a->saddr, a->daddr, a->sport, a->dport, reason);
+		fp_report(skb, FP_DIR_FROM_VPC, reason, ip, l4.sport, l4.dport, a->saddr,
+			  ip->daddr, l4.dport, NULL);
+		fp_count(a->ifindex, FP_DIR_FROM_VPC, reason, skb->len);
+		barrier_var(skb);
+		return fp_reject_icmp_dev(skb, ip, ICMP_PORT_UNREACH, reason, 0);
+	}
+	verdict = TC_ACT_SHOT;
+	goto done;
+out:
+	if (deliver)
+		verdict = fp_vpc_deliver(skb, ip, &l4, &reason, &pv);
+done:
+	if (record)
+		fp_ct_frag_record(ip, a->saddr, a->daddr, a->sport, a->dport, reason);
+	return fp_vpc_done(skb, reason, verdict, ip, &l4, a, &pv);
+}
+
 static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 {
 	struct fp_ipv4 ip = {};
+	struct fp_arrival a = {};
 	struct fp_endpoint *dst;
 	struct fp_verdict pv = {};
 	struct fp_l4 l4 = {};
 	enum fp_reason reason = FP_FWD_STACK;
 	int verdict = FP_TC_CONTINUE, rc;
-	__be32 arrived = 0, arrived_dst = 0;
-	__be16 sport = 0, dport = 0;
 
 	if (fp_guard_from_vpc(skb, &reason)) {
 		fp_count(skb->ifindex, FP_DIR_FROM_VPC, reason, skb->len);
 		fp_test_record(0, FP_RD_NONE, 0, reason);
 		return TC_ACT_SHOT;
 	}
+	barrier_var(skb);
 
+	a.ifindex = skb->ifindex;
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
 		return FP_TC_CONTINUE;
 	case FP_PARSE_INVALID:
-		reason = FP_DROP_INVALID;
-		verdict = TC_ACT_SHOT;
-		goto out;
+		return fp_vpc_done(skb, FP_DROP_INVALID, TC_ACT_SHOT, &ip, &l4, &a, &pv);
 	}
 
 	/* the redirect may restore a VIP as source: report the arrival */
-	arrived = ip.saddr;
-	arrived_dst = ip.daddr;
+	a.saddr = ip.saddr;
+	a.daddr = ip.daddr;
 	dst = fp_endpoint_lookup(ip.daddr);
 	if (!dst)
-		goto out;
+		return fp_from_vpc_node(skb, &ip, &a);
 	fp_parse_l4(skb, &ip, &l4);
-	sport = l4.sport;
-	dport = l4.dport;
+	a.sport = l4.sport;
+	a.dport = l4.dport;
 	if (l4.kind == FP_L4_LATER_FRAG) {
 		rc = fp_ct_frag_follow(skb, &ip, &l4, &reason);
-		sport = l4.sport;
-		dport = l4.dport;
+		a.sport = l4.sport;
+		a.dport = l4.dport;
 		if (rc < 0 || (rc > 0 && fp_policy_enabled())) {
 			if (rc > 0)
 				reason = FP_DROP_FRAG_NO_FIRST;
-			verdict = TC_ACT_SHOT;
-			goto out;
+			return fp_vpc_done(skb, reason, TC_ACT_SHOT, &ip, &l4, &a, &pv);
 		}
 		verdict = fp_redirect_local(skb, &ip, dst, &reason);
-		goto out;
+		return fp_vpc_done(skb, reason, verdict, &ip, &l4, &a, &pv);
 	}
 	if (fp_policy_enabled() &&
 	    fp_policy_judge(skb, FP_DIR_FROM_VPC, &ip, &l4, 0, &pv) < 0) {
@@ -69,6 +204,10 @@ static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 		verdict = TC_ACT_SHOT;
 		goto done;
 	}
+	/* a new connection straight to the pod may reuse the tuple a flow
+	 * through a NodePort had: that flow's reply entry must not turn this
+	 * one's SYN-ACK into one from the NodePort */
+	fp_ct_forget_reply(&ip, &l4);
 	if (fp_ct_reverse(skb, &ip, &l4) < 0) {
 		reason = FP_DROP_CSUM;
 		verdict = TC_ACT_SHOT;
@@ -76,13 +215,8 @@ static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 	}
 	verdict = fp_redirect_local(skb, &ip, dst, &reason);
 done:
-	fp_ct_frag_record(&ip, arrived, arrived_dst, sport, dport, reason);
-out:
-	fp_count(skb->ifindex, FP_DIR_FROM_VPC, reason, skb->len);
-	fp_report(skb, FP_DIR_FROM_VPC, reason, &ip, sport, dport, arrived, ip.daddr, dport, &pv);
-	if (verdict != TC_ACT_REDIRECT)
-		fp_test_record(0, FP_RD_NONE, 0, reason);
-	return verdict;
+	fp_ct_frag_record(&ip, a.saddr, a.daddr, a.sport, a.dport, reason);
+	return fp_vpc_done(skb, reason, verdict, &ip, &l4, &a, &pv);
 }
 
 int fp_from_vpc(struct __sk_buff *skb)
@@ -94,14 +228,49 @@ int fp_from_vpc(struct __sk_buff *skb)
 	return verdict;
 }
 
+/* The node's own new flows that kube-proxy would drop (see the top). */
+static __always_inline int fp_to_vpc_run(struct __sk_buff *skb)
+{
+	struct fp_ipv4 ip = {};
+	struct fp_l4 l4 = {};
+	struct fp_svc4 *svc;
+	int reason = 0;
+
+	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
+		return FP_TC_CONTINUE;
+	fp_parse_l4(skb, &ip, &l4);
+	if (!l4.opening)
+		return FP_TC_CONTINUE;
+	svc = l4.kind == FP_L4_PORTS ? fp_service_lookup(ip.daddr, l4.dport, ip.proto) : NULL;
+	if (svc) {
+		if (svc->flags & FP_SVC_F_DROP)
+			reason = FP_DROP_NO_LOCAL_BACKEND;
+		else if ((svc->flags & FP_SVC_F_SRC_RANGE) &&
+			 !fp_src_range_ok(svc->svc_id, ip.saddr))
+			reason = FP_DROP_SOURCE_RANGE;
+	} else {
+		reason = fp_svcnet_check(&ip, &l4);
+	}
+	if (!reason)
+		return FP_TC_CONTINUE;
+	fp_count(skb->ifindex, FP_DIR_TO_VPC, reason, skb->len);
+	fp_report(skb, FP_DIR_TO_VPC, reason, &ip, l4.sport, l4.dport, ip.saddr, ip.daddr,
+		  l4.dport, NULL);
+	fp_test_record(0, FP_RD_NONE, 0, reason);
+	return TC_ACT_SHOT;
+}
+
 int fp_to_vpc(struct __sk_buff *skb)
 {
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_to_vpc_run(skb);
 	enum fp_reason reason;
 
 	/* Bandwidth manager (lib/bw.h): pace the pod that sends. */
-	if (fp_bw_to_vpc(skb, &reason) < 0) {
+	if (verdict == FP_TC_CONTINUE && fp_bw_to_vpc(skb, &reason) < 0) {
 		fp_count(skb->ifindex, FP_DIR_TO_VPC, reason, skb->len);
-		return TC_ACT_SHOT;
+		verdict = TC_ACT_SHOT;
 	}
-	return FP_TC_CONTINUE;
+	fp_whatif_exit(prev);
+	return verdict;
 }

@@ -37,6 +37,21 @@ BPF_TABLE_PINNED("hash", struct fp_slot_key, struct fp_slot,
 BPF_TABLE_PINNED("hash", __u32, struct fp_backend4,
 		 FP_MAP_BACKENDS, FP_BE_MAX, FP_PIN(FP_MAP_BACKENDS));
 
+/* Maglev tables, by service id; allocated as frontends ask for one. */
+BPF_TABLE_PINNED("hash", __u32, struct fp_maglev,
+		 FP_MAP_MAGLEV, FP_SVC_MAX, FP_PIN(FP_MAP_MAGLEV), BPF_F_NO_PREALLOC);
+
+/* loadBalancerSourceRanges, by service id and source prefix. */
+BPF_TABLE_PINNED("lpm_trie", struct fp_srcrange4_key, __u8,
+		 FP_MAP_SRC_RANGE, FP_SRC_RANGE_MAX, FP_PIN(FP_MAP_SRC_RANGE), BPF_F_NO_PREALLOC);
+
+/* Service CIDRs and ClusterIPs (FP_SVCNET_F_*), for kube-proxy's reject/drop:
+ * one /32 per Service with a ClusterIP, translated or not (a Service has at
+ * least one frontend, other proxies' Services none), and the CIDRs; twice
+ * the frontends is room for both, and costs nothing until used. */
+BPF_TABLE_PINNED("lpm_trie", struct fp_lpm4_key, __u32,
+		 FP_MAP_SVCNET, 2 * FP_SVC_MAX, FP_PIN(FP_MAP_SVCNET), BPF_F_NO_PREALLOC);
+
 /* Conntrack (see fastpath.h): established translated flows in a hash that
  * nothing evicts, allocated as flows arrive; new and closing ones in an
  * LRU; flows NetworkPolicy admitted in an LRU of their own; fragments. */
@@ -99,6 +114,36 @@ struct FP_MAP_EVENTS_table_t FP_MAP_EVENTS = { .max_entries = FP_EVENTS_BYTES };
  * tc programs set it on entry and restore it on exit (see fp_whatif_enter),
  * and every state-changing accessor below checks it. */
 BPF_PERCPU_ARRAY(fp_whatif_cpu, __u32, 1);
+
+/* A new flow's entries and keys, built in a per-CPU scratch map rather
+ * than on the stack: the programs that translate Services also hold
+ * policy, conntrack's reverse translation and the bandwidth checks in
+ * their 512-byte frame. tc programs do not nest on a CPU. */
+struct fp_ct_work {
+	struct fp_ct4_key fwd;
+	struct fp_ct4_key rev;
+	struct fp_ct4_key old_rev;
+	struct fp_ct4 entry;
+	struct fp_ct4 reply;
+};
+
+BPF_PERCPU_ARRAY(fp_ct_work_cpu, struct fp_ct_work, 1);
+
+static __always_inline struct fp_ct_work *fp_ct_work_scratch(void)
+{
+	__u32 zero = 0;
+
+	return fp_ct_work_cpu.lookup(&zero);
+}
+
+/* Programs reached by tail call (fastpath.h: FP_TAIL_*). */
+BPF_TABLE_PINNED("prog", __u32, __u32, FP_MAP_TAILS, FP_TAIL_MAX, FP_PIN(FP_MAP_TAILS));
+
+/* Returns only when the slot is empty. */
+static __always_inline void fp_tail_jump(struct __sk_buff *skb, __u32 slot)
+{
+	FP_MAP_TAILS.call(skb, slot);
+}
 
 /* Powers of x for the SCTP CRC32c update (constants, see fastpath.h). */
 BPF_TABLE_PINNED("array", __u32, __u32, FP_MAP_CRC32C, FP_CRC32C_POWERS, FP_PIN(FP_MAP_CRC32C));
@@ -414,6 +459,48 @@ static __always_inline int fp_crc32c_power(__u32 idx, __u32 *out)
 		return -1;
 	*out = *v;
 	return 0;
+}
+
+/* ---- node-facing Services ---- */
+
+static __always_inline struct fp_svc4 *fp_service_lookup_scope(__be32 vip, __be16 port,
+								__u8 proto, __u8 scope)
+{
+	struct fp_svc4_key key = { .vip = vip, .port = port, .proto = proto, .scope = scope };
+
+	return FP_MAP_SERVICES.lookup(&key);
+}
+
+/* Whether `saddr` may reach the frontend of `svc_id` (its loadBalancerSourceRanges). */
+static __always_inline int fp_src_range_ok(__u32 svc_id, __be32 saddr)
+{
+	struct fp_srcrange4_key key = {
+		.prefixlen = FP_SRC_RANGE_FIXED_BITS + 32, .svc_id = svc_id, .addr = saddr,
+	};
+
+	return FP_MAP_SRC_RANGE.lookup(&key) != NULL;
+}
+
+/* FP_SVCNET_F_* of the Service address range holding `addr`; -1 when none does. */
+static __always_inline int fp_svcnet_flags(__be32 addr)
+{
+	struct fp_lpm4_key key = { .prefixlen = 32, .addr = addr };
+	__u32 *f = FP_MAP_SVCNET.lookup(&key);
+
+	return f ? (int)*f : -1;
+}
+
+/* Entry `idx` of the Maglev table of `svc_id`: a backend id, 0 if none. */
+static __always_inline __u32 fp_maglev_backend(__u32 svc_id, __u32 idx)
+{
+	struct fp_maglev *t = FP_MAP_MAGLEV.lookup(&svc_id);
+
+	/* the verifier cannot follow a modulo: keep the compiler from
+	 * dropping a bound it thinks the caller's `% FP_MAGLEV_M` implies */
+	asm volatile("" : "+r"(idx));
+	if (!t || idx >= FP_MAGLEV_M)
+		return 0;
+	return t->backend_ids[idx];
 }
 
 static __always_inline struct fp_ep_if *fp_epif_lookup(__u32 ifindex)

@@ -11,7 +11,9 @@
  *     another local pod's address is dropped as spoofed;
  *   - a TCP/UDP/SCTP packet to a service frontend is translated to a
  *     backend (conntrack keeps the flow on it; a mid-stream packet conntrack
- *     does not know is dropped), then forwarded like any other;
+ *     does not know is dropped), then forwarded like any other; a new flow
+ *     to a live ClusterIP's unknown port is rejected, one to an unallocated
+ *     address of the Service CIDRs dropped (kube-proxy's nftables mode);
  *   - a fragment after the first follows its first fragment (lib/ct.h);
  *   - with NetworkPolicy on, a new flow must pass the pod's egress and, when
  *     the destination is a pod of this node, that pod's ingress (lib/policy.h);
@@ -20,7 +22,10 @@
  *   - a destination that is a local endpoint is redirected into its netns;
  *   - anything else leaves by the pod's ENI when the FIB agrees.
  * Replies of translated flows (and ICMP errors about them) get their VIP
- * back on delivery to a local pod (fp_ct_reverse).
+ * back on delivery to a local pod (fp_ct_reverse); a local backend's reply
+ * to a client outside the node (a NodePort, external or load-balancer IP)
+ * gets its frontend back before it is routed, and may then leave by the
+ * node's primary NIC, which owns that address.
  * fp_to_pod (tc egress: packets the stack delivers to the pod) drops IPv6
  * to an isolated pod (lib/guard.h), checks the pod's ingress policy and
  * ingress limits (lib/bw.h), restores the VIP on replies of translated
@@ -43,9 +48,43 @@ struct fp_seen {
 	__be16 dport;
 };
 
+/* fp_from_pod's walk is two programs: fp_from_pod judges (guards, Service
+ * translation, NetworkPolicy) and tail-calls fp_pod_route
+ * (FP_TAIL_FROM_POD_ROUTE), which limits (lib/bw.h), restores replies and
+ * forwards. As one program the verifier's walk of every judged path times
+ * every forwarding path passes its limit of a million instructions; as two
+ * the paths add up. What the first hands the second, in a per-CPU map
+ * (tc programs do not nest on a CPU; a tail call runs on the caller's): */
+struct fp_pod_route {
+	struct fp_ipv4 ip;         /* after translation */
+	struct fp_l4 l4;
+	struct fp_seen seen;
+	struct fp_verdict pv;
+	__u32 eni_ifindex;
+	__u32 reason;
+	__u8 translated;           /* a forward packet just translated (or a later
+				    * fragment): nothing to restore */
+	__u8 hairpin_reply;
+};
+BPF_PERCPU_ARRAY(fp_pod_route_cpu, struct fp_pod_route, 1);
+
+/* Tail-call `slot`; returns only when the slot is empty, which the agent
+ * never leaves it: the packet is dropped and counted rather than let
+ * through half-judged. */
+static __always_inline int fp_tail_call(struct __sk_buff *skb, __u32 slot, enum fp_dir dir)
+{
+	fp_tail_jump(skb, slot);
+	fp_count(skb->ifindex, dir, FP_DROP_NO_TAIL_CALL, skb->len);
+	fp_test_record(0, FP_RD_NONE, 0, FP_DROP_NO_TAIL_CALL);
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int fp_finish(struct __sk_buff *skb, enum fp_dir dir,
 				     enum fp_reason reason, int verdict)
 {
+	/* a fresh ctx access: the verifier refuses a ctx field's address the
+	 * compiler would otherwise keep in a register across the walk */
+	barrier_var(skb);
 	fp_count(skb->ifindex, dir, reason, skb->len);
 	if (verdict != TC_ACT_REDIRECT)
 		fp_test_record(0, FP_RD_NONE, 0, reason);
@@ -75,12 +114,14 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	struct fp_verdict pv = {};
 	struct fp_seen seen = {};
 	struct fp_l4 l4 = {};
-	int hairpin = 0, hairpin_reply, translated = 0, rc;
-	__u32 eni_ifindex;
-	int verdict;
+	int hairpin = 0, hairpin_reply = 0, translated = 0, rc;
+	struct fp_pod_route *h;
+	__u32 eni_ifindex, zero = 0;
 
 	if (fp_guard_from_pod(skb, &reason))
 		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+	/* the guard's ctx reads are not to be reused past here (see fp_finish) */
+	barrier_var(skb);
 
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
@@ -144,6 +185,19 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 			translated = rc == 0;
 		} else {
 			fp_ct_forget_reply(&ip, &l4);
+			reason = fp_svcnet_check(&ip, &l4);
+			if (reason == FP_DROP_SVC_UNKNOWN_PORT) {
+				fp_ct_frag_record(&ip, seen.saddr, seen.daddr, seen.sport, seen.dport,
+						  reason);
+				fp_report(skb, FP_DIR_FROM_POD, reason, &ip, l4.sport, l4.dport,
+					  seen.saddr, ip.daddr, l4.dport, NULL);
+				return fp_finish(skb, FP_DIR_FROM_POD, reason,
+						 fp_reject_icmp(skb, &ip, ICMP_PORT_UNREACH, &reason));
+			}
+			if (reason)
+				return fp_finish_report(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT,
+							&ip, &seen, &l4, NULL);
+			reason = FP_FWD_STACK;
 		}
 	}
 
@@ -154,10 +208,50 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_POLICY, TC_ACT_SHOT, &ip,
 					&seen, &l4, &pv);
 
+route:
+	h = fp_pod_route_cpu.lookup(&zero);
+	if (!h)
+		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT, &ip,
+					&seen, &l4, &pv);
+	h->ip = ip;
+	h->l4 = l4;
+	h->seen = seen;
+	h->pv = pv;
+	h->eni_ifindex = eni_ifindex;
+	h->reason = reason;
+	h->translated = translated;
+	h->hairpin_reply = hairpin_reply;
+	return FP_TAIL_ROUTE;
+}
+
+/* The second half of fp_from_pod (see struct fp_pod_route). */
+static __always_inline int fp_pod_route_run(struct __sk_buff *skb)
+{
+	struct fp_pod_route *h;
+	struct fp_endpoint *dst;
+	struct fp_ipv4 ip;
+	struct fp_l4 l4;
+	struct fp_seen seen;
+	struct fp_verdict pv;
+	enum fp_reason reason;
+	__u32 eni_ifindex, zero = 0;
+	int translated, hairpin_reply, verdict, rc;
+
+	h = fp_pod_route_cpu.lookup(&zero);
+	if (!h)
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT);
+	ip = h->ip;
+	l4 = h->l4;
+	seen = h->seen;
+	pv = h->pv;
+	eni_ifindex = h->eni_ifindex;
+	reason = h->reason;
+	translated = h->translated;
+	hairpin_reply = h->hairpin_reply;
+
 	if (hairpin_reply && fp_ct_reverse(skb, &ip, &l4) < 0)
 		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT, &ip,
 					&seen, &l4, &pv);
-route:
 	/* Bandwidth manager (lib/bw.h): the pod's egress limits, by its own
 	 * address (a hairpinned or restored packet's source is no longer it) */
 	{
@@ -181,7 +275,23 @@ route:
 							TC_ACT_SHOT, &ip, &seen, &l4, &pv);
 			verdict = fp_redirect_local(skb, &ip, dst, &reason);
 		} else {
-			verdict = fp_redirect_vpc(skb, &ip, eni_ifindex, &reason);
+			__u32 also = 0;
+
+			/* a local backend's reply to a client outside the node:
+			 * the frontend (a node or external address) is its source
+			 * again, so the node's routing, not the pod's, decides */
+			if (!translated && !hairpin_reply) {
+				rc = fp_ct_reverse(skb, &ip, &l4);
+				if (rc < 0)
+					return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_CSUM,
+								TC_ACT_SHOT, &ip, &seen, &l4, &pv);
+				if (rc > 0) {
+					struct fp_config *cfg = fp_config_get();
+
+					also = cfg ? cfg->primary_ifindex : 0;
+				}
+			}
+			verdict = fp_redirect_fib(skb, &ip, eni_ifindex, also, &reason);
 		}
 	}
 	return fp_finish_report(skb, FP_DIR_FROM_POD, reason, verdict, &ip, &seen, &l4, &pv);
@@ -191,6 +301,17 @@ int fp_from_pod(struct __sk_buff *skb)
 {
 	__u32 prev = fp_whatif_enter(skb);
 	int verdict = fp_from_pod_run(skb);
+
+	fp_whatif_exit(prev);
+	if (verdict == FP_TAIL_ROUTE)
+		verdict = fp_tail_call(skb, FP_TAIL_FROM_POD_ROUTE, FP_DIR_FROM_POD);
+	return verdict;
+}
+
+int fp_pod_route(struct __sk_buff *skb)
+{
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_pod_route_run(skb);
 
 	fp_whatif_exit(prev);
 	return verdict;
@@ -208,6 +329,8 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 
 	if (fp_guard_to_pod(skb, &reason))
 		return fp_finish(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
+	reason = FP_FWD_PASS;
+	barrier_var(skb);
 
 	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
 		return FP_TC_CONTINUE;

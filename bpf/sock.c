@@ -12,11 +12,36 @@
  * listed in FP_MAP_SOCKLB_SKIP) get that per-packet treatment too.
  * ClientIP affinity here is per network namespace (the socket's source
  * address is not known yet at connect time).
+ *
+ * Refused (connect() or sendmsg() fails with ECONNREFUSED, as the client of
+ * a rejecting kube-proxy rule sees it): a frontend with no endpoint at all,
+ * and an unknown port of a live ClusterIP. Left untranslated, so that the
+ * packet path drops it as kube-proxy would and counts it: a frontend whose
+ * traffic policy leaves this node nothing (FP_SVC_F_DROP), and a
+ * load-balancer frontend the socket's source may not reach (its
+ * loadBalancerSourceRanges; the source is the socket's bound address, or
+ * the node's primary address, which an unbound socket gets on its way out).
  */
 #include <linux/net.h>
 #include "lib/lb.h"
 
 #define FP_SOCK_SKIP 1      /* sock_addr verdict 1 = let the call proceed */
+#define FP_ECONNREFUSED 111
+
+#ifdef FP_HAVE_SET_RETVAL
+/* Linux 5.18+: the errno a cgroup hook's refusal returns to the caller. */
+static long (*fp_bpf_set_retval)(int retval) = (void *)BPF_FUNC_set_retval;
+#endif
+
+/* The verdict that makes connect()/sendmsg() fail with ECONNREFUSED (EPERM
+ * on kernels without bpf_set_retval, where a refusing hook has no choice). */
+static __always_inline int fp_sock_refuse(void)
+{
+#ifdef FP_HAVE_SET_RETVAL
+	fp_bpf_set_retval(-FP_ECONNREFUSED);
+#endif
+	return 0;
+}
 
 static __always_inline int fp_sock_applies(struct bpf_sock_addr *ctx)
 {
@@ -30,11 +55,28 @@ static __always_inline int fp_sock_applies(struct bpf_sock_addr *ctx)
 	return !fp_socklb_skipped(bpf_get_netns_cookie(ctx));
 }
 
+/* The source a socket's packets will carry: its bound address, else the
+ * node's primary address (what routing gives an unbound socket towards an
+ * address outside the node). */
+static __always_inline __be32 fp_sock_source(struct bpf_sock_addr *ctx, int sendmsg)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct fp_config *cfg;
+
+	if (sendmsg && ctx->msg_src_ip4)
+		return ctx->msg_src_ip4;
+	if (sk && sk->src_ip4)
+		return sk->src_ip4;
+	cfg = fp_config_get();
+	return cfg ? cfg->node_ip4 : 0;
+}
+
 /* The core, free of the hook context so it can be reasoned about alone:
- * translate (vip, port, proto) for the socket `cookie` of netns `nscookie`.
- * Returns 1 and fills *addr/*port when translated. */
+ * translate (vip, port, proto) for the socket `cookie` of netns `nscookie`
+ * whose packets would carry source `src`. Returns 1 and fills *addr/*port
+ * when translated, 0 when left alone, -1 when the call must be refused. */
 static __always_inline int fp_sock_translate(__u64 cookie, __u64 nscookie, __u8 proto,
-					     __be32 *addr, __be16 *port)
+					     __be32 src, __be32 *addr, __be16 *port)
 {
 	struct fp_svc4 *svc = fp_service_lookup(*addr, *port, proto);
 	struct fp_sockrev4_key rkey = {};
@@ -42,7 +84,15 @@ static __always_inline int fp_sock_translate(__u64 cookie, __u64 nscookie, __u8 
 	struct fp_backend4 *be;
 	__u32 backend_id = 0;
 
-	if (!svc)
+	if (!svc) {
+		int net = fp_svcnet_flags(*addr);
+
+		/* a live ClusterIP, a port none of its Services has */
+		return net > 0 && (net & FP_SVCNET_F_CLUSTER_IP) ? -1 : 0;
+	}
+	if (svc->flags & FP_SVC_F_DROP)
+		return 0;
+	if ((svc->flags & FP_SVC_F_SRC_RANGE) && !fp_src_range_ok(svc->svc_id, src))
 		return 0;
 	be = fp_lb_pick(svc, (__be32)nscookie, &backend_id, bpf_ktime_get_ns());
 	if (!be)
@@ -58,7 +108,7 @@ static __always_inline int fp_sock_translate(__u64 cookie, __u64 nscookie, __u8 
 	return 1;
 }
 
-static __always_inline int fp_sock_forward(struct bpf_sock_addr *ctx, __u8 proto)
+static __always_inline int fp_sock_forward(struct bpf_sock_addr *ctx, __u8 proto, int sendmsg)
 {
 	__be32 addr = ctx->user_ip4;
 	__be16 port = (__be16)ctx->user_port;
@@ -67,9 +117,9 @@ static __always_inline int fp_sock_forward(struct bpf_sock_addr *ctx, __u8 proto
 	if (!fp_sock_applies(ctx))
 		return FP_SOCK_SKIP;
 	rc = fp_sock_translate(bpf_get_socket_cookie(ctx), bpf_get_netns_cookie(ctx), proto,
-			       &addr, &port);
+			       fp_sock_source(ctx, sendmsg), &addr, &port);
 	if (rc < 0)
-		return 0;            /* no backend: the call fails (ECONNREFUSED/EPERM) */
+		return fp_sock_refuse();
 	if (rc > 0) {
 		ctx->user_ip4 = addr;
 		ctx->user_port = port;
@@ -99,14 +149,14 @@ int fp_sock_conn4(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
 		return FP_SOCK_SKIP;
-	return fp_sock_forward(ctx, ctx->protocol);
+	return fp_sock_forward(ctx, ctx->protocol, 0);
 }
 
 int fp_sock_send4(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol != IPPROTO_UDP)
 		return FP_SOCK_SKIP;
-	return fp_sock_forward(ctx, IPPROTO_UDP);
+	return fp_sock_forward(ctx, IPPROTO_UDP, 1);
 }
 
 int fp_sock_recv4(struct bpf_sock_addr *ctx)

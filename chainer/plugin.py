@@ -46,10 +46,12 @@ E_POD_INTERFACE = 101    # the pod's interface / host veth could not be discover
 E_ENI_UNRESOLVED = 102   # no ENI for the pod's IP in the node's policy routing
 E_DATAPATH = 103         # attaching programs or writing maps failed
 E_CHECK_FAILED = 104     # CHECK found the datapath not as ADD left it
+E_HOSTPORT = 105         # a hostPort is taken (by a Service or another pod) or does not fit
 
 AGENT_CODES = {"discovery": E_POD_INTERFACE, "eni-unresolved": E_ENI_UNRESOLVED,
                "datapath": E_DATAPATH, "check-failed": E_CHECK_FAILED,
-               "not-found": E_CHECK_FAILED,
+               "not-found": E_CHECK_FAILED, "hostport-refused": E_HOSTPORT,
+               "invalid-port-mappings": E_INVALID_CONFIG,
                # the agent checks what it is handed, whoever calls it: an
                # environment this plugin passed on unchanged
                "invalid-netns": E_INVALID_ENV, "invalid-argument": E_INVALID_ENV}
@@ -250,7 +252,8 @@ class Conf:
     """Our conflist entry, validated."""
 
     __slots__ = ("cni_version", "name", "prev_result", "valid_attachments",
-                 "agent_socket", "state_dir", "log_file", "log_level", "timeout", "require_eni")
+                 "agent_socket", "state_dir", "log_file", "log_level", "timeout", "require_eni",
+                 "port_mappings")
 
     def __init__(self) -> None:
         self.cni_version = "1.0.0"
@@ -263,6 +266,9 @@ class Conf:
         self.log_level = DEFAULTS["log_level"]
         self.timeout = float(DEFAULTS["timeout_seconds"])
         self.require_eni = DEFAULTS["require_eni"]
+        # runtimeConfig.portMappings (the portMappings capability): the
+        # pod's hostPorts, passed on to the agent, which validates them
+        self.port_mappings = None
 
 
 def _suggest(key: str) -> str:
@@ -351,6 +357,15 @@ def parse_config(data: bytes, command: str) -> Conf:
     if not isinstance(require_eni, bool):
         raise CniError(E_INVALID_CONFIG, f"require_eni must be true or false, not {require_eni!r}")
     conf.require_eni = require_eni
+
+    runtime = raw.get("runtimeConfig")
+    if runtime is not None and not isinstance(runtime, dict):
+        raise CniError(E_DECODE, f"runtimeConfig must be a JSON object, not {_json_type(runtime)}")
+    mappings = (runtime or {}).get("portMappings")
+    if mappings is not None and not isinstance(mappings, list):
+        raise CniError(E_INVALID_CONFIG, f"runtimeConfig.portMappings must be a list, not "
+                       f"{_json_type(mappings)}")
+    conf.port_mappings = mappings or None
 
     prev = raw.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
@@ -669,6 +684,8 @@ def cmd_add(conf: Conf, env: Env, log: Log) -> dict:
     params = {"netns": env.netns, "ifname": env.ifname, "container_id": env.container_id,
               "pod_namespace": env.pod_namespace, "pod_name": env.pod_name,
               "require_eni": conf.require_eni}
+    if conf.port_mappings:
+        params["port_mappings"] = conf.port_mappings
     t0 = time.monotonic()
     try:
         ep = agent_call(conf, "EndpointAdd", params, wait=conf.timeout)
@@ -682,7 +699,9 @@ def cmd_add(conf: Conf, env: Env, log: Log) -> dict:
     ep = ep if isinstance(ep, dict) else {}
     timing = ep.get("timing_ms") or {}
     log.write("info", f"endpoint {ep.get('ip')} veth={ep.get('host_ifname')} "
-                      f"eni={ep.get('eni') or '-'} pod={env.pod_namespace}/{env.pod_name}")
+                      f"eni={ep.get('eni') or '-'} pod={env.pod_namespace}/{env.pod_name}"
+                      + (f" hostPorts={','.join(ep.get('host_ports') or [])}"
+                         if ep.get("host_ports") else ""))
     if log.enabled("debug"):
         log.write("debug", "timing " + dumps(
             {"t_launch": START[0], "t_main": START[1], "rpc_ms": round(rpc_ms, 3),

@@ -401,6 +401,57 @@ def test_trace_from_the_vpc_runs_the_enis_program_and_agrees_with_real_traffic(n
     assert via["redirect"] == to_d["redirect"]
 
 
+SCTP_SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {{name: sig, namespace: shop}}
+spec:
+  clusterIP: 192.168.99.11
+  ports: [{{name: sig, port: 2905, targetPort: 2906, protocol: SCTP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: sig-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: sig}}
+addressType: IPv4
+ports: [{{name: sig, port: 2906, protocol: SCTP}}]
+endpoints:
+  - addresses: ["{b}"]
+    conditions: {{ready: true}}
+    nodeName: n1
+"""
+
+
+def test_trace_builds_an_sctp_init_and_shows_its_translation(n1):
+    # this kernel has no SCTP module: the trace (an INIT through the live
+    # programs) is how an SCTP frontend is checked here
+    path = Path(n1.paths.manifests, "sig.yaml")
+    path.write_text(SCTP_SERVICE.format(b=n1.b.ip))
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(r["proto"] == "SCTP" for r in n1.cli_json("service", "list")):
+                break
+            time.sleep(0.3)
+        t = n1.cli_json("trace", "--from", "default/a", "--to", "192.168.99.11:2905",
+                        "--proto", "sctp")
+        assert t["to"]["proto"] == "SCTP" and t["service"]["service"] == "shop/sig"
+        assert (t["service"]["nat_daddr"], t["service"]["nat_dport"]) == (n1.b.ip, 2906)
+        # b's NetworkPolicy admits TCP 8080 from a, nothing else: the trace
+        # shows the SCTP association denied by it, as a real INIT would be
+        assert t["dropped"] and t["reason"] == "dropped-policy-denied", t
+        # a port the ClusterIP does not have: no translation
+        other = n1.cli_json("trace", "--from", "default/a", "--to", "192.168.99.11:2907",
+                            "--proto", "sctp")
+        assert other["service"] is None
+        assert n1.cli("trace", "--from", "a", "--to", f"{VIP}:80", "--proto", "icmp",
+                      check=False).returncode == 2
+    finally:
+        path.unlink()
+
+
 def test_agent_down_maps_still_read_and_exit_codes_say_so(n1, tmp_path):
     bt = tmp_path / "bt.tar.gz"
     assert n1.cli_json("bugtool", "-o", str(bt))["archive"] == str(bt)

@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.daemon.agent import Agent
 from agent.api import wire
 from agent.datapath import libbpf, tc
+from agent.datapath.maps import MAP
 from agent.sim.agent import AgentProcess, _detach_node, private_paths
 from bench.harness import build_fprr
 from fastpath_helpers import forwarded_by_stack, inject_truncated, serve_reply
@@ -82,6 +83,8 @@ while time.monotonic() < end and not os.path.exists(stop):
 res["seconds"] = round(time.monotonic() - t0, 2)
 print(json.dumps(res))
 """
+
+CT_MAP = MAP["FP_MAP_CT"]
 
 
 def echo_servers(pods) -> None:
@@ -346,8 +349,10 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
                 n = sum(1 for r in ct_rows if r.proto == "TCP" and r.direction == direction)
                 assert sample(fams, "fastpath_conntrack_entries", protocol="TCP",
                               direction=direction) == n >= 1
-            assert sum(sample(fams, "fastpath_map_entries", map=m) for m in (
-                "fp_ct4_v2", "fp_ctnew4_v1", "fp_ctpol4_v1")) == len(ct_rows)
+            # a flow is in one tier at a time (a finished one in the LRU);
+            # flows NetworkPolicy admitted have their own map
+            assert sum(sample(fams, "fastpath_map_entries", map=MAP[m]) for m in (
+                "FP_MAP_CT", "FP_MAP_CT_NEW", "FP_MAP_CT_POLICY")) == len(ct_rows)
             # the datapath's conntrack events: one flow created, then established
             assert sample(fams, "fastpath_conntrack_events", "_total", event="created") >= 1
             assert sample(fams, "fastpath_conntrack_events", "_total", event="promoted") >= 1
@@ -355,9 +360,9 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
             # every pinned hash map is listed, the conntrack map included
             from agent.datapath.loader import pinned_map_names
             listed = {s.labels["map"] for s in fams["fastpath_map_entries"].samples}
-            assert {"fp_ep4_v1", "fp_svc4_v1", "fp_be4_v1", "fp_slot4_v1", "fp_ct4_v2",
-                    "fp_ctnew4_v1", "fp_ctpol4_v1", "fp_frag4_v1", "fp_aff4_v1",
-                    "fp_sockrev4_v1", "fp_bypass4_v1"} <= listed <= set(
+            assert {"fp_ep4_v1", MAP["FP_MAP_SERVICES"], "fp_be4_v1", "fp_slot4_v1", CT_MAP,
+                    MAP["FP_MAP_CT_NEW"], MAP["FP_MAP_CT_POLICY"], MAP["FP_MAP_FRAG"],
+                    "fp_aff4_v1", "fp_sockrev4_v1", "fp_bypass4_v1"} <= listed <= set(
                         pinned_map_names())
             # what the dashboard and the alert rules query exists, by name
             missing = names_used_in_deploy() - exposed_names(fams)
@@ -377,7 +382,8 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
             assert code == 200 and "ok api" in text and "ok agent-lock" in text, text
             code, text = http(f"http://{addr['health']}/readyz")
             assert code == 200, text
-            assert "ok programs-attached: 3 devices" in text and "ok maps-writable" in text
+            # two veths, the ENI and the primary NIC
+            assert "ok programs-attached: 4 devices" in text and "ok maps-writable" in text
             assert http(f"http://{addr['health']}/nothing")[0] == 404
 
             # someone removes fastpath's filters from b's veth: not ready,
@@ -407,7 +413,6 @@ def pinned_entries(paths, *macros: str) -> list[list[dict]]:
     this process through the pins, the way the CLI reads them: nothing is
     compiled, nothing attached."""
     from agent.datapath import libbpf, pinned
-    from agent.datapath.maps import MAP
     from agent.inspect import decode
     maps = pinned.open_maps(f"{paths.bpffs}/fastpath")
     try:
@@ -500,11 +505,12 @@ def test_flows_to_pods_and_services_survive_kill9_and_an_upgrade_that_resizes_ma
                 # the maps sized by those keys: endpoints (and socket-LB's
                 # per-pod skip map), conntrack (and socket-LB's per-socket map)
                 log = agent[0].log.read_text()
-                moved = set(re.findall(r"pinned (fp_\w+?)_old\d*: max \d+ \(compiled \d+\): "
-                                       r"migrated \d+ entries", log))
-                assert {"fp_ep4_v1", "fp_ct4_v2", "fp_sockrev4_v1"} <= moved, log[-3000:]
+                # (a pin is set aside as <name>_old while its entries are copied)
+                moved = set(re.findall(r"pinned (fp_\w+?)(?:_old)?: max \d+ \(compiled \d+\): "
+                                       r"(?:resized|migrated)", log))
+                assert {"fp_ep4_v1", CT_MAP, "fp_sockrev4_v1"} <= moved, log[-3000:]
                 assert metric(n1, "fastpath_agent_map_migrations", action="resized") == len(moved)
-                assert metric(n1, "fastpath_map_max_entries", map="fp_ct4_v2") == 300000
+                assert metric(n1, "fastpath_map_max_entries", map=CT_MAP) == 300000
                 time.sleep(2)
                 upgraded = datapath_view(paths, a.ip, SVC_VIP)
                 assert upgraded["endpoints"] == before["endpoints"]
@@ -545,15 +551,19 @@ def test_pins_of_older_map_versions_are_carried_over_field_by_field(world):
                 before = datapath_view(paths, a.ip, SVC_VIP)
                 assert len(before["flows"]) == 2
                 agent[0].stop()
-                for old, older in (("fp_ep4_v1", "fp_ep4_v0"), ("fp_ct4_v2", "fp_ct4_v1")):
-                    os.rename(pins / old, pins / older)
+                for name in ("fp_ep4_v1", CT_MAP):
+                    os.rename(pins / name, pins / f"{name.rsplit('_v', 1)[0]}_v0")
                 agent[0] = AgentProcess(n1, paths).start()
                 assert metric(n1, "fastpath_agent_map_migrations", action="migrated") == 2
-                assert not (pins / "fp_ep4_v0").exists() and not (pins / "fp_ct4_v1").exists()
+                assert not (pins / "fp_ep4_v0").exists() and not (pins / "fp_ct4_v0").exists()
+                log = agent[0].log.read_text()
+                assert re.search(r"pinned fp_ct4_v0: superseded by .*: migrated \d+ entries", log)
+                assert re.search(r"pinned fp_ep4_v0: superseded by .*: migrated 2 entries", log)
                 assert metric(n1, "fastpath_agent_restored_conntrack_entries") >= 4
                 time.sleep(2)
                 after = datapath_view(paths, a.ip, SVC_VIP)
                 assert after["endpoints"] == before["endpoints"]
+                # the Service flows keep their conntrack entries, on the only backend
                 assert after["flows"] == before["flows"]
                 running = load.running()
                 results = load.results()
@@ -949,7 +959,8 @@ def uninstall_scenario(world, cgroup: str) -> None:
             report = json.loads(out.stdout)
             after = node_state(node, paths, cgroup, cni)
             assert after == before
-            assert len(report["filters"]) == 6      # two veths and the ENI, both directions
+            # two veths, the ENI and the primary NIC, both directions
+            assert len(report["filters"]) == 8
             assert len(report["cgroup_programs"]) == 4
             assert f"{paths.bpffs}/fastpath/" in report["pins"]
             assert report["kept"] == []

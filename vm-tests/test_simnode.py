@@ -109,6 +109,23 @@ def test_nodes_reach_each_other_on_the_node_vswitch(world):
     assert tcp_exchange(n1, n2, n2.ip) == ("ping", "pong")
 
 
+def test_an_external_client_reaches_nodes_and_pods_through_the_vpc(world):
+    #   client ── vpc ══ eth0 n1 (10.240.0.11)
+    #                ╚══ eth1 n1 ── pod a
+    n1 = world.add_node("n1", enis=1)
+    a = n1.add_pod("a")
+    c = world.add_client("ext")
+    assert c.ip == plan.client_ip(1) and c.netns == plan.client_ns(world.tag, "ext")
+    assert tcp_exchange(c, n1, n1.ip) == ("ping", "pong")
+    assert tcp_exchange(c, a, a.ip) == ("ping", "pong")
+    assert tcp_exchange(a, c, c.ip) == ("ping", "pong")
+    # an address the vpc routes to the node (an external or load-balancer
+    # IP) arrives on the node's eth0
+    n1.iproute("addr", "add", "203.0.113.7/32", "dev", "lo")
+    world.route_to_node("203.0.113.7", n1)
+    assert tcp_exchange(c, n1, "203.0.113.7", port=7002) == ("ping", "pong")
+
+
 def test_direct_pair_is_one_veth_with_nothing_in_between(world):
     pair = world.add_direct_pair()
     pair.a.ping(pair.b.ip)

@@ -185,7 +185,15 @@ class AgentInspect:
         st["services"] = ({"plans": svc.plans, "errors": svc.errors,
                            "applied_version": svc.applied_version,
                            "last_plan_ops": svc.last_plan_ops,
-                           "frontends": len(svc.table.desired) if svc.table else 0}
+                           "frontends": len(svc.table.desired) if svc.table else 0,
+                           **svc.status(),
+                           "nodeport_addresses": list(svc.addresses.nodeport),
+                           "host_ports": {f"{o[0]}/{o[1]}": [str(m) for m in ms]
+                                          for o, (_, ms) in svc.host_ports().items()},
+                           "health_check_node_ports": (
+                               {f"{ip}:{port}": f"{k[0]}/{k[1]}" for (ip, port), k
+                                in a.healthchecks.ports().items()}
+                               if getattr(a, "healthchecks", None) else {})}
                           if svc is not None else None)
         if a.store is not None:
             st["source"]["store_version"] = a.store.snapshot().version
@@ -206,12 +214,20 @@ class AgentInspect:
         if svc is None or svc.table is None:
             return []
         out = []
-        for fe, st in list(svc.table.desired.items()):
+        desired = dict(svc.table.desired)
+        for fe in svc.hostports.frontends():
+            st = svc.hostports.combine(fe, desired.get(fe))
+            if st is not None:
+                desired[fe] = st
+        for fe, st in list(desired.items()):
             out.append({
                 "vip": fe.ip, "port": fe.port, "proto": fe.protocol,
+                "scope": "external" if fe.scope else "internal",
                 "service": f"{st.service[0]}/{st.service[1]}", "port_name": st.port_name,
                 "kind": st.kind, "topology": st.topology, "local_only": st.local_only,
-                "reject": st.reject, "affinity_timeout": st.affinity_timeout,
+                "reject": st.reject, "drop": st.drop, "maglev": st.maglev,
+                "source_ranges": list(st.source_ranges),
+                "affinity_timeout": st.affinity_timeout,
                 "backends": [{"ip": b.ip, "port": b.port, "proto": b.protocol,
                               "state": "terminating" if b.terminating else "ready",
                               "node": b.node_name, "zone": b.zone} for b in st.backends],

@@ -283,7 +283,8 @@ def register_inspection(sub) -> None:
     tr.add_argument("--from", required=True, help="source: a pod of this node (IP, "
                     "namespace/pod, pod) or any IPv4 address (arriving from the VPC)")
     tr.add_argument("--to", required=True, help="destination IP:PORT")
-    tr.add_argument("--proto", default="tcp", help="tcp (a SYN, default) or udp")
+    tr.add_argument("--proto", default="tcp",
+                    help="tcp (a SYN, default), udp, or sctp (an INIT)")
     tr.add_argument("--sport", type=int, default=43210, help="source port (default 43210)")
     tr.add_argument("--via", help="for a source outside this node: the ENI the packet arrives "
                     "on (default: the destination pod's ENI)")

@@ -28,14 +28,24 @@ NOT_RECORDED = 0xFFFFFFFF
 
 def build_packet(src_ip: str, src_mac: str, gw_mac: str, dst_ip: str, dport: int,
                  proto: str, sport: int = 43210) -> bytes:
+    """The first packet of a flow: a TCP SYN, a UDP datagram, or an SCTP
+    INIT (an association's first chunk, verification tag 0, CRC32c set), so
+    the programs treat it as opening a flow."""
     try:
         from scapy.layers.inet import IP, TCP, UDP
         from scapy.layers.l2 import Ether
+        from scapy.layers.sctp import SCTP, SCTPChunkInit
     except ImportError as exc:
         raise CliExit(EXIT_FAIL, f"fastpath trace builds packets with scapy, which is not "
                                  f"importable ({exc}): pip install scapy") from None
-    l4 = TCP(sport=sport, dport=dport, flags="S") if proto == "tcp" else \
-        UDP(sport=sport, dport=dport) / b"fastpath-trace"
+    if proto == "tcp":
+        l4 = TCP(sport=sport, dport=dport, flags="S")
+    elif proto == "udp":
+        l4 = UDP(sport=sport, dport=dport) / b"fastpath-trace"
+    else:
+        l4 = SCTP(sport=sport, dport=dport, tag=0) / SCTPChunkInit(
+            init_tag=0x66707472, a_rwnd=65535, n_out_streams=10, n_in_streams=10,
+            init_tsn=1)
     return bytes(Ether(src=src_mac, dst=gw_mac) / IP(src=src_ip, dst=dst_ip, ttl=64) / l4)
 
 
@@ -137,8 +147,8 @@ def cmd_trace(ctx, args) -> int:
     M = bpfobj.aliases()
     dst, dport = parse_target(args.to)
     proto = args.proto.lower()
-    if proto not in ("tcp", "udp"):
-        raise CliExit(EXIT_USAGE, f"--proto {args.proto!r}: tcp or udp")
+    if proto not in ("tcp", "udp", "sctp"):
+        raise CliExit(EXIT_USAGE, f"--proto {args.proto!r}: tcp, udp or sctp")
     src = _origin(ctx, getattr(args, "from"), dst, args.via)
     att = _ingress_prog(src["ifname"], src["prog"])
     dmap = ctx.map(M["decision"])

@@ -109,6 +109,7 @@ def data_services(ctx) -> list[dict]:
 SERVICE_COLS = ["frontend", ("service", lambda r: (r["service"] + (":" + r["port_name"]
                                                                     if r["port_name"] else ""))
                              or "-"),
+                ("kind", lambda r: r.get("kind") or "-"),
                 ("id", "svc_id"), ("affinity", lambda r: r["affinity"] if r["affinity"] == "None"
                                    else f"{r['affinity']}({r['affinity_timeout']}s)"),
                 ("traffic", "traffic_policy"), ("backends", views.backends_text)]
@@ -134,7 +135,10 @@ def cmd_service_get(ctx, args) -> int:
                        f"{':' + r['port_name'] if r['port_name'] else ''}  id {r['svc_id']}  "
                        f"affinity {r['affinity']}"
                        f"{' ' + str(r['affinity_timeout']) + 's' if r['affinity'] != 'None' else ''}"
-                       f"  traffic {r['traffic_policy']}{'  REJECT' if r['reject'] else ''}")
+                       f"  traffic {r['traffic_policy']}{'  REJECT' if r['reject'] else ''}"
+                       f"{'  DROP' if r.get('drop') else ''}{'  maglev' if r.get('maglev') else ''}"
+                       + (f"  from {', '.join(r['source_ranges'])}" if r.get("source_ranges")
+                          else ""))
             out.append(tbl.table(r["backends"], ["slot", ("backend_id", "backend_id"), "ip",
                                                  "port", "state", "node", "zone"]))
             out.append("")

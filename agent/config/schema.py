@@ -64,9 +64,9 @@ def parse_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-# Shared reason of the Service keys' `pending`, removed with the feature.
-_NO_LB = "not built yet: the datapath translates ClusterIP frontends only (per packet and at the socket)"
-_ALWAYS_ON = "always honoured by the service compiler; turning it off is not supported yet"
+# Maglev table sizes offered (agent/lb/maglev.py): primes, so each backend's
+# preference list visits every entry; the largest below 2^16.
+MAGLEV_TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,10 @@ KEYS: tuple[Key, ...] = (
     Key("host_stack_cidrs", tuple, ("169.254.20.10/32",),
         "destinations always handed to the host stack (node-local DNS)"),
     Key("service_cidrs", tuple, (),
-        "Service VIP ranges handed to the host stack (kube-proxy's) while fastpath does not translate them"),
+        "the cluster's Service CIDRs: a new flow to an address in them that no Service holds is "
+        "dropped, one to a ClusterIP's unknown port rejected (kube-proxy's nftables mode); "
+        "addresses fastpath does not translate (kube_proxy_replacement false, another proxy's "
+        "Services) are handed to the host stack"),
     Key("eni_pattern", str, "eth*", "glob of ENI device names (the primary device is excluded)"),
     Key("primary_device", str, "eth0", "the node's primary NIC, never an ENI"),
     Key("pod_device_pattern", str, "cali*", "glob of host-side pod veth names",
@@ -148,14 +151,26 @@ KEYS: tuple[Key, ...] = (
     Key("socket_lb", bool, True, "translate Services at connect()/sendmsg() (cgroup hooks)"),
     Key("socket_lb_hostns_only", bool, True,
         "socket-LB for the node's own sockets only; pods get per-packet translation at tc"),
-    Key("node_port", bool, True, "serve NodePort Services", pending=_NO_LB),
-    Key("host_port", bool, True, "serve pods' hostPort mappings", pending=_NO_LB),
-    Key("external_ips", bool, True, "serve Services' externalIPs", pending=_NO_LB),
-    Key("session_affinity", bool, True, "honour sessionAffinity: ClientIP", pending=_ALWAYS_ON),
-    Key("service_topology", bool, True, "honour topology-aware routing hints of EndpointSlices",
-        pending=_ALWAYS_ON),
+    Key("node_port", bool, True, "serve NodePort Services"),
+    Key("nodeport_addresses", tuple, (),
+        "CIDRs selecting the node addresses NodePorts (and healthCheckNodePorts) answer on, "
+        "like kube-proxy's --nodeport-addresses (empty: the node's primary address)"),
+    Key("host_port", bool, True, "serve pods' hostPort mappings (the conflist's portMappings "
+        "capability, passed on by fastpath-cni)"),
+    Key("external_ips", bool, True, "serve Services' externalIPs"),
+    Key("session_affinity", bool, True, "honour sessionAffinity: ClientIP"),
+    Key("service_topology", bool, True, "honour topology-aware routing hints of EndpointSlices"),
     Key("in_cluster_lb", bool, True, "load-balance LoadBalancer Service IPs inside the cluster "
-        "instead of sending them to the cloud load balancer", pending=_NO_LB),
+        "(pods and the node reach them in eBPF) instead of sending them to the cloud load "
+        "balancer; traffic arriving from outside is translated either way"),
+    Key("lb_external_algorithm", str, "random", "how a new flow from outside the node picks "
+        "a backend: random, or maglev (the same backend on every node for a flow)",
+        choices=("random", "maglev")),
+    Key("maglev_table_size", int, 1021, "entries of each Maglev table (keep it over 100 times "
+        "the largest backend count)", choices=MAGLEV_TABLE_SIZES,
+        why="Maglev's permutations need a prime table size"),
+    Key("source_ranges_map_size", int, 16384, "max loadBalancerSourceRanges prefixes over "
+        "all load-balancer frontends", minimum=16, maximum=1 << 22),
     Key("bandwidth_manager", bool, True, "per-pod limits from pod annotations: egress and "
         "ingress bandwidth (kubernetes.io/*-bandwidth), packet rate and connections "
         "(fastpath.io/*); see docs/bandwidth.md"),

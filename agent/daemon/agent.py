@@ -73,6 +73,7 @@ class Agent:
         self.source = None
         self.source_error = ""
         self.services = None
+        self.healthchecks = None
         self.policy = None
         self.events = None       # Kubernetes Events about policies (agent/k8s/events.py)
         self.socklb_optout = None
@@ -139,20 +140,33 @@ class Agent:
 
     def _start_services(self) -> None:
         """Service translation: the maps follow cluster state (per packet,
-        for pods); socket-LB on the configured cgroup (for host sockets, or
-        all sockets when not host-namespace-only)."""
+        for pods and traffic from outside; at the socket for host sockets,
+        or all sockets when not host-namespace-only), local pods' hostPorts
+        with them; healthCheckNodePorts answered."""
         if not self.config.kube_proxy_replacement:
             return
         if self.source is not None:
+            from agent.daemon.hcserver import HealthCheckServer
             from agent.daemon.services import ServiceSync
             import socket as _socket
-            node = self.config.node_name or _socket.gethostname()
-            self.services = ServiceSync(self.datapath.lb, self.store, self.source, node,
-                                        metrics=self.metrics)
+            cfg = self.config
+            node = cfg.node_name or _socket.gethostname()
+            self.healthchecks = HealthCheckServer(
+                lambda: self.services.addresses.nodeport if self.services else (),
+                netns=self.netns,
+                healthy_fn=lambda: self.services is not None and self.services.healthy())
+            self.services = ServiceSync(
+                self.datapath.lb, self.store, self.source, node, metrics=self.metrics,
+                options=lb_options(cfg), addresses_fn=self._node_addresses,
+                capacities=lb_capacities(cfg),
+                service_cidrs=cfg.service_cidrs, reconciler_kw=reconciler_options(cfg),
+                health=self.healthchecks)
+            self.services.on_addresses = self._write_node_addresses
             if self.config.socket_lb:
                 from agent.daemon.services import UdpSocketReaper
                 self.services.on_backends_lost = UdpSocketReaper(
                     self.datapath.lb, self._socket_netns).reap
+            self._restore_host_ports()
             self.services.start()
         from agent.daemon.conntrack_gc import ConntrackGC
         self.conntrack_gc = ConntrackGC(
@@ -169,6 +183,44 @@ class Agent:
             log.info("socket-LB on cgroup %s (%s): %s", path,
                      "host netns only" if self.config.socket_lb_hostns_only else "all sockets",
                      ", ".join(p.name for p in progs))
+
+    def _restore_host_ports(self) -> None:
+        """Restored endpoints' hostPorts, for the first full plan."""
+        from agent.daemon.services import HostPortRefused
+        from agent.lb.hostport import PortMapping
+        for ep in sorted(self.endpoints.values(), key=lambda e: e.owner):
+            if not ep.port_mappings:
+                continue
+            try:
+                self.services.set_host_ports(ep.owner, ep.ip,
+                                             [PortMapping(*m) for m in ep.port_mappings])
+            except HostPortRefused as exc:
+                log.error("restored hostPorts of %s/%s not programmed: %s", *ep.owner, exc)
+
+    def _write_node_addresses(self, addrs) -> None:
+        """The primary address and NIC, for the programs: the source of
+        SNATed Service traffic and of the node's unbound sockets."""
+        links = {name: idx for idx, name in self._links_by_index().items()}
+        self.datapath.settings.set_node(addrs.primary[0] if addrs.primary else "",
+                                        links.get(self.config.primary_device, 0))
+
+    def _links_by_index(self) -> dict[int, str]:
+        from agent.datapath.netlink import link_names
+        return link_names(self.netns)
+
+    def _node_addresses(self):
+        """This node's addresses for NodePorts and hostPorts (agent.lb.nodeaddr)."""
+        from agent.datapath.netlink import interface_addresses
+        from agent.lb.nodeaddr import node_addresses
+        by_dev = interface_addresses(self.netns)
+        everything = [ip for ips in by_dev.values() for ip in ips]
+        primary_dev = by_dev.get(self.config.primary_device, [])
+        node_ips: list[str] = []
+        if self.store is not None and self.services is not None:
+            node = self.store.snapshot().nodes.get(("", self.services.node_name))
+            if node is not None:
+                node_ips = [a.address for a in node.addresses if a.type == "InternalIP"]
+        return node_addresses(self.config.nodeport_addresses, everything, node_ips, primary_dev)
 
     def _start_policy(self) -> None:
         """NetworkPolicy: the policy maps follow cluster state; with
@@ -313,6 +365,8 @@ class Agent:
             self.conntrack_gc.stop()
         if self.services is not None:
             self.services.stop()
+        if self.healthchecks is not None:
+            self.healthchecks.stop()
         if self.socklb_optout is not None:
             self.socklb_optout.stop()
         if self.source is not None:
@@ -336,7 +390,9 @@ class Agent:
     def _worker_threads(self) -> list[threading.Thread]:
         out = []
         for w in (self.policy, self.conntrack_gc, self.services, self.socklb_optout,
-                  self.bandwidth, getattr(self.services, "purger", None)):
+                  self.bandwidth, getattr(self.services, "purger", None),
+                  getattr(self.services, "affinity_purger", None),
+                  self.healthchecks):
             t = getattr(w, "_thread", None) if w is not None else None
             if isinstance(t, threading.Thread):
                 out.append(t)
@@ -487,9 +543,10 @@ class Agent:
     @cni_observed("ADD")
     def rpc_EndpointAdd(self, netns: str, ifname: str = "eth0", container_id: str = "",
                         pod_namespace: str = "", pod_name: str = "",
-                        require_eni: bool = False) -> dict:
-        """Discover, attach, write the map entry; return once all are in place.
-        Idempotent for one container id + ifname (a CNI ADD retry)."""
+                        require_eni: bool = False, port_mappings=None) -> dict:
+        """Discover, attach, write the map entry and the pod's hostPorts;
+        return once all are in place. Idempotent for one container id +
+        ifname (a CNI ADD retry). Nothing is left behind when it fails."""
         t0 = time.monotonic()
         _check_identity(container_id, ifname, empty_id=True)
         for name, value in (("netns", netns), ("pod_namespace", pod_namespace),
@@ -499,6 +556,23 @@ class Agent:
                                f"{type(value).__name__}")
         if not isinstance(require_eni, bool):
             raise ApiError("invalid-argument", "require_eni must be true or false")
+        from agent.lb.hostport import PortMappingError, parse_port_mappings
+        try:
+            mappings, notes = parse_port_mappings(port_mappings)
+        except PortMappingError as exc:
+            raise ApiError("invalid-port-mappings",
+                           f"pod {pod_namespace}/{pod_name}: {exc}") from None
+        for n in notes:
+            log.warning("pod %s/%s: %s", pod_namespace, pod_name, n)
+        if mappings and not self.config.host_port:
+            log.info("pod %s/%s: hostPorts %s not served (host_port: false)", pod_namespace,
+                     pod_name, ", ".join(map(str, mappings)))
+            mappings = ()
+        if mappings and self.services is None:
+            raise ApiError("hostport-refused",
+                           f"pod {pod_namespace}/{pod_name} asks for hostPorts, but Service "
+                           "translation is off on this node (kube_proxy_replacement, or no "
+                           "cluster state)")
         try:
             ep = discover(netns, ifname, self.netns, container_id=container_id,
                           pod_namespace=pod_namespace, pod_name=pod_name)
@@ -515,6 +589,9 @@ class Agent:
                            f"no ENI found for pod IP {ep.ip}: the node needs a policy-routing rule "
                            f"`from {ep.ip} lookup <table>` whose table has a default route through "
                            f"an ENI (Terway adds both); see `ip rule` and `ip route show table all`")
+        if mappings:
+            ep = dataclasses.replace(ep, port_mappings=tuple(
+                (m.host_port, m.container_port, m.protocol, m.host_ip) for m in mappings))
         # the pod's NetworkPolicy before its programs and its entry: the
         # first packet anyone sends it is judged as its policies say
         policy = self._admit_policy(ep, fetched, t0)
@@ -529,6 +606,18 @@ class Agent:
                 self.datapath.add_endpoint(ep)
             except DatapathError as exc:
                 raise ApiError("datapath", str(exc)) from None
+            if mappings or self._owns_host_ports(ep.owner):
+                from agent.daemon.services import HostPortRefused
+                try:
+                    self.services.set_host_ports(ep.owner, ep.ip, mappings)
+                except HostPortRefused as exc:
+                    self._forget(ep)
+                    raise ApiError("hostport-refused",
+                                   f"pod {pod_namespace}/{pod_name}: {exc}") from None
+                except Exception as exc:
+                    self._forget(ep)
+                    raise ApiError("datapath", f"hostPorts of pod {pod_namespace}/"
+                                               f"{pod_name}: {exc}") from None
             self.endpoints[ep.key] = ep
             self._persist(ep)
             # an ADD supersedes a deletion of the same attachment still queued
@@ -539,6 +628,7 @@ class Agent:
         log.info("endpoint added: %s %s/%s ip=%s veth=%s eni=%s policy=%s (labels: %s)", ep.key,
                  pod_namespace, pod_name, ep.ip, ep.host_ifname, ep.eni_name or "-", policy, how)
         view = endpoint_view(ep)
+        view["host_ports"] = [f"{h or '*'}:{hp}/{p}->{cp}" for hp, cp, p, h in ep.port_mappings]
         view["policy"] = policy
         view["timing_ms"] = {"discover": round((t1 - t0) * 1e3, 3),
                              "identity": round((t_identity - t1) * 1e3, 3),
@@ -603,8 +693,17 @@ class Agent:
         from agent.datapath.netlink import link_name
         return link_name(ep.host_ifindex, self.netns) == ep.host_ifname
 
+    def _owns_host_ports(self, owner) -> bool:
+        return self.services is not None and owner in self.services.host_ports()
+
     def _forget(self, ep: Endpoint, detach: bool = True) -> None:
         self.endpoints.pop(ep.key, None)
+        if ep.port_mappings and self.services is not None and not any(
+                o.owner == ep.owner and o.port_mappings for o in self.endpoints.values()):
+            try:
+                self.services.remove_host_ports(ep.owner)
+            except Exception as exc:     # the retry of the service sync cleans up
+                log.warning("hostPorts of %s/%s not removed yet: %s", *ep.owner, exc)
         # map entry first (nobody is redirected to it any more), then filters;
         # either may since belong to a newer attachment, which keeps them
         if not any(o.ip == ep.ip for o in self.endpoints.values()):
@@ -728,6 +827,32 @@ class Agent:
         """The configuration in force and where each value came from."""
         from agent.config import describe
         return {"keys": describe(self.config), "notes": list(self.config.notes)}
+
+
+def lb_options(cfg: Config):
+    """What the configuration says about Services, for agent.lb.compile
+    (the node's NodePort addresses are filled in by the service sync)."""
+    from agent.lb.compile import LbOptions
+    return LbOptions(node_port=cfg.node_port, external_ips=cfg.external_ips,
+                     in_cluster_lb=cfg.in_cluster_lb, session_affinity=cfg.session_affinity,
+                     topology=cfg.service_topology,
+                     maglev=cfg.lb_external_algorithm == "maglev")
+
+
+def lb_capacities(cfg: Config):
+    from agent.lb.capacity import Capacities
+    return Capacities(services=cfg.services_map_size, slots=cfg.slots_map_size,
+                      backends=cfg.backends_map_size, maglev=cfg.services_map_size,
+                      ranges=cfg.source_ranges_map_size)
+
+
+def reconciler_options(cfg: Config) -> dict:
+    """Released ids wait longer than anything that names them can live: the
+    longest ClientIP affinity the API allows, and the conntrack lifetimes."""
+    from agent.lb.reconcile import ID_QUARANTINE_SECONDS
+    return {"quarantine": max(ID_QUARANTINE_SECONDS, cfg.conntrack_tcp_idle_timeout + 3600,
+                              cfg.conntrack_idle_timeout + 3600),
+            "maglev_size": cfg.maglev_table_size}
 
 
 def _check_identity(container_id, ifname, empty_id: bool = False) -> None:

@@ -142,7 +142,20 @@ class DatapathCollector:
                 "fastpath_service_backends", "Distinct backends (IP, port, protocol) programmed "
                 "in the service maps.")
             n_be.add_metric([], len(svc.reconciler.backend_ids))
-            yield from (n_svc, n_be)
+            refused = GaugeMetricFamily(
+                "fastpath_services_refused", "Services (and pods' hostPort sets) refused "
+                "because they would overflow a service map; the maps keep what they had.")
+            refused.add_metric([], len(svc.refused))
+            conflicts = GaugeMetricFamily(
+                "fastpath_hostport_conflicts", "Pods' hostPorts a Service or another pod "
+                "holds (the Service, or the first pod by name, keeps the port).")
+            conflicts.add_metric([], len(svc.conflicts))
+            failing = GaugeMetricFamily(
+                "fastpath_service_sync_failing", "1 while a failed service-map write waits "
+                "for its retry (the maps hold what was written; healthCheckNodePorts answer "
+                "503), else 0.")
+            failing.add_metric([], 1.0 if svc.retry_at is not None else 0.0)
+            yield from (n_svc, n_be, refused, conflicts, failing)
         status = getattr(self.agent, "policy_status", None)
         if callable(status):
             try:

@@ -6,7 +6,22 @@ maps. The first plan waits for the source's initial sync: an agent that
 restarts with an empty store must not withdraw every Service it is still
 serving. After that, each change set recompiles only the Services it
 touches (agent.lb.table), and bursts are coalesced into one plan; a change
-of this node's zone label rebuilds everything (topology hints depend on it).
+of this node's zone label or of its addresses (NodePorts and hostPorts
+answer on them) rebuilds everything.
+
+Besides Services, the maps carry local pods' hostPorts (agent.lb.hostport),
+set and removed by CNI ADD and DEL through `set_host_ports`, which returns
+only once the mapping is in the maps (or says why it cannot be).
+
+A plan is transactional. Before it is written, agent.lb.capacity admits
+what fits, refusing whole Services (by name) that would overflow a map; if a
+write still fails (a kernel error, a map filled behind the agent's back),
+the reconciler is rebuilt from what the maps really hold (nothing is
+believed written that is not) and the whole desired state is planned again
+after a backoff (0.5 s doubling to 30 s), until it goes through. Each plan
+ends the (service, backend) pairs and service ids it retired; their ClientIP
+affinity entries are purged off the plan's path (AffinityPurger), so an
+affinity client is never sent to a backend its Service no longer has.
 """
 from __future__ import annotations
 
@@ -14,9 +29,16 @@ import logging
 import threading
 import time
 
-from agent.lb.compile import Backend, Frontend
-from agent.lb.reconcile import (DeleteBackend, DeleteService, DeleteSlots, PutBackend,
-                                PutService, PutSlots, Reconciler, ServiceEntry)
+from agent.k8s.model import Key
+from agent.lb.capacity import Capacities, Refusal, admit
+from agent.lb.compile import DEFAULT_OPTIONS, Backend, Frontend, FrontendState, LbOptions
+from agent.lb.hostport import Conflict, HostPorts, PortMapping, frontends_of
+from agent.lb.nodeaddr import NodeAddresses
+from agent.lb.reconcile import (DeleteBackend, DeleteMaglev, DeleteRanges, DeleteService,
+                                DeleteSlots, PutBackend, PutMaglev, PutRanges, PutService,
+                                PutSlots, Reconciler, ServiceEntry)
+from agent.lb.svcnet import entries as svcnet_entries
+from agent.lb.svcnet import entry_of as svcnet_entry
 from agent.lb.table import ServiceTable
 from agent.daemon.worker import Worker, settle_gc
 
@@ -34,12 +56,20 @@ def apply_op(lb, op) -> int:
     elif isinstance(op, PutService):
         fe = op.frontend
         lb.put_service(fe.ip, fe.port, fe.protocol, op.service_id, op.count, op.flags,
-                       op.affinity_timeout)
+                       op.affinity_timeout, fe.scope)
     elif isinstance(op, DeleteService):
         fe = op.frontend
-        lb.delete_service(fe.ip, fe.port, fe.protocol)
+        lb.delete_service(fe.ip, fe.port, fe.protocol, fe.scope)
     elif isinstance(op, DeleteSlots):
         lb.delete_slots(op.service_id, op.from_slot, op.to_slot)
+    elif isinstance(op, PutMaglev):
+        lb.put_maglev(op.service_id, op.table)
+    elif isinstance(op, DeleteMaglev):
+        lb.delete_maglev(op.service_id)
+    elif isinstance(op, PutRanges):
+        lb.put_ranges(op.service_id, op.cidrs)
+    elif isinstance(op, DeleteRanges):
+        lb.delete_ranges(op.service_id, op.cidrs)
     elif isinstance(op, DeleteBackend):
         lb.delete_backend(op.backend_id)
         # its datagram flows must not linger (UDP would keep hitting a dead
@@ -58,7 +88,8 @@ def apply_ops(lb, ops) -> list[int]:
     """A plan's operations in order, runs of one kind of write as one
     batched map update (the kernel applies a batch's entries in order, so
     the plan's order holds entry by entry). Returns the removed backends'
-    ids (their conntrack entries are for the purger)."""
+    ids (their conntrack entries are for the purger). Raises on the first
+    write that fails: what came before it is in the maps, nothing after."""
     removed: list[int] = []
     i = 0
     while i < len(ops):
@@ -89,38 +120,161 @@ def _apply_batch(lb, run) -> None:
         lb.put_slot_runs([(o.service_id, o.slots, o.first) for o in run])
     else:
         lb.put_services([(o.frontend.ip, o.frontend.port, o.frontend.protocol, o.service_id,
-                          o.count, o.flags, o.affinity_timeout) for o in run])
+                          o.count, o.flags, o.affinity_timeout, o.frontend.scope)
+                         for o in run])
 
 
-def restore_reconciler(lb) -> Reconciler:
+class _Purger:
+    """Runs `fn(items)` for items handed in by `add`, right after the plan
+    that produced them, off the plan's path; items that arrive together
+    share one pass; a failed pass keeps them for another a moment later."""
+
+    name = "purge"
+
+    def __init__(self, settle: float = 0.02):
+        self.settle = settle
+        self.passes = 0
+        self._pending: set = set()
+        self._cond = threading.Condition()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def _purge(self, items: set) -> None:
+        raise NotImplementedError
+
+    def add(self, items) -> None:
+        items = set(items)
+        if not items:
+            return
+        with self._cond:
+            self._pending |= items
+            self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Until every item added so far has been purged."""
+        return self._idle.wait(timeout)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._stopped)
+                if self._stopped and not self._pending:
+                    return
+            time.sleep(self.settle)           # let the rest of a burst arrive
+            with self._cond:
+                items, self._pending = self._pending, set()
+            try:
+                self._purge(items)
+                self.passes += 1
+            except Exception:      # keep them for another pass a moment later
+                log.exception("%s failed", self.name)
+                with self._cond:
+                    self._pending |= items
+                time.sleep(1)
+                continue
+            with self._cond:
+                if not self._pending:
+                    self._idle.set()
+
+
+class AffinityPurger(_Purger):
+    """Deletes ClientIP affinity entries that name what a plan ended: a
+    released service id, a deleted backend, or a backend its frontend no
+    longer has (the backend may live on for another Service, so the
+    datapath's "does the backend still exist" check alone would keep the
+    client on it). Items: ("svc", id), ("backend", id), ("pair", sid, bid)."""
+
+    name = "affinity-purge"
+
+    def __init__(self, lb, settle: float = 0.02):
+        super().__init__(settle)
+        self.lb = lb
+        self.purged = 0
+
+    def _purge(self, items: set) -> None:
+        sids = {i[1] for i in items if i[0] == "svc"}
+        bids = {i[1] for i in items if i[0] == "backend"}
+        pairs = {(i[1], i[2]) for i in items if i[0] == "pair"}
+        n = self.lb.affinity_purge(sids, bids, pairs)
+        self.purged += n
+        if n:
+            log.info("affinity: %d entries of retired services and backends deleted", n)
+
+
+def restore_reconciler(lb, **kw) -> Reconciler:
     """A reconciler owning what the pinned maps already hold."""
-    services = {Frontend(s["vip"], s["port"], s["proto"]):
+    services = {Frontend(s["vip"], s["port"], s["proto"], s.get("scope", 0)):
                 ServiceEntry(s["svc_id"], s["count"], s["affinity_timeout"], s["flags"])
                 for s in lb.services()}
     backends = {bid: Backend(ip, port, proto) for bid, (ip, port, proto) in lb.backends().items()}
-    return Reconciler.restore(services, lb.all_slots(), backends, lb.draining_backends())
+    named_sids, named_bids = lb.named_ids()
+    return Reconciler.restore(services, lb.all_slots(), backends, lb.draining_backends(),
+                              maglev=lb.maglev_tables(), ranges=lb.ranges(),
+                              named_service_ids=named_sids, named_backend_ids=named_bids, **kw)
 
 
 class ServiceSync(Worker):
+    RETRY_FIRST = 0.5
+    RETRY_MAX = 30.0
+    ADDRESS_POLL = 5.0
+
     def __init__(self, lb, store, source, node_name: str, *, settle: float = 0.05,
-                 metrics=None):
+                 metrics=None, options: LbOptions = DEFAULT_OPTIONS, addresses_fn=None,
+                 capacities: Capacities | None = None, service_cidrs=(),
+                 reconciler_kw: dict | None = None, health=None):
         self.lb = lb
         self.metrics = metrics          # agent.metrics.AgentMetrics, or None
         self.store = store
         self.source = source
         self.node_name = node_name
         self.settle = settle
-        self.reconciler = restore_reconciler(lb)
+        self.base_options = options
+        # () -> NodeAddresses; None: no NodePort address known (tests)
+        self.addresses_fn = addresses_fn
+        self.addresses = NodeAddresses()
+        # called with the new NodeAddresses whenever they change (the agent
+        # writes the primary address into the datapath's settings)
+        self.on_addresses = None
+        self.capacities = capacities
+        self.service_cidrs = tuple(service_cidrs)
+        self.reconciler_kw = dict(reconciler_kw or {})
+        self.health = health            # agent.daemon.hcserver.HealthCheckServer, or None
+        self._lock = threading.RLock()  # the loop and CNI ADD/DEL (hostPorts) both plan
+        self.reconciler = restore_reconciler(lb, **self.reconciler_kw)
         self.table: ServiceTable | None = None     # None: rebuild on the next change
+        self.hostports = HostPorts()
+        self._pods: dict[Key, tuple[str, tuple[PortMapping, ...]]] = {}
+        self.refused: dict[Key, Refusal] = {}
+        self.conflicts: list[Conflict] = []
         self.applied_version = -1
         self.last_plan_ops = 0
         self.plans = 0
         self.errors = 0
+        self.failures = 0               # consecutive failed writes
+        self.last_error = ""
+        self.retry_at: float | None = None
+        self._retry_wait = self.RETRY_FIRST
+        self._next_poll = 0.0
+        self.synced = threading.Event()  # the first full plan went through
         # called with {Frontend: {(ip, port)}} of UDP frontends that lost
         # backends, after the plan is written (see UdpSocketReaper)
         self.on_backends_lost = None
         from agent.daemon.conntrack_gc import ConntrackPurger
         self.purger = ConntrackPurger(lb.ct, metrics)
+        self.affinity_purger = AffinityPurger(lb)
         Worker.__init__(self, "service-sync")
 
     def start(self) -> "ServiceSync":
@@ -130,10 +284,51 @@ class ServiceSync(Worker):
     def stop(self, timeout: float = 5.0) -> None:
         super().stop(timeout)
         self.purger.stop()
+        self.affinity_purger.stop()
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def options(self) -> LbOptions:
+        import dataclasses
+        return dataclasses.replace(self.base_options, nodeport_ips=self.addresses.nodeport)
+
+    def healthy(self) -> bool:
+        """What kube-proxy's health checks call the proxy's health: the
+        maps have been synced once and no failed write is pending."""
+        return self.synced.is_set() and self.retry_at is None
+
+    def status(self) -> dict:
+        return {"plans": self.plans, "errors": self.errors, "failing": self.retry_at is not None,
+                "last_error": self.last_error,
+                "refused": [str(r) for r in self.refused.values()],
+                "hostport_conflicts": [str(c) for c in self.conflicts]}
 
     def _zone(self, snap) -> str:
         node = snap.nodes.get(("", self.node_name))
         return node.zone if node is not None else ""
+
+    def _read_addresses(self) -> bool:
+        """Re-read the node's addresses; True when they changed."""
+        if self.addresses_fn is None:
+            return False
+        try:
+            addrs = self.addresses_fn()
+        except Exception as exc:
+            log.warning("node addresses unreadable, keeping %s: %s", self.addresses, exc)
+            return False
+        if addrs == self.addresses:
+            return False
+        log.info("node addresses: primary %s, NodePorts on %s, hostPorts on %s",
+                 ", ".join(addrs.primary) or "(none)", ", ".join(addrs.nodeport) or "(none)",
+                 ", ".join(addrs.local) or "(none)")
+        self.addresses = addrs
+        if self.on_addresses is not None:
+            try:
+                self.on_addresses(addrs)
+            except Exception:
+                log.exception("node addresses not written to the datapath")
+        return True
 
     def _udp_backends(self, fe) -> set[tuple[str, int]]:
         """Where a UDP frontend's flows may be: its backends, and the
@@ -142,13 +337,47 @@ class ServiceSync(Worker):
         return {rec.backend_ids.key_of(b)[:2] for b in (*rec.slots(fe), *rec.draining(fe))
                 if b > 0}
 
+    def _desired(self, fe: Frontend):
+        svc = self.table.desired.get(fe) if self.table is not None else None
+        return self.hostports.combine(fe, svc)
+
+    def _owned_by(self, owner: Key) -> set[Frontend]:
+        out = set(self.hostports.by_owner.get(owner, ()))
+        if self.table is not None:
+            out |= set(self.table._by_service.get(owner, ()))
+        return out
+
+    # ------------------------------------------------------------ plans
+
     def _apply(self, updates, version: int) -> int:
+        """Plan and write `updates` (frontend -> combined state or None).
+        Raises if a write fails (the caller restores and retries)."""
+        # Refused owners are asked again every time: room may have been freed.
+        for owner in list(self.refused):
+            for fe in self._owned_by(owner):
+                updates.setdefault(fe, self._desired(fe))
+        if self.capacities is not None:
+            updates, refused = admit(self.reconciler, updates, self.capacities)
+        else:
+            refused = []
+        now_refused = {r.owner: r for r in refused}
+        for owner, r in now_refused.items():
+            if owner not in self.refused:
+                log.error("services: %s; the maps keep what they had for it", r)
+        for owner in set(self.refused) - set(now_refused):
+            log.info("services: %s/%s fits again and is programmed", *owner)
+        self.refused = now_refused
         udp = [fe for fe in updates if fe.protocol == "UDP"] if self.on_backends_lost else []
         before = {fe: self._udp_backends(fe) for fe in udp}
         ops = self.reconciler.plan_changes(updates)
         removed = apply_ops(self.lb, ops)
+        rec = self.reconciler
         if removed:
             self.purger.add(removed)
+        retired = ({("svc", s) for s in rec.released_service_ids}
+                   | {("backend", b) for b in removed}
+                   | {("pair", s, b) for s, b in rec.ended_pairs})
+        self.affinity_purger.add(retired)
         lost = {fe: gone for fe in udp if (gone := before[fe] - self._udp_backends(fe))}
         if lost:
             try:
@@ -164,43 +393,185 @@ class ServiceSync(Worker):
                      len(updates), len(ops), version)
         return len(ops)
 
+    def _after_plan(self) -> None:
+        if self.table is None:
+            return
+        conflicts = self.hostports.conflicts(self.table.desired)
+        for c in set(map(str, conflicts)) - set(map(str, self.conflicts)):
+            log.warning("hostPort conflict: %s", c)
+        self.conflicts = conflicts
+        if self.health is not None:
+            try:
+                self.health.sync(self.table.health_checks)
+            except Exception:
+                log.exception("health-check node ports not updated")
+
+    def _svcnet_full(self) -> None:
+        self.lb.svcnet_set(svcnet_entries(self.table.cluster_ips, self.service_cidrs))
+
+    def _svcnet_changes(self) -> None:
+        for ip in self.table.changed_cluster_ips:
+            if ip in self.table.cluster_ips:
+                prefix, flags = svcnet_entry(ip, self.table.cluster_ips[ip])
+                self.lb.svcnet_put(prefix, flags)
+            else:
+                self.lb.svcnet_delete(f"{ip}/32")
+
     def sync_once(self) -> int:
-        """Full rebuild from the current snapshot (start, zone change)."""
-        snap = self.store.snapshot()
-        self.table = ServiceTable(self.node_name, self._zone(snap))
-        updates = self.table.rebuild(snap)
-        # frontends the maps hold that the cluster no longer has
-        for fe in self.reconciler.frontends():
-            if fe not in self.table.desired:
-                updates.setdefault(fe, None)
-        return self._apply(updates, snap.version)
+        """Full rebuild from the current snapshot (start, zone or address
+        change, retry after a failed write)."""
+        with self._lock:
+            self._read_addresses()
+            snap = self.store.snapshot()
+            self.table = ServiceTable(self.node_name, self._zone(snap), options=self.options)
+            self.table.rebuild(snap)
+            self._rebuild_host_ports()
+            desired = {fe: self._desired(fe)
+                       for fe in set(self.table.desired) | self.hostports.frontends()}
+            updates = self.reconciler.changes(desired)
+            n = self._apply(updates, snap.version)
+            self._svcnet_full()
+            self._after_plan()
+            self.synced.set()
+            return n
+
+    def _sync_changes(self, changes) -> int:
+        with self._lock:
+            if self.retry_at is not None:
+                return 0          # the pending retry plans the whole state, these included
+            snap = self.store.snapshot()
+            if self.table is None or self._zone(snap) != self.table.node_zone:
+                return self.sync_once()
+            updates = {}
+            for cs in changes:
+                updates.update(self.table.apply(cs.deltas))
+            combined = {fe: self._desired(fe) for fe in updates}
+            n = self._apply(combined, changes[-1].version)
+            self._svcnet_changes()
+            self._after_plan()
+            return n
 
     def _run(self) -> None:
         self._follow(self.source, self.store, self.settle, lambda: self._guarded(self.sync_once),
-                     lambda changes: self._guarded(lambda: self._sync_changes(changes)))
+                     lambda changes: self._guarded(lambda: self._sync_changes(changes)),
+                     on_idle=self._idle)
 
-    def _sync_changes(self, changes) -> int:
-        snap = self.store.snapshot()
-        if self.table is None or self._zone(snap) != self.table.node_zone:
-            return self.sync_once()
-        updates = {}
-        for cs in changes:
-            updates.update(self.table.apply(cs.deltas))
-        return self._apply(updates, changes[-1].version)
+    def _idle(self) -> None:
+        now = time.monotonic()
+        if self.retry_at is not None and now >= self.retry_at:
+            log.info("services: retrying the failed plan from the maps' real state")
+            self._guarded(self.sync_once)
+        elif now >= self._next_poll:
+            self._next_poll = now + self.ADDRESS_POLL
+            if self.addresses_fn is not None and self._addresses_changed():
+                self._guarded(self.sync_once)
 
-    def _guarded(self, fn) -> None:
+    def _addresses_changed(self) -> bool:
+        with self._lock:
+            old = self.addresses
+            return self._read_addresses() and old != self.addresses
+
+    def _guarded(self, fn) -> int:
         t0 = time.monotonic()
         try:
             ops = fn()
-        except Exception:      # one bad plan must not stop the loop
-            self.errors += 1
-            log.exception("service sync failed; keeping the maps as they are")
-            self.table = None
+        except Exception as exc:      # one bad plan must not stop the loop
+            self._failed(exc)
             if self.metrics is not None:
                 self.metrics.observe_sync("Service", time.monotonic() - t0, ok=False)
+            return -1
+        self.failures = 0
+        self.retry_at = None
+        self._retry_wait = self.RETRY_FIRST
+        if self.metrics is not None:
+            self.metrics.observe_sync("Service", time.monotonic() - t0, ops)
+        return ops
+
+    def _failed(self, exc: Exception) -> None:
+        """A plan failed part-way (or could not be made): believe only the
+        maps, and plan everything again after a backoff."""
+        self.errors += 1
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.error("service sync failed (%s); the maps keep what was written, the reconciler "
+                  "is rebuilt from them and the plan retried in %.1fs", self.last_error,
+                  self._retry_wait, exc_info=exc)
+        with self._lock:
+            try:
+                self.reconciler = restore_reconciler(self.lb, **self.reconciler_kw)
+            except Exception:
+                log.exception("reading the service maps back failed; retrying later")
+            self.table = None
+        self.retry_at = time.monotonic() + self._retry_wait
+        self._retry_wait = min(self._retry_wait * 2, self.RETRY_MAX)
+
+    # -------------------------------------------------------- hostPorts
+
+    def _rebuild_host_ports(self) -> None:
+        local = self.addresses.local
+        for owner, (pod_ip, mappings) in self._pods.items():
+            self.hostports.set(owner, frontends_of(owner, pod_ip, mappings, local,
+                                                    self.node_name))
+
+    def set_host_ports(self, owner: Key, pod_ip: str, mappings) -> list[str]:
+        """Make `owner`'s hostPorts these (an ADD: empty `mappings` for a pod
+        without any; a DEL: remove_host_ports). Written before it returns.
+        Raises HostPortRefused naming the conflict or the full map; the
+        previous mappings of `owner` then stay as they were."""
+        mappings = tuple(mappings)
+        with self._lock:
+            if not mappings and owner not in self._pods:
+                return []
+            fes = frontends_of(owner, pod_ip, mappings, self.addresses.local, self.node_name)
+            services = self.table.desired if self.table is not None else {}
+            refusal = self.hostports.refusal(owner, fes, services)
+            if refusal:
+                raise HostPortRefused("; ".join(map(str, refusal)))
+            old = self._pods.get(owner)
+            if mappings:
+                self._pods[owner] = (pod_ip, mappings)
+            else:
+                self._pods.pop(owner, None)
+            touched = self.hostports.set(owner, fes)
+            updates = {fe: self._desired(fe) for fe in touched}
+            if self.capacities is not None:
+                ok, refused = admit(self.reconciler, updates, self.capacities)
+                mine = [r for r in refused if r.owner == owner]
+                if mine:
+                    self._undo_host_ports(owner, old)
+                    raise HostPortRefused(str(mine[0]))
+            if not self.synced.is_set():
+                return [str(m) for m in mappings]  # the first full plan writes them
+            if self.retry_at is not None:
+                raise HostPortRefused(f"the service maps are failing ({self.last_error}); "
+                                      "the mapping is kept and written by the next retry")
+            try:
+                self._apply(updates, self.applied_version)
+            except Exception as exc:
+                self._failed(exc)
+                raise
+            self._after_plan()
+            return [str(m) for m in mappings]
+
+    def _undo_host_ports(self, owner: Key, old) -> None:
+        if old is None:
+            self._pods.pop(owner, None)
+            self.hostports.remove(owner)
         else:
-            if self.metrics is not None:
-                self.metrics.observe_sync("Service", time.monotonic() - t0, ops)
+            self._pods[owner] = old
+            self.hostports.set(owner, frontends_of(owner, old[0], old[1], self.addresses.local,
+                                                   self.node_name))
+
+    def remove_host_ports(self, owner: Key) -> None:
+        self.set_host_ports(owner, "", ())
+
+    def host_ports(self) -> dict[Key, tuple[str, tuple[PortMapping, ...]]]:
+        with self._lock:
+            return dict(self._pods)
+
+
+class HostPortRefused(Exception):
+    """A pod's hostPorts cannot be programmed (a conflict, or no room)."""
 
 
 class SocketLbOptOut(Worker):

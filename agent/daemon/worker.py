@@ -40,12 +40,16 @@ class Worker:
 
     def _follow(self, source, store, settle: float, plan_all: Callable[[], None],
                 plan_changes: Callable[[list], None],
+                on_idle: Callable[[], None] | None = None,
                 wake: threading.Event | None = None) -> None:
         """The sync loops' shape: wait for the source's initial sync (an
         empty store must never withdraw what the maps serve), plan once,
         then once per burst of change sets (after `settle` seconds), and
-        once more whenever `wake` is set (checked every 0.1 s)."""
-        while not source.synced.wait(0.5):
+        once more whenever `wake` is set (checked every 0.1 s). `on_idle`
+        runs after each burst and whenever a wait for a change times out
+        (a retry timer, a poll). A source of None is synced from the
+        start (state that comes only through the agent's API, like hostPorts)."""
+        while source is not None and not source.synced.wait(0.5):
             if self._stop.is_set():
                 return
         sub = store.subscribe()
@@ -54,14 +58,17 @@ class Worker:
             while not self._stop.is_set():
                 first = sub.get(timeout=0.5 if wake is None else 0.1)
                 if first is None:
-                    if wake is None or not wake.is_set():
-                        continue
-                    wake.clear()
-                    plan_changes([])
+                    if wake is not None and wake.is_set():
+                        wake.clear()
+                        plan_changes([])
+                    if on_idle is not None:
+                        on_idle()
                     continue
                 time.sleep(settle)
                 if wake is not None:
                     wake.clear()
                 plan_changes([first] + sub.drain())
+                if on_idle is not None:
+                    on_idle()
         finally:
             sub.close()

@@ -126,6 +126,14 @@ class MapInfo(ct.Structure):
     ]
 
 
+def probe_helper(prog_type: int, helper_id: int) -> bool:
+    """Whether this kernel lets programs of `prog_type` call helper
+    `helper_id` (libbpf loads a tiny program to find out)."""
+    f = lib().libbpf_probe_bpf_helper
+    f.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+    return f(prog_type, helper_id, None) == 1
+
+
 def map_info(fd: int) -> MapInfo:
     info = MapInfo()
     n = ct.c_uint32(ct.sizeof(info))
@@ -167,6 +175,7 @@ def obj_get(path: str) -> int:
 PERCPU_MAP_TYPES = {5, 6, 10}     # percpu_hash, percpu_array, lru_percpu_hash
 BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY = 2, 6
 BPF_MAP_TYPE_RINGBUF = 27
+BPF_MAP_TYPE_PROG_ARRAY = 3
 
 
 def possible_cpus() -> int:

@@ -43,11 +43,15 @@ PROGRAMS = {
     "fp_to_pod": ("pod.c", SCHED_CLS, -1),
     "fp_from_vpc": ("eni.c", SCHED_CLS, -1),
     "fp_to_vpc": ("eni.c", SCHED_CLS, -1),
+    # reached by tail call only, never attached (TAIL_CALLS)
+    "fp_pod_route": ("pod.c", SCHED_CLS, -1),
     "fp_sock_conn4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT),
     "fp_sock_send4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_SENDMSG),
     "fp_sock_recv4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_RECVMSG),
     "fp_sock_peer4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_GETPEERNAME),
 }
+# Program -> the FP_MAP_TAILS slot (fastpath.h: FP_TAIL_*) it is reached by.
+TAIL_CALLS = {"fp_pod_route": "FP_TAIL_FROM_POD_ROUTE"}
 BPFFS_MAGIC_TYPE = "bpf"
 
 
@@ -66,6 +70,9 @@ class BuildOptions:
     hairpin_ip: str = "169.254.10.1"
     policy_max: int = 65536
     ipcache_max: int = 65536
+    maglev_m: int = 1021
+    src_range_max: int = 16384
+    set_retval: bool = False         # the kernel has bpf_set_retval for cgroup hooks
     ct_new_max: int = 65536
     ct_policy_max: int = 262144
     # conntrack lifetimes in seconds (agent/config.py conntrack_*_timeout)
@@ -86,6 +93,9 @@ class BuildOptions:
                    # socket, the socket-level twin of a conntrack entry
                    config.conntrack_map_size, config.local_router_ipv4,
                    policy_max=config.policy_map_size, ipcache_max=config.ipcache_map_size,
+                   maglev_m=config.maglev_table_size,
+                   src_range_max=config.source_ranges_map_size,
+                   set_retval=kernel_has_set_retval(),
                    ct_new_max=config.conntrack_new_map_size,
                    ct_policy_max=config.conntrack_policy_map_size,
                    ct_tcp_syn=config.conntrack_tcp_syn_timeout,
@@ -124,6 +134,8 @@ class BuildOptions:
             f"-DFP_SOCKREV_MAX={self.sockrev_max}",
             f"-DFP_POLICY_MAX={self.policy_max}",
             f"-DFP_IPCACHE_MAX={self.ipcache_max}",
+            f"-DFP_MAGLEV_M={self.maglev_m}",
+            f"-DFP_SRC_RANGE_MAX={self.src_range_max}",
             # (policy, direction, verdict) counters: bounded, whatever the rules
             f"-DFP_POLCNT_MAX={min(self.policy_max, 16384)}",
             f"-DFP_BW_FLOWS_MAX={self.bw_flows_max}",
@@ -134,9 +146,24 @@ class BuildOptions:
             f"-DFP_HAIRPIN_IP={_be32_literal(self.hairpin_ip)}",
             "-Wno-unused-function",
         ]
+        if self.set_retval:
+            flags.append("-DFP_HAVE_SET_RETVAL=1")
         if self.test_build:
             flags.append("-DFP_TEST=1")
         return flags
+
+
+# uapi: enum bpf_func_id (BPF_FUNC_set_retval, Linux 5.18)
+BPF_FUNC_SET_RETVAL = 187
+
+
+def kernel_has_set_retval() -> bool:
+    """Whether socket-LB can refuse with ECONNREFUSED (bpf_set_retval) rather
+    than the EPERM every refusing cgroup hook gives without it."""
+    try:
+        return libbpf.probe_helper(CGROUP_SOCK_ADDR, BPF_FUNC_SET_RETVAL)
+    except (OSError, AttributeError):
+        return False
 
 
 def _be32_literal(ip: str) -> str:
@@ -250,6 +277,16 @@ class Loaded:
             if fn is None:
                 raise VerifierRejected(name, _tail(err["text"]) or "(no verifier log)")
             self.prog_fds[name] = fn.fd
+        self.fill_tail_calls()
+
+    def fill_tail_calls(self) -> None:
+        """Every slot of the tail-call map, before anything is attached: a
+        program that meets an empty slot drops the packet."""
+        import ctypes
+        defs = bpfdefs.load()
+        tails = self.bpf[defs.maps["FP_MAP_TAILS"]]
+        for name, slot in TAIL_CALLS.items():
+            tails[ctypes.c_int(int(defs.defines[slot]))] = ctypes.c_int(self.prog_fds[name])
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -308,7 +345,9 @@ PIN_RE = re.compile(r"fp_\w+_v\d+(_old\d*)?")
 # Arrays hold settings and constants the agent writes at every start, a
 # ring buffer events in flight: their content is rebuilt, never copied.
 NOT_COPIED = (libbpf.BPF_MAP_TYPE_ARRAY, libbpf.BPF_MAP_TYPE_PERCPU_ARRAY,
-              libbpf.BPF_MAP_TYPE_RINGBUF)
+              libbpf.BPF_MAP_TYPE_RINGBUF, libbpf.BPF_MAP_TYPE_PROG_ARRAY)
+# Maps whose BTF carries no key/value layout worth checking.
+NO_LAYOUT = (libbpf.BPF_MAP_TYPE_RINGBUF, libbpf.BPF_MAP_TYPE_PROG_ARRAY)
 
 
 @dataclass
@@ -333,7 +372,7 @@ def _compiled(bpf) -> dict[str, Compiled]:
     for name in pinned_map_names():
         mtype, ks, vs, maxent = _declared(bpf, bpf[name])
         key = value = None
-        if mtype != libbpf.BPF_MAP_TYPE_RINGBUF:
+        if mtype not in NO_LAYOUT:
             k, v = prog_btf.map_types(name)
             key, value = prog_btf.layout(k), prog_btf.layout(v)
         out[name] = Compiled(name, mtype, ks, vs, maxent, key, value)

@@ -374,9 +374,13 @@ class LbMaps:
         self._ctstat = tables[MAP["FP_MAP_CT_STATS"]]
         self._aff = tables[MAP["FP_MAP_AFFINITY"]]
         self._sockrev = tables[MAP["FP_MAP_SOCKREV"]]
+        self._maglev = tables[MAP["FP_MAP_MAGLEV"]]
+        self._rng = tables[MAP["FP_MAP_SRC_RANGE"]]
+        self._svcnet = tables[MAP["FP_MAP_SVCNET"]]
+        self.maglev_size = len(self._maglev.Leaf().backend_ids)
 
-    def _svc_key(self, vip: str, port: int, proto: str):
-        return self._svc.Key(vip=be32(vip), port=be16(port), proto=PROTO_NUM[proto])
+    def _svc_key(self, vip: str, port: int, proto: str, scope: int = 0):
+        return self._svc.Key(vip=be32(vip), port=be16(port), proto=PROTO_NUM[proto], scope=scope)
 
     def put_backend(self, backend_id: int, ip: str, port: int, proto: str,
                     draining: bool = False) -> None:
@@ -402,10 +406,10 @@ class LbMaps:
                 pass
 
     def put_service(self, vip: str, port: int, proto: str, svc_id: int, count: int,
-                    flags: int = 0, affinity_timeout: int = 0) -> None:
+                    flags: int = 0, affinity_timeout: int = 0, scope: int = 0) -> None:
         v = self._svc.Leaf(svc_id=svc_id, count=count, flags=flags,
                            affinity_timeout=affinity_timeout)
-        self._svc[self._svc_key(vip, port, proto)] = v
+        self._svc[self._svc_key(vip, port, proto, scope)] = v
 
     # Batched writes (BPF_MAP_UPDATE_BATCH): entries are applied in order.
     # Keys and values are filled in place in ctypes arrays of the compiled
@@ -448,18 +452,19 @@ class LbMaps:
         self._update_batch(self._slot, len(flat), fill)
 
     def put_services(self, rows) -> None:
-        """[(vip, port, proto, svc_id, count, flags, affinity_timeout)], in order."""
+        """[(vip, port, proto, svc_id, count, flags, affinity_timeout[, scope])], in order."""
         def fill(keys, vals, lo, m):
             for i in range(m):
-                vip, port, proto, sid, count, flags, aff = rows[lo + i]
+                vip, port, proto, sid, count, flags, aff, *scope = rows[lo + i]
                 k, v = keys[i], vals[i]
                 k.vip, k.port, k.proto = be32(vip), be16(port), PROTO_NUM[proto]
+                k.scope = scope[0] if scope else 0
                 v.svc_id, v.count, v.flags, v.affinity_timeout = sid, count, flags, aff
         self._update_batch(self._svc, len(rows), fill)
 
-    def delete_service(self, vip: str, port: int, proto: str) -> None:
+    def delete_service(self, vip: str, port: int, proto: str, scope: int = 0) -> None:
         try:
-            del self._svc[self._svc_key(vip, port, proto)]
+            del self._svc[self._svc_key(vip, port, proto, scope)]
         except KeyError:
             pass
 
@@ -467,9 +472,117 @@ class LbMaps:
         out = []
         for k, v in self._svc.items():
             out.append({"vip": ip_from_be32(k.vip), "port": port_from_be16(k.port),
-                        "proto": PROTO_NAME.get(k.proto, str(k.proto)), "svc_id": v.svc_id,
-                        "count": v.count, "flags": v.flags, "affinity_timeout": v.affinity_timeout})
+                        "proto": PROTO_NAME.get(k.proto, str(k.proto)), "scope": k.scope,
+                        "svc_id": v.svc_id, "count": v.count, "flags": v.flags,
+                        "affinity_timeout": v.affinity_timeout})
         return out
+
+    # -- Maglev tables, source ranges, Service address ranges -------------
+
+    def put_maglev(self, svc_id: int, table) -> None:
+        """The whole table in one map update: a packet sees the old table or
+        the new one."""
+        if len(table) != self.maglev_size:
+            raise ValueError(f"Maglev table of service {svc_id} has {len(table)} entries, the "
+                             f"programs were built for {self.maglev_size} (maglev_table_size)")
+        v = self._maglev.Leaf()
+        v.backend_ids[:] = list(table)
+        self._maglev[self._maglev.Key(svc_id)] = v
+
+    def delete_maglev(self, svc_id: int) -> None:
+        try:
+            del self._maglev[self._maglev.Key(svc_id)]
+        except KeyError:
+            pass
+
+    def maglev_tables(self) -> dict[int, tuple[int, ...]]:
+        return {k.value: tuple(v.backend_ids) for k, v in self._maglev.items()}
+
+    def _rng_key(self, svc_id: int, cidr: str):
+        net = ipaddress.ip_network(cidr)
+        return self._rng.Key(prefixlen=DEFS.defines["FP_SRC_RANGE_FIXED_BITS"] + net.prefixlen,
+                             svc_id=svc_id, addr=be32(str(net.network_address)))
+
+    def put_ranges(self, svc_id: int, cidrs) -> None:
+        for c in cidrs:
+            self._rng[self._rng_key(svc_id, c)] = self._rng.Leaf(1)
+
+    def delete_ranges(self, svc_id: int, cidrs) -> None:
+        for c in cidrs:
+            try:
+                del self._rng[self._rng_key(svc_id, c)]
+            except KeyError:
+                pass
+
+    def ranges(self) -> dict[int, set[str]]:
+        fixed = DEFS.defines["FP_SRC_RANGE_FIXED_BITS"]
+        out: dict[int, set[str]] = {}
+        for k, _ in self._rng.items():
+            out.setdefault(k.svc_id, set()).add(
+                f"{ip_from_be32(k.addr)}/{k.prefixlen - fixed}")
+        return out
+
+    def _svcnet_key(self, prefix: str):
+        net = ipaddress.ip_network(prefix)
+        return self._svcnet.Key(prefixlen=net.prefixlen, addr=be32(str(net.network_address)))
+
+    def svcnet(self) -> dict[str, int]:
+        return {f"{ip_from_be32(k.addr)}/{k.prefixlen}": v.value
+                for k, v in self._svcnet.items()}
+
+    def svcnet_put(self, prefix: str, flags: int) -> None:
+        self._svcnet[self._svcnet_key(prefix)] = self._svcnet.Leaf(flags)
+
+    def svcnet_delete(self, prefix: str) -> None:
+        try:
+            del self._svcnet[self._svcnet_key(prefix)]
+        except KeyError:
+            pass
+
+    def svcnet_set(self, want: dict[str, int]) -> None:
+        """Make the map hold exactly `want` (prefix -> flags): additions and
+        changes first, then removals."""
+        have = self.svcnet()
+        for prefix, flags in want.items():
+            if have.get(prefix) != flags:
+                self.svcnet_put(prefix, flags)
+        for prefix in set(have) - set(want):
+            self.svcnet_delete(prefix)
+
+    # -- state that names ids ------------------------------------------------
+
+    def affinity_purge(self, svc_ids, backend_ids, pairs) -> int:
+        """Delete ClientIP affinity entries of a released service id, of a
+        deleted backend, or of a (service, backend) pair that ended."""
+        gone = []
+        for k, v in self._aff.items():
+            if k.svc_id in svc_ids or v.backend_id in backend_ids or \
+                    (k.svc_id, v.backend_id) in pairs:
+                gone.append(self._aff.Key(svc_id=k.svc_id, client=k.client))
+        n = 0
+        for k in gone:
+            try:
+                del self._aff[k]
+                n += 1
+            except KeyError:
+                pass       # evicted meanwhile (LRU)
+        return n
+
+    def named_ids(self) -> tuple[set[int], set[int]]:
+        """(service ids, backend ids) that affinity and conntrack entries
+        name: after a restart, none of them may come back as a fresh id."""
+        sids: set[int] = set()
+        bids: set[int] = set()
+        for k, v in self._aff.items():
+            sids.add(k.svc_id)
+            bids.add(v.backend_id)
+        for table in self.ct.NAT_TABLES:
+            for _, v in self.ct.nat_entries(table):
+                if v.svc_id:
+                    sids.add(v.svc_id)
+                if v.backend_id:
+                    bids.add(v.backend_id)
+        return sids, bids
 
     def slots(self, svc_id: int, count: int) -> list[int]:
         return [self._slot[self._slot.Key(svc_id=svc_id, slot=i)].backend_id
@@ -554,6 +667,10 @@ class ConfigMap:
         """FP_CFG_EV_* bits: which events besides drops reach the monitor."""
         self._update(events=mask)
 
+    def set_node(self, ip4: str, primary_ifindex: int) -> None:
+        """The node's primary address and NIC (SNAT source, unbound sockets)."""
+        self._update(node_ip4=be32(ip4) if ip4 else 0, primary_ifindex=primary_ifindex)
+
     def set_policy(self, enabled: bool) -> None:
         flag = DEFS.defines["FP_CFG_F_POLICY"]
         self._update(set_flags=flag if enabled else 0, clear_flags=flag)
@@ -568,7 +685,9 @@ class ConfigMap:
 
     def get(self) -> dict:
         v = self._t[self._t.Key(0)]
-        return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags, "events": v.events}
+        return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags, "events": v.events,
+                "node_ip4": ip_from_be32(v.node_ip4) if v.node_ip4 else "",
+                "primary_ifindex": v.primary_ifindex}
 
 
 

@@ -40,6 +40,18 @@ def link_names(netns: str | None = None) -> dict[int, str]:
         return dict(socket.if_nameindex())
 
 
+def interface_addresses(netns: str | None = None) -> dict[str, list[str]]:
+    """Device name -> its IPv4 addresses, in the kernel's order, in `netns`."""
+    names = link_names(netns)
+    out: dict[str, list[str]] = {}
+    with iproute(netns) as ipr:
+        for a in ipr.get_addr(family=socket.AF_INET):
+            ip = a.get_attr("IFA_ADDRESS")
+            if ip:
+                out.setdefault(names.get(a["index"], f"if{a['index']}"), []).append(ip)
+    return out
+
+
 def first_ipv4(device: str, netns: str | None = None) -> str | None:
     """The first global IPv4 address of `device` in `netns`; None when the
     device does not exist or has none."""

@@ -107,10 +107,19 @@ class Datapath:
                       and n != self.config.primary_device)
 
     def attach_enis(self) -> list[str]:
-        enis = self.enis()
-        for eni in enis:
-            self.attach(eni, "eni")
-        return enis
+        """The VPC-facing programs on every ENI and on the primary NIC:
+        traffic from outside to NodePorts, external and load-balancer IPs
+        arrives on either, and replies of flows SNATed to the node's address
+        on the primary one. Returns the devices, the primary NIC last."""
+        devices = self.enis()
+        from agent.datapath.netlink import iproute
+        with iproute(self.netns) as ipr:
+            names = {l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+        if self.config.primary_device in names:
+            devices.append(self.config.primary_device)
+        for dev in devices:
+            self.attach(dev, "eni")
+        return devices
 
     # -- socket-LB -------------------------------------------------------
     def attach_socket_lb(self, cgroup_path: str, hostns_only: bool = True):

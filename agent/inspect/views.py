@@ -83,13 +83,15 @@ def services(svc: list[dict], slots: list[dict], backends: list[dict],
     slot_by = {}
     for e in slots:
         slot_by.setdefault(e["key"]["svc_id"], {})[e["key"]["slot"]] = e["value"]["backend_id"]
-    named = {(n["vip"], n["port"], n["proto"]): n for n in (names or [])}
+    named = {(n["vip"], n["port"], n["proto"], n.get("scope", "internal")): n
+             for n in (names or [])}
     rows = []
     for e in svc:
         k, v = e["key"], e["value"]
         proto = k.get("proto_label", str(k["proto"]))
+        scope = "external" if k.get("scope") else "internal"
         fe = (k["vip"], k["port"], proto)
-        info = named.get(fe, {})
+        info = named.get(fe + (scope,), {})
         agent_be = {(b["ip"], b["port"]): b for b in info.get("backends", [])}
         flags = v.get("flags_names", [])
         bes = []
@@ -105,23 +107,36 @@ def services(svc: list[dict], slots: list[dict], backends: list[dict],
                         "state": a.get("state", "active"), "node": a.get("node", ""),
                         "zone": a.get("zone", "")})
         rows.append({
-            "frontend": frontend_text(*fe),
-            "vip": k["vip"], "port": k["port"], "proto": proto,
+            "frontend": frontend_text(*fe) + (" (external)" if scope == "external" else ""),
+            "vip": k["vip"], "port": k["port"], "proto": proto, "scope": scope,
             "service": info.get("service", ""), "port_name": info.get("port_name", ""),
-            "kind": info.get("kind", ""),
+            "kind": info.get("kind", "") or _kind_of(flags),
             "svc_id": v["svc_id"], "flags": flags,
             "affinity": "ClientIP" if "affinity" in flags else "None",
             "affinity_timeout": v["affinity_timeout"],
             "traffic_policy": "Local" if "local" in flags else "Cluster",
-            "reject": "reject" in flags,
+            "reject": "reject" in flags, "drop": "drop" in flags,
+            "maglev": "maglev" in flags,
+            "source_ranges": info.get("source_ranges", []),
             "backends": bes,
         })
-    return sorted(rows, key=lambda r: (_ipkey(r["vip"]), r["port"], r["proto"]))
+    return sorted(rows, key=lambda r: (_ipkey(r["vip"]), r["port"], r["proto"], r["scope"]))
+
+
+def _kind_of(flags: list[str]) -> str:
+    """The frontend's kind from its flags alone (the agent down)."""
+    if "nodeport" in flags:
+        return "nodeport"
+    if "hostport" in flags:
+        return "hostport"
+    return "external" if "external" in flags else "clusterip"
 
 
 def backends_text(row: dict, limit: int = 4) -> str:
     if row["reject"] and not row["backends"]:
         return "(none: rejected)"
+    if row.get("drop") and not row["backends"]:
+        return "(none here: dropped)"
     parts = [f"{b['ip']}:{b['port']}" + ("" if b["state"] in ("active", "ready")
                                           else f"({b['state']})") for b in row["backends"]]
     more = len(parts) - limit
@@ -135,7 +150,8 @@ def find_service(rows: list[dict], query: str) -> list[dict]:
     for r in rows:
         svc = r["service"]
         if q in (svc, svc.split("/", 1)[-1] if svc else None, r["vip"],
-                 f"{r['vip']}:{r['port']}", r["frontend"]):
+                 f"{r['vip']}:{r['port']}", r["frontend"],
+                 frontend_text(r["vip"], r["port"], r["proto"])):
             out.append(r)
     return out
 

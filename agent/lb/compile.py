@@ -31,10 +31,21 @@ workload can observe:
   decide here, as in kube-proxy;
 - headless and ExternalName Services, Services labelled for another proxy
   (service.kubernetes.io/service-proxy-name) and Services without an IPv4
-  ClusterIP are not translated.
+  ClusterIP are not translated;
+- node-facing frontends: each `nodePort` on each of this node's NodePort
+  addresses (kube-proxy's --nodeport-addresses), each external IP, each
+  load-balancer IP in VIP mode;
+- traffic from this node's own sockets and pods to an external address
+  (ExternalIP, load-balancer IP, NodePort) uses the cluster-wide set
+  whatever externalTrafficPolicy says (kube-proxy's short-circuit of pod
+  and node traffic); traffic arriving from outside (SCOPE_EXTERNAL) honours
+  externalTrafficPolicy Local: this node's endpoints only;
+- no usable endpoint anywhere: reject (ICMP unreachable, ECONNREFUSED);
+  endpoints exist but none this traffic policy may use on this node: drop
+  (kube-proxy's nftables mode; internalTrafficPolicy Local included).
 
-Where fastpath deliberately differs (reject instead of drop for Local with no
-local endpoint, deterministic tie-breaks) is listed in README-section.md.
+Where fastpath deliberately differs (deterministic tie-breaks, no masquerade
+on VPC-native routing) is listed in docs/services.md.
 
 Pure module: no kubernetes client, prometheus, grpc or kernel imports.
 """
@@ -51,15 +62,26 @@ from agent.k8s.model import Endpoint, EndpointSlice, Key, Service, ServicePort
 
 __all__ = [
     "Backend", "Frontend", "FrontendState", "KIND_CLUSTER_IP", "KIND_EXTERNAL_IP",
-    "KIND_LOAD_BALANCER", "KINDS", "DEFAULT_AFFINITY_TIMEOUT", "TOPOLOGY_SAME_NODE",
+    "KIND_LOAD_BALANCER", "KIND_NODE_PORT", "KIND_HOST_PORT", "KINDS",
+    "SCOPE_INTERNAL", "SCOPE_EXTERNAL", "LbOptions", "HealthCheck",
+    "DEFAULT_AFFINITY_TIMEOUT", "TOPOLOGY_SAME_NODE",
     "TOPOLOGY_SAME_ZONE", "compile_service", "compile_services", "describe",
-    "translated", "ip_sort_key",
+    "translated", "ip_sort_key", "health_check", "kind_rank",
 ]
 
 KIND_CLUSTER_IP = "clusterip"
+KIND_NODE_PORT = "nodeport"
 KIND_EXTERNAL_IP = "externalip"
 KIND_LOAD_BALANCER = "loadbalancer"
-KINDS = (KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER)
+KIND_HOST_PORT = "hostport"
+KINDS = (KIND_CLUSTER_IP, KIND_NODE_PORT, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_HOST_PORT)
+
+# Which clients an entry is for (fp_svc4_key.scope). An internal entry
+# serves this node's own sockets and pods, and traffic from outside too when
+# the frontend has no external entry of its own; an external entry serves
+# only traffic arriving on the node's interfaces (primary NIC and ENIs).
+SCOPE_INTERNAL = 0
+SCOPE_EXTERNAL = 1
 
 # What the API server defaults sessionAffinityConfig.clientIP.timeoutSeconds
 # to; repeated here only for Service objects built without the parser.
@@ -86,18 +108,21 @@ def ip_sort_key(ip: str) -> tuple[int, bytes]:
 
 @dataclass(frozen=True, slots=True)
 class Frontend:
-    """An address a client connects to: one per Service port per service IP."""
+    """An address a client connects to: one per Service port per service IP
+    (and per scope, when clients from outside get another answer)."""
 
     ip: str
     port: int
     protocol: str                 # TCP, UDP, SCTP
+    scope: int = SCOPE_INTERNAL
 
     def sort_key(self):
-        return (ip_sort_key(self.ip), self.port, self.protocol)
+        return (ip_sort_key(self.ip), self.port, self.protocol, self.scope)
 
     def __str__(self) -> str:
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        return f"{host}:{self.port}/{self.protocol}"
+        tail = " (external)" if self.scope == SCOPE_EXTERNAL else ""
+        return f"{host}:{self.port}/{self.protocol}{tail}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +157,21 @@ class FrontendState:
 
     backends: in numeric (ip, port) order, so equal inputs give equal states
     and the reconciler's minimal diff is not disturbed by slice order.
-    reject: no usable endpoint; the datapath must refuse the connection
-    (ECONNREFUSED / ICMP unreachable), never let it time out.
+    reject: no usable endpoint anywhere; the datapath must refuse the
+    connection (ECONNREFUSED / ICMP unreachable), never let it time out.
+    drop: endpoints exist, but the traffic policy leaves none for this
+    node's clients of this entry (internalTrafficPolicy Local, or
+    externalTrafficPolicy Local for traffic from outside): packets are
+    dropped, as kube-proxy does.
     draining: terminating endpoints new connections must not choose, kept
     for the flows already on them (numeric order, none of `backends`).
-    local_only: internalTrafficPolicy Local was applied to this frontend.
+    local_only: a Local traffic policy was applied to this frontend.
     topology: which hints narrowed the set ("" none, PreferSameZone,
     PreferSameNode); for inspection, the backends already reflect it.
+    maglev: new flows choose by the Maglev table (external entries, when
+    configured), not at random.
+    source_ranges: loadBalancerSourceRanges of a load-balancer frontend
+    (canonical CIDRs, sorted); other sources are dropped.
     """
 
     service: Key
@@ -150,6 +183,41 @@ class FrontendState:
     kind: str = KIND_CLUSTER_IP
     topology: str = ""
     draining: tuple[Backend, ...] = ()
+    drop: bool = False
+    maglev: bool = False
+    source_ranges: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LbOptions:
+    """What this node's configuration says about Services (pure data; the
+    agent fills it from agent.config and the node's addresses).
+
+    nodeport_ips: the addresses NodePorts are served on (kube-proxy's
+    --nodeport-addresses, resolved; agent/lb/nodeaddr.py).
+    maglev: external entries choose backends by Maglev instead of at random.
+    """
+
+    nodeport_ips: tuple[str, ...] = ()
+    node_port: bool = True
+    external_ips: bool = True
+    in_cluster_lb: bool = True
+    session_affinity: bool = True
+    topology: bool = True
+    maglev: bool = False
+
+
+DEFAULT_OPTIONS = LbOptions()
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """A healthCheckNodePort this node answers (externalTrafficPolicy Local
+    Services of type LoadBalancer), and how many local endpoints it reports."""
+
+    service: Key
+    port: int
+    local_endpoints: int
 
 
 @contextlib.contextmanager
@@ -255,8 +323,9 @@ def _topology_mode(eps: list[_Ep], node_name: str, zone: str) -> str:
     return ""
 
 
-def _cluster_endpoints(eps: list[_Ep], node_name: str, zone: str) -> tuple[list[_Ep], str]:
-    mode = _topology_mode(eps, node_name, zone)
+def _cluster_endpoints(eps: list[_Ep], node_name: str, zone: str,
+                       topology: bool = True) -> tuple[list[_Ep], str]:
+    mode = _topology_mode(eps, node_name, zone) if topology else ""
     if mode == TOPOLOGY_SAME_NODE:
         out = [ep for ep in eps if ep[2].ready and node_name in ep[2].hints_nodes]
     elif mode == TOPOLOGY_SAME_ZONE:
@@ -308,9 +377,35 @@ def translated(svc: Service, proxy_name: str = "") -> bool:
     return any(_is_v4(ip) for ip in svc.cluster_ips)
 
 
+def _external_frontends(svc: Service, sp: ServicePort,
+                        options: LbOptions) -> list[tuple[str, str, bool]]:
+    """(address, kind, in_cluster) of one Service port's node-facing
+    frontends. in_cluster: whether this node's sockets and pods get it
+    translated too (a load-balancer IP with in-cluster load balancing off
+    is left to reach the load balancer)."""
+    out: list[tuple[str, str, bool]] = []
+    if options.node_port and sp.node_port and svc.type in ("NodePort", "LoadBalancer"):
+        out += [(ip, KIND_NODE_PORT, True) for ip in options.nodeport_ips if _is_v4(ip)]
+    if options.external_ips:
+        out += [(ip, KIND_EXTERNAL_IP, True) for ip in svc.external_ips if _is_v4(ip)]
+    # A load balancer in Proxy mode must receive the traffic itself (it may
+    # terminate TLS or enforce policy): short-circuiting its IP would skip it.
+    out += [(i.ip, KIND_LOAD_BALANCER, options.in_cluster_lb)
+            for i in svc.load_balancer_ingress
+            if i.ip and i.ip_mode == "VIP" and _is_v4(i.ip)]
+    return out
+
+
+def kind_rank(kind: str) -> int:
+    """Which frontend wins an address:port several claim: a ClusterIP, then a
+    NodePort, then an external or load-balancer IP, then a hostPort."""
+    return KINDS.index(kind) if kind != KIND_LOAD_BALANCER else KINDS.index(KIND_EXTERNAL_IP)
+
+
 def compile_service(svc: Service, slices: Iterable[EndpointSlice], node_name: str,
                     node_zone: str, proxy_name: str = "",
-                    _ip_keys: Optional[dict] = None) -> dict[Frontend, FrontendState]:
+                    _ip_keys: Optional[dict] = None,
+                    options: LbOptions = DEFAULT_OPTIONS) -> dict[Frontend, FrontendState]:
     """The frontends of one Service, given its EndpointSlices.
 
     For callers that recompile only the Services a change touched; the result
@@ -320,61 +415,109 @@ def compile_service(svc: Service, slices: Iterable[EndpointSlice], node_name: st
         return {}
     slices = tuple(slices)
     cluster_ip = next(ip for ip in svc.cluster_ips if _is_v4(ip))
-    externals: list[tuple[str, str]] = [
-        (ip, KIND_EXTERNAL_IP) for ip in svc.external_ips if _is_v4(ip)]
-    # A load balancer in Proxy mode must receive the traffic itself (it may
-    # terminate TLS or enforce policy): short-circuiting its IP would skip it.
-    externals += [(i.ip, KIND_LOAD_BALANCER) for i in svc.load_balancer_ingress
-                  if i.ip and i.ip_mode == "VIP" and _is_v4(i.ip)]
     affinity = 0
-    if svc.session_affinity == "ClientIP":
+    if svc.session_affinity == "ClientIP" and options.session_affinity:
         affinity = svc.session_affinity_timeout or DEFAULT_AFFINITY_TIMEOUT
     itp_local = svc.internal_traffic_policy == "Local"
+    etp_local = svc.external_traffic_policy == "Local"
+    ranges = tuple(sorted(set(svc.load_balancer_source_ranges),
+                          key=lambda c: (ip_sort_key(c.split("/")[0]), c)))
     ip_keys = {} if _ip_keys is None else _ip_keys
 
     out: dict[Frontend, FrontendState] = {}
     for sp in svc.ports:
         eps = _endpoints_for_port(sp, slices, node_name, ip_keys)
-        cluster, mode = _cluster_endpoints(eps, node_name, node_zone)
+        cluster, mode = _cluster_endpoints(eps, node_name, node_zone if options.topology else "",
+                                           options.topology)
         cluster_b = _backends(cluster, sp.protocol)
+        # kube-proxy's hasEndpoints: anything usable anywhere. Without it a
+        # frontend rejects; with it, a policy that leaves this node nothing
+        # drops.
+        usable = bool(cluster_b)
         if itp_local:
             internal_b = _backends(_local_endpoints(eps), sp.protocol)
             internal_mode = ""
         else:
             internal_b, internal_mode = cluster_b, mode
         out[Frontend(cluster_ip, sp.port, sp.protocol)] = FrontendState(
-            svc.key, sp.name, internal_b, affinity, not internal_b, itp_local,
-            KIND_CLUSTER_IP, internal_mode, _draining(eps, internal_b, sp.protocol))
-        # External addresses as seen from this node's own sockets and pods
-        # (the only clients socket-LB and from-pod translate): kube-proxy
-        # sends those to the cluster-wide set whatever the traffic policies.
-        for ip, kind in externals:
-            out.setdefault(Frontend(ip, sp.port, sp.protocol), FrontendState(
-                svc.key, sp.name, cluster_b, affinity, not cluster_b, False, kind, mode,
-                _draining(eps, cluster_b, sp.protocol)))
+            svc.key, sp.name, internal_b, affinity, not usable,
+            itp_local, KIND_CLUSTER_IP, internal_mode, _draining(eps, internal_b, sp.protocol),
+            drop=usable and not internal_b)
+
+        externals = _external_frontends(svc, sp, options)
+        if not externals:
+            continue
+        if etp_local:
+            outside_b = _backends(_local_endpoints(eps), sp.protocol)
+            outside_mode = ""
+        else:
+            outside_b, outside_mode = cluster_b, mode
+        for ip, kind, in_cluster in externals:
+            port = sp.node_port if kind == KIND_NODE_PORT else sp.port
+            fr = ranges if kind == KIND_LOAD_BALANCER else ()
+            # This node's sockets and pods: the cluster-wide set, whatever
+            # the traffic policies (kube-proxy's short-circuit).
+            inside = FrontendState(svc.key, sp.name, cluster_b, affinity, not usable, False,
+                                   kind, mode, _draining(eps, cluster_b, sp.protocol),
+                                   source_ranges=fr)
+            outside = FrontendState(svc.key, sp.name, outside_b, affinity, not usable,
+                                    etp_local, kind, outside_mode,
+                                    _draining(eps, outside_b, sp.protocol),
+                                    drop=usable and not outside_b,
+                                    maglev=options.maglev and bool(outside_b), source_ranges=fr)
+            fe = Frontend(ip, port, sp.protocol)
+            if in_cluster:
+                out.setdefault(fe, inside)
+            if not in_cluster or outside != inside:
+                out.setdefault(Frontend(ip, port, sp.protocol, SCOPE_EXTERNAL), outside)
     return out
 
 
+def health_check(svc: Service, slices: Iterable[EndpointSlice], node_name: str,
+                 proxy_name: str = "") -> Optional[HealthCheck]:
+    """The healthCheckNodePort this node serves for `svc`, if any.
+
+    kube-proxy serves one for every Service it proxies that has one (the API
+    server allocates it for type LoadBalancer with externalTrafficPolicy
+    Local). It reports the number of distinct addresses of ready endpoints on
+    this node, over all the Service's ports: terminating endpoints still
+    serve their flows, but a node that has only those must fail the check so
+    that the load balancer stops sending new ones.
+    """
+    if not translated(svc, proxy_name) or not svc.health_check_node_port:
+        return None
+    if svc.external_traffic_policy != "Local":
+        return None
+    local: set[str] = set()
+    for s in slices:
+        if s.address_type != FAMILY:
+            continue
+        for e in s.endpoints:
+            if e.addresses and e.ready and node_name and e.node_name == node_name:
+                local.add(e.addresses[0])
+    return HealthCheck(svc.key, svc.health_check_node_port, len(local))
+
+
 def compile_services(snapshot, node_name: str, node_zone: str,
-                     proxy_name: str = "") -> dict[Frontend, FrontendState]:
+                     proxy_name: str = "",
+                     options: LbOptions = DEFAULT_OPTIONS) -> dict[Frontend, FrontendState]:
     """Every frontend of every translated Service in the snapshot.
 
     node_name: this node as Endpoint.nodeName spells it ("" = no endpoint is
     local). node_zone: its topology.kubernetes.io/zone ("" = zone hints never
     apply). When two Services claim one frontend (a shared external IP, or a
-    hand-written manifest reusing a ClusterIP), a ClusterIP beats an external
-    address and otherwise the Service first in (namespace, name) order wins,
-    so the outcome never depends on the order objects arrived in.
+    hand-written manifest reusing a ClusterIP), the kinds rank (kind_rank: a
+    ClusterIP first) and otherwise the Service first in (namespace, name)
+    order wins, so the outcome never depends on the order objects arrived in.
     """
     with no_cyclic_gc():
-        return _compile_all(snapshot, node_name, node_zone, proxy_name)
+        return _compile_all(snapshot, node_name, node_zone, proxy_name, options)
 
 
 def _compile_all(snapshot, node_name: str, node_zone: str,
-                 proxy_name: str) -> dict[Frontend, FrontendState]:
+                 proxy_name: str, options: LbOptions) -> dict[Frontend, FrontendState]:
     services: Mapping[Key, Service] = snapshot.services
-    out: dict[Frontend, FrontendState] = {}
-    externals: list[tuple[Frontend, FrontendState]] = []
+    claims: dict[Frontend, tuple[tuple, FrontendState]] = {}
     ip_keys: dict[str, tuple] = {}
     for key in sorted(services):
         svc = services[key]
@@ -382,14 +525,12 @@ def _compile_all(snapshot, node_name: str, node_zone: str,
             continue
         slices = snapshot.endpoint_slices_for(svc.namespace, svc.name)
         for fe, st in compile_service(svc, slices, node_name, node_zone, proxy_name,
-                                      ip_keys).items():
-            if st.kind == KIND_CLUSTER_IP:
-                out.setdefault(fe, st)
-            else:
-                externals.append((fe, st))
-    for fe, st in externals:
-        out.setdefault(fe, st)
-    return out
+                                      ip_keys, options).items():
+            rank = (kind_rank(st.kind), key)
+            cur = claims.get(fe)
+            if cur is None or rank < cur[0]:
+                claims[fe] = (rank, st)
+    return {fe: st for fe, (_, st) in claims.items()}
 
 
 def describe(state: FrontendState) -> str:
@@ -398,6 +539,8 @@ def describe(state: FrontendState) -> str:
     port = f":{state.port_name}" if state.port_name else ""
     if state.reject:
         what = "reject"
+    elif state.drop:
+        what = "drop (no endpoint for this traffic policy here)"
     else:
         what = ", ".join(f"{b}{' (terminating)' if b.terminating else ''}"
                          for b in state.backends)
@@ -410,5 +553,9 @@ def describe(state: FrontendState) -> str:
         extra.append("draining " + ", ".join(str(b) for b in state.draining))
     if state.affinity_timeout:
         extra.append(f"affinity {state.affinity_timeout}s")
+    if state.maglev:
+        extra.append("maglev")
+    if state.source_ranges:
+        extra.append("from " + ", ".join(state.source_ranges))
     tail = f" [{', '.join(extra)}]" if extra else ""
     return f"{ns}/{name}{port} ({state.kind}) -> {what}{tail}"

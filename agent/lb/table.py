@@ -6,7 +6,7 @@ follows the store the way any consumer does (a snapshot, then every
 ChangeSet in order), keeps its own index of Services and their
 EndpointSlices, recompiles only the Services a ChangeSet touched and returns
 exactly the frontends whose state changed, ready for
-`Reconciler.plan_changes`:
+`Reconciler.plan_changes`, and the healthCheckNodePorts this node serves:
 
     snap, sub = store.subscribe()
     table = ServiceTable(node_name, node_zone)
@@ -27,7 +27,8 @@ from typing import Optional
 
 from agent.k8s.model import EndpointSlice, Key, Kind, Service
 from agent.lb.compile import (
-    KIND_CLUSTER_IP, Frontend, FrontendState, compile_service, no_cyclic_gc,
+    DEFAULT_OPTIONS, Frontend, FrontendState, HealthCheck, LbOptions, compile_service,
+    health_check, kind_rank, no_cyclic_gc, translated,
 )
 
 __all__ = ["ServiceTable", "touched_services"]
@@ -38,8 +39,8 @@ def touched_services(deltas: Iterable) -> set[Key]:
 
     A Service's own delta, and every EndpointSlice delta (old and new owner:
     a slice can be relabelled from one Service to another). A change of this
-    node's zone is not a Service change: the caller sets `node_zone` and
-    calls rebuild(). ServiceTable.apply() finds these itself; this is for
+    node's zone (or its NodePort addresses) is not a Service change: the
+    caller sets `node_zone` (`options`) and calls rebuild(). ServiceTable.apply() finds these itself; this is for
     callers that compile Services on their own.
     """
     out: set[Key] = set()
@@ -54,17 +55,27 @@ def touched_services(deltas: Iterable) -> set[Key]:
 
 
 def _precedence(key: Key, state: FrontendState) -> tuple:
-    # The same order compile_services applies: a ClusterIP first, then the
-    # Service first in (namespace, name) order.
-    return (state.kind != KIND_CLUSTER_IP, key)
+    # The same order compile_services applies: by kind (a ClusterIP first),
+    # then the Service first in (namespace, name) order.
+    return (kind_rank(state.kind), key)
 
 
 class ServiceTable:
-    def __init__(self, node_name: str, node_zone: str, proxy_name: str = ""):
+    def __init__(self, node_name: str, node_zone: str, proxy_name: str = "",
+                 options: LbOptions = DEFAULT_OPTIONS):
         self.node_name = node_name
         self.node_zone = node_zone
         self.proxy_name = proxy_name
+        self.options = options
         self.desired: dict[Frontend, FrontendState] = {}
+        # healthCheckNodePorts this node serves, by Service
+        self.health_checks: dict[Key, HealthCheck] = {}
+        # Every Service's IPv4 ClusterIP -> whether fastpath translates it
+        # (a ClusterIP of another proxy's Service is allocated, not ours);
+        # and which of them the last rebuild/apply changed.
+        self.cluster_ips: dict[str, bool] = {}
+        self.changed_cluster_ips: set[str] = set()
+        self._cluster_ip_of: dict[Key, str] = {}
         self._services: dict[Key, Service] = {}
         self._slices: dict[Key, dict[str, EndpointSlice]] = {}   # by owning Service
         self._by_service: dict[Key, dict[Frontend, FrontendState]] = {}
@@ -111,12 +122,28 @@ class ServiceTable:
         with no_cyclic_gc():
             return self._recompile_gc_off(services)
 
+    def _track_cluster_ip(self, key: Key, svc: Optional[Service]) -> None:
+        old = self._cluster_ip_of.pop(key, None)
+        ip = next((i for i in svc.cluster_ips if ":" not in i), None) if svc else None
+        if old is not None and old != ip:
+            self.cluster_ips.pop(old, None)
+            self.changed_cluster_ips.add(old)
+        if ip is not None:
+            self._cluster_ip_of[key] = ip
+            mine = translated(svc, self.proxy_name)
+            if self.cluster_ips.get(ip) != mine:
+                self.cluster_ips[ip] = mine
+                self.changed_cluster_ips.add(ip)
+
     def _recompile_gc_off(self, services: Iterable[Key]) -> dict[Frontend, Optional[FrontendState]]:
         affected: set[Frontend] = set()
+        self.changed_cluster_ips = set()
         for key in services:
+            self._track_cluster_ip(key, self._services.get(key))
             for fe in self._by_service.pop(key, ()):
                 self._claims[fe].discard(key)
                 affected.add(fe)
+            self.health_checks.pop(key, None)
             svc = self._services.get(key)
             if svc is None:
                 continue
@@ -124,8 +151,11 @@ class ServiceTable:
             # Slice-name order, as the snapshot gives them: the compiler's
             # tie-breaks must see the same sequence either way.
             slices = [group[n] for n in sorted(group)]
+            hc = health_check(svc, slices, self.node_name, self.proxy_name)
+            if hc is not None:
+                self.health_checks[key] = hc
             compiled = compile_service(svc, slices, self.node_name, self.node_zone,
-                                       self.proxy_name)
+                                       self.proxy_name, options=self.options)
             if not compiled:
                 continue
             self._by_service[key] = compiled

@@ -26,6 +26,7 @@ NSEC = 1_000_000_000
 FORWARD, REPLY, POLICY = DEFS["FP_CT_FORWARD"], DEFS["FP_CT_REPLY"], DEFS["FP_CT_POLICY"]
 DIRECTIONS = {FORWARD: "forward", REPLY: "reply", POLICY: "policy"}
 F_HAIRPIN = DEFS["FP_CT_F_HAIRPIN"]
+F_SNAT = DEFS["FP_CT_F_SNAT"]
 
 STATES = {c.value: c.label for c in _D.ct_states.values()}
 STATE = {c.name[len("FP_CT_"):].lower(): c.value for c in _D.ct_states.values()}
@@ -53,6 +54,8 @@ class CtValue(NamedTuple):
     state: int
     backend_id: int
     svc_id: int
+    peer_addr: int = 0  # with F_SNAT: forward: the source it leaves with; reply: the client
+    peer_port: int = 0
 
 
 class PolicyValue(NamedTuple):
@@ -101,6 +104,12 @@ def state_label(state: int) -> str:
 def partner(key: CtKey, value: CtValue, hairpin_ip: int) -> CtKey:
     """The other entry of a translated flow (fp_ct_partner in bpf/lib/ct.h)."""
     hairpin = value.flags & F_HAIRPIN
+    if value.flags & F_SNAT:
+        if key.dir == FORWARD:
+            return CtKey(value.nat_addr, value.peer_addr, value.nat_port, value.peer_port,
+                         key.proto, REPLY)
+        return CtKey(value.peer_addr, value.nat_addr, value.peer_port, value.nat_port,
+                     key.proto, FORWARD)
     if key.dir == FORWARD:
         return CtKey(value.nat_addr, hairpin_ip if hairpin else key.saddr, value.nat_port,
                      key.sport, key.proto, REPLY)

@@ -30,6 +30,9 @@ class Endpoint:
     # When this attachment was (last) registered (wall clock, persisted): a
     # CNI DEL queued before it is about an earlier attachment and is dropped.
     added_at: float = 0.0
+    # hostPorts from the CNI portMappings capability, validated by the agent:
+    # (host port, container port, protocol, host IP or "") each
+    port_mappings: tuple[tuple[int, int, str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -44,6 +47,15 @@ class Endpoint:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    @property
+    def owner(self) -> tuple[str, str]:
+        """The pod this attachment belongs to (namespace, name), or the
+        container id when the runtime gave no pod name: what its hostPorts
+        are registered under, so a new sandbox of one pod replaces the old."""
+        if self.pod_name:
+            return (self.pod_namespace, self.pod_name)
+        return ("", self.container_id or self.ip)
+
     @classmethod
     def from_json(cls, text: str | bytes) -> "Endpoint":
         """An endpoint from its state file; ValueError naming the field if
@@ -54,6 +66,9 @@ class Endpoint:
         values = {}
         for f in fields(cls):
             if f.name not in data:
+                continue
+            if f.name == "port_mappings":
+                values[f.name] = _port_mappings(data[f.name])
                 continue
             value, want = data[f.name], _FIELD_TYPES[f.type]
             if isinstance(value, bool) or not isinstance(value, want):
@@ -66,6 +81,20 @@ class Endpoint:
         except ValueError:
             raise ValueError(f"ip {values['ip']!r:.40} is not an IPv4 address") from None
         return cls(**values)
+
+
+def _port_mappings(value) -> tuple[tuple[int, int, str, str], ...]:
+    shape = "a list of [host port, container port, protocol, host IP]"
+    if not isinstance(value, list):
+        raise ValueError(f"port_mappings must be {shape}, not {value!r:.40}")
+    out = []
+    for m in value:
+        if (not isinstance(m, list) or len(m) != 4
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in m[:2])
+                or not all(isinstance(x, str) for x in m[2:])):
+            raise ValueError(f"port_mappings must be {shape}, not {m!r:.40}")
+        out.append(tuple(m))
+    return tuple(out)
 
 
 _FIELD_TYPES = {"str": str, "int": int, "float": (int, float)}

@@ -13,6 +13,10 @@ they read as test addresses in any trace.
       10.(240+j).k.1/32      ENI j (ethj) of node k
       10.(240+j).k.10-250    pod IPs of node k on ENI j, each a /32 in its pod
     10.239.i.1, 10.239.i.2 the two ends of direct pair i (no node in between)
+    10.250.0.0/24          outside the cluster: external clients (a user, a
+                           cloud load balancer's probe) reach the VPC here
+      10.250.0.253           its gateway (held by the vpc netns)
+      10.250.0.(10+c)/24     external client c (c = 1..MAX_CLIENTS)
     169.254.1.1            pods' default gateway; never assigned, only a
                            permanent neighbour entry in each pod (as Terway)
 
@@ -28,6 +32,8 @@ parallel worlds never collide and leftovers of dead ones can be found:
     fpw<tag>-p-<pod>       a pod netns (pod names are unique per world, as in
                            a Kubernetes namespace)
     fpw<tag>-d<i>a/b       the ends of direct pair i
+    fpw<tag>-c-<name>      an external client netns
+    fpw<tag>c<c>           vpc-side veth of external client c
     fpw<tag>n<k>e<j>       vpc-side veth of node k's eth<j> (eth0 = primary)
     cali<11 hex>           host side of a pod's veth: sha1(world tag + pod name),
                            the shape Terway gives it
@@ -46,7 +52,7 @@ TAG_RE = re.compile(r"^[0-9a-f]{4}$")
 def world_name_re(prefix: str = PREFIX) -> re.Pattern:
     """Matches a netns or link name of some world and captures its tag: prefix +
     4 hex, then "-" (netns) or "n<digit>" (vpc-side veth)."""
-    return re.compile(rf"^{re.escape(prefix)}([0-9a-f]{{4}})(-|n\d)")
+    return re.compile(rf"^{re.escape(prefix)}([0-9a-f]{{4}})(-|n\d|c\d)")
 
 
 WORLD_NAME_RE = world_name_re()
@@ -61,6 +67,10 @@ POD_FIRST_HOST = 10
 POD_LAST_HOST = 250
 MAX_PODS_PER_ENI = POD_LAST_HOST - POD_FIRST_HOST + 1
 MAX_DIRECT_PAIRS = 250
+CLIENT_NET = "10.250.0.0/24"
+CLIENT_PREFIXLEN = 24
+CLIENT_GATEWAY = "10.250.0.253"
+MAX_CLIENTS = 200
 
 # Kubernetes-like object names; also keeps netns names free of shell or
 # path characters.
@@ -108,6 +118,21 @@ def eni_table(ifindex: int) -> int:
 def direct_ips(i: int) -> tuple[str, str]:
     _check_range("direct pair index", i, 1, MAX_DIRECT_PAIRS)
     return f"10.239.{i}.1", f"10.239.{i}.2"
+
+
+def client_ip(c: int) -> str:
+    _check_range("client index", c, 1, MAX_CLIENTS)
+    return f"10.250.0.{10 + c}"
+
+
+def client_ns(tag: str, name: str) -> str:
+    return f"{PREFIX}{tag}-c-{name}"
+
+
+def vpc_client_ifname(tag: str, c: int) -> str:
+    name = f"{PREFIX}{tag}c{c}"
+    assert len(name) <= IFNAMSIZ, name
+    return name
 
 
 def vpc_ns(tag: str) -> str:

@@ -85,8 +85,40 @@ while True:
 """
 
 
-def serve_reply(pod, port: int, reply: str):
-    """Start the reply server in `pod` and wait until it listens."""
-    p = pod.popen(["python3", "-c", REPLY_SERVER, pod.ip, str(port), reply])
-    pod.wait_port(port)
+def serve_reply(pod, port: int, reply: str, *, peer: bool = False, udp: bool = False,
+                host: str | None = None):
+    """Start the reply server in `pod` and wait until it listens. With
+    `peer`, each answer is `reply` followed by " <address:port>" of the
+    client as the server saw it: what proves whether a source address was
+    kept or translated on the way. `udp`: answer datagrams instead (always
+    with the peer)."""
+    script = PEER_SERVER if (peer or udp) else REPLY_SERVER
+    args = [host or pod.ip, str(port), reply] + (["udp"] if udp else [])
+    p = pod.popen(["python3", "-c", script, *args])
+    pod.wait_port(port, udp=udp)
     return p
+
+
+PEER_SERVER = r"""
+import socket, sys, threading
+host, port, reply = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if sys.argv[4:] == ["udp"]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, port))
+    while True:
+        data, addr = s.recvfrom(2048)
+        s.sendto(f"{reply} {addr[0]}:{addr[1]}".encode(), addr)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port)); s.listen(128)
+def answer(c, addr):
+    with c:
+        c.settimeout(3)
+        try:
+            c.recv(100)
+            c.sendall(f"{reply} {addr[0]}:{addr[1]}".encode())
+        except OSError:
+            pass
+while True:
+    c, addr = s.accept()
+    threading.Thread(target=answer, args=(c, addr), daemon=True).start()
+"""

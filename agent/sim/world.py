@@ -241,6 +241,42 @@ class Node(Netns):
         return f"<Node {self.name} {self.ip} enis={[e.name for e in self.enis]} pods={len(self.pods)}>"
 
 
+class Client(Endpoint):
+    """A host outside the cluster (a user, a load balancer's health probe)
+    that reaches the VPC through its gateway: eth0 holds 10.250.0.(10+c)/24,
+    default via the gateway the vpc netns holds. The vpc routes it like any
+    subnet, so it reaches node addresses, pod IPs, and whatever external or
+    load-balancer IPs `World.route_to_node` sends to a node."""
+
+    def __init__(self, world: "World", name: str, index: int):
+        super().__init__(name, plan.client_ns(world.tag, name), plan.client_ip(index))
+        self.index = index
+        self.vpc_ifname = plan.vpc_client_ifname(world.tag, index)
+
+    def _build(self, world: "World") -> None:
+        vpc = world.vpc
+        self._create()
+        ip_batch(vpc.netns, [f"link add {self.vpc_ifname} type veth peer name eth0 "
+                             f"netns {self.netns}"])
+        ip_batch(self.netns, [
+            f"addr add {self.ip}/{plan.CLIENT_PREFIXLEN} dev eth0",
+            "link set eth0 up",
+            f"route add default via {plan.CLIENT_GATEWAY} dev eth0",
+        ])
+        vpc.sysctl({f"net.ipv4.conf.{self.vpc_ifname}.proxy_arp": 1,
+                    f"net.ipv4.neigh.{self.vpc_ifname}.proxy_delay": 0})
+        ip_batch(vpc.netns, [
+            f"addr add {plan.CLIENT_GATEWAY}/32 dev {self.vpc_ifname}",
+            f"link set {self.vpc_ifname} up",
+            f"route add {self.ip}/32 dev {self.vpc_ifname} scope link",
+        ])
+        link = self.link("eth0")
+        self.ifindex, self.mac = link["ifindex"], link["address"]
+
+    def __repr__(self) -> str:
+        return f"<Client {self.name} {self.ip}>"
+
+
 class DirectPair:
     """Two pod-like netns joined by one plain veth: the physical limit for a
     pod-to-pod path (no node, no routing decision, no BPF)."""
@@ -327,6 +363,7 @@ class World:
         self.vpc_ns = ""
         self.nodes: list[Node] = []
         self.direct_pairs: list[DirectPair] = []
+        self.clients: list[Client] = []
         self._ns: list[Netns] = []          # every netns made, in creation order
         self._lock_fd: int | None = None
         self._owner_pid = os.getpid()
@@ -432,6 +469,25 @@ class World:
         self.nodes.append(node)
         return node
 
+    def add_client(self, name: str) -> Client:
+        """An external client on the VPC side (outside every node)."""
+        plan.check_name("client", name)
+        if any(c.name == name for c in self.clients):
+            raise ValueError(f"client {name!r} already exists")
+        c = Client(self, name, len(self.clients) + 1)
+        self._track(c)
+        c._build(self)
+        self.clients.append(c)
+        return c
+
+    def route_to_node(self, ip: str, node: "Node", via_eni: int = 0) -> None:
+        """Make the vpc send `ip` (an external or load-balancer IP) to
+        `node`: to its primary address, or to ENI `via_eni`'s, as a VPC
+        route entry or a load balancer would."""
+        nic = node.eth0 if not via_eni else node.eni(via_eni)
+        self.vpc.iproute("route", "replace", f"{ip}/32", "via", nic.ip, "dev", nic.vpc_ifname,
+                         "onlink")
+
     def add_direct_pair(self) -> DirectPair:
         pair = DirectPair(self, len(self.direct_pairs) + 1)
         pair._build(self)
@@ -464,5 +520,5 @@ def direct_pair() -> Iterator[DirectPair]:
         yield w.add_direct_pair()
 
 
-__all__ = ["World", "Node", "Pod", "Eni", "Iface", "Endpoint", "DirectPair",
+__all__ = ["World", "Node", "Pod", "Eni", "Iface", "Endpoint", "DirectPair", "Client",
            "direct_pair", "cleanup_stale"]

@@ -25,17 +25,17 @@
 #define FP_MAP_COUNTERS   fp_cnt_v1
 #define FP_MAP_BYPASS     fp_bypass4_v1
 #define FP_MAP_DECISION   fp_decision_v1
-#define FP_MAP_SERVICES   fp_svc4_v1
+#define FP_MAP_SERVICES   fp_svc4_v2
 #define FP_MAP_SLOTS      fp_slot4_v1
 #define FP_MAP_BACKENDS   fp_be4_v1
-#define FP_MAP_CT         fp_ct4_v2
-#define FP_MAP_CT_NEW     fp_ctnew4_v1
+#define FP_MAP_CT         fp_ct4_v3
+#define FP_MAP_CT_NEW     fp_ctnew4_v2
 #define FP_MAP_CT_POLICY  fp_ctpol4_v1
 #define FP_MAP_FRAG       fp_frag4_v1
 #define FP_MAP_CT_STATS   fp_ctstat_v1
 #define FP_MAP_AFFINITY   fp_aff4_v1
 #define FP_MAP_SOCKREV    fp_sockrev4_v1
-#define FP_MAP_CONFIG     fp_cfg_v2
+#define FP_MAP_CONFIG     fp_cfg_v3
 #define FP_MAP_EVENTS     fp_events_v1
 #define FP_MAP_IPCACHE    fp_ipcache4_v1
 #define FP_MAP_POLICY_EP  fp_polep4_v1
@@ -43,7 +43,15 @@
 #define FP_MAP_POLICY_CNT fp_polcnt_v1
 #define FP_MAP_SOCKLB_SKIP fp_sklbskip_v1
 #define FP_MAP_CRC32C     fp_crc32c_v1
+#define FP_MAP_MAGLEV     fp_maglev4_v1
+#define FP_MAP_SRC_RANGE  fp_srcrng4_v1
+#define FP_MAP_SVCNET     fp_svcnet4_v1
 #define FP_MAP_EP_IFINDEX fp_epif_v1
+/* Programs reached by tail call (FP_TAIL_* below). Pinned: attached
+ * programs keep reaching them while the agent restarts (a prog array
+ * forgets its programs once no file or pin refers to it); the agent writes
+ * every slot at each start, before it attaches anything. */
+#define FP_MAP_TAILS      fp_tails_v1
 /* Bandwidth manager (lib/bw.h): per-pod limits, their state, tracked
  * connections of connection-limited pods, per-pod counters. */
 #define FP_MAP_BW          fp_bw4_v1
@@ -96,10 +104,16 @@ _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 	X(FP_DROP_REDIRECT,  102, "dropped-redirect-failed")   \
 	X(FP_DROP_NO_BACKEND, 103, "dropped-service-no-backend") \
 	X(FP_DROP_CSUM,      104, "dropped-checksum-update") \
-	X(FP_DROP_POLICY,    105, "dropped-policy-denied") \
+	X(FP_DROP_POLICY,    105, "dropped-policy-denied")     \
 	X(FP_DROP_IPV6_UNJUDGED, 106, "dropped-ipv6-not-judged") \
 	X(FP_DROP_CT_NO_BACKEND, 107, "dropped-ct-no-backend") \
 	X(FP_DROP_FRAG_NO_FIRST, 108, "dropped-fragment-without-first") \
+	X(FP_DROP_NO_LOCAL_BACKEND, 109, "dropped-service-no-local-backend") \
+	X(FP_DROP_SOURCE_RANGE, 110, "dropped-source-range")       \
+	X(FP_DROP_SVC_UNALLOCATED, 111, "dropped-service-unallocated") \
+	X(FP_DROP_SVC_UNKNOWN_PORT, 112, "dropped-service-unknown-port") \
+	X(FP_DROP_SNAT_NO_PORT, 113, "dropped-snat-no-port") \
+	X(FP_DROP_NO_TAIL_CALL, 114, "dropped-tail-call-missing") \
 	X(FP_DROP_BW_EGRESS,  120, "dropped-bandwidth-egress") \
 	X(FP_DROP_BW_INGRESS, 121, "dropped-bandwidth-ingress") \
 	X(FP_DROP_BW_HORIZON, 122, "dropped-bandwidth-horizon") \
@@ -146,14 +160,29 @@ struct fp_svc4_key {
 	__be32 vip;            /* NBO */
 	__be16 port;           /* NBO */
 	__u8 proto;            /* IPPROTO_* */
-	__u8 pad;
+	__u8 scope;            /* FP_SCOPE_*: which clients the entry is for */
 };
 _Static_assert(sizeof(struct fp_svc4_key) == 8, "fp_svc4_key layout");
 
+/* An internal entry serves this node's own sockets and pods, and traffic
+ * from outside when the frontend has no external entry; an external entry
+ * serves only traffic arriving on the node's interfaces (the primary NIC
+ * and the ENIs), which looks for it first (externalTrafficPolicy Local,
+ * Maglev). agent/lb/compile.py SCOPE_* are these values. */
+#define FP_SCOPE_INTERNAL 0
+#define FP_SCOPE_EXTERNAL 1
+
 #define FP_SVC_F_AFFINITY  (1U << 0)  /* sessionAffinity: ClientIP */
-#define FP_SVC_F_REJECT    (1U << 1)  /* no usable endpoint: reject, never black-hole */
-#define FP_SVC_F_LOCAL     (1U << 2)  /* internalTrafficPolicy Local applied */
-#define FP_SVC_F_EXTERNAL  (1U << 3)  /* ExternalIP / LoadBalancer frontend */
+#define FP_SVC_F_REJECT    (1U << 1)  /* no usable endpoint anywhere: reject, never black-hole */
+#define FP_SVC_F_LOCAL     (1U << 2)  /* a Local traffic policy applied */
+#define FP_SVC_F_EXTERNAL  (1U << 3)  /* a node-facing frontend (ExternalIP, LoadBalancer
+				       * IP, NodePort, hostPort) */
+#define FP_SVC_F_DROP      (1U << 4)  /* endpoints exist, but the traffic policy leaves
+				       * none for this entry's clients here: drop */
+#define FP_SVC_F_MAGLEV    (1U << 5)  /* new flows choose by the Maglev table */
+#define FP_SVC_F_SRC_RANGE (1U << 6)  /* loadBalancerSourceRanges: other sources dropped */
+#define FP_SVC_F_NODEPORT  (1U << 7)  /* a NodePort (kind, for inspection) */
+#define FP_SVC_F_HOSTPORT  (1U << 8)  /* a pod's hostPort (kind, for inspection) */
 
 struct fp_svc4 {
 	__u32 svc_id;          /* HBO */
@@ -162,6 +191,15 @@ struct fp_svc4 {
 	__u32 affinity_timeout; /* HBO: seconds, with FP_SVC_F_AFFINITY */
 };
 _Static_assert(sizeof(struct fp_svc4) == 12, "fp_svc4 layout");
+
+/* Service address ranges (kube-proxy's nftables-mode checks): an LPM trie
+ * of IPv4 prefixes (struct fp_lpm4_key) -> __u32 FP_SVCNET_F_* flags. A new
+ * flow to an address here that is no frontend is rejected when the address
+ * is a live ClusterIP (an unknown port or protocol), dropped when it lies in
+ * a Service CIDR but is no ClusterIP (unallocated); a ClusterIP of a Service
+ * fastpath does not translate (another proxy's) is here with no flag. */
+#define FP_SVCNET_F_CLUSTER_IP (1U << 0)
+#define FP_SVCNET_F_RANGE      (1U << 1)
 
 struct fp_slot_key {
 	__u32 svc_id;          /* HBO */
@@ -184,6 +222,32 @@ struct fp_backend4 {
 	__u8 flags;            /* FP_BE_F_* */
 };
 _Static_assert(sizeof(struct fp_backend4) == 8, "fp_backend4 layout");
+
+/* Maglev: for a frontend with FP_SVC_F_MAGLEV, a new flow takes entry
+ * fp_maglev_hash(flow) % FP_MAGLEV_M of its table (the same backends on
+ * every node for a flow; agent/lb/maglev.py builds the table). Keyed by
+ * service id (__u32 HBO). FP_MAGLEV_M is a build option (the prime
+ * maglev_table_size of agent/config), so the value's size is too. */
+#ifndef FP_MAGLEV_M
+#define FP_MAGLEV_M 1021
+#endif
+
+struct fp_maglev {
+	__u32 backend_ids[FP_MAGLEV_M];  /* HBO */
+};
+
+/* loadBalancerSourceRanges: an LPM trie keyed by the frontend's service id
+ * (matched exactly, the first 32 bits of the prefix) then the source
+ * prefix. A frontend with FP_SVC_F_SRC_RANGE drops (FP_DROP_SOURCE_RANGE)
+ * a new flow whose source has no match. Value: __u8, unused. */
+#define FP_SRC_RANGE_FIXED_BITS 32
+
+struct fp_srcrange4_key {
+	__u32 prefixlen;       /* HBO: 32 + the source prefix length */
+	__u32 svc_id;          /* HBO */
+	__be32 addr;           /* NBO */
+};
+_Static_assert(sizeof(struct fp_srcrange4_key) == 12, "fp_srcrange4_key layout");
 
 /* Connection tracking (bpf/lib/ct.h owns it; agent/conntrack/ is its agent
  * side). Four maps, so that one kind of state can never evict another:
@@ -227,6 +291,10 @@ _Static_assert(sizeof(struct fp_backend4) == 8, "fp_backend4 layout");
 				      * pod drops packets whose source is its own IP */
 #define FP_CT_F_FIN_ORIG  (1U << 1)  /* the flow's originator sent a FIN */
 #define FP_CT_F_FIN_REPLY (1U << 2)  /* the other end sent a FIN */
+#define FP_CT_F_SNAT      (1U << 4)  /* a flow from outside sent to a backend on
+				      * another node: its source was replaced by
+				      * (peer_addr, peer_port), so the reply comes
+				      * back through this node */
 #define FP_CT_F_ORIG_HIGH (1U << 3)  /* policy entries: the originator is the
 				      * key's (daddr, dport) end */
 
@@ -254,6 +322,10 @@ struct fp_ct4_key {
 };
 _Static_assert(sizeof(struct fp_ct4_key) == 16, "fp_ct4_key layout");
 
+/* With FP_CT_F_SNAT, peer_addr/peer_port are the SNAT in force: on the
+ * forward entry the source the flow leaves with (the node's address and a
+ * port of FP_SNAT_PORT_MIN..MAX), on the reply entry the client the reply
+ * goes back to. */
 struct fp_ct4 {
 	__u64 last_seen;       /* HBO: bpf_ktime_get_ns() of the last refresh (coarse, ~1 s) */
 	__be32 nat_addr;       /* NBO: forward: backend IP; reply: VIP */
@@ -262,8 +334,18 @@ struct fp_ct4 {
 	__u8 state;            /* enum fp_ct_state */
 	__u32 backend_id;      /* HBO */
 	__u32 svc_id;          /* HBO */
+	__be32 peer_addr;      /* NBO: with FP_CT_F_SNAT (see above) */
+	__be16 peer_port;      /* NBO */
+	__u16 pad;
 };
-_Static_assert(sizeof(struct fp_ct4) == 24, "fp_ct4 layout");
+_Static_assert(sizeof(struct fp_ct4) == 32, "fp_ct4 layout");
+
+/* Source ports SNAT may give a flow (their own range, above Linux's default
+ * ephemeral ports, 32768-60999, so no socket of the node shares a tuple with
+ * a translated flow), and how many it tries before giving up on a flow. */
+#define FP_SNAT_PORT_MIN 61000
+#define FP_SNAT_PORT_MAX 65535
+#define FP_SNAT_TRIES    8
 
 struct fp_ctpol4 {
 	__u64 last_seen;       /* HBO: as in fp_ct4 */
@@ -361,12 +443,16 @@ struct fp_sockrev4 {
 #define FP_CFG_EV_TRACE          (1U << 0)  /* every forwarding decision */
 #define FP_CFG_EV_POLICY         (1U << 1)  /* policy verdicts of new flows */
 
+/* node_ip4 is the source of Service traffic SNATed on its way to a backend
+ * on another node, and of the node's unbound sockets. */
 struct fp_config {
 	__u64 host_netns_cookie; /* HBO: the node's netns, for host-only socket-LB */
 	__u32 flags;             /* HBO: FP_CFG_F_* */
 	__u32 events;            /* HBO: FP_CFG_EV_* */
+	__be32 node_ip4;         /* NBO: the node's primary address (SNAT source) */
+	__u32 primary_ifindex;   /* HBO: the node's primary NIC (eth0) */
 };
-_Static_assert(sizeof(struct fp_config) == 16, "fp_config layout");
+_Static_assert(sizeof(struct fp_config) == 24, "fp_config layout");
 
 /* Socket-LB opt-out: network namespaces (pods annotated
  * fastpath.io/socket-lb: disabled, or in such a namespace) whose sockets
@@ -623,5 +709,13 @@ struct fp_bwcnt_key {
 	__u8 pad;
 };
 _Static_assert(sizeof(struct fp_bwcnt_key) == 8, "fp_bwcnt_key layout");
+
+/* Slots of FP_MAP_TAILS. A walk that continues in another program returns
+ * FP_TAIL_ROUTE to its entry point, which tail-calls the slot. The second
+ * program's layout of the hand-over (pod.c: struct fp_pod_route) is part of
+ * the slot's contract: change it, and the map's version changes too. */
+#define FP_TAIL_FROM_POD_ROUTE 0
+#define FP_TAIL_MAX            4
+#define FP_TAIL_ROUTE          0x7fff   /* not a tc verdict */
 
 #endif /* FASTPATH_H */

@@ -26,6 +26,12 @@
  *   - RELATED for policy: an ICMP error quoting an admitted flow passes.
  *   - ICMP echo is tracked by its identifier (struct fp_l4).
  *   - fragments: later fragments follow their first one's record.
+ *   - traffic from outside the node (fp_ct_service_from with `outside`):
+ *     the frontend's external entry first, Maglev when it says so, and a
+ *     backend on another node gets the flow with the node's address as its
+ *     source (SNAT, FP_CT_F_SNAT: the port comes from FP_SNAT_PORT_MIN..MAX,
+ *     the reply tuple it makes must be free), so the reply comes back
+ *     through this node, which puts the client back (fp_ct_reverse).
  *
  * Cost: a packet of an established translated flow makes one conntrack
  * lookup (the established hash) in each direction; its entry is written at
@@ -127,6 +133,23 @@ static __always_inline void fp_ct_partner(const struct fp_ct4_key *key, const st
 
 	p->proto = key->proto;
 	p->pad = 0;
+	if (ct->flags & FP_CT_F_SNAT) {
+		/* forward: client -> frontend; reply: backend -> (node, SNAT port) */
+		if (key->dir == FP_CT_FORWARD) {
+			p->saddr = ct->nat_addr;
+			p->daddr = ct->peer_addr;
+			p->sport = ct->nat_port;
+			p->dport = ct->peer_port;
+			p->dir = FP_CT_REPLY;
+		} else {
+			p->saddr = ct->peer_addr;
+			p->daddr = ct->nat_addr;
+			p->sport = ct->peer_port;
+			p->dport = ct->nat_port;
+			p->dir = FP_CT_FORWARD;
+		}
+		return;
+	}
 	if (key->dir == FP_CT_FORWARD) {
 		p->saddr = ct->nat_addr;
 		p->daddr = hairpin ? FP_HAIRPIN_IP : key->saddr;
@@ -220,39 +243,101 @@ static __always_inline void fp_ct_nat_seen(struct fp_ct4_key *key, struct fp_ct4
 
 /* ---- the forward direction: Service translation ---- */
 
-/* DNAT a packet addressed to a frontend. Returns 0 when translated (ip and
+/* The service entry a packet to (daddr, dport, proto) uses: traffic from
+ * outside asks for the frontend's external entry first (its own backends,
+ * Maglev), then for the one entry the frontend has for everyone. */
+static __always_inline struct fp_svc4 *fp_ct_frontend(const struct fp_ipv4 *ip,
+						      const struct fp_l4 *l4, int outside)
+{
+	struct fp_svc4 *svc = NULL;
+
+	if (outside)
+		svc = fp_service_lookup_scope(ip->daddr, l4->dport, ip->proto, FP_SCOPE_EXTERNAL);
+	if (!svc)
+		svc = fp_service_lookup(ip->daddr, l4->dport, ip->proto);
+	return svc;
+}
+
+/* A source port for a flow SNATed to (snat, port) towards (baddr, bport):
+ * one whose reply tuple no live flow holds. -1 after FP_SNAT_TRIES tries. */
+static __always_inline int fp_ct_snat_port(__be32 snat, __be32 baddr, __be16 bport, __u8 proto,
+					   __u64 now, __be16 *out)
+{
+	struct fp_ct4_key rk = {};
+	__u32 range = FP_SNAT_PORT_MAX - FP_SNAT_PORT_MIN + 1;
+	__u32 start = bpf_get_prandom_u32() % range;
+	int i, tier = 0;
+
+	rk.saddr = baddr;
+	rk.daddr = snat;
+	rk.sport = bport;
+	rk.proto = proto;
+	rk.dir = FP_CT_REPLY;
+#pragma unroll
+	for (i = 0; i < FP_SNAT_TRIES; i++) {
+		__u32 p = start + i;
+
+		if (p >= range)
+			p -= range;
+		rk.dport = bpf_htons((__u16)(FP_SNAT_PORT_MIN + p));
+		if (!fp_ct_nat_get(&rk, &tier, now)) {
+			*out = rk.dport;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/* DNAT a packet addressed to a frontend (and SNAT it, for a flow from
+ * outside to a backend on another node). Returns 0 when translated (ip and
  * l4 then describe the rewritten packet), 1 when the destination is not a
  * service, and -1 (with *reason) when the packet must be dropped:
  * FP_DROP_NO_BACKEND (an opening packet, nothing to pick: the caller
- * rejects it), FP_DROP_CT_NO_BACKEND (a mid-stream packet of a flow
- * conntrack does not know), FP_DROP_CSUM. */
-static __always_inline int fp_ct_service(struct __sk_buff *skb, struct fp_ipv4 *ip,
-					 struct fp_l4 *l4, enum fp_reason *reason)
+ * rejects it), FP_DROP_NO_LOCAL_BACKEND (endpoints exist, none for these
+ * clients here), FP_DROP_SOURCE_RANGE (loadBalancerSourceRanges),
+ * FP_DROP_SNAT_NO_PORT, FP_DROP_CT_NO_BACKEND (a mid-stream packet of a
+ * flow conntrack does not know), FP_DROP_CSUM.
+ * `outside`: the packet arrived on one of the node's interfaces (the
+ * primary NIC or an ENI), not from a local pod. */
+static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_ipv4 *ip,
+					      struct fp_l4 *l4, enum fp_reason *reason, int outside)
 {
 	struct fp_svc4 *svc;
-	struct fp_ct4_key fwd = {}, rev = {}, old_rev = {};
-	struct fp_ct4 *ct, entry = {}, reply = {};
+	struct fp_ct4_key *fwd, *rev, *old_rev;
+	struct fp_ct4 *ct, *entry, *reply;
+	struct fp_ct_work *w;
 	struct fp_backend4 *be;
 	__u32 backend_id = 0;
-	__be32 baddr;
-	__be16 bport;
-	int tier = 0, hairpin, keep = 0, had_old = 0;
+	__be32 baddr, snat_addr = 0;
+	__be16 bport, snat_port = 0;
+	int tier = 0, hairpin, keep = 0, had_old = 0, snat = 0;
 	__u64 now;
 
 	if (l4->kind != FP_L4_PORTS)
 		return 1;
-	svc = fp_service_lookup(ip->daddr, l4->dport, ip->proto);
+	svc = fp_ct_frontend(ip, l4, outside);
 	if (!svc)
 		return 1;
+	w = fp_ct_work_scratch();
+	if (!w) {
+		*reason = FP_DROP_INVALID;
+		return -1;
+	}
+	__builtin_memset(w, 0, sizeof(*w));
+	fwd = &w->fwd;
+	rev = &w->rev;
+	old_rev = &w->old_rev;
+	entry = &w->entry;
+	reply = &w->reply;
 	now = bpf_ktime_get_ns();
-	fwd.saddr = ip->saddr;
-	fwd.daddr = ip->daddr;
-	fwd.sport = l4->sport;
-	fwd.dport = l4->dport;
-	fwd.proto = ip->proto;
-	fwd.dir = FP_CT_FORWARD;
+	fwd->saddr = ip->saddr;
+	fwd->daddr = ip->daddr;
+	fwd->sport = l4->sport;
+	fwd->dport = l4->dport;
+	fwd->proto = ip->proto;
+	fwd->dir = FP_CT_FORWARD;
 
-	ct = fp_ct_nat_get(&fwd, &tier, now);
+	ct = fp_ct_nat_get(fwd, &tier, now);
 	if (ct) {
 		if (ct->svc_id != svc->svc_id)
 			keep = 0;          /* the frontend was re-created since */
@@ -264,7 +349,7 @@ static __always_inline int fp_ct_service(struct __sk_buff *skb, struct fp_ipv4 *
 			keep = fp_backend_lookup(ct->backend_id) != NULL;
 		if (!keep) {
 			had_old = 1;
-			fp_ct_partner(&fwd, ct, &old_rev);
+			fp_ct_partner(fwd, ct, old_rev);
 		}
 	}
 
@@ -273,6 +358,9 @@ static __always_inline int fp_ct_service(struct __sk_buff *skb, struct fp_ipv4 *
 		bport = ct->nat_port;
 		backend_id = ct->backend_id;
 		hairpin = ct->flags & FP_CT_F_HAIRPIN;
+		snat = ct->flags & FP_CT_F_SNAT;
+		snat_addr = ct->peer_addr;
+		snat_port = ct->peer_port;
 		if (l4->opening && ip->proto == IPPROTO_TCP) {
 			/* A retransmitted SYN, or a new connection on the tuple
 			 * of a live one: the handshake starts again, and the
@@ -281,27 +369,41 @@ static __always_inline int fp_ct_service(struct __sk_buff *skb, struct fp_ipv4 *
 			 * would reach the client from the backend, not the VIP. */
 			if (!fp_whatif()) {
 				ct->state = FP_CT_NEW;
-				ct->flags &= FP_CT_F_HAIRPIN;
+				ct->flags &= FP_CT_F_HAIRPIN | FP_CT_F_SNAT;
 				ct->last_seen = now;
 			}
-			fp_ct_partner(&fwd, ct, &rev);
-			reply.last_seen = now;
-			reply.flags = hairpin ? FP_CT_F_HAIRPIN : 0;
-			reply.state = FP_CT_NEW;
-			reply.nat_addr = ip->daddr;
-			reply.nat_port = l4->dport;
-			reply.backend_id = backend_id;
-			reply.svc_id = svc->svc_id;
-			fp_ct_tier_put(tier, &rev, &reply);
+			fp_ct_partner(fwd, ct, rev);
+			reply->last_seen = now;
+			reply->flags = (hairpin ? FP_CT_F_HAIRPIN : 0) | (snat ? FP_CT_F_SNAT : 0);
+			reply->state = FP_CT_NEW;
+			reply->nat_addr = ip->daddr;
+			reply->nat_port = l4->dport;
+			reply->backend_id = backend_id;
+			reply->svc_id = svc->svc_id;
+			if (snat) {
+				reply->peer_addr = ip->saddr;
+				reply->peer_port = l4->sport;
+			}
+			fp_ct_tier_put(tier, rev, reply);
 		} else {
-			fp_ct_nat_seen(&fwd, ct, tier, l4->tcp_flags, 0, now);
+			fp_ct_nat_seen(fwd, ct, tier, l4->tcp_flags, 0, now);
 		}
 	} else {
 		if (!l4->opening) {
 			*reason = FP_DROP_CT_NO_BACKEND;
 			return -1;
 		}
-		be = fp_lb_pick(svc, ip->saddr, &backend_id, now);
+		if (svc->flags & FP_SVC_F_DROP) {
+			*reason = FP_DROP_NO_LOCAL_BACKEND;
+			return -1;
+		}
+		if ((svc->flags & FP_SVC_F_SRC_RANGE) && !fp_src_range_ok(svc->svc_id, ip->saddr)) {
+			*reason = FP_DROP_SOURCE_RANGE;
+			return -1;
+		}
+		be = fp_lb_pick_flow(svc, ip->saddr,
+				     outside ? fp_maglev_hash(ip->saddr, l4->sport, l4->dport, ip->proto)
+					     : FP_NO_MAGLEV, &backend_id, now);
 		if (!be) {
 			*reason = FP_DROP_NO_BACKEND;
 			return -1;
@@ -309,39 +411,59 @@ static __always_inline int fp_ct_service(struct __sk_buff *skb, struct fp_ipv4 *
 		baddr = be->ip;
 		bport = be->port;
 		hairpin = baddr == ip->saddr;
+		if (outside && !hairpin && !fp_endpoint_lookup(baddr)) {
+			/* the backend is on another node: its reply must come back
+			 * through this one, which alone can put the client back */
+			struct fp_config *cfg = fp_config_get();
+
+			if (cfg && cfg->node_ip4) {
+				snat = 1;
+				snat_addr = cfg->node_ip4;
+				if (fp_ct_snat_port(snat_addr, baddr, bport, ip->proto, now, &snat_port)) {
+					*reason = FP_DROP_SNAT_NO_PORT;
+					return -1;
+				}
+			}
+		}
 		if (had_old) {
 			/* the old flow on this tuple: its reply entry may name
 			 * another backend, and its forward one another tier */
-			fp_ct_tier_del(FP_CT_TIER_EST, &old_rev);
-			fp_ct_tier_del(FP_CT_TIER_NEW, &old_rev);
+			fp_ct_tier_del(FP_CT_TIER_EST, old_rev);
+			fp_ct_tier_del(FP_CT_TIER_NEW, old_rev);
 		}
-		entry.last_seen = now;
-		entry.flags = hairpin ? FP_CT_F_HAIRPIN : 0;
-		entry.state = FP_CT_NEW;
-		entry.nat_addr = baddr;
-		entry.nat_port = bport;
-		entry.backend_id = backend_id;
-		entry.svc_id = svc->svc_id;
-		rev.saddr = baddr;
-		rev.daddr = hairpin ? FP_HAIRPIN_IP : ip->saddr;
-		rev.sport = bport;
-		rev.dport = l4->sport;
-		rev.proto = ip->proto;
-		rev.dir = FP_CT_REPLY;
-		reply.last_seen = now;
-		reply.flags = entry.flags;
-		reply.state = FP_CT_NEW;
-		reply.nat_addr = ip->daddr;
-		reply.nat_port = l4->dport;
-		reply.backend_id = backend_id;
-		reply.svc_id = svc->svc_id;
+		entry->last_seen = now;
+		entry->flags = (hairpin ? FP_CT_F_HAIRPIN : 0) | (snat ? FP_CT_F_SNAT : 0);
+		entry->state = FP_CT_NEW;
+		entry->nat_addr = baddr;
+		entry->nat_port = bport;
+		entry->backend_id = backend_id;
+		entry->svc_id = svc->svc_id;
+		entry->peer_addr = snat_addr;
+		entry->peer_port = snat_port;
+		rev->saddr = baddr;
+		rev->daddr = hairpin ? FP_HAIRPIN_IP : (snat ? snat_addr : ip->saddr);
+		rev->sport = bport;
+		rev->dport = snat ? snat_port : l4->sport;
+		rev->proto = ip->proto;
+		rev->dir = FP_CT_REPLY;
+		reply->last_seen = now;
+		reply->flags = entry->flags;
+		reply->state = FP_CT_NEW;
+		reply->nat_addr = ip->daddr;
+		reply->nat_port = l4->dport;
+		reply->backend_id = backend_id;
+		reply->svc_id = svc->svc_id;
+		if (snat) {
+			reply->peer_addr = ip->saddr;
+			reply->peer_port = l4->sport;
+		}
 		/* A new flow starts in the LRU; stale entries of the same keys
 		 * in the established hash (expired, not yet collected) would
 		 * hide it from lookups. */
-		fp_ct_tier_del(FP_CT_TIER_EST, &fwd);
-		fp_ct_tier_del(FP_CT_TIER_EST, &rev);
-		fp_ct_tier_put(FP_CT_TIER_NEW, &fwd, &entry);
-		fp_ct_tier_put(FP_CT_TIER_NEW, &rev, &reply);
+		fp_ct_tier_del(FP_CT_TIER_EST, fwd);
+		fp_ct_tier_del(FP_CT_TIER_EST, rev);
+		fp_ct_tier_put(FP_CT_TIER_NEW, fwd, entry);
+		fp_ct_tier_put(FP_CT_TIER_NEW, rev, reply);
 		fp_ct_event(FP_CTE_CREATED);
 	}
 
@@ -359,10 +481,24 @@ static __always_inline int fp_ct_service(struct __sk_buff *skb, struct fp_ipv4 *
 			return -1;
 		}
 		ip->saddr = router;
+	} else if (snat) {
+		if (fp_nat_rewrite(skb, ip, l4, 1, ip->saddr, snat_addr, l4->sport, snat_port)) {
+			*reason = FP_DROP_CSUM;
+			return -1;
+		}
+		ip->saddr = snat_addr;
+		l4->sport = snat_port;
 	}
 	fp_decision_nat(svc->svc_id, backend_id, ip->daddr, l4->dport);
 	*reason = FP_FWD_SVC;
 	return 0;
+}
+
+/* Translation of a pod's packet (the in-cluster view: no SNAT, no Maglev). */
+static __always_inline int fp_ct_service(struct __sk_buff *skb, struct fp_ipv4 *ip,
+					 struct fp_l4 *l4, enum fp_reason *reason)
+{
+	return fp_ct_service_from(skb, ip, l4, reason, 0);
 }
 
 /* A new TCP connection that is not translated (its SYN goes straight to a
@@ -554,9 +690,9 @@ static __always_inline int fp_ct_related_forward(struct __sk_buff *skb, struct f
 	struct fp_ct4_key key = {};
 	struct fp_quote q = {};
 	struct fp_ct4 *ct;
-	int tier = 0;
-	__be32 backend;
-	__be16 bport;
+	int tier = 0, snat;
+	__be32 backend, caddr;
+	__be16 bport, cport;
 
 	if (fp_ct_quote(skb, l4, &q))
 		return 1;
@@ -571,7 +707,13 @@ static __always_inline int fp_ct_related_forward(struct __sk_buff *skb, struct f
 		return 1;
 	backend = ct->nat_addr;
 	bport = ct->nat_port;
-	if (fp_ct_quote_rewrite(skb, ip, l4, &q, backend, q.daddr, bport, q.dport, ip->saddr,
+	/* SNAT: the backend sent its reply to the node's SNAT address and
+	 * port, and the error must come from there too */
+	snat = ct->flags & FP_CT_F_SNAT;
+	caddr = snat ? ct->peer_addr : q.daddr;
+	cport = snat ? ct->peer_port : q.dport;
+	if (fp_ct_quote_rewrite(skb, ip, l4, &q, backend, caddr, bport, cport,
+				snat ? ct->peer_addr : ip->saddr,
 				ip->daddr == q.saddr ? backend : ip->daddr))
 		return -1;
 	fp_ct_event(FP_CTE_RELATED);
@@ -581,7 +723,7 @@ static __always_inline int fp_ct_related_forward(struct __sk_buff *skb, struct f
 /* ---- the reply direction: reverse translation ---- */
 
 /* Put the VIP back on a packet of a translated flow's reply direction: a
- * reply from the backend (hairpin: also the client as destination), or an
+ * reply from the backend (hairpin, SNAT: also the client as destination), or an
  * ICMP error quoting one of the client's packets. Returns 1 when the packet
  * was rewritten, 0 when it belongs to no translated flow, -1 when a rewrite
  * failed. Replies move the flow's state; errors do not. */
@@ -592,9 +734,9 @@ static __always_inline int fp_ct_reverse(struct __sk_buff *skb, struct fp_ipv4 *
 	struct fp_ct4 *ct;
 	struct fp_quote q = {};
 	__u64 now = bpf_ktime_get_ns();
-	__be32 vip;
-	__be16 vport;
-	int tier = 0, hairpin;
+	__be32 vip, client;
+	__be16 vport, cport;
+	int tier = 0, hairpin, snat;
 
 	if (l4->kind == FP_L4_ICMP_ERR) {
 		if (fp_ct_quote(skb, l4, &q))
@@ -617,10 +759,21 @@ static __always_inline int fp_ct_reverse(struct __sk_buff *skb, struct fp_ipv4 *
 		 * and Service port back as its destination (hairpin: the client
 		 * back as its source); the error comes from the VIP when the
 		 * backend sent it (hairpin: it goes to the client). */
-		if (fp_ct_quote_rewrite(skb, ip, l4, &q, hairpin ? q.daddr : q.saddr, vip,
-					q.sport, vport,
+		snat = ct->flags & FP_CT_F_SNAT;
+		client = ct->peer_addr;
+		cport = ct->peer_port;
+		/* The quote is the client's packet after DNAT: it gets the VIP
+		 * and Service port back as its destination (hairpin: the client
+		 * back as its source; SNAT: the client's address and port back
+		 * as its source); the error comes from the VIP when the backend
+		 * sent it (hairpin: it goes to the client; SNAT: an error sent to
+		 * the node's SNAT address goes to the client). */
+		if (fp_ct_quote_rewrite(skb, ip, l4, &q,
+					hairpin ? q.daddr : (snat ? client : q.saddr), vip,
+					snat ? cport : q.sport, vport,
 					ip->saddr == q.daddr ? vip : ip->saddr,
-					hairpin && ip->daddr == FP_HAIRPIN_IP ? q.daddr : ip->daddr))
+					hairpin && ip->daddr == FP_HAIRPIN_IP ? q.daddr :
+					(snat && ip->daddr == q.saddr ? client : ip->daddr)))
 			return -1;
 		fp_ct_event(FP_CTE_RELATED);
 		return 1;
@@ -639,14 +792,23 @@ static __always_inline int fp_ct_reverse(struct __sk_buff *skb, struct fp_ipv4 *
 	vip = ct->nat_addr;
 	vport = ct->nat_port;
 	hairpin = ct->flags & FP_CT_F_HAIRPIN;
+	snat = ct->flags & FP_CT_F_SNAT;
+	client = ct->peer_addr;
+	cport = ct->peer_port;
+	/* (the entry may move between tiers here: nothing is read after) */
 	fp_ct_nat_seen(&key, ct, tier, l4->tcp_flags, 1, now);
 	if (hairpin) {
 		/* the client is the backend itself */
-		__be32 client = ip->saddr;
-
+		client = ip->saddr;
 		if (fp_nat_rewrite(skb, ip, l4, 0, ip->daddr, client, l4->dport, l4->dport))
 			return -1;
 		ip->daddr = client;
+	} else if (snat) {
+		/* the reply reached the node's SNAT address: the client again */
+		if (fp_nat_rewrite(skb, ip, l4, 0, ip->daddr, client, l4->dport, cport))
+			return -1;
+		ip->daddr = client;
+		l4->dport = cport;
 	}
 	if (fp_nat_rewrite(skb, ip, l4, 1, ip->saddr, vip, l4->sport, vport))
 		return -1;

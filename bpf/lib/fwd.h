@@ -98,8 +98,12 @@ static __always_inline int fp_redirect_local(struct __sk_buff *skb, struct fp_ip
  * against the ENI's MTU itself, segment by segment for a GSO packet (a
  * pod's TCP sends 64 KB ones). A packet too big for it goes to the stack,
  * which fragments it or answers "fragmentation needed" (path MTU). */
-static __always_inline int fp_redirect_vpc(struct __sk_buff *skb, const struct fp_ipv4 *ip,
-					   __u32 eni_ifindex, enum fp_reason *reason)
+#define FP_ANY_DEVICE 0xFFFFFFFFU
+
+/* Send where the FIB says, if that is `want` or `also` (FP_ANY_DEVICE:
+ * wherever it is); otherwise to the stack. */
+static __always_inline int fp_redirect_fib(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					   __u32 want, __u32 also, enum fp_reason *reason)
 {
 	struct bpf_fib_lookup fib = {};
 	int rc, ret;
@@ -114,7 +118,8 @@ static __always_inline int fp_redirect_vpc(struct __sk_buff *skb, const struct f
 
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
-	    eni_ifindex == 0 || fib.ifindex != eni_ifindex) {
+	    !(want == FP_ANY_DEVICE || (want && fib.ifindex == want) ||
+	      (also && fib.ifindex == also))) {
 		*reason = FP_FWD_FIB_MISS;
 		return FP_TC_CONTINUE;
 	}
@@ -147,6 +152,12 @@ static __always_inline int fp_redirect_vpc(struct __sk_buff *skb, const struct f
 	}
 	*reason = FP_FWD_ENI;
 	return ret;
+}
+
+static __always_inline int fp_redirect_vpc(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					   __u32 eni_ifindex, enum fp_reason *reason)
+{
+	return fp_redirect_fib(skb, ip, eni_ifindex, 0, reason);
 }
 
 #endif /* FP_LIB_FWD_H */

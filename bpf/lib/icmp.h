@@ -30,10 +30,13 @@ static __always_inline __u16 fp_csum_fold(__s64 sum)
 }
 
 /* Returns the tc verdict: the ICMP error redirected to the sender, or a
- * drop (with *reason) when the packet cannot be quoted. `code` is an ICMP
- * unreachable code (ICMP_PORT_UNREACH, ICMP_HOST_UNREACH). */
-static __always_inline int fp_reject_icmp(struct __sk_buff *skb, const struct fp_ipv4 *ip,
-					  __u8 code, enum fp_reason *reason)
+ * drop when the packet cannot be quoted. `code` is an ICMP unreachable code
+ * (ICMP_PORT_UNREACH, ICMP_HOST_UNREACH); `reason` is why (counted and
+ * recorded by the caller). `peer`: the packet came in from a pod's veth
+ * (the error goes into the pod's netns); otherwise it came in on a node
+ * interface and the error leaves by the same one. */
+static __always_inline int fp_reject_icmp_dev(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					      __u8 code, enum fp_reason reason, int peer)
 {
 	struct fp_icmp_reply r = {};
 	struct ethhdr eth;
@@ -71,9 +74,19 @@ static __always_inline int fp_reject_icmp(struct __sk_buff *skb, const struct fp
 		    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
 			return TC_ACT_SHOT;
 	}
-	*reason = FP_DROP_NO_BACKEND;
-	fp_test_record(skb->ifindex, FP_RD_PEER, 0, FP_DROP_NO_BACKEND);
-	return bpf_redirect_peer(skb->ifindex, 0);
+	if (peer) {
+		fp_test_record(skb->ifindex, FP_RD_PEER, 0, reason);
+		return bpf_redirect_peer(skb->ifindex, 0);
+	}
+	fp_test_record(skb->ifindex, FP_RD_PLAIN, 0, reason);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* A pod's packet refused: the error goes back into its netns. */
+static __always_inline int fp_reject_icmp(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					  __u8 code, enum fp_reason *reason)
+{
+	return fp_reject_icmp_dev(skb, ip, code, *reason, 1);
 }
 
 #endif /* FP_LIB_ICMP_H */

@@ -2,8 +2,9 @@
  * rewrites that translate it.
  *
  * Backend selection: ClientIP affinity first (never a draining backend),
- * else a random slot; slots list only the backends new connections may
- * choose. Which packets may choose, and what later packets of a flow reuse,
+ * else the Maglev table for traffic from outside when the frontend has one
+ * (the same backend on every node for a flow), else a random slot; slots
+ * list only the backends new connections may choose. Which packets may choose, and what later packets of a flow reuse,
  * is conntrack's decision (lib/ct.h), as is reverse translation.
  * Checksums are fixed incrementally: the IPv4 header checksum, and the
  * TCP/UDP checksum including its pseudo-header (a zero UDP checksum stays
@@ -130,10 +131,42 @@ static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp
 	return 0;
 }
 
-static __always_inline struct fp_backend4 *fp_lb_pick(struct fp_svc4 *svc, __be32 client,
-						       __u32 *backend_id, __u64 now)
+/* Maglev's flow hash: Bob Jenkins' final mix over the client's address and
+ * port, the frontend's port and the protocol, with a fixed seed, so every
+ * node hashes a flow alike. Not the frontend's address: a NodePort is
+ * reached at each node's own. agent/lb/maglev.py flow_hash is its twin. */
+#define FP_MAGLEV_SEED 0x6D61676CU
+#define FP_NO_MAGLEV 0xFFFFFFFFFFFFFFFFULL
+
+static __always_inline __u32 fp_rol32(__u32 x, int k)
 {
-	struct fp_backend4 *be;
+	return (x << k) | (x >> (32 - k));
+}
+
+static __always_inline __u64 fp_maglev_hash(__be32 saddr, __be16 sport, __be16 dport, __u8 proto)
+{
+	__u32 a = saddr + 0xdeadbeef;
+	__u32 b = ((__u32)sport | ((__u32)dport << 16)) + 0xdeadbeef;
+	__u32 c = (proto ^ FP_MAGLEV_SEED) + 0xdeadbeef;
+
+	c ^= b; c -= fp_rol32(b, 14);
+	a ^= c; a -= fp_rol32(c, 11);
+	b ^= a; b -= fp_rol32(a, 25);
+	c ^= b; c -= fp_rol32(b, 16);
+	a ^= c; a -= fp_rol32(c, 4);
+	b ^= a; b -= fp_rol32(a, 14);
+	c ^= b; c -= fp_rol32(b, 24);
+	return c;
+}
+
+/* A backend for a new flow of `client`. `mhash`: the flow's Maglev hash
+ * (fp_maglev_hash), or FP_NO_MAGLEV where Maglev does not apply (pods'
+ * and the node's own traffic). */
+static __always_inline struct fp_backend4 *fp_lb_pick_flow(struct fp_svc4 *svc, __be32 client,
+							    __u64 mhash, __u32 *backend_id,
+							    __u64 now)
+{
+	struct fp_backend4 *be = NULL;
 	__u32 slot;
 
 	if (svc->count == 0)
@@ -149,10 +182,22 @@ static __always_inline struct fp_backend4 *fp_lb_pick(struct fp_svc4 *svc, __be3
 				aff->last_seen = now;
 				return be;
 			}
+			be = NULL;
 		}
 	}
-	slot = (bpf_get_prandom_u32() % svc->count) + 1;
-	be = fp_slot_backend(svc->svc_id, slot, backend_id);
+	if ((svc->flags & FP_SVC_F_MAGLEV) && mhash != FP_NO_MAGLEV) {
+		__u32 bid = fp_maglev_backend(svc->svc_id, (__u32)mhash % FP_MAGLEV_M);
+
+		be = bid ? fp_backend_lookup(bid) : NULL;
+		if (be && !(be->flags & FP_BE_F_DRAINING))
+			*backend_id = bid;
+		else
+			be = NULL;
+	}
+	if (!be) {
+		slot = (bpf_get_prandom_u32() % svc->count) + 1;
+		be = fp_slot_backend(svc->svc_id, slot, backend_id);
+	}
 	if (be && (svc->flags & FP_SVC_F_AFFINITY)) {
 		struct fp_aff4_key akey = { .svc_id = svc->svc_id, .client = client };
 		struct fp_aff4 val = { .last_seen = now, .backend_id = *backend_id };
@@ -160,6 +205,35 @@ static __always_inline struct fp_backend4 *fp_lb_pick(struct fp_svc4 *svc, __be3
 		fp_affinity_put(&akey, &val);
 	}
 	return be;
+}
+
+static __always_inline struct fp_backend4 *fp_lb_pick(struct fp_svc4 *svc, __be32 client,
+						       __u32 *backend_id, __u64 now)
+{
+	return fp_lb_pick_flow(svc, client, FP_NO_MAGLEV, backend_id, now);
+}
+
+/* kube-proxy's nftables checks for a new flow no frontend took: its
+ * destination is a live ClusterIP (a port or protocol none of its Services
+ * has: reject, FP_DROP_SVC_UNKNOWN_PORT) or lies in a Service CIDR without
+ * being one (unallocated: drop, FP_DROP_SVC_UNALLOCATED). 0 otherwise, and
+ * for packets that open no flow. */
+static __always_inline int fp_svcnet_check(const struct fp_ipv4 *ip, const struct fp_l4 *l4)
+{
+	int f;
+
+	if (l4->kind == FP_L4_ICMP_ERR || l4->kind == FP_L4_LATER_FRAG)
+		return 0;
+	if ((l4->kind == FP_L4_PORTS || l4->kind == FP_L4_ECHO) && !l4->opening)
+		return 0;
+	f = fp_svcnet_flags(ip->daddr);
+	if (f < 0)
+		return 0;
+	if (f & FP_SVCNET_F_CLUSTER_IP)
+		return FP_DROP_SVC_UNKNOWN_PORT;
+	if (f & FP_SVCNET_F_RANGE)
+		return FP_DROP_SVC_UNALLOCATED;
+	return 0;
 }
 
 #endif /* FP_LIB_LB_H */

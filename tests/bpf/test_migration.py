@@ -18,11 +18,13 @@ from agent.config import Config
 from agent.conntrack.migrate import RULES
 from agent.datapath import Datapath, btf, mapio
 from agent.model import conntrack as M
-from agent.datapath.maps import be16, be32, ip_from_be32
+from agent.datapath.maps import MAP, be16, be32, ip_from_be32
+
+CT = MAP["FP_MAP_CT"]          # the established-flows map of this release
 
 # fastpath.h's conntrack structs of the release before this one: one LRU map
 # for NAT and policy entries, `flags` a __u16 and no state. The value is 24
-# bytes, exactly as now: only the layout fingerprint tells them apart.
+# bytes (the current one is larger: a changed layout under either name migrates).
 V1 = r"""
 struct fp_ct4_key { __be32 saddr; __be32 daddr; __be16 sport; __be16 dport; __u8 proto;
                     __u8 dir; __u16 pad; };
@@ -67,8 +69,8 @@ def by_key(rows):
 def test_the_old_layout_is_told_apart_by_its_fingerprint_not_its_size(bpffs):
     root = f"{bpffs}/mig-fp"
     os.makedirs(root)
-    old_map(f"{root}/fp_ct4_v2", "fp_ct4_v2", flow(0, time.monotonic_ns()))
-    fd = mapio_fd(f"{root}/fp_ct4_v2")
+    old_map(f"{root}/{CT}", CT, flow(0, time.monotonic_ns()))
+    fd = mapio_fd(f"{root}/{CT}")
     try:
         k, v = btf.map_layouts(fd)
         assert v.size == 24 and v.by_path["flags"].type == "__u16" and "state" not in v.by_path
@@ -76,12 +78,12 @@ def test_the_old_layout_is_told_apart_by_its_fingerprint_not_its_size(bpffs):
         os.close(fd)
     d = Datapath(cfg(root), migration_rules=RULES).load()
     try:
-        note = [n for n in d.migration_notes if "fp_ct4_v2_old" in n]
+        note = [n for n in d.migration_notes if f"{CT}_old" in n]
         assert note and "layout struct fp_ct4" in note[0] and "migrated 2 entries" in note[0], \
             d.migration_notes
         rows = d.lb.conntrack()
         assert {(r.table, r.state) for r in rows} == {("established", "established")}
-        assert not os.path.exists(f"{root}/fp_ct4_v2_old")
+        assert not os.path.exists(f"{root}/{CT}_old")
     finally:
         d.close()
 
@@ -117,7 +119,7 @@ def test_an_upgrade_from_the_single_conntrack_map_routes_every_entry(bpffs):
         pol = rows[("policy", CLIENT, 40009, BACKEND, 8080, "TCP")]
         assert (pol.table, pol.state) == ("policy", "established")
         assert not os.path.exists(f"{root}/fp_ct4_v1")
-        assert any("fp_ct4_v1: superseded by fp_ct4_v2: migrated 7 entries" in n
+        assert any(f"fp_ct4_v1: superseded by {CT}: migrated 7 entries" in n
                    for n in d.migration_notes), d.migration_notes
     finally:
         d.close()

@@ -93,7 +93,8 @@ def test_conntrack_entry_decodes_addresses_ports_direction_and_flags():
                         "proto": 6, "proto_label": "TCP", "dir": 0, "dir_label": "forward"}
     assert e["value"] == {"last_seen": 5, "nat_addr": "10.0.0.9", "nat_port": 8080,
                           "flags": hairpin, "flags_names": ["hairpin"], "state": v_state(),
-                          "state_label": "established", "backend_id": 7, "svc_id": 3}
+                          "state_label": "established", "backend_id": 7, "svc_id": 3,
+                          "peer_addr": "0.0.0.0", "peer_port": 0}
 
 
 def test_endpoint_entry_decodes_macs_and_flags():
@@ -156,13 +157,15 @@ def test_scalar_keys_and_service_flags():
     k = decode.encode_key("struct fp_svc4_key", vip="192.168.0.10", port=53, proto=17)
     e = decode.decode_entry(svc, k, bytes(sv))
     assert e["value"]["flags_names"] == ["affinity", "local"]
-    assert e["key"] == {"vip": "192.168.0.10", "port": 53, "proto": 17, "proto_label": "UDP"}
+    assert e["key"] == {"vip": "192.168.0.10", "port": 53, "proto": 17, "proto_label": "UDP",
+                        "scope": 0}
 
 
 def test_layout_mismatch_is_detected():
     layout = decode.Layout.of(bpfdefs.load().maps["FP_MAP_CT"])
-    assert layout.matches(16, 24)
-    assert not layout.matches(16, 32)
+    assert (layout.key_size, layout.value_size) == (16, 32)
+    assert layout.matches(16, 32)
+    assert not layout.matches(16, 24)
     with pytest.raises(ValueError, match="layout needs"):
         decode.from_bytes("struct fp_ct4", b"\0" * 8)
 

@@ -36,11 +36,11 @@ class StubAgent:
             raise ApiError(*self.fail)
 
     def rpc_EndpointAdd(self, netns, ifname="eth0", container_id="", pod_namespace="",
-                        pod_name="", require_eni=False):
+                        pod_name="", require_eni=False, **extra):
         self.calls.append(("EndpointAdd", dict(netns=netns, ifname=ifname,
                                                container_id=container_id,
                                                pod_namespace=pod_namespace, pod_name=pod_name,
-                                               require_eni=require_eni)))
+                                               require_eni=require_eni, **extra)))
         self._maybe_fail()
         ep = {"ip": self.ip, "host_ifname": "cali0123456789a", "eni": "eth1",
               "container_id": container_id, "ifname": ifname,
@@ -162,6 +162,9 @@ CONFIG_ERRORS = [
     ("cniVersion must be a string", {"cniVersion": 1.0}, 7, ["cniVersion must be a string"]),
     ("prevResult must be an object", {"prevResult": [1]}, 6, ["prevResult", "not array"]),
     ("nesting is bounded", {"runtimeConfig": json.loads("[" * 40 + "]" * 40)}, 6, ["nests deeper"]),
+    ("runtimeConfig must be an object", {"runtimeConfig": "x"}, 6, ["runtimeConfig"]),
+    ("portMappings must be a list", {"runtimeConfig": {"portMappings": {"hostPort": 80}}}, 7,
+     ["runtimeConfig.portMappings must be a list"]),
 ]
 
 
@@ -280,6 +283,21 @@ def test_add_without_prev_result_is_refused_before_asking_the_agent(paths, agent
     assert agent.calls == []
 
 
+def test_add_passes_the_runtimes_port_mappings_to_the_agent(paths, agent):
+    # what containerd's CRI puts in runtimeConfig for a pod with hostPorts,
+    # when the conflist entry declares the portMappings capability
+    mappings = [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""},
+                {"hostPort": 5353, "containerPort": 53, "protocol": "udp"}]
+    rc, _ = run(env(), conf(paths, capabilities={"portMappings": True},
+                            runtimeConfig={"portMappings": mappings}))
+    assert rc == 0
+    assert agent.calls[0][1]["port_mappings"] == mappings
+    # none: nothing extra is sent (an older agent would refuse an unknown keyword)
+    agent.calls.clear()
+    rc, _ = run(env(), conf(paths, runtimeConfig={"portMappings": []}))
+    assert rc == 0 and "port_mappings" not in agent.calls[0][1]
+
+
 def test_add_passes_require_eni_false_through(paths, agent):
     rc, _ = run(env(args=""), conf(paths, require_eni=False))
     assert rc == 0
@@ -298,6 +316,9 @@ AGENT_ERRORS = [
     ("eni-unresolved", "no ENI found for pod IP 10.241.1.100", 102),
     ("datapath", "cannot attach fp_from_pod", 103),
     ("internal", "KeyError: 'x'", 100),
+    ("hostport-refused", "hostPort 10.240.0.11:30080/TCP of pod shop/web-0 is taken by "
+     "Service shop/np", 105),
+    ("invalid-port-mappings", "runtimeConfig.portMappings[0].protocol: 'icmp' is not tcp", 7),
     ("bad-request", "unexpected keyword argument 'require_eni'", 100),
 ]
 

@@ -15,10 +15,16 @@ def service(name: str, ns: str = "shop", ip: Optional[str] = "172.16.0.10",
             ports: Any = (("http", 80, "TCP", 8080),), typ: str = "ClusterIP",
             labels: Optional[dict] = None, status: Optional[dict] = None,
             **spec: Any) -> dict:
-    """ports: (name, port, protocol, targetPort) tuples."""
+    """ports: (name, port, protocol, targetPort[, nodePort]) tuples, or dicts."""
+    def port(p):
+        if isinstance(p, dict):
+            return p
+        d = {"name": p[0], "port": p[1], "protocol": p[2], "targetPort": p[3]}
+        if len(p) > 4:
+            d["nodePort"] = p[4]
+        return d
     s: dict[str, Any] = {"type": typ, "selector": {"app": name},
-                         "ports": [{"name": n, "port": p, "protocol": proto, "targetPort": t}
-                                   for n, p, proto, t in ports]}
+                         "ports": [port(p) for p in ports]}
     if ip is not None:
         ips = ip if isinstance(ip, list) else [ip]
         s["clusterIP"] = ips[0]

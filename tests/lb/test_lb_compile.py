@@ -269,10 +269,18 @@ def test_internal_traffic_policy_local_keeps_only_this_nodes_endpoints():
     assert st.local_only and not st.reject
 
 
-def test_internal_traffic_policy_local_with_no_local_endpoint_rejects():
+def test_internal_traffic_policy_local_with_endpoints_only_elsewhere_drops():
+    # kube-proxy (nftables mode): "has no local endpoints" -> drop; only a
+    # Service with no usable endpoint anywhere rejects.
     st = only(compile_(service("web", internalTrafficPolicy="Local"), eslice("web-1", "web", [
         ep("10.0.0.2", node="node-b")])))
-    assert st.reject and st.local_only and st.backends == ()
+    assert st.drop and not st.reject and st.local_only and st.backends == ()
+
+
+def test_internal_traffic_policy_local_without_any_endpoint_rejects():
+    st = only(compile_(service("web", internalTrafficPolicy="Local"), eslice("web-1", "web", [
+        ep("10.0.0.2", node="node-b", ready=False)])))
+    assert st.reject and not st.drop and st.backends == ()
 
 
 def test_internal_traffic_policy_local_uses_local_terminating_only_when_no_local_ready():
@@ -297,7 +305,7 @@ def test_internal_traffic_policy_local_ignores_topology_hints():
 def test_a_node_without_a_name_has_no_local_endpoints():
     st = only(compile_(service("web", internalTrafficPolicy="Local"),
                        eslice("web-1", "web", [ep("10.0.0.1", node=None)]), node=""))
-    assert st.reject
+    assert st.drop and not st.backends
 
 
 # ------------------------------------------------------------- topology

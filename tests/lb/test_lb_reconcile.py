@@ -10,13 +10,18 @@ import random
 
 import pytest
 
+from collections import Counter
+
 from agent.lb.compile import (
-    KIND_CLUSTER_IP, KIND_EXTERNAL_IP, Backend, Frontend, FrontendState, compile_services,
+    KIND_CLUSTER_IP, KIND_EXTERNAL_IP, KIND_LOAD_BALANCER, KIND_NODE_PORT, SCOPE_EXTERNAL,
+    Backend, Frontend, FrontendState, LbOptions, compile_services,
 )
+from agent.lb.maglev import backend_name, build_table
 from agent.lb.reconcile import (
-    FLAG_AFFINITY, FLAG_EXTERNAL, FLAG_LOCAL, FLAG_REJECT, DeleteBackend, DeleteService,
-    DeleteSlots, FakeMaps, IdAllocator, IdsExhausted, PutBackend, PutService, PutSlots,
-    Reconciler, ServiceEntry, check_whole,
+    FLAG_AFFINITY, FLAG_DROP, FLAG_EXTERNAL, FLAG_LOCAL, FLAG_MAGLEV, FLAG_NODEPORT,
+    FLAG_REJECT, FLAG_SRC_RANGE, DeleteBackend, DeleteMaglev, DeleteRanges, DeleteService,
+    DeleteSlots, FakeMaps, IdAllocator, IdsExhausted, PutBackend, PutMaglev, PutRanges,
+    PutService, PutSlots, Reconciler, ServiceEntry, check_whole,
 )
 from tests.lb.lbdata import NODE, ZONE, ep, eslice, service, snapshot
 
@@ -29,8 +34,10 @@ def be(last: int, port: int = 8080, proto: str = "TCP", terminating: bool = Fals
 
 
 def state(*backends: Backend, affinity: int = 0, local: bool = False,
-          kind: str = KIND_CLUSTER_IP, svc=("shop", "web")) -> FrontendState:
-    return FrontendState(svc, "http", tuple(backends), affinity, not backends, local, kind)
+          kind: str = KIND_CLUSTER_IP, svc=("shop", "web"), drop: bool = False,
+          maglev: bool = False, ranges: tuple = ()) -> FrontendState:
+    return FrontendState(svc, "http", tuple(backends), affinity, not backends and not drop,
+                         local, kind, drop=drop, maglev=maglev, source_ranges=ranges)
 
 
 def apply_checked(maps: FakeMaps, ops) -> None:
@@ -47,13 +54,20 @@ def assert_converged(maps: FakeMaps, desired: dict, rec: Reconciler) -> None:
     assert set(maps.services) == set(desired)
     for fe, st in desired.items():
         got = maps.resolve(fe)
-        want = () if st.reject else st.backends
+        want = () if st.reject or st.drop else st.backends
         assert sorted(b.key for b in got) == sorted(b.key for b in want), fe
         e = maps.services[fe]
         assert e.service_id == rec.service_id(fe)
         assert e.affinity_timeout == st.affinity_timeout
         assert bool(e.flags & FLAG_REJECT) == st.reject
+        assert bool(e.flags & FLAG_DROP) == (st.drop and not st.reject)
         assert bool(e.flags & FLAG_AFFINITY) == bool(st.affinity_timeout)
+        assert bool(e.flags & FLAG_SRC_RANGE) == bool(st.source_ranges)
+        assert maps.ranges.get(e.service_id, set()) == set(st.source_ranges)
+        if e.flags & FLAG_MAGLEV:
+            names = [backend_name(*b.key) for b in got]
+            ids = [maps.slots[(e.service_id, i)] for i in range(1, e.count + 1)]
+            assert maps.maglev[e.service_id] == tuple(ids[i] for i in build_table(names, 1021))
         assert bool(e.flags & FLAG_LOCAL) == st.local_only
         assert bool(e.flags & FLAG_EXTERNAL) == (st.kind != KIND_CLUSTER_IP)
     # Nothing left behind: every slot is reachable from an entry, every
@@ -63,13 +77,17 @@ def assert_converged(maps: FakeMaps, desired: dict, rec: Reconciler) -> None:
                  for i in range(1, e.count + 1)}
     assert set(maps.slots) == reachable
     in_slots = set(maps.slots.values())
-    usable = {b.key for st in desired.values() for b in (() if st.reject else st.backends)}
+    usable = {b.key for st in desired.values() for b in (() if st.reject or st.drop else st.backends)}
     draining = {b.key for st in desired.values() for b in st.draining} - usable
     assert {maps.backends[b].key for b in in_slots} == usable
     assert {maps.backends[b].key for b in maps.draining} == draining, \
         "draining: exactly the terminating backends no frontend offers new connections"
     assert set(maps.backends) == in_slots | maps.draining
     assert not in_slots & maps.draining
+    live = {e.service_id for e in maps.services.values()}
+    assert set(maps.maglev) <= live and set(maps.ranges) <= live
+    assert set(maps.maglev) == {e.service_id for e in maps.services.values()
+                                if e.flags & FLAG_MAGLEV}
     ids = [e.service_id for e in maps.services.values()]
     assert len(ids) == len(set(ids))
     keys = [b.key for b in maps.backends.values()]
@@ -79,7 +97,7 @@ def assert_converged(maps: FakeMaps, desired: dict, rec: Reconciler) -> None:
     # A backend is written terminating only if every frontend using it says so.
     says: dict = {}
     for st in desired.values():
-        for b in () if st.reject else st.backends:
+        for b in () if st.reject or st.drop else st.backends:
             says.setdefault(b.key, []).append(b.terminating)
     assert {b.key: b.terminating for bid, b in maps.backends.items()
             if bid not in maps.draining} == {k: all(v) for k, v in says.items()}
@@ -252,41 +270,73 @@ def test_backend_identity_includes_port_and_protocol():
                 rec.backend_id(be(1, 54))}) == 3
 
 
-def test_allocator_gives_one_id_per_key_and_reuses_only_released_ids_oldest_first():
-    a = IdAllocator(limit=10, quarantine=2)
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_allocator_gives_one_id_per_key_and_prefers_fresh_ids_to_released_ones():
+    clock = Clock()
+    a = IdAllocator(limit=10, quarantine=60, clock=clock)
     ids = [a.allocate(k) for k in "abcde"]
     assert ids == [1, 2, 3, 4, 5] and a.allocate("c") == 3
     a.release("b")
     a.release("d")
-    # Two waiting ids do not exceed the quarantine: fresh ids first.
-    assert a.allocate("f") == 6
-    a.release("a")
-    # Three waiting: the oldest released (b's 2) comes back, never a held one.
-    assert a.allocate("g") == 2
-    assert a.allocate("h") == 7
-    held = [a.get(k) for k in "cefgh"]
-    assert len(set(held)) == len(held) and a.get("b") is None and a.key_of(2) == "g"
+    clock.t += 3600
+    # However long ago they were released, fresh ids come first.
+    assert [a.allocate(k) for k in "fghij"] == [6, 7, 8, 9, 10]
+    # Fresh ids exhausted: the oldest released id whose quarantine is over.
+    assert a.allocate("k") == 2 and a.allocate("l") == 4
+    held = [a.get(k) for k in "acefghijkl"]
+    assert len(set(held)) == len(held) and a.get("b") is None and a.key_of(2) == "k"
 
 
-def test_allocator_reuses_released_ids_when_fresh_ones_run_out_and_then_refuses():
-    a = IdAllocator(limit=3, quarantine=100)
+def test_a_released_id_waits_out_its_quarantine_whatever_else_happens():
+    clock = Clock()
+    a = IdAllocator(limit=3, quarantine=100, clock=clock)
     for k in "abc":
         a.allocate(k)
     a.release("b")
+    clock.t += 99
+    with pytest.raises(IdsExhausted, match="free again in 1s"):
+        a.allocate("d")
+    clock.t += 1
     assert a.allocate("d") == 2
     with pytest.raises(IdsExhausted):
         a.allocate("e")
 
 
-def test_allocator_restore_keeps_ids_and_continues_above_them():
-    a = IdAllocator.restore({"x": 4, "y": 9}, limit=20, quarantine=0)
+def test_allocator_restore_keeps_ids_and_quarantines_every_gap_from_now():
+    clock = Clock()
+    a = IdAllocator.restore({"x": 4, "y": 9}, limit=12, quarantine=30, clock=clock)
     assert a.get("x") == 4 and a.get("y") == 9 and len(a) == 2
-    # The holes below the highest id count as released long ago.
-    assert [a.allocate(k) for k in "pqrstuvw"] == [1, 2, 3, 5, 6, 7, 8, 10]
+    # Fresh ids continue above the highest one ...
+    assert [a.allocate(k) for k in "pqr"] == [10, 11, 12]
+    # ... and the holes below it are not free before the quarantine is over:
+    # when they were released is not known, so they count as released now.
+    assert a.waiting() == 7
+    with pytest.raises(IdsExhausted):
+        a.allocate("s")
+    clock.t += 30
+    assert [a.allocate(k) for k in "stuvwz"] == [1, 2, 3, 5, 6, 7]
     with pytest.raises(ValueError, match="held by both"):
         IdAllocator.restore({"x": 4, "y": 4})
     with pytest.raises(ValueError, match="outside"):
         IdAllocator.restore({"x": 0})
+
+
+def test_ids_other_state_still_names_are_not_fresh_after_a_restore():
+    # Backend 20 was released just before a restart; an affinity entry still
+    # names it. The restored allocator must not hand 20 out as fresh.
+    clock = Clock()
+    a = IdAllocator.restore({"x": 4}, limit=100, quarantine=30, clock=clock, named=[20, 7])
+    assert a.allocate("new") == 21
+    assert a.waiting() == 19          # 1-3, 5-20
 
 
 def test_released_service_and_backend_ids_are_not_reused_at_once():
@@ -296,6 +346,120 @@ def test_released_service_and_backend_ids_are_not_reused_at_once():
     run(rec, maps, {})
     run(rec, maps, {FE2: state(be(2), svc=("shop", "api"))})
     assert rec.service_id(FE2) != old_sid and rec.backend_id(be(2)) != old_bid
+
+
+def test_reused_ids_come_back_only_after_the_quarantine_even_under_exhaustion():
+    clock = Clock()
+    rec, maps = Reconciler(max_backends=2, quarantine=3600, clock=clock), FakeMaps()
+    run(rec, maps, {FE: state(be(1), be(2))})
+    run(rec, maps, {FE: state(be(1))})
+    # backend 2's id was released a moment ago; no fresh id is left
+    with pytest.raises(IdsExhausted):
+        rec.plan({FE: state(be(1), be(3))})
+    rec, clock.t = maps.restore(max_backends=2, quarantine=3600, clock=clock), clock.t + 3600
+    run(rec, maps, {FE: state(be(1), be(3))})
+    assert sorted(maps.backends) == [1, 2]
+
+
+def test_a_plan_reports_the_service_backend_pairs_it_ended_and_the_ids_it_released():
+    rec, maps = Reconciler(), FakeMaps()
+    run(rec, maps, {FE: state(be(1), be(2)), FE2: state(be(2), svc=("shop", "api"))})
+    sid, sid2 = rec.service_id(FE), rec.service_id(FE2)
+    b1, b2 = rec.backend_id(be(1)), rec.backend_id(be(2))
+    run(rec, maps, {FE: state(be(1)), FE2: state(be(2), svc=("shop", "api"))})
+    # backend 2 still exists (FE2 uses it): FE's clients must not keep it
+    assert rec.ended_pairs == {(sid, b2)} and rec.released_service_ids == set()
+    assert b2 in maps.backends
+    run(rec, maps, {FE: state(be(1))})
+    assert rec.released_service_ids == {sid2} and rec.ended_pairs == set()
+    assert b1 in maps.backends
+
+
+# ---------------------------------------------- drop, Maglev, source ranges
+
+def test_a_dropping_frontend_is_one_entry_with_the_drop_flag_and_no_slots():
+    rec, maps = Reconciler(), FakeMaps()
+    ops = run(rec, maps, {FE: state(drop=True, local=True)})
+    assert ops == [PutService(FE, rec.service_id(FE), 0, 0, FLAG_DROP | FLAG_LOCAL)]
+    run(rec, maps, {FE: state(be(1), local=True)})
+    run(rec, maps, {FE: state(be(2), drop=True, local=True)})
+    assert maps.backends == {}
+
+
+def test_a_maglev_frontend_gets_its_table_before_the_entry_and_loses_it_after():
+    rec, maps = Reconciler(), FakeMaps()
+    ext = Frontend("203.0.113.7", 80, "TCP", SCOPE_EXTERNAL)
+    ops = run(rec, maps, {ext: state(be(1), be(2), be(3), maglev=True, kind=KIND_EXTERNAL_IP)})
+    sid = rec.service_id(ext)
+    kinds = [type(op).__name__ for op in ops]
+    assert kinds == ["PutBackend"] * 3 + ["PutSlots", "PutMaglev", "PutService"]
+    assert maps.services[ext].flags & FLAG_MAGLEV
+    assert Counter(maps.maglev[sid]) == Counter({rec.backend_id(be(1)): 341,
+                                                 rec.backend_id(be(2)): 340,
+                                                 rec.backend_id(be(3)): 340}) or \
+        sorted(Counter(maps.maglev[sid]).values()) == [340, 340, 341]
+    # one backend leaves: the new table is written before the backend goes
+    ops = run(rec, maps, {ext: state(be(1), be(3), maglev=True, kind=KIND_EXTERNAL_IP)})
+    assert [type(op).__name__ for op in ops].index("PutMaglev") < \
+        [type(op).__name__ for op in ops].index("DeleteBackend")
+    # Maglev turned off: the entry stops saying so before the table goes
+    ops = run(rec, maps, {ext: state(be(1), be(3), kind=KIND_EXTERNAL_IP)})
+    assert ops[-1] == DeleteMaglev(sid) and not maps.maglev
+    run(rec, maps, {ext: state(be(1), maglev=True, kind=KIND_EXTERNAL_IP)})
+    ops = run(rec, maps, {})
+    assert ops[:2] == [DeleteService(ext), DeleteSlots(sid, 1, 1)] and DeleteMaglev(sid) in ops
+
+
+def test_maglev_tables_of_the_same_backends_agree_across_reconcilers_by_address():
+    # Two nodes: the same backends, learned in another order, other ids.
+    ext = Frontend("203.0.113.7", 80, "TCP", SCOPE_EXTERNAL)
+    r1, m1 = Reconciler(), FakeMaps()
+    r2, m2 = Reconciler(), FakeMaps()
+    run(r2, m2, {FE: state(be(9), be(5))})       # node 2 knew other backends first
+    bs = [be(i) for i in (3, 1, 2)]
+    run(r1, m1, {ext: state(*bs, maglev=True, kind=KIND_EXTERNAL_IP)})
+    run(r2, m2, {FE: state(be(9), be(5)),
+                 ext: state(*reversed(bs), maglev=True, kind=KIND_EXTERNAL_IP)})
+    addr1 = [m1.backends[b].key for b in m1.maglev[r1.service_id(ext)]]
+    addr2 = [m2.backends[b].key for b in m2.maglev[r2.service_id(ext)]]
+    assert addr1 == addr2
+    assert r1.backend_id(be(1)) != r2.backend_id(be(1))
+
+
+def test_source_ranges_are_written_before_the_entry_and_replaced_add_first():
+    rec, maps = Reconciler(), FakeMaps()
+    lb = Frontend("198.51.100.5", 443, "TCP")
+    ops = run(rec, maps, {lb: state(be(1), kind=KIND_LOAD_BALANCER,
+                                    ranges=("10.0.0.0/8", "192.0.2.0/24"))})
+    sid = rec.service_id(lb)
+    assert ops[-2:] == [PutRanges(sid, ("10.0.0.0/8", "192.0.2.0/24")),
+                        PutService(lb, sid, 1, 0, FLAG_EXTERNAL | FLAG_SRC_RANGE)]
+    ops = run(rec, maps, {lb: state(be(1), kind=KIND_LOAD_BALANCER,
+                                    ranges=("192.0.2.0/24", "203.0.113.0/24"))})
+    assert ops == [PutRanges(sid, ("203.0.113.0/24",)), DeleteRanges(sid, ("10.0.0.0/8",))]
+    ops = run(rec, maps, {lb: state(be(1), kind=KIND_LOAD_BALANCER)})
+    assert ops == [PutService(lb, sid, 1, 0, FLAG_EXTERNAL),
+                   DeleteRanges(sid, ("192.0.2.0/24", "203.0.113.0/24"))]
+
+
+def test_node_facing_frontends_compile_to_entries_of_their_scope():
+    snap = snapshot(
+        service("web", typ="LoadBalancer", externalTrafficPolicy="Local",
+                ports=[{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080,
+                        "nodePort": 30080}],
+                loadBalancerSourceRanges=["10.0.0.0/8"],
+                status={"loadBalancer": {"ingress": [{"ip": "198.51.100.5"}]}}),
+        eslice("web-1", "web", [ep("10.0.0.1", node=NODE), ep("10.0.0.2")]))
+    desired = compile_services(snap, NODE, ZONE, options=LbOptions(
+        nodeport_ips=("10.240.0.11",), maglev=True))
+    rec, maps = Reconciler(), FakeMaps()
+    run(rec, maps, desired)
+    np_int = maps.services[Frontend("10.240.0.11", 30080, "TCP")]
+    np_ext = maps.services[Frontend("10.240.0.11", 30080, "TCP", SCOPE_EXTERNAL)]
+    assert np_int.count == 2 and np_int.flags & FLAG_NODEPORT and not np_int.flags & FLAG_MAGLEV
+    assert np_ext.count == 1 and np_ext.flags & FLAG_MAGLEV and np_ext.flags & FLAG_LOCAL
+    lb_ext = maps.services[Frontend("198.51.100.5", 80, "TCP", SCOPE_EXTERNAL)]
+    assert lb_ext.flags & FLAG_SRC_RANGE and maps.ranges[lb_ext.service_id] == {"10.0.0.0/8"}
 
 
 # --------------------------------------------------------------- restart
@@ -329,8 +493,11 @@ def test_restore_repairs_what_an_interrupted_or_older_agent_left_behind():
     rec = maps.restore()
     desired = {FE: state(be(1), be(2)), FE2: state(be(2), svc=("shop", "api"))}
     ops = rec.plan(desired)
-    # FE2 gets its own id and slots before anything else changes.
-    assert isinstance(ops[0], PutSlots) and ops[0].service_id not in (1, 5)
+    # FE2 gets its own id and slots before FE's slots change (only deletions
+    # of unreachable leftovers may go before).
+    puts = [i for i, op in enumerate(ops) if isinstance(op, PutSlots)]
+    assert ops[puts[0]].service_id not in (1, 5)
+    assert all(isinstance(op, (DeleteSlots, DeleteBackend)) for op in ops[:puts[0]])
     for op in ops:
         maps.apply(op)
     assert check_whole(maps) == []
@@ -384,8 +551,21 @@ def random_cluster(rng: random.Random) -> list[dict]:
             spec["internalTrafficPolicy"] = "Local"
         if rng.random() < 0.2:
             spec["externalIPs"] = [f"203.0.113.{rng.randrange(1, 4)}"]
+        typ, status = "ClusterIP", None
+        if rng.random() < 0.3:
+            # node-facing: NodePorts, a load-balancer IP, maybe eTP Local
+            # and source ranges
+            typ = rng.choice(["NodePort", "LoadBalancer"])
+            n = int(name.split('-')[1])
+            ports = [p + (30000 + 10 * n + i,) for i, p in enumerate(ports)]
+            spec["externalTrafficPolicy"] = rng.choice(["Cluster", "Local"])
+            if typ == "LoadBalancer":
+                status = {"loadBalancer": {"ingress": [{"ip": f"198.51.100.{n + 1}"}]}}
+                if rng.random() < 0.5:
+                    spec["loadBalancerSourceRanges"] = rng.sample(
+                        ["10.0.0.0/8", "192.0.2.0/24", "198.18.0.0/15"], rng.randrange(1, 3))
         ip = f"172.16.0.{int(name.split('-')[1]) + 1}"
-        objs.append(service(name, ip=ip, ports=ports, **spec))
+        objs.append(service(name, ip=ip, ports=ports, typ=typ, status=status, **spec))
         for k in range(rng.randrange(0, 3)):
             eps = []
             for ip_ in rng.sample(IPS, rng.randrange(0, 12)):
@@ -406,8 +586,9 @@ def test_no_operation_ever_leaves_a_visible_service_half_written(seed):
     rec = Reconciler(quarantine=rng.choice([0, 4, 1024]))
     maps = FakeMaps()
     old: dict = {}
+    opts = LbOptions(nodeport_ips=("10.240.0.11", "10.241.1.1"), maglev=seed % 2 == 0)
     for step in range(40):
-        new = compile_services(snapshot(*random_cluster(rng)), NODE, ZONE)
+        new = compile_services(snapshot(*random_cluster(rng)), NODE, ZONE, options=opts)
         if rng.random() < 0.15:
             # An agent restart between two states: everything from the maps.
             kept = {fe: rec.service_id(fe) for fe in maps.services}
@@ -488,8 +669,9 @@ def test_an_agent_killed_mid_plan_is_repaired_by_the_next_one(seed):
     # end exactly at the desired state, leaving nothing behind.
     rng = random.Random(1000 + seed)
     rec, maps = Reconciler(quarantine=0), FakeMaps()
+    opts = LbOptions(nodeport_ips=("10.240.0.11",), maglev=seed % 2 == 1)
     for step in range(25):
-        new = compile_services(snapshot(*random_cluster(rng)), NODE, ZONE)
+        new = compile_services(snapshot(*random_cluster(rng)), NODE, ZONE, options=opts)
         ops = rec.plan(new)
         cut = rng.randrange(len(ops) + 1) if rng.random() < 0.5 else len(ops)
         apply_checked(maps, ops[:cut])
@@ -506,8 +688,9 @@ def test_restore_converges_from_randomly_damaged_maps(seed):
     # state with nothing left over.
     rng = random.Random(2000 + seed)
     rec, maps = Reconciler(), FakeMaps()
+    opts = LbOptions(nodeport_ips=("10.240.0.11",), maglev=True)
     for step in range(15):
-        new = compile_services(snapshot(*random_cluster(rng)), NODE, ZONE)
+        new = compile_services(snapshot(*random_cluster(rng)), NODE, ZONE, options=opts)
         maps.apply_all(rec.plan(new))
         for _ in range(rng.randrange(4)):
             what = rng.randrange(4)

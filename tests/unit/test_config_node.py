@@ -96,6 +96,10 @@ BAD = {
     "bandwidth_bbr": ("cubic", "expected true or false"),
     "bandwidth_flows_map_size": ("100", "below the minimum 1024"),
     "in_cluster_lb": ("maybe", "expected true or false"),
+    "nodeport_addresses": ("primary", "nodeport_addresses: invalid value"),
+    "lb_external_algorithm": ("hash", "'hash' is not one of random, maglev"),
+    "maglev_table_size": ("1000", "1000' is not one of 251, 509"),
+    "source_ranges_map_size": ("8", "below the minimum 16"),
     "policy_enforcement": ("strict", "'strict' is not one of never, default, always"),
     "local_router_ipv4": ("169.254.10", "local_router_ipv4: invalid value"),
     "policy_map_size": ("4", "below the minimum 16"),
@@ -241,10 +245,10 @@ def test_eni_config_that_contradicts_itself_or_is_malformed_is_rejected(tmp_path
 def test_describe_says_which_keys_are_not_in_effect_yet():
     rows = {r["key"]: r for r in C.describe(Config.defaults())}
     assert set(rows) == set(KEYS_BY_NAME)
-    for name in ("node_port",):
-        assert not rows[name]["in_effect"] and rows[name]["pending"], name
     for name in ("tc_priority", "host_stack_cidrs", "metrics_address", "routing_mode",
                  "socket_lb", "kube_proxy_replacement", "policy_enforcement", "policy_map_size",
+                 "node_port", "host_port", "external_ips", "in_cluster_lb", "session_affinity",
+                 "service_topology", "nodeport_addresses", "lb_external_algorithm",
                  "bandwidth_manager", "bandwidth_egress", "bandwidth_bbr"):
         assert rows[name]["in_effect"] and not rows[name]["pending"], name
     assert rows["host_stack_cidrs"]["value"] == ["169.254.20.10/32"]
@@ -270,7 +274,9 @@ def test_config_show_prints_values_sources_and_what_is_not_in_effect(tmp_path, c
     line = next(l for l in text.splitlines() if l.startswith("policy_enforcement "))
     assert line.split()[1:4] == ["default", "eni-config", eni] and "not yet in effect" not in line
     pending = text.split("Not yet in effect")[1]
-    assert "node_port: not built yet" in pending and "bandwidth_manager" not in pending
+    assert "pod_device_pattern: pods are learned from the CNI plugin" in pending
+    for built in ("node_port", "bandwidth_manager", "external_ips"):
+        assert built not in pending, built
     assert "policy_enforcement" not in pending
     assert main(["config", "show", "--local", "--socket-lb", "sometimes"]) == 2
     assert "socket_lb: invalid value 'sometimes'" in capsys.readouterr().err

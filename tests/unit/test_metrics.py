@@ -71,10 +71,16 @@ def test_service_counts_come_from_what_the_service_maps_were_synced_to():
     m = AgentMetrics(agent)
     assert "fastpath_services" not in scrape(m), "no service sync: no count, not a zero"
     agent.services = types.SimpleNamespace(reconciler=types.SimpleNamespace(
-        frontends=lambda: {"a": 1, "b": 2, "c": 3}, backend_ids=[1, 2, 3, 4, 5]))
+        frontends=lambda: {"a": 1, "b": 2, "c": 3}, backend_ids=[1, 2, 3, 4, 5]),
+        refused={("shop", "big"): None}, conflicts=[], retry_at=None)
     s = scrape(m)
     assert value(s, "fastpath_services") == 3
     assert value(s, "fastpath_service_backends") == 5
+    assert value(s, "fastpath_services_refused") == 1
+    assert value(s, "fastpath_hostport_conflicts") == 0
+    assert value(s, "fastpath_service_sync_failing") == 0
+    agent.services.retry_at = 12.5
+    assert value(scrape(m), "fastpath_service_sync_failing") == 1
 
 
 def test_policy_counts_appear_only_with_the_agents_policy_status():

@@ -22,6 +22,9 @@ def test_an_endpoint_record_round_trips_with_its_registration_time():
     assert Endpoint.from_json(ep.to_json()) == ep
     old = {k: v for k, v in GOOD.items() if k != "added_at"}     # an older release's record
     assert Endpoint.from_json(json.dumps(old)).added_at == 0.0
+    hp = Endpoint.from_json(json.dumps(dict(GOOD, port_mappings=[[8080, 80, "TCP", ""]])))
+    assert hp.port_mappings == ((8080, 80, "TCP", ""),)
+    assert Endpoint.from_json(hp.to_json()) == hp
 
 
 @pytest.mark.parametrize("change,words", [
@@ -30,6 +33,10 @@ def test_an_endpoint_record_round_trips_with_its_registration_time():
     ({"ip": ["10.0.0.1"]}, "ip must be a string"),
     ({"ip": "10.0.0.300"}, "is not an IPv4 address"),
     ({"added_at": "yesterday"}, "added_at must be a number"),
+    ({"port_mappings": {"8080": 80}}, "port_mappings must be a list of"),
+    ({"port_mappings": [[8080, 80, "TCP"]]}, "port_mappings must be a list of"),
+    ({"port_mappings": [["8080", 80, "TCP", ""]]}, "port_mappings must be a list of"),
+    ({"port_mappings": [[8080, True, "TCP", ""]]}, "port_mappings must be a list of"),
 ])
 def test_a_damaged_endpoint_record_names_the_field(change, words):
     with pytest.raises(ValueError, match=words):

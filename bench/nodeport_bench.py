@@ -1,0 +1,229 @@
+"""NodePorts from outside the cluster: fastpath vs kube-proxy vs the pod IP.
+
+An external client (agent.sim's client netns on the VPC side) opens short
+TCP connections (fprr crr: connect, 1-byte request, reply, close) and runs
+TCP_RR (fprr rr) to a NodePort of a node whose backend pod is on that node:
+
+  lb.nodeport_vs_direct          fastpath node n1: client -> n1:NodePort
+                                 (fp_from_vpc on eth0 translates, the reply
+                                 gets the NodePort back in fp_from_pod) vs the
+                                 same client -> the backend pod's IP (through
+                                 the VPC and n1's ENI, redirected into the pod)
+  lb.nodeport_vs_iptables.<N>    the same fastpath arm vs a twin node with no
+  lb.nodeport_vs_nftables.<N>    BPF at all and kube-proxy's rules for the same
+                                 N NodePort Services (bench/kubeproxy_rules.py:
+                                 iptables KUBE-SERVICES -> KUBE-NODEPORTS ->
+                                 KUBE-EXT -> KUBE-SVC -> KUBE-SEP; nftables one
+                                 verdict map per step), N = 1000, 10000
+
+Services are NodePort, externalTrafficPolicy Cluster, one endpoint each; the
+probed one is the last written (the worst case of iptables' linear walks,
+over the N ClusterIP rules then the N NodePort rules). N = 10,000 needs more
+NodePorts than the default range holds: the Services get 20000 + i, as a
+cluster with a wider --service-node-port-range would. kube-proxy masquerades
+eTP Cluster traffic from outside (its rules are generated so); fastpath keeps
+the client's address for a backend on the node itself (VPC-native routing:
+the reply goes back through this node anyway) - that difference is part of
+what is measured, and is listed in docs/services.md.
+
+Method as bench/lb_bench.py: alternating arms per round, medians, client and
+server pinned to CPU 0; kube-proxy's rule loads (minutes for 10,000 with
+iptables-restore) run on the other CPU before any arm is measured.
+
+    python -m bench.nodeport_bench [--rounds 8] [--sizes 1000 10000] [--no-record]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from agent.sim import World
+from bench import harness
+from bench import kubeproxy_rules as kp
+from bench import lb_cluster as lc
+from bench import lb_bench
+from bench.lb_bench import (CLUSTER_CIDR, MODES, Client, Loader, assert_no_bpf,
+                            assert_no_netfilter, log, start_server)
+
+COMMAND = "python -m bench.nodeport_bench"
+PORT = harness.FPRR_PORT
+NODE_PORT_BASE = 20000
+SIZES = (1000, 10000)
+UNITS = {"crr": "conn/s", "rr": "trans/s"}
+# iptables-restore of 10,000 NodePort Services (twice the chains of as many
+# ClusterIPs) takes several minutes here: the loads get more time than
+# lb_bench's, and run before any arm is measured
+LOAD_TIMEOUT = 1200
+
+
+def kube_services(n: int, backend_ip: str) -> list[kp.ServicePort]:
+    return [kp.ServicePort(lc.namespace_of(i), f"svc-{i}", "p", lc.vip(i), PORT,
+                           ((backend_ip if i == n - 1 else lc.endpoint_ip(i), PORT),),
+                           node_port=NODE_PORT_BASE + i)
+            for i in range(n)]
+
+
+def program_maps(lb, n: int, node_ip: str, backend_ip: str) -> None:
+    """N NodePort Services as the agent writes them: each a ClusterIP and a
+    NodePort frontend (one entry serving inside and outside: eTP Cluster,
+    random choice), one backend; the last one's is the real pod."""
+    from agent.daemon.services import apply_ops
+    from agent.lb.compile import KIND_CLUSTER_IP, KIND_NODE_PORT, Backend, Frontend, FrontendState
+    from agent.lb.reconcile import Reconciler
+    desired = {}
+    for i in range(n):
+        be = Backend(backend_ip if i == n - 1 else lc.endpoint_ip(i), PORT, "TCP")
+        key = (lc.namespace_of(i), f"svc-{i}")
+        desired[Frontend(lc.vip(i), PORT, "TCP")] = FrontendState(key, "p", (be,),
+                                                                  kind=KIND_CLUSTER_IP)
+        desired[Frontend(node_ip, NODE_PORT_BASE + i, "TCP")] = FrontendState(
+            key, "p", (be,), kind=KIND_NODE_PORT)
+    rec = Reconciler()
+    apply_ops(lb, rec.plan(desired))
+
+
+def queue_load(loader: Loader, mode: str, node, n: int, backend_ip: str) -> None:
+    svcs = kube_services(n, backend_ip)
+    argv = MODES[mode][1]
+    if mode == "nftables":
+        loader.add(f"{mode}-{n}", node, argv,
+                   kp.nft_script(svcs, CLUSTER_CIDR, lc.SERVICE_CIDR, (node.ip,)))
+    else:
+        loader.add(f"{mode}-{n}", node, argv, kp.iptables_restore(svcs, CLUSTER_CIDR, (node.ip,)))
+        loader.add(f"{mode}-jumps-{n}", node, argv, kp.iptables_jumps_restore())
+
+
+def run(args) -> dict:
+    from agent.sim.agent import sim_attach
+    started = time.monotonic()
+    harness.build_fprr()
+    ncpu = os.cpu_count() or 1
+    bg_cpu = ncpu - 1 if ncpu > 1 else 0
+    res: dict = {"raw": {}, "medians": {}, "loads": {}, "errors": {}, "rounds": args.rounds,
+                 "crr_s": args.crr_seconds, "rr_s": args.rr_seconds}
+    modes = ("iptables", "nftables")
+    with World() as w:
+        n1 = w.add_node("n1", enis=1)
+        b = n1.add_pod("b")
+        twins = {}
+        for m in modes:
+            for n in args.sizes:
+                name = f"{MODES[m][0]}{n // 1000}k"
+                node = w.add_node(name, enis=1)
+                twins[(m, n)] = (node, node.add_pod(f"{name}b"))
+        ext = w.add_client("ext")
+        log(f"nodeport_bench: world {w.tag} built ({time.monotonic() - started:.0f}s)")
+        lb_bench.LOAD_TIMEOUT = LOAD_TIMEOUT      # the Loader's bound on one load
+        loader = Loader(bg_cpu)
+        for (m, n), (node, pod) in twins.items():
+            queue_load(loader, m, node, n, pod.ip)
+        res["loads"] = loader.start().wait_all(time.monotonic() + LOAD_TIMEOUT * len(twins))
+        for name, ld in res["loads"].items():
+            if ld.error:
+                raise RuntimeError(f"kube-proxy rules {name} did not load: {ld.error}")
+        servers = [start_server(b)] + [start_server(pod) for _, pod in twins.values()]
+        try:
+            harness.tune_client(ext)
+            client = Client(ext, ext.ip)
+            with sim_attach(n1) as agent:
+                assert_no_netfilter(n1)
+                for node, _ in twins.values():
+                    assert_no_bpf(node)
+                lb = agent.datapath.lb
+                top = max(args.sizes)
+                program_maps(lb, top, n1.ip, b.ip)
+                probe = NODE_PORT_BASE + top - 1
+                # warm the paths; prove each arm is what it says
+                client.run("rr", n1.ip, 0.2, probe)
+                client.run("rr", b.ip, 0.2)
+                if not any(r.direction == "forward" and r.dport == probe
+                           for r in lb.conntrack()):
+                    raise RuntimeError("fastpath arm: the NodePort was not translated by fastpath")
+                arms = {"fastpath": lambda: measure(client, n1.ip, probe, args),
+                        "direct": lambda: measure(client, b.ip, PORT, args)}
+                for (m, n), (node, _) in twins.items():
+                    p = NODE_PORT_BASE + n - 1
+                    client.run("rr", node.ip, 0.2, p)
+                    arms[f"{m}.{n}"] = (lambda node=node, p=p: measure(client, node.ip, p, args))
+                raw = harness.alternate(arms, args.rounds, log)
+                res["raw"] = raw
+                res["medians"] = {a: {k: harness.median(v) for k, v in ms.items()}
+                                  for a, ms in raw.items()}
+                res["errors"]["client"] = client.errors
+                res["services_in_maps"] = top
+        finally:
+            harness.stop(servers)
+    res["elapsed"] = time.monotonic() - started
+    return res
+
+
+def measure(client: Client, ip: str, port: int, args) -> dict[str, float]:
+    return {"crr": client.run("crr", ip, args.crr_seconds, port),
+            "rr": client.run("rr", ip, args.rr_seconds, port)}
+
+
+def paired(raw, arm, base, metric) -> float:
+    return harness.median([x / y for x, y in zip(raw[arm][metric], raw[base][metric])])
+
+
+def record_all(res: dict, sizes) -> None:
+    from bench import results
+    med, raw = res["medians"], res["raw"]
+    method = (f"median of {res['rounds']} alternating rounds; client+server pinned to CPU 0; "
+              f"fprr 1-byte CRR {res['crr_s']:g}s, RR {res['rr_s']:g}s; an external client "
+              f"netns on the VPC side; {res['services_in_maps']} NodePort Services in "
+              f"fastpath's maps")
+    if res["errors"].get("client"):
+        method += f"; client errors {res['errors']['client']}"
+    fp, d = med["fastpath"], med["direct"]
+    for metric in ("crr", "rr"):
+        sfx = "" if metric == "crr" else ".rr"
+        results.record(f"lb.nodeport_vs_direct{sfx}", fp[metric], UNITS[metric], command=COMMAND,
+                       baseline=d[metric], ratio=fp[metric] / d[metric],
+                       target=">= 0.95" if metric == "crr" else None,
+                       notes=f"external client -> NodePort of a fastpath node whose backend pod "
+                             f"is on it vs the same client -> the pod IP; per-round paired ratio "
+                             f"median {paired(raw, 'fastpath', 'direct', metric):.3f}; {method}")
+        for mode, target in (("iptables", ">= 1.5 at 10000"), ("nftables", ">= 1.05")):
+            for n in sizes:
+                k = med.get(f"{mode}.{n}")
+                if not k:
+                    continue
+                load = res["loads"].get(f"{mode}-{n}")
+                results.record(f"lb.nodeport_vs_{mode}.{n}{sfx}", fp[metric], UNITS[metric],
+                               command=COMMAND, baseline=k[metric], ratio=fp[metric] / k[metric],
+                               target=target if metric == "crr" else None,
+                               notes=f"the same fastpath arm vs kube-proxy's {mode} NodePort "
+                                     f"rules for {n} Services (eTP Cluster: masqueraded) on a "
+                                     f"twin node without BPF, the probed NodePort last; rules "
+                                     f"loaded in {load.seconds:.0f}s; per-round paired ratio "
+                                     f"median {paired(raw, 'fastpath', f'{mode}.{n}', metric):.3f};"
+                                     f" {method}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    ap.add_argument("--crr-seconds", type=float, default=2.0)
+    ap.add_argument("--rr-seconds", type=float, default=1.0)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args(argv if argv is not None else sys.argv[1:])
+    res = run(args)
+    for arm, m in res["medians"].items():
+        log(f"  {arm:16s} " + " ".join(f"{k}={v:,.0f}" for k, v in m.items()))
+    fp = res["medians"]["fastpath"]
+    for arm, m in res["medians"].items():
+        if arm != "fastpath":
+            log(f"  fastpath / {arm}: crr {fp['crr'] / m['crr']:.3f}  rr {fp['rr'] / m['rr']:.3f}")
+    if not args.no_record:
+        record_all(res, args.sizes)
+    log(f"nodeport_bench: done in {res['elapsed']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Traffic from outside the pod network, run through the real programs with
+BPF_PROG_TEST_RUN: NodePorts, external and load-balancer IPs, hostPorts;
+externalTrafficPolicy, SNAT and its reversal, reject vs drop, source
+ranges, Maglev, the Service-CIDR checks, the node's own packets on their
+way out. The maps are filled the agent's way: Service objects compiled by
+agent.lb, planned by the reconciler, written by apply_ops.
+
+    client 10.250.0.11 ─┐                 ┌─ caliA ── pod A 10.241.1.10
+                        └ eth0 ══ node ═══╪─ caliB ── pod B 10.241.1.11 (a backend)
+      10.240.0.11/24, default via .253    └─ eth1 (ENI 10.241.1.1, table 1001)
+    a backend on another node: 10.242.2.20 (through eth0's default route)
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections import Counter
+
+import pytest
+from scapy.layers.inet import ICMP, IP, IPerror, TCP, TCPerror, UDP
+from scapy.layers.l2 import Ether
+from scapy.layers.sctp import SCTP, SCTPChunkInit
+
+from agent.config import Config
+from agent.daemon.services import apply_ops
+from agent.datapath import Datapath
+from agent.datapath.libbpf import prog_test_run
+from agent.datapath.maps import DEFS, ip_from_be32
+from agent.datapath.nsenter import in_netns
+from agent.lb.compile import LbOptions, compile_services
+from agent.lb.maglev import flow_hash
+from agent.lb.reconcile import Reconciler
+from agent.lb.svcnet import entries as svcnet_entries
+from agent.lb.table import ServiceTable
+from agent.model.endpoint import Endpoint
+from tests.bpf.conftest import TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC
+from tests.bpf.test_lb import assert_checksums_valid
+from tests.lb.lbdata import ep, eslice, service, snapshot
+
+NODE = "node-a"
+NODE_IP, GW, GW_MAC = "10.240.0.11", "10.240.0.253", "02:00:00:00:02:54"
+ENI_IP, ENI_GW, ENI_GW_MAC = "10.241.1.1", "10.241.255.253", "02:00:00:00:03:53"
+POD_A, POD_B = "10.241.1.10", "10.241.1.11"
+REMOTE = "10.242.2.20"
+CLIENT, OUTSIDER = "10.250.0.11", "192.0.2.5"
+CLIENT_MAC = GW_MAC
+EXT_IP, LB_IP = "203.0.113.7", "198.51.100.5"
+SERVICE_CIDR = "172.16.0.0/16"
+
+
+def sh(cmd: str) -> str:
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
+
+
+class Net:
+    def __init__(self, ns):
+        self.ns = ns
+        self.dev = {}
+        for name in ("eth0", "eth1", "caliA", "caliB"):
+            info = json.loads(sh(f"ip -n {ns} -j link show {name}"))[0]
+            self.dev[name] = (info["ifindex"], info["address"])
+        self.pod_mac = {"A": "02:00:00:00:0a:0a", "B": "02:00:00:00:0b:0b"}
+
+    def idx(self, name):
+        return self.dev[name][0]
+
+    def mac(self, name):
+        return self.dev[name][1]
+
+
+@pytest.fixture(scope="module")
+def net():
+    ns = f"fpt-np-{secrets.token_hex(3)}"
+    sh(f"ip netns add {ns}")
+    try:
+        for c in [
+            "link set lo up",
+            "link add eth0 type veth peer name vpc0",
+            "link add eth1 type veth peer name vpc1",
+            "link add caliA type veth peer name podA",
+            "link add caliB type veth peer name podB",
+            *[f"link set {d} up" for d in ("eth0", "vpc0", "eth1", "vpc1", "caliA", "podA",
+                                            "caliB", "podB")],
+            f"addr add {NODE_IP}/24 dev eth0",
+            f"route add default via {GW} dev eth0",
+            f"neigh add {GW} lladdr {GW_MAC} dev eth0 nud permanent",
+            f"addr add {ENI_IP}/32 dev eth1",
+            f"route add default via {ENI_GW} dev eth1 onlink table 1001",
+            f"neigh add {ENI_GW} lladdr {ENI_GW_MAC} dev eth1 nud permanent",
+            f"route add {POD_A} dev caliA scope link",
+            f"route add {POD_B} dev caliB scope link",
+            f"rule add to {POD_A} lookup main pref 512",
+            f"rule add to {POD_B} lookup main pref 512",
+            f"rule add from {POD_A} lookup 1001 pref 2048",
+            f"rule add from {POD_B} lookup 1001 pref 2048",
+        ]:
+            sh(f"ip -n {ns} {c}")
+        sh(f"ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1")
+        yield Net(ns)
+    finally:
+        subprocess.run(f"ip netns del {ns}", shell=True)
+
+
+@pytest.fixture(scope="module")
+def dp(bpffs, net):
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/nodeport", service_cidrs=SERVICE_CIDR)
+    d = Datapath(cfg, netns=net.ns, test_build=True).load()
+    for pod, ip in (("A", POD_A), ("B", POD_B)):
+        d.maps.endpoint_put(Endpoint(ip, f"cali{pod}", net.idx(f"cali{pod}"),
+                                     net.mac(f"cali{pod}"), net.pod_mac[pod], "eth1",
+                                     net.idx("eth1")))
+    d.settings.set_node(NODE_IP, net.idx("eth0"))
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+# -- the Services, compiled and written the agent's way ----------------------------
+
+def lb_svc(name, ip, node_port, etp="Cluster", lb_ip=None, ports=None, **spec):
+    status = {"loadBalancer": {"ingress": [{"ip": lb_ip}]}} if lb_ip else None
+    return service(name, ip=ip, typ="LoadBalancer" if lb_ip else "NodePort", status=status,
+                   externalTrafficPolicy=etp,
+                   ports=ports or [("http", 80, "TCP", 8080, node_port)], **spec)
+
+
+OBJECTS = [
+    # eTP Cluster: one backend here, one on another node
+    lb_svc("both", "172.16.0.10", 30080), eslice("both-1", "both", [
+        ep(POD_B, node=NODE), ep(REMOTE, node="node-b")]),
+    # only the remote one (SNAT every time)
+    lb_svc("far", "172.16.0.11", 30081), eslice("far-1", "far", [ep(REMOTE, node="node-b")]),
+    # eTP Local with its endpoint elsewhere: dropped from outside, served inside
+    lb_svc("local", "172.16.0.12", 30082, etp="Local"),
+    eslice("local-1", "local", [ep(REMOTE, node="node-b")]),
+    # no endpoint at all: rejected
+    lb_svc("none", "172.16.0.13", 30083),
+    # a load balancer reachable from one range only, with an external IP too
+    lb_svc("fw", "172.16.0.14", 30084, lb_ip=LB_IP, loadBalancerSourceRanges=["10.250.0.0/24"],
+           externalIPs=[EXT_IP]),
+    eslice("fw-1", "fw", [ep(POD_B, node=NODE)]),
+    # UDP and SCTP NodePorts
+    lb_svc("dns", "172.16.0.15", 30053, ports=[("dns", 53, "UDP", 5353, 30053),
+                                               ("sig", 2905, "SCTP", 2906, 30905)]),
+    eslice("dns-1", "dns", [ep(POD_B, node=NODE)],
+           ports=[("dns", 5353, "UDP"), ("sig", 2906, "SCTP")]),
+    # Maglev over four remote backends
+    lb_svc("mag", "172.16.0.16", 30086),
+    eslice("mag-1", "mag", [ep(f"10.242.3.{i}", node="node-c") for i in range(1, 5)]),
+]
+
+
+@pytest.fixture(scope="module")
+def svcs(dp):
+    snap = snapshot(*OBJECTS)
+    desired = compile_services(snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP,)))
+    # Maglev for one Service's outside traffic (the option is per node; the
+    # table and flag per frontend)
+    maglev = compile_services(snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP,),
+                                                               maglev=True))
+    for fe, st in maglev.items():
+        if st.service == ("shop", "mag"):
+            desired[fe] = st
+    # a pod's hostPort (what a CNI ADD with portMappings registers)
+    from agent.lb.hostport import PortMapping, frontends_of
+    desired.update(frontends_of(("web", "h"), POD_A, [PortMapping(8443, 443, "TCP")],
+                                [NODE_IP, ENI_IP, "127.0.0.1"], NODE))
+    rec = Reconciler(maglev_size=dp.lb.maglev_size)
+    apply_ops(dp.lb, rec.plan(desired))
+    table = ServiceTable(NODE, "")
+    table.rebuild(snap)
+    dp.lb.svcnet_set(svcnet_entries(table.cluster_ips, [SERVICE_CIDR]))
+    yield rec
+    apply_ops(dp.lb, rec.plan({}))
+    dp.lb.svcnet_set({})
+    dp.lb.conntrack_flush()
+
+
+def run(dp, net, prog, pkt, dev):
+    dp.maps.decision_reset(0xFFFF)
+    with in_netns(net.ns):
+        res = prog_test_run(dp.prog_fd(prog), bytes(pkt), ifindex=net.idx(dev))
+    rec = dp.maps.decision()
+    return res.retval, res.data, DEFS.reason(rec.reason), DEFS.redirect_kinds[rec.kind].label, \
+        rec.ifindex
+
+
+def from_outside(net, dst, dport, sport=40000, src=CLIENT, dev="eth0", proto="tcp", flags="S"):
+    l4 = TCP(sport=sport, dport=dport, flags=flags, seq=100) if proto == "tcp" else \
+        UDP(sport=sport, dport=dport) / b"q"
+    return Ether(src=CLIENT_MAC, dst=net.mac(dev)) / IP(src=src, dst=dst, ttl=64) / l4
+
+
+def from_pod(net, pod, dst, dport, sport=41000):
+    return Ether(src=net.pod_mac[pod], dst=net.mac(f"cali{pod}")) / \
+        IP(src={"A": POD_A, "B": POD_B}[pod], dst=dst) / TCP(sport=sport, dport=dport, flags="S")
+
+
+def ct_rows(dp, **match):
+    return [r for r in dp.lb.conntrack()
+            if all(getattr(r, k) == v for k, v in match.items())]
+
+
+# -- NodePort, eTP Cluster ---------------------------------------------------------
+
+def test_a_node_port_from_outside_reaches_a_local_backend_keeping_the_clients_address(
+        dp, net, svcs):
+    # Several flows: those that pick the local backend go straight into it.
+    local = []
+    for sport in range(40000, 40040):
+        v, out, reason, kind, idx = run(dp, net, "fp_from_vpc",
+                                        from_outside(net, NODE_IP, 30080, sport), "eth0")
+        o = Ether(out)
+        if o[IP].dst == POD_B:
+            local.append(sport)
+            assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-local",
+                                              "redirect-peer", net.idx("caliB"))
+            assert (o[IP].src, o[TCP].sport, o[TCP].dport) == (CLIENT, sport, 8080)
+            assert_checksums_valid(out)
+        else:
+            assert o[IP].dst == REMOTE
+    assert local, "the local backend was never chosen"
+    # the reply from the pod: the node's address and NodePort again, out of eth0
+    sport = local[0]
+    reply = Ether(src=net.pod_mac["B"], dst=net.mac("caliB")) / IP(src=POD_B, dst=CLIENT) / \
+        TCP(sport=8080, dport=sport, flags="SA", seq=7, ack=101)
+    v, out, reason, kind, idx = run(dp, net, "fp_from_pod", reply, "caliB")
+    o = Ether(out)
+    assert (o[IP].src, o[TCP].sport, o[IP].dst, o[TCP].dport) == (NODE_IP, 30080, CLIENT, sport)
+    assert v == TC_ACT_REDIRECT and idx == net.idx("eth0"), (reason, kind, idx)
+    assert o.dst == GW_MAC, "out of the primary NIC, to its gateway"
+    assert_checksums_valid(out)
+
+
+def test_a_node_port_to_a_backend_on_another_node_is_snated_and_its_reply_reversed(dp, net, svcs):
+    v, out, reason, kind, idx = run(dp, net, "fp_from_vpc",
+                                    from_outside(net, NODE_IP, 30081, 40100), "eth0")
+    o = Ether(out)
+    assert v == TC_ACT_REDIRECT and idx == net.idx("eth0") and reason == "redirected-eni"
+    assert (o[IP].dst, o[TCP].dport) == (REMOTE, 8080)
+    snat_port = o[TCP].sport
+    assert o[IP].src == NODE_IP and 61000 <= snat_port <= 65535, "SNAT to the node's address"
+    assert_checksums_valid(out)
+    fwd = ct_rows(dp, direction="forward", saddr=CLIENT, sport=40100)[0]
+    rev = ct_rows(dp, direction="reply", saddr=REMOTE, daddr=NODE_IP, dport=snat_port)[0]
+    assert fwd.flags & DEFS.defines["FP_CT_F_SNAT"] and rev.flags & DEFS.defines["FP_CT_F_SNAT"]
+    # the backend answers the node; the client gets it from NodePort
+    back = Ether(src=GW_MAC, dst=net.mac("eth0")) / IP(src=REMOTE, dst=NODE_IP) / \
+        TCP(sport=8080, dport=snat_port, flags="SA", seq=9, ack=101)
+    v, out, reason, kind, idx = run(dp, net, "fp_from_vpc", back, "eth0")
+    o = Ether(out)
+    assert (o[IP].src, o[TCP].sport, o[IP].dst, o[TCP].dport) == (NODE_IP, 30081, CLIENT, 40100)
+    assert v == TC_ACT_REDIRECT and idx == net.idx("eth0")
+    assert_checksums_valid(out)
+    # the client's next packet goes the same way, with the same SNAT port
+    ack = from_outside(net, NODE_IP, 30081, 40100, flags="A")
+    v, out, *_ = run(dp, net, "fp_from_vpc", ack, "eth0")
+    assert (Ether(out)[IP].src, Ether(out)[TCP].sport) == (NODE_IP, snat_port)
+
+
+def test_an_icmp_error_about_a_snated_flow_reaches_the_client_about_its_own_packet(
+        dp, net, svcs):
+    v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP, 30081, 40200), "eth0")
+    sent = Ether(out)
+    # a router between the node and the backend says "fragmentation needed"
+    err = Ether(src=GW_MAC, dst=net.mac("eth0")) / IP(src="10.242.255.1", dst=NODE_IP) / \
+        ICMP(type=3, code=4, nexthopmtu=1400) / bytes(sent[IP])[:28]
+    v, out, reason, kind, idx = run(dp, net, "fp_from_vpc", err, "eth0")
+    o = Ether(out)
+    assert v == TC_ACT_REDIRECT and o[IP].dst == CLIENT
+    q = IPerror(bytes(o[ICMP].payload))
+    assert (q.src, q.dst) == (CLIENT, NODE_IP)
+    assert bytes(o[ICMP].payload)[20:24] == bytes(TCP(sport=40200, dport=30081))[:4]
+    fresh = Ether(out)
+    del fresh[IP].chksum
+    del fresh[ICMP].chksum
+    fresh = Ether(bytes(fresh))
+    assert (fresh[IP].chksum, fresh[ICMP].chksum) == (o[IP].chksum, o[ICMP].chksum)
+
+
+def test_udp_and_sctp_node_ports_are_translated_with_valid_checksums(dp, net, svcs):
+    v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP, 30053, 40300,
+                                                          proto="udp"), "eth0")
+    o = Ether(out)
+    assert v == TC_ACT_REDIRECT and (o[IP].dst, o[UDP].dport) == (POD_B, 5353)
+    assert_checksums_valid(out)
+    init = Ether(src=CLIENT_MAC, dst=net.mac("eth0")) / IP(src=CLIENT, dst=NODE_IP) / \
+        SCTP(sport=40301, dport=30905, tag=0) / SCTPChunkInit(init_tag=1, a_rwnd=65535,
+                                                             n_out_streams=1, n_in_streams=1,
+                                                             init_tsn=1)
+    v, out, *_ = run(dp, net, "fp_from_vpc", init, "eth0")
+    o = Ether(out)
+    assert v == TC_ACT_REDIRECT and (o[IP].dst, o[SCTP].dport) == (POD_B, 2906)
+    fresh = Ether(out)
+    del fresh[SCTP].chksum
+    assert Ether(bytes(fresh))[SCTP].chksum == o[SCTP].chksum, "CRC32c after the port change"
+
+
+# -- externalTrafficPolicy Local, reject vs drop -----------------------------------
+
+def test_local_policy_drops_outside_traffic_on_a_node_without_endpoints_but_serves_pods(
+        dp, net, svcs):
+    v, _, reason, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP, 30082, 40400),
+                           "eth0")
+    assert (v, reason) == (TC_ACT_SHOT, "dropped-service-no-local-backend")
+    v, out, reason, *_ = run(dp, net, "fp_from_pod", from_pod(net, "A", NODE_IP, 30082),
+                             "caliA")
+    assert reason == "redirected-eni" and Ether(out)[IP].dst == REMOTE
+    assert Ether(out)[IP].src == POD_A, "pods are not masqueraded (VPC-native routing)"
+
+
+def test_a_node_port_without_endpoints_is_rejected_out_of_the_interface_it_came_in_on(
+        dp, net, svcs):
+    sent = from_outside(net, NODE_IP, 30083, 40500)
+    v, out, reason, kind, idx = run(dp, net, "fp_from_vpc", sent, "eth0")
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-service-no-backend", "redirect",
+                                      net.idx("eth0"))
+    o = Ether(out)
+    assert (o.dst, o.src) == (CLIENT_MAC, net.mac("eth0"))
+    assert (o[IP].src, o[IP].dst, o[ICMP].type, o[ICMP].code) == (NODE_IP, CLIENT, 3, 3)
+
+
+# -- source ranges, external IPs -------------------------------------------------
+
+def test_load_balancer_source_ranges_drop_whoever_is_outside_them(dp, net, svcs):
+    ok = run(dp, net, "fp_from_vpc", from_outside(net, LB_IP, 80, 40600), "eth0")
+    assert ok[2] == "redirected-local" and Ether(ok[1])[IP].dst == POD_B
+    v, _, reason, *_ = run(dp, net, "fp_from_vpc",
+                           from_outside(net, LB_IP, 80, 40601, src=OUTSIDER), "eth0")
+    assert (v, reason) == (TC_ACT_SHOT, "dropped-source-range")
+    # a pod is outside the range too, in-cluster load balancing or not
+    v, _, reason, *_ = run(dp, net, "fp_from_pod", from_pod(net, "A", LB_IP, 80), "caliA")
+    assert (v, reason) == (TC_ACT_SHOT, "dropped-source-range")
+    # the same Service's external IP has no ranges
+    v, out, reason, *_ = run(dp, net, "fp_from_vpc",
+                             from_outside(net, EXT_IP, 80, 40602, src=OUTSIDER, dev="eth1"),
+                             "eth1")
+    assert reason == "redirected-local" and Ether(out)[IP].dst == POD_B
+
+
+# -- Maglev ------------------------------------------------------------------------
+
+def test_maglev_sends_a_flow_to_the_entry_its_hash_names(dp, net, svcs):
+    from agent.lb.compile import SCOPE_EXTERNAL, Frontend
+    fe = Frontend(NODE_IP, 30086, "TCP", SCOPE_EXTERNAL)
+    table = svcs.maglev_table(fe)
+    bes = dp.lb.backends()
+    picks = Counter()
+    for sport in range(42000, 42060):
+        want = bes[table[flow_hash(CLIENT, sport, 30086, 6) % dp.lb.maglev_size]][0]
+        v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP, 30086, sport),
+                         "eth0")
+        got = Ether(out)[IP].dst
+        assert got == want, sport
+        picks[got] += 1
+    assert len(picks) == 4, picks
+
+
+# -- Service CIDRs ----------------------------------------------------------------
+
+def test_an_unknown_port_of_a_live_cluster_ip_is_rejected_and_an_unallocated_address_dropped(
+        dp, net, svcs):
+    v, out, reason, kind, idx = run(dp, net, "fp_from_pod",
+                                    from_pod(net, "A", "172.16.0.10", 9999), "caliA")
+    assert (v, reason, kind) == (TC_ACT_REDIRECT, "dropped-service-unknown-port", "redirect-peer")
+    assert Ether(out)[ICMP].type == 3 and Ether(out)[IP].src == "172.16.0.10"
+    v, _, reason, *_ = run(dp, net, "fp_from_pod", from_pod(net, "A", "172.16.9.9", 80),
+                           "caliA")
+    assert (v, reason) == (TC_ACT_SHOT, "dropped-service-unallocated")
+    v, _, reason, *_ = run(dp, net, "fp_from_vpc", from_outside(net, "172.16.9.9", 80, 40700),
+                           "eth0")
+    assert (v, reason) == (TC_ACT_SHOT, "dropped-service-unallocated")
+    # the node's own traffic is left alone
+    v, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP, 22, 40701), "eth0")
+    assert v == TC_ACT_UNSPEC
+
+
+def test_the_nodes_own_packets_that_kube_proxy_would_drop_are_dropped_on_the_way_out(
+        dp, net, svcs):
+    def own(dst, dport, src=NODE_IP):
+        return Ether(src=net.mac("eth0"), dst=GW_MAC) / IP(src=src, dst=dst) / \
+            TCP(sport=45000, dport=dport, flags="S")
+    assert run(dp, net, "fp_to_vpc", own(LB_IP, 80, src="10.240.0.99"), "eth0")[2] == \
+        "dropped-source-range"
+    assert run(dp, net, "fp_to_vpc", own("172.16.9.9", 80), "eth0")[2] == \
+        "dropped-service-unallocated"
+    assert run(dp, net, "fp_to_vpc", own(REMOTE, 8080), "eth0")[0] == TC_ACT_UNSPEC
+    assert run(dp, net, "fp_to_vpc", own(LB_IP, 80, src=CLIENT), "eth0")[0] == TC_ACT_UNSPEC
+
+
+# -- hostPort ------------------------------------------------------------------------
+
+def test_a_host_port_takes_a_packet_from_outside_and_from_a_pod_to_the_pod(dp, net, svcs):
+    for dev, dst in (("eth0", NODE_IP), ("eth1", ENI_IP)):
+        v, out, reason, kind, idx = run(dp, net, "fp_from_vpc",
+                                        from_outside(net, dst, 8443, 40800, dev=dev), dev)
+        o = Ether(out)
+        assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-local", net.idx("caliA"))
+        assert (o[IP].src, o[IP].dst, o[TCP].dport) == (CLIENT, POD_A, 443)
+        assert_checksums_valid(out)
+    v, out, reason, kind, idx = run(dp, net, "fp_from_pod", from_pod(net, "B", NODE_IP, 8443),
+                                    "caliB")
+    assert (reason, idx) == ("redirected-local", net.idx("caliA"))
+    assert (Ether(out)[IP].dst, Ether(out)[TCP].dport) == (POD_A, 443)

@@ -1,0 +1,116 @@
+"""ServiceSync against the real, pinned service maps of a small datapath:
+a map that is really full (the kernel's E2BIG), the capacity check refusing
+by name, the failure path restoring from what the kernel holds, the affinity
+purge and the ids other state names.
+"""
+from __future__ import annotations
+
+import pytest
+
+from agent.config import Config
+from agent.datapath import Datapath
+from agent.daemon.agent import lb_capacities
+from agent.daemon.services import ServiceSync, restore_reconciler
+from agent.k8s.parse import parse_object
+from agent.k8s.store import Store
+from agent.lb.reconcile import FLAG_REJECT
+from tests.lb.lbdata import ep, eslice, service
+
+SMALL = dict(services_map_size=16, slots_map_size=64, backends_map_size=32,
+             source_ranges_map_size=16)
+
+
+@pytest.fixture(scope="module")
+def small(bpffs, bpfnet):
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/small", **SMALL)
+    d = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+@pytest.fixture
+def lb(small):
+    lb = small.lb
+    yield lb
+    # leave the maps empty for the next test
+    rec = restore_reconciler(lb)
+    from agent.daemon.services import apply_ops
+    apply_ops(lb, rec.plan({}))
+    lb.svcnet_set({})
+    small.tables[next(n for n in small.tables if n.startswith("fp_aff4"))].clear()
+
+
+def vip(i):
+    return f"172.16.1.{i}"
+
+
+def svc(name, i, *ips):
+    return [service(name, ip=vip(i)), eslice(f"{name}-1", name, [ep(ip) for ip in ips])]
+
+
+def sync_for(lb, small, store):
+    return ServiceSync(lb, store, None, "node-a", capacities=lb_capacities(small.config))
+
+
+def put(store, *objs):
+    return store.apply(upserts=[parse_object(o) for o in objs])
+
+
+def frontends(lb):
+    return {(s["vip"], s["port"], s["proto"]) for s in lb.services()}
+
+
+def test_services_beyond_the_real_maps_capacity_are_refused_by_name_never_half_written(small, lb):
+    store = Store()
+    objs = []
+    for i in range(1, 21):
+        objs += svc(f"s{i:02d}", i, f"10.1.0.{i}")
+    put(store, *objs)
+    s = sync_for(lb, small, store)
+    assert s._guarded(s.sync_once) > 0 and s.errors == 0
+    assert len(lb.services()) == 16
+    assert sorted(k[1] for k in s.refused) == ["s17", "s18", "s19", "s20"]
+    # every entry the kernel holds is whole
+    slots, bes = lb.all_slots(), lb.backends()
+    for e in lb.services():
+        assert all(bes[slots[(e["svc_id"], k)]] for k in range(1, e["count"] + 1))
+
+
+def test_a_really_full_map_fails_the_write_the_reconciler_believes_the_kernel_and_retries(
+        small, lb):
+    store = Store()
+    put(store, *svc("a", 1, "10.1.0.1"))
+    s = sync_for(lb, small, store)
+    s._guarded(s.sync_once)
+    # someone else fills the service map to the brim behind the agent's back
+    for k in range(15):
+        lb.put_service(f"192.0.2.{k + 1}", 80, "TCP", 5000 + k, 0, FLAG_REJECT)
+    with pytest.raises(Exception, match="Argument list too long"):     # E2BIG: full
+        lb.put_service("192.0.2.99", 80, "TCP", 6000, 0, FLAG_REJECT)
+    assert s._guarded(lambda: s._sync_changes([put(store, *svc("b", 2, "10.1.0.2"))])) == -1
+    assert s.errors == 1 and s.retry_at is not None and not s.healthy()
+    # the reconciler was rebuilt from the kernel: it knows the strangers now
+    assert len(s.reconciler.frontends()) == 16
+    s.retry_at = 0
+    s._idle()
+    assert s.healthy() and s.errors == 1
+    assert frontends(lb) == {(vip(1), 80, "TCP"), (vip(2), 80, "TCP")}
+    b = next(e for e in lb.services() if e["vip"] == vip(2))
+    assert lb.backends()[lb.all_slots()[(b["svc_id"], 1)]] == ("10.1.0.2", 8080, "TCP")
+
+
+def test_affinity_entries_are_purged_from_the_real_map_and_their_ids_not_reused(small, lb):
+    aff = small.tables[next(n for n in small.tables if n.startswith("fp_aff4"))]
+    k1 = aff.Key(svc_id=3, client=0x0a000001)
+    k2 = aff.Key(svc_id=4, client=0x0a000002)
+    k3 = aff.Key(svc_id=5, client=0x0a000003)
+    for k, b in ((k1, 30), (k2, 40), (k3, 50)):
+        aff[k] = aff.Leaf(last_seen=1, backend_id=b)
+    assert lb.named_ids() == ({3, 4, 5}, {30, 40, 50})
+    rec = restore_reconciler(lb)
+    # a fresh id never lands on one affinity still names
+    assert rec.service_ids.allocate("x") == 6 and rec.backend_ids.allocate("y") == 51
+    assert lb.affinity_purge({3}, {40}, {(5, 50)}) == 3
+    assert len(list(aff.items())) == 0
