@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from agent.policy import ip4
@@ -77,11 +77,26 @@ class IpcacheDelete:
         img.delete_ipcache(self.prefix)
 
 
+class _Unknown:
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+# RulePut.was when the writer does not know what the map holds for the key.
+UNKNOWN = _Unknown()
+
+
 @dataclass(frozen=True, slots=True)
 class RulePut:
     endpoint: str
     key: PolicyKey
     value: RuleValue
+    # What the map holds for the key before this write, as the diff knows
+    # it from the old side: None when the key is not there. A writer may
+    # use it to skip what the map would not notice (the datapath keeps
+    # only the lowest policy id and the audit flag) and to skip reading a
+    # key that is not there. Not part of the operation's identity.
+    was: object = field(default=UNKNOWN, compare=False, repr=False)
 
     def apply(self, img: MapImage) -> None:
         img.put_rule(self.endpoint, self.key, self.value)
@@ -325,9 +340,10 @@ def diff(old: Union[PolicyState, MapImage, None],
 
     def put(ip: str, d: Direction, ident: int, k: PortKey, v: RuleValue) -> None:
         b = cur[(ip, d)].setdefault(ident, {})
-        if b.get(k) != v:
+        was = b.get(k)
+        if was != v:
             b[k] = v
-            ops.append(RulePut(ip, PolicyKey(d, ident, *k), v))
+            ops.append(RulePut(ip, PolicyKey(d, ident, *k), v, was))
 
     def delete_unless(ip: str, d: Direction, keep: dict[int, Bucket]) -> None:
         for ident, b in cur[(ip, d)].items():
