@@ -277,7 +277,8 @@ class Agent:
             self.source = open_source(self.config.source, node, self.store,
                                       metrics=self.metrics.k8s,
                                       # peer selectors match pods of every node
-                                      watch_all_pods=self.config.policy_enforcement != "never")
+                                      watch_all_pods=self.config.policy_enforcement != "never",
+                                      directory_watch=self.config.source_watch)
         except Exception as exc:      # no kubeconfig, unreadable directory, ...
             self.source = None
             self.source_error = f"{type(exc).__name__}: {exc}"

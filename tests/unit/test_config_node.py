@@ -73,6 +73,7 @@ BAD = {
     "conntrack_tcp_idle_timeout": ("5", "below the minimum 10"),
     "conntrack_idle_timeout": ("2m", "invalid value"),
     "source": (["kubernetes"], "expected a string"),
+    "source_watch": ("inotify", "expected true or false"),
     "node_name": (1, "expected a string"),
     "log_level": ("trace", "not one of debug, info, warning, error"),
     "routing_mode": ("tunnel", "'tunnel' is not one of native (pods hold VPC-routable"),
