@@ -27,6 +27,7 @@ MODULES = [
     "bench.pod_to_pod",
     "bench.lb_bench",
     "bench.policy_bench",
+    "bench.policy_dir_bench",
     "bench.bw_bench",
 ]
 QUICK = [

@@ -125,6 +125,7 @@ class PolicySync(Worker):
         self.status = PolicyStatus(self.mode.value)
         self.lock = threading.Lock()      # one plan at a time; readers take it too
         self.planned = threading.Event()  # a plan has written a state (or tried to)
+        self._applied = threading.Condition()   # notified after every plan (wait_applied)
         self._again = threading.Event()   # plan again without a store change
         self._node_ips_seen: Optional[list[str]] = None
         self._refused_named: dict[str, tuple[str, ...]] = {}
@@ -184,6 +185,12 @@ class PolicySync(Worker):
             return "pending" if self.state is None and self.unknown_pod == DENY_INGRESS \
                 else "open"
         return "pending" if is_pending(ep) else "compiled"
+
+    def wait_applied(self, after: int, timeout: float) -> bool:
+        """Block until the maps reflect a store version past `after`, for
+        at most `timeout` seconds; whether they do."""
+        with self._applied:
+            return self._applied.wait_for(lambda: self.status.applied_version > after, timeout)
 
     def remember(self, ip: str, namespace: str, name: str) -> None:
         """A restored endpoint: what its ADD said counts again (a pod whose
@@ -311,6 +318,8 @@ class PolicySync(Worker):
         st.last_ops = len(plan.ops)
         st.last_seconds = time.monotonic() - t0
         self.planned.set()
+        with self._applied:
+            self._applied.notify_all()
         if plan.refused and plan.ops:
             self._again.set()        # room this plan freed may fit more next time
         self._observe(st.last_seconds, len(plan.ops), plan.state is not None)
@@ -438,7 +447,7 @@ class PolicySync(Worker):
         # every plan compiles the whole snapshot (incrementally from the
         # last state): which change sets arrived does not matter
         self._follow(self.source, self.store, self.settle, self._guarded,
-                     lambda _changes: self._guarded(), wake=self._again)
+                     lambda _changes: self._guarded(), wake=self._again, leading=True)
 
     def _observe(self, seconds: float, ops: int, ok: bool) -> None:
         if self.metrics is not None:

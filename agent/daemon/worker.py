@@ -78,17 +78,22 @@ class Worker:
 
     def _follow(self, source, store, settle: float, plan_all: Callable[[], None],
                 plan_changes: Callable[[list], None],
-                wake: threading.Event | None = None) -> None:
+                wake: threading.Event | None = None, leading: bool = False) -> None:
         """The sync loops' shape: wait for the source's initial sync (an
         empty store must never withdraw what the maps serve), plan once,
         then once per burst of change sets (after `settle` seconds), and
-        once more whenever `wake` is set (checked every 0.1 s)."""
+        once more whenever `wake` is set (checked every 0.1 s). `leading`:
+        a change is planned at once when the last plan ended at least
+        `settle` seconds ago, else when it is that old (a burst is still
+        planned at most once per `settle`, and what arrives during a plan
+        goes into the next one)."""
         while not source.synced.wait(0.5):
             if self._stop.is_set():
                 return
         sub = store.subscribe()
         try:
             plan_all()
+            last = time.monotonic()
             while not self._stop.is_set():
                 first = sub.get(timeout=0.5 if wake is None else 0.1)
                 if first is None:
@@ -98,9 +103,10 @@ class Worker:
                     wake.clear()
                     plan_changes([])
                     continue
-                time.sleep(settle)
+                time.sleep(max(0.0, last + settle - time.monotonic()) if leading else settle)
                 if wake is not None:
                     wake.clear()
                 plan_changes([first] + sub.drain())
+                last = time.monotonic()
         finally:
             sub.close()

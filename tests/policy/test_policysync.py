@@ -403,3 +403,47 @@ def test_a_policy_edited_while_a_state_did_not_fit_still_counts_as_changed():
     sync.sync_once()
     assert sync.state is not None
     assert sync._policy_changes(store.snapshot())[1] == frozenset()
+
+
+def test_wait_applied_returns_once_a_plan_reflects_a_later_store_version():
+    sync, store, maps, _ = make(pods({"a": "web", "b": "db"}) + [WEB])
+    sync.sync_once()
+    before = sync.status.applied_version
+    assert not sync.wait_applied(before, 0.05)          # nothing newer: times out
+    store.apply(upserts=[DENY_ALL])
+    got = []
+    t = threading.Thread(target=lambda: got.append(sync.wait_applied(before, 10)))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive(), "returned before any plan reflected the change"
+    sync.sync_once()
+    t.join(10)
+    assert got == [True] and sync.status.applied_version > before
+    assert sync.wait_applied(before, 0)                 # already there: no wait
+
+
+def test_the_loop_plans_a_lone_change_at_once_and_a_burst_at_most_once_per_settle():
+    """The reconciler's loop (leading edge): a change after a quiet spell
+    is planned without waiting `settle`; changes arriving while one is
+    planned or within `settle` of the last plan are planned together."""
+    import time
+    sync, store, maps, _ = make(pods({"a": "web", "b": "db"}) + [WEB], settle=2.0)
+    sync.start()
+    try:
+        assert sync.planned.wait(5)
+        time.sleep(2.2)                                 # the last plan is older than settle
+        plans = sync.status.plans
+        before = sync.status.applied_version
+        t0 = time.monotonic()
+        store.apply(upserts=[DENY_ALL])
+        assert sync.wait_applied(before, 5)
+        assert time.monotonic() - t0 < 1.5, "a lone change waited for settle"
+        # a burst right after: at most one plan per settle for all of it
+        before = sync.status.applied_version
+        for i in range(5):
+            store.apply(upserts=[netpol("x", f"burst{i}", {"podSelector": {}, "ingress": []})])
+        assert sync.wait_applied(store.version - 1, 5)
+        assert sync.status.applied_version == store.version
+        assert sync.status.plans - plans <= 3
+    finally:
+        sync.stop()
