@@ -29,6 +29,7 @@ MODULES = [
     "bench.ct_bench",
     "bench.nodeport_bench",
     "bench.policy_bench",
+    "bench.policy_dir_bench",
     "bench.bw_bench",
 ]
 QUICK = [

@@ -15,6 +15,8 @@ import json
 import os
 import time
 
+import pytest
+
 from agent.api import wire
 from agent.sim import manifests as m
 from agent.sim.agent import AgentProcess, private_paths, register_pod
@@ -123,10 +125,22 @@ def test_policies_from_manifests_are_enforced_and_follow_changes_and_restarts(wo
             log = agent.log.read_text()
             assert "stale policy map entries removed" not in log
 
+            # the directory is followed with inotify; PolicyWait answers once
+            # the removal is in the maps (and says so when it is not yet)
+            st = wire.call(paths.socket, "Status")
+            assert st["source"]["status"]["watch"].startswith("inotify"), st["source"]
+            before = policy_status(paths)["applied_version"]
+            with pytest.raises(wire.RemoteError) as e:
+                wire.call(paths.socket, "PolicyWait", {"applied_after": before, "timeout": 0.2})
+            assert e.value.code == "timeout"
             os.remove(pol)
-            wait_for(applied(paths, 0), "the policy's removal")
+            st = wire.call(paths.socket, "PolicyWait", {"applied_after": before, "timeout": 20})
+            assert st["applied_version"] > before and st["policies"] == 0
             assert connects(c, b.ip)
             assert st["errors"] == 0
+            with pytest.raises(wire.RemoteError) as e:
+                wire.call(paths.socket, "PolicyWait", {"applied_after": "1", "timeout": 1})
+            assert e.value.code == "invalid-argument"
         finally:
             agent.stop()
 

@@ -306,6 +306,9 @@ def render_status(d: dict) -> str:
                      + (f"; {', '.join(f'{k}={v}' for k, v in sorted(objs.items()))}"
                         if objs else "") + (f"; error: {src['error']}" if src.get("error")
                                             else "") + ")")
+        watch = (src.get("status") or {}).get("watch")
+        if watch:
+            lines.append(f"  watch: {watch}")
         for problem in ((src.get("status") or {}).get("problems") or []):
             lines.append(f"  problem: {problem}")
         for rej in ((src.get("status") or {}).get("rejected") or []):

@@ -134,6 +134,8 @@ KEYS: tuple[Key, ...] = (
     Key("conntrack_idle_timeout", int, 120, "lifetime in seconds of a UDP, SCTP or other "
         "flow without a packet", minimum=10, maximum=1 << 22),
     Key("source", str, "kubernetes", "cluster state: 'kubernetes' or a manifest directory"),
+    Key("source_watch", bool, True, "manifest directory: scan as soon as inotify reports a "
+        "change (a burst of changes is one scan), besides polling every second; false: poll only"),
     Key("node_name", str, "", "this node's Kubernetes name (default: hostname)"),
     Key("log_level", str, "info", "log level", choices=("debug", "info", "warning", "error")),
     # DataPath V2's agent settings (the policy container's flags in Terway's

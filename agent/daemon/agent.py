@@ -333,7 +333,8 @@ class Agent:
             self.source = open_source(self.config.source, node, self.store,
                                       metrics=self.metrics.k8s,
                                       # peer selectors match pods of every node
-                                      watch_all_pods=self.config.policy_enforcement != "never")
+                                      watch_all_pods=self.config.policy_enforcement != "never",
+                                      directory_watch=self.config.source_watch)
         except Exception as exc:      # no kubeconfig, unreadable directory, ...
             self.source = None
             self.source_error = f"{type(exc).__name__}: {exc}"
@@ -807,6 +808,24 @@ class Agent:
         st = self.policy.status.as_dict()
         st["enabled"] = self.policy.mode.value != "never"
         return st
+
+    def rpc_PolicyWait(self, applied_after: int, timeout: float = 10.0) -> dict:
+        """Return the policy status once the maps reflect a store version past
+        `applied_after` (PolicyStatus' applied_version), waiting at most
+        `timeout` seconds (60 at most): a caller that changed cluster state
+        learns when it is enforced without polling."""
+        if isinstance(applied_after, bool) or not isinstance(applied_after, int):
+            raise ApiError("invalid-argument", "applied_after must be an integer")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+                0 <= timeout <= 60):
+            raise ApiError("invalid-argument", "timeout must be a number of seconds, 0 to 60")
+        if self.policy is None or self.policy.mode.value == "never":
+            raise ApiError("unavailable", "NetworkPolicy enforcement is off")
+        if not self.policy.wait_applied(applied_after, float(timeout)):
+            raise ApiError("timeout", f"the policy maps do not reflect a store version past "
+                                      f"{applied_after} after {timeout:g}s (they reflect "
+                                      f"{self.policy.status.applied_version})")
+        return self.rpc_PolicyStatus()
 
     def rpc_PolicyGet(self, endpoint: str) -> dict:
         """The effective rules of a pod (by IPv4 or namespace/name)."""

@@ -88,11 +88,6 @@ class Hint:
     fetched: Optional[Pod] = None      # the Pod the agent fetched for it, if the store lacks it
 
 
-def audited_policies(snapshot) -> frozenset[str]:
-    return frozenset(f"{p.namespace}/{p.name}" for p in snapshot.network_policies.values()
-                     if p.audited)
-
-
 class PolicySync(Worker):
     def __init__(self, maps, settings, store, source, node_name: str, mode: str,
                  capacities: Capacities, node_ips: Callable[[], list[str]], *,
@@ -115,6 +110,12 @@ class PolicySync(Worker):
         # isolate_only's writes went in): ids for the next compile
         self._base: Optional[PolicyState] = None
         self._applied_policies = None     # the NetworkPolicies of the last state written
+        # each NetworkPolicy's (object, audit flag) by key, as last read
+        self._audit_seen: dict = {}
+        self._audited: set[str] = set()
+        # key -> the NetworkPolicy object the last state written was made
+        # from (None if it had none), for the keys whose object changed since
+        self._since_applied: dict = {}
         self.ids_file = Path(ids_file) if ids_file else None
         self._saved_ids: Optional[dict] = None
         self.hints: dict[str, Hint] = {}  # pod IPv4 -> what CNI ADD said
@@ -124,6 +125,7 @@ class PolicySync(Worker):
         self.status = PolicyStatus(self.mode.value)
         self.lock = threading.Lock()      # one plan at a time; readers take it too
         self.planned = threading.Event()  # a plan has written a state (or tried to)
+        self._applied = threading.Condition()   # notified after every plan (wait_applied)
         self._again = threading.Event()   # plan again without a store change
         self._node_ips_seen: Optional[list[str]] = None
         self._refused_named: dict[str, tuple[str, ...]] = {}
@@ -183,6 +185,12 @@ class PolicySync(Worker):
             return "pending" if self.state is None and self.unknown_pod == DENY_INGRESS \
                 else "open"
         return "pending" if is_pending(ep) else "compiled"
+
+    def wait_applied(self, after: int, timeout: float) -> bool:
+        """Block until the maps reflect a store version past `after`, for
+        at most `timeout` seconds; whether they do."""
+        with self._applied:
+            return self._applied.wait_for(lambda: self.status.applied_version > after, timeout)
 
     def remember(self, ip: str, namespace: str, name: str) -> None:
         """A restored endpoint: what its ADD said counts again (a pod whose
@@ -264,7 +272,7 @@ class PolicySync(Worker):
         snap, pending = self._overlay(store_snap)
         if node_ips is None:
             node_ips = self._node_ips_seen = self.node_ips()
-        audited = audited_policies(snap)
+        audited, changed = self._policy_changes(snap)
         previous = self.state if self.state is not None else (
             self._base if self._base is not None else self._restored_ids(snap))
         old = self.state if self.state is not None else self.maps.image()
@@ -274,8 +282,8 @@ class PolicySync(Worker):
                                 previous=previous, refused=refused)
             return with_pending(st, pending, self.unknown_pod)
 
-        changed = self._changed_policies(snap)
-        applied = (pairs_of(self.state) - self.state.refused) if self.state is not None else ()
+        was = self.state
+        applied = (lambda: pairs_of(was) - was.refused) if was is not None else ()
         plan = fit(compile_with, self.capacities, old, changed=changed, applied=applied)
         st = self.status
         for op in plan.ops:
@@ -287,6 +295,7 @@ class PolicySync(Worker):
         if plan.state is not None:
             self.state, self._base = plan.state, None
             self._applied_policies = snap.network_policies
+            self._since_applied.clear()
         else:
             # isolate_only (or nothing) went in: the maps are neither the
             # old state nor the new one; diff from what they hold next time
@@ -309,6 +318,8 @@ class PolicySync(Worker):
         st.last_ops = len(plan.ops)
         st.last_seconds = time.monotonic() - t0
         self.planned.set()
+        with self._applied:
+            self._applied.notify_all()
         if plan.refused and plan.ops:
             self._again.set()        # room this plan freed may fit more next time
         self._observe(st.last_seconds, len(plan.ops), plan.state is not None)
@@ -318,13 +329,37 @@ class PolicySync(Worker):
                      st.endpoints)
         return len(plan.ops)
 
-    def _changed_policies(self, snap) -> frozenset[str]:
-        """NetworkPolicies added or edited since the last state written."""
-        prev = self._applied_policies
-        if prev is None:
-            return frozenset()
-        return frozenset(f"{k[0]}/{k[1]}" for k, p in snap.network_policies.items()
-                         if (o := prev.get(k)) is not p and o != p)
+    def _policy_changes(self, snap) -> tuple[frozenset[str], frozenset[str]]:
+        """The audited NetworkPolicies, and those added or edited since the
+        last state written. One pass that only compares objects: a policy
+        is looked into only when it is not the object it was last time."""
+        pols = snap.network_policies
+        seen, since = self._audit_seen, self._since_applied
+        audited = self._audited
+        for k, p in pols.items():
+            hit = seen.get(k)
+            if hit is not None and hit[0] is p:
+                continue
+            if k not in since:
+                # the object the last state written was made from (None: added since)
+                since[k] = hit[0] if hit is not None else None
+            seen[k] = (p, p.audited)
+            name = f"{k[0]}/{k[1]}"
+            if p.audited:
+                audited.add(name)
+            else:
+                audited.discard(name)
+        if len(seen) != len(pols):
+            for k in [k for k in seen if k not in pols]:
+                del seen[k]
+                audited.discard(f"{k[0]}/{k[1]}")
+                since.setdefault(k, None)
+        if self._applied_policies is None:
+            changed = frozenset()
+        else:
+            changed = frozenset(f"{k[0]}/{k[1]}" for k, o in since.items()
+                                if (p := pols.get(k)) is not None and p is not o and p != o)
+        return frozenset(audited), changed
 
     def _report(self, plan, snap) -> None:
         """Name what this plan refused: status always; log, metric and
@@ -412,7 +447,7 @@ class PolicySync(Worker):
         # every plan compiles the whole snapshot (incrementally from the
         # last state): which change sets arrived does not matter
         self._follow(self.source, self.store, self.settle, self._guarded,
-                     lambda _changes: self._guarded(), wake=self._again)
+                     lambda _changes: self._guarded(), wake=self._again, leading=True)
 
     def _observe(self, seconds: float, ops: int, ok: bool) -> None:
         if self.metrics is not None:

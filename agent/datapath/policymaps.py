@@ -37,6 +37,12 @@ def _ntohl(v: int) -> int:
     return int.from_bytes(v.to_bytes(4, "little"), "big")
 
 
+def _rule_fields(v: RuleValue) -> tuple[int, int]:
+    """What the rules map keeps of a rule's value: its lowest policy id
+    and the audit flag."""
+    return (min(v.policies) if v.policies else 0), (F_RULE_AUDIT if v.audit else 0)
+
+
 class PolicyMaps:
     def __init__(self, tables):
         self.ipcache = tables[MAP["FP_MAP_IPCACHE"]]
@@ -72,14 +78,19 @@ class PolicyMaps:
         elif isinstance(op, IpcacheDelete):
             self._delete(self.ipcache, self._ipcache_key(op.prefix))
         elif isinstance(op, RulePut):
+            policy_id, flags = _rule_fields(op.value)
+            was = op.was
+            if isinstance(was, RuleValue) and _rule_fields(was) == (policy_id, flags):
+                return        # an attribution the map does not hold: nothing to write
             key = self._rule_key(op.endpoint, op.key)
             v = self.rules.Leaf()
-            v.policy_id = min(op.value.policies) if op.value.policies else 0
-            v.flags = F_RULE_AUDIT if op.value.audit else 0
-            try:
-                v.flows = self.rules[key].flows     # keep the flow count of a rewritten rule
-            except KeyError:
-                v.flows = 0
+            v.policy_id, v.flags = policy_id, flags
+            v.flows = 0
+            if was is not None:          # a rewritten rule keeps its flow count
+                try:
+                    v.flows = self.rules[key].flows
+                except KeyError:
+                    pass
             self.rules[key] = v
         elif isinstance(op, RuleDelete):
             self._delete(self.rules, self._rule_key(op.endpoint, op.key))

@@ -18,13 +18,15 @@ __all__ = ["ALL_KINDS", "Action", "Kind", "Source", "describe", "open_source",
 
 
 def open_source(spec: str, node_name: str, store: Store, *, metrics=None,
-                watch_all_pods: bool = False, **kwargs) -> Source:
+                watch_all_pods: bool = False, directory_watch: bool = True,
+                **kwargs) -> Source:
     """Open and start the source named by `spec` ("kubernetes" or a directory path).
 
     node_name: this node (kubernetes: pods and the Node object are watched for
     it only; "" watches all). watch_all_pods: watch every pod in the cluster,
-    which NetworkPolicy enforcement needs for peer selectors. Other keyword
-    arguments go to the source (e.g. interval= for a directory,
+    which NetworkPolicy enforcement needs for peer selectors. directory_watch:
+    a directory is also followed with inotify (else polled only). Other
+    keyword arguments go to the source (e.g. interval= for a directory,
     api_client= / resync_seconds= for kubernetes).
     """
     if spec == "kubernetes":
@@ -32,4 +34,5 @@ def open_source(spec: str, node_name: str, store: Store, *, metrics=None,
         return KubernetesSource(store, node_name=node_name, metrics=metrics,
                                 watch_all_pods=watch_all_pods, **kwargs).start()
     from agent.k8s.directory import DirectorySource
-    return DirectorySource(spec, store, metrics=metrics, **kwargs).start()
+    return DirectorySource(spec, store, metrics=metrics, watch=directory_watch,
+                           **kwargs).start()

@@ -7,10 +7,15 @@ starting with "." are skipped, which also skips editor swap files and the
 YAML documents per file, a `kind: List` with items, or a JSON array. Kinds
 fastpath does not consume (Deployments, ConfigMaps, ...) are ignored.
 
-The directory is polled (mtime, size, then a content hash; portable, no
-inotify) and every scan that finds changes is applied to the store as one
-ChangeSet, so a rename (old file gone, new file present) or an edit that moves
-an object between files never makes it blink.
+The directory is scanned (mtime, size, then a content hash) as soon as
+inotify says something in it changed (agent/k8s/inotify.py: a burst of
+events is one scan), and polled every `interval` seconds whatever inotify
+says: the poll alone covers what inotify cannot see (a filesystem that does
+not report, a watch limit, no inotify at all, the root directory itself
+replaced), and `status()["watch"]` says which it is. Every scan that finds
+changes is applied to the store as one ChangeSet, so a rename (old file
+gone, new file present) or an edit that moves an object between files never
+makes it blink.
 
 A scan costs what the directory holds, whatever its links do: symbolic links
 are followed, but each real directory and file (by device and inode) is read
@@ -72,6 +77,10 @@ MAX_FILE_BYTES = 16 << 20
 @dataclass
 class _Listing:
     files: dict[str, tuple[int, int]] = field(default_factory=dict)   # rel -> (mtime_ns, size)
+    # what the walk visited, for the watcher: every directory listed, and
+    # every file reached through a link (its target may be outside the tree)
+    dirs: list[str] = field(default_factory=list)
+    linked: list[str] = field(default_factory=list)
     problems: dict[str, str] = field(default_factory=dict)            # what -> message
     # directories (rel, "" for the root) whose content could not be listed:
     # their files keep what they had, as if unchanged
@@ -108,10 +117,15 @@ class DirectorySource(Source):
     kind_name = "directory"
 
     def __init__(self, path: str, store: Store, *, metrics=None, interval: float = 1.0,
-                 default_namespace: str = "default"):
+                 default_namespace: str = "default", watch: bool = True):
         super().__init__(store, metrics)
         self.root = os.path.abspath(path)
         self.interval = interval
+        self.watch = watch
+        self._watcher = None              # agent.k8s.inotify.Watcher while watching
+        self._watch_state = "off (watch: false)" if not watch else "not started"
+        self._watch_logged = ""
+        self.scans = 0
         self.default_namespace = default_namespace
         self._files: dict[str, _FileState] = {}
         self._owner: dict[ObjId, str] = {}
@@ -132,6 +146,13 @@ class DirectorySource(Source):
     def start(self) -> "DirectorySource":
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"manifest directory {self.root} does not exist")
+        if self.watch:
+            from agent.k8s.inotify import Unavailable, Watcher
+            try:
+                self._watcher = Watcher()
+            except (Unavailable, OSError) as exc:
+                self._set_watch_state(f"polling every {self.interval:g}s: inotify is not "
+                                      f"available ({exc.strerror or exc})")
         # The first scan runs before start() returns: a caller (the agent, the
         # demo, a test) has the directory's content as soon as it has a source.
         self.scan()
@@ -141,11 +162,38 @@ class DirectorySource(Source):
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        if self._watcher is not None:
+            self._watcher.close()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._watcher is not None and not (self._thread and self._thread.is_alive()):
+            self._watcher.release()
+
+    def _set_watch_state(self, state: str, logged: Optional[str] = None) -> None:
+        """What follows the directory between polls, for the status; logged
+        when `logged` (the state without its counts) changes."""
+        self._watch_state = state
+        logged = state if logged is None else logged
+        if logged == self._watch_logged:
+            return
+        self._watch_logged = logged
+        healthy = state.startswith("inotify") and not (self._watcher and self._watcher.problems)
+        (log.info if healthy else log.warning)("manifest directory %s: %s", self.root, state)
+
+    def status(self) -> dict:
+        out = super().status()
+        out["watch"] = self._watch_state
+        return out
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
+            if self._watcher is not None:
+                # early on a change, at the poll interval at the latest
+                self._watcher.wait(self.interval)
+            elif self._stop.wait(self.interval):
+                break
+            if self._stop.is_set():
+                break
             try:
                 self.scan()
                 self._scan_failure = ""
@@ -197,6 +245,8 @@ class DirectorySource(Source):
                     continue
                 seen_dirs[ancestors[-1]] = rel
             dirs += 1
+            if dirs <= MAX_DIRS and len(ancestors) <= MAX_DEPTH:
+                out.dirs.append(path)
             if dirs > MAX_DIRS or len(ancestors) > MAX_DEPTH:
                 bound = (f"more than {MAX_DIRS} directories" if dirs > MAX_DIRS
                          else f"deeper than {MAX_DEPTH} levels at {rel}")
@@ -247,11 +297,12 @@ class DirectorySource(Source):
             if not stack:
                 linked_dirs.reverse()
         for erel, est in linked_files:
-            self._take_file(out, seen_files, erel, est)
+            if self._take_file(out, seen_files, erel, est):
+                out.linked.append(os.path.join(self.root, erel))
         return out
 
     @staticmethod
-    def _take_file(out: _Listing, seen: dict, rel: str, st: os.stat_result) -> None:
+    def _take_file(out: _Listing, seen: dict, rel: str, st: os.stat_result) -> bool:
         ident = (st.st_dev, st.st_ino)
         first = seen.get(ident)
         if first is not None:
@@ -263,6 +314,8 @@ class DirectorySource(Source):
         else:
             seen[ident] = rel
             out.files[rel] = (st.st_mtime_ns, st.st_size)
+            return True
+        return False
 
     def _report(self, problems: dict[str, str]) -> None:
         """Log each problem when it appears and when it is gone; never per poll."""
@@ -304,9 +357,20 @@ class DirectorySource(Source):
             return self._scan()
 
     def _scan(self) -> bool:
+        self.scans += 1
         found = self._list_files()
         listing = found.files
         problems = dict(found.problems)
+        w = self._watcher
+        if w is not None and not w.closed:
+            # watched from before the files are read: a write from now on
+            # is either read by this scan or wakes the next one
+            w.follow(found.dirs, found.linked)
+            n = w.watching
+            also = (f", polling every {self.interval:g}s as well"
+                    + (f"; {'; '.join(sorted(w.problems.values()))}" if w.problems else ""))
+            self._set_watch_state(f"inotify ({n} {'path' if n == 1 else 'paths'}){also}",
+                                  f"inotify{also}")
         # files the listing could not judge keep what they had, as if unchanged
         carried = {rel for rel in self._files if rel not in listing and (not found.complete or any(
             d == "" or rel.startswith(d + "/") for d in found.unlisted))}

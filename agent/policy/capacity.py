@@ -80,6 +80,11 @@ def usage(state: PolicyState) -> dict[str, int]:
             MAP_RULES: state.rule_count()}
 
 
+def _image_usage(img: MapImage) -> dict[str, int]:
+    return {MAP_IPCACHE: len(img.ipcache), MAP_ENDPOINTS: len(img.endpoints),
+            MAP_RULES: len(img.rules)}
+
+
 def peak_usage(old: Union[PolicyState, MapImage, None], ops: list[Op]) -> dict[str, int]:
     """The largest size each map reaches while `ops` are applied to `old`."""
     if old is None:
@@ -130,13 +135,20 @@ def check_capacity(new: PolicyState, capacities: Capacities,
     Pass the `ops` of diff(old, new) if already computed.
     """
     steady = usage(new)
+    caps = {MAP_IPCACHE: capacities.ipcache, MAP_ENDPOINTS: capacities.endpoints,
+            MAP_RULES: capacities.rules}
     if old is not None:
-        peak = peak_usage(old, ops if ops is not None else diff(old, new))
+        if ops is None:
+            ops = diff(old, new)
+        # No map can grow by more writes than there are: when even that
+        # fits everywhere, the step-by-step peak need not be worked out.
+        start = usage(old) if isinstance(old, PolicyState) else _image_usage(old)
+        if all(max(start[m] + len(ops), steady[m]) <= caps[m] for m in caps):
+            return []
+        peak = peak_usage(old, ops)
     else:
         peak = steady
     out = []
-    caps = {MAP_IPCACHE: capacities.ipcache, MAP_ENDPOINTS: capacities.endpoints,
-            MAP_RULES: capacities.rules}
     for m in (MAP_IPCACHE, MAP_ENDPOINTS, MAP_RULES):
         needed = max(peak[m], steady[m])
         if needed <= caps[m]:
@@ -278,12 +290,13 @@ def _estimate_prefix(state: PolicyState, units: list[frozenset[Pair]],
 
 def fit(compile_with: Callable[[frozenset[Pair]], PolicyState], capacities: Capacities,
         old: Union[PolicyState, MapImage, None] = None, *, changed: Collection[str] = (),
-        applied: Collection[Pair] = ()) -> Fit:
+        applied: Union[Collection[Pair], Callable[[], Collection[Pair]]] = ()) -> Fit:
     """The state to write: `compile_with(frozenset())` if it fits, else the
     same compiled with the shortest prefix of `refusal_order` refused that
     fits (the way from `old` included). `changed`: policy names whose objects
     this change added or edited; `applied`: the pairs whose rules the maps
-    hold now."""
+    hold now, or a function returning them (called only when the state does
+    not fit)."""
     new = compile_with(frozenset())
     ops = diff(old, new)
     over = check_capacity(new, capacities, old, ops)
@@ -291,6 +304,8 @@ def fit(compile_with: Callable[[frozenset[Pair]], PolicyState], capacities: Capa
         return Fit(new, ops, [])
     if any(o.map == MAP_ENDPOINTS for o in over):
         return Fit(None, [], over, refused=frozenset(pairs_of(new)))
+    if callable(applied):
+        applied = applied()       # only a state that does not fit needs them
     units = refusal_order(new, changed, applied)
     tried: dict[int, tuple[PolicyState, list[Op]]] = {}
     compiles = [1]

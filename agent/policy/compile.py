@@ -175,6 +175,9 @@ class _Compiler:
         self.audited = audited
         self._set_refused(refused)
         self._ns_labels: dict[str, FrozenMap] = {}
+        # Shared by every compile derived from this one (update's shallow
+        # copy keeps it): see _bucket.
+        self._buckets: dict[tuple, dict[PortKey, RuleValue]] = {}
 
     def _set_refused(self, refused: frozenset[tuple[str, str]]) -> None:
         self.refused = refused
@@ -740,27 +743,40 @@ class _Compiler:
                 slot = (ip, d)
                 was_enforced = old_plans.get(slot, self.plan[slot])[0].enforced
                 enforced = self.plan[slot][0].enforced
+                fresh: dict = {}
                 if slot in whole:
+                    deps: set = set()
+                    filled = self._fill(ip, d, fresh, deps)
+                    self._set_deps(slot, frozenset(deps))
                     gone = [key for key in by_peer if key[0] == d]
+                elif slot in partial:
+                    filled = self._fill(ip, d, fresh, None, only=partial[slot])
+                    gone = [(d, n) for n in removed_ids | partial[slot] if (d, n) in by_peer]
                 else:
-                    gone = [(d, n) for n in removed_ids | partial.get(slot, set()) if (d, n) in by_peer]
-                rewritten.update(gone)
+                    filled = ()
+                    gone = [(d, n) for n in removed_ids if (d, n) in by_peer]
                 for key in gone:
-                    for k in by_peer.pop(key):
+                    b = by_peer[key]
+                    if fresh.get(key) is b:
+                        # the very same rules (_bucket shares them): nothing to
+                        # rewrite, only the count of enforced identities may move
+                        if was_enforced != enforced:
+                            _bump(self.enf_n, key[1], 1 if enforced else -1)
+                        continue
+                    del by_peer[key]
+                    rewritten.add(key)
+                    for k in b:
                         del flat[PolicyKey(d, key[1], *k)]
                     if was_enforced:
                         _bump(self.enf_n, key[1], -1)
-                if slot in whole:
-                    deps: set = set()
-                    filled = self._fill(ip, d, by_peer, deps)
-                    self._set_deps(slot, frozenset(deps))
-                elif slot in partial:
-                    filled = self._fill(ip, d, by_peer, None, only=partial[slot])
-                else:
-                    continue
                 for n in filled:
-                    rewritten.add((d, n))
-                    for k, v in by_peer[(d, n)].items():
+                    key = (d, n)
+                    b = fresh[key]
+                    if by_peer.get(key) is b:
+                        continue
+                    by_peer[key] = b
+                    rewritten.add(key)
+                    for k, v in b.items():
                         flat[PolicyKey(d, n, *k)] = v
                     if enforced:
                         _bump(self.enf_n, n, 1)
@@ -901,9 +917,26 @@ class _Compiler:
             prog = self.program[slot]
         want = self._want(d, prog, only, deps)
         for ident, per_policy in want.items():
-            by_peer[(d, ident)] = {k: RuleValue(pids, dp.audit)
-                                   for k, pids in _lpm_entries(per_policy).items()}
+            by_peer[(d, ident)] = self._bucket(per_policy, dp.audit)
         return list(want)
+
+    def _bucket(self, per_policy: Mapping[int, PortSet], audit: bool) -> dict[PortKey, RuleValue]:
+        """The rules of one peer identity, from what each policy admits of it.
+
+        Most identities of a slot, and most slots, get the same few inputs
+        (every pod of a namespace, every endpoint selected by the same
+        policies), so each distinct input is computed once and its bucket
+        shared: buckets are never modified once made (every writer copies).
+        A shared bucket also lets the diff see an unchanged peer by identity.
+        """
+        sig = (audit, tuple(sorted(per_policy.items(), key=_first)))
+        b = self._buckets.get(sig)
+        if b is None:
+            if len(self._buckets) >= _BUCKET_MEMO_MAX:
+                self._buckets.clear()
+            b = self._buckets[sig] = {k: RuleValue(pids, audit)
+                                      for k, pids in _lpm_entries(per_policy).items()}
+        return b
 
     def _program(self, pod: Pod, d: Direction, compiled: list[NetworkPolicy]) -> tuple:
         """The rules of the policies compiled for a pod and direction, as
@@ -983,6 +1016,15 @@ class _Compiler:
         cfg = EndpointConfig(ingress=self.plan[(ip, Direction.INGRESS)][0],
                              egress=self.plan[(ip, Direction.EGRESS)][0])
         return EndpointPolicy(ip, pod.namespace, pod.name, cfg, flat, by_peer)
+
+
+# Distinct (policies, ports) inputs kept by _bucket: a node's slots have a
+# few thousand at most; past this the memo starts again rather than grow.
+_BUCKET_MEMO_MAX = 1 << 14
+
+
+def _first(t: tuple):
+    return t[0]
 
 
 def _index_key(ck: tuple) -> Optional[tuple]:

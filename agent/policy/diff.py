@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from agent.policy import ip4
@@ -77,11 +77,26 @@ class IpcacheDelete:
         img.delete_ipcache(self.prefix)
 
 
+class _Unknown:
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+# RulePut.was when the writer does not know what the map holds for the key.
+UNKNOWN = _Unknown()
+
+
 @dataclass(frozen=True, slots=True)
 class RulePut:
     endpoint: str
     key: PolicyKey
     value: RuleValue
+    # What the map holds for the key before this write, as the diff knows
+    # it from the old side: None when the key is not there. A writer may
+    # use it to skip what the map would not notice (the datapath keeps
+    # only the lowest policy id and the audit flag) and to skip reading a
+    # key that is not there. Not part of the operation's identity.
+    was: object = field(default=UNKNOWN, compare=False, repr=False)
 
     def apply(self, img: MapImage) -> None:
         img.put_rule(self.endpoint, self.key, self.value)
@@ -201,12 +216,6 @@ class _View:
         if ep is None or base is None or ep.derived is None or ep.derived[0]() is not base:
             return None
         return ep.derived[1]
-
-
-def _allowance(enforced: bool, bucket: Bucket, bucket0: Bucket) -> PortSet:
-    if not enforced:
-        return PortSet.all()
-    return PortSet.from_keys(list(bucket) + list(bucket0))
 
 
 def _covering(bucket: Bucket, key: PortKey) -> Optional[RuleValue]:
@@ -331,9 +340,10 @@ def diff(old: Union[PolicyState, MapImage, None],
 
     def put(ip: str, d: Direction, ident: int, k: PortKey, v: RuleValue) -> None:
         b = cur[(ip, d)].setdefault(ident, {})
-        if b.get(k) != v:
+        was = b.get(k)
+        if was != v:
             b[k] = v
-            ops.append(RulePut(ip, PolicyKey(d, ident, *k), v))
+            ops.append(RulePut(ip, PolicyKey(d, ident, *k), v, was))
 
     def delete_unless(ip: str, d: Direction, keep: dict[int, Bucket]) -> None:
         for ident, b in cur[(ip, d)].items():
@@ -400,6 +410,8 @@ def diff(old: Union[PolicyState, MapImage, None],
     for ip, d, dO, dN, RO, RN, EM in work:                               # 8
         delete_unless(ip, d, RN)
     for ip, d, dO, dN, RO, RN, EM in work:
+        if dN.enforced:
+            continue         # step 5 wrote all of RN, and nothing since took any away
         for ident, b in RN.items():
             for k, v in b.items():
                 put(ip, d, ident, k, v)
@@ -431,56 +443,84 @@ def _intermediate(eo: bool, en: bool, RO: dict[int, Bucket], RN: dict[int, Bucke
     if same_any and RO == RN and not any(o in RO or n in RN for o, n in trans):
         # Nothing to narrow: M is old (and new) for this direction.
         return {i: dict(b) for i, b in RO.items()}
-    m0 = _allowance(eo, {}, o0).intersection(_allowance(en, {}, n0))
+    # Most identities of a direction share their bucket objects with others
+    # (the compiler makes one per distinct input), so the port sets of a
+    # bucket and M's bucket for a pair of them are worked out once per
+    # direction. Keyed by object, each entry holding its objects alive.
+    sets: dict[int, tuple[Bucket, PortSet]] = {}
+
+    def keyset(b: Bucket) -> PortSet:
+        hit = sets.get(id(b))
+        if hit is None or hit[0] is not b:
+            hit = sets[id(b)] = (b, PortSet.from_keys(b))
+        return hit[1]
+
+    all_o, all_n = (PortSet.all() if not eo else None), (PortSet.all() if not en else None)
+    ko0, kn0 = keyset(o0), keyset(n0)
+
+    def allowance_o(b: Bucket) -> PortSet:
+        return all_o if all_o is not None else keyset(b).union(ko0)
+
+    def allowance_n(b: Bucket) -> PortSet:
+        return all_n if all_n is not None else keyset(b).union(kn0)
+
+    m0 = allowance_o(empty).intersection(allowance_n(empty))
     out: dict[int, Bucket] = {}
 
-    def choose(ident: int, src_o: int, src_n: int, am: Optional[PortSet], base: PortSet) -> None:
+    def choose(src_o: int, src_n: int, same: bool, am: PortSet, base: PortSet) -> Optional[Bucket]:
+        """M's bucket for an identity taking old rules from src_o and new
+        ones from src_n (same: the identity is both); None for none."""
         bo, bn = RO.get(src_o, empty), RN.get(src_n, empty)
-        if src_o == src_n == ident:
-            if eo and PortSet.from_keys(bo).union(base) == am:
-                if bo:
-                    out[ident] = dict(bo)
-                return
-            if en and PortSet.from_keys(bn).union(base) == am:
-                if bn:
-                    out[ident] = dict(bn)
-                return
+        if same:
+            if eo and keyset(bo).union(base) == am:
+                return dict(bo) if bo else None
+            if en and keyset(bn).union(base) == am:
+                return dict(bn) if bn else None
         keys = [k for k in am.keys() if not base.covers_key(k)]
         if not keys:
-            return
+            return None
         side, sident = (RN, src_n) if en else (RO, src_o)
         b: Bucket = {}
         for k in keys:
-            v = bn.get(k) if en and src_n == ident else None
-            if v is None and eo and src_o == ident:
+            v = bn.get(k) if en and same else None
+            if v is None and eo and same:
                 v = bo.get(k)
             b[k] = v if v is not None else _synth_value(side, sident, k)
-        out[ident] = b
+        return b
 
     # "Any peer" first: every other identity's rules only add to it.
-    if eo and PortSet.from_keys(o0) == m0:
+    if eo and ko0 == m0:
         if o0:
             out[ID_ANY] = dict(o0)
-    elif en and PortSet.from_keys(n0) == m0:
+    elif en and kn0 == m0:
         if n0:
             out[ID_ANY] = dict(n0)
     elif m0:
         side = RN if en else RO
         out[ID_ANY] = {k: _synth_value(side, ID_ANY, k) for k in m0.keys()}
     base = PortSet.from_keys(out.get(ID_ANY, {}))
+    unchanged_any = same_any and out.get(ID_ANY, empty) == o0
 
+    # identities that are themselves on both sides: M's bucket depends on
+    # the pair of buckets only (the "any peer" ones are the direction's)
+    made: dict[tuple[int, int], tuple[Bucket, Bucket, Optional[Bucket]]] = {}
     plain = ((set(RO) if eo else set()) | (set(RN) if en else set())) - {ID_ANY}
     for z in sorted(plain & present):
-        if same_any and RO.get(z) == RN.get(z) and out.get(ID_ANY, empty) == o0:
+        bo, bn = RO.get(z, empty), RN.get(z, empty)
+        if unchanged_any and z in RO and z in RN and (bo is bn or bo == bn):
             # Same rules on both sides, over the same "any peer" rules.
-            out[z] = dict(RO[z])
+            out[z] = dict(bo)
             continue
-        am = (_allowance(eo, RO.get(z, empty), o0)
-              .intersection(_allowance(en, RN.get(z, empty), n0)))
-        choose(z, z, z, am, base)
+        hit = made.get((id(bo), id(bn)))
+        if hit is None or hit[0] is not bo or hit[1] is not bn:
+            am = allowance_o(bo).intersection(allowance_n(bn))
+            hit = made[(id(bo), id(bn))] = (bo, bn, choose(z, z, True, am, base))
+        if hit[2] is not None:
+            out[z] = dict(hit[2])
     for (o, n), t in trans.items():
         if (eo and o in RO) or (en and n in RN):
-            am = (_allowance(eo, RO.get(o, empty), o0)
-                  .intersection(_allowance(en, RN.get(n, empty), n0)))
-            choose(t, o, n, am, base)
+            am = allowance_o(RO.get(o, empty)).intersection(allowance_n(RN.get(n, empty)))
+            b = choose(o, n, False, am, base)
+            if b is not None:
+                out[t] = b
     return out

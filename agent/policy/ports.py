@@ -108,7 +108,7 @@ def key_ancestors(key: PortKey) -> Iterator[PortKey]:
 class PortSet:
     """An immutable set of (protocol, port); `everything` covers all protocols."""
 
-    __slots__ = ("everything", "ranges", "_keys")
+    __slots__ = ("everything", "ranges", "_keys", "_hash")
 
     def __init__(self, everything: bool = False,
                  ranges: Optional[dict[int, Iterable[tuple[int, int]]]] = None):
@@ -121,6 +121,7 @@ class PortSet:
                     merged[proto] = m
         self.ranges: dict[int, tuple[tuple[int, int], ...]] = merged
         self._keys: Optional[tuple[PortKey, ...]] = None
+        self._hash: Optional[int] = None
 
     @classmethod
     def all(cls) -> "PortSet":
@@ -151,7 +152,10 @@ class PortSet:
                 and self.ranges == other.ranges)
 
     def __hash__(self) -> int:
-        return hash((self.everything, tuple(sorted(self.ranges.items()))))
+        if self._hash is None:
+            # the compiler hashes the same sets again and again (rule memo)
+            self._hash = hash((self.everything, tuple(sorted(self.ranges.items()))))
+        return self._hash
 
     def __repr__(self) -> str:
         if self.everything:

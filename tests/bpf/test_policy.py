@@ -373,3 +373,44 @@ def test_trace_events_report_a_reply_as_it_arrived(dp, bpfnet, policy, events):
         dp.lb.delete_service(vip, 80, "TCP")
         dp.lb.delete_slots(90, 1, 1)
         dp.lb.delete_backend(90)
+
+
+def test_rule_writes_follow_what_the_diff_knows_the_map_holds(dp, policy):
+    """RulePut.was (what the diff knows the map holds for the key) lets the
+    writer skip a rewrite the map would not notice (it keeps only the
+    lowest policy id and the audit flag) and skip reading a key that is not
+    there; a real rewrite keeps the rule's flow count."""
+    from agent.policy.diff import RulePut, UNKNOWN
+    from agent.policy.state import Direction, PolicyKey, RuleValue
+    pm = dp.policy
+    key, was = next((k, v) for k, v in policy.endpoints[POD_B].rules.items()
+                    if k.direction == Direction.INGRESS)
+    raw = pm._rule_key(POD_B, key)
+    low = min(was.policies)
+    leaf = pm.rules[raw]
+    leaf.flows = 41
+    pm.rules[raw] = leaf
+    try:
+        # attribution only: another, higher policy id joins; nothing is written
+        # (shown by a value planted behind the writer's back staying put)
+        planted = pm.rules[raw]
+        planted.policy_id = 7777
+        pm.rules[raw] = planted
+        pm.apply(RulePut(POD_B, key, RuleValue(tuple(sorted({*was.policies, 9000})), False), was))
+        assert pm.rules[raw].policy_id == 7777
+        # the lowest id changes: written, the flow count kept
+        pm.apply(RulePut(POD_B, key, RuleValue((1,), False), was))
+        assert (pm.rules[raw].policy_id, pm.rules[raw].flows) == (1, 41)
+        # an unknown previous value: written, the flow count kept
+        pm.apply(RulePut(POD_B, key, RuleValue((low,), True), UNKNOWN))
+        got = pm.rules[raw]
+        assert (got.policy_id, bool(got.flags), got.flows) == (low, True, 41)
+        # a key the map does not have: written from nothing
+        fresh = PolicyKey(Direction.INGRESS, 60000, 6, 4242, 16)
+        pm.apply(RulePut(POD_B, fresh, RuleValue((low,), False), None))
+        got = pm.rules[pm._rule_key(POD_B, fresh)]
+        assert (got.policy_id, got.flows) == (low, 0)
+    finally:
+        from agent.policy.diff import RuleDelete
+        pm.apply(RuleDelete(POD_B, PolicyKey(Direction.INGRESS, 60000, 6, 4242, 16)))
+        pm.apply(RulePut(POD_B, key, was, UNKNOWN))

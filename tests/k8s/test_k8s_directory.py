@@ -32,7 +32,7 @@ def svc(name: str, port: int = 80, ip: str = "172.16.0.10") -> dict:
 def src(tmp_path, metrics):
     """A directory source that only scans when the test says so (no timing races)."""
     store = Store()
-    s = DirectorySource(str(tmp_path), store, metrics=metrics, interval=3600)
+    s = DirectorySource(str(tmp_path), store, metrics=metrics, interval=3600, watch=False)
     yield s
     s.stop()
 
@@ -196,7 +196,8 @@ def test_a_same_size_rewrite_within_one_clock_tick_is_still_seen(tmp_path, src):
 
 def test_the_polling_thread_picks_changes_up_by_itself(tmp_path, metrics):
     store = Store()
-    src = open_source(str(tmp_path), "node-1", store, metrics=metrics, interval=0.02)
+    src = open_source(str(tmp_path), "node-1", store, metrics=metrics, interval=0.02,
+                      directory_watch=False)
     try:
         assert src.synced.is_set()
         write(tmp_path / "a.yaml", svc("a"))
@@ -344,7 +345,8 @@ def test_a_directory_that_vanishes_keeps_its_objects_and_the_source_says_so(tmp_
     root = tmp_path / "m"
     write(root / "a.yaml", svc("a"))
     write(root / "sub" / "b.yaml", svc("b", ip="172.16.0.11"))
-    src = started(DirectorySource(str(root), Store(), metrics=metrics, interval=3600))
+    src = started(DirectorySource(str(root), Store(), metrics=metrics, interval=3600,
+                                  watch=False))
     try:
         state = lambda: source_state({"synced": src.synced.is_set(), "status": src.status()})
         assert state() == "synced"
@@ -385,7 +387,8 @@ def test_scan_bounds_stop_the_walk_without_removing_anything(tmp_path, metrics, 
     for i in range(6):
         write(root / f"d{i}" / "x.yaml", svc(f"s{i}", ip=f"172.16.0.{20 + i}"))
     write(root / "big.yaml", svc("big", ip="172.16.0.40"))
-    src = started(DirectorySource(str(root), Store(), metrics=metrics, interval=3600))
+    src = started(DirectorySource(str(root), Store(), metrics=metrics, interval=3600,
+                                  watch=False))
     try:
         assert len(services(src)) == 7
         monkeypatch.setattr(directory, "MAX_DIRS", 3)

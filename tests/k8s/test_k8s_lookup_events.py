@@ -55,7 +55,9 @@ def test_the_directory_source_rescans_its_manifests_to_answer(tmp_path, metrics)
     import json
     from agent.k8s.directory import DirectorySource
     from agent.k8s.store import Store
-    src = DirectorySource(str(tmp_path), Store(), metrics=metrics, interval=3600).start()
+    # polls never and watches nothing: only the rescan can find the Pod
+    src = DirectorySource(str(tmp_path), Store(), metrics=metrics, interval=3600,
+                          watch=False).start()
     try:
         assert src.lookup_pod("web", "late", 1.0) is None
         (tmp_path / "late.json").write_text(json.dumps(pod_doc("web", "late", {"app": "w"})))

@@ -266,3 +266,20 @@ def test_when_nothing_fits_newly_isolated_pods_are_isolated_without_rules():
     # the others are exactly as before
     for ip in (XA, XB, XC):
         assert img.endpoints[ip] == old.image().endpoints[ip]
+
+
+def test_a_transition_that_may_pass_the_capacity_is_judged_step_by_step():
+    """When the old entries plus every write could exceed a map, the peak is
+    worked out op by op: a change that deletes about as much as it adds
+    fits a map the bound alone would call too small."""
+    shifted = netpol("x", "b-big", {"podSelector": {"matchLabels": {"app": "a"}},
+                                    "ingress": [{"from": [{"namespaceSelector": {}}],
+                                                 "ports": [{"port": 2, "endPort": 65535}]}]})
+    old = compile_objs(cluster() + [SMALL, BIG])
+    new = compile_objs(cluster() + [SMALL, shifted], previous=old)
+    ops = diff(old, new)
+    need = max(peak_usage(old, ops)[MAP_RULES], usage(new)[MAP_RULES])
+    assert usage(old)[MAP_RULES] + len(ops) > need     # the coarse bound would not do
+    assert check_capacity(new, Capacities(10_000, 1_000, need), old, ops) == []
+    short = check_capacity(new, Capacities(10_000, 1_000, need - 1), old, ops)
+    assert [o.map for o in short] == [MAP_RULES]

@@ -45,6 +45,24 @@ def assert_same(inc: PolicyState, full: PolicyState, what: str) -> None:
     assert inc.enforces_anything() == full.enforces_anything(), what
 
 
+def assert_derived_honestly(new: PolicyState, old: PolicyState, what: str) -> None:
+    """An endpoint patched from the previous state names the groups it
+    rewrote; every other group must be the very object the previous state
+    had (what the diff relies on to skip them), and a group that went away
+    counts as rewritten."""
+    for ip, ep in new.endpoints.items():
+        if ep.derived is None or ep is old.endpoints.get(ip):
+            continue       # untouched: the previous state's own object
+        base, rewritten = ep.derived[0](), ep.derived[1]
+        assert base is old.endpoints.get(ip), f"{what}: {ip} derived from another state"
+        before, after = base.peer_buckets(), ep.peer_buckets()
+        for key, b in after.items():
+            if key not in rewritten:
+                assert before.get(key) is b, f"{what}: {ip} {key} changed unannounced"
+        for key in before.keys() - after.keys():
+            assert key in rewritten, f"{what}: {ip} {key} removed unannounced"
+
+
 def compile_world(world: World, mode: str, previous=None, incremental=True) -> PolicyState:
     return compile_policy(snapshot(world.objects()), NODE, NODES[NODE], mode, world.audited,
                           previous=previous, incremental=incremental)
@@ -106,6 +124,11 @@ def test_incremental_compiles_equal_full_ones_over_random_histories(seed):
         inc = compile_world(world, mode, previous=state)
         full = compile_world(world, mode, previous=state, incremental=False)
         assert_same(inc, full, what)
+        assert_derived_honestly(inc, state, what)
+        # the diff reads what the compile says it rewrote; knowing nothing
+        # (a full compile) it compares every group, and must write the same
+        assert same_maps(apply_ops(state.image(), diff(state, inc)), inc.image()), what
+        assert sorted(map(repr, diff(state, inc))) == sorted(map(repr, diff(state, full))), what
         state = inc
 
 

@@ -347,3 +347,103 @@ def test_an_address_reused_by_a_new_pod_is_compiled_as_the_new_pod():
     assert sync.state.endpoints[E].name == "new"
     assert E not in maps.img.endpoints or not maps.img.endpoints[E].ingress.enforced
     assert evaluate(maps.img, A, E, "TCP", 80).allowed       # db pods are not isolated
+
+
+def _audited(p, on: bool = True):
+    from dataclasses import replace as _replace
+    from agent.k8s.model import ANNOTATION_POLICY_AUDIT, FrozenMap
+    ann = dict(p.annotations)
+    if on:
+        ann[ANNOTATION_POLICY_AUDIT] = "true"
+    else:
+        ann.pop(ANNOTATION_POLICY_AUDIT, None)
+    return _replace(p, annotations=FrozenMap(ann))
+
+
+def test_audited_and_changed_policies_follow_the_store_object_by_object():
+    """What a plan passes the compiler (audited policies) and the refusal
+    order (policies added or edited since the last state written), kept
+    from one plan to the next by looking only at objects that changed."""
+    sync, store, maps, _ = make(pods({"a": "web", "b": "db"}) + [WEB])
+    audited, changed = sync._policy_changes(store.snapshot())
+    assert (audited, changed) == (frozenset(), frozenset())   # nothing written yet
+    sync.sync_once()
+    # an edit, an addition and an audit flag, as one ChangeSet
+    web2 = netpol("x", "web", {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": []})
+    store.apply(upserts=[web2, _audited(DENY_ALL)])
+    assert sync._policy_changes(store.snapshot()) == (frozenset({"x/deny-all"}),
+                                                      frozenset({"x/web", "x/deny-all"}))
+    sync.sync_once()
+    assert sync._policy_changes(store.snapshot()) == (frozenset({"x/deny-all"}), frozenset())
+    # an edit reverted before the next state is written changed nothing
+    store.apply(upserts=[WEB])
+    store.apply(upserts=[web2])
+    assert sync._policy_changes(store.snapshot())[1] == frozenset()
+    # audit switched off, then the policy deleted
+    store.apply(upserts=[_audited(store.snapshot().network_policies[("x", "deny-all")], False)])
+    assert sync._policy_changes(store.snapshot()) == (frozenset(), frozenset({"x/deny-all"}))
+    store.apply(deletes=[(DENY_ALL.kind, DENY_ALL.key)])
+    assert sync._policy_changes(store.snapshot()) == (frozenset(), frozenset())
+    sync.sync_once()
+    assert sync.status.policies == 1
+
+
+def test_a_policy_edited_while_a_state_did_not_fit_still_counts_as_changed():
+    """A plan that writes no state (here: more pods than the endpoints map
+    holds) leaves what changed since the last state written as changed,
+    for the refusal order of the plan that follows."""
+    sync, store, maps, _ = make(pods({"a": "web", "b": "db"}) + [DENY_ALL])
+    sync.sync_once()
+    store.apply(upserts=[WEB, pod("x", "e", E, labels={"app": "web"})])
+    sync.capacities = Capacities(10_000, 2, 100_000)
+    sync.sync_once()
+    assert sync.state is None and sync.status.refused      # nothing written
+    assert sync._policy_changes(store.snapshot())[1] == frozenset({"x/web"})
+    sync.capacities = Capacities(10_000, 1_000, 100_000)
+    sync.sync_once()
+    assert sync.state is not None
+    assert sync._policy_changes(store.snapshot())[1] == frozenset()
+
+
+def test_wait_applied_returns_once_a_plan_reflects_a_later_store_version():
+    sync, store, maps, _ = make(pods({"a": "web", "b": "db"}) + [WEB])
+    sync.sync_once()
+    before = sync.status.applied_version
+    assert not sync.wait_applied(before, 0.05)          # nothing newer: times out
+    store.apply(upserts=[DENY_ALL])
+    got = []
+    t = threading.Thread(target=lambda: got.append(sync.wait_applied(before, 10)))
+    t.start()
+    t.join(0.2)
+    assert t.is_alive(), "returned before any plan reflected the change"
+    sync.sync_once()
+    t.join(10)
+    assert got == [True] and sync.status.applied_version > before
+    assert sync.wait_applied(before, 0)                 # already there: no wait
+
+
+def test_the_loop_plans_a_lone_change_at_once_and_a_burst_at_most_once_per_settle():
+    """The reconciler's loop (leading edge): a change after a quiet spell
+    is planned without waiting `settle`; changes arriving while one is
+    planned or within `settle` of the last plan are planned together."""
+    import time
+    sync, store, maps, _ = make(pods({"a": "web", "b": "db"}) + [WEB], settle=2.0)
+    sync.start()
+    try:
+        assert sync.planned.wait(5)
+        time.sleep(2.2)                                 # the last plan is older than settle
+        plans = sync.status.plans
+        before = sync.status.applied_version
+        t0 = time.monotonic()
+        store.apply(upserts=[DENY_ALL])
+        assert sync.wait_applied(before, 5)
+        assert time.monotonic() - t0 < 1.5, "a lone change waited for settle"
+        # a burst right after: at most one plan per settle for all of it
+        before = sync.status.applied_version
+        for i in range(5):
+            store.apply(upserts=[netpol("x", f"burst{i}", {"podSelector": {}, "ingress": []})])
+        assert sync.wait_applied(store.version - 1, 5)
+        assert sync.status.applied_version == store.version
+        assert sync.status.plans - plans <= 3
+    finally:
+        sync.stop()

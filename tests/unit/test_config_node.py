@@ -78,6 +78,7 @@ BAD = {
     "conntrack_tcp_fin_timeout": ("forever", "invalid value"),
     "conntrack_tcp_close_timeout": ("0", "below the minimum 1"),
     "source": (["kubernetes"], "expected a string"),
+    "source_watch": ("inotify", "expected true or false"),
     "node_name": (1, "expected a string"),
     "log_level": ("trace", "not one of debug, info, warning, error"),
     "routing_mode": ("tunnel", "'tunnel' is not one of native (pods hold VPC-routable"),
