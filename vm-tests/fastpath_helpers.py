@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 
 from agent.sim.traffic import forwarded_datagrams as forwarded_by_stack  # noqa: F401  (tests' name)
@@ -34,3 +35,17 @@ def inject_truncated(pod) -> None:
     ipv4 = "4500003c0000400040060000" + "".join(f"{int(x):02x}" for x in pod.ip.split("."))
     frame = pod.host_mac.replace(":", "") + pod.mac.replace(":", "") + "0800" + ipv4
     pod.run([sys.executable, "-c", INJECT, frame])
+
+
+def wait_for(cond, what: str = "a condition", timeout: float = 30.0, step: float = 0.1):
+    """Poll `cond` until it returns something true, and return that; fail the
+    test naming `what` (and the last value seen) once `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} "
+                                 f"(last: {got!r})")
+        time.sleep(step)

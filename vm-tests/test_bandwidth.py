@@ -27,6 +27,7 @@ import pytest
 from agent.sim import World
 from agent.sim import manifests as M
 from agent.sim.agent import AgentProcess, private_paths, register_pod, sim_attach
+from fastpath_helpers import wait_for
 
 EGRESS, INGRESS = "kubernetes.io/egress-bandwidth", "kubernetes.io/ingress-bandwidth"
 LIMIT = 50                      # Mbit/s
@@ -96,16 +97,6 @@ class Net:
             want, _ = compile_limits(s.snapshot(), ag._endpoint_list())
             wait_for(lambda: set(ag.datapath.bandwidth.entries()) == set(want),
                      f"limits of {sorted(want)} in n1's map")
-
-
-def wait_for(cond, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

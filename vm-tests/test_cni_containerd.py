@@ -11,7 +11,6 @@ forwards nothing); after the runtime's DEL nothing of fastpath is left.
 from __future__ import annotations
 
 import os
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,18 +18,7 @@ import pytest
 from chainer.testing import ptp_conflist
 from cni_helpers import OUR_PROGRAMS, cni_node
 from containerd_harness import Containerd
-from fastpath_helpers import counters_by, forwarded_by_stack
-
-
-def wait_for(what: str, fn, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+from fastpath_helpers import counters_by, forwarded_by_stack, wait_for
 
 
 @pytest.mark.parametrize("chain", ["terway", "ptp"])
@@ -56,9 +44,9 @@ def test_pods_run_by_containerd_are_accelerated_and_cleaned_up(world, chain):
                 assert proc.poll() is None, (n, proc.communicate(), ctrd.log_tail())
             return eps if all(k in eps for k in keys.values()) else None
 
-        eps = wait_for("both pods' endpoints", registered)
-        wait_for("both tasks running",
-                 lambda: ctrd.ctr("tasks", "ls").stdout.count("RUNNING") == 2)
+        eps = wait_for(registered, "both pods' endpoints")
+        wait_for(lambda: ctrd.ctr("tasks", "ls").stdout.count("RUNNING") == 2,
+                 "both tasks running")
         ep = {n: eps[keys[n]] for n in names}
         assert cn.endpoint_map() == {e["ip"]: e["host_ifindex"] for e in ep.values()}
         for e in ep.values():

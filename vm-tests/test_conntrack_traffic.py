@@ -25,6 +25,7 @@ import pytest
 
 from agent.sim import manifests as mf
 from agent.sim.agent import sim_attach
+from fastpath_helpers import wait_for
 
 VIP = "192.168.95.10"
 VIP2 = "192.168.95.11"
@@ -103,6 +104,7 @@ print(json.dumps(res), flush=True)
 # N new connections: which backend greets each.
 BANNERS = r"""
 import json, socket, sys
+from fastpath_helpers import wait_for
 ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 out = []
 for _ in range(n):
@@ -114,15 +116,6 @@ for _ in range(n):
         out.append("error %s" % e.errno)
 print(json.dumps(out))
 """
-
-
-def wait_for(fn, timeout: float = 20, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(step)
 
 
 def in_cgroup(cgroup: str, ns, args: list[str]) -> list[str]:

@@ -14,24 +14,13 @@ receives exactly what it receives under the kubelet.
 from __future__ import annotations
 
 import copy
-import time
 
 from cni_helpers import cni_node
 from containerd_harness import Containerd
+from fastpath_helpers import wait_for
 
 MAPPING = {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": ""}
 SERVER = ["/bin/sh", "-c", "while true; do echo from-web | /bin/busybox nc -l -p 80; done"]
-
-
-def wait_for(what: str, fn, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def with_mappings(conflist: dict, mappings: list[dict]) -> dict:
@@ -55,9 +44,9 @@ def test_a_pods_host_port_from_a_runtime_is_served_refused_when_taken_and_gone_w
         ctrd.write_conflist(with_mappings(cn.runtime.conflist, [MAPPING]))
         ctrd.run_pod("web", *SERVER)
         key = f"{ctrd.cni_container_id('web')}-eth0"
-        wait_for("the pod's endpoint", lambda: cn.endpoints().get(key))
+        wait_for(lambda: cn.endpoints().get(key), "the pod's endpoint")
         # from outside the cluster, to the node's address: the pod answers
-        assert wait_for("the hostPort to answer", lambda: ask(client, node.ip, 8080)) == \
+        assert wait_for(lambda: ask(client, node.ip, 8080), "the hostPort to answer") == \
             "from-web"
         # fastpath-cni logs what the agent programmed
         log = open(cn.log_file).read()

@@ -32,7 +32,7 @@ from agent.datapath import libbpf, tc
 from agent.datapath.maps import MAP
 from agent.sim.agent import AgentProcess, _detach_node, private_paths
 from bench.harness import build_fprr
-from fastpath_helpers import forwarded_by_stack, inject_truncated, serve_reply
+from fastpath_helpers import forwarded_by_stack, inject_truncated, serve_reply, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -174,15 +174,6 @@ def http(url: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def wait_for(fn, timeout: float = 20, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(step)
 
 
 def families(text: str) -> dict:

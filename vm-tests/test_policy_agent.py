@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 
 from agent.api import wire
 from agent.sim import manifests as m
 from agent.sim.agent import AgentProcess, private_paths, register_pod
-from fastpath_helpers import serve_reply
+from fastpath_helpers import serve_reply, wait_for
 
 ALLOW_A_TO_B = """
 apiVersion: networking.k8s.io/v1
@@ -56,15 +55,6 @@ def connects(client, server_ip: str) -> bool:
     r = client.run(["sh", "-c", f"printf hi | nc -N -w 1 {server_ip} 8080"], check=False,
                    timeout=10)
     return r.stdout == "ok"
-
-
-def wait_for(cond, what: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def policy_status(paths) -> dict:

@@ -31,6 +31,7 @@ from agent.sim import plan
 from agent.sim.netns import sh
 from agent.sim.agent import AgentProcess, private_paths, register_pod
 from chainer.testing import CniRuntime, install_plugins, terway_conflist
+from fastpath_helpers import wait_for
 
 PORT = 7777
 ECHO = r"""
@@ -47,6 +48,7 @@ while True:
 # (a new flow); prints one JSON list: [sent (CLOCK_MONOTONIC), answered].
 PROBER = r"""
 import json, select, socket, sys, time
+from fastpath_helpers import wait_for
 ip, seconds, gap = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 socks, out, port = {}, [], 21000
 end = time.monotonic() + seconds
@@ -187,15 +189,6 @@ def write_manifests(paths, objs) -> None:
 
 def policy_status(paths) -> dict:
     return wire.call(paths.socket, "PolicyStatus")
-
-
-def wait_for(cond, what: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_new_pod_of_a_default_deny_namespace_answers_nobody_once_add_returns(world):

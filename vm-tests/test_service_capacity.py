@@ -18,7 +18,7 @@ import yaml
 
 from agent.lb.reconcile import FLAG_REJECT
 from agent.sim.agent import sim_attach
-from fastpath_helpers import serve_reply
+from fastpath_helpers import serve_reply, wait_for
 
 
 def vip(i: int) -> str:
@@ -45,16 +45,6 @@ def objects(names, backend_ip):
 def ask(pod, ip) -> str:
     return pod.run(["sh", "-c", f"printf hi | nc -N -w 2 {ip} 80"], check=False,
                    timeout=10).stdout
-
-
-def wait_for(cond, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_full_service_map_refuses_by_name_and_a_failed_write_is_retried_from_the_kernel(

@@ -23,13 +23,12 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
 from agent.sim.agent import sim_attach
-from fastpath_helpers import serve_reply
+from fastpath_helpers import serve_reply, wait_for
 
 CGROUP2 = "/sys/fs/cgroup/unified"
 WEB_VIP, LOC_VIP, FW_VIP, NONE_VIP = "192.168.60.10", "192.168.60.11", "192.168.60.12", \
@@ -127,17 +126,6 @@ def who(answer: str) -> tuple[str, str]:
     """(backend, client address it saw) of a reply 'from-x ip:port'."""
     name, seen = answer.split()
     return name, seen.rsplit(":", 1)[0]
-
-
-def wait_for(cond, what: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def http_get(src, ip, port) -> tuple[int, dict, dict]:

@@ -10,7 +10,7 @@ import time
 
 from agent.api import wire
 from agent.sim.agent import AgentProcess, private_paths, register_pod
-from fastpath_helpers import serve_reply
+from fastpath_helpers import serve_reply, wait_for
 
 VIP = "192.168.99.10"
 
@@ -46,16 +46,6 @@ def serve(pod, reply: str):
 
 def ask(pod) -> str:
     return pod.run(["sh", "-c", f"printf hi | nc -N -w 2 {VIP} 80"], check=False, timeout=10).stdout
-
-
-def wait_for(cond, what: str, timeout: float = 15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_service_manifests_become_translated_connections_and_follow_changes(world):

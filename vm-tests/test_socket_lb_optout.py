@@ -8,11 +8,10 @@ their veth, after anything inside the pod (a mesh sidecar) saw the VIP.
 """
 from __future__ import annotations
 
-import time
 
 from agent.datapath.maps import netns_cookie
 from agent.sim.agent import sim_attach
-from fastpath_helpers import counters_by, serve_reply
+from fastpath_helpers import counters_by, serve_reply, wait_for
 from test_socket_lb import cgroup, in_cgroup  # noqa: F401  (fixture)
 
 VIP = "192.168.77.10"
@@ -66,15 +65,6 @@ endpoints:
 def translated_per_packet(agent, pod) -> int:
     rows = agent.datapath.maps.counters()
     return counters_by(rows, pod.host_ifindex)[("from-pod", "service-translated")]
-
-
-def wait_for(cond, what: str, timeout: float = 15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def sidecar_view(pod) -> int:
