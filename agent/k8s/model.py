@@ -158,10 +158,34 @@ class LabelSelector:
         return not self.match_labels and not self.match_expressions
 
 
+# ------------------------------------------------------------------ objects
+
+class ClusterScoped:
+    """An object without a namespace: its key is ("", name)."""
+    __slots__ = ()
+
+    @property
+    def namespace(self) -> str:
+        return ""
+
+    @property
+    def key(self) -> "Key":
+        return ("", self.name)
+
+
+class Namespaced:
+    """An object in a namespace: its key is (namespace, name)."""
+    __slots__ = ()
+
+    @property
+    def key(self) -> "Key":
+        return (self.namespace, self.name)
+
+
 # ---------------------------------------------------------------- Namespace
 
 @dataclass(frozen=True, slots=True)
-class Namespace:
+class Namespace(ClusterScoped):
     name: str
     labels: FrozenMap = EMPTY_MAP
     annotations: FrozenMap = EMPTY_MAP
@@ -169,14 +193,6 @@ class Namespace:
     resource_version: str = field(default="", compare=False)
 
     kind = Kind.NAMESPACE
-
-    @property
-    def namespace(self) -> str:
-        return ""
-
-    @property
-    def key(self) -> Key:
-        return ("", self.name)
 
 
 # ---------------------------------------------------------------------- Pod
@@ -191,7 +207,7 @@ class ContainerPort:
 
 
 @dataclass(frozen=True, slots=True)
-class Pod:
+class Pod(Namespaced):
     namespace: str
     name: str
     labels: FrozenMap = EMPTY_MAP
@@ -206,10 +222,6 @@ class Pod:
     resource_version: str = field(default="", compare=False)
 
     kind = Kind.POD
-
-    @property
-    def key(self) -> Key:
-        return (self.namespace, self.name)
 
     @property
     def is_terminal(self) -> bool:
@@ -236,7 +248,7 @@ class NodeAddress:
 
 
 @dataclass(frozen=True, slots=True)
-class Node:
+class Node(ClusterScoped):
     name: str
     labels: FrozenMap = EMPTY_MAP
     addresses: tuple[NodeAddress, ...] = ()
@@ -246,14 +258,6 @@ class Node:
     resource_version: str = field(default="", compare=False)
 
     kind = Kind.NODE
-
-    @property
-    def namespace(self) -> str:
-        return ""
-
-    @property
-    def key(self) -> Key:
-        return ("", self.name)
 
     def ips(self, type_: Optional[str] = None) -> tuple[str, ...]:
         """Addresses that are IPs (InternalIP/ExternalIP), optionally of one type."""
@@ -284,7 +288,7 @@ class LoadBalancerIngress:
 
 
 @dataclass(frozen=True, slots=True)
-class Service:
+class Service(Namespaced):
     namespace: str
     name: str
     type: str = "ClusterIP"       # ClusterIP, NodePort, LoadBalancer, ExternalName
@@ -310,10 +314,6 @@ class Service:
     resource_version: str = field(default="", compare=False)
 
     kind = Kind.SERVICE
-
-    @property
-    def key(self) -> Key:
-        return (self.namespace, self.name)
 
     @property
     def load_balancer_ips(self) -> tuple[str, ...]:
@@ -354,7 +354,7 @@ class EndpointPort:
 
 
 @dataclass(frozen=True, slots=True)
-class EndpointSlice:
+class EndpointSlice(Namespaced):
     namespace: str
     name: str
     address_type: str             # IPv4, IPv6, FQDN
@@ -367,10 +367,6 @@ class EndpointSlice:
     resource_version: str = field(default="", compare=False)
 
     kind = Kind.ENDPOINT_SLICE
-
-    @property
-    def key(self) -> Key:
-        return (self.namespace, self.name)
 
     @property
     def service_key(self) -> Optional[Key]:
@@ -415,7 +411,7 @@ class PolicyRule:
 
 
 @dataclass(frozen=True, slots=True)
-class NetworkPolicy:
+class NetworkPolicy(Namespaced):
     namespace: str
     name: str
     pod_selector: LabelSelector = LabelSelector()
@@ -434,10 +430,6 @@ class NetworkPolicy:
     @property
     def audited(self) -> bool:
         return self.annotations.get(ANNOTATION_POLICY_AUDIT, "").lower() == "true"
-
-    @property
-    def key(self) -> Key:
-        return (self.namespace, self.name)
 
     @property
     def affects_ingress(self) -> bool:
