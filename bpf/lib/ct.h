@@ -288,6 +288,26 @@ static __always_inline int fp_ct_snat_port(__be32 snat, __be32 baddr, __be16 bpo
 	return -1;
 }
 
+/* The reply entry of a new (or restarted) translated flow, keyed by the
+ * backend's tuple back to the client: it names the frontend to put back as
+ * the source and, with SNAT, the client to put back as the destination. */
+static __always_inline void fp_ct_reply_entry(struct fp_ct4 *reply, const struct fp_ipv4 *ip,
+					      const struct fp_l4 *l4, int hairpin, int snat,
+					      __u32 backend_id, __u32 svc_id, __u64 now)
+{
+	reply->last_seen = now;
+	reply->flags = (hairpin ? FP_CT_F_HAIRPIN : 0) | (snat ? FP_CT_F_SNAT : 0);
+	reply->state = FP_CT_NEW;
+	reply->nat_addr = ip->daddr;
+	reply->nat_port = l4->dport;
+	reply->backend_id = backend_id;
+	reply->svc_id = svc_id;
+	if (snat) {
+		reply->peer_addr = ip->saddr;
+		reply->peer_port = l4->sport;
+	}
+}
+
 /* DNAT a packet addressed to a frontend (and SNAT it, for a flow from
  * outside to a backend on another node). Returns 0 when translated (ip and
  * l4 then describe the rewritten packet), 1 when the destination is not a
@@ -373,17 +393,7 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 				ct->last_seen = now;
 			}
 			fp_ct_partner(fwd, ct, rev);
-			reply->last_seen = now;
-			reply->flags = (hairpin ? FP_CT_F_HAIRPIN : 0) | (snat ? FP_CT_F_SNAT : 0);
-			reply->state = FP_CT_NEW;
-			reply->nat_addr = ip->daddr;
-			reply->nat_port = l4->dport;
-			reply->backend_id = backend_id;
-			reply->svc_id = svc->svc_id;
-			if (snat) {
-				reply->peer_addr = ip->saddr;
-				reply->peer_port = l4->sport;
-			}
+			fp_ct_reply_entry(reply, ip, l4, hairpin, snat, backend_id, svc->svc_id, now);
 			fp_ct_tier_put(tier, rev, reply);
 		} else {
 			fp_ct_nat_seen(fwd, ct, tier, l4->tcp_flags, 0, now);
@@ -446,17 +456,7 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 		rev->dport = snat ? snat_port : l4->sport;
 		rev->proto = ip->proto;
 		rev->dir = FP_CT_REPLY;
-		reply->last_seen = now;
-		reply->flags = entry->flags;
-		reply->state = FP_CT_NEW;
-		reply->nat_addr = ip->daddr;
-		reply->nat_port = l4->dport;
-		reply->backend_id = backend_id;
-		reply->svc_id = svc->svc_id;
-		if (snat) {
-			reply->peer_addr = ip->saddr;
-			reply->peer_port = l4->sport;
-		}
+		fp_ct_reply_entry(reply, ip, l4, hairpin, snat, backend_id, svc->svc_id, now);
 		/* A new flow starts in the LRU; stale entries of the same keys
 		 * in the established hash (expired, not yet collected) would
 		 * hide it from lookups. */
@@ -748,20 +748,26 @@ static __always_inline int fp_ct_reverse(struct __sk_buff *skb, struct fp_ipv4 *
 		key.sport = q.dport;
 		key.dport = q.sport;
 		key.proto = q.proto;
-		key.dir = FP_CT_REPLY;
-		ct = fp_ct_nat_get(&key, &tier, now);
-		if (!ct)
-			return 0;
-		vip = ct->nat_addr;
-		vport = ct->nat_port;
-		hairpin = ct->flags & FP_CT_F_HAIRPIN;
-		/* The quote is the client's packet after DNAT: it gets the VIP
-		 * and Service port back as its destination (hairpin: the client
-		 * back as its source); the error comes from the VIP when the
-		 * backend sent it (hairpin: it goes to the client). */
-		snat = ct->flags & FP_CT_F_SNAT;
-		client = ct->peer_addr;
-		cport = ct->peer_port;
+	} else if (l4->kind == FP_L4_PORTS) {
+		key.saddr = ip->saddr;
+		key.daddr = ip->daddr;
+		key.sport = l4->sport;
+		key.dport = l4->dport;
+		key.proto = ip->proto;
+	} else {
+		return 0;
+	}
+	key.dir = FP_CT_REPLY;
+	ct = fp_ct_nat_get(&key, &tier, now);
+	if (!ct)
+		return 0;
+	vip = ct->nat_addr;
+	vport = ct->nat_port;
+	hairpin = ct->flags & FP_CT_F_HAIRPIN;
+	snat = ct->flags & FP_CT_F_SNAT;
+	client = ct->peer_addr;
+	cport = ct->peer_port;
+	if (l4->kind == FP_L4_ICMP_ERR) {
 		/* The quote is the client's packet after DNAT: it gets the VIP
 		 * and Service port back as its destination (hairpin: the client
 		 * back as its source; SNAT: the client's address and port back
@@ -778,23 +784,6 @@ static __always_inline int fp_ct_reverse(struct __sk_buff *skb, struct fp_ipv4 *
 		fp_ct_event(FP_CTE_RELATED);
 		return 1;
 	}
-	if (l4->kind != FP_L4_PORTS)
-		return 0;
-	key.saddr = ip->saddr;
-	key.daddr = ip->daddr;
-	key.sport = l4->sport;
-	key.dport = l4->dport;
-	key.proto = ip->proto;
-	key.dir = FP_CT_REPLY;
-	ct = fp_ct_nat_get(&key, &tier, now);
-	if (!ct)
-		return 0;
-	vip = ct->nat_addr;
-	vport = ct->nat_port;
-	hairpin = ct->flags & FP_CT_F_HAIRPIN;
-	snat = ct->flags & FP_CT_F_SNAT;
-	client = ct->peer_addr;
-	cport = ct->peer_port;
 	/* (the entry may move between tiers here: nothing is read after) */
 	fp_ct_nat_seen(&key, ct, tier, l4->tcp_flags, 1, now);
 	if (hairpin) {
