@@ -111,7 +111,7 @@ class AgentProcess:
         self.proc: subprocess.Popen | None = None
         self.log = Path(paths.root) / "agent.log"
 
-    def start(self, timeout: float = 60) -> "AgentProcess":
+    def start(self, timeout: float = 180) -> "AgentProcess":
         cmd = ["ip", "netns", "exec", self.node.netns, *self.wrapper, sys.executable, "-m",
                "agent.cli.main",
                "agent", "--bpffs-root", f"{self.paths.bpffs}/fastpath",
