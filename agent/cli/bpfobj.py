@@ -107,8 +107,9 @@ def map_rows(ctx) -> list[dict]:
         layout = decode.Layout.of(name)
         ringbuf = m.type_name == "ringbuf"
         entries = None if ringbuf else m.count()
-        # an array always holds max_entries: no fill, no pressure
-        array = m.type_name in ("array", "percpu_array")
+        # an array always holds max_entries (a prog array's slots are filled
+        # once at start): no fill, no pressure
+        array = m.type_name in ("array", "percpu_array", "prog_array")
         rows.append({"name": name, "alias": alias_of(name), "id": m.id, "type": m.type_name,
                      "key_size": m.key_size, "value_size": m.value_size,
                      "max_entries": m.max_entries, "entries": entries,

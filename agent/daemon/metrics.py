@@ -46,9 +46,10 @@ log = logging.getLogger("fastpath.metrics")
 
 STARTS_FILE = "agent-starts"
 # Maps without a fill level: every slot of an array always exists
-# (BPF_MAP_TYPE_ARRAY, _PERCPU_ARRAY), a ring buffer's size is bytes of
-# events in flight (BPF_MAP_TYPE_RINGBUF) (uapi numbers).
-ARRAY_TYPES = (2, 6, 27)
+# (BPF_MAP_TYPE_ARRAY, _PERCPU_ARRAY; a PROG_ARRAY's slots are filled once
+# at start), a ring buffer's size is bytes of events in flight
+# (BPF_MAP_TYPE_RINGBUF) (uapi numbers).
+ARRAY_TYPES = (2, 3, 6, 27)
 # Object kinds whose datapath maps the agent syncs from cluster state: the
 # service maps follow Services + EndpointSlices (+ the node's zone); the
 # policy maps follow NetworkPolicies + Pods + Namespaces.
