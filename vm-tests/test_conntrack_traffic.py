@@ -104,7 +104,6 @@ print(json.dumps(res), flush=True)
 # N new connections: which backend greets each.
 BANNERS = r"""
 import json, socket, sys
-from fastpath_helpers import wait_for
 ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 out = []
 for _ in range(n):

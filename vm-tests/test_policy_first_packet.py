@@ -48,7 +48,6 @@ while True:
 # (a new flow); prints one JSON list: [sent (CLOCK_MONOTONIC), answered].
 PROBER = r"""
 import json, select, socket, sys, time
-from fastpath_helpers import wait_for
 ip, seconds, gap = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 socks, out, port = {}, [], 21000
 end = time.monotonic() + seconds
