@@ -94,9 +94,12 @@ class Net:
             s = Store()
             s.apply(upserts=[parse_object(o) for o in objs])
             ag = self.agents["n1"]
-            want, _ = compile_limits(s.snapshot(), ag._endpoint_list())
-            wait_for(lambda: set(ag.datapath.bandwidth.entries()) == set(want),
-                     f"limits of {sorted(want)} in n1's map")
+            want, problems = compile_limits(s.snapshot(), ag._endpoint_list())
+            # the problems too: a pod whose entry stays (a bad egress value
+            # beside a good ingress one) would otherwise look applied at once
+            wait_for(lambda: set(ag.datapath.bandwidth.entries()) == set(want)
+                     and set(ag.bandwidth.status.problems) == set(problems),
+                     f"limits of {sorted(want)} in n1's map, problems {problems}")
 
 
 @pytest.fixture(scope="module")
