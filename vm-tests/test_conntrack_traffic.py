@@ -212,11 +212,12 @@ def test_a_rolling_update_keeps_established_connections_until_the_server_closes(
                     sys.executable, "-c", STREAM, VIP, "80", str(stop), "90"]),
                     stdout=subprocess.PIPE, text=True),
             }
-            time.sleep(1)
-            ct = [r for r in agent.datapath.lb.conntrack() if r.saddr == a.ip and
-                  r.direction == "forward"]
-            assert [(r.nat_addr, r.state, r.table) for r in ct] == [
-                (old.ip, "established", "established")], "the pod's stream, per packet"
+            def pod_stream():
+                return [(r.nat_addr, r.state, r.table) for r in agent.datapath.lb.conntrack()
+                        if r.saddr == a.ip and r.direction == "forward"]
+            # (the clients start python first: on a loaded machine, seconds)
+            wait_for(lambda: pod_stream() == [(old.ip, "established", "established")],
+                     "the pod's stream, per packet, established on the old backend")
 
             # a second backend joins, then the first one starts terminating
             write(agent, "web.yaml", web(VIP, PORT, [(old.ip, "n1", "ready"),
