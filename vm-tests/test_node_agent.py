@@ -425,9 +425,12 @@ def datapath_view(paths, client_ip: str, vip: str) -> dict:
     flow), plus the per-packet translation counters and flow timestamps."""
     from agent.model.bpfdefs import load
     translated = load().reason_value("service-translated")
-    eps, ct, counters = pinned_entries(paths, "FP_MAP_ENDPOINTS", "FP_MAP_CT", "FP_MAP_COUNTERS")
+    eps, ct, ct_new, counters = pinned_entries(paths, "FP_MAP_ENDPOINTS", "FP_MAP_CT",
+                                               "FP_MAP_CT_NEW", "FP_MAP_COUNTERS")
     flows = {}
-    for e in ct:
+    # a flow lives in one conntrack tier at a time (bpf/lib/ct.h): the
+    # established hash, or the LRU it is kept in while the hash is replaced
+    for e in ct + ct_new:
         k, v = e["key"], e["value"]
         if k["dir_label"] == "forward" and k["saddr"] == client_ip and k["daddr"] == vip:
             flows[(k["sport"], k["dport"], k["proto_label"])] = v
