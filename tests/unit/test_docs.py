@@ -365,6 +365,8 @@ def check_sections_name_tests(docs: dict[str, str]) -> list[str]:
     for name, text in docs.items():
         if not name.startswith("docs/"):
             continue
+        if not sections(text):
+            bad.append(f"{name}: no `## ` sections: split the page by feature and name their tests")
         for title, body in sections(text):
             if not TEST_PATH.search(body) and not NO_TEST.search(body):
                 bad.append(f"{name}: section \"{title}\" names no test that proves it "
@@ -522,6 +524,8 @@ def test_a_section_without_tests_is_reported():
     sample = {"docs/x.md": "# X\n\n## Proven\n\nTests: `vm-tests/test_cli.py`.\n\n"
                            "## Reference\n\n<!-- no test: signatures only -->\n\n"
                            "## Claimed\n\nIt works.\n\n### Sub\n\nStill nothing.\n",
+              "docs/flat.md": "# Flat\n\n**Claimed.** It works, says a bold lead.\n",
               "README.md": "## Landing\n\nno tests needed here\n"}
     assert check_sections_name_tests(sample) == [
-        'docs/x.md: section "Claimed" names no test that proves it (or `<!-- no test: why -->`)']
+        'docs/x.md: section "Claimed" names no test that proves it (or `<!-- no test: why -->`)',
+        "docs/flat.md: no `## ` sections: split the page by feature and name their tests"]
