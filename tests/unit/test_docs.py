@@ -13,13 +13,18 @@ docs and, below, on small broken samples that prove it can fail:
   code, and every reason or pinned map named anywhere exists;
 - every feature section (`## ` of a docs page) names the tests that prove it,
   or says why it has none (`<!-- no test: why -->`).
+- the `--json` fields docs/cli.md gives the endpoint, service, ct and
+  metrics views are exactly what those views print (run by the CLI's own
+  code over sample maps decoded by its own decoder).
 
-Unprivileged and fast: it reads files and builds the CLI's argument parser.
+Unprivileged and fast: it reads files, builds the CLI's argument parser and
+runs its views over sample maps in memory.
 """
 from __future__ import annotations
 
 import argparse
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -342,6 +347,149 @@ def check_map_names(docs: dict[str, str], header_text: str) -> list[str]:
     return bad
 
 
+# ---- the CLI's --json fields ---------------------------------------------------
+
+def documented_fields(cli_text: str, label: str) -> tuple[set[str], dict[str, set[str]]]:
+    """The fields docs/cli.md's `--json` table gives the row labelled
+    `label` (its first cell): top-level names, and names inside the
+    parentheses after a field (its nested objects)."""
+    for line in cli_text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0] == label:
+            spec = cells[1]
+            break
+    else:
+        raise KeyError(f"docs/cli.md: no --json row {label}")
+    top: set[str] = set()
+    nested: dict[str, set[str]] = {}
+    depth, last, i = 0, None, 0
+    for m in re.finditer(r"`([^`]+)`|(\()|(\))", spec):
+        if m.group(2):
+            depth += 1
+        elif m.group(3):
+            depth -= 1
+        elif re.fullmatch(r"[a-z][a-z0-9_]*", m.group(1)):
+            if depth == 0:
+                top.add(m.group(1))
+                last = m.group(1)
+            elif depth == 1 and last:
+                nested.setdefault(last, set()).add(m.group(1))
+    return top, nested
+
+
+def produced_fields(rows) -> tuple[set[str], dict[str, set[str]]]:
+    top: set[str] = set()
+    nested: dict[str, set[str]] = {}
+    for r in rows if isinstance(rows, list) else [rows]:
+        top |= set(r)
+        for k, v in r.items():
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                nested.setdefault(k, set()).update(*(set(x) for x in v))
+    return top, nested
+
+
+def check_json_fields(label: str, documented, produced) -> list[str]:
+    (dtop, dnest), (ptop, pnest) = documented, produced
+    bad = [f"docs/cli.md: {label}: field {f} is not in the output" for f in sorted(dtop - ptop)]
+    bad += [f"docs/cli.md: {label}: the output's field {f} is not documented"
+            for f in sorted(ptop - dtop)]
+    for k in sorted(set(pnest) & set(dtop)):
+        bad += [f"docs/cli.md: {label}: {k}.{f} is not in the output"
+                for f in sorted(dnest.get(k, set()) - pnest[k])]
+        bad += [f"docs/cli.md: {label}: the output's field {k}.{f} is not documented"
+                for f in sorted(pnest[k] - dnest.get(k, set()))]
+    return bad
+
+
+class _Map:
+    def __init__(self, name: str, raw: list[tuple[bytes, bytes]]):
+        self.name, self.raw, self.max_entries = name, raw, 1024
+        self.percpu = False
+
+
+class MapsOnly:
+    """The CLI's context with pinned maps given as raw key/value bytes,
+    decoded by the CLI's own decoder, and no agent (as with the agent down)."""
+    agent_error = "not asked (docs check)"
+
+    def __init__(self, raw: dict[str, list[tuple[bytes, bytes]]]):
+        from agent.cli import bpfobj
+        alias = bpfobj.aliases()
+        self._maps = {alias[a]: _Map(alias[a], r) for a, r in raw.items()}
+
+    def maps(self):
+        return self._maps
+
+    def map(self, name):
+        return self._maps[name]
+
+    def entries(self, name, missing_ok=False):
+        from agent.inspect import decode
+        m = self._maps.get(name)
+        if m is None:
+            if missing_ok:
+                return []
+            raise KeyError(name)
+        layout = decode.Layout.of(name)
+        return [decode.decode_entry(layout, k, v) for k, v in m.raw]
+
+    def agent(self, method, **req):
+        return None
+
+    def note_agent_down(self, what):
+        pass
+
+    def links(self):
+        return {}
+
+
+def sample_maps() -> dict[str, list[tuple[bytes, bytes]]]:
+    """One entry in each map the views read: a frontend with one backend
+    slot, a conntrack entry of each table, a counter of each kind."""
+    from agent.inspect import decode
+    z = lambda alias, key=None, value=None: _raw(alias, key, value)
+    svc_key = decode.encode_key("struct fp_svc4_key", vip="192.168.0.1", port=80)
+    return {
+        "endpoints": [z("endpoints")],
+        "services": [(svc_key, decode.encode_key("struct fp_svc4", svc_id=1, count=1))],
+        "slots": [(decode.encode_key("struct fp_slot_key", svc_id=1, slot=1),
+                   decode.encode_key("struct fp_slot", backend_id=1))],
+        "backends": [(struct.pack("=I", 1), decode.encode_key("struct fp_backend4", ip="10.0.0.1"))],
+        "ct": [z("ct")],
+        "ct_new": [z("ct_new", decode.encode_key("struct fp_ct4_key", dir=ct_dir("FP_CT_REPLY")))],
+        "ct_policy": [z("ct_policy", decode.encode_key("struct fp_ct4_key",
+                                                       dir=ct_dir("FP_CT_POLICY")))],
+        "counters": [z("counters")], "policy_cnt": [z("policy_cnt")],
+    }
+
+
+def ct_dir(name: str) -> int:
+    m = re.search(rf"#define {name}\s+(\d+)", HEADER.read_text())
+    return int(m.group(1))
+
+
+def _raw(alias, key=None, value=None):
+    from agent.cli import bpfobj
+    from agent.inspect import decode
+    layout = decode.Layout.of(bpfobj.aliases()[alias])
+    return (key or bytes(layout.key_size), value or bytes(layout.value_size))
+
+
+def json_views() -> dict[str, object]:
+    """What `--json` prints for the views the docs list, from sample maps."""
+    from agent.cli import views
+    ctx = MapsOnly(sample_maps())
+    ct = views.data_ct(ctx)
+    return {
+        "`endpoint list`, `get`": views.data_endpoints(ctx),
+        "`service list`, `get`": views.data_services(ctx),
+        "`ct list`": ct,
+        "`ct list --top`": views.views.ct_top(ct, views.data_endpoints(ctx), 1024),
+        "`metrics`": views.data_metrics(ctx),
+        "`metrics --policy`": views.data_policy_metrics(ctx),
+    }
+
+
 TEST_PATH = re.compile(r"(?<![\w/.-])(?:tests|vm-tests)/[\w./-]*[\w/]")
 NO_TEST = re.compile(r"<!-- no test: \S[^>]*-->")
 
@@ -529,3 +677,26 @@ def test_a_section_without_tests_is_reported():
     assert check_sections_name_tests(sample) == [
         'docs/x.md: section "Claimed" names no test that proves it (or `<!-- no test: why -->`)',
         "docs/flat.md: no `## ` sections: split the page by feature and name their tests"]
+
+
+def test_every_json_field_of_the_views_is_documented_and_exists(docs):
+    views = json_views()
+    bad = []
+    for label, rows in views.items():
+        assert rows, f"the sample maps gave {label} no row: the check would check nothing"
+        bad += check_json_fields(label, documented_fields(docs["docs/cli.md"], label),
+                                 produced_fields(rows))
+    assert bad == []
+
+
+def test_a_json_field_documented_wrongly_or_not_at_all_is_reported():
+    text = ("| `service list`, `get` | `frontend`, `vip`, `gone`, `backends` (`slot`, `old`) |\n")
+    produced = produced_fields([{"frontend": "", "vip": "", "new": 1,
+                                 "backends": [{"slot": 1, "ip": ""}]}])
+    assert check_json_fields("`service list`, `get`",
+                             documented_fields(text, "`service list`, `get`"), produced) == [
+        "docs/cli.md: `service list`, `get`: field gone is not in the output",
+        "docs/cli.md: `service list`, `get`: the output's field new is not documented",
+        "docs/cli.md: `service list`, `get`: backends.old is not in the output",
+        "docs/cli.md: `service list`, `get`: the output's field backends.ip is not documented",
+    ]
