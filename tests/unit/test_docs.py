@@ -16,6 +16,8 @@ docs and, below, on small broken samples that prove it can fail:
 - the `--json` fields docs/cli.md gives the endpoint, service, ct and
   metrics views are exactly what those views print (run by the CLI's own
   code over sample maps decoded by its own decoder).
+- every method of the gRPC inspection service is in docs/cli.md, every error
+  code of the agent's framed API in docs/cni.md.
 
 Unprivileged and fast: it reads files, builds the CLI's argument parser and
 runs its views over sample maps in memory.
@@ -344,6 +346,29 @@ def check_map_names(docs: dict[str, str], header_text: str) -> list[str]:
     for m in sorted(maps):
         if f"| `{m}` |" not in datapath:
             bad.append(f"docs/datapath.md: map {m} is not in the maps table")
+    return bad
+
+
+# ---- the agent's two APIs ----------------------------------------------------
+
+def agent_error_codes(root: Path = ROOT) -> set[str]:
+    """Error codes the agent's framed API can answer with."""
+    codes = set()
+    for p in list((root / "agent").rglob("*.py")):
+        text = p.read_text()
+        codes |= set(re.findall(r'ApiError\(\s*"([a-z-]+)"', text))
+        codes |= set(re.findall(r'"error": \{"code": "([a-z-]+)"', text))
+    return codes
+
+
+def check_api_names(docs: dict[str, str], grpc_methods, error_codes) -> list[str]:
+    """docs/cli.md names every method of the gRPC service, docs/cni.md every
+    error code of the framed API."""
+    cli, cni = docs.get("docs/cli.md", ""), docs.get("docs/cni.md", "")
+    bad = [f"docs/cli.md: gRPC method {m} is not named" for m in grpc_methods
+           if not re.search(rf"`{m}\b", cli)]
+    bad += [f"docs/cni.md: the agent's error code {c} is not named" for c in sorted(error_codes)
+            if f"`{c}`" not in cni]
     return bad
 
 
@@ -700,3 +725,19 @@ def test_a_json_field_documented_wrongly_or_not_at_all_is_reported():
         "docs/cli.md: `service list`, `get`: backends.old is not in the output",
         "docs/cli.md: `service list`, `get`: the output's field backends.ip is not documented",
     ]
+
+
+def test_every_grpc_method_and_agent_error_code_is_documented(docs):
+    from agent.api.inspect import METHODS
+    codes = agent_error_codes()
+    assert {"bad-request", "internal", "eni-unresolved"} <= codes, codes   # the scan finds them
+    assert check_api_names(docs, METHODS, codes) == []
+
+
+def test_an_undocumented_method_or_error_code_is_reported():
+    sample = {"docs/cli.md": "methods `Status`, `Policy {\"endpoint\"}`",
+              "docs/cni.md": "codes `bad-request`"}
+    assert check_api_names(sample, ("Status", "Policy", "Bandwidth"),
+                           {"bad-request", "hostport-refused"}) == [
+        "docs/cli.md: gRPC method Bandwidth is not named",
+        "docs/cni.md: the agent's error code hostport-refused is not named"]
