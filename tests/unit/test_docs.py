@@ -18,6 +18,8 @@ docs and, below, on small broken samples that prove it can fail:
   code over sample maps decoded by its own decoder).
 - every method of the gRPC inspection service is in docs/cli.md, every error
   code of the agent's framed API in docs/cni.md.
+- docs/cni.md gives the plugin's conflist keys with their defaults, its
+  error codes and its CNI versions, as chainer/plugin.py has them.
 
 Unprivileged and fast: it reads files, builds the CLI's argument parser and
 runs its views over sample maps in memory.
@@ -25,6 +27,7 @@ runs its views over sample maps in memory.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import struct
 from pathlib import Path
@@ -370,6 +373,31 @@ def check_api_names(docs: dict[str, str], grpc_methods, error_codes) -> list[str
     bad += [f"docs/cni.md: the agent's error code {c} is not named" for c in sorted(error_codes)
             if f"`{c}`" not in cni]
     return bad
+
+
+# ---- the CNI plugin ----------------------------------------------------------
+
+def check_cni(text: str, defaults: dict, codes: set[int], versions) -> list[str]:
+    """docs/cni.md gives every conflist key with its default, every error
+    code the plugin can exit with (and no other), and its CNI versions."""
+    bad = []
+    for key, value in defaults.items():
+        shown = value if isinstance(value, str) and value else json.dumps(value)
+        if f"| `{key}` | `{shown}` |" not in text:
+            bad.append(f"docs/cni.md: conflist key {key} (default {shown}) is not in the keys table")
+    listed = {int(c) for c in re.findall(r"^\| (\d+) \|", text, re.M)}
+    bad += [f"docs/cni.md: error code {c} is not in the codes table" for c in sorted(codes - listed)]
+    bad += [f"docs/cni.md: the codes table lists {c}, which the plugin never returns"
+            for c in sorted(listed - codes)]
+    if f"supported: {', '.join(versions)}." not in text:
+        bad.append(f"docs/cni.md: VERSION does not say supported: {', '.join(versions)}.")
+    return bad
+
+
+def plugin_facts():
+    from chainer import plugin
+    codes = {v for k, v in vars(plugin).items() if k.startswith("E_") and isinstance(v, int)}
+    return plugin.DEFAULTS, codes, plugin.SUPPORTED_VERSIONS
 
 
 # ---- the CLI's --json fields ---------------------------------------------------
@@ -741,3 +769,20 @@ def test_an_undocumented_method_or_error_code_is_reported():
                            {"bad-request", "hostport-refused"}) == [
         "docs/cli.md: gRPC method Bandwidth is not named",
         "docs/cni.md: the agent's error code hostport-refused is not named"]
+
+
+def test_cni_keys_codes_and_versions_are_the_plugins(docs):
+    defaults, codes, versions = plugin_facts()
+    assert check_cni(docs["docs/cni.md"], defaults, codes, versions) == []
+
+
+def test_a_wrong_cni_default_missing_code_or_stale_version_is_reported():
+    text = ("| `timeout_seconds` | `30` |\n| `log_file` | `\"\"` |\n| 1 | x |\n| 3 | y |\n"
+            "supported: 0.4.0, 1.0.0.\n")
+    assert check_cni(text, {"timeout_seconds": 10, "log_file": ""}, {1, 2},
+                     ("0.4.0", "1.0.0", "1.1.0")) == [
+        "docs/cni.md: conflist key timeout_seconds (default 10) is not in the keys table",
+        "docs/cni.md: error code 2 is not in the codes table",
+        "docs/cni.md: the codes table lists 3, which the plugin never returns",
+        "docs/cni.md: VERSION does not say supported: 0.4.0, 1.0.0, 1.1.0.",
+    ]
