@@ -219,9 +219,9 @@ def serving_agent(node, paths, **overrides):
 
 
 def readme_metric_names() -> set[str]:
-    """Metric names the README's metrics table lists (wildcards left out)."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Health and metrics"):text.index("### Upgrade, restart")]
+    """Metric names docs/operations.md's metrics table lists (wildcards left out)."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    section = text[text.index("## Health and metrics"):text.index("## Upgrade, restart")]
     names = set()
     for line in section.splitlines():
         if line.startswith("| `fastpath_"):
@@ -361,7 +361,7 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
             # policy enforcement is off (the default): nothing enforced
             assert (sample(fams, "fastpath_policies"), sample(fams, "fastpath_policy_rules"),
                     sample(fams, "fastpath_policy_refused")) == (0, 0, 0)
-            # the README's table and the exposition name the same families
+            # docs/operations.md's table and the exposition name the same families
             exposed = {n for n in family_names(fams)
                        if n.startswith("fastpath_") and not n.startswith("fastpath_k8s_")}
             listed = readme_metric_names()

@@ -390,9 +390,10 @@ def field_names() -> list[str]:
 __all__ = ["Config", "ConfigError", "KEYS", "coerce", "describe", "field_names", "load"]
 
 
-def readme_rows() -> list[str]:
-    """The README's configuration table rows, made from the schema so the
-    README cannot drift from it (tests/unit/test_readme.py checks)."""
+def docs_rows() -> list[str]:
+    """The configuration reference's table rows (docs/configuration.md), made
+    from the schema so the docs cannot drift from it (tests/unit/test_docs.py
+    checks, and prints the table to paste when it differs)."""
     rows = []
     for k in KEYS:
         default = ", ".join(k.default) if isinstance(k.default, tuple) else k.default
@@ -405,8 +406,14 @@ def readme_rows() -> list[str]:
     return rows
 
 
+def readme_rows() -> list[str]:
+    """The same rows as docs_rows(); the README keeps a few of them."""
+    return docs_rows()
+
+
 def grpc_socket_path(cfg: Config) -> str:
     """Where the gRPC inspection service listens: grpc_socket, or
     grpc.sock in api_socket's directory."""
     import os
     return cfg.grpc_socket or os.path.join(os.path.dirname(cfg.api_socket) or ".", "grpc.sock")
+

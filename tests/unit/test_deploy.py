@@ -137,7 +137,7 @@ def test_cluster_role_grants_exactly_what_the_agent_reads_and_creates():
 # Everything the manifests grant beyond an ordinary container: capabilities,
 # host paths, privileged mode, host namespaces. The check below fails on
 # anything a manifest holds that is not listed here with its reason, and on
-# an entry no manifest needs any more; README's privileges table is made of
+# an entry no manifest needs any more; docs/operations.md's privileges table is made of
 # these rows (privilege_rows()). Every container of ours also drops ALL
 # capabilities, cannot gain privileges, has a read-only root filesystem and
 # runs under the runtime's default seccomp profile
@@ -285,7 +285,7 @@ def privilege_violations(manifests: dict[str, list[dict]] | None = None) -> list
 
 
 def privilege_rows() -> list[str]:
-    """README's privileges table, one row per allow-list entry."""
+    """docs/operations.md's privileges table, one row per allow-list entry."""
     rows = [f"| `{c}` | capability `{cap}` | {why} |" for (c, cap), why in CAPABILITIES.items()]
     rows += [f"| `{c}` | host `{hp}` at `{mp}`{' (read-only)' if ro else ''} | {why} |"
              for (c, hp, mp, ro), why in HOST_PATHS.items() if c not in PRIVILEGED]
@@ -331,9 +331,9 @@ def test_the_privilege_check_fails_on_what_is_not_allowed(change, words):
     assert any(words in v for v in found), found
 
 
-def test_readme_lists_every_privilege_and_why():
-    text = (DEPLOY.parent / "README.md").read_text()
-    section = text[text.index("## Deploy on a cluster"):text.index("### Install\n")]
+def test_operations_guide_lists_every_privilege_and_why():
+    text = (DEPLOY.parent / "docs" / "operations.md").read_text()
+    section = text[text.index("## Privileges\n"):text.index("## Install\n")]
     missing = [row for row in privilege_rows() if row not in section]
     assert missing == [], "\n".join(missing)
 
