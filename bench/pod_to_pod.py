@@ -93,7 +93,8 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
         try:
             for ep in eps.values():
                 harness.tune_client(ep.client)
-                servers += harness.start_servers(ep)
+                # the run outlasts the default lifetime when attaching is slow
+                servers += harness.start_servers(ep, lifetime=3600)
                 # Resolve neighbours and fault in the path before anything counts.
                 ep.client.ping(ep.server_ip, count=1)
                 harness.fprr(ep, "rr", 0.2)

@@ -29,9 +29,10 @@ import logging
 import threading
 import time
 
-from agent.k8s.model import Key
+from agent.k8s.model import Key, Kind
 from agent.lb.capacity import Capacities, Refusal, admit
-from agent.lb.compile import DEFAULT_OPTIONS, Backend, Frontend, FrontendState, LbOptions
+from agent.lb.compile import (DEFAULT_OPTIONS, Backend, Frontend, FrontendState, LbOptions,
+                              no_cyclic_gc)
 from agent.lb.hostport import Conflict, HostPorts, PortMapping, frontends_of
 from agent.lb.nodeaddr import NodeAddresses
 from agent.lb.reconcile import (DeleteBackend, DeleteMaglev, DeleteRanges, DeleteService,
@@ -420,7 +421,11 @@ class ServiceSync(Worker):
     def sync_once(self) -> int:
         """Full rebuild from the current snapshot (start, zone or address
         change, retry after a failed write)."""
-        with self._lock:
+        # The whole plan, writes included, with the cyclic collector held
+        # off: the ops and map rows of 10,000 Services would otherwise set
+        # off collections that walk the compiled state (most of the time
+        # the writes took).
+        with self._lock, no_cyclic_gc():
             self._read_addresses()
             snap = self.store.snapshot()
             self.table = ServiceTable(self.node_name, self._zone(snap), options=self.options)
@@ -436,11 +441,15 @@ class ServiceSync(Worker):
             return n
 
     def _sync_changes(self, changes) -> int:
-        with self._lock:
+        with self._lock, no_cyclic_gc():
             if self.retry_at is not None:
                 return 0          # the pending retry plans the whole state, these included
-            snap = self.store.snapshot()
-            if self.table is None or self._zone(snap) != self.table.node_zone:
+            # The node alone, not a snapshot: a snapshot makes the store's
+            # next write copy every object of the kind it writes (all
+            # EndpointSlices), half the time of a one-endpoint change.
+            node = self.store.get(Kind.NODE, ("", self.node_name))
+            zone = node.zone if node is not None else ""
+            if self.table is None or zone != self.table.node_zone:
                 return self.sync_once()
             updates = {}
             for cs in changes:

@@ -526,6 +526,22 @@ class LbMaps:
         net = ipaddress.ip_network(prefix)
         return self._svcnet.Key(prefixlen=net.prefixlen, addr=be32(str(net.network_address)))
 
+    def _svcnet_fill(self, items):
+        """[(prefix, flags)] -> a batch's keys and values (the 10,000
+        ClusterIPs of a full rebuild: ipaddress objects per entry cost more
+        than the writes)."""
+        def fill(keys, vals, lo, m):
+            for i in range(m):
+                prefix, flags = items[lo + i]
+                net = ipaddress.ip_network(prefix) if not prefix.endswith("/32") else None
+                k = keys[i]
+                if net is None:
+                    k.prefixlen, k.addr = 32, be32(prefix[:-3])
+                else:
+                    k.prefixlen, k.addr = net.prefixlen, be32(str(net.network_address))
+                vals[i] = flags
+        return fill
+
     def svcnet(self) -> dict[str, int]:
         return {f"{ip_from_be32(k.addr)}/{k.prefixlen}": v.value
                 for k, v in self._svcnet.items()}
@@ -543,9 +559,8 @@ class LbMaps:
         """Make the map hold exactly `want` (prefix -> flags): additions and
         changes first, then removals."""
         have = self.svcnet()
-        for prefix, flags in want.items():
-            if have.get(prefix) != flags:
-                self.svcnet_put(prefix, flags)
+        put = [(prefix, flags) for prefix, flags in want.items() if have.get(prefix) != flags]
+        self._update_batch(self._svcnet, len(put), self._svcnet_fill(put))
         for prefix in set(have) - set(want):
             self.svcnet_delete(prefix)
 

@@ -113,6 +113,31 @@ static __always_inline struct fp_ct4 *fp_ct_nat_get(struct fp_ct4_key *key, int 
 	return NULL;
 }
 
+/* fp_ct_nat_get for a lookup that mostly misses (every packet between two
+ * pods asks whether it is a translated flow's reply): the clock is read
+ * only when an entry is found, into *now (0: not read yet). */
+static __always_inline struct fp_ct4 *fp_ct_nat_find(struct fp_ct4_key *key, int *tier,
+						     __u64 *now)
+{
+	struct fp_ct4 *ct = fp_ct_est_get(key);
+
+	*tier = FP_CT_TIER_EST;
+	if (ct) {
+		*now = bpf_ktime_get_ns();
+		if (!fp_ct_expired(ct->last_seen, key->proto, ct->state, *now))
+			return ct;
+	}
+	ct = fp_ct_new_get(key);
+	*tier = FP_CT_TIER_NEW;
+	if (ct) {
+		if (!*now)
+			*now = bpf_ktime_get_ns();
+		if (!fp_ct_expired(ct->last_seen, key->proto, ct->state, *now))
+			return ct;
+	}
+	return NULL;
+}
+
 /* Either tier, expired or not (for the partner of an entry being updated). */
 static __always_inline struct fp_ct4 *fp_ct_nat_any(struct fp_ct4_key *key, int *tier)
 {
@@ -733,7 +758,7 @@ static __always_inline int fp_ct_reverse(struct __sk_buff *skb, struct fp_ipv4 *
 	struct fp_ct4_key key = {};
 	struct fp_ct4 *ct;
 	struct fp_quote q = {};
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = 0;
 	__be32 vip, client;
 	__be16 vport, cport;
 	int tier = 0, hairpin, snat;
@@ -758,7 +783,7 @@ static __always_inline int fp_ct_reverse(struct __sk_buff *skb, struct fp_ipv4 *
 		return 0;
 	}
 	key.dir = FP_CT_REPLY;
-	ct = fp_ct_nat_get(&key, &tier, now);
+	ct = fp_ct_nat_find(&key, &tier, &now);
 	if (!ct)
 		return 0;
 	vip = ct->nat_addr;

@@ -57,6 +57,30 @@ static __always_inline int fp_set_macs(struct __sk_buff *skb, __u8 *dst, __u8 *s
 	return bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source), src, ETH_ALEN, 0);
 }
 
+/* fp_ttl_dec and fp_set_macs in place, when the headers are in the linear
+ * part (fp_parse_ipv4 pulled them there; a rewrite since keeps them): four
+ * helper calls were a sixth of a local delivery's cost. The checksum is
+ * adjusted as a router does for a TTL one lower (RFC 1624). */
+static __always_inline int fp_ttl_dec_set_macs(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					       __u8 *dmac, __u8 *smac)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = data + ETH_HLEN;
+	__u32 check;
+
+	if (ip->l3_off != ETH_HLEN || (void *)(iph + 1) > data_end || iph->ttl != ip->ttl)
+		return fp_ttl_dec(skb, ip) || fp_set_macs(skb, dmac, smac);
+	check = iph->check;
+	check += bpf_htons(0x0100);
+	iph->check = (__sum16)(check + (check >= 0xFFFF));
+	iph->ttl = ip->ttl - 1;
+	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
+	return 0;
+}
+
 /* Deliver to a pod on this node. Returns the tc verdict; *reason is set.
  * Callers restore a translated flow's VIP first (fp_ct_reverse): delivery
  * is where replies meet their client, whichever way they came. */
@@ -77,7 +101,7 @@ static __always_inline int fp_redirect_local(struct __sk_buff *skb, struct fp_ip
 	 * the helper arguments on the stack as the verifier prefers. */
 	__builtin_memcpy(pod_mac, dst->pod_mac, ETH_ALEN);
 	__builtin_memcpy(host_mac, dst->host_mac, ETH_ALEN);
-	if (fp_ttl_dec(skb, ip) || fp_set_macs(skb, pod_mac, host_mac)) {
+	if (fp_ttl_dec_set_macs(skb, ip, pod_mac, host_mac)) {
 		*reason = FP_DROP_INVALID;
 		return TC_ACT_SHOT;
 	}

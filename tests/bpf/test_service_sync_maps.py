@@ -114,3 +114,19 @@ def test_affinity_entries_are_purged_from_the_real_map_and_their_ids_not_reused(
     assert rec.service_ids.allocate("x") == 6 and rec.backend_ids.allocate("y") == 51
     assert lb.affinity_purge({3}, {40}, {(5, 50)}) == 3
     assert len(list(aff.items())) == 0
+
+
+def test_svcnet_set_batched_writes_prefixes_and_hosts(lb):
+    """svcnet_set writes in one batch: a range, host entries, a changed
+    flag and removals end as the map's exact content; a prefix with host
+    bits is refused before anything is written."""
+    lb.svcnet_set({"172.16.0.0/16": 2, f"{vip(1)}/32": 1, f"{vip(2)}/32": 1})
+    assert lb.svcnet() == {"172.16.0.0/16": 2, f"{vip(1)}/32": 1, f"{vip(2)}/32": 1}
+    lb.svcnet_set({"172.16.0.0/16": 2, f"{vip(1)}/32": 3, "10.96.0.0/12": 2})
+    assert lb.svcnet() == {"172.16.0.0/16": 2, f"{vip(1)}/32": 3, "10.96.0.0/12": 2}
+    many = {f"172.16.{i // 250}.{i % 250 + 1}/32": 1 for i in range(12)}
+    lb.svcnet_set(many)
+    assert lb.svcnet() == many
+    with pytest.raises(ValueError):
+        lb.svcnet_set({"172.16.0.1/16": 2})
+    assert lb.svcnet() == many, "a refused prefix must leave the map as it was"
