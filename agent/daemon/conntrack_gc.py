@@ -5,10 +5,10 @@ to the metrics."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from agent.conntrack.gc import sweep
+from agent.daemon.worker import Purger
 from agent.conntrack.purge import purge_backends
 from agent.daemon.worker import Worker
 from agent.model.conntrack import Lifetimes
@@ -53,7 +53,7 @@ class ConntrackGC(Worker):
                 log.exception("conntrack GC sweep failed")
 
 
-class ConntrackPurger:
+class ConntrackPurger(Purger):
     """Purges the datagram flows of removed backends (`purge_backends`),
     right after the plan that removed them, off the plan's path.
 
@@ -64,66 +64,22 @@ class ConntrackPurger:
     reads every translated flow, so removals that arrive together are
     purged in one pass."""
 
+    name = "conntrack purge of removed backends"
+
     def __init__(self, ct, metrics=None, settle: float = 0.02):
+        super().__init__(settle)
         self.ct = ct
         self.metrics = metrics
-        self.settle = settle
         self.purged = 0
-        self.passes = 0
-        self._pending: set[int] = set()
-        self._cond = threading.Condition()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._stopped = False
-        self._thread: threading.Thread | None = None
 
-    def add(self, backend_ids) -> None:
-        with self._cond:
-            self._pending.update(backend_ids)
-            self._idle.clear()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="ct-purge", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Until every backend added so far has been purged."""
-        return self._idle.wait(timeout)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending or self._stopped)
-                if self._stopped and not self._pending:
-                    return
-            time.sleep(self.settle)           # let the rest of a burst arrive
-            with self._cond:
-                ids, self._pending = self._pending, set()
-            try:
-                n = purge_backends(self.ct, ids)
-                self.purged += n
-                self.passes += 1
-                if self.metrics is not None:
-                    self.metrics.observe_backend_flows_removed(n)
-                if n:
-                    log.info("conntrack: %d entries of %d removed backends' datagram flows "
-                             "deleted", n, len(ids))
-            except Exception:      # keep them for another pass a moment later
-                log.exception("conntrack purge of removed backends failed")
-                with self._cond:
-                    self._pending |= ids
-                time.sleep(1)
-                continue
-            with self._cond:
-                if not self._pending:
-                    self._idle.set()
+    def _purge(self, ids: set) -> None:
+        n = purge_backends(self.ct, ids)
+        self.purged += n
+        if self.metrics is not None:
+            self.metrics.observe_backend_flows_removed(n)
+        if n:
+            log.info("conntrack: %d entries of %d removed backends' datagram flows deleted",
+                     n, len(ids))
 
 
 __all__ = ["ConntrackGC", "ConntrackPurger"]

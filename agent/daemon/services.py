@@ -41,7 +41,7 @@ from agent.lb.reconcile import (DeleteBackend, DeleteMaglev, DeleteRanges, Delet
 from agent.lb.svcnet import entries as svcnet_entries
 from agent.lb.svcnet import entry_of as svcnet_entry
 from agent.lb.table import ServiceTable
-from agent.daemon.worker import Worker, settle_gc
+from agent.daemon.worker import Purger, Worker, settle_gc
 
 log = logging.getLogger("fastpath.services")
 
@@ -125,73 +125,7 @@ def _apply_batch(lb, run) -> None:
                          for o in run])
 
 
-class _Purger:
-    """Runs `fn(items)` for items handed in by `add`, right after the plan
-    that produced them, off the plan's path; items that arrive together
-    share one pass; a failed pass keeps them for another a moment later."""
-
-    name = "purge"
-
-    def __init__(self, settle: float = 0.02):
-        self.settle = settle
-        self.passes = 0
-        self._pending: set = set()
-        self._cond = threading.Condition()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._stopped = False
-        self._thread: threading.Thread | None = None
-
-    def _purge(self, items: set) -> None:
-        raise NotImplementedError
-
-    def add(self, items) -> None:
-        items = set(items)
-        if not items:
-            return
-        with self._cond:
-            self._pending |= items
-            self._idle.clear()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def wait_idle(self, timeout: float | None = None) -> bool:
-        """Until every item added so far has been purged."""
-        return self._idle.wait(timeout)
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending or self._stopped)
-                if self._stopped and not self._pending:
-                    return
-            time.sleep(self.settle)           # let the rest of a burst arrive
-            with self._cond:
-                items, self._pending = self._pending, set()
-            try:
-                self._purge(items)
-                self.passes += 1
-            except Exception:      # keep them for another pass a moment later
-                log.exception("%s failed", self.name)
-                with self._cond:
-                    self._pending |= items
-                time.sleep(1)
-                continue
-            with self._cond:
-                if not self._pending:
-                    self._idle.set()
-
-
-class AffinityPurger(_Purger):
+class AffinityPurger(Purger):
     """Deletes ClientIP affinity entries that name what a plan ended: a
     released service id, a deleted backend, or a backend its frontend no
     longer has (the backend may live on for another Service, so the

@@ -4,9 +4,12 @@ sets `_stop`; `Agent.stop` joins them before it releases the BPF module."""
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 from typing import Callable
+
+log = logging.getLogger("fastpath.worker")
 
 # A compiled state (10,000 Services, or a node's NetworkPolicy) is hundreds
 # of thousands of long-lived objects; a full collection walking them (tens
@@ -119,3 +122,69 @@ class Worker:
                     on_idle()
         finally:
             sub.close()
+
+
+class Purger:
+    """Runs `fn(items)` for items handed in by `add`, right after the plan
+    that produced them, off the plan's path; items that arrive together
+    share one pass; a failed pass keeps them for another a moment later."""
+
+    name = "purge"
+
+    def __init__(self, settle: float = 0.02):
+        self.settle = settle
+        self.passes = 0
+        self._pending: set = set()
+        self._cond = threading.Condition()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def _purge(self, items: set) -> None:
+        raise NotImplementedError
+
+    def add(self, items) -> None:
+        items = set(items)
+        if not items:
+            return
+        with self._cond:
+            self._pending |= items
+            self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Until every item added so far has been purged."""
+        return self._idle.wait(timeout)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or self._stopped)
+                if self._stopped and not self._pending:
+                    return
+            time.sleep(self.settle)           # let the rest of a burst arrive
+            with self._cond:
+                items, self._pending = self._pending, set()
+            try:
+                self._purge(items)
+                self.passes += 1
+            except Exception:      # keep them for another pass a moment later
+                log.exception("%s failed", self.name)
+                with self._cond:
+                    self._pending |= items
+                time.sleep(1)
+                continue
+            with self._cond:
+                if not self._pending:
+                    self._idle.set()
