@@ -620,6 +620,18 @@ static __always_inline __u16 fp_csum_update(__u16 check, __s64 diff)
 	return (__u16)~fp_csum_reduce(s);
 }
 
+/* The tuple of the packet an ICMP error quotes, reversed: the key of the
+ * entry for the other direction of the quoted packet's flow (the caller
+ * sets key->dir). */
+static __always_inline void fp_ct_quote_key(struct fp_ct4_key *key, const struct fp_quote *q)
+{
+	key->saddr = q->daddr;
+	key->daddr = q->saddr;
+	key->sport = q->dport;
+	key->dport = q->sport;
+	key->proto = q->proto;
+}
+
 /* Rewrite the packet an ICMP error quotes to (qsrc:qsport -> qdst:qdport),
 and the error's own addresses to (osrc -> odst). Fixed: the quoted IP
 header checksum, the quoted TCP/UDP checksum when the quote holds it (a
@@ -721,11 +733,7 @@ static __always_inline int fp_ct_related_forward(struct __sk_buff *skb, struct f
 
 	if (fp_ct_quote(skb, l4, &q))
 		return 1;
-	key.saddr = q.daddr;
-	key.daddr = q.saddr;
-	key.sport = q.dport;
-	key.dport = q.sport;
-	key.proto = q.proto;
+	fp_ct_quote_key(&key, &q);
 	key.dir = FP_CT_FORWARD;
 	ct = fp_ct_nat_get(&key, &tier, bpf_ktime_get_ns());
 	if (!ct || (ct->flags & FP_CT_F_HAIRPIN))
@@ -768,11 +776,7 @@ static __always_inline int fp_ct_reverse(struct __sk_buff *skb, struct fp_ipv4 *
 			return 0;
 		/* the quote is the client's packet after DNAT: the flow's
 		 * reply entry is its tuple reversed */
-		key.saddr = q.daddr;
-		key.daddr = q.saddr;
-		key.sport = q.dport;
-		key.dport = q.sport;
-		key.proto = q.proto;
+		fp_ct_quote_key(&key, &q);
 	} else if (l4->kind == FP_L4_PORTS) {
 		key.saddr = ip->saddr;
 		key.daddr = ip->daddr;
