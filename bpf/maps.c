@@ -138,6 +138,8 @@ static __always_inline struct fp_ct_work *fp_ct_work_scratch(void)
 
 /* Programs reached by tail call (fastpath.h: FP_TAIL_*). */
 BPF_TABLE_PINNED("prog", __u32, __u32, FP_MAP_TAILS, FP_TAIL_MAX, FP_PIN(FP_MAP_TAILS));
+BPF_TABLE_PINNED("percpu_array", __u32, struct fp_pod_route_slot, FP_MAP_POD_ROUTE, 1,
+		 FP_PIN(FP_MAP_POD_ROUTE));
 
 /* Returns only when the slot is empty. */
 static __always_inline void fp_tail_jump(struct __sk_buff *skb, __u32 slot)

@@ -56,8 +56,9 @@ struct fp_seen {
  * (FP_TAIL_FROM_POD_ROUTE), which limits (lib/bw.h), restores replies and
  * forwards. As one program the verifier's walk of every judged path times
  * every forwarding path passes its limit of a million instructions; as two
- * the paths add up. What the first hands the second, in a per-CPU map
- * (tc programs do not nest on a CPU; a tail call runs on the caller's): */
+ * the paths add up. What the first hands the second, in the pinned per-CPU
+ * FP_MAP_POD_ROUTE (tc programs do not nest on a CPU; a tail call runs on
+ * the caller's): */
 struct fp_pod_route {
 	struct fp_ipv4 ip;         /* after translation */
 	struct fp_l4 l4;
@@ -69,7 +70,14 @@ struct fp_pod_route {
 				    * fragment): nothing to restore */
 	__u8 hairpin_reply;
 };
-BPF_PERCPU_ARRAY(fp_pod_route_cpu, struct fp_pod_route, 1);
+_Static_assert(sizeof(struct fp_pod_route) <= FP_POD_ROUTE_BYTES, "fp_pod_route fits its slot");
+
+static __always_inline struct fp_pod_route *fp_pod_route_slot(void)
+{
+	__u32 zero = 0;
+
+	return (struct fp_pod_route *)FP_MAP_POD_ROUTE.lookup(&zero);
+}
 
 /* Tail-call `slot`; returns only when the slot is empty, which the agent
  * never leaves it: the packet is dropped and counted rather than let
@@ -156,7 +164,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	struct fp_l4 l4 = {};
 	int hairpin = 0, hairpin_reply = 0, translated = 0, rc;
 	struct fp_pod_route *h;
-	__u32 eni_ifindex, zero = 0;
+	__u32 eni_ifindex;
 
 	if (fp_guard_from_pod(skb, &reason))
 		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
@@ -253,7 +261,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 					&seen, &l4, &pv);
 
 route:
-	h = fp_pod_route_cpu.lookup(&zero);
+	h = fp_pod_route_slot();
 	if (!h)
 		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT, &ip,
 					&seen, &l4, &pv);
@@ -278,10 +286,10 @@ static __always_inline int fp_pod_route_run(struct __sk_buff *skb)
 	struct fp_seen seen;
 	struct fp_verdict pv;
 	enum fp_reason reason;
-	__u32 eni_ifindex, zero = 0;
+	__u32 eni_ifindex;
 	int translated, hairpin_reply, verdict, rc;
 
-	h = fp_pod_route_cpu.lookup(&zero);
+	h = fp_pod_route_slot();
 	if (!h)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT);
 	ip = h->ip;

@@ -67,7 +67,7 @@ def test_forwarding_survives_the_agent_being_killed_and_restarted(world):
             exchange_all(a, b)
             proc.kill(9)
             # read the pinned maps the dead agent left, as the CLI would
-            reader = Datapath(paths.config(), netns=node.netns).load()
+            reader = Datapath(paths.config(), netns=node.netns).load(reader=True)
             try:
                 assert {e.ip for e in reader.maps.endpoints()} == {a.ip, b.ip}
                 seen = counters_by(reader.maps.counters(), a.host_ifindex)

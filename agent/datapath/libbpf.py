@@ -83,7 +83,7 @@ class TestRunResult:
 
 def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, repeat: int = 1,
                   out_size: int | None = None, mark: int = 0, tstamp: int = 0,
-                  gso_segs: int = 0, priority: int = 0) -> TestRunResult:
+                  gso_segs: int = 0, gso_size: int = 0, priority: int = 0) -> TestRunResult:
     out = ct.create_string_buffer(out_size or (len(packet) + 256))
     inp = ct.create_string_buffer(bytes(packet), len(packet))
     ctx = SkBuffCtx()
@@ -92,6 +92,7 @@ def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, repeat: int 
     ctx.mark = mark
     ctx.tstamp = tstamp
     ctx.gso_segs = gso_segs
+    ctx.gso_size = gso_size
     ctx.priority = priority
     ctx_out = SkBuffCtx()
     opts = _TestRunOpts()
@@ -100,7 +101,7 @@ def prog_test_run(prog_fd: int, packet: bytes, *, ifindex: int = 0, repeat: int 
     opts.data_size_in = len(packet)
     opts.data_out = ct.cast(out, ct.c_void_p)
     opts.data_size_out = len(out)
-    with_ctx = bool(ifindex or mark or tstamp or gso_segs or priority)
+    with_ctx = bool(ifindex or mark or tstamp or gso_segs or gso_size or priority)
     if with_ctx:
         opts.ctx_in = ct.cast(ct.pointer(ctx), ct.c_void_p)
         opts.ctx_size_in = ct.sizeof(ctx)

@@ -267,7 +267,7 @@ class Loaded:
     def table(self, name: str):
         return self.bpf[name]
 
-    def load_programs(self) -> None:
+    def load_programs(self, fill_tail_calls: bool = True) -> None:
         for name, (_, prog_type, attach_type) in PROGRAMS.items():
             with _capture_stderr() as err:
                 try:
@@ -277,7 +277,8 @@ class Loaded:
             if fn is None:
                 raise VerifierRejected(name, _tail(err["text"]) or "(no verifier log)")
             self.prog_fds[name] = fn.fd
-        self.fill_tail_calls()
+        if fill_tail_calls:
+            self.fill_tail_calls()
 
     def fill_tail_calls(self) -> None:
         """Every slot of the tail-call map, before anything is attached: a

@@ -44,16 +44,18 @@ class Datapath:
         self.migration = None
 
     # -- lifecycle -------------------------------------------------------
-    def load(self, defer_migration: bool = False) -> "Datapath":
+    def load(self, defer_migration: bool = False, reader: bool = False) -> "Datapath":
         """Compile, open the pinned maps and load the programs. Entries of
         superseded pinned maps are carried over before this returns; with
         `defer_migration` the caller attaches the new programs first and
         then calls finish_migration() (entries the old programs still
-        create meanwhile are carried over then)."""
+        create meanwhile are carried over then). A `reader` (a tool that
+        only reads the pinned maps) leaves the tail-call slots to the agent
+        that attached the programs calling them."""
         preflight(self.options.pin_root)
         self.module, self.migration = open_module(self.options, self.migration_rules)
         self.migration_notes = self.migration.notes
-        self.module.load_programs()
+        self.module.load_programs(fill_tail_calls=not reader)
         names = [n for n in MAP.values() if n != MAP["FP_MAP_EVENTS"]]
         tables = {n: self.module.table(n) for n in names}
         self.tables = tables

@@ -52,6 +52,13 @@
  * forgets its programs once no file or pin refers to it); the agent writes
  * every slot at each start, before it attaches anything. */
 #define FP_MAP_TAILS      fp_tails_v1
+/* What fp_from_pod hands fp_pod_route (pod.c: struct fp_pod_route), one
+ * slot per CPU. Pinned, so every generation of programs shares it: while
+ * the agent restarts or upgrades, the fp_from_pod still attached tail-calls
+ * the fp_pod_route the new agent put in FP_MAP_TAILS, and both must meet
+ * in the same map. Its bytes are pod.c's struct: change that layout and
+ * this version changes. */
+#define FP_MAP_POD_ROUTE  fp_podroute_v1
 /* Bandwidth manager (lib/bw.h): per-pod limits, their state, tracked
  * connections of connection-limited pods, per-pod counters. */
 #define FP_MAP_BW          fp_bw4_v1
@@ -712,9 +719,17 @@ _Static_assert(sizeof(struct fp_bwcnt_key) == 8, "fp_bwcnt_key layout");
 
 /* Slots of FP_MAP_TAILS. A walk that continues in another program returns
  * FP_TAIL_ROUTE to its entry point, which tail-calls the slot. The second
- * program's layout of the hand-over (pod.c: struct fp_pod_route) is part of
- * the slot's contract: change it, and the map's version changes too. */
+ * program's layout of the hand-over (pod.c: struct fp_pod_route, carried in
+ * FP_MAP_POD_ROUTE) is part of the slot's contract: change it, and both
+ * maps' versions change too. */
 #define FP_TAIL_FROM_POD_ROUTE 0
+#define FP_POD_ROUTE_BYTES     96
+
+/* A value of FP_MAP_POD_ROUTE: opaque here, pod.c's struct fp_pod_route. */
+struct fp_pod_route_slot {
+	__u8 bytes[FP_POD_ROUTE_BYTES];
+};
+_Static_assert(sizeof(struct fp_pod_route_slot) == FP_POD_ROUTE_BYTES, "fp_pod_route_slot layout");
 #define FP_TAIL_MAX            4
 #define FP_TAIL_ROUTE          0x7fff   /* not a tc verdict */
 

@@ -118,11 +118,31 @@ static __always_inline int fp_redirect_local(struct __sk_buff *skb, struct fp_ip
 /* Send towards the VPC by the ENI the pod's policy routing selects.
  * `eni_ifindex` is the pod's ENI; any other FIB answer goes to the stack so
  * that fastpath never takes a path the node's routing would not.
- * No length is given to the lookup: the kernel then checks the packet
- * against the ENI's MTU itself, segment by segment for a GSO packet (a
- * pod's TCP sends 64 KB ones). A packet too big for it goes to the stack,
- * which fragments it or answers "fragmentation needed" (path MTU). */
+ * The lookup is given the length of the packet, or of each segment a GSO
+ * packet becomes (fp_fib_len), and checks it against the route's MTU. A
+ * packet too big for it goes to the stack, which fragments it or answers
+ * "fragmentation needed" (path MTU). */
 #define FP_ANY_DEVICE 0xFFFFFFFFU
+
+/* The length the FIB checks: the IP packet's, or for a GSO packet (a pod's
+ * TCP hands 64 KB ones to its veth) that of one of its segments. Given no
+ * length, the kernel checks only the device's MTU and lets any GSO packet
+ * through, whatever its segments: on a narrower ENI they would be cut to
+ * the pod's MSS and lost beyond it, and the pod would never learn the MTU. */
+static __always_inline __u16 fp_fib_len(struct __sk_buff *skb, const struct fp_ipv4 *ip)
+{
+	__u32 seg = skb->gso_size;
+	__u8 doff;
+
+	if (!seg)
+		return bpf_ntohs(ip->tot_len);
+	if (ip->proto == IPPROTO_UDP)
+		return ip->ihl_bytes + sizeof(struct udphdr) + seg;
+	if (ip->proto == IPPROTO_TCP &&
+	    !bpf_skb_load_bytes(skb, ip->l3_off + ip->ihl_bytes + 12, &doff, 1))
+		return ip->ihl_bytes + (doff >> 4) * 4 + seg;
+	return bpf_ntohs(ip->tot_len);
+}
 
 /* Send where the FIB says, if that is `want` or `also` (FP_ANY_DEVICE:
  * wherever it is); otherwise to the stack. */
@@ -135,7 +155,7 @@ static __always_inline int fp_redirect_fib(struct __sk_buff *skb, const struct f
 	fib.family = AF_INET;
 	fib.tos = ip->tos;
 	fib.l4_protocol = ip->proto;
-	fib.tot_len = 0;
+	fib.tot_len = fp_fib_len(skb, ip);
 	fib.ipv4_src = ip->saddr;
 	fib.ipv4_dst = ip->daddr;
 	fib.ifindex = skb->ifindex;

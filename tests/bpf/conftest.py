@@ -131,11 +131,12 @@ class Run:
 
 
 def run_prog(dp: Datapath, netns: str, prog: str, packet: bytes, ifindex: int,
-             mark: int = 0) -> Run:
+             mark: int = 0, gso_size: int = 0) -> Run:
     from agent.datapath.maps import DEFS, ip_from_be32
     dp.maps.decision_reset(NOT_RECORDED)
     with in_netns(netns):
-        res = prog_test_run(dp.prog_fd(prog), packet, ifindex=ifindex, mark=mark)
+        res = prog_test_run(dp.prog_fd(prog), packet, ifindex=ifindex, mark=mark,
+                            gso_size=gso_size, gso_segs=2 if gso_size else 0)
     rec = dp.maps.decision()
     return Run(res.retval, res.data, DEFS.reason(rec.reason),
                DEFS.redirect_kinds[rec.kind].label, rec.ifindex, ip_from_be32(rec.nexthop), rec)

@@ -131,3 +131,30 @@ def test_what_the_one_program_walk_leaves_to_the_whole_walk(ct_dp, svc, bpfnet, 
         assert (r.verdict, r.reason) == (TC_ACT_SHOT, "dropped-ct-no-backend")
         return
     assert (r.verdict, r.reason) == (TC_ACT_SHOT, NO_TAIL)
+
+
+def test_a_new_generation_serves_the_attached_programs_tail_call(ct_dp, bpfnet):
+    """What a restart does: another compiled module of the same datapath
+    (an agent's next start) fills the slot with its own fp_pod_route while
+    the previous fp_from_pod is still the attached one. The two meet in the
+    pinned hand-over map, so the walk ends as it would in one generation;
+    a reader of the pins leaves the slot alone."""
+    from agent.datapath.node import Datapath
+    with tail_slot_empty(ct_dp):
+        reader = Datapath(ct_dp.config, netns=bpfnet.ns, test_build=True).load(reader=True)
+        try:
+            untouched = run_prog(ct_dp, bpfnet.ns, "fp_from_pod",
+                                 a_to(bpfnet, POD_B, 5001, "S", sport=41901), bpfnet.cali_a.ifindex)
+            reader.module.fill_tail_calls()          # as the next agent does before attaching
+            r = run_prog(ct_dp, bpfnet.ns, "fp_from_pod",
+                         a_to(bpfnet, POD_B, 5001, "S", sport=41902), bpfnet.cali_a.ifindex)
+        finally:
+            reader.close()
+        after_close = run_prog(ct_dp, bpfnet.ns, "fp_from_pod",
+                               a_to(bpfnet, POD_B, 5001, "S", sport=41903), bpfnet.cali_a.ifindex)
+    assert (untouched.verdict, untouched.reason) == (TC_ACT_SHOT, NO_TAIL)
+    for run in (r, after_close):
+        assert (run.verdict, run.reason) == (TC_ACT_REDIRECT, "redirected-local"), run.reason
+        assert run.redirect_ifindex == bpfnet.cali_b.ifindex
+        out = Ether(run.out)
+        assert (out.dst, out.src, out[IP].dst) == (bpfnet.pod_b_mac, bpfnet.cali_b.mac, POD_B)

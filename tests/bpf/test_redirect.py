@@ -150,6 +150,35 @@ def test_redirect_decision(dp, bpfnet, case: Case):
         case.check(bpfnet, Ether(raw), r.out)
 
 
+@pytest.mark.parametrize("payload,gso_size,tcp_options,expect", [
+    (1460, 0, b"", "redirected-eni"),          # 1,500 bytes: fits eth1's MTU
+    (1461, 0, b"", "to-stack-fib"),            # one byte more: the stack answers
+    (2920, 1460, b"", "redirected-eni"),       # GSO: each segment is 20+20+1460
+    (2922, 1461, b"", "to-stack-fib"),         # GSO: each segment one byte too many
+    (2896, 1448, b"\x01\x01\x08\x0a" + bytes(8), "redirected-eni"),  # timestamps: 20+32+1448
+    (2898, 1449, b"\x01\x01\x08\x0a" + bytes(8), "to-stack-fib"),
+], ids=["mtu-fits", "mtu-exceeded", "gso-segments-fit", "gso-segments-too-big",
+        "gso-tcp-options-fit", "gso-tcp-options-too-big"])
+def test_the_enis_mtu_is_checked_per_packet_and_per_gso_segment(dp, bpfnet, payload, gso_size,
+                                                               tcp_options, expect):
+    """A pod's TCP hands GSO packets of up to 64 KB to its veth: what must
+    fit the ENI is each segment they become (IP and TCP headers plus
+    gso_size), not the whole, and a segment too big goes to the stack,
+    which answers "fragmentation needed" so the pod learns the path MTU."""
+    pkt = Ether(src=bpfnet.pod_a_mac, dst=bpfnet.cali_a.mac) / IP(src=POD_A, dst=REMOTE) \
+        / TCP(sport=40001, dport=80, flags="A", options=[]) / (b"x" * payload)
+    raw = bytearray(bytes(pkt))
+    if tcp_options:        # scapy would re-pad: set the options and data offset by hand
+        t = bytes(TCP(sport=40001, dport=80, flags="A", dataofs=(20 + len(tcp_options)) // 4)
+                  )[:20] + tcp_options
+        raw = bytearray(bytes(Ether(src=bpfnet.pod_a_mac, dst=bpfnet.cali_a.mac)
+                              / IP(src=POD_A, dst=REMOTE, proto=6) / (t + b"x" * payload)))
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(raw), bpfnet.cali_a.ifindex,
+                 gso_size=gso_size)
+    assert r.reason == expect, (r.reason, len(raw))
+    assert r.verdict == (TC_ACT_REDIRECT if expect == "redirected-eni" else TC_ACT_UNSPEC)
+
+
 def test_counters_count_each_verdict_per_interface(dp, bpfnet):
     dp.maps.counters_clear()
     for _ in range(3):
