@@ -87,13 +87,22 @@ class Agent:
     # -- lifecycle -------------------------------------------------------
     def start(self, serve: bool = True) -> "Agent":
         t0 = time.monotonic()
-        self._open_cluster_state()
-        if serve:
-            from agent.daemon.health import HttpEndpoints
-            self.http = HttpEndpoints(self).start()
-        self._prepare_state_dir()
-        self.metrics.count_start(self.state_dir)
-        self.datapath.load(defer_migration=True)
+        # the programs build in a child process (when no pinned set matches
+        # these sources and options) while the cluster state is read
+        self.datapath.begin_load()
+        try:
+            self._open_cluster_state()
+            if serve:
+                from agent.daemon.health import HttpEndpoints
+                self.http = HttpEndpoints(self).start()
+            self._prepare_state_dir()
+            self.metrics.count_start(self.state_dir)
+            self.datapath.load(defer_migration=True)
+        except BaseException:
+            self.datapath.close()
+            raise
+        log.info("programs: %s", f"built in {self.datapath.build_seconds:.2f}s"
+                 if self.datapath.built else "reused the pinned set (no compile)")
         # what the pins held, before any program of this start runs
         self.metrics.record_restored_maps(self.datapath)
         self.enis = self.datapath.attach_enis()
@@ -441,6 +450,7 @@ class Agent:
         restored = dropped = 0
         wanted_ips = set()
         links = self._links()
+        pending: list[tuple[Path, Endpoint]] = []
         for f in sorted(self.ep_dir.glob("*.json")):
             try:
                 ep = Endpoint.from_json(read_record(f))
@@ -459,7 +469,19 @@ class Agent:
                 f.unlink(missing_ok=True)
                 dropped += 1
                 continue
-            self.datapath.add_endpoint(ep)
+            pending.append((f, ep))
+        failed = {id(ep): exc for ep, exc in
+                  self.datapath.add_endpoints([ep for _, ep in pending])}
+        for f, ep in pending:
+            exc = failed.get(id(ep))
+            if isinstance(exc, InterfaceNotFound):
+                # the veth went away since it was listed
+                self.datapath.maps.veth_delete(ep.host_ifindex, ep.ip)
+                f.unlink(missing_ok=True)
+                dropped += 1
+                continue
+            if exc is not None:
+                raise exc
             self.endpoints[ep.key] = ep
             wanted_ips.add(ep.ip)
             restored += 1
@@ -788,7 +810,11 @@ class Agent:
                 "endpoints": len(self.endpoints), "enis": self.enis,
                 "bpffs_root": self.config.bpffs_root, "pid": os.getpid(), "source": source,
                 "http": dict(self.http.addresses) if self.http else {},
-                "policy": self.rpc_PolicyStatus(), "bandwidth": self.bandwidth_status()}
+                "policy": self.rpc_PolicyStatus(), "bandwidth": self.bandwidth_status(),
+                # whether this start compiled, or reused the pinned programs
+                "programs": {"build_key": self.datapath.build_key,
+                             "built": self.datapath.built,
+                             "build_seconds": round(self.datapath.build_seconds, 3)}}
 
     def bandwidth_status(self) -> dict:
         if self.bandwidth is None:

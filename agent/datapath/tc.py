@@ -161,3 +161,53 @@ def detach(dev: str | int, prio: int | None = None, netns: str | None = None,
             except NetlinkError:
                 pass
     return removed
+
+
+def ensure(devices: list[tuple[int, dict[str, tuple[int, str]]]], prio: int,
+           netns: str | None = None) -> tuple[int, list[tuple[int, Exception]]]:
+    """Make each device (ifindex, {direction: (prog fd, program name)}) run
+    those programs at `prio`, in one netlink session: a device whose filter
+    already runs the very program (same id, e.g. a restart that reused the
+    pinned programs) is left alone, the others are attached as `attach`
+    does. Returns (filters written, [(ifindex, error)] of devices that
+    could not be handled: gone, or a foreign filter at our priority)."""
+    from agent.datapath import libbpf
+    ids: dict[int, int] = {}
+    written, failed = 0, []
+    with iproute(netns) as ipr:
+        for idx, progs in devices:
+            try:
+                names = ipr.get_links(idx)
+                if not names:
+                    raise InterfaceNotFound(str(idx), netns)
+                ifname = names[0].get_attr("IFLA_IFNAME")
+                have = {(f.direction, f.prio): f for f in _filters(ipr, idx, ifname)}
+                todo = []
+                for direction, (fd, name) in progs.items():
+                    if fd not in ids:
+                        ids[fd] = libbpf.prog_info(fd).id
+                    f = have.get((direction, prio))
+                    if f is not None and not f.ours:
+                        raise DatapathError(
+                            f"{ifname} {direction}: tc priority {prio} is taken by a foreign "
+                            f"filter ({f.name or 'unnamed'}); choose another tc_priority")
+                    if f is None or f.name != name or f.prog_id != ids[fd]:
+                        todo.append((direction, fd, name))
+                if todo and not have:
+                    try:
+                        ipr.tc("add", "clsact", idx)
+                    except NetlinkError as exc:
+                        if exc.code != errno.EEXIST:
+                            raise DatapathError(f"cannot add clsact qdisc on {ifname}: "
+                                                f"{exc}") from None
+                for direction, fd, name in todo:
+                    ipr.tc("replace-filter", "bpf", idx, handle=HANDLE, fd=fd, name=name,
+                           parent=PARENT[direction], classid=1, direct_action=True, prio=prio)
+                    written += 1
+            except NetlinkError as exc:
+                failed.append((idx, InterfaceNotFound(str(idx), netns)
+                               if exc.code == errno.ENODEV else
+                               DatapathError(f"cannot attach to ifindex {idx}: {exc}")))
+            except DatapathError as exc:
+                failed.append((idx, exc))
+    return written, failed
