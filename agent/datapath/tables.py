@@ -23,8 +23,6 @@ from agent.datapath import libbpf, mapio
 _INTS = {(1, False): ct.c_uint8, (2, False): ct.c_uint16, (4, False): ct.c_uint32,
          (8, False): ct.c_uint64, (1, True): ct.c_int8, (2, True): ct.c_int16,
          (4, True): ct.c_int32, (8, True): ct.c_int64}
-# kernel errnos for "this map type has no batch operations"
-_NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, 524)   # 524: ENOTSUPP
 
 
 class TableError(OSError):
@@ -178,7 +176,7 @@ class Table:
         try:
             return mapio.items(self.map_fd, self.key_size, self._vbuf)
         except OSError as exc:
-            if exc.errno not in _NO_BATCH:
+            if exc.errno not in mapio.NO_BATCH:
                 raise
         return list(libbpf.map_items_raw(self.map_fd, self.key_size, self._vbuf))
 
@@ -208,7 +206,7 @@ class Table:
         try:
             mapio.delete_batch(self.map_fd, keys)
         except OSError as exc:
-            if exc.errno not in _NO_BATCH:
+            if exc.errno not in mapio.NO_BATCH:
                 raise
             for k in keys:
                 mapio.delete(self.map_fd, k)

@@ -23,6 +23,7 @@ import ctypes as ct
 import socket
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 from agent.model import bpfdefs
 
@@ -76,12 +77,16 @@ def flag_names(struct_name: str, field: str, value: int) -> list[str] | None:
     prefix = FLAG_PREFIX.get((struct_name, field))
     if prefix is None:
         return None
+    return [name for bit, name in _flag_bits(prefix) if value & bit == bit]
+
+
+@lru_cache(maxsize=None)
+def _flag_bits(prefix: str) -> tuple[tuple[int, str], ...]:
+    """(bit, lower-case name) of the FP_*_F_* flags of one prefix, by value."""
     defs = bpfdefs.load().defines
-    out = []
-    for name, bit in sorted(defs.items(), key=lambda kv: kv[1]):
-        if name.startswith(prefix) and bit and value & bit == bit:
-            out.append(name[len(prefix):].lower())
-    return out
+    return tuple((bit, name[len(prefix):].lower())
+                 for name, bit in sorted(defs.items(), key=lambda kv: kv[1])
+                 if name.startswith(prefix) and bit)
 
 
 def enum_label(struct_name: str, field: str, value: int) -> str | None:
