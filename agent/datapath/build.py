@@ -37,15 +37,14 @@ class BuildProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.datapath.build"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env=env, cwd=str(REPO))
+        # a few hundred bytes: the pipe takes them without blocking
         self.proc.stdin.write(json.dumps(dataclasses.asdict(options)).encode())
         self.proc.stdin.close()
+        self.proc.stdin = None      # communicate() must not flush it
 
     def result(self, timeout: float = 600) -> dict:
-        out = self.proc.stdout.read()
-        err = self.proc.stderr.read()
-        self.proc.wait(timeout)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
+        # both pipes at once: the compiler may print more than a pipe holds
+        out, err = self.proc.communicate(timeout=timeout)
         self.seconds = time.monotonic() - self.started
         try:
             res = json.loads(out.decode() or "{}")

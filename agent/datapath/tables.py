@@ -241,3 +241,73 @@ def open_table(pin_root: str, name: str) -> Table:
     except Exception:
         os.close(fd)
         raise
+
+
+class SchemaField:
+    """One member of a struct as BTF records it (the header's field names
+    and type names; BTF keeps no comments)."""
+    __slots__ = ("name", "ctype", "count", "comment")
+
+    def __init__(self, name: str, ctype: str, count: int = 0):
+        self.name, self.ctype, self.count, self.comment = name, ctype, count, ""
+
+
+class Schema:
+    """Named types of one BTF object, for decoding (agent/inspect/decode.py
+    takes any object with `fields(type)` and `ctype(type)`): what a pinned
+    map holds, read from the kernel's record of it rather than the header."""
+
+    def __init__(self, b: btfmod.Btf):
+        self.btf = b
+        self._ct: dict = getattr(b, "_ctypes", None) or {}
+        b._ctypes = self._ct
+        self._fields: dict[str, tuple] = {}
+
+    def type_name(self, tid: int) -> str:
+        return self.btf._tag(tid)[0]
+
+    def _tid(self, type_name: str) -> int:
+        t = type_name.strip()
+        if t.startswith("struct "):
+            return self.btf.find(btfmod.STRUCT, t[len("struct "):].strip())
+        if t.startswith("union "):
+            return self.btf.find(btfmod.UNION, t[len("union "):].strip())
+        # a bare name: a typedef ("__be32"), a struct named without its
+        # keyword (as decoding recurses), or a base type ("unsigned int")
+        for kind in (btfmod.TYPEDEF, btfmod.STRUCT, btfmod.INT):
+            try:
+                return self.btf.find(kind, t)
+            except btfmod.BtfError:
+                continue
+        raise btfmod.BtfError(f"no type {t!r} in this BTF")
+
+    def fields(self, type_name: str) -> tuple:
+        got = self._fields.get(type_name)
+        if got is None:
+            b = self.btf
+            out = []
+            for name, mtype, _, _ in b.members(b._resolve(self._tid(type_name))):
+                inner = b._skip_modifiers(mtype)
+                kind, _, _, _, _, extra = b._t[inner]
+                if kind == btfmod.ARRAY:
+                    elem = int.from_bytes(b._types[extra:extra + 4], "little")
+                    n = int.from_bytes(b._types[extra + 8:extra + 12], "little")
+                    out.append(SchemaField(name, b._tag(elem)[0], n))
+                else:
+                    out.append(SchemaField(name, b._tag(mtype)[0]))
+            got = self._fields[type_name] = tuple(out)
+        return got
+
+    def ctype(self, type_name: str):
+        return ctype_of(self.btf, self._tid(type_name), self._ct)
+
+
+def map_schema(fd: int) -> tuple[Schema, str, str] | None:
+    """(schema, key type name, value type name) of a map from its own BTF;
+    None when it carries none. Reading BTF needs CAP_SYS_ADMIN
+    (NotPrivileged otherwise)."""
+    bi = btfmod.map_info(fd)
+    if not bi.btf_id or not bi.btf_value_type_id:
+        return None
+    sch = Schema(btfmod.btf_by_id(bi.btf_id))
+    return sch, sch.type_name(bi.btf_key_type_id), sch.type_name(bi.btf_value_type_id)
