@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         print(f"built {len(pods)} pods in {time.monotonic() - t:.1f}s")
 
         t = time.monotonic()
-        agent = AgentProcess(node, paths).start()
+        # a shared machine's load can stretch the compile past the default wait
+        agent = AgentProcess(node, paths).start(timeout=600)
         cold = time.monotonic() - t
         cold_programs = wire.call(paths.socket, "Status")["programs"]
         t = time.monotonic()

@@ -137,25 +137,28 @@ class Datapath:
 
     def enis(self) -> list[str]:
         """ENI devices on the node: eni_pattern, except the primary device."""
-        from agent.datapath.netlink import iproute
-        with iproute(self.netns) as ipr:
-            names = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
-        return sorted(n for n in names if fnmatch.fnmatch(n, self.config.eni_pattern)
+        from agent.datapath.netlink import link_names
+        return sorted(n for n in link_names(self.netns).values()
+                      if fnmatch.fnmatch(n, self.config.eni_pattern)
                       and n != self.config.primary_device)
 
     def attach_enis(self) -> list[str]:
         """The VPC-facing programs on every ENI and on the primary NIC:
         traffic from outside to NodePorts, external and load-balancer IPs
         arrives on either, and replies of flows SNATed to the node's address
-        on the primary one. Returns the devices, the primary NIC last."""
-        devices = self.enis()
-        from agent.datapath.netlink import iproute
-        with iproute(self.netns) as ipr:
-            names = {l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
-        if self.config.primary_device in names:
+        on the primary one. Returns the devices, the primary NIC last. A
+        device already running these very programs is left as it is."""
+        from agent.datapath.netlink import link_names
+        index = {n: i for i, n in link_names(self.netns).items()}
+        devices = sorted(n for n in index if fnmatch.fnmatch(n, self.config.eni_pattern)
+                         and n != self.config.primary_device)
+        if self.config.primary_device in index:
             devices.append(self.config.primary_device)
-        for dev in devices:
-            self.attach(dev, "eni")
+        progs = {d: (self.prog_fd(p), p) for d, p in ATTACH["eni"].items()}
+        _, failed = tc.ensure([(index[d], d, progs) for d in devices],
+                              self.config.tc_priority, self.netns)
+        if failed:
+            raise failed[0][1]
         return devices
 
     # -- socket-LB -------------------------------------------------------
@@ -192,7 +195,7 @@ class Datapath:
             self.maps.veth_put(ep)
         by_index = {ep.host_ifindex: ep for ep in eps}
         progs = {d: (self.prog_fd(p), p) for d, p in ATTACH["pod"].items()}
-        _, failed = tc.ensure([(ep.host_ifindex, progs) for ep in eps],
+        _, failed = tc.ensure([(ep.host_ifindex, ep.host_ifname, progs) for ep in eps],
                               self.config.tc_priority, self.netns)
         bad = {idx for idx, _ in failed}
         for ep in eps:
