@@ -79,6 +79,7 @@ class Agent:
         self.socklb_optout = None
         self.conntrack_gc = None
         self.bandwidth = None
+        self._qdisc_probe = None     # a future of qdisc.probe(), started by start()
         self.metrics = AgentMetrics(self)
         self.http = None
         self.inspect = None      # gRPC inspection service (agent/api/inspect.py)
@@ -90,6 +91,19 @@ class Agent:
         # the programs build in a child process (when no pinned set matches
         # these sources and options) while the cluster state is read
         self.datapath.begin_load()
+        if serve:
+            # the gRPC stack takes a good part of a second to import: on the
+            # side, while the datapath loads (the module lock keeps it whole)
+            threading.Thread(target=_preimport, args=("agent.api.inspect",),
+                             name="preimport", daemon=True).start()
+        # which pacing qdiscs the kernel has: a throwaway netns and a few tc
+        # runs, done on the side while the datapath loads and restores
+        if self.config.bandwidth_manager:
+            import concurrent.futures
+            from agent.datapath import qdisc
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bw-probe")
+            self._qdisc_probe = pool.submit(qdisc.probe)
+            pool.shutdown(wait=False)
         try:
             self._open_cluster_state()
             if serve:
@@ -101,20 +115,34 @@ class Agent:
         except BaseException:
             self.datapath.close()
             raise
+        phases = {"load": time.monotonic() - t0}
+        mark = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            phases[name] = phases.get(name, 0.0) + now - mark
+            mark = now
         log.info("programs: %s", f"built in {self.datapath.build_seconds:.2f}s"
                  if self.datapath.built else "reused the pinned set (no compile)")
         # what the pins held, before any program of this start runs
         self.metrics.record_restored_maps(self.datapath)
         self.enis = self.datapath.attach_enis()
         log.info("attached to ENIs: %s", ", ".join(self.enis) or "(none)")
+        phase("enis")
         restored, dropped = self.restore()
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
+        phase("restore")
         self.datapath.finish_migration()
         for note in self.datapath.migration_notes:
             log.warning("pinned maps: %s", note)
+        phase("migration")
         self._start_services()
+        phase("services")
         self._start_policy()
+        phase("policy")
         self._start_bandwidth()
+        phase("bandwidth")
         replayed = self.replay_deletions()
         if replayed:
             log.info("replayed %d queued CNI deletions", replayed)
@@ -133,7 +161,9 @@ class Agent:
         self.started_at = time.time()
         self.ready.set()
         self.metrics.start_seconds.set(time.monotonic() - t0)
-        log.info("ready in %.2fs", time.monotonic() - t0)
+        phase("serve")
+        log.info("ready in %.2fs (%s)", time.monotonic() - t0,
+                 ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
         return self
 
     def _start_inspect(self) -> None:
@@ -266,7 +296,8 @@ class Agent:
                                        self._endpoint_list, netns=self.netns,
                                        sweep_interval=max(self.config.conntrack_gc_interval, 5)
                                        if self.config.conntrack_gc_interval else 30,
-                                       metrics=self.metrics).start(self.enis)
+                                       metrics=self.metrics).start(self.enis,
+                                                                   probe=self._qdisc_probe)
 
     def _refresh_bandwidth(self) -> None:
         # never with self.lock held: refresh takes it (through _endpoint_list)
@@ -949,6 +980,14 @@ def _restrict(path: Path, mask: int) -> list[str]:
         log.warning("state dir: cannot restrict %s (mode %o): %s", path, mode, exc.strerror)
         return []
     return [f"{path} {mode:o}->{mode & mask:o}"]
+
+
+def _preimport(module: str) -> None:
+    import importlib
+    try:
+        importlib.import_module(module)
+    except Exception:       # the real import reports it, where it is needed
+        pass
 
 
 def _joined(t: threading.Thread, timeout: float) -> bool:
