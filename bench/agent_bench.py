@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import os
 import statistics
 import subprocess
 import sys
@@ -103,6 +104,8 @@ def main(argv=None) -> int:
         assert n == len(pods), f"restored {n} of {len(pods)} endpoints"
 
     assert cold_programs["built"], "a first start on empty pins must build the programs"
+    # absolute seconds depend on what else the machine runs: say how busy it was
+    busy = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end of the run"
     compiles = int(warm_programs["built"])
     print(f"cold start to ready: {cold:.2f}s (of which the program build, in a child process "
           f"overlapping the rest: {cold_programs['build_seconds']:.2f}s); {per_add_ms:.1f} ms "
@@ -111,11 +114,11 @@ def main(argv=None) -> int:
     record("agent.start_to_ready_seconds", cold, "s", command=COMMAND, target="<= 8 s",
            notes=f"cold start on empty pins: bcc compile in a child process "
                  f"({cold_programs['build_seconds']:.2f}s) while the agent reads its state, "
-                 f"then pin, open through libbpf, ENI attach; no endpoints yet")
+                 f"then pin, open through libbpf, ENI attach; no endpoints yet; {busy}")
     record("agent.restart_ready_seconds_1000_endpoints", warm, "s", command=COMMAND,
            target="<= 2 s",
            notes=f"restart after kill -9, restoring {n} endpoints from the state dir; "
-                 f"{compiles} compiles (the pinned programs of the same build key reused)")
+                 f"{compiles} compiles (the pinned programs of the same build key reused); {busy}")
     record("agent.restart_compiles", compiles, "", command=COMMAND, target="0",
            notes="program builds on a restart whose sources and options are unchanged")
     record("agent.rss_mb_1000_endpoints", max(rss, rss_restart), "MB", command=COMMAND,
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
         print(f"fastpath {what}: {ms:.0f} ms (python start floor {floor:.0f} ms)")
         record(f"cli.read_ms.{what.replace(' ', '_')}", ms, "ms", command=COMMAND, target="<= 150 ms",
                notes=f"agent running with {n} endpoints; a new process per call; "
-                     f"python start alone {floor:.0f} ms in the same run")
+                     f"python start alone {floor:.0f} ms in the same run; {busy}")
     record("agent.endpoint_add_ms", per_add_ms, "ms", command=COMMAND,
            notes="agent side of a CNI ADD (discovery + attach + map write), sequential")
     return 0
