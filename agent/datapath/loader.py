@@ -731,9 +731,9 @@ def open_pinned(options: BuildOptions, key: str) -> PinnedModule | None:
     try:
         for name in PROGRAMS:
             fds[name] = libbpf.obj_get(os.path.join(d, name))
-        wanted = [n for n in pinned_map_names() if n != bpfdefs.load().maps["FP_MAP_EVENTS"]]
+        wanted = pinned_map_names()
         pinned_ids = {}
-        for n in wanted + [bpfdefs.load().maps["FP_MAP_EVENTS"]]:
+        for n in wanted:
             path = os.path.join(options.pin_root, n)
             if not os.path.exists(path):
                 return None

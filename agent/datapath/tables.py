@@ -223,6 +223,8 @@ class Table:
 def _types_from_btf(name: str, fd: int, info):
     if info.type in (libbpf.BPF_MAP_TYPE_PROG_ARRAY,):
         return ct.c_int, ct.c_int
+    if info.type == libbpf.BPF_MAP_TYPE_RINGBUF:
+        return ct.c_uint8 * 0, ct.c_uint8 * 0     # no entries: records are read as a stream
     bi = btfmod.map_info(fd)
     if not bi.btf_id or not bi.btf_value_type_id:
         raise TableError(errno.ENODATA, f"map {name} carries no BTF: its layout cannot be "

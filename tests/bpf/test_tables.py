@@ -24,6 +24,8 @@ def _pinned(dp):
 
 
 def test_every_map_is_typed_from_btf_at_the_sizes_the_kernel_reports(dp):
+    # every pinned map, the ring buffer too (the metrics walk them all)
+    assert set(dp.module.tables) == set(loader.pinned_map_names())
     for name, t in _pinned(dp):
         info = libbpf.map_info(t.map_fd)
         assert ct.sizeof(t.Key) == info.key_size, name
