@@ -267,7 +267,10 @@ class Loaded:
     def table(self, name: str):
         return self.bpf[name]
 
-    def load_programs(self) -> None:
+    def load_programs(self, fill_tails: bool = True) -> None:
+        """`fill_tails`: also point the tail-call map at these programs (a
+        build leaves that to the agent, right before it attaches them: the
+        map is shared with the programs still attached)."""
         for name, (_, prog_type, attach_type) in PROGRAMS.items():
             with _capture_stderr() as err:
                 try:
@@ -277,7 +280,8 @@ class Loaded:
             if fn is None:
                 raise VerifierRejected(name, _tail(err["text"]) or "(no verifier log)")
             self.prog_fds[name] = fn.fd
-        self.fill_tail_calls()
+        if fill_tails:
+            self.fill_tail_calls()
 
     def fill_tail_calls(self) -> None:
         """Every slot of the tail-call map, before anything is attached: a
@@ -658,7 +662,9 @@ def build(options: BuildOptions) -> dict:
     bpf, aside = reconcile(options)
     module = Loaded(bpf, options)
     try:
-        module.load_programs()
+        # the tail-call map is pinned and in use by the attached programs:
+        # the agent fills it from this set just before attaching it
+        module.load_programs(fill_tails=False)
         root = os.path.join(options.pin_root, PROG_DIR)
         os.makedirs(root, exist_ok=True)
         tmp = os.path.join(root, key + _BUILDING)
