@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import os
 import statistics
 import subprocess
 import sys
@@ -77,8 +78,10 @@ def main(argv=None) -> int:
         print(f"built {len(pods)} pods in {time.monotonic() - t:.1f}s")
 
         t = time.monotonic()
-        agent = AgentProcess(node, paths).start()
+        # a shared machine's load can stretch the compile past the default wait
+        agent = AgentProcess(node, paths).start(timeout=600)
         cold = time.monotonic() - t
+        cold_programs = wire.call(paths.socket, "Status")["programs"]
         t = time.monotonic()
         for p in pods:
             wire.call(paths.socket, "EndpointAdd", {"netns": p.netns_path, "container_id": p.name,
@@ -91,6 +94,7 @@ def main(argv=None) -> int:
         agent = AgentProcess(node, paths).start()
         warm = time.monotonic() - t
         n = len(wire.call(paths.socket, "EndpointList"))
+        warm_programs = wire.call(paths.socket, "Status")["programs"]
         rss_restart = rss_mb(agent.proc.pid)
         # an installed image carries compiled bytecode (deploy/Containerfile)
         compileall.compile_dir(str(REPO / "agent"), quiet=1)
@@ -99,21 +103,34 @@ def main(argv=None) -> int:
         agent.stop()
         assert n == len(pods), f"restored {n} of {len(pods)} endpoints"
 
-    print(f"cold start to ready: {cold:.2f}s; {per_add_ms:.1f} ms per endpoint add; "
-          f"RSS {rss:.0f} MB with {len(pods)} endpoints; restart with {n} endpoints restored: "
-          f"{warm:.2f}s, RSS {rss_restart:.0f} MB")
-    record("agent.start_to_ready_seconds", cold, "s", command=COMMAND,
-           notes="cold start: bcc compile + pin + ENI attach, no endpoints yet")
+    assert cold_programs["built"], "a first start on empty pins must build the programs"
+    # absolute seconds depend on what else the machine runs: say how busy it was
+    busy = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end of the run"
+    compiles = int(warm_programs["built"])
+    print(f"cold start to ready: {cold:.2f}s (of which the program build, in a child process "
+          f"overlapping the rest: {cold_programs['build_seconds']:.2f}s); {per_add_ms:.1f} ms "
+          f"per endpoint add; RSS {rss:.0f} MB with {len(pods)} endpoints; restart with {n} "
+          f"endpoints restored: {warm:.2f}s, {compiles} compiles, RSS {rss_restart:.0f} MB")
+    record("agent.start_to_ready_seconds", cold, "s", command=COMMAND, target="<= 8 s",
+           notes=f"cold start on empty pins: bcc compile in a child process "
+                 f"({cold_programs['build_seconds']:.2f}s) while the agent reads its state, "
+                 f"then pin, open through libbpf, ENI attach; no endpoints yet; {busy}")
     record("agent.restart_ready_seconds_1000_endpoints", warm, "s", command=COMMAND,
-           notes=f"restart after kill -9, restoring {n} endpoints from the state dir")
+           target="<= 2 s",
+           notes=f"restart after kill -9, restoring {n} endpoints from the state dir; "
+                 f"{compiles} compiles (the pinned programs of the same build key reused); {busy}")
+    record("agent.restart_compiles", compiles, "", command=COMMAND, target="0",
+           notes="program builds on a restart whose sources and options are unchanged")
     record("agent.rss_mb_1000_endpoints", max(rss, rss_restart), "MB", command=COMMAND,
-           baseline=512, ratio=max(rss, rss_restart) / 512, target="well below 512 MB",
-           notes="baseline: Terway's documented ~512 MB per node for its DataPath V2 agent")
+           baseline=512, ratio=max(rss, rss_restart) / 512, target="<= 128 MB",
+           notes="max of the agent's VmRSS after 1,000 endpoint adds and after the restart; "
+                 "the compiler lives only in the build child; baseline: Terway's documented "
+                 "~512 MB per node for its DataPath V2 agent")
     for what, ms in reads.items():
         print(f"fastpath {what}: {ms:.0f} ms (python start floor {floor:.0f} ms)")
         record(f"cli.read_ms.{what.replace(' ', '_')}", ms, "ms", command=COMMAND, target="<= 150 ms",
                notes=f"agent running with {n} endpoints; a new process per call; "
-                     f"python start alone {floor:.0f} ms in the same run")
+                     f"python start alone {floor:.0f} ms in the same run; {busy}")
     record("agent.endpoint_add_ms", per_add_ms, "ms", command=COMMAND,
            notes="agent side of a CNI ADD (discovery + attach + map write), sequential")
     return 0

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import time
 
-from agent.bandwidth import limits_of
 from agent.cli import bpfobj
 from agent.cli.common import run
 from agent.inspect import table as tbl
+
+
+def _limits_of(fields):
+    # imported on use: the annotation parser pulls in the Kubernetes model,
+    # which commands that only list endpoints need not pay for
+    from agent.bandwidth import limits_of
+    return limits_of(fields)
 
 M = bpfobj.aliases()
 LIMIT_FIELDS = ("egress_rate", "egress_burst_ns", "ingress_rate", "ingress_burst_ns",
@@ -36,7 +42,7 @@ def limits_by_ip(ctx) -> dict[str, dict]:
     out = {}
     for e in ctx.entries(M["bw"], missing_ok=True):
         v = e["value"]
-        out[e["key"]] = limits_of({f: v[f] for f in LIMIT_FIELDS}).as_dict()
+        out[e["key"]] = _limits_of({f: v[f] for f in LIMIT_FIELDS}).as_dict()
     return out
 
 

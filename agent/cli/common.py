@@ -133,7 +133,7 @@ class Ctx:
             if missing_ok:
                 return []
             self.map(name)
-        layout = decode.Layout.of(name)
+        layout = self.layout(name, m)
         if layout is None or not layout.matches(m.key_size, m.value_size):
             raise CliExit(EXIT_FAIL, f"map {name}: pinned key/value sizes {m.key_size}/"
                                      f"{m.value_size} do not match this CLI's fastpath.h "
@@ -141,6 +141,22 @@ class Ctx:
                           f"map {name}: not declared in this CLI's bpf/maps.c")
         ncpu = libbpf.possible_cpus() if m.percpu else 1
         return [decode.decode_entry(layout, k, v, m.percpu, ncpu) for k, v in m.items()]
+
+    def layout(self, name: str, m):
+        """How to decode pinned map `m`: from its own BTF (exact, whatever
+        release pinned it), or the header's declaration when the map
+        carries no BTF."""
+        from agent.datapath import tables
+        from agent.datapath.errors import NotPrivileged
+        from agent.inspect import decode
+        try:
+            got = tables.map_schema(m.fd)
+        except NotPrivileged as exc:
+            raise CliExit(EXIT_PRIV, f"map {name}: {exc}") from None
+        if got is None:
+            return decode.Layout.of(name)
+        schema, key, value = got
+        return decode.Layout.of_schema(name, key, value, schema)
 
     def links(self) -> dict[int, str]:
         """ifindex -> name in the node's netns (the agent's view when it

@@ -79,6 +79,7 @@ class Agent:
         self.socklb_optout = None
         self.conntrack_gc = None
         self.bandwidth = None
+        self._qdisc_probe = None     # a future of qdisc.probe(), started by start()
         self.metrics = AgentMetrics(self)
         self.http = None
         self.inspect = None      # gRPC inspection service (agent/api/inspect.py)
@@ -87,25 +88,61 @@ class Agent:
     # -- lifecycle -------------------------------------------------------
     def start(self, serve: bool = True) -> "Agent":
         t0 = time.monotonic()
-        self._open_cluster_state()
+        # the programs build in a child process (when no pinned set matches
+        # these sources and options) while the cluster state is read
+        self.datapath.begin_load()
         if serve:
-            from agent.daemon.health import HttpEndpoints
-            self.http = HttpEndpoints(self).start()
-        self._prepare_state_dir()
-        self.metrics.count_start(self.state_dir)
-        self.datapath.load(defer_migration=True)
+            # the gRPC stack takes a good part of a second to import: on the
+            # side, while the datapath loads (the module lock keeps it whole)
+            threading.Thread(target=_preimport, args=("agent.api.inspect",),
+                             name="preimport", daemon=True).start()
+        # which pacing qdiscs the kernel has: a throwaway netns and a few tc
+        # runs, done on the side while the datapath loads and restores
+        if self.config.bandwidth_manager:
+            import concurrent.futures
+            from agent.datapath import qdisc
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bw-probe")
+            self._qdisc_probe = pool.submit(qdisc.probe)
+            pool.shutdown(wait=False)
+        try:
+            self._open_cluster_state()
+            if serve:
+                from agent.daemon.health import HttpEndpoints
+                self.http = HttpEndpoints(self).start()
+            self._prepare_state_dir()
+            self.metrics.count_start(self.state_dir)
+            self.datapath.load(defer_migration=True)
+        except BaseException:
+            self.datapath.close()
+            raise
+        phases = {"load": time.monotonic() - t0}
+        mark = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            phases[name] = phases.get(name, 0.0) + now - mark
+            mark = now
+        log.info("programs: %s", f"built in {self.datapath.build_seconds:.2f}s"
+                 if self.datapath.built else "reused the pinned set (no compile)")
         # what the pins held, before any program of this start runs
         self.metrics.record_restored_maps(self.datapath)
         self.enis = self.datapath.attach_enis()
         log.info("attached to ENIs: %s", ", ".join(self.enis) or "(none)")
+        phase("enis")
         restored, dropped = self.restore()
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
+        phase("restore")
         self.datapath.finish_migration()
         for note in self.datapath.migration_notes:
             log.warning("pinned maps: %s", note)
+        phase("migration")
         self._start_services()
+        phase("services")
         self._start_policy()
+        phase("policy")
         self._start_bandwidth()
+        phase("bandwidth")
         replayed = self.replay_deletions()
         if replayed:
             log.info("replayed %d queued CNI deletions", replayed)
@@ -124,7 +161,9 @@ class Agent:
         self.started_at = time.time()
         self.ready.set()
         self.metrics.start_seconds.set(time.monotonic() - t0)
-        log.info("ready in %.2fs", time.monotonic() - t0)
+        phase("serve")
+        log.info("ready in %.2fs (%s)", time.monotonic() - t0,
+                 ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
         return self
 
     def _start_inspect(self) -> None:
@@ -257,7 +296,8 @@ class Agent:
                                        self._endpoint_list, netns=self.netns,
                                        sweep_interval=max(self.config.conntrack_gc_interval, 5)
                                        if self.config.conntrack_gc_interval else 30,
-                                       metrics=self.metrics).start(self.enis)
+                                       metrics=self.metrics).start(self.enis,
+                                                                   probe=self._qdisc_probe)
 
     def _refresh_bandwidth(self) -> None:
         # never with self.lock held: refresh takes it (through _endpoint_list)
@@ -442,6 +482,7 @@ class Agent:
         restored = dropped = 0
         wanted_ips = set()
         links = self._links()
+        pending: list[tuple[Path, Endpoint]] = []
         for f in sorted(self.ep_dir.glob("*.json")):
             try:
                 ep = Endpoint.from_json(read_record(f))
@@ -460,7 +501,19 @@ class Agent:
                 f.unlink(missing_ok=True)
                 dropped += 1
                 continue
-            self.datapath.add_endpoint(ep)
+            pending.append((f, ep))
+        failed = {id(ep): exc for ep, exc in
+                  self.datapath.add_endpoints([ep for _, ep in pending])}
+        for f, ep in pending:
+            exc = failed.get(id(ep))
+            if isinstance(exc, InterfaceNotFound):
+                # the veth went away since it was listed
+                self.datapath.maps.veth_delete(ep.host_ifindex, ep.ip)
+                f.unlink(missing_ok=True)
+                dropped += 1
+                continue
+            if exc is not None:
+                raise exc
             self.endpoints[ep.key] = ep
             wanted_ips.add(ep.ip)
             restored += 1
@@ -789,7 +842,11 @@ class Agent:
                 "endpoints": len(self.endpoints), "enis": self.enis,
                 "bpffs_root": self.config.bpffs_root, "pid": os.getpid(), "source": source,
                 "http": dict(self.http.addresses) if self.http else {},
-                "policy": self.rpc_PolicyStatus(), "bandwidth": self.bandwidth_status()}
+                "policy": self.rpc_PolicyStatus(), "bandwidth": self.bandwidth_status(),
+                # whether this start compiled, or reused the pinned programs
+                "programs": {"build_key": self.datapath.build_key,
+                             "built": self.datapath.built,
+                             "build_seconds": round(self.datapath.build_seconds, 3)}}
 
     def bandwidth_status(self) -> dict:
         if self.bandwidth is None:
@@ -942,6 +999,14 @@ def _restrict(path: Path, mask: int) -> list[str]:
         log.warning("state dir: cannot restrict %s (mode %o): %s", path, mode, exc.strerror)
         return []
     return [f"{path} {mode:o}->{mode & mask:o}"]
+
+
+def _preimport(module: str) -> None:
+    import importlib
+    try:
+        importlib.import_module(module)
+    except Exception:       # the real import reports it, where it is needed
+        pass
 
 
 def _joined(t: threading.Thread, timeout: float) -> bool:

@@ -83,12 +83,14 @@ class BandwidthSync(Worker):
         Worker.__init__(self, "bandwidth")
 
     # ----------------------------------------------------------------- start
-    def start(self, enis: list[str]) -> "BandwidthSync":
+    def start(self, enis: list[str], probe=None) -> "BandwidthSync":
+        """`probe`: a future of qdisc.probe() started earlier (the agent
+        runs it while it loads and restores), else probed here."""
         from agent.datapath import qdisc
         if not self.config.bandwidth_manager:
             self.disable(enis, "off (bandwidth_manager: false)")
             return self
-        probe = qdisc.probe()
+        probe = probe.result() if probe is not None else qdisc.probe()
         mode, how = probe.mode(self.config.bandwidth_egress)
         if mode is None:
             self.disable(enis, f"off: {how}")

@@ -267,7 +267,10 @@ class Loaded:
     def table(self, name: str):
         return self.bpf[name]
 
-    def load_programs(self, fill_tail_calls: bool = True) -> None:
+    def load_programs(self, fill_tails: bool = True) -> None:
+        """`fill_tails`: also point the tail-call map at these programs (a
+        build leaves that to the agent, right before it attaches them: the
+        map is shared with the programs still attached)."""
         for name, (_, prog_type, attach_type) in PROGRAMS.items():
             with _capture_stderr() as err:
                 try:
@@ -277,7 +280,7 @@ class Loaded:
             if fn is None:
                 raise VerifierRejected(name, _tail(err["text"]) or "(no verifier log)")
             self.prog_fds[name] = fn.fd
-        if fill_tail_calls:
+        if fill_tails:
             self.fill_tail_calls()
 
     def fill_tail_calls(self) -> None:
@@ -428,10 +431,10 @@ class Migration:
     attached (`finish`: entries the old programs created in between); then
     removes the superseded pins."""
 
-    def __init__(self, pin_root: str, bpf, compiled: dict[str, Compiled],
+    def __init__(self, pin_root: str, fds: dict[str, int], compiled: dict[str, Compiled],
                  sources: list[Source], notes: list[str], rules=None):
         self.pin_root = pin_root
-        self.bpf = bpf
+        self.fds = fds           # map name -> fd of the map now pinned at that name
         self.compiled = compiled
         self.sources = sources
         self.notes = notes
@@ -477,7 +480,7 @@ class Migration:
                     log.warning("migration of %s: entry not carried over: %s", src.pin, exc)
                     continue
                 if (final or len(tg) > 1) and any(
-                        mapio.lookup(self.bpf[t].map_fd, nk, libbpf.value_buffer_size(
+                        mapio.lookup(self.fds[t], nk, libbpf.value_buffer_size(
                             self.compiled[t].type, self.compiled[t].value_size)) is not None
                         for t in tg):
                     continue            # the new maps have it already (in any tier)
@@ -504,7 +507,7 @@ class Migration:
 
     def _write(self, src: Source, target: str, pairs, fallbacks) -> int:
         from agent.datapath import mapio
-        fd = self.bpf[target].map_fd
+        fd = self.fds[target]
         written = 0
         for i, (k, v) in enumerate(pairs):
             err = mapio.update(fd, k, v, mapio.BPF_NOEXIST)
@@ -516,7 +519,7 @@ class Migration:
             # full (E2BIG): the next target of this entry, if any
             placed = False
             for other in fallbacks.get(k, ()):
-                if mapio.update(self.bpf[other].map_fd, k, v, mapio.BPF_NOEXIST) in (0, errno.EEXIST):
+                if mapio.update(self.fds[other], k, v, mapio.BPF_NOEXIST) in (0, errno.EEXIST):
                     placed = True
                     written += 1
                     break
@@ -584,18 +587,13 @@ def _aside_name(pin_root: str, name: str) -> str:
     return cand
 
 
-def open_module(options: BuildOptions, rules=None) -> tuple[Loaded, Migration]:
-    """Compile, reconcile pinned maps, and return the module plus the
-    migration of whatever pinned maps it supersedes (already copied once;
-    `Migration.finish()` once the new programs are attached).
+def reconcile(options: BuildOptions):
+    """Compile, and set aside every pinned map the programs cannot use as it
+    is (then compile again, so bcc makes new maps at those names). Returns
+    the bcc module and [(name set aside, why)].
 
     A pinned map is used as it is only when its type, key and value sizes,
-    capacity and layout fingerprint (BTF) are what was compiled. Otherwise
-    it is set aside, a new map is made at its name, and its entries are
-    carried over field by field; pins of older versions of a map's lineage
-    are carried over the same way. `rules` (agent.conntrack.migrate.Rules):
-    where an entry goes when not simply to the map of its lineage, and the
-    defaults of fields its old layout lacks."""
+    capacity and layout fingerprint (BTF) are what was compiled."""
     os.makedirs(options.pin_root, exist_ok=True)
     bpf = _compile(options)
     compiled = _compiled(bpf)
@@ -603,8 +601,8 @@ def open_module(options: BuildOptions, rules=None) -> tuple[Loaded, Migration]:
     for name, c in compiled.items():
         why = _difference(c, bpf[name].map_fd)
         if why:
-            # bpffs has no rename: pin the map at its new name, then unpin
-            # the old one (the map lives on as long as a pin or fd holds it)
+            # pin the map at its new name, then unpin the old one (the map
+            # lives on as long as a pin or fd holds it)
             new = _aside_name(options.pin_root, name)
             old_path = os.path.join(options.pin_root, name)
             _pin(bpf[name].map_fd, os.path.join(options.pin_root, new))
@@ -618,8 +616,211 @@ def open_module(options: BuildOptions, rules=None) -> tuple[Loaded, Migration]:
         if still:
             raise PinnedMapMismatch("pinned maps still differ from the compiled ones after "
                                     "setting them aside: " + "; ".join(still))
-    current = set(compiled)
-    lineages = {bpfdefs.map_lineage(n): n for n in compiled}
+    return bpf, aside
+
+
+# -- the compiled program set, pinned -------------------------------------------
+#
+# Programs are pinned like the maps, under <pin root>/progs/<key>, where the
+# key hashes everything a compile depends on: the program text, the build
+# options (cflags) and the kernel release, and the compiler (libbcc). A
+# start whose key has a complete pinned set loads nothing: it opens those
+# programs, which already use the pinned maps. The set is pinned under a
+# temporary name and renamed once complete, so a set is either whole or
+# absent; the tail-call map is refilled from the same set at every open.
+
+PROG_DIR = "progs"
+_BUILDING = "_building"
+
+
+def _compiler_id() -> str:
+    import glob
+    libs = sorted(glob.glob("/usr/lib/*/libbcc.so.*.*") + glob.glob("/usr/lib/libbcc.so.*.*"))
+    return os.path.basename(os.path.realpath(libs[-1])) if libs else "bcc"
+
+
+def build_key(options: BuildOptions) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for part in (program_text(), "\0".join(options.cflags()), platform.release(),
+                 _compiler_id()):
+        h.update(part.encode())
+        h.update(b"\1")
+    return h.hexdigest()[:16]
+
+
+def prog_set_dir(options: BuildOptions, key: str) -> str:
+    return os.path.join(options.pin_root, PROG_DIR, key)
+
+
+def build(options: BuildOptions) -> dict:
+    """Compile, reconcile the pinned maps, load and pin the programs (what
+    a start with changed sources or options needs; the agent runs this in a
+    short-lived child process, `python -m agent.datapath.build`, so that the
+    compiler never stays resident in it). Returns {"key", "aside"}."""
+    key = build_key(options)
+    bpf, aside = reconcile(options)
+    module = Loaded(bpf, options)
+    try:
+        # the tail-call map is pinned and in use by the attached programs:
+        # the agent fills it from this set just before attaching it
+        module.load_programs(fill_tails=False)
+        root = os.path.join(options.pin_root, PROG_DIR)
+        os.makedirs(root, exist_ok=True)
+        tmp = os.path.join(root, key + _BUILDING)
+        _remove_set(tmp)
+        os.mkdir(tmp)
+        for name, fd in module.prog_fds.items():
+            _pin(fd, os.path.join(tmp, name))
+        final = os.path.join(root, key)
+        _remove_set(final)
+        os.rename(tmp, final)
+        # older sets: their programs stay loaded while attached (tc and the
+        # cgroups hold them) until this start replaces every attachment
+        for other in os.listdir(root):
+            if other != key:
+                _remove_set(os.path.join(root, other))
+    finally:
+        module.close()
+    return {"key": key, "aside": aside}
+
+
+def _remove_set(path: str) -> None:
+    if not os.path.isdir(path):
+        return
+    for entry in os.listdir(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, entry))
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)
+
+
+class PinnedModule:
+    """The pinned program set of one build key and the pinned maps it uses:
+    programs by fd, maps as tables typed from their BTF (agent/datapath/
+    tables.py). No compiler involved."""
+
+    def __init__(self, options: BuildOptions, prog_fds: dict[str, int], tables: dict):
+        self.options = options
+        self.prog_fds = prog_fds
+        self.tables = tables
+
+    def table(self, name: str):
+        return self.tables[name]
+
+    def fill_tail_calls(self) -> None:
+        """Every slot of the tail-call map, from this set, before anything is
+        attached: a program that meets an empty slot drops the packet."""
+        defs = bpfdefs.load()
+        tails = self.tables[defs.maps["FP_MAP_TAILS"]]
+        for name, slot in TAIL_CALLS.items():
+            tails[ct.c_int(int(defs.defines[slot]))] = ct.c_int(self.prog_fds[name])
+
+    def close(self) -> None:
+        for fd in list(self.prog_fds.values()) + [t.map_fd for t in self.tables.values()]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.prog_fds, self.tables = {}, {}
+
+
+def open_pinned(options: BuildOptions, key: str) -> PinnedModule | None:
+    """The complete pinned set of `key` with every map it uses still the one
+    pinned at that map's name; None when there is no such set (never built
+    with these sources and options, or its maps were replaced since)."""
+    from agent.datapath import tables as tablesmod
+    d = prog_set_dir(options, key)
+    if not os.path.isdir(d) or set(os.listdir(d)) != set(PROGRAMS):
+        return None
+    fds: dict[str, int] = {}
+    tabs: dict = {}
+    ok = False
+    try:
+        for name in PROGRAMS:
+            fds[name] = libbpf.obj_get(os.path.join(d, name))
+        wanted = pinned_map_names()
+        pinned_ids = {}
+        for n in wanted:
+            path = os.path.join(options.pin_root, n)
+            if not os.path.exists(path):
+                return None
+            fd = libbpf.obj_get(path)
+            try:
+                pinned_ids[libbpf.map_info(fd).id] = n
+                if n in wanted:
+                    tabs[n] = tablesmod.Table(n, fd)
+                    fd = -1
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        # a map the programs use that is not pinned at its name any more
+        # (replaced by another build, removed) makes the set unusable; maps
+        # no pin names (per-CPU scratch space) are the programs' own
+        pinned_names = {n[:15] for n in pinned_ids.values()}
+        for name, fd in fds.items():
+            for mid in _prog_map_ids(fd) - set(pinned_ids):
+                if _map_name(mid) in pinned_names:
+                    log.info("pinned programs %s: %s uses a map no longer pinned; "
+                             "rebuilding", key, name)
+                    return None
+        ok = True
+    except OSError as exc:
+        log.info("pinned programs %s unusable (%s); rebuilding", key, exc)
+        return None
+    finally:
+        if not ok:
+            for fd in list(fds.values()) + [t.map_fd for t in tabs.values()]:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+    return PinnedModule(options, fds, tabs)
+
+
+def _prog_map_ids(fd: int) -> set[int]:
+    info = libbpf.prog_info(fd)
+    n = info.nr_map_ids
+    ids = (ct.c_uint32 * max(n, 1))()
+    info2 = libbpf.ProgInfo()
+    info2.nr_map_ids = n
+    info2.map_ids = ct.addressof(ids)
+    libbpf.prog_info(fd, info2)
+    return set(ids[:n])
+
+
+def _map_name(map_id: int) -> str:
+    fd = libbpf.lib().bpf_map_get_fd_by_id(map_id)
+    if fd < 0:
+        return ""           # gone meanwhile
+    try:
+        return libbpf.map_info(fd).name.decode()
+    finally:
+        os.close(fd)
+
+
+def compiled_from_pins(module: PinnedModule) -> dict[str, Compiled]:
+    """What the programs were compiled with for each map: the maps they use
+    were created (or checked) by that compile, so their own BTF is it."""
+    from agent.datapath import btf
+    out = {}
+    for name, t in module.tables.items():
+        key = value = None
+        if t.type not in NO_LAYOUT:
+            lay = btf.map_layouts(t.map_fd)
+            if lay is not None:
+                key, value = lay
+        out[name] = Compiled(name, t.type, t.key_size, t.value_size, t.max_entries, key, value)
+    return out
+
+
+def start_migration(module: PinnedModule, aside: list[tuple[str, str]], rules=None) -> Migration:
+    """The migration of whatever pinned maps the current ones supersede
+    (set aside by a build, older versions of a map's lineage, leftovers of
+    an interrupted start), copied once already; `Migration.finish()` once
+    the programs are attached. `rules` (agent.conntrack.migrate.Rules):
+    where an entry goes when not simply to the map of its lineage, and the
+    defaults of fields its old layout lacks."""
+    options = module.options
+    compiled = compiled_from_pins(module)
+    current = set(compiled) | {bpfdefs.load().maps["FP_MAP_EVENTS"]}
+    lineages = {bpfdefs.map_lineage(n): n for n in current}
     whys = dict(aside)
     sources: list[Source] = []
     notes: list[str] = []
@@ -640,8 +841,9 @@ def open_module(options: BuildOptions, rules=None) -> tuple[Loaded, Migration]:
                 os.unlink(path)
             continue
         sources.append(src)
-    migration = Migration(options.pin_root, bpf, compiled, sources, notes, rules)
+    fds = {n: t.map_fd for n, t in module.tables.items()}
+    migration = Migration(options.pin_root, fds, compiled, sources, notes, rules)
     migration.copy()
     for n in notes:
         log.warning("%s", n)
-    return Loaded(bpf, options), migration
+    return migration

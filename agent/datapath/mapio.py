@@ -21,6 +21,8 @@ from agent.datapath import libbpf
 
 BATCH = 16384
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+# what a batch operation fails with on a map type that has none (524: ENOTSUPP)
+NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, 524)
 
 
 def _lib():

@@ -13,7 +13,8 @@ import logging
 from agent.config import Config
 from agent.datapath import tc
 from agent.datapath.errors import DatapathError, InterfaceNotFound
-from agent.datapath.loader import BuildOptions, Loaded, open_module, preflight
+from agent.datapath.loader import (BuildOptions, PinnedModule, build_key, open_pinned,
+                                   preflight, start_migration)
 from agent.datapath.maps import (ConfigMap, LbMaps, Maps, MAP, SocketLbSkipMap, crc32c_fill,
                                  netns_cookie)
 from agent.model.endpoint import Endpoint
@@ -37,25 +38,60 @@ class Datapath:
         self.netns = netns
         self.options = BuildOptions.from_config(config, test_build)
         self.migration_rules = migration_rules
-        self.module: Loaded | None = None
+        self.module: PinnedModule | None = None
+        self.build_key = ""
+        self.built = False           # this start compiled (no pinned set matched)
+        self.build_seconds = 0.0
+        self._build = None
         self.maps: Maps | None = None
         self.lb: LbMaps | None = None
         self.migration_notes: list[str] = []
         self.migration = None
 
     # -- lifecycle -------------------------------------------------------
-    def load(self, defer_migration: bool = False, reader: bool = False) -> "Datapath":
-        """Compile, open the pinned maps and load the programs. Entries of
-        superseded pinned maps are carried over before this returns; with
-        `defer_migration` the caller attaches the new programs first and
-        then calls finish_migration() (entries the old programs still
-        create meanwhile are carried over then). A `reader` (a tool that
-        only reads the pinned maps) leaves the tail-call slots to the agent
-        that attached the programs calling them."""
+    def begin_load(self) -> "Datapath":
+        """Open the pinned programs of these sources and options, or start
+        building them in a child process (agent/datapath/build.py) while
+        the caller does other work; `load()` finishes either."""
+        if self.module is not None or self._build is not None:
+            return self
         preflight(self.options.pin_root)
-        self.module, self.migration = open_module(self.options, self.migration_rules)
+        self.build_key = build_key(self.options)
+        self.module = open_pinned(self.options, self.build_key)
+        if self.module is None:
+            from agent.datapath.build import BuildProcess
+            self._build = BuildProcess(self.options)
+        return self
+
+    def load(self, defer_migration: bool = False, reader: bool = False) -> "Datapath":
+        """Open the pinned programs and maps (building them first when no
+        pinned set matches). Entries of superseded pinned maps are carried
+        over before this returns; with `defer_migration` the caller attaches
+        the programs first and then calls finish_migration() (entries the
+        old programs still create meanwhile are carried over then). A
+        `reader` (a tool that only reads the pinned maps) leaves the
+        tail-call slots to the agent that attached the programs calling
+        them."""
+        self.begin_load()
+        aside = []
+        if self.module is None:
+            build, self._build = self._build, None
+            try:
+                aside = [tuple(a) for a in build.result()["aside"]]
+            finally:
+                build.kill()
+            self.built, self.build_seconds = True, build.seconds
+            log.info("built and pinned programs %s in %.2fs", self.build_key, build.seconds)
+            self.module = open_pinned(self.options, self.build_key)
+            if self.module is None:
+                raise DatapathError(f"the programs just built ({self.build_key}) are not "
+                                    f"usable from their pins under {self.options.pin_root}")
+        else:
+            log.info("reusing pinned programs %s (no compile)", self.build_key)
+        self.migration = start_migration(self.module, aside, self.migration_rules)
         self.migration_notes = self.migration.notes
-        self.module.load_programs(fill_tail_calls=not reader)
+        if not reader:
+            self.module.fill_tail_calls()
         names = [n for n in MAP.values() if n != MAP["FP_MAP_EVENTS"]]
         tables = {n: self.module.table(n) for n in names}
         self.tables = tables
@@ -80,6 +116,9 @@ class Datapath:
     def close(self) -> None:
         """Release our fds. Attached programs and pinned maps stay in the
         kernel and keep forwarding: that is the point of pinning."""
+        if self._build is not None:
+            self._build.kill()
+            self._build = None
         if self.module:
             self.module.close()
             self.module = None
@@ -102,25 +141,28 @@ class Datapath:
 
     def enis(self) -> list[str]:
         """ENI devices on the node: eni_pattern, except the primary device."""
-        from agent.datapath.netlink import iproute
-        with iproute(self.netns) as ipr:
-            names = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
-        return sorted(n for n in names if fnmatch.fnmatch(n, self.config.eni_pattern)
+        from agent.datapath.netlink import link_names
+        return sorted(n for n in link_names(self.netns).values()
+                      if fnmatch.fnmatch(n, self.config.eni_pattern)
                       and n != self.config.primary_device)
 
     def attach_enis(self) -> list[str]:
         """The VPC-facing programs on every ENI and on the primary NIC:
         traffic from outside to NodePorts, external and load-balancer IPs
         arrives on either, and replies of flows SNATed to the node's address
-        on the primary one. Returns the devices, the primary NIC last."""
-        devices = self.enis()
-        from agent.datapath.netlink import iproute
-        with iproute(self.netns) as ipr:
-            names = {l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
-        if self.config.primary_device in names:
+        on the primary one. Returns the devices, the primary NIC last. A
+        device already running these very programs is left as it is."""
+        from agent.datapath.netlink import link_names
+        index = {n: i for i, n in link_names(self.netns).items()}
+        devices = sorted(n for n in index if fnmatch.fnmatch(n, self.config.eni_pattern)
+                         and n != self.config.primary_device)
+        if self.config.primary_device in index:
             devices.append(self.config.primary_device)
-        for dev in devices:
-            self.attach(dev, "eni")
+        progs = {d: (self.prog_fd(p), p) for d, p in ATTACH["eni"].items()}
+        _, failed = tc.ensure([(index[d], d, progs) for d in devices],
+                              self.config.tc_priority, self.netns)
+        if failed:
+            raise failed[0][1]
         return devices
 
     # -- socket-LB -------------------------------------------------------
@@ -146,6 +188,24 @@ class Datapath:
         self.maps.veth_put(ep)
         self.attach(ep.host_ifindex or ep.host_ifname, "pod")
         self.maps.endpoint_put(ep)
+
+    def add_endpoints(self, eps: list[Endpoint]) -> list[tuple[Endpoint, Exception]]:
+        """add_endpoint for many (a restart's restore), in the same order of
+        guard, programs, entry, with one netlink session for all veths; a
+        veth already running these very programs (a restart that reused the
+        pinned set) is not touched. Returns the endpoints that could not be
+        attached, with why; they get no map entry."""
+        for ep in eps:
+            self.maps.veth_put(ep)
+        by_index = {ep.host_ifindex: ep for ep in eps}
+        progs = {d: (self.prog_fd(p), p) for d, p in ATTACH["pod"].items()}
+        _, failed = tc.ensure([(ep.host_ifindex, ep.host_ifname, progs) for ep in eps],
+                              self.config.tc_priority, self.netns)
+        bad = {idx for idx, _ in failed}
+        for ep in eps:
+            if ep.host_ifindex not in bad:
+                self.maps.endpoint_put(ep)
+        return [(by_index[idx], exc) for idx, exc in failed]
 
     def remove_endpoint(self, ep: Endpoint) -> None:
         """Map entry first (nobody is redirected to it any more), then our

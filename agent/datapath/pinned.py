@@ -67,7 +67,14 @@ class PinnedMap:
     def items(self):
         """(key bytes, value bytes); per-CPU values hold one aligned slot per
         possible CPU."""
+        from agent.datapath import mapio
         vsize = libbpf.value_buffer_size(self.type, self.value_size)
+        try:
+            return mapio.items(self.fd, self.key_size, vsize)
+        except OSError as exc:
+            # LPM tries and program arrays have no batch operations
+            if exc.errno not in mapio.NO_BATCH:
+                raise
         return libbpf.map_items_raw(self.fd, self.key_size, vsize)
 
     def count(self) -> int:

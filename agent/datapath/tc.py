@@ -10,11 +10,15 @@ overwrite.
 from __future__ import annotations
 
 import errno
+import os
+import socket
+import struct
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
-from agent.datapath.netlink import iproute
+from agent.datapath.netlink import iproute, link_names
+from agent.datapath.nsenter import in_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.datapath.errors import DatapathError, InterfaceNotFound
@@ -161,3 +165,153 @@ def detach(dev: str | int, prio: int | None = None, netns: str | None = None,
             except NetlinkError:
                 pass
     return removed
+
+
+# rtnetlink, for reading filters without pyroute2's per-message decoding
+# (a restart checks two directions of a thousand veths): uapi values
+RTM_NEWTFILTER, RTM_GETTFILTER = 44, 46
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_BPF_NAME, TCA_BPF_ID = 7, 11
+_NLMSG = struct.Struct("=IHHII")
+_TCMSG = struct.Struct("=BxxxiIII")
+_RTA = struct.Struct("=HH")
+
+
+def _attrs(buf: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
+    out = {}
+    while off + 4 <= end:
+        ln, typ = _RTA.unpack_from(buf, off)
+        if ln < 4:
+            break
+        out[typ & 0x7FFF] = (off + 4, off + ln)
+        off += (ln + 3) & ~3
+    return out
+
+
+class FilterReader:
+    """Our bpf filters of devices, read with one raw rtnetlink socket in the
+    netns: a dump per (device, direction), parsed for kind, name, program
+    id, priority and handle only."""
+
+    def __init__(self, netns: str | None = None):
+        with in_netns(netns):
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def filters(self, ifindex: int, ifname: str) -> list[Filter]:
+        out = []
+        for direction, parent in DIRECTIONS.items():
+            out += self._dump(ifindex, ifname, direction, parent)
+        return out
+
+    def _dump(self, ifindex: int, ifname: str, direction: str, parent: int) -> list[Filter]:
+        self.seq += 1
+        req = _TCMSG.pack(0, ifindex, 0, parent, 0)
+        self.sock.send(_NLMSG.pack(_NLMSG.size + len(req), RTM_GETTFILTER,
+                                   NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0) + req)
+        out = []
+        while True:
+            buf = self.sock.recv(1 << 16)
+            off = 0
+            while off + _NLMSG.size <= len(buf):
+                ln, typ, _, seq, _ = _NLMSG.unpack_from(buf, off)
+                if ln < _NLMSG.size:
+                    return out
+                body, end = off + _NLMSG.size, off + ln
+                off += (ln + 3) & ~3
+                if seq != self.seq:
+                    continue
+                if typ == NLMSG_DONE:
+                    return out
+                if typ == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", buf, body)[0]
+                    if err == 0:
+                        continue
+                    if err == errno.EINVAL:      # no clsact on the device
+                        return out
+                    if err == errno.ENODEV:
+                        raise InterfaceNotFound(ifname)
+                    raise DatapathError(f"cannot list tc filters of {ifname}: "
+                                        f"{os.strerror(err)}")
+                if typ != RTM_NEWTFILTER:
+                    continue
+                _, _, handle, _, info = _TCMSG.unpack_from(buf, body)
+                a = _attrs(buf, body + _TCMSG.size, end)
+                kind = buf[a[TCA_KIND][0]:a[TCA_KIND][1]].rstrip(b"\0") if TCA_KIND in a else b""
+                if kind != b"bpf" or not handle:
+                    continue
+                name, prog_id = "", 0
+                if TCA_OPTIONS in a:
+                    o = _attrs(buf, *a[TCA_OPTIONS])
+                    if TCA_BPF_NAME in o:
+                        name = buf[o[TCA_BPF_NAME][0]:o[TCA_BPF_NAME][1]].rstrip(b"\0").decode()
+                    if TCA_BPF_ID in o:
+                        prog_id = struct.unpack_from("=I", buf, o[TCA_BPF_ID][0])[0]
+                out.append(Filter(ifname, ifindex, direction, info >> 16, handle, name, prog_id))
+
+
+def ensure(devices: list[tuple[int, str, dict[str, tuple[int, str]]]], prio: int,
+           netns: str | None = None) -> tuple[int, list[tuple[int, Exception]]]:
+    """Make each device (ifindex, name, {direction: (prog fd, program name)})
+    run those programs at `prio`: a device whose filter already runs the
+    very program (same id, e.g. a restart that reused the pinned programs)
+    is left alone, the others are attached as `attach` does. Filters are
+    read through one raw netlink socket (FilterReader), written through
+    one pyroute2 session opened only if something needs writing. Returns
+    (filters written, [(ifindex, error)] of devices that could not be
+    handled: gone, or a foreign filter at our priority)."""
+    from agent.datapath import libbpf
+    ids: dict[int, int] = {}
+    written, failed = 0, []
+    reader = FilterReader(netns)
+    ipr = None
+    try:
+        for idx, ifname, progs in devices:
+            try:
+                have = {(f.direction, f.prio): f for f in reader.filters(idx, ifname)}
+                todo = []
+                for direction, (fd, name) in progs.items():
+                    if fd not in ids:
+                        ids[fd] = libbpf.prog_info(fd).id
+                    f = have.get((direction, prio))
+                    if f is not None and not f.ours:
+                        raise DatapathError(
+                            f"{ifname} {direction}: tc priority {prio} is taken by a foreign "
+                            f"filter ({f.name or 'unnamed'}); choose another tc_priority")
+                    if f is None or f.name != name or f.prog_id != ids[fd]:
+                        todo.append((direction, fd, name))
+                if not todo:
+                    continue
+                if ipr is None:
+                    ipr = iproute(netns)
+                if not have:
+                    try:
+                        ipr.tc("add", "clsact", idx)
+                    except NetlinkError as exc:
+                        if exc.code in (errno.ENODEV, errno.EINVAL) and \
+                                idx not in link_names(netns):
+                            raise InterfaceNotFound(ifname, netns) from None
+                        if exc.code != errno.EEXIST:
+                            raise DatapathError(f"cannot add clsact qdisc on {ifname}: "
+                                                f"{exc}") from None
+                for direction, fd, name in todo:
+                    ipr.tc("replace-filter", "bpf", idx, handle=HANDLE, fd=fd, name=name,
+                           parent=PARENT[direction], classid=1, direct_action=True, prio=prio)
+                    written += 1
+            except NetlinkError as exc:
+                failed.append((idx, InterfaceNotFound(ifname, netns)
+                               if exc.code == errno.ENODEV else
+                               DatapathError(f"cannot attach to {ifname}: {exc}")))
+            except DatapathError as exc:
+                failed.append((idx, exc))
+    finally:
+        reader.close()
+        if ipr is not None:
+            ipr.close()
+    return written, failed

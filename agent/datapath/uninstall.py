@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.datapath import libbpf, tc
-from agent.datapath.loader import PROGRAMS
+from agent.datapath.loader import PROG_DIR, PROGRAMS
 from agent.datapath.netlink import iproute
 from agent.datapath.nsenter import in_netns
 
@@ -193,7 +193,16 @@ def remove_pins(bpffs_root: str, report: Report) -> None:
         return
     for entry in sorted(os.listdir(bpffs_root)):
         path = os.path.join(bpffs_root, entry)
-        if PIN_PATTERN.fullmatch(entry):
+        if entry == PROG_DIR and os.path.isdir(path):
+            # the pinned program sets (agent/datapath/loader.py): <key>/<program>
+            for key in sorted(os.listdir(path)):
+                for prog in sorted(os.listdir(os.path.join(path, key))):
+                    os.unlink(os.path.join(path, key, prog))
+                    report.pins.append(os.path.join(path, key, prog))
+                os.rmdir(os.path.join(path, key))
+            os.rmdir(path)
+            report.pins.append(path + "/")
+        elif PIN_PATTERN.fullmatch(entry):
             os.unlink(path)
             report.pins.append(path)
         else:

@@ -23,6 +23,7 @@ import ctypes as ct
 import socket
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 from agent.model import bpfdefs
 
@@ -76,12 +77,16 @@ def flag_names(struct_name: str, field: str, value: int) -> list[str] | None:
     prefix = FLAG_PREFIX.get((struct_name, field))
     if prefix is None:
         return None
+    return [name for bit, name in _flag_bits(prefix) if value & bit == bit]
+
+
+@lru_cache(maxsize=None)
+def _flag_bits(prefix: str) -> tuple[tuple[int, str], ...]:
+    """(bit, lower-case name) of the FP_*_F_* flags of one prefix, by value."""
     defs = bpfdefs.load().defines
-    out = []
-    for name, bit in sorted(defs.items(), key=lambda kv: kv[1]):
-        if name.startswith(prefix) and bit and value & bit == bit:
-            out.append(name[len(prefix):].lower())
-    return out
+    return tuple((bit, name[len(prefix):].lower())
+                 for name, bit in sorted(defs.items(), key=lambda kv: kv[1])
+                 if name.startswith(prefix) and bit)
 
 
 def enum_label(struct_name: str, field: str, value: int) -> str | None:
@@ -130,21 +135,47 @@ def event_type(value: int) -> str:
     return code.label if code is not None else f"type-{value}"
 
 
+class HeaderSchema:
+    """Struct fields and ctypes classes as bpf/include/fastpath.h declares
+    them (agent.model.bpfdefs). The CLI decodes pinned maps with the
+    kernel's own record of their layout instead (a BTF schema from
+    agent/datapath/btf.py, same interface); this one serves records that
+    are not map entries (events, decision records) and maps without BTF."""
+
+    def fields(self, type_name: str):
+        return bpfdefs.field_defs(type_name)
+
+    def ctype(self, type_name: str):
+        return bpfdefs.ctype(type_name)
+
+
+HEADER_SCHEMA = HeaderSchema()
+
+
+# The header's conventions decoding relies on, by name and shape (so that
+# they hold for layouts read from BTF, which carries no comments; the unit
+# tests check the header keeps them): a __be32 named *identity* holds a
+# peer identity, not an address; every two-element array is indexed by
+# FP_POL_INGRESS / FP_POL_EGRESS; a __u8[16] is an IPv6 address.
+
 def _is_identity(f) -> bool:
-    # a __be32 is an address unless the header says it holds an identity
-    return "identity" in f.name or "identity" in f.comment
+    return "identity" in f.name
 
 
 def _directional(f) -> bool:
     """A two-element array indexed by FP_POL_INGRESS / FP_POL_EGRESS."""
-    return f.count == 2 and ("FP_POL_INGRESS" in f.comment or "direction" in f.comment)
+    return f.count == 2
+
+
+def _is_ip6(f) -> bool:
+    return f.ctype == "__u8" and f.count == 16
 
 
 def _be32_int(raw: int) -> int:
     return struct.unpack("!I", struct.pack("=I", raw))[0]
 
 
-def decode_value(type_name: str, obj) -> object:
+def decode_value(type_name: str, obj, schema=HEADER_SCHEMA) -> object:
     """A ctypes instance (or scalar) of a header type -> plain data."""
     t = type_name.strip()
     if t in bpfdefs.SCALARS:
@@ -156,7 +187,7 @@ def decode_value(type_name: str, obj) -> object:
         return v
     sname = t[len("struct "):] if t.startswith("struct ") else t
     out: dict = {}
-    for f in bpfdefs.field_defs(sname):
+    for f in schema.fields(sname):
         if f.name.startswith("pad") or f.name.startswith("_"):
             continue
         v = getattr(obj, f.name)
@@ -165,7 +196,7 @@ def decode_value(type_name: str, obj) -> object:
             for i, d in enumerate(("ingress", "egress")):
                 x = v[i]
                 if f.ctype.startswith("struct "):
-                    vals[policy_dir(i)] = decode_value(f.ctype, x)
+                    vals[policy_dir(i)] = decode_value(f.ctype, x, schema)
                 else:
                     vals[policy_dir(i)] = x
                     label = enum_label(sname, f.name, x)
@@ -176,19 +207,19 @@ def decode_value(type_name: str, obj) -> object:
         if f.count:
             if f.ctype == "__u8" and f.count == 6:
                 out[f.name] = mac(v)
-            elif f.ctype == "__u8" and f.count == 16 and "IPv6" in f.comment:
+            elif _is_ip6(f):
                 out[f.name] = socket.inet_ntop(socket.AF_INET6, bytes(v))
             elif f.ctype == "char":
                 out[f.name] = bytes(v).split(b"\0", 1)[0].decode(errors="replace")
             elif f.ctype == "__be32":
                 out[f.name] = [ip4(x) for x in v]
             elif f.ctype.startswith("struct "):
-                out[f.name] = [decode_value(f.ctype, x) for x in v]
+                out[f.name] = [decode_value(f.ctype, x, schema) for x in v]
             else:
                 out[f.name] = list(v)
             continue
         if f.ctype.startswith("struct "):
-            out[f.name] = decode_value(f.ctype, v)
+            out[f.name] = decode_value(f.ctype, v, schema)
         elif f.ctype == "__be32":
             out[f.name] = _be32_int(v) if _is_identity(f) else ip4(v)
         elif f.ctype == "__be16":
@@ -204,8 +235,8 @@ def decode_value(type_name: str, obj) -> object:
     return out
 
 
-def from_bytes(type_name: str, raw: bytes):
-    cls = bpfdefs.ctype(type_name)
+def from_bytes(type_name: str, raw: bytes, schema=HEADER_SCHEMA):
+    cls = schema.ctype(type_name)
     size = ct.sizeof(cls)
     if len(raw) < size:
         raise ValueError(f"{type_name}: {len(raw)} bytes, layout needs {size}")
@@ -224,14 +255,16 @@ def _sum(values: list):
 
 @dataclass(frozen=True)
 class Layout:
-    """How to decode one pinned map: its declaration and the sizes the
-    header gives its key and value."""
+    """How to decode one pinned map: its key and value types, their sizes,
+    and the schema that describes them (the map's BTF, or the header)."""
     decl: bpfdefs.MapDecl
     key_size: int
     value_size: int
+    schema: object = HEADER_SCHEMA
 
     @classmethod
     def of(cls, name: str) -> "Layout | None":
+        """From the header: the sizes this release declares."""
         decl = bpfdefs.map_decls().get(name)
         if decl is None:
             return None
@@ -239,20 +272,29 @@ class Layout:
         vs = ct.sizeof(bpfdefs.ctype(decl.value)) if decl.value else 0
         return cls(decl, ks, vs)
 
+    @classmethod
+    def of_schema(cls, name: str, key: str, value: str, schema) -> "Layout":
+        """From a map's own record of its types (type names as the schema
+        spells them: "struct fp_endpoint", "__u32")."""
+        decl = bpfdefs.MapDecl(name, "", "", key, value)
+        return cls(decl, ct.sizeof(schema.ctype(key)), ct.sizeof(schema.ctype(value)), schema)
+
     def matches(self, key_size: int, value_size: int) -> bool:
         return (self.key_size, self.value_size) == (key_size, value_size)
 
 
 def decode_entry(layout: Layout, key: bytes, value: bytes, percpu: bool = False,
                  ncpus: int = 1) -> dict:
-    k = decode_value(layout.decl.key, from_bytes(layout.decl.key, key))
+    sch = layout.schema
+    k = decode_value(layout.decl.key, from_bytes(layout.decl.key, key, sch), sch)
     if percpu:
         slot = (layout.value_size + 7) // 8 * 8
-        vals = [decode_value(layout.decl.value, from_bytes(layout.decl.value, value[i * slot:]))
+        vals = [decode_value(layout.decl.value,
+                             from_bytes(layout.decl.value, value[i * slot:], sch), sch)
                 for i in range(ncpus) if len(value) >= (i + 1) * slot]
         v = _sum(vals)
     else:
-        v = decode_value(layout.decl.value, from_bytes(layout.decl.value, value))
+        v = decode_value(layout.decl.value, from_bytes(layout.decl.value, value, sch), sch)
     return {"key": k, "value": v}
 
 

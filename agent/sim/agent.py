@@ -112,6 +112,8 @@ class AgentProcess:
         self.log = Path(paths.root) / "agent.log"
 
     def start(self, timeout: float = 180) -> "AgentProcess":
+        # a first start compiles (the build child): on a shared 2-CPU machine
+        # under other test runs that alone has taken over 50 s
         cmd = ["ip", "netns", "exec", self.node.netns, *self.wrapper, sys.executable, "-m",
                "agent.cli.main",
                "agent", "--bpffs-root", f"{self.paths.bpffs}/fastpath",

@@ -172,24 +172,19 @@ def ct_dp(bpffs, bpfnet):
 
 
 class Events:
-    """The monitor's ring buffer, read through bcc (one reader per module:
-    bcc opens a ring buffer once)."""
+    """The monitor's ring buffer, read through libbpf from its pin (one
+    reader per datapath: the ring has one consumer position)."""
 
     def __init__(self, dp):
+        import os
+        from agent.datapath import libbpf
         from agent.datapath.maps import MAP
-        self.bpf = dp.module.bpf
-        self.got: list[bytes] = []
-        table = dp.module.table(MAP["FP_MAP_EVENTS"])
-        table.open_ring_buffer(self._cb)
-
-    def _cb(self, ctx, data, size):
-        import ctypes as ct
-        self.got.append(ct.string_at(data, size))
+        from agent.datapath.ringbuf import RingReader
+        fd = libbpf.obj_get(os.path.join(dp.options.pin_root, MAP["FP_MAP_EVENTS"]))
+        self.reader = RingReader(fd)
 
     def poll(self):
-        self.bpf.ring_buffer_consume()
-        out, self.got = self.got, []
-        return out
+        return self.reader.poll(0)
 
 
 def decode_event(raw: bytes) -> dict:

@@ -10,10 +10,11 @@ import subprocess
 import pytest
 
 from agent.config import Config
-from agent.datapath import Datapath, loader, tc
+from agent.datapath import ATTACH, Datapath, libbpf, loader, tc
 from agent.datapath.errors import (DatapathError, InterfaceNotFound, MissingKernelHeaders,
                                    NotPrivileged, VerifierRejected)
 from agent.datapath.libbpf import lib, map_info
+from agent.datapath.netlink import link_names
 from agent.model.endpoint import Endpoint
 
 
@@ -69,6 +70,55 @@ def test_attaching_to_a_missing_interface_names_it(dp, netns):
         tc.attach("cali404", "ingress", dp.prog_fd("fp_from_pod"), "fp_from_pod", 25000, ns)
 
 
+def test_the_raw_filter_reader_sees_what_pyroute2_sees(dp, netns):
+    ns = _veth(netns)
+    from bcc import BPF
+    other = BPF(text="int other_prog(struct __sk_buff *skb) { return -1; }")
+    fn = other.load_func("other_prog", BPF.SCHED_CLS)
+    tc.attach("caliT", "ingress", fn.fd, "other_prog", 100, ns)
+    tc.attach("caliT", "egress", dp.prog_fd("fp_to_pod"), "fp_to_pod", 25000, ns)
+    idx = {n: i for i, n in link_names(ns).items()}["caliT"]
+    reader = tc.FilterReader(ns)
+    try:
+        got = reader.filters(idx, "caliT")
+        # pyroute2 leaves the program id out (TCA_BPF_ID undecoded): the rest agrees
+        plain = lambda fl: sorted((f.ifname, f.ifindex, f.direction, f.prio, f.handle, f.name)
+                                  for f in fl)
+        assert plain(got) == plain(tc.list_filters("caliT", ns))
+        assert {(f.direction, f.name, f.prio, f.prog_id) for f in got} == {
+            ("ingress", "other_prog", 100, libbpf.prog_info(fn.fd).id),
+            ("egress", "fp_to_pod", 25000, libbpf.prog_info(dp.prog_fd("fp_to_pod")).id)}
+        assert reader.filters(999999, "gone") == [], "a missing device has no filters"
+    finally:
+        reader.close()
+
+
+def test_ensure_attaches_once_and_then_leaves_the_same_programs_alone(dp, netns):
+    """A restart's restore: veths already running the very programs are not
+    rewritten; a foreign filter at our priority is reported, not replaced;
+    a device that is gone is reported by name."""
+    ns = _veth(netns)
+    subprocess.run(f"ip -n {ns} link add caliU type veth peer name peerU", shell=True, check=True)
+    from bcc import BPF
+    other = BPF(text="int other_prog(struct __sk_buff *skb) { return -1; }")
+    fn = other.load_func("other_prog", BPF.SCHED_CLS)
+    tc.attach("caliU", "ingress", fn.fd, "other_prog", 25000, ns)
+    links = {n: i for i, n in link_names(ns).items()}
+    progs = {d: (dp.prog_fd(p), p) for d, p in ATTACH["pod"].items()}
+    devices = [(links["caliT"], "caliT", progs), (links["caliU"], "caliU", progs),
+               (999999, "caliGone", progs)]
+    written, failed = tc.ensure(devices, 25000, ns)
+    assert written == 2
+    assert [(i, type(e).__name__) for i, e in failed] == [
+        (links["caliU"], "DatapathError"), (999999, "InterfaceNotFound")]
+    assert "taken by a foreign filter" in str(failed[0][1]) and "caliGone" in str(failed[1][1])
+    ids = {f.direction: f.prog_id for f in tc.list_filters("caliT", ns)}
+    written, _ = tc.ensure(devices[:1], 25000, ns)
+    assert written == 0, "the same programs are left as they are"
+    assert {f.direction: f.prog_id for f in tc.list_filters("caliT", ns)} == ids
+    assert [f.name for f in tc.list_filters("caliU", ns)] == ["other_prog"]
+
+
 def _cfg(root, **kw):
     return Config.defaults().replace(bpffs_root=root, **kw)
 
@@ -101,7 +151,7 @@ def test_a_resized_map_is_migrated_with_its_entries(bpffs):
         info = map_info(second.module.table("fp_ep4_v1").map_fd)
         assert info.max_entries == 32768
         assert [e.ip for e in second.maps.endpoints()] == ["10.9.0.2"]
-        assert sorted(os.listdir(root)) == sorted(loader.pinned_map_names()), \
+        assert sorted(os.listdir(root)) == sorted(loader.pinned_map_names() + [loader.PROG_DIR]), \
             "the map set aside is gone once migrated"
     finally:
         second.close()
@@ -133,7 +183,7 @@ def test_a_pinned_map_with_another_layout_is_replaced_never_reused(bpffs):
         assert any("fp_ep4_v0: superseded by fp_ep4_v1" in n for n in notes), notes
         assert any("removed stale pinned map fp_gone_v3" in n for n in notes), notes
         assert map_info(d.module.table("fp_ep4_v1").map_fd).value_size == 28
-        assert sorted(os.listdir(root)) == sorted(loader.pinned_map_names())
+        assert sorted(os.listdir(root)) == sorted(loader.pinned_map_names() + [loader.PROG_DIR])
     finally:
         d.close()
 
