@@ -38,6 +38,13 @@ def mac_bytes(mac: str) -> bytes:
     return b
 
 
+def key6(table, ip6: str):
+    """The key of an IPv6-keyed table (a struct of one 16-byte ip6 field)."""
+    k = table.Key()
+    k.ip6[:] = list(socket.inet_pton(socket.AF_INET6, ip6))
+    return k
+
+
 def mac_str(raw) -> str:
     return ":".join(f"{b:02x}" for b in bytes(raw))
 
@@ -117,6 +124,10 @@ class Maps:
         return n
 
     def endpoint_put(self, ep: Endpoint) -> None:
+        # an IPv6 address the veth's endpoint no longer has is no destination
+        old6 = self.veth_ip6(ep.host_ifindex)
+        if old6 and old6 != ep.ip6:
+            self.endpoint6_delete(old6, ep.host_ifindex)
         # the veth's guard before the entry that makes the pod a destination
         self.veth_put(ep)
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
@@ -131,6 +142,10 @@ class Maps:
         # element, so a reader sees the old entry or the complete new one.
         v.flags = DEFS.defines["FP_EP_F_REGISTERED"]
         t[k] = v
+        if ep.ip6:
+            # the IPv6 twin (bpf/maps.c FP_MAP_ENDPOINTS6): the same value
+            t6 = self._t[MAP["FP_MAP_ENDPOINTS6"]]
+            t6[key6(t6, ep.ip6)] = v
 
     def endpoint_delete(self, ip: str) -> bool:
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
@@ -140,8 +155,47 @@ class Maps:
             del t[k]
         except KeyError:
             return False
+        self._endpoint6_delete_for(host_ifindex)
         self.veth_delete(host_ifindex, ip)
         return True
+
+    def _endpoint6_delete_for(self, host_ifindex: int) -> None:
+        """The IPv6 twin of the endpoint behind `host_ifindex`, found by the
+        veth's registration (it holds the endpoint's IPv6 address)."""
+        ip6 = self.veth_ip6(host_ifindex)
+        if ip6:
+            self.endpoint6_delete(ip6, host_ifindex)
+
+    def veth_ip6(self, host_ifindex: int) -> str:
+        """The IPv6 address registered on a host veth ("" if none)."""
+        t = self._t[MAP["FP_MAP_EP_IFINDEX"]]
+        try:
+            v = t[t.Key(host_ifindex)]
+        except KeyError:
+            return ""
+        if not v.flags & DEFS.defines["FP_EPIF_F_IP6"]:
+            return ""
+        return socket.inet_ntop(socket.AF_INET6, bytes(v.ip6))
+
+    def endpoint6_delete(self, ip6: str, host_ifindex: int | None = None) -> bool:
+        """Remove the IPv6 entry of `ip6` (only if it still names
+        `host_ifindex`, when given: the address may since be another pod's)."""
+        t = self._t[MAP["FP_MAP_ENDPOINTS6"]]
+        k = key6(t, ip6)
+        try:
+            if host_ifindex is not None and t[k].host_ifindex != host_ifindex:
+                return False
+            del t[k]
+            return True
+        except KeyError:
+            return False
+
+    def endpoints6(self) -> list[EndpointEntry]:
+        t = self._t[MAP["FP_MAP_ENDPOINTS6"]]
+        out = [EndpointEntry(socket.inet_ntop(socket.AF_INET6, bytes(k.ip6)), v.host_ifindex,
+                             v.eni_ifindex, mac_str(v.pod_mac), mac_str(v.host_mac), v.flags,
+                             v.ep_id) for k, v in t.items()]
+        return sorted(out, key=lambda e: ipaddress.ip_address(e.ip))
 
     def endpoints(self) -> list[EndpointEntry]:
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
