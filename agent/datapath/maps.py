@@ -190,6 +190,14 @@ class Maps:
         except KeyError:
             return False
 
+    def endpoints6_retain(self, wanted: set[str]) -> int:
+        """Remove every IPv6 endpoint entry but `wanted` (addresses)."""
+        n = 0
+        for e in self.endpoints6():
+            if e.ip not in wanted and self.endpoint6_delete(e.ip):
+                n += 1
+        return n
+
     def endpoints6(self) -> list[EndpointEntry]:
         t = self._t[MAP["FP_MAP_ENDPOINTS6"]]
         out = [EndpointEntry(socket.inet_ntop(socket.AF_INET6, bytes(k.ip6)), v.host_ifindex,

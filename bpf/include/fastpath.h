@@ -73,7 +73,7 @@ struct fp_endpoint_key {
 /* Pod endpoints by their global IPv6 address (FP_MAP_ENDPOINTS6), with the
  * same value as the IPv4 map: a dual-stack pod has one entry in each. */
 struct fp_endpoint6_key {
-	__u8 ip6[16];          /* NBO */
+	__u8 ip6[16];          /* NBO: the pod's IPv6 address */
 };
 _Static_assert(sizeof(struct fp_endpoint6_key) == 16, "fp_endpoint6_key layout");
 

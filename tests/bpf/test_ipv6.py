@@ -308,3 +308,19 @@ def test_an_icmpv6_error_is_forwarded_like_any_packet(dp, bpfnet, dual):
     r = run(dp, n, "fp_from_vpc", sent, "eth1")
     assert (r.verdict, r.reason) == (TC_ACT_REDIRECT, "redirected-local")
     assert_forwarded(sent, r.out, n.pod_b_mac, n.cali_b.mac)
+
+
+def test_orphaned_ipv6_entries_are_removed_at_restore(dp, bpfnet, dual):
+    """An agent killed between deleting a pod's IPv4 and IPv6 entries leaves
+    an IPv6 entry nobody claims: the restore's retain removes it, and only it."""
+    from agent.datapath.maps import MAP, key6
+    n = bpfnet
+    t = dp.module.table(MAP["FP_MAP_ENDPOINTS6"])
+    orphan = "fd00:10::1:dead"
+    v = t[key6(t, POD_B6)]
+    t[key6(t, orphan)] = v
+    assert orphan in {e.ip for e in dp.maps.endpoints6()}
+    assert dp.maps.endpoints6_retain({POD_A6, POD_B6, POD_C6}) == 1
+    assert {e.ip for e in dp.maps.endpoints6()} == {POD_A6, POD_B6, POD_C6}
+    r = run(dp, n, "fp_from_pod", from_pod(n, "a", POD_B6), "cali_a")
+    assert r.reason == "redirected-local"
