@@ -514,6 +514,19 @@ static __always_inline struct fp_ep_if *fp_epif_lookup(__u32 ifindex)
 BPF_TABLE_PINNED("hash", struct fp_endpoint6_key, struct fp_endpoint,
 		 FP_MAP_ENDPOINTS6, FP_EP_MAX, FP_PIN(FP_MAP_ENDPOINTS6));
 
+/* Host-stack bypass prefixes of IPv6 (node-local DNS, untranslated Service
+ * CIDRs); sized like the IPv4 trie. */
+BPF_TABLE_PINNED("lpm_trie", struct fp_lpm6_key, __u8,
+		 FP_MAP_BYPASS6, FP_BYPASS_MAX, FP_PIN(FP_MAP_BYPASS6), BPF_F_NO_PREALLOC);
+
+static __always_inline int fp_bypass6_match(const __u32 *ip6)
+{
+	struct fp_lpm6_key key = { .prefixlen = 128 };
+
+	__builtin_memcpy(key.addr, ip6, 16);
+	return FP_MAP_BYPASS6.lookup(&key) != NULL;
+}
+
 static __always_inline struct fp_endpoint *fp_endpoint6_lookup(const __u32 *ip6)
 {
 	struct fp_endpoint6_key key;

@@ -399,6 +399,8 @@ int fp_to_pod(struct __sk_buff *skb)
  *   - the source must be the endpoint registered on this veth (as for
  *     IPv4 on a veth without a registration: an unknown source goes to the
  *     stack, another local pod's address is dropped as spoofed);
+ *   - host-stack bypass prefixes of IPv6 (host_stack_cidrs, service_cidrs)
+ *     go to the stack;
  *   - a destination that is a local endpoint is redirected into its netns
  *     (unless that pod is isolated: the interim guard's rule, since the
  *     redirect skips fp_to_pod), anything else leaves by the pod's ENI when
@@ -430,6 +432,8 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 		fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, 0, 0, ip.proto);
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT);
 	}
+	if (fp_bypass6_match(ip.daddr))
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE);
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (dst) {
 		if (fp_guard_isolated_veth(dst->host_ifindex)) {

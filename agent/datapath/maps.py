@@ -227,9 +227,9 @@ class Maps:
     def bypass_set(self, cidrs) -> None:
         """Make the bypass trie hold exactly `cidrs` (adds first, then removals)."""
         t = self._t[MAP["FP_MAP_BYPASS"]]
+        nets = [ipaddress.ip_network(c) for c in cidrs]
         want = {}
-        for c in cidrs:
-            net = ipaddress.ip_network(c)
+        for net in nets:
             if net.version != 4:
                 continue
             want[(net.prefixlen, be32(str(net.network_address)))] = 1
@@ -238,10 +238,28 @@ class Maps:
             t[t.Key(prefixlen=plen, addr=addr)] = t.Leaf(1)
         for (plen, addr) in have - set(want):
             del t[t.Key(prefixlen=plen, addr=addr)]
+        # the IPv6 prefixes, in their own trie (fp_from_pod6)
+        t6 = self._t[MAP["FP_MAP_BYPASS6"]]
+        want6 = {(n.prefixlen, n.network_address.packed) for n in nets if n.version == 6}
+        have6 = {(k.prefixlen, bytes(k.addr)) for k, _ in t6.items()}
+        for plen, addr in want6:
+            t6[self._lpm6(t6, plen, addr)] = t6.Leaf(1)
+        for plen, addr in have6 - want6:
+            del t6[self._lpm6(t6, plen, addr)]
+
+    @staticmethod
+    def _lpm6(table, plen: int, addr: bytes):
+        k = table.Key()
+        k.prefixlen = plen
+        k.addr[:] = list(addr)
+        return k
 
     def bypass(self) -> list[str]:
         t = self._t[MAP["FP_MAP_BYPASS"]]
-        return sorted(f"{ip_from_be32(k.addr)}/{k.prefixlen}" for k, _ in t.items())
+        t6 = self._t[MAP["FP_MAP_BYPASS6"]]
+        return (sorted(f"{ip_from_be32(k.addr)}/{k.prefixlen}" for k, _ in t.items())
+                + sorted(f"{ipaddress.IPv6Address(bytes(k.addr))}/{k.prefixlen}"
+                         for k, _ in t6.items()))
 
     def decision(self):
         """The decision record of the last test or what-if packet."""

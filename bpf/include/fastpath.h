@@ -50,6 +50,7 @@
 /* IPv6 twins of the IPv4 maps (docs/ipv6.md): own maps with 16-byte keys,
  * so the IPv4 keys, lookups and hot path stay exactly as they are. */
 #define FP_MAP_ENDPOINTS6 fp_ep6_v1
+#define FP_MAP_BYPASS6    fp_bypass6_v1
 /* Programs reached by tail call (FP_TAIL_* below). Pinned: attached
  * programs keep reaching them while the agent restarts (a prog array
  * forgets its programs once no file or pin refers to it); the agent writes
@@ -76,6 +77,13 @@ struct fp_endpoint6_key {
 	__u8 ip6[16];          /* NBO: the pod's IPv6 address */
 };
 _Static_assert(sizeof(struct fp_endpoint6_key) == 16, "fp_endpoint6_key layout");
+
+/* IPv6 prefixes (the host-stack bypass's IPv6 twin, FP_MAP_BYPASS6). */
+struct fp_lpm6_key {
+	__u32 prefixlen;       /* HBO */
+	__u8 addr[16];         /* NBO: IPv6 address */
+};
+_Static_assert(sizeof(struct fp_lpm6_key) == 20, "fp_lpm6_key layout");
 
 struct fp_endpoint {
 	__u32 host_ifindex;    /* HBO: host-side cali* veth */

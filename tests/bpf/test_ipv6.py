@@ -324,3 +324,26 @@ def test_orphaned_ipv6_entries_are_removed_at_restore(dp, bpfnet, dual):
     assert {e.ip for e in dp.maps.endpoints6()} == {POD_A6, POD_B6, POD_C6}
     r = run(dp, n, "fp_from_pod", from_pod(n, "a", POD_B6), "cali_a")
     assert r.reason == "redirected-local"
+
+
+def test_ipv6_host_stack_and_service_cidrs_go_to_the_stack(dp, bpfnet, dual):
+    """host_stack_cidrs and service_cidrs of IPv6 (an untranslated IPv6
+    Service CIDR, an IPv6 node-local DNS address) are the stack's, as IPv4's."""
+    n = bpfnet
+    cfg = dp.config
+    base = list(cfg.host_stack_cidrs + cfg.service_cidrs)
+    dp.maps.bypass_set(base + ["fd00:5::/108", "fd00:53::10/128"])
+    try:
+        assert set(dp.maps.bypass()) >= {"fd00:5::/108", "fd00:53::10/128"}
+        for dst in ("fd00:5::1", "fd00:53::10"):
+            sent = from_pod(n, "a", dst)
+            r = run(dp, n, "fp_from_pod", sent, "cali_a")
+            assert (r.verdict, r.reason) == (TC_ACT_UNSPEC, "to-stack-bypass"), dst
+            assert r.out == bytes(sent)
+        r = run(dp, n, "fp_from_pod", from_pod(n, "a", "fd00:5::10:0"), "cali_a")
+        assert r.reason == "redirected-eni", "outside the /108"
+    finally:
+        dp.maps.bypass_set(base)
+    assert not any(":" in c for c in dp.maps.bypass())
+    r = run(dp, n, "fp_from_pod", from_pod(n, "a", "fd00:5::1"), "cali_a")
+    assert r.reason == "redirected-eni"
