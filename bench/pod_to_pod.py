@@ -106,10 +106,21 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                         "crr": harness.fprr(ep, "crr", crr_seconds),
                         "stream": harness.iperf3(ep, stream_seconds)}
 
-            def measure_both(ep4: Endpoints, ep6: Endpoints) -> dict[str, float]:
-                """IPv4 then IPv6 between the same two netns, back to back."""
-                got = measure(ep4)
-                got.update({f"{m}.v6": v for m, v in measure(ep6).items()})
+            turn = {"direct": 0, "fastpath": 0}
+
+            def measure_both(arm: str, ep4: Endpoints, ep6: Endpoints) -> dict[str, float]:
+                """IPv4 and IPv6 between the same two netns, back to back,
+                the family that goes first alternating per round: right
+                after an attach the agent is still busy on the same CPUs,
+                which would otherwise always fall on the same family."""
+                turn[arm] += 1
+                if turn[arm] % 2:
+                    got = measure(ep4)
+                    six = measure(ep6)
+                else:
+                    six = measure(ep6)
+                    got = measure(ep4)
+                got.update({f"{m}.v6": v for m, v in six.items()})
                 return got
 
             def stack_arm() -> dict[str, float]:
@@ -123,7 +134,7 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                     _assert_bpf_on_pods(node)
                     harness.fprr(eps["stack"], "rr", 0.2)
                     harness.fprr(eps["stack6"], "rr", 0.2)
-                    return measure_both(eps["stack"], eps["stack6"])
+                    return measure_both("fastpath", eps["stack"], eps["stack6"])
 
             bare = BarePeer(a, b)
 
@@ -145,7 +156,7 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                     harness.fprr(eps["cross"], "rr", 0.2)
                     return measure(eps["cross"])
 
-            arms = {"direct": lambda: measure_both(eps["direct"], eps["direct6"]),
+            arms = {"direct": lambda: measure_both("direct", eps["direct"], eps["direct6"]),
                     "stack": stack_arm,
                     "bare-peer": bare_arm, "x-stack": x_stack_arm}
             if fastpath_setup:
