@@ -147,3 +147,31 @@ def test_truncated_ipv6_frames_on_a_real_veth_are_dropped_and_counted(world6):
         c = counters_by(agent.datapath.maps.counters(), a.host_ifindex)
         assert c[("from-pod", "dropped-invalid-packet")] == 5
         exchange_all6(a, b)          # and the pod's real traffic still flows
+
+
+def test_pod_churn_keeps_the_ipv6_endpoints_exact(world6):
+    """CNI DEL and ADD while the node carries IPv6 traffic: a deleted pod's
+    IPv6 address stops being a destination at once, a new pod's becomes one,
+    the other pods' traffic never stops."""
+    node = world6.add_node("n1", enis=1)
+    a, b, c = node.add_pod("a"), node.add_pod("b"), node.add_pod("c")
+    with sim_attach(node) as agent:
+        exchange_all6(a, b)
+        agent.rpc_EndpointDel(container_id=f"sim-{b.name}")
+        assert {e.ip for e in agent.datapath.maps.endpoints6()} == {a.ip6, c.ip6}
+        node.remove_pod(b)
+        before = counters_by(agent.datapath.maps.counters(), a.host_ifindex)
+        # b's address now belongs to nobody: a's packets to it are not redirected
+        a.run(["sh", "-c", f"printf x | nc -u -q 0 -w 1 {b.ip6} 9"], check=False, timeout=10)
+        after = counters_by(agent.datapath.maps.counters(), a.host_ifindex)
+        key = ("from-pod", "redirected-local")
+        assert after[key] == before[key]
+        assert after[("from-pod", "redirected-eni")] > before[("from-pod", "redirected-eni")], \
+            "it left by the ENI, as to any address not on the node"
+        d = node.add_pod("d")
+        register_pod(agent, d)
+        assert {e.ip for e in agent.datapath.maps.endpoints6()} == {a.ip6, c.ip6, d.ip6}
+        f = forwarded_datagrams6(node)
+        exchange_all6(a, d)
+        exchange_all6(c, a)
+        assert forwarded_datagrams6(node) == f
