@@ -192,6 +192,7 @@ class Maps:
 
     def endpoints6_retain(self, wanted: set[str]) -> int:
         """Remove every IPv6 endpoint entry but `wanted` (addresses)."""
+        wanted = {str(ipaddress.IPv6Address(w)) for w in wanted}    # the map's spelling
         n = 0
         for e in self.endpoints6():
             if e.ip not in wanted and self.endpoint6_delete(e.ip):
