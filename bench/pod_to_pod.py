@@ -80,7 +80,8 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
     harness.build_fprr()
 
     started = time.monotonic()
-    with World() as w:
+    # dual stack: the IPv6 figures come from the same pods, in the same run
+    with World(dual_stack=True) as w:
         node = w.add_node("n1", enis=1)
         node2 = w.add_node("n2", enis=1)
         a, b = node.add_pod("a"), node.add_pod("b")
@@ -88,7 +89,9 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
         pair = w.add_direct_pair()
         eps = {"direct": Endpoints(pair.a, pair.b, pair.b.ip, pair.a.ip),
                "stack": Endpoints(a, b, b.ip, a.ip),
-               "cross": Endpoints(a, c, c.ip, a.ip)}
+               "cross": Endpoints(a, c, c.ip, a.ip),
+               "direct6": Endpoints(pair.a, pair.b, pair.b.ip6, pair.a.ip6),
+               "stack6": Endpoints(a, b, b.ip6, a.ip6)}
         servers = []
         try:
             for ep in eps.values():
@@ -104,6 +107,23 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                         "crr": harness.fprr(ep, "crr", crr_seconds),
                         "stream": harness.iperf3(ep, stream_seconds)}
 
+            turn = {"direct": 0, "fastpath": 0}
+
+            def measure_both(arm: str, ep4: Endpoints, ep6: Endpoints) -> dict[str, float]:
+                """IPv4 and IPv6 between the same two netns, back to back,
+                the family that goes first alternating per round: right
+                after an attach the agent is still busy on the same CPUs,
+                which would otherwise always fall on the same family."""
+                turn[arm] += 1
+                if turn[arm] % 2:
+                    got = measure(ep4)
+                    six = measure(ep6)
+                else:
+                    six = measure(ep6)
+                    got = measure(ep4)
+                got.update({f"{m}.v6": v for m, v in six.items()})
+                return got
+
             def stack_arm() -> dict[str, float]:
                 _assert_no_bpf(node)
                 return measure(eps["stack"])
@@ -114,7 +134,8 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                     log(f"  (fastpath attached in {time.monotonic() - t:.1f}s)")
                     _assert_bpf_on_pods(node)
                     harness.fprr(eps["stack"], "rr", 0.2)
-                    return measure(eps["stack"])
+                    harness.fprr(eps["stack6"], "rr", 0.2)
+                    return measure_both("fastpath", eps["stack"], eps["stack6"])
 
             bare = BarePeer(a, b)
 
@@ -136,7 +157,8 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                     harness.fprr(eps["cross"], "rr", 0.2)
                     return measure(eps["cross"])
 
-            arms = {"direct": lambda: measure(eps["direct"]), "stack": stack_arm,
+            arms = {"direct": lambda: measure_both("direct", eps["direct"], eps["direct6"]),
+                    "stack": stack_arm,
                     "bare-peer": bare_arm, "x-stack": x_stack_arm}
             if fastpath_setup:
                 arms["fastpath"] = fastpath_arm
@@ -209,6 +231,11 @@ def _print_table(med: dict, log) -> None:
             row += f"  {med['fastpath'][m] / med['direct'][m]:15.3f}"
             row += f"  {med['fastpath'][m] / med['stack'][m]:14.3f}"
         log(row)
+    if "rr.v6" in med.get("fastpath", {}):
+        log("IPv6 medians:    direct6  fastpath6  fastpath6/direct6  fastpath6/fastpath4")
+        for m in ("rr", "crr", "stream"):
+            d6, f6, f4 = med["direct"][f"{m}.v6"], med["fastpath"][f"{m}.v6"], med["fastpath"][m]
+            log(f"  {m:6s} {UNITS[m]:8s} {d6:10,.1f} {f6:10,.1f} {f6 / d6:18.3f} {f6 / f4:20.3f}")
     if "x-fastpath" in med:
         log("cross-node medians:   x-stack  x-fastpath  x-fastpath/x-stack")
         for m in ("rr", "crr", "stream"):
@@ -245,6 +272,16 @@ def _record(med: dict, rounds: int, rr_s: float, crr_s: float, st_s: float, sour
         results.record(f"redirect.vs_direct_veth.{m}", f[m], UNITS[m], command=command,
                        baseline=d[m], ratio=f[m] / d[m],
                        notes=f"context: fastpath pod-to-pod vs a direct veth pair; {method}")
+        v6 = f"{m}.v6"
+        results.record(f"redirect.vs_direct_veth.{m}.v6", f[v6], UNITS[m], command=command,
+                       baseline=d[v6], ratio=f[v6] / d[v6],
+                       notes=f"context: the same over IPv6 (dual-stack pods, fp_from_pod6) vs "
+                             f"the direct veth pair over IPv6; {method}")
+        results.record(f"redirect.v6_vs_v4.{m}", f[v6], UNITS[m], command=command,
+                       baseline=f[m], ratio=f[v6] / f[m],
+                       target=None if m == "stream" else ">= 0.97",
+                       notes=f"fastpath pod-to-pod over IPv6 vs over IPv4, same pods, same "
+                             f"attach, measured back to back in each round; {method}")
     xs, xf = med["x-stack"], med["x-fastpath"]
     for m, target in (("rr", None), ("crr", ">= 1.10"), ("stream", ">= 1.0")):
         results.record(f"redirect.cross_node.{m}", xf[m], UNITS[m], command=command,

@@ -25,6 +25,7 @@ MODULES = [
     "bench.agent_bench",
     "bench.cni_bench",
     "bench.pod_to_pod",
+    "bench.ipv6_prog_bench",
     "bench.lb_bench",
     "bench.ct_bench",
     "bench.nodeport_bench",
@@ -34,6 +35,7 @@ MODULES = [
 ]
 QUICK = [
     ("bench.pod_to_pod", ["--quick", "--no-record"]),
+    ("bench.ipv6_prog_bench", ["--rounds", "3", "--calls", "1000", "--no-record"]),
     ("bench.lb_bench", ["--rounds", "3", "--sizes", "1", "10000", "--kp-sizes",
                         "--no-control-plane", "--no-record"]),
     ("bench.ct_bench", ["--rounds", "2", "--no-record"]),

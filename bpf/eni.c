@@ -29,6 +29,7 @@
  * for fq, or the pod's HTB class).
  */
 #include "lib/fwd.h"
+#include "lib/fwd6.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
 #include "lib/guard.h"
@@ -172,6 +173,9 @@ static __always_inline int fp_from_vpc_run(struct __sk_buff *skb)
 	a.ifindex = skb->ifindex;
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
+		/* IPv6 has its own program (fp_from_vpc6) */
+		if (fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6))
+			return FP_TAIL_IPV6;
 		return FP_TC_CONTINUE;
 	case FP_PARSE_INVALID:
 		return fp_vpc_done(skb, FP_DROP_INVALID, TC_ACT_SHOT, &ip, &l4, &a, &pv);
@@ -223,6 +227,61 @@ int fp_from_vpc(struct __sk_buff *skb)
 {
 	__u32 prev = fp_whatif_enter(skb);
 	int verdict = fp_from_vpc_run(skb);
+
+	fp_whatif_exit(prev);
+	if (verdict == FP_TAIL_IPV6)
+		verdict = fp_tail_call(skb, FP_TAIL_FROM_VPC6, FP_DIR_FROM_VPC);
+	return verdict;
+}
+
+/* ---- IPv6 (docs/ipv6.md) ----
+ *
+ * fp_from_vpc6 (reached from fp_from_vpc by FP_TAIL_FROM_VPC6):
+ *   - a local pod's IPv6 address as source is dropped as spoofed (the
+ *     IPv6 half of lib/guard.h's fp_guard_from_vpc);
+ *   - malformed IPv6 is dropped as invalid;
+ *   - neighbour discovery, link-local and multicast go to the stack;
+ *   - IPv6 for a local endpoint is redirected straight into the pod's netns
+ *     (unless the pod is isolated: the interim guard's rule, since the
+ *     redirect skips fp_to_pod); anything else is the node's: the stack. */
+static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+	struct fp_endpoint *dst;
+	enum fp_reason reason = FP_FWD_STACK;
+	int verdict;
+
+	switch (fp_parse_ipv6(skb, &ip)) {
+	case FP_PARSE_IPV6:
+		break;
+	case FP_PARSE_INVALID:
+		fp_guard_event(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, 0, 0, 0);
+		return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, TC_ACT_SHOT);
+	default:
+		return FP_TC_CONTINUE;
+	}
+	if (fp_endpoint6_lookup(ip.saddr)) {
+		fp_guard_event(skb, FP_DIR_FROM_VPC, FP_DROP_SPOOFED, 0, 0, ip.proto);
+		return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_SPOOFED, TC_ACT_SHOT);
+	}
+	if (fp_ip6_is_linklocal(ip.daddr) || fp_ip6_is_multicast(ip.daddr) ||
+	    fp_ip6_is_nd(skb, &ip))
+		return FP_TC_CONTINUE;
+	dst = fp_endpoint6_lookup(ip.daddr);
+	if (!dst)
+		return fp_finish(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE);
+	if (fp_guard_isolated_veth(dst->host_ifindex)) {
+		fp_guard_event(skb, FP_DIR_FROM_VPC, FP_DROP_IPV6_UNJUDGED, 0, 0, ip.proto);
+		return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_IPV6_UNJUDGED, TC_ACT_SHOT);
+	}
+	verdict = fp_redirect_local6(skb, &ip, dst, &reason);
+	return fp_finish(skb, FP_DIR_FROM_VPC, reason, verdict);
+}
+
+int fp_from_vpc6(struct __sk_buff *skb)
+{
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_from_vpc6_run(skb);
 
 	fp_whatif_exit(prev);
 	return verdict;

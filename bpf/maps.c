@@ -510,6 +510,37 @@ static __always_inline struct fp_ep_if *fp_epif_lookup(__u32 ifindex)
 	return FP_MAP_EP_IFINDEX.lookup(&ifindex);
 }
 
+/* ---- IPv6 (docs/ipv6.md) ---- */
+
+/* Local pod endpoints by IPv6 address; one entry per dual-stack pod. */
+BPF_TABLE_PINNED("hash", struct fp_endpoint6_key, struct fp_endpoint,
+		 FP_MAP_ENDPOINTS6, FP_EP_MAX, FP_PIN(FP_MAP_ENDPOINTS6));
+
+/* Host-stack bypass prefixes of IPv6 (node-local DNS, untranslated Service
+ * CIDRs); sized like the IPv4 trie. */
+BPF_TABLE_PINNED("lpm_trie", struct fp_lpm6_key, __u8,
+		 FP_MAP_BYPASS6, FP_BYPASS_MAX, FP_PIN(FP_MAP_BYPASS6), BPF_F_NO_PREALLOC);
+
+static __always_inline int fp_bypass6_match(const __u32 *ip6)
+{
+	struct fp_lpm6_key key = { .prefixlen = 128 };
+
+	__builtin_memcpy(key.addr, ip6, 16);
+	return FP_MAP_BYPASS6.lookup(&key) != NULL;
+}
+
+static __always_inline struct fp_endpoint *fp_endpoint6_lookup(const __u32 *ip6)
+{
+	struct fp_endpoint6_key key;
+	struct fp_endpoint *ep;
+
+	__builtin_memcpy(key.ip6, ip6, 16);
+	ep = FP_MAP_ENDPOINTS6.lookup(&key);
+	if (ep && (ep->flags & FP_EP_F_REGISTERED))
+		return ep;
+	return NULL;
+}
+
 /* ---- Bandwidth manager (lib/bw.h) ---- */
 
 /* Per-pod limits, written by the agent; one entry per limited pod. */

@@ -38,6 +38,7 @@
  * TC_ACT_UNSPEC so that other tc filters on the device still run.
  */
 #include "lib/fwd.h"
+#include "lib/fwd6.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
 #include "lib/guard.h"
@@ -173,6 +174,9 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 
 	switch (fp_parse_ipv4(skb, &ip)) {
 	case FP_PARSE_OTHER:
+		/* IPv6 has its own program (fp_from_pod6) */
+		if (fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6))
+			return FP_TAIL_IPV6;
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
 	case FP_PARSE_INVALID:
 		fp_report(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, &ip, 0, 0, 0, 0, 0, NULL);
@@ -357,6 +361,8 @@ int fp_from_pod(struct __sk_buff *skb)
 	fp_whatif_exit(prev);
 	if (verdict == FP_TAIL_ROUTE)
 		verdict = fp_tail_call(skb, FP_TAIL_FROM_POD_ROUTE, FP_DIR_FROM_POD);
+	else if (verdict == FP_TAIL_IPV6)
+		verdict = fp_tail_call(skb, FP_TAIL_FROM_POD6, FP_DIR_FROM_POD);
 	return verdict;
 }
 
@@ -429,6 +435,74 @@ int fp_to_pod(struct __sk_buff *skb)
 {
 	__u32 prev = fp_whatif_enter(skb);
 	int verdict = fp_to_pod_run(skb);
+
+	fp_whatif_exit(prev);
+	return verdict;
+}
+
+/* ---- IPv6 (docs/ipv6.md) ----
+ *
+ * fp_from_pod6 (reached from fp_from_pod by FP_TAIL_FROM_POD6, after the
+ * guards have checked the source and the interim isolation rule):
+ *   - malformed IPv6 (short, bad length, extension headers past the
+ *     packet or more than FP_IP6_EXT_MAX of them) is dropped as invalid;
+ *   - neighbour discovery, router solicitation, link-local and multicast
+ *     traffic, and what an unspecified source sends, go to the stack;
+ *   - the source must be the endpoint registered on this veth (as for
+ *     IPv4 on a veth without a registration: an unknown source goes to the
+ *     stack, another local pod's address is dropped as spoofed);
+ *   - host-stack bypass prefixes of IPv6 (host_stack_cidrs, service_cidrs)
+ *     go to the stack;
+ *   - a destination that is a local endpoint is redirected into its netns
+ *     (unless that pod is isolated: the interim guard's rule, since the
+ *     redirect skips fp_to_pod), anything else leaves by the pod's ENI when
+ *     the FIB (AF_INET6) agrees, or goes to the stack. */
+static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+	struct fp_endpoint *src, *dst;
+	enum fp_reason reason = FP_FWD_STACK;
+	int verdict;
+
+	switch (fp_parse_ipv6(skb, &ip)) {
+	case FP_PARSE_IPV6:
+		break;
+	case FP_PARSE_INVALID:
+		fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, 0, 0, 0);
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT);
+	default:
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
+	}
+	if (fp_ip6_is_linklocal(ip.daddr) || fp_ip6_is_multicast(ip.daddr) ||
+	    fp_ip6_is_linklocal(ip.saddr) || fp_ip6_is_unspecified(ip.saddr) ||
+	    fp_ip6_is_nd(skb, &ip))
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE);
+	src = fp_endpoint6_lookup(ip.saddr);
+	if (!src)
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE);
+	if (src->host_ifindex != skb->ifindex) {
+		fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, 0, 0, ip.proto);
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT);
+	}
+	if (fp_bypass6_match(ip.daddr))
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE);
+	dst = fp_endpoint6_lookup(ip.daddr);
+	if (dst) {
+		if (fp_guard_isolated_veth(dst->host_ifindex)) {
+			fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_IPV6_UNJUDGED, 0, 0, ip.proto);
+			return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_IPV6_UNJUDGED, TC_ACT_SHOT);
+		}
+		verdict = fp_redirect_local6(skb, &ip, dst, &reason);
+	} else {
+		verdict = fp_redirect_fib6(skb, &ip, src->eni_ifindex, &reason);
+	}
+	return fp_finish(skb, FP_DIR_FROM_POD, reason, verdict);
+}
+
+int fp_from_pod6(struct __sk_buff *skb)
+{
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_from_pod6_run(skb);
 
 	fp_whatif_exit(prev);
 	return verdict;

@@ -59,3 +59,18 @@ def test_node_and_pod_names_are_kubernetes_like():
     for bad in ("", "A", "-a", "a-", "a/b", "a b", "x" * 41):
         with pytest.raises(ValueError):
             plan.check_name("pod", bad)
+
+
+def test_dual_stack_addresses_are_unique_and_in_their_enis_ipv6_vswitch():
+    assert plan.pod_ip6(2, 1, 0) == "fd00:a:f1::2:a"
+    assert plan.eni_ip6(2, 1) == "fd00:a:f1::2:1"
+    assert plan.direct_ips6(1) == ("fd00:a:ef:1::1", "fd00:a:ef:1::2")
+    for j in (1, plan.MAX_ENIS):
+        vsw = ipaddress.ip_network(f"fd00:a:{240 + j:x}::/64")
+        ips = {plan.pod_ip6(k, j, n) for k in (1, 7, plan.MAX_NODES)
+               for n in range(plan.MAX_PODS_PER_ENI)}
+        assert len(ips) == 3 * plan.MAX_PODS_PER_ENI
+        assert all(ipaddress.ip_address(ip) in vsw for ip in ips)
+        assert not {plan.eni_ip6(k, j) for k in (1, 7, plan.MAX_NODES)} & ips
+    for g in (plan.POD_GATEWAY6, plan.ENI_GATEWAY6):
+        assert ipaddress.ip_address(g).is_link_local

@@ -30,6 +30,15 @@ for _ in range(5):
 """
 
 
+def inject_truncated6(pod) -> None:
+    """Five frames from `pod` whose IPv6 header is cut short (the source
+    address complete, so the guard sees its own pod, the rest missing)."""
+    import ipaddress
+    head = "6000000000141140" + ipaddress.IPv6Address(pod.ip6).packed.hex()
+    frame = pod.host_mac.replace(":", "") + pod.mac.replace(":", "") + "86dd" + head
+    pod.run([sys.executable, "-c", INJECT, frame])
+
+
 def inject_truncated(pod) -> None:
     """Five frames from `pod` whose IPv4 header is cut short."""
     ipv4 = "4500003c0000400040060000" + "".join(f"{int(x):02x}" for x in pod.ip.split("."))

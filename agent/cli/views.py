@@ -59,10 +59,16 @@ def data_endpoints(ctx) -> list[dict]:
     limits = limits_by_ip(ctx)
     for r in rows:
         r["bandwidth"] = limits.get(r["ip"], {})
+    # a dual-stack pod's IPv6 address, from the IPv6 twin of the map
+    ip6_of = {e["value"]["host_ifindex"]: e["key"]["ip6"]
+              for e in ctx.entries(M["endpoints6"], missing_ok=True)} if "endpoints6" in M else {}
+    for r in rows:
+        r["ip6"] = ip6_of.get(r["host_ifindex"], "")
     return rows
 
 
-ENDPOINT_COLS = ["ip", "pod", ("host_veth", "host_ifname"), "eni",
+ENDPOINT_COLS = ["ip", ("ip6", lambda r: r.get("ip6") or "-"), "pod",
+                 ("host_veth", "host_ifname"), "eni",
                  ("policy", lambda r: views.policy_state_text(r["policy"])), "pod_mac",
                  ("ep_id", "ep_id")]
 
@@ -77,10 +83,11 @@ def cmd_endpoint_list(ctx, args) -> int:
 def cmd_endpoint_get(ctx, args) -> int:
     rows = data_endpoints(ctx)
     q = args.endpoint
-    hit = [r for r in rows if q in (r["ip"], r["pod"], r["pod"].split("/")[-1] if r["pod"] else
+    hit = [r for r in rows if q in (r["ip"], r["ip6"] or None, r["pod"],
+                                    r["pod"].split("/")[-1] if r["pod"] else
                                     None, r["host_ifname"], r["container_id"])]
     if not hit:
-        raise CliExit(EXIT_FAIL, f"no endpoint {q!r} on this node (by IP, namespace/pod, pod, "
+        raise CliExit(EXIT_FAIL, f"no endpoint {q!r} on this node (by IP or IPv6, namespace/pod, pod, "
                                  "host veth or container id)")
     if len(hit) > 1:
         raise CliExit(EXIT_FAIL, f"{q!r} names {len(hit)} endpoints: "

@@ -523,6 +523,9 @@ class Agent:
                 self.datapath.maps.endpoint_delete(entry.ip)
                 dropped += 1
         self.datapath.maps.veths_retain({ep.host_ifindex: ep.ip for ep in self.endpoints.values()})
+        # IPv6 twins whose endpoint is gone (an agent killed between the two deletions)
+        dropped += self.datapath.maps.endpoints6_retain(
+            {ep.ip6 for ep in self.endpoints.values() if ep.ip6})
         return restored, dropped
 
     def _links(self) -> dict[str, int]:

@@ -45,13 +45,16 @@ PROGRAMS = {
     "fp_to_vpc": ("eni.c", SCHED_CLS, -1),
     # reached by tail call only, never attached (TAIL_CALLS)
     "fp_pod_route": ("pod.c", SCHED_CLS, -1),
+    "fp_from_pod6": ("pod.c", SCHED_CLS, -1),
+    "fp_from_vpc6": ("eni.c", SCHED_CLS, -1),
     "fp_sock_conn4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT),
     "fp_sock_send4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_SENDMSG),
     "fp_sock_recv4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_RECVMSG),
     "fp_sock_peer4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_GETPEERNAME),
 }
 # Program -> the FP_MAP_TAILS slot (fastpath.h: FP_TAIL_*) it is reached by.
-TAIL_CALLS = {"fp_pod_route": "FP_TAIL_FROM_POD_ROUTE"}
+TAIL_CALLS = {"fp_pod_route": "FP_TAIL_FROM_POD_ROUTE", "fp_from_pod6": "FP_TAIL_FROM_POD6",
+              "fp_from_vpc6": "FP_TAIL_FROM_VPC6"}
 BPFFS_MAGIC_TYPE = "bpf"
 
 

@@ -38,6 +38,13 @@ def mac_bytes(mac: str) -> bytes:
     return b
 
 
+def key6(table, ip6: str):
+    """The key of an IPv6-keyed table (a struct of one 16-byte ip6 field)."""
+    k = table.Key()
+    k.ip6[:] = list(socket.inet_pton(socket.AF_INET6, ip6))
+    return k
+
+
 def mac_str(raw) -> str:
     return ":".join(f"{b:02x}" for b in bytes(raw))
 
@@ -117,6 +124,10 @@ class Maps:
         return n
 
     def endpoint_put(self, ep: Endpoint) -> None:
+        # an IPv6 address the veth's endpoint no longer has is no destination
+        old6 = self.veth_ip6(ep.host_ifindex)
+        if old6 and old6 != ep.ip6:
+            self.endpoint6_delete(old6, ep.host_ifindex)
         # the veth's guard before the entry that makes the pod a destination
         self.veth_put(ep)
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
@@ -131,6 +142,10 @@ class Maps:
         # element, so a reader sees the old entry or the complete new one.
         v.flags = DEFS.defines["FP_EP_F_REGISTERED"]
         t[k] = v
+        if ep.ip6:
+            # the IPv6 twin (bpf/maps.c FP_MAP_ENDPOINTS6): the same value
+            t6 = self._t[MAP["FP_MAP_ENDPOINTS6"]]
+            t6[key6(t6, ep.ip6)] = v
 
     def endpoint_delete(self, ip: str) -> bool:
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
@@ -140,8 +155,56 @@ class Maps:
             del t[k]
         except KeyError:
             return False
+        self._endpoint6_delete_for(host_ifindex)
         self.veth_delete(host_ifindex, ip)
         return True
+
+    def _endpoint6_delete_for(self, host_ifindex: int) -> None:
+        """The IPv6 twin of the endpoint behind `host_ifindex`, found by the
+        veth's registration (it holds the endpoint's IPv6 address)."""
+        ip6 = self.veth_ip6(host_ifindex)
+        if ip6:
+            self.endpoint6_delete(ip6, host_ifindex)
+
+    def veth_ip6(self, host_ifindex: int) -> str:
+        """The IPv6 address registered on a host veth ("" if none)."""
+        t = self._t[MAP["FP_MAP_EP_IFINDEX"]]
+        try:
+            v = t[t.Key(host_ifindex)]
+        except KeyError:
+            return ""
+        if not v.flags & DEFS.defines["FP_EPIF_F_IP6"]:
+            return ""
+        return socket.inet_ntop(socket.AF_INET6, bytes(v.ip6))
+
+    def endpoint6_delete(self, ip6: str, host_ifindex: int | None = None) -> bool:
+        """Remove the IPv6 entry of `ip6` (only if it still names
+        `host_ifindex`, when given: the address may since be another pod's)."""
+        t = self._t[MAP["FP_MAP_ENDPOINTS6"]]
+        k = key6(t, ip6)
+        try:
+            if host_ifindex is not None and t[k].host_ifindex != host_ifindex:
+                return False
+            del t[k]
+            return True
+        except KeyError:
+            return False
+
+    def endpoints6_retain(self, wanted: set[str]) -> int:
+        """Remove every IPv6 endpoint entry but `wanted` (addresses)."""
+        wanted = {str(ipaddress.IPv6Address(w)) for w in wanted}    # the map's spelling
+        n = 0
+        for e in self.endpoints6():
+            if e.ip not in wanted and self.endpoint6_delete(e.ip):
+                n += 1
+        return n
+
+    def endpoints6(self) -> list[EndpointEntry]:
+        t = self._t[MAP["FP_MAP_ENDPOINTS6"]]
+        out = [EndpointEntry(socket.inet_ntop(socket.AF_INET6, bytes(k.ip6)), v.host_ifindex,
+                             v.eni_ifindex, mac_str(v.pod_mac), mac_str(v.host_mac), v.flags,
+                             v.ep_id) for k, v in t.items()]
+        return sorted(out, key=lambda e: ipaddress.ip_address(e.ip))
 
     def endpoints(self) -> list[EndpointEntry]:
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
@@ -165,9 +228,9 @@ class Maps:
     def bypass_set(self, cidrs) -> None:
         """Make the bypass trie hold exactly `cidrs` (adds first, then removals)."""
         t = self._t[MAP["FP_MAP_BYPASS"]]
+        nets = [ipaddress.ip_network(c) for c in cidrs]
         want = {}
-        for c in cidrs:
-            net = ipaddress.ip_network(c)
+        for net in nets:
             if net.version != 4:
                 continue
             want[(net.prefixlen, be32(str(net.network_address)))] = 1
@@ -176,10 +239,28 @@ class Maps:
             t[t.Key(prefixlen=plen, addr=addr)] = t.Leaf(1)
         for (plen, addr) in have - set(want):
             del t[t.Key(prefixlen=plen, addr=addr)]
+        # the IPv6 prefixes, in their own trie (fp_from_pod6)
+        t6 = self._t[MAP["FP_MAP_BYPASS6"]]
+        want6 = {(n.prefixlen, n.network_address.packed) for n in nets if n.version == 6}
+        have6 = {(k.prefixlen, bytes(k.addr)) for k, _ in t6.items()}
+        for plen, addr in want6:
+            t6[self._lpm6(t6, plen, addr)] = t6.Leaf(1)
+        for plen, addr in have6 - want6:
+            del t6[self._lpm6(t6, plen, addr)]
+
+    @staticmethod
+    def _lpm6(table, plen: int, addr: bytes):
+        k = table.Key()
+        k.prefixlen = plen
+        k.addr[:] = list(addr)
+        return k
 
     def bypass(self) -> list[str]:
         t = self._t[MAP["FP_MAP_BYPASS"]]
-        return sorted(f"{ip_from_be32(k.addr)}/{k.prefixlen}" for k, _ in t.items())
+        t6 = self._t[MAP["FP_MAP_BYPASS6"]]
+        return (sorted(f"{ip_from_be32(k.addr)}/{k.prefixlen}" for k, _ in t.items())
+                + sorted(f"{ipaddress.IPv6Address(bytes(k.addr))}/{k.prefixlen}"
+                         for k, _ in t6.items()))
 
     def decision(self):
         """The decision record of the last test or what-if packet."""

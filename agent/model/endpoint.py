@@ -80,6 +80,11 @@ class Endpoint:
             ipaddress.IPv4Address(values["ip"])
         except ValueError:
             raise ValueError(f"ip {values['ip']!r:.40} is not an IPv4 address") from None
+        if values.get("ip6"):
+            try:
+                ipaddress.IPv6Address(values["ip6"])
+            except ValueError:
+                raise ValueError(f"ip6 {values['ip6']!r:.40} is not an IPv6 address") from None
         return cls(**values)
 
 

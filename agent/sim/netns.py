@@ -57,16 +57,18 @@ def sh(cmd: Cmd, *, check: bool = True, timeout: float | None = DEFAULT_TIMEOUT,
     return r
 
 
-def ip_batch(ns: str | None, lines: Sequence[str]) -> list:
+def ip_batch(ns: str | None, lines: Sequence[str], family: int = 0) -> list:
     """Run iproute2 commands in one process (a pod takes a dozen of them).
 
     Output is JSON: end the batch with one `... show` line to get that
     object's state back without another process; returns it parsed ([] if
-    the batch shows nothing).
+    the batch shows nothing). `family` 6 runs the batch as `ip -6` (rules
+    do not tell the family from their addresses).
     """
     if not lines:
         return []
-    argv = ["ip", "-j"] + (["-n", ns] if ns else []) + ["-batch", "-"]
+    argv = (["ip", "-j"] + ([f"-{family}"] if family else []) + (["-n", ns] if ns else [])
+            + ["-batch", "-"])
     r = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True,
                        text=True, timeout=DEFAULT_TIMEOUT)
     if r.returncode != 0:

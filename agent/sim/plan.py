@@ -20,6 +20,18 @@ they read as test addresses in any trace.
     169.254.1.1            pods' default gateway; never assigned, only a
                            permanent neighbour entry in each pod (as Terway)
 
+In a dual-stack world (World(dual_stack=True)) every ENI and pod also has an
+IPv6 address, from the IPv6 half of its vSwitch:
+
+    fd00:a:(f0+j)::/64     IPv6 vSwitch of ENI j; pods draw from it
+      fd00:a:(f0+j)::k:1/128     ENI j of node k
+      fd00:a:(f0+j)::k:(a-fa)    pod IPv6 addresses of node k on ENI j (the
+                                 same slot numbers as the IPv4 ones), a /128
+    fe80::253              the vSwitch's link-local gateway on every ENI link
+    fe80::1                pods' IPv6 default gateway; never assigned, only a
+                           permanent neighbour entry in each pod (as Terway)
+    fd00:a:ef:i::1, ::2    the two ends of direct pair i
+
 Terway names a pod's policy-routing table 1000 + ifindex of its ENI (the seed
 node shows table 1004 for an eth1 with ifindex 4, and 1003 for ifindex 3);
 `eni_table` keeps that rule.
@@ -61,6 +73,8 @@ NODE_VSWITCH = "10.240.0.0/24"
 NODE_PREFIXLEN = 24
 NODE_GATEWAY = "10.240.0.253"
 POD_GATEWAY = "169.254.1.1"
+POD_GATEWAY6 = "fe80::1"
+ENI_GATEWAY6 = "fe80::253"
 MAX_NODES = 200
 MAX_ENIS = 15
 POD_FIRST_HOST = 10
@@ -111,6 +125,18 @@ def pod_ip(k: int, j: int, n: int) -> str:
     return f"10.{240 + j}.{k}.{POD_FIRST_HOST + n}"
 
 
+def eni_ip6(k: int, j: int) -> str:
+    _check_range("node index", k, 1, MAX_NODES)
+    _check_range("ENI index", j, 1, MAX_ENIS)
+    return f"fd00:a:{240 + j:x}::{k:x}:1"
+
+
+def pod_ip6(k: int, j: int, n: int) -> str:
+    """The n-th (0-based) pod IPv6 address of node k on ENI j."""
+    _check_range("pod slot", n, 0, MAX_PODS_PER_ENI - 1)
+    return f"fd00:a:{240 + j:x}::{k:x}:{POD_FIRST_HOST + n:x}"
+
+
 def eni_table(ifindex: int) -> int:
     return 1000 + ifindex
 
@@ -118,6 +144,11 @@ def eni_table(ifindex: int) -> int:
 def direct_ips(i: int) -> tuple[str, str]:
     _check_range("direct pair index", i, 1, MAX_DIRECT_PAIRS)
     return f"10.239.{i}.1", f"10.239.{i}.2"
+
+
+def direct_ips6(i: int) -> tuple[str, str]:
+    _check_range("direct pair index", i, 1, MAX_DIRECT_PAIRS)
+    return f"fd00:a:ef:{i:x}::1", f"fd00:a:ef:{i:x}::2"
 
 
 def client_ip(c: int) -> str:

@@ -63,6 +63,16 @@ def forwarded_datagrams(ns: Netns) -> int:
     return int(lines[1][lines[0].index("ForwDatagrams")])
 
 
+def forwarded_datagrams6(ns: Netns) -> int:
+    """IPv6 datagrams `ns` has routed (Ip6OutForwDatagrams in
+    /proc/net/snmp6): forwarded_datagrams' twin for IPv6."""
+    for line in ns.run(["cat", "/proc/net/snmp6"]).stdout.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "Ip6OutForwDatagrams":
+            return int(value.strip())
+    raise RuntimeError(f"no Ip6OutForwDatagrams in {ns.netns}'s /proc/net/snmp6")
+
+
 # A TCP server that answers every connection with a fixed text and never
 # stops listening: a `while true; do nc -l; done` loop has a gap between
 # connections in which a client is refused, which would make tests flaky.

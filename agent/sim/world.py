@@ -63,6 +63,7 @@ class Eni(Iface):
     index: int = 0           # j in ethj
     table: int = 0           # 1000 + ifindex, as Terway
     vswitch: str = ""        # CIDR pods on this ENI draw their IPs from
+    ip6: str = ""            # its IPv6 address, in a dual-stack world
     _next_slot: int = field(default=0, repr=False)
 
 
@@ -73,16 +74,19 @@ class Endpoint(Netns):
         super().__init__(netns)
         self.name = name
         self.ip = ip
+        self.ip6 = ""              # its IPv6 address, in a dual-stack world
         self.ifname = "eth0"
         self.ifindex = 0
         self.mac = ""
 
 
 class Pod(Endpoint):
-    """A pod as Terway's veth datapath sets it up (see module docstring)."""
+    """A pod as Terway's veth datapath sets it up (see module docstring);
+    in a dual-stack world with an IPv6 address too (`ip6`)."""
 
-    def __init__(self, node: "Node", name: str, eni: Eni, ip: str):
+    def __init__(self, node: "Node", name: str, eni: Eni, ip: str, ip6: str = ""):
         super().__init__(name, plan.pod_ns(node.world.tag, name), ip)
+        self.ip6 = ip6
         self.node = node
         self.eni = eni
         self.host_ifname = plan.cali_name(node.world.tag, name)
@@ -114,7 +118,7 @@ class Node(Netns):
         # ENI-sourced replies arrive on interfaces the main table does not
         # route back through.
         self._create({"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.rp_filter": 0,
-                      "net.ipv4.conf.default.rp_filter": 0})
+                      "net.ipv4.conf.default.rp_filter": 0, **w._ipv6_sysctls()})
         peer = plan.vpc_ifname(w.tag, self.index, 0)
         # Veths are created inside the vpc netns with their peer placed straight
         # into the node: nothing ever appears in the machine's own namespace.
@@ -159,6 +163,18 @@ class Node(Netns):
         ])
         eni = Eni(name, link["ifindex"], ip, link["address"], peer, gw, 32,
                   index=j, table=table, vswitch=plan.eni_vswitch(j))
+        if w.dual_stack:
+            # the IPv6 half: the ENI's /128, its table's default route via
+            # the vSwitch's link-local gateway; the vpc reaches the ENI on-link
+            eni.ip6 = plan.eni_ip6(self.index, j)
+            ip_batch(self.netns, [
+                f"addr add {eni.ip6}/128 dev {name} nodad",
+                f"route add ::/0 via {plan.ENI_GATEWAY6} dev {name} table {table}",
+            ])
+            ip_batch(vpc.netns, [
+                f"addr add {plan.ENI_GATEWAY6}/64 dev {peer} nodad",
+                f"route add {eni.ip6}/128 dev {peer}",
+            ])
         self.enis.append(eni)
         return eni
 
@@ -172,8 +188,9 @@ class Node(Netns):
         if e is None or e not in self.enis:
             raise ValueError(f"node {self.name} has no ENI {eni!r} (it has {len(self.enis)})")
         ip = plan.pod_ip(self.index, e.index, e._next_slot)
+        ip6 = plan.pod_ip6(self.index, e.index, e._next_slot) if self.world.dual_stack else ""
         e._next_slot += 1    # never reused within a world: no stale conntrack/neigh surprises
-        pod = Pod(self, name, e, ip)
+        pod = Pod(self, name, e, ip, ip6)
         self.world._track(pod)
         try:
             self._plumb(pod)
@@ -192,7 +209,8 @@ class Node(Netns):
         thousand pods is built in about a minute.
         """
         ip, e, cali = pod.ip, pod.eni, pod.host_ifname
-        pod._create(lo=False)
+        # (a dual-stack pod's link-local address usable at once, as the node's)
+        pod._create({"net.ipv6.conf.default.accept_dad": 0} if pod.ip6 else None, lo=False)
         host = ip_batch(self.netns, [
             f"link add {cali} type veth peer name eth0 netns {pod.netns}",
             f"link set {cali} up",
@@ -212,12 +230,37 @@ class Node(Netns):
         ])[0]
         pod.ifindex, pod.mac = inner["ifindex"], inner["address"]
         ip_batch(self.world.vpc.netns, [f"route add {ip}/32 via {e.ip} dev {e.vpc_ifname} onlink"])
+        if pod.ip6:
+            self._plumb6(pod)
+
+    def _plumb6(self, pod: Pod) -> None:
+        """The IPv6 half of a dual-stack pod, as Terway lays it out: a /128 on
+        eth0, default via the link-local gateway fe80::1 with a permanent
+        neighbour entry (the host veth's MAC), the host route and the
+        policy-routing rules per family; the vpc routes the /128 via the ENI."""
+        ip6, e, cali = pod.ip6, pod.eni, pod.host_ifname
+        ip_batch(self.netns, [
+            f"route add {ip6}/128 dev {cali}",
+            f"rule add to {ip6} lookup main pref 512",
+            f"rule add from {ip6} lookup {e.table} pref 2048",
+        ], family=6)
+        ip_batch(pod.netns, [
+            f"addr add {ip6}/128 dev eth0 nodad",
+            f"route add ::/0 via {plan.POD_GATEWAY6} dev eth0",
+            f"neigh replace {plan.POD_GATEWAY6} lladdr {pod.host_mac} dev eth0 nud permanent",
+        ])
+        ip_batch(self.world.vpc.netns, [f"route add {ip6}/128 via {e.ip6} dev {e.vpc_ifname}"])
 
     def _unplumb(self, pod: Pod) -> None:
         """CNI DEL, then the runtime deleting the netns; tolerates a partial pod."""
         self.iproute(*f"rule del to {pod.ip} lookup main pref 512".split(), check=False)
         self.iproute(*f"rule del from {pod.ip} lookup {pod.eni.table} pref 2048".split(), check=False)
         self.world.vpc.iproute("route", "del", f"{pod.ip}/32", check=False)
+        if pod.ip6:
+            self.iproute(*f"-6 rule del to {pod.ip6} lookup main pref 512".split(), check=False)
+            self.iproute(*f"-6 rule del from {pod.ip6} lookup {pod.eni.table} pref 2048".split(),
+                         check=False)
+            self.world.vpc.iproute("-6", "route", "del", f"{pod.ip6}/128", check=False)
         # Deleting the veth takes the endpoint route with it; the netns goes last.
         self.iproute("link", "del", pod.host_ifname, check=False)
         if pod.netns in list_netns():
@@ -286,19 +329,22 @@ class DirectPair:
         self.index = index
         self.a = Endpoint(f"d{index}a", plan.direct_ns(world.tag, index, "a"), ip_a)
         self.b = Endpoint(f"d{index}b", plan.direct_ns(world.tag, index, "b"), ip_b)
+        # in a dual-stack world, an IPv6 address at each end too
+        self.a.ip6, self.b.ip6 = plan.direct_ips6(index) if world.dual_stack else ("", "")
 
     def _build(self, world: "World") -> None:
         a, b = self.a, self.b
         for end in (a, b):
             world._track(end)
-            end._create()
+            end._create({"net.ipv6.conf.default.accept_dad": 0} if end.ip6 else None)
         ip_batch(a.netns, [f"link add eth0 type veth peer name eth0 netns {b.netns}"])
         for end, peer in ((a, b), (b, a)):
             ip_batch(end.netns, [
                 f"addr add {end.ip}/32 dev eth0",
                 "link set eth0 up",
                 f"route add {peer.ip}/32 dev eth0 scope link",
-            ])
+            ] + ([f"addr add {end.ip6}/128 dev eth0 nodad",
+                  f"route add {peer.ip6}/128 dev eth0"] if end.ip6 else []))
             link = end.link("eth0")
             end.ifindex, end.mac = link["ifindex"], link["address"]
 
@@ -357,7 +403,9 @@ def _install_hooks() -> None:
 class World:
     """A simulated VPC: `with World() as w: n = w.add_node("n1"); a = n.add_pod("a")`."""
 
-    def __init__(self) -> None:
+    def __init__(self, dual_stack: bool = False) -> None:
+        # dual stack: every ENI and pod gets an IPv6 address too (plan.py)
+        self.dual_stack = dual_stack
         self.tag = ""
         self.vpc: Netns | None = None
         self.vpc_ns = ""
@@ -406,7 +454,7 @@ class World:
             self.vpc_ns = self.vpc.netns
             self._track(self.vpc)
             self.vpc._create({"net.ipv4.ip_forward": 1, "net.ipv4.conf.all.rp_filter": 0,
-                              "net.ipv4.conf.default.rp_filter": 0})
+                              "net.ipv4.conf.default.rp_filter": 0, **self._ipv6_sysctls()})
         except BaseException:
             self.close()
             raise
@@ -443,6 +491,15 @@ class World:
                 self._lock_fd = None
             if errors:
                 raise RuntimeError(f"world {self.tag} cleanup: " + "; ".join(errors))
+
+    def _ipv6_sysctls(self) -> dict[str, int]:
+        """For a routing netns of a dual-stack world: IPv6 forwarding, and no
+        duplicate address detection, so that link-local addresses are
+        usable at once rather than after a second or more as tentative."""
+        if not self.dual_stack:
+            return {}
+        return {"net.ipv6.conf.all.forwarding": 1, "net.ipv6.conf.default.accept_dad": 0,
+                "net.ipv6.conf.all.accept_dad": 0}
 
     def _track(self, ns: Netns) -> None:
         with self._mutex:

@@ -78,17 +78,34 @@ static void die(const char *what)
 	exit(1);
 }
 
-static struct sockaddr_in addr_of(const char *ip, int port)
+/* An IPv4 or IPv6 socket address (the family follows the text). */
+struct fpaddr {
+	union {
+		struct sockaddr sa;
+		struct sockaddr_in v4;
+		struct sockaddr_in6 v6;
+	} u;
+	socklen_t len;
+	int family;
+};
+
+static struct fpaddr addr_of(const char *ip, int port)
 {
-	struct sockaddr_in sa;
-	memset(&sa, 0, sizeof(sa));
-	sa.sin_family = AF_INET;
-	sa.sin_port = htons((uint16_t)port);
-	if (inet_pton(AF_INET, ip, &sa.sin_addr) != 1) {
-		fprintf(stderr, "fprr: not an IPv4 address: %s\n", ip);
+	struct fpaddr a;
+	memset(&a, 0, sizeof(a));
+	if (inet_pton(AF_INET, ip, &a.u.v4.sin_addr) == 1) {
+		a.family = a.u.v4.sin_family = AF_INET;
+		a.u.v4.sin_port = htons((uint16_t)port);
+		a.len = sizeof(a.u.v4);
+	} else if (inet_pton(AF_INET6, ip, &a.u.v6.sin6_addr) == 1) {
+		a.family = a.u.v6.sin6_family = AF_INET6;
+		a.u.v6.sin6_port = htons((uint16_t)port);
+		a.len = sizeof(a.u.v6);
+	} else {
+		fprintf(stderr, "fprr: not an IPv4 or IPv6 address: %s\n", ip);
 		exit(2);
 	}
-	return sa;
+	return a;
 }
 
 static int write_all(int fd, const char *buf, long n)
@@ -128,12 +145,13 @@ static int read_all(int fd, char *buf, long n)
 static __attribute__((noreturn)) void serve_udp(const struct opts *o)
 {
 	static char buf[MAX_SIZE];
-	struct sockaddr_in sa = addr_of(o->host, o->port), peer;
-	int one = 1, fd = socket(AF_INET, SOCK_DGRAM, 0);
+	struct fpaddr sa = addr_of(o->host, o->port);
+	struct sockaddr_storage peer;
+	int one = 1, fd = socket(sa.family, SOCK_DGRAM, 0);
 	if (fd < 0)
 		die("socket");
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+	if (bind(fd, &sa.u.sa, sa.len) < 0)
 		die("bind");
 	for (;;) {
 		socklen_t plen = sizeof(peer);
@@ -150,13 +168,13 @@ static __attribute__((noreturn)) void serve_udp(const struct opts *o)
 static __attribute__((noreturn)) void serve_tcp(const struct opts *o)
 {
 	static char buf[MAX_SIZE];
-	struct sockaddr_in sa = addr_of(o->host, o->port);
+	struct fpaddr sa = addr_of(o->host, o->port);
 	struct pollfd pfd[MAX_CONNS + 1];
-	int n = 1, one = 1, lfd = socket(AF_INET, SOCK_STREAM, 0);
+	int n = 1, one = 1, lfd = socket(sa.family, SOCK_STREAM, 0);
 	if (lfd < 0)
 		die("socket");
 	setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+	if (bind(lfd, &sa.u.sa, sa.len) < 0)
 		die("bind");
 	if (listen(lfd, 1024) < 0)
 		die("listen");
@@ -201,15 +219,15 @@ static __attribute__((noreturn)) void serve_tcp(const struct opts *o)
 
 static int client_socket(const struct opts *o, int type)
 {
-	int one = 1, fd = socket(AF_INET, type, 0);
+	int one = 1, fd = socket(addr_of(o->host, 0).family, type, 0);
 	if (fd < 0)
 		die("socket");
 	if (o->local) {
-		struct sockaddr_in la = addr_of(o->local, 0);
+		struct fpaddr la = addr_of(o->local, 0);
 		/* Leave the port to connect(): bind() would refuse every port still
 		 * in TIME_WAIT, while connect() may reuse them (tcp_tw_reuse). */
 		setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one));
-		if (bind(fd, (struct sockaddr *)&la, sizeof(la)) < 0)
+		if (bind(fd, &la.u.sa, la.len) < 0)
 			die("bind");
 	}
 	if (type == SOCK_STREAM)
@@ -234,7 +252,7 @@ static int done(const struct opts *o, long n, double t0, double *t)
 static int client_rr(const struct opts *o)
 {
 	static char buf[MAX_SIZE];
-	struct sockaddr_in sa = addr_of(o->host, o->port);
+	struct fpaddr sa = addr_of(o->host, o->port);
 	int fd = client_socket(o, o->udp ? SOCK_DGRAM : SOCK_STREAM);
 	long n = 0, errors = 0;
 	double t0, t;
@@ -243,7 +261,7 @@ static int client_rr(const struct opts *o)
 		struct timeval tv = {0, UDP_TIMEOUT_MS * 1000};
 		setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	}
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
+	if (connect(fd, &sa.u.sa, sa.len) < 0)
 		die("connect");
 	t0 = now();
 	while (!done(o, n, t0, &t)) {
@@ -268,14 +286,14 @@ static int client_rr(const struct opts *o)
 static int client_crr(const struct opts *o)
 {
 	static char buf[MAX_SIZE];
-	struct sockaddr_in sa = addr_of(o->host, o->port);
+	struct fpaddr sa = addr_of(o->host, o->port);
 	long n = 0, errors = 0;
 	double t0, t;
 	memset(buf, 'c', o->size);
 	t0 = now();
 	while (!done(o, n, t0, &t)) {
 		int fd = client_socket(o, SOCK_STREAM);
-		if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+		if (connect(fd, &sa.u.sa, sa.len) < 0 ||
 		    write_all(fd, buf, o->size) || read_all(fd, buf, o->size)) {
 			int err = errno;
 			close(fd);

@@ -47,6 +47,10 @@
 #define FP_MAP_SRC_RANGE  fp_srcrng4_v1
 #define FP_MAP_SVCNET     fp_svcnet4_v1
 #define FP_MAP_EP_IFINDEX fp_epif_v1
+/* IPv6 twins of the IPv4 maps (docs/ipv6.md): own maps with 16-byte keys,
+ * so the IPv4 keys, lookups and hot path stay exactly as they are. */
+#define FP_MAP_ENDPOINTS6 fp_ep6_v1
+#define FP_MAP_BYPASS6    fp_bypass6_v1
 /* Programs reached by tail call (FP_TAIL_* below). Pinned: attached
  * programs keep reaching them while the agent restarts (a prog array
  * forgets its programs once no file or pin refers to it); the agent writes
@@ -73,6 +77,20 @@ struct fp_endpoint_key {
 };
 
 #define FP_EP_F_REGISTERED   (1U << 0)  /* entry is complete and usable */
+
+/* Pod endpoints by their global IPv6 address (FP_MAP_ENDPOINTS6), with the
+ * same value as the IPv4 map: a dual-stack pod has one entry in each. */
+struct fp_endpoint6_key {
+	__u8 ip6[16];          /* NBO: the pod's IPv6 address */
+};
+_Static_assert(sizeof(struct fp_endpoint6_key) == 16, "fp_endpoint6_key layout");
+
+/* IPv6 prefixes (the host-stack bypass's IPv6 twin, FP_MAP_BYPASS6). */
+struct fp_lpm6_key {
+	__u32 prefixlen;       /* HBO */
+	__u8 addr[16];         /* NBO: IPv6 address */
+};
+_Static_assert(sizeof(struct fp_lpm6_key) == 20, "fp_lpm6_key layout");
 
 struct fp_endpoint {
 	__u32 host_ifindex;    /* HBO: host-side cali* veth */
@@ -723,6 +741,16 @@ _Static_assert(sizeof(struct fp_bwcnt_key) == 8, "fp_bwcnt_key layout");
  * FP_MAP_POD_ROUTE) is part of the slot's contract: change it, and both
  * maps' versions change too. */
 #define FP_TAIL_FROM_POD_ROUTE 0
+/* IPv6 has programs of its own (bpf/pod.c fp_from_pod6, bpf/eni.c
+ * fp_from_vpc6): the IPv4 programs hand an IPv6 packet over right after
+ * their guards, by returning FP_TAIL_IPV6. Nothing is handed over: the
+ * IPv6 program parses the packet itself. */
+#define FP_TAIL_FROM_POD6      1
+#define FP_TAIL_FROM_VPC6      2
+#define FP_TAIL_MAX            4
+#define FP_TAIL_ROUTE          0x7fff   /* not a tc verdict */
+#define FP_TAIL_IPV6           0x7ffe   /* not a tc verdict */
+
 #define FP_POD_ROUTE_BYTES     96
 
 /* A value of FP_MAP_POD_ROUTE: opaque here, pod.c's struct fp_pod_route. */
@@ -730,7 +758,5 @@ struct fp_pod_route_slot {
 	__u8 bytes[FP_POD_ROUTE_BYTES];
 };
 _Static_assert(sizeof(struct fp_pod_route_slot) == FP_POD_ROUTE_BYTES, "fp_pod_route_slot layout");
-#define FP_TAIL_MAX            4
-#define FP_TAIL_ROUTE          0x7fff   /* not a tc verdict */
 
 #endif /* FASTPATH_H */

@@ -17,9 +17,10 @@
  * is dropped.
  *
  * Anti-spoofing from the VPC (fp_guard_from_vpc, first thing fp_from_vpc
- * does): an IPv4 packet arriving on an ENI whose source is a pod of this
- * node is dropped as dropped-source-spoofed: the VPC never delivers a node
- * its own pods' packets.
+ * does; fp_from_vpc6 for IPv6): a packet arriving on an ENI whose source is
+ * a pod of this node (its IPv4 or its IPv6 address) is dropped as
+ * dropped-source-spoofed: the VPC never delivers a node its own pods'
+ * packets.
  *
  * Nothing unjudged (fp_guard_from_pod and fp_guard_to_pod, first thing
  * fp_to_pod does). NetworkPolicy is judged for IPv4. While a pod is isolated
@@ -212,7 +213,19 @@ static __always_inline int fp_guard_to_pod(struct __sk_buff *skb, enum fp_reason
 	return 1;
 }
 
-/* The first check of fp_from_vpc: a local pod's address as source. */
+/* Whether the pod behind host veth `ifindex` is isolated (see
+ * fp_guard_isolated): IPv6 redirected straight into a pod's netns never
+ * passes fp_to_pod, so the IPv6 programs ask this before they deliver. */
+static __always_inline int fp_guard_isolated_veth(__u32 ifindex)
+{
+	struct fp_ep_if *self = fp_epif_lookup(ifindex);
+
+	return self && fp_guard_isolated(self->ip4);
+}
+
+/* The first check of fp_from_vpc: a local pod's address as source. The
+ * IPv6 twin of this check is the first thing fp_from_vpc6 does (bpf/eni.c),
+ * so that the IPv4 program carries none of it. */
 static __always_inline int fp_guard_from_vpc(struct __sk_buff *skb, enum fp_reason *reason)
 {
 	__be32 saddr, daddr = 0;

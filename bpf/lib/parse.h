@@ -15,6 +15,7 @@ enum fp_parse_result {
 	FP_PARSE_IPV4 = 0,
 	FP_PARSE_OTHER = 1,    /* not IPv4: the stack handles it */
 	FP_PARSE_INVALID = 2,  /* claims to be IPv4 but cannot be */
+	FP_PARSE_IPV6 = 3,     /* lib/parse6.h: IPv6 we understand */
 };
 
 struct fp_ipv4 {

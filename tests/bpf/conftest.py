@@ -34,6 +34,12 @@ REMOTE_NO_NEIGH = "10.0.3.30"  # reached via a gateway with no neighbour entry
 GW2 = "10.0.0.254"
 BYPASS_IP = "169.254.20.10"
 SERVICE_CIDR, SERVICE_VIP = "192.168.0.0/16", "192.168.0.10"
+# IPv6 (dual-stack pods A, B and C; Terway's ENI tables have a link-local
+# gateway, the vSwitch's)
+POD_A6, POD_B6, POD_C6 = "fd00:10::1:a", "fd00:10::1:b", "fd00:10::1:c"
+ENI_IP6, GW6, GW6_NO_NEIGH = "fd00:10::2", "fe80::253", "fe80::254"
+REMOTE6 = "fd00:20::20"
+REMOTE6_NO_NEIGH = "fd00:30::30"
 NOT_RECORDED = 0xFFFF         # decision reason before a run: "program recorded nothing"
 
 
@@ -92,7 +98,19 @@ def bpfnet():
             f"route add default via {GW} dev eth1 onlink table 1001",
             f"route add {REMOTE_NO_NEIGH}/32 via {GW2} dev eth1 onlink table 1001",
             f"neigh add {GW} lladdr {GW_MAC} dev eth1 nud permanent",
+            # the same node's IPv6 half, as Terway lays it out per family
+            f"-6 addr add {ENI_IP6}/128 dev eth1 nodad",
+            f"-6 route add {POD_A6} dev caliA",
+            f"-6 route add {POD_B6} dev caliB",
+            f"-6 route add {POD_C6} dev caliC",
+            f"-6 rule add to {POD_A6} lookup main pref 512",
+            f"-6 rule add from {POD_A6} lookup 1001 pref 2048",
+            f"-6 rule add from {POD_C6} lookup 1001 pref 2048",
+            f"-6 route add default via {GW6} dev eth1 table 1001",
+            f"-6 route add {REMOTE6_NO_NEIGH}/128 via {GW6_NO_NEIGH} dev eth1 table 1001",
+            f"-6 neigh add {GW6} lladdr {GW_MAC} dev eth1 nud permanent",
         ]
+        sh(f"ip netns exec {ns} sysctl -qw net.ipv6.conf.all.forwarding=1")
         for c in cmds:
             sh(f"ip -n {ns} {c}")
         sh(f"ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1")

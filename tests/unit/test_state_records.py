@@ -32,6 +32,8 @@ def test_an_endpoint_record_round_trips_with_its_registration_time():
     ({"host_ifindex": True}, "host_ifindex must be an integer"),
     ({"ip": ["10.0.0.1"]}, "ip must be a string"),
     ({"ip": "10.0.0.300"}, "is not an IPv4 address"),
+    ({"ip6": "10.0.0.1"}, "ip6 '10.0.0.1' is not an IPv6 address"),
+    ({"ip6": "fd00::zz"}, "ip6 'fd00::zz' is not an IPv6 address"),
     ({"added_at": "yesterday"}, "added_at must be a number"),
     ({"port_mappings": {"8080": 80}}, "port_mappings must be a list of"),
     ({"port_mappings": [[8080, 80, "TCP"]]}, "port_mappings must be a list of"),
