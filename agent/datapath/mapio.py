@@ -61,8 +61,12 @@ def batches(fd: int, key_size: int, value_size: int,
     lib = _lib()
     keys = ct.create_string_buffer(key_size * batch)
     vals = ct.create_string_buffer(value_size * batch)
-    in_b = ct.create_string_buffer(8)
-    out_b = ct.create_string_buffer(8)
+    # The batch cursor is a bucket number for hash maps but a whole key for
+    # the kernel's generic walk (arrays, LPM tries): an IPv6 trie's 20-byte
+    # key written into an 8-byte cursor overran the heap.
+    cursor = max(8, key_size)
+    in_b = ct.create_string_buffer(cursor)
+    out_b = ct.create_string_buffer(cursor)
     first = True
     while True:
         cnt = ct.c_uint32(batch)
@@ -76,7 +80,7 @@ def batches(fd: int, key_size: int, value_size: int,
                    memoryview(vals)[:value_size * cnt.value], cnt.value)
         if res:                 # ENOENT: that was the last batch
             return
-        ct.memmove(in_b, out_b, 8)
+        ct.memmove(in_b, out_b, cursor)
         first = False
 
 

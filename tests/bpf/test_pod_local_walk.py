@@ -30,7 +30,7 @@ NO_TAIL = "dropped-tail-call-missing"
 @contextmanager
 def tail_slot_empty(dp):
     defs = bpfdefs.load()
-    tails = dp.module.bpf[defs.maps["FP_MAP_TAILS"]]
+    tails = dp.module.table(defs.maps["FP_MAP_TAILS"])
     del tails[ctypes.c_int(int(defs.defines["FP_TAIL_FROM_POD_ROUTE"]))]
     try:
         yield
@@ -134,22 +134,27 @@ def test_what_the_one_program_walk_leaves_to_the_whole_walk(ct_dp, svc, bpfnet, 
 
 
 def test_a_new_generation_serves_the_attached_programs_tail_call(ct_dp, bpfnet):
-    """What a restart does: another compiled module of the same datapath
-    (an agent's next start) fills the slot with its own fp_pod_route while
-    the previous fp_from_pod is still the attached one. The two meet in the
-    pinned hand-over map, so the walk ends as it would in one generation;
-    a reader of the pins leaves the slot alone."""
+    """What an upgrade does: the next agent's programs (another build: here
+    one conntrack lifetime differs, so another build key and another
+    compiled set) fill the slot with their fp_pod_route while the previous
+    fp_from_pod is still the attached one. The two meet in the pinned
+    hand-over map, so the walk ends as it would in one generation. A reader
+    of the pins leaves the slot alone."""
     from agent.datapath.node import Datapath
+    cfg = ct_dp.config
+    upgrade = cfg.replace(conntrack_tcp_close_timeout=cfg.conntrack_tcp_close_timeout + 1)
     with tail_slot_empty(ct_dp):
-        reader = Datapath(ct_dp.config, netns=bpfnet.ns, test_build=True).load(reader=True)
+        reader = Datapath(cfg, netns=bpfnet.ns, test_build=True).load(reader=True)
+        reader.close()
+        untouched = run_prog(ct_dp, bpfnet.ns, "fp_from_pod",
+                             a_to(bpfnet, POD_B, 5001, "S", sport=41901), bpfnet.cali_a.ifindex)
+        nxt = Datapath(upgrade, netns=bpfnet.ns, test_build=True).load()
         try:
-            untouched = run_prog(ct_dp, bpfnet.ns, "fp_from_pod",
-                                 a_to(bpfnet, POD_B, 5001, "S", sport=41901), bpfnet.cali_a.ifindex)
-            reader.module.fill_tail_calls()          # as the next agent does before attaching
+            assert nxt.build_key != ct_dp.build_key, "a set of its own"
             r = run_prog(ct_dp, bpfnet.ns, "fp_from_pod",
                          a_to(bpfnet, POD_B, 5001, "S", sport=41902), bpfnet.cali_a.ifindex)
         finally:
-            reader.close()
+            nxt.close()
         after_close = run_prog(ct_dp, bpfnet.ns, "fp_from_pod",
                                a_to(bpfnet, POD_B, 5001, "S", sport=41903), bpfnet.cali_a.ifindex)
     assert (untouched.verdict, untouched.reason) == (TC_ACT_SHOT, NO_TAIL)
