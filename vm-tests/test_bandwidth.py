@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -407,6 +408,12 @@ def test_uninstall_gives_the_enis_their_qdisc_back(world):
         agent = AgentProcess(n1, paths).start()
         try:
             register_pod(paths.socket, a)
+            # no pod has an egress limit: the ENIs keep their kernel default
+            assert roots() == before
+            Path(paths.manifests, "a.yaml").write_text(M.dump([
+                M.namespace("default"),
+                M.pod("default", "a", a.ip, "n1", annotations={EGRESS: "10M"})]))
+            assert wait_for(lambda: ("eth1", "htb", "fa57:") in roots(), timeout=30)
             during = roots()
             # every device fastpath's VPC programs run on is paced: the ENIs
             # and the primary NIC (node-facing Services attach there too)

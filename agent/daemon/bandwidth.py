@@ -5,7 +5,10 @@ the egress mode chosen from `bandwidth_egress`: EDT (fq on the ENIs) or HTB
 classes; without either the manager stays off, says why in its status, and
 limits nothing (never half of it). Each ENI's kernel-default root qdisc is
 replaced by fastpath's (restored on uninstall, or when the manager is
-turned off).
+turned off) when the first local pod has an egress bandwidth limit, not
+before: replacing a root qdisc drops what the device is sending at that
+instant, which a node whose pods have no such limit (or an upgrade from a
+release without the manager) need not pay.
 
 Then, like the socket-LB opt-out: the local endpoints plus the Pods of the
 cluster state -> agent.bandwidth (limits, problems) -> a plan against what
@@ -75,6 +78,7 @@ class BandwidthSync(Worker):
         self.status = BandwidthStatus()
         self.lock = threading.Lock()
         self.enis: list[str] = []              # ENIs whose root qdisc is fastpath's
+        self._waiting: list[str] = []          # ENIs to take over at the first egress limit
         self._entries: dict[str, Entry] = {}
         self._owners: dict[str, str] = {}      # pod IP -> endpoint key its entry was made for
         self._bbr_done: set[str] = set()
@@ -100,20 +104,28 @@ class BandwidthSync(Worker):
         st.enabled, st.mode = True, mode
         for eni in enis:
             try:
-                before = qdisc.install(eni, mode, self.netns)
+                before = qdisc.root(eni, self.netns)
             except qdisc.QdiscError as exc:
                 st.enis[eni] = f"not paced: {exc}"
                 log.warning("bandwidth manager: %s", exc)
                 continue
-            self.enis.append(eni)
-            st.enis[eni] = (f"fastpath {mode} root (kept from before)" if before.ours else
-                            f"fastpath {mode} root (replaced {before.describe()})")
+            if before.ours:          # a restarted agent: classes and all kept
+                self._install(eni)
+            elif before.default:
+                self._waiting.append(eni)
+                st.enis[eni] = (f"{before.describe()} until a pod has an egress bandwidth "
+                                "limit")
+            else:
+                st.enis[eni] = (f"not paced: {eni} has a configured root qdisc "
+                                f"({before.describe()}): fastpath does not replace it")
+                log.warning("bandwidth manager: %s", st.enis[eni])
         if self.config.bandwidth_bbr:
             st.bbr = self._check_bbr()
         self._entries = self.maps.entries()
         st.pods = len(self._entries)
         st.summary = (f"on: traffic to the VPC paced by {how} on "
-                      f"{', '.join(self.enis) or 'no ENI'}; same-node egress and all ingress "
+                      f"{', '.join(self.enis + self._waiting) or 'no ENI'} (installed with "
+                      f"the first egress bandwidth limit); same-node egress and all ingress "
                       f"by eBPF token buckets")
         log.info("bandwidth manager %s", st.summary)
         if self.source is not None:
@@ -122,6 +134,29 @@ class BandwidthSync(Worker):
             log.warning("bandwidth manager: no cluster state source; the limits in the pinned "
                         "maps stay as they are")
         return self
+
+    def _install(self, eni: str) -> bool:
+        from agent.datapath import qdisc
+        st = self.status
+        try:
+            before = qdisc.install(eni, st.mode, self.netns)
+        except qdisc.QdiscError as exc:
+            st.enis[eni] = f"not paced: {exc}"
+            log.warning("bandwidth manager: %s", exc)
+            return False
+        self.enis.append(eni)
+        st.enis[eni] = (f"fastpath {st.mode} root (kept from before)" if before.ours else
+                        f"fastpath {st.mode} root (replaced {before.describe()})")
+        if not before.ours:
+            log.info("bandwidth manager: %s: %s", eni, st.enis[eni])
+        return True
+
+    def _install_waiting(self) -> None:
+        """The ENIs' root qdiscs, before the first egress limit is written
+        (so that the pod is paced from its first packet)."""
+        waiting, self._waiting = self._waiting, []
+        for eni in waiting:
+            self._install(eni)
 
     def disable(self, enis: list[str], summary: str) -> None:
         """Switch the limits off, empty the maps, give the ENIs their
@@ -175,6 +210,8 @@ class BandwidthSync(Worker):
                      new_gen=lambda: secrets.randbits(31) | 1)
             after = {ip: e for ip, e in self._entries.items() if ip not in p.deletes}
             after.update(p.writes)
+            if self._waiting and any(e.limits["egress_rate"] for e in after.values()):
+                self._install_waiting()
             # the classes follow the plan (reading them costs a tc run: not
             # on every CNI ADD/DEL that changes no limit), and are checked
             # whole once after start

@@ -44,6 +44,15 @@ class Filter:
         return self.name.startswith(OUR_PREFIX)
 
 
+
+def _why(exc: NetlinkError) -> str:
+    """A netlink refusal in words: which tc objects, and the capability when
+    it is a permission."""
+    text = f"its clsact qdisc or bpf filter: {os.strerror(exc.code)}"
+    if exc.code == errno.EPERM:
+        text += " (tc needs CAP_NET_ADMIN)"
+    return text
+
 def ifindex_by_name(ipr: IPRoute, name: str) -> int | None:
     """pyroute2 0.9's link_lookup(ifname=...) intermittently answers [] for
     an existing device in another netns; a full dump filtered here is
@@ -307,7 +316,7 @@ def ensure(devices: list[tuple[int, str, dict[str, tuple[int, str]]]], prio: int
             except NetlinkError as exc:
                 failed.append((idx, InterfaceNotFound(ifname, netns)
                                if exc.code == errno.ENODEV else
-                               DatapathError(f"cannot attach to {ifname}: {exc}")))
+                               DatapathError(f"cannot attach to {ifname}: {_why(exc)}")))
             except DatapathError as exc:
                 failed.append((idx, exc))
     finally:
