@@ -941,6 +941,12 @@ def uninstall_scenario(world, cgroup: str) -> None:
             before = node_state(node, paths, cgroup, cni)
 
             dirs = ["--cni-conf-dir", str(cni / "etc/cni/net.d")]
+            # a pod with an egress limit: fastpath's root qdisc goes on the ENIs
+            from agent.sim import manifests as mf
+            Path(paths.manifests, "a.yaml").write_text(mf.dump([
+                mf.namespace("default"),
+                mf.pod("default", "a", a.ip, "n1",
+                       annotations={"kubernetes.io/egress-bandwidth": "100M"})]))
             node.run([*FASTPATH, "cni", "install", "--conflist", str(DEPLOY / "10-terway.conflist"),
                       "--cni-bin-dir", str(cni / "opt/cni/bin"), *dirs])
             agent = AgentProcess(node, paths, ["--socket-lb", "true", "--cgroup-root", cgroup]).start()
@@ -949,6 +955,8 @@ def uninstall_scenario(world, cgroup: str) -> None:
                     wire.call(paths.socket, "EndpointAdd", {
                         "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
                 a.ping(b.ip)
+                wait_for(lambda: ("eth1", "htb", "fa57:") in
+                         node_state(node, paths, cgroup, cni)["qdiscs"], "a's egress limit")
                 code, text = http_in(node, "http://127.0.0.1:9099/readyz")
                 assert code == 200 and f"ok socket-lb-attached: {cgroup}" in text, text
                 installed = node_state(node, paths, cgroup, cni)
