@@ -248,8 +248,6 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
 	struct fp_endpoint *dst;
-	enum fp_reason reason = FP_FWD_STACK;
-	int verdict;
 
 	switch (fp_parse_ipv6(skb, &ip)) {
 	case FP_PARSE_IPV6:
@@ -270,12 +268,7 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (!dst)
 		return fp_finish(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE);
-	if (fp_guard_isolated_veth(dst->host_ifindex)) {
-		fp_guard_event(skb, FP_DIR_FROM_VPC, FP_DROP_IPV6_UNJUDGED, 0, 0, ip.proto);
-		return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_IPV6_UNJUDGED, TC_ACT_SHOT);
-	}
-	verdict = fp_redirect_local6(skb, &ip, dst, &reason);
-	return fp_finish(skb, FP_DIR_FROM_VPC, reason, verdict);
+	return fp_deliver_local6(skb, FP_DIR_FROM_VPC, &ip, dst);
 }
 
 int fp_from_vpc6(struct __sk_buff *skb)

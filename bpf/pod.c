@@ -440,6 +440,23 @@ int fp_to_pod(struct __sk_buff *skb)
 	return verdict;
 }
 
+/* An IPv6 packet for a local pod, from a pod or the VPC (fp_from_vpc6):
+ * into its netns, unless the pod is isolated. The redirect skips the pod's
+ * fp_to_pod, so the interim rule for IPv6 is applied here. */
+static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir dir,
+					     const struct fp_ipv6 *ip, const struct fp_endpoint *dst)
+{
+	enum fp_reason reason = FP_FWD_STACK;
+	int verdict;
+
+	if (fp_guard_isolated_veth(dst->host_ifindex)) {
+		fp_guard_event(skb, dir, FP_DROP_IPV6_UNJUDGED, 0, 0, ip->proto);
+		return fp_finish(skb, dir, FP_DROP_IPV6_UNJUDGED, TC_ACT_SHOT);
+	}
+	verdict = fp_redirect_local6(skb, ip, dst, &reason);
+	return fp_finish(skb, dir, reason, verdict);
+}
+
 /* ---- IPv6 (docs/ipv6.md) ----
  *
  * fp_from_pod6 (reached from fp_from_pod by FP_TAIL_FROM_POD6, after the
@@ -487,15 +504,9 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	if (fp_bypass6_match(ip.daddr))
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE);
 	dst = fp_endpoint6_lookup(ip.daddr);
-	if (dst) {
-		if (fp_guard_isolated_veth(dst->host_ifindex)) {
-			fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_IPV6_UNJUDGED, 0, 0, ip.proto);
-			return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_IPV6_UNJUDGED, TC_ACT_SHOT);
-		}
-		verdict = fp_redirect_local6(skb, &ip, dst, &reason);
-	} else {
-		verdict = fp_redirect_fib6(skb, &ip, src->eni_ifindex, &reason);
-	}
+	if (dst)
+		return fp_deliver_local6(skb, FP_DIR_FROM_POD, &ip, dst);
+	verdict = fp_redirect_fib6(skb, &ip, src->eni_ifindex, &reason);
 	return fp_finish(skb, FP_DIR_FROM_POD, reason, verdict);
 }
 
