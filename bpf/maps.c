@@ -77,6 +77,9 @@ BPF_TABLE_PINNED("lru_hash", struct fp_sockrev4_key, struct fp_sockrev4,
 /* Runtime settings (one entry). */
 BPF_TABLE_PINNED("array", __u32, struct fp_config, FP_MAP_CONFIG, 1, FP_PIN(FP_MAP_CONFIG));
 
+/* Which events `fastpath monitor` wants (one entry, written by monitors only). */
+BPF_TABLE_PINNED("array", __u32, struct fp_monitor, FP_MAP_MONITOR, 1, FP_PIN(FP_MAP_MONITOR));
+
 /* Network namespaces whose sockets socket-LB leaves alone (opt-out);
  * one entry per pod at most, so sized like the endpoints map. */
 BPF_TABLE_PINNED("hash", __u64, struct fp_socklb_skip, FP_MAP_SOCKLB_SKIP, FP_EP_MAX,
@@ -344,6 +347,14 @@ static __always_inline struct fp_config *fp_config_get(void)
 	__u32 zero = 0;
 
 	return FP_MAP_CONFIG.lookup(&zero);
+}
+
+static __always_inline __u32 fp_events_wanted(void)
+{
+	__u32 zero = 0;
+	struct fp_monitor *mon = FP_MAP_MONITOR.lookup(&zero);
+
+	return mon ? mon->events : 0;
 }
 
 static __always_inline void fp_sockrev_put(struct fp_sockrev4_key *key, struct fp_sockrev4 *val)

@@ -309,12 +309,15 @@ def test_monitor_streams_drops_and_traces_and_clears_its_event_bits(n1):
          "default/a", "--bpffs-root", n1.root, "--socket", n1.paths.socket],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        cfg = n1.cli_json("map", "dump", "config")["entries"][0]["value"]
+        settings = n1.cli_json("map", "dump", "config")["entries"][0]["value"]
+        mon_bits = n1.cli_json("map", "dump", "monitor")["entries"][0]["value"]
         deadline = time.monotonic() + 10
-        while not cfg["events_names"] and time.monotonic() < deadline:
+        while not mon_bits["events_names"] and time.monotonic() < deadline:
             time.sleep(0.2)
-            cfg = n1.cli_json("map", "dump", "config")["entries"][0]["value"]
-        assert set(cfg["events_names"]) == {"trace", "policy"}
+            mon_bits = n1.cli_json("map", "dump", "monitor")["entries"][0]["value"]
+        assert set(mon_bits["events_names"]) == {"trace", "policy"}
+        # the agent's settings are not the monitor's to write
+        assert n1.cli_json("map", "dump", "config")["entries"][0]["value"] == settings
         assert n1.ask(n1.a, VIP, 80) == "from-b"
         inject_truncated(n1.b)      # not a's: filtered out
         inject_truncated(n1.a)
@@ -332,8 +335,8 @@ def test_monitor_streams_drops_and_traces_and_clears_its_event_bits(n1):
     assert syn and syn[0]["nat"] and (syn[0]["nat_daddr"], syn[0]["nat_dport"]) == (
         n1.b.ip, 8080)
     assert syn[0]["reason"] == "redirected-local" and syn[0]["ifname"] == n1.a.host_ifname
-    cfg = n1.cli_json("map", "dump", "config")["entries"][0]["value"]
-    assert cfg["events"] == 0, "the monitor left its event bits set"
+    mon_bits = n1.cli_json("map", "dump", "monitor")["entries"][0]["value"]
+    assert mon_bits["events"] == 0, "the monitor left its event bits set"
 
 
 def test_policy_verdicts_in_trace_monitor_and_policy_get(n1):

@@ -3,7 +3,7 @@
 Reads the pinned ring buffer (fp_events_v1) with libbpf's ring_buffer API;
 nothing is compiled. Drops are always in the buffer; trace and policy
 verdict events are produced only while a monitor asks for them: it sets the
-matching bits of fp_config.events on start and clears the bits it set on
+matching bits of fp_monitor.events (a map only monitors write) on start and clears the bits it set on
 exit (Ctrl-C, SIGTERM, --count or --duration reached). One monitor at a
 time per node: the ring buffer has one consumer position.
 """
@@ -21,17 +21,17 @@ from agent.cli.common import EXIT_FAIL, EXIT_USAGE, CliExit, run
 from agent.datapath.ringbuf import RingReader
 from agent.inspect import decode, events
 
-TYPE_BITS = {"trace": "FP_CFG_EV_TRACE", "policy-verdict": "FP_CFG_EV_POLICY"}
+TYPE_BITS = {"trace": "FP_MON_EV_TRACE", "policy-verdict": "FP_MON_EV_POLICY"}
 
 
 class EventBits:
-    """Set fp_config.events bits for the monitor's lifetime."""
+    """Set fp_monitor.events bits for the monitor's lifetime."""
 
-    def __init__(self, cfg_map, bits: int):
-        self.m = cfg_map
+    def __init__(self, mon_map, bits: int):
+        self.m = mon_map
         self.bits = bits
         self.added = 0
-        self.cls = bpfdefs.ctype("struct fp_config")
+        self.cls = bpfdefs.ctype("struct fp_monitor")
         self.key = (0).to_bytes(4, "little")
 
     def _rw(self, fn) -> None:
@@ -107,7 +107,7 @@ def cmd_monitor(ctx, args) -> int:
     seen = 0
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
-        with EventBits(ctx.map(M["config"]), bits):
+        with EventBits(ctx.map(M["monitor"]), bits):
             if not ctx.json:
                 print(f"listening for {', '.join(sorted(want))} events on {ring.name} "
                       f"(Ctrl-C to stop)", file=sys.stderr, flush=True)

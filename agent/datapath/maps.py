@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 
 from agent.datapath import libbpf
@@ -740,28 +741,30 @@ def netns_cookie(netns: str | None = None) -> int:
 
 class ConfigMap:
     """The programs' runtime settings (one array entry). Each writer changes
-    only its own fields: socket-LB, policy and monitor settings are set by
-    different parts of the agent (and the monitor) at different times."""
+    only its own fields: socket-LB, policy, bandwidth and the node's address
+    are set by different threads of the agent at different times, each a
+    read-modify-write of the one entry, so one lock orders them (without
+    it a thread could write back a copy read before another's change: the
+    socket-LB or policy flag lost). The monitor, another process, has a map
+    of its own (MonitorMap)."""
 
     def __init__(self, tables):
         self._t = tables[MAP["FP_MAP_CONFIG"]]
+        self._lock = threading.Lock()
 
     def _update(self, *, set_flags: int = 0, clear_flags: int = 0, **fields) -> None:
-        v = self._t[self._t.Key(0)]
-        v.flags = (v.flags & ~clear_flags) | set_flags
-        for name, value in fields.items():
-            setattr(v, name, value)
-        self._t[self._t.Key(0)] = v
+        with self._lock:
+            v = self._t[self._t.Key(0)]
+            v.flags = (v.flags & ~clear_flags) | set_flags
+            for name, value in fields.items():
+                setattr(v, name, value)
+            self._t[self._t.Key(0)] = v
 
     def set(self, *, socket_lb: bool, hostns_only: bool, host_netns_cookie: int) -> None:
         sock = DEFS.defines["FP_CFG_F_SOCKLB"]
         hostns = DEFS.defines["FP_CFG_F_SOCKLB_HOSTNS"]
         self._update(set_flags=(sock if socket_lb else 0) | (hostns if hostns_only else 0),
                      clear_flags=sock | hostns, host_netns_cookie=host_netns_cookie)
-
-    def set_events(self, mask: int) -> None:
-        """FP_CFG_EV_* bits: which events besides drops reach the monitor."""
-        self._update(events=mask)
 
     def set_node(self, ip4: str, primary_ifindex: int) -> None:
         """The node's primary address and NIC (SNAT source, unbound sockets)."""
@@ -781,10 +784,24 @@ class ConfigMap:
 
     def get(self) -> dict:
         v = self._t[self._t.Key(0)]
-        return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags, "events": v.events,
+        return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags,
                 "node_ip4": ip_from_be32(v.node_ip4) if v.node_ip4 else "",
                 "primary_ifindex": v.primary_ifindex}
 
+
+
+class MonitorMap:
+    """FP_MON_EV_* bits: which events besides drops reach the ring buffer
+    (`fastpath monitor` sets them while it runs; tests set them here)."""
+
+    def __init__(self, tables):
+        self._t = tables[MAP["FP_MAP_MONITOR"]]
+
+    def set_events(self, mask: int) -> None:
+        self._t[self._t.Key(0)] = self._t.Leaf(events=mask)
+
+    def events(self) -> int:
+        return self._t[self._t.Key(0)].events
 
 
 class SocketLbSkipMap:

@@ -15,7 +15,7 @@ from agent.datapath import tc
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.datapath.loader import (BuildOptions, PinnedModule, build_key, open_pinned,
                                    preflight, start_migration)
-from agent.datapath.maps import (ConfigMap, LbMaps, Maps, MAP, SocketLbSkipMap, crc32c_fill,
+from agent.datapath.maps import (ConfigMap, LbMaps, Maps, MAP, MonitorMap, SocketLbSkipMap, crc32c_fill,
                                  netns_cookie)
 from agent.model.endpoint import Endpoint
 
@@ -98,6 +98,7 @@ class Datapath:
         self.maps = Maps(tables)
         self.lb = LbMaps(tables)
         self.settings = ConfigMap(tables)
+        self.monitor = MonitorMap(tables)
         from agent.datapath.policymaps import PolicyMaps
         self.policy = PolicyMaps(tables)
         self.socklb_skip = SocketLbSkipMap(tables)

@@ -39,7 +39,7 @@ FLAG_PREFIX = {
     ("fp_ct4", "flags"): "FP_CT_F_",
     ("fp_ctpol4", "flags"): "FP_CT_F_",
     ("fp_config", "flags"): "FP_CFG_F_",
-    ("fp_config", "events"): "FP_CFG_EV_",
+    ("fp_monitor", "events"): "FP_MON_EV_",
     ("fp_socklb_skip", "flags"): "FP_SOCKLB_SKIP_",
     ("fp_pol_dir", "flags"): "FP_POL_F_",
     ("fp_pol_rule", "flags"): "FP_RULE_F_",

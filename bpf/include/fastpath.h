@@ -35,7 +35,8 @@
 #define FP_MAP_CT_STATS   fp_ctstat_v1
 #define FP_MAP_AFFINITY   fp_aff4_v1
 #define FP_MAP_SOCKREV    fp_sockrev4_v1
-#define FP_MAP_CONFIG     fp_cfg_v3
+#define FP_MAP_CONFIG     fp_cfg_v4
+#define FP_MAP_MONITOR    fp_monitor_v1
 #define FP_MAP_EVENTS     fp_events_v1
 #define FP_MAP_IPCACHE    fp_ipcache4_v1
 #define FP_MAP_POLICY_EP  fp_polep4_v1
@@ -463,17 +464,24 @@ struct fp_sockrev4 {
 #define FP_CFG_F_BW_EDT          (1U << 4)  /* ... traffic to the VPC paced by EDT (fq on the ENIs);
 					     * without it, by the ENIs' HTB classes */
 
-/* fp_config.events: which events besides drops go to the ring buffer.
- * Drops are always reported; `fastpath monitor` sets these while it runs. */
-#define FP_CFG_EV_TRACE          (1U << 0)  /* every forwarding decision */
-#define FP_CFG_EV_POLICY         (1U << 1)  /* policy verdicts of new flows */
+/* fp_monitor.events: which events besides drops go to the ring buffer.
+ * Drops are always reported; `fastpath monitor` sets these while it runs.
+ * A map of its own, apart from fp_config: the monitor is another process,
+ * and a read-modify-write of a shared entry by two processes can lose the
+ * other's change (an agent's policy flag, say). */
+#define FP_MON_EV_TRACE          (1U << 0)  /* every forwarding decision */
+#define FP_MON_EV_POLICY         (1U << 1)  /* policy verdicts of new flows */
+
+struct fp_monitor {
+	__u32 events;            /* HBO: FP_MON_EV_* */
+};
 
 /* node_ip4 is the source of Service traffic SNATed on its way to a backend
- * on another node, and of the node's unbound sockets. */
+ * on another node, and of the node's unbound sockets. Written by the agent
+ * alone (agent/datapath/maps.py ConfigMap, under one lock). */
 struct fp_config {
 	__u64 host_netns_cookie; /* HBO: the node's netns, for host-only socket-LB */
 	__u32 flags;             /* HBO: FP_CFG_F_* */
-	__u32 events;            /* HBO: FP_CFG_EV_* */
 	__be32 node_ip4;         /* NBO: the node's primary address (SNAT source) */
 	__u32 primary_ifindex;   /* HBO: the node's primary NIC (eth0) */
 };

@@ -38,13 +38,6 @@ static __always_inline int fp_policy_enabled(void)
 	return cfg && (cfg->flags & FP_CFG_F_POLICY);
 }
 
-static __always_inline __u32 fp_events_wanted(void)
-{
-	struct fp_config *cfg = fp_config_get();
-
-	return cfg ? cfg->events : 0;
-}
-
 /* One direction at one pod: FP_PV_ALLOW, FP_PV_DENY or FP_PV_AUDIT_DENY;
  * FP_PV_NONE when the pod is not isolated in that direction. */
 static __always_inline int fp_policy_check(__be32 pod, __u8 dir, __u32 peer, __u8 proto,
@@ -200,7 +193,7 @@ static __always_inline int fp_policy_judge(struct __sk_buff *skb, enum fp_dir wh
 		fp_count(skb->ifindex, where, FP_FWD_AUDIT, skb->len);
 		fp_policy_event(skb, where, FP_FWD_AUDIT, ip, sport, dport, d, v->policy_id,
 				v->peer_id);
-	} else if ((events & FP_CFG_EV_POLICY) && (eg == FP_PV_ALLOW || in == FP_PV_ALLOW)) {
+	} else if ((events & FP_MON_EV_POLICY) && (eg == FP_PV_ALLOW || in == FP_PV_ALLOW)) {
 		__u8 d = in == FP_PV_ALLOW ? FP_POL_INGRESS : FP_POL_EGRESS;
 
 		fp_policy_event(skb, where, FP_FWD_PASS, ip, sport, dport, d,
@@ -227,7 +220,7 @@ static __always_inline void fp_report(struct __sk_buff *skb, enum fp_dir dir,
 	struct fp_event *ev;
 	int drop = reason >= FP_REASON_DROP_MIN;
 
-	if (!drop && !(fp_events_wanted() & FP_CFG_EV_TRACE))
+	if (!drop && !(fp_events_wanted() & FP_MON_EV_TRACE))
 		return;
 	barrier_var(ifindex);
 	ev = fp_event_reserve();

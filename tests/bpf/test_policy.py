@@ -349,7 +349,7 @@ def test_trace_events_report_a_reply_as_it_arrived(dp, bpfnet, policy, events):
     dp.lb.put_backend(90, POD_B, 8080, "TCP")
     dp.lb.put_slots(90, [90])
     dp.lb.put_service(vip, 80, "TCP", 90, 1)
-    dp.settings.set_events(DEFS.defines["FP_CFG_EV_TRACE"])
+    dp.monitor.set_events(DEFS.defines["FP_MON_EV_TRACE"])
     try:
         events.poll()
         sport = next(_sport)
@@ -369,7 +369,7 @@ def test_trace_events_report_a_reply_as_it_arrived(dp, bpfnet, policy, events):
         assert fwd[0]["flags"] & DEFS.defines["FP_EV_F_NAT"]
         assert (rep[0]["saddr"], rep[0]["sport"], rep[0]["daddr"]) == (POD_B, 8080, POD_A)
     finally:
-        dp.settings.set_events(0)
+        dp.monitor.set_events(0)
         dp.lb.delete_service(vip, 80, "TCP")
         dp.lb.delete_slots(90, 1, 1)
         dp.lb.delete_backend(90)
