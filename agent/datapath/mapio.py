@@ -25,6 +25,15 @@ BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, 524)
 
 
+class BatchError(OSError):
+    """A batched write or delete refused an entry: `done` entries before it
+    were applied, none after it."""
+
+    def __init__(self, err: int, message: str, done: int):
+        super().__init__(err, message)
+        self.done = done
+
+
 def _lib():
     lib = libbpf.lib()
     if getattr(lib, "_fp_mapio", False):
@@ -38,6 +47,23 @@ def _lib():
     lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
     lib._fp_mapio = True
     return lib
+
+
+# Buffer types by size, made once. `ct.create_string_buffer` makes an array
+# type per call unless one of that size is alive (ctypes caches them
+# weakly), and a type is a reference cycle: every single-entry write left
+# garbage only the cyclic collector frees. Inputs the kernel only reads
+# (keys, values to write) are passed as the bytes objects themselves: the
+# functions take void pointers.
+_BUFFER_TYPES: dict[int, type] = {}
+
+
+def buffer(size: int):
+    """A zeroed, writable buffer of `size` bytes (for the kernel to fill)."""
+    t = _BUFFER_TYPES.get(size)
+    if t is None:
+        t = _BUFFER_TYPES[size] = ct.c_char * size
+    return t()
 
 
 class _BatchOpts(ct.Structure):
@@ -59,14 +85,14 @@ def batches(fd: int, key_size: int, value_size: int,
     (libbpf.value_buffer_size for per-CPU maps). Entries added or removed
     during the walk may or may not be seen; none is seen twice."""
     lib = _lib()
-    keys = ct.create_string_buffer(key_size * batch)
-    vals = ct.create_string_buffer(value_size * batch)
+    keys = buffer(key_size * batch)
+    vals = buffer(value_size * batch)
     # The batch cursor is a bucket number for hash maps but a whole key for
     # the kernel's generic walk (arrays, LPM tries): an IPv6 trie's 20-byte
     # key written into an 8-byte cursor overran the heap.
     cursor = max(8, key_size)
-    in_b = ct.create_string_buffer(cursor)
-    out_b = ct.create_string_buffer(cursor)
+    in_b = buffer(cursor)
+    out_b = buffer(cursor)
     first = True
     while True:
         cnt = ct.c_uint32(batch)
@@ -105,7 +131,9 @@ def delete_batch(fd: int, keys: Sequence[bytes]) -> int:
     i = 0
     while i < len(keys):
         part = keys[i:i + BATCH]
-        buf = ct.create_string_buffer(b"".join(part), len(part) * size)
+        buf = b"".join(part)
+        if len(buf) != len(part) * size:
+            raise ValueError(f"map {fd}: batch delete: keys of unequal sizes")
         cnt = ct.c_uint32(len(part))
         res = lib.bpf_map_delete_batch(fd, buf, ct.byref(cnt), None)
         deleted += cnt.value
@@ -113,7 +141,7 @@ def delete_batch(fd: int, keys: Sequence[bytes]) -> int:
         if res:
             err = ct.get_errno()
             if err != errno.ENOENT:
-                raise OSError(err, f"map {fd}: batch delete: {os.strerror(err)}")
+                raise BatchError(err, f"map {fd}: batch delete: {os.strerror(err)}", deleted)
             i += 1              # that key went meanwhile
     return deleted
 
@@ -130,8 +158,10 @@ def update_batch(fd: int, pairs: Sequence[tuple[bytes, bytes]], flags: int = BPF
     i = 0
     while i < len(pairs):
         part = pairs[i:i + BATCH]
-        kbuf = ct.create_string_buffer(b"".join(k for k, _ in part), len(part) * ks)
-        vbuf = ct.create_string_buffer(b"".join(v for _, v in part), len(part) * vs)
+        kbuf = b"".join([k for k, _ in part])
+        vbuf = b"".join([v for _, v in part])
+        if len(kbuf) != len(part) * ks or len(vbuf) != len(part) * vs:
+            raise ValueError(f"map {fd}: batch update: keys or values of unequal sizes")
         cnt = ct.c_uint32(len(part))
         opts = _opts(flags)
         res = lib.bpf_map_update_batch(fd, kbuf, vbuf, ct.byref(cnt), ct.byref(opts))
@@ -142,21 +172,19 @@ def update_batch(fd: int, pairs: Sequence[tuple[bytes, bytes]], flags: int = BPF
             if err == errno.EEXIST and flags == BPF_NOEXIST:
                 i += 1          # that key is there already: keep it
                 continue
-            raise OSError(err, f"map {fd}: batch update: {os.strerror(err)}")
+            raise BatchError(err, f"map {fd}: batch update: {os.strerror(err)}", written)
     return written
 
 
 def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
-    kb = ct.create_string_buffer(key, len(key))
-    vb = ct.create_string_buffer(value_size)
-    if _lib().bpf_map_lookup_elem(fd, kb, vb) != 0:
+    vb = buffer(value_size)
+    if _lib().bpf_map_lookup_elem(fd, bytes(key), vb) != 0:
         return None
     return vb.raw
 
 
 def delete(fd: int, key: bytes) -> bool:
-    kb = ct.create_string_buffer(key, len(key))
-    if _lib().bpf_map_delete_elem(fd, kb) == 0:
+    if _lib().bpf_map_delete_elem(fd, bytes(key)) == 0:
         return True
     err = ct.get_errno()
     if err == errno.ENOENT:
@@ -167,9 +195,7 @@ def delete(fd: int, key: bytes) -> bool:
 def update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> int:
     """0, or the errno of a refused write (EEXIST with BPF_NOEXIST, E2BIG
     when full)."""
-    kb = ct.create_string_buffer(key, len(key))
-    vb = ct.create_string_buffer(value, len(value))
-    if _lib().bpf_map_update_elem(fd, kb, vb, flags) == 0:
+    if _lib().bpf_map_update_elem(fd, bytes(key), bytes(value), flags) == 0:
         return 0
     return ct.get_errno()
 
@@ -224,6 +250,38 @@ class Unpacker:
             return
         for v in self._struct.iter_unpack(raw):
             yield tuple(v[i] for i in idx)
+
+
+class Packer:
+    """Packs the named scalar fields of structs of one layout, given in the
+    order asked for (native byte order, as a ctypes assignment writes them);
+    every other byte is zero."""
+
+    def __init__(self, layout: Iterable[Field], size: int, names: Sequence[str]):
+        by_name = {n: (off, sz) for n, off, sz in layout}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise KeyError(f"layout has no field {', '.join(missing)}")
+        spec = sorted((by_name[n][0], by_name[n][1], n) for n in names)
+        fmt, at = "=", 0
+        for off, sz, n in spec:
+            if sz not in _CODES:
+                raise ValueError(f"field {n} is {sz} bytes: not a scalar")
+            if off < at:
+                raise ValueError(f"field {n} overlaps the one before it")
+            fmt += "x" * (off - at) + _CODES[sz]
+            at = off + sz
+        fmt += "x" * (size - at)
+        self.size = size
+        self._struct = struct.Struct(fmt)
+        order = [n for _, _, n in spec]
+        self._same_order = order == list(names)
+        self._pos = [list(names).index(n) for n in order]
+
+    def pack(self, *values: int) -> bytes:
+        if self._same_order:
+            return self._struct.pack(*values)
+        return self._struct.pack(*(values[i] for i in self._pos))
 
 
 def pack(layout: Iterable[Field], size: int, values: dict[str, int]) -> bytes:
