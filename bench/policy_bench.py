@@ -178,6 +178,11 @@ class TimedWrites:
         self._maps.apply(op)
         self.seconds += time.perf_counter() - t
 
+    def apply_all(self, ops) -> None:
+        t = time.perf_counter()
+        self._maps.apply_all(ops)
+        self.seconds += time.perf_counter() - t
+
     def __getattr__(self, name):
         return getattr(self._maps, name)
 

@@ -290,8 +290,7 @@ class PolicySync(Worker):
         applied = (lambda: pairs_of(was) - was.refused) if was is not None else ()
         plan = fit(compile_with, self.capacities, old, changed=changed, applied=applied)
         st = self.status
-        for op in plan.ops:
-            self.maps.apply(op)
+        self.maps.apply_all(plan.ops)
         if plan.ops or plan.state is not None:
             # on only once the maps hold a complete state, or at least the
             # isolation of a state that does not fit (idempotent)
