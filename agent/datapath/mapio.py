@@ -152,17 +152,32 @@ def update_batch(fd: int, pairs: Sequence[tuple[bytes, bytes]], flags: int = BPF
     written; raises on any other error (E2BIG: the map is full)."""
     if not pairs:
         return 0
-    lib = _lib()
     ks, vs = len(pairs[0][0]), len(pairs[0][1])
+    kbuf = b"".join([k for k, _ in pairs])
+    vbuf = b"".join([v for _, v in pairs])
+    if len(kbuf) != len(pairs) * ks or len(vbuf) != len(pairs) * vs:
+        raise ValueError(f"map {fd}: batch update: keys or values of unequal sizes")
+    return update_batch_packed(fd, kbuf, vbuf, len(pairs), flags)
+
+
+def update_batch_packed(fd: int, keys: bytes, values: bytes, count: int,
+                        flags: int = BPF_ANY) -> int:
+    """update_batch of `count` keys and values packed back to back (each
+    buffer `count` times one key's, one value's size)."""
+    if not count:
+        return 0
+    if len(keys) % count or len(values) % count:
+        raise ValueError(f"map {fd}: batch update: {len(keys)} B of keys, {len(values)} B of "
+                         f"values for {count} entries")
+    lib = _lib()
+    ks, vs = len(keys) // count, len(values) // count
     written = 0
     i = 0
-    while i < len(pairs):
-        part = pairs[i:i + BATCH]
-        kbuf = b"".join([k for k, _ in part])
-        vbuf = b"".join([v for _, v in part])
-        if len(kbuf) != len(part) * ks or len(vbuf) != len(part) * vs:
-            raise ValueError(f"map {fd}: batch update: keys or values of unequal sizes")
-        cnt = ct.c_uint32(len(part))
+    while i < count:
+        n = min(BATCH, count - i)
+        kbuf = keys[i * ks:(i + n) * ks] if (i or n < count) else keys
+        vbuf = values[i * vs:(i + n) * vs] if (i or n < count) else values
+        cnt = ct.c_uint32(n)
         opts = _opts(flags)
         res = lib.bpf_map_update_batch(fd, kbuf, vbuf, ct.byref(cnt), ct.byref(opts))
         written += cnt.value
@@ -275,12 +290,11 @@ class Packer:
         self.size = size
         self._struct = struct.Struct(fmt)
         order = [n for _, _, n in spec]
-        self._same_order = order == list(names)
         self._pos = [list(names).index(n) for n in order]
+        if order == list(names):
+            self.pack = self._struct.pack       # one C call per entry
 
     def pack(self, *values: int) -> bytes:
-        if self._same_order:
-            return self._struct.pack(*values)
         return self._struct.pack(*(values[i] for i in self._pos))
 
 
