@@ -9,7 +9,10 @@
  * translated per packet on their veth, so service meshes still see the VIP.
  * In the all-sockets mode, pods that opted out (annotation
  * fastpath.io/socket-lb: disabled on the Pod or its Namespace, their netns
- * listed in FP_MAP_SOCKLB_SKIP) get that per-packet treatment too.
+ * listed in FP_MAP_SOCKLB_SKIP) get that per-packet treatment too. In
+ * every mode, loopback frontends (a NodePort when nodeport_addresses
+ * covers 127.0.0.1, a hostPort without hostIP) serve the node's sockets
+ * only: a pod's 127.0.0.1 is its own.
  * ClientIP affinity here is per network namespace (the socket's source
  * address is not known yet at connect time).
  *
@@ -43,16 +46,21 @@ static __always_inline int fp_sock_refuse(void)
 	return 0;
 }
 
-static __always_inline int fp_sock_applies(struct bpf_sock_addr *ctx)
+static __always_inline int fp_sock_applies(struct bpf_sock_addr *ctx, __be32 daddr)
 {
 	struct fp_config *cfg = fp_config_get();
+	__u64 netns;
 
 	if (!cfg || !(cfg->flags & FP_CFG_F_SOCKLB))
 		return 0;
-	if (cfg->flags & FP_CFG_F_SOCKLB_HOSTNS)
-		return bpf_get_netns_cookie(ctx) == cfg->host_netns_cookie;
+	netns = bpf_get_netns_cookie(ctx);
+	/* 127.0.0.0/8 is every network namespace's own: frontends there
+	 * (NodePorts and hostPorts on the loopback) are the node's, and a
+	 * pod's localhost stays the pod's */
+	if ((bpf_ntohl(daddr) >> 24) == 127 || (cfg->flags & FP_CFG_F_SOCKLB_HOSTNS))
+		return netns == cfg->host_netns_cookie;
 	/* all sockets, except those of opted-out pods */
-	return !fp_socklb_skipped(bpf_get_netns_cookie(ctx));
+	return !fp_socklb_skipped(netns);
 }
 
 /* The source a socket's packets will carry: its bound address, else the
@@ -114,7 +122,7 @@ static __always_inline int fp_sock_forward(struct bpf_sock_addr *ctx, __u8 proto
 	__be16 port = (__be16)ctx->user_port;
 	int rc;
 
-	if (!fp_sock_applies(ctx))
+	if (!fp_sock_applies(ctx, addr))
 		return FP_SOCK_SKIP;
 	rc = fp_sock_translate(bpf_get_socket_cookie(ctx), bpf_get_netns_cookie(ctx), proto,
 			       fp_sock_source(ctx, sendmsg), &addr, &port);
