@@ -878,18 +878,8 @@ def record_all(res: dict) -> None:
                              f"connection that takes {conn_us:.0f} us in all "
                              f"({(c['us_per_conn'] - d['us_per_conn']) / conn_us:.1%}); "
                              f"{res['crr_s']:g}s runs x 3 each, statistics add some ns to every run")
-    hc = res.get("conn4_cost")
-    if hc and "host" in med:
-        c, d = hc["host-socketlb"], hc["host-direct"]
-        conn_us = 1e6 / med["host"]["host-socketlb"]["crr"]
-        results.record("lb.host_socketlb_conn4_ns", c["ns_per_run"], "ns", command=COMMAND,
-                       baseline=d["ns_per_run"], ratio=c["ns_per_run"] / d["ns_per_run"],
-                       notes=f"context: fp_sock_conn4's own run time per connect() (kernel BPF "
-                             f"run-time statistics, for this step only), ClusterIP vs the "
-                             f"backend's IP from the host-netns client: translation at the "
-                             f"socket adds {(c['us_per_conn'] - d['us_per_conn']) * 1e3:.0f} ns "
-                             f"to a connection that takes {conn_us:.0f} us in all "
-                             f"({(c['us_per_conn'] - d['us_per_conn']) / conn_us:.2%})")
+    # fp_sock_conn4's own run time is recorded by bench/sockhook_bench.py,
+    # beside the floor of its technique; this run only logs it
     if cp:
         _record_cp(results, cp, loads)
 

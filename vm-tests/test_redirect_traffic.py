@@ -28,10 +28,6 @@ def exchange_all(src, dst):
 def test_pods_on_one_node_talk_through_redirect_peer_not_the_stack(world):
     node = world.add_node("n1", enis=1)
     a, b = node.add_pod("a"), node.add_pod("b")
-    # the pods' own IPv6 neighbour discovery is the stack's by design (and
-    # counted as to-stack); this test is about their IPv4 traffic
-    for p in (a, b):
-        p.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
     with sim_attach(node) as agent:
         before = forwarded_by_stack(node)
         exchange_all(a, b)
