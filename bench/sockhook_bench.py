@@ -30,8 +30,8 @@ import subprocess
 import sys
 
 from bench import harness, results
-from bench.lb_bench import (DIRECT_PORT, PORT, Client, lc, program_maps, prog_counters,
-                            bpf_run_stats, start_server)
+from bench.lb_bench import (DIRECT_PORT, PORT, Client, lc, program_maps, run_times,
+                            start_server)
 
 COMMAND = "python -m bench.sockhook_bench"
 CGROUP2 = "/sys/fs/cgroup/unified"
@@ -158,21 +158,7 @@ def run(reps: int, seconds: float) -> dict:
                     "bare": (hooks[1].prog_id,
                              lambda: bare_c.run("crr", b.ip, seconds, BARE_PORT) * seconds),
                 }
-                acc = {a: [0, 0, 0.0] for a in arms}
-                with bpf_run_stats():
-                    for r in range(reps):
-                        order = list(arms) if r % 2 == 0 else list(reversed(arms))
-                        for a in order:
-                            pid, fn = arms[a]
-                            ns0, c0 = prog_counters(pid)
-                            conns = fn()
-                            ns1, c1 = prog_counters(pid)
-                            acc[a][0] += ns1 - ns0
-                            acc[a][1] += c1 - c0
-                            acc[a][2] += conns
-                for a, (ns, runs, conns) in acc.items():
-                    out[a] = {"ns_per_run": ns / max(runs, 1), "runs": runs,
-                              "runs_per_conn": runs / max(conns, 1)}
+                out.update(run_times(arms, reps))
                 out["errors"] = fp.errors + floor_c.errors + bare_c.errors
                 out["sockrev_size"] = size
                 agent.datapath.detach_socket_lb(cg_fp)
