@@ -31,10 +31,12 @@ server pinned to CPU 0; kube-proxy's rule loads (minutes for 10,000 with
 iptables-restore) run on the other CPU before any arm is measured.
 
     python -m bench.nodeport_bench [--rounds 8] [--sizes 1000 10000] [--no-record]
+    python -m bench.nodeport_bench --sizes      (lb.nodeport_vs_direct alone)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -133,7 +135,9 @@ def run(args) -> dict:
                 for node, _ in twins.values():
                     assert_no_bpf(node)
                 lb = agent.datapath.lb
-                top = max(args.sizes)
+                # (no kube-proxy twins: --sizes with no value measures the
+                # fastpath and direct arms alone, with 1,000 Services)
+                top = max(args.sizes, default=1000)
                 program_maps(lb, top, n1.ip, b.ip)
                 probe = NODE_PORT_BASE + top - 1
                 # warm the paths; prove each arm is what it says
@@ -152,11 +156,47 @@ def run(args) -> dict:
                 res["raw"] = raw
                 res["medians"] = {a: {k: harness.median(v) for k, v in ms.items()}
                                   for a, ms in raw.items()}
+                res["cost"] = program_cost(n1, lambda: client.run(
+                    "crr", n1.ip, args.crr_seconds, probe) * args.crr_seconds, lambda: client.run(
+                    "crr", b.ip, args.crr_seconds) * args.crr_seconds)
                 res["errors"]["client"] = client.errors
                 res["services_in_maps"] = top
         finally:
             harness.stop(servers)
     res["elapsed"] = time.monotonic() - started
+    return res
+
+
+def program_cost(n1, nodeport, direct, reps: int = 3) -> dict:
+    """fastpath's programs on n1 (each counted once, whatever it is attached
+    to) under each arm's CRR: program ns per connection, per program and in
+    all (kernel BPF run-time statistics, for this step only): how much of the
+    gap between the arms is program time."""
+    from bench.lb_bench import bpf_run_stats, prog_counters
+    out = json.loads(n1.run(["bpftool", "-j", "net", "show"]).stdout or "[]")
+    ids = {p["name"]: p["id"] for sec in out for p in sec.get("tc", [])
+           if p.get("name", "").startswith("fp_")}
+    arms = {"fastpath": nodeport, "direct": direct}
+    acc = {a: {n: [0, 0] for n in ids} for a in arms}
+    conns = {a: 0.0 for a in arms}
+    with bpf_run_stats():
+        for _ in range(reps):
+            for a, fn in arms.items():
+                before = {n: prog_counters(i) for n, i in ids.items()}
+                conns[a] += fn()
+                after = {n: prog_counters(i) for n, i in ids.items()}
+                for n in ids:
+                    acc[a][n][0] += after[n][0] - before[n][0]
+                    acc[a][n][1] += after[n][1] - before[n][1]
+    res = {}
+    for a in arms:
+        per = {n: {"ns_per_conn": ns / conns[a], "runs_per_conn": runs / conns[a],
+                   "ns_per_run": ns / max(runs, 1)} for n, (ns, runs) in acc[a].items()
+               if runs / conns[a] >= 0.05}    # (not warm-up strays)
+        res[a] = {"programs": per, "ns_per_conn": sum(v["ns_per_conn"] for v in per.values())}
+        log(f"nodeport_bench: {a}: program time {res[a]['ns_per_conn']:.0f} ns per connection ("
+            + ", ".join(f"{n} {v['runs_per_conn']:.1f} x {v['ns_per_run']:.0f} ns"
+                        for n, v in sorted(per.items())) + ")")
     return res
 
 
@@ -179,6 +219,19 @@ def record_all(res: dict, sizes) -> None:
     if res["errors"].get("client"):
         method += f"; client errors {res['errors']['client']}"
     fp, d = med["fastpath"], med["direct"]
+    cost_note = ""
+    c = res.get("cost")
+    if c:
+        gap_ns = (1 / fp["crr"] - 1 / d["crr"]) * 1e9
+        progs = c["fastpath"]["programs"]
+        cost_note = (f"; of the {gap_ns / 1e3:.1f} us a NodePort connection takes longer, the "
+                     f"programs account for {(c['fastpath']['ns_per_conn'] - c['direct']['ns_per_conn']) / 1e3:.1f}"
+                     f" us (kernel BPF run-time statistics, same run: "
+                     + ", ".join(f"{n} {v['runs_per_conn']:.0f} x {v['ns_per_run']:.0f} ns"
+                                 for n, v in sorted(progs.items()))
+                     + "; the direct arm: " + ", ".join(
+                         f"{n} {v['runs_per_conn']:.0f} x {v['ns_per_run']:.0f} ns"
+                         for n, v in sorted(c["direct"]["programs"].items())) + ")")
     for metric in ("crr", "rr"):
         sfx = "" if metric == "crr" else ".rr"
         results.record(f"lb.nodeport_vs_direct{sfx}", fp[metric], UNITS[metric], command=COMMAND,
@@ -186,7 +239,8 @@ def record_all(res: dict, sizes) -> None:
                        target=">= 0.95" if metric == "crr" else None,
                        notes=f"external client -> NodePort of a fastpath node whose backend pod "
                              f"is on it vs the same client -> the pod IP; per-round paired ratio "
-                             f"median {paired(raw, 'fastpath', 'direct', metric):.3f}; {method}")
+                             f"median {paired(raw, 'fastpath', 'direct', metric):.3f}; {method}"
+                             + (cost_note if metric == "crr" else ""))
         for mode, target in (("iptables", ">= 1.5 at 10000"), ("nftables", ">= 1.05")):
             for n in sizes:
                 k = med.get(f"{mode}.{n}")

@@ -3,9 +3,10 @@
 Reads the pinned ring buffer (fp_events_v1) with libbpf's ring_buffer API;
 nothing is compiled. Drops are always in the buffer; trace and policy
 verdict events are produced only while a monitor asks for them: it sets the
-matching bits of fp_monitor.events (a map only monitors write) on start and clears the bits it set on
-exit (Ctrl-C, SIGTERM, --count or --duration reached). One monitor at a
-time per node: the ring buffer has one consumer position.
+matching bits of fp_monitor.events (a map only monitors write) on start and
+clears the bits it set on exit (Ctrl-C, SIGTERM, --count or --duration
+reached). One monitor at a time per node: the ring buffer has one consumer
+position.
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from agent.datapath import tc
 from agent.datapath.errors import DatapathError, InterfaceNotFound
 from agent.datapath.loader import (BuildOptions, PinnedModule, build_key, open_pinned,
                                    preflight, start_migration)
-from agent.datapath.maps import (ConfigMap, LbMaps, Maps, MAP, MonitorMap, SocketLbSkipMap, crc32c_fill,
-                                 netns_cookie)
+from agent.datapath.maps import (ConfigMap, LbMaps, Maps, MAP, MonitorMap, SocketLbSkipMap,
+                                 crc32c_fill, netns_cookie)
 from agent.model.endpoint import Endpoint
 
 log = logging.getLogger("fastpath.datapath")
