@@ -667,7 +667,7 @@ def control_plane(sim_attach, node, loader: Loader, min_changes: int = 20,
     from agent.lb.compile import compile_service
     from agent.daemon.services import ServiceSync, apply_op
 
-    out: dict = {}
+    out: dict = {"load": [os.getloadavg()[0]]}
     log(f"lb_bench: control plane: {CP_SERVICES} Services x {CP_ENDPOINTS} endpoints")
     dicts = lc.cluster(CP_SERVICES, CP_ENDPOINTS)
     t = time.monotonic()
@@ -680,9 +680,10 @@ def control_plane(sim_attach, node, loader: Loader, min_changes: int = 20,
         lb = agent.datapath.lb
         sync = ServiceSync(lb, store, None, node_name)
         assert not sync.reconciler.frontends(), "control-plane maps not empty at start"
-        t = time.monotonic()
+        t, c = time.monotonic(), time.thread_time()
         n_ops = sync.sync_once()
         out["program_s"] = time.monotonic() - t
+        out["program_cpu_s"] = time.thread_time() - c
         out["program_ops"] = n_ops
         n_svc = len(lb.services())
         want = CP_SERVICES * (2 + CP_ENDPOINTS)       # service + slots write + backends
@@ -690,6 +691,7 @@ def control_plane(sim_attach, node, loader: Loader, min_changes: int = 20,
             raise RuntimeError(f"programmed {n_svc} services with {n_ops} writes, "
                                f"expected {CP_SERVICES} and {want}")
         log(f"lb_bench: programmed {n_svc} Services / {n_ops} map writes from empty "
+            f"(CPU {out['program_cpu_s']:.2f}s) "
             f"in {out['program_s']:.2f}s (parse+store before it: {out['parse_s']:.1f}s)")
         loader.start()
 
@@ -721,21 +723,24 @@ def control_plane(sim_attach, node, loader: Loader, min_changes: int = 20,
             if have != set(current[i]):
                 raise RuntimeError(f"svc-{i}: maps hold {sorted(have)}, want {sorted(current[i])}")
 
-        incr, incr_ops = [], []
+        incr, incr_ops, incr_cpu = [], [], []
         end = time.monotonic() + budget
         while len(incr) < max_changes and time.monotonic() < end:
             i, d = change()
-            t = time.monotonic()
+            t, c = time.monotonic(), time.thread_time()
             cs = store.apply(upserts=[parse_object(d)])
             incr_ops.append(sync._sync_changes([cs]))
             incr.append((time.monotonic() - t) * 1e3)
+            incr_cpu.append((time.thread_time() - c) * 1e3)
             if len(incr) % 50 == 0:
                 check(i)
         check(i)
         out["incr_ms"] = incr
+        out["incr_cpu_ms"] = incr_cpu
         out["incr_ops"] = incr_ops
         log(f"lb_bench: {len(incr)} single-endpoint changes through ServiceSync (ServiceTable): "
-            f"p50 {statistics.median(incr):.2f} ms, p99 {p99(incr):.2f} ms")
+            f"p50 {statistics.median(incr):.2f} ms, p99 {p99(incr):.2f} ms "
+            f"(CPU p99 {p99(incr_cpu):.2f} ms)")
 
         # Context: the full rebuild the agent does at start or on a zone
         # change, for a few changes (each recompiles all 10,000 Services).
@@ -752,6 +757,7 @@ def control_plane(sim_attach, node, loader: Loader, min_changes: int = 20,
         log(f"lb_bench: {len(full)} changes with a full rebuild each: "
             f"p50 {statistics.median(full):.0f} ms, p99 {p99(full):.0f} ms")
         sync.purger.stop()
+        out["load"].append(os.getloadavg()[0])
         out["ct_delete"] = ct_delete_backend(lb)
     return out
 
@@ -904,13 +910,19 @@ def _record_cp(results, cp: dict, loads: dict, command: str = COMMAND) -> None:
                      + (f" (10,000 x 1 alone took over a tenth of the {FULL_LOAD_LIMIT}s allowed "
                         f"for it)" if ipt10.seconds * 10 > FULL_LOAD_LIMIT else ""))
     par = f"parse + store of the API objects before it: {cp['parse_s']:.1f}s (not counted)"
+    if "program_cpu_s" in cp:
+        par = f"the thread's CPU time {cp['program_cpu_s']:.2f}s; " + par
+    load = cp.get("load")
+    machine = (f"; machine load: 1-minute load average {min(load):.1f}-{max(load):.1f} during "
+               f"these rows on {os.cpu_count()} vCPUs (other runs share them: wall times include "
+               f"waiting for a CPU)" if load else "")
     results.record("lb.program_10k_seconds", cp["program_s"], "s", command=command,
                    baseline=base, ratio=None if base is None else cp["program_s"] / base,
                    target="<= 1 s",
                    notes=f"10,000 Services x 10 endpoints from empty maps through ServiceSync."
                          f"sync_once (compile_services -> Reconciler.plan -> apply_op on the real "
                          f"pinned maps, {cp['program_ops']:,} writes); ratio = fastpath time / "
-                         f"iptables-restore time (lower is better); {base_note}; {par}")
+                         f"iptables-restore time (lower is better); {base_note}; {par}{machine}")
     if leg is not None and not leg.error:
         results.record("lb.program_10k_seconds.vs_iptables_legacy", cp["program_s"], "s",
                        command=command, baseline=leg.seconds, ratio=cp["program_s"] / leg.seconds,
@@ -927,18 +939,23 @@ def _record_cp(results, cp: dict, loads: dict, command: str = COMMAND) -> None:
                          f"ServiceSync's change path (ServiceTable recompiles the touched Service, "
                          f"Reconciler.plan_changes, map writes; the removed backend's conntrack "
                          f"purge follows in a background thread, not timed, see "
-                         f"lb.ct_delete_backend_ms); p50 {statistics.median(incr):.2f} ms; map "
+                         f"lb.ct_delete_backend_ms); p50 {statistics.median(incr):.2f} ms"
+                         + (f"; the thread's CPU time p50 "
+                            f"{statistics.median(cp['incr_cpu_ms']):.2f} ms, p99 {p99(cp['incr_cpu_ms']):.2f} ms, max "
+                            f"{max(cp['incr_cpu_ms']):.2f} ms; max wall {max(incr):.2f} ms"
+                            if "incr_cpu_ms" in cp else "")
+                         + f"; map "
                          f"writes per change {min(iops)}-{max(iops)}; maps checked against the "
                          f"expected addresses every 50 changes; "
                          + ("run while kube-proxy's iptables rules for 10,000 Services loaded on "
                             "the other CPU" if loads else "nothing else of the benchmark running "
-                            "(--control-plane-only)"))
+                            "(--control-plane-only)") + machine)
     results.record("lb.one_change_ms.full_rebuild", p99(full), "ms", command=command,
                    notes=f"context: the same changes with ServiceSync.sync_once (the full rebuild "
                          f"done at start and on a zone change: all 10,000 Services recompiled and "
                          f"every frontend diffed); p99 over {len(full)}, p50 "
                          f"{statistics.median(full):.0f} ms; map writes per change "
-                         f"{min(ops)}-{max(ops)}")
+                         f"{min(ops)}-{max(ops)}{machine}")
     ct = cp.get("ct_delete")
     if ct:
         results.record("lb.ct_delete_backend_ms", ct["batched_ms"], "ms", command=command,

@@ -119,7 +119,7 @@ def change_figure(budget: float = 600.0) -> dict:
     from agent.sim.agent import sim_attach
     from tests.policy.scale import NODE as SCALE_NODE, NODE_IPS, Scale
     sc = Scale(2, CP_PODS, CP_LOCAL, CP_POLICIES)
-    out: dict = {}
+    out: dict = {"load": [os.getloadavg()[0]]}
     with World() as w:
         node = w.add_node("cp", enis=0)
         # The agent's own reconciler is off (enforcement never): the maps are
@@ -141,16 +141,17 @@ def change_figure(budget: float = 600.0) -> dict:
                                    f"(refused: {sync.status.refused})")
             log(f"policy_bench: {want} programmed from empty in {out['program_s']:.2f}s "
                 f"({out['program_ops']:,} writes)")
-            ms, ops, write_ms = [], [], []
+            ms, ops, write_ms, cpu_ms = [], [], [], []
             end = time.monotonic() + budget
             for i in range(CP_CHANGES):
                 if time.monotonic() > end:
                     break
                 timed.seconds = 0.0
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 sc.change(POLICY_CHANGES[i % len(POLICY_CHANGES)])
                 ops.append(sync.sync_once())
                 ms.append((time.perf_counter() - t) * 1e3)
+                cpu_ms.append((time.thread_time() - c) * 1e3)
                 write_ms.append(timed.seconds * 1e3)
             if sync.status.applied_version != sc.store.version or sync.status.refused:
                 raise RuntimeError(f"reconciler behind the store: {sync.status.as_dict()}")
@@ -158,9 +159,11 @@ def change_figure(budget: float = 600.0) -> dict:
                      "rules": sync.status.rules}
             if maps.usage() != final:
                 raise RuntimeError(f"maps hold {maps.usage()}, the reconciler says {final}")
-            out.update(ms=ms, ops=ops, write_ms=write_ms, usage=want, final=final)
+            out.update(ms=ms, ops=ops, write_ms=write_ms, usage=want, final=final, cpu_ms=cpu_ms)
+            out["load"].append(os.getloadavg()[0])
     log(f"policy_bench: {len(ms)} NetworkPolicy changes: p50 {statistics.median(ms):.1f} ms, "
-        f"p99 {p99(ms):.1f} ms, max {max(ms):.1f} ms; writes per change "
+        f"p99 {p99(ms):.1f} ms, max {max(ms):.1f} ms (CPU p99 {p99(cpu_ms):.1f} ms); "
+        f"writes per change "
         f"{min(ops)}-{max(ops)}; map writes alone p50 {statistics.median(write_ms):.1f} ms, "
         f"p99 {p99(write_ms):.1f} ms")
     return out
@@ -178,6 +181,11 @@ class TimedWrites:
         self._maps.apply(op)
         self.seconds += time.perf_counter() - t
 
+    def apply_all(self, ops) -> None:
+        t = time.perf_counter()
+        self._maps.apply_all(ops)
+        self.seconds += time.perf_counter() - t
+
     def __getattr__(self, name):
         return getattr(self._maps, name)
 
@@ -185,18 +193,24 @@ class TimedWrites:
 def record_change(c: dict) -> None:
     from bench import results
     ms, ops, u = c["ms"], c["ops"], c["usage"]
-    results.record("policy.change_p99_ms", p99(ms), "ms", command=COMMAND, target="< 30 ms",
+    load = c["load"]
+    results.record("policy.change_p99_ms", p99(ms), "ms", command=COMMAND, target="<= 20 ms",
                    notes=f"p99 over {len(ms)} NetworkPolicy changes (add, modify, remove in turn; "
                          f"tests/policy/scale.py, seed 2) with {CP_POLICIES:,} policies and "
                          f"{CP_PODS:,} pods ({u['endpoints']} on the node, {u['rules']:,} rules) "
                          f"present: store update -> PolicySync.sync_once (compile with previous=, "
                          f"capacity check, ordered diff, writes to the real pinned maps of a "
                          f"simulated node) returns; p50 {statistics.median(ms):.1f} ms, max "
-                         f"{max(ms):.1f} ms; map writes per change {min(ops)}-{max(ops)} (median "
+                         f"{max(ms):.1f} ms; the thread's CPU time p50 "
+                         f"{statistics.median(c['cpu_ms']):.1f} ms, p99 {p99(c['cpu_ms']):.1f} ms, "
+                         f"max {max(c['cpu_ms']):.1f} ms; map writes per change {min(ops)}-{max(ops)} (median "
                          f"{statistics.median(ops):g}), of which the map writes alone took p50 "
                          f"{statistics.median(c['write_ms']):.1f} ms, p99 {p99(c['write_ms']):.1f} ms "
-                         f"(the rest: compile, capacity check, diff); programming the maps from empty: "
-                         f"{c['program_s']:.2f}s, {c['program_ops']:,} writes")
+                         f"(the rest: compile, capacity check, diff; the writes of a plan go in "
+                         f"batches, one per run of one kind of write); programming the maps from "
+                         f"empty: {c['program_s']:.2f}s, {c['program_ops']:,} writes; machine load: "
+                         f"1-minute load average {min(load):.1f}-{max(load):.1f} during the run on "
+                         f"{os.cpu_count()} vCPUs (other runs share them)")
 
 
 # -- the iptables baseline ----------------------------------------------------------------

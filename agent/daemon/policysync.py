@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from agent.daemon.worker import Worker, settle_gc
+from agent.daemon.worker import Worker, planning, settle_gc
 from agent.k8s.model import Kind, Pod
 from agent.k8s.store import Snapshot
 from agent.policy import (
@@ -267,6 +267,10 @@ class PolicySync(Worker):
             return self._plan()
 
     def _plan(self, node_ips: Optional[list[str]] = None, persist: bool = True) -> int:
+        with planning():
+            return self._plan_now(node_ips, persist)
+
+    def _plan_now(self, node_ips: Optional[list[str]], persist: bool) -> int:
         t0 = time.monotonic()
         store_snap = self.store.snapshot()
         snap, pending = self._overlay(store_snap)
@@ -286,8 +290,7 @@ class PolicySync(Worker):
         applied = (lambda: pairs_of(was) - was.refused) if was is not None else ()
         plan = fit(compile_with, self.capacities, old, changed=changed, applied=applied)
         st = self.status
-        for op in plan.ops:
-            self.maps.apply(op)
+        self.maps.apply_all(plan.ops)
         if plan.ops or plan.state is not None:
             # on only once the maps hold a complete state, or at least the
             # isolation of a state that does not fit (idempotent)

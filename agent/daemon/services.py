@@ -41,7 +41,7 @@ from agent.lb.reconcile import (DeleteBackend, DeleteMaglev, DeleteRanges, Delet
 from agent.lb.svcnet import entries as svcnet_entries
 from agent.lb.svcnet import entry_of as svcnet_entry
 from agent.lb.table import ServiceTable
-from agent.daemon.worker import Purger, Worker, settle_gc
+from agent.daemon.worker import Purger, Worker, planning, settle_gc
 
 log = logging.getLogger("fastpath.services")
 
@@ -359,7 +359,7 @@ class ServiceSync(Worker):
         # off: the ops and map rows of 10,000 Services would otherwise set
         # off collections that walk the compiled state (most of the time
         # the writes took).
-        with self._lock, no_cyclic_gc():
+        with self._lock, planning(), no_cyclic_gc():
             self._read_addresses()
             snap = self.store.snapshot()
             self.table = ServiceTable(self.node_name, self._zone(snap), options=self.options)
@@ -375,7 +375,7 @@ class ServiceSync(Worker):
             return n
 
     def _sync_changes(self, changes) -> int:
-        with self._lock, no_cyclic_gc():
+        with self._lock, planning(), no_cyclic_gc():
             if self.retry_at is not None:
                 return 0          # the pending retry plans the whole state, these included
             # The node alone, not a snapshot: a snapshot makes the store's
@@ -489,7 +489,8 @@ class ServiceSync(Worker):
                 raise HostPortRefused(f"the service maps are failing ({self.last_error}); "
                                       "the mapping is kept and written by the next retry")
             try:
-                self._apply(updates, self.applied_version)
+                with planning():
+                    self._apply(updates, self.applied_version)
             except Exception as exc:
                 self._failed(exc)
                 raise

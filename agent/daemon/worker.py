@@ -3,31 +3,60 @@ socket-LB opt-out): each is one daemon thread running `_run` until `stop()`
 sets `_stop`; `Agent.stop` joins them before it releases the BPF module."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Callable
 
 log = logging.getLogger("fastpath.worker")
 
 # A compiled state (10,000 Services, or a node's NetworkPolicy) is hundreds
-# of thousands of long-lived objects; a full collection walking them (tens
-# of ms) would land on whichever change triggered it. Freezing after each
-# plan keeps them out of every later collection, and costs nothing.
-# Compiled states hold no reference cycles (tests/policy/test_gc.py), so an
-# old state is still freed by reference counting, frozen or not. What
-# freezing can keep is a cycle that was frozen before it became garbage (a
-# young cycle frozen with the plan's objects, or one among long-lived
-# objects); a full, unfrozen collection reclaims those every GC_FULL_EVERY
-# plans, but only when a sync loop has nothing to do (idle_gc), never on a
-# change's clock, unless the loops have not been idle for GC_FULL_FORCED
-# plans.
-GC_FULL_EVERY = 200
+# of thousands of long-lived objects; a full collection walking them (35-80
+# ms at 1,000 policies, more with 10,000 Services) lands on whatever runs
+# meanwhile: another loop's plan waits for the GIL until it is over. So the
+# collector never walks them on a schedule of its own. After each plan the
+# objects it left are frozen (out of every later collection; compiled states
+# hold no reference cycles, tests/policy/test_gc.py, so a replaced state is
+# still freed by reference counting). A plan that left few objects first
+# collects the young generations (young cycles: an exception's frame, a
+# closed socket), which walks only those (microseconds), so garbage is
+# rarely frozen. What can still be frozen is a cycle among objects that were
+# alive when frozen and died later (a netlink socket closed after use), or
+# the garbage of a large plan (a start or a full rebuild, frozen without a
+# collection, which would walk all of it): a full, unfrozen collection
+# reclaims those when a sync loop has nothing to do (idle_gc), once
+# GC_FULL_EVERY plans or GC_FULL_SECONDS with a plan have passed; on a
+# change's clock only after GC_FULL_FORCED plans without an idle moment.
+GC_FULL_EVERY = 2000
+GC_FULL_SECONDS = 600.0
 GC_FULL_FORCED = 10 * GC_FULL_EVERY
+# A plan that left more new objects than this is frozen without collecting
+# them first (a collection walks every object it left).
+GC_SETTLE_COLLECT_MAX = 20000
 
 _gc_lock = threading.Lock()
-_gc_plans_since_full = GC_FULL_EVERY    # the first idle moment after start collects
+# Not due at start: the first plan of a starting agent (10,000 Services) is
+# its longest, and the other loops are idle while it runs.
+_gc_plans_since_full = 0
+_gc_last_full = time.monotonic()
+_gc_plans_running = 0
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[None]:
+    """Around a plan: no loop starts the full collection while any plan
+    runs (it would hold the GIL for its whole length)."""
+    global _gc_plans_running
+    with _gc_lock:
+        _gc_plans_running += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_plans_running -= 1
 
 
 def settle_gc(plans_done: int = 0) -> None:
@@ -40,12 +69,23 @@ def settle_gc(plans_done: int = 0) -> None:
         forced = _gc_plans_since_full >= GC_FULL_FORCED
     if forced:
         full_gc()
-    else:
-        gc.freeze()
+        return
+    # gc.get_count()[0]: objects allocated (less those freed) since the last
+    # collection; the plan ran with the collector off, so they are its own
+    # and whatever other threads made meanwhile, all young. The two young
+    # generations only: a collection of the oldest one cost a fixed 0.7 ms
+    # here however little it found (it also empties the free lists).
+    if gc.get_count()[0] <= GC_SETTLE_COLLECT_MAX:
+        gc.collect(1)
+    gc.freeze()
 
 
 def full_gc_due() -> bool:
-    return _gc_plans_since_full >= GC_FULL_EVERY
+    plans = _gc_plans_since_full
+    if _gc_plans_running:
+        return False
+    return plans >= GC_FULL_EVERY or (
+        plans > 0 and time.monotonic() - _gc_last_full >= GC_FULL_SECONDS)
 
 
 def idle_gc() -> bool:
@@ -58,9 +98,10 @@ def idle_gc() -> bool:
 
 
 def full_gc() -> None:
-    global _gc_plans_since_full
+    global _gc_plans_since_full, _gc_last_full
     with _gc_lock:
         _gc_plans_since_full = 0
+        _gc_last_full = time.monotonic()
     gc.unfreeze()
     gc.collect()
     gc.freeze()

@@ -25,6 +25,15 @@ BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, 524)
 
 
+class BatchError(OSError):
+    """A batched write or delete refused an entry: `done` entries before it
+    were applied, none after it."""
+
+    def __init__(self, err: int, message: str, done: int):
+        super().__init__(err, message)
+        self.done = done
+
+
 def _lib():
     lib = libbpf.lib()
     if getattr(lib, "_fp_mapio", False):
@@ -38,6 +47,23 @@ def _lib():
     lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
     lib._fp_mapio = True
     return lib
+
+
+# Buffer types by size, made once. `ct.create_string_buffer` makes an array
+# type per call unless one of that size is alive (ctypes caches them
+# weakly), and a type is a reference cycle: every single-entry write left
+# garbage only the cyclic collector frees. Inputs the kernel only reads
+# (keys, values to write) are passed as the bytes objects themselves: the
+# functions take void pointers.
+_BUFFER_TYPES: dict[int, type] = {}
+
+
+def buffer(size: int):
+    """A zeroed, writable buffer of `size` bytes (for the kernel to fill)."""
+    t = _BUFFER_TYPES.get(size)
+    if t is None:
+        t = _BUFFER_TYPES[size] = ct.c_char * size
+    return t()
 
 
 class _BatchOpts(ct.Structure):
@@ -59,14 +85,14 @@ def batches(fd: int, key_size: int, value_size: int,
     (libbpf.value_buffer_size for per-CPU maps). Entries added or removed
     during the walk may or may not be seen; none is seen twice."""
     lib = _lib()
-    keys = ct.create_string_buffer(key_size * batch)
-    vals = ct.create_string_buffer(value_size * batch)
+    keys = buffer(key_size * batch)
+    vals = buffer(value_size * batch)
     # The batch cursor is a bucket number for hash maps but a whole key for
     # the kernel's generic walk (arrays, LPM tries): an IPv6 trie's 20-byte
     # key written into an 8-byte cursor overran the heap.
     cursor = max(8, key_size)
-    in_b = ct.create_string_buffer(cursor)
-    out_b = ct.create_string_buffer(cursor)
+    in_b = buffer(cursor)
+    out_b = buffer(cursor)
     first = True
     while True:
         cnt = ct.c_uint32(batch)
@@ -105,7 +131,9 @@ def delete_batch(fd: int, keys: Sequence[bytes]) -> int:
     i = 0
     while i < len(keys):
         part = keys[i:i + BATCH]
-        buf = ct.create_string_buffer(b"".join(part), len(part) * size)
+        buf = b"".join(part)
+        if len(buf) != len(part) * size:
+            raise ValueError(f"map {fd}: batch delete: keys of unequal sizes")
         cnt = ct.c_uint32(len(part))
         res = lib.bpf_map_delete_batch(fd, buf, ct.byref(cnt), None)
         deleted += cnt.value
@@ -113,7 +141,7 @@ def delete_batch(fd: int, keys: Sequence[bytes]) -> int:
         if res:
             err = ct.get_errno()
             if err != errno.ENOENT:
-                raise OSError(err, f"map {fd}: batch delete: {os.strerror(err)}")
+                raise BatchError(err, f"map {fd}: batch delete: {os.strerror(err)}", deleted)
             i += 1              # that key went meanwhile
     return deleted
 
@@ -124,15 +152,32 @@ def update_batch(fd: int, pairs: Sequence[tuple[bytes, bytes]], flags: int = BPF
     written; raises on any other error (E2BIG: the map is full)."""
     if not pairs:
         return 0
-    lib = _lib()
     ks, vs = len(pairs[0][0]), len(pairs[0][1])
+    kbuf = b"".join([k for k, _ in pairs])
+    vbuf = b"".join([v for _, v in pairs])
+    if len(kbuf) != len(pairs) * ks or len(vbuf) != len(pairs) * vs:
+        raise ValueError(f"map {fd}: batch update: keys or values of unequal sizes")
+    return update_batch_packed(fd, kbuf, vbuf, len(pairs), flags)
+
+
+def update_batch_packed(fd: int, keys: bytes, values: bytes, count: int,
+                        flags: int = BPF_ANY) -> int:
+    """update_batch of `count` keys and values packed back to back (each
+    buffer `count` times one key's, one value's size)."""
+    if not count:
+        return 0
+    if len(keys) % count or len(values) % count:
+        raise ValueError(f"map {fd}: batch update: {len(keys)} B of keys, {len(values)} B of "
+                         f"values for {count} entries")
+    lib = _lib()
+    ks, vs = len(keys) // count, len(values) // count
     written = 0
     i = 0
-    while i < len(pairs):
-        part = pairs[i:i + BATCH]
-        kbuf = ct.create_string_buffer(b"".join(k for k, _ in part), len(part) * ks)
-        vbuf = ct.create_string_buffer(b"".join(v for _, v in part), len(part) * vs)
-        cnt = ct.c_uint32(len(part))
+    while i < count:
+        n = min(BATCH, count - i)
+        kbuf = keys[i * ks:(i + n) * ks] if (i or n < count) else keys
+        vbuf = values[i * vs:(i + n) * vs] if (i or n < count) else values
+        cnt = ct.c_uint32(n)
         opts = _opts(flags)
         res = lib.bpf_map_update_batch(fd, kbuf, vbuf, ct.byref(cnt), ct.byref(opts))
         written += cnt.value
@@ -142,21 +187,19 @@ def update_batch(fd: int, pairs: Sequence[tuple[bytes, bytes]], flags: int = BPF
             if err == errno.EEXIST and flags == BPF_NOEXIST:
                 i += 1          # that key is there already: keep it
                 continue
-            raise OSError(err, f"map {fd}: batch update: {os.strerror(err)}")
+            raise BatchError(err, f"map {fd}: batch update: {os.strerror(err)}", written)
     return written
 
 
 def lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
-    kb = ct.create_string_buffer(key, len(key))
-    vb = ct.create_string_buffer(value_size)
-    if _lib().bpf_map_lookup_elem(fd, kb, vb) != 0:
+    vb = buffer(value_size)
+    if _lib().bpf_map_lookup_elem(fd, bytes(key), vb) != 0:
         return None
     return vb.raw
 
 
 def delete(fd: int, key: bytes) -> bool:
-    kb = ct.create_string_buffer(key, len(key))
-    if _lib().bpf_map_delete_elem(fd, kb) == 0:
+    if _lib().bpf_map_delete_elem(fd, bytes(key)) == 0:
         return True
     err = ct.get_errno()
     if err == errno.ENOENT:
@@ -167,9 +210,7 @@ def delete(fd: int, key: bytes) -> bool:
 def update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> int:
     """0, or the errno of a refused write (EEXIST with BPF_NOEXIST, E2BIG
     when full)."""
-    kb = ct.create_string_buffer(key, len(key))
-    vb = ct.create_string_buffer(value, len(value))
-    if _lib().bpf_map_update_elem(fd, kb, vb, flags) == 0:
+    if _lib().bpf_map_update_elem(fd, bytes(key), bytes(value), flags) == 0:
         return 0
     return ct.get_errno()
 
@@ -224,6 +265,37 @@ class Unpacker:
             return
         for v in self._struct.iter_unpack(raw):
             yield tuple(v[i] for i in idx)
+
+
+class Packer:
+    """Packs the named scalar fields of structs of one layout, given in the
+    order asked for (native byte order, as a ctypes assignment writes them);
+    every other byte is zero."""
+
+    def __init__(self, layout: Iterable[Field], size: int, names: Sequence[str]):
+        by_name = {n: (off, sz) for n, off, sz in layout}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise KeyError(f"layout has no field {', '.join(missing)}")
+        spec = sorted((by_name[n][0], by_name[n][1], n) for n in names)
+        fmt, at = "=", 0
+        for off, sz, n in spec:
+            if sz not in _CODES:
+                raise ValueError(f"field {n} is {sz} bytes: not a scalar")
+            if off < at:
+                raise ValueError(f"field {n} overlaps the one before it")
+            fmt += "x" * (off - at) + _CODES[sz]
+            at = off + sz
+        fmt += "x" * (size - at)
+        self.size = size
+        self._struct = struct.Struct(fmt)
+        order = [n for _, _, n in spec]
+        self._pos = [list(names).index(n) for n in order]
+        if order == list(names):
+            self.pack = self._struct.pack       # one C call per entry
+
+    def pack(self, *values: int) -> bytes:
+        return self._struct.pack(*(values[i] for i in self._pos))
 
 
 def pack(layout: Iterable[Field], size: int, values: dict[str, int]) -> bytes:

@@ -283,7 +283,7 @@ FLOW_PROTO_NAME = {**PROTO_NAME, 1: "ICMP"}      # flows may be ICMP; frontends 
 
 def be16(port: int) -> int:
     """Port -> the integer whose in-memory bytes are the port in network order."""
-    return struct.unpack("=H", struct.pack("!H", port))[0]
+    return socket.htons(port)
 
 
 def port_from_be16(value: int) -> int:
@@ -494,55 +494,62 @@ class LbMaps:
         self._svc[self._svc_key(vip, port, proto, scope)] = v
 
     # Batched writes (BPF_MAP_UPDATE_BATCH): entries are applied in order.
-    # Keys and values are filled in place in ctypes arrays of the compiled
-    # layouts: building one ctypes object per entry costs more than the
-    # syscalls a batch saves.
+    # Keys and values are packed straight to bytes by the maps' own layouts
+    # (the fields the single writes above set; every other byte zero): a
+    # ctypes object or array element per entry costs more than the syscalls
+    # a batch saves.
+    def _packers(self, table, key_names, value_names):
+        from agent.datapath import mapio
+        cache = self.__dict__.setdefault("_batch_packers", {})
+        got = cache.get(table.name)
+        if got is None:
+            got = cache[table.name] = tuple(
+                mapio.Packer(mapio.fields_of(t) if hasattr(t, "_fields_")
+                             else [("value", 0, ct.sizeof(t))], ct.sizeof(t), names).pack
+                for t, names in ((table.Key, key_names), (table.Leaf, value_names)))
+        return got
+
     BATCH = 8192
 
     @classmethod
     def _update_batch(cls, table, n: int, fill) -> None:
+        """`fill(keys, vals, lo, m)` fills ctypes arrays of entries lo..lo+m."""
         for lo in range(0, n, cls.BATCH):
             m = min(cls.BATCH, n - lo)
             keys, vals = (table.Key * m)(), (table.Leaf * m)()
             fill(keys, vals, lo, m)
             table.items_update_batch(keys, vals)
 
+    @staticmethod
+    def _write_packed(table, keys: list[bytes], values: list[bytes]) -> None:
+        from agent.datapath import mapio
+        mapio.update_batch_packed(table.map_fd, b"".join(keys), b"".join(values), len(keys))
+
     def put_backends(self, rows) -> None:
         """[(backend_id, ip, port, proto, draining)], in order."""
         drain = DEFS.defines["FP_BE_F_DRAINING"]
-
-        def fill(keys, vals, lo, m):
-            for i in range(m):
-                bid, ip, port, proto, draining = rows[lo + i]
-                keys[i] = bid
-                v = vals[i]
-                v.ip, v.port, v.proto = be32(ip), be16(port), PROTO_NUM[proto]
-                v.flags = drain if draining else 0
-        self._update_batch(self._be, len(rows), fill)
+        kp, vp = self._packers(self._be, ("value",), ("ip", "port", "proto", "flags"))
+        self._write_packed(self._be, [kp(r[0]) for r in rows],
+                           [vp(be32(ip), be16(port), PROTO_NUM[proto], drain if draining else 0)
+                            for _, ip, port, proto, draining in rows])
 
     def put_slot_runs(self, runs) -> None:
         """[(svc_id, backend_ids, first slot)], in order."""
-        flat = [(sid, i, bid) for sid, bids, first in runs
-                for i, bid in enumerate(bids, start=first)]
-
-        def fill(keys, vals, lo, m):
-            for i in range(m):
-                sid, slot, bid = flat[lo + i]
-                k = keys[i]
-                k.svc_id, k.slot = sid, slot
-                vals[i].backend_id = bid
-        self._update_batch(self._slot, len(flat), fill)
+        kp, vp = self._packers(self._slot, ("svc_id", "slot"), ("backend_id",))
+        self._write_packed(self._slot,
+                           [kp(sid, i) for sid, bids, first in runs
+                            for i in range(first, first + len(bids))],
+                           [vp(bid) for _, bids, _ in runs for bid in bids])
 
     def put_services(self, rows) -> None:
         """[(vip, port, proto, svc_id, count, flags, affinity_timeout[, scope])], in order."""
-        def fill(keys, vals, lo, m):
-            for i in range(m):
-                vip, port, proto, sid, count, flags, aff, *scope = rows[lo + i]
-                k, v = keys[i], vals[i]
-                k.vip, k.port, k.proto = be32(vip), be16(port), PROTO_NUM[proto]
-                k.scope = scope[0] if scope else 0
-                v.svc_id, v.count, v.flags, v.affinity_timeout = sid, count, flags, aff
-        self._update_batch(self._svc, len(rows), fill)
+        kp, vp = self._packers(self._svc, ("vip", "port", "proto", "scope"),
+                               ("svc_id", "count", "flags", "affinity_timeout"))
+        keys, vals = [], []
+        for vip, port, proto, sid, count, flags, aff, *scope in rows:
+            keys.append(kp(be32(vip), be16(port), PROTO_NUM[proto], scope[0] if scope else 0))
+            vals.append(vp(sid, count, flags, aff))
+        self._write_packed(self._svc, keys, vals)
 
     def delete_service(self, vip: str, port: int, proto: str, scope: int = 0) -> None:
         try:

@@ -9,7 +9,10 @@ may name several (an attribution difference only: the same packets pass).
 """
 from __future__ import annotations
 
+import ctypes as ct
+
 from agent.model.bpfdefs import load as _defs
+from agent.datapath import mapio
 from agent.datapath.maps import MAP, be16, be32, ip_from_be32, port_from_be16
 from agent.policy import ip4
 from agent.policy.diff import (
@@ -43,12 +46,42 @@ def _rule_fields(v: RuleValue) -> tuple[int, int]:
     return (min(v.policies) if v.policies else 0), (F_RULE_AUDIT if v.audit else 0)
 
 
+def _packer(ctype, names=None) -> mapio.Packer:
+    """A packer of these fields of a struct type; no names: its one value
+    (a scalar type, or the first field of a struct)."""
+    if hasattr(ctype, "_fields_"):
+        layout = mapio.fields_of(ctype)
+    else:
+        layout = [("value", 0, ct.sizeof(ctype))]
+    return mapio.Packer(layout, ct.sizeof(ctype), names or (layout[0][0],))
+
+
+# The map entry an operation writes or deletes.
+_ENTRY = {IpcachePut: lambda op: op.prefix, IpcacheDelete: lambda op: op.prefix,
+          RulePut: lambda op: (op.endpoint, op.key), RuleDelete: lambda op: (op.endpoint, op.key),
+          EndpointPut: lambda op: op.endpoint, EndpointDelete: lambda op: op.endpoint}
+
+
+def _untouched(exc: OSError) -> bool:
+    return isinstance(exc, mapio.BatchError) and exc.done == 0
+
+
 class PolicyMaps:
     def __init__(self, tables):
         self.ipcache = tables[MAP["FP_MAP_IPCACHE"]]
         self.endpoints = tables[MAP["FP_MAP_POLICY_EP"]]
         self.rules = tables[MAP["FP_MAP_POLICY"]]
         self.counters = tables[MAP["FP_MAP_POLICY_CNT"]]
+        # Bytes of keys and values for batched writes, by the maps' own
+        # layouts (the fields set exactly as the ctypes writes below set them).
+        self._ipc_key = _packer(self.ipcache.Key, ("prefixlen", "addr"))
+        self._ipc_val = _packer(self.ipcache.Leaf)
+        self._rule_key_packer = _packer(self.rules.Key, ("prefixlen", "ep_ip4", "identity", "dir",
+                                                         "proto", "dport"))
+        self._rule_val = _packer(self.rules.Leaf, ("policy_id", "flags", "flows"))
+        self._flows_of = mapio.Unpacker(mapio.fields_of(self.rules.Leaf),
+                                        ct.sizeof(self.rules.Leaf), ("flows",))
+        self._ep_key = _packer(self.endpoints.Key)
 
     # ------------------------------------------------------------ keys
     def _ipcache_key(self, prefix: str):
@@ -100,6 +133,105 @@ class PolicyMaps:
             self._delete(self.endpoints, self.endpoints.Key(be32(op.endpoint)))
         else:
             raise TypeError(f"unknown policy map operation {op!r}")
+
+    # ---------------------------------------------------- batched writes
+    def apply_all(self, ops) -> None:
+        """A plan's operations in order, each run of one kind of operation
+        as one batched update or delete of its map. The kernel applies a
+        batch entry by entry in order and stops at the first entry it
+        refuses (a full map), so what is in the maps when this raises is
+        what the same operations written one by one would have left: every
+        operation before the refused one, none after. A run is cut where an
+        entry repeats, so a write that reads its entry first (a rewritten
+        rule keeps its flow count) still sees the writes before it."""
+        i, n = 0, len(ops)
+        while i < n:
+            kind = type(ops[i])
+            batched = self._BATCHED.get(kind)
+            if batched is None:
+                self.apply(ops[i])
+                i += 1
+                continue
+            entry = _ENTRY[kind]
+            seen = {entry(ops[i])}
+            j = i + 1
+            while j < n and type(ops[j]) is kind and (e := entry(ops[j])) not in seen:
+                seen.add(e)
+                j += 1
+            if j - i == 1:
+                self.apply(ops[i])
+            else:
+                batched(self, ops[i:j])
+            i = j
+
+    def _ipcache_bytes(self, prefix: str) -> bytes:
+        p = ip4.parse_prefix(prefix)
+        if p is None:
+            raise ValueError(f"ipcache: {prefix!r} is not an IPv4 prefix")
+        plen, net = p
+        return self._ipc_key.pack(plen, be32(ip4.to_text(net)))
+
+    def _rule_bytes(self, ep: str, k: PolicyKey) -> bytes:
+        return self._rule_key_packer.pack(k.lpm_prefixlen, be32(ep), _htonl(k.identity),
+                                          int(k.direction), k.protocol, be16(k.port))
+
+    def _write(self, table, pairs: list[tuple[bytes, bytes]]) -> None:
+        try:
+            mapio.update_batch(table.map_fd, pairs)
+        except OSError as exc:
+            # a kernel without batch operations for this map type refuses
+            # before writing anything: the same writes one by one
+            if exc.errno not in mapio.NO_BATCH or not _untouched(exc):
+                raise
+            for k, v in pairs:
+                table[table.Key.from_buffer_copy(k)] = table.Leaf.from_buffer_copy(v)
+
+    def _remove(self, table, keys: list[bytes]) -> None:
+        try:
+            mapio.delete_batch(table.map_fd, keys)
+        except OSError as exc:
+            if exc.errno not in mapio.NO_BATCH or not _untouched(exc):
+                raise
+            for k in keys:
+                self._delete(table, table.Key.from_buffer_copy(k))
+
+    def _put_ipcache(self, run) -> None:
+        self._write(self.ipcache, [(self._ipcache_bytes(op.prefix),
+                                    self._ipc_val.pack(op.identity)) for op in run])
+
+    def _del_ipcache(self, run) -> None:
+        self._remove(self.ipcache, [self._ipcache_bytes(op.prefix) for op in run])
+
+    def _put_rules(self, run) -> None:
+        pairs = []
+        fd, vsize = self.rules.map_fd, self.rules.value_size
+        for op in run:
+            policy_id, flags = _rule_fields(op.value)
+            was = op.was
+            if isinstance(was, RuleValue) and _rule_fields(was) == (policy_id, flags):
+                continue      # an attribution the map does not hold: nothing to write
+            key = self._rule_bytes(op.endpoint, op.key)
+            flows = 0
+            if was is not None:          # a rewritten rule keeps its flow count
+                raw = mapio.lookup(fd, key, vsize)
+                if raw is not None:
+                    flows = self._flows_of.one(raw)[0]
+            pairs.append((key, self._rule_val.pack(policy_id, flags, flows)))
+        self._write(self.rules, pairs)
+
+    def _del_rules(self, run) -> None:
+        self._remove(self.rules, [self._rule_bytes(op.endpoint, op.key) for op in run])
+
+    def _put_endpoints(self, run) -> None:
+        self._write(self.endpoints, [(self._ep_key.pack(be32(op.endpoint)),
+                                      bytes(self._ep_value(op.config))) for op in run])
+
+    def _del_endpoints(self, run) -> None:
+        self._remove(self.endpoints, [self._ep_key.pack(be32(op.endpoint)) for op in run])
+
+    _BATCHED = {IpcachePut: _put_ipcache, IpcacheDelete: _del_ipcache, RulePut: _put_rules,
+                RuleDelete: _del_rules, EndpointPut: _put_endpoints,
+                EndpointDelete: _del_endpoints}
 
     @staticmethod
     def _delete(table, key) -> None:

@@ -213,11 +213,7 @@ class Table:
 
     def items_update_batch(self, keys, values) -> None:
         """Write ctypes arrays of keys and values (bcc's signature)."""
-        ks, vs = bytes(keys), bytes(values)
-        n = len(keys)
-        mapio.update_batch(self.map_fd, [(ks[i * self.key_size:(i + 1) * self.key_size],
-                                          vs[i * self._vbuf:(i + 1) * self._vbuf])
-                                         for i in range(n)])
+        mapio.update_batch_packed(self.map_fd, bytes(keys), bytes(values), len(keys))
 
 
 def _types_from_btf(name: str, fd: int, info):

@@ -262,6 +262,10 @@ class IdAllocator:
         id_ = self._by_key.get(key)
         if id_ is not None:
             return id_
+        return self.allocate_new(key)
+
+    def allocate_new(self, key: Hashable) -> int:
+        """An id for a key the caller knows has none."""
         if self._next <= self.limit:
             id_ = self._next
             self._next += 1
@@ -537,7 +541,7 @@ class Reconciler:
         # Records for backends the maps do not hold yet (or hold as orphans).
         records: dict[int, Backend] = {}
         held = self.backend_ids._by_key
-        allocate = self.backend_ids.allocate
+        allocate = self.backend_ids.allocate_new     # only for keys `held` lacks
         known = self._backends
 
         # Entries found sharing another's service id go first, so they have
@@ -747,6 +751,9 @@ class Reconciler:
         of them new flows may choose) from old to new. A Maglev table only
         names the frontend's own slot backends, but a restored one may name
         others: those count as choosable until the table is rewritten."""
+        if not old and not old_claims and not old_drain and not old_table:
+            self._account_new(new, new_claims, touched, new_drain, new_table)
+            return
         old_slots, new_slots = set(old) | set(old_table), set(new) | set(new_table)
         # Slots a restored entry lacks, or that name nothing, hold no reference.
         old_slots -= {MISSING, DANGLING}
@@ -780,6 +787,27 @@ class Reconciler:
         touched |= old_set ^ new_set
         touched |= old_claims ^ new_claims
         touched |= old_slots ^ new_slots
+
+    def _account_new(self, new: Iterable[int], new_claims: frozenset[int], touched: set[int],
+                     new_drain: frozenset[int], new_table: Iterable[int]) -> None:
+        """_account for a frontend that held nothing (every frontend of a
+        start): each of its backends gains a reference, nothing loses one."""
+        new_slots = set(new)
+        if new_table:
+            new_slots.update(new_table)
+        new_slots.discard(MISSING)
+        new_slots.discard(DANGLING)
+        slotrefs, refs = self._slotrefs, self._refs
+        for b in new_slots:
+            slotrefs[b] = slotrefs.get(b, 0) + 1
+        new_set = new_slots | new_drain if new_drain else new_slots
+        for b in new_set:
+            refs[b] = refs.get(b, 0) + 1
+        if new_claims:
+            for b in new_claims:
+                self._term[b] = self._term.get(b, 0) + 1
+            touched |= new_claims
+        touched |= new_set
 
     # ----------------------------------------------------------- restart
 

@@ -130,3 +130,53 @@ def test_svcnet_set_batched_writes_prefixes_and_hosts(lb):
     with pytest.raises(ValueError):
         lb.svcnet_set({"172.16.0.1/16": 2})
     assert lb.svcnet() == many, "a refused prefix must leave the map as it was"
+
+
+def _raw(lb) -> dict:
+    return {name: sorted(getattr(lb, name).raw_items()) for name in ("_svc", "_slot", "_be")}
+
+
+def _clear(lb) -> None:
+    for name in ("_svc", "_slot", "_be"):
+        getattr(lb, name).clear()
+
+
+def test_batched_service_writes_leave_what_single_writes_leave(lb):
+    """apply_ops turns runs of backend, slot and service writes into batches
+    packed by the maps' layouts: the maps end byte for byte as with the same
+    operations written one by one (apply_op), also when the backend map is
+    full half-way through a batch (the kernel's E2BIG after the entries that
+    fit, none after)."""
+    from agent.daemon.services import apply_op, apply_ops
+    from agent.lb.compile import Backend, Frontend
+    from agent.lb.reconcile import PutBackend, PutService, PutSlots
+    backends = [PutBackend(i + 1, Backend(f"10.2.{i // 200}.{i % 200 + 1}", 8000 + i,
+                                          "UDP" if i % 3 else "TCP"), draining=i % 5 == 0)
+                for i in range(20)]
+    ops = (backends
+           + [PutSlots(7, (1, 2, 3), 1), PutSlots(8, (4, 5), 2), PutSlots(9, (6,), 1)]
+           + [PutService(Frontend(vip(3), 80, "TCP"), 7, 3, 30, 1),
+              PutService(Frontend(vip(4), 53, "UDP", 1), 8, 2, 0, FLAG_REJECT)])
+    try:
+        assert apply_ops(lb, ops) == []
+        batched = _raw(lb)
+        _clear(lb)
+        for op in ops:
+            apply_op(lb, op)
+        assert _raw(lb) == batched
+        assert len(batched["_be"]) == 20 and len(batched["_slot"]) == 6
+        # 40 backends into a map of 32: the first 12 fit after the 20 there
+        more = [PutBackend(100 + i, Backend(f"10.3.0.{i + 1}", 80, "TCP")) for i in range(40)]
+        errors = []
+        for how in (lambda: apply_ops(lb, more), lambda: [apply_op(lb, op) for op in more]):
+            _clear(lb)
+            apply_ops(lb, ops)
+            with pytest.raises(OSError) as exc:
+                how()
+            errors.append(exc.value.errno)
+            errors.append(_raw(lb))
+        assert errors[0] == errors[2]
+        assert errors[1] == errors[3]
+        assert len(errors[1]["_be"]) == 32
+    finally:
+        _clear(lb)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import random
+import time
 import weakref
 
 import pytest
@@ -58,12 +59,21 @@ def test_the_reconcilers_old_states_are_freed_without_the_collector(no_collector
     assert first() is None, "the first plan's state outlived its successors"
 
 
-def test_a_plan_freezes_and_a_full_collection_waits_for_an_idle_loop(monkeypatch):
-    """settle_gc never collects on a change's clock; idle_gc collects once
-    GC_FULL_EVERY plans have passed, frozen garbage included."""
-    class Cycle:
-        pass
+class Cycle:
+    pass
+
+
+@pytest.fixture
+def fresh_gc_clock(monkeypatch):
+    """No full collection due: none for 0 plans, just now."""
     monkeypatch.setattr(worker, "_gc_plans_since_full", 0)
+    monkeypatch.setattr(worker, "_gc_last_full", time.monotonic())
+    monkeypatch.setattr(worker, "_gc_plans_running", 0)
+
+
+def test_a_plan_freezes_and_a_full_collection_waits_for_an_idle_loop(fresh_gc_clock):
+    """settle_gc never runs the full collection on a change's clock; idle_gc
+    runs it once GC_FULL_EVERY plans have passed, frozen garbage included."""
     c = Cycle()
     c.me = c
     ref = weakref.ref(c)
@@ -84,10 +94,7 @@ def test_a_plan_freezes_and_a_full_collection_waits_for_an_idle_loop(monkeypatch
         gc.unfreeze()
 
 
-def test_a_loop_that_is_never_idle_still_collects(monkeypatch):
-    class Cycle:
-        pass
-    monkeypatch.setattr(worker, "_gc_plans_since_full", 0)
+def test_a_loop_that_is_never_idle_still_collects(fresh_gc_clock):
     c = Cycle()
     c.me = c
     ref = weakref.ref(c)
@@ -130,3 +137,73 @@ def test_an_idle_sync_loop_runs_the_due_full_collection(monkeypatch):
     finally:
         loop.stop()
         gc.unfreeze()
+
+
+def test_young_garbage_is_collected_before_it_is_frozen(fresh_gc_clock):
+    """A cycle that died before the plan ended (an exception's frame, a
+    closed socket) is collected by settle_gc, not frozen until the next full
+    collection; the full collection's clock does not move."""
+    c = Cycle()
+    c.me = c
+    ref = weakref.ref(c)
+    del c
+    try:
+        worker.settle_gc()
+        assert ref() is None, "young garbage frozen with the plan's objects"
+        assert worker._gc_plans_since_full == 1
+        assert not worker.full_gc_due()
+    finally:
+        gc.unfreeze()
+
+
+def test_a_large_plan_is_frozen_without_a_collection(fresh_gc_clock, monkeypatch):
+    """More new objects than GC_SETTLE_COLLECT_MAX: collecting would walk
+    them all on the plan's clock, so they are frozen as they are; the full
+    collection reclaims what died among them."""
+    monkeypatch.setattr(worker, "GC_SETTLE_COLLECT_MAX", -1)
+    c = Cycle()
+    c.me = c
+    ref = weakref.ref(c)
+    del c
+    try:
+        worker.settle_gc()
+        assert ref() is not None
+        worker.full_gc()
+        assert ref() is None
+    finally:
+        gc.unfreeze()
+
+
+def test_a_full_collection_is_due_after_a_while_with_plans(fresh_gc_clock, monkeypatch):
+    """A quiet agent (few plans) still reclaims frozen garbage: after
+    GC_FULL_SECONDS, if a plan happened since the last full collection."""
+    monkeypatch.setattr(worker, "_gc_last_full", time.monotonic() - worker.GC_FULL_SECONDS - 1)
+    assert not worker.full_gc_due(), "due without a plan since the last one"
+    worker._gc_plans_since_full = 1
+    assert worker.full_gc_due()
+    try:
+        assert worker.idle_gc()
+        assert not worker.full_gc_due()
+    finally:
+        gc.unfreeze()
+
+
+def test_no_full_collection_starts_while_a_plan_runs(fresh_gc_clock):
+    """The full collection holds the GIL for tens of milliseconds: an idle
+    loop does not start it while another loop is inside a plan."""
+    worker._gc_plans_since_full = worker.GC_FULL_EVERY
+    try:
+        with worker.planning():
+            assert not worker.full_gc_due()
+            assert not worker.idle_gc()
+        assert worker.full_gc_due()
+        assert worker.idle_gc()
+    finally:
+        gc.unfreeze()
+
+
+def test_a_failed_plan_leaves_no_plan_running(fresh_gc_clock):
+    with pytest.raises(RuntimeError):
+        with worker.planning():
+            raise RuntimeError("a plan failed")
+    assert worker._gc_plans_running == 0

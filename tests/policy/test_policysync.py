@@ -54,6 +54,10 @@ class FakeMaps:
             if have > cap:
                 raise Overflowed(f"{n} map overflowed by {op}: {have} > {cap}")
 
+    def apply_all(self, ops) -> None:
+        for op in ops:
+            self.apply(op)
+
     def image(self) -> MapImage:
         out = MapImage()
         for k, v in self.img.ipcache.items():
