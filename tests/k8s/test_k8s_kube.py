@@ -161,6 +161,9 @@ def test_unreachable_api_is_logged_once_counted_and_recovered(fake, kube, caplog
         fake.apply(svc("during-outage"))
         fake.up()
         wait_for(lambda: converged(fake, src) and src.status()["connected"])
+        # the recovery line follows the last kind's reconnection in its own
+        # thread, a moment after status() says connected
+        wait_for(lambda: any("reachable again" in r.getMessage() for r in caplog.records))
     unreachable = [r for r in caplog.records if "is unreachable" in r.getMessage()]
     assert len(unreachable) == 1 and unreachable[0].levelno == logging.WARNING
     assert fake.url in unreachable[0].getMessage()
