@@ -12,6 +12,7 @@ made by the programs give real answers:
 """
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 from dataclasses import dataclass
@@ -120,21 +121,55 @@ def bpfnet():
         subprocess.run(f"ip netns del {ns}", shell=True)
 
 
-@pytest.fixture(scope="session")
-def dp(bpffs, bpfnet):
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath", service_cidrs=SERVICE_CIDR)
-    d = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
-    n = bpfnet
+def put_pods(d: Datapath, n: BpfNet) -> None:
+    """The endpoints of pods A, B (on ENI eth1) and C (ENI unresolved: fastpath
+    must not guess a way out for it)."""
     d.maps.endpoint_put(Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac, n.pod_a_mac,
                                  "eth1", n.eth1.ifindex))
     d.maps.endpoint_put(Endpoint(POD_B, "caliB", n.cali_b.ifindex, n.cali_b.mac, n.pod_b_mac,
                                  "eth1", n.eth1.ifindex))
-    # pod C's ENI is unresolved: fastpath must not guess a way out for it
     d.maps.endpoint_put(Endpoint(POD_C, "caliC", n.cali_c.ifindex, n.cali_c.mac, n.pod_c_mac))
+
+
+@pytest.fixture(scope="session")
+def dp(bpffs, bpfnet):
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath", service_cidrs=SERVICE_CIDR)
+    d = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
     try:
+        put_pods(d, bpfnet)
         yield d
     finally:
         d.close()
+
+
+def put_frontend(lb, vip: str, port: int, proto: str, slots_id: int, backend_ids: list[int],
+                 *flags) -> None:
+    """A Service frontend over `backend_ids`: the slots first, so the
+    frontend never counts slots that are not there yet."""
+    if backend_ids:
+        lb.put_slots(slots_id, backend_ids)
+    lb.put_service(vip, port, proto, slots_id, len(backend_ids), *flags)
+
+
+@contextlib.contextmanager
+def frontends(lb, backends: dict[int, tuple], services: list[tuple], flush: bool = False):
+    """A test module's Services: `backends` {id: (ip, port, proto)}, then
+    `services` (put_frontend's arguments); the frontends deleted on the way
+    out. `flush`: conntrack flushed after they are written and after they
+    are gone, so no flow of another module is seen or left behind."""
+    for bid, backend in backends.items():
+        lb.put_backend(bid, *backend)
+    for service in services:
+        put_frontend(lb, *service)
+    if flush:
+        lb.conntrack_flush()
+    try:
+        yield lb
+    finally:
+        for vip, port, proto, *_ in services:
+            lb.delete_service(vip, port, proto)
+        if flush:
+            lb.conntrack_flush()
 
 
 @dataclass
@@ -177,13 +212,8 @@ def ct_dp(bpffs, bpfnet):
                                     conntrack_new_map_size=CT_SMALL,
                                     conntrack_policy_map_size=CT_SMALL, **CT_LIFETIMES)
     d = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
-    n = bpfnet
-    d.maps.endpoint_put(Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac, n.pod_a_mac,
-                                 "eth1", n.eth1.ifindex))
-    d.maps.endpoint_put(Endpoint(POD_B, "caliB", n.cali_b.ifindex, n.cali_b.mac, n.pod_b_mac,
-                                 "eth1", n.eth1.ifindex))
-    d.maps.endpoint_put(Endpoint(POD_C, "caliC", n.cali_c.ifindex, n.cali_c.mac, n.pod_c_mac))
     try:
+        put_pods(d, bpfnet)
         yield d
     finally:
         d.close()

@@ -22,7 +22,7 @@ from scapy.layers.l2 import Ether
 
 from agent.policy import compile_policy, diff
 from tests.bpf.conftest import (ENI_IP, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, run_prog)
+                                TC_ACT_SHOT, frontends, run_prog)
 from tests.policy.kube import namespace, netpol, pod, snapshot
 
 VIP_F = "192.168.82.10"
@@ -33,16 +33,9 @@ PAYLOAD = bytes(range(256)) * 11 + b"tail"          # 2,820 bytes: three fragmen
 
 @pytest.fixture(scope="module")
 def svc(ct_dp):
-    lb = ct_dp.lb
-    lb.put_backend(31, POD_B, 5353, "UDP")
-    lb.put_slots(31, [31])
-    lb.put_service(VIP_F, 53, "UDP", 31, 1)
-    lb.put_backend(32, REMOTE, 5353, "UDP")
-    lb.put_slots(32, [32])
-    lb.put_service(VIP_F, 54, "UDP", 32, 1)
-    yield lb
-    lb.delete_service(VIP_F, 53, "UDP")
-    lb.delete_service(VIP_F, 54, "UDP")
+    with frontends(ct_dp.lb, {31: (POD_B, 5353, "UDP"), 32: (REMOTE, 5353, "UDP")},
+                   [(VIP_F, 53, "UDP", 31, [31]), (VIP_F, 54, "UDP", 32, [32])]) as lb:
+        yield lb
 
 
 def frags(src, dst, sport, dport, payload=PAYLOAD):

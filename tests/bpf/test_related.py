@@ -27,7 +27,7 @@ from scapy.utils import checksum
 
 from agent.policy import compile_policy, diff
 from tests.bpf.conftest import (ENI_IP, GW, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, TC_ACT_UNSPEC, run_prog)
+                                TC_ACT_SHOT, TC_ACT_UNSPEC, frontends, run_prog)
 from tests.policy.kube import namespace, netpol, pod, snapshot
 
 VIP_R = "192.168.81.10"       # backends behind the VPC
@@ -38,17 +38,13 @@ _ports = itertools.count(30000)
 
 @pytest.fixture(scope="module")
 def svc(ct_dp):
-    lb = ct_dp.lb
     rows = [(21, REMOTE, 5353, "UDP", VIP_R, 53), (22, REMOTE, 8080, "TCP", VIP_R, 80),
             (23, POD_B, 5353, "UDP", VIP_L, 53), (24, POD_B, 8080, "TCP", VIP_L, 80),
             (25, POD_A, 5353, "UDP", VIP_H, 53)]
-    for bid, ip, port, proto, vip, vport in rows:
-        lb.put_backend(bid, ip, port, proto)
-        lb.put_slots(bid, [bid])
-        lb.put_service(vip, vport, proto, bid, 1)
-    yield lb
-    for bid, ip, port, proto, vip, vport in rows:
-        lb.delete_service(vip, vport, proto)
+    with frontends(ct_dp.lb, {bid: (ip, port, proto) for bid, ip, port, proto, _, _ in rows},
+                   [(vip, vport, proto, bid, [bid]) for bid, _, _, proto, vip, vport in rows]) \
+            as lb:
+        yield lb
 
 
 def from_a(net, dst, l4, payload=b"question"):
