@@ -58,9 +58,12 @@ def test_the_reconcilers_old_states_are_freed_without_the_collector(no_collector
     assert first() is None, "the first plan's state outlived its successors"
 
 
-def test_a_plan_freezes_and_a_full_collection_waits_for_an_idle_loop(monkeypatch):
-    """settle_gc never collects on a change's clock; idle_gc collects once
-    GC_FULL_EVERY plans have passed, frozen garbage included."""
+@pytest.fixture
+def frozen_garbage(monkeypatch):
+    """A weak reference to a reference cycle that was alive at the first
+    plan's settle_gc (so frozen with everything else) and is garbage since;
+    the plan count starts there. The collector's frozen set is released
+    after the test."""
     class Cycle:
         pass
     monkeypatch.setattr(worker, "_gc_plans_since_full", 0)
@@ -70,37 +73,34 @@ def test_a_plan_freezes_and_a_full_collection_waits_for_an_idle_loop(monkeypatch
     worker.settle_gc()           # the cycle is alive: frozen with everything else
     del c
     try:
-        for _ in range(worker.GC_FULL_EVERY - 2):
-            worker.settle_gc()
-        gc.collect()             # a young collection does not see frozen objects
-        assert ref() is not None
-        assert not worker.idle_gc(), "a full collection before GC_FULL_EVERY plans"
-        worker.settle_gc()
-        assert ref() is not None, "settle_gc collected on the plan's clock"
-        assert worker.idle_gc()
-        assert ref() is None, "the idle full collection left frozen garbage"
-        assert not worker.idle_gc()      # not due again until the next GC_FULL_EVERY plans
+        yield ref
     finally:
         gc.unfreeze()
 
 
-def test_a_loop_that_is_never_idle_still_collects(monkeypatch):
-    class Cycle:
-        pass
-    monkeypatch.setattr(worker, "_gc_plans_since_full", 0)
-    c = Cycle()
-    c.me = c
-    ref = weakref.ref(c)
+def test_a_plan_freezes_and_a_full_collection_waits_for_an_idle_loop(frozen_garbage):
+    """settle_gc never collects on a change's clock; idle_gc collects once
+    GC_FULL_EVERY plans have passed, frozen garbage included."""
+    ref = frozen_garbage
+    for _ in range(worker.GC_FULL_EVERY - 2):
+        worker.settle_gc()
+    gc.collect()             # a young collection does not see frozen objects
+    assert ref() is not None
+    assert not worker.idle_gc(), "a full collection before GC_FULL_EVERY plans"
     worker.settle_gc()
-    del c
-    try:
-        for _ in range(worker.GC_FULL_FORCED - 2):
-            worker.settle_gc()
-        assert ref() is not None
+    assert ref() is not None, "settle_gc collected on the plan's clock"
+    assert worker.idle_gc()
+    assert ref() is None, "the idle full collection left frozen garbage"
+    assert not worker.idle_gc()      # not due again until the next GC_FULL_EVERY plans
+
+
+def test_a_loop_that_is_never_idle_still_collects(frozen_garbage):
+    ref = frozen_garbage
+    for _ in range(worker.GC_FULL_FORCED - 2):
         worker.settle_gc()
-        assert ref() is None, "no full collection after GC_FULL_FORCED busy plans"
-    finally:
-        gc.unfreeze()
+    assert ref() is not None
+    worker.settle_gc()
+    assert ref() is None, "no full collection after GC_FULL_FORCED busy plans"
 
 
 def test_an_idle_sync_loop_runs_the_due_full_collection(monkeypatch):
