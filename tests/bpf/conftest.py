@@ -131,15 +131,23 @@ def put_pods(d: Datapath, n: BpfNet) -> None:
     d.maps.endpoint_put(Endpoint(POD_C, "caliC", n.cali_c.ifindex, n.cali_c.mac, n.pod_c_mac))
 
 
-@pytest.fixture(scope="session")
-def dp(bpffs, bpfnet):
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath", service_cidrs=SERVICE_CIDR)
-    d = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
+@contextlib.contextmanager
+def loaded(cfg: Config, n: BpfNet):
+    """A datapath built for the tests in bpfnet's netns with pods A, B, C;
+    closed on the way out."""
+    d = Datapath(cfg, netns=n.ns, test_build=True).load()
     try:
-        put_pods(d, bpfnet)
+        put_pods(d, n)
         yield d
     finally:
         d.close()
+
+
+@pytest.fixture(scope="session")
+def dp(bpffs, bpfnet):
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath", service_cidrs=SERVICE_CIDR)
+    with loaded(cfg, bpfnet) as d:
+        yield d
 
 
 def put_frontend(lb, vip: str, port: int, proto: str, slots_id: int, backend_ids: list[int],
@@ -170,6 +178,30 @@ def frontends(lb, backends: dict[int, tuple], services: list[tuple], flush: bool
             lb.delete_service(vip, port, proto)
         if flush:
             lb.conntrack_flush()
+
+
+@contextlib.contextmanager
+def enforced(d: Datapath, snap, audited=frozenset(), *, flush_first: bool = False,
+             flush_last: bool = False):
+    """`snap`'s NetworkPolicy state for node n1, compiled and written as the
+    agent writes it (compile_policy -> diff -> apply), with policy checks on,
+    for a test module; yields the state. On the way out the checks are off
+    and the policy maps empty. flush_first / flush_last: conntrack flushed
+    once the state is on / once it is gone."""
+    from agent.policy import compile_policy, diff
+    state = compile_policy(snap, "n1", [ENI_IP], "default", set(audited))
+    for op in diff(d.policy.image(), state):
+        d.policy.apply(op)
+    d.settings.set_policy(True)
+    if flush_first:
+        d.lb.conntrack_flush()
+    try:
+        yield state
+    finally:
+        d.settings.set_policy(False)
+        d.policy.clear()
+        if flush_last:
+            d.lb.conntrack_flush()
 
 
 @dataclass
@@ -211,12 +243,8 @@ def ct_dp(bpffs, bpfnet):
                                     conntrack_map_size=CT_SMALL,
                                     conntrack_new_map_size=CT_SMALL,
                                     conntrack_policy_map_size=CT_SMALL, **CT_LIFETIMES)
-    d = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
-    try:
-        put_pods(d, bpfnet)
+    with loaded(cfg, bpfnet) as d:
         yield d
-    finally:
-        d.close()
 
 
 class Events:

@@ -20,9 +20,8 @@ import pytest
 from scapy.layers.inet import IP, UDP, defragment, fragment
 from scapy.layers.l2 import Ether
 
-from agent.policy import compile_policy, diff
-from tests.bpf.conftest import (ENI_IP, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, frontends, run_prog)
+from tests.bpf.conftest import (POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT,
+                                enforced, frontends, run_prog)
 from tests.policy.kube import namespace, netpol, pod, snapshot
 
 VIP_F = "192.168.82.10"
@@ -139,15 +138,8 @@ def policy(ct_dp, svc):
                                           "ingress": [{"from": [{"podSelector": {
                                               "matchLabels": {"app": "a"}}}],
                                               "ports": [{"protocol": "UDP", "port": 5353}]}]})])
-    state = compile_policy(snap, "n1", [ENI_IP], "default", set())
-    for op in diff(ct_dp.policy.image(), state):
-        ct_dp.policy.apply(op)
-    ct_dp.settings.set_policy(True)
-    try:
+    with enforced(ct_dp, snap) as state:
         yield state
-    finally:
-        ct_dp.settings.set_policy(False)
-        ct_dp.policy.clear()
 
 
 def test_an_allowed_datagram_arrives_whole_and_a_denied_one_not_at_all(ct_dp, bpfnet, svc,

@@ -25,9 +25,8 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import checksum
 
-from agent.policy import compile_policy, diff
 from tests.bpf.conftest import (ENI_IP, GW, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, TC_ACT_UNSPEC, frontends, run_prog)
+                                TC_ACT_SHOT, TC_ACT_UNSPEC, enforced, frontends, run_prog)
 from tests.policy.kube import namespace, netpol, pod, snapshot
 
 VIP_R = "192.168.81.10"       # backends behind the VPC
@@ -215,15 +214,8 @@ def isolated(ct_dp, svc):
                      pod("x", "c", POD_C, labels={"app": "c"}),
                      netpol("x", "a-deny-in", {"podSelector": {"matchLabels": {"app": "a"}},
                                                "ingress": []})])
-    state = compile_policy(snap, "n1", [ENI_IP], "default", set())
-    for op in diff(ct_dp.policy.image(), state):
-        ct_dp.policy.apply(op)
-    ct_dp.settings.set_policy(True)
-    try:
+    with enforced(ct_dp, snap) as state:
         yield state
-    finally:
-        ct_dp.settings.set_policy(False)
-        ct_dp.policy.clear()
 
 
 def _remote_icmp(net, icmp, payload=b""):
