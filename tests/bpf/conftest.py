@@ -180,6 +180,14 @@ def frontends(lb, backends: dict[int, tuple], services: list[tuple], flush: bool
             lb.conntrack_flush()
 
 
+def pods_abc() -> list:
+    """Namespace x with pods A, B and C (labels app=a, b, c): the cluster
+    objects a module's policies select from."""
+    from tests.policy.kube import namespace, pod
+    return [namespace("x", ns="x"), *(pod("x", n, ip, labels={"app": n})
+                                      for n, ip in (("a", POD_A), ("b", POD_B), ("c", POD_C)))]
+
+
 @contextlib.contextmanager
 def enforced(d: Datapath, snap, audited=frozenset(), *, flush_first: bool = False,
              flush_last: bool = False):

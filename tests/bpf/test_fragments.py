@@ -20,9 +20,9 @@ import pytest
 from scapy.layers.inet import IP, UDP, defragment, fragment
 from scapy.layers.l2 import Ether
 
-from tests.bpf.conftest import (POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT,
-                                enforced, frontends, run_prog)
-from tests.policy.kube import namespace, netpol, pod, snapshot
+from tests.bpf.conftest import (POD_A, POD_B, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT, enforced,
+                                frontends, pods_abc, run_prog)
+from tests.policy.kube import netpol, snapshot
 
 VIP_F = "192.168.82.10"
 _ids = itertools.count(100)
@@ -131,9 +131,7 @@ def test_the_record_is_per_datagram(ct_dp, bpfnet, svc):
 @pytest.fixture(scope="module")
 def policy(ct_dp, svc):
     """B admits UDP 5353 from A and nothing else."""
-    snap = snapshot([namespace("x", ns="x"), pod("x", "a", POD_A, labels={"app": "a"}),
-                     pod("x", "b", POD_B, labels={"app": "b"}),
-                     pod("x", "c", POD_C, labels={"app": "c"}),
+    snap = snapshot([*pods_abc(),
                      netpol("x", "b-in", {"podSelector": {"matchLabels": {"app": "b"}},
                                           "ingress": [{"from": [{"podSelector": {
                                               "matchLabels": {"app": "a"}}}],

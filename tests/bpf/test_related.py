@@ -25,9 +25,9 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import checksum
 
-from tests.bpf.conftest import (ENI_IP, GW, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, TC_ACT_UNSPEC, enforced, frontends, run_prog)
-from tests.policy.kube import namespace, netpol, pod, snapshot
+from tests.bpf.conftest import (ENI_IP, GW, POD_A, POD_B, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT,
+                                TC_ACT_UNSPEC, enforced, frontends, pods_abc, run_prog)
+from tests.policy.kube import netpol, snapshot
 
 VIP_R = "192.168.81.10"       # backends behind the VPC
 VIP_L = "192.168.81.11"       # a backend on this node (B)
@@ -209,9 +209,7 @@ def test_related_errors_are_counted(ct_dp, bpfnet, svc):
 @pytest.fixture(scope="module")
 def isolated(ct_dp, svc):
     """A admits nothing in (default deny ingress); egress is open."""
-    snap = snapshot([namespace("x", ns="x"), pod("x", "a", POD_A, labels={"app": "a"}),
-                     pod("x", "b", POD_B, labels={"app": "b"}),
-                     pod("x", "c", POD_C, labels={"app": "c"}),
+    snap = snapshot([*pods_abc(),
                      netpol("x", "a-deny-in", {"podSelector": {"matchLabels": {"app": "a"}},
                                                "ingress": []})])
     with enforced(ct_dp, snap) as state:
