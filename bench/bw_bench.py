@@ -20,6 +20,10 @@
         (the ENI's default qdisc, no lookups). A fresh agent per arm, the
         arms' order swapped every round, medians; ratio = on / off (target
         >= 0.98).
+  bw.unlimited_overhead.floor.{stream,crr}   (context)
+        floor: the same agent as off with a root HTB (no class) put on eth1:
+        what any root qdisc on the ENI costs on this kernel, the technique's
+        floor; ratio = floor / off
   bw.unlimited_overhead.same_node.{stream,crr}   (context)
         the same for c -> e, a pod of the same node (redirect_peer path)
   bw.unlimited_ns_per_packet   (context)
@@ -30,7 +34,7 @@
         what the lookups cost an unlimited pod, free of the run-to-run noise
         of connection rates on a shared machine
 
-    python -m bench.bw_bench [--rounds 5] [--no-record]
+    python -m bench.bw_bench [--rounds 6] [--no-record]
 """
 from __future__ import annotations
 
@@ -49,6 +53,9 @@ from bench.harness import Endpoints, median
 
 COMMAND = "python -m bench.bw_bench"
 RATES_MBIT = (10, 100, 1000)
+# The floor arm: the technique alone, a root HTB with no class on the ENI
+# (every packet through its direct queue), fastpath's manager off.
+FLOOR_HANDLE = "1:"
 EGRESS = "kubernetes.io/egress-bandwidth"
 INGRESS = "kubernetes.io/ingress-bandwidth"
 
@@ -123,7 +130,9 @@ def overhead(rounds: int, log) -> dict:
                 harness.fprr(ep, "rr", 0.2)           # warm the path
                 return {"stream": harness.iperf3(ep, 3.0), "crr": harness.fprr(ep, "crr", 2.0)}
 
-            def arm(on: bool):
+            def arm(name: str):
+                on = name == "on"
+
                 def run() -> dict[str, float]:
                     with agent_on(n1, on_objs if on else _objects(w, {}),
                                   bandwidth_manager=on) as ag:
@@ -133,18 +142,27 @@ def overhead(rounds: int, log) -> dict:
                             if not root.startswith("fastpath"):
                                 raise RuntimeError(f"on arm: eth1 not paced ({root})")
                         elif ag.datapath.bandwidth.entries():
-                            raise RuntimeError("off arm: limits left in the maps")
-                        x, s = measure(cross), measure(local)
+                            raise RuntimeError(f"{name} arm: limits left in the maps")
+                        if name == "floor":
+                            n1.run(["tc", "qdisc", "replace", "dev", "eth1", "root", "handle",
+                                    FLOOR_HANDLE, "htb"])
+                        try:
+                            x, s = measure(cross), measure(local)
+                        finally:
+                            if name == "floor":
+                                n1.run(["tc", "qdisc", "del", "dev", "eth1", "root"], check=False)
                     return {"stream": x["stream"], "crr": x["crr"],
                             "same_node.stream": s["stream"], "same_node.crr": s["crr"]}
                 return run
 
-            # the arms swap places every round (off on, on off, ...): whichever
-            # runs second after an agent start must not always be the same
-            raw: dict = {"off": {}, "on": {}}
+            # the arms rotate every round (off on floor, on floor off, ...):
+            # whichever runs right after an agent start must not always be
+            # the same
+            arms = ("off", "on", "floor")
+            raw: dict = {a: {} for a in arms}
             for i in range(rounds):
-                order = ("off", "on") if i % 2 == 0 else ("on", "off")
-                got = harness.alternate({a: arm(a == "on") for a in order}, 1,
+                order = arms[i % 3:] + arms[:i % 3]
+                got = harness.alternate({a: arm(a) for a in order}, 1,
                                         lambda m, i=i: log(m.replace("round 1/1",
                                                                      f"round {i + 1}/{rounds}")))
                 for a, ms in got.items():
@@ -204,7 +222,7 @@ def program_cost(reps: int, log, seconds: float = 1.5) -> dict:
 UNITS = {"stream": "Gbit/s", "crr": "conn/s"}
 
 
-def run(rounds: int = 5, record_results: bool = True, log=print) -> dict:
+def run(rounds: int = 6, record_results: bool = True, log=print) -> dict:
     harness.build_fprr()
     t = time.monotonic()
     acc = accuracy(log)
@@ -213,7 +231,8 @@ def run(rounds: int = 5, record_results: bool = True, log=print) -> dict:
     log(f"bw_bench: {time.monotonic() - t:.0f}s")
     for m in ("stream", "crr", "same_node.stream", "same_node.crr"):
         log(f"  {m:17s} off {med['off'][m]:12,.2f}  on {med['on'][m]:12,.2f}  "
-            f"on/off {med['on'][m] / med['off'][m]:.3f}")
+            f"floor {med['floor'][m]:12,.2f}  on/off {med['on'][m] / med['off'][m]:.3f}  "
+            f"floor/off {med['floor'][m] / med['off'][m]:.3f}")
     if record_results:
         from bench import results
         for r, got in acc.items():
@@ -232,12 +251,20 @@ def run(rounds: int = 5, record_results: bool = True, log=print) -> dict:
                     "where that spread is wider than the difference, the run's noise decides "
                     "the ratio and bw.unlimited_ns_per_packet says what the manager costs")
         for m in ("stream", "crr"):
-            on, off = med["on"][m], med["off"][m]
+            on, off, fl = med["on"][m], med["off"][m], med["floor"][m]
             results.record(f"bw.unlimited_overhead.{m}", on, UNITS[m], command=COMMAND,
                            baseline=off, ratio=on / off, target=">= 0.98",
                            notes="an unlimited pod to another node with the bandwidth manager "
                                  "on (fastpath's root qdisc on the ENI, a limited pod beside) "
-                                 f"vs off; {method}; {spread(m)}")
+                                 f"vs off; the floor arm (a root HTB alone on the ENI, the "
+                                 f"manager off) reached {fl / off:.3f} of off in the same "
+                                 f"rounds; {method}; {spread(m)}")
+            results.record(f"bw.unlimited_overhead.floor.{m}", fl, UNITS[m], command=COMMAND,
+                           baseline=off, ratio=fl / off,
+                           notes="context: the floor of the technique on this kernel (no fq): "
+                                 "a root HTB with no class on the ENI, every packet through "
+                                 "its direct queue, fastpath's bandwidth manager off, vs no "
+                                 f"root qdisc at all; same rounds as the on/off arms; {method}")
             on, off = med["on"][f"same_node.{m}"], med["off"][f"same_node.{m}"]
             results.record(f"bw.unlimited_overhead.same_node.{m}", on, UNITS[m],
                            command=COMMAND, baseline=off, ratio=on / off,
@@ -261,7 +288,7 @@ def run(rounds: int = 5, record_results: bool = True, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6, help="rounds (the three arms rotate)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     run(args.rounds, not args.no_record)

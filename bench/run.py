@@ -27,6 +27,7 @@ MODULES = [
     "bench.pod_to_pod",
     "bench.ipv6_prog_bench",
     "bench.lb_bench",
+    "bench.sockhook_bench",
     "bench.ct_bench",
     "bench.nodeport_bench",
     "bench.policy_bench",

@@ -464,7 +464,8 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
  *   - malformed IPv6 (short, bad length, extension headers past the
  *     packet or more than FP_IP6_EXT_MAX of them) is dropped as invalid;
  *   - neighbour discovery, router solicitation, link-local and multicast
- *     traffic, and what an unspecified source sends, go to the stack;
+ *     traffic, and what an unspecified source sends, pass to the stack
+ *     counted as `passed` (the link's own traffic, like ARP);
  *   - the source must be the endpoint registered on this veth (as for
  *     IPv4 on a veth without a registration: an unknown source goes to the
  *     stack, another local pod's address is dropped as spoofed);
@@ -490,10 +491,12 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	default:
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
 	}
+	/* the link's own traffic, as ARP is for IPv4: passed, not to-stack
+	 * (to-stack counts pod traffic the fast path hands to the node) */
 	if (fp_ip6_is_linklocal(ip.daddr) || fp_ip6_is_multicast(ip.daddr) ||
 	    fp_ip6_is_linklocal(ip.saddr) || fp_ip6_is_unspecified(ip.saddr) ||
 	    fp_ip6_is_nd(skb, &ip))
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE);
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
 	src = fp_endpoint6_lookup(ip.saddr);
 	if (!src)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE);

@@ -9,7 +9,10 @@
  * translated per packet on their veth, so service meshes still see the VIP.
  * In the all-sockets mode, pods that opted out (annotation
  * fastpath.io/socket-lb: disabled on the Pod or its Namespace, their netns
- * listed in FP_MAP_SOCKLB_SKIP) get that per-packet treatment too.
+ * listed in FP_MAP_SOCKLB_SKIP) get that per-packet treatment too. In
+ * every mode, loopback frontends (a NodePort when nodeport_addresses
+ * covers 127.0.0.1, a hostPort without hostIP) serve the node's sockets
+ * only: a pod's 127.0.0.1 is its own.
  * ClientIP affinity here is per network namespace (the socket's source
  * address is not known yet at connect time).
  *
@@ -43,16 +46,21 @@ static __always_inline int fp_sock_refuse(void)
 	return 0;
 }
 
-static __always_inline int fp_sock_applies(struct bpf_sock_addr *ctx)
+/* Whether socket-LB serves this call; *netns gets the socket's netns cookie. */
+static __always_inline int fp_sock_applies(struct bpf_sock_addr *ctx, __be32 daddr, __u64 *netns)
 {
 	struct fp_config *cfg = fp_config_get();
 
 	if (!cfg || !(cfg->flags & FP_CFG_F_SOCKLB))
 		return 0;
-	if (cfg->flags & FP_CFG_F_SOCKLB_HOSTNS)
-		return bpf_get_netns_cookie(ctx) == cfg->host_netns_cookie;
+	*netns = bpf_get_netns_cookie(ctx);
+	/* 127.0.0.0/8 is every network namespace's own: frontends there
+	 * (NodePorts and hostPorts on the loopback) are the node's, and a
+	 * pod's localhost stays the pod's */
+	if ((bpf_ntohl(daddr) >> 24) == 127 || (cfg->flags & FP_CFG_F_SOCKLB_HOSTNS))
+		return *netns == cfg->host_netns_cookie;
 	/* all sockets, except those of opted-out pods */
-	return !fp_socklb_skipped(bpf_get_netns_cookie(ctx));
+	return !fp_socklb_skipped(*netns);
 }
 
 /* The source a socket's packets will carry: its bound address, else the
@@ -94,7 +102,9 @@ static __always_inline int fp_sock_translate(__u64 cookie, __u64 nscookie, __u8 
 		return 0;
 	if ((svc->flags & FP_SVC_F_SRC_RANGE) && !fp_src_range_ok(svc->svc_id, src))
 		return 0;
-	be = fp_lb_pick(svc, (__be32)nscookie, &backend_id, bpf_ktime_get_ns());
+	/* the clock is only read for ClientIP affinity (a connect's cost) */
+	be = fp_lb_pick(svc, (__be32)nscookie, &backend_id,
+			(svc->flags & FP_SVC_F_AFFINITY) ? bpf_ktime_get_ns() : 0);
 	if (!be)
 		return -1;
 	rkey.cookie = cookie;
@@ -112,11 +122,12 @@ static __always_inline int fp_sock_forward(struct bpf_sock_addr *ctx, __u8 proto
 {
 	__be32 addr = ctx->user_ip4;
 	__be16 port = (__be16)ctx->user_port;
+	__u64 netns = 0;
 	int rc;
 
-	if (!fp_sock_applies(ctx))
+	if (!fp_sock_applies(ctx, addr, &netns))
 		return FP_SOCK_SKIP;
-	rc = fp_sock_translate(bpf_get_socket_cookie(ctx), bpf_get_netns_cookie(ctx), proto,
+	rc = fp_sock_translate(bpf_get_socket_cookie(ctx), netns, proto,
 			       fp_sock_source(ctx, sendmsg), &addr, &port);
 	if (rc < 0)
 		return fp_sock_refuse();

@@ -217,11 +217,10 @@ def test_conntrack_list_top_and_flush_after_real_connections(n1):
 def test_trace_agrees_with_real_traffic_and_changes_nothing(n1):
     n1.cli("ct", "flush", "--all")
     def ipv4_counters():
-        # pods send IPv6 neighbour discovery on their own: the IPv4 program
-        # counts what it hands over as "passed", the IPv6 one ND as "to-stack";
-        # a what-if run of this trace would count neither
+        # pods send ARP and IPv6 neighbour discovery on their own (counted
+        # as "passed"); a what-if run of this trace would count neither
         return [e for e in n1.cli_json("map", "dump", "counters")["entries"]
-                if e["key"]["reason_label"] not in ("passed", "to-stack")]
+                if e["key"]["reason_label"] != "passed"]
     before_counters = ipv4_counters()
     t = n1.cli_json("trace", "--from", "default/a", "--to", f"{VIP}:80")
     assert t["service"]["svc_id"] > 0 and t["service"]["service"] == "shop/web"

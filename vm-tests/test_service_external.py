@@ -262,3 +262,44 @@ def test_host_ports_answer_per_packet_and_at_the_socket_and_go_with_the_pod(worl
         assert tcp(ext, n1.ip, 8080).startswith("ERROR 111")
         assert tcp(n1, "127.0.0.1", 8080, cgroup=cgroup).startswith("ERROR 111")
         ag.datapath.detach_socket_lb(cgroup)
+
+
+def test_nodeports_on_the_loopback_serve_the_nodes_sockets_and_leave_a_pods_localhost_alone(
+        world, cgroup):
+    """nodeport_addresses covering 127.0.0.0/8 (as kube-proxy's
+    --nodeport-addresses does in iptables mode): the node's own sockets
+    reach a NodePort at 127.0.0.1 through socket-LB, TCP and UDP, and see
+    127.0.0.1 as their peer. With socket-LB on every socket, a pod's
+    127.0.0.1 stays the pod's: its own listener on the same port answers,
+    not the Service."""
+    n1 = world.add_node("n1", enis=1)
+    a, b = n1.add_pod("a"), n1.add_pod("b")
+    serve_reply(b, 8080, "from-b", peer=True)
+    serve_reply(b, 5353, "from-b", udp=True)
+    serve_reply(a, 30080, "a-itself", peer=True, host="127.0.0.1")
+    serve_reply(a, 30053, "a-itself", udp=True, host="127.0.0.1")
+    text = yaml.safe_dump_all([
+        svc("web", WEB_VIP, [("http", 80, "TCP", 8080, 30080), ("dns", 53, "UDP", 5353, 30053)]),
+        eps("web", [(b.ip, "n1")], [("http", 8080, "TCP"), ("dns", 5353, "UDP")])],
+        sort_keys=False)
+    with sim_attach(n1, service_cidrs="192.168.60.0/24",
+                    nodeport_addresses=("127.0.0.0/8", f"{n1.ip}/32")) as ag:
+        with open(f"{os.path.dirname(ag.config.state_dir)}/manifests/svc.yaml", "w") as f:
+            f.write(text)
+        wait_for(lambda: ag.services is not None and ag.services.synced.is_set()
+                 and len(ag.services.reconciler.frontends()) >= 6, "services programmed")
+        assert set(ag.services.addresses.nodeport) == {"127.0.0.1", n1.ip}
+        ag.datapath.attach_socket_lb(cgroup, hostns_only=False)
+        try:
+            for _ in range(3):
+                assert who(tcp(n1, "127.0.0.1", 30080, cgroup=cgroup))[0] == "from-b"
+                got = udp(n1, "127.0.0.1", 30053, cgroup=cgroup)
+                assert got.startswith("from-b ") and got.endswith("from 127.0.0.1:30053"), got
+                assert who(tcp(a, "127.0.0.1", 30080, cgroup=cgroup)) == ("a-itself", "127.0.0.1")
+                got = udp(a, "127.0.0.1", 30053, cgroup=cgroup)
+                assert got.startswith("a-itself 127.0.0.1:") and got.endswith(
+                    "from 127.0.0.1:30053"), got
+            # the same NodePort on the node's address still serves the pod
+            assert who(tcp(a, n1.ip, 30080, cgroup=cgroup))[0] == "from-b"
+        finally:
+            ag.datapath.detach_socket_lb(cgroup)

@@ -115,3 +115,33 @@ def test_host_namespace_only_leaves_pod_sockets_to_the_per_packet_path(world, cg
         assert in_cgroup(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
         assert lb.conntrack() == [], "socket-LB for all sockets: nothing to translate per packet"
         agent.datapath.detach_socket_lb(cgroup)
+
+
+def test_client_ip_affinity_at_the_socket_keeps_the_nodes_connections_on_one_backend(
+        world, cgroup):
+    """sessionAffinity: ClientIP for the node's own sockets: every
+    connection to the ClusterIP goes to the backend the first one got,
+    for as long as the affinity lasts; without affinity both backends
+    are used. (Affinity at the socket is per network namespace.)"""
+    node = world.add_node("n1", enis=1)
+    b, c = node.add_pod("b"), node.add_pod("c")
+    from agent.lb.reconcile import FLAG_AFFINITY
+    with sim_attach(node) as agent:
+        lb = agent.datapath.lb
+        lb.put_backend(11, b.ip, 8080, "TCP")
+        lb.put_backend(12, c.ip, 8080, "TCP")
+        lb.put_slots(7, [11, 12])
+        lb.put_service(VIP, 80, "TCP", 7, 2)
+        serve(b, 8080, "from-b")
+        serve(c, 8080, "from-c")
+        b.wait_port(8080)
+        c.wait_port(8080)
+        agent.datapath.attach_socket_lb(cgroup, hostns_only=True)
+        try:
+            seen = {in_cgroup(node, cgroup, VIP, "80", "tcp").split()[0] for _ in range(16)}
+            assert seen == {"from-b", "from-c"}, seen
+            lb.put_service(VIP, 80, "TCP", 7, 2, FLAG_AFFINITY, affinity_timeout=600)
+            seen = [in_cgroup(node, cgroup, VIP, "80", "tcp").split()[0] for _ in range(10)]
+            assert len(set(seen)) == 1 and seen[0] in ("from-b", "from-c"), seen
+        finally:
+            agent.datapath.detach_socket_lb(cgroup)

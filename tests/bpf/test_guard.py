@@ -104,11 +104,11 @@ OWN_CASES = [
      lambda n: eth_a(n) / ARP(psrc=POD_A, hwsrc=n.pod_a_mac, pdst="169.254.1.1"), "passed"),
     ("an ARP probe (sender address 0.0.0.0)",
      lambda n: eth_a(n) / ARP(psrc="0.0.0.0", hwsrc=n.pod_a_mac, pdst=POD_A), "passed"),
-    # (IPv6 is then fp_from_pod6's: no route for OTHER6 here, link-local to the stack)
+    # (IPv6 is then fp_from_pod6's: no route for OTHER6 here; link-local passed, like ARP)
     ("its own IPv6 address", lambda n: v6_from_a(n, POD_A6), "to-stack-fib"),
-    ("a link-local IPv6 address", lambda n: v6_from_a(n, "fe80::a", dst="fe80::1"), "to-stack"),
+    ("a link-local IPv6 address", lambda n: v6_from_a(n, "fe80::a", dst="fe80::1"), "passed"),
     ("the unspecified IPv6 address (duplicate address detection)",
-     lambda n: v6_from_a(n, "::", dst="ff02::1:ff00:a", l4=ICMPv6ND_NS(tgt=POD_A6)), "to-stack"),
+     lambda n: v6_from_a(n, "::", dst="ff02::1:ff00:a", l4=ICMPv6ND_NS(tgt=POD_A6)), "passed"),
 ]
 
 
@@ -127,7 +127,7 @@ def test_a_pod_without_an_ipv6_address_may_only_use_link_local_ones(dp, bpfnet):
     r = run_prog(dp, n.ns, "fp_from_pod", bytes(pkt(POD_A6, OTHER6)), n.cali_b.ifindex)
     assert r.verdict == TC_ACT_SHOT and r.reason == SPOOFED
     r = run_prog(dp, n.ns, "fp_from_pod", bytes(pkt("fe80::b", "fe80::1")), n.cali_b.ifindex)
-    assert r.verdict != TC_ACT_SHOT and r.reason == "to-stack"
+    assert r.verdict != TC_ACT_SHOT and r.reason == "passed"
 
 
 def test_a_spoofed_packet_is_counted_and_reported_with_its_addresses(dp, bpfnet, pod_a6, events):
@@ -210,7 +210,7 @@ def test_ipv6_from_an_isolated_pod_is_dropped_but_neighbour_discovery(dp, bpfnet
                     (ICMPv6ND_NA(tgt=POD_A6), "fe80::1"),
                     (ICMPv6ND_RS(), "ff02::2")):
         r = run_a(dp, n, v6_from_a(n, POD_A6, dst=dst, l4=l4))
-        assert r.verdict != TC_ACT_SHOT and r.reason == "to-stack", l4.name
+        assert r.verdict != TC_ACT_SHOT and r.reason == "passed", l4.name
     # a spoofed source is still that, whatever the isolation
     r = run_a(dp, n, v6_from_a(n, OTHER6))
     assert r.reason == SPOOFED
@@ -236,7 +236,7 @@ def test_ipv6_of_open_and_audited_pods_passes(dp, bpfnet, isolation):
     r = run_prog(dp, n.ns, "fp_from_pod", bytes(
         Ether(src=n.pod_c_mac, dst=n.cali_c.mac) / IPv6(src="fe80::c", dst="fe80::1") / UDP()),
         n.cali_c.ifindex)
-    assert r.verdict != TC_ACT_SHOT and r.reason == "to-stack"
+    assert r.verdict != TC_ACT_SHOT and r.reason == "passed"
 
 
 def test_ipv6_of_isolated_pods_passes_while_policy_checks_are_off(dp, bpfnet, pod_a6, isolation):

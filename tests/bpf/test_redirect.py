@@ -98,9 +98,9 @@ CASES = [
          "fp_from_pod", "cali_a", lambda n: Ether(src=n.pod_a_mac, dst="ff:ff:ff:ff:ff:ff")
          / ARP(psrc=POD_A, pdst="169.254.1.1", hwsrc=n.pod_a_mac), TC_ACT_UNSPEC, "passed",
          unchanged=True),
-    Case("link-local IPv6 goes to the stack unchanged (tests/bpf/test_ipv6.py has the rest)",
+    Case("link-local IPv6 passes unchanged, like ARP (tests/bpf/test_ipv6.py has the rest)",
          "fp_from_pod", "cali_a", lambda n: Ether(src=n.pod_a_mac, dst=n.cali_a.mac)
-         / IPv6(src="fe80::1", dst="fe80::2") / UDP(), TC_ACT_UNSPEC, "to-stack", unchanged=True),
+         / IPv6(src="fe80::1", dst="fe80::2") / UDP(), TC_ACT_UNSPEC, "passed", unchanged=True),
     Case("a source address that belongs to another pod is dropped as spoofed",
          "fp_from_pod", "cali_a", lambda n: Ether(src=n.pod_a_mac, dst=n.cali_a.mac)
          / IP(src=POD_B, dst=REMOTE) / ICMP(), TC_ACT_SHOT, "dropped-source-spoofed"),
