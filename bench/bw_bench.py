@@ -47,6 +47,7 @@ from contextlib import contextmanager
 
 from agent.sim import World
 from agent.sim import manifests as M
+from agent.sim.traffic import iperf3
 from bench import harness
 from bench.harness import Endpoints, median
 
@@ -86,18 +87,10 @@ def wait_limits(ag, want: dict[str, int], timeout: float = 20) -> None:
 
 def iperf_tcp(client, server_ip: str, seconds: int, omit: int) -> float:
     """Receiver goodput in bit/s, the first `omit` seconds left out."""
-    cmd = harness.PIN + ["iperf3", "-c", server_ip, "-B", client.ip, "-p",
-                         str(harness.IPERF_PORT), "-t", str(seconds), "-O", str(omit), "-J"]
-    for _ in range(5):
-        r = client.run(cmd, check=False, timeout=seconds + omit + 30)
-        try:
-            out = json.loads(r.stdout)
-        except json.JSONDecodeError:
-            out = {"error": r.stderr or r.stdout}
-        if "error" not in out:
-            return out["end"]["sum_received"]["bits_per_second"]
-        time.sleep(0.3)
-    raise RuntimeError(f"iperf3 failed: {out['error']}")
+    out = iperf3(client, client.ip, server_ip, harness.IPERF_PORT,
+                 ["-t", str(seconds), "-O", str(omit)], timeout=seconds + omit + 30,
+                 prefix=harness.PIN)
+    return out["end"]["sum_received"]["bits_per_second"]
 
 
 def accuracy(log) -> dict[int, float]:

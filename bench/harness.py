@@ -98,22 +98,10 @@ def fprr(ep: Endpoints, mode: str, seconds: float, size: int = 1) -> float:
 
 def iperf3(ep: Endpoints, seconds: float) -> float:
     """TCP throughput in Gbit/s (receiver side) for `seconds`."""
-    cmd = PIN + ["iperf3", "-c", ep.server_ip, "-B", ep.client_ip, "-p", str(IPERF_PORT),
-                 "-t", str(seconds), "-J"]
-    last = None
-    # The server serves one test at a time; right after a previous client it
-    # can briefly refuse ("server is busy"): retry a few times.
-    for _ in range(5):
-        r = ep.client.run(cmd, check=False, timeout=seconds + 30)
-        try:
-            out = json.loads(r.stdout)
-        except json.JSONDecodeError:
-            out = {"error": r.stderr or r.stdout}
-        if "error" not in out:
-            return out["end"]["sum_received"]["bits_per_second"] / 1e9
-        last = out["error"]
-        time.sleep(0.3)
-    raise RuntimeError(f"iperf3 failed: {last}")
+    from agent.sim.traffic import iperf3 as run
+    out = run(ep.client, ep.client_ip, ep.server_ip, IPERF_PORT, ["-t", str(seconds)],
+              timeout=seconds + 30, prefix=PIN)
+    return out["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
 def median(xs: list[float]) -> float:

@@ -4,12 +4,23 @@ Every test builds its own world (agent.sim.World): namespaces and veths that
 exist only for that test and carry its world's tag, so tests from several
 engineers run side by side on one machine. These tests need root; they fail,
 never skip, without it, because a skipped end-to-end test proves nothing.
+
+The harness, shared with the demo and the benchmarks, lives in agent/sim:
+nodes and pods (World, Node.add_pod), an agent in process (agent.sim.agent.
+sim_attach) or as a process with its manifest directory and the CLI beside
+it (node_agent, NodeAgent), the cluster's objects (agent.sim.manifests:
+Namespaces, Pods, Services with affinity and several ports, EndpointSlices
+with ready, not-ready and terminating endpoints, annotations, ingress
+NetworkPolicies; `write` replaces a file at once), real traffic
+(agent.sim.traffic) and cgroup v2 children (agent.sim.cgroups, the `cgroup`
+fixture below). fastpath_helpers holds what only the vm-tests read
+(counters by reason, truncated frames, wait_for).
 """
 import os
 
 import pytest
 
-from agent.sim import World, cleanup_stale
+from agent.sim import World, cgroups, cleanup_stale
 
 
 def pytest_sessionstart(session):
@@ -19,38 +30,7 @@ def pytest_sessionstart(session):
     # waste memory, but sweeping them here keeps the machine tidy; live
     # worlds of parallel runs hold their lock and are left alone.
     cleanup_stale()
-    sweep_stale_cgroup_mounts()
-
-
-def sweep_stale_cgroup_mounts() -> None:
-    """cgroup2 mounts of test_node_agent.private_cgroup (/tmp/fp-cg2-<pid>-*)
-    whose test process is gone: kill what is left in their children, remove
-    the children, detach the mounts."""
-    import re
-    import subprocess
-    import time
-    with open("/proc/self/mounts") as f:
-        mounts = [line.split()[1] for line in f]
-    for mnt in mounts:
-        m = re.fullmatch(r"/tmp/fp-cg2-(\d+)-\w+", mnt)
-        if not m or os.path.exists(f"/proc/{m.group(1)}"):
-            continue
-        for child in os.listdir(mnt):
-            path = f"{mnt}/{child}"
-            if not child.startswith("fp-") or not os.path.isdir(path):
-                continue
-            try:
-                with open(f"{path}/cgroup.kill", "w") as k:
-                    k.write("1")
-                time.sleep(0.1)
-                os.rmdir(path)
-            except OSError:
-                pass
-        subprocess.run(["umount", "-l", mnt], check=False)
-        try:
-            os.rmdir(mnt)
-        except OSError:
-            pass
+    cgroups.sweep_stale_mounts()
 
 
 @pytest.fixture
@@ -64,3 +44,11 @@ def world():
 def node(world):
     """One node with one ENI (eth1) and no pods yet."""
     return world.add_node("n1", enis=1)
+
+
+@pytest.fixture
+def cgroup():
+    """A cgroup v2 child of the test's own (socket-LB attaches there, never
+    to the root), removed with whatever is left in it after the test."""
+    with cgroups.child() as path:
+        yield path

@@ -27,36 +27,25 @@ import pytest
 
 from agent.sim import World
 from agent.sim import manifests as M
-from agent.sim.agent import AgentProcess, private_paths, register_pod, sim_attach
+from agent.sim.agent import FASTPATH, AgentProcess, private_paths, register_pod, sim_attach
+from agent.sim.traffic import iperf3
 from fastpath_helpers import wait_for
 
 EGRESS, INGRESS = "kubernetes.io/egress-bandwidth", "kubernetes.io/ingress-bandwidth"
 LIMIT = 50                      # Mbit/s
 PORT, PORT2 = 5301, 5302
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FASTPATH = ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "agent.cli.main"]
 
 
 def iperf(client, server_ip: str, *, udp: bool = False, seconds: int = 5, omit: int = 1,
           port: int = PORT, rate: str = "200M", intervals: bool = False):
     """Receiver goodput in Mbit/s (and the per-second sender intervals)."""
-    cmd = ["iperf3", "-c", server_ip, "-B", client.ip, "-p", str(port), "-t", str(seconds),
-           "-O", str(omit), "-J"] + (["-u", "-b", rate] if udp else [])
-    last = None
-    for _ in range(5):
-        r = client.run(cmd, check=False, timeout=seconds + omit + 30)
-        try:
-            out = json.loads(r.stdout)
-        except json.JSONDecodeError:
-            out = {"error": r.stderr or r.stdout}
-        if "error" not in out:
-            mbit = out["end"]["sum_received"]["bits_per_second"] / 1e6
-            if intervals:
-                return mbit, [i["sum"]["bits_per_second"] / 1e6 for i in out["intervals"]]
-            return mbit
-        last = out["error"]
-        time.sleep(0.5)
-    raise RuntimeError(f"iperf3 {client.name} -> {server_ip}: {last}")
+    out = iperf3(client, client.ip, server_ip, port,
+                 ["-t", str(seconds), "-O", str(omit)] + (["-u", "-b", rate] if udp else []),
+                 timeout=seconds + omit + 30)
+    mbit = out["end"]["sum_received"]["bits_per_second"] / 1e6
+    if intervals:
+        return mbit, [i["sum"]["bits_per_second"] / 1e6 for i in out["intervals"]]
+    return mbit
 
 
 def near(got: float, want: float, tol: float = 0.10) -> bool:

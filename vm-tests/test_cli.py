@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -26,99 +25,41 @@ import pytest
 from agent.model import bpfdefs
 from agent.api import wire
 from agent.sim import World
-from agent.sim.agent import AgentProcess, private_paths, register_pod
+from agent.sim import manifests as mf
+from agent.sim.agent import NodeAgent, node_agent
 from fastpath_helpers import inject_truncated, serve_reply
 
-REPO = Path(__file__).resolve().parents[1]
 VIP = "192.168.99.10"
 DEFS = bpfdefs.load()
 M = {k[len("FP_MAP_"):].lower(): v for k, v in DEFS.maps.items()}
 
-POD = """---
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: default, labels: {{app: {name}}}}}
-spec:
-  nodeName: n1
-  containers: [{{name: c, image: busybox, ports: [{{name: http, containerPort: 8080}}]}}]
-status: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}
-"""
 
-POLICY = """---
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-from-a, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: a}}}]
-    ports: [{port: 8080, protocol: TCP}]
-"""
-
-MANIFESTS = """
-apiVersion: v1
-kind: Namespace
-metadata: {{name: default}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec:
-  clusterIP: {vip}
-  sessionAffinity: ClientIP
-  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 600}}}}
-  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: shop
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints:
-  - addresses: ["{b}"]
-    conditions: {{ready: true}}
-    nodeName: n1
-  - addresses: ["{d}"]
-    conditions: {{ready: false, serving: true, terminating: true}}
-    nodeName: n1
-"""
+def cluster(b, d, pods) -> list[dict]:
+    """Service shop/web (ClientIP affinity) with b ready and d terminating,
+    the pods (app=<name>), and b's NetworkPolicy."""
+    return [mf.namespace("default"),
+            mf.service("shop", "web", VIP, 80, 8080, affinity_seconds=600),
+            mf.endpoint_slice("shop", "web", 8080, [(b.ip, "ready", "n1"),
+                                                    (d.ip, "terminating", "n1")]),
+            *(mf.pod("default", p.name, p.ip, "n1", {"app": p.name}) for p in pods),
+            mf.ingress_policy("default", "b-from-a", {"app": "b"}, {"app": "a"},
+                              [(8080, "TCP")])]
 
 
 class Node:
-    def __init__(self, world, paths):
-        self.world, self.paths = world, paths
-        self.node = world.add_node("n1", enis=1)
-        self.a, self.b, self.d = (self.node.add_pod(n) for n in ("a", "b", "d"))
-        serve_reply(self.b, 8080, "from-b")
-        serve_reply(self.d, 8080, "from-d")
-        Path(paths.manifests, "web.yaml").write_text(
-            MANIFESTS.format(vip=VIP, b=self.b.ip, d=self.d.ip)
-            + "".join(POD.format(name=p.name, ip=p.ip) for p in (self.a, self.b, self.d))
-            + POLICY)
-        self.agent = AgentProcess(self.node, paths,
-                                  ["--policy-enforcement", "default"]).start()
-        for p in (self.a, self.b, self.d):
-            register_pod(paths.socket, p)
-        self.root = f"{paths.bpffs}/fastpath"
+    """The agent on n1 with its pods a (client), b and d (servers)."""
+
+    def __init__(self, world, agent: NodeAgent, a, b, d):
+        self.world, self.agent, self.node, self.paths = world, agent, agent.node, agent.paths
+        self.a, self.b, self.d = a, b, d
+        self.root = f"{agent.paths.bpffs}/fastpath"
+        self.cli = agent.cli
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             st = self.cli_json("status")
             if (st.get("services") or {}).get("frontends") and st["policy"].get("compiled"):
                 break
             time.sleep(0.3)
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 30):
-        where = [] if "--bpffs-root" in args else ["--bpffs-root", self.root]
-        cmd = ["ip", "netns", "exec", self.node.netns, "env", f"PYTHONPATH={REPO}",
-               sys.executable, "-m", "agent.cli.main", *args,
-               *where, "--socket", self.paths.socket]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-        if check and r.returncode != 0:
-            raise AssertionError(f"fastpath {' '.join(args)} -> {r.returncode}\n{r.stderr}")
-        return r
 
     def cli_json(self, *args: str):
         return json.loads(self.cli(*args, "--json").stdout)
@@ -130,12 +71,14 @@ class Node:
 
 @pytest.fixture(scope="module")
 def n1():
-    with World() as w, private_paths() as paths:
-        node = Node(w, paths)
-        try:
-            yield node
-        finally:
-            node.agent.stop()
+    with World() as w:
+        node = w.add_node("n1", enis=1)
+        a, b, d = (node.add_pod(n) for n in ("a", "b", "d"))
+        serve_reply(b, 8080, "from-b")
+        serve_reply(d, 8080, "from-d")
+        with node_agent(node, ["--policy-enforcement", "default"],
+                        {"web.yaml": cluster(b, d, (a, b, d))}) as agent:
+            yield Node(w, agent, a, b, d)
 
 
 def test_prog_net_and_map_list_show_what_is_attached_and_pinned(n1):
@@ -302,11 +245,8 @@ def test_trace_agrees_with_real_traffic_and_changes_nothing(n1):
 
 
 def test_monitor_streams_drops_and_traces_and_clears_its_event_bits(n1):
-    mon = subprocess.Popen(
-        ["ip", "netns", "exec", n1.node.netns, "env", f"PYTHONPATH={REPO}", sys.executable,
-         "-m", "agent.cli.main", "monitor", "--json", "--duration", "8", "--endpoint",
-         "default/a", "--bpffs-root", n1.root, "--socket", n1.paths.socket],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    mon = n1.agent.cli_popen("monitor", "--json", "--duration", "8", "--endpoint", "default/a",
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         settings = n1.cli_json("map", "dump", "config")["entries"][0]["value"]
         mon_bits = n1.cli_json("map", "dump", "monitor")["entries"][0]["value"]
@@ -350,12 +290,8 @@ def test_policy_verdicts_in_trace_monitor_and_policy_get(n1):
         "deny", "default/b-from-a", ing["policy_id"])
     text = n1.cli("trace", "--from", "d", "--to", f"{n1.b.ip}:8080").stdout
     assert "DROP (dropped-policy-denied)" in text and "default/b-from-a" in text
-    mon = subprocess.Popen(
-        ["ip", "netns", "exec", n1.node.netns, "env", f"PYTHONPATH={REPO}",
-         sys.executable, "-m", "agent.cli.main", "monitor", "--json", "--type", "drop",
-         "--duration", "8", "--count", "1", "--bpffs-root", n1.root,
-         "--socket", n1.paths.socket],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    mon = n1.agent.cli_popen("monitor", "--json", "--type", "drop", "--duration", "8",
+                             "--count", "1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         time.sleep(2.5)
         # real traffic agrees with both traces
@@ -405,34 +341,15 @@ def test_trace_from_the_vpc_runs_the_enis_program_and_agrees_with_real_traffic(n
     assert via["redirect"] == to_d["redirect"]
 
 
-SCTP_SERVICE = """
-apiVersion: v1
-kind: Service
-metadata: {{name: sig, namespace: shop}}
-spec:
-  clusterIP: 192.168.99.11
-  ports: [{{name: sig, port: 2905, targetPort: 2906, protocol: SCTP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: sig-1
-  namespace: shop
-  labels: {{kubernetes.io/service-name: sig}}
-addressType: IPv4
-ports: [{{name: sig, port: 2906, protocol: SCTP}}]
-endpoints:
-  - addresses: ["{b}"]
-    conditions: {{ready: true}}
-    nodeName: n1
-"""
+def sctp_service(b) -> list[dict]:
+    return [mf.service("shop", "sig", "192.168.99.11", 2905, 2906, "sig", "SCTP"),
+            mf.endpoint_slice("shop", "sig", 2906, [(b.ip, "ready", "n1")], "sig", "SCTP")]
 
 
 def test_trace_builds_an_sctp_init_and_shows_its_translation(n1):
     # this kernel has no SCTP module: the trace (an INIT through the live
     # programs) is how an SCTP frontend is checked here
-    path = Path(n1.paths.manifests, "sig.yaml")
-    path.write_text(SCTP_SERVICE.format(b=n1.b.ip))
+    path = n1.agent.write("sig.yaml", sctp_service(n1.b))
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

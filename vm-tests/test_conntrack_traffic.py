@@ -13,15 +13,11 @@ clients and servers are small Python programs in the pods' netns.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import pytest
 
 from agent.sim import manifests as mf
 from agent.sim.agent import sim_attach
@@ -29,7 +25,6 @@ from fastpath_helpers import wait_for
 
 VIP = "192.168.95.10"
 VIP2 = "192.168.95.11"
-CGROUP2 = "/sys/fs/cgroup/unified"
 PORT = 7400
 
 # TCP echo server: greets each connection with its name, echoes lines; once
@@ -124,55 +119,17 @@ def in_cgroup(cgroup: str, ns, args: list[str]) -> list[str]:
                         f'"$@"', "sh", *args]
 
 
-@pytest.fixture
-def cgroup():
-    path = f"{CGROUP2}/fp-ct-{secrets.token_hex(3)}"
-    os.mkdir(path)
-    try:
-        yield path
-    finally:
-        try:
-            with open(f"{path}/cgroup.kill", "w") as f:
-                f.write("1")
-            time.sleep(0.1)
-        except OSError:
-            pass
-        os.rmdir(path)
-
-
 def web(vip: str, port: int, endpoints: list[tuple[str, str, str]], name: str = "web",
-        proto: str = "TCP", svc_port: int = 80) -> str:
+        proto: str = "TCP", svc_port: int = 80) -> list[dict]:
     """A Service and its EndpointSlice; endpoints: (ip, node, condition),
     condition one of ready, terminating (serving, not ready)."""
-    conds = {"ready": "{ready: true}",
-             "terminating": "{ready: false, serving: true, terminating: true}"}
-    eps = "".join(f'\n  - addresses: ["{ip}"]\n    nodeName: {node}\n'
-                  f'    conditions: {conds[c]}' for ip, node, c in endpoints)
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {vip}
-  ports: [{{name: p, port: {svc_port}, targetPort: {port}, protocol: {proto}}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports: [{{name: p, port: {port}, protocol: {proto}}}]
-endpoints:{eps if endpoints else " []"}
-"""
+    return [mf.service("default", name, vip, svc_port, port, "p", proto),
+            mf.endpoint_slice("default", name, port, [(ip, c, node) for ip, node, c in endpoints],
+                              "p", proto)]
 
 
-def write(agent, name: str, text: str) -> None:
-    path = Path(agent.config.source, name)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write(agent, name: str, objects: list[dict]) -> None:
+    mf.write(agent.config.source, name, objects)
 
 
 def backends_of(agent, vip: str, port: int = 80) -> set[str]:
@@ -388,16 +345,13 @@ def test_a_megabyte_through_a_clusterip_crosses_a_narrower_vpc_hop_to_a_default_
     objs = [mf.namespace("default"),
             mf.pod("default", "a", a.ip, "n1", labels={"app": "a"}),
             mf.pod("default", "c", c.ip, "n2", labels={"app": "c"}),
-            {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-             "metadata": {"name": "c-only-a", "namespace": "default"},
-             "spec": {"podSelector": {"matchLabels": {"app": "c"}},
-                      "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}],
-                                   "ports": [{"protocol": "TCP", "port": 7600}]}]}}]
-    text = mf.dump(objs) + "---\n" + web(VIP, 7600, [(c.ip, "n2", "ready")])
+            mf.ingress_policy("default", "c-only-a", {"app": "c"}, {"app": "a"},
+                              [(7600, "TCP")])]
+    objs += web(VIP, 7600, [(c.ip, "n2", "ready")])
     with sim_attach(n1, policy_enforcement="default") as ag1, \
             sim_attach(n2, policy_enforcement="default") as ag2:
         for ag in (ag1, ag2):
-            write(ag, "all.yaml", text)
+            write(ag, "all.yaml", objs)
         assert wait_for(lambda: backends_of(ag1, VIP) == {c.ip})
         assert wait_for(lambda: ag2.policy is not None and ag2.policy.state is not None and
                         c.ip in ag2.policy.state.endpoints, timeout=30)
@@ -519,18 +473,12 @@ def test_3000_byte_datagrams_arrive_whole_when_allowed_and_not_at_all_when_denie
             mf.pod("default", "a", a.ip, "n1", labels={"app": "a"}),
             mf.pod("default", "b", b.ip, "n1", labels={"app": "b"}),
             mf.pod("default", "c", c.ip, "n2", labels={"app": "c"}),
-            {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-             "metadata": {"name": "b-udp", "namespace": "default"},
-             "spec": {"podSelector": {"matchLabels": {"app": "b"}},
-                      "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}],
-                                   "ports": [{"protocol": "UDP", "port": 7700}]}]}}]
-    text = (mf.dump(objs) + "---\n"
-            + web(VIP, 7700, [(b.ip, "n1", "ready")], name="tob", proto="UDP", svc_port=53)
-            + "---\n"
-            + web(VIP2, 7700, [(c.ip, "n2", "ready")], name="toc", proto="UDP", svc_port=53))
+            mf.ingress_policy("default", "b-udp", {"app": "b"}, {"app": "a"}, [(7700, "UDP")])]
+    objs += web(VIP, 7700, [(b.ip, "n1", "ready")], name="tob", proto="UDP", svc_port=53)
+    objs += web(VIP2, 7700, [(c.ip, "n2", "ready")], name="toc", proto="UDP", svc_port=53)
     try:
         with sim_attach(n1, policy_enforcement="default") as agent:
-            write(agent, "all.yaml", text)
+            write(agent, "all.yaml", objs)
             assert wait_for(lambda: backends_of(agent, VIP, 53) and backends_of(agent, VIP2, 53))
             assert wait_for(lambda: agent.policy is not None and agent.policy.state is not None
                             and b.ip in agent.policy.state.endpoints, timeout=30)

@@ -40,9 +40,9 @@ import yaml
 from agent.api import wire
 from agent.datapath.cgroup import SOCK_PROGRAMS
 from agent.sim.agent import AgentProcess, private_paths, register_pod
+from agent.sim.cgroups import private_mount as private_cgroup
 from chainer.testing import STANDIN, CniRuntime, terway_conflist
 from containerd_harness import Containerd
-from test_node_agent import private_cgroup
 from tests.unit.test_config_node import mount_as_volume, terway_configmap
 
 REPO = Path(__file__).resolve().parent.parent

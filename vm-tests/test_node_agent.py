@@ -15,10 +15,8 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,14 +28,15 @@ from agent.daemon.agent import Agent
 from agent.api import wire
 from agent.datapath import libbpf, tc
 from agent.datapath.maps import MAP
-from agent.sim.agent import AgentProcess, _detach_node, private_paths
+from agent.sim import manifests as mf
+from agent.sim.agent import FASTPATH, AgentProcess, _detach_node, private_paths
+from agent.sim.cgroups import private_mount as private_cgroup
 from bench.harness import build_fprr
 from fastpath_helpers import forwarded_by_stack, inject_truncated, serve_reply, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 # The CLI as a process in a node's netns, from this source tree.
-FASTPATH = ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "agent.cli.main"]
 TCP_PORT, UDP_PORT = 7300, 7301
 # Echo servers outlive any load: clients stop at a stop file or after
 # LOAD_MAX_SECONDS, whichever comes first.
@@ -258,27 +257,11 @@ SVC_VIP = "192.168.9.10"
 
 def web_service(backends: list[str], port: int = 8080, name: str = "web") -> str:
     """A ClusterIP Service (TCP 80 and UDP 53 -> `port`) and its EndpointSlice."""
-    eps = "".join(f'\n  - addresses: ["{ip}"]\n    conditions: {{ready: true}}' for ip in backends)
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {SVC_VIP}
-  ports:
-  - {{name: tcp, port: 80, targetPort: {port}, protocol: TCP}}
-  - {{name: udp, port: 53, targetPort: {port + 1}, protocol: UDP}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports: [{{name: tcp, port: {port}, protocol: TCP}}, {{name: udp, port: {port + 1}, protocol: UDP}}]
-endpoints:{eps if backends else " []"}
-"""
+    return mf.dump([
+        mf.service("default", name, SVC_VIP, 80, port, "tcp", "TCP",
+                   more_ports=[("udp", 53, port + 1, "UDP")]),
+        mf.endpoint_slice("default", name, port, [(ip, "ready", None) for ip in backends],
+                          "tcp", "TCP", more_ports=[("udp", port + 1, "UDP")])])
 
 
 def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
@@ -860,50 +843,6 @@ def node_state(node, paths, cgroup: str, cni_root: Path) -> dict:
             "cgroup": cgroup_attachments(cgroup), "cni": digest_tree(cni_root), "files": files}
 
 
-CGROUP_MOUNT_PREFIX = "fp-cg2-"
-
-
-@contextlib.contextmanager
-def private_cgroup():
-    """A cgroup v2 child of the test's own, reached through a cgroup2 mount
-    in a temporary directory: `ip netns exec` mounts a fresh /sys for the
-    commands it runs, which hides /sys/fs/cgroup from the agent and the CLI.
-    On the way out, whatever happened: processes still in the child are
-    killed, the child removed, the mount detached. The mount's name carries
-    this process's pid, so a run killed outright is swept by the next one
-    (conftest.py)."""
-    import tempfile
-    mnt = tempfile.mkdtemp(prefix=f"{CGROUP_MOUNT_PREFIX}{os.getpid()}-")
-    try:
-        subprocess.run(["mount", "-t", "cgroup2", "none", mnt], check=True)
-        path = f"{mnt}/fp-test-{secrets.token_hex(3)}"
-        os.mkdir(path)
-        try:
-            yield path
-        finally:
-            remove_cgroup(path)
-    finally:
-        subprocess.run(["umount", "-l", mnt], check=False)
-        os.rmdir(mnt)
-
-
-def remove_cgroup(path: str, timeout: float = 5.0) -> None:
-    """Kill what is left in a cgroup and remove it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        with open(f"{path}/cgroup.kill", "w") as f:     # kernel >= 5.14
-            f.write("1")
-        time.sleep(0.05)
-
-
 def test_uninstall_removes_all_fastpath_put_on_the_node_and_nothing_else(world):
     with private_cgroup() as cgroup:
         uninstall_scenario(world, cgroup)
@@ -942,7 +881,6 @@ def uninstall_scenario(world, cgroup: str) -> None:
 
             dirs = ["--cni-conf-dir", str(cni / "etc/cni/net.d")]
             # a pod with an egress limit: fastpath's root qdisc goes on the ENIs
-            from agent.sim import manifests as mf
             Path(paths.manifests, "a.yaml").write_text(mf.dump([
                 mf.namespace("default"),
                 mf.pod("default", "a", a.ip, "n1",

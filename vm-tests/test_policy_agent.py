@@ -18,19 +18,10 @@ import pytest
 
 from agent.api import wire
 from agent.sim import manifests as m
-from agent.sim.agent import AgentProcess, private_paths, register_pod
+from agent.sim.agent import node_agent
 from fastpath_helpers import serve_reply, wait_for
 
-ALLOW_A_TO_B = """
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: b-from-a, namespace: x}
-spec:
-  podSelector: {matchLabels: {app: b}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: a}}}]
-    ports: [{port: http}]
-"""
+ALLOW_A_TO_B = m.ingress_policy("x", "b-from-a", {"app": "b"}, {"app": "a"}, [("http", None)])
 
 # Many port ranges towards every pod: more rule entries than a tiny map holds.
 WIDE = """
@@ -73,66 +64,58 @@ def test_policies_from_manifests_are_enforced_and_follow_changes_and_restarts(wo
     node = world.add_node("n1", enis=1)
     a, b, c = node.add_pod("a"), node.add_pod("b"), node.add_pod("c")
     serve_reply(b, 8080, "ok")
-    with private_paths() as paths:
-        base = f"{paths.manifests}/base.yaml"
+    with node_agent(node, ["--policy-enforcement", "default"],
+                    {"base.yaml": cluster(((a, "x"), (b, "x"), (c, "y")))}) as agent:
+        paths = agent.paths
         pol = f"{paths.manifests}/policy.yaml"
-        with open(base, "w") as f:
-            f.write(cluster(((a, "x"), (b, "x"), (c, "y"))))
-        agent = AgentProcess(node, paths, ["--policy-enforcement", "default"]).start()
-        try:
-            for p in (a, b, c):
-                register_pod(paths.socket, p)
-            wait_for(applied(paths, 0), "the first policy plan")
-            # no policy selects b: everyone reaches it
-            assert connects(a, b.ip) and connects(c, b.ip)
+        wait_for(applied(paths, 0), "the first policy plan")
+        # no policy selects b: everyone reaches it
+        assert connects(a, b.ip) and connects(c, b.ip)
 
-            with open(pol, "w") as f:
-                f.write(ALLOW_A_TO_B)
-            wait_for(applied(paths, 1), "b-from-a to be programmed")
-            assert connects(a, b.ip)
-            assert not connects(c, b.ip)
-            counters = wire.call(paths.socket, "Counters")
-            drops = sum(r["packets"] for r in counters if r["reason"] == "dropped-policy-denied")
-            assert drops >= 1, counters
-            # the pod's effective rules, traced to the policy
-            view = wire.call(paths.socket, "PolicyGet", {"endpoint": "x/b"})
-            assert view["ip"] == b.ip and view["ingress"]["enforced"]
-            assert view["ingress"]["deciding"] == ["x/b-from-a"]
-            tcp8080 = [r for r in view["rules"] if r["match"] == "TCP/8080"]
-            assert tcp8080 and all(r["policies"] == ["x/b-from-a"] for r in tcp8080)
-            assert sum(r["flows"] for r in tcp8080) >= 1
+        agent.write("policy.yaml", [ALLOW_A_TO_B])
+        wait_for(applied(paths, 1), "b-from-a to be programmed")
+        assert connects(a, b.ip)
+        assert not connects(c, b.ip)
+        counters = wire.call(paths.socket, "Counters")
+        drops = sum(r["packets"] for r in counters if r["reason"] == "dropped-policy-denied")
+        assert drops >= 1, counters
+        # the pod's effective rules, traced to the policy
+        view = wire.call(paths.socket, "PolicyGet", {"endpoint": "x/b"})
+        assert view["ip"] == b.ip and view["ingress"]["enforced"]
+        assert view["ingress"]["deciding"] == ["x/b-from-a"]
+        tcp8080 = [r for r in view["rules"] if r["match"] == "TCP/8080"]
+        assert tcp8080 and all(r["policies"] == ["x/b-from-a"] for r in tcp8080)
+        assert sum(r["flows"] for r in tcp8080) >= 1
 
-            # kill -9: the pinned maps keep enforcing while the agent is away
-            agent.kill()
-            assert connects(a, b.ip) and not connects(c, b.ip)
-            agent = AgentProcess(node, paths, ["--policy-enforcement", "default"]).start()
-            wait_for(applied(paths, 1), "the restarted agent's first plan")
-            st = policy_status(paths)
-            # restored from the maps, ids kept: nothing changed while it was
-            # away, so its first plan writes nothing at all
-            assert (st["plans"], st["last_ops"]) == (1, 0), st
-            assert connects(a, b.ip) and not connects(c, b.ip)
-            log = agent.log.read_text()
-            assert "stale policy map entries removed" not in log
+        # kill -9: the pinned maps keep enforcing while the agent is away
+        agent.kill()
+        assert connects(a, b.ip) and not connects(c, b.ip)
+        agent.start()
+        wait_for(applied(paths, 1), "the restarted agent's first plan")
+        st = policy_status(paths)
+        # restored from the maps, ids kept: nothing changed while it was
+        # away, so its first plan writes nothing at all
+        assert (st["plans"], st["last_ops"]) == (1, 0), st
+        assert connects(a, b.ip) and not connects(c, b.ip)
+        log = agent.log.read_text()
+        assert "stale policy map entries removed" not in log
 
-            # the directory is followed with inotify; PolicyWait answers once
-            # the removal is in the maps (and says so when it is not yet)
-            st = wire.call(paths.socket, "Status")
-            assert st["source"]["status"]["watch"].startswith("inotify"), st["source"]
-            before = policy_status(paths)["applied_version"]
-            with pytest.raises(wire.RemoteError) as e:
-                wire.call(paths.socket, "PolicyWait", {"applied_after": before, "timeout": 0.2})
-            assert e.value.code == "timeout"
-            os.remove(pol)
-            st = wire.call(paths.socket, "PolicyWait", {"applied_after": before, "timeout": 20})
-            assert st["applied_version"] > before and st["policies"] == 0
-            assert connects(c, b.ip)
-            assert st["errors"] == 0
-            with pytest.raises(wire.RemoteError) as e:
-                wire.call(paths.socket, "PolicyWait", {"applied_after": "1", "timeout": 1})
-            assert e.value.code == "invalid-argument"
-        finally:
-            agent.stop()
+        # the directory is followed with inotify; PolicyWait answers once
+        # the removal is in the maps (and says so when it is not yet)
+        st = wire.call(paths.socket, "Status")
+        assert st["source"]["status"]["watch"].startswith("inotify"), st["source"]
+        before = policy_status(paths)["applied_version"]
+        with pytest.raises(wire.RemoteError) as e:
+            wire.call(paths.socket, "PolicyWait", {"applied_after": before, "timeout": 0.2})
+        assert e.value.code == "timeout"
+        os.remove(pol)
+        st = wire.call(paths.socket, "PolicyWait", {"applied_after": before, "timeout": 20})
+        assert st["applied_version"] > before and st["policies"] == 0
+        assert connects(c, b.ip)
+        assert st["errors"] == 0
+        with pytest.raises(wire.RemoteError) as e:
+            wire.call(paths.socket, "PolicyWait", {"applied_after": "1", "timeout": 1})
+        assert e.value.code == "invalid-argument"
 
 
 def node_policy_ips(node) -> list[str]:
@@ -222,10 +205,8 @@ def scrape(node, port: int = 9962) -> str:
     return r.stdout
 
 
-def cli(node, paths, *args) -> str:
-    import sys
-    r = node.run([sys.executable, "-m", "agent.cli.main", *args, "--socket", paths.socket,
-                  "--bpffs-root", f"{paths.bpffs}/fastpath"], check=False, timeout=60)
+def cli(agent, *args) -> str:
+    r = agent.cli(*args, check=False, timeout=60)
     assert r.stdout, f"fastpath {' '.join(args)}: exit {r.returncode}: {r.stderr}"
     return r.stdout
 
@@ -246,61 +227,48 @@ def test_a_relabel_that_does_not_fit_leaves_the_pod_isolated_and_names_the_polic
     after = {"a": {"app": "a"}, "b": {"app": "web"}, "c": {"app": "web", "role": "c"}}
     window = capacity_window(node, [a, b, c], before, after)
     cap = window[len(window) // 2]
-    with private_paths() as paths:
-        base = f"{paths.manifests}/base.yaml"
 
-        def write_base(labels):
-            tmp = base + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(m.dump([m.namespace("x", ns="x")] + [
-                    m.pod("x", p.name, p.ip, "n1", labels[p.name]) for p in (a, b, c)]))
-            os.replace(tmp, base)
-        write_base(before)
-        with open(f"{paths.manifests}/web.yaml", "w") as f:
-            f.write(m.dump([web_policy(30)]))
-        with open(f"{paths.manifests}/extra.yaml", "w") as f:
-            f.write(m.dump([extra_policy(30)]))
-        agent = AgentProcess(node, paths, ["--policy-enforcement", "default",
-                                           "--policy-map-size", str(cap)]).start()
-        try:
-            for p in (a, b, c):
-                register_pod(paths.socket, p)
-            wait_for(applied(paths, 2), "web and extra")
-            assert connects(a, b.ip) and connects(a, c.ip)      # c is not isolated yet
+    def base(labels):
+        return [m.namespace("x", ns="x")] + [
+            m.pod("x", p.name, p.ip, "n1", labels[p.name]) for p in (a, b, c)]
+    with node_agent(node, ["--policy-enforcement", "default", "--policy-map-size", str(cap)],
+                    {"base.yaml": base(before), "web.yaml": [web_policy(30)],
+                     "extra.yaml": [extra_policy(30)]}) as agent:
+        paths = agent.paths
+        wait_for(applied(paths, 2), "web and extra")
+        assert connects(a, b.ip) and connects(a, c.ip)      # c is not isolated yet
 
-            write_base(after)
-            wait_for(lambda: policy_status(paths)["refused"], "x/web to be refused for x/c")
-            st = policy_status(paths)
-            assert [(r["policy"], r["pods"]) for r in st["refused"]] == [("x/web", ["x/c"])], st
-            assert st["errors"] == 0 and st["refused_total"] >= 1
-            # c is isolated, web still admits a at b
-            assert not connects(a, c.ip)
-            assert connects(a, b.ip)
-            # named: in the log and as an event (directory mode: in the log)
-            log = agent.log.read_text()
-            assert "rules of NetworkPolicy x/web are not written for x/c" in log
-            assert "PolicyRefused" in log
-            # fastpath status, text and --json
-            text = cli(node, paths, "status")
-            assert "REFUSED x/web: rules not written for x/c" in text, text
-            assert "1 refused" in text
-            shown = json.loads(cli(node, paths, "status", "--json"))
-            assert [(r["policy"], r["pods"]) for r in shown["policy"]["refused"]] == \
-                [("x/web", ["x/c"])]
-            # policy get names it for the pod
-            view = json.loads(cli(node, paths, "policy", "get", c.ip, "--json"))
-            assert view["refused"] == ["x/web"] and view["directions"]["ingress"]["enforced"]
-            # metrics
-            metrics = scrape(node)
-            assert "fastpath_policy_refused 1.0" in metrics
-            assert 'fastpath_policy_refused_pods{namespace="x",policy="web"} 1.0' in metrics
+        agent.write("base.yaml", base(after))
+        wait_for(lambda: policy_status(paths)["refused"], "x/web to be refused for x/c")
+        st = policy_status(paths)
+        assert [(r["policy"], r["pods"]) for r in st["refused"]] == [("x/web", ["x/c"])], st
+        assert st["errors"] == 0 and st["refused_total"] >= 1
+        # c is isolated, web still admits a at b
+        assert not connects(a, c.ip)
+        assert connects(a, b.ip)
+        # named: in the log and as an event (directory mode: in the log)
+        log = agent.log.read_text()
+        assert "rules of NetworkPolicy x/web are not written for x/c" in log
+        assert "PolicyRefused" in log
+        # fastpath status, text and --json
+        text = cli(agent, "status")
+        assert "REFUSED x/web: rules not written for x/c" in text, text
+        assert "1 refused" in text
+        shown = json.loads(cli(agent, "status", "--json"))
+        assert [(r["policy"], r["pods"]) for r in shown["policy"]["refused"]] == \
+            [("x/web", ["x/c"])]
+        # policy get names it for the pod
+        view = json.loads(cli(agent, "policy", "get", c.ip, "--json"))
+        assert view["refused"] == ["x/web"] and view["directions"]["ingress"]["enforced"]
+        # metrics
+        metrics = scrape(node)
+        assert "fastpath_policy_refused 1.0" in metrics
+        assert 'fastpath_policy_refused_pods{namespace="x",policy="web"} 1.0' in metrics
 
-            # room again: c gets web's rules
-            os.remove(f"{paths.manifests}/extra.yaml")
-            wait_for(lambda: (not policy_status(paths)["refused"]
-                              and policy_status(paths)["policies"] == 1), "the refusal to lift")
-            assert connects(a, c.ip)
-            assert "are written in full on node n1 again" in agent.log.read_text()
-            assert "fastpath_policy_refused 0.0" in scrape(node)
-        finally:
-            agent.stop()
+        # room again: c gets web's rules
+        os.remove(f"{paths.manifests}/extra.yaml")
+        wait_for(lambda: (not policy_status(paths)["refused"]
+                          and policy_status(paths)["policies"] == 1), "the refusal to lift")
+        assert connects(a, c.ip)
+        assert "are written in full on node n1 again" in agent.log.read_text()
+        assert "fastpath_policy_refused 0.0" in scrape(node)

@@ -29,7 +29,7 @@ from agent.api import wire
 from agent.sim import manifests as m
 from agent.sim import plan
 from agent.sim.netns import sh
-from agent.sim.agent import AgentProcess, private_paths, register_pod
+from agent.sim.agent import NodeAgent, private_paths
 from chainer.testing import CniRuntime, install_plugins, terway_conflist
 from fastpath_helpers import wait_for
 
@@ -181,13 +181,24 @@ def check_isolated_from_add(probes, t_start, t_ret, what: str) -> None:
 
 
 def write_manifests(paths, objs) -> None:
-    tmp = Path(paths.manifests, ".cluster.yaml.tmp")
-    tmp.write_text(m.dump(objs))
-    tmp.replace(Path(paths.manifests, "cluster.yaml"))
+    m.write(paths.manifests, "cluster.yaml", objs)
 
 
 def policy_status(paths) -> dict:
     return wire.call(paths.socket, "PolicyStatus")
+
+
+@contextlib.contextmanager
+def enforcing_agent(node, paths, prober, *args: str):
+    """`fastpath agent` enforcing NetworkPolicy, the prober registered and
+    the first plan applied; stopped on the way out."""
+    agent = NodeAgent(node, paths, ["--policy-enforcement", "default", *args]).start()
+    try:
+        agent.register(prober)
+        wait_for(lambda: policy_status(paths)["plans"] > 0, "the first plan")
+        yield agent
+    finally:
+        agent.stop()
 
 
 def test_a_new_pod_of_a_default_deny_namespace_answers_nobody_once_add_returns(world):
@@ -197,24 +208,23 @@ def test_a_new_pod_of_a_default_deny_namespace_answers_nobody_once_add_returns(w
         # the Pod is scheduled (labels known, no address yet), as at ADD time
         objs = base_objects(prober) + [pod_doc("locked", "web", {"app": "web"})]
         write_manifests(paths, objs)
-        agent = AgentProcess(node, paths, ["--policy-enforcement", "default"]).start()
-        try:
-            register_pod(paths.socket, prober)
-            wait_for(lambda: policy_status(paths)["plans"] > 0, "the first plan")
-            new = NewPod(world, runtime, "locked", "web")
-            probes, t_start, t_ret, inv = probe_around_add(prober, new)
-            check_isolated_from_add(probes, t_start, t_ret, "pod known to the store")
-            log = agent.log.read_text()
-            assert "locked/web" in log and "policy=compiled (labels: store)" in log, log[-2000:]
-            # the node still reaches it (kubelet probes)
-            r = node.run([sys.executable, "-c",
-                          "import socket; s=socket.socket(2,2); s.settimeout(2); "
-                          f"s.sendto(b'k',('{new.ip}',{PORT})); print(s.recv(9))"], check=False)
-            assert "b'k'" in r.stdout, r.stdout + r.stderr
-        finally:
-            if new is not None:
-                new.close()
-            agent.stop()
+        with enforcing_agent(node, paths, prober) as agent:
+            try:
+                new = NewPod(world, runtime, "locked", "web")
+                probes, t_start, t_ret, inv = probe_around_add(prober, new)
+                check_isolated_from_add(probes, t_start, t_ret, "pod known to the store")
+                log = agent.log.read_text()
+                assert "locked/web" in log and "policy=compiled (labels: store)" in log, \
+                    log[-2000:]
+                # the node still reaches it (kubelet probes)
+                r = node.run([sys.executable, "-c",
+                              "import socket; s=socket.socket(2,2); s.settimeout(2); "
+                              f"s.sendto(b'k',('{new.ip}',{PORT})); print(s.recv(9))"],
+                             check=False)
+                assert "b'k'" in r.stdout, r.stdout + r.stderr
+            finally:
+                if new is not None:
+                    new.close()
 
 
 def test_a_pod_whose_labels_are_unknown_starts_denied_and_converges_when_its_pod_arrives(world):
@@ -222,25 +232,22 @@ def test_a_pod_whose_labels_are_unknown_starts_denied_and_converges_when_its_pod
         prober = node.add_pod("prober")
         new = None
         write_manifests(paths, base_objects(prober))      # no Pod for it anywhere
-        agent = AgentProcess(node, paths, ["--policy-enforcement", "default"]).start()
-        try:
-            register_pod(paths.socket, prober)
-            wait_for(lambda: policy_status(paths)["plans"] > 0, "the first plan")
-            new = NewPod(world, runtime, "open", "late")
-            probes, t_start, t_ret, inv = probe_around_add(prober, new)
-            check_isolated_from_add(probes, t_start, t_ret, "pod with unknown labels")
-            assert policy_status(paths)["pending"] == ["open/late"]
-            assert "policy=pending" in agent.log.read_text()
-            # its Pod arrives (namespace open has no policy): it converges, open
-            write_manifests(paths, base_objects(prober)
-                            + [pod_doc("open", "late", {"app": "late"}, new.ip)])
-            wait_for(lambda: policy_status(paths)["pending"] == [], "the pod to converge")
-            probes, _, _, _ = probe_for(prober, new, 0.5)
-            assert sum(ok for _, ok in probes) >= len(probes) * 0.8, "converged pod unreachable"
-        finally:
-            if new is not None:
-                new.close()
-            agent.stop()
+        with enforcing_agent(node, paths, prober) as agent:
+            try:
+                new = NewPod(world, runtime, "open", "late")
+                probes, t_start, t_ret, inv = probe_around_add(prober, new)
+                check_isolated_from_add(probes, t_start, t_ret, "pod with unknown labels")
+                assert policy_status(paths)["pending"] == ["open/late"]
+                assert "policy=pending" in agent.log.read_text()
+                # its Pod arrives (namespace open has no policy): it converges, open
+                write_manifests(paths, base_objects(prober)
+                                + [pod_doc("open", "late", {"app": "late"}, new.ip)])
+                wait_for(lambda: policy_status(paths)["pending"] == [], "the pod to converge")
+                probes, _, _, _ = probe_for(prober, new, 0.5)
+                assert sum(ok for _, ok in probes) >= len(probes) * 0.8, "converged pod unreachable"
+            finally:
+                if new is not None:
+                    new.close()
 
 
 def probe_for(prober, pod, seconds):
@@ -263,30 +270,26 @@ def test_from_the_kubernetes_api_a_new_pod_is_isolated_from_the_first_packet(wor
                             + base_objects(prober))
             monkeypatch.setenv("KUBECONFIG", str(kubeconfig_for(Path(paths.root, "kubeconfig"),
                                                                 fake.port)))
-            agent = AgentProcess(node, paths, ["--policy-enforcement", "default",
-                                               "--source", "kubernetes"]).start()
-            try:
-                register_pod(paths.socket, prober)
-                wait_for(lambda: policy_status(paths)["plans"] > 0, "the first plan")
-                for name in ("api1", "api2"):
-                    new = NewPod(world, runtime, "locked", name)
+            with enforcing_agent(node, paths, prober, "--source", "kubernetes") as agent:
+                try:
+                    for name in ("api1", "api2"):
+                        new = NewPod(world, runtime, "locked", name)
 
-                    def create(name=name):
-                        # cut the watches first: the Pod reaches the store
-                        # only after their reconnect (a quarter to half a
-                        # second), so the ADD asks the API for it
-                        fake.drop_connections()
-                        fake.apply(pod_doc("locked", name, {"app": "web"}))
-                    probes, t_start, t_ret, inv = probe_around_add(prober, new,
-                                                                   just_before=create)
-                    check_isolated_from_add(probes, t_start, t_ret, f"{name} from the API")
-                    new.close()
-                    new = None
-                log = agent.log.read_text()
-                assert "policy=compiled (labels: kubernetes)" in log, log[-3000:]
-                gets = [r for r in fake.requests if "/namespaces/locked/pods/api" in r]
-                assert gets, "the ADD never asked the API for its Pod"
-            finally:
-                if new is not None:
-                    new.close()
-                agent.stop()
+                        def create(name=name):
+                            # cut the watches first: the Pod reaches the store
+                            # only after their reconnect (a quarter to half a
+                            # second), so the ADD asks the API for it
+                            fake.drop_connections()
+                            fake.apply(pod_doc("locked", name, {"app": "web"}))
+                        probes, t_start, t_ret, inv = probe_around_add(prober, new,
+                                                                       just_before=create)
+                        check_isolated_from_add(probes, t_start, t_ret, f"{name} from the API")
+                        new.close()
+                        new = None
+                    log = agent.log.read_text()
+                    assert "policy=compiled (labels: kubernetes)" in log, log[-3000:]
+                    gets = [r for r in fake.requests if "/namespaces/locked/pods/api" in r]
+                    assert gets, "the ADD never asked the API for its Pod"
+                finally:
+                    if new is not None:
+                        new.close()

@@ -26,7 +26,7 @@ import time
 from agent.api import wire
 from agent.datapath.maps import MAP
 from agent.sim import manifests as m
-from agent.sim.agent import AgentProcess, private_paths, register_pod
+from agent.sim.agent import node_agent
 
 PORT = 5353
 SPOOFED = "dropped-source-spoofed"
@@ -157,72 +157,65 @@ def test_forged_sources_from_pods_and_from_the_vpc_never_reach_a_protected_pod(w
     for node in (n1, n2):
         assert node.sysctl_get("net.ipv4.conf.all.rp_filter") == "0"
     text = manifests([(a, "n1"), (b, "n1"), (c, "n1"), (r, "n2")])
-    with private_paths() as p1, private_paths() as p2:
-        for p in (p1, p2):
-            with open(f"{p.manifests}/cluster.yaml", "w") as f:
-                f.write(text)
-        ag1 = AgentProcess(n1, p1, ["--policy-enforcement", "default"]).start()
-        ag2 = AgentProcess(n2, p2, ["--policy-enforcement", "default"]).start()
-        try:
-            for pod in (a, b, c):
-                register_pod(p1.socket, pod)
-            register_pod(p2.socket, r)
-            wait_applied(p1, 2)
-            wait_applied(p2, 2)
-            sink_b, sink_r = Sink(b), Sink(r)
+    args = ["--policy-enforcement", "default"]
+    with node_agent(n1, args, {"cluster.yaml": text}, register=False) as ag1, \
+            node_agent(n2, args, {"cluster.yaml": text}, register=False) as ag2:
+        p1, p2 = ag1.paths, ag2.paths
+        ag1.register(a, b, c)
+        ag2.register(r)
+        wait_applied(p1, 2)
+        wait_applied(p2, 2)
+        sink_b, sink_r = Sink(b), Sink(r)
 
-            # controls: the policy admits a and r, refuses c; c may not send
-            t = tokens("a-to-b")
-            udp_send(a, b.ip, t)
-            assert sink_b.received(t) == t
-            t = tokens("r-to-b")
-            udp_send(r, b.ip, t)
-            assert sink_b.received(t) == t
-            t = tokens("c-to-b")
-            udp_send(c, b.ip, t)
-            assert sink_b.received(t, wait=1) == []
-            t = tokens("c-to-r")
-            udp_send(c, r.ip, t)
-            assert sink_r.received(t, wait=1) == []
-            # a raw socket with the pod's own source is delivered: raw sending works
-            t = tokens("a-raw-own")
-            raw_send(a, a.ip, b.ip, t)
-            assert sink_b.received(t) == t
+        # controls: the policy admits a and r, refuses c; c may not send
+        t = tokens("a-to-b")
+        udp_send(a, b.ip, t)
+        assert sink_b.received(t) == t
+        t = tokens("r-to-b")
+        udp_send(r, b.ip, t)
+        assert sink_b.received(t) == t
+        t = tokens("c-to-b")
+        udp_send(c, b.ip, t)
+        assert sink_b.received(t, wait=1) == []
+        t = tokens("c-to-r")
+        udp_send(c, r.ip, t)
+        assert sink_r.received(t, wait=1) == []
+        # a raw socket with the pod's own source is delivered: raw sending works
+        t = tokens("a-raw-own")
+        raw_send(a, a.ip, b.ip, t)
+        assert sink_b.received(t) == t
 
-            eps = {e["ip"]: e for e in wire.call(p1.socket, "EndpointList")}
-            c_veth = eps[c.ip]["host_ifindex"]
-            eth1 = n1.link("eth1")["ifindex"]
-            before = drops(p1.socket, SPOOFED, c_veth, "from-pod")
+        eps = {e["ip"]: e for e in wire.call(p1.socket, "EndpointList")}
+        c_veth = eps[c.ip]["host_ifindex"]
+        eth1 = n1.link("eth1")["ifindex"]
+        before = drops(p1.socket, SPOOFED, c_veth, "from-pod")
 
-            # 1. c forges r's address towards b
-            t = tokens("c-as-r")
-            raw_send(c, r.ip, b.ip, t)
-            assert sink_b.received(t, wait=1.5) == [], "a forged source reached b"
-            # 2. c, with no egress at all, sends to r from a made-up address
-            t = tokens("c-as-nobody")
-            raw_send(c, "10.99.0.7", r.ip, t)
-            assert sink_r.received(t, wait=1.5) == [], "c's egress policy was bypassed"
-            assert drops(p1.socket, SPOOFED, c_veth, "from-pod") == before + 6
-            # 3. from the VPC, a's address (which b admits) through n1's ENI
-            before_eni = drops(p1.socket, SPOOFED, eth1, "from-vpc")
-            t = tokens("vpc-as-a")
-            raw_send(world.vpc, a.ip, b.ip, t)
-            assert sink_b.received(t, wait=1.5) == [], "a local pod's address came from the VPC"
-            assert drops(p1.socket, SPOOFED, eth1, "from-vpc") == before_eni + 3
-            # ... while the VPC still delivers what it should
-            t = tokens("r-to-b-again")
-            udp_send(r, b.ip, t)
-            assert sink_b.received(t) == t
+        # 1. c forges r's address towards b
+        t = tokens("c-as-r")
+        raw_send(c, r.ip, b.ip, t)
+        assert sink_b.received(t, wait=1.5) == [], "a forged source reached b"
+        # 2. c, with no egress at all, sends to r from a made-up address
+        t = tokens("c-as-nobody")
+        raw_send(c, "10.99.0.7", r.ip, t)
+        assert sink_r.received(t, wait=1.5) == [], "c's egress policy was bypassed"
+        assert drops(p1.socket, SPOOFED, c_veth, "from-pod") == before + 6
+        # 3. from the VPC, a's address (which b admits) through n1's ENI
+        before_eni = drops(p1.socket, SPOOFED, eth1, "from-vpc")
+        t = tokens("vpc-as-a")
+        raw_send(world.vpc, a.ip, b.ip, t)
+        assert sink_b.received(t, wait=1.5) == [], "a local pod's address came from the VPC"
+        assert drops(p1.socket, SPOOFED, eth1, "from-vpc") == before_eni + 3
+        # ... while the VPC still delivers what it should
+        t = tokens("r-to-b-again")
+        udp_send(r, b.ip, t)
+        assert sink_b.received(t) == t
 
-            # the control that proves the test can fail: without c's veth
-            # registration (the behaviour before anti-spoofing) attack 1
-            # reaches b
-            pin = f"{p1.bpffs}/fastpath/{MAP['FP_MAP_EP_IFINDEX']}"
-            key = [f"0x{x:02x}" for x in c_veth.to_bytes(4, sys.byteorder)]
-            subprocess.run(["bpftool", "map", "delete", "pinned", pin, "key", *key], check=True)
-            t = tokens("c-as-r-unguarded")
-            raw_send(c, r.ip, b.ip, t)
-            assert sink_b.received(t) == t, "the unguarded veth should let the forgery through"
-        finally:
-            ag1.stop()
-            ag2.stop()
+        # the control that proves the test can fail: without c's veth
+        # registration (the behaviour before anti-spoofing) attack 1
+        # reaches b
+        pin = f"{p1.bpffs}/fastpath/{MAP['FP_MAP_EP_IFINDEX']}"
+        key = [f"0x{x:02x}" for x in c_veth.to_bytes(4, sys.byteorder)]
+        subprocess.run(["bpftool", "map", "delete", "pinned", pin, "key", *key], check=True)
+        t = tokens("c-as-r-unguarded")
+        raw_send(c, r.ip, b.ip, t)
+        assert sink_b.received(t) == t, "the unguarded veth should let the forgery through"

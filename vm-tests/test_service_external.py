@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 
@@ -30,7 +29,6 @@ import yaml
 from agent.sim.agent import sim_attach
 from fastpath_helpers import serve_reply, wait_for
 
-CGROUP2 = "/sys/fs/cgroup/unified"
 WEB_VIP, LOC_VIP, FW_VIP, NONE_VIP = "192.168.60.10", "192.168.60.11", "192.168.60.12", \
     "192.168.60.13"
 EXT_IP = "203.0.113.10"
@@ -136,23 +134,6 @@ def http_get(src, ip, port) -> tuple[int, dict, dict]:
     lines = head.split("\n")
     headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
     return int(lines[0].split()[1]), headers, json.loads(body)
-
-
-@pytest.fixture
-def cgroup():
-    path = f"{CGROUP2}/fp-ext-{secrets.token_hex(3)}"
-    os.mkdir(path)
-    try:
-        yield path
-    finally:
-        try:
-            with open(f"{path}/cgroup.procs") as f:
-                for pid in f.read().split():
-                    with open(f"{CGROUP2}/cgroup.procs", "w") as parent:
-                        parent.write(pid)
-        except OSError:
-            pass
-        os.rmdir(path)
 
 
 def test_services_are_reached_from_outside_from_pods_and_from_the_nodes(world, cgroup):

@@ -8,36 +8,16 @@ from __future__ import annotations
 
 import time
 
-from agent.api import wire
-from agent.sim.agent import AgentProcess, private_paths, register_pod
+from agent.sim import manifests as mf
+from agent.sim.agent import node_agent
 from fastpath_helpers import serve_reply, wait_for
 
 VIP = "192.168.99.10"
 
 
-def manifests(endpoints: list[tuple[str, bool]]) -> str:
-    eps = "".join(f"""
-  - addresses: ["{ip}"]
-    conditions: {{ready: {str(ready).lower()}}}
-    nodeName: n1""" for ip, ready in endpoints)
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: shop}}
-spec:
-  clusterIP: {VIP}
-  ports: [{{name: http, port: 80, targetPort: http, protocol: TCP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: shop
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints:{eps if endpoints else " []"}
-"""
+def manifests(endpoints: list[tuple[str, bool]]) -> list[dict]:
+    return [mf.service("shop", "web", VIP, 80, "http"),
+            mf.endpoint_slice("shop", "web", 8080, [(ip, ready, "n1") for ip, ready in endpoints])]
 
 
 def serve(pod, reply: str):
@@ -53,30 +33,21 @@ def test_service_manifests_become_translated_connections_and_follow_changes(worl
     a, b, d = node.add_pod("a"), node.add_pod("b"), node.add_pod("d")
     serve(b, "from-b")
     serve(d, "from-d")
-    with private_paths() as paths:
-        path = f"{paths.manifests}/web.yaml"
-        with open(path, "w") as f:
-            f.write(manifests([(b.ip, True), (d.ip, True)]))
-        agent = AgentProcess(node, paths).start()
-        try:
-            for p in (a, b, d):
-                register_pod(paths.socket, p)
-            wait_for(lambda: {ask(a) for _ in range(8)} == {"from-b", "from-d"},
-                     "both endpoints to answer through the ClusterIP")
-            # d stops being ready: kube-proxy stops sending it new connections
-            with open(path, "w") as f:
-                f.write(manifests([(b.ip, True), (d.ip, False)]))
-            wait_for(lambda: {ask(a) for _ in range(8)} == {"from-b"}, "d to be withdrawn")
-            # no endpoints at all: the Service refuses instead of hanging
-            with open(path, "w") as f:
-                f.write(manifests([]))
-            def refused():
-                t = time.monotonic()
-                out = a.run(["sh", "-c", f"printf hi | nc -N -w 3 {VIP} 80; echo rc=$?"],
-                            check=False, timeout=10).stdout
-                return "rc=1" in out and time.monotonic() - t < 1.5
-            wait_for(refused, "the Service to refuse connections")
-            status = wire.call(paths.socket, "Status")
-            assert status["source"]["objects"]["Service"] == 1
-        finally:
-            agent.stop()
+    with node_agent(node, manifests={"web.yaml": manifests([(b.ip, True), (d.ip, True)])}) \
+            as agent:
+        wait_for(lambda: {ask(a) for _ in range(8)} == {"from-b", "from-d"},
+                 "both endpoints to answer through the ClusterIP")
+        # d stops being ready: kube-proxy stops sending it new connections
+        agent.write("web.yaml", manifests([(b.ip, True), (d.ip, False)]))
+        wait_for(lambda: {ask(a) for _ in range(8)} == {"from-b"}, "d to be withdrawn")
+        # no endpoints at all: the Service refuses instead of hanging
+        agent.write("web.yaml", manifests([]))
+
+        def refused():
+            t = time.monotonic()
+            out = a.run(["sh", "-c", f"printf hi | nc -N -w 3 {VIP} 80; echo rc=$?"],
+                        check=False, timeout=10).stdout
+            return "rc=1" in out and time.monotonic() - t < 1.5
+        wait_for(refused, "the Service to refuse connections")
+        status = agent.call("Status")
+        assert status["source"]["objects"]["Service"] == 1

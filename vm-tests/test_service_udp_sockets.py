@@ -5,7 +5,7 @@ reconnect to the VIP reaches a live one. Real sockets in the node's netns
 and in a pod's netns, socket-LB for all sockets on the test's own cgroup,
 the agent's own pipeline from manifests.
 
-    node / pod a (clients, cgroup fp-sock-*) --connect(VIP:53/udp)--> b1 | b2 :5353
+    node / pod a (clients, cgroup fp-test-*) --connect(VIP:53/udp)--> b1 | b2 :5353
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import subprocess
 import sys
 import time
 
+from agent.sim import manifests as mf
 from agent.sim.agent import sim_attach
-from test_socket_lb import cgroup  # noqa: F401  (fixture)
 
 VIP = "192.168.66.53"
 
@@ -49,27 +49,10 @@ for line in sys.stdin:
 """
 
 
-def manifests(*backends: str) -> str:
-    eps = "".join(f'\n  - addresses: ["{ip}"]\n    conditions: {{ready: true}}\n    nodeName: n1'
-                  for ip in backends)
-    return f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: dns, namespace: default}}
-spec:
-  clusterIP: {VIP}
-  ports: [{{name: dns, port: 53, targetPort: 5353, protocol: UDP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: dns-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: dns}}
-addressType: IPv4
-ports: [{{name: dns, port: 5353, protocol: UDP}}]
-endpoints:{eps}
-"""
+def manifests(*backends: str) -> list[dict]:
+    return [mf.service("default", "dns", VIP, 53, 5353, "dns", "UDP"),
+            mf.endpoint_slice("default", "dns", 5353, [(ip, "ready", "n1") for ip in backends],
+                              "dns", "UDP")]
 
 
 class Client:
@@ -115,9 +98,7 @@ def test_connected_udp_sockets_of_a_removed_backend_are_closed(world, cgroup):
     try:
         with sim_attach(node, socket_lb=True, socket_lb_hostns_only=False,
                         cgroup_root=cgroup) as agent:
-            path = f"{agent.config.source}/dns.yaml"
-            with open(path, "w") as f:
-                f.write(manifests(b1.ip))
+            mf.write(agent.config.source, "dns.yaml", manifests(b1.ip))
             deadline = time.monotonic() + 15
             while not agent.datapath.lb.services() and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -140,9 +121,7 @@ def test_connected_udp_sockets_of_a_removed_backend_are_closed(world, cgroup):
                 "the cgroup's sockets were translated at the socket"
 
             # b1 leaves the Service; b2 takes over
-            with open(path + ".tmp", "w") as f:
-                f.write(manifests(b2.ip))
-            os.replace(path + ".tmp", path)
+            mf.write(agent.config.source, "dns.yaml", manifests(b2.ip))
             results = {}
             deadline = time.monotonic() + 15
             for c, tag in ((host, "h"), (pod, "p")):

@@ -2,23 +2,18 @@
 cgroup v2 child (never the root cgroup), clients in a simulated node's netns
 and in a pod's netns.
 
-    client (node netns or pod netns, in cgroup fp-sock-*)
+    client (node netns or pod netns, in cgroup fp-test-*)
         connect(VIP:80) --[fp_sock_conn4]--> backend pod b:8080
 """
 from __future__ import annotations
 
-import os
-import secrets
 import subprocess
 import sys
 import time
 
-import pytest
-
 from agent.sim.agent import sim_attach
 from fastpath_helpers import serve_reply
 
-CGROUP2 = "/sys/fs/cgroup/unified"
 VIP = "192.168.88.10"
 FLAGS_REJECT = 2
 
@@ -39,24 +34,6 @@ try:
 except OSError as e:
     print("ERROR", e.errno, e.strerror)
 """
-
-
-@pytest.fixture
-def cgroup():
-    path = f"{CGROUP2}/fp-sock-{secrets.token_hex(3)}"
-    os.mkdir(path)
-    try:
-        yield path
-    finally:
-        # move any straggler back to the parent before removing the child
-        try:
-            with open(f"{path}/cgroup.procs") as f:
-                for pid in f.read().split():
-                    with open(f"{CGROUP2}/cgroup.procs", "w") as parent:
-                        parent.write(pid)
-        except OSError:
-            pass
-        os.rmdir(path)
 
 
 def in_cgroup(ns, cg: str, *args: str) -> str:

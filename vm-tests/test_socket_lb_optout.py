@@ -4,62 +4,29 @@ sockets, except pods annotated fastpath.io/socket-lb: disabled (or in a
 Namespace so annotated), whose connections are translated per packet on
 their veth, after anything inside the pod (a mesh sidecar) saw the VIP.
 
-    pod a, pod m (clients, cgroup fp-sock-*) --connect(VIP:80)--> pod b:8080
+    pod a, pod m (clients, cgroup fp-test-*) --connect(VIP:80)--> pod b:8080
 """
 from __future__ import annotations
 
-
 from agent.datapath.maps import netns_cookie
+from agent.sim import manifests as mf
 from agent.sim.agent import sim_attach
 from fastpath_helpers import counters_by, serve_reply, wait_for
-from test_socket_lb import cgroup, in_cgroup  # noqa: F401  (fixture)
+from test_socket_lb import in_cgroup
 
 VIP = "192.168.77.10"
 
 
-def manifests(b_ip: str, *, pod_m: str | None = None, ns: str | None = None) -> str:
+def manifests(b_ip: str, *, pod_m: str | None = None, ns: str | None = None) -> list[dict]:
+    """Service web (VIP:80 -> b:8080) and the clients a and m; `pod_m`, `ns`:
+    the fastpath.io/socket-lb annotation of m and of the Namespace."""
     def ann(v):
-        return f"\n  annotations: {{fastpath.io/socket-lb: {v}}}" if v else ""
-    return f"""
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: default{ann(ns)}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: a
-  namespace: default
-spec: {{nodeName: n1, containers: [{{name: c, image: x}}]}}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: m
-  namespace: default{ann(pod_m)}
-spec: {{nodeName: n1, containers: [{{name: c, image: x}}]}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: web, namespace: default}}
-spec:
-  clusterIP: {VIP}
-  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{{name: http, port: 8080, protocol: TCP}}]
-endpoints:
-  - addresses: ["{b_ip}"]
-    conditions: {{ready: true}}
-    nodeName: n1
-"""
+        return {"fastpath.io/socket-lb": v} if v else None
+    return [mf.namespace("default", annotations=ann(ns)),
+            mf.pod("default", "a", None, "n1", ports={}),
+            mf.pod("default", "m", None, "n1", ports={}, annotations=ann(pod_m)),
+            mf.service("default", "web", VIP, 80, 8080),
+            mf.endpoint_slice("default", "web", 8080, [(b_ip, "ready", "n1")])]
 
 
 def translated_per_packet(agent, pod) -> int:
@@ -87,7 +54,6 @@ def test_annotated_pods_bypass_socket_lb_while_others_keep_it(world, cgroup):
               timeout=10)
     with sim_attach(node, socket_lb=True, socket_lb_hostns_only=False,
                     cgroup_root=cgroup) as agent:
-        path = f"{agent.config.source}/cluster.yaml"
         skip = agent.datapath.socklb_skip
         ck = {p.name: netns_cookie(p.netns) for p in (a, m, b)}
 
@@ -95,10 +61,7 @@ def test_annotated_pods_bypass_socket_lb_while_others_keep_it(world, cgroup):
             return {name for name, c in ck.items() if c in skip.get()}
 
         def write(**kw):
-            with open(path + ".tmp", "w") as f:
-                f.write(manifests(b.ip, **kw))
-            import os
-            os.replace(path + ".tmp", path)
+            mf.write(agent.config.source, "cluster.yaml", manifests(b.ip, **kw))
 
         write(pod_m="disabled")
         wait_for(lambda: skipped() == {"m"}, "m's netns in the skip map")

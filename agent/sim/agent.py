@@ -55,10 +55,10 @@ def private_paths():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def register_pod(agent_or_socket, pod) -> dict:
+def register_pod(agent_or_socket, pod, namespace: str = "default") -> dict:
     """Tell the agent about a pod the way the CNI plugin does."""
     params = {"netns": pod.netns_path, "ifname": pod.ifname,
-              "container_id": f"sim-{pod.name}", "pod_namespace": "default",
+              "container_id": f"sim-{pod.name}", "pod_namespace": namespace,
               "pod_name": pod.name}
     if isinstance(agent_or_socket, str):
         from agent.api import wire
@@ -148,3 +148,93 @@ class AgentProcess:
 
     def stop(self) -> None:
         self.kill(15)
+
+
+# `fastpath` from this source tree, for a command run in a node's netns
+FASTPATH = ["env", f"PYTHONPATH={REPO}", sys.executable, "-m", "agent.cli.main"]
+
+
+def cli_command(node, paths: SimPaths, *args: str) -> list[str]:
+    """`fastpath ARGS` as an operator runs it on the node: inside its netns,
+    on the agent's pins and API socket (unless ARGS name other pins)."""
+    where = [] if "--bpffs-root" in args else ["--bpffs-root", f"{paths.bpffs}/fastpath"]
+    return ["ip", "netns", "exec", node.netns, *FASTPATH, *args, *where,
+            "--socket", paths.socket]
+
+
+class NodeAgent:
+    """`fastpath agent` as a process on a simulated node with paths of its
+    own (a manifest directory as its cluster-state source), and the CLI
+    beside it: what the demo and the vm-tests that drive a real agent
+    process share."""
+
+    def __init__(self, node, paths: SimPaths, args: list[str] | tuple = ()):
+        self.node, self.paths, self.args = node, paths, list(args)
+        self.proc: AgentProcess | None = None
+
+    @property
+    def socket(self) -> str:
+        return self.paths.socket
+
+    @property
+    def log(self) -> Path:
+        return Path(self.paths.root) / "agent.log"
+
+    def start(self) -> "NodeAgent":
+        """Start (or start again, after kill) the agent; it restores what
+        its state dir and pins hold."""
+        self.proc = AgentProcess(self.node, self.paths, self.args).start()
+        return self
+
+    def kill(self, sig: int = 9) -> None:
+        if self.proc:
+            self.proc.kill(sig)
+
+    def stop(self) -> None:
+        self.kill(15)
+
+    def register(self, *pods, namespace: str = "default") -> None:
+        for pod in pods:
+            register_pod(self.paths.socket, pod, namespace)
+
+    def write(self, name: str, objects) -> Path:
+        """Put a manifest file (objects or YAML text) in the source directory."""
+        from . import manifests
+        return manifests.write(self.paths.manifests, name, objects)
+
+    def call(self, method: str, params: dict | None = None, **kw):
+        from agent.api import wire
+        return wire.call(self.paths.socket, method, params, **kw)
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 30):
+        r = subprocess.run(cli_command(self.node, self.paths, *args), capture_output=True,
+                           text=True, timeout=timeout, cwd=REPO)
+        if check and r.returncode != 0:
+            raise AssertionError(f"fastpath {' '.join(args)} -> {r.returncode}\n{r.stderr}")
+        return r
+
+    def cli_popen(self, *args: str, **popen) -> subprocess.Popen:
+        """The CLI left running (monitor): its output through `popen`'s
+        stdout/stderr."""
+        return subprocess.Popen(cli_command(self.node, self.paths, *args), text=True, cwd=REPO,
+                                **popen)
+
+
+@contextlib.contextmanager
+def node_agent(node, args: list[str] | tuple = (), manifests: dict | None = None,
+               register: bool = True):
+    """A NodeAgent on `node` in private paths: `manifests` (file name ->
+    objects or YAML text) written before it starts, the node's pods
+    registered once it is ready (unless not `register`); stopped and its
+    paths removed on the way out, whatever happened."""
+    with private_paths() as paths:
+        agent = NodeAgent(node, paths, args)
+        for name, objects in (manifests or {}).items():
+            agent.write(name, objects)
+        agent.start()
+        try:
+            if register:
+                agent.register(*node.pods)
+            yield agent
+        finally:
+            agent.stop()

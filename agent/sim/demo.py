@@ -16,40 +16,27 @@ import subprocess
 import sys
 import time
 
-from agent.api import wire
 from agent.sim import World
 from agent.sim import manifests as m
 from agent.sim.traffic import forwarded_datagrams, serve_reply, tcp_exchange, udp_send
-from agent.sim.agent import REPO, AgentProcess, private_paths
+from agent.sim.agent import NodeAgent, private_paths
 
 VIP = "192.168.99.10"
 
 # The web backends accept connections only from the shop's frontend pods.
-POLICY = """
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-from-frontend, namespace: shop}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: frontend}}}]
-    ports: [{port: http}]
-"""
+POLICY = m.ingress_policy("shop", "web-from-frontend", {"app": "web"}, {"app": "frontend"},
+                          [("http", None)])
 
 
 def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m", flush=True)
 
 
-def node_cli(node, paths, *args: str, background: bool = False):
+def node_cli(agent: NodeAgent, *args: str, background: bool = False):
     """`fastpath ...` inside the node's netns, on the node's pinned maps."""
-    cmd = ["ip", "netns", "exec", node.netns, "env", f"PYTHONPATH={REPO}", sys.executable,
-           "-m", "agent.cli.main", *args, "--bpffs-root", f"{paths.bpffs}/fastpath",
-           "--socket", paths.socket]
     if background:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, cwd=REPO)
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        return agent.cli_popen(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = agent.cli(*args, check=False)
     print(out.stdout.rstrip() or out.stderr.rstrip())
 
 
@@ -59,10 +46,10 @@ def ask(pod, target: str) -> str:
     return got or "(no answer)"
 
 
-def wait_policy(paths, policies: int, timeout: float = 20) -> None:
+def wait_policy(agent: NodeAgent, policies: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = wire.call(paths.socket, "PolicyStatus")
+        st = agent.call("PolicyStatus")
         if st.get("plans", 0) > 0 and st.get("policies") == policies:
             return
         time.sleep(0.2)
@@ -89,27 +76,26 @@ def main() -> int:
         for pod in (a, b, d, c):
             ns, app, _ = roles[pod]
             print(f"   {pod}   {ns}/{pod.name} app={app}")
-        cluster = m.dump([
+        cluster = [
             m.namespace("shop", team="web"), m.namespace("lab", team="research"),
             m.service("shop", "web", VIP, 80, "http"),
             m.endpoint_slice("shop", "web", 8080, [(b.ip, True, "n1"), (c.ip, True, "n2")]),
-            *(m.pod(ns, p.name, p.ip, node, {"app": app}) for p, (ns, app, node) in roles.items())])
-        for paths in (p1, p2):
-            with open(f"{paths.manifests}/cluster.yaml", "w") as f:
-                f.write(cluster)
+            *(m.pod(ns, p.name, p.ip, node, {"app": app}) for p, (ns, app, node) in roles.items())]
+        agents = [NodeAgent(n, p, ["--policy-enforcement", "default"])
+                  for n, p in ((n1, p1), (n2, p2))]
+        ag1 = agents[0]
+        for agent in agents:
+            agent.write("cluster.yaml", cluster)
 
         say("starting `fastpath agent` on each node (compiles once, pins maps, attaches ENIs; "
             "cluster state from a manifest directory; NetworkPolicy on)")
-        agents = [AgentProcess(n, p, ["--policy-enforcement", "default"]).start()
-                  for n, p in ((n1, p1), (n2, p2))]
         try:
-            for node, paths in ((n1, p1), (n2, p2)):
-                for pod in node.pods:
-                    wire.call(paths.socket, "EndpointAdd", {
-                        "netns": pod.netns_path, "ifname": "eth0", "container_id": f"demo-{pod.name}",
-                        "pod_namespace": roles[pod][0], "pod_name": pod.name})
+            for agent in agents:
+                agent.start()
+                for pod in agent.node.pods:
+                    agent.register(pod, namespace=roles[pod][0])
             say("fastpath endpoint list   (node n1)")
-            node_cli(n1, p1, "endpoint", "list")
+            node_cli(ag1, "endpoint", "list")
 
             say("traffic: same node (redirect_peer) and across nodes (ENI via FIB + redirect)")
             f1, f2 = forwarded_datagrams(n1), forwarded_datagrams(n2)
@@ -123,15 +109,14 @@ def main() -> int:
             servers = [serve_reply(b, 8080, "web-b"), serve_reply(c, 8080, "web-c")]
             answers = sorted({ask(a, f"{VIP} 80") for _ in range(12)})
             print(f"   a -> {VIP}:80 answered by: {', '.join(answers)}")
-            node_cli(n1, p1, "service", "list")
+            node_cli(ag1, "service", "list")
 
             say("NetworkPolicy shop/web-from-frontend: the web pods accept only app=frontend")
-            for paths in (p1, p2):
-                with open(f"{paths.manifests}/policy.yaml", "w") as f:
-                    f.write(POLICY)
-            for paths in (p1, p2):
-                wait_policy(paths, 1)
-            monitor = node_cli(n1, p1, "monitor", "--type", "drop", "--count", "1",
+            for agent in agents:
+                agent.write("policy.yaml", [POLICY])
+            for agent in agents:
+                wait_policy(agent, 1)
+            monitor = node_cli(ag1, "monitor", "--type", "drop", "--count", "1",
                                "--duration", "10", background=True)
             time.sleep(1.5)
             print(f"   a (shop, frontend) -> b:8080: {ask(a, f'{b.ip} 8080')}")
@@ -141,12 +126,12 @@ def main() -> int:
             out, _ = monitor.communicate(timeout=15)
             print(out.rstrip())
             say(f"fastpath trace --from lab/d --to {b.ip}:8080   (what-if on the live programs)")
-            node_cli(n1, p1, "trace", "--from", "lab/d", "--to", f"{b.ip}:8080")
+            node_cli(ag1, "trace", "--from", "lab/d", "--to", f"{b.ip}:8080")
             say("fastpath policy get shop/b   (effective rules, traced to their policies)")
-            node_cli(n1, p1, "policy", "get", "shop/b")
+            node_cli(ag1, "policy", "get", "shop/b")
 
             say("kill -9 the agent on n1: pinned programs and maps keep forwarding and enforcing")
-            agents[0].kill(9)
+            ag1.kill(9)
             f1 = forwarded_datagrams(n1)
             print(f"   a -> b:8080 (same node):  {ask(a, f'{b.ip} 8080')}")
             print(f"   a -> c:8080 (other node): {ask(a, f'{c.ip} 8080')}")
@@ -155,17 +140,17 @@ def main() -> int:
             print(f"   n1's stack forwarded {forwarded_datagrams(n1) - f1} datagrams with no agent running")
 
             say("restart the agent on n1: it restores its endpoints and policy state")
-            agents[0] = AgentProcess(n1, p1, ["--policy-enforcement", "default"]).start()
-            wait_policy(p1, 1)
-            st = wire.call(p1.socket, "PolicyStatus")
+            ag1.start()
+            wait_policy(ag1, 1)
+            st = ag1.call("PolicyStatus")
             print(f"   first policy plan after restart: {st['last_ops']} map writes "
                   f"({st['rules']} rules for {st['endpoints']} pods kept)")
-            node_cli(n1, p1, "status")
+            node_cli(ag1, "status")
             for srv in servers:
                 srv.kill()
         finally:
-            for ag in agents:
-                ag.stop()
+            for agent in agents:
+                agent.stop()
         say("cleaning up: agents stopped, pins unmounted, namespaces deleted")
     print(f"\ndemo finished in {time.monotonic() - t0:.1f}s")
     return 0

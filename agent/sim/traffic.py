@@ -7,7 +7,9 @@ Servers bind the destination address only; clients send only to it.
 """
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 
 from .netns import Netns
 
@@ -132,3 +134,25 @@ while True:
     c, addr = s.accept()
     threading.Thread(target=answer, args=(c, addr), daemon=True).start()
 """
+
+
+def iperf3(client: Netns, bind: str, server_ip: str, port: int, args: list[str],
+           timeout: float, prefix: list[str] | tuple = ()) -> dict:
+    """One iperf3 client run (`args`: its test options) from `bind` in
+    `client` to the iperf3 server at server_ip:port; returns its JSON report.
+    The server serves one test at a time and, right after a previous client,
+    can briefly refuse ("server is busy"): a few tries before giving up.
+    `prefix`: what the command runs under (a CPU pin)."""
+    cmd = [*prefix, "iperf3", "-c", server_ip, "-B", bind, "-p", str(port), *args, "-J"]
+    last = None
+    for _ in range(5):
+        r = client.run(cmd, check=False, timeout=timeout)
+        try:
+            out = json.loads(r.stdout)
+        except json.JSONDecodeError:
+            out = {"error": r.stderr or r.stdout}
+        if "error" not in out:
+            return out
+        last = out["error"]
+        time.sleep(0.3)
+    raise RuntimeError(f"iperf3 {bind} -> {server_ip}:{port} failed: {last}")

@@ -12,6 +12,7 @@ made by the programs give real answers:
 """
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 from dataclasses import dataclass
@@ -120,21 +121,95 @@ def bpfnet():
         subprocess.run(f"ip netns del {ns}", shell=True)
 
 
-@pytest.fixture(scope="session")
-def dp(bpffs, bpfnet):
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath", service_cidrs=SERVICE_CIDR)
-    d = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
-    n = bpfnet
+def put_pods(d: Datapath, n: BpfNet) -> None:
+    """The endpoints of pods A, B (on ENI eth1) and C (ENI unresolved: fastpath
+    must not guess a way out for it)."""
     d.maps.endpoint_put(Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac, n.pod_a_mac,
                                  "eth1", n.eth1.ifindex))
     d.maps.endpoint_put(Endpoint(POD_B, "caliB", n.cali_b.ifindex, n.cali_b.mac, n.pod_b_mac,
                                  "eth1", n.eth1.ifindex))
-    # pod C's ENI is unresolved: fastpath must not guess a way out for it
     d.maps.endpoint_put(Endpoint(POD_C, "caliC", n.cali_c.ifindex, n.cali_c.mac, n.pod_c_mac))
+
+
+@contextlib.contextmanager
+def loaded(cfg: Config, n: BpfNet):
+    """A datapath built for the tests in bpfnet's netns with pods A, B, C;
+    closed on the way out."""
+    d = Datapath(cfg, netns=n.ns, test_build=True).load()
     try:
+        put_pods(d, n)
         yield d
     finally:
         d.close()
+
+
+@pytest.fixture(scope="session")
+def dp(bpffs, bpfnet):
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath", service_cidrs=SERVICE_CIDR)
+    with loaded(cfg, bpfnet) as d:
+        yield d
+
+
+def put_frontend(lb, vip: str, port: int, proto: str, slots_id: int, backend_ids: list[int],
+                 *flags) -> None:
+    """A Service frontend over `backend_ids`: the slots first, so the
+    frontend never counts slots that are not there yet."""
+    if backend_ids:
+        lb.put_slots(slots_id, backend_ids)
+    lb.put_service(vip, port, proto, slots_id, len(backend_ids), *flags)
+
+
+@contextlib.contextmanager
+def frontends(lb, backends: dict[int, tuple], services: list[tuple], flush: bool = False):
+    """A test module's Services: `backends` {id: (ip, port, proto)}, then
+    `services` (put_frontend's arguments); the frontends deleted on the way
+    out. `flush`: conntrack flushed after they are written and after they
+    are gone, so no flow of another module is seen or left behind."""
+    for bid, backend in backends.items():
+        lb.put_backend(bid, *backend)
+    for service in services:
+        put_frontend(lb, *service)
+    if flush:
+        lb.conntrack_flush()
+    try:
+        yield lb
+    finally:
+        for vip, port, proto, *_ in services:
+            lb.delete_service(vip, port, proto)
+        if flush:
+            lb.conntrack_flush()
+
+
+def pods_abc() -> list:
+    """Namespace x with pods A, B and C (labels app=a, b, c): the cluster
+    objects a module's policies select from."""
+    from tests.policy.kube import namespace, pod
+    return [namespace("x", ns="x"), *(pod("x", n, ip, labels={"app": n})
+                                      for n, ip in (("a", POD_A), ("b", POD_B), ("c", POD_C)))]
+
+
+@contextlib.contextmanager
+def enforced(d: Datapath, snap, audited=frozenset(), *, flush_first: bool = False,
+             flush_last: bool = False):
+    """`snap`'s NetworkPolicy state for node n1, compiled and written as the
+    agent writes it (compile_policy -> diff -> apply), with policy checks on,
+    for a test module; yields the state. On the way out the checks are off
+    and the policy maps empty. flush_first / flush_last: conntrack flushed
+    once the state is on / once it is gone."""
+    from agent.policy import compile_policy, diff
+    state = compile_policy(snap, "n1", [ENI_IP], "default", set(audited))
+    for op in diff(d.policy.image(), state):
+        d.policy.apply(op)
+    d.settings.set_policy(True)
+    if flush_first:
+        d.lb.conntrack_flush()
+    try:
+        yield state
+    finally:
+        d.settings.set_policy(False)
+        d.policy.clear()
+        if flush_last:
+            d.lb.conntrack_flush()
 
 
 @dataclass
@@ -176,17 +251,8 @@ def ct_dp(bpffs, bpfnet):
                                     conntrack_map_size=CT_SMALL,
                                     conntrack_new_map_size=CT_SMALL,
                                     conntrack_policy_map_size=CT_SMALL, **CT_LIFETIMES)
-    d = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
-    n = bpfnet
-    d.maps.endpoint_put(Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac, n.pod_a_mac,
-                                 "eth1", n.eth1.ifindex))
-    d.maps.endpoint_put(Endpoint(POD_B, "caliB", n.cali_b.ifindex, n.cali_b.mac, n.pod_b_mac,
-                                 "eth1", n.eth1.ifindex))
-    d.maps.endpoint_put(Endpoint(POD_C, "caliC", n.cali_c.ifindex, n.cali_c.mac, n.pod_c_mac))
-    try:
+    with loaded(cfg, bpfnet) as d:
         yield d
-    finally:
-        d.close()
 
 
 class Events:

@@ -23,7 +23,7 @@ from scapy.layers.l2 import Ether
 from agent.model import conntrack as M
 from agent.datapath.maps import DEFS, be16, be32
 from tests.bpf.conftest import (CT_LIFETIMES, CT_SMALL, POD_A, POD_B, REMOTE, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, run_prog)
+                                TC_ACT_SHOT, frontends, put_frontend, run_prog)
 
 VIP = "192.168.80.10"
 VIP_TWO = "192.168.80.11"
@@ -40,27 +40,13 @@ LIFE = M.Lifetimes(CT_LIFETIMES["conntrack_tcp_syn_timeout"],
 
 @pytest.fixture(scope="module")
 def svc(ct_dp):
-    lb = ct_dp.lb
-    lb.put_backend(1, POD_B, 8080, "TCP")
-    lb.put_backend(2, POD_B, 5353, "UDP")
-    lb.put_backend(3, REMOTE, 8080, "TCP")
-    lb.put_backend(4, REMOTE, 5353, "UDP")
-    lb.put_slots(10, [1])
-    lb.put_service(VIP, 80, "TCP", 10, 1)
-    lb.put_slots(11, [2])
-    lb.put_service(VIP, 53, "UDP", 11, 1)
-    lb.put_slots(12, [1, 3])
-    lb.put_service(VIP_TWO, 80, "TCP", 12, 2)
-    lb.put_slots(13, [2, 4])
-    lb.put_service(VIP_TWO, 53, "UDP", 13, 2)
-    lb.put_slots(14, [1, 3])
-    lb.put_service(VIP_AFF, 80, "TCP", 14, 2, AFF, 10800)
-    lb.conntrack_flush()
-    yield lb
-    for vip, port, proto in ((VIP, 80, "TCP"), (VIP, 53, "UDP"), (VIP_TWO, 80, "TCP"),
-                             (VIP_TWO, 53, "UDP"), (VIP_AFF, 80, "TCP")):
-        lb.delete_service(vip, port, proto)
-    lb.conntrack_flush()
+    backends = {1: (POD_B, 8080, "TCP"), 2: (POD_B, 5353, "UDP"), 3: (REMOTE, 8080, "TCP"),
+                4: (REMOTE, 5353, "UDP")}
+    with frontends(ct_dp.lb, backends, [
+            (VIP, 80, "TCP", 10, [1]), (VIP, 53, "UDP", 11, [2]),
+            (VIP_TWO, 80, "TCP", 12, [1, 3]), (VIP_TWO, 53, "UDP", 13, [2, 4]),
+            (VIP_AFF, 80, "TCP", 14, [1, 3], AFF, 10800)], flush=True) as lb:
+        yield lb
 
 
 def fkey(sport, vip=VIP, vport=80, proto=6):
@@ -307,8 +293,7 @@ def test_a_draining_backend_keeps_its_flows_and_gets_no_new_ones(ct_dp, bpfnet, 
         if pending.backend == (POD_B, 8080):
             break
     lb.put_backend(1, POD_B, 8080, "TCP", draining=True)
-    lb.put_slots(12, [3])
-    lb.put_service(VIP_TWO, 80, "TCP", 12, 1)
+    put_frontend(lb, VIP_TWO, 80, "TCP", 12, [3])
     lb.delete_slots(12, 2, 2)
     try:
         for c in conns:
@@ -322,8 +307,7 @@ def test_a_draining_backend_keeps_its_flows_and_gets_no_new_ones(ct_dp, bpfnet, 
         assert Ether(pending.server("SA").out)[IP].src == VIP_TWO
     finally:
         lb.put_backend(1, POD_B, 8080, "TCP")
-        lb.put_slots(12, [1, 3])
-        lb.put_service(VIP_TWO, 80, "TCP", 12, 2)
+        put_frontend(lb, VIP_TWO, 80, "TCP", 12, [1, 3])
 
 
 def test_affinity_never_sends_a_new_connection_to_a_draining_backend(ct_dp, bpfnet, svc):
@@ -332,15 +316,13 @@ def test_affinity_never_sends_a_new_connection_to_a_draining_backend(ct_dp, bpfn
     assert {Conn(ct_dp, bpfnet, vip=VIP_AFF).handshake().backend for _ in range(5)} == {first}
     bid, other, keep = (1, (REMOTE, 8080), 3) if first == (POD_B, 8080) else (3, (POD_B, 8080), 1)
     lb.put_backend(bid, *first, "TCP", draining=True)
-    lb.put_slots(14, [keep])
-    lb.put_service(VIP_AFF, 80, "TCP", 14, 1, AFF, 10800)
+    put_frontend(lb, VIP_AFF, 80, "TCP", 14, [keep], AFF, 10800)
     lb.delete_slots(14, 2, 2)
     try:
         assert {Conn(ct_dp, bpfnet, vip=VIP_AFF).handshake().backend for _ in range(5)} == {other}
     finally:
         lb.put_backend(bid, *first, "TCP")
-        lb.put_slots(14, [1, 3])
-        lb.put_service(VIP_AFF, 80, "TCP", 14, 2, AFF, 10800)
+        put_frontend(lb, VIP_AFF, 80, "TCP", 14, [1, 3], AFF, 10800)
 
 
 def test_after_its_backend_is_removed_a_tcp_flow_keeps_it_and_a_udp_flow_moves(ct_dp, bpfnet,
@@ -351,10 +333,8 @@ def test_after_its_backend_is_removed_a_tcp_flow_keeps_it_and_a_udp_flow_moves(c
     lb.put_backend(6, REMOTE, 9090, "TCP")
     lb.put_backend(7, REMOTE, 9053, "UDP")
     lb.put_backend(8, POD_B, 9053, "UDP")
-    lb.put_slots(16, [6])
-    lb.put_service(VIP, 90, "TCP", 16, 1)
-    lb.put_slots(17, [7])
-    lb.put_service(VIP, 91, "UDP", 17, 1)
+    put_frontend(lb, VIP, 90, "TCP", 16, [6])
+    put_frontend(lb, VIP, 91, "UDP", 17, [7])
     try:
         c = Conn(ct_dp, bpfnet, vport=90).handshake()
         sport = next(_ports)

@@ -13,7 +13,7 @@ from scapy.layers.l2 import Ether
 
 from agent.model import conntrack as M
 from agent.conntrack.gc import sweep
-from tests.bpf.conftest import CT_LIFETIMES, POD_A, POD_B, run_prog
+from tests.bpf.conftest import CT_LIFETIMES, POD_A, POD_B, frontends, run_prog
 from tests.bpf.test_conntrack import LIFE, Conn, find
 
 VIP_GC = "192.168.83.10"
@@ -23,18 +23,10 @@ _ports = itertools.count(32000)
 
 @pytest.fixture(scope="module")
 def svc(ct_dp):
-    lb = ct_dp.lb
-    lb.put_backend(41, POD_B, 8080, "TCP")
-    lb.put_backend(42, POD_B, 5353, "UDP")
-    lb.put_slots(41, [41])
-    lb.put_service(VIP_GC, 80, "TCP", 41, 1)
-    lb.put_slots(42, [42])
-    lb.put_service(VIP_GC, 53, "UDP", 42, 1)
-    lb.conntrack_flush()
-    yield lb
-    lb.delete_service(VIP_GC, 80, "TCP")
-    lb.delete_service(VIP_GC, 53, "UDP")
-    lb.conntrack_flush()
+    with frontends(ct_dp.lb, {41: (POD_B, 8080, "TCP"), 42: (POD_B, 5353, "UDP")},
+                   [(VIP_GC, 80, "TCP", 41, [41]), (VIP_GC, 53, "UDP", 42, [42])],
+                   flush=True) as lb:
+        yield lb
 
 
 def conn_in(dp, net, state: str):

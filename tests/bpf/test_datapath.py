@@ -25,6 +25,16 @@ def _veth(netns, name="caliT"):
     return ns
 
 
+def _foreign_filter(ns, dev: str, prio: int):
+    """A tc program that is not fastpath's (other_prog, TC_ACT_UNSPEC) on
+    `dev`'s ingress at `prio`; returns it (keep it alive while it matters)."""
+    from bcc import BPF
+    other = BPF(text="int other_prog(struct __sk_buff *skb) { return -1; }")
+    fn = other.load_func("other_prog", BPF.SCHED_CLS)
+    tc.attach(dev, "ingress", fn.fd, "other_prog", prio, ns)
+    return other, fn
+
+
 def test_attaching_twice_leaves_exactly_one_filter_per_direction(dp, netns):
     ns = _veth(netns)
     dp.netns, saved = ns, dp.netns
@@ -40,10 +50,7 @@ def test_attaching_twice_leaves_exactly_one_filter_per_direction(dp, netns):
 
 def test_detach_removes_only_fastpaths_filters_and_keeps_a_busy_clsact(dp, netns):
     ns = _veth(netns)
-    from bcc import BPF
-    other = BPF(text="int other_prog(struct __sk_buff *skb) { return -1; }")
-    fn = other.load_func("other_prog", BPF.SCHED_CLS)
-    tc.attach("caliT", "ingress", fn.fd, "other_prog", 100, ns)
+    other, fn = _foreign_filter(ns, "caliT", 100)
     tc.attach("caliT", "ingress", dp.prog_fd("fp_from_pod"), "fp_from_pod", 25000, ns)
     removed = tc.detach("caliT", 25000, ns)
     assert [f.name for f in removed] == ["fp_from_pod"]
@@ -55,10 +62,7 @@ def test_detach_removes_only_fastpaths_filters_and_keeps_a_busy_clsact(dp, netns
 
 def test_a_foreign_filter_at_our_priority_is_an_error_not_overwritten(dp, netns):
     ns = _veth(netns)
-    from bcc import BPF
-    other = BPF(text="int other_prog(struct __sk_buff *skb) { return -1; }")
-    fn = other.load_func("other_prog", BPF.SCHED_CLS)
-    tc.attach("caliT", "ingress", fn.fd, "other_prog", 25000, ns)
+    other, fn = _foreign_filter(ns, "caliT", 25000)
     with pytest.raises(DatapathError, match="priority 25000 is taken by a foreign filter"):
         tc.attach("caliT", "ingress", dp.prog_fd("fp_from_pod"), "fp_from_pod", 25000, ns)
     assert [f.name for f in tc.list_filters("caliT", ns)] == ["other_prog"]
@@ -72,10 +76,7 @@ def test_attaching_to_a_missing_interface_names_it(dp, netns):
 
 def test_the_raw_filter_reader_sees_what_pyroute2_sees(dp, netns):
     ns = _veth(netns)
-    from bcc import BPF
-    other = BPF(text="int other_prog(struct __sk_buff *skb) { return -1; }")
-    fn = other.load_func("other_prog", BPF.SCHED_CLS)
-    tc.attach("caliT", "ingress", fn.fd, "other_prog", 100, ns)
+    other, fn = _foreign_filter(ns, "caliT", 100)
     tc.attach("caliT", "egress", dp.prog_fd("fp_to_pod"), "fp_to_pod", 25000, ns)
     idx = {n: i for i, n in link_names(ns).items()}["caliT"]
     reader = tc.FilterReader(ns)
@@ -99,10 +100,7 @@ def test_ensure_attaches_once_and_then_leaves_the_same_programs_alone(dp, netns)
     a device that is gone is reported by name."""
     ns = _veth(netns)
     subprocess.run(f"ip -n {ns} link add caliU type veth peer name peerU", shell=True, check=True)
-    from bcc import BPF
-    other = BPF(text="int other_prog(struct __sk_buff *skb) { return -1; }")
-    fn = other.load_func("other_prog", BPF.SCHED_CLS)
-    tc.attach("caliU", "ingress", fn.fd, "other_prog", 25000, ns)
+    other, fn = _foreign_filter(ns, "caliU", 25000)
     links = {n: i for i, n in link_names(ns).items()}
     progs = {d: (dp.prog_fd(p), p) for d, p in ATTACH["pod"].items()}
     devices = [(links["caliT"], "caliT", progs), (links["caliU"], "caliU", progs),

@@ -20,10 +20,9 @@ import pytest
 from scapy.layers.inet import IP, UDP, defragment, fragment
 from scapy.layers.l2 import Ether
 
-from agent.policy import compile_policy, diff
-from tests.bpf.conftest import (ENI_IP, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, run_prog)
-from tests.policy.kube import namespace, netpol, pod, snapshot
+from tests.bpf.conftest import (POD_A, POD_B, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT, enforced,
+                                frontends, pods_abc, run_prog)
+from tests.policy.kube import netpol, snapshot
 
 VIP_F = "192.168.82.10"
 _ids = itertools.count(100)
@@ -33,16 +32,9 @@ PAYLOAD = bytes(range(256)) * 11 + b"tail"          # 2,820 bytes: three fragmen
 
 @pytest.fixture(scope="module")
 def svc(ct_dp):
-    lb = ct_dp.lb
-    lb.put_backend(31, POD_B, 5353, "UDP")
-    lb.put_slots(31, [31])
-    lb.put_service(VIP_F, 53, "UDP", 31, 1)
-    lb.put_backend(32, REMOTE, 5353, "UDP")
-    lb.put_slots(32, [32])
-    lb.put_service(VIP_F, 54, "UDP", 32, 1)
-    yield lb
-    lb.delete_service(VIP_F, 53, "UDP")
-    lb.delete_service(VIP_F, 54, "UDP")
+    with frontends(ct_dp.lb, {31: (POD_B, 5353, "UDP"), 32: (REMOTE, 5353, "UDP")},
+                   [(VIP_F, 53, "UDP", 31, [31]), (VIP_F, 54, "UDP", 32, [32])]) as lb:
+        yield lb
 
 
 def frags(src, dst, sport, dport, payload=PAYLOAD):
@@ -139,22 +131,13 @@ def test_the_record_is_per_datagram(ct_dp, bpfnet, svc):
 @pytest.fixture(scope="module")
 def policy(ct_dp, svc):
     """B admits UDP 5353 from A and nothing else."""
-    snap = snapshot([namespace("x", ns="x"), pod("x", "a", POD_A, labels={"app": "a"}),
-                     pod("x", "b", POD_B, labels={"app": "b"}),
-                     pod("x", "c", POD_C, labels={"app": "c"}),
+    snap = snapshot([*pods_abc(),
                      netpol("x", "b-in", {"podSelector": {"matchLabels": {"app": "b"}},
                                           "ingress": [{"from": [{"podSelector": {
                                               "matchLabels": {"app": "a"}}}],
                                               "ports": [{"protocol": "UDP", "port": 5353}]}]})])
-    state = compile_policy(snap, "n1", [ENI_IP], "default", set())
-    for op in diff(ct_dp.policy.image(), state):
-        ct_dp.policy.apply(op)
-    ct_dp.settings.set_policy(True)
-    try:
+    with enforced(ct_dp, snap) as state:
         yield state
-    finally:
-        ct_dp.settings.set_policy(False)
-        ct_dp.policy.clear()
 
 
 def test_an_allowed_datagram_arrives_whole_and_a_denied_one_not_at_all(ct_dp, bpfnet, svc,

@@ -18,9 +18,8 @@ from scapy.layers.l2 import ARP, Ether
 
 from agent.datapath.maps import DEFS
 from agent.model.endpoint import Endpoint
-from agent.policy import compile_policy, diff
 from tests.bpf.conftest import (ENI_IP, GW_MAC, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, run_prog)
+                                TC_ACT_SHOT, enforced, run_prog)
 from tests.bpf.conftest import decode_event
 from tests.bpf.test_policy import audited
 from tests.policy.kube import namespace, netpol, pod, snapshot
@@ -58,16 +57,8 @@ def isolation(dp):
         audited(netpol("y", "c-audit", {"podSelector": {"matchLabels": {"app": "c"}},
                                         "ingress": []})),
     ])
-    state = compile_policy(snap, "n1", [ENI_IP], "default", {"y/c-audit"})
-    for op in diff(dp.policy.image(), state):
-        dp.policy.apply(op)
-    dp.settings.set_policy(True)
-    try:
+    with enforced(dp, snap, {"y/c-audit"}, flush_last=True) as state:
         yield state
-    finally:
-        dp.settings.set_policy(False)
-        dp.policy.clear()
-        dp.lb.conntrack_flush()
 
 
 def eth_a(n):

@@ -15,7 +15,7 @@ from scapy.layers.l2 import Ether
 
 from agent.datapath.maps import DEFS
 from tests.bpf.conftest import (POD_A, POD_B, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT,
-                                TC_ACT_UNSPEC, run_prog)
+                                TC_ACT_UNSPEC, frontends, run_prog)
 
 VIP = "192.168.50.10"
 VIP_AFF = "192.168.50.11"
@@ -27,23 +27,12 @@ REJECT = DEFS.defines["FP_SVC_F_REJECT"]
 
 @pytest.fixture(scope="module")
 def services(dp):
-    lb = dp.lb
-    lb.put_backend(1, POD_B, 8080, "TCP")
-    lb.put_backend(2, POD_B, 5353, "UDP")
-    lb.put_backend(3, REMOTE, 8080, "TCP")
-    lb.put_slots(10, [1])
-    lb.put_service(VIP, 80, "TCP", 10, 1)
-    lb.put_slots(11, [2])
-    lb.put_service(VIP, 53, "UDP", 11, 1)
-    lb.put_slots(12, [1, 3])
-    lb.put_service(VIP_AFF, 80, "TCP", 12, 2, AFF, 10800)
-    lb.put_service(VIP_EMPTY, 80, "TCP", 13, 0, REJECT)
-    lb.put_slots(14, [1, 3])
-    lb.put_service(VIP_TWO, 80, "TCP", 14, 2)
-    yield lb
-    for vip, port, proto in ((VIP, 80, "TCP"), (VIP, 53, "UDP"), (VIP_AFF, 80, "TCP"),
-                             (VIP_EMPTY, 80, "TCP"), (VIP_TWO, 80, "TCP")):
-        lb.delete_service(vip, port, proto)
+    backends = {1: (POD_B, 8080, "TCP"), 2: (POD_B, 5353, "UDP"), 3: (REMOTE, 8080, "TCP")}
+    with frontends(dp.lb, backends, [
+            (VIP, 80, "TCP", 10, [1]), (VIP, 53, "UDP", 11, [2]),
+            (VIP_AFF, 80, "TCP", 12, [1, 3], AFF, 10800), (VIP_EMPTY, 80, "TCP", 13, [], REJECT),
+            (VIP_TWO, 80, "TCP", 14, [1, 3])]) as lb:
+        yield lb
     lb.conntrack_flush()
 
 
@@ -250,16 +239,11 @@ VIP_SCTP = "192.168.50.40"
 
 @pytest.fixture(scope="module")
 def sctp_services(dp, services):
-    lb = services
-    lb.put_backend(40, POD_B, 3869, "SCTP")      # port 3868 -> targetPort 3869
-    lb.put_slots(40, [40])
-    lb.put_service(VIP_SCTP, 3868, "SCTP", 40, 1)
-    lb.put_backend(41, POD_B, 2905, "SCTP")      # same port: only the address changes
-    lb.put_slots(41, [41])
-    lb.put_service(VIP_SCTP, 2905, "SCTP", 41, 1)
-    yield lb
-    lb.delete_service(VIP_SCTP, 3868, "SCTP")
-    lb.delete_service(VIP_SCTP, 2905, "SCTP")
+    # port 3868 -> targetPort 3869; 2905 -> 2905: only the address changes
+    backends = {40: (POD_B, 3869, "SCTP"), 41: (POD_B, 2905, "SCTP")}
+    with frontends(services, backends, [(VIP_SCTP, 3868, "SCTP", 40, [40]),
+                                        (VIP_SCTP, 2905, "SCTP", 41, [41])]) as lb:
+        yield lb
 
 
 def sctp_packet(src, dst, sport, dport, data: bytes | None, mac_src, mac_dst):

@@ -21,7 +21,7 @@ from scapy.layers.l2 import Ether
 
 from agent.datapath.maps import DEFS
 from agent.model import bpfdefs
-from tests.bpf.conftest import POD_A, POD_B, TC_ACT_REDIRECT, TC_ACT_SHOT, run_prog
+from tests.bpf.conftest import POD_A, POD_B, TC_ACT_REDIRECT, TC_ACT_SHOT, frontends, run_prog
 
 VIP = "192.168.81.10"
 NO_TAIL = "dropped-tail-call-missing"
@@ -40,16 +40,11 @@ def tail_slot_empty(dp):
 
 @pytest.fixture(scope="module")
 def svc(ct_dp):
-    lb = ct_dp.lb
-    lb.put_backend(41, POD_B, 8080, "TCP")
-    lb.put_slots(41, [41])
-    lb.put_service(VIP, 80, "TCP", 41, 1)
-    lb.conntrack_flush()
-    yield lb
-    lb.delete_service(VIP, 80, "TCP")
+    with frontends(ct_dp.lb, {41: (POD_B, 8080, "TCP")}, [(VIP, 80, "TCP", 41, [41])],
+                   flush=True) as lb:
+        yield lb
     lb.delete_slots(41, 1, 1)
     lb.delete_backend(41)
-    lb.conntrack_flush()
 
 
 def a_to(bpfnet, dst, dport, flags="A", sport=41000, ttl=64):

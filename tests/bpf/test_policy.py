@@ -16,9 +16,9 @@ from scapy.layers.l2 import Ether
 
 from agent.datapath.maps import DEFS, be32
 from agent.k8s.model import FrozenMap, NetworkPolicy
-from agent.policy import compile_policy, diff, evaluate
+from agent.policy import evaluate
 from tests.bpf.conftest import (ENI_IP, decode_event, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, run_prog)
+                                TC_ACT_SHOT, enforced, run_prog)
 from tests.policy.kube import namespace, netpol, pod, snapshot
 
 PV_NONE = DEFS.defines["FP_PV_NONE"]
@@ -59,18 +59,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def policy(dp):
-    snap = cluster()
-    state = compile_policy(snap, "n1", [ENI_IP], "default", {"y/c-audit"})
-    for op in diff(dp.policy.image(), state):
-        dp.policy.apply(op)
-    dp.settings.set_policy(True)
-    dp.lb.conntrack_flush()
-    try:
+    with enforced(dp, cluster(), {"y/c-audit"}, flush_first=True, flush_last=True) as state:
         yield state
-    finally:
-        dp.settings.set_policy(False)
-        dp.policy.clear()
-        dp.lb.conntrack_flush()
 
 
 def tcp(src, dst, dport, sport=None, flags="S", src_mac="02:00:00:00:0a:0a", dst_mac="ee:ee:ee:ee:ee:ee"):

@@ -25,10 +25,9 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import checksum
 
-from agent.policy import compile_policy, diff
-from tests.bpf.conftest import (ENI_IP, GW, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, TC_ACT_UNSPEC, run_prog)
-from tests.policy.kube import namespace, netpol, pod, snapshot
+from tests.bpf.conftest import (ENI_IP, GW, POD_A, POD_B, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT,
+                                TC_ACT_UNSPEC, enforced, frontends, pods_abc, run_prog)
+from tests.policy.kube import netpol, snapshot
 
 VIP_R = "192.168.81.10"       # backends behind the VPC
 VIP_L = "192.168.81.11"       # a backend on this node (B)
@@ -38,17 +37,13 @@ _ports = itertools.count(30000)
 
 @pytest.fixture(scope="module")
 def svc(ct_dp):
-    lb = ct_dp.lb
     rows = [(21, REMOTE, 5353, "UDP", VIP_R, 53), (22, REMOTE, 8080, "TCP", VIP_R, 80),
             (23, POD_B, 5353, "UDP", VIP_L, 53), (24, POD_B, 8080, "TCP", VIP_L, 80),
             (25, POD_A, 5353, "UDP", VIP_H, 53)]
-    for bid, ip, port, proto, vip, vport in rows:
-        lb.put_backend(bid, ip, port, proto)
-        lb.put_slots(bid, [bid])
-        lb.put_service(vip, vport, proto, bid, 1)
-    yield lb
-    for bid, ip, port, proto, vip, vport in rows:
-        lb.delete_service(vip, vport, proto)
+    with frontends(ct_dp.lb, {bid: (ip, port, proto) for bid, ip, port, proto, _, _ in rows},
+                   [(vip, vport, proto, bid, [bid]) for bid, _, _, proto, vip, vport in rows]) \
+            as lb:
+        yield lb
 
 
 def from_a(net, dst, l4, payload=b"question"):
@@ -214,20 +209,11 @@ def test_related_errors_are_counted(ct_dp, bpfnet, svc):
 @pytest.fixture(scope="module")
 def isolated(ct_dp, svc):
     """A admits nothing in (default deny ingress); egress is open."""
-    snap = snapshot([namespace("x", ns="x"), pod("x", "a", POD_A, labels={"app": "a"}),
-                     pod("x", "b", POD_B, labels={"app": "b"}),
-                     pod("x", "c", POD_C, labels={"app": "c"}),
+    snap = snapshot([*pods_abc(),
                      netpol("x", "a-deny-in", {"podSelector": {"matchLabels": {"app": "a"}},
                                                "ingress": []})])
-    state = compile_policy(snap, "n1", [ENI_IP], "default", set())
-    for op in diff(ct_dp.policy.image(), state):
-        ct_dp.policy.apply(op)
-    ct_dp.settings.set_policy(True)
-    try:
+    with enforced(ct_dp, snap) as state:
         yield state
-    finally:
-        ct_dp.settings.set_policy(False)
-        ct_dp.policy.clear()
 
 
 def _remote_icmp(net, icmp, payload=b""):
