@@ -231,27 +231,36 @@ def fields_of(ctype) -> list[Field]:
     return out
 
 
+def _fields_struct(layout: Iterable[Field], size: int,
+                   names: Sequence[str]) -> tuple[struct.Struct, list[str]]:
+    """A struct.Struct over `size` bytes holding the named scalar fields at
+    their offsets (native byte order, every other byte padding), and the
+    field names in the order it packs them (by offset)."""
+    by_name = {n: (off, sz) for n, off, sz in layout}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise KeyError(f"layout has no field {', '.join(missing)}")
+    spec = sorted((by_name[n][0], by_name[n][1], n) for n in names)
+    fmt, at = "=", 0
+    for off, sz, n in spec:
+        if sz not in _CODES:
+            raise ValueError(f"field {n} is {sz} bytes: not a scalar")
+        if off < at:
+            raise ValueError(f"field {n} overlaps the one before it")
+        fmt += "x" * (off - at) + _CODES[sz]
+        at = off + sz
+    fmt += "x" * (size - at)
+    return struct.Struct(fmt), [n for _, _, n in spec]
+
+
 class Unpacker:
     """Unpacks the named scalar fields of packed structs of one layout, in
     the order asked for. Fields wider than 8 bytes are not scalars and
     cannot be asked for."""
 
     def __init__(self, layout: Iterable[Field], size: int, names: Sequence[str]):
-        by_name = {n: (off, sz) for n, off, sz in layout}
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise KeyError(f"layout has no field {', '.join(missing)}")
-        spec = sorted((by_name[n][0], by_name[n][1], n) for n in names)
-        fmt, at = "=", 0
-        for off, sz, n in spec:
-            if sz not in _CODES:
-                raise ValueError(f"field {n} is {sz} bytes: not a scalar")
-            fmt += "x" * (off - at) + _CODES[sz]
-            at = off + sz
-        fmt += "x" * (size - at)
         self.size = size
-        self._struct = struct.Struct(fmt)
-        order = [n for _, _, n in spec]
+        self._struct, order = _fields_struct(layout, size, names)
         self._idx = [order.index(n) for n in names]
 
     def one(self, raw) -> tuple:
@@ -273,23 +282,8 @@ class Packer:
     every other byte is zero."""
 
     def __init__(self, layout: Iterable[Field], size: int, names: Sequence[str]):
-        by_name = {n: (off, sz) for n, off, sz in layout}
-        missing = [n for n in names if n not in by_name]
-        if missing:
-            raise KeyError(f"layout has no field {', '.join(missing)}")
-        spec = sorted((by_name[n][0], by_name[n][1], n) for n in names)
-        fmt, at = "=", 0
-        for off, sz, n in spec:
-            if sz not in _CODES:
-                raise ValueError(f"field {n} is {sz} bytes: not a scalar")
-            if off < at:
-                raise ValueError(f"field {n} overlaps the one before it")
-            fmt += "x" * (off - at) + _CODES[sz]
-            at = off + sz
-        fmt += "x" * (size - at)
         self.size = size
-        self._struct = struct.Struct(fmt)
-        order = [n for _, _, n in spec]
+        self._struct, order = _fields_struct(layout, size, names)
         self._pos = [list(names).index(n) for n in order]
         if order == list(names):
             self.pack = self._struct.pack       # one C call per entry

@@ -63,6 +63,14 @@ class Cycle:
     pass
 
 
+def dead_cycle() -> "weakref.ref[Cycle]":
+    """A weak reference to a reference cycle nothing else refers to: only
+    the cyclic collector can free it."""
+    c = Cycle()
+    c.me = c
+    return weakref.ref(c)
+
+
 @pytest.fixture
 def fresh_gc_clock(monkeypatch):
     """No full collection due: none for 0 plans, just now."""
@@ -143,10 +151,7 @@ def test_young_garbage_is_collected_before_it_is_frozen(fresh_gc_clock):
     """A cycle that died before the plan ended (an exception's frame, a
     closed socket) is collected by settle_gc, not frozen until the next full
     collection; the full collection's clock does not move."""
-    c = Cycle()
-    c.me = c
-    ref = weakref.ref(c)
-    del c
+    ref = dead_cycle()
     try:
         worker.settle_gc()
         assert ref() is None, "young garbage frozen with the plan's objects"
@@ -161,10 +166,7 @@ def test_a_large_plan_is_frozen_without_a_collection(fresh_gc_clock, monkeypatch
     them all on the plan's clock, so they are frozen as they are; the full
     collection reclaims what died among them."""
     monkeypatch.setattr(worker, "GC_SETTLE_COLLECT_MAX", -1)
-    c = Cycle()
-    c.me = c
-    ref = weakref.ref(c)
-    del c
+    ref = dead_cycle()
     try:
         worker.settle_gc()
         assert ref() is not None
