@@ -326,6 +326,7 @@ def main(argv=None) -> int:
            notes="the same, p99")
     record("cni.add_concurrent_p99_ms", figures["conc_p99"], "ms", command=COMMAND,
            baseline=figures["ref_conc_p99"], ratio=figures["conc_p99"] / figures["ref_conc_p99"],
+           target="<= baseline (ratio <= 1)",
            notes=f"{args.rounds} rounds of {args.concurrency} fastpath-cni ADDs at once "
                  f"against one enforcing agent (identity step), on 2 vCPUs (p50 "
                  f"{figures['conc_p50']:.1f} ms; medians: start-up "
