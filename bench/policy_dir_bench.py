@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     rng = random.Random(1)
+    loads = [os.getloadavg()[0]]
     with contextlib.ExitStack() as stack:
         w = stack.enter_context(World())
         arms = [Arm("watch", w, ["n1", "n2"], 61, True, stack),
@@ -165,9 +166,11 @@ def main(argv=None) -> int:
                 time.sleep(rng.uniform(0.05, 0.3))
                 arm.sample(i)
             if (i + 1) % 20 == 0:
+                loads.append(os.getloadavg()[0])
                 log("  " + "; ".join(f"{a.name}: p50 {statistics.median(a.ms):.1f} ms, "
                                      f"max {max(a.ms):.1f} ms" for a in arms)
                     + f" ({i + 1} samples, {time.monotonic() - t_start:.0f}s)")
+    loads.append(os.getloadavg()[0])
     watch, poll = arms
     fig = {a.name: {"p50": statistics.median(a.ms), "p99": p99(a.ms), "max": max(a.ms),
                     "min": min(a.ms)} for a in arms}
@@ -188,7 +191,8 @@ def main(argv=None) -> int:
               f"watch arm (inotify, the default) p50 {wf['p50']:.1f} ms, max {wf['max']:.1f} ms; "
               f"baseline: the same two-node world polling only (source_watch: false, every 1 s), "
               f"alternating sample by sample: p50 {pf['p50']:.1f} ms, p99 {pf['p99']:.1f} ms, "
-              f"max {pf['max']:.1f} ms")
+              f"max {pf['max']:.1f} ms; 1-minute load average {min(loads):.1f}-{max(loads):.1f} "
+              f"on {os.cpu_count()} vCPUs (other runs share them)")
     return 0
 
 

@@ -32,7 +32,7 @@ from agent.k8s.model import (
     LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, LABEL_ZONE_LEGACY, PROTOCOLS,
     ContainerPort, Endpoint, EndpointPort, EndpointSlice, FrozenMap, IPBlock,
     Key, Kind, LabelRequirement, LabelSelector, LoadBalancerIngress, Namespace,
-    NetworkPolicy, Node, NodeAddress, Object, ObjectRef, Pod, PolicyPeer,
+    NetworkPolicy, Node, NodeAddress, Object, Pod, PolicyPeer,
     PolicyPort, PolicyRule, Service, ServicePort,
 )
 
@@ -654,12 +654,10 @@ def _endpoint(e: Any, at: str, want_v6: bool) -> Endpoint:
         zones = _names(hints.get("forZones"), ".hints.forZones")
         nodes = _names(hints.get("forNodes"), ".hints.forNodes")
     tr = e.get("targetRef")
-    ref = None
-    if tr is not None:
+    if tr is not None:          # checked, not kept (agent.k8s.model.Endpoint)
         tr = _dict(tr, ".targetRef")
-        ref = ObjectRef(_intern(_str(tr.get("kind"), ".targetRef.kind")),
-                        _intern(_str(tr.get("namespace"), ".targetRef.namespace")),
-                        _str(tr.get("name"), ".targetRef.name"))
+        for f in ("kind", "namespace", "name"):
+            _str(tr.get(f), f".targetRef.{f}")
     hostname = e.get("hostname")
     if hostname is not None:
         hostname = _str(hostname, ".hostname")
@@ -674,7 +672,7 @@ def _endpoint(e: Any, at: str, want_v6: bool) -> Endpoint:
         terminating=bool(terminating),
         node_name=_intern(node) if type(node) is str else _str(node, ".nodeName"),
         zone=_intern(zone) if type(zone) is str else _str(zone, ".zone"),
-        hints_zones=zones, hints_nodes=nodes, hostname=hostname or "", target_ref=ref)
+        hints_zones=zones, hints_nodes=nodes, hostname=hostname or "")
 
 
 def parse_endpoint_slice(d: Mapping, ctx: "_Ctx") -> EndpointSlice:

@@ -5,7 +5,7 @@ import pytest
 
 from agent.k8s.model import (
     ContainerPort, Endpoint, EndpointPort, FrozenMap, IPBlock, Kind, LabelRequirement,
-    LabelSelector, LoadBalancerIngress, NodeAddress, ObjectRef, PolicyPort, ServicePort,
+    LabelSelector, LoadBalancerIngress, NodeAddress, PolicyPort, ServicePort,
 )
 from agent.k8s.parse import UnsupportedKind, ValidationError, parse_bandwidth, parse_object
 from tests.k8s.k8sdata import NAMESPACE, NODE, POD, POLICY, SERVICE, SLICE, clone
@@ -146,7 +146,7 @@ def test_endpoint_slice_fields_and_condition_defaults():
     assert s.managed_by == "endpointslice-controller.k8s.io" and s.address_type == "IPv4"
     e0, e1, e2, e3 = s.endpoints
     assert e0 == Endpoint(("10.0.1.5",), True, True, False, "node-1", "cn-hangzhou-h",
-                          ("cn-hangzhou-h",), ("node-1",), "", ObjectRef("Pod", "shop", "web-1"))
+                          ("cn-hangzhou-h",), ("node-1",), "")
     assert (e1.ready, e1.serving, e1.terminating) == (False, True, True)
     # Unset conditions: ready means ready, serving follows ready, not terminating.
     assert (e2.ready, e2.serving, e2.terminating) == (True, True, False)

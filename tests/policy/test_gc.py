@@ -209,3 +209,47 @@ def test_a_failed_plan_leaves_no_plan_running(fresh_gc_clock):
         with worker.planning():
             raise RuntimeError("a plan failed")
     assert worker._gc_plans_running == 0
+
+
+def test_a_large_plan_gives_the_freed_heap_back_and_a_small_one_does_not(fresh_gc_clock,
+                                                                           monkeypatch):
+    """settle_gc after a plan that left more than GC_SETTLE_COLLECT_MAX
+    objects (a start, a full rebuild) hands the C heap's free memory back;
+    after a small plan (one change) it does not spend the heap walk."""
+    released = []
+    monkeypatch.setattr(worker, "release_free_memory", lambda: released.append(1))
+    try:
+        gc.collect()
+        worker.settle_gc()
+        assert released == [], "a plan that left few objects walked the heap"
+        was = gc.isenabled()
+        gc.disable()                     # as under a plan: the objects stay young
+        keep = [[i] for i in range(worker.GC_SETTLE_COLLECT_MAX + 1000)]
+        try:
+            worker.settle_gc()
+        finally:
+            if was:
+                gc.enable()
+        assert released == [1], "a large plan left its freed heap resident"
+        del keep
+    finally:
+        gc.unfreeze()
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_release_free_memory_returns_freed_heap_pages_to_the_system():
+    """What a large plan leaves: many freed allocations of the C heap (over
+    pymalloc's 512 bytes, under the mmap threshold) between live ones; glibc
+    keeps them resident until release_free_memory trims them."""
+    chunks = [bytes(2048) + bytes([i % 256]) for i in range(40_000)]     # about 80 MB
+    keep = chunks[::100]          # live blocks all over the heap: nothing shrinks on its own
+    del chunks
+    before = _rss_kb()
+    worker.release_free_memory()
+    after = _rss_kb()
+    assert len(keep) == 400
+    assert before - after > 40_000, f"RSS {before} kB -> {after} kB: the freed heap stayed"
