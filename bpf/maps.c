@@ -100,12 +100,15 @@ BPF_TABLE_PINNED("percpu_hash", struct fp_polcnt_key, struct fp_counter,
 
 /* Events for `fastpath monitor`. bcc 0.26 has no pinned form of
  * BPF_RINGBUF_OUTPUT, so its table type is spelled out here with the pin
- * path in the section name, as BPF_TABLE_PINNED does for other maps. */
+ * path in the section name, as BPF_TABLE_PINNED does for other maps.
+ * ringbuf_reserve returns the record type: that puts struct fp_event in
+ * the programs' BTF (a type only locals use is left out of it), where the
+ * CLI reads the record's layout; a ring buffer map carries no BTF. */
 struct FP_MAP_EVENTS_table_t {
 	int key;
 	__u32 leaf;
 	int (*ringbuf_output)(void *, __u64, __u64);
-	void *(*ringbuf_reserve)(__u64);
+	struct fp_event *(*ringbuf_reserve)(__u64);
 	void (*ringbuf_discard)(void *, __u64);
 	void (*ringbuf_submit)(void *, __u64);
 	__u32 max_entries;

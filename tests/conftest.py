@@ -46,3 +46,28 @@ def netns():
     finally:
         for name in made:
             sh(f"ip netns del {name}", check=False)
+
+
+# Where the program tests (tests/bpf) build and pin the datapath: also the
+# build every decoding test reads the compiled layouts from (`compiled`).
+BPF_SERVICE_CIDR = "192.168.0.0/16"
+
+
+def bpf_config(bpffs: str):
+    from agent.config import Config
+    return Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath",
+                                     service_cidrs=BPF_SERVICE_CIDR)
+
+
+@pytest.fixture(scope="session")
+def compiled(bpffs):
+    """The layouts of the compiled programs: a schema (agent/datapath/
+    tables.py) over their BTF, which the CLI decodes with too. Built once
+    a session with tests/bpf's options and pin root, so whichever of the
+    two comes first compiles and the other opens the pinned programs."""
+    from agent.datapath import Datapath, tables
+    d = Datapath(bpf_config(bpffs), test_build=True).load(reader=True)
+    try:
+        return tables.program_schema(d.prog_fd("fp_to_vpc"))
+    finally:
+        d.close()

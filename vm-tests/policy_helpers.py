@@ -478,7 +478,7 @@ def policy_verdicts(bpffs_root: str, grpc_socket: str) -> dict[tuple[str, str, s
     dump` does) and its names for policy ids (`PolicyNames`)."""
     from agent.api.inspect import Client
     from agent.model.bpfdefs import load
-    from agent.datapath import libbpf, pinned
+    from agent.datapath import libbpf, pinned, tables
     from agent.datapath.maps import MAP
     from agent.inspect import decode
     defs = load().defines
@@ -488,7 +488,8 @@ def policy_verdicts(bpffs_root: str, grpc_socket: str) -> dict[tuple[str, str, s
     name = MAP["FP_MAP_POLICY_CNT"]
     m = pinned.open_map(bpffs_root, name)
     try:
-        layout = decode.Layout.of(name)
+        schema, key, value = tables.map_schema(m.fd)      # as the CLI: the map's own BTF
+        layout = decode.Layout.of_schema(name, key, value, schema)
         ncpu = libbpf.possible_cpus() if m.percpu else 1
         entries = [decode.decode_entry(layout, k, v, m.percpu, ncpu) for k, v in m.items()]
     finally:

@@ -403,15 +403,16 @@ def pinned_entries(paths, *macros: str) -> list[list[dict]]:
     """Decoded entries of the node's pinned maps (FP_MAP_* names), read from
     this process through the pins, the way the CLI reads them: nothing is
     compiled, nothing attached."""
-    from agent.datapath import libbpf, pinned
+    from agent.datapath import libbpf, pinned, tables
     from agent.inspect import decode
     maps = pinned.open_maps(f"{paths.bpffs}/fastpath")
     try:
         out = []
         for macro in macros:
             m = maps[MAP[macro]]
-            layout = decode.Layout.of(m.name)
-            assert layout is not None and layout.matches(m.key_size, m.value_size), m.name
+            schema, key, value = tables.map_schema(m.fd)
+            layout = decode.Layout.of_schema(m.name, key, value, schema)
+            assert layout.matches(m.key_size, m.value_size), m.name
             ncpu = libbpf.possible_cpus() if m.percpu else 1
             out.append([decode.decode_entry(layout, k, v, m.percpu, ncpu) for k, v in m.items()])
         return out

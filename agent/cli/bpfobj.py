@@ -101,22 +101,23 @@ def cmd_net(ctx, args) -> int:
 
 
 def map_rows(ctx) -> list[dict]:
-    from agent.inspect import decode
+    from agent.datapath import btf
     rows = []
     for name, m in sorted(ctx.maps().items()):
-        layout = decode.Layout.of(name)
         ringbuf = m.type_name == "ringbuf"
         entries = None if ringbuf else m.count()
         # an array always holds max_entries (a prog array's slots are filled
         # once at start): no fill, no pressure
         array = m.type_name in ("array", "percpu_array", "prog_array")
+        # `map dump` decodes a map from its own BTF (a ring buffer's records
+        # from the programs')
+        info = btf.map_info(m.fd)
         rows.append({"name": name, "alias": alias_of(name), "id": m.id, "type": m.type_name,
                      "key_size": m.key_size, "value_size": m.value_size,
                      "max_entries": m.max_entries, "entries": entries,
                      "fill": (round(entries / m.max_entries, 4)
                               if entries is not None and m.max_entries and not array else None),
-                     "decoded": bool(ringbuf or (layout and layout.matches(m.key_size,
-                                                                           m.value_size)))})
+                     "decoded": bool(ringbuf or (info.btf_id and info.btf_value_type_id))})
     return rows
 
 

@@ -134,18 +134,13 @@ class Ctx:
                 return []
             self.map(name)
         layout = self.layout(name, m)
-        if layout is None or not layout.matches(m.key_size, m.value_size):
-            raise CliExit(EXIT_FAIL, f"map {name}: pinned key/value sizes {m.key_size}/"
-                                     f"{m.value_size} do not match this CLI's fastpath.h "
-                                     f"({layout.key_size}/{layout.value_size})" if layout else
-                          f"map {name}: not declared in this CLI's bpf/maps.c")
         ncpu = libbpf.possible_cpus() if m.percpu else 1
         return [decode.decode_entry(layout, k, v, m.percpu, ncpu) for k, v in m.items()]
 
     def layout(self, name: str, m):
-        """How to decode pinned map `m`: from its own BTF (exact, whatever
-        release pinned it), or the header's declaration when the map
-        carries no BTF."""
+        """How to decode pinned map `m`: from its own BTF, the record the
+        kernel keeps of the compile that made it (exact, whatever release
+        pinned it). A map without BTF cannot be decoded and is refused."""
         from agent.datapath import tables
         from agent.datapath.errors import NotPrivileged
         from agent.inspect import decode
@@ -154,9 +149,38 @@ class Ctx:
         except NotPrivileged as exc:
             raise CliExit(EXIT_PRIV, f"map {name}: {exc}") from None
         if got is None:
-            return decode.Layout.of(name)
+            raise CliExit(EXIT_FAIL, f"map {name} carries no BTF: its layout cannot be known "
+                                     "(it was not created by fastpath's loader)")
         schema, key, value = got
-        return decode.Layout.of_schema(name, key, value, schema)
+        layout = decode.Layout.of_schema(name, key, value, schema)
+        if not layout.matches(m.key_size, m.value_size):
+            raise CliExit(EXIT_FAIL, f"map {name}: its BTF describes {layout.key_size}/"
+                                     f"{layout.value_size} B keys/values, the map holds "
+                                     f"{m.key_size}/{m.value_size} B")
+        return layout
+
+    def program_schema(self, uses: str):
+        """The BTF of the programs that use pinned map `uses`, for records
+        that are no map's key or value (ring-buffer events): the most
+        recently loaded such program is the one writing them."""
+        from agent.datapath import pinned, tables
+        from agent.datapath.errors import NotPrivileged
+        m = self.map(uses)
+        progs = [p for p in pinned.our_programs(self.maps()) if m.id in p.map_ids]
+        if not progs:
+            raise CliExit(EXIT_FAIL, f"no loaded program uses {uses} under {self.bpffs_root} "
+                                     "(the agent never started, or its programs are gone)")
+        newest = max(progs, key=lambda p: (p.loaded_at, p.id))
+        try:
+            fd = pinned.prog_fd(newest.id)
+        except OSError as exc:
+            raise CliExit(EXIT_FAIL, f"program {newest.name} (id {newest.id}): {exc}") from None
+        try:
+            return tables.program_schema(fd)
+        except NotPrivileged as exc:
+            raise CliExit(EXIT_PRIV, f"program {newest.name}: {exc}") from None
+        finally:
+            os.close(fd)
 
     def links(self) -> dict[int, str]:
         """ifindex -> name in the node's netns (the agent's view when it

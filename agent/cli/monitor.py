@@ -28,11 +28,11 @@ TYPE_BITS = {"trace": "FP_MON_EV_TRACE", "policy-verdict": "FP_MON_EV_POLICY"}
 class EventBits:
     """Set fp_monitor.events bits for the monitor's lifetime."""
 
-    def __init__(self, mon_map, bits: int):
+    def __init__(self, mon_map, layout, bits: int):
         self.m = mon_map
         self.bits = bits
         self.added = 0
-        self.cls = bpfdefs.ctype("struct fp_monitor")
+        self.cls = layout.schema.ctype(layout.value)      # struct fp_monitor, from its BTF
         self.key = (0).to_bytes(4, "little")
 
     def _rw(self, fn) -> None:
@@ -99,6 +99,9 @@ def cmd_monitor(ctx, args) -> int:
             bits |= defs[TYPE_BITS[t]]
     links = ctx.links()
     names = {int(k): v for k, v in (ctx.agent("PolicyNames") or {}).items()}
+    mon = ctx.map(M["monitor"])
+    mon_layout = ctx.layout(M["monitor"], mon)
+    schema = ctx.program_schema(M["events"])
     reader = RingReader(ring.fd)
     stop = {"now": False}
 
@@ -108,7 +111,7 @@ def cmd_monitor(ctx, args) -> int:
     seen = 0
     deadline = time.monotonic() + args.duration if args.duration else None
     try:
-        with EventBits(ctx.map(M["monitor"]), bits):
+        with EventBits(mon, mon_layout, bits):
             if not ctx.json:
                 print(f"listening for {', '.join(sorted(want))} events on {ring.name} "
                       f"(Ctrl-C to stop)", file=sys.stderr, flush=True)
@@ -116,7 +119,7 @@ def cmd_monitor(ctx, args) -> int:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 for raw in reader.poll(200):
-                    row = events.event_row(events.decode_event(raw), links=links,
+                    row = events.event_row(events.decode_event(raw, schema), links=links,
                                            policy_names=names)
                     if not events.matches(row, types or None, addrs, ifindexes):
                         continue

@@ -152,7 +152,8 @@ def cmd_trace(ctx, args) -> int:
     src = _origin(ctx, getattr(args, "from"), dst, args.via)
     att = _ingress_prog(src["ifname"], src["prog"])
     dmap = ctx.map(M["decision"])
-    cls = bpfdefs.ctype("struct fp_decision")
+    dlay = ctx.layout(M["decision"], dmap)          # struct fp_decision, from its BTF
+    cls = dlay.schema.ctype(dlay.value)
     fresh = cls()
     fresh.reason = NOT_RECORDED
     pv_none = bpfdefs.load().defines.get("FP_PV_NONE", 0xFF)
@@ -167,7 +168,8 @@ def cmd_trace(ctx, args) -> int:
     finally:
         os.close(fd)
     raw = dmap.lookup(key)
-    dec = decode.decode_value("struct fp_decision", decode.from_bytes("struct fp_decision", raw))
+    dec = decode.decode_value(dlay.value, decode.from_bytes(dlay.value, raw, dlay.schema),
+                              dlay.schema)
     if dec["reason"] == NOT_RECORDED:
         raise CliExit(EXIT_FAIL, f"{att.prog_name} (id {att.prog_id}) recorded no decision: "
                                  "its programs predate what-if runs (restart the agent)")

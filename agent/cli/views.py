@@ -210,10 +210,12 @@ def cmd_ct_flush(ctx, args) -> int:
         raise CliExit(EXIT_USAGE, "ct flush without a filter removes every translated flow: "
                                   "give --src/--dst/--proto/--port, or --all")
     maps = {table: ctx.map(M[alias]) for table, alias in CT_TABLES}
+    layouts = {table: ctx.layout(m.name, m) for table, m in maps.items()}
     rows = data_ct(ctx, args)
     deleted = 0
     for r in rows:
-        key = decode.encode_key("struct fp_ct4_key", saddr=r["saddr"], daddr=r["daddr"],
+        lay = layouts[r["table"]]
+        key = decode.encode_key(lay.schema, lay.key, saddr=r["saddr"], daddr=r["daddr"],
                                 sport=r["sport"], dport=r["dport"],
                                 proto=r["proto_num"], dir=r["dir_num"])
         if maps[r["table"]].delete(key):

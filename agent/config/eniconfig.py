@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.config.schema import parse_document
+
 
 class EniConfigError(ValueError):
     pass
@@ -69,13 +71,9 @@ def _data_of(path: Path) -> dict[str, str]:
                 if f.is_file() and not f.name.startswith(".")}
     text = path.read_text()
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        import yaml
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise EniConfigError(f"{path}: neither JSON nor YAML: {exc}") from None
+        doc = parse_document(text)
+    except ValueError as exc:
+        raise EniConfigError(f"{path}: neither JSON nor YAML: {exc}") from None
     if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
         data = doc.get("data") or {}
         if not isinstance(data, dict):

@@ -279,6 +279,20 @@ class Config:
         return self.with_values(kw, "override")
 
 
+def parse_document(text: str) -> Any:
+    """A JSON or YAML document: JSON first (the common case, and no YAML
+    import for it), then YAML; ValueError with YAML's complaint when
+    neither parses (the caller names the file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        import yaml
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(str(exc)) from None
+
+
 def read_file(path: str | Path) -> dict:
     """A configuration file's mapping of keys (YAML or JSON), unvalidated."""
     try:
@@ -286,13 +300,9 @@ def read_file(path: str | Path) -> dict:
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        import yaml
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML or JSON: {exc}") from None
+        data = parse_document(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid YAML or JSON: {exc}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -55,9 +55,9 @@ def apply_op(lb, op) -> int:
     elif isinstance(op, PutSlots):
         lb.put_slots(op.service_id, op.slots, op.first)
     elif isinstance(op, PutService):
-        fe = op.frontend
-        lb.put_service(fe.ip, fe.port, fe.protocol, op.service_id, op.count, op.flags,
-                       op.affinity_timeout, fe.scope)
+        fe, e = op.frontend, op.entry
+        lb.put_service(fe.ip, fe.port, fe.protocol, e.service_id, e.count, e.flags,
+                       e.affinity_timeout, fe.scope)
     elif isinstance(op, DeleteService):
         fe = op.frontend
         lb.delete_service(fe.ip, fe.port, fe.protocol, fe.scope)
@@ -120,9 +120,9 @@ def _apply_batch(lb, run) -> None:
     elif isinstance(op, PutSlots):
         lb.put_slot_runs([(o.service_id, o.slots, o.first) for o in run])
     else:
-        lb.put_services([(o.frontend.ip, o.frontend.port, o.frontend.protocol, o.service_id,
-                          o.count, o.flags, o.affinity_timeout, o.frontend.scope)
-                         for o in run])
+        lb.put_services([(o.frontend.ip, o.frontend.port, o.frontend.protocol,
+                          o.entry.service_id, o.entry.count, o.entry.flags,
+                          o.entry.affinity_timeout, o.frontend.scope) for o in run])
 
 
 class AffinityPurger(Purger):

@@ -299,6 +299,12 @@ class Schema:
     def ctype(self, type_name: str):
         return ctype_of(self.btf, self._tid(type_name), self._ct)
 
+    def map_types(self, map_name: str) -> tuple[str, str]:
+        """(key type name, value type name) the compile recorded for table
+        `map_name` (a program's BTF; a map's own BTF names them by id)."""
+        k, v = self.btf.map_types(map_name)
+        return self.type_name(k), self.type_name(v)
+
 
 def map_schema(fd: int) -> tuple[Schema, str, str] | None:
     """(schema, key type name, value type name) of a map from its own BTF;
@@ -309,3 +315,10 @@ def map_schema(fd: int) -> tuple[Schema, str, str] | None:
         return None
     sch = Schema(btfmod.btf_by_id(bi.btf_id))
     return sch, sch.type_name(bi.btf_key_type_id), sch.type_name(bi.btf_value_type_id)
+
+
+def program_schema(prog_fd: int) -> Schema:
+    """Every type of the compile a loaded program came from (its BTF): the
+    records it writes that are no map's key or value (ring-buffer events)
+    are read with these. Needs CAP_SYS_ADMIN (NotPrivileged otherwise)."""
+    return Schema(btfmod.program_btf(prog_fd))

@@ -1,14 +1,19 @@
-"""Decode raw map entries into plain values, from the header's layouts.
+"""Decode raw map entries and records into plain values, from BTF.
 
-Pure: bytes in, dicts out. Layouts come from bpf/include/fastpath.h through
-agent.bpfdefs (ctypes built from the parsed structs; map key and value
-types from bpf/maps.c), so nothing here restates a field.
+Pure: bytes in, dicts out. Layouts are the compiled programs' own, read
+from BTF: a `schema` (agent/datapath/tables.Schema over one BTF object:
+`fields(type)`, `ctype(type)`, `map_types(map)`) is passed in by the
+caller, which takes it from the pinned map being read (its BTF is the
+compile that made it) or from the loaded programs (records that are no
+map's key or value: ring-buffer events). Nothing here restates a field;
+bpf/include/fastpath.h is read (agent.model.bpfdefs) for names and codes
+only.
 
 The decoded form (also the `--json` form of `fastpath map dump`):
   * every field keeps its C name; `pad*` fields are left out;
   * `__be32` fields are IPv4 addresses as dotted strings, `__be16` fields
     are ports in host order, `__u8 x[6]` fields are MAC addresses, `__u8
-    x[16]` fields the header calls IPv6 are IPv6 addresses;
+    x[16]` fields are IPv6 addresses;
   * enumerations keep their number and gain `<field>_label`: `reason`
     (FP_REASONS), `dir` (FP_DIRS, or forward/reply in conntrack keys),
     `kind` (FP_REDIRECT_KINDS), `proto` (TCP/UDP/ICMP/SCTP), `state`
@@ -135,26 +140,9 @@ def event_type(value: int) -> str:
     return code.label if code is not None else f"type-{value}"
 
 
-class HeaderSchema:
-    """Struct fields and ctypes classes as bpf/include/fastpath.h declares
-    them (agent.model.bpfdefs). The CLI decodes pinned maps with the
-    kernel's own record of their layout instead (a BTF schema from
-    agent/datapath/btf.py, same interface); this one serves records that
-    are not map entries (events, decision records) and maps without BTF."""
-
-    def fields(self, type_name: str):
-        return bpfdefs.field_defs(type_name)
-
-    def ctype(self, type_name: str):
-        return bpfdefs.ctype(type_name)
-
-
-HEADER_SCHEMA = HeaderSchema()
-
-
-# The header's conventions decoding relies on, by name and shape (so that
-# they hold for layouts read from BTF, which carries no comments; the unit
-# tests check the header keeps them): a __be32 named *identity* holds a
+# The header's conventions decoding relies on, by name and shape (BTF
+# carries no comments; tests/bpf/test_tables.py lists every field of these
+# shapes, so a new one is looked at): a __be32 named *identity* holds a
 # peer identity, not an address; every two-element array is indexed by
 # FP_POL_INGRESS / FP_POL_EGRESS; a __u8[16] is an IPv6 address.
 
@@ -175,19 +163,23 @@ def _be32_int(raw: int) -> int:
     return struct.unpack("!I", struct.pack("=I", raw))[0]
 
 
-def decode_value(type_name: str, obj, schema=HEADER_SCHEMA) -> object:
-    """A ctypes instance (or scalar) of a header type -> plain data."""
+def _is_record(type_name: str) -> bool:
+    return type_name.startswith(("struct ", "union "))
+
+
+def decode_value(type_name: str, obj, schema) -> object:
+    """A ctypes instance (or scalar) of a type of `schema` -> plain data."""
     t = type_name.strip()
-    if t in bpfdefs.SCALARS:
+    if not _is_record(t):
         v = getattr(obj, "value", obj)
         if t == "__be32":
             return ip4(v)
         if t == "__be16":
             return port(v)
         return v
-    sname = t[len("struct "):] if t.startswith("struct ") else t
+    sname = t.split(" ", 1)[1]
     out: dict = {}
-    for f in schema.fields(sname):
+    for f in schema.fields(t):
         if f.name.startswith("pad") or f.name.startswith("_"):
             continue
         v = getattr(obj, f.name)
@@ -235,7 +227,7 @@ def decode_value(type_name: str, obj, schema=HEADER_SCHEMA) -> object:
     return out
 
 
-def from_bytes(type_name: str, raw: bytes, schema=HEADER_SCHEMA):
+def from_bytes(type_name: str, raw: bytes, schema):
     cls = schema.ctype(type_name)
     size = ct.sizeof(cls)
     if len(raw) < size:
@@ -255,29 +247,28 @@ def _sum(values: list):
 
 @dataclass(frozen=True)
 class Layout:
-    """How to decode one pinned map: its key and value types, their sizes,
-    and the schema that describes them (the map's BTF, or the header)."""
-    decl: bpfdefs.MapDecl
+    """How to decode one map: its key and value types as the schema names
+    them ("struct fp_endpoint", "__u32"), their sizes, and the schema (BTF)
+    that describes them."""
+    name: str
+    key: str
+    value: str
     key_size: int
     value_size: int
-    schema: object = HEADER_SCHEMA
-
-    @classmethod
-    def of(cls, name: str) -> "Layout | None":
-        """From the header: the sizes this release declares."""
-        decl = bpfdefs.map_decls().get(name)
-        if decl is None:
-            return None
-        ks = ct.sizeof(bpfdefs.ctype(decl.key)) if decl.key else 0
-        vs = ct.sizeof(bpfdefs.ctype(decl.value)) if decl.value else 0
-        return cls(decl, ks, vs)
+    schema: object
 
     @classmethod
     def of_schema(cls, name: str, key: str, value: str, schema) -> "Layout":
-        """From a map's own record of its types (type names as the schema
-        spells them: "struct fp_endpoint", "__u32")."""
-        decl = bpfdefs.MapDecl(name, "", "", key, value)
-        return cls(decl, ct.sizeof(schema.ctype(key)), ct.sizeof(schema.ctype(value)), schema)
+        """From a map's own record of its types (a pinned map's BTF)."""
+        return cls(name, key, value, ct.sizeof(schema.ctype(key)),
+                   ct.sizeof(schema.ctype(value)), schema)
+
+    @classmethod
+    def compiled(cls, name: str, schema) -> "Layout":
+        """From the programs' BTF: the types the compile declared table
+        `name` with."""
+        key, value = schema.map_types(name)
+        return cls.of_schema(name, key, value, schema)
 
     def matches(self, key_size: int, value_size: int) -> bool:
         return (self.key_size, self.value_size) == (key_size, value_size)
@@ -286,25 +277,22 @@ class Layout:
 def decode_entry(layout: Layout, key: bytes, value: bytes, percpu: bool = False,
                  ncpus: int = 1) -> dict:
     sch = layout.schema
-    k = decode_value(layout.decl.key, from_bytes(layout.decl.key, key, sch), sch)
+    k = decode_value(layout.key, from_bytes(layout.key, key, sch), sch)
     if percpu:
         slot = (layout.value_size + 7) // 8 * 8
-        vals = [decode_value(layout.decl.value,
-                             from_bytes(layout.decl.value, value[i * slot:], sch), sch)
+        vals = [decode_value(layout.value, from_bytes(layout.value, value[i * slot:], sch), sch)
                 for i in range(ncpus) if len(value) >= (i + 1) * slot]
         v = _sum(vals)
     else:
-        v = decode_value(layout.decl.value, from_bytes(layout.decl.value, value, sch), sch)
+        v = decode_value(layout.value, from_bytes(layout.value, value, sch), sch)
     return {"key": k, "value": v}
 
 
-def encode_key(type_name: str, **fields) -> bytes:
-    """Build key bytes of a header struct from host-order values (addresses
-    as text for __be32, ports as numbers for __be16)."""
-    cls = bpfdefs.ctype(type_name)
-    obj = cls()
-    sname = type_name[len("struct "):] if type_name.startswith("struct ") else type_name
-    kinds = {f.name: f.ctype for f in bpfdefs.field_defs(sname)}
+def encode_key(schema, type_name: str, /, **fields) -> bytes:
+    """Bytes of a struct of `schema` from host-order values (addresses as
+    text for __be32, ports as numbers for __be16)."""
+    obj = schema.ctype(type_name)()
+    kinds = {f.name: f.ctype for f in schema.fields(type_name)}
     for name, v in fields.items():
         if kinds[name] == "__be32":
             v = struct.unpack("=I", struct.pack("!I", v))[0] if isinstance(v, int) else ip4_raw(v)

@@ -1,5 +1,6 @@
 """Monitor events (struct fp_event) and what-if decisions (struct
-fp_decision) as rows and lines, from the header's layouts."""
+fp_decision) as rows and lines, decoded with the programs' BTF (a schema,
+see decode.py)."""
 from __future__ import annotations
 
 import time
@@ -8,8 +9,11 @@ from agent.model import bpfdefs
 from agent.inspect import decode
 
 
-def decode_event(raw: bytes) -> dict:
-    return decode.decode_value("struct fp_event", decode.from_bytes("struct fp_event", raw))
+EVENT = "struct fp_event"        # the record of the events ring buffer
+
+
+def decode_event(raw: bytes, schema) -> dict:
+    return decode.decode_value(EVENT, decode.from_bytes(EVENT, raw, schema), schema)
 
 
 def event_row(ev: dict, *, links: dict[int, str] | None = None,

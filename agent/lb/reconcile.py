@@ -104,14 +104,21 @@ class PutSlots:
 
 
 @dataclass(frozen=True, slots=True)
-class PutService:
-    """Create or overwrite the frontend's service entry."""
+class ServiceEntry:
+    """What the service map holds for one frontend."""
 
-    frontend: Frontend
     service_id: int
     count: int
     affinity_timeout: int
     flags: int
+
+
+@dataclass(frozen=True, slots=True)
+class PutService:
+    """Create or overwrite the frontend's service entry."""
+
+    frontend: Frontend
+    entry: ServiceEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,16 +170,6 @@ class DeleteRanges:
 
 Op = Union[PutBackend, PutSlots, PutService, PutMaglev, PutRanges, DeleteService,
            DeleteSlots, DeleteMaglev, DeleteRanges, DeleteBackend]
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceEntry:
-    """What the service map holds for one frontend."""
-
-    service_id: int
-    count: int
-    affinity_timeout: int
-    flags: int
 
 
 def flags_of(state: FrontendState) -> int:
@@ -633,8 +630,7 @@ class Reconciler:
                 service_ops.append(PutRanges(sid, tuple(sorted(ranges - old_ranges))))
             entry = ServiceEntry(sid, len(new), st.affinity_timeout, flags_of(st))
             if a is None or a.entry != entry:
-                service_ops.append(PutService(fe, sid, entry.count, entry.affinity_timeout,
-                                              entry.flags))
+                service_ops.append(PutService(fe, entry))
             for lo, hi in _present(old, len(new) + 1):
                 service_ops.append(DeleteSlots(sid, lo, hi))
             if old_ranges - ranges:
@@ -926,8 +922,7 @@ class FakeMaps:
             for i, b in enumerate(op.slots, start=op.first):
                 self.slots[(op.service_id, i)] = b
         elif isinstance(op, PutService):
-            self.services[op.frontend] = ServiceEntry(op.service_id, op.count,
-                                                      op.affinity_timeout, op.flags)
+            self.services[op.frontend] = op.entry
         elif isinstance(op, DeleteService):
             del self.services[op.frontend]
         elif isinstance(op, DeleteSlots):

@@ -103,6 +103,11 @@ struct fp_endpoint {
 };
 _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 
+/* Code lists are X-macros, X(C name, value, label): one list gives the C
+ * enum (FP_ENUM_ENTRY) and, read by agent/model/bpfdefs.py, the labels the
+ * agent and the CLI print. */
+#define FP_ENUM_ENTRY(name, val, label) name = val,
+
 /* Where a packet was seen; part of the counter key and of monitor events. */
 #define FP_DIRS(X)                 \
 	X(FP_DIR_FROM_POD, 0, "from-pod") \
@@ -148,10 +153,8 @@ _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 	X(FP_DROP_CONN_EGRESS, 125, "dropped-connection-limit-egress") \
 	X(FP_DROP_CONN_INGRESS, 126, "dropped-connection-limit-ingress")
 
-#define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_dir { FP_DIRS(FP_ENUM_ENTRY) };
 enum fp_reason { FP_REASONS(FP_ENUM_ENTRY) };
-#undef FP_ENUM_ENTRY
 
 #define FP_REASON_DROP_MIN 100
 
@@ -333,9 +336,7 @@ _Static_assert(sizeof(struct fp_srcrange4_key) == 12, "fp_srcrange4_key layout")
 	X(FP_CT_FIN_WAIT,    3, "fin-wait")      \
 	X(FP_CT_CLOSED,      4, "closed")
 
-#define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_ct_state { FP_CT_STATES(FP_ENUM_ENTRY) };
-#undef FP_ENUM_ENTRY
 
 struct fp_ct4_key {
 	__be32 saddr;          /* NBO */
@@ -422,9 +423,7 @@ _Static_assert(sizeof(struct fp_frag4) == 24, "fp_frag4 layout");
 	X(FP_CTE_RELATED,      4, "related-icmp")            \
 	X(FP_CTE_FRAG_FOLLOWED, 5, "fragment-followed")
 
-#define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_ct_event { FP_CT_EVENTS(FP_ENUM_ENTRY) };
-#undef FP_ENUM_ENTRY
 #define FP_CTE_COUNT 8
 
 /* ClientIP session affinity: (service, client) -> backend, last use. */
@@ -569,9 +568,7 @@ _Static_assert(sizeof(struct fp_polcnt_key) == 8, "fp_polcnt_key layout");
 	X(FP_EV_TRACE,  2, "trace")          \
 	X(FP_EV_POLICY, 3, "policy-verdict")
 
-#define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_event_type { FP_EVENT_TYPES(FP_ENUM_ENTRY) };
-#undef FP_ENUM_ENTRY
 
 #define FP_EVENTS_BYTES (256 * 1024)
 
@@ -617,9 +614,7 @@ _Static_assert(sizeof(struct fp_event) == 48, "fp_event layout");
 	X(FP_RD_PEER,  2, "redirect-peer") \
 	X(FP_RD_NEIGH, 3, "redirect-neigh")
 
-#define FP_ENUM_ENTRY(name, val, label) name = val,
 enum fp_redirect_kind { FP_REDIRECT_KINDS(FP_ENUM_ENTRY) };
-#undef FP_ENUM_ENTRY
 
 #define FP_PV_NONE 0xff    /* fp_decision.pv[]: this direction was not checked */
 

@@ -24,6 +24,7 @@ from agent.datapath import Datapath
 from agent.datapath.libbpf import prog_test_run
 from agent.datapath.nsenter import in_netns
 from agent.model.endpoint import Endpoint
+from tests.conftest import BPF_SERVICE_CIDR, bpf_config
 
 TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = -1, 0, 2, 7
 
@@ -34,7 +35,7 @@ REMOTE = "10.0.2.20"          # a pod on another node, behind the VPC
 REMOTE_NO_NEIGH = "10.0.3.30"  # reached via a gateway with no neighbour entry
 GW2 = "10.0.0.254"
 BYPASS_IP = "169.254.20.10"
-SERVICE_CIDR, SERVICE_VIP = "192.168.0.0/16", "192.168.0.10"
+SERVICE_CIDR, SERVICE_VIP = BPF_SERVICE_CIDR, "192.168.0.10"
 # IPv6 (dual-stack pods A, B and C; Terway's ENI tables have a link-local
 # gateway, the vSwitch's)
 POD_A6, POD_B6, POD_C6 = "fd00:10::1:a", "fd00:10::1:b", "fd00:10::1:c"
@@ -145,8 +146,7 @@ def loaded(cfg: Config, n: BpfNet):
 
 @pytest.fixture(scope="session")
 def dp(bpffs, bpfnet):
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath", service_cidrs=SERVICE_CIDR)
-    with loaded(cfg, bpfnet) as d:
+    with loaded(bpf_config(bpffs), bpfnet) as d:
         yield d
 
 
@@ -257,30 +257,33 @@ def ct_dp(bpffs, bpfnet):
 
 class Events:
     """The monitor's ring buffer, read through libbpf from its pin (one
-    reader per datapath: the ring has one consumer position)."""
+    reader per datapath: the ring has one consumer position), its records
+    decoded with the BTF of the programs that write them (as the CLI does)."""
 
     def __init__(self, dp):
         import os
-        from agent.datapath import libbpf
+        from agent.datapath import libbpf, tables
         from agent.datapath.maps import MAP
         from agent.datapath.ringbuf import RingReader
         fd = libbpf.obj_get(os.path.join(dp.options.pin_root, MAP["FP_MAP_EVENTS"]))
         self.reader = RingReader(fd)
+        self.schema = tables.program_schema(dp.prog_fd("fp_from_pod"))
 
     def poll(self):
         return self.reader.poll(0)
 
-
-def decode_event(raw: bytes) -> dict:
-    import socket
-    import struct
-    from agent.datapath.maps import DEFS
-    ts, ifindex, reason, d, typ, saddr, daddr, sport, dport, proto, flags, _, nat_d, nat_p, _, \
-        pid, peer = struct.unpack("=QIHBB4s4sHHBBH4sHHII", raw[:48])
-    return dict(ifindex=ifindex, reason=DEFS.reason(reason), type=typ,
-                saddr=socket.inet_ntoa(saddr), daddr=socket.inet_ntoa(daddr),
-                sport=socket.ntohs(sport), dport=socket.ntohs(dport), proto=proto,
-                flags=flags, policy_id=pid, peer_id=peer)
+    def decoded(self) -> list[dict]:
+        """The records since the last poll: addresses and ports as text and
+        numbers, `reason` as its label."""
+        from agent.inspect.events import decode_event
+        out = []
+        for raw in self.poll():
+            ev = decode_event(raw, self.schema)
+            out.append(dict(ifindex=ev["ifindex"], reason=ev["reason_label"], type=ev["type"],
+                            saddr=ev["saddr"], daddr=ev["daddr"], sport=ev["sport"],
+                            dport=ev["dport"], proto=ev["proto"], flags=ev["flags"],
+                            policy_id=ev["policy_id"], peer_id=ev["peer_id"]))
+        return out
 
 
 @pytest.fixture(scope="session")

@@ -184,7 +184,7 @@ def test_a_syn_on_a_closed_tuple_opens_a_new_connection(ct_dp, bpfnet, svc):
 def test_a_packet_that_is_not_an_opening_one_never_picks_a_backend(ct_dp, bpfnet, svc):
     """An ACK of a connection conntrack does not know: dropped with its own
     reason, counted, reported to the monitor; never sent to some backend."""
-    from tests.bpf.conftest import Events, decode_event
+    from tests.bpf.conftest import Events
     ev = Events(ct_dp)
     ev.poll()
     drops = lambda: sum(c.packets for c in ct_dp.maps.counters()
@@ -196,7 +196,7 @@ def test_a_packet_that_is_not_an_opening_one_never_picks_a_backend(ct_dp, bpfnet
     assert c.state() == [(None, None), (None, None)] if c.backend else True
     assert find(ct_dp, fkey(c.sport)) == (None, None), "no entry was made"
     assert drops() == before + 1
-    got = [decode_event(e) for e in ev.poll()]
+    got = ev.decoded()
     mine = [e for e in got if e["sport"] == c.sport]
     assert len(mine) == 1 and mine[0]["reason"] == "dropped-ct-no-backend", got
     assert (mine[0]["daddr"], mine[0]["dport"]) == (VIP, 80)

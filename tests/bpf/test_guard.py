@@ -20,7 +20,6 @@ from agent.datapath.maps import DEFS
 from agent.model.endpoint import Endpoint
 from tests.bpf.conftest import (ENI_IP, GW_MAC, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
                                 TC_ACT_SHOT, enforced, run_prog)
-from tests.bpf.conftest import decode_event
 from tests.bpf.test_policy import audited
 from tests.policy.kube import namespace, netpol, pod, snapshot
 
@@ -138,7 +137,7 @@ def test_a_spoofed_packet_is_counted_and_reported_with_its_addresses(dp, bpfnet,
     assert r.verdict == TC_ACT_SHOT
     after = {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()}
     assert after[key] == before.get(key, 0) + 1
-    drops = [decode_event(e) for e in events.poll()]
+    drops = events.decoded()
     drops = [e for e in drops if e["type"] == 1]            # FP_EV_DROP
     assert [(e["reason"], e["saddr"], e["daddr"], e["ifindex"]) for e in drops] == \
         [(SPOOFED, REMOTE, POD_B, bpfnet.cali_a.ifindex)]

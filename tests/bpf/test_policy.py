@@ -17,7 +17,7 @@ from scapy.layers.l2 import Ether
 from agent.datapath.maps import DEFS, be32
 from agent.k8s.model import FrozenMap, NetworkPolicy
 from agent.policy import evaluate
-from tests.bpf.conftest import (ENI_IP, decode_event, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
+from tests.bpf.conftest import (ENI_IP, POD_A, POD_B, POD_C, REMOTE, TC_ACT_REDIRECT,
                                 TC_ACT_SHOT, enforced, run_prog)
 from tests.policy.kube import namespace, netpol, pod, snapshot
 
@@ -227,7 +227,7 @@ def test_a_denied_packet_reaches_the_monitor_with_its_policy(dp, bpfnet, policy,
     r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(tcp(POD_A, POD_B, 82, sport=sport)),
                  bpfnet.cali_a.ifindex)
     assert r.verdict == TC_ACT_SHOT
-    evs = [decode_event(e) for e in events.poll()]
+    evs = events.decoded()
     drops = [e for e in evs if e["type"] == 1 and e["sport"] == sport]
     assert len(drops) == 1, evs
     e = drops[0]
@@ -351,7 +351,7 @@ def test_trace_events_report_a_reply_as_it_arrived(dp, bpfnet, policy, events):
                                src_mac="02:00:00:00:0b:0b")), bpfnet.cali_b.ifindex)
         assert r.verdict == TC_ACT_REDIRECT
         assert Ether(r.out)[IP].src == vip        # the client sees the VIP
-        evs = [decode_event(e) for e in events.poll()]
+        evs = events.decoded()
         fwd = [e for e in evs if e["type"] == 2 and e["sport"] == sport]
         rep = [e for e in evs if e["type"] == 2 and e["dport"] == sport]
         assert len(fwd) == 1 and len(rep) == 1, evs

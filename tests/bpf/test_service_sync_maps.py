@@ -149,14 +149,14 @@ def test_batched_service_writes_leave_what_single_writes_leave(lb):
     fit, none after)."""
     from agent.daemon.services import apply_op, apply_ops
     from agent.lb.compile import Backend, Frontend
-    from agent.lb.reconcile import PutBackend, PutService, PutSlots
+    from agent.lb.reconcile import PutBackend, PutService, PutSlots, ServiceEntry
     backends = [PutBackend(i + 1, Backend(f"10.2.{i // 200}.{i % 200 + 1}", 8000 + i,
                                           "UDP" if i % 3 else "TCP"), draining=i % 5 == 0)
                 for i in range(20)]
     ops = (backends
            + [PutSlots(7, (1, 2, 3), 1), PutSlots(8, (4, 5), 2), PutSlots(9, (6,), 1)]
-           + [PutService(Frontend(vip(3), 80, "TCP"), 7, 3, 30, 1),
-              PutService(Frontend(vip(4), 53, "UDP", 1), 8, 2, 0, FLAG_REJECT)])
+           + [PutService(Frontend(vip(3), 80, "TCP"), ServiceEntry(7, 3, 30, 1)),
+              PutService(Frontend(vip(4), 53, "UDP", 1), ServiceEntry(8, 2, 0, FLAG_REJECT))])
     try:
         assert apply_ops(lb, ops) == []
         batched = _raw(lb)

@@ -67,8 +67,9 @@ def test_the_monitor_writes_its_own_map_and_never_the_agents_settings(dp):
     it with the agent: it must not touch fp_config at all, and the agent's
     writes must not touch the monitor's bits. The monitor's map is opened
     through the pins, as the CLI opens it."""
-    from agent.datapath import pinned
+    from agent.datapath import pinned, tables
     from agent.datapath.maps import MAP
+    from agent.inspect import decode
     cfg = dp.tables[MAP["FP_MAP_CONFIG"]]
     raw = lambda: bytes(cfg[cfg.Key(0)])             # noqa: E731
     maps = pinned.open_maps(dp.config.bpffs_root)
@@ -76,7 +77,9 @@ def test_the_monitor_writes_its_own_map_and_never_the_agents_settings(dp):
     try:
         before = raw()
         bits = F["FP_MON_EV_TRACE"] | F["FP_MON_EV_POLICY"]
-        with EventBits(maps[MAP["FP_MAP_MONITOR"]], bits):
+        mon = maps[MAP["FP_MAP_MONITOR"]]
+        schema, key, value = tables.map_schema(mon.fd)     # as the CLI: the map's own BTF
+        with EventBits(mon, decode.Layout.of_schema(mon.name, key, value, schema), bits):
             assert dp.monitor.events() == bits
             assert raw() == before
             dp.settings.set_policy(False)            # the agent, meanwhile

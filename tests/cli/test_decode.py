@@ -1,4 +1,5 @@
-"""Map decoding from the header's layouts: sizes, every pinned map, values."""
+"""Map decoding with the compiled programs' layouts (their BTF, the
+`compiled` fixture): every pinned map, values, labels."""
 from __future__ import annotations
 
 import ctypes as ct
@@ -6,88 +7,43 @@ import ctypes as ct
 import pytest
 
 from agent.model import bpfdefs
-from agent.inspect import decode
+from agent.inspect import decode, events
 from agent.inspect.table import entries_table, flatten, table
 
 
-def test_parsed_structs_have_the_sizes_the_header_asserts():
-    sizes = bpfdefs.static_sizes()
-    assert len(sizes) >= 9
-    for name, size in sizes.items():
-        assert ct.sizeof(bpfdefs.ctype(name)) == size, name
-
-
-def test_every_pinned_map_has_a_declaration_and_a_decodable_layout():
-    decls = bpfdefs.map_decls()
+def test_every_pinned_map_has_a_decodable_layout_in_the_programs_btf(compiled):
     for macro, name in bpfdefs.load().maps.items():
-        if macro == "FP_MAP_TESTREC":
-            continue              # test builds only, never pinned
-        assert name in decls, f"{name} ({macro}) is not declared in bpf/maps.c"
-        layout = decode.Layout.of(name)
-        if decls[name].kind != "ringbuf":
-            assert layout.key_size > 0 and layout.value_size > 0, name
+        if macro in ("FP_MAP_TESTREC", "FP_MAP_TAILS", "FP_MAP_EVENTS"):
+            continue              # test builds only / program fds / a stream of records
+        layout = decode.Layout.compiled(name, compiled)
+        assert layout.key_size > 0 and layout.value_size > 0, name
+        assert decode.decode_entry(layout, bytes(layout.key_size), bytes(layout.value_size)), name
+    # the ring buffer's record, found in the same BTF by name
+    assert ct.sizeof(compiled.ctype(events.EVENT)) > 0
 
 
-def test_struct_parser_reads_arrays_nested_structs_and_comments(tmp_path):
-    h = tmp_path / "h.h"
-    h.write_text("""
-#define FP_MAP_X fp_x_v1
-#define FP_LEN 3
-#define FP_REASONS(X) X(FP_A, 0, "a")
-#define FP_DIRS(X) X(FP_D, 0, "d")
-#define FP_REDIRECT_KINDS(X) X(FP_K, 0, "k")
-#define FP_REASON_DROP_MIN 100
-struct fp_inner {
-	__be32 addr;           /* NBO */
-	__be16 port;
-	__u8 proto;
-	__u8 pad;
-};
-struct fp_outer {
-	__u64 ts;              /* HBO: ns */
-	struct fp_inner in;
-	__u32 ids[FP_LEN];
-	__u8 mac[6];
-};
-_Static_assert(sizeof(struct fp_outer) == 40, "x");
-""")
-    defs = bpfdefs.structs(h)
-    assert [f.name for f in defs["fp_outer"].fields] == ["ts", "in", "ids", "mac"]
-    assert defs["fp_outer"].fields[2].count == 3
-    assert defs["fp_inner"].fields[0].comment == "NBO"
-    cls = bpfdefs.ctype("struct fp_outer", h)
-    assert ct.sizeof(cls) == bpfdefs.static_sizes(h)["fp_outer"] == 40
-
-
-def test_parser_refuses_a_field_it_cannot_read(tmp_path):
-    h = tmp_path / "h.h"
-    h.write_text('#define FP_REASONS(X) X(A, 0, "a")\n#define FP_DIRS(X) X(B, 0, "b")\n'
-                 '#define FP_REDIRECT_KINDS(X) X(C, 0, "c")\n#define FP_REASON_DROP_MIN 100\n'
-                 "struct fp_bad {\n\tunion { int a; } u;\n};\n")
-    with pytest.raises(ValueError, match="fp_bad"):
-        bpfdefs.structs(h)
-
-
-def ct_entry(saddr, daddr, sport, dport, proto, d, nat, nport, last_seen=5, flags=0):
+def ct_entry(compiled, saddr, daddr, sport, dport, proto, d, nat, nport, last_seen=5,
+             flags=0):
     d_ = bpfdefs.load().defines
-    key = decode.encode_key("struct fp_ct4_key", saddr=saddr, daddr=daddr, sport=sport,
-                            dport=dport, proto=proto,
+    key = decode.encode_key(compiled, "struct fp_ct4_key", saddr=saddr, daddr=daddr,
+                            sport=sport, dport=dport, proto=proto,
                             dir=d_["FP_CT_REPLY"] if d == "reply" else d_["FP_CT_FORWARD"])
-    v = bpfdefs.ctype("struct fp_ct4")()
+    v = compiled.ctype("struct fp_ct4")()
     v.last_seen, v.nat_addr, v.nat_port = last_seen, decode.ip4_raw(nat), decode.encode_port(nport)
     v.flags, v.backend_id, v.svc_id = flags, 7, 3
     v.state = next(c.value for c in bpfdefs.load().ct_states.values()
                    if c.label == "established")
-    return decode.decode_entry(decode.Layout.of(bpfdefs.load().maps["FP_MAP_CT"]), key, bytes(v))
+    layout = decode.Layout.compiled(bpfdefs.load().maps["FP_MAP_CT"], compiled)
+    return decode.decode_entry(layout, key, bytes(v))
 
 
 def v_state():
     return next(c.value for c in bpfdefs.load().ct_states.values() if c.label == "established")
 
 
-def test_conntrack_entry_decodes_addresses_ports_direction_and_flags():
+def test_conntrack_entry_decodes_addresses_ports_direction_and_flags(compiled):
     hairpin = bpfdefs.load().defines["FP_CT_F_HAIRPIN"]
-    e = ct_entry("10.0.0.1", "192.168.1.1", 40000, 80, 6, "forward", "10.0.0.9", 8080,
+    e = ct_entry(compiled, "10.0.0.1", "192.168.1.1", 40000, 80, 6, "forward", "10.0.0.9", 8080,
                  flags=hairpin)
     assert e["key"] == {"saddr": "10.0.0.1", "daddr": "192.168.1.1", "sport": 40000, "dport": 80,
                         "proto": 6, "proto_label": "TCP", "dir": 0, "dir_label": "forward"}
@@ -97,53 +53,55 @@ def test_conntrack_entry_decodes_addresses_ports_direction_and_flags():
                           "peer_addr": "0.0.0.0", "peer_port": 0}
 
 
-def test_endpoint_entry_decodes_macs_and_flags():
+def test_endpoint_entry_decodes_macs_and_flags(compiled):
     name = bpfdefs.load().maps["FP_MAP_ENDPOINTS"]
-    key = decode.encode_key("struct fp_endpoint_key", ip4="10.1.2.3")
-    v = bpfdefs.ctype("struct fp_endpoint")()
+    key = decode.encode_key(compiled, "struct fp_endpoint_key", ip4="10.1.2.3")
+    v = compiled.ctype("struct fp_endpoint")()
     v.host_ifindex, v.eni_ifindex, v.ep_id = 4, 3, 99
     v.pod_mac[:] = [2, 0, 0, 0, 0xa, 0xa]
     v.host_mac[:] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xee]
     v.flags = bpfdefs.load().defines["FP_EP_F_REGISTERED"]
-    e = decode.decode_entry(decode.Layout.of(name), key, bytes(v))
+    e = decode.decode_entry(decode.Layout.compiled(name, compiled), key, bytes(v))
     assert e == {"key": {"ip4": "10.1.2.3"},
                  "value": {"host_ifindex": 4, "eni_ifindex": 3, "pod_mac": "02:00:00:00:0a:0a",
                            "host_mac": "ee:ee:ee:ee:ee:ee", "flags": 1,
                            "flags_names": ["registered"], "ep_id": 99}}
 
 
-def test_veth_registration_decodes_both_addresses_and_flags():
+def test_veth_registration_decodes_both_addresses_and_flags(compiled):
     import socket
     import struct
     name = bpfdefs.load().maps["FP_MAP_EP_IFINDEX"]
-    v = bpfdefs.ctype("struct fp_ep_if")()
+    v = compiled.ctype("struct fp_ep_if")()
     v.ip4 = struct.unpack("=I", socket.inet_aton("10.1.2.3"))[0]
     v.ip6[:] = list(socket.inet_pton(socket.AF_INET6, "fd00::a"))
     v.flags = bpfdefs.load().defines["FP_EPIF_F_IP6"]
-    e = decode.decode_entry(decode.Layout.of(name), struct.pack("=I", 17), bytes(v))
+    layout = decode.Layout.compiled(name, compiled)
+    e = decode.decode_entry(layout, struct.pack("=I", 17), bytes(v))
     assert e == {"key": 17, "value": {"ip4": "10.1.2.3", "flags": 1, "flags_names": ["ip6"],
                                       "ip6": "fd00::a"}}
 
 
-def test_per_cpu_counters_are_summed_over_cpus_and_labelled():
+def test_per_cpu_counters_are_summed_over_cpus_and_labelled(compiled):
     d = bpfdefs.load()
     name = d.maps["FP_MAP_COUNTERS"]
     drop = d.reason_value("dropped-source-spoofed")
-    key = decode.encode_key("struct fp_counter_key", ifindex=5, reason=drop, dir=0)
-    cnt = bpfdefs.ctype("struct fp_counter")
+    key = decode.encode_key(compiled, "struct fp_counter_key", ifindex=5, reason=drop, dir=0)
+    cnt = compiled.ctype("struct fp_counter")
     slot = (ct.sizeof(cnt) + 7) // 8 * 8
     raw = b"".join(bytes(cnt(packets=p, bytes=b)).ljust(slot, b"\0")
                    for p, b in ((1, 100), (2, 200), (0, 0), (4, 400)))
-    e = decode.decode_entry(decode.Layout.of(name), key, raw, percpu=True, ncpus=4)
+    layout = decode.Layout.compiled(name, compiled)
+    e = decode.decode_entry(layout, key, raw, percpu=True, ncpus=4)
     assert e["key"] == {"ifindex": 5, "reason": drop, "reason_label": "dropped-source-spoofed",
                         "dir": 0, "dir_label": "from-pod"}
     assert e["value"] == {"packets": 7, "bytes": 700}
 
 
-def test_scalar_keys_and_service_flags():
+def test_scalar_keys_and_service_flags(compiled):
     d = bpfdefs.load()
-    be = decode.Layout.of(d.maps["FP_MAP_BACKENDS"])
-    v = bpfdefs.ctype("struct fp_backend4")(ip=decode.ip4_raw("10.0.0.5"),
+    be = decode.Layout.compiled(d.maps["FP_MAP_BACKENDS"], compiled)
+    v = compiled.ctype("struct fp_backend4")(ip=decode.ip4_raw("10.0.0.5"),
                                             port=decode.encode_port(8080), proto=17)
     e = decode.decode_entry(be, (42).to_bytes(4, "little"), bytes(v))
     assert e == {"key": 42, "value": {"ip": "10.0.0.5", "port": 8080, "proto": 17,
@@ -151,27 +109,27 @@ def test_scalar_keys_and_service_flags():
     v.flags = d.defines["FP_BE_F_DRAINING"]
     assert decode.decode_entry(be, (42).to_bytes(4, "little"), bytes(v))["value"][
         "flags_names"] == ["draining"]
-    svc = decode.Layout.of(d.maps["FP_MAP_SERVICES"])
+    svc = decode.Layout.compiled(d.maps["FP_MAP_SERVICES"], compiled)
     f = d.defines["FP_SVC_F_AFFINITY"] | d.defines["FP_SVC_F_LOCAL"]
-    sv = bpfdefs.ctype("struct fp_svc4")(svc_id=1, count=2, flags=f, affinity_timeout=30)
-    k = decode.encode_key("struct fp_svc4_key", vip="192.168.0.10", port=53, proto=17)
+    sv = compiled.ctype("struct fp_svc4")(svc_id=1, count=2, flags=f, affinity_timeout=30)
+    k = decode.encode_key(compiled, "struct fp_svc4_key", vip="192.168.0.10", port=53, proto=17)
     e = decode.decode_entry(svc, k, bytes(sv))
     assert e["value"]["flags_names"] == ["affinity", "local"]
     assert e["key"] == {"vip": "192.168.0.10", "port": 53, "proto": 17, "proto_label": "UDP",
                         "scope": 0}
 
 
-def test_layout_mismatch_is_detected():
-    layout = decode.Layout.of(bpfdefs.load().maps["FP_MAP_CT"])
+def test_layout_mismatch_is_detected(compiled):
+    layout = decode.Layout.compiled(bpfdefs.load().maps["FP_MAP_CT"], compiled)
     assert (layout.key_size, layout.value_size) == (16, 32)
     assert layout.matches(16, 32)
     assert not layout.matches(16, 24)
     with pytest.raises(ValueError, match="layout needs"):
-        decode.from_bytes("struct fp_ct4", b"\0" * 8)
+        decode.from_bytes("struct fp_ct4", b"\0" * 8, compiled)
 
 
-def test_tables_show_labels_and_flag_names_not_codes():
-    e = ct_entry("10.0.0.1", "192.168.1.1", 40000, 80, 17, "reply", "10.0.0.9", 8080)
+def test_tables_show_labels_and_flag_names_not_codes(compiled):
+    e = ct_entry(compiled, "10.0.0.1", "192.168.1.1", 40000, 80, 17, "reply", "10.0.0.9", 8080)
     flat = flatten(e["key"])
     assert flat["proto"] == "UDP" and flat["dir"] == "reply" and "proto_label" not in flat
     text = entries_table([e])

@@ -1,5 +1,5 @@
-"""Monitor events, what-if decisions and policy rule views, decoded from
-the header's layouts."""
+"""Monitor events, what-if decisions and policy rule views, decoded with
+the compiled programs' layouts (their BTF, the `compiled` fixture)."""
 from __future__ import annotations
 
 from agent.model import bpfdefs
@@ -9,8 +9,8 @@ from agent.inspect import policy as pview
 D = bpfdefs.load()
 
 
-def raw_event(**f) -> bytes:
-    ev = bpfdefs.ctype("struct fp_event")()
+def raw_event(compiled, **f) -> bytes:
+    ev = compiled.ctype(events.EVENT)()
     for k, v in f.items():
         if k in ("saddr", "daddr", "nat_daddr"):
             v = decode.ip4_raw(v)
@@ -20,14 +20,14 @@ def raw_event(**f) -> bytes:
     return bytes(ev)
 
 
-def test_drop_event_names_interface_reason_policy_and_nat():
+def test_drop_event_names_interface_reason_policy_and_nat(compiled):
     deny = D.reason_value("dropped-policy-denied")
     etype = next(c.value for c in D.event_types.values() if c.label == "drop")
-    raw = raw_event(ts_ns=9_000_000_000, ifindex=6, reason=deny, dir=0, type=etype,
+    raw = raw_event(compiled, ts_ns=9_000_000_000, ifindex=6, reason=deny, dir=0, type=etype,
                     saddr="10.0.0.3", daddr="192.168.0.10", sport=40000, dport=80, proto=6,
                     flags=D.defines["FP_EV_F_NAT"] | D.defines["FP_EV_F_INGRESS"],
                     nat_daddr="10.0.0.2", nat_dport=8080, policy_id=16, peer_id=258)
-    ev = events.decode_event(raw)
+    ev = events.decode_event(raw, compiled)
     assert ev["flags_names"] == ["nat", "ingress"] and ev["type_label"] == "drop"
     row = events.event_row(ev, links={6: "cali6"}, policy_names={16: "default/b-from-a"},
                            mono_now_ns=10_000_000_000, wall_now=1000.0)
@@ -46,17 +46,18 @@ def test_drop_event_names_interface_reason_policy_and_nat():
     assert events.matches(row, None, {"10.0.0.9"}, {6})       # seen on the pod's veth
 
 
-def test_trace_event_without_nat_is_forwarded_and_has_no_policy():
+def test_trace_event_without_nat_is_forwarded_and_has_no_policy(compiled):
     etype = next(c.value for c in D.event_types.values() if c.label == "trace")
-    ev = events.decode_event(raw_event(ts_ns=1, ifindex=3, reason=0, dir=2, type=etype,
-                                       saddr="10.0.9.9", daddr="10.0.0.2", proto=17))
+    ev = events.decode_event(raw_event(compiled, ts_ns=1, ifindex=3, reason=0, dir=2,
+                                       type=etype, saddr="10.0.9.9", daddr="10.0.0.2",
+                                       proto=17), compiled)
     row = events.event_row(ev)
     assert (row["verdict"], row["nat"], row["nat_daddr"], row["policy"], row["dir"]) == (
         "forwarded", False, "", "", "from-vpc")
 
 
-def decision(**f) -> dict:
-    dec = bpfdefs.ctype("struct fp_decision")()
+def decision(compiled, **f) -> dict:
+    dec = compiled.ctype("struct fp_decision")()
     for k, v in f.items():
         if k in ("nexthop", "nat_daddr"):
             v = decode.ip4_raw(v)
@@ -66,16 +67,16 @@ def decision(**f) -> dict:
             getattr(dec, k)[:] = v
         else:
             setattr(dec, k, v)
-    return decode.decode_value("struct fp_decision", dec)
+    return decode.decode_value("struct fp_decision", dec, compiled)
 
 
-def test_decision_of_a_translated_allowed_packet_and_of_a_denied_one():
+def test_decision_of_a_translated_allowed_packet_and_of_a_denied_one(compiled):
     none = D.defines["FP_PV_NONE"]
     allow, deny = D.defines["FP_PV_ALLOW"], D.defines["FP_PV_DENY"]
     peer = next(c.value for c in D.redirect_kinds.values() if c.label == "redirect-peer")
-    ok = decision(ifindex=5, kind=peer, reason=D.reason_value("redirected-local"), svc_id=1,
-                  backend_id=2, nat_daddr="10.0.0.2", nat_dport=8080, pv=[allow, none],
-                  policy_id=[16, 0], peer_id=[256, 0])
+    ok = decision(compiled, ifindex=5, kind=peer, reason=D.reason_value("redirected-local"),
+                  svc_id=1, backend_id=2, nat_daddr="10.0.0.2", nat_dport=8080,
+                  pv=[allow, none], policy_id=[16, 0], peer_id=[256, 0])
     assert ok["pv"] == {"ingress": allow, "ingress_label": "allow", "egress": none,
                         "egress_label": "none"}
     v = events.decision_view(ok, {5: "caliB"}, {16: "default/b-from-a"})
@@ -87,7 +88,7 @@ def test_decision_of_a_translated_allowed_packet_and_of_a_denied_one():
     lines = events.decision_lines(v)
     assert lines[-1] == "verdict:  redirect-peer to caliB (redirected-local)"
     assert "ingress allow by default/b-from-a (id 16), peer identity 256" in lines[2]
-    bad = decision(reason=D.reason_value("dropped-policy-denied"), pv=[deny, none],
+    bad = decision(compiled, reason=D.reason_value("dropped-policy-denied"), pv=[deny, none],
                    policy_id=[16, 0], peer_id=[258, 0])
     v = events.decision_view(bad)
     assert v["dropped"] and v["service"] is None and v["policy"]["ingress"]["verdict"] == "deny"

@@ -56,12 +56,12 @@ def test_services_join_frontends_slots_and_backends_with_and_without_the_agent()
     assert views.find_service(views.services(*entries, names), "192.168.0.10:81") == []
 
 
-def test_conntrack_rows_speak_of_client_frontend_backend_in_both_directions():
-    fwd = ct_entry("10.0.0.1", "192.168.1.1", 40000, 80, 6, "forward", "10.0.0.9", 8080,
+def test_conntrack_rows_speak_of_client_frontend_backend_in_both_directions(compiled):
+    fwd = ct_entry(compiled, "10.0.0.1", "192.168.1.1", 40000, 80, 6, "forward", "10.0.0.9", 8080,
                    last_seen=1_000_000_000)
-    rep = ct_entry("10.0.0.9", "10.0.0.1", 8080, 40000, 6, "reply", "192.168.1.1", 80,
+    rep = ct_entry(compiled, "10.0.0.9", "10.0.0.1", 8080, 40000, 6, "reply", "192.168.1.1", 80,
                    last_seen=2_000_000_000)
-    other = ct_entry("10.0.0.2", "192.168.1.2", 1000, 53, 17, "forward", "10.0.0.8", 5353)
+    other = ct_entry(compiled, "10.0.0.2", "192.168.1.2", 1000, 53, 17, "forward", "10.0.0.8", 5353)
     rows = views.ct_rows([rep, fwd, other], now_ns=3_000_000_000)
     flows = {(r["client"], r["client_port"], r["frontend"], r["frontend_port"], r["backend"],
               r["backend_port"]) for r in rows[:2]}

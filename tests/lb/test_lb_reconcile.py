@@ -119,13 +119,13 @@ def test_a_new_service_is_written_backends_then_slots_then_entry():
     sid = rec.service_id(FE)
     assert ops == [PutBackend(b1, be(1)), PutBackend(b2, be(2)),
                    PutSlots(sid, (b1, b2), 1),
-                   PutService(FE, sid, 2, 0, 0)]
+                   PutService(FE, ServiceEntry(sid, 2, 0, 0))]
 
 
 def test_a_service_without_backends_is_one_reject_entry():
     rec, maps = Reconciler(), FakeMaps()
     ops = run(rec, maps, {FE: state()})
-    assert ops == [PutService(FE, rec.service_id(FE), 0, 0, FLAG_REJECT)]
+    assert ops == [PutService(FE, ServiceEntry(rec.service_id(FE), 0, 0, FLAG_REJECT))]
 
 
 def test_growing_writes_the_new_slot_before_the_larger_count():
@@ -133,7 +133,8 @@ def test_growing_writes_the_new_slot_before_the_larger_count():
     run(rec, maps, {FE: state(be(1), be(2))})
     ops = run(rec, maps, {FE: state(be(1), be(2), be(3))})
     sid, b3 = rec.service_id(FE), rec.backend_id(be(3))
-    assert ops == [PutBackend(b3, be(3)), PutSlots(sid, (b3,), 3), PutService(FE, sid, 3, 0, 0)]
+    assert ops == [PutBackend(b3, be(3)), PutSlots(sid, (b3,), 3),
+                   PutService(FE, ServiceEntry(sid, 3, 0, 0))]
 
 
 def test_shrinking_lowers_the_count_before_deleting_slots_and_the_backend():
@@ -143,7 +144,7 @@ def test_shrinking_lowers_the_count_before_deleting_slots_and_the_backend():
     sid = rec.service_id(FE)
     ops = run(rec, maps, {FE: state(be(1), be(3))})
     # The last backend moves into the freed slot; nothing else is rewritten.
-    assert ops == [PutSlots(sid, (b3,), 2), PutService(FE, sid, 2, 0, 0),
+    assert ops == [PutSlots(sid, (b3,), 2), PutService(FE, ServiceEntry(sid, 2, 0, 0)),
                    DeleteSlots(sid, 3, 3), DeleteBackend(b2)]
 
 
@@ -170,11 +171,12 @@ def test_going_to_reject_and_back():
     run(rec, maps, {FE: state(be(1))})
     sid, b1 = rec.service_id(FE), rec.backend_id(be(1))
     ops = run(rec, maps, {FE: state()})
-    assert ops == [PutService(FE, sid, 0, 0, FLAG_REJECT), DeleteSlots(sid, 1, 1),
+    assert ops == [PutService(FE, ServiceEntry(sid, 0, 0, FLAG_REJECT)), DeleteSlots(sid, 1, 1),
                    DeleteBackend(b1)]
     ops = run(rec, maps, {FE: state(be(1))})
     b1 = rec.backend_id(be(1))
-    assert ops == [PutBackend(b1, be(1)), PutSlots(sid, (b1,), 1), PutService(FE, sid, 1, 0, 0)]
+    assert ops == [PutBackend(b1, be(1)), PutSlots(sid, (b1,), 1),
+                   PutService(FE, ServiceEntry(sid, 1, 0, 0))]
 
 
 def test_affinity_and_flags_change_only_the_entry():
@@ -182,9 +184,10 @@ def test_affinity_and_flags_change_only_the_entry():
     run(rec, maps, {FE: state(be(1))})
     sid = rec.service_id(FE)
     ops = run(rec, maps, {FE: state(be(1), affinity=600, local=True)})
-    assert ops == [PutService(FE, sid, 1, 600, FLAG_AFFINITY | FLAG_LOCAL)]
+    assert ops == [PutService(FE, ServiceEntry(sid, 1, 600, FLAG_AFFINITY | FLAG_LOCAL))]
     ops = run(rec, maps, {FE: state(be(1), affinity=600, local=True, kind=KIND_EXTERNAL_IP)})
-    assert ops == [PutService(FE, sid, 1, 600, FLAG_AFFINITY | FLAG_LOCAL | FLAG_EXTERNAL)]
+    assert ops == [PutService(FE, ServiceEntry(sid, 1, 600,
+                                              FLAG_AFFINITY | FLAG_LOCAL | FLAG_EXTERNAL))]
 
 
 def test_a_terminating_flag_rewrites_the_backend_only():
@@ -380,7 +383,7 @@ def test_a_plan_reports_the_service_backend_pairs_it_ended_and_the_ids_it_releas
 def test_a_dropping_frontend_is_one_entry_with_the_drop_flag_and_no_slots():
     rec, maps = Reconciler(), FakeMaps()
     ops = run(rec, maps, {FE: state(drop=True, local=True)})
-    assert ops == [PutService(FE, rec.service_id(FE), 0, 0, FLAG_DROP | FLAG_LOCAL)]
+    assert ops == [PutService(FE, ServiceEntry(rec.service_id(FE), 0, 0, FLAG_DROP | FLAG_LOCAL))]
     run(rec, maps, {FE: state(be(1), local=True)})
     run(rec, maps, {FE: state(be(2), drop=True, local=True)})
     assert maps.backends == {}
@@ -433,12 +436,12 @@ def test_source_ranges_are_written_before_the_entry_and_replaced_add_first():
                                     ranges=("10.0.0.0/8", "192.0.2.0/24"))})
     sid = rec.service_id(lb)
     assert ops[-2:] == [PutRanges(sid, ("10.0.0.0/8", "192.0.2.0/24")),
-                        PutService(lb, sid, 1, 0, FLAG_EXTERNAL | FLAG_SRC_RANGE)]
+                        PutService(lb, ServiceEntry(sid, 1, 0, FLAG_EXTERNAL | FLAG_SRC_RANGE))]
     ops = run(rec, maps, {lb: state(be(1), kind=KIND_LOAD_BALANCER,
                                     ranges=("192.0.2.0/24", "203.0.113.0/24"))})
     assert ops == [PutRanges(sid, ("203.0.113.0/24",)), DeleteRanges(sid, ("10.0.0.0/8",))]
     ops = run(rec, maps, {lb: state(be(1), kind=KIND_LOAD_BALANCER)})
-    assert ops == [PutService(lb, sid, 1, 0, FLAG_EXTERNAL),
+    assert ops == [PutService(lb, ServiceEntry(sid, 1, 0, FLAG_EXTERNAL)),
                    DeleteRanges(sid, ("192.0.2.0/24", "203.0.113.0/24"))]
 
 

@@ -13,6 +13,7 @@ import weakref
 import pytest
 
 from agent.daemon import worker
+from agent.lb.compile import no_cyclic_gc
 from agent.policy import compile_policy
 from tests.policy.gen import NODES, base_world, mutate, random_policies
 from tests.policy.kube import snapshot
@@ -21,14 +22,11 @@ from tests.policy.test_policysync import DENY_ALL, WEB, make, pods
 
 @pytest.fixture
 def no_collector():
-    was = gc.isenabled()
+    """The collector off, as the agent holds it while it compiles (the
+    compilers' own helper), after one collection of what came before."""
     gc.collect()
-    gc.disable()
-    try:
+    with no_cyclic_gc():
         yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def test_a_replaced_state_is_freed_without_the_collector(no_collector):

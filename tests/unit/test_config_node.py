@@ -281,3 +281,19 @@ def test_config_show_prints_values_sources_and_what_is_not_in_effect(tmp_path, c
     assert "policy_enforcement" not in pending
     assert main(["config", "show", "--local", "--socket-lb", "sometimes"]) == 2
     assert "socket_lb: invalid value 'sometimes'" in capsys.readouterr().err
+
+
+def test_a_file_neither_json_nor_yaml_is_refused_naming_it(tmp_path):
+    """The configuration file and a single-file eni-config share one JSON-or-
+    YAML reader; either refuses a file neither parses, naming the file."""
+    from agent.config import eniconfig
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("tc_priority: [1, 2\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: not valid YAML or JSON")):
+        C.load(bad, {})
+    with pytest.raises(eniconfig.EniConfigError,
+                       match=re.escape(f"{bad}: neither JSON nor YAML")):
+        eniconfig.read(bad)
+    good = tmp_path / "good.json"
+    good.write_text('{"tc_priority": 26000}')
+    assert C.load(good, {}).tc_priority == 26000

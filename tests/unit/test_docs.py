@@ -462,13 +462,15 @@ class _Map:
 
 class MapsOnly:
     """The CLI's context with pinned maps given as raw key/value bytes,
-    decoded by the CLI's own decoder, and no agent (as with the agent down)."""
+    decoded by the CLI's own decoder with the compiled programs' layouts
+    (`schema`, their BTF), and no agent (as with the agent down)."""
     agent_error = "not asked (docs check)"
 
-    def __init__(self, raw: dict[str, list[tuple[bytes, bytes]]]):
+    def __init__(self, raw: dict[str, list[tuple[bytes, bytes]]], schema):
         from agent.cli import bpfobj
         alias = bpfobj.aliases()
         self._maps = {alias[a]: _Map(alias[a], r) for a, r in raw.items()}
+        self.schema = schema
 
     def maps(self):
         return self._maps
@@ -483,7 +485,7 @@ class MapsOnly:
             if missing_ok:
                 return []
             raise KeyError(name)
-        layout = decode.Layout.of(name)
+        layout = decode.Layout.compiled(name, self.schema)
         return [decode.decode_entry(layout, k, v) for k, v in m.raw]
 
     def agent(self, method, **req):
@@ -496,21 +498,23 @@ class MapsOnly:
         return {}
 
 
-def sample_maps() -> dict[str, list[tuple[bytes, bytes]]]:
+def sample_maps(sch) -> dict[str, list[tuple[bytes, bytes]]]:
     """One entry in each map the views read: a frontend with one backend
     slot, a conntrack entry of each table, a counter of each kind."""
     from agent.inspect import decode
-    z = lambda alias, key=None, value=None: _raw(alias, key, value)
-    svc_key = decode.encode_key("struct fp_svc4_key", vip="192.168.0.1", port=80)
+    z = lambda alias, key=None, value=None: _raw(sch, alias, key, value)
+    svc_key = decode.encode_key(sch, "struct fp_svc4_key", vip="192.168.0.1", port=80)
     return {
         "endpoints": [z("endpoints")],
-        "services": [(svc_key, decode.encode_key("struct fp_svc4", svc_id=1, count=1))],
-        "slots": [(decode.encode_key("struct fp_slot_key", svc_id=1, slot=1),
-                   decode.encode_key("struct fp_slot", backend_id=1))],
-        "backends": [(struct.pack("=I", 1), decode.encode_key("struct fp_backend4", ip="10.0.0.1"))],
+        "services": [(svc_key, decode.encode_key(sch, "struct fp_svc4", svc_id=1, count=1))],
+        "slots": [(decode.encode_key(sch, "struct fp_slot_key", svc_id=1, slot=1),
+                   decode.encode_key(sch, "struct fp_slot", backend_id=1))],
+        "backends": [(struct.pack("=I", 1),
+                      decode.encode_key(sch, "struct fp_backend4", ip="10.0.0.1"))],
         "ct": [z("ct")],
-        "ct_new": [z("ct_new", decode.encode_key("struct fp_ct4_key", dir=ct_dir("FP_CT_REPLY")))],
-        "ct_policy": [z("ct_policy", decode.encode_key("struct fp_ct4_key",
+        "ct_new": [z("ct_new", decode.encode_key(sch, "struct fp_ct4_key",
+                                                 dir=ct_dir("FP_CT_REPLY")))],
+        "ct_policy": [z("ct_policy", decode.encode_key(sch, "struct fp_ct4_key",
                                                        dir=ct_dir("FP_CT_POLICY")))],
         "counters": [z("counters")], "policy_cnt": [z("policy_cnt")],
     }
@@ -521,17 +525,17 @@ def ct_dir(name: str) -> int:
     return int(m.group(1))
 
 
-def _raw(alias, key=None, value=None):
+def _raw(sch, alias, key=None, value=None):
     from agent.cli import bpfobj
     from agent.inspect import decode
-    layout = decode.Layout.of(bpfobj.aliases()[alias])
+    layout = decode.Layout.compiled(bpfobj.aliases()[alias], sch)
     return (key or bytes(layout.key_size), value or bytes(layout.value_size))
 
 
-def json_views() -> dict[str, object]:
+def json_views(schema) -> dict[str, object]:
     """What `--json` prints for the views the docs list, from sample maps."""
     from agent.cli import views
-    ctx = MapsOnly(sample_maps())
+    ctx = MapsOnly(sample_maps(schema), schema)
     ct = views.data_ct(ctx)
     return {
         "`endpoint list`, `get`": views.data_endpoints(ctx),
@@ -732,8 +736,8 @@ def test_a_section_without_tests_is_reported():
         "docs/flat.md: no `## ` sections: split the page by feature and name their tests"]
 
 
-def test_every_json_field_of_the_views_is_documented_and_exists(docs):
-    views = json_views()
+def test_every_json_field_of_the_views_is_documented_and_exists(docs, compiled):
+    views = json_views(compiled)
     bad = []
     for label, rows in views.items():
         assert rows, f"the sample maps gave {label} no row: the check would check nothing"
