@@ -129,9 +129,11 @@ static __always_inline int fp_finish_report(struct __sk_buff *skb, enum fp_dir d
  * half only what fp_pod_route does for a local destination: the reply of a
  * translated flow gets its VIP back, then delivery. Skipping the hand-over
  * and the tail call is what makes it cheaper; the outcome is the same.
- * Returns the verdict, or FP_WALK_ON for anything else. */
+ * Returns the verdict, or FP_WALK_ON for anything else, with *no_frontend
+ * set when it found the destination is no frontend. */
 static __always_inline int fp_from_pod_local(struct __sk_buff *skb, struct fp_ipv4 *ip,
-					     struct fp_l4 *l4, const struct fp_seen *seen)
+					     struct fp_l4 *l4, const struct fp_seen *seen,
+					     int *no_frontend)
 {
 	struct fp_config *cfg = fp_config_get();
 	struct fp_endpoint *dst;
@@ -143,7 +145,11 @@ static __always_inline int fp_from_pod_local(struct __sk_buff *skb, struct fp_ip
 	/* what-if runs record every decision the whole walk makes */
 	if (!cfg || (cfg->flags & (FP_CFG_F_POLICY | FP_CFG_F_BW)) || fp_whatif())
 		return FP_WALK_ON;
-	if (fp_ct_frontend(ip, l4, 0) || fp_bypass_match(ip->daddr))
+	if (fp_ct_frontend(ip, l4, 0))
+		return FP_WALK_ON;
+	/* the walk need not ask again */
+	*no_frontend = 1;
+	if (fp_bypass_match(ip->daddr))
 		return FP_WALK_ON;
 	dst = fp_endpoint_lookup(ip->daddr);
 	if (!dst)
@@ -163,16 +169,24 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	struct fp_verdict pv = {};
 	struct fp_seen seen = {};
 	struct fp_l4 l4 = {};
-	int hairpin = 0, hairpin_reply = 0, translated = 0, rc;
+	int hairpin = 0, hairpin_reply = 0, translated = 0, no_frontend = 0, rc;
 	struct fp_pod_route *h;
 	__u32 eni_ifindex;
+	int parsed;
 
-	if (fp_guard_from_pod(skb, &reason))
+	/* The endpoint lookup the walk needs anyway proves an IPv4 source
+	 * that is the endpoint registered on this very veth; the guard (and
+	 * its lookup of the veth's registration) runs for everything else,
+	 * before anything is decided, as it always did. */
+	parsed = fp_parse_ipv4(skb, &ip);
+	src = parsed == FP_PARSE_IPV4 ? fp_endpoint_lookup(ip.saddr) : NULL;
+	barrier_var(skb);
+	if ((!src || src->host_ifindex != skb->ifindex) && fp_guard_from_pod(skb, &reason))
 		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 	/* the guard's ctx reads are not to be reused past here (see fp_finish) */
 	barrier_var(skb);
 
-	switch (fp_parse_ipv4(skb, &ip)) {
+	switch (parsed) {
 	case FP_PARSE_OTHER:
 		/* IPv6 has its own program (fp_from_pod6) */
 		if (fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6))
@@ -183,7 +197,6 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT);
 	}
 
-	src = fp_endpoint_lookup(ip.saddr);
 	if (!src)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE);
 	fp_parse_l4(skb, &ip, &l4);
@@ -196,7 +209,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 					&ip, &seen, &l4, NULL);
 	eni_ifindex = src->eni_ifindex;
 
-	rc = fp_from_pod_local(skb, &ip, &l4, &seen);
+	rc = fp_from_pod_local(skb, &ip, &l4, &seen, &no_frontend);
 	if (rc != FP_WALK_ON)
 		return rc;
 
@@ -216,7 +229,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	 * it is restored below (client and VIP) before routing. */
 	hairpin_reply = ip.daddr == FP_HAIRPIN_IP;
 	if (!hairpin_reply) {
-		rc = fp_ct_service(skb, &ip, &l4, &reason);
+		rc = no_frontend ? 1 : fp_ct_service(skb, &ip, &l4, &reason);
 		if (rc < 0 && reason == FP_DROP_NO_BACKEND) {
 			/* counted as a drop of the original; the client gets ICMP */
 			fp_ct_frag_record(&ip, seen.saddr, seen.daddr, seen.sport, seen.dport, reason);
