@@ -138,6 +138,17 @@ static __always_inline struct fp_ct4 *fp_ct_nat_find(struct fp_ct4_key *key, int
 	return NULL;
 }
 
+/* Remove `key` from a tier if it is there. The keys a new flow clears
+ * are almost always absent, and a lookup costs less than deleting an
+ * absent key (which takes the bucket's lock). */
+static __always_inline void fp_ct_tier_clear(int tier, struct fp_ct4_key *key)
+{
+	void *old = tier == FP_CT_TIER_EST ? (void *)fp_ct_est_get(key) : (void *)fp_ct_new_get(key);
+
+	if (old)
+		fp_ct_tier_del(tier, key);
+}
+
 /* Either tier, expired or not (for the partner of an entry being updated). */
 static __always_inline struct fp_ct4 *fp_ct_nat_any(struct fp_ct4_key *key, int *tier)
 {
@@ -463,8 +474,8 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 		if (had_old) {
 			/* the old flow on this tuple: its reply entry may name
 			 * another backend, and its forward one another tier */
-			fp_ct_tier_del(FP_CT_TIER_EST, old_rev);
-			fp_ct_tier_del(FP_CT_TIER_NEW, old_rev);
+			fp_ct_tier_clear(FP_CT_TIER_EST, old_rev);
+			fp_ct_tier_clear(FP_CT_TIER_NEW, old_rev);
 		}
 		entry->last_seen = now;
 		entry->flags = (hairpin ? FP_CT_F_HAIRPIN : 0) | (snat ? FP_CT_F_SNAT : 0);
@@ -485,8 +496,8 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 		/* A new flow starts in the LRU; stale entries of the same keys
 		 * in the established hash (expired, not yet collected) would
 		 * hide it from lookups. */
-		fp_ct_tier_del(FP_CT_TIER_EST, fwd);
-		fp_ct_tier_del(FP_CT_TIER_EST, rev);
+		fp_ct_tier_clear(FP_CT_TIER_EST, fwd);
+		fp_ct_tier_clear(FP_CT_TIER_EST, rev);
 		fp_ct_tier_put(FP_CT_TIER_NEW, fwd, entry);
 		fp_ct_tier_put(FP_CT_TIER_NEW, rev, reply);
 		fp_ct_event(FP_CTE_CREATED);
@@ -542,8 +553,8 @@ static __always_inline void fp_ct_forget_reply(const struct fp_ipv4 *ip, const s
 	key.dport = l4->sport;
 	key.proto = IPPROTO_TCP;
 	key.dir = FP_CT_REPLY;
-	fp_ct_tier_del(FP_CT_TIER_EST, &key);
-	fp_ct_tier_del(FP_CT_TIER_NEW, &key);
+	fp_ct_tier_clear(FP_CT_TIER_EST, &key);
+	fp_ct_tier_clear(FP_CT_TIER_NEW, &key);
 }
 
 /* ---- ICMP errors: the packet they quote ---- */
