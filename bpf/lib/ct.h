@@ -149,16 +149,23 @@ static __always_inline void fp_ct_tier_clear(int tier, struct fp_ct4_key *key)
 		fp_ct_tier_del(tier, key);
 }
 
-/* Either tier, expired or not (for the partner of an entry being updated). */
-static __always_inline struct fp_ct4 *fp_ct_nat_any(struct fp_ct4_key *key, int *tier)
+/* Either tier, expired or not (for the partner of an entry being updated),
+ * asking `first` first: a flow's two entries live in the same tier, so the
+ * partner's is almost always the entry's own (one lookup, not two while a
+ * flow is new or closing). */
+static __always_inline struct fp_ct4 *fp_ct_nat_any(struct fp_ct4_key *key, int first, int *tier)
 {
-	struct fp_ct4 *ct = fp_ct_est_get(key);
+	int other;
+	struct fp_ct4 *ct;
 
-	*tier = FP_CT_TIER_EST;
+	other = first == FP_CT_TIER_EST ? FP_CT_TIER_NEW : FP_CT_TIER_EST;
+
+	ct = first == FP_CT_TIER_EST ? fp_ct_est_get(key) : fp_ct_new_get(key);
+	*tier = first;
 	if (ct)
 		return ct;
-	*tier = FP_CT_TIER_NEW;
-	return fp_ct_new_get(key);
+	*tier = other;
+	return other == FP_CT_TIER_EST ? fp_ct_est_get(key) : fp_ct_new_get(key);
 }
 
 /* The other entry of a translated flow. */
@@ -249,7 +256,7 @@ static __always_inline void fp_ct_nat_seen(struct fp_ct4_key *key, struct fp_ct4
 			return;
 		ct->last_seen = now;
 		fp_ct_partner(key, ct, &pkey);
-		pct = fp_ct_nat_any(&pkey, &ptier);
+		pct = fp_ct_nat_any(&pkey, tier, &ptier);
 		if (pct)
 			pct->last_seen = now;
 		/* established, but left in the LRU map when the established
@@ -262,7 +269,7 @@ static __always_inline void fp_ct_nat_seen(struct fp_ct4_key *key, struct fp_ct4
 	ct->flags = flags;
 	ct->last_seen = now;
 	fp_ct_partner(key, ct, &pkey);
-	pct = fp_ct_nat_any(&pkey, &ptier);
+	pct = fp_ct_nat_any(&pkey, tier, &ptier);
 	if (pct) {
 		pct->state = state;
 		pct->flags = flags;
