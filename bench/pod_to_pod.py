@@ -10,6 +10,9 @@ Arms, alternated per round (medians over rounds):
   x-stack    pod a on n1 -> n1's stack -> ENI -> vpc -> ENI -> n2's stack -> pod c
   x-fastpath the same with fastpath on both nodes (FIB lookup + redirect out of
              the pod's ENI on n1, redirect_peer from the ENI on n2)
+  x-bare     the floor of that technique: on each node a program doing only
+             the FIB lookup and the redirect out of the ENI (the pod's veth)
+             and one doing only redirect_peer into the pod (the ENI)
 
        direct:  [a]==veth==[b]
    stack/fp:    [a]--cali--( node n1 )--cali--[b]
@@ -157,9 +160,16 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                     harness.fprr(eps["cross"], "rr", 0.2)
                     return measure(eps["cross"])
 
+            xbare = CrossBare([(node, a), (node2, c)])
+
+            def x_bare_arm() -> dict[str, float]:
+                with xbare.attached():
+                    harness.fprr(eps["cross"], "rr", 0.2)
+                    return measure(eps["cross"])
+
             arms = {"direct": lambda: measure_both("direct", eps["direct"], eps["direct6"]),
                     "stack": stack_arm,
-                    "bare-peer": bare_arm, "x-stack": x_stack_arm}
+                    "bare-peer": bare_arm, "x-stack": x_stack_arm, "x-bare": x_bare_arm}
             if fastpath_setup:
                 arms["fastpath"] = fastpath_arm
                 arms["x-fastpath"] = x_fastpath_arm
@@ -217,6 +227,97 @@ class BarePeer:
                 node.run(["tc", "filter", "del", "dev", dev, "ingress", "prio", "25000"], check=False)
 
 
+class CrossBare:
+    """The floor of the cross-node technique: per node, on the pod's veth a
+    program doing only what fastpath's pod-to-VPC path must (the FIB lookup
+    by the node's policy routing with the packet's length, TTL and MACs, the
+    redirect out of the ENI the FIB names, or redirect_neigh), and on the
+    ENIs one doing only bpf_redirect_peer into the pod. No conntrack,
+    Services, policy, guards or counters: fastpath's cross-node distance to
+    this arm is what its own logic costs."""
+
+    SRC = r"""
+    #include <uapi/linux/bpf.h>
+    #include <uapi/linux/pkt_cls.h>
+    #include <uapi/linux/if_ether.h>
+    #include <uapi/linux/ip.h>
+    #include <linux/socket.h>
+    static long (*redirect_neigh4)(__u32 ifindex, struct bpf_redir_neigh *params,
+                                   int plen, __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+    int xbare_out(struct __sk_buff *skb)
+    {
+        void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+        struct ethhdr *eth = data;
+        struct iphdr *ip = (void *)(eth + 1);
+        struct bpf_fib_lookup fib = {};
+        int rc;
+
+        if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ttl <= 1)
+            return TC_ACT_UNSPEC;
+        fib.family = AF_INET;
+        fib.tos = ip->tos;
+        fib.l4_protocol = ip->protocol;
+        fib.tot_len = bpf_ntohs(ip->tot_len);
+        fib.ipv4_src = ip->saddr;
+        fib.ipv4_dst = ip->daddr;
+        fib.ifindex = skb->ifindex;
+        rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+        if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+            return TC_ACT_UNSPEC;
+        /* TTL - 1: the checksum's high byte gains 1 (RFC 1624) */
+        __u32 csum = ip->check + bpf_htons(0x0100);
+        ip->check = csum + (csum >> 16);
+        ip->ttl--;
+        if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+            __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+            __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+            return bpf_redirect(fib.ifindex, 0);
+        }
+        struct bpf_redir_neigh nh = {};
+        nh.nh_family = AF_INET;
+        nh.ipv4_nh = fib.ipv4_dst;
+        return redirect_neigh4(fib.ifindex, &nh, sizeof(nh), 0);
+    }
+    int xbare_in(struct __sk_buff *skb)
+    {
+        void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+        struct ethhdr *eth = data;
+        struct iphdr *ip = (void *)(eth + 1);
+
+        if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->daddr != POD_IP)
+            return TC_ACT_UNSPEC;
+        return bpf_redirect_peer(POD_IFINDEX, 0);
+    }
+    """
+
+    def __init__(self, node_pods):
+        import socket
+        from bcc import BPF
+        self.progs = []
+        for node, pod in node_pods:
+            ip_be = int.from_bytes(socket.inet_aton(pod.ip), "little")
+            bpf = BPF(text=self.SRC, cflags=[f"-DPOD_IP={ip_be}U",
+                                              f"-DPOD_IFINDEX={pod.host_ifindex}"])
+            fds = {n: bpf.load_func(n, BPF.SCHED_CLS).fd for n in ("xbare_out", "xbare_in")}
+            self.progs.append((node, pod, bpf, fds))
+
+    @contextmanager
+    def attached(self):
+        from agent.datapath import tc
+        done = []
+        try:
+            for node, pod, _bpf, fds in self.progs:
+                for dev, fn in [(pod.host_ifname, "xbare_out")] + [
+                        (e.name, "xbare_in") for e in node.enis]:
+                    tc.attach(dev, "ingress", fds[fn], fn, 25000, node.netns)
+                    done.append((node, dev))
+            yield
+        finally:
+            for node, dev in done:
+                node.run(["tc", "filter", "del", "dev", dev, "ingress", "prio", "25000"],
+                         check=False)
+
+
 UNITS = {"rr": "trans/s", "crr": "conn/s", "stream": "Gbit/s"}
 
 
@@ -237,10 +338,12 @@ def _print_table(med: dict, log) -> None:
             d6, f6, f4 = med["direct"][f"{m}.v6"], med["fastpath"][f"{m}.v6"], med["fastpath"][m]
             log(f"  {m:6s} {UNITS[m]:8s} {d6:10,.1f} {f6:10,.1f} {f6 / d6:18.3f} {f6 / f4:20.3f}")
     if "x-fastpath" in med:
-        log("cross-node medians:   x-stack  x-fastpath  x-fastpath/x-stack")
+        log("cross-node medians:   x-stack    x-bare  x-fastpath  x-bare/x-stack  "
+            "x-fastpath/x-stack  x-fastpath/x-bare")
         for m in ("rr", "crr", "stream"):
-            xs, xf = med["x-stack"][m], med["x-fastpath"][m]
-            log(f"  {m:6s} {UNITS[m]:8s} {xs:10,.1f} {xf:11,.1f} {xf / xs:19.3f}")
+            xs, xb, xf = med["x-stack"][m], med["x-bare"][m], med["x-fastpath"][m]
+            log(f"  {m:6s} {UNITS[m]:8s} {xs:10,.1f} {xb:9,.1f} {xf:11,.1f} {xb / xs:15.3f} "
+                f"{xf / xs:19.3f} {xf / xb:18.3f}")
 
 
 def _record(med: dict, rounds: int, rr_s: float, crr_s: float, st_s: float, source,
@@ -288,6 +391,16 @@ def _record(med: dict, rounds: int, rr_s: float, crr_s: float, st_s: float, sour
                        baseline=xs[m], ratio=xf[m] / xs[m], target=target,
                        notes=f"pod to pod across two nodes through the ENIs and the VPC, fastpath "
                              f"on both nodes vs the same topology routed by the stacks; {method}")
+    xb = med["x-bare"]
+    for m in ("rr", "crr", "stream"):
+        results.record(f"redirect.cross_node_floor.{m}", xb[m], UNITS[m], command=command,
+                       baseline=xs[m], ratio=xb[m] / xs[m],
+                       notes=f"context: the floor of the technique (bare FIB lookup + redirect "
+                             f"out of the ENI, bare redirect_peer in) vs the stacks; {method}")
+        results.record(f"redirect.cross_node.vs_floor.{m}", xf[m], UNITS[m], command=command,
+                       baseline=xb[m], ratio=xf[m] / xb[m],
+                       notes=f"context: fastpath across nodes vs the floor of its technique on the "
+                             f"same nodes; {method}")
 
 
 def main(argv: list[str] | None = None) -> int:

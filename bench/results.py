@@ -45,6 +45,7 @@ def record(name: str, value: float, unit: str, *, command: str,
     ordered = [allrec[k] for k in sorted(allrec)]
     RESULTS_JSON.write_text(json.dumps(ordered, indent=1) + "\n")
     RESULTS_MD.write_text(render_markdown(ordered))
+    refresh_summaries()
     return rec
 
 
@@ -75,3 +76,70 @@ def render_markdown(records: list[dict]) -> str:
         lines += ["", "## Notes", ""]
         lines += [f"- **{r['name']}**: {r['notes']}" for r in notes]
     return "\n".join(lines) + "\n"
+
+
+# --- the summary tables of README.md and docs/benchmarks.md ----------------
+#
+# Each picks some rows by name, between two markers; the rows themselves are
+# always rendered from results.json, so a summary can never drift from the
+# record. `python -m bench.results` (and every record()) rewrites them.
+
+REPO = BENCH_DIR.parent
+SUMMARY_DOCS = (REPO / "README.md", REPO / "docs" / "benchmarks.md")
+SUMMARY_BEGIN = "<!-- bench summary: generated from bench/results.json -->"
+SUMMARY_END = "<!-- end of bench summary -->"
+SUMMARY_HEAD = ["| figure | value | baseline | ratio | target | date |",
+                "|---|---|---|---|---|---|"]
+
+
+def summary_row(r: dict) -> str:
+    value = f"{_fmt(r['value'])} {r['unit']}".strip()
+    return (f"| `{r['name']}` | {value} | {_fmt(r['baseline'])} | {_fmt(r['ratio'])} | "
+            f"{r['target'] or ''} | {r['date']} |")
+
+
+def summary_names(block: str) -> list[str]:
+    """The figure names a summary block lists, in its order."""
+    out = []
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells and cells[0].startswith("`"):
+            out.append(cells[0].strip("`"))
+    return out
+
+
+def render_summaries(text: str, records: dict[str, dict], where: str = "") -> str:
+    """`text` with every summary block rendered again from `records`. A name
+    the record does not hold is an error naming the document and the row."""
+    out, pos = [], 0
+    while True:
+        b = text.find(SUMMARY_BEGIN, pos)
+        if b < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        e = text.find(SUMMARY_END, b)
+        if e < 0:
+            raise ValueError(f"{where}: a bench summary opened at offset {b} is never closed")
+        names = summary_names(text[b + len(SUMMARY_BEGIN):e])
+        missing = [n for n in names if n not in records]
+        if missing:
+            raise ValueError(f"{where}: bench summary lists {missing}, which bench/results.json "
+                             "does not hold")
+        body = "\n".join([SUMMARY_BEGIN, *SUMMARY_HEAD, *(summary_row(records[n]) for n in names),
+                          ""])
+        out.append(text[pos:b] + body)
+        pos = e
+
+
+def refresh_summaries() -> None:
+    records = _load()
+    for doc in SUMMARY_DOCS:
+        if doc.exists():
+            text = doc.read_text()
+            new = render_summaries(text, records, str(doc.relative_to(REPO)))
+            if new != text:
+                doc.write_text(new)
+
+
+if __name__ == "__main__":
+    refresh_summaries()

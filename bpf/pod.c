@@ -8,7 +8,7 @@
  *   - anything else but IPv4 goes to the stack unchanged;
  *   - a packet of an established flow to another pod of this node, with
  *     NetworkPolicy and the bandwidth manager off, is delivered at once
- *     (fp_from_pod_local: the same outcome as the walk below);
+ *     (fp_from_pod_established: the same outcome as the walk below);
  *   - the source must be the endpoint registered on this veth; on a veth
  *     without a registration, an unknown source is left to the stack and
  *     another local pod's address is dropped as spoofed;
@@ -122,42 +122,42 @@ static __always_inline int fp_finish_report(struct __sk_buff *skb, enum fp_dir d
 #define FP_WALK_ON 0x7ffe
 
 /* The common case in one program: a packet of an established flow from a
- * pod to another pod of this node, with NetworkPolicy and the bandwidth
- * manager off. Nothing of the judging half applies to it (no frontend
- * takes it, the Service CIDR checks and the retiring of an old reply entry
- * are for packets that open flows, there is no policy) and of the second
- * half only what fp_pod_route does for a local destination: the reply of a
- * translated flow gets its VIP back, then delivery. Skipping the hand-over
- * and the tail call is what makes it cheaper; the outcome is the same.
- * Returns the verdict, or FP_WALK_ON for anything else, with *no_frontend
- * set when it found the destination is no frontend. */
-static __always_inline int fp_from_pod_local(struct __sk_buff *skb, struct fp_ipv4 *ip,
-					     struct fp_l4 *l4, const struct fp_seen *seen,
-					     int *no_frontend)
+ * pod to another pod of this node or out to the VPC, with NetworkPolicy and
+ * the bandwidth manager off. Nothing of the judging half applies to it (no
+ * frontend takes it, the Service CIDR checks and the retiring of an old
+ * reply entry are for packets that open flows, there is no policy) and of
+ * the second half only what fp_pod_route does for its destination: the
+ * reply of a translated flow gets its VIP back (or, leaving the node, its
+ * frontend), then delivery into the pod or the FIB's way out of the pod's
+ * ENI. Skipping the hand-over and the tail call is what makes it cheaper;
+ * the outcome is the same. Returns the verdict, or FP_WALK_ON for anything
+ * else. */
+static __always_inline int fp_from_pod_established(struct __sk_buff *skb, struct fp_ipv4 *ip,
+						   struct fp_l4 *l4, const struct fp_seen *seen,
+						   __u32 eni_ifindex)
 {
 	struct fp_config *cfg = fp_config_get();
 	struct fp_endpoint *dst;
 	enum fp_reason reason = FP_FWD_STACK;
-	int verdict;
+	int verdict, rc;
 
 	if (l4->kind != FP_L4_PORTS || l4->opening || ip->daddr == FP_HAIRPIN_IP)
 		return FP_WALK_ON;
 	/* what-if runs record every decision the whole walk makes */
 	if (!cfg || (cfg->flags & (FP_CFG_F_POLICY | FP_CFG_F_BW)) || fp_whatif())
 		return FP_WALK_ON;
-	if (fp_ct_frontend(ip, l4, 0))
-		return FP_WALK_ON;
-	/* the walk need not ask again */
-	*no_frontend = 1;
-	if (fp_bypass_match(ip->daddr))
+	if (fp_ct_frontend(ip, l4, 0) || fp_bypass_match(ip->daddr))
 		return FP_WALK_ON;
 	dst = fp_endpoint_lookup(ip->daddr);
-	if (!dst)
-		return FP_WALK_ON;
-	if (fp_ct_reverse(skb, ip, l4) < 0)
+	rc = fp_ct_reverse(skb, ip, l4);
+	if (rc < 0)
 		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT, ip, seen,
 					l4, NULL);
-	verdict = fp_redirect_local(skb, ip, dst, &reason);
+	if (dst)
+		verdict = fp_redirect_local(skb, ip, dst, &reason);
+	else
+		verdict = fp_redirect_fib(skb, ip, eni_ifindex, rc > 0 ? cfg->primary_ifindex : 0,
+					  &reason);
 	return fp_finish_report(skb, FP_DIR_FROM_POD, reason, verdict, ip, seen, l4, NULL);
 }
 
@@ -169,7 +169,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	struct fp_verdict pv = {};
 	struct fp_seen seen = {};
 	struct fp_l4 l4 = {};
-	int hairpin = 0, hairpin_reply = 0, translated = 0, no_frontend = 0, rc;
+	int hairpin = 0, hairpin_reply = 0, translated = 0, rc;
 	struct fp_pod_route *h;
 	__u32 eni_ifindex;
 	int parsed;
@@ -209,7 +209,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 					&ip, &seen, &l4, NULL);
 	eni_ifindex = src->eni_ifindex;
 
-	rc = fp_from_pod_local(skb, &ip, &l4, &seen, &no_frontend);
+	rc = fp_from_pod_established(skb, &ip, &l4, &seen, eni_ifindex);
 	if (rc != FP_WALK_ON)
 		return rc;
 
@@ -229,7 +229,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	 * it is restored below (client and VIP) before routing. */
 	hairpin_reply = ip.daddr == FP_HAIRPIN_IP;
 	if (!hairpin_reply) {
-		rc = no_frontend ? 1 : fp_ct_service(skb, &ip, &l4, &reason);
+		rc = fp_ct_service(skb, &ip, &l4, &reason);
 		if (rc < 0 && reason == FP_DROP_NO_BACKEND) {
 			/* counted as a drop of the original; the client gets ICMP */
 			fp_ct_frag_record(&ip, seen.saddr, seen.daddr, seen.sport, seen.dport, reason);

@@ -171,12 +171,8 @@ static __always_inline int fp_redirect_fib(struct __sk_buff *skb, const struct f
 		*reason = FP_FWD_TTL;
 		return FP_TC_CONTINUE;
 	}
-	if (fp_ttl_dec(skb, ip)) {
-		*reason = FP_DROP_INVALID;
-		return TC_ACT_SHOT;
-	}
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (fp_set_macs(skb, fib.dmac, fib.smac)) {
+		if (fp_ttl_dec_set_macs(skb, ip, fib.dmac, fib.smac)) {
 			*reason = FP_DROP_INVALID;
 			return TC_ACT_SHOT;
 		}
@@ -185,6 +181,10 @@ static __always_inline int fp_redirect_fib(struct __sk_buff *skb, const struct f
 	} else {
 		struct bpf_redir_neigh nh = {};
 
+		if (fp_ttl_dec(skb, ip)) {
+			*reason = FP_DROP_INVALID;
+			return TC_ACT_SHOT;
+		}
 		nh.nh_family = AF_INET;
 		nh.ipv4_nh = fib.ipv4_dst;
 		ret = fp_bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);

@@ -1,7 +1,7 @@
-"""fp_from_pod's one-program walk (bpf/pod.c, fp_from_pod_local): a packet
-of an established flow between two pods of the node is delivered without
-the tail call to fp_pod_route, with the same outcome; everything else still
-takes the whole walk.
+"""fp_from_pod's one-program walk (bpf/pod.c, fp_from_pod_established): a
+packet of an established flow from a pod to another pod of the node, or out
+of its ENI to the VPC, is forwarded without the tail call to fp_pod_route,
+with the same outcome; everything else still takes the whole walk.
 
 Which walk a packet took is made visible by emptying the tail-call slot
 for the duration of a check: the whole walk then ends in
@@ -21,7 +21,8 @@ from scapy.layers.l2 import Ether
 
 from agent.datapath.maps import DEFS
 from agent.model import bpfdefs
-from tests.bpf.conftest import POD_A, POD_B, TC_ACT_REDIRECT, TC_ACT_SHOT, frontends, run_prog
+from tests.bpf.conftest import (GW_MAC, POD_A, POD_B, REMOTE, REMOTE_NO_NEIGH, TC_ACT_REDIRECT,
+                                TC_ACT_SHOT, frontends, run_prog)
 
 VIP = "192.168.81.10"
 NO_TAIL = "dropped-tail-call-missing"
@@ -73,6 +74,26 @@ def test_established_pod_to_pod_is_delivered_in_one_program(ct_dp, bpfnet):
     resum = IP(bytes(out[IP]))
     del resum.chksum
     assert out[IP].chksum == IP(bytes(resum)).chksum, "header checksum kept right"
+    assert (syn.verdict, syn.reason) == (TC_ACT_SHOT, NO_TAIL)
+
+
+@pytest.mark.parametrize("dst, kind", [(REMOTE, "redirect"), (REMOTE_NO_NEIGH, "redirect-neigh")])
+def test_established_pod_to_vpc_leaves_by_its_eni_in_one_program(ct_dp, bpfnet, dst, kind):
+    with tail_slot_empty(ct_dp):
+        r = run_prog(ct_dp, bpfnet.ns, "fp_from_pod", a_to(bpfnet, dst, 5000), bpfnet.cali_a.ifindex)
+        syn = run_prog(ct_dp, bpfnet.ns, "fp_from_pod", a_to(bpfnet, dst, 5000, "S"),
+                       bpfnet.cali_a.ifindex)
+    assert (r.verdict, r.reason, r.redirect_kind) == (TC_ACT_REDIRECT, "redirected-eni", kind)
+    assert r.redirect_ifindex == bpfnet.eth1.ifindex
+    out = Ether(r.out)
+    if kind == "redirect":
+        # the FIB's MACs: the ENI's own towards the vSwitch gateway
+        assert (out.dst, out.src) == (GW_MAC, bpfnet.eth1.mac)
+    assert out[IP].ttl == 63
+    resum = IP(bytes(out[IP]))
+    del resum.chksum
+    assert out[IP].chksum == IP(bytes(resum)).chksum, "header checksum kept right"
+    assert (out[IP].src, out[IP].dst, out[TCP].dport) == (POD_A, dst, 5000)
     assert (syn.verdict, syn.reason) == (TC_ACT_SHOT, NO_TAIL)
 
 
