@@ -172,13 +172,21 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 	int hairpin = 0, hairpin_reply = 0, translated = 0, rc;
 	struct fp_pod_route *h;
 	__u32 eni_ifindex;
+	int parsed;
 
-	if (fp_guard_from_pod(skb, &reason))
+	/* The endpoint lookup the walk needs anyway proves an IPv4 source
+	 * that is the endpoint registered on this very veth; the guard (and
+	 * its lookup of the veth's registration) runs for everything else,
+	 * before anything is decided, as it always did. */
+	parsed = fp_parse_ipv4(skb, &ip);
+	src = parsed == FP_PARSE_IPV4 ? fp_endpoint_lookup(ip.saddr) : NULL;
+	barrier_var(skb);
+	if ((!src || src->host_ifindex != skb->ifindex) && fp_guard_from_pod(skb, &reason))
 		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 	/* the guard's ctx reads are not to be reused past here (see fp_finish) */
 	barrier_var(skb);
 
-	switch (fp_parse_ipv4(skb, &ip)) {
+	switch (parsed) {
 	case FP_PARSE_OTHER:
 		/* IPv6 has its own program (fp_from_pod6) */
 		if (fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6))
@@ -189,7 +197,6 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT);
 	}
 
-	src = fp_endpoint_lookup(ip.saddr);
 	if (!src)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE);
 	fp_parse_l4(skb, &ip, &l4);

@@ -138,16 +138,34 @@ static __always_inline struct fp_ct4 *fp_ct_nat_find(struct fp_ct4_key *key, int
 	return NULL;
 }
 
-/* Either tier, expired or not (for the partner of an entry being updated). */
-static __always_inline struct fp_ct4 *fp_ct_nat_any(struct fp_ct4_key *key, int *tier)
+/* Remove `key` from a tier if it is there. The keys a new flow clears
+ * are almost always absent, and a lookup costs less than deleting an
+ * absent key (which takes the bucket's lock). */
+static __always_inline void fp_ct_tier_clear(int tier, struct fp_ct4_key *key)
 {
-	struct fp_ct4 *ct = fp_ct_est_get(key);
+	void *old = tier == FP_CT_TIER_EST ? (void *)fp_ct_est_get(key) : (void *)fp_ct_new_get(key);
 
-	*tier = FP_CT_TIER_EST;
+	if (old)
+		fp_ct_tier_del(tier, key);
+}
+
+/* Either tier, expired or not (for the partner of an entry being updated),
+ * asking `first` first: a flow's two entries live in the same tier, so the
+ * partner's is almost always the entry's own (one lookup, not two while a
+ * flow is new or closing). */
+static __always_inline struct fp_ct4 *fp_ct_nat_any(struct fp_ct4_key *key, int first, int *tier)
+{
+	int other;
+	struct fp_ct4 *ct;
+
+	other = first == FP_CT_TIER_EST ? FP_CT_TIER_NEW : FP_CT_TIER_EST;
+
+	ct = first == FP_CT_TIER_EST ? fp_ct_est_get(key) : fp_ct_new_get(key);
+	*tier = first;
 	if (ct)
 		return ct;
-	*tier = FP_CT_TIER_NEW;
-	return fp_ct_new_get(key);
+	*tier = other;
+	return other == FP_CT_TIER_EST ? fp_ct_est_get(key) : fp_ct_new_get(key);
 }
 
 /* The other entry of a translated flow. */
@@ -238,7 +256,7 @@ static __always_inline void fp_ct_nat_seen(struct fp_ct4_key *key, struct fp_ct4
 			return;
 		ct->last_seen = now;
 		fp_ct_partner(key, ct, &pkey);
-		pct = fp_ct_nat_any(&pkey, &ptier);
+		pct = fp_ct_nat_any(&pkey, tier, &ptier);
 		if (pct)
 			pct->last_seen = now;
 		/* established, but left in the LRU map when the established
@@ -251,7 +269,7 @@ static __always_inline void fp_ct_nat_seen(struct fp_ct4_key *key, struct fp_ct4
 	ct->flags = flags;
 	ct->last_seen = now;
 	fp_ct_partner(key, ct, &pkey);
-	pct = fp_ct_nat_any(&pkey, &ptier);
+	pct = fp_ct_nat_any(&pkey, tier, &ptier);
 	if (pct) {
 		pct->state = state;
 		pct->flags = flags;
@@ -463,8 +481,8 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 		if (had_old) {
 			/* the old flow on this tuple: its reply entry may name
 			 * another backend, and its forward one another tier */
-			fp_ct_tier_del(FP_CT_TIER_EST, old_rev);
-			fp_ct_tier_del(FP_CT_TIER_NEW, old_rev);
+			fp_ct_tier_clear(FP_CT_TIER_EST, old_rev);
+			fp_ct_tier_clear(FP_CT_TIER_NEW, old_rev);
 		}
 		entry->last_seen = now;
 		entry->flags = (hairpin ? FP_CT_F_HAIRPIN : 0) | (snat ? FP_CT_F_SNAT : 0);
@@ -485,8 +503,8 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 		/* A new flow starts in the LRU; stale entries of the same keys
 		 * in the established hash (expired, not yet collected) would
 		 * hide it from lookups. */
-		fp_ct_tier_del(FP_CT_TIER_EST, fwd);
-		fp_ct_tier_del(FP_CT_TIER_EST, rev);
+		fp_ct_tier_clear(FP_CT_TIER_EST, fwd);
+		fp_ct_tier_clear(FP_CT_TIER_EST, rev);
 		fp_ct_tier_put(FP_CT_TIER_NEW, fwd, entry);
 		fp_ct_tier_put(FP_CT_TIER_NEW, rev, reply);
 		fp_ct_event(FP_CTE_CREATED);
@@ -542,8 +560,8 @@ static __always_inline void fp_ct_forget_reply(const struct fp_ipv4 *ip, const s
 	key.dport = l4->sport;
 	key.proto = IPPROTO_TCP;
 	key.dir = FP_CT_REPLY;
-	fp_ct_tier_del(FP_CT_TIER_EST, &key);
-	fp_ct_tier_del(FP_CT_TIER_NEW, &key);
+	fp_ct_tier_clear(FP_CT_TIER_EST, &key);
+	fp_ct_tier_clear(FP_CT_TIER_NEW, &key);
 }
 
 /* ---- ICMP errors: the packet they quote ---- */

@@ -1,6 +1,8 @@
 /* Guards: what every packet must pass before anything else looks at it.
  *
- * Anti-spoofing (fp_guard_from_pod, first thing fp_from_pod does). On a
+ * Anti-spoofing (fp_guard_from_pod, before fp_from_pod decides anything;
+ * an IPv4 packet whose source the endpoints map already places on this
+ * very veth is proven without it, which spares the hot path a lookup). On a
  * registered pod veth (an entry of FP_MAP_EP_IFINDEX, written before any of
  * fastpath's programs is attached to the veth), the source must be that
  * endpoint's own address, in every family:
