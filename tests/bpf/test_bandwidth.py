@@ -174,12 +174,15 @@ def test_htb_mode_names_the_pods_class_and_stamps_nothing(dp, bpfnet, bw):
 
 # -- ingress and same-node token buckets -----------------------------------------
 
-SLOW = dict(ingress_bps=8000, ingress_burst_bits=4000)   # 1000 B/s; 500 B of burst
+# 10 B/s with 500 B of burst: a 100-byte frame costs 10 s of the bucket, so
+# no scheduling stall of the test process refills one between two runs (at
+# 1,000 B/s a 0.1 s stall under load let one more frame through)
+SLOW = dict(ingress_bps=80, ingress_burst_bits=4000)
 
 
 @pytest.mark.parametrize("path", ["redirect", "stack"])
 def test_ingress_bucket_passes_the_burst_then_drops_and_counts(dp, bpfnet, bw, path):
-    """1000 bytes/s with 500 bytes of burst, 100-byte frames (0.1 s each):
+    """10 bytes/s with 500 bytes of burst, 100-byte frames (10 s each):
     an idle bucket admits 5, then refuses; redirect (fp_from_vpc) and stack
     (fp_to_pod) deliveries share the pod's bucket."""
     bw(POD_A, Limits(**SLOW))
@@ -204,7 +207,7 @@ def test_a_packet_larger_than_the_burst_passes_a_full_bucket_into_debt(dp, bpfne
 
 
 def test_same_node_egress_is_policed_at_the_sender_and_vpc_egress_is_not(dp, bpfnet, bw):
-    bw(POD_A, Limits(egress_bps=8000, egress_burst_bits=4000))
+    bw(POD_A, Limits(egress_bps=80, egress_burst_bits=4000))     # as SLOW, for egress
     local = [run(dp, bpfnet, "fp_from_pod", from_a(bpfnet, POD_B, size=100), "cali_a").verdict
              for _ in range(7)]
     assert local == [TC_ACT_REDIRECT] * 5 + [TC_ACT_SHOT] * 2
