@@ -280,6 +280,11 @@ static __always_inline struct fp_ct4 *fp_ct_new_get(struct fp_ct4_key *key)
 	return FP_MAP_CT_NEW.lookup(key);
 }
 
+static __always_inline struct fp_ct4 *fp_ct_tier_get(int tier, struct fp_ct4_key *key)
+{
+	return tier == FP_CT_TIER_EST ? fp_ct_est_get(key) : fp_ct_new_get(key);
+}
+
 /* Write an entry into a tier: 0, or the map's error (-E2BIG: the
  * established hash is full). A what-if packet writes nothing. */
 static __always_inline int fp_ct_tier_put(int tier, struct fp_ct4_key *key, struct fp_ct4 *val)

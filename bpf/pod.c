@@ -6,9 +6,10 @@
  *     as spoofed; IPv6 of an isolated pod is dropped, neighbour discovery
  *     aside;
  *   - anything else but IPv4 goes to the stack unchanged;
- *   - a packet of an established flow to another pod of this node, with
- *     NetworkPolicy and the bandwidth manager off, is delivered at once
- *     (fp_from_pod_established: the same outcome as the walk below);
+ *   - a packet of an established flow to another pod of this node, or out
+ *     to the VPC, with NetworkPolicy and the bandwidth manager off, is
+ *     forwarded at once (fp_from_pod_established: the same outcome as the
+ *     walk below);
  *   - the source must be the endpoint registered on this veth; on a veth
  *     without a registration, an unknown source is left to the stack and
  *     another local pod's address is dropped as spoofed;

@@ -143,9 +143,7 @@ static __always_inline struct fp_ct4 *fp_ct_nat_find(struct fp_ct4_key *key, int
  * absent key (which takes the bucket's lock). */
 static __always_inline void fp_ct_tier_clear(int tier, struct fp_ct4_key *key)
 {
-	void *old = tier == FP_CT_TIER_EST ? (void *)fp_ct_est_get(key) : (void *)fp_ct_new_get(key);
-
-	if (old)
+	if (fp_ct_tier_get(tier, key))
 		fp_ct_tier_del(tier, key);
 }
 
@@ -155,17 +153,13 @@ static __always_inline void fp_ct_tier_clear(int tier, struct fp_ct4_key *key)
  * flow is new or closing). */
 static __always_inline struct fp_ct4 *fp_ct_nat_any(struct fp_ct4_key *key, int first, int *tier)
 {
-	int other;
-	struct fp_ct4 *ct;
+	struct fp_ct4 *ct = fp_ct_tier_get(first, key);
 
-	other = first == FP_CT_TIER_EST ? FP_CT_TIER_NEW : FP_CT_TIER_EST;
-
-	ct = first == FP_CT_TIER_EST ? fp_ct_est_get(key) : fp_ct_new_get(key);
 	*tier = first;
 	if (ct)
 		return ct;
-	*tier = other;
-	return other == FP_CT_TIER_EST ? fp_ct_est_get(key) : fp_ct_new_get(key);
+	*tier = first == FP_CT_TIER_EST ? FP_CT_TIER_NEW : FP_CT_TIER_EST;
+	return fp_ct_tier_get(*tier, key);
 }
 
 /* The other entry of a translated flow. */
