@@ -215,16 +215,25 @@ class BarePeer:
                                                f"-DTO_A={a.host_ifindex}"])
         self.fds = {n: self.bpf.load_func(n, BPF.SCHED_CLS).fd for n in ("bare_to_b", "bare_to_a")}
 
-    @contextmanager
     def attached(self, node):
-        from agent.datapath import tc
-        tc.attach(self.a.host_ifname, "ingress", self.fds["bare_to_b"], "bare_to_b", 25000, node.netns)
-        tc.attach(self.b.host_ifname, "ingress", self.fds["bare_to_a"], "bare_to_a", 25000, node.netns)
-        try:
-            yield
-        finally:
-            for dev in (self.a.host_ifname, self.b.host_ifname):
-                node.run(["tc", "filter", "del", "dev", dev, "ingress", "prio", "25000"], check=False)
+        return ingress_attached([(node, self.a.host_ifname, self.fds["bare_to_b"], "bare_to_b"),
+                                 (node, self.b.host_ifname, self.fds["bare_to_a"], "bare_to_a")])
+
+
+@contextmanager
+def ingress_attached(filters):
+    """Bare programs on tc ingress for the duration: (node, device, fd,
+    name) each, all taken off again however the arm ends."""
+    from agent.datapath import tc
+    done = []
+    try:
+        for node, dev, fd, name in filters:
+            tc.attach(dev, "ingress", fd, name, 25000, node.netns)
+            done.append((node, dev))
+        yield
+    finally:
+        for node, dev in done:
+            node.run(["tc", "filter", "del", "dev", dev, "ingress", "prio", "25000"], check=False)
 
 
 class CrossBare:
@@ -291,31 +300,19 @@ class CrossBare:
     """
 
     def __init__(self, node_pods):
-        import socket
         from bcc import BPF
-        self.progs = []
+        from agent.datapath.maps import be32
+        self.bpfs, self.filters = [], []
         for node, pod in node_pods:
-            ip_be = int.from_bytes(socket.inet_aton(pod.ip), "little")
-            bpf = BPF(text=self.SRC, cflags=[f"-DPOD_IP={ip_be}U",
+            bpf = BPF(text=self.SRC, cflags=[f"-DPOD_IP={be32(pod.ip)}U",
                                               f"-DPOD_IFINDEX={pod.host_ifindex}"])
             fds = {n: bpf.load_func(n, BPF.SCHED_CLS).fd for n in ("xbare_out", "xbare_in")}
-            self.progs.append((node, pod, bpf, fds))
+            self.bpfs.append(bpf)
+            self.filters.append((node, pod.host_ifname, fds["xbare_out"], "xbare_out"))
+            self.filters += [(node, e.name, fds["xbare_in"], "xbare_in") for e in node.enis]
 
-    @contextmanager
     def attached(self):
-        from agent.datapath import tc
-        done = []
-        try:
-            for node, pod, _bpf, fds in self.progs:
-                for dev, fn in [(pod.host_ifname, "xbare_out")] + [
-                        (e.name, "xbare_in") for e in node.enis]:
-                    tc.attach(dev, "ingress", fds[fn], fn, 25000, node.netns)
-                    done.append((node, dev))
-            yield
-        finally:
-            for node, dev in done:
-                node.run(["tc", "filter", "del", "dev", dev, "ingress", "prio", "25000"],
-                         check=False)
+        return ingress_attached(self.filters)
 
 
 UNITS = {"rr": "trans/s", "crr": "conn/s", "stream": "Gbit/s"}
