@@ -308,7 +308,8 @@ class Service(Namespaced):
     service_proxy_name: str = ""        # service.kubernetes.io/service-proxy-name label
     publish_not_ready_addresses: bool = False
     external_name: str = ""
-    ip_families: tuple[str, ...] = ()
+    ip_families: tuple[str, ...] = ()   # IPv4/IPv6, in clusterIPs' order
+    ip_family_policy: str = ""          # SingleStack, PreferDualStack, RequireDualStack; "" unset
     labels: FrozenMap = EMPTY_MAP
     uid: str = ""
     resource_version: str = field(default="", compare=False)

@@ -488,6 +488,32 @@ def _one_of(v: Any, path: str, allowed, default: str) -> str:
     return s
 
 
+_FAMILY_POLICIES = ("SingleStack", "PreferDualStack", "RequireDualStack")
+
+
+def _check_families(families: tuple[str, ...], policy: str, cips: list[str]) -> None:
+    """The API server's rules tying ipFamilies, ipFamilyPolicy and clusterIPs
+    together: a Service whose addresses contradict its families would be
+    translated for a family it does not have."""
+    if len(families) > 2:
+        _fail("spec.ipFamilies", f"at most two families, got {len(families)}")
+    if len(families) == 2 and families[0] == families[1]:
+        _fail("spec.ipFamilies[1]", f"duplicate family {families[1]}")
+    if policy == "SingleStack":
+        if len(families) > 1:
+            _fail("spec.ipFamilies", "SingleStack allows one family")
+        if len(cips) > 1:
+            _fail("spec.clusterIPs", "SingleStack allows one ClusterIP")
+    for i, ip in enumerate(cips):
+        fam = "IPv6" if ":" in ip else "IPv4"
+        if i < len(families) and families[i] != fam:
+            _fail(f"spec.clusterIPs[{i}]",
+                  f"{ip} is an {fam} address, spec.ipFamilies[{i}] is {families[i]}")
+        if i >= len(families) and families and len(cips) > len(families):
+            _fail(f"spec.clusterIPs[{i}]",
+                  f"{ip} has no family in spec.ipFamilies ({', '.join(families)})")
+
+
 def parse_service(d: Mapping, ctx: "_Ctx") -> Service:
     md = _meta(d, Kind.SERVICE, ctx.default_namespace, _check_dns1035_label)
     spec = _dict(d.get("spec"), "spec")
@@ -581,6 +607,10 @@ def parse_service(d: Mapping, ctx: "_Ctx") -> Service:
         etp = _one_of(etp, "spec.externalTrafficPolicy", _POLICIES, "Cluster")
     families = tuple(_one_of(f, f"spec.ipFamilies[{i}]", ("IPv4", "IPv6"), "")
                      for i, f in enumerate(_list(spec.get("ipFamilies"), "spec.ipFamilies")))
+    policy = _str(spec.get("ipFamilyPolicy"), "spec.ipFamilyPolicy")
+    if policy:
+        policy = _one_of(policy, "spec.ipFamilyPolicy", _FAMILY_POLICIES, "")
+    _check_families(families, policy, cips)
     external_name = _str(spec.get("externalName"), "spec.externalName")
     if typ == "ExternalName":
         if not external_name:
@@ -606,7 +636,8 @@ def parse_service(d: Mapping, ctx: "_Ctx") -> Service:
         service_proxy_name=md.labels.get(LABEL_SERVICE_PROXY_NAME, ""),
         publish_not_ready_addresses=_bool(spec.get("publishNotReadyAddresses"),
                                           "spec.publishNotReadyAddresses"),
-        external_name=external_name, ip_families=families, labels=md.labels,
+        external_name=external_name, ip_families=families, ip_family_policy=policy,
+        labels=md.labels,
         uid=md.uid, resource_version=md.rv,
     )
 

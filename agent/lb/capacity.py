@@ -29,18 +29,29 @@ from agent.lb.reconcile import Reconciler
 
 __all__ = ["Capacities", "Refusal", "MAPS", "admit"]
 
-MAPS = ("services", "slots", "backends", "maglev", "ranges")
+# services6/backends6: the IPv6 twins, sized like the IPv4 maps but full
+# on their own; slots, Maglev tables and source ranges are shared.
+MAPS = ("services", "slots", "backends", "maglev", "ranges", "services6", "backends6")
 
 
 @dataclass(frozen=True, slots=True)
 class Capacities:
-    """max_entries of each service map."""
+    """max_entries of each service map (the IPv6 twins default to their
+    IPv4 map's size, as the programs build them)."""
 
     services: int
     slots: int
     backends: int
     maglev: int
     ranges: int
+    services6: Optional[int] = None
+    backends6: Optional[int] = None
+
+    def of(self, m: str) -> int:
+        v = getattr(self, m)
+        if v is None:           # services6 / backends6 unset
+            v = getattr(self, m[:-1])
+        return v
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +66,10 @@ class Refusal:
         what = "Service" if self.kind == "Service" else "hostPorts of pod"
         return (f"{what} {self.owner[0]}/{self.owner[1]} refused: the {self.map} map would "
                 f"need {self.needed} entries (capacity {self.capacity})")
+
+
+def _services_map(fe: Frontend) -> str:
+    return "services6" if ":" in fe.ip else "services"
 
 
 def _owner(fe: Frontend, st: Optional[FrontendState], rec: Reconciler) -> Optional[tuple]:
@@ -72,7 +87,7 @@ def admit(rec: Reconciler, updates: Mapping[Frontend, Optional[FrontendState]],
     counted against what `rec` says the maps hold plus everything admitted
     before it in this call."""
     used = rec.usage()
-    cap = {m: getattr(caps, m) for m in MAPS}
+    cap = {m: caps.of(m) for m in MAPS}
     # A plan removes frontends before it adds any (agent.lb.reconcile):
     # their entries, slots, tables and ranges are room for the additions.
     for fe, st in updates.items():
@@ -101,7 +116,7 @@ def admit(rec: Reconciler, updates: Mapping[Frontend, Optional[FrontendState]],
             live = () if st.reject or st.drop else st.backends[:rec.max_slots]
             old_slots = len(rec.slots(fe))
             if fe not in present:
-                need["services"] += 1
+                need[_services_map(fe)] += 1
             need["slots"] += max(0, len(live) - old_slots)
             for b in live:
                 if b.key not in held and b.key not in new_backends:
@@ -111,7 +126,8 @@ def admit(rec: Reconciler, updates: Mapping[Frontend, Optional[FrontendState]],
             old = rec.state(fe)
             old_ranges = set(old.source_ranges) if old is not None else set()
             need["ranges"] += len(set(st.source_ranges) - old_ranges)
-        need["backends"] = len(backends)
+        need["backends6"] = sum(1 for k in backends if ":" in k[0])
+        need["backends"] = len(backends) - need["backends6"]
         over = next((m for m in MAPS if need[m] and used[m] + need[m] > cap[m]), None)
         if over is not None:
             refused.append(Refusal(owner[1], owner[0], over, used[over] + need[over], cap[over]))

@@ -29,9 +29,12 @@ workload can observe:
   writes the hints for trafficDistribution (PreferClose/PreferSameZone,
   PreferSameNode) and for the topology-mode annotation, so the hints alone
   decide here, as in kube-proxy;
-- headless and ExternalName Services, Services labelled for another proxy
-  (service.kubernetes.io/service-proxy-name) and Services without an IPv4
-  ClusterIP are not translated;
+- headless and ExternalName Services and Services labelled for another
+  proxy (service.kubernetes.io/service-proxy-name) are not translated;
+- each family on its own: a Service's IPv4 ClusterIP gets the backends of
+  its IPv4 EndpointSlices, its IPv6 ClusterIP those of its IPv6 slices (a
+  dual-stack Service has both frontends, each with its own answer);
+  node-facing frontends are IPv4 only;
 - node-facing frontends: each `nodePort` on each of this node's NodePort
   addresses (kube-proxy's --nodeport-addresses), each external IP, each
   load-balancer IP in VIP mode;
@@ -66,7 +69,7 @@ __all__ = [
     "SCOPE_INTERNAL", "SCOPE_EXTERNAL", "LbOptions", "HealthCheck",
     "DEFAULT_AFFINITY_TIMEOUT", "TOPOLOGY_SAME_NODE",
     "TOPOLOGY_SAME_ZONE", "compile_service", "compile_services", "describe",
-    "translated", "ip_sort_key", "health_check", "kind_rank",
+    "translated", "ip_sort_key", "health_check", "kind_rank", "FAMILY", "FAMILY6", "family_of",
 ]
 
 KIND_CLUSTER_IP = "clusterip"
@@ -90,9 +93,14 @@ DEFAULT_AFFINITY_TIMEOUT = 10800
 TOPOLOGY_SAME_NODE = "PreferSameNode"
 TOPOLOGY_SAME_ZONE = "PreferSameZone"
 
-# The address family this build translates. Frontends and backends are plain
-# text so that IPv6 needs a second family here, not new types.
+# The address families translated, as EndpointSlice.addressType spells them.
+# Frontends and backends are plain text: a family is a filter, not a type.
 FAMILY = "IPv4"
+FAMILY6 = "IPv6"
+
+
+def family_of(ip: str) -> str:
+    return FAMILY6 if ":" in ip else FAMILY
 
 
 def _is_v4(ip: str) -> bool:
@@ -256,7 +264,8 @@ def _rank(ep: _Ep) -> tuple[bool, bool, bool]:
 
 
 def _endpoints_for_port(sp: ServicePort, slices: Iterable[EndpointSlice],
-                        node_name: str, ip_keys: dict[str, tuple]) -> list[_Ep]:
+                        node_name: str, ip_keys: dict[str, tuple],
+                        family: str = FAMILY) -> list[_Ep]:
     """Every distinct (address, port) the slices offer for this Service port,
     in numeric (address, port) order.
 
@@ -264,8 +273,9 @@ def _endpoints_for_port(sp: ServicePort, slices: Iterable[EndpointSlice],
     number: the slice port number is the already-resolved targetPort.
     """
     found: dict[tuple[str, int], _Ep] = {}
+    v6 = family == FAMILY6
     for s in slices:
-        if s.address_type != FAMILY:
+        if s.address_type != family:
             continue
         port = None
         for p in s.ports:
@@ -280,7 +290,7 @@ def _endpoints_for_port(sp: ServicePort, slices: Iterable[EndpointSlice],
             # Endpoint addresses are fungible by API contract; consumers use
             # the first.
             ip = e.addresses[0]
-            if ":" in ip:
+            if (":" in ip) != v6:
                 continue
             ep = (ip, port, e, e.node_name == node_name and bool(node_name))
             prev = found.get((ip, port))
@@ -374,7 +384,7 @@ def translated(svc: Service, proxy_name: str = "") -> bool:
         return False
     if svc.service_proxy_name != proxy_name:
         return False
-    return any(_is_v4(ip) for ip in svc.cluster_ips)
+    return bool(svc.cluster_ips)
 
 
 def _external_frontends(svc: Service, sp: ServicePort,
@@ -414,19 +424,32 @@ def compile_service(svc: Service, slices: Iterable[EndpointSlice], node_name: st
     if not translated(svc, proxy_name):
         return {}
     slices = tuple(slices)
-    cluster_ip = next(ip for ip in svc.cluster_ips if _is_v4(ip))
     affinity = 0
     if svc.session_affinity == "ClientIP" and options.session_affinity:
         affinity = svc.session_affinity_timeout or DEFAULT_AFFINITY_TIMEOUT
-    itp_local = svc.internal_traffic_policy == "Local"
-    etp_local = svc.external_traffic_policy == "Local"
     ranges = tuple(sorted(set(svc.load_balancer_source_ranges),
                           key=lambda c: (ip_sort_key(c.split("/")[0]), c)))
     ip_keys = {} if _ip_keys is None else _ip_keys
 
     out: dict[Frontend, FrontendState] = {}
+    for cluster_ip in svc.cluster_ips:
+        _compile_family(svc, cluster_ip, slices, node_name, node_zone, ip_keys, options,
+                        affinity, ranges, out)
+    return out
+
+
+def _compile_family(svc: Service, cluster_ip: str, slices: tuple[EndpointSlice, ...],
+                    node_name: str, node_zone: str, ip_keys: dict, options: LbOptions,
+                    affinity: int, ranges: tuple[str, ...],
+                    out: dict[Frontend, FrontendState]) -> None:
+    """The frontends of one family of `svc`: its ClusterIP of that family,
+    with the backends of the slices of that family (and, for IPv4, the
+    node-facing frontends)."""
+    family = family_of(cluster_ip)
+    itp_local = svc.internal_traffic_policy == "Local"
+    etp_local = svc.external_traffic_policy == "Local"
     for sp in svc.ports:
-        eps = _endpoints_for_port(sp, slices, node_name, ip_keys)
+        eps = _endpoints_for_port(sp, slices, node_name, ip_keys, family)
         cluster, mode = _cluster_endpoints(eps, node_name, node_zone if options.topology else "",
                                            options.topology)
         cluster_b = _backends(cluster, sp.protocol)
@@ -444,7 +467,7 @@ def compile_service(svc: Service, slices: Iterable[EndpointSlice], node_name: st
             itp_local, KIND_CLUSTER_IP, internal_mode, _draining(eps, internal_b, sp.protocol),
             drop=usable and not internal_b)
 
-        externals = _external_frontends(svc, sp, options)
+        externals = _external_frontends(svc, sp, options) if family == FAMILY else ()
         if not externals:
             continue
         if etp_local:
@@ -470,7 +493,6 @@ def compile_service(svc: Service, slices: Iterable[EndpointSlice], node_name: st
                 out.setdefault(fe, inside)
             if not in_cluster or outside != inside:
                 out.setdefault(Frontend(ip, port, sp.protocol, SCOPE_EXTERNAL), outside)
-    return out
 
 
 def health_check(svc: Service, slices: Iterable[EndpointSlice], node_name: str,
@@ -488,9 +510,12 @@ def health_check(svc: Service, slices: Iterable[EndpointSlice], node_name: str,
         return None
     if svc.external_traffic_policy != "Local":
         return None
+    # The family of the Service's primary ClusterIP: a node's local
+    # endpoints are counted once, not once per family.
+    family = family_of(svc.cluster_ips[0])
     local: set[str] = set()
     for s in slices:
-        if s.address_type != FAMILY:
+        if s.address_type != family:
             continue
         for e in s.endpoints:
             if e.addresses and e.ready and node_name and e.node_name == node_name:

@@ -409,6 +409,7 @@ class Reconciler:
         self.maglev_size = maglev_size
         self._applied: dict[Frontend, _Applied] = {}
         self._backends: dict[int, Backend] = {}     # as last written
+        self._backends6: set[int] = set()            # those of them that are IPv6
         self._refs: dict[int, int] = {}             # backend id -> frontends using it
         self._term: dict[int, int] = {}             # ... of which report it terminating
         self._slotrefs: dict[int, int] = {}         # ... of which have it in their slots
@@ -466,12 +467,17 @@ class Reconciler:
         removals (agent.lb.capacity): what restore found left behind (stale
         entries, orphan slots, tables, ranges and backends) is deleted
         before anything is added, so it is not counted."""
+        services6 = sum(1 for fe in self._applied if ":" in fe.ip)
+        backends6 = len(self._backends6) - len(self._backends6 & self._orphan_backends)
         return {
-            "services": len(self._applied),
+            "services": len(self._applied) - services6,
             "slots": sum(len(a.slots) for a in self._applied.values()),
-            "backends": len(self._backends) - len(self._orphan_backends),
+            "backends": len(self._backends) - len(self._orphan_backends) - backends6,
             "maglev": sum(1 for a in self._applied.values() if a.maglev),
             "ranges": sum(len(a.ranges) for a in self._applied.values()),
+            # the IPv6 twins (FP_MAP_SERVICES6, FP_MAP_BACKENDS6)
+            "services6": services6,
+            "backends6": backends6,
         }
 
     def freed_first(self, frontend: Frontend) -> dict[str, int]:
@@ -480,8 +486,8 @@ class Reconciler:
         a = self._applied.get(frontend)
         if a is None:
             return {}
-        return {"services": 1, "slots": len(a.slots), "maglev": 1 if a.maglev else 0,
-                "ranges": len(a.ranges)}
+        return {"services6" if ":" in frontend.ip else "services": 1, "slots": len(a.slots),
+                "maglev": 1 if a.maglev else 0, "ranges": len(a.ranges)}
 
     # --------------------------------------------------------- planning
 
@@ -705,6 +711,7 @@ class Reconciler:
             self._slotrefs.pop(bid, None)
             self._drained.discard(bid)
             self._backends.pop(bid, None)
+            self._backends6.discard(bid)
             self.backend_ids.release(self.backend_ids.key_of(bid))
         # Every orphan is now either deleted or referenced again.
         self._orphan_backends.clear()
@@ -728,6 +735,8 @@ class Reconciler:
         for bid in sorted(put_backends):
             rec, drained = put_backends[bid]
             self._backends[bid] = rec
+            if ":" in rec.ip:
+                self._backends6.add(bid)
             if drained:
                 self._drained.add(bid)
             else:
@@ -841,6 +850,7 @@ class Reconciler:
                                             quarantine=r.backend_ids.quarantine,
                                             clock=r.backend_ids.clock, named=named_backend_ids)
         r._backends = dict(backends)
+        r._backends6 = {bid for bid, b in backends.items() if ":" in b.ip}
         r._drained = set(draining) & set(backends)
 
         held_s: dict[Hashable, int] = {}

@@ -70,12 +70,12 @@ class ServiceTable:
         self.desired: dict[Frontend, FrontendState] = {}
         # healthCheckNodePorts this node serves, by Service
         self.health_checks: dict[Key, HealthCheck] = {}
-        # Every Service's IPv4 ClusterIP -> whether fastpath translates it
-        # (a ClusterIP of another proxy's Service is allocated, not ours);
-        # and which of them the last rebuild/apply changed.
+        # Every Service's ClusterIPs (both families) -> whether fastpath
+        # translates it (a ClusterIP of another proxy's Service is allocated,
+        # not ours); and which of them the last rebuild/apply changed.
         self.cluster_ips: dict[str, bool] = {}
         self.changed_cluster_ips: set[str] = set()
-        self._cluster_ip_of: dict[Key, str] = {}
+        self._cluster_ip_of: dict[Key, tuple[str, ...]] = {}
         self._services: dict[Key, Service] = {}
         self._slices: dict[Key, dict[str, EndpointSlice]] = {}   # by owning Service
         self._by_service: dict[Key, dict[Frontend, FrontendState]] = {}
@@ -123,17 +123,19 @@ class ServiceTable:
             return self._recompile_gc_off(services)
 
     def _track_cluster_ip(self, key: Key, svc: Optional[Service]) -> None:
-        old = self._cluster_ip_of.pop(key, None)
-        ip = next((i for i in svc.cluster_ips if ":" not in i), None) if svc else None
-        if old is not None and old != ip:
-            self.cluster_ips.pop(old, None)
-            self.changed_cluster_ips.add(old)
-        if ip is not None:
-            self._cluster_ip_of[key] = ip
-            mine = translated(svc, self.proxy_name)
-            if self.cluster_ips.get(ip) != mine:
-                self.cluster_ips[ip] = mine
+        old = self._cluster_ip_of.pop(key, ())
+        ips = svc.cluster_ips if svc else ()
+        for ip in old:
+            if ip not in ips:
+                self.cluster_ips.pop(ip, None)
                 self.changed_cluster_ips.add(ip)
+        if ips:
+            self._cluster_ip_of[key] = ips
+            mine = translated(svc, self.proxy_name)
+            for ip in ips:
+                if self.cluster_ips.get(ip) != mine:
+                    self.cluster_ips[ip] = mine
+                    self.changed_cluster_ips.add(ip)
 
     def _recompile_gc_off(self, services: Iterable[Key]) -> dict[Frontend, Optional[FrontendState]]:
         affected: set[Frontend] = set()

@@ -246,14 +246,20 @@ def test_services_for_another_proxy_are_not_translated():
     assert set(compile_(*objs, proxy_name="other")) == {Frontend(VIP, 80, "TCP")}
 
 
-def test_ipv6_cluster_ips_are_skipped_and_ipv6_only_services_ignored():
+def test_each_family_gets_its_own_frontend_with_the_slices_of_its_family():
+    # (the dual-stack cases in full: tests/lb/test_lb_dualstack.py)
     out = compile_(
         service("dual", ip=["172.16.0.10", "fd00:10::10"], ipFamilies=["IPv4", "IPv6"],
                 ipFamilyPolicy="PreferDualStack"),
         eslice("dual-1", "dual", [ep("10.0.0.1")]),
         service("six", ip="fd00:10::11", ipFamilies=["IPv6"]),
         eslice("six-1", "six", [ep("fd00::1")], address_type="IPv6"))
-    assert set(out) == {Frontend(VIP, 80, "TCP")}
+    assert set(out) == {Frontend(VIP, 80, "TCP"), Frontend("fd00:10::10", 80, "TCP"),
+                        Frontend("fd00:10::11", 80, "TCP")}
+    assert addrs(only(out)) == ["10.0.0.1:8080"]
+    # the dual-stack Service has no IPv6 slice: its IPv6 frontend rejects
+    assert only(out, "fd00:10::10").reject
+    assert [str(b) for b in only(out, "fd00:10::11").backends] == ["[fd00::1]:8080/TCP"]
 
 
 def test_a_service_whose_cluster_ip_is_not_allocated_yet_is_skipped():

@@ -199,5 +199,7 @@ def test_service_cidrs_drop_and_cluster_ips_reject_unless_another_proxy_owns_the
                                                            "service-proxy-name": "x"})))
     assert table.cluster_ips == {"172.16.0.10": True, "172.16.0.11": False}
     assert entries(table.cluster_ips, ["172.16.0.0/16", "fd00::/108"]) == {
-        "172.16.0.0/16": FLAG_RANGE, "172.16.0.10/32": FLAG_CLUSTER_IP, "172.16.0.11/32": 0}
+        "172.16.0.0/16": FLAG_RANGE, "172.16.0.10/32": FLAG_CLUSTER_IP, "172.16.0.11/32": 0,
+        # the IPv6 range too (its own map, FP_MAP_SVCNET6)
+        "fd00::/108": FLAG_RANGE}
     assert table.changed_cluster_ips == {"172.16.0.10", "172.16.0.11"}
