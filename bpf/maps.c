@@ -637,3 +637,63 @@ static __always_inline void fp_bw_count(__be32 ip4, enum fp_dir dir, enum fp_rea
 	c->packets += 1;
 	c->bytes += bytes;
 }
+
+/* ---- IPv6 Services (v6svc; docs/ipv6.md) ---- */
+
+/* Sized like their IPv4 twins: services_map_size and backends_map_size
+ * bound each family on its own (agent/lb/capacity.py counts per family). */
+BPF_TABLE_PINNED("hash", struct fp_svc6_key, struct fp_svc4,
+		 FP_MAP_SERVICES6, FP_SVC_MAX, FP_PIN(FP_MAP_SERVICES6));
+BPF_TABLE_PINNED("hash", __u32, struct fp_backend6,
+		 FP_MAP_BACKENDS6, FP_BE_MAX, FP_PIN(FP_MAP_BACKENDS6));
+/* IPv6 Service CIDRs and ClusterIPs (FP_SVCNET_F_*), as FP_MAP_SVCNET. */
+BPF_TABLE_PINNED("lpm_trie", struct fp_lpm6_key, __u32,
+		 FP_MAP_SVCNET6, 2 * FP_SVC_MAX, FP_PIN(FP_MAP_SVCNET6), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct fp_sockrev6_key, struct fp_sockrev6,
+		 FP_MAP_SOCKREV6, FP_SOCKREV_MAX, FP_PIN(FP_MAP_SOCKREV6));
+
+static __always_inline struct fp_svc4 *fp_service6_lookup(const __u32 *vip, __be16 port,
+							   __u8 proto)
+{
+	struct fp_svc6_key key = { .port = port, .proto = proto };
+
+	__builtin_memcpy(key.vip, vip, 16);
+	return FP_MAP_SERVICES6.lookup(&key);
+}
+
+static __always_inline struct fp_backend6 *fp_backend6_lookup(__u32 backend_id)
+{
+	return FP_MAP_BACKENDS6.lookup(&backend_id);
+}
+
+static __always_inline struct fp_backend6 *fp_slot_backend6(__u32 svc_id, __u32 slot,
+							     __u32 *backend_id)
+{
+	struct fp_slot_key key = { .svc_id = svc_id, .slot = slot };
+	struct fp_slot *s = FP_MAP_SLOTS.lookup(&key);
+
+	if (!s)
+		return NULL;
+	*backend_id = s->backend_id;
+	return FP_MAP_BACKENDS6.lookup(&s->backend_id);
+}
+
+static __always_inline int fp_svcnet6_flags(const __u32 *addr)
+{
+	struct fp_lpm6_key key = { .prefixlen = 128 };
+	__u32 *f;
+
+	__builtin_memcpy(key.addr, addr, 16);
+	f = FP_MAP_SVCNET6.lookup(&key);
+	return f ? (int)*f : -1;
+}
+
+static __always_inline void fp_sockrev6_put(struct fp_sockrev6_key *key, struct fp_sockrev6 *val)
+{
+	FP_MAP_SOCKREV6.update(key, val);
+}
+
+static __always_inline struct fp_sockrev6 *fp_sockrev6_lookup(struct fp_sockrev6_key *key)
+{
+	return FP_MAP_SOCKREV6.lookup(key);
+}

@@ -1,5 +1,6 @@
 /* Socket-LB: cgroup sock_addr hooks (connect4, sendmsg4, recvmsg4,
- * getpeername4), attached to a cgroup v2 directory.
+ * getpeername4 and their IPv6 twins connect6, sendmsg6, recvmsg6,
+ * getpeername6), attached to a cgroup v2 directory.
  *
  * A connect() or an unconnected sendmsg() to a service frontend is sent to
  * a backend before any packet exists, so the flow needs no per-packet
@@ -27,6 +28,7 @@
  */
 #include <linux/net.h>
 #include "lib/lb.h"
+#include "lib/lb6.h"
 
 #define FP_SOCK_SKIP 1      /* sock_addr verdict 1 = let the call proceed */
 #define FP_ECONNREFUSED 111
@@ -178,4 +180,179 @@ int fp_sock_recv4(struct bpf_sock_addr *ctx)
 int fp_sock_peer4(struct bpf_sock_addr *ctx)
 {
 	return fp_sock_reverse(ctx);
+}
+
+/* ---- IPv6 sockets ----
+ *
+ * An IPv6 frontend is translated through the IPv6 maps exactly as above
+ * (same verdicts, affinity per network namespace, the reverse entry in
+ * FP_MAP_SOCKREV6). An IPv4-mapped destination (::ffff:a.b.c.d, an IPv6
+ * socket talking IPv4) is an IPv4 frontend: it goes through the IPv4 maps
+ * and its reverse entry, and the backend is written back mapped. The kernel
+ * runs the IPv6 hooks for such sockets on connect(), recvmsg() and
+ * getpeername(); an unconnected sendmsg() to a mapped address reaches the
+ * IPv4 sendmsg hook (udpv6_sendmsg hands it to udp_sendmsg), which is
+ * handled above. Loopback (::1, like 127.0.0.0/8) is the node's only. */
+
+#define FP_V4MAPPED_WORD 0xffff0000U  /* ::ffff:0:0/96's third word, as stored (LE host) */
+
+static __always_inline int fp_v4mapped(const __u32 *ip6)
+{
+	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == FP_V4MAPPED_WORD;
+}
+
+static __always_inline int fp_sock_applies6(struct bpf_sock_addr *ctx, const __u32 *ip6,
+					    __u64 *netns)
+{
+	struct fp_config *cfg = fp_config_get();
+	int loopback = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == bpf_htonl(1);
+
+	if (!cfg || !(cfg->flags & FP_CFG_F_SOCKLB))
+		return 0;
+	*netns = bpf_get_netns_cookie(ctx);
+	if (loopback || (cfg->flags & FP_CFG_F_SOCKLB_HOSTNS))
+		return *netns == cfg->host_netns_cookie;
+	return !fp_socklb_skipped(*netns);
+}
+
+static __always_inline int fp_sock_translate6(__u64 cookie, __u64 nscookie, __u8 proto,
+					      __u32 *addr, __be16 *port)
+{
+	struct fp_svc4 *svc = fp_service6_lookup(addr, *port, proto);
+	struct fp_sockrev6_key rkey = {};
+	struct fp_sockrev6 rval = {};
+	struct fp_backend6 *be;
+	__u32 backend_id = 0;
+
+	if (!svc) {
+		int net = fp_svcnet6_flags(addr);
+
+		return net > 0 && (net & FP_SVCNET_F_CLUSTER_IP) ? -1 : 0;
+	}
+	/* no IPv6 load-balancer frontends (and so no source ranges) exist
+	 * yet; a dropping entry is the packet path's to drop and count */
+	if (svc->flags & (FP_SVC_F_DROP | FP_SVC_F_SRC_RANGE))
+		return 0;
+	be = fp_lb6_pick(svc, (__be32)nscookie, &backend_id,
+			 (svc->flags & FP_SVC_F_AFFINITY) ? bpf_ktime_get_ns() : 0);
+	if (!be)
+		return -1;
+	rkey.cookie = cookie;
+	__builtin_memcpy(rkey.addr, be->ip, 16);
+	rkey.port = be->port;
+	__builtin_memcpy(rval.vip, addr, 16);
+	rval.vport = *port;
+	fp_sockrev6_put(&rkey, &rval);
+	__builtin_memcpy(addr, be->ip, 16);
+	*port = be->port;
+	return 1;
+}
+
+static __always_inline int fp_sock_forward6(struct bpf_sock_addr *ctx, __u8 proto)
+{
+	__u32 ip6[4];
+	__be16 port = (__be16)ctx->user_port;
+	__u64 netns = 0;
+	int rc;
+
+	ip6[0] = ctx->user_ip6[0];
+	ip6[1] = ctx->user_ip6[1];
+	ip6[2] = ctx->user_ip6[2];
+	ip6[3] = ctx->user_ip6[3];
+	if (fp_v4mapped(ip6)) {
+		__be32 addr = ip6[3];
+		struct bpf_sock *sk = ctx->sk;
+		struct fp_config *cfg = fp_config_get();
+		__be32 src = sk && sk->src_ip4 ? sk->src_ip4 : (cfg ? cfg->node_ip4 : 0);
+
+		if (!fp_sock_applies(ctx, addr, &netns))
+			return FP_SOCK_SKIP;
+		rc = fp_sock_translate(bpf_get_socket_cookie(ctx), netns, proto, src, &addr, &port);
+		if (rc < 0)
+			return fp_sock_refuse();
+		if (rc > 0) {
+			ctx->user_ip6[3] = addr;
+			ctx->user_port = port;
+		}
+		return FP_SOCK_SKIP;
+	}
+	if (!fp_sock_applies6(ctx, ip6, &netns))
+		return FP_SOCK_SKIP;
+	rc = fp_sock_translate6(bpf_get_socket_cookie(ctx), netns, proto, ip6, &port);
+	if (rc < 0)
+		return fp_sock_refuse();
+	if (rc > 0) {
+		ctx->user_ip6[0] = ip6[0];
+		ctx->user_ip6[1] = ip6[1];
+		ctx->user_ip6[2] = ip6[2];
+		ctx->user_ip6[3] = ip6[3];
+		ctx->user_port = port;
+	}
+	return FP_SOCK_SKIP;
+}
+
+static __always_inline int fp_sock_reverse6(struct bpf_sock_addr *ctx)
+{
+	__u32 ip6[4];
+
+	ip6[0] = ctx->user_ip6[0];
+	ip6[1] = ctx->user_ip6[1];
+	ip6[2] = ctx->user_ip6[2];
+	ip6[3] = ctx->user_ip6[3];
+	if (fp_v4mapped(ip6)) {
+		struct fp_sockrev4_key key = {};
+		struct fp_sockrev4 *rev;
+
+		key.cookie = bpf_get_socket_cookie(ctx);
+		key.addr = ip6[3];
+		key.port = (__be16)ctx->user_port;
+		rev = fp_sockrev_lookup(&key);
+		if (rev) {
+			ctx->user_ip6[3] = rev->vip;
+			ctx->user_port = rev->vport;
+		}
+	} else {
+		struct fp_sockrev6_key key = {};
+		struct fp_sockrev6 *rev;
+
+		key.cookie = bpf_get_socket_cookie(ctx);
+		__builtin_memcpy(key.addr, ip6, 16);
+		key.port = (__be16)ctx->user_port;
+		rev = fp_sockrev6_lookup(&key);
+		if (rev) {
+			__u32 vip[4];
+
+			__builtin_memcpy(vip, rev->vip, 16);
+			ctx->user_ip6[0] = vip[0];
+			ctx->user_ip6[1] = vip[1];
+			ctx->user_ip6[2] = vip[2];
+			ctx->user_ip6[3] = vip[3];
+			ctx->user_port = rev->vport;
+		}
+	}
+	return FP_SOCK_SKIP;
+}
+
+int fp_sock_conn6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
+		return FP_SOCK_SKIP;
+	return fp_sock_forward6(ctx, ctx->protocol);
+}
+
+int fp_sock_send6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->protocol != IPPROTO_UDP)
+		return FP_SOCK_SKIP;
+	return fp_sock_forward6(ctx, IPPROTO_UDP);
+}
+
+int fp_sock_recv6(struct bpf_sock_addr *ctx)
+{
+	return fp_sock_reverse6(ctx);
+}
+
+int fp_sock_peer6(struct bpf_sock_addr *ctx)
+{
+	return fp_sock_reverse6(ctx);
 }

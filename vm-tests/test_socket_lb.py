@@ -73,7 +73,9 @@ def test_host_sockets_reach_a_clusterip_and_still_see_the_vip(world, cgroup):
         program_service(agent.datapath.lb, b)
         progs = agent.datapath.attach_socket_lb(cgroup, hostns_only=True)
         assert {p.name for p in progs} == {"fp_sock_conn4", "fp_sock_send4",
-                                           "fp_sock_recv4", "fp_sock_peer4"}
+                                           "fp_sock_recv4", "fp_sock_peer4",
+                                           "fp_sock_conn6", "fp_sock_send6",
+                                           "fp_sock_recv6", "fp_sock_peer6"}
         serve(b, 8080, "from-b")
         serve(b, 5353, "answer", udp=True)
         b.wait_port(8080)
@@ -111,7 +113,8 @@ def test_host_namespace_only_leaves_pod_sockets_to_the_per_packet_path(world, cg
         agent.datapath.attach_socket_lb(cgroup, hostns_only=False)   # re-attach: no gap, no double
         from agent.datapath import cgroup as cg
         assert sorted(p.name for p in cg.attached(cgroup) if p.ours) == sorted(
-            ["fp_sock_conn4", "fp_sock_send4", "fp_sock_recv4", "fp_sock_peer4"])
+            ["fp_sock_conn4", "fp_sock_send4", "fp_sock_recv4", "fp_sock_peer4",
+             "fp_sock_conn6", "fp_sock_send6", "fp_sock_recv6", "fp_sock_peer6"])
         assert in_cgroup(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
         assert lb.conntrack() == [], "socket-LB for all sockets: nothing to translate per packet"
         agent.datapath.detach_socket_lb(cgroup)

@@ -40,6 +40,7 @@ from agent.lb.reconcile import (DeleteBackend, DeleteMaglev, DeleteRanges, Delet
                                 PutSlots, Reconciler, ServiceEntry)
 from agent.lb.svcnet import entries as svcnet_entries
 from agent.lb.svcnet import entry_of as svcnet_entry
+from agent.lb.svcnet import host_prefix as svcnet_host_prefix
 from agent.lb.table import ServiceTable
 from agent.daemon.worker import Purger, Worker, planning, settle_gc
 
@@ -350,7 +351,7 @@ class ServiceSync(Worker):
                 prefix, flags = svcnet_entry(ip, self.table.cluster_ips[ip])
                 self.lb.svcnet_put(prefix, flags)
             else:
-                self.lb.svcnet_delete(f"{ip}/32")
+                self.lb.svcnet_delete(svcnet_host_prefix(ip))
 
     def sync_once(self) -> int:
         """Full rebuild from the current snapshot (start, zone or address

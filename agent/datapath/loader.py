@@ -38,6 +38,8 @@ PROGRAM_FILES = ("pod.c", "eni.c", "sock.c")
 SCHED_CLS, CGROUP_SOCK_ADDR = 3, 18
 BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_UDP4_SENDMSG = 10, 14
 BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_INET4_GETPEERNAME = 19, 29
+BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_UDP6_SENDMSG = 11, 15
+BPF_CGROUP_UDP6_RECVMSG, BPF_CGROUP_INET6_GETPEERNAME = 20, 30
 PROGRAMS = {
     "fp_from_pod": ("pod.c", SCHED_CLS, -1),
     "fp_to_pod": ("pod.c", SCHED_CLS, -1),
@@ -51,6 +53,10 @@ PROGRAMS = {
     "fp_sock_send4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_SENDMSG),
     "fp_sock_recv4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_RECVMSG),
     "fp_sock_peer4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_GETPEERNAME),
+    "fp_sock_conn6": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_INET6_CONNECT),
+    "fp_sock_send6": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP6_SENDMSG),
+    "fp_sock_recv6": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP6_RECVMSG),
+    "fp_sock_peer6": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_INET6_GETPEERNAME),
 }
 # Program -> the FP_MAP_TAILS slot (fastpath.h: FP_TAIL_*) it is reached by.
 TAIL_CALLS = {"fp_pod_route": "FP_TAIL_FROM_POD_ROUTE", "fp_from_pod6": "FP_TAIL_FROM_POD6",

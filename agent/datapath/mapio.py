@@ -218,7 +218,8 @@ def update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> int:
 # -- unpacking by layout ---------------------------------------------------------
 
 Field = tuple[str, int, int]        # (name, byte offset, byte size)
-_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+# 16 bytes: an IPv6 address, packed and unpacked as bytes (network order)
+_CODES = {1: "B", 2: "H", 4: "I", 8: "Q", 16: "16s"}
 
 
 def fields_of(ctype) -> list[Field]:
@@ -255,8 +256,8 @@ def _fields_struct(layout: Iterable[Field], size: int,
 
 class Unpacker:
     """Unpacks the named scalar fields of packed structs of one layout, in
-    the order asked for. Fields wider than 8 bytes are not scalars and
-    cannot be asked for."""
+    the order asked for. A 16-byte field (an IPv6 address) comes as bytes;
+    other fields wider than 8 bytes cannot be asked for."""
 
     def __init__(self, layout: Iterable[Field], size: int, names: Sequence[str]):
         self.size = size

@@ -459,22 +459,40 @@ class LbMaps:
         self._maglev = tables[MAP["FP_MAP_MAGLEV"]]
         self._rng = tables[MAP["FP_MAP_SRC_RANGE"]]
         self._svcnet = tables[MAP["FP_MAP_SVCNET"]]
+        # IPv6 twins (fastpath.h): an entry goes to the map of its
+        # address's family; slots, Maglev tables and affinity are shared
+        # (one id space over both families).
+        self._svc6 = tables[MAP["FP_MAP_SERVICES6"]]
+        self._be6 = tables[MAP["FP_MAP_BACKENDS6"]]
+        self._svcnet6 = tables[MAP["FP_MAP_SVCNET6"]]
+        self._sockrev6 = tables[MAP["FP_MAP_SOCKREV6"]]
         self.maglev_size = len(self._maglev.Leaf().backend_ids)
 
     def _svc_key(self, vip: str, port: int, proto: str, scope: int = 0):
+        if ":" in vip:
+            k = self._svc6.Key(port=be16(port), proto=PROTO_NUM[proto], scope=scope)
+            k.vip[:] = list(socket.inet_pton(socket.AF_INET6, vip))
+            return k
         return self._svc.Key(vip=be32(vip), port=be16(port), proto=PROTO_NUM[proto], scope=scope)
 
     def put_backend(self, backend_id: int, ip: str, port: int, proto: str,
                     draining: bool = False) -> None:
-        v = self._be.Leaf(ip=be32(ip), port=be16(port), proto=PROTO_NUM[proto],
-                          flags=DEFS.defines["FP_BE_F_DRAINING"] if draining else 0)
+        flags = DEFS.defines["FP_BE_F_DRAINING"] if draining else 0
+        if ":" in ip:
+            v = self._be6.Leaf(port=be16(port), proto=PROTO_NUM[proto], flags=flags)
+            v.ip[:] = list(socket.inet_pton(socket.AF_INET6, ip))
+            self._be6[self._be6.Key(backend_id)] = v
+            return
+        v = self._be.Leaf(ip=be32(ip), port=be16(port), proto=PROTO_NUM[proto], flags=flags)
         self._be[self._be.Key(backend_id)] = v
 
     def delete_backend(self, backend_id: int) -> None:
-        try:
-            del self._be[self._be.Key(backend_id)]
-        except KeyError:
-            pass
+        # a backend id lives in one family's map; the caller need not know which
+        for t in (self._be, self._be6):
+            try:
+                del t[t.Key(backend_id)]
+            except KeyError:
+                pass
 
     def put_slots(self, svc_id: int, backend_ids, first: int = 1) -> None:
         for i, bid in enumerate(backend_ids, start=first):
@@ -489,9 +507,9 @@ class LbMaps:
 
     def put_service(self, vip: str, port: int, proto: str, svc_id: int, count: int,
                     flags: int = 0, affinity_timeout: int = 0, scope: int = 0) -> None:
-        v = self._svc.Leaf(svc_id=svc_id, count=count, flags=flags,
-                           affinity_timeout=affinity_timeout)
-        self._svc[self._svc_key(vip, port, proto, scope)] = v
+        t = self._svc6 if ":" in vip else self._svc
+        v = t.Leaf(svc_id=svc_id, count=count, flags=flags, affinity_timeout=affinity_timeout)
+        t[self._svc_key(vip, port, proto, scope)] = v
 
     # Batched writes (BPF_MAP_UPDATE_BATCH): entries are applied in order.
     # Keys and values are packed straight to bytes by the maps' own layouts
@@ -526,12 +544,23 @@ class LbMaps:
         mapio.update_batch_packed(table.map_fd, b"".join(keys), b"".join(values), len(keys))
 
     def put_backends(self, rows) -> None:
-        """[(backend_id, ip, port, proto, draining)], in order."""
+        """[(backend_id, ip, port, proto, draining)], in order (each family's
+        rows in their own batch: no slot is written before all of them)."""
         drain = DEFS.defines["FP_BE_F_DRAINING"]
-        kp, vp = self._packers(self._be, ("value",), ("ip", "port", "proto", "flags"))
-        self._write_packed(self._be, [kp(r[0]) for r in rows],
-                           [vp(be32(ip), be16(port), PROTO_NUM[proto], drain if draining else 0)
-                            for _, ip, port, proto, draining in rows])
+        rows4 = [r for r in rows if ":" not in r[1]]
+        rows6 = [r for r in rows if ":" in r[1]]
+        if rows4:
+            kp, vp = self._packers(self._be, ("value",), ("ip", "port", "proto", "flags"))
+            self._write_packed(self._be, [kp(r[0]) for r in rows4],
+                               [vp(be32(ip), be16(port), PROTO_NUM[proto],
+                                   drain if draining else 0)
+                                for _, ip, port, proto, draining in rows4])
+        if rows6:
+            kp, vp = self._packers(self._be6, ("value",), ("ip", "port", "proto", "flags"))
+            self._write_packed(self._be6, [kp(r[0]) for r in rows6],
+                               [vp(socket.inet_pton(socket.AF_INET6, ip), be16(port),
+                                   PROTO_NUM[proto], drain if draining else 0)
+                                for _, ip, port, proto, draining in rows6])
 
     def put_slot_runs(self, runs) -> None:
         """[(svc_id, backend_ids, first slot)], in order."""
@@ -543,27 +572,37 @@ class LbMaps:
 
     def put_services(self, rows) -> None:
         """[(vip, port, proto, svc_id, count, flags, affinity_timeout[, scope])], in order."""
-        kp, vp = self._packers(self._svc, ("vip", "port", "proto", "scope"),
-                               ("svc_id", "count", "flags", "affinity_timeout"))
-        keys, vals = [], []
-        for vip, port, proto, sid, count, flags, aff, *scope in rows:
-            keys.append(kp(be32(vip), be16(port), PROTO_NUM[proto], scope[0] if scope else 0))
-            vals.append(vp(sid, count, flags, aff))
-        self._write_packed(self._svc, keys, vals)
+        for table, v6 in ((self._svc, False), (self._svc6, True)):
+            mine = [r for r in rows if (":" in r[0]) == v6]
+            if not mine:
+                continue
+            kp, vp = self._packers(table, ("vip", "port", "proto", "scope"),
+                                   ("svc_id", "count", "flags", "affinity_timeout"))
+            keys, vals = [], []
+            for vip, port, proto, sid, count, flags, aff, *scope in mine:
+                addr = socket.inet_pton(socket.AF_INET6, vip) if v6 else be32(vip)
+                keys.append(kp(addr, be16(port), PROTO_NUM[proto], scope[0] if scope else 0))
+                vals.append(vp(sid, count, flags, aff))
+            self._write_packed(table, keys, vals)
 
     def delete_service(self, vip: str, port: int, proto: str, scope: int = 0) -> None:
+        t = self._svc6 if ":" in vip else self._svc
         try:
-            del self._svc[self._svc_key(vip, port, proto, scope)]
+            del t[self._svc_key(vip, port, proto, scope)]
         except KeyError:
             pass
 
     def services(self) -> list[dict]:
+        """Every frontend of both families."""
         out = []
-        for k, v in self._svc.items():
-            out.append({"vip": ip_from_be32(k.vip), "port": port_from_be16(k.port),
-                        "proto": PROTO_NAME.get(k.proto, str(k.proto)), "scope": k.scope,
-                        "svc_id": v.svc_id, "count": v.count, "flags": v.flags,
-                        "affinity_timeout": v.affinity_timeout})
+        for t, v6 in ((self._svc, False), (self._svc6, True)):
+            for k, v in t.items():
+                vip = (str(ipaddress.IPv6Address(bytes(k.vip))) if v6
+                       else ip_from_be32(k.vip))
+                out.append({"vip": vip, "port": port_from_be16(k.port),
+                            "proto": PROTO_NAME.get(k.proto, str(k.proto)), "scope": k.scope,
+                            "svc_id": v.svc_id, "count": v.count, "flags": v.flags,
+                            "affinity_timeout": v.affinity_timeout})
         return out
 
     # -- Maglev tables, source ranges, Service address ranges -------------
@@ -613,7 +652,19 @@ class LbMaps:
 
     def _svcnet_key(self, prefix: str):
         net = ipaddress.ip_network(prefix)
+        if net.version == 6:
+            return self._lpm6_key(self._svcnet6, net)
         return self._svcnet.Key(prefixlen=net.prefixlen, addr=be32(str(net.network_address)))
+
+    @staticmethod
+    def _lpm6_key(table, net):
+        k = table.Key()
+        k.prefixlen = net.prefixlen
+        k.addr[:] = list(net.network_address.packed)
+        return k
+
+    def _svcnet_table(self, prefix: str):
+        return self._svcnet6 if ":" in prefix else self._svcnet
 
     def _svcnet_fill(self, items):
         """[(prefix, flags)] -> a batch's keys and values (the 10,000
@@ -632,24 +683,34 @@ class LbMaps:
         return fill
 
     def svcnet(self) -> dict[str, int]:
-        return {f"{ip_from_be32(k.addr)}/{k.prefixlen}": v.value
-                for k, v in self._svcnet.items()}
+        """Both families' Service ranges and ClusterIPs."""
+        out = {f"{ip_from_be32(k.addr)}/{k.prefixlen}": v.value
+               for k, v in self._svcnet.items()}
+        out.update({f"{ipaddress.IPv6Address(bytes(k.addr))}/{k.prefixlen}": v.value
+                    for k, v in self._svcnet6.items()})
+        return out
 
     def svcnet_put(self, prefix: str, flags: int) -> None:
-        self._svcnet[self._svcnet_key(prefix)] = self._svcnet.Leaf(flags)
+        t = self._svcnet_table(prefix)
+        t[self._svcnet_key(prefix)] = t.Leaf(flags)
 
     def svcnet_delete(self, prefix: str) -> None:
+        t = self._svcnet_table(prefix)
         try:
-            del self._svcnet[self._svcnet_key(prefix)]
+            del t[self._svcnet_key(prefix)]
         except KeyError:
             pass
 
     def svcnet_set(self, want: dict[str, int]) -> None:
-        """Make the map hold exactly `want` (prefix -> flags): additions and
-        changes first, then removals."""
+        """Make the maps hold exactly `want` (prefix -> flags, both
+        families): additions and changes first, then removals."""
         have = self.svcnet()
-        put = [(prefix, flags) for prefix, flags in want.items() if have.get(prefix) != flags]
+        put = [(prefix, flags) for prefix, flags in want.items()
+               if have.get(prefix) != flags and ":" not in prefix]
         self._update_batch(self._svcnet, len(put), self._svcnet_fill(put))
+        for prefix, flags in want.items():
+            if ":" in prefix and have.get(prefix) != flags:
+                self.svcnet_put(prefix, flags)
         for prefix in set(have) - set(want):
             self.svcnet_delete(prefix)
 
@@ -693,13 +754,20 @@ class LbMaps:
                 for i in range(1, count + 1)]
 
     def backends(self) -> dict[int, tuple[str, int, str]]:
-        return {k.value: (ip_from_be32(v.ip), port_from_be16(v.port), PROTO_NAME.get(v.proto, "?"))
-                for k, v in self._be.items()}
+        """Every backend of both families, by id (one id space)."""
+        out = {k.value: (ip_from_be32(v.ip), port_from_be16(v.port),
+                         PROTO_NAME.get(v.proto, "?"))
+               for k, v in self._be.items()}
+        for k, v in self._be6.items():
+            out[k.value] = (str(ipaddress.IPv6Address(bytes(v.ip))), port_from_be16(v.port),
+                            PROTO_NAME.get(v.proto, "?"))
+        return out
 
     def draining_backends(self) -> set[int]:
         """Backend ids kept only for the flows already on them."""
         drain = DEFS.defines["FP_BE_F_DRAINING"]
-        return {k.value for k, v in self._be.items() if v.flags & drain}
+        return ({k.value for k, v in self._be.items() if v.flags & drain}
+                | {k.value for k, v in self._be6.items() if v.flags & drain})
 
     def all_slots(self) -> dict[tuple[int, int], int]:
         return {(k.svc_id, k.slot): v.backend_id for k, v in self._slot.items()}
@@ -724,6 +792,14 @@ class LbMaps:
     def sockrev_get(self, cookie: int, addr: str, port: int) -> tuple[str, int] | None:
         """The frontend (VIP, port) socket-LB translated socket `cookie` from,
         when it sent it to backend addr:port; None when it did not."""
+        if ":" in addr:
+            k = self._sockrev6.Key(cookie=cookie, port=be16(port))
+            k.addr[:] = list(socket.inet_pton(socket.AF_INET6, addr))
+            try:
+                v = self._sockrev6[k]
+            except KeyError:
+                return None
+            return str(ipaddress.IPv6Address(bytes(v.vip))), port_from_be16(v.vport)
         k = self._sockrev.Key(cookie=cookie, addr=be32(addr), port=be16(port))
         try:
             v = self._sockrev[k]

@@ -52,6 +52,14 @@
  * so the IPv4 keys, lookups and hot path stay exactly as they are. */
 #define FP_MAP_ENDPOINTS6 fp_ep6_v1
 #define FP_MAP_BYPASS6    fp_bypass6_v1
+/* IPv6 Services (v6svc): frontends and backends of IPv6 ClusterIPs, the
+ * IPv6 Service ranges and ClusterIPs, and socket-LB's reverse entries of
+ * IPv6 sockets. Slots, Maglev tables and affinity stay shared: service and
+ * backend ids are one id space over both families. */
+#define FP_MAP_SERVICES6  fp_svc6_v1
+#define FP_MAP_BACKENDS6  fp_be6_v1
+#define FP_MAP_SVCNET6    fp_svcnet6_v1
+#define FP_MAP_SOCKREV6   fp_sockrev6_v1
 /* Programs reached by tail call (FP_TAIL_* below). Pinned: attached
  * programs keep reaching them while the agent restarts (a prog array
  * forgets its programs once no file or pin refers to it); the agent writes
@@ -221,6 +229,16 @@ struct fp_svc4 {
 };
 _Static_assert(sizeof(struct fp_svc4) == 12, "fp_svc4 layout");
 
+/* IPv6 frontends (FP_MAP_SERVICES6): the same value as IPv4's (struct
+ * fp_svc4), so the service id, slots, flags and affinity read alike. */
+struct fp_svc6_key {
+	__u8 vip[16];          /* NBO */
+	__be16 port;           /* NBO */
+	__u8 proto;            /* IPPROTO_* */
+	__u8 scope;            /* FP_SCOPE_* */
+};
+_Static_assert(sizeof(struct fp_svc6_key) == 20, "fp_svc6_key layout");
+
 /* Service address ranges (kube-proxy's nftables-mode checks): an LPM trie
  * of IPv4 prefixes (struct fp_lpm4_key) -> __u32 FP_SVCNET_F_* flags. A new
  * flow to an address here that is no frontend is rejected when the address
@@ -251,6 +269,16 @@ struct fp_backend4 {
 	__u8 flags;            /* FP_BE_F_* */
 };
 _Static_assert(sizeof(struct fp_backend4) == 8, "fp_backend4 layout");
+
+/* IPv6 backends (FP_MAP_BACKENDS6), keyed by backend id like IPv4's: a slot
+ * of an IPv6 frontend names a backend id found here. */
+struct fp_backend6 {
+	__u8 ip[16];           /* NBO */
+	__be16 port;           /* NBO */
+	__u8 proto;
+	__u8 flags;            /* FP_BE_F_* */
+};
+_Static_assert(sizeof(struct fp_backend6) == 20, "fp_backend6 layout");
 
 /* Maglev: for a frontend with FP_SVC_F_MAGLEV, a new flow takes entry
  * fp_maglev_hash(flow) % FP_MAGLEV_M of its table (the same backends on
@@ -454,6 +482,25 @@ struct fp_sockrev4 {
 	__be16 vport;          /* NBO */
 	__u16 pad;
 };
+
+/* Socket-LB's reverse entries of IPv6 sockets (FP_MAP_SOCKREV6). An
+ * IPv4-mapped socket (::ffff:a.b.c.d) translated through the IPv4 maps
+ * keeps its entry in FP_MAP_SOCKREV, under the IPv4 backend. */
+struct fp_sockrev6_key {
+	__u64 cookie;          /* HBO: bpf_get_socket_cookie() */
+	__u8 addr[16];         /* NBO: backend */
+	__be16 port;           /* NBO */
+	__u16 pad;
+	__u32 pad2;
+};
+_Static_assert(sizeof(struct fp_sockrev6_key) == 32, "fp_sockrev6_key layout");
+
+struct fp_sockrev6 {
+	__u8 vip[16];          /* NBO */
+	__be16 vport;          /* NBO */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_sockrev6) == 20, "fp_sockrev6 layout");
 
 /* Runtime settings the programs read (one entry), written by the agent. */
 #define FP_CFG_F_SOCKLB          (1U << 0)  /* socket-LB on */

@@ -180,3 +180,58 @@ def test_batched_service_writes_leave_what_single_writes_leave(lb):
         assert len(errors[1]["_be"]) == 32
     finally:
         _clear(lb)
+
+
+# -- IPv6 and dual-stack Services (v6svc) ---------------------------------------
+
+def dual(name, i, v4_backends, v6_backends):
+    return [service(name, ip=[vip(i), f"fd00:16::{i:x}"], ipFamilies=["IPv4", "IPv6"],
+                    ipFamilyPolicy="PreferDualStack"),
+            eslice(f"{name}-4", name, [ep(ip) for ip in v4_backends]),
+            eslice(f"{name}-6", name, [ep(ip) for ip in v6_backends], address_type="IPv6")]
+
+
+def test_dual_stack_services_go_to_each_familys_maps_and_come_back_from_them(small, lb):
+    store = Store()
+    objs = []
+    for i in range(1, 21):     # each family's map holds 16 frontends
+        objs += dual(f"d{i:02d}", i, [f"10.2.0.{i}"], [f"fd00:2::{i:x}"])
+    put(store, *objs)
+    s = sync_for(lb, small, store)
+    assert s._guarded(s.sync_once) > 0 and s.errors == 0
+    v4 = {e["vip"] for e in lb.services() if ":" not in e["vip"]}
+    v6 = {e["vip"] for e in lb.services() if ":" in e["vip"]}
+    assert len(v4) == 16 and len(v6) == 16
+    # refused whole, by name: no Service has one family in and not the other
+    refused = sorted(k[1] for k in s.refused)
+    assert refused == [f"d{i:02d}" for i in range(17, 21)]
+    assert all("refused" in str(r) for r in s.refused.values())
+    # every entry the kernel holds is whole, each frontend with its family's backend
+    slots, bes = lb.all_slots(), lb.backends()
+    for e in lb.services():
+        for k in range(1, e["count"] + 1):
+            ip = bes[slots[(e["svc_id"], k)]][0]
+            assert (":" in ip) == (":" in e["vip"]), (e, ip)
+    # the Service ranges of both families (the IPv6 map holds the ClusterIPs)
+    net = lb.svcnet()
+    assert net["fd00:16::1/128"] == 1 and net[f"{vip(1)}/32"] == 1
+    # an agent restart reads both families back and has nothing to write
+    rec = restore_reconciler(lb)
+    assert rec.plan({fe: s.reconciler.state(fe) for fe in s.reconciler.frontends()}) == []
+    assert rec.usage()["services6"] == 16 and rec.usage()["backends6"] == 16
+
+
+def test_the_ipv6_map_full_refuses_ipv6_services_by_name_while_ipv4_ones_still_fit(small, lb):
+    store = Store()
+    objs = []
+    for i in range(1, 19):
+        objs += [service(f"six{i:02d}", ip=f"fd00:16::{i:x}", ipFamilies=["IPv6"]),
+                 eslice(f"six{i:02d}-6", f"six{i:02d}", [ep(f"fd00:2::{i:x}")],
+                        address_type="IPv6")]
+    objs += svc("four", 1, "10.1.0.1")
+    put(store, *objs)
+    s = sync_for(lb, small, store)
+    assert s._guarded(s.sync_once) > 0 and s.errors == 0
+    assert sorted(k[1] for k in s.refused) == ["six17", "six18"]
+    assert "services6 map would need 17 entries (capacity 16)" in str(s.refused[("shop", "six17")])
+    assert (vip(1), 80, "TCP") in frontends(lb)

@@ -8,7 +8,7 @@ import pytest
 
 from agent.k8s.parse import ValidationError, parse_object
 from agent.lb.capacity import Capacities, admit
-from agent.lb.compile import Backend, Frontend, compile_services
+from agent.lb.compile import Frontend, compile_services
 from agent.lb.reconcile import FakeMaps, Reconciler, check_whole
 from agent.lb.svcnet import FLAG_CLUSTER_IP, FLAG_RANGE, entries
 from agent.lb.table import ServiceTable
@@ -148,8 +148,7 @@ def test_service_ranges_and_cluster_ips_of_both_families():
     got = entries(table.cluster_ips, ["172.16.0.0/16", "fd00:10::/108"])
     assert got == {"172.16.0.0/16": FLAG_RANGE, "fd00:10::/108": FLAG_RANGE,
                    f"{V4}/32": FLAG_CLUSTER_IP, f"{V6}/128": FLAG_CLUSTER_IP}
-    # the IPv6 ClusterIP leaves with its Service; the IPv4 one stays with another
-    from agent.k8s.store import Store
+    # the Service becomes IPv4-only: its IPv6 ClusterIP leaves the ranges
     table.rebuild(snapshot(dual(ips=(V4,)), *slices()))
     assert V6 in table.changed_cluster_ips and table.cluster_ips == {V4: True}
 

@@ -1,0 +1,203 @@
+"""Socket-LB for IPv6 and dual-stack Services with real sockets, on a
+dual-stack simulated node: the hooks on the test's own cgroup v2 child
+(never the root cgroup), clients in the node's netns and in a pod's.
+
+The Services are written the agent's way: Service and EndpointSlice objects
+-> agent.lb.table -> the reconciler's plan -> agent.daemon.services.apply_ops
+into the real maps, both families in one plan.
+
+    client (cgroup fp-test-*)  connect([VIP6]:80) --[fp_sock_conn6]--> [b6]:8080
+                               connect(::ffff:VIP4) --[fp_sock_conn6, IPv4 maps]--> ::ffff:b4
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from agent.daemon.services import apply_ops
+from agent.datapath.maps import netns_cookie
+from agent.lb.reconcile import Reconciler
+from agent.lb.svcnet import entries as svcnet_entries
+from agent.lb.table import ServiceTable
+from agent.sim.agent import sim_attach
+from agent.sim.world import World
+
+from tests.lb.lbdata import ep, eslice, service, snapshot
+
+VIP4, VIP6 = "192.168.66.10", "fd00:66::10"
+NOAFF6, EMPTY6 = "fd00:66::11", "fd00:66::12"
+
+# TCP and UDP on one dual-stack socket each (IPv4 clients arrive mapped):
+# each answer is `reply` and the client's address as the server saw it.
+SERVER = r"""
+import socket, sys, threading
+port, reply = int(sys.argv[1]), sys.argv[2]
+def tcp():
+    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port)); s.listen(64)
+    while True:
+        c, a = s.accept()
+        c.recv(100); c.sendall(f"{reply} {a[0]}".encode()); c.close()
+def udp():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port + 1))
+    while True:
+        d, a = s.recvfrom(100); s.sendto(f"{reply} {a[0]}".encode(), a)
+threading.Thread(target=udp, daemon=True).start()
+tcp()
+"""
+
+# family: 4 (AF_INET), 6 (AF_INET6), or mapped (AF_INET6 to ::ffff:<IPv4>)
+CLIENT = r"""
+import socket, sys
+vip, port, proto, fam = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+af = socket.AF_INET if fam == "4" else socket.AF_INET6
+if fam == "mapped":
+    vip = "::ffff:" + vip
+try:
+    if proto == "tcp":
+        s = socket.socket(af, socket.SOCK_STREAM); s.settimeout(3)
+        s.connect((vip, port))
+        peer = s.getpeername()
+        s.sendall(b"hi"); s.shutdown(socket.SHUT_WR)
+        data = s.recv(100)
+    else:
+        s = socket.socket(af, socket.SOCK_DGRAM); s.settimeout(3)
+        if proto == "udp-connected":
+            s.connect((vip, port)); s.send(b"q")
+            data = s.recv(100); peer = s.getpeername()
+        else:
+            s.sendto(b"q", (vip, port))
+            data, peer = s.recvfrom(100)
+    print(data.decode(), peer[0], peer[1])
+except OSError as e:
+    print("ERROR", e.errno, e.strerror)
+"""
+
+
+def run_client(ns, cg: str, *args: str) -> str:
+    cmd = (f'echo $$ > {cg}/cgroup.procs && '
+           f'exec ip netns exec {ns.netns} {sys.executable} -c "$0" "$@"')
+    return subprocess.run(["sh", "-c", cmd, CLIENT, *args], capture_output=True, text=True,
+                          timeout=15).stdout.strip()
+
+
+def serve(pod, reply: str):
+    p = pod.popen(["python3", "-c", SERVER, "8080", reply])
+    pod.wait_port(8080)
+    pod.wait_port(8081, udp=True)
+    return p
+
+
+def web_objects(b, c, *, affinity: bool = False, v6_backends=None):
+    """web: dual-stack (VIP4, VIP6), TCP 80 and UDP 53 -> 8080 / 8081 on b
+    (and c); noaff6: IPv6 only; empty6: IPv6 only without endpoints."""
+    ports = (("http", 80, "TCP", 8080), ("dns", 53, "UDP", 8081))
+    sports = (("http", 8080, "TCP"), ("dns", 8081, "UDP"))
+    extra = {"sessionAffinity": "ClientIP"} if affinity else {}
+    pods = [b, c] if c is not None else [b]
+    six = v6_backends if v6_backends is not None else [p.ip6 for p in pods]
+    return [
+        service("web", ip=[VIP4, VIP6], ports=ports, ipFamilies=["IPv4", "IPv6"],
+                ipFamilyPolicy="RequireDualStack", **extra),
+        eslice("web-4", "web", [ep(p.ip, node="n1") for p in pods], ports=sports),
+        eslice("web-6", "web", [ep(ip, node="n1") for ip in six], ports=sports,
+               address_type="IPv6"),
+        service("empty6", ip=[EMPTY6], ports=ports, ipFamilies=["IPv6"]),
+    ]
+
+
+def program(lb, objs, rec=None, table=None):
+    """The agent's pipeline into the real maps; returns (reconciler, table)."""
+    rec = rec or Reconciler()
+    table = table or ServiceTable("n1", "")
+    apply_ops(lb, rec.plan_changes(table.rebuild(snapshot(*objs))))
+    lb.svcnet_set(svcnet_entries(table.cluster_ips, ["192.168.66.0/24", "fd00:66::/112"]))
+    return rec, table
+
+
+def test_ipv6_and_dual_stack_clusterips_at_the_socket(cgroup):
+    with World(dual_stack=True) as world:
+        node = world.add_node("n1", enis=1)
+        b = node.add_pod("b")
+        serve(b, "from-b")
+        with sim_attach(node) as agent:
+            lb = agent.datapath.lb
+            program(lb, web_objects(b, None))
+            # both families' entries in their own maps, one id space
+            got = {(s["vip"], s["port"], s["proto"]) for s in lb.services()}
+            assert {(VIP4, 80, "TCP"), (VIP6, 80, "TCP"), (VIP6, 53, "UDP"),
+                    (EMPTY6, 80, "TCP")} <= got
+            assert sorted(ip for ip, _, _ in lb.backends().values()) == sorted(
+                [b.ip, b.ip, b.ip6, b.ip6])
+            agent.datapath.attach_socket_lb(cgroup, hostns_only=True)
+            # TCP and UDP to the IPv6 ClusterIP: the backend answers, the
+            # application sees the ClusterIP (getpeername6, recvmsg6)
+            out = run_client(node, cgroup, VIP6, "80", "tcp", "6").split()
+            assert out[0] == "from-b" and out[2:] == [VIP6, "80"], out
+            out = run_client(node, cgroup, VIP6, "53", "udp", "6").split()
+            assert out[0] == "from-b" and out[2:] == [VIP6, "53"], out
+            out = run_client(node, cgroup, VIP6, "53", "udp-connected", "6").split()
+            assert out[0] == "from-b" and out[2:] == [VIP6, "53"], out
+            # the same dual-stack Service over IPv4
+            out = run_client(node, cgroup, VIP4, "80", "tcp", "4").split()
+            assert out[0] == "from-b" and out[2:] == [VIP4, "80"], out
+            # an IPv6 socket talking IPv4 (::ffff:VIP4): through the IPv4
+            # maps, the backend's IPv4 address reached, the ClusterIP seen
+            for proto, port in (("tcp", "80"), ("udp", "53"), ("udp-connected", "53")):
+                out = run_client(node, cgroup, VIP4, port, proto, "mapped").split()
+                assert out[0] == "from-b" and out[2:] == [f"::ffff:{VIP4}", port], (proto, out)
+            # translated at the socket: no packet needed translating
+            assert lb.conntrack() == []
+            # no endpoint, and an unknown port of a live IPv6 ClusterIP:
+            # refused at once with ECONNREFUSED, as for IPv4
+            for vip, port, proto in ((EMPTY6, "80", "tcp"), (EMPTY6, "53", "udp"),
+                                     (VIP6, "9999", "tcp"), (VIP6, "9999", "udp")):
+                t = time.monotonic()
+                out = run_client(node, cgroup, vip, port, proto, "6")
+                assert out == "ERROR 111 Connection refused", (vip, port, proto, out)
+                assert time.monotonic() - t < 2.5
+            agent.datapath.detach_socket_lb(cgroup)
+
+
+def test_ipv6_affinity_opt_out_and_backend_change_at_the_socket(cgroup):
+    with World(dual_stack=True) as world:
+        node = world.add_node("n1", enis=1)
+        a, b, c = node.add_pod("a"), node.add_pod("b"), node.add_pod("c")
+        serve(b, "from-b")
+        serve(c, "from-c")
+        with sim_attach(node) as agent:
+            lb = agent.datapath.lb
+            rec, table = program(lb, web_objects(b, c))
+            agent.datapath.attach_socket_lb(cgroup, hostns_only=False)
+            # without affinity both IPv6 backends are used (from pod a's netns:
+            # all sockets mode)
+            seen = {run_client(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
+                    for _ in range(16)}
+            assert seen == {"from-b", "from-c"}, seen
+            # ClientIP affinity: every connection of the netns on one backend
+            program(lb, web_objects(b, c, affinity=True), rec, table)
+            seen = [run_client(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
+                    for _ in range(8)]
+            assert len(set(seen)) == 1 and seen[0] in ("from-b", "from-c"), seen
+            # the IPv6 slice loses b: new connections go to c only (the
+            # affinity entries of the ended (service, backend) pairs purged
+            # as the agent's AffinityPurger does)
+            program(lb, web_objects(b, c, v6_backends=[c.ip6]), rec, table)
+            lb.affinity_purge(set(rec.released_service_ids), set(),
+                              set(rec.ended_pairs))
+            seen = {run_client(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
+                    for _ in range(8)}
+            assert seen == {"from-c"}, seen
+            # the socket-LB opt-out: pod a's netns listed, its IPv6 socket is
+            # left alone (no reverse entry, the ClusterIP is not reached at
+            # the socket), while the node's sockets are still translated
+            agent.datapath.socklb_skip.set({netns_cookie(a.netns): 1})
+            out = run_client(a, cgroup, VIP6, "80", "tcp", "6")
+            assert not out.startswith("from-"), out
+            out = run_client(node, cgroup, VIP6, "80", "tcp", "6").split()
+            assert out[0] == "from-c" and out[2:] == [VIP6, "80"], out
+            agent.datapath.detach_socket_lb(cgroup)
