@@ -201,3 +201,40 @@ def test_ipv6_affinity_opt_out_and_backend_change_at_the_socket(cgroup):
             out = run_client(node, cgroup, VIP6, "80", "tcp", "6").split()
             assert out[0] == "from-c" and out[2:] == [VIP6, "80"], out
             agent.datapath.detach_socket_lb(cgroup)
+
+
+def test_the_agent_serves_a_dual_stack_service_from_manifests_and_follows_its_slices(cgroup):
+    """The whole agent (manifests -> cluster state -> ServiceSync -> both
+    families' maps -> socket-LB), with the IPv6 slice changing under it."""
+    from agent.sim import manifests as mf
+    from fastpath_helpers import wait_for
+    with World(dual_stack=True) as world:
+        node = world.add_node("n1", enis=1)
+        b, c = node.add_pod("b"), node.add_pod("c")
+        serve(b, "from-b")
+        serve(c, "from-c")
+        with sim_attach(node, socket_lb=True, socket_lb_hostns_only=True,
+                        cgroup_root=cgroup) as agent:
+            lb = agent.datapath.lb
+
+            def write(six):
+                mf.write(agent.config.source, "cluster.yaml",
+                         [mf.namespace("shop"), *web_objects(b, None, v6_backends=six)])
+
+            def v6_backends():
+                return {ip for ip, _, _ in lb.backends().values() if ":" in ip}
+
+            write([b.ip6])
+            wait_for(lambda: v6_backends() == {b.ip6}, "the IPv6 backend in the maps")
+            for fam, vip in (("6", VIP6), ("4", VIP4), ("mapped", VIP4)):
+                out = run_client(node, cgroup, vip, "80", "tcp", fam).split()
+                want = f"::ffff:{vip}" if fam == "mapped" else vip
+                assert out[0] == "from-b" and out[2:] == [want, "80"], (fam, out)
+            write([c.ip6])
+            wait_for(lambda: v6_backends() == {c.ip6}, "the IPv6 backend replaced")
+            out = run_client(node, cgroup, VIP6, "80", "tcp", "6").split()
+            assert out[0] == "from-c" and out[2:] == [VIP6, "80"], out
+            # the IPv4 family of the same Service did not move
+            out = run_client(node, cgroup, VIP4, "80", "tcp", "4").split()
+            assert out[0] == "from-b", out
+            agent.datapath.detach_socket_lb(cgroup)
