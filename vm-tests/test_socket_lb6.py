@@ -238,3 +238,91 @@ def test_the_agent_serves_a_dual_stack_service_from_manifests_and_follows_its_sl
             out = run_client(node, cgroup, VIP4, "80", "tcp", "4").split()
             assert out[0] == "from-b", out
             agent.datapath.detach_socket_lb(cgroup)
+
+
+# A long-lived IPv6 UDP client driven line by line: connect <ip> <port> | send <tag>
+UDP_CLIENT = r"""
+import socket, sys
+s = None
+for line in sys.stdin:
+    cmd, *args = line.split()
+    try:
+        if cmd == "connect":
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(1)
+            s.connect((args[0], int(args[1])))
+            print("ok", *s.getpeername()[:2], flush=True)
+        elif cmd == "send":
+            s.send(args[0].encode())
+            print("ok", s.recv(100).decode().split()[0], flush=True)
+    except OSError as e:
+        print("err", e.errno, flush=True)
+"""
+
+
+def test_connected_ipv6_and_mapped_udp_sockets_of_a_removed_backend_are_closed(cgroup):
+    """The UDP socket reaper for both families: an IPv6 socket connected to
+    the IPv6 ClusterIP and an IPv6 socket connected to the IPv4 one through
+    a mapped address; their backend leaves both slices, and the agent
+    closes both sockets (sock_diag of AF_INET6), so nothing more reaches the
+    dead backend and a reconnect reaches the live one."""
+    from agent.sim import manifests as mf
+    from fastpath_helpers import wait_for
+    with World(dual_stack=True) as world:
+        node = world.add_node("n1", enis=1)
+        b, c = node.add_pod("b"), node.add_pod("c")
+        serve(b, "from-b")
+        serve(c, "from-c")
+        cmd = (f'echo $$ > {cgroup}/cgroup.procs && '
+               f'exec ip netns exec {node.netns} {sys.executable} -c "$0"')
+        clients = []
+        with sim_attach(node, socket_lb=True, socket_lb_hostns_only=True,
+                        cgroup_root=cgroup) as agent:
+            lb = agent.datapath.lb
+            try:
+                def write(pod):
+                    objs = web_objects(pod, None)
+                    mf.write(agent.config.source, "cluster.yaml", [mf.namespace("shop"), *objs])
+
+                def client():
+                    p = subprocess.Popen(["sh", "-c", cmd, UDP_CLIENT], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, bufsize=1)
+                    clients.append(p)
+
+                    def say(line):
+                        p.stdin.write(line + "\n")
+                        p.stdin.flush()
+                        return p.stdout.readline().strip()
+                    return say
+
+                write(b)
+                wait_for(lambda: {ip for ip, _, _ in lb.backends().values()} == {b.ip, b.ip6},
+                         "b's addresses in the maps")
+                six, mapped = client(), client()
+                assert six(f"connect {VIP6} 53") == f"ok {VIP6} 53"
+                assert mapped(f"connect ::ffff:{VIP4} 53") == f"ok ::ffff:{VIP4} 53"
+                assert six("send s0") == "ok from-b"
+                assert mapped("send m0") == "ok from-b"
+                write(c)
+                results = {}
+                deadline = time.monotonic() + 15
+                for say, tag in ((six, "s"), (mapped, "m")):
+                    i = 0
+                    while time.monotonic() < deadline:
+                        i += 1
+                        out = say(f"send {tag}{i}")
+                        if out.startswith("err"):
+                            results[tag] = out
+                            break
+                        assert out == "ok from-b", out    # before the change was applied
+                        time.sleep(0.1)
+                # closed: the next send fails (EDESTADDRREQ: disconnected)
+                assert results == {"s": "err 89", "m": "err 89"}, results
+                assert six(f"connect {VIP6} 53") == f"ok {VIP6} 53"
+                assert six("send s-new") == "ok from-c"
+                assert mapped(f"connect ::ffff:{VIP4} 53") == f"ok ::ffff:{VIP4} 53"
+                assert mapped("send m-new") == "ok from-c"
+            finally:
+                for p in clients:
+                    p.stdin.close()
+                    p.wait(timeout=5)
+                agent.datapath.detach_socket_lb(cgroup)

@@ -51,6 +51,8 @@ class DiagSocket:
     state: int
     inode: int
     raw_id: bytes            # the inet_diag_sockid as the kernel sent it
+    family: int = socket.AF_INET   # the socket's; an IPv6 one talking IPv4 (mapped)
+                                   # shows its IPv4 peer as IPv4 text
 
 
 def _sockid(src: str = "0.0.0.0", sport: int = 0, dst: str = "0.0.0.0", dport: int = 0,
@@ -61,20 +63,31 @@ def _sockid(src: str = "0.0.0.0", sport: int = 0, dst: str = "0.0.0.0", dport: i
 
 
 def _request(msg_type: int, flags: int, proto: int, states: int, sockid: bytes,
-             seq: int) -> bytes:
-    body = _REQ_HEAD.pack(socket.AF_INET, proto, 0, 0, states) + sockid
+             seq: int, family: int = socket.AF_INET) -> bytes:
+    body = _REQ_HEAD.pack(family, proto, 0, 0, states) + sockid
     return _NLMSG.pack(_NLMSG.size + len(body), msg_type, flags, seq, 0) + body
 
 
+_V4MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def _addr(fam: int, raw: bytes) -> str:
+    if fam == socket.AF_INET6:
+        if raw[:12] == _V4MAPPED:
+            return socket.inet_ntoa(raw[12:16])
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return socket.inet_ntoa(raw[:4])
+
+
 def _parse_msg(payload: bytes) -> DiagSocket:
-    _fam, state, _t, _r = _MSG_HEAD.unpack_from(payload, 0)
+    fam, state, _t, _r = _MSG_HEAD.unpack_from(payload, 0)
     raw_id = payload[4:4 + 48]
     sport, dport, src, dst = _SOCKID.unpack_from(raw_id, 0)
     ifindex, c0, c1 = _SOCKID_TAIL.unpack_from(raw_id, _SOCKID.size)
     # expires, rqueue, wqueue, uid, inode follow the sockid
     inode = struct.unpack_from("=I", payload, 4 + 48 + 16)[0]
-    return DiagSocket(socket.inet_ntoa(src[:4]), sport, socket.inet_ntoa(dst[:4]), dport,
-                      ifindex, c0 | (c1 << 32), state, inode, raw_id)
+    return DiagSocket(_addr(fam, src), sport, _addr(fam, dst), dport,
+                      ifindex, c0 | (c1 << 32), state, inode, raw_id, fam)
 
 
 def _open(netns: str | None) -> socket.socket:
@@ -85,11 +98,18 @@ def _open(netns: str | None) -> socket.socket:
 
 
 def udp_connected(netns: str | None = None) -> list[DiagSocket]:
-    """Every connected IPv4 UDP socket of the network namespace."""
+    """Every connected UDP socket of the network namespace, both families."""
+    out = []
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        out += _udp_connected(netns, fam)
+    return out
+
+
+def _udp_connected(netns: str | None, family: int) -> list[DiagSocket]:
     out = []
     with _open(netns) as s:
         s.send(_request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, socket.IPPROTO_UDP,
-                        1 << TCP_ESTABLISHED, _sockid(), 1))
+                        1 << TCP_ESTABLISHED, _sockid(), 1, family))
         while True:
             data = s.recv(1 << 16)
             off = 0
@@ -113,7 +133,7 @@ def destroy_udp(sock: DiagSocket, netns: str | None = None) -> bool:
     (EOPNOTSUPP: no CONFIG_INET_DIAG_DESTROY; EPERM: no CAP_NET_ADMIN)."""
     with _open(netns) as s:
         s.send(_request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, socket.IPPROTO_UDP,
-                        0xFFFFFFFF, sock.raw_id, 2))
+                        0xFFFFFFFF, sock.raw_id, 2, sock.family))
         data = s.recv(1 << 16)
     length, typ, _f, _seq, _pid = _NLMSG.unpack_from(data, 0)
     if typ != NLMSG_ERROR:
