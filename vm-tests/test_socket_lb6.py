@@ -11,17 +11,24 @@ into the real maps, both families in one plan.
 """
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from agent.daemon.services import apply_ops
 from agent.datapath.maps import netns_cookie
 from agent.lb.reconcile import Reconciler
 from agent.lb.svcnet import entries as svcnet_entries
 from agent.lb.table import ServiceTable
-from agent.sim.agent import sim_attach
+from agent.sim import manifests as mf
+from agent.sim.agent import AgentProcess, private_paths, sim_attach
+from agent.sim.cgroups import private_mount as private_cgroup
 from agent.sim.world import World
+from fastpath_helpers import wait_for
 
 from tests.lb.lbdata import ep, eslice, service, snapshot
 
@@ -206,8 +213,6 @@ def test_ipv6_affinity_opt_out_and_backend_change_at_the_socket(cgroup):
 def test_the_agent_serves_a_dual_stack_service_from_manifests_and_follows_its_slices(cgroup):
     """The whole agent (manifests -> cluster state -> ServiceSync -> both
     families' maps -> socket-LB), with the IPv6 slice changing under it."""
-    from agent.sim import manifests as mf
-    from fastpath_helpers import wait_for
     with World(dual_stack=True) as world:
         node = world.add_node("n1", enis=1)
         b, c = node.add_pod("b"), node.add_pod("c")
@@ -265,8 +270,6 @@ def test_connected_ipv6_and_mapped_udp_sockets_of_a_removed_backend_are_closed(c
     a mapped address; their backend leaves both slices, and the agent
     closes both sockets (sock_diag of AF_INET6), so nothing more reaches the
     dead backend and a reconnect reaches the live one."""
-    from agent.sim import manifests as mf
-    from fastpath_helpers import wait_for
     with World(dual_stack=True) as world:
         node = world.add_node("n1", enis=1)
         b, c = node.add_pod("b"), node.add_pod("c")
@@ -326,3 +329,142 @@ def test_connected_ipv6_and_mapped_udp_sockets_of_a_removed_backend_are_closed(c
                     p.stdin.close()
                     p.wait(timeout=5)
                 agent.datapath.detach_socket_lb(cgroup)
+
+
+# Echo servers of both families (TCP per connection, UDP per datagram).
+ECHO = r"""
+import socket, sys, threading
+port = int(sys.argv[1])
+def conn(c):
+    while True:
+        d = c.recv(64)
+        if not d:
+            return
+        c.sendall(d)
+def tcp():
+    s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port)); s.listen(64)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=conn, args=(c,), daemon=True).start()
+def udp():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port + 1))
+    while True:
+        d, a = s.recvfrom(64); s.sendto(d, a)
+threading.Thread(target=udp, daemon=True).start()
+tcp()
+"""
+
+# One TCP connection and one connected UDP socket to [vip]:tport and :uport from
+# an IPv6 socket, a numbered message every 20 ms, each echo checked, and
+# getpeername checked to be the ClusterIP every time; ends at the stop file.
+LOAD6 = r"""
+import json, os, socket, sys, time
+vip, tport, uport, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+res = {"tcp_ok": 0, "udp_ok": 0, "udp_lost": 0, "error": "", "peers": []}
+tcp = socket.socket(socket.AF_INET6); tcp.settimeout(5); tcp.connect((vip, tport))
+udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); udp.connect((vip, uport))
+udp.settimeout(1.0)
+peers = set()
+seq, end = 0, time.monotonic() + 90
+while time.monotonic() < end and not os.path.exists(stop):
+    seq += 1
+    msg = b"%08d" % seq
+    try:
+        tcp.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            chunk = tcp.recv(len(msg) - len(got))
+            if not chunk:
+                raise ConnectionError("closed by the peer")
+            got += chunk
+        assert got == msg, (got, msg)
+        res["tcp_ok"] += 1
+        udp.send(msg)
+        while udp.recv(64) != msg:
+            pass
+        res["udp_ok"] += 1
+    except socket.timeout:
+        res["udp_lost"] += 1
+    except (OSError, AssertionError) as e:
+        res["error"] = f"{type(e).__name__}: {e}"
+        break
+    peers.add(tcp.getpeername()[0]); peers.add(udp.getpeername()[0])
+    time.sleep(0.02)
+res["peers"] = sorted(peers)
+print(json.dumps(res))
+"""
+
+
+def test_ipv6_socket_lb_flows_survive_an_agent_kill9_and_restart():
+    """An IPv6 TCP connection and a connected UDP socket of the node, sent to
+    a two-backend IPv6 ClusterIP by socket-LB, carry on through a SIGKILL of
+    the agent and its restart: the pinned maps of both families are read
+    back (nothing re-picked, the same service ids), getpeername keeps
+    showing the ClusterIP (fp_sockrev6_v1 is pinned), and new connections
+    are translated by the restarted agent's programs."""
+    def services6(paths):
+        from agent.datapath import pinned
+        maps = pinned.open_maps(f"{paths.bpffs}/fastpath")
+        try:
+            m = maps["fp_svc6_v1"]
+            return sorted((bytes(k).hex(), bytes(v).hex()) for k, v in m.items())
+        finally:
+            pinned.close_all(maps)
+
+    with World(dual_stack=True) as w6:
+        n1 = w6.add_node("n1", enis=1)
+        b, c = n1.add_pod("b"), n1.add_pod("c")
+        for p in (b, c):
+            p.popen(["python3", "-c", ECHO, "7400"])
+            p.wait_port(7400)
+            p.wait_port(7401, udp=True)
+        ports = (("tcp", 80, "TCP", 7400), ("udp", 53, "UDP", 7401))
+        sports = (("tcp", 7400, "TCP"), ("udp", 7401, "UDP"))
+        objs = [mf.namespace("shop"),
+                service("web", ip=[VIP4, VIP6], ports=ports, ipFamilies=["IPv4", "IPv6"],
+                        ipFamilyPolicy="PreferDualStack"),
+                eslice("web-4", "web", [ep(p.ip, node="n1") for p in (b, c)], ports=sports),
+                eslice("web-6", "web", [ep(p.ip6, node="n1") for p in (b, c)], ports=sports,
+                       address_type="IPv6")]
+        stop = Path(tempfile.mkdtemp(prefix="fp-load6-"), "stop")
+        with private_cgroup() as cgroup, private_paths() as paths:
+            mf.write(paths.manifests, "web.yaml", objs)
+            args = ["--socket-lb", "true", "--cgroup-root", cgroup]
+            agent = AgentProcess(n1, paths, args).start()
+            load = None
+            try:
+                wait_for(lambda: len(services6(paths)) == 2, "the IPv6 frontends pinned")
+                before = services6(paths)
+                cmd = (f'echo $$ > {cgroup}/cgroup.procs && '
+                       f'exec ip netns exec {n1.netns} {sys.executable} -c "$0" "$@"')
+                load = subprocess.Popen(["sh", "-c", cmd, LOAD6, VIP6, "80", "53", str(stop)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                time.sleep(2)
+                agent.kill(9)                  # crash: pins and cgroup programs stay
+                time.sleep(2)
+                agent = AgentProcess(n1, paths, args).start()
+                time.sleep(2)
+                assert services6(paths) == before, "the IPv6 frontends were rewritten"
+                # a new connection through the restarted agent's programs
+                # (the echo server answers with what it got: "hi")
+                out = run_client(n1, cgroup, VIP6, "80", "tcp", "6").split()
+                assert out == ["hi", VIP6, "80"], out
+                assert load.poll() is None, load.communicate()
+                stop.touch()
+                stdout, stderr = load.communicate(timeout=30)
+                assert load.returncode == 0, stderr
+                res = json.loads(stdout)
+                print("load:", res)
+                assert res["error"] == "" and res["udp_lost"] == 0, res
+                assert res["tcp_ok"] > 100 and res["udp_ok"] > 100, res
+                assert res["peers"] == [VIP6], res
+            finally:
+                if load is not None and load.poll() is None:
+                    load.kill()
+                    load.wait()
+                agent.kill(9)
+                shutil.rmtree(stop.parent, ignore_errors=True)
