@@ -931,7 +931,9 @@ def uninstall_scenario(world, cgroup: str) -> None:
             assert after == before
             # two veths, the ENI and the primary NIC, both directions
             assert len(report["filters"]) == 8
-            assert len(report["cgroup_programs"]) == 4
+            # the socket-LB hooks of both families (connect, sendmsg, recvmsg,
+            # getpeername, each for IPv4 and IPv6)
+            assert len(report["cgroup_programs"]) == 8
             assert f"{paths.bpffs}/fastpath/" in report["pins"]
             assert report["kept"] == []
             # the node still works, through its own stack now
