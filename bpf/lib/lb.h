@@ -159,6 +159,34 @@ static __always_inline __u64 fp_maglev_hash(__be32 saddr, __be16 sport, __be16 d
 	return c;
 }
 
+/* ClientIP affinity, shared by both families' pickers (service and
+ * backend ids are one id space, so one affinity map serves both). The
+ * client's live entry, or NULL when the Service has no affinity or the
+ * entry has outlived the Service's timeout. */
+static __always_inline struct fp_aff4 *fp_lb_affinity_live(struct fp_svc4 *svc, __be32 client,
+							    __u64 now)
+{
+	struct fp_aff4_key akey = { .svc_id = svc->svc_id, .client = client };
+	struct fp_aff4 *aff;
+
+	if (!(svc->flags & FP_SVC_F_AFFINITY))
+		return NULL;
+	aff = fp_affinity_lookup(&akey);
+	if (aff && now - aff->last_seen <= (__u64)svc->affinity_timeout * FP_NSEC_PER_SEC)
+		return aff;
+	return NULL;
+}
+
+static __always_inline void fp_lb_affinity_remember(struct fp_svc4 *svc, __be32 client,
+						    __u32 backend_id, __u64 now)
+{
+	struct fp_aff4_key akey = { .svc_id = svc->svc_id, .client = client };
+	struct fp_aff4 val = { .last_seen = now, .backend_id = backend_id };
+
+	if (svc->flags & FP_SVC_F_AFFINITY)
+		fp_affinity_put(&akey, &val);
+}
+
 /* A backend for a new flow of `client`. `mhash`: the flow's Maglev hash
  * (fp_maglev_hash), or FP_NO_MAGLEV where Maglev does not apply (pods'
  * and the node's own traffic). */
@@ -167,23 +195,20 @@ static __always_inline struct fp_backend4 *fp_lb_pick_flow(struct fp_svc4 *svc, 
 							    __u64 now)
 {
 	struct fp_backend4 *be = NULL;
+	struct fp_aff4 *aff;
 	__u32 slot;
 
 	if (svc->count == 0)
 		return NULL;
-	if (svc->flags & FP_SVC_F_AFFINITY) {
-		struct fp_aff4_key akey = { .svc_id = svc->svc_id, .client = client };
-		struct fp_aff4 *aff = fp_affinity_lookup(&akey);
-
-		if (aff && now - aff->last_seen <= (__u64)svc->affinity_timeout * FP_NSEC_PER_SEC) {
-			be = fp_backend_lookup(aff->backend_id);
-			if (be && !(be->flags & FP_BE_F_DRAINING)) {
-				*backend_id = aff->backend_id;
-				aff->last_seen = now;
-				return be;
-			}
-			be = NULL;
+	aff = fp_lb_affinity_live(svc, client, now);
+	if (aff) {
+		be = fp_backend_lookup(aff->backend_id);
+		if (be && !(be->flags & FP_BE_F_DRAINING)) {
+			*backend_id = aff->backend_id;
+			aff->last_seen = now;
+			return be;
 		}
+		be = NULL;
 	}
 	if ((svc->flags & FP_SVC_F_MAGLEV) && mhash != FP_NO_MAGLEV) {
 		__u32 bid = fp_maglev_backend(svc->svc_id, (__u32)mhash % FP_MAGLEV_M);
@@ -198,12 +223,8 @@ static __always_inline struct fp_backend4 *fp_lb_pick_flow(struct fp_svc4 *svc, 
 		slot = (bpf_get_prandom_u32() % svc->count) + 1;
 		be = fp_slot_backend(svc->svc_id, slot, backend_id);
 	}
-	if (be && (svc->flags & FP_SVC_F_AFFINITY)) {
-		struct fp_aff4_key akey = { .svc_id = svc->svc_id, .client = client };
-		struct fp_aff4 val = { .last_seen = now, .backend_id = *backend_id };
-
-		fp_affinity_put(&akey, &val);
-	}
+	if (be)
+		fp_lb_affinity_remember(svc, client, *backend_id, now);
 	return be;
 }
 
