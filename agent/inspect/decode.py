@@ -115,6 +115,8 @@ def enum_label(struct_name: str, field: str, value: int) -> str | None:
         return code.label if code else f"kind-{value}"
     if field in ("proto", "protocol"):
         return PROTOCOLS.get(value, str(value))
+    if field == "family" and struct_name == "fp_counter_key":
+        return d.family(value)
     if field == "type" and struct_name.startswith("fp_event"):
         return event_type(value)
     return None
