@@ -32,8 +32,8 @@ from functools import lru_cache
 
 from agent.model import bpfdefs
 
-PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
-PROTO_NUMBERS = {v: k for k, v in PROTOCOLS.items()}
+PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
+PROTO_NUMBERS = {v.upper(): k for k, v in PROTOCOLS.items()}
 
 # Which FP_*_F_* bits belong to which struct's flag word.
 FLAG_PREFIX = {
