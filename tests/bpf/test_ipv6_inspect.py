@@ -99,3 +99,32 @@ def test_counters_are_kept_per_family_and_summed_without_it(dp, bpfnet, dual):
     key = (n.cali_a.ifindex, "from-pod", "redirected-local")
     after_all = {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()}
     assert after_all[key] == before_all.get(key, 0) + 2, "both families in the plain rows"
+
+
+def test_the_traces_ipv6_packets_get_the_decisions_of_real_ones_and_change_nothing(
+        dp, bpfnet, dual, events):
+    """`fastpath trace` with IPv6 addresses: its packets (agent/cli/trace.py
+    build_packet), marked what-if, enter fp_from_pod or fp_from_vpc, are
+    handed to the IPv6 program and recorded: into the peer pod, out of the
+    pod's ENI, and from the VPC into a pod. No counter, no event."""
+    from agent.cli.trace import build_packet
+    n = bpfnet
+    whatif = DEFS.defines["FP_WHATIF_MARK"]
+    before = by_family(dp)
+    drained(events)
+    dp.monitor.set_events(DEFS.defines["FP_MON_EV_TRACE"])
+    try:
+        cases = (("fp_from_pod", n.cali_a, POD_A6, n.pod_a_mac, n.cali_a.mac, POD_B6, "tcp",
+                  ("redirected-local", "redirect-peer", n.cali_b.ifindex)),
+                 ("fp_from_pod", n.cali_a, POD_A6, n.pod_a_mac, n.cali_a.mac, REMOTE6, "icmpv6",
+                  ("redirected-eni", "redirect", n.eth1.ifindex)),
+                 ("fp_from_vpc", n.eth1, "fd00:20::99", "02:00:00:00:00:01", n.eth1.mac, POD_B6,
+                  "udp", ("redirected-local", "redirect-peer", n.cali_b.ifindex)))
+        for prog, dev, src, smac, dmac, dst, proto, want in cases:
+            pkt = build_packet(src, smac, dmac, dst, 8080, proto)
+            r = run_prog(dp, n.ns, prog, pkt, dev.ifindex, mark=whatif)
+            assert (r.reason, r.redirect_kind, r.redirect_ifindex) == want, (prog, dst, proto)
+        assert drained(events) == [], "a what-if run reports nothing"
+    finally:
+        dp.monitor.set_events(0)
+    assert by_family(dp) == before, "nor counts"
