@@ -93,7 +93,7 @@ def monitor_while(agent: NodeAgent, endpoint: str, attempt) -> str:
 
 def main() -> int:
     t0 = time.monotonic()
-    # the pods' IPv6 gateway: the agents' local_router_ipv6, the nodes lay pods out with it
+    # the pods' IPv6 gateway: local_router_ipv6 (its default, as the agents run with)
     gw6 = POD_GATEWAY6
     with World(dual_stack=True, local_router_ipv6=gw6) as w, private_paths() as p1, \
             private_paths() as p2:
@@ -112,8 +112,7 @@ def main() -> int:
             m.service("shop", "web", VIP, 80, "http"),
             m.endpoint_slice("shop", "web", 8080, [(b.ip, True, "n1"), (c.ip, True, "n2")]),
             *(m.pod(ns, p.name, p.ip, node, {"app": app}) for p, (ns, app, node) in roles.items())]
-        agents = [NodeAgent(n, p, ["--policy-enforcement", "default",
-                                   "--local-router-ipv6", gw6])
+        agents = [NodeAgent(n, p, ["--policy-enforcement", "default"])
                   for n, p in ((n1, p1), (n2, p2))]
         ag1 = agents[0]
         for agent in agents:
