@@ -88,7 +88,9 @@ static __always_inline struct fp_pod_route *fp_pod_route_slot(void)
 static __always_inline int fp_tail_call(struct __sk_buff *skb, __u32 slot, enum fp_dir dir)
 {
 	fp_tail_jump(skb, slot);
-	fp_count(skb->ifindex, dir, FP_DROP_NO_TAIL_CALL, skb->len);
+	fp_count_family(skb->ifindex, dir, FP_DROP_NO_TAIL_CALL, skb->len,
+			slot == FP_TAIL_FROM_POD6 || slot == FP_TAIL_FROM_VPC6 ? FP_FAM_IPV6
+									 : FP_FAM_IPV4);
 	fp_test_record(0, FP_RD_NONE, 0, FP_DROP_NO_TAIL_CALL);
 	return TC_ACT_SHOT;
 }

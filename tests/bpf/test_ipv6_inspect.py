@@ -128,3 +128,24 @@ def test_the_traces_ipv6_packets_get_the_decisions_of_real_ones_and_change_nothi
     finally:
         dp.monitor.set_events(0)
     assert by_family(dp) == before, "nor counts"
+
+
+def test_an_ipv6_packet_whose_program_is_missing_is_counted_as_ipv6(dp, bpfnet, dual):
+    """The hand-over's drop (an empty FP_TAIL_FROM_POD6 slot) is IPv6's,
+    though the IPv4 program counts it."""
+    import ctypes
+    n = bpfnet
+    tails = dp.module.table(DEFS.maps["FP_MAP_TAILS"])
+    before = by_family(dp)
+    del tails[ctypes.c_int(int(DEFS.defines["FP_TAIL_FROM_POD6"]))]
+    try:
+        r = run(dp, n, "fp_from_pod", from_pod(n, "a", POD_B6), "cali_a")
+    finally:
+        dp.module.fill_tail_calls()
+    assert (r.verdict, r.reason) == (TC_ACT_SHOT, "dropped-tail-call-missing")
+    key = (n.cali_a.ifindex, "from-pod", "dropped-tail-call-missing")
+    after = by_family(dp)
+    assert after.get(key + ("ipv6",), 0) == before.get(key + ("ipv6",), 0) + 1
+    assert after.get(key + ("ipv4",), 0) == before.get(key + ("ipv4",), 0)
+    assert run(dp, n, "fp_from_pod", from_pod(n, "a", POD_B6), "cali_a").verdict == \
+        TC_ACT_REDIRECT, "the slot is back"
