@@ -130,7 +130,10 @@ def test_trace_with_ipv6_addresses_agrees_with_real_traffic_and_changes_nothing(
 
 def test_monitor_shows_ipv6_drops_with_their_addresses(n1):
     a, b, d = n1.a, n1.b, n1.d
+    # --endpoint d: d's veth, and d's addresses of both families (the spoofed
+    # datagram is seen on a's veth, addressed to d's IPv6 address)
     mon = n1.agent.cli_popen("monitor", "--json", "--type", "drop", "--duration", "8",
+                             "--endpoint", "default/d",
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         time.sleep(2.5)
