@@ -32,6 +32,7 @@
 #include "lib/fwd6.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
+#include "lib/event6.h"
 #include "lib/guard.h"
 #include "lib/bw.h"
 
@@ -253,21 +254,18 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 	case FP_PARSE_IPV6:
 		break;
 	case FP_PARSE_INVALID:
-		fp_guard_event(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, 0, 0, 0);
-		return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, TC_ACT_SHOT);
+		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
 	default:
 		return FP_TC_CONTINUE;
 	}
-	if (fp_endpoint6_lookup(ip.saddr)) {
-		fp_guard_event(skb, FP_DIR_FROM_VPC, FP_DROP_SPOOFED, 0, 0, ip.proto);
-		return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_SPOOFED, TC_ACT_SHOT);
-	}
+	if (fp_endpoint6_lookup(ip.saddr))
+		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_SPOOFED, TC_ACT_SHOT, &ip);
 	if (fp_ip6_is_linklocal(ip.daddr) || fp_ip6_is_multicast(ip.daddr) ||
 	    fp_ip6_is_nd(skb, &ip))
 		return FP_TC_CONTINUE;
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (!dst)
-		return fp_finish(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE);
+		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
 	return fp_deliver_local6(skb, FP_DIR_FROM_VPC, &ip, dst);
 }
 

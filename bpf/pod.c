@@ -42,6 +42,7 @@
 #include "lib/fwd6.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
+#include "lib/event6.h"
 #include "lib/guard.h"
 #include "lib/bw.h"
 
@@ -87,7 +88,9 @@ static __always_inline struct fp_pod_route *fp_pod_route_slot(void)
 static __always_inline int fp_tail_call(struct __sk_buff *skb, __u32 slot, enum fp_dir dir)
 {
 	fp_tail_jump(skb, slot);
-	fp_count(skb->ifindex, dir, FP_DROP_NO_TAIL_CALL, skb->len);
+	fp_count_family(skb->ifindex, dir, FP_DROP_NO_TAIL_CALL, skb->len,
+			slot == FP_TAIL_FROM_POD6 || slot == FP_TAIL_FROM_VPC6 ? FP_FAM_IPV6
+									 : FP_FAM_IPV4);
 	fp_test_record(0, FP_RD_NONE, 0, FP_DROP_NO_TAIL_CALL);
 	return TC_ACT_SHOT;
 }
@@ -98,7 +101,9 @@ static __always_inline int fp_finish(struct __sk_buff *skb, enum fp_dir dir,
 	/* a fresh ctx access: the verifier refuses a ctx field's address the
 	 * compiler would otherwise keep in a register across the walk */
 	barrier_var(skb);
-	fp_count(skb->ifindex, dir, reason, skb->len);
+	/* the guards' IPv6 drops end here too */
+	fp_count_family(skb->ifindex, dir, reason, skb->len,
+			skb->protocol == bpf_htons(ETH_P_IPV6) ? FP_FAM_IPV6 : FP_FAM_IPV4);
 	if (verdict != TC_ACT_REDIRECT)
 		fp_test_record(0, FP_RD_NONE, 0, reason);
 	return verdict;
@@ -463,12 +468,10 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
 	enum fp_reason reason = FP_FWD_STACK;
 	int verdict;
 
-	if (fp_guard_isolated_veth(dst->host_ifindex)) {
-		fp_guard_event(skb, dir, FP_DROP_IPV6_UNJUDGED, 0, 0, ip->proto);
-		return fp_finish(skb, dir, FP_DROP_IPV6_UNJUDGED, TC_ACT_SHOT);
-	}
+	if (fp_guard_isolated_veth(dst->host_ifindex))
+		return fp_finish6(skb, dir, FP_DROP_IPV6_UNJUDGED, TC_ACT_SHOT, ip);
 	verdict = fp_redirect_local6(skb, ip, dst, &reason);
-	return fp_finish(skb, dir, reason, verdict);
+	return fp_finish6(skb, dir, reason, verdict, ip);
 }
 
 /* ---- IPv6 (docs/ipv6.md) ----
@@ -500,31 +503,28 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	case FP_PARSE_IPV6:
 		break;
 	case FP_PARSE_INVALID:
-		fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, 0, 0, 0);
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT);
+		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
 	default:
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
+		return fp_finish_quiet6(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
 	}
 	/* the link's own traffic, as ARP is for IPv4: passed, not to-stack
 	 * (to-stack counts pod traffic the fast path hands to the node) */
 	if (fp_ip6_is_linklocal(ip.daddr) || fp_ip6_is_multicast(ip.daddr) ||
 	    fp_ip6_is_linklocal(ip.saddr) || fp_ip6_is_unspecified(ip.saddr) ||
 	    fp_ip6_is_nd(skb, &ip))
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
+		return fp_finish_quiet6(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
 	src = fp_endpoint6_lookup(ip.saddr);
 	if (!src)
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE);
-	if (src->host_ifindex != skb->ifindex) {
-		fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, 0, 0, ip.proto);
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT);
-	}
+		return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
+	if (src->host_ifindex != skb->ifindex)
+		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT, &ip);
 	if (fp_bypass6_match(ip.daddr))
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE);
+		return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE, &ip);
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (dst)
 		return fp_deliver_local6(skb, FP_DIR_FROM_POD, &ip, dst);
 	verdict = fp_redirect_fib6(skb, &ip, src->eni_ifindex, &reason);
-	return fp_finish(skb, FP_DIR_FROM_POD, reason, verdict);
+	return fp_finish6(skb, FP_DIR_FROM_POD, reason, verdict, &ip);
 }
 
 int fp_from_pod6(struct __sk_buff *skb)

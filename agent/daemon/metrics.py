@@ -195,27 +195,28 @@ class DatapathCollector:
                 yield g
 
     def _counters(self, dp):
-        labels = ["interface", "direction", "reason"]
+        labels = ["interface", "direction", "reason", "family"]
         fam = {
             (False, "packets"): CounterMetricFamily(
                 "fastpath_forwarded_packets", "Packets fastpath's programs let through or "
-                "redirected, by interface, direction and reason.", labels=labels),
+                "redirected, by interface, direction, reason and address family (ipv4: IPv4 "
+                "and ARP; ipv6).", labels=labels),
             (False, "bytes"): CounterMetricFamily(
                 "fastpath_forwarded_bytes", "Bytes of the packets in fastpath_forwarded_packets_total.",
                 labels=labels),
             (True, "packets"): CounterMetricFamily(
                 "fastpath_dropped_packets", "Packets fastpath's programs dropped, by interface, "
-                "direction and drop reason.", labels=labels),
+                "direction, drop reason and address family.", labels=labels),
             (True, "bytes"): CounterMetricFamily(
                 "fastpath_dropped_bytes", "Bytes of the packets in fastpath_dropped_packets_total.",
                 labels=labels),
         }
         names = {idx: name for name, idx in self.agent._links().items()}
-        for r in dp.maps.counters():
+        for r in dp.maps.counters(by_family=True):
             # A deleted pod's veth keeps its counters until they are cleared;
             # its ifindex is all that is left to name it by.
             iface = names.get(r.ifindex, f"ifindex:{r.ifindex}")
-            values = [iface, r.direction, r.reason]
+            values = [iface, r.direction, r.reason, r.family]
             fam[(r.is_drop, "packets")].add_metric(values, r.packets)
             fam[(r.is_drop, "bytes")].add_metric(values, r.bytes)
         yield from fam.values()
@@ -341,6 +342,15 @@ class AgentMetrics:
         self.endpoints = Gauge("fastpath_endpoints", "Pod endpoints the agent has registered.",
                                registry=r)
         self.endpoints.set_function(lambda: len(agent.endpoints))
+        # what the endpoint maps hold per family: a dual-stack pod has one
+        # address of each, an IPv4-only pod none of IPv6
+        self.endpoint_addresses = Gauge(
+            "fastpath_endpoint_addresses", "Addresses of the registered pod endpoints, by "
+            "address family (ipv4, ipv6).", ["family"], registry=r)
+        self.endpoint_addresses.labels("ipv4").set_function(
+            lambda: sum(1 for e in list(agent.endpoints.values()) if getattr(e, "ip", "")))
+        self.endpoint_addresses.labels("ipv6").set_function(
+            lambda: sum(1 for e in list(agent.endpoints.values()) if getattr(e, "ip6", "")))
         self.ready = Gauge("fastpath_agent_ready",
                            "1 once the agent has started (maps loaded, programs attached, "
                            "endpoints restored, API served), else 0.", registry=r)

@@ -69,6 +69,7 @@ class CounterRow:
     reason_code: int
     packets: int
     bytes: int
+    family: str = ""       # "ipv4" / "ipv6" from counters(by_family=True), else "" (both)
 
     @property
     def is_drop(self) -> bool:
@@ -215,13 +216,20 @@ class Maps:
                                      mac_str(v.pod_mac), mac_str(v.host_mac), v.flags, v.ep_id))
         return sorted(out, key=lambda e: ipaddress.ip_address(e.ip))
 
-    def counters(self) -> list[CounterRow]:
+    def counters(self, by_family: bool = False) -> list[CounterRow]:
+        """Verdict counters summed over CPUs: one row per (interface,
+        direction, reason), both families added up, or with `by_family` one
+        per family as well (the metrics' `family` label)."""
         t = self._t[MAP["FP_MAP_COUNTERS"]]
-        rows = []
+        sums: dict[tuple, list[int]] = {}
         for k, per_cpu in t.items():
-            rows.append(CounterRow(k.ifindex, DEFS.dir(k.dir), DEFS.reason(k.reason), k.reason,
-                                   sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu)))
-        return sorted(rows, key=lambda r: (r.ifindex, r.direction, r.reason_code))
+            fam = DEFS.family(k.family) if by_family else ""
+            acc = sums.setdefault((k.ifindex, k.dir, k.reason, fam), [0, 0])
+            acc[0] += sum(c.packets for c in per_cpu)
+            acc[1] += sum(c.bytes for c in per_cpu)
+        rows = [CounterRow(ifindex, DEFS.dir(d), DEFS.reason(reason), reason, p, b, fam)
+                for (ifindex, d, reason, fam), (p, b) in sums.items()]
+        return sorted(rows, key=lambda r: (r.ifindex, r.direction, r.reason_code, r.family))
 
     def counters_clear(self) -> None:
         self._t[MAP["FP_MAP_COUNTERS"]].clear()

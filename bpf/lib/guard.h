@@ -41,6 +41,7 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
+#include "lib/event6.h"
 
 #ifndef ETH_P_ARP
 #define ETH_P_ARP 0x0806
@@ -194,7 +195,7 @@ static __always_inline int fp_guard_from_pod(struct __sk_buff *skb, enum fp_reas
 		} else {
 			return 0;
 		}
-		fp_guard_event(skb, FP_DIR_FROM_POD, *reason, ip4, 0, 0);
+		fp_guard_event6(skb, FP_DIR_FROM_POD, *reason);
 		return 1;
 	}
 	return 0;
@@ -211,7 +212,7 @@ static __always_inline int fp_guard_to_pod(struct __sk_buff *skb, enum fp_reason
 	if (!self || !fp_guard_isolated(self->ip4) || fp_guard_is_nd(skb))
 		return 0;
 	*reason = FP_DROP_IPV6_UNJUDGED;
-	fp_guard_event(skb, FP_DIR_TO_POD, *reason, 0, self->ip4, 0);
+	fp_guard_event6(skb, FP_DIR_TO_POD, *reason);
 	return 1;
 }
 
