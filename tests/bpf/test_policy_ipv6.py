@@ -320,3 +320,37 @@ def test_the_ipv6_ipcache_reads_back_as_compiled(dp, world):
     assert six and {k: img.ipcache[k] for k in six} == six
     assert img.identity_of(POD_B6) == world.ipcache[f"{POD_B6}/128"]
     assert dp.policy.usage()["ipcache6"] == len(six)
+
+
+# ---- the agent's side of the IPv6 policy conntrack ----------------------------------
+
+def test_the_gc_sweeps_ipv6_policy_flows_and_fragment_records(dp, bpfnet, world):
+    from agent.conntrack.gc import sweep
+    from agent.model.conntrack import Lifetimes
+    n, ct, life, sec = bpfnet, dp.lb.ct, Lifetimes(), 1_000_000_000
+    dp.lb.conntrack_flush()
+    assert ct.policy6_entries() == [] and ct.frag_entries(v6=True) == []
+    run(dp, n, "fp_from_vpc", vpc(n, CLIENT6, POD_A6, UDP(sport=4444, dport=5000) / b"d"), "eth1")
+    first = vpc(n, CLIENT6, POD_A6, UDP(sport=4445, dport=5000, len=1008) / (b"x" * 8),
+                ext=IPv6ExtHdrFragment(id=0x7101, m=1, offset=0, nh=17))
+    run(dp, n, "fp_from_vpc", first, "eth1")
+    flows = ct.policy6_entries()
+    assert sorted(k.proto for k, _ in flows) == [17, 17]
+    rows = [r for r in ct.rows() if r.table == "policy6"]
+    # one entry per flow, lower (address, port) end first
+    assert {(frozenset((r.saddr, r.daddr)), r.proto) for r in rows} == {
+        (frozenset((CLIENT6, POD_A6)), "udp")}
+    (frag_key, seen), = ct.frag_entries(v6=True)
+    last = max(v.last_seen for _, v in flows)
+    sweep(ct, last + (life.other - 1) * sec, life)
+    assert len(ct.policy6_entries()) == 2
+    sweep(ct, max(last, seen) + (max(life.other, 30) + 1) * sec, life)
+    assert ct.policy6_entries() == [] and ct.frag_entries(v6=True) == []
+
+
+def test_a_flush_empties_the_ipv6_policy_tables(dp, bpfnet, world):
+    n, ct = bpfnet, dp.lb.ct
+    run(dp, n, "fp_from_vpc", vpc(n, CLIENT6, POD_A6, syn(80)), "eth1")
+    assert ct.policy6_entries()
+    dp.lb.conntrack_flush()
+    assert ct.policy6_entries() == []
