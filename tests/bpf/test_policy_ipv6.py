@@ -339,7 +339,7 @@ def test_the_gc_sweeps_ipv6_policy_flows_and_fragment_records(dp, bpfnet, world)
     rows = [r for r in ct.rows() if r.table == "policy6"]
     # one entry per flow, lower (address, port) end first
     assert {(frozenset((r.saddr, r.daddr)), r.proto) for r in rows} == {
-        (frozenset((CLIENT6, POD_A6)), "udp")}
+        (frozenset((CLIENT6, POD_A6)), "UDP")}
     (frag_key, seen), = ct.frag_entries(v6=True)
     last = max(v.last_seen for _, v in flows)
     sweep(ct, last + (life.other - 1) * sec, life)
