@@ -10,7 +10,7 @@ asked of the Python reference (agent.policy.evaluate).
                   fd00:20::99/128, UDP 5000 from the same block, anything
                   from pods app=b; IPv4 TCP 80 from 10.0.2.0/24;
                   egress only UDP 53 to pods app=b.
-    B (x, app=b): open.  C (y, app=c): open.
+    B (x, app=b): open.  C (y, app=c): ingress denied, audited only.
 """
 from __future__ import annotations
 
@@ -63,12 +63,13 @@ def cluster():
             "podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"],
             "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "b"}}}],
                         "ports": [{"protocol": "UDP", "port": 53}]}]}),
+        netpol("y", "c-audit", {"podSelector": {"matchLabels": {"app": "c"}}, "ingress": []}),
     ])
 
 
 @contextlib.contextmanager
 def enforced6(dp, snap):
-    state = compile_policy(snap, "n1", [ENI_IP, ENI_IP6], "default")
+    state = compile_policy(snap, "n1", [ENI_IP, ENI_IP6], "default", {"y/c-audit"})
     for op in diff(dp.policy.image(), state):
         dp.policy.apply(op)
     dp.settings.set_policy(True)
@@ -354,3 +355,12 @@ def test_a_flush_empties_the_ipv6_policy_tables(dp, bpfnet, world):
     assert ct.policy6_entries()
     dp.lb.conntrack_flush()
     assert ct.policy6_entries() == []
+
+
+def test_an_audited_direction_forwards_and_reports_would_be_drops(dp, bpfnet, world):
+    n = bpfnet
+    r = run(dp, n, "fp_from_vpc", vpc(n, STRANGER6, POD_C6, syn(80)), "eth1")
+    assert (r.verdict, r.reason) == (TC_ACT_REDIRECT, "redirected-local")
+    assert evaluate(world, STRANGER6, POD_C6, "TCP", 80).reason == "audit-would-deny"
+    counted = {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()}
+    assert counted[(n.eth1.ifindex, "from-vpc", "policy-audit-would-deny")] >= 1

@@ -142,3 +142,10 @@ def test_each_familys_ipcache_is_counted_against_its_own_map():
     assert problems[0].policy == "x/v6-blocks"
     assert "IPv6 ipcache entries" in problems[0].reason
     assert check_capacity(st, Capacities(used[MAP_IPCACHE6], 100, 1000)) == []
+
+
+def test_policy_get_takes_a_pods_ipv6_address():
+    from agent.inspect.policy import endpoint_rules
+    st = compiled(objects(policy_a({"from": [BLOCK6]})))
+    view = endpoint_rules(st, A6)
+    assert view["ip"] == A4 and view["pod"] == "x/a" and view["directions"]["ingress"]["enforced"]
