@@ -166,6 +166,10 @@ def test_enforcement_and_admitted_ipv6_flows_survive_kill_and_restart(world6):
                 assert connects(a, s.ip6) and not connects(b, s.ip6)
                 agent.start()
                 wait_for(applied(agent.paths, 1), "the restarted agent's plan")
+                # restored from the maps (the IPv6 ipcache read back as the
+                # compiler writes it): its first plan writes nothing at all
+                st = wire.call(agent.paths.socket, "PolicyStatus")
+                assert (st["plans"], st["last_ops"]) == (1, 0), st
                 assert connects(a, s.ip6) and not connects(b, s.ip6)
                 out, _ = load.communicate(timeout=30)
             finally:
