@@ -364,3 +364,17 @@ def test_an_audited_direction_forwards_and_reports_would_be_drops(dp, bpfnet, wo
     assert evaluate(world, STRANGER6, POD_C6, "TCP", 80).reason == "audit-would-deny"
     counted = {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()}
     assert counted[(n.eth1.ifindex, "from-vpc", "policy-audit-would-deny")] >= 1
+
+
+def test_ipv6_policy_flows_are_counted_in_the_conntrack_metric(dp, bpfnet, world):
+    from agent.daemon.metrics import DatapathCollector
+    n, ct = bpfnet, dp.lb.ct
+    dp.lb.conntrack_flush()
+    run(dp, n, "fp_from_vpc", vpc(n, CLIENT6, POD_A6, syn(80)), "eth1")
+    run(dp, n, "fp_from_vpc", vpc(n, CLIENT6, POD_A6, UDP(sport=4446, dport=5000) / b"d"),
+        "eth1")
+    assert sorted(k.proto for k, _ in ct.policy6_entries()) == [6, 17]
+    fams = {f.name: f for f in DatapathCollector(None)._maps(dp)}
+    got = {(s.labels["protocol"], s.labels["direction"]): s.value
+           for s in fams["fastpath_conntrack_entries"].samples}
+    assert got == {("TCP", "policy"): 1, ("UDP", "policy"): 1}
