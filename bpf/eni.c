@@ -242,13 +242,15 @@ int fp_from_vpc(struct __sk_buff *skb)
  *     IPv6 half of lib/guard.h's fp_guard_from_vpc);
  *   - malformed IPv6 is dropped as invalid;
  *   - neighbour discovery, link-local and multicast go to the stack;
- *   - IPv6 for a local endpoint is redirected straight into the pod's netns
- *     (unless the pod is isolated: the interim guard's rule, since the
- *     redirect skips fp_to_pod); anything else is the node's: the stack. */
+ *   - IPv6 for a local endpoint passes the pod's ingress policy (when
+ *     NetworkPolicy is on; a later fragment follows its first one,
+ *     lib/policy6.h) and is redirected straight into the pod's netns;
+ *     anything else is the node's: the stack. */
 static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
 	struct fp_endpoint *dst;
+	enum fp_reason reason;
 
 	switch (fp_parse_ipv6(skb, &ip)) {
 	case FP_PARSE_IPV6:
@@ -266,6 +268,9 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (!dst)
 		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
+	reason = fp_policy6_stage(skb, FP_DIR_FROM_VPC, &ip, 0);
+	if (reason)
+		return fp_finish_quiet6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT);
 	return fp_deliver_local6(skb, FP_DIR_FROM_VPC, &ip, dst);
 }
 

@@ -721,3 +721,46 @@ static __always_inline struct fp_sockrev6 *fp_sockrev6_lookup(struct fp_sockrev6
 {
 	return FP_MAP_SOCKREV6.lookup(key);
 }
+
+/* ---- IPv6 NetworkPolicy (v6pol; lib/policy6.h) ---- */
+
+/* Sized like their IPv4 twins: ipcache_map_size bounds each family on its
+ * own (agent/policy/capacity.py counts per family). */
+BPF_TABLE_PINNED("lpm_trie", struct fp_lpm6_key, __u32,
+		 FP_MAP_IPCACHE6, FP_IPCACHE_MAX, FP_PIN(FP_MAP_IPCACHE6), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct fp_ctpol6_key, struct fp_ctpol4,
+		 FP_MAP_CT_POLICY6, FP_CT_POLICY_MAX, FP_PIN(FP_MAP_CT_POLICY6));
+BPF_TABLE_PINNED("lru_hash", struct fp_frag6_key, struct fp_frag6,
+		 FP_MAP_FRAG6, FP_FRAG_MAX, FP_PIN(FP_MAP_FRAG6));
+
+static __always_inline __u32 fp_identity6_of(const __u32 *addr)
+{
+	struct fp_lpm6_key key = { .prefixlen = 128 };
+	__u32 *id;
+
+	__builtin_memcpy(key.addr, addr, 16);
+	id = FP_MAP_IPCACHE6.lookup(&key);
+	return id ? *id : FP_ID_WORLD;
+}
+
+static __always_inline struct fp_ctpol4 *fp_ctpol6_get(struct fp_ctpol6_key *key)
+{
+	return FP_MAP_CT_POLICY6.lookup(key);
+}
+
+static __always_inline void fp_ctpol6_put(struct fp_ctpol6_key *key, struct fp_ctpol4 *val)
+{
+	if (!fp_whatif())
+		FP_MAP_CT_POLICY6.update(key, val);
+}
+
+static __always_inline struct fp_frag6 *fp_frag6_get(struct fp_frag6_key *key)
+{
+	return FP_MAP_FRAG6.lookup(key);
+}
+
+static __always_inline void fp_frag6_put(struct fp_frag6_key *key, struct fp_frag6 *val)
+{
+	if (!fp_whatif())
+		FP_MAP_FRAG6.update(key, val);
+}

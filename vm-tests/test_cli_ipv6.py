@@ -156,7 +156,7 @@ def test_monitor_shows_ipv6_drops_with_their_addresses(n1):
     six = [e for e in events if e["family"] == "ipv6"]
     to_b = [e for e in six if (e["saddr"], e["daddr"], e["dport"]) == (d.ip6, b.ip6, 8080)]
     assert to_b and to_b[0]["ifname"] == d.host_ifname and to_b[0]["proto"] == "TCP", events
-    assert to_b[0]["reason"] in ("dropped-ipv6-not-judged", "dropped-policy-denied"), to_b
+    assert to_b[0]["reason"] == "dropped-policy-denied", to_b
     spoof = [e for e in six if e["reason"] == "dropped-source-spoofed"]
     assert spoof and (spoof[0]["saddr"], spoof[0]["daddr"], spoof[0]["ifname"],
                       spoof[0]["proto"]) == (b.ip6, d.ip6, a.host_ifname, "UDP"), events

@@ -88,18 +88,20 @@ class ConntrackTally:
     the conntrack maps; the field offsets come from the compiled key type
     (fastpath.h's fp_ct4_key)."""
 
-    def __init__(self, key_type):
+    def __init__(self, key_type, counts=None):
         from agent.datapath.maps import DEFS, PROTO_NAME
         self.proto_at = key_type.proto.offset
-        self.dir_at = key_type.dir.offset
+        # the IPv6 policy table's keys have no direction: all are policy's
+        self.dir_at = key_type.dir.offset if hasattr(key_type, "dir") else None
+        self.fixed_dir = DEFS.defines.get("FP_CT_POLICY", 2)
         self.dirs = {DEFS.defines[f"FP_CT_{d.upper()}"]: d
                      for d in ("forward", "reply", "policy") if f"FP_CT_{d.upper()}" in DEFS.defines}
         self.proto_name = PROTO_NAME
-        self.counts: dict[tuple[int, int], int] = {}
+        self.counts: dict[tuple[int, int], int] = {} if counts is None else counts
 
     def __call__(self, buf) -> None:
         raw = buf.raw
-        k = (raw[self.proto_at], raw[self.dir_at])
+        k = (raw[self.proto_at], raw[self.dir_at] if self.dir_at is not None else self.fixed_dir)
         self.counts[k] = self.counts.get(k, 0) + 1
 
     def rows(self):
@@ -287,11 +289,13 @@ class DatapathCollector:
         conntrack = GaugeMetricFamily(
             "fastpath_conntrack_entries", "Conntrack entries, by protocol and direction "
             "(forward: client to Service; reply: backend to client; policy: a flow admitted "
-            "by NetworkPolicy), over the established, new and policy maps.",
+            "by NetworkPolicy), over the established, new and policy maps (IPv6 policy "
+            "flows included).",
             labels=["protocol", "direction"])
         from agent.datapath.maps import MAP
         ct_names = {MAP["FP_MAP_CT"], MAP["FP_MAP_CT_NEW"], MAP["FP_MAP_CT_POLICY"]}
-        tally = None
+        ct6_name = MAP["FP_MAP_CT_POLICY6"]
+        tally = tally6 = None
         for name in pinned_map_names():
             table = dp.module.table(name)
             fd = table.map_fd
@@ -300,11 +304,19 @@ class DatapathCollector:
                 continue     # arrays cannot fill up; a ring buffer has no entries
             if name in ct_names and tally is None:
                 tally = ConntrackTally(table.Key)
+            if name == ct6_name:
+                tally6 = ConntrackTally(table.Key)
             n = count_keys(fd, info.key_size, info.max_entries,
-                           tally if name in ct_names else None)
+                           tally if name in ct_names else tally6 if name == ct6_name else None)
             entries.add_metric([name], n)
             capacity.add_metric([name], info.max_entries)
             pressure.add_metric([name], n / info.max_entries if info.max_entries else 0.0)
+        if tally6 is not None:
+            if tally is None:
+                tally = tally6
+            else:
+                for key, k in tally6.counts.items():
+                    tally.counts[key] = tally.counts.get(key, 0) + k
         if tally is not None:
             for proto, direction, k in tally.rows():
                 conntrack.add_metric([proto, direction], k)

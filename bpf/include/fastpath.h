@@ -831,4 +831,55 @@ struct fp_pod_route_slot {
 };
 _Static_assert(sizeof(struct fp_pod_route_slot) == FP_POD_ROUTE_BYTES, "fp_pod_route_slot layout");
 
+/* ---- IPv6 NetworkPolicy (v6pol; docs/networkpolicy.md "IPv6") ----
+ *
+ * Maps of their own beside the IPv4 ones (docs/ipv6.md's design rule):
+ *   FP_MAP_IPCACHE6   LPM trie, IPv6 prefix (struct fp_lpm6_key) -> peer
+ *                     identity (__u32 HBO), in the same identity space as
+ *                     FP_MAP_IPCACHE; a miss is FP_ID_WORLD.
+ *   FP_MAP_CT_POLICY6 LRU: IPv6 flows NetworkPolicy admitted, one entry per
+ *                     flow, lower (address, port) end first, value
+ *                     struct fp_ctpol4 (state and lifetimes as IPv4's).
+ *   FP_MAP_FRAG6      LRU: the verdict of an IPv6 datagram's first
+ *                     fragment, for the fragments after it.
+ * The isolation and rules of a pod stay in FP_MAP_POLICY_EP / FP_MAP_POLICY,
+ * keyed by the pod's 32-bit key (its IPv4 address today), which the IPv6
+ * programs find from the packet's pod (lib/policy6.h: fp_policy6_pod). */
+#define FP_MAP_IPCACHE6    fp_ipcache6_v1
+#define FP_MAP_CT_POLICY6  fp_ctpol6_v1
+#define FP_MAP_FRAG6       fp_polfrag6_v1
+
+struct fp_ctpol6_key {
+	__u8 saddr[16];        /* NBO: the lower (address, port) end */
+	__u8 daddr[16];        /* NBO */
+	__be16 sport;          /* NBO; ICMPv6 echo: the identifier at the requester's end */
+	__be16 dport;          /* NBO */
+	__u8 proto;
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct fp_ctpol6_key) == 40, "fp_ctpol6_key layout");
+
+struct fp_frag6_key {
+	__u8 saddr[16];        /* NBO */
+	__u8 daddr[16];        /* NBO */
+	__be32 id;             /* NBO: the fragment header's identification */
+	__u8 proto;
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct fp_frag6_key) == 40, "fp_frag6_key layout");
+
+/* IPv6 has no translation yet: a record is the first fragment's verdict. */
+struct fp_frag6 {
+	__u64 first_seen;      /* HBO: ns */
+	__be16 sport;          /* NBO: the first fragment's ports */
+	__be16 dport;          /* NBO */
+	__u16 reason;          /* HBO: enum fp_reason of the first fragment */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_frag6) == 16, "fp_frag6 layout");
+
+/* IPv6 the stack delivers to a pod: fp_to_pod hands it to fp_to_pod6
+ * (bpf/pod.c), which judges the pod's ingress policy. */
+#define FP_TAIL_TO_POD6        3
+
 #endif /* FASTPATH_H */
