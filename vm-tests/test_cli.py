@@ -245,6 +245,10 @@ def test_trace_agrees_with_real_traffic_and_changes_nothing(n1):
 
 
 def test_monitor_streams_drops_and_traces_and_clears_its_event_bits(n1):
+    # drops nobody reads stay in the ring buffer: the monitor must not
+    # report them as if they happened now
+    inject_truncated(n1.a)
+    started_ns = time.monotonic_ns()
     mon = n1.agent.cli_popen("monitor", "--json", "--duration", "8", "--endpoint", "default/a",
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -270,6 +274,7 @@ def test_monitor_streams_drops_and_traces_and_clears_its_event_bits(n1):
     traces = [e for e in events if e["type"] == "trace"]
     assert drops and all(e["ifname"] == n1.a.host_ifname for e in drops), events
     assert {e["reason"] for e in drops} == {"dropped-invalid-packet"}
+    assert all(e["ts_ns"] > started_ns for e in events), "events from before the monitor"
     syn = [e for e in traces if e["daddr"] == VIP and e["saddr"] == n1.a.ip]
     assert syn and syn[0]["nat"] and (syn[0]["nat_daddr"], syn[0]["nat_dport"]) == (
         n1.b.ip, 8080)

@@ -71,9 +71,7 @@ except OSError as e:
 
 
 def dual_pod(ns, p, node, labels):
-    obj = m.pod(ns, p.name, p.ip, node, labels)
-    obj["status"]["podIPs"].append({"ip": p.ip6})
-    return obj
+    return m.pod(ns, p.name, p.ip, node, labels, ip6=p.ip6)
 
 
 def policy(*allowed) -> dict:

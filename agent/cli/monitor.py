@@ -6,7 +6,9 @@ verdict events are produced only while a monitor asks for them: it sets the
 matching bits of fp_monitor.events (a map only monitors write) on start and
 clears the bits it set on exit (Ctrl-C, SIGTERM, --count or --duration
 reached). One monitor at a time per node: the ring buffer has one consumer
-position.
+position. Drops nobody read stay in the buffer; a monitor shows only events
+stamped after it started (the programs stamp CLOCK_MONOTONIC), so an old
+drop is never reported as the answer to what the user does now.
 """
 from __future__ import annotations
 
@@ -111,6 +113,7 @@ def cmd_monitor(ctx, args) -> int:
     mon = ctx.map(M["monitor"])
     mon_layout = ctx.layout(M["monitor"], mon)
     schema = ctx.program_schema(M["events"])
+    started_ns = time.monotonic_ns()
     reader = RingReader(ring.fd)
     stop = {"now": False}
 
@@ -128,8 +131,10 @@ def cmd_monitor(ctx, args) -> int:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 for raw in reader.poll(200):
-                    row = events.event_row(events.decode_event(raw, schema), links=links,
-                                           policy_names=names)
+                    ev = events.decode_event(raw, schema)
+                    if ev["ts_ns"] < started_ns:
+                        continue
+                    row = events.event_row(ev, links=links, policy_names=names)
                     if not events.matches(row, types or None, addrs, ifindexes):
                         continue
                     if ctx.json:

@@ -111,7 +111,8 @@ def main() -> int:
             m.namespace("shop", team="web"), m.namespace("lab", team="research"),
             m.service("shop", "web", VIP, 80, "http"),
             m.endpoint_slice("shop", "web", 8080, [(b.ip, True, "n1"), (c.ip, True, "n2")]),
-            *(m.pod(ns, p.name, p.ip, node, {"app": app}) for p, (ns, app, node) in roles.items())]
+            *(m.pod(ns, p.name, p.ip, node, {"app": app}, ip6=p.ip6)
+              for p, (ns, app, node) in roles.items())]
         agents = [NodeAgent(n, p, ["--policy-enforcement", "default"])
                   for n, p in ((n1, p1), (n2, p2))]
         ag1 = agents[0]
@@ -155,6 +156,7 @@ def main() -> int:
             for agent in agents:
                 wait_policy(agent, 1)
             print(f"   a (shop, frontend) -> b:8080: {ask(a, f'{b.ip} 8080')}")
+            print(f"   a (shop, frontend) -> [{b.ip6}]:8080: {ask(a, f'{b.ip6} 8080')}")
             mon4 = monitor_while(ag1, "lab/d", lambda: print(
                 f"   d (lab, scanner)   -> b:8080: {ask(d, f'{b.ip} 8080')}"))
             print(f"   d (lab, scanner)   -> {VIP}:80 (the Service): {ask(d, f'{VIP} 80')}")

@@ -26,10 +26,11 @@ def namespace(name: str, annotations: Optional[dict[str, str]] = None, **labels:
 
 def pod(ns: str, name: str, ip: Optional[str], node: str, labels: Optional[dict] = None,
         ports: Optional[dict[str, int]] = None,
-        annotations: Optional[dict[str, str]] = None) -> dict:
+        annotations: Optional[dict[str, str]] = None, ip6: Optional[str] = None) -> dict:
     """A running pod with its address in status, as the API server reports it;
     `ports`: named TCP container ports (default http: 8080); `ip` None: a pod
-    without a status yet (its kubelet has not reported it)."""
+    without a status yet (its kubelet has not reported it); `ip6`: a
+    dual-stack pod's IPv6 address, second in podIPs."""
     ports = {"http": 8080} if ports is None else ports
     md = {"name": name, "namespace": ns, "labels": dict(labels or {})}
     if annotations:
@@ -40,7 +41,8 @@ def pod(ns: str, name: str, ip: Optional[str], node: str, labels: Optional[dict]
                "name": "main", "image": "busybox",
                "ports": [{"name": n, "containerPort": p} for n, p in ports.items()]}]}}
     if ip is not None:
-        obj["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        obj["status"] = {"phase": "Running", "podIP": ip,
+                         "podIPs": [{"ip": a} for a in (ip, ip6) if a]}
     return obj
 
 
