@@ -382,7 +382,7 @@ _Static_assert(sizeof(struct fp_ct4_key) == 16, "fp_ct4_key layout");
  * port of FP_SNAT_PORT_MIN..MAX), on the reply entry the client the reply
  * goes back to. */
 struct fp_ct4 {
-	__u64 last_seen;       /* HBO: bpf_ktime_get_ns() of the last refresh (coarse, ~1 s) */
+	__u64 last_seen;       /* HBO: fp_now() (lib/lb.h) of the last refresh (coarse, ~1 s) */
 	__be32 nat_addr;       /* NBO: forward: backend IP; reply: VIP */
 	__be16 nat_port;       /* NBO */
 	__u8 flags;            /* FP_CT_F_* */

@@ -123,7 +123,7 @@ static __always_inline struct fp_ct4 *fp_ct_nat_find(struct fp_ct4_key *key, int
 
 	*tier = FP_CT_TIER_EST;
 	if (ct) {
-		*now = bpf_ktime_get_ns();
+		*now = fp_now();
 		if (!fp_ct_expired(ct->last_seen, key->proto, ct->state, *now))
 			return ct;
 	}
@@ -131,7 +131,7 @@ static __always_inline struct fp_ct4 *fp_ct_nat_find(struct fp_ct4_key *key, int
 	*tier = FP_CT_TIER_NEW;
 	if (ct) {
 		if (!*now)
-			*now = bpf_ktime_get_ns();
+			*now = fp_now();
 		if (!fp_ct_expired(ct->last_seen, key->proto, ct->state, *now))
 			return ct;
 	}
@@ -386,7 +386,7 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 	old_rev = &w->old_rev;
 	entry = &w->entry;
 	reply = &w->reply;
-	now = bpf_ktime_get_ns();
+	now = fp_now();
 	fwd->saddr = ip->saddr;
 	fwd->daddr = ip->daddr;
 	fwd->sport = l4->sport;
@@ -747,7 +747,7 @@ static __always_inline int fp_ct_related_forward(struct __sk_buff *skb, struct f
 		return 1;
 	fp_ct_quote_key(&key, &q);
 	key.dir = FP_CT_FORWARD;
-	ct = fp_ct_nat_get(&key, &tier, bpf_ktime_get_ns());
+	ct = fp_ct_nat_get(&key, &tier, fp_now());
 	if (!ct || (ct->flags & FP_CT_F_HAIRPIN))
 		return 1;
 	backend = ct->nat_addr;
@@ -949,7 +949,7 @@ static __always_inline int fp_ct_frag_follow(struct __sk_buff *skb, struct fp_ip
 	struct fp_frag4_key key = {};
 	struct fp_frag4 *f;
 	__be32 saddr, daddr;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = fp_now();
 
 	key.saddr = ip->saddr;
 	key.daddr = ip->daddr;
@@ -1002,7 +1002,7 @@ static __always_inline void fp_ct_frag_record(const struct fp_ipv4 *ip, __be32 a
 	key.daddr = arrived_daddr;
 	key.id = ip->id;
 	key.proto = ip->proto;
-	val.first_seen = bpf_ktime_get_ns();
+	val.first_seen = fp_now();
 	val.saddr = ip->saddr;
 	val.daddr = ip->daddr;
 	val.sport = sport;

@@ -21,6 +21,16 @@
 
 #define FP_NSEC_PER_SEC 1000000000ULL
 
+/* The clock of conntrack, affinity and fragment records: lifetimes are
+ * seconds, so the tick-granular clock (CLOCK_MONOTONIC as of the last tick)
+ * does, at a fraction of a precise read's cost, once per packet. It may
+ * stand behind a precise stamp another hook wrote (socket-LB's affinity):
+ * every age computed from it is signed. */
+static __always_inline __u64 fp_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
 static __always_inline int fp_l4_csum_off(__u8 proto)
 {
 	return proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check);
@@ -172,7 +182,7 @@ static __always_inline struct fp_aff4 *fp_lb_affinity_live(struct fp_svc4 *svc, 
 	if (!(svc->flags & FP_SVC_F_AFFINITY))
 		return NULL;
 	aff = fp_affinity_lookup(&akey);
-	if (aff && now - aff->last_seen <= (__u64)svc->affinity_timeout * FP_NSEC_PER_SEC)
+	if (aff && (__s64)(now - aff->last_seen) <= (__s64)svc->affinity_timeout * (__s64)FP_NSEC_PER_SEC)
 		return aff;
 	return NULL;
 }
