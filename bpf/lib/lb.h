@@ -104,7 +104,61 @@ static __always_inline int fp_sctp_crc_fix(struct __sk_buff *skb, const struct f
 	return bpf_skb_store_bytes(skb, l4_off + FP_SCTP_CSUM_OFF, &sum, sizeof(sum), 0) ? -1 : 0;
 }
 
-/* Rewrite one address (saddr or daddr) and one port, checksums included. */
+/* A ones' complement checksum after a 32-bit word it covers went from
+ * `from` to `to` (RFC 1624, eqn. 3), in the packet's byte order. */
+static __always_inline __u16 fp_csum_replace4(__u16 check, __be32 from, __be32 to)
+{
+	__u64 s = (__u16)~check;
+
+	s += (__u32)~from;
+	s += (__u32)to;
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+/* fp_nat_rewrite's address, port and IPv4 header checksum, written in place
+ * when the headers are linear (they are, but for odd packets). Returns 1
+ * when they are not: nothing was written. */
+static __always_inline int fp_nat_rewrite_direct(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+						 const struct fp_l4 *l4, int is_src,
+						 __be32 old_addr, __be32 new_addr,
+						 __be16 old_port, __be16 new_port)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+	__u32 l4_off = l4->off;
+	__be16 *ports;
+
+	if (ip->l3_off != ETH_HLEN || l4_off > ETH_HLEN + 60)
+		return 1;
+	ports = data + l4_off;
+	if ((void *)(iph + 1) > data_end || (void *)(ports + 2) > data_end)
+		return 1;
+	if (old_addr != new_addr) {
+		iph->check = fp_csum_replace4(iph->check, old_addr, new_addr);
+		if (is_src)
+			iph->saddr = new_addr;
+		else
+			iph->daddr = new_addr;
+	}
+	if (old_port != new_port) {
+		if (is_src)
+			ports[0] = new_port;
+		else
+			ports[1] = new_port;
+	}
+	return 0;
+}
+
+/* Rewrite one address (saddr or daddr) and one port, checksums included.
+ * The transport checksum is the kernel's to fix (bpf_l4_csum_replace): a
+ * packet whose checksum is left to offload takes only the pseudo-header's
+ * change, which only the kernel can tell. The rest is written in place
+ * (fp_nat_rewrite_direct), by helpers only for headers not in the linear
+ * part. */
 static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp_ipv4 *ip,
 					  const struct fp_l4 *l4, int is_src,
 					  __be32 old_addr, __be32 new_addr,
@@ -115,16 +169,18 @@ static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp
 	__u32 port_off = l4->off + (is_src ? 0 : 2);
 	__u32 csum_off = l4->off + fp_l4_csum_off(ip->proto);
 	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	int direct = !fp_nat_rewrite_direct(skb, ip, l4, is_src, old_addr, new_addr, old_port,
+					    new_port);
 
 	if (old_addr != new_addr) {
 		if (ip->proto != IPPROTO_SCTP &&
 		    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
 					l4flags | BPF_F_PSEUDO_HDR | sizeof(new_addr)))
 			return -1;
-		if (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
-					old_addr, new_addr, sizeof(new_addr)))
-			return -1;
-		if (bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0))
+		if (!direct &&
+		    (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
+					 old_addr, new_addr, sizeof(new_addr)) ||
+		     bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0)))
 			return -1;
 	}
 	if (old_port != new_port) {
@@ -135,7 +191,7 @@ static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp
 					       l4flags | sizeof(new_port))) {
 			return -1;
 		}
-		if (bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+		if (!direct && bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
 			return -1;
 	}
 	return 0;
