@@ -220,6 +220,9 @@ _Static_assert(sizeof(struct fp_svc4_key) == 8, "fp_svc4_key layout");
 #define FP_SVC_F_SRC_RANGE (1U << 6)  /* loadBalancerSourceRanges: other sources dropped */
 #define FP_SVC_F_NODEPORT  (1U << 7)  /* a NodePort (kind, for inspection) */
 #define FP_SVC_F_HOSTPORT  (1U << 8)  /* a pod's hostPort (kind, for inspection) */
+#define FP_SVC_F_SOLE      (1U << 9)  /* a node-facing frontend's only entry (internal, no
+				       * external one): traffic from outside takes it
+				       * without asking for an external entry first */
 
 struct fp_svc4 {
 	__u32 svc_id;          /* HBO */

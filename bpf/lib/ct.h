@@ -281,17 +281,20 @@ static __always_inline void fp_ct_nat_seen(struct fp_ct4_key *key, struct fp_ct4
 /* ---- the forward direction: Service translation ---- */
 
 /* The service entry a packet to (daddr, dport, proto) uses: traffic from
- * outside asks for the frontend's external entry first (its own backends,
- * Maglev), then for the one entry the frontend has for everyone. */
+ * outside takes the frontend's external entry (its own backends, Maglev)
+ * when it has one, else the one entry the frontend has for everyone. The
+ * internal entry is asked first: one marked FP_SVC_F_SOLE (the usual
+ * NodePort) says there is no external entry to look for. */
 static __always_inline struct fp_svc4 *fp_ct_frontend(const struct fp_ipv4 *ip,
 						      const struct fp_l4 *l4, int outside)
 {
-	struct fp_svc4 *svc = NULL;
+	struct fp_svc4 *svc = fp_service_lookup(ip->daddr, l4->dport, ip->proto), *ext;
 
-	if (outside)
-		svc = fp_service_lookup_scope(ip->daddr, l4->dport, ip->proto, FP_SCOPE_EXTERNAL);
-	if (!svc)
-		svc = fp_service_lookup(ip->daddr, l4->dport, ip->proto);
+	if (outside && !(svc && (svc->flags & FP_SVC_F_SOLE))) {
+		ext = fp_service_lookup_scope(ip->daddr, l4->dport, ip->proto, FP_SCOPE_EXTERNAL);
+		if (ext)
+			svc = ext;
+	}
 	return svc;
 }
 
