@@ -153,12 +153,33 @@ static __always_inline int fp_nat_rewrite_direct(struct __sk_buff *skb, const st
 	return 0;
 }
 
-/* Rewrite one address (saddr or daddr) and one port, checksums included.
- * The transport checksum is the kernel's to fix (bpf_l4_csum_replace): a
- * packet whose checksum is left to offload takes only the pseudo-header's
- * change, which only the kernel can tell. The rest is written in place
- * (fp_nat_rewrite_direct), by helpers only for headers not in the linear
- * part. */
+/* The transport checksum after an address and a port changed: the
+ * kernel's to fix (bpf_l4_csum_replace), since a packet whose checksum is
+ * left to offload takes only the pseudo-header's change, which only the
+ * kernel can tell. SCTP's CRC covers no pseudo-header. */
+static __always_inline int fp_nat_l4_csum(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					  const struct fp_l4 *l4, __u32 port_off,
+					  __be32 old_addr, __be32 new_addr,
+					  __be16 old_port, __be16 new_port)
+{
+	__u32 csum_off = l4->off + fp_l4_csum_off(ip->proto);
+	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+
+	if (old_addr != new_addr && ip->proto != IPPROTO_SCTP &&
+	    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+				l4flags | BPF_F_PSEUDO_HDR | sizeof(new_addr)))
+		return -1;
+	if (old_port == new_port)
+		return 0;
+	if (ip->proto == IPPROTO_SCTP)
+		return fp_sctp_crc_fix(skb, ip, l4->off, port_off, old_port, new_port);
+	return bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
+				   l4flags | sizeof(new_port)) ? -1 : 0;
+}
+
+/* Rewrite one address (saddr or daddr) and one port, checksums included:
+ * in place but for the transport checksum (fp_nat_rewrite_direct,
+ * fp_nat_l4_csum); by helpers alone when the headers are not linear. */
 static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp_ipv4 *ip,
 					  const struct fp_l4 *l4, int is_src,
 					  __be32 old_addr, __be32 new_addr,
@@ -167,34 +188,19 @@ static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp
 	__u32 addr_off = ip->l3_off + (is_src ? offsetof(struct iphdr, saddr)
 					      : offsetof(struct iphdr, daddr));
 	__u32 port_off = l4->off + (is_src ? 0 : 2);
-	__u32 csum_off = l4->off + fp_l4_csum_off(ip->proto);
-	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	int direct = !fp_nat_rewrite_direct(skb, ip, l4, is_src, old_addr, new_addr, old_port,
-					    new_port);
 
-	if (old_addr != new_addr) {
-		if (ip->proto != IPPROTO_SCTP &&
-		    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
-					l4flags | BPF_F_PSEUDO_HDR | sizeof(new_addr)))
-			return -1;
-		if (!direct &&
-		    (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
-					 old_addr, new_addr, sizeof(new_addr)) ||
-		     bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0)))
-			return -1;
-	}
-	if (old_port != new_port) {
-		if (ip->proto == IPPROTO_SCTP) {
-			if (fp_sctp_crc_fix(skb, ip, l4->off, port_off, old_port, new_port))
-				return -1;
-		} else if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
-					       l4flags | sizeof(new_port))) {
-			return -1;
-		}
-		if (!direct && bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
-			return -1;
-	}
-	return 0;
+	if (!fp_nat_rewrite_direct(skb, ip, l4, is_src, old_addr, new_addr, old_port, new_port))
+		return fp_nat_l4_csum(skb, ip, l4, port_off, old_addr, new_addr, old_port,
+				      new_port);
+	if (old_addr != new_addr &&
+	    (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
+				 old_addr, new_addr, sizeof(new_addr)) ||
+	     bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0)))
+		return -1;
+	if (old_port != new_port &&
+	    bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+		return -1;
+	return fp_nat_l4_csum(skb, ip, l4, port_off, old_addr, new_addr, old_port, new_port);
 }
 
 /* Maglev's flow hash: Bob Jenkins' final mix over the client's address and
