@@ -204,8 +204,9 @@ _Static_assert(sizeof(struct fp_svc4_key) == 8, "fp_svc4_key layout");
 /* An internal entry serves this node's own sockets and pods, and traffic
  * from outside when the frontend has no external entry; an external entry
  * serves only traffic arriving on the node's interfaces (the primary NIC
- * and the ENIs), which looks for it first (externalTrafficPolicy Local,
- * Maglev). agent/lb/compile.py SCOPE_* are these values. */
+ * and the ENIs), which takes it when there is one (externalTrafficPolicy
+ * Local, Maglev; FP_SVC_F_SOLE says there is none). agent/lb/compile.py
+ * SCOPE_* are these values. */
 #define FP_SCOPE_INTERNAL 0
 #define FP_SCOPE_EXTERNAL 1
 
