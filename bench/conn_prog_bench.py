@@ -17,21 +17,28 @@ scheduler or a client around it. Arms:
             fast case: guards, lookups, reply check, redirect_peer)
 
 Conntrack is flushed before each arm's round, so every connection is new.
+With --baseline REF the same arms also run on a second node netns whose
+programs are compiled from REF's bpf/ (git archive), alternated with this
+tree's in one process: per packet and per connection, before and after.
 The node netns is laid out as bench/ipv6_prog_bench.py's (Terway's routing);
 arms alternate, medians over rounds. This is where bench.nodeport_bench's
 "program time per connection" comes from, without its traffic noise: use it
 to see what a change to bpf/ costs or saves.
 
-    python -m bench.conn_prog_bench [--rounds 9] [--conns 300]
+    python -m bench.conn_prog_bench [--rounds 9] [--conns 300] [--baseline main]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from statistics import median
+from typing import Optional
 
 from bench import ipv6_prog_bench as node
 from bench.ipv6_prog_bench import (ENI_IP, GW, GW_MAC, POD_A, POD_A_MAC, POD_B, POD_B_MAC,
@@ -63,95 +70,151 @@ def _connection(links: dict, cport: int, dst: str, dport: int) -> list[tuple[str
             s2c("FA"), c2s("A")]
 
 
-def run(rounds: int = 9, conns: int = 300, log=print) -> dict:
+PACKETS = ("S>", "<SA", "A>", "PA>", "<PA", "FA>", "<FA", "A>")   # (> client's, < pod's)
+
+
+@contextlib.contextmanager
+def _built_from(tree: Optional[str]):
+    """Datapath loads in this block compile `tree`'s bpf/ (None: this tree's).
+    The compile runs in a child process started in the tree (agent.datapath.build)."""
+    if tree is None:
+        yield
+        return
+    from agent.datapath import build, loader
+    old = (loader.BPF_DIR, build.REPO)
+    loader.BPF_DIR, build.REPO = Path(tree) / "bpf", Path(tree)
+    try:
+        yield
+    finally:
+        loader.BPF_DIR, build.REPO = old
+
+
+def _node(stack: contextlib.ExitStack, conns: int, tree: Optional[str]) -> dict:
+    """A node netns with its programs and one NodePort Service: its arms."""
     from scapy.layers.inet import IP, TCP
     from scapy.layers.l2 import Ether
 
     from agent.config import Config
     from agent.datapath import Datapath
-    from agent.datapath.libbpf import prog_test_run
     from agent.datapath.maps import DEFS
-    from agent.datapath.nsenter import in_netns
     from agent.model.endpoint import Endpoint
 
     ns = f"fpb-conn-{secrets.token_hex(3)}"
     bpffs = tempfile.mkdtemp(prefix="fp-bench-conn-")
     sh(f"ip netns add {ns}")
+    stack.callback(subprocess.run, ["ip", "netns", "del", ns], check=False)
     sh(f"mount -t bpf bpf {bpffs}")
-    dp = None
-    try:
-        links = node._node(ns)
-        # pod b's ENI table, and the node's own default route (the NodePort
-        # reply leaves by the node's primary interface, eth1 here)
-        sh(f"ip -n {ns} rule add from {POD_B} lookup 1001 pref 2048")
-        sh(f"ip -n {ns} route add default via {GW} dev eth1 onlink")
-        e1, ca = links["eth1"], links["caliA"]
+    stack.callback(subprocess.run, ["rmdir", bpffs], check=False)
+    stack.callback(subprocess.run, ["umount", bpffs], check=False)
+    links = node._node(ns)
+    # pod b's ENI table, and the node's own default route (the NodePort
+    # reply leaves by the node's primary interface, eth1 here)
+    sh(f"ip -n {ns} rule add from {POD_B} lookup 1001 pref 2048")
+    sh(f"ip -n {ns} route add default via {GW} dev eth1 onlink")
+    e1, ca = links["eth1"], links["caliA"]
+    with _built_from(tree):
         dp = Datapath(Config.defaults().replace(bpffs_root=f"{bpffs}/fastpath"), netns=ns).load()
-        for ip, cali, mac in ((POD_A, "caliA", POD_A_MAC), (POD_B, "caliB", POD_B_MAC)):
-            c = links[cali]
-            dp.maps.endpoint_put(Endpoint(ip, cali, c["ifindex"], c["address"], mac, "eth1",
-                                          e1["ifindex"]))
-        dp.settings.set_node(ENI_IP, e1["ifindex"])
-        d = DEFS.defines
-        dp.lb.put_backend(1, POD_B, BACKEND_PORT, "TCP")
-        dp.lb.put_slots(1, [1])
-        dp.lb.put_service(ENI_IP, NODE_PORT, "TCP", 1, 1,
-                          d["FP_SVC_F_EXTERNAL"] | d["FP_SVC_F_NODEPORT"])
-        arms = {"nodeport": [_connection(links, 10000 + i, ENI_IP, NODE_PORT)
-                             for i in range(conns)],
-                "direct": [_connection(links, 20000 + i, POD_B, BACKEND_PORT)
-                           for i in range(conns)]}
-        local = bytes(Ether(src=POD_A_MAC, dst=ca["address"]) / IP(src=POD_A, dst=POD_B)
-                      / TCP(sport=40000, dport=BACKEND_PORT, flags="A") / (b"x" * 64))
-        fds = {p: dp.prog_fd(p) for p in ("fp_from_vpc", "fp_from_pod")}
-        per: dict[str, list[dict]] = {a: [] for a in (*arms, "local")}
-        with in_netns(ns):
-            for r in range(rounds):
-                order = list(per) if r % 2 == 0 else list(reversed(per))
-                for arm in order:
-                    if arm == "local":
-                        t = 0
-                        for _ in range(conns * 8):
-                            res = prog_test_run(fds["fp_from_pod"], local, ifindex=ca["ifindex"])
-                            if res.retval != TC_ACT_REDIRECT:
-                                raise RuntimeError(f"local: verdict {res.retval}")
-                            t += res.duration_ns
-                        per[arm].append({"fp_from_pod": t / (conns * 8)})
-                        continue
-                    dp.lb.conntrack_flush()
-                    tot = {p: 0 for p in fds}
-                    for conn in arms[arm]:
-                        for prog, pkt, ifindex in conn:
-                            res = prog_test_run(fds[prog], pkt, ifindex=ifindex)
-                            if res.retval != TC_ACT_REDIRECT:
-                                raise RuntimeError(f"{arm}: {prog} verdict {res.retval}")
-                            tot[prog] += res.duration_ns
-                    per[arm].append({p: v / conns for p, v in tot.items()})
-                log(f"  round {r + 1}/{rounds} " + " ".join(
-                    f"{a}={sum(per[a][-1].values()):.0f}ns" for a in per))
-    finally:
-        if dp is not None:
-            dp.close()
-        subprocess.run(["umount", bpffs], check=False)
-        subprocess.run(["rmdir", bpffs], check=False)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
-    med = {a: {p: median(x[p] for x in rows) for p in rows[0]} for a, rows in per.items()}
-    for arm in ("nodeport", "direct"):
-        m = med[arm]
-        log(f"{arm:9s} ns per connection: " + ", ".join(f"{p} {v:.0f}" for p, v in m.items())
-            + f"; all {sum(m.values()):.0f}")
-    gap = sum(med["nodeport"].values()) - sum(med["direct"].values())
-    log(f"NodePort - direct: {gap:.0f} ns per connection; local established packet "
-        f"{med['local']['fp_from_pod']:.0f} ns")
-    return med
+    stack.callback(dp.close)
+    for ip, cali, mac in ((POD_A, "caliA", POD_A_MAC), (POD_B, "caliB", POD_B_MAC)):
+        c = links[cali]
+        dp.maps.endpoint_put(Endpoint(ip, cali, c["ifindex"], c["address"], mac, "eth1",
+                                      e1["ifindex"]))
+    dp.settings.set_node(ENI_IP, e1["ifindex"])
+    d = DEFS.defines
+    dp.lb.put_backend(1, POD_B, BACKEND_PORT, "TCP")
+    dp.lb.put_slots(1, [1])
+    # as the agent writes an eTP Cluster NodePort (a build that does not
+    # know a flag ignores it)
+    dp.lb.put_service(ENI_IP, NODE_PORT, "TCP", 1, 1,
+                      d["FP_SVC_F_EXTERNAL"] | d["FP_SVC_F_NODEPORT"] | d["FP_SVC_F_SOLE"])
+    local = bytes(Ether(src=POD_A_MAC, dst=ca["address"]) / IP(src=POD_A, dst=POD_B)
+                  / TCP(sport=40000, dport=BACKEND_PORT, flags="A") / (b"x" * 64))
+    return {"ns": ns, "dp": dp, "local": local, "local_ifindex": ca["ifindex"],
+            "fds": {p: dp.prog_fd(p) for p in ("fp_from_vpc", "fp_from_pod")},
+            "arms": {"nodeport": [_connection(links, 10000 + i, ENI_IP, NODE_PORT)
+                                  for i in range(conns)],
+                     "direct": [_connection(links, 20000 + i, POD_B, BACKEND_PORT)
+                                for i in range(conns)]}}
+
+
+def _measure(n: dict, arm: str, conns: int) -> tuple[dict, list]:
+    """One round of an arm: ns per connection per program, and per packet."""
+    from agent.datapath.libbpf import prog_test_run
+    fds = n["fds"]
+    if arm == "local":
+        t = 0
+        for _ in range(conns * 8):
+            res = prog_test_run(fds["fp_from_pod"], n["local"], ifindex=n["local_ifindex"])
+            if res.retval != TC_ACT_REDIRECT:
+                raise RuntimeError(f"local: verdict {res.retval}")
+            t += res.duration_ns
+        return {"fp_from_pod": t / (conns * 8)}, []
+    n["dp"].lb.conntrack_flush()
+    tot = {p: 0 for p in fds}
+    pkt_ns = [0] * len(PACKETS)
+    for conn in n["arms"][arm]:
+        for k, (prog, pkt, ifindex) in enumerate(conn):
+            res = prog_test_run(fds[prog], pkt, ifindex=ifindex)
+            if res.retval != TC_ACT_REDIRECT:
+                raise RuntimeError(f"{arm}: {prog} verdict {res.retval}")
+            tot[prog] += res.duration_ns
+            pkt_ns[k] += res.duration_ns
+    return {p: v / conns for p, v in tot.items()}, [v / conns for v in pkt_ns]
+
+
+def run(rounds: int = 9, conns: int = 300, log=print, baseline: Optional[str] = None) -> dict:
+    """Per build ("tree", and "baseline" when `baseline` names a git ref)
+    and arm: median ns per connection per program and per packet."""
+    from agent.datapath.nsenter import in_netns
+
+    with contextlib.ExitStack() as stack:
+        builds = {}
+        if baseline:
+            tmp = tempfile.mkdtemp(prefix="fp-bench-base-")
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+            from bench.nodeport_profile import export_tree
+            log(f"baseline {baseline}: {export_tree(baseline, tmp)}")
+            builds["baseline"] = _node(stack, conns, tmp)
+        builds["tree"] = _node(stack, conns, None)
+        runs = [(b, a) for b in builds for a in ("nodeport", "direct", "local")]
+        per = {r: [] for r in runs}
+        pkts = {r: [] for r in runs}
+        for r in range(rounds):
+            for b, arm in (runs if r % 2 == 0 else list(reversed(runs))):
+                with in_netns(builds[b]["ns"]):
+                    progs, by_pkt = _measure(builds[b], arm, conns)
+                per[(b, arm)].append(progs)
+                pkts[(b, arm)].append(by_pkt)
+            log(f"  round {r + 1}/{rounds} " + " ".join(
+                f"{b}.{a}={sum(per[(b, a)][-1].values()):.0f}ns" for b, a in runs))
+    med = {}
+    for (b, arm), rows in per.items():
+        m = {p: median(x[p] for x in rows) for p in rows[0]}
+        if pkts[(b, arm)][0]:
+            m["packets"] = [median(x[k] for x in pkts[(b, arm)]) for k in range(len(PACKETS))]
+        med.setdefault(b, {})[arm] = m
+    for b in builds:
+        for arm in ("nodeport", "direct"):
+            m = med[b][arm]
+            log(f"{b:8s} {arm:9s} ns per connection: fp_from_vpc {m['fp_from_vpc']:.0f}, "
+                f"fp_from_pod {m['fp_from_pod']:.0f}; all "
+                f"{m['fp_from_vpc'] + m['fp_from_pod']:.0f}  per packet: "
+                + " ".join(f"{n} {v:.0f}" for n, v in zip(PACKETS, m["packets"])))
+        gap = sum(med[b]["nodeport"][p] for p in ("fp_from_vpc", "fp_from_pod")) - \
+            sum(med[b]["direct"][p] for p in ("fp_from_vpc", "fp_from_pod"))
+        log(f"{b:8s} NodePort - direct: {gap:.0f} ns per connection; local established "
+            f"packet {med[b]['local']['fp_from_pod']:.0f} ns")
+    return med if baseline else med["tree"]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--conns", type=int, default=300)
+    ap.add_argument("--baseline", help="a git ref whose bpf/ runs beside this tree's, "
+                                       "alternated in the same process")
     args = ap.parse_args(argv)
-    run(args.rounds, args.conns)
+    run(args.rounds, args.conns, baseline=args.baseline)
     return 0
 
 

@@ -82,7 +82,7 @@ def program_maps(lb, n: int, node_ip: str, backend_ip: str) -> None:
         desired[Frontend(lc.vip(i), PORT, "TCP")] = FrontendState(key, "p", (be,),
                                                                   kind=KIND_CLUSTER_IP)
         desired[Frontend(node_ip, NODE_PORT_BASE + i, "TCP")] = FrontendState(
-            key, "p", (be,), kind=KIND_NODE_PORT)
+            key, "p", (be,), kind=KIND_NODE_PORT, sole=True)
     rec = Reconciler()
     apply_ops(lb, rec.plan(desired))
 

@@ -55,6 +55,7 @@ Pure module: no kubernetes client, prometheus, grpc or kernel imports.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import socket
 from collections.abc import Iterable, Iterator, Mapping
@@ -68,7 +69,7 @@ __all__ = [
     "KIND_LOAD_BALANCER", "KIND_NODE_PORT", "KIND_HOST_PORT", "KINDS",
     "SCOPE_INTERNAL", "SCOPE_EXTERNAL", "LbOptions", "HealthCheck",
     "DEFAULT_AFFINITY_TIMEOUT", "TOPOLOGY_SAME_NODE",
-    "TOPOLOGY_SAME_ZONE", "compile_service", "compile_services", "describe",
+    "TOPOLOGY_SAME_ZONE", "compile_service", "compile_services", "describe", "with_sole",
     "translated", "ip_sort_key", "health_check", "kind_rank", "FAMILY", "FAMILY6", "family_of",
 ]
 
@@ -180,6 +181,8 @@ class FrontendState:
     configured), not at random.
     source_ranges: loadBalancerSourceRanges of a load-balancer frontend
     (canonical CIDRs, sorted); other sources are dropped.
+    sole: a node-facing frontend's internal entry that has no external
+    twin (with_sole): traffic from outside takes it without looking for one.
     """
 
     service: Key
@@ -194,6 +197,7 @@ class FrontendState:
     drop: bool = False
     maglev: bool = False
     source_ranges: tuple[str, ...] = ()
+    sole: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,7 +559,19 @@ def _compile_all(snapshot, node_name: str, node_zone: str,
             cur = claims.get(fe)
             if cur is None or rank < cur[0]:
                 claims[fe] = (rank, st)
-    return {fe: st for fe, (_, st) in claims.items()}
+    out = {fe: st for fe, (_, st) in claims.items()}
+    for fe, st in out.items():
+        out[fe] = with_sole(fe, st, out)
+    return out
+
+
+def with_sole(fe: Frontend, st: FrontendState, desired: Mapping) -> FrontendState:
+    """`st` with `sole` as the whole set of frontends `desired` makes it: a
+    node-facing frontend's internal entry without an external twin (the
+    datapath then skips the twin's lookup for every packet from outside)."""
+    sole = (fe.scope == SCOPE_INTERNAL and st.kind != KIND_CLUSTER_IP
+            and Frontend(fe.ip, fe.port, fe.protocol, SCOPE_EXTERNAL) not in desired)
+    return st if st.sole == sole else dataclasses.replace(st, sole=sole)
 
 
 def describe(state: FrontendState) -> str:

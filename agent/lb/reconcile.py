@@ -70,6 +70,7 @@ FLAG_MAGLEV = _DEFS["FP_SVC_F_MAGLEV"]
 FLAG_SRC_RANGE = _DEFS["FP_SVC_F_SRC_RANGE"]
 FLAG_NODEPORT = _DEFS["FP_SVC_F_NODEPORT"]
 FLAG_HOSTPORT = _DEFS["FP_SVC_F_HOSTPORT"]
+FLAG_SOLE = _DEFS["FP_SVC_F_SOLE"]
 
 # fp_svc4.count is a __u16.
 MAX_SLOTS = 0xFFFF
@@ -192,6 +193,8 @@ def flags_of(state: FrontendState) -> int:
         f |= FLAG_MAGLEV
     if state.source_ranges:
         f |= FLAG_SRC_RANGE
+    if state.sole:
+        f |= FLAG_SOLE
     return f
 
 

@@ -27,8 +27,8 @@ from typing import Optional
 
 from agent.k8s.model import EndpointSlice, Key, Kind, Service
 from agent.lb.compile import (
-    DEFAULT_OPTIONS, Frontend, FrontendState, HealthCheck, LbOptions, compile_service,
-    health_check, kind_rank, no_cyclic_gc, translated,
+    DEFAULT_OPTIONS, SCOPE_INTERNAL, Frontend, FrontendState, HealthCheck, LbOptions,
+    compile_service, health_check, kind_rank, no_cyclic_gc, translated, with_sole,
 )
 
 __all__ = ["ServiceTable", "touched_services"]
@@ -165,17 +165,24 @@ class ServiceTable:
                 self._claims.setdefault(fe, set()).add(key)
                 affected.add(fe)
 
-        updates: dict[Frontend, Optional[FrontendState]] = {}
+        # An external entry coming or going changes its internal twin's
+        # `sole` (compile.with_sole) even when no Service touched the twin.
+        twins = {Frontend(fe.ip, fe.port, fe.protocol, SCOPE_INTERNAL)
+                 for fe in affected if fe.scope != SCOPE_INTERNAL}
+        before = {fe: self.desired.get(fe) for fe in affected | twins}
         for fe in affected:
             claimants = self._claims.get(fe)
             if not claimants:
                 self._claims.pop(fe, None)
-                if self.desired.pop(fe, None) is not None:
-                    updates[fe] = None
+                self.desired.pop(fe, None)
                 continue
             winner = min(claimants, key=lambda k: _precedence(k, self._by_service[k][fe]))
-            st = self._by_service[winner][fe]
-            if self.desired.get(fe) != st:
-                self.desired[fe] = st
+            self.desired[fe] = self._by_service[winner][fe]
+        updates: dict[Frontend, Optional[FrontendState]] = {}
+        for fe, old in before.items():
+            st = self.desired.get(fe)
+            if st is not None:
+                st = self.desired[fe] = with_sole(fe, st, self.desired)
+            if st != old:
                 updates[fe] = st
         return updates

@@ -214,8 +214,9 @@ _Static_assert(sizeof(struct fp_svc4_key) == 8, "fp_svc4_key layout");
 /* An internal entry serves this node's own sockets and pods, and traffic
  * from outside when the frontend has no external entry; an external entry
  * serves only traffic arriving on the node's interfaces (the primary NIC
- * and the ENIs), which looks for it first (externalTrafficPolicy Local,
- * Maglev). agent/lb/compile.py SCOPE_* are these values. */
+ * and the ENIs), which takes it when there is one (externalTrafficPolicy
+ * Local, Maglev; FP_SVC_F_SOLE says there is none). agent/lb/compile.py
+ * SCOPE_* are these values. */
 #define FP_SCOPE_INTERNAL 0
 #define FP_SCOPE_EXTERNAL 1
 
@@ -230,6 +231,9 @@ _Static_assert(sizeof(struct fp_svc4_key) == 8, "fp_svc4_key layout");
 #define FP_SVC_F_SRC_RANGE (1U << 6)  /* loadBalancerSourceRanges: other sources dropped */
 #define FP_SVC_F_NODEPORT  (1U << 7)  /* a NodePort (kind, for inspection) */
 #define FP_SVC_F_HOSTPORT  (1U << 8)  /* a pod's hostPort (kind, for inspection) */
+#define FP_SVC_F_SOLE      (1U << 9)  /* a node-facing frontend's only entry (internal, no
+				       * external one): traffic from outside takes it
+				       * without asking for an external entry first */
 
 struct fp_svc4 {
 	__u32 svc_id;          /* HBO */
@@ -392,7 +396,7 @@ _Static_assert(sizeof(struct fp_ct4_key) == 16, "fp_ct4_key layout");
  * port of FP_SNAT_PORT_MIN..MAX), on the reply entry the client the reply
  * goes back to. */
 struct fp_ct4 {
-	__u64 last_seen;       /* HBO: bpf_ktime_get_ns() of the last refresh (coarse, ~1 s) */
+	__u64 last_seen;       /* HBO: fp_now() (lib/lb.h) of the last refresh (coarse, ~1 s) */
 	__be32 nat_addr;       /* NBO: forward: backend IP; reply: VIP */
 	__be16 nat_port;       /* NBO */
 	__u8 flags;            /* FP_CT_F_* */

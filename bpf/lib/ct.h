@@ -123,7 +123,7 @@ static __always_inline struct fp_ct4 *fp_ct_nat_find(struct fp_ct4_key *key, int
 
 	*tier = FP_CT_TIER_EST;
 	if (ct) {
-		*now = bpf_ktime_get_ns();
+		*now = fp_now();
 		if (!fp_ct_expired(ct->last_seen, key->proto, ct->state, *now))
 			return ct;
 	}
@@ -131,7 +131,7 @@ static __always_inline struct fp_ct4 *fp_ct_nat_find(struct fp_ct4_key *key, int
 	*tier = FP_CT_TIER_NEW;
 	if (ct) {
 		if (!*now)
-			*now = bpf_ktime_get_ns();
+			*now = fp_now();
 		if (!fp_ct_expired(ct->last_seen, key->proto, ct->state, *now))
 			return ct;
 	}
@@ -281,17 +281,20 @@ static __always_inline void fp_ct_nat_seen(struct fp_ct4_key *key, struct fp_ct4
 /* ---- the forward direction: Service translation ---- */
 
 /* The service entry a packet to (daddr, dport, proto) uses: traffic from
- * outside asks for the frontend's external entry first (its own backends,
- * Maglev), then for the one entry the frontend has for everyone. */
+ * outside takes the frontend's external entry (its own backends, Maglev)
+ * when it has one, else the one entry the frontend has for everyone. The
+ * internal entry is asked first: one marked FP_SVC_F_SOLE (the usual
+ * NodePort) says there is no external entry to look for. */
 static __always_inline struct fp_svc4 *fp_ct_frontend(const struct fp_ipv4 *ip,
 						      const struct fp_l4 *l4, int outside)
 {
-	struct fp_svc4 *svc = NULL;
+	struct fp_svc4 *svc = fp_service_lookup(ip->daddr, l4->dport, ip->proto), *ext;
 
-	if (outside)
-		svc = fp_service_lookup_scope(ip->daddr, l4->dport, ip->proto, FP_SCOPE_EXTERNAL);
-	if (!svc)
-		svc = fp_service_lookup(ip->daddr, l4->dport, ip->proto);
+	if (outside && !(svc && (svc->flags & FP_SVC_F_SOLE))) {
+		ext = fp_service_lookup_scope(ip->daddr, l4->dport, ip->proto, FP_SCOPE_EXTERNAL);
+		if (ext)
+			svc = ext;
+	}
 	return svc;
 }
 
@@ -386,7 +389,7 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 	old_rev = &w->old_rev;
 	entry = &w->entry;
 	reply = &w->reply;
-	now = bpf_ktime_get_ns();
+	now = fp_now();
 	fwd->saddr = ip->saddr;
 	fwd->daddr = ip->daddr;
 	fwd->sport = l4->sport;
@@ -747,7 +750,7 @@ static __always_inline int fp_ct_related_forward(struct __sk_buff *skb, struct f
 		return 1;
 	fp_ct_quote_key(&key, &q);
 	key.dir = FP_CT_FORWARD;
-	ct = fp_ct_nat_get(&key, &tier, bpf_ktime_get_ns());
+	ct = fp_ct_nat_get(&key, &tier, fp_now());
 	if (!ct || (ct->flags & FP_CT_F_HAIRPIN))
 		return 1;
 	backend = ct->nat_addr;
@@ -949,7 +952,7 @@ static __always_inline int fp_ct_frag_follow(struct __sk_buff *skb, struct fp_ip
 	struct fp_frag4_key key = {};
 	struct fp_frag4 *f;
 	__be32 saddr, daddr;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = fp_now();
 
 	key.saddr = ip->saddr;
 	key.daddr = ip->daddr;
@@ -1002,7 +1005,7 @@ static __always_inline void fp_ct_frag_record(const struct fp_ipv4 *ip, __be32 a
 	key.daddr = arrived_daddr;
 	key.id = ip->id;
 	key.proto = ip->proto;
-	val.first_seen = bpf_ktime_get_ns();
+	val.first_seen = fp_now();
 	val.saddr = ip->saddr;
 	val.daddr = ip->daddr;
 	val.sport = sport;

@@ -21,6 +21,16 @@
 
 #define FP_NSEC_PER_SEC 1000000000ULL
 
+/* The clock of conntrack, affinity and fragment records: lifetimes are
+ * seconds, so the tick-granular clock (CLOCK_MONOTONIC as of the last tick)
+ * does, at a fraction of a precise read's cost, once per packet. It may
+ * stand behind a precise stamp another hook wrote (socket-LB's affinity):
+ * every age computed from it is signed. */
+static __always_inline __u64 fp_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
 static __always_inline int fp_l4_csum_off(__u8 proto)
 {
 	return proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check);
@@ -94,7 +104,82 @@ static __always_inline int fp_sctp_crc_fix(struct __sk_buff *skb, const struct f
 	return bpf_skb_store_bytes(skb, l4_off + FP_SCTP_CSUM_OFF, &sum, sizeof(sum), 0) ? -1 : 0;
 }
 
-/* Rewrite one address (saddr or daddr) and one port, checksums included. */
+/* A ones' complement checksum after a 32-bit word it covers went from
+ * `from` to `to` (RFC 1624, eqn. 3), in the packet's byte order. */
+static __always_inline __u16 fp_csum_replace4(__u16 check, __be32 from, __be32 to)
+{
+	__u64 s = (__u16)~check;
+
+	s += (__u32)~from;
+	s += (__u32)to;
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+/* fp_nat_rewrite's address, port and IPv4 header checksum, written in place
+ * when the headers are linear (they are, but for odd packets). Returns 1
+ * when they are not: nothing was written. */
+static __always_inline int fp_nat_rewrite_direct(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+						 const struct fp_l4 *l4, int is_src,
+						 __be32 old_addr, __be32 new_addr,
+						 __be16 old_port, __be16 new_port)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + ETH_HLEN;
+	__u32 l4_off = l4->off;
+	__be16 *ports;
+
+	if (ip->l3_off != ETH_HLEN || l4_off > ETH_HLEN + 60)
+		return 1;
+	ports = data + l4_off;
+	if ((void *)(iph + 1) > data_end || (void *)(ports + 2) > data_end)
+		return 1;
+	if (old_addr != new_addr) {
+		iph->check = fp_csum_replace4(iph->check, old_addr, new_addr);
+		if (is_src)
+			iph->saddr = new_addr;
+		else
+			iph->daddr = new_addr;
+	}
+	if (old_port != new_port) {
+		if (is_src)
+			ports[0] = new_port;
+		else
+			ports[1] = new_port;
+	}
+	return 0;
+}
+
+/* The transport checksum after an address and a port changed: the
+ * kernel's to fix (bpf_l4_csum_replace), since a packet whose checksum is
+ * left to offload takes only the pseudo-header's change, which only the
+ * kernel can tell. SCTP's CRC covers no pseudo-header. */
+static __always_inline int fp_nat_l4_csum(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					  const struct fp_l4 *l4, __u32 port_off,
+					  __be32 old_addr, __be32 new_addr,
+					  __be16 old_port, __be16 new_port)
+{
+	__u32 csum_off = l4->off + fp_l4_csum_off(ip->proto);
+	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+
+	if (old_addr != new_addr && ip->proto != IPPROTO_SCTP &&
+	    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
+				l4flags | BPF_F_PSEUDO_HDR | sizeof(new_addr)))
+		return -1;
+	if (old_port == new_port)
+		return 0;
+	if (ip->proto == IPPROTO_SCTP)
+		return fp_sctp_crc_fix(skb, ip, l4->off, port_off, old_port, new_port);
+	return bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
+				   l4flags | sizeof(new_port)) ? -1 : 0;
+}
+
+/* Rewrite one address (saddr or daddr) and one port, checksums included:
+ * in place but for the transport checksum (fp_nat_rewrite_direct,
+ * fp_nat_l4_csum); by helpers alone when the headers are not linear. */
 static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp_ipv4 *ip,
 					  const struct fp_l4 *l4, int is_src,
 					  __be32 old_addr, __be32 new_addr,
@@ -103,32 +188,19 @@ static __always_inline int fp_nat_rewrite(struct __sk_buff *skb, const struct fp
 	__u32 addr_off = ip->l3_off + (is_src ? offsetof(struct iphdr, saddr)
 					      : offsetof(struct iphdr, daddr));
 	__u32 port_off = l4->off + (is_src ? 0 : 2);
-	__u32 csum_off = l4->off + fp_l4_csum_off(ip->proto);
-	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
-	if (old_addr != new_addr) {
-		if (ip->proto != IPPROTO_SCTP &&
-		    bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr,
-					l4flags | BPF_F_PSEUDO_HDR | sizeof(new_addr)))
-			return -1;
-		if (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
-					old_addr, new_addr, sizeof(new_addr)))
-			return -1;
-		if (bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0))
-			return -1;
-	}
-	if (old_port != new_port) {
-		if (ip->proto == IPPROTO_SCTP) {
-			if (fp_sctp_crc_fix(skb, ip, l4->off, port_off, old_port, new_port))
-				return -1;
-		} else if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
-					       l4flags | sizeof(new_port))) {
-			return -1;
-		}
-		if (bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
-			return -1;
-	}
-	return 0;
+	if (!fp_nat_rewrite_direct(skb, ip, l4, is_src, old_addr, new_addr, old_port, new_port))
+		return fp_nat_l4_csum(skb, ip, l4, port_off, old_addr, new_addr, old_port,
+				      new_port);
+	if (old_addr != new_addr &&
+	    (bpf_l3_csum_replace(skb, ip->l3_off + offsetof(struct iphdr, check),
+				 old_addr, new_addr, sizeof(new_addr)) ||
+	     bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0)))
+		return -1;
+	if (old_port != new_port &&
+	    bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+		return -1;
+	return fp_nat_l4_csum(skb, ip, l4, port_off, old_addr, new_addr, old_port, new_port);
 }
 
 /* Maglev's flow hash: Bob Jenkins' final mix over the client's address and
@@ -172,7 +244,7 @@ static __always_inline struct fp_aff4 *fp_lb_affinity_live(struct fp_svc4 *svc, 
 	if (!(svc->flags & FP_SVC_F_AFFINITY))
 		return NULL;
 	aff = fp_affinity_lookup(&akey);
-	if (aff && now - aff->last_seen <= (__u64)svc->affinity_timeout * FP_NSEC_PER_SEC)
+	if (aff && (__s64)(now - aff->last_seen) <= (__s64)svc->affinity_timeout * (__s64)FP_NSEC_PER_SEC)
 		return aff;
 	return NULL;
 }

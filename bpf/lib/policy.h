@@ -137,7 +137,7 @@ static __always_inline int fp_policy_judge(struct __sk_buff *skb, enum fp_dir wh
 					   const struct fp_ipv4 *ip, const struct fp_l4 *l4,
 					   int check_egress, struct fp_verdict *v)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = fp_now();
 	__u32 eg_id = 0, in_id = 0, eg_peer = 0, in_peer = 0;
 	__be16 sport = l4->sport, dport = l4->kind == FP_L4_PORTS ? l4->dport : 0;
 	int eg = FP_PV_NONE, in;

@@ -441,3 +441,22 @@ def test_a_batched_plan_writes_what_one_write_per_op_writes(dp):
     finally:
         apply_ops(lb, rec.plan_changes({fe: None for fe in desired}))
     assert (lb.services(), lb.all_slots(), lb.backends()) == before
+
+
+def test_an_affinity_stamped_ahead_of_the_packet_clock_is_honoured(dp, bpfnet, services):
+    """Socket-LB stamps affinity with the precise clock, the tc programs read
+    the tick-granular one, which can stand behind it: such an entry is fresh,
+    not billions of years old. Each trial names the other backend, so a
+    picker that took the entry as expired (and chose at random) fails one in
+    two; ten trials."""
+    import time
+    from agent.datapath.maps import be32
+    aff = services._aff
+    for i, (backend_id, want) in enumerate([(1, POD_B), (3, REMOTE)] * 5):
+        ahead = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 5 * 10**9
+        aff[aff.Key(svc_id=12, client=be32(POD_A))] = aff.Leaf(last_seen=ahead,
+                                                               backend_id=backend_id)
+        r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP_AFF, sport=44000 + i)),
+                     bpfnet.cali_a.ifindex)
+        assert Ether(r.out)[IP].dst == want, f"trial {i}"
+    aff.clear()

@@ -404,3 +404,45 @@ def test_a_host_port_takes_a_packet_from_outside_and_from_a_pod_to_the_pod(dp, n
                                     "caliB")
     assert (reason, idx) == ("redirected-local", net.idx("caliA"))
     assert (Ether(out)[IP].dst, Ether(out)[TCP].dport) == (POD_A, 443)
+
+
+def test_an_entry_marked_sole_answers_outside_traffic_without_asking_for_an_external_one(
+        dp, net, svcs):
+    """FP_SVC_F_SOLE (the agent's mark on a node-facing frontend's only
+    entry) spares every packet from outside the external entry's lookup: even
+    an external entry written next to it (which the agent never does) is not
+    asked; without the mark it is, and it wins."""
+    d = DEFS.defines
+    flags = d["FP_SVC_F_EXTERNAL"] | d["FP_SVC_F_NODEPORT"]
+    lb = dp.lb
+    lb.put_backend(900, POD_B, 8080, "TCP")
+    lb.put_backend(901, REMOTE, 8080, "TCP")
+    lb.put_slots(900, [900])
+    lb.put_slots(901, [901])
+    try:
+        lb.put_service(NODE_IP, 30090, "TCP", 901, 1, flags, scope=1)
+        for sport, mark, want in ((40900, d["FP_SVC_F_SOLE"], POD_B), (40901, 0, REMOTE)):
+            lb.put_service(NODE_IP, 30090, "TCP", 900, 1, flags | mark)
+            v, out, reason, kind, idx = run(dp, net, "fp_from_vpc",
+                                            from_outside(net, NODE_IP, 30090, sport), "eth0")
+            assert v == TC_ACT_REDIRECT and Ether(out)[IP].dst == want, (mark, reason)
+        # the agent's case: marked, no external entry
+        lb.delete_service(NODE_IP, 30090, "TCP", scope=1)
+        lb.put_service(NODE_IP, 30090, "TCP", 900, 1, flags | d["FP_SVC_F_SOLE"])
+        v, out, reason, kind, idx = run(dp, net, "fp_from_vpc",
+                                        from_outside(net, NODE_IP, 30090, 40902), "eth0")
+        assert (v, reason, Ether(out)[IP].dst) == (TC_ACT_REDIRECT, "redirected-local", POD_B)
+    finally:
+        lb.delete_service(NODE_IP, 30090, "TCP")
+        lb.delete_service(NODE_IP, 30090, "TCP", scope=1)
+        lb.delete_slots(900, 1, 1)
+        lb.delete_slots(901, 1, 1)
+        lb.delete_backend(900)
+        lb.delete_backend(901)
+
+
+def test_the_agent_marks_a_cluster_policy_node_port_sole_and_a_local_one_not(dp, net, svcs):
+    sole = DEFS.defines["FP_SVC_F_SOLE"]
+    got = {(s["port"], s.get("scope", 0)): s["flags"] & sole for s in dp.lb.services()
+           if s["vip"] == NODE_IP and s["port"] in (30080, 30082)}
+    assert got == {(30080, 0): sole, (30082, 0): 0, (30082, 1): 0}

@@ -257,3 +257,47 @@ def test_the_table_follows_changes_like_a_full_compile_with_node_facing_frontend
         table.apply(cs.deltas)
     assert table.desired == compile_services(snapshot(*objs2), NODE, ZONE, options=opts)
     sub.close()
+
+
+# ------------------------------------------- sole entries (FP_SVC_F_SOLE)
+
+def test_a_node_facing_entry_without_an_external_twin_is_sole_for_traffic_from_outside():
+    out = compile_(lb_service(externalIPs=[EXT_IP]), endpoints(LOCAL, REMOTE))
+    for fe in (Frontend(NODE_IP, 30080, "TCP"), Frontend(LB_IP, 80, "TCP"),
+               Frontend(EXT_IP, 80, "TCP")):
+        assert out[fe].sole, fe
+    assert not out[Frontend(VIP, 80, "TCP")].sole       # a ClusterIP is not node-facing
+    out = compile_(lb_service(etp="Local", externalIPs=[EXT_IP]), endpoints(LOCAL, REMOTE))
+    for ip, port in ((NODE_IP, 30080), (LB_IP, 80), (EXT_IP, 80)):
+        assert not out[Frontend(ip, port, "TCP")].sole  # outside asks its twin
+        assert not out[Frontend(ip, port, "TCP", SCOPE_EXTERNAL)].sole
+
+
+def test_the_table_marks_an_entry_sole_when_another_services_external_twin_leaves():
+    """Service a's external IP is service b's load-balancer IP, which b's
+    proxy-mode load balancer (in-cluster load balancing off) gives only an
+    external entry: a's internal entry is not sole while b's exists, and
+    becomes sole when b goes, though nothing recompiled a."""
+    from agent.k8s.model import Kind
+    from agent.k8s.parse import parse_object
+    from agent.k8s.store import Store
+    opts = LbOptions(nodeport_ips=(NODE_IP,), in_cluster_lb=False)
+    a = service("a", ip="172.16.0.21", externalIPs=[LB_IP])
+    b = lb_service("b", node_port=None)
+    objs = [a, endpoints(LOCAL, name="a"), b, endpoints(REMOTE, name="b")]
+    store = Store()
+    store.apply(upserts=[parse_object(o) for o in objs])
+    sub = store.subscribe()
+    table = ServiceTable(NODE, ZONE, options=opts)
+    table.rebuild(sub.snapshot)
+    fe = Frontend(LB_IP, 80, "TCP")
+    assert table.desired[fe].service == ("shop", "a") and not table.desired[fe].sole
+    assert Frontend(LB_IP, 80, "TCP", SCOPE_EXTERNAL) in table.desired
+    store.delete(Kind.SERVICE, ("shop", "b"))
+    updates = {}
+    for cs in sub.drain():
+        updates.update(table.apply(cs.deltas))
+    assert updates[fe].sole and updates[Frontend(LB_IP, 80, "TCP", SCOPE_EXTERNAL)] is None
+    assert table.desired == compile_services(snapshot(*objs[:2], objs[3]), NODE, ZONE,
+                                             options=opts)
+    sub.close()

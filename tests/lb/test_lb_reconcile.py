@@ -19,7 +19,7 @@ from agent.lb.compile import (
 from agent.lb.maglev import backend_name, build_table
 from agent.lb.reconcile import (
     FLAG_AFFINITY, FLAG_DROP, FLAG_EXTERNAL, FLAG_LOCAL, FLAG_MAGLEV, FLAG_NODEPORT,
-    FLAG_REJECT, FLAG_SRC_RANGE, DeleteBackend, DeleteMaglev, DeleteRanges, DeleteService,
+    FLAG_REJECT, FLAG_SOLE, FLAG_SRC_RANGE, DeleteBackend, DeleteMaglev, DeleteRanges, DeleteService,
     DeleteSlots, FakeMaps, IdAllocator, IdsExhausted, PutBackend, PutMaglev, PutRanges,
     PutService, PutSlots, Reconciler, ServiceEntry, check_whole,
 )
@@ -655,7 +655,9 @@ def test_compiled_services_end_up_in_the_maps_as_compiled():
     run(rec, maps, desired)
     web = maps.services[FE]
     assert web.flags == FLAG_AFFINITY and web.affinity_timeout == 10800
-    assert maps.services[Frontend("203.0.113.7", 80, "TCP")].flags == FLAG_AFFINITY | FLAG_EXTERNAL
+    # (an external IP without an external entry: its one entry serves outside too)
+    assert maps.services[Frontend("203.0.113.7", 80, "TCP")].flags == \
+        FLAG_AFFINITY | FLAG_EXTERNAL | FLAG_SOLE
     assert [b.ip for b in maps.resolve(Frontend("172.16.0.11", 53, "UDP"))] == ["10.0.0.2"]
     assert maps.services[Frontend("172.16.0.11", 53, "UDP")].flags == FLAG_LOCAL
     assert maps.resolve(Frontend("172.16.0.12", 80, "TCP")) == ()
