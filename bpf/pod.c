@@ -404,8 +404,14 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 	reason = FP_FWD_PASS;
 	barrier_var(skb);
 
-	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
+	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4) {
+		/* IPv6 the stack delivers: the pod's ingress limits (lib/bw.h) */
+		if (fp_bw_to_pod6(skb, &reason) < 0) {
+			fp_guard_event(skb, FP_DIR_TO_POD, reason, 0, 0, 0);
+			return fp_finish(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
+		}
 		return FP_TC_CONTINUE;
+	}
 	fp_parse_l4(skb, &ip, &l4);
 	saddr = ip.saddr;
 	daddr = ip.daddr;
@@ -467,6 +473,12 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
 		fp_guard_event(skb, dir, FP_DROP_IPV6_UNJUDGED, 0, 0, ip->proto);
 		return fp_finish(skb, dir, FP_DROP_IPV6_UNJUDGED, TC_ACT_SHOT);
 	}
+	/* Bandwidth manager (lib/bw.h): the pod's ingress limits, shared
+	 * with its IPv4 (the redirect skips fp_to_pod) */
+	if (fp_bw_deliver6(skb, dst, &reason) < 0) {
+		fp_guard_event(skb, dir, reason, 0, 0, ip->proto);
+		return fp_finish(skb, dir, reason, TC_ACT_SHOT);
+	}
 	verdict = fp_redirect_local6(skb, ip, dst, &reason);
 	return fp_finish(skb, dir, reason, verdict);
 }
@@ -517,6 +529,12 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	if (src->host_ifindex != skb->ifindex) {
 		fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, 0, 0, ip.proto);
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT);
+	}
+	/* Bandwidth manager (lib/bw.h): the pod's egress limits, shared with
+	 * its IPv4 */
+	if (fp_bw_from_pod6(skb, &ip, src, &reason) < 0) {
+		fp_guard_event(skb, FP_DIR_FROM_POD, reason, 0, 0, ip.proto);
+		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 	}
 	if (fp_bypass6_match(ip.daddr))
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE);

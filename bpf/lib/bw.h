@@ -21,6 +21,12 @@
  *
  * Entry points, one call each: fp_bw_from_pod (pod.c), fp_bw_deliver
  * (fwd.h fp_redirect_local, pod.c fp_to_pod), fp_bw_to_vpc (eni.c).
+ * IPv6 (docs/ipv6.md): one budget per pod, not per family. A pod's IPv6
+ * packets are limited against the state of its 32-bit key, found by
+ * fp_bw_key_of_ep alone: fp_bw_from_pod6 (pod.c fp_from_pod6),
+ * fp_bw_deliver6 (pod.c fp_deliver_local6), fp_bw_to_pod6 (pod.c
+ * fp_to_pod), and fp_bw_to_vpc paces both families. Connection limits
+ * count IPv4 connections only (the flows map holds IPv4 tuples).
  * Connection counting opens a flow on a new TCP SYN and closes it on RST
  * or on FINs from both ends (fp_bw_flow_opened / fp_bw_flow_closed): the
  * conntrack rewrite may call these from its own "flow created / closed"
@@ -31,6 +37,7 @@
 
 #include <uapi/linux/in.h>
 #include "lib/parse.h"
+#include "lib/parse6.h"
 #include "lib/lb.h"
 
 #define FP_TCP_FIN 0x01
@@ -266,6 +273,70 @@ static __always_inline int fp_bw_conn_track(struct __sk_buff *skb, const struct 
 	return 0;
 }
 
+/* ---- the buckets, for both families ---- */
+
+/* The egress packet rate, and the byte bucket for a destination on this
+ * node (redirected past every qdisc, so policed here; what goes to the
+ * VPC is paced at the ENI instead). Returns -1 to drop (*reason set). */
+static __always_inline int fp_bw_egress_admit(struct __sk_buff *skb, const struct fp_bw *lim,
+					      struct fp_bw_state *st, __u64 now, int local_dst,
+					      enum fp_reason *reason)
+{
+	if (lim->egress_pkt_ns &&
+	    !fp_bw_admit(&st->egress_pkt_tat, now, fp_bw_segs(skb) * lim->egress_pkt_ns,
+			 lim->egress_pkt_burst_ns)) {
+		*reason = FP_DROP_PPS_EGRESS;
+		return -1;
+	}
+	if (local_dst && lim->egress_rate &&
+	    !fp_bw_admit(&st->egress_tat, now, fp_bw_byte_cost(skb->len, lim->egress_rate),
+			 lim->egress_burst_ns)) {
+		*reason = FP_DROP_BW_EGRESS;
+		return -1;
+	}
+	return 0;
+}
+
+/* The ingress packet rate and byte bucket of a delivery into the pod. */
+static __always_inline int fp_bw_ingress_admit(struct __sk_buff *skb, const struct fp_bw *lim,
+					       struct fp_bw_state *st, __u64 now,
+					       enum fp_reason *reason)
+{
+	if (lim->ingress_pkt_ns &&
+	    !fp_bw_admit(&st->ingress_pkt_tat, now, fp_bw_segs(skb) * lim->ingress_pkt_ns,
+			 lim->ingress_pkt_burst_ns)) {
+		*reason = FP_DROP_PPS_INGRESS;
+		return -1;
+	}
+	if (lim->ingress_rate &&
+	    !fp_bw_admit(&st->ingress_tat, now, fp_bw_byte_cost(skb->len, lim->ingress_rate),
+			 lim->ingress_burst_ns)) {
+		*reason = FP_DROP_BW_INGRESS;
+		return -1;
+	}
+	return 0;
+}
+
+/* ---- IPv6: the pod's key ---- */
+
+/* The key of a local endpoint's limits and state: the one place an IPv6
+ * packet finds its pod's budget, so that both families share it. A
+ * dual-stack pod's key is its IPv4 address (its veth's registration); an
+ * IPv6-only pod will get a key of its own here. 0: no key (no limits). */
+static __always_inline __be32 fp_bw_key_of_ep(const struct fp_endpoint *ep)
+{
+	struct fp_ep_if *self = fp_epif_lookup(ep->host_ifindex);
+
+	return self ? self->ip4 : 0;
+}
+
+static __always_inline __be32 fp_bw_key6(const __u32 *ip6)
+{
+	struct fp_endpoint *ep = fp_endpoint6_lookup(ip6);
+
+	return ep ? fp_bw_key_of_ep(ep) : 0;
+}
+
 /* ---- entry points ---- */
 
 /* A packet the pod sends (fp_from_pod), after service translation and
@@ -291,18 +362,8 @@ static __always_inline int fp_bw_from_pod(struct __sk_buff *skb, const struct fp
 	/* to a pod of this node: redirected past every qdisc, so policed here */
 	local_dst = fp_endpoint_lookup(ip->daddr) != NULL;
 	now = bpf_ktime_get_ns();
-	if (lim->egress_pkt_ns &&
-	    !fp_bw_admit(&st->egress_pkt_tat, now, fp_bw_segs(skb) * lim->egress_pkt_ns,
-			 lim->egress_pkt_burst_ns)) {
-		*reason = FP_DROP_PPS_EGRESS;
+	if (fp_bw_egress_admit(skb, lim, st, now, local_dst, reason) < 0)
 		goto drop;
-	}
-	if (local_dst && lim->egress_rate &&
-	    !fp_bw_admit(&st->egress_tat, now, fp_bw_byte_cost(skb->len, lim->egress_rate),
-			 lim->egress_burst_ns)) {
-		*reason = FP_DROP_BW_EGRESS;
-		goto drop;
-	}
 	if (has_l4 && (lim->flags & FP_BW_F_CONNS) &&
 	    fp_bw_conn_track(skb, ip, l4, ip->saddr, lim, st, 0, now, &counted) < 0) {
 		*reason = FP_DROP_CONN_EGRESS;
@@ -337,18 +398,8 @@ static __always_inline int fp_bw_deliver(struct __sk_buff *skb, const struct fp_
 	if (!st)
 		return 0;
 	now = bpf_ktime_get_ns();
-	if (lim->ingress_pkt_ns &&
-	    !fp_bw_admit(&st->ingress_pkt_tat, now, fp_bw_segs(skb) * lim->ingress_pkt_ns,
-			 lim->ingress_pkt_burst_ns)) {
-		*reason = FP_DROP_PPS_INGRESS;
+	if (fp_bw_ingress_admit(skb, lim, st, now, reason) < 0)
 		goto drop;
-	}
-	if (lim->ingress_rate &&
-	    !fp_bw_admit(&st->ingress_tat, now, fp_bw_byte_cost(skb->len, lim->ingress_rate),
-			 lim->ingress_burst_ns)) {
-		*reason = FP_DROP_BW_INGRESS;
-		goto drop;
-	}
 	if ((lim->flags & FP_BW_F_CONNS) && fp_parse_l4(skb, ip, &l4) == 0 &&
 	    fp_bw_conn_track(skb, ip, &l4, ip->daddr, lim, st, 1, now, &counted) < 0) {
 		*reason = FP_DROP_CONN_INGRESS;
@@ -359,6 +410,22 @@ static __always_inline int fp_bw_deliver(struct __sk_buff *skb, const struct fp_
 drop:
 	fp_bw_count(ip->daddr, FP_DIR_TO_POD, *reason, skb->len);
 	return -1;
+}
+
+/* The key of the local pod an IPv6 packet leaving by an ENI comes from;
+ * 0 for anything else (the node's own, IPv4, too short). Only the source
+ * address is read: the ENI's egress pacing needs nothing else. */
+static __always_inline __be32 fp_bw_vpc_key6(struct __sk_buff *skb)
+{
+	__u32 saddr[4];
+	__be16 proto;
+
+	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)) ||
+	    proto != bpf_htons(ETH_P_IPV6) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, saddr), saddr,
+			       sizeof(saddr)))
+		return 0;
+	return fp_bw_key6(saddr);
 }
 
 /* A packet leaving the node by an ENI (fp_to_vpc): pace the pod it comes
@@ -374,8 +441,16 @@ static __always_inline int fp_bw_to_vpc(struct __sk_buff *skb, enum fp_reason *r
 	struct fp_bw *lim;
 	__u32 cfg = fp_bw_cfg();
 	__u64 now, start, cost, t;
+	int parsed;
 
-	if (!cfg || fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
+	if (!cfg)
+		return 0;
+	parsed = fp_parse_ipv4(skb, &ip);
+	if (parsed == FP_PARSE_OTHER)
+		ip.saddr = fp_bw_vpc_key6(skb);    /* 0 unless a limited pod's IPv6 */
+	else if (parsed != FP_PARSE_IPV4)
+		return 0;
+	if (!ip.saddr)
 		return 0;
 	lim = fp_bw_limits(ip.saddr);
 	if (!lim || !lim->egress_rate)
@@ -409,6 +484,85 @@ static __always_inline int fp_bw_to_vpc(struct __sk_buff *skb, enum fp_reason *r
 		skb->tstamp = start;
 	fp_bw_count(ip.saddr, FP_DIR_FROM_POD, FP_FWD_PASS, skb->len);
 	return 0;
+}
+
+/* ---- IPv6 entry points (the pod's key: fp_bw_key_of_ep) ---- */
+
+/* An IPv6 packet the pod `src` sends (fp_from_pod6): its egress packet
+ * rate, and its byte bucket when the destination is a pod of this node.
+ * Returns 0 to go on, -1 to drop (*reason set). */
+static __always_inline int fp_bw_from_pod6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+					   const struct fp_endpoint *src, enum fp_reason *reason)
+{
+	struct fp_bw_state *st;
+	struct fp_bw *lim;
+	int local_dst;
+	__be32 pod;
+
+	if (!fp_bw_cfg())
+		return 0;
+	pod = fp_bw_key_of_ep(src);
+	lim = pod ? fp_bw_limits(pod) : NULL;
+	if (!lim)
+		return 0;
+	st = fp_bw_state_of(pod, lim->conn_gen);
+	if (!st)
+		return 0;
+	local_dst = fp_endpoint6_lookup(ip->daddr) != NULL;
+	if (fp_bw_egress_admit(skb, lim, st, bpf_ktime_get_ns(), local_dst, reason) < 0) {
+		fp_bw_count(pod, FP_DIR_FROM_POD, *reason, skb->len);
+		return -1;
+	}
+	/* traffic to the VPC is counted where it leaves (fp_bw_to_vpc) */
+	if (local_dst)
+		fp_bw_count(pod, FP_DIR_FROM_POD, FP_FWD_PASS, skb->len);
+	return 0;
+}
+
+/* An IPv6 packet about to be delivered into the pod `dst`, by redirect
+ * (fp_deliver_local6) or by the stack (fp_bw_to_pod6). Returns 0 to
+ * deliver, -1 to drop (*reason set). */
+static __always_inline int fp_bw_deliver6(struct __sk_buff *skb, const struct fp_endpoint *dst,
+					  enum fp_reason *reason)
+{
+	struct fp_bw_state *st;
+	struct fp_bw *lim;
+	__be32 pod;
+
+	if (!fp_bw_cfg())
+		return 0;
+	pod = fp_bw_key_of_ep(dst);
+	lim = pod ? fp_bw_limits(pod) : NULL;
+	if (!lim)
+		return 0;
+	st = fp_bw_state_of(pod, lim->conn_gen);
+	if (!st)
+		return 0;
+	if (fp_bw_ingress_admit(skb, lim, st, bpf_ktime_get_ns(), reason) < 0) {
+		fp_bw_count(pod, FP_DIR_TO_POD, *reason, skb->len);
+		return -1;
+	}
+	fp_bw_count(pod, FP_DIR_TO_POD, FP_FWD_PASS, skb->len);
+	return 0;
+}
+
+/* IPv6 the stack delivers (fp_to_pod), to a local pod's global address:
+ * the same ingress limits as a redirect's. Neighbour discovery and
+ * link-local traffic match no endpoint and are never limited. */
+static __always_inline int fp_bw_to_pod6(struct __sk_buff *skb, enum fp_reason *reason)
+{
+	struct fp_endpoint *dst;
+	__u32 daddr[4];
+	__be16 proto;
+
+	if (!fp_bw_cfg() ||
+	    bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)) ||
+	    proto != bpf_htons(ETH_P_IPV6) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, daddr), daddr,
+			       sizeof(daddr)))
+		return 0;
+	dst = fp_endpoint6_lookup(daddr);
+	return dst ? fp_bw_deliver6(skb, dst, reason) : 0;
 }
 
 #endif /* FP_LIB_BW_H */
