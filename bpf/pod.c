@@ -475,7 +475,7 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
 	}
 	/* Bandwidth manager (lib/bw.h): the pod's ingress limits, shared
 	 * with its IPv4 (the redirect skips fp_to_pod) */
-	if (fp_bw_deliver6(skb, dst, &reason) < 0) {
+	if (fp_bw_deliver6(skb, ip, dst, &reason) < 0) {
 		fp_guard_event(skb, dir, reason, 0, 0, ip->proto);
 		return fp_finish(skb, dir, reason, TC_ACT_SHOT);
 	}

@@ -18,7 +18,10 @@ tests/bpf/test_bandwidth_ipv6.py).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -185,3 +188,84 @@ def test_an_unlimited_neighbour_keeps_its_full_ipv6_rate(limited):
     n = limited
     n.annotate({"a": {EGRESS: f"{LIMIT}M", INGRESS: f"{LIMIT}M"}})
     assert iperf(n.e, n.b, six=True, seconds=2) > 10 * LIMIT
+
+
+# -- connections: both families against one count -----------------------------------------
+
+LISTEN = r"""
+import socket, sys, threading
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)      # both families
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", int(sys.argv[1])))
+s.listen(128)
+def serve(c):                  # closes when the client does: a FIN each way
+    while c.recv(1024):
+        pass
+    c.close()
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+HOLD = r"""
+import socket, sys
+port, held, refused = int(sys.argv[1]), [], 0
+for ip in sys.argv[2:]:
+    s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    s.settimeout(1.5)
+    try:
+        s.connect((ip, port))
+        held.append(s)
+    except OSError:
+        refused += 1
+print(len(held), refused, flush=True)
+sys.stdin.readline()          # hold until told
+for s in held:
+    s.close()
+"""
+
+
+def hold(client, port: int, addrs: list[str]) -> tuple[list[str], callable]:
+    """Connect to each address in turn; ([held, refused], release)."""
+    p = client.popen([sys.executable, "-c", HOLD, str(port), *addrs], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True)
+
+    def release():
+        p.stdin.write("\n")
+        p.stdin.flush()
+        p.wait(10)
+    return p.stdout.readline().split(), release
+
+
+def test_ipv4_and_ipv6_connections_count_against_one_limit(limited):
+    """a may hold 3 connections, e accept 2, whatever their family; the
+    refusals show in the pod's counters and metrics."""
+    from prometheus_client import generate_latest
+    n = limited
+    n.annotate({"a": {"fastpath.io/egressMaxConnections": "3"},
+                "e": {"fastpath.io/ingressMaxConnections": "2"}})
+    servers = [p.popen([sys.executable, "-c", LISTEN, "7200"]) for p in (n.b, n.e)]
+    try:
+        for p in (n.b, n.e):
+            p.wait_port(7200)
+        b4, b6 = n.b.ip, n.b.ip6
+        got, release = hold(n.a, 7200, [b4, b6, b6, b4, b6])
+        assert got == ["3", "2"], "3 held (IPv4, IPv6, IPv6), the 4th and 5th refused"
+        release()
+        time.sleep(0.5)            # closed by FINs both ways: a may open 3 again
+        got, release = hold(n.a, 7200, [b6, b6, b6])
+        assert got == ["3", "0"]
+        release()
+        got, release = hold(n.b, 7200, [n.e.ip6, n.e.ip, n.e.ip6, n.e.ip])
+        assert got == ["2", "2"], "e accepts 2 at once, one of each family"
+        release()
+        rows = {(r["ip"], r["reason"]): r["packets"]
+                for r in n.agents["n1"].datapath.bandwidth.counters()}
+        assert rows[(n.a.ip, "dropped-connection-limit-egress")] >= 2
+        assert rows[(n.e.ip, "dropped-connection-limit-ingress")] >= 2
+        metrics = generate_latest(n.agents["n1"].metrics.registry).decode()
+        assert 'fastpath_bandwidth_packets_total{direction="ingress",pod="default/e",' \
+               'reason="dropped-connection-limit-ingress"}' in metrics
+    finally:
+        for s in servers:
+            s.kill()

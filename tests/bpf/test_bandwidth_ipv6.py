@@ -28,6 +28,7 @@ from agent.model.endpoint import Endpoint
 from tests.bpf.conftest import (ENI_IP6, GW_MAC, POD_A, POD_A6, POD_B, POD_B6, REMOTE, REMOTE6,
                                 TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC)
 
+NS = 1_000_000_000
 WHATIF = DEFS.defines["FP_WHATIF_MARK"]
 HTB_MAJOR = DEFS.defines["FP_BW_HTB_MAJOR"]
 _gen = itertools.count(500)
@@ -272,3 +273,112 @@ def test_what_if_ipv6_is_never_limited_and_changes_no_bucket(dp, bpfnet, bw):
     st = dp.bandwidth.states()[POD_A]
     assert st["ingress_tat"] == 0 and st["egress_pkt_tat"] == 0
     assert counts(dp, POD_A) == {}
+
+
+# -- connections: one count per pod, IPv6 tuples in their own map ---------------------
+
+def syn6(net, sport, dst=REMOTE6):
+    return Ether(src=net.pod_a_mac, dst=net.cali_a.mac) / IPv6(src=POD_A6, dst=dst) / TCP(
+        sport=sport, dport=443, flags="S")
+
+
+def syn4(net, sport):
+    return Ether(src=net.pod_a_mac, dst=net.cali_a.mac) / IP(src=POD_A, dst=REMOTE) / TCP(
+        sport=sport, dport=443, flags="S")
+
+
+def reply6(net, dport, flags, src=REMOTE6, dst=POD_A6, sport=443):
+    return Ether(src=GW_MAC, dst=net.eth1.mac) / IPv6(src=src, dst=dst) / TCP(
+        sport=sport, dport=dport, flags=flags)
+
+
+def conns(dp, ip, d="egress"):
+    st, e = dp.bandwidth.states()[ip], dp.bandwidth.entries()[ip]
+    return st[f"{d}_conns_opened"] - st[f"{d}_conns_closed"] - getattr(e, f"{d}_reaped")
+
+
+def test_ipv4_and_ipv6_connections_count_against_one_limit(dp, bpfnet, bw):
+    bw(POD_A, Limits(egress_max_conns=2))
+    p4, p6, p6b, p4b = next(_port), next(_port), next(_port), next(_port)
+    go = lambda pkt: run(dp, bpfnet, "fp_from_pod", pkt, "cali_a").verdict    # noqa: E731
+    assert go(syn4(bpfnet, p4)) == TC_ACT_REDIRECT
+    assert go(syn6(bpfnet, p6)) == TC_ACT_REDIRECT
+    assert go(syn6(bpfnet, p6)) == TC_ACT_REDIRECT, "a retransmitted SYN is the same connection"
+    assert conns(dp, POD_A) == 2
+    assert go(syn6(bpfnet, p6b)) == TC_ACT_SHOT, "the third connection, whatever its family"
+    assert go(syn4(bpfnet, p4b)) == TC_ACT_SHOT
+    assert counts(dp, POD_A)[("egress", "dropped-connection-limit-egress")] == 2
+    assert if_drops(dp, bpfnet.cali_a.ifindex, "dropped-connection-limit-egress") >= 2
+    flows = {(f.saddr, f.daddr, f.sport, f.egress_pod) for f in dp.bandwidth.flows()}
+    assert flows == {(POD_A, REMOTE, p4, POD_A), (POD_A6, REMOTE6, p6, POD_A)}, \
+        "the IPv6 connection by its IPv6 tuple, counted against the pod's key"
+    # the peer resets the IPv6 connection: a new one may open
+    assert run(dp, bpfnet, "fp_from_vpc", reply6(bpfnet, p6, "R"), "eth1").verdict == \
+        TC_ACT_REDIRECT
+    assert conns(dp, POD_A) == 1
+    assert go(syn6(bpfnet, p6b)) == TC_ACT_REDIRECT
+    # that one closes with a FIN from each end (the peer answered first)
+    run(dp, bpfnet, "fp_from_vpc", reply6(bpfnet, p6b, "SA"), "eth1")
+    assert {(f.sport, f.established) for f in dp.bandwidth.flows()} >= {(p6b, True)}
+    fin = Ether(src=bpfnet.pod_a_mac, dst=bpfnet.cali_a.mac) / IPv6(src=POD_A6, dst=REMOTE6) / \
+        TCP(sport=p6b, dport=443, flags="FA")
+    go(fin)
+    assert conns(dp, POD_A) == 2, "one FIN half-closes: still counted"
+    run(dp, bpfnet, "fp_from_vpc", reply6(bpfnet, p6b, "FA"), "eth1")
+    assert conns(dp, POD_A) == 1
+    assert {f.sport for f in dp.bandwidth.flows()} == {p4}
+
+
+@pytest.mark.parametrize("path", ["redirect", "stack"])
+def test_ipv6_connections_a_pod_accepts_count_with_its_ipv4_ones(dp, bpfnet, bw, path):
+    bw(POD_B, Limits(ingress_max_conns=2))
+    prog, dev = ("fp_from_vpc", "eth1") if path == "redirect" else ("fp_to_pod", "cali_b")
+    ok = TC_ACT_REDIRECT if path == "redirect" else TC_ACT_UNSPEC
+    syn_in6 = lambda p: reply6(bpfnet, 8080, "S", dst=POD_B6, sport=p)      # noqa: E731
+    syn_in4 = Ether(src=GW_MAC, dst=bpfnet.eth1.mac) / IP(src=REMOTE, dst=POD_B) / TCP(
+        sport=next(_port), dport=8080, flags="S")
+    assert run(dp, bpfnet, "fp_from_vpc", syn_in4, "eth1").verdict == TC_ACT_REDIRECT
+    assert run(dp, bpfnet, prog, syn_in6(next(_port)), dev).verdict == ok
+    assert run(dp, bpfnet, prog, syn_in6(next(_port)), dev).verdict == TC_ACT_SHOT
+    assert counts(dp, POD_B)[("ingress", "dropped-connection-limit-ingress")] == 1
+    assert conns(dp, POD_B, "ingress") == 2
+
+
+def test_a_refused_same_node_ipv6_syn_gives_the_initiators_count_back(dp, bpfnet, bw):
+    bw(POD_A, Limits(egress_max_conns=1))
+    bw(POD_B, Limits(ingress_max_conns=1))
+    full = reply6(bpfnet, 8080, "S", dst=POD_B6, sport=next(_port))
+    assert run(dp, bpfnet, "fp_from_vpc", full, "eth1").verdict == TC_ACT_REDIRECT
+    to_b = syn6(bpfnet, next(_port), dst=POD_B6)
+    assert run(dp, bpfnet, "fp_from_pod", to_b, "cali_a").verdict == TC_ACT_SHOT
+    assert conns(dp, POD_A) == 0
+    assert run(dp, bpfnet, "fp_from_pod", syn6(bpfnet, next(_port)), "cali_a").verdict == \
+        TC_ACT_REDIRECT
+
+
+def test_the_agents_sweep_gives_idle_ipv6_connections_back(dp, bpfnet, bw):
+    bw(POD_A, Limits(egress_max_conns=1))
+    assert run(dp, bpfnet, "fp_from_pod", syn6(bpfnet, next(_port)), "cali_a").verdict == \
+        TC_ACT_REDIRECT
+    assert run(dp, bpfnet, "fp_from_pod", syn6(bpfnet, next(_port)), "cali_a").verdict == \
+        TC_ACT_SHOT
+    e = dp.bandwidth.entries()[POD_A]
+    assert dp.bandwidth.sweep(time.monotonic_ns(), NS, NS, {POD_A: e.conn_gen}) == ({}, 0)
+    reaped, gone = dp.bandwidth.sweep(time.monotonic_ns() + 2 * NS, 3600 * NS, NS,
+                                      {POD_A: e.conn_gen})
+    assert gone == 1 and reaped == {(POD_A, 0): 1}
+    assert dp.bandwidth.flows() == []
+    from dataclasses import replace
+    dp.bandwidth.write(POD_A, replace(e, egress_reaped=e.egress_reaped + 1), False)
+    assert run(dp, bpfnet, "fp_from_pod", syn6(bpfnet, next(_port)), "cali_a").verdict == \
+        TC_ACT_REDIRECT
+
+
+def test_udp_and_mid_stream_ipv6_open_no_connection(dp, bpfnet, bw):
+    bw(POD_A, Limits(egress_max_conns=1))
+    for _ in range(3):
+        assert run(dp, bpfnet, "fp_from_pod", from_a(bpfnet, True, REMOTE6), "cali_a").verdict \
+            == TC_ACT_REDIRECT
+        assert run(dp, bpfnet, "fp_from_pod", from_a(bpfnet, True, REMOTE6, flags="A"),
+                   "cali_a").verdict == TC_ACT_REDIRECT
+    assert conns(dp, POD_A) == 0 and dp.bandwidth.flows() == []
