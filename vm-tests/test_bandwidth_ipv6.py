@@ -269,3 +269,71 @@ def test_ipv4_and_ipv6_connections_count_against_one_limit(limited):
     finally:
         for s in servers:
             s.kill()
+
+
+# -- restarts ---------------------------------------------------------------------------------
+
+def test_ipv6_limits_and_connection_counts_hold_after_kill_9_and_a_restart():
+    """A real agent process limiting a dual-stack pod (50 Mbit/s, 3
+    connections): its IPv6 rate and a held IPv6 connection's count (the
+    pinned fp_bwflow6_v1) are kept while the agent is killed, and by the
+    agent that starts again. iperf3 uses two connections, closed after."""
+    from agent.api import wire
+    from agent.sim.agent import AgentProcess, private_paths, register_pod
+    with World(dual_stack=True) as w:
+        n1, n2 = w.add_node("n1"), w.add_node("n2")
+        a, b = n1.add_pod("a"), n2.add_pod("b")
+        procs = [b.popen(["iperf3", "-s", "-B", b.ip6, "-p", str(PORT6)]),
+                 b.popen([sys.executable, "-c", LISTEN, "7200"])]
+        b.wait_port(PORT6)
+        b.wait_port(7200)
+        release = None
+
+        def others(addrs: list[str]) -> list[str]:
+            got, rel = hold(a, 7200, addrs)
+            rel()
+            time.sleep(0.5)                # FINs both ways: given back
+            return got
+        try:
+            with private_paths() as paths:
+                pods = []
+                for p, ann in ((a, {EGRESS: f"{LIMIT}M",
+                                    "fastpath.io/egressMaxConnections": "3"}), (b, None)):
+                    o = M.pod("default", p.name, p.ip, p.node.name, annotations=ann)
+                    o["status"]["podIPs"] = [{"ip": p.ip}, {"ip": p.ip6}]
+                    pods.append(o)
+                with open(os.path.join(paths.manifests, "pods.yaml"), "w") as f:
+                    f.write(M.dump(pods))
+                agent = AgentProcess(n1, paths).start()
+                try:
+                    register_pod(paths.socket, a)
+                    wait_for(lambda: wire.call(paths.socket, "Status")["bandwidth"]["pods"] == 1,
+                             "a limited")
+                    assert near(iperf(a, b, six=True, seconds=3), LIMIT)
+                    time.sleep(0.5)
+                    got, release = hold(a, 7200, [b.ip6])
+                    assert got == ["1", "0"]
+                finally:
+                    agent.kill(9)
+                assert near(iperf(a, b, six=True, seconds=3), LIMIT), "the agent is down"
+                time.sleep(0.5)
+                assert others([b.ip6, b.ip, b.ip6]) == ["2", "1"], \
+                    "the held IPv6 connection still counts, against both families"
+                again = AgentProcess(n1, paths).start()
+                try:
+                    time.sleep(2)          # a sync from the manifests
+                    assert wire.call(paths.socket, "Status")["bandwidth"]["pods"] == 1
+                    assert near(iperf(a, b, six=True, seconds=3), LIMIT)
+                    time.sleep(0.5)
+                    assert others([b.ip6, b.ip6, b.ip6]) == ["2", "1"]
+                    release()
+                    release = None
+                    time.sleep(0.5)
+                    assert others([b.ip6, b.ip6, b.ip6]) == ["3", "0"]
+                finally:
+                    again.stop()
+        finally:
+            if release:
+                release()
+            for p in procs:
+                p.terminate()
