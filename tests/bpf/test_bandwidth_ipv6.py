@@ -382,3 +382,35 @@ def test_udp_and_mid_stream_ipv6_open_no_connection(dp, bpfnet, bw):
         assert run(dp, bpfnet, "fp_from_pod", from_a(bpfnet, True, REMOTE6, flags="A"),
                    "cali_a").verdict == TC_ACT_REDIRECT
     assert conns(dp, POD_A) == 0 and dp.bandwidth.flows() == []
+
+
+def test_each_family_has_its_own_flows_capacity(bpffs, bpfnet):
+    """An IPv6 SYN flood that fills the IPv6 connections map lets the
+    pod's further IPv6 connections pass uncounted (fail open, as IPv4's do)
+    and leaves the IPv4 map's room alone: an IPv4 connection is still
+    counted."""
+    from agent.config import Config
+    from agent.datapath import Datapath
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/small-flows6",
+                                    bandwidth_flows_map_size=1024)
+    small = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
+    try:
+        n = bpfnet
+        small.maps.endpoint_put(Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac,
+                                         n.pod_a_mac, "eth1", n.eth1.ifindex, ip6=POD_A6))
+        small.settings.set_bandwidth(True)
+        p = plan({POD_A: (Limits(egress_max_conns=4000), "a")}, {}, htb=False,
+                 new_gen=lambda: 1)
+        small.bandwidth.write(POD_A, p.writes[POD_A], True)
+        verdicts = [run(small, bpfnet, "fp_from_pod", syn6(bpfnet, 1024 + i), "cali_a").verdict
+                    for i in range(1030)]
+        assert verdicts == [TC_ACT_REDIRECT] * 1030
+        assert len(small.bandwidth.flows()) == 1024
+        assert counts(small, POD_A)[("egress", "connection-untracked")] == 6
+        assert conns(small, POD_A) == 1024
+        assert run(small, bpfnet, "fp_from_pod", syn4(bpfnet, 40000), "cali_a").verdict == \
+            TC_ACT_REDIRECT
+        assert conns(small, POD_A) == 1025, "the IPv4 map had room of its own"
+        assert counts(small, POD_A)[("egress", "connection-untracked")] == 6
+    finally:
+        small.close()
