@@ -474,8 +474,9 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
 		return fp_finish(skb, dir, FP_DROP_IPV6_UNJUDGED, TC_ACT_SHOT);
 	}
 	/* Bandwidth manager (lib/bw.h): the pod's ingress limits, shared
-	 * with its IPv4 (the redirect skips fp_to_pod) */
-	if (fp_bw_deliver6(skb, ip, dst, &reason) < 0) {
+	 * with its IPv4 (the redirect skips fp_to_pod); not for a packet
+	 * whose hop limit expires here, which the stack answers instead */
+	if (ip->hop_limit > 1 && fp_bw_deliver6(skb, ip, dst, &reason) < 0) {
 		fp_guard_event(skb, dir, reason, 0, 0, ip->proto);
 		return fp_finish(skb, dir, reason, TC_ACT_SHOT);
 	}

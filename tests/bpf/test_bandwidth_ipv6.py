@@ -414,3 +414,16 @@ def test_each_family_has_its_own_flows_capacity(bpffs, bpfnet):
         assert counts(small, POD_A)[("egress", "connection-untracked")] == 6
     finally:
         small.close()
+
+
+def test_a_packet_whose_hop_limit_expires_takes_nothing_from_the_bucket(dp, bpfnet, bw):
+    """It goes to the stack, which answers time exceeded: nothing is
+    delivered, so nothing is charged (as an IPv4 packet whose TTL expires)."""
+    bw(POD_A, Limits(**SLOW_IN))
+    for _ in range(8):
+        pkt = Ether(src=GW_MAC, dst=bpfnet.eth1.mac) / IPv6(src=REMOTE6, dst=POD_A6, hlim=1) / \
+            UDP(sport=53, dport=5353)
+        assert run(dp, bpfnet, "fp_from_vpc", pkt, "eth1").verdict == TC_ACT_UNSPEC
+    assert counts(dp, POD_A) == {}
+    assert run(dp, bpfnet, "fp_from_vpc", from_vpc(bpfnet, True), "eth1").verdict == \
+        TC_ACT_REDIRECT
