@@ -243,7 +243,9 @@ int fp_from_vpc(struct __sk_buff *skb)
  *   - neighbour discovery, link-local and multicast go to the stack;
  *   - IPv6 for a local endpoint is redirected straight into the pod's netns
  *     (unless the pod is isolated: the interim guard's rule, since the
- *     redirect skips fp_to_pod); anything else is the node's: the stack. */
+ *     redirect skips fp_to_pod); anything else is the node's: the stack.
+ *   - the pod's ingress limits apply before delivery, one budget with its
+ *     IPv4 (lib/bw.h, in pod.c fp_deliver_local6). */
 static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};

@@ -496,6 +496,8 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
  *   - the source must be the endpoint registered on this veth (as for
  *     IPv4 on a veth without a registration: an unknown source goes to the
  *     stack, another local pod's address is dropped as spoofed);
+ *   - the pod's egress limits apply, one budget with its IPv4 (lib/bw.h;
+ *     a local destination's ingress limits apply at its delivery);
  *   - host-stack bypass prefixes of IPv6 (host_stack_cidrs, service_cidrs)
  *     go to the stack;
  *   - a destination that is a local endpoint is redirected into its netns
