@@ -32,6 +32,7 @@
 #include "lib/fwd6.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
+#include "lib/event6.h"
 #include "lib/guard.h"
 #include "lib/bw.h"
 
@@ -241,35 +242,37 @@ int fp_from_vpc(struct __sk_buff *skb)
  *     IPv6 half of lib/guard.h's fp_guard_from_vpc);
  *   - malformed IPv6 is dropped as invalid;
  *   - neighbour discovery, link-local and multicast go to the stack;
- *   - IPv6 for a local endpoint is redirected straight into the pod's netns
- *     (unless the pod is isolated: the interim guard's rule, since the
- *     redirect skips fp_to_pod); anything else is the node's: the stack.
+ *   - IPv6 for a local endpoint passes the pod's ingress policy (when
+ *     NetworkPolicy is on; a later fragment follows its first one,
+ *     lib/policy6.h) and is redirected straight into the pod's netns;
+ *     anything else is the node's: the stack;
  *   - the pod's ingress limits apply before delivery, one budget with its
  *     IPv4 (lib/bw.h, in pod.c fp_deliver_local6). */
 static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
 	struct fp_endpoint *dst;
+	enum fp_reason reason;
 
 	switch (fp_parse_ipv6(skb, &ip)) {
 	case FP_PARSE_IPV6:
 		break;
 	case FP_PARSE_INVALID:
-		fp_guard_event(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, 0, 0, 0);
-		return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, TC_ACT_SHOT);
+		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
 	default:
 		return FP_TC_CONTINUE;
 	}
-	if (fp_endpoint6_lookup(ip.saddr)) {
-		fp_guard_event(skb, FP_DIR_FROM_VPC, FP_DROP_SPOOFED, 0, 0, ip.proto);
-		return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_SPOOFED, TC_ACT_SHOT);
-	}
+	if (fp_endpoint6_lookup(ip.saddr))
+		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_SPOOFED, TC_ACT_SHOT, &ip);
 	if (fp_ip6_is_linklocal(ip.daddr) || fp_ip6_is_multicast(ip.daddr) ||
 	    fp_ip6_is_nd(skb, &ip))
 		return FP_TC_CONTINUE;
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (!dst)
-		return fp_finish(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE);
+		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
+	reason = fp_policy6_stage(skb, FP_DIR_FROM_VPC, &ip, 0);
+	if (reason)
+		return fp_finish_quiet6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT);
 	return fp_deliver_local6(skb, FP_DIR_FROM_VPC, &ip, dst);
 }
 
@@ -322,7 +325,10 @@ int fp_to_vpc(struct __sk_buff *skb)
 
 	/* Bandwidth manager (lib/bw.h): pace the pod that sends. */
 	if (verdict == FP_TC_CONTINUE && fp_bw_to_vpc(skb, &reason) < 0) {
-		fp_count(skb->ifindex, FP_DIR_TO_VPC, reason, skb->len);
+		int six = fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6);
+
+		fp_count_family(skb->ifindex, FP_DIR_TO_VPC, reason, skb->len,
+				six ? FP_FAM_IPV6 : FP_FAM_IPV4);
 		verdict = TC_ACT_SHOT;
 	}
 	fp_whatif_exit(prev);

@@ -109,6 +109,9 @@ struct FP_MAP_EVENTS_table_t {
 	__u32 leaf;
 	int (*ringbuf_output)(void *, __u64, __u64);
 	struct fp_event *(*ringbuf_reserve)(__u64);
+	/* never called (bcc knows no such method): it puts struct fp_event6,
+	 * the IPv6 record, in the BTF beside struct fp_event */
+	struct fp_event6 *(*ringbuf_reserve6)(__u64);
 	void (*ringbuf_discard)(void *, __u64);
 	void (*ringbuf_submit)(void *, __u64);
 	__u32 max_entries;
@@ -221,10 +224,11 @@ static __always_inline struct fp_decision *fp_decision_rec(void)
 	return FP_MAP_DECISION.lookup(&zero);
 }
 
-static __always_inline void fp_count(__u32 ifindex, enum fp_dir dir,
-				     enum fp_reason reason, __u32 bytes)
+static __always_inline void fp_count_family(__u32 ifindex, enum fp_dir dir,
+					    enum fp_reason reason, __u32 bytes, __u8 family)
 {
-	struct fp_counter_key key = { .ifindex = ifindex, .reason = reason, .dir = dir };
+	struct fp_counter_key key = { .ifindex = ifindex, .reason = reason, .dir = dir,
+				      .family = family };
 	struct fp_counter *c;
 
 	if (fp_whatif())
@@ -240,6 +244,13 @@ static __always_inline void fp_count(__u32 ifindex, enum fp_dir dir,
 	}
 	c->packets += 1;
 	c->bytes += bytes;
+}
+
+/* An IPv4 program's count (IPv4, ARP); IPv6 counts with FP_FAM_IPV6. */
+static __always_inline void fp_count(__u32 ifindex, enum fp_dir dir,
+				     enum fp_reason reason, __u32 bytes)
+{
+	fp_count_family(ifindex, dir, reason, bytes, FP_FAM_IPV4);
 }
 
 static __always_inline struct fp_svc4 *fp_service_lookup(__be32 vip, __be16 port, __u8 proto)
@@ -463,6 +474,19 @@ static __always_inline struct fp_event *fp_event_reserve(void)
 }
 
 static __always_inline void fp_event_submit(struct fp_event *ev)
+{
+	FP_MAP_EVENTS.ringbuf_submit(ev, 0);
+}
+
+/* An IPv6 packet's record (struct fp_event6, bpf/lib/event6.h). */
+static __always_inline struct fp_event6 *fp_event6_reserve(void)
+{
+	if (fp_whatif())
+		return NULL;
+	return (struct fp_event6 *)FP_MAP_EVENTS.ringbuf_reserve(sizeof(struct fp_event6));
+}
+
+static __always_inline void fp_event6_submit(struct fp_event6 *ev)
 {
 	FP_MAP_EVENTS.ringbuf_submit(ev, 0);
 }
@@ -718,4 +742,47 @@ static __always_inline int fp_bw_flow6_insert(struct fp_bw_flow6_key *key, struc
 static __always_inline int fp_bw_flow6_delete(struct fp_bw_flow6_key *key)
 {
 	return FP_MAP_BW_FLOWS6.delete(key);
+}
+
+/* ---- IPv6 NetworkPolicy (v6pol; lib/policy6.h) ---- */
+
+/* Sized like their IPv4 twins: ipcache_map_size bounds each family on its
+ * own (agent/policy/capacity.py counts per family). */
+BPF_TABLE_PINNED("lpm_trie", struct fp_lpm6_key, __u32,
+		 FP_MAP_IPCACHE6, FP_IPCACHE_MAX, FP_PIN(FP_MAP_IPCACHE6), BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct fp_ctpol6_key, struct fp_ctpol4,
+		 FP_MAP_CT_POLICY6, FP_CT_POLICY_MAX, FP_PIN(FP_MAP_CT_POLICY6));
+BPF_TABLE_PINNED("lru_hash", struct fp_frag6_key, struct fp_frag6,
+		 FP_MAP_FRAG6, FP_FRAG_MAX, FP_PIN(FP_MAP_FRAG6));
+
+static __always_inline __u32 fp_identity6_of(const __u32 *addr)
+{
+	struct fp_lpm6_key key = { .prefixlen = 128 };
+	__u32 *id;
+
+	__builtin_memcpy(key.addr, addr, 16);
+	id = FP_MAP_IPCACHE6.lookup(&key);
+	return id ? *id : FP_ID_WORLD;
+}
+
+static __always_inline struct fp_ctpol4 *fp_ctpol6_get(struct fp_ctpol6_key *key)
+{
+	return FP_MAP_CT_POLICY6.lookup(key);
+}
+
+static __always_inline void fp_ctpol6_put(struct fp_ctpol6_key *key, struct fp_ctpol4 *val)
+{
+	if (!fp_whatif())
+		FP_MAP_CT_POLICY6.update(key, val);
+}
+
+static __always_inline struct fp_frag6 *fp_frag6_get(struct fp_frag6_key *key)
+{
+	return FP_MAP_FRAG6.lookup(key);
+}
+
+static __always_inline void fp_frag6_put(struct fp_frag6_key *key, struct fp_frag6 *val)
+{
+	if (!fp_whatif())
+		FP_MAP_FRAG6.update(key, val);
 }

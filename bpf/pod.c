@@ -3,9 +3,9 @@
  * fp_from_pod (tc ingress: packets the pod sends):
  *   - first the guards (lib/guard.h): on a registered veth, any packet
  *     (IPv4, IPv6, ARP) whose source is not the endpoint's own is dropped
- *     as spoofed; IPv6 of an isolated pod is dropped, neighbour discovery
- *     aside;
- *   - anything else but IPv4 goes to the stack unchanged;
+ *     as spoofed;
+ *   - IPv6 goes on in fp_from_pod6 (tail call), anything else but IPv4
+ *     goes to the stack unchanged;
  *   - a packet of an established flow to another pod of this node, or out
  *     to the VPC, with NetworkPolicy and the bandwidth manager off, is
  *     forwarded at once (fp_from_pod_established: the same outcome as the
@@ -30,8 +30,8 @@
  * to a client outside the node (a NodePort, external or load-balancer IP)
  * gets its frontend back before it is routed, and may then leave by the
  * node's primary NIC, which owns that address.
- * fp_to_pod (tc egress: packets the stack delivers to the pod) drops IPv6
- * to an isolated pod (lib/guard.h), checks the pod's ingress policy and
+ * fp_to_pod (tc egress: packets the stack delivers to the pod) hands IPv6
+ * to fp_to_pod6 (tail call), checks the pod's ingress policy and
  * ingress limits (lib/bw.h), restores the VIP on replies of translated
  * flows (and ICMP errors about them) and lets everything else through.
  * Every drop is reported to the monitor's ring buffer (lib/policy.h).
@@ -42,6 +42,8 @@
 #include "lib/fwd6.h"
 #include "lib/icmp.h"
 #include "lib/policy.h"
+#include "lib/event6.h"
+#include "lib/policy6.h"
 #include "lib/guard.h"
 #include "lib/bw.h"
 
@@ -87,7 +89,9 @@ static __always_inline struct fp_pod_route *fp_pod_route_slot(void)
 static __always_inline int fp_tail_call(struct __sk_buff *skb, __u32 slot, enum fp_dir dir)
 {
 	fp_tail_jump(skb, slot);
-	fp_count(skb->ifindex, dir, FP_DROP_NO_TAIL_CALL, skb->len);
+	fp_count_family(skb->ifindex, dir, FP_DROP_NO_TAIL_CALL, skb->len,
+			slot == FP_TAIL_FROM_POD6 || slot == FP_TAIL_FROM_VPC6 ? FP_FAM_IPV6
+									 : FP_FAM_IPV4);
 	fp_test_record(0, FP_RD_NONE, 0, FP_DROP_NO_TAIL_CALL);
 	return TC_ACT_SHOT;
 }
@@ -98,7 +102,9 @@ static __always_inline int fp_finish(struct __sk_buff *skb, enum fp_dir dir,
 	/* a fresh ctx access: the verifier refuses a ctx field's address the
 	 * compiler would otherwise keep in a register across the walk */
 	barrier_var(skb);
-	fp_count(skb->ifindex, dir, reason, skb->len);
+	/* the guards' IPv6 drops end here too */
+	fp_count_family(skb->ifindex, dir, reason, skb->len,
+			skb->protocol == bpf_htons(ETH_P_IPV6) ? FP_FAM_IPV6 : FP_FAM_IPV4);
 	if (verdict != TC_ACT_REDIRECT)
 		fp_test_record(0, FP_RD_NONE, 0, reason);
 	return verdict;
@@ -399,17 +405,12 @@ static __always_inline int fp_to_pod_run(struct __sk_buff *skb)
 	__be16 sport, dport;
 	int rc;
 
-	if (fp_guard_to_pod(skb, &reason))
-		return fp_finish(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
-	reason = FP_FWD_PASS;
-	barrier_var(skb);
-
 	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4) {
-		/* IPv6 the stack delivers: the pod's ingress limits (lib/bw.h) */
-		if (fp_bw_to_pod6(skb, &reason) < 0) {
-			fp_guard_event(skb, FP_DIR_TO_POD, reason, 0, 0, 0);
-			return fp_finish(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
-		}
+		/* IPv6 has its own program (fp_to_pod6); a fresh ctx read
+		 * (see fp_finish) */
+		barrier_var(skb);
+		if (fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6))
+			return FP_TAIL_IPV6;
 		return FP_TC_CONTINUE;
 	}
 	fp_parse_l4(skb, &ip, &l4);
@@ -457,37 +458,34 @@ int fp_to_pod(struct __sk_buff *skb)
 	int verdict = fp_to_pod_run(skb);
 
 	fp_whatif_exit(prev);
+	if (verdict == FP_TAIL_IPV6)
+		verdict = fp_tail_call(skb, FP_TAIL_TO_POD6, FP_DIR_TO_POD);
 	return verdict;
 }
 
-/* An IPv6 packet for a local pod, from a pod or the VPC (fp_from_vpc6):
- * into its netns, unless the pod is isolated. The redirect skips the pod's
- * fp_to_pod, so the interim rule for IPv6 is applied here. */
+/* An IPv6 packet for a local pod, from a pod or the VPC (fp_from_vpc6),
+ * already judged by the caller (the redirect skips the pod's fp_to_pod6):
+ * into its netns. */
 static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir dir,
 					     const struct fp_ipv6 *ip, const struct fp_endpoint *dst)
 {
 	enum fp_reason reason = FP_FWD_STACK;
 	int verdict;
 
-	if (fp_guard_isolated_veth(dst->host_ifindex)) {
-		fp_guard_event(skb, dir, FP_DROP_IPV6_UNJUDGED, 0, 0, ip->proto);
-		return fp_finish(skb, dir, FP_DROP_IPV6_UNJUDGED, TC_ACT_SHOT);
-	}
 	/* Bandwidth manager (lib/bw.h): the pod's ingress limits, shared
-	 * with its IPv4 (the redirect skips fp_to_pod); not for a packet
+	 * with its IPv4 (the redirect skips fp_to_pod6); not for a packet
 	 * whose hop limit expires here, which the stack answers instead */
 	if (ip->hop_limit > 1 && fp_bw_deliver6(skb, ip, dst, &reason) < 0) {
-		fp_guard_event(skb, dir, reason, 0, 0, ip->proto);
-		return fp_finish(skb, dir, reason, TC_ACT_SHOT);
+		return fp_finish6(skb, dir, reason, TC_ACT_SHOT, ip);
 	}
 	verdict = fp_redirect_local6(skb, ip, dst, &reason);
-	return fp_finish(skb, dir, reason, verdict);
+	return fp_finish6(skb, dir, reason, verdict, ip);
 }
 
 /* ---- IPv6 (docs/ipv6.md) ----
  *
  * fp_from_pod6 (reached from fp_from_pod by FP_TAIL_FROM_POD6, after the
- * guards have checked the source and the interim isolation rule):
+ * guards have checked the source):
  *   - malformed IPv6 (short, bad length, extension headers past the
  *     packet or more than FP_IP6_EXT_MAX of them) is dropped as invalid;
  *   - neighbour discovery, router solicitation, link-local and multicast
@@ -496,14 +494,16 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
  *   - the source must be the endpoint registered on this veth (as for
  *     IPv4 on a veth without a registration: an unknown source goes to the
  *     stack, another local pod's address is dropped as spoofed);
+ *   - with NetworkPolicy on, a new flow must pass the pod's egress and,
+ *     when the destination is a pod of this node, that pod's ingress; a
+ *     later fragment follows its first one (lib/policy6.h);
  *   - the pod's egress limits apply, one budget with its IPv4 (lib/bw.h;
  *     a local destination's ingress limits apply at its delivery);
  *   - host-stack bypass prefixes of IPv6 (host_stack_cidrs, service_cidrs)
  *     go to the stack;
- *   - a destination that is a local endpoint is redirected into its netns
- *     (unless that pod is isolated: the interim guard's rule, since the
- *     redirect skips fp_to_pod), anything else leaves by the pod's ENI when
- *     the FIB (AF_INET6) agrees, or goes to the stack. */
+ *   - a destination that is a local endpoint is redirected into its netns,
+ *     anything else leaves by the pod's ENI when the FIB (AF_INET6)
+ *     agrees, or goes to the stack. */
 static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
@@ -515,43 +515,88 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	case FP_PARSE_IPV6:
 		break;
 	case FP_PARSE_INVALID:
-		fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, 0, 0, 0);
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT);
+		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
 	default:
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
+		return fp_finish_quiet6(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
 	}
 	/* the link's own traffic, as ARP is for IPv4: passed, not to-stack
 	 * (to-stack counts pod traffic the fast path hands to the node) */
 	if (fp_ip6_is_linklocal(ip.daddr) || fp_ip6_is_multicast(ip.daddr) ||
 	    fp_ip6_is_linklocal(ip.saddr) || fp_ip6_is_unspecified(ip.saddr) ||
 	    fp_ip6_is_nd(skb, &ip))
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
+		return fp_finish_quiet6(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
 	src = fp_endpoint6_lookup(ip.saddr);
 	if (!src)
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE);
-	if (src->host_ifindex != skb->ifindex) {
-		fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, 0, 0, ip.proto);
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT);
-	}
+		return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
+	if (src->host_ifindex != skb->ifindex)
+		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT, &ip);
+	reason = fp_policy6_stage(skb, FP_DIR_FROM_POD, &ip, fp_policy6_pod(ip.saddr));
+	if (reason)
+		return fp_finish_quiet6(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+	reason = FP_FWD_STACK;
 	/* Bandwidth manager (lib/bw.h): the pod's egress limits, shared with
 	 * its IPv4 */
-	if (fp_bw_from_pod6(skb, &ip, src, &reason) < 0) {
-		fp_guard_event(skb, FP_DIR_FROM_POD, reason, 0, 0, ip.proto);
-		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
-	}
+	if (fp_bw_from_pod6(skb, &ip, src, &reason) < 0)
+		return fp_finish6(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT, &ip);
+	reason = FP_FWD_STACK;
 	if (fp_bypass6_match(ip.daddr))
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE);
+		return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE, &ip);
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (dst)
 		return fp_deliver_local6(skb, FP_DIR_FROM_POD, &ip, dst);
 	verdict = fp_redirect_fib6(skb, &ip, src->eni_ifindex, &reason);
-	return fp_finish(skb, FP_DIR_FROM_POD, reason, verdict);
+	return fp_finish6(skb, FP_DIR_FROM_POD, reason, verdict, &ip);
 }
 
 int fp_from_pod6(struct __sk_buff *skb)
 {
 	__u32 prev = fp_whatif_enter(skb);
 	int verdict = fp_from_pod6_run(skb);
+
+	fp_whatif_exit(prev);
+	return verdict;
+}
+
+/* fp_to_pod6 (reached from fp_to_pod by FP_TAIL_TO_POD6): IPv6 the stack
+ * delivers to a pod (from the node itself, or routed by it). Malformed
+ * IPv6 is dropped; the link's own traffic (neighbour discovery,
+ * link-local, multicast, from ::) passes; anything else passes the pod's
+ * ingress policy (lib/policy6.h) when NetworkPolicy is on. */
+static __always_inline int fp_to_pod6_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+	struct fp_endpoint *dst;
+	enum fp_reason reason;
+
+	switch (fp_parse_ipv6(skb, &ip)) {
+	case FP_PARSE_IPV6:
+		break;
+	case FP_PARSE_INVALID:
+		if (!fp_policy_enabled())
+			return FP_TC_CONTINUE;
+		return fp_finish6(skb, FP_DIR_TO_POD, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
+	default:
+		return FP_TC_CONTINUE;
+	}
+	if (fp_ip6_is_linklocal(ip.daddr) || fp_ip6_is_multicast(ip.daddr) ||
+	    fp_ip6_is_linklocal(ip.saddr) || fp_ip6_is_unspecified(ip.saddr) ||
+	    fp_ip6_is_nd(skb, &ip))
+		return FP_TC_CONTINUE;
+	reason = fp_policy6_stage(skb, FP_DIR_TO_POD, &ip, 0);
+	if (reason)
+		return fp_finish_quiet6(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
+	/* Bandwidth manager (lib/bw.h): the pod's ingress limits, one budget
+	 * with its IPv4 */
+	dst = fp_endpoint6_lookup(ip.daddr);
+	if (dst && fp_bw_deliver6(skb, &ip, dst, &reason) < 0)
+		return fp_finish6(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT, &ip);
+	return FP_TC_CONTINUE;
+}
+
+int fp_to_pod6(struct __sk_buff *skb)
+{
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_to_pod6_run(skb);
 
 	fp_whatif_exit(prev);
 	return verdict;

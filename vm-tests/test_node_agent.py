@@ -4,9 +4,9 @@ under real traffic, and a clean uninstall.
     pod a ─ cali ┐                    ┌ eth1 ─ node n2 (no fastpath) ─ cali ─ pod c
     pod b ─ cali ┴ node n1 ─ eth1 ═ vpc
 
-Load clients (LOAD below) hold one TCP connection and one UDP socket each,
-send a numbered message every 20 ms and check every echo; a broken connection
-or a lost datagram is theirs to report. Bounded: they stop after a fixed time,
+Load clients (socket_clients.Load) hold one TCP connection and one UDP socket
+each, send a numbered message every 20 ms and check every echo; a broken
+connection or a lost datagram is theirs to report. Bounded: they stop after a fixed time,
 and the echo servers (bench/tools/fprr.c) exit on their own after a minute.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from agent.sim import manifests as mf
 from agent.sim.agent import FASTPATH, AgentProcess, _detach_node, private_paths
 from agent.sim.cgroups import private_mount as private_cgroup
 from bench.harness import build_fprr
+from socket_clients import Load
 from fastpath_helpers import forwarded_by_stack, inject_truncated, serve_reply, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,64 +42,6 @@ TCP_PORT, UDP_PORT = 7300, 7301
 # Echo servers outlive any load: clients stop at a stop file or after
 # LOAD_MAX_SECONDS, whichever comes first.
 SERVER_SECONDS, LOAD_MAX_SECONDS = 150, 120
-
-LOAD = r"""
-import json, os, socket, sys, time
-ip, tport, uport, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-stop = sys.argv[5]          # ends early once this file exists
-res = {"tcp_ok": 0, "tcp_error": "", "udp_ok": 0, "udp_lost": 0, "udp_late": 0}
-unanswered = set()          # datagrams whose echo did not come within the timeout
-t0 = time.monotonic()
-tcp = socket.create_connection((ip, tport), timeout=5)
-tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-udp.connect((ip, uport))
-udp.settimeout(1.0)
-end, seq = time.monotonic() + secs, 0
-while time.monotonic() < end and not os.path.exists(stop):
-    seq += 1
-    msg = b"%08d" % seq
-    try:
-        tcp.sendall(msg)
-        got = b""
-        while len(got) < len(msg):
-            chunk = tcp.recv(len(msg) - len(got))
-            if not chunk:
-                raise ConnectionError("closed by the peer")
-            got += chunk
-        if got != msg:
-            raise ValueError(f"echo {got!r} for {msg!r}")
-        res["tcp_ok"] += 1
-    except (OSError, ValueError) as e:
-        res["tcp_error"] = f"{type(e).__name__}: {e}"
-        break
-    udp.send(msg)
-    try:
-        while True:
-            got = udp.recv(64)
-            if got == msg:
-                break
-            if got in unanswered:       # a late echo: delayed (a busy CPU), not lost
-                unanswered.discard(got)
-                res["udp_late"] += 1
-        res["udp_ok"] += 1
-    except socket.timeout:
-        unanswered.add(msg)
-    time.sleep(0.02)
-res["seconds"] = round(time.monotonic() - t0, 2)
-udp.settimeout(0.5)
-deadline = time.monotonic() + 3
-while unanswered and time.monotonic() < deadline:
-    try:
-        got = udp.recv(64)
-    except socket.timeout:
-        continue
-    if got in unanswered:
-        unanswered.discard(got)
-        res["udp_late"] += 1
-res["udp_lost"] = len(unanswered)    # never echoed at all
-print(json.dumps(res))
-"""
 
 CT_MAP = MAP["FP_MAP_CT"]
 
@@ -114,56 +57,13 @@ def echo_servers(pods) -> None:
         dst.wait_port(UDP_PORT, udp=True)
 
 
-class Load:
-    """Load clients, one TCP connection and one UDP socket each. Used as a
-    context manager, every client still running at the end is killed."""
-
-    def __init__(self, src=None, dsts=(), seconds: float = LOAD_MAX_SECONDS, *,
-                 servers: bool = True):
-        import tempfile
-        self.seconds = seconds
-        self.stop_file = Path(tempfile.mkdtemp(prefix="fp-load-"), "stop")
-        self.clients: list[tuple[str, subprocess.Popen]] = []
-        if servers:
-            echo_servers(dsts)
-        for dst in dsts:
-            self.add(dst.name, src, dst.ip, TCP_PORT, UDP_PORT)
-
-    def add(self, name: str, src, ip: str, tport: int, uport: int, cgroup: str = "") -> None:
-        """A client in `src`'s netns (joining `cgroup` first, if given:
-        `ip netns exec` remounts /sys, which hides cgroup2 inside)."""
-        args = [LOAD, ip, str(tport), str(uport), str(self.seconds), str(self.stop_file)]
-        if cgroup:
-            cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec ip netns exec '
-                   f'{src.netns} /usr/bin/python3 -c "$0" "$@"', *args]
-            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        else:
-            p = src.popen(["/usr/bin/python3", "-c", *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-        self.clients.append((name, p))
-
-    def running(self) -> list[str]:
-        return [name for name, p in self.clients if p.poll() is None]
-
-    def results(self, timeout: float = 60) -> dict[str, dict]:
-        """Stop the clients and collect what each saw."""
-        self.stop_file.touch()
-        out = {}
-        for name, p in self.clients:
-            stdout, stderr = p.communicate(timeout=timeout)
-            assert p.returncode == 0, (name, stderr)
-            out[name] = json.loads(stdout)
-        return out
-
-    def __enter__(self) -> "Load":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for _, p in self.clients:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        shutil.rmtree(self.stop_file.parent, ignore_errors=True)
+def load_to(src, dsts) -> Load:
+    """Echo servers in each of `dsts` and a load client from `src` to each."""
+    echo_servers(dsts)
+    load = Load(LOAD_MAX_SECONDS)
+    for dst in dsts:
+        load.add(dst.name, src, dst.ip, TCP_PORT, UDP_PORT)
+    return load
 
 
 def assert_unbroken(results: dict[str, dict], min_seconds: float) -> None:
@@ -469,7 +369,7 @@ def test_flows_to_pods_and_services_survive_kill9_and_an_upgrade_that_resizes_ma
                     "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
             assert wait_for(lambda: metric(n1, "fastpath_services") == 2)
             stack = forwarded_by_stack(n1)
-            with Load(a, [b, c]) as load:
+            with load_to(a, [b, c]) as load:
                 t0 = time.monotonic()
                 load.add("a->svc", a, SVC_VIP, 80, 53)
                 load.add("node->svc", n1, SVC_VIP, 80, 53, cgroup=cgroup)
@@ -539,7 +439,7 @@ def test_pins_of_older_map_versions_are_carried_over_field_by_field(world):
                 wire.call(paths.socket, "EndpointAdd", {
                     "netns": p.netns_path, "container_id": f"c-{p.name}", "pod_name": p.name})
             assert wait_for(lambda: metric(n1, "fastpath_services") == 2)
-            with Load(a, [b]) as load:
+            with load_to(a, [b]) as load:
                 load.add("a->svc", a, SVC_VIP, 80, 53)
                 t0 = time.monotonic()
                 time.sleep(2)
@@ -629,7 +529,7 @@ def test_an_upgrade_that_changes_the_conntrack_layout_breaks_nothing_under_load(
             assert wait_for(lambda: metric(n1, "fastpath_services") == 2)
             assert (pins / "fp_ct4_v1").exists() and not (pins / CT_MAP).exists()
             stack = forwarded_by_stack(n1)
-            with Load(a, [b, c]) as load:
+            with load_to(a, [b, c]) as load:
                 t0 = time.monotonic()
                 # four clients, more while every flow sits on one backend
                 # (1 run in 128 with four): with flows on both, an entry
@@ -749,7 +649,7 @@ def test_the_datapath_keeps_its_state_while_the_api_is_away_and_converges_on_its
             assert wait_for(lambda: metric(n1, "fastpath_services") == 2)
             assert http_in(n1, "http://127.0.0.1:9099/readyz")[0] == 200
             echo_servers([b, d])
-            with Load(servers=False) as load:
+            with Load(LOAD_MAX_SECONDS) as load:
                 load.add("a->web", a, SVC_VIP, 80, 53)
                 t0 = time.monotonic()
                 time.sleep(2)

@@ -10,12 +10,11 @@ the agent's own pipeline from manifests.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 from agent.sim import manifests as mf
 from agent.sim.agent import sim_attach
+from socket_clients import LineClient, send_until_closed
 
 VIP = "192.168.66.53"
 
@@ -30,47 +29,10 @@ while True:
     s.sendto(sys.argv[2].encode(), peer)
 """
 
-# A long-lived client driven line by line: connect <ip> <port> | send <tag>
-CLIENT = r"""
-import socket, sys
-s = None
-for line in sys.stdin:
-    cmd, *args = line.split()
-    try:
-        if cmd == "connect":
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
-            s.connect((args[0], int(args[1])))
-            print("ok", *s.getpeername(), flush=True)
-        elif cmd == "send":
-            s.send(args[0].encode())
-            print("ok", s.recv(100).decode(), flush=True)
-    except OSError as e:
-        print("err", e.errno, flush=True)
-"""
-
-
 def manifests(*backends: str) -> list[dict]:
     return [mf.service("default", "dns", VIP, 53, 5353, "dns", "UDP"),
             mf.endpoint_slice("default", "dns", 5353, [(ip, "ready", "n1") for ip in backends],
                               "dns", "UDP")]
-
-
-class Client:
-    def __init__(self, ns, cg: str | None):
-        cmd = f'exec ip netns exec {ns.netns} {sys.executable} -c "$0"'
-        if cg:
-            cmd = f'echo $$ > {cg}/cgroup.procs && {cmd}'
-        self.p = subprocess.Popen(["sh", "-c", cmd, CLIENT], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, bufsize=1)
-
-    def __call__(self, line: str) -> str:
-        self.p.stdin.write(line + "\n")
-        self.p.stdin.flush()
-        return self.p.stdout.readline().strip()
-
-    def close(self):
-        self.p.stdin.close()
-        self.p.wait(timeout=5)
 
 
 class Server:
@@ -102,9 +64,9 @@ def test_connected_udp_sockets_of_a_removed_backend_are_closed(world, cgroup):
             deadline = time.monotonic() + 15
             while not agent.datapath.lb.services() and time.monotonic() < deadline:
                 time.sleep(0.1)
-            host, pod, direct = Client(node, cgroup), Client(a, cgroup), Client(node, cgroup)
+            host, pod, direct = LineClient(node, cgroup), LineClient(a, cgroup), LineClient(node, cgroup)
             # outside the socket-LB cgroup: translated per packet, with conntrack
-            packet = Client(a, None)
+            packet = LineClient(a, None)
             clients = [host, pod, direct, packet]
             assert packet(f"connect {VIP} 53") == f"ok {VIP} 53"
             assert packet("send k0") == "ok b1"
@@ -122,18 +84,7 @@ def test_connected_udp_sockets_of_a_removed_backend_are_closed(world, cgroup):
 
             # b1 leaves the Service; b2 takes over
             mf.write(agent.config.source, "dns.yaml", manifests(b2.ip))
-            results = {}
-            deadline = time.monotonic() + 15
-            for c, tag in ((host, "h"), (pod, "p")):
-                i = 0
-                while time.monotonic() < deadline:
-                    i += 1
-                    out = c(f"send {tag}{i}")
-                    if out.startswith("err"):
-                        results[tag] = out
-                        break
-                    assert out == "ok b1", out      # before the change was applied
-                    time.sleep(0.1)
+            results = send_until_closed({"h": host, "p": pod}, "ok b1")
             # closed: the next send fails (EDESTADDRREQ: the socket was disconnected)
             assert results == {"h": "err 89", "p": "err 89"}, results
             seen = s1.received()

@@ -7,44 +7,14 @@ and in a pod's netns.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 from agent.sim.agent import sim_attach
 from fastpath_helpers import serve_reply
+from socket_clients import one_shot
 
 VIP = "192.168.88.10"
 FLAGS_REJECT = 2
-
-CLIENT = r"""
-import socket, sys
-vip, port, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-try:
-    if proto == "tcp":
-        s = socket.create_connection((vip, port), timeout=3)
-        peer = s.getpeername()
-        s.sendall(b"hi"); s.shutdown(socket.SHUT_WR)
-        data = s.recv(100)
-    else:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-        s.sendto(b"question", (vip, port))
-        data, peer = s.recvfrom(100)
-    print(data.decode(), peer[0], peer[1])
-except OSError as e:
-    print("ERROR", e.errno, e.strerror)
-"""
-
-
-def in_cgroup(ns, cg: str, *args: str) -> str:
-    """Run the client in cgroup `cg` and netns `ns`. The cgroup is joined
-    first, from this mount namespace: `ip netns exec` remounts /sys, which
-    hides the cgroup2 mount from inside it."""
-    cmd = (f'echo $$ > {cg}/cgroup.procs && '
-           f'exec ip netns exec {ns.netns} {sys.executable} -c "$0" "$@"')
-    return subprocess.run(["sh", "-c", cmd, CLIENT, *args], capture_output=True, text=True,
-                          timeout=15).stdout.strip()
-
 
 def serve(pod, port: int, reply: str, udp: bool = False):
     if udp:
@@ -80,8 +50,8 @@ def test_host_sockets_reach_a_clusterip_and_still_see_the_vip(world, cgroup):
         serve(b, 5353, "answer", udp=True)
         b.wait_port(8080)
         b.wait_port(5353, udp=True)
-        assert in_cgroup(node, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
-        assert in_cgroup(node, cgroup, VIP, "53", "udp") == f"answer {VIP} 53"
+        assert one_shot(node, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+        assert one_shot(node, cgroup, VIP, "53", "udp") == f"answer {VIP} 53"
         # translated at the socket: no packet needed translating
         assert agent.datapath.lb.conntrack() == []
         # no endpoint: refused at once with ECONNREFUSED, as a rejecting
@@ -89,7 +59,7 @@ def test_host_sockets_reach_a_clusterip_and_still_see_the_vip(world, cgroup):
         assert agent.datapath.options.set_retval
         for port, proto in (("81", "tcp"), ("54", "udp"), ("9999", "tcp"), ("9999", "udp")):
             t = time.monotonic()
-            out = in_cgroup(node, cgroup, VIP, port, proto)
+            out = one_shot(node, cgroup, VIP, port, proto)
             assert out == "ERROR 111 Connection refused", (port, proto, out)
             assert time.monotonic() - t < 2.5
         agent.datapath.detach_socket_lb(cgroup)
@@ -106,7 +76,7 @@ def test_host_namespace_only_leaves_pod_sockets_to_the_per_packet_path(world, cg
         agent.datapath.attach_socket_lb(cgroup, hostns_only=True)
         serve(b, 8080, "from-b")
         b.wait_port(8080)
-        assert in_cgroup(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+        assert one_shot(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
         assert any(r.saddr == a.ip and r.daddr == VIP for r in lb.conntrack()), \
             "the pod's flow was translated per packet"
         lb.conntrack_flush()
@@ -115,7 +85,7 @@ def test_host_namespace_only_leaves_pod_sockets_to_the_per_packet_path(world, cg
         assert sorted(p.name for p in cg.attached(cgroup) if p.ours) == sorted(
             ["fp_sock_conn4", "fp_sock_send4", "fp_sock_recv4", "fp_sock_peer4",
              "fp_sock_conn6", "fp_sock_send6", "fp_sock_recv6", "fp_sock_peer6"])
-        assert in_cgroup(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+        assert one_shot(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
         assert lb.conntrack() == [], "socket-LB for all sockets: nothing to translate per packet"
         agent.datapath.detach_socket_lb(cgroup)
 
@@ -141,10 +111,10 @@ def test_client_ip_affinity_at_the_socket_keeps_the_nodes_connections_on_one_bac
         c.wait_port(8080)
         agent.datapath.attach_socket_lb(cgroup, hostns_only=True)
         try:
-            seen = {in_cgroup(node, cgroup, VIP, "80", "tcp").split()[0] for _ in range(16)}
+            seen = {one_shot(node, cgroup, VIP, "80", "tcp").split()[0] for _ in range(16)}
             assert seen == {"from-b", "from-c"}, seen
             lb.put_service(VIP, 80, "TCP", 7, 2, FLAG_AFFINITY, affinity_timeout=600)
-            seen = [in_cgroup(node, cgroup, VIP, "80", "tcp").split()[0] for _ in range(10)]
+            seen = [one_shot(node, cgroup, VIP, "80", "tcp").split()[0] for _ in range(10)]
             assert len(set(seen)) == 1 and seen[0] in ("from-b", "from-c"), seen
         finally:
             agent.datapath.detach_socket_lb(cgroup)

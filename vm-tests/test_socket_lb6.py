@@ -11,13 +11,7 @@ into the real maps, both families in one plan.
 """
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 from agent.daemon.services import apply_ops
 from agent.datapath.maps import netns_cookie
@@ -29,6 +23,7 @@ from agent.sim.agent import AgentProcess, private_paths, sim_attach
 from agent.sim.cgroups import private_mount as private_cgroup
 from agent.sim.world import World
 from fastpath_helpers import wait_for
+from socket_clients import LineClient, Load, one_shot, send_until_closed
 
 from tests.lb.lbdata import ep, eslice, service, snapshot
 
@@ -56,41 +51,6 @@ def udp():
 threading.Thread(target=udp, daemon=True).start()
 tcp()
 """
-
-# family: 4 (AF_INET), 6 (AF_INET6), or mapped (AF_INET6 to ::ffff:<IPv4>)
-CLIENT = r"""
-import socket, sys
-vip, port, proto, fam = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-af = socket.AF_INET if fam == "4" else socket.AF_INET6
-if fam == "mapped":
-    vip = "::ffff:" + vip
-try:
-    if proto == "tcp":
-        s = socket.socket(af, socket.SOCK_STREAM); s.settimeout(3)
-        s.connect((vip, port))
-        peer = s.getpeername()
-        s.sendall(b"hi"); s.shutdown(socket.SHUT_WR)
-        data = s.recv(100)
-    else:
-        s = socket.socket(af, socket.SOCK_DGRAM); s.settimeout(3)
-        if proto == "udp-connected":
-            s.connect((vip, port)); s.send(b"q")
-            data = s.recv(100); peer = s.getpeername()
-        else:
-            s.sendto(b"q", (vip, port))
-            data, peer = s.recvfrom(100)
-    print(data.decode(), peer[0], peer[1])
-except OSError as e:
-    print("ERROR", e.errno, e.strerror)
-"""
-
-
-def run_client(ns, cg: str, *args: str) -> str:
-    cmd = (f'echo $$ > {cg}/cgroup.procs && '
-           f'exec ip netns exec {ns.netns} {sys.executable} -c "$0" "$@"')
-    return subprocess.run(["sh", "-c", cmd, CLIENT, *args], capture_output=True, text=True,
-                          timeout=15).stdout.strip()
-
 
 def serve(pod, reply: str):
     p = pod.popen(["python3", "-c", SERVER, "8080", reply])
@@ -143,19 +103,19 @@ def test_ipv6_and_dual_stack_clusterips_at_the_socket(cgroup):
             agent.datapath.attach_socket_lb(cgroup, hostns_only=True)
             # TCP and UDP to the IPv6 ClusterIP: the backend answers, the
             # application sees the ClusterIP (getpeername6, recvmsg6)
-            out = run_client(node, cgroup, VIP6, "80", "tcp", "6").split()
+            out = one_shot(node, cgroup, VIP6, "80", "tcp", "6").split()
             assert out[0] == "from-b" and out[2:] == [VIP6, "80"], out
-            out = run_client(node, cgroup, VIP6, "53", "udp", "6").split()
+            out = one_shot(node, cgroup, VIP6, "53", "udp", "6").split()
             assert out[0] == "from-b" and out[2:] == [VIP6, "53"], out
-            out = run_client(node, cgroup, VIP6, "53", "udp-connected", "6").split()
+            out = one_shot(node, cgroup, VIP6, "53", "udp-connected", "6").split()
             assert out[0] == "from-b" and out[2:] == [VIP6, "53"], out
             # the same dual-stack Service over IPv4
-            out = run_client(node, cgroup, VIP4, "80", "tcp", "4").split()
+            out = one_shot(node, cgroup, VIP4, "80", "tcp", "4").split()
             assert out[0] == "from-b" and out[2:] == [VIP4, "80"], out
             # an IPv6 socket talking IPv4 (::ffff:VIP4): through the IPv4
             # maps, the backend's IPv4 address reached, the ClusterIP seen
             for proto, port in (("tcp", "80"), ("udp", "53"), ("udp-connected", "53")):
-                out = run_client(node, cgroup, VIP4, port, proto, "mapped").split()
+                out = one_shot(node, cgroup, VIP4, port, proto, "mapped").split()
                 assert out[0] == "from-b" and out[2:] == [f"::ffff:{VIP4}", port], (proto, out)
             # translated at the socket: no packet needed translating
             assert lb.conntrack() == []
@@ -164,7 +124,7 @@ def test_ipv6_and_dual_stack_clusterips_at_the_socket(cgroup):
             for vip, port, proto in ((EMPTY6, "80", "tcp"), (EMPTY6, "53", "udp"),
                                      (VIP6, "9999", "tcp"), (VIP6, "9999", "udp")):
                 t = time.monotonic()
-                out = run_client(node, cgroup, vip, port, proto, "6")
+                out = one_shot(node, cgroup, vip, port, proto, "6")
                 assert out == "ERROR 111 Connection refused", (vip, port, proto, out)
                 assert time.monotonic() - t < 2.5
             agent.datapath.detach_socket_lb(cgroup)
@@ -182,12 +142,12 @@ def test_ipv6_affinity_opt_out_and_backend_change_at_the_socket(cgroup):
             agent.datapath.attach_socket_lb(cgroup, hostns_only=False)
             # without affinity both IPv6 backends are used (from pod a's netns:
             # all sockets mode)
-            seen = {run_client(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
+            seen = {one_shot(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
                     for _ in range(16)}
             assert seen == {"from-b", "from-c"}, seen
             # ClientIP affinity: every connection of the netns on one backend
             program(lb, web_objects(b, c, affinity=True), rec, table)
-            seen = [run_client(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
+            seen = [one_shot(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
                     for _ in range(8)]
             assert len(set(seen)) == 1 and seen[0] in ("from-b", "from-c"), seen
             # the IPv6 slice loses b: new connections go to c only (the
@@ -196,16 +156,16 @@ def test_ipv6_affinity_opt_out_and_backend_change_at_the_socket(cgroup):
             program(lb, web_objects(b, c, v6_backends=[c.ip6]), rec, table)
             lb.affinity_purge(set(rec.released_service_ids), set(),
                               set(rec.ended_pairs))
-            seen = {run_client(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
+            seen = {one_shot(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
                     for _ in range(8)}
             assert seen == {"from-c"}, seen
             # the socket-LB opt-out: pod a's netns listed, its IPv6 socket is
             # left alone (no reverse entry, the ClusterIP is not reached at
             # the socket), while the node's sockets are still translated
             agent.datapath.socklb_skip.set({netns_cookie(a.netns): 1})
-            out = run_client(a, cgroup, VIP6, "80", "tcp", "6")
+            out = one_shot(a, cgroup, VIP6, "80", "tcp", "6")
             assert not out.startswith("from-"), out
-            out = run_client(node, cgroup, VIP6, "80", "tcp", "6").split()
+            out = one_shot(node, cgroup, VIP6, "80", "tcp", "6").split()
             assert out[0] == "from-c" and out[2:] == [VIP6, "80"], out
             agent.datapath.detach_socket_lb(cgroup)
 
@@ -232,36 +192,17 @@ def test_the_agent_serves_a_dual_stack_service_from_manifests_and_follows_its_sl
             write([b.ip6])
             wait_for(lambda: v6_backends() == {b.ip6}, "the IPv6 backend in the maps")
             for fam, vip in (("6", VIP6), ("4", VIP4), ("mapped", VIP4)):
-                out = run_client(node, cgroup, vip, "80", "tcp", fam).split()
+                out = one_shot(node, cgroup, vip, "80", "tcp", fam).split()
                 want = f"::ffff:{vip}" if fam == "mapped" else vip
                 assert out[0] == "from-b" and out[2:] == [want, "80"], (fam, out)
             write([c.ip6])
             wait_for(lambda: v6_backends() == {c.ip6}, "the IPv6 backend replaced")
-            out = run_client(node, cgroup, VIP6, "80", "tcp", "6").split()
+            out = one_shot(node, cgroup, VIP6, "80", "tcp", "6").split()
             assert out[0] == "from-c" and out[2:] == [VIP6, "80"], out
             # the IPv4 family of the same Service did not move
-            out = run_client(node, cgroup, VIP4, "80", "tcp", "4").split()
+            out = one_shot(node, cgroup, VIP4, "80", "tcp", "4").split()
             assert out[0] == "from-b", out
             agent.datapath.detach_socket_lb(cgroup)
-
-
-# A long-lived IPv6 UDP client driven line by line: connect <ip> <port> | send <tag>
-UDP_CLIENT = r"""
-import socket, sys
-s = None
-for line in sys.stdin:
-    cmd, *args = line.split()
-    try:
-        if cmd == "connect":
-            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(1)
-            s.connect((args[0], int(args[1])))
-            print("ok", *s.getpeername()[:2], flush=True)
-        elif cmd == "send":
-            s.send(args[0].encode())
-            print("ok", s.recv(100).decode().split()[0], flush=True)
-    except OSError as e:
-        print("err", e.errno, flush=True)
-"""
 
 
 def test_connected_ipv6_and_mapped_udp_sockets_of_a_removed_backend_are_closed(cgroup):
@@ -275,8 +216,6 @@ def test_connected_ipv6_and_mapped_udp_sockets_of_a_removed_backend_are_closed(c
         b, c = node.add_pod("b"), node.add_pod("c")
         serve(b, "from-b")
         serve(c, "from-c")
-        cmd = (f'echo $$ > {cgroup}/cgroup.procs && '
-               f'exec ip netns exec {node.netns} {sys.executable} -c "$0"')
         clients = []
         with sim_attach(node, socket_lb=True, socket_lb_hostns_only=True,
                         cgroup_root=cgroup) as agent:
@@ -287,15 +226,8 @@ def test_connected_ipv6_and_mapped_udp_sockets_of_a_removed_backend_are_closed(c
                     mf.write(agent.config.source, "cluster.yaml", [mf.namespace("shop"), *objs])
 
                 def client():
-                    p = subprocess.Popen(["sh", "-c", cmd, UDP_CLIENT], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True, bufsize=1)
-                    clients.append(p)
-
-                    def say(line):
-                        p.stdin.write(line + "\n")
-                        p.stdin.flush()
-                        return p.stdout.readline().strip()
-                    return say
+                    clients.append(LineClient(node, cgroup, family=6))
+                    return clients[-1]
 
                 write(b)
                 wait_for(lambda: {ip for ip, _, _ in lb.backends().values()} == {b.ip, b.ip6},
@@ -306,18 +238,7 @@ def test_connected_ipv6_and_mapped_udp_sockets_of_a_removed_backend_are_closed(c
                 assert six("send s0") == "ok from-b"
                 assert mapped("send m0") == "ok from-b"
                 write(c)
-                results = {}
-                deadline = time.monotonic() + 15
-                for say, tag in ((six, "s"), (mapped, "m")):
-                    i = 0
-                    while time.monotonic() < deadline:
-                        i += 1
-                        out = say(f"send {tag}{i}")
-                        if out.startswith("err"):
-                            results[tag] = out
-                            break
-                        assert out == "ok from-b", out    # before the change was applied
-                        time.sleep(0.1)
+                results = send_until_closed({"s": six, "m": mapped}, "ok from-b")
                 # closed: the next send fails (EDESTADDRREQ: disconnected)
                 assert results == {"s": "err 89", "m": "err 89"}, results
                 assert six(f"connect {VIP6} 53") == f"ok {VIP6} 53"
@@ -326,8 +247,7 @@ def test_connected_ipv6_and_mapped_udp_sockets_of_a_removed_backend_are_closed(c
                 assert mapped("send m-new") == "ok from-c"
             finally:
                 for p in clients:
-                    p.stdin.close()
-                    p.wait(timeout=5)
+                    p.close()
                 agent.datapath.detach_socket_lb(cgroup)
 
 
@@ -357,47 +277,6 @@ def udp():
 threading.Thread(target=udp, daemon=True).start()
 tcp()
 """
-
-# One TCP connection and one connected UDP socket to [vip]:tport and :uport from
-# an IPv6 socket, a numbered message every 20 ms, each echo checked, and
-# getpeername checked to be the ClusterIP every time; ends at the stop file.
-LOAD6 = r"""
-import json, os, socket, sys, time
-vip, tport, uport, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-res = {"tcp_ok": 0, "udp_ok": 0, "udp_lost": 0, "error": "", "peers": []}
-tcp = socket.socket(socket.AF_INET6); tcp.settimeout(5); tcp.connect((vip, tport))
-udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); udp.connect((vip, uport))
-udp.settimeout(1.0)
-peers = set()
-seq, end = 0, time.monotonic() + 90
-while time.monotonic() < end and not os.path.exists(stop):
-    seq += 1
-    msg = b"%08d" % seq
-    try:
-        tcp.sendall(msg)
-        got = b""
-        while len(got) < len(msg):
-            chunk = tcp.recv(len(msg) - len(got))
-            if not chunk:
-                raise ConnectionError("closed by the peer")
-            got += chunk
-        assert got == msg, (got, msg)
-        res["tcp_ok"] += 1
-        udp.send(msg)
-        while udp.recv(64) != msg:
-            pass
-        res["udp_ok"] += 1
-    except socket.timeout:
-        res["udp_lost"] += 1
-    except (OSError, AssertionError) as e:
-        res["error"] = f"{type(e).__name__}: {e}"
-        break
-    peers.add(tcp.getpeername()[0]); peers.add(udp.getpeername()[0])
-    time.sleep(0.02)
-res["peers"] = sorted(peers)
-print(json.dumps(res))
-"""
-
 
 def test_ipv6_socket_lb_flows_survive_an_agent_kill9_and_restart():
     """An IPv6 TCP connection and a connected UDP socket of the node, sent to
@@ -430,19 +309,14 @@ def test_ipv6_socket_lb_flows_survive_an_agent_kill9_and_restart():
                 eslice("web-4", "web", [ep(p.ip, node="n1") for p in (b, c)], ports=sports),
                 eslice("web-6", "web", [ep(p.ip6, node="n1") for p in (b, c)], ports=sports,
                        address_type="IPv6")]
-        stop = Path(tempfile.mkdtemp(prefix="fp-load6-"), "stop")
-        with private_cgroup() as cgroup, private_paths() as paths:
+        with private_cgroup() as cgroup, private_paths() as paths, Load(90) as load:
             mf.write(paths.manifests, "web.yaml", objs)
             args = ["--socket-lb", "true", "--cgroup-root", cgroup]
             agent = AgentProcess(n1, paths, args).start()
-            load = None
             try:
                 wait_for(lambda: len(services6(paths)) == 2, "the IPv6 frontends pinned")
                 before = services6(paths)
-                cmd = (f'echo $$ > {cgroup}/cgroup.procs && '
-                       f'exec ip netns exec {n1.netns} {sys.executable} -c "$0" "$@"')
-                load = subprocess.Popen(["sh", "-c", cmd, LOAD6, VIP6, "80", "53", str(stop)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                load.add("node", n1, VIP6, 80, 53, cgroup)
                 time.sleep(2)
                 agent.kill(9)                  # crash: pins and cgroup programs stay
                 time.sleep(2)
@@ -451,20 +325,13 @@ def test_ipv6_socket_lb_flows_survive_an_agent_kill9_and_restart():
                 assert services6(paths) == before, "the IPv6 frontends were rewritten"
                 # a new connection through the restarted agent's programs
                 # (the echo server answers with what it got: "hi")
-                out = run_client(n1, cgroup, VIP6, "80", "tcp", "6").split()
+                out = one_shot(n1, cgroup, VIP6, "80", "tcp", "6").split()
                 assert out == ["hi", VIP6, "80"], out
-                assert load.poll() is None, load.communicate()
-                stop.touch()
-                stdout, stderr = load.communicate(timeout=30)
-                assert load.returncode == 0, stderr
-                res = json.loads(stdout)
+                assert load.running() == ["node"], "the load client ended early"
+                res = load.results(timeout=30)["node"]
                 print("load:", res)
-                assert res["error"] == "" and res["udp_lost"] == 0, res
+                assert res["tcp_error"] == "" and res["udp_lost"] == 0, res
                 assert res["tcp_ok"] > 100 and res["udp_ok"] > 100, res
                 assert res["peers"] == [VIP6], res
             finally:
-                if load is not None and load.poll() is None:
-                    load.kill()
-                    load.wait()
                 agent.kill(9)
-                shutil.rmtree(stop.parent, ignore_errors=True)

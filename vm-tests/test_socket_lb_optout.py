@@ -12,7 +12,7 @@ from agent.datapath.maps import netns_cookie
 from agent.sim import manifests as mf
 from agent.sim.agent import sim_attach
 from fastpath_helpers import counters_by, serve_reply, wait_for
-from test_socket_lb import in_cgroup
+from socket_clients import one_shot
 
 VIP = "192.168.77.10"
 
@@ -69,8 +69,8 @@ def test_annotated_pods_bypass_socket_lb_while_others_keep_it(world, cgroup):
         before = {p.name: (translated_per_packet(agent, p), sidecar_view(p)) for p in (a, m)}
         for _ in range(3):
             # both reach the backend and see the VIP as their peer
-            assert in_cgroup(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
-            assert in_cgroup(m, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+            assert one_shot(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+            assert one_shot(m, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
         # a: translated at connect() -- no packet to the VIP, none translated
         assert translated_per_packet(agent, a) == before["a"][0]
         assert sidecar_view(a) == before["a"][1]
@@ -85,14 +85,14 @@ def test_annotated_pods_bypass_socket_lb_while_others_keep_it(world, cgroup):
         write(ns="disabled")
         wait_for(lambda: skipped() == {"a", "m", "b"}, "every pod's netns in the skip map")
         n_a = translated_per_packet(agent, a)
-        assert in_cgroup(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+        assert one_shot(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
         assert translated_per_packet(agent, a) >= n_a + 1
 
         # ... except a pod that says enabled
         write(ns="disabled", pod_m="enabled")
         wait_for(lambda: skipped() == {"a", "b"}, "m back under socket-LB")
         n_m, v_m = translated_per_packet(agent, m), sidecar_view(m)
-        assert in_cgroup(m, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+        assert one_shot(m, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
         assert translated_per_packet(agent, m) == n_m
         assert sidecar_view(m) == v_m
 
@@ -100,6 +100,6 @@ def test_annotated_pods_bypass_socket_lb_while_others_keep_it(world, cgroup):
         write()
         wait_for(lambda: skip.get() == {}, "an empty skip map")
         n_a = translated_per_packet(agent, a)
-        assert in_cgroup(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
+        assert one_shot(a, cgroup, VIP, "80", "tcp") == f"from-b {VIP} 80"
         assert translated_per_packet(agent, a) == n_a
         agent.datapath.detach_socket_lb(cgroup)

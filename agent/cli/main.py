@@ -281,10 +281,12 @@ def register_inspection(sub) -> None:
     tr = cmd(sub, "trace", trace.cmd_trace, help="run one packet through the loaded programs "
              "(BPF_PROG_TEST_RUN, no state change) and print each decision")
     tr.add_argument("--from", required=True, help="source: a pod of this node (IP, "
-                    "namespace/pod, pod) or any IPv4 address (arriving from the VPC)")
-    tr.add_argument("--to", required=True, help="destination IP:PORT")
+                    "namespace/pod, pod) or any IPv4 or IPv6 address (arriving from the VPC)")
+    tr.add_argument("--to", required=True, help="destination IPv4:PORT or [IPv6]:PORT (the "
+                    "address alone for icmp/icmpv6)")
     tr.add_argument("--proto", default="tcp",
-                    help="tcp (a SYN, default), udp, or sctp (an INIT)")
+                    help="tcp (a SYN, default), udp, sctp (an INIT), icmp or icmpv6 (an echo "
+                    "request)")
     tr.add_argument("--sport", type=int, default=43210, help="source port (default 43210)")
     tr.add_argument("--via", help="for a source outside this node: the ENI the packet arrives "
                     "on (default: the destination pod's ENI)")

@@ -64,16 +64,25 @@ def _resolve_endpoints(ctx, specs: list[str]) -> tuple[set[str], set[int]]:
     addrs, ifindexes = set(), set()
     rows = views.data_endpoints(ctx) if specs else []
     for s in specs:
-        hit = [r for r in rows if s in (r["ip"], r["pod"], r["pod"].split("/")[-1],
-                                        r["host_ifname"])]
-        if not hit and all(c.isdigit() or c == "." for c in s):
-            addrs.add(s)             # a remote address
+        hit = [r for r in rows if s in (r["ip"], r.get("ip6") or None, r["pod"],
+                                        r["pod"].split("/")[-1], r["host_ifname"])]
+        if not hit and _address(s):
+            addrs.add(_address(s))   # a remote address
             continue
         if not hit:
             raise CliExit(EXIT_FAIL, f"--endpoint {s!r}: no such endpoint on this node")
-        addrs.update(r["ip"] for r in hit)
+        addrs.update(a for r in hit for a in (r["ip"], r.get("ip6")) if a)
         ifindexes.update(r["host_ifindex"] for r in hit)
     return addrs, ifindexes
+
+
+def _address(text: str) -> str:
+    """An IPv4 or IPv6 address as events print it, or "" for anything else."""
+    import ipaddress
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return ""
 
 
 @run

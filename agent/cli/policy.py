@@ -15,8 +15,9 @@ def _endpoint_ip(ctx, spec: str) -> str:
     if all(c.isdigit() or c == "." for c in spec):
         return spec
     rows = views.data_endpoints(ctx)
+    # a pod's IPv6 address names it too: its rules are keyed by its IPv4 one
     hit = [r["ip"] for r in rows if spec in (r["pod"], r["pod"].split("/")[-1] if r["pod"]
-                                             else None, r["host_ifname"])]
+                                             else None, r["host_ifname"], r.get("ip6") or None)]
     if not hit:
         raise CliExit(EXIT_FAIL, f"no endpoint {spec!r} on this node (IP, namespace/pod, pod)")
     return hit[0]

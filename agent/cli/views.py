@@ -257,7 +257,8 @@ def cmd_metrics(ctx, args) -> int:
     if args.drops:
         rows = [r for r in rows if r["drop"]]
     ctx.emit(rows, lambda rows: tbl.table(rows, ["ifindex", ("interface", "ifname"),
-                                                 "direction", "reason", "packets", "bytes"]))
+                                                 "direction", "reason", "family", "packets",
+                                                 "bytes"]))
     return 0
 
 

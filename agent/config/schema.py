@@ -34,6 +34,12 @@ def _ipv4(value: str) -> None:
     ipaddress.IPv4Address(value)
 
 
+def _ipv6_link_local(value: str) -> None:
+    if not ipaddress.IPv6Address(value).is_link_local:
+        raise ValueError("expected a link-local IPv6 address (fe80::/10): pods reach their "
+                         "gateway on their own link")
+
+
 def _abs_path_or_empty(value: str) -> None:
     if value and not value.startswith("/"):
         raise ValueError("expected an absolute path (or empty)")
@@ -190,6 +196,10 @@ KEYS: tuple[Key, ...] = (
         choices=("never", "default", "always")),
     Key("local_router_ipv4", str, "169.254.10.1", "the node-side router address DataPath V2 "
         "gives its host device; fastpath sources hairpinned Service traffic from it", check=_ipv4),
+    Key("local_router_ipv6", str, "fe80::1", "the link-local gateway address of pods' IPv6 "
+        "default route (Terway's --local-router-ipv6), answered by the host veth; the "
+        "simulated node lays pods out with it, and fastpath leaves link-local traffic to the "
+        "stack", check=_ipv6_link_local),
     Key("policy_map_size", int, 65536, "max NetworkPolicy rule entries (pod, peer identity, "
         "direction, protocol, port block) on this node", minimum=16, maximum=1 << 22),
     Key("ipcache_map_size", int, 65536, "max NetworkPolicy peer prefixes (pod and node /32s, "

@@ -26,16 +26,19 @@ FRAG_LIFETIME_NS = 30 * 1_000_000_000      # FP_FRAG_LIFETIME_NS
 
 
 def plan(nat: dict[str, list[tuple]], policy: list[tuple], now_ns: int,
-         lifetimes: Lifetimes) -> dict[str, list[tuple]]:
+         lifetimes: Lifetimes, policy6: list[tuple] = ()) -> dict[str, list[tuple]]:
     """{table: [(key, value)]} of the entries past their lifetime at
     `now_ns`. `nat`: {"established": [(CtKey, CtValue)], "new": [...]},
-    `policy`: [(CtKey, PolicyValue)]."""
+    `policy`: [(CtKey, PolicyValue)], `policy6`: the IPv6 flows policy
+    admitted, [(Ct6Key, PolicyValue)] (same lifetimes)."""
     out: dict[str, list[tuple]] = {}
     for table, entries in nat.items():
         out[table] = [(k, v) for k, v in entries
                       if lifetimes.expired(k.proto, v.state, v.last_seen, now_ns)]
     out["policy"] = [(k, v) for k, v in policy
                      if lifetimes.expired(k.proto, v.state, v.last_seen, now_ns)]
+    out["policy6"] = [(k, v) for k, v in policy6
+                      if lifetimes.expired(k.proto, v.state, v.last_seen, now_ns)]
     return out
 
 
@@ -46,8 +49,9 @@ def sweep(ct, now_ns: int, lifetimes: Lifetimes, entries=None) -> int:
     if entries is None:
         entries = {t: ct.nat_entries(t) for t in ct.NAT_TABLES}
         entries["policy"] = ct.policy_entries()
-    nat = {t: e for t, e in entries.items() if t != "policy"}
-    doomed = plan(nat, entries.get("policy", []), now_ns, lifetimes)
+        entries["policy6"] = ct.policy6_entries()
+    nat = {t: e for t, e in entries.items() if t not in ("policy", "policy6")}
+    doomed = plan(nat, entries.get("policy", []), now_ns, lifetimes, entries.get("policy6", []))
     removed = 0
     for table, items in doomed.items():
         gone = []
@@ -60,6 +64,8 @@ def sweep(ct, now_ns: int, lifetimes: Lifetimes, entries=None) -> int:
         removed += ct.delete(table, gone)
     removed += ct.delete_frag(k for k, first in ct.frag_entries()
                               if now_ns - first > FRAG_LIFETIME_NS)
+    removed += ct.delete_frag((k for k, first in ct.frag_entries(v6=True)
+                               if now_ns - first > FRAG_LIFETIME_NS), v6=True)
     return removed
 
 

@@ -308,8 +308,9 @@ class Agent:
                 log.error("bandwidth: refresh after an endpoint change failed: %s", exc)
 
     def _node_ips(self) -> list[str]:
-        """This node's own IPv4 addresses: what the host stack (kubelet
-        probes) sends from, always allowed to reach the node's pods."""
+        """This node's own addresses, IPv4 and global IPv6: what the host
+        stack (kubelet probes) sends from, always allowed to reach the
+        node's pods."""
         from agent.datapath.netlink import iproute
         ips = {self.config.local_router_ipv4}
         with iproute(self.netns) as ipr:
@@ -317,11 +318,15 @@ class Agent:
                 ip = a.get_attr("IFA_ADDRESS")
                 if ip and not ip.startswith("127."):
                     ips.add(ip)
+            # global scope only: link-local and loopback are never judged
+            for a in ipr.get_addr(family=10):
+                ip = a.get_attr("IFA_ADDRESS")
+                if ip and a.get("scope", 0) == 0 and not ip.lower().startswith("fe80"):
+                    ips.add(ip)
         snap = self.store.snapshot() if self.store is not None else None
         node = snap.nodes.get(("", self.policy.node_name)) if snap and self.policy else None
         if node is not None:
-            ips.update(a.address for a in node.addresses
-                       if a.type == "InternalIP" and ":" not in a.address)
+            ips.update(a.address for a in node.addresses if a.type == "InternalIP")
         return sorted(ips)
 
     def policy_status(self) -> dict:

@@ -88,18 +88,20 @@ class ConntrackTally:
     the conntrack maps; the field offsets come from the compiled key type
     (fastpath.h's fp_ct4_key)."""
 
-    def __init__(self, key_type):
+    def __init__(self, key_type, counts=None):
         from agent.datapath.maps import DEFS, PROTO_NAME
         self.proto_at = key_type.proto.offset
-        self.dir_at = key_type.dir.offset
+        # the IPv6 policy table's keys have no direction: all are policy's
+        self.dir_at = key_type.dir.offset if hasattr(key_type, "dir") else None
+        self.fixed_dir = DEFS.defines.get("FP_CT_POLICY", 2)
         self.dirs = {DEFS.defines[f"FP_CT_{d.upper()}"]: d
                      for d in ("forward", "reply", "policy") if f"FP_CT_{d.upper()}" in DEFS.defines}
         self.proto_name = PROTO_NAME
-        self.counts: dict[tuple[int, int], int] = {}
+        self.counts: dict[tuple[int, int], int] = {} if counts is None else counts
 
     def __call__(self, buf) -> None:
         raw = buf.raw
-        k = (raw[self.proto_at], raw[self.dir_at])
+        k = (raw[self.proto_at], raw[self.dir_at] if self.dir_at is not None else self.fixed_dir)
         self.counts[k] = self.counts.get(k, 0) + 1
 
     def rows(self):
@@ -195,27 +197,28 @@ class DatapathCollector:
                 yield g
 
     def _counters(self, dp):
-        labels = ["interface", "direction", "reason"]
+        labels = ["interface", "direction", "reason", "family"]
         fam = {
             (False, "packets"): CounterMetricFamily(
                 "fastpath_forwarded_packets", "Packets fastpath's programs let through or "
-                "redirected, by interface, direction and reason.", labels=labels),
+                "redirected, by interface, direction, reason and address family (ipv4: IPv4 "
+                "and ARP; ipv6).", labels=labels),
             (False, "bytes"): CounterMetricFamily(
                 "fastpath_forwarded_bytes", "Bytes of the packets in fastpath_forwarded_packets_total.",
                 labels=labels),
             (True, "packets"): CounterMetricFamily(
                 "fastpath_dropped_packets", "Packets fastpath's programs dropped, by interface, "
-                "direction and drop reason.", labels=labels),
+                "direction, drop reason and address family.", labels=labels),
             (True, "bytes"): CounterMetricFamily(
                 "fastpath_dropped_bytes", "Bytes of the packets in fastpath_dropped_packets_total.",
                 labels=labels),
         }
         names = {idx: name for name, idx in self.agent._links().items()}
-        for r in dp.maps.counters():
+        for r in dp.maps.counters(by_family=True):
             # A deleted pod's veth keeps its counters until they are cleared;
             # its ifindex is all that is left to name it by.
             iface = names.get(r.ifindex, f"ifindex:{r.ifindex}")
-            values = [iface, r.direction, r.reason]
+            values = [iface, r.direction, r.reason, r.family]
             fam[(r.is_drop, "packets")].add_metric(values, r.packets)
             fam[(r.is_drop, "bytes")].add_metric(values, r.bytes)
         yield from fam.values()
@@ -286,11 +289,13 @@ class DatapathCollector:
         conntrack = GaugeMetricFamily(
             "fastpath_conntrack_entries", "Conntrack entries, by protocol and direction "
             "(forward: client to Service; reply: backend to client; policy: a flow admitted "
-            "by NetworkPolicy), over the established, new and policy maps.",
+            "by NetworkPolicy), over the established, new and policy maps (IPv6 policy "
+            "flows included).",
             labels=["protocol", "direction"])
         from agent.datapath.maps import MAP
         ct_names = {MAP["FP_MAP_CT"], MAP["FP_MAP_CT_NEW"], MAP["FP_MAP_CT_POLICY"]}
-        tally = None
+        ct6_name = MAP["FP_MAP_CT_POLICY6"]
+        tally = tally6 = None
         for name in pinned_map_names():
             table = dp.module.table(name)
             fd = table.map_fd
@@ -299,11 +304,19 @@ class DatapathCollector:
                 continue     # arrays cannot fill up; a ring buffer has no entries
             if name in ct_names and tally is None:
                 tally = ConntrackTally(table.Key)
+            if name == ct6_name:
+                tally6 = ConntrackTally(table.Key)
             n = count_keys(fd, info.key_size, info.max_entries,
-                           tally if name in ct_names else None)
+                           tally if name in ct_names else tally6 if name == ct6_name else None)
             entries.add_metric([name], n)
             capacity.add_metric([name], info.max_entries)
             pressure.add_metric([name], n / info.max_entries if info.max_entries else 0.0)
+        if tally6 is not None:
+            if tally is None:
+                tally = tally6
+            else:
+                for key, k in tally6.counts.items():
+                    tally.counts[key] = tally.counts.get(key, 0) + k
         if tally is not None:
             for proto, direction, k in tally.rows():
                 conntrack.add_metric([proto, direction], k)
@@ -341,6 +354,15 @@ class AgentMetrics:
         self.endpoints = Gauge("fastpath_endpoints", "Pod endpoints the agent has registered.",
                                registry=r)
         self.endpoints.set_function(lambda: len(agent.endpoints))
+        # what the endpoint maps hold per family: a dual-stack pod has one
+        # address of each, an IPv4-only pod none of IPv6
+        self.endpoint_addresses = Gauge(
+            "fastpath_endpoint_addresses", "Addresses of the registered pod endpoints, by "
+            "address family (ipv4, ipv6).", ["family"], registry=r)
+        self.endpoint_addresses.labels("ipv4").set_function(
+            lambda: sum(1 for e in list(agent.endpoints.values()) if getattr(e, "ip", "")))
+        self.endpoint_addresses.labels("ipv6").set_function(
+            lambda: sum(1 for e in list(agent.endpoints.values()) if getattr(e, "ip6", "")))
         self.ready = Gauge("fastpath_agent_ready",
                            "1 once the agent has started (maps loaded, programs attached, "
                            "endpoints restored, API served), else 0.", registry=r)

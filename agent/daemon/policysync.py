@@ -46,6 +46,7 @@ from typing import Callable, Optional
 from agent.daemon.worker import Worker, planning, settle_gc
 from agent.k8s.model import Kind, Pod
 from agent.k8s.store import Snapshot
+from agent.policy import addr
 from agent.policy import (
     Capacities, Mode, PolicyState, compile_policy, diff, fit, pairs_of,
 )
@@ -209,7 +210,7 @@ class PolicySync(Worker):
     def _write_pending(self, ip: str, namespace: str, name: str) -> None:
         if self.unknown_pod != DENY_INGRESS:
             return
-        host_ids = self.maps.identities_of(f"{a}/32" for a in self.node_ips()).values()
+        host_ids = self.maps.identities_of(addr.host_text(a) for a in self.node_ips()).values()
         ep = pending_endpoint(ip, namespace, name, self.mode, sorted(set(host_ids)))
         for k, v in ep.rules.items():
             self.maps.apply(RulePut(ip, k, v))

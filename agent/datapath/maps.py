@@ -69,6 +69,7 @@ class CounterRow:
     reason_code: int
     packets: int
     bytes: int
+    family: str = ""       # "ipv4" / "ipv6" from counters(by_family=True), else "" (both)
 
     @property
     def is_drop(self) -> bool:
@@ -215,13 +216,20 @@ class Maps:
                                      mac_str(v.pod_mac), mac_str(v.host_mac), v.flags, v.ep_id))
         return sorted(out, key=lambda e: ipaddress.ip_address(e.ip))
 
-    def counters(self) -> list[CounterRow]:
+    def counters(self, by_family: bool = False) -> list[CounterRow]:
+        """Verdict counters summed over CPUs: one row per (interface,
+        direction, reason), both families added up, or with `by_family` one
+        per family as well (the metrics' `family` label)."""
         t = self._t[MAP["FP_MAP_COUNTERS"]]
-        rows = []
+        sums: dict[tuple, list[int]] = {}
         for k, per_cpu in t.items():
-            rows.append(CounterRow(k.ifindex, DEFS.dir(k.dir), DEFS.reason(k.reason), k.reason,
-                                   sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu)))
-        return sorted(rows, key=lambda r: (r.ifindex, r.direction, r.reason_code))
+            fam = DEFS.family(k.family) if by_family else ""
+            acc = sums.setdefault((k.ifindex, k.dir, k.reason, fam), [0, 0])
+            acc[0] += sum(c.packets for c in per_cpu)
+            acc[1] += sum(c.bytes for c in per_cpu)
+        rows = [CounterRow(ifindex, DEFS.dir(d), DEFS.reason(reason), reason, p, b, fam)
+                for (ifindex, d, reason, fam), (p, b) in sums.items()]
+        return sorted(rows, key=lambda r: (r.ifindex, r.direction, r.reason_code, r.family))
 
     def counters_clear(self) -> None:
         self._t[MAP["FP_MAP_COUNTERS"]].clear()
@@ -343,6 +351,15 @@ class CtMaps:
         self._frag_ks, self._frag_vs = ct.sizeof(self.frag.Key), ct.sizeof(self.frag.Leaf)
         self._frag_seen = mapio.Unpacker(mapio.fields_of(self.frag.Leaf), self._frag_vs,
                                          ("first_seen",))
+        # IPv6 flows NetworkPolicy admitted, and IPv6 fragment records:
+        # tables of their own (keys kept as bytes; the value is IPv4's)
+        self.pol6 = tables[MAP["FP_MAP_CT_POLICY6"]]
+        self.frag6 = tables[MAP["FP_MAP_FRAG6"]]
+        self._pol6_ks = ct.sizeof(self.pol6.Key)
+        self._pol6_proto = self.pol6.Key.proto.offset
+        self._frag6_ks, self._frag6_vs = ct.sizeof(self.frag6.Key), ct.sizeof(self.frag6.Leaf)
+        self._frag6_seen = mapio.Unpacker(mapio.fields_of(self.frag6.Leaf), self._frag6_vs,
+                                          ("first_seen",))
 
     def _walk(self, table: str, unpack_value, vsize):
         from agent.datapath import mapio
@@ -363,14 +380,29 @@ class CtMaps:
         V = self._m.PolicyValue._make
         return self._walk("policy", lambda vb: map(V, self._pol.many(vb)), self._pol_size)
 
-    def frag_entries(self) -> list[tuple[bytes, int]]:
-        """(raw key, first_seen) of the fragment records."""
+    def frag_entries(self, v6: bool = False) -> list[tuple[bytes, int]]:
+        """(raw key, first_seen) of the fragment records (v6: the IPv6 ones)."""
         from agent.datapath import mapio
+        t, ks, vs, unpack = ((self.frag6, self._frag6_ks, self._frag6_vs, self._frag6_seen) if v6
+                             else (self.frag, self._frag_ks, self._frag_vs, self._frag_seen))
         out = []
-        for kb, vb, n in mapio.batches(self.frag.map_fd, self._frag_ks, self._frag_vs):
+        for kb, vb, n in mapio.batches(t.map_fd, ks, vs):
             kraw = bytes(kb)
-            seen = [v[0] for v in self._frag_seen.many(vb)]
-            out.extend((kraw[i * self._frag_ks:(i + 1) * self._frag_ks], seen[i]) for i in range(n))
+            seen = [v[0] for v in unpack.many(vb)]
+            out.extend((kraw[i * ks:(i + 1) * ks], seen[i]) for i in range(n))
+        return out
+
+    def policy6_entries(self) -> list[tuple]:
+        """(Ct6Key, PolicyValue) of the IPv6 policy table."""
+        from agent.datapath import mapio
+        V, ks = self._m.PolicyValue._make, self._pol6_ks
+        out = []
+        for kb, vb, n in mapio.batches(self.pol6.map_fd, ks, self._pol_size):
+            kraw = bytes(kb)
+            vals = [V(v) for v in self._pol.many(vb)]
+            for i in range(n):
+                raw = kraw[i * ks:(i + 1) * ks]
+                out.append((self._m.Ct6Key(raw, raw[self._pol6_proto]), vals[i]))
         return out
 
     def key_bytes(self, key) -> bytes:
@@ -380,6 +412,9 @@ class CtMaps:
     def get(self, table: str, key):
         """The value of `key` in `table` now (a CtValue or PolicyValue), or None."""
         from agent.datapath import mapio
+        if table == "policy6":
+            raw = mapio.lookup(self.pol6.map_fd, key.raw, self._pol_size)
+            return None if raw is None else self._m.PolicyValue._make(self._pol.one(raw))
         if table == "policy":
             raw = mapio.lookup(self.tables[table].map_fd, self.key_bytes(key), self._pol_size)
             return None if raw is None else self._m.PolicyValue._make(self._pol.one(raw))
@@ -400,11 +435,13 @@ class CtMaps:
         """Delete these CtKeys from `table` (batched; keys already gone are
         skipped). Returns how many were deleted."""
         from agent.datapath import mapio
+        if table == "policy6":
+            return mapio.delete_batch(self.pol6.map_fd, [k.raw for k in keys])
         return mapio.delete_batch(self.tables[table].map_fd, [self.key_bytes(k) for k in keys])
 
-    def delete_frag(self, raw_keys) -> int:
+    def delete_frag(self, raw_keys, v6: bool = False) -> int:
         from agent.datapath import mapio
-        return mapio.delete_batch(self.frag.map_fd, list(raw_keys))
+        return mapio.delete_batch((self.frag6 if v6 else self.frag).map_fd, list(raw_keys))
 
     def flush(self) -> int:
         """Delete every conntrack entry (entries that go meanwhile are skipped)."""
@@ -416,7 +453,9 @@ class CtMaps:
                     for k in (bytes(kb)[i * self.key_size:(i + 1) * self.key_size]
                               for i in range(cnt))]
             n += mapio.delete_batch(t.map_fd, keys)
+        n += self.delete("policy6", [k for k, _ in self.policy6_entries()])
         self.delete_frag(k for k, _ in self.frag_entries())
+        self.delete_frag((k for k, _ in self.frag_entries(v6=True)), v6=True)
         return n
 
     def max_entries(self, table: str) -> int:
@@ -439,6 +478,12 @@ class CtMaps:
                               ip_from_be32(k.daddr), port_from_be16(k.dport),
                               FLOW_PROTO_NAME.get(k.proto, str(k.proto)), "policy", "0.0.0.0", 0, 0, 0,
                               v.last_seen, state_label(v.state), "policy", v.flags))
+        for k, v in self.policy6_entries():
+            r = k.raw
+            rows.append(CtRow(str(ipaddress.IPv6Address(r[0:16])), int.from_bytes(r[32:34], "big"),
+                              str(ipaddress.IPv6Address(r[16:32])), int.from_bytes(r[34:36], "big"),
+                              FLOW_PROTO_NAME.get(k.proto, str(k.proto)), "policy", "::", 0, 0, 0,
+                              v.last_seen, state_label(v.state), "policy6", v.flags))
         return rows
 
 

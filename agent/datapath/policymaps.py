@@ -10,11 +10,12 @@ may name several (an attribution difference only: the same packets pass).
 from __future__ import annotations
 
 import ctypes as ct
+import ipaddress
 
 from agent.model.bpfdefs import load as _defs
 from agent.datapath import mapio
 from agent.datapath.maps import MAP, be16, be32, ip_from_be32, port_from_be16
-from agent.policy import ip4
+from agent.policy import addr, ip4
 from agent.policy.diff import (
     EndpointDelete, EndpointPut, IpcacheDelete, IpcachePut, Op, RuleDelete, RulePut,
 )
@@ -69,6 +70,8 @@ def _untouched(exc: OSError) -> bool:
 class PolicyMaps:
     def __init__(self, tables):
         self.ipcache = tables[MAP["FP_MAP_IPCACHE"]]
+        # IPv6 prefixes: their own trie (the same identities)
+        self.ipcache6 = tables[MAP["FP_MAP_IPCACHE6"]]
         self.endpoints = tables[MAP["FP_MAP_POLICY_EP"]]
         self.rules = tables[MAP["FP_MAP_POLICY"]]
         self.counters = tables[MAP["FP_MAP_POLICY_CNT"]]
@@ -76,6 +79,7 @@ class PolicyMaps:
         # layouts (the fields set exactly as the ctypes writes below set them).
         self._ipc_key = _packer(self.ipcache.Key, ("prefixlen", "addr"))
         self._ipc_val = _packer(self.ipcache.Leaf)
+        self._ipc6_val = _packer(self.ipcache6.Leaf)
         self._rule_key_packer = _packer(self.rules.Key, ("prefixlen", "ep_ip4", "identity", "dir",
                                                          "proto", "dport"))
         self._rule_val = _packer(self.rules.Leaf, ("policy_id", "flags", "flows"))
@@ -84,10 +88,17 @@ class PolicyMaps:
         self._ep_key = _packer(self.endpoints.Key)
 
     # ------------------------------------------------------------ keys
+    def _ipcache_table(self, prefix: str):
+        return self.ipcache6 if addr.is_ip6(prefix) else self.ipcache
+
     def _ipcache_key(self, prefix: str):
         p = ip4.parse_prefix(prefix)
         if p is None:
-            raise ValueError(f"ipcache: {prefix!r} is not an IPv4 prefix")
+            net6 = ipaddress.IPv6Network(prefix)
+            k = self.ipcache6.Key()
+            k.prefixlen = net6.prefixlen
+            k.addr[:] = list(net6.network_address.packed)
+            return k
         plen, net = p
         return self.ipcache.Key(prefixlen=plen, addr=be32(ip4.to_text(net)))
 
@@ -107,9 +118,10 @@ class PolicyMaps:
     # ----------------------------------------------------------- writes
     def apply(self, op: Op) -> None:
         if isinstance(op, IpcachePut):
-            self.ipcache[self._ipcache_key(op.prefix)] = self.ipcache.Leaf(op.identity)
+            t = self._ipcache_table(op.prefix)
+            t[self._ipcache_key(op.prefix)] = t.Leaf(op.identity)
         elif isinstance(op, IpcacheDelete):
-            self._delete(self.ipcache, self._ipcache_key(op.prefix))
+            self._delete(self._ipcache_table(op.prefix), self._ipcache_key(op.prefix))
         elif isinstance(op, RulePut):
             policy_id, flags = _rule_fields(op.value)
             was = op.was
@@ -196,11 +208,22 @@ class PolicyMaps:
                 self._delete(table, table.Key.from_buffer_copy(k))
 
     def _put_ipcache(self, run) -> None:
-        self._write(self.ipcache, [(self._ipcache_bytes(op.prefix),
-                                    self._ipc_val.pack(op.identity)) for op in run])
+        v4 = [op for op in run if not addr.is_ip6(op.prefix)]
+        if v4:
+            self._write(self.ipcache, [(self._ipcache_bytes(op.prefix),
+                                        self._ipc_val.pack(op.identity)) for op in v4])
+        if len(v4) != len(run):
+            self._write(self.ipcache6, [(bytes(self._ipcache_key(op.prefix)),
+                                         self._ipc6_val.pack(op.identity))
+                                        for op in run if addr.is_ip6(op.prefix)])
 
     def _del_ipcache(self, run) -> None:
-        self._remove(self.ipcache, [self._ipcache_bytes(op.prefix) for op in run])
+        v4 = [op for op in run if not addr.is_ip6(op.prefix)]
+        if v4:
+            self._remove(self.ipcache, [self._ipcache_bytes(op.prefix) for op in v4])
+        if len(v4) != len(run):
+            self._remove(self.ipcache6, [bytes(self._ipcache_key(op.prefix))
+                                         for op in run if addr.is_ip6(op.prefix)])
 
     def _put_rules(self, run) -> None:
         pairs = []
@@ -244,7 +267,7 @@ class PolicyMaps:
         """Empty the three maps (enforcement turned off). Rules first, the
         ipcache last, so no lookup ever finds a rule for a missing piece."""
         n = 0
-        for table in (self.endpoints, self.rules, self.ipcache):
+        for table in (self.endpoints, self.rules, self.ipcache, self.ipcache6):
             keys = [k for k, _ in table.items()]
             for k in keys:
                 self._delete(table, k)
@@ -257,17 +280,23 @@ class PolicyMaps:
         lookup would answer with a covering prefix's: the trie is walked)."""
         want = set(prefixes)
         out = {}
-        for k, v in self.ipcache.items():
-            text = f"{ip_from_be32(k.addr)}/{k.prefixlen}"
+        for text, ident in self._ipcache_entries():
             if text in want:
-                out[text] = v.value
+                out[text] = ident
         return out
+
+    def _ipcache_entries(self):
+        """(prefix text, identity) of both ipcache tries."""
+        for k, v in self.ipcache.items():
+            yield f"{ip_from_be32(k.addr)}/{k.prefixlen}", v.value
+        for k, v in self.ipcache6.items():
+            yield f"{ipaddress.IPv6Address(bytes(k.addr))}/{k.prefixlen}", v.value
 
     def image(self) -> MapImage:
         """What the maps hold, as the compiler's MapImage."""
         img = MapImage()
-        for k, v in self.ipcache.items():
-            img.put_ipcache(f"{ip_from_be32(k.addr)}/{k.prefixlen}", v.value)
+        for text, ident in self._ipcache_entries():
+            img.put_ipcache(text, ident)
         for k, v in self.endpoints.items():
             dirs = {}
             for d in Direction:
@@ -307,6 +336,7 @@ class PolicyMaps:
 
     def usage(self) -> dict[str, int]:
         return {"ipcache": sum(1 for _ in self.ipcache.keys()),
+                "ipcache6": sum(1 for _ in self.ipcache6.keys()),
                 "endpoints": sum(1 for _ in self.endpoints.keys()),
                 "rules": sum(1 for _ in self.rules.keys())}
 

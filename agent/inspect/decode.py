@@ -32,8 +32,8 @@ from functools import lru_cache
 
 from agent.model import bpfdefs
 
-PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
-PROTO_NUMBERS = {v: k for k, v in PROTOCOLS.items()}
+PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
+PROTO_NUMBERS = {v.upper(): k for k, v in PROTOCOLS.items()}
 
 # Which FP_*_F_* bits belong to which struct's flag word.
 FLAG_PREFIX = {
@@ -115,6 +115,8 @@ def enum_label(struct_name: str, field: str, value: int) -> str | None:
         return code.label if code else f"kind-{value}"
     if field in ("proto", "protocol"):
         return PROTOCOLS.get(value, str(value))
+    if field == "family" and struct_name == "fp_counter_key":
+        return d.family(value)
     if field == "type" and struct_name.startswith("fp_event"):
         return event_type(value)
     return None

@@ -10,10 +10,21 @@ from agent.inspect import decode
 
 
 EVENT = "struct fp_event"        # the record of the events ring buffer
+EVENT6 = "struct fp_event6"      # an IPv6 packet's: fp_event (flag ipv6), then its addresses
 
 
 def decode_event(raw: bytes, schema) -> dict:
-    return decode.decode_value(EVENT, decode.from_bytes(EVENT, raw, schema), schema)
+    """One record: an IPv4 event, or (flag `ipv6`) an IPv6 one whose
+    addresses replace the common record's (0.0.0.0 there). `family` says
+    which."""
+    ev = decode.decode_value(EVENT, decode.from_bytes(EVENT, raw, schema), schema)
+    if "ipv6" not in ev.get("flags_names", []):
+        ev["family"] = "ipv4"
+        return ev
+    six = decode.decode_value(EVENT6, decode.from_bytes(EVENT6, raw, schema), schema)
+    ev["saddr"], ev["daddr"], ev["nat_daddr"] = six["saddr6"], six["daddr6"], six["nat_daddr6"]
+    ev["family"] = "ipv6"
+    return ev
 
 
 def event_row(ev: dict, *, links: dict[int, str] | None = None,
@@ -37,7 +48,8 @@ def event_row(ev: dict, *, links: dict[int, str] | None = None,
         verdict = "allowed"
     row = {
         "time": wall_now - (mono_now_ns - ev["ts_ns"]) / 1e9,
-        "ts_ns": ev["ts_ns"], "type": etype, "ifindex": ev["ifindex"],
+        "ts_ns": ev["ts_ns"], "type": etype, "family": ev.get("family", "ipv4"),
+        "ifindex": ev["ifindex"],
         "ifname": links.get(ev["ifindex"], ""), "dir": ev["dir_label"],
         "reason": ev["reason_label"], "reason_code": ev["reason"], "verdict": verdict,
         "proto": ev["proto_label"], "saddr": ev["saddr"], "sport": ev["sport"],
@@ -57,9 +69,10 @@ def event_row(ev: dict, *, links: dict[int, str] | None = None,
 def event_line(r: dict) -> str:
     t = time.strftime("%H:%M:%S", time.localtime(r["time"])) + f".{int(r['time'] * 1e6) % 1000000:06d}"
     where = f"{r['ifname'] or r['ifindex']} {r['dir']}"
-    tup = f"{r['proto']} {r['saddr']}:{r['sport']} -> {r['daddr']}:{r['dport']}"
+    tup = (f"{r['proto']} {_hostport(r['saddr'], r['sport'])} -> "
+           f"{_hostport(r['daddr'], r['dport'])}")
     if r["nat"]:
-        tup += f" (nat -> {r['nat_daddr']}:{r['nat_dport']})"
+        tup += f" (nat -> {_hostport(r['nat_daddr'], r['nat_dport'])})"
     pol = ""
     if r["policy_id"]:
         pol = f" policy {r['policy'] or r['policy_id']}"
@@ -68,6 +81,11 @@ def event_line(r: dict) -> str:
         if r["policy_direction"]:
             pol += f" {r['policy_direction']}"
     return f"{t} {r['type']:<14} {where:<24} {tup}  {r['verdict']}: {r['reason']}{pol}"
+
+
+def _hostport(addr: str, port: int) -> str:
+    """addr:port, an IPv6 address in brackets ([fd00::a]:80)."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def matches(r: dict, types: set[str] | None, addrs: set[str] | None,

@@ -27,7 +27,7 @@ def rule_key(direction: str, identity: int, proto: int, port: int, plen: int) ->
 def endpoint_rules(state, endpoint: str, snapshot=None) -> dict:
     """From a PolicyState (agent/policy): the endpoint's isolation per
     direction and every rule with the policies admitting it."""
-    ep = state.endpoints.get(endpoint)
+    ep = state.endpoints.get(getattr(state, "endpoints6", {}).get(endpoint, endpoint))
     if ep is None:
         for e in state.endpoints.values():
             if endpoint in (f"{e.namespace}/{e.name}", e.name):

@@ -267,5 +267,8 @@ def counters(entries: list[dict], links: dict[int, str]) -> list[dict]:
         rows.append({"ifindex": k["ifindex"], "ifname": links.get(k["ifindex"], ""),
                      "direction": k["dir_label"], "reason": k["reason_label"],
                      "reason_code": k["reason"], "drop": bpfdefs.load().is_drop(k["reason"]),
+                     # a map pinned before the family split has no family: IPv4 then
+                     "family": k.get("family_label", "ipv4"),
                      "packets": v["packets"], "bytes": v["bytes"]})
-    return sorted(rows, key=lambda r: (r["ifindex"], r["direction"], r["reason_code"]))
+    return sorted(rows, key=lambda r: (r["ifindex"], r["direction"], r["reason_code"],
+                                       r["family"]))

@@ -36,6 +36,7 @@ class Defs:
     event_types: dict[int, Code] = None   # FP_EVENT_TYPES (monitor events), if declared
     ct_states: dict[int, Code] = None     # FP_CT_STATES (conntrack flow states)
     ct_events: dict[int, Code] = None     # FP_CT_EVENTS (conntrack event counters)
+    families: dict[int, Code] = None      # FP_FAMILIES (counter key's address family)
 
     def reason(self, value: int) -> str:
         code = self.reasons.get(value)
@@ -47,6 +48,10 @@ class Defs:
     def dir(self, value: int) -> str:
         code = self.dirs.get(value)
         return code.label if code else f"dir-{value}"
+
+    def family(self, value: int) -> str:
+        code = (self.families or {}).get(value)
+        return code.label if code else f"family-{value}"
 
     def reason_value(self, name_or_label: str) -> int:
         for code in self.reasons.values():
@@ -103,4 +108,5 @@ def load(header: Path = HEADER) -> Defs:
         event_types=_xmacro(text, "FP_EVENT_TYPES") if "FP_EVENT_TYPES(X)" in text else {},
         ct_states=_xmacro(text, "FP_CT_STATES") if "FP_CT_STATES(X)" in text else {},
         ct_events=_xmacro(text, "FP_CT_EVENTS") if "FP_CT_EVENTS(X)" in text else {},
+        families=_xmacro(text, "FP_FAMILIES") if "FP_FAMILIES(X)" in text else {},
     )

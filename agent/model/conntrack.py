@@ -58,6 +58,13 @@ class CtValue(NamedTuple):
     peer_port: int = 0
 
 
+class Ct6Key(NamedTuple):
+    """A key of the IPv6 policy table (fastpath.h's fp_ctpol6_key), kept as
+    its bytes: what the sweep needs of it is its protocol."""
+    raw: bytes
+    proto: int
+
+
 class PolicyValue(NamedTuple):
     last_seen: int
     flags: int

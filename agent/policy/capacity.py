@@ -53,8 +53,18 @@ from agent.policy.state import (
 )
 
 MAP_IPCACHE = "ipcache"
+MAP_IPCACHE6 = "ipcache6"      # IPv6 prefixes: a map of their own, as large as the IPv4 one
 MAP_ENDPOINTS = "endpoints"
 MAP_RULES = "rules"
+MAPS = (MAP_IPCACHE, MAP_IPCACHE6, MAP_ENDPOINTS, MAP_RULES)
+
+
+def _ipcache_map(prefix: str) -> str:
+    return MAP_IPCACHE6 if ":" in prefix else MAP_IPCACHE
+
+
+def _v6_count(prefixes) -> int:
+    return sum(1 for p in prefixes if ":" in p)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,21 +78,30 @@ class Capacities:
 
 @dataclass(frozen=True, slots=True)
 class Overflow:
-    map: str                 # ipcache, endpoints or rules
+    map: str                 # ipcache, ipcache6, endpoints or rules
     needed: int              # entries at the peak of the transition
     capacity: int
     policy: Optional[str]    # "namespace/name" that crosses the limit; None if none does
     reason: str
 
 
+def _state_v6(state: PolicyState) -> int:
+    n = state._cache.get("ipcache6_n")
+    if n is None:
+        n = state._cache["ipcache6_n"] = _v6_count(state.ipcache)
+    return n
+
+
 def usage(state: PolicyState) -> dict[str, int]:
-    return {MAP_IPCACHE: len(state.ipcache), MAP_ENDPOINTS: len(state.endpoints),
-            MAP_RULES: state.rule_count()}
+    v6 = _state_v6(state)
+    return {MAP_IPCACHE: len(state.ipcache) - v6, MAP_IPCACHE6: v6,
+            MAP_ENDPOINTS: len(state.endpoints), MAP_RULES: state.rule_count()}
 
 
 def _image_usage(img: MapImage) -> dict[str, int]:
-    return {MAP_IPCACHE: len(img.ipcache), MAP_ENDPOINTS: len(img.endpoints),
-            MAP_RULES: len(img.rules)}
+    v6 = _v6_count(img.ipcache)
+    return {MAP_IPCACHE: len(img.ipcache) - v6, MAP_IPCACHE6: v6,
+            MAP_ENDPOINTS: len(img.endpoints), MAP_RULES: len(img.rules)}
 
 
 def peak_usage(old: Union[PolicyState, MapImage, None], ops: list[Op]) -> dict[str, int]:
@@ -98,21 +117,20 @@ def peak_usage(old: Union[PolicyState, MapImage, None], ops: list[Op]) -> dict[s
             ep = eps.get(k[0])
             return ep is not None and k[1] in ep.rules
 
-        size = {MAP_IPCACHE: len(old.ipcache), MAP_ENDPOINTS: len(eps),
-                MAP_RULES: old.rule_count()}
+        size = usage(old)
         initially = {MAP_IPCACHE: old.ipcache.__contains__, MAP_ENDPOINTS: eps.__contains__,
                      MAP_RULES: has_rule}
     else:
         img = old
-        size = {MAP_IPCACHE: len(img.ipcache), MAP_ENDPOINTS: len(img.endpoints),
-                MAP_RULES: len(img.rules)}
+        size = _image_usage(img)
         initially = {MAP_IPCACHE: img.ipcache.__contains__, MAP_ENDPOINTS: img.endpoints.__contains__,
                      MAP_RULES: img.rules.__contains__}
-    present: dict[str, dict] = {MAP_IPCACHE: {}, MAP_ENDPOINTS: {}, MAP_RULES: {}}
+    initially[MAP_IPCACHE6] = initially[MAP_IPCACHE]
+    present: dict[str, dict] = {m: {} for m in MAPS}
     peak = dict(size)
     for op in ops:
         if isinstance(op, (IpcachePut, IpcacheDelete)):
-            m, key = MAP_IPCACHE, op.prefix
+            m, key = _ipcache_map(op.prefix), op.prefix
         elif isinstance(op, (EndpointPut, EndpointDelete)):
             m, key = MAP_ENDPOINTS, op.endpoint
         else:
@@ -135,8 +153,8 @@ def check_capacity(new: PolicyState, capacities: Capacities,
     Pass the `ops` of diff(old, new) if already computed.
     """
     steady = usage(new)
-    caps = {MAP_IPCACHE: capacities.ipcache, MAP_ENDPOINTS: capacities.endpoints,
-            MAP_RULES: capacities.rules}
+    caps = {MAP_IPCACHE: capacities.ipcache, MAP_IPCACHE6: capacities.ipcache,
+            MAP_ENDPOINTS: capacities.endpoints, MAP_RULES: capacities.rules}
     if old is not None:
         if ops is None:
             ops = diff(old, new)
@@ -149,7 +167,7 @@ def check_capacity(new: PolicyState, capacities: Capacities,
     else:
         peak = steady
     out = []
-    for m in (MAP_IPCACHE, MAP_ENDPOINTS, MAP_RULES):
+    for m in MAPS:
         needed = max(peak[m], steady[m])
         if needed <= caps[m]:
             continue
@@ -165,11 +183,13 @@ def _blame(state: PolicyState, m: str, needed: int, transient: int, cap: int) ->
                 owners = [p for p in v.policies if p >= POLICY_DYNAMIC_MIN]
                 per_policy[min(owners) if owners else 0] += 1
         what = "rules"
-    elif m == MAP_IPCACHE:
+    elif m in (MAP_IPCACHE, MAP_IPCACHE6):
         for prefix in state.ipcache:
+            if _ipcache_map(prefix) != m:
+                continue
             owners = [p for p in state.ipcache_policies.get(prefix, ()) if p >= POLICY_DYNAMIC_MIN]
             per_policy[min(owners) if owners else 0] += 1
-        what = "ipcache entries"
+        what = "ipcache entries" if m == MAP_IPCACHE else "IPv6 ipcache entries"
     else:
         return Overflow(m, needed, cap, None,
                         f"{needed} pods on this node need endpoint entries "
@@ -264,14 +284,14 @@ def _estimate_prefix(state: PolicyState, units: list[frozenset[Pair]],
     pairs_left = Counter(name for unit in units for name, _ in unit)
     prefix_owners: dict[str, int] = {}
     prefixes: dict[int, list[str]] = defaultdict(list)
-    if MAP_IPCACHE in excess:
+    if MAP_IPCACHE in excess or MAP_IPCACHE6 in excess:
         for pfx, pids in state.ipcache_policies.items():
             owners = {p for p in pids if p >= POLICY_DYNAMIC_MIN}
             if owners:
                 prefix_owners[pfx] = len(owners)
                 for p in owners:
                     prefixes[p].append(pfx)
-    gone = {MAP_RULES: 0, MAP_IPCACHE: 0}
+    gone = {MAP_RULES: 0, MAP_IPCACHE: 0, MAP_IPCACHE6: 0}
     for k, unit in enumerate(units, 1):
         for name, ip in unit:
             pid = ids[name]
@@ -282,7 +302,7 @@ def _estimate_prefix(state: PolicyState, units: list[frozenset[Pair]],
             if pairs_left[name] == 0:
                 for pfx in prefixes.get(pid, ()):
                     prefix_owners[pfx] -= 1
-                    gone[MAP_IPCACHE] += prefix_owners[pfx] == 0
+                    gone[_ipcache_map(pfx)] += prefix_owners[pfx] == 0
         if all(gone.get(m, 0) >= n for m, n in excess.items()):
             return k
     return len(units)

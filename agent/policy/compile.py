@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 from agent.k8s.model import FrozenMap, IPBlock, Key, NetworkPolicy, Pod, PolicyPeer, PolicyRule
 from agent.k8s.store import Snapshot
-from agent.policy import ip4
+from agent.policy import addr, ip4
 from agent.policy.ports import ANY_KEY, PortKey, PortSet, block_size, proto_number
 from agent.policy.state import (
     DIRECTIONS,
@@ -124,6 +124,14 @@ def _eligible_ip(p: Pod, node_ips: frozenset[str]) -> Optional[str]:
     return ip
 
 
+def _ip6s(p: Pod, node_ips: frozenset[str]) -> tuple[str, ...]:
+    """The pod's IPv6 addresses: peers under the same identity rules as its
+    IPv4 address (ipBlocks of IPv6 match them), and the addresses the IPv6
+    programs find the pod's policy by."""
+    return tuple(a for a in (addr.canonical(x) for x in p.ips if addr.is_ip6(x))
+                 if a not in node_ips)
+
+
 def _rank(p: Pod) -> tuple:
     return (_PHASE_RANK.get(p.phase, 3), p.deleting, p.namespace, p.name)
 
@@ -165,12 +173,13 @@ class _Compiler:
                "cands", "usable", "local", "local_by_ns", "ns_ips", "sel", "plan", "act_n",
                "act_obj", "block_n", "block_pid_n", "named_n", "ident_of_ip", "ident_n", "id_of",
                "identity_info", "identities", "ipcache", "peer_cache", "deps_of", "peer_deps",
-               "peer_index", "endpoints", "enf_n", "program")
+               "peer_index", "endpoints", "enf_n", "program", "v6_of", "pod_of6")
 
     def __init__(self, node_name: str, node_ips: Iterable[str], mode: Mode, audited: frozenset[str],
                  refused: frozenset[tuple[str, str]] = frozenset()):
         self.node_name = node_name
-        self.node_ips = tuple(sorted({ip for ip in node_ips if ip4.is_ip4(ip)}))
+        # both families: the node's IPv6 addresses are `host` as its IPv4 ones
+        self.node_ips = tuple(sorted({addr.canonical(ip) for ip in node_ips}))
         self.mode = mode
         self.audited = audited
         self._set_refused(refused)
@@ -185,6 +194,26 @@ class _Compiler:
         for name, ip in refused:
             by_ip[ip].add(name)
         self.refused_at = {ip: frozenset(v) for ip, v in by_ip.items()}
+
+    def _set_v6(self, ip: str, pod: Optional[Pod]) -> tuple[str, ...]:
+        """Record the IPv6 addresses of the pod now usable at IPv4 `ip`
+        (None: no pod); returns the addresses that were and are its."""
+        old = self.v6_of.pop(ip, ())
+        for a in old:
+            if self.pod_of6.get(a) == ip:
+                del self.pod_of6[a]
+        new = _ip6s(pod, frozenset(self.node_ips)) if pod is not None else ()
+        if new:
+            self.v6_of[ip] = new
+            for a in new:
+                self.pod_of6[a] = ip
+        return old + new
+
+    def _owner(self, ip: str) -> Optional[Pod]:
+        """The usable pod holding address `ip` (of either family)."""
+        if addr.is_ip6(ip):
+            ip = self.pod_of6.get(ip, "")
+        return self.usable.get(ip)
 
     def ns_labels(self, ns: str) -> FrozenMap:
         m = self._ns_labels.get(ns)
@@ -217,6 +246,10 @@ class _Compiler:
         self.usable = {ip: min(c, key=_rank) for ip, c in self.cands.items()}
         self.local = {ip: p for ip, p in sorted(self.usable.items(), key=lambda t: ip4.to_int(t[0]))
                       if p.node_name == self.node_name}
+        self.v6_of: dict[str, tuple[str, ...]] = {}
+        self.pod_of6: dict[str, str] = {}
+        for ip, p in self.usable.items():
+            self._set_v6(ip, p)
 
         if self.mode == Mode.NEVER:
             return PolicyState(
@@ -260,6 +293,8 @@ class _Compiler:
         self._build_cidrs(self.blocks)
         self.ident_of_ip: dict[str, Identity] = {
             ip: self._pod_identity(ip, pod) for ip, pod in self.usable.items()}
+        for a6, ip in self.pod_of6.items():
+            self.ident_of_ip[a6] = self._pod_identity(a6, self.usable[ip])
         for ip in self.node_ips:
             self.ident_of_ip[ip] = self._host_identity(ip)
         self.cidr_ident = self._cidr_identities()
@@ -280,9 +315,9 @@ class _Compiler:
         # node address overrides both.
         self.ipcache: dict[str, int] = {}
         for (plen, net), ident in sorted(self.cidr_ident.items()):
-            self.ipcache[ip4.prefix_text(plen, net)] = self.id_of[ident]
-        for ip in sorted(self.ident_of_ip, key=ip4.to_int):
-            self.ipcache[f"{ip}/32"] = self.id_of[self.ident_of_ip[ip]]
+            self.ipcache[addr.prefix_text(plen, net)] = self.id_of[ident]
+        for ip in sorted(self.ident_of_ip, key=addr.to_int):
+            self.ipcache[addr.host_text(ip)] = self.id_of[self.ident_of_ip[ip]]
         self.ipcache_policies = self._cidr_policies()
         self._index_identities()
         self.peer_cache: dict[tuple, tuple[tuple[int, ...], frozenset[int]]] = {}
@@ -316,7 +351,8 @@ class _Compiler:
             mode=self.mode, node_name=self.node_name, node_ips=self.node_ips,
             identities=self.identities, identity_info=self.identity_info, ipcache=self.ipcache,
             ipcache_policies=self.ipcache_policies, endpoints=self.endpoints,
-            policies=self.policy_table, audited=self.audited, refused=self._refused_in_effect())
+            policies=self.policy_table, audited=self.audited, refused=self._refused_in_effect(),
+            endpoints6={a: ip for a, ip in self.pod_of6.items() if ip in self.local})
         # Known here for free; diff asks for it on every change.
         state._cache["enforced_ids"] = frozenset(self.enf_n)
         state._cache["compiler"] = self
@@ -382,7 +418,7 @@ class _Compiler:
         for rule in (pol.ingress if d == Direction.INGRESS else pol.egress):
             for peer in rule.peers:
                 b = peer.ip_block
-                if b is not None and ip4.is_ip4(b.cidr):
+                if b is not None:
                     blocks.add(b)
             if d == Direction.EGRESS:
                 for pp in rule.ports:
@@ -402,10 +438,10 @@ class _Compiler:
             (name, proto, num) for name, proto in self.named_refs
             if (num := _named_port(pod, name, proto)) is not None))
         return Identity("pod", pod.namespace, pod.labels, self.ns_labels(pod.namespace),
-                        self.blocks_of(ip4.to_int(ip), 32), ports)
+                        self.blocks_of(addr.to_int(ip), addr.HOST_BITS), ports)
 
     def _host_identity(self, ip: str) -> Identity:
-        return Identity("host", blocks=self.blocks_of(ip4.to_int(ip), 32))
+        return Identity("host", blocks=self.blocks_of(addr.to_int(ip), addr.HOST_BITS))
 
     def _cidr_identities(self) -> dict[tuple[int, int], Identity]:
         return {pfx: (Identity("cidr", blocks=sig) if sig else WORLD_IDENTITY)
@@ -415,7 +451,7 @@ class _Compiler:
         block_policies: dict[IPBlock, set[int]] = defaultdict(set)
         for b, pid in self.block_pid_n:
             block_policies[b].add(pid)
-        return {ip4.prefix_text(plen, net): tuple(sorted(
+        return {addr.prefix_text(plen, net): tuple(sorted(
                     pid for b in self.prefix_blocks[(plen, net)] for pid in block_policies[b]))
                 for plen, net in sorted(self.cidr_ident)}
 
@@ -597,17 +633,21 @@ class _Compiler:
                 for k in self.plan[slot][1]:
                     self._activate(k, slot[1], 1)
 
-        # ---- identities of addresses
+        # ---- identities of addresses (each pod's IPv6 ones with its IPv4)
         redo = set(changed_ips)
+        for ip in changed_ips:
+            redo.update(self._set_v6(ip, self.usable.get(ip)))
         for ns in chg_ns:
-            redo |= self.ns_ips.get(ns, frozenset())
+            for ip in self.ns_ips.get(ns, frozenset()):
+                redo.add(ip)
+                redo.update(self.v6_of.get(ip, ()))
         blocks = frozenset(self.block_n)
         blocks_changed = blocks != self.blocks
         if blocks_changed:
-            moved = [ip4.parse_prefix(b.cidr) for b in blocks ^ self.blocks]
-            for ip in (*self.usable, *self.node_ips):
-                a = ip4.to_int(ip)
-                if any(a & ip4.mask(plen) == net for plen, net in moved):
+            moved = [addr.parse_prefix(b.cidr) for b in blocks ^ self.blocks]
+            for ip in (*self.usable, *self.pod_of6, *self.node_ips):
+                a = addr.to_int(ip)
+                if any(a & addr.mask(plen) == net for plen, net in moved):
                     redo.add(ip)
             self.blocks = blocks
             self._build_cidrs(blocks)
@@ -617,6 +657,7 @@ class _Compiler:
             for ip, p in self.usable.items():
                 if any(cp.name in names for cp in p.ports):
                     redo.add(ip)
+                    redo.update(self.v6_of.get(ip, ()))
             self.named_refs = named
 
         touched: set[Identity] = set()
@@ -631,7 +672,7 @@ class _Compiler:
             if ip in node_ips:
                 new_i = self._host_identity(ip)
             else:
-                pod = self.usable.get(ip)
+                pod = self._owner(ip)
                 new_i = self._pod_identity(ip, pod) if pod is not None else None
             if old_i == new_i:
                 continue
@@ -642,7 +683,7 @@ class _Compiler:
                 self.ident_of_ip[ip] = new_i
             else:
                 del self.ident_of_ip[ip]
-            dirty_texts.add(f"{ip}/32")
+            dirty_texts.add(addr.host_text(ip))
         if blocks_changed:
             old_cidr = self.cidr_ident
             self.cidr_ident = self._cidr_identities()
@@ -653,7 +694,7 @@ class _Compiler:
                         count(o, -1)
                     if n is not None:
                         count(n, 1)
-                    dirty_texts.add(ip4.prefix_text(*pfx))
+                    dirty_texts.add(addr.prefix_text(*pfx))
         if blocks_changed or self.block_pids_changed:
             self.ipcache_policies = self._cidr_policies()
 
@@ -678,8 +719,8 @@ class _Compiler:
             self.identities[i.name] = nxt
             used.add(nxt)
         for text in dirty_texts:
-            plen, net = ip4.parse_prefix(text)
-            i = self.ident_of_ip.get(text[:-3]) if plen == 32 else None
+            plen, net = addr.parse_prefix(text)
+            i = self.ident_of_ip.get(text.rpartition("/")[0]) if plen == addr.HOST_BITS else None
             if i is None:
                 i = self.cidr_ident.get((plen, net))
             if i is None:
@@ -820,8 +861,12 @@ class _Compiler:
         """
         parsed = []
         for b in blocks:
-            parsed.append((b, ip4.parse_prefix(b.cidr),
-                           [e for e in map(ip4.parse_prefix, b.except_) if e is not None]))
+            cidr = addr.parse_prefix(b.cidr)
+            excepts = [addr.parse_prefix(e) for e in b.except_]
+            if addr.is_ip6(b.cidr) and addr.contains(cidr, addr.V4_RANGE):
+                # an IPv6 block holds no IPv4 address (see agent/policy/addr.py)
+                excepts.append(addr.V4_RANGE)
+            parsed.append((b, cidr, excepts))
         bounds: dict[tuple[int, int], set[IPBlock]] = defaultdict(set)
         for b, cidr, excepts in parsed:
             bounds[cidr].add(b)
@@ -836,11 +881,11 @@ class _Compiler:
         cidr_lens = sorted({c[0] for c in by_cidr})
         sig: dict[tuple[int, int], frozenset[IPBlock]] = {}
         for p in bounds:
-            plen, addr = p
+            plen, a = p
             sig[p] = frozenset(
                 b for l in cidr_lens if l <= plen
-                for b, excepts in by_cidr.get((l, addr & ip4.mask(l)), ())
-                if not any(ip4.contains(e, p) for e in excepts))
+                for b, excepts in by_cidr.get((l, a & addr.mask(l)), ())
+                if not any(addr.contains(e, p) for e in excepts))
         self.boundaries = sig
         self.prefix_blocks = bounds
         self.boundary_lens = sorted({p[0] for p in sig}, reverse=True)
@@ -849,11 +894,11 @@ class _Compiler:
             if sig[p] != self.blocks_of(p[1], p[0], strictly_shorter=True):
                 self.cidr_entries[p] = sig[p]
 
-    def blocks_of(self, addr: int, plen: int, strictly_shorter: bool = False) -> frozenset[IPBlock]:
+    def blocks_of(self, a: int, plen: int, strictly_shorter: bool = False) -> frozenset[IPBlock]:
         for l in self.boundary_lens:
             if l > plen or (strictly_shorter and l == plen):
                 continue
-            s = self.boundaries.get((l, addr & ip4.mask(l)))
+            s = self.boundaries.get((l, a & addr.mask(l)))
             if s is not None:
                 return s
         return frozenset()

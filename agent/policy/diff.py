@@ -51,7 +51,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from agent.policy import ip4
+from agent.policy import addr, ip4
 from agent.policy.ports import PortKey, PortSet, key_ancestors, key_covers
 from agent.policy.state import (
     DIRECTIONS,
@@ -177,8 +177,9 @@ class _View:
     def resolve(self, prefixlen: int, network: int) -> int:
         """The identity the ipcache gives a prefix's addresses from entries no
         longer than it (probing the few candidate prefixes, no index needed)."""
-        for plen in range(prefixlen, -1, -1):
-            hit = self.ipcache.get(ip4.prefix_text(plen, network & ip4.mask(plen)))
+        # both families in agent/policy/addr.py's space, each in its own trie
+        for plen in range(prefixlen, addr.floor(prefixlen, network) - 1, -1):
+            hit = self.ipcache.get(addr.prefix_text(plen, network & addr.mask(plen)))
             if hit is not None:
                 return hit
         return ID_WORLD
@@ -265,7 +266,7 @@ def diff(old: Union[PolicyState, MapImage, None],
     # ---- identities that change under some ipcache key
     o_cache, n_cache = O.ipcache, N.ipcache
     changed = [k for k in set(o_cache) | set(n_cache) if o_cache.get(k) != n_cache.get(k)]
-    parsed = {k: ip4.parse_prefix(k) for k in changed}
+    parsed = {k: addr.parse_prefix(k) for k in changed}
     next_id = max(O.max_identity, N.max_identity, ID_DYNAMIC_MIN - 1) + 1
     trans: dict[tuple[int, int], int] = {}
     mid: dict[str, int] = {}       # the ipcache of M, for changed keys

@@ -87,8 +87,11 @@ def evaluate(state: Union[PolicyState, MapImage], src_ip: str, dst_ip: str,
     proto = proto_number(protocol)
     if src_ip == dst_ip:
         return Verdict(True, REASON_LOOPBACK)
-    checks = tuple(c for c in (decide(image, src_ip, Direction.EGRESS, dst_ip, proto, dst_port),
-                               decide(image, dst_ip, Direction.INGRESS, src_ip, proto, dst_port))
+    # an IPv6 address's checks are its pod's (fp_policy6_pod), by its own identity
+    src_ep = image.endpoints6.get(src_ip, src_ip)
+    dst_ep = image.endpoints6.get(dst_ip, dst_ip)
+    checks = tuple(c for c in (decide(image, src_ep, Direction.EGRESS, dst_ip, proto, dst_port),
+                               decide(image, dst_ep, Direction.INGRESS, src_ip, proto, dst_port))
                    if c is not None)
     for c in checks:
         if not c.allowed:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from agent.policy import addr
 from agent.policy.state import (
     OPEN, POLICY_HOST, POLICY_PENDING, Direction, DirectionPolicy, EndpointConfig, EndpointPolicy,
     Mode, PolicyKey, PolicyState, RuleValue,
@@ -41,7 +42,7 @@ def pending_config(mode: Mode) -> EndpointConfig:
 
 def host_identities(state: PolicyState) -> list[int]:
     """The identities this node's own addresses have in `state`'s ipcache."""
-    return sorted({i for ip in state.node_ips if (i := state.ipcache.get(f"{ip}/32")) is not None})
+    return sorted({i for ip in state.node_ips if (i := state.ipcache.get(addr.host_text(ip))) is not None})
 
 
 def pending_endpoint(ip: str, namespace: str, name: str, mode: Mode,

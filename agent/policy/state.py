@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 from agent.k8s.model import EMPTY_MAP, FrozenMap, IPBlock
-from agent.policy import ip4
+from agent.policy import addr, ip4
 from agent.policy.ports import (
     ANY_KEY, PORT_BITS, PROTO_ANY, PROTOCOL_NAMES, PortKey, block_size,
 )
@@ -251,6 +251,9 @@ class PolicyState:
     # (policy "namespace/name", endpoint IPv4) pairs whose rules are left out
     # for lack of map room: the policy isolates the endpoint, admits nothing
     refused: frozenset[tuple[str, str]] = frozenset()
+    # IPv6 address of a local pod -> the pod's endpoint key (its IPv4
+    # address): what the IPv6 programs find through fp_policy6_pod
+    endpoints6: Mapping[str, str] = field(default_factory=dict)
     # Derived data computed on first use (the state itself never changes).
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -271,6 +274,7 @@ class PolicyState:
     def image(self) -> "MapImage":
         """A fresh, mutable copy of the three maps as this state fills them."""
         img = MapImage()
+        img.endpoints6 = dict(self.endpoints6)
         for prefix, ident in self.ipcache.items():
             img.put_ipcache(prefix, ident)
         for ip, ep in self.endpoints.items():
@@ -307,10 +311,17 @@ class MapImage:
     """The contents of the ipcache, endpoints and rules maps, with the
     datapath's lookups. Rule keys are (endpoint IPv4, PolicyKey)."""
 
-    __slots__ = ("ipcache", "endpoints", "rules", "_lpm", "_lens")
+    __slots__ = ("ipcache", "endpoints", "rules", "_lpm", "_lens", "_lpm6", "_lens6",
+                 "endpoints6")
 
     def __init__(self) -> None:
         self.ipcache: dict[str, int] = {}
+        # IPv6 prefixes are in `ipcache` too (their own trie in the datapath,
+        # fp_ipcache6_v1); looked up in their own tables here
+        self._lpm6: dict[int, dict[int, int]] = {}
+        self._lens6: list[int] = []
+        # IPv6 address of a pod -> its endpoint key (see PolicyState.endpoints6)
+        self.endpoints6: dict[str, str] = {}
         self.endpoints: dict[str, EndpointConfig] = {}
         self.rules: dict[tuple[str, PolicyKey], RuleValue] = {}
         # prefixlen -> {network: identity}; _lens: its keys, longest first.
@@ -322,7 +333,13 @@ class MapImage:
     def put_ipcache(self, prefix: str, identity: int) -> None:
         p = ip4.parse_prefix(prefix)
         if p is None:
-            raise ValueError(f"{prefix}: the ipcache holds IPv4 prefixes only")
+            p = addr.parse_prefix(prefix)
+            self.ipcache[prefix] = identity
+            if p[0] not in self._lpm6:
+                self._lpm6[p[0]] = {}
+                self._lens6 = sorted(self._lpm6, reverse=True)
+            self._lpm6[p[0]][p[1]] = identity
+            return
         self.ipcache[prefix] = identity
         if p[0] not in self._lpm:
             self._lpm[p[0]] = {}
@@ -332,6 +349,15 @@ class MapImage:
     def delete_ipcache(self, prefix: str) -> None:
         p = ip4.parse_prefix(prefix)
         self.ipcache.pop(prefix, None)
+        if p is None:
+            p = addr.parse_prefix(prefix)
+            bucket = self._lpm6.get(p[0])
+            if bucket is not None:
+                bucket.pop(p[1], None)
+                if not bucket:
+                    del self._lpm6[p[0]]
+                    self._lens6 = sorted(self._lpm6, reverse=True)
+            return
         bucket = self._lpm.get(p[0]) if p else None
         if bucket is not None:
             bucket.pop(p[1], None)
@@ -355,10 +381,17 @@ class MapImage:
 
     def identity_of(self, ip: str) -> int:
         """The ipcache's longest-prefix match; a miss is `world`."""
-        addr = ip4.to_int(ip)
+        if ":" in ip:
+            a = addr.to_int(ip)
+            for plen in self._lens6:
+                hit = self._lpm6[plen].get(a & addr.mask(plen))
+                if hit is not None:
+                    return hit
+            return ID_WORLD
+        a = ip4.to_int(ip)
         lpm = self._lpm
         for plen in self._lens:
-            hit = lpm[plen].get(addr & _MASKS[plen])
+            hit = lpm[plen].get(a & _MASKS[plen])
             if hit is not None:
                 return hit
         return ID_WORLD

@@ -1,10 +1,11 @@
 """`make demo`: fastpath on the built-in simulated Terway node.
 
-Builds two simulated nodes (network namespaces laid out as Terway's
-ENIMultiIP datapath), runs `fastpath agent` on each with NetworkPolicy on,
-registers the pods the way the CNI plugin does, sends real traffic, and
-shows the counters that prove the fast path: packets redirected by fastpath
-while the nodes' own IP forwarding counter does not move. A ClusterIP
+Builds two simulated dual-stack nodes (network namespaces laid out as
+Terway's ENIMultiIP datapath, every pod with an IPv4 and an IPv6 address),
+runs `fastpath agent` on each with NetworkPolicy on, registers the pods the
+way the CNI plugin does, sends real traffic over both families, and shows
+the counters that prove the fast path: packets redirected by fastpath, per
+family, while the nodes' own IP forwarding counters do not move. A ClusterIP
 Service is answered by backends on both nodes; a NetworkPolicy then drops
 one client, and the monitor, the packet what-if and the effective rules say
 which policy did it. Then it kills an agent and shows that the pinned
@@ -18,8 +19,10 @@ import time
 
 from agent.sim import World
 from agent.sim import manifests as m
-from agent.sim.traffic import forwarded_datagrams, serve_reply, tcp_exchange, udp_send
+from agent.sim.traffic import (forwarded_datagrams, forwarded_datagrams6, serve_reply,
+                               tcp_exchange, udp_send)
 from agent.sim.agent import NodeAgent, private_paths
+from agent.sim.plan import POD_GATEWAY6
 
 VIP = "192.168.99.10"
 
@@ -57,17 +60,45 @@ def wait_policy(agent: NodeAgent, policies: int, timeout: float = 20) -> None:
 
 
 def traffic(src, dst) -> None:
-    src.ping(dst.ip, count=3)
-    got = tcp_exchange(src, dst, request="GET /", reply="200 OK")
-    assert got == ("GET /", "200 OK"), got
-    assert udp_send(src, dst, payload="dns?") == "dns?"
-    print(f"   {src.name} -> {dst.name} ({dst.ip}): ping ok, TCP ok, UDP ok")
+    for ip in (dst.ip, dst.ip6):
+        src.ping(ip, count=3)
+        got = tcp_exchange(src, dst, ip=ip, request="GET /", reply="200 OK")
+        assert got == ("GET /", "200 OK"), got
+        assert udp_send(src, dst, ip=ip, payload="dns?") == "dns?"
+    print(f"   {src.name} -> {dst.name} ({dst.ip}, {dst.ip6}): ping ok, TCP ok, UDP ok, "
+          "both families")
+
+
+def fast_path_by_family(agent: NodeAgent) -> str:
+    """Packets the node's programs redirected (into a pod or out of an
+    ENI), per family, from `fastpath metrics --json`."""
+    import json
+    rows = json.loads(agent.cli("metrics", "--json").stdout)
+    got = {"ipv4": 0, "ipv6": 0}
+    for r in rows:
+        if r["reason"].startswith("redirected-"):
+            got[r["family"]] = got.get(r["family"], 0) + r["packets"]
+    return ", ".join(f"{fam} {n}" for fam, n in sorted(got.items()))
+
+
+def monitor_while(agent: NodeAgent, endpoint: str, attempt) -> str:
+    """The first drop `fastpath monitor` sees of `endpoint` while `attempt` runs."""
+    mon = node_cli(agent, "monitor", "--type", "drop", "--endpoint", endpoint, "--count", "1",
+                   "--duration", "10", background=True)
+    time.sleep(1.5)
+    attempt()
+    out, _ = mon.communicate(timeout=15)
+    return out.rstrip()
 
 
 def main() -> int:
     t0 = time.monotonic()
-    with World() as w, private_paths() as p1, private_paths() as p2:
-        say("building two simulated Terway nodes (netns + veth, ENIs to a VPC netns)")
+    # the pods' IPv6 gateway: local_router_ipv6 (its default, as the agents run with)
+    gw6 = POD_GATEWAY6
+    with World(dual_stack=True, local_router_ipv6=gw6) as w, private_paths() as p1, \
+            private_paths() as p2:
+        say(f"building two simulated dual-stack Terway nodes (netns + veth, ENIs to a VPC netns; "
+            f"pods' IPv6 default route via {gw6})")
         n1, n2 = w.add_node("n1", enis=1), w.add_node("n2", enis=1)
         a, b, d = n1.add_pod("a"), n1.add_pod("b"), n1.add_pod("d")
         c = n2.add_pod("c")
@@ -75,7 +106,7 @@ def main() -> int:
                  d: ("lab", "scanner", "n1"), c: ("shop", "web", "n2")}
         for pod in (a, b, d, c):
             ns, app, _ = roles[pod]
-            print(f"   {pod}   {ns}/{pod.name} app={app}")
+            print(f"   {pod} {pod.ip6}   {ns}/{pod.name} app={app}")
         cluster = [
             m.namespace("shop", team="web"), m.namespace("lab", team="research"),
             m.service("shop", "web", VIP, 80, "http"),
@@ -97,16 +128,23 @@ def main() -> int:
             say("fastpath endpoint list   (node n1)")
             node_cli(ag1, "endpoint", "list")
 
-            say("traffic: same node (redirect_peer) and across nodes (ENI via FIB + redirect)")
+            say("traffic over IPv4 and IPv6: same node (redirect_peer) and across nodes "
+                "(ENI via FIB + redirect)")
             f1, f2 = forwarded_datagrams(n1), forwarded_datagrams(n2)
+            s1, s2 = forwarded_datagrams6(n1), forwarded_datagrams6(n2)
             traffic(a, b)
             traffic(a, c)
             traffic(c, b)
-            print(f"   IP datagrams forwarded by the nodes' own stacks meanwhile: "
+            print(f"   IPv4 datagrams forwarded by the nodes' own stacks meanwhile: "
                   f"n1 {forwarded_datagrams(n1) - f1}, n2 {forwarded_datagrams(n2) - f2}")
+            print(f"   IPv6 datagrams forwarded by the nodes' own stacks meanwhile: "
+                  f"n1 {forwarded_datagrams6(n1) - s1}, n2 {forwarded_datagrams6(n2) - s2}")
+            print(f"   redirected by fastpath on n1 (fastpath metrics, by family): "
+                  f"{fast_path_by_family(ag1)}")
 
             say(f"a ClusterIP Service: shop/web {VIP}:80 -> b and c on :8080 (translated per packet)")
-            servers = [serve_reply(b, 8080, "web-b"), serve_reply(c, 8080, "web-c")]
+            servers = [serve_reply(b, 8080, "web-b"), serve_reply(c, 8080, "web-c"),
+                       serve_reply(b, 8080, "web-b6", host=b.ip6)]
             answers = sorted({ask(a, f"{VIP} 80") for _ in range(12)})
             print(f"   a -> {VIP}:80 answered by: {', '.join(answers)}")
             node_cli(ag1, "service", "list")
@@ -116,17 +154,20 @@ def main() -> int:
                 agent.write("policy.yaml", [POLICY])
             for agent in agents:
                 wait_policy(agent, 1)
-            monitor = node_cli(ag1, "monitor", "--type", "drop", "--count", "1",
-                               "--duration", "10", background=True)
-            time.sleep(1.5)
             print(f"   a (shop, frontend) -> b:8080: {ask(a, f'{b.ip} 8080')}")
-            print(f"   d (lab, scanner)   -> b:8080: {ask(d, f'{b.ip} 8080')}")
+            mon4 = monitor_while(ag1, "lab/d", lambda: print(
+                f"   d (lab, scanner)   -> b:8080: {ask(d, f'{b.ip} 8080')}"))
             print(f"   d (lab, scanner)   -> {VIP}:80 (the Service): {ask(d, f'{VIP} 80')}")
-            say("fastpath monitor --type drop   (node n1, while d tried)")
-            out, _ = monitor.communicate(timeout=15)
-            print(out.rstrip())
+            mon6 = monitor_while(ag1, "lab/d", lambda: print(
+                f"   d (lab, scanner)   -> [{b.ip6}]:8080: {ask(d, f'{b.ip6} 8080')}"))
+            say("fastpath monitor --type drop --endpoint lab/d   (node n1, while d tried each "
+                "family)")
+            print(mon4)
+            print(mon6)
             say(f"fastpath trace --from lab/d --to {b.ip}:8080   (what-if on the live programs)")
             node_cli(ag1, "trace", "--from", "lab/d", "--to", f"{b.ip}:8080")
+            say(f"fastpath trace --from lab/d --to [{b.ip6}]:8080   (the same over IPv6)")
+            node_cli(ag1, "trace", "--from", "lab/d", "--to", f"[{b.ip6}]:8080")
             say("fastpath policy get shop/b   (effective rules, traced to their policies)")
             node_cli(ag1, "policy", "get", "shop/b")
 

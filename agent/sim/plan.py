@@ -57,6 +57,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from agent.config.schema import KEYS_BY_NAME
+
 PREFIX = "fpw"
 TAG_RE = re.compile(r"^[0-9a-f]{4}$")
 
@@ -73,7 +75,8 @@ NODE_VSWITCH = "10.240.0.0/24"
 NODE_PREFIXLEN = 24
 NODE_GATEWAY = "10.240.0.253"
 POD_GATEWAY = "169.254.1.1"
-POD_GATEWAY6 = "fe80::1"
+# local_router_ipv6's default; World(local_router_ipv6=...) lays pods out with another
+POD_GATEWAY6 = KEYS_BY_NAME["local_router_ipv6"].default
 ENI_GATEWAY6 = "fe80::253"
 MAX_NODES = 200
 MAX_ENIS = 15

@@ -81,7 +81,8 @@ def forwarded_datagrams6(ns: Netns) -> int:
 REPLY_SERVER = r"""
 import socket, sys, threading
 host, port, reply = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((host, port)); s.listen(128)
 def answer(c):
     with c:

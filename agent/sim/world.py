@@ -235,7 +235,7 @@ class Node(Netns):
 
     def _plumb6(self, pod: Pod) -> None:
         """The IPv6 half of a dual-stack pod, as Terway lays it out: a /128 on
-        eth0, default via the link-local gateway fe80::1 with a permanent
+        eth0, default via the link-local gateway (local_router_ipv6) with a permanent
         neighbour entry (the host veth's MAC), the host route and the
         policy-routing rules per family; the vpc routes the /128 via the ENI."""
         ip6, e, cali = pod.ip6, pod.eni, pod.host_ifname
@@ -246,8 +246,8 @@ class Node(Netns):
         ], family=6)
         ip_batch(pod.netns, [
             f"addr add {ip6}/128 dev eth0 nodad",
-            f"route add ::/0 via {plan.POD_GATEWAY6} dev eth0",
-            f"neigh replace {plan.POD_GATEWAY6} lladdr {pod.host_mac} dev eth0 nud permanent",
+            f"route add ::/0 via {self.world.gateway6} dev eth0",
+            f"neigh replace {self.world.gateway6} lladdr {pod.host_mac} dev eth0 nud permanent",
         ])
         ip_batch(self.world.vpc.netns, [f"route add {ip6}/128 via {e.ip6} dev {e.vpc_ifname}"])
 
@@ -403,9 +403,11 @@ def _install_hooks() -> None:
 class World:
     """A simulated VPC: `with World() as w: n = w.add_node("n1"); a = n.add_pod("a")`."""
 
-    def __init__(self, dual_stack: bool = False) -> None:
-        # dual stack: every ENI and pod gets an IPv6 address too (plan.py)
+    def __init__(self, dual_stack: bool = False, local_router_ipv6: str = "") -> None:
+        # dual stack: every ENI and pod gets an IPv6 address too (plan.py),
+        # its default route via local_router_ipv6 (the agent's setting)
         self.dual_stack = dual_stack
+        self.gateway6 = local_router_ipv6 or plan.POD_GATEWAY6
         self.tag = ""
         self.vpc: Netns | None = None
         self.vpc_ns = ""

@@ -22,7 +22,7 @@
  * (agent/datapath/btf.py reads the layouts, agent/conntrack/migrate.py
  * plans the conntrack maps' entries), never reused as it is. */
 #define FP_MAP_ENDPOINTS  fp_ep4_v1
-#define FP_MAP_COUNTERS   fp_cnt_v1
+#define FP_MAP_COUNTERS   fp_cnt_v2
 #define FP_MAP_BYPASS     fp_bypass4_v1
 #define FP_MAP_DECISION   fp_decision_v1
 #define FP_MAP_SERVICES   fp_svc4_v2
@@ -170,12 +170,22 @@ enum fp_reason { FP_REASONS(FP_ENUM_ENTRY) };
 
 #define FP_REASON_DROP_MIN 100
 
-/* Per-CPU packet/byte counters per (interface, direction, reason). */
+/* The address family a counter counts (fp_counter_key.family): the IPv6
+ * programs and every IPv6 frame count as ipv6, everything else the IPv4
+ * programs see (IPv4, ARP) as ipv4. 0 is ipv4 so that counters of the
+ * release before the split (the byte was padding, always 0) carry over. */
+#define FP_FAMILIES(X)            \
+	X(FP_FAM_IPV4, 0, "ipv4") \
+	X(FP_FAM_IPV6, 1, "ipv6")
+
+enum fp_family { FP_FAMILIES(FP_ENUM_ENTRY) };
+
+/* Per-CPU packet/byte counters per (interface, direction, reason, family). */
 struct fp_counter_key {
 	__u32 ifindex;         /* HBO */
 	__u16 reason;          /* HBO: enum fp_reason */
 	__u8  dir;             /* enum fp_dir */
-	__u8  pad;
+	__u8  family;          /* enum fp_family */
 };
 _Static_assert(sizeof(struct fp_counter_key) == 8, "fp_counter_key layout");
 
@@ -625,6 +635,7 @@ enum fp_event_type { FP_EVENT_TYPES(FP_ENUM_ENTRY) };
 
 #define FP_EV_F_NAT     (1U << 0)  /* nat_daddr/nat_dport hold the service translation */
 #define FP_EV_F_INGRESS (1U << 1)  /* policy verdict of the destination's ingress (else egress) */
+#define FP_EV_F_IPV6    (1U << 2)  /* an IPv6 packet: the record is a struct fp_event6 */
 
 struct fp_event {
 	__u64 ts_ns;           /* HBO: bpf_ktime_get_ns() (CLOCK_MONOTONIC) */
@@ -646,6 +657,17 @@ struct fp_event {
 	__u32 peer_id;         /* HBO: peer identity of a policy verdict */
 };
 _Static_assert(sizeof(struct fp_event) == 48, "fp_event layout");
+
+/* An IPv6 packet's event (bpf/lib/event6.h): the IPv4 record, flagged
+ * FP_EV_F_IPV6 with its IPv4 addresses 0, then the IPv6 addresses. A reader
+ * decodes the common record first and, by the flag, the rest. */
+struct fp_event6 {
+	struct fp_event ev;
+	__u8 saddr6[16];       /* NBO: as the packet arrived */
+	__u8 daddr6[16];       /* NBO: as the packet arrived */
+	__u8 nat_daddr6[16];   /* NBO: backend, with FP_EV_F_NAT */
+};
+_Static_assert(sizeof(struct fp_event6) == 96, "fp_event6 layout");
 
 /* What a program decided for one packet. BPF_PROG_TEST_RUN does not perform
  * redirects, so programs record their decisions here: always in test builds
@@ -823,5 +845,56 @@ struct fp_pod_route_slot {
 	__u8 bytes[FP_POD_ROUTE_BYTES];
 };
 _Static_assert(sizeof(struct fp_pod_route_slot) == FP_POD_ROUTE_BYTES, "fp_pod_route_slot layout");
+
+/* ---- IPv6 NetworkPolicy (v6pol; docs/networkpolicy.md "IPv6") ----
+ *
+ * Maps of their own beside the IPv4 ones (docs/ipv6.md's design rule):
+ *   FP_MAP_IPCACHE6   LPM trie, IPv6 prefix (struct fp_lpm6_key) -> peer
+ *                     identity (__u32 HBO), in the same identity space as
+ *                     FP_MAP_IPCACHE; a miss is FP_ID_WORLD.
+ *   FP_MAP_CT_POLICY6 LRU: IPv6 flows NetworkPolicy admitted, one entry per
+ *                     flow, lower (address, port) end first, value
+ *                     struct fp_ctpol4 (state and lifetimes as IPv4's).
+ *   FP_MAP_FRAG6      LRU: the verdict of an IPv6 datagram's first
+ *                     fragment, for the fragments after it.
+ * The isolation and rules of a pod stay in FP_MAP_POLICY_EP / FP_MAP_POLICY,
+ * keyed by the pod's 32-bit key (its IPv4 address today), which the IPv6
+ * programs find from the packet's pod (lib/policy6.h: fp_policy6_pod). */
+#define FP_MAP_IPCACHE6    fp_ipcache6_v1
+#define FP_MAP_CT_POLICY6  fp_ctpol6_v1
+#define FP_MAP_FRAG6       fp_polfrag6_v1
+
+struct fp_ctpol6_key {
+	__u8 saddr[16];        /* NBO: the lower (address, port) end */
+	__u8 daddr[16];        /* NBO */
+	__be16 sport;          /* NBO; ICMPv6 echo: the identifier at the requester's end */
+	__be16 dport;          /* NBO */
+	__u8 proto;
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct fp_ctpol6_key) == 40, "fp_ctpol6_key layout");
+
+struct fp_frag6_key {
+	__u8 saddr[16];        /* NBO */
+	__u8 daddr[16];        /* NBO */
+	__be32 id;             /* NBO: the fragment header's identification */
+	__u8 proto;
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct fp_frag6_key) == 40, "fp_frag6_key layout");
+
+/* IPv6 has no translation yet: a record is the first fragment's verdict. */
+struct fp_frag6 {
+	__u64 first_seen;      /* HBO: ns */
+	__be16 sport;          /* NBO: the first fragment's ports */
+	__be16 dport;          /* NBO */
+	__u16 reason;          /* HBO: enum fp_reason of the first fragment */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_frag6) == 16, "fp_frag6 layout");
+
+/* IPv6 the stack delivers to a pod: fp_to_pod hands it to fp_to_pod6
+ * (bpf/pod.c), which judges the pod's ingress policy. */
+#define FP_TAIL_TO_POD6        3
 
 #endif /* FASTPATH_H */

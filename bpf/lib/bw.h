@@ -24,8 +24,8 @@
  * IPv6 (docs/ipv6.md): one budget per pod, not per family. A pod's IPv6
  * packets are limited against the state of its 32-bit key, found by
  * fp_bw_key_of_ep alone: fp_bw_from_pod6 (pod.c fp_from_pod6),
- * fp_bw_deliver6 (pod.c fp_deliver_local6), fp_bw_to_pod6 (pod.c
- * fp_to_pod), and fp_bw_to_vpc paces both families. A connection limit
+ * fp_bw_deliver6 (pod.c fp_deliver_local6 and fp_to_pod6), and
+ * fp_bw_to_vpc paces both families. A connection limit
  * counts both families' connections; IPv6 ones are kept in their twin map
  * (FP_MAP_BW_FLOWS6), the IPv4 walk never looks at it.
  * Connection counting opens a flow on a new TCP SYN and closes it on RST
@@ -620,7 +620,7 @@ drop:
 }
 
 /* An IPv6 packet about to be delivered into the pod `dst`, by redirect
- * (fp_deliver_local6) or by the stack (fp_bw_to_pod6). Returns 0 to
+ * (fp_deliver_local6) or by the stack (fp_to_pod6). Returns 0 to
  * deliver, -1 to drop (*reason set). */
 static __always_inline int fp_bw_deliver6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
 					  const struct fp_endpoint *dst, enum fp_reason *reason)
@@ -653,21 +653,6 @@ static __always_inline int fp_bw_deliver6(struct __sk_buff *skb, const struct fp
 drop:
 	fp_bw_count(pod, FP_DIR_TO_POD, *reason, skb->len);
 	return -1;
-}
-
-/* IPv6 the stack delivers (fp_to_pod), to a local pod's global address:
- * the same ingress limits as a redirect's. Neighbour discovery and
- * link-local traffic match no endpoint and are never limited. */
-static __always_inline int fp_bw_to_pod6(struct __sk_buff *skb, enum fp_reason *reason)
-{
-	struct fp_endpoint *dst;
-	struct fp_ipv6 ip = {};
-
-	/* malformed IPv6 is left to the stack, as fp_to_pod leaves it */
-	if (!fp_bw_cfg() || fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
-		return 0;
-	dst = fp_endpoint6_lookup(ip.daddr);
-	return dst ? fp_bw_deliver6(skb, &ip, dst, reason) : 0;
 }
 
 #endif /* FP_LIB_BW_H */

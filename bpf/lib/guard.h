@@ -24,12 +24,9 @@
  * dropped-source-spoofed: the VPC never delivers a node its own pods'
  * packets.
  *
- * Nothing unjudged (fp_guard_from_pod and fp_guard_to_pod, first thing
- * fp_to_pod does). NetworkPolicy is judged for IPv4. While a pod is isolated
- * (default deny in either direction, policy checks on), IPv6 from or to it is
- * dropped as dropped-ipv6-not-judged, except neighbour discovery (ICMPv6
- * types 133-137), which its link needs. A direction that is only audited
- * does not count as isolated: audit never drops.
+ * NetworkPolicy is judged for both families (IPv6 by lib/policy6.h in the
+ * IPv6 programs), so the guards no longer hold back an isolated pod's IPv6
+ * (the interim rule, dropped-ipv6-not-judged, is retired).
  *
  * These are self-contained on purpose: plain loads (bpf_skb_load_bytes),
  * map accessors of maps.c, and their own event; a caller only counts the
@@ -41,6 +38,7 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
+#include "lib/event6.h"
 
 #ifndef ETH_P_ARP
 #define ETH_P_ARP 0x0806
@@ -51,12 +49,7 @@
 
 #define FP_ARP_SPA_OFF  (ETH_HLEN + 14)  /* Ethernet/IPv4 ARP: sender protocol address */
 #define FP_IP4_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
-#define FP_IP6_NEXTHDR_OFF (ETH_HLEN + offsetof(struct ipv6hdr, nexthdr))
 #define FP_IP6_SADDR_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
-#define FP_ICMP6_TYPE_OFF (ETH_HLEN + sizeof(struct ipv6hdr))
-#define FP_NEXTHDR_ICMPV6 58
-#define FP_ND_FIRST 133   /* router solicitation */
-#define FP_ND_LAST  137   /* redirect */
 
 static __always_inline void fp_guard_event(struct __sk_buff *skb, enum fp_dir dir,
 					   enum fp_reason reason, __be32 saddr, __be32 daddr,
@@ -80,35 +73,6 @@ static __always_inline void fp_guard_event(struct __sk_buff *skb, enum fp_dir di
 	ev->daddr = daddr;
 	ev->proto = proto;
 	fp_event_submit(ev);
-}
-
-/* Whether IPv4 endpoint `ip4` has default deny in either direction while
- * the datapath's policy checks are on. */
-static __always_inline int fp_guard_isolated(__be32 ip4)
-{
-	struct fp_config *cfg = fp_config_get();
-	struct fp_pol_ep *pe;
-
-	if (!cfg || !(cfg->flags & FP_CFG_F_POLICY))
-		return 0;
-	pe = fp_policy_ep(ip4);
-	if (!pe)
-		return 0;
-	return ((pe->dir[FP_POL_INGRESS].flags | pe->dir[FP_POL_EGRESS].flags)
-		& FP_POL_F_ENFORCED) != 0;
-}
-
-/* Neighbour discovery: ICMPv6 right after the fixed header, types 133-137. */
-static __always_inline int fp_guard_is_nd(struct __sk_buff *skb)
-{
-	__u8 nexthdr, type;
-
-	if (bpf_skb_load_bytes(skb, FP_IP6_NEXTHDR_OFF, &nexthdr, 1) ||
-	    nexthdr != FP_NEXTHDR_ICMPV6)
-		return 0;
-	if (bpf_skb_load_bytes(skb, FP_ICMP6_TYPE_OFF, &type, 1))
-		return 0;
-	return type >= FP_ND_FIRST && type <= FP_ND_LAST;
 }
 
 static __always_inline __be16 fp_guard_ethertype(struct __sk_buff *skb)
@@ -189,40 +153,13 @@ static __always_inline int fp_guard_from_pod(struct __sk_buff *skb, enum fp_reas
 			*reason = FP_DROP_INVALID;
 		} else if (!fp_guard_ip6_source_ok(self, saddr)) {
 			*reason = FP_DROP_SPOOFED;
-		} else if (fp_guard_isolated(ip4) && !fp_guard_is_nd(skb)) {
-			*reason = FP_DROP_IPV6_UNJUDGED;
 		} else {
 			return 0;
 		}
-		fp_guard_event(skb, FP_DIR_FROM_POD, *reason, ip4, 0, 0);
+		fp_guard_event6(skb, FP_DIR_FROM_POD, *reason);
 		return 1;
 	}
 	return 0;
-}
-
-/* The first check of fp_to_pod: IPv6 to an isolated pod. */
-static __always_inline int fp_guard_to_pod(struct __sk_buff *skb, enum fp_reason *reason)
-{
-	struct fp_ep_if *self;
-
-	if (fp_guard_ethertype(skb) != bpf_htons(ETH_P_IPV6))
-		return 0;
-	self = fp_epif_lookup(skb->ifindex);
-	if (!self || !fp_guard_isolated(self->ip4) || fp_guard_is_nd(skb))
-		return 0;
-	*reason = FP_DROP_IPV6_UNJUDGED;
-	fp_guard_event(skb, FP_DIR_TO_POD, *reason, 0, self->ip4, 0);
-	return 1;
-}
-
-/* Whether the pod behind host veth `ifindex` is isolated (see
- * fp_guard_isolated): IPv6 redirected straight into a pod's netns never
- * passes fp_to_pod, so the IPv6 programs ask this before they deliver. */
-static __always_inline int fp_guard_isolated_veth(__u32 ifindex)
-{
-	struct fp_ep_if *self = fp_epif_lookup(ifindex);
-
-	return self && fp_guard_isolated(self->ip4);
 }
 
 /* The first check of fp_from_vpc: a local pod's address as source. The

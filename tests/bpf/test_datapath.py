@@ -14,6 +14,7 @@ from agent.datapath import ATTACH, Datapath, libbpf, loader, tc
 from agent.datapath.errors import (DatapathError, InterfaceNotFound, MissingKernelHeaders,
                                    NotPrivileged, VerifierRejected)
 from agent.datapath.libbpf import lib, map_info
+from agent.datapath.maps import MAP
 from agent.datapath.netlink import link_names
 from agent.model.endpoint import Endpoint
 
@@ -220,7 +221,7 @@ def test_a_resized_per_cpu_map_is_migrated_with_its_counts(bpffs):
     and write all of them (a one-slot buffer would be overrun)."""
     root = f"{bpffs}/resize-percpu"
     first = Datapath(_cfg(root)).load()
-    t = first.module.table("fp_cnt_v1")
+    t = first.module.table(MAP["FP_MAP_COUNTERS"])
     key = t.Key(ifindex=7, reason=0, dir=0)
     vals = t.Leaf()
     for i in range(len(vals)):

@@ -1,6 +1,6 @@
 """The guards every packet passes first (bpf/lib/guard.h): anti-spoofing on
-registered pod veths in every family and on ENIs, and IPv6 of isolated pods
-dropped (neighbour discovery aside) while NetworkPolicy judges IPv4 only.
+registered pod veths in every family and on ENIs; IPv6 of isolated pods is
+judged by NetworkPolicy (tests/bpf/test_policy_ipv6.py), no longer held back.
 
 Pod A's veth is registered with an IPv4 and an IPv6 address; the policy maps
 are filled by the real compiler and diff: A is isolated (ingress), B is not,
@@ -26,7 +26,8 @@ from tests.policy.kube import namespace, netpol, pod, snapshot
 POD_A6 = "fd00:10::a"
 OTHER6 = "fd00:10::b"
 SPOOFED = "dropped-source-spoofed"
-UNJUDGED = "dropped-ipv6-not-judged"
+UNJUDGED = "dropped-ipv6-not-judged"   # the retired interim rule
+DENIED = "dropped-policy-denied"
 _sport = itertools.count(31000)
 
 
@@ -196,15 +197,15 @@ def to_pod(n, dev, dst6, l4=None):
             / (l4 if l4 is not None else UDP(sport=next(_sport), dport=53) / b"q"))
 
 
-def test_ipv6_from_an_isolated_pod_is_dropped_but_neighbour_discovery(dp, bpfnet, pod_a6,
-                                                                      isolation):
+def test_ipv6_from_an_isolated_pod_is_judged_not_held_back(dp, bpfnet, pod_a6, isolation):
+    """The interim rule (dropped-ipv6-not-judged) is retired: A is isolated
+    for ingress only, so what it sends passes its (open) egress."""
     n = bpfnet
     for l4 in (None, ICMPv6EchoRequest()):
         r = run_a(dp, n, v6_from_a(n, POD_A6, l4=l4))
-        assert r.verdict == TC_ACT_SHOT and r.reason == UNJUDGED
-    # multicast listener reports are not neighbour discovery
+        assert r.verdict != TC_ACT_SHOT and r.reason != UNJUDGED
     r = run_a(dp, n, v6_from_a(n, "fe80::a", dst="ff02::16", l4=ICMPv6MLReport2()))
-    assert r.verdict == TC_ACT_SHOT and r.reason == UNJUDGED
+    assert r.verdict != TC_ACT_SHOT and r.reason == "passed"
     for l4, dst in ((ICMPv6ND_NS(tgt="fe80::1"), "ff02::1:ff00:1"),
                     (ICMPv6ND_NA(tgt=POD_A6), "fe80::1"),
                     (ICMPv6ND_RS(), "ff02::2")):
@@ -215,15 +216,17 @@ def test_ipv6_from_an_isolated_pod_is_dropped_but_neighbour_discovery(dp, bpfnet
     assert r.reason == SPOOFED
 
 
-def test_ipv6_to_an_isolated_pod_is_dropped_but_neighbour_discovery(dp, bpfnet, isolation):
+def test_ipv6_to_an_isolated_pod_is_judged_neighbour_discovery_aside(dp, bpfnet, pod_a6,
+                                                                     isolation):
     n = bpfnet
     r = run_prog(dp, n.ns, "fp_to_pod", bytes(to_pod(n, "cali_a", POD_A6)), n.cali_a.ifindex)
-    assert r.verdict == TC_ACT_SHOT and r.reason == UNJUDGED
+    assert r.verdict == TC_ACT_SHOT and r.reason == DENIED
     r = run_prog(dp, n.ns, "fp_to_pod", bytes(to_pod(n, "cali_a", POD_A6, ICMPv6ND_NA(tgt=OTHER6))),
                  n.cali_a.ifindex)
     assert r.verdict != TC_ACT_SHOT
     counted = {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()}
-    assert counted[(n.cali_a.ifindex, "to-pod", UNJUDGED)] >= 1
+    assert counted[(n.cali_a.ifindex, "to-pod", DENIED)] >= 1
+    assert not any(reason == UNJUDGED for (_, _, reason) in counted)
 
 
 def test_ipv6_of_open_and_audited_pods_passes(dp, bpfnet, isolation):

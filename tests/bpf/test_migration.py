@@ -187,3 +187,51 @@ def test_convert_copies_by_name_converts_widths_and_refuses_what_does_not_fit():
     assert out == (0x1234).to_bytes(4, "big") + bytes([200, 9]) + bytes(2)
     assert old.fingerprint() != L("struct o", 8, old.leaves[:2] + (
         btf.Leaf("gone", 4, 4, "__be32"),)).fingerprint(), "byte order is part of a layout"
+
+
+# The verdict counters of the release before the family split: the key's
+# last byte was padding (always 0), the map fp_cnt_v1.
+CNT_V1 = r"""
+struct fp_counter_key { __u32 ifindex; __u16 reason; __u8 dir; __u8 pad; };
+struct fp_counter { __u64 packets; __u64 bytes; };
+BPF_TABLE_PINNED("percpu_hash", struct fp_counter_key, struct fp_counter, fp_cnt_v1, 1024,
+                 "@PATH@");
+int fp_old(struct __sk_buff *skb) { return 0; }
+"""
+
+
+def test_counters_from_before_the_family_split_carry_over_as_ipv4(bpffs):
+    """fp_cnt_v1 -> fp_cnt_v2: every (interface, direction, reason) keeps
+    its per-CPU packets and bytes, with family ipv4 (the byte that was
+    padding); the old pin is removed."""
+    from bcc import BPF
+    root = f"{bpffs}/mig-cnt"
+    os.makedirs(root)
+    b = BPF(text=CNT_V1.replace("@PATH@", f"{root}/fp_cnt_v1"))
+    t = b["fp_cnt_v1"]
+    fwd, drop = DEFS_REASON("redirected-local"), DEFS_REASON("dropped-source-spoofed")
+    for ifindex, reason, d, per_cpu in ((7, fwd, 0, (3, 4)), (9, drop, 2, (5, 0))):
+        vals = t.Leaf()                  # one struct per possible CPU
+        for i in range(len(vals)):
+            p = per_cpu[i] if i < len(per_cpu) else 0
+            vals[i] = t.sLeaf(packets=p, bytes=100 * p)
+        t[t.Key(ifindex=ifindex, reason=reason, dir=d)] = vals
+    b.cleanup()
+    d = Datapath(cfg(root), migration_rules=RULES).load()
+    try:
+        rows = {(r.ifindex, r.direction, r.reason, r.family): (r.packets, r.bytes)
+                for r in d.maps.counters(by_family=True)}
+        want7 = sum((3, 4)[:len(t.Leaf())])
+        want9 = 5
+        assert rows == {(7, "from-pod", "redirected-local", "ipv4"): (want7, 100 * want7),
+                        (9, "from-vpc", "dropped-source-spoofed", "ipv4"): (want9, 100 * want9)}
+        assert not os.path.exists(f"{root}/fp_cnt_v1")
+        assert any("fp_cnt_v1: superseded by fp_cnt_v2: migrated 2 entries" in n
+                   for n in d.migration_notes), d.migration_notes
+    finally:
+        d.close()
+
+
+def DEFS_REASON(label: str) -> int:
+    from agent.datapath.maps import DEFS
+    return DEFS.reason_value(label)

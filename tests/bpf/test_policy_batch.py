@@ -20,7 +20,7 @@ from agent.datapath.tables import Table
 from agent.policy import compile_policy, diff
 from agent.policy.diff import IpcachePut, RuleDelete, RulePut, UNKNOWN
 from agent.policy.state import Direction, MapImage, PolicyKey, RuleValue
-from tests.bpf.conftest import ENI_IP, POD_A, POD_B
+from tests.bpf.conftest import ENI_IP, ENI_IP6, POD_A, POD_B
 from tests.bpf.test_policy import cluster
 from tests.policy.kube import netpol, snapshot
 
@@ -53,15 +53,16 @@ class Pair:
 
     def __init__(self, dp, rules: int = 512):
         real = dp.policy
-        sizes = {"FP_MAP_IPCACHE": 256, "FP_MAP_POLICY_EP": 64, "FP_MAP_POLICY": rules}
+        sizes = {"FP_MAP_IPCACHE": 256, "FP_MAP_IPCACHE6": 256, "FP_MAP_POLICY_EP": 64,
+                 "FP_MAP_POLICY": rules}
         self.tables = []
         self.batched = self._maps(real, sizes)
         self.single = self._maps(real, sizes)
 
     def _maps(self, real: PolicyMaps, sizes) -> PolicyMaps:
         made = {}
-        for attr, name in (("ipcache", "FP_MAP_IPCACHE"), ("endpoints", "FP_MAP_POLICY_EP"),
-                           ("rules", "FP_MAP_POLICY")):
+        for attr, name in (("ipcache", "FP_MAP_IPCACHE"), ("ipcache6", "FP_MAP_IPCACHE6"),
+                           ("endpoints", "FP_MAP_POLICY_EP"), ("rules", "FP_MAP_POLICY")):
             t = _create(getattr(real, attr), sizes[name])
             self.tables.append(t)
             made[MAP[name]] = t
@@ -81,7 +82,7 @@ class Pair:
 
     def contents(self, maps: PolicyMaps) -> dict:
         return {name: sorted(getattr(maps, name).raw_items())
-                for name in ("ipcache", "endpoints", "rules")}
+                for name in ("ipcache", "ipcache6", "endpoints", "rules")}
 
     def same(self) -> bool:
         return self.contents(self.batched) == self.contents(self.single)
@@ -102,13 +103,14 @@ def pair(dp):
 
 def _states():
     snap = cluster()
-    first = compile_policy(snap, "n1", [ENI_IP], "default", {"y/c-audit"})
+    # the node's IPv6 address too: IPv6 ipcache entries go to their own map
+    first = compile_policy(snap, "n1", [ENI_IP, ENI_IP6], "default", {"y/c-audit"})
     # a second state: one policy gone, another added, an audit flag off
     objs = [o for o in snap.network_policies.values() if o.name != "b-from-a"]
     objs.append(netpol("x", "b-open", {"podSelector": {"matchLabels": {"app": "b"}},
                                        "ingress": [{}]}))
     snap2 = snapshot([*snap.namespaces.values(), *snap.pods.values(), *objs])
-    second = compile_policy(snap2, "n1", [ENI_IP], "default", set(), previous=first)
+    second = compile_policy(snap2, "n1", [ENI_IP, ENI_IP6], "default", set(), previous=first)
     return first, second
 
 
@@ -118,7 +120,9 @@ def test_batched_plans_leave_the_maps_as_single_writes_do(pair):
     assert len(ops) > 20 and len({type(op) for op in ops}) >= 3
     assert pair.apply(ops) == (None, None)
     assert pair.same()
-    assert pair.batched.usage() == {"ipcache": len(first.ipcache),
+    six = sum(1 for k in first.ipcache if ":" in k)
+    assert six == 1
+    assert pair.batched.usage() == {"ipcache": len(first.ipcache) - six, "ipcache6": six,
                                     "endpoints": len(first.endpoints),
                                     "rules": first.rule_count()}
     # flows counted on every rule, so a rewrite that keeps them shows it
@@ -136,7 +140,7 @@ def test_batched_plans_leave_the_maps_as_single_writes_do(pair):
     # and back to empty: deletes in batches
     assert pair.apply(diff(second, MapImage())) == (None, None)
     assert pair.same()
-    assert pair.batched.usage() == {"ipcache": 0, "endpoints": 0, "rules": 0}
+    assert pair.batched.usage() == {"ipcache": 0, "ipcache6": 0, "endpoints": 0, "rules": 0}
 
 
 def test_a_full_map_refusing_half_way_leaves_what_single_writes_leave(dp):

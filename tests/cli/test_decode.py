@@ -86,7 +86,9 @@ def test_per_cpu_counters_are_summed_over_cpus_and_labelled(compiled):
     d = bpfdefs.load()
     name = d.maps["FP_MAP_COUNTERS"]
     drop = d.reason_value("dropped-source-spoofed")
-    key = decode.encode_key(compiled, "struct fp_counter_key", ifindex=5, reason=drop, dir=0)
+    six = next(c.value for c in d.families.values() if c.label == "ipv6")
+    key = decode.encode_key(compiled, "struct fp_counter_key", ifindex=5, reason=drop, dir=0,
+                            family=six)
     cnt = compiled.ctype("struct fp_counter")
     slot = (ct.sizeof(cnt) + 7) // 8 * 8
     raw = b"".join(bytes(cnt(packets=p, bytes=b)).ljust(slot, b"\0")
@@ -94,7 +96,7 @@ def test_per_cpu_counters_are_summed_over_cpus_and_labelled(compiled):
     layout = decode.Layout.compiled(name, compiled)
     e = decode.decode_entry(layout, key, raw, percpu=True, ncpus=4)
     assert e["key"] == {"ifindex": 5, "reason": drop, "reason_label": "dropped-source-spoofed",
-                        "dir": 0, "dir_label": "from-pod"}
+                        "dir": 0, "dir_label": "from-pod", "family": six, "family_label": "ipv6"}
     assert e["value"] == {"packets": 7, "bytes": 700}
 
 

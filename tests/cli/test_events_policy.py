@@ -123,3 +123,32 @@ def test_policy_rules_from_the_maps_and_merged_with_the_agents_names():
     assert [(r["policies"], r["flows"], r["in_map"]) for r in merged["rules"]] == [
         (["default/b-from-a"], 3, True), (["x/y"], None, False)]
     assert pview.merge(None, m) is m
+
+
+def raw_event6(compiled, saddr6: str, daddr6: str, **f) -> bytes:
+    import socket
+    ev = compiled.ctype(events.EVENT6)()
+    ev.ev = compiled.ctype(events.EVENT).from_buffer_copy(raw_event(compiled, **f))
+    ev.saddr6[:] = list(socket.inet_pton(socket.AF_INET6, saddr6))
+    ev.daddr6[:] = list(socket.inet_pton(socket.AF_INET6, daddr6))
+    return bytes(ev)
+
+
+def test_an_ipv6_event_decodes_its_addresses_from_the_ipv6_record(compiled):
+    etype = next(c.value for c in D.event_types.values() if c.label == "drop")
+    spoof = D.reason_value("dropped-source-spoofed")
+    raw = raw_event6(compiled, "fd00:10::1:a", "fd00:20::20", ts_ns=1, ifindex=4, reason=spoof,
+                     dir=2, type=etype, sport=41000, dport=443, proto=6,
+                     flags=D.defines["FP_EV_F_IPV6"])
+    ev = events.decode_event(raw, compiled)
+    assert (ev["family"], ev["saddr"], ev["daddr"], ev["nat_daddr"]) == (
+        "ipv6", "fd00:10::1:a", "fd00:20::20", "::")
+    row = events.event_row(ev, links={4: "eth1"})
+    assert (row["family"], row["verdict"], row["dir"]) == ("ipv6", "dropped", "from-vpc")
+    assert "TCP [fd00:10::1:a]:41000 -> [fd00:20::20]:443  dropped: dropped-source-spoofed" \
+        in events.event_line(row)
+    assert events.matches(row, None, {"fd00:10::1:a"})
+    # the same bytes without the flag are an IPv4 record, read no further
+    v4 = events.decode_event(raw_event(compiled, ts_ns=1, ifindex=4, reason=spoof, dir=2,
+                                       type=etype, saddr="10.0.0.1", daddr="10.0.0.2"), compiled)
+    assert (v4["family"], v4["saddr"]) == ("ipv4", "10.0.0.1")

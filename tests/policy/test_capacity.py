@@ -3,7 +3,7 @@ with the map, the numbers and the policy that tipped it over."""
 from __future__ import annotations
 
 from agent.policy import Capacities, apply_ops, check_capacity, compile_policy, diff, usage
-from agent.policy.capacity import MAP_ENDPOINTS, MAP_IPCACHE, MAP_RULES, peak_usage
+from agent.policy.capacity import MAP_ENDPOINTS, MAP_IPCACHE, MAP_IPCACHE6, MAP_RULES, peak_usage
 from tests.policy.kube import netpol, pod, snapshot
 from tests.policy.test_semantics import HOST1, cluster
 
@@ -90,10 +90,11 @@ def test_peak_usage_is_the_largest_size_seen_while_applying():
     new = compile_objs(cluster() + [BIG], previous=old)
     ops = diff(old, new)
     img = old.image()
-    seen = {MAP_IPCACHE: len(img.ipcache), MAP_ENDPOINTS: len(img.endpoints), MAP_RULES: len(img.rules)}
+    seen = {MAP_IPCACHE: len(img.ipcache), MAP_IPCACHE6: 0, MAP_ENDPOINTS: len(img.endpoints),
+            MAP_RULES: len(img.rules)}
     for op in ops:
         apply_ops(img, [op])
-        seen = {MAP_IPCACHE: max(seen[MAP_IPCACHE], len(img.ipcache)),
+        seen = {MAP_IPCACHE: max(seen[MAP_IPCACHE], len(img.ipcache)), MAP_IPCACHE6: 0,
                 MAP_ENDPOINTS: max(seen[MAP_ENDPOINTS], len(img.endpoints)),
                 MAP_RULES: max(seen[MAP_RULES], len(img.rules))}
     assert peak_usage(old, ops) == seen

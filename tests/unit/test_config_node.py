@@ -103,6 +103,7 @@ BAD = {
     "source_ranges_map_size": ("8", "below the minimum 16"),
     "policy_enforcement": ("strict", "'strict' is not one of never, default, always"),
     "local_router_ipv4": ("169.254.10", "local_router_ipv4: invalid value"),
+    "local_router_ipv6": ("fd00::1", "expected a link-local IPv6 address"),
     "policy_map_size": ("4", "below the minimum 16"),
     "ipcache_map_size": ("8", "below the minimum 16"),
     "policy_pod_lookup_timeout_ms": ("60001", "above the maximum 60000"),
@@ -297,3 +298,14 @@ def test_a_file_neither_json_nor_yaml_is_refused_naming_it(tmp_path):
     good = tmp_path / "good.json"
     good.write_text('{"tc_priority": 26000}')
     assert C.load(good, {}).tc_priority == 26000
+
+
+def test_local_router_ipv6_takes_a_link_local_address_and_the_sim_uses_its_default():
+    from agent.sim import plan
+    cfg = Config.defaults()
+    assert cfg.local_router_ipv6 == "fe80::1" == plan.POD_GATEWAY6
+    assert cfg.with_values({"local_router_ipv6": "fe80::a:1"}, "flag").local_router_ipv6 == \
+        "fe80::a:1"
+    for bad in ("169.254.10.1", "fe80::1/64", "ff02::1", "::", "fe80::zz"):
+        with pytest.raises(ConfigError, match=r"^local_router_ipv6: invalid value"):
+            cfg.with_values({"local_router_ipv6": bad}, "flag")

@@ -34,9 +34,16 @@ def test_gc_plans_exactly_the_expired_entries_of_every_table():
                    (key(5, 17), val(now - 121 * S, M.NEW)), (key(6, 17), val(now - 61 * S, M.NEW))]}
     pol = [(key(7, d=M.POLICY), M.PolicyValue(now - 61 * S, 0, M.FIN_WAIT)),
            (key(8, d=M.POLICY), M.PolicyValue(now - 59 * S, 0, M.NEW))]
-    plan = gc.plan(nat, pol, now, L)
+    # IPv6 policy flows: the same lifetimes, keys kept as bytes
+    pol6 = [(M.Ct6Key(b"tcp-old", 6), M.PolicyValue(now - 61 * S, 0, M.FIN_WAIT)),
+            (M.Ct6Key(b"tcp-live", 6), M.PolicyValue(now - 59 * S, 0, M.FIN_WAIT)),
+            (M.Ct6Key(b"udp-old", 17), M.PolicyValue(now - 121 * S, 0, M.NEW))]
+    plan = gc.plan(nat, pol, now, L, pol6)
+    six = plan.pop("policy6")
+    assert [k.raw for k, _ in six] == [b"tcp-old", b"udp-old"]
     assert {t: [k.sport for k, _ in e] for t, e in plan.items()} == {
         "established": [1], "new": [3, 5], "policy": [7]}
+    assert gc.plan(nat, pol, now, L)["policy6"] == []
 
 
 def test_a_removed_backend_loses_its_datagram_flows_and_keeps_its_connections():

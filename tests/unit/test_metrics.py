@@ -159,3 +159,13 @@ def test_cni_requests_are_counted_by_result_and_timed():
     assert value(s, "fastpath_cni_requests_total", command="DEL", result="ok") == 1
     assert value(s, "fastpath_cni_requests_total", command="DEL", result="unknown") == 1
     assert value(s, "fastpath_cni_request_duration_seconds_count", command="ADD") == 2
+
+
+def test_endpoint_addresses_are_counted_per_family():
+    agent = FakeAgent()
+    agent.endpoints = {"c1-eth0": types.SimpleNamespace(ip="10.0.0.1", ip6="fd00::1"),
+                       "c2-eth0": types.SimpleNamespace(ip="10.0.0.2", ip6="")}
+    s = scrape(AgentMetrics(agent))
+    assert value(s, "fastpath_endpoint_addresses", family="ipv4") == 2
+    assert value(s, "fastpath_endpoint_addresses", family="ipv6") == 1
+    assert value(s, "fastpath_endpoints") == 2
