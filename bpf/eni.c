@@ -245,7 +245,9 @@ int fp_from_vpc(struct __sk_buff *skb)
  *   - IPv6 for a local endpoint passes the pod's ingress policy (when
  *     NetworkPolicy is on; a later fragment follows its first one,
  *     lib/policy6.h) and is redirected straight into the pod's netns;
- *     anything else is the node's: the stack. */
+ *     anything else is the node's: the stack;
+ *   - the pod's ingress limits apply before delivery, one budget with its
+ *     IPv4 (lib/bw.h, in pod.c fp_deliver_local6). */
 static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
@@ -323,7 +325,10 @@ int fp_to_vpc(struct __sk_buff *skb)
 
 	/* Bandwidth manager (lib/bw.h): pace the pod that sends. */
 	if (verdict == FP_TC_CONTINUE && fp_bw_to_vpc(skb, &reason) < 0) {
-		fp_count(skb->ifindex, FP_DIR_TO_VPC, reason, skb->len);
+		int six = fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6);
+
+		fp_count_family(skb->ifindex, FP_DIR_TO_VPC, reason, skb->len,
+				six ? FP_FAM_IPV6 : FP_FAM_IPV4);
 		verdict = TC_ACT_SHOT;
 	}
 	fp_whatif_exit(prev);

@@ -722,6 +722,28 @@ static __always_inline struct fp_sockrev6 *fp_sockrev6_lookup(struct fp_sockrev6
 	return FP_MAP_SOCKREV6.lookup(key);
 }
 
+/* ---- Bandwidth manager for IPv6 (v6bw; lib/bw.h) ---- */
+
+/* IPv6 TCP connections of connection-limited pods: the twin of
+ * FP_MAP_BW_FLOWS, sized like it (each family its own capacity). */
+BPF_TABLE_PINNED("hash", struct fp_bw_flow6_key, struct fp_bw_flow, FP_MAP_BW_FLOWS6,
+		 FP_BW_FLOWS_MAX, FP_PIN(FP_MAP_BW_FLOWS6));
+
+static __always_inline struct fp_bw_flow *fp_bw_flow6_lookup(struct fp_bw_flow6_key *key)
+{
+	return FP_MAP_BW_FLOWS6.lookup(key);
+}
+
+static __always_inline int fp_bw_flow6_insert(struct fp_bw_flow6_key *key, struct fp_bw_flow *val)
+{
+	return FP_MAP_BW_FLOWS6.insert(key, val);
+}
+
+static __always_inline int fp_bw_flow6_delete(struct fp_bw_flow6_key *key)
+{
+	return FP_MAP_BW_FLOWS6.delete(key);
+}
+
 /* ---- IPv6 NetworkPolicy (v6pol; lib/policy6.h) ---- */
 
 /* Sized like their IPv4 twins: ipcache_map_size bounds each family on its

@@ -472,6 +472,12 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
 	enum fp_reason reason = FP_FWD_STACK;
 	int verdict;
 
+	/* Bandwidth manager (lib/bw.h): the pod's ingress limits, shared
+	 * with its IPv4 (the redirect skips fp_to_pod6); not for a packet
+	 * whose hop limit expires here, which the stack answers instead */
+	if (ip->hop_limit > 1 && fp_bw_deliver6(skb, ip, dst, &reason) < 0) {
+		return fp_finish6(skb, dir, reason, TC_ACT_SHOT, ip);
+	}
 	verdict = fp_redirect_local6(skb, ip, dst, &reason);
 	return fp_finish6(skb, dir, reason, verdict, ip);
 }
@@ -491,6 +497,8 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
  *   - with NetworkPolicy on, a new flow must pass the pod's egress and,
  *     when the destination is a pod of this node, that pod's ingress; a
  *     later fragment follows its first one (lib/policy6.h);
+ *   - the pod's egress limits apply, one budget with its IPv4 (lib/bw.h;
+ *     a local destination's ingress limits apply at its delivery);
  *   - host-stack bypass prefixes of IPv6 (host_stack_cidrs, service_cidrs)
  *     go to the stack;
  *   - a destination that is a local endpoint is redirected into its netns,
@@ -526,6 +534,11 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	if (reason)
 		return fp_finish_quiet6(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 	reason = FP_FWD_STACK;
+	/* Bandwidth manager (lib/bw.h): the pod's egress limits, shared with
+	 * its IPv4 */
+	if (fp_bw_from_pod6(skb, &ip, src, &reason) < 0)
+		return fp_finish6(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT, &ip);
+	reason = FP_FWD_STACK;
 	if (fp_bypass6_match(ip.daddr))
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE, &ip);
 	dst = fp_endpoint6_lookup(ip.daddr);
@@ -552,6 +565,7 @@ int fp_from_pod6(struct __sk_buff *skb)
 static __always_inline int fp_to_pod6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
+	struct fp_endpoint *dst;
 	enum fp_reason reason;
 
 	switch (fp_parse_ipv6(skb, &ip)) {
@@ -571,6 +585,11 @@ static __always_inline int fp_to_pod6_run(struct __sk_buff *skb)
 	reason = fp_policy6_stage(skb, FP_DIR_TO_POD, &ip, 0);
 	if (reason)
 		return fp_finish_quiet6(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT);
+	/* Bandwidth manager (lib/bw.h): the pod's ingress limits, one budget
+	 * with its IPv4 */
+	dst = fp_endpoint6_lookup(ip.daddr);
+	if (dst && fp_bw_deliver6(skb, &ip, dst, &reason) < 0)
+		return fp_finish6(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT, &ip);
 	return FP_TC_CONTINUE;
 }
 

@@ -5,10 +5,13 @@ entry (struct fp_bw_state) with its connection-count generation; after that
 the programs alone write the state. Whoever deletes a tracked connection
 (struct fp_bw_flow) owns its counts: the programs add them to the state's
 closed counters, the agent's idle sweep (`sweep`) to the limits entry's
-reaped counters, which only the agent writes.
+reaped counters, which only the agent writes. IPv6 connections are kept
+in their twin map (FP_MAP_BW_FLOWS6, IPv6 tuples, the same value); both
+maps are walked and swept alike.
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from agent.bandwidth.encode import LIMIT_FIELDS, Entry
@@ -16,6 +19,7 @@ from agent.datapath.maps import DEFS, MAP, be32, ip_from_be32
 
 _LIMITS, _STATE = MAP["FP_MAP_BW"], MAP["FP_MAP_BW_STATE"]
 _FLOWS, _COUNTERS = MAP["FP_MAP_BW_FLOWS"], MAP["FP_MAP_BW_COUNTERS"]
+_FLOWS6 = MAP["FP_MAP_BW_FLOWS6"]
 DIR_EGRESS, DIR_INGRESS = 0, 1           # FP_DIR_FROM_POD, FP_DIR_TO_POD
 assert DEFS.dir(DIR_EGRESS) == "from-pod" and DEFS.dir(DIR_INGRESS) == "to-pod"
 
@@ -40,6 +44,7 @@ class BandwidthMaps:
         self._lim = tables[_LIMITS]
         self._st = tables[_STATE]
         self._flows = tables[_FLOWS]
+        self._flows6 = tables[_FLOWS6]
         self._cnt = tables[_COUNTERS]
 
     # -- limits --------------------------------------------------------------
@@ -84,7 +89,7 @@ class BandwidthMaps:
 
     def clear(self) -> int:
         n = len(self.entries())
-        for t in (self._lim, self._st, self._flows, self._cnt):
+        for t in (self._lim, self._st, self._flows, self._flows6, self._cnt):
             t.clear()
         return n
 
@@ -109,16 +114,32 @@ class BandwidthMaps:
 
     # -- tracked connections ---------------------------------------------------
     def flows(self) -> list[Flow]:
+        """Both families' tracked connections (an IPv6 one by its IPv6
+        tuple; its pods are named by their keys, as IPv4's are)."""
         from agent.datapath.maps import port_from_be16
+        ip6 = lambda raw: socket.inet_ntop(socket.AF_INET6, bytes(raw))     # noqa: E731
         out = []
-        for k, v in self._flows.items():
-            out.append(Flow(ip_from_be32(k.saddr), ip_from_be32(k.daddr), port_from_be16(k.sport),
-                            port_from_be16(k.dport), v.last_seen,
-                            ip_from_be32(v.egress_pod) if v.egress_pod else "",
-                            ip_from_be32(v.ingress_pod) if v.ingress_pod else "",
-                            v.egress_gen, v.ingress_gen, bool(v.established),
-                            int(bool(v.fin_ini)) + int(bool(v.fin_rsp))))
+        for t, addr in ((self._flows, ip_from_be32), (self._flows6, ip6)):
+            for k, v in t.items():
+                out.append(Flow(addr(k.saddr), addr(k.daddr), port_from_be16(k.sport),
+                                port_from_be16(k.dport), v.last_seen,
+                                ip_from_be32(v.egress_pod) if v.egress_pod else "",
+                                ip_from_be32(v.ingress_pod) if v.ingress_pod else "",
+                                v.egress_gen, v.ingress_gen, bool(v.established),
+                                int(bool(v.fin_ini)) + int(bool(v.fin_rsp))))
         return out
+
+    def _flow_key(self, f: Flow):
+        from agent.datapath.maps import be16
+        if ":" in f.saddr:
+            t = self._flows6
+            k = t.Key(sport=be16(f.sport), dport=be16(f.dport))
+            k.saddr[:] = list(socket.inet_pton(socket.AF_INET6, f.saddr))
+            k.daddr[:] = list(socket.inet_pton(socket.AF_INET6, f.daddr))
+            return t, k
+        t = self._flows
+        return t, t.Key(saddr=be32(f.saddr), daddr=be32(f.daddr), sport=be16(f.sport),
+                        dport=be16(f.dport))
 
     def sweep(self, now_ns: int, idle_ns: int, opening_ns: int,
               live: dict[str, int]) -> tuple[dict[tuple[str, int], int], int]:
@@ -126,7 +147,6 @@ class BandwidthMaps:
         while not answered yet), and those no live pod is counted for
         (`live`: pod IP -> its current generation). Returns the counts this
         sweep took over, {(pod IP, DIR_*): n}, and how many entries went."""
-        from agent.datapath.maps import be16
         reaped: dict[tuple[str, int], int] = {}
         gone = 0
         for f in self.flows():
@@ -136,10 +156,9 @@ class BandwidthMaps:
             limit = idle_ns if f.established else opening_ns
             if sides and now_ns - f.last_seen < limit:
                 continue
-            key = self._flows.Key(saddr=be32(f.saddr), daddr=be32(f.daddr), sport=be16(f.sport),
-                                  dport=be16(f.dport))
+            table, key = self._flow_key(f)
             try:
-                del self._flows[key]
+                del table[key]
             except KeyError:
                 continue          # the programs closed it meanwhile: theirs to count
             gone += 1

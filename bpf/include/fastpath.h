@@ -78,6 +78,10 @@
 #define FP_MAP_BW_STATE    fp_bwst4_v1
 #define FP_MAP_BW_FLOWS    fp_bwflow4_v1
 #define FP_MAP_BW_COUNTERS fp_bwcnt_v1
+/* Bandwidth for IPv6 (v6bw): the limits, state and counters above serve
+ * both families (one budget per pod); only connections keep IPv6 tuples,
+ * in their twin map. */
+#define FP_MAP_BW_FLOWS6   fp_bwflow6_v1
 
 /* Pod endpoints on this node, keyed by pod IPv4 address. Filled by the agent
  * (CNI ADD or restore); read by every program to find local destinations. */
@@ -810,6 +814,17 @@ struct fp_bwcnt_key {
 	__u8 pad;
 };
 _Static_assert(sizeof(struct fp_bwcnt_key) == 8, "fp_bwcnt_key layout");
+
+/* An IPv6 TCP connection counted against a pod's connection limit
+ * (FP_MAP_BW_FLOWS6, the twin of FP_MAP_BW_FLOWS): keyed by the tuple its
+ * SYN carried, with the same value (its pods are their 32-bit keys). */
+struct fp_bw_flow6_key {
+	__u8 saddr[16];             /* NBO: initiator */
+	__u8 daddr[16];             /* NBO: responder */
+	__be16 sport;               /* NBO */
+	__be16 dport;               /* NBO */
+};
+_Static_assert(sizeof(struct fp_bw_flow6_key) == 36, "fp_bw_flow6_key layout");
 
 /* Slots of FP_MAP_TAILS. A walk that continues in another program returns
  * FP_TAIL_ROUTE to its entry point, which tail-calls the slot. The second

@@ -21,6 +21,13 @@
  *
  * Entry points, one call each: fp_bw_from_pod (pod.c), fp_bw_deliver
  * (fwd.h fp_redirect_local, pod.c fp_to_pod), fp_bw_to_vpc (eni.c).
+ * IPv6 (docs/ipv6.md): one budget per pod, not per family. A pod's IPv6
+ * packets are limited against the state of its 32-bit key, found by
+ * fp_bw_key_of_ep alone: fp_bw_from_pod6 (pod.c fp_from_pod6),
+ * fp_bw_deliver6 (pod.c fp_deliver_local6 and fp_to_pod6), and
+ * fp_bw_to_vpc paces both families. A connection limit
+ * counts both families' connections; IPv6 ones are kept in their twin map
+ * (FP_MAP_BW_FLOWS6), the IPv4 walk never looks at it.
  * Connection counting opens a flow on a new TCP SYN and closes it on RST
  * or on FINs from both ends (fp_bw_flow_opened / fp_bw_flow_closed): the
  * conntrack rewrite may call these from its own "flow created / closed"
@@ -31,6 +38,7 @@
 
 #include <uapi/linux/in.h>
 #include "lib/parse.h"
+#include "lib/parse6.h"
 #include "lib/lb.h"
 
 #define FP_TCP_FIN 0x01
@@ -94,6 +102,23 @@ static __always_inline int fp_bw_tcp_flags(struct __sk_buff *skb, const struct f
 
 /* ---- connections ---- */
 
+/* A tracked connection's map by family (`six`: the IPv6 twin). Callers
+ * pass a constant: the inlined IPv4 walk keeps its own map alone. */
+static __always_inline struct fp_bw_flow *fp_bw_flowx_lookup(void *key, int six)
+{
+	return six ? fp_bw_flow6_lookup(key) : fp_bw_flow_lookup(key);
+}
+
+static __always_inline int fp_bw_flowx_insert(void *key, struct fp_bw_flow *val, int six)
+{
+	return six ? fp_bw_flow6_insert(key, val) : fp_bw_flow_insert(key, val);
+}
+
+static __always_inline int fp_bw_flowx_delete(void *key, int six)
+{
+	return six ? fp_bw_flow6_delete(key) : fp_bw_flow_delete(key);
+}
+
 /* The pod's current count in one direction. */
 static __always_inline __s64 fp_bw_conns(const struct fp_bw *lim, const struct fp_bw_state *st,
 					 int ingress)
@@ -125,23 +150,23 @@ static __always_inline void fp_bw_flow_closed(const struct fp_bw_flow *f)
 /* Delete the flow and, when this call removed it, give its counts back
  * (whoever deletes an entry owns its counts: the programs here, the
  * agent's idle sweep otherwise). */
-static __always_inline void fp_bw_flow_close(struct fp_bw_flow_key *key, struct fp_bw_flow *f)
+static __always_inline void fp_bw_flow_close(void *key, struct fp_bw_flow *f, int six)
 {
 	struct fp_bw_flow copy = *f;
 
-	if (fp_bw_flow_delete(key) == 0)
+	if (fp_bw_flowx_delete(key, six) == 0)
 		fp_bw_flow_closed(&copy);
 }
 
 /* A new connection (its SYN) to count against `pod` (the initiator when
  * !ingress, the responder when ingress). Returns 0 to pass, -1 when the
  * limit is reached, 1 when it passes uncounted (the flows map is full). */
-static __always_inline int fp_bw_flow_opened(struct fp_bw_flow_key *key, __be32 pod,
+static __always_inline int fp_bw_flow_opened(void *key, int six, __be32 pod,
 					     const struct fp_bw *lim, struct fp_bw_state *st,
 					     int ingress, __u64 now)
 {
 	__u32 max = ingress ? lim->ingress_max_conns : lim->egress_max_conns;
-	struct fp_bw_flow *f = fp_bw_flow_lookup(key);
+	struct fp_bw_flow *f = fp_bw_flowx_lookup(key, six);
 
 	if (!max || st->conn_gen != lim->conn_gen)
 		return 0;
@@ -152,7 +177,7 @@ static __always_inline int fp_bw_flow_opened(struct fp_bw_flow_key *key, __be32 
 		 * SYN on its way here (same node): give that back, or a SYN
 		 * the destination keeps refusing would hold its count. */
 		if (f && !f->established)
-			fp_bw_flow_close(key, f);
+			fp_bw_flow_close(key, f, six);
 		return -1;
 	}
 	if (f) {
@@ -175,9 +200,9 @@ static __always_inline int fp_bw_flow_opened(struct fp_bw_flow_key *key, __be32 
 			nf.egress_pod = pod;
 			nf.egress_gen = lim->conn_gen;
 		}
-		if (fp_bw_flow_insert(key, &nf) != 0)
+		if (fp_bw_flowx_insert(key, &nf, six) != 0)
 			/* another CPU's copy of this SYN won, or the map is full */
-			return fp_bw_flow_lookup(key) ? 0 : 1;
+			return fp_bw_flowx_lookup(key, six) ? 0 : 1;
 	}
 	if (ingress)
 		__sync_fetch_and_add(&st->ingress_conns_opened, 1);
@@ -210,6 +235,31 @@ static __always_inline struct fp_bw_flow *fp_bw_flow_of(const struct fp_ipv4 *ip
 	return fp_bw_flow_lookup(key);
 }
 
+/* What a RST, a FIN or the responder's SYN-ACK does to the connection
+ * `f` it belongs to (`key` found it; `from_ini`: sent by the initiator). */
+static __always_inline void fp_bw_flow_seen(void *key, int six, struct fp_bw_flow *f, int flags,
+					    int from_ini)
+{
+	if (flags & FP_TCP_RST) {
+		fp_bw_flow_close(key, f, six);
+		return;
+	}
+	if ((flags & FP_TCP_SYN) && !from_ini)
+		f->established = 1;
+	if (flags & FP_TCP_FIN) {
+		/* mark ours, then look at theirs (either end may close: one
+		 * delete wins). Two FINs crossing on two CPUs can miss each
+		 * other's mark; the agent's idle sweep closes those. */
+		if (from_ini)
+			f->fin_ini = 1;
+		else
+			f->fin_rsp = 1;
+		asm volatile("" ::: "memory");
+		if (f->fin_ini && f->fin_rsp)
+			fp_bw_flow_close(key, f, six);
+	}
+}
+
 /* Connection accounting for one TCP packet seen at a conn-limited pod's
  * hook (`ingress`: being delivered to `pod`). Returns -1 to drop. */
 static __always_inline int fp_bw_conn_track(struct __sk_buff *skb, const struct fp_ipv4 *ip,
@@ -228,33 +278,15 @@ static __always_inline int fp_bw_conn_track(struct __sk_buff *skb, const struct 
 		key.daddr = ip->daddr;
 		key.sport = l4->sport;
 		key.dport = l4->dport;
-		rc = fp_bw_flow_opened(&key, pod, lim, st, ingress, now);
+		rc = fp_bw_flow_opened(&key, 0, pod, lim, st, ingress, now);
 		if (rc > 0)
 			*untracked = FP_FWD_BW_UNTRACKED;
 		return rc < 0 ? -1 : 0;
 	}
 	if (flags & (FP_TCP_RST | FP_TCP_FIN | FP_TCP_SYN)) {
 		f = fp_bw_flow_of(ip, l4, &key, &from_ini);
-		if (!f)
-			return 0;
-		if (flags & FP_TCP_RST) {
-			fp_bw_flow_close(&key, f);
-			return 0;
-		}
-		if ((flags & FP_TCP_SYN) && !from_ini)
-			f->established = 1;
-		if (flags & FP_TCP_FIN) {
-			/* mark ours, then look at theirs (either end may close: one
-			 * delete wins). Two FINs crossing on two CPUs can miss
-			 * each other's mark; the agent's idle sweep closes those. */
-			if (from_ini)
-				f->fin_ini = 1;
-			else
-				f->fin_rsp = 1;
-			asm volatile("" ::: "memory");
-			if (f->fin_ini && f->fin_rsp)
-				fp_bw_flow_close(&key, f);
-		}
+		if (f)
+			fp_bw_flow_seen(&key, 0, f, flags, from_ini);
 		return 0;
 	}
 	/* the pod's own traffic keeps its flows from looking idle */
@@ -264,6 +296,70 @@ static __always_inline int fp_bw_conn_track(struct __sk_buff *skb, const struct 
 			f->last_seen = now;
 	}
 	return 0;
+}
+
+/* ---- the buckets, for both families ---- */
+
+/* The egress packet rate, and the byte bucket for a destination on this
+ * node (redirected past every qdisc, so policed here; what goes to the
+ * VPC is paced at the ENI instead). Returns -1 to drop (*reason set). */
+static __always_inline int fp_bw_egress_admit(struct __sk_buff *skb, const struct fp_bw *lim,
+					      struct fp_bw_state *st, __u64 now, int local_dst,
+					      enum fp_reason *reason)
+{
+	if (lim->egress_pkt_ns &&
+	    !fp_bw_admit(&st->egress_pkt_tat, now, fp_bw_segs(skb) * lim->egress_pkt_ns,
+			 lim->egress_pkt_burst_ns)) {
+		*reason = FP_DROP_PPS_EGRESS;
+		return -1;
+	}
+	if (local_dst && lim->egress_rate &&
+	    !fp_bw_admit(&st->egress_tat, now, fp_bw_byte_cost(skb->len, lim->egress_rate),
+			 lim->egress_burst_ns)) {
+		*reason = FP_DROP_BW_EGRESS;
+		return -1;
+	}
+	return 0;
+}
+
+/* The ingress packet rate and byte bucket of a delivery into the pod. */
+static __always_inline int fp_bw_ingress_admit(struct __sk_buff *skb, const struct fp_bw *lim,
+					       struct fp_bw_state *st, __u64 now,
+					       enum fp_reason *reason)
+{
+	if (lim->ingress_pkt_ns &&
+	    !fp_bw_admit(&st->ingress_pkt_tat, now, fp_bw_segs(skb) * lim->ingress_pkt_ns,
+			 lim->ingress_pkt_burst_ns)) {
+		*reason = FP_DROP_PPS_INGRESS;
+		return -1;
+	}
+	if (lim->ingress_rate &&
+	    !fp_bw_admit(&st->ingress_tat, now, fp_bw_byte_cost(skb->len, lim->ingress_rate),
+			 lim->ingress_burst_ns)) {
+		*reason = FP_DROP_BW_INGRESS;
+		return -1;
+	}
+	return 0;
+}
+
+/* ---- IPv6: the pod's key ---- */
+
+/* The key of a local endpoint's limits and state: the one place an IPv6
+ * packet finds its pod's budget, so that both families share it. A
+ * dual-stack pod's key is its IPv4 address (its veth's registration); an
+ * IPv6-only pod will get a key of its own here. 0: no key (no limits). */
+static __always_inline __be32 fp_bw_key_of_ep(const struct fp_endpoint *ep)
+{
+	struct fp_ep_if *self = fp_epif_lookup(ep->host_ifindex);
+
+	return self ? self->ip4 : 0;
+}
+
+static __always_inline __be32 fp_bw_key6(const __u32 *ip6)
+{
+	struct fp_endpoint *ep = fp_endpoint6_lookup(ip6);
+
+	return ep ? fp_bw_key_of_ep(ep) : 0;
 }
 
 /* ---- entry points ---- */
@@ -291,18 +387,8 @@ static __always_inline int fp_bw_from_pod(struct __sk_buff *skb, const struct fp
 	/* to a pod of this node: redirected past every qdisc, so policed here */
 	local_dst = fp_endpoint_lookup(ip->daddr) != NULL;
 	now = bpf_ktime_get_ns();
-	if (lim->egress_pkt_ns &&
-	    !fp_bw_admit(&st->egress_pkt_tat, now, fp_bw_segs(skb) * lim->egress_pkt_ns,
-			 lim->egress_pkt_burst_ns)) {
-		*reason = FP_DROP_PPS_EGRESS;
+	if (fp_bw_egress_admit(skb, lim, st, now, local_dst, reason) < 0)
 		goto drop;
-	}
-	if (local_dst && lim->egress_rate &&
-	    !fp_bw_admit(&st->egress_tat, now, fp_bw_byte_cost(skb->len, lim->egress_rate),
-			 lim->egress_burst_ns)) {
-		*reason = FP_DROP_BW_EGRESS;
-		goto drop;
-	}
 	if (has_l4 && (lim->flags & FP_BW_F_CONNS) &&
 	    fp_bw_conn_track(skb, ip, l4, ip->saddr, lim, st, 0, now, &counted) < 0) {
 		*reason = FP_DROP_CONN_EGRESS;
@@ -337,18 +423,8 @@ static __always_inline int fp_bw_deliver(struct __sk_buff *skb, const struct fp_
 	if (!st)
 		return 0;
 	now = bpf_ktime_get_ns();
-	if (lim->ingress_pkt_ns &&
-	    !fp_bw_admit(&st->ingress_pkt_tat, now, fp_bw_segs(skb) * lim->ingress_pkt_ns,
-			 lim->ingress_pkt_burst_ns)) {
-		*reason = FP_DROP_PPS_INGRESS;
+	if (fp_bw_ingress_admit(skb, lim, st, now, reason) < 0)
 		goto drop;
-	}
-	if (lim->ingress_rate &&
-	    !fp_bw_admit(&st->ingress_tat, now, fp_bw_byte_cost(skb->len, lim->ingress_rate),
-			 lim->ingress_burst_ns)) {
-		*reason = FP_DROP_BW_INGRESS;
-		goto drop;
-	}
 	if ((lim->flags & FP_BW_F_CONNS) && fp_parse_l4(skb, ip, &l4) == 0 &&
 	    fp_bw_conn_track(skb, ip, &l4, ip->daddr, lim, st, 1, now, &counted) < 0) {
 		*reason = FP_DROP_CONN_INGRESS;
@@ -359,6 +435,22 @@ static __always_inline int fp_bw_deliver(struct __sk_buff *skb, const struct fp_
 drop:
 	fp_bw_count(ip->daddr, FP_DIR_TO_POD, *reason, skb->len);
 	return -1;
+}
+
+/* The key of the local pod an IPv6 packet leaving by an ENI comes from;
+ * 0 for anything else (the node's own, IPv4, too short). Only the source
+ * address is read: the ENI's egress pacing needs nothing else. */
+static __always_inline __be32 fp_bw_vpc_key6(struct __sk_buff *skb)
+{
+	__u32 saddr[4];
+	__be16 proto;
+
+	if (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, sizeof(proto)) ||
+	    proto != bpf_htons(ETH_P_IPV6) ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, saddr), saddr,
+			       sizeof(saddr)))
+		return 0;
+	return fp_bw_key6(saddr);
 }
 
 /* A packet leaving the node by an ENI (fp_to_vpc): pace the pod it comes
@@ -374,8 +466,16 @@ static __always_inline int fp_bw_to_vpc(struct __sk_buff *skb, enum fp_reason *r
 	struct fp_bw *lim;
 	__u32 cfg = fp_bw_cfg();
 	__u64 now, start, cost, t;
+	int parsed;
 
-	if (!cfg || fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
+	if (!cfg)
+		return 0;
+	parsed = fp_parse_ipv4(skb, &ip);
+	if (parsed == FP_PARSE_OTHER)
+		ip.saddr = fp_bw_vpc_key6(skb);    /* 0 unless a limited pod's IPv6 */
+	else if (parsed != FP_PARSE_IPV4)
+		return 0;
+	if (!ip.saddr)
 		return 0;
 	lim = fp_bw_limits(ip.saddr);
 	if (!lim || !lim->egress_rate)
@@ -409,6 +509,150 @@ static __always_inline int fp_bw_to_vpc(struct __sk_buff *skb, enum fp_reason *r
 		skb->tstamp = start;
 	fp_bw_count(ip.saddr, FP_DIR_FROM_POD, FP_FWD_PASS, skb->len);
 	return 0;
+}
+
+/* ---- IPv6 connections (FP_MAP_BW_FLOWS6) ---- */
+
+/* fp_bw_flow_of for an IPv6 tuple. */
+static __always_inline struct fp_bw_flow *fp_bw_flow6_of(const struct fp_ipv6 *ip,
+							 const __be16 *ports,
+							 struct fp_bw_flow6_key *key, int *from_ini)
+{
+	struct fp_bw_flow *f;
+
+	__builtin_memcpy(key->saddr, ip->saddr, 16);
+	__builtin_memcpy(key->daddr, ip->daddr, 16);
+	key->sport = ports[0];
+	key->dport = ports[1];
+	f = fp_bw_flow6_lookup(key);
+	*from_ini = 1;
+	if (f)
+		return f;
+	__builtin_memcpy(key->saddr, ip->daddr, 16);
+	__builtin_memcpy(key->daddr, ip->saddr, 16);
+	key->sport = ports[1];
+	key->dport = ports[0];
+	*from_ini = 0;
+	return fp_bw_flow6_lookup(key);
+}
+
+/* fp_bw_conn_track for an IPv6 packet: the same counts, against the same
+ * pod state, with the connection in the IPv6 twin map. */
+static __always_inline int fp_bw_conn_track6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+					     __be32 pod, const struct fp_bw *lim,
+					     struct fp_bw_state *st, int ingress, __u64 now,
+					     enum fp_reason *untracked)
+{
+	struct fp_bw_flow6_key key = {};
+	struct fp_bw_flow *f;
+	__be16 ports[2];
+	__u8 flags;
+	int from_ini, rc;
+
+	if (ip->proto != IPPROTO_TCP || ip->frag == FP_IP6_LATER_FRAG ||
+	    bpf_skb_load_bytes(skb, ip->l4_off, ports, sizeof(ports)) ||
+	    bpf_skb_load_bytes(skb, ip->l4_off + 13, &flags, 1))
+		return 0;
+	if ((flags & (FP_TCP_SYN | FP_TCP_ACK | FP_TCP_RST)) == FP_TCP_SYN) {
+		__builtin_memcpy(key.saddr, ip->saddr, 16);
+		__builtin_memcpy(key.daddr, ip->daddr, 16);
+		key.sport = ports[0];
+		key.dport = ports[1];
+		rc = fp_bw_flow_opened(&key, 1, pod, lim, st, ingress, now);
+		if (rc > 0)
+			*untracked = FP_FWD_BW_UNTRACKED;
+		return rc < 0 ? -1 : 0;
+	}
+	flags &= FP_TCP_RST | FP_TCP_FIN | FP_TCP_SYN;
+	/* the pod's own traffic keeps its flows from looking idle */
+	if (!flags && ingress)
+		return 0;
+	f = fp_bw_flow6_of(ip, ports, &key, &from_ini);
+	if (!f)
+		return 0;
+	if (flags)
+		fp_bw_flow_seen(&key, 1, f, flags, from_ini);
+	else if (now - f->last_seen > FP_BW_REFRESH_NS)
+		f->last_seen = now;
+	return 0;
+}
+
+/* ---- IPv6 entry points (the pod's key: fp_bw_key_of_ep) ---- */
+
+/* An IPv6 packet the pod `src` sends (fp_from_pod6): its egress packet
+ * rate, and its byte bucket when the destination is a pod of this node.
+ * Returns 0 to go on, -1 to drop (*reason set). */
+static __always_inline int fp_bw_from_pod6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+					   const struct fp_endpoint *src, enum fp_reason *reason)
+{
+	enum fp_reason counted = FP_FWD_PASS;
+	struct fp_bw_state *st;
+	struct fp_bw *lim;
+	int local_dst;
+	__be32 pod;
+	__u64 now;
+
+	if (!fp_bw_cfg())
+		return 0;
+	pod = fp_bw_key_of_ep(src);
+	lim = pod ? fp_bw_limits(pod) : NULL;
+	if (!lim)
+		return 0;
+	st = fp_bw_state_of(pod, lim->conn_gen);
+	if (!st)
+		return 0;
+	local_dst = fp_endpoint6_lookup(ip->daddr) != NULL;
+	now = bpf_ktime_get_ns();
+	if (fp_bw_egress_admit(skb, lim, st, now, local_dst, reason) < 0)
+		goto drop;
+	if ((lim->flags & FP_BW_F_CONNS) &&
+	    fp_bw_conn_track6(skb, ip, pod, lim, st, 0, now, &counted) < 0) {
+		*reason = FP_DROP_CONN_EGRESS;
+		goto drop;
+	}
+	/* traffic to the VPC is counted where it leaves (fp_bw_to_vpc) */
+	if (local_dst || counted != FP_FWD_PASS)
+		fp_bw_count(pod, FP_DIR_FROM_POD, counted, skb->len);
+	return 0;
+drop:
+	fp_bw_count(pod, FP_DIR_FROM_POD, *reason, skb->len);
+	return -1;
+}
+
+/* An IPv6 packet about to be delivered into the pod `dst`, by redirect
+ * (fp_deliver_local6) or by the stack (fp_to_pod6). Returns 0 to
+ * deliver, -1 to drop (*reason set). */
+static __always_inline int fp_bw_deliver6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+					  const struct fp_endpoint *dst, enum fp_reason *reason)
+{
+	enum fp_reason counted = FP_FWD_PASS;
+	struct fp_bw_state *st;
+	struct fp_bw *lim;
+	__be32 pod;
+	__u64 now;
+
+	if (!fp_bw_cfg())
+		return 0;
+	pod = fp_bw_key_of_ep(dst);
+	lim = pod ? fp_bw_limits(pod) : NULL;
+	if (!lim)
+		return 0;
+	st = fp_bw_state_of(pod, lim->conn_gen);
+	if (!st)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (fp_bw_ingress_admit(skb, lim, st, now, reason) < 0)
+		goto drop;
+	if ((lim->flags & FP_BW_F_CONNS) &&
+	    fp_bw_conn_track6(skb, ip, pod, lim, st, 1, now, &counted) < 0) {
+		*reason = FP_DROP_CONN_INGRESS;
+		goto drop;
+	}
+	fp_bw_count(pod, FP_DIR_TO_POD, counted, skb->len);
+	return 0;
+drop:
+	fp_bw_count(pod, FP_DIR_TO_POD, *reason, skb->len);
+	return -1;
 }
 
 #endif /* FP_LIB_BW_H */

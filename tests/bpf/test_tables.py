@@ -67,6 +67,8 @@ PER_DIRECTION = {"fp_decision.pv", "fp_decision.policy_id", "fp_decision.peer_id
 IPV6 = {"fp_endpoint6_key.ip6", "fp_ep_if.ip6", "fp_lpm6_key.addr",
         # IPv6 Services (v6svc)
         "fp_svc6_key.vip", "fp_backend6.ip", "fp_sockrev6_key.addr", "fp_sockrev6.vip",
+        # IPv6 bandwidth (v6bw)
+        "fp_bw_flow6_key.saddr", "fp_bw_flow6_key.daddr",
         # IPv6 monitor events (v6cli)
         "fp_event6.saddr6", "fp_event6.daddr6", "fp_event6.nat_daddr6",
         # IPv6 NetworkPolicy (v6pol)
