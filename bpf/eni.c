@@ -34,6 +34,7 @@
 #include "lib/policy.h"
 #include "lib/guard.h"
 #include "lib/bw.h"
+#include "lib/ct6.h"
 
 struct fp_arrival {
 	__u32 ifindex;         /* HBO: where it arrived */
@@ -268,6 +269,14 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (!dst)
 		return fp_finish(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE);
+	/* v6ct: a remote backend's reply to a local client gets its VIP back */
+	{
+		struct fp_l4 l4 = {};
+
+		fp_parse_l4_6(skb, &ip, &l4);
+		if (fp_ct6_reverse(skb, &ip, &l4) < 0)
+			return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT);
+	}
 	return fp_deliver_local6(skb, FP_DIR_FROM_VPC, &ip, dst);
 }
 

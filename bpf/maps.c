@@ -697,3 +697,55 @@ static __always_inline struct fp_sockrev6 *fp_sockrev6_lookup(struct fp_sockrev6
 {
 	return FP_MAP_SOCKREV6.lookup(key);
 }
+
+/* ---- IPv6 conntrack (v6ct; lib/ct6.h, fastpath.h) ---- */
+
+/* The IPv4 conntrack tiers' twins, of the same sizes. */
+BPF_TABLE_PINNED("hash", struct fp_ct6_key, struct fp_ct6,
+		 FP_MAP_CT6, FP_CT_MAX, FP_PIN(FP_MAP_CT6));
+BPF_TABLE_PINNED("lru_hash", struct fp_ct6_key, struct fp_ct6,
+		 FP_MAP_CT_NEW6, FP_CT_NEW_MAX, FP_PIN(FP_MAP_CT_NEW6));
+
+/* A new IPv6 flow's keys and entries (as fp_ct_work: off the stack). */
+struct fp_ct6_work {
+	struct fp_ct6_key fwd;
+	struct fp_ct6_key rev;
+	struct fp_ct6_key old_rev;
+	struct fp_ct6 entry;
+	struct fp_ct6 reply;
+};
+
+BPF_PERCPU_ARRAY(fp_ct6_work_cpu, struct fp_ct6_work, 1);
+
+static __always_inline struct fp_ct6_work *fp_ct6_work_scratch(void)
+{
+	__u32 zero = 0;
+
+	return fp_ct6_work_cpu.lookup(&zero);
+}
+
+static __always_inline struct fp_ct6 *fp_ct6_tier_get(int tier, struct fp_ct6_key *key)
+{
+	if (tier == FP_CT_TIER_EST)
+		return FP_MAP_CT6.lookup(key);
+	return FP_MAP_CT_NEW6.lookup(key);
+}
+
+static __always_inline int fp_ct6_tier_put(int tier, struct fp_ct6_key *key, struct fp_ct6 *val)
+{
+	if (fp_whatif())
+		return 0;
+	if (tier == FP_CT_TIER_EST)
+		return FP_MAP_CT6.update(key, val);
+	return FP_MAP_CT_NEW6.update(key, val);
+}
+
+static __always_inline void fp_ct6_tier_del(int tier, struct fp_ct6_key *key)
+{
+	if (fp_whatif())
+		return;
+	if (tier == FP_CT_TIER_EST)
+		FP_MAP_CT6.delete(key);
+	else
+		FP_MAP_CT_NEW6.delete(key);
+}

@@ -44,6 +44,8 @@
 #include "lib/policy.h"
 #include "lib/guard.h"
 #include "lib/bw.h"
+#include "lib/ct6.h"
+#include "lib/icmp6.h"
 
 /* What a packet looked like on arrival, for reports and fragment records. */
 struct fp_seen {
@@ -471,6 +473,59 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
 	return fp_finish(skb, dir, reason, verdict);
 }
 
+/* ---- IPv6 Services per packet (v6ct; lib/ct6.h) ----
+ *
+ * What fp_from_pod6 does for a registered pod's IPv6 packet before its
+ * bypass check and forwarding, as fp_from_pod does for IPv4:
+ *   - the reply of a hairpinned flow (to FP_HAIRPIN_IP6) gets the VIP as
+ *     its source and the pod as its destination, and goes back into it;
+ *   - a TCP/UDP packet to an IPv6 frontend is translated to a backend
+ *     (conntrack keeps the flow on it; a mid-stream packet conntrack does
+ *     not know is dropped), then forwarded like any packet; without a
+ *     backend the pod gets ICMPv6 port unreachable;
+ *   - a new flow to a live IPv6 ClusterIP's unknown port is rejected, one
+ *     to an unallocated address of an IPv6 Service CIDR dropped;
+ *   - a reply of a translated flow for a local pod gets its VIP back.
+ * Returns a verdict, or FP_WALK_ON to go on with the (rewritten) packet. */
+static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp_ipv6 *ip)
+{
+	struct fp_endpoint *dst;
+	enum fp_reason reason = FP_FWD_STACK;
+	struct fp_l4 l4 = {};
+	int rc;
+
+	fp_parse_l4_6(skb, ip, &l4);
+	if (fp_ip6_is_hairpin(ip->daddr)) {
+		rc = fp_ct6_reverse(skb, ip, &l4);
+		if (rc < 0)
+			return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT);
+		return FP_WALK_ON;
+	}
+	rc = fp_ct6_service(skb, ip, &l4, &reason);
+	if (rc == 0) {
+		fp_count(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len);
+		return FP_WALK_ON;
+	}
+	if (rc < 0 && reason == FP_DROP_NO_BACKEND)
+		return fp_finish(skb, FP_DIR_FROM_POD, reason,
+				 fp_reject_icmp6(skb, ip, FP_ICMP6_PORT_UNREACH, reason));
+	if (rc < 0)
+		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+	if (l4.kind != FP_L4_ICMP_ERR) {
+		fp_ct6_forget_reply(ip, &l4);
+		reason = fp_svcnet6_check(ip, &l4);
+		if (reason == FP_DROP_SVC_UNKNOWN_PORT)
+			return fp_finish(skb, FP_DIR_FROM_POD, reason,
+					 fp_reject_icmp6(skb, ip, FP_ICMP6_PORT_UNREACH, reason));
+		if (reason)
+			return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+	}
+	dst = fp_endpoint6_lookup(ip->daddr);
+	if (dst && fp_ct6_reverse(skb, ip, &l4) < 0)
+		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT);
+	return FP_WALK_ON;
+}
+
 /* ---- IPv6 (docs/ipv6.md) ----
  *
  * fp_from_pod6 (reached from fp_from_pod by FP_TAIL_FROM_POD6, after the
@@ -518,6 +573,10 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 		fp_guard_event(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, 0, 0, ip.proto);
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT);
 	}
+	/* IPv6 Services per packet (v6ct) */
+	verdict = fp_from_pod6_service(skb, &ip);
+	if (verdict != FP_WALK_ON)
+		return verdict;
 	if (fp_bypass6_match(ip.daddr))
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE);
 	dst = fp_endpoint6_lookup(ip.daddr);

@@ -34,6 +34,12 @@ def _ipv4(value: str) -> None:
     ipaddress.IPv4Address(value)
 
 
+def _ipv6_global(value: str) -> None:
+    a = ipaddress.IPv6Address(value)
+    if a.is_link_local or a.is_multicast or a.is_unspecified or a.is_loopback:
+        raise ValueError("expected an IPv6 unicast address of global scope")
+
+
 def _abs_path_or_empty(value: str) -> None:
     if value and not value.startswith("/"):
         raise ValueError("expected an absolute path (or empty)")
@@ -190,6 +196,10 @@ KEYS: tuple[Key, ...] = (
         choices=("never", "default", "always")),
     Key("local_router_ipv4", str, "169.254.10.1", "the node-side router address DataPath V2 "
         "gives its host device; fastpath sources hairpinned Service traffic from it", check=_ipv4),
+    Key("local_router_ipv6", str, "fd00::a9fe:a01", "the address fastpath sources hairpinned "
+        "IPv6 Service traffic from (a pod reaching itself through an IPv6 ClusterIP): one no "
+        "pod, node or Service uses, of global scope (a pod answers a link-local source from "
+        "its own link-local address)", check=_ipv6_global),
     Key("policy_map_size", int, 65536, "max NetworkPolicy rule entries (pod, peer identity, "
         "direction, protocol, port block) on this node", minimum=16, maximum=1 << 22),
     Key("ipcache_map_size", int, 65536, "max NetworkPolicy peer prefixes (pod and node /32s, "

@@ -86,16 +86,17 @@ def count_keys(fd: int, key_size: int, limit: int, on_key=None) -> int:
 class ConntrackTally:
     """Counts conntrack keys by (protocol, direction) during key walks of
     the conntrack maps; the field offsets come from the compiled key type
-    (fastpath.h's fp_ct4_key)."""
+    (fastpath.h's fp_ct4_key, or fp_ct6_key for the IPv6 maps: a tally per
+    key type, sharing `counts`)."""
 
-    def __init__(self, key_type):
+    def __init__(self, key_type, counts: dict | None = None):
         from agent.datapath.maps import DEFS, PROTO_NAME
         self.proto_at = key_type.proto.offset
         self.dir_at = key_type.dir.offset
         self.dirs = {DEFS.defines[f"FP_CT_{d.upper()}"]: d
                      for d in ("forward", "reply", "policy") if f"FP_CT_{d.upper()}" in DEFS.defines}
         self.proto_name = PROTO_NAME
-        self.counts: dict[tuple[int, int], int] = {}
+        self.counts: dict[tuple[int, int], int] = {} if counts is None else counts
 
     def __call__(self, buf) -> None:
         raw = buf.raw
@@ -286,19 +287,21 @@ class DatapathCollector:
         conntrack = GaugeMetricFamily(
             "fastpath_conntrack_entries", "Conntrack entries, by protocol and direction "
             "(forward: client to Service; reply: backend to client; policy: a flow admitted "
-            "by NetworkPolicy), over the established, new and policy maps.",
+            "by NetworkPolicy), over the established, new and policy maps of both families.",
             labels=["protocol", "direction"])
         from agent.datapath.maps import MAP
-        ct_names = {MAP["FP_MAP_CT"], MAP["FP_MAP_CT_NEW"], MAP["FP_MAP_CT_POLICY"]}
+        ct_names = {MAP["FP_MAP_CT"], MAP["FP_MAP_CT_NEW"], MAP["FP_MAP_CT_POLICY"],
+                    MAP["FP_MAP_CT6"], MAP["FP_MAP_CT_NEW6"]}
         tally = None
+        counts: dict = {}
         for name in pinned_map_names():
             table = dp.module.table(name)
             fd = table.map_fd
             info = libbpf.map_info(fd)
             if info.type in ARRAY_TYPES:
                 continue     # arrays cannot fill up; a ring buffer has no entries
-            if name in ct_names and tally is None:
-                tally = ConntrackTally(table.Key)
+            if name in ct_names:
+                tally = ConntrackTally(table.Key, counts)
             n = count_keys(fd, info.key_size, info.max_entries,
                            tally if name in ct_names else None)
             entries.add_metric([name], n)
@@ -433,7 +436,8 @@ class AgentMetrics:
         from agent.datapath.maps import MAP
         self.restored_services.set(len(datapath.lb.services()))
         n = 0
-        for macro in ("FP_MAP_CT", "FP_MAP_CT_NEW", "FP_MAP_CT_POLICY"):
+        for macro in ("FP_MAP_CT", "FP_MAP_CT_NEW", "FP_MAP_CT_POLICY", "FP_MAP_CT6",
+                      "FP_MAP_CT_NEW6"):
             fd = datapath.module.table(MAP[macro]).map_fd
             info = libbpf.map_info(fd)
             n += count_keys(fd, info.key_size, info.max_entries)

@@ -809,4 +809,43 @@ struct fp_pod_route_slot {
 };
 _Static_assert(sizeof(struct fp_pod_route_slot) == FP_POD_ROUTE_BYTES, "fp_pod_route_slot layout");
 
+/* ---- IPv6 conntrack (v6ct: bpf/lib/ct6.h; docs/conntrack.md) ----
+ *
+ * Translated IPv6 flows (pods' IPv6 packets to an IPv6 ClusterIP) in twin
+ * maps of FP_MAP_CT / FP_MAP_CT_NEW, with the same two tiers, the same
+ * forward and reply entries, the same states and lifetimes (fp_ct_step,
+ * fp_ct_lifetime, fp_ct_expired serve both families) and the same sizes
+ * (conntrack_map_size, conntrack_new_map_size: each family has its own
+ * maps of that size). Hairpinned IPv6 flows are sourced from
+ * FP_HAIRPIN_IP6 (a build option: local_router_ipv6). */
+#define FP_MAP_CT6        fp_ct6_v1
+#define FP_MAP_CT_NEW6    fp_ctnew6_v1
+
+struct fp_ct6_key {
+	__u8 saddr[16];        /* NBO */
+	__u8 daddr[16];        /* NBO */
+	__be16 sport;          /* NBO; ICMPv6 echo: the identifier at the requester's end */
+	__be16 dport;          /* NBO */
+	__u8 proto;
+	__u8 dir;              /* FP_CT_FORWARD / FP_CT_REPLY */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_ct6_key) == 40, "fp_ct6_key layout");
+
+/* fp_ct4's fields with 16-byte addresses; peer_* is kept for SNAT as in
+ * fp_ct4 (no IPv6 flow is SNATed yet: it is always zero). */
+struct fp_ct6 {
+	__u64 last_seen;       /* HBO: as in fp_ct4 */
+	__u8 nat_addr[16];     /* NBO: forward: backend IP; reply: VIP */
+	__be16 nat_port;       /* NBO */
+	__u8 flags;            /* FP_CT_F_* */
+	__u8 state;            /* enum fp_ct_state */
+	__u32 backend_id;      /* HBO */
+	__u32 svc_id;          /* HBO */
+	__u8 peer_addr[16];    /* NBO */
+	__be16 peer_port;      /* NBO */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_ct6) == 56, "fp_ct6 layout");
+
 #endif /* FASTPATH_H */

@@ -1,0 +1,521 @@
+/* IPv6 connection tracking and per-packet Service translation (v6ct).
+ *
+ * lib/ct.h's decisions for IPv6 packets of pods, in the IPv6 twin maps
+ * (FP_MAP_CT6 established, FP_MAP_CT_NEW6 new and closing): a translated
+ * flow has a forward entry (client -> VIP, naming the backend) and a reply
+ * entry (backend -> client, naming the VIP); the opening packet of a flow
+ * (TCP SYN without ACK, any UDP datagram) picks a backend (fp_lb6_pick), a
+ * TCP packet without a forward entry is dropped (FP_DROP_CT_NO_BACKEND),
+ * never sent to a new backend mid-stream; a UDP flow whose backend is gone
+ * picks again. States, lifetimes and tier moves are IPv4's: fp_ct_step,
+ * fp_ct_lifetime and fp_ct_expired are shared, not restated.
+ *
+ * Differences from IPv4, all from the family:
+ *   - no IP header checksum; the TCP/UDP checksum covers the 16-byte
+ *     addresses in its pseudo-header and is fixed by one bpf_csum_diff of
+ *     the old and new address (bpf_l4_csum_replace with a diff);
+ *   - a UDP checksum of zero is invalid in IPv6: a result of zero is
+ *     written as 0xffff (BPF_F_MARK_MANGLED_0), never left zero;
+ *   - a hairpinned flow (the backend is the client) is sourced from
+ *     FP_HAIRPIN_IP6 (local_router_ipv6), a global-scope address: a pod
+ *     answers a link-local peer from its own link-local address, which the
+ *     reply entry could not match;
+ *   - only TCP and UDP are translated (no SCTP), and only pods' traffic
+ *     (no IPv6 NodePorts or external IPs yet, so no SNAT).
+ * Not done here: ICMPv6 errors RELATED to translated flows, and fragments
+ * of translated flows (docs/ipv6.md "Not done yet").
+ */
+#ifndef FP_LIB_CT6_H
+#define FP_LIB_CT6_H
+
+#include "lib/ct.h"
+#include "lib/lb6.h"
+#include "lib/parse6.h"
+
+#ifndef FP_HAIRPIN_IP6_0
+#error "the IPv6 hairpin address is a build option (agent/datapath/loader.py, local_router_ipv6)"
+#endif
+
+static __always_inline int fp_ip6_eq(const __u32 *a, const __u32 *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0;
+}
+
+static __always_inline void fp_ip6_hairpin(__u32 *a)
+{
+	a[0] = FP_HAIRPIN_IP6_0;
+	a[1] = FP_HAIRPIN_IP6_1;
+	a[2] = FP_HAIRPIN_IP6_2;
+	a[3] = FP_HAIRPIN_IP6_3;
+}
+
+static __always_inline int fp_ip6_is_hairpin(const __u32 *a)
+{
+	return a[0] == FP_HAIRPIN_IP6_0 && a[1] == FP_HAIRPIN_IP6_1 &&
+	       a[2] == FP_HAIRPIN_IP6_2 && a[3] == FP_HAIRPIN_IP6_3;
+}
+
+/* The transport header of an IPv6 packet (after the extension header
+ * walk), as fp_parse_l4 reads IPv4's: TCP and UDP ports, TCP flags,
+ * ICMPv6 echo identifiers and errors. */
+static __always_inline void fp_parse_l4_6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+					  struct fp_l4 *l4)
+{
+	__u8 b[14];
+
+	l4->sport = 0;
+	l4->dport = 0;
+	l4->tcp_flags = 0;
+	l4->icmp_type = 0;
+	l4->opening = 0;
+	l4->kind = FP_L4_NONE;
+	l4->off = ip->l4_off;
+	if (ip->frag == FP_IP6_LATER_FRAG) {
+		l4->kind = FP_L4_LATER_FRAG;
+		return;
+	}
+	if (ip->proto == FP_NH_ICMPV6) {
+		if (bpf_skb_load_bytes(skb, l4->off, b, 8))
+			return;
+		l4->icmp_type = b[0];
+		if (b[0] == FP_ICMP6_ECHO || b[0] == FP_ICMP6_ECHOREPLY) {
+			l4->kind = FP_L4_ECHO;
+			if (b[0] == FP_ICMP6_ECHO) {
+				__builtin_memcpy(&l4->sport, &b[4], 2);
+				l4->opening = 1;
+			} else {
+				__builtin_memcpy(&l4->dport, &b[4], 2);
+			}
+		} else if (b[0] >= FP_ICMP6_UNREACH && b[0] <= FP_ICMP6_PARAMPROB) {
+			l4->kind = FP_L4_ICMP_ERR;
+		}
+		return;
+	}
+	if (ip->proto == IPPROTO_UDP) {
+		if (bpf_skb_load_bytes(skb, l4->off, b, 8))
+			return;
+		l4->opening = 1;
+	} else if (ip->proto == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, l4->off, b, 14))
+			return;
+		l4->tcp_flags = b[13];
+		l4->opening = (b[13] & (FP_TCP_SYN | FP_TCP_ACK)) == FP_TCP_SYN;
+	} else {
+		return;
+	}
+	__builtin_memcpy(&l4->sport, &b[0], 2);
+	__builtin_memcpy(&l4->dport, &b[2], 2);
+	l4->kind = FP_L4_PORTS;
+}
+
+/* Rewrite the source (is_src) or destination address and port of a TCP or
+ * UDP packet, its checksum fixed for the pseudo-header and the port. */
+static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					   struct fp_l4 *l4, int is_src, const __u32 *new_addr,
+					   __be16 new_port)
+{
+	__u32 *addr = is_src ? ip->saddr : ip->daddr;
+	__be16 *port = is_src ? &l4->sport : &l4->dport;
+	__u32 addr_off = ip->l3_off + (is_src ? offsetof(struct ipv6hdr, saddr)
+					      : offsetof(struct ipv6hdr, daddr));
+	__u32 port_off = l4->off + (is_src ? 0 : 2);
+	__u32 csum_off = l4->off + fp_l4_csum_off(ip->proto);
+	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__s64 diff;
+
+	if (!fp_ip6_eq(addr, new_addr)) {
+		diff = bpf_csum_diff(addr, 16, (__be32 *)new_addr, 16, 0);
+		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, l4flags | BPF_F_PSEUDO_HDR) ||
+		    bpf_skb_store_bytes(skb, addr_off, new_addr, 16, 0))
+			return -1;
+		addr[0] = new_addr[0];
+		addr[1] = new_addr[1];
+		addr[2] = new_addr[2];
+		addr[3] = new_addr[3];
+	}
+	if (*port != new_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, *port, new_port, l4flags | sizeof(new_port)) ||
+		    bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+			return -1;
+		*port = new_port;
+	}
+	return 0;
+}
+
+/* ---- lookups and tiers (lib/ct.h's, for the IPv6 maps) ---- */
+
+static __always_inline struct fp_ct6 *fp_ct6_nat_find(struct fp_ct6_key *key, int *tier,
+						      __u64 *now)
+{
+	struct fp_ct6 *ct = fp_ct6_tier_get(FP_CT_TIER_EST, key);
+
+	*tier = FP_CT_TIER_EST;
+	if (ct) {
+		*now = bpf_ktime_get_ns();
+		if (!fp_ct_expired(ct->last_seen, key->proto, ct->state, *now))
+			return ct;
+	}
+	ct = fp_ct6_tier_get(FP_CT_TIER_NEW, key);
+	*tier = FP_CT_TIER_NEW;
+	if (ct) {
+		if (!*now)
+			*now = bpf_ktime_get_ns();
+		if (!fp_ct_expired(ct->last_seen, key->proto, ct->state, *now))
+			return ct;
+	}
+	return NULL;
+}
+
+static __always_inline void fp_ct6_tier_clear(int tier, struct fp_ct6_key *key)
+{
+	if (fp_ct6_tier_get(tier, key))
+		fp_ct6_tier_del(tier, key);
+}
+
+static __always_inline struct fp_ct6 *fp_ct6_nat_any(struct fp_ct6_key *key, int first, int *tier)
+{
+	struct fp_ct6 *ct = fp_ct6_tier_get(first, key);
+
+	*tier = first;
+	if (ct)
+		return ct;
+	*tier = first == FP_CT_TIER_EST ? FP_CT_TIER_NEW : FP_CT_TIER_EST;
+	return fp_ct6_tier_get(*tier, key);
+}
+
+/* The other entry of a translated flow (fp_ct_partner without SNAT). */
+static __always_inline void fp_ct6_partner(const struct fp_ct6_key *key, const struct fp_ct6 *ct,
+					   struct fp_ct6_key *p)
+{
+	int hairpin = ct->flags & FP_CT_F_HAIRPIN;
+
+	p->proto = key->proto;
+	p->pad = 0;
+	if (key->dir == FP_CT_FORWARD) {
+		__builtin_memcpy(p->saddr, ct->nat_addr, 16);
+		if (hairpin)
+			fp_ip6_hairpin((__u32 *)p->daddr);
+		else
+			__builtin_memcpy(p->daddr, key->saddr, 16);
+		p->sport = ct->nat_port;
+		p->dport = key->sport;
+		p->dir = FP_CT_REPLY;
+	} else {
+		/* hairpin: the client is the backend itself */
+		__builtin_memcpy(p->saddr, hairpin ? key->saddr : key->daddr, 16);
+		__builtin_memcpy(p->daddr, ct->nat_addr, 16);
+		p->sport = key->dport;
+		p->dport = ct->nat_port;
+		p->dir = FP_CT_FORWARD;
+	}
+}
+
+/* fp_ct_move for the IPv6 tiers. Entries are copied through the per-CPU
+ * scratch: two of them do not fit the stack beside the caller's. */
+static __always_inline void fp_ct6_move(struct fp_ct6_key *key, struct fp_ct6 *ct, int from,
+					struct fp_ct6_key *pkey, struct fp_ct6 *pct, int pfrom,
+					int to)
+{
+	struct fp_ct6_work *w = fp_ct6_work_scratch();
+
+	if (!w)
+		return;
+	w->entry = *ct;
+	if (pct)
+		w->reply = *pct;
+	if (fp_ct6_tier_put(to, key, &w->entry)) {
+		fp_ct_event(FP_CTE_PROMOTE_FULL);
+		return;
+	}
+	if (pct && fp_ct6_tier_put(to, pkey, &w->reply)) {
+		fp_ct6_tier_del(to, key);
+		fp_ct_event(FP_CTE_PROMOTE_FULL);
+		return;
+	}
+	if (from != to)
+		fp_ct6_tier_del(from, key);
+	if (pct && pfrom != to)
+		fp_ct6_tier_del(pfrom, pkey);
+	fp_ct_event(to == FP_CT_TIER_EST ? FP_CTE_PROMOTED : FP_CTE_DEMOTED);
+}
+
+/* fp_ct_nat_seen for an IPv6 flow: the state moves (fp_ct_step), both
+ * entries are refreshed (at most once a second unless the state changed),
+ * and the flow moves between tiers on its way in and out of established. */
+static __always_inline void fp_ct6_nat_seen(struct fp_ct6_key *key, struct fp_ct6 *ct, int tier,
+					    __u8 tcp, int reply, __u64 now)
+{
+	struct fp_ct6_key pkey = {};
+	struct fp_ct6 *pct;
+	__u8 flags = ct->flags;
+	__u8 state = fp_ct_step(key->proto, ct->state, &flags, tcp, reply);
+	int ptier = 0, want;
+
+	if (fp_whatif())
+		return;
+	if (state == ct->state && flags == ct->flags) {
+		if ((__s64)(now - ct->last_seen) <= (__s64)FP_CT_REFRESH_NS)
+			return;
+		ct->last_seen = now;
+		fp_ct6_partner(key, ct, &pkey);
+		pct = fp_ct6_nat_any(&pkey, tier, &ptier);
+		if (pct)
+			pct->last_seen = now;
+		if (state == FP_CT_ESTABLISHED && tier != FP_CT_TIER_EST)
+			fp_ct6_move(key, ct, tier, &pkey, pct, ptier, FP_CT_TIER_EST);
+		return;
+	}
+	ct->state = state;
+	ct->flags = flags;
+	ct->last_seen = now;
+	fp_ct6_partner(key, ct, &pkey);
+	pct = fp_ct6_nat_any(&pkey, tier, &ptier);
+	if (pct) {
+		pct->state = state;
+		pct->flags = flags;
+		pct->last_seen = now;
+	}
+	want = tier;
+	if (state == FP_CT_ESTABLISHED)
+		want = FP_CT_TIER_EST;
+	else if (state == FP_CT_FIN_WAIT || state == FP_CT_CLOSED)
+		want = FP_CT_TIER_NEW;
+	if (want != tier || (pct && ptier != want))
+		fp_ct6_move(key, ct, tier, &pkey, pct, ptier, want);
+}
+
+/* ---- the forward direction ---- */
+
+/* fp_ct_service for a pod's IPv6 packet: 0 when translated (ip and l4 then
+ * describe the rewritten packet), 1 when its destination is no IPv6
+ * frontend, -1 (with *reason) to drop it: FP_DROP_NO_BACKEND (an opening
+ * packet and nothing to pick: the caller rejects it), FP_DROP_NO_LOCAL_BACKEND,
+ * FP_DROP_CT_NO_BACKEND, FP_DROP_CSUM, FP_DROP_INVALID. */
+static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					  struct fp_l4 *l4, enum fp_reason *reason)
+{
+	struct fp_svc4 *svc;
+	struct fp_ct6_work *w;
+	struct fp_ct6 *ct;
+	struct fp_backend6 *be;
+	__u32 baddr[4], router[4];
+	__u32 backend_id = 0;
+	__be16 bport;
+	int tier = 0, hairpin, keep = 0, had_old = 0;
+	__u64 now;
+
+	if (l4->kind != FP_L4_PORTS)
+		return 1;
+	svc = fp_service6_lookup(ip->daddr, l4->dport, ip->proto);
+	if (!svc)
+		return 1;
+	w = fp_ct6_work_scratch();
+	if (!w) {
+		*reason = FP_DROP_INVALID;
+		return -1;
+	}
+	__builtin_memset(w, 0, sizeof(*w));
+	now = bpf_ktime_get_ns();
+	__builtin_memcpy(w->fwd.saddr, ip->saddr, 16);
+	__builtin_memcpy(w->fwd.daddr, ip->daddr, 16);
+	w->fwd.sport = l4->sport;
+	w->fwd.dport = l4->dport;
+	w->fwd.proto = ip->proto;
+	w->fwd.dir = FP_CT_FORWARD;
+
+	ct = fp_ct6_nat_find(&w->fwd, &tier, &now);
+	if (ct) {
+		if (ct->svc_id != svc->svc_id)
+			keep = 0;          /* the frontend was re-created since */
+		else if (!l4->opening)
+			keep = 1;          /* mid-stream: wherever it was sent */
+		else if (ip->proto == IPPROTO_TCP && ct->state >= FP_CT_FIN_WAIT)
+			keep = 0;          /* a new connection on a closing tuple */
+		else
+			keep = fp_backend6_lookup(ct->backend_id) != NULL;
+		if (!keep) {
+			had_old = 1;
+			fp_ct6_partner(&w->fwd, ct, &w->old_rev);
+		}
+	}
+
+	if (keep) {
+		__builtin_memcpy(baddr, ct->nat_addr, 16);
+		bport = ct->nat_port;
+		backend_id = ct->backend_id;
+		hairpin = ct->flags & FP_CT_F_HAIRPIN;
+		if (l4->opening && ip->proto == IPPROTO_TCP) {
+			/* a retransmitted SYN or a new connection on a live
+			 * tuple: the handshake starts again and the reply entry
+			 * is written again (see fp_ct_service_from) */
+			if (!fp_whatif()) {
+				ct->state = FP_CT_NEW;
+				ct->flags &= FP_CT_F_HAIRPIN;
+				ct->last_seen = now;
+			}
+			fp_ct6_partner(&w->fwd, ct, &w->rev);
+			w->reply.last_seen = now;
+			w->reply.flags = hairpin ? FP_CT_F_HAIRPIN : 0;
+			w->reply.state = FP_CT_NEW;
+			__builtin_memcpy(w->reply.nat_addr, ip->daddr, 16);
+			w->reply.nat_port = l4->dport;
+			w->reply.backend_id = backend_id;
+			w->reply.svc_id = svc->svc_id;
+			fp_ct6_tier_put(tier, &w->rev, &w->reply);
+		} else {
+			fp_ct6_nat_seen(&w->fwd, ct, tier, l4->tcp_flags, 0, now);
+		}
+	} else {
+		if (!l4->opening) {
+			*reason = FP_DROP_CT_NO_BACKEND;
+			return -1;
+		}
+		if (svc->flags & FP_SVC_F_DROP) {
+			*reason = FP_DROP_NO_LOCAL_BACKEND;
+			return -1;
+		}
+		/* affinity remembers 32 bits of the client: the last word of
+		 * its address (the pod's own part of a /64) */
+		be = fp_lb6_pick(svc, ip->saddr[3], &backend_id, now);
+		if (!be) {
+			*reason = FP_DROP_NO_BACKEND;
+			return -1;
+		}
+		__builtin_memcpy(baddr, be->ip, 16);
+		bport = be->port;
+		hairpin = fp_ip6_eq(baddr, ip->saddr);
+		if (had_old) {
+			fp_ct6_tier_clear(FP_CT_TIER_EST, &w->old_rev);
+			fp_ct6_tier_clear(FP_CT_TIER_NEW, &w->old_rev);
+		}
+		w->entry.last_seen = now;
+		w->entry.flags = hairpin ? FP_CT_F_HAIRPIN : 0;
+		w->entry.state = FP_CT_NEW;
+		__builtin_memcpy(w->entry.nat_addr, baddr, 16);
+		w->entry.nat_port = bport;
+		w->entry.backend_id = backend_id;
+		w->entry.svc_id = svc->svc_id;
+		__builtin_memcpy(w->rev.saddr, baddr, 16);
+		if (hairpin)
+			fp_ip6_hairpin((__u32 *)w->rev.daddr);
+		else
+			__builtin_memcpy(w->rev.daddr, ip->saddr, 16);
+		w->rev.sport = bport;
+		w->rev.dport = l4->sport;
+		w->rev.proto = ip->proto;
+		w->rev.dir = FP_CT_REPLY;
+		w->reply.last_seen = now;
+		w->reply.flags = w->entry.flags;
+		w->reply.state = FP_CT_NEW;
+		__builtin_memcpy(w->reply.nat_addr, ip->daddr, 16);
+		w->reply.nat_port = l4->dport;
+		w->reply.backend_id = backend_id;
+		w->reply.svc_id = svc->svc_id;
+		/* a new flow starts in the LRU; stale entries of its keys in
+		 * the established hash would hide it */
+		fp_ct6_tier_clear(FP_CT_TIER_EST, &w->fwd);
+		fp_ct6_tier_clear(FP_CT_TIER_EST, &w->rev);
+		fp_ct6_tier_put(FP_CT_TIER_NEW, &w->fwd, &w->entry);
+		fp_ct6_tier_put(FP_CT_TIER_NEW, &w->rev, &w->reply);
+		fp_ct_event(FP_CTE_CREATED);
+	}
+
+	fp_decision_nat(svc->svc_id, backend_id, 0, bport);
+	if (fp_nat6_rewrite(skb, ip, l4, 0, baddr, bport)) {
+		*reason = FP_DROP_CSUM;
+		return -1;
+	}
+	if (hairpin) {
+		fp_ip6_hairpin(router);
+		if (fp_nat6_rewrite(skb, ip, l4, 1, router, l4->sport)) {
+			*reason = FP_DROP_CSUM;
+			return -1;
+		}
+	}
+	*reason = FP_FWD_SVC;
+	return 0;
+}
+
+/* A new TCP connection straight to a pod may reuse the tuple of an earlier
+ * translated one: its SYN retires that flow's reply entry (fp_ct_forget_reply). */
+static __always_inline void fp_ct6_forget_reply(const struct fp_ipv6 *ip, const struct fp_l4 *l4)
+{
+	struct fp_ct6_key key = {};
+
+	if (l4->kind != FP_L4_PORTS || !l4->opening || ip->proto != IPPROTO_TCP)
+		return;
+	__builtin_memcpy(key.saddr, ip->daddr, 16);
+	__builtin_memcpy(key.daddr, ip->saddr, 16);
+	key.sport = l4->dport;
+	key.dport = l4->sport;
+	key.proto = IPPROTO_TCP;
+	key.dir = FP_CT_REPLY;
+	fp_ct6_tier_clear(FP_CT_TIER_EST, &key);
+	fp_ct6_tier_clear(FP_CT_TIER_NEW, &key);
+}
+
+/* ---- the reply direction ---- */
+
+/* Put the VIP back on a reply of a translated IPv6 flow (hairpin: the
+ * client back as its destination too). 1 when rewritten, 0 when the packet
+ * belongs to no translated flow, -1 when a rewrite failed. */
+static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					  struct fp_l4 *l4)
+{
+	struct fp_ct6_key key = {};
+	struct fp_ct6 *ct;
+	__u32 vip[4], client[4];
+	__be16 vport;
+	__u64 now = 0;
+	int tier = 0, hairpin;
+
+	if (l4->kind != FP_L4_PORTS)
+		return 0;
+	__builtin_memcpy(key.saddr, ip->saddr, 16);
+	__builtin_memcpy(key.daddr, ip->daddr, 16);
+	key.sport = l4->sport;
+	key.dport = l4->dport;
+	key.proto = ip->proto;
+	key.dir = FP_CT_REPLY;
+	ct = fp_ct6_nat_find(&key, &tier, &now);
+	if (!ct)
+		return 0;
+	__builtin_memcpy(vip, ct->nat_addr, 16);
+	vport = ct->nat_port;
+	hairpin = ct->flags & FP_CT_F_HAIRPIN;
+	/* (the entry may move between tiers here: nothing is read after) */
+	fp_ct6_nat_seen(&key, ct, tier, l4->tcp_flags, 1, now);
+	if (hairpin) {
+		/* the client is the backend itself */
+		__builtin_memcpy(client, ip->saddr, 16);
+		if (fp_nat6_rewrite(skb, ip, l4, 0, client, l4->dport))
+			return -1;
+	}
+	if (fp_nat6_rewrite(skb, ip, l4, 1, vip, vport))
+		return -1;
+	return 1;
+}
+
+/* kube-proxy's nftables checks (fp_svcnet_check) for an IPv6 packet no
+ * frontend took: a new flow to a live ClusterIP's unknown port is
+ * FP_DROP_SVC_UNKNOWN_PORT (rejected), one to an unallocated address of an
+ * IPv6 Service CIDR FP_DROP_SVC_UNALLOCATED (dropped); 0 otherwise. */
+static __always_inline int fp_svcnet6_check(const struct fp_ipv6 *ip, const struct fp_l4 *l4)
+{
+	int f;
+
+	if (l4->kind == FP_L4_ICMP_ERR || l4->kind == FP_L4_LATER_FRAG)
+		return 0;
+	if ((l4->kind == FP_L4_PORTS || l4->kind == FP_L4_ECHO) && !l4->opening)
+		return 0;
+	f = fp_svcnet6_flags(ip->daddr);
+	if (f < 0)
+		return 0;
+	if (f & FP_SVCNET_F_CLUSTER_IP)
+		return FP_DROP_SVC_UNKNOWN_PORT;
+	if (f & FP_SVCNET_F_RANGE)
+		return FP_DROP_SVC_UNALLOCATED;
+	return 0;
+}
+
+#endif /* FP_LIB_CT6_H */
