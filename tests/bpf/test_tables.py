@@ -66,7 +66,9 @@ PER_DIRECTION = {"fp_decision.pv", "fp_decision.policy_id", "fp_decision.peer_id
                  "fp_pol_ep.dir"}
 IPV6 = {"fp_endpoint6_key.ip6", "fp_ep_if.ip6", "fp_lpm6_key.addr",
         # IPv6 Services (v6svc)
-        "fp_svc6_key.vip", "fp_backend6.ip", "fp_sockrev6_key.addr", "fp_sockrev6.vip"}
+        "fp_svc6_key.vip", "fp_backend6.ip", "fp_sockrev6_key.addr", "fp_sockrev6.vip",
+        # IPv6 conntrack (v6ct)
+        "fp_ct6_key.saddr", "fp_ct6_key.daddr", "fp_ct6.nat_addr", "fp_ct6.peer_addr"}
 IDENTITY = {"fp_pol_key.identity"}
 
 
