@@ -14,10 +14,12 @@ the UDP client checks the source of the reply).
 from __future__ import annotations
 
 import errno
+import json
+import subprocess
 
 import pytest
 
-from agent.sim.agent import sim_attach
+from agent.sim.agent import FASTPATH, REPO, sim_attach
 from agent.sim.world import World
 from fastpath_helpers import counters_by
 
@@ -115,6 +117,24 @@ def test_pods_reach_an_ipv6_clusterip_with_backends_on_this_and_another_node(wor
         ct = ag1.datapath.lb.conntrack()
         assert any(r.direction == "reply" and r.nat_addr == VIP6 and r.table.endswith("6")
                    for r in ct)
+
+        # the CLI's conntrack view shows the IPv6 flows and flushes them
+        def cli(*args):
+            cmd = ["ip", "netns", "exec", n1.netns, *FASTPATH, *args, "--json",
+                   "--bpffs-root", ag1.config.bpffs_root]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        rows = cli("ct", "list", "--src", a.ip6)
+        fwd = [r for r in rows if r["dir"] == "forward"]
+        assert len(fwd) >= 12 and {r["frontend"] for r in fwd} == {VIP6}
+        assert {r["backend"] for r in fwd} == {b.ip6, c.ip6}
+        assert {r["table"] for r in rows} <= {"established6", "new6"}
+        assert any(r["dir"] == "reply" and r["client"] == a.ip6 for r in rows)
+        out = cli("ct", "flush", "--src", a.ip6)
+        assert out["matched"] == len(rows) and out["deleted"] == len(rows)
+        assert cli("ct", "list", "--src", a.ip6) == []
 
 
 def test_a_dual_stack_service_is_reached_over_both_families(world6):
