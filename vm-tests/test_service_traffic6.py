@@ -118,6 +118,24 @@ def test_pods_reach_an_ipv6_clusterip_with_backends_on_this_and_another_node(wor
         assert any(r.direction == "reply" and r.nat_addr == VIP6 and r.table.endswith("6")
                    for r in ct)
 
+        # metrics: the IPv6 maps' fill and their entries by protocol and direction
+        from agent.daemon.metrics import DatapathCollector
+        from agent.datapath.maps import MAP
+        fams = {f.name: f for f in DatapathCollector(ag1).collect()}
+
+        def sample(family, **labels):
+            return sum(s.value for s in fams[family].samples if s.name == family
+                       and all(s.labels.get(k) == v for k, v in labels.items()))
+
+        ct = ag1.datapath.lb.conntrack()
+        six = [r for r in ct if r.table.endswith("6")]
+        assert sum(sample("fastpath_map_entries", map=MAP[m])
+                   for m in ("FP_MAP_CT6", "FP_MAP_CT_NEW6")) == len(six) > 0
+        assert sample("fastpath_map_pressure_ratio", map=MAP["FP_MAP_CT_NEW6"]) > 0
+        for proto in ("TCP", "UDP"):
+            assert sample("fastpath_conntrack_entries", protocol=proto, direction="forward") == \
+                sum(1 for r in ct if r.proto == proto and r.direction == "forward") >= 12
+
         # the CLI's conntrack view shows the IPv6 flows and flushes them
         def cli(*args):
             cmd = ["ip", "netns", "exec", n1.netns, *FASTPATH, *args, "--json",
