@@ -489,18 +489,14 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
  * Returns a verdict, or FP_WALK_ON to go on with the (rewritten) packet. */
 static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp_ipv6 *ip)
 {
-	struct fp_endpoint *dst;
 	enum fp_reason reason = FP_FWD_STACK;
 	struct fp_l4 l4 = {};
 	int rc;
 
 	fp_parse_l4_6(skb, ip, &l4);
-	if (fp_ip6_is_hairpin(ip->daddr)) {
-		rc = fp_ct6_reverse(skb, ip, &l4);
-		if (rc < 0)
-			return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT);
-		return FP_WALK_ON;
-	}
+	/* (one call of fp_ct6_reverse below serves both: the stack's room) */
+	if (fp_ip6_is_hairpin(ip->daddr))
+		goto restore;
 	rc = fp_ct6_service(skb, ip, &l4, &reason);
 	if (rc == 0) {
 		fp_count(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len);
@@ -520,8 +516,10 @@ static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp
 		if (reason)
 			return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 	}
-	dst = fp_endpoint6_lookup(ip->daddr);
-	if (dst && fp_ct6_reverse(skb, ip, &l4) < 0)
+	if (!fp_endpoint6_lookup(ip->daddr))
+		return FP_WALK_ON;
+restore:
+	if (fp_ct6_reverse(skb, ip, &l4) < 0)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT);
 	return FP_WALK_ON;
 }

@@ -22,8 +22,10 @@
  *     reply entry could not match;
  *   - only TCP and UDP are translated (no SCTP), and only pods' traffic
  *     (no IPv6 NodePorts or external IPs yet, so no SNAT).
- * Not done here: ICMPv6 errors RELATED to translated flows, and fragments
- * of translated flows (docs/ipv6.md "Not done yet").
+ * ICMPv6 errors quoting a client's translated packet (packet too big,
+ * unreachable) are rewritten on their way back to it (RELATED). Not done
+ * here: an error from the client about a reply (the forward direction of
+ * RELATED), and fragments of translated flows (docs/ipv6.md).
  */
 #ifndef FP_LIB_CT6_H
 #define FP_LIB_CT6_H
@@ -126,7 +128,7 @@ static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6
 	if (!fp_ip6_eq(addr, new_addr)) {
 		diff = bpf_csum_diff(addr, 16, (__be32 *)new_addr, 16, 0);
 		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, l4flags | BPF_F_PSEUDO_HDR) ||
-		    bpf_skb_store_bytes(skb, addr_off, new_addr, 16, 0))
+		    bpf_skb_store_bytes(skb, addr_off, (void *)new_addr, 16, 0))
 			return -1;
 		addr[0] = new_addr[0];
 		addr[1] = new_addr[1];
@@ -456,9 +458,167 @@ static __always_inline void fp_ct6_forget_reply(const struct fp_ipv6 *ip, const 
 
 /* ---- the reply direction ---- */
 
+/* The packet an ICMPv6 error quotes (RFC 4443: as much of it as fits;
+ * its fixed header and its ports are what is read). Only a quote whose
+ * transport header follows the fixed header (TCP or UDP) is used. Its
+ * addresses go to w->q_saddr / q_daddr (the per-CPU scratch: the IPv6
+ * program's stack has no room for them). */
+struct fp_quote6 {
+	__u32 off;             /* HBO: the quoted IPv6 header */
+	__be16 sport;          /* NBO */
+	__be16 dport;          /* NBO */
+	__u8 proto;
+};
+
+static __always_inline int fp_ct6_quote(struct __sk_buff *skb, const struct fp_l4 *l4,
+					struct fp_quote6 *q, struct fp_ct6_work *w)
+{
+	__u8 nh[8];
+	__be16 p[2];
+
+	if (l4->kind != FP_L4_ICMP_ERR)
+		return -1;
+	q->off = l4->off + 8;
+	if (bpf_skb_load_bytes(skb, q->off, nh, sizeof(nh)) || (nh[0] >> 4) != 6 ||
+	    (nh[6] != IPPROTO_TCP && nh[6] != IPPROTO_UDP) ||
+	    bpf_skb_load_bytes(skb, q->off + offsetof(struct ipv6hdr, saddr), w->q_saddr, 16) ||
+	    bpf_skb_load_bytes(skb, q->off + offsetof(struct ipv6hdr, daddr), w->q_daddr, 16) ||
+	    bpf_skb_load_bytes(skb, q->off + sizeof(struct ipv6hdr), p, sizeof(p)))
+		return -1;
+	q->sport = p[0];
+	q->dport = p[1];
+	q->proto = nh[6];
+	return 0;
+}
+
+/* Rewrite an ICMPv6 error about a translated flow: the quoted packet gets
+ * (w->qsrc -> w->vip:qdport), the error itself (osrc -> w->odst). Fixed:
+ * the quoted TCP/UDP checksum when the quote holds it (its pseudo-header
+ * and port changed alike), and the ICMPv6 checksum, which covers the
+ * message and a pseudo-header of the outer addresses. */
+static __always_inline int fp_ct6_quote_rewrite(struct __sk_buff *skb, struct fp_ipv6 *ip,
+						const struct fp_l4 *l4, const struct fp_quote6 *q,
+						struct fp_ct6_work *w, __be16 qdport,
+						const __u32 *osrc)
+{
+	__be32 o4 = 0, n4 = 0;
+	__u32 csum_word_off = 0, icmp_csum = l4->off + 2;
+	__s64 d_q, d_msg, d;
+	int i;
+
+	/* the quoted words that change: saddr, daddr, the ports */
+#pragma unroll
+	for (i = 0; i < 4; i++) {
+		w->o[i] = w->q_saddr[i];
+		w->o[4 + i] = w->q_daddr[i];
+		w->n[i] = w->qsrc[i];
+		w->n[4 + i] = w->vip[i];
+	}
+	__builtin_memcpy(&w->o[8], &q->sport, 2);
+	__builtin_memcpy((__u8 *)&w->o[8] + 2, &q->dport, 2);
+	__builtin_memcpy(&w->n[8], &q->sport, 2);
+	__builtin_memcpy((__u8 *)&w->n[8] + 2, &qdport, 2);
+	d_q = bpf_csum_diff(w->o, sizeof(w->o), w->n, sizeof(w->n), 0);
+	d_msg = d_q;
+	if (q->proto == IPPROTO_UDP)
+		csum_word_off = q->off + sizeof(struct ipv6hdr) + 4;      /* (len, check) */
+	else if (q->off + sizeof(struct ipv6hdr) + 20 <= skb->len)
+		csum_word_off = q->off + sizeof(struct ipv6hdr) + 16;     /* (check, urg) */
+	if (csum_word_off) {
+		int hi = q->proto == IPPROTO_UDP;
+		__u16 old16, new16;
+
+		if (bpf_skb_load_bytes(skb, csum_word_off, &o4, 4))
+			return -1;
+		n4 = o4;
+		old16 = hi ? ((__u16 *)&o4)[1] : ((__u16 *)&o4)[0];
+		if (!(hi && old16 == 0)) {
+			new16 = fp_csum_update(old16, d_q);
+			if (hi && new16 == 0)
+				new16 = 0xffff;
+			if (hi)
+				((__u16 *)&n4)[1] = new16;
+			else
+				((__u16 *)&n4)[0] = new16;
+		}
+		d_msg = bpf_csum_diff(&o4, 4, &n4, 4, d_q);
+	}
+	if (bpf_skb_store_bytes(skb, q->off + offsetof(struct ipv6hdr, saddr), w->n, 32, 0) ||
+	    bpf_skb_store_bytes(skb, q->off + sizeof(struct ipv6hdr), &w->n[8], 4, 0))
+		return -1;
+	if (csum_word_off && bpf_skb_store_bytes(skb, csum_word_off, &n4, 4, 0))
+		return -1;
+	if (bpf_l4_csum_replace(skb, icmp_csum, 0, d_msg, 0))
+		return -1;
+	if (!fp_ip6_eq(osrc, ip->saddr)) {
+		d = bpf_csum_diff(ip->saddr, 16, (__be32 *)osrc, 16, 0);
+		if (bpf_l4_csum_replace(skb, icmp_csum, 0, d, BPF_F_PSEUDO_HDR) ||
+		    bpf_skb_store_bytes(skb, ip->l3_off + offsetof(struct ipv6hdr, saddr),
+					(void *)osrc, 16, 0))
+			return -1;
+		__builtin_memcpy(ip->saddr, osrc, 16);
+	}
+	if (!fp_ip6_eq(w->odst, ip->daddr)) {
+		d = bpf_csum_diff(ip->daddr, 16, w->odst, 16, 0);
+		if (bpf_l4_csum_replace(skb, icmp_csum, 0, d, BPF_F_PSEUDO_HDR) ||
+		    bpf_skb_store_bytes(skb, ip->l3_off + offsetof(struct ipv6hdr, daddr), w->odst,
+					16, 0))
+			return -1;
+		__builtin_memcpy(ip->daddr, w->odst, 16);
+	}
+	return 0;
+}
+
+/* An ICMPv6 error (packet too big, unreachable, ...) quoting a client's
+ * packet of a translated flow, on its way to the client (RELATED): the
+ * quote gets the VIP and Service port back as its destination (hairpin:
+ * the client back as its source), the error comes from the VIP when the
+ * backend sent it (hairpin: it goes to the client). 1 when rewritten, 0
+ * when it belongs to no translated flow, -1 when a rewrite failed. The
+ * flow's state does not move. */
+static __always_inline int fp_ct6_related_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
+						  const struct fp_l4 *l4)
+{
+	struct fp_ct6_work *w = fp_ct6_work_scratch();
+	struct fp_quote6 q = {};
+	struct fp_ct6_key *key;
+	struct fp_ct6 *ct;
+	__be16 vport;
+	__u64 now = 0;
+	int tier = 0, hairpin;
+
+	if (!w || fp_ct6_quote(skb, l4, &q, w))
+		return 0;
+	/* the quote is the client's packet after DNAT: the flow's reply
+	 * entry is its tuple reversed */
+	key = &w->fwd;
+	__builtin_memcpy(key->saddr, w->q_daddr, 16);
+	__builtin_memcpy(key->daddr, w->q_saddr, 16);
+	key->sport = q.dport;
+	key->dport = q.sport;
+	key->proto = q.proto;
+	key->dir = FP_CT_REPLY;
+	key->pad = 0;
+	ct = fp_ct6_nat_find(key, &tier, &now);
+	if (!ct)
+		return 0;
+	__builtin_memcpy(w->vip, ct->nat_addr, 16);
+	vport = ct->nat_port;
+	hairpin = ct->flags & FP_CT_F_HAIRPIN;
+	__builtin_memcpy(w->qsrc, hairpin ? w->q_daddr : w->q_saddr, 16);
+	__builtin_memcpy(w->odst, hairpin && fp_ip6_is_hairpin(ip->daddr) ? w->q_daddr : ip->daddr,
+			 16);
+	if (fp_ct6_quote_rewrite(skb, ip, l4, &q, w, vport,
+				 fp_ip6_eq(ip->saddr, w->q_daddr) ? w->vip : ip->saddr))
+		return -1;
+	fp_ct_event(FP_CTE_RELATED);
+	return 1;
+}
+
 /* Put the VIP back on a reply of a translated IPv6 flow (hairpin: the
- * client back as its destination too). 1 when rewritten, 0 when the packet
- * belongs to no translated flow, -1 when a rewrite failed. */
+ * client back as its destination too), or on an ICMPv6 error quoting one of
+ * its client's packets. 1 when rewritten, 0 when the packet belongs to no
+ * translated flow, -1 when a rewrite failed. */
 static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
 					  struct fp_l4 *l4)
 {
@@ -469,6 +629,8 @@ static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 
 	__u64 now = 0;
 	int tier = 0, hairpin;
 
+	if (l4->kind == FP_L4_ICMP_ERR)
+		return fp_ct6_related_reverse(skb, ip, l4);
 	if (l4->kind != FP_L4_PORTS)
 		return 0;
 	__builtin_memcpy(key.saddr, ip->saddr, 16);

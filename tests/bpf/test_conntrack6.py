@@ -15,7 +15,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from scapy.layers.inet6 import ICMPv6DestUnreach, IPerror6, IPv6, TCP, TCPerror, UDP
+from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6PacketTooBig, IPerror6, IPv6, TCP,
+                                TCPerror, UDP, UDPerror)
 from scapy.layers.l2 import Ether
 
 from agent.conntrack import gc, purge
@@ -325,3 +326,65 @@ def test_a_udp_flow_whose_backend_is_gone_picks_a_live_one(dp, bpfnet, svc6):
         svc6.put_backend(gone, *((POD_B6, 5353, "UDP") if gone == 62 else (REMOTE6, 5353, "UDP")))
         svc6.put_slots(70, [62, 65])
         svc6.put_service(VIP6_TWO, 53, "UDP", 70, 2)
+
+
+# ---- ICMPv6 errors RELATED to translated flows ------------------------------------
+
+def assert_icmp6_checksum_valid(out: bytes, layer):
+    o = Ether(out)
+    got = o[layer].cksum
+    again = o.copy()
+    del again[layer].cksum
+    assert Ether(bytes(again))[layer].cksum == got, "ICMPv6 checksum over the pseudo-header"
+
+
+def test_a_local_backends_port_unreachable_reaches_the_client_about_the_vip(dp, bpfnet, svc6):
+    """The backend's ICMPv6 error quotes the packet it got (client -> backend):
+    the client must see an error from the VIP about its packet to the VIP."""
+    n = bpfnet
+    sport = next(_sport)
+    sent = pkt_from(n, "a", POD_A6, VIP6, UDP(sport=sport, dport=53) / b"query")
+    r = run(dp, n, "fp_from_pod", sent, "cali_a")
+    got = Ether(r.out)
+    quoted = IPv6(bytes(got[IPv6]))                    # what the backend received
+    err = pkt_from(n, "b", POD_B6, POD_A6, ICMPv6DestUnreach(code=4) / quoted)
+    before = svc6.ct_events().get("related-icmp", 0)
+    r = run(dp, n, "fp_from_pod", err, "cali_b")
+    assert (r.verdict, r.redirect_ifindex) == (TC_ACT_REDIRECT, n.cali_a.ifindex)
+    o = Ether(r.out)
+    assert (o[IPv6].src, o[IPv6].dst) == (VIP6, POD_A6)
+    q = o[IPerror6]
+    assert (q.src, q.dst, q[UDPerror].sport, q[UDPerror].dport) == (POD_A6, VIP6, sport, 53)
+    assert_icmp6_checksum_valid(r.out, ICMPv6DestUnreach)
+    # the quoted datagram's checksum is the one the client's own packet had
+    assert q[UDPerror].chksum == Ether(bytes(sent))[UDP].chksum
+    assert svc6.ct_events()["related-icmp"] == before + 1
+
+
+def test_a_packet_too_big_from_the_vpc_is_restored_for_a_remote_backends_flow(dp, bpfnet, svc6):
+    n = bpfnet
+    sport = next(_sport)
+    sent = pkt_from(n, "a", POD_A6, VIP6_REMOTE, TCP(sport=sport, dport=80, flags="S"))
+    r = run(dp, n, "fp_from_pod", sent, "cali_a")
+    quoted = IPv6(bytes(Ether(r.out)[IPv6]))
+    router = "fd00:10::fe"
+    ptb = Ether(src=GW_MAC, dst=n.eth1.mac) / IPv6(src=router, dst=POD_A6) \
+        / ICMPv6PacketTooBig(mtu=1280) / quoted
+    r = run(dp, n, "fp_from_vpc", ptb, "eth1")
+    assert (r.verdict, r.redirect_ifindex) == (TC_ACT_REDIRECT, n.cali_a.ifindex)
+    o = Ether(r.out)
+    assert (o[IPv6].src, o[IPv6].dst, o[ICMPv6PacketTooBig].mtu) == (router, POD_A6, 1280)
+    q = o[IPerror6]
+    assert (q.src, q.dst, q[TCPerror].sport, q[TCPerror].dport) == (POD_A6, VIP6_REMOTE, sport,
+                                                                    80)
+    assert q[TCPerror].chksum == Ether(bytes(sent))[TCP].chksum
+    assert_icmp6_checksum_valid(r.out, ICMPv6PacketTooBig)
+
+
+def test_an_error_about_no_translated_flow_is_left_alone(dp, bpfnet, svc6):
+    n = bpfnet
+    quoted = IPv6(src=POD_A6, dst=POD_B6) / UDP(sport=next(_sport), dport=9)
+    err = pkt_from(n, "b", POD_B6, POD_A6, ICMPv6DestUnreach(code=4) / quoted)
+    r = run(dp, n, "fp_from_pod", err, "cali_b")
+    assert r.verdict == TC_ACT_REDIRECT
+    assert bytes(Ether(r.out)[IPv6].payload) == bytes(err[IPv6].payload)
