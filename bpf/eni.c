@@ -269,13 +269,20 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (!dst)
 		return fp_finish(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE);
-	/* v6ct: a remote backend's reply to a local client gets its VIP back */
-	{
+	/* v6ct: a remote backend's reply to a local client (or an ICMPv6
+	 * error about the client's packet, or a later fragment of either) gets
+	 * its VIP back */
+	if (ip.frag == FP_IP6_LATER_FRAG) {
+		if (fp_ct6_frag_follow(skb, &ip) < 0)
+			return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT);
+	} else {
+		struct fp_frag6_work *first = fp_ct6_frag_begin(&ip);
 		struct fp_l4 l4 = {};
 
 		fp_parse_l4_6(skb, &ip, &l4);
 		if (fp_ct6_reverse(skb, &ip, &l4) < 0)
 			return fp_finish(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT);
+		fp_ct6_frag_end(first, &ip);
 	}
 	return fp_deliver_local6(skb, FP_DIR_FROM_VPC, &ip, dst);
 }

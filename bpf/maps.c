@@ -733,6 +733,36 @@ static __always_inline struct fp_ct6_work *fp_ct6_work_scratch(void)
 	return fp_ct6_work_cpu.lookup(&zero);
 }
 
+/* Fragments of translated IPv6 flows (fastpath.h), and a record being
+ * built or looked up, off the stack. */
+BPF_TABLE_PINNED("lru_hash", struct fp_frag6_key, struct fp_frag6,
+		 FP_MAP_FRAG6, FP_FRAG_MAX, FP_PIN(FP_MAP_FRAG6));
+
+struct fp_frag6_work {
+	struct fp_frag6_key key;
+	struct fp_frag6 val;
+};
+
+BPF_PERCPU_ARRAY(fp_frag6_work_cpu, struct fp_frag6_work, 1);
+
+static __always_inline struct fp_frag6_work *fp_frag6_scratch(void)
+{
+	__u32 zero = 0;
+
+	return fp_frag6_work_cpu.lookup(&zero);
+}
+
+static __always_inline struct fp_frag6 *fp_frag6_get(struct fp_frag6_key *key)
+{
+	return FP_MAP_FRAG6.lookup(key);
+}
+
+static __always_inline void fp_frag6_put(struct fp_frag6_key *key, struct fp_frag6 *val)
+{
+	if (!fp_whatif())
+		FP_MAP_FRAG6.update(key, val);
+}
+
 static __always_inline struct fp_ct6 *fp_ct6_tier_get(int tier, struct fp_ct6_key *key)
 {
 	if (tier == FP_CT_TIER_EST)

@@ -487,7 +487,7 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
  *     to an unallocated address of an IPv6 Service CIDR dropped;
  *   - a reply of a translated flow for a local pod gets its VIP back.
  * Returns a verdict, or FP_WALK_ON to go on with the (rewritten) packet. */
-static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp_ipv6 *ip)
+static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struct fp_ipv6 *ip)
 {
 	enum fp_reason reason = FP_FWD_STACK;
 	struct fp_l4 l4 = {};
@@ -522,6 +522,25 @@ restore:
 	if (fp_ct6_reverse(skb, ip, &l4) < 0)
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT);
 	return FP_WALK_ON;
+}
+
+/* The fragments of a datagram get what its first fragment got: its
+ * translation (or restoration) is recorded for them (lib/ct6.h). */
+static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp_ipv6 *ip)
+{
+	struct fp_frag6_work *first;
+	int verdict;
+
+	if (ip->frag == FP_IP6_LATER_FRAG) {
+		if (fp_ct6_frag_follow(skb, ip) < 0)
+			return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT);
+		return FP_WALK_ON;
+	}
+	first = fp_ct6_frag_begin(ip);
+	verdict = fp_from_pod6_service_run(skb, ip);
+	if (verdict == FP_WALK_ON)
+		fp_ct6_frag_end(first, ip);
+	return verdict;
 }
 
 /* ---- IPv6 (docs/ipv6.md) ----

@@ -848,4 +848,29 @@ struct fp_ct6 {
 };
 _Static_assert(sizeof(struct fp_ct6) == 56, "fp_ct6 layout");
 
+/* Fragments of translated IPv6 flows: the first fragment (it carries the
+ * ports) is translated like any packet, and the addresses it left with are
+ * kept under its arrival (source, destination, fragment header's
+ * identification, protocol), for the fragments after it. Only translated
+ * (or restored) datagrams leave a record; a later fragment without one
+ * goes on as it came. Lifetime and size as IPv4's (FP_FRAG_LIFETIME_NS,
+ * FP_FRAG_MAX). */
+#define FP_MAP_FRAG6      fp_frag6_v1
+
+struct fp_frag6_key {
+	__u8 saddr[16];        /* NBO: as the fragments arrive */
+	__u8 daddr[16];        /* NBO */
+	__be32 id;             /* NBO: the fragment header's identification */
+	__u8 proto;
+	__u8 pad[3];
+};
+_Static_assert(sizeof(struct fp_frag6_key) == 40, "fp_frag6_key layout");
+
+struct fp_frag6 {
+	__u64 first_seen;      /* HBO: ns */
+	__u8 saddr[16];        /* NBO: the source the fragments leave with */
+	__u8 daddr[16];        /* NBO: the destination they leave with */
+};
+_Static_assert(sizeof(struct fp_frag6) == 40, "fp_frag6 layout");
+
 #endif /* FASTPATH_H */

@@ -658,6 +658,71 @@ static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 
 	return 1;
 }
 
+/* ---- fragments ---- */
+
+/* A first fragment: its arrival, kept in the per-CPU scratch until it is
+ * decided (fp_ct6_frag_end). NULL for anything else. */
+static __always_inline struct fp_frag6_work *fp_ct6_frag_begin(const struct fp_ipv6 *ip)
+{
+	struct fp_frag6_work *r;
+
+	if (ip->frag != FP_IP6_FIRST_FRAG)
+		return NULL;
+	r = fp_frag6_scratch();
+	if (!r)
+		return NULL;
+	__builtin_memcpy(r->key.saddr, ip->saddr, 16);
+	__builtin_memcpy(r->key.daddr, ip->daddr, 16);
+	r->key.id = ip->frag_id;
+	r->key.proto = ip->proto;
+	return r;
+}
+
+/* The first fragment leaves as `ip` says: if it was rewritten, the
+ * fragments after it will be too. */
+static __always_inline void fp_ct6_frag_end(struct fp_frag6_work *r, const struct fp_ipv6 *ip)
+{
+	if (!r || (fp_ip6_eq((__u32 *)r->key.saddr, ip->saddr) &&
+		   fp_ip6_eq((__u32 *)r->key.daddr, ip->daddr)))
+		return;
+	r->val.first_seen = bpf_ktime_get_ns();
+	__builtin_memcpy(r->val.saddr, ip->saddr, 16);
+	__builtin_memcpy(r->val.daddr, ip->daddr, 16);
+	fp_frag6_put(&r->key, &r->val);
+}
+
+/* A fragment after the first takes the addresses its first one left with
+ * (no transport header to fix; IPv6 has no header checksum). 1 when
+ * rewritten, 0 when there is no record (it goes on as it came), -1 when a
+ * rewrite failed. */
+static __always_inline int fp_ct6_frag_follow(struct __sk_buff *skb, struct fp_ipv6 *ip)
+{
+	struct fp_frag6_work *r;
+	struct fp_frag6 *f;
+
+	if (ip->frag != FP_IP6_LATER_FRAG)
+		return 0;
+	r = fp_frag6_scratch();
+	if (!r)
+		return 0;
+	__builtin_memcpy(r->key.saddr, ip->saddr, 16);
+	__builtin_memcpy(r->key.daddr, ip->daddr, 16);
+	r->key.id = ip->frag_id;
+	r->key.proto = ip->proto;
+	f = fp_frag6_get(&r->key);
+	if (!f || (__s64)(bpf_ktime_get_ns() - f->first_seen) > (__s64)FP_FRAG_LIFETIME_NS)
+		return 0;
+	__builtin_memcpy(r->val.saddr, f->saddr, 16);
+	__builtin_memcpy(r->val.daddr, f->daddr, 16);
+	if (bpf_skb_store_bytes(skb, ip->l3_off + offsetof(struct ipv6hdr, saddr), r->val.saddr,
+				32, 0))
+		return -1;
+	__builtin_memcpy(ip->saddr, r->val.saddr, 16);
+	__builtin_memcpy(ip->daddr, r->val.daddr, 16);
+	fp_ct_event(FP_CTE_FRAG_FOLLOWED);
+	return 1;
+}
+
 /* kube-proxy's nftables checks (fp_svcnet_check) for an IPv6 packet no
  * frontend took: a new flow to a live ClusterIP's unknown port is
  * FP_DROP_SVC_UNKNOWN_PORT (rejected), one to an unallocated address of an

@@ -15,8 +15,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6PacketTooBig, IPerror6, IPv6, TCP,
-                                TCPerror, UDP, UDPerror)
+from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6PacketTooBig, IPerror6, IPv6,
+                                IPv6ExtHdrFragment, TCP, TCPerror, UDP, UDPerror, defragment6,
+                                fragment6)
 from scapy.layers.l2 import Ether
 
 from agent.conntrack import gc, purge
@@ -49,7 +50,8 @@ def svc6(dp, dual):  # noqa: F811
     with frontends(lb, backends, [
             (VIP6, 80, "TCP", 60, [61]), (VIP6, 53, "UDP", 66, [62]),
             (VIP6_REMOTE, 80, "TCP", 67, [63]), (VIP6_EMPTY, 80, "TCP", 68, [], REJECT),
-            (VIP6_HAIRPIN, 80, "TCP", 69, [64]), (VIP6_TWO, 53, "UDP", 70, [62, 65])],
+            (VIP6_HAIRPIN, 80, "TCP", 69, [64]), (VIP6_TWO, 53, "UDP", 70, [62, 65]),
+            (VIP6_REMOTE, 53, "UDP", 71, [65])],
             flush=True):
         lb.svcnet_put(SVC6_RANGE, RANGE)
         for vip in (VIP6, VIP6_REMOTE, VIP6_EMPTY, VIP6_HAIRPIN, VIP6_TWO):
@@ -388,3 +390,70 @@ def test_an_error_about_no_translated_flow_is_left_alone(dp, bpfnet, svc6):
     r = run(dp, n, "fp_from_pod", err, "cali_b")
     assert r.verdict == TC_ACT_REDIRECT
     assert bytes(Ether(r.out)[IPv6].payload) == bytes(err[IPv6].payload)
+
+
+# ---- fragments of translated flows ---------------------------------------------
+
+FRAG_PAYLOAD = bytes(range(256)) * 11 + b"tail"          # 2,820 bytes: three fragments
+
+
+def fragments(src, dst, l4, frag_id):
+    whole = IPv6(src=src, dst=dst) / IPv6ExtHdrFragment(id=frag_id) / l4 / FRAG_PAYLOAD
+    return fragment6(whole, 1280)
+
+
+def through(dp, n, prog, frags, dev, mac_src, mac_dst, order=None):
+    """Each fragment through `prog`; the reassembled datagram of what came out."""
+    outs = []
+    for f in [frags[i] for i in (order or range(len(frags)))]:
+        r = run(dp, n, prog, Ether(src=mac_src, dst=mac_dst) / f, dev)
+        assert r.verdict == TC_ACT_REDIRECT, (r.verdict, r.reason)
+        outs.append(IPv6(bytes(Ether(r.out)[IPv6])))
+    return defragment6(outs)
+
+
+def assert_datagram_checksum_valid(d):
+    got = d[UDP].chksum
+    again = IPv6(bytes(d))
+    del again[UDP].chksum
+    assert IPv6(bytes(again))[UDP].chksum == got
+
+
+def test_the_fragments_of_a_translated_datagram_and_of_its_reply_follow_their_first(
+        dp, bpfnet, svc6):
+    n = bpfnet
+    sport = next(_sport)
+    frags = fragments(POD_A6, VIP6, UDP(sport=sport, dport=53), 0x6c7001)
+    assert len(frags) == 3
+    before = svc6.ct_events().get("fragment-followed", 0)
+    # the first one first, then the others in reverse order
+    d = through(dp, n, "fp_from_pod", frags, "cali_a", n.pod_a_mac, n.cali_a.mac, [0, 2, 1])
+    assert (d.src, d.dst, d[UDP].sport, d[UDP].dport) == (POD_A6, POD_B6, sport, 5353)
+    assert bytes(d[UDP].payload) == FRAG_PAYLOAD
+    assert_datagram_checksum_valid(d)
+    assert svc6.ct_events()["fragment-followed"] == before + 2
+
+    # the backend's fragmented answer comes back from the VIP
+    back = fragments(POD_B6, POD_A6, UDP(sport=5353, dport=sport), 0x6c7002)
+    d = through(dp, n, "fp_from_pod", back, "cali_b", n.pod_b_mac, n.cali_b.mac)
+    assert (d.src, d.dst, d[UDP].sport, d[UDP].dport) == (VIP6, POD_A6, 53, sport)
+    assert_datagram_checksum_valid(d)
+
+
+def test_a_remote_backends_fragmented_reply_is_restored_from_the_vpc(dp, bpfnet, svc6):
+    n = bpfnet
+    sport = next(_sport)
+    r = run(dp, n, "fp_from_pod",
+            pkt_from(n, "a", POD_A6, VIP6_REMOTE, UDP(sport=sport, dport=53)), "cali_a")
+    assert Ether(r.out)[IPv6].dst == REMOTE6
+    back = fragments(REMOTE6, POD_A6, UDP(sport=5353, dport=sport), 0x6c7003)
+    d = through(dp, n, "fp_from_vpc", back, "eth1", GW_MAC, n.eth1.mac)
+    assert (d.src, d[UDP].sport, d.dst) == (VIP6_REMOTE, 53, POD_A6)
+    assert_datagram_checksum_valid(d)
+
+
+def test_fragments_of_an_untranslated_datagram_go_on_as_they_came(dp, bpfnet, svc6):
+    n = bpfnet
+    frags = fragments(POD_A6, POD_B6, UDP(sport=next(_sport), dport=9), 0x6c7004)
+    d = through(dp, n, "fp_from_pod", frags, "cali_a", n.pod_a_mac, n.cali_a.mac)
+    assert (d.src, d.dst) == (POD_A6, POD_B6) and bytes(d[UDP].payload) == FRAG_PAYLOAD

@@ -68,7 +68,8 @@ IPV6 = {"fp_endpoint6_key.ip6", "fp_ep_if.ip6", "fp_lpm6_key.addr",
         # IPv6 Services (v6svc)
         "fp_svc6_key.vip", "fp_backend6.ip", "fp_sockrev6_key.addr", "fp_sockrev6.vip",
         # IPv6 conntrack (v6ct)
-        "fp_ct6_key.saddr", "fp_ct6_key.daddr", "fp_ct6.nat_addr", "fp_ct6.peer_addr"}
+        "fp_ct6_key.saddr", "fp_ct6_key.daddr", "fp_ct6.nat_addr", "fp_ct6.peer_addr",
+        "fp_frag6_key.saddr", "fp_frag6_key.daddr", "fp_frag6.saddr", "fp_frag6.daddr"}
 IDENTITY = {"fp_pol_key.identity"}
 
 
