@@ -242,7 +242,10 @@ int fp_from_vpc(struct __sk_buff *skb)
  *     IPv6 half of lib/guard.h's fp_guard_from_vpc);
  *   - malformed IPv6 is dropped as invalid;
  *   - neighbour discovery, link-local and multicast go to the stack;
- *   - IPv6 for a local endpoint is redirected straight into the pod's netns
+ *   - IPv6 for a local endpoint gets its VIP back if it is a remote
+ *     backend's reply of a translated flow, an ICMPv6 error about one, or
+ *     a later fragment of either (lib/ct6.h), and is redirected straight
+ *     into the pod's netns
  *     (unless the pod is isolated: the interim guard's rule, since the
  *     redirect skips fp_to_pod); anything else is the node's: the stack. */
 static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)

@@ -486,7 +486,16 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
  *   - a new flow to a live IPv6 ClusterIP's unknown port is rejected, one
  *     to an unallocated address of an IPv6 Service CIDR dropped;
  *   - a reply of a translated flow for a local pod gets its VIP back.
- * Returns a verdict, or FP_WALK_ON to go on with the (rewritten) packet. */
+ * Returns a verdict, or FP_WALK_ON to go on with the (rewritten) packet.
+ * Drops are reported to the monitor as the other IPv6 drops are (without
+ * addresses: the event record holds IPv4's). */
+static __always_inline int fp_drop6(struct __sk_buff *skb, enum fp_reason reason, __u8 proto,
+				    int verdict)
+{
+	fp_guard_event(skb, FP_DIR_FROM_POD, reason, 0, 0, proto);
+	return fp_finish(skb, FP_DIR_FROM_POD, reason, verdict);
+}
+
 static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struct fp_ipv6 *ip)
 {
 	enum fp_reason reason = FP_FWD_STACK;
@@ -503,24 +512,24 @@ static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struc
 		return FP_WALK_ON;
 	}
 	if (rc < 0 && reason == FP_DROP_NO_BACKEND)
-		return fp_finish(skb, FP_DIR_FROM_POD, reason,
-				 fp_reject_icmp6(skb, ip, FP_ICMP6_PORT_UNREACH, reason));
+		return fp_drop6(skb, reason, ip->proto,
+				fp_reject_icmp6(skb, ip, FP_ICMP6_PORT_UNREACH, reason));
 	if (rc < 0)
-		return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+		return fp_drop6(skb, reason, ip->proto, TC_ACT_SHOT);
 	if (l4.kind != FP_L4_ICMP_ERR) {
 		fp_ct6_forget_reply(ip, &l4);
 		reason = fp_svcnet6_check(ip, &l4);
 		if (reason == FP_DROP_SVC_UNKNOWN_PORT)
-			return fp_finish(skb, FP_DIR_FROM_POD, reason,
-					 fp_reject_icmp6(skb, ip, FP_ICMP6_PORT_UNREACH, reason));
+			return fp_drop6(skb, reason, ip->proto,
+					fp_reject_icmp6(skb, ip, FP_ICMP6_PORT_UNREACH, reason));
 		if (reason)
-			return fp_finish(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+			return fp_drop6(skb, reason, ip->proto, TC_ACT_SHOT);
 	}
 	if (!fp_endpoint6_lookup(ip->daddr))
 		return FP_WALK_ON;
 restore:
 	if (fp_ct6_reverse(skb, ip, &l4) < 0)
-		return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT);
+		return fp_drop6(skb, FP_DROP_CSUM, ip->proto, TC_ACT_SHOT);
 	return FP_WALK_ON;
 }
 
@@ -533,7 +542,7 @@ static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp
 
 	if (ip->frag == FP_IP6_LATER_FRAG) {
 		if (fp_ct6_frag_follow(skb, ip) < 0)
-			return fp_finish(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT);
+			return fp_drop6(skb, FP_DROP_CSUM, ip->proto, TC_ACT_SHOT);
 		return FP_WALK_ON;
 	}
 	first = fp_ct6_frag_begin(ip);
@@ -555,6 +564,9 @@ static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp
  *   - the source must be the endpoint registered on this veth (as for
  *     IPv4 on a veth without a registration: an unknown source goes to the
  *     stack, another local pod's address is dropped as spoofed);
+ *   - IPv6 Services per packet (fp_from_pod6_service above: translation,
+ *     replies, RELATED ICMPv6 errors and fragments of translated flows,
+ *     reject and drop);
  *   - host-stack bypass prefixes of IPv6 (host_stack_cidrs, service_cidrs)
  *     go to the stack;
  *   - a destination that is a local endpoint is redirected into its netns
