@@ -376,9 +376,10 @@ static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 
 			*reason = FP_DROP_NO_LOCAL_BACKEND;
 			return -1;
 		}
-		/* affinity remembers 32 bits of the client: the last word of
-		 * its address (the pod's own part of a /64) */
-		be = fp_lb6_pick(svc, ip->saddr[3], &backend_id, now);
+		/* affinity remembers 32 bits of the client: its address folded
+		 * (within one prefix, distinct addresses stay distinct) */
+		be = fp_lb6_pick(svc, ip->saddr[0] ^ ip->saddr[1] ^ ip->saddr[2] ^ ip->saddr[3],
+				 &backend_id, now);
 		if (!be) {
 			*reason = FP_DROP_NO_BACKEND;
 			return -1;

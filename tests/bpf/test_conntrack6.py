@@ -32,9 +32,11 @@ VIP6_REMOTE = "fd00:16::11"
 VIP6_EMPTY = "fd00:16::12"
 VIP6_HAIRPIN = "fd00:16::13"
 VIP6_TWO = "fd00:16::14"
+VIP6_AFF = "fd00:16::15"
 SVC6_RANGE = "fd00:16::/108"
 UNALLOCATED6 = "fd00:16::99"
 REJECT = DEFS.defines["FP_SVC_F_REJECT"]
+AFF = DEFS.defines["FP_SVC_F_AFFINITY"]
 CLUSTER_IP = DEFS.defines["FP_SVCNET_F_CLUSTER_IP"]
 RANGE = DEFS.defines["FP_SVCNET_F_RANGE"]
 
@@ -51,16 +53,17 @@ def svc6(dp, dual):  # noqa: F811
             (VIP6, 80, "TCP", 60, [61]), (VIP6, 53, "UDP", 66, [62]),
             (VIP6_REMOTE, 80, "TCP", 67, [63]), (VIP6_EMPTY, 80, "TCP", 68, [], REJECT),
             (VIP6_HAIRPIN, 80, "TCP", 69, [64]), (VIP6_TWO, 53, "UDP", 70, [62, 65]),
-            (VIP6_REMOTE, 53, "UDP", 71, [65])],
+            (VIP6_REMOTE, 53, "UDP", 71, [65]),
+            (VIP6_AFF, 80, "TCP", 72, [61, 63], AFF, 10800)],
             flush=True):
         lb.svcnet_put(SVC6_RANGE, RANGE)
-        for vip in (VIP6, VIP6_REMOTE, VIP6_EMPTY, VIP6_HAIRPIN, VIP6_TWO):
+        for vip in (VIP6, VIP6_REMOTE, VIP6_EMPTY, VIP6_HAIRPIN, VIP6_TWO, VIP6_AFF):
             lb.svcnet_put(f"{vip}/128", CLUSTER_IP)
         try:
             yield lb
         finally:
             for p in [SVC6_RANGE] + [f"{v}/128" for v in (VIP6, VIP6_REMOTE, VIP6_EMPTY,
-                                                          VIP6_HAIRPIN, VIP6_TWO)]:
+                                                          VIP6_HAIRPIN, VIP6_TWO, VIP6_AFF)]:
                 lb.svcnet_delete(p)
             for bid in backends:
                 lb.delete_backend(bid)
@@ -457,3 +460,22 @@ def test_fragments_of_an_untranslated_datagram_go_on_as_they_came(dp, bpfnet, sv
     frags = fragments(POD_A6, POD_B6, UDP(sport=next(_sport), dport=9), 0x6c7004)
     d = through(dp, n, "fp_from_pod", frags, "cali_a", n.pod_a_mac, n.cali_a.mac)
     assert (d.src, d.dst) == (POD_A6, POD_B6) and bytes(d[UDP].payload) == FRAG_PAYLOAD
+
+
+def test_client_ip_affinity_keeps_a_pods_new_ipv6_flows_on_one_backend(dp, bpfnet, svc6):
+    """Without affinity new flows spread over both backends; with it, every
+    new connection of pod A goes where its first one went."""
+    n = bpfnet
+
+    def pick(vip):
+        sent = pkt_from(n, "a", POD_A6, vip, TCP(sport=next(_sport), dport=80, flags="S"))
+        return Ether(run(dp, n, "fp_from_pod", sent, "cali_a").out)[IPv6].dst
+
+    svc6.put_slots(73, [61, 63])
+    svc6.put_service("fd00:16::16", 80, "TCP", 73, 2)
+    try:
+        assert {pick("fd00:16::16") for _ in range(24)} == {POD_B6, REMOTE6}
+    finally:
+        svc6.delete_service("fd00:16::16", 80, "TCP")
+    first = pick(VIP6_AFF)
+    assert {pick(VIP6_AFF) for _ in range(12)} == {first}
