@@ -713,12 +713,13 @@ struct fp_ct6_work {
 	struct fp_ct6_key old_rev;
 	struct fp_ct6 entry;
 	struct fp_ct6 reply;
-	/* an ICMPv6 error's rewrite (lib/ct6.h fp_ct6_related_reverse): the
-	 * quoted addresses, the new ones, the quoted words before and after */
+	/* an ICMPv6 error's rewrite (lib/ct6.h fp_ct6_related_*): the quoted
+	 * addresses, the new ones, the error's new destination, the quoted
+	 * words before and after */
 	__u32 q_saddr[4];
 	__u32 q_daddr[4];
-	__u32 vip[4];
-	__u32 qsrc[4];
+	__u32 new_qsaddr[4];
+	__u32 new_qdaddr[4];
 	__u32 odst[4];
 	__be32 o[9];
 	__be32 n[9];

@@ -516,7 +516,15 @@ static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struc
 				fp_reject_icmp6(skb, ip, FP_ICMP6_PORT_UNREACH, reason));
 	if (rc < 0)
 		return fp_drop6(skb, reason, ip->proto, TC_ACT_SHOT);
-	if (l4.kind != FP_L4_ICMP_ERR) {
+	if (l4.kind == FP_L4_ICMP_ERR) {
+		/* a client's error about a reply it got from a VIP: on to
+		 * the backend (nothing to restore then) */
+		rc = fp_ct6_related_forward(skb, ip, &l4);
+		if (rc < 0)
+			return fp_drop6(skb, FP_DROP_CSUM, ip->proto, TC_ACT_SHOT);
+		if (rc > 0)
+			return FP_WALK_ON;
+	} else {
 		fp_ct6_forget_reply(ip, &l4);
 		reason = fp_svcnet6_check(ip, &l4);
 		if (reason == FP_DROP_SVC_UNKNOWN_PORT)

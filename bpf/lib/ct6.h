@@ -23,9 +23,9 @@
  *   - only TCP and UDP are translated (no SCTP), and only pods' traffic
  *     (no IPv6 NodePorts or external IPs yet, so no SNAT).
  * ICMPv6 errors quoting a client's translated packet (packet too big,
- * unreachable) are rewritten on their way back to it (RELATED). Not done
- * here: an error from the client about a reply (the forward direction of
- * RELATED), and fragments of translated flows (docs/ipv6.md).
+ * unreachable) are rewritten on their way back to it, and a client's error
+ * about a reply is sent on to the backend (RELATED, both ways); the
+ * fragments after a translated first fragment follow it (fp_frag6_v1).
  */
 #ifndef FP_LIB_CT6_H
 #define FP_LIB_CT6_H
@@ -493,14 +493,15 @@ static __always_inline int fp_ct6_quote(struct __sk_buff *skb, const struct fp_l
 }
 
 /* Rewrite an ICMPv6 error about a translated flow: the quoted packet gets
- * (w->qsrc -> w->vip:qdport), the error itself (osrc -> w->odst). Fixed:
+ * (w->new_qsaddr:qsport -> w->new_qdaddr:qdport), the error itself
+ * (osrc -> w->odst). Fixed:
  * the quoted TCP/UDP checksum when the quote holds it (its pseudo-header
  * and port changed alike), and the ICMPv6 checksum, which covers the
  * message and a pseudo-header of the outer addresses. */
 static __always_inline int fp_ct6_quote_rewrite(struct __sk_buff *skb, struct fp_ipv6 *ip,
 						const struct fp_l4 *l4, const struct fp_quote6 *q,
-						struct fp_ct6_work *w, __be16 qdport,
-						const __u32 *osrc)
+						struct fp_ct6_work *w, __be16 qsport,
+						__be16 qdport, const __u32 *osrc)
 {
 	__be32 o4 = 0, n4 = 0;
 	__u32 csum_word_off = 0, icmp_csum = l4->off + 2;
@@ -512,12 +513,12 @@ static __always_inline int fp_ct6_quote_rewrite(struct __sk_buff *skb, struct fp
 	for (i = 0; i < 4; i++) {
 		w->o[i] = w->q_saddr[i];
 		w->o[4 + i] = w->q_daddr[i];
-		w->n[i] = w->qsrc[i];
-		w->n[4 + i] = w->vip[i];
+		w->n[i] = w->new_qsaddr[i];
+		w->n[4 + i] = w->new_qdaddr[i];
 	}
 	__builtin_memcpy(&w->o[8], &q->sport, 2);
 	__builtin_memcpy((__u8 *)&w->o[8] + 2, &q->dport, 2);
-	__builtin_memcpy(&w->n[8], &q->sport, 2);
+	__builtin_memcpy(&w->n[8], &qsport, 2);
 	__builtin_memcpy((__u8 *)&w->n[8] + 2, &qdport, 2);
 	d_q = bpf_csum_diff(w->o, sizeof(w->o), w->n, sizeof(w->n), 0);
 	d_msg = d_q;
@@ -603,14 +604,55 @@ static __always_inline int fp_ct6_related_reverse(struct __sk_buff *skb, struct 
 	ct = fp_ct6_nat_find(key, &tier, &now);
 	if (!ct)
 		return 0;
-	__builtin_memcpy(w->vip, ct->nat_addr, 16);
+	__builtin_memcpy(w->new_qdaddr, ct->nat_addr, 16);         /* the VIP */
 	vport = ct->nat_port;
 	hairpin = ct->flags & FP_CT_F_HAIRPIN;
-	__builtin_memcpy(w->qsrc, hairpin ? w->q_daddr : w->q_saddr, 16);
+	__builtin_memcpy(w->new_qsaddr, hairpin ? w->q_daddr : w->q_saddr, 16);
 	__builtin_memcpy(w->odst, hairpin && fp_ip6_is_hairpin(ip->daddr) ? w->q_daddr : ip->daddr,
 			 16);
-	if (fp_ct6_quote_rewrite(skb, ip, l4, &q, w, vport,
-				 fp_ip6_eq(ip->saddr, w->q_daddr) ? w->vip : ip->saddr))
+	if (fp_ct6_quote_rewrite(skb, ip, l4, &q, w, q.sport, vport,
+				 fp_ip6_eq(ip->saddr, w->q_daddr) ? w->new_qdaddr : ip->saddr))
+		return -1;
+	fp_ct_event(FP_CTE_RELATED);
+	return 1;
+}
+
+/* The other way: an ICMPv6 error from a client about a reply it got from
+ * a VIP (its socket closed, say). The quote is the reply as the client saw
+ * it (VIP -> client), so the flow's forward entry is that tuple reversed;
+ * the error goes to the backend, about the reply as the backend sent it.
+ * 1 when rewritten (ip describes the rewritten packet), 0 when it belongs
+ * to no translated flow (or a hairpinned one: client and backend are one
+ * pod), -1 when a rewrite failed. */
+static __always_inline int fp_ct6_related_forward(struct __sk_buff *skb, struct fp_ipv6 *ip,
+						  const struct fp_l4 *l4)
+{
+	struct fp_ct6_work *w = fp_ct6_work_scratch();
+	struct fp_quote6 q = {};
+	struct fp_ct6_key *key;
+	struct fp_ct6 *ct;
+	__be16 bport;
+	__u64 now = 0;
+	int tier = 0;
+
+	if (!w || fp_ct6_quote(skb, l4, &q, w))
+		return 0;
+	key = &w->fwd;
+	__builtin_memcpy(key->saddr, w->q_daddr, 16);
+	__builtin_memcpy(key->daddr, w->q_saddr, 16);
+	key->sport = q.dport;
+	key->dport = q.sport;
+	key->proto = q.proto;
+	key->dir = FP_CT_FORWARD;
+	key->pad = 0;
+	ct = fp_ct6_nat_find(key, &tier, &now);
+	if (!ct || (ct->flags & FP_CT_F_HAIRPIN))
+		return 0;
+	__builtin_memcpy(w->new_qsaddr, ct->nat_addr, 16);         /* the backend */
+	__builtin_memcpy(w->new_qdaddr, w->q_daddr, 16);
+	bport = ct->nat_port;
+	__builtin_memcpy(w->odst, fp_ip6_eq(ip->daddr, w->q_saddr) ? w->new_qsaddr : ip->daddr, 16);
+	if (fp_ct6_quote_rewrite(skb, ip, l4, &q, w, bport, q.dport, ip->saddr))
 		return -1;
 	fp_ct_event(FP_CTE_RELATED);
 	return 1;

@@ -479,3 +479,26 @@ def test_client_ip_affinity_keeps_a_pods_new_ipv6_flows_on_one_backend(dp, bpfne
         svc6.delete_service("fd00:16::16", 80, "TCP")
     first = pick(VIP6_AFF)
     assert {pick(VIP6_AFF) for _ in range(12)} == {first}
+
+
+def test_a_clients_error_about_a_reply_goes_to_the_backend_about_what_it_sent(
+        dp, bpfnet, svc6):
+    """The client saw the reply come from the VIP; its error quotes that:
+    the backend must get an error about the datagram it sent."""
+    n = bpfnet
+    sport = next(_sport)
+    run(dp, n, "fp_from_pod", pkt_from(n, "a", POD_A6, VIP6, UDP(sport=sport, dport=53)),
+        "cali_a")
+    reply = pkt_from(n, "b", POD_B6, POD_A6, UDP(sport=5353, dport=sport) / b"answer")
+    r = run(dp, n, "fp_from_pod", reply, "cali_b")
+    seen = IPv6(bytes(Ether(r.out)[IPv6]))            # what the client got
+    assert (seen.src, seen[UDP].sport) == (VIP6, 53)
+    err = pkt_from(n, "a", POD_A6, VIP6, ICMPv6DestUnreach(code=4) / seen)
+    r = run(dp, n, "fp_from_pod", err, "cali_a")
+    assert (r.verdict, r.redirect_ifindex) == (TC_ACT_REDIRECT, n.cali_b.ifindex)
+    o = Ether(r.out)
+    assert (o[IPv6].src, o[IPv6].dst) == (POD_A6, POD_B6)
+    q = o[IPerror6]
+    assert (q.src, q[UDPerror].sport, q.dst, q[UDPerror].dport) == (POD_B6, 5353, POD_A6, sport)
+    assert q[UDPerror].chksum == Ether(bytes(reply))[UDP].chksum
+    assert_icmp6_checksum_valid(r.out, ICMPv6DestUnreach)
