@@ -764,6 +764,23 @@ static __always_inline void fp_frag6_put(struct fp_frag6_key *key, struct fp_fra
 		FP_MAP_FRAG6.update(key, val);
 }
 
+/* An ICMPv6 error being built (lib/icmp6.h), off the IPv6 program's stack:
+ * raw bytes here, its layout is icmp6.h's (asserted there). */
+#define FP_ICMP6_SCRATCH_BYTES 192
+
+struct fp_icmp6_scratch {
+	__u8 bytes[FP_ICMP6_SCRATCH_BYTES];
+};
+
+BPF_PERCPU_ARRAY(fp_icmp6_cpu, struct fp_icmp6_scratch, 1);
+
+static __always_inline void *fp_icmp6_scratch(void)
+{
+	__u32 zero = 0;
+
+	return fp_icmp6_cpu.lookup(&zero);
+}
+
 static __always_inline struct fp_ct6 *fp_ct6_tier_get(int tier, struct fp_ct6_key *key)
 {
 	if (tier == FP_CT_TIER_EST)

@@ -247,31 +247,35 @@ static __always_inline void fp_ct6_move(struct fp_ct6_key *key, struct fp_ct6 *c
 static __always_inline void fp_ct6_nat_seen(struct fp_ct6_key *key, struct fp_ct6 *ct, int tier,
 					    __u8 tcp, int reply, __u64 now)
 {
-	struct fp_ct6_key pkey = {};
+	/* the partner's key in the scratch's `rev` (callers never hold
+	 * anything there across this call) */
+	struct fp_ct6_work *w = fp_ct6_work_scratch();
+	struct fp_ct6_key *pkey;
 	struct fp_ct6 *pct;
 	__u8 flags = ct->flags;
 	__u8 state = fp_ct_step(key->proto, ct->state, &flags, tcp, reply);
 	int ptier = 0, want;
 
-	if (fp_whatif())
+	if (fp_whatif() || !w)
 		return;
+	pkey = &w->rev;
 	if (state == ct->state && flags == ct->flags) {
 		if ((__s64)(now - ct->last_seen) <= (__s64)FP_CT_REFRESH_NS)
 			return;
 		ct->last_seen = now;
-		fp_ct6_partner(key, ct, &pkey);
-		pct = fp_ct6_nat_any(&pkey, tier, &ptier);
+		fp_ct6_partner(key, ct, pkey);
+		pct = fp_ct6_nat_any(pkey, tier, &ptier);
 		if (pct)
 			pct->last_seen = now;
 		if (state == FP_CT_ESTABLISHED && tier != FP_CT_TIER_EST)
-			fp_ct6_move(key, ct, tier, &pkey, pct, ptier, FP_CT_TIER_EST);
+			fp_ct6_move(key, ct, tier, pkey, pct, ptier, FP_CT_TIER_EST);
 		return;
 	}
 	ct->state = state;
 	ct->flags = flags;
 	ct->last_seen = now;
-	fp_ct6_partner(key, ct, &pkey);
-	pct = fp_ct6_nat_any(&pkey, tier, &ptier);
+	fp_ct6_partner(key, ct, pkey);
+	pct = fp_ct6_nat_any(pkey, tier, &ptier);
 	if (pct) {
 		pct->state = state;
 		pct->flags = flags;
@@ -283,7 +287,7 @@ static __always_inline void fp_ct6_nat_seen(struct fp_ct6_key *key, struct fp_ct
 	else if (state == FP_CT_FIN_WAIT || state == FP_CT_CLOSED)
 		want = FP_CT_TIER_NEW;
 	if (want != tier || (pct && ptier != want))
-		fp_ct6_move(key, ct, tier, &pkey, pct, ptier, want);
+		fp_ct6_move(key, ct, tier, pkey, pct, ptier, want);
 }
 
 /* ---- the forward direction ---- */
@@ -665,7 +669,8 @@ static __always_inline int fp_ct6_related_forward(struct __sk_buff *skb, struct 
 static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
 					  struct fp_l4 *l4)
 {
-	struct fp_ct6_key key = {};
+	struct fp_ct6_work *w;
+	struct fp_ct6_key *key;
 	struct fp_ct6 *ct;
 	__u32 vip[4], client[4];
 	__be16 vport;
@@ -676,20 +681,26 @@ static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 
 		return fp_ct6_related_reverse(skb, ip, l4);
 	if (l4->kind != FP_L4_PORTS)
 		return 0;
-	__builtin_memcpy(key.saddr, ip->saddr, 16);
-	__builtin_memcpy(key.daddr, ip->daddr, 16);
-	key.sport = l4->sport;
-	key.dport = l4->dport;
-	key.proto = ip->proto;
-	key.dir = FP_CT_REPLY;
-	ct = fp_ct6_nat_find(&key, &tier, &now);
+	/* the key in the scratch's `fwd` (no translation runs on this packet) */
+	w = fp_ct6_work_scratch();
+	if (!w)
+		return 0;
+	key = &w->fwd;
+	__builtin_memcpy(key->saddr, ip->saddr, 16);
+	__builtin_memcpy(key->daddr, ip->daddr, 16);
+	key->sport = l4->sport;
+	key->dport = l4->dport;
+	key->proto = ip->proto;
+	key->dir = FP_CT_REPLY;
+	key->pad = 0;
+	ct = fp_ct6_nat_find(key, &tier, &now);
 	if (!ct)
 		return 0;
 	__builtin_memcpy(vip, ct->nat_addr, 16);
 	vport = ct->nat_port;
 	hairpin = ct->flags & FP_CT_F_HAIRPIN;
 	/* (the entry may move between tiers here: nothing is read after) */
-	fp_ct6_nat_seen(&key, ct, tier, l4->tcp_flags, 1, now);
+	fp_ct6_nat_seen(key, ct, tier, l4->tcp_flags, 1, now);
 	if (hairpin) {
 		/* the client is the backend itself */
 		__builtin_memcpy(client, ip->saddr, 16);
