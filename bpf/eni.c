@@ -35,6 +35,7 @@
 #include "lib/event6.h"
 #include "lib/guard.h"
 #include "lib/bw.h"
+#include "lib/ct6.h"
 
 struct fp_arrival {
 	__u32 ifindex;         /* HBO: where it arrived */
@@ -244,8 +245,10 @@ int fp_from_vpc(struct __sk_buff *skb)
  *   - neighbour discovery, link-local and multicast go to the stack;
  *   - IPv6 for a local endpoint passes the pod's ingress policy (when
  *     NetworkPolicy is on; a later fragment follows its first one,
- *     lib/policy6.h) and is redirected straight into the pod's netns;
- *     anything else is the node's: the stack;
+ *     lib/policy6.h), then gets its VIP back if it is a remote backend's
+ *     reply of a translated flow, an ICMPv6 error about one, or a later
+ *     fragment of either (lib/ct6.h), and is redirected straight into the
+ *     pod's netns; anything else is the node's: the stack;
  *   - the pod's ingress limits apply before delivery, one budget with its
  *     IPv4 (lib/bw.h, in pod.c fp_deliver_local6). */
 static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
@@ -273,6 +276,21 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 	reason = fp_policy6_stage(skb, FP_DIR_FROM_VPC, &ip, 0);
 	if (reason)
 		return fp_finish_quiet6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT);
+	/* v6ct: a remote backend's reply to a local client (or an ICMPv6
+	 * error about the client's packet, or a later fragment of either) gets
+	 * its VIP back */
+	if (ip.frag == FP_IP6_LATER_FRAG) {
+		if (fp_ct6_frag_follow(skb, &ip) < 0)
+			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, &ip);
+	} else {
+		struct fp_frag6_work *first = fp_ct6_frag_begin(&ip);
+		struct fp_l4 l4 = {};
+
+		fp_parse_l4_6(skb, &ip, &l4);
+		if (fp_ct6_reverse(skb, &ip, &l4) < 0)
+			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, &ip);
+		fp_ct6_frag_end(first, &ip);
+	}
 	return fp_deliver_local6(skb, FP_DIR_FROM_VPC, &ip, dst);
 }
 

@@ -752,8 +752,8 @@ BPF_TABLE_PINNED("lpm_trie", struct fp_lpm6_key, __u32,
 		 FP_MAP_IPCACHE6, FP_IPCACHE_MAX, FP_PIN(FP_MAP_IPCACHE6), BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lru_hash", struct fp_ctpol6_key, struct fp_ctpol4,
 		 FP_MAP_CT_POLICY6, FP_CT_POLICY_MAX, FP_PIN(FP_MAP_CT_POLICY6));
-BPF_TABLE_PINNED("lru_hash", struct fp_frag6_key, struct fp_frag6,
-		 FP_MAP_FRAG6, FP_FRAG_MAX, FP_PIN(FP_MAP_FRAG6));
+BPF_TABLE_PINNED("lru_hash", struct fp_frag6_key, struct fp_polfrag6,
+		 FP_MAP_POLFRAG6, FP_FRAG_MAX, FP_PIN(FP_MAP_POLFRAG6));
 
 static __always_inline __u32 fp_identity6_of(const __u32 *addr)
 {
@@ -776,6 +776,72 @@ static __always_inline void fp_ctpol6_put(struct fp_ctpol6_key *key, struct fp_c
 		FP_MAP_CT_POLICY6.update(key, val);
 }
 
+static __always_inline struct fp_polfrag6 *fp_polfrag6_get(struct fp_frag6_key *key)
+{
+	return FP_MAP_POLFRAG6.lookup(key);
+}
+
+static __always_inline void fp_polfrag6_put(struct fp_frag6_key *key, struct fp_polfrag6 *val)
+{
+	if (!fp_whatif())
+		FP_MAP_POLFRAG6.update(key, val);
+}
+
+/* ---- IPv6 conntrack (v6ct; lib/ct6.h, fastpath.h) ---- */
+
+/* The IPv4 conntrack tiers' twins, of the same sizes. */
+BPF_TABLE_PINNED("hash", struct fp_ct6_key, struct fp_ct6,
+		 FP_MAP_CT6, FP_CT_MAX, FP_PIN(FP_MAP_CT6));
+BPF_TABLE_PINNED("lru_hash", struct fp_ct6_key, struct fp_ct6,
+		 FP_MAP_CT_NEW6, FP_CT_NEW_MAX, FP_PIN(FP_MAP_CT_NEW6));
+
+/* A new IPv6 flow's keys and entries (as fp_ct_work: off the stack). */
+struct fp_ct6_work {
+	struct fp_ct6_key fwd;
+	struct fp_ct6_key rev;
+	struct fp_ct6_key old_rev;
+	struct fp_ct6 entry;
+	struct fp_ct6 reply;
+	/* an ICMPv6 error's rewrite (lib/ct6.h fp_ct6_related_*): the quoted
+	 * addresses, the new ones, the error's new destination, the quoted
+	 * words before and after */
+	__u32 q_saddr[4];
+	__u32 q_daddr[4];
+	__u32 new_qsaddr[4];
+	__u32 new_qdaddr[4];
+	__u32 odst[4];
+	__be32 o[9];
+	__be32 n[9];
+};
+
+BPF_PERCPU_ARRAY(fp_ct6_work_cpu, struct fp_ct6_work, 1);
+
+static __always_inline struct fp_ct6_work *fp_ct6_work_scratch(void)
+{
+	__u32 zero = 0;
+
+	return fp_ct6_work_cpu.lookup(&zero);
+}
+
+/* Fragments of translated IPv6 flows (fastpath.h), and a record being
+ * built or looked up, off the stack. */
+BPF_TABLE_PINNED("lru_hash", struct fp_frag6_key, struct fp_frag6,
+		 FP_MAP_FRAG6, FP_FRAG_MAX, FP_PIN(FP_MAP_FRAG6));
+
+struct fp_frag6_work {
+	struct fp_frag6_key key;
+	struct fp_frag6 val;
+};
+
+BPF_PERCPU_ARRAY(fp_frag6_work_cpu, struct fp_frag6_work, 1);
+
+static __always_inline struct fp_frag6_work *fp_frag6_scratch(void)
+{
+	__u32 zero = 0;
+
+	return fp_frag6_work_cpu.lookup(&zero);
+}
+
 static __always_inline struct fp_frag6 *fp_frag6_get(struct fp_frag6_key *key)
 {
 	return FP_MAP_FRAG6.lookup(key);
@@ -785,4 +851,47 @@ static __always_inline void fp_frag6_put(struct fp_frag6_key *key, struct fp_fra
 {
 	if (!fp_whatif())
 		FP_MAP_FRAG6.update(key, val);
+}
+
+/* An ICMPv6 error being built (lib/icmp6.h), off the IPv6 program's stack:
+ * raw bytes here, its layout is icmp6.h's (asserted there). */
+#define FP_ICMP6_SCRATCH_BYTES 192
+
+struct fp_icmp6_scratch {
+	__u8 bytes[FP_ICMP6_SCRATCH_BYTES];
+};
+
+BPF_PERCPU_ARRAY(fp_icmp6_cpu, struct fp_icmp6_scratch, 1);
+
+static __always_inline void *fp_icmp6_scratch(void)
+{
+	__u32 zero = 0;
+
+	return fp_icmp6_cpu.lookup(&zero);
+}
+
+static __always_inline struct fp_ct6 *fp_ct6_tier_get(int tier, struct fp_ct6_key *key)
+{
+	if (tier == FP_CT_TIER_EST)
+		return FP_MAP_CT6.lookup(key);
+	return FP_MAP_CT_NEW6.lookup(key);
+}
+
+static __always_inline int fp_ct6_tier_put(int tier, struct fp_ct6_key *key, struct fp_ct6 *val)
+{
+	if (fp_whatif())
+		return 0;
+	if (tier == FP_CT_TIER_EST)
+		return FP_MAP_CT6.update(key, val);
+	return FP_MAP_CT_NEW6.update(key, val);
+}
+
+static __always_inline void fp_ct6_tier_del(int tier, struct fp_ct6_key *key)
+{
+	if (fp_whatif())
+		return;
+	if (tier == FP_CT_TIER_EST)
+		FP_MAP_CT6.delete(key);
+	else
+		FP_MAP_CT_NEW6.delete(key);
 }

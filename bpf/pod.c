@@ -46,6 +46,8 @@
 #include "lib/policy6.h"
 #include "lib/guard.h"
 #include "lib/bw.h"
+#include "lib/ct6.h"
+#include "lib/icmp6.h"
 
 /* What a packet looked like on arrival, for reports and fragment records. */
 struct fp_seen {
@@ -250,7 +252,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 						&seen, &l4, NULL);
 		if (rc == 0) {
 			translated = 1;
-			fp_count(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len);
+			fp_count_family(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len, FP_FAM_IPV6);
 			hairpin = ip.saddr == FP_HAIRPIN_IP;
 		} else if (l4.kind == FP_L4_ICMP_ERR) {
 			/* a client's error about a reply it got from a VIP */
@@ -482,6 +484,93 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
 	return fp_finish6(skb, dir, reason, verdict, ip);
 }
 
+/* ---- IPv6 Services per packet (v6ct; lib/ct6.h) ----
+ *
+ * What fp_from_pod6 does for a registered pod's IPv6 packet before its
+ * bypass check and forwarding, as fp_from_pod does for IPv4:
+ *   - the reply of a hairpinned flow (to FP_HAIRPIN_IP6) gets the VIP as
+ *     its source and the pod as its destination, and goes back into it;
+ *   - a TCP/UDP packet to an IPv6 frontend is translated to a backend
+ *     (conntrack keeps the flow on it; a mid-stream packet conntrack does
+ *     not know is dropped), then forwarded like any packet; without a
+ *     backend the pod gets ICMPv6 port unreachable;
+ *   - a new flow to a live IPv6 ClusterIP's unknown port is rejected, one
+ *     to an unallocated address of an IPv6 Service CIDR dropped;
+ *   - a reply of a translated flow for a local pod gets its VIP back.
+ * Returns a verdict, or FP_WALK_ON to go on with the (rewritten) packet.
+ * Drops are reported to the monitor as the other IPv6 drops are (without
+ * addresses: the event record holds IPv4's). */
+#define FP_RESTORE6_LOCAL   1   /* a translated flow's reply for a local pod */
+#define FP_RESTORE6_HAIRPIN 2   /* the reply of a hairpinned flow */
+
+static __always_inline int fp_drop6(struct __sk_buff *skb, enum fp_reason reason,
+				    struct fp_ipv6 *ip, int verdict)
+{
+	return fp_finish6(skb, FP_DIR_FROM_POD, reason, verdict, ip);
+}
+
+/* Translation of a new or known flow; what needs its VIP back is left to
+ * the caller (*restore), which restores it after NetworkPolicy has judged
+ * the packet as it was sent, as for IPv4. */
+static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struct fp_ipv6 *ip,
+						    struct fp_l4 *l4, int *restore)
+{
+	enum fp_reason reason = FP_FWD_STACK;
+	int rc;
+
+	fp_parse_l4_6(skb, ip, l4);
+	if (fp_ip6_is_hairpin(ip->daddr)) {
+		*restore = FP_RESTORE6_HAIRPIN;
+		return FP_WALK_ON;
+	}
+	rc = fp_ct6_service(skb, ip, l4, &reason);
+	if (rc == 0) {
+		fp_count_family(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len, FP_FAM_IPV6);
+		return FP_WALK_ON;
+	}
+	if (rc < 0 && reason == FP_DROP_NO_BACKEND)
+		return fp_drop6(skb, reason, ip,
+				fp_reject_icmp6(skb, ip, FP_ICMP6_PORT_UNREACH, reason));
+	if (rc < 0)
+		return fp_drop6(skb, reason, ip, TC_ACT_SHOT);
+	if (l4->kind == FP_L4_ICMP_ERR) {
+		/* a client's error about a reply it got from a VIP: on to
+		 * the backend (nothing to restore then) */
+		rc = fp_ct6_related_forward(skb, ip, l4);
+		if (rc < 0)
+			return fp_drop6(skb, FP_DROP_CSUM, ip, TC_ACT_SHOT);
+		if (rc > 0)
+			return FP_WALK_ON;
+	} else {
+		fp_ct6_forget_reply(ip, l4);
+		reason = fp_svcnet6_check(ip, l4);
+		if (reason == FP_DROP_SVC_UNKNOWN_PORT)
+			return fp_drop6(skb, reason, ip,
+					fp_reject_icmp6(skb, ip, FP_ICMP6_PORT_UNREACH, reason));
+		if (reason)
+			return fp_drop6(skb, reason, ip, TC_ACT_SHOT);
+	}
+	if (fp_endpoint6_lookup(ip->daddr))
+		*restore = FP_RESTORE6_LOCAL;
+	return FP_WALK_ON;
+}
+
+/* The fragments of a datagram get what its first fragment got: its
+ * translation (or restoration) is recorded for them (lib/ct6.h) by the
+ * caller, once the packet is final (*first: the record being built). */
+static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp_ipv6 *ip,
+						struct fp_l4 *l4, int *restore,
+						struct fp_frag6_work **first)
+{
+	if (ip->frag == FP_IP6_LATER_FRAG) {
+		if (fp_ct6_frag_follow(skb, ip) < 0)
+			return fp_drop6(skb, FP_DROP_CSUM, ip, TC_ACT_SHOT);
+		return FP_WALK_ON;
+	}
+	*first = fp_ct6_frag_begin(ip);
+	return fp_from_pod6_service_run(skb, ip, l4, restore);
+}
+
 /* ---- IPv6 (docs/ipv6.md) ----
  *
  * fp_from_pod6 (reached from fp_from_pod by FP_TAIL_FROM_POD6, after the
@@ -494,9 +583,14 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
  *   - the source must be the endpoint registered on this veth (as for
  *     IPv4 on a veth without a registration: an unknown source goes to the
  *     stack, another local pod's address is dropped as spoofed);
+ *   - IPv6 Services per packet (fp_from_pod6_service above: translation,
+ *     RELATED ICMPv6 errors and fragments of translated flows, reject and
+ *     drop);
  *   - with NetworkPolicy on, a new flow must pass the pod's egress and,
- *     when the destination is a pod of this node, that pod's ingress; a
- *     later fragment follows its first one (lib/policy6.h);
+ *     when the destination is a pod of this node, that pod's ingress, after
+ *     translation and before a local client's reply gets its VIP back (as
+ *     for IPv4); a later fragment follows its first one (lib/policy6.h); a
+ *     pod reaching itself through a Service is not judged;
  *   - the pod's egress limits apply, one budget with its IPv4 (lib/bw.h;
  *     a local destination's ingress limits apply at its delivery);
  *   - host-stack bypass prefixes of IPv6 (host_stack_cidrs, service_cidrs)
@@ -507,9 +601,11 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
 static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
+	struct fp_l4 l4 = {};
+	struct fp_frag6_work *first = NULL;
 	struct fp_endpoint *src, *dst;
 	enum fp_reason reason = FP_FWD_STACK;
-	int verdict;
+	int verdict, restore = 0;
 
 	switch (fp_parse_ipv6(skb, &ip)) {
 	case FP_PARSE_IPV6:
@@ -530,12 +626,23 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
 	if (src->host_ifindex != skb->ifindex)
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT, &ip);
-	reason = fp_policy6_stage(skb, FP_DIR_FROM_POD, &ip, fp_policy6_pod(ip.saddr));
-	if (reason)
-		return fp_finish_quiet6(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+	/* IPv6 Services per packet (v6ct) */
+	verdict = fp_from_pod6_service(skb, &ip, &l4, &restore, &first);
+	if (verdict != FP_WALK_ON)
+		return verdict;
+	if (restore != FP_RESTORE6_HAIRPIN && !fp_ip6_is_hairpin(ip.saddr)) {
+		reason = fp_policy6_stage(skb, FP_DIR_FROM_POD, &ip, fp_policy6_pod(ip.saddr));
+		if (reason)
+			return fp_finish_quiet6(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+	}
+	if (restore && fp_ct6_reverse(skb, &ip, &l4) < 0)
+		return fp_drop6(skb, FP_DROP_CSUM, &ip, TC_ACT_SHOT);
+	if (first)
+		fp_ct6_frag_end(first, &ip);
 	reason = FP_FWD_STACK;
 	/* Bandwidth manager (lib/bw.h): the pod's egress limits, shared with
-	 * its IPv4 */
+	 * its IPv4 (the key is the source endpoint's, whatever the source
+	 * address has become) */
 	if (fp_bw_from_pod6(skb, &ip, src, &reason) < 0)
 		return fp_finish6(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT, &ip);
 	reason = FP_FWD_STACK;

@@ -157,8 +157,9 @@ def cmd_service_get(ctx, args) -> int:
 # -- conntrack ---------------------------------------------------------------
 
 # The conntrack maps as `ct list` shows them: translated flows, established
-# and new, then flows NetworkPolicy admitted.
-CT_TABLES = (("established", "ct"), ("new", "ct_new"), ("policy", "ct_policy"))
+# and new, of each family, then flows NetworkPolicy admitted.
+CT_TABLES = (("established", "ct"), ("new", "ct_new"), ("established6", "ct6"),
+             ("new6", "ct_new6"), ("policy", "ct_policy"))
 
 
 def data_ct(ctx, args=None) -> list[dict]:

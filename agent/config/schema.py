@@ -40,6 +40,12 @@ def _ipv6_link_local(value: str) -> None:
                          "gateway on their own link")
 
 
+def _ipv6_global(value: str) -> None:
+    a = ipaddress.IPv6Address(value)
+    if a.is_link_local or a.is_multicast or a.is_unspecified or a.is_loopback:
+        raise ValueError("expected an IPv6 unicast address of global scope")
+
+
 def _abs_path_or_empty(value: str) -> None:
     if value and not value.startswith("/"):
         raise ValueError("expected an absolute path (or empty)")
@@ -200,6 +206,10 @@ KEYS: tuple[Key, ...] = (
         "default route (Terway's --local-router-ipv6), answered by the host veth; the "
         "simulated node lays pods out with it, and fastpath leaves link-local traffic to the "
         "stack", check=_ipv6_link_local),
+    Key("hairpin_source_ipv6", str, "fd00::a9fe:a01", "the address fastpath sources "
+        "hairpinned IPv6 Service traffic from (a pod reaching itself through an IPv6 ClusterIP): one no "
+        "pod, node or Service uses, of global scope (a pod answers a link-local source from "
+        "its own link-local address)", check=_ipv6_global),
     Key("policy_map_size", int, 65536, "max NetworkPolicy rule entries (pod, peer identity, "
         "direction, protocol, port block) on this node", minimum=16, maximum=1 << 22),
     Key("ipcache_map_size", int, 65536, "max NetworkPolicy peer prefixes (pod and node /32s, "

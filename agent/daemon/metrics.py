@@ -86,9 +86,10 @@ def count_keys(fd: int, key_size: int, limit: int, on_key=None) -> int:
 class ConntrackTally:
     """Counts conntrack keys by (protocol, direction) during key walks of
     the conntrack maps; the field offsets come from the compiled key type
-    (fastpath.h's fp_ct4_key)."""
+    (fastpath.h's fp_ct4_key, or fp_ct6_key for the IPv6 maps: a tally per
+    key type, sharing `counts`)."""
 
-    def __init__(self, key_type, counts=None):
+    def __init__(self, key_type, counts: dict | None = None):
         from agent.datapath.maps import DEFS, PROTO_NAME
         self.proto_at = key_type.proto.offset
         # the IPv6 policy table's keys have no direction: all are policy's
@@ -289,34 +290,30 @@ class DatapathCollector:
         conntrack = GaugeMetricFamily(
             "fastpath_conntrack_entries", "Conntrack entries, by protocol and direction "
             "(forward: client to Service; reply: backend to client; policy: a flow admitted "
-            "by NetworkPolicy), over the established, new and policy maps (IPv6 policy "
-            "flows included).",
+            "by NetworkPolicy), over the established, new and policy maps of both families.",
             labels=["protocol", "direction"])
         from agent.datapath.maps import MAP
-        ct_names = {MAP["FP_MAP_CT"], MAP["FP_MAP_CT_NEW"], MAP["FP_MAP_CT_POLICY"]}
+        ct_names = {MAP["FP_MAP_CT"], MAP["FP_MAP_CT_NEW"], MAP["FP_MAP_CT_POLICY"],
+                    MAP["FP_MAP_CT6"], MAP["FP_MAP_CT_NEW6"]}
         ct6_name = MAP["FP_MAP_CT_POLICY6"]
         tally = tally6 = None
+        counts: dict = {}
         for name in pinned_map_names():
             table = dp.module.table(name)
             fd = table.map_fd
             info = libbpf.map_info(fd)
             if info.type in ARRAY_TYPES:
                 continue     # arrays cannot fill up; a ring buffer has no entries
-            if name in ct_names and tally is None:
-                tally = ConntrackTally(table.Key)
+            if name in ct_names:
+                tally = ConntrackTally(table.Key, counts)
             if name == ct6_name:
-                tally6 = ConntrackTally(table.Key)
+                tally6 = ConntrackTally(table.Key, counts)
             n = count_keys(fd, info.key_size, info.max_entries,
                            tally if name in ct_names else tally6 if name == ct6_name else None)
             entries.add_metric([name], n)
             capacity.add_metric([name], info.max_entries)
             pressure.add_metric([name], n / info.max_entries if info.max_entries else 0.0)
-        if tally6 is not None:
-            if tally is None:
-                tally = tally6
-            else:
-                for key, k in tally6.counts.items():
-                    tally.counts[key] = tally.counts.get(key, 0) + k
+        tally = tally or tally6       # one `counts`, shared by both
         if tally is not None:
             for proto, direction, k in tally.rows():
                 conntrack.add_metric([proto, direction], k)
@@ -455,7 +452,8 @@ class AgentMetrics:
         from agent.datapath.maps import MAP
         self.restored_services.set(len(datapath.lb.services()))
         n = 0
-        for macro in ("FP_MAP_CT", "FP_MAP_CT_NEW", "FP_MAP_CT_POLICY"):
+        for macro in ("FP_MAP_CT", "FP_MAP_CT_NEW", "FP_MAP_CT_POLICY", "FP_MAP_CT6",
+                      "FP_MAP_CT_NEW6"):
             fd = datapath.module.table(MAP[macro]).map_fd
             info = libbpf.map_info(fd)
             n += count_keys(fd, info.key_size, info.max_entries)

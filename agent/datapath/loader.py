@@ -78,6 +78,7 @@ class BuildOptions:
     affinity_max: int
     sockrev_max: int
     hairpin_ip: str = "169.254.10.1"
+    hairpin_ip6: str = "fd00::a9fe:a01"
     policy_max: int = 65536
     ipcache_max: int = 65536
     maglev_m: int = 1021
@@ -113,7 +114,8 @@ class BuildOptions:
                    ct_tcp_fin=config.conntrack_tcp_fin_timeout,
                    ct_tcp_close=config.conntrack_tcp_close_timeout,
                    ct_other=config.conntrack_idle_timeout,
-                   bw_flows_max=config.bandwidth_flows_map_size, test_build=test_build)
+                   bw_flows_max=config.bandwidth_flows_map_size,
+                   hairpin_ip6=config.hairpin_source_ipv6, test_build=test_build)
 
     def lifetimes(self) -> "Lifetimes":
         """The conntrack lifetimes these programs apply (the agent's GC
@@ -154,6 +156,8 @@ class BuildOptions:
             f"-DFP_BWCNT_MAX={self.endpoints_max * 12}",
             # as the raw value of a __be32 field, to compare without swapping
             f"-DFP_HAIRPIN_IP={_be32_literal(self.hairpin_ip)}",
+            # the IPv6 one as four such __u32 words (lib/ct6.h)
+            *(f"-DFP_HAIRPIN_IP6_{i}={w}" for i, w in enumerate(_be128_words(self.hairpin_ip6))),
             "-Wno-unused-function",
         ]
         if self.set_retval:
@@ -179,6 +183,13 @@ def kernel_has_set_retval() -> bool:
 def _be32_literal(ip: str) -> str:
     from agent.datapath.maps import be32
     return f"0x{be32(ip):08x}U"
+
+
+def _be128_words(ip: str) -> list[str]:
+    import socket
+    import struct
+    raw = socket.inet_pton(socket.AF_INET6, ip)
+    return [f"0x{w:08x}U" for w in struct.unpack("=4I", raw)]
 
 
 def program_text() -> str:

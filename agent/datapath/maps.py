@@ -32,6 +32,14 @@ def ip_from_be32(value: int) -> str:
     return socket.inet_ntoa(struct.pack("=I", value))
 
 
+def ip_text(value) -> str:
+    """An address as conntrack keys hold it: a raw __be32 (IPv4) or the
+    16 bytes of an IPv6 address."""
+    if isinstance(value, (bytes, bytearray)):
+        return str(ipaddress.IPv6Address(bytes(value)))
+    return ip_from_be32(value)
+
+
 def mac_bytes(mac: str) -> bytes:
     b = bytes(int(x, 16) for x in mac.split(":"))
     if len(b) != 6:
@@ -320,13 +328,18 @@ class CtRow:
 class CtMaps:
     """The conntrack maps (bpf/include/fastpath.h), their entries as data.
 
-    Translated flows live in two tables, "established" (FP_MAP_CT, a hash
-    nothing evicts) and "new" (FP_MAP_CT_NEW, an LRU); flows NetworkPolicy
-    admitted in "policy". Keys and values are agent.model.conntrack tuples,
-    read in batches (agent/datapath/mapio) and unpacked by the compiled
-    layouts; what to delete is agent/conntrack's decision."""
+    Translated flows live in two tables per family, "established" (FP_MAP_CT,
+    a hash nothing evicts) and "new" (FP_MAP_CT_NEW, an LRU), and their IPv6
+    twins "established6" (FP_MAP_CT6) and "new6" (FP_MAP_CT_NEW6), whose
+    keys and values hold 16-byte addresses (bytes, where IPv4's are raw
+    __be32 integers); flows NetworkPolicy admitted in "policy". Keys and
+    values are agent.model.conntrack tuples, read in batches
+    (agent/datapath/mapio) and unpacked by the compiled layouts; what to
+    delete is agent/conntrack's decision, the same for both families."""
 
-    NAT_TABLES = {"established": "FP_MAP_CT", "new": "FP_MAP_CT_NEW"}
+    NAT_TABLES = {"established": "FP_MAP_CT", "new": "FP_MAP_CT_NEW",
+                  "established6": "FP_MAP_CT6", "new6": "FP_MAP_CT_NEW6"}
+    IPV6_TABLES = frozenset({"established6", "new6"})
 
     def __init__(self, tables):
         from agent.model import conntrack as model
@@ -335,50 +348,46 @@ class CtMaps:
         self.tables = {t: tables[MAP[m]] for t, m in self.NAT_TABLES.items()}
         self.tables["policy"] = tables[MAP["FP_MAP_CT_POLICY"]]
         self.frag = tables[MAP["FP_MAP_FRAG"]]
-        nat = self.tables["established"]
-        pol = self.tables["policy"]
-        self.key_size = ct.sizeof(nat.Key)
-        self._key = mapio.Unpacker(mapio.fields_of(nat.Key), self.key_size, model.CtKey._fields)
-        self._key_fields = mapio.fields_of(nat.Key)
-        self._nat_size = ct.sizeof(nat.Leaf)
-        self._nat = mapio.Unpacker(mapio.fields_of(nat.Leaf), self._nat_size,
-                                   model.CtValue._fields)
-        self._nat_fields = mapio.fields_of(nat.Leaf)
-        self._pol_size = ct.sizeof(pol.Leaf)
-        self._pol = mapio.Unpacker(mapio.fields_of(pol.Leaf), self._pol_size,
-                                   model.PolicyValue._fields)
-        self._pol_fields = mapio.fields_of(pol.Leaf)
+        # per table: (key size, key unpacker, key fields, value size,
+        # value unpacker, value fields)
+        self._layout = {}
+        for table, t in self.tables.items():
+            kf, vf = mapio.fields_of(t.Key), mapio.fields_of(t.Leaf)
+            ks, vs = ct.sizeof(t.Key), ct.sizeof(t.Leaf)
+            vnames = model.PolicyValue._fields if table == "policy" else model.CtValue._fields
+            self._layout[table] = (ks, mapio.Unpacker(kf, ks, model.CtKey._fields), kf,
+                                   vs, mapio.Unpacker(vf, vs, vnames), vf)
+        self.key_size = self._layout["established"][0]
         self._frag_ks, self._frag_vs = ct.sizeof(self.frag.Key), ct.sizeof(self.frag.Leaf)
         self._frag_seen = mapio.Unpacker(mapio.fields_of(self.frag.Leaf), self._frag_vs,
                                          ("first_seen",))
         # IPv6 flows NetworkPolicy admitted, and IPv6 fragment records:
         # tables of their own (keys kept as bytes; the value is IPv4's)
         self.pol6 = tables[MAP["FP_MAP_CT_POLICY6"]]
-        self.frag6 = tables[MAP["FP_MAP_FRAG6"]]
-        self._pol6_ks = ct.sizeof(self.pol6.Key)
+        self.frag6 = tables[MAP["FP_MAP_POLFRAG6"]]
+        self._pol6_ks, self._pol6_vs = ct.sizeof(self.pol6.Key), ct.sizeof(self.pol6.Leaf)
+        self._pol6_val = mapio.Unpacker(mapio.fields_of(self.pol6.Leaf), self._pol6_vs,
+                                        model.PolicyValue._fields)
         self._pol6_proto = self.pol6.Key.proto.offset
         self._frag6_ks, self._frag6_vs = ct.sizeof(self.frag6.Key), ct.sizeof(self.frag6.Leaf)
         self._frag6_seen = mapio.Unpacker(mapio.fields_of(self.frag6.Leaf), self._frag6_vs,
                                           ("first_seen",))
 
-    def _walk(self, table: str, unpack_value, vsize):
+    def _walk(self, table: str, make):
         from agent.datapath import mapio
-        t = self.tables[table]
+        ks, kun, _, vs, vun, _ = self._layout[table]
         out = []
-        for kb, vb, _ in mapio.batches(t.map_fd, self.key_size, vsize):
-            out.extend(zip(map(self._m.CtKey._make, self._key.many(kb)),
-                           unpack_value(vb)))
+        for kb, vb, _ in mapio.batches(self.tables[table].map_fd, ks, vs):
+            out.extend(zip(map(self._m.CtKey._make, kun.many(kb)), map(make, vun.many(vb))))
         return out
 
     def nat_entries(self, table: str) -> list[tuple]:
         """(CtKey, CtValue) of one translated-flow table."""
-        V = self._m.CtValue._make
-        return self._walk(table, lambda vb: map(V, self._nat.many(vb)), self._nat_size)
+        return self._walk(table, self._m.CtValue._make)
 
     def policy_entries(self) -> list[tuple]:
         """(CtKey, PolicyValue) of the policy table."""
-        V = self._m.PolicyValue._make
-        return self._walk("policy", lambda vb: map(V, self._pol.many(vb)), self._pol_size)
+        return self._walk("policy", self._m.PolicyValue._make)
 
     def frag_entries(self, v6: bool = False) -> list[tuple[bytes, int]]:
         """(raw key, first_seen) of the fragment records (v6: the IPv6 ones)."""
@@ -397,37 +406,38 @@ class CtMaps:
         from agent.datapath import mapio
         V, ks = self._m.PolicyValue._make, self._pol6_ks
         out = []
-        for kb, vb, n in mapio.batches(self.pol6.map_fd, ks, self._pol_size):
+        for kb, vb, n in mapio.batches(self.pol6.map_fd, ks, self._pol6_vs):
             kraw = bytes(kb)
-            vals = [V(v) for v in self._pol.many(vb)]
+            vals = [V(v) for v in self._pol6_val.many(vb)]
             for i in range(n):
                 raw = kraw[i * ks:(i + 1) * ks]
                 out.append((self._m.Ct6Key(raw, raw[self._pol6_proto]), vals[i]))
         return out
 
-    def key_bytes(self, key) -> bytes:
+    def key_bytes(self, key, table: str = "established") -> bytes:
         from agent.datapath import mapio
-        return mapio.pack(self._key_fields, self.key_size, key._asdict())
+        ks, _, kf, *_ = self._layout[table]
+        return mapio.pack(kf, ks, key._asdict())
+
+    def _value(self, table: str, raw):
+        V = self._m.PolicyValue if table == "policy" else self._m.CtValue
+        return V._make(self._layout[table][4].one(raw))
 
     def get(self, table: str, key):
         """The value of `key` in `table` now (a CtValue or PolicyValue), or None."""
         from agent.datapath import mapio
         if table == "policy6":
-            raw = mapio.lookup(self.pol6.map_fd, key.raw, self._pol_size)
-            return None if raw is None else self._m.PolicyValue._make(self._pol.one(raw))
-        if table == "policy":
-            raw = mapio.lookup(self.tables[table].map_fd, self.key_bytes(key), self._pol_size)
-            return None if raw is None else self._m.PolicyValue._make(self._pol.one(raw))
-        raw = mapio.lookup(self.tables[table].map_fd, self.key_bytes(key), self._nat_size)
-        return None if raw is None else self._m.CtValue._make(self._nat.one(raw))
+            raw = mapio.lookup(self.pol6.map_fd, key.raw, self._pol6_vs)
+            return None if raw is None else self._m.PolicyValue._make(self._pol6_val.one(raw))
+        raw = mapio.lookup(self.tables[table].map_fd, self.key_bytes(key, table),
+                           self._layout[table][3])
+        return None if raw is None else self._value(table, raw)
 
     def put(self, table: str, key, value) -> None:
         from agent.datapath import mapio
-        if table == "policy":
-            raw = mapio.pack(self._pol_fields, self._pol_size, value._asdict())
-        else:
-            raw = mapio.pack(self._nat_fields, self._nat_size, value._asdict())
-        err = mapio.update(self.tables[table].map_fd, self.key_bytes(key), raw)
+        _, _, _, vs, _, vf = self._layout[table]
+        raw = mapio.pack(vf, vs, value._asdict())
+        err = mapio.update(self.tables[table].map_fd, self.key_bytes(key, table), raw)
         if err:
             raise OSError(err, f"conntrack {table}: update: {os.strerror(err)}")
 
@@ -437,7 +447,8 @@ class CtMaps:
         from agent.datapath import mapio
         if table == "policy6":
             return mapio.delete_batch(self.pol6.map_fd, [k.raw for k in keys])
-        return mapio.delete_batch(self.tables[table].map_fd, [self.key_bytes(k) for k in keys])
+        return mapio.delete_batch(self.tables[table].map_fd,
+                                  [self.key_bytes(k, table) for k in keys])
 
     def delete_frag(self, raw_keys, v6: bool = False) -> int:
         from agent.datapath import mapio
@@ -448,10 +459,9 @@ class CtMaps:
         from agent.datapath import mapio
         n = 0
         for table, t in self.tables.items():
-            vsize = self._pol_size if table == "policy" else self._nat_size
-            keys = [k for kb, _, cnt in mapio.batches(t.map_fd, self.key_size, vsize)
-                    for k in (bytes(kb)[i * self.key_size:(i + 1) * self.key_size]
-                              for i in range(cnt))]
+            ks, _, _, vs, _, _ = self._layout[table]
+            keys = [k for kb, _, cnt in mapio.batches(t.map_fd, ks, vs)
+                    for k in (bytes(kb)[i * ks:(i + 1) * ks] for i in range(cnt))]
             n += mapio.delete_batch(t.map_fd, keys)
         n += self.delete("policy6", [k for k, _ in self.policy6_entries()])
         self.delete_frag(k for k, _ in self.frag_entries())
@@ -467,10 +477,10 @@ class CtMaps:
         rows = []
         for table in self.NAT_TABLES:
             for k, v in self.nat_entries(table):
-                rows.append(CtRow(ip_from_be32(k.saddr), port_from_be16(k.sport),
-                                  ip_from_be32(k.daddr), port_from_be16(k.dport),
+                rows.append(CtRow(ip_text(k.saddr), port_from_be16(k.sport),
+                                  ip_text(k.daddr), port_from_be16(k.dport),
                                   FLOW_PROTO_NAME.get(k.proto, str(k.proto)),
-                                  DIRECTIONS.get(k.dir, str(k.dir)), ip_from_be32(v.nat_addr),
+                                  DIRECTIONS.get(k.dir, str(k.dir)), ip_text(v.nat_addr),
                                   port_from_be16(v.nat_port), v.backend_id, v.svc_id,
                                   v.last_seen, state_label(v.state), table, v.flags))
         for k, v in self.policy_entries():

@@ -42,6 +42,7 @@ FLAG_PREFIX = {
     ("fp_svc4", "flags"): "FP_SVC_F_",
     ("fp_backend4", "flags"): "FP_BE_F_",
     ("fp_ct4", "flags"): "FP_CT_F_",
+    ("fp_ct6", "flags"): "FP_CT_F_",
     ("fp_ctpol4", "flags"): "FP_CT_F_",
     ("fp_config", "flags"): "FP_CFG_F_",
     ("fp_monitor", "events"): "FP_MON_EV_",
@@ -99,7 +100,7 @@ def enum_label(struct_name: str, field: str, value: int) -> str | None:
     if field == "reason":
         return d.reason(value)
     if field == "dir":
-        if struct_name.startswith("fp_ct4"):
+        if struct_name.startswith(("fp_ct4", "fp_ct6")):
             return {d.defines[f"FP_CT_{n}"]: n.lower() for n in CT_DIRS
                     if f"FP_CT_{n}" in d.defines}.get(value, f"dir-{value}")
         if struct_name.startswith("fp_pol"):
@@ -300,5 +301,8 @@ def encode_key(schema, type_name: str, /, **fields) -> bytes:
             v = struct.unpack("=I", struct.pack("!I", v))[0] if isinstance(v, int) else ip4_raw(v)
         elif kinds[name] == "__be16":
             v = encode_port(v)
+        elif isinstance(v, str):
+            # a 16-byte address field (__u8[16]) given as IPv6 text
+            v = (ct.c_uint8 * 16)(*socket.inet_pton(socket.AF_INET6, v))
         setattr(obj, name, v)
     return bytes(obj)

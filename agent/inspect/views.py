@@ -15,10 +15,12 @@ from agent.inspect.decode import PROTO_NUMBERS
 
 
 def _ipkey(ip: str):
+    """A sort key for addresses of both families (IPv4 first)."""
     try:
-        return ipaddress.ip_address(ip)
+        a = ipaddress.ip_address(ip)
     except ValueError:
-        return ipaddress.ip_address("0.0.0.0")
+        a = ipaddress.ip_address("0.0.0.0")
+    return a.version, int(a)
 
 
 # -- endpoints ---------------------------------------------------------------
@@ -163,7 +165,7 @@ def ct_rows(entries: list[dict], now_ns: int, table: str = "") -> list[dict]:
     that opened the flow, `frontend` the Service address it asked for and
     `backend` the address it was translated to, whichever direction the
     entry is for. `table`: the map the entries come from (established, new
-    or policy), kept in each row."""
+    or policy; established6 and new6 for IPv6 flows), kept in each row."""
     rows = []
     for e in entries:
         k, v = e["key"], e["value"]

@@ -859,14 +859,15 @@ _Static_assert(sizeof(struct fp_pod_route_slot) == FP_POD_ROUTE_BYTES, "fp_pod_r
  *   FP_MAP_CT_POLICY6 LRU: IPv6 flows NetworkPolicy admitted, one entry per
  *                     flow, lower (address, port) end first, value
  *                     struct fp_ctpol4 (state and lifetimes as IPv4's).
- *   FP_MAP_FRAG6      LRU: the verdict of an IPv6 datagram's first
- *                     fragment, for the fragments after it.
+ *   FP_MAP_POLFRAG6   LRU: the policy verdict of an IPv6 datagram's first
+ *                     fragment, for the fragments after it (translated
+ *                     datagrams' addresses are FP_MAP_FRAG6's, below).
  * The isolation and rules of a pod stay in FP_MAP_POLICY_EP / FP_MAP_POLICY,
  * keyed by the pod's 32-bit key (its IPv4 address today), which the IPv6
  * programs find from the packet's pod (lib/policy6.h: fp_policy6_pod). */
 #define FP_MAP_IPCACHE6    fp_ipcache6_v1
 #define FP_MAP_CT_POLICY6  fp_ctpol6_v1
-#define FP_MAP_FRAG6       fp_polfrag6_v1
+#define FP_MAP_POLFRAG6    fp_polfrag6_v1
 
 struct fp_ctpol6_key {
 	__u8 saddr[16];        /* NBO: the lower (address, port) end */
@@ -887,18 +888,75 @@ struct fp_frag6_key {
 };
 _Static_assert(sizeof(struct fp_frag6_key) == 40, "fp_frag6_key layout");
 
-/* IPv6 has no translation yet: a record is the first fragment's verdict. */
-struct fp_frag6 {
+/* Keyed by struct fp_frag6_key: the first fragment's policy verdict. */
+struct fp_polfrag6 {
 	__u64 first_seen;      /* HBO: ns */
 	__be16 sport;          /* NBO: the first fragment's ports */
 	__be16 dport;          /* NBO */
 	__u16 reason;          /* HBO: enum fp_reason of the first fragment */
 	__u16 pad;
 };
-_Static_assert(sizeof(struct fp_frag6) == 16, "fp_frag6 layout");
+_Static_assert(sizeof(struct fp_polfrag6) == 16, "fp_polfrag6 layout");
 
 /* IPv6 the stack delivers to a pod: fp_to_pod hands it to fp_to_pod6
  * (bpf/pod.c), which judges the pod's ingress policy. */
 #define FP_TAIL_TO_POD6        3
+
+/* ---- IPv6 conntrack (v6ct: bpf/lib/ct6.h; docs/conntrack.md) ----
+ *
+ * Translated IPv6 flows (pods' IPv6 packets to an IPv6 ClusterIP) in twin
+ * maps of FP_MAP_CT / FP_MAP_CT_NEW, with the same two tiers, the same
+ * forward and reply entries, the same states and lifetimes (fp_ct_step,
+ * fp_ct_lifetime, fp_ct_expired serve both families) and the same sizes
+ * (conntrack_map_size, conntrack_new_map_size: each family has its own
+ * maps of that size). Hairpinned IPv6 flows are sourced from
+ * FP_HAIRPIN_IP6 (a build option: hairpin_source_ipv6). */
+#define FP_MAP_CT6        fp_ct6_v1
+#define FP_MAP_CT_NEW6    fp_ctnew6_v1
+
+struct fp_ct6_key {
+	__u8 saddr[16];        /* NBO */
+	__u8 daddr[16];        /* NBO */
+	__be16 sport;          /* NBO; ICMPv6 echo: the identifier at the requester's end */
+	__be16 dport;          /* NBO */
+	__u8 proto;
+	__u8 dir;              /* FP_CT_FORWARD / FP_CT_REPLY */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_ct6_key) == 40, "fp_ct6_key layout");
+
+/* fp_ct4's fields with 16-byte addresses; peer_* is kept for SNAT as in
+ * fp_ct4 (no IPv6 flow is SNATed yet: it is always zero). */
+struct fp_ct6 {
+	__u64 last_seen;       /* HBO: as in fp_ct4 */
+	__u8 nat_addr[16];     /* NBO: forward: backend IP; reply: VIP */
+	__be16 nat_port;       /* NBO */
+	__u8 flags;            /* FP_CT_F_* */
+	__u8 state;            /* enum fp_ct_state */
+	__u32 backend_id;      /* HBO */
+	__u32 svc_id;          /* HBO */
+	__u8 peer_addr[16];    /* NBO */
+	__be16 peer_port;      /* NBO */
+	__u16 pad;
+};
+_Static_assert(sizeof(struct fp_ct6) == 56, "fp_ct6 layout");
+
+/* Fragments of translated IPv6 flows: the first fragment (it carries the
+ * ports) is translated like any packet, and the addresses it left with are
+ * kept under its arrival (source, destination, fragment header's
+ * identification, protocol), for the fragments after it. Only translated
+ * (or restored) datagrams leave a record; a later fragment without one
+ * goes on as it came. Lifetime and size as IPv4's (FP_FRAG_LIFETIME_NS,
+ * FP_FRAG_MAX). */
+#define FP_MAP_FRAG6      fp_frag6_v1
+
+/* keyed by struct fp_frag6_key (above) */
+
+struct fp_frag6 {
+	__u64 first_seen;      /* HBO: ns */
+	__u8 saddr[16];        /* NBO: the source the fragments leave with */
+	__u8 daddr[16];        /* NBO: the destination they leave with */
+};
+_Static_assert(sizeof(struct fp_frag6) == 40, "fp_frag6 layout");
 
 #endif /* FASTPATH_H */

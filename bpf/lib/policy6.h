@@ -5,7 +5,7 @@
  * one (RELATED); a new flow is checked at the source pod's egress and at
  * the destination pod's ingress, each by lib/policy.h's fp_policy_check on
  * the pod's 32-bit key with the peer's identity from FP_MAP_IPCACHE6. A
- * later fragment takes its first fragment's verdict (FP_MAP_FRAG6).
+ * later fragment takes its first fragment's verdict (FP_MAP_POLFRAG6).
  *
  * The pod's key is found from its IPv6 address by one helper,
  * fp_policy6_pod: today the pod's IPv4 address (its registration on its
@@ -233,11 +233,11 @@ static __always_inline int fp_frag6_follow(const struct fp_ipv6 *ip, struct fp_l
 					   enum fp_reason *reason)
 {
 	struct fp_frag6_key key;
-	struct fp_frag6 *f;
+	struct fp_polfrag6 *f;
 	__u64 now = bpf_ktime_get_ns();
 
 	fp_frag6_key_of(&key, ip);
-	f = fp_frag6_get(&key);
+	f = fp_polfrag6_get(&key);
 	if (!f || (__s64)(now - f->first_seen) > (__s64)FP_FRAG_LIFETIME_NS)
 		return 1;
 	l4->sport = f->sport;
@@ -255,7 +255,7 @@ static __always_inline void fp_frag6_record(const struct fp_ipv6 *ip, const stru
 					    enum fp_reason reason)
 {
 	struct fp_frag6_key key;
-	struct fp_frag6 val = {};
+	struct fp_polfrag6 val = {};
 
 	if (ip->frag != FP_IP6_FIRST_FRAG)
 		return;
@@ -264,7 +264,7 @@ static __always_inline void fp_frag6_record(const struct fp_ipv6 *ip, const stru
 	val.sport = l4->sport;
 	val.dport = l4->dport;
 	val.reason = reason;
-	fp_frag6_put(&key, &val);
+	fp_polfrag6_put(&key, &val);
 }
 
 /* A policy event for an IPv6 packet: a struct fp_event6 (lib/event6.h),

@@ -72,7 +72,10 @@ IPV6 = {"fp_endpoint6_key.ip6", "fp_ep_if.ip6", "fp_lpm6_key.addr",
         # IPv6 monitor events (v6cli)
         "fp_event6.saddr6", "fp_event6.daddr6", "fp_event6.nat_daddr6",
         # IPv6 NetworkPolicy (v6pol)
-        "fp_ctpol6_key.saddr", "fp_ctpol6_key.daddr", "fp_frag6_key.saddr", "fp_frag6_key.daddr"}
+        "fp_ctpol6_key.saddr", "fp_ctpol6_key.daddr", "fp_frag6_key.saddr", "fp_frag6_key.daddr",
+        # IPv6 conntrack (v6ct)
+        "fp_ct6_key.saddr", "fp_ct6_key.daddr", "fp_ct6.nat_addr", "fp_ct6.peer_addr",
+        "fp_frag6_key.saddr", "fp_frag6_key.daddr", "fp_frag6.saddr", "fp_frag6.daddr"}
 IDENTITY = {"fp_pol_key.identity"}
 
 

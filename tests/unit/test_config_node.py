@@ -104,6 +104,7 @@ BAD = {
     "policy_enforcement": ("strict", "'strict' is not one of never, default, always"),
     "local_router_ipv4": ("169.254.10", "local_router_ipv4: invalid value"),
     "local_router_ipv6": ("fd00::1", "expected a link-local IPv6 address"),
+    "hairpin_source_ipv6": ("fe80::1", "hairpin_source_ipv6: invalid value"),
     "policy_map_size": ("4", "below the minimum 16"),
     "ipcache_map_size": ("8", "below the minimum 16"),
     "policy_pod_lookup_timeout_ms": ("60001", "above the maximum 60000"),

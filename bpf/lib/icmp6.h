@@ -1,0 +1,89 @@
+/* Reject a pod's IPv6 packet with ICMPv6 destination unreachable, answered
+ * on the spot (lib/icmp.h's twin): a new flow to an IPv6 Service without
+ * endpoints, or to a port its ClusterIP does not have. The packet is
+ * rewritten in place into the error (RFC 4443: the offending packet's
+ * IPv6 header and the first 8 bytes of its transport header are quoted)
+ * and sent back into the pod's netns, from the address it was sent to.
+ * The ICMPv6 checksum covers a pseudo-header of both addresses.
+ */
+#ifndef FP_LIB_ICMP6_H
+#define FP_LIB_ICMP6_H
+
+#include "lib/icmp.h"
+#include "lib/parse6.h"
+
+#define FP_ICMP6_QUOTE (sizeof(struct ipv6hdr) + 8)
+#define FP_ICMP6_PORT_UNREACH 4    /* code of FP_ICMP6_UNREACH */
+
+struct fp_icmp6_reply {
+	struct ipv6hdr ip;
+	__u8 type;
+	__u8 code;
+	__sum16 check;
+	__u32 unused;
+	__u8 quote[FP_ICMP6_QUOTE];
+};
+
+/* What the ICMPv6 checksum covers before the message: RFC 8200 8.1. */
+struct fp_icmp6_pseudo {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be32 len;
+	__u8 zero[3];
+	__u8 nexthdr;
+};
+
+/* What is built, in the per-CPU scratch (maps.c fp_icmp6_scratch). */
+struct fp_icmp6_work {
+	struct fp_icmp6_reply r;
+	struct fp_icmp6_pseudo ph;
+	struct ethhdr eth;
+	struct ethhdr out;
+};
+_Static_assert(sizeof(struct fp_icmp6_work) <= FP_ICMP6_SCRATCH_BYTES, "fp_icmp6_work fits");
+
+/* Returns the tc verdict: the error redirected into the sender's netns, or
+ * a drop when the packet cannot be quoted (extension headers before the
+ * transport header: the quote would not reach its ports). */
+static __always_inline int fp_reject_icmp6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+					   __u8 code, enum fp_reason reason)
+{
+	struct fp_icmp6_work *w = fp_icmp6_scratch();
+	__s64 sum;
+
+	if (!w)
+		return TC_ACT_SHOT;
+	__builtin_memset(w, 0, sizeof(*w));
+	if (ip->l4_off != ip->l3_off + sizeof(struct ipv6hdr) ||
+	    bpf_skb_load_bytes(skb, 0, &w->eth, sizeof(w->eth)) ||
+	    bpf_skb_load_bytes(skb, ip->l3_off, w->r.quote, FP_ICMP6_QUOTE))
+		return TC_ACT_SHOT;
+	w->r.ip.version = 6;
+	w->r.ip.payload_len = bpf_htons(sizeof(w->r) - sizeof(w->r.ip));
+	w->r.ip.nexthdr = FP_NH_ICMPV6;
+	w->r.ip.hop_limit = 64;
+	__builtin_memcpy(&w->r.ip.saddr, ip->daddr, 16);   /* the address the pod asked for */
+	__builtin_memcpy(&w->r.ip.daddr, ip->saddr, 16);
+	w->r.type = FP_ICMP6_UNREACH;
+	w->r.code = code;
+	__builtin_memcpy(w->ph.saddr, ip->daddr, 16);
+	__builtin_memcpy(w->ph.daddr, ip->saddr, 16);
+	w->ph.len = bpf_htonl(sizeof(w->r) - sizeof(w->r.ip));
+	w->ph.nexthdr = FP_NH_ICMPV6;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&w->ph, sizeof(w->ph), 0);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&w->r.type, sizeof(w->r) - sizeof(w->r.ip), sum);
+	w->r.check = fp_csum_fold(sum);
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(w->r), 0))
+		return TC_ACT_SHOT;
+	__builtin_memcpy(w->out.h_dest, w->eth.h_source, ETH_ALEN);
+	__builtin_memcpy(w->out.h_source, w->eth.h_dest, ETH_ALEN);
+	w->out.h_proto = bpf_htons(ETH_P_IPV6);
+	if (bpf_skb_store_bytes(skb, 0, &w->out, sizeof(w->out), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &w->r, sizeof(w->r), 0))
+		return TC_ACT_SHOT;
+	fp_test_record(skb->ifindex, FP_RD_PEER, 0, reason);
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
+#endif /* FP_LIB_ICMP6_H */
