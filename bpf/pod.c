@@ -92,7 +92,8 @@ static __always_inline int fp_tail_call(struct __sk_buff *skb, __u32 slot, enum 
 {
 	fp_tail_jump(skb, slot);
 	fp_count_family(skb->ifindex, dir, FP_DROP_NO_TAIL_CALL, skb->len,
-			slot == FP_TAIL_FROM_POD6 || slot == FP_TAIL_FROM_VPC6 ? FP_FAM_IPV6
+			slot == FP_TAIL_FROM_POD6 || slot == FP_TAIL_FROM_VPC6 ||
+			slot == FP_TAIL_FROM_POD6_ROUTE ? FP_FAM_IPV6
 									 : FP_FAM_IPV4);
 	fp_test_record(0, FP_RD_NONE, 0, FP_DROP_NO_TAIL_CALL);
 	return TC_ACT_SHOT;
@@ -500,9 +501,6 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
  * Returns a verdict, or FP_WALK_ON to go on with the (rewritten) packet.
  * Drops are reported to the monitor as the other IPv6 drops are (without
  * addresses: the event record holds IPv4's). */
-#define FP_RESTORE6_LOCAL   1   /* a translated flow's reply for a local pod */
-#define FP_RESTORE6_HAIRPIN 2   /* the reply of a hairpinned flow */
-
 static __always_inline int fp_drop6(struct __sk_buff *skb, enum fp_reason reason,
 				    struct fp_ipv6 *ip, int verdict)
 {
@@ -556,18 +554,17 @@ static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struc
 }
 
 /* The fragments of a datagram get what its first fragment got: its
- * translation (or restoration) is recorded for them (lib/ct6.h) by the
- * caller, once the packet is final (*first: the record being built). */
+ * translation (or restoration) is recorded for them (lib/ct6.h), begun
+ * here and ended by the caller once the packet is final. */
 static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp_ipv6 *ip,
-						struct fp_l4 *l4, int *restore,
-						struct fp_frag6_work **first)
+						struct fp_l4 *l4, int *restore)
 {
 	if (ip->frag == FP_IP6_LATER_FRAG) {
 		if (fp_ct6_frag_follow(skb, ip) < 0)
 			return fp_drop6(skb, FP_DROP_CSUM, ip, TC_ACT_SHOT);
 		return FP_WALK_ON;
 	}
-	*first = fp_ct6_frag_begin(ip);
+	fp_ct6_frag_begin(ip);
 	return fp_from_pod6_service_run(skb, ip, l4, restore);
 }
 
@@ -602,9 +599,7 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
 	struct fp_l4 l4 = {};
-	struct fp_frag6_work *first = NULL;
-	struct fp_endpoint *src, *dst;
-	enum fp_reason reason = FP_FWD_STACK;
+	struct fp_endpoint *src;
 	int verdict, restore = 0;
 
 	switch (fp_parse_ipv6(skb, &ip)) {
@@ -627,18 +622,54 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	if (src->host_ifindex != skb->ifindex)
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT, &ip);
 	/* IPv6 Services per packet (v6ct) */
-	verdict = fp_from_pod6_service(skb, &ip, &l4, &restore, &first);
+	verdict = fp_from_pod6_service(skb, &ip, &l4, &restore);
 	if (verdict != FP_WALK_ON)
 		return verdict;
+	/* the rest in fp_pod6_route (FP_TAIL_FROM_POD6_ROUTE) */
+	barrier_var(skb);
+	skb->cb[FP_CB_RESTORE6] = restore;
+	return FP_TAIL_ROUTE;
+}
+
+/* fp_from_pod6's second half, on the packet as translated: the sending
+ * pod's egress and a local receiver's ingress policy (judged before a local
+ * client's reply gets its VIP back, as for IPv4; a pod reaching itself
+ * through a Service is not judged), the VIP restored, the first fragment's
+ * record ended, egress limits, then forwarding. */
+static __always_inline int fp_pod6_route_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+	struct fp_l4 l4 = {};
+	struct fp_ep_if *self;
+	struct fp_endpoint *src, *dst;
+	enum fp_reason reason;
+	int verdict, restore;
+
+	barrier_var(skb);
+	restore = skb->cb[FP_CB_RESTORE6];
+	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
+		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
+	/* the sending pod, by the veth it sent on (its source address may be
+	 * the hairpin address or a restored VIP by now); the first half
+	 * checked that the veth's endpoint sent it */
+	barrier_var(skb);
+	self = fp_epif_lookup(skb->ifindex);
+	src = self && (self->flags & FP_EPIF_F_IP6) ? fp_endpoint6_lookup((__u32 *)self->ip6) : NULL;
+	if (!src)
+		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
 	if (restore != FP_RESTORE6_HAIRPIN && !fp_ip6_is_hairpin(ip.saddr)) {
 		reason = fp_policy6_stage(skb, FP_DIR_FROM_POD, &ip, fp_policy6_pod(ip.saddr));
 		if (reason)
 			return fp_finish_quiet6(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
 	}
-	if (restore && fp_ct6_reverse(skb, &ip, &l4) < 0)
-		return fp_drop6(skb, FP_DROP_CSUM, &ip, TC_ACT_SHOT);
-	if (first)
-		fp_ct6_frag_end(first, &ip);
+	if (restore) {
+		fp_parse_l4_6(skb, &ip, &l4);
+		if (fp_ct6_reverse(skb, &ip, &l4) < 0)
+			return fp_drop6(skb, FP_DROP_CSUM, &ip, TC_ACT_SHOT);
+	}
+	/* the first fragment's record, begun in fp_from_pod6_service */
+	if (ip.frag == FP_IP6_FIRST_FRAG)
+		fp_ct6_frag_end(fp_frag6_scratch(), &ip);
 	reason = FP_FWD_STACK;
 	/* Bandwidth manager (lib/bw.h): the pod's egress limits, shared with
 	 * its IPv4 (the key is the source endpoint's, whatever the source
@@ -655,12 +686,23 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	return fp_finish6(skb, FP_DIR_FROM_POD, reason, verdict, &ip);
 }
 
+int fp_pod6_route(struct __sk_buff *skb)
+{
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_pod6_route_run(skb);
+
+	fp_whatif_exit(prev);
+	return verdict;
+}
+
 int fp_from_pod6(struct __sk_buff *skb)
 {
 	__u32 prev = fp_whatif_enter(skb);
 	int verdict = fp_from_pod6_run(skb);
 
 	fp_whatif_exit(prev);
+	if (verdict == FP_TAIL_ROUTE)
+		verdict = fp_tail_call(skb, FP_TAIL_FROM_POD6_ROUTE, FP_DIR_FROM_POD);
 	return verdict;
 }
 

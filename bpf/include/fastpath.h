@@ -838,7 +838,16 @@ _Static_assert(sizeof(struct fp_bw_flow6_key) == 36, "fp_bw_flow6_key layout");
  * IPv6 program parses the packet itself. */
 #define FP_TAIL_FROM_POD6      1
 #define FP_TAIL_FROM_VPC6      2
-#define FP_TAIL_MAX            4
+/* fp_from_pod6's second half (bpf/pod.c fp_pod6_route): policy, the VIP
+ * restored, limits and forwarding, after Service translation (one program
+ * for both exceeds the verifier's budget). It parses the packet again; the
+ * hand-over is one word, skb->cb[FP_CB_RESTORE6]: which restoration the
+ * first half found due (FP_RESTORE6_*). */
+#define FP_TAIL_FROM_POD6_ROUTE 4
+#define FP_CB_RESTORE6         0
+#define FP_RESTORE6_LOCAL      1   /* a translated flow's reply for a local pod */
+#define FP_RESTORE6_HAIRPIN    2   /* the reply of a hairpinned flow */
+#define FP_TAIL_MAX            5
 #define FP_TAIL_ROUTE          0x7fff   /* not a tc verdict */
 #define FP_TAIL_IPV6           0x7ffe   /* not a tc verdict */
 

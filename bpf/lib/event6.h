@@ -40,7 +40,10 @@ static __always_inline void fp_report6(struct __sk_buff *skb, enum fp_dir dir,
 
 	if (!drop && !(fp_events_wanted() & FP_MON_EV_TRACE))
 		return;
-	/* read before reserving (see fp_policy_event) */
+	/* read before reserving (see fp_policy_event), from a fresh ctx
+	 * pointer: the verifier refuses a ctx field's address the compiler
+	 * would otherwise keep across the caller's walk */
+	barrier_var(skb);
 	ifindex = skb->ifindex;
 	ports = fp_ports6(skb, ip);
 	barrier_var(ifindex);
