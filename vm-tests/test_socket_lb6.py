@@ -159,12 +159,19 @@ def test_ipv6_affinity_opt_out_and_backend_change_at_the_socket(cgroup):
             seen = {one_shot(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
                     for _ in range(8)}
             assert seen == {"from-c"}, seen
+            # until now pod a's IPv6 connections were translated at the
+            # socket: conntrack holds none of them
+            assert not [r for r in lb.conntrack() if r.table.endswith("6")]
             # the socket-LB opt-out: pod a's netns listed, its IPv6 socket is
-            # left alone (no reverse entry, the ClusterIP is not reached at
-            # the socket), while the node's sockets are still translated
+            # left alone at the socket and its packets are translated on its
+            # veth instead (conntrack holds the flow; the socket still sees
+            # the ClusterIP), while the node's sockets are still translated
+            # at the socket
             agent.datapath.socklb_skip.set({netns_cookie(a.netns): 1})
-            out = one_shot(a, cgroup, VIP6, "80", "tcp", "6")
-            assert not out.startswith("from-"), out
+            out = one_shot(a, cgroup, VIP6, "80", "tcp", "6").split()
+            assert out[0] == "from-c" and out[2:] == [VIP6, "80"], out
+            assert any(r.direction == "forward" and r.nat_addr == c.ip6
+                       for r in lb.conntrack() if r.table.endswith("6")), lb.conntrack()
             out = one_shot(node, cgroup, VIP6, "80", "tcp", "6").split()
             assert out[0] == "from-c" and out[2:] == [VIP6, "80"], out
             agent.datapath.detach_socket_lb(cgroup)
