@@ -1,0 +1,140 @@
+"""IPv6-only pods with real traffic on simulated dual-stack nodes.
+
+    node n1:  o (IPv6 only)  s (dual stack)      node n2:  r (dual stack)
+
+An IPv6-only pod is laid out as Terway lays out a dual-stack one, without
+its IPv4 half (World.add_pod(ipv4=False)); CNI ADD registers it with an
+endpoint key (agent/model/endpoint.py) in place of an IPv4 address. Each
+scenario proves the fast path by fastpath's counters and by the node's
+IPv6 forwarding counter (Ip6OutForwDatagrams), which moves only when the
+host stack routes a packet.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from agent.api import wire
+from agent.datapath import Datapath
+from agent.model.endpoint import is_endpoint_key
+from agent.sim.agent import (REPO, AgentProcess, cli_command, private_paths, register_pod,
+                             sim_attach)
+from agent.sim.traffic import forwarded_datagrams6, tcp_exchange, udp_send
+from agent.sim.world import World
+from fastpath_helpers import counters_by
+
+
+@pytest.fixture
+def world6():
+    with World(dual_stack=True) as w:
+        yield w
+
+
+def exchange(src, dst, tag: str) -> None:
+    src.ping(dst.ip6, count=2)
+    assert tcp_exchange(src, dst, ip=dst.ip6, request=f"hi{tag}",
+                        reply=f"yo{tag}") == (f"hi{tag}", f"yo{tag}")
+    assert udp_send(src, dst, ip=dst.ip6, payload=f"u{tag}") == f"u{tag}"
+
+
+def test_the_simulated_node_lays_out_an_ipv6_only_pod_without_ipv4(world6):
+    n1 = world6.add_node("n1", enis=1)
+    o = n1.add_pod("o", ipv4=False)
+    assert o.ip == "" and o.ip6
+    addrs = json.loads(o.run(["ip", "-j", "addr", "show", "dev", "eth0"]).stdout)[0]
+    assert [a["family"] for a in addrs["addr_info"] if a["scope"] == "global"] == ["inet6"]
+    assert o.run(["ip", "-4", "route", "show"]).stdout.strip() == ""
+    rules = n1.run(["ip", "-6", "rule", "show"]).stdout
+    assert f"from {o.ip6} lookup" in rules and f"to {o.ip6} lookup main" in rules
+
+
+def test_cni_add_registers_an_ipv6_only_pod_and_redirects_it_on_the_node(world6):
+    n1 = world6.add_node("n1", enis=1)
+    o, s = n1.add_pod("o", ipv4=False), n1.add_pod("s")
+    with sim_attach(n1, register=False) as agent:
+        view = register_pod(agent, o)
+        assert view["ip"] == "" and view["ip6"] == o.ip6
+        assert is_endpoint_key(view["endpoint_key"])
+        register_pod(agent, s)
+        maps = agent.datapath.maps
+        assert {e.ip for e in maps.endpoints()} == {s.ip}, "no IPv4 entry for o"
+        assert {e.ip for e in maps.endpoints6()} == {o.ip6, s.ip6}
+        assert maps.veths()[o.host_ifindex] == view["endpoint_key"]
+        before = forwarded_datagrams6(n1)
+        exchange(o, s, "1")
+        exchange(s, o, "2")
+        assert forwarded_datagrams6(n1) == before, "the node's stack routed pod traffic"
+        c = counters_by(maps.counters(), o.host_ifindex)
+        assert c[("from-pod", "redirected-local")] >= 8
+        assert c[("from-pod", "to-stack")] == 0
+        # no IPv4 leaves it: not even from its key as a source
+        o.iproute("addr", "add", f"{view['endpoint_key']}/32", "dev", "eth0")
+        o.iproute("route", "add", f"{s.ip}/32", "dev", "eth0")
+        o.run(["sh", "-c", f"printf x | nc -u -q 0 -w 1 {s.ip} 9"], check=False, timeout=10)
+        c = counters_by(maps.counters(), o.host_ifindex)
+        assert c[("from-pod", "dropped-source-spoofed")] >= 1
+        # CNI DEL: the IPv6 entry and the veth's registration go
+        agent.rpc_EndpointDel(container_id="sim-o")
+        assert {e.ip for e in maps.endpoints6()} == {s.ip6}
+        assert o.host_ifindex not in maps.veths()
+
+
+def test_an_ipv6_only_pod_talks_across_nodes_by_its_eni(world6):
+    n1, n2 = world6.add_node("n1", enis=1), world6.add_node("n2", enis=1)
+    o, r = n1.add_pod("o", ipv4=False), n2.add_pod("r")
+    with sim_attach(n1) as ag1:
+        before = forwarded_datagrams6(n1)
+        exchange(o, r, "3")
+        exchange(r, o, "4")
+        assert forwarded_datagrams6(n1) == before
+        c = counters_by(ag1.datapath.maps.counters())
+        assert c[("from-pod", "redirected-eni")] >= 8
+        assert c[("from-vpc", "redirected-local")] >= 8
+
+
+def test_an_ipv6_only_pod_keeps_its_key_and_flows_across_kill_and_restart(world6):
+    n1 = world6.add_node("n1", enis=1)
+    o, s = n1.add_pod("o", ipv4=False), n1.add_pod("s")
+    p = n1.add_pod("p", ipv4=False)
+    with private_paths() as paths:
+        proc = AgentProcess(n1, paths).start()
+        try:
+            keys = {x.name: register_pod(paths.socket, x)["endpoint_key"] for x in (o, s, p)}
+            assert keys["s"] == "" and keys["o"] != keys["p"]
+            assert all(is_endpoint_key(keys[k]) for k in ("o", "p"))
+            exchange(o, s, "5")
+            proc.kill(9)
+            reader = Datapath(paths.config(), netns=n1.netns).load(reader=True)
+            try:
+                before = forwarded_datagrams6(n1)
+                exchange(o, s, "6")          # no agent process at all
+                assert forwarded_datagrams6(n1) == before
+            finally:
+                reader.close()
+            proc = AgentProcess(n1, paths).start()      # restores from its state dir
+            eps = {e["pod"].split("/")[-1]: e for e in wire.call(paths.socket, "EndpointList")}
+            assert {k: eps[k]["endpoint_key"] for k in keys} == keys
+            assert eps["o"]["ip"] == "" and eps["o"]["ip6"] == o.ip6
+            exchange(s, o, "7")
+            exchange(p, o, "8")
+            reader = Datapath(paths.config(), netns=n1.netns).load(reader=True)
+            try:
+                assert {e.ip for e in reader.maps.endpoints6()} == {o.ip6, s.ip6, p.ip6}
+                assert {e.ip for e in reader.maps.endpoints()} == {s.ip}
+                assert reader.maps.veths()[o.host_ifindex] == keys["o"]
+            finally:
+                reader.close()
+            # the CLI's endpoint list shows it: no IPv4, its IPv6 and key
+            out = subprocess.run(cli_command(n1, paths, "endpoint", "list", "--json"),
+                                 capture_output=True, text=True, check=True, cwd=REPO).stdout
+            rows = {r["ip6"]: r for r in json.loads(out)}
+            assert (rows[o.ip6]["ip"], rows[o.ip6]["key"]) == ("", keys["o"])
+            assert rows[o.ip6]["pod"].endswith("/o")
+            assert (rows[s.ip6]["ip"], rows[s.ip6]["key"]) == (s.ip, s.ip)
+        finally:
+            proc.kill(9)
+            for x in (o, s, p):
+                subprocess.run(["tc", "-n", n1.netns, "qdisc", "del", "dev", x.host_ifname,
+                                "clsact"], check=False)
