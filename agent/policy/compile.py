@@ -25,6 +25,7 @@ from typing import Optional, Union
 
 from agent.k8s.model import FrozenMap, IPBlock, Key, NetworkPolicy, Pod, PolicyPeer, PolicyRule
 from agent.k8s.store import Snapshot
+from agent.model.endpoint import is_endpoint_key
 from agent.policy import addr, ip4
 from agent.policy.ports import ANY_KEY, PortKey, PortSet, block_size, proto_number
 from agent.policy.state import (
@@ -213,6 +214,8 @@ class _Compiler:
         """The usable pod holding address `ip` (of either family)."""
         if addr.is_ip6(ip):
             ip = self.pod_of6.get(ip, "")
+        elif is_endpoint_key(ip):
+            return None         # an IPv6-only pod's key: no address, so no peer
         return self.usable.get(ip)
 
     def ns_labels(self, ns: str) -> FrozenMap:
@@ -291,8 +294,11 @@ class _Compiler:
         self.blocks = frozenset(self.block_n)
         self.named_refs = frozenset(self.named_n)
         self._build_cidrs(self.blocks)
+        # (an IPv6-only pod's endpoint key is known to the per-pod maps
+        # only: its identity is its IPv6 addresses')
         self.ident_of_ip: dict[str, Identity] = {
-            ip: self._pod_identity(ip, pod) for ip, pod in self.usable.items()}
+            ip: self._pod_identity(ip, pod) for ip, pod in self.usable.items()
+            if not is_endpoint_key(ip)}
         for a6, ip in self.pod_of6.items():
             self.ident_of_ip[a6] = self._pod_identity(a6, self.usable[ip])
         for ip in self.node_ips:

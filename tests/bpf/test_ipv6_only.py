@@ -136,3 +136,88 @@ def test_deleting_by_the_key_takes_the_ipv6_entry_and_the_veth(dp, bpfnet, only6
         assert not dp.maps.endpoint_delete(KEY_A)
     finally:
         dp.maps.endpoint_put(a)
+
+
+# ---- NetworkPolicy: the pod isolated under its key, a peer by its IPv6 ----------
+
+CLIENT6, STRANGER6 = "fd00:30::1", "fd00:40::1"
+DENIED = "dropped-policy-denied"
+
+
+@pytest.fixture
+def isolated(dp, bpfnet, only6):
+    """a (IPv6 only) admits TCP 80 from CLIENT6's /128 only; b admits app=a."""
+    from dataclasses import replace
+    from tests.bpf.conftest import enforced
+    from tests.policy.kube import namespace, netpol, pod, snapshot
+    objs = [namespace("x", ns="x"),
+            replace(pod("x", "a", KEY_A, labels={"app": "a"}), ips=(KEY_A, POD_A6)),
+            replace(pod("x", "b", POD_B, labels={"app": "b"}), ips=(POD_B, POD_B6)),
+            netpol("x", "a-in", {"podSelector": {"matchLabels": {"app": "a"}},
+                                 "ingress": [{"from": [{"ipBlock": {"cidr": f"{CLIENT6}/128"}}],
+                                              "ports": [{"protocol": "TCP", "port": 80}]}]}),
+            netpol("x", "b-in", {"podSelector": {"matchLabels": {"app": "b"}},
+                                 "ingress": [{"from": [{"podSelector":
+                                                        {"matchLabels": {"app": "a"}}}]}]})]
+    with enforced(dp, snapshot(objs), flush_first=True, flush_last=True) as state:
+        yield state
+
+
+def syn(sport=None, dport=80):
+    return TCP(sport=sport or next(_sport), dport=dport, flags="S")
+
+
+def test_policy_keys_the_pod_by_its_endpoint_key(dp, bpfnet, isolated):
+    assert KEY_A in isolated.endpoints and isolated.endpoints6[POD_A6] == KEY_A
+    assert f"{KEY_A}/32" not in isolated.ipcache
+    assert KEY_A in {str(k) for k in dp.policy.image().endpoints}
+
+
+def test_an_ipv6_ipblock_admits_into_an_ipv6_only_pod(dp, bpfnet, isolated):
+    n = bpfnet
+    vpc = lambda src, dport: Ether(src=GW_MAC, dst=n.eth1.mac) / IPv6(src=src, dst=POD_A6) / syn(
+        dport=dport)
+    r = run(dp, n, "fp_from_vpc", vpc(CLIENT6, 80), "eth1")
+    assert (r.verdict, r.reason) == (TC_ACT_REDIRECT, "redirected-local")
+    assert r.redirect_ifindex == n.cali_a.ifindex
+    for src, dport in ((CLIENT6, 81), (STRANGER6, 80)):
+        r = run(dp, n, "fp_from_vpc", vpc(src, dport), "eth1")
+        assert (r.verdict, r.reason) == (TC_ACT_SHOT, DENIED), (src, dport)
+    # a pod on the node outside the block
+    pkt = Ether(src=n.pod_b_mac, dst=n.cali_b.mac) / IPv6(src=POD_B6, dst=POD_A6) / syn()
+    r = run(dp, n, "fp_from_pod", pkt, "cali_b")
+    assert (r.verdict, r.reason) == (TC_ACT_SHOT, DENIED)
+
+
+def test_an_ipv6_only_pod_is_a_peer_by_its_ipv6_address(dp, bpfnet, isolated):
+    n = bpfnet
+    r = run(dp, n, "fp_from_pod", from_a(n, POD_B6, syn()), "cali_a")
+    assert (r.verdict, r.reason) == (TC_ACT_REDIRECT, "redirected-local")
+    assert r.redirect_ifindex == n.cali_b.ifindex
+    # from the VPC, the same port: not a's
+    pkt = Ether(src=GW_MAC, dst=n.eth1.mac) / IPv6(src=REMOTE6, dst=POD_B6) / syn()
+    r = run(dp, n, "fp_from_vpc", pkt, "eth1")
+    assert (r.verdict, r.reason) == (TC_ACT_SHOT, DENIED)
+
+
+# ---- bandwidth: the pod's limits under its key -----------------------------------
+
+def test_bandwidth_limits_an_ipv6_only_pod_under_its_key(dp, bpfnet, only6):
+    from agent.bandwidth import Limits, plan
+    n = bpfnet
+    p = plan({KEY_A: (Limits(egress_pps=10, egress_pkt_burst=3), "test-key")},
+             dp.bandwidth.entries(), htb=False, new_gen=lambda: 77)
+    dp.maps.counters_clear()
+    dp.settings.set_bandwidth(True, edt=False)
+    try:
+        for ip, entry in p.writes.items():
+            dp.bandwidth.write(ip, entry, ip in p.fresh)
+        got = [run(dp, n, "fp_from_pod", from_a(n, REMOTE6), "cali_a").verdict for _ in range(5)]
+        assert got == [TC_ACT_REDIRECT] * 3 + [TC_ACT_SHOT] * 2
+        drops = {(r["direction"], r["reason"]): r["packets"] for r in dp.bandwidth.counters()
+                 if r["ip"] == KEY_A}
+        assert drops[("egress", "dropped-packet-rate-egress")] == 2
+    finally:
+        dp.settings.set_bandwidth(False)
+        dp.bandwidth.clear()
+        dp.maps.counters_clear()
