@@ -1,6 +1,6 @@
 """IPv6-only pods with real traffic on simulated dual-stack nodes.
 
-    node n1:  o (IPv6 only)  s (dual stack)      node n2:  r (dual stack)
+    node n1:  o (IPv6 only)  s, b (dual stack)      node n2:  r, d (dual stack)
 
 An IPv6-only pod is laid out as Terway lays out a dual-stack one, without
 its IPv4 half (World.add_pod(ipv4=False)); CNI ADD registers it with an
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -22,8 +23,11 @@ from agent.model.endpoint import is_endpoint_key
 from agent.sim.agent import (REPO, AgentProcess, cli_command, private_paths, register_pod,
                              sim_attach)
 from agent.sim.traffic import forwarded_datagrams6, tcp_exchange, udp_send
+from agent.sim import manifests as m
+from agent.sim.agent import node_agent
 from agent.sim.world import World
-from fastpath_helpers import counters_by
+from fastpath_helpers import counters_by, wait_for
+from test_policy_ipv6 import CLIENT6, SERVER6, applied, connects, denied_drops
 
 
 @pytest.fixture
@@ -138,3 +142,108 @@ def test_an_ipv6_only_pod_keeps_its_key_and_flows_across_kill_and_restart(world6
             for x in (o, s, p):
                 subprocess.run(["tc", "-n", n1.netns, "qdisc", "del", "dev", x.host_ifname,
                                 "clsact"], check=False)
+
+
+VIP6 = "fd00:78::10"
+
+
+def pod6(p, node, labels):
+    """The Pod object of a simulated pod (an IPv6-only one: its IPv6 address alone)."""
+    return m.pod("default", p.name, p.ip or p.ip6, node, labels, ip6=p.ip6 if p.ip else None)
+
+
+def via_vip(client) -> bool:
+    r = client.run(["sh", "-c", f"printf hi | nc -N -w 1 {VIP6} 80"], check=False, timeout=10)
+    return r.stdout == "ok"
+
+
+def o_in(*allowed) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"namespace": "default", "name": "o-in"},
+            "spec": {"podSelector": {"matchLabels": {"app": "o"}},
+                     "ingress": [{"from": [{"ipBlock": {"cidr": f"{p.ip6}/128"}}
+                                           for p in allowed],
+                                  "ports": [{"protocol": "TCP", "port": 8080},
+                                            {"protocol": "TCP", "port": 9000}]}]}}
+
+
+def web6(o) -> list[dict]:
+    """An IPv6 ClusterIP whose one backend is the IPv6-only pod."""
+    return [{"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "web6", "namespace": "default"},
+             "spec": {"clusterIP": VIP6, "clusterIPs": [VIP6], "ipFamilies": ["IPv6"],
+                      "ipFamilyPolicy": "SingleStack",
+                      "ports": [{"name": "http", "port": 80, "targetPort": 8080,
+                                 "protocol": "TCP"}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "web6-1", "namespace": "default",
+                          "labels": {"kubernetes.io/service-name": "web6"}},
+             "addressType": "IPv6",
+             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+             "endpoints": [{"addresses": [o.ip6], "conditions": {"ready": True},
+                            "nodeName": "n1"}]}]
+
+
+def test_policy_and_a_clusterip_for_an_ipv6_only_pod_across_kill_and_restart(world6):
+    n1, n2 = world6.add_node("n1", enis=1), world6.add_node("n2", enis=1)
+    o = n1.add_pod("o", ipv4=False)
+    s, b = n1.add_pod("s"), n1.add_pod("b")
+    r, d = n2.add_pod("r"), n2.add_pod("d")
+    srv = o.popen(["python3", "-c", SERVER6])
+    try:
+        o.wait_port(8080)
+        objs = [m.namespace("default"), pod6(o, "n1", {"app": "o"}),
+                *(pod6(p, "n1", {"app": p.name}) for p in (s, b)),
+                *(pod6(p, "n2", {"app": p.name}) for p in (r, d)), *web6(o)]
+        with node_agent(n1, ["--policy-enforcement", "default"],
+                        {"base.yaml": m.dump(objs)}) as agent:
+            wait_for(applied(agent.paths, 0), "the first policy plan")
+            # not isolated: everyone reaches it, it reaches both kinds of peer
+            for p in (s, b, r, d):
+                assert connects(p, o.ip6), p.name
+            srv_s = s.popen(["python3", "-c", SERVER6])
+            try:
+                s.wait_port(8080)
+                assert connects(o, s.ip6), "an IPv6-only pod to a dual-stack one"
+            finally:
+                srv_s.kill()
+                srv_s.wait()
+            # the ClusterIP whose backend is the IPv6-only pod, per packet
+            wait_for(lambda: via_vip(s), "web6 to answer")
+            translated = sum(c["packets"] for c in agent.call("Counters")
+                             if c["ifindex"] == s.host_ifindex
+                             and c["reason"] == "service-translated")
+            assert translated >= 1
+            # isolated, admitted by an IPv6 ipBlock: s (same node), r (across)
+            agent.write("policy.yaml", [o_in(s, r)])
+            wait_for(applied(agent.paths, 1), "o-in to be programmed")
+            before = denied_drops(agent.paths)
+            assert connects(s, o.ip6) and connects(r, o.ip6)
+            assert not connects(b, o.ip6) and not connects(d, o.ip6)
+            assert via_vip(s) and not via_vip(b)
+            assert denied_drops(agent.paths) > before
+            # kill -9 and restart under an admitted IPv6 connection
+            load = s.popen(["python3", "-c", CLIENT6, o.ip6, "8"], stdout=subprocess.PIPE,
+                           text=True)
+            try:
+                time.sleep(1)
+                agent.kill(9)
+                assert connects(r, o.ip6) and not connects(d, o.ip6)
+                agent.start()
+                wait_for(applied(agent.paths, 1), "the restarted agent's plan")
+                st = wire.call(agent.paths.socket, "PolicyStatus")
+                assert st["last_ops"] == 0, st
+                eps = {e["pod"].split("/")[-1]: e for e in agent.call("EndpointList")}
+                assert eps["o"]["ip"] == "" and is_endpoint_key(eps["o"]["endpoint_key"])
+                assert connects(s, o.ip6) and not connects(b, o.ip6)
+                assert via_vip(s) and not via_vip(b)
+                out, _ = load.communicate(timeout=30)
+            finally:
+                if load.poll() is None:
+                    load.kill()
+                    load.wait()
+            words = out.split()
+            assert words[0] == "ok" and int(words[1]) > 100, out
+    finally:
+        srv.kill()
+        srv.wait()
