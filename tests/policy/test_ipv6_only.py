@@ -68,3 +68,42 @@ def test_an_update_equals_a_full_compile():
     assert_same(st, compiled(relabelled, previous=first, incremental=False), "no longer o")
     assert not evaluate(st, O6, A6, "TCP", 80).allowed
     assert f"{KEY}/32" not in st.ipcache
+
+
+R6 = "fd00:20::7"                  # an IPv6-only pod on another node
+FROM_R = netpol("x", "a-from-r", {"podSelector": {"matchLabels": {"app": "a"}},
+                                  "ingress": [{"from": [{"podSelector":
+                                                         {"matchLabels": {"app": "r"}}}]}]})
+
+
+def remote(labels=None):
+    return replace(pod("x", "r", R6, node="n2", labels=labels or {"app": "r"}), ips=(R6,))
+
+
+def test_an_ipv6_only_pod_elsewhere_is_a_peer_by_its_ipv6_address():
+    st = compiled([*objects(FROM_R), remote()])
+    assert evaluate(st, R6, A6, "TCP", 80).allowed
+    assert not evaluate(st, B6, A6, "TCP", 80).allowed
+    assert f"{R6}/128" in st.ipcache
+    assert all(not k.startswith("v6only:") for k in st.endpoints)
+    assert all("v6only" not in k for k in st.ipcache)
+
+
+def test_an_ipv6_only_pod_not_added_yet_is_a_peer_but_no_endpoint():
+    """Its Pod names this node, CNI ADD has not given it a key yet."""
+    unplaced = replace(pod("x", "o", O6, labels={"app": "r"}), ips=(O6,))
+    st = compiled([*objects(FROM_R)[:1], *objects(FROM_R)[2:], unplaced])
+    assert set(st.endpoints) == {A4, B4}
+    assert evaluate(st, O6, A6, "TCP", 80).allowed
+
+
+def test_updates_of_ipv6_only_peers_equal_full_compiles():
+    first = compiled([*objects(FROM_R), remote()])
+    for what, objs in (("relabelled", [*objects(FROM_R), remote({"app": "q"})]),
+                       ("gone", objects(FROM_R)),
+                       ("back", [*objects(FROM_R), remote()]),
+                       ("a new block", [*objects(FROM_R, O_IN), remote()])):
+        inc = compiled(objs, previous=first)
+        assert_same(inc, compiled(objs, previous=first, incremental=False), what)
+        first = inc
+    assert evaluate(first, R6, A6, "TCP", 80).allowed
