@@ -57,10 +57,20 @@ def test_the_simulated_node_lays_out_an_ipv6_only_pod_without_ipv4(world6):
 def test_cni_add_registers_an_ipv6_only_pod_and_redirects_it_on_the_node(world6):
     n1 = world6.add_node("n1", enis=1)
     o, s = n1.add_pod("o", ipv4=False), n1.add_pod("s")
+    h = n1.add_pod("h", ipv4=False)
     with sim_attach(n1, register=False) as agent:
+        # hostPorts reach pods over IPv4: refused, naming the pod, nothing kept
+        from agent.api.server import ApiError
+        wait_for(lambda: agent.services is not None and agent.services.synced.is_set(),
+                 "the service sync")
+        with pytest.raises(ApiError, match="pod default/h asks for hostPorts, but it has no "
+                                           "IPv4 address"):
+            agent.rpc_EndpointAdd(h.netns_path, "eth0", "sim-h", "default", "h",
+                                  port_mappings=[{"hostPort": 8080, "containerPort": 80}])
+        assert agent.rpc_EndpointList() == [] and agent.datapath.maps.endpoints6() == []
         view = register_pod(agent, o)
         assert view["ip"] == "" and view["ip6"] == o.ip6
-        assert is_endpoint_key(view["endpoint_key"])
+        assert view["endpoint_key"] == "127.255.0.1", "the refused ADD kept no key"
         register_pod(agent, s)
         maps = agent.datapath.maps
         assert {e.ip for e in maps.endpoints()} == {s.ip}, "no IPv4 entry for o"
