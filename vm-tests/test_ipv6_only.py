@@ -257,3 +257,24 @@ def test_policy_and_a_clusterip_for_an_ipv6_only_pod_across_kill_and_restart(wor
     finally:
         srv.kill()
         srv.wait()
+
+
+def test_fastpath_cni_adds_and_deletes_an_ipv6_only_pod(world6):
+    """The real plugin, as a runtime runs it after Terway's (whose result
+    holds the pod's IPv6 address only)."""
+    from cni_helpers import cni_node
+    with cni_node(world6) as cn:
+        o = cn.node.add_pod("o", ipv4=False)
+        prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": o.netns_path}],
+                "ips": [{"address": f"{o.ip6}/128", "interface": 0}]}
+        args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=o"
+        add = cn.fastpath("ADD", cn.conf(1, prev), "c-o", o.netns_path, args=args)
+        assert add.rc == 0, add.stderr + add.stdout
+        assert [ip["address"] for ip in json.loads(add.stdout)["ips"]] == [f"{o.ip6}/128"]
+        eps = cn.api("EndpointList")
+        assert [(e["ip"], e["ip6"], e["pod"]) for e in eps] == [("", o.ip6, "default/o")]
+        assert is_endpoint_key(eps[0]["endpoint_key"])
+        assert "which the previous plugin's result does not list" not in open(cn.log_file).read()
+        dele = cn.fastpath("DEL", cn.conf(1, prev), "c-o", o.netns_path, args=args)
+        assert dele.rc == 0, dele.stderr + dele.stdout
+        assert cn.api("EndpointList") == []
