@@ -147,6 +147,15 @@ def test_an_ipv6_only_pod_keeps_its_key_and_flows_across_kill_and_restart(world6
             assert (rows[o.ip6]["ip"], rows[o.ip6]["key"]) == ("", keys["o"])
             assert rows[o.ip6]["pod"].endswith("/o")
             assert (rows[s.ip6]["ip"], rows[s.ip6]["key"]) == (s.ip, s.ip)
+            # trace from it: IPv6 as its traffic goes, IPv4 refused naming it
+            run = lambda *a: subprocess.run(cli_command(n1, paths, "trace", *a), cwd=REPO,
+                                            capture_output=True, text=True)
+            t = json.loads(run("--from", "default/o", "--to", f"[{s.ip6}]:8080",
+                               "--json").stdout)
+            assert (t["from"]["ip"], t["reason"], t["redirect"]["ifname"]) == (
+                o.ip6, "redirected-local", s.host_ifname)
+            bad = run("--from", "default/o", "--to", f"{s.ip}:8080")
+            assert bad.returncode != 0 and "is IPv6 only" in bad.stderr, bad.stderr
         finally:
             proc.kill(9)
             for x in (o, s, p):
