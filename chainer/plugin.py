@@ -799,8 +799,10 @@ def cmd_check(conf: Conf, env: Env, log: Log) -> None:
         raise _broken(conf, exc, "CHECK") from None
     ep = (res or {}).get("endpoint") or {}
     prev_ips = result_ips(conf.prev_result)
-    if prev_ips and ep.get("ip") not in prev_ips:
-        raise CniError(E_CHECK_FAILED, f"fastpath has {ep.get('ip')} for container "
+    # (an IPv6-only pod's address is its IPv6 one)
+    addr = ep.get("ip") or ep.get("ip6")
+    if prev_ips and addr not in prev_ips:
+        raise CniError(E_CHECK_FAILED, f"fastpath has {addr} for container "
                        f"{env.container_id}, the ADD result says {', '.join(sorted(prev_ips))}")
 
 

@@ -284,6 +284,9 @@ def test_fastpath_cni_adds_and_deletes_an_ipv6_only_pod(world6):
         assert [(e["ip"], e["ip6"], e["pod"]) for e in eps] == [("", o.ip6, "default/o")]
         assert is_endpoint_key(eps[0]["endpoint_key"])
         assert "which the previous plugin's result does not list" not in open(cn.log_file).read()
+        chk = cn.fastpath("CHECK", cn.conf(1, prev), "c-o", o.netns_path, args=args)
+        assert chk.rc == 0, chk.stderr + chk.stdout
+        assert cn.api("EndpointCheck", {"container_id": "c-o"})["ok"]
         dele = cn.fastpath("DEL", cn.conf(1, prev), "c-o", o.netns_path, args=args)
         assert dele.rc == 0, dele.stderr + dele.stdout
         assert cn.api("EndpointList") == []
