@@ -221,3 +221,34 @@ def test_bandwidth_limits_an_ipv6_only_pod_under_its_key(dp, bpfnet, only6):
         dp.settings.set_bandwidth(False)
         dp.bandwidth.clear()
         dp.maps.counters_clear()
+
+
+# ---- a Service whose backend is the IPv6-only pod ----------------------------------
+
+VIP6 = "fd00:16::40"
+
+
+def test_an_ipv6_clusterip_translates_to_an_ipv6_only_backend_and_back(dp, bpfnet, only6):
+    from tests.bpf.conftest import frontends
+    n = bpfnet
+    with frontends(dp.lb, {81: (POD_A6, 8080, "TCP")}, [(VIP6, 80, "TCP", 80, [81])],
+                   flush=True):
+        try:
+            sport = next(_sport)
+            sent = Ether(src=n.pod_b_mac, dst=n.cali_b.mac) / IPv6(src=POD_B6, dst=VIP6) / TCP(
+                sport=sport, dport=80, flags="S")
+            r = run(dp, n, "fp_from_pod", sent, "cali_b")
+            assert (r.verdict, r.reason) == (TC_ACT_REDIRECT, "redirected-local")
+            assert r.redirect_ifindex == n.cali_a.ifindex
+            o = Ether(r.out)
+            assert (o[IPv6].dst, o[TCP].dport) == (POD_A6, 8080)
+            # the reply, from the IPv6-only backend: restored to the ClusterIP
+            reply = Ether(src=n.pod_a_mac, dst=n.cali_a.mac) / IPv6(src=POD_A6, dst=POD_B6) / TCP(
+                sport=8080, dport=sport, flags="SA")
+            r = run(dp, n, "fp_from_pod", reply, "cali_a")
+            assert (r.verdict, r.reason) == (TC_ACT_REDIRECT, "redirected-local")
+            o = Ether(r.out)
+            assert (o[IPv6].src, o[TCP].sport) == (VIP6, 80)
+            assert r.redirect_ifindex == n.cali_b.ifindex
+        finally:
+            dp.lb.delete_backend(81)
