@@ -452,7 +452,8 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 			return -1;
 		}
 		be = fp_lb_pick_flow(svc, ip->saddr,
-				     outside ? fp_maglev_hash(ip->saddr, l4->sport, l4->dport, ip->proto)
+				     outside && (svc->flags & FP_SVC_F_MAGLEV)
+					     ? fp_maglev_hash(ip->saddr, l4->sport, l4->dport, ip->proto)
 					     : FP_NO_MAGLEV, &backend_id, now);
 		if (!be) {
 			*reason = FP_DROP_NO_BACKEND;
