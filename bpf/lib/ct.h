@@ -483,6 +483,22 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 				}
 			}
 		}
+		rev->saddr = baddr;
+		rev->daddr = hairpin ? FP_HAIRPIN_IP : (snat ? snat_addr : ip->saddr);
+		rev->sport = bport;
+		rev->dport = snat ? snat_port : l4->sport;
+		rev->proto = ip->proto;
+		rev->dir = FP_CT_REPLY;
+		/* the old flow on this tuple: its reply entry may name another
+		 * backend, and its forward one another tier. From outside, when
+		 * its reply key is the new one (the same backend again, as a
+		 * client reusing its port mostly gets), the clearing and writing
+		 * of that key below do it. (Not from pods: fp_from_pod's verifier
+		 * walk passes its limit with the test.) */
+		if (had_old && (!outside || !fp_ct_key_eq(old_rev, rev))) {
+			fp_ct_tier_clear(FP_CT_TIER_EST, old_rev);
+			fp_ct_tier_clear(FP_CT_TIER_NEW, old_rev);
+		}
 		entry->last_seen = now;
 		entry->flags = (hairpin ? FP_CT_F_HAIRPIN : 0) | (snat ? FP_CT_F_SNAT : 0);
 		entry->state = FP_CT_NEW;
@@ -492,21 +508,6 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 		entry->svc_id = svc->svc_id;
 		entry->peer_addr = snat_addr;
 		entry->peer_port = snat_port;
-		rev->saddr = baddr;
-		rev->daddr = hairpin ? FP_HAIRPIN_IP : (snat ? snat_addr : ip->saddr);
-		rev->sport = bport;
-		rev->dport = snat ? snat_port : l4->sport;
-		rev->proto = ip->proto;
-		rev->dir = FP_CT_REPLY;
-		/* the old flow on this tuple: its reply entry may name another
-		 * backend, and its forward one another tier. When its reply key
-		 * is the new one (the same backend again, as a client reusing
-		 * its port mostly gets), the clearing and writing of that key
-		 * below do it. */
-		if (had_old && !fp_ct_key_eq(old_rev, rev)) {
-			fp_ct_tier_clear(FP_CT_TIER_EST, old_rev);
-			fp_ct_tier_clear(FP_CT_TIER_NEW, old_rev);
-		}
 		fp_ct_reply_entry(reply, ip, l4, hairpin, snat, backend_id, svc->svc_id, now);
 		/* A new flow starts in the LRU; stale entries of the same keys
 		 * in the established hash (expired, not yet collected) would
