@@ -28,7 +28,7 @@ tree), so each compiles its own bpf/; the baseline tree is `git archive`d
 into a temporary directory.
 
     python -m bench.nodeport_profile [--baseline main] [--rounds 6] [--seconds 2]
-                                     [--services 1000] [--json FILE]
+                                     [--services 1000] [--swap] [--json FILE]
 """
 from __future__ import annotations
 
@@ -355,15 +355,20 @@ def run(args) -> dict:
     started = time.monotonic()
     harness.build_fprr()
     tmp = tempfile.mkdtemp(prefix="fp-npprof-")
-    res: dict = {"baseline_ref": args.baseline, "services": args.services,
+    res: dict = {"baseline_ref": args.baseline, "services": args.services, "swap": args.swap,
                  "rounds": args.rounds, "seconds": args.seconds}
     try:
         res["baseline_commit"] = export_tree(args.baseline, tmp)
         res["tree"] = str(REPO)
         with World() as w:
-            nodes = {"baseline": w.add_node("n1", enis=1), "tree": w.add_node("n2", enis=1)}
+            first, second = w.add_node("n1", enis=1), w.add_node("n2", enis=1)
+            # the two nodes are not alike (the same programs on both measure
+            # ~200 ns apart): --swap puts each build on the other node
+            nodes = ({"baseline": second, "tree": first} if args.swap else
+                     {"baseline": first, "tree": second})
             floor_node = w.add_node("n3", enis=1)
-            pods = {a: n.add_pod(f"{n.name}b") for a, n in nodes.items()}
+            pods = {a: n.add_pod(f"{n.name}b") for a, n in sorted(nodes.items(),
+                                                                 key=lambda x: x[1].name)}
             floor_pod = floor_node.add_pod("n3b")
             ext = w.add_client("ext")
             servers = [start_server(p) for p in [*pods.values(), floor_pod]]
@@ -412,7 +417,8 @@ def run(args) -> dict:
 
 def report(res: dict) -> str:
     lines = [f"program time per NodePort connection ({res['services']} NodePort Services, "
-             f"{res['rounds']} alternating rounds of {res['seconds']:g}s CRR; medians)"]
+             f"{res['rounds']} alternating rounds of {res['seconds']:g}s CRR; medians; "
+             f"this tree on {'n1' if res.get('swap') else 'n2'})"]
     names = sorted(set(res["baseline"]["programs"]) | set(res["tree"]["programs"]))
     lines.append(f"  {'program':14s} {'baseline ' + res['baseline_commit'][:10]:>28s}"
                  f" {'this tree':>28s}")
@@ -443,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=2.0, help="CRR seconds per arm and round")
     ap.add_argument("--services", type=int, default=1000)
+    ap.add_argument("--swap", action="store_true",
+                    help="the baseline on node n2, this tree on n1 (average a run with and "
+                         "one without: the nodes differ by about 200 ns per connection)")
     ap.add_argument("--json", help="write the raw figures here")
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
     if os.geteuid() != 0:
