@@ -14,6 +14,13 @@ rest of the two paths is the same kernel code), and unlike connection rates
 it is stable on a loaded machine: it is the figure to compare two versions
 of the programs by.
 
+A third node, n3, runs no fastpath but the floor of the technique
+(NodePortFloor: DNAT with one conntrack insert at the SYN and one lookup per
+packet each way, reverse NAT of the reply, the same redirects); the same
+client's connections to its NodePort and to its pod's address say how much
+of NodePort's extra program time any program doing it must spend, and so
+how much is fastpath's own.
+
 Statistics are switched on with the bpf() command BPF_ENABLE_STATS, which
 holds them on only while its fd is open (no sysctl is written). Each agent
 runs in a process of its own started in its tree (python -c ..., cwd = the
@@ -21,7 +28,7 @@ tree), so each compiles its own bpf/; the baseline tree is `git archive`d
 into a temporary directory.
 
     python -m bench.nodeport_profile [--baseline main] [--rounds 6] [--seconds 2]
-                                     [--services 1000] [--json FILE]
+                                     [--services 1000] [--swap] [--json FILE]
 """
 from __future__ import annotations
 
@@ -103,12 +110,209 @@ class ArmAgent:
                 self.proc.wait()
 
 
-def node_programs(node) -> dict[str, int]:
-    """fastpath's tc programs attached in the node: name -> id (each once,
-    whatever it is attached to; tail-called programs count in their caller)."""
+def node_programs(node, prefix: str = "fp_") -> dict[str, int]:
+    """The tc programs named `prefix`... attached in the node (fastpath's by
+    default): name -> id (each once, whatever it is attached to;
+    tail-called programs count in their caller)."""
     out = json.loads(node.run(["bpftool", "-j", "net", "show"]).stdout or "[]")
     return {p["name"]: p["id"] for sec in out for p in sec.get("tc", [])
-            if p.get("name", "").startswith("fp_")}
+            if p.get("name", "").startswith(prefix)}
+
+
+class NodePortFloor:
+    """The floor of the NodePort technique, on a node of its own without
+    fastpath: on the node's interfaces a program that looks the packet's
+    tuple up in an LRU conntrack map, and for the opening SYN to the NodePort
+    finds the frontend in a map, picks its one backend and inserts the flow's
+    two entries (forward and reply); each packet to the NodePort is DNATed
+    (address, port, both checksums) and redirected into the pod's netns; on
+    the pod's veth, one that looks the reply tuple up, puts the NodePort back
+    as the source and sends the packet out by the FIB. Packets to the pod's
+    own address are only redirected (the direct floor). No TCP state, tiers,
+    guards, policy, counters, reports or fragments: fastpath's NodePort
+    increment over its direct path, less this one's, is what its own logic
+    adds to the technique."""
+
+    SRC = r"""
+    #include <uapi/linux/bpf.h>
+    #include <uapi/linux/pkt_cls.h>
+    #include <uapi/linux/if_ether.h>
+    #include <uapi/linux/ip.h>
+    #include <uapi/linux/in.h>
+    #include <uapi/linux/tcp.h>
+    #include <linux/socket.h>
+    struct ct_key { __be32 saddr, daddr; __be16 sport, dport; __u32 proto; };
+    struct ct_val { __be32 addr; __be16 port; __u16 pad; };
+    BPF_TABLE("lru_hash", struct ct_key, struct ct_val, npf_ct, 65536);
+    BPF_TABLE("hash", __u32, struct ct_val, npf_svc, 16);
+    static long (*redirect_neigh4)(__u32 ifindex, struct bpf_redir_neigh *params,
+                                   int plen, __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+    #define L4_CSUM (ETH_HLEN + sizeof(struct iphdr) + offsetof(struct tcphdr, check))
+
+    /* address and port rewritten in place, checksums by the kernel's
+     * helpers (as fastpath does: offloaded checksums) */
+    static __always_inline int nat(struct __sk_buff *skb, int src, __be32 oa, __be32 na,
+                                   __be16 op, __be16 np)
+    {
+        void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+        struct iphdr *ip = data + ETH_HLEN;
+        struct tcphdr *th = (void *)(ip + 1);
+        __u32 c;
+
+        if ((void *)(th + 1) > end)
+            return -1;
+        c = (__u16)~ip->check;
+        c += (__u16)~(oa & 0xffff) + (__u16)~(oa >> 16) + (na & 0xffff) + (na >> 16);
+        c = (c & 0xffff) + (c >> 16);
+        c = (c & 0xffff) + (c >> 16);
+        ip->check = ~c;
+        if (src) { ip->saddr = na; th->source = np; }
+        else { ip->daddr = na; th->dest = np; }
+        if (bpf_l4_csum_replace(skb, L4_CSUM, oa, na, BPF_F_PSEUDO_HDR | 4))
+            return -1;
+        return bpf_l4_csum_replace(skb, L4_CSUM, op, np, 2);
+    }
+
+    int npf_in(struct __sk_buff *skb)
+    {
+        void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+        struct ethhdr *eth = data;
+        struct iphdr *ip = (void *)(eth + 1);
+        struct tcphdr *th = (void *)(ip + 1);
+        struct ct_key k = {}, rk = {};
+        struct ct_val *v, nv = {}, rv = {};
+        __u32 port;
+
+        if ((void *)(th + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+            return TC_ACT_UNSPEC;
+        if (ip->daddr == POD_IP) {
+            /* a connection straight to the pod on a tuple a NodePort
+             * flow had: its reply entry must go (what fastpath does too) */
+            if (ip->protocol == IPPROTO_TCP && th->syn && !th->ack) {
+                rk.saddr = ip->daddr;
+                rk.daddr = ip->saddr;
+                rk.sport = th->dest;
+                rk.dport = th->source;
+                rk.proto = IPPROTO_TCP;
+                if (npf_ct.lookup(&rk))
+                    npf_ct.delete(&rk);
+            }
+            return bpf_redirect_peer(POD_IFINDEX, 0);
+        }
+        if (ip->daddr != NODE_IP || ip->protocol != IPPROTO_TCP || ip->ihl != 5)
+            return TC_ACT_UNSPEC;
+        k.saddr = ip->saddr;
+        k.daddr = ip->daddr;
+        k.sport = th->source;
+        k.dport = th->dest;
+        k.proto = IPPROTO_TCP;
+        /* a SYN opens a connection: its entries are (re)written, as a
+         * reply entry of an earlier one on the tuple may be gone */
+        v = th->syn && !th->ack ? NULL : npf_ct.lookup(&k);
+        if (v) {
+            nv = *v;
+        } else {
+            if (!th->syn || th->ack)
+                return TC_ACT_UNSPEC;
+            port = th->dest;
+            v = npf_svc.lookup(&port);
+            if (!v)
+                return TC_ACT_UNSPEC;
+            nv = *v;
+            rk.saddr = nv.addr;
+            rk.daddr = k.saddr;
+            rk.sport = nv.port;
+            rk.dport = k.sport;
+            rk.proto = IPPROTO_TCP;
+            rv.addr = k.daddr;
+            rv.port = k.dport;
+            npf_ct.update(&k, &nv);
+            npf_ct.update(&rk, &rv);
+        }
+        if (nat(skb, 0, k.daddr, nv.addr, k.dport, nv.port))
+            return TC_ACT_SHOT;
+        return bpf_redirect_peer(POD_IFINDEX, 0);
+    }
+
+    int npf_out(struct __sk_buff *skb)
+    {
+        void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+        struct ethhdr *eth = data;
+        struct iphdr *ip = (void *)(eth + 1);
+        struct tcphdr *th = (void *)(ip + 1);
+        struct bpf_fib_lookup fib = {};
+        struct ct_key k = {};
+        struct ct_val *v;
+        int rc;
+
+        if ((void *)(th + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ttl <= 1)
+            return TC_ACT_UNSPEC;
+        if (ip->protocol == IPPROTO_TCP && ip->ihl == 5) {
+            k.saddr = ip->saddr;
+            k.daddr = ip->daddr;
+            k.sport = th->source;
+            k.dport = th->dest;
+            k.proto = IPPROTO_TCP;
+            v = npf_ct.lookup(&k);
+            if (v) {
+                struct ct_val nv = *v;
+
+                if (nat(skb, 1, k.saddr, nv.addr, k.sport, nv.port))
+                    return TC_ACT_SHOT;
+            }
+            data = (void *)(long)skb->data;
+            end = (void *)(long)skb->data_end;
+            eth = data;
+            ip = (void *)(eth + 1);
+            if ((void *)(ip + 1) > end)
+                return TC_ACT_SHOT;
+        }
+        fib.family = AF_INET;
+        fib.tos = ip->tos;
+        fib.l4_protocol = ip->protocol;
+        fib.tot_len = bpf_ntohs(ip->tot_len);
+        fib.ipv4_src = ip->saddr;
+        fib.ipv4_dst = ip->daddr;
+        fib.ifindex = skb->ifindex;
+        rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+        if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+            return TC_ACT_UNSPEC;
+        __u32 csum = ip->check + bpf_htons(0x0100);
+        ip->check = csum + (csum >> 16);
+        ip->ttl--;
+        if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+            __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+            __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+            return bpf_redirect(fib.ifindex, 0);
+        }
+        struct bpf_redir_neigh nh = {};
+        nh.nh_family = AF_INET;
+        nh.ipv4_nh = fib.ipv4_dst;
+        return redirect_neigh4(fib.ifindex, &nh, sizeof(nh), 0);
+    }
+    """
+
+    def __init__(self, node, pod, node_port: int, pod_port: int):
+        import socket
+        from bcc import BPF
+        from agent.datapath.maps import be32
+        self.node = node
+        self.bpf = BPF(text=self.SRC, cflags=[f"-DPOD_IP={be32(pod.ip)}U",
+                                               f"-DNODE_IP={be32(node.ip)}U",
+                                               f"-DPOD_IFINDEX={pod.host_ifindex}"])
+        svc = self.bpf["npf_svc"]
+        val = svc.Leaf()
+        val.addr = be32(pod.ip)
+        val.port = socket.htons(pod_port)
+        svc[svc.Key(socket.htons(node_port))] = val
+        fds = {n: self.bpf.load_func(n, BPF.SCHED_CLS).fd for n in ("npf_in", "npf_out")}
+        self.filters = [(node, pod.host_ifname, fds["npf_out"], "npf_out")]
+        self.filters += [(node, nic, fds["npf_in"], "npf_in")
+                         for nic in ["eth0"] + [e.name for e in node.enis]]
+
+    def attached(self):
+        from bench.pod_to_pod import ingress_attached
+        return ingress_attached(self.filters)
 
 
 def profile(arms: dict, rounds: int, seconds: float) -> dict:
@@ -151,16 +355,23 @@ def run(args) -> dict:
     started = time.monotonic()
     harness.build_fprr()
     tmp = tempfile.mkdtemp(prefix="fp-npprof-")
-    res: dict = {"baseline_ref": args.baseline, "services": args.services,
+    res: dict = {"baseline_ref": args.baseline, "services": args.services, "swap": args.swap,
                  "rounds": args.rounds, "seconds": args.seconds}
     try:
         res["baseline_commit"] = export_tree(args.baseline, tmp)
         res["tree"] = str(REPO)
         with World() as w:
-            nodes = {"baseline": w.add_node("n1", enis=1), "tree": w.add_node("n2", enis=1)}
-            pods = {a: n.add_pod(f"{n.name}b") for a, n in nodes.items()}
+            first, second = w.add_node("n1", enis=1), w.add_node("n2", enis=1)
+            # the two nodes are not alike (the same programs on both measure
+            # ~200 ns apart): --swap puts each build on the other node
+            nodes = ({"baseline": second, "tree": first} if args.swap else
+                     {"baseline": first, "tree": second})
+            floor_node = w.add_node("n3", enis=1)
+            pods = {a: n.add_pod(f"{n.name}b") for a, n in sorted(nodes.items(),
+                                                                 key=lambda x: x[1].name)}
+            floor_pod = floor_node.add_pod("n3b")
             ext = w.add_client("ext")
-            servers = [start_server(p) for p in pods.values()]
+            servers = [start_server(p) for p in [*pods.values(), floor_pod]]
             agents = {"baseline": ArmAgent(tmp, nodes["baseline"], pods["baseline"],
                                            args.services),
                       "tree": ArmAgent(str(REPO), nodes["tree"], pods["tree"], args.services)}
@@ -181,8 +392,18 @@ def run(args) -> dict:
                 # IP: the floor NodePort's extra work adds to
                 client.run("rr", pods["tree"].ip, 0.2)
                 arms["direct"] = (client, pods["tree"].ip, PORT, arms["tree"][3])
-                log(f"nodeport_profile: world {w.tag} ready ({time.monotonic() - started:.0f}s)")
-                res.update(profile(arms, args.rounds, args.seconds))
+                floor = NodePortFloor(floor_node, floor_pod, probe, PORT)
+                with floor.attached():
+                    ids = node_programs(floor_node, "npf_")
+                    if set(ids) != {"npf_in", "npf_out"}:
+                        raise RuntimeError(f"the floor is not attached on n3: {ids}")
+                    for dst, port in ((floor_node.ip, probe), (floor_pod.ip, PORT)):
+                        client.run("rr", dst, 0.2, port)
+                    arms["floor"] = (client, floor_node.ip, probe, ids)
+                    arms["floor-direct"] = (client, floor_pod.ip, PORT, ids)
+                    log(f"nodeport_profile: world {w.tag} ready "
+                        f"({time.monotonic() - started:.0f}s)")
+                    res.update(profile(arms, args.rounds, args.seconds))
                 res["client_errors"] = client.errors
             finally:
                 for ag in agents.values():
@@ -196,7 +417,8 @@ def run(args) -> dict:
 
 def report(res: dict) -> str:
     lines = [f"program time per NodePort connection ({res['services']} NodePort Services, "
-             f"{res['rounds']} alternating rounds of {res['seconds']:g}s CRR; medians)"]
+             f"{res['rounds']} alternating rounds of {res['seconds']:g}s CRR; medians; "
+             f"this tree on {'n1' if res.get('swap') else 'n2'})"]
     names = sorted(set(res["baseline"]["programs"]) | set(res["tree"]["programs"]))
     lines.append(f"  {'program':14s} {'baseline ' + res['baseline_commit'][:10]:>28s}"
                  f" {'this tree':>28s}")
@@ -212,6 +434,10 @@ def report(res: dict) -> str:
     d = res["direct"]["ns_per_conn_median"]
     lines.append(f"  direct to this tree's pod IP: {d:.0f} ns; NodePort's extra program time: "
                  f"baseline {b - d:.0f} ns, this tree {t - d:.0f} ns")
+    f, fd = res["floor"]["ns_per_conn_median"], res["floor-direct"]["ns_per_conn_median"]
+    lines.append(f"  the technique's floor (bare NodePort program, node n3): NodePort {f:.0f} ns, "
+                 f"direct {fd:.0f} ns: {f - fd:.0f} ns inherent; beyond it: baseline "
+                 f"{b - d - (f - fd):.0f} ns, this tree {t - d - (f - fd):.0f} ns")
     lines.append(f"  CRR (noisy, informative): baseline {res['baseline']['crr_median']:,.0f}, "
                  f"this tree {res['tree']['crr_median']:,.0f} conn/s")
     return "\n".join(lines)
@@ -223,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=2.0, help="CRR seconds per arm and round")
     ap.add_argument("--services", type=int, default=1000)
+    ap.add_argument("--swap", action="store_true",
+                    help="the baseline on node n2, this tree on n1 (average a run with and "
+                         "one without: the nodes differ by about 200 ns per connection)")
     ap.add_argument("--json", help="write the raw figures here")
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
     if os.geteuid() != 0:

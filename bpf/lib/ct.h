@@ -138,6 +138,13 @@ static __always_inline struct fp_ct4 *fp_ct_nat_find(struct fp_ct4_key *key, int
 	return NULL;
 }
 
+static __always_inline int fp_ct_key_eq(const struct fp_ct4_key *a, const struct fp_ct4_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+
+	return x[0] == y[0] && x[1] == y[1];
+}
+
 /* Remove `key` from a tier if it is there. The keys a new flow clears
  * are almost always absent, and a lookup costs less than deleting an
  * absent key (which takes the bucket's lock). */
@@ -452,7 +459,8 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 			return -1;
 		}
 		be = fp_lb_pick_flow(svc, ip->saddr,
-				     outside ? fp_maglev_hash(ip->saddr, l4->sport, l4->dport, ip->proto)
+				     outside && (svc->flags & FP_SVC_F_MAGLEV)
+					     ? fp_maglev_hash(ip->saddr, l4->sport, l4->dport, ip->proto)
 					     : FP_NO_MAGLEV, &backend_id, now);
 		if (!be) {
 			*reason = FP_DROP_NO_BACKEND;
@@ -475,9 +483,19 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 				}
 			}
 		}
-		if (had_old) {
-			/* the old flow on this tuple: its reply entry may name
-			 * another backend, and its forward one another tier */
+		rev->saddr = baddr;
+		rev->daddr = hairpin ? FP_HAIRPIN_IP : (snat ? snat_addr : ip->saddr);
+		rev->sport = bport;
+		rev->dport = snat ? snat_port : l4->sport;
+		rev->proto = ip->proto;
+		rev->dir = FP_CT_REPLY;
+		/* the old flow on this tuple: its reply entry may name another
+		 * backend, and its forward one another tier. From outside, when
+		 * its reply key is the new one (the same backend again, as a
+		 * client reusing its port mostly gets), the clearing and writing
+		 * of that key below do it. (Not from pods: fp_from_pod's verifier
+		 * walk passes its limit with the test.) */
+		if (had_old && (!outside || !fp_ct_key_eq(old_rev, rev))) {
 			fp_ct_tier_clear(FP_CT_TIER_EST, old_rev);
 			fp_ct_tier_clear(FP_CT_TIER_NEW, old_rev);
 		}
@@ -490,12 +508,6 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 		entry->svc_id = svc->svc_id;
 		entry->peer_addr = snat_addr;
 		entry->peer_port = snat_port;
-		rev->saddr = baddr;
-		rev->daddr = hairpin ? FP_HAIRPIN_IP : (snat ? snat_addr : ip->saddr);
-		rev->sport = bport;
-		rev->dport = snat ? snat_port : l4->sport;
-		rev->proto = ip->proto;
-		rev->dir = FP_CT_REPLY;
 		fp_ct_reply_entry(reply, ip, l4, hairpin, snat, backend_id, svc->svc_id, now);
 		/* A new flow starts in the LRU; stale entries of the same keys
 		 * in the established hash (expired, not yet collected) would

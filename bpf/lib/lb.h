@@ -300,7 +300,8 @@ static __always_inline struct fp_backend4 *fp_lb_pick_flow(struct fp_svc4 *svc, 
 			be = NULL;
 	}
 	if (!be) {
-		slot = (bpf_get_prandom_u32() % svc->count) + 1;
+		/* one backend needs no dice */
+		slot = svc->count == 1 ? 1 : (bpf_get_prandom_u32() % svc->count) + 1;
 		be = fp_slot_backend(svc->svc_id, slot, backend_id);
 	}
 	if (be)

@@ -181,6 +181,37 @@ def test_a_syn_on_a_closed_tuple_opens_a_new_connection(ct_dp, bpfnet, svc):
     assert c.state() == [("established", "established")] * 2
 
 
+
+def test_a_new_connection_on_a_closed_tuple_keeps_only_its_own_reply_entry(ct_dp, bpfnet, svc):
+    """A client reusing its port (what a connection-heavy client does all the
+    time) reopens a closed tuple: when the new pick is another backend, the
+    old flow's reply entry goes from both maps; when it is the same one, the
+    reply entry is the new flow's (written over, not left closed)."""
+    c = Conn(ct_dp, bpfnet, vip=VIP_TWO).handshake()
+    seen = set()
+    for _ in range(64):
+        c.client("FA")
+        c.server("FA")
+        old_backend, old_reply = c.backend, c.keys()[1]
+        assert find(ct_dp, old_reply)[0] == "new"
+        assert c.client("S").verdict == TC_ACT_REDIRECT
+        fwd, reply = c.keys()
+        assert [s for _, s in c.state()] == ["new", "new"]
+        t, v = find(ct_dp, reply)
+        assert t == "new" and v.state == M.NEW and (v.nat_addr, v.nat_port) == \
+            (be32(VIP_TWO), be16(80)), "the reply entry is the new flow's"
+        if c.backend != old_backend:
+            assert find(ct_dp, old_reply) == (None, None), \
+                "the old flow's reply entry, naming the other backend, is gone"
+        seen.add(c.backend == old_backend)
+        assert c.server("SA").verdict == TC_ACT_REDIRECT
+        c.client("A")
+        assert c.state() == [("established", "established")] * 2
+        if seen == {True, False}:
+            break
+    assert seen == {True, False}, "both cases were met (two backends, random picks)"
+
+
 def test_a_packet_that_is_not_an_opening_one_never_picks_a_backend(ct_dp, bpfnet, svc):
     """An ACK of a connection conntrack does not know: dropped with its own
     reason, counted, reported to the monitor; never sent to some backend."""

@@ -234,6 +234,40 @@ def test_a_node_port_from_outside_reaches_a_local_backend_keeping_the_clients_ad
     assert_checksums_valid(out)
 
 
+
+def test_a_client_reusing_its_port_gets_its_new_flows_reply_entry_and_no_old_one(dp, net, svcs):
+    """A client outside reopening its tuple (what a connection-heavy client
+    does all the time): whichever backend each new connection picks (local,
+    or remote behind SNAT), the flow's one reply entry is the new one, and
+    the old flow's, when it names another backend or SNAT port, is gone."""
+    sport = 45123
+
+    def replies(src, dst, dport):
+        return [(r.state, r.table) for r in ct_rows(dp, direction="reply", saddr=src, daddr=dst,
+                                                    dport=dport)]
+
+    prev, seen = None, set()
+    for _ in range(64):
+        v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP, 30080, sport), "eth0")
+        o = Ether(out)
+        assert v == TC_ACT_REDIRECT
+        now = ("local", sport) if o[IP].dst == POD_B else ("remote", o[TCP].sport)
+        if now[0] == "local":
+            assert replies(POD_B, CLIENT, sport) == [("new", "new")], "the new flow's entry"
+        else:
+            assert replies(REMOTE, NODE_IP, now[1]) == [("new", "new")]
+            assert replies(POD_B, CLIENT, sport) == [], "the old local flow's entry is gone"
+        if prev and prev[0] == "remote" and prev != now:
+            assert replies(REMOTE, NODE_IP, prev[1]) == [], "the old SNAT flow's entry is gone"
+        if prev:
+            seen.add((prev[0], now[0]))
+        # the client resets it: the tuple is closed, free for the next one
+        run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP, 30080, sport, flags="R"), "eth0")
+        prev = now
+        if {("local", "local"), ("local", "remote"), ("remote", "local")} <= seen:
+            break
+    assert {("local", "local"), ("local", "remote"), ("remote", "local")} <= seen, seen
+
 def test_a_node_port_to_a_backend_on_another_node_is_snated_and_its_reply_reversed(dp, net, svcs):
     v, out, reason, kind, idx = run(dp, net, "fp_from_vpc",
                                     from_outside(net, NODE_IP, 30081, 40100), "eth0")
