@@ -82,6 +82,9 @@ def sim_attach(node, *, register: bool = True, test_build: bool = False, **overr
     with private_paths() as paths:
         overrides.setdefault("node_name", node.name)
         cfg = paths.config(**overrides)
+        from agent.datapath.loader import BuildOptions
+        from agent.sim import prebuild
+        prebuild.adopt(BuildOptions.from_config(cfg, test_build))
         agent = Agent(cfg, netns=node.netns, test_build=test_build)
         try:
             agent.start(serve=False)
@@ -120,6 +123,7 @@ class AgentProcess:
                "--state-dir", self.paths.state_dir, "--api-socket", self.paths.socket,
                "--source", self.paths.manifests, "--socket-lb", "false",
                "--node-name", self.node.name, *self.extra]
+        self._adopt(cmd[cmd.index("agent.cli.main") + 1:])
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.repo, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -136,6 +140,19 @@ class AgentProcess:
             time.sleep(0.1)
         self.kill()
         raise RuntimeError("agent not ready in time:\n" + self.log.read_text()[-3000:])
+
+    def _adopt(self, argv: list[str]) -> None:
+        """A prebuilt program set for the options these arguments give, when
+        the session has a pool (agent.sim.prebuild)."""
+        from agent.sim import prebuild
+        if prebuild.active():
+            from agent.cli.main import build_parser, load_config
+            from agent.datapath.loader import BuildOptions
+            try:
+                options = BuildOptions.from_config(load_config(build_parser().parse_args(argv)))
+            except (Exception, SystemExit):
+                return         # arguments the agent will refuse itself: nothing to adopt
+            prebuild.adopt(options, repo=self.repo)
 
     def kill(self, sig: int = 9) -> None:
         if self.proc and self.proc.poll() is None:
