@@ -49,8 +49,9 @@ _POOLS = []
 
 def pytest_terminal_summary(terminalreporter):
     for pool in _POOLS:
-        terminalreporter.write_line(f"prebuilt program sets: {pool.hits} agents opened one, "
-                                    f"{pool.misses} compiled their own")
+        terminalreporter.write_line(
+            f"prebuilt program sets: {pool.hits} agents opened one ({pool.recycled} emptied "
+            f"after an earlier test), {pool.misses} compiled their own")
 
 
 @pytest.fixture

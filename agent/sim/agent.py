@@ -51,6 +51,8 @@ def private_paths():
     try:
         yield paths
     finally:
+        from agent.sim import prebuild
+        prebuild.give_back(f"{paths.bpffs}/fastpath")
         subprocess.run(["umount", "-l", paths.bpffs], check=False)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -84,7 +86,7 @@ def sim_attach(node, *, register: bool = True, test_build: bool = False, **overr
         cfg = paths.config(**overrides)
         from agent.datapath.loader import BuildOptions
         from agent.sim import prebuild
-        prebuild.adopt(BuildOptions.from_config(cfg, test_build))
+        prebuild.adopt(BuildOptions.from_config(cfg, test_build), node.netns)
         agent = Agent(cfg, netns=node.netns, test_build=test_build)
         try:
             agent.start(serve=False)
@@ -152,7 +154,7 @@ class AgentProcess:
                 options = BuildOptions.from_config(load_config(build_parser().parse_args(argv)))
             except (Exception, SystemExit):
                 return         # arguments the agent will refuse itself: nothing to adopt
-            prebuild.adopt(options, repo=self.repo)
+            prebuild.adopt(options, self.node.netns, repo=self.repo)
 
     def kill(self, sig: int = 9) -> None:
         if self.proc and self.proc.poll() is None:

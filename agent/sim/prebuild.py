@@ -39,6 +39,9 @@ class _Set:
     root: str            # the pool's temporary directory, bpffs mounted at root/bpffs
     pin_root: str
     key: str             # its build key (for its own pin root)
+    # a set an agent used (given back): the netns its programs were
+    # attached in; it is emptied and handed out only once they are all gone
+    used_in: tuple = ()
 
 
 def _shape(options):
@@ -61,7 +64,8 @@ class BuildPool:
         self._thread: threading.Thread | None = None
         self._proc = None            # the running agent.datapath.build child
         self._waiting = 0            # agents waiting for it
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.recycled = 0
+        self._owners: dict[str, tuple] = {}    # pin root -> (shape, netns) of its agent
 
     # -- lifecycle -------------------------------------------------------
     def __enter__(self) -> "BuildPool":
@@ -98,6 +102,7 @@ class BuildPool:
     def _next(self):
         """The shape to build next, or None (enough ready)."""
         have = sum(1 for shape, _ in self._ready if shape == self._want)
+        # (given-back sets count: they become usable when their test ends)
         return self._want if have < self.depth else None
 
     def _run(self) -> None:
@@ -120,22 +125,14 @@ class BuildPool:
                         _remove(built)
                     else:
                         self._ready.append((shape, built))
-                        # sets for options nobody asks for any more: memory back
-                        stale = [e for e in self._ready if e[0] != self._want]
-                        for e in stale[:max(0, len(self._ready) - self.depth)]:
-                            self._ready.remove(e)
-                            _remove(e[1])
+                        self._trim()
                 elif not self._closed:
                     self._want = None      # do not retry a failing build forever
                 self._cv.notify_all()
 
     def _build(self, shape) -> _Set | None:
         from agent.datapath.build import BuildProcess
-        root = tempfile.mkdtemp(prefix="fp-simpool-")
-        bpffs = f"{root}/bpffs"
-        os.makedirs(bpffs)
-        subprocess.run(["mount", "-t", "bpf", "bpf", bpffs], check=True)
-        s = _Set(root, f"{bpffs}/fastpath", "")
+        s = _mount_set()
         try:
             with self._cv:
                 if self._closed:
@@ -156,7 +153,59 @@ class BuildPool:
             _remove(s)
             raise
 
+    def _trim(self) -> None:
+        """At most depth + 2 sets (each holds its maps' memory, some 300 MB
+        preallocated): the oldest of options nobody asks for go first."""
+        excess = len(self._ready) - (self.depth + 2)
+        for e in sorted(self._ready, key=lambda e: e[0] == self._want)[:max(0, excess)]:
+            self._ready.remove(e)
+            _remove(e[1])
+
     # -- the agents' side ------------------------------------------------
+    def own(self, options, netns: str) -> None:
+        with self._cv:
+            self._owners[options.pin_root] = (_shape(options), netns)
+
+    def give_back(self, pin_root: str) -> None:
+        """The set an agent leaves under `pin_root` (about to be unmounted),
+        kept for a later agent with the same options when it is exactly
+        what a build leaves: every map, one complete program set of
+        those options, nothing else (no resized or migrated leftovers)."""
+        from agent.datapath import loader
+        with self._cv:
+            owner = self._owners.pop(pin_root, None)
+            if owner is None or self._closed:
+                return
+        shape, netns = owner
+        options = dataclasses.replace(shape, pin_root=pin_root)
+        key = loader.build_key(options)
+        try:
+            names = set(os.listdir(pin_root))
+            progs = os.listdir(os.path.join(pin_root, loader.PROG_DIR))
+            complete = set(os.listdir(loader.prog_set_dir(options, key))) == set(loader.PROGRAMS)
+        except OSError:
+            return
+        if names != set(loader.pinned_map_names()) | {loader.PROG_DIR} or progs != [key] \
+                or not complete:
+            return
+        s = _mount_set()
+        try:
+            _repin(pin_root, key, s.pin_root,
+                   loader.build_key(dataclasses.replace(shape, pin_root=s.pin_root)))
+        except OSError as exc:
+            log.warning("program set under %s not kept: %s", pin_root, exc)
+            _remove(s)
+            return
+        s.key = loader.build_key(dataclasses.replace(shape, pin_root=s.pin_root))
+        s.used_in = (netns,)
+        with self._cv:
+            if self._closed:
+                _remove(s)
+                return
+            self._ready.append((shape, s))
+            self._trim()
+            self._cv.notify_all()
+
     def take(self, options) -> _Set | None:
         """A ready set for `options` (waiting for the one being built for
         them, if any), or None; the pool then works towards these options."""
@@ -166,12 +215,21 @@ class BuildPool:
                 self._want = shape
                 self._cv.notify_all()
             while True:
-                for e in self._ready:
-                    if e[0] == shape:
-                        self._ready.remove(e)
-                        self.hits += 1
-                        self._cv.notify_all()
-                        return e[1]
+                for e in list(self._ready):
+                    if e[0] != shape or not _released(e[1]):
+                        continue
+                    self._ready.remove(e)
+                    if e[1].used_in:
+                        try:
+                            _empty(e[1])
+                        except OSError as exc:
+                            log.warning("a given-back program set not reused: %s", exc)
+                            _remove(e[1])
+                            continue
+                        self.recycled += 1
+                    self.hits += 1
+                    self._cv.notify_all()
+                    return e[1]
                 if self._closed or self._building != shape:
                     self.misses += 1
                     return None
@@ -188,6 +246,116 @@ class BuildPool:
 def _nice(build, level: int) -> None:
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, build.proc.pid, level)
+
+
+def _mount_set() -> _Set:
+    root = tempfile.mkdtemp(prefix="fp-simpool-")
+    bpffs = f"{root}/bpffs"
+    os.makedirs(bpffs)
+    subprocess.run(["mount", "-t", "bpf", "bpf", bpffs], check=True)
+    return _Set(root, f"{bpffs}/fastpath", "")
+
+
+def _released(s: _Set) -> bool:
+    """No program of a given-back set can run any more, nor any process
+    write its maps: the netns it was attached in are gone (their devices,
+    filters and the processes the world started with them) and no other
+    process holds one of its maps open (an agent process a test left
+    running)."""
+    if not s.used_in:
+        return True
+    if any(os.path.exists(f"/run/netns/{ns}") for ns in s.used_in):
+        return False
+    from agent.datapath import libbpf
+    ids = set()
+    for n in os.listdir(s.pin_root):
+        if n == "progs":
+            continue
+        fd = libbpf.obj_get(os.path.join(s.pin_root, n))
+        try:
+            ids.add(libbpf.map_info(fd).id)
+        finally:
+            os.close(fd)
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-map":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    info = f.read()
+            except OSError:
+                continue
+            for line in info.splitlines():
+                if line.startswith("map_id:") and int(line.split()[1]) in ids:
+                    return False
+    return True
+
+
+def _empty(s: _Set) -> None:
+    """A given-back set's maps as a build leaves them: no entry in any
+    hash, LRU or trie, arrays zeroed, no tail-call slot filled, nothing
+    unread in the event ring."""
+    import ctypes as ct
+    from agent.datapath import libbpf
+    from agent.datapath.ringbuf import RingReader
+    lib = libbpf.lib()
+    for n in os.listdir(s.pin_root):
+        if n == "progs":
+            continue
+        fd = libbpf.obj_get(os.path.join(s.pin_root, n))
+        try:
+            info = libbpf.map_info(fd)
+            if info.type == libbpf.BPF_MAP_TYPE_RINGBUF:
+                ring = RingReader(fd)
+                try:
+                    while ring.poll(0):
+                        pass
+                finally:
+                    ring.close()
+                continue
+            keys = [k for k, _ in libbpf.map_items_raw(
+                fd, info.key_size, libbpf.value_buffer_size(info.type, info.value_size))]
+            if info.type in _ARRAYS:
+                zero = bytes(libbpf.value_buffer_size(info.type, info.value_size))
+                for k in keys:
+                    if lib.bpf_map_update_elem(fd, k, zero, 0) != 0:
+                        raise OSError(ct.get_errno(), f"{n}: zeroing failed")
+            else:
+                for k in keys:
+                    if lib.bpf_map_delete_elem(fd, k) != 0 and ct.get_errno() != 2:
+                        raise OSError(ct.get_errno(), f"{n}: delete failed")
+        finally:
+            os.close(fd)
+
+
+_ARRAYS = (2, 6)        # array, percpu_array (uapi enum bpf_map_type)
+
+
+def _repin(src_root: str, src_key: str, dst_root: str, dst_key: str) -> None:
+    """Every map pinned under src_root, and the program set src_key, pinned
+    under dst_root (the set as dst_key): the programs last, so a set is
+    complete only once every map it uses is there."""
+    from agent.datapath import libbpf, loader
+    src_progs = os.path.join(src_root, loader.PROG_DIR, src_key)
+    dst_progs = os.path.join(dst_root, loader.PROG_DIR, dst_key)
+    moves = [(os.path.join(src_root, n), os.path.join(dst_root, n))
+             for n in sorted(os.listdir(src_root)) if n != loader.PROG_DIR]
+    moves += [(os.path.join(src_progs, n), os.path.join(dst_progs, n))
+              for n in sorted(os.listdir(src_progs))]
+    os.makedirs(dst_progs)
+    for src, dst in moves:
+        fd = libbpf.obj_get(src)
+        try:
+            _pin(fd, dst)
+        finally:
+            os.close(fd)
 
 
 def _remove(s: _Set) -> None:
@@ -209,16 +377,17 @@ def active() -> bool:
     return _POOL is not None
 
 
-def adopt(options, repo=None) -> bool:
+def adopt(options, netns: str, repo=None) -> bool:
     """Fill the empty pin root of `options` with a prebuilt set, if the
     session has a pool and it has one for these options and sources
     (`repo`: the source tree the agent runs, this one when None). True
     when it did; then the agent opens that set instead of compiling."""
-    from agent.datapath import libbpf, loader
+    from agent.datapath import loader
     from agent.sim.agent import REPO
     pool = _POOL
     if pool is None or (repo is not None and os.path.realpath(repo) != str(REPO)):
         return False
+    pool.own(options, netns)       # its last options: what it leaves is kept by those
     if os.path.isdir(options.pin_root) and os.listdir(options.pin_root):
         return False          # a restart: what is pinned there is the point
     s = pool.take(options)
@@ -226,20 +395,7 @@ def adopt(options, repo=None) -> bool:
         return False
     try:
         os.makedirs(options.pin_root, exist_ok=True)
-        src_progs = os.path.join(s.pin_root, loader.PROG_DIR, s.key)
-        dst_progs = loader.prog_set_dir(options, loader.build_key(options))
-        moves = [(os.path.join(s.pin_root, n), os.path.join(options.pin_root, n))
-                 for n in sorted(os.listdir(s.pin_root)) if n != loader.PROG_DIR]
-        # the programs last: a set is complete only once every map it uses is there
-        moves += [(os.path.join(src_progs, n), os.path.join(dst_progs, n))
-                  for n in sorted(os.listdir(src_progs))]
-        os.makedirs(dst_progs)
-        for src, dst in moves:
-            fd = libbpf.obj_get(src)
-            try:
-                _pin(fd, dst)
-            finally:
-                os.close(fd)
+        _repin(s.pin_root, s.key, options.pin_root, loader.build_key(options))
         return True
     except BaseException:
         # nothing half-adopted: the agent compiles on an empty root
@@ -247,3 +403,14 @@ def adopt(options, repo=None) -> bool:
         raise
     finally:
         _remove(s)
+
+
+def give_back(pin_root: str) -> None:
+    """What an agent left under `pin_root` (its bpffs about to be
+    unmounted), to the session's pool if it has one."""
+    pool = _POOL
+    if pool is not None:
+        try:
+            pool.give_back(pin_root)
+        except Exception as exc:      # not kept: a later agent compiles, nothing worse
+            log.warning("program set under %s not kept: %s", pin_root, exc)
