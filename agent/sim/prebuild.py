@@ -12,6 +12,13 @@ the agent computes for its own pin root), and the agent finds a complete
 pinned set, as at a restart. The pool builds the next sets meanwhile, at
 the lowest CPU priority, while the tests send their traffic.
 
+Most sets are not built at all but reused: the set an agent leaves when
+its private paths go (`give_back`) is kept, and handed to a later agent
+with the same options once nothing can touch it any more (the netns its
+programs were attached in are gone, no other process holds one of its
+maps), emptied first to what a build leaves: no entries, zeroed arrays,
+empty tail-call slots, nothing unread in the event ring.
+
 Only an empty pin root is ever filled (a restart on the same paths keeps
 what its predecessor left), only with a set built from these very sources,
 and only for identical options; anything else compiles as before.
@@ -50,9 +57,10 @@ def _shape(options):
 
 
 class BuildPool:
-    """Keeps up to `depth` pinned program sets ready, for the options the
-    last agent asked for (the default ones at first); one build at a
-    time, in a child process at nice 19."""
+    """Keeps up to `depth` pinned program sets ready for the default
+    options (most agents'), one build at a time, in a child process at
+    nice 19; and keeps the sets agents leave (given back), whatever their
+    options, for later agents with the same ones."""
 
     def __init__(self, depth: int = 2):
         self.depth = depth
@@ -208,12 +216,9 @@ class BuildPool:
 
     def take(self, options) -> _Set | None:
         """A ready set for `options` (waiting for the one being built for
-        them, if any), or None; the pool then works towards these options."""
+        them, if any), or None."""
         shape = _shape(options)
         with self._cv:
-            if self._want != shape:
-                self._want = shape
-                self._cv.notify_all()
             while True:
                 for e in list(self._ready):
                     if e[0] != shape or not _released(e[1]):
