@@ -34,12 +34,12 @@ def pytest_sessionstart(session):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prebuilt_programs():
-    """Agents' program sets compiled ahead, while the tests before them run
-    (agent.sim.prebuild: an agent on a fresh bpffs opens a fresh set built
-    with its very options instead of compiling ~10 s itself)."""
-    from agent.sim.prebuild import BuildPool
-    with BuildPool() as pool:
+def program_sets():
+    """The program sets agents leave, kept for later agents with the same
+    options (agent.sim.setpool): an agent on a fresh bpffs opens one, empty,
+    instead of compiling ~10 s itself."""
+    from agent.sim.setpool import SetPool
+    with SetPool() as pool:
         _POOLS.append(pool)
         yield pool
 
@@ -49,9 +49,8 @@ _POOLS = []
 
 def pytest_terminal_summary(terminalreporter):
     for pool in _POOLS:
-        terminalreporter.write_line(
-            f"prebuilt program sets: {pool.hits} agents opened one ({pool.recycled} emptied "
-            f"after an earlier test), {pool.misses} compiled their own")
+        terminalreporter.write_line(f"program sets: {pool.hits} agents opened one an earlier "
+                                    f"agent left, {pool.misses} compiled their own")
 
 
 @pytest.fixture

@@ -51,8 +51,8 @@ def private_paths():
     try:
         yield paths
     finally:
-        from agent.sim import prebuild
-        prebuild.give_back(f"{paths.bpffs}/fastpath")
+        from agent.sim import setpool
+        setpool.give_back(f"{paths.bpffs}/fastpath")
         subprocess.run(["umount", "-l", paths.bpffs], check=False)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -85,8 +85,8 @@ def sim_attach(node, *, register: bool = True, test_build: bool = False, **overr
         overrides.setdefault("node_name", node.name)
         cfg = paths.config(**overrides)
         from agent.datapath.loader import BuildOptions
-        from agent.sim import prebuild
-        prebuild.adopt(BuildOptions.from_config(cfg, test_build), node.netns)
+        from agent.sim import setpool
+        setpool.adopt(BuildOptions.from_config(cfg, test_build), node.netns)
         agent = Agent(cfg, netns=node.netns, test_build=test_build)
         try:
             agent.start(serve=False)
@@ -144,17 +144,17 @@ class AgentProcess:
         raise RuntimeError("agent not ready in time:\n" + self.log.read_text()[-3000:])
 
     def _adopt(self, argv: list[str]) -> None:
-        """A prebuilt program set for the options these arguments give, when
-        the session has a pool (agent.sim.prebuild)."""
-        from agent.sim import prebuild
-        if prebuild.active():
+        """A program set an earlier agent left, for the options these arguments give, when
+        the session has a pool (agent.sim.setpool)."""
+        from agent.sim import setpool
+        if setpool.active():
             from agent.cli.main import build_parser, load_config
             from agent.datapath.loader import BuildOptions
             try:
                 options = BuildOptions.from_config(load_config(build_parser().parse_args(argv)))
             except (Exception, SystemExit):
                 return         # arguments the agent will refuse itself: nothing to adopt
-            prebuild.adopt(options, self.node.netns, repo=self.repo)
+            setpool.adopt(options, self.node.netns, repo=self.repo)
 
     def kill(self, sig: int = 9) -> None:
         if self.proc and self.proc.poll() is None:

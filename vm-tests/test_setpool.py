@@ -1,4 +1,4 @@
-"""The vm-tests' pool of program sets (agent.sim.prebuild): a set an agent
+"""The vm-tests' pool of program sets (agent.sim.setpool): a set an agent
 leaves behind reaches a later agent only once nothing can touch it any
 more, and then as empty as a fresh build leaves it."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from agent.datapath import libbpf
 from agent.datapath.maps import MAP
 from agent.datapath.ringbuf import RingReader
-from agent.sim import prebuild
+from agent.sim import setpool
 from agent.sim.agent import sim_attach
 from agent.sim.traffic import tcp_exchange
 from agent.sim.world import World
@@ -44,8 +44,8 @@ def contents(pin_root: str) -> dict[str, int]:
     return out
 
 
-def test_a_set_left_by_an_agent_goes_on_only_when_untouchable_and_empty(prebuilt_programs):
-    pool = prebuilt_programs
+def test_a_set_left_by_an_agent_goes_on_only_when_untouchable_and_empty(program_sets):
+    pool = program_sets
     with World() as w:
         node = w.add_node("n1", enis=1)
         a, b = node.add_pod("a"), node.add_pod("b")
@@ -58,7 +58,7 @@ def test_a_set_left_by_an_agent_goes_on_only_when_untouchable_and_empty(prebuilt
         assert used[MAP["FP_MAP_ENDPOINTS"]] == 2, used
         assert used[MAP["FP_MAP_COUNTERS"]] > 0 and used[MAP["FP_MAP_TAILS"]] > 0, used
         # the node's netns still exists (its filters may run): not handed out
-        assert not prebuild._released(s)
+        assert not setpool._released(s)
         holder = subprocess.Popen(
             [sys.executable, "-c", "import os, sys, time; from agent.datapath import libbpf; "
              f"fd = libbpf.obj_get({os.path.join(s.pin_root, MAP['FP_MAP_CT'])!r}); "
@@ -67,10 +67,10 @@ def test_a_set_left_by_an_agent_goes_on_only_when_untouchable_and_empty(prebuilt
     try:
         assert holder.stdout.readline().strip() == "open"
         # the world is gone, but a process still holds one of its maps
-        assert not prebuild._released(s)
+        assert not setpool._released(s)
     finally:
         holder.kill()
         holder.wait()
-    assert prebuild._released(s)
-    prebuild._empty(s)
+    assert setpool._released(s)
+    setpool._empty(s)
     assert set(contents(s.pin_root).values()) == {0}, contents(s.pin_root)

@@ -1,33 +1,28 @@
-"""Program sets built ahead of the agents that will use them (vm-tests).
+"""Program sets passed from one simulated agent to the next (vm-tests).
 
 A simulated agent starts on a fresh private bpffs (agent.sim.agent.
 private_paths), so each one compiles the programs: some 10 s of one CPU,
 and most of an end-to-end test's time. The compile depends on the build
 options, and on the pin root only through the paths bcc pins the maps at;
-the programs themselves refer to maps by object, never by path. So a set
-built and pinned under a pool's own bpffs, with the same options otherwise,
-is exactly what the agent's own build would leave under its pin root:
-`adopt` pins those fresh maps and programs there (the set under the key
-the agent computes for its own pin root), and the agent finds a complete
-pinned set, as at a restart. The pool builds the next sets meanwhile, at
-the lowest CPU priority, while the tests send their traffic.
+the programs themselves refer to maps by object, never by path. So the set
+an agent leaves when its private paths go (`give_back`: every map and its
+complete program set, nothing resized or migrated beside them) is kept by
+the session's pool, and a later agent with the very same options otherwise
+and these sources gets it (`adopt`): pinned under its own, still empty,
+pin root (under the key it computes for that root), it finds a complete
+pinned set, as at a restart, instead of compiling.
 
-Most sets are not built at all but reused: the set an agent leaves when
-its private paths go (`give_back`) is kept, and handed to a later agent
-with the same options once nothing can touch it any more (the netns its
-programs were attached in are gone, no other process holds one of its
-maps), emptied first to what a build leaves: no entries, zeroed arrays,
-empty tail-call slots, nothing unread in the event ring.
-
-Only an empty pin root is ever filled (a restart on the same paths keeps
-what its predecessor left), only with a set built from these very sources,
-and only for identical options; anything else compiles as before.
-Opt-in: `with BuildPool(): ...` (vm-tests/conftest.py holds one for the
-session); without one, `adopt` does nothing.
+A kept set is handed on only once nothing can touch it any more (the netns
+its programs were attached in are gone, with their devices and filters, and
+no other process holds one of its maps), and emptied first to what a build
+leaves: no entries, zeroed arrays, empty tail-call slots, nothing unread in
+the event ring. Only an empty pin root is ever filled (a restart on the same
+paths keeps what its predecessor left); anything else compiles as before.
+Opt-in: `with SetPool(): ...` (vm-tests/conftest.py holds one for the
+session); without one, `adopt` and `give_back` do nothing.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -38,7 +33,7 @@ import threading
 
 log = logging.getLogger("fastpath.sim")
 
-_POOL: "BuildPool | None" = None
+_POOL: "SetPool | None" = None
 
 
 @dataclasses.dataclass
@@ -46,8 +41,8 @@ class _Set:
     root: str            # the pool's temporary directory, bpffs mounted at root/bpffs
     pin_root: str
     key: str             # its build key (for its own pin root)
-    # a set an agent used (given back): the netns its programs were
-    # attached in; it is emptied and handed out only once they are all gone
+    # the netns its programs were attached in: it is emptied and handed
+    # on only once they are all gone
     used_in: tuple = ()
 
 
@@ -56,33 +51,21 @@ def _shape(options):
     return dataclasses.replace(options, pin_root="")
 
 
-class BuildPool:
-    """Keeps up to `depth` pinned program sets ready for the default
-    options (most agents'), one build at a time, in a child process at
-    nice 19; and keeps the sets agents leave (given back), whatever their
-    options, for later agents with the same ones."""
+class SetPool:
+    """The sets agents left, whatever their options, for later agents with
+    the same ones; at most `keep` (each holds its maps' memory, some 300 MB
+    preallocated with the default sizes)."""
 
-    def __init__(self, depth: int = 2):
-        self.depth = depth
-        self._cv = threading.Condition()
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._lock = threading.Lock()
         self._ready: list[tuple[object, _Set]] = []
-        self._building = None        # the shape being built
-        self._want = None
         self._closed = False
-        self._thread: threading.Thread | None = None
-        self._proc = None            # the running agent.datapath.build child
-        self._waiting = 0            # agents waiting for it
-        self.hits = self.misses = self.recycled = 0
+        self.hits = self.misses = 0
         self._owners: dict[str, tuple] = {}    # pin root -> (shape, netns) of its agent
 
-    # -- lifecycle -------------------------------------------------------
-    def __enter__(self) -> "BuildPool":
+    def __enter__(self) -> "SetPool":
         global _POOL
-        from agent.config import Config
-        from agent.datapath.loader import BuildOptions
-        self._want = _shape(BuildOptions.from_config(Config.defaults()))
-        self._thread = threading.Thread(target=self._run, name="sim-prebuild", daemon=True)
-        self._thread.start()
         _POOL = self
         return self
 
@@ -93,85 +76,20 @@ class BuildPool:
         global _POOL
         if _POOL is self:
             _POOL = None
-        with self._cv:
+        with self._lock:
             self._closed = True
-            self._cv.notify_all()
-            proc = self._proc
-        if proc is not None:
-            proc.kill()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-        with self._cv:
             sets, self._ready = [s for _, s in self._ready], []
         for s in sets:
             _remove(s)
 
-    # -- the builder -----------------------------------------------------
-    def _next(self):
-        """The shape to build next, or None (enough ready)."""
-        have = sum(1 for shape, _ in self._ready if shape == self._want)
-        # (given-back sets count: they become usable when their test ends)
-        return self._want if have < self.depth else None
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._closed and self._next() is None:
-                    self._cv.wait()
-                if self._closed:
-                    return
-                shape = self._building = self._next()
-            built = None
-            try:
-                built = self._build(shape)
-            except Exception as exc:      # the agent will compile itself: slower, not wrong
-                log.warning("prebuild failed: %s", exc)
-            with self._cv:
-                self._building = None
-                if built is not None:
-                    if self._closed:
-                        _remove(built)
-                    else:
-                        self._ready.append((shape, built))
-                        self._trim()
-                elif not self._closed:
-                    self._want = None      # do not retry a failing build forever
-                self._cv.notify_all()
-
-    def _build(self, shape) -> _Set | None:
-        from agent.datapath.build import BuildProcess
-        s = _mount_set()
-        try:
-            with self._cv:
-                if self._closed:
-                    raise RuntimeError("pool closed")
-                self._proc = proc = BuildProcess(dataclasses.replace(shape, pin_root=s.pin_root))
-                if not self._waiting:
-                    # behind every test's own processes (traffic, agents):
-                    # the CPU it takes is what they leave idle
-                    _nice(proc, 19)
-            try:
-                s.key = proc.result()["key"]
-            finally:
-                proc.kill()
-                with self._cv:
-                    self._proc = None
-            return s
-        except BaseException:
-            _remove(s)
-            raise
-
     def _trim(self) -> None:
-        """At most depth + 2 sets (each holds its maps' memory, some 300 MB
-        preallocated): the oldest of options nobody asks for go first."""
-        excess = len(self._ready) - (self.depth + 2)
-        for e in sorted(self._ready, key=lambda e: e[0] == self._want)[:max(0, excess)]:
-            self._ready.remove(e)
-            _remove(e[1])
+        """The oldest sets go beyond `keep`."""
+        while len(self._ready) > self.keep:
+            _remove(self._ready.pop(0)[1])
 
     # -- the agents' side ------------------------------------------------
     def own(self, options, netns: str) -> None:
-        with self._cv:
+        with self._lock:
             self._owners[options.pin_root] = (_shape(options), netns)
 
     def give_back(self, pin_root: str) -> None:
@@ -180,7 +98,7 @@ class BuildPool:
         what a build leaves: every map, one complete program set of
         those options, nothing else (no resized or migrated leftovers)."""
         from agent.datapath import loader
-        with self._cv:
+        with self._lock:
             owner = self._owners.pop(pin_root, None)
             if owner is None or self._closed:
                 return
@@ -197,60 +115,40 @@ class BuildPool:
                 or not complete:
             return
         s = _mount_set()
+        s.key = loader.build_key(dataclasses.replace(shape, pin_root=s.pin_root))
+        s.used_in = (netns,)
         try:
-            _repin(pin_root, key, s.pin_root,
-                   loader.build_key(dataclasses.replace(shape, pin_root=s.pin_root)))
+            _repin(pin_root, key, s.pin_root, s.key)
         except OSError as exc:
             log.warning("program set under %s not kept: %s", pin_root, exc)
             _remove(s)
             return
-        s.key = loader.build_key(dataclasses.replace(shape, pin_root=s.pin_root))
-        s.used_in = (netns,)
-        with self._cv:
+        with self._lock:
             if self._closed:
                 _remove(s)
                 return
             self._ready.append((shape, s))
             self._trim()
-            self._cv.notify_all()
 
     def take(self, options) -> _Set | None:
-        """A ready set for `options` (waiting for the one being built for
-        them, if any), or None."""
+        """A kept set for `options` that nothing can touch any more,
+        emptied; or None."""
         shape = _shape(options)
-        with self._cv:
-            while True:
-                for e in list(self._ready):
-                    if e[0] != shape or not _released(e[1]):
-                        continue
-                    self._ready.remove(e)
-                    if e[1].used_in:
-                        try:
-                            _empty(e[1])
-                        except OSError as exc:
-                            log.warning("a given-back program set not reused: %s", exc)
-                            _remove(e[1])
-                            continue
-                        self.recycled += 1
-                    self.hits += 1
-                    self._cv.notify_all()
-                    return e[1]
-                if self._closed or self._building != shape:
-                    self.misses += 1
-                    return None
-                # an agent waits for it now: no longer background work
-                if self._proc is not None:
-                    _nice(self._proc, 0)
-                self._waiting += 1
+        with self._lock:
+            for e in list(self._ready):
+                if e[0] != shape or not _released(e[1]):
+                    continue
+                self._ready.remove(e)
                 try:
-                    self._cv.wait()
-                finally:
-                    self._waiting -= 1
-
-
-def _nice(build, level: int) -> None:
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, build.proc.pid, level)
+                    _empty(e[1])
+                except OSError as exc:
+                    log.warning("a kept program set not reused: %s", exc)
+                    _remove(e[1])
+                    continue
+                self.hits += 1
+                return e[1]
+            self.misses += 1
+            return None
 
 
 def _mount_set() -> _Set:
@@ -267,8 +165,6 @@ def _released(s: _Set) -> bool:
     filters and the processes the world started with them) and no other
     process holds one of its maps open (an agent process a test left
     running)."""
-    if not s.used_in:
-        return True
     if any(os.path.exists(f"/run/netns/{ns}") for ns in s.used_in):
         return False
     from agent.datapath import libbpf
@@ -383,10 +279,11 @@ def active() -> bool:
 
 
 def adopt(options, netns: str, repo=None) -> bool:
-    """Fill the empty pin root of `options` with a prebuilt set, if the
+    """Fill the empty pin root of `options` with a kept set, if the
     session has a pool and it has one for these options and sources
     (`repo`: the source tree the agent runs, this one when None). True
-    when it did; then the agent opens that set instead of compiling."""
+    when it did; then the agent opens that set instead of compiling. The
+    agent's set is the pool's to keep when its paths go (give_back)."""
     from agent.datapath import loader
     from agent.sim.agent import REPO
     pool = _POOL
