@@ -144,17 +144,32 @@ class AgentProcess:
         raise RuntimeError("agent not ready in time:\n" + self.log.read_text()[-3000:])
 
     def _adopt(self, argv: list[str]) -> None:
-        """A program set an earlier agent left, for the options these arguments give, when
-        the session has a pool (agent.sim.setpool)."""
+        """A program set an earlier agent left, for the options these
+        arguments give, when the session has a pool (agent.sim.setpool).
+        The arguments are read as `fastpath agent` reads its flags (this
+        layer sits below the CLI); any other form: nothing is adopted."""
         from agent.sim import setpool
-        if setpool.active():
-            from agent.cli.main import build_parser, load_config
-            from agent.datapath.loader import BuildOptions
-            try:
-                options = BuildOptions.from_config(load_config(build_parser().parse_args(argv)))
-            except (Exception, SystemExit):
-                return         # arguments the agent will refuse itself: nothing to adopt
-            setpool.adopt(options, self.node.netns, repo=self.repo)
+        if not setpool.active():
+            return
+        from agent import config as configuration
+        from agent.datapath.loader import BuildOptions
+        flags = {"--" + k.name.replace("_", "-"): k.name for k in configuration.KEYS}
+        overrides, path = {}, None
+        words = iter(argv[1:])              # after "agent"
+        try:
+            for word in words:
+                flag, eq, value = word.partition("=")
+                value = value if eq else next(words)
+                if flag == "--config":
+                    path = value
+                elif flag in flags:
+                    overrides[flags[flag]] = value
+                else:
+                    return
+            options = BuildOptions.from_config(configuration.load(path, overrides))
+        except (StopIteration, Exception):
+            return         # arguments the agent will refuse itself
+        setpool.adopt(options, self.node.netns, repo=self.repo)
 
     def kill(self, sig: int = 9) -> None:
         if self.proc and self.proc.poll() is None:
