@@ -13,7 +13,9 @@ Namespaces, Pods, Services with affinity and several ports, EndpointSlices
 with ready, not-ready and terminating endpoints, annotations, ingress
 NetworkPolicies; `write` replaces a file at once), real traffic
 (agent.sim.traffic) and cgroup v2 children (agent.sim.cgroups, the `cgroup`
-fixture below). fastpath_helpers holds what only the vm-tests read
+fixture below). The program sets agents leave are kept for later agents
+with the same options (agent.sim.setpool, the `program_sets` fixture
+below), so that most agents open a set instead of compiling one. fastpath_helpers holds what only the vm-tests read
 (counters by reason, truncated frames, wait_for).
 """
 import os
