@@ -74,3 +74,25 @@ def test_a_set_left_by_an_agent_goes_on_only_when_untouchable_and_empty(program_
     assert setpool._released(s)
     setpool._empty(s)
     assert set(contents(s.pin_root).values()) == {0}, contents(s.pin_root)
+
+
+def test_a_set_with_anything_beside_what_a_build_leaves_is_not_kept(program_sets):
+    """A pin a build does not make (here a map set aside as an upgrade
+    leaves it, `<name>_old`) means the set is not one a build would
+    give: it goes with its paths, it is never handed on."""
+    import ctypes as ct
+    with World() as w:
+        node = w.add_node("n1", enis=1)
+        node.add_pod("a")
+        with sim_attach(node) as agent:
+            lib = libbpf.lib()
+            lib.bpf_map_create.argtypes = [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32,
+                                           ct.c_uint32, ct.c_void_p]
+            fd = lib.bpf_map_create(1, b"fp_leftover", 4, 4, 1, None)
+            assert fd >= 0
+            try:
+                setpool._pin(fd, os.path.join(agent.config.bpffs_root,
+                                              MAP["FP_MAP_ENDPOINTS"] + "_old"))
+            finally:
+                os.close(fd)
+        assert not [s for _, s in program_sets._ready if s.used_in == (node.netns,)]
