@@ -13,7 +13,9 @@ Namespaces, Pods, Services with affinity and several ports, EndpointSlices
 with ready, not-ready and terminating endpoints, annotations, ingress
 NetworkPolicies; `write` replaces a file at once), real traffic
 (agent.sim.traffic) and cgroup v2 children (agent.sim.cgroups, the `cgroup`
-fixture below). fastpath_helpers holds what only the vm-tests read
+fixture below). The program sets agents leave are kept for later agents
+with the same options (agent.sim.setpool, the `program_sets` fixture
+below), so that most agents open a set instead of compiling one. fastpath_helpers holds what only the vm-tests read
 (counters by reason, truncated frames, wait_for).
 """
 import os
@@ -31,6 +33,26 @@ def pytest_sessionstart(session):
     # worlds of parallel runs hold their lock and are left alone.
     cleanup_stale()
     cgroups.sweep_stale_mounts()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def program_sets():
+    """The program sets agents leave, kept for later agents with the same
+    options (agent.sim.setpool): an agent on a fresh bpffs opens one, empty,
+    instead of compiling ~10 s itself."""
+    from agent.sim.setpool import SetPool
+    with SetPool() as pool:
+        _POOLS.append(pool)
+        yield pool
+
+
+_POOLS = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    for pool in _POOLS:
+        terminalreporter.write_line(f"program sets: {pool.hits} agents opened one an earlier "
+                                    f"agent left, {pool.misses} compiled their own")
 
 
 @pytest.fixture

@@ -51,6 +51,8 @@ def private_paths():
     try:
         yield paths
     finally:
+        from agent.sim import setpool
+        setpool.give_back(f"{paths.bpffs}/fastpath")
         subprocess.run(["umount", "-l", paths.bpffs], check=False)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -82,6 +84,9 @@ def sim_attach(node, *, register: bool = True, test_build: bool = False, **overr
     with private_paths() as paths:
         overrides.setdefault("node_name", node.name)
         cfg = paths.config(**overrides)
+        from agent.datapath.loader import BuildOptions
+        from agent.sim import setpool
+        setpool.adopt(BuildOptions.from_config(cfg, test_build), node.netns)
         agent = Agent(cfg, netns=node.netns, test_build=test_build)
         try:
             agent.start(serve=False)
@@ -120,6 +125,7 @@ class AgentProcess:
                "--state-dir", self.paths.state_dir, "--api-socket", self.paths.socket,
                "--source", self.paths.manifests, "--socket-lb", "false",
                "--node-name", self.node.name, *self.extra]
+        self._adopt(cmd[cmd.index("agent.cli.main") + 1:])
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.repo, stdout=logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -136,6 +142,34 @@ class AgentProcess:
             time.sleep(0.1)
         self.kill()
         raise RuntimeError("agent not ready in time:\n" + self.log.read_text()[-3000:])
+
+    def _adopt(self, argv: list[str]) -> None:
+        """A program set an earlier agent left, for the options these
+        arguments give, when the session has a pool (agent.sim.setpool).
+        The arguments are read as `fastpath agent` reads its flags (this
+        layer sits below the CLI); any other form: nothing is adopted."""
+        from agent.sim import setpool
+        if not setpool.active():
+            return
+        from agent import config as configuration
+        from agent.datapath.loader import BuildOptions
+        flags = {"--" + k.name.replace("_", "-"): k.name for k in configuration.KEYS}
+        overrides, path = {}, None
+        words = iter(argv[1:])              # after "agent"
+        try:
+            for word in words:
+                flag, eq, value = word.partition("=")
+                value = value if eq else next(words)
+                if flag == "--config":
+                    path = value
+                elif flag in flags:
+                    overrides[flags[flag]] = value
+                else:
+                    return
+            options = BuildOptions.from_config(configuration.load(path, overrides))
+        except (StopIteration, Exception):
+            return         # arguments the agent will refuse itself
+        setpool.adopt(options, self.node.netns, repo=self.repo)
 
     def kill(self, sig: int = 9) -> None:
         if self.proc and self.proc.poll() is None:
