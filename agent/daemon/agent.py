@@ -248,10 +248,12 @@ class Agent:
         return link_names(self.netns)
 
     def _node_addresses(self):
-        """This node's addresses for NodePorts and hostPorts (agent.lb.nodeaddr)."""
+        """This node's addresses of both families for NodePorts and hostPorts
+        (agent.lb.nodeaddr)."""
+        import socket as _socket
         from agent.datapath.netlink import interface_addresses
         from agent.lb.nodeaddr import node_addresses
-        by_dev = interface_addresses(self.netns)
+        by_dev = interface_addresses(self.netns, (_socket.AF_INET, _socket.AF_INET6))
         everything = [ip for ips in by_dev.values() for ip in ips]
         primary_dev = by_dev.get(self.config.primary_device, [])
         node_ips: list[str] = []

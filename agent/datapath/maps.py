@@ -521,6 +521,7 @@ class LbMaps:
         self._be6 = tables[MAP["FP_MAP_BACKENDS6"]]
         self._svcnet6 = tables[MAP["FP_MAP_SVCNET6"]]
         self._sockrev6 = tables[MAP["FP_MAP_SOCKREV6"]]
+        self._rng6 = tables[MAP["FP_MAP_SRC_RANGE6"]]
         self.maglev_size = len(self._maglev.Leaf().backend_ids)
 
     def _svc_key(self, vip: str, port: int, proto: str, scope: int = 0):
@@ -682,27 +683,39 @@ class LbMaps:
         return {k.value: tuple(v.backend_ids) for k, v in self._maglev.items()}
 
     def _rng_key(self, svc_id: int, cidr: str):
+        """The key in the map of the prefix's family, and that map."""
         net = ipaddress.ip_network(cidr)
-        return self._rng.Key(prefixlen=DEFS.defines["FP_SRC_RANGE_FIXED_BITS"] + net.prefixlen,
-                             svc_id=svc_id, addr=be32(str(net.network_address)))
+        fixed = DEFS.defines["FP_SRC_RANGE_FIXED_BITS"]
+        if net.version == 6:
+            k = self._rng6.Key(prefixlen=fixed + net.prefixlen, svc_id=svc_id)
+            k.addr[:] = list(net.network_address.packed)
+            return self._rng6, k
+        return self._rng, self._rng.Key(prefixlen=fixed + net.prefixlen, svc_id=svc_id,
+                                        addr=be32(str(net.network_address)))
 
     def put_ranges(self, svc_id: int, cidrs) -> None:
         for c in cidrs:
-            self._rng[self._rng_key(svc_id, c)] = self._rng.Leaf(1)
+            t, k = self._rng_key(svc_id, c)
+            t[k] = t.Leaf(1)
 
     def delete_ranges(self, svc_id: int, cidrs) -> None:
         for c in cidrs:
+            t, k = self._rng_key(svc_id, c)
             try:
-                del self._rng[self._rng_key(svc_id, c)]
+                del t[k]
             except KeyError:
                 pass
 
     def ranges(self) -> dict[int, set[str]]:
+        """Both families' prefixes by service id."""
         fixed = DEFS.defines["FP_SRC_RANGE_FIXED_BITS"]
         out: dict[int, set[str]] = {}
         for k, _ in self._rng.items():
             out.setdefault(k.svc_id, set()).add(
                 f"{ip_from_be32(k.addr)}/{k.prefixlen - fixed}")
+        for k, _ in self._rng6.items():
+            out.setdefault(k.svc_id, set()).add(
+                f"{ipaddress.IPv6Address(bytes(k.addr))}/{k.prefixlen - fixed}")
         return out
 
     def _svcnet_key(self, prefix: str):

@@ -60,6 +60,9 @@
 #define FP_MAP_BACKENDS6  fp_be6_v1
 #define FP_MAP_SVCNET6    fp_svcnet6_v1
 #define FP_MAP_SOCKREV6   fp_sockrev6_v1
+/* IPv6 node-facing Services (v6np): loadBalancerSourceRanges of IPv6
+ * load-balancer frontends (struct fp_srcrange6_key). */
+#define FP_MAP_SRC_RANGE6 fp_srcrng6_v1
 /* Programs reached by tail call (FP_TAIL_* below). Pinned: attached
  * programs keep reaching them while the agent restarts (a prog array
  * forgets its programs once no file or pin refers to it); the agent writes
@@ -323,6 +326,16 @@ struct fp_srcrange4_key {
 	__be32 addr;           /* NBO */
 };
 _Static_assert(sizeof(struct fp_srcrange4_key) == 12, "fp_srcrange4_key layout");
+
+/* The IPv6 twin (FP_MAP_SRC_RANGE6): the same service id first, then an
+ * IPv6 source prefix. An IPv6 load-balancer frontend's ranges are its
+ * Service's IPv6 prefixes (agent/lb/compile.py: each family its own). */
+struct fp_srcrange6_key {
+	__u32 prefixlen;       /* HBO: 32 + the source prefix length */
+	__u32 svc_id;          /* HBO */
+	__u8 addr[16];         /* NBO */
+};
+_Static_assert(sizeof(struct fp_srcrange6_key) == 24, "fp_srcrange6_key layout");
 
 /* Connection tracking (bpf/lib/ct.h owns it; agent/conntrack/ is its agent
  * side). Four maps, so that one kind of state can never evict another:
