@@ -303,6 +303,41 @@ int fp_from_vpc6(struct __sk_buff *skb)
 	return verdict;
 }
 
+/* v6np: the node's own new IPv6 flows that kube-proxy would drop, as
+ * below for IPv4: socket-LB left them untranslated (a frontend whose
+ * traffic policy leaves this node nothing, an IPv6 load-balancer IP whose
+ * source ranges the socket's source is outside of), or they go to an
+ * unallocated IPv6 Service address or a live IPv6 ClusterIP's unknown
+ * port. */
+static __always_inline int fp_to_vpc6_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+	struct fp_l4 l4 = {};
+	struct fp_svc4 *svc;
+	int reason = 0;
+
+	/* fresh ctx accesses: the IPv4 parse's registers are not reused */
+	barrier_var(skb);
+	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
+		return FP_TC_CONTINUE;
+	fp_parse_l4_6(skb, &ip, &l4);
+	if (!l4.opening)
+		return FP_TC_CONTINUE;
+	svc = l4.kind == FP_L4_PORTS ? fp_service6_lookup(ip.daddr, l4.dport, ip.proto) : NULL;
+	if (svc) {
+		if (svc->flags & FP_SVC_F_DROP)
+			reason = FP_DROP_NO_LOCAL_BACKEND;
+		else if ((svc->flags & FP_SVC_F_SRC_RANGE) &&
+			 !fp_src_range6_ok(svc->svc_id, ip.saddr))
+			reason = FP_DROP_SOURCE_RANGE;
+	} else {
+		reason = fp_svcnet6_check(&ip, &l4);
+	}
+	if (!reason)
+		return FP_TC_CONTINUE;
+	return fp_finish6(skb, FP_DIR_TO_VPC, reason, TC_ACT_SHOT, &ip);
+}
+
 /* The node's own new flows that kube-proxy would drop (see the top). */
 static __always_inline int fp_to_vpc_run(struct __sk_buff *skb)
 {
@@ -311,8 +346,12 @@ static __always_inline int fp_to_vpc_run(struct __sk_buff *skb)
 	struct fp_svc4 *svc;
 	int reason = 0;
 
-	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
+	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4) {
+		barrier_var(skb);
+		if (fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6))
+			return fp_to_vpc6_run(skb);
 		return FP_TC_CONTINUE;
+	}
 	fp_parse_l4(skb, &ip, &l4);
 	if (!l4.opening)
 		return FP_TC_CONTINUE;

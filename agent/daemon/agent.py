@@ -241,7 +241,8 @@ class Agent:
         SNATed Service traffic and of the node's unbound sockets."""
         links = {name: idx for idx, name in self._links_by_index().items()}
         self.datapath.settings.set_node(addrs.primary[0] if addrs.primary else "",
-                                        links.get(self.config.primary_device, 0))
+                                        links.get(self.config.primary_device, 0),
+                                        addrs.primary6[0] if addrs.primary6 else "")
 
     def _links_by_index(self) -> dict[int, str]:
         from agent.datapath.netlink import link_names

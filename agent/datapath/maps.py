@@ -917,9 +917,12 @@ class ConfigMap:
         self._update(set_flags=(sock if socket_lb else 0) | (hostns if hostns_only else 0),
                      clear_flags=sock | hostns, host_netns_cookie=host_netns_cookie)
 
-    def set_node(self, ip4: str, primary_ifindex: int) -> None:
-        """The node's primary address and NIC (SNAT source, unbound sockets)."""
-        self._update(node_ip4=be32(ip4) if ip4 else 0, primary_ifindex=primary_ifindex)
+    def set_node(self, ip4: str, primary_ifindex: int, ip6: str = "") -> None:
+        """The node's primary addresses and NIC (SNAT source, unbound sockets)."""
+        addr6 = (ct.c_uint8 * 16)(*(socket.inet_pton(socket.AF_INET6, ip6) if ip6
+                                    else bytes(16)))
+        self._update(node_ip4=be32(ip4) if ip4 else 0, primary_ifindex=primary_ifindex,
+                     node_ip6=addr6)
 
     def set_policy(self, enabled: bool) -> None:
         flag = DEFS.defines["FP_CFG_F_POLICY"]
@@ -937,7 +940,9 @@ class ConfigMap:
         v = self._t[self._t.Key(0)]
         return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags,
                 "node_ip4": ip_from_be32(v.node_ip4) if v.node_ip4 else "",
-                "primary_ifindex": v.primary_ifindex}
+                "primary_ifindex": v.primary_ifindex,
+                "node_ip6": (str(ipaddress.IPv6Address(bytes(v.node_ip6)))
+                             if any(v.node_ip6) else "")}
 
 
 

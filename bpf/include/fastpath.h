@@ -35,7 +35,7 @@
 #define FP_MAP_CT_STATS   fp_ctstat_v1
 #define FP_MAP_AFFINITY   fp_aff4_v1
 #define FP_MAP_SOCKREV    fp_sockrev4_v1
-#define FP_MAP_CONFIG     fp_cfg_v4
+#define FP_MAP_CONFIG     fp_cfg_v5
 #define FP_MAP_MONITOR    fp_monitor_v1
 #define FP_MAP_EVENTS     fp_events_v1
 #define FP_MAP_IPCACHE    fp_ipcache4_v1
@@ -561,8 +561,13 @@ struct fp_config {
 	__u32 flags;             /* HBO: FP_CFG_F_* */
 	__be32 node_ip4;         /* NBO: the node's primary address (SNAT source) */
 	__u32 primary_ifindex;   /* HBO: the node's primary NIC (eth0) */
+	/* v5 (v6np): the node's primary IPv6 address (zero: none), the source
+	 * of SNATed IPv6 Service traffic and of the node's unbound IPv6
+	 * sockets (their loadBalancerSourceRanges check) */
+	__u8 node_ip6[16];       /* NBO */
+	__u32 pad;
 };
-_Static_assert(sizeof(struct fp_config) == 24, "fp_config layout");
+_Static_assert(sizeof(struct fp_config) == 40, "fp_config layout");
 
 /* Socket-LB opt-out: network namespaces (pods annotated
  * fastpath.io/socket-lb: disabled, or in such a namespace) whose sockets

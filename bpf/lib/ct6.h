@@ -20,8 +20,11 @@
  *     FP_HAIRPIN_IP6 (hairpin_source_ipv6), a global-scope address: a pod
  *     answers a link-local peer from its own link-local address, which the
  *     reply entry could not match;
- *   - only TCP and UDP are translated (no SCTP), and only pods' traffic
- *     (no IPv6 NodePorts or external IPs yet, so no SNAT).
+ *   - only TCP and UDP are translated (no SCTP). A pod's packet to an
+ *     IPv6 NodePort, external or load-balancer IP takes the frontend's
+ *     internal entry like a ClusterIP (the cluster-wide set), a
+ *     load-balancer IP's IPv6 source ranges (FP_MAP_SRC_RANGE6) holding
+ *     for new flows as for IPv4.
  * ICMPv6 errors quoting a client's translated packet (packet too big,
  * unreachable) are rewritten on their way back to it, and a client's error
  * about a reply is sent on to the backend (RELATED, both ways); the
@@ -378,6 +381,10 @@ static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 
 		}
 		if (svc->flags & FP_SVC_F_DROP) {
 			*reason = FP_DROP_NO_LOCAL_BACKEND;
+			return -1;
+		}
+		if ((svc->flags & FP_SVC_F_SRC_RANGE) && !fp_src_range6_ok(svc->svc_id, ip->saddr)) {
+			*reason = FP_DROP_SOURCE_RANGE;
 			return -1;
 		}
 		/* affinity remembers 32 bits of the client: its address folded
