@@ -248,9 +248,83 @@ int fp_from_vpc(struct __sk_buff *skb)
  *     lib/policy6.h), then gets its VIP back if it is a remote backend's
  *     reply of a translated flow, an ICMPv6 error about one, or a later
  *     fragment of either (lib/ct6.h), and is redirected straight into the
- *     pod's netns; anything else is the node's: the stack;
+ *     pod's netns; anything else is the node's (fp_from_vpc6_node above:
+ *     IPv6 Services from outside, SNAT replies), else the stack;
  *   - the pod's ingress limits apply before delivery, one budget with its
  *     IPv4 (lib/bw.h, in pod.c fp_deliver_local6). */
+/* v6np: IPv6 for the node itself, not for one of its pods (fp_from_vpc_node's
+ * twin): a reply of a flow this node SNATed gets its client back and is
+ * routed to it; a new flow to an IPv6 frontend (NodePort, external or
+ * load-balancer IP, ClusterIP) is translated with this node's view of
+ * outside traffic (externalTrafficPolicy, source ranges; SNAT to the
+ * node's primary IPv6 address for a backend on another node) and sent to
+ * a local pod (after its ingress policy) or out again by the FIB's
+ * device; a frontend without endpoints answers ICMPv6 port unreachable
+ * out of the interface the packet came in on; a ClusterIP's unknown port
+ * is rejected, an unallocated Service CIDR address dropped; anything else
+ * is the node's own traffic: the stack. */
+static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ipv6 *ip)
+{
+	struct fp_frag6_work *first;
+	struct fp_endpoint *dst;
+	struct fp_l4 l4 = {};
+	enum fp_reason reason = FP_FWD_STACK;
+	int rc, verdict;
+
+	if (ip->frag == FP_IP6_LATER_FRAG) {
+		rc = fp_ct6_frag_follow(skb, ip);
+		if (rc < 0)
+			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
+		if (rc == 0)                    /* the node's own datagram */
+			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE, ip);
+		goto deliver;
+	}
+	first = fp_ct6_frag_begin(ip);
+	fp_parse_l4_6(skb, ip, &l4);
+	/* the reply of a flow this node SNATed (its destination port is one
+	 * SNAT hands out) */
+	if (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN) {
+		rc = fp_ct6_reverse(skb, ip, &l4);
+		if (rc < 0)
+			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
+		if (rc > 0) {
+			fp_count_family(skb->ifindex, FP_DIR_FROM_VPC, FP_FWD_REVNAT, skb->len,
+					FP_FAM_IPV6);
+			fp_ct6_frag_end(first, ip);
+			goto deliver;
+		}
+	}
+	rc = fp_ct6_service_from(skb, ip, &l4, &reason, 1);
+	if (rc == 0) {
+		fp_count_family(skb->ifindex, FP_DIR_FROM_VPC, FP_FWD_SVC, skb->len, FP_FAM_IPV6);
+		fp_ct6_frag_end(first, ip);
+		goto deliver;
+	}
+	if (rc > 0) {
+		/* no frontend: kube-proxy's checks of the Service CIDRs */
+		reason = fp_svcnet6_check(ip, &l4);
+		if (!reason)                    /* the node's own traffic */
+			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE, ip);
+	}
+	if (reason == FP_DROP_NO_BACKEND || reason == FP_DROP_SVC_UNKNOWN_PORT) {
+		fp_report6(skb, FP_DIR_FROM_VPC, reason, ip);
+		barrier_var(skb);
+		fp_count_family(skb->ifindex, FP_DIR_FROM_VPC, reason, skb->len, FP_FAM_IPV6);
+		return fp_reject_icmp6_dev(skb, ip, FP_ICMP6_PORT_UNREACH, reason, 1);
+	}
+	return fp_finish6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT, ip);
+deliver:
+	dst = fp_endpoint6_lookup(ip->daddr);
+	if (!dst) {
+		verdict = fp_redirect_fib6(skb, ip, FP_ANY_DEVICE, &reason);
+		return fp_finish6(skb, FP_DIR_FROM_VPC, reason, verdict, ip);
+	}
+	reason = fp_policy6_stage(skb, FP_DIR_FROM_VPC, ip, 0);
+	if (reason)
+		return fp_finish_quiet6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT);
+	return fp_deliver_local6(skb, FP_DIR_FROM_VPC, ip, dst);
+}
+
 static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
@@ -272,7 +346,7 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 		return FP_TC_CONTINUE;
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (!dst)
-		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
+		return fp_from_vpc6_node(skb, &ip);
 	reason = fp_policy6_stage(skb, FP_DIR_FROM_VPC, &ip, 0);
 	if (reason)
 		return fp_finish_quiet6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT);

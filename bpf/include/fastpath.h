@@ -865,6 +865,10 @@ _Static_assert(sizeof(struct fp_bw_flow6_key) == 36, "fp_bw_flow6_key layout");
 #define FP_CB_RESTORE6         0
 #define FP_RESTORE6_LOCAL      1   /* a translated flow's reply for a local pod */
 #define FP_RESTORE6_HAIRPIN    2   /* the reply of a hairpinned flow */
+/* v6np: a local backend's reply to a client outside the node (a NodePort,
+ * external or load-balancer IP): its frontend back, then routed by the
+ * node (it may leave by the primary NIC, which owns that address) */
+#define FP_RESTORE6_OUTSIDE    3
 #define FP_TAIL_MAX            5
 #define FP_TAIL_ROUTE          0x7fff   /* not a tc verdict */
 #define FP_TAIL_IPV6           0x7ffe   /* not a tc verdict */

@@ -293,3 +293,117 @@ def test_the_nodes_own_ipv6_packets_that_kube_proxy_would_drop_are_dropped_on_th
     mid = Ether(src=net.mac("eth0"), dst=GW_MAC) / IPv6(src=NODE_IP6, dst=LB6) / \
         TCP(sport=45001, dport=80, flags="A")
     assert run(dp, net, "fp_to_vpc", mid, "eth0")[0] == TC_ACT_UNSPEC
+
+
+# -- from outside (fp_from_vpc6) ------------------------------------------------------
+
+def from_outside(net, dst, dport, sport=40000, src=CLIENT6, dev="eth0", proto="tcp", flags="S"):
+    l4 = TCP(sport=sport, dport=dport, flags=flags, seq=100) if proto == "tcp" else \
+        UDP(sport=sport, dport=dport) / b"q"
+    return Ether(src=CLIENT_MAC, dst=net.mac(dev)) / IPv6(src=src, dst=dst, hlim=64) / l4
+
+
+def test_an_ipv6_node_port_from_outside_reaches_a_local_backend_keeping_the_clients_address(
+        dp, net, svcs):
+    v, out, reason, _, idx = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30084,
+                                                                      40100), "eth0")
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-local", net.idx("caliB"))
+    o = Ether(out)
+    assert (o[IPv6].src, o[TCP].sport, o[IPv6].dst, o[TCP].dport) == (CLIENT6, 40100, POD_B6, 8080)
+    assert o[IPv6].hlim == 63
+    assert_l4_checksum_valid(out)
+    # the backend's reply gets the frontend back and leaves by the primary
+    # NIC, which owns that address (the pod's ENI would be the wrong way)
+    reply = Ether(src=net.pod_mac["B"], dst=net.mac("caliB")) / \
+        IPv6(src=POD_B6, dst=CLIENT6) / TCP(sport=8080, dport=40100, flags="SA", seq=5, ack=101)
+    v, out, reason, _, idx = run(dp, net, "fp_from_pod", reply, "caliB")
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-eni", net.idx("eth0"))
+    o = Ether(out)
+    assert (o[IPv6].src, o[TCP].sport, o[IPv6].dst, o[TCP].dport) == (
+        NODE_IP6, 30084, CLIENT6, 40100)
+    assert o.dst == GW_MAC
+    assert_l4_checksum_valid(out)
+    # a pod's own traffic to an outside address is left alone (no entry)
+    plain = Ether(src=net.pod_mac["B"], dst=net.mac("caliB")) / \
+        IPv6(src=POD_B6, dst=CLIENT6) / TCP(sport=8081, dport=40100, flags="S")
+    v, out, reason, _, idx = run(dp, net, "fp_from_pod", plain, "caliB")
+    assert Ether(out)[IPv6].src == POD_B6 and idx != net.idx("eth0")
+
+
+def test_an_ipv6_udp_node_port_from_outside_is_translated_with_a_valid_checksum(dp, net, svcs):
+    v, out, reason, _, idx = run(dp, net, "fp_from_vpc", from_outside(
+        net, NODE_IP6, 30053, 40153, proto="udp"), "eth0")
+    assert (v, reason) == (TC_ACT_REDIRECT, "redirected-local")
+    assert (Ether(out)[IPv6].dst, Ether(out)[UDP].dport) == (POD_B6, 5353)
+    assert_l4_checksum_valid(out)
+
+
+def test_an_ipv6_node_port_to_a_backend_on_another_node_is_snated_and_its_reply_reversed(
+        dp, net, svcs):
+    v, out, reason, _, idx = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30081,
+                                                                      40200), "eth0")
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-eni", net.idx("eth0"))
+    o = Ether(out)
+    snat_port = o[TCP].sport
+    assert (o[IPv6].src, o[IPv6].dst, o[TCP].dport) == (NODE_IP6, REMOTE6, 8080)
+    assert 61000 <= snat_port <= 65535
+    assert_l4_checksum_valid(out)
+    fwd = ct_rows(dp, direction="forward", saddr=CLIENT6, sport=40200)
+    assert [(r.nat_addr, r.nat_port) for r in fwd] == [(REMOTE6, 8080)]
+    # the remote backend's reply comes back to the node's SNAT port
+    back = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=REMOTE6, dst=NODE_IP6) / \
+        TCP(sport=8080, dport=snat_port, flags="SA", seq=1, ack=101)
+    v, out, reason, _, idx = run(dp, net, "fp_from_vpc", back, "eth0")
+    assert (v, idx) == (TC_ACT_REDIRECT, net.idx("eth0"))
+    o = Ether(out)
+    assert (o[IPv6].src, o[TCP].sport, o[IPv6].dst, o[TCP].dport) == (
+        NODE_IP6, 30081, CLIENT6, 40200)
+    assert_l4_checksum_valid(out)
+    # the client's next packet goes the same way, with the same port
+    ack = from_outside(net, NODE_IP6, 30081, 40200, flags="A")
+    v, out, reason, _, idx = run(dp, net, "fp_from_vpc", ack, "eth0")
+    assert (Ether(out)[IPv6].src, Ether(out)[TCP].sport) == (NODE_IP6, snat_port)
+
+
+def test_local_policy_drops_ipv6_outside_traffic_on_a_node_without_endpoints(dp, net, svcs):
+    v, _, reason, _, _ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30082, 40300),
+                             "eth0")
+    assert (v, reason) == (TC_ACT_SHOT, "dropped-service-no-local-backend")
+    assert ct_rows(dp, saddr=CLIENT6, sport=40300) == []
+
+
+def test_an_ipv6_node_port_without_endpoints_is_rejected_out_of_the_interface_it_came_in_on(
+        dp, net, svcs):
+    v, out, reason, kind, idx = run(dp, net, "fp_from_vpc",
+                                    from_outside(net, NODE_IP6, 30083, 40400), "eth0")
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "dropped-service-no-backend", net.idx("eth0"))
+    from scapy.layers.inet6 import ICMPv6DestUnreach
+    o = Ether(out)
+    assert o[ICMPv6DestUnreach].code == 4
+    assert (o[IPv6].src, o[IPv6].dst, o.dst) == (NODE_IP6, CLIENT6, CLIENT_MAC)
+    again = o.copy()
+    del again[ICMPv6DestUnreach].cksum
+    assert Ether(bytes(again))[ICMPv6DestUnreach].cksum == o[ICMPv6DestUnreach].cksum
+
+
+def test_ipv6_load_balancer_source_ranges_drop_outside_clients_outside_them(dp, net, svcs):
+    v, _, reason, _, _ = run(dp, net, "fp_from_vpc",
+                             from_outside(net, LB6, 80, 40500, src=OUTSIDER6), "eth0")
+    assert (v, reason) == (TC_ACT_SHOT, "dropped-source-range")
+    v, out, reason, _, _ = run(dp, net, "fp_from_vpc", from_outside(net, LB6, 80, 40501), "eth0")
+    assert reason == "redirected-local" and Ether(out)[IPv6].dst == POD_B6
+    # the external IP of the same Service is not filtered
+    v, out, reason, _, _ = run(dp, net, "fp_from_vpc",
+                               from_outside(net, EXT6, 80, 40502, src=OUTSIDER6), "eth0")
+    assert reason == "redirected-local"
+
+
+def test_the_nodes_own_ipv6_traffic_from_outside_goes_to_the_stack(dp, net, svcs):
+    v, out, reason, _, _ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 22, 40600),
+                               "eth0")
+    assert (v, reason) == (TC_ACT_UNSPEC, "to-stack")
+    assert Ether(out)[IPv6].dst == NODE_IP6
+    # an unallocated address of the IPv6 Service CIDR: dropped
+    v, _, reason, _, _ = run(dp, net, "fp_from_vpc", from_outside(net, "fd00:16::99", 80),
+                             "eth0")
+    assert (v, reason) == (TC_ACT_SHOT, "dropped-service-unallocated")
