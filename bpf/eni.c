@@ -345,8 +345,8 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 	    fp_ip6_is_nd(skb, &ip))
 		return FP_TC_CONTINUE;
 	dst = fp_endpoint6_lookup(ip.daddr);
-	if (!dst)
-		return fp_from_vpc6_node(skb, &ip);
+	if (!dst)                       /* the node's: fp_vpc6_node */
+		return FP_TAIL_ROUTE;
 	reason = fp_policy6_stage(skb, FP_DIR_FROM_VPC, &ip, 0);
 	if (reason)
 		return fp_finish_quiet6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT);
@@ -372,6 +372,29 @@ int fp_from_vpc6(struct __sk_buff *skb)
 {
 	__u32 prev = fp_whatif_enter(skb);
 	int verdict = fp_from_vpc6_run(skb);
+
+	fp_whatif_exit(prev);
+	if (verdict == FP_TAIL_ROUTE)
+		verdict = fp_tail_call(skb, FP_TAIL_FROM_VPC6_NODE, FP_DIR_FROM_VPC);
+	return verdict;
+}
+
+/* fp_from_vpc6's IPv6 for the node (slot FP_TAIL_FROM_VPC6_NODE): parsed
+ * again, then fp_from_vpc6_node. */
+static __always_inline int fp_vpc6_node_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+
+	barrier_var(skb);
+	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
+		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
+	return fp_from_vpc6_node(skb, &ip);
+}
+
+int fp_vpc6_node(struct __sk_buff *skb)
+{
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_vpc6_node_run(skb);
 
 	fp_whatif_exit(prev);
 	return verdict;

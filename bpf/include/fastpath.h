@@ -869,7 +869,11 @@ _Static_assert(sizeof(struct fp_bw_flow6_key) == 36, "fp_bw_flow6_key layout");
  * external or load-balancer IP): its frontend back, then routed by the
  * node (it may leave by the primary NIC, which owns that address) */
 #define FP_RESTORE6_OUTSIDE    3
-#define FP_TAIL_MAX            5
+/* v6np: fp_from_vpc6's IPv6 for the node itself (bpf/eni.c fp_vpc6_node:
+ * Services from outside, SNAT replies), a program of its own for the
+ * verifier's budget. It parses the packet again; nothing is handed over. */
+#define FP_TAIL_FROM_VPC6_NODE 5
+#define FP_TAIL_MAX            6
 #define FP_TAIL_ROUTE          0x7fff   /* not a tc verdict */
 #define FP_TAIL_IPV6           0x7ffe   /* not a tc verdict */
 
