@@ -183,11 +183,14 @@ def test_ipv6_services_are_reached_from_outside_from_pods_and_from_the_node(cgro
             cnt = {(r.direction, r.reason): r.packets for r in ag2.datapath.maps.counters()}
             assert cnt.get(("from-vpc", "dropped-service-no-local-backend"), 0) >= 1
 
-            # -- loadBalancerSourceRanges: the client's range gets in, a pod not
+            # -- loadBalancerSourceRanges: the client's range gets in; a pod
+            # and the node (its primary IPv6 address) do not
             assert who(tcp(ext, FW_LB6, 80))[0] == "from-b"
             assert tcp(a, FW_LB6, 80, wait=1.5) == "TIMEOUT"
+            assert tcp(n1, FW_LB6, 80, wait=1.5, cgroup=cgroup) == "TIMEOUT"
             cnt1 = {(r.direction, r.reason): r.packets for r in ag1.datapath.maps.counters()}
             assert cnt1.get(("from-pod", "dropped-source-range"), 0) >= 1
+            assert cnt1.get(("to-vpc", "dropped-source-range"), 0) >= 1
 
             # -- no endpoint: refused at once from outside, a pod and the node
             for src, cg in ((ext, None), (a, None), (n1, cgroup)):
