@@ -10,6 +10,12 @@ seconds, and arms that run back to back drift alike):
         node n1, fastpath attached, pods a (client) and b (backend):
         a -> ClusterIP of the last Service (fp_from_pod translates per packet)
         vs a -> b's pod IP (the same path minus translation)
+  lb.pod_clusterip_vs_direct.<N>.v6   the same over IPv6: the pods are dual
+        stack, N IPv6 Services sit beside the N IPv4 ones (their own maps),
+        a -> the last one's IPv6 ClusterIP (fp_from_pod6 translates per
+        packet) vs a -> b's IPv6 address; arms alternated in the same rounds
+        as the IPv4 ones; context: lb.pod_clusterip.v6_vs_v4.<N> (target:
+        IPv6 within 3% of IPv4)
   lb.pod_clusterip_vs_iptables.<N>  N = 1000, 10000
   lb.pod_clusterip_vs_nftables.<N>
   lb.pod_clusterip_vs_iptables_legacy.<N>   (context: the legacy backend)
@@ -65,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import ipaddress
 import json
 import math
 import os
@@ -175,6 +182,32 @@ def kube_services(n: int, backend_ip: str) -> list[kp.ServicePort]:
     return [kp.ServicePort(lc.namespace_of(i), f"svc-{i}", "p", lc.vip(i), PORT,
                            ((backend_ip if i == n - 1 else lc.endpoint_ip(i), PORT),))
             for i in range(n)]
+
+
+# IPv6 Services: their own frontend and backend maps, but one id space with
+# the IPv4 ones (slots and affinity are shared), so their ids start past any
+# IPv4 id this benchmark writes.
+V6_ID0 = 1 << 20
+_VIP6_0 = int(ipaddress.ip_address("fd00:5e::a"))
+_EP6_0 = int(ipaddress.ip_address("fd00:5f::a"))
+
+
+def vip6(i: int) -> str:
+    return str(ipaddress.ip_address(_VIP6_0 + i))
+
+
+def endpoint_ip6(i: int) -> str:
+    return str(ipaddress.ip_address(_EP6_0 + i))
+
+
+def program_maps6(lb, n: int, prev: int, backend_ip6: str) -> None:
+    """program_maps for the IPv6 twins: N IPv6 Services, the last one
+    leading to the real backend's IPv6 address."""
+    for i in range(max(prev - 1, 0), n):
+        ip = backend_ip6 if i == n - 1 else endpoint_ip6(i)
+        lb.put_backend(V6_ID0 + i + 1, ip, PORT, "TCP")
+        lb.put_slots(V6_ID0 + i + 1, [V6_ID0 + i + 1])
+        lb.put_service(vip6(i), PORT, "TCP", V6_ID0 + i + 1, 1)
 
 
 def program_maps(lb, n: int, prev: int, backend_ip: str) -> None:
@@ -322,9 +355,9 @@ def queue_kp_load(loader: Loader, k: KpNode) -> None:
                                   kp.iptables_jumps_restore()).name)
 
 
-def start_server(pod, port: int = PORT) -> subprocess.Popen:
-    p = pod.popen(harness.PIN + [str(harness.build_fprr()), "server", "-H", pod.ip, "-p", str(port),
-                                 "-t", "1800"])
+def start_server(pod, port: int = PORT, host: str = "") -> subprocess.Popen:
+    p = pod.popen(harness.PIN + [str(harness.build_fprr()), "server", "-H", host or pod.ip, "-p",
+                                 str(port), "-t", "1800"])
     pod.wait_port(port)
     return p
 
@@ -345,7 +378,8 @@ def run(args) -> dict:
     res: dict = {"medians": {}, "raw": {}, "loads": {}, "cp": {}, "errors": {}, "host_services": 0,
                  "rounds": args.rounds, "crr_s": args.crr_seconds, "rr_s": args.rr_seconds}
 
-    with World() as w:
+    # dual stack: the IPv6 arms run between the same pods in the same rounds
+    with World(dual_stack=True) as w:
         n1 = w.add_node("n1", enis=1)
         a, b = n1.add_pod("a"), n1.add_pod("b")
         kps = {(m, s): build_kp_node(w, m, s) for s in args.kp_sizes for m in MODES}
@@ -386,7 +420,8 @@ def run(args) -> dict:
                 log(f"lb_bench: waited {time.monotonic() - waited:.0f}s more for the rule loads")
             servers: list[subprocess.Popen] = []
             try:
-                servers = [start_server(b), start_server(b, DIRECT_PORT)]
+                servers = [start_server(b), start_server(b, DIRECT_PORT),
+                           start_server(b, PORT, b.ip6), start_server(b, DIRECT_PORT, b.ip6)]
                 servers += [start_server(k.node.pod(f"{k.node.name}b")) for k in kps.values()]
                 for ns in [a, n1] + [k.client.ns for k in kps.values()]:
                     harness.tune_client(ns)
@@ -410,16 +445,20 @@ def _measure(args, res: dict, n1, a, b, kps: dict, cg: str) -> None:
         assert_no_netfilter(n1)
         assert_fastpath_on(n1, [a, b])
         pod_client = Client(a, a.ip)
+        pod_client6 = Client(a, a.ip6)
         # Resolve neighbours and fault the path in before anything counts.
         program_maps(lb, 1, 0, b.ip)
+        program_maps6(lb, 1, 0, b.ip6)
         pod_client.run("rr", b.ip, 0.2, DIRECT_PORT)
         pod_client.run("rr", lc.vip(0), 0.2)
+        pod_client6.run("rr", b.ip6, 0.2, DIRECT_PORT)
+        pod_client6.run("rr", vip6(0), 0.2)
         prev = 1
 
-        def fp_arm(dst: str, port: int = PORT) -> Callable[[], dict]:
+        def fp_arm(dst: str, port: int = PORT, client: Client = pod_client) -> Callable[[], dict]:
             def arm():
                 assert_fastpath_on(n1, [a, b])
-                return measure(pod_client, dst, crr_s, rr_s, port)
+                return measure(client, dst, crr_s, rr_s, port)
             return arm
 
         def kp_arm(k: KpNode, dst: str) -> Callable[[], dict]:
@@ -449,6 +488,7 @@ def _measure(args, res: dict, n1, a, b, kps: dict, cg: str) -> None:
             nonlocal prev
             t = time.monotonic()
             program_maps(lb, n, prev, b.ip)
+            program_maps6(lb, n, prev, b.ip6)
             prev = n
             vip = lc.vip(n - 1)
             socket_lb_all(vip)
@@ -458,6 +498,8 @@ def _measure(args, res: dict, n1, a, b, kps: dict, cg: str) -> None:
             lb.conntrack_flush()
             log(f"lb_bench: N={n}: {n} Services in fastpath's maps ({time.monotonic() - t:.2f}s)")
             arms = {"direct": fp_arm(b.ip, DIRECT_PORT), "clusterip": fp_arm(vip),
+                    "direct6": fp_arm(b.ip6, DIRECT_PORT, pod_client6),
+                    "clusterip6": fp_arm(vip6(n - 1), PORT, pod_client6),
                     "sock-direct": sock_arm(b.ip, DIRECT_PORT), "sock-clusterip": sock_arm(vip)}
             for m in MODES:
                 k = kps.get((m, n))
@@ -488,7 +530,8 @@ def _measure(args, res: dict, n1, a, b, kps: dict, cg: str) -> None:
         log("lb_bench: fp_from_pod run time: " + "; ".join(
             f"{arm} {c['ns_per_run']:.0f} ns x {c['runs_per_conn']:.1f}/conn"
             for arm, c in res["bpf_cost"].items() if isinstance(c, dict)))
-        res["errors"] = {"pod": pod_client.errors, "pod-socketlb": sock_client.errors,
+        res["errors"] = {"pod": pod_client.errors, "pod6": pod_client6.errors,
+                         "pod-socketlb": sock_client.errors,
                          "kube-proxy": sum(k.client.errors for k in kps.values()),
                          "host": host_errors}
 
@@ -813,6 +856,8 @@ def record_all(res: dict) -> None:
                                  f"node; {n} Services in the maps, the probed one last; conntrack "
                                  f"map emptied before each size; per-round paired ratio median "
                                  f"{paired(raw, 'clusterip', 'direct', metric):.3f}; {method}")
+        if "clusterip6" in m:
+            record_v6(results, res, n, m, raw, method)
         if "sock-clusterip" in m:
             sc, sd = m["sock-clusterip"], m["sock-direct"]
             for metric in ("crr", "rr"):
@@ -967,6 +1012,29 @@ def _record_cp(results, cp: dict, loads: dict, command: str = COMMAND) -> None:
                              f"per-entry walk it replaced (a Python object per entry, one delete "
                              f"per match); ratio = new / old time (lower is better); median of "
                              f"{ct['reps']} alternating runs, each on a freshly filled map")
+
+
+def record_v6(results, res: dict, n: int, m: dict, raw: dict, method: str) -> None:
+    """The IPv6 rows of size n: ClusterIP vs direct over IPv6, and IPv6's
+    ClusterIP vs IPv4's (same pods, same rounds)."""
+    fp6, d6, fp4 = m["clusterip6"], m["direct6"], m["clusterip"]
+    for metric in ("crr", "rr"):
+        suffix = "" if metric == "crr" else ".rr"
+        kind = "TCP_CRR" if metric == "crr" else "TCP_RR"
+        results.record(f"lb.pod_clusterip_vs_direct.{n}{suffix}.v6", fp6[metric], UNITS[metric],
+                       command=COMMAND, baseline=d6[metric], ratio=fp6[metric] / d6[metric],
+                       target=">= 0.95" if metric == "crr" else None,
+                       notes=f"{kind} over IPv6: pod -> IPv6 ClusterIP (per-packet translation "
+                             f"in fp_from_pod6) vs pod -> backend pod's IPv6 address, dual-stack "
+                             f"pods of the IPv4 rows, {n} IPv6 Services beside {n} IPv4 ones; "
+                             f"per-round paired ratio median "
+                             f"{paired(raw, 'clusterip6', 'direct6', metric):.3f}; {method}")
+        results.record(f"lb.pod_clusterip.v6_vs_v4.{n}{suffix}", fp6[metric], UNITS[metric],
+                       command=COMMAND, baseline=fp4[metric], ratio=fp6[metric] / fp4[metric],
+                       target=">= 0.97" if metric == "crr" else None,
+                       notes=f"context: {kind} pod -> ClusterIP over IPv6 vs over IPv4, same pods, "
+                             f"same rounds; per-round paired ratio median "
+                             f"{paired(raw, 'clusterip6', 'clusterip', metric):.3f}; {method}")
 
 
 def print_summary(res: dict) -> None:

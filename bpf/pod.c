@@ -670,6 +670,13 @@ static __always_inline int fp_pod6_route_run(struct __sk_buff *skb)
 		verdict = fp_ct6_reverse(skb, &ip, &l4);
 		if (verdict < 0)
 			return fp_drop6(skb, FP_DROP_CSUM, &ip, TC_ACT_SHOT);
+		/* policy judged this first fragment before its VIP came back;
+		 * the fragments after it reach the policy stage restored
+		 * (fp_ct6_frag_follow in the first half), so its verdict is
+		 * kept under the addresses it leaves with as well (IPv4 keeps
+		 * one record, under the arrival, for both) */
+		if (verdict > 0 && ip.frag == FP_IP6_FIRST_FRAG && fp_policy_enabled())
+			fp_frag6_record(&ip, &l4, FP_FWD_PASS);
 		/* a local backend's reply to a client outside: the frontend (a
 		 * node or external address) is its source again, so the
 		 * node's routing, not the pod's, decides, and the primary NIC
@@ -727,12 +734,18 @@ int fp_from_pod6(struct __sk_buff *skb)
  * delivers to a pod (from the node itself, or routed by it). Malformed
  * IPv6 is dropped; the link's own traffic (neighbour discovery,
  * link-local, multicast, from ::) passes; anything else passes the pod's
- * ingress policy (lib/policy6.h) when NetworkPolicy is on. */
+ * ingress policy (lib/policy6.h) when NetworkPolicy is on, then its
+ * ingress limits; a reply of a translated flow (a backend that is the node
+ * itself or reached through the stack), an ICMPv6 error about one, and the
+ * later fragments of either get the VIP back, as fp_to_pod does for IPv4. */
 static __always_inline int fp_to_pod6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
+	struct fp_l4 l4 = {};
 	struct fp_endpoint *dst;
+	struct fp_frag6_work *first;
 	enum fp_reason reason;
+	int rc;
 
 	switch (fp_parse_ipv6(skb, &ip)) {
 	case FP_PARSE_IPV6:
@@ -756,6 +769,23 @@ static __always_inline int fp_to_pod6_run(struct __sk_buff *skb)
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (dst && fp_bw_deliver6(skb, &ip, dst, &reason) < 0)
 		return fp_finish6(skb, FP_DIR_TO_POD, reason, TC_ACT_SHOT, &ip);
+	/* the VIP back, after policy judged the packet as it arrived (its
+	 * later fragments are judged by the same addresses, then follow) */
+	if (ip.frag == FP_IP6_LATER_FRAG) {
+		rc = fp_ct6_frag_follow(skb, &ip);
+	} else {
+		first = fp_ct6_frag_begin(&ip);
+		fp_parse_l4_6(skb, &ip, &l4);
+		rc = fp_ct6_reverse(skb, &ip, &l4);
+		if (rc > 0)
+			fp_ct6_frag_end(first, &ip);
+	}
+	if (rc < 0)
+		return fp_finish6(skb, FP_DIR_TO_POD, FP_DROP_CSUM, TC_ACT_SHOT, &ip);
+	if (rc > 0)
+		fp_count_family(skb->ifindex, FP_DIR_TO_POD,
+				l4.kind == FP_L4_ICMP_ERR ? FP_FWD_RELATED : FP_FWD_REVNAT, skb->len,
+				FP_FAM_IPV6);
 	return FP_TC_CONTINUE;
 }
 

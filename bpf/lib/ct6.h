@@ -20,11 +20,14 @@
  *     FP_HAIRPIN_IP6 (hairpin_source_ipv6), a global-scope address: a pod
  *     answers a link-local peer from its own link-local address, which the
  *     reply entry could not match;
- *   - only TCP and UDP are translated (no SCTP). A pod's packet to an
- *     IPv6 NodePort, external or load-balancer IP takes the frontend's
- *     internal entry like a ClusterIP (the cluster-wide set), a
- *     load-balancer IP's IPv6 source ranges (FP_MAP_SRC_RANGE6) holding
- *     for new flows as for IPv4.
+ *   - SCTP's CRC32c covers no pseudo-header: an address change leaves it
+ *     as it is, a port change updates it as IPv4's does (lib/lb.h);
+ *   - a pod's packet to an IPv6 NodePort, external or load-balancer IP
+ *     takes the frontend's internal entry like a ClusterIP (the
+ *     cluster-wide set), a load-balancer IP's IPv6 source ranges
+ *     (FP_MAP_SRC_RANGE6) holding for new flows as for IPv4; traffic from
+ *     outside (fp_ct6_service_from with `outside`) takes the external
+ *     entry and is SNATed for a backend on another node.
  * ICMPv6 errors quoting a client's translated packet (packet too big,
  * unreachable) are rewritten on their way back to it, and a client's error
  * about a reply is sent on to the backend (RELATED, both ways); the
@@ -105,6 +108,12 @@ static __always_inline void fp_parse_l4_6(struct __sk_buff *skb, const struct fp
 			return;
 		l4->tcp_flags = b[13];
 		l4->opening = (b[13] & (FP_TCP_SYN | FP_TCP_ACK)) == FP_TCP_SYN;
+	} else if (ip->proto == IPPROTO_SCTP) {
+		/* the common header, then the first chunk's type: only an
+		 * INIT opens an association */
+		if (bpf_skb_load_bytes(skb, l4->off, b, 13))
+			return;
+		l4->opening = b[12] == FP_SCTP_CHUNK_INIT;
 	} else {
 		return;
 	}
@@ -113,8 +122,42 @@ static __always_inline void fp_parse_l4_6(struct __sk_buff *skb, const struct fp
 	l4->kind = FP_L4_PORTS;
 }
 
-/* Rewrite the source (is_src) or destination address and port of a TCP or
- * UDP packet, its checksum fixed for the pseudo-header and the port. */
+/* SCTP's half of fp_nat6_rewrite: CRC32c covers no pseudo-header, so the
+ * address is stored alone; a port change updates the CRC as IPv4's does
+ * (fp_sctp_crc_fix_len), over the SCTP packet after the extension headers. */
+static __always_inline int fp_nat6_rewrite_sctp(struct __sk_buff *skb, struct fp_ipv6 *ip,
+						struct fp_l4 *l4, int is_src, const __u32 *new_addr,
+						__be16 new_port)
+{
+	__u32 *addr = is_src ? ip->saddr : ip->daddr;
+	__be16 *port = is_src ? &l4->sport : &l4->dport;
+	__u32 addr_off = ip->l3_off + (is_src ? offsetof(struct ipv6hdr, saddr)
+					      : offsetof(struct ipv6hdr, daddr));
+	__u32 port_off = l4->off + (is_src ? 0 : 2);
+	__u32 ext = l4->off - ip->l3_off - sizeof(struct ipv6hdr);
+	__u32 len = bpf_ntohs(ip->payload_len);
+
+	if (!fp_ip6_eq(addr, new_addr)) {
+		if (bpf_skb_store_bytes(skb, addr_off, (void *)new_addr, 16, 0))
+			return -1;
+		addr[0] = new_addr[0];
+		addr[1] = new_addr[1];
+		addr[2] = new_addr[2];
+		addr[3] = new_addr[3];
+	}
+	if (*port != new_port) {
+		if (len < ext ||
+		    fp_sctp_crc_fix_len(skb, len - ext, l4->off, port_off, *port, new_port) ||
+		    bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+			return -1;
+		*port = new_port;
+	}
+	return 0;
+}
+
+/* Rewrite the source (is_src) or destination address and port of a TCP,
+ * UDP or SCTP packet, its checksum fixed for the pseudo-header and the
+ * port. */
 static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6 *ip,
 					   struct fp_l4 *l4, int is_src, const __u32 *new_addr,
 					   __be16 new_port)
@@ -128,6 +171,8 @@ static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6
 	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	__s64 diff;
 
+	if (ip->proto == IPPROTO_SCTP)
+		return fp_nat6_rewrite_sctp(skb, ip, l4, is_src, new_addr, new_port);
 	if (!fp_ip6_eq(addr, new_addr)) {
 		diff = bpf_csum_diff(addr, 16, (__be32 *)new_addr, 16, 0);
 		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, l4flags | BPF_F_PSEUDO_HDR) ||
@@ -594,7 +639,7 @@ static __always_inline void fp_ct6_forget_reply(const struct fp_ipv6 *ip, const 
 
 /* The packet an ICMPv6 error quotes (RFC 4443: as much of it as fits;
  * its fixed header and its ports are what is read). Only a quote whose
- * transport header follows the fixed header (TCP or UDP) is used. Its
+ * transport header follows the fixed header (TCP, UDP or SCTP) is used. Its
  * addresses go to w->q_saddr / q_daddr (the per-CPU scratch: the IPv6
  * program's stack has no room for them). */
 struct fp_quote6 {
@@ -614,7 +659,7 @@ static __always_inline int fp_ct6_quote(struct __sk_buff *skb, const struct fp_l
 		return -1;
 	q->off = l4->off + 8;
 	if (bpf_skb_load_bytes(skb, q->off, nh, sizeof(nh)) || (nh[0] >> 4) != 6 ||
-	    (nh[6] != IPPROTO_TCP && nh[6] != IPPROTO_UDP) ||
+	    (nh[6] != IPPROTO_TCP && nh[6] != IPPROTO_UDP && nh[6] != IPPROTO_SCTP) ||
 	    bpf_skb_load_bytes(skb, q->off + offsetof(struct ipv6hdr, saddr), w->q_saddr, 16) ||
 	    bpf_skb_load_bytes(skb, q->off + offsetof(struct ipv6hdr, daddr), w->q_daddr, 16) ||
 	    bpf_skb_load_bytes(skb, q->off + sizeof(struct ipv6hdr), p, sizeof(p)))
@@ -630,7 +675,9 @@ static __always_inline int fp_ct6_quote(struct __sk_buff *skb, const struct fp_l
  * (osrc -> w->odst). Fixed:
  * the quoted TCP/UDP checksum when the quote holds it (its pseudo-header
  * and port changed alike), and the ICMPv6 checksum, which covers the
- * message and a pseudo-header of the outer addresses. */
+ * message and a pseudo-header of the outer addresses. A quoted SCTP CRC is
+ * left as it is, as IPv4's: the receiver reads a quote's ports, never its
+ * CRC. */
 static __always_inline int fp_ct6_quote_rewrite(struct __sk_buff *skb, struct fp_ipv6 *ip,
 						const struct fp_l4 *l4, const struct fp_quote6 *q,
 						struct fp_ct6_work *w, __be16 qsport,
@@ -657,7 +704,7 @@ static __always_inline int fp_ct6_quote_rewrite(struct __sk_buff *skb, struct fp
 	d_msg = d_q;
 	if (q->proto == IPPROTO_UDP)
 		csum_word_off = q->off + sizeof(struct ipv6hdr) + 4;      /* (len, check) */
-	else if (q->off + sizeof(struct ipv6hdr) + 20 <= skb->len)
+	else if (q->proto == IPPROTO_TCP && q->off + sizeof(struct ipv6hdr) + 20 <= skb->len)
 		csum_word_off = q->off + sizeof(struct ipv6hdr) + 16;     /* (check, urg) */
 	if (csum_word_off) {
 		int hi = q->proto == IPPROTO_UDP;

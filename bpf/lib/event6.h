@@ -31,6 +31,20 @@ static __always_inline __u32 fp_ports6(struct __sk_buff *skb, const struct fp_ip
 	return ports;
 }
 
+/* The head every IPv6 record starts with, in ring buffer memory (no
+ * frame): zeroed, stamped, flagged IPv6; the rest is the caller's. */
+static __always_inline void fp_event6_head(struct fp_event6 *ev, __u32 ifindex,
+					   enum fp_reason reason, enum fp_dir dir, __u8 type)
+{
+	__builtin_memset(ev, 0, sizeof(*ev));
+	ev->ev.ts_ns = bpf_ktime_get_ns();
+	ev->ev.ifindex = ifindex;
+	ev->ev.reason = reason;
+	ev->ev.dir = dir;
+	ev->ev.type = type;
+	ev->ev.flags = FP_EV_F_IPV6;
+}
+
 static __always_inline void fp_report6(struct __sk_buff *skb, enum fp_dir dir,
 				       enum fp_reason reason, const struct fp_ipv6 *ip)
 {
@@ -51,15 +65,9 @@ static __always_inline void fp_report6(struct __sk_buff *skb, enum fp_dir dir,
 	ev = fp_event6_reserve();
 	if (!ev)
 		return;
-	__builtin_memset(ev, 0, sizeof(*ev));
-	ev->ev.ts_ns = bpf_ktime_get_ns();
-	ev->ev.ifindex = ifindex;
-	ev->ev.reason = reason;
-	ev->ev.dir = dir;
-	ev->ev.type = drop ? FP_EV_DROP : FP_EV_TRACE;
+	fp_event6_head(ev, ifindex, reason, dir, drop ? FP_EV_DROP : FP_EV_TRACE);
 	__builtin_memcpy(&ev->ev.sport, &ports, sizeof(ports));   /* sport, dport */
 	ev->ev.proto = ip->proto;
-	ev->ev.flags = FP_EV_F_IPV6;
 	__builtin_memcpy(ev->saddr6, ip->saddr, 16);
 	__builtin_memcpy(ev->daddr6, ip->daddr, 16);
 	fp_event6_submit(ev);
@@ -96,13 +104,7 @@ static __always_inline void fp_guard_event6(struct __sk_buff *skb, enum fp_dir d
 	ev = fp_event6_reserve();
 	if (!ev)
 		return;
-	__builtin_memset(ev, 0, sizeof(*ev));
-	ev->ev.ts_ns = bpf_ktime_get_ns();
-	ev->ev.ifindex = ifindex;
-	ev->ev.reason = reason;
-	ev->ev.dir = dir;
-	ev->ev.type = FP_EV_DROP;
-	ev->ev.flags = FP_EV_F_IPV6;
+	fp_event6_head(ev, ifindex, reason, dir, FP_EV_DROP);
 	/* next header: the transport protocol when no extension header comes first */
 	bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, nexthdr), &ev->ev.proto, 1);
 	bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, saddr), ev->saddr6, 32);

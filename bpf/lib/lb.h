@@ -77,13 +77,11 @@ static __always_inline __u32 fp_crc32c_byte0(__u32 crc, __u8 byte)
  * field means the sender left the CRC to offload (CHECKSUM_PARTIAL: the
  * stack zeroes it and the CRC is computed over the final bytes later), so
  * it is left zero. */
-static __always_inline int fp_sctp_crc_fix(struct __sk_buff *skb, const struct fp_ipv4 *ip,
-					   __u32 l4_off, __u32 field_off, __be16 old_port,
-					   __be16 new_port)
+static __always_inline int fp_sctp_crc_fix_len(struct __sk_buff *skb, __u32 len, __u32 l4_off,
+					       __u32 field_off, __be16 old_port, __be16 new_port)
 {
 	__be16 delta = old_port ^ new_port;
 	__u8 *d = (__u8 *)&delta;
-	__u32 len = bpf_ntohs(ip->tot_len) - ip->ihl_bytes;
 	__u32 tail, crc, lo, hi;
 	__u32 sum;
 
@@ -102,6 +100,16 @@ static __always_inline int fp_sctp_crc_fix(struct __sk_buff *skb, const struct f
 	crc = fp_crc32c_mulmod(fp_crc32c_mulmod(lo, hi), crc);
 	sum ^= crc;
 	return bpf_skb_store_bytes(skb, l4_off + FP_SCTP_CSUM_OFF, &sum, sizeof(sum), 0) ? -1 : 0;
+}
+
+/* IPv4's: the SCTP packet is what follows the IPv4 header (IPv6 passes its
+ * own length, lib/ct6.h). */
+static __always_inline int fp_sctp_crc_fix(struct __sk_buff *skb, const struct fp_ipv4 *ip,
+					   __u32 l4_off, __u32 field_off, __be16 old_port,
+					   __be16 new_port)
+{
+	return fp_sctp_crc_fix_len(skb, bpf_ntohs(ip->tot_len) - ip->ihl_bytes, l4_off, field_off,
+				   old_port, new_port);
 }
 
 /* A ones' complement checksum after a 32-bit word it covers went from

@@ -21,6 +21,7 @@
 
 #include "lib/parse6.h"
 #include "lib/policy.h"
+#include "lib/event6.h"
 
 #ifndef IPPROTO_SCTP
 #define IPPROTO_SCTP 132
@@ -281,16 +282,12 @@ static __always_inline void fp_policy6_event(struct __sk_buff *skb, enum fp_dir 
 	ev = fp_event6_reserve();
 	if (!ev)
 		return;
-	__builtin_memset(ev, 0, sizeof(*ev));
-	ev->ev.ts_ns = bpf_ktime_get_ns();
-	ev->ev.ifindex = ifindex;
-	ev->ev.reason = reason;
-	ev->ev.dir = where;
-	ev->ev.type = type;
+	fp_event6_head(ev, ifindex, reason, where, type);
 	ev->ev.sport = l4->sport;
 	ev->ev.dport = l4->dport;
 	ev->ev.proto = ip->proto;
-	ev->ev.flags = FP_EV_F_IPV6 | (pol_dir == FP_POL_INGRESS ? FP_EV_F_INGRESS : 0);
+	if (pol_dir == FP_POL_INGRESS)
+		ev->ev.flags |= FP_EV_F_INGRESS;
 	ev->ev.policy_id = policy_id;
 	ev->ev.peer_id = peer;
 	__builtin_memcpy(ev->saddr6, ip->saddr, 16);

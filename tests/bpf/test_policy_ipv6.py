@@ -381,3 +381,24 @@ def test_ipv6_policy_flows_are_counted_in_the_conntrack_metric(dp, bpfnet, world
     got = {(s.labels["protocol"], s.labels["direction"]): s.value
            for s in fams["fastpath_conntrack_entries"].samples}
     assert got == {("TCP", "policy"): 1, ("UDP", "policy"): 1}
+
+
+# ---- the monitor's IPv6 policy records (lib/event6.h's fp_event6_head) --------------
+
+def test_an_ipv6_policy_drop_is_reported_with_its_addresses_ports_and_direction(
+        dp, bpfnet, world, events):
+    from agent.inspect.events import decode_event
+    n = bpfnet
+    events.poll()                      # what earlier tests left
+    sport = next(_port)
+    r = run(dp, n, "fp_from_vpc", vpc(n, STRANGER6, POD_A6, syn(80, sport)), "eth1")
+    assert (r.verdict, r.reason) == (TC_ACT_SHOT, DENIED)
+    evs = [e for e in (decode_event(raw, events.schema) for raw in events.poll())
+           if e["sport"] == sport]
+    assert len(evs) == 1, evs
+    e = evs[0]
+    assert (e["family"], e["saddr"], e["daddr"], e["dport"], e["proto_label"]) == (
+        "ipv6", STRANGER6, POD_A6, 80, "TCP")
+    assert (e["type_label"], e["reason_label"], e["ifindex"]) == ("drop", DENIED,
+                                                                   n.eth1.ifindex)
+    assert sorted(e["flags_names"]) == ["ingress", "ipv6"]
