@@ -284,7 +284,7 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 	/* the reply of a flow this node SNATed (its destination port is one
 	 * SNAT hands out) */
 	if (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN) {
-		rc = fp_ct6_reverse(skb, ip, &l4);
+		rc = fp_ct6_reverse_any(skb, ip, &l4, 0);
 		if (rc < 0)
 			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
 		if (rc > 0) {

@@ -157,10 +157,11 @@ static __always_inline int fp_nat6_rewrite_sctp(struct __sk_buff *skb, struct fp
 
 /* Rewrite the source (is_src) or destination address and port of a TCP,
  * UDP or SCTP packet, its checksum fixed for the pseudo-header and the
- * port. */
-static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6 *ip,
-					   struct fp_l4 *l4, int is_src, const __u32 *new_addr,
-					   __be16 new_port)
+ * port. `sctp` 0 (a constant): the caller never passes SCTP, and the
+ * verifier need not walk the CRC update (fp_vpc6_node's budget). */
+static __always_inline int fp_nat6_rewrite_any(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					       struct fp_l4 *l4, int is_src,
+					       const __u32 *new_addr, __be16 new_port, int sctp)
 {
 	__u32 *addr = is_src ? ip->saddr : ip->daddr;
 	__be16 *port = is_src ? &l4->sport : &l4->dport;
@@ -171,8 +172,11 @@ static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6
 	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	__s64 diff;
 
-	if (ip->proto == IPPROTO_SCTP)
+	if (ip->proto == IPPROTO_SCTP) {
+		if (!sctp)
+			return -1;
 		return fp_nat6_rewrite_sctp(skb, ip, l4, is_src, new_addr, new_port);
+	}
 	if (!fp_ip6_eq(addr, new_addr)) {
 		diff = bpf_csum_diff(addr, 16, (__be32 *)new_addr, 16, 0);
 		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, l4flags | BPF_F_PSEUDO_HDR) ||
@@ -190,6 +194,13 @@ static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6
 		*port = new_port;
 	}
 	return 0;
+}
+
+static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					   struct fp_l4 *l4, int is_src, const __u32 *new_addr,
+					   __be16 new_port)
+{
+	return fp_nat6_rewrite_any(skb, ip, l4, is_src, new_addr, new_port, 1);
 }
 
 /* ---- lookups and tiers (lib/ct.h's, for the IPv6 maps) ---- */
@@ -434,6 +445,11 @@ static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_
 
 	if (l4->kind != FP_L4_PORTS)
 		return 1;
+	/* SCTP from outside to IPv6 frontends is not translated (fp_vpc6_node's
+	 * verifier budget: the CRC updates of DNAT, SNAT and their reversal
+	 * in one program) */
+	if (outside && ip->proto == IPPROTO_SCTP)
+		return 1;
 	svc = fp_ct6_frontend(ip, l4, outside);
 	if (!svc)
 		return 1;
@@ -589,19 +605,19 @@ static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_
 	}
 
 	fp_decision_nat(svc->svc_id, backend_id, 0, bport);
-	if (fp_nat6_rewrite(skb, ip, l4, 0, baddr, bport)) {
+	if (fp_nat6_rewrite_any(skb, ip, l4, 0, baddr, bport, !outside)) {
 		*reason = FP_DROP_CSUM;
 		return -1;
 	}
 	if (hairpin) {
 		fp_ip6_hairpin(router);
-		if (fp_nat6_rewrite(skb, ip, l4, 1, router, l4->sport)) {
+		if (fp_nat6_rewrite_any(skb, ip, l4, 1, router, l4->sport, !outside)) {
 			*reason = FP_DROP_CSUM;
 			return -1;
 		}
 	} else if (snat) {
 		__builtin_memcpy(router, w->odst, 16);
-		if (fp_nat6_rewrite(skb, ip, l4, 1, router, snat_port)) {
+		if (fp_nat6_rewrite_any(skb, ip, l4, 1, router, snat_port, 0)) {
 			*reason = FP_DROP_CSUM;
 			return -1;
 		}
@@ -842,8 +858,8 @@ static __always_inline int fp_ct6_related_forward(struct __sk_buff *skb, struct 
  * client back as its destination too), or on an ICMPv6 error quoting one of
  * its client's packets. 1 when rewritten, 0 when the packet belongs to no
  * translated flow, -1 when a rewrite failed. */
-static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
-					  struct fp_l4 *l4)
+static __always_inline int fp_ct6_reverse_any(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					      struct fp_l4 *l4, int full)
 {
 	struct fp_ct6_work *w;
 	struct fp_ct6_key *key;
@@ -854,8 +870,8 @@ static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 
 	int tier = 0, hairpin, snat;
 
 	if (l4->kind == FP_L4_ICMP_ERR)
-		return fp_ct6_related_reverse(skb, ip, l4);
-	if (l4->kind != FP_L4_PORTS)
+		return full ? fp_ct6_related_reverse(skb, ip, l4) : 0;
+	if (l4->kind != FP_L4_PORTS || (!full && ip->proto == IPPROTO_SCTP))
 		return 0;
 	/* the key in the scratch's `fwd` (no translation runs on this packet) */
 	w = fp_ct6_work_scratch();
@@ -884,17 +900,25 @@ static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 
 	if (hairpin) {
 		/* the client is the backend itself */
 		__builtin_memcpy(client, ip->saddr, 16);
-		if (fp_nat6_rewrite(skb, ip, l4, 0, client, l4->dport))
+		if (fp_nat6_rewrite_any(skb, ip, l4, 0, client, l4->dport, full))
 			return -1;
 	} else if (snat) {
 		/* a reply of a flow this node SNATed: the client back as its
 		 * destination */
-		if (fp_nat6_rewrite(skb, ip, l4, 0, client, cport))
+		if (fp_nat6_rewrite_any(skb, ip, l4, 0, client, cport, full))
 			return -1;
 	}
-	if (fp_nat6_rewrite(skb, ip, l4, 1, vip, vport))
+	if (fp_nat6_rewrite_any(skb, ip, l4, 1, vip, vport, full))
 		return -1;
 	return 1;
+}
+
+/* `full` 0 (fp_vpc6_node: the reply of a flow this node SNATed): neither
+ * ICMPv6 errors nor SCTP, which that walk does not translate. */
+static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					  struct fp_l4 *l4)
+{
+	return fp_ct6_reverse_any(skb, ip, l4, 1);
 }
 
 /* ---- fragments ---- */
