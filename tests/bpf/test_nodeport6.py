@@ -149,8 +149,10 @@ OBJECTS = [
         "2001:db8:250::/64", "10.250.0.0/24"], externalIPs=[EXT6]),
     eslice6("fw-1", "fw", [ep(POD_B6, node=NODE)]),
     # UDP
-    lb_svc6("dns", "fd00:16::15", 30053, ports=[("dns", 53, "UDP", 5353, 30053)]),
-    eslice6("dns-1", "dns", [ep(POD_B6, node=NODE)], ports=[("dns", 5353, "UDP")]),
+    lb_svc6("dns", "fd00:16::15", 30053, ports=[("dns", 53, "UDP", 5353, 30053),
+                                                ("sig", 2905, "SCTP", 2906, 30905)]),
+    eslice6("dns-1", "dns", [ep(POD_B6, node=NODE)], ports=[("dns", 5353, "UDP"),
+                                                            ("sig", 2906, "SCTP")]),
     # internalTrafficPolicy Local, its endpoint elsewhere: the ClusterIP drops
     service("itp", ip="fd00:16::16", ipFamilies=["IPv6"], ipFamilyPolicy="SingleStack",
             internalTrafficPolicy="Local"),
@@ -407,3 +409,19 @@ def test_the_nodes_own_ipv6_traffic_from_outside_goes_to_the_stack(dp, net, svcs
     v, _, reason, _, _ = run(dp, net, "fp_from_vpc", from_outside(net, "fd00:16::99", 80),
                              "eth0")
     assert (v, reason) == (TC_ACT_SHOT, "dropped-service-unallocated")
+
+
+def test_sctp_to_an_ipv6_node_port_is_translated_from_a_pod_and_left_to_the_stack_from_outside(
+        dp, net, svcs):
+    from scapy.layers.sctp import SCTP, SCTPChunkInit
+    init = SCTP(sport=40905, dport=30905) / SCTPChunkInit(init_tag=7, a_rwnd=1500, n_out_streams=1,
+                                                          n_in_streams=1, init_tsn=1)
+    pod = Ether(src=net.pod_mac["A"], dst=net.mac("caliA")) / IPv6(src=POD_A6, dst=NODE_IP6) / init
+    v, out, reason, _, idx = run(dp, net, "fp_from_pod", pod, "caliA")
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-local", net.idx("caliB"))
+    assert (Ether(out)[IPv6].dst, Ether(out)[SCTP].dport) == (POD_B6, 2906)
+    # from outside: not translated (fp_vpc6_node's verifier budget), the stack's
+    outside = Ether(src=CLIENT_MAC, dst=net.mac("eth0")) / IPv6(src=CLIENT6, dst=NODE_IP6) / init
+    v, out, reason, _, _ = run(dp, net, "fp_from_vpc", outside, "eth0")
+    assert (v, reason) == (TC_ACT_UNSPEC, "to-stack")
+    assert (Ether(out)[IPv6].dst, Ether(out)[SCTP].dport) == (NODE_IP6, 30905)
