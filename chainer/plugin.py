@@ -698,7 +698,9 @@ def cmd_add(conf: Conf, env: Env, log: Log) -> dict:
     rpc_ms = (time.monotonic() - t0) * 1e3
     ep = ep if isinstance(ep, dict) else {}
     timing = ep.get("timing_ms") or {}
-    log.write("info", f"endpoint {ep.get('ip')} veth={ep.get('host_ifname')} "
+    # (an IPv6-only pod's address is its IPv6 one)
+    addr = ep.get("ip") or ep.get("ip6")
+    log.write("info", f"endpoint {addr} veth={ep.get('host_ifname')} "
                       f"eni={ep.get('eni') or '-'} pod={env.pod_namespace}/{env.pod_name}"
                       + (f" hostPorts={','.join(ep.get('host_ports') or [])}"
                          if ep.get("host_ports") else ""))
@@ -709,8 +711,8 @@ def cmd_add(conf: Conf, env: Env, log: Log) -> dict:
              "agent_identity_ms": timing.get("identity"), "agent_policy_ms": timing.get("policy"),
              "agent_total_ms": timing.get("total")}))
     prev_ips = result_ips(conf.prev_result)
-    if prev_ips and ep.get("ip") not in prev_ips:
-        log.write("warning", f"the pod's {env.ifname} holds {ep.get('ip')}, which the previous "
+    if prev_ips and addr not in prev_ips and ep.get("ip6") not in prev_ips:
+        log.write("warning", f"the pod's {env.ifname} holds {addr}, which the previous "
                              f"plugin's result does not list ({', '.join(sorted(prev_ips))})")
     return convert_result(conf.prev_result, conf.cni_version)
 
@@ -797,8 +799,10 @@ def cmd_check(conf: Conf, env: Env, log: Log) -> None:
         raise _broken(conf, exc, "CHECK") from None
     ep = (res or {}).get("endpoint") or {}
     prev_ips = result_ips(conf.prev_result)
-    if prev_ips and ep.get("ip") not in prev_ips:
-        raise CniError(E_CHECK_FAILED, f"fastpath has {ep.get('ip')} for container "
+    # (an IPv6-only pod's address is its IPv6 one)
+    addr = ep.get("ip") or ep.get("ip6")
+    if prev_ips and addr not in prev_ips:
+        raise CniError(E_CHECK_FAILED, f"fastpath has {addr} for container "
                        f"{env.container_id}, the ADD result says {', '.join(sorted(prev_ips))}")
 
 

@@ -171,7 +171,7 @@ def _consequence(a: Annotation) -> str:
 
 
 def compile_limits(snapshot, endpoints: Iterable) -> tuple[dict[str, Limits], list[str]]:
-    """{endpoint IP: Limits} for the local endpoints whose Pod asks for any
+    """{endpoint key (its IPv4 address, or an IPv6-only pod's endpoint key): Limits} for the local endpoints whose Pod asks for any
     limit, and every problem found. An endpoint names its Pod by
     namespace/name (what the CNI plugin passes); without a name the Pod is
     found by IP."""
@@ -184,13 +184,14 @@ def compile_limits(snapshot, endpoints: Iterable) -> tuple[dict[str, Limits], li
         if pod is None:
             if by_ip is None:
                 by_ip = {ip: p for p in pods.values() for ip in p.ips}
-            pod = by_ip.get(ep.ip)
+            pod = by_ip.get(ep.ip or ep.ip6)
         if pod is None:
             continue
         pl = pod_limits(pod)
         problems.extend(pl.problems)
         if not pl.limits.empty:
-            out[ep.ip] = pl.limits
+            # (by the pod's key: an IPv6-only pod's is its endpoint key)
+            out[ep.pod_key] = pl.limits
     return out, sorted(set(problems))
 
 

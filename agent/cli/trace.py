@@ -133,6 +133,9 @@ def _origin(ctx, spec: str, dst: str, via: str | None) -> dict:
             if not ip:
                 raise CliExit(EXIT_FAIL, f"--from {spec}: pod {src['pod'] or src['ip']} has no "
                                          f"IPv6 address to reach {dst} from")
+        elif not ip:
+            raise CliExit(EXIT_FAIL, f"--from {spec}: pod {src['pod'] or src['ip6']} is IPv6 "
+                                     f"only: it has no IPv4 address to reach {dst} from")
         return {"ip": ip, "pod": src["pod"], "ifname": src["host_ifname"],
                 "ifindex": src["host_ifindex"], "src_mac": src["pod_mac"],
                 "dst_mac": src["host_mac"], "prog": "fp_from_pod"}

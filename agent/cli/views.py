@@ -60,14 +60,37 @@ def data_endpoints(ctx) -> list[dict]:
     for r in rows:
         r["bandwidth"] = limits.get(r["ip"], {})
     # a dual-stack pod's IPv6 address, from the IPv6 twin of the map
-    ip6_of = {e["value"]["host_ifindex"]: e["key"]["ip6"]
-              for e in ctx.entries(M["endpoints6"], missing_ok=True)} if "endpoints6" in M else {}
+    entries6 = ctx.entries(M["endpoints6"], missing_ok=True) if "endpoints6" in M else []
+    ip6_of = {e["value"]["host_ifindex"]: e["key"]["ip6"] for e in entries6}
     for r in rows:
         r["ip6"] = ip6_of.get(r["host_ifindex"], "")
+        r["key"] = r["ip"]
+    # IPv6-only pods: in the IPv6 map alone, known to the per-pod maps by
+    # the endpoint key of their veth's registration
+    seen = {r["host_ifindex"] for r in rows}
+    only6 = [e for e in entries6 if e["value"]["host_ifindex"] not in seen]
+    if only6:
+        keys = {e["key"]: e["value"]["ip4"]
+                for e in ctx.entries(M["ep_ifindex"], missing_ok=True)}
+        extra = views.endpoints([{"key": {"ip4": keys.get(e["value"]["host_ifindex"], "")},
+                                  "value": e["value"]} for e in only6],
+                                ctx.links(), agent_view, pol if enabled else None)
+        for r, e in zip(sorted(extra, key=lambda r: r["host_ifindex"]),
+                        sorted(only6, key=lambda e: e["value"]["host_ifindex"])):
+            r["key"], r["ip"], r["ip6"] = r["ip"], "", e["key"]["ip6"]
+            if enabled is False:
+                r["policy"] = {"state": "not-enforced"}
+            r["bandwidth"] = limits.get(r["key"], {})
+            if not r["pod"] or not r["container_id"]:
+                a = next((a for a in agent_view or [] if a.get("ip6") == r["ip6"]), {})
+                r["pod"] = r["pod"] or a.get("pod", "")
+                r["container_id"] = r["container_id"] or a.get("container_id", "")
+        rows += extra
     return rows
 
 
-ENDPOINT_COLS = ["ip", ("ip6", lambda r: r.get("ip6") or "-"), "pod",
+ENDPOINT_COLS = [("ip", lambda r: r["ip"] or "-"), ("ip6", lambda r: r.get("ip6") or "-"),
+                 "pod",
                  ("host_veth", "host_ifname"), "eni",
                  ("policy", lambda r: views.policy_state_text(r["policy"])), "pod_mac",
                  ("ep_id", "ep_id")]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from agent.config import Config
 from agent.datapath import Datapath, tc
 from agent.datapath.discover import DiscoveryError, InvalidNetns, discover
 from agent.datapath.errors import DatapathError, InterfaceNotFound
-from agent.model.endpoint import Endpoint
+from agent.model.endpoint import Endpoint, allocate_endpoint_key
 from agent.k8s.model import Kind
 from agent.daemon.metrics import AgentMetrics, cni_observed
 from chainer.plugin import container_id_problem, ifname_problem
@@ -65,6 +66,7 @@ class Agent:
         self.ep_dir = self.state_dir / "endpoints"
         self.endpoints: dict[str, Endpoint] = {}
         self.lock = threading.RLock()
+        self._key_reserved: set[str] = set()   # endpoint keys of ADDs under way
         self.api: ApiServer | None = None
         self.started_at = 0.0
         self.ready = threading.Event()
@@ -288,7 +290,7 @@ class Agent:
             unknown_pod=cfg.policy_unknown_pod)
         # restored endpoints keep what their ADD said until the store agrees
         for ep in self._endpoint_list():
-            self.policy.remember(ep.ip, ep.pod_namespace, ep.pod_name)
+            self.policy.remember(ep.pod_key, ep.pod_namespace, ep.pod_name)
         self.policy.start()
 
     def _start_bandwidth(self) -> None:
@@ -505,7 +507,7 @@ class Agent:
                 continue
             if links.get(ep.host_ifname) != ep.host_ifindex:
                 # the veth is gone (or its name now belongs to another pod)
-                self.datapath.maps.endpoint_delete(ep.ip)
+                self.datapath.maps.endpoint_delete(ep.pod_key)
                 f.unlink(missing_ok=True)
                 dropped += 1
                 continue
@@ -516,21 +518,22 @@ class Agent:
             exc = failed.get(id(ep))
             if isinstance(exc, InterfaceNotFound):
                 # the veth went away since it was listed
-                self.datapath.maps.veth_delete(ep.host_ifindex, ep.ip)
+                self.datapath.maps.veth_delete(ep.host_ifindex, ep.pod_key)
                 f.unlink(missing_ok=True)
                 dropped += 1
                 continue
             if exc is not None:
                 raise exc
             self.endpoints[ep.key] = ep
-            wanted_ips.add(ep.ip)
+            wanted_ips.add(ep.pod_key)
             restored += 1
         # map entries nobody claims any more (e.g. state dir lost) are stale
         for entry in self.datapath.maps.endpoints():
             if entry.ip not in wanted_ips:
                 self.datapath.maps.endpoint_delete(entry.ip)
                 dropped += 1
-        self.datapath.maps.veths_retain({ep.host_ifindex: ep.ip for ep in self.endpoints.values()})
+        self.datapath.maps.veths_retain({ep.host_ifindex: ep.pod_key
+                                         for ep in self.endpoints.values()})
         # IPv6 twins whose endpoint is gone (an agent killed between the two deletions)
         dropped += self.datapath.maps.endpoints6_retain(
             {ep.ip6 for ep in self.endpoints.values() if ep.ip6})
@@ -601,7 +604,7 @@ class Agent:
                      "is in %s", key, netns, ep.netns)
             return "unknown"
         self._forget(ep)
-        log.info("endpoint deleted (queued CNI DEL): %s ip=%s", key, ep.ip)
+        log.info("endpoint deleted (queued CNI DEL): %s ip=%s", key, ep.ip or ep.ip6)
         return "ok"
 
     # -- API -----------------------------------------------------------------
@@ -646,26 +649,40 @@ class Agent:
         except DiscoveryError as exc:
             raise ApiError("discovery", str(exc)) from None
         ep = dataclasses.replace(ep, added_at=time.time())
+        if not ep.ip:
+            if mappings:
+                raise ApiError("hostport-refused",
+                               f"pod {pod_namespace}/{pod_name} asks for hostPorts, but it has no "
+                               "IPv4 address: hostPorts reach pods over IPv4 only")
+            ep = self._with_endpoint_key(ep)
         t1 = time.monotonic()
         fetched, how = self._identify(pod_namespace, pod_name)
         t_identity = time.monotonic()
         if require_eni and not ep.eni_name:
+            self._key_reserved.discard(ep.endpoint_key)
             raise ApiError("eni-unresolved",
-                           f"no ENI found for pod IP {ep.ip}: the node needs a policy-routing rule "
-                           f"`from {ep.ip} lookup <table>` whose table has a default route through "
+                           f"no ENI found for pod IP {ep.ip or ep.ip6}: the node needs a "
+                           f"policy-routing rule `from {ep.ip or ep.ip6} lookup <table>` whose "
+                           "table has a default route through "
                            f"an ENI (Terway adds both); see `ip rule` and `ip route show table all`")
         if mappings:
             ep = dataclasses.replace(ep, port_mappings=tuple(
                 (m.host_port, m.container_port, m.protocol, m.host_ip) for m in mappings))
         # the pod's NetworkPolicy before its programs and its entry: the
         # first packet anyone sends it is judged as its policies say
-        policy = self._admit_policy(ep, fetched, t0)
+        try:
+            policy = self._admit_policy(ep, fetched, t0)
+        except BaseException:
+            self._key_reserved.discard(ep.endpoint_key)
+            raise
         t2 = time.monotonic()
         with self.lock:
+            self._key_reserved.discard(ep.endpoint_key)
             for key, other in list(self.endpoints.items()):
-                if other.ip == ep.ip and key != ep.key:
+                if key != ep.key and (other.ip == ep.ip if ep.ip else other.ip6 == ep.ip6):
                     # the IP was reassigned: the old attachment is stale
-                    log.info("endpoint %s replaces stale %s for %s", ep.key, key, ep.ip)
+                    log.info("endpoint %s replaces stale %s for %s", ep.key, key,
+                             ep.ip or ep.ip6)
                     self._forget(other, detach=other.host_ifindex != ep.host_ifindex)
             try:
                 self.datapath.add_endpoint(ep)
@@ -691,7 +708,8 @@ class Agent:
         self._refresh_bandwidth()
         t3 = time.monotonic()
         log.info("endpoint added: %s %s/%s ip=%s veth=%s eni=%s policy=%s (labels: %s)", ep.key,
-                 pod_namespace, pod_name, ep.ip, ep.host_ifname, ep.eni_name or "-", policy, how)
+                 pod_namespace, pod_name, ep.ip or ep.ip6, ep.host_ifname, ep.eni_name or "-",
+                 policy, how)
         view = endpoint_view(ep)
         view["host_ports"] = [f"{h or '*'}:{hp}/{p}->{cp}" for hp, cp, p, h in ep.port_mappings]
         view["policy"] = policy
@@ -701,6 +719,23 @@ class Agent:
                              "attach": round((t3 - t2) * 1e3, 3),
                              "total": round((t3 - t0) * 1e3, 3)}
         return view
+
+    def _with_endpoint_key(self, ep: Endpoint) -> Endpoint:
+        """An IPv6-only pod's endpoint key (agent/model/endpoint.py): the one
+        its attachment already has (an ADD retried), else the lowest free one,
+        held for this ADD until its endpoint is registered or refused."""
+        with self.lock:
+            prev = self.endpoints.get(ep.key)
+            if prev is not None and prev.endpoint_key and prev.ip6 == ep.ip6:
+                return dataclasses.replace(ep, endpoint_key=prev.endpoint_key)
+            taken = {o.endpoint_key for o in self.endpoints.values()} | self._key_reserved
+            try:
+                key = allocate_endpoint_key(taken)
+            except ValueError as exc:
+                raise ApiError("datapath", f"pod {ep.pod_namespace}/{ep.pod_name}: "
+                                           f"{exc}") from None
+            self._key_reserved.add(key)
+        return dataclasses.replace(ep, endpoint_key=key)
 
     def _identify(self, namespace: str, name: str):
         """A new pod's labels, for its NetworkPolicy: (the Pod fetched for
@@ -746,10 +781,11 @@ class Agent:
             return "not-enforced"
         left = max(0.0, t0 + self.config.policy_pod_lookup_timeout_ms / 1e3 - time.monotonic())
         try:
-            return self.policy.admit(ep.ip, ep.pod_namespace, ep.pod_name, fetched, wait=left)
+            return self.policy.admit(ep.pod_key, ep.pod_namespace, ep.pod_name, fetched,
+                                     wait=left)
         except Exception as exc:
             raise ApiError("datapath", f"NetworkPolicy of {ep.pod_namespace}/{ep.pod_name} "
-                                       f"({ep.ip}) could not be written: {exc}") from None
+                                       f"({ep.ip or ep.ip6}) could not be written: {exc}") from None
 
     def _host_link_is(self, ep: Endpoint) -> bool:
         """Whether ep's veth still exists as the device it was at ADD time: a
@@ -771,10 +807,10 @@ class Agent:
                 log.warning("hostPorts of %s/%s not removed yet: %s", *ep.owner, exc)
         # map entry first (nobody is redirected to it any more), then filters;
         # either may since belong to a newer attachment, which keeps them
-        if not any(o.ip == ep.ip for o in self.endpoints.values()):
-            self.datapath.maps.endpoint_delete(ep.ip)
+        if not any(o.pod_key == ep.pod_key for o in self.endpoints.values()):
+            self.datapath.maps.endpoint_delete(ep.pod_key)
         if not any(o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
-            self.datapath.maps.veth_delete(ep.host_ifindex, ep.ip)
+            self.datapath.maps.veth_delete(ep.host_ifindex, ep.pod_key)
         if detach and self._host_link_is(ep) and not any(
                 o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
             try:
@@ -792,11 +828,12 @@ class Agent:
             if ep is None:
                 return {"deleted": False}
             self._forget(ep)
-        if self.policy is not None and not any(o.ip == ep.ip for o in self._endpoint_list()):
-            self.policy.forget(ep.ip)
+        if self.policy is not None and not any(o.pod_key == ep.pod_key
+                                               for o in self._endpoint_list()):
+            self.policy.forget(ep.pod_key)
         self._refresh_socket_lb_opt_out()
         self._refresh_bandwidth()
-        log.info("endpoint deleted: %s ip=%s", key, ep.ip)
+        log.info("endpoint deleted: %s ip=%s", key, ep.ip or ep.ip6)
         return {"deleted": True, "ip": ep.ip}
 
     def rpc_EndpointCheck(self, container_id: str, ifname: str = "eth0") -> dict:
@@ -819,11 +856,14 @@ class Agent:
             if not self._host_link_is(ep):
                 problems.append(f"host veth {ep.host_ifname} is not the device registered at "
                                 f"ADD (ifindex {ep.host_ifindex}): it was re-created")
-        entry = next((e for e in self.datapath.maps.endpoints() if e.ip == ep.ip), None)
+        maps = self.datapath.maps
+        entry = next((e for e in (maps.endpoints() if ep.ip else maps.endpoints6())
+                      if ipaddress.ip_address(e.ip) == ipaddress.ip_address(ep.ip or ep.ip6)),
+                     None)
         if entry is None:
-            problems.append(f"no endpoints map entry for {ep.ip}")
+            problems.append(f"no endpoints map entry for {ep.ip or ep.ip6}")
         elif entry.host_ifindex != ep.host_ifindex:
-            problems.append(f"endpoints map entry for {ep.ip} points at ifindex "
+            problems.append(f"endpoints map entry for {ep.ip or ep.ip6} points at ifindex "
                             f"{entry.host_ifindex}, not {ep.host_ifname} ({ep.host_ifindex})")
         if ep.eni_name:
             try:
@@ -836,7 +876,8 @@ class Agent:
 
     def rpc_EndpointList(self) -> list[dict]:
         with self.lock:
-            return [endpoint_view(e) for e in sorted(self.endpoints.values(), key=lambda e: e.ip)]
+            return [endpoint_view(e) for e in sorted(self.endpoints.values(),
+                                                     key=lambda e: (e.ip, e.ip6))]
 
     def rpc_Counters(self) -> list[dict]:
         return [dict(ifindex=r.ifindex, direction=r.direction, reason=r.reason,
@@ -1042,7 +1083,8 @@ def source_state(source: dict) -> str:
 
 
 def endpoint_view(ep: Endpoint) -> dict:
-    return {"key": ep.key, "ip": ep.ip, "pod": f"{ep.pod_namespace}/{ep.pod_name}".strip("/"),
+    return {"key": ep.key, "ip": ep.ip, "ip6": ep.ip6, "endpoint_key": ep.endpoint_key,
+            "pod": f"{ep.pod_namespace}/{ep.pod_name}".strip("/"),
             "host_ifname": ep.host_ifname, "host_ifindex": ep.host_ifindex,
             "eni": ep.eni_name, "eni_ifindex": ep.eni_ifindex, "pod_mac": ep.pod_mac,
             "host_mac": ep.host_mac, "container_id": ep.container_id, "ifname": ep.ifname}

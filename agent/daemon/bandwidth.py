@@ -201,7 +201,7 @@ class BandwidthSync(Worker):
             return 0
         with self.lock:
             endpoints = list(self.endpoints_fn())
-            by_ip = {ep.ip: ep for ep in endpoints}
+            by_ip = {ep.pod_key: ep for ep in endpoints}
             want, problems = compile_limits(self.store.snapshot(), endpoints)
             have = {ip: replace(e, owner=self._owners.get(ip, "")) for ip, e in
                     self._entries.items()}

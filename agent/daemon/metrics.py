@@ -239,7 +239,7 @@ class DatapathCollector:
             "value, or a burst without its rate); those limits are not applied.")
         rejected.add_metric([], float(len(st.problems)) if st is not None else 0.0)
         yield from (on, rejected)
-        names = {ep.ip: f"{ep.pod_namespace}/{ep.pod_name}".strip("/") or ep.ip
+        names = {ep.pod_key: f"{ep.pod_namespace}/{ep.pod_name}".strip("/") or ep.ip or ep.ip6
                  for ep in self.agent._endpoint_list()}
         pkts = CounterMetricFamily(
             "fastpath_bandwidth_packets", "Packets of limited pods, by pod, direction "

@@ -46,6 +46,7 @@ from typing import Callable, Optional
 from agent.daemon.worker import Worker, planning, settle_gc
 from agent.k8s.model import Kind, Pod
 from agent.k8s.store import Snapshot
+from agent.model.endpoint import is_endpoint_key
 from agent.policy import addr
 from agent.policy import (
     Capacities, Mode, PolicyState, compile_policy, diff, fit, pairs_of,
@@ -227,7 +228,9 @@ class PolicySync(Worker):
         done = []
         for ip, h in self.hints.items():
             cur = snap.pods.get((h.namespace, h.name))
-            if cur is not None and ip in cur.ips and cur.node_name == self.node_name:
+            key = is_endpoint_key(ip)
+            if (cur is not None and not key and ip in cur.ips
+                    and cur.node_name == self.node_name):
                 done.append(ip)          # the store agrees: nothing left to say
                 continue
             if cur is None:
@@ -242,8 +245,12 @@ class PolicySync(Worker):
                 # the ADD is the word on who holds the address here now: it
                 # outranks a Pod object still claiming it (phase Running,
                 # as the pod is about to be)
+                # (an IPv6-only pod's endpoint key stands for its IPv4
+                # address, which the store never gives it: placed for as long
+                # as the endpoint lives, its IPv6 addresses kept beside it)
+                ips = (ip, *(a for a in cur.ips if ":" in a)) if key else (ip,)
                 made = self._placed[ip] = (cur, replace(
-                    cur, ips=(ip,), node_name=self.node_name,
+                    cur, ips=ips, node_name=self.node_name,
                     phase="Running" if cur.phase in ("", "Pending") else cur.phase))
             pods[cur.key] = made[1]
             was = self.state.endpoints.get(ip) if self.state is not None else None

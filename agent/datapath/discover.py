@@ -2,7 +2,8 @@
 
 Terway's CNI result holds only the pod's eth0 and IP (no host interface), so
 the agent looks for itself: in the pod's netns (CNI_NETNS) it finds the
-interface, its MAC and IPv4 address and the ifindex of its veth peer; in the
+interface, its MAC, its IPv4 and IPv6 addresses (either may be missing,
+not both) and the ifindex of its veth peer; in the
 node's netns it finds the host-side peer (checking that it really points
 back at the pod's interface) and resolves the pod's ENI from Terway's
 policy routing (`from <podIP> lookup <table>` and that table's default
@@ -23,7 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from agent.datapath.errors import DatapathError
 from agent.datapath.nsenter import CLONE_NEWNET, netns_path as _named_netns
 from agent.datapath.tc import ifindex_by_name
-from agent.model.endpoint import Endpoint
+from agent.model.endpoint import ENDPOINT_KEYS, Endpoint, is_endpoint_key
 
 NS_GET_NSTYPE = 0xB703          # linux/nsfs.h: _IO(0xb7, 0x3)
 
@@ -86,19 +87,26 @@ def _pod_side(netns_path: str, ifname: str, node_netns: str | None = None):
             raise DiscoveryError(f"{ifname} in {netns_path} is not a veth (no peer ifindex)")
         addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx[0], family=socket.AF_INET)
                  if a["scope"] == 0]
-        if not addrs:
-            raise DiscoveryError(f"{ifname} in {netns_path} has no IPv4 address")
         # The IPv6 source the anti-spoofing guard lets through besides
         # link-local ones (bpf/lib/guard.h); none on an IPv4-only pod.
         addrs6 = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx[0],
                                                                    family=socket.AF_INET6)
                   if a["scope"] == 0]
-        return idx[0], link.get_attr("IFLA_ADDRESS"), peer, addrs[0], (addrs6[0] if addrs6 else "")
+        if not addrs and not addrs6:
+            raise DiscoveryError(f"{ifname} in {netns_path} has neither an IPv4 nor a global "
+                                 "IPv6 address")
+        if addrs and is_endpoint_key(addrs[0]):
+            raise DiscoveryError(f"{ifname} in {netns_path} has IPv4 address {addrs[0]}, "
+                                 f"in the endpoint key range {ENDPOINT_KEYS} (loopback), "
+                                 "which no pod may use")
+        return (idx[0], link.get_attr("IFLA_ADDRESS"), peer, addrs[0] if addrs else "",
+                addrs6[0] if addrs6 else "")
 
 
 # A documentation address (TEST-NET-1): only ever used as the destination of
 # a route *lookup*, never of a packet.
 PROBE_DST = "192.0.2.1"
+PROBE_DST6 = "2001:db8::1"             # the IPv6 documentation prefix, likewise
 NOT_AN_ENI_TABLE = {253, 254, 255}      # default, main, local
 RTM_F_LOOKUP_TABLE = 0x1000             # report the table that matched, not "main"
 
@@ -109,9 +117,11 @@ def resolve_eni(ipr: IPRoute, pod_ip: str, host_ifindex: int) -> tuple[str, int]
     route lookup (`ip route get <off-node> from <podIP> iif <veth>`), so
     Terway's `from <podIP> lookup <eni table>` rule decides. One netlink
     message, where dumping every rule and route would cost O(pods)."""
+    six = ":" in pod_ip
     try:
-        routes = ipr.route("get", dst=PROBE_DST, src=pod_ip, iif=host_ifindex,
-                           flags=RTM_F_LOOKUP_TABLE)
+        routes = ipr.route("get", dst=PROBE_DST6 if six else PROBE_DST, src=pod_ip,
+                           iif=host_ifindex, flags=RTM_F_LOOKUP_TABLE,
+                           family=socket.AF_INET6 if six else socket.AF_INET)
     except NetlinkError:
         return "", 0
     for r in routes:
@@ -138,7 +148,8 @@ def discover(netns_path: str, ifname: str = "eth0", node_netns: str | None = Non
         if host.get_attr("IFLA_LINK") != pod_idx:
             raise DiscoveryError(f"ifindex {peer_idx} in the node netns is not the peer of "
                                  f"{ifname} in {netns_path}")
-        eni_name, eni_idx = resolve_eni(ipr, pod_ip, peer_idx)
+        # (an IPv6-only pod's ENI by its IPv6 rule, as Terway adds one per family)
+        eni_name, eni_idx = resolve_eni(ipr, pod_ip or pod_ip6, peer_idx)
     return Endpoint(ip=pod_ip, host_ifname=host.get_attr("IFLA_IFNAME"), host_ifindex=peer_idx,
                     host_mac=host.get_attr("IFLA_ADDRESS"), pod_mac=pod_mac,
                     eni_name=eni_name, eni_ifindex=eni_idx, ifname=ifname, netns=netns_path,

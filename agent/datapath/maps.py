@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agent.datapath import libbpf
 from agent.model import bpfdefs
-from agent.model.endpoint import Endpoint
+from agent.model.endpoint import Endpoint, is_endpoint_key
 
 DEFS = bpfdefs.load()
 MAP = DEFS.maps
@@ -95,16 +95,16 @@ class Maps:
         from now on fp_from_pod drops what it sends from other addresses."""
         t = self._t[MAP["FP_MAP_EP_IFINDEX"]]
         v = t.Leaf()
-        v.ip4 = be32(ep.ip)
-        v.flags = 0
+        v.ip4 = be32(ep.pod_key)
+        v.flags = 0 if ep.ip else DEFS.defines["FP_EPIF_F_KEY"]
         if ep.ip6:
             v.ip6[:] = list(socket.inet_pton(socket.AF_INET6, ep.ip6))
-            v.flags = DEFS.defines["FP_EPIF_F_IP6"]
+            v.flags |= DEFS.defines["FP_EPIF_F_IP6"]
         t[t.Key(ep.host_ifindex)] = v
 
     def veth_delete(self, ifindex: int, ip: str) -> bool:
-        """Disarm the guard of a veth, if it still names `ip` (the ifindex
-        may since belong to another registration)."""
+        """Disarm the guard of a veth, if it still names `ip` (the pod's key:
+        the ifindex may since belong to another registration)."""
         t = self._t[MAP["FP_MAP_EP_IFINDEX"]]
         k = t.Key(ifindex)
         try:
@@ -116,7 +116,8 @@ class Maps:
             return False
 
     def veths(self) -> dict[int, str]:
-        """Registered host veths: ifindex -> the endpoint's IPv4 address."""
+        """Registered host veths: ifindex -> the endpoint's key (its IPv4
+        address, or an IPv6-only pod's endpoint key)."""
         t = self._t[MAP["FP_MAP_EP_IFINDEX"]]
         return {k.value: ip_from_be32(v.ip4) for k, v in t.items()}
 
@@ -141,7 +142,6 @@ class Maps:
         # the veth's guard before the entry that makes the pod a destination
         self.veth_put(ep)
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
-        k = t.Key(ip4=be32(ep.ip))
         v = t.Leaf()
         v.host_ifindex = ep.host_ifindex
         v.eni_ifindex = ep.eni_ifindex
@@ -151,20 +151,29 @@ class Maps:
         # The flag is written in the same value: a map update is atomic per
         # element, so a reader sees the old entry or the complete new one.
         v.flags = DEFS.defines["FP_EP_F_REGISTERED"]
-        t[k] = v
+        if ep.ip:
+            # (an IPv6-only pod has no IPv4 entry: its endpoint key is no
+            # address a packet may be redirected to)
+            t[t.Key(ip4=be32(ep.ip))] = v
         if ep.ip6:
             # the IPv6 twin (bpf/maps.c FP_MAP_ENDPOINTS6): the same value
             t6 = self._t[MAP["FP_MAP_ENDPOINTS6"]]
             t6[key6(t6, ep.ip6)] = v
 
     def endpoint_delete(self, ip: str) -> bool:
+        """Remove the endpoint known by `ip`, the pod's key: its IPv4
+        address, or an IPv6-only pod's endpoint key (found by its veth's
+        registration, as it has no IPv4 entry)."""
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
         k = t.Key(ip4=be32(ip))
         try:
             host_ifindex = t[k].host_ifindex
             del t[k]
         except KeyError:
-            return False
+            host_ifindex = next((i for i, key in self.veths().items()
+                                 if key == ip and is_endpoint_key(key)), None)
+            if host_ifindex is None:
+                return False
         self._endpoint6_delete_for(host_ifindex)
         self.veth_delete(host_ifindex, ip)
         return True

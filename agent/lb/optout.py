@@ -83,7 +83,7 @@ def opt_outs(snapshot, endpoints: Iterable) -> tuple[dict[str, int], list[str]]:
         if pod is None:
             if by_ip is None:
                 by_ip = {ip: p for p in pods.values() for ip in p.ips}
-            pod = by_ip.get(ep.ip)
+            pod = by_ip.get(ep.ip or ep.ip6)
         ns_name = pod.namespace if pod is not None else ep.pod_namespace
         ns = namespaces.get(("", ns_name)) if ns_name else None
         d = decide(pod, ns)

@@ -25,6 +25,7 @@ from typing import Optional, Union
 
 from agent.k8s.model import FrozenMap, IPBlock, Key, NetworkPolicy, Pod, PolicyPeer, PolicyRule
 from agent.k8s.store import Snapshot
+from agent.model.endpoint import is_endpoint_key
 from agent.policy import addr, ip4
 from agent.policy.ports import ANY_KEY, PortKey, PortSet, block_size, proto_number
 from agent.policy.state import (
@@ -115,13 +116,29 @@ ANY_POD = ("", None)
 Slot = tuple[str, Direction]      # (endpoint IPv4, direction)
 
 
+# An IPv6-only pod with no endpoint key here (on another node, or not added
+# yet) is indexed under its first IPv6 address with this prefix: a name of
+# the compile's own, never an endpoint and never written to a map, so that
+# it is a peer by its IPv6 addresses as any pod is.
+V6_ONLY = "v6only:"
+
+
 def _eligible_ip(p: Pod, node_ips: frozenset[str]) -> Optional[str]:
     if p.host_network or p.is_terminal:
         return None
     ip = next((a for a in p.ips if ip4.is_ip4(a)), None)
-    if ip is None or ip in node_ips:
+    if ip is None:
+        six = _ip6s(p, node_ips)
+        return V6_ONLY + six[0] if six else None
+    if ip in node_ips:
         return None
     return ip
+
+
+def _no_address(ip: str) -> bool:
+    """Whether a pod's index is no address of a peer: an IPv6-only pod's
+    endpoint key or its compile-only name (V6_ONLY)."""
+    return ip.startswith(V6_ONLY) or is_endpoint_key(ip)
 
 
 def _ip6s(p: Pod, node_ips: frozenset[str]) -> tuple[str, ...]:
@@ -213,6 +230,8 @@ class _Compiler:
         """The usable pod holding address `ip` (of either family)."""
         if addr.is_ip6(ip):
             ip = self.pod_of6.get(ip, "")
+        elif _no_address(ip):
+            return None         # an IPv6-only pod's key: no address, so no peer
         return self.usable.get(ip)
 
     def ns_labels(self, ns: str) -> FrozenMap:
@@ -244,7 +263,10 @@ class _Compiler:
             if ip is not None:
                 self.cands[ip] = self.cands.get(ip, ()) + (p,)
         self.usable = {ip: min(c, key=_rank) for ip, c in self.cands.items()}
-        self.local = {ip: p for ip, p in sorted(self.usable.items(), key=lambda t: ip4.to_int(t[0]))
+        # (an IPv6-only pod is an endpoint once CNI ADD gave it a key)
+        self.local = {ip: p for ip, p in sorted(
+                          ((ip, p) for ip, p in self.usable.items() if not ip.startswith(V6_ONLY)),
+                          key=lambda t: ip4.to_int(t[0]))
                       if p.node_name == self.node_name}
         self.v6_of: dict[str, tuple[str, ...]] = {}
         self.pod_of6: dict[str, str] = {}
@@ -291,8 +313,11 @@ class _Compiler:
         self.blocks = frozenset(self.block_n)
         self.named_refs = frozenset(self.named_n)
         self._build_cidrs(self.blocks)
+        # (an IPv6-only pod's endpoint key is known to the per-pod maps
+        # only: its identity is its IPv6 addresses')
         self.ident_of_ip: dict[str, Identity] = {
-            ip: self._pod_identity(ip, pod) for ip, pod in self.usable.items()}
+            ip: self._pod_identity(ip, pod) for ip, pod in self.usable.items()
+            if not _no_address(ip)}
         for a6, ip in self.pod_of6.items():
             self.ident_of_ip[a6] = self._pod_identity(a6, self.usable[ip])
         for ip in self.node_ips:
@@ -579,7 +604,7 @@ class _Compiler:
                     old_plans[(ip, d)] = self.plan.pop((ip, d))
                     del self.sel[(ip, d)]
                 gone_eps.add(ip)
-            if w is not None and w.node_name == self.node_name:
+            if w is not None and w.node_name == self.node_name and not ip.startswith(V6_ONLY):
                 self.local[ip] = w
                 self.local_by_ns[w.namespace] = self.local_by_ns.get(w.namespace, frozenset()) | {ip}
                 for d in DIRECTIONS:
@@ -646,6 +671,8 @@ class _Compiler:
         if blocks_changed:
             moved = [addr.parse_prefix(b.cidr) for b in blocks ^ self.blocks]
             for ip in (*self.usable, *self.pod_of6, *self.node_ips):
+                if ip.startswith(V6_ONLY):
+                    continue
                 a = addr.to_int(ip)
                 if any(a & addr.mask(plen) == net for plen, net in moved):
                     redo.add(ip)

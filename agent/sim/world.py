@@ -179,15 +179,19 @@ class Node(Netns):
         return eni
 
     # -- pods --------------------------------------------------------------------
-    def add_pod(self, name: str, eni: int | Eni = 1) -> Pod:
-        """Create pod `name` with an IP from ENI `eni` (its number j, or the Eni)."""
+    def add_pod(self, name: str, eni: int | Eni = 1, ipv4: bool = True) -> Pod:
+        """Create pod `name` with an IP from ENI `eni` (its number j, or the Eni);
+        `ipv4=False` (a dual-stack world only): an IPv6-only pod, laid out
+        as a dual-stack one without any of its IPv4 half."""
         plan.check_name("pod", name)
         if any(p.name == name for p in self.world.pods):
             raise ValueError(f"pod {name!r} already exists in this world")
         e = eni if isinstance(eni, Eni) else next((x for x in self.enis if x.index == eni), None)
         if e is None or e not in self.enis:
             raise ValueError(f"node {self.name} has no ENI {eni!r} (it has {len(self.enis)})")
-        ip = plan.pod_ip(self.index, e.index, e._next_slot)
+        if not ipv4 and not self.world.dual_stack:
+            raise ValueError(f"pod {name!r}: an IPv6-only pod needs World(dual_stack=True)")
+        ip = plan.pod_ip(self.index, e.index, e._next_slot) if ipv4 else ""
         ip6 = plan.pod_ip6(self.index, e.index, e._next_slot) if self.world.dual_stack else ""
         e._next_slot += 1    # never reused within a world: no stale conntrack/neigh surprises
         pod = Pod(self, name, e, ip, ip6)
@@ -211,25 +215,29 @@ class Node(Netns):
         ip, e, cali = pod.ip, pod.eni, pod.host_ifname
         # (a dual-stack pod's link-local address usable at once, as the node's)
         pod._create({"net.ipv6.conf.default.accept_dad": 0} if pod.ip6 else None, lo=False)
+        v4 = [f"route add {ip} dev {cali} scope link",
+              f"rule add to {ip} lookup main pref 512",
+              f"rule add from {ip} lookup {e.table} pref 2048"] if ip else []
         host = ip_batch(self.netns, [
             f"link add {cali} type veth peer name eth0 netns {pod.netns}",
             f"link set {cali} up",
-            f"route add {ip} dev {cali} scope link",
-            f"rule add to {ip} lookup main pref 512",
-            f"rule add from {ip} lookup {e.table} pref 2048",
+            *v4,
             f"link show dev {cali}",
         ])[0]
         pod.host_ifindex, pod.host_mac = host["ifindex"], host["address"]
         inner = ip_batch(pod.netns, [
             "link set lo up",
-            f"addr add {ip}/32 dev eth0",
+            *([f"addr add {ip}/32 dev eth0"] if ip else []),
             "link set eth0 up",
-            f"route add default via {plan.POD_GATEWAY} dev eth0 onlink",
-            f"neigh replace {plan.POD_GATEWAY} lladdr {pod.host_mac} dev eth0 nud permanent",
+            *([f"route add default via {plan.POD_GATEWAY} dev eth0 onlink",
+               f"neigh replace {plan.POD_GATEWAY} lladdr {pod.host_mac} dev eth0 nud permanent"]
+              if ip else []),
             "link show dev eth0",
         ])[0]
         pod.ifindex, pod.mac = inner["ifindex"], inner["address"]
-        ip_batch(self.world.vpc.netns, [f"route add {ip}/32 via {e.ip} dev {e.vpc_ifname} onlink"])
+        if ip:
+            ip_batch(self.world.vpc.netns,
+                     [f"route add {ip}/32 via {e.ip} dev {e.vpc_ifname} onlink"])
         if pod.ip6:
             self._plumb6(pod)
 
@@ -253,9 +261,11 @@ class Node(Netns):
 
     def _unplumb(self, pod: Pod) -> None:
         """CNI DEL, then the runtime deleting the netns; tolerates a partial pod."""
-        self.iproute(*f"rule del to {pod.ip} lookup main pref 512".split(), check=False)
-        self.iproute(*f"rule del from {pod.ip} lookup {pod.eni.table} pref 2048".split(), check=False)
-        self.world.vpc.iproute("route", "del", f"{pod.ip}/32", check=False)
+        if pod.ip:
+            self.iproute(*f"rule del to {pod.ip} lookup main pref 512".split(), check=False)
+            self.iproute(*f"rule del from {pod.ip} lookup {pod.eni.table} pref 2048".split(),
+                         check=False)
+            self.world.vpc.iproute("route", "del", f"{pod.ip}/32", check=False)
         if pod.ip6:
             self.iproute(*f"-6 rule del to {pod.ip6} lookup main pref 512".split(), check=False)
             self.iproute(*f"-6 rule del from {pod.ip6} lookup {pod.eni.table} pref 2048".split(),

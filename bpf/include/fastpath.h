@@ -736,6 +736,10 @@ _Static_assert(sizeof(struct fp_decision) == 48, "fp_decision layout");
  * bpf/lib/guard.h drop whatever a registered veth sends from another source
  * (dropped-source-spoofed) before anything else looks at the packet. */
 #define FP_EPIF_F_IP6 (1U << 0)   /* ip6 holds the pod's global IPv6 address */
+/* ip4 is an IPv6-only pod's endpoint key (agent/model/endpoint.py
+ * ENDPOINT_KEYS), not an address: the per-pod maps know the pod by it, the
+ * guard lets no IPv4 or ARP from the veth through. */
+#define FP_EPIF_F_KEY (1U << 1)
 
 struct fp_ep_if {
 	__be32 ip4;            /* NBO: the endpoint's IPv4 address */

@@ -347,7 +347,8 @@ static __always_inline int fp_bw_ingress_admit(struct __sk_buff *skb, const stru
 /* The key of a local endpoint's limits and state: the one place an IPv6
  * packet finds its pod's budget, so that both families share it. A
  * dual-stack pod's key is its IPv4 address (its veth's registration); an
- * IPv6-only pod will get a key of its own here. 0: no key (no limits). */
+ * IPv6-only pod's is its endpoint key there (FP_EPIF_F_KEY). 0: no key (no
+ * limits). */
 static __always_inline __be32 fp_bw_key_of_ep(const struct fp_endpoint *ep)
 {
 	struct fp_ep_if *self = fp_epif_lookup(ep->host_ifindex);

@@ -6,7 +6,8 @@
  * registered pod veth (an entry of FP_MAP_EP_IFINDEX, written before any of
  * fastpath's programs is attached to the veth), the source must be that
  * endpoint's own address, in every family:
- *   IPv4  the endpoint's IPv4 address;
+ *   IPv4  the endpoint's IPv4 address (none for an IPv6-only pod, whose
+ *         registration holds an endpoint key, FP_EPIF_F_KEY: all dropped);
  *   ARP   the sender's protocol address is the endpoint's IPv4 address, or
  *         0.0.0.0 (an address probe);
  *   IPv6  the endpoint's IPv6 address, a link-local address (fe80::/10,
@@ -128,7 +129,8 @@ static __always_inline int fp_guard_from_pod(struct __sk_buff *skb, enum fp_reas
 		/* too short to hold a source: fp_parse_ipv4 drops it as invalid */
 		else if (bpf_skb_load_bytes(skb, FP_IP4_SADDR_OFF, &saddr, sizeof(saddr)))
 			return 0;
-		if (saddr == ip4)
+		/* an IPv6-only pod's key is no source address */
+		if (saddr == ip4 && !(self->flags & FP_EPIF_F_KEY))
 			return 0;
 		bpf_skb_load_bytes(skb, FP_IP4_SADDR_OFF + 4, &daddr, sizeof(daddr));
 		*reason = FP_DROP_SPOOFED;
@@ -140,7 +142,8 @@ static __always_inline int fp_guard_from_pod(struct __sk_buff *skb, enum fp_reas
 
 		if (bpf_skb_load_bytes(skb, FP_ARP_SPA_OFF, &spa, sizeof(spa)))
 			return 0;
-		if (spa == ip4 || spa == 0)
+		/* (nor an ARP probe: it has no IPv4 address to probe for) */
+		if ((spa == ip4 || spa == 0) && !(self->flags & FP_EPIF_F_KEY))
 			return 0;
 		*reason = FP_DROP_SPOOFED;
 		fp_guard_event(skb, FP_DIR_FROM_POD, *reason, spa, 0, 0);

@@ -8,9 +8,8 @@
  * later fragment takes its first fragment's verdict (FP_MAP_POLFRAG6).
  *
  * The pod's key is found from its IPv6 address by one helper,
- * fp_policy6_pod: today the pod's IPv4 address (its registration on its
- * veth); an IPv6-only pod will get a key of another kind there, and
- * nothing else here changes.
+ * fp_policy6_pod: the 32-bit key of its veth's registration, the pod's
+ * IPv4 address or an IPv6-only pod's endpoint key (FP_EPIF_F_KEY).
  *
  * What the programs leave unjudged: neighbour discovery (ICMPv6 133-137),
  * link-local and multicast traffic, which the link itself needs and no

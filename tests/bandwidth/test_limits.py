@@ -37,6 +37,12 @@ class Ep:
     ip: str
     pod_namespace: str = "shop"
     pod_name: str = ""
+    ip6: str = ""
+    endpoint_key: str = ""      # an IPv6-only pod's (agent/model/endpoint.py)
+
+    @property
+    def pod_key(self) -> str:
+        return self.ip or self.endpoint_key
 
     @property
     def key(self) -> str:
@@ -147,6 +153,16 @@ def test_only_local_endpoints_whose_pod_asks_get_limits_found_by_name_or_ip():
     assert problems == ["pod shop/c: annotation kubernetes.io/ingress-bandwidth='bad' rejected: "
                         "not a Kubernetes quantity (e.g. 10M, 1Gi, 500k); the pod is not "
                         "limited by it"]
+
+
+def test_an_ipv6_only_pods_limits_are_keyed_by_its_endpoint_key():
+    s = Store()
+    s.apply(upserts=[parse_object(pod("o", {EGRESS: "10M"}, "fd00:10::5"))])
+    by_name = Ep("", pod_name="o", ip6="fd00:10::5", endpoint_key="127.255.0.4")
+    by_ip = Ep("", pod_namespace="", ip6="fd00:10::5", endpoint_key="127.255.0.4")
+    for ep in (by_name, by_ip):
+        want, _ = compile_limits(s.snapshot(), [ep])
+        assert list(want) == ["127.255.0.4"] and want["127.255.0.4"].egress_bps == 10_000_000
 
 
 def test_annotation_changes_touch_limits_and_unrelated_changes_do_not():

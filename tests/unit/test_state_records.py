@@ -35,6 +35,12 @@ def test_an_endpoint_record_round_trips_with_its_registration_time():
     ({"ip6": "10.0.0.1"}, "ip6 '10.0.0.1' is not an IPv6 address"),
     ({"ip6": "fd00::zz"}, "ip6 'fd00::zz' is not an IPv6 address"),
     ({"added_at": "yesterday"}, "added_at must be a number"),
+    ({"endpoint_key": "127.255.0.1"}, "endpoint_key .* is set on an endpoint with an IPv4"),
+    ({"ip": "127.255.0.9"}, "in the endpoint key range"),
+    ({"ip": ""}, "neither ip nor ip6"),
+    ({"ip": "", "ip6": "fd00::1"}, "an IPv6-only endpoint needs one"),
+    ({"ip": "", "ip6": "fd00::1", "endpoint_key": "10.0.0.1"},
+     "endpoint_key '10.0.0.1' is not in the endpoint key range"),
     ({"port_mappings": {"8080": 80}}, "port_mappings must be a list of"),
     ({"port_mappings": [[8080, 80, "TCP"]]}, "port_mappings must be a list of"),
     ({"port_mappings": [["8080", 80, "TCP", ""]]}, "port_mappings must be a list of"),
@@ -45,6 +51,24 @@ def test_a_damaged_endpoint_record_names_the_field(change, words):
         Endpoint.from_json(json.dumps(dict(GOOD, **change)))
     with pytest.raises(ValueError, match="not a JSON object"):
         Endpoint.from_json("[1]")
+
+
+def test_an_ipv6_only_endpoint_round_trips_with_its_key():
+    rec = dict(GOOD, ip="", ip6="fd00:10::5", endpoint_key="127.255.0.3")
+    ep = Endpoint.from_json(json.dumps(rec))
+    assert (ep.pod_key, ep.ip, ep.ip6) == ("127.255.0.3", "", "fd00:10::5")
+    assert Endpoint.from_json(ep.to_json()) == ep
+    assert Endpoint.from_json(json.dumps(GOOD)).pod_key == GOOD["ip"]
+
+
+def test_endpoint_keys_are_allocated_lowest_free_and_run_out():
+    from agent.model import endpoint as m
+    assert m.allocate_endpoint_key(()) == "127.255.0.1"
+    assert m.allocate_endpoint_key({"127.255.0.1", "127.255.0.3"}) == "127.255.0.2"
+    every = {str(m.ipaddress.IPv4Address(n)) for n in range(
+        int(m.ENDPOINT_KEYS.network_address) + 1, int(m.ENDPOINT_KEYS.broadcast_address))}
+    with pytest.raises(ValueError, match="every endpoint key"):
+        m.allocate_endpoint_key(every)
 
 
 def test_read_record_refuses_what_cannot_be_a_record(tmp_path):
