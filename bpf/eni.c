@@ -248,9 +248,83 @@ int fp_from_vpc(struct __sk_buff *skb)
  *     lib/policy6.h), then gets its VIP back if it is a remote backend's
  *     reply of a translated flow, an ICMPv6 error about one, or a later
  *     fragment of either (lib/ct6.h), and is redirected straight into the
- *     pod's netns; anything else is the node's: the stack;
+ *     pod's netns; anything else is the node's (fp_from_vpc6_node above:
+ *     IPv6 Services from outside, SNAT replies), else the stack;
  *   - the pod's ingress limits apply before delivery, one budget with its
  *     IPv4 (lib/bw.h, in pod.c fp_deliver_local6). */
+/* v6np: IPv6 for the node itself, not for one of its pods (fp_from_vpc_node's
+ * twin): a reply of a flow this node SNATed gets its client back and is
+ * routed to it; a new flow to an IPv6 frontend (NodePort, external or
+ * load-balancer IP, ClusterIP) is translated with this node's view of
+ * outside traffic (externalTrafficPolicy, source ranges; SNAT to the
+ * node's primary IPv6 address for a backend on another node) and sent to
+ * a local pod (after its ingress policy) or out again by the FIB's
+ * device; a frontend without endpoints answers ICMPv6 port unreachable
+ * out of the interface the packet came in on; a ClusterIP's unknown port
+ * is rejected, an unallocated Service CIDR address dropped; anything else
+ * is the node's own traffic: the stack. */
+static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ipv6 *ip)
+{
+	struct fp_frag6_work *first;
+	struct fp_endpoint *dst;
+	struct fp_l4 l4 = {};
+	enum fp_reason reason = FP_FWD_STACK;
+	int rc, verdict;
+
+	if (ip->frag == FP_IP6_LATER_FRAG) {
+		rc = fp_ct6_frag_follow(skb, ip);
+		if (rc < 0)
+			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
+		if (rc == 0)                    /* the node's own datagram */
+			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE, ip);
+		goto deliver;
+	}
+	first = fp_ct6_frag_begin(ip);
+	fp_parse_l4_6(skb, ip, &l4);
+	/* the reply of a flow this node SNATed (its destination port is one
+	 * SNAT hands out) */
+	if (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN) {
+		rc = fp_ct6_reverse_any(skb, ip, &l4, 0);
+		if (rc < 0)
+			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
+		if (rc > 0) {
+			fp_count_family(skb->ifindex, FP_DIR_FROM_VPC, FP_FWD_REVNAT, skb->len,
+					FP_FAM_IPV6);
+			fp_ct6_frag_end(first, ip);
+			goto deliver;
+		}
+	}
+	rc = fp_ct6_service_from(skb, ip, &l4, &reason, 1);
+	if (rc == 0) {
+		fp_count_family(skb->ifindex, FP_DIR_FROM_VPC, FP_FWD_SVC, skb->len, FP_FAM_IPV6);
+		fp_ct6_frag_end(first, ip);
+		goto deliver;
+	}
+	if (rc > 0) {
+		/* no frontend: kube-proxy's checks of the Service CIDRs */
+		reason = fp_svcnet6_check(ip, &l4);
+		if (!reason)                    /* the node's own traffic */
+			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE, ip);
+	}
+	if (reason == FP_DROP_NO_BACKEND || reason == FP_DROP_SVC_UNKNOWN_PORT) {
+		fp_report6(skb, FP_DIR_FROM_VPC, reason, ip);
+		barrier_var(skb);
+		fp_count_family(skb->ifindex, FP_DIR_FROM_VPC, reason, skb->len, FP_FAM_IPV6);
+		return fp_reject_icmp6_dev(skb, ip, FP_ICMP6_PORT_UNREACH, reason, 1);
+	}
+	return fp_finish6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT, ip);
+deliver:
+	dst = fp_endpoint6_lookup(ip->daddr);
+	if (!dst) {
+		verdict = fp_redirect_fib6(skb, ip, FP_ANY_DEVICE, &reason);
+		return fp_finish6(skb, FP_DIR_FROM_VPC, reason, verdict, ip);
+	}
+	reason = fp_policy6_stage(skb, FP_DIR_FROM_VPC, ip, 0);
+	if (reason)
+		return fp_finish_quiet6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT);
+	return fp_deliver_local6(skb, FP_DIR_FROM_VPC, ip, dst);
+}
+
 static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
@@ -271,8 +345,8 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 	    fp_ip6_is_nd(skb, &ip))
 		return FP_TC_CONTINUE;
 	dst = fp_endpoint6_lookup(ip.daddr);
-	if (!dst)
-		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
+	if (!dst)                       /* the node's: fp_vpc6_node */
+		return FP_TAIL_ROUTE;
 	reason = fp_policy6_stage(skb, FP_DIR_FROM_VPC, &ip, 0);
 	if (reason)
 		return fp_finish_quiet6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT);
@@ -300,7 +374,65 @@ int fp_from_vpc6(struct __sk_buff *skb)
 	int verdict = fp_from_vpc6_run(skb);
 
 	fp_whatif_exit(prev);
+	if (verdict == FP_TAIL_ROUTE)
+		verdict = fp_tail_call(skb, FP_TAIL_FROM_VPC6_NODE, FP_DIR_FROM_VPC);
 	return verdict;
+}
+
+/* fp_from_vpc6's IPv6 for the node (slot FP_TAIL_FROM_VPC6_NODE): parsed
+ * again, then fp_from_vpc6_node. */
+static __always_inline int fp_vpc6_node_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+
+	barrier_var(skb);
+	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
+		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
+	return fp_from_vpc6_node(skb, &ip);
+}
+
+int fp_vpc6_node(struct __sk_buff *skb)
+{
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_vpc6_node_run(skb);
+
+	fp_whatif_exit(prev);
+	return verdict;
+}
+
+/* v6np: the node's own new IPv6 flows that kube-proxy would drop, as
+ * below for IPv4: socket-LB left them untranslated (a frontend whose
+ * traffic policy leaves this node nothing, an IPv6 load-balancer IP whose
+ * source ranges the socket's source is outside of), or they go to an
+ * unallocated IPv6 Service address or a live IPv6 ClusterIP's unknown
+ * port. */
+static __always_inline int fp_to_vpc6_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+	struct fp_l4 l4 = {};
+	struct fp_svc4 *svc;
+	int reason = 0;
+
+	/* fresh ctx accesses: the IPv4 parse's registers are not reused */
+	barrier_var(skb);
+	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
+		return FP_TC_CONTINUE;
+	fp_parse_l4_6(skb, &ip, &l4);
+	if (!l4.opening)
+		return FP_TC_CONTINUE;
+	svc = l4.kind == FP_L4_PORTS ? fp_service6_lookup(ip.daddr, l4.dport, ip.proto) : NULL;
+	if (svc) {
+		if (svc->flags & FP_SVC_F_DROP)
+			reason = FP_DROP_NO_LOCAL_BACKEND;
+		else if ((svc->flags & FP_SVC_F_SRC_RANGE) &&
+			 !fp_src_range6_ok(svc->svc_id, ip.saddr))
+			reason = FP_DROP_SOURCE_RANGE;
+	} else {
+		reason = fp_svcnet6_check(&ip, &l4);
+	}
+	if (!reason)
+		return FP_TC_CONTINUE;
+	return fp_finish6(skb, FP_DIR_TO_VPC, reason, TC_ACT_SHOT, &ip);
 }
 
 /* The node's own new flows that kube-proxy would drop (see the top). */
@@ -311,8 +443,12 @@ static __always_inline int fp_to_vpc_run(struct __sk_buff *skb)
 	struct fp_svc4 *svc;
 	int reason = 0;
 
-	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
+	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4) {
+		barrier_var(skb);
+		if (fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6))
+			return fp_to_vpc6_run(skb);
 		return FP_TC_CONTINUE;
+	}
 	fp_parse_l4(skb, &ip, &l4);
 	if (!l4.opening)
 		return FP_TC_CONTINUE;

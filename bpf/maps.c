@@ -685,6 +685,34 @@ static __always_inline struct fp_svc4 *fp_service6_lookup(const __u32 *vip, __be
 	return FP_MAP_SERVICES6.lookup(&key);
 }
 
+/* ---- IPv6 node-facing Services (v6np) ---- */
+
+/* Sized like the IPv4 ranges (source_ranges_map_size; agent/lb/capacity.py
+ * counts both families' prefixes against it). */
+BPF_TABLE_PINNED("lpm_trie", struct fp_srcrange6_key, __u8,
+		 FP_MAP_SRC_RANGE6, FP_SRC_RANGE_MAX, FP_PIN(FP_MAP_SRC_RANGE6), BPF_F_NO_PREALLOC);
+
+static __always_inline struct fp_svc4 *fp_service6_lookup_scope(const __u32 *vip, __be16 port,
+								 __u8 proto, __u8 scope)
+{
+	struct fp_svc6_key key = { .port = port, .proto = proto, .scope = scope };
+
+	__builtin_memcpy(key.vip, vip, 16);
+	return FP_MAP_SERVICES6.lookup(&key);
+}
+
+/* Whether `saddr` may reach the IPv6 frontend of `svc_id` (its IPv6
+ * loadBalancerSourceRanges). */
+static __always_inline int fp_src_range6_ok(__u32 svc_id, const __u32 *saddr)
+{
+	struct fp_srcrange6_key key = {
+		.prefixlen = FP_SRC_RANGE_FIXED_BITS + 128, .svc_id = svc_id,
+	};
+
+	__builtin_memcpy(key.addr, saddr, 16);
+	return FP_MAP_SRC_RANGE6.lookup(&key) != NULL;
+}
+
 static __always_inline struct fp_backend6 *fp_backend6_lookup(__u32 backend_id)
 {
 	return FP_MAP_BACKENDS6.lookup(&backend_id);

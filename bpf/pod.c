@@ -550,6 +550,9 @@ static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struc
 	}
 	if (fp_endpoint6_lookup(ip->daddr))
 		*restore = FP_RESTORE6_LOCAL;
+	else if (l4->kind == FP_L4_PORTS)
+		/* v6np: maybe a local backend's reply to a client outside */
+		*restore = FP_RESTORE6_OUTSIDE;
 	return FP_WALK_ON;
 }
 
@@ -674,6 +677,12 @@ static __always_inline int fp_pod6_route_run(struct __sk_buff *skb)
 		 * one record, under the arrival, for both) */
 		if (verdict > 0 && ip.frag == FP_IP6_FIRST_FRAG && fp_policy_enabled())
 			fp_frag6_record(&ip, &l4, FP_FWD_PASS);
+		/* a local backend's reply to a client outside: the frontend (a
+		 * node or external address) is its source again, so the
+		 * node's routing, not the pod's, decides, and the primary NIC
+		 * is a way out too */
+		if (restore != FP_RESTORE6_OUTSIDE || verdict == 0)
+			restore = 0;
 	}
 	/* the first fragment's record, begun in fp_from_pod6_service */
 	if (ip.frag == FP_IP6_FIRST_FRAG)
@@ -690,7 +699,14 @@ static __always_inline int fp_pod6_route_run(struct __sk_buff *skb)
 	dst = fp_endpoint6_lookup(ip.daddr);
 	if (dst)
 		return fp_deliver_local6(skb, FP_DIR_FROM_POD, &ip, dst);
-	verdict = fp_redirect_fib6(skb, &ip, src->eni_ifindex, &reason);
+	if (restore) {
+		struct fp_config *cfg = fp_config_get();
+
+		verdict = fp_redirect_fib6_also(skb, &ip, src->eni_ifindex,
+						cfg ? cfg->primary_ifindex : 0, &reason);
+	} else {
+		verdict = fp_redirect_fib6(skb, &ip, src->eni_ifindex, &reason);
+	}
 	return fp_finish6(skb, FP_DIR_FROM_POD, reason, verdict, &ip);
 }
 

@@ -215,8 +215,37 @@ static __always_inline int fp_sock_applies6(struct bpf_sock_addr *ctx, const __u
 	return !fp_socklb_skipped(*netns);
 }
 
+/* The IPv6 source a socket's packets will carry: its bound address, else
+ * the node's primary IPv6 address (fp_config.node_ip6; what routing gives
+ * an unbound socket towards an address outside the node). */
+static __always_inline void fp_sock_source6(struct bpf_sock_addr *ctx, int sendmsg, __u32 *src)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct fp_config *cfg;
+
+	if (sendmsg) {
+		src[0] = ctx->msg_src_ip6[0];
+		src[1] = ctx->msg_src_ip6[1];
+		src[2] = ctx->msg_src_ip6[2];
+		src[3] = ctx->msg_src_ip6[3];
+		if (src[0] | src[1] | src[2] | src[3])
+			return;
+	}
+	if (sk) {
+		src[0] = sk->src_ip6[0];
+		src[1] = sk->src_ip6[1];
+		src[2] = sk->src_ip6[2];
+		src[3] = sk->src_ip6[3];
+		if (src[0] | src[1] | src[2] | src[3])
+			return;
+	}
+	cfg = fp_config_get();
+	if (cfg)
+		__builtin_memcpy(src, cfg->node_ip6, 16);
+}
+
 static __always_inline int fp_sock_translate6(__u64 cookie, __u64 nscookie, __u8 proto,
-					      __u32 *addr, __be16 *port)
+					      const __u32 *src, __u32 *addr, __be16 *port)
 {
 	struct fp_svc4 *svc = fp_service6_lookup(addr, *port, proto);
 	struct fp_sockrev6_key rkey = {};
@@ -229,9 +258,10 @@ static __always_inline int fp_sock_translate6(__u64 cookie, __u64 nscookie, __u8
 
 		return net > 0 && (net & FP_SVCNET_F_CLUSTER_IP) ? -1 : 0;
 	}
-	/* no IPv6 load-balancer frontends (and so no source ranges) exist
-	 * yet; a dropping entry is the packet path's to drop and count */
-	if (svc->flags & (FP_SVC_F_DROP | FP_SVC_F_SRC_RANGE))
+	/* left untranslated for the packet path to drop and count, as IPv4 */
+	if (svc->flags & FP_SVC_F_DROP)
+		return 0;
+	if ((svc->flags & FP_SVC_F_SRC_RANGE) && !fp_src_range6_ok(svc->svc_id, src))
 		return 0;
 	be = fp_lb6_pick(svc, (__be32)nscookie, &backend_id,
 			 (svc->flags & FP_SVC_F_AFFINITY) ? bpf_ktime_get_ns() : 0);
@@ -248,9 +278,9 @@ static __always_inline int fp_sock_translate6(__u64 cookie, __u64 nscookie, __u8
 	return 1;
 }
 
-static __always_inline int fp_sock_forward6(struct bpf_sock_addr *ctx, __u8 proto)
+static __always_inline int fp_sock_forward6(struct bpf_sock_addr *ctx, __u8 proto, int sendmsg)
 {
-	__u32 ip6[4];
+	__u32 ip6[4], src[4] = {};
 	__be16 port = (__be16)ctx->user_port;
 	__u64 netns = 0;
 	int rc;
@@ -278,7 +308,8 @@ static __always_inline int fp_sock_forward6(struct bpf_sock_addr *ctx, __u8 prot
 	}
 	if (!fp_sock_applies6(ctx, ip6, &netns))
 		return FP_SOCK_SKIP;
-	rc = fp_sock_translate6(bpf_get_socket_cookie(ctx), netns, proto, ip6, &port);
+	fp_sock_source6(ctx, sendmsg, src);
+	rc = fp_sock_translate6(bpf_get_socket_cookie(ctx), netns, proto, src, ip6, &port);
 	if (rc < 0)
 		return fp_sock_refuse();
 	if (rc > 0) {
@@ -337,14 +368,14 @@ int fp_sock_conn6(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
 		return FP_SOCK_SKIP;
-	return fp_sock_forward6(ctx, ctx->protocol);
+	return fp_sock_forward6(ctx, ctx->protocol, 0);
 }
 
 int fp_sock_send6(struct bpf_sock_addr *ctx)
 {
 	if (ctx->protocol != IPPROTO_UDP)
 		return FP_SOCK_SKIP;
-	return fp_sock_forward6(ctx, IPPROTO_UDP);
+	return fp_sock_forward6(ctx, IPPROTO_UDP, 1);
 }
 
 int fp_sock_recv6(struct bpf_sock_addr *ctx)

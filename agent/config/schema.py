@@ -168,8 +168,9 @@ KEYS: tuple[Key, ...] = (
     Key("node_port", bool, True, "serve NodePort Services"),
     Key("nodeport_addresses", tuple, (),
         "CIDRs selecting the node addresses NodePorts (and healthCheckNodePorts) answer on, "
-        "like kube-proxy's --nodeport-addresses (empty: the node's primary address; a CIDR "
-        "covering 127.0.0.1 serves the node's own sockets there, through socket-LB)"),
+        "like kube-proxy's --nodeport-addresses, per family (empty, or no CIDR of a family: "
+        "that family's primary address; a CIDR covering 127.0.0.1 serves the node's own "
+        "sockets there, through socket-LB)"),
     Key("host_port", bool, True, "serve pods' hostPort mappings (the conflist's portMappings "
         "capability, passed on by fastpath-cni)"),
     Key("external_ips", bool, True, "serve Services' externalIPs"),

@@ -243,17 +243,20 @@ class Agent:
         SNATed Service traffic and of the node's unbound sockets."""
         links = {name: idx for idx, name in self._links_by_index().items()}
         self.datapath.settings.set_node(addrs.primary[0] if addrs.primary else "",
-                                        links.get(self.config.primary_device, 0))
+                                        links.get(self.config.primary_device, 0),
+                                        addrs.primary6[0] if addrs.primary6 else "")
 
     def _links_by_index(self) -> dict[int, str]:
         from agent.datapath.netlink import link_names
         return link_names(self.netns)
 
     def _node_addresses(self):
-        """This node's addresses for NodePorts and hostPorts (agent.lb.nodeaddr)."""
+        """This node's addresses of both families for NodePorts and hostPorts
+        (agent.lb.nodeaddr)."""
+        import socket as _socket
         from agent.datapath.netlink import interface_addresses
         from agent.lb.nodeaddr import node_addresses
-        by_dev = interface_addresses(self.netns)
+        by_dev = interface_addresses(self.netns, (_socket.AF_INET, _socket.AF_INET6))
         everything = [ip for ips in by_dev.values() for ip in ips]
         primary_dev = by_dev.get(self.config.primary_device, [])
         node_ips: list[str] = []

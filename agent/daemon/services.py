@@ -227,7 +227,8 @@ class ServiceSync(Worker):
     @property
     def options(self) -> LbOptions:
         import dataclasses
-        return dataclasses.replace(self.base_options, nodeport_ips=self.addresses.nodeport)
+        return dataclasses.replace(self.base_options,
+                                   nodeport_ips=self.addresses.nodeport + self.addresses.nodeport6)
 
     def healthy(self) -> bool:
         """What kube-proxy's health checks call the proxy's health: the
@@ -256,7 +257,8 @@ class ServiceSync(Worker):
         if addrs == self.addresses:
             return False
         log.info("node addresses: primary %s, NodePorts on %s, hostPorts on %s",
-                 ", ".join(addrs.primary) or "(none)", ", ".join(addrs.nodeport) or "(none)",
+                 ", ".join(addrs.primary + addrs.primary6) or "(none)",
+                 ", ".join(addrs.nodeport + addrs.nodeport6) or "(none)",
                  ", ".join(addrs.local) or "(none)")
         self.addresses = addrs
         if self.on_addresses is not None:

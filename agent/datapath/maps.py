@@ -530,6 +530,7 @@ class LbMaps:
         self._be6 = tables[MAP["FP_MAP_BACKENDS6"]]
         self._svcnet6 = tables[MAP["FP_MAP_SVCNET6"]]
         self._sockrev6 = tables[MAP["FP_MAP_SOCKREV6"]]
+        self._rng6 = tables[MAP["FP_MAP_SRC_RANGE6"]]
         self.maglev_size = len(self._maglev.Leaf().backend_ids)
 
     def _svc_key(self, vip: str, port: int, proto: str, scope: int = 0):
@@ -691,27 +692,39 @@ class LbMaps:
         return {k.value: tuple(v.backend_ids) for k, v in self._maglev.items()}
 
     def _rng_key(self, svc_id: int, cidr: str):
+        """The key in the map of the prefix's family, and that map."""
         net = ipaddress.ip_network(cidr)
-        return self._rng.Key(prefixlen=DEFS.defines["FP_SRC_RANGE_FIXED_BITS"] + net.prefixlen,
-                             svc_id=svc_id, addr=be32(str(net.network_address)))
+        fixed = DEFS.defines["FP_SRC_RANGE_FIXED_BITS"]
+        if net.version == 6:
+            k = self._rng6.Key(prefixlen=fixed + net.prefixlen, svc_id=svc_id)
+            k.addr[:] = list(net.network_address.packed)
+            return self._rng6, k
+        return self._rng, self._rng.Key(prefixlen=fixed + net.prefixlen, svc_id=svc_id,
+                                        addr=be32(str(net.network_address)))
 
     def put_ranges(self, svc_id: int, cidrs) -> None:
         for c in cidrs:
-            self._rng[self._rng_key(svc_id, c)] = self._rng.Leaf(1)
+            t, k = self._rng_key(svc_id, c)
+            t[k] = t.Leaf(1)
 
     def delete_ranges(self, svc_id: int, cidrs) -> None:
         for c in cidrs:
+            t, k = self._rng_key(svc_id, c)
             try:
-                del self._rng[self._rng_key(svc_id, c)]
+                del t[k]
             except KeyError:
                 pass
 
     def ranges(self) -> dict[int, set[str]]:
+        """Both families' prefixes by service id."""
         fixed = DEFS.defines["FP_SRC_RANGE_FIXED_BITS"]
         out: dict[int, set[str]] = {}
         for k, _ in self._rng.items():
             out.setdefault(k.svc_id, set()).add(
                 f"{ip_from_be32(k.addr)}/{k.prefixlen - fixed}")
+        for k, _ in self._rng6.items():
+            out.setdefault(k.svc_id, set()).add(
+                f"{ipaddress.IPv6Address(bytes(k.addr))}/{k.prefixlen - fixed}")
         return out
 
     def _svcnet_key(self, prefix: str):
@@ -913,9 +926,12 @@ class ConfigMap:
         self._update(set_flags=(sock if socket_lb else 0) | (hostns if hostns_only else 0),
                      clear_flags=sock | hostns, host_netns_cookie=host_netns_cookie)
 
-    def set_node(self, ip4: str, primary_ifindex: int) -> None:
-        """The node's primary address and NIC (SNAT source, unbound sockets)."""
-        self._update(node_ip4=be32(ip4) if ip4 else 0, primary_ifindex=primary_ifindex)
+    def set_node(self, ip4: str, primary_ifindex: int, ip6: str = "") -> None:
+        """The node's primary addresses and NIC (SNAT source, unbound sockets)."""
+        addr6 = (ct.c_uint8 * 16)(*(socket.inet_pton(socket.AF_INET6, ip6) if ip6
+                                    else bytes(16)))
+        self._update(node_ip4=be32(ip4) if ip4 else 0, primary_ifindex=primary_ifindex,
+                     node_ip6=addr6)
 
     def set_policy(self, enabled: bool) -> None:
         flag = DEFS.defines["FP_CFG_F_POLICY"]
@@ -933,7 +949,9 @@ class ConfigMap:
         v = self._t[self._t.Key(0)]
         return {"host_netns_cookie": v.host_netns_cookie, "flags": v.flags,
                 "node_ip4": ip_from_be32(v.node_ip4) if v.node_ip4 else "",
-                "primary_ifindex": v.primary_ifindex}
+                "primary_ifindex": v.primary_ifindex,
+                "node_ip6": (str(ipaddress.IPv6Address(bytes(v.node_ip6)))
+                             if any(v.node_ip6) else "")}
 
 
 

@@ -40,12 +40,14 @@ def link_names(netns: str | None = None) -> dict[int, str]:
         return dict(socket.if_nameindex())
 
 
-def interface_addresses(netns: str | None = None) -> dict[str, list[str]]:
-    """Device name -> its IPv4 addresses, in the kernel's order, in `netns`."""
+def interface_addresses(netns: str | None = None,
+                        families=(socket.AF_INET,)) -> dict[str, list[str]]:
+    """Device name -> its addresses of `families` (IPv4 by default), each
+    family in the kernel's order, in `netns`."""
     names = link_names(netns)
     out: dict[str, list[str]] = {}
     with iproute(netns) as ipr:
-        for a in ipr.get_addr(family=socket.AF_INET):
+        for a in (a for f in families for a in ipr.get_addr(family=f)):
             ip = a.get_attr("IFA_ADDRESS")
             if ip:
                 out.setdefault(names.get(a["index"], f"if{a['index']}"), []).append(ip)

@@ -33,8 +33,11 @@ workload can observe:
   proxy (service.kubernetes.io/service-proxy-name) are not translated;
 - each family on its own: a Service's IPv4 ClusterIP gets the backends of
   its IPv4 EndpointSlices, its IPv6 ClusterIP those of its IPv6 slices (a
-  dual-stack Service has both frontends, each with its own answer);
-  node-facing frontends are IPv4 only;
+  dual-stack Service has both frontends, each with its own answer), and
+  so do its node-facing frontends: the NodePort addresses, external IPs,
+  load-balancer IPs and loadBalancerSourceRanges of each family go with
+  that family's ClusterIP and backends (kube-proxy's per-family filtering:
+  a family the source ranges name no prefix of is not filtered);
 - node-facing frontends: each `nodePort` on each of this node's NodePort
   addresses (kube-proxy's --nodeport-addresses), each external IP, each
   load-balancer IP in VIP mode;
@@ -391,22 +394,23 @@ def translated(svc: Service, proxy_name: str = "") -> bool:
     return bool(svc.cluster_ips)
 
 
-def _external_frontends(svc: Service, sp: ServicePort,
-                        options: LbOptions) -> list[tuple[str, str, bool]]:
+def _external_frontends(svc: Service, sp: ServicePort, options: LbOptions,
+                        family: str = FAMILY) -> list[tuple[str, str, bool]]:
     """(address, kind, in_cluster) of one Service port's node-facing
-    frontends. in_cluster: whether this node's sockets and pods get it
-    translated too (a load-balancer IP with in-cluster load balancing off
-    is left to reach the load balancer)."""
+    frontends of one address family. in_cluster: whether this node's
+    sockets and pods get it translated too (a load-balancer IP with
+    in-cluster load balancing off is left to reach the load balancer)."""
+    v4 = family == FAMILY
     out: list[tuple[str, str, bool]] = []
     if options.node_port and sp.node_port and svc.type in ("NodePort", "LoadBalancer"):
-        out += [(ip, KIND_NODE_PORT, True) for ip in options.nodeport_ips if _is_v4(ip)]
+        out += [(ip, KIND_NODE_PORT, True) for ip in options.nodeport_ips if _is_v4(ip) == v4]
     if options.external_ips:
-        out += [(ip, KIND_EXTERNAL_IP, True) for ip in svc.external_ips if _is_v4(ip)]
+        out += [(ip, KIND_EXTERNAL_IP, True) for ip in svc.external_ips if _is_v4(ip) == v4]
     # A load balancer in Proxy mode must receive the traffic itself (it may
     # terminate TLS or enforce policy): short-circuiting its IP would skip it.
     out += [(i.ip, KIND_LOAD_BALANCER, options.in_cluster_lb)
             for i in svc.load_balancer_ingress
-            if i.ip and i.ip_mode == "VIP" and _is_v4(i.ip)]
+            if i.ip and i.ip_mode == "VIP" and _is_v4(i.ip) == v4]
     return out
 
 
@@ -446,10 +450,12 @@ def _compile_family(svc: Service, cluster_ip: str, slices: tuple[EndpointSlice, 
                     node_name: str, node_zone: str, ip_keys: dict, options: LbOptions,
                     affinity: int, ranges: tuple[str, ...],
                     out: dict[Frontend, FrontendState]) -> None:
-    """The frontends of one family of `svc`: its ClusterIP of that family,
-    with the backends of the slices of that family (and, for IPv4, the
-    node-facing frontends)."""
+    """The frontends of one family of `svc`: its ClusterIP of that family
+    and its node-facing frontends of that family, with the backends of the
+    slices of that family. `ranges` are both families'; a load-balancer
+    frontend gets its own family's."""
     family = family_of(cluster_ip)
+    ranges = tuple(c for c in ranges if family_of(c) == family)
     itp_local = svc.internal_traffic_policy == "Local"
     etp_local = svc.external_traffic_policy == "Local"
     for sp in svc.ports:
@@ -471,7 +477,7 @@ def _compile_family(svc: Service, cluster_ip: str, slices: tuple[EndpointSlice, 
             itp_local, KIND_CLUSTER_IP, internal_mode, _draining(eps, internal_b, sp.protocol),
             drop=usable and not internal_b)
 
-        externals = _external_frontends(svc, sp, options) if family == FAMILY else ()
+        externals = _external_frontends(svc, sp, options, family)
         if not externals:
             continue
         if etp_local:

@@ -35,7 +35,7 @@
 #define FP_MAP_CT_STATS   fp_ctstat_v1
 #define FP_MAP_AFFINITY   fp_aff4_v1
 #define FP_MAP_SOCKREV    fp_sockrev4_v1
-#define FP_MAP_CONFIG     fp_cfg_v4
+#define FP_MAP_CONFIG     fp_cfg_v5
 #define FP_MAP_MONITOR    fp_monitor_v1
 #define FP_MAP_EVENTS     fp_events_v1
 #define FP_MAP_IPCACHE    fp_ipcache4_v1
@@ -60,6 +60,9 @@
 #define FP_MAP_BACKENDS6  fp_be6_v1
 #define FP_MAP_SVCNET6    fp_svcnet6_v1
 #define FP_MAP_SOCKREV6   fp_sockrev6_v1
+/* IPv6 node-facing Services (v6np): loadBalancerSourceRanges of IPv6
+ * load-balancer frontends (struct fp_srcrange6_key). */
+#define FP_MAP_SRC_RANGE6 fp_srcrng6_v1
 /* Programs reached by tail call (FP_TAIL_* below). Pinned: attached
  * programs keep reaching them while the agent restarts (a prog array
  * forgets its programs once no file or pin refers to it); the agent writes
@@ -324,6 +327,16 @@ struct fp_srcrange4_key {
 };
 _Static_assert(sizeof(struct fp_srcrange4_key) == 12, "fp_srcrange4_key layout");
 
+/* The IPv6 twin (FP_MAP_SRC_RANGE6): the same service id first, then an
+ * IPv6 source prefix. An IPv6 load-balancer frontend's ranges are its
+ * Service's IPv6 prefixes (agent/lb/compile.py: each family its own). */
+struct fp_srcrange6_key {
+	__u32 prefixlen;       /* HBO: 32 + the source prefix length */
+	__u32 svc_id;          /* HBO */
+	__u8 addr[16];         /* NBO */
+};
+_Static_assert(sizeof(struct fp_srcrange6_key) == 24, "fp_srcrange6_key layout");
+
 /* Connection tracking (bpf/lib/ct.h owns it; agent/conntrack/ is its agent
  * side). Four maps, so that one kind of state can never evict another:
  *
@@ -548,8 +561,13 @@ struct fp_config {
 	__u32 flags;             /* HBO: FP_CFG_F_* */
 	__be32 node_ip4;         /* NBO: the node's primary address (SNAT source) */
 	__u32 primary_ifindex;   /* HBO: the node's primary NIC (eth0) */
+	/* v5 (v6np): the node's primary IPv6 address (zero: none), the source
+	 * of SNATed IPv6 Service traffic and of the node's unbound IPv6
+	 * sockets (their loadBalancerSourceRanges check) */
+	__u8 node_ip6[16];       /* NBO */
+	__u32 pad;
 };
-_Static_assert(sizeof(struct fp_config) == 24, "fp_config layout");
+_Static_assert(sizeof(struct fp_config) == 40, "fp_config layout");
 
 /* Socket-LB opt-out: network namespaces (pods annotated
  * fastpath.io/socket-lb: disabled, or in such a namespace) whose sockets
@@ -851,7 +869,15 @@ _Static_assert(sizeof(struct fp_bw_flow6_key) == 36, "fp_bw_flow6_key layout");
 #define FP_CB_RESTORE6         0
 #define FP_RESTORE6_LOCAL      1   /* a translated flow's reply for a local pod */
 #define FP_RESTORE6_HAIRPIN    2   /* the reply of a hairpinned flow */
-#define FP_TAIL_MAX            5
+/* v6np: a local backend's reply to a client outside the node (a NodePort,
+ * external or load-balancer IP): its frontend back, then routed by the
+ * node (it may leave by the primary NIC, which owns that address) */
+#define FP_RESTORE6_OUTSIDE    3
+/* v6np: fp_from_vpc6's IPv6 for the node itself (bpf/eni.c fp_vpc6_node:
+ * Services from outside, SNAT replies), a program of its own for the
+ * verifier's budget. It parses the packet again; nothing is handed over. */
+#define FP_TAIL_FROM_VPC6_NODE 5
+#define FP_TAIL_MAX            6
 #define FP_TAIL_ROUTE          0x7fff   /* not a tc verdict */
 #define FP_TAIL_IPV6           0x7ffe   /* not a tc verdict */
 

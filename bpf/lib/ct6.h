@@ -22,8 +22,12 @@
  *     reply entry could not match;
  *   - SCTP's CRC32c covers no pseudo-header: an address change leaves it
  *     as it is, a port change updates it as IPv4's does (lib/lb.h);
- *   - only pods' traffic (no IPv6 NodePorts or external IPs yet, so no
- *     SNAT).
+ *   - a pod's packet to an IPv6 NodePort, external or load-balancer IP
+ *     takes the frontend's internal entry like a ClusterIP (the
+ *     cluster-wide set), a load-balancer IP's IPv6 source ranges
+ *     (FP_MAP_SRC_RANGE6) holding for new flows as for IPv4; traffic from
+ *     outside (fp_ct6_service_from with `outside`) takes the external
+ *     entry and is SNATed for a backend on another node.
  * ICMPv6 errors quoting a client's translated packet (packet too big,
  * unreachable) are rewritten on their way back to it, and a client's error
  * about a reply is sent on to the backend (RELATED, both ways); the
@@ -153,10 +157,11 @@ static __always_inline int fp_nat6_rewrite_sctp(struct __sk_buff *skb, struct fp
 
 /* Rewrite the source (is_src) or destination address and port of a TCP,
  * UDP or SCTP packet, its checksum fixed for the pseudo-header and the
- * port. */
-static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6 *ip,
-					   struct fp_l4 *l4, int is_src, const __u32 *new_addr,
-					   __be16 new_port)
+ * port. `sctp` 0 (a constant): the caller never passes SCTP, and the
+ * verifier need not walk the CRC update (fp_vpc6_node's budget). */
+static __always_inline int fp_nat6_rewrite_any(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					       struct fp_l4 *l4, int is_src,
+					       const __u32 *new_addr, __be16 new_port, int sctp)
 {
 	__u32 *addr = is_src ? ip->saddr : ip->daddr;
 	__be16 *port = is_src ? &l4->sport : &l4->dport;
@@ -167,8 +172,11 @@ static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6
 	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	__s64 diff;
 
-	if (ip->proto == IPPROTO_SCTP)
+	if (ip->proto == IPPROTO_SCTP) {
+		if (!sctp)
+			return -1;
 		return fp_nat6_rewrite_sctp(skb, ip, l4, is_src, new_addr, new_port);
+	}
 	if (!fp_ip6_eq(addr, new_addr)) {
 		diff = bpf_csum_diff(addr, 16, (__be32 *)new_addr, 16, 0);
 		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, l4flags | BPF_F_PSEUDO_HDR) ||
@@ -186,6 +194,13 @@ static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6
 		*port = new_port;
 	}
 	return 0;
+}
+
+static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					   struct fp_l4 *l4, int is_src, const __u32 *new_addr,
+					   __be16 new_port)
+{
+	return fp_nat6_rewrite_any(skb, ip, l4, is_src, new_addr, new_port, 1);
 }
 
 /* ---- lookups and tiers (lib/ct.h's, for the IPv6 maps) ---- */
@@ -229,7 +244,7 @@ static __always_inline struct fp_ct6 *fp_ct6_nat_any(struct fp_ct6_key *key, int
 	return fp_ct6_tier_get(*tier, key);
 }
 
-/* The other entry of a translated flow (fp_ct_partner without SNAT). */
+/* The other entry of a translated flow (fp_ct_partner). */
 static __always_inline void fp_ct6_partner(const struct fp_ct6_key *key, const struct fp_ct6 *ct,
 					   struct fp_ct6_key *p)
 {
@@ -237,6 +252,23 @@ static __always_inline void fp_ct6_partner(const struct fp_ct6_key *key, const s
 
 	p->proto = key->proto;
 	p->pad = 0;
+	if (ct->flags & FP_CT_F_SNAT) {
+		/* forward: client -> frontend; reply: backend -> (node, SNAT port) */
+		if (key->dir == FP_CT_FORWARD) {
+			__builtin_memcpy(p->saddr, ct->nat_addr, 16);
+			__builtin_memcpy(p->daddr, ct->peer_addr, 16);
+			p->sport = ct->nat_port;
+			p->dport = ct->peer_port;
+			p->dir = FP_CT_REPLY;
+		} else {
+			__builtin_memcpy(p->saddr, ct->peer_addr, 16);
+			__builtin_memcpy(p->daddr, ct->nat_addr, 16);
+			p->sport = ct->peer_port;
+			p->dport = ct->nat_port;
+			p->dir = FP_CT_FORWARD;
+		}
+		return;
+	}
 	if (key->dir == FP_CT_FORWARD) {
 		__builtin_memcpy(p->saddr, ct->nat_addr, 16);
 		if (hairpin)
@@ -336,13 +368,70 @@ static __always_inline void fp_ct6_nat_seen(struct fp_ct6_key *key, struct fp_ct
 
 /* ---- the forward direction ---- */
 
-/* fp_ct_service for a pod's IPv6 packet: 0 when translated (ip and l4 then
+/* The entry a packet's destination takes (fp_ct_frontend): from outside
+ * (`outside`: it arrived on the primary NIC or an ENI), the external one
+ * when the frontend has one (the internal entry says FP_SVC_F_SOLE when it
+ * has none: one lookup); from a pod, the internal one. */
+static __always_inline struct fp_svc4 *fp_ct6_frontend(const struct fp_ipv6 *ip,
+						       const struct fp_l4 *l4, int outside)
+{
+	struct fp_svc4 *svc = fp_service6_lookup(ip->daddr, l4->dport, ip->proto), *ext;
+
+	if (outside && !(svc && (svc->flags & FP_SVC_F_SOLE))) {
+		ext = fp_service6_lookup_scope(ip->daddr, l4->dport, ip->proto, FP_SCOPE_EXTERNAL);
+		if (ext)
+			svc = ext;
+	}
+	return svc;
+}
+
+/* A source port for a flow SNATed to (snat, port) towards (baddr, bport):
+ * one whose reply tuple no live flow holds (fp_ct_snat_port). The key in
+ * the scratch's `rev` (the new flow's reply key is written after). */
+static __always_inline int fp_ct6_snat_port(struct fp_ct6_work *w, const __u32 *snat,
+					    const __u32 *baddr, __be16 bport, __u8 proto,
+					    __be16 *out)
+{
+	struct fp_ct6_key *rk = &w->rev;
+	__u32 range = FP_SNAT_PORT_MAX - FP_SNAT_PORT_MIN + 1;
+	__u32 start = bpf_get_prandom_u32() % range;
+	__u64 now = 0;
+	int i, tier = 0;
+
+	__builtin_memcpy(rk->saddr, baddr, 16);
+	__builtin_memcpy(rk->daddr, snat, 16);
+	rk->sport = bport;
+	rk->proto = proto;
+	rk->dir = FP_CT_REPLY;
+	rk->pad = 0;
+#pragma unroll
+	for (i = 0; i < FP_SNAT_TRIES; i++) {
+		__u32 p = start + i;
+
+		if (p >= range)
+			p -= range;
+		rk->dport = bpf_htons((__u16)(FP_SNAT_PORT_MIN + p));
+		if (!fp_ct6_nat_find(rk, &tier, &now)) {
+			*out = rk->dport;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/* fp_ct_service_from for an IPv6 packet: 0 when translated (ip and l4 then
  * describe the rewritten packet), 1 when its destination is no IPv6
  * frontend, -1 (with *reason) to drop it: FP_DROP_NO_BACKEND (an opening
  * packet and nothing to pick: the caller rejects it), FP_DROP_NO_LOCAL_BACKEND,
- * FP_DROP_CT_NO_BACKEND, FP_DROP_CSUM, FP_DROP_INVALID. */
-static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 *ip,
-					  struct fp_l4 *l4, enum fp_reason *reason)
+ * FP_DROP_SOURCE_RANGE, FP_DROP_SNAT_NO_PORT, FP_DROP_CT_NO_BACKEND,
+ * FP_DROP_CSUM, FP_DROP_INVALID. `outside`: it arrived on one of the
+ * node's interfaces (fp_from_vpc6), not from a local pod: the frontend's
+ * external entry, and a backend on another node gets the flow SNATed to
+ * the node's primary IPv6 address (fp_config.node_ip6) and a port of
+ * FP_SNAT_PORT_MIN..MAX, so that its reply comes back here. */
+static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					       struct fp_l4 *l4, enum fp_reason *reason,
+					       int outside)
 {
 	struct fp_svc4 *svc;
 	struct fp_ct6_work *w;
@@ -350,13 +439,18 @@ static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 
 	struct fp_backend6 *be;
 	__u32 baddr[4], router[4];
 	__u32 backend_id = 0;
-	__be16 bport;
-	int tier = 0, hairpin, keep = 0, had_old = 0;
+	__be16 bport, snat_port = 0;
+	int tier = 0, hairpin, keep = 0, had_old = 0, snat = 0;
 	__u64 now;
 
 	if (l4->kind != FP_L4_PORTS)
 		return 1;
-	svc = fp_service6_lookup(ip->daddr, l4->dport, ip->proto);
+	/* SCTP from outside to IPv6 frontends is not translated (fp_vpc6_node's
+	 * verifier budget: the CRC updates of DNAT, SNAT and their reversal
+	 * in one program) */
+	if (outside && ip->proto == IPPROTO_SCTP)
+		return 1;
+	svc = fp_ct6_frontend(ip, l4, outside);
 	if (!svc)
 		return 1;
 	w = fp_ct6_work_scratch();
@@ -394,19 +488,30 @@ static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 
 		bport = ct->nat_port;
 		backend_id = ct->backend_id;
 		hairpin = ct->flags & FP_CT_F_HAIRPIN;
+		snat = outside && (ct->flags & FP_CT_F_SNAT);
+		if (snat) {
+			/* the SNAT address in the scratch's `odst` (unused by
+			 * translation) */
+			__builtin_memcpy(w->odst, ct->peer_addr, 16);
+			snat_port = ct->peer_port;
+		}
 		if (l4->opening && ip->proto == IPPROTO_TCP) {
 			/* a retransmitted SYN or a new connection on a live
 			 * tuple: the handshake starts again and the reply entry
 			 * is written again (see fp_ct_service_from) */
 			if (!fp_whatif()) {
 				ct->state = FP_CT_NEW;
-				ct->flags &= FP_CT_F_HAIRPIN;
+				ct->flags &= FP_CT_F_HAIRPIN | FP_CT_F_SNAT;
 				ct->last_seen = now;
 			}
 			fp_ct6_partner(&w->fwd, ct, &w->rev);
 			w->reply.last_seen = now;
-			w->reply.flags = hairpin ? FP_CT_F_HAIRPIN : 0;
+			w->reply.flags = (hairpin ? FP_CT_F_HAIRPIN : 0) | (snat ? FP_CT_F_SNAT : 0);
 			w->reply.state = FP_CT_NEW;
+			if (snat) {
+				__builtin_memcpy(w->reply.peer_addr, ip->saddr, 16);
+				w->reply.peer_port = l4->sport;
+			}
 			__builtin_memcpy(w->reply.nat_addr, ip->daddr, 16);
 			w->reply.nat_port = l4->dport;
 			w->reply.backend_id = backend_id;
@@ -424,6 +529,10 @@ static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 
 			*reason = FP_DROP_NO_LOCAL_BACKEND;
 			return -1;
 		}
+		if ((svc->flags & FP_SVC_F_SRC_RANGE) && !fp_src_range6_ok(svc->svc_id, ip->saddr)) {
+			*reason = FP_DROP_SOURCE_RANGE;
+			return -1;
+		}
 		/* affinity remembers 32 bits of the client: its address folded
 		 * (within one prefix, distinct addresses stay distinct) */
 		be = fp_lb6_pick(svc, ip->saddr[0] ^ ip->saddr[1] ^ ip->saddr[2] ^ ip->saddr[3],
@@ -435,12 +544,28 @@ static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 
 		__builtin_memcpy(baddr, be->ip, 16);
 		bport = be->port;
 		hairpin = fp_ip6_eq(baddr, ip->saddr);
+		if (outside && !hairpin && !fp_endpoint6_lookup(baddr)) {
+			/* the backend is on another node: its reply must come
+			 * back through this one, which alone can put the client
+			 * back */
+			struct fp_config *cfg = fp_config_get();
+
+			if (cfg && !fp_ip6_is_unspecified((__u32 *)cfg->node_ip6)) {
+				snat = 1;
+				__builtin_memcpy(w->odst, cfg->node_ip6, 16);
+				if (fp_ct6_snat_port(w, w->odst, baddr, bport, ip->proto,
+						     &snat_port)) {
+					*reason = FP_DROP_SNAT_NO_PORT;
+					return -1;
+				}
+			}
+		}
 		if (had_old) {
 			fp_ct6_tier_clear(FP_CT_TIER_EST, &w->old_rev);
 			fp_ct6_tier_clear(FP_CT_TIER_NEW, &w->old_rev);
 		}
 		w->entry.last_seen = now;
-		w->entry.flags = hairpin ? FP_CT_F_HAIRPIN : 0;
+		w->entry.flags = (hairpin ? FP_CT_F_HAIRPIN : 0) | (snat ? FP_CT_F_SNAT : 0);
 		w->entry.state = FP_CT_NEW;
 		__builtin_memcpy(w->entry.nat_addr, baddr, 16);
 		w->entry.nat_port = bport;
@@ -449,12 +574,20 @@ static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 
 		__builtin_memcpy(w->rev.saddr, baddr, 16);
 		if (hairpin)
 			fp_ip6_hairpin((__u32 *)w->rev.daddr);
+		else if (snat)
+			__builtin_memcpy(w->rev.daddr, w->odst, 16);
 		else
 			__builtin_memcpy(w->rev.daddr, ip->saddr, 16);
 		w->rev.sport = bport;
-		w->rev.dport = l4->sport;
+		w->rev.dport = snat ? snat_port : l4->sport;
 		w->rev.proto = ip->proto;
 		w->rev.dir = FP_CT_REPLY;
+		if (snat) {
+			__builtin_memcpy(w->entry.peer_addr, w->odst, 16);
+			w->entry.peer_port = snat_port;
+			__builtin_memcpy(w->reply.peer_addr, ip->saddr, 16);
+			w->reply.peer_port = l4->sport;
+		}
 		w->reply.last_seen = now;
 		w->reply.flags = w->entry.flags;
 		w->reply.state = FP_CT_NEW;
@@ -472,19 +605,32 @@ static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 
 	}
 
 	fp_decision_nat(svc->svc_id, backend_id, 0, bport);
-	if (fp_nat6_rewrite(skb, ip, l4, 0, baddr, bport)) {
+	if (fp_nat6_rewrite_any(skb, ip, l4, 0, baddr, bport, !outside)) {
 		*reason = FP_DROP_CSUM;
 		return -1;
 	}
 	if (hairpin) {
 		fp_ip6_hairpin(router);
-		if (fp_nat6_rewrite(skb, ip, l4, 1, router, l4->sport)) {
+		if (fp_nat6_rewrite_any(skb, ip, l4, 1, router, l4->sport, !outside)) {
+			*reason = FP_DROP_CSUM;
+			return -1;
+		}
+	} else if (snat) {
+		__builtin_memcpy(router, w->odst, 16);
+		if (fp_nat6_rewrite_any(skb, ip, l4, 1, router, snat_port, 0)) {
 			*reason = FP_DROP_CSUM;
 			return -1;
 		}
 	}
 	*reason = FP_FWD_SVC;
 	return 0;
+}
+
+/* Translation of a pod's IPv6 packet (the in-cluster view: no SNAT). */
+static __always_inline int fp_ct6_service(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					  struct fp_l4 *l4, enum fp_reason *reason)
+{
+	return fp_ct6_service_from(skb, ip, l4, reason, 0);
 }
 
 /* A new TCP connection straight to a pod may reuse the tuple of an earlier
@@ -712,20 +858,20 @@ static __always_inline int fp_ct6_related_forward(struct __sk_buff *skb, struct 
  * client back as its destination too), or on an ICMPv6 error quoting one of
  * its client's packets. 1 when rewritten, 0 when the packet belongs to no
  * translated flow, -1 when a rewrite failed. */
-static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
-					  struct fp_l4 *l4)
+static __always_inline int fp_ct6_reverse_any(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					      struct fp_l4 *l4, int full)
 {
 	struct fp_ct6_work *w;
 	struct fp_ct6_key *key;
 	struct fp_ct6 *ct;
 	__u32 vip[4], client[4];
-	__be16 vport;
+	__be16 vport, cport;
 	__u64 now = 0;
-	int tier = 0, hairpin;
+	int tier = 0, hairpin, snat;
 
 	if (l4->kind == FP_L4_ICMP_ERR)
-		return fp_ct6_related_reverse(skb, ip, l4);
-	if (l4->kind != FP_L4_PORTS)
+		return full ? fp_ct6_related_reverse(skb, ip, l4) : 0;
+	if (l4->kind != FP_L4_PORTS || (!full && ip->proto == IPPROTO_SCTP))
 		return 0;
 	/* the key in the scratch's `fwd` (no translation runs on this packet) */
 	w = fp_ct6_work_scratch();
@@ -745,17 +891,34 @@ static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 
 	__builtin_memcpy(vip, ct->nat_addr, 16);
 	vport = ct->nat_port;
 	hairpin = ct->flags & FP_CT_F_HAIRPIN;
+	snat = ct->flags & FP_CT_F_SNAT;
+	cport = ct->peer_port;
+	if (snat)
+		__builtin_memcpy(client, ct->peer_addr, 16);
 	/* (the entry may move between tiers here: nothing is read after) */
 	fp_ct6_nat_seen(key, ct, tier, l4->tcp_flags, 1, now);
 	if (hairpin) {
 		/* the client is the backend itself */
 		__builtin_memcpy(client, ip->saddr, 16);
-		if (fp_nat6_rewrite(skb, ip, l4, 0, client, l4->dport))
+		if (fp_nat6_rewrite_any(skb, ip, l4, 0, client, l4->dport, full))
+			return -1;
+	} else if (snat) {
+		/* a reply of a flow this node SNATed: the client back as its
+		 * destination */
+		if (fp_nat6_rewrite_any(skb, ip, l4, 0, client, cport, full))
 			return -1;
 	}
-	if (fp_nat6_rewrite(skb, ip, l4, 1, vip, vport))
+	if (fp_nat6_rewrite_any(skb, ip, l4, 1, vip, vport, full))
 		return -1;
 	return 1;
+}
+
+/* `full` 0 (fp_vpc6_node: the reply of a flow this node SNATed): neither
+ * ICMPv6 errors nor SCTP, which that walk does not translate. */
+static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					  struct fp_l4 *l4)
+{
+	return fp_ct6_reverse_any(skb, ip, l4, 1);
 }
 
 /* ---- fragments ---- */

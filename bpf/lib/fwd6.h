@@ -55,11 +55,12 @@ static __always_inline int fp_redirect_local6(struct __sk_buff *skb, const struc
 	return ret;
 }
 
-/* Send where the FIB says if that is `want` (FP_ANY_DEVICE: anywhere),
- * otherwise to the stack. The decision record has no room for an IPv6
- * next hop: it records the device and the kind of redirect. */
-static __always_inline int fp_redirect_fib6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
-					    __u32 want, enum fp_reason *reason)
+/* Send where the FIB says if that is `want` (FP_ANY_DEVICE: anywhere) or
+ * `also` (0: nothing else), otherwise to the stack. The decision record
+ * has no room for an IPv6 next hop: it records the device and the kind of
+ * redirect. */
+static __always_inline int fp_redirect_fib6_also(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+						 __u32 want, __u32 also, enum fp_reason *reason)
 {
 	struct bpf_fib_lookup fib = {};
 	int rc, ret;
@@ -74,7 +75,8 @@ static __always_inline int fp_redirect_fib6(struct __sk_buff *skb, const struct 
 
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
-	    !(want == FP_ANY_DEVICE || (want && fib.ifindex == want))) {
+	    !(want == FP_ANY_DEVICE || (want && fib.ifindex == want) ||
+	      (also && fib.ifindex == also))) {
 		*reason = FP_FWD_FIB_MISS;
 		return FP_TC_CONTINUE;
 	}
@@ -107,6 +109,12 @@ static __always_inline int fp_redirect_fib6(struct __sk_buff *skb, const struct 
 	}
 	*reason = FP_FWD_ENI;
 	return ret;
+}
+
+static __always_inline int fp_redirect_fib6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+					    __u32 want, enum fp_reason *reason)
+{
+	return fp_redirect_fib6_also(skb, ip, want, 0, reason);
 }
 
 #endif /* FP_LIB_FWD6_H */

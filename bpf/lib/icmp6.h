@@ -42,11 +42,13 @@ struct fp_icmp6_work {
 };
 _Static_assert(sizeof(struct fp_icmp6_work) <= FP_ICMP6_SCRATCH_BYTES, "fp_icmp6_work fits");
 
-/* Returns the tc verdict: the error redirected into the sender's netns, or
- * a drop when the packet cannot be quoted (extension headers before the
+/* Returns the tc verdict: the error redirected into the sender's netns
+ * (`out_dev` 0: a pod's veth) or out of the device the packet came in on
+ * (`out_dev` 1: the primary NIC or an ENI, for a client outside), or a
+ * drop when the packet cannot be quoted (extension headers before the
  * transport header: the quote would not reach its ports). */
-static __always_inline int fp_reject_icmp6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
-					   __u8 code, enum fp_reason reason)
+static __always_inline int fp_reject_icmp6_dev(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+					       __u8 code, enum fp_reason reason, int out_dev)
 {
 	struct fp_icmp6_work *w = fp_icmp6_scratch();
 	__s64 sum;
@@ -82,8 +84,18 @@ static __always_inline int fp_reject_icmp6(struct __sk_buff *skb, const struct f
 	if (bpf_skb_store_bytes(skb, 0, &w->out, sizeof(w->out), 0) ||
 	    bpf_skb_store_bytes(skb, ETH_HLEN, &w->r, sizeof(w->r), 0))
 		return TC_ACT_SHOT;
+	if (out_dev) {
+		fp_test_record(skb->ifindex, FP_RD_PLAIN, 0, reason);
+		return bpf_redirect(skb->ifindex, 0);
+	}
 	fp_test_record(skb->ifindex, FP_RD_PEER, 0, reason);
 	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
+static __always_inline int fp_reject_icmp6(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+					   __u8 code, enum fp_reason reason)
+{
+	return fp_reject_icmp6_dev(skb, ip, code, reason, 0);
 }
 
 #endif /* FP_LIB_ICMP6_H */

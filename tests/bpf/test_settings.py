@@ -35,7 +35,7 @@ def test_concurrent_writers_of_the_settings_keep_each_others_fields(dp):
                 threading.Thread(target=run, args=(dp.settings.set,),
                                  kwargs=dict(socket_lb=True, hostns_only=True,
                                              host_netns_cookie=4242)),
-                threading.Thread(target=run, args=(dp.settings.set_node, "10.1.2.3", 7)),
+                threading.Thread(target=run, args=(dp.settings.set_node, "10.1.2.3", 7, "2001:db8::3")),
                 threading.Thread(target=run, args=(dp.settings.set_policy, True)),
                 threading.Thread(target=run, args=(dp.settings.set_bandwidth, True),
                                  kwargs=dict(edt=True)),
@@ -48,14 +48,15 @@ def test_concurrent_writers_of_the_settings_keep_each_others_fields(dp):
             want_flags = (F["FP_CFG_F_SOCKLB"] | F["FP_CFG_F_SOCKLB_HOSTNS"] | F["FP_CFG_F_POLICY"]
                           | F["FP_CFG_F_BW"] | F["FP_CFG_F_BW_EDT"])
             if (got["flags"] != want_flags or got["host_netns_cookie"] != 4242
-                    or got["node_ip4"] != "10.1.2.3" or got["primary_ifindex"] != 7):
+                    or got["node_ip4"] != "10.1.2.3" or got["primary_ifindex"] != 7
+                    or got["node_ip6"] != "2001:db8::3"):
                 lost.append((rnd, got))
     finally:
         sys.setswitchinterval(old_switch)
         dp.settings.set(socket_lb=bool(before["flags"] & F["FP_CFG_F_SOCKLB"]),
                         hostns_only=bool(before["flags"] & F["FP_CFG_F_SOCKLB_HOSTNS"]),
                         host_netns_cookie=before["host_netns_cookie"])
-        dp.settings.set_node(before["node_ip4"], before["primary_ifindex"])
+        dp.settings.set_node(before["node_ip4"], before["primary_ifindex"], before["node_ip6"])
         dp.settings.set_policy(bool(before["flags"] & F["FP_CFG_F_POLICY"]))
         dp.settings.set_bandwidth(bool(before["flags"] & F["FP_CFG_F_BW"]),
                                   edt=bool(before["flags"] & F["FP_CFG_F_BW_EDT"]))

@@ -75,7 +75,9 @@ IPV6 = {"fp_endpoint6_key.ip6", "fp_ep_if.ip6", "fp_lpm6_key.addr",
         "fp_ctpol6_key.saddr", "fp_ctpol6_key.daddr", "fp_frag6_key.saddr", "fp_frag6_key.daddr",
         # IPv6 conntrack (v6ct)
         "fp_ct6_key.saddr", "fp_ct6_key.daddr", "fp_ct6.nat_addr", "fp_ct6.peer_addr",
-        "fp_frag6_key.saddr", "fp_frag6_key.daddr", "fp_frag6.saddr", "fp_frag6.daddr"}
+        "fp_frag6_key.saddr", "fp_frag6_key.daddr", "fp_frag6.saddr", "fp_frag6.daddr",
+        # IPv6 node-facing Services (v6np)
+        "fp_srcrange6_key.addr", "fp_config.node_ip6"}
 IDENTITY = {"fp_pol_key.identity"}
 
 

@@ -71,13 +71,22 @@ def test_an_ipv4_slice_never_feeds_an_ipv6_frontend_even_if_mislabelled_by_addre
     assert out[Frontend(V6, 80, "TCP")].reject
 
 
-def test_node_facing_frontends_stay_ipv4():
+def test_node_facing_frontends_of_each_family_go_with_that_familys_cluster_ip():
+    # (the whole semantics of IPv6 node-facing frontends: test_lb_external6.py)
     svc = dual(typ="NodePort", ports=(("http", 80, "TCP", 8080, 30080),),
                externalIPs=["192.0.2.7", "2001:db8::7"])
     from agent.lb.compile import LbOptions
     out = compile_services(snapshot(svc, *slices()), NODE, ZONE,
                            options=LbOptions(nodeport_ips=("192.168.0.5", "2001:db8::5")))
-    assert {fe.ip for fe in out} == {V4, V6, "192.168.0.5", "192.0.2.7"}
+    assert {fe.ip for fe in out} == {V4, V6, "192.168.0.5", "192.0.2.7", "2001:db8::5",
+                                     "2001:db8::7"}
+    # an IPv4-only Service gets no IPv6 node-facing frontend
+    out = compile_services(snapshot(dual(ips=(V4,), typ="NodePort",
+                                         ports=(("http", 80, "TCP", 8080, 30080),),
+                                         externalIPs=["2001:db8::7"]), *slices()),
+                           NODE, ZONE, options=LbOptions(nodeport_ips=("192.168.0.5",
+                                                                       "2001:db8::5")))
+    assert {fe.ip for fe in out} == {V4, "192.168.0.5"}
 
 
 # ------------------------------------------------------------ reconciler
