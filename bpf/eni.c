@@ -252,7 +252,7 @@ int fp_from_vpc(struct __sk_buff *skb)
  *     IPv6 Services from outside, SNAT replies), else the stack;
  *   - the pod's ingress limits apply before delivery, one budget with its
  *     IPv4 (lib/bw.h, in pod.c fp_deliver_local6). */
-/* v6np: IPv6 for the node itself, not for one of its pods (fp_from_vpc_node's
+/* IPv6 for the node itself, not for one of its pods (fp_from_vpc_node's
  * twin): a reply of a flow this node SNATed gets its client back and is
  * routed to it; a new flow to an IPv6 frontend (NodePort, external or
  * load-balancer IP, ClusterIP) is translated with this node's view of
@@ -350,7 +350,7 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 	reason = fp_policy6_stage(skb, FP_DIR_FROM_VPC, &ip, 0);
 	if (reason)
 		return fp_finish_quiet6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT);
-	/* v6ct: a remote backend's reply to a local client (or an ICMPv6
+	/* a remote backend's reply to a local client (or an ICMPv6
 	 * error about the client's packet, or a later fragment of either) gets
 	 * its VIP back */
 	if (ip.frag == FP_IP6_LATER_FRAG) {
@@ -400,7 +400,7 @@ int fp_vpc6_node(struct __sk_buff *skb)
 	return verdict;
 }
 
-/* v6np: the node's own new IPv6 flows that kube-proxy would drop, as
+/* The node's own new IPv6 flows that kube-proxy would drop, as
  * below for IPv4: socket-LB left them untranslated (a frontend whose
  * traffic policy leaves this node nothing, an IPv6 load-balancer IP whose
  * source ranges the socket's source is outside of), or they go to an

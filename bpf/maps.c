@@ -685,7 +685,7 @@ static __always_inline struct fp_svc4 *fp_service6_lookup(const __u32 *vip, __be
 	return FP_MAP_SERVICES6.lookup(&key);
 }
 
-/* ---- IPv6 node-facing Services (v6np) ---- */
+/* ---- IPv6 node-facing Services ---- */
 
 /* Sized like the IPv4 ranges (source_ranges_map_size; agent/lb/capacity.py
  * counts both families' prefixes against it). */
@@ -772,7 +772,7 @@ static __always_inline int fp_bw_flow6_delete(struct fp_bw_flow6_key *key)
 	return FP_MAP_BW_FLOWS6.delete(key);
 }
 
-/* ---- IPv6 NetworkPolicy (v6pol; lib/policy6.h) ---- */
+/* ---- IPv6 NetworkPolicy (lib/policy6.h) ---- */
 
 /* Sized like their IPv4 twins: ipcache_map_size bounds each family on its
  * own (agent/policy/capacity.py counts per family). */
@@ -815,7 +815,7 @@ static __always_inline void fp_polfrag6_put(struct fp_frag6_key *key, struct fp_
 		FP_MAP_POLFRAG6.update(key, val);
 }
 
-/* ---- IPv6 conntrack (v6ct; lib/ct6.h, fastpath.h) ---- */
+/* ---- IPv6 conntrack (lib/ct6.h, fastpath.h) ---- */
 
 /* The IPv4 conntrack tiers' twins, of the same sizes. */
 BPF_TABLE_PINNED("hash", struct fp_ct6_key, struct fp_ct6,

@@ -485,7 +485,7 @@ static __always_inline int fp_deliver_local6(struct __sk_buff *skb, enum fp_dir 
 	return fp_finish6(skb, dir, reason, verdict, ip);
 }
 
-/* ---- IPv6 Services per packet (v6ct; lib/ct6.h) ----
+/* ---- IPv6 Services per packet (lib/ct6.h) ----
  *
  * What fp_from_pod6 does for a registered pod's IPv6 packet before its
  * bypass check and forwarding, as fp_from_pod does for IPv4:
@@ -551,7 +551,7 @@ static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struc
 	if (fp_endpoint6_lookup(ip->daddr))
 		*restore = FP_RESTORE6_LOCAL;
 	else if (l4->kind == FP_L4_PORTS)
-		/* v6np: maybe a local backend's reply to a client outside */
+		/* maybe a local backend's reply to a client outside */
 		*restore = FP_RESTORE6_OUTSIDE;
 	return FP_WALK_ON;
 }
@@ -624,7 +624,7 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
 	if (src->host_ifindex != skb->ifindex)
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT, &ip);
-	/* IPv6 Services per packet (v6ct) */
+	/* IPv6 Services per packet */
 	verdict = fp_from_pod6_service(skb, &ip, &l4, &restore);
 	if (verdict != FP_WALK_ON)
 		return verdict;

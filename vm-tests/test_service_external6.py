@@ -1,4 +1,4 @@
-"""IPv6 node-facing Services with real traffic (v6np), on dual-stack
+"""IPv6 node-facing Services with real traffic, on dual-stack
 simulated nodes each running the whole agent from the same manifests:
 IPv6 NodePorts (on the node's primary IPv6 address, which the agent finds
 on eth0), external and load-balancer IPs, from a client outside the

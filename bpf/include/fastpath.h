@@ -60,7 +60,7 @@
 #define FP_MAP_BACKENDS6  fp_be6_v1
 #define FP_MAP_SVCNET6    fp_svcnet6_v1
 #define FP_MAP_SOCKREV6   fp_sockrev6_v1
-/* IPv6 node-facing Services (v6np): loadBalancerSourceRanges of IPv6
+/* IPv6 node-facing Services: loadBalancerSourceRanges of IPv6
  * load-balancer frontends (struct fp_srcrange6_key). */
 #define FP_MAP_SRC_RANGE6 fp_srcrng6_v1
 /* Programs reached by tail call (FP_TAIL_* below). Pinned: attached
@@ -561,7 +561,7 @@ struct fp_config {
 	__u32 flags;             /* HBO: FP_CFG_F_* */
 	__be32 node_ip4;         /* NBO: the node's primary address (SNAT source) */
 	__u32 primary_ifindex;   /* HBO: the node's primary NIC (eth0) */
-	/* v5 (v6np): the node's primary IPv6 address (zero: none), the source
+	/* v5: the node's primary IPv6 address (zero: none), the source
 	 * of SNATed IPv6 Service traffic and of the node's unbound IPv6
 	 * sockets (their loadBalancerSourceRanges check) */
 	__u8 node_ip6[16];       /* NBO */
@@ -869,11 +869,11 @@ _Static_assert(sizeof(struct fp_bw_flow6_key) == 36, "fp_bw_flow6_key layout");
 #define FP_CB_RESTORE6         0
 #define FP_RESTORE6_LOCAL      1   /* a translated flow's reply for a local pod */
 #define FP_RESTORE6_HAIRPIN    2   /* the reply of a hairpinned flow */
-/* v6np: a local backend's reply to a client outside the node (a NodePort,
+/* a local backend's reply to a client outside the node (a NodePort,
  * external or load-balancer IP): its frontend back, then routed by the
  * node (it may leave by the primary NIC, which owns that address) */
 #define FP_RESTORE6_OUTSIDE    3
-/* v6np: fp_from_vpc6's IPv6 for the node itself (bpf/eni.c fp_vpc6_node:
+/* fp_from_vpc6's IPv6 for the node itself (bpf/eni.c fp_vpc6_node:
  * Services from outside, SNAT replies), a program of its own for the
  * verifier's budget. It parses the packet again; nothing is handed over. */
 #define FP_TAIL_FROM_VPC6_NODE 5
@@ -889,7 +889,7 @@ struct fp_pod_route_slot {
 };
 _Static_assert(sizeof(struct fp_pod_route_slot) == FP_POD_ROUTE_BYTES, "fp_pod_route_slot layout");
 
-/* ---- IPv6 NetworkPolicy (v6pol; docs/networkpolicy.md "IPv6") ----
+/* ---- IPv6 NetworkPolicy (docs/networkpolicy.md "IPv6") ----
  *
  * Maps of their own beside the IPv4 ones (docs/ipv6.md's design rule):
  *   FP_MAP_IPCACHE6   LPM trie, IPv6 prefix (struct fp_lpm6_key) -> peer
@@ -941,7 +941,7 @@ _Static_assert(sizeof(struct fp_polfrag6) == 16, "fp_polfrag6 layout");
  * (bpf/pod.c), which judges the pod's ingress policy. */
 #define FP_TAIL_TO_POD6        3
 
-/* ---- IPv6 conntrack (v6ct: bpf/lib/ct6.h; docs/conntrack.md) ----
+/* ---- IPv6 conntrack (bpf/lib/ct6.h; docs/conntrack.md) ----
  *
  * Translated IPv6 flows (pods' IPv6 packets to an IPv6 ClusterIP) in twin
  * maps of FP_MAP_CT / FP_MAP_CT_NEW, with the same two tiers, the same

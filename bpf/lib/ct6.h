@@ -1,4 +1,4 @@
-/* IPv6 connection tracking and per-packet Service translation (v6ct).
+/* IPv6 connection tracking and per-packet Service translation.
  *
  * lib/ct.h's decisions for IPv6 packets of pods, in the IPv6 twin maps
  * (FP_MAP_CT6 established, FP_MAP_CT_NEW6 new and closing): a translated

@@ -1,4 +1,4 @@
-"""IPv6 ClusterIPs per packet with IPv6 conntrack (v6ct): fp_from_pod6 and
+"""IPv6 ClusterIPs per packet with IPv6 conntrack: fp_from_pod6 and
 fp_from_vpc6 (reached by tail call from fp_from_pod / fp_from_vpc), run
 with BPF_PROG_TEST_RUN.
 

@@ -1,4 +1,4 @@
-"""IPv6 node-facing Services (v6np), run through the real programs with
+"""IPv6 node-facing Services, run through the real programs with
 BPF_PROG_TEST_RUN: a pod's IPv6 packet to an IPv6 NodePort, external or
 load-balancer IP (fp_from_pod6: the internal entry, source ranges), and
 the node's own IPv6 packets kube-proxy would drop, on their way out

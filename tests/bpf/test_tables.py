@@ -71,12 +71,12 @@ IPV6 = {"fp_endpoint6_key.ip6", "fp_ep_if.ip6", "fp_lpm6_key.addr",
         "fp_bw_flow6_key.saddr", "fp_bw_flow6_key.daddr",
         # IPv6 monitor events (v6cli)
         "fp_event6.saddr6", "fp_event6.daddr6", "fp_event6.nat_daddr6",
-        # IPv6 NetworkPolicy (v6pol)
+        # IPv6 NetworkPolicy
         "fp_ctpol6_key.saddr", "fp_ctpol6_key.daddr", "fp_frag6_key.saddr", "fp_frag6_key.daddr",
-        # IPv6 conntrack (v6ct)
+        # IPv6 conntrack
         "fp_ct6_key.saddr", "fp_ct6_key.daddr", "fp_ct6.nat_addr", "fp_ct6.peer_addr",
         "fp_frag6_key.saddr", "fp_frag6_key.daddr", "fp_frag6.saddr", "fp_frag6.daddr",
-        # IPv6 node-facing Services (v6np)
+        # IPv6 node-facing Services
         "fp_srcrange6_key.addr", "fp_config.node_ip6"}
 IDENTITY = {"fp_pol_key.identity"}
 
