@@ -595,7 +595,8 @@ def _source(pin_root: str, pin: str, why: str) -> Source | None:
     return Source(pin, path, fd, info.type, info.key_size, info.value_size, layouts, why)
 
 
-def _pin(fd: int, path: str) -> None:
+def pin_fd(fd: int, path: str) -> None:
+    """Pin a map or program fd at path (bpffs), raising OSError naming it."""
     lib = libbpf.lib()
     lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
     if lib.bpf_obj_pin(fd, path.encode()) != 0:
@@ -629,7 +630,7 @@ def reconcile(options: BuildOptions):
             # lives on as long as a pin or fd holds it)
             new = _aside_name(options.pin_root, name)
             old_path = os.path.join(options.pin_root, name)
-            _pin(bpf[name].map_fd, os.path.join(options.pin_root, new))
+            pin_fd(bpf[name].map_fd, os.path.join(options.pin_root, new))
             os.unlink(old_path)
             aside.append((new, why))
     if aside:
@@ -695,7 +696,7 @@ def build(options: BuildOptions) -> dict:
         _remove_set(tmp)
         os.mkdir(tmp)
         for name, fd in module.prog_fds.items():
-            _pin(fd, os.path.join(tmp, name))
+            pin_fd(fd, os.path.join(tmp, name))
         final = os.path.join(root, key)
         _remove_set(final)
         os.rename(tmp, final)

@@ -254,7 +254,7 @@ def _repin(src_root: str, src_key: str, dst_root: str, dst_key: str) -> None:
     for src, dst in moves:
         fd = libbpf.obj_get(src)
         try:
-            _pin(fd, dst)
+            loader.pin_fd(fd, dst)
         finally:
             os.close(fd)
 
@@ -262,16 +262,6 @@ def _repin(src_root: str, src_key: str, dst_root: str, dst_key: str) -> None:
 def _remove(s: _Set) -> None:
     subprocess.run(["umount", "-l", f"{s.root}/bpffs"], check=False)
     shutil.rmtree(s.root, ignore_errors=True)
-
-
-def _pin(fd: int, path: str) -> None:
-    import ctypes as ct
-    from agent.datapath import libbpf
-    lib = libbpf.lib()
-    lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
-    if lib.bpf_obj_pin(fd, path.encode()) != 0:
-        err = ct.get_errno()
-        raise OSError(err, f"pin {path}: {os.strerror(err)}")
 
 
 def active() -> bool:
