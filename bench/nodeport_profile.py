@@ -45,6 +45,7 @@ from pathlib import Path
 from agent.sim import World
 from bench import harness
 from bench.lb_bench import Client, bpf_run_stats, log, prog_counters, start_server
+from bench.pod_to_pod import BARE_FIB_OUT4
 
 COMMAND = "python -m bench.nodeport_profile"
 REPO = Path(__file__).resolve().parents[1]
@@ -145,8 +146,7 @@ class NodePortFloor:
     struct ct_val { __be32 addr; __be16 port; __u16 pad; };
     BPF_TABLE("lru_hash", struct ct_key, struct ct_val, npf_ct, 65536);
     BPF_TABLE("hash", __u32, struct ct_val, npf_svc, 16);
-    static long (*redirect_neigh4)(__u32 ifindex, struct bpf_redir_neigh *params,
-                                   int plen, __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+    """ + BARE_FIB_OUT4 + r"""
     #define L4_CSUM (ETH_HLEN + sizeof(struct iphdr) + offsetof(struct tcphdr, check))
 
     /* address and port rewritten in place, checksums by the kernel's
@@ -240,10 +240,8 @@ class NodePortFloor:
         struct ethhdr *eth = data;
         struct iphdr *ip = (void *)(eth + 1);
         struct tcphdr *th = (void *)(ip + 1);
-        struct bpf_fib_lookup fib = {};
         struct ct_key k = {};
         struct ct_val *v;
-        int rc;
 
         if ((void *)(th + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ttl <= 1)
             return TC_ACT_UNSPEC;
@@ -267,28 +265,7 @@ class NodePortFloor:
             if ((void *)(ip + 1) > end)
                 return TC_ACT_SHOT;
         }
-        fib.family = AF_INET;
-        fib.tos = ip->tos;
-        fib.l4_protocol = ip->protocol;
-        fib.tot_len = bpf_ntohs(ip->tot_len);
-        fib.ipv4_src = ip->saddr;
-        fib.ipv4_dst = ip->daddr;
-        fib.ifindex = skb->ifindex;
-        rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-        if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
-            return TC_ACT_UNSPEC;
-        __u32 csum = ip->check + bpf_htons(0x0100);
-        ip->check = csum + (csum >> 16);
-        ip->ttl--;
-        if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-            __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
-            __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
-            return bpf_redirect(fib.ifindex, 0);
-        }
-        struct bpf_redir_neigh nh = {};
-        nh.nh_family = AF_INET;
-        nh.ipv4_nh = fib.ipv4_dst;
-        return redirect_neigh4(fib.ifindex, &nh, sizeof(nh), 0);
+        return bare_fib_out4(skb, eth, ip);
     }
     """
 

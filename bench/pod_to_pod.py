@@ -236,33 +236,19 @@ def ingress_attached(filters):
             node.run(["tc", "filter", "del", "dev", dev, "ingress", "prio", "25000"], check=False)
 
 
-class CrossBare:
-    """The floor of the cross-node technique: per node, on the pod's veth a
-    program doing only what fastpath's pod-to-VPC path must (the FIB lookup
-    by the node's policy routing with the packet's length, TTL and MACs, the
-    redirect out of the ENI the FIB names, or redirect_neigh), and on the
-    ENIs one doing only bpf_redirect_peer into the pod. No conntrack,
-    Services, policy, guards or counters: fastpath's cross-node distance to
-    this arm is what its own logic costs."""
-
-    SRC = r"""
-    #include <uapi/linux/bpf.h>
-    #include <uapi/linux/pkt_cls.h>
-    #include <uapi/linux/if_ether.h>
-    #include <uapi/linux/ip.h>
-    #include <linux/socket.h>
+# The floors' way out by the FIB (C, shared by the bare programs here and in
+# bench/nodeport_profile.py): what fastpath's pod-to-VPC path must do at the
+# least: the FIB lookup with the packet's length, TTL - 1, the MACs, then
+# bpf_redirect, or bpf_redirect_neigh when the FIB has no neighbour yet.
+BARE_FIB_OUT4 = r"""
     static long (*redirect_neigh4)(__u32 ifindex, struct bpf_redir_neigh *params,
                                    int plen, __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
-    int xbare_out(struct __sk_buff *skb)
+    static __always_inline int bare_fib_out4(struct __sk_buff *skb, struct ethhdr *eth,
+                                             struct iphdr *ip)
     {
-        void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
-        struct ethhdr *eth = data;
-        struct iphdr *ip = (void *)(eth + 1);
         struct bpf_fib_lookup fib = {};
         int rc;
 
-        if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ttl <= 1)
-            return TC_ACT_UNSPEC;
         fib.family = AF_INET;
         fib.tos = ip->tos;
         fib.l4_protocol = ip->protocol;
@@ -286,6 +272,35 @@ class CrossBare:
         nh.nh_family = AF_INET;
         nh.ipv4_nh = fib.ipv4_dst;
         return redirect_neigh4(fib.ifindex, &nh, sizeof(nh), 0);
+    }
+"""
+
+
+class CrossBare:
+    """The floor of the cross-node technique: per node, on the pod's veth a
+    program doing only what fastpath's pod-to-VPC path must (the FIB lookup
+    by the node's policy routing with the packet's length, TTL and MACs, the
+    redirect out of the ENI the FIB names, or redirect_neigh), and on the
+    ENIs one doing only bpf_redirect_peer into the pod. No conntrack,
+    Services, policy, guards or counters: fastpath's cross-node distance to
+    this arm is what its own logic costs."""
+
+    SRC = r"""
+    #include <uapi/linux/bpf.h>
+    #include <uapi/linux/pkt_cls.h>
+    #include <uapi/linux/if_ether.h>
+    #include <uapi/linux/ip.h>
+    #include <linux/socket.h>
+    """ + BARE_FIB_OUT4 + r"""
+    int xbare_out(struct __sk_buff *skb)
+    {
+        void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+        struct ethhdr *eth = data;
+        struct iphdr *ip = (void *)(eth + 1);
+
+        if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ttl <= 1)
+            return TC_ACT_UNSPEC;
+        return bare_fib_out4(skb, eth, ip);
     }
     int xbare_in(struct __sk_buff *skb)
     {
