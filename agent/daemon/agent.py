@@ -193,7 +193,8 @@ class Agent:
             cfg = self.config
             node = cfg.node_name or _socket.gethostname()
             self.healthchecks = HealthCheckServer(
-                lambda: self.services.addresses.nodeport if self.services else (),
+                lambda: (self.services.addresses.nodeport + self.services.addresses.nodeport6
+                         if self.services else ()),
                 netns=self.netns,
                 healthy_fn=lambda: self.services is not None and self.services.healthy())
             self.services = ServiceSync(

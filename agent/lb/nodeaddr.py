@@ -38,8 +38,8 @@ _LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
 @dataclass(frozen=True, slots=True)
 class NodeAddresses:
     """The node's addresses as the Service compiler needs them (sorted).
-    The IPv4 and IPv6 ones apart: the health-check server and the
-    datapath's SNAT source read IPv4's."""
+    The IPv4 and IPv6 ones apart: the datapath's SNAT source of each
+    family reads its own; the health-check server serves both lists."""
 
     primary: tuple[str, ...] = ()      # the primary IPv4 address (one, or none yet)
     nodeport: tuple[str, ...] = ()     # where IPv4 NodePorts answer
