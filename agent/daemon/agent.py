@@ -235,7 +235,8 @@ class Agent:
                 continue
             try:
                 self.services.set_host_ports(ep.owner, ep.ip,
-                                             [PortMapping(*m) for m in ep.port_mappings])
+                                             [PortMapping(*m) for m in ep.port_mappings],
+                                             ep.ip6)
             except HostPortRefused as exc:
                 log.error("restored hostPorts of %s/%s not programmed: %s", *ep.owner, exc)
 
@@ -650,11 +651,11 @@ class Agent:
         except DiscoveryError as exc:
             raise ApiError("discovery", str(exc)) from None
         ep = dataclasses.replace(ep, added_at=time.time())
+        from agent.lb.hostport import family_refusal
+        why = family_refusal(mappings, ep.ip, ep.ip6) if mappings else None
+        if why:
+            raise ApiError("hostport-refused", f"pod {pod_namespace}/{pod_name}: {why}")
         if not ep.ip:
-            if mappings:
-                raise ApiError("hostport-refused",
-                               f"pod {pod_namespace}/{pod_name} asks for hostPorts, but it has no "
-                               "IPv4 address: hostPorts reach pods over IPv4 only")
             ep = self._with_endpoint_key(ep)
         t1 = time.monotonic()
         fetched, how = self._identify(pod_namespace, pod_name)
@@ -692,7 +693,7 @@ class Agent:
             if mappings or self._owns_host_ports(ep.owner):
                 from agent.daemon.services import HostPortRefused
                 try:
-                    self.services.set_host_ports(ep.owner, ep.ip, mappings)
+                    self.services.set_host_ports(ep.owner, ep.ip, mappings, ep.ip6)
                 except HostPortRefused as exc:
                     self._forget(ep)
                     raise ApiError("hostport-refused",
