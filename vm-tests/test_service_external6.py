@@ -237,9 +237,10 @@ def test_ipv6_host_ports_from_outside_from_pods_and_from_the_node(cgroup):
             view = ag.rpc_EndpointAdd(h.netns_path, "eth0", "sim-h", "default", "h",
                                       port_mappings=[{"hostPort": 8080, "containerPort": 8080}])
             assert view["host_ports"] == ["*:8080/TCP->8080"]
-            ag.rpc_EndpointAdd(o.netns_path, "eth0", "sim-o", "default", "o",
-                               port_mappings=[{"hostPort": 9090, "containerPort": 8080,
-                                               "hostIP": NODE6["n1"]}])
+            view = ag.rpc_EndpointAdd(o.netns_path, "eth0", "sim-o", "default", "o",
+                                      port_mappings=[{"hostPort": 9090, "containerPort": 8080,
+                                                      "hostIP": NODE6["n1"]}])
+            assert view["host_ports"] == [f"[{NODE6['n1']}]:9090/TCP->8080"]
             ag.datapath.attach_socket_lb(cgroup, hostns_only=True)
             # per packet: from outside and from a pod, the client's address kept
             assert who(tcp(ext, NODE6["n1"], 8080)) == ("from-h", CLIENT6)

@@ -626,7 +626,9 @@ class Agent:
                                f"{type(value).__name__}")
         if not isinstance(require_eni, bool):
             raise ApiError("invalid-argument", "require_eni must be true or false")
-        from agent.lb.hostport import PortMappingError, parse_port_mappings
+        from agent.lb.hostport import (
+            PortMapping, PortMappingError, family_refusal, parse_port_mappings,
+        )
         try:
             mappings, notes = parse_port_mappings(port_mappings)
         except PortMappingError as exc:
@@ -651,7 +653,6 @@ class Agent:
         except DiscoveryError as exc:
             raise ApiError("discovery", str(exc)) from None
         ep = dataclasses.replace(ep, added_at=time.time())
-        from agent.lb.hostport import family_refusal
         why = family_refusal(mappings, ep.ip, ep.ip6) if mappings else None
         if why:
             raise ApiError("hostport-refused", f"pod {pod_namespace}/{pod_name}: {why}")
@@ -713,7 +714,7 @@ class Agent:
                  pod_namespace, pod_name, ep.ip or ep.ip6, ep.host_ifname, ep.eni_name or "-",
                  policy, how)
         view = endpoint_view(ep)
-        view["host_ports"] = [f"{h or '*'}:{hp}/{p}->{cp}" for hp, cp, p, h in ep.port_mappings]
+        view["host_ports"] = [str(PortMapping(*m)) for m in ep.port_mappings]
         view["policy"] = policy
         view["timing_ms"] = {"discover": round((t1 - t0) * 1e3, 3),
                              "identity": round((t_identity - t1) * 1e3, 3),
