@@ -59,14 +59,17 @@ def test_cni_add_registers_an_ipv6_only_pod_and_redirects_it_on_the_node(world6)
     o, s = n1.add_pod("o", ipv4=False), n1.add_pod("s")
     h = n1.add_pod("h", ipv4=False)
     with sim_attach(n1, register=False) as agent:
-        # hostPorts reach pods over IPv4: refused, naming the pod, nothing kept
+        # a hostPort on an IPv4 hostIP cannot reach it: refused, naming the
+        # pod and the mapping, nothing kept
         from agent.api.server import ApiError
         wait_for(lambda: agent.services is not None and agent.services.synced.is_set(),
                  "the service sync")
-        with pytest.raises(ApiError, match="pod default/h asks for hostPorts, but it has no "
-                                           "IPv4 address"):
+        with pytest.raises(ApiError, match=r"pod default/h: hostPort 10\.9\.9\.9:8080/TCP->80: "
+                                           "hostIP 10.9.9.9 is IPv4, the pod has no IPv4 "
+                                           "address"):
             agent.rpc_EndpointAdd(h.netns_path, "eth0", "sim-h", "default", "h",
-                                  port_mappings=[{"hostPort": 8080, "containerPort": 80}])
+                                  port_mappings=[{"hostPort": 8080, "containerPort": 80,
+                                                  "hostIP": "10.9.9.9"}])
         assert agent.rpc_EndpointList() == [] and agent.datapath.maps.endpoints6() == []
         view = register_pod(agent, o)
         assert view["ip"] == "" and view["ip6"] == o.ip6

@@ -15,10 +15,12 @@ Every backend answers with the address it saw the client at.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from agent.sim.agent import sim_attach
@@ -70,6 +72,13 @@ def tcp(src, ip, port, wait=2.0, cgroup=None) -> str:
                           timeout=15).stdout.strip()
 
 
+def health(src, ip, port) -> tuple[int, dict]:
+    out = src.run(["curl", "-g", "-s", "-m", "3", "-D", "-", f"http://[{ip}]:{port}/healthz"],
+                  check=False, timeout=10).stdout
+    head, _, body = out.partition("\n\n")
+    return int(head.split()[1]), json.loads(body)
+
+
 def who(answer: str) -> tuple[str, str]:
     name, _, seen = answer.partition(" ")
     return name, seen
@@ -99,7 +108,8 @@ def manifests(b, d) -> str:
         svc("web6", "fd00:60::10", [("http", 80, 8080, 30180)], lb_ips=[WEB_LB6],
             externalIPs=[EXT6]),
         eps6("web6", [(b.ip6, "n1"), (d.ip6, "n2")]),
-        svc("loc6", "fd00:60::11", [("http", 80, 8080, 30181)], etp="Local"),
+        svc("loc6", "fd00:60::11", [("http", 80, 8080, 30181)], etp="Local",
+            healthCheckNodePort=32181),
         eps6("loc6", [(b.ip6, "n1")]),
         svc("fw6", "fd00:60::12", [("http", 80, 8080, 30182)], lb_ips=[FW_LB6],
             loadBalancerSourceRanges=["fd00:250::/64"]),
@@ -183,6 +193,13 @@ def test_ipv6_services_are_reached_from_outside_from_pods_and_from_the_node(cgro
             cnt = {(r.direction, r.reason): r.packets for r in ag2.datapath.maps.counters()}
             assert cnt.get(("from-vpc", "dropped-service-no-local-backend"), 0) >= 1
 
+            # -- healthCheckNodePort on the IPv6 NodePort addresses too
+            status, body = health(ext, NODE6["n1"], 32181)
+            assert status == 200 and body == {"service": {"namespace": "shop", "name": "loc6"},
+                                              "localEndpoints": 1, "serviceProxyHealthy": True}
+            status, body = health(ext, NODE6["n2"], 32181)
+            assert status == 503 and body["localEndpoints"] == 0
+
             # -- loadBalancerSourceRanges: the client's range gets in; a pod
             # and the node (its primary IPv6 address) do not
             assert who(tcp(ext, FW_LB6, 80))[0] == "from-b"
@@ -197,3 +214,57 @@ def test_ipv6_services_are_reached_from_outside_from_pods_and_from_the_node(cgro
                 out = tcp(src, NODE6["n1"], 30183, cgroup=cg)
                 assert out == "ERROR 111", (src, out)
             ag1.datapath.detach_socket_lb(cgroup)
+
+
+def test_ipv6_host_ports_from_outside_from_pods_and_from_the_node(cgroup):
+    #   ext ── vpc ══ eth0 n1 ─┬ pod a (client)
+    #                          ├ pod h, dual stack (hostPort 8080 -> 8080, both families)
+    #                          └ pod o, IPv6 only (hostPort [n1]:9090 -> 8080)
+    with World(dual_stack=True) as world:
+        n1 = world.add_node("n1", enis=1)
+        a, h, o = n1.add_pod("a"), n1.add_pod("h"), n1.add_pod("o", ipv4=False)
+        ext = world.add_client("ext")
+        ipv6_outside(world, [n1], ext)
+        for pod, name in ((h, "from-h"), (o, "from-o")):
+            pod.popen([sys.executable, "-c", SERVER, "8080", name])
+            pod.wait_port(8080)
+        with sim_attach(n1, register=False) as ag:
+            wait_for(lambda: ag.services is not None and ag.services.synced.is_set()
+                     and NODE6["n1"] in ag.services.addresses.local6,
+                     "the service sync with the node's IPv6 address")
+            from agent.sim.agent import register_pod
+            register_pod(ag, a)
+            view = ag.rpc_EndpointAdd(h.netns_path, "eth0", "sim-h", "default", "h",
+                                      port_mappings=[{"hostPort": 8080, "containerPort": 8080}])
+            assert view["host_ports"] == ["*:8080/TCP->8080"]
+            view = ag.rpc_EndpointAdd(o.netns_path, "eth0", "sim-o", "default", "o",
+                                      port_mappings=[{"hostPort": 9090, "containerPort": 8080,
+                                                      "hostIP": NODE6["n1"]}])
+            assert view["host_ports"] == [f"[{NODE6['n1']}]:9090/TCP->8080"]
+            ag.datapath.attach_socket_lb(cgroup, hostns_only=True)
+            # per packet: from outside and from a pod, the client's address kept
+            assert who(tcp(ext, NODE6["n1"], 8080)) == ("from-h", CLIENT6)
+            assert who(tcp(a, NODE6["n1"], 8080)) == ("from-h", a.ip6)
+            assert who(tcp(ext, NODE6["n1"], 9090)) == ("from-o", CLIENT6)
+            # IPv4 as before, for the dual-stack pod
+            assert who(tcp(ext, n1.ip, 8080))[0] == "from-h"
+            # at the socket: the node's own connections, ::1 included
+            assert who(tcp(n1, NODE6["n1"], 8080, cgroup=cgroup))[0] == "from-h"
+            assert who(tcp(n1, "::1", 8080, cgroup=cgroup))[0] == "from-h"
+            assert who(tcp(n1, NODE6["n1"], 9090, cgroup=cgroup))[0] == "from-o"
+            # the hostIP-only mapping is not on the other addresses
+            assert not tcp(n1, "::1", 9090, cgroup=cgroup).startswith("from-o")
+            # another pod cannot take an IPv6 one
+            from agent.api.server import ApiError
+            b = n1.add_pod("b", ipv4=False)
+            with pytest.raises(ApiError, match=r"hostPort \[fd00:240::11\]:9090/TCP of pod "
+                                               "default/b is taken by pod default/o"):
+                ag.rpc_EndpointAdd(b.netns_path, "eth0", "sim-b", "default", "b",
+                                   port_mappings=[{"hostPort": 9090, "containerPort": 80}])
+            # the DEL takes the mappings away: nothing listens on the node
+            ag.rpc_EndpointDel("sim-o")
+            ag.rpc_EndpointDel("sim-h")
+            assert tcp(ext, NODE6["n1"], 9090).startswith("ERROR 111")
+            assert tcp(ext, NODE6["n1"], 8080).startswith("ERROR 111")
+            assert tcp(n1, "::1", 8080, cgroup=cgroup).startswith("ERROR 111")
+            ag.datapath.detach_socket_lb(cgroup)

@@ -193,7 +193,8 @@ class Agent:
             cfg = self.config
             node = cfg.node_name or _socket.gethostname()
             self.healthchecks = HealthCheckServer(
-                lambda: self.services.addresses.nodeport if self.services else (),
+                lambda: (self.services.addresses.nodeport + self.services.addresses.nodeport6
+                         if self.services else ()),
                 netns=self.netns,
                 healthy_fn=lambda: self.services is not None and self.services.healthy())
             self.services = ServiceSync(
@@ -234,7 +235,8 @@ class Agent:
                 continue
             try:
                 self.services.set_host_ports(ep.owner, ep.ip,
-                                             [PortMapping(*m) for m in ep.port_mappings])
+                                             [PortMapping(*m) for m in ep.port_mappings],
+                                             ep.ip6)
             except HostPortRefused as exc:
                 log.error("restored hostPorts of %s/%s not programmed: %s", *ep.owner, exc)
 
@@ -624,7 +626,9 @@ class Agent:
                                f"{type(value).__name__}")
         if not isinstance(require_eni, bool):
             raise ApiError("invalid-argument", "require_eni must be true or false")
-        from agent.lb.hostport import PortMappingError, parse_port_mappings
+        from agent.lb.hostport import (
+            PortMapping, PortMappingError, family_refusal, parse_port_mappings,
+        )
         try:
             mappings, notes = parse_port_mappings(port_mappings)
         except PortMappingError as exc:
@@ -649,11 +653,10 @@ class Agent:
         except DiscoveryError as exc:
             raise ApiError("discovery", str(exc)) from None
         ep = dataclasses.replace(ep, added_at=time.time())
+        why = family_refusal(mappings, ep.ip, ep.ip6) if mappings else None
+        if why:
+            raise ApiError("hostport-refused", f"pod {pod_namespace}/{pod_name}: {why}")
         if not ep.ip:
-            if mappings:
-                raise ApiError("hostport-refused",
-                               f"pod {pod_namespace}/{pod_name} asks for hostPorts, but it has no "
-                               "IPv4 address: hostPorts reach pods over IPv4 only")
             ep = self._with_endpoint_key(ep)
         t1 = time.monotonic()
         fetched, how = self._identify(pod_namespace, pod_name)
@@ -691,7 +694,7 @@ class Agent:
             if mappings or self._owns_host_ports(ep.owner):
                 from agent.daemon.services import HostPortRefused
                 try:
-                    self.services.set_host_ports(ep.owner, ep.ip, mappings)
+                    self.services.set_host_ports(ep.owner, ep.ip, mappings, ep.ip6)
                 except HostPortRefused as exc:
                     self._forget(ep)
                     raise ApiError("hostport-refused",
@@ -711,7 +714,7 @@ class Agent:
                  pod_namespace, pod_name, ep.ip or ep.ip6, ep.host_ifname, ep.eni_name or "-",
                  policy, how)
         view = endpoint_view(ep)
-        view["host_ports"] = [f"{h or '*'}:{hp}/{p}->{cp}" for hp, cp, p, h in ep.port_mappings]
+        view["host_ports"] = [str(PortMapping(*m)) for m in ep.port_mappings]
         view["policy"] = policy
         view["timing_ms"] = {"discover": round((t1 - t0) * 1e3, 3),
                              "identity": round((t_identity - t1) * 1e3, 3),

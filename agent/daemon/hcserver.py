@@ -4,8 +4,9 @@ For a Service of type LoadBalancer with externalTrafficPolicy Local, the API
 server allocates a healthCheckNodePort and the cloud load balancer probes
 every node on it: a node with local endpoints must say yes, one without
 must say no, or the load balancer sends clients to a node that drops them.
-kube-proxy answers on that port on each of the node's NodePort addresses;
-fastpath's agent answers the same way (what load balancers parse):
+kube-proxy answers on that port on each of the node's NodePort addresses,
+of both families (a proxier per family); fastpath's agent answers the same
+way, on the IPv4 and the IPv6 NodePort addresses (what load balancers parse):
 
     HTTP 200 when the node has ready local endpoints and the proxy is
     healthy, else 503; headers Content-Type: application/json,
@@ -156,10 +157,15 @@ class HealthCheckServer:
             pass
 
     def _listen(self, ip: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         with in_netns(self.netns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # "::" must not take the IPv4 side too: its IPv4 addresses
+                # are the IPv4 NodePort list's to serve (or not)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((ip, port))
             sock.listen(128)
             sock.setblocking(False)

@@ -193,6 +193,7 @@ class ServiceSync(Worker):
         self.table: ServiceTable | None = None     # None: rebuild on the next change
         self.hostports = HostPorts()
         self._pods: dict[Key, tuple[str, tuple[PortMapping, ...]]] = {}
+        self._pods6: dict[Key, str] = {}   # the IPv6 address of a pod in _pods, if any
         self.refused: dict[Key, Refusal] = {}
         self.conflicts: list[Conflict] = []
         self.applied_version = -1
@@ -454,12 +455,15 @@ class ServiceSync(Worker):
     # -------------------------------------------------------- hostPorts
 
     def _rebuild_host_ports(self) -> None:
-        local = self.addresses.local
         for owner, (pod_ip, mappings) in self._pods.items():
-            self.hostports.set(owner, frontends_of(owner, pod_ip, mappings, local,
-                                                    self.node_name))
+            self.hostports.set(owner, self._frontends(owner, pod_ip, mappings,
+                                                      self._pods6.get(owner, "")))
 
-    def set_host_ports(self, owner: Key, pod_ip: str, mappings) -> list[str]:
+    def _frontends(self, owner: Key, pod_ip: str, mappings, pod_ip6: str):
+        return frontends_of(owner, pod_ip, mappings, self.addresses.local, self.node_name,
+                            pod_ip6, self.addresses.local6)
+
+    def set_host_ports(self, owner: Key, pod_ip: str, mappings, pod_ip6: str = "") -> list[str]:
         """Make `owner`'s hostPorts these (an ADD: empty `mappings` for a pod
         without any; a DEL: remove_host_ports). Written before it returns.
         Raises HostPortRefused naming the conflict or the full map; the
@@ -468,23 +472,26 @@ class ServiceSync(Worker):
         with self._lock:
             if not mappings and owner not in self._pods:
                 return []
-            fes = frontends_of(owner, pod_ip, mappings, self.addresses.local, self.node_name)
+            fes = self._frontends(owner, pod_ip, mappings, pod_ip6)
             services = self.table.desired if self.table is not None else {}
             refusal = self.hostports.refusal(owner, fes, services)
             if refusal:
                 raise HostPortRefused("; ".join(map(str, refusal)))
             old = self._pods.get(owner)
+            old6 = self._pods6.get(owner, "")
             if mappings:
                 self._pods[owner] = (pod_ip, mappings)
+                self._pods6[owner] = pod_ip6
             else:
                 self._pods.pop(owner, None)
+                self._pods6.pop(owner, None)
             touched = self.hostports.set(owner, fes)
             updates = {fe: self._desired(fe) for fe in touched}
             if self.capacities is not None:
                 ok, refused = admit(self.reconciler, updates, self.capacities)
                 mine = [r for r in refused if r.owner == owner]
                 if mine:
-                    self._undo_host_ports(owner, old)
+                    self._undo_host_ports(owner, old, old6)
                     raise HostPortRefused(str(mine[0]))
             if not self.synced.is_set():
                 return [str(m) for m in mappings]  # the first full plan writes them
@@ -500,14 +507,15 @@ class ServiceSync(Worker):
             self._after_plan()
             return [str(m) for m in mappings]
 
-    def _undo_host_ports(self, owner: Key, old) -> None:
+    def _undo_host_ports(self, owner: Key, old, old6: str = "") -> None:
         if old is None:
             self._pods.pop(owner, None)
+            self._pods6.pop(owner, None)
             self.hostports.remove(owner)
         else:
             self._pods[owner] = old
-            self.hostports.set(owner, frontends_of(owner, old[0], old[1], self.addresses.local,
-                                                   self.node_name))
+            self._pods6[owner] = old6
+            self.hostports.set(owner, self._frontends(owner, old[0], old[1], old6))
 
     def remove_host_ports(self, owner: Key) -> None:
         self.set_host_ports(owner, "", ())

@@ -5,8 +5,9 @@ the runtime reads the conflist's `"capabilities": {"portMappings": true}`
 and hands the pod's mappings to fastpath-cni in `runtimeConfig.portMappings`
 (hostPort, containerPort, protocol, hostIP); the plugin passes them to the
 agent with the ADD. Each mapping becomes frontends hostIP:hostPort/protocol
--> podIP:containerPort: on hostIP alone when the pod names one, else on
-every local address of the node (portmap's `--dst-type LOCAL`). They are
+-> podIP:containerPort: on hostIP alone when the pod names one (to the
+pod's address of hostIP's family), else on every local address of the node
+(portmap's `--dst-type LOCAL`) of each family the pod has an address of. They are
 translated like any frontend, per packet and at the socket, and go with
 the endpoint (CNI DEL).
 
@@ -29,6 +30,7 @@ from agent.k8s.model import Key
 from agent.lb.compile import KIND_HOST_PORT, Backend, Frontend, FrontendState
 
 __all__ = ["PortMapping", "PortMappingError", "parse_port_mappings", "frontends_of",
+           "family_refusal",
            "Conflict", "HostPorts"]
 
 PROTOCOLS = {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP"}
@@ -50,7 +52,7 @@ class PortMapping:
                 "protocol": self.protocol.lower(), "hostIP": self.host_ip}
 
     def __str__(self) -> str:
-        host = self.host_ip or "*"
+        host = f"[{self.host_ip}]" if ":" in self.host_ip else (self.host_ip or "*")
         return f"{host}:{self.host_port}/{self.protocol}->{self.container_port}"
 
 
@@ -64,8 +66,8 @@ def parse_port_mappings(raw: Any, where: str = "runtimeConfig.portMappings"
                         ) -> tuple[tuple[PortMapping, ...], list[str]]:
     """CNI runtimeConfig.portMappings -> (mappings, notes). Raises
     PortMappingError naming the entry and field for anything malformed;
-    nothing of a bad list is kept. IPv6 hostIPs are noted and skipped (the
-    datapath translates IPv4)."""
+    nothing of a bad list is kept. `notes` is kept for callers (empty
+    today: IPv6 hostIPs are served too)."""
     if raw is None:
         return (), []
     if not isinstance(raw, list):
@@ -92,10 +94,6 @@ def parse_port_mappings(raw: Any, where: str = "runtimeConfig.portMappings"
             except ValueError:
                 raise PortMappingError(f"{at}.hostIP: {host_ip!r} is not an IP address") \
                     from None
-            if addr.version == 6:
-                if not addr.is_unspecified:
-                    notes.append(f"{at}: IPv6 hostIP {host_ip} skipped (IPv4 only)")
-                continue
             host_ip = "" if addr.is_unspecified else str(addr)
         m = PortMapping(host, cport, proto, host_ip)
         k = (host_ip, host, proto)
@@ -107,17 +105,44 @@ def parse_port_mappings(raw: Any, where: str = "runtimeConfig.portMappings"
     return tuple(out), notes
 
 
+def family_refusal(mappings: Iterable[PortMapping], pod_ip: str, pod_ip6: str
+                   ) -> Optional[str]:
+    """Why a pod cannot have these mappings: a hostIP of a family the pod
+    has no address of, or a pod without any address."""
+    for m in mappings:
+        if not m.host_ip:
+            if not (pod_ip or pod_ip6):
+                return f"hostPort {m} needs a pod address"
+            continue
+        six = ":" in m.host_ip
+        if six and not pod_ip6:
+            return f"hostPort {m}: hostIP {m.host_ip} is IPv6, the pod has no IPv6 address"
+        if not six and not pod_ip:
+            return f"hostPort {m}: hostIP {m.host_ip} is IPv4, the pod has no IPv4 address"
+    return None
+
+
 def frontends_of(owner: Key, pod_ip: str, mappings: Iterable[PortMapping],
-                 local_ips: Iterable[str], node_name: str = "") -> dict[Frontend, FrontendState]:
-    """The frontends of one pod's mappings."""
+                 local_ips: Iterable[str], node_name: str = "", pod_ip6: str = "",
+                 local_ips6: Iterable[str] = ()) -> dict[Frontend, FrontendState]:
+    """The frontends of one pod's mappings, per family (a family the pod
+    has no address of gets none; family_refusal says when that is wrong)."""
     local = tuple(local_ips)
+    local6 = tuple(local_ips6)
     out: dict[Frontend, FrontendState] = {}
     for m in mappings:
-        st = FrontendState(owner, f"hostport-{m.host_port}",
-                           (Backend(pod_ip, m.container_port, m.protocol, False, node_name),),
-                           kind=KIND_HOST_PORT)
-        for ip in ((m.host_ip,) if m.host_ip else local):
-            out.setdefault(Frontend(ip, m.host_port, m.protocol), st)
+        for ip6, pod, where in ((False, pod_ip, local), (True, pod_ip6, local6)):
+            if not pod:
+                continue
+            if m.host_ip:
+                if (":" in m.host_ip) != ip6:
+                    continue
+                where = (m.host_ip,)
+            st = FrontendState(owner, f"hostport-{m.host_port}",
+                               (Backend(pod, m.container_port, m.protocol, False, node_name),),
+                               kind=KIND_HOST_PORT)
+            for ip in where:
+                out.setdefault(Frontend(ip, m.host_port, m.protocol), st)
     return out
 
 

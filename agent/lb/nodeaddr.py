@@ -21,7 +21,8 @@ reaches them through the VPC.
 A hostPort without a hostIP answers on every local address, as the portmap
 plugin's `--dst-type LOCAL` match does: the node's interface addresses
 (loopback too, for the node's own sockets; link-local ones are the node's
-plumbing, not addresses clients use). hostPorts are IPv4 only.
+plumbing, not addresses clients use), per family: an IPv4 pod's on the
+IPv4 ones, an IPv6 pod's on the global IPv6 ones and ::1.
 """
 from __future__ import annotations
 
@@ -38,14 +39,15 @@ _LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
 @dataclass(frozen=True, slots=True)
 class NodeAddresses:
     """The node's addresses as the Service compiler needs them (sorted).
-    The IPv4 and IPv6 ones apart: the health-check server and the
-    datapath's SNAT source read IPv4's."""
+    The IPv4 and IPv6 ones apart: the datapath's SNAT source of each
+    family reads its own; the health-check server serves both lists."""
 
     primary: tuple[str, ...] = ()      # the primary IPv4 address (one, or none yet)
     nodeport: tuple[str, ...] = ()     # where IPv4 NodePorts answer
     local: tuple[str, ...] = ()        # where a hostPort without hostIP answers
     primary6: tuple[str, ...] = ()     # the primary IPv6 address (one, or none)
     nodeport6: tuple[str, ...] = ()    # where IPv6 NodePorts answer
+    local6: tuple[str, ...] = ()       # where an IPv6 hostPort without hostIP answers
 
 
 def _version(ip: str) -> int:
@@ -81,7 +83,9 @@ def nodeport_addresses(cidrs: Sequence[str], interface_ips: Iterable[str],
                    if ok(ip) and any(ipaddress.ip_address(ip) in n for n in nets))
 
 
-def local_addresses(interface_ips: Iterable[str]) -> tuple[str, ...]:
+def local_addresses(interface_ips: Iterable[str], family: int = 4) -> tuple[str, ...]:
+    if family == 6:
+        return _sorted(ip for ip in interface_ips if _global6(ip))
     return _sorted(ip for ip in interface_ips
                    if _v4(ip) and ipaddress.ip_address(ip) not in _LINK_LOCAL)
 
@@ -98,4 +102,5 @@ def node_addresses(cidrs: Sequence[str], interface_ips: Iterable[str],
     primary6 = tuple(str(ipaddress.ip_address(ip)) for ip in known if _global6(ip))[:1]
     return NodeAddresses(primary, nodeport_addresses(cidrs, ips, primary),
                          local_addresses(ips), primary6,
-                         nodeport_addresses(cidrs, ips, primary6, family=6))
+                         nodeport_addresses(cidrs, ips, primary6, family=6),
+                         local_addresses(ips, family=6))

@@ -8,7 +8,8 @@ from agent.lb.capacity import Capacities, admit
 from agent.lb.compile import (
     KIND_HOST_PORT, SCOPE_EXTERNAL, Backend, Frontend, FrontendState, LbOptions, compile_services,
 )
-from agent.lb.hostport import HostPorts, PortMapping, PortMappingError, frontends_of, \
+from agent.lb.hostport import HostPorts, PortMapping, PortMappingError, family_refusal, \
+    frontends_of, \
     parse_port_mappings
 from agent.lb.nodeaddr import node_addresses, nodeport_addresses
 from agent.lb.reconcile import FakeMaps, Reconciler
@@ -51,10 +52,12 @@ def test_port_mappings_parse_as_cni_runtimes_pass_them():
         {"hostPort": 5353, "containerPort": 53, "protocol": "UDP", "hostIP": "10.240.0.11"},
         {"hostPort": 2905, "containerPort": 2905, "protocol": "sctp", "hostIP": "0.0.0.0"},
         {"hostPort": 8081, "containerPort": 81},
-        {"hostPort": 9000, "containerPort": 90, "hostIP": "fd00::1"}])
+        {"hostPort": 9000, "containerPort": 90, "hostIP": "fd00:0::1"},
+        {"hostPort": 9001, "containerPort": 91, "hostIP": "::"}])
     assert ms == (PortMapping(8080, 80, "TCP"), PortMapping(5353, 53, "UDP", "10.240.0.11"),
-                  PortMapping(2905, 2905, "SCTP"), PortMapping(8081, 81, "TCP"))
-    assert notes == ["runtimeConfig.portMappings[4]: IPv6 hostIP fd00::1 skipped (IPv4 only)"]
+                  PortMapping(2905, 2905, "SCTP"), PortMapping(8081, 81, "TCP"),
+                  PortMapping(9000, 90, "TCP", "fd00::1"), PortMapping(9001, 91, "TCP"))
+    assert notes == []
     assert parse_port_mappings(None) == ((), [])
 
 
@@ -88,6 +91,42 @@ def test_a_mapping_without_host_ip_answers_on_every_local_address():
     st = fes[Frontend("127.0.0.1", 8080, "TCP")]
     assert st.kind == KIND_HOST_PORT and st.service == ("web", "a")
     assert st.backends == (Backend("10.241.1.20", 80, "TCP", False, NODE),)
+
+
+def test_ipv6_host_ports_go_to_the_pods_address_of_the_host_ips_family():
+    local, local6 = ["10.240.0.11", "127.0.0.1"], ["::1", "fd00::11"]
+    ms = [PortMapping(8080, 80, "TCP"), PortMapping(53, 5353, "UDP", "fd00::11"),
+          PortMapping(54, 5354, "UDP", "10.240.0.11")]
+    # dual stack: without hostIP on every local address of both families
+    fes = frontends_of(("web", "a"), "10.241.1.20", ms, local, NODE, "fd00:241::20", local6)
+    assert sorted(map(str, fes)) == ["10.240.0.11:54/UDP", "10.240.0.11:8080/TCP",
+                                     "127.0.0.1:8080/TCP", "[::1]:8080/TCP",
+                                     "[fd00::11]:53/UDP", "[fd00::11]:8080/TCP"]
+    assert fes[Frontend("fd00::11", 53, "UDP")].backends == (
+        Backend("fd00:241::20", 5353, "UDP", False, NODE),)
+    assert fes[Frontend("::1", 8080, "TCP")].backends[0].ip == "fd00:241::20"
+    assert fes[Frontend("127.0.0.1", 8080, "TCP")].backends[0].ip == "10.241.1.20"
+    assert fes[Frontend("::1", 8080, "TCP")].kind == KIND_HOST_PORT
+    # IPv6 only: IPv6 addresses only; an IPv4 hostIP is refused by name
+    only6 = frontends_of(("web", "a"), "", ms[:2], local, NODE, "fd00:241::20", local6)
+    assert sorted(map(str, only6)) == ["[::1]:8080/TCP", "[fd00::11]:53/UDP",
+                                       "[fd00::11]:8080/TCP"]
+    assert family_refusal(ms[:2], "", "fd00:241::20") is None
+    assert family_refusal(ms, "", "fd00:241::20") == (
+        "hostPort 10.240.0.11:54/UDP->5354: hostIP 10.240.0.11 is IPv4, the pod has no "
+        "IPv4 address")
+    assert family_refusal(ms, "10.241.1.20", "") == (
+        "hostPort [fd00::11]:53/UDP->5353: hostIP fd00::11 is IPv6, the pod has no IPv6 address")
+    # IPv4 only, as before
+    only4 = frontends_of(("web", "a"), "10.241.1.20", ms[::2], local, NODE, "", local6)
+    assert sorted(map(str, only4)) == ["10.240.0.11:54/UDP", "10.240.0.11:8080/TCP",
+                                       "127.0.0.1:8080/TCP"]
+
+
+def test_the_local_ipv6_addresses_are_the_global_ones_and_loopback():
+    a = node_addresses((), ["10.240.0.11", "fe80::1", "fd00::11", "::1", "2001:db8::5"],
+                       primary_device_ips=["10.240.0.11", "fd00::11"])
+    assert a.local6 == ("::1", "2001:db8::5", "fd00::11")
 
 
 def test_a_service_wins_a_host_port_and_two_pods_cannot_share_one():

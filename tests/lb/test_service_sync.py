@@ -240,6 +240,43 @@ def test_a_host_port_a_service_or_another_pod_holds_is_refused_and_changes_nothi
     assert env.backends_of(Frontend(NODE_IP, 8080, "TCP")) == ["10.241.1.20:80"]
 
 
+def test_ipv6_host_ports_are_written_per_family_and_removed_on_delete():
+    env = Env(addresses=NodeAddresses(("10.240.0.11",), ("10.240.0.11",),
+                                      ("10.240.0.11", "127.0.0.1"), ("fd00::11",),
+                                      ("fd00::11",), ("::1", "fd00::11")))
+    s = env.sync
+    s._guarded(s.sync_once)
+    s.set_host_ports(("web", "p"), "10.241.1.20", [PortMapping(8080, 80, "TCP")],
+                     "fd00:241::20")
+    for ip in ("10.240.0.11", "127.0.0.1"):
+        assert env.backends_of(Frontend(ip, 8080, "TCP")) == ["10.241.1.20:80"]
+    for ip in ("fd00::11", "::1"):
+        assert env.backends_of(Frontend(ip, 8080, "TCP")) == ["fd00:241::20:80"]
+    # an IPv6-only pod: IPv6 frontends only; its IPv6 hostIP mapping too
+    s.set_host_ports(("web", "q"), "", [PortMapping(9090, 90, "UDP", "fd00::11"),
+                                        PortMapping(9091, 91, "TCP")], "fd00:241::21")
+    assert env.lb.resolve(Frontend("fd00::11", 9090, "UDP")) == [("fd00:241::21", 90, "UDP")]
+    assert env.backends_of(Frontend("::1", 9091, "TCP")) == ["fd00:241::21:91"]
+    assert env.lb.resolve(Frontend("10.240.0.11", 9091, "TCP")) is None
+    # another pod cannot take an IPv6 one either
+    with pytest.raises(HostPortRefused, match=r"\[fd00::11\]:9090/UDP of pod web/r is taken "
+                                              "by pod web/q"):
+        s.set_host_ports(("web", "r"), "", [PortMapping(9090, 90, "UDP")], "fd00:241::22")
+    # the node's IPv6 addresses change: the mappings follow
+    env.addresses = NodeAddresses(("10.240.0.11",), ("10.240.0.11",),
+                                  ("10.240.0.11", "127.0.0.1"), ("fd00::12",), ("fd00::12",),
+                                  ("::1", "fd00::12"))
+    s._guarded(s.sync_once)
+    assert env.backends_of(Frontend("fd00::12", 8080, "TCP")) == ["fd00:241::20:80"]
+    assert env.lb.resolve(Frontend("fd00::11", 8080, "TCP")) is None
+    s.remove_host_ports(("web", "p"))
+    s.remove_host_ports(("web", "q"))
+    for f in (Frontend("fd00::12", 8080, "TCP"), Frontend("::1", 8080, "TCP"),
+              Frontend("::1", 9091, "TCP"), Frontend("fd00::11", 9090, "UDP")):
+        assert env.lb.resolve(f) is None
+    assert s.host_ports() == {}
+
+
 def test_host_ports_that_do_not_fit_are_refused_as_the_pods():
     env = Env(caps=Capacities(2, 100, 100, 10, 10))
     s = env.sync

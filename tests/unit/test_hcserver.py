@@ -44,7 +44,7 @@ def get(ns: str, ip: str, port: int, path: str = "/healthz") -> tuple[int, dict,
 
 def refused(ns: str, ip: str, port: int) -> bool:
     with in_netns(ns):
-        s = socket.socket()
+        s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
     with s:
         s.settimeout(2)
         try:
@@ -77,6 +77,29 @@ def test_a_node_with_local_endpoints_answers_200_and_one_without_503(netns):
         healthy["v"] = False
         status, _, body = get(netns, "10.99.0.1", 32000)
         assert status == 503 and body["serviceProxyHealthy"] is False
+    finally:
+        srv.stop()
+
+
+def test_the_ipv6_nodeport_addresses_answer_the_same(netns):
+    # kube-proxy answers on the NodePort addresses of each family
+    subprocess.run(["ip", "-n", netns, "addr", "add", "fd99::1/128", "dev", "lo", "nodad"],
+                   check=True)
+    addrs = {"v": ("10.99.0.1", "fd99::1")}
+    srv = HealthCheckServer(lambda: addrs["v"], netns=netns)
+    try:
+        srv.sync({("shop", "web"): HealthCheck(("shop", "web"), 32010, 2)})
+        assert srv.failed == {}
+        v4, v6 = get(netns, "10.99.0.1", 32010), get(netns, "fd99::1", 32010)
+        assert v6[0] == v4[0] == 200 and v6[2] == v4[2]
+        assert v6[1]["X-Load-Balancing-Endpoint-Weight"] == "2"
+        # not on IPv6 addresses it was not given (loopback ::1)
+        assert refused(netns, "::1", 32010)
+        # the IPv6 wildcard serves IPv6 only: 10.99.0.1 is the IPv4 list's
+        addrs["v"] = ("::",)
+        srv.sync({("shop", "web"): HealthCheck(("shop", "web"), 32010, 1)})
+        assert get(netns, "fd99::1", 32010)[2]["localEndpoints"] == 1
+        assert refused(netns, "10.99.0.1", 32010)
     finally:
         srv.stop()
 

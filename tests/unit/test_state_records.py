@@ -97,3 +97,23 @@ def test_restrict_only_takes_access_away(tmp_path):
         assert bool(changed) == (before != after)
     (tmp_path / "l").symlink_to(f)
     assert _restrict(tmp_path / "l", 0o600) == []
+
+
+def test_an_ipv6_only_pods_host_ports_are_restored_with_its_ipv6_address():
+    # the record keeps an IPv6 hostIP as given; the restore hands the
+    # service sync the pod's IPv6 address, which IPv6 frontends translate to
+    import types
+    from agent.daemon.agent import Agent
+    from agent.lb.hostport import PortMapping
+    rec = dict(GOOD, ip="", ip6="fd00:10::5", endpoint_key="127.255.0.3",
+               port_mappings=[[9090, 80, "TCP", "fd00::11"], [8080, 80, "TCP", ""]])
+    ep = Endpoint.from_json(Endpoint.from_json(json.dumps(rec)).to_json())
+    calls = []
+
+    class Sync:
+        def set_host_ports(self, owner, pod_ip, mappings, pod_ip6=""):
+            calls.append((owner, pod_ip, tuple(mappings), pod_ip6))
+
+    Agent._restore_host_ports(types.SimpleNamespace(endpoints={ep.key: ep}, services=Sync()))
+    assert calls == [(ep.owner, "", (PortMapping(9090, 80, "TCP", "fd00::11"),
+                                     PortMapping(8080, 80, "TCP", "")), "fd00:10::5")]
