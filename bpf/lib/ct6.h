@@ -535,8 +535,11 @@ static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_
 		}
 		/* affinity remembers 32 bits of the client: its address folded
 		 * (within one prefix, distinct addresses stay distinct) */
-		be = fp_lb6_pick(svc, ip->saddr[0] ^ ip->saddr[1] ^ ip->saddr[2] ^ ip->saddr[3],
-				 &backend_id, now);
+		be = fp_lb6_pick_flow(svc, ip->saddr[0] ^ ip->saddr[1] ^ ip->saddr[2] ^ ip->saddr[3],
+				      outside && (svc->flags & FP_SVC_F_MAGLEV)
+					      ? fp_maglev_hash6(ip->saddr, l4->sport, l4->dport,
+								ip->proto)
+					      : FP_NO_MAGLEV, &backend_id, now);
 		if (!be) {
 			*reason = FP_DROP_NO_BACKEND;
 			return -1;

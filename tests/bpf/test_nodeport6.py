@@ -13,6 +13,7 @@ compiled by agent.lb, planned by the reconciler, written by apply_ops.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import secrets
 import subprocess
 
@@ -26,7 +27,8 @@ from agent.datapath import Datapath
 from agent.datapath.libbpf import prog_test_run
 from agent.datapath.maps import DEFS
 from agent.datapath.nsenter import in_netns
-from agent.lb.compile import LbOptions, compile_services
+from agent.lb.compile import SCOPE_EXTERNAL, Frontend, LbOptions, compile_services
+from agent.lb.maglev import flow_hash6
 from agent.lb.reconcile import Reconciler
 from agent.lb.svcnet import entries as svcnet_entries
 from agent.lb.table import ServiceTable
@@ -157,6 +159,9 @@ OBJECTS = [
     service("itp", ip="fd00:16::16", ipFamilies=["IPv6"], ipFamilyPolicy="SingleStack",
             internalTrafficPolicy="Local"),
     eslice6("itp-1", "itp", [ep(REMOTE6, node="node-b")]),
+    # Maglev over four remote backends
+    lb_svc6("mag", "fd00:16::17", 30086),
+    eslice6("mag-1", "mag", [ep(f"2001:db8:243::{i}", node="node-c") for i in range(1, 5)]),
 ]
 
 
@@ -164,6 +169,13 @@ OBJECTS = [
 def svcs(dp):
     snap = snapshot(*OBJECTS)
     desired = compile_services(snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP6,)))
+    # Maglev for one Service's outside traffic (the option is per node; the
+    # table and flag per frontend)
+    maglev = compile_services(snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP6,),
+                                                               maglev=True))
+    for fe, st in maglev.items():
+        if st.service == ("shop", "mag"):
+            desired[fe] = st
     rec = Reconciler(maglev_size=dp.lb.maglev_size)
     apply_ops(dp.lb, rec.plan(desired))
     table = ServiceTable(NODE, "")
@@ -425,3 +437,34 @@ def test_sctp_to_an_ipv6_node_port_is_translated_from_a_pod_and_left_to_the_stac
     v, out, reason, _, _ = run(dp, net, "fp_from_vpc", outside, "eth0")
     assert (v, reason) == (TC_ACT_UNSPEC, "to-stack")
     assert (Ether(out)[IPv6].dst, Ether(out)[SCTP].dport) == (NODE_IP6, 30905)
+
+
+# -- Maglev ---------------------------------------------------------------------------
+
+def test_maglev_sends_an_ipv6_flow_to_the_entry_its_hash_names(dp, net, svcs):
+    fe = Frontend(NODE_IP6, 30086, "TCP", SCOPE_EXTERNAL)
+    table = svcs.maglev_table(fe)
+    bes = dp.lb.backends()
+    # the table the external IPv6 entry names holds the IPv6 backends
+    assert {bes[b][0] for b in table} == {f"2001:db8:243::{i}" for i in range(1, 5)}
+    picks = Counter()
+    # clients differing in either half of the address, and in the port
+    for client in (CLIENT6, "2001:db8:250::12", "2001:db8:251::11"):
+        for sport in range(42000, 42030):
+            want = bes[table[flow_hash6(client, sport, 30086, 6) % dp.lb.maglev_size]][0]
+            v, out, reason, *_ = run(dp, net, "fp_from_vpc",
+                                     from_outside(net, NODE_IP6, 30086, sport, src=client),
+                                     "eth0")
+            assert v == TC_ACT_REDIRECT, reason
+            got = Ether(out)[IPv6].dst
+            assert got == want, (client, sport)
+            picks[got] += 1
+    assert len(picks) == 4, picks
+    # a new flow of a tuple whose entry has gone picks the same again
+    # (not a conntrack hit: the hash, not chance, decides)
+    dp.lb.conntrack_flush()
+    for sport in range(42000, 42030):
+        want = bes[table[flow_hash6(CLIENT6, sport, 30086, 6) % dp.lb.maglev_size]][0]
+        v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30086, sport),
+                         "eth0")
+        assert Ether(out)[IPv6].dst == want
