@@ -18,7 +18,8 @@ import secrets
 import subprocess
 
 import pytest
-from scapy.layers.inet6 import IPv6, TCP, UDP
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 
 from agent.config import Config
@@ -377,6 +378,38 @@ def test_an_ipv6_node_port_to_a_backend_on_another_node_is_snated_and_its_reply_
     ack = from_outside(net, NODE_IP6, 30081, 40200, flags="A")
     v, out, reason, _, idx = run(dp, net, "fp_from_vpc", ack, "eth0")
     assert (Ether(out)[IPv6].src, Ether(out)[TCP].sport) == (NODE_IP6, snat_port)
+
+
+def test_an_icmpv6_error_about_a_snated_flow_reaches_the_client_about_its_own_packet(
+        dp, net, svcs):
+    v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30081, 40250), "eth0")
+    sent = Ether(out)
+    assert sent[IPv6].src == NODE_IP6
+    # a router between the node and the backend says "packet too big" to
+    # the node's SNAT address, quoting the whole SNATed packet
+    err = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=GW6, dst=NODE_IP6) / \
+        ICMPv6PacketTooBig(mtu=1280) / bytes(sent[IPv6])
+    v, out, reason, _, idx = run(dp, net, "fp_from_vpc", err, "eth0")
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-eni", net.idx("eth0"))
+    o = Ether(out)
+    assert (o[IPv6].src, o[IPv6].dst) == (GW6, CLIENT6)
+    # the quote is the client's own packet: its address and port, the
+    # NodePort (not the node's SNAT port, nor the backend)
+    q = IPv6(bytes(o[ICMPv6PacketTooBig].payload))
+    assert (q.src, q[TCP].sport, q.dst, q[TCP].dport) == (CLIENT6, 40250, NODE_IP6, 30081)
+    quoted = q.copy()
+    del quoted[TCP].chksum
+    assert IPv6(bytes(quoted))[TCP].chksum == q[TCP].chksum
+    fresh = o.copy()
+    del fresh[ICMPv6PacketTooBig].cksum
+    assert Ether(bytes(fresh))[ICMPv6PacketTooBig].cksum == o[ICMPv6PacketTooBig].cksum
+    # an error about no flow of this node is the node's
+    stray = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=GW6, dst=NODE_IP6) / \
+        ICMPv6PacketTooBig(mtu=1280) / IPv6(src=NODE_IP6, dst=REMOTE6) / \
+        TCP(sport=61999, dport=8080, flags="S")
+    v, out, reason, *_ = run(dp, net, "fp_from_vpc", stray, "eth0")
+    assert (v, reason) == (TC_ACT_UNSPEC, "to-stack")
+    assert Ether(out)[IPv6].dst == NODE_IP6
 
 
 def test_local_policy_drops_ipv6_outside_traffic_on_a_node_without_endpoints(dp, net, svcs):
