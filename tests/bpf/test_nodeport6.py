@@ -501,3 +501,39 @@ def test_maglev_sends_an_ipv6_flow_to_the_entry_its_hash_names(dp, net, svcs):
         v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30086, sport),
                          "eth0")
         assert Ether(out)[IPv6].dst == want
+
+
+def test_two_nodes_with_different_backend_ids_send_an_ipv6_flow_to_the_same_backend(
+        bpffs, dp, net, svcs):
+    """A second node's datapath (programs and maps of its own) whose
+    backend ids differ: the same client tuple picks the same backend
+    address on both, as the table rests on the addresses alone."""
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/nodeport6-b",
+                                    service_cidrs=f"172.16.0.0/16,{SERVICE_CIDR6}")
+    other = Datapath(cfg, netns=net.ns, test_build=True).load()
+    try:
+        other.settings.set_node(NODE_IP, net.idx("eth0"), NODE_IP6)
+        snap = snapshot(*[o for o in OBJECTS if o["metadata"]["name"] in ("both", "both-1")])
+        # another Service first, so this node numbers the backends apart
+        rec = Reconciler(maglev_size=other.lb.maglev_size)
+        apply_ops(other.lb, rec.plan(compile_services(
+            snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP6,)))))
+        snap = snapshot(*OBJECTS)
+        mag = {fe: st for fe, st in compile_services(
+            snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP6,), maglev=True)).items()
+            if st.service == ("shop", "mag")}
+        apply_ops(other.lb, rec.plan(mag))
+        fe = Frontend(NODE_IP6, 30086, "TCP", SCOPE_EXTERNAL)
+        ids = lambda d, r: {d.lb.backends()[b][0]: b for b in r.maglev_table(fe)}
+        assert ids(dp, svcs) != ids(other, rec)
+        picks = set()
+        for sport in range(43000, 43030):
+            pkt = from_outside(net, NODE_IP6, 30086, sport, src="2001:db8:250::99")
+            a = Ether(run(dp, net, "fp_from_vpc", pkt, "eth0")[1])[IPv6].dst
+            b = Ether(run(other, net, "fp_from_vpc", pkt, "eth0")[1])[IPv6].dst
+            assert a == b, sport
+            picks.add(a)
+        assert len(picks) > 1
+        apply_ops(other.lb, rec.plan({}))
+    finally:
+        other.close()
