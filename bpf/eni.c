@@ -253,8 +253,8 @@ int fp_from_vpc(struct __sk_buff *skb)
  *   - the pod's ingress limits apply before delivery, one budget with its
  *     IPv4 (lib/bw.h, in pod.c fp_deliver_local6). */
 /* IPv6 for the node itself, not for one of its pods (fp_from_vpc_node's
- * twin): a reply of a flow this node SNATed gets its client back and is
- * routed to it; a new flow to an IPv6 frontend (NodePort, external or
+ * twin): a reply of a flow this node SNATed, or an ICMPv6 error about
+ * one, gets its client back and is routed to it; a new flow to an IPv6 frontend (NodePort, external or
  * load-balancer IP, ClusterIP) is translated with this node's view of
  * outside traffic (externalTrafficPolicy, source ranges; SNAT to the
  * node's primary IPv6 address for a backend on another node) and sent to
@@ -282,14 +282,16 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 	first = fp_ct6_frag_begin(ip);
 	fp_parse_l4_6(skb, ip, &l4);
 	/* the reply of a flow this node SNATed (its destination port is one
-	 * SNAT hands out) */
-	if (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN) {
+	 * SNAT hands out), or an ICMPv6 error about one */
+	if (l4.kind == FP_L4_ICMP_ERR ||
+	    (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN)) {
 		rc = fp_ct6_reverse_any(skb, ip, &l4, 0);
 		if (rc < 0)
 			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
 		if (rc > 0) {
-			fp_count_family(skb->ifindex, FP_DIR_FROM_VPC, FP_FWD_REVNAT, skb->len,
-					FP_FAM_IPV6);
+			fp_count_family(skb->ifindex, FP_DIR_FROM_VPC,
+					l4.kind == FP_L4_ICMP_ERR ? FP_FWD_RELATED : FP_FWD_REVNAT,
+					skb->len, FP_FAM_IPV6);
 			fp_ct6_frag_end(first, ip);
 			goto deliver;
 		}

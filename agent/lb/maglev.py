@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from agent.config.schema import KEYS_BY_NAME, MAGLEV_TABLE_SIZES
 
 __all__ = ["TABLE_SIZES", "DEFAULT_TABLE_SIZE", "build_table", "permutation_seeds",
-           "flow_hash", "backend_name"]
+           "flow_hash", "flow_hash6", "backend_name"]
 
 TABLE_SIZES = MAGLEV_TABLE_SIZES
 DEFAULT_TABLE_SIZE = KEYS_BY_NAME["maglev_table_size"].default
@@ -133,3 +133,12 @@ def flow_hash(saddr: str, sport: int, dport: int, proto: int) -> int:
     b = (b + 0xDEADBEEF) & 0xFFFFFFFF
     c = (c + 0xDEADBEEF) & 0xFFFFFFFF
     return _jhash_final(a, b, c)
+
+
+def flow_hash6(saddr: str, sport: int, dport: int, proto: int) -> int:
+    """`flow_hash` of an IPv6 flow (bpf/lib/lb6.h fp_maglev_hash6): the
+    client's address folded to 32 bits by XOR of its four words as the
+    packet carries them, then hashed as an IPv4 client's address is."""
+    words = struct.unpack("<4I", socket.inet_pton(socket.AF_INET6, saddr))
+    fold = words[0] ^ words[1] ^ words[2] ^ words[3]
+    return flow_hash(socket.inet_ntoa(struct.pack("<I", fold)), sport, dport, proto)

@@ -535,8 +535,11 @@ static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_
 		}
 		/* affinity remembers 32 bits of the client: its address folded
 		 * (within one prefix, distinct addresses stay distinct) */
-		be = fp_lb6_pick(svc, ip->saddr[0] ^ ip->saddr[1] ^ ip->saddr[2] ^ ip->saddr[3],
-				 &backend_id, now);
+		be = fp_lb6_pick_flow(svc, ip->saddr[0] ^ ip->saddr[1] ^ ip->saddr[2] ^ ip->saddr[3],
+				      outside && (svc->flags & FP_SVC_F_MAGLEV)
+					      ? fp_maglev_hash6(ip->saddr, l4->sport, l4->dport,
+								ip->proto)
+					      : FP_NO_MAGLEV, &backend_id, now);
 		if (!be) {
 			*reason = FP_DROP_NO_BACKEND;
 			return -1;
@@ -781,9 +784,9 @@ static __always_inline int fp_ct6_related_reverse(struct __sk_buff *skb, struct 
 	struct fp_quote6 q = {};
 	struct fp_ct6_key *key;
 	struct fp_ct6 *ct;
-	__be16 vport;
+	__be16 vport, cport;
 	__u64 now = 0;
-	int tier = 0, hairpin;
+	int tier = 0, hairpin, snat;
 
 	if (!w || fp_ct6_quote(skb, l4, &q, w))
 		return 0;
@@ -803,10 +806,17 @@ static __always_inline int fp_ct6_related_reverse(struct __sk_buff *skb, struct 
 	__builtin_memcpy(w->new_qdaddr, ct->nat_addr, 16);         /* the VIP */
 	vport = ct->nat_port;
 	hairpin = ct->flags & FP_CT_F_HAIRPIN;
-	__builtin_memcpy(w->new_qsaddr, hairpin ? w->q_daddr : w->q_saddr, 16);
-	__builtin_memcpy(w->odst, hairpin && fp_ip6_is_hairpin(ip->daddr) ? w->q_daddr : ip->daddr,
+	snat = !hairpin && (ct->flags & FP_CT_F_SNAT);
+	/* SNAT: the quote's source is the node's SNAT address and port, which
+	 * get the client's back, and an error sent to that address goes to
+	 * the client (IPv4's fp_ct_reverse alike) */
+	cport = snat ? ct->peer_port : q.sport;
+	__builtin_memcpy(w->new_qsaddr, hairpin ? w->q_daddr : (snat ? ct->peer_addr : w->q_saddr),
 			 16);
-	if (fp_ct6_quote_rewrite(skb, ip, l4, &q, w, q.sport, vport,
+	__builtin_memcpy(w->odst, (hairpin && fp_ip6_is_hairpin(ip->daddr)) ? w->q_daddr :
+			 (snat && fp_ip6_eq(ip->daddr, w->q_saddr) ? ct->peer_addr : ip->daddr),
+			 16);
+	if (fp_ct6_quote_rewrite(skb, ip, l4, &q, w, cport, vport,
 				 fp_ip6_eq(ip->saddr, w->q_daddr) ? w->new_qdaddr : ip->saddr))
 		return -1;
 	fp_ct_event(FP_CTE_RELATED);
@@ -870,7 +880,7 @@ static __always_inline int fp_ct6_reverse_any(struct __sk_buff *skb, struct fp_i
 	int tier = 0, hairpin, snat;
 
 	if (l4->kind == FP_L4_ICMP_ERR)
-		return full ? fp_ct6_related_reverse(skb, ip, l4) : 0;
+		return fp_ct6_related_reverse(skb, ip, l4);
 	if (l4->kind != FP_L4_PORTS || (!full && ip->proto == IPPROTO_SCTP))
 		return 0;
 	/* the key in the scratch's `fwd` (no translation runs on this packet) */
@@ -913,8 +923,8 @@ static __always_inline int fp_ct6_reverse_any(struct __sk_buff *skb, struct fp_i
 	return 1;
 }
 
-/* `full` 0 (fp_vpc6_node: the reply of a flow this node SNATed): neither
- * ICMPv6 errors nor SCTP, which that walk does not translate. */
+/* `full` 0 (fp_vpc6_node: the reply of a flow this node SNATed, or an
+ * ICMPv6 error about one): no SCTP, which that walk does not translate. */
 static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
 					  struct fp_l4 *l4)
 {

@@ -3,6 +3,7 @@
  *
  * The choice is IPv4's (lib/lb.h fp_lb_pick_flow): ClientIP affinity first
  * (the same fp_lb_affinity_live/_remember), never a draining backend, else
+ * Maglev for traffic from outside when the frontend has it, else
  * a random slot. Service and backend ids are one id space over both
  * families, so the slots, the Maglev tables and the affinity map are
  * shared; only the frontend and backend entries, whose addresses are 16
@@ -14,8 +15,21 @@
 
 #include "lib/lb.h"
 
-static __always_inline struct fp_backend6 *fp_lb6_pick(struct fp_svc4 *svc, __be32 client,
-						       __u32 *backend_id, __u64 now)
+/* Maglev's flow hash of an IPv6 flow: the client's 16-byte address folded
+ * to 32 bits by XOR of its four words as the packet carries them, then
+ * IPv4's fp_maglev_hash over (fold, client port, frontend port, protocol),
+ * so the tables and the agent's flow_hash6 twin serve both families alike
+ * and every node computes the same. */
+static __always_inline __u64 fp_maglev_hash6(const __be32 *saddr, __be16 sport, __be16 dport,
+					     __u8 proto)
+{
+	return fp_maglev_hash(saddr[0] ^ saddr[1] ^ saddr[2] ^ saddr[3], sport, dport, proto);
+}
+
+/* `mhash`: as for fp_lb_pick_flow (fp_maglev_hash6, or FP_NO_MAGLEV). */
+static __always_inline struct fp_backend6 *fp_lb6_pick_flow(struct fp_svc4 *svc, __be32 client,
+							    __u64 mhash, __u32 *backend_id,
+							    __u64 now)
 {
 	struct fp_backend6 *be = NULL;
 	struct fp_aff4 *aff;
@@ -33,11 +47,28 @@ static __always_inline struct fp_backend6 *fp_lb6_pick(struct fp_svc4 *svc, __be
 		}
 		be = NULL;
 	}
-	slot = (bpf_get_prandom_u32() % svc->count) + 1;
-	be = fp_slot_backend6(svc->svc_id, slot, backend_id);
+	if ((svc->flags & FP_SVC_F_MAGLEV) && mhash != FP_NO_MAGLEV) {
+		__u32 bid = fp_maglev_backend(svc->svc_id, (__u32)mhash % FP_MAGLEV_M);
+
+		be = bid ? fp_backend6_lookup(bid) : NULL;
+		if (be && !(be->flags & FP_BE_F_DRAINING))
+			*backend_id = bid;
+		else
+			be = NULL;
+	}
+	if (!be) {
+		slot = (bpf_get_prandom_u32() % svc->count) + 1;
+		be = fp_slot_backend6(svc->svc_id, slot, backend_id);
+	}
 	if (be)
 		fp_lb_affinity_remember(svc, client, *backend_id, now);
 	return be;
+}
+
+static __always_inline struct fp_backend6 *fp_lb6_pick(struct fp_svc4 *svc, __be32 client,
+						       __u32 *backend_id, __u64 now)
+{
+	return fp_lb6_pick_flow(svc, client, FP_NO_MAGLEV, backend_id, now);
 }
 
 #endif /* FP_LIB_LB6_H */

@@ -13,11 +13,13 @@ compiled by agent.lb, planned by the reconciler, written by apply_ops.
 from __future__ import annotations
 
 import json
+from collections import Counter
 import secrets
 import subprocess
 
 import pytest
-from scapy.layers.inet6 import IPv6, TCP, UDP
+from scapy.layers.inet import TCP, UDP
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 
 from agent.config import Config
@@ -26,7 +28,8 @@ from agent.datapath import Datapath
 from agent.datapath.libbpf import prog_test_run
 from agent.datapath.maps import DEFS
 from agent.datapath.nsenter import in_netns
-from agent.lb.compile import LbOptions, compile_services
+from agent.lb.compile import SCOPE_EXTERNAL, Frontend, LbOptions, compile_services
+from agent.lb.maglev import flow_hash6
 from agent.lb.reconcile import Reconciler
 from agent.lb.svcnet import entries as svcnet_entries
 from agent.lb.table import ServiceTable
@@ -157,6 +160,9 @@ OBJECTS = [
     service("itp", ip="fd00:16::16", ipFamilies=["IPv6"], ipFamilyPolicy="SingleStack",
             internalTrafficPolicy="Local"),
     eslice6("itp-1", "itp", [ep(REMOTE6, node="node-b")]),
+    # Maglev over four remote backends
+    lb_svc6("mag", "fd00:16::17", 30086),
+    eslice6("mag-1", "mag", [ep(f"2001:db8:243::{i}", node="node-c") for i in range(1, 5)]),
 ]
 
 
@@ -164,6 +170,13 @@ OBJECTS = [
 def svcs(dp):
     snap = snapshot(*OBJECTS)
     desired = compile_services(snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP6,)))
+    # Maglev for one Service's outside traffic (the option is per node; the
+    # table and flag per frontend)
+    maglev = compile_services(snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP6,),
+                                                               maglev=True))
+    for fe, st in maglev.items():
+        if st.service == ("shop", "mag"):
+            desired[fe] = st
     rec = Reconciler(maglev_size=dp.lb.maglev_size)
     apply_ops(dp.lb, rec.plan(desired))
     table = ServiceTable(NODE, "")
@@ -367,6 +380,38 @@ def test_an_ipv6_node_port_to_a_backend_on_another_node_is_snated_and_its_reply_
     assert (Ether(out)[IPv6].src, Ether(out)[TCP].sport) == (NODE_IP6, snat_port)
 
 
+def test_an_icmpv6_error_about_a_snated_flow_reaches_the_client_about_its_own_packet(
+        dp, net, svcs):
+    v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30081, 40250), "eth0")
+    sent = Ether(out)
+    assert sent[IPv6].src == NODE_IP6
+    # a router between the node and the backend says "packet too big" to
+    # the node's SNAT address, quoting the whole SNATed packet
+    err = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=GW6, dst=NODE_IP6) / \
+        ICMPv6PacketTooBig(mtu=1280) / bytes(sent[IPv6])
+    v, out, reason, _, idx = run(dp, net, "fp_from_vpc", err, "eth0")
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-eni", net.idx("eth0"))
+    o = Ether(out)
+    assert (o[IPv6].src, o[IPv6].dst) == (GW6, CLIENT6)
+    # the quote is the client's own packet: its address and port, the
+    # NodePort (not the node's SNAT port, nor the backend)
+    q = IPv6(bytes(o[ICMPv6PacketTooBig].payload))
+    assert (q.src, q[TCP].sport, q.dst, q[TCP].dport) == (CLIENT6, 40250, NODE_IP6, 30081)
+    quoted = q.copy()
+    del quoted[TCP].chksum
+    assert IPv6(bytes(quoted))[TCP].chksum == q[TCP].chksum
+    fresh = o.copy()
+    del fresh[ICMPv6PacketTooBig].cksum
+    assert Ether(bytes(fresh))[ICMPv6PacketTooBig].cksum == o[ICMPv6PacketTooBig].cksum
+    # an error about no flow of this node is the node's
+    stray = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=GW6, dst=NODE_IP6) / \
+        ICMPv6PacketTooBig(mtu=1280) / IPv6(src=NODE_IP6, dst=REMOTE6) / \
+        TCP(sport=61999, dport=8080, flags="S")
+    v, out, reason, *_ = run(dp, net, "fp_from_vpc", stray, "eth0")
+    assert (v, reason) == (TC_ACT_UNSPEC, "to-stack")
+    assert Ether(out)[IPv6].dst == NODE_IP6
+
+
 def test_local_policy_drops_ipv6_outside_traffic_on_a_node_without_endpoints(dp, net, svcs):
     v, _, reason, _, _ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30082, 40300),
                              "eth0")
@@ -425,3 +470,70 @@ def test_sctp_to_an_ipv6_node_port_is_translated_from_a_pod_and_left_to_the_stac
     v, out, reason, _, _ = run(dp, net, "fp_from_vpc", outside, "eth0")
     assert (v, reason) == (TC_ACT_UNSPEC, "to-stack")
     assert (Ether(out)[IPv6].dst, Ether(out)[SCTP].dport) == (NODE_IP6, 30905)
+
+
+# -- Maglev ---------------------------------------------------------------------------
+
+def test_maglev_sends_an_ipv6_flow_to_the_entry_its_hash_names(dp, net, svcs):
+    fe = Frontend(NODE_IP6, 30086, "TCP", SCOPE_EXTERNAL)
+    table = svcs.maglev_table(fe)
+    bes = dp.lb.backends()
+    # the table the external IPv6 entry names holds the IPv6 backends
+    assert {bes[b][0] for b in table} == {f"2001:db8:243::{i}" for i in range(1, 5)}
+    picks = Counter()
+    # clients differing in either half of the address, and in the port
+    for client in (CLIENT6, "2001:db8:250::12", "2001:db8:251::11"):
+        for sport in range(42000, 42030):
+            want = bes[table[flow_hash6(client, sport, 30086, 6) % dp.lb.maglev_size]][0]
+            v, out, reason, *_ = run(dp, net, "fp_from_vpc",
+                                     from_outside(net, NODE_IP6, 30086, sport, src=client),
+                                     "eth0")
+            assert v == TC_ACT_REDIRECT, reason
+            got = Ether(out)[IPv6].dst
+            assert got == want, (client, sport)
+            picks[got] += 1
+    assert len(picks) == 4, picks
+    # a new flow of a tuple whose entry has gone picks the same again
+    # (not a conntrack hit: the hash, not chance, decides)
+    dp.lb.conntrack_flush()
+    for sport in range(42000, 42030):
+        want = bes[table[flow_hash6(CLIENT6, sport, 30086, 6) % dp.lb.maglev_size]][0]
+        v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30086, sport),
+                         "eth0")
+        assert Ether(out)[IPv6].dst == want
+
+
+def test_two_nodes_with_different_backend_ids_send_an_ipv6_flow_to_the_same_backend(
+        bpffs, dp, net, svcs):
+    """A second node's datapath (programs and maps of its own) whose
+    backend ids differ: the same client tuple picks the same backend
+    address on both, as the table rests on the addresses alone."""
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/nodeport6-b",
+                                    service_cidrs=f"172.16.0.0/16,{SERVICE_CIDR6}")
+    other = Datapath(cfg, netns=net.ns, test_build=True).load()
+    try:
+        other.settings.set_node(NODE_IP, net.idx("eth0"), NODE_IP6)
+        snap = snapshot(*[o for o in OBJECTS if o["metadata"]["name"] in ("both", "both-1")])
+        # another Service first, so this node numbers the backends apart
+        rec = Reconciler(maglev_size=other.lb.maglev_size)
+        apply_ops(other.lb, rec.plan(compile_services(
+            snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP6,)))))
+        snap = snapshot(*OBJECTS)
+        mag = {fe: st for fe, st in compile_services(
+            snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP6,), maglev=True)).items()
+            if st.service == ("shop", "mag")}
+        apply_ops(other.lb, rec.plan(mag))
+        fe = Frontend(NODE_IP6, 30086, "TCP", SCOPE_EXTERNAL)
+        ids = lambda d, r: {d.lb.backends()[b][0]: b for b in r.maglev_table(fe)}
+        assert ids(dp, svcs) != ids(other, rec)
+        picks = set()
+        for sport in range(43000, 43030):
+            pkt = from_outside(net, NODE_IP6, 30086, sport, src="2001:db8:250::99")
+            a = Ether(run(dp, net, "fp_from_vpc", pkt, "eth0")[1])[IPv6].dst
+            b = Ether(run(other, net, "fp_from_vpc", pkt, "eth0")[1])[IPv6].dst
+            assert a == b, sport
+            picks.add(a)
+        assert len(picks) > 1
+        apply_ops(other.lb, rec.plan({}))
+    finally:
+        other.close()

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from agent.lb.maglev import TABLE_SIZES, backend_name, build_table, flow_hash
+from agent.lb.maglev import TABLE_SIZES, backend_name, build_table, flow_hash, flow_hash6
 
 
 def names(n: int, port: int = 8080) -> list[str]:
@@ -93,3 +93,12 @@ def test_flow_hash_is_stable_and_spreads_flows():
     picks = Counter(t[flow_hash("192.0.2.10", p, 80, 6) % 1021] for p in range(30000, 34000))
     assert set(picks) == {0, 1, 2, 3}
     assert min(picks.values()) > 700, picks
+
+
+def test_an_ipv6_flow_hashes_its_address_folded_by_xor_of_its_words():
+    # one nonzero word: the fold is that word, hashed as an IPv4 address
+    assert flow_hash6("::10.1.2.3", 40000, 80, 6) == flow_hash("10.1.2.3", 40000, 80, 6)
+    # every word counts, wherever it is
+    assert flow_hash6("a01:203::", 40000, 80, 6) == flow_hash("10.1.2.3", 40000, 80, 6)
+    assert flow_hash6("2001:db8::11", 40000, 80, 6) != flow_hash6("2001:db9::11", 40000, 80, 6)
+    assert flow_hash6("2001:db8::11", 40000, 80, 6) != flow_hash6("2001:db8::11", 40001, 80, 6)
