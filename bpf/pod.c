@@ -571,6 +571,49 @@ static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp
 	return fp_from_pod6_service_run(skb, ip, l4, restore);
 }
 
+/* ---- IPv6 established flows in one program ----
+ *
+ * What fp_from_pod_established is for IPv4: a mid-stream TCP/UDP/SCTP
+ * packet of an unfragmented flow, policy, bandwidth manager and what-if
+ * off, to no IPv6 frontend, hairpin address or bypass prefix, has nothing
+ * for fp_pod6_route to decide but the reply of a translated flow getting
+ * its VIP back and the way out. Done here it saves the second tail call,
+ * the second parse and the endpoint lookups fp_pod6_route repeats; the
+ * outcome is the one the two halves give. Returns the verdict, or
+ * FP_WALK_ON for anything else. */
+static __always_inline int fp_from_pod6_established(struct __sk_buff *skb, struct fp_ipv6 *ip,
+						    struct fp_l4 *l4, const struct fp_endpoint *src)
+{
+	struct fp_config *cfg = fp_config_get();
+	struct fp_endpoint *dst;
+	enum fp_reason reason = FP_FWD_STACK;
+	int verdict, rc;
+
+	if (ip->frag != FP_IP6_NOT_FRAG)
+		return FP_WALK_ON;
+	fp_parse_l4_6(skb, ip, l4);
+	if (l4->kind != FP_L4_PORTS || l4->opening || fp_ip6_is_hairpin(ip->daddr))
+		return FP_WALK_ON;
+	if (!cfg || (cfg->flags & (FP_CFG_F_POLICY | FP_CFG_F_BW)) || fp_whatif())
+		return FP_WALK_ON;
+	if (fp_ct6_frontend(ip, l4, 0) || fp_bypass6_match(ip->daddr))
+		return FP_WALK_ON;
+	dst = fp_endpoint6_lookup(ip->daddr);
+	rc = fp_ct6_reverse(skb, ip, l4);
+	if (rc < 0)
+		return fp_drop6(skb, FP_DROP_CSUM, ip, TC_ACT_SHOT);
+	if (dst)
+		return fp_deliver_local6(skb, FP_DIR_FROM_POD, ip, dst);
+	/* a local backend's reply to a client outside: the node's routing
+	 * decides, the primary NIC is a way out too (as in fp_pod6_route) */
+	if (rc > 0)
+		verdict = fp_redirect_fib6_also(skb, ip, src->eni_ifindex, cfg->primary_ifindex,
+						&reason);
+	else
+		verdict = fp_redirect_fib6(skb, ip, src->eni_ifindex, &reason);
+	return fp_finish6(skb, FP_DIR_FROM_POD, reason, verdict, ip);
+}
+
 /* ---- IPv6 (docs/ipv6.md) ----
  *
  * fp_from_pod6 (reached from fp_from_pod by FP_TAIL_FROM_POD6, after the
@@ -624,6 +667,9 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
 	if (src->host_ifindex != skb->ifindex)
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT, &ip);
+	verdict = fp_from_pod6_established(skb, &ip, &l4, src);
+	if (verdict != FP_WALK_ON)
+		return verdict;
 	/* IPv6 Services per packet */
 	verdict = fp_from_pod6_service(skb, &ip, &l4, &restore);
 	if (verdict != FP_WALK_ON)
