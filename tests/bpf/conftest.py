@@ -13,6 +13,7 @@ made by the programs give real answers:
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import subprocess
 from dataclasses import dataclass
@@ -48,6 +49,53 @@ NOT_RECORDED = 0xFFFF         # decision reason before a run: "program recorded 
 def sh(cmd: str) -> str:
     return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
 
+
+
+class NodeNet:
+    """A node of its own for the node-facing Service tests (test_nodeport.py,
+    test_nodeport6.py): eth0 (the primary NIC) and eth1 (an ENI) with their
+    VPC-side peers, pods A and B behind caliA and caliB; each test module
+    adds its family's addresses, routes and rules (node_netns)."""
+
+    POD_MAC = {"A": "02:00:00:00:0a:0a", "B": "02:00:00:00:0b:0b"}
+
+    def __init__(self, ns):
+        self.ns = ns
+        self.dev = {}
+        for name in ("eth0", "eth1", "caliA", "caliB"):
+            info = json.loads(sh(f"ip -n {ns} -j link show {name}"))[0]
+            self.dev[name] = (info["ifindex"], info["address"])
+        self.pod_mac = dict(self.POD_MAC)
+
+    def idx(self, name):
+        return self.dev[name][0]
+
+    def mac(self, name):
+        return self.dev[name][1]
+
+
+@contextlib.contextmanager
+def node_netns(prefix: str, ip_commands, sysctls=()):
+    """NodeNet in a netns named prefix-<random>, removed also on failure:
+    the links, then `ip <command>` for each of ip_commands, then each
+    sysctl (key=value) inside the netns."""
+    ns = f"{prefix}-{secrets.token_hex(3)}"
+    sh(f"ip netns add {ns}")
+    try:
+        links = ["link set lo up",
+                 "link add eth0 type veth peer name vpc0",
+                 "link add eth1 type veth peer name vpc1",
+                 "link add caliA type veth peer name podA",
+                 "link add caliB type veth peer name podB",
+                 *[f"link set {d} up" for d in ("eth0", "vpc0", "eth1", "vpc1", "caliA",
+                                                 "podA", "caliB", "podB")]]
+        for sysctl in sysctls:
+            sh(f"ip netns exec {ns} sysctl -qw {sysctl}")
+        for c in [*links, *ip_commands]:
+            sh(f"ip -n {ns} {c}")
+        yield NodeNet(ns)
+    finally:
+        subprocess.run(f"ip netns del {ns}", shell=True)
 
 @dataclass
 class Dev:

@@ -12,9 +12,6 @@ agent.lb, planned by the reconciler, written by apply_ops.
 """
 from __future__ import annotations
 
-import json
-import secrets
-import subprocess
 from collections import Counter
 
 import pytest
@@ -34,7 +31,7 @@ from agent.lb.reconcile import Reconciler
 from agent.lb.svcnet import entries as svcnet_entries
 from agent.lb.table import ServiceTable
 from agent.model.endpoint import Endpoint
-from tests.bpf.conftest import TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC
+from tests.bpf.conftest import TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, node_netns
 from tests.bpf.test_lb import assert_checksums_valid
 from tests.lb.lbdata import ep, eslice, service, snapshot
 
@@ -49,57 +46,23 @@ EXT_IP, LB_IP = "203.0.113.7", "198.51.100.5"
 SERVICE_CIDR = "172.16.0.0/16"
 
 
-def sh(cmd: str) -> str:
-    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
-
-
-class Net:
-    def __init__(self, ns):
-        self.ns = ns
-        self.dev = {}
-        for name in ("eth0", "eth1", "caliA", "caliB"):
-            info = json.loads(sh(f"ip -n {ns} -j link show {name}"))[0]
-            self.dev[name] = (info["ifindex"], info["address"])
-        self.pod_mac = {"A": "02:00:00:00:0a:0a", "B": "02:00:00:00:0b:0b"}
-
-    def idx(self, name):
-        return self.dev[name][0]
-
-    def mac(self, name):
-        return self.dev[name][1]
-
-
 @pytest.fixture(scope="module")
 def net():
-    ns = f"fpt-np-{secrets.token_hex(3)}"
-    sh(f"ip netns add {ns}")
-    try:
-        for c in [
-            "link set lo up",
-            "link add eth0 type veth peer name vpc0",
-            "link add eth1 type veth peer name vpc1",
-            "link add caliA type veth peer name podA",
-            "link add caliB type veth peer name podB",
-            *[f"link set {d} up" for d in ("eth0", "vpc0", "eth1", "vpc1", "caliA", "podA",
-                                            "caliB", "podB")],
-            f"addr add {NODE_IP}/24 dev eth0",
-            f"route add default via {GW} dev eth0",
-            f"neigh add {GW} lladdr {GW_MAC} dev eth0 nud permanent",
-            f"addr add {ENI_IP}/32 dev eth1",
-            f"route add default via {ENI_GW} dev eth1 onlink table 1001",
-            f"neigh add {ENI_GW} lladdr {ENI_GW_MAC} dev eth1 nud permanent",
-            f"route add {POD_A} dev caliA scope link",
-            f"route add {POD_B} dev caliB scope link",
-            f"rule add to {POD_A} lookup main pref 512",
-            f"rule add to {POD_B} lookup main pref 512",
-            f"rule add from {POD_A} lookup 1001 pref 2048",
-            f"rule add from {POD_B} lookup 1001 pref 2048",
-        ]:
-            sh(f"ip -n {ns} {c}")
-        sh(f"ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1")
-        yield Net(ns)
-    finally:
-        subprocess.run(f"ip netns del {ns}", shell=True)
+    with node_netns("fpt-np", [
+        f"addr add {NODE_IP}/24 dev eth0",
+        f"route add default via {GW} dev eth0",
+        f"neigh add {GW} lladdr {GW_MAC} dev eth0 nud permanent",
+        f"addr add {ENI_IP}/32 dev eth1",
+        f"route add default via {ENI_GW} dev eth1 onlink table 1001",
+        f"neigh add {ENI_GW} lladdr {ENI_GW_MAC} dev eth1 nud permanent",
+        f"route add {POD_A} dev caliA scope link",
+        f"route add {POD_B} dev caliB scope link",
+        f"rule add to {POD_A} lookup main pref 512",
+        f"rule add to {POD_B} lookup main pref 512",
+        f"rule add from {POD_A} lookup 1001 pref 2048",
+        f"rule add from {POD_B} lookup 1001 pref 2048",
+    ], sysctls=["net.ipv4.ip_forward=1"]) as n:
+        yield n
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,7 @@ compiled by agent.lb, planned by the reconciler, written by apply_ops.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
-import secrets
-import subprocess
 
 import pytest
 from scapy.layers.inet import TCP, UDP
@@ -34,7 +31,7 @@ from agent.lb.reconcile import Reconciler
 from agent.lb.svcnet import entries as svcnet_entries
 from agent.lb.table import ServiceTable
 from agent.model.endpoint import Endpoint
-from tests.bpf.conftest import TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC
+from tests.bpf.conftest import TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, node_netns
 from tests.lb.lbdata import ep, eslice, service, snapshot
 
 NODE = "node-a"
@@ -50,60 +47,25 @@ EXT6, LB6 = "2001:db8:113::7", "2001:db8:51::5"
 SERVICE_CIDR6 = "fd00:16::/108"
 
 
-def sh(cmd: str) -> str:
-    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True).stdout
-
-
-class Net:
-    def __init__(self, ns):
-        self.ns = ns
-        self.dev = {}
-        for name in ("eth0", "eth1", "caliA", "caliB"):
-            info = json.loads(sh(f"ip -n {ns} -j link show {name}"))[0]
-            self.dev[name] = (info["ifindex"], info["address"])
-        self.pod_mac = {"A": "02:00:00:00:0a:0a", "B": "02:00:00:00:0b:0b"}
-
-    def idx(self, name):
-        return self.dev[name][0]
-
-    def mac(self, name):
-        return self.dev[name][1]
-
-
 @pytest.fixture(scope="module")
 def net():
-    ns = f"fpt-np6-{secrets.token_hex(3)}"
-    sh(f"ip netns add {ns}")
-    try:
-        sh(f"ip netns exec {ns} sysctl -qw net.ipv6.conf.all.forwarding=1")
-        sh(f"ip netns exec {ns} sysctl -qw net.ipv6.conf.default.accept_dad=0")
-        for c in [
-            "link set lo up",
-            "link add eth0 type veth peer name vpc0",
-            "link add eth1 type veth peer name vpc1",
-            "link add caliA type veth peer name podA",
-            "link add caliB type veth peer name podB",
-            *[f"link set {d} up" for d in ("eth0", "vpc0", "eth1", "vpc1", "caliA", "podA",
-                                            "caliB", "podB")],
-            f"addr add {NODE_IP}/24 dev eth0",
-            f"-6 addr add {NODE_IP6}/64 dev eth0 nodad",
-            f"-6 route add default via {GW6} dev eth0",
-            f"-6 neigh add {GW6} lladdr {GW_MAC} dev eth0 nud permanent",
-            f"-6 addr add {ENI_IP6}/128 dev eth1 nodad",
-            f"-6 route add {ENI_GW6} dev eth1 table 1001",
-            f"-6 route add default via {ENI_GW6} dev eth1 table 1001",
-            f"-6 neigh add {ENI_GW6} lladdr {ENI_GW_MAC} dev eth1 nud permanent",
-            f"-6 route add {POD_A6} dev caliA",
-            f"-6 route add {POD_B6} dev caliB",
-            f"-6 rule add to {POD_A6} lookup main pref 512",
-            f"-6 rule add to {POD_B6} lookup main pref 512",
-            f"-6 rule add from {POD_A6} lookup 1001 pref 2048",
-            f"-6 rule add from {POD_B6} lookup 1001 pref 2048",
-        ]:
-            sh(f"ip -n {ns} {c}")
-        yield Net(ns)
-    finally:
-        subprocess.run(f"ip netns del {ns}", shell=True)
+    with node_netns("fpt-np6", [
+        f"addr add {NODE_IP}/24 dev eth0",
+        f"-6 addr add {NODE_IP6}/64 dev eth0 nodad",
+        f"-6 route add default via {GW6} dev eth0",
+        f"-6 neigh add {GW6} lladdr {GW_MAC} dev eth0 nud permanent",
+        f"-6 addr add {ENI_IP6}/128 dev eth1 nodad",
+        f"-6 route add {ENI_GW6} dev eth1 table 1001",
+        f"-6 route add default via {ENI_GW6} dev eth1 table 1001",
+        f"-6 neigh add {ENI_GW6} lladdr {ENI_GW_MAC} dev eth1 nud permanent",
+        f"-6 route add {POD_A6} dev caliA",
+        f"-6 route add {POD_B6} dev caliB",
+        f"-6 rule add to {POD_A6} lookup main pref 512",
+        f"-6 rule add to {POD_B6} lookup main pref 512",
+        f"-6 rule add from {POD_A6} lookup 1001 pref 2048",
+        f"-6 rule add from {POD_B6} lookup 1001 pref 2048",
+    ], sysctls=["net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.accept_dad=0"]) as n:
+        yield n
 
 
 @pytest.fixture(scope="module")
