@@ -43,6 +43,7 @@ POD_A6, POD_B6, POD_C6 = "fd00:10::1:a", "fd00:10::1:b", "fd00:10::1:c"
 ENI_IP6, GW6, GW6_NO_NEIGH = "fd00:10::2", "fe80::253", "fe80::254"
 REMOTE6 = "fd00:20::20"
 REMOTE6_NO_NEIGH = "fd00:30::30"
+NODE_NAME = "node-a"  # the node of the node-facing Service tests (node_services)
 NOT_RECORDED = 0xFFFF         # decision reason before a run: "program recorded nothing"
 
 
@@ -96,6 +97,51 @@ def node_netns(prefix: str, ip_commands, sysctls=()):
         yield NodeNet(ns)
     finally:
         subprocess.run(f"ip netns del {ns}", shell=True)
+
+
+@contextlib.contextmanager
+def node_services(dp, objects, node_ip: str, service_cidr: str, extra=None):
+    """objects compiled, planned and written the agent's way with node_ip as
+    the NodePort address, Maglev for ("shop", "mag")'s outside traffic (the
+    option is per node; the table and flag per frontend), plus the extra
+    frontends (e.g. hostPorts); yields the Reconciler, then removes it all
+    and flushes conntrack."""
+    from agent.daemon.services import apply_ops
+    from agent.lb.compile import LbOptions, compile_services
+    from agent.lb.reconcile import Reconciler
+    from agent.lb.svcnet import entries as svcnet_entries
+    from agent.lb.table import ServiceTable
+    from tests.lb.lbdata import snapshot
+
+    snap = snapshot(*objects)
+    desired = compile_services(snap, NODE_NAME, "", options=LbOptions(nodeport_ips=(node_ip,)))
+    maglev = compile_services(snap, NODE_NAME, "", options=LbOptions(nodeport_ips=(node_ip,),
+                                                               maglev=True))
+    desired.update({fe: st for fe, st in maglev.items() if st.service == ("shop", "mag")})
+    desired.update(extra or {})
+    rec = Reconciler(maglev_size=dp.lb.maglev_size)
+    apply_ops(dp.lb, rec.plan(desired))
+    table = ServiceTable(NODE_NAME, "")
+    table.rebuild(snap)
+    dp.lb.svcnet_set(svcnet_entries(table.cluster_ips, [service_cidr]))
+    try:
+        yield rec
+    finally:
+        apply_ops(dp.lb, rec.plan({}))
+        dp.lb.svcnet_set({})
+        dp.lb.conntrack_flush()
+
+
+def node_run(dp, net, prog, pkt, dev):
+    """prog run on pkt arriving on net's dev: (retval, data, reason,
+    redirect kind, redirect ifindex) from the program's decision record."""
+    from agent.datapath.maps import DEFS
+    dp.maps.decision_reset(NOT_RECORDED)
+    with in_netns(net.ns):
+        res = prog_test_run(dp.prog_fd(prog), bytes(pkt), ifindex=net.idx(dev))
+    rec = dp.maps.decision()
+    return res.retval, res.data, DEFS.reason(rec.reason), DEFS.redirect_kinds[rec.kind].label, \
+        rec.ifindex
 
 @dataclass
 class Dev:

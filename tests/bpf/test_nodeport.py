@@ -15,27 +15,21 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from scapy.layers.inet import ICMP, IP, IPerror, TCP, TCPerror, UDP
+from scapy.layers.inet import ICMP, IP, IPerror, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.layers.sctp import SCTP, SCTPChunkInit
 
 from agent.config import Config
 from agent.daemon.services import apply_ops
 from agent.datapath import Datapath
-from agent.datapath.libbpf import prog_test_run
-from agent.datapath.maps import DEFS, ip_from_be32
-from agent.datapath.nsenter import in_netns
-from agent.lb.compile import LbOptions, compile_services
+from agent.datapath.maps import DEFS
 from agent.lb.maglev import flow_hash
-from agent.lb.reconcile import Reconciler
-from agent.lb.svcnet import entries as svcnet_entries
-from agent.lb.table import ServiceTable
 from agent.model.endpoint import Endpoint
-from tests.bpf.conftest import TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, node_netns
+from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+                                node_netns, node_run as run, node_services)
 from tests.bpf.test_lb import assert_checksums_valid
-from tests.lb.lbdata import ep, eslice, service, snapshot
+from tests.lb.lbdata import ep, eslice, service
 
-NODE = "node-a"
 NODE_IP, GW, GW_MAC = "10.240.0.11", "10.240.0.253", "02:00:00:00:02:54"
 ENI_IP, ENI_GW, ENI_GW_MAC = "10.241.1.1", "10.241.255.253", "02:00:00:00:03:53"
 POD_A, POD_B = "10.241.1.10", "10.241.1.11"
@@ -117,37 +111,12 @@ OBJECTS = [
 
 @pytest.fixture(scope="module")
 def svcs(dp):
-    snap = snapshot(*OBJECTS)
-    desired = compile_services(snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP,)))
-    # Maglev for one Service's outside traffic (the option is per node; the
-    # table and flag per frontend)
-    maglev = compile_services(snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP,),
-                                                               maglev=True))
-    for fe, st in maglev.items():
-        if st.service == ("shop", "mag"):
-            desired[fe] = st
     # a pod's hostPort (what a CNI ADD with portMappings registers)
     from agent.lb.hostport import PortMapping, frontends_of
-    desired.update(frontends_of(("web", "h"), POD_A, [PortMapping(8443, 443, "TCP")],
-                                [NODE_IP, ENI_IP, "127.0.0.1"], NODE))
-    rec = Reconciler(maglev_size=dp.lb.maglev_size)
-    apply_ops(dp.lb, rec.plan(desired))
-    table = ServiceTable(NODE, "")
-    table.rebuild(snap)
-    dp.lb.svcnet_set(svcnet_entries(table.cluster_ips, [SERVICE_CIDR]))
-    yield rec
-    apply_ops(dp.lb, rec.plan({}))
-    dp.lb.svcnet_set({})
-    dp.lb.conntrack_flush()
-
-
-def run(dp, net, prog, pkt, dev):
-    dp.maps.decision_reset(0xFFFF)
-    with in_netns(net.ns):
-        res = prog_test_run(dp.prog_fd(prog), bytes(pkt), ifindex=net.idx(dev))
-    rec = dp.maps.decision()
-    return res.retval, res.data, DEFS.reason(rec.reason), DEFS.redirect_kinds[rec.kind].label, \
-        rec.ifindex
+    hostport = frontends_of(("web", "h"), POD_A, [PortMapping(8443, 443, "TCP")],
+                            [NODE_IP, ENI_IP, "127.0.0.1"], NODE)
+    with node_services(dp, OBJECTS, NODE_IP, SERVICE_CIDR, hostport) as rec:
+        yield rec
 
 
 def from_outside(net, dst, dport, sport=40000, src=CLIENT, dev="eth0", proto="tcp", flags="S"):

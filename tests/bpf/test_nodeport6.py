@@ -22,19 +22,14 @@ from scapy.layers.l2 import Ether
 from agent.config import Config
 from agent.daemon.services import apply_ops
 from agent.datapath import Datapath
-from agent.datapath.libbpf import prog_test_run
-from agent.datapath.maps import DEFS
-from agent.datapath.nsenter import in_netns
 from agent.lb.compile import SCOPE_EXTERNAL, Frontend, LbOptions, compile_services
 from agent.lb.maglev import flow_hash6
 from agent.lb.reconcile import Reconciler
-from agent.lb.svcnet import entries as svcnet_entries
-from agent.lb.table import ServiceTable
 from agent.model.endpoint import Endpoint
-from tests.bpf.conftest import TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, node_netns
+from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+                                node_netns, node_run as run, node_services)
 from tests.lb.lbdata import ep, eslice, service, snapshot
 
-NODE = "node-a"
 NODE_IP, NODE_IP6 = "10.240.0.11", "2001:db8:240::11"
 GW6, GW_MAC = "2001:db8:240::253", "02:00:00:00:02:54"
 ENI_IP6, ENI_GW6, ENI_GW_MAC = "2001:db8:241::1", "2001:db8:241::fffd", "02:00:00:00:03:53"
@@ -130,33 +125,8 @@ OBJECTS = [
 
 @pytest.fixture(scope="module")
 def svcs(dp):
-    snap = snapshot(*OBJECTS)
-    desired = compile_services(snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP6,)))
-    # Maglev for one Service's outside traffic (the option is per node; the
-    # table and flag per frontend)
-    maglev = compile_services(snap, NODE, "", options=LbOptions(nodeport_ips=(NODE_IP6,),
-                                                               maglev=True))
-    for fe, st in maglev.items():
-        if st.service == ("shop", "mag"):
-            desired[fe] = st
-    rec = Reconciler(maglev_size=dp.lb.maglev_size)
-    apply_ops(dp.lb, rec.plan(desired))
-    table = ServiceTable(NODE, "")
-    table.rebuild(snap)
-    dp.lb.svcnet_set(svcnet_entries(table.cluster_ips, [SERVICE_CIDR6]))
-    yield rec
-    apply_ops(dp.lb, rec.plan({}))
-    dp.lb.svcnet_set({})
-    dp.lb.conntrack_flush()
-
-
-def run(dp, net, prog, pkt, dev):
-    dp.maps.decision_reset(0xFFFF)
-    with in_netns(net.ns):
-        res = prog_test_run(dp.prog_fd(prog), bytes(pkt), ifindex=net.idx(dev))
-    rec = dp.maps.decision()
-    return res.retval, res.data, DEFS.reason(rec.reason), DEFS.redirect_kinds[rec.kind].label, \
-        rec.ifindex
+    with node_services(dp, OBJECTS, NODE_IP6, SERVICE_CIDR6) as rec:
+        yield rec
 
 
 def from_pod(net, pod, dst, dport, sport=41000, proto="tcp"):
