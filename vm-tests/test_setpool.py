@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from agent.datapath import libbpf
+from agent.datapath import libbpf, loader
 from agent.datapath.maps import MAP
 from agent.datapath.ringbuf import RingReader
 from agent.sim import setpool
@@ -91,8 +91,8 @@ def test_a_set_with_anything_beside_what_a_build_leaves_is_not_kept(program_sets
             fd = lib.bpf_map_create(1, b"fp_leftover", 4, 4, 1, None)
             assert fd >= 0
             try:
-                setpool._pin(fd, os.path.join(agent.config.bpffs_root,
-                                              MAP["FP_MAP_ENDPOINTS"] + "_old"))
+                loader.pin_fd(fd, os.path.join(agent.config.bpffs_root,
+                                               MAP["FP_MAP_ENDPOINTS"] + "_old"))
             finally:
                 os.close(fd)
         assert not [s for _, s in program_sets._ready if s.used_in == (node.netns,)]
