@@ -28,6 +28,7 @@ from agent.lb.reconcile import Reconciler
 from agent.model.endpoint import Endpoint
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
                                 node_netns, node_run as run, node_services)
+from tests.bpf.test_conntrack6 import assert_l4_checksum_valid
 from tests.lb.lbdata import ep, eslice, service, snapshot
 
 NODE_IP, NODE_IP6 = "10.240.0.11", "2001:db8:240::11"
@@ -140,16 +141,6 @@ def own(net, dst, dport, src=NODE_IP6, sport=45000):
     """The node's own SYN on its way out of eth0."""
     return Ether(src=net.mac("eth0"), dst=GW_MAC) / IPv6(src=src, dst=dst) / \
         TCP(sport=sport, dport=dport, flags="S")
-
-
-def assert_l4_checksum_valid(out: bytes):
-    o = Ether(out)
-    layer = TCP if TCP in o else UDP
-    got = o[layer].chksum
-    again = o.copy()
-    del again[layer].chksum
-    assert Ether(bytes(again))[layer].chksum == got, "transport checksum over the pseudo-header"
-    assert got != 0
 
 
 def ct_rows(dp, **match):

@@ -24,6 +24,7 @@ from agent.datapath.maps import DEFS
 from agent.policy import compile_policy, diff
 from tests.bpf.conftest import (ENI_IP, ENI_IP6, POD_A, POD_A6, POD_B, POD_B6, TC_ACT_REDIRECT,
                                 TC_ACT_SHOT, TC_ACT_UNSPEC, frontends, run_prog)
+from tests.bpf.test_conntrack6 import assert_l4_checksum_valid
 from tests.bpf.test_ipv6 import dual  # noqa: F401  (the dual-stack pods fixture)
 from tests.policy.kube import namespace, netpol, pod, snapshot
 
@@ -88,16 +89,6 @@ def node_to_a(n, src, l4):
 
 def run(dp, n, prog, pkt, dev):
     return run_prog(dp, n.ns, prog, bytes(pkt), getattr(n, dev).ifindex)
-
-
-def assert_l4_checksum_valid(out: bytes):
-    o = Ether(out)
-    layer = TCP if TCP in o else UDP
-    got = o[layer].chksum
-    again = o.copy()
-    del again[layer].chksum
-    assert Ether(bytes(again))[layer].chksum == got
-    assert got != 0
 
 
 def ct6(lb):
