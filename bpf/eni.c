@@ -262,8 +262,12 @@ int fp_from_vpc(struct __sk_buff *skb)
  * device; a frontend without endpoints answers ICMPv6 port unreachable
  * out of the interface the packet came in on; a ClusterIP's unknown port
  * is rejected, an unallocated Service CIDR address dropped; anything else
- * is the node's own traffic: the stack. */
-static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ipv6 *ip)
+ * is the node's own traffic: the stack.
+ * `sctp` (a constant) compiles one half: 0 everything but SCTP
+ * (fp_vpc6_node: TCP, UDP, ICMPv6 errors, later fragments), 1 SCTP that
+ * is no later fragment (fp_vpc6_sctp), whose CRC updates the other half's
+ * verifier budget has no room for. */
+static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ipv6 *ip, int sctp)
 {
 	struct fp_frag6_work *first;
 	struct fp_endpoint *dst;
@@ -271,7 +275,7 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 	enum fp_reason reason = FP_FWD_STACK;
 	int rc, verdict;
 
-	if (ip->frag == FP_IP6_LATER_FRAG) {
+	if (!sctp && ip->frag == FP_IP6_LATER_FRAG) {
 		rc = fp_ct6_frag_follow(skb, ip);
 		if (rc < 0)
 			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
@@ -283,9 +287,9 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 	fp_parse_l4_6(skb, ip, &l4);
 	/* the reply of a flow this node SNATed (its destination port is one
 	 * SNAT hands out), or an ICMPv6 error about one */
-	if (l4.kind == FP_L4_ICMP_ERR ||
+	if ((!sctp && l4.kind == FP_L4_ICMP_ERR) ||
 	    (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN)) {
-		rc = fp_ct6_reverse_any(skb, ip, &l4, 0);
+		rc = fp_ct6_reverse_any(skb, ip, &l4, sctp ? FP_NAT6_SCTP_ONLY : FP_NAT6_NO_SCTP);
 		if (rc < 0)
 			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
 		if (rc > 0) {
@@ -296,7 +300,8 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 			goto deliver;
 		}
 	}
-	rc = fp_ct6_service_from(skb, ip, &l4, &reason, 1);
+	rc = fp_ct6_service_from(skb, ip, &l4, &reason,
+				 sctp ? FP_CT6_OUTSIDE_SCTP : FP_CT6_OUTSIDE);
 	if (rc == 0) {
 		fp_count_family(skb->ifindex, FP_DIR_FROM_VPC, FP_FWD_SVC, skb->len, FP_FAM_IPV6);
 		fp_ct6_frag_end(first, ip);
@@ -347,8 +352,9 @@ static __always_inline int fp_from_vpc6_run(struct __sk_buff *skb)
 	    fp_ip6_is_nd(skb, &ip))
 		return FP_TC_CONTINUE;
 	dst = fp_endpoint6_lookup(ip.daddr);
-	if (!dst)                       /* the node's: fp_vpc6_node */
-		return FP_TAIL_ROUTE;
+	if (!dst)                       /* the node's: fp_vpc6_node, SCTP fp_vpc6_sctp */
+		return ip.proto == IPPROTO_SCTP && ip.frag != FP_IP6_LATER_FRAG ? FP_TAIL_SCTP6
+										: FP_TAIL_ROUTE;
 	reason = fp_policy6_stage(skb, FP_DIR_FROM_VPC, &ip, 0);
 	if (reason)
 		return fp_finish_quiet6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT);
@@ -378,6 +384,8 @@ int fp_from_vpc6(struct __sk_buff *skb)
 	fp_whatif_exit(prev);
 	if (verdict == FP_TAIL_ROUTE)
 		verdict = fp_tail_call(skb, FP_TAIL_FROM_VPC6_NODE, FP_DIR_FROM_VPC);
+	else if (verdict == FP_TAIL_SCTP6)
+		verdict = fp_tail_call(skb, FP_TAIL_FROM_VPC6_SCTP, FP_DIR_FROM_VPC);
 	return verdict;
 }
 
@@ -390,13 +398,37 @@ static __always_inline int fp_vpc6_node_run(struct __sk_buff *skb)
 	barrier_var(skb);
 	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
 		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
-	return fp_from_vpc6_node(skb, &ip);
+	return fp_from_vpc6_node(skb, &ip, 0);
 }
 
 int fp_vpc6_node(struct __sk_buff *skb)
 {
 	__u32 prev = fp_whatif_enter(skb);
 	int verdict = fp_vpc6_node_run(skb);
+
+	fp_whatif_exit(prev);
+	return verdict;
+}
+
+/* fp_from_vpc6's SCTP for the node (slot FP_TAIL_FROM_VPC6_SCTP): parsed
+ * again, then fp_from_vpc6_node's SCTP half. fp_from_vpc6 sends nothing
+ * else here; anything else would be walked by no translation, so it is
+ * dropped rather than left to the stack half-judged. */
+static __always_inline int fp_vpc6_sctp_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+
+	barrier_var(skb);
+	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6 || ip.proto != IPPROTO_SCTP ||
+	    ip.frag == FP_IP6_LATER_FRAG)
+		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_INVALID, TC_ACT_SHOT, &ip);
+	return fp_from_vpc6_node(skb, &ip, 1);
+}
+
+int fp_vpc6_sctp(struct __sk_buff *skb)
+{
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_vpc6_sctp_run(skb);
 
 	fp_whatif_exit(prev);
 	return verdict;

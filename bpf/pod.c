@@ -91,10 +91,9 @@ static __always_inline struct fp_pod_route *fp_pod_route_slot(void)
 static __always_inline int fp_tail_call(struct __sk_buff *skb, __u32 slot, enum fp_dir dir)
 {
 	fp_tail_jump(skb, slot);
+	/* every slot but IPv4's second half is an IPv6 program's */
 	fp_count_family(skb->ifindex, dir, FP_DROP_NO_TAIL_CALL, skb->len,
-			slot == FP_TAIL_FROM_POD6 || slot == FP_TAIL_FROM_VPC6 ||
-			slot == FP_TAIL_FROM_POD6_ROUTE ? FP_FAM_IPV6
-									 : FP_FAM_IPV4);
+			slot == FP_TAIL_FROM_POD_ROUTE ? FP_FAM_IPV4 : FP_FAM_IPV6);
 	fp_test_record(0, FP_RD_NONE, 0, FP_DROP_NO_TAIL_CALL);
 	return TC_ACT_SHOT;
 }

@@ -52,6 +52,7 @@ PROGRAMS = {
     "fp_to_pod6": ("pod.c", SCHED_CLS, -1),
     "fp_pod6_route": ("pod.c", SCHED_CLS, -1),
     "fp_vpc6_node": ("eni.c", SCHED_CLS, -1),
+    "fp_vpc6_sctp": ("eni.c", SCHED_CLS, -1),
     "fp_sock_conn4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT),
     "fp_sock_send4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_SENDMSG),
     "fp_sock_recv4": ("sock.c", CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_RECVMSG),
@@ -64,7 +65,8 @@ PROGRAMS = {
 # Program -> the FP_MAP_TAILS slot (fastpath.h: FP_TAIL_*) it is reached by.
 TAIL_CALLS = {"fp_pod_route": "FP_TAIL_FROM_POD_ROUTE", "fp_from_pod6": "FP_TAIL_FROM_POD6",
               "fp_from_vpc6": "FP_TAIL_FROM_VPC6", "fp_to_pod6": "FP_TAIL_TO_POD6",
-              "fp_pod6_route": "FP_TAIL_FROM_POD6_ROUTE", "fp_vpc6_node": "FP_TAIL_FROM_VPC6_NODE"}
+              "fp_pod6_route": "FP_TAIL_FROM_POD6_ROUTE", "fp_vpc6_node": "FP_TAIL_FROM_VPC6_NODE",
+              "fp_vpc6_sctp": "FP_TAIL_FROM_VPC6_SCTP"}
 BPFFS_MAGIC_TYPE = "bpf"
 
 

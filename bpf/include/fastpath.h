@@ -877,7 +877,14 @@ _Static_assert(sizeof(struct fp_bw_flow6_key) == 36, "fp_bw_flow6_key layout");
  * Services from outside, SNAT replies), a program of its own for the
  * verifier's budget. It parses the packet again; nothing is handed over. */
 #define FP_TAIL_FROM_VPC6_NODE 5
-#define FP_TAIL_MAX            6
+/* SCTP from outside to the node (bpf/eni.c fp_vpc6_sctp: IPv6 Services
+ * from outside and SNAT replies, for SCTP): its CRC updates walked beside
+ * TCP's and UDP's took the verifier past its budget. fp_from_vpc6 chooses
+ * it for an SCTP packet (not a later fragment) by returning FP_TAIL_SCTP6;
+ * it parses the packet again, nothing is handed over. */
+#define FP_TAIL_FROM_VPC6_SCTP 6
+#define FP_TAIL_SCTP6          0x7ffd   /* not a tc verdict */
+#define FP_TAIL_MAX            7
 #define FP_TAIL_ROUTE          0x7fff   /* not a tc verdict */
 #define FP_TAIL_IPV6           0x7ffe   /* not a tc verdict */
 

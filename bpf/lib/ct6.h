@@ -155,10 +155,18 @@ static __always_inline int fp_nat6_rewrite_sctp(struct __sk_buff *skb, struct fp
 	return 0;
 }
 
+/* Which transports a rewrite is compiled for (fp_nat6_rewrite_any's
+ * `sctp`, fp_ct6_reverse_any's `full`), a constant: the verifier walks only
+ * those. The node's IPv6 from outside is split by transport so that each
+ * program stays within the verifier's budget: fp_vpc6_node compiles TCP
+ * and UDP, fp_vpc6_sctp SCTP (its CRC updates); pods' programs both. */
+#define FP_NAT6_NO_SCTP   0
+#define FP_NAT6_ANY       1
+#define FP_NAT6_SCTP_ONLY 2     /* the caller has checked: the packet is SCTP */
+
 /* Rewrite the source (is_src) or destination address and port of a TCP,
  * UDP or SCTP packet, its checksum fixed for the pseudo-header and the
- * port. `sctp` 0 (a constant): the caller never passes SCTP, and the
- * verifier need not walk the CRC update (fp_vpc6_node's budget). */
+ * port. `sctp`: FP_NAT6_* (SCTP refused by FP_NAT6_NO_SCTP). */
 static __always_inline int fp_nat6_rewrite_any(struct __sk_buff *skb, struct fp_ipv6 *ip,
 					       struct fp_l4 *l4, int is_src,
 					       const __u32 *new_addr, __be16 new_port, int sctp)
@@ -172,8 +180,8 @@ static __always_inline int fp_nat6_rewrite_any(struct __sk_buff *skb, struct fp_
 	__u64 l4flags = ip->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	__s64 diff;
 
-	if (ip->proto == IPPROTO_SCTP) {
-		if (!sctp)
+	if (sctp == FP_NAT6_SCTP_ONLY || ip->proto == IPPROTO_SCTP) {
+		if (sctp == FP_NAT6_NO_SCTP)
 			return -1;
 		return fp_nat6_rewrite_sctp(skb, ip, l4, is_src, new_addr, new_port);
 	}
@@ -429,10 +437,14 @@ static __always_inline int fp_ct6_snat_port(struct fp_ct6_work *w, const __u32 *
  * external entry, and a backend on another node gets the flow SNATed to
  * the node's primary IPv6 address (fp_config.node_ip6) and a port of
  * FP_SNAT_PORT_MIN..MAX, so that its reply comes back here. */
+#define FP_CT6_OUTSIDE      1    /* `outside`: TCP and UDP (fp_vpc6_node) */
+#define FP_CT6_OUTSIDE_SCTP 2    /* `outside`: SCTP (fp_vpc6_sctp) */
 static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_ipv6 *ip,
 					       struct fp_l4 *l4, enum fp_reason *reason,
 					       int outside)
 {
+	int nat = !outside ? FP_NAT6_ANY
+			   : (outside == FP_CT6_OUTSIDE_SCTP ? FP_NAT6_SCTP_ONLY : FP_NAT6_NO_SCTP);
 	struct fp_svc4 *svc;
 	struct fp_ct6_work *w;
 	struct fp_ct6 *ct;
@@ -445,10 +457,10 @@ static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_
 
 	if (l4->kind != FP_L4_PORTS)
 		return 1;
-	/* SCTP from outside to IPv6 frontends is not translated (fp_vpc6_node's
-	 * verifier budget: the CRC updates of DNAT, SNAT and their reversal
-	 * in one program) */
-	if (outside && ip->proto == IPPROTO_SCTP)
+	/* from outside, each program its own transports (FP_NAT6_*) */
+	if (outside == FP_CT6_OUTSIDE && ip->proto == IPPROTO_SCTP)
+		return 1;
+	if (outside == FP_CT6_OUTSIDE_SCTP && ip->proto != IPPROTO_SCTP)
 		return 1;
 	svc = fp_ct6_frontend(ip, l4, outside);
 	if (!svc)
@@ -608,19 +620,19 @@ static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_
 	}
 
 	fp_decision_nat(svc->svc_id, backend_id, 0, bport);
-	if (fp_nat6_rewrite_any(skb, ip, l4, 0, baddr, bport, !outside)) {
+	if (fp_nat6_rewrite_any(skb, ip, l4, 0, baddr, bport, nat)) {
 		*reason = FP_DROP_CSUM;
 		return -1;
 	}
 	if (hairpin) {
 		fp_ip6_hairpin(router);
-		if (fp_nat6_rewrite_any(skb, ip, l4, 1, router, l4->sport, !outside)) {
+		if (fp_nat6_rewrite_any(skb, ip, l4, 1, router, l4->sport, nat)) {
 			*reason = FP_DROP_CSUM;
 			return -1;
 		}
 	} else if (snat) {
 		__builtin_memcpy(router, w->odst, 16);
-		if (fp_nat6_rewrite_any(skb, ip, l4, 1, router, snat_port, 0)) {
+		if (fp_nat6_rewrite_any(skb, ip, l4, 1, router, snat_port, nat)) {
 			*reason = FP_DROP_CSUM;
 			return -1;
 		}
@@ -879,9 +891,11 @@ static __always_inline int fp_ct6_reverse_any(struct __sk_buff *skb, struct fp_i
 	__u64 now = 0;
 	int tier = 0, hairpin, snat;
 
-	if (l4->kind == FP_L4_ICMP_ERR)
+	/* `full`: FP_NAT6_* (fp_vpc6_sctp's SCTP has no ICMPv6 to walk) */
+	if (full != FP_NAT6_SCTP_ONLY && l4->kind == FP_L4_ICMP_ERR)
 		return fp_ct6_related_reverse(skb, ip, l4);
-	if (l4->kind != FP_L4_PORTS || (!full && ip->proto == IPPROTO_SCTP))
+	if (l4->kind != FP_L4_PORTS || (full == FP_NAT6_NO_SCTP && ip->proto == IPPROTO_SCTP) ||
+	    (full == FP_NAT6_SCTP_ONLY && ip->proto != IPPROTO_SCTP))
 		return 0;
 	/* the key in the scratch's `fwd` (no translation runs on this packet) */
 	w = fp_ct6_work_scratch();
@@ -923,12 +937,12 @@ static __always_inline int fp_ct6_reverse_any(struct __sk_buff *skb, struct fp_i
 	return 1;
 }
 
-/* `full` 0 (fp_vpc6_node: the reply of a flow this node SNATed, or an
- * ICMPv6 error about one): no SCTP, which that walk does not translate. */
+/* Pods' programs: every transport (fp_vpc6_node and fp_vpc6_sctp call
+ * fp_ct6_reverse_any with their half). */
 static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
 					  struct fp_l4 *l4)
 {
-	return fp_ct6_reverse_any(skb, ip, l4, 1);
+	return fp_ct6_reverse_any(skb, ip, l4, FP_NAT6_ANY);
 }
 
 /* ---- fragments ---- */

@@ -379,8 +379,7 @@ def test_the_nodes_own_ipv6_traffic_from_outside_goes_to_the_stack(dp, net, svcs
     assert (v, reason) == (TC_ACT_SHOT, "dropped-service-unallocated")
 
 
-def test_sctp_to_an_ipv6_node_port_is_translated_from_a_pod_and_left_to_the_stack_from_outside(
-        dp, net, svcs):
+def test_sctp_to_an_ipv6_node_port_is_translated_from_a_pod_and_from_outside(dp, net, svcs):
     from scapy.layers.sctp import SCTP, SCTPChunkInit
     init = SCTP(sport=40905, dport=30905) / SCTPChunkInit(init_tag=7, a_rwnd=1500, n_out_streams=1,
                                                           n_in_streams=1, init_tsn=1)
@@ -388,11 +387,12 @@ def test_sctp_to_an_ipv6_node_port_is_translated_from_a_pod_and_left_to_the_stac
     v, out, reason, _, idx = run(dp, net, "fp_from_pod", pod, "caliA")
     assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-local", net.idx("caliB"))
     assert (Ether(out)[IPv6].dst, Ether(out)[SCTP].dport) == (POD_B6, 2906)
-    # from outside: not translated (fp_vpc6_node's verifier budget), the stack's
+    # from outside too (fp_vpc6_sctp; tests/bpf/test_sctp6_outside.py has the rest)
     outside = Ether(src=CLIENT_MAC, dst=net.mac("eth0")) / IPv6(src=CLIENT6, dst=NODE_IP6) / init
-    v, out, reason, _, _ = run(dp, net, "fp_from_vpc", outside, "eth0")
-    assert (v, reason) == (TC_ACT_UNSPEC, "to-stack")
-    assert (Ether(out)[IPv6].dst, Ether(out)[SCTP].dport) == (NODE_IP6, 30905)
+    v, out, reason, _, idx = run(dp, net, "fp_from_vpc", outside, "eth0")
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-local", net.idx("caliB"))
+    assert (Ether(out)[IPv6].src, Ether(out)[IPv6].dst, Ether(out)[SCTP].dport) == (
+        CLIENT6, POD_B6, 2906)
 
 
 # -- Maglev ---------------------------------------------------------------------------
