@@ -272,7 +272,8 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 	struct fp_frag6_work *first;
 	struct fp_endpoint *dst;
 	struct fp_l4 l4 = {};
-	enum fp_reason reason = FP_FWD_STACK;
+	enum fp_reason reason = FP_FWD_STACK, counted;
+	__be16 osport, odport;
 	int rc, verdict;
 
 	if (!sctp && ip->frag == FP_IP6_LATER_FRAG) {
@@ -285,6 +286,9 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 	}
 	first = fp_ct6_frag_begin(ip);
 	fp_parse_l4_6(skb, ip, &l4);
+	/* SCTP: the CRC is fixed once, after the translation (fp_sctp6_crc_ports) */
+	osport = l4.sport;
+	odport = l4.dport;
 	/* the reply of a flow this node SNATed (its destination port is one
 	 * SNAT hands out), or an ICMPv6 error about one */
 	if ((!sctp && l4.kind == FP_L4_ICMP_ERR) ||
@@ -293,19 +297,15 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 		if (rc < 0)
 			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
 		if (rc > 0) {
-			fp_count_family(skb->ifindex, FP_DIR_FROM_VPC,
-					l4.kind == FP_L4_ICMP_ERR ? FP_FWD_RELATED : FP_FWD_REVNAT,
-					skb->len, FP_FAM_IPV6);
-			fp_ct6_frag_end(first, ip);
-			goto deliver;
+			counted = l4.kind == FP_L4_ICMP_ERR ? FP_FWD_RELATED : FP_FWD_REVNAT;
+			goto translated;
 		}
 	}
 	rc = fp_ct6_service_from(skb, ip, &l4, &reason,
 				 sctp ? FP_CT6_OUTSIDE_SCTP : FP_CT6_OUTSIDE);
 	if (rc == 0) {
-		fp_count_family(skb->ifindex, FP_DIR_FROM_VPC, FP_FWD_SVC, skb->len, FP_FAM_IPV6);
-		fp_ct6_frag_end(first, ip);
-		goto deliver;
+		counted = FP_FWD_SVC;
+		goto translated;
 	}
 	if (rc > 0) {
 		/* no frontend: kube-proxy's checks of the Service CIDRs */
@@ -320,6 +320,12 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 		return fp_reject_icmp6_dev(skb, ip, FP_ICMP6_PORT_UNREACH, reason, 1);
 	}
 	return fp_finish6(skb, FP_DIR_FROM_VPC, reason, TC_ACT_SHOT, ip);
+translated:
+	/* one call site: the CRC arithmetic is walked once */
+	if (sctp && fp_sctp6_crc_ports(skb, ip, &l4, osport, odport))
+		return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
+	fp_count_family(skb->ifindex, FP_DIR_FROM_VPC, counted, skb->len, FP_FAM_IPV6);
+	fp_ct6_frag_end(first, ip);
 deliver:
 	dst = fp_endpoint6_lookup(ip->daddr);
 	if (!dst) {

@@ -124,10 +124,11 @@ static __always_inline void fp_parse_l4_6(struct __sk_buff *skb, const struct fp
 
 /* SCTP's half of fp_nat6_rewrite: CRC32c covers no pseudo-header, so the
  * address is stored alone; a port change updates the CRC as IPv4's does
- * (fp_sctp_crc_fix_len), over the SCTP packet after the extension headers. */
+ * (fp_sctp_crc_fix_len), over the SCTP packet after the extension headers,
+ * unless `crc_later`: the caller fixes it once (fp_sctp6_crc_ports). */
 static __always_inline int fp_nat6_rewrite_sctp(struct __sk_buff *skb, struct fp_ipv6 *ip,
 						struct fp_l4 *l4, int is_src, const __u32 *new_addr,
-						__be16 new_port)
+						__be16 new_port, int crc_later)
 {
 	__u32 *addr = is_src ? ip->saddr : ip->daddr;
 	__be16 *port = is_src ? &l4->sport : &l4->dport;
@@ -146,9 +147,11 @@ static __always_inline int fp_nat6_rewrite_sctp(struct __sk_buff *skb, struct fp
 		addr[3] = new_addr[3];
 	}
 	if (*port != new_port) {
-		if (len < ext ||
-		    fp_sctp_crc_fix_len(skb, len - ext, l4->off, port_off, *port, new_port) ||
-		    bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+		if (!crc_later &&
+		    (len < ext ||
+		     fp_sctp_crc_fix_len(skb, len - ext, l4->off, port_off, *port, new_port)))
+			return -1;
+		if (bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
 			return -1;
 		*port = new_port;
 	}
@@ -162,7 +165,9 @@ static __always_inline int fp_nat6_rewrite_sctp(struct __sk_buff *skb, struct fp
  * and UDP, fp_vpc6_sctp SCTP (its CRC updates); pods' programs both. */
 #define FP_NAT6_NO_SCTP   0
 #define FP_NAT6_ANY       1
-#define FP_NAT6_SCTP_ONLY 2     /* the caller has checked: the packet is SCTP */
+/* the caller has checked that the packet is SCTP, and fixes its CRC once
+ * for all the port changes (fp_sctp6_crc_ports) */
+#define FP_NAT6_SCTP_ONLY 2
 
 /* Rewrite the source (is_src) or destination address and port of a TCP,
  * UDP or SCTP packet, its checksum fixed for the pseudo-header and the
@@ -183,7 +188,8 @@ static __always_inline int fp_nat6_rewrite_any(struct __sk_buff *skb, struct fp_
 	if (sctp == FP_NAT6_SCTP_ONLY || ip->proto == IPPROTO_SCTP) {
 		if (sctp == FP_NAT6_NO_SCTP)
 			return -1;
-		return fp_nat6_rewrite_sctp(skb, ip, l4, is_src, new_addr, new_port);
+		return fp_nat6_rewrite_sctp(skb, ip, l4, is_src, new_addr, new_port,
+					    sctp == FP_NAT6_SCTP_ONLY);
 	}
 	if (!fp_ip6_eq(addr, new_addr)) {
 		diff = bpf_csum_diff(addr, 16, (__be32 *)new_addr, 16, 0);
@@ -202,6 +208,41 @@ static __always_inline int fp_nat6_rewrite_any(struct __sk_buff *skb, struct fp_
 		*port = new_port;
 	}
 	return 0;
+}
+
+/* The SCTP CRC after the ports went from (osport, odport) to l4's, in one
+ * step (fp_sctp_crc_fix_len's arithmetic over the four port bytes): the
+ * translation from outside changes up to two ports (DNAT and SNAT, or their
+ * reversal), and one walk of the CRC arithmetic instead of one per port is
+ * what keeps fp_vpc6_sctp well within the verifier's budget. A zero CRC
+ * (left to offload) stays zero. */
+static __always_inline int fp_sctp6_crc_ports(struct __sk_buff *skb, const struct fp_ipv6 *ip,
+					      const struct fp_l4 *l4, __be16 osport, __be16 odport)
+{
+	__be16 delta[2] = {osport ^ l4->sport, odport ^ l4->dport};
+	__u8 *d = (__u8 *)delta;
+	__u32 ext = l4->off - ip->l3_off - sizeof(struct ipv6hdr);
+	__u32 len = bpf_ntohs(ip->payload_len);
+	__u32 tail, crc, lo, hi, sum;
+
+	if (!delta[0] && !delta[1])
+		return 0;
+	if (bpf_skb_load_bytes(skb, l4->off + FP_SCTP_CSUM_OFF, &sum, sizeof(sum)))
+		return -1;
+	if (sum == 0)
+		return 0;
+	if (len < ext + 4)
+		return -1;
+	tail = len - ext - 4;
+	if (tail > 0xFFFF ||
+	    fp_crc32c_power(tail & 0xFF, &lo) ||
+	    fp_crc32c_power(256 + (tail >> 8), &hi))
+		return -1;
+	crc = fp_crc32c_byte0(fp_crc32c_byte0(0, d[0]), d[1]);
+	crc = fp_crc32c_byte0(fp_crc32c_byte0(crc, d[2]), d[3]);
+	crc = fp_crc32c_mulmod(fp_crc32c_mulmod(lo, hi), crc);
+	sum ^= crc;
+	return bpf_skb_store_bytes(skb, l4->off + FP_SCTP_CSUM_OFF, &sum, sizeof(sum), 0) ? -1 : 0;
 }
 
 static __always_inline int fp_nat6_rewrite(struct __sk_buff *skb, struct fp_ipv6 *ip,
@@ -485,7 +526,8 @@ static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_
 			keep = 0;          /* the frontend was re-created since */
 		else if (!l4->opening)
 			keep = 1;          /* mid-stream: wherever it was sent */
-		else if (ip->proto == IPPROTO_TCP && ct->state >= FP_CT_FIN_WAIT)
+		else if (nat != FP_NAT6_SCTP_ONLY && ip->proto == IPPROTO_TCP &&
+			 ct->state >= FP_CT_FIN_WAIT)
 			keep = 0;          /* a new connection on a closing tuple */
 		else
 			keep = fp_backend6_lookup(ct->backend_id) != NULL;
@@ -507,7 +549,7 @@ static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_
 			__builtin_memcpy(w->odst, ct->peer_addr, 16);
 			snat_port = ct->peer_port;
 		}
-		if (l4->opening && ip->proto == IPPROTO_TCP) {
+		if (nat != FP_NAT6_SCTP_ONLY && l4->opening && ip->proto == IPPROTO_TCP) {
 			/* a retransmitted SYN or a new connection on a live
 			 * tuple: the handshake starts again and the reply entry
 			 * is written again (see fp_ct_service_from) */

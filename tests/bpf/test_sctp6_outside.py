@@ -208,11 +208,17 @@ def test_sctp_from_outside_to_a_remote_backend_is_snated_and_its_reply_reversed(
     assert (v, idx) == (TC_ACT_REDIRECT, net.idx("eth0"))
     assert addrs(out) == (NODE_IP6, 30906, CLIENT6, sport)
     assert_crc_valid(out)
-    # the client's DATA goes the same way, with the same port
-    v, out, *_ = run(dp, net, "fp_from_vpc",
-                     outside(net, NODE_IP6, 30906, sport, data=b"hello", tag=0x77), "eth0")
-    assert addrs(out) == (NODE_IP6, snat_port, REMOTE6, 2906)
-    assert_crc_valid(out)
+    # the association's DATA goes the same way, with the same port, both ways
+    for data in (bytes(range(256)) * 5, b"hello"):
+        v, out, *_ = run(dp, net, "fp_from_vpc",
+                         outside(net, NODE_IP6, 30906, sport, data=data, tag=0x77), "eth0")
+        assert addrs(out) == (NODE_IP6, snat_port, REMOTE6, 2906)
+        assert_crc_valid(out)
+        back = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=REMOTE6, dst=NODE_IP6) / \
+            SCTP(sport=2906, dport=snat_port, tag=0x1234) / SCTPChunkData(tsn=3, data=data)
+        v, back_out, *_ = run(dp, net, "fp_from_vpc", back, "eth0")
+        assert addrs(back_out) == (NODE_IP6, 30906, CLIENT6, sport)
+        assert_crc_valid(back_out)
     # a router's "packet too big" about the SNATed packet reaches the client
     # about its own packet (fp_vpc6_node: RELATED ICMPv6 quoting SCTP)
     err = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=GW6, dst=NODE_IP6) / \
