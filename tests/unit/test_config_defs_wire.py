@@ -65,6 +65,19 @@ def test_reason_codes_come_from_the_c_header():
     assert d.reason(9999) == "reason-9999"
 
 
+
+def test_every_tail_call_slot_is_filled_by_one_loaded_program():
+    """A slot no program fills drops what reaches it (FP_DROP_NO_TAIL_CALL):
+    every FP_TAIL_* slot below FP_TAIL_MAX has exactly one program, which
+    the loader loads."""
+    from agent.datapath.loader import PROGRAMS, TAIL_CALLS
+    d = bpfdefs.load()
+    slots = {name: int(d.defines[slot]) for name, slot in TAIL_CALLS.items()}
+    assert set(TAIL_CALLS) <= set(PROGRAMS)
+    assert sorted(slots.values()) == list(range(int(d.defines["FP_TAIL_MAX"])))
+    assert slots["fp_vpc6_sctp"] == int(d.defines["FP_TAIL_FROM_VPC6_SCTP"])
+
+
 class Handler:
     def rpc_Echo(self, text: str) -> dict:
         return {"text": text}
