@@ -89,7 +89,11 @@ def dp(bpffs, net):
 
 @pytest.fixture(scope="module")
 def svcs(dp):
-    with node_services(dp, OBJECTS, NODE_IP6, SERVICE_CIDR6) as rec:
+    # pod A's SCTP hostPort on the node's IPv6 address (a CNI ADD's portMappings)
+    from agent.lb.hostport import PortMapping, frontends_of
+    hostport = frontends_of(("web", "h"), POD_A, [PortMapping(3868, 3869, "SCTP")], [NODE_IP],
+                            NODE, pod_ip6=POD_A6, local_ips6=[NODE_IP6])
+    with node_services(dp, OBJECTS, NODE_IP6, SERVICE_CIDR6, hostport) as rec:
         yield rec
 
 
@@ -169,6 +173,22 @@ def test_an_sctp_association_from_outside_reaches_a_local_backend_and_its_replie
         v, out, reason, _, idx = run(dp, net, "fp_from_pod", back, "caliB")
         assert addrs(out) == (dst, dport, CLIENT6, sport)
         assert_crc_valid(out)
+
+
+def test_an_sctp_host_port_from_outside_reaches_its_pod_and_the_pods_reply_the_client(
+        dp, net, svcs):
+    sport = next(_sport)
+    v, out, reason, _, idx = run(dp, net, "fp_from_vpc", outside(net, NODE_IP6, 3868, sport),
+                                 "eth0")
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-local", net.idx("caliA"))
+    assert addrs(out) == (CLIENT6, sport, POD_A6, 3869)
+    assert_crc_valid(out)
+    ack = Ether(src=net.pod_mac["A"], dst=net.mac("caliA")) / IPv6(src=POD_A6, dst=CLIENT6) / \
+        SCTP(sport=3869, dport=sport, tag=0x1234) / SCTPChunkData(tsn=1, data=b"ok")
+    v, out, reason, _, idx = run(dp, net, "fp_from_pod", ack, "caliA")
+    assert (v, idx) == (TC_ACT_REDIRECT, net.idx("eth0"))
+    assert addrs(out) == (NODE_IP6, 3868, CLIENT6, sport)
+    assert_crc_valid(out)
 
 
 def test_local_policy_keeps_the_clients_address_for_sctp_from_outside(dp, net, svcs):
@@ -279,7 +299,7 @@ def test_sctp_load_balancer_source_ranges_drop_outside_clients_outside_them(dp, 
 
 def test_the_nodes_own_sctp_and_unallocated_service_addresses_from_outside(dp, net, svcs):
     # no frontend: the node's own association, the stack's, untouched
-    pkt = outside(net, NODE_IP6, 3868, next(_sport))
+    pkt = outside(net, NODE_IP6, 9899, next(_sport))
     v, out, reason, _, _ = run(dp, net, "fp_from_vpc", pkt, "eth0")
     assert (v, reason) == (TC_ACT_UNSPEC, "to-stack")
     assert out == bytes(pkt)
