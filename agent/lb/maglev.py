@@ -135,10 +135,27 @@ def flow_hash(saddr: str, sport: int, dport: int, proto: int) -> int:
     return _jhash_final(a, b, c)
 
 
+def _jhash_mix(a: int, b: int, c: int) -> tuple[int, int, int]:
+    a = (a - c) & 0xFFFFFFFF; a ^= _rol32(c, 4); c = (c + b) & 0xFFFFFFFF
+    b = (b - a) & 0xFFFFFFFF; b ^= _rol32(a, 6); a = (a + c) & 0xFFFFFFFF
+    c = (c - b) & 0xFFFFFFFF; c ^= _rol32(b, 8); b = (b + a) & 0xFFFFFFFF
+    a = (a - c) & 0xFFFFFFFF; a ^= _rol32(c, 16); c = (c + b) & 0xFFFFFFFF
+    b = (b - a) & 0xFFFFFFFF; b ^= _rol32(a, 19); a = (a + c) & 0xFFFFFFFF
+    c = (c - b) & 0xFFFFFFFF; c ^= _rol32(b, 4); b = (b + a) & 0xFFFFFFFF
+    return a, b, c
+
+
 def flow_hash6(saddr: str, sport: int, dport: int, proto: int) -> int:
-    """`flow_hash` of an IPv6 flow (bpf/lib/lb6.h fp_maglev_hash6): the
-    client's address folded to 32 bits by XOR of its four words as the
-    packet carries them, then hashed as an IPv4 client's address is."""
+    """`flow_hash` of an IPv6 flow (bpf/lib/lb6.h fp_maglev_hash6): Bob
+    Jenkins' hash of six words, the client's four address words as the
+    packet carries them, the ports and the protocol, with the same seed.
+    Every address word is mixed in by itself, so no two addresses share a
+    hash by construction."""
     words = struct.unpack("<4I", socket.inet_pton(socket.AF_INET6, saddr))
-    fold = words[0] ^ words[1] ^ words[2] ^ words[3]
-    return flow_hash(socket.inet_ntoa(struct.pack("<I", fold)), sport, dport, proto)
+    a = b = c = (0xDEADBEEF + (6 << 2) + SEED) & 0xFFFFFFFF
+    a, b, c = _jhash_mix((a + words[0]) & 0xFFFFFFFF, (b + words[1]) & 0xFFFFFFFF,
+                         (c + words[2]) & 0xFFFFFFFF)
+    a = (a + words[3]) & 0xFFFFFFFF
+    b = (b + struct.unpack("<I", struct.pack("!HH", sport, dport))[0]) & 0xFFFFFFFF
+    c = (c + proto) & 0xFFFFFFFF
+    return _jhash_final(a, b, c)

@@ -223,12 +223,9 @@ static __always_inline __u32 fp_rol32(__u32 x, int k)
 	return (x << k) | (x >> (32 - k));
 }
 
-static __always_inline __u64 fp_maglev_hash(__be32 saddr, __be16 sport, __be16 dport, __u8 proto)
+/* Bob Jenkins' final mix of three words (lookup3); the result is c. */
+static __always_inline __u32 fp_jhash_final(__u32 a, __u32 b, __u32 c)
 {
-	__u32 a = saddr + 0xdeadbeef;
-	__u32 b = ((__u32)sport | ((__u32)dport << 16)) + 0xdeadbeef;
-	__u32 c = (proto ^ FP_MAGLEV_SEED) + 0xdeadbeef;
-
 	c ^= b; c -= fp_rol32(b, 14);
 	a ^= c; a -= fp_rol32(c, 11);
 	b ^= a; b -= fp_rol32(a, 25);
@@ -237,6 +234,13 @@ static __always_inline __u64 fp_maglev_hash(__be32 saddr, __be16 sport, __be16 d
 	b ^= a; b -= fp_rol32(a, 14);
 	c ^= b; c -= fp_rol32(b, 24);
 	return c;
+}
+
+static __always_inline __u64 fp_maglev_hash(__be32 saddr, __be16 sport, __be16 dport, __u8 proto)
+{
+	return fp_jhash_final(saddr + 0xdeadbeef,
+			      ((__u32)sport | ((__u32)dport << 16)) + 0xdeadbeef,
+			      (proto ^ FP_MAGLEV_SEED) + 0xdeadbeef);
 }
 
 /* ClientIP affinity, shared by both families' pickers (service and

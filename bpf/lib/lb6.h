@@ -15,15 +15,33 @@
 
 #include "lib/lb.h"
 
-/* Maglev's flow hash of an IPv6 flow: the client's 16-byte address folded
- * to 32 bits by XOR of its four words as the packet carries them, then
- * IPv4's fp_maglev_hash over (fold, client port, frontend port, protocol),
- * so the tables and the agent's flow_hash6 twin serve both families alike
- * and every node computes the same. */
+/* Maglev's flow hash of an IPv6 flow: Bob Jenkins' hash (lookup3) of six
+ * words, the client's address as the packet carries it, (client port,
+ * frontend port) and the protocol, with IPv4's seed. Each address word is
+ * mixed in by itself, so addresses collide only as any 32-bit hash may
+ * (a fold of the words by XOR gave every address whose words XOR alike
+ * one hash). Every node computes the same; agent/lb/maglev.py flow_hash6
+ * is its twin. */
 static __always_inline __u64 fp_maglev_hash6(const __be32 *saddr, __be16 sport, __be16 dport,
 					     __u8 proto)
 {
-	return fp_maglev_hash(saddr[0] ^ saddr[1] ^ saddr[2] ^ saddr[3], sport, dport, proto);
+	__u32 a, b, c;
+
+	a = b = c = 0xdeadbeef + (6 << 2) + FP_MAGLEV_SEED;
+	a += saddr[0];
+	b += saddr[1];
+	c += saddr[2];
+	/* lookup3's mix */
+	a -= c; a ^= fp_rol32(c, 4);  c += b;
+	b -= a; b ^= fp_rol32(a, 6);  a += c;
+	c -= b; c ^= fp_rol32(b, 8);  b += a;
+	a -= c; a ^= fp_rol32(c, 16); c += b;
+	b -= a; b ^= fp_rol32(a, 19); a += c;
+	c -= b; c ^= fp_rol32(b, 4);  b += a;
+	a += saddr[3];
+	b += (__u32)sport | ((__u32)dport << 16);
+	c += proto;
+	return fp_jhash_final(a, b, c);
 }
 
 /* `mhash`: as for fp_lb_pick_flow (fp_maglev_hash6, or FP_NO_MAGLEV). */

@@ -404,8 +404,11 @@ def test_maglev_sends_an_ipv6_flow_to_the_entry_its_hash_names(dp, net, svcs):
     # the table the external IPv6 entry names holds the IPv6 backends
     assert {bes[b][0] for b in table} == {f"2001:db8:243::{i}" for i in range(1, 5)}
     picks = Counter()
-    # clients differing in either half of the address, and in the port
-    for client in (CLIENT6, "2001:db8:250::12", "2001:db8:251::11"):
+    by_client = {}
+    # clients differing in either half of the address, and in the port; the
+    # last one's words XOR like CLIENT6's (fp_maglev_hash6 mixes each word
+    # by itself: they are hashed apart)
+    for client in (CLIENT6, "2001:db8:250::12", "2001:db8:251::11", "2001:db8:250:ff::ee"):
         for sport in range(42000, 42030):
             want = bes[table[flow_hash6(client, sport, 30086, 6) % dp.lb.maglev_size]][0]
             v, out, reason, *_ = run(dp, net, "fp_from_vpc",
@@ -415,7 +418,10 @@ def test_maglev_sends_an_ipv6_flow_to_the_entry_its_hash_names(dp, net, svcs):
             got = Ether(out)[IPv6].dst
             assert got == want, (client, sport)
             picks[got] += 1
+            by_client[client, sport] = got
     assert len(picks) == 4, picks
+    assert sum(by_client[CLIENT6, p] != by_client["2001:db8:250:ff::ee", p]
+               for p in range(42000, 42030)) >= 10
     # a new flow of a tuple whose entry has gone picks the same again
     # (not a conntrack hit: the hash, not chance, decides)
     dp.lb.conntrack_flush()
