@@ -97,6 +97,11 @@ def test_prog_net_and_map_list_show_what_is_attached_and_pinned(n1):
     assert sorted(progs["fp_from_pod"]["attached_to"]) == sorted(f"{h}/ingress" for h in hosts)
     assert progs["fp_from_pod"]["id"] == tc[(n1.a.host_ifname, "ingress")]["prog_id"]
     assert M["endpoints"] in progs["fp_from_pod"]["maps"]
+    # the programs reached by tail call only (fp_vpc6_sctp among them) are
+    # listed too, attached nowhere
+    from agent.datapath.loader import TAIL_CALLS
+    assert set(TAIL_CALLS) <= set(progs), set(TAIL_CALLS) - set(progs)
+    assert progs["fp_vpc6_sctp"]["attached"] == 0 and progs["fp_vpc6_sctp"]["verified_insns"] > 0
     maps = {m["name"]: m for m in n1.cli_json("map", "list")}
     pinned_names = {v for k, v in M.items() if k != "testrec"}
     assert pinned_names <= set(maps), pinned_names - set(maps)
