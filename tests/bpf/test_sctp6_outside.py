@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import socket
 from contextlib import contextmanager
 
 import pytest
@@ -367,3 +368,29 @@ def test_sctp_from_outside_is_dropped_not_left_untranslated_when_its_program_is_
     assert ct_rows(dp, saddr=CLIENT6, sport=sport) == []
     v, out, reason, *_ = run(dp, net, "fp_from_vpc", outside(net, NODE_IP6, 30905, sport), "eth0")
     assert reason == "redirected-local", "the slot is back"
+
+
+# -- what-if (fastpath trace) ----------------------------------------------------------
+
+def test_a_whatif_sctp_init_from_outside_shows_its_translation_and_changes_nothing(
+        dp, net, svcs):
+    """`fastpath trace --proto sctp` from outside: the run through
+    fp_vpc6_sctp records the Service and backend, and leaves no conntrack
+    entry nor count behind."""
+    from agent.datapath.libbpf import prog_test_run
+    from agent.datapath.nsenter import in_netns
+    from tests.bpf.conftest import NOT_RECORDED
+    sport = next(_sport)
+    before = by_family(dp)
+    dp.maps.decision_reset(NOT_RECORDED)
+    with in_netns(net.ns):
+        res = prog_test_run(dp.prog_fd("fp_from_vpc"),
+                            bytes(outside(net, NODE_IP6, 30906, sport)), ifindex=net.idx("eth0"),
+                            mark=int(DEFS.defines["FP_WHATIF_MARK"]))
+    rec = dp.maps.decision()
+    assert (res.retval, DEFS.reason(rec.reason)) == (TC_ACT_REDIRECT, "redirected-eni")
+    assert rec.svc_id != 0 and rec.backend_id != 0 and socket.ntohs(rec.nat_dport) == 2906
+    assert dp.lb.backends()[rec.backend_id][0] == REMOTE6
+    assert addrs(res.data)[2:] == (REMOTE6, 2906)
+    assert ct_rows(dp, saddr=CLIENT6, sport=sport) == []
+    assert by_family(dp) == before
