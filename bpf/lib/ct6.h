@@ -979,12 +979,12 @@ static __always_inline int fp_ct6_reverse_any(struct __sk_buff *skb, struct fp_i
 	return 1;
 }
 
-/* Pods' programs: every transport (fp_vpc6_node and fp_vpc6_sctp call
- * fp_ct6_reverse_any with their half). */
+/* `full` 0 (fp_vpc6_node: the reply of a flow this node SNATed, or an
+ * ICMPv6 error about one): no SCTP, which that walk does not translate. */
 static __always_inline int fp_ct6_reverse(struct __sk_buff *skb, struct fp_ipv6 *ip,
 					  struct fp_l4 *l4)
 {
-	return fp_ct6_reverse_any(skb, ip, l4, FP_NAT6_ANY);
+	return fp_ct6_reverse_any(skb, ip, l4, 1);
 }
 
 /* ---- fragments ---- */
