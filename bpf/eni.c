@@ -110,7 +110,10 @@ static __always_inline int fp_from_vpc_node(struct __sk_buff *skb, struct fp_ipv
 	 * SNAT hands out), or an error about one; nothing else can be */
 	rc = 0;
 	if (l4.kind == FP_L4_ICMP_ERR ||
-	    (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN))
+	    (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN) ||
+	    /* or a reply to the node's own SCTP client (fp_to_vpc_sctp), on
+	     * whatever port the node's stack gave it */
+	    (l4.kind == FP_L4_PORTS && ip->proto == IPPROTO_SCTP))
 		rc = fp_ct_reverse(skb, ip, &l4);
 	if (rc < 0) {
 		reason = FP_DROP_CSUM;
@@ -475,6 +478,96 @@ static __always_inline int fp_to_vpc6_run(struct __sk_buff *skb)
 	return fp_finish6(skb, FP_DIR_TO_VPC, reason, TC_ACT_SHOT, &ip);
 }
 
+/* ---- the node's own SCTP to Services, per packet ----
+ *
+ * Socket-LB leaves SCTP sockets alone (sock.c), so a node process's SCTP
+ * association to a ClusterIP, external or load-balancer IP leaves with the
+ * frontend as destination; kube-proxy's OUTPUT chain would DNAT it, and
+ * this does here, on the way out of the interface the node's route picked.
+ * The view is socket-LB's for the node's sockets (the frontend's internal
+ * entry: traffic policies as for a client inside the cluster, source
+ * ranges by the packet's source, no SNAT): only an INIT picks a backend;
+ * conntrack (lib/ct.h) keeps the association on it, and its reply entry
+ * restores the frontend in fp_from_pod (a local backend) or
+ * fp_from_vpc_node (a remote one). Returns 1 when the destination is no
+ * frontend (the caller goes on), else the tc verdict. */
+static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 *ip,
+					  struct fp_l4 *l4)
+{
+	struct fp_endpoint *dst;
+	struct bpf_fib_lookup fib = {};
+	enum fp_reason reason = FP_FWD_SVC;
+	__be32 saddr = ip->saddr, daddr = ip->daddr;
+	__be16 dport = l4->dport;
+	int rc;
+
+	rc = fp_ct_service_from(skb, ip, l4, &reason, 0);
+	if (rc > 0)
+		return 1;
+	barrier_var(skb);
+	fp_count(skb->ifindex, FP_DIR_TO_VPC, rc == 0 ? FP_FWD_SVC : reason, skb->len);
+	if (rc < 0) {
+		fp_report(skb, FP_DIR_TO_VPC, reason, ip, l4->sport, dport, saddr, daddr, dport,
+			  NULL);
+		/* no endpoint anywhere: the error goes into the node's own stack,
+		 * which ends the association as under kube-proxy's reject */
+		if (reason == FP_DROP_NO_BACKEND)
+			return fp_reject_icmp_dev(skb, ip, ICMP_PORT_UNREACH, reason,
+						  FP_ICMP_TO_STACK);
+		fp_test_record(0, FP_RD_NONE, 0, reason);
+		return TC_ACT_SHOT;
+	}
+	/* a local backend: into its veth, whose egress program (fp_to_pod)
+	 * judges it as anything else the node sends the pod
+	 * (bpf_redirect_peer works from an ingress hook only) */
+	dst = fp_endpoint_lookup(ip->daddr);
+	if (dst) {
+		__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
+
+		__builtin_memcpy(pod_mac, dst->pod_mac, ETH_ALEN);
+		__builtin_memcpy(host_mac, dst->host_mac, ETH_ALEN);
+		if (fp_set_macs(skb, pod_mac, host_mac))
+			goto invalid;
+		fp_test_record(dst->host_ifindex, FP_RD_PLAIN, 0, FP_FWD_LOCAL);
+		return bpf_redirect(dst->host_ifindex, 0);
+	}
+	/* elsewhere: by the neighbour (and interface) the FIB names for the
+	 * backend, which need not be the frontend's; the node's own packet
+	 * keeps its TTL. No route: the stack's choice stands. */
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->proto;
+	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (fp_set_macs(skb, fib.dmac, fib.smac))
+			goto invalid;
+		if (fib.ifindex == skb->ifindex) {
+			fp_test_record(0, FP_RD_NONE, fib.ipv4_dst, FP_FWD_SVC);
+			return FP_TC_CONTINUE;
+		}
+		fp_test_record(fib.ifindex, FP_RD_PLAIN, fib.ipv4_dst, FP_FWD_ENI);
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		struct bpf_redir_neigh nh = {};
+
+		nh.nh_family = AF_INET;
+		nh.ipv4_nh = fib.ipv4_dst;
+		fp_test_record(fib.ifindex, FP_RD_NEIGH, fib.ipv4_dst, FP_FWD_ENI);
+		return fp_bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+	}
+	fp_test_record(0, FP_RD_NONE, 0, FP_FWD_FIB_MISS);
+	return FP_TC_CONTINUE;
+invalid:
+	fp_count(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_INVALID, skb->len);
+	fp_test_record(0, FP_RD_NONE, 0, FP_DROP_INVALID);
+	return TC_ACT_SHOT;
+}
+
 /* The node's own new flows that kube-proxy would drop (see the top). */
 static __always_inline int fp_to_vpc_run(struct __sk_buff *skb)
 {
@@ -490,6 +583,12 @@ static __always_inline int fp_to_vpc_run(struct __sk_buff *skb)
 		return FP_TC_CONTINUE;
 	}
 	fp_parse_l4(skb, &ip, &l4);
+	if (ip.proto == IPPROTO_SCTP && l4.kind == FP_L4_PORTS) {
+		int rc = fp_to_vpc_sctp(skb, &ip, &l4);
+
+		if (rc != 1)
+			return rc;
+	}
 	if (!l4.opening)
 		return FP_TC_CONTINUE;
 	svc = l4.kind == FP_L4_PORTS ? fp_service_lookup(ip.daddr, l4.dport, ip.proto) : NULL;

@@ -707,7 +707,8 @@ _Static_assert(sizeof(struct fp_event6) == 96, "fp_event6 layout");
 	X(FP_RD_NONE,  0, "none")         \
 	X(FP_RD_PLAIN, 1, "redirect")     \
 	X(FP_RD_PEER,  2, "redirect-peer") \
-	X(FP_RD_NEIGH, 3, "redirect-neigh")
+	X(FP_RD_NEIGH, 3, "redirect-neigh") \
+	X(FP_RD_INGRESS, 4, "redirect-ingress")
 
 enum fp_redirect_kind { FP_REDIRECT_KINDS(FP_ENUM_ENTRY) };
 

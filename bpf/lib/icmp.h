@@ -33,8 +33,11 @@ static __always_inline __u16 fp_csum_fold(__s64 sum)
  * drop when the packet cannot be quoted. `code` is an ICMP unreachable code
  * (ICMP_PORT_UNREACH, ICMP_HOST_UNREACH); `reason` is why (counted and
  * recorded by the caller). `peer`: the packet came in from a pod's veth
- * (the error goes into the pod's netns); otherwise it came in on a node
- * interface and the error leaves by the same one. */
+ * (the error goes into the pod's netns); FP_ICMP_TO_STACK: the node sent it
+ * out of a node interface (the error comes back in by that one, to the
+ * node's stack); otherwise it came in on a node interface and the error
+ * leaves by the same one. */
+#define FP_ICMP_TO_STACK 2
 static __always_inline int fp_reject_icmp_dev(struct __sk_buff *skb, const struct fp_ipv4 *ip,
 					      __u8 code, enum fp_reason reason, int peer)
 {
@@ -73,6 +76,10 @@ static __always_inline int fp_reject_icmp_dev(struct __sk_buff *skb, const struc
 		if (bpf_skb_store_bytes(skb, 0, &out, sizeof(out), 0) ||
 		    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
 			return TC_ACT_SHOT;
+	}
+	if (peer == FP_ICMP_TO_STACK) {
+		fp_test_record(skb->ifindex, FP_RD_INGRESS, 0, reason);
+		return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 	}
 	if (peer) {
 		fp_test_record(skb->ifindex, FP_RD_PEER, 0, reason);
