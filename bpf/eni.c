@@ -24,7 +24,8 @@
  * untranslated because kube-proxy would drop them (a frontend whose traffic
  * policy leaves this node nothing, a load-balancer IP the source may not
  * reach, an unallocated Service address) are dropped here, and counted;
- * everything else goes through.
+ * everything else goes through. The node's own SCTP to a Service is
+ * translated there (fp_to_vpc_sctp: socket-LB leaves SCTP sockets alone).
  * fp_to_vpc also paces what limited pods send (lib/bw.h: an EDT timestamp
  * for fq, or the pod's HTB class).
  */
