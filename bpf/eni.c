@@ -25,7 +25,8 @@
  * policy leaves this node nothing, a load-balancer IP the source may not
  * reach, an unallocated Service address) are dropped here, and counted;
  * everything else goes through. The node's own SCTP to a Service is
- * translated there (fp_to_vpc_sctp: socket-LB leaves SCTP sockets alone).
+ * translated there (fp_to_vpc_sctp, IPv6 fp_to_vpc6_sctp: socket-LB
+ * leaves SCTP sockets alone).
  * fp_to_vpc also paces what limited pods send (lib/bw.h: an EDT timestamp
  * for fq, or the pod's HTB class).
  */
@@ -296,7 +297,9 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 	/* the reply of a flow this node SNATed (its destination port is one
 	 * SNAT hands out), or an ICMPv6 error about one */
 	if ((!sctp && l4.kind == FP_L4_ICMP_ERR) ||
-	    (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN)) {
+	    (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN) ||
+	    /* SCTP: also a reply to the node's own client (fp_to_vpc6_sctp) */
+	    (sctp && l4.kind == FP_L4_PORTS)) {
 		rc = fp_ct6_reverse_any(skb, ip, &l4, sctp ? FP_NAT6_SCTP_ONLY : FP_NAT6_NO_SCTP);
 		if (rc < 0)
 			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
@@ -444,6 +447,75 @@ int fp_vpc6_sctp(struct __sk_buff *skb)
 	return verdict;
 }
 
+/* fp_to_vpc_sctp's IPv6 twin: the node's own SCTP to an IPv6 frontend,
+ * translated with socket-LB's view for the node (the inside entry, source
+ * ranges by the packet's source, no SNAT); replies get the frontend back in
+ * fp_from_pod6 / fp_pod6_route (a local backend) or fp_vpc6_sctp (a remote
+ * one). Returns 1 when the destination is no frontend, else the verdict. */
+static __always_inline int fp_to_vpc6_sctp(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					   struct fp_l4 *l4)
+{
+	struct fp_endpoint *dst;
+	struct bpf_fib_lookup fib = {};
+	enum fp_reason reason = FP_FWD_SVC;
+	int rc;
+
+	rc = fp_ct6_service_from(skb, ip, l4, &reason, 0);
+	if (rc > 0)
+		return 1;
+	barrier_var(skb);
+	if (rc < 0) {
+		if (reason != FP_DROP_NO_BACKEND)
+			return fp_finish6(skb, FP_DIR_TO_VPC, reason, TC_ACT_SHOT, ip);
+		/* no endpoint anywhere: ICMPv6 port unreachable into the node's
+		 * own stack, as for IPv4 */
+		fp_report6(skb, FP_DIR_TO_VPC, reason, ip);
+		barrier_var(skb);
+		fp_count_family(skb->ifindex, FP_DIR_TO_VPC, reason, skb->len, FP_FAM_IPV6);
+		return fp_reject_icmp6_dev(skb, ip, FP_ICMP6_PORT_UNREACH, reason,
+					   FP_ICMP_TO_STACK);
+	}
+	fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_FWD_SVC, skb->len, FP_FAM_IPV6);
+	dst = fp_endpoint6_lookup(ip->daddr);
+	if (dst) {
+		__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
+
+		__builtin_memcpy(pod_mac, dst->pod_mac, ETH_ALEN);
+		__builtin_memcpy(host_mac, dst->host_mac, ETH_ALEN);
+		if (fp_set_macs(skb, pod_mac, host_mac))
+			return fp_finish6(skb, FP_DIR_TO_VPC, FP_DROP_INVALID, TC_ACT_SHOT, ip);
+		fp_test_record(dst->host_ifindex, FP_RD_PLAIN, 0, FP_FWD_LOCAL);
+		return bpf_redirect(dst->host_ifindex, 0);
+	}
+	fib.family = AF_INET6;
+	fib.flowinfo = ip->flowinfo & bpf_htonl(0x0FFFFFFF);
+	fib.l4_protocol = ip->proto;
+	__builtin_memcpy(fib.ipv6_src, ip->saddr, 16);
+	__builtin_memcpy(fib.ipv6_dst, ip->daddr, 16);
+	fib.ifindex = skb->ifindex;
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (fp_set_macs(skb, fib.dmac, fib.smac))
+			return fp_finish6(skb, FP_DIR_TO_VPC, FP_DROP_INVALID, TC_ACT_SHOT, ip);
+		if (fib.ifindex == skb->ifindex) {
+			fp_test_record(0, FP_RD_NONE, 0, FP_FWD_SVC);
+			return FP_TC_CONTINUE;
+		}
+		fp_test_record(fib.ifindex, FP_RD_PLAIN, 0, FP_FWD_ENI);
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		struct bpf_redir_neigh nh = {};
+
+		nh.nh_family = AF_INET6;
+		__builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
+		fp_test_record(fib.ifindex, FP_RD_NEIGH, 0, FP_FWD_ENI);
+		return fp_bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+	}
+	fp_test_record(0, FP_RD_NONE, 0, FP_FWD_FIB_MISS);
+	return FP_TC_CONTINUE;
+}
+
 /* The node's own new IPv6 flows that kube-proxy would drop, as
  * below for IPv4: socket-LB left them untranslated (a frontend whose
  * traffic policy leaves this node nothing, an IPv6 load-balancer IP whose
@@ -462,6 +534,12 @@ static __always_inline int fp_to_vpc6_run(struct __sk_buff *skb)
 	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
 		return FP_TC_CONTINUE;
 	fp_parse_l4_6(skb, &ip, &l4);
+	if (ip.proto == IPPROTO_SCTP && l4.kind == FP_L4_PORTS) {
+		int rc = fp_to_vpc6_sctp(skb, &ip, &l4);
+
+		if (rc != 1)
+			return rc;
+	}
 	if (!l4.opening)
 		return FP_TC_CONTINUE;
 	svc = l4.kind == FP_L4_PORTS ? fp_service6_lookup(ip.daddr, l4.dport, ip.proto) : NULL;

@@ -44,7 +44,9 @@ _Static_assert(sizeof(struct fp_icmp6_work) <= FP_ICMP6_SCRATCH_BYTES, "fp_icmp6
 
 /* Returns the tc verdict: the error redirected into the sender's netns
  * (`out_dev` 0: a pod's veth) or out of the device the packet came in on
- * (`out_dev` 1: the primary NIC or an ENI, for a client outside), or a
+ * (`out_dev` 1: the primary NIC or an ENI, for a client outside), into
+ * the node's stack by that device's ingress (FP_ICMP_TO_STACK: the node's
+ * own packet on its way out, lib/icmp.h), or a
  * drop when the packet cannot be quoted (extension headers before the
  * transport header: the quote would not reach its ports). */
 static __always_inline int fp_reject_icmp6_dev(struct __sk_buff *skb, const struct fp_ipv6 *ip,
@@ -84,6 +86,10 @@ static __always_inline int fp_reject_icmp6_dev(struct __sk_buff *skb, const stru
 	if (bpf_skb_store_bytes(skb, 0, &w->out, sizeof(w->out), 0) ||
 	    bpf_skb_store_bytes(skb, ETH_HLEN, &w->r, sizeof(w->r), 0))
 		return TC_ACT_SHOT;
+	if (out_dev == FP_ICMP_TO_STACK) {
+		fp_test_record(skb->ifindex, FP_RD_INGRESS, 0, reason);
+		return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+	}
 	if (out_dev) {
 		fp_test_record(skb->ifindex, FP_RD_PLAIN, 0, reason);
 		return bpf_redirect(skb->ifindex, 0);
