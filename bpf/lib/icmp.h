@@ -13,11 +13,16 @@
 #include "lib/parse.h"
 
 #define FP_ICMP_QUOTE (sizeof(struct iphdr) + 8)
+/* An error about the node's own SCTP INIT (FP_ICMP_TO_STACK) quotes 20
+ * bytes of it: the node's SCTP matches an error about an INIT by the
+ * initiate tag after the common and chunk headers, and ignores one that
+ * does not reach it. */
+#define FP_ICMP_QUOTE_SCTP (sizeof(struct iphdr) + 20)
 
 struct fp_icmp_reply {
 	struct iphdr ip;
 	struct icmphdr icmp;
-	__u8 quote[FP_ICMP_QUOTE];
+	__u8 quote[FP_ICMP_QUOTE_SCTP];
 };
 
 static __always_inline __u16 fp_csum_fold(__s64 sum)
@@ -43,18 +48,21 @@ static __always_inline int fp_reject_icmp_dev(struct __sk_buff *skb, const struc
 {
 	struct fp_icmp_reply r = {};
 	struct ethhdr eth;
+	/* a constant of each call site */
+	__u32 qlen = peer == FP_ICMP_TO_STACK ? FP_ICMP_QUOTE_SCTP : FP_ICMP_QUOTE;
+	__u32 rlen = sizeof(r) - FP_ICMP_QUOTE_SCTP + qlen;
 	__s64 sum;
 
 	if (ip->ihl_bytes != sizeof(struct iphdr) ||
 	    bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
-	    bpf_skb_load_bytes(skb, ip->l3_off, r.quote, FP_ICMP_QUOTE))
+	    bpf_skb_load_bytes(skb, ip->l3_off, r.quote, qlen))
 		return TC_ACT_SHOT;
 
 	r.ip.version = 4;
 	r.ip.ihl = 5;
 	r.ip.ttl = 64;
 	r.ip.protocol = IPPROTO_ICMP;
-	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.tot_len = bpf_htons(rlen);
 	r.ip.saddr = ip->daddr;      /* the VIP the client asked for */
 	r.ip.daddr = ip->saddr;
 	sum = bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0);
@@ -62,10 +70,10 @@ static __always_inline int fp_reject_icmp_dev(struct __sk_buff *skb, const struc
 
 	r.icmp.type = ICMP_DEST_UNREACH;
 	r.icmp.code = code;
-	sum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp, sizeof(r.icmp) + FP_ICMP_QUOTE, 0);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp, sizeof(r.icmp) + qlen, 0);
 	r.icmp.checksum = fp_csum_fold(sum);
 
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0))
+	if (bpf_skb_change_tail(skb, ETH_HLEN + rlen, 0))
 		return TC_ACT_SHOT;
 	{
 		struct ethhdr out = {};
@@ -74,7 +82,7 @@ static __always_inline int fp_reject_icmp_dev(struct __sk_buff *skb, const struc
 		__builtin_memcpy(out.h_source, eth.h_dest, ETH_ALEN);
 		out.h_proto = bpf_htons(ETH_P_IP);
 		if (bpf_skb_store_bytes(skb, 0, &out, sizeof(out), 0) ||
-		    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0))
+		    bpf_skb_store_bytes(skb, ETH_HLEN, &r, rlen, 0))
 			return TC_ACT_SHOT;
 	}
 	if (peer == FP_ICMP_TO_STACK) {

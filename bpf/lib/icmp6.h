@@ -13,6 +13,9 @@
 #include "lib/parse6.h"
 
 #define FP_ICMP6_QUOTE (sizeof(struct ipv6hdr) + 8)
+/* lib/icmp.h's FP_ICMP_QUOTE_SCTP for IPv6 (an error about the node's own
+ * SCTP INIT, FP_ICMP_TO_STACK) */
+#define FP_ICMP6_QUOTE_SCTP (sizeof(struct ipv6hdr) + 20)
 #define FP_ICMP6_PORT_UNREACH 4    /* code of FP_ICMP6_UNREACH */
 
 struct fp_icmp6_reply {
@@ -21,7 +24,7 @@ struct fp_icmp6_reply {
 	__u8 code;
 	__sum16 check;
 	__u32 unused;
-	__u8 quote[FP_ICMP6_QUOTE];
+	__u8 quote[FP_ICMP6_QUOTE_SCTP];
 };
 
 /* What the ICMPv6 checksum covers before the message: RFC 8200 8.1. */
@@ -53,6 +56,9 @@ static __always_inline int fp_reject_icmp6_dev(struct __sk_buff *skb, const stru
 					       __u8 code, enum fp_reason reason, int out_dev)
 {
 	struct fp_icmp6_work *w = fp_icmp6_scratch();
+	/* a constant of each call site */
+	__u32 qlen = out_dev == FP_ICMP_TO_STACK ? FP_ICMP6_QUOTE_SCTP : FP_ICMP6_QUOTE;
+	__u32 rlen = sizeof(w->r) - FP_ICMP6_QUOTE_SCTP + qlen;
 	__s64 sum;
 
 	if (!w)
@@ -60,10 +66,10 @@ static __always_inline int fp_reject_icmp6_dev(struct __sk_buff *skb, const stru
 	__builtin_memset(w, 0, sizeof(*w));
 	if (ip->l4_off != ip->l3_off + sizeof(struct ipv6hdr) ||
 	    bpf_skb_load_bytes(skb, 0, &w->eth, sizeof(w->eth)) ||
-	    bpf_skb_load_bytes(skb, ip->l3_off, w->r.quote, FP_ICMP6_QUOTE))
+	    bpf_skb_load_bytes(skb, ip->l3_off, w->r.quote, qlen))
 		return TC_ACT_SHOT;
 	w->r.ip.version = 6;
-	w->r.ip.payload_len = bpf_htons(sizeof(w->r) - sizeof(w->r.ip));
+	w->r.ip.payload_len = bpf_htons(rlen - sizeof(w->r.ip));
 	w->r.ip.nexthdr = FP_NH_ICMPV6;
 	w->r.ip.hop_limit = 64;
 	__builtin_memcpy(&w->r.ip.saddr, ip->daddr, 16);   /* the address the pod asked for */
@@ -72,19 +78,19 @@ static __always_inline int fp_reject_icmp6_dev(struct __sk_buff *skb, const stru
 	w->r.code = code;
 	__builtin_memcpy(w->ph.saddr, ip->daddr, 16);
 	__builtin_memcpy(w->ph.daddr, ip->saddr, 16);
-	w->ph.len = bpf_htonl(sizeof(w->r) - sizeof(w->r.ip));
+	w->ph.len = bpf_htonl(rlen - sizeof(w->r.ip));
 	w->ph.nexthdr = FP_NH_ICMPV6;
 	sum = bpf_csum_diff(0, 0, (__be32 *)&w->ph, sizeof(w->ph), 0);
-	sum = bpf_csum_diff(0, 0, (__be32 *)&w->r.type, sizeof(w->r) - sizeof(w->r.ip), sum);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&w->r.type, rlen - sizeof(w->r.ip), sum);
 	w->r.check = fp_csum_fold(sum);
 
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(w->r), 0))
+	if (bpf_skb_change_tail(skb, ETH_HLEN + rlen, 0))
 		return TC_ACT_SHOT;
 	__builtin_memcpy(w->out.h_dest, w->eth.h_source, ETH_ALEN);
 	__builtin_memcpy(w->out.h_source, w->eth.h_dest, ETH_ALEN);
 	w->out.h_proto = bpf_htons(ETH_P_IPV6);
 	if (bpf_skb_store_bytes(skb, 0, &w->out, sizeof(w->out), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &w->r, sizeof(w->r), 0))
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &w->r, rlen, 0))
 		return TC_ACT_SHOT;
 	if (out_dev == FP_ICMP_TO_STACK) {
 		fp_test_record(skb->ifindex, FP_RD_INGRESS, 0, reason);

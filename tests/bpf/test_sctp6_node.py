@@ -218,6 +218,11 @@ def test_no_endpoints_rejects_into_the_nodes_own_stack(dp, net, svcs):
     o = Ether(out)
     assert ICMPv6DestUnreach in o and o[ICMPv6DestUnreach].code == 4
     assert (o[IPv6].src, o[IPv6].dst, o.dst) == (NONE, NODE_IP6, net.mac("eth0"))
+    # the IPv6 header and 20 bytes of SCTP (the INIT's initiate tag)
+    assert bytes(o[ICMPv6DestUnreach].payload) == bytes(sent[IPv6])[:60]
+    fresh = o.copy()
+    del fresh[ICMPv6DestUnreach].cksum
+    assert Ether(bytes(fresh))[ICMPv6DestUnreach].cksum == o[ICMPv6DestUnreach].cksum
 
 
 def test_tcp_leaves_unchanged(dp, net, svcs):
