@@ -616,7 +616,9 @@ static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 
 	fib.family = AF_INET;
 	fib.tos = ip->tos;
 	fib.l4_protocol = ip->proto;
-	fib.tot_len = bpf_ntohs(ip->tot_len);
+	/* no length: the node's stack sized the packet (a GSO one too, whose
+	 * total length is not what the link carries) */
+	fib.tot_len = 0;
 	fib.ipv4_src = ip->saddr;
 	fib.ipv4_dst = ip->daddr;
 	fib.ifindex = skb->ifindex;

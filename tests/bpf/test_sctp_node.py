@@ -180,6 +180,24 @@ def test_a_backend_reached_by_another_interface_is_redirected_there(dp, net, svc
     assert tuple_of(out) == (NODE_IP, sport, REMOTE_ENI, 2906) and crc_ok(out)
 
 
+def test_a_gso_packet_longer_than_the_link_is_still_redirected(dp, net, svcs):
+    """The node's SCTP may hand its device a GSO packet longer than the MTU
+    (the segments are cut later): the FIB is not asked to check its length."""
+    from agent.datapath.libbpf import prog_test_run
+    from agent.datapath.nsenter import in_netns
+    sport = next(_sport)
+    run(dp, net, "fp_to_vpc", init(net, ENI_SVC, sport), "eth0")
+    big = data(net, ENI_SVC, sport, b"g" * 2800)
+    dp.maps.decision_reset(NOT_RECORDED)
+    with in_netns(net.ns):
+        res = prog_test_run(dp.prog_fd("fp_to_vpc"), bytes(big), ifindex=net.idx("eth0"),
+                            gso_size=1400, gso_segs=2)
+    rec = dp.maps.decision()
+    assert (res.retval, DEFS.reason(rec.reason), rec.ifindex) == \
+        (TC_ACT_REDIRECT, "redirected-eni", net.idx("eth1"))
+    assert tuple_of(res.data) == (NODE_IP, sport, REMOTE_ENI, 2906) and crc_ok(res.data)
+
+
 def test_a_zero_crc_stays_zero(dp, net, svcs):
     sport = next(_sport)
     pkt = init(net, FAR, sport)
