@@ -5,12 +5,17 @@ program's own work (parsing, lookups, the tail call to the IPv6 program,
 the rewrite and the redirect helper), without the veths, the scheduler or
 a client around it.
 
-Three paths, each once per family, between the same dual-stack pods of a
+Six paths, each once per family, between the same dual-stack pods of a
 node netns laid out as Terway does (the routing of tests/bpf/conftest.py):
 
   local   pod a -> pod b on the node       fp_from_pod (-> fp_from_pod6), redirect_peer
   eni     pod a -> a pod behind the VPC    fp_from_pod (-> fp_from_pod6), FIB + redirect
   vpc     the VPC -> pod b                 fp_from_vpc (-> fp_from_vpc6), redirect_peer
+  svc     pod a -> a ClusterIP whose backend is pod b, a mid-stream segment of
+          an established flow (translated to pod b)
+  reply   pod b -> pod a, that flow's reply (gets the ClusterIP back)
+  syn     pod a -> the ClusterIP, a SYN opening a new flow (a new source
+          port each run: a backend picked, the flow's entries written)
 
 Arms alternate IPv4 / IPv6 (order swapped every round), medians over the
 rounds. Production build (no decision records), policy off. Each
@@ -36,6 +41,9 @@ POD_A, POD_B, ENI_IP, GW = "10.0.1.10", "10.0.1.11", "10.0.1.2", "10.0.0.253"
 POD_A6, POD_B6, ENI_IP6, GW6 = "fd00:10::1:a", "fd00:10::1:b", "fd00:10::2", "fe80::253"
 GW_MAC = "02:00:00:00:02:53"
 REMOTE, REMOTE6 = "10.0.2.20", "fd00:20::20"
+VIP, VIP6 = "172.16.0.40", "fd00:16::40"
+SVC_SPORT, SYN_SPORT0 = 41000, 1024
+PATHS = ("local", "eni", "vpc", "svc", "reply", "syn")
 POD_A_MAC, POD_B_MAC = "02:00:00:00:0a:0a", "02:00:00:00:0b:0b"
 
 
@@ -72,11 +80,32 @@ def _packets(links: dict) -> dict[str, tuple[str, bytes, int]]:
     from scapy.layers.inet import IP, TCP
     from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether
-    a, e1 = links["caliA"], links["eth1"]
+    a, b, e1 = links["caliA"], links["caliB"], links["eth1"]
     seg = TCP(sport=40000, dport=80, flags="A") / (b"x" * 64)
     from_a = Ether(src=POD_A_MAC, dst=a["address"])
+    from_b = Ether(src=POD_B_MAC, dst=b["address"])
     from_vpc = Ether(src=GW_MAC, dst=e1["address"])
-    return {
+
+    def tcp(sport, dport, flags):
+        return TCP(sport=sport, dport=dport, flags=flags) / (b"x" * 64)
+
+    svc = {}
+    for fam, ipa, ipb, vip, l3 in (("v4", POD_A, POD_B, VIP, IP), ("v6", POD_A6, POD_B6, VIP6,
+                                                                    IPv6)):
+        svc.update({
+            f"svc.{fam}": ("fp_from_pod", bytes(from_a / l3(src=ipa, dst=vip)
+                                                / tcp(SVC_SPORT, 80, "A")), a["ifindex"]),
+            f"reply.{fam}": ("fp_from_pod", bytes(from_b / l3(src=ipb, dst=ipa)
+                                                  / tcp(8080, SVC_SPORT, "A")), b["ifindex"]),
+            f"syn.{fam}": ("fp_from_pod", bytes(from_a / l3(src=ipa, dst=vip)
+                                                / tcp(SYN_SPORT0, 80, "S")), a["ifindex"]),
+            # the flow svc and reply belong to, opened before the timing
+            f"open.{fam}": ("fp_from_pod", bytes(from_a / l3(src=ipa, dst=vip)
+                                                 / tcp(SVC_SPORT, 80, "S")), a["ifindex"]),
+            f"synack.{fam}": ("fp_from_pod", bytes(from_b / l3(src=ipb, dst=ipa)
+                                                   / tcp(8080, SVC_SPORT, "SA")), b["ifindex"]),
+        })
+    return svc | {
         "local.v4": ("fp_from_pod", bytes(from_a / IP(src=POD_A, dst=POD_B) / seg), a["ifindex"]),
         "local.v6": ("fp_from_pod", bytes(from_a / IPv6(src=POD_A6, dst=POD_B6) / seg),
                      a["ifindex"]),
@@ -90,10 +119,22 @@ def _packets(links: dict) -> dict[str, tuple[str, bytes, int]]:
     }
 
 
-def _mean_ns(prog_test_run, fd: int, pkt: bytes, ifindex: int, calls: int) -> float:
+_syn_port = [SYN_SPORT0]
+
+
+def _next_syn(pkt: bytes) -> bytes:
+    """The SYN with the next source port: a flow no run opened before (a
+    lap of the port range is more flows than a bench run opens)."""
+    _syn_port[0] = _syn_port[0] + 1 if _syn_port[0] < 65535 else SYN_SPORT0
+    off = 14 + (20 if pkt[12:14] == b"\x08\x00" else 40)
+    return pkt[:off] + _syn_port[0].to_bytes(2, "big") + pkt[off + 2:]
+
+
+def _mean_ns(prog_test_run, fd: int, pkt: bytes, ifindex: int, calls: int,
+             fresh: bool = False) -> float:
     total = 0
     for _ in range(calls):
-        r = prog_test_run(fd, pkt, ifindex=ifindex)
+        r = prog_test_run(fd, _next_syn(pkt) if fresh else pkt, ifindex=ifindex)
         if r.retval != 7:                                # TC_ACT_REDIRECT
             raise RuntimeError(f"verdict {r.retval}, not a redirect")
         total += r.duration_ns
@@ -120,21 +161,35 @@ def run(rounds: int = 7, calls: int = 5000, record_results: bool = True, log=pri
             c = links[cali]
             dp.maps.endpoint_put(Endpoint(ip, cali, c["ifindex"], c["address"], mac, "eth1",
                                           links["eth1"]["ifindex"], ip6=ip6))
+        # one ClusterIP per family, its backend pod b (port 8080)
+        for bid, slots, ip, vip in ((81, 80, POD_B, VIP), (82, 90, POD_B6, VIP6)):
+            dp.lb.put_backend(bid, ip, 8080, "TCP")
+            dp.lb.put_slots(slots, [bid])
+            dp.lb.put_service(vip, 80, "TCP", slots, 1)
         pkts = _packets(links)
-        times: dict[str, list[float]] = {k: [] for k in pkts}
+        times: dict[str, list[float]] = {f"{p}.{f}": [] for p in PATHS for f in ("v4", "v6")}
         with in_netns(ns):
-            for name, (prog, pkt, ifindex) in pkts.items():      # warm up, check the verdict
+            # the flow of svc and reply: SYN, SYN-ACK, then established
+            # by the warm-up's mid-stream segments
+            for fam in ("v4", "v6"):
+                for step in ("open", "synack"):
+                    prog, pkt, ifindex = pkts[f"{step}.{fam}"]
+                    _mean_ns(prog_test_run, dp.prog_fd(prog), pkt, ifindex, 1)
+            for name in times:                                   # warm up, check the verdict
+                prog, pkt, ifindex = pkts[name]
                 try:
-                    _mean_ns(prog_test_run, dp.prog_fd(prog), pkt, ifindex, 200)
+                    _mean_ns(prog_test_run, dp.prog_fd(prog), pkt, ifindex, 200,
+                             name.startswith("syn."))
                 except RuntimeError as e:
                     raise RuntimeError(f"{name}: {e}") from None
             for i in range(rounds):
-                for path in ("local", "eni", "vpc"):
+                for path in PATHS:
                     order = ("v4", "v6") if i % 2 == 0 else ("v6", "v4")
                     for fam in order:
                         prog, pkt, ifindex = pkts[f"{path}.{fam}"]
                         times[f"{path}.{fam}"].append(
-                            _mean_ns(prog_test_run, dp.prog_fd(prog), pkt, ifindex, calls))
+                            _mean_ns(prog_test_run, dp.prog_fd(prog), pkt, ifindex, calls,
+                                     path == "syn"))
                 log(f"  round {i + 1}/{rounds} " + " ".join(
                     f"{k}={v[-1]:.1f}ns" for k, v in times.items()))
     finally:
@@ -145,7 +200,7 @@ def run(rounds: int = 7, calls: int = 5000, record_results: bool = True, log=pri
         subprocess.run(["ip", "netns", "del", ns], check=False)
     med = {k: median(v) for k, v in times.items()}
     log("ns per packet (median):  path     IPv4     IPv6   IPv4/IPv6 (speed of IPv6 vs IPv4)")
-    for path in ("local", "eni", "vpc"):
+    for path in PATHS:
         t4, t6 = med[f"{path}.v4"], med[f"{path}.v6"]
         log(f"                          {path:6s} {t4:8.1f} {t6:8.1f} {t4 / t6:10.3f}")
     if record_results:
