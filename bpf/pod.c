@@ -510,7 +510,7 @@ static __always_inline int fp_drop6(struct __sk_buff *skb, enum fp_reason reason
  * the caller (*restore), which restores it after NetworkPolicy has judged
  * the packet as it was sent, as for IPv4. */
 static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struct fp_ipv6 *ip,
-						    struct fp_l4 *l4, int *restore)
+						    struct fp_l4 *l4, int *restore, int *xlated)
 {
 	enum fp_reason reason = FP_FWD_STACK;
 	int rc;
@@ -523,6 +523,7 @@ static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struc
 	rc = fp_ct6_service(skb, ip, l4, &reason);
 	if (rc == 0) {
 		fp_count_family(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len, FP_FAM_IPV6);
+		*xlated = 1;
 		return FP_WALK_ON;
 	}
 	if (rc < 0 && reason == FP_DROP_NO_BACKEND)
@@ -559,7 +560,7 @@ static __always_inline int fp_from_pod6_service_run(struct __sk_buff *skb, struc
  * translation (or restoration) is recorded for them (lib/ct6.h), begun
  * here and ended by the caller once the packet is final. */
 static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp_ipv6 *ip,
-						struct fp_l4 *l4, int *restore)
+						struct fp_l4 *l4, int *restore, int *xlated)
 {
 	if (ip->frag == FP_IP6_LATER_FRAG) {
 		if (fp_ct6_frag_follow(skb, ip) < 0)
@@ -567,26 +568,30 @@ static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp
 		return FP_WALK_ON;
 	}
 	fp_ct6_frag_begin(ip);
-	return fp_from_pod6_service_run(skb, ip, l4, restore);
+	return fp_from_pod6_service_run(skb, ip, l4, restore, xlated);
 }
 
 /* ---- IPv6 established flows in one program ----
  *
  * What fp_from_pod_established is for IPv4: a mid-stream TCP/UDP/SCTP
  * packet of an unfragmented flow, policy, bandwidth manager and what-if
- * off, to no IPv6 frontend, hairpin address or bypass prefix, has nothing
- * for fp_pod6_route to decide but the reply of a translated flow getting
- * its VIP back and the way out. Done here it saves the second tail call,
- * the second parse and the endpoint lookups fp_pod6_route repeats; the
- * outcome is the one the two halves give. Returns the verdict, or
- * FP_WALK_ON for anything else. */
+ * off, to no hairpin address or bypass prefix, has nothing for
+ * fp_pod6_route to decide but the reply of a translated flow getting its
+ * VIP back and the way out. Done here it saves the second tail call, the
+ * second parse and the endpoint lookups fp_pod6_route repeats; the outcome
+ * is the one the two halves give. A segment to an IPv6 frontend qualifies
+ * too, once fp_from_pod6_service has translated it (FP_WALK_SVC6): then
+ * nothing is left to restore and it goes where fp_pod6_route would send
+ * it. Returns FP_ONE6_FORWARD (*also: the primary NIC is a way out too),
+ * FP_WALK_SVC6, a verdict, or FP_WALK_ON for anything else. */
+#define FP_WALK_SVC6 0x7ffd
+#define FP_ONE6_FORWARD 0x7ffc
+
 static __always_inline int fp_from_pod6_established(struct __sk_buff *skb, struct fp_ipv6 *ip,
-						    struct fp_l4 *l4, const struct fp_endpoint *src)
+						    struct fp_l4 *l4, int *also)
 {
 	struct fp_config *cfg = fp_config_get();
-	struct fp_endpoint *dst;
-	enum fp_reason reason = FP_FWD_STACK;
-	int verdict, rc;
+	int rc;
 
 	if (ip->frag != FP_IP6_NOT_FRAG)
 		return FP_WALK_ON;
@@ -595,21 +600,32 @@ static __always_inline int fp_from_pod6_established(struct __sk_buff *skb, struc
 		return FP_WALK_ON;
 	if (!cfg || (cfg->flags & (FP_CFG_F_POLICY | FP_CFG_F_BW)) || fp_whatif())
 		return FP_WALK_ON;
-	if (fp_ct6_frontend(ip, l4, 0) || fp_bypass6_match(ip->daddr))
+	if (fp_bypass6_match(ip->daddr))
 		return FP_WALK_ON;
-	dst = fp_endpoint6_lookup(ip->daddr);
+	if (fp_ct6_frontend(ip, l4, 0))
+		return FP_WALK_SVC6;
 	rc = fp_ct6_reverse(skb, ip, l4);
 	if (rc < 0)
 		return fp_drop6(skb, FP_DROP_CSUM, ip, TC_ACT_SHOT);
-	if (dst)
-		return fp_deliver_local6(skb, FP_DIR_FROM_POD, ip, dst);
 	/* a local backend's reply to a client outside: the node's routing
 	 * decides, the primary NIC is a way out too (as in fp_pod6_route) */
-	if (rc > 0)
-		verdict = fp_redirect_fib6_also(skb, ip, src->eni_ifindex, cfg->primary_ifindex,
-						&reason);
-	else
-		verdict = fp_redirect_fib6(skb, ip, src->eni_ifindex, &reason);
+	*also = rc > 0 ? cfg->primary_ifindex : 0;
+	return FP_ONE6_FORWARD;
+}
+
+/* The end of the one-program walk: fp_pod6_route's forwarding for an
+ * unfragmented packet with policy and bandwidth manager off. */
+static __always_inline int fp_from_pod6_forward(struct __sk_buff *skb, struct fp_ipv6 *ip,
+						const struct fp_endpoint *src, __u32 also)
+{
+	enum fp_reason reason = FP_FWD_STACK;
+	struct fp_endpoint *dst;
+	int verdict;
+
+	dst = fp_endpoint6_lookup(ip->daddr);
+	if (dst)
+		return fp_deliver_local6(skb, FP_DIR_FROM_POD, ip, dst);
+	verdict = fp_redirect_fib6_also(skb, ip, src->eni_ifindex, also, &reason);
 	return fp_finish6(skb, FP_DIR_FROM_POD, reason, verdict, ip);
 }
 
@@ -645,7 +661,8 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	struct fp_ipv6 ip = {};
 	struct fp_l4 l4 = {};
 	struct fp_endpoint *src;
-	int verdict, restore = 0;
+	int verdict, one, restore = 0, xlated = 0;
+	__u32 also = 0;
 
 	switch (fp_parse_ipv6(skb, &ip)) {
 	case FP_PARSE_IPV6:
@@ -666,13 +683,24 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
 	if (src->host_ifindex != skb->ifindex)
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_DROP_SPOOFED, TC_ACT_SHOT, &ip);
-	verdict = fp_from_pod6_established(skb, &ip, &l4, src);
-	if (verdict != FP_WALK_ON)
+	verdict = fp_from_pod6_established(skb, &ip, &l4, &also);
+	if (verdict == FP_ONE6_FORWARD)
+		return fp_from_pod6_forward(skb, &ip, src, also);
+	if (verdict != FP_WALK_ON && verdict != FP_WALK_SVC6)
 		return verdict;
+	one = verdict == FP_WALK_SVC6;
 	/* IPv6 Services per packet */
-	verdict = fp_from_pod6_service(skb, &ip, &l4, &restore);
+	verdict = fp_from_pod6_service(skb, &ip, &l4, &restore, &xlated);
 	if (verdict != FP_WALK_ON)
 		return verdict;
+	/* a translated segment of an established flow: nothing of
+	 * fp_pod6_route's is left but the bypass check and the way out (a
+	 * hairpinned one, sourced from the hairpin address, takes both) */
+	if (one && xlated && !restore && !fp_ip6_is_hairpin(ip.saddr)) {
+		if (fp_bypass6_match(ip.daddr))
+			return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE, &ip);
+		return fp_from_pod6_forward(skb, &ip, src, 0);
+	}
 	/* the rest in fp_pod6_route (FP_TAIL_FROM_POD6_ROUTE) */
 	barrier_var(skb);
 	skb->cb[FP_CB_RESTORE6] = restore;

@@ -1,8 +1,9 @@
 """fp_from_pod6's one-program walk (bpf/pod.c, fp_from_pod6_established): a
 mid-stream IPv6 packet from a pod to another pod of the node, or out of its
-ENI to the VPC, and a local backend's reply of a translated flow, are
-forwarded without the tail call to fp_pod6_route, with the outcome the two
-halves give; everything else still takes both.
+ENI to the VPC, a local backend's reply of a translated flow, and a client's
+mid-stream segment to an IPv6 frontend once translated, are forwarded
+without the tail call to fp_pod6_route, with the outcome the two halves
+give; everything else still takes both.
 
 Which walk a packet took is made visible by emptying the
 FP_TAIL_FROM_POD6_ROUTE slot for the duration of a check: the two-program
@@ -25,6 +26,8 @@ from tests.bpf.conftest import (GW_MAC, POD_A6, POD_B6, REMOTE6, REMOTE6_NO_NEIG
 from tests.bpf.test_ipv6 import dual  # noqa: F401  (the dual-stack pods fixture)
 
 VIP6 = "fd00:16::40"
+VIP6_OUT = "fd00:16::41"           # its backend behind the VPC
+VIP6_SELF = "fd00:16::42"          # its backend is pod a itself (hairpin)
 NO_TAIL = "dropped-tail-call-missing"
 _sport = itertools.count(47000)
 
@@ -42,11 +45,14 @@ def route6_slot_empty(dp):
 
 @pytest.fixture(scope="module")
 def svc6(dp, dual):  # noqa: F811
-    with frontends(dp.lb, {81: (POD_B6, 8080, "TCP")}, [(VIP6, 80, "TCP", 80, [81])],
-                   flush=True) as lb:
+    with frontends(dp.lb, {81: (POD_B6, 8080, "TCP"), 82: (REMOTE6, 8080, "TCP"),
+                           83: (POD_A6, 8080, "TCP")},
+                   [(VIP6, 80, "TCP", 80, [81]), (VIP6_OUT, 80, "TCP", 81, [82]),
+                    (VIP6_SELF, 80, "TCP", 82, [83])], flush=True) as lb:
         yield lb
-    dp.lb.delete_slots(80, 1, 1)
-    dp.lb.delete_backend(81)
+    for slots, bid in ((80, 81), (81, 82), (82, 83)):
+        dp.lb.delete_slots(slots, 1, 1)
+        dp.lb.delete_backend(bid)
 
 
 def from_a(n, dst, dport, flags="A", sport=47999, hlim=64, l4=None):
@@ -109,18 +115,54 @@ def test_translated_reply_gets_its_vip_back_in_one_program(dp, svc6, bpfnet):
     assert syn.verdict == TC_ACT_REDIRECT and Ether(syn.out)[IPv6].dst == POD_B6
     with route6_slot_empty(dp):
         r = run(dp, n, b_to_a(n, 8080, sport, "SA"), "cali_b")
-        # the client's next packets go to a frontend: both programs
-        fwd = run(dp, n, from_a(n, VIP6, 80, "A", sport), "cali_a")
     assert (r.verdict, r.reason) == (TC_ACT_REDIRECT, "redirected-local")
     assert r.redirect_ifindex == n.cali_a.ifindex
     out = Ether(r.out)
     assert (out[IPv6].src, out[TCP].sport) == (VIP6, 80), "the reply comes from the VIP again"
     assert (out[IPv6].dst, out[TCP].dport) == (POD_A6, sport)
     assert tcp_checksum_right(out)
-    assert (fwd.verdict, fwd.reason) == (TC_ACT_SHOT, NO_TAIL)
 
 
-@pytest.mark.parametrize("what", ["policy", "udp", "frontend-port", "hop-limit"])
+@pytest.mark.parametrize("vip, backend, reason, dev", [
+    (VIP6, POD_B6, "redirected-local", "cali_b"),
+    (VIP6_OUT, REMOTE6, "redirected-eni", "eth1")])
+def test_translated_segment_to_a_frontend_goes_in_one_program(dp, svc6, bpfnet, vip, backend,
+                                                              reason, dev):
+    n = bpfnet
+    sport = next(_sport)
+    syn = run(dp, n, from_a(n, vip, 80, "S", sport), "cali_a")
+    assert syn.verdict == TC_ACT_REDIRECT and Ether(syn.out)[IPv6].dst == backend
+    both = run(dp, n, from_a(n, vip, 80, "A", sport), "cali_a")
+    with route6_slot_empty(dp):
+        one = run(dp, n, from_a(n, vip, 80, "A", sport), "cali_a")
+        # the SYN of another flow still takes both programs
+        other = run(dp, n, from_a(n, vip, 80, "S", next(_sport)), "cali_a")
+    assert (one.verdict, one.reason) == (TC_ACT_REDIRECT, reason)
+    assert one.redirect_ifindex == getattr(n, dev).ifindex
+    out = Ether(one.out)
+    assert (out[IPv6].src, out[TCP].sport) == (POD_A6, sport)
+    assert (out[IPv6].dst, out[TCP].dport) == (backend, 8080)
+    assert out[IPv6].hlim == 63
+    assert tcp_checksum_right(out)
+    # what the two programs make of the same segment, byte for byte
+    assert (both.verdict, both.reason, both.redirect_ifindex, both.out) == \
+        (one.verdict, one.reason, one.redirect_ifindex, one.out)
+    assert (other.verdict, other.reason) == (TC_ACT_SHOT, NO_TAIL)
+
+
+def test_hairpinned_segment_still_takes_both_programs(dp, svc6, bpfnet):
+    n = bpfnet
+    sport = next(_sport)
+    syn = run(dp, n, from_a(n, VIP6_SELF, 80, "S", sport), "cali_a")
+    assert syn.verdict == TC_ACT_REDIRECT
+    assert Ether(syn.out)[IPv6].src == dp.config.hairpin_source_ipv6
+    with route6_slot_empty(dp):
+        r = run(dp, n, from_a(n, VIP6_SELF, 80, "A", sport), "cali_a")
+    assert (r.verdict, r.reason) == (TC_ACT_SHOT, NO_TAIL)
+
+
+@pytest.mark.parametrize("what", ["policy", "udp", "frontend-port", "hop-limit",
+                                  "frontend-policy"])
 def test_what_the_one_program_walk_leaves_to_both(dp, svc6, bpfnet, what):
     n = bpfnet
     pkt = from_a(n, POD_B6, 5000, hlim=1 if what == "hop-limit" else 64)
@@ -128,6 +170,12 @@ def test_what_the_one_program_walk_leaves_to_both(dp, svc6, bpfnet, what):
         pkt = from_a(n, POD_B6, 53, l4=UDP(sport=47998, dport=53))
     elif what == "frontend-port":
         pkt = from_a(n, VIP6, 80, sport=next(_sport))
+    elif what == "frontend-policy":
+        # a translated segment with policy on: judged in fp_pod6_route
+        sport = next(_sport)
+        assert run(dp, n, from_a(n, VIP6, 80, "S", sport), "cali_a").verdict == TC_ACT_REDIRECT
+        pkt = from_a(n, VIP6, 80, sport=sport)
+        dp.settings.set_policy(True)
     elif what == "policy":
         dp.settings.set_policy(True)
     try:
