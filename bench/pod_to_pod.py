@@ -6,13 +6,15 @@ Arms, alternated per round (medians over rounds):
   direct     two pod netns joined by one veth: the physical limit
   stack      pod a -> cali -> node routing (rule 512, endpoint route) -> cali -> pod b
   bare-peer  a program doing nothing but bpf_redirect_peer, on the same veths
+             (IPv4 and IPv6: the family difference any program pays)
   fastpath   the same node and pods with fastpath attached (bpf_redirect_peer)
   x-stack    pod a on n1 -> n1's stack -> ENI -> vpc -> ENI -> n2's stack -> pod c
   x-fastpath the same with fastpath on both nodes (FIB lookup + redirect out of
              the pod's ENI on n1, redirect_peer from the ENI on n2)
   x-bare     the floor of that technique: on each node a program doing only
              the FIB lookup and the redirect out of the ENI (the pod's veth)
-             and one doing only redirect_peer into the pod (the ENI)
+             and one doing only redirect_peer into the pod (the ENI); IPv4
+             and IPv6 (the FIB lookup for AF_INET6), as x-fastpath
 
        direct:  [a]==veth==[b]
    stack/fp:    [a]--cali--( node n1 )--cali--[b]
@@ -33,6 +35,7 @@ a failed detach or a no-op attach can never pass one arm off as the other.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -94,7 +97,8 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                "stack": Endpoints(a, b, b.ip, a.ip),
                "cross": Endpoints(a, c, c.ip, a.ip),
                "direct6": Endpoints(pair.a, pair.b, pair.b.ip6, pair.a.ip6),
-               "stack6": Endpoints(a, b, b.ip6, a.ip6)}
+               "stack6": Endpoints(a, b, b.ip6, a.ip6),
+               "cross6": Endpoints(a, c, c.ip6, a.ip6)}
         servers = []
         try:
             for ep in eps.values():
@@ -110,7 +114,7 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                         "crr": harness.fprr(ep, "crr", crr_seconds),
                         "stream": harness.iperf3(ep, stream_seconds)}
 
-            turn = {"direct": 0, "fastpath": 0}
+            turn = {"direct": 0, "fastpath": 0, "bare": 0, "x-bare": 0, "x-fastpath": 0}
 
             def measure_both(arm: str, ep4: Endpoints, ep6: Endpoints) -> dict[str, float]:
                 """IPv4 and IPv6 between the same two netns, back to back,
@@ -145,7 +149,8 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
             def bare_arm() -> dict[str, float]:
                 with bare.attached(node):
                     harness.fprr(eps["stack"], "rr", 0.2)
-                    return measure(eps["stack"])
+                    harness.fprr(eps["stack6"], "rr", 0.2)
+                    return measure_both("bare", eps["stack"], eps["stack6"])
 
             def x_stack_arm() -> dict[str, float]:
                 _assert_no_bpf(node)
@@ -158,14 +163,16 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
                         on.enter_context(fastpath_setup(w, n))
                         _assert_bpf_on_pods(n)
                     harness.fprr(eps["cross"], "rr", 0.2)
-                    return measure(eps["cross"])
+                    harness.fprr(eps["cross6"], "rr", 0.2)
+                    return measure_both("x-fastpath", eps["cross"], eps["cross6"])
 
             xbare = CrossBare([(node, a), (node2, c)])
 
             def x_bare_arm() -> dict[str, float]:
                 with xbare.attached():
                     harness.fprr(eps["cross"], "rr", 0.2)
-                    return measure(eps["cross"])
+                    harness.fprr(eps["cross6"], "rr", 0.2)
+                    return measure_both("x-bare", eps["cross"], eps["cross6"])
 
             arms = {"direct": lambda: measure_both("direct", eps["direct"], eps["direct6"]),
                     "stack": stack_arm,
@@ -189,8 +196,9 @@ def run(fastpath_setup: FastpathSetup | None = None, *, discover: bool = True, r
 class BarePeer:
     """The floor of the technique itself: a program that does nothing but
     bpf_redirect_peer() to the other pod (no lookups, no rewrite, no
-    counters). fastpath's distance to direct veth minus this arm's is what
-    fastpath's own logic costs."""
+    counters), for IPv4 and IPv6 alike. fastpath's distance to direct veth
+    minus this arm's is what fastpath's own logic costs; this arm's IPv6
+    against its IPv4 is the family difference no program can avoid."""
 
     SRC = r"""
     #include <uapi/linux/bpf.h>
@@ -200,7 +208,8 @@ class BarePeer:
     {
         void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
         struct ethhdr *eth = data;
-        if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+        if ((void *)(eth + 1) > end ||
+            (eth->h_proto != bpf_htons(ETH_P_IP) && eth->h_proto != bpf_htons(ETH_P_IPV6)))
             return TC_ACT_UNSPEC;
         return bpf_redirect_peer(ifindex, 0);
     }
@@ -276,6 +285,38 @@ BARE_FIB_OUT4 = r"""
 """
 
 
+# The same for IPv6 (fastpath's fp_redirect_fib6: flow label and next
+# header in the FIB lookup, hop limit - 1, no header checksum).
+BARE_FIB_OUT6 = r"""
+    static __always_inline int bare_fib_out6(struct __sk_buff *skb, struct ethhdr *eth,
+                                             struct ipv6hdr *ip6)
+    {
+        struct bpf_fib_lookup fib = {};
+        int rc;
+
+        fib.family = AF_INET6;
+        fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0FFFFFFF);
+        fib.l4_protocol = ip6->nexthdr;
+        __builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
+        __builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
+        fib.ifindex = skb->ifindex;
+        rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+        if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+            return TC_ACT_UNSPEC;
+        ip6->hop_limit--;
+        if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+            __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+            __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+            return bpf_redirect(fib.ifindex, 0);
+        }
+        struct bpf_redir_neigh nh = {};
+        nh.nh_family = AF_INET6;
+        __builtin_memcpy(nh.ipv6_nh, fib.ipv6_dst, 16);
+        return redirect_neigh4(fib.ifindex, &nh, sizeof(nh), 0);
+    }
+"""
+
+
 class CrossBare:
     """The floor of the cross-node technique: per node, on the pod's veth a
     program doing only what fastpath's pod-to-VPC path must (the FIB lookup
@@ -290,14 +331,25 @@ class CrossBare:
     #include <uapi/linux/pkt_cls.h>
     #include <uapi/linux/if_ether.h>
     #include <uapi/linux/ip.h>
+    #include <uapi/linux/ipv6.h>
     #include <linux/socket.h>
-    """ + BARE_FIB_OUT4 + r"""
+    """ + BARE_FIB_OUT4 + BARE_FIB_OUT6 + r"""
     int xbare_out(struct __sk_buff *skb)
     {
         void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
         struct ethhdr *eth = data;
         struct iphdr *ip = (void *)(eth + 1);
+        struct ipv6hdr *ip6 = (void *)(eth + 1);
 
+        if ((void *)(eth + 1) > end)
+            return TC_ACT_UNSPEC;
+        if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+            /* the pod's own link traffic (neighbour discovery) stays */
+            if ((void *)(ip6 + 1) > end || ip6->hop_limit <= 1 ||
+                ip6->daddr.in6_u.u6_addr8[0] == 0xff || ip6->daddr.in6_u.u6_addr8[0] == 0xfe)
+                return TC_ACT_UNSPEC;
+            return bare_fib_out6(skb, eth, ip6);
+        }
         if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ttl <= 1)
             return TC_ACT_UNSPEC;
         return bare_fib_out4(skb, eth, ip);
@@ -307,7 +359,18 @@ class CrossBare:
         void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
         struct ethhdr *eth = data;
         struct iphdr *ip = (void *)(eth + 1);
+        struct ipv6hdr *ip6 = (void *)(eth + 1);
 
+        if ((void *)(eth + 1) > end)
+            return TC_ACT_UNSPEC;
+        if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+            if ((void *)(ip6 + 1) > end || ip6->daddr.in6_u.u6_addr32[0] != POD_IP6_0 ||
+                ip6->daddr.in6_u.u6_addr32[1] != POD_IP6_1 ||
+                ip6->daddr.in6_u.u6_addr32[2] != POD_IP6_2 ||
+                ip6->daddr.in6_u.u6_addr32[3] != POD_IP6_3)
+                return TC_ACT_UNSPEC;
+            return bpf_redirect_peer(POD_IFINDEX, 0);
+        }
         if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->daddr != POD_IP)
             return TC_ACT_UNSPEC;
         return bpf_redirect_peer(POD_IFINDEX, 0);
@@ -319,8 +382,11 @@ class CrossBare:
         from agent.datapath.maps import be32
         self.bpfs, self.filters = [], []
         for node, pod in node_pods:
+            six = socket.inet_pton(socket.AF_INET6, pod.ip6)
+            words = [f"-DPOD_IP6_{i}={int.from_bytes(six[4 * i:4 * i + 4], sys.byteorder)}U"
+                     for i in range(4)]
             bpf = BPF(text=self.SRC, cflags=[f"-DPOD_IP={be32(pod.ip)}U",
-                                              f"-DPOD_IFINDEX={pod.host_ifindex}"])
+                                              f"-DPOD_IFINDEX={pod.host_ifindex}", *words])
             fds = {n: bpf.load_func(n, BPF.SCHED_CLS).fd for n in ("xbare_out", "xbare_in")}
             self.bpfs.append(bpf)
             self.filters.append((node, pod.host_ifname, fds["xbare_out"], "xbare_out"))
@@ -345,10 +411,13 @@ def _print_table(med: dict, log) -> None:
             row += f"  {med['fastpath'][m] / med['stack'][m]:14.3f}"
         log(row)
     if "rr.v6" in med.get("fastpath", {}):
-        log("IPv6 medians:    direct6  fastpath6  fastpath6/direct6  fastpath6/fastpath4")
+        log("IPv6 medians:    direct6  fastpath6  fastpath6/direct6  fastpath6/fastpath4"
+            "    bare6  bare6/bare4  direct6/direct4")
         for m in ("rr", "crr", "stream"):
             d6, f6, f4 = med["direct"][f"{m}.v6"], med["fastpath"][f"{m}.v6"], med["fastpath"][m]
-            log(f"  {m:6s} {UNITS[m]:8s} {d6:10,.1f} {f6:10,.1f} {f6 / d6:18.3f} {f6 / f4:20.3f}")
+            b6, b4, d4 = med["bare-peer"][f"{m}.v6"], med["bare-peer"][m], med["direct"][m]
+            log(f"  {m:6s} {UNITS[m]:8s} {d6:10,.1f} {f6:10,.1f} {f6 / d6:18.3f} {f6 / f4:20.3f}"
+                f" {b6:10,.1f} {b6 / b4:12.3f} {d6 / d4:15.3f}")
     if "x-fastpath" in med:
         log("cross-node medians:   x-stack    x-bare  x-fastpath  x-bare/x-stack  "
             "x-fastpath/x-stack  x-fastpath/x-bare")
@@ -356,6 +425,11 @@ def _print_table(med: dict, log) -> None:
             xs, xb, xf = med["x-stack"][m], med["x-bare"][m], med["x-fastpath"][m]
             log(f"  {m:6s} {UNITS[m]:8s} {xs:10,.1f} {xb:9,.1f} {xf:11,.1f} {xb / xs:15.3f} "
                 f"{xf / xs:19.3f} {xf / xb:18.3f}")
+        log("cross-node IPv6:      x-bare6  x-fastpath6  x-bare6/x-bare4  x-fastpath6/x-fastpath4")
+        for m in ("rr", "crr", "stream"):
+            xb, xf = med["x-bare"], med["x-fastpath"]
+            log(f"  {m:6s} {UNITS[m]:8s} {xb[m + '.v6']:10,.1f} {xf[m + '.v6']:12,.1f} "
+                f"{xb[m + '.v6'] / xb[m]:16.3f} {xf[m + '.v6'] / xf[m]:24.3f}")
 
 
 def _record(med: dict, rounds: int, rr_s: float, crr_s: float, st_s: float, source,
@@ -373,6 +447,11 @@ def _record(med: dict, rounds: int, rr_s: float, crr_s: float, st_s: float, sour
         results.record(f"redirect.bare_peer_vs_direct.{m}", bp[m], UNITS[m], command=command,
                        baseline=d[m], ratio=bp[m] / d[m],
                        notes=f"context: a program doing only bpf_redirect_peer vs a direct veth pair; {method}")
+        results.record(f"redirect.bare_peer.v6_vs_v4.{m}", bp[f"{m}.v6"], UNITS[m],
+                       command=command, baseline=bp[m], ratio=bp[f"{m}.v6"] / bp[m],
+                       notes=f"context: the floor of redirect.v6_vs_v4: a program doing only "
+                             f"bpf_redirect_peer, over IPv6 vs over IPv4, same pods, back to "
+                             f"back in each round; {method}")
     if "fastpath" not in med:
         return
     f = med["fastpath"]
@@ -413,6 +492,16 @@ def _record(med: dict, rounds: int, rr_s: float, crr_s: float, st_s: float, sour
                        baseline=xb[m], ratio=xf[m] / xb[m],
                        notes=f"context: fastpath across nodes vs the floor of its technique on the "
                              f"same nodes; {method}")
+        v6 = f"{m}.v6"
+        results.record(f"redirect.cross_node.v6_vs_v4.{m}", xf[v6], UNITS[m], command=command,
+                       baseline=xf[m], ratio=xf[v6] / xf[m],
+                       notes=f"context: fastpath across nodes over IPv6 vs over IPv4, same pods, "
+                             f"back to back in each round; {method}")
+        results.record(f"redirect.cross_node_floor.v6_vs_v4.{m}", xb[v6], UNITS[m],
+                       command=command, baseline=xb[m], ratio=xb[v6] / xb[m],
+                       notes=f"context: the floor of redirect.cross_node.v6_vs_v4 (bare FIB "
+                             f"lookup for AF_INET6 + redirect out of the ENI, bare "
+                             f"redirect_peer in) over IPv6 vs over IPv4; {method}")
 
 
 def main(argv: list[str] | None = None) -> int:
