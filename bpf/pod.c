@@ -574,10 +574,11 @@ static __always_inline int fp_from_pod6_service(struct __sk_buff *skb, struct fp
 /* ---- IPv6 established flows in one program ----
  *
  * What fp_from_pod_established is for IPv4: a mid-stream TCP/UDP/SCTP
- * packet of an unfragmented flow, policy, bandwidth manager and what-if
- * off, to no hairpin address or bypass prefix, has nothing for
- * fp_pod6_route to decide but the reply of a translated flow getting its
- * VIP back and the way out. Done here it saves the second tail call, the
+ * packet of an unfragmented flow, bandwidth manager and what-if off,
+ * NetworkPolicy off or the flow admitted already (its fp_ctpol6_v1 entry),
+ * to no hairpin address or bypass prefix, has nothing for fp_pod6_route to
+ * decide but the reply of a translated flow getting its VIP back and the
+ * way out. Done here it saves the second tail call, the
  * second parse and the endpoint lookups fp_pod6_route repeats; the outcome
  * is the one the two halves give. A segment to an IPv6 frontend qualifies
  * too, once fp_from_pod6_service has translated it (FP_WALK_SVC6): then
@@ -598,12 +599,17 @@ static __always_inline int fp_from_pod6_established(struct __sk_buff *skb, struc
 	fp_parse_l4_6(skb, ip, l4);
 	if (l4->kind != FP_L4_PORTS || l4->opening || fp_ip6_is_hairpin(ip->daddr))
 		return FP_WALK_ON;
-	if (!cfg || (cfg->flags & (FP_CFG_F_POLICY | FP_CFG_F_BW)) || fp_whatif())
+	if (!cfg || (cfg->flags & FP_CFG_F_BW) || fp_whatif())
 		return FP_WALK_ON;
 	if (fp_bypass6_match(ip->daddr))
 		return FP_WALK_ON;
 	if (fp_ct6_frontend(ip, l4, 0))
 		return FP_WALK_SVC6;
+	/* with NetworkPolicy on, a flow it admitted already: fp_pod6_route's
+	 * judging of such a packet is this lookup (and its refresh), nothing
+	 * else; any other packet is judged there */
+	if ((cfg->flags & FP_CFG_F_POLICY) && !fp_ct6_policy_seen(ip, l4, bpf_ktime_get_ns()))
+		return FP_WALK_ON;
 	rc = fp_ct6_reverse(skb, ip, l4);
 	if (rc < 0)
 		return fp_drop6(skb, FP_DROP_CSUM, ip, TC_ACT_SHOT);
@@ -696,7 +702,8 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	/* a translated segment of an established flow: nothing of
 	 * fp_pod6_route's is left but the bypass check and the way out (a
 	 * hairpinned one, sourced from the hairpin address, takes both) */
-	if (one && xlated && !restore && !fp_ip6_is_hairpin(ip.saddr)) {
+	if (one && xlated && !restore && !fp_ip6_is_hairpin(ip.saddr) &&
+	    (!fp_policy_enabled() || fp_ct6_policy_seen(&ip, &l4, bpf_ktime_get_ns()))) {
 		if (fp_bypass6_match(ip.daddr))
 			return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_BYPASS, FP_TC_CONTINUE, &ip);
 		return fp_from_pod6_forward(skb, &ip, src, 0);

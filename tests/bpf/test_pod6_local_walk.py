@@ -194,3 +194,32 @@ def test_what_the_one_program_walk_leaves_to_both(dp, svc6, bpfnet, what):
         assert (r.verdict, r.reason) == (TC_ACT_SHOT, "dropped-ct-no-backend")
         return
     assert (r.verdict, r.reason) == (TC_ACT_SHOT, NO_TAIL)
+
+
+@pytest.mark.parametrize("to", ["pod", "frontend"])
+def test_with_policy_on_an_admitted_flow_goes_in_one_program(dp, svc6, bpfnet, to):
+    """NetworkPolicy on: a segment of a flow policy has not admitted yet is
+    judged in fp_pod6_route (both programs), which admits it; the flow's
+    next segments take the one-program walk with the same outcome."""
+    n = bpfnet
+    sport = next(_sport)
+    dst, dport, backend = (POD_B6, 5000, POD_B6) if to == "pod" else (VIP6, 80, POD_B6)
+    if to == "frontend":
+        # opened with policy off: translated, never judged
+        assert run(dp, n, from_a(n, dst, dport, "S", sport), "cali_a").verdict == \
+            TC_ACT_REDIRECT
+    dp.settings.set_policy(True)
+    try:
+        with route6_slot_empty(dp):
+            first = run(dp, n, from_a(n, dst, dport, "A", sport), "cali_a")
+        judged = run(dp, n, from_a(n, dst, dport, "A", sport), "cali_a")
+        with route6_slot_empty(dp):
+            one = run(dp, n, from_a(n, dst, dport, "A", sport), "cali_a")
+    finally:
+        dp.settings.set_policy(False)
+    assert (first.verdict, first.reason) == (TC_ACT_SHOT, NO_TAIL)
+    assert (judged.verdict, judged.reason) == (TC_ACT_REDIRECT, "redirected-local")
+    assert (one.verdict, one.reason, one.redirect_ifindex) == \
+        (TC_ACT_REDIRECT, "redirected-local", n.cali_b.ifindex)
+    assert Ether(one.out)[IPv6].dst == backend
+    assert one.out == judged.out
