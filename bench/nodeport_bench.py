@@ -9,6 +9,14 @@ TCP_RR (fprr rr) to a NodePort of a node whose backend pod is on that node:
                                  gets the NodePort back in fp_from_pod) vs the
                                  same client -> the backend pod's IP (through
                                  the VPC and n1's ENI, redirected into the pod)
+  lb.nodeport_floor_vs_direct    the floor of the technique, same run: a third
+                                 node n3 without fastpath runs the bare NodePort
+                                 program (bench/nodeport_profile.NodePortFloor):
+                                 client -> n3:NodePort vs client -> n3's pod IP
+                                 through the same program's direct path. Its
+                                 ratio is what any program doing NodePort this
+                                 way reaches; lb.nodeport_vs_direct below it is
+                                 the technique's cost, above it fastpath's own
   lb.nodeport_vs_iptables.<N>    the same fastpath arm vs a twin node with no
   lb.nodeport_vs_nftables.<N>    BPF at all and kube-proxy's rules for the same
                                  N NodePort Services (bench/kubeproxy_rules.py:
@@ -31,7 +39,7 @@ server pinned to CPU 0; kube-proxy's rule loads (minutes for 10,000 with
 iptables-restore) run on the other CPU before any arm is measured.
 
     python -m bench.nodeport_bench [--rounds 8] [--sizes 1000 10000] [--no-record]
-    python -m bench.nodeport_bench --sizes      (lb.nodeport_vs_direct alone)
+    python -m bench.nodeport_bench --sizes      (lb.nodeport_vs_direct and the floor)
 """
 from __future__ import annotations
 
@@ -41,6 +49,8 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
 from agent.sim import World
 from bench import harness
@@ -49,6 +59,7 @@ from bench import lb_cluster as lc
 from bench import lb_bench
 from bench.lb_bench import (CLUSTER_CIDR, MODES, Client, Loader, assert_no_bpf,
                             assert_no_netfilter, log, start_server)
+from bench.nodeport_profile import NodePortFloor, node_programs
 
 COMMAND = "python -m bench.nodeport_bench"
 PORT = harness.FPRR_PORT
@@ -110,6 +121,8 @@ def run(args) -> dict:
     with World() as w:
         n1 = w.add_node("n1", enis=1)
         b = n1.add_pod("b")
+        n3 = w.add_node("n3", enis=1)        # the floor's node: no fastpath
+        fb = n3.add_pod("n3b")
         twins = {}
         for m in modes:
             for n in args.sizes:
@@ -126,11 +139,12 @@ def run(args) -> dict:
         for name, ld in res["loads"].items():
             if ld.error:
                 raise RuntimeError(f"kube-proxy rules {name} did not load: {ld.error}")
-        servers = [start_server(b)] + [start_server(pod) for _, pod in twins.values()]
+        servers = ([start_server(b), start_server(fb)]
+                   + [start_server(pod) for _, pod in twins.values()])
         try:
             harness.tune_client(ext)
             client = Client(ext, ext.ip)
-            with sim_attach(n1) as agent:
+            with sim_attach(n1) as agent, ExitStack() as stack:
                 assert_no_netfilter(n1)
                 for node, _ in twins.values():
                     assert_no_bpf(node)
@@ -146,8 +160,17 @@ def run(args) -> dict:
                 if not any(r.direction == "forward" and r.dport == probe
                            for r in lb.conntrack()):
                     raise RuntimeError("fastpath arm: the NodePort was not translated by fastpath")
+                floor = NodePortFloor(n3, fb, probe, PORT)
+                stack.enter_context(floor.attached())
+                client.run("rr", n3.ip, 0.2, probe)
+                client.run("rr", fb.ip, 0.2)
+                if set(node_programs(n3, "npf_")) != {"npf_in", "npf_out"} or node_programs(n3):
+                    raise RuntimeError("floor arm: n3 must run the bare NodePort program alone: "
+                                       f"{harness.bpf_devices(n3)}")
                 arms = {"fastpath": lambda: measure(client, n1.ip, probe, args),
-                        "direct": lambda: measure(client, b.ip, PORT, args)}
+                        "direct": lambda: measure(client, b.ip, PORT, args),
+                        "floor": lambda: measure(client, n3.ip, probe, args),
+                        "floor-direct": lambda: measure(client, fb.ip, PORT, args)}
                 for (m, n), (node, _) in twins.items():
                     p = NODE_PORT_BASE + n - 1
                     client.run("rr", node.ip, 0.2, p)
@@ -156,9 +179,13 @@ def run(args) -> dict:
                 res["raw"] = raw
                 res["medians"] = {a: {k: harness.median(v) for k, v in ms.items()}
                                   for a, ms in raw.items()}
-                res["cost"] = program_cost(n1, lambda: client.run(
-                    "crr", n1.ip, args.crr_seconds, probe) * args.crr_seconds, lambda: client.run(
-                    "crr", b.ip, args.crr_seconds) * args.crr_seconds)
+                def conns(ip, port=PORT):
+                    return lambda: client.run("crr", ip, args.crr_seconds, port) * args.crr_seconds
+                fp_ids, floor_ids = node_programs(n1), node_programs(n3, "npf_")
+                res["cost"] = program_cost({"fastpath": (fp_ids, conns(n1.ip, probe)),
+                                            "direct": (fp_ids, conns(b.ip)),
+                                            "floor": (floor_ids, conns(n3.ip, probe)),
+                                            "floor-direct": (floor_ids, conns(fb.ip))})
                 res["errors"]["client"] = client.errors
                 res["services_in_maps"] = top
         finally:
@@ -167,21 +194,18 @@ def run(args) -> dict:
     return res
 
 
-def program_cost(n1, nodeport, direct, reps: int = 3) -> dict:
-    """fastpath's programs on n1 (each counted once, whatever it is attached
-    to) under each arm's CRR: program ns per connection, per program and in
-    all (kernel BPF run-time statistics, for this step only): how much of the
-    gap between the arms is program time."""
+def program_cost(arms: dict, reps: int = 3) -> dict:
+    """arms: name -> ({program: id}, a function running the arm's CRR and
+    returning how many connections it made). The programs' ns per
+    connection, per program and in all, under each arm (kernel BPF run-time
+    statistics, for this step only): how much of the gap between the arms
+    is program time."""
     from bench.lb_bench import bpf_run_stats, prog_counters
-    out = json.loads(n1.run(["bpftool", "-j", "net", "show"]).stdout or "[]")
-    ids = {p["name"]: p["id"] for sec in out for p in sec.get("tc", [])
-           if p.get("name", "").startswith("fp_")}
-    arms = {"fastpath": nodeport, "direct": direct}
-    acc = {a: {n: [0, 0] for n in ids} for a in arms}
+    acc = {a: {n: [0, 0] for n in ids} for a, (ids, _) in arms.items()}
     conns = {a: 0.0 for a in arms}
     with bpf_run_stats():
         for _ in range(reps):
-            for a, fn in arms.items():
+            for a, (ids, fn) in arms.items():
                 before = {n: prog_counters(i) for n, i in ids.items()}
                 conns[a] += fn()
                 after = {n: prog_counters(i) for n, i in ids.items()}
@@ -241,6 +265,26 @@ def record_all(res: dict, sizes) -> None:
                              f"is on it vs the same client -> the pod IP; per-round paired ratio "
                              f"median {paired(raw, 'fastpath', 'direct', metric):.3f}; {method}"
                              + (cost_note if metric == "crr" else ""))
+        fl, fd = med.get("floor"), med.get("floor-direct")
+        if fl and fd:
+            floor_cost = ""
+            if c and metric == "crr":
+                floor_cost = (f"; program time per connection, same run: the bare program "
+                              f"{c['floor']['ns_per_conn']:.0f} ns to the NodePort, "
+                              f"{c['floor-direct']['ns_per_conn']:.0f} ns to the pod IP "
+                              f"(fastpath {c['fastpath']['ns_per_conn']:.0f} and "
+                              f"{c['direct']['ns_per_conn']:.0f} ns)")
+            results.record(f"lb.nodeport_floor_vs_direct{sfx}", fl[metric], UNITS[metric],
+                           command=COMMAND, baseline=fd[metric], ratio=fl[metric] / fd[metric],
+                           notes=f"the floor of lb.nodeport_vs_direct{sfx}, same run: the same "
+                                 f"client -> the NodePort of a node without fastpath running a "
+                                 f"bare NodePort program (bench/nodeport_profile.NodePortFloor: "
+                                 f"an LRU conntrack lookup per packet, two entries at the SYN, "
+                                 f"DNAT and reverse NAT, the same redirects) vs -> that node's "
+                                 f"pod IP through the same program; fastpath's ratio in this "
+                                 f"run {fp[metric] / d[metric]:.3f}; per-round paired ratio "
+                                 f"median {paired(raw, 'floor', 'floor-direct', metric):.3f}; "
+                                 f"{method}{floor_cost}")
         for mode, target in (("iptables", ">= 1.5 at 10000"), ("nftables", ">= 1.05")):
             for n in sizes:
                 k = med.get(f"{mode}.{n}")
@@ -265,14 +309,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crr-seconds", type=float, default=2.0)
     ap.add_argument("--rr-seconds", type=float, default=1.0)
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--json", help="write the raw figures here")
     args = ap.parse_args(argv if argv is not None else sys.argv[1:])
     res = run(args)
     for arm, m in res["medians"].items():
         log(f"  {arm:16s} " + " ".join(f"{k}={v:,.0f}" for k, v in m.items()))
-    fp = res["medians"]["fastpath"]
-    for arm, m in res["medians"].items():
+    med = res["medians"]
+    fp = med["fastpath"]
+    for arm, m in med.items():
         if arm != "fastpath":
             log(f"  fastpath / {arm}: crr {fp['crr'] / m['crr']:.3f}  rr {fp['rr'] / m['rr']:.3f}")
+    fl, fd = med["floor"], med["floor-direct"]
+    log(f"  floor / floor-direct: crr {fl['crr'] / fd['crr']:.3f}  rr {fl['rr'] / fd['rr']:.3f}"
+        f"  (paired crr {paired(res['raw'], 'floor', 'floor-direct', 'crr'):.3f}; fastpath / "
+        f"direct paired crr {paired(res['raw'], 'fastpath', 'direct', 'crr'):.3f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     if not args.no_record:
         record_all(res, args.sizes)
     log(f"nodeport_bench: done in {res['elapsed']:.0f}s")

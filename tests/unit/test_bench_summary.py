@@ -46,3 +46,38 @@ def test_a_figure_the_record_lacks_is_named_with_its_document():
 def test_an_unclosed_summary_is_an_error():
     with pytest.raises(ValueError, match="never closed"):
         results.render_summaries(f"{results.SUMMARY_BEGIN}\n| `x` |\n", {}, "doc")
+
+
+def test_a_pending_figure_renders_as_not_recorded_until_the_record_holds_it():
+    name = next(iter(results.PENDING))
+    text = f"{results.SUMMARY_BEGIN}\n| `{name}` |\n{results.SUMMARY_END}\n"
+    recs = {k: v for k, v in _records().items() if k != name}
+    fresh = results.render_summaries(text, recs, "doc")
+    assert f"| `{name}` | not recorded yet: `{results.PENDING[name]}` |" in fresh
+    recorded = dict(recs, **{name: dict(next(iter(recs.values())), name=name)})
+    assert results.summary_row(recorded[name]) in results.render_summaries(text, recorded, "doc")
+
+
+def test_the_nodeport_bench_records_every_pending_figure_of_its_own(tmp_path, monkeypatch):
+    """What bench/nodeport_bench.py records from a run's figures: the
+    floor's rows beside fastpath's, under the names the summaries list."""
+    from bench import nodeport_bench
+    monkeypatch.setattr(results, "RESULTS_JSON", tmp_path / "results.json")
+    monkeypatch.setattr(results, "RESULTS_MD", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(results, "SUMMARY_DOCS", ())
+    raw = {a: {"crr": [v, v], "rr": [v * 5, v * 5]}
+           for a, v in (("fastpath", 24.0), ("direct", 26.0), ("floor", 26.5),
+                        ("floor-direct", 28.0))}
+    res = {"raw": raw, "medians": {a: {m: x[0] for m, x in ms.items()} for a, ms in raw.items()},
+           "rounds": 2, "crr_s": 2.0, "rr_s": 1.0, "services_in_maps": 1000, "errors": {},
+           "loads": {}, "cost": {a: {"ns_per_conn": n, "programs": {}} for a, n in (
+               ("fastpath", 6600.0), ("direct", 4000.0), ("floor", 3650.0),
+               ("floor-direct", 1900.0))}}
+    nodeport_bench.record_all(res, [])
+    got = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert set(got) == {"lb.nodeport_vs_direct", "lb.nodeport_vs_direct.rr",
+                        "lb.nodeport_floor_vs_direct", "lb.nodeport_floor_vs_direct.rr"}
+    assert got["lb.nodeport_floor_vs_direct"]["ratio"] == round(26.5 / 28.0, 4)
+    assert got["lb.nodeport_floor_vs_direct"]["baseline"] == 28.0
+    assert "3650 ns to the NodePort" in got["lb.nodeport_floor_vs_direct"]["notes"]
+    assert {n for n in results.PENDING if n.startswith("lb.nodeport")} <= set(got)
