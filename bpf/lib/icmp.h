@@ -4,7 +4,8 @@
  * (a TCP connect fails with ECONNREFUSED, a UDP socket sees the error)
  * instead of retrying into a black hole. The packet itself is rewritten in
  * place into the ICMP error (IPv4 header + 8 bytes of the original, as
- * RFC 792 asks) and sent back into the sender's netns.
+ * RFC 792 asks; 20 bytes of an SCTP packet, FP_ICMP_QUOTE_SCTP) and sent
+ * back into the sender's netns.
  */
 #ifndef FP_LIB_ICMP_H
 #define FP_LIB_ICMP_H
@@ -13,10 +14,10 @@
 #include "lib/parse.h"
 
 #define FP_ICMP_QUOTE (sizeof(struct iphdr) + 8)
-/* An error about the node's own SCTP INIT (FP_ICMP_TO_STACK) quotes 20
- * bytes of it: the node's SCTP matches an error about an INIT by the
- * initiate tag after the common and chunk headers, and ignores one that
- * does not reach it. */
+/* An error about an SCTP packet quotes 20 bytes of it: the sender's SCTP
+ * (a pod's, the node's, an outside client's) matches an error about an
+ * INIT by the initiate tag after the common and chunk headers, and ignores
+ * one that does not reach it. */
 #define FP_ICMP_QUOTE_SCTP (sizeof(struct iphdr) + 20)
 
 struct fp_icmp_reply {
@@ -48,10 +49,17 @@ static __always_inline int fp_reject_icmp_dev(struct __sk_buff *skb, const struc
 {
 	struct fp_icmp_reply r = {};
 	struct ethhdr eth;
-	/* a constant of each call site */
-	__u32 qlen = peer == FP_ICMP_TO_STACK ? FP_ICMP_QUOTE_SCTP : FP_ICMP_QUOTE;
-	__u32 rlen = sizeof(r) - FP_ICMP_QUOTE_SCTP + qlen;
+	__u32 qlen = FP_ICMP_QUOTE;
+	__u32 rlen;
 	__s64 sum;
+
+	/* Chosen by a branch, a constant on each path: a length computed from
+	 * the protocol would have the verifier track the protocol precisely
+	 * back through the caller and lose its pruning there. An SCTP packet
+	 * too short for 20 bytes gets the usual quote. */
+	if (ip->proto == IPPROTO_SCTP && skb->len >= ip->l3_off + FP_ICMP_QUOTE_SCTP)
+		qlen = FP_ICMP_QUOTE_SCTP;
+	rlen = sizeof(r) - FP_ICMP_QUOTE_SCTP + qlen;
 
 	if (ip->ihl_bytes != sizeof(struct iphdr) ||
 	    bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||

@@ -2,7 +2,8 @@
  * on the spot (lib/icmp.h's twin): a new flow to an IPv6 Service without
  * endpoints, or to a port its ClusterIP does not have. The packet is
  * rewritten in place into the error (RFC 4443: the offending packet's
- * IPv6 header and the first 8 bytes of its transport header are quoted)
+ * IPv6 header and the first 8 bytes of its transport header are quoted;
+ * 20 of an SCTP packet, FP_ICMP6_QUOTE_SCTP)
  * and sent back into the pod's netns, from the address it was sent to.
  * The ICMPv6 checksum covers a pseudo-header of both addresses.
  */
@@ -13,8 +14,7 @@
 #include "lib/parse6.h"
 
 #define FP_ICMP6_QUOTE (sizeof(struct ipv6hdr) + 8)
-/* lib/icmp.h's FP_ICMP_QUOTE_SCTP for IPv6 (an error about the node's own
- * SCTP INIT, FP_ICMP_TO_STACK) */
+/* lib/icmp.h's FP_ICMP_QUOTE_SCTP for IPv6 (an error about an SCTP packet) */
 #define FP_ICMP6_QUOTE_SCTP (sizeof(struct ipv6hdr) + 20)
 #define FP_ICMP6_PORT_UNREACH 4    /* code of FP_ICMP6_UNREACH */
 
@@ -56,10 +56,14 @@ static __always_inline int fp_reject_icmp6_dev(struct __sk_buff *skb, const stru
 					       __u8 code, enum fp_reason reason, int out_dev)
 {
 	struct fp_icmp6_work *w = fp_icmp6_scratch();
-	/* a constant of each call site */
-	__u32 qlen = out_dev == FP_ICMP_TO_STACK ? FP_ICMP6_QUOTE_SCTP : FP_ICMP6_QUOTE;
-	__u32 rlen = sizeof(w->r) - FP_ICMP6_QUOTE_SCTP + qlen;
+	__u32 qlen = FP_ICMP6_QUOTE;
+	__u32 rlen;
 	__s64 sum;
+
+	/* a constant on each path, as in lib/icmp.h */
+	if (ip->proto == IPPROTO_SCTP && skb->len >= ip->l3_off + FP_ICMP6_QUOTE_SCTP)
+		qlen = FP_ICMP6_QUOTE_SCTP;
+	rlen = sizeof(w->r) - FP_ICMP6_QUOTE_SCTP + qlen;
 
 	if (!w)
 		return TC_ACT_SHOT;

@@ -338,6 +338,59 @@ def test_an_unknown_port_of_a_live_cluster_ip_is_rejected_and_an_unallocated_add
     v, _, reason, *_ = run(dp, net, "fp_from_vpc", from_outside(net, "172.16.9.9", 80, 40700),
                            "eth0")
     assert (v, reason) == (TC_ACT_SHOT, "dropped-service-unallocated")
+
+
+def sctp_init_from(net, who, dst, dport, sport, chunk=None):
+    """An SCTP INIT from a pod (`who` "A") or from the outside client (None);
+    `chunk`: raw bytes after the common header instead of a whole INIT."""
+    l2 = Ether(src=CLIENT_MAC, dst=net.mac("eth0")) if who is None else \
+        Ether(src=net.pod_mac[who], dst=net.mac(f"cali{who}"))
+    src = CLIENT if who is None else POD_A
+    init = chunk if chunk is not None else SCTPChunkInit(
+        init_tag=0x5EC7A11, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+    return Ether(bytes(l2 / IP(src=src, dst=dst) / SCTP(sport=sport, dport=dport, tag=0)
+                       / init))
+
+
+@pytest.mark.parametrize("prog,dev,who", [("fp_from_pod", "caliA", "A"),
+                                          ("fp_from_vpc", "eth0", None)])
+def test_a_rejected_sctp_init_quotes_its_initiate_tag_and_tcp_udp_still_quote_8_bytes(
+        dp, net, svcs, prog, dev, who):
+    # An unknown port of a live ClusterIP: rejected for a pod and for a
+    # client outside alike. The client's SCTP matches the error to its INIT
+    # by the initiate tag, 20 bytes into SCTP: a shorter quote is ignored
+    # and the INIT retried until it times out.
+    sent = sctp_init_from(net, who, "172.16.0.10", 9999, 41900)
+    v, out, reason, _, idx = run(dp, net, prog, sent, dev)
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "dropped-service-unknown-port", net.idx(dev))
+    o = Ether(out)
+    assert (o[IP].src, o[ICMP].type, o[ICMP].code) == ("172.16.0.10", 3, 3)
+    assert bytes(o[ICMP].payload) == bytes(sent[IP])[:40], "IP header + 20 bytes of SCTP"
+    assert bytes(o[ICMP].payload)[36:40] == (0x5EC7A11).to_bytes(4, "big"), "initiate tag"
+    assert o[IP].len == 20 + 8 + 40
+    fresh = o.copy()
+    del fresh[IP].chksum
+    del fresh[ICMP].chksum
+    fresh = Ether(bytes(fresh))
+    assert (fresh[IP].chksum, fresh[ICMP].chksum) == (o[IP].chksum, o[ICMP].chksum)
+    # an SCTP packet too short for 20 bytes gets the usual quote, not a drop
+    short = sctp_init_from(net, who, "172.16.0.10", 9999, 41901, chunk=b"\x01\x00\x00\x14")
+    v, out, reason, *_ = run(dp, net, prog, short, dev)
+    assert (v, reason) == (TC_ACT_REDIRECT, "dropped-service-unknown-port")
+    assert bytes(Ether(out)[ICMP].payload) == bytes(short[IP])[:28]
+    # TCP and UDP: the IP header + 8 bytes, as before
+    for proto, sport in (("tcp", 41902), ("udp", 41903)):
+        pkt = from_outside(net, "172.16.0.10", 9999, sport, proto=proto)
+        if who is not None:
+            pkt = Ether(src=net.pod_mac[who], dst=net.mac(f"cali{who}")) / \
+                pkt[IP].copy()
+            pkt[IP].src = POD_A
+            pkt = Ether(bytes(pkt))
+        v, out, reason, *_ = run(dp, net, prog, pkt, dev)
+        assert (v, reason) == (TC_ACT_REDIRECT, "dropped-service-unknown-port"), proto
+        o = Ether(out)
+        assert bytes(o[ICMP].payload) == bytes(pkt[IP])[:28], proto
+        assert o[IP].len == 20 + 8 + 28, proto
     # the node's own traffic is left alone
     v, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP, 22, 40701), "eth0")
     assert v == TC_ACT_UNSPEC

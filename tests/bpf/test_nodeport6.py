@@ -351,6 +351,9 @@ def test_an_ipv6_node_port_without_endpoints_is_rejected_out_of_the_interface_it
     o = Ether(out)
     assert o[ICMPv6DestUnreach].code == 4
     assert (o[IPv6].src, o[IPv6].dst, o.dst) == (NODE_IP6, CLIENT6, CLIENT_MAC)
+    # TCP: the IPv6 header + 8 bytes (only SCTP's quote is longer)
+    sent = from_outside(net, NODE_IP6, 30083, 40400)
+    assert bytes(o[ICMPv6DestUnreach].payload) == bytes(sent[IPv6])[:48]
     again = o.copy()
     del again[ICMPv6DestUnreach].cksum
     assert Ether(bytes(again))[ICMPv6DestUnreach].cksum == o[ICMPv6DestUnreach].cksum

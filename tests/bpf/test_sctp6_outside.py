@@ -286,6 +286,38 @@ def test_sctp_to_a_node_port_without_endpoints_is_rejected_out_of_the_interface_
     assert (IPv6(quote).dst, int.from_bytes(quote[42:44], "big")) == (NODE_IP6, 30909)
 
 
+@pytest.mark.parametrize("prog,dev", [("fp_from_pod", "caliA"), ("fp_from_vpc", "eth0")])
+def test_a_rejected_sctp_init_quotes_its_initiate_tag(dp, net, svcs, prog, dev):
+    # A pod's INIT and an outside client's alike: the client's SCTP matches
+    # the error to its INIT by the initiate tag, 20 bytes into SCTP, and
+    # ignores a shorter quote (the INIT retried until it times out).
+    sport = next(_sport)
+    sent = outside(net, NODE_IP6, 30909, sport)
+    sent[SCTP].payload = init_chunk(tag=0x5EC7A16)
+    if prog == "fp_from_pod":
+        sent = Ether(src=net.pod_mac["A"], dst=net.mac("caliA")) / sent[IPv6].copy()
+        sent[IPv6].src = POD_A6
+    sent = Ether(bytes(sent))
+    v, out, reason, _, idx = run(dp, net, prog, sent, dev)
+    assert (v, reason, idx) == (TC_ACT_REDIRECT, "dropped-service-no-backend", net.idx(dev))
+    o = Ether(out)
+    assert (o[ICMPv6DestUnreach].type, o[ICMPv6DestUnreach].code) == (1, 4)
+    quote = bytes(o[ICMPv6DestUnreach].payload)
+    assert quote == bytes(sent[IPv6])[:60], "IPv6 header + 20 bytes of SCTP"
+    assert quote[56:60] == (0x5EC7A16).to_bytes(4, "big"), "initiate tag"
+    assert o[IPv6].plen == 8 + 60
+    again = o.copy()
+    del again[ICMPv6DestUnreach].cksum
+    assert Ether(bytes(again))[ICMPv6DestUnreach].cksum == o[ICMPv6DestUnreach].cksum
+    # too short for 20 bytes of SCTP: the usual quote, not a drop
+    short = Ether(bytes(sent)[:14 + 40 + 16])
+    short[IPv6].plen = 16
+    short = Ether(bytes(short))
+    v, out, reason, *_ = run(dp, net, prog, short, dev)
+    assert (v, reason) == (TC_ACT_REDIRECT, "dropped-service-no-backend")
+    assert bytes(Ether(out)[ICMPv6DestUnreach].payload) == bytes(short[IPv6])[:48]
+
+
 def test_sctp_load_balancer_source_ranges_drop_outside_clients_outside_them(dp, net, svcs):
     sport = next(_sport)
     v, _, reason, _, _ = run(dp, net, "fp_from_vpc",
