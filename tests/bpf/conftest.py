@@ -132,6 +132,28 @@ def node_services(dp, objects, node_ip: str, service_cidr: str, extra=None):
         dp.lb.conntrack_flush()
 
 
+@contextlib.contextmanager
+def node_datapath(bpffs: str, net, name: str, service_cidrs: str, node_ip: str, pods,
+                  node_ip6: str = ""):
+    """The test build loaded in net's netns under its own bpffs root `name`,
+    pods ((letter, IPv4, IPv6 or None), ...) registered behind caliX on the
+    ENI eth1, the node's addresses set on eth0; closed afterwards."""
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/{name}", service_cidrs=service_cidrs)
+    d = Datapath(cfg, netns=net.ns, test_build=True).load()
+    try:
+        for pod, ip, ip6 in pods:
+            d.maps.endpoint_put(Endpoint(ip, f"cali{pod}", net.idx(f"cali{pod}"),
+                                         net.mac(f"cali{pod}"), net.pod_mac[pod], "eth1",
+                                         net.idx("eth1"), ip6=ip6))
+        if node_ip6:
+            d.settings.set_node(node_ip, net.idx("eth0"), node_ip6)
+        else:
+            d.settings.set_node(node_ip, net.idx("eth0"))
+        yield d
+    finally:
+        d.close()
+
+
 def node_run(dp, net, prog, pkt, dev):
     """prog run on pkt arriving on net's dev: (retval, data, reason,
     redirect kind, redirect ifindex) from the program's decision record."""

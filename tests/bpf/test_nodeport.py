@@ -19,14 +19,11 @@ from scapy.layers.inet import ICMP, IP, IPerror, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.layers.sctp import SCTP, SCTPChunkInit
 
-from agent.config import Config
 from agent.daemon.services import apply_ops
-from agent.datapath import Datapath
 from agent.datapath.maps import DEFS
 from agent.lb.maglev import flow_hash
-from agent.model.endpoint import Endpoint
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                node_netns, node_run as run, node_services)
+                                node_datapath, node_netns, node_run as run, node_services)
 from tests.bpf.test_lb import assert_checksums_valid
 from tests.lb.lbdata import ep, eslice, service
 
@@ -61,17 +58,9 @@ def net():
 
 @pytest.fixture(scope="module")
 def dp(bpffs, net):
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/nodeport", service_cidrs=SERVICE_CIDR)
-    d = Datapath(cfg, netns=net.ns, test_build=True).load()
-    for pod, ip in (("A", POD_A), ("B", POD_B)):
-        d.maps.endpoint_put(Endpoint(ip, f"cali{pod}", net.idx(f"cali{pod}"),
-                                     net.mac(f"cali{pod}"), net.pod_mac[pod], "eth1",
-                                     net.idx("eth1")))
-    d.settings.set_node(NODE_IP, net.idx("eth0"))
-    try:
+    with node_datapath(bpffs, net, "nodeport", SERVICE_CIDR, NODE_IP,
+                       [("A", POD_A, None), ("B", POD_B, None)]) as d:
         yield d
-    finally:
-        d.close()
 
 
 # -- the Services, compiled and written the agent's way ----------------------------

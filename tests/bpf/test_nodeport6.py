@@ -25,9 +25,8 @@ from agent.datapath import Datapath
 from agent.lb.compile import SCOPE_EXTERNAL, Frontend, LbOptions, compile_services
 from agent.lb.maglev import flow_hash6
 from agent.lb.reconcile import Reconciler
-from agent.model.endpoint import Endpoint
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                node_netns, node_run as run, node_services)
+                                node_datapath, node_netns, node_run as run, node_services)
 from tests.bpf.test_conntrack6 import assert_l4_checksum_valid
 from tests.lb.lbdata import ep, eslice, service, snapshot
 
@@ -66,18 +65,9 @@ def net():
 
 @pytest.fixture(scope="module")
 def dp(bpffs, net):
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/nodeport6",
-                                    service_cidrs=f"172.16.0.0/16,{SERVICE_CIDR6}")
-    d = Datapath(cfg, netns=net.ns, test_build=True).load()
-    for pod, ip, ip6 in (("A", POD_A, POD_A6), ("B", POD_B, POD_B6)):
-        d.maps.endpoint_put(Endpoint(ip, f"cali{pod}", net.idx(f"cali{pod}"),
-                                     net.mac(f"cali{pod}"), net.pod_mac[pod], "eth1",
-                                     net.idx("eth1"), ip6=ip6))
-    d.settings.set_node(NODE_IP, net.idx("eth0"), NODE_IP6)
-    try:
+    with node_datapath(bpffs, net, "nodeport6", f"172.16.0.0/16,{SERVICE_CIDR6}", NODE_IP,
+                       [("A", POD_A, POD_A6), ("B", POD_B, POD_B6)], NODE_IP6) as d:
         yield d
-    finally:
-        d.close()
 
 
 # -- the Services (IPv6 only), compiled and written the agent's way -----------------

@@ -23,14 +23,11 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit, SCTPChunkInitAck
 
-from agent.config import Config
-from agent.datapath import Datapath
 from agent.datapath.maps import DEFS
 from agent.lb.compile import SCOPE_EXTERNAL, Frontend
 from agent.lb.maglev import flow_hash6
-from agent.model.endpoint import Endpoint
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                node_run as run, node_services)
+                                node_datapath, node_run as run, node_services)
 from tests.bpf.test_nodeport6 import (CLIENT6, CLIENT_MAC, ENI_GW_MAC, EXT6, GW6, GW_MAC, LB6,
                                       NODE_IP, NODE_IP6, OUTSIDER6, POD_A, POD_A6, POD_B,
                                       POD_B6, REMOTE6, SERVICE_CIDR6, eslice6, lb_svc6, net)
@@ -74,18 +71,9 @@ OBJECTS = [
 
 @pytest.fixture(scope="module")
 def dp(bpffs, net):
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/sctp6-outside",
-                                    service_cidrs=f"172.16.0.0/16,{SERVICE_CIDR6}")
-    d = Datapath(cfg, netns=net.ns, test_build=True).load()
-    for pod, ip, ip6 in (("A", POD_A, POD_A6), ("B", POD_B, POD_B6)):
-        d.maps.endpoint_put(Endpoint(ip, f"cali{pod}", net.idx(f"cali{pod}"),
-                                     net.mac(f"cali{pod}"), net.pod_mac[pod], "eth1",
-                                     net.idx("eth1"), ip6=ip6))
-    d.settings.set_node(NODE_IP, net.idx("eth0"), NODE_IP6)
-    try:
+    with node_datapath(bpffs, net, "sctp6-outside", f"172.16.0.0/16,{SERVICE_CIDR6}",
+                       NODE_IP, [("A", POD_A, POD_A6), ("B", POD_B, POD_B6)], NODE_IP6) as d:
         yield d
-    finally:
-        d.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,10 @@ from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit, SCTPChunkInitAck
 
-from agent.config import Config
-from agent.datapath import Datapath
 from agent.datapath.maps import DEFS
-from agent.model.endpoint import Endpoint
 from tests.bpf.conftest import (NODE_NAME as NODE, NOT_RECORDED, TC_ACT_REDIRECT, TC_ACT_SHOT,
-                                TC_ACT_UNSPEC, node_netns, node_run as run, node_services)
+                                TC_ACT_UNSPEC, node_datapath, node_netns, node_run as run,
+                                node_services)
 from tests.lb.lbdata import ep, eslice, service
 
 NODE_IP, GW, GW_MAC = "10.240.0.11", "10.240.0.253", "02:00:00:00:02:54"
@@ -55,15 +53,9 @@ def net():
 
 @pytest.fixture(scope="module")
 def dp(bpffs, net):
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/sctpnode", service_cidrs=SERVICE_CIDR)
-    d = Datapath(cfg, netns=net.ns, test_build=True).load()
-    d.maps.endpoint_put(Endpoint(POD_B, "caliB", net.idx("caliB"), net.mac("caliB"),
-                                 net.pod_mac["B"], "eth1", net.idx("eth1")))
-    d.settings.set_node(NODE_IP, net.idx("eth0"))
-    try:
+    with node_datapath(bpffs, net, "sctpnode", SERVICE_CIDR, NODE_IP,
+                       [("B", POD_B, None)]) as d:
         yield d
-    finally:
-        d.close()
 
 
 SIG = [("sig", 2905, "SCTP", 2906), ("web", 80, "TCP", 8080)]
