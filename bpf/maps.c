@@ -923,3 +923,12 @@ static __always_inline void fp_ct6_tier_del(int tier, struct fp_ct6_key *key)
 	else
 		FP_MAP_CT_NEW6.delete(key);
 }
+
+/* Loaded alone by the agent to read the programs' BTF, which declares every
+ * map's layout (agent/datapath/loader.py, _compiled). It touches no map, so
+ * it loads even while a map of an older layout is still pinned at a map's
+ * name, which is what the agent is about to find out. Never attached. */
+int fp_btf_probe(struct __sk_buff *skb)
+{
+	return -1;      /* TC_ACT_UNSPEC */
+}

@@ -394,9 +394,10 @@ class Compiled:
 
 def _compiled(bpf) -> dict[str, Compiled]:
     """Every pinned map's compiled declaration, layouts from the programs'
-    BTF (one trivial program is loaded to read it)."""
+    BTF (bpf/maps.c's fp_btf_probe, which uses no map, is loaded to read it:
+    a program that did would be refused while an older layout is pinned)."""
     from agent.datapath import btf
-    fn = bpf.load_func("fp_to_vpc", SCHED_CLS)
+    fn = bpf.load_func("fp_btf_probe", SCHED_CLS)
     prog_btf = btf.program_btf(fn.fd)
     out = {}
     for name in pinned_map_names():
