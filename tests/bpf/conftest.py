@@ -154,6 +154,12 @@ def node_datapath(bpffs: str, net, name: str, service_cidrs: str, node_ip: str, 
         d.close()
 
 
+def ct_rows(dp, **match):
+    """dp's conntrack rows (both families) whose fields equal match's."""
+    return [r for r in dp.lb.conntrack()
+            if all(getattr(r, k) == v for k, v in match.items())]
+
+
 def node_run(dp, net, prog, pkt, dev):
     """prog run on pkt arriving on net's dev: (retval, data, reason,
     redirect kind, redirect ifindex) from the program's decision record."""

@@ -23,7 +23,7 @@ from agent.daemon.services import apply_ops
 from agent.datapath.maps import DEFS
 from agent.lb.maglev import flow_hash
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                node_datapath, node_netns, node_run as run, node_services)
+                                ct_rows, node_datapath, node_netns, node_run as run, node_services)
 from tests.bpf.test_lb import assert_checksums_valid
 from tests.lb.lbdata import ep, eslice, service
 
@@ -117,11 +117,6 @@ def from_outside(net, dst, dport, sport=40000, src=CLIENT, dev="eth0", proto="tc
 def from_pod(net, pod, dst, dport, sport=41000):
     return Ether(src=net.pod_mac[pod], dst=net.mac(f"cali{pod}")) / \
         IP(src={"A": POD_A, "B": POD_B}[pod], dst=dst) / TCP(sport=sport, dport=dport, flags="S")
-
-
-def ct_rows(dp, **match):
-    return [r for r in dp.lb.conntrack()
-            if all(getattr(r, k) == v for k, v in match.items())]
 
 
 # -- NodePort, eTP Cluster ---------------------------------------------------------

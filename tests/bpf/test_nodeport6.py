@@ -26,7 +26,7 @@ from agent.lb.compile import SCOPE_EXTERNAL, Frontend, LbOptions, compile_servic
 from agent.lb.maglev import flow_hash6
 from agent.lb.reconcile import Reconciler
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                node_datapath, node_netns, node_run as run, node_services)
+                                ct_rows, node_datapath, node_netns, node_run as run, node_services)
 from tests.bpf.test_conntrack6 import assert_l4_checksum_valid
 from tests.lb.lbdata import ep, eslice, service, snapshot
 
@@ -131,11 +131,6 @@ def own(net, dst, dport, src=NODE_IP6, sport=45000):
     """The node's own SYN on its way out of eth0."""
     return Ether(src=net.mac("eth0"), dst=GW_MAC) / IPv6(src=src, dst=dst) / \
         TCP(sport=sport, dport=dport, flags="S")
-
-
-def ct_rows(dp, **match):
-    return [r for r in dp.lb.conntrack()
-            if all(getattr(r, k) == v for k, v in match.items())]
 
 
 # -- from pods ----------------------------------------------------------------------

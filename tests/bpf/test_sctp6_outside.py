@@ -27,7 +27,7 @@ from agent.datapath.maps import DEFS
 from agent.lb.compile import SCOPE_EXTERNAL, Frontend
 from agent.lb.maglev import flow_hash6
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                node_datapath, node_run as run, node_services)
+                                ct_rows, node_datapath, node_run as run, node_services)
 from tests.bpf.test_nodeport6 import (CLIENT6, CLIENT_MAC, ENI_GW_MAC, EXT6, GW6, GW_MAC, LB6,
                                       NODE_IP, NODE_IP6, OUTSIDER6, POD_A, POD_A6, POD_B,
                                       POD_B6, REMOTE6, SERVICE_CIDR6, eslice6, lb_svc6, net)
@@ -113,11 +113,6 @@ def assert_crc_valid(out: bytes):
 def addrs(out: bytes):
     o = Ether(out)
     return o[IPv6].src, o[SCTP].sport, o[IPv6].dst, o[SCTP].dport
-
-
-def ct_rows(dp, **match):
-    return [r for r in dp.lb.conntrack()
-            if all(getattr(r, k) == v for k, v in match.items())]
 
 
 # -- to a backend on this node --------------------------------------------------------

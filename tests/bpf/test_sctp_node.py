@@ -21,7 +21,7 @@ from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit, SCTPChunkInitA
 
 from agent.datapath.maps import DEFS
 from tests.bpf.conftest import (NODE_NAME as NODE, NOT_RECORDED, TC_ACT_REDIRECT, TC_ACT_SHOT,
-                                TC_ACT_UNSPEC, node_datapath, node_netns, node_run as run,
+                                TC_ACT_UNSPEC, ct_rows, node_datapath, node_netns, node_run as run,
                                 node_services)
 from tests.lb.lbdata import ep, eslice, service
 
@@ -122,11 +122,6 @@ def crc_ok(out: bytes) -> bool:
 def tuple_of(out: bytes):
     o = Ether(out)
     return o[IP].src, o[SCTP].sport, o[IP].dst, o[SCTP].dport
-
-
-def ct_rows(dp, **match):
-    return [r for r in dp.lb.conntrack()
-            if all(getattr(r, k) == v for k, v in match.items())]
 
 
 def counters(dp) -> dict:
