@@ -90,22 +90,12 @@ SUMMARY_BEGIN = "<!-- bench summary: generated from bench/results.json -->"
 SUMMARY_END = "<!-- end of bench summary -->"
 SUMMARY_HEAD = ["| figure | value | baseline | ratio | target | date |",
                 "|---|---|---|---|---|---|"]
-# Figures a summary may list before bench/results.json holds them (a new
-# bench arm, measured but recorded only on a quiet machine): name -> the
-# command that records it. Once recorded, the row is the record's.
-PENDING = {
-    "lb.nodeport_floor_vs_direct": "python -m bench.nodeport_bench --sizes",
-}
 
 
 def summary_row(r: dict) -> str:
     value = f"{_fmt(r['value'])} {r['unit']}".strip()
     return (f"| `{r['name']}` | {value} | {_fmt(r['baseline'])} | {_fmt(r['ratio'])} | "
             f"{r['target'] or ''} | {r['date']} |")
-
-
-def pending_row(name: str) -> str:
-    return f"| `{name}` | not recorded yet: `{PENDING[name]}` |  |  |  |  |"
 
 
 def summary_names(block: str) -> list[str]:
@@ -131,13 +121,12 @@ def render_summaries(text: str, records: dict[str, dict], where: str = "") -> st
         if e < 0:
             raise ValueError(f"{where}: a bench summary opened at offset {b} is never closed")
         names = summary_names(text[b + len(SUMMARY_BEGIN):e])
-        missing = [n for n in names if n not in records and n not in PENDING]
+        missing = [n for n in names if n not in records]
         if missing:
             raise ValueError(f"{where}: bench summary lists {missing}, which bench/results.json "
                              "does not hold")
-        body = "\n".join([SUMMARY_BEGIN, *SUMMARY_HEAD,
-                          *(summary_row(records[n]) if n in records else pending_row(n)
-                            for n in names), ""])
+        body = "\n".join([SUMMARY_BEGIN, *SUMMARY_HEAD, *(summary_row(records[n]) for n in names),
+                          ""])
         out.append(text[pos:b] + body)
         pos = e
 

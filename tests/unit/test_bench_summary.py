@@ -48,17 +48,7 @@ def test_an_unclosed_summary_is_an_error():
         results.render_summaries(f"{results.SUMMARY_BEGIN}\n| `x` |\n", {}, "doc")
 
 
-def test_a_pending_figure_renders_as_not_recorded_until_the_record_holds_it():
-    name = next(iter(results.PENDING))
-    text = f"{results.SUMMARY_BEGIN}\n| `{name}` |\n{results.SUMMARY_END}\n"
-    recs = {k: v for k, v in _records().items() if k != name}
-    fresh = results.render_summaries(text, recs, "doc")
-    assert f"| `{name}` | not recorded yet: `{results.PENDING[name]}` |" in fresh
-    recorded = dict(recs, **{name: dict(next(iter(recs.values())), name=name)})
-    assert results.summary_row(recorded[name]) in results.render_summaries(text, recorded, "doc")
-
-
-def test_the_nodeport_bench_records_every_pending_figure_of_its_own(tmp_path, monkeypatch):
+def test_the_nodeport_bench_records_the_floor_beside_fastpath(tmp_path, monkeypatch):
     """What bench/nodeport_bench.py records from a run's figures: the
     floor's rows beside fastpath's, under the names the summaries list."""
     from bench import nodeport_bench
@@ -80,4 +70,3 @@ def test_the_nodeport_bench_records_every_pending_figure_of_its_own(tmp_path, mo
     assert got["lb.nodeport_floor_vs_direct"]["ratio"] == round(26.5 / 28.0, 4)
     assert got["lb.nodeport_floor_vs_direct"]["baseline"] == 28.0
     assert "3650 ns to the NodePort" in got["lb.nodeport_floor_vs_direct"]["notes"]
-    assert {n for n in results.PENDING if n.startswith("lb.nodeport")} <= set(got)
