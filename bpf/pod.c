@@ -1,11 +1,12 @@
 /* Programs on the host side of each pod's veth (cali*), tc hooks.
  *
  * fp_from_pod (tc ingress: packets the pod sends):
+ *   - IPv6 goes to fp_from_pod6 (tail call) before anything else: it runs
+ *     the guards itself;
  *   - first the guards (lib/guard.h): on a registered veth, any packet
- *     (IPv4, IPv6, ARP) whose source is not the endpoint's own is dropped
- *     as spoofed;
- *   - IPv6 goes on in fp_from_pod6 (tail call), anything else but IPv4
- *     goes to the stack unchanged;
+ *     (IPv4, ARP) whose source is not the endpoint's own is dropped as
+ *     spoofed;
+ *   - anything else but IPv4 goes to the stack unchanged;
  *   - a packet of an established flow to another pod of this node, or out
  *     to the VPC, with NetworkPolicy and the bandwidth manager off, is
  *     forwarded at once (fp_from_pod_established: the same outcome as the
@@ -197,9 +198,6 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 
 	switch (parsed) {
 	case FP_PARSE_OTHER:
-		/* IPv6 has its own program (fp_from_pod6) */
-		if (fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6))
-			return FP_TAIL_IPV6;
 		return fp_finish(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
 	case FP_PARSE_INVALID:
 		fp_report(skb, FP_DIR_FROM_POD, FP_DROP_INVALID, &ip, 0, 0, 0, 0, 0, NULL);
@@ -377,14 +375,19 @@ static __always_inline int fp_pod_route_run(struct __sk_buff *skb)
 
 int fp_from_pod(struct __sk_buff *skb)
 {
-	__u32 prev = fp_whatif_enter(skb);
-	int verdict = fp_from_pod_run(skb);
+	__u32 prev;
+	int verdict;
 
+	/* IPv6 has its own program (fp_from_pod6), guards included: handed
+	 * over at once, it pays nothing of IPv4's walk (docs/ipv6.md, "IPv6
+	 * per-packet cost: the hand-over") */
+	if (fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6))
+		return fp_tail_call(skb, FP_TAIL_FROM_POD6, FP_DIR_FROM_POD);
+	prev = fp_whatif_enter(skb);
+	verdict = fp_from_pod_run(skb);
 	fp_whatif_exit(prev);
 	if (verdict == FP_TAIL_ROUTE)
 		verdict = fp_tail_call(skb, FP_TAIL_FROM_POD_ROUTE, FP_DIR_FROM_POD);
-	else if (verdict == FP_TAIL_IPV6)
-		verdict = fp_tail_call(skb, FP_TAIL_FROM_POD6, FP_DIR_FROM_POD);
 	return verdict;
 }
 
@@ -608,7 +611,7 @@ static __always_inline int fp_from_pod6_established(struct __sk_buff *skb, struc
 	/* with NetworkPolicy on, a flow it admitted already: fp_pod6_route's
 	 * judging of such a packet is this lookup (and its refresh), nothing
 	 * else; any other packet is judged there */
-	if ((cfg->flags & FP_CFG_F_POLICY) && !fp_ct6_policy_seen(ip, l4, bpf_ktime_get_ns()))
+	if (fp_policy_enabled() && !fp_ct6_policy_seen(ip, l4, bpf_ktime_get_ns()))
 		return FP_WALK_ON;
 	rc = fp_ct6_reverse(skb, ip, l4);
 	if (rc < 0)
@@ -637,8 +640,12 @@ static __always_inline int fp_from_pod6_forward(struct __sk_buff *skb, struct fp
 
 /* ---- IPv6 (docs/ipv6.md) ----
  *
- * fp_from_pod6 (reached from fp_from_pod by FP_TAIL_FROM_POD6, after the
- * guards have checked the source):
+ * fp_from_pod6 (reached from fp_from_pod by FP_TAIL_FROM_POD6, first
+ * thing for every IPv6 packet):
+ *   - the guard (lib/guard.h fp_guard_from_pod6): on a registered veth, a
+ *     source other than the endpoint's own IPv6 address, a link-local one
+ *     or :: is dropped as spoofed; a source the endpoint lookup the walk
+ *     needs anyway places on this very veth is proven without it;
  *   - malformed IPv6 (short, bad length, extension headers past the
  *     packet or more than FP_IP6_EXT_MAX of them) is dropped as invalid;
  *   - neighbour discovery, router solicitation, link-local and multicast
@@ -667,10 +674,20 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	struct fp_ipv6 ip = {};
 	struct fp_l4 l4 = {};
 	struct fp_endpoint *src;
-	int verdict, one, restore = 0, xlated = 0;
+	enum fp_reason reason;
+	int verdict, one, parsed, restore = 0, xlated = 0;
 	__u32 also = 0;
 
-	switch (fp_parse_ipv6(skb, &ip)) {
+	/* before anything is decided, as in fp_from_pod: the guard, unless
+	 * the source's endpoint is the one registered on this veth */
+	parsed = fp_parse_ipv6(skb, &ip);
+	src = parsed == FP_PARSE_IPV6 ? fp_endpoint6_lookup(ip.saddr) : NULL;
+	barrier_var(skb);
+	if ((!src || src->host_ifindex != skb->ifindex) && fp_guard_from_pod6(skb, &reason))
+		return fp_finish_quiet6(skb, FP_DIR_FROM_POD, reason, TC_ACT_SHOT);
+	/* the guard's ctx reads are not to be reused past here (see fp_finish) */
+	barrier_var(skb);
+	switch (parsed) {
 	case FP_PARSE_IPV6:
 		break;
 	case FP_PARSE_INVALID:
@@ -684,7 +701,6 @@ static __always_inline int fp_from_pod6_run(struct __sk_buff *skb)
 	    fp_ip6_is_linklocal(ip.saddr) || fp_ip6_is_unspecified(ip.saddr) ||
 	    fp_ip6_is_nd(skb, &ip))
 		return fp_finish_quiet6(skb, FP_DIR_FROM_POD, FP_FWD_PASS, FP_TC_CONTINUE);
-	src = fp_endpoint6_lookup(ip.saddr);
 	if (!src)
 		return fp_finish6(skb, FP_DIR_FROM_POD, FP_FWD_STACK, FP_TC_CONTINUE, &ip);
 	if (src->host_ifindex != skb->ifindex)

@@ -856,9 +856,10 @@ _Static_assert(sizeof(struct fp_bw_flow6_key) == 36, "fp_bw_flow6_key layout");
  * maps' versions change too. */
 #define FP_TAIL_FROM_POD_ROUTE 0
 /* IPv6 has programs of its own (bpf/pod.c fp_from_pod6, bpf/eni.c
- * fp_from_vpc6): the IPv4 programs hand an IPv6 packet over right after
- * their guards, by returning FP_TAIL_IPV6. Nothing is handed over: the
- * IPv6 program parses the packet itself. */
+ * fp_from_vpc6): the IPv4 programs hand an IPv6 packet over by tail call
+ * (fp_from_pod first thing, fp_from_pod6 guarding it; fp_from_vpc and
+ * fp_to_pod after their guards, by returning FP_TAIL_IPV6). Nothing is
+ * handed over: the IPv6 program parses the packet itself. */
 #define FP_TAIL_FROM_POD6      1
 #define FP_TAIL_FROM_VPC6      2
 /* fp_from_pod6's second half (bpf/pod.c fp_pod6_route): policy, the VIP

@@ -189,6 +189,55 @@ def test_a_removed_registration_disarms_the_guard(dp, bpfnet):
     assert r.reason == "to-stack"
 
 
+# ---- IPv6: the guard in fp_from_pod6 ---------------------------------------
+# fp_from_pod hands IPv6 over before anything else; fp_from_pod6 guards it
+# before it decides anything (its endpoint lookup proves a source registered
+# on the very veth, lib/guard.h).
+
+def _bad_plen(n, src):
+    return eth_a(n) / IPv6(src=src, dst=OTHER6, plen=400) / UDP(sport=next(_sport), dport=53)
+
+
+def _ns(n, src):
+    return v6_from_a(n, src, dst="ff02::1:ff00:1", l4=ICMPv6ND_NS(tgt="fe80::1"))
+
+
+def _ll(n, src):
+    return v6_from_a(n, src, dst="fe80::1")
+
+
+def _mld(n, src):
+    return v6_from_a(n, src, dst="ff02::16", l4=ICMPv6MLReport2())
+
+
+PASSED6 = [("neighbour solicitation", _ns), ("to a link-local address", _ll),
+           ("an MLD report to a multicast group", _mld)]
+
+
+def test_an_ipv6_source_is_guarded_before_the_packet_is_judged(dp, bpfnet, pod_a6):
+    """A forged source is dropped as spoofed however the IPv6 program would
+    judge the packet otherwise: malformed, or the link's own traffic it
+    passes unjudged; with the pod's own source the same packets are judged
+    as before."""
+    n = bpfnet
+    for desc, make in [("malformed: payload length past the packet", _bad_plen)] + PASSED6:
+        r = run_a(dp, n, make(n, OTHER6))
+        assert (r.verdict, r.reason) == (TC_ACT_SHOT, SPOOFED), desc
+    r = run_a(dp, n, _bad_plen(n, POD_A6))
+    assert (r.verdict, r.reason) == (TC_ACT_SHOT, "dropped-invalid-packet")
+    for desc, make in PASSED6:
+        r = run_a(dp, n, make(n, POD_A6))
+        assert r.verdict != TC_ACT_SHOT and r.reason == "passed", desc
+
+
+def test_whatif_spoofed_ipv6_packets_change_nothing(dp, bpfnet, pod_a6):
+    whatif = DEFS.defines["FP_WHATIF_MARK"]
+    before = {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()}
+    r = run_a(dp, bpfnet, v6_from_a(bpfnet, OTHER6), mark=whatif)
+    assert r.verdict == TC_ACT_SHOT and r.reason == SPOOFED
+    assert {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()} == before
+
+
 # ---- IPv6 of isolated pods ------------------------------------------------
 
 def to_pod(n, dev, dst6, l4=None):

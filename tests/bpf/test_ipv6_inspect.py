@@ -44,11 +44,10 @@ def test_an_ipv6_drop_from_the_vpc_is_reported_with_its_addresses_and_ports(dp, 
     assert f"TCP [{POD_A6}]:41001 -> [{POD_B6}]:8443" in event_line(row)
 
 
-def test_the_guards_ipv6_drop_in_the_ipv4_program_names_both_addresses(dp, bpfnet, dual,
-                                                                       events):
-    """A registered veth sending another IPv6 source is dropped by
-    fp_from_pod's guard, before the IPv6 program: the record still holds
-    the packet's addresses (it held the pod's IPv4 address before)."""
+def test_the_guards_ipv6_drop_names_both_addresses(dp, bpfnet, dual, events):
+    """A registered veth sending another local pod's IPv6 source is dropped
+    by the guard (fp_from_pod6's, before it judges anything): the record
+    holds the packet's addresses and the drop is counted as IPv6."""
     n = bpfnet
     drained(events)
     spoofed = Ether(src=n.pod_a_mac, dst=n.cali_a.mac) / IPv6(src=POD_B6, dst=REMOTE6) / UDP(
