@@ -46,6 +46,25 @@ V = {
                    "\tif (h.nexthdr == IPPROTO_TCP || h.nexthdr == IPPROTO_UDP) {\n"
                    "\t\tout->proto = h.nexthdr;\n\t\tout->l4_off = ETH_HLEN + sizeof(h);\n"
                    "\t} else if (fp_ip6_walk(skb, out, ETH_HLEN + sizeof(h), h.nexthdr))")],
+    # the fixed header read in place (as IPv4's) rather than by bpf_skb_load_bytes
+    "parsedirect": [(PARSE6,
+                     "\tif (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, "
+                     "sizeof(proto)))\n\t\treturn skb->len < ETH_HLEN ? FP_PARSE_INVALID : "
+                     "FP_PARSE_OTHER;\n\tif (proto != bpf_htons(ETH_P_IPV6))\n\t\treturn "
+                     "FP_PARSE_OTHER;\n\tif (bpf_skb_load_bytes(skb, ETH_HLEN, &h, sizeof(h)))\n"
+                     "\t\treturn FP_PARSE_INVALID;",
+                     "\tvoid *data = (void *)(long)skb->data;\n"
+                     "\tvoid *data_end = (void *)(long)skb->data_end;\n"
+                     "\tif (data + ETH_HLEN + sizeof(h) <= data_end) {\n"
+                     "\t\tif (((struct ethhdr *)data)->h_proto != bpf_htons(ETH_P_IPV6))\n"
+                     "\t\t\treturn FP_PARSE_OTHER;\n"
+                     "\t\t__builtin_memcpy(&h, data + ETH_HLEN, sizeof(h));\n"
+                     "\t} else {\n"
+                     "\tif (bpf_skb_load_bytes(skb, offsetof(struct ethhdr, h_proto), &proto, "
+                     "sizeof(proto)))\n\t\treturn skb->len < ETH_HLEN ? FP_PARSE_INVALID : "
+                     "FP_PARSE_OTHER;\n\tif (proto != bpf_htons(ETH_P_IPV6))\n\t\treturn "
+                     "FP_PARSE_OTHER;\n\tif (bpf_skb_load_bytes(skb, ETH_HLEN, &h, sizeof(h)))\n"
+                     "\t\treturn FP_PARSE_INVALID;\n\t}")],
     # without the link's own traffic checks (link-local, multicast, ::, ND)
     "noll": [(POD, "\tif (fp_ip6_is_linklocal(ip.daddr) || fp_ip6_is_multicast(ip.daddr) ||\n"
               "\t    fp_ip6_is_linklocal(ip.saddr) || fp_ip6_is_unspecified(ip.saddr) ||\n"
