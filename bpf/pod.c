@@ -105,9 +105,9 @@ static __always_inline int fp_finish(struct __sk_buff *skb, enum fp_dir dir,
 	/* a fresh ctx access: the verifier refuses a ctx field's address the
 	 * compiler would otherwise keep in a register across the walk */
 	barrier_var(skb);
-	/* the guards' IPv6 drops end here too */
-	fp_count_family(skb->ifindex, dir, reason, skb->len,
-			skb->protocol == bpf_htons(ETH_P_IPV6) ? FP_FAM_IPV6 : FP_FAM_IPV4);
+	/* no IPv6 packet ends here: fp_from_pod and fp_to_pod hand IPv6 over
+	 * before they decide anything (ARP and the like count as IPv4) */
+	fp_count_family(skb->ifindex, dir, reason, skb->len, FP_FAM_IPV4);
 	if (verdict != TC_ACT_REDIRECT)
 		fp_test_record(0, FP_RD_NONE, 0, reason);
 	return verdict;
