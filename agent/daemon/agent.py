@@ -509,7 +509,7 @@ class Agent:
                 continue
             if links.get(ep.host_ifname) != ep.host_ifindex:
                 # the veth is gone (or its name now belongs to another pod)
-                self.datapath.maps.endpoint_delete(ep.pod_key)
+                self.datapath.maps.endpoint_delete(ep.pod_key, ep.host_ifindex)
                 f.unlink(missing_ok=True)
                 dropped += 1
                 continue
@@ -532,7 +532,7 @@ class Agent:
         # map entries nobody claims any more (e.g. state dir lost) are stale
         for entry in self.datapath.maps.endpoints():
             if entry.ip not in wanted_ips:
-                self.datapath.maps.endpoint_delete(entry.ip)
+                self.datapath.maps.endpoint_delete(entry.ip, entry.host_ifindex)
                 dropped += 1
         self.datapath.maps.veths_retain({ep.host_ifindex: ep.pod_key
                                          for ep in self.endpoints.values()})
@@ -811,7 +811,7 @@ class Agent:
         # map entry first (nobody is redirected to it any more), then filters;
         # either may since belong to a newer attachment, which keeps them
         if not any(o.pod_key == ep.pod_key for o in self.endpoints.values()):
-            self.datapath.maps.endpoint_delete(ep.pod_key)
+            self.datapath.maps.endpoint_delete(ep.pod_key, ep.host_ifindex)
         if not any(o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
             self.datapath.maps.veth_delete(ep.host_ifindex, ep.pod_key)
         if detach and self._host_link_is(ep) and not any(

@@ -223,7 +223,7 @@ class Datapath:
     def remove_endpoint(self, ep: Endpoint) -> None:
         """Map entry first (nobody is redirected to it any more), then our
         filters on its veth, if the veth still exists."""
-        self.maps.endpoint_delete(ep.pod_key)
+        self.maps.endpoint_delete(ep.pod_key, ep.host_ifindex)
         try:
             self.detach(ep.host_ifname)
         except InterfaceNotFound:

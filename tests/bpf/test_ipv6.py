@@ -273,7 +273,7 @@ def test_endpoint_twins_follow_the_endpoints(dp, bpfnet, dual):
     try:
         got = {e.ip for e in dp.maps.endpoints6()}
         assert "fd00:10::1:bb" in got and POD_B6 not in got
-        assert dp.maps.endpoint_delete(b.ip)
+        assert dp.maps.endpoint_delete(b.ip, b.host_ifindex)
         assert {e.ip for e in dp.maps.endpoints6()} == {POD_A6, POD_C6}
         r = run(dp, n, "fp_from_pod", from_pod(n, "a", "fd00:10::1:bb"), "cali_a")
         assert r.reason != "redirected-local", "a deleted pod is no destination"
