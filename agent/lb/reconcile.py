@@ -550,6 +550,20 @@ class Reconciler:
         allocate = self.backend_ids.allocate_new     # only for keys `held` lacks
         known = self._backends
 
+        def backend_id(b: Backend, slotted: Mapping[int, None]) -> Optional[int]:
+            """b's id (a new one, with its record, for a new backend); None
+            when the frontend's `slotted` ids have it already."""
+            key = (b.ip, b.port, b.protocol)
+            bid = held.get(key)
+            if bid is None:
+                bid = allocate(key)
+                records[bid] = b
+            elif bid in slotted:
+                return None
+            elif bid not in known:
+                records.setdefault(bid, b)
+            return bid
+
         # Entries found sharing another's service id go first, so they have
         # their own slots before the owner's slots change under them.
         stale = self._stale_frontends
@@ -588,31 +602,18 @@ class Reconciler:
             want: dict[int, None] = {}
             term: list[int] = []
             for b in backends:
-                key = (b.ip, b.port, b.protocol)
-                bid = held.get(key)
+                bid = backend_id(b, want)
                 if bid is None:
-                    bid = allocate(key)
-                    records[bid] = b
-                elif bid in want:
                     continue
-                elif bid not in known:
-                    records.setdefault(bid, b)
                 want[bid] = None
                 if b.terminating:
                     term.append(bid)
             claims = frozenset(term)
             drain: list[int] = []
             for b in st.draining:
-                key = (b.ip, b.port, b.protocol)
-                bid = held.get(key)
-                if bid is None:
-                    bid = allocate(key)
-                    records[bid] = b
-                elif bid in want:
-                    continue
-                elif bid not in known:
-                    records.setdefault(bid, b)
-                drain.append(bid)
+                bid = backend_id(b, want)
+                if bid is not None:
+                    drain.append(bid)
             draining = frozenset(drain)
             claims |= draining          # a draining backend is terminating too
 
