@@ -375,12 +375,13 @@ def test_uninstall_gives_the_enis_their_qdisc_back(world):
             Path(paths.manifests, "a.yaml").write_text(M.dump([
                 M.namespace("default"),
                 M.pod("default", "a", a.ip, "n1", annotations={EGRESS: "10M"})]))
-            assert wait_for(lambda: ("eth1", "htb", "fa57:") in roots(), timeout=30)
-            during = roots()
             # every device fastpath's VPC programs run on is paced: the ENIs
-            # and the primary NIC (node-facing Services attach there too)
-            assert {("eth0", "htb", "fa57:"), ("eth1", "htb", "fa57:"),
-                    ("eth2", "htb", "fa57:")} <= set(during)
+            # and the primary NIC (node-facing Services attach there too);
+            # the agent installs them one device after another
+            paced = {("eth0", "htb", "fa57:"), ("eth1", "htb", "fa57:"),
+                     ("eth2", "htb", "fa57:")}
+            assert wait_for(lambda: paced <= set(roots()), timeout=30), roots()
+            during = roots()
         finally:
             agent.stop()
         assert roots() == during, "a stopped agent leaves its limits in force"
