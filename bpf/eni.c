@@ -587,7 +587,7 @@ static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 
 	__be16 dport = l4->dport;
 	int rc;
 
-	rc = fp_ct_service_from(skb, ip, l4, &reason, 0);
+	rc = fp_ct_service_from(skb, ip, l4, &reason, FP_CT_FROM_NODE);
 	if (rc > 0)
 		return 1;
 	barrier_var(skb);
