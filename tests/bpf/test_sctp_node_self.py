@@ -18,7 +18,7 @@ import itertools
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import ARP, Ether
 from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit, SCTPChunkInitAck
 
 from agent.datapath.libbpf import prog_test_run
@@ -281,8 +281,8 @@ def test_everything_else_on_lo_passes_untouched_and_unrecorded(dp, net, svcs):
         init("127.0.0.1", NP_NEAR, sport, src="127.0.0.1"),
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src="::1", dst="::1") /
         SCTP(sport=sport, dport=NP_NEAR),
-        # a frame too short for an IPv4 header
-        Ether(src=ZERO_MAC, dst=ZERO_MAC, type=0x0800) / b"\x45\x00",
+        # not IP at all
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / ARP(psrc=NODE_IP, pdst=NODE_IP),
     ]
     for pkt in others:
         v, out, reason, kind, _ = on_lo(dp, net, pkt)
