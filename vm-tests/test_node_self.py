@@ -53,6 +53,7 @@ import socket, sys
 ip, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 try:
     s = socket.create_connection((ip, port), timeout=3)
+    peer = s.getpeername()[0]
     s.sendall(b"x" * size)
     s.shutdown(socket.SHUT_WR)
     out = b""
@@ -61,7 +62,7 @@ try:
         if not data:
             break
         out += data
-    print(out.decode() or "EMPTY", s.getpeername()[0])
+    print(out.decode() or "EMPTY", peer)
 except socket.timeout:
     print("TIMEOUT")
 except OSError as e:
