@@ -29,6 +29,8 @@
  * leaves SCTP sockets alone).
  * fp_to_vpc also paces what limited pods send (lib/bw.h: an EDT timestamp
  * for fq, or the pod's HTB class).
+ * fp_lo (tc egress of the node's lo): the node's SCTP to its own addresses,
+ * translated as fp_to_vpc_sctp does (see its section at the end).
  */
 #include "lib/fwd.h"
 #include "lib/fwd6.h"
