@@ -163,10 +163,13 @@ static __always_inline int fp_from_pod_established(struct __sk_buff *skb, struct
 	if (rc < 0)
 		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT, ip, seen,
 					l4, NULL);
+	if (!dst && rc > 0 && fp_lo_self(ip)) {
+		/* the reply to the node's own association with itself (lib/lo.h) */
+		verdict = fp_lo_deliver(skb, &reason);
+		return fp_finish(skb, FP_DIR_FROM_POD, reason, verdict);
+	}
 	if (dst)
 		verdict = fp_redirect_local(skb, ip, dst, &reason);
-	else if (rc > 0 && fp_lo_self(ip))     /* the node's to itself (lib/lo.h) */
-		verdict = fp_lo_deliver(skb, &reason);
 	else
 		verdict = fp_redirect_fib(skb, ip, eni_ifindex, rc > 0 ? cfg->primary_ifindex : 0,
 					  &reason);
