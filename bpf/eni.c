@@ -745,6 +745,27 @@ int fp_to_vpc(struct __sk_buff *skb)
 #define FP_LO_PROTO(p) ((p) == IPPROTO_SCTP)
 #endif
 
+/* fp_lo's IPv6: the node's SCTP to an IPv6 address it holds, translated as
+ * fp_to_vpc6_sctp does. The replies need no turn through lo: the node's
+ * IPv6 input takes a packet from its own address on any device, so the
+ * restored reply goes to the stack where it arrives (fp_from_pod6,
+ * fp_vpc6_sctp). */
+static __always_inline int fp_lo6_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+	struct fp_l4 l4 = {};
+	int rc;
+
+	barrier_var(skb);
+	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
+		return FP_TC_CONTINUE;
+	fp_parse_l4_6(skb, &ip, &l4);
+	if (ip.proto != IPPROTO_SCTP || l4.kind != FP_L4_PORTS)
+		return FP_TC_CONTINUE;
+	rc = fp_to_vpc6_sctp(skb, &ip, &l4);
+	return rc == 1 ? FP_TC_CONTINUE : rc;
+}
+
 static __always_inline int fp_lo_run(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -755,8 +776,16 @@ static __always_inline int fp_lo_run(struct __sk_buff *skb)
 	struct fp_l4 l4 = {};
 	int rc;
 
-	if ((void *)(iph + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) ||
-	    !FP_LO_PROTO(iph->protocol))
+	if ((void *)(iph + 1) > data_end)
+		return FP_TC_CONTINUE;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6h = data + ETH_HLEN;
+
+		if ((void *)(ip6h + 1) > data_end || ip6h->nexthdr != IPPROTO_SCTP)
+			return FP_TC_CONTINUE;
+		return fp_lo6_run(skb);
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || !FP_LO_PROTO(iph->protocol))
 		return FP_TC_CONTINUE;
 	barrier_var(skb);
 	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)

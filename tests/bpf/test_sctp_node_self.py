@@ -35,6 +35,10 @@ POD_B = "10.241.1.11"
 REMOTE = "10.242.2.20"
 EXT_IP = "203.0.113.7"          # an external IP the node holds (on its lo)
 SERVICE_CIDR = "172.16.0.0/16"
+NODE_IP6, GW6 = "2001:db8:240::11", "2001:db8:240::253"
+POD_B6, REMOTE6 = "2001:db8:241::11", "2001:db8:242::20"
+EXT6, EXT6_FAR, EXT6_NONE = "2001:db8:113::7", "2001:db8:113::8", "2001:db8:113::9"
+SERVICE_CIDR6 = "fd00:16::/108"
 NEAR, FAR, NONE, SELF = "172.16.0.30", "172.16.0.31", "172.16.0.32", "172.16.0.33"
 NP_NEAR, NP_FAR, NP_NONE, NP_SELF, HOSTPORT = 30911, 30912, 30913, 30914, 9443
 LO = 1
@@ -52,18 +56,26 @@ def net():
         f"neigh add {GW} lladdr {GW_MAC} dev eth0 nud permanent",
         f"addr add {ENI_IP}/32 dev eth1",
         f"route add {POD_B} dev caliB scope link",
-    ], sysctls=["net.ipv4.ip_forward=1"]) as n:
+        f"-6 addr add {NODE_IP6}/64 dev eth0 nodad",
+        *[f"-6 addr add {a}/128 dev lo" for a in (EXT6, EXT6_FAR, EXT6_NONE)],
+        f"-6 route add default via {GW6} dev eth0",
+        f"-6 neigh add {GW6} lladdr {GW_MAC} dev eth0 nud permanent",
+        f"-6 route add {POD_B6} dev caliB",
+    ], sysctls=["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.default.accept_dad=0"]) as n:
         yield n
 
 
 @pytest.fixture(scope="module")
 def dp(bpffs, net):
-    with node_datapath(bpffs, net, "sctpself", SERVICE_CIDR, NODE_IP,
-                       [("B", POD_B, None)]) as d:
+    with node_datapath(bpffs, net, "sctpself", f"{SERVICE_CIDR},{SERVICE_CIDR6}", NODE_IP,
+                       [("B", POD_B, POD_B6)], NODE_IP6) as d:
         yield d
 
 
 def sig(nodeport):
+    if nodeport is None:
+        return [("sig", 2905, "SCTP", 2906), ("web", 80, "TCP", 8080)]
     return [("sig", 2905, "SCTP", 2906, nodeport), ("web", 80, "TCP", 8080, nodeport)]
 
 
@@ -78,6 +90,16 @@ OBJECTS = [
     # a host-network backend: the node's own address
     service("self", ip=SELF, typ="NodePort", ports=sig(NP_SELF)),
     eslice("self-1", "self", [ep(NODE_IP, node=NODE)], ports=SIG_EP),
+    # IPv6: external IPs the node holds
+    service("near6", ip="fd00:16::30", ports=sig(None)[:1], ipFamilies=["IPv6"],
+            clusterIPs=["fd00:16::30"], externalIPs=[EXT6]),
+    eslice("near6-1", "near6", [ep(POD_B6, node=NODE)], ports=SIG_EP[:1], address_type="IPv6"),
+    service("far6", ip="fd00:16::31", ports=sig(None)[:1], ipFamilies=["IPv6"],
+            clusterIPs=["fd00:16::31"], externalIPs=[EXT6_FAR]),
+    eslice("far6-1", "far6", [ep(REMOTE6, node="node-b")], ports=SIG_EP[:1],
+           address_type="IPv6"),
+    service("none6", ip="fd00:16::32", ports=sig(None)[:1], ipFamilies=["IPv6"],
+            clusterIPs=["fd00:16::32"], externalIPs=[EXT6_NONE]),
 ]
 
 
@@ -276,11 +298,14 @@ def test_everything_else_on_lo_passes_untouched_and_unrecorded(dp, net, svcs):
         # UDP to the same NodePort: socket-LB's (or the stack's)
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / IP(src=NODE_IP, dst=NODE_IP) /
         UDP(sport=sport, dport=NP_NEAR) / b"x",
-        # SCTP to no frontend, to 127.0.0.1, and IPv6 (not built)
+        # SCTP to no frontend (either family), to 127.0.0.1
         init(NODE_IP, 2905, sport),
         init("127.0.0.1", NP_NEAR, sport, src="127.0.0.1"),
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src="::1", dst="::1") /
         SCTP(sport=sport, dport=NP_NEAR),
+        # IPv6 TCP to an external IP the node holds
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) /
+        TCP(sport=sport, dport=80, flags="S"),
         # not IP at all
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / ARP(psrc=NODE_IP, pdst=NODE_IP),
     ]
@@ -331,3 +356,64 @@ def test_the_production_build_translates_sctp_on_lo_and_lets_tcp_pass(bpffs, net
                 assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn))
     finally:
         prod.close()
+
+
+# -- IPv6 ------------------------------------------------------------------------
+
+def init6(dst, sport, dport=2905):
+    return Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=dst, dst=dst, hlim=64) / \
+        SCTP(sport=sport, dport=dport, tag=0) / \
+        SCTPChunkInit(init_tag=7, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+
+
+def crc6_ok(out: bytes) -> bool:
+    o = Ether(out)
+    fresh = Ether(out)
+    del fresh[SCTP].chksum
+    return Ether(bytes(fresh))[SCTP].chksum == o[SCTP].chksum
+
+
+def tuple6(out: bytes):
+    o = Ether(out)
+    return o[IPv6].src, o[SCTP].sport, o[IPv6].dst, o[SCTP].dport
+
+
+def test_the_nodes_ipv6_sctp_to_an_address_it_holds_reaches_a_local_pod_and_back(dp, net, svcs):
+    """IPv6 takes a packet from the node's own address on any device: the
+    pod's restored reply goes to the stack where it arrives."""
+    sport = next(_sport)
+    v, out, reason, kind, idx = on_lo(dp, net, init6(EXT6, sport))
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-local", "redirect",
+                                      net.idx("caliB"))
+    assert (Ether(out).src, Ether(out).dst) == (net.mac("caliB"), net.pod_mac["B"])
+    assert tuple6(out) == (EXT6, sport, POD_B6, 2906) and crc6_ok(out)
+    back = Ether(src=net.pod_mac["B"], dst=net.mac("caliB")) / \
+        IPv6(src=POD_B6, dst=EXT6, hlim=64) / SCTP(sport=2906, dport=sport, tag=7) / \
+        SCTPChunkInitAck(init_tag=9, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+    v, out, *_ = node_run(dp, net, "fp_from_pod", back, "caliB")
+    assert v == TC_ACT_UNSPEC, "to the node's stack"
+    assert tuple6(out) == (EXT6, 2905, EXT6, sport) and crc6_ok(out)
+
+
+def test_the_nodes_ipv6_sctp_to_an_address_it_holds_leaves_for_a_remote_backend(dp, net, svcs):
+    sport = next(_sport)
+    v, out, reason, kind, idx = on_lo(dp, net, init6(EXT6_FAR, sport))
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-eni", "redirect",
+                                      net.idx("eth0"))
+    assert (Ether(out).src, Ether(out).dst) == (net.mac("eth0"), GW_MAC)
+    assert tuple6(out) == (EXT6_FAR, sport, REMOTE6, 2906) and crc6_ok(out)
+    back = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=REMOTE6, dst=EXT6_FAR, hlim=63) / \
+        SCTP(sport=2906, dport=sport, tag=7) / \
+        SCTPChunkInitAck(init_tag=9, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+    v, out, *_ = node_run(dp, net, "fp_from_vpc", back, "eth0")
+    assert v == TC_ACT_UNSPEC, "to the node's stack"
+    assert tuple6(out) == (EXT6_FAR, 2905, EXT6_FAR, sport) and crc6_ok(out)
+
+
+def test_the_nodes_ipv6_sctp_without_endpoints_is_rejected_into_its_stack(dp, net, svcs):
+    from scapy.layers.inet6 import ICMPv6DestUnreach
+    v, out, reason, kind, idx = on_lo(dp, net, init6(EXT6_NONE, next(_sport)))
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-service-no-backend",
+                                      "redirect-ingress", LO)
+    o = Ether(out)
+    assert o[ICMPv6DestUnreach].code == 4 and (o[IPv6].src, o[IPv6].dst) == (EXT6_NONE, EXT6_NONE)
