@@ -273,8 +273,8 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
             assert code == 200 and "ok api" in text and "ok agent-lock" in text, text
             code, text = http(f"http://{addr['health']}/readyz")
             assert code == 200, text
-            # two veths, the ENI and the primary NIC
-            assert "ok programs-attached: 4 devices" in text and "ok maps-writable" in text
+            # two veths, the ENI, the primary NIC and lo
+            assert "ok programs-attached: 5 devices" in text and "ok maps-writable" in text
             assert http(f"http://{addr['health']}/nothing")[0] == 404
 
             # someone removes fastpath's filters from b's veth: not ready,
