@@ -71,6 +71,7 @@ class Agent:
         self.started_at = 0.0
         self.ready = threading.Event()
         self.enis: list[str] = []
+        self.loopback = ""                 # lo, once fp_lo runs there
         self.store = None
         self.source = None
         self.source_error = ""
@@ -131,6 +132,7 @@ class Agent:
         self.metrics.record_restored_maps(self.datapath)
         self.enis = self.datapath.attach_enis()
         log.info("attached to ENIs: %s", ", ".join(self.enis) or "(none)")
+        self.loopback = self.datapath.attach_lo()
         phase("enis")
         restored, dropped = self.restore()
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
