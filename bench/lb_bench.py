@@ -831,6 +831,19 @@ def paired(raw: dict, arm: str, base: str, metric: str) -> float:
     return harness.median([x / y for x, y in zip(raw[arm][metric], raw[base][metric])])
 
 
+def record_both(results, name: str, arm: dict, base: dict, crr_target, notes,
+                tail: str = "") -> None:
+    """The rows of arm vs base medians: `name` (CRR, with its target) and
+    `name`.rr (RR), each followed by `tail`; notes(kind, metric) writes a
+    row's notes, kind TCP_CRR or TCP_RR."""
+    for metric in ("crr", "rr"):
+        suffix = "" if metric == "crr" else ".rr"
+        results.record(f"{name}{suffix}{tail}", arm[metric], UNITS[metric], command=COMMAND,
+                       baseline=base[metric], ratio=arm[metric] / base[metric],
+                       target=crr_target if metric == "crr" else None,
+                       notes=notes("TCP_CRR" if metric == "crr" else "TCP_RR", metric))
+
+
 def record_all(res: dict) -> None:
     from bench import results
     med, loads, cp = res["medians"], res["loads"], res["cp"]
@@ -845,35 +858,29 @@ def record_all(res: dict) -> None:
         n = int(key.split(".")[1])
         raw = res["raw"][key]
         fp, d = m["clusterip"], m["direct"]
-        for metric in ("crr", "rr"):
-            suffix = "" if metric == "crr" else ".rr"
-            results.record(f"lb.pod_clusterip_vs_direct.{n}{suffix}", fp[metric], UNITS[metric],
-                           command=COMMAND, baseline=d[metric], ratio=fp[metric] / d[metric],
-                           target=">= 0.95" if metric == "crr" else None,
-                           notes=f"{'TCP_CRR' if metric == 'crr' else 'TCP_RR'}: pod -> ClusterIP "
-                                 f"(per-packet translation in fp_from_pod, host-namespace-only "
-                                 f"socket-LB mode) vs pod -> backend pod IP on the same fastpath "
-                                 f"node; {n} Services in the maps, the probed one last; conntrack "
-                                 f"map emptied before each size; per-round paired ratio median "
-                                 f"{paired(raw, 'clusterip', 'direct', metric):.3f}; {method}")
+        record_both(results, f"lb.pod_clusterip_vs_direct.{n}", fp, d, ">= 0.95",
+                    lambda kind, metric:
+                    f"{kind}: pod -> ClusterIP "
+                    f"(per-packet translation in fp_from_pod, host-namespace-only "
+                    f"socket-LB mode) vs pod -> backend pod IP on the same fastpath "
+                    f"node; {n} Services in the maps, the probed one last; conntrack "
+                    f"map emptied before each size; per-round paired ratio median "
+                    f"{paired(raw, 'clusterip', 'direct', metric):.3f}; {method}")
         if "clusterip6" in m:
             record_v6(results, res, n, m, raw, method)
         if "sock-clusterip" in m:
             sc, sd = m["sock-clusterip"], m["sock-direct"]
-            for metric in ("crr", "rr"):
-                suffix = "" if metric == "crr" else ".rr"
-                results.record(f"lb.pod_socketlb_vs_direct.{n}{suffix}", sc[metric], UNITS[metric],
-                               command=COMMAND, baseline=sd[metric], ratio=sc[metric] / sd[metric],
-                               target=">= 0.99" if metric == "crr" else None,
-                               notes=f"{'TCP_CRR' if metric == 'crr' else 'TCP_RR'}: pod -> "
-                                     f"ClusterIP translated at connect() (socket-LB for all "
-                                     f"sockets, the pod's client in the socket-LB cgroup; no "
-                                     f"per-packet translation, checked) vs pod -> backend pod IP "
-                                     f"through the same hooks; {n} Services in the maps; "
-                                     f"per-round paired ratio median "
-                                     f"{paired(raw, 'sock-clusterip', 'sock-direct', metric):.3f}; "
-                                     f"context: vs the same pod outside the cgroup to the pod IP "
-                                     f"(no hook at all) {sc[metric] / d[metric]:.3f}; {method}")
+            record_both(results, f"lb.pod_socketlb_vs_direct.{n}", sc, sd, ">= 0.99",
+                        lambda kind, metric:
+                        f"{kind}: pod -> "
+                        f"ClusterIP translated at connect() (socket-LB for all "
+                        f"sockets, the pod's client in the socket-LB cgroup; no "
+                        f"per-packet translation, checked) vs pod -> backend pod IP "
+                        f"through the same hooks; {n} Services in the maps; "
+                        f"per-round paired ratio median "
+                        f"{paired(raw, 'sock-clusterip', 'sock-direct', metric):.3f}; "
+                        f"context: vs the same pod outside the cgroup to the pod IP "
+                        f"(no hook at all) {sc[metric] / d[metric]:.3f}; {method}")
         for mode in MODES:
             if mode not in m:
                 continue
@@ -891,37 +898,30 @@ def record_all(res: dict) -> None:
                 "iptables-legacy": "kube-proxy iptables mode on the legacy backend "
                                    "(iptables-legacy-restore; the same rules) ",
                 "nftables": "kube-proxy nftables mode (nft -f; service-ips verdict map) "}[mode]
-            for metric in ("crr", "rr"):
-                suffix = "" if metric == "crr" else ".rr"
-                results.record(f"lb.pod_clusterip_vs_{mode.replace('-', '_')}.{n}{suffix}",
-                               fp[metric], UNITS[metric],
-                               command=COMMAND, baseline=k[metric], ratio=fp[metric] / k[metric],
-                               target=target if metric == "crr" else None,
-                               notes=f"{'context: ' if mode == 'iptables-legacy' else ''}"
-                                     f"{'TCP_CRR' if metric == 'crr' else 'TCP_RR'}: fastpath "
-                                     f"per-packet vs {shape}for the same {n} Services (1 endpoint "
-                                     f"each) on a twin node without BPF, host stack routing; "
-                                     f"{load_note}; per-round paired ratio median "
-                                     f"{paired(raw, 'clusterip', mode, metric):.3f}; {method}")
+            record_both(results, f"lb.pod_clusterip_vs_{mode.replace('-', '_')}.{n}", fp, k,
+                        target, lambda kind, metric:
+                        f"{'context: ' if mode == 'iptables-legacy' else ''}"
+                        f"{kind}: fastpath "
+                        f"per-packet vs {shape}for the same {n} Services (1 endpoint "
+                        f"each) on a twin node without BPF, host stack routing; "
+                        f"{load_note}; per-round paired ratio median "
+                        f"{paired(raw, 'clusterip', mode, metric):.3f}; {method}")
     if "host" in med:
         h, raw = med["host"], res["raw"]["host"]
-        for metric in ("crr", "rr"):
-            suffix = "" if metric == "crr" else ".rr"
-            s, d, nh = h["host-socketlb"][metric], h["host-direct"][metric], h["host-nohook"][metric]
-            results.record(f"lb.host_socketlb_vs_direct{suffix}", s, UNITS[metric], command=COMMAND,
-                           baseline=d, ratio=s / d, target=">= 0.99" if metric == "crr" else None,
-                           notes=f"{'TCP_CRR' if metric == 'crr' else 'TCP_RR'}: node-netns client "
-                                 f"in a cgroup v2 child with socket-LB (host-namespace-only): "
-                                 f"ClusterIP vs the backend's IP, both through the same hooks; "
-                                 f"{res['host_services']} Services in the maps; per-round paired "
-                                 f"ratio median {paired(raw, 'host-socketlb', 'host-direct', metric):.3f}"
-                                 f"; {method}")
-            results.record(f"lb.host_socketlb_vs_nohook{suffix}", s, UNITS[metric], command=COMMAND,
-                           baseline=nh, ratio=s / nh,
-                           notes=f"context: the same ClusterIP client vs a node-netns client "
-                                 f"outside the cgroup (no sock_addr hook at all) to the backend's "
-                                 f"IP; per-round paired ratio median "
-                                 f"{paired(raw, 'host-socketlb', 'host-nohook', metric):.3f}; {method}")
+        record_both(results, "lb.host_socketlb_vs_direct", h["host-socketlb"], h["host-direct"],
+                    ">= 0.99", lambda kind, metric:
+                    f"{kind}: node-netns client "
+                    f"in a cgroup v2 child with socket-LB (host-namespace-only): "
+                    f"ClusterIP vs the backend's IP, both through the same hooks; "
+                    f"{res['host_services']} Services in the maps; per-round paired "
+                    f"ratio median {paired(raw, 'host-socketlb', 'host-direct', metric):.3f}"
+                    f"; {method}")
+        record_both(results, "lb.host_socketlb_vs_nohook", h["host-socketlb"], h["host-nohook"],
+                    None, lambda kind, metric:
+                    f"context: the same ClusterIP client vs a node-netns client "
+                    f"outside the cgroup (no sock_addr hook at all) to the backend's "
+                    f"IP; per-round paired ratio median "
+                    f"{paired(raw, 'host-socketlb', 'host-nohook', metric):.3f}; {method}")
     bc = res.get("bpf_cost")
     if bc:
         c, d = bc["clusterip"], bc["direct"]
@@ -1018,23 +1018,16 @@ def record_v6(results, res: dict, n: int, m: dict, raw: dict, method: str) -> No
     """The IPv6 rows of size n: ClusterIP vs direct over IPv6, and IPv6's
     ClusterIP vs IPv4's (same pods, same rounds)."""
     fp6, d6, fp4 = m["clusterip6"], m["direct6"], m["clusterip"]
-    for metric in ("crr", "rr"):
-        suffix = "" if metric == "crr" else ".rr"
-        kind = "TCP_CRR" if metric == "crr" else "TCP_RR"
-        results.record(f"lb.pod_clusterip_vs_direct.{n}{suffix}.v6", fp6[metric], UNITS[metric],
-                       command=COMMAND, baseline=d6[metric], ratio=fp6[metric] / d6[metric],
-                       target=">= 0.95" if metric == "crr" else None,
-                       notes=f"{kind} over IPv6: pod -> IPv6 ClusterIP (per-packet translation "
-                             f"in fp_from_pod6) vs pod -> backend pod's IPv6 address, dual-stack "
-                             f"pods of the IPv4 rows, {n} IPv6 Services beside {n} IPv4 ones; "
-                             f"per-round paired ratio median "
-                             f"{paired(raw, 'clusterip6', 'direct6', metric):.3f}; {method}")
-        results.record(f"lb.pod_clusterip.v6_vs_v4.{n}{suffix}", fp6[metric], UNITS[metric],
-                       command=COMMAND, baseline=fp4[metric], ratio=fp6[metric] / fp4[metric],
-                       target=">= 0.97" if metric == "crr" else None,
-                       notes=f"context: {kind} pod -> ClusterIP over IPv6 vs over IPv4, same pods, "
-                             f"same rounds; per-round paired ratio median "
-                             f"{paired(raw, 'clusterip6', 'clusterip', metric):.3f}; {method}")
+    record_both(results, f"lb.pod_clusterip_vs_direct.{n}", fp6, d6, ">= 0.95", lambda kind, metric:
+                f"{kind} over IPv6: pod -> IPv6 ClusterIP (per-packet translation "
+                f"in fp_from_pod6) vs pod -> backend pod's IPv6 address, dual-stack "
+                f"pods of the IPv4 rows, {n} IPv6 Services beside {n} IPv4 ones; "
+                f"per-round paired ratio median "
+                f"{paired(raw, 'clusterip6', 'direct6', metric):.3f}; {method}", tail=".v6")
+    record_both(results, f"lb.pod_clusterip.v6_vs_v4.{n}", fp6, fp4, ">= 0.97", lambda kind, metric:
+                f"context: {kind} pod -> ClusterIP over IPv6 vs over IPv4, same pods, "
+                f"same rounds; per-round paired ratio median "
+                f"{paired(raw, 'clusterip6', 'clusterip', metric):.3f}; {method}")
 
 
 def print_summary(res: dict) -> None:

@@ -334,46 +334,66 @@ class CrossBare:
     #include <uapi/linux/ipv6.h>
     #include <linux/socket.h>
     """ + BARE_FIB_OUT4 + BARE_FIB_OUT6 + r"""
-    int xbare_out(struct __sk_buff *skb)
+    /* The frame's Ethernet header and its IPv4 or IPv6 header, bounds
+       checked: ETH_P_IP or ETH_P_IPV6, 0 for any other frame or one too
+       short for its header. */
+    static __always_inline int bare_l3(struct __sk_buff *skb, struct ethhdr **eth,
+                                       struct iphdr **ip, struct ipv6hdr **ip6)
     {
         void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
-        struct ethhdr *eth = data;
-        struct iphdr *ip = (void *)(eth + 1);
-        struct ipv6hdr *ip6 = (void *)(eth + 1);
+        struct ethhdr *e = data;
 
-        if ((void *)(eth + 1) > end)
-            return TC_ACT_UNSPEC;
-        if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        if ((void *)(e + 1) > end)
+            return 0;
+        *eth = e;
+        *ip = (void *)(e + 1);
+        *ip6 = (void *)(e + 1);
+        if (e->h_proto == bpf_htons(ETH_P_IPV6))
+            return (void *)(*ip6 + 1) > end ? 0 : ETH_P_IPV6;
+        if (e->h_proto == bpf_htons(ETH_P_IP))
+            return (void *)(*ip + 1) > end ? 0 : ETH_P_IP;
+        return 0;
+    }
+    int xbare_out(struct __sk_buff *skb)
+    {
+        struct ethhdr *eth;
+        struct iphdr *ip;
+        struct ipv6hdr *ip6;
+
+        switch (bare_l3(skb, &eth, &ip, &ip6)) {
+        case ETH_P_IPV6:
             /* the pod's own link traffic (neighbour discovery) stays */
-            if ((void *)(ip6 + 1) > end || ip6->hop_limit <= 1 ||
+            if (ip6->hop_limit <= 1 ||
                 ip6->daddr.in6_u.u6_addr8[0] == 0xff || ip6->daddr.in6_u.u6_addr8[0] == 0xfe)
                 return TC_ACT_UNSPEC;
             return bare_fib_out6(skb, eth, ip6);
+        case ETH_P_IP:
+            if (ip->ttl <= 1)
+                return TC_ACT_UNSPEC;
+            return bare_fib_out4(skb, eth, ip);
         }
-        if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ttl <= 1)
-            return TC_ACT_UNSPEC;
-        return bare_fib_out4(skb, eth, ip);
+        return TC_ACT_UNSPEC;
     }
     int xbare_in(struct __sk_buff *skb)
     {
-        void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
-        struct ethhdr *eth = data;
-        struct iphdr *ip = (void *)(eth + 1);
-        struct ipv6hdr *ip6 = (void *)(eth + 1);
+        struct ethhdr *eth;
+        struct iphdr *ip;
+        struct ipv6hdr *ip6;
 
-        if ((void *)(eth + 1) > end)
-            return TC_ACT_UNSPEC;
-        if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-            if ((void *)(ip6 + 1) > end || ip6->daddr.in6_u.u6_addr32[0] != POD_IP6_0 ||
+        switch (bare_l3(skb, &eth, &ip, &ip6)) {
+        case ETH_P_IPV6:
+            if (ip6->daddr.in6_u.u6_addr32[0] != POD_IP6_0 ||
                 ip6->daddr.in6_u.u6_addr32[1] != POD_IP6_1 ||
                 ip6->daddr.in6_u.u6_addr32[2] != POD_IP6_2 ||
                 ip6->daddr.in6_u.u6_addr32[3] != POD_IP6_3)
                 return TC_ACT_UNSPEC;
             return bpf_redirect_peer(POD_IFINDEX, 0);
+        case ETH_P_IP:
+            if (ip->daddr != POD_IP)
+                return TC_ACT_UNSPEC;
+            return bpf_redirect_peer(POD_IFINDEX, 0);
         }
-        if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->daddr != POD_IP)
-            return TC_ACT_UNSPEC;
-        return bpf_redirect_peer(POD_IFINDEX, 0);
+        return TC_ACT_UNSPEC;
     }
     """
 

@@ -29,6 +29,8 @@
  * leaves SCTP sockets alone).
  * fp_to_vpc also paces what limited pods send (lib/bw.h: an EDT timestamp
  * for fq, or the pod's HTB class).
+ * fp_lo (tc egress of the node's lo): the node's SCTP to its own addresses,
+ * translated as fp_to_vpc_sctp does (see its section at the end).
  */
 #include "lib/fwd.h"
 #include "lib/fwd6.h"
@@ -38,6 +40,7 @@
 #include "lib/guard.h"
 #include "lib/bw.h"
 #include "lib/ct6.h"
+#include "lib/lo.h"
 
 struct fp_arrival {
 	__u32 ifindex;         /* HBO: where it arrived */
@@ -125,6 +128,12 @@ static __always_inline int fp_from_vpc_node(struct __sk_buff *skb, struct fp_ipv
 	if (rc > 0) {
 		fp_count(a->ifindex, FP_DIR_FROM_VPC,
 			 l4.kind == FP_L4_ICMP_ERR ? FP_FWD_RELATED : FP_FWD_REVNAT, skb->len);
+		/* the reply to the node's own association with one of its own
+		 * addresses (fp_lo): only lo takes it (lib/lo.h) */
+		if (fp_lo_self(ip)) {
+			verdict = fp_lo_deliver(skb, &reason);
+			goto done;
+		}
 		deliver = 1;
 		goto out;
 	}
@@ -580,7 +589,7 @@ static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 
 	__be16 dport = l4->dport;
 	int rc;
 
-	rc = fp_ct_service_from(skb, ip, l4, &reason, 0);
+	rc = fp_ct_service_from(skb, ip, l4, &reason, FP_CT_FROM_NODE);
 	if (rc > 0)
 		return 1;
 	barrier_var(skb);
@@ -596,6 +605,10 @@ static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 
 		fp_test_record(0, FP_RD_NONE, 0, reason);
 		return TC_ACT_SHOT;
 	}
+	/* a backend at the node's own address (a host-network pod): back into
+	 * the node's stack, through lo (lib/lo.h) */
+	if (fp_lo_self(ip))
+		return fp_lo_deliver(skb, &reason);
 	/* a local backend: into its veth, whose egress program (fp_to_pod)
 	 * judges it as anything else the node sends the pod
 	 * (bpf_redirect_peer works from an ingress hook only) */
@@ -705,6 +718,102 @@ int fp_to_vpc(struct __sk_buff *skb)
 				six ? FP_FAM_IPV6 : FP_FAM_IPV4);
 		verdict = TC_ACT_SHOT;
 	}
+	fp_whatif_exit(prev);
+	return verdict;
+}
+
+/* ---- the node's SCTP to itself (tc egress of lo) ----
+ *
+ * A node process's association to one of the node's own addresses (a
+ * NodePort, a hostPort, an external or load-balancer IP the node holds)
+ * never reaches an interface: it goes out of lo and straight back in. Here
+ * it gets fp_to_vpc_sctp's translation (socket-LB's view for the node):
+ * a backend pod of this node by its veth, a remote one by the FIB's way
+ * out, one at the node's own address back in through lo, none at all an
+ * ICMP port unreachable into the node's stack. A reply that passes here (a
+ * backend at the node's own address answering) gets its frontend back; the
+ * replies of pods and remote backends get it in fp_from_pod / fp_pod_route
+ * and fp_from_vpc, which hand them to lo's ingress (lib/lo.h).
+ * lo carries everything the node says to itself: anything but IPv4 SCTP is
+ * let through after two loads and two compares. */
+#ifdef FP_TEST
+/* test builds take TCP the same way: this kernel has no SCTP, and the
+ * vm-test (vm-tests/test_node_self.py) proves the delivery of the replies
+ * into the node's own socket with real TCP through these very programs */
+#define FP_LO_PROTO(p) ((p) == IPPROTO_SCTP || (p) == IPPROTO_TCP)
+#else
+#define FP_LO_PROTO(p) ((p) == IPPROTO_SCTP)
+#endif
+
+/* fp_lo's IPv6: the node's SCTP to an IPv6 address it holds, translated as
+ * fp_to_vpc6_sctp does. The replies need no turn through lo: the node's
+ * IPv6 input takes a packet from its own address on any device, so the
+ * restored reply goes to the stack where it arrives (fp_from_pod6,
+ * fp_vpc6_sctp). */
+static __always_inline int fp_lo6_run(struct __sk_buff *skb)
+{
+	struct fp_ipv6 ip = {};
+	struct fp_l4 l4 = {};
+	int rc;
+
+	barrier_var(skb);
+	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
+		return FP_TC_CONTINUE;
+	fp_parse_l4_6(skb, &ip, &l4);
+	if (ip.proto != IPPROTO_SCTP || l4.kind != FP_L4_PORTS)
+		return FP_TC_CONTINUE;
+	rc = fp_to_vpc6_sctp(skb, &ip, &l4);
+	return rc == 1 ? FP_TC_CONTINUE : rc;
+}
+
+static __always_inline int fp_lo_run(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = data + ETH_HLEN;
+	struct fp_ipv4 ip = {};
+	struct fp_l4 l4 = {};
+	int rc;
+
+	if ((void *)(iph + 1) > data_end)
+		return FP_TC_CONTINUE;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6h = data + ETH_HLEN;
+
+		if ((void *)(ip6h + 1) > data_end || ip6h->nexthdr != IPPROTO_SCTP)
+			return FP_TC_CONTINUE;
+		return fp_lo6_run(skb);
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || !FP_LO_PROTO(iph->protocol))
+		return FP_TC_CONTINUE;
+	barrier_var(skb);
+	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
+		return FP_TC_CONTINUE;
+	fp_parse_l4(skb, &ip, &l4);
+	if (l4.kind != FP_L4_PORTS)
+		return FP_TC_CONTINUE;
+	rc = fp_ct_reverse(skb, &ip, &l4);
+	barrier_var(skb);
+	if (rc < 0) {
+		fp_count(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_CSUM, skb->len);
+		fp_test_record(0, FP_RD_NONE, 0, FP_DROP_CSUM);
+		return TC_ACT_SHOT;
+	}
+	if (rc > 0) {
+		fp_count(skb->ifindex, FP_DIR_TO_VPC, FP_FWD_REVNAT, skb->len);
+		fp_test_record(0, FP_RD_NONE, 0, FP_FWD_REVNAT);
+		return FP_TC_CONTINUE;
+	}
+	rc = fp_to_vpc_sctp(skb, &ip, &l4);
+	return rc == 1 ? FP_TC_CONTINUE : rc;
+}
+
+int fp_lo(struct __sk_buff *skb)
+{
+	__u32 prev = fp_whatif_enter(skb);
+	int verdict = fp_lo_run(skb);
+
 	fp_whatif_exit(prev);
 	return verdict;
 }

@@ -49,6 +49,7 @@
 #include "lib/bw.h"
 #include "lib/ct6.h"
 #include "lib/icmp6.h"
+#include "lib/lo.h"
 
 /* What a packet looked like on arrival, for reports and fragment records. */
 struct fp_seen {
@@ -163,6 +164,11 @@ static __always_inline int fp_from_pod_established(struct __sk_buff *skb, struct
 	if (rc < 0)
 		return fp_finish_report(skb, FP_DIR_FROM_POD, FP_DROP_CSUM, TC_ACT_SHOT, ip, seen,
 					l4, NULL);
+	if (!dst && rc > 0 && fp_lo_self(ip)) {
+		/* the reply to the node's own association with itself (lib/lo.h) */
+		verdict = fp_lo_deliver(skb, &reason);
+		return fp_finish(skb, FP_DIR_FROM_POD, reason, verdict);
+	}
 	if (dst)
 		verdict = fp_redirect_local(skb, ip, dst, &reason);
 	else
@@ -366,10 +372,16 @@ static __always_inline int fp_pod_route_run(struct __sk_buff *skb)
 
 					also = cfg ? cfg->primary_ifindex : 0;
 				}
+				/* the node's own association to itself (lib/lo.h) */
+				if (rc > 0 && fp_lo_self(&ip)) {
+					verdict = fp_lo_deliver(skb, &reason);
+					goto report;
+				}
 			}
 			verdict = fp_redirect_fib(skb, &ip, eni_ifindex, also, &reason);
 		}
 	}
+report:
 	return fp_finish_report(skb, FP_DIR_FROM_POD, reason, verdict, &ip, &seen, &l4, &pv);
 }
 

@@ -58,3 +58,29 @@ def wait_for(cond, what: str = "a condition", timeout: float = 30.0, step: float
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what} "
                                  f"(last: {got!r})")
         time.sleep(step)
+
+
+def put_frontend(lb, vip: str, port: int, proto: str, svc_id: int,
+                 backends: dict[int, tuple[str, int]]) -> None:
+    """A frontend over `backends` {id: (address, port)}, written in the
+    agent's order: the backends, the slots, then the service entry (which
+    must never count a slot that is not there yet)."""
+    for bid, (ip, bport) in backends.items():
+        lb.put_backend(bid, ip, bport, proto)
+    lb.put_slots(svc_id, list(backends))
+    lb.put_service(vip, port, proto, svc_id, len(backends))
+
+
+def remove_last_backend(lb, vip: str, port: int, proto: str, svc_id: int,
+                        backend_ids: list[int]) -> None:
+    """Take the last of the frontend's `backend_ids` out as the agent does:
+    the service shrinks, the slot goes, then the backend; its datagram
+    flows are purged (its open connections would go on to it until they
+    end)."""
+    from agent.conntrack.purge import purge_backends
+    keep, gone = backend_ids[:-1], backend_ids[-1]
+    lb.put_slots(svc_id, keep)
+    lb.put_service(vip, port, proto, svc_id, len(keep))
+    lb.delete_slots(svc_id, len(backend_ids), len(backend_ids))
+    lb.delete_backend(gone)
+    purge_backends(lb.ct, (gone,))

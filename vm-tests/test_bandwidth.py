@@ -29,10 +29,9 @@ from agent.sim import World
 from agent.sim import manifests as M
 from agent.sim.agent import FASTPATH, AgentProcess, private_paths, register_pod, sim_attach
 from agent.sim.traffic import iperf3
+from bandwidth_helpers import EGRESS, INGRESS, LIMIT, BandwidthNet, attached, near
 from fastpath_helpers import wait_for
 
-EGRESS, INGRESS = "kubernetes.io/egress-bandwidth", "kubernetes.io/ingress-bandwidth"
-LIMIT = 50                      # Mbit/s
 PORT, PORT2 = 5301, 5302
 
 
@@ -48,35 +47,16 @@ def iperf(client, server_ip: str, *, udp: bool = False, seconds: int = 5, omit: 
     return mbit
 
 
-def near(got: float, want: float, tol: float = 0.10) -> bool:
-    return abs(got - want) <= want * tol
-
-
-class Net:
+class Net(BandwidthNet):
     """The module's world: agents on both nodes, iperf3 servers everywhere."""
 
     def __init__(self, w: World):
-        self.w = w
-        self.n1, self.n2 = w.add_node("n1"), w.add_node("n2")
-        self.a, self.c, self.e = (self.n1.add_pod(x) for x in ("a", "c", "e"))
-        self.b = self.n2.add_pod("b")
-        self.servers = []
-        for p in (self.a, self.b, self.e):
-            for port in (PORT, PORT2):
-                self.servers.append(p.popen(["iperf3", "-s", "-B", p.ip, "-p", str(port)]))
-                p.wait_port(port)
-        self.agents = {}
+        super().__init__(w, ("a", "c", "e"), lambda p: [(p.ip, PORT), (p.ip, PORT2)])
 
     def annotate(self, limits: dict[str, dict], wait: bool = True) -> None:
         """Write every pod's manifest with `limits` {pod name: annotations}
         and (wait) until n1's agent has applied them."""
-        objs = [M.pod("default", p.name, p.ip, p.node.name, annotations=limits.get(p.name))
-                for p in self.w.pods]
-        for ag in self.agents.values():
-            path = os.path.join(ag.config.source, "pods.yaml")
-            with open(path + ".tmp", "w") as f:
-                f.write(M.dump(objs))
-            os.replace(path + ".tmp", path)
+        objs = self.write_pods(limits)
         if wait:
             from agent.bandwidth import compile_limits
             from agent.k8s.parse import parse_object
@@ -94,15 +74,8 @@ class Net:
 
 @pytest.fixture(scope="module")
 def net():
-    with World() as w:
-        n = Net(w)
-        try:
-            with sim_attach(n.n1) as ag1, sim_attach(n.n2) as ag2:
-                n.agents = {"n1": ag1, "n2": ag2}
-                yield n
-        finally:
-            for s in n.servers:
-                s.terminate()
+    with World() as w, attached(Net(w)) as n:
+        yield n
 
 
 @pytest.fixture
@@ -402,12 +375,13 @@ def test_uninstall_gives_the_enis_their_qdisc_back(world):
             Path(paths.manifests, "a.yaml").write_text(M.dump([
                 M.namespace("default"),
                 M.pod("default", "a", a.ip, "n1", annotations={EGRESS: "10M"})]))
-            assert wait_for(lambda: ("eth1", "htb", "fa57:") in roots(), timeout=30)
-            during = roots()
             # every device fastpath's VPC programs run on is paced: the ENIs
-            # and the primary NIC (node-facing Services attach there too)
-            assert {("eth0", "htb", "fa57:"), ("eth1", "htb", "fa57:"),
-                    ("eth2", "htb", "fa57:")} <= set(during)
+            # and the primary NIC (node-facing Services attach there too);
+            # the agent installs them one device after another
+            paced = {("eth0", "htb", "fa57:"), ("eth1", "htb", "fa57:"),
+                     ("eth2", "htb", "fa57:")}
+            assert wait_for(lambda: paced <= set(roots()), timeout=30), roots()
+            during = roots()
         finally:
             agent.stop()
         assert roots() == during, "a stopped agent leaves its limits in force"

@@ -27,12 +27,10 @@ import pytest
 
 from agent.sim import World
 from agent.sim import manifests as M
-from agent.sim.agent import sim_attach
 from agent.sim.traffic import iperf3
+from bandwidth_helpers import EGRESS, INGRESS, LIMIT, BandwidthNet, attached, near
 from fastpath_helpers import wait_for
 
-EGRESS, INGRESS = "kubernetes.io/egress-bandwidth", "kubernetes.io/ingress-bandwidth"
-LIMIT = 50                      # Mbit/s
 PORT4, PORT6 = 5401, 5406
 SECONDS = 4
 
@@ -56,37 +54,14 @@ def both(client, server) -> dict[str, float]:
     return res
 
 
-def near(got: float, want: float, tol: float = 0.10) -> bool:
-    return abs(got - want) <= want * tol
-
-
-class Net:
+class Net(BandwidthNet):
     def __init__(self, w: World):
-        self.w = w
-        self.n1, self.n2 = w.add_node("n1"), w.add_node("n2")
-        self.a, self.e = self.n1.add_pod("a"), self.n1.add_pod("e")
-        self.b = self.n2.add_pod("b")
-        self.servers = []
-        for p in (self.a, self.b, self.e):
-            for ip, port in ((p.ip, PORT4), (p.ip6, PORT6)):
-                self.servers.append(p.popen(["iperf3", "-s", "-B", ip, "-p", str(port)]))
-                p.wait_port(port)
-        self.agents = {}
+        super().__init__(w, ("a", "e"), lambda p: [(p.ip, PORT4), (p.ip6, PORT6)])
 
     def annotate(self, limits: dict[str, dict]) -> None:
-        """Every pod's manifest (both addresses in status.podIPs, as a
-        dual-stack kubelet reports them) with `limits`, then wait until
-        n1's agent holds them."""
-        objs = []
-        for p in self.w.pods:
-            o = M.pod("default", p.name, p.ip, p.node.name, annotations=limits.get(p.name))
-            o["status"]["podIPs"] = [{"ip": p.ip}, {"ip": p.ip6}]
-            objs.append(o)
-        for ag in self.agents.values():
-            path = os.path.join(ag.config.source, "pods.yaml")
-            with open(path + ".tmp", "w") as f:
-                f.write(M.dump(objs))
-            os.replace(path + ".tmp", path)
+        """Every pod's manifest (both addresses) with `limits`, then wait
+        until n1's agent holds them."""
+        self.write_pods(limits, dual_stack=True)
         want = {getattr(self, name).ip for name in limits}
         ag = self.agents["n1"]
         wait_for(lambda: set(ag.datapath.bandwidth.entries()) == want,
@@ -99,15 +74,8 @@ class Net:
 
 @pytest.fixture(scope="module")
 def net():
-    with World(dual_stack=True) as w:
-        n = Net(w)
-        try:
-            with sim_attach(n.n1) as ag1, sim_attach(n.n2) as ag2:
-                n.agents = {"n1": ag1, "n2": ag2}
-                yield n
-        finally:
-            for s in n.servers:
-                s.terminate()
+    with World(dual_stack=True) as w, attached(Net(w)) as n:
+        yield n
 
 
 @pytest.fixture

@@ -91,7 +91,10 @@ def test_prog_net_and_map_list_show_what_is_attached_and_pinned(n1):
         assert tc[(veth, "ingress")]["priority"] == 25000
     assert tc[("eth1", "ingress")]["prog_name"] == "fp_from_vpc"
     assert tc[("eth1", "egress")]["prog_name"] == "fp_to_vpc"
+    assert tc[("lo", "egress")]["prog_name"] == "fp_lo"     # the node's SCTP to itself
+    assert ("lo", "ingress") not in tc
     progs = {p["name"]: p for p in n1.cli_json("prog", "show")}
+    assert progs["fp_lo"]["attached_to"] == ["lo/egress"]
     assert set(progs) >= {"fp_from_pod", "fp_to_pod", "fp_from_vpc", "fp_to_vpc"}
     assert progs["fp_from_pod"]["attached"] == 3
     assert sorted(progs["fp_from_pod"]["attached_to"]) == sorted(f"{h}/ingress" for h in hosts)

@@ -273,8 +273,8 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
             assert code == 200 and "ok api" in text and "ok agent-lock" in text, text
             code, text = http(f"http://{addr['health']}/readyz")
             assert code == 200, text
-            # two veths, the ENI and the primary NIC
-            assert "ok programs-attached: 4 devices" in text and "ok maps-writable" in text
+            # two veths, the ENI, the primary NIC and lo
+            assert "ok programs-attached: 5 devices" in text and "ok maps-writable" in text
             assert http(f"http://{addr['health']}/nothing")[0] == 404
 
             # someone removes fastpath's filters from b's veth: not ready,
@@ -812,6 +812,7 @@ def uninstall_scenario(world, cgroup: str) -> None:
                 # fastpath is really there: its filters, socket hooks, pins, files
                 assert ("ingress", 25000, "fp_from_pod") in installed["filters"][a.host_ifname]
                 assert ("egress", 25000, "fp_to_vpc") in installed["filters"]["eth1"]
+                assert ("egress", 25000, "fp_lo") in installed["filters"]["lo"]
                 assert ("eth1", "htb", "fa57:") in installed["qdiscs"]
                 assert {n for _, n in installed["cgroup"]} >= {"fp_sock_conn4", "other_conn4"}
                 assert "fastpath/fp_ep4_v1" in installed["pins"]
@@ -829,8 +830,8 @@ def uninstall_scenario(world, cgroup: str) -> None:
             report = json.loads(out.stdout)
             after = node_state(node, paths, cgroup, cni)
             assert after == before
-            # two veths, the ENI and the primary NIC, both directions
-            assert len(report["filters"]) == 8
+            # two veths, the ENI and the primary NIC, both directions; lo's egress
+            assert len(report["filters"]) == 9
             # the socket-LB hooks of both families (connect, sendmsg, recvmsg,
             # getpeername, each for IPv4 and IPv6)
             assert len(report["cgroup_programs"]) == 8

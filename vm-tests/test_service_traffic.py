@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 
 from agent.sim.agent import sim_attach
-from fastpath_helpers import counters_by, serve_reply
+from fastpath_helpers import counters_by, put_frontend, remove_last_backend, serve_reply
 
 VIP = "192.168.77.10"
 
@@ -35,13 +35,8 @@ def test_pods_reach_a_clusterip_whose_backends_are_on_this_and_another_node(worl
     with sim_attach(n1) as ag1, sim_attach(n2):
         lb = ag1.datapath.lb
         # TCP service with one backend on each node; UDP service on n2's pod
-        lb.put_backend(1, b.ip, 8080, "TCP")
-        lb.put_backend(2, c.ip, 8080, "TCP")
-        lb.put_backend(3, c.ip, 5353, "UDP")
-        lb.put_slots(1, [1, 2])
-        lb.put_service(VIP, 80, "TCP", 1, 2)
-        lb.put_slots(2, [3])
-        lb.put_service(VIP, 53, "UDP", 2, 1)
+        put_frontend(lb, VIP, 80, "TCP", 1, {1: (b.ip, 8080), 2: (c.ip, 8080)})
+        put_frontend(lb, VIP, 53, "UDP", 2, {3: (c.ip, 5353)})
         serve_tcp(b, 8080, "from-b")
         serve_tcp(c, 8080, "from-c")
         b.wait_port(8080)
@@ -69,23 +64,13 @@ def test_a_backend_removed_under_load_gets_no_new_connections(world):
     a, b, d = n1.add_pod("a"), n1.add_pod("b"), n1.add_pod("d")
     with sim_attach(n1) as ag:
         lb = ag.datapath.lb
-        lb.put_backend(1, b.ip, 8080, "TCP")
-        lb.put_backend(2, d.ip, 8080, "TCP")
-        lb.put_slots(1, [1, 2])
-        lb.put_service(VIP, 80, "TCP", 1, 2)
+        put_frontend(lb, VIP, 80, "TCP", 1, {1: (b.ip, 8080), 2: (d.ip, 8080)})
         serve_tcp(b, 8080, "from-b")
         serve_tcp(d, 8080, "from-d")
         b.wait_port(8080)
         d.wait_port(8080)
         assert {tcp_to_vip(a) for _ in range(10)} == {"from-b", "from-d"}
-        # remove d: shrink the service, drop its slot, then the backend (its
-        # connections, if any were open, would go on to d until they end)
-        lb.put_slots(1, [1])
-        lb.put_service(VIP, 80, "TCP", 1, 1)
-        lb.delete_slots(1, 2, 2)
-        lb.delete_backend(2)
-        from agent.conntrack.purge import purge_backends
-        purge_backends(lb.ct, (2,))     # as the agent does (datagram flows only)
+        remove_last_backend(lb, VIP, 80, "TCP", 1, [1, 2])      # d
         assert {tcp_to_vip(a) for _ in range(10)} == {"from-b"}
 
 
@@ -118,9 +103,7 @@ def test_a_pod_reaches_itself_through_its_own_service(world):
     a = n1.add_pod("a")
     with sim_attach(n1) as ag:
         lb = ag.datapath.lb
-        lb.put_backend(1, a.ip, 8080, "TCP")
-        lb.put_slots(1, [1])
-        lb.put_service(VIP, 80, "TCP", 1, 1)
+        put_frontend(lb, VIP, 80, "TCP", 1, {1: (a.ip, 8080)})
         serve_tcp(a, 8080, "myself")
         a.wait_port(8080)
         assert tcp_to_vip(a) == "myself"
@@ -145,9 +128,7 @@ def test_a_direct_connection_after_a_service_one_on_the_same_ports_is_not_hijack
     a, b = n1.add_pod("a"), n1.add_pod("b")
     with sim_attach(n1) as ag:
         lb = ag.datapath.lb
-        lb.put_backend(1, b.ip, 8080, "TCP")
-        lb.put_slots(1, [1])
-        lb.put_service(VIP, 80, "TCP", 1, 1)
+        put_frontend(lb, VIP, 80, "TCP", 1, {1: (b.ip, 8080)})
         serve_tcp(b, 8080, "from-b")
         assert a.run(["python3", "-c", SAME_PORT, VIP, "80"], timeout=15).stdout.split() == ["from-b", VIP]
         a.sysctl({"net.ipv4.tcp_tw_reuse": 1})

@@ -21,35 +21,10 @@ import pytest
 
 from agent.sim.agent import FASTPATH, REPO, sim_attach
 from agent.sim.world import World
-from fastpath_helpers import counters_by
+from fastpath_helpers import counters_by, put_frontend, remove_last_backend, serve_reply
 
 VIP6 = "fd00:77::10"
 VIP4 = "192.168.77.10"
-
-SERVER6 = r"""
-import socket, sys, threading
-host, port, reply, kind = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-if kind == "udp":
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.bind((host, port))
-    while True:
-        data, addr = s.recvfrom(2048)
-        s.sendto(f"{reply} {addr[0]}".encode(), addr)
-s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, port)); s.listen(128)
-def answer(c, addr):
-    with c:
-        c.settimeout(3)
-        try:
-            c.recv(100)
-            c.sendall(f"{reply} {addr[0]}".encode())
-        except OSError:
-            pass
-while True:
-    c, addr = s.accept()
-    threading.Thread(target=answer, args=(c, addr), daemon=True).start()
-"""
 
 CLIENT = r"""
 import socket, sys
@@ -77,14 +52,18 @@ def world6():
 
 
 def serve(pod, host: str, port: int, reply: str, kind: str = "tcp"):
-    p = pod.popen(["python3", "-c", SERVER6, host, str(port), reply, kind])
-    pod.wait_port(port, udp=kind == "udp")
-    return p
+    return serve_reply(pod, port, reply, peer=True, udp=kind == "udp", host=host)
 
 
 def ask(client, dst: str, port: int, kind: str = "tcp") -> list[str]:
-    return client.run(["python3", "-c", CLIENT, dst, str(port), kind], check=False,
-                      timeout=15).stdout.split()
+    """The answer: the server's reply, the client's address as the server
+    saw it (its port, the client's own choice, left out), "from", the
+    address and port the answer came from; or "ERROR" and the errno."""
+    out = client.run(["python3", "-c", CLIENT, dst, str(port), kind], check=False,
+                     timeout=15).stdout.split()
+    if out and out[0] != "ERROR":
+        out[1] = out[1].rsplit(":", 1)[0]
+    return out
 
 
 def test_pods_reach_an_ipv6_clusterip_with_backends_on_this_and_another_node(world6):
@@ -93,14 +72,8 @@ def test_pods_reach_an_ipv6_clusterip_with_backends_on_this_and_another_node(wor
     c = n2.add_pod("c")
     with sim_attach(n1) as ag1, sim_attach(n2):
         lb = ag1.datapath.lb
-        lb.put_backend(1, b.ip6, 8080, "TCP")
-        lb.put_backend(2, c.ip6, 8080, "TCP")
-        lb.put_backend(3, c.ip6, 5353, "UDP")
-        lb.put_backend(4, b.ip6, 5353, "UDP")
-        lb.put_slots(1, [1, 2])
-        lb.put_service(VIP6, 80, "TCP", 1, 2)
-        lb.put_slots(2, [3, 4])
-        lb.put_service(VIP6, 53, "UDP", 2, 2)
+        put_frontend(lb, VIP6, 80, "TCP", 1, {1: (b.ip6, 8080), 2: (c.ip6, 8080)})
+        put_frontend(lb, VIP6, 53, "UDP", 2, {3: (c.ip6, 5353), 4: (b.ip6, 5353)})
         serve(b, b.ip6, 8080, "from-b")
         serve(c, c.ip6, 8080, "from-c")
         serve(b, b.ip6, 5353, "udp-b", "udp")
@@ -160,12 +133,8 @@ def test_a_dual_stack_service_is_reached_over_both_families(world6):
     a, b = n1.add_pod("a"), n1.add_pod("b")
     with sim_attach(n1) as ag:
         lb = ag.datapath.lb
-        lb.put_backend(1, b.ip, 8080, "TCP")
-        lb.put_backend(2, b.ip6, 8080, "TCP")
-        lb.put_slots(1, [1])
-        lb.put_service(VIP4, 80, "TCP", 1, 1)
-        lb.put_slots(2, [2])
-        lb.put_service(VIP6, 80, "TCP", 2, 1)
+        put_frontend(lb, VIP4, 80, "TCP", 1, {1: (b.ip, 8080)})
+        put_frontend(lb, VIP6, 80, "TCP", 2, {2: (b.ip6, 8080)})
         serve(b, b.ip, 8080, "four")
         serve(b, b.ip6, 8080, "six")
         assert ask(a, VIP4, 80) == ["four", a.ip, "from", VIP4, "80"]
@@ -177,20 +146,11 @@ def test_ipv6_backend_removal_refusal_and_hairpin(world6):
     a, b, d = n1.add_pod("a"), n1.add_pod("b"), n1.add_pod("d")
     with sim_attach(n1) as ag:
         lb = ag.datapath.lb
-        lb.put_backend(1, b.ip6, 8080, "TCP")
-        lb.put_backend(2, d.ip6, 8080, "TCP")
-        lb.put_slots(1, [1, 2])
-        lb.put_service(VIP6, 80, "TCP", 1, 2)
+        put_frontend(lb, VIP6, 80, "TCP", 1, {1: (b.ip6, 8080), 2: (d.ip6, 8080)})
         serve(b, b.ip6, 8080, "from-b")
         serve(d, d.ip6, 8080, "from-d")
         assert {ask(a, VIP6, 80)[0] for _ in range(10)} == {"from-b", "from-d"}
-        # remove d as the agent does: the slots, then the backend
-        lb.put_slots(1, [1])
-        lb.put_service(VIP6, 80, "TCP", 1, 1)
-        lb.delete_slots(1, 2, 2)
-        lb.delete_backend(2)
-        from agent.conntrack.purge import purge_backends
-        purge_backends(lb.ct, (2,))
+        remove_last_backend(lb, VIP6, 80, "TCP", 1, [1, 2])     # d
         assert {ask(a, VIP6, 80)[0] for _ in range(10)} == {"from-b"}
 
         # an unknown port of the live ClusterIP, and a frontend without
@@ -201,9 +161,7 @@ def test_ipv6_backend_removal_refusal_and_hairpin(world6):
         assert ask(a, "fd00:77::11", 80) == ["ERROR", str(errno.ECONNREFUSED)]
 
         # a pod reaching itself through its IPv6 Service
-        lb.put_backend(3, a.ip6, 8080, "TCP")
-        lb.put_slots(3, [3])
-        lb.put_service("fd00:77::12", 80, "TCP", 3, 1)
+        put_frontend(lb, "fd00:77::12", 80, "TCP", 3, {3: (a.ip6, 8080)})
         serve(a, a.ip6, 8080, "myself")
         assert ask(a, "fd00:77::12", 80) == ["myself", ag.config.hairpin_source_ipv6, "from",
                                              "fd00:77::12", "80"]

@@ -71,6 +71,7 @@ class Agent:
         self.started_at = 0.0
         self.ready = threading.Event()
         self.enis: list[str] = []
+        self.loopback = ""                 # lo, once fp_lo runs there
         self.store = None
         self.source = None
         self.source_error = ""
@@ -131,6 +132,7 @@ class Agent:
         self.metrics.record_restored_maps(self.datapath)
         self.enis = self.datapath.attach_enis()
         log.info("attached to ENIs: %s", ", ".join(self.enis) or "(none)")
+        self.loopback = self.datapath.attach_lo()
         phase("enis")
         restored, dropped = self.restore()
         log.info("restored %d endpoints (%d stale removed)", restored, dropped)
@@ -509,7 +511,7 @@ class Agent:
                 continue
             if links.get(ep.host_ifname) != ep.host_ifindex:
                 # the veth is gone (or its name now belongs to another pod)
-                self.datapath.maps.endpoint_delete(ep.pod_key)
+                self.datapath.maps.endpoint_delete(ep.pod_key, ep.host_ifindex)
                 f.unlink(missing_ok=True)
                 dropped += 1
                 continue
@@ -532,7 +534,7 @@ class Agent:
         # map entries nobody claims any more (e.g. state dir lost) are stale
         for entry in self.datapath.maps.endpoints():
             if entry.ip not in wanted_ips:
-                self.datapath.maps.endpoint_delete(entry.ip)
+                self.datapath.maps.endpoint_delete(entry.ip, entry.host_ifindex)
                 dropped += 1
         self.datapath.maps.veths_retain({ep.host_ifindex: ep.pod_key
                                          for ep in self.endpoints.values()})
@@ -811,7 +813,7 @@ class Agent:
         # map entry first (nobody is redirected to it any more), then filters;
         # either may since belong to a newer attachment, which keeps them
         if not any(o.pod_key == ep.pod_key for o in self.endpoints.values()):
-            self.datapath.maps.endpoint_delete(ep.pod_key)
+            self.datapath.maps.endpoint_delete(ep.pod_key, ep.host_ifindex)
         if not any(o.host_ifindex == ep.host_ifindex for o in self.endpoints.values()):
             self.datapath.maps.veth_delete(ep.host_ifindex, ep.pod_key)
         if detach and self._host_link_is(ep) and not any(

@@ -76,8 +76,11 @@ def _programs_attached(agent) -> Check:
     from agent.datapath.errors import InterfaceNotFound
     prio = agent.config.tc_priority
     want = {"eni": {("ingress", "fp_from_vpc"), ("egress", "fp_to_vpc")},
-            "pod": {("ingress", "fp_from_pod"), ("egress", "fp_to_pod")}}
+            "pod": {("ingress", "fp_from_pod"), ("egress", "fp_to_pod")},
+            "lo": {("egress", "fp_lo")}}
     devices = [(eni, "eni") for eni in agent.enis]
+    if getattr(agent, "loopback", ""):
+        devices.append((agent.loopback, "lo"))
     with agent.lock:
         devices += [(ep.host_ifname, "pod") for ep in agent.endpoints.values()]
     missing = []

@@ -45,6 +45,7 @@ PROGRAMS = {
     "fp_to_pod": ("pod.c", SCHED_CLS, -1),
     "fp_from_vpc": ("eni.c", SCHED_CLS, -1),
     "fp_to_vpc": ("eni.c", SCHED_CLS, -1),
+    "fp_lo": ("eni.c", SCHED_CLS, -1),
     # reached by tail call only, never attached (TAIL_CALLS)
     "fp_pod_route": ("pod.c", SCHED_CLS, -1),
     "fp_from_pod6": ("pod.c", SCHED_CLS, -1),

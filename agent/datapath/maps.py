@@ -160,23 +160,31 @@ class Maps:
             t6 = self._t[MAP["FP_MAP_ENDPOINTS6"]]
             t6[key6(t6, ep.ip6)] = v
 
-    def endpoint_delete(self, ip: str) -> bool:
+    def endpoint_delete(self, ip: str, host_ifindex: int) -> bool:
         """Remove the endpoint known by `ip`, the pod's key: its IPv4
-        address, or an IPv6-only pod's endpoint key (found by its veth's
-        registration, as it has no IPv4 entry)."""
+        address, or an IPv6-only pod's endpoint key. An IPv6-only pod has no
+        IPv4 entry, so it is found by the registration of its veth,
+        `host_ifindex` (one lookup, never a walk of the veth map); an IPv4
+        entry names its veth itself, and that one wins."""
         t = self._t[MAP["FP_MAP_ENDPOINTS"]]
         k = t.Key(ip4=be32(ip))
         try:
             host_ifindex = t[k].host_ifindex
             del t[k]
         except KeyError:
-            host_ifindex = next((i for i, key in self.veths().items()
-                                 if key == ip and is_endpoint_key(key)), None)
-            if host_ifindex is None:
+            if not is_endpoint_key(ip) or self._veth_key(host_ifindex) != ip:
                 return False
         self._endpoint6_delete_for(host_ifindex)
         self.veth_delete(host_ifindex, ip)
         return True
+
+    def _veth_key(self, host_ifindex: int) -> str:
+        """The endpoint key registered on a host veth ("" if none)."""
+        t = self._t[MAP["FP_MAP_EP_IFINDEX"]]
+        try:
+            return ip_from_be32(t[t.Key(host_ifindex)].ip4)
+        except KeyError:
+            return ""
 
     def _endpoint6_delete_for(self, host_ifindex: int) -> None:
         """The IPv6 twin of the endpoint behind `host_ifindex`, found by the

@@ -25,7 +25,15 @@ log = logging.getLogger("fastpath.datapath")
 ATTACH = {
     "pod": {"ingress": "fp_from_pod", "egress": "fp_to_pod"},
     "eni": {"ingress": "fp_from_vpc", "egress": "fp_to_vpc"},
+    # the node's loopback: what the node sends its own addresses (bpf/eni.c fp_lo)
+    "lo": {"egress": "fp_lo"},
 }
+LOOPBACK = "lo"
+LOOPBACK_IFINDEX = 1      # in every netns (bpf/lib/lo.h: FP_LO_IFINDEX)
+# lo must take packets whose source is one of the node's addresses once a
+# redirect has dropped their route (bpf/lib/lo.h): fastpath owns this one
+# sysctl of the node, and sets it on every start
+LO_ACCEPT_LOCAL = "/proc/sys/net/ipv4/conf/lo/accept_local"
 
 
 class Datapath:
@@ -166,6 +174,25 @@ class Datapath:
             raise failed[0][1]
         return devices
 
+    def attach_lo(self) -> str:
+        """fp_lo on the node's loopback (the node's SCTP to its own
+        addresses), after lo accepts local sources, which the replies that
+        fastpath hands to lo need. A lo already running this very program
+        is left as it is. Returns the device."""
+        from agent.datapath.nsenter import in_netns
+        try:
+            with in_netns(self.netns), open(LO_ACCEPT_LOCAL, "w") as f:
+                f.write("1")
+        except OSError as exc:
+            raise DatapathError(f"{LOOPBACK}: cannot set {LO_ACCEPT_LOCAL} to 1: "
+                                f"{exc.strerror}") from exc
+        progs = {d: (self.prog_fd(p), p) for d, p in ATTACH["lo"].items()}
+        _, failed = tc.ensure([(LOOPBACK_IFINDEX, LOOPBACK, progs)],
+                              self.config.tc_priority, self.netns)
+        if failed:
+            raise failed[0][1]
+        return LOOPBACK
+
     # -- socket-LB -------------------------------------------------------
     def attach_socket_lb(self, cgroup_path: str, hostns_only: bool = True):
         """Translate services at connect()/sendmsg() for sockets in
@@ -223,7 +250,7 @@ class Datapath:
     def remove_endpoint(self, ep: Endpoint) -> None:
         """Map entry first (nobody is redirected to it any more), then our
         filters on its veth, if the veth still exists."""
-        self.maps.endpoint_delete(ep.pod_key)
+        self.maps.endpoint_delete(ep.pod_key, ep.host_ifindex)
         try:
             self.detach(ep.host_ifname)
         except InterfaceNotFound:

@@ -198,6 +198,22 @@ def flags_of(state: FrontendState) -> int:
     return f
 
 
+def _recount(counts: dict[int, int], gained: Iterable[int], lost: Iterable[int],
+             gone: Optional[set[int]] = None) -> None:
+    """One more reference for each id `gained`, one fewer for each `lost`;
+    an id left with none leaves `counts` (and joins `gone`)."""
+    for b in gained:
+        counts[b] = counts.get(b, 0) + 1
+    for b in lost:
+        n = counts.get(b, 0) - 1
+        if n > 0:
+            counts[b] = n
+        else:
+            counts.pop(b, None)
+            if gone is not None:
+                gone.add(b)
+
+
 def _written(b: Backend) -> tuple:
     # The fields the backend map stores; node and zone are for inspection
     # only and never cause a map write (nor can a restart recover them).
@@ -550,6 +566,20 @@ class Reconciler:
         allocate = self.backend_ids.allocate_new     # only for keys `held` lacks
         known = self._backends
 
+        def backend_id(b: Backend, slotted: Mapping[int, None]) -> Optional[int]:
+            """b's id (a new one, with its record, for a new backend); None
+            when the frontend's `slotted` ids have it already."""
+            key = (b.ip, b.port, b.protocol)
+            bid = held.get(key)
+            if bid is None:
+                bid = allocate(key)
+                records[bid] = b
+            elif bid in slotted:
+                return None
+            elif bid not in known:
+                records.setdefault(bid, b)
+            return bid
+
         # Entries found sharing another's service id go first, so they have
         # their own slots before the owner's slots change under them.
         stale = self._stale_frontends
@@ -588,31 +618,18 @@ class Reconciler:
             want: dict[int, None] = {}
             term: list[int] = []
             for b in backends:
-                key = (b.ip, b.port, b.protocol)
-                bid = held.get(key)
+                bid = backend_id(b, want)
                 if bid is None:
-                    bid = allocate(key)
-                    records[bid] = b
-                elif bid in want:
                     continue
-                elif bid not in known:
-                    records.setdefault(bid, b)
                 want[bid] = None
                 if b.terminating:
                     term.append(bid)
             claims = frozenset(term)
             drain: list[int] = []
             for b in st.draining:
-                key = (b.ip, b.port, b.protocol)
-                bid = held.get(key)
-                if bid is None:
-                    bid = allocate(key)
-                    records[bid] = b
-                elif bid in want:
-                    continue
-                elif bid not in known:
-                    records.setdefault(bid, b)
-                drain.append(bid)
+                bid = backend_id(b, want)
+                if bid is not None:
+                    drain.append(bid)
             draining = frozenset(drain)
             claims |= draining          # a draining backend is terminating too
 
@@ -766,32 +783,10 @@ class Reconciler:
         # Slots a restored entry lacks, or that name nothing, hold no reference.
         old_slots -= {MISSING, DANGLING}
         new_slots -= {MISSING, DANGLING}
-        for b in new_slots - old_slots:
-            self._slotrefs[b] = self._slotrefs.get(b, 0) + 1
-        for b in old_slots - new_slots:
-            n = self._slotrefs.get(b, 0) - 1
-            if n > 0:
-                self._slotrefs[b] = n
-            else:
-                self._slotrefs.pop(b, None)
+        _recount(self._slotrefs, new_slots - old_slots, old_slots - new_slots)
         old_set, new_set = old_slots | old_drain, new_slots | new_drain
-        for b in new_set - old_set:
-            self._refs[b] = self._refs.get(b, 0) + 1
-        for b in old_set - new_set:
-            n = self._refs.get(b, 0) - 1
-            if n > 0:
-                self._refs[b] = n
-            else:
-                self._refs.pop(b, None)
-                maybe_unused.add(b)
-        for b in new_claims - old_claims:
-            self._term[b] = self._term.get(b, 0) + 1
-        for b in old_claims - new_claims:
-            n = self._term.get(b, 0) - 1
-            if n > 0:
-                self._term[b] = n
-            else:
-                self._term.pop(b, None)
+        _recount(self._refs, new_set - old_set, old_set - new_set, maybe_unused)
+        _recount(self._term, new_claims - old_claims, old_claims - new_claims)
         touched |= old_set ^ new_set
         touched |= old_claims ^ new_claims
         touched |= old_slots ^ new_slots

@@ -104,7 +104,8 @@ def serve_reply(pod, port: int, reply: str, *, peer: bool = False, udp: bool = F
     `peer`, each answer is `reply` followed by " <address:port>" of the
     client as the server saw it: what proves whether a source address was
     kept or translated on the way. `udp`: answer datagrams instead (always
-    with the peer)."""
+    with the peer). `host`: the address to listen on (the pod's IPv4 one by
+    default), of either family."""
     script = PEER_SERVER if (peer or udp) else REPLY_SERVER
     args = [host or pod.ip, str(port), reply] + (["udp"] if udp else [])
     p = pod.popen(["python3", "-c", script, *args])
@@ -115,13 +116,14 @@ def serve_reply(pod, port: int, reply: str, *, peer: bool = False, udp: bool = F
 PEER_SERVER = r"""
 import socket, sys, threading
 host, port, reply = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 if sys.argv[4:] == ["udp"]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(fam, socket.SOCK_DGRAM)
     s.bind((host, port))
     while True:
         data, addr = s.recvfrom(2048)
         s.sendto(f"{reply} {addr[0]}:{addr[1]}".encode(), addr)
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((host, port)); s.listen(128)
 def answer(c, addr):
     with c:

@@ -366,6 +366,11 @@ static __always_inline void fp_ct_reply_entry(struct fp_ct4 *reply, const struct
  * flow conntrack does not know), FP_DROP_CSUM.
  * `outside`: the packet arrived on one of the node's interfaces (the
  * primary NIC or an ENI), not from a local pod. */
+/* fp_ct_service_from's `outside` for the node's own packets (fp_to_vpc_sctp,
+ * fp_lo): the inside view as for a pod, but a backend at the client's own
+ * address is the node reaching itself (lib/lo.h), not a pod's hairpin. */
+#define FP_CT_FROM_NODE 2
+
 static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_ipv4 *ip,
 					      struct fp_l4 *l4, enum fp_reason *reason, int outside)
 {
@@ -380,6 +385,10 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 	int tier = 0, hairpin, keep = 0, had_old = 0, snat = 0;
 	__u64 now;
 
+	int from_node = outside == FP_CT_FROM_NODE;
+
+	if (from_node)
+		outside = 0;
 	if (l4->kind != FP_L4_PORTS)
 		return 1;
 	svc = fp_ct_frontend(ip, l4, outside);
@@ -468,7 +477,7 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 		}
 		baddr = be->ip;
 		bport = be->port;
-		hairpin = baddr == ip->saddr;
+		hairpin = baddr == ip->saddr && !from_node;
 		if (outside && !hairpin && !fp_endpoint_lookup(baddr)) {
 			/* the backend is on another node: its reply must come back
 			 * through this one, which alone can put the client back */

@@ -411,3 +411,26 @@ class Events:
 @pytest.fixture(scope="session")
 def events(dp):
     return Events(dp)
+
+
+# -- pods A, B and C dual stack (the IPv6 tests) ---------------------------------------
+
+@contextlib.contextmanager
+def dual_stack(dp: Datapath, n: BpfNet, pods: str = "ABC", c_on_eni: bool = False):
+    """`pods` registered dual stack (POD_A6, ...) as discovery finds them:
+    A and B on ENI eth1, C on it only with `c_on_eni`. put_pods'
+    IPv4-only registrations again afterwards (its unresolved C is what
+    other modules' tests rely on)."""
+    addrs = {"A": (POD_A, POD_A6), "B": (POD_B, POD_B6), "C": (POD_C, POD_C6)}
+    eps = []
+    for p in pods:
+        dev, mac = getattr(n, f"cali_{p.lower()}"), getattr(n, f"pod_{p.lower()}_mac")
+        eni = ("eth1", n.eth1.ifindex) if p != "C" or c_on_eni else ()
+        eps.append(Endpoint(addrs[p][0], dev.name, dev.ifindex, dev.mac, mac, *eni,
+                            ip6=addrs[p][1]))
+    for ep in eps:
+        dp.maps.endpoint_put(ep)
+    try:
+        yield eps
+    finally:
+        put_pods(dp, n)

@@ -21,12 +21,11 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from agent.bandwidth import Limits, plan
-from agent.datapath.libbpf import prog_test_run
+from agent.bandwidth import Limits
 from agent.datapath.maps import DEFS
-from agent.datapath.nsenter import in_netns
 from tests.bpf.conftest import (GW_MAC, POD_A, POD_B, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT,
                                 TC_ACT_UNSPEC)
+from tests.bpf.bwrun import bandwidth_on, conns, counts, pad, run, small_flows
 
 NS = 1_000_000_000
 WHATIF = DEFS.defines["FP_WHATIF_MARK"]
@@ -39,56 +38,26 @@ _port = itertools.count(30000)
 @pytest.fixture
 def bw(dp):
     """The manager switched on (HTB or EDT per test), limits cleared after."""
-    def limit(ip: str, lim: Limits, *, htb: bool = False) -> None:
-        p = plan({ip: (lim, f"test-{ip}")}, dp.bandwidth.entries(), htb=htb,
-                 new_gen=lambda: next(_gen))
-        for addr, entry in p.writes.items():
-            dp.bandwidth.write(addr, entry, addr in p.fresh)
-    dp.settings.set_bandwidth(True, edt=False)
-    try:
+    with bandwidth_on(dp, _gen) as limit:
         yield limit
-    finally:
-        dp.settings.set_bandwidth(False)
-        dp.bandwidth.clear()
-
-
-class Out:
-    def __init__(self, res):
-        self.verdict = res.retval
-        self.tstamp = res.ctx.tstamp
-        self.priority = res.ctx.priority
-
-
-def run(dp, net, prog: str, packet, dev: str, **ctx) -> Out:
-    with in_netns(net.ns):
-        return Out(prog_test_run(dp.prog_fd(prog), bytes(packet),
-                                 ifindex=getattr(net, dev).ifindex, **ctx))
 
 
 def to_vpc(net, src=POD_A, size=1000):
     """A frame from a pod leaving by the ENI (after the redirect)."""
-    pkt = Ether(src=net.eth1.mac, dst=GW_MAC) / IP(src=src, dst=REMOTE) / UDP(sport=5000,
-                                                                            dport=6000)
-    return pkt / (b"x" * (size - len(pkt)))
+    return pad(Ether(src=net.eth1.mac, dst=GW_MAC) / IP(src=src, dst=REMOTE) /
+               UDP(sport=5000, dport=6000), size)
 
 
 def from_vpc(net, dst, size=1000, **tcp):
     l4 = TCP(sport=tcp.pop("sport", 443), dport=tcp.pop("dport", 40000), **tcp) if tcp \
         else UDP(sport=53, dport=5353)
-    pkt = Ether(src=GW_MAC, dst=net.eth1.mac) / IP(src=REMOTE, dst=dst) / l4
-    return pkt / (b"x" * max(size - len(pkt), 0))
+    return pad(Ether(src=GW_MAC, dst=net.eth1.mac) / IP(src=REMOTE, dst=dst) / l4, size)
 
 
 def from_a(net, dst, size=1000, **tcp):
     l4 = TCP(sport=tcp.pop("sport", 40000), dport=tcp.pop("dport", 443), **tcp) if tcp \
         else UDP(sport=5000, dport=6000)
-    pkt = Ether(src=net.pod_a_mac, dst=net.cali_a.mac) / IP(src=POD_A, dst=dst) / l4
-    return pkt / (b"x" * max(size - len(pkt), 0))
-
-
-def counts(dp, ip: str) -> dict[tuple[str, str], int]:
-    return {(r["direction"], r["reason"]): r["packets"] for r in dp.bandwidth.counters()
-            if r["ip"] == ip}
+    return pad(Ether(src=net.pod_a_mac, dst=net.cali_a.mac) / IP(src=POD_A, dst=dst) / l4, size)
 
 
 # -- egress to the VPC: EDT -----------------------------------------------------
@@ -251,11 +220,6 @@ def syn(net, sport):
     return from_a(net, REMOTE, size=60, sport=sport, flags="S")
 
 
-def conns(dp, ip, d="egress"):
-    st, e = dp.bandwidth.states()[ip], dp.bandwidth.entries()[ip]
-    return st[f"{d}_conns_opened"] - st[f"{d}_conns_closed"] - getattr(e, f"{d}_reaped")
-
-
 def test_egress_connection_limit_refuses_the_next_syn_until_one_closes(dp, bpfnet, bw):
     bw(POD_A, Limits(egress_max_conns=2))
     p1, p2, p3 = next(_port), next(_port), next(_port)
@@ -367,20 +331,7 @@ def test_a_full_flows_map_admits_new_connections_uncounted(bpffs, bpfnet):
     """A SYN flood that fills the tracked-connections map must neither stop
     the pod's new connections (fail open) nor corrupt its count: the extra
     ones pass uncounted, under their own reason, until the sweep makes room."""
-    from agent.config import Config
-    from agent.datapath import Datapath
-    from agent.model.endpoint import Endpoint
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/small-flows",
-                                    bandwidth_flows_map_size=1024)
-    small = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
-    try:
-        n = bpfnet
-        small.maps.endpoint_put(Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac,
-                                         n.pod_a_mac, "eth1", n.eth1.ifindex))
-        small.settings.set_bandwidth(True)
-        p = plan({POD_A: (Limits(egress_max_conns=4000), "a")}, {}, htb=False,
-                 new_gen=lambda: 1)
-        small.bandwidth.write(POD_A, p.writes[POD_A], True)
+    with small_flows(bpffs, bpfnet, "small-flows") as small:
         verdicts = [run(small, bpfnet, "fp_from_pod", syn(bpfnet, 1024 + i), "cali_a").verdict
                     for i in range(1030)]
         assert verdicts == [TC_ACT_REDIRECT] * 1030
@@ -388,5 +339,3 @@ def test_a_full_flows_map_admits_new_connections_uncounted(bpffs, bpfnet):
         c = counts(small, POD_A)
         assert c[("egress", "connection-untracked")] == 6
         assert conns(small, POD_A) == 1024
-    finally:
-        small.close()

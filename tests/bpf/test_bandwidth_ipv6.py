@@ -20,13 +20,11 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import Ether
 
-from agent.bandwidth import Limits, plan
-from agent.datapath.libbpf import prog_test_run
+from agent.bandwidth import Limits
 from agent.datapath.maps import DEFS
-from agent.datapath.nsenter import in_netns
-from agent.model.endpoint import Endpoint
+from tests.bpf.bwrun import bandwidth_on, conns, counts, pad, run, small_flows
 from tests.bpf.conftest import (ENI_IP6, GW_MAC, POD_A, POD_A6, POD_B, POD_B6, REMOTE, REMOTE6,
-                                TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC)
+                                TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, dual_stack)
 
 NS = 1_000_000_000
 WHATIF = DEFS.defines["FP_WHATIF_MARK"]
@@ -43,54 +41,15 @@ SLOW_OUT = dict(egress_bps=80, egress_burst_bits=4000)
 @pytest.fixture(scope="module")
 def dual(dp, bpfnet):
     """A and B dual stack, as discovery registers them; IPv4 only after."""
-    n = bpfnet
-    eps = [Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac, n.pod_a_mac, "eth1",
-                    n.eth1.ifindex, ip6=POD_A6),
-           Endpoint(POD_B, "caliB", n.cali_b.ifindex, n.cali_b.mac, n.pod_b_mac, "eth1",
-                    n.eth1.ifindex, ip6=POD_B6)]
-    for ep in eps:
-        dp.maps.endpoint_put(ep)
-    try:
+    with dual_stack(dp, bpfnet, "AB") as eps:
         yield eps
-    finally:
-        for ep in eps:
-            dp.maps.endpoint_put(Endpoint(ep.ip, ep.host_ifname, ep.host_ifindex, ep.host_mac,
-                                          ep.pod_mac, ep.eni_name, ep.eni_ifindex))
 
 
 @pytest.fixture
 def bw(dp, dual):
-    def limit(ip: str, lim: Limits, *, htb: bool = False) -> None:
-        p = plan({ip: (lim, f"test-{ip}")}, dp.bandwidth.entries(), htb=htb,
-                 new_gen=lambda: next(_gen))
-        for addr, entry in p.writes.items():
-            dp.bandwidth.write(addr, entry, addr in p.fresh)
     # the interface counters too: other modules' tests count exact drops
-    dp.maps.counters_clear()
-    dp.settings.set_bandwidth(True, edt=False)
-    try:
+    with bandwidth_on(dp, _gen, clear_counters=True) as limit:
         yield limit
-    finally:
-        dp.settings.set_bandwidth(False)
-        dp.bandwidth.clear()
-        dp.maps.counters_clear()
-
-
-class Out:
-    def __init__(self, res):
-        self.verdict = res.retval
-        self.tstamp = res.ctx.tstamp
-        self.priority = res.ctx.priority
-
-
-def run(dp, net, prog: str, packet, dev: str, **ctx) -> Out:
-    with in_netns(net.ns):
-        return Out(prog_test_run(dp.prog_fd(prog), bytes(packet),
-                                 ifindex=getattr(net, dev).ifindex, **ctx))
-
-
-def pad(pkt, size):
-    return pkt / (b"x" * max(size - len(pkt), 0))
 
 
 def to_vpc(net, six: bool, src=None, size=1000):
@@ -108,11 +67,6 @@ def from_a(net, six: bool, dst, size=100, **tcp):
     ip = IPv6(src=POD_A6, dst=dst) if six else IP(src=POD_A, dst=dst)
     l4 = TCP(sport=next(_port), dport=443, **tcp) if tcp else UDP(sport=5000, dport=6000)
     return pad(Ether(src=net.pod_a_mac, dst=net.cali_a.mac) / ip / l4, size)
-
-
-def counts(dp, ip: str) -> dict[tuple[str, str], int]:
-    return {(r["direction"], r["reason"]): r["packets"] for r in dp.bandwidth.counters()
-            if r["ip"] == ip}
 
 
 def if_drops(dp, ifindex: int, reason: str, family: str = "ipv6") -> int:
@@ -302,11 +256,6 @@ def reply6(net, dport, flags, src=REMOTE6, dst=POD_A6, sport=443):
         sport=sport, dport=dport, flags=flags)
 
 
-def conns(dp, ip, d="egress"):
-    st, e = dp.bandwidth.states()[ip], dp.bandwidth.entries()[ip]
-    return st[f"{d}_conns_opened"] - st[f"{d}_conns_closed"] - getattr(e, f"{d}_reaped")
-
-
 def test_ipv4_and_ipv6_connections_count_against_one_limit(dp, bpfnet, bw):
     bw(POD_A, Limits(egress_max_conns=2))
     p4, p6, p6b, p4b = next(_port), next(_port), next(_port), next(_port)
@@ -401,19 +350,7 @@ def test_each_family_has_its_own_flows_capacity(bpffs, bpfnet):
     pod's further IPv6 connections pass uncounted (fail open, as IPv4's do)
     and leaves the IPv4 map's room alone: an IPv4 connection is still
     counted."""
-    from agent.config import Config
-    from agent.datapath import Datapath
-    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/small-flows6",
-                                    bandwidth_flows_map_size=1024)
-    small = Datapath(cfg, netns=bpfnet.ns, test_build=True).load()
-    try:
-        n = bpfnet
-        small.maps.endpoint_put(Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac,
-                                         n.pod_a_mac, "eth1", n.eth1.ifindex, ip6=POD_A6))
-        small.settings.set_bandwidth(True)
-        p = plan({POD_A: (Limits(egress_max_conns=4000), "a")}, {}, htb=False,
-                 new_gen=lambda: 1)
-        small.bandwidth.write(POD_A, p.writes[POD_A], True)
+    with small_flows(bpffs, bpfnet, "small-flows6", ip6=POD_A6) as small:
         verdicts = [run(small, bpfnet, "fp_from_pod", syn6(bpfnet, 1024 + i), "cali_a").verdict
                     for i in range(1030)]
         assert verdicts == [TC_ACT_REDIRECT] * 1030
@@ -424,8 +361,6 @@ def test_each_family_has_its_own_flows_capacity(bpffs, bpfnet):
             TC_ACT_REDIRECT
         assert conns(small, POD_A) == 1025, "the IPv4 map had room of its own"
         assert counts(small, POD_A)[("egress", "connection-untracked")] == 6
-    finally:
-        small.close()
 
 
 def test_a_packet_whose_hop_limit_expires_takes_nothing_from_the_bucket(dp, bpfnet, bw):

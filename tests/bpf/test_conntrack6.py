@@ -79,6 +79,12 @@ def run(dp, n, prog, pkt, dev):
     return run_prog(dp, n.ns, prog, bytes(pkt), getattr(n, dev).ifindex)
 
 
+def syn_from_a(dp, n, dst, dport=80, sport=None):
+    """Pod A's SYN to dst:dport through fp_from_pod: (the SYN, the run)."""
+    sent = pkt_from(n, "a", POD_A6, dst, TCP(sport=sport or next(_sport), dport=dport, flags="S"))
+    return sent, run(dp, n, "fp_from_pod", sent, "cali_a")
+
+
 def assert_l4_checksum_valid(out: bytes):
     """The program's TCP/UDP checksum is what scapy computes over the
     packet as it is (IPv6 pseudo-header included); a UDP one is never 0."""
@@ -190,8 +196,7 @@ def test_a_udp_checksum_that_becomes_zero_is_sent_as_ffff(dp, bpfnet, svc6):
 def test_a_remote_backends_reply_is_restored_where_it_arrives_from_the_vpc(dp, bpfnet, svc6):
     n = bpfnet
     sport = next(_sport)
-    sent = pkt_from(n, "a", POD_A6, VIP6_REMOTE, TCP(sport=sport, dport=80, flags="S"))
-    r = run(dp, n, "fp_from_pod", sent, "cali_a")
+    _, r = syn_from_a(dp, n, VIP6_REMOTE, sport=sport)
     assert (r.verdict, r.reason, r.redirect_ifindex) == (TC_ACT_REDIRECT, "redirected-eni",
                                                          n.eth1.ifindex)
     o = Ether(r.out)
@@ -231,24 +236,21 @@ def assert_port_unreachable(r, n, vip, sent):
 
 def test_a_service_without_backends_answers_icmpv6_port_unreachable(dp, bpfnet, svc6):
     n = bpfnet
-    sent = pkt_from(n, "a", POD_A6, VIP6_EMPTY, TCP(sport=next(_sport), dport=80, flags="S"))
-    r = run(dp, n, "fp_from_pod", sent, "cali_a")
+    sent, r = syn_from_a(dp, n, VIP6_EMPTY)
     assert r.reason == "dropped-service-no-backend"
     assert_port_unreachable(r, n, VIP6_EMPTY, sent)
 
 
 def test_an_unknown_port_of_a_live_ipv6_clusterip_is_rejected(dp, bpfnet, svc6):
     n = bpfnet
-    sent = pkt_from(n, "a", POD_A6, VIP6, TCP(sport=next(_sport), dport=81, flags="S"))
-    r = run(dp, n, "fp_from_pod", sent, "cali_a")
+    sent, r = syn_from_a(dp, n, VIP6, dport=81)
     assert r.reason == "dropped-service-unknown-port"
     assert_port_unreachable(r, n, VIP6, sent)
 
 
 def test_an_unallocated_address_of_the_ipv6_service_cidr_is_dropped(dp, bpfnet, svc6):
     n = bpfnet
-    sent = pkt_from(n, "a", POD_A6, UNALLOCATED6, TCP(sport=next(_sport), dport=80, flags="S"))
-    r = run(dp, n, "fp_from_pod", sent, "cali_a")
+    _, r = syn_from_a(dp, n, UNALLOCATED6)
     assert (r.verdict, r.reason) == (TC_ACT_SHOT, "dropped-service-unallocated")
 
 
@@ -256,8 +258,7 @@ def test_a_pod_reaching_itself_through_an_ipv6_service_is_hairpinned(dp, bpfnet,
     n = bpfnet
     router = dp.config.hairpin_source_ipv6
     sport = next(_sport)
-    sent = pkt_from(n, "a", POD_A6, VIP6_HAIRPIN, TCP(sport=sport, dport=80, flags="S"))
-    r = run(dp, n, "fp_from_pod", sent, "cali_a")
+    _, r = syn_from_a(dp, n, VIP6_HAIRPIN, sport=sport)
     assert (r.verdict, r.redirect_ifindex) == (TC_ACT_REDIRECT, n.cali_a.ifindex)
     o = Ether(r.out)
     # the pod would take its own address as a local peer: the router's stands in
@@ -369,8 +370,7 @@ def test_a_local_backends_port_unreachable_reaches_the_client_about_the_vip(dp, 
 def test_a_packet_too_big_from_the_vpc_is_restored_for_a_remote_backends_flow(dp, bpfnet, svc6):
     n = bpfnet
     sport = next(_sport)
-    sent = pkt_from(n, "a", POD_A6, VIP6_REMOTE, TCP(sport=sport, dport=80, flags="S"))
-    r = run(dp, n, "fp_from_pod", sent, "cali_a")
+    sent, r = syn_from_a(dp, n, VIP6_REMOTE, sport=sport)
     quoted = IPv6(bytes(Ether(r.out)[IPv6]))
     router = "fd00:10::fe"
     ptb = Ether(src=GW_MAC, dst=n.eth1.mac) / IPv6(src=router, dst=POD_A6) \
@@ -468,8 +468,7 @@ def test_client_ip_affinity_keeps_a_pods_new_ipv6_flows_on_one_backend(dp, bpfne
     n = bpfnet
 
     def pick(vip):
-        sent = pkt_from(n, "a", POD_A6, vip, TCP(sport=next(_sport), dport=80, flags="S"))
-        return Ether(run(dp, n, "fp_from_pod", sent, "cali_a").out)[IPv6].dst
+        return Ether(syn_from_a(dp, n, vip)[1].out)[IPv6].dst
 
     svc6.put_slots(73, [61, 63])
     svc6.put_service("fd00:16::16", 80, "TCP", 73, 2)

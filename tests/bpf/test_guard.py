@@ -183,7 +183,7 @@ def test_a_removed_registration_disarms_the_guard(dp, bpfnet):
         r = run_prog(dp, n.ns, "fp_from_pod", bytes(pkt), n.cali_d.ifindex)
         assert r.verdict == TC_ACT_SHOT and r.reason == SPOOFED
     finally:
-        assert dp.maps.endpoint_delete(d_ep.ip)
+        assert dp.maps.endpoint_delete(d_ep.ip, d_ep.host_ifindex)
     assert n.cali_d.ifindex not in dp.maps.veths()
     r = run_prog(dp, n.ns, "fp_from_pod", bytes(pkt), n.cali_d.ifindex)
     assert r.reason == "to-stack"

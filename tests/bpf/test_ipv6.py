@@ -18,9 +18,9 @@ from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6ND_N
 from scapy.layers.l2 import Ether
 
 from agent.model.endpoint import Endpoint
-from tests.bpf.conftest import (GW_MAC, POD_A, POD_A6, POD_B, POD_B6, POD_C, POD_C6, REMOTE6,
+from tests.bpf.conftest import (GW_MAC, POD_A, POD_A6, POD_B, POD_B6, POD_C6, REMOTE6,
                                 REMOTE6_NO_NEIGH, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                run_prog)
+                                dual_stack, run_prog)
 
 _sport = itertools.count(42000)
 assert UDP is UDP4        # scapy's one UDP class serves both families
@@ -30,21 +30,9 @@ assert UDP is UDP4        # scapy's one UDP class serves both families
 def dual(dp, bpfnet):
     """A, B and C registered dual stack (C without a known ENI), as
     discovery finds them; back to IPv4 only afterwards."""
-    n = bpfnet
-    eps = [Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac, n.pod_a_mac, "eth1",
-                    n.eth1.ifindex, ip6=POD_A6),
-           Endpoint(POD_B, "caliB", n.cali_b.ifindex, n.cali_b.mac, n.pod_b_mac, "eth1",
-                    n.eth1.ifindex, ip6=POD_B6),
-           Endpoint(POD_C, "caliC", n.cali_c.ifindex, n.cali_c.mac, n.pod_c_mac, ip6=POD_C6)]
-    for ep in eps:
-        dp.maps.endpoint_put(ep)
-    try:
+    with dual_stack(dp, bpfnet) as eps:
         yield eps
-    finally:
-        for ep in eps:
-            dp.maps.endpoint_put(Endpoint(ep.ip, ep.host_ifname, ep.host_ifindex, ep.host_mac,
-                                          ep.pod_mac, ep.eni_name, ep.eni_ifindex))
-        assert dp.maps.endpoints6() == [], "re-registering without IPv6 removes the twins"
+    assert dp.maps.endpoints6() == [], "re-registering without IPv6 removes the twins"
 
 
 def from_pod(n, pod, dst, l4=None, hlim=64, ext=None):
@@ -273,7 +261,7 @@ def test_endpoint_twins_follow_the_endpoints(dp, bpfnet, dual):
     try:
         got = {e.ip for e in dp.maps.endpoints6()}
         assert "fd00:10::1:bb" in got and POD_B6 not in got
-        assert dp.maps.endpoint_delete(b.ip)
+        assert dp.maps.endpoint_delete(b.ip, b.host_ifindex)
         assert {e.ip for e in dp.maps.endpoints6()} == {POD_A6, POD_C6}
         r = run(dp, n, "fp_from_pod", from_pod(n, "a", "fd00:10::1:bb"), "cali_a")
         assert r.reason != "redirected-local", "a deleted pod is no destination"

@@ -13,6 +13,7 @@ from scapy.layers.inet import IP, TCP as TCP4, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, TCP
 from scapy.layers.l2 import ARP, Ether
 
+from agent.datapath.maps import MAP, Maps
 from agent.model.endpoint import Endpoint, allocate_endpoint_key, is_endpoint_key
 from tests.bpf.conftest import (GW_MAC, POD_A, POD_A6, POD_B, POD_B6, REMOTE, REMOTE6,
                                 TC_ACT_REDIRECT, TC_ACT_SHOT, run_prog)
@@ -29,13 +30,13 @@ def only6(dp, bpfnet):
                  n.eth1.ifindex, ip6=POD_A6, endpoint_key=KEY_A)
     b = Endpoint(POD_B, "caliB", n.cali_b.ifindex, n.cali_b.mac, n.pod_b_mac, "eth1",
                  n.eth1.ifindex, ip6=POD_B6)
-    dp.maps.endpoint_delete(POD_A)
+    dp.maps.endpoint_delete(POD_A, n.cali_a.ifindex)
     dp.maps.endpoint_put(a)
     dp.maps.endpoint_put(b)
     try:
         yield a, b
     finally:
-        dp.maps.endpoint_delete(KEY_A)
+        dp.maps.endpoint_delete(KEY_A, n.cali_a.ifindex)
         for ip, dev, mac in ((POD_A, n.cali_a, n.pod_a_mac), (POD_B, n.cali_b, n.pod_b_mac)):
             dp.maps.endpoint_put(Endpoint(ip, dev.name, dev.ifindex, dev.mac, mac, "eth1",
                                           n.eth1.ifindex))
@@ -129,11 +130,47 @@ def test_ipv4_to_the_key_is_no_pods(dp, bpfnet, only6):
 def test_deleting_by_the_key_takes_the_ipv6_entry_and_the_veth(dp, bpfnet, only6):
     n = bpfnet
     a = only6[0]
-    assert dp.maps.endpoint_delete(KEY_A)
+    assert dp.maps.endpoint_delete(KEY_A, n.cali_a.ifindex)
     try:
         assert POD_A6 not in {e.ip for e in dp.maps.endpoints6()}
         assert n.cali_a.ifindex not in dp.maps.veths()
-        assert not dp.maps.endpoint_delete(KEY_A)
+        assert not dp.maps.endpoint_delete(KEY_A, n.cali_a.ifindex)
+    finally:
+        dp.maps.endpoint_put(a)
+
+
+class _NoWalk:
+    """A table that fails a test which walks it (lookups pass through)."""
+
+    def __init__(self, table):
+        self._table = table
+
+    def __getattr__(self, name):
+        if name in ("items", "keys", "values", "__iter__"):
+            raise AssertionError(f"walked the table ({name})")
+        return getattr(self._table, name)
+
+    def __getitem__(self, k):
+        return self._table[k]
+
+    def __delitem__(self, k):
+        del self._table[k]
+
+
+def test_deleting_by_the_key_looks_up_its_veth_and_walks_no_veth_map(dp, bpfnet, only6):
+    """The key is found in the registration of the veth the caller names
+    (one lookup); a veth registered to another pod keeps everything."""
+    n = bpfnet
+    a = only6[0]
+    name = MAP["FP_MAP_EP_IFINDEX"]
+    maps = Maps({**dp.maps._t, name: _NoWalk(dp.maps._t[name])})
+    assert not maps.endpoint_delete(KEY_A, n.cali_b.ifindex)
+    assert POD_A6 in {e.ip for e in dp.maps.endpoints6()}
+    assert dp.maps.veths()[n.cali_a.ifindex] == KEY_A
+    assert maps.endpoint_delete(KEY_A, n.cali_a.ifindex)
+    try:
+        assert POD_A6 not in {e.ip for e in dp.maps.endpoints6()}
+        assert n.cali_a.ifindex not in dp.maps.veths()
     finally:
         dp.maps.endpoint_put(a)
 

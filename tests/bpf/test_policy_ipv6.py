@@ -25,10 +25,10 @@ from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6ND_N
                                 IPv6ExtHdrRouting)
 from scapy.layers.l2 import Ether
 
-from agent.model.endpoint import Endpoint
 from agent.policy import compile_policy, diff, evaluate
 from tests.bpf.conftest import (ENI_IP, ENI_IP6, GW_MAC, POD_A, POD_A6, POD_B, POD_B6, POD_C,
-                                POD_C6, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT, run_prog)
+                                POD_C6, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT, dual_stack,
+                                run_prog)
 from tests.policy.kube import namespace, netpol, pod, snapshot
 
 CLIENT6 = "fd00:20::20"          # in the allowed block
@@ -84,25 +84,10 @@ def enforced6(dp, snap):
 
 @pytest.fixture(scope="module")
 def world(dp, bpfnet):
-    n = bpfnet
-    eps = [Endpoint(POD_A, "caliA", n.cali_a.ifindex, n.cali_a.mac, n.pod_a_mac, "eth1",
-                    n.eth1.ifindex, ip6=POD_A6),
-           Endpoint(POD_B, "caliB", n.cali_b.ifindex, n.cali_b.mac, n.pod_b_mac, "eth1",
-                    n.eth1.ifindex, ip6=POD_B6),
-           Endpoint(POD_C, "caliC", n.cali_c.ifindex, n.cali_c.mac, n.pod_c_mac, "eth1",
-                    n.eth1.ifindex, ip6=POD_C6)]
-    for ep in eps:
-        dp.maps.endpoint_put(ep)
-    try:
-        with enforced6(dp, cluster()) as state:
-            yield state
-    finally:
-        # back to the shared fixture's endpoints: C's ENI unresolved
-        # (tests/bpf/test_redirect.py relies on it)
-        for ep in eps:
-            eni = (ep.eni_name, ep.eni_ifindex) if ep.ip != POD_C else ()
-            dp.maps.endpoint_put(Endpoint(ep.ip, ep.host_ifname, ep.host_ifindex, ep.host_mac,
-                                          ep.pod_mac, *eni))
+    # C on the ENI too; back to the shared fixture's endpoints after (C's
+    # ENI unresolved: tests/bpf/test_redirect.py relies on it)
+    with dual_stack(dp, bpfnet, c_on_eni=True), enforced6(dp, cluster()) as state:
+        yield state
 
 
 def vpc(n, src, dst, l4, ext=None):

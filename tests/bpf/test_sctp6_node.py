@@ -17,12 +17,11 @@ import pytest
 from scapy.layers.inet import TCP
 from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
 from scapy.layers.l2 import Ether
-from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit, SCTPChunkInitAck
 
 from agent.datapath.maps import DEFS
-from tests.bpf.conftest import (NODE_NAME as NODE, NOT_RECORDED, TC_ACT_REDIRECT, TC_ACT_SHOT,
-                                TC_ACT_UNSPEC, ct_rows, node_datapath, node_netns, node_run as run,
-                                node_services)
+from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+                                ct_rows, node_datapath, node_netns, node_run as run, node_services)
+from tests.bpf.sctpnode import SctpNode, counters, whatif
 from tests.lb.lbdata import ep, eslice, service
 
 NODE_IP, NODE_IP6 = "10.240.0.11", "2001:db8:240::11"
@@ -93,39 +92,9 @@ def svcs(dp):
         yield rec
 
 
-def init(net, dst, sport, src=NODE_IP6, dport=2905):
-    return Ether(src=net.mac("eth0"), dst=GW_MAC) / IPv6(src=src, dst=dst, hlim=64) / \
-        SCTP(sport=sport, dport=dport, tag=0) / \
-        SCTPChunkInit(init_tag=7, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
-
-
-def data(net, dst, sport, payload=b"ping"):
-    return Ether(src=net.mac("eth0"), dst=GW_MAC) / IPv6(src=NODE_IP6, dst=dst, hlim=64) / \
-        SCTP(sport=sport, dport=2905, tag=9) / SCTPChunkData(tsn=1, data=payload)
-
-
-def reply(src, dst_mac, src_mac, sport, dport, payload=None):
-    chunk = SCTPChunkInitAck(init_tag=9, a_rwnd=65535, n_out_streams=1, n_in_streams=1,
-                             init_tsn=1) if payload is None else SCTPChunkData(tsn=1, data=payload)
-    return Ether(src=src_mac, dst=dst_mac) / IPv6(src=src, dst=NODE_IP6, hlim=63) / \
-        SCTP(sport=sport, dport=dport, tag=7) / chunk
-
-
-def crc_ok(out: bytes) -> bool:
-    o = Ether(out)
-    fresh = Ether(out)
-    del fresh[SCTP].chksum
-    return Ether(bytes(fresh))[SCTP].chksum == o[SCTP].chksum
-
-
-def tuple_of(out: bytes):
-    o = Ether(out)
-    return o[IPv6].src, o[SCTP].sport, o[IPv6].dst, o[SCTP].dport
-
-
-def counters(dp) -> dict:
-    return {(c.ifindex, c.direction, c.reason, c.family): c.packets
-            for c in dp.maps.counters(by_family=True)}
+# the packets (tests/bpf/sctpnode.py)
+PKT = SctpNode(IPv6, NODE_IP6, GW_MAC)
+init, data, reply, crc_ok, tuple_of = PKT.init, PKT.data, PKT.reply, PKT.crc_ok, PKT.tuple_of
 
 
 @pytest.mark.parametrize("vip", [FAR, EXT6], ids=["clusterip", "external-ip"])
@@ -219,17 +188,11 @@ def test_tcp_leaves_unchanged(dp, net, svcs):
 
 
 def test_a_whatif_init_from_the_node_changes_nothing(dp, net, svcs):
-    from agent.datapath.libbpf import prog_test_run
-    from agent.datapath.nsenter import in_netns
     sport = next(_sport)
-    before = counters(dp)
-    dp.maps.decision_reset(NOT_RECORDED)
-    with in_netns(net.ns):
-        res = prog_test_run(dp.prog_fd("fp_to_vpc"), bytes(init(net, FAR, sport)),
-                            ifindex=net.idx("eth0"), mark=int(DEFS.defines["FP_WHATIF_MARK"]))
-    rec = dp.maps.decision()
+    before = counters(dp, by_family=True)
+    res, rec = whatif(dp, net, init(net, FAR, sport))
     assert (res.retval, DEFS.reason(rec.reason)) == (TC_ACT_UNSPEC, "service-translated")
     assert rec.svc_id != 0 and dp.lb.backends()[rec.backend_id][0] == REMOTE6
     assert tuple_of(res.data) == (NODE_IP6, sport, REMOTE6, 2906)
     assert ct_rows(dp, saddr=NODE_IP6, sport=sport) == []
-    assert counters(dp) == before
+    assert counters(dp, by_family=True) == before

@@ -17,12 +17,12 @@ import itertools
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Ether
-from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit, SCTPChunkInitAck
+from scapy.layers.sctp import SCTP
 
 from agent.datapath.maps import DEFS
-from tests.bpf.conftest import (NODE_NAME as NODE, NOT_RECORDED, TC_ACT_REDIRECT, TC_ACT_SHOT,
-                                TC_ACT_UNSPEC, ct_rows, node_datapath, node_netns, node_run as run,
-                                node_services)
+from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+                                ct_rows, node_datapath, node_netns, node_run as run, node_services)
+from tests.bpf.sctpnode import SctpNode, counters, prog_run, whatif
 from tests.lb.lbdata import ep, eslice, service
 
 NODE_IP, GW, GW_MAC = "10.240.0.11", "10.240.0.253", "02:00:00:00:02:54"
@@ -86,46 +86,10 @@ def svcs(dp):
         yield rec
 
 
-# -- packets ---------------------------------------------------------------------
+# -- packets (tests/bpf/sctpnode.py) ---------------------------------------------
 
-def init(net, dst, sport, src=NODE_IP, dport=2905):
-    return Ether(src=net.mac("eth0"), dst=GW_MAC) / IP(src=src, dst=dst, ttl=64) / \
-        SCTP(sport=sport, dport=dport, tag=0) / \
-        SCTPChunkInit(init_tag=7, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
-
-
-def data(net, dst, sport, payload=b"ping", dport=2905):
-    return Ether(src=net.mac("eth0"), dst=GW_MAC) / IP(src=NODE_IP, dst=dst, ttl=64) / \
-        SCTP(sport=sport, dport=dport, tag=9) / SCTPChunkData(tsn=1, data=payload)
-
-
-def init_ack(src, dst_mac, src_mac, sport, dport):
-    return Ether(src=src_mac, dst=dst_mac) / IP(src=src, dst=NODE_IP, ttl=63) / \
-        SCTP(sport=sport, dport=dport, tag=7) / \
-        SCTPChunkInitAck(init_tag=9, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
-
-
-def reply_data(src, dst_mac, src_mac, sport, dport, payload=b"pong"):
-    return Ether(src=src_mac, dst=dst_mac) / IP(src=src, dst=NODE_IP, ttl=63) / \
-        SCTP(sport=sport, dport=dport, tag=7) / SCTPChunkData(tsn=1, data=payload)
-
-
-def crc_ok(out: bytes) -> bool:
-    o = Ether(out)
-    fresh = Ether(out)
-    del fresh[SCTP].chksum
-    del fresh[IP].chksum
-    fresh = Ether(bytes(fresh))
-    return (fresh[SCTP].chksum, fresh[IP].chksum) == (o[SCTP].chksum, o[IP].chksum)
-
-
-def tuple_of(out: bytes):
-    o = Ether(out)
-    return o[IP].src, o[SCTP].sport, o[IP].dst, o[SCTP].dport
-
-
-def counters(dp) -> dict:
-    return {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()}
+PKT = SctpNode(IP, NODE_IP, GW_MAC)
+init, data, reply, crc_ok, tuple_of = PKT.init, PKT.data, PKT.reply, PKT.crc_ok, PKT.tuple_of
 
 
 # -- a remote backend ------------------------------------------------------------
@@ -140,20 +104,20 @@ def test_the_nodes_sctp_to_a_remote_backend_is_translated_both_ways(dp, net, svc
     assert Ether(out).dst == GW_MAC and Ether(out)[IP].ttl == 64, "the node's own: no hop"
     assert [r.nat_addr for r in ct_rows(dp, saddr=NODE_IP, sport=sport, daddr=vip)] == [REMOTE]
 
-    back = init_ack(REMOTE, net.mac("eth0"), GW_MAC, 2906, sport)
+    back = reply(REMOTE, net.mac("eth0"), GW_MAC, 2906, sport)
     v, out, *_ = run(dp, net, "fp_from_vpc", back, "eth0")
     assert v == TC_ACT_UNSPEC, "to the node's stack"
     assert tuple_of(out) == (vip, 2905, NODE_IP, sport) and crc_ok(out)
 
     # DATA both ways keeps the association's backend
     for size in (0, 1, 3, 700, 1400):
-        v, out, reason, *_ = run(dp, net, "fp_to_vpc", data(net, vip, sport, b"d" * size or b""),
+        v, out, reason, *_ = run(dp, net, "fp_to_vpc", data(net, vip, sport, b"d" * size),
                                  "eth0")
         assert (v, reason) == (TC_ACT_UNSPEC, "service-translated")
         assert tuple_of(out) == (NODE_IP, sport, REMOTE, 2906) and crc_ok(out), size
         v, out, *_ = run(dp, net, "fp_from_vpc",
-                         reply_data(REMOTE, net.mac("eth0"), GW_MAC, 2906, sport,
-                                    b"r" * size or b""), "eth0")
+                         reply(REMOTE, net.mac("eth0"), GW_MAC, 2906, sport, b"r" * size),
+                         "eth0")
         assert tuple_of(out) == (vip, 2905, NODE_IP, sport) and crc_ok(out), size
 
 
@@ -170,16 +134,10 @@ def test_a_backend_reached_by_another_interface_is_redirected_there(dp, net, svc
 def test_a_gso_packet_longer_than_the_link_is_still_redirected(dp, net, svcs):
     """The node's SCTP may hand its device a GSO packet longer than the MTU
     (the segments are cut later): the FIB is not asked to check its length."""
-    from agent.datapath.libbpf import prog_test_run
-    from agent.datapath.nsenter import in_netns
     sport = next(_sport)
     run(dp, net, "fp_to_vpc", init(net, ENI_SVC, sport), "eth0")
     big = data(net, ENI_SVC, sport, b"g" * 2800)
-    dp.maps.decision_reset(NOT_RECORDED)
-    with in_netns(net.ns):
-        res = prog_test_run(dp.prog_fd("fp_to_vpc"), bytes(big), ifindex=net.idx("eth0"),
-                            gso_size=1400, gso_segs=2)
-    rec = dp.maps.decision()
+    res, rec = prog_run(dp, net, "fp_to_vpc", big, "eth0", gso_size=1400, gso_segs=2)
     assert (res.retval, DEFS.reason(rec.reason), rec.ifindex) == \
         (TC_ACT_REDIRECT, "redirected-eni", net.idx("eth1"))
     assert tuple_of(res.data) == (NODE_IP, sport, REMOTE_ENI, 2906) and crc_ok(res.data)
@@ -209,7 +167,7 @@ def test_the_nodes_sctp_to_a_local_backend_goes_into_its_veth_and_the_reply_gets
     v, again, *_ = run(dp, net, "fp_to_pod", out, "caliB")
     assert v == TC_ACT_UNSPEC and again == out
 
-    back = init_ack(POD_B, net.mac("caliB"), net.pod_mac["B"], 2906, sport)
+    back = reply(POD_B, net.mac("caliB"), net.pod_mac["B"], 2906, sport)
     v, out, *_ = run(dp, net, "fp_from_pod", back, "caliB")
     assert v == TC_ACT_UNSPEC, "to the node's stack"
     assert tuple_of(out) == (NEAR, 2905, NODE_IP, sport) and crc_ok(out)
@@ -218,7 +176,7 @@ def test_the_nodes_sctp_to_a_local_backend_goes_into_its_veth_and_the_reply_gets
     assert (v, kind) == (TC_ACT_REDIRECT, "redirect")
     assert tuple_of(out) == (NODE_IP, sport, POD_B, 2906) and crc_ok(out)
     v, out, *_ = run(dp, net, "fp_from_pod",
-                     reply_data(POD_B, net.mac("caliB"), net.pod_mac["B"], 2906, sport, b"y" * 77),
+                     reply(POD_B, net.mac("caliB"), net.pod_mac["B"], 2906, sport, b"y" * 77),
                      "caliB")
     assert v == TC_ACT_UNSPEC
     assert tuple_of(out) == (NEAR, 2905, NODE_IP, sport) and crc_ok(out)
@@ -289,15 +247,9 @@ def test_tcp_and_non_service_sctp_leave_unchanged(dp, net, svcs):
 # -- what-if (fastpath trace) ----------------------------------------------------------
 
 def test_a_whatif_init_from_the_node_shows_its_translation_and_changes_nothing(dp, net, svcs):
-    from agent.datapath.libbpf import prog_test_run
-    from agent.datapath.nsenter import in_netns
     sport = next(_sport)
     before = counters(dp)
-    dp.maps.decision_reset(NOT_RECORDED)
-    with in_netns(net.ns):
-        res = prog_test_run(dp.prog_fd("fp_to_vpc"), bytes(init(net, FAR, sport)),
-                            ifindex=net.idx("eth0"), mark=int(DEFS.defines["FP_WHATIF_MARK"]))
-    rec = dp.maps.decision()
+    res, rec = whatif(dp, net, init(net, FAR, sport))
     assert (res.retval, DEFS.reason(rec.reason)) == (TC_ACT_UNSPEC, "service-translated")
     assert rec.svc_id != 0 and dp.lb.backends()[rec.backend_id][0] == REMOTE
     assert tuple_of(res.data) == (NODE_IP, sport, REMOTE, 2906)

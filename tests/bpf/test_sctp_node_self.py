@@ -1,0 +1,419 @@
+"""The node's own SCTP to its own addresses, and to a backend at its own
+address: fp_lo (tc egress of lo) translates an association to a NodePort,
+hostPort or external IP the node holds, which never reaches an interface;
+the replies whose restored source is the node's own address go into lo's
+ingress (lib/lo.h), the only device whose input routing takes them with
+lo's accept_local (the agent's). Run through the real programs with
+BPF_PROG_TEST_RUN; every rewritten CRC32c is recomputed by scapy.
+
+    node 10.240.0.11 (eth0, default via .253) ──┬─ caliB ── pod B 10.241.1.11
+                                                 └─ eth1 (ENI)
+    lo: the node's packets to 10.240.0.11 (and to 10.240.0.11's hostPorts)
+    remote backend 10.242.2.20 (by eth0's default route)
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP, Ether
+from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit, SCTPChunkInitAck
+
+from agent.datapath.libbpf import prog_test_run
+from agent.datapath.maps import DEFS
+from agent.datapath.nsenter import in_netns
+from tests.bpf.conftest import (NODE_NAME as NODE, NOT_RECORDED, TC_ACT_REDIRECT, TC_ACT_SHOT,
+                                TC_ACT_UNSPEC, ct_rows, node_datapath, node_netns, node_run,
+                                node_services)
+from tests.lb.lbdata import ep, eslice, service
+
+NODE_IP, GW, GW_MAC = "10.240.0.11", "10.240.0.253", "02:00:00:00:02:54"
+ENI_IP = "10.241.1.1"
+POD_B = "10.241.1.11"
+REMOTE = "10.242.2.20"
+EXT_IP = "203.0.113.7"          # an external IP the node holds (on its lo)
+SERVICE_CIDR = "172.16.0.0/16"
+NODE_IP6, GW6 = "2001:db8:240::11", "2001:db8:240::253"
+POD_B6, REMOTE6 = "2001:db8:241::11", "2001:db8:242::20"
+EXT6, EXT6_FAR, EXT6_NONE = "2001:db8:113::7", "2001:db8:113::8", "2001:db8:113::9"
+SERVICE_CIDR6 = "fd00:16::/108"
+NEAR, FAR, NONE, SELF = "172.16.0.30", "172.16.0.31", "172.16.0.32", "172.16.0.33"
+NP_NEAR, NP_FAR, NP_NONE, NP_SELF, HOSTPORT = 30911, 30912, 30913, 30914, 9443
+LO = 1
+ZERO_MAC = "00:00:00:00:00:00"
+
+_sport = itertools.count(43000)
+
+
+@pytest.fixture(scope="module")
+def net():
+    with node_netns("fpt-sl", [
+        f"addr add {NODE_IP}/24 dev eth0",
+        f"addr add {EXT_IP}/32 dev lo",
+        f"route add default via {GW} dev eth0",
+        f"neigh add {GW} lladdr {GW_MAC} dev eth0 nud permanent",
+        f"addr add {ENI_IP}/32 dev eth1",
+        f"route add {POD_B} dev caliB scope link",
+        f"-6 addr add {NODE_IP6}/64 dev eth0 nodad",
+        *[f"-6 addr add {a}/128 dev lo" for a in (EXT6, EXT6_FAR, EXT6_NONE)],
+        f"-6 route add default via {GW6} dev eth0",
+        f"-6 neigh add {GW6} lladdr {GW_MAC} dev eth0 nud permanent",
+        f"-6 route add {POD_B6} dev caliB",
+    ], sysctls=["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
+                "net.ipv6.conf.default.accept_dad=0"]) as n:
+        yield n
+
+
+@pytest.fixture(scope="module")
+def dp(bpffs, net):
+    with node_datapath(bpffs, net, "sctpself", f"{SERVICE_CIDR},{SERVICE_CIDR6}", NODE_IP,
+                       [("B", POD_B, POD_B6)], NODE_IP6) as d:
+        yield d
+
+
+def sig(nodeport):
+    if nodeport is None:
+        return [("sig", 2905, "SCTP", 2906), ("web", 80, "TCP", 8080)]
+    return [("sig", 2905, "SCTP", 2906, nodeport), ("web", 80, "TCP", 8080, nodeport)]
+
+
+SIG_EP = [("sig", 2906, "SCTP"), ("web", 8080, "TCP")]
+
+OBJECTS = [
+    service("near", ip=NEAR, typ="NodePort", ports=sig(NP_NEAR), externalIPs=[EXT_IP]),
+    eslice("near-1", "near", [ep(POD_B, node=NODE)], ports=SIG_EP),
+    service("far", ip=FAR, typ="NodePort", ports=sig(NP_FAR)),
+    eslice("far-1", "far", [ep(REMOTE, node="node-b")], ports=SIG_EP),
+    service("none", ip=NONE, typ="NodePort", ports=sig(NP_NONE)),
+    # a host-network backend: the node's own address
+    service("self", ip=SELF, typ="NodePort", ports=sig(NP_SELF)),
+    eslice("self-1", "self", [ep(NODE_IP, node=NODE)], ports=SIG_EP),
+    # IPv6: external IPs the node holds
+    service("near6", ip="fd00:16::30", ports=sig(None)[:1], ipFamilies=["IPv6"],
+            clusterIPs=["fd00:16::30"], externalIPs=[EXT6]),
+    eslice("near6-1", "near6", [ep(POD_B6, node=NODE)], ports=SIG_EP[:1], address_type="IPv6"),
+    service("far6", ip="fd00:16::31", ports=sig(None)[:1], ipFamilies=["IPv6"],
+            clusterIPs=["fd00:16::31"], externalIPs=[EXT6_FAR]),
+    eslice("far6-1", "far6", [ep(REMOTE6, node="node-b")], ports=SIG_EP[:1],
+           address_type="IPv6"),
+    service("none6", ip="fd00:16::32", ports=sig(None)[:1], ipFamilies=["IPv6"],
+            clusterIPs=["fd00:16::32"], externalIPs=[EXT6_NONE]),
+]
+
+
+@pytest.fixture(scope="module")
+def svcs(dp):
+    from agent.lb.hostport import PortMapping, frontends_of
+    hostport = frontends_of(("shop", "h"), POD_B, [PortMapping(HOSTPORT, 2906, "SCTP")],
+                            [NODE_IP], NODE)
+    with node_services(dp, OBJECTS, NODE_IP, SERVICE_CIDR, hostport) as rec:
+        yield rec
+
+
+# -- packets (as lo carries them: all-zero MACs) ---------------------------------
+
+def init(dst, dport, sport, src=NODE_IP, smac=ZERO_MAC, dmac=ZERO_MAC):
+    return Ether(src=smac, dst=dmac) / IP(src=src, dst=dst, ttl=64) / \
+        SCTP(sport=sport, dport=dport, tag=0) / \
+        SCTPChunkInit(init_tag=7, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+
+
+def data(dst, dport, sport, payload=b"ping", smac=ZERO_MAC, dmac=ZERO_MAC):
+    return Ether(src=smac, dst=dmac) / IP(src=NODE_IP, dst=dst, ttl=64) / \
+        SCTP(sport=sport, dport=dport, tag=9) / SCTPChunkData(tsn=1, data=payload)
+
+
+def init_ack(src, sport, dport, dst_mac=ZERO_MAC, src_mac=ZERO_MAC):
+    return Ether(src=src_mac, dst=dst_mac) / IP(src=src, dst=NODE_IP, ttl=64) / \
+        SCTP(sport=sport, dport=dport, tag=7) / \
+        SCTPChunkInitAck(init_tag=9, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+
+
+def reply_data(src, sport, dport, payload=b"pong", dst_mac=ZERO_MAC, src_mac=ZERO_MAC):
+    return Ether(src=src_mac, dst=dst_mac) / IP(src=src, dst=NODE_IP, ttl=64) / \
+        SCTP(sport=sport, dport=dport, tag=7) / SCTPChunkData(tsn=1, data=payload)
+
+
+def crc_ok(out: bytes) -> bool:
+    o = Ether(out)
+    fresh = Ether(out)
+    del fresh[SCTP].chksum
+    del fresh[IP].chksum
+    fresh = Ether(bytes(fresh))
+    return (fresh[SCTP].chksum, fresh[IP].chksum) == (o[SCTP].chksum, o[IP].chksum)
+
+
+def tuple_of(out: bytes):
+    o = Ether(out)
+    return o[IP].src, o[SCTP].sport, o[IP].dst, o[SCTP].dport
+
+
+def on_lo(dp, net, pkt):
+    """fp_lo run on pkt leaving the node's lo."""
+    dp.maps.decision_reset(NOT_RECORDED)
+    with in_netns(net.ns):
+        res = prog_test_run(dp.prog_fd("fp_lo"), bytes(pkt), ifindex=LO)
+    rec = dp.maps.decision()
+    return res.retval, res.data, DEFS.reason(rec.reason), DEFS.redirect_kinds[rec.kind].label, \
+        rec.ifindex
+
+
+def into_lo(out: bytes) -> bool:
+    o = Ether(out)
+    return (o.src, o.dst) == (ZERO_MAC, ZERO_MAC)
+
+
+# -- a backend pod on this node ---------------------------------------------------
+
+@pytest.mark.parametrize("dst,dport", [(NODE_IP, NP_NEAR), (EXT_IP, 2905),
+                                       (NODE_IP, HOSTPORT)],
+                         ids=["nodeport", "external-ip-the-node-holds", "hostport"])
+def test_the_nodes_sctp_to_its_own_address_reaches_a_local_pod_and_the_reply_comes_back_by_lo(
+        dp, net, svcs, dst, dport):
+    sport = next(_sport)
+    src = dst        # the node's stack picks the address it reaches as source
+    v, out, reason, kind, idx = on_lo(dp, net, init(dst, dport, sport, src=src))
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-local", "redirect",
+                                      net.idx("caliB"))
+    o = Ether(out)
+    assert (o.src, o.dst) == (net.mac("caliB"), net.pod_mac["B"])
+    assert tuple_of(out) == (src, sport, POD_B, 2906) and crc_ok(out)
+    assert [r.nat_addr for r in ct_rows(dp, saddr=src, sport=sport, daddr=dst)] == [POD_B]
+
+    # the pod's answer: its frontend back, into lo's ingress (on caliB the
+    # node's stack would refuse a packet from its own address)
+    back = init_ack(POD_B, 2906, sport, dst_mac=net.mac("caliB"), src_mac=net.pod_mac["B"])
+    back[IP].dst = src
+    v, out, reason, kind, idx = node_run(dp, net, "fp_from_pod", back, "caliB")
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "to-stack", "redirect-ingress", LO)
+    assert tuple_of(out) == (dst, dport, src, sport) and crc_ok(out) and into_lo(out)
+
+    # DATA both ways stays on the association (the reply by fp_from_pod's
+    # established walk, as a pod's mid-stream packets go)
+    for size in (0, 1, 700, 1400):
+        pkt = data(dst, dport, sport, b"d" * size)
+        pkt[IP].src = src
+        v, out, reason, kind, _ = on_lo(dp, net, pkt)
+        assert (v, kind) == (TC_ACT_REDIRECT, "redirect"), size
+        assert tuple_of(out) == (src, sport, POD_B, 2906) and crc_ok(out), size
+        rep = reply_data(POD_B, 2906, sport, b"r" * size, dst_mac=net.mac("caliB"),
+                         src_mac=net.pod_mac["B"])
+        rep[IP].dst = src
+        v, out, reason, kind, idx = node_run(dp, net, "fp_from_pod", rep, "caliB")
+        assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect-ingress", LO), size
+        assert tuple_of(out) == (dst, dport, src, sport) and crc_ok(out) and into_lo(out), size
+
+
+# -- a backend on another node ---------------------------------------------------
+
+def test_the_nodes_sctp_to_its_own_nodeport_leaves_for_a_remote_backend_and_the_reply_goes_to_lo(
+        dp, net, svcs):
+    sport = next(_sport)
+    v, out, reason, kind, idx = on_lo(dp, net, init(NODE_IP, NP_FAR, sport))
+    # by the FIB's way to the backend: out of eth0 to its gateway, TTL kept
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-eni", "redirect",
+                                      net.idx("eth0"))
+    o = Ether(out)
+    assert (o.src, o.dst, o[IP].ttl) == (net.mac("eth0"), GW_MAC, 64)
+    assert tuple_of(out) == (NODE_IP, sport, REMOTE, 2906) and crc_ok(out)
+
+    back = init_ack(REMOTE, 2906, sport, dst_mac=net.mac("eth0"), src_mac=GW_MAC)
+    v, out, reason, kind, idx = node_run(dp, net, "fp_from_vpc", back, "eth0")
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "to-stack", "redirect-ingress", LO)
+    assert tuple_of(out) == (NODE_IP, NP_FAR, NODE_IP, sport) and crc_ok(out) and into_lo(out)
+
+    v, out, *_ = node_run(dp, net, "fp_from_vpc",
+                          reply_data(REMOTE, 2906, sport, b"x" * 99, dst_mac=net.mac("eth0"),
+                                     src_mac=GW_MAC), "eth0")
+    assert v == TC_ACT_REDIRECT and tuple_of(out) == (NODE_IP, NP_FAR, NODE_IP, sport)
+    assert crc_ok(out)
+
+
+def test_a_reply_restored_to_a_frontend_the_node_does_not_reach_from_itself_still_goes_up_eth0(
+        dp, net, svcs):
+    """Only a reply to the node's own address from its own address goes to
+    lo: the node's SCTP to a ClusterIP keeps its reply on the way it came."""
+    sport = next(_sport)
+    init_pkt = init(FAR, 2905, sport, smac=net.mac("eth0"), dmac=GW_MAC)
+    v, out, reason, *_ = node_run(dp, net, "fp_to_vpc", init_pkt, "eth0")
+    assert (v, reason) == (TC_ACT_UNSPEC, "service-translated")
+    back = init_ack(REMOTE, 2906, sport, dst_mac=net.mac("eth0"), src_mac=GW_MAC)
+    v, out, reason, kind, _ = node_run(dp, net, "fp_from_vpc", back, "eth0")
+    assert (v, kind) == (TC_ACT_UNSPEC, "none")
+    assert tuple_of(out) == (FAR, 2905, NODE_IP, sport) and crc_ok(out)
+
+
+# -- a backend at the node's own address (a host-network pod) -----------------------
+
+def test_the_nodes_sctp_to_a_clusterip_whose_backend_is_the_node_turns_back_into_lo(
+        dp, net, svcs):
+    sport = next(_sport)
+    init_pkt = init(SELF, 2905, sport, smac=net.mac("eth0"), dmac=GW_MAC)
+    v, out, reason, kind, idx = node_run(dp, net, "fp_to_vpc", init_pkt, "eth0")
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "to-stack", "redirect-ingress", LO)
+    assert tuple_of(out) == (NODE_IP, sport, NODE_IP, 2906) and crc_ok(out) and into_lo(out)
+    # the backend's reply leaves by lo, where it gets the ClusterIP back
+    v, out, reason, kind, _ = on_lo(dp, net, init_ack(NODE_IP, 2906, sport))
+    assert (v, reason, kind) == (TC_ACT_UNSPEC, "service-reply-restored", "none")
+    assert tuple_of(out) == (SELF, 2905, NODE_IP, sport) and crc_ok(out)
+    # DATA the same way
+    v, out, *_ = node_run(dp, net, "fp_to_vpc",
+                          data(SELF, 2905, sport, b"q" * 500, smac=net.mac("eth0"), dmac=GW_MAC),
+                          "eth0")
+    assert v == TC_ACT_REDIRECT and tuple_of(out) == (NODE_IP, sport, NODE_IP, 2906)
+    assert crc_ok(out)
+
+
+def test_the_nodes_sctp_to_its_own_nodeport_with_a_backend_at_its_own_address(dp, net, svcs):
+    sport = next(_sport)
+    v, out, reason, kind, idx = on_lo(dp, net, init(NODE_IP, NP_SELF, sport))
+    assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect-ingress", LO)
+    assert tuple_of(out) == (NODE_IP, sport, NODE_IP, 2906) and crc_ok(out)
+    v, out, reason, *_ = on_lo(dp, net, init_ack(NODE_IP, 2906, sport))
+    assert (v, reason) == (TC_ACT_UNSPEC, "service-reply-restored")
+    assert tuple_of(out) == (NODE_IP, NP_SELF, NODE_IP, sport) and crc_ok(out)
+
+
+# -- no endpoints, and everything else lo carries ----------------------------------
+
+def test_no_endpoints_rejects_into_the_nodes_stack_by_lo(dp, net, svcs):
+    sport = next(_sport)
+    sent = init(NODE_IP, NP_NONE, sport)
+    v, out, reason, kind, idx = on_lo(dp, net, sent)
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-service-no-backend",
+                                      "redirect-ingress", LO)
+    o = Ether(out)
+    assert (o[ICMP].type, o[ICMP].code) == (3, 3)
+    assert (o[IP].src, o[IP].dst) == (NODE_IP, NODE_IP) and into_lo(out)
+    assert bytes(o[ICMP].payload) == bytes(sent[IP])[:40]
+
+
+def test_everything_else_on_lo_passes_untouched_and_unrecorded(dp, net, svcs):
+    """(TCP: the production build's test below; the test build takes TCP
+    on lo too, for the real-traffic proof in vm-tests/test_node_self.py.)"""
+    sport = next(_sport)
+    others = [
+        # UDP to the same NodePort: socket-LB's (or the stack's)
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IP(src=NODE_IP, dst=NODE_IP) /
+        UDP(sport=sport, dport=NP_NEAR) / b"x",
+        # SCTP to no frontend (either family), to 127.0.0.1
+        init(NODE_IP, 2905, sport),
+        init("127.0.0.1", NP_NEAR, sport, src="127.0.0.1"),
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src="::1", dst="::1") /
+        SCTP(sport=sport, dport=NP_NEAR),
+        # IPv6 TCP to an external IP the node holds
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) /
+        TCP(sport=sport, dport=80, flags="S"),
+        # not IP at all
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / ARP(psrc=NODE_IP, pdst=NODE_IP),
+    ]
+    for pkt in others:
+        v, out, reason, kind, _ = on_lo(dp, net, pkt)
+        assert (v, out, reason, kind) == (TC_ACT_UNSPEC, bytes(pkt), DEFS.reason(NOT_RECORDED),
+                                          "none"), pkt.summary()
+    assert ct_rows(dp, sport=sport) == []
+
+
+def test_a_strangers_packet_from_the_nodes_own_address_is_never_handed_to_lo(dp, net, svcs):
+    """lo takes local sources (accept_local): only a reply conntrack restored
+    to the node's own address goes there, never a packet from outside that
+    claims it."""
+    sport = next(_sport)
+    forged = init(NODE_IP, NP_SELF, sport, smac=GW_MAC, dmac=net.mac("eth0"))
+    v, out, reason, kind, idx = node_run(dp, net, "fp_from_vpc", forged, "eth0")
+    assert (kind, idx) != ("redirect-ingress", LO)
+    # nor one that forges a reply of an association that does not exist
+    forged = init_ack(REMOTE, 2906, sport, dst_mac=net.mac("eth0"), src_mac=GW_MAC)
+    v, out, reason, kind, idx = node_run(dp, net, "fp_from_vpc", forged, "eth0")
+    assert (kind, idx) != ("redirect-ingress", LO) and tuple_of(out)[0] == REMOTE
+
+
+def test_the_production_build_translates_sctp_on_lo_and_lets_tcp_pass(bpffs, net, dp):
+    """The build the agent runs (no FP_TEST): SCTP to the node's own
+    NodePort is translated on lo, TCP to it is left to socket-LB."""
+    from agent.config import Config
+    from agent.datapath.node import Datapath
+    cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/sctpselfprod",
+                                    service_cidrs=SERVICE_CIDR)
+    prod = Datapath(cfg, netns=net.ns).load()
+    try:
+        from agent.model.endpoint import Endpoint
+        prod.maps.endpoint_put(Endpoint(POD_B, "caliB", net.idx("caliB"), net.mac("caliB"),
+                                        net.pod_mac["B"], "eth1", net.idx("eth1")))
+        prod.settings.set_node(NODE_IP, net.idx("eth0"))
+        with node_services(prod, OBJECTS, NODE_IP, SERVICE_CIDR):
+            sport = next(_sport)
+            with in_netns(net.ns):
+                res = prog_test_run(prod.prog_fd("fp_lo"), bytes(init(NODE_IP, NP_NEAR, sport)),
+                                    ifindex=LO)
+                assert res.retval == TC_ACT_REDIRECT
+                assert tuple_of(res.data) == (NODE_IP, sport, POD_B, 2906) and crc_ok(res.data)
+                syn = Ether(src=ZERO_MAC, dst=ZERO_MAC) / IP(src=NODE_IP, dst=NODE_IP) / \
+                    TCP(sport=sport, dport=NP_NEAR, flags="S")
+                res = prog_test_run(prod.prog_fd("fp_lo"), bytes(syn), ifindex=LO)
+                assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn))
+    finally:
+        prod.close()
+
+
+# -- IPv6 ------------------------------------------------------------------------
+
+def init6(dst, sport, dport=2905):
+    return Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=dst, dst=dst, hlim=64) / \
+        SCTP(sport=sport, dport=dport, tag=0) / \
+        SCTPChunkInit(init_tag=7, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+
+
+def crc6_ok(out: bytes) -> bool:
+    o = Ether(out)
+    fresh = Ether(out)
+    del fresh[SCTP].chksum
+    return Ether(bytes(fresh))[SCTP].chksum == o[SCTP].chksum
+
+
+def tuple6(out: bytes):
+    o = Ether(out)
+    return o[IPv6].src, o[SCTP].sport, o[IPv6].dst, o[SCTP].dport
+
+
+def test_the_nodes_ipv6_sctp_to_an_address_it_holds_reaches_a_local_pod_and_back(dp, net, svcs):
+    """IPv6 takes a packet from the node's own address on any device: the
+    pod's restored reply goes to the stack where it arrives."""
+    sport = next(_sport)
+    v, out, reason, kind, idx = on_lo(dp, net, init6(EXT6, sport))
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-local", "redirect",
+                                      net.idx("caliB"))
+    assert (Ether(out).src, Ether(out).dst) == (net.mac("caliB"), net.pod_mac["B"])
+    assert tuple6(out) == (EXT6, sport, POD_B6, 2906) and crc6_ok(out)
+    back = Ether(src=net.pod_mac["B"], dst=net.mac("caliB")) / \
+        IPv6(src=POD_B6, dst=EXT6, hlim=64) / SCTP(sport=2906, dport=sport, tag=7) / \
+        SCTPChunkInitAck(init_tag=9, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+    v, out, *_ = node_run(dp, net, "fp_from_pod", back, "caliB")
+    assert v == TC_ACT_UNSPEC, "to the node's stack"
+    assert tuple6(out) == (EXT6, 2905, EXT6, sport) and crc6_ok(out)
+
+
+def test_the_nodes_ipv6_sctp_to_an_address_it_holds_leaves_for_a_remote_backend(dp, net, svcs):
+    sport = next(_sport)
+    v, out, reason, kind, idx = on_lo(dp, net, init6(EXT6_FAR, sport))
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-eni", "redirect",
+                                      net.idx("eth0"))
+    assert (Ether(out).src, Ether(out).dst) == (net.mac("eth0"), GW_MAC)
+    assert tuple6(out) == (EXT6_FAR, sport, REMOTE6, 2906) and crc6_ok(out)
+    back = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=REMOTE6, dst=EXT6_FAR, hlim=63) / \
+        SCTP(sport=2906, dport=sport, tag=7) / \
+        SCTPChunkInitAck(init_tag=9, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+    v, out, *_ = node_run(dp, net, "fp_from_vpc", back, "eth0")
+    assert v == TC_ACT_UNSPEC, "to the node's stack"
+    assert tuple6(out) == (EXT6_FAR, 2905, EXT6_FAR, sport) and crc6_ok(out)
+
+
+def test_the_nodes_ipv6_sctp_without_endpoints_is_rejected_into_its_stack(dp, net, svcs):
+    from scapy.layers.inet6 import ICMPv6DestUnreach
+    v, out, reason, kind, idx = on_lo(dp, net, init6(EXT6_NONE, next(_sport)))
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-service-no-backend",
+                                      "redirect-ingress", LO)
+    o = Ether(out)
+    assert o[ICMPv6DestUnreach].code == 4 and (o[IPv6].src, o[IPv6].dst) == (EXT6_NONE, EXT6_NONE)
