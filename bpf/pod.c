@@ -387,14 +387,21 @@ report:
 
 int fp_from_pod(struct __sk_buff *skb)
 {
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
 	__u32 prev;
 	int verdict;
 
 	/* IPv6 has its own program (fp_from_pod6), guards included: handed
 	 * over at once, it pays nothing of IPv4's walk (docs/ipv6.md, "IPv6
-	 * per-packet cost: the hand-over") */
-	if (fp_guard_ethertype(skb) == bpf_htons(ETH_P_IPV6))
+	 * per-packet cost: the hand-over and what is left"). The Ethernet
+	 * header is in the linear part at tc (the stack pulled it), and a
+	 * read that could fall back to bpf_skb_load_bytes would fork the
+	 * verifier's walk of everything after it. */
+	if ((void *)(eth + 1) <= data_end && eth->h_proto == bpf_htons(ETH_P_IPV6))
 		return fp_tail_call(skb, FP_TAIL_FROM_POD6, FP_DIR_FROM_POD);
+	barrier_var(skb);
 	prev = fp_whatif_enter(skb);
 	verdict = fp_from_pod_run(skb);
 	fp_whatif_exit(prev);
