@@ -578,16 +578,18 @@ static __always_inline int fp_to_vpc6_run(struct __sk_buff *skb)
  * conntrack (lib/ct.h) keeps the association on it, and its reply entry
  * restores the frontend in fp_from_pod (a local backend) or
  * fp_from_vpc_node (a remote one). Returns 1 when the destination is no
- * frontend (the caller goes on), else the tc verdict. */
+ * frontend (the caller goes on), else the tc verdict. `q`: fp_lo's, the
+ * packet as the node sent it, for the path MTU check (lib/lo.h); NULL on
+ * the node's interfaces, whose MTU the stack already sized the packet by. */
 static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 *ip,
-					  struct fp_l4 *l4)
+					  struct fp_l4 *l4, const struct fp_lo_quote *q)
 {
 	struct fp_endpoint *dst;
 	struct bpf_fib_lookup fib = {};
 	enum fp_reason reason = FP_FWD_SVC;
 	__be32 saddr = ip->saddr, daddr = ip->daddr;
 	__be16 dport = l4->dport;
-	int rc;
+	int rc, verdict;
 
 	rc = fp_ct_service_from(skb, ip, l4, &reason, FP_CT_FROM_NODE);
 	if (rc > 0)
@@ -616,6 +618,8 @@ static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 
 	if (dst) {
 		__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
 
+		if (q && fp_lo_too_big(skb, dst->host_ifindex, q, ip, daddr, &verdict))
+			return verdict;
 		__builtin_memcpy(pod_mac, dst->pod_mac, ETH_ALEN);
 		__builtin_memcpy(host_mac, dst->host_mac, ETH_ALEN);
 		if (fp_set_macs(skb, pod_mac, host_mac))
@@ -636,6 +640,12 @@ static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 
 	fib.ipv4_dst = ip->daddr;
 	fib.ifindex = skb->ifindex;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	/* (a packet longer than the device's MTU makes the lookup answer
+	 * FRAG_NEEDED, the device named) */
+	if (q && (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
+		  rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) &&
+	    fib.ifindex != skb->ifindex && fp_lo_too_big(skb, fib.ifindex, q, ip, daddr, &verdict))
+		return verdict;
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (fp_set_macs(skb, fib.dmac, fib.smac))
 			goto invalid;
@@ -678,7 +688,7 @@ static __always_inline int fp_to_vpc_run(struct __sk_buff *skb)
 	}
 	fp_parse_l4(skb, &ip, &l4);
 	if (ip.proto == IPPROTO_SCTP && l4.kind == FP_L4_PORTS) {
-		int rc = fp_to_vpc_sctp(skb, &ip, &l4);
+		int rc = fp_to_vpc_sctp(skb, &ip, &l4, NULL);
 
 		if (rc != 1)
 			return rc;
@@ -774,6 +784,7 @@ static __always_inline int fp_lo_run(struct __sk_buff *skb)
 	struct iphdr *iph = data + ETH_HLEN;
 	struct fp_ipv4 ip = {};
 	struct fp_l4 l4 = {};
+	struct fp_lo_quote q;
 	int rc;
 
 	if ((void *)(iph + 1) > data_end)
@@ -805,7 +816,10 @@ static __always_inline int fp_lo_run(struct __sk_buff *skb)
 		fp_test_record(0, FP_RD_NONE, 0, FP_FWD_REVNAT);
 		return FP_TC_CONTINUE;
 	}
-	rc = fp_to_vpc_sctp(skb, &ip, &l4);
+	/* before the translation rewrites it (on failure the helper zeroes
+	 * q: a packet that short fits any way out) */
+	bpf_skb_load_bytes(skb, ip.l3_off, q.b, sizeof(q.b));
+	rc = fp_to_vpc_sctp(skb, &ip, &l4, &q);
 	return rc == 1 ? FP_TC_CONTINUE : rc;
 }
 

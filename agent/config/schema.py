@@ -162,7 +162,10 @@ KEYS: tuple[Key, ...] = (
         "(podIP dev cali*)", choices=(True,),
         why="the datapath finds local pods through the routes and rules Terway installs"),
     Key("kube_proxy_replacement", bool, True, "translate Services in the datapath instead of kube-proxy"),
-    Key("socket_lb", bool, True, "translate Services at connect()/sendmsg() (cgroup hooks)"),
+    Key("socket_lb", bool, True,
+        "translate Services at connect()/sendmsg() (cgroup hooks); off, the node's own TCP "
+        "and UDP to Services (ClusterIPs, external and load-balancer IPs, its own NodePorts) "
+        "are not translated at all, only its SCTP is (per packet)"),
     Key("socket_lb_hostns_only", bool, True,
         "socket-LB for the node's own sockets only; pods get per-packet translation at tc"),
     Key("node_port", bool, True, "serve NodePort Services"),

@@ -40,6 +40,18 @@ from chainer.plugin import container_id_problem, ifname_problem
 
 log = logging.getLogger("fastpath.agent")
 
+
+def socket_lb_off_warning(config: Config) -> str | None:
+    """What a node loses with socket-LB off while fastpath replaces
+    kube-proxy: only SCTP is translated per packet for the node's own
+    sockets (fp_to_vpc, fp_lo); nothing stands in for TCP and UDP."""
+    if not (config.kube_proxy_replacement and not config.socket_lb):
+        return None
+    return ("kube_proxy_replacement is on and socket_lb is off: the node's own TCP and UDP "
+            "to ClusterIPs, external and load-balancer IPs and its own NodePorts are not "
+            "translated at all (only SCTP is, per packet); pods and traffic from outside "
+            "are unaffected")
+
 DEL_QUEUE = "cni-del-queue"
 # The state dir names containers, netns paths, pods and policies: root's
 # alone (the CLI and the CNI plugin run as root).
@@ -188,6 +200,9 @@ class Agent:
         with them; healthCheckNodePorts answered."""
         if not self.config.kube_proxy_replacement:
             return
+        warning = socket_lb_off_warning(self.config)
+        if warning:
+            log.warning("%s", warning)
         if self.source is not None:
             from agent.daemon.hcserver import HealthCheckServer
             from agent.daemon.services import ServiceSync

@@ -160,6 +160,7 @@ _Static_assert(sizeof(struct fp_endpoint) == 28, "fp_endpoint layout");
 	X(FP_DROP_SVC_UNKNOWN_PORT, 112, "dropped-service-unknown-port") \
 	X(FP_DROP_SNAT_NO_PORT, 113, "dropped-snat-no-port") \
 	X(FP_DROP_NO_TAIL_CALL, 114, "dropped-tail-call-missing") \
+	X(FP_DROP_FRAG_NEEDED, 115, "dropped-fragmentation-needed") \
 	X(FP_DROP_BW_EGRESS,  120, "dropped-bandwidth-egress") \
 	X(FP_DROP_BW_INGRESS, 121, "dropped-bandwidth-ingress") \
 	X(FP_DROP_BW_HORIZON, 122, "dropped-bandwidth-horizon") \

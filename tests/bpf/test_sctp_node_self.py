@@ -13,7 +13,10 @@ BPF_PROG_TEST_RUN; every rewritten CRC32c is recomputed by scapy.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
+import subprocess
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -356,6 +359,81 @@ def test_the_production_build_translates_sctp_on_lo_and_lets_tcp_pass(bpffs, net
                 assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn))
     finally:
         prod.close()
+
+
+# -- the path MTU: lo's is 65,536, the way out's is not ----------------------------
+
+def data_of_ip_len(dst, dport, sport, ip_len):
+    """An SCTP DATA packet whose IP total length is ip_len (a multiple of 4)."""
+    pkt = data(dst, dport, sport, b"m" * (ip_len - 20 - 12 - 16))
+    assert len(pkt[IP]) == ip_len
+    return pkt
+
+
+def frag_needed(out: bytes, sent, mtu: int):
+    """out is ICMP "fragmentation needed" into lo's ingress, telling `mtu`
+    and quoting the packet exactly as the node sent it."""
+    o = Ether(out)
+    assert into_lo(out) and (o[IP].src, o[IP].dst) == (sent[IP].dst, sent[IP].src)
+    assert (o[ICMP].type, o[ICMP].code, o[ICMP].nexthopmtu) == (3, 4, mtu)
+    fresh = Ether(out)
+    del fresh[IP].chksum, fresh[ICMP].chksum
+    fresh = Ether(bytes(fresh))
+    assert (fresh[IP].chksum, fresh[ICMP].chksum) == (o[IP].chksum, o[ICMP].chksum)
+    assert bytes(o[ICMP].payload) == bytes(sent[IP])[:40] and len(out) == 14 + 20 + 8 + 40
+
+
+def frag_counted(dp) -> int:
+    return sum(r.packets for r in dp.maps.counters()
+               if (r.ifindex, r.direction, r.reason) == (LO, "to-vpc",
+                                                         "dropped-fragmentation-needed"))
+
+
+@contextlib.contextmanager
+def mtu_of(net, dev, mtu):
+    old = json.loads(subprocess.run(["ip", "-n", net.ns, "-j", "link", "show", dev], check=True,
+                                    capture_output=True, text=True).stdout)[0]["mtu"]
+    subprocess.run(["ip", "-n", net.ns, "link", "set", dev, "mtu", str(mtu)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["ip", "-n", net.ns, "link", "set", dev, "mtu", str(old)], check=True)
+
+
+@pytest.mark.parametrize("dport,dev,mtu", [(NP_NEAR, "caliB", 1500), (NP_FAR, "eth0", 1400)],
+                         ids=["local-pod-by-its-veth", "remote-backend-by-eth0"])
+def test_a_packet_longer_than_the_way_out_is_answered_with_fragmentation_needed(
+        dp, net, svcs, dport, dev, mtu):
+    """The node's stack sized the packet by lo's MTU: fp_lo checks it against
+    the device it redirects to and tells the node's stack that device's MTU,
+    quoting the packet as the node sent it (the frontend, before the
+    translation), so the association finds itself; nothing is forwarded."""
+    with mtu_of(net, dev, mtu):
+        sport = next(_sport)
+        # a large INIT (an INIT with a long cookie-preservative padding)
+        big_init = init(NODE_IP, dport, sport) / (b"\0" * (mtu + 100))
+        before = frag_counted(dp)
+        v, out, reason, kind, idx = on_lo(dp, net, big_init)
+        assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-fragmentation-needed",
+                                          "redirect-ingress", LO)
+        frag_needed(out, big_init, mtu)
+        assert frag_counted(dp) == before + 1
+        # the INIT that fits opens the association; DATA up to the MTU passes
+        # translated, one byte word more is answered
+        v, out, reason, kind, idx = on_lo(dp, net, init(NODE_IP, dport, sport))
+        assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect", net.idx(dev))
+        backend = POD_B if dev == "caliB" else REMOTE
+        fits = data_of_ip_len(NODE_IP, dport, sport, mtu)
+        v, out, reason, kind, idx = on_lo(dp, net, fits)
+        assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect", net.idx(dev))
+        assert tuple_of(out) == (NODE_IP, sport, backend, 2906) and crc_ok(out)
+        assert len(Ether(out)[IP]) == mtu
+        big = data_of_ip_len(NODE_IP, dport, sport, mtu + 4)
+        v, out, reason, kind, idx = on_lo(dp, net, big)
+        assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-fragmentation-needed",
+                                          "redirect-ingress", LO)
+        frag_needed(out, big, mtu)
+        assert frag_counted(dp) == before + 2
 
 
 # -- IPv6 ------------------------------------------------------------------------

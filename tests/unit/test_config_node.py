@@ -2,7 +2,9 @@
 the precedence of sources, and Terway's eni-config in its three modes."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 
 import pytest
@@ -310,3 +312,29 @@ def test_local_router_ipv6_takes_a_link_local_address_and_the_sim_uses_its_defau
     for bad in ("169.254.10.1", "fe80::1/64", "ff02::1", "::", "fe80::zz"):
         with pytest.raises(ConfigError, match=r"^local_router_ipv6: invalid value"):
             cfg.with_values({"local_router_ipv6": bad}, "flag")
+
+
+# -- socket_lb off while replacing kube-proxy: one plain warning at start -----
+
+@pytest.mark.parametrize("kpr,socket_lb,warned", [(True, False, True), (True, True, False),
+                                                  (False, False, False)])
+def test_socket_lb_off_is_said_plainly_once_at_start(caplog, kpr, socket_lb, warned):
+    from agent.daemon import agent as agent_mod
+    cfg = Config.defaults().replace(kube_proxy_replacement=kpr, socket_lb=socket_lb)
+    a = agent_mod.Agent.__new__(agent_mod.Agent)
+    a.config = cfg
+    a.source = None
+    # no datapath: the warning comes before anything that needs one (the
+    # walk then stops at the first use of it)
+    a.datapath = None
+    caplog.set_level(logging.WARNING, logger="fastpath.agent")
+    with pytest.raises(AttributeError) if kpr else contextlib.nullcontext():
+        a._start_services()
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warned:
+        assert len(msgs) == 1
+        for words in ("kube_proxy_replacement", "socket_lb", "TCP and UDP", "ClusterIPs",
+                      "NodePorts", "not translated"):
+            assert words in msgs[0]
+    else:
+        assert msgs == []
