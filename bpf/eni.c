@@ -460,14 +460,16 @@ int fp_vpc6_sctp(struct __sk_buff *skb)
  * translated with socket-LB's view for the node (the inside entry, source
  * ranges by the packet's source, no SNAT); replies get the frontend back in
  * fp_from_pod6 / fp_pod6_route (a local backend) or fp_vpc6_sctp (a remote
- * one). Returns 1 when the destination is no frontend, else the verdict. */
+ * one). Returns 1 when the destination is no frontend, else the verdict.
+ * `q`: fp_lo's, the packet as the node sent it (lib/lo.h fp_lo6_quote),
+ * as in fp_to_vpc_sctp; NULL on the node's interfaces. */
 static __always_inline int fp_to_vpc6_sctp(struct __sk_buff *skb, struct fp_ipv6 *ip,
-					   struct fp_l4 *l4)
+					   struct fp_l4 *l4, struct fp_icmp6_work *q)
 {
 	struct fp_endpoint *dst;
 	struct bpf_fib_lookup fib = {};
 	enum fp_reason reason = FP_FWD_SVC;
-	int rc;
+	int rc, verdict;
 
 	rc = fp_ct6_service_from(skb, ip, l4, &reason, 0);
 	if (rc > 0)
@@ -489,6 +491,8 @@ static __always_inline int fp_to_vpc6_sctp(struct __sk_buff *skb, struct fp_ipv6
 	if (dst) {
 		__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
 
+		if (q && fp_lo6_too_big(skb, dst->host_ifindex, q, &verdict))
+			return verdict;
 		__builtin_memcpy(pod_mac, dst->pod_mac, ETH_ALEN);
 		__builtin_memcpy(host_mac, dst->host_mac, ETH_ALEN);
 		if (fp_set_macs(skb, pod_mac, host_mac))
@@ -503,6 +507,11 @@ static __always_inline int fp_to_vpc6_sctp(struct __sk_buff *skb, struct fp_ipv6
 	__builtin_memcpy(fib.ipv6_dst, ip->daddr, 16);
 	fib.ifindex = skb->ifindex;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	/* (FRAG_NEEDED as in fp_to_vpc_sctp) */
+	if (q && (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
+		  rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) &&
+	    fib.ifindex != skb->ifindex && fp_lo6_too_big(skb, fib.ifindex, q, &verdict))
+		return verdict;
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (fp_set_macs(skb, fib.dmac, fib.smac))
 			return fp_finish6(skb, FP_DIR_TO_VPC, FP_DROP_INVALID, TC_ACT_SHOT, ip);
@@ -544,7 +553,7 @@ static __always_inline int fp_to_vpc6_run(struct __sk_buff *skb)
 		return FP_TC_CONTINUE;
 	fp_parse_l4_6(skb, &ip, &l4);
 	if (ip.proto == IPPROTO_SCTP && l4.kind == FP_L4_PORTS) {
-		int rc = fp_to_vpc6_sctp(skb, &ip, &l4);
+		int rc = fp_to_vpc6_sctp(skb, &ip, &l4, NULL);
 
 		if (rc != 1)
 			return rc;
@@ -772,7 +781,8 @@ static __always_inline int fp_lo6_run(struct __sk_buff *skb)
 	fp_parse_l4_6(skb, &ip, &l4);
 	if (ip.proto != IPPROTO_SCTP || l4.kind != FP_L4_PORTS)
 		return FP_TC_CONTINUE;
-	rc = fp_to_vpc6_sctp(skb, &ip, &l4);
+	/* before the translation rewrites it */
+	rc = fp_to_vpc6_sctp(skb, &ip, &l4, fp_lo6_quote(skb, &ip));
 	return rc == 1 ? FP_TC_CONTINUE : rc;
 }
 

@@ -14,6 +14,7 @@
 
 #include "lib/fwd.h"
 #include "lib/icmp.h"
+#include "lib/icmp6.h"
 
 /* the loopback's ifindex in every network namespace (the kernel's
  * LOOPBACK_IFINDEX) */
@@ -69,6 +70,31 @@ struct fp_lo_quote {
 static long (*fp_bpf_check_mtu)(void *ctx, __u32 ifindex, __u32 *mtu_len, __s32 len_diff,
 				__u64 flags) = (void *)BPF_FUNC_check_mtu;
 
+/* Both families: the packet (a GSO one by its segments) is longer than
+ * `ifindex`'s MTU, which *mtu then tells. */
+static __always_inline int fp_lo_over_mtu(struct __sk_buff *skb, __u32 ifindex, __u32 *mtu)
+{
+	return fp_bpf_check_mtu(skb, ifindex, mtu, 0, BPF_MTU_CHK_SEGS) > 0;
+}
+
+/* Both families: the error built in `r` replaces the packet and goes into
+ * the node's stack through lo's ingress; else a drop. */
+static __always_inline int fp_lo_answer(struct __sk_buff *skb, __be16 proto, void *r,
+					__u32 rlen)
+{
+	struct ethhdr out = {};
+
+	out.h_proto = proto;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + rlen, 0) ||
+	    bpf_skb_store_bytes(skb, 0, &out, sizeof(out), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, r, rlen, 0)) {
+		fp_test_record(0, FP_RD_NONE, 0, FP_DROP_FRAG_NEEDED);
+		return TC_ACT_SHOT;
+	}
+	fp_test_record(FP_LO_IFINDEX, FP_RD_INGRESS, 0, FP_DROP_FRAG_NEEDED);
+	return bpf_redirect(FP_LO_IFINDEX, BPF_F_INGRESS);
+}
+
 /* Returns 0 when the packet fits `ifindex` (or the check cannot tell),
  * else 1 with *verdict: the error redirected into lo's ingress, or a drop
  * when it cannot be built. `frontend`: the address the node sent to. */
@@ -77,11 +103,10 @@ static __always_inline int fp_lo_too_big(struct __sk_buff *skb, __u32 ifindex,
 					 __be32 frontend, int *verdict)
 {
 	struct fp_icmp_reply r = {};
-	struct ethhdr out = {};
 	__u32 mtu = 0;
 	__s64 sum;
 
-	if (fp_bpf_check_mtu(skb, ifindex, &mtu, 0, BPF_MTU_CHK_SEGS) <= 0)
+	if (!fp_lo_over_mtu(skb, ifindex, &mtu))
 		return 0;
 	barrier_var(skb);
 	fp_count(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_FRAG_NEEDED, skb->len);
@@ -102,15 +127,68 @@ static __always_inline int fp_lo_too_big(struct __sk_buff *skb, __u32 ifindex,
 	sum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp, sizeof(r.icmp) + sizeof(r.quote), 0);
 	r.icmp.checksum = fp_csum_fold(sum);
 
-	out.h_proto = bpf_htons(ETH_P_IP);
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) ||
-	    bpf_skb_store_bytes(skb, 0, &out, sizeof(out), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0)) {
-		fp_test_record(0, FP_RD_NONE, 0, FP_DROP_FRAG_NEEDED);
-		return 1;
-	}
-	fp_test_record(FP_LO_IFINDEX, FP_RD_INGRESS, 0, FP_DROP_FRAG_NEEDED);
-	*verdict = bpf_redirect(FP_LO_IFINDEX, BPF_F_INGRESS);
+	*verdict = fp_lo_answer(skb, bpf_htons(ETH_P_IP), &r, sizeof(r));
+	return 1;
+}
+
+/* IPv6: ICMPv6 Packet Too Big (RFC 4443 3.2) with the same fixed quote as
+ * the IPv4 answer and as lib/icmp6.h's errors (the IPv6 header and 20
+ * bytes: an SCTP packet's verification tag and first chunk, all the
+ * stack's SCTP error handler reads), not RFC 4443's "as much as fits in
+ * 1,280": nothing reads more. The error is from the frontend the node sent
+ * to (the quote's destination). The way out's MTU is at least 1,280 on an
+ * IPv6 device, so the stack takes the MTU told.
+ *
+ * The quote waits in the ICMPv6 scratch's reply (fp_lo6_quote), not on the
+ * stack: fp_lo's IPv4 half keeps its own there and both halves are one
+ * program. Nothing between the load and the check uses that scratch but
+ * the port-unreachable reject, which returns. */
+#define FP_ICMP6_PKT_TOOBIG 2
+
+/* The packet as the node sent it, into the scratch's quote; NULL when the
+ * scratch is missing (no check then). On a failed load the helper zeroes
+ * it: a packet that short fits any way out. */
+static __always_inline struct fp_icmp6_work *fp_lo6_quote(struct __sk_buff *skb,
+							  const struct fp_ipv6 *ip)
+{
+	struct fp_icmp6_work *w = fp_icmp6_scratch();
+
+	if (w)
+		bpf_skb_load_bytes(skb, ip->l3_off, w->r.quote, sizeof(w->r.quote));
+	return w;
+}
+
+/* fp_lo_too_big's IPv6 twin; `w` from fp_lo6_quote. */
+static __always_inline int fp_lo6_too_big(struct __sk_buff *skb, __u32 ifindex,
+					  struct fp_icmp6_work *w, int *verdict)
+{
+	__u32 mtu = 0;
+	__s64 sum;
+
+	if (!fp_lo_over_mtu(skb, ifindex, &mtu))
+		return 0;
+	barrier_var(skb);
+	fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_FRAG_NEEDED, skb->len,
+			FP_FAM_IPV6);
+	__builtin_memset(&w->r, 0, sizeof(w->r) - sizeof(w->r.quote));
+	__builtin_memset(&w->ph, 0, sizeof(w->ph));
+	w->r.ip.version = 6;
+	w->r.ip.payload_len = bpf_htons(sizeof(w->r) - sizeof(w->r.ip));
+	w->r.ip.nexthdr = FP_NH_ICMPV6;
+	w->r.ip.hop_limit = 64;
+	/* the quoted header's destination, then source (struct ipv6hdr) */
+	__builtin_memcpy(&w->r.ip.saddr, w->r.quote + 24, 16);
+	__builtin_memcpy(&w->r.ip.daddr, w->r.quote + 8, 16);
+	w->r.type = FP_ICMP6_PKT_TOOBIG;
+	w->r.unused = bpf_htonl(mtu);   /* a Packet Too Big's MTU field */
+	__builtin_memcpy(w->ph.saddr, w->r.quote + 24, 16);
+	__builtin_memcpy(w->ph.daddr, w->r.quote + 8, 16);
+	w->ph.len = bpf_htonl(sizeof(w->r) - sizeof(w->r.ip));
+	w->ph.nexthdr = FP_NH_ICMPV6;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&w->ph, sizeof(w->ph), 0);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&w->r.type, sizeof(w->r) - sizeof(w->r.ip), sum);
+	w->r.check = fp_csum_fold(sum);
+	*verdict = fp_lo_answer(skb, bpf_htons(ETH_P_IPV6), &w->r, sizeof(w->r));
 	return 1;
 }
 

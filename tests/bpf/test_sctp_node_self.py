@@ -495,3 +495,73 @@ def test_the_nodes_ipv6_sctp_without_endpoints_is_rejected_into_its_stack(dp, ne
                                       "redirect-ingress", LO)
     o = Ether(out)
     assert o[ICMPv6DestUnreach].code == 4 and (o[IPv6].src, o[IPv6].dst) == (EXT6_NONE, EXT6_NONE)
+
+
+# -- IPv6: the path MTU (ICMPv6 Packet Too Big) ------------------------------------
+
+def data6_of_ip_len(dst, sport, ip_len, dport=2905):
+    """An IPv6 SCTP DATA packet of ip_len bytes from the IPv6 header on."""
+    pkt = Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=dst, dst=dst, hlim=64) / \
+        SCTP(sport=sport, dport=dport, tag=9) / \
+        SCTPChunkData(tsn=1, data=b"m" * (ip_len - 40 - 12 - 16))
+    assert len(pkt[IPv6]) == ip_len
+    return pkt
+
+
+def packet_too_big(out: bytes, sent, mtu: int):
+    """out is ICMPv6 Packet Too Big into lo's ingress from the frontend the
+    node sent to, telling `mtu` and quoting the IPv6 header and 20 bytes of
+    the packet exactly as the node sent it (lib/lo.h's fixed quote)."""
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+    o = Ether(out)
+    assert into_lo(out) and o.type == 0x86DD
+    assert (o[IPv6].src, o[IPv6].dst, o[IPv6].nh, o[IPv6].hlim) == \
+        (sent[IPv6].dst, sent[IPv6].src, 58, 64)
+    assert (o[ICMPv6PacketTooBig].type, o[ICMPv6PacketTooBig].code,
+            o[ICMPv6PacketTooBig].mtu) == (2, 0, mtu)
+    fresh = Ether(out)
+    del fresh[ICMPv6PacketTooBig].cksum
+    fresh = Ether(bytes(fresh))
+    assert fresh[ICMPv6PacketTooBig].cksum == o[ICMPv6PacketTooBig].cksum
+    quote = bytes(o[ICMPv6PacketTooBig].payload)
+    assert quote == bytes(sent[IPv6])[:60] and len(out) == 14 + 40 + 8 + 60
+    assert o[IPv6].plen == 8 + 60
+
+
+def too_big6_counted(dp) -> int:
+    return sum(r.packets for r in dp.maps.counters(by_family=True)
+               if (r.ifindex, r.direction, r.reason, r.family) ==
+               (LO, "to-vpc", "dropped-fragmentation-needed", "ipv6"))
+
+
+@pytest.mark.parametrize("frontend,dev,mtu", [(EXT6, "caliB", 1500), (EXT6_FAR, "eth0", 1400)],
+                         ids=["local-pod-by-its-veth", "remote-backend-by-eth0"])
+def test_an_ipv6_packet_longer_than_the_way_out_is_answered_with_packet_too_big(
+        dp, net, svcs, frontend, dev, mtu):
+    """fp_lo's IPv6 half as its IPv4 one: checked against the device it
+    redirects to, answered with ICMPv6 Packet Too Big into the node's stack
+    (from the frontend, quoting the packet before the translation);
+    nothing forwarded."""
+    with mtu_of(net, dev, mtu):
+        sport = next(_sport)
+        big_init = init6(frontend, sport) / (b"\0" * (mtu + 100))
+        before = too_big6_counted(dp)
+        v, out, reason, kind, idx = on_lo(dp, net, big_init)
+        assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-fragmentation-needed",
+                                          "redirect-ingress", LO)
+        packet_too_big(out, big_init, mtu)
+        assert too_big6_counted(dp) == before + 1
+        v, out, reason, kind, idx = on_lo(dp, net, init6(frontend, sport))
+        assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect", net.idx(dev))
+        backend = POD_B6 if dev == "caliB" else REMOTE6
+        fits = data6_of_ip_len(frontend, sport, mtu)
+        v, out, reason, kind, idx = on_lo(dp, net, fits)
+        assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect", net.idx(dev))
+        assert tuple6(out) == (frontend, sport, backend, 2906) and crc6_ok(out)
+        assert len(Ether(out)[IPv6]) == mtu
+        big = data6_of_ip_len(frontend, sport, mtu + 4)
+        v, out, reason, kind, idx = on_lo(dp, net, big)
+        assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-fragmentation-needed",
+                                          "redirect-ingress", LO)
+        packet_too_big(out, big, mtu)
+        assert too_big6_counted(dp) == before + 2
