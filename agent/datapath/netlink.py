@@ -65,3 +65,45 @@ def first_ipv4(device: str, netns: str | None = None) -> str | None:
             if a["scope"] == 0:
                 return a.get_attr("IFA_ADDRESS")
     return None
+
+
+# rtnetlink constants of the kernel's uapi (linux/rtnetlink.h, if_link.h, ip.h)
+_RTM_SETLINK = 19
+_NLM_F_REQUEST, _NLM_F_ACK = 0x1, 0x4
+_NLMSG_ERROR = 2
+_IFLA_AF_SPEC = 26
+_IFLA_INET_CONF = 1
+_NLA_F_NESTED = 0x8000
+IPV4_DEVCONF = {"accept_local": 23}
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    import struct
+    size = 4 + len(payload)
+    return struct.pack("=HH", size, kind) + payload + b"\0" * (-size % 4)
+
+
+def set_ipv4_devconf(ifindex: int, key: str, value: int, netns: str | None = None) -> None:
+    """Set one of a device's IPv4 settings (net.ipv4.conf.<dev>.<key>) by
+    rtnetlink, which CAP_NET_ADMIN allows where /proc/sys is mounted
+    read-only (a container's). Only the named setting is sent, so nothing
+    else of the device's changes. Raises OSError with the kernel's errno."""
+    import struct
+    conf = _nla(_IFLA_INET_CONF | _NLA_F_NESTED, _nla(IPV4_DEVCONF[key], struct.pack("=I", value)))
+    spec = _nla(_IFLA_AF_SPEC | _NLA_F_NESTED, _nla(socket.AF_INET | _NLA_F_NESTED, conf))
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0) + spec
+    msg = struct.pack("=IHHII", 16 + len(body), _RTM_SETLINK, _NLM_F_REQUEST | _NLM_F_ACK,
+                      1, 0) + body
+    with in_netns(netns):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    with sock:
+        sock.bind((0, 0))
+        sock.sendto(msg, (0, 0))
+        reply = sock.recv(65536)
+    length, kind = struct.unpack_from("=IH", reply)
+    if kind != _NLMSG_ERROR:
+        raise OSError(0, f"unexpected rtnetlink answer {kind}")
+    (err,) = struct.unpack_from("=i", reply, 16)
+    if err:
+        import os
+        raise OSError(-err, os.strerror(-err))

@@ -32,8 +32,9 @@ LOOPBACK = "lo"
 LOOPBACK_IFINDEX = 1      # in every netns (bpf/lib/lo.h: FP_LO_IFINDEX)
 # lo must take packets whose source is one of the node's addresses once a
 # redirect has dropped their route (bpf/lib/lo.h): fastpath owns this one
-# sysctl of the node, and sets it on every start
-LO_ACCEPT_LOCAL = "/proc/sys/net/ipv4/conf/lo/accept_local"
+# setting of the node (net.ipv4.conf.lo.accept_local), and sets it on every
+# start, by rtnetlink: the agent's container has /proc/sys read-only
+LO_ACCEPT_LOCAL = "accept_local"
 
 
 class Datapath:
@@ -179,13 +180,12 @@ class Datapath:
         addresses), after lo accepts local sources, which the replies that
         fastpath hands to lo need. A lo already running this very program
         is left as it is. Returns the device."""
-        from agent.datapath.nsenter import in_netns
+        from agent.datapath.netlink import set_ipv4_devconf
         try:
-            with in_netns(self.netns), open(LO_ACCEPT_LOCAL, "w") as f:
-                f.write("1")
+            set_ipv4_devconf(LOOPBACK_IFINDEX, LO_ACCEPT_LOCAL, 1, self.netns)
         except OSError as exc:
-            raise DatapathError(f"{LOOPBACK}: cannot set {LO_ACCEPT_LOCAL} to 1: "
-                                f"{exc.strerror}") from exc
+            raise DatapathError(f"{LOOPBACK}: cannot set net.ipv4.conf.{LOOPBACK}."
+                                f"{LO_ACCEPT_LOCAL} to 1: {exc.strerror}") from exc
         progs = {d: (self.prog_fd(p), p) for d, p in ATTACH["lo"].items()}
         _, failed = tc.ensure([(LOOPBACK_IFINDEX, LOOPBACK, progs)],
                               self.config.tc_priority, self.netns)

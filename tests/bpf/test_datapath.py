@@ -235,3 +235,42 @@ def test_a_resized_per_cpu_map_is_migrated_with_its_counts(bpffs):
         assert [(r.packets, r.bytes) for r in rows] == [(n * (n + 1) // 2, 100 * n * (n + 1) // 2)]
     finally:
         second.close()
+
+
+def test_lo_accept_local_is_set_by_rtnetlink_where_proc_sys_is_read_only(netns):
+    """The agent's container has /proc/sys read-only; the one setting the
+    agent owns (bpf/lib/lo.h) is set by rtnetlink, and nothing else of the
+    device changes."""
+    import sys
+    ns = netns("lo")
+
+    def lo_conf() -> dict[str, str]:
+        out = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-a", "-r",
+                              r"^net\.ipv4\.conf\.lo\."], capture_output=True, text=True,
+                             check=True).stdout
+        return dict(line.split(" = ", 1) for line in out.splitlines())
+
+    before = lo_conf()
+    assert before["net.ipv4.conf.lo.accept_local"] == "0"
+    setter = (
+        "import errno\n"
+        "from agent.datapath.nsenter import in_netns\n"
+        "from agent.datapath.node import LOOPBACK_IFINDEX, LO_ACCEPT_LOCAL\n"
+        "from agent.datapath.netlink import set_ipv4_devconf\n"
+        f"with in_netns({ns!r}):\n"
+        "    try:\n"
+        "        open('/proc/sys/net/ipv4/conf/lo/accept_local', 'w').write('1')\n"
+        "        raise SystemExit('/proc/sys is writable: the test proves nothing')\n"
+        "    except OSError as exc:\n"
+        "        assert exc.errno == errno.EROFS, exc\n"
+        f"set_ipv4_devconf(LOOPBACK_IFINDEX, LO_ACCEPT_LOCAL, 1, {ns!r})\n")
+    r = subprocess.run(["unshare", "-m", "sh", "-c",
+                        "mount --make-rprivate / && mount --bind /proc/sys /proc/sys && "
+                        "mount -o remount,bind,ro /proc/sys && exec \"$0\" -c \"$1\"",
+                        sys.executable, setter], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = lo_conf()
+    assert after.pop("net.ipv4.conf.lo.accept_local") == "1"
+    before.pop("net.ipv4.conf.lo.accept_local")
+    assert after == before
