@@ -471,7 +471,7 @@ static __always_inline int fp_to_vpc6_sctp(struct __sk_buff *skb, struct fp_ipv6
 	enum fp_reason reason = FP_FWD_SVC;
 	int rc, verdict;
 
-	rc = fp_ct6_service_from(skb, ip, l4, &reason, 0);
+	rc = fp_ct6_service_from(skb, ip, l4, &reason, FP_CT6_FROM_NODE);
 	if (rc > 0)
 		return 1;
 	barrier_var(skb);
@@ -487,6 +487,12 @@ static __always_inline int fp_to_vpc6_sctp(struct __sk_buff *skb, struct fp_ipv6
 					   FP_ICMP_TO_STACK);
 	}
 	fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_FWD_SVC, skb->len, FP_FAM_IPV6);
+	/* a backend at the node's own address (a host-network pod): back into
+	 * the node's stack through lo, as for IPv4 (lib/lo.h). IPv6 input
+	 * would take it on any device, but the FIB has no way out for a local
+	 * address, and on an interface's egress it would leave the node. */
+	if (fp_lo6_self(ip))
+		return fp_lo_deliver(skb, &reason);
 	dst = fp_endpoint6_lookup(ip->daddr);
 	if (dst) {
 		__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
@@ -765,14 +771,17 @@ int fp_to_vpc(struct __sk_buff *skb)
 #endif
 
 /* fp_lo's IPv6: the node's SCTP to an IPv6 address it holds, translated as
- * fp_to_vpc6_sctp does. The replies need no turn through lo: the node's
- * IPv6 input takes a packet from its own address on any device, so the
- * restored reply goes to the stack where it arrives (fp_from_pod6,
- * fp_vpc6_sctp). */
+ * fp_to_vpc6_sctp does. The replies of pods and remote backends need no
+ * turn through lo: the node's IPv6 input takes a packet from its own
+ * address on any device, so the restored reply goes to the stack where it
+ * arrives (fp_from_pod6, fp_vpc6_sctp). A backend at the node's own
+ * address answers by lo: its reply gets the frontend back here first, as
+ * in fp_lo_run. */
 static __always_inline int fp_lo6_run(struct __sk_buff *skb)
 {
 	struct fp_ipv6 ip = {};
 	struct fp_l4 l4 = {};
+	__be16 osport, odport;
 	int rc;
 
 	barrier_var(skb);
@@ -781,33 +790,38 @@ static __always_inline int fp_lo6_run(struct __sk_buff *skb)
 	fp_parse_l4_6(skb, &ip, &l4);
 	if (ip.proto != IPPROTO_SCTP || l4.kind != FP_L4_PORTS)
 		return FP_TC_CONTINUE;
+	osport = l4.sport;
+	odport = l4.dport;
+	/* SCTP only: no ICMPv6 or TCP walk, the CRC fixed once after */
+	rc = fp_ct6_reverse_any(skb, &ip, &l4, FP_NAT6_SCTP_ONLY);
+	if (rc > 0 && fp_sctp6_crc_ports(skb, &ip, &l4, osport, odport))
+		rc = -1;
+	barrier_var(skb);
+	if (rc < 0) {
+		fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_CSUM, skb->len, FP_FAM_IPV6);
+		fp_test_record(0, FP_RD_NONE, 0, FP_DROP_CSUM);
+		return TC_ACT_SHOT;
+	}
+	if (rc > 0) {
+		fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_FWD_REVNAT, skb->len,
+				FP_FAM_IPV6);
+		fp_test_record(0, FP_RD_NONE, 0, FP_FWD_REVNAT);
+		return FP_TC_CONTINUE;
+	}
 	/* before the translation rewrites it */
 	rc = fp_to_vpc6_sctp(skb, &ip, &l4, fp_lo6_quote(skb, &ip));
 	return rc == 1 ? FP_TC_CONTINUE : rc;
 }
 
-static __always_inline int fp_lo_run(struct __sk_buff *skb)
+/* fp_lo's IPv4 half. Its locals live in this scope only, so that the
+ * IPv6 half's stack does not sit on top of them (BPF's 512 bytes). */
+static __always_inline int fp_lo4_run(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *iph = data + ETH_HLEN;
 	struct fp_ipv4 ip = {};
 	struct fp_l4 l4 = {};
 	struct fp_lo_quote q;
 	int rc;
 
-	if ((void *)(iph + 1) > data_end)
-		return FP_TC_CONTINUE;
-	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6h = data + ETH_HLEN;
-
-		if ((void *)(ip6h + 1) > data_end || ip6h->nexthdr != IPPROTO_SCTP)
-			return FP_TC_CONTINUE;
-		return fp_lo6_run(skb);
-	}
-	if (eth->h_proto != bpf_htons(ETH_P_IP) || !FP_LO_PROTO(iph->protocol))
-		return FP_TC_CONTINUE;
 	barrier_var(skb);
 	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
 		return FP_TC_CONTINUE;
@@ -831,6 +845,27 @@ static __always_inline int fp_lo_run(struct __sk_buff *skb)
 	bpf_skb_load_bytes(skb, ip.l3_off, q.b, sizeof(q.b));
 	rc = fp_to_vpc_sctp(skb, &ip, &l4, &q);
 	return rc == 1 ? FP_TC_CONTINUE : rc;
+}
+
+static __always_inline int fp_lo_run(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = data + ETH_HLEN;
+
+	if ((void *)(iph + 1) > data_end)
+		return FP_TC_CONTINUE;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6h = data + ETH_HLEN;
+
+		if ((void *)(ip6h + 1) > data_end || ip6h->nexthdr != IPPROTO_SCTP)
+			return FP_TC_CONTINUE;
+		return fp_lo6_run(skb);
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP) || !FP_LO_PROTO(iph->protocol))
+		return FP_TC_CONTINUE;
+	return fp_lo4_run(skb);
 }
 
 int fp_lo(struct __sk_buff *skb)

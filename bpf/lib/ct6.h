@@ -480,12 +480,18 @@ static __always_inline int fp_ct6_snat_port(struct fp_ct6_work *w, const __u32 *
  * FP_SNAT_PORT_MIN..MAX, so that its reply comes back here. */
 #define FP_CT6_OUTSIDE      1    /* `outside`: TCP and UDP (fp_vpc6_node) */
 #define FP_CT6_OUTSIDE_SCTP 2    /* `outside`: SCTP (fp_vpc6_sctp) */
+/* the node's own packets (fp_to_vpc6_sctp, fp_lo), FP_CT_FROM_NODE's twin:
+ * the inside view, but a backend at the client's own address is the node
+ * reaching itself (lib/lo.h), not a pod's hairpin */
+#define FP_CT6_FROM_NODE    3
 static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_ipv6 *ip,
 					       struct fp_l4 *l4, enum fp_reason *reason,
 					       int outside)
 {
-	int nat = !outside ? FP_NAT6_ANY
-			   : (outside == FP_CT6_OUTSIDE_SCTP ? FP_NAT6_SCTP_ONLY : FP_NAT6_NO_SCTP);
+	int from_node = outside == FP_CT6_FROM_NODE;
+	int nat = !outside || from_node
+			  ? FP_NAT6_ANY
+			  : (outside == FP_CT6_OUTSIDE_SCTP ? FP_NAT6_SCTP_ONLY : FP_NAT6_NO_SCTP);
 	struct fp_svc4 *svc;
 	struct fp_ct6_work *w;
 	struct fp_ct6 *ct;
@@ -496,6 +502,8 @@ static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_
 	int tier = 0, hairpin, keep = 0, had_old = 0, snat = 0;
 	__u64 now;
 
+	if (from_node)
+		outside = 0;
 	if (l4->kind != FP_L4_PORTS)
 		return 1;
 	/* from outside, each program its own transports (FP_NAT6_*) */
@@ -600,7 +608,7 @@ static __always_inline int fp_ct6_service_from(struct __sk_buff *skb, struct fp_
 		}
 		__builtin_memcpy(baddr, be->ip, 16);
 		bport = be->port;
-		hairpin = fp_ip6_eq(baddr, ip->saddr);
+		hairpin = fp_ip6_eq(baddr, ip->saddr) && !from_node;
 		if (outside && !hairpin && !fp_endpoint6_lookup(baddr)) {
 			/* the backend is on another node: its reply must come
 			 * back through this one, which alone can put the client

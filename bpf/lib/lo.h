@@ -15,6 +15,7 @@
 #include "lib/fwd.h"
 #include "lib/icmp.h"
 #include "lib/icmp6.h"
+#include "lib/ct6.h"
 
 /* the loopback's ifindex in every network namespace (the kernel's
  * LOOPBACK_IFINDEX) */
@@ -28,6 +29,12 @@
 static __always_inline int fp_lo_self(const struct fp_ipv4 *ip)
 {
 	return ip->saddr == ip->daddr;
+}
+
+/* IPv6: the same test (fp_to_vpc6_sctp) */
+static __always_inline int fp_lo6_self(const struct fp_ipv6 *ip)
+{
+	return fp_ip6_eq(ip->saddr, ip->daddr);
 }
 
 /* Into the node's stack through lo's ingress. lo's MAC is all zero: a frame

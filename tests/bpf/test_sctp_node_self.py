@@ -42,6 +42,7 @@ NODE_IP6, GW6 = "2001:db8:240::11", "2001:db8:240::253"
 POD_B6, REMOTE6 = "2001:db8:241::11", "2001:db8:242::20"
 EXT6, EXT6_FAR, EXT6_NONE = "2001:db8:113::7", "2001:db8:113::8", "2001:db8:113::9"
 SERVICE_CIDR6 = "fd00:16::/108"
+SELF6 = "fd00:16::33"
 NEAR, FAR, NONE, SELF = "172.16.0.30", "172.16.0.31", "172.16.0.32", "172.16.0.33"
 NP_NEAR, NP_FAR, NP_NONE, NP_SELF, HOSTPORT = 30911, 30912, 30913, 30914, 9443
 LO = 1
@@ -103,6 +104,12 @@ OBJECTS = [
            address_type="IPv6"),
     service("none6", ip="fd00:16::32", ports=sig(None)[:1], ipFamilies=["IPv6"],
             clusterIPs=["fd00:16::32"], externalIPs=[EXT6_NONE]),
+    # IPv6, a host-network backend: the node's own IPv6 address, which is
+    # also an external IP of its Service (one the node holds, on eth0)
+    service("self6", ip=SELF6, ports=sig(None)[:1], ipFamilies=["IPv6"], clusterIPs=[SELF6],
+            externalIPs=[NODE_IP6]),
+    eslice("self6-1", "self6", [ep(NODE_IP6, node=NODE)], ports=SIG_EP[:1],
+           address_type="IPv6"),
 ]
 
 
@@ -565,3 +572,99 @@ def test_an_ipv6_packet_longer_than_the_way_out_is_answered_with_packet_too_big(
                                           "redirect-ingress", LO)
         packet_too_big(out, big, mtu)
         assert too_big6_counted(dp) == before + 2
+
+
+# -- IPv6: a backend at the node's own address (a host-network pod) ------------------
+
+def sctp6(src, dst, sport, dport, chunk, tag=0, smac=ZERO_MAC, dmac=ZERO_MAC):
+    return Ether(src=smac, dst=dmac) / IPv6(src=src, dst=dst, hlim=64) / \
+        SCTP(sport=sport, dport=dport, tag=tag) / chunk
+
+
+def init_chunk():
+    return SCTPChunkInit(init_tag=7, a_rwnd=65535, n_out_streams=1, n_in_streams=1, init_tsn=1)
+
+
+def init_ack_chunk():
+    return SCTPChunkInitAck(init_tag=9, a_rwnd=65535, n_out_streams=1, n_in_streams=1,
+                            init_tsn=1)
+
+
+def not_a_hairpin(dp, sport, frontend):
+    """The association keeps the node's own address as its client (a pod's
+    hairpin would be sourced from the IPv6 hairpin address): the forward
+    entry goes to the backend at the node's address, the reply entry is
+    keyed on the node as destination, neither is flagged."""
+    fwd = ct_rows(dp, direction="forward", proto="SCTP", sport=sport)
+    rev = ct_rows(dp, direction="reply", proto="SCTP", dport=sport)
+    assert [(r.saddr, r.daddr, r.nat_addr, r.nat_port, r.flags) for r in fwd] == \
+        [(NODE_IP6, frontend, NODE_IP6, 2906, 0)]
+    assert [(r.saddr, r.sport, r.daddr, r.nat_addr, r.nat_port, r.flags) for r in rev] == \
+        [(NODE_IP6, 2906, NODE_IP6, frontend, 2905, 0)]
+
+
+def test_the_nodes_ipv6_sctp_to_a_clusterip_whose_backend_is_the_node_turns_back_into_lo(
+        dp, net, svcs):
+    """fp_to_vpc's IPv6 half as its IPv4 one: the translated INIT (source
+    and destination the node's own address) goes into lo's ingress, not out
+    of eth0; the backend's reply leaves by lo and gets the ClusterIP back
+    in fp_lo."""
+    sport = next(_sport)
+    mac = dict(smac=net.mac("eth0"), dmac=GW_MAC)
+    sent = sctp6(NODE_IP6, SELF6, sport, 2905, init_chunk(), **mac)
+    v, out, reason, kind, idx = node_run(dp, net, "fp_to_vpc", sent, "eth0")
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "to-stack", "redirect-ingress", LO)
+    assert tuple6(out) == (NODE_IP6, sport, NODE_IP6, 2906) and crc6_ok(out) and into_lo(out)
+    assert Ether(out)[IPv6].hlim == 64 and bytes(Ether(out)[SCTP].payload) == \
+        bytes(sent[SCTP].payload)
+    not_a_hairpin(dp, sport, SELF6)
+    # the backend's reply leaves by lo, where it gets the ClusterIP back
+    back = sctp6(NODE_IP6, NODE_IP6, 2906, sport, init_ack_chunk(), tag=7)
+    v, out, reason, kind, _ = on_lo(dp, net, back)
+    assert (v, reason, kind) == (TC_ACT_UNSPEC, "service-reply-restored", "none")
+    assert tuple6(out) == (SELF6, 2905, NODE_IP6, sport) and crc6_ok(out)
+    assert bytes(Ether(out)[SCTP].payload) == bytes(back[SCTP].payload)
+    # DATA both ways stays on the association
+    for size in (1, 500, 1200):
+        v, out, reason, kind, idx = node_run(
+            dp, net, "fp_to_vpc",
+            sctp6(NODE_IP6, SELF6, sport, 2905, SCTPChunkData(tsn=1, data=b"q" * size), tag=9,
+                  **mac), "eth0")
+        assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect-ingress", LO), size
+        assert tuple6(out) == (NODE_IP6, sport, NODE_IP6, 2906) and crc6_ok(out), size
+        v, out, reason, *_ = on_lo(dp, net, sctp6(NODE_IP6, NODE_IP6, 2906, sport,
+                                                  SCTPChunkData(tsn=1, data=b"r" * size),
+                                                  tag=7))
+        assert (v, reason) == (TC_ACT_UNSPEC, "service-reply-restored"), size
+        assert tuple6(out) == (SELF6, 2905, NODE_IP6, sport) and crc6_ok(out), size
+    not_a_hairpin(dp, sport, SELF6)
+
+
+def test_the_nodes_ipv6_sctp_to_its_own_address_with_a_backend_at_that_address(dp, net, svcs):
+    """The frontend is the node's own IPv6 address (an external IP it holds):
+    fp_lo translates the INIT to the backend at that same address and hands
+    it back to lo's ingress; the backend's reply is restored in fp_lo."""
+    sport = next(_sport)
+    sent = init6(NODE_IP6, sport)
+    v, out, reason, kind, idx = on_lo(dp, net, sent)
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "to-stack", "redirect-ingress", LO)
+    assert tuple6(out) == (NODE_IP6, sport, NODE_IP6, 2906) and crc6_ok(out) and into_lo(out)
+    not_a_hairpin(dp, sport, NODE_IP6)
+    back = sctp6(NODE_IP6, NODE_IP6, 2906, sport, init_ack_chunk(), tag=7)
+    v, out, reason, kind, _ = on_lo(dp, net, back)
+    assert (v, reason, kind) == (TC_ACT_UNSPEC, "service-reply-restored", "none")
+    assert tuple6(out) == (NODE_IP6, 2905, NODE_IP6, sport) and crc6_ok(out)
+
+
+def test_ipv6_sctp_on_lo_that_is_no_reply_of_a_translated_association_passes_untouched(
+        dp, net, svcs):
+    """fp_lo's new first step (the reply restore) leaves the rest alone: the
+    node's SCTP between its own addresses on a port no association of a
+    Service uses passes unchanged and unrecorded, even from the backend's
+    port."""
+    sport = next(_sport)
+    for pkt in (sctp6(NODE_IP6, NODE_IP6, 2906, sport, init_ack_chunk(), tag=7),
+                sctp6(EXT6, NODE_IP6, 2906, sport, init_chunk())):
+        v, out, reason, kind, _ = on_lo(dp, net, pkt)
+        assert (v, out, reason, kind) == (TC_ACT_UNSPEC, bytes(pkt), DEFS.reason(NOT_RECORDED),
+                                          "none"), pkt.summary()
