@@ -7,7 +7,9 @@ forked helper process, and no other thread is ever moved.
 """
 from __future__ import annotations
 
+import os
 import socket
+import struct
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -78,7 +80,6 @@ IPV4_DEVCONF = {"accept_local": 23}
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
-    import struct
     size = 4 + len(payload)
     return struct.pack("=HH", size, kind) + payload + b"\0" * (-size % 4)
 
@@ -88,7 +89,6 @@ def set_ipv4_devconf(ifindex: int, key: str, value: int, netns: str | None = Non
     rtnetlink, which CAP_NET_ADMIN allows where /proc/sys is mounted
     read-only (a container's). Only the named setting is sent, so nothing
     else of the device's changes. Raises OSError with the kernel's errno."""
-    import struct
     conf = _nla(_IFLA_INET_CONF | _NLA_F_NESTED, _nla(IPV4_DEVCONF[key], struct.pack("=I", value)))
     spec = _nla(_IFLA_AF_SPEC | _NLA_F_NESTED, _nla(socket.AF_INET | _NLA_F_NESTED, conf))
     body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0) + spec
@@ -100,10 +100,9 @@ def set_ipv4_devconf(ifindex: int, key: str, value: int, netns: str | None = Non
         sock.bind((0, 0))
         sock.sendto(msg, (0, 0))
         reply = sock.recv(65536)
-    length, kind = struct.unpack_from("=IH", reply)
+    (kind,) = struct.unpack_from("=H", reply, 4)
     if kind != _NLMSG_ERROR:
         raise OSError(0, f"unexpected rtnetlink answer {kind}")
     (err,) = struct.unpack_from("=i", reply, 16)
     if err:
-        import os
         raise OSError(-err, os.strerror(-err))
