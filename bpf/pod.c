@@ -632,7 +632,9 @@ static __always_inline int fp_from_pod6_established(struct __sk_buff *skb, struc
 	 * else; any other packet is judged there */
 	if (fp_policy_enabled() && !fp_ct6_policy_seen(ip, l4, bpf_ktime_get_ns()))
 		return FP_WALK_ON;
-	rc = fp_ct6_reverse(skb, ip, l4);
+	/* only a source some translation sent a flow to can send its reply
+	 * (fastpath.h FP_MAP_REVSRC): the two-tier miss spared */
+	rc = fp_revsrc_none(fp_revsrc_slot6(ip->saddr)) ? 0 : fp_ct6_reverse(skb, ip, l4);
 	if (rc < 0)
 		return fp_drop6(skb, FP_DROP_CSUM, ip, TC_ACT_SHOT);
 	/* a local backend's reply to a client outside: the node's routing

@@ -152,6 +152,10 @@ class Agent:
         self.datapath.finish_migration()
         for note in self.datapath.migration_notes:
             log.warning("pinned maps: %s", note)
+        if not self.datapath.maps.revsrc_armed():
+            # every program now marks the reply sources it creates: mark
+            # those of the entries already there, then skip by the marks
+            log.info("reply sources: %d marked, armed", self.datapath.maps.revsrc_arm())
         phase("migration")
         self._start_services()
         phase("services")

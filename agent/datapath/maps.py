@@ -308,6 +308,76 @@ class Maps:
         v.pv[0] = v.pv[1] = DEFS.defines["FP_PV_NONE"]
         t[t.Key(0)] = v
 
+    # -- reply sources (fastpath.h FP_MAP_REVSRC) --------------------------
+    # The datapath marks a source's slot before it writes a conntrack reply
+    # entry and skips the reverse lookup of a pod's packet whose slot is
+    # unmarked (docs/ipv6.md "Reply sources"). Entries it did not write
+    # itself (carried over from superseded maps, or written by an older
+    # generation of programs that did not mark) must be marked before the
+    # map is armed; marks are only ever added (one slot, one write: never a
+    # read-modify-write of what the datapath may be marking meanwhile).
+
+    # (IPv6 only: fp_from_pod's IPv4 walk has no stack left to mark with)
+    REVSRC_CT_MAPS = ("FP_MAP_CT6", "FP_MAP_CT_NEW6")
+
+    def revsrc_armed(self) -> bool:
+        t = self._t[MAP["FP_MAP_REVSRC"]]
+        return bool(t[t.Key(revsrc_slots())].value)
+
+    def revsrc_disarm(self) -> None:
+        """Nothing is skipped until revsrc_arm()."""
+        t = self._t[MAP["FP_MAP_REVSRC"]]
+        t[t.Key(revsrc_slots())] = t.Leaf(0)
+
+    def revsrc_arm(self) -> int:
+        """Mark the slot of every reply entry's source in the conntrack
+        maps, then arm; returns how many slots this marked. Call with every
+        program of this generation attached (they mark what they write),
+        after superseded maps were carried over."""
+        from agent.datapath import mapio
+        t = self._t[MAP["FP_MAP_REVSRC"]]
+        reply = DEFS.defines["FP_CT_REPLY"]
+        slots = set()
+        for name in self.REVSRC_CT_MAPS:
+            ct_t = self._t[MAP[name]]
+            kt = ct_t.Key
+            ks, vs = ct.sizeof(kt), ct.sizeof(ct_t.Leaf)
+            src_off, src_len = kt.saddr.offset, kt.saddr.size
+            dir_off = kt.dir.offset
+            for kb, _, n in mapio.batches(ct_t.map_fd, ks, vs):
+                raw = bytes(kb)
+                for i in range(n):
+                    k = raw[i * ks:(i + 1) * ks]
+                    if k[dir_off] == reply:
+                        slots.add(revsrc_slot(k[src_off:src_off + src_len]))
+        marked = 0
+        for slot in sorted(slots):
+            if not t[t.Key(slot)].value:
+                t[t.Key(slot)] = t.Leaf(1)
+                marked += 1
+        t[t.Key(revsrc_slots())] = t.Leaf(1)
+        return marked
+
+    def revsrc_marked(self) -> set[int]:
+        t = self._t[MAP["FP_MAP_REVSRC"]]
+        return {k.value for k, v in t.items() if v.value and k.value < revsrc_slots()}
+
+
+def revsrc_slots() -> int:
+    return 1 << DEFS.defines["FP_REVSRC_BITS"]
+
+
+def revsrc_slot(addr: bytes) -> int:
+    """bpf/maps.c fp_revsrc_slot4/6 of an address as keys hold it (4 or 16
+    bytes, network order): the words as the datapath loads them (host
+    order), XORed for IPv6, times FP_REVSRC_MULT, the top bits."""
+    words = struct.unpack(f"={len(addr) // 4}I", addr)
+    x = 0
+    for w in words:
+        x ^= w
+    bits = DEFS.defines["FP_REVSRC_BITS"]
+    return ((x * DEFS.defines["FP_REVSRC_MULT"]) & 0xFFFFFFFF) >> (32 - bits)
+
 
 PROTO_NUM = {"TCP": 6, "UDP": 17, "SCTP": 132}
 PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}

@@ -1008,4 +1008,20 @@ struct fp_frag6 {
 };
 _Static_assert(sizeof(struct fp_frag6) == 40, "fp_frag6 layout");
 
+/* Reply sources of IPv6 conntrack (FP_MAP_REVSRC, docs/ipv6.md "IPv6
+ * per-packet cost: the reverse lookup only where a reply can come from"):
+ * one byte per slot, slot = fp_revsrc_slot6(address) (bpf/maps.c;
+ * agent/datapath/maps.py computes the same), set to 1 before an IPv6
+ * reply entry whose source (the backend) hashes there is written, by the
+ * datapath, or by the agent for entries it did not see written; never
+ * cleared. While slot FP_REVSRC_SLOTS (the last one) is 0 (a map just
+ * made, or disarmed by an agent about to carry conntrack entries over)
+ * nothing is skipped. Under an armed map, a packet whose source's slot is
+ * 0 is the reply of no translated flow. Another FP_REVSRC_BITS is
+ * another layout: bump the version. */
+#define FP_MAP_REVSRC     fp_revsrc_v1
+#define FP_REVSRC_BITS    12
+#define FP_REVSRC_SLOTS   (1U << FP_REVSRC_BITS)
+#define FP_REVSRC_MULT    2654435761U   /* Knuth's multiplicative hash */
+
 #endif /* FASTPATH_H */
