@@ -164,6 +164,10 @@ def main() -> int:
                 dp.lb.put_backend(bid, ip, 8080, "TCP")
                 dp.lb.put_slots(slots, [bid])
                 dp.lb.put_service(vip, 80, "TCP", slots, 1)
+            # as the agent does once its programs run (Agent.start): the
+            # reverse lookup is skipped for sources no reply entry has
+            if not dirs:
+                dp.maps.revsrc_arm()
         pkts = B._packets(links)
         arms = []
         for n in names:
