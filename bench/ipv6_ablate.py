@@ -165,9 +165,9 @@ def main() -> int:
                 dp.lb.put_slots(slots, [bid])
                 dp.lb.put_service(vip, 80, "TCP", slots, 1)
             # as the agent does once its programs run (Agent.start): the
-            # reverse lookup is skipped for sources no reply entry has
+            # reverse and frontend lookups are skipped where they cannot hit
             if not dirs:
-                dp.maps.revsrc_arm()
+                dp.maps.mark6_arm()
         pkts = B._packets(links)
         arms = []
         for n in names:

@@ -276,43 +276,41 @@ static __always_inline struct fp_backend4 *fp_slot_backend(__u32 svc_id, __u32 s
 	return FP_MAP_BACKENDS.lookup(&s->backend_id);
 }
 
-/* ---- reply sources (fastpath.h FP_MAP_REVSRC) ---- */
+/* ---- IPv6 address marks (fastpath.h FP_MAP_MARK6) ---- */
 
-BPF_TABLE_PINNED("array", __u32, __u8, FP_MAP_REVSRC, FP_REVSRC_SLOTS + 1,
-		 FP_PIN(FP_MAP_REVSRC));
+BPF_TABLE_PINNED("array", __u32, __u8, FP_MAP_MARK6, FP_MARK6_ARMED + 1, FP_PIN(FP_MAP_MARK6));
 
-static __always_inline __u32 fp_revsrc_slot4(__be32 addr)
-{
-	return ((__u32)addr * FP_REVSRC_MULT) >> (32 - FP_REVSRC_BITS);
-}
-
-static __always_inline __u32 fp_revsrc_slot6(const void *addr)
+static __always_inline __u32 fp_mark6_slot(const void *addr)
 {
 	const __u32 *a = addr;
 
-	return fp_revsrc_slot4(a[0] ^ a[1] ^ a[2] ^ a[3]);
+	return ((a[0] ^ a[1] ^ a[2] ^ a[3]) * FP_MARK6_MULT) >> (32 - FP_MARK6_BITS);
 }
 
-/* Before a reply entry is written: its source may send replies. */
-static __always_inline void fp_revsrc_mark(__u32 slot)
+/* `region` + slot: FP_MARK6_REPLY_SRC or FP_MARK6_FRONTEND */
+static __always_inline void fp_mark6_set(__u32 idx)
 {
-	__u8 *b = FP_MAP_REVSRC.lookup(&slot);
+	__u8 *b = FP_MAP_MARK6.lookup(&idx);
 
 	if (b && !*b)
 		*b = 1;
 }
 
-/* 1 when no reply entry can have this slot's source: the reverse lookup
- * would miss. */
-static __always_inline int fp_revsrc_none(__u32 slot)
+static __always_inline int fp_mark6_armed(void)
 {
-	__u32 armed = FP_REVSRC_SLOTS;
-	__u8 *on = FP_MAP_REVSRC.lookup(&armed), *b;
+	__u32 armed = FP_MARK6_ARMED;
+	__u8 *on = FP_MAP_MARK6.lookup(&armed);
 
-	if (!on || !*on)
-		return 0;
-	b = FP_MAP_REVSRC.lookup(&slot);
-	return b && !*b;
+	return on && *on;
+}
+
+/* 0 only when the slot is unmarked: under an armed map, nothing hashing
+ * there can be found (the lookup it stands for would miss) */
+static __always_inline int fp_mark6_is(__u32 idx)
+{
+	__u8 *b = FP_MAP_MARK6.lookup(&idx);
+
+	return !b || *b;
 }
 
 /* ---- conntrack (callers: lib/ct.h only) ---- */
@@ -949,7 +947,7 @@ static __always_inline int fp_ct6_tier_put(int tier, struct fp_ct6_key *key, str
 	if (fp_whatif())
 		return 0;
 	if (key->dir == FP_CT_REPLY)
-		fp_revsrc_mark(fp_revsrc_slot6(key->saddr));
+		fp_mark6_set(FP_MARK6_REPLY_SRC + fp_mark6_slot(key->saddr));
 	if (tier == FP_CT_TIER_EST)
 		return FP_MAP_CT6.update(key, val);
 	return FP_MAP_CT_NEW6.update(key, val);
