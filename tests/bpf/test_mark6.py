@@ -194,3 +194,44 @@ def test_a_segment_to_a_frontend_is_translated_unless_its_slot_is_unmarked(
     else:
         assert (r.verdict, r.reason) == (TC_ACT_REDIRECT, "redirected-local")
         assert (out[IPv6].dst, out[TCP].dport) == (POD_B6, 8080)
+
+
+
+
+def test_a_start_that_carries_maps_over_disarms_until_everything_is_marked(bpffs):
+    """A start that migrates superseded pinned maps carries their entries
+    over unmarked: the map is disarmed when the datapath loads (the
+    programs still attached then skip nothing) and armed again only by
+    mark6_arm, after the carrying over."""
+    import os
+    import time
+
+    from agent.conntrack.migrate import RULES
+    from agent.datapath import Datapath
+    from tests.bpf.test_migration import cfg, flow, old_map
+
+    root = f"{bpffs}/mark6-mig"
+    os.makedirs(root)
+    d = Datapath(cfg(root)).load()
+    try:
+        d.maps.mark6_arm()
+        assert d.maps.mark6_armed()
+    finally:
+        d.close()
+    # the next start finds an older release's conntrack map beside them
+    old_map(f"{root}/fp_ct4_v1", "fp_ct4_v1", flow(0, time.monotonic_ns()))
+    d = Datapath(cfg(root), migration_rules=RULES).load(defer_migration=True)
+    try:
+        assert d.migration.sources
+        assert not d.maps.mark6_armed()
+        d.finish_migration()
+        d.maps.mark6_arm()
+        assert d.maps.mark6_armed()
+    finally:
+        d.close()
+    # a start without anything to carry over leaves it armed
+    d = Datapath(cfg(root)).load()
+    try:
+        assert not d.migration.sources and d.maps.mark6_armed()
+    finally:
+        d.close()
