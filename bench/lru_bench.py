@@ -15,7 +15,9 @@ counter and the key (`base`) is subtracted. Arms:
   overwrite      the same key written again (an LRU update of a present
                  key takes a fresh element and frees the old one)
   insert_delete  one new key, then deleted (a flow that moves on)
-  hash_ins_del   the same into a plain hash of the same size
+  hash_ins_del   the same into a plain preallocated hash of the established
+                 tier's default size (262,144)
+  hash_np_ins_del  the same into one made with BPF_F_NO_PREALLOC
 
     python -m bench.lru_bench [--repeat 20000] [--rounds 5]
 """
@@ -36,7 +38,8 @@ struct key { __u32 saddr, daddr; __u16 sport, dport; __u8 proto, dir; __u16 pad;
 struct val { __u64 last_seen; __u32 a, b, c, d, e, f; };
 BPF_ARRAY(ctr, __u64, 1);
 BPF_F_TABLE("lru_hash", struct key, struct val, lru, ENTRIES, LRU_FLAGS);
-BPF_TABLE("hash", struct key, struct val, tbl, ENTRIES);
+BPF_TABLE("hash", struct key, struct val, tbl, EST_ENTRIES);
+BPF_F_TABLE("hash", struct key, struct val, tbl_np, EST_ENTRIES, BPF_F_NO_PREALLOC);
 
 static __always_inline int next(struct key *k)
 {
@@ -122,15 +125,28 @@ int hash_ins_del(struct __sk_buff *skb)
     tbl.delete(&k);
     return 0;
 }
+
+int hash_np_ins_del(struct __sk_buff *skb)
+{
+    struct key k = {};
+    struct val v = {};
+
+    if (next(&k))
+        return 1;
+    tbl_np.update(&k, &v);
+    tbl_np.delete(&k);
+    return 0;
+}
 """
 
-ARMS = ("insert", "insert2", "overwrite", "insert_delete", "hash_ins_del")
+ARMS = ("insert", "insert2", "overwrite", "insert_delete", "hash_ins_del", "hash_np_ins_del")
+EST_ENTRIES = 262144
 PACKET = bytes(14) + bytes(50)
 
 
 def _load(flags: int):
     from bcc import BPF
-    b = BPF(text=SRC, cflags=[f"-DENTRIES={ENTRIES}", f"-DLRU_FLAGS={flags}"])
+    b = BPF(text=SRC, cflags=[f"-DENTRIES={ENTRIES}", f"-DEST_ENTRIES={EST_ENTRIES}", f"-DLRU_FLAGS={flags}"])
     return b, {n: b.load_func(n, BPF.SCHED_CLS).fd for n in ("base",) + ARMS}
 
 
@@ -155,6 +171,7 @@ def run(repeat: int = 20000, rounds: int = 5, log=print) -> dict:
                             # an empty map that stays far from full
                             b["lru"].clear()
                             b["tbl"].clear()
+                            b["tbl_np"].clear()
                             n = min(repeat, ENTRIES // 8)
                         else:
                             # past twice the map: every insert evicts
