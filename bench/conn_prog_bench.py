@@ -29,7 +29,7 @@ arms alternate, medians over rounds. This is where bench.nodeport_bench's
 "program time per connection" comes from, without its traffic noise: use it
 to see what a change to bpf/ costs or saves.
 
-    python -m bench.conn_prog_bench [--rounds 9] [--conns 300] [--baseline main] [--steady]
+    python -m bench.conn_prog_bench [--rounds 9] [--conns 300] [--baseline main] [--steady] [--swap]
 """
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ def _measure(n: dict, arm: str, conns: int, steady: bool = False) -> tuple[dict,
 
 
 def run(rounds: int = 9, conns: int = 300, log=print, baseline: Optional[str] = None,
-        steady: bool = False) -> dict:
+        steady: bool = False, swap: bool = False) -> dict:
     """Per build ("tree", and "baseline" when `baseline` names a git ref)
     and arm: median ns per connection per program and per packet."""
     from agent.datapath.nsenter import in_netns
@@ -191,8 +191,11 @@ def run(rounds: int = 9, conns: int = 300, log=print, baseline: Optional[str] = 
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
             from bench.nodeport_profile import export_tree
             log(f"baseline {baseline}: {export_tree(baseline, tmp)}")
+            if swap:
+                builds["tree"] = _node(stack, conns, None)
             builds["baseline"] = _node(stack, conns, tmp)
-        builds["tree"] = _node(stack, conns, None)
+        if "tree" not in builds:
+            builds["tree"] = _node(stack, conns, None)
         if steady:
             for b in builds.values():
                 with in_netns(b["ns"]):
@@ -236,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                                        "alternated in the same process")
     ap.add_argument("--steady", action="store_true",
                     help="no flush: the LRU tier full, client ports reused round after round")
+    ap.add_argument("--swap", action="store_true",
+                    help="set the tree's node up before the baseline's (the first node "
+                         "set up measured faster in --steady runs)")
     args = ap.parse_args(argv)
-    run(args.rounds, args.conns, baseline=args.baseline, steady=args.steady)
+    run(args.rounds, args.conns, baseline=args.baseline, steady=args.steady, swap=args.swap)
     return 0
 
 
