@@ -305,27 +305,6 @@ static __always_inline struct fp_svc4 *fp_ct_frontend(const struct fp_ipv4 *ip,
 	return svc;
 }
 
-/* A new flow on the tuple of a closed one that went to the same backend,
- * whose two entries are still in the LRU tier under the new flow's keys
- * (what a client reusing its ports mostly finds): the entries are written
- * in place, as a state change writes them, instead of by two LRU updates,
- * each of which takes a fresh element and frees the old one (with the LRU
- * full, its locks and a cold element). `ct` is the old forward entry. */
-static __always_inline void fp_ct_new_in_place(struct fp_ct4 *ct, const struct fp_ct4 *entry,
-					       struct fp_ct4_key *rev, struct fp_ct4 *reply)
-{
-	struct fp_ct4 *r;
-
-	if (fp_whatif())
-		return;
-	*ct = *entry;
-	r = fp_ct_new_get(rev);
-	if (r)
-		*r = *reply;
-	else
-		fp_ct_tier_put(FP_CT_TIER_NEW, rev, reply);
-}
-
 /* A source port for a flow SNATed to (snat, port) towards (baddr, bport):
  * one whose reply tuple no live flow holds. -1 after FP_SNAT_TRIES tries. */
 static __always_inline int fp_ct_snat_port(__be32 snat, __be32 baddr, __be16 bport, __u8 proto,
@@ -544,12 +523,8 @@ static __always_inline int fp_ct_service_from(struct __sk_buff *skb, struct fp_i
 		 * hide it from lookups. */
 		fp_ct_tier_clear(FP_CT_TIER_EST, fwd);
 		fp_ct_tier_clear(FP_CT_TIER_EST, rev);
-		if (outside && had_old && tier == FP_CT_TIER_NEW && fp_ct_key_eq(old_rev, rev)) {
-			fp_ct_new_in_place(ct, entry, rev, reply);
-		} else {
-			fp_ct_tier_put(FP_CT_TIER_NEW, fwd, entry);
-			fp_ct_tier_put(FP_CT_TIER_NEW, rev, reply);
-		}
+		fp_ct_tier_put(FP_CT_TIER_NEW, fwd, entry);
+		fp_ct_tier_put(FP_CT_TIER_NEW, rev, reply);
 		fp_ct_event(FP_CTE_CREATED);
 	}
 

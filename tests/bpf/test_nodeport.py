@@ -188,10 +188,9 @@ def test_a_new_flow_on_a_closed_flows_tuple_to_the_same_backend_is_whole_and_pro
         dp, net, svcs):
     """A client reopening the tuple of a closed connection that the same
     (only) backend served: the old flow's two entries, still in the LRU
-    tier under the new flow's keys, become the new flow's (written in place,
-    lib/ct.h fp_ct_new_in_place): new state, none of the old FIN flags, a
-    fresh stamp; the handshake is un-NATed and promotes both entries, and a
-    FIN of the new flow is its first."""
+    tier under the new flow's keys, become the new flow's: new state, none
+    of the old FIN flags, a fresh stamp; the handshake is un-NATed and
+    promotes both entries, and a FIN of the new flow is its first."""
     sport = 46001
     cpod = Ether(src=net.pod_mac["B"], dst=net.mac("caliB"))
 
