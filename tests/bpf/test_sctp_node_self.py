@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
 from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit, SCTPChunkInitAck
 
@@ -95,9 +95,9 @@ OBJECTS = [
     service("self", ip=SELF, typ="NodePort", ports=sig(NP_SELF)),
     eslice("self-1", "self", [ep(NODE_IP, node=NODE)], ports=SIG_EP),
     # IPv6: external IPs the node holds
-    service("near6", ip="fd00:16::30", ports=sig(None)[:1], ipFamilies=["IPv6"],
+    service("near6", ip="fd00:16::30", ports=sig(None), ipFamilies=["IPv6"],
             clusterIPs=["fd00:16::30"], externalIPs=[EXT6]),
-    eslice("near6-1", "near6", [ep(POD_B6, node=NODE)], ports=SIG_EP[:1], address_type="IPv6"),
+    eslice("near6-1", "near6", [ep(POD_B6, node=NODE)], ports=SIG_EP, address_type="IPv6"),
     service("far6", ip="fd00:16::31", ports=sig(None)[:1], ipFamilies=["IPv6"],
             clusterIPs=["fd00:16::31"], externalIPs=[EXT6_FAR]),
     eslice("far6-1", "far6", [ep(REMOTE6, node="node-b")], ports=SIG_EP[:1],
@@ -313,9 +313,17 @@ def test_everything_else_on_lo_passes_untouched_and_unrecorded(dp, net, svcs):
         init("127.0.0.1", NP_NEAR, sport, src="127.0.0.1"),
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src="::1", dst="::1") /
         SCTP(sport=sport, dport=NP_NEAR),
-        # IPv6 TCP to an external IP the node holds
+        # IPv6 TCP to an external IP the node holds, on a port no frontend has
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) /
-        TCP(sport=sport, dport=80, flags="S"),
+        TCP(sport=sport, dport=81, flags="S"),
+        # IPv6 fragments of SCTP to a frontend, first and later (a fragment's
+        # CRC covers bytes it lacks: never translated)
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) /
+        IPv6ExtHdrFragment(m=1, id=7, offset=0) / SCTP(sport=sport, dport=2905) / (b"f" * 64),
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) / IPv6ExtHdrHopByHop() /
+        IPv6ExtHdrFragment(m=1, id=8, offset=0) / SCTP(sport=sport, dport=2905) / (b"f" * 64),
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) / IPv6ExtHdrHopByHop() /
+        IPv6ExtHdrFragment(m=0, id=8, offset=9, nh=132) / (b"f" * 64),
         # not IP at all
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / ARP(psrc=NODE_IP, pdst=NODE_IP),
     ]
@@ -364,8 +372,33 @@ def test_the_production_build_translates_sctp_on_lo_and_lets_tcp_pass(bpffs, net
                     TCP(sport=sport, dport=NP_NEAR, flags="S")
                 res = prog_test_run(prod.prog_fd("fp_lo"), bytes(syn), ifindex=LO)
                 assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn))
+                # IPv6 alike: TCP to a frontend the node holds passes (the
+                # test build translates it, the next test)
+                res = prog_test_run(prod.prog_fd("fp_lo"), bytes(syn6(sport)), ifindex=LO)
+                assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn6(sport)))
     finally:
         prod.close()
+
+
+def syn6(sport):
+    return Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6, hlim=64) / \
+        TCP(sport=sport, dport=80, flags="S", seq=1000)
+
+
+def test_the_test_build_takes_ipv6_tcp_on_lo_as_the_production_build_takes_sctp(dp, net, svcs):
+    """The stand-in the IPv6 vm-test (vm-tests/test_node_self6.py) runs
+    real traffic through: the test build's fp_lo translates the node's IPv6
+    TCP to a frontend it holds as the production build its SCTP, checksum
+    fixed (scapy recomputes it)."""
+    sport = next(_sport)
+    v, out, reason, kind, idx = on_lo(dp, net, syn6(sport))
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-local", "redirect",
+                                      net.idx("caliB"))
+    o = Ether(out)
+    assert (o[IPv6].src, o[TCP].sport, o[IPv6].dst, o[TCP].dport) == (EXT6, sport, POD_B6, 8080)
+    fresh = Ether(out)
+    del fresh[TCP].chksum
+    assert Ether(bytes(fresh))[TCP].chksum == o[TCP].chksum
 
 
 # -- the path MTU: lo's is 65,536, the way out's is not ----------------------------
@@ -668,3 +701,33 @@ def test_ipv6_sctp_on_lo_that_is_no_reply_of_a_translated_association_passes_unt
         v, out, reason, kind, _ = on_lo(dp, net, pkt)
         assert (v, out, reason, kind) == (TC_ACT_UNSPEC, bytes(pkt), DEFS.reason(NOT_RECORDED),
                                           "none"), pkt.summary()
+
+
+# -- IPv6: extension headers before SCTP -------------------------------------------
+
+@pytest.mark.parametrize("ext", ["hop-by-hop", "destination-options", "both"])
+def test_the_nodes_ipv6_sctp_with_extension_headers_is_translated_on_lo_too(dp, net, svcs, ext):
+    """A node socket with sticky options (IPV6_HOPOPTS, IPV6_DSTOPTS) sends
+    its SCTP behind extension headers: fp_lo walks them as the node's
+    interfaces do, instead of taking the first header for the transport;
+    the headers are kept, the CRC is fixed past them."""
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+    sport = next(_sport)
+    hdrs = {"hop-by-hop": IPv6ExtHdrHopByHop(),
+            "destination-options": IPv6ExtHdrDestOpt(),
+            "both": IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()}[ext]
+    sent = Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6, hlim=64) / hdrs / \
+        SCTP(sport=sport, dport=2905, tag=0) / init_chunk()
+    v, out, reason, kind, idx = on_lo(dp, net, sent)
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-local", "redirect",
+                                      net.idx("caliB"))
+    o = Ether(out)
+    assert tuple6(out) == (EXT6, sport, POD_B6, 2906) and crc6_ok(out)
+    n = len(hdrs)
+    assert bytes(o[IPv6].payload)[:n] == bytes(sent[IPv6].payload)[:n] and len(out) == len(sent)
+    # the pod's answer (without the headers) gets the address back as before
+    back = Ether(src=net.pod_mac["B"], dst=net.mac("caliB")) / \
+        IPv6(src=POD_B6, dst=EXT6, hlim=64) / SCTP(sport=2906, dport=sport, tag=7) / \
+        init_ack_chunk()
+    v, out, *_ = node_run(dp, net, "fp_from_pod", back, "caliB")
+    assert v == TC_ACT_UNSPEC and tuple6(out) == (EXT6, 2905, EXT6, sport) and crc6_ok(out)
