@@ -152,6 +152,16 @@ static __always_inline int fp_lo_too_big(struct __sk_buff *skb, __u32 ifindex,
  * the port-unreachable reject, which returns. */
 #define FP_ICMP6_PKT_TOOBIG 2
 
+/* The MTU the answer tells: 8 bytes below the way out's, never below
+ * IPv6's minimum (an error telling less is ignored). The node's IPv6
+ * stack records a path MTU for one of its own addresses only below the MTU
+ * of the device that holds the address (a route exception at or above it
+ * is refused, and the error is then without effect), and in the usual
+ * layout that device (eth0) and the way out (a pod's veth, an ENI) have
+ * one MTU. IPv4 has no such rule: its answer tells the MTU itself. */
+#define FP_IP6_MIN_MTU 1280
+#define FP_LO6_TOLD_MTU(mtu) ((mtu) >= FP_IP6_MIN_MTU + 8 ? (mtu) - 8 : FP_IP6_MIN_MTU)
+
 /* The packet as the node sent it, into the scratch's quote; NULL when the
  * scratch is missing (no check then). On a failed load the helper zeroes
  * it: a packet that short fits any way out. */
@@ -187,7 +197,8 @@ static __always_inline int fp_lo6_too_big(struct __sk_buff *skb, __u32 ifindex,
 	__builtin_memcpy(&w->r.ip.saddr, w->r.quote + 24, 16);
 	__builtin_memcpy(&w->r.ip.daddr, w->r.quote + 8, 16);
 	w->r.type = FP_ICMP6_PKT_TOOBIG;
-	w->r.unused = bpf_htonl(mtu);   /* a Packet Too Big's MTU field */
+	/* a Packet Too Big's MTU field: FP_LO6_TOLD_MTU */
+	w->r.unused = bpf_htonl(FP_LO6_TOLD_MTU(mtu));
 	__builtin_memcpy(w->ph.saddr, w->r.quote + 24, 16);
 	__builtin_memcpy(w->ph.daddr, w->r.quote + 8, 16);
 	w->ph.len = bpf_htonl(sizeof(w->r) - sizeof(w->r.ip));
