@@ -733,3 +733,60 @@ def test_the_nodes_ipv6_sctp_with_extension_headers_is_translated_on_lo_too(dp, 
         init_ack_chunk()
     v, out, *_ = node_run(dp, net, "fp_from_pod", back, "caliB")
     assert v == TC_ACT_UNSPEC and tuple6(out) == (EXT6, 2905, EXT6, sport) and crc6_ok(out)
+
+
+# -- ICMP errors about the node's own association to itself --------------------------
+
+def test_an_icmp_error_about_the_nodes_association_to_itself_reaches_it_restored(
+        dp, net, svcs):
+    """A router on the way to a remote backend (fragmentation needed) or the
+    backend itself (port unreachable) answers the translated packet: the
+    error reaches the node's stack about the packet as the node sent it
+    (its NodePort), and one the backend sent comes from the NodePort, so
+    it too is from the node's own address to itself: lo's ingress."""
+    sport = next(_sport)
+    on_lo(dp, net, init(NODE_IP, NP_FAR, sport))
+    sent_on = data(REMOTE, 2906, sport, b"z" * 64)        # as it left eth0
+    for src, typ, code, where in ((GW, 3, 4, "stack"), (REMOTE, 3, 3, "lo")):
+        err = Ether(src=GW_MAC, dst=net.mac("eth0")) / IP(src=src, dst=NODE_IP, ttl=63) / \
+            ICMP(type=typ, code=code, nexthopmtu=1400 if code == 4 else 0) / \
+            bytes(sent_on[IP])[:48]
+        v, out, reason, kind, idx = node_run(dp, net, "fp_from_vpc", err, "eth0")
+        o = Ether(out)
+        q = IP(bytes(o[ICMP].payload))
+        assert (q.src, q.dst, q[SCTP].sport, q[SCTP].dport) == (NODE_IP, NODE_IP, sport,
+                                                                NP_FAR), src
+        fresh = Ether(out)
+        del fresh[ICMP].chksum, fresh[IP].chksum
+        fresh = Ether(bytes(fresh))
+        assert (fresh[ICMP].chksum, fresh[IP].chksum) == (o[ICMP].chksum, o[IP].chksum), src
+        if where == "stack":
+            assert v in (TC_ACT_UNSPEC, 0) and (o[IP].src, o[IP].dst) == (GW, NODE_IP)
+        else:
+            assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect-ingress", LO), src
+            assert (o[IP].src, o[IP].dst) == (NODE_IP, NODE_IP) and into_lo(out)
+
+
+def test_an_icmpv6_error_about_the_nodes_ipv6_association_to_itself_reaches_it_restored(
+        dp, net, svcs):
+    """IPv6 alike, to the stack where it arrives (IPv6 input takes the
+    node's own address as source on any device)."""
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig
+    sport = next(_sport)
+    v, *_ = on_lo(dp, net, init6(EXT6_FAR, sport))
+    assert v == TC_ACT_REDIRECT
+    sent_on = Ether() / IPv6(src=EXT6_FAR, dst=REMOTE6, hlim=64) / \
+        SCTP(sport=sport, dport=2906, tag=9) / SCTPChunkData(tsn=1, data=b"z" * 64)
+    for src, icmp in ((GW6, ICMPv6PacketTooBig(mtu=1400)), (REMOTE6, ICMPv6DestUnreach(code=4))):
+        err = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=src, dst=EXT6_FAR, hlim=63) / \
+            icmp / bytes(sent_on[IPv6])[:60]
+        v, out, reason, kind, idx = node_run(dp, net, "fp_from_vpc", err, "eth0")
+        assert v in (TC_ACT_UNSPEC, 0), src
+        o = Ether(out)
+        q = IPv6(bytes(o[icmp.__class__].payload))
+        assert (q.src, q.dst, q[SCTP].sport, q[SCTP].dport) == (EXT6_FAR, EXT6_FAR, sport,
+                                                                2905), src
+        assert (o[IPv6].src, o[IPv6].dst) == (EXT6_FAR if src == REMOTE6 else GW6, EXT6_FAR)
+        fresh = Ether(out)
+        del fresh[icmp.__class__].cksum
+        assert Ether(bytes(fresh))[icmp.__class__].cksum == o[icmp.__class__].cksum, src
