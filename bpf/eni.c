@@ -836,7 +836,8 @@ static __always_inline int fp_lo4_run(struct __sk_buff *skb)
 	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
 		return FP_TC_CONTINUE;
 	fp_parse_l4(skb, &ip, &l4);
-	if (l4.kind != FP_L4_PORTS)
+	/* a first fragment is not translated either (fp_lo6_run) */
+	if (l4.kind != FP_L4_PORTS || fp_ip_first_fragment(&ip))
 		return FP_TC_CONTINUE;
 	rc = fp_ct_reverse(skb, &ip, &l4);
 	barrier_var(skb);

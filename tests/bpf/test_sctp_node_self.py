@@ -316,6 +316,11 @@ def test_everything_else_on_lo_passes_untouched_and_unrecorded(dp, net, svcs):
         # IPv6 TCP to an external IP the node holds, on a port no frontend has
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) /
         TCP(sport=sport, dport=81, flags="S"),
+        # IPv4 fragments of SCTP to a frontend, first and later (as IPv6's)
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IP(src=NODE_IP, dst=NODE_IP, flags="MF", id=7) /
+        SCTP(sport=sport, dport=NP_NEAR) / (b"f" * 64),
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IP(src=NODE_IP, dst=NODE_IP, frag=9, id=7,
+                                                proto=132) / (b"f" * 64),
         # IPv6 fragments of SCTP to a frontend, first and later (a fragment's
         # CRC covers bytes it lacks: never translated)
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) /
