@@ -833,11 +833,12 @@ static __always_inline int fp_lo4_run(struct __sk_buff *skb)
 	int rc;
 
 	barrier_var(skb);
-	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4)
+	/* a fragment is not translated, as in IPv6 (fp_lo6_run) */
+	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4 ||
+	    (ip.frag_off & bpf_htons(FP_IP_MF | FP_IP_OFFSET)))
 		return FP_TC_CONTINUE;
 	fp_parse_l4(skb, &ip, &l4);
-	/* a first fragment is not translated either (fp_lo6_run) */
-	if (l4.kind != FP_L4_PORTS || fp_ip_first_fragment(&ip))
+	if (l4.kind != FP_L4_PORTS)
 		return FP_TC_CONTINUE;
 	rc = fp_ct_reverse(skb, &ip, &l4);
 	barrier_var(skb);
