@@ -795,3 +795,27 @@ def test_an_icmpv6_error_about_the_nodes_ipv6_association_to_itself_reaches_it_r
         fresh = Ether(out)
         del fresh[icmp.__class__].cksum
         assert Ether(bytes(fresh))[icmp.__class__].cksum == o[icmp.__class__].cksum, src
+
+
+def test_no_ipv6_packet_from_outside_or_a_pod_is_handed_to_lo(dp, net, svcs):
+    """IPv6 hands nothing it restores to lo's ingress (the stack takes the
+    node's own address as source on any device): a packet from outside or
+    from a pod claiming the node's address, or forging a reply of an
+    association that does not exist, is never redirected into lo."""
+    sport = next(_sport)
+    cases = [
+        ("fp_from_vpc", "eth0", sctp6(NODE_IP6, NODE_IP6, 2906, sport, init_ack_chunk(), tag=7,
+                                      smac=GW_MAC, dmac=net.mac("eth0"))),
+        ("fp_from_vpc", "eth0", sctp6(NODE_IP6, EXT6, sport, 2905, init_chunk(),
+                                      smac=GW_MAC, dmac=net.mac("eth0"))),
+        ("fp_from_vpc", "eth0", sctp6(REMOTE6, EXT6_FAR, 2906, sport, init_ack_chunk(), tag=7,
+                                      smac=GW_MAC, dmac=net.mac("eth0"))),
+        ("fp_from_pod", "caliB", sctp6(POD_B6, EXT6, 2906, sport, init_ack_chunk(), tag=7,
+                                       smac=net.pod_mac["B"], dmac=net.mac("caliB"))),
+        ("fp_from_pod", "caliB", sctp6(NODE_IP6, NODE_IP6, 2906, sport, init_ack_chunk(), tag=7,
+                                       smac=net.pod_mac["B"], dmac=net.mac("caliB"))),
+    ]
+    for prog, dev, pkt in cases:
+        v, out, reason, kind, idx = node_run(dp, net, prog, pkt, dev)
+        assert (kind, idx) != ("redirect-ingress", LO), (prog, pkt.summary())
+        assert (v, kind) != (TC_ACT_REDIRECT, "redirect-ingress"), (prog, pkt.summary())
