@@ -497,7 +497,7 @@ static __always_inline int fp_to_vpc6_sctp(struct __sk_buff *skb, struct fp_ipv6
 	if (dst) {
 		__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
 
-		if (q && fp_lo6_too_big(skb, dst->host_ifindex, q, &verdict))
+		if (q && fp_lo6_too_big(skb, dst->host_ifindex, q, ip, &verdict))
 			return verdict;
 		__builtin_memcpy(pod_mac, dst->pod_mac, ETH_ALEN);
 		__builtin_memcpy(host_mac, dst->host_mac, ETH_ALEN);
@@ -516,7 +516,7 @@ static __always_inline int fp_to_vpc6_sctp(struct __sk_buff *skb, struct fp_ipv6
 	/* (FRAG_NEEDED as in fp_to_vpc_sctp) */
 	if (q && (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
 		  rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) &&
-	    fib.ifindex != skb->ifindex && fp_lo6_too_big(skb, fib.ifindex, q, &verdict))
+	    fib.ifindex != skb->ifindex && fp_lo6_too_big(skb, fib.ifindex, q, ip, &verdict))
 		return verdict;
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (fp_set_macs(skb, fib.dmac, fib.smac))
@@ -633,7 +633,7 @@ static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 
 	if (dst) {
 		__u8 pod_mac[ETH_ALEN], host_mac[ETH_ALEN];
 
-		if (q && fp_lo_too_big(skb, dst->host_ifindex, q, ip, daddr, &verdict))
+		if (q && fp_lo_too_big(skb, dst->host_ifindex, q, ip, l4, daddr, dport, &verdict))
 			return verdict;
 		__builtin_memcpy(pod_mac, dst->pod_mac, ETH_ALEN);
 		__builtin_memcpy(host_mac, dst->host_mac, ETH_ALEN);
@@ -659,7 +659,8 @@ static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 
 	 * FRAG_NEEDED, the device named) */
 	if (q && (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
 		  rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) &&
-	    fib.ifindex != skb->ifindex && fp_lo_too_big(skb, fib.ifindex, q, ip, daddr, &verdict))
+	    fib.ifindex != skb->ifindex &&
+	    fp_lo_too_big(skb, fib.ifindex, q, ip, l4, daddr, dport, &verdict))
 		return verdict;
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (fp_set_macs(skb, fib.dmac, fib.smac))

@@ -16,6 +16,8 @@
 #include "lib/icmp.h"
 #include "lib/icmp6.h"
 #include "lib/ct6.h"
+#include "lib/event6.h"
+#include "lib/policy.h"
 
 /* the loopback's ifindex in every network namespace (the kernel's
  * LOOPBACK_IFINDEX) */
@@ -104,10 +106,12 @@ static __always_inline int fp_lo_answer(struct __sk_buff *skb, __be16 proto, voi
 
 /* Returns 0 when the packet fits `ifindex` (or the check cannot tell),
  * else 1 with *verdict: the error redirected into lo's ingress, or a drop
- * when it cannot be built. `frontend`: the address the node sent to. */
+ * when it cannot be built. `frontend`:`fport`: what the node sent to (ip
+ * and l4: the translated packet). The monitor gets the drop as any other. */
 static __always_inline int fp_lo_too_big(struct __sk_buff *skb, __u32 ifindex,
 					 const struct fp_lo_quote *q, const struct fp_ipv4 *ip,
-					 __be32 frontend, int *verdict)
+					 const struct fp_l4 *l4, __be32 frontend, __be16 fport,
+					 int *verdict)
 {
 	struct fp_icmp_reply r = {};
 	__u32 mtu = 0;
@@ -117,6 +121,8 @@ static __always_inline int fp_lo_too_big(struct __sk_buff *skb, __u32 ifindex,
 		return 0;
 	barrier_var(skb);
 	fp_count(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_FRAG_NEEDED, skb->len);
+	fp_report(skb, FP_DIR_TO_VPC, FP_DROP_FRAG_NEEDED, ip, l4->sport, l4->dport, ip->saddr,
+		  frontend, fport, NULL);
 	*verdict = TC_ACT_SHOT;
 	__builtin_memcpy(r.quote, q->b, sizeof(r.quote));
 	r.ip.version = 4;
@@ -175,9 +181,11 @@ static __always_inline struct fp_icmp6_work *fp_lo6_quote(struct __sk_buff *skb,
 	return w;
 }
 
-/* fp_lo_too_big's IPv6 twin; `w` from fp_lo6_quote. */
+/* fp_lo_too_big's IPv6 twin; `w` from fp_lo6_quote, `ip` the translated
+ * packet (the monitor's IPv6 events carry no frontend). */
 static __always_inline int fp_lo6_too_big(struct __sk_buff *skb, __u32 ifindex,
-					  struct fp_icmp6_work *w, int *verdict)
+					  struct fp_icmp6_work *w, const struct fp_ipv6 *ip,
+					  int *verdict)
 {
 	__u32 mtu = 0;
 	__s64 sum;
@@ -187,6 +195,7 @@ static __always_inline int fp_lo6_too_big(struct __sk_buff *skb, __u32 ifindex,
 	barrier_var(skb);
 	fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_FRAG_NEEDED, skb->len,
 			FP_FAM_IPV6);
+	fp_report6(skb, FP_DIR_TO_VPC, FP_DROP_FRAG_NEEDED, ip);
 	__builtin_memset(&w->r, 0, sizeof(w->r) - sizeof(w->r.quote));
 	__builtin_memset(&w->ph, 0, sizeof(w->ph));
 	w->r.ip.version = 6;

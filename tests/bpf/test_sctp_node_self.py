@@ -428,6 +428,20 @@ def frag_needed(out: bytes, sent, mtu: int):
     assert bytes(o[ICMP].payload) == bytes(sent[IP])[:40] and len(out) == 14 + 20 + 8 + 40
 
 
+@pytest.fixture(scope="module")
+def monitor(dp):
+    from tests.bpf.conftest import Events
+    ev = Events(dp)
+    ev.poll()
+    return ev
+
+
+def told_events(monitor) -> list[tuple]:
+    """The monitor's fragmentation-needed drops since the last poll."""
+    return [(e["ifindex"], e["saddr"], e["daddr"], e["sport"], e["dport"])
+            for e in monitor.decoded() if e["reason"] == "dropped-fragmentation-needed"]
+
+
 def frag_counted(dp) -> int:
     return sum(r.packets for r in dp.maps.counters()
                if (r.ifindex, r.direction, r.reason) == (LO, "to-vpc",
@@ -448,7 +462,7 @@ def mtu_of(net, dev, mtu):
 @pytest.mark.parametrize("dport,dev,mtu", [(NP_NEAR, "caliB", 1500), (NP_FAR, "eth0", 1400)],
                          ids=["local-pod-by-its-veth", "remote-backend-by-eth0"])
 def test_a_packet_longer_than_the_way_out_is_answered_with_fragmentation_needed(
-        dp, net, svcs, dport, dev, mtu):
+        dp, net, svcs, monitor, dport, dev, mtu):
     """The node's stack sized the packet by lo's MTU: fp_lo checks it against
     the device it redirects to and tells the node's stack that device's MTU,
     quoting the packet as the node sent it (the frontend, before the
@@ -458,11 +472,14 @@ def test_a_packet_longer_than_the_way_out_is_answered_with_fragmentation_needed(
         # a large INIT (an INIT with a long cookie-preservative padding)
         big_init = init(NODE_IP, dport, sport) / (b"\0" * (mtu + 100))
         before = frag_counted(dp)
+        monitor.poll()
         v, out, reason, kind, idx = on_lo(dp, net, big_init)
         assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-fragmentation-needed",
                                           "redirect-ingress", LO)
         frag_needed(out, big_init, mtu)
         assert frag_counted(dp) == before + 1
+        # the monitor sees the drop, from the node to the frontend it reached
+        assert told_events(monitor) == [(LO, NODE_IP, NODE_IP, sport, dport)]
         # the INIT that fits opens the association; DATA up to the MTU passes
         # translated, one byte word more is answered
         v, out, reason, kind, idx = on_lo(dp, net, init(NODE_IP, dport, sport))
@@ -584,7 +601,7 @@ def too_big6_counted(dp) -> int:
 @pytest.mark.parametrize("frontend,dev,mtu", [(EXT6, "caliB", 1500), (EXT6_FAR, "eth0", 1400)],
                          ids=["local-pod-by-its-veth", "remote-backend-by-eth0"])
 def test_an_ipv6_packet_longer_than_the_way_out_is_answered_with_packet_too_big(
-        dp, net, svcs, frontend, dev, mtu):
+        dp, net, svcs, monitor, frontend, dev, mtu):
     """fp_lo's IPv6 half as its IPv4 one: checked against the device it
     redirects to, answered with ICMPv6 Packet Too Big into the node's stack
     (from the frontend, quoting the packet before the translation);
@@ -593,11 +610,15 @@ def test_an_ipv6_packet_longer_than_the_way_out_is_answered_with_packet_too_big(
         sport = next(_sport)
         big_init = init6(frontend, sport) / (b"\0" * (mtu + 100))
         before = too_big6_counted(dp)
+        monitor.poll()
         v, out, reason, kind, idx = on_lo(dp, net, big_init)
         assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-fragmentation-needed",
                                           "redirect-ingress", LO)
         packet_too_big(out, big_init, mtu)
         assert too_big6_counted(dp) == before + 1
+        # the monitor sees the drop (IPv6 events: the translated tuple)
+        backend = POD_B6 if dev == "caliB" else REMOTE6
+        assert told_events(monitor) == [(LO, frontend, backend, sport, 2906)]
         v, out, reason, kind, idx = on_lo(dp, net, init6(frontend, sport))
         assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect", net.idx(dev))
         backend = POD_B6 if dev == "caliB" else REMOTE6
