@@ -154,6 +154,11 @@ def test_the_nodes_ipv6_connection_to_its_own_nodeport_is_served_by_a_pod():
                     f"from-b {NODE6} {size} {NODE6}", size
             # by fp_lo's IPv6 half: three connections' packets counted there
             assert lo_counted(ag, "service-translated") >= translated + 3 * 3
+            # IPv6 needs no turn through lo for the pod's replies, so none of
+            # lo's accept_local either (IPv4's needs it: test_node_self.py)
+            n1.run(["sysctl", "-qw", "net.ipv4.conf.lo.accept_local=0"])
+            assert connect(n1, NODE6, NODEPORT, 1400) == f"from-b {NODE6} 1400 {NODE6}"
+            n1.run(["sysctl", "-qw", "net.ipv4.conf.lo.accept_local=1"])
         # the agent's detach took fp_lo off lo with the rest: refused again
         assert [f for f in tc.list_filters("lo", n1.netns) if f.name.startswith("fp_")] == []
         assert connect(n1, NODE6, NODEPORT, 2).startswith("ERROR 111")
