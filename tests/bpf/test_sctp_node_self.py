@@ -840,3 +840,18 @@ def test_no_ipv6_packet_from_outside_or_a_pod_is_handed_to_lo(dp, net, svcs):
         v, out, reason, kind, idx = node_run(dp, net, prog, pkt, dev)
         assert (kind, idx) != ("redirect-ingress", LO), (prog, pkt.summary())
         assert (v, kind) != (TC_ACT_REDIRECT, "redirect-ingress"), (prog, pkt.summary())
+
+
+def test_a_crc_left_to_offload_stays_zero_through_lo(dp, net, svcs):
+    """lo offers SCTP CRC offload, so the node's SCTP on lo leaves its
+    CRC32c zero for the device that finally sends it (CHECKSUM_PARTIAL):
+    the translation keeps it zero in both families, instead of "fixing" a
+    CRC that is not there yet."""
+    for pkt, dst in ((init(NODE_IP, NP_NEAR, next(_sport)), POD_B),
+                     (init6(EXT6, next(_sport)), POD_B6)):
+        pkt[SCTP].chksum = 0
+        v, out, reason, kind, idx = on_lo(dp, net, pkt)
+        assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-local", net.idx("caliB"))
+        o = Ether(out)
+        assert o[SCTP].chksum == 0 and o[SCTP].dport == 2906
+        assert (o[IP].dst if IP in o else o[IPv6].dst) == dst
