@@ -17,6 +17,10 @@ scheduler or a client around it. Arms:
             fast case: guards, lookups, reply check, redirect_peer)
 
 Conntrack is flushed before each arm's round, so every connection is new.
+With --steady it is not: the LRU tier is first filled with closed flows of
+other clients (so an insert evicts, as under real traffic) and each round's
+connections reuse the client ports of the round before, whose closed flows
+are still there (what a client making many short connections mostly finds).
 With --baseline REF the same arms also run on a second node netns whose
 programs are compiled from REF's bpf/ (git archive), alternated with this
 tree's in one process: per packet and per connection, before and after.
@@ -25,7 +29,7 @@ arms alternate, medians over rounds. This is where bench.nodeport_bench's
 "program time per connection" comes from, without its traffic noise: use it
 to see what a change to bpf/ costs or saves.
 
-    python -m bench.conn_prog_bench [--rounds 9] [--conns 300] [--baseline main]
+    python -m bench.conn_prog_bench [--rounds 9] [--conns 300] [--baseline main] [--steady] [--swap]
 """
 from __future__ import annotations
 
@@ -137,7 +141,18 @@ def _node(stack: contextlib.ExitStack, conns: int, tree: Optional[str]) -> dict:
                                 for i in range(conns)]}}
 
 
-def _measure(n: dict, arm: str, conns: int) -> tuple[dict, list]:
+def _fill_lru(n: dict) -> None:
+    """Fill the LRU tier with closed flows of clients no arm uses."""
+    from agent.datapath.maps import DEFS
+    t = n["dp"].lb.ct.tables["new"]
+    closed = next(v for v, c in DEFS.ct_states.items() if c.label == "closed")
+    for i in range(n["dp"].config.conntrack_new_map_size):
+        k = t.Key(saddr=0x0a640000 + i, daddr=0x0a650001, sport=1000, dport=80, proto=6,
+                  dir=i & 1)
+        t[k] = t.Leaf(state=closed, last_seen=0)
+
+
+def _measure(n: dict, arm: str, conns: int, steady: bool = False) -> tuple[dict, list]:
     """One round of an arm: ns per connection per program, and per packet."""
     from agent.datapath.libbpf import prog_test_run
     fds = n["fds"]
@@ -149,7 +164,8 @@ def _measure(n: dict, arm: str, conns: int) -> tuple[dict, list]:
                 raise RuntimeError(f"local: verdict {res.retval}")
             t += res.duration_ns
         return {"fp_from_pod": t / (conns * 8)}, []
-    n["dp"].lb.conntrack_flush()
+    if not steady:
+        n["dp"].lb.conntrack_flush()
     tot = {p: 0 for p in fds}
     pkt_ns = [0] * len(PACKETS)
     for conn in n["arms"][arm]:
@@ -162,7 +178,8 @@ def _measure(n: dict, arm: str, conns: int) -> tuple[dict, list]:
     return {p: v / conns for p, v in tot.items()}, [v / conns for v in pkt_ns]
 
 
-def run(rounds: int = 9, conns: int = 300, log=print, baseline: Optional[str] = None) -> dict:
+def run(rounds: int = 9, conns: int = 300, log=print, baseline: Optional[str] = None,
+        steady: bool = False, swap: bool = False) -> dict:
     """Per build ("tree", and "baseline" when `baseline` names a git ref)
     and arm: median ns per connection per program and per packet."""
     from agent.datapath.nsenter import in_netns
@@ -174,15 +191,22 @@ def run(rounds: int = 9, conns: int = 300, log=print, baseline: Optional[str] = 
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
             from bench.nodeport_profile import export_tree
             log(f"baseline {baseline}: {export_tree(baseline, tmp)}")
+            if swap:
+                builds["tree"] = _node(stack, conns, None)
             builds["baseline"] = _node(stack, conns, tmp)
-        builds["tree"] = _node(stack, conns, None)
+        if "tree" not in builds:
+            builds["tree"] = _node(stack, conns, None)
+        if steady:
+            for b in builds.values():
+                with in_netns(b["ns"]):
+                    _fill_lru(b)
         runs = [(b, a) for b in builds for a in ("nodeport", "direct", "local")]
         per = {r: [] for r in runs}
         pkts = {r: [] for r in runs}
         for r in range(rounds):
             for b, arm in (runs if r % 2 == 0 else list(reversed(runs))):
                 with in_netns(builds[b]["ns"]):
-                    progs, by_pkt = _measure(builds[b], arm, conns)
+                    progs, by_pkt = _measure(builds[b], arm, conns, steady)
                 per[(b, arm)].append(progs)
                 pkts[(b, arm)].append(by_pkt)
             log(f"  round {r + 1}/{rounds} " + " ".join(
@@ -213,8 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conns", type=int, default=300)
     ap.add_argument("--baseline", help="a git ref whose bpf/ runs beside this tree's, "
                                        "alternated in the same process")
+    ap.add_argument("--steady", action="store_true",
+                    help="no flush: the LRU tier full, client ports reused round after round")
+    ap.add_argument("--swap", action="store_true",
+                    help="set the tree's node up before the baseline's (the first node "
+                         "set up measured faster in --steady runs)")
     args = ap.parse_args(argv)
-    run(args.rounds, args.conns, baseline=args.baseline)
+    run(args.rounds, args.conns, baseline=args.baseline, steady=args.steady, swap=args.swap)
     return 0
 
 

@@ -16,6 +16,8 @@
 #include "lib/icmp.h"
 #include "lib/icmp6.h"
 #include "lib/ct6.h"
+#include "lib/event6.h"
+#include "lib/policy.h"
 
 /* the loopback's ifindex in every network namespace (the kernel's
  * LOOPBACK_IFINDEX) */
@@ -104,10 +106,12 @@ static __always_inline int fp_lo_answer(struct __sk_buff *skb, __be16 proto, voi
 
 /* Returns 0 when the packet fits `ifindex` (or the check cannot tell),
  * else 1 with *verdict: the error redirected into lo's ingress, or a drop
- * when it cannot be built. `frontend`: the address the node sent to. */
+ * when it cannot be built. `frontend`:`fport`: what the node sent to (ip
+ * and l4: the translated packet). The monitor gets the drop as any other. */
 static __always_inline int fp_lo_too_big(struct __sk_buff *skb, __u32 ifindex,
 					 const struct fp_lo_quote *q, const struct fp_ipv4 *ip,
-					 __be32 frontend, int *verdict)
+					 const struct fp_l4 *l4, __be32 frontend, __be16 fport,
+					 int *verdict)
 {
 	struct fp_icmp_reply r = {};
 	__u32 mtu = 0;
@@ -117,6 +121,8 @@ static __always_inline int fp_lo_too_big(struct __sk_buff *skb, __u32 ifindex,
 		return 0;
 	barrier_var(skb);
 	fp_count(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_FRAG_NEEDED, skb->len);
+	fp_report(skb, FP_DIR_TO_VPC, FP_DROP_FRAG_NEEDED, ip, l4->sport, l4->dport, ip->saddr,
+		  frontend, fport, NULL);
 	*verdict = TC_ACT_SHOT;
 	__builtin_memcpy(r.quote, q->b, sizeof(r.quote));
 	r.ip.version = 4;
@@ -152,6 +158,16 @@ static __always_inline int fp_lo_too_big(struct __sk_buff *skb, __u32 ifindex,
  * the port-unreachable reject, which returns. */
 #define FP_ICMP6_PKT_TOOBIG 2
 
+/* The MTU the answer tells: 8 bytes below the way out's, never below
+ * IPv6's minimum (an error telling less is ignored). The node's IPv6
+ * stack records a path MTU for one of its own addresses only below the MTU
+ * of the device that holds the address (a route exception at or above it
+ * is refused, and the error is then without effect), and in the usual
+ * layout that device (eth0) and the way out (a pod's veth, an ENI) have
+ * one MTU. IPv4 has no such rule: its answer tells the MTU itself. */
+#define FP_IP6_MIN_MTU 1280
+#define FP_LO6_TOLD_MTU(mtu) ((mtu) >= FP_IP6_MIN_MTU + 8 ? (mtu) - 8 : FP_IP6_MIN_MTU)
+
 /* The packet as the node sent it, into the scratch's quote; NULL when the
  * scratch is missing (no check then). On a failed load the helper zeroes
  * it: a packet that short fits any way out. */
@@ -165,9 +181,11 @@ static __always_inline struct fp_icmp6_work *fp_lo6_quote(struct __sk_buff *skb,
 	return w;
 }
 
-/* fp_lo_too_big's IPv6 twin; `w` from fp_lo6_quote. */
+/* fp_lo_too_big's IPv6 twin; `w` from fp_lo6_quote, `ip` the translated
+ * packet (the monitor's IPv6 events carry no frontend). */
 static __always_inline int fp_lo6_too_big(struct __sk_buff *skb, __u32 ifindex,
-					  struct fp_icmp6_work *w, int *verdict)
+					  struct fp_icmp6_work *w, const struct fp_ipv6 *ip,
+					  int *verdict)
 {
 	__u32 mtu = 0;
 	__s64 sum;
@@ -177,6 +195,7 @@ static __always_inline int fp_lo6_too_big(struct __sk_buff *skb, __u32 ifindex,
 	barrier_var(skb);
 	fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_FRAG_NEEDED, skb->len,
 			FP_FAM_IPV6);
+	fp_report6(skb, FP_DIR_TO_VPC, FP_DROP_FRAG_NEEDED, ip);
 	__builtin_memset(&w->r, 0, sizeof(w->r) - sizeof(w->r.quote));
 	__builtin_memset(&w->ph, 0, sizeof(w->ph));
 	w->r.ip.version = 6;
@@ -187,7 +206,8 @@ static __always_inline int fp_lo6_too_big(struct __sk_buff *skb, __u32 ifindex,
 	__builtin_memcpy(&w->r.ip.saddr, w->r.quote + 24, 16);
 	__builtin_memcpy(&w->r.ip.daddr, w->r.quote + 8, 16);
 	w->r.type = FP_ICMP6_PKT_TOOBIG;
-	w->r.unused = bpf_htonl(mtu);   /* a Packet Too Big's MTU field */
+	/* a Packet Too Big's MTU field: FP_LO6_TOLD_MTU */
+	w->r.unused = bpf_htonl(FP_LO6_TOLD_MTU(mtu));
 	__builtin_memcpy(w->ph.saddr, w->r.quote + 24, 16);
 	__builtin_memcpy(w->ph.daddr, w->r.quote + 8, 16);
 	w->ph.len = bpf_htonl(sizeof(w->r) - sizeof(w->r.ip));

@@ -184,6 +184,54 @@ def test_a_client_reusing_its_port_gets_its_new_flows_reply_entry_and_no_old_one
             break
     assert {("local", "local"), ("local", "remote"), ("remote", "local")} <= seen, seen
 
+def test_a_new_flow_on_a_closed_flows_tuple_to_the_same_backend_is_whole_and_promotes(
+        dp, net, svcs):
+    """A client reopening the tuple of a closed connection that the same
+    (only) backend served: the old flow's two entries, still in the LRU
+    tier under the new flow's keys, become the new flow's: new state, none
+    of the old FIN flags, a fresh stamp; the handshake is un-NATed and
+    promotes both entries, and a FIN of the new flow is its first."""
+    sport = 46001
+    cpod = Ether(src=net.pod_mac["B"], dst=net.mac("caliB"))
+
+    def client(flags):
+        v, out, *_ = run(dp, net, "fp_from_vpc",
+                         from_outside(net, NODE_IP, 30084, sport, flags=flags), "eth0")
+        assert v == TC_ACT_REDIRECT and Ether(out)[IP].dst == POD_B, flags
+        return Ether(out)
+
+    def pod(flags):
+        v, out, *_ = run(dp, net, "fp_from_pod", cpod / IP(src=POD_B, dst=CLIENT) /
+                         TCP(sport=8080, dport=sport, flags=flags), "caliB")
+        o = Ether(out)
+        assert (o[IP].src, o[TCP].sport) == (NODE_IP, 30084), flags
+        return o
+
+    def rows():
+        fwd = ct_rows(dp, direction="forward", saddr=CLIENT, sport=sport, dport=30084)
+        rep = ct_rows(dp, direction="reply", saddr=POD_B, daddr=CLIENT, dport=sport)
+        assert len(fwd) == 1 and len(rep) == 1, (fwd, rep)
+        return fwd[0], rep[0]
+
+    for side, f in ((client, "S"), (pod, "SA"), (client, "A"), (client, "FA"), (pod, "FA"),
+                    (client, "A")):
+        side(f)
+    old = rows()
+    assert [(r.state, r.table) for r in old] == [("closed", "new")] * 2
+    assert all(r.flags for r in old), "both FINs are on the closed flow's entries"
+
+    client("S")
+    new = rows()
+    assert [(r.state, r.table, r.flags) for r in new] == [("new", "new", 0)] * 2
+    assert all(n.last_seen_ns >= o.last_seen_ns for n, o in zip(new, old))
+    assert [(r.nat_addr, r.nat_port) for r in new] == [(POD_B, 8080), (NODE_IP, 30084)]
+    assert_checksums_valid(bytes(pod("SA")))
+    client("A")
+    assert [(r.state, r.table) for r in rows()] == [("established", "established")] * 2
+    client("FA")
+    assert [r.state for r in rows()] == ["fin-wait"] * 2, "the new flow's first FIN"
+
+
 def test_a_node_port_to_a_backend_on_another_node_is_snated_and_its_reply_reversed(dp, net, svcs):
     v, out, reason, kind, idx = run(dp, net, "fp_from_vpc",
                                     from_outside(net, NODE_IP, 30081, 40100), "eth0")

@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
 from scapy.layers.sctp import SCTP, SCTPChunkData, SCTPChunkInit, SCTPChunkInitAck
 
@@ -95,9 +95,9 @@ OBJECTS = [
     service("self", ip=SELF, typ="NodePort", ports=sig(NP_SELF)),
     eslice("self-1", "self", [ep(NODE_IP, node=NODE)], ports=SIG_EP),
     # IPv6: external IPs the node holds
-    service("near6", ip="fd00:16::30", ports=sig(None)[:1], ipFamilies=["IPv6"],
+    service("near6", ip="fd00:16::30", ports=sig(None), ipFamilies=["IPv6"],
             clusterIPs=["fd00:16::30"], externalIPs=[EXT6]),
-    eslice("near6-1", "near6", [ep(POD_B6, node=NODE)], ports=SIG_EP[:1], address_type="IPv6"),
+    eslice("near6-1", "near6", [ep(POD_B6, node=NODE)], ports=SIG_EP, address_type="IPv6"),
     service("far6", ip="fd00:16::31", ports=sig(None)[:1], ipFamilies=["IPv6"],
             clusterIPs=["fd00:16::31"], externalIPs=[EXT6_FAR]),
     eslice("far6-1", "far6", [ep(REMOTE6, node="node-b")], ports=SIG_EP[:1],
@@ -313,9 +313,22 @@ def test_everything_else_on_lo_passes_untouched_and_unrecorded(dp, net, svcs):
         init("127.0.0.1", NP_NEAR, sport, src="127.0.0.1"),
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src="::1", dst="::1") /
         SCTP(sport=sport, dport=NP_NEAR),
-        # IPv6 TCP to an external IP the node holds
+        # IPv6 TCP to an external IP the node holds, on a port no frontend has
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) /
-        TCP(sport=sport, dport=80, flags="S"),
+        TCP(sport=sport, dport=81, flags="S"),
+        # IPv4 fragments of SCTP to a frontend, first and later (as IPv6's)
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IP(src=NODE_IP, dst=NODE_IP, flags="MF", id=7) /
+        SCTP(sport=sport, dport=NP_NEAR) / (b"f" * 64),
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IP(src=NODE_IP, dst=NODE_IP, frag=9, id=7,
+                                                proto=132) / (b"f" * 64),
+        # IPv6 fragments of SCTP to a frontend, first and later (a fragment's
+        # CRC covers bytes it lacks: never translated)
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) /
+        IPv6ExtHdrFragment(m=1, id=7, offset=0) / SCTP(sport=sport, dport=2905) / (b"f" * 64),
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) / IPv6ExtHdrHopByHop() /
+        IPv6ExtHdrFragment(m=1, id=8, offset=0) / SCTP(sport=sport, dport=2905) / (b"f" * 64),
+        Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6) / IPv6ExtHdrHopByHop() /
+        IPv6ExtHdrFragment(m=0, id=8, offset=9, nh=132) / (b"f" * 64),
         # not IP at all
         Ether(src=ZERO_MAC, dst=ZERO_MAC) / ARP(psrc=NODE_IP, pdst=NODE_IP),
     ]
@@ -364,8 +377,33 @@ def test_the_production_build_translates_sctp_on_lo_and_lets_tcp_pass(bpffs, net
                     TCP(sport=sport, dport=NP_NEAR, flags="S")
                 res = prog_test_run(prod.prog_fd("fp_lo"), bytes(syn), ifindex=LO)
                 assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn))
+                # IPv6 alike: TCP to a frontend the node holds passes (the
+                # test build translates it, the next test)
+                res = prog_test_run(prod.prog_fd("fp_lo"), bytes(syn6(sport)), ifindex=LO)
+                assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn6(sport)))
     finally:
         prod.close()
+
+
+def syn6(sport):
+    return Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6, hlim=64) / \
+        TCP(sport=sport, dport=80, flags="S", seq=1000)
+
+
+def test_the_test_build_takes_ipv6_tcp_on_lo_as_the_production_build_takes_sctp(dp, net, svcs):
+    """The stand-in the IPv6 vm-test (vm-tests/test_node_self6.py) runs
+    real traffic through: the test build's fp_lo translates the node's IPv6
+    TCP to a frontend it holds as the production build its SCTP, checksum
+    fixed (scapy recomputes it)."""
+    sport = next(_sport)
+    v, out, reason, kind, idx = on_lo(dp, net, syn6(sport))
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-local", "redirect",
+                                      net.idx("caliB"))
+    o = Ether(out)
+    assert (o[IPv6].src, o[TCP].sport, o[IPv6].dst, o[TCP].dport) == (EXT6, sport, POD_B6, 8080)
+    fresh = Ether(out)
+    del fresh[TCP].chksum
+    assert Ether(bytes(fresh))[TCP].chksum == o[TCP].chksum
 
 
 # -- the path MTU: lo's is 65,536, the way out's is not ----------------------------
@@ -390,6 +428,20 @@ def frag_needed(out: bytes, sent, mtu: int):
     assert bytes(o[ICMP].payload) == bytes(sent[IP])[:40] and len(out) == 14 + 20 + 8 + 40
 
 
+@pytest.fixture(scope="module")
+def monitor(dp):
+    from tests.bpf.conftest import Events
+    ev = Events(dp)
+    ev.poll()
+    return ev
+
+
+def told_events(monitor) -> list[tuple]:
+    """The monitor's fragmentation-needed drops since the last poll."""
+    return [(e["ifindex"], e["saddr"], e["daddr"], e["sport"], e["dport"])
+            for e in monitor.decoded() if e["reason"] == "dropped-fragmentation-needed"]
+
+
 def frag_counted(dp) -> int:
     return sum(r.packets for r in dp.maps.counters()
                if (r.ifindex, r.direction, r.reason) == (LO, "to-vpc",
@@ -410,7 +462,7 @@ def mtu_of(net, dev, mtu):
 @pytest.mark.parametrize("dport,dev,mtu", [(NP_NEAR, "caliB", 1500), (NP_FAR, "eth0", 1400)],
                          ids=["local-pod-by-its-veth", "remote-backend-by-eth0"])
 def test_a_packet_longer_than_the_way_out_is_answered_with_fragmentation_needed(
-        dp, net, svcs, dport, dev, mtu):
+        dp, net, svcs, monitor, dport, dev, mtu):
     """The node's stack sized the packet by lo's MTU: fp_lo checks it against
     the device it redirects to and tells the node's stack that device's MTU,
     quoting the packet as the node sent it (the frontend, before the
@@ -420,11 +472,14 @@ def test_a_packet_longer_than_the_way_out_is_answered_with_fragmentation_needed(
         # a large INIT (an INIT with a long cookie-preservative padding)
         big_init = init(NODE_IP, dport, sport) / (b"\0" * (mtu + 100))
         before = frag_counted(dp)
+        monitor.poll()
         v, out, reason, kind, idx = on_lo(dp, net, big_init)
         assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-fragmentation-needed",
                                           "redirect-ingress", LO)
         frag_needed(out, big_init, mtu)
         assert frag_counted(dp) == before + 1
+        # the monitor sees the drop, from the node to the frontend it reached
+        assert told_events(monitor) == [(LO, NODE_IP, NODE_IP, sport, dport)]
         # the INIT that fits opens the association; DATA up to the MTU passes
         # translated, one byte word more is answered
         v, out, reason, kind, idx = on_lo(dp, net, init(NODE_IP, dport, sport))
@@ -517,7 +572,9 @@ def data6_of_ip_len(dst, sport, ip_len, dport=2905):
 
 def packet_too_big(out: bytes, sent, mtu: int):
     """out is ICMPv6 Packet Too Big into lo's ingress from the frontend the
-    node sent to, telling `mtu` and quoting the IPv6 header and 20 bytes of
+    node sent to, telling 8 bytes less than `mtu` (lib/lo.h FP_LO6_TOLD_MTU:
+    the node's stack takes no path MTU to its own address at or above the
+    MTU of the device that holds it; vm-tests/test_node_self6.py) and quoting the IPv6 header and 20 bytes of
     the packet exactly as the node sent it (lib/lo.h's fixed quote)."""
     from scapy.layers.inet6 import ICMPv6PacketTooBig
     o = Ether(out)
@@ -525,7 +582,7 @@ def packet_too_big(out: bytes, sent, mtu: int):
     assert (o[IPv6].src, o[IPv6].dst, o[IPv6].nh, o[IPv6].hlim) == \
         (sent[IPv6].dst, sent[IPv6].src, 58, 64)
     assert (o[ICMPv6PacketTooBig].type, o[ICMPv6PacketTooBig].code,
-            o[ICMPv6PacketTooBig].mtu) == (2, 0, mtu)
+            o[ICMPv6PacketTooBig].mtu) == (2, 0, mtu - 8)
     fresh = Ether(out)
     del fresh[ICMPv6PacketTooBig].cksum
     fresh = Ether(bytes(fresh))
@@ -544,7 +601,7 @@ def too_big6_counted(dp) -> int:
 @pytest.mark.parametrize("frontend,dev,mtu", [(EXT6, "caliB", 1500), (EXT6_FAR, "eth0", 1400)],
                          ids=["local-pod-by-its-veth", "remote-backend-by-eth0"])
 def test_an_ipv6_packet_longer_than_the_way_out_is_answered_with_packet_too_big(
-        dp, net, svcs, frontend, dev, mtu):
+        dp, net, svcs, monitor, frontend, dev, mtu):
     """fp_lo's IPv6 half as its IPv4 one: checked against the device it
     redirects to, answered with ICMPv6 Packet Too Big into the node's stack
     (from the frontend, quoting the packet before the translation);
@@ -553,11 +610,15 @@ def test_an_ipv6_packet_longer_than_the_way_out_is_answered_with_packet_too_big(
         sport = next(_sport)
         big_init = init6(frontend, sport) / (b"\0" * (mtu + 100))
         before = too_big6_counted(dp)
+        monitor.poll()
         v, out, reason, kind, idx = on_lo(dp, net, big_init)
         assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "dropped-fragmentation-needed",
                                           "redirect-ingress", LO)
         packet_too_big(out, big_init, mtu)
         assert too_big6_counted(dp) == before + 1
+        # the monitor sees the drop (IPv6 events: the translated tuple)
+        backend = POD_B6 if dev == "caliB" else REMOTE6
+        assert told_events(monitor) == [(LO, frontend, backend, sport, 2906)]
         v, out, reason, kind, idx = on_lo(dp, net, init6(frontend, sport))
         assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect", net.idx(dev))
         backend = POD_B6 if dev == "caliB" else REMOTE6
@@ -668,3 +729,129 @@ def test_ipv6_sctp_on_lo_that_is_no_reply_of_a_translated_association_passes_unt
         v, out, reason, kind, _ = on_lo(dp, net, pkt)
         assert (v, out, reason, kind) == (TC_ACT_UNSPEC, bytes(pkt), DEFS.reason(NOT_RECORDED),
                                           "none"), pkt.summary()
+
+
+# -- IPv6: extension headers before SCTP -------------------------------------------
+
+@pytest.mark.parametrize("ext", ["hop-by-hop", "destination-options", "both"])
+def test_the_nodes_ipv6_sctp_with_extension_headers_is_translated_on_lo_too(dp, net, svcs, ext):
+    """A node socket with sticky options (IPV6_HOPOPTS, IPV6_DSTOPTS) sends
+    its SCTP behind extension headers: fp_lo walks them as the node's
+    interfaces do, instead of taking the first header for the transport;
+    the headers are kept, the CRC is fixed past them."""
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+    sport = next(_sport)
+    hdrs = {"hop-by-hop": IPv6ExtHdrHopByHop(),
+            "destination-options": IPv6ExtHdrDestOpt(),
+            "both": IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()}[ext]
+    sent = Ether(src=ZERO_MAC, dst=ZERO_MAC) / IPv6(src=EXT6, dst=EXT6, hlim=64) / hdrs / \
+        SCTP(sport=sport, dport=2905, tag=0) / init_chunk()
+    v, out, reason, kind, idx = on_lo(dp, net, sent)
+    assert (v, reason, kind, idx) == (TC_ACT_REDIRECT, "redirected-local", "redirect",
+                                      net.idx("caliB"))
+    o = Ether(out)
+    assert tuple6(out) == (EXT6, sport, POD_B6, 2906) and crc6_ok(out)
+    n = len(hdrs)
+    assert bytes(o[IPv6].payload)[:n] == bytes(sent[IPv6].payload)[:n] and len(out) == len(sent)
+    # the pod's answer (without the headers) gets the address back as before
+    back = Ether(src=net.pod_mac["B"], dst=net.mac("caliB")) / \
+        IPv6(src=POD_B6, dst=EXT6, hlim=64) / SCTP(sport=2906, dport=sport, tag=7) / \
+        init_ack_chunk()
+    v, out, *_ = node_run(dp, net, "fp_from_pod", back, "caliB")
+    assert v == TC_ACT_UNSPEC and tuple6(out) == (EXT6, 2905, EXT6, sport) and crc6_ok(out)
+
+
+# -- ICMP errors about the node's own association to itself --------------------------
+
+def test_an_icmp_error_about_the_nodes_association_to_itself_reaches_it_restored(
+        dp, net, svcs):
+    """A router on the way to a remote backend (fragmentation needed) or the
+    backend itself (port unreachable) answers the translated packet: the
+    error reaches the node's stack about the packet as the node sent it
+    (its NodePort), and one the backend sent comes from the NodePort, so
+    it too is from the node's own address to itself: lo's ingress."""
+    sport = next(_sport)
+    on_lo(dp, net, init(NODE_IP, NP_FAR, sport))
+    sent_on = data(REMOTE, 2906, sport, b"z" * 64)        # as it left eth0
+    for src, typ, code, where in ((GW, 3, 4, "stack"), (REMOTE, 3, 3, "lo")):
+        err = Ether(src=GW_MAC, dst=net.mac("eth0")) / IP(src=src, dst=NODE_IP, ttl=63) / \
+            ICMP(type=typ, code=code, nexthopmtu=1400 if code == 4 else 0) / \
+            bytes(sent_on[IP])[:48]
+        v, out, reason, kind, idx = node_run(dp, net, "fp_from_vpc", err, "eth0")
+        o = Ether(out)
+        q = IP(bytes(o[ICMP].payload))
+        assert (q.src, q.dst, q[SCTP].sport, q[SCTP].dport) == (NODE_IP, NODE_IP, sport,
+                                                                NP_FAR), src
+        fresh = Ether(out)
+        del fresh[ICMP].chksum, fresh[IP].chksum
+        fresh = Ether(bytes(fresh))
+        assert (fresh[ICMP].chksum, fresh[IP].chksum) == (o[ICMP].chksum, o[IP].chksum), src
+        if where == "stack":
+            assert v in (TC_ACT_UNSPEC, 0) and (o[IP].src, o[IP].dst) == (GW, NODE_IP)
+        else:
+            assert (v, kind, idx) == (TC_ACT_REDIRECT, "redirect-ingress", LO), src
+            assert (o[IP].src, o[IP].dst) == (NODE_IP, NODE_IP) and into_lo(out)
+
+
+def test_an_icmpv6_error_about_the_nodes_ipv6_association_to_itself_reaches_it_restored(
+        dp, net, svcs):
+    """IPv6 alike, to the stack where it arrives (IPv6 input takes the
+    node's own address as source on any device)."""
+    from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig
+    sport = next(_sport)
+    v, *_ = on_lo(dp, net, init6(EXT6_FAR, sport))
+    assert v == TC_ACT_REDIRECT
+    sent_on = Ether() / IPv6(src=EXT6_FAR, dst=REMOTE6, hlim=64) / \
+        SCTP(sport=sport, dport=2906, tag=9) / SCTPChunkData(tsn=1, data=b"z" * 64)
+    for src, icmp in ((GW6, ICMPv6PacketTooBig(mtu=1400)), (REMOTE6, ICMPv6DestUnreach(code=4))):
+        err = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=src, dst=EXT6_FAR, hlim=63) / \
+            icmp / bytes(sent_on[IPv6])[:60]
+        v, out, reason, kind, idx = node_run(dp, net, "fp_from_vpc", err, "eth0")
+        assert v in (TC_ACT_UNSPEC, 0), src
+        o = Ether(out)
+        q = IPv6(bytes(o[icmp.__class__].payload))
+        assert (q.src, q.dst, q[SCTP].sport, q[SCTP].dport) == (EXT6_FAR, EXT6_FAR, sport,
+                                                                2905), src
+        assert (o[IPv6].src, o[IPv6].dst) == (EXT6_FAR if src == REMOTE6 else GW6, EXT6_FAR)
+        fresh = Ether(out)
+        del fresh[icmp.__class__].cksum
+        assert Ether(bytes(fresh))[icmp.__class__].cksum == o[icmp.__class__].cksum, src
+
+
+def test_no_ipv6_packet_from_outside_or_a_pod_is_handed_to_lo(dp, net, svcs):
+    """IPv6 hands nothing it restores to lo's ingress (the stack takes the
+    node's own address as source on any device): a packet from outside or
+    from a pod claiming the node's address, or forging a reply of an
+    association that does not exist, is never redirected into lo."""
+    sport = next(_sport)
+    cases = [
+        ("fp_from_vpc", "eth0", sctp6(NODE_IP6, NODE_IP6, 2906, sport, init_ack_chunk(), tag=7,
+                                      smac=GW_MAC, dmac=net.mac("eth0"))),
+        ("fp_from_vpc", "eth0", sctp6(NODE_IP6, EXT6, sport, 2905, init_chunk(),
+                                      smac=GW_MAC, dmac=net.mac("eth0"))),
+        ("fp_from_vpc", "eth0", sctp6(REMOTE6, EXT6_FAR, 2906, sport, init_ack_chunk(), tag=7,
+                                      smac=GW_MAC, dmac=net.mac("eth0"))),
+        ("fp_from_pod", "caliB", sctp6(POD_B6, EXT6, 2906, sport, init_ack_chunk(), tag=7,
+                                       smac=net.pod_mac["B"], dmac=net.mac("caliB"))),
+        ("fp_from_pod", "caliB", sctp6(NODE_IP6, NODE_IP6, 2906, sport, init_ack_chunk(), tag=7,
+                                       smac=net.pod_mac["B"], dmac=net.mac("caliB"))),
+    ]
+    for prog, dev, pkt in cases:
+        v, out, reason, kind, idx = node_run(dp, net, prog, pkt, dev)
+        assert (kind, idx) != ("redirect-ingress", LO), (prog, pkt.summary())
+        assert (v, kind) != (TC_ACT_REDIRECT, "redirect-ingress"), (prog, pkt.summary())
+
+
+def test_a_crc_left_to_offload_stays_zero_through_lo(dp, net, svcs):
+    """lo offers SCTP CRC offload, so the node's SCTP on lo leaves its
+    CRC32c zero for the device that finally sends it (CHECKSUM_PARTIAL):
+    the translation keeps it zero in both families, instead of "fixing" a
+    CRC that is not there yet."""
+    for pkt, dst in ((init(NODE_IP, NP_NEAR, next(_sport)), POD_B),
+                     (init6(EXT6, next(_sport)), POD_B6)):
+        pkt[SCTP].chksum = 0
+        v, out, reason, kind, idx = on_lo(dp, net, pkt)
+        assert (v, reason, idx) == (TC_ACT_REDIRECT, "redirected-local", net.idx("caliB"))
+        o = Ether(out)
+        assert o[SCTP].chksum == 0 and o[SCTP].dport == 2906
+        assert (o[IP].dst if IP in o else o[IPv6].dst) == dst
