@@ -15,6 +15,8 @@ stops the run naming it: the patches follow the code they cut.
   python -m bench.ipv6_ablate [--rounds N] [--calls N] [--only a,b] [--paths local,svc]
   python -m bench.ipv6_ablate --dirs main=/path/to/old/bpf,change=bpf --paths local,eni,vpc,svc,reply,syn
       (whole builds side by side instead of variants: a before/after table)
+  python -m bench.ipv6_ablate --dirs armed=bpf,unarmed=bpf --unarmed unarmed --paths local,eni,svc,reply
+      (the same build with its IPv6 address marks armed, as the agent runs it, and not)
 
 Measurement only: nothing is recorded in bench/RESULTS.md.
 """
@@ -125,7 +127,10 @@ def main() -> int:
     ap.add_argument("--only", default="")
     ap.add_argument("--paths", default="local")
     ap.add_argument("--dirs", default="", help="name=bpfdir,... : whole builds instead of variants")
+    ap.add_argument("--unarmed", default="", help="name,... : builds whose IPv6 address marks "
+                    "(fp_mark6_v1) stay unarmed")
     args = ap.parse_args()
+    unarmed = set(filter(None, args.unarmed.split(",")))
     names = [n for n in V if not args.only or n in args.only.split(",") or n == "base"]
     dirs = dict(x.split("=") for x in args.dirs.split(",")) if args.dirs else {}
     if dirs:
@@ -164,6 +169,12 @@ def main() -> int:
                 dp.lb.put_backend(bid, ip, 8080, "TCP")
                 dp.lb.put_slots(slots, [bid])
                 dp.lb.put_service(vip, 80, "TCP", slots, 1)
+            # as the agent does once its programs run (Agent.start): the
+            # reverse and frontend lookups are skipped where they cannot hit
+            # (--unarmed: a build left as a first start finds it, skipping
+            # nothing: the marks' effect, beside the same build armed)
+            if n not in unarmed:
+                dp.maps.mark6_arm()
         pkts = B._packets(links)
         arms = []
         for n in names:

@@ -166,6 +166,9 @@ def run(rounds: int = 7, calls: int = 5000, record_results: bool = True, log=pri
             dp.lb.put_backend(bid, ip, 8080, "TCP")
             dp.lb.put_slots(slots, [bid])
             dp.lb.put_service(vip, 80, "TCP", slots, 1)
+        # as the agent does once its programs run (Agent.start): the reverse
+        # and frontend lookups are skipped where they cannot hit
+        dp.maps.mark6_arm()
         pkts = _packets(links)
         times: dict[str, list[float]] = {f"{p}.{f}": [] for p in PATHS for f in ("v4", "v6")}
         with in_netns(ns):

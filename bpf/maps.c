@@ -276,6 +276,43 @@ static __always_inline struct fp_backend4 *fp_slot_backend(__u32 svc_id, __u32 s
 	return FP_MAP_BACKENDS.lookup(&s->backend_id);
 }
 
+/* ---- IPv6 address marks (fastpath.h FP_MAP_MARK6) ---- */
+
+BPF_TABLE_PINNED("array", __u32, __u8, FP_MAP_MARK6, FP_MARK6_ARMED + 1, FP_PIN(FP_MAP_MARK6));
+
+static __always_inline __u32 fp_mark6_slot(const void *addr)
+{
+	const __u32 *a = addr;
+
+	return ((a[0] ^ a[1] ^ a[2] ^ a[3]) * FP_MARK6_MULT) >> (32 - FP_MARK6_BITS);
+}
+
+/* `region` + slot: FP_MARK6_REPLY_SRC or FP_MARK6_FRONTEND */
+static __always_inline void fp_mark6_set(__u32 idx)
+{
+	__u8 *b = FP_MAP_MARK6.lookup(&idx);
+
+	if (b && !*b)
+		*b = 1;
+}
+
+static __always_inline int fp_mark6_armed(void)
+{
+	__u32 armed = FP_MARK6_ARMED;
+	__u8 *on = FP_MAP_MARK6.lookup(&armed);
+
+	return on && *on;
+}
+
+/* 0 only when the slot is unmarked: under an armed map, nothing hashing
+ * there can be found (the lookup it stands for would miss) */
+static __always_inline int fp_mark6_is(__u32 idx)
+{
+	__u8 *b = FP_MAP_MARK6.lookup(&idx);
+
+	return !b || *b;
+}
+
 /* ---- conntrack (callers: lib/ct.h only) ---- */
 
 #define FP_CT_TIER_EST 1       /* FP_MAP_CT */
@@ -909,6 +946,8 @@ static __always_inline int fp_ct6_tier_put(int tier, struct fp_ct6_key *key, str
 {
 	if (fp_whatif())
 		return 0;
+	if (key->dir == FP_CT_REPLY)
+		fp_mark6_set(FP_MARK6_REPLY_SRC + fp_mark6_slot(key->saddr));
 	if (tier == FP_CT_TIER_EST)
 		return FP_MAP_CT6.update(key, val);
 	return FP_MAP_CT_NEW6.update(key, val);

@@ -614,7 +614,7 @@ static __always_inline int fp_from_pod6_established(struct __sk_buff *skb, struc
 						    struct fp_l4 *l4, int *also)
 {
 	struct fp_config *cfg = fp_config_get();
-	int rc;
+	int rc, armed;
 
 	if (ip->frag != FP_IP6_NOT_FRAG)
 		return FP_WALK_ON;
@@ -625,14 +625,20 @@ static __always_inline int fp_from_pod6_established(struct __sk_buff *skb, struc
 		return FP_WALK_ON;
 	if (fp_bypass6_match(ip->daddr))
 		return FP_WALK_ON;
-	if (fp_ct6_frontend(ip, l4, 0))
+	/* lookups only where they can hit (fastpath.h FP_MAP_MARK6): no
+	 * frontend has an address in an unmarked slot, no reply entry a
+	 * source in one */
+	armed = fp_mark6_armed();
+	if ((!armed || fp_mark6_is(FP_MARK6_FRONTEND + fp_mark6_slot(ip->daddr))) &&
+	    fp_ct6_frontend(ip, l4, 0))
 		return FP_WALK_SVC6;
 	/* with NetworkPolicy on, a flow it admitted already: fp_pod6_route's
 	 * judging of such a packet is this lookup (and its refresh), nothing
 	 * else; any other packet is judged there */
 	if (fp_policy_enabled() && !fp_ct6_policy_seen(ip, l4, bpf_ktime_get_ns()))
 		return FP_WALK_ON;
-	rc = fp_ct6_reverse(skb, ip, l4);
+	rc = armed && !fp_mark6_is(FP_MARK6_REPLY_SRC + fp_mark6_slot(ip->saddr)) ? 0 :
+		fp_ct6_reverse(skb, ip, l4);
 	if (rc < 0)
 		return fp_drop6(skb, FP_DROP_CSUM, ip, TC_ACT_SHOT);
 	/* a local backend's reply to a client outside: the node's routing

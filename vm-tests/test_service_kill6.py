@@ -14,11 +14,13 @@ sends a numbered message every 20 ms on each and checks every echo.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import sys
 import time
 
 from agent.api import wire
-from agent.datapath.maps import MAP
+from agent.datapath.maps import DEFS, MAP, mark6_slot
 from agent.sim import manifests as mf
 from agent.sim.agent import AgentProcess, private_paths
 from agent.sim.world import World
@@ -73,6 +75,25 @@ def translated6(paths) -> int:
                if c["key"]["reason"] == reason and c["key"]["family"] == 1)
 
 
+defs = DEFS.defines
+
+
+def slot6(ip: str) -> int:
+    return mark6_slot(ipaddress.IPv6Address(ip).packed)
+
+
+def marks6(paths) -> set[int]:
+    """The marked entries of the IPv6 address marks (fastpath.h
+    FP_MAP_MARK6), read through the pin."""
+    from agent.datapath import pinned as pins
+    maps = pins.open_maps(f"{paths.bpffs}/fastpath")
+    try:
+        return {int.from_bytes(bytes(k)[:4], sys.byteorder)
+                for k, v in maps[MAP["FP_MAP_MARK6"]].items() if bytes(v)[0]}
+    finally:
+        pins.close_all(maps)
+
+
 def test_ipv6_clusterip_flows_translated_per_packet_survive_kill9_and_restart():
     with World(dual_stack=True) as w:
         n1, n2 = w.add_node("n1", enis=1), w.add_node("n2", enis=1)
@@ -102,6 +123,15 @@ def test_ipv6_clusterip_flows_translated_per_packet_survive_kill9_and_restart():
                 time.sleep(2)
                 before = flows6(paths, a.ip6)
                 count = translated6(paths)
+                # the agent armed the marks (docs/ipv6.md "lookups only
+                # where they can hit"): b, a backend, marked as a reply
+                # source, the frontend's address marked; a, the client,
+                # not (its replies skip the reverse lookup)
+                want = {defs["FP_MARK6_ARMED"], defs["FP_MARK6_FRONTEND"] + slot6(VIP6),
+                        defs["FP_MARK6_REPLY_SRC"] + slot6(b.ip6)}
+                assert want <= marks6(paths)
+                assert defs["FP_MARK6_REPLY_SRC"] + slot6(a.ip6) not in marks6(paths) or \
+                    slot6(a.ip6) == slot6(b.ip6)
 
                 agent.kill(9)                   # crash: pins and filters stay
                 time.sleep(3)                   # traffic on the pinned programs alone
@@ -114,6 +144,9 @@ def test_ipv6_clusterip_flows_translated_per_packet_survive_kill9_and_restart():
                     {f: v[:3] for f, v in before.items()}
                 assert all(after[f][3] > before[f][3] for f in before)
                 assert translated6(paths) > count
+                # the restarted agent found them armed and marked, the
+                # flows' replies still restored (the load's peers: VIP6)
+                assert want <= marks6(paths)
                 running = load.running()
                 results = load.results()
                 seconds = time.monotonic() - t0

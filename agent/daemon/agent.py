@@ -152,6 +152,11 @@ class Agent:
         self.datapath.finish_migration()
         for note in self.datapath.migration_notes:
             log.warning("pinned maps: %s", note)
+        if not self.datapath.maps.mark6_armed():
+            # every program now marks the reply sources it creates, and
+            # this agent the frontends it writes: mark those already
+            # there, then skip by the marks (fastpath.h FP_MAP_MARK6)
+            log.info("IPv6 address marks: %d set, armed", self.datapath.maps.mark6_arm())
         phase("migration")
         self._start_services()
         phase("services")

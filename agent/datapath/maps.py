@@ -308,6 +308,87 @@ class Maps:
         v.pv[0] = v.pv[1] = DEFS.defines["FP_PV_NONE"]
         t[t.Key(0)] = v
 
+    # -- IPv6 address marks (fastpath.h FP_MAP_MARK6) ----------------------
+    # The datapath marks a reply entry's source before it writes the entry,
+    # LbMaps an IPv6 frontend's address before it writes the frontend;
+    # fp_from_pod6 skips a lookup whose slot is unmarked once the map is
+    # armed (docs/ipv6.md "IPv6 per-packet cost: lookups only where they
+    # can hit"). Entries nobody marked (written by an older generation of
+    # programs or agent, carried over by a migration) are marked before
+    # the map is armed. Marks are only ever added, one slot a write: never
+    # a read-modify-write of what the datapath may be marking meanwhile.
+
+    def mark6_armed(self) -> bool:
+        t = self._t[MAP["FP_MAP_MARK6"]]
+        return bool(t[t.Key(DEFS.defines["FP_MARK6_ARMED"])].value)
+
+    def mark6_disarm(self) -> None:
+        """Nothing is skipped until mark6_arm()."""
+        t = self._t[MAP["FP_MAP_MARK6"]]
+        t[t.Key(DEFS.defines["FP_MARK6_ARMED"])] = t.Leaf(0)
+
+    def mark6_arm(self) -> int:
+        """Mark the source of every IPv6 reply entry in the conntrack maps
+        and the address of every IPv6 frontend, then arm; returns how many
+        slots this marked. Call with every program of this generation
+        attached (they mark what they write) and superseded maps carried
+        over."""
+        from agent.datapath import mapio
+        t = self._t[MAP["FP_MAP_MARK6"]]
+        reply = DEFS.defines["FP_CT_REPLY"]
+        want = set()
+        for name, region, field in (
+                ("FP_MAP_CT6", "FP_MARK6_REPLY_SRC", "saddr"),
+                ("FP_MAP_CT_NEW6", "FP_MARK6_REPLY_SRC", "saddr"),
+                ("FP_MAP_SERVICES6", "FP_MARK6_FRONTEND", "vip")):
+            tab = self._t[MAP[name]]
+            kt = tab.Key
+            ks, vs = ct.sizeof(kt), ct.sizeof(tab.Leaf)
+            off, size = getattr(kt, field).offset, getattr(kt, field).size
+            base = DEFS.defines[region]
+            for kb, _, n in mapio.batches(tab.map_fd, ks, vs):
+                raw = bytes(kb)
+                for i in range(n):
+                    k = raw[i * ks:(i + 1) * ks]
+                    if field == "saddr" and k[kt.dir.offset] != reply:
+                        continue
+                    want.add(base + mark6_slot(k[off:off + size]))
+        marked = 0
+        for idx in sorted(want):
+            if not t[t.Key(idx)].value:
+                t[t.Key(idx)] = t.Leaf(1)
+                marked += 1
+        t[t.Key(DEFS.defines["FP_MARK6_ARMED"])] = t.Leaf(1)
+        return marked
+
+    def mark6_marked(self, region: str) -> set[int]:
+        """The marked slots of FP_MARK6_REPLY_SRC or FP_MARK6_FRONTEND."""
+        t = self._t[MAP["FP_MAP_MARK6"]]
+        base = DEFS.defines[f"FP_MARK6_{region}"]
+        return {k.value - base for k, v in t.items()
+                if v.value and base <= k.value < base + mark6_slots()}
+
+
+def mark6_slots() -> int:
+    return 1 << DEFS.defines["FP_MARK6_BITS"]
+
+
+def mark6_slot(addr: bytes) -> int:
+    """bpf/maps.c fp_mark6_slot of an IPv6 address's 16 bytes: its words as
+    the datapath loads them (host order), XORed, times FP_MARK6_MULT, the
+    top FP_MARK6_BITS bits."""
+    a, b, c, d = struct.unpack("=4I", addr)
+    return (((a ^ b ^ c ^ d) * DEFS.defines["FP_MARK6_MULT"]) & 0xFFFFFFFF) >> (
+        32 - DEFS.defines["FP_MARK6_BITS"])
+
+
+def mark6_frontends(table, addrs) -> None:
+    """Mark IPv6 frontend addresses (16 bytes each) in FP_MAP_MARK6 before
+    their entries are written (see Maps.mark6_arm)."""
+    base = DEFS.defines["FP_MARK6_FRONTEND"]
+    for idx in {base + mark6_slot(bytes(a)) for a in addrs}:
+        if not table[table.Key(idx)].value:
+            table[table.Key(idx)] = table.Leaf(1)
 
 PROTO_NUM = {"TCP": 6, "UDP": 17, "SCTP": 132}
 PROTO_NAME = {v: k for k, v in PROTO_NUM.items()}
@@ -535,6 +616,7 @@ class LbMaps:
         # address's family; slots, Maglev tables and affinity are shared
         # (one id space over both families).
         self._svc6 = tables[MAP["FP_MAP_SERVICES6"]]
+        self._mark6 = tables[MAP["FP_MAP_MARK6"]]
         self._be6 = tables[MAP["FP_MAP_BACKENDS6"]]
         self._svcnet6 = tables[MAP["FP_MAP_SVCNET6"]]
         self._sockrev6 = tables[MAP["FP_MAP_SOCKREV6"]]
@@ -582,6 +664,8 @@ class LbMaps:
                     flags: int = 0, affinity_timeout: int = 0, scope: int = 0) -> None:
         t = self._svc6 if ":" in vip else self._svc
         v = t.Leaf(svc_id=svc_id, count=count, flags=flags, affinity_timeout=affinity_timeout)
+        if t is self._svc6:
+            mark6_frontends(self._mark6, [socket.inet_pton(socket.AF_INET6, vip)])
         t[self._svc_key(vip, port, proto, scope)] = v
 
     # Batched writes (BPF_MAP_UPDATE_BATCH): entries are applied in order.
@@ -656,6 +740,9 @@ class LbMaps:
                 addr = socket.inet_pton(socket.AF_INET6, vip) if v6 else be32(vip)
                 keys.append(kp(addr, be16(port), PROTO_NUM[proto], scope[0] if scope else 0))
                 vals.append(vp(sid, count, flags, aff))
+            if v6:
+                mark6_frontends(self._mark6, [socket.inet_pton(socket.AF_INET6, r[0])
+                                              for r in mine])
             self._write_packed(table, keys, vals)
 
     def delete_service(self, vip: str, port: int, proto: str, scope: int = 0) -> None:

@@ -114,6 +114,10 @@ class Datapath:
         from agent.datapath.bwmaps import BandwidthMaps
         self.bandwidth = BandwidthMaps(tables)
         crc32c_fill(tables)
+        if self.migration.sources and not reader:
+            # entries carried over are marked (FP_MAP_MARK6; and the
+            # map armed again) once the new programs run (Agent.start)
+            self.maps.mark6_disarm()
         self.maps.bypass_set(self.config.host_stack_cidrs + self.config.service_cidrs)
         if not defer_migration:
             self.finish_migration()

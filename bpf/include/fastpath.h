@@ -1008,4 +1008,30 @@ struct fp_frag6 {
 };
 _Static_assert(sizeof(struct fp_frag6) == 40, "fp_frag6 layout");
 
+/* IPv6 address marks (FP_MAP_MARK6, docs/ipv6.md "IPv6 per-packet cost:
+ * lookups only where they can hit"): one byte per slot of two regions,
+ * slot = fp_mark6_slot(address) (bpf/maps.c; agent/datapath/maps.py
+ * computes the same). Set to 1, never cleared:
+ *   FP_MARK6_REPLY_SRC + slot: before an IPv6 conntrack reply entry whose
+ *     source (the backend) hashes there is written (the datapath, in
+ *     fp_ct6_tier_put);
+ *   FP_MARK6_FRONTEND + slot: before an IPv6 frontend whose address hashes
+ *     there is written (the agent, agent/datapath/maps.py LbMaps).
+ * The agent marks what it did not see written (entries of older programs,
+ * entries a migration carries over) before it arms the map: while
+ * FP_MARK6_ARMED is 0 (a map just made, or disarmed by an agent about to
+ * carry entries over) nothing is skipped. Under an armed map, a packet
+ * whose source's reply slot is 0 is the reply of no translated flow, and
+ * one whose destination's frontend slot is 0 is to no frontend. Another
+ * FP_MARK6_BITS is another layout: bump the version. */
+#define FP_MAP_MARK6       fp_mark6_v1
+#define FP_MARK6_BITS      12
+#define FP_MARK6_MULT      2654435761U   /* Knuth's multiplicative hash */
+/* plain numbers: the agent reads them from this file */
+#define FP_MARK6_REPLY_SRC 0
+#define FP_MARK6_FRONTEND  4096          /* the slots of one region */
+#define FP_MARK6_ARMED     8192
+_Static_assert(FP_MARK6_FRONTEND == 1U << FP_MARK6_BITS &&
+	       FP_MARK6_ARMED == 2 * FP_MARK6_FRONTEND, "FP_MARK6 regions");
+
 #endif /* FASTPATH_H */
