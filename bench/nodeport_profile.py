@@ -79,16 +79,14 @@ def export_tree(ref: str, dest: str) -> str:
     return commit
 
 
-class ArmAgent:
-    """An agent from `tree` serving `node` in a child process."""
+class ChildAgent:
+    """An agent from `tree` in a child process running `child` (Python
+    source given `spec` as JSON in argv[1]; it prints a line with "ready"
+    once attached and stops when its stdin closes)."""
 
-    def __init__(self, tree: str, node, pod, services: int):
-        spec = {"name": node.name, "netns": node.netns, "node_ip": node.ip,
-                "services": services,
-                "pod": {"name": pod.name, "netns_path": pod.netns_path, "ifname": pod.ifname,
-                        "ip": pod.ip}}
+    def __init__(self, tree: str, child: str, spec: dict):
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], cwd=tree,
+        self.proc = subprocess.Popen([sys.executable, "-c", child, json.dumps(spec)], cwd=tree,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True)
 
@@ -109,6 +107,17 @@ class ArmAgent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class ArmAgent(ChildAgent):
+    """An agent from `tree` serving `node` and its backend `pod`, with
+    `services` NodePort Services."""
+
+    def __init__(self, tree: str, node, pod, services: int):
+        super().__init__(tree, CHILD, {
+            "name": node.name, "netns": node.netns, "node_ip": node.ip, "services": services,
+            "pod": {"name": pod.name, "netns_path": pod.netns_path, "ifname": pod.ifname,
+                    "ip": pod.ip}})
 
 
 def node_programs(node, prefix: str = "fp_") -> dict[str, int]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from agent.sim import World
 from bench import harness
 from bench.harness import Endpoints
 from bench.lb_bench import bpf_run_stats, prog_counters
-from bench.nodeport_profile import export_tree, node_programs
+from bench.nodeport_profile import ChildAgent, export_tree, node_programs
 
 COMMAND = "python -m bench.pod_prog_profile"
 REPO = Path(__file__).resolve().parents[1]
@@ -52,35 +51,17 @@ with sim_attach(node):
 """
 
 
-class TreeAgent:
+class TreeAgent(ChildAgent):
     """The agent of `tree` serving `node` in a child process."""
 
     def __init__(self, tree: str, node):
-        spec = {"name": node.name, "netns": node.netns,
-                "pods": [{"name": p.name, "netns_path": p.netns_path, "ifname": p.ifname}
-                         for p in node.pods]}
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], cwd=tree,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True)
+        super().__init__(tree, CHILD, {
+            "name": node.name, "netns": node.netns,
+            "pods": [{"name": p.name, "netns_path": p.netns_path, "ifname": p.ifname}
+                     for p in node.pods]})
 
     def wait_ready(self, timeout: float = 900) -> None:
-        import select
-        r, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if r else ""
-        if '"ready"' not in line:
-            self.proc.kill()
-            self.log.seek(0)
-            raise RuntimeError("agent did not start:\n" + self.log.read().decode()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().wait_ready(timeout)
 
 
 def profile(arms: dict, rounds: int, seconds: float, log=print) -> dict:

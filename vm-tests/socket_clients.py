@@ -228,3 +228,63 @@ class Load:
                 p.kill()
             p.wait()
         shutil.rmtree(self.stop_file.parent, ignore_errors=True)
+
+
+# The node-to-itself tests (test_node_self.py, test_node_self6.py): a server
+# that reads until the client's half-close and answers with what it saw (its
+# name, the peer address, the byte count), either family by its address ...
+NODE_SELF_SERVER = r"""
+import socket, sys, threading
+host, port, reply = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port)); s.listen(128)
+def answer(c, addr):
+    n = 0
+    while True:
+        data = c.recv(65536)
+        if not data:
+            break
+        n += len(data)
+    c.sendall(f"{reply} {addr[0]} {n}".encode())
+    c.close()
+while True:
+    c, addr = s.accept()
+    threading.Thread(target=answer, args=(c, addr), daemon=True).start()
+"""
+
+# ... and its client, which prints that answer and the peer its socket showed
+NODE_SELF_CLIENT = r"""
+import socket, sys
+ip, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+timeout = float(sys.argv[4]) if len(sys.argv) > 4 else 3
+try:
+    s = socket.create_connection((ip, port), timeout=timeout)
+    peer = s.getpeername()[0]
+    s.sendall(b"x" * size)
+    s.shutdown(socket.SHUT_WR)
+    out = b""
+    while True:
+        data = s.recv(4096)
+        if not data:
+            break
+        out += data
+    print(out.decode() or "EMPTY", peer)
+except socket.timeout:
+    print("TIMEOUT")
+except OSError as e:
+    print(f"ERROR {e.errno}")
+"""
+
+# TSO/GSO off on a device (ETHTOOL_STSO / ETHTOOL_SGSO with data 0, no ethtool
+# binary needed), then ETHTOOL_GTSO / ETHTOOL_GGSO read back
+OFFLOADS_OFF = r"""
+import ctypes, fcntl, socket, struct
+s = socket.socket()
+def ethtool(cmd, data=0):
+    val = ctypes.create_string_buffer(struct.pack("II", cmd, data))
+    fcntl.ioctl(s, 0x8946, struct.pack("16sP16x", b"lo", ctypes.addressof(val)))
+    return struct.unpack("II", val.raw[:8])[1]
+ethtool(0x1f); ethtool(0x24)
+print(ethtool(0x1e), ethtool(0x23))
+"""

@@ -26,49 +26,11 @@ import yaml
 from agent.datapath import tc
 from agent.sim.agent import sim_attach
 from fastpath_helpers import wait_for
+from socket_clients import NODE_SELF_CLIENT as CLIENT
+from socket_clients import NODE_SELF_SERVER as SERVER
+from socket_clients import OFFLOADS_OFF
 
 VIP, NODEPORT = "192.168.61.10", 30180
-
-SERVER = r"""
-import socket, sys, threading
-host, port, reply = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, port)); s.listen(128)
-def answer(c, addr):
-    n = 0
-    while True:
-        data = c.recv(65536)
-        if not data:
-            break
-        n += len(data)
-    c.sendall(f"{reply} {addr[0]} {n}".encode())
-    c.close()
-while True:
-    c, addr = s.accept()
-    threading.Thread(target=answer, args=(c, addr), daemon=True).start()
-"""
-
-CLIENT = r"""
-import socket, sys
-ip, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-timeout = float(sys.argv[4]) if len(sys.argv) > 4 else 3
-try:
-    s = socket.create_connection((ip, port), timeout=timeout)
-    peer = s.getpeername()[0]
-    s.sendall(b"x" * size)
-    s.shutdown(socket.SHUT_WR)
-    out = b""
-    while True:
-        data = s.recv(4096)
-        if not data:
-            break
-        out += data
-    print(out.decode() or "EMPTY", peer)
-except socket.timeout:
-    print("TIMEOUT")
-except OSError as e:
-    print(f"ERROR {e.errno}")
-"""
 
 
 def manifests(backend) -> str:
@@ -136,20 +98,6 @@ def test_the_nodes_connection_to_its_own_nodeport_gets_its_replies_through_lo(wo
         assert ("programs-attached", True) in [(c[0], c[1]) for c in readiness(ag)]
     # the agent's detach took fp_lo off lo with the rest
     assert [f for f in tc.list_filters("lo", n1.netns) if f.name.startswith("fp_")] == []
-
-
-# ETHTOOL_STSO / ETHTOOL_SGSO with data 0 (no ethtool binary needed), then
-# ETHTOOL_GTSO / ETHTOOL_GGSO read back
-OFFLOADS_OFF = r"""
-import ctypes, fcntl, socket, struct
-s = socket.socket()
-def ethtool(cmd, data=0):
-    val = ctypes.create_string_buffer(struct.pack("II", cmd, data))
-    fcntl.ioctl(s, 0x8946, struct.pack("16sP16x", b"lo", ctypes.addressof(val)))
-    return struct.unpack("II", val.raw[:8])[1]
-ethtool(0x1f); ethtool(0x24)
-print(ethtool(0x1e), ethtool(0x23))
-"""
 
 
 def test_the_nodes_packets_to_itself_learn_the_path_mtu_of_the_way_out(world):

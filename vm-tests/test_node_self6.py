@@ -29,63 +29,12 @@ from agent.datapath import tc
 from agent.sim.agent import sim_attach
 from agent.sim.world import World
 from fastpath_helpers import wait_for
+from socket_clients import NODE_SELF_CLIENT as CLIENT
+from socket_clients import NODE_SELF_SERVER as SERVER
+from socket_clients import OFFLOADS_OFF
 
 NODE6, NODE_GW6 = "fd00:240::11", "fd00:240::1"
 VIP6, SVC_CIDR6, NODEPORT = "fd00:61::10", "fd00:61::/112", 30190
-
-SERVER = r"""
-import socket, sys, threading
-host, port, reply = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, port)); s.listen(128)
-def answer(c, addr):
-    n = 0
-    while True:
-        data = c.recv(65536)
-        if not data:
-            break
-        n += len(data)
-    c.sendall(f"{reply} {addr[0]} {n}".encode())
-    c.close()
-while True:
-    c, addr = s.accept()
-    threading.Thread(target=answer, args=(c, addr), daemon=True).start()
-"""
-
-CLIENT = r"""
-import socket, sys
-ip, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-timeout = float(sys.argv[4]) if len(sys.argv) > 4 else 3
-try:
-    s = socket.create_connection((ip, port), timeout=timeout)
-    peer = s.getpeername()[0]
-    s.sendall(b"x" * size)
-    s.shutdown(socket.SHUT_WR)
-    out = b""
-    while True:
-        data = s.recv(4096)
-        if not data:
-            break
-        out += data
-    print(out.decode() or "EMPTY", peer)
-except socket.timeout:
-    print("TIMEOUT")
-except OSError as e:
-    print(f"ERROR {e.errno}")
-"""
-
-# ETHTOOL_STSO / ETHTOOL_SGSO with data 0 on lo, then ETHTOOL_GTSO /
-# ETHTOOL_GGSO read back (as in test_node_self.py)
-OFFLOADS_OFF = r"""
-import ctypes, fcntl, socket, struct
-s = socket.socket()
-def ethtool(cmd, data=0):
-    val = ctypes.create_string_buffer(struct.pack("II", cmd, data))
-    fcntl.ioctl(s, 0x8946, struct.pack("16sP16x", b"lo", ctypes.addressof(val)))
-    return struct.unpack("II", val.raw[:8])[1]
-ethtool(0x1f); ethtool(0x24)
-print(ethtool(0x1e), ethtool(0x23))
-"""
 
 
 def manifests(backend) -> str:
