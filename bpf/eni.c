@@ -778,6 +778,28 @@ int fp_to_vpc(struct __sk_buff *skb)
  * fragment is not translated (fp_lo6_run). */
 #define FP_LO6_FIRST(nh) (FP_LO_PROTO(nh) || (nh) == FP_NH_HOP || (nh) == FP_NH_DSTOPTS)
 
+/* fp_lo's outcome of its reply lookup `rc` (the fp_ct*_reverse result):
+ * 0 when nothing was restored (the caller goes on), else 1 with *verdict:
+ * a reply that got its frontend back goes on up lo, one whose checksum
+ * could not be fixed is dropped. Counted and recorded either way. */
+static __always_inline int fp_lo_restored(struct __sk_buff *skb, int rc, __u8 family,
+					  int *verdict)
+{
+	if (rc < 0) {
+		fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_CSUM, skb->len, family);
+		fp_test_record(0, FP_RD_NONE, 0, FP_DROP_CSUM);
+		*verdict = TC_ACT_SHOT;
+		return 1;
+	}
+	if (rc > 0) {
+		fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_FWD_REVNAT, skb->len, family);
+		fp_test_record(0, FP_RD_NONE, 0, FP_FWD_REVNAT);
+		*verdict = FP_TC_CONTINUE;
+		return 1;
+	}
+	return 0;
+}
+
 /* fp_lo's IPv6: the node's SCTP to an IPv6 address it holds, translated as
  * fp_to_vpc6_sctp does. The replies of pods and remote backends need no
  * turn through lo: the node's IPv6 input takes a packet from its own
@@ -790,7 +812,7 @@ static __always_inline int fp_lo6_run(struct __sk_buff *skb)
 	struct fp_ipv6 ip = {};
 	struct fp_l4 l4 = {};
 	__be16 osport, odport;
-	int rc;
+	int rc, verdict;
 
 	barrier_var(skb);
 	/* (a fragment is not translated: its CRC covers bytes it lacks) */
@@ -808,17 +830,8 @@ static __always_inline int fp_lo6_run(struct __sk_buff *skb)
 	if (rc > 0 && fp_sctp6_crc_ports(skb, &ip, &l4, osport, odport))
 		rc = -1;
 	barrier_var(skb);
-	if (rc < 0) {
-		fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_CSUM, skb->len, FP_FAM_IPV6);
-		fp_test_record(0, FP_RD_NONE, 0, FP_DROP_CSUM);
-		return TC_ACT_SHOT;
-	}
-	if (rc > 0) {
-		fp_count_family(skb->ifindex, FP_DIR_TO_VPC, FP_FWD_REVNAT, skb->len,
-				FP_FAM_IPV6);
-		fp_test_record(0, FP_RD_NONE, 0, FP_FWD_REVNAT);
-		return FP_TC_CONTINUE;
-	}
+	if (fp_lo_restored(skb, rc, FP_FAM_IPV6, &verdict))
+		return verdict;
 	/* before the translation rewrites it */
 	rc = fp_to_vpc6_sctp(skb, &ip, &l4, fp_lo6_quote(skb, &ip));
 	return rc == 1 ? FP_TC_CONTINUE : rc;
@@ -831,7 +844,7 @@ static __always_inline int fp_lo4_run(struct __sk_buff *skb)
 	struct fp_ipv4 ip = {};
 	struct fp_l4 l4 = {};
 	struct fp_lo_quote q;
-	int rc;
+	int rc, verdict;
 
 	barrier_var(skb);
 	/* a fragment is not translated, as in IPv6 (fp_lo6_run) */
@@ -843,16 +856,8 @@ static __always_inline int fp_lo4_run(struct __sk_buff *skb)
 		return FP_TC_CONTINUE;
 	rc = fp_ct_reverse(skb, &ip, &l4);
 	barrier_var(skb);
-	if (rc < 0) {
-		fp_count(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_CSUM, skb->len);
-		fp_test_record(0, FP_RD_NONE, 0, FP_DROP_CSUM);
-		return TC_ACT_SHOT;
-	}
-	if (rc > 0) {
-		fp_count(skb->ifindex, FP_DIR_TO_VPC, FP_FWD_REVNAT, skb->len);
-		fp_test_record(0, FP_RD_NONE, 0, FP_FWD_REVNAT);
-		return FP_TC_CONTINUE;
-	}
+	if (fp_lo_restored(skb, rc, FP_FAM_IPV4, &verdict))
+		return verdict;
 	/* before the translation rewrites it (on failure the helper zeroes
 	 * q: a packet that short fits any way out) */
 	bpf_skb_load_bytes(skb, ip.l3_off, q.b, sizeof(q.b));
