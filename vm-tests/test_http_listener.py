@@ -25,15 +25,15 @@ from agent.datapath.nsenter import in_netns
 from agent.sim.agent import AgentProcess, private_paths
 
 # Runs inside the node's netns: holds half-sent requests open (a header
-# byte a second, never the blank line), reopens each one the server closes
-# on the next tick, and probes /healthz and /metrics four times a second.
+# byte a second, never the blank line) and reopens each one the server
+# closes on the next tick, all at once (a burst of hundreds of connects).
 SLOW_CLIENTS = r"""
-import json, resource, socket, sys, threading, time
+import json, resource, socket, sys, time
 cfg = json.loads(sys.argv[1])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 start = time.monotonic()
-held = {}            # socket -> (target index, opened at)
+held = {}            # socket -> [target index, opened at, last seen open]
 lifetimes, opened, connect_failed = [], [0] * len(cfg["targets"]), [0] * len(cfg["targets"])
 
 def open_one(i):
@@ -45,50 +45,33 @@ def open_one(i):
     except OSError:
         connect_failed[i] += 1
         return
-    held[s] = (i, time.monotonic())
+    now = time.monotonic()
+    held[s] = [i, now, now]
     opened[i] += 1
 
-probes = []
-def prober():
-    while time.monotonic() - start < cfg["hold"]:
-        for host, port, path in cfg["probes"]:
-            t0 = time.monotonic()
-            status = 0
-            try:
-                with socket.create_connection((host, port), timeout=3) as s:
-                    s.settimeout(3)
-                    s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-                    data = b""
-                    while chunk := s.recv(65536):
-                        data += chunk
-                status = int(data.split(b" ", 2)[1])
-            except (OSError, ValueError, IndexError):
-                pass
-            probes.append((path, status, time.monotonic() - t0))
-        time.sleep(0.25)
-
-t = threading.Thread(target=prober)
-t.start()
 want = [n for _, _, _, n in cfg["targets"]]
 while time.monotonic() - start < cfg["hold"]:
     # reopen what was closed, up to the number wanted per target
     have = [0] * len(want)
-    for i, _ in held.values():
+    for i, _, _ in held.values():
         have[i] += 1
     for i, n in enumerate(want):
         for _ in range(n - have[i]):
             open_one(i)
     tick = time.monotonic()
     while time.monotonic() - tick < 1.0:
-        for s, (i, t_open) in list(held.items()):
+        for s, h in list(held.items()):
             try:
                 if s.recv(4096) == b"":
                     raise ConnectionResetError
             except BlockingIOError:
+                h[2] = time.monotonic()
                 continue
             except OSError:
                 pass
-            lifetimes.append(time.monotonic() - t_open)
+            # how long it was seen open: the time of noticing the close
+            # would add however long reopening hundreds took under load
+            lifetimes.append(h[2] - h[1])
             del held[s]
             s.close()
         time.sleep(0.05)
@@ -97,11 +80,38 @@ while time.monotonic() - start < cfg["hold"]:
             s.send(b"x")                     # one more header byte, never the end
         except OSError:
             pass
-t.join()
 print(json.dumps({"opened": opened, "connect_failed": connect_failed,
                   "closed_by_server": len(lifetimes),
-                  "max_lifetime": max(lifetimes, default=0), "still_open": len(held),
-                  "probes": probes}))
+                  "max_lifetime": max(lifetimes, default=0), "still_open": len(held)}))
+"""
+
+# The prober, a process of its own as kubelet and Prometheus are: it sends
+# its request as soon as it is connected. (Sharing a process, and so an
+# interpreter lock, with the slow clients' bursts once held a probe's
+# request back long enough for the burst to turn over every slot, which
+# evicted it as half-sent: the cap's rule, not a lost answer.) Asks /healthz
+# and /metrics four times a second.
+PROBER = r"""
+import json, socket, sys, time
+cfg = json.loads(sys.argv[1])
+start, probes = time.monotonic(), []
+while time.monotonic() - start < cfg["hold"]:
+    for host, port, path in cfg["probes"]:
+        t0 = time.monotonic()
+        status = 0
+        try:
+            with socket.create_connection((host, port), timeout=3) as s:
+                s.settimeout(3)
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            status = int(data.split(b" ", 2)[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        probes.append((path, status, time.monotonic() - t0))
+    time.sleep(0.25)
+print(json.dumps(probes))
 """
 
 
@@ -136,29 +146,35 @@ def test_hundreds_of_half_sent_requests_cost_no_threads_and_health_keeps_answeri
             cfg = {"hold": 12,
                    "targets": [[node.ip, 9962, "/metrics", 400], ["127.0.0.1", 9099, "/healthz", 100]],
                    "probes": [["127.0.0.1", 9099, "/healthz"], [node.ip, 9962, "/metrics"]]}
-            client = subprocess.Popen(["ip", "netns", "exec", node.netns, sys.executable, "-c",
-                                       SLOW_CLIENTS, json.dumps(cfg)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            client, prober = (
+                subprocess.Popen(["ip", "netns", "exec", node.netns, sys.executable, "-c",
+                                  script, json.dumps(cfg)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for script in (SLOW_CLIENTS, PROBER))
             samples = []
             deadline = time.monotonic() + 60
-            while client.poll() is None and time.monotonic() < deadline:
+            while (client.poll() is None or prober.poll() is None) and time.monotonic() < deadline:
                 samples.append(proc_status(pid))
                 time.sleep(0.25)
-            if client.poll() is None:
-                client.kill()
-                client.communicate()
-                raise AssertionError("the slow clients ran past their time; agent threads "
-                                     f"{base['Threads']} -> {max(s['Threads'] for s in samples)}, "
-                                     f"RSS {base['VmRSS']} -> {max(s['VmRSS'] for s in samples)} KiB")
+            for p in (client, prober):
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+                    raise AssertionError(
+                        "the slow clients or the prober ran past their time; agent threads "
+                        f"{base['Threads']} -> {max(s['Threads'] for s in samples)}, "
+                        f"RSS {base['VmRSS']} -> {max(s['VmRSS'] for s in samples)} KiB")
             out, err = client.communicate()
             assert client.returncode == 0, err
             report = json.loads(out)
+            out, err = prober.communicate()
+            assert prober.returncode == 0, err
+            probes = json.loads(out)
             time.sleep(0.5)
             after = proc_status(pid)
             assert agent.proc.poll() is None, "the agent died under load"
         finally:
             agent.kill(9)
-    probes = report.pop("probes")
     peak_threads = max(s["Threads"] for s in samples)
     peak_rss = max(s["VmRSS"] for s in samples)
     lat = sorted(p[2] for p in probes)
@@ -171,7 +187,8 @@ def test_hundreds_of_half_sent_requests_cost_no_threads_and_health_keeps_answeri
     print("slow-client load (threads and RSS: before, peak, after):", json.dumps(figures))
     # every probe answered, promptly, through all of it
     assert figures["probes"] >= 2 * 4 * 8 and figures["probes_ok"] == figures["probes"], probes
-    assert lat[-1] < 2.5
+    # none waited for a SYN retransmit (1 s): the bursts fit the listen queue
+    assert lat[-1] < 1.0
     # a fixed set of threads: none per connection (the old server had one each)
     assert peak_threads - base["Threads"] <= 2 and after["Threads"] <= base["Threads"] + 1
     # memory: a connection costs its buffer, not a thread's stack

@@ -46,6 +46,11 @@ MAX_BODY_BYTES = 4 << 10
 # are served between them: a flood of new connections cannot turn over every
 # slot (evicting requests whose bytes wait unread) in one pass.
 ACCEPTS_PER_WAKEUP = 8
+# The kernel's queue of connections not yet accepted. A burst of connects
+# larger than it has SYNs dropped, and a probe caught in one waits a 1 s
+# retransmit; queued connections cost kernel memory only (each is
+# accepted, and takes a slot by the rules above, within the burst).
+LISTEN_BACKLOG = 1024
 
 # (status, content type, body) for a path; the handler may take its time
 # (it runs on a worker), and may raise: that is a 500.
@@ -116,7 +121,7 @@ class Listener:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-            sock.listen(128)
+            sock.listen(LISTEN_BACKLOG)
         except OSError:
             sock.close()
             raise
