@@ -182,6 +182,12 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
             b.wait_port(8080)
             assert wait_for(lambda: a.run(["sh", "-c", f"printf hi | nc -N -w 2 {SVC_VIP} 80"],
                                           check=False, timeout=10).stdout == "from-b")
+            # a completed close leaves no entries: one connection the client
+            # keeps half-open (the server has closed its end) stays tracked
+            holder = a.popen(["python3", "-c", "import socket, time; "
+                              f"s = socket.create_connection(('{SVC_VIP}', 80)); time.sleep(30)"])
+            assert wait_for(lambda: any(r.proto == "TCP" and r.state == "fin-wait"
+                                        for r in agent.datapath.lb.conntrack()))
             try:
                 wire.call(paths.socket, "EndpointAdd", {"netns": "/var/run/netns/absent-0",
                                                         "container_id": "c-x"})
@@ -240,7 +246,9 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
                 n = sum(1 for r in ct_rows if r.proto == "TCP" and r.direction == direction)
                 assert sample(fams, "fastpath_conntrack_entries", protocol="TCP",
                               direction=direction) == n >= 1
-            # a flow is in one tier at a time (a finished one in the LRU);
+            holder.kill()
+            holder.wait()
+            # a flow is in one tier at a time (a reset one in the LRU);
             # flows NetworkPolicy admitted have their own map
             assert sum(sample(fams, "fastpath_map_entries", map=MAP[m]) for m in (
                 "FP_MAP_CT", "FP_MAP_CT_NEW", "FP_MAP_CT_POLICY")) == len(ct_rows)

@@ -126,7 +126,7 @@ KEYS: tuple[Key, ...] = (
         "translated flows, the conntrack map nothing evicts (allocated as flows arrive; "
         "also sizes socket-LB's per-socket table)", minimum=1024, maximum=1 << 24),
     Key("conntrack_new_map_size", int, 65536, "max entries (two per flow) of new, half-open "
-        "and closing translated flows (LRU: under pressure they evict only each other)",
+        "and reset translated flows (LRU: under pressure they evict only each other)",
         minimum=1024, maximum=1 << 24),
     Key("conntrack_policy_map_size", int, 262144, "max flows NetworkPolicy admitted (LRU)",
         minimum=1024, maximum=1 << 24),

@@ -321,8 +321,8 @@ class DatapathCollector:
             "fastpath_conntrack_events", "Conntrack events in the datapath, summed over CPUs: "
             "flows created, promoted to the established map (TCP handshake done, or a reply "
             "seen), promotion-failed-full (the established map was full: the flow stays in "
-            "the LRU map of new flows, where new flows can evict it), demoted (started "
-            "closing), related-icmp (ICMP errors translated back for their flow), "
+            "the LRU map of new flows, where new flows can evict it), demoted (reset: "
+            "moved back to the LRU map), related-icmp (ICMP errors translated back for their flow), "
             "fragment-followed (fragments that took their first fragment's verdict).",
             labels=["event"])
         for label, n in dp.lb.ct_events().items():

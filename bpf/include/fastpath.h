@@ -343,13 +343,17 @@ _Static_assert(sizeof(struct fp_srcrange6_key) == 24, "fp_srcrange6_key layout")
  *
  *   FP_MAP_CT         hash (never evicts): translated flows that are
  *                     established (TCP: the handshake completed; other
- *                     protocols: a reply was seen). Removed when they start
- *                     closing (moved to FP_MAP_CT_NEW), when idle past their
- *                     lifetime (the agent's GC), or by the agent's purge.
- *   FP_MAP_CT_NEW     LRU: translated flows that are new, half-open or
- *                     closing, and established ones the hash could not take
- *                     (full: counted as FP_CTE_PROMOTE_FULL). A SYN flood or
- *                     thousands of closed flows evict only each other here.
+ *                     protocols: a reply was seen), and their TCP closes.
+ *                     Removed when the close completes (the ACK of the
+ *                     second FIN), on a RST (moved to FP_MAP_CT_NEW), when
+ *                     idle past their state's lifetime (the agent's GC), or
+ *                     by the agent's purge.
+ *   FP_MAP_CT_NEW     LRU: translated flows that are new or half-open,
+ *                     established ones the hash could not take (full:
+ *                     counted as FP_CTE_PROMOTE_FULL) and their closes,
+ *                     reset flows.
+ *                     A SYN flood or thousands of reset flows evict only
+ *                     each other here.
  *   FP_MAP_CT_POLICY  LRU: flows NetworkPolicy admitted (one entry per flow,
  *                     keyed by the tuple after translation, lower
  *                     (address, port) end first, dir FP_CT_POLICY).
@@ -386,6 +390,10 @@ _Static_assert(sizeof(struct fp_srcrange6_key) == 24, "fp_srcrange6_key layout")
 				      * back through this node */
 #define FP_CT_F_ORIG_HIGH (1U << 3)  /* policy entries: the originator is the
 				      * key's (daddr, dport) end */
+#define FP_CT_F_FIN2_REPLY (1U << 5) /* the FIN that closed the flow (the
+				      * second) came from the other end: the
+				      * close completes with the originator's
+				      * ACK of it (lib/ct.h fp_ct_close_done) */
 
 /* Flow states. TCP follows the handshake and the FINs; other protocols
  * are FP_CT_NEW until a reply is seen, then FP_CT_ESTABLISHED. */

@@ -16,8 +16,10 @@
  *   - TCP state (SYN, SYN-ACK, the completing ACK, FINs, RST) and each
  *     state's lifetime: an entry past it is absent here and for the agent.
  *   - the tiers: a translated flow moves to the established hash when it is
- *     established and back to the LRU when it starts closing; when the hash
- *     is full it stays in the LRU and FP_CTE_PROMOTE_FULL counts it.
+ *     established; when the hash is full it stays in the LRU and
+ *     FP_CTE_PROMOTE_FULL counts it. A TCP close stays where the flow is
+ *     and is deleted from the hash by the ACK of its second FIN; a RST
+ *     moves it back to the LRU.
  *   - reverse translation (fp_ct_reverse, the only one): replies, hairpin
  *     replies, and ICMP errors quoting a client's packet (RELATED), whose
  *     outer and quoted headers are rewritten with every checksum fixed; and
@@ -82,9 +84,15 @@ static __always_inline __u8 fp_ct_step(__u8 proto, __u8 state, __u8 *flags, __u8
 		return FP_CT_CLOSED;
 	if (tcp & FP_TCP_FIN) {
 		*flags |= reply ? FP_CT_F_FIN_REPLY : FP_CT_F_FIN_ORIG;
-		if ((*flags & (FP_CT_F_FIN_ORIG | FP_CT_F_FIN_REPLY)) ==
-		    (FP_CT_F_FIN_ORIG | FP_CT_F_FIN_REPLY) || state == FP_CT_CLOSED)
+		if (state == FP_CT_CLOSED)
 			return FP_CT_CLOSED;
+		if ((*flags & (FP_CT_F_FIN_ORIG | FP_CT_F_FIN_REPLY)) ==
+		    (FP_CT_F_FIN_ORIG | FP_CT_F_FIN_REPLY)) {
+			/* the second FIN: its sender's peer ACKs it last */
+			if (reply)
+				*flags |= FP_CT_F_FIN2_REPLY;
+			return FP_CT_CLOSED;
+		}
 		return FP_CT_FIN_WAIT;
 	}
 	if (state == FP_CT_NEW && reply &&
@@ -94,6 +102,29 @@ static __always_inline __u8 fp_ct_step(__u8 proto, __u8 state, __u8 *flags, __u8
 		return FP_CT_ESTABLISHED;
 	return state;
 }
+
+/* Whether a packet of a flow closed by its FINs (state FP_CT_CLOSED, both
+ * FIN flags) completes the close: no FIN, RST or SYN, sent by the end that
+ * did not send the second FIN (its ACK of that FIN). The other end's ACK of
+ * the first FIN, which a simultaneous close sends after its own FIN, does
+ * not. Every packet of a translated flow asks, and each path here is one
+ * more the verifier walks through the rest of the program: the answer is
+ * arithmetic, not branches (with branches fp_from_vpc passed the
+ * verifier's 1,000,000 instructions), on the entry as stored (volatile,
+ * the shape whose walks docs/benchmarks.md reports). */
+static __always_inline __u64 fp_ct_close_done(const volatile __u8 *state_p,
+					      const volatile __u8 *flags_p, __u8 tcp, int reply)
+{
+	__u64 state = *state_p, flags = *flags_p;
+	__u64 closed = ((state ^ FP_CT_CLOSED) - 1) >> 63;
+	__u64 fins = (flags >> 1) & (flags >> 2) & 1;       /* FIN_ORIG and FIN_REPLY */
+	__u64 quiet = ((__u64)(tcp & (FP_TCP_FIN | FP_TCP_RST | FP_TCP_SYN)) - 1) >> 63;
+	__u64 acker = ((flags >> 5) ^ (__u64)reply) & 1;    /* FIN2_REPLY vs. the sender */
+
+	return closed & fins & quiet & acker;
+}
+_Static_assert(FP_CT_F_FIN_ORIG == 1 << 1 && FP_CT_F_FIN_REPLY == 1 << 2 &&
+	       FP_CT_F_FIN2_REPLY == 1 << 5, "fp_ct_close_done's shifts");
 
 /* ---- translated flows: lookup, tiers ---- */
 
@@ -210,6 +241,41 @@ static __always_inline void fp_ct_partner(const struct fp_ct4_key *key, const st
 	}
 }
 
+/* fp_ct_partner for the close of a flow (fp_ct_nat_seen), with `reply`
+ * saying which entry `key` is: the same keys, chosen by masks rather than
+ * branches, so the verifier walks the close as one path (with branches it
+ * walked fp_from_vpc past its limit). */
+static __always_inline void fp_ct_close_partner(const struct fp_ct4_key *key,
+						const struct fp_ct4 *ct, struct fp_ct4_key *p,
+						int reply)
+{
+	__u32 snat = -(__u32)((ct->flags / FP_CT_F_SNAT) & 1);
+	__u32 hp = -(__u32)(ct->flags & FP_CT_F_HAIRPIN);
+
+	/* opaque to the compiler, or it turns the masks back into branches */
+	asm volatile("" : "+r"(snat), "+r"(hp));
+	p->proto = key->proto;
+	p->pad = 0;
+	if (!reply) {
+		/* SNAT: backend -> (node, SNAT port); hairpin: backend ->
+		 * router; else backend -> client */
+		p->saddr = ct->nat_addr;
+		p->daddr = (ct->peer_addr & snat) |
+			   ((((__u32)FP_HAIRPIN_IP & hp) | (key->saddr & ~hp)) & ~snat);
+		p->sport = ct->nat_port;
+		p->dport = (ct->peer_port & snat) | (key->sport & ~snat);
+		p->dir = FP_CT_REPLY;
+	} else {
+		/* SNAT: the client as it came; hairpin: the backend is the client */
+		p->saddr = (ct->peer_addr & snat) |
+			   (((key->saddr & hp) | (key->daddr & ~hp)) & ~snat);
+		p->daddr = ct->nat_addr;
+		p->sport = (ct->peer_port & snat) | (key->dport & ~snat);
+		p->dport = ct->nat_port;
+		p->dir = FP_CT_FORWARD;
+	}
+}
+
 /* Move a flow's two entries from their tier to `to`. Written to the new
  * tier first and deleted from the old one after, so a packet on another
  * CPU finds the flow in one of them throughout. A full established hash
@@ -239,8 +305,13 @@ static __always_inline void fp_ct_move(struct fp_ct4_key *key, struct fp_ct4 *ct
 
 /* A packet of a translated flow went by (reply: from the backend). Moves
  * the state, refreshes both entries (at most once a second unless the
- * state changed), and moves the flow between tiers on the way in and out
- * of established. */
+ * state changed), and moves the flow between tiers: into the established
+ * hash when established; a TCP flow closing there stays there (its state
+ * written in place) until the packet that completes its close
+ * (fp_ct_close_done), which deletes both entries, or a RST, which moves it
+ * to the LRU for the close lifetime (stray packets after a reset still
+ * find it; a RST after both FINs leaves the closed flow where it is, to
+ * its close lifetime). Callers read nothing of `ct` after this. */
 static __always_inline void fp_ct_nat_seen(struct fp_ct4_key *key, struct fp_ct4 *ct, int tier,
 					   __u8 tcp, int reply, __u64 now)
 {
@@ -252,6 +323,14 @@ static __always_inline void fp_ct_nat_seen(struct fp_ct4_key *key, struct fp_ct4
 
 	if (fp_whatif())
 		return;
+	if (fp_ct_close_done(&ct->state, &ct->flags, tcp, reply)) {
+		/* the partner's key is taken before the first delete (a
+		 * deleted element may be reused by another CPU at once) */
+		fp_ct_close_partner(key, ct, &pkey, reply);
+		fp_ct_tier_del(FP_CT_TIER_EST, key);
+		fp_ct_tier_del(FP_CT_TIER_EST, &pkey);
+		return;
+	}
 	if (state == ct->state && flags == ct->flags) {
 		if ((__s64)(now - ct->last_seen) <= (__s64)FP_CT_REFRESH_NS)
 			return;
@@ -279,7 +358,7 @@ static __always_inline void fp_ct_nat_seen(struct fp_ct4_key *key, struct fp_ct4
 	want = tier;
 	if (state == FP_CT_ESTABLISHED)
 		want = FP_CT_TIER_EST;
-	else if (state == FP_CT_FIN_WAIT || state == FP_CT_CLOSED)
+	else if (state == FP_CT_CLOSED && (tcp & FP_TCP_RST))
 		want = FP_CT_TIER_NEW;
 	if (want != tier || (pct && ptier != want))
 		fp_ct_move(key, ct, tier, &pkey, pct, ptier, want);

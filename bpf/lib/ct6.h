@@ -337,6 +337,44 @@ static __always_inline void fp_ct6_partner(const struct fp_ct6_key *key, const s
 	}
 }
 
+/* fp_ct_close_partner for an IPv6 flow: fp_ct6_partner by masks. */
+static __always_inline void fp_ct6_close_partner(const struct fp_ct6_key *key,
+						 const struct fp_ct6 *ct, struct fp_ct6_key *p,
+						 int reply)
+{
+	const __u32 *ks = (const __u32 *)key->saddr, *kd = (const __u32 *)key->daddr;
+	const __u32 *nat = (const __u32 *)ct->nat_addr, *peer = (const __u32 *)ct->peer_addr;
+	__u32 *ps = (__u32 *)p->saddr, *pd = (__u32 *)p->daddr;
+	__u32 snat = -(__u32)((ct->flags / FP_CT_F_SNAT) & 1);
+	__u32 hp = -(__u32)(ct->flags & FP_CT_F_HAIRPIN);
+	__u32 hairpin[4] = {FP_HAIRPIN_IP6_0, FP_HAIRPIN_IP6_1, FP_HAIRPIN_IP6_2, FP_HAIRPIN_IP6_3};
+	int i;
+
+	/* opaque to the compiler, or it turns the masks back into branches */
+	asm volatile("" : "+r"(snat), "+r"(hp));
+	p->proto = key->proto;
+	p->pad = 0;
+	if (!reply) {
+#pragma unroll
+		for (i = 0; i < 4; i++) {
+			ps[i] = nat[i];
+			pd[i] = (peer[i] & snat) | (((hairpin[i] & hp) | (ks[i] & ~hp)) & ~snat);
+		}
+		p->sport = ct->nat_port;
+		p->dport = (ct->peer_port & snat) | (key->sport & ~snat);
+		p->dir = FP_CT_REPLY;
+	} else {
+#pragma unroll
+		for (i = 0; i < 4; i++) {
+			ps[i] = (peer[i] & snat) | (((ks[i] & hp) | (kd[i] & ~hp)) & ~snat);
+			pd[i] = nat[i];
+		}
+		p->sport = (ct->peer_port & snat) | (key->dport & ~snat);
+		p->dport = ct->nat_port;
+		p->dir = FP_CT_FORWARD;
+	}
+}
+
 /* fp_ct_move for the IPv6 tiers. Entries are copied through the per-CPU
  * scratch: two of them do not fit the stack beside the caller's. */
 static __always_inline void fp_ct6_move(struct fp_ct6_key *key, struct fp_ct6 *ct, int from,
@@ -368,7 +406,8 @@ static __always_inline void fp_ct6_move(struct fp_ct6_key *key, struct fp_ct6 *c
 
 /* fp_ct_nat_seen for an IPv6 flow: the state moves (fp_ct_step), both
  * entries are refreshed (at most once a second unless the state changed),
- * and the flow moves between tiers on its way in and out of established. */
+ * and the flow moves between tiers as fp_ct_nat_seen says (a close stays
+ * in the established hash and is deleted when it completes). */
 static __always_inline void fp_ct6_nat_seen(struct fp_ct6_key *key, struct fp_ct6 *ct, int tier,
 					    __u8 tcp, int reply, __u64 now)
 {
@@ -384,6 +423,14 @@ static __always_inline void fp_ct6_nat_seen(struct fp_ct6_key *key, struct fp_ct
 	if (fp_whatif() || !w)
 		return;
 	pkey = &w->rev;
+	if (fp_ct_close_done(&ct->state, &ct->flags, tcp, reply)) {
+		/* the partner's key is taken before the first delete (a
+		 * deleted element may be reused by another CPU at once) */
+		fp_ct6_close_partner(key, ct, pkey, reply);
+		fp_ct6_tier_del(FP_CT_TIER_EST, key);
+		fp_ct6_tier_del(FP_CT_TIER_EST, pkey);
+		return;
+	}
 	if (state == ct->state && flags == ct->flags) {
 		if ((__s64)(now - ct->last_seen) <= (__s64)FP_CT_REFRESH_NS)
 			return;
@@ -409,7 +456,7 @@ static __always_inline void fp_ct6_nat_seen(struct fp_ct6_key *key, struct fp_ct
 	want = tier;
 	if (state == FP_CT_ESTABLISHED)
 		want = FP_CT_TIER_EST;
-	else if (state == FP_CT_FIN_WAIT || state == FP_CT_CLOSED)
+	else if (state == FP_CT_CLOSED && (tcp & FP_TCP_RST))
 		want = FP_CT_TIER_NEW;
 	if (want != tier || (pct && ptier != want))
 		fp_ct6_move(key, ct, tier, pkey, pct, ptier, want);

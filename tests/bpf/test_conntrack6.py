@@ -140,7 +140,7 @@ def test_a_tcp_connection_to_an_ipv6_clusterip_is_translated_and_tracked(dp, bpf
     for k in (("forward", POD_A6, sport, VIP6, 80), ("reply", POD_B6, 8080, POD_A6, sport)):
         assert (ct[k].state, ct[k].table) == ("established", "established6"), k
 
-    # FIN from each end: closed, back in the LRU
+    # FIN from each end: closed, where it was (the last ACK never seen)
     for pkt, dev in ((pkt_from(n, "a", POD_A6, VIP6, TCP(sport=sport, dport=80, flags="FA")),
                       "cali_a"),
                      (pkt_from(n, "b", POD_B6, POD_A6, TCP(sport=8080, dport=sport, flags="FA")),
@@ -148,7 +148,7 @@ def test_a_tcp_connection_to_an_ipv6_clusterip_is_translated_and_tracked(dp, bpf
         run(dp, n, "fp_from_pod", pkt, dev)
     ct = ct6(svc6)
     fwd = ct[("forward", POD_A6, sport, VIP6, 80)]
-    assert (fwd.state, fwd.table) == ("closed", "new6")
+    assert (fwd.state, fwd.table) == ("closed", "established6")
 
 
 def test_udp_to_an_ipv6_clusterip_is_translated_with_a_valid_checksum(dp, bpfnet, svc6):

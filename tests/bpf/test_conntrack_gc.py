@@ -62,7 +62,8 @@ def test_each_entry_goes_when_past_its_states_lifetime(ct_dp, bpfnet, svc):
     # past it: the closed connection's two entries, nothing else
     assert sweep(ct, t0 + (LIFE.tcp_close + 1) * SEC, LIFE) == 2
     assert conns["closed"].state() == [(None, None)] * 2
-    assert conns["fin-wait"].state() == [("new", "fin-wait")] * 2
+    assert conns["fin-wait"].state() == [("established", "fin-wait")] * 2, \
+        "a close stays in the established hash, which only this sweep empties"
     # past the one-side-closed lifetime
     assert sweep(ct, t0 + (LIFE.tcp_fin + 1) * SEC, LIFE) == 2
     # past the handshake's: both half-open connections
@@ -87,7 +88,7 @@ def test_an_entry_refreshed_during_the_sweep_is_kept(ct_dp, bpfnet, svc):
     assert sweep(ct, last + (LIFE.tcp_syn + 1) * SEC, LIFE, entries={
         t: [(k, v._replace(last_seen=last - LIFE.tcp_established * SEC)) for k, v in e]
         for t, e in walked.items()}) == 0, "what the walk saw is stale: nothing goes"
-    assert c.state() == [("new", "fin-wait")] * 2
+    assert c.state() == [("established", "fin-wait")] * 2
 
 
 def test_policy_entries_go_by_the_same_lifetimes(ct_dp, bpfnet, svc):

@@ -187,10 +187,12 @@ def test_a_client_reusing_its_port_gets_its_new_flows_reply_entry_and_no_old_one
 def test_a_new_flow_on_a_closed_flows_tuple_to_the_same_backend_is_whole_and_promotes(
         dp, net, svcs):
     """A client reopening the tuple of a closed connection that the same
-    (only) backend served: the old flow's two entries, still in the LRU
-    tier under the new flow's keys, become the new flow's: new state, none
-    of the old FIN flags, a fresh stamp; the handshake is un-NATed and
-    promotes both entries, and a FIN of the new flow is its first."""
+    (only) backend served, whose last ACK was never seen (a completed close
+    leaves no entries): the old flow's two entries, still in the
+    established hash under the new flow's keys, give way to the new flow's:
+    new state, none of the old FIN flags, a fresh stamp; the handshake is
+    un-NATed and promotes both entries, and a FIN of the new flow is its
+    first."""
     sport = 46001
     cpod = Ether(src=net.pod_mac["B"], dst=net.mac("caliB"))
 
@@ -213,11 +215,10 @@ def test_a_new_flow_on_a_closed_flows_tuple_to_the_same_backend_is_whole_and_pro
         assert len(fwd) == 1 and len(rep) == 1, (fwd, rep)
         return fwd[0], rep[0]
 
-    for side, f in ((client, "S"), (pod, "SA"), (client, "A"), (client, "FA"), (pod, "FA"),
-                    (client, "A")):
+    for side, f in ((client, "S"), (pod, "SA"), (client, "A"), (client, "FA"), (pod, "FA")):
         side(f)
     old = rows()
-    assert [(r.state, r.table) for r in old] == [("closed", "new")] * 2
+    assert [(r.state, r.table) for r in old] == [("closed", "established")] * 2
     assert all(r.flags for r in old), "both FINs are on the closed flow's entries"
 
     client("S")
@@ -256,6 +257,55 @@ def test_a_node_port_to_a_backend_on_another_node_is_snated_and_its_reply_revers
     ack = from_outside(net, NODE_IP, 30081, 40100, flags="A")
     v, out, *_ = run(dp, net, "fp_from_vpc", ack, "eth0")
     assert (Ether(out)[IP].src, Ether(out)[TCP].sport) == (NODE_IP, snat_port)
+
+
+@pytest.mark.parametrize("first", ["client", "backend"])
+def test_a_snated_node_port_flow_closes_in_the_established_hash_and_its_last_ack_retires_it(
+        dp, net, svcs, first):
+    """A NodePort flow SNATed to a backend on another node, closed by either
+    end: both FINs are translated both ways (the backend's with the client
+    put back), the flow stays in the established hash while closing, and the
+    last ACK, sent by the end that did not send the second FIN, is still
+    translated (the same SNAT port) and then deletes both entries."""
+    sport = 40200 if first == "client" else 40201
+    out_ = from_outside(net, NODE_IP, 30081, sport, flags="S")
+    v, out, *_ = run(dp, net, "fp_from_vpc", out_, "eth0")
+    snat_port = Ether(out)[TCP].sport
+    assert Ether(out)[IP].src == NODE_IP
+
+    def client(flags):
+        v, out, *_ = run(dp, net, "fp_from_vpc",
+                         from_outside(net, NODE_IP, 30081, sport, flags=flags), "eth0")
+        o = Ether(out)
+        assert v == TC_ACT_REDIRECT, flags
+        assert (o[IP].src, o[TCP].sport, o[IP].dst, o[TCP].dport) == \
+            (NODE_IP, snat_port, REMOTE, 8080), flags
+        assert_checksums_valid(out)
+
+    def backend(flags):
+        back = Ether(src=GW_MAC, dst=net.mac("eth0")) / IP(src=REMOTE, dst=NODE_IP) / \
+            TCP(sport=8080, dport=snat_port, flags=flags)
+        v, out, *_ = run(dp, net, "fp_from_vpc", back, "eth0")
+        o = Ether(out)
+        assert (o[IP].src, o[TCP].sport, o[IP].dst, o[TCP].dport) == \
+            (NODE_IP, 30081, CLIENT, sport), flags
+        assert_checksums_valid(out)
+
+    def tables():
+        fwd = ct_rows(dp, direction="forward", saddr=CLIENT, sport=sport, dport=30081)
+        rep = ct_rows(dp, direction="reply", saddr=REMOTE, daddr=NODE_IP, dport=snat_port)
+        return [(r.state, r.table) for r in fwd + rep]
+
+    backend("SA")
+    client("A")
+    assert tables() == [("established", "established")] * 2
+    one, two = (client, backend) if first == "client" else (backend, client)
+    one("FA")
+    assert tables() == [("fin-wait", "established")] * 2
+    two("FA")
+    assert tables() == [("closed", "established")] * 2
+    one("A")
+    assert tables() == [], "the last ACK retired the flow"
 
 
 def test_an_icmp_error_about_a_snated_flow_reaches_the_client_about_its_own_packet(

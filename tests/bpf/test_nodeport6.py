@@ -288,6 +288,49 @@ def test_an_ipv6_node_port_to_a_backend_on_another_node_is_snated_and_its_reply_
     assert (Ether(out)[IPv6].src, Ether(out)[TCP].sport) == (NODE_IP6, snat_port)
 
 
+@pytest.mark.parametrize("first", ["client", "backend"])
+def test_a_snated_ipv6_node_port_flow_is_retired_by_its_last_ack(dp, net, svcs, first):
+    """tests/bpf/test_nodeport.py's close of a SNATed flow, for IPv6: both
+    FINs translated both ways, the flow in the established hash while it
+    closes, the last ACK translated and then both entries deleted."""
+    sport = 40300 if first == "client" else 40301
+    v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30081, sport), "eth0")
+    snat_port = Ether(out)[TCP].sport
+
+    def client(flags):
+        v, out, *_ = run(dp, net, "fp_from_vpc",
+                         from_outside(net, NODE_IP6, 30081, sport, flags=flags), "eth0")
+        o = Ether(out)
+        assert (o[IPv6].src, o[TCP].sport, o[IPv6].dst, o[TCP].dport) == \
+            (NODE_IP6, snat_port, REMOTE6, 8080), flags
+        assert_l4_checksum_valid(out)
+
+    def backend(flags):
+        back = Ether(src=GW_MAC, dst=net.mac("eth0")) / IPv6(src=REMOTE6, dst=NODE_IP6) / \
+            TCP(sport=8080, dport=snat_port, flags=flags)
+        v, out, *_ = run(dp, net, "fp_from_vpc", back, "eth0")
+        o = Ether(out)
+        assert (o[IPv6].src, o[TCP].sport, o[IPv6].dst, o[TCP].dport) == \
+            (NODE_IP6, 30081, CLIENT6, sport), flags
+        assert_l4_checksum_valid(out)
+
+    def tables():
+        fwd = ct_rows(dp, direction="forward", saddr=CLIENT6, sport=sport, dport=30081)
+        rep = ct_rows(dp, direction="reply", saddr=REMOTE6, daddr=NODE_IP6, dport=snat_port)
+        return [(r.state, r.table) for r in fwd + rep]
+
+    backend("SA")
+    client("A")
+    assert tables() == [("established", "established6")] * 2
+    one, two = (client, backend) if first == "client" else (backend, client)
+    one("FA")
+    assert tables() == [("fin-wait", "established6")] * 2
+    two("FA")
+    assert tables() == [("closed", "established6")] * 2
+    one("A")
+    assert tables() == [], "the last ACK retired the flow"
+
+
 def test_an_icmpv6_error_about_a_snated_flow_reaches_the_client_about_its_own_packet(
         dp, net, svcs):
     v, out, *_ = run(dp, net, "fp_from_vpc", from_outside(net, NODE_IP6, 30081, 40250), "eth0")
