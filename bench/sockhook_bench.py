@@ -149,11 +149,12 @@ def run(reps: int, seconds: float) -> dict:
                 fp, floor_c, bare_c = (Client(n1, n1.ip, cgroup=c)
                                        for c in (cg_fp, cg_floor, cg_bare))
                 # warm up, and prove each arm is what it claims
+                created = lb.ct_events()["created"]
                 fp.run("rr", vip, 0.2)
                 fp.run("rr", b.ip, 0.2, DIRECT_PORT)
                 floor_c.run("rr", b.ip, 0.2, FLOOR_PORT)
                 bare_c.run("rr", b.ip, 0.2, BARE_PORT)
-                if lb.conntrack():
+                if lb.conntrack() or lb.ct_events()["created"] != created:
                     raise RuntimeError("the ClusterIP arm was translated per packet, not at connect()")
                 arms = {
                     "clusterip": (conn4, lambda: fp.run("crr", vip, seconds) * seconds),

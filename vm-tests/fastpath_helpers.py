@@ -9,6 +9,14 @@ from agent.sim.traffic import forwarded_datagrams as forwarded_by_stack  # noqa:
 from agent.sim.traffic import serve_reply  # noqa: F401  (used by many vm-tests)
 
 
+def flows_created(lb) -> int:
+    """How many translated flows the datapath has opened (the conntrack
+    event counter, both families). A TCP flow whose close completed leaves
+    no conntrack entry behind, so per-packet translation is proven by this
+    count rising and translation at the socket by it staying put."""
+    return lb.ct_events()["created"]
+
+
 def counters_by(rows, ifindex: int | None = None) -> Counter:
     """(direction, reason) -> packets, optionally for one interface."""
     c: Counter = Counter()

@@ -22,7 +22,7 @@ from agent.sim import manifests as mf
 from agent.sim.agent import AgentProcess, private_paths, sim_attach
 from agent.sim.cgroups import private_mount as private_cgroup
 from agent.sim.world import World
-from fastpath_helpers import wait_for
+from fastpath_helpers import flows_created, wait_for
 from socket_clients import LineClient, Load, one_shot, send_until_closed
 
 from tests.lb.lbdata import ep, eslice, service, snapshot
@@ -101,6 +101,7 @@ def test_ipv6_and_dual_stack_clusterips_at_the_socket(cgroup):
             assert sorted(ip for ip, _, _ in lb.backends().values()) == sorted(
                 [b.ip, b.ip, b.ip6, b.ip6])
             agent.datapath.attach_socket_lb(cgroup, hostns_only=True)
+            created = flows_created(lb)
             # TCP and UDP to the IPv6 ClusterIP: the backend answers, the
             # application sees the ClusterIP (getpeername6, recvmsg6)
             out = one_shot(node, cgroup, VIP6, "80", "tcp", "6").split()
@@ -118,7 +119,7 @@ def test_ipv6_and_dual_stack_clusterips_at_the_socket(cgroup):
                 out = one_shot(node, cgroup, VIP4, port, proto, "mapped").split()
                 assert out[0] == "from-b" and out[2:] == [f"::ffff:{VIP4}", port], (proto, out)
             # translated at the socket: no packet needed translating
-            assert lb.conntrack() == []
+            assert lb.conntrack() == [] and flows_created(lb) == created
             # no endpoint, and an unknown port of a live IPv6 ClusterIP:
             # refused at once with ECONNREFUSED, as for IPv4
             for vip, port, proto in ((EMPTY6, "80", "tcp"), (EMPTY6, "53", "udp"),
@@ -140,6 +141,7 @@ def test_ipv6_affinity_opt_out_and_backend_change_at_the_socket(cgroup):
             lb = agent.datapath.lb
             rec, table = program(lb, web_objects(b, c))
             agent.datapath.attach_socket_lb(cgroup, hostns_only=False)
+            created = flows_created(lb)
             # without affinity both IPv6 backends are used (from pod a's netns:
             # all sockets mode)
             seen = {one_shot(a, cgroup, VIP6, "80", "tcp", "6").split()[0]
@@ -160,20 +162,21 @@ def test_ipv6_affinity_opt_out_and_backend_change_at_the_socket(cgroup):
                     for _ in range(8)}
             assert seen == {"from-c"}, seen
             # until now pod a's IPv6 connections were translated at the
-            # socket: conntrack holds none of them
+            # socket: the datapath opened no flow for them
+            assert flows_created(lb) == created
             assert not [r for r in lb.conntrack() if r.table.endswith("6")]
             # the socket-LB opt-out: pod a's netns listed, its IPv6 socket is
             # left alone at the socket and its packets are translated on its
-            # veth instead (conntrack holds the flow; the socket still sees
-            # the ClusterIP), while the node's sockets are still translated
-            # at the socket
+            # veth instead (the datapath opens a flow for it; the socket
+            # still sees the ClusterIP), while the node's sockets are still
+            # translated at the socket
             agent.datapath.socklb_skip.set({netns_cookie(a.netns): 1})
             out = one_shot(a, cgroup, VIP6, "80", "tcp", "6").split()
             assert out[0] == "from-c" and out[2:] == [VIP6, "80"], out
-            assert any(r.direction == "forward" and r.nat_addr == c.ip6
-                       for r in lb.conntrack() if r.table.endswith("6")), lb.conntrack()
+            assert flows_created(lb) == created + 1
             out = one_shot(node, cgroup, VIP6, "80", "tcp", "6").split()
             assert out[0] == "from-c" and out[2:] == [VIP6, "80"], out
+            assert flows_created(lb) == created + 1
             agent.datapath.detach_socket_lb(cgroup)
 
 
