@@ -14,6 +14,7 @@ traffic. The agent enforces NetworkPolicy (`--policy-enforcement default`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import tarfile
@@ -46,6 +47,24 @@ def cluster(b, d, pods) -> list[dict]:
                               [(8080, "TCP")])]
 
 
+# Asks once and keeps its end open: the server's close leaves the flow
+# half-closed, so its conntrack entries stay to be listed (a completed
+# close retires them at once). Killed, it resets the connection: one
+# packet, where a FIN of a flow the test flushed would be dropped and
+# retransmitted into the next tests' counters and monitor.
+HELD_CLIENT = r"""
+import socket, struct, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.sendall(b"hi")
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(data.decode(), flush=True)
+time.sleep(60)
+"""
+
+
 class Node:
     """The agent on n1 with its pods a (client), b and d (servers)."""
 
@@ -67,6 +86,17 @@ class Node:
     def ask(self, pod, target: str, port: int) -> str:
         return pod.run(["sh", "-c", f"printf hi | nc -N -w 2 {target} {port}"], check=False,
                        timeout=10).stdout
+
+    @contextlib.contextmanager
+    def held(self, pod, target: str, port: int):
+        """The answer of a connection `pod` keeps open while the block runs."""
+        p = pod.popen(["python3", "-c", HELD_CLIENT, target, str(port)],
+                      stdout=subprocess.PIPE, text=True)
+        try:
+            yield p.stdout.readline().strip()
+        finally:
+            p.kill()
+            p.wait()
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +219,17 @@ def test_endpoints_services_and_status_join_the_agents_names(n1):
 
 def test_conntrack_list_top_and_flush_after_real_connections(n1):
     n1.cli("ct", "flush", "--all")
-    assert n1.ask(n1.a, VIP, 80) == "from-b"
+    with n1.held(n1.a, VIP, 80) as answer:
+        assert answer == "from-b"
+        listed_while_held(n1)
+    # the flow still works: a new SYN makes new entries (affinity keeps b)
+    with n1.held(n1.a, VIP, 80) as answer:
+        assert answer == "from-b"
+        again = n1.cli_json("ct", "list", "--src", n1.a.ip)
+        assert len([r for r in again if r["dir"] in ("forward", "reply")]) == 2
+
+
+def listed_while_held(n1):
     rows = [r for r in n1.cli_json("ct", "list", "--src", n1.a.ip)
             if r["dir"] in ("forward", "reply")]      # policy entries aside
     fwd = [r for r in rows if r["dir"] == "forward"]
@@ -216,10 +256,6 @@ def test_conntrack_list_top_and_flush_after_real_connections(n1):
     assert n1.cli("ct", "flush", check=False).returncode == 2
     assert n1.cli_json("ct", "flush", "--src", n1.a.ip) == {"matched": n, "deleted": n}
     assert n1.cli_json("ct", "list") == []
-    # the flow still works: a new SYN makes new entries (affinity keeps b)
-    assert n1.ask(n1.a, VIP, 80) == "from-b"
-    again = n1.cli_json("ct", "list", "--src", n1.a.ip)
-    assert len([r for r in again if r["dir"] in ("forward", "reply")]) == 2
 
 
 def test_trace_agrees_with_real_traffic_and_changes_nothing(n1):
@@ -240,10 +276,11 @@ def test_trace_agrees_with_real_traffic_and_changes_nothing(n1):
     assert n1.cli_json("ct", "list") == []
     assert ipv4_counters() == before_counters
     # and the real packet goes where the trace said
-    assert n1.ask(n1.a, VIP, 80) == "from-b"
-    fwd = [r for r in n1.cli_json("ct", "list") if r["dir"] == "forward"]
-    assert (fwd[0]["nat_addr"], fwd[0]["nat_port"]) == (
-        t["service"]["nat_daddr"], t["service"]["nat_dport"])
+    with n1.held(n1.a, VIP, 80) as answer:
+        assert answer == "from-b"
+        fwd = [r for r in n1.cli_json("ct", "list") if r["dir"] == "forward"]
+    assert [(r["nat_addr"], r["nat_port"]) for r in fwd] == [
+        (t["service"]["nat_daddr"], t["service"]["nat_dport"])]
     direct = n1.cli_json("trace", "--from", n1.a.ip, "--to", f"{n1.d.ip}:8080", "--proto", "udp")
     assert direct["service"] is None and direct["redirect"]["ifname"] == n1.d.host_ifname
     text = n1.cli("trace", "--from", "a", "--to", f"{VIP}:80").stdout
