@@ -14,6 +14,7 @@ namespace: `ip netns exec` remounts /sys, which hides cgroup2 inside it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -63,6 +64,43 @@ def one_shot(ns, cg: str | None, vip: str, port: str, proto: str, fam: str = "4"
     """`<reply> <peer address> <peer port>`, or `ERROR <errno> <text>`."""
     return subprocess.run(_argv(ns, cg, ONE_SHOT, vip, port, proto, fam), capture_output=True,
                           text=True, timeout=15).stdout.strip()
+
+
+# Asks once and keeps its end open: the server's close leaves the flow
+# half-closed, so its conntrack entries stay to be looked at (a completed
+# close retires them at once). Killed, it resets the connection: one
+# packet, where a FIN of a flow a test flushed would be dropped and
+# retransmitted into the next tests' counters and monitor.
+HELD_CLIENT = r"""
+import socket, struct, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.sendall(b"hi")
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(data.decode(), flush=True)
+time.sleep(60)
+"""
+
+
+def hold(pod, target: str, port: int) -> tuple[subprocess.Popen, str]:
+    """A TCP connection `pod` keeps open after its answer: the client
+    process (kill it to reset the connection) and the answer."""
+    p = pod.popen([sys.executable, "-c", HELD_CLIENT, target, str(port)],
+                  stdout=subprocess.PIPE, text=True)
+    return p, p.stdout.readline().strip()
+
+
+@contextlib.contextmanager
+def held(pod, target: str, port: int):
+    """hold() for the block: yields the answer, resets the connection after."""
+    p, answer = hold(pod, target, port)
+    try:
+        yield answer
+    finally:
+        p.kill()
+        p.wait()
 
 
 # connect <ip> <port> | send <tag>; answers `ok <peer ip> <peer port>`,

@@ -14,7 +14,6 @@ traffic. The agent enforces NetworkPolicy (`--policy-enforcement default`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import tarfile
@@ -29,6 +28,7 @@ from agent.sim import World
 from agent.sim import manifests as mf
 from agent.sim.agent import NodeAgent, node_agent
 from fastpath_helpers import inject_truncated, serve_reply
+from socket_clients import held
 
 VIP = "192.168.99.10"
 DEFS = bpfdefs.load()
@@ -45,24 +45,6 @@ def cluster(b, d, pods) -> list[dict]:
             *(mf.pod("default", p.name, p.ip, "n1", {"app": p.name}) for p in pods),
             mf.ingress_policy("default", "b-from-a", {"app": "b"}, {"app": "a"},
                               [(8080, "TCP")])]
-
-
-# Asks once and keeps its end open: the server's close leaves the flow
-# half-closed, so its conntrack entries stay to be listed (a completed
-# close retires them at once). Killed, it resets the connection: one
-# packet, where a FIN of a flow the test flushed would be dropped and
-# retransmitted into the next tests' counters and monitor.
-HELD_CLIENT = r"""
-import socket, struct, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-s.sendall(b"hi")
-data = b""
-while chunk := s.recv(4096):
-    data += chunk
-print(data.decode(), flush=True)
-time.sleep(60)
-"""
 
 
 class Node:
@@ -86,17 +68,6 @@ class Node:
     def ask(self, pod, target: str, port: int) -> str:
         return pod.run(["sh", "-c", f"printf hi | nc -N -w 2 {target} {port}"], check=False,
                        timeout=10).stdout
-
-    @contextlib.contextmanager
-    def held(self, pod, target: str, port: int):
-        """The answer of a connection `pod` keeps open while the block runs."""
-        p = pod.popen(["python3", "-c", HELD_CLIENT, target, str(port)],
-                      stdout=subprocess.PIPE, text=True)
-        try:
-            yield p.stdout.readline().strip()
-        finally:
-            p.kill()
-            p.wait()
 
 
 @pytest.fixture(scope="module")
@@ -219,11 +190,11 @@ def test_endpoints_services_and_status_join_the_agents_names(n1):
 
 def test_conntrack_list_top_and_flush_after_real_connections(n1):
     n1.cli("ct", "flush", "--all")
-    with n1.held(n1.a, VIP, 80) as answer:
+    with held(n1.a, VIP, 80) as answer:
         assert answer == "from-b"
         listed_while_held(n1)
     # the flow still works: a new SYN makes new entries (affinity keeps b)
-    with n1.held(n1.a, VIP, 80) as answer:
+    with held(n1.a, VIP, 80) as answer:
         assert answer == "from-b"
         again = n1.cli_json("ct", "list", "--src", n1.a.ip)
         assert len([r for r in again if r["dir"] in ("forward", "reply")]) == 2
@@ -276,7 +247,7 @@ def test_trace_agrees_with_real_traffic_and_changes_nothing(n1):
     assert n1.cli_json("ct", "list") == []
     assert ipv4_counters() == before_counters
     # and the real packet goes where the trace said
-    with n1.held(n1.a, VIP, 80) as answer:
+    with held(n1.a, VIP, 80) as answer:
         assert answer == "from-b"
         fwd = [r for r in n1.cli_json("ct", "list") if r["dir"] == "forward"]
     assert [(r["nat_addr"], r["nat_port"]) for r in fwd] == [

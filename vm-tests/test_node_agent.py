@@ -32,7 +32,7 @@ from agent.sim import manifests as mf
 from agent.sim.agent import FASTPATH, AgentProcess, _detach_node, private_paths
 from agent.sim.cgroups import private_mount as private_cgroup
 from bench.harness import build_fprr
-from socket_clients import Load
+from socket_clients import Load, hold
 from fastpath_helpers import forwarded_by_stack, inject_truncated, serve_reply, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,8 +184,8 @@ def test_metrics_and_health_endpoints_report_the_real_datapath(world, capsys):
                                           check=False, timeout=10).stdout == "from-b")
             # a completed close leaves no entries: one connection the client
             # keeps half-open (the server has closed its end) stays tracked
-            holder = a.popen(["python3", "-c", "import socket, time; "
-                              f"s = socket.create_connection(('{SVC_VIP}', 80)); time.sleep(30)"])
+            holder, answer = hold(a, SVC_VIP, 80)
+            assert answer == "from-b"
             assert wait_for(lambda: any(r.proto == "TCP" and r.state == "fin-wait"
                                         for r in agent.datapath.lb.conntrack()))
             try:

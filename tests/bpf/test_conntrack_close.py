@@ -20,12 +20,11 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from agent.conntrack.gc import sweep
-from agent.model import conntrack as M
-from tests.bpf.conftest import (GW_MAC, POD_A, POD_A6, POD_B, POD_B6, REMOTE, REMOTE6,
-                                TC_ACT_REDIRECT, frontends)
 from agent.datapath.loader import BuildOptions
 from agent.datapath.maps import be16, be32
-from tests.bpf.conftest import run_prog
+from agent.model import conntrack as M
+from tests.bpf.conftest import (GW_MAC, POD_A, POD_A6, POD_B, POD_B6, REMOTE, REMOTE6,
+                                TC_ACT_REDIRECT, frontends, run_prog)
 from tests.bpf.test_conntrack import LIFE, Conn, fkey, find
 from tests.bpf.test_conntrack6 import (VIP6, VIP6_HAIRPIN, VIP6_REMOTE, ct6, pkt_from, run,  # noqa: F401
                                        svc6)

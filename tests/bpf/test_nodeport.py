@@ -259,6 +259,20 @@ def test_a_node_port_to_a_backend_on_another_node_is_snated_and_its_reply_revers
     assert (Ether(out)[IP].src, Ether(out)[TCP].sport) == (NODE_IP, snat_port)
 
 
+def close_walk(first, client, backend, tables, table):
+    """`first` ("client" or "backend") closes, the other end answers with its
+    FIN and `first` ACKs it: both entries stay in `table` (fin-wait, then
+    closed) and that last ACK retires them. client/backend(flags) send and
+    check the translation; tables() lists (state, table) of the entries."""
+    one, two = (client, backend) if first == "client" else (backend, client)
+    one("FA")
+    assert tables() == [("fin-wait", table)] * 2
+    two("FA")
+    assert tables() == [("closed", table)] * 2
+    one("A")
+    assert tables() == [], "the last ACK retired the flow"
+
+
 @pytest.mark.parametrize("first", ["client", "backend"])
 def test_a_snated_node_port_flow_closes_in_the_established_hash_and_its_last_ack_retires_it(
         dp, net, svcs, first):
@@ -299,13 +313,7 @@ def test_a_snated_node_port_flow_closes_in_the_established_hash_and_its_last_ack
     backend("SA")
     client("A")
     assert tables() == [("established", "established")] * 2
-    one, two = (client, backend) if first == "client" else (backend, client)
-    one("FA")
-    assert tables() == [("fin-wait", "established")] * 2
-    two("FA")
-    assert tables() == [("closed", "established")] * 2
-    one("A")
-    assert tables() == [], "the last ACK retired the flow"
+    close_walk(first, client, backend, tables, "established")
 
 
 def test_an_icmp_error_about_a_snated_flow_reaches_the_client_about_its_own_packet(

@@ -28,6 +28,7 @@ from agent.lb.reconcile import Reconciler
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
                                 ct_rows, node_datapath, node_netns, node_run as run, node_services)
 from tests.bpf.test_conntrack6 import assert_l4_checksum_valid
+from tests.bpf.test_nodeport import close_walk
 from tests.lb.lbdata import ep, eslice, service, snapshot
 
 NODE_IP, NODE_IP6 = "10.240.0.11", "2001:db8:240::11"
@@ -322,13 +323,7 @@ def test_a_snated_ipv6_node_port_flow_is_retired_by_its_last_ack(dp, net, svcs, 
     backend("SA")
     client("A")
     assert tables() == [("established", "established6")] * 2
-    one, two = (client, backend) if first == "client" else (backend, client)
-    one("FA")
-    assert tables() == [("fin-wait", "established6")] * 2
-    two("FA")
-    assert tables() == [("closed", "established6")] * 2
-    one("A")
-    assert tables() == [], "the last ACK retired the flow"
+    close_walk(first, client, backend, tables, "established6")
 
 
 def test_an_icmpv6_error_about_a_snated_flow_reaches_the_client_about_its_own_packet(
