@@ -138,10 +138,14 @@ class NodePortFloor:
     (address, port, both checksums) and redirected into the pod's netns; on
     the pod's veth, one that looks the reply tuple up, puts the NodePort back
     as the source and sends the packet out by the FIB. Packets to the pod's
-    own address are only redirected (the direct floor). No TCP state, tiers,
-    guards, policy, counters, reports or fragments: fastpath's NodePort
-    increment over its direct path, less this one's, is what its own logic
-    adds to the technique."""
+    own address are only redirected (the direct floor). A flow's two entries
+    are deleted by the ACK that ends its close (each FIN marks both entries),
+    as fastpath's are: a floor that let closed flows wait for eviction would
+    pay an evicting insert at every SYN of a busy client, which fastpath
+    does not (until 2026-12-05 it did: docs/benchmarks.md). No other TCP
+    state, tiers, guards, policy, counters, reports or fragments:
+    fastpath's NodePort increment over its direct path, less this one's, is
+    what its own logic adds to the technique."""
 
     SRC = r"""
     #include <uapi/linux/bpf.h>
@@ -152,7 +156,11 @@ class NodePortFloor:
     #include <uapi/linux/tcp.h>
     #include <linux/socket.h>
     struct ct_key { __be32 saddr, daddr; __be16 sport, dport; __u32 proto; };
-    struct ct_val { __be32 addr; __be16 port; __u16 pad; };
+    /* fin: which ends sent a FIN, kept in both entries */
+    struct ct_val { __be32 addr; __be16 port; __u16 fin; };
+    #define FIN_CLIENT 1
+    #define FIN_SERVER 2
+    #define FIN_BOTH (FIN_CLIENT | FIN_SERVER)
     BPF_TABLE("lru_hash", struct ct_key, struct ct_val, npf_ct, 65536);
     BPF_TABLE("hash", __u32, struct ct_val, npf_svc, 16);
     """ + BARE_FIB_OUT4 + r"""
@@ -180,6 +188,25 @@ class NodePortFloor:
         if (bpf_l4_csum_replace(skb, L4_CSUM, oa, na, BPF_F_PSEUDO_HDR | 4))
             return -1;
         return bpf_l4_csum_replace(skb, L4_CSUM, op, np, 2);
+    }
+
+    /* A packet of a known flow: a FIN marks both entries; the packet
+     * after both FINs that carries neither SYN, FIN nor RST (the ACK of the
+     * second FIN) deletes both. `mine` is the packet's own entry. */
+    static __always_inline void close_seen(struct tcphdr *th, struct ct_val *mine,
+                                           struct ct_key *k, struct ct_key *other, __u16 fin)
+    {
+        struct ct_val *o;
+
+        if (th->fin) {
+            mine->fin |= fin;
+            o = npf_ct.lookup(other);
+            if (o)
+                o->fin = mine->fin;
+        } else if (mine->fin == FIN_BOTH && !th->syn && !th->rst) {
+            npf_ct.delete(k);
+            npf_ct.delete(other);
+        }
     }
 
     int npf_in(struct __sk_buff *skb)
@@ -220,6 +247,12 @@ class NodePortFloor:
         v = th->syn && !th->ack ? NULL : npf_ct.lookup(&k);
         if (v) {
             nv = *v;
+            rk.saddr = nv.addr;
+            rk.daddr = k.saddr;
+            rk.sport = nv.port;
+            rk.dport = k.sport;
+            rk.proto = IPPROTO_TCP;
+            close_seen(th, v, &k, &rk, FIN_CLIENT);
         } else {
             if (!th->syn || th->ack)
                 return TC_ACT_UNSPEC;
@@ -263,7 +296,14 @@ class NodePortFloor:
             v = npf_ct.lookup(&k);
             if (v) {
                 struct ct_val nv = *v;
+                struct ct_key fk = {};
 
+                fk.saddr = k.daddr;
+                fk.daddr = nv.addr;
+                fk.sport = k.dport;
+                fk.dport = nv.port;
+                fk.proto = IPPROTO_TCP;
+                close_seen(th, v, &k, &fk, FIN_SERVER);
                 if (nat(skb, 1, k.saddr, nv.addr, k.sport, nv.port))
                     return TC_ACT_SHOT;
             }
