@@ -25,12 +25,13 @@
  * policy leaves this node nothing, a load-balancer IP the source may not
  * reach, an unallocated Service address) are dropped here, and counted;
  * everything else goes through. The node's own SCTP to a Service is
- * translated there (fp_to_vpc_sctp, IPv6 fp_to_vpc6_sctp: socket-LB
- * leaves SCTP sockets alone).
+ * translated there (fp_to_vpc_node, IPv6 fp_to_vpc6_node: socket-LB
+ * leaves SCTP sockets alone), and so are its TCP and UDP while socket-LB
+ * is off (fp_node_pkt_lb).
  * fp_to_vpc also paces what limited pods send (lib/bw.h: an EDT timestamp
  * for fq, or the pod's HTB class).
  * fp_lo (tc egress of the node's lo): the node's SCTP to its own addresses,
- * translated as fp_to_vpc_sctp does (see its section at the end).
+ * translated as fp_to_vpc_node does (see its section at the end).
  */
 #include "lib/fwd.h"
 #include "lib/fwd6.h"
@@ -41,6 +42,17 @@
 #include "lib/bw.h"
 #include "lib/ct6.h"
 #include "lib/lo.h"
+
+/* socket-LB off (the agent's socket_lb: false, FP_CFG_F_SOCKLB clear): no
+ * connect() hook translates the node's TCP and UDP, so the node's
+ * interfaces and lo do, per packet, as they always do its SCTP. The agent
+ * sets the flag only while its cgroup programs are attached. */
+static __always_inline int fp_node_pkt_lb(void)
+{
+	struct fp_config *cfg = fp_config_get();
+
+	return cfg && !(cfg->flags & FP_CFG_F_SOCKLB);
+}
 
 struct fp_arrival {
 	__u32 ifindex;         /* HBO: where it arrived */
@@ -116,9 +128,11 @@ static __always_inline int fp_from_vpc_node(struct __sk_buff *skb, struct fp_ipv
 	rc = 0;
 	if (l4.kind == FP_L4_ICMP_ERR ||
 	    (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN) ||
-	    /* or a reply to the node's own SCTP client (fp_to_vpc_sctp), on
+	    /* or a reply to the node's own SCTP client (fp_to_vpc_node), on
 	     * whatever port the node's stack gave it */
-	    (l4.kind == FP_L4_PORTS && ip->proto == IPPROTO_SCTP))
+	    (l4.kind == FP_L4_PORTS && ip->proto == IPPROTO_SCTP) ||
+	    /* ... and to its TCP and UDP clients while socket-LB is off */
+	    (l4.kind == FP_L4_PORTS && fp_node_pkt_lb()))
 		rc = fp_ct_reverse(skb, ip, &l4);
 	if (rc < 0) {
 		reason = FP_DROP_CSUM;
@@ -307,8 +321,10 @@ static __always_inline int fp_from_vpc6_node(struct __sk_buff *skb, struct fp_ip
 	 * SNAT hands out), or an ICMPv6 error about one */
 	if ((!sctp && l4.kind == FP_L4_ICMP_ERR) ||
 	    (l4.kind == FP_L4_PORTS && bpf_ntohs(l4.dport) >= FP_SNAT_PORT_MIN) ||
-	    /* SCTP: also a reply to the node's own client (fp_to_vpc6_sctp) */
-	    (sctp && l4.kind == FP_L4_PORTS)) {
+	    /* SCTP: also a reply to the node's own client (fp_to_vpc6_node) */
+	    (sctp && l4.kind == FP_L4_PORTS) ||
+	    /* ... and TCP and UDP while socket-LB is off */
+	    (!sctp && l4.kind == FP_L4_PORTS && fp_node_pkt_lb())) {
 		rc = fp_ct6_reverse_any(skb, ip, &l4, sctp ? FP_NAT6_SCTP_ONLY : FP_NAT6_NO_SCTP);
 		if (rc < 0)
 			return fp_finish6(skb, FP_DIR_FROM_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
@@ -456,24 +472,40 @@ int fp_vpc6_sctp(struct __sk_buff *skb)
 	return verdict;
 }
 
-/* fp_to_vpc_sctp's IPv6 twin: the node's own SCTP to an IPv6 frontend,
+/* fp_to_vpc_node's IPv6 twin: the node's own SCTP to an IPv6 frontend,
  * translated with socket-LB's view for the node (the inside entry, source
  * ranges by the packet's source, no SNAT); replies get the frontend back in
  * fp_from_pod6 / fp_pod6_route (a local backend) or fp_vpc6_sctp (a remote
  * one). Returns 1 when the destination is no frontend, else the verdict.
  * `q`: fp_lo's, the packet as the node sent it (lib/lo.h fp_lo6_quote),
- * as in fp_to_vpc_sctp; NULL on the node's interfaces. */
-static __always_inline int fp_to_vpc6_sctp(struct __sk_buff *skb, struct fp_ipv6 *ip,
-					   struct fp_l4 *l4, struct fp_icmp6_work *q)
+ * as in fp_to_vpc_node; NULL on the node's interfaces. */
+static __always_inline int fp_to_vpc6_node(struct __sk_buff *skb, struct fp_ipv6 *ip,
+					   struct fp_l4 *l4, struct fp_icmp6_work *q, int frags)
 {
+	struct fp_frag6_work *first;
 	struct fp_endpoint *dst;
 	struct bpf_fib_lookup fib = {};
 	enum fp_reason reason = FP_FWD_SVC;
 	int rc, verdict;
 
-	rc = fp_ct6_service_from(skb, ip, l4, &reason, FP_CT6_FROM_NODE);
-	if (rc > 0)
-		return 1;
+	/* `frags` (a constant; the node's interfaces, not lo, which leaves
+	 * fragments alone): a later fragment takes the addresses its first
+	 * one left with (lib/ct6.h), the first one's decision recorded */
+	if (frags && ip->frag == FP_IP6_LATER_FRAG) {
+		rc = fp_ct6_frag_follow(skb, ip);
+		if (rc < 0)
+			return fp_finish6(skb, FP_DIR_TO_VPC, FP_DROP_CSUM, TC_ACT_SHOT, ip);
+		if (rc == 0)
+			return 1;
+		rc = 0;
+	} else {
+		first = frags ? fp_ct6_frag_begin(ip) : NULL;
+		rc = fp_ct6_service_from(skb, ip, l4, &reason, FP_CT6_FROM_NODE);
+		if (rc > 0)
+			return 1;
+		if (frags && rc == 0)
+			fp_ct6_frag_end(first, ip);
+	}
 	barrier_var(skb);
 	if (rc < 0) {
 		if (reason != FP_DROP_NO_BACKEND)
@@ -513,7 +545,7 @@ static __always_inline int fp_to_vpc6_sctp(struct __sk_buff *skb, struct fp_ipv6
 	__builtin_memcpy(fib.ipv6_dst, ip->daddr, 16);
 	fib.ifindex = skb->ifindex;
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-	/* (FRAG_NEEDED as in fp_to_vpc_sctp) */
+	/* (FRAG_NEEDED as in fp_to_vpc_node) */
 	if (q && (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
 		  rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) &&
 	    fib.ifindex != skb->ifindex && fp_lo6_too_big(skb, fib.ifindex, q, ip, &verdict))
@@ -551,22 +583,27 @@ static __always_inline int fp_to_vpc6_run(struct __sk_buff *skb)
 	struct fp_ipv6 ip = {};
 	struct fp_l4 l4 = {};
 	struct fp_svc4 *svc;
-	int reason = 0;
+	int reason = 0, looked = 0;
 
 	/* fresh ctx accesses: the IPv4 parse's registers are not reused */
 	barrier_var(skb);
 	if (fp_parse_ipv6(skb, &ip) != FP_PARSE_IPV6)
 		return FP_TC_CONTINUE;
 	fp_parse_l4_6(skb, &ip, &l4);
-	if (ip.proto == IPPROTO_SCTP && l4.kind == FP_L4_PORTS) {
-		int rc = fp_to_vpc6_sctp(skb, &ip, &l4, NULL);
+	/* TCP and UDP only while socket-LB is off, as for IPv4, a later
+	 * fragment following its first one */
+	if ((l4.kind == FP_L4_PORTS || ip.frag == FP_IP6_LATER_FRAG) &&
+	    (ip.proto == IPPROTO_SCTP || fp_node_pkt_lb())) {
+		int rc = fp_to_vpc6_node(skb, &ip, &l4, NULL, 1);
 
 		if (rc != 1)
 			return rc;
+		looked = 1;
 	}
 	if (!l4.opening)
 		return FP_TC_CONTINUE;
-	svc = l4.kind == FP_L4_PORTS ? fp_service6_lookup(ip.daddr, l4.dport, ip.proto) : NULL;
+	svc = l4.kind == FP_L4_PORTS && !looked
+		      ? fp_service6_lookup(ip.daddr, l4.dport, ip.proto) : NULL;
 	if (svc) {
 		if (svc->flags & FP_SVC_F_DROP)
 			reason = FP_DROP_NO_LOCAL_BACKEND;
@@ -581,42 +618,58 @@ static __always_inline int fp_to_vpc6_run(struct __sk_buff *skb)
 	return fp_finish6(skb, FP_DIR_TO_VPC, reason, TC_ACT_SHOT, &ip);
 }
 
-/* ---- the node's own SCTP to Services, per packet ----
+/* ---- the node's own SCTP (and, socket-LB off, TCP and UDP) to Services,
+ * per packet ----
  *
  * Socket-LB leaves SCTP sockets alone (sock.c), so a node process's SCTP
  * association to a ClusterIP, external or load-balancer IP leaves with the
  * frontend as destination; kube-proxy's OUTPUT chain would DNAT it, and
  * this does here, on the way out of the interface the node's route picked.
+ * With socket-LB off the node's TCP connections and UDP datagrams leave
+ * the same way and get the same walk (fp_node_pkt_lb).
  * The view is socket-LB's for the node's sockets (the frontend's internal
  * entry: traffic policies as for a client inside the cluster, source
- * ranges by the packet's source, no SNAT): only an INIT picks a backend;
+ * ranges by the packet's source, no SNAT): only an opening packet (an
+ * INIT, a SYN, any UDP datagram) picks a backend;
  * conntrack (lib/ct.h) keeps the association on it, and its reply entry
  * restores the frontend in fp_from_pod (a local backend) or
  * fp_from_vpc_node (a remote one). Returns 1 when the destination is no
  * frontend (the caller goes on), else the tc verdict. `q`: fp_lo's, the
  * packet as the node sent it, for the path MTU check (lib/lo.h); NULL on
  * the node's interfaces, whose MTU the stack already sized the packet by. */
-static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 *ip,
+static __always_inline int fp_to_vpc_node(struct __sk_buff *skb, struct fp_ipv4 *ip,
 					  struct fp_l4 *l4, const struct fp_lo_quote *q)
 {
 	struct fp_endpoint *dst;
-	struct bpf_fib_lookup fib = {};
 	enum fp_reason reason = FP_FWD_SVC;
 	__be32 saddr = ip->saddr, daddr = ip->daddr;
 	__be16 dport = l4->dport;
 	int rc, verdict;
 
-	rc = fp_ct_service_from(skb, ip, l4, &reason, FP_CT_FROM_NODE);
-	if (rc > 0)
-		return 1;
+	if (!q && l4->kind == FP_L4_LATER_FRAG) {
+		/* (the node's interfaces only: lo leaves fragments alone) a
+		 * later fragment of a datagram whose first one was decided here
+		 * takes its addresses, or its drop */
+		rc = fp_ct_frag_follow(skb, ip, l4, &reason);
+		if (rc > 0)
+			return 1;
+		dport = l4->dport;
+	} else {
+		rc = fp_ct_service_from(skb, ip, l4, &reason, FP_CT_FROM_NODE);
+		if (rc > 0)
+			return 1;
+		if (!q)
+			fp_ct_frag_record(ip, saddr, daddr, l4->sport, dport, reason);
+	}
 	barrier_var(skb);
 	fp_count(skb->ifindex, FP_DIR_TO_VPC, rc == 0 ? FP_FWD_SVC : reason, skb->len);
 	if (rc < 0) {
 		fp_report(skb, FP_DIR_TO_VPC, reason, ip, l4->sport, dport, saddr, daddr, dport,
 			  NULL);
 		/* no endpoint anywhere: the error goes into the node's own stack,
-		 * which ends the association as under kube-proxy's reject */
-		if (reason == FP_DROP_NO_BACKEND)
+		 * which ends the association as under kube-proxy's reject (once,
+		 * for the first fragment) */
+		if (reason == FP_DROP_NO_BACKEND && l4->kind != FP_L4_LATER_FRAG)
 			return fp_reject_icmp_dev(skb, ip, ICMP_PORT_UNREACH, reason,
 						  FP_ICMP_TO_STACK);
 		fp_test_record(0, FP_RD_NONE, 0, reason);
@@ -642,46 +695,52 @@ static __always_inline int fp_to_vpc_sctp(struct __sk_buff *skb, struct fp_ipv4 
 		fp_test_record(dst->host_ifindex, FP_RD_PLAIN, 0, FP_FWD_LOCAL);
 		return bpf_redirect(dst->host_ifindex, 0);
 	}
-	/* elsewhere: by the neighbour (and interface) the FIB names for the
-	 * backend, which need not be the frontend's; the node's own packet
-	 * keeps its TTL. No route: the stack's choice stands. */
-	fib.family = AF_INET;
-	fib.tos = ip->tos;
-	fib.l4_protocol = ip->proto;
-	/* no length: the node's stack sized the packet (a GSO one too, whose
-	 * total length is not what the link carries) */
-	fib.tot_len = 0;
-	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
-	fib.ifindex = skb->ifindex;
-	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-	/* (a packet longer than the device's MTU makes the lookup answer
-	 * FRAG_NEEDED, the device named) */
-	if (q && (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
-		  rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) &&
-	    fib.ifindex != skb->ifindex &&
-	    fp_lo_too_big(skb, fib.ifindex, q, ip, l4, daddr, dport, &verdict))
-		return verdict;
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
-		if (fp_set_macs(skb, fib.dmac, fib.smac))
-			goto invalid;
-		if (fib.ifindex == skb->ifindex) {
-			fp_test_record(0, FP_RD_NONE, fib.ipv4_dst, FP_FWD_SVC);
-			return FP_TC_CONTINUE;
-		}
-		fp_test_record(fib.ifindex, FP_RD_PLAIN, fib.ipv4_dst, FP_FWD_ENI);
-		return bpf_redirect(fib.ifindex, 0);
-	}
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		struct bpf_redir_neigh nh = {};
+	{
+		/* (a scope of its own: its stack is the fragments' record's,
+		 * BPF's 512 bytes) */
+		struct bpf_fib_lookup fib = {};
 
-		nh.nh_family = AF_INET;
-		nh.ipv4_nh = fib.ipv4_dst;
-		fp_test_record(fib.ifindex, FP_RD_NEIGH, fib.ipv4_dst, FP_FWD_ENI);
-		return fp_bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+		/* elsewhere: by the neighbour (and interface) the FIB names for the
+		 * backend, which need not be the frontend's; the node's own packet
+		 * keeps its TTL. No route: the stack's choice stands. */
+		fib.family = AF_INET;
+		fib.tos = ip->tos;
+		fib.l4_protocol = ip->proto;
+		/* no length: the node's stack sized the packet (a GSO one too, whose
+		 * total length is not what the link carries) */
+		fib.tot_len = 0;
+		fib.ipv4_src = ip->saddr;
+		fib.ipv4_dst = ip->daddr;
+		fib.ifindex = skb->ifindex;
+		rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+		/* (a packet longer than the device's MTU makes the lookup answer
+		 * FRAG_NEEDED, the device named) */
+		if (q && (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH ||
+			  rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) &&
+		    fib.ifindex != skb->ifindex &&
+		    fp_lo_too_big(skb, fib.ifindex, q, ip, l4, daddr, dport, &verdict))
+			return verdict;
+		if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+			if (fp_set_macs(skb, fib.dmac, fib.smac))
+				goto invalid;
+			if (fib.ifindex == skb->ifindex) {
+				fp_test_record(0, FP_RD_NONE, fib.ipv4_dst, FP_FWD_SVC);
+				return FP_TC_CONTINUE;
+			}
+			fp_test_record(fib.ifindex, FP_RD_PLAIN, fib.ipv4_dst, FP_FWD_ENI);
+			return bpf_redirect(fib.ifindex, 0);
+		}
+		if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+			struct bpf_redir_neigh nh = {};
+
+			nh.nh_family = AF_INET;
+			nh.ipv4_nh = fib.ipv4_dst;
+			fp_test_record(fib.ifindex, FP_RD_NEIGH, fib.ipv4_dst, FP_FWD_ENI);
+			return fp_bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+		}
+		fp_test_record(0, FP_RD_NONE, 0, FP_FWD_FIB_MISS);
+		return FP_TC_CONTINUE;
 	}
-	fp_test_record(0, FP_RD_NONE, 0, FP_FWD_FIB_MISS);
-	return FP_TC_CONTINUE;
 invalid:
 	fp_count(skb->ifindex, FP_DIR_TO_VPC, FP_DROP_INVALID, skb->len);
 	fp_test_record(0, FP_RD_NONE, 0, FP_DROP_INVALID);
@@ -694,7 +753,7 @@ static __always_inline int fp_to_vpc_run(struct __sk_buff *skb)
 	struct fp_ipv4 ip = {};
 	struct fp_l4 l4 = {};
 	struct fp_svc4 *svc;
-	int reason = 0;
+	int reason = 0, looked = 0;
 
 	if (fp_parse_ipv4(skb, &ip) != FP_PARSE_IPV4) {
 		barrier_var(skb);
@@ -703,15 +762,21 @@ static __always_inline int fp_to_vpc_run(struct __sk_buff *skb)
 		return FP_TC_CONTINUE;
 	}
 	fp_parse_l4(skb, &ip, &l4);
-	if (ip.proto == IPPROTO_SCTP && l4.kind == FP_L4_PORTS) {
-		int rc = fp_to_vpc_sctp(skb, &ip, &l4, NULL);
+	/* TCP and UDP only while socket-LB is off (with it on, the sockets
+	 * did it, and pods' packets redirected here pay no lookup); a later
+	 * fragment follows its first one */
+	if ((l4.kind == FP_L4_PORTS || l4.kind == FP_L4_LATER_FRAG) &&
+	    (ip.proto == IPPROTO_SCTP || fp_node_pkt_lb())) {
+		int rc = fp_to_vpc_node(skb, &ip, &l4, NULL);
 
 		if (rc != 1)
 			return rc;
+		looked = 1;             /* no frontend: not asked again below */
 	}
 	if (!l4.opening)
 		return FP_TC_CONTINUE;
-	svc = l4.kind == FP_L4_PORTS ? fp_service_lookup(ip.daddr, l4.dport, ip.proto) : NULL;
+	svc = l4.kind == FP_L4_PORTS && !looked ? fp_service_lookup(ip.daddr, l4.dport, ip.proto)
+						: NULL;
 	if (svc) {
 		if (svc->flags & FP_SVC_F_DROP)
 			reason = FP_DROP_NO_LOCAL_BACKEND;
@@ -753,24 +818,30 @@ int fp_to_vpc(struct __sk_buff *skb)
  * A node process's association to one of the node's own addresses (a
  * NodePort, a hostPort, an external or load-balancer IP the node holds)
  * never reaches an interface: it goes out of lo and straight back in. Here
- * it gets fp_to_vpc_sctp's translation (socket-LB's view for the node):
+ * it gets fp_to_vpc_node's translation (socket-LB's view for the node):
  * a backend pod of this node by its veth, a remote one by the FIB's way
  * out, one at the node's own address back in through lo, none at all an
  * ICMP port unreachable into the node's stack. A reply that passes here (a
  * backend at the node's own address answering) gets its frontend back; the
  * replies of pods and remote backends get it in fp_from_pod / fp_pod_route
  * and fp_from_vpc, which hand them to lo's ingress (lib/lo.h).
- * lo carries everything the node says to itself: anything but SCTP (IPv6:
- * or an extension header first) is let through after two loads and a few
- * compares. */
+ * lo carries everything the node says to itself: anything but SCTP (and,
+ * socket-LB off, TCP and UDP, which connect() then leaves to this walk;
+ * IPv6: or an extension header first) is let through after two loads and
+ * a few compares. */
 #ifdef FP_TEST
-/* test builds take TCP the same way, both families: this kernel has no
- * SCTP, and the vm-tests (vm-tests/test_node_self.py, test_node_self6.py)
- * prove the delivery of the replies into the node's own socket and the
- * path MTU answer with real TCP through these very programs */
-#define FP_LO_PROTO(p) ((p) == IPPROTO_SCTP || (p) == IPPROTO_TCP)
+/* test builds take TCP the same way, both families, socket-LB on or off:
+ * this kernel has no SCTP, and the vm-tests (vm-tests/test_node_self.py,
+ * test_node_self6.py) prove the delivery of the replies into the node's
+ * own socket and the path MTU answer with real TCP through these very
+ * programs */
+#define FP_LO_PROTO(p) ((p) == IPPROTO_SCTP || (p) == IPPROTO_TCP || \
+			((p) == IPPROTO_UDP && fp_node_pkt_lb()))
 #else
-#define FP_LO_PROTO(p) ((p) == IPPROTO_SCTP)
+/* TCP and UDP too while socket-LB is off (fp_node_pkt_lb); with it on,
+ * they cost lo one config lookup more than other protocols */
+#define FP_LO_PROTO(p) ((p) == IPPROTO_SCTP || \
+			(((p) == IPPROTO_TCP || (p) == IPPROTO_UDP) && fp_node_pkt_lb()))
 #endif
 /* IPv6: the node's SCTP may follow extension headers (a socket's sticky
  * hop-by-hop or destination options), which fp_lo6_run walks as the
@@ -801,7 +872,7 @@ static __always_inline int fp_lo_restored(struct __sk_buff *skb, int rc, __u8 fa
 }
 
 /* fp_lo's IPv6: the node's SCTP to an IPv6 address it holds, translated as
- * fp_to_vpc6_sctp does. The replies of pods and remote backends need no
+ * fp_to_vpc6_node does. The replies of pods and remote backends need no
  * turn through lo: the node's IPv6 input takes a packet from its own
  * address on any device, so the restored reply goes to the stack where it
  * arrives (fp_from_pod6, fp_vpc6_sctp). A backend at the node's own
@@ -823,17 +894,20 @@ static __always_inline int fp_lo6_run(struct __sk_buff *skb)
 		return FP_TC_CONTINUE;
 	osport = l4.sport;
 	odport = l4.dport;
-	/* SCTP only: no ICMPv6 or TCP walk, the CRC fixed once after (the
-	 * test build's TCP finds nothing here: only a backend at the node's
-	 * own address answers by lo) */
-	rc = fp_ct6_reverse_any(skb, &ip, &l4, FP_NAT6_SCTP_ONLY);
-	if (rc > 0 && fp_sctp6_crc_ports(skb, &ip, &l4, osport, odport))
-		rc = -1;
+	/* (only a backend at the node's own address answers by lo) SCTP:
+	 * its CRC fixed once after; TCP and UDP: no SCTP walk */
+	if (ip.proto == IPPROTO_SCTP) {
+		rc = fp_ct6_reverse_any(skb, &ip, &l4, FP_NAT6_SCTP_ONLY);
+		if (rc > 0 && fp_sctp6_crc_ports(skb, &ip, &l4, osport, odport))
+			rc = -1;
+	} else {
+		rc = fp_ct6_reverse_any(skb, &ip, &l4, FP_NAT6_NO_SCTP);
+	}
 	barrier_var(skb);
 	if (fp_lo_restored(skb, rc, FP_FAM_IPV6, &verdict))
 		return verdict;
 	/* before the translation rewrites it */
-	rc = fp_to_vpc6_sctp(skb, &ip, &l4, fp_lo6_quote(skb, &ip));
+	rc = fp_to_vpc6_node(skb, &ip, &l4, fp_lo6_quote(skb, &ip), 0);
 	return rc == 1 ? FP_TC_CONTINUE : rc;
 }
 
@@ -861,7 +935,7 @@ static __always_inline int fp_lo4_run(struct __sk_buff *skb)
 	/* before the translation rewrites it (on failure the helper zeroes
 	 * q: a packet that short fits any way out) */
 	bpf_skb_load_bytes(skb, ip.l3_off, q.b, sizeof(q.b));
-	rc = fp_to_vpc_sctp(skb, &ip, &l4, &q);
+	rc = fp_to_vpc_node(skb, &ip, &l4, &q);
 	return rc == 1 ? FP_TC_CONTINUE : rc;
 }
 

@@ -2,7 +2,7 @@
 Service, with real traffic (vm-tests/test_node_self.py's IPv6 twin, on a
 dual-stack simulated node): the packets go out of the node's lo, where
 fp_lo's IPv6 half translates them to a pod of the node (bpf/eni.c
-fp_lo6_run, fp_to_vpc6_sctp); the pod's replies get the node's address
+fp_lo6_run, fp_to_vpc6_node); the pod's replies get the node's address
 back in fp_from_pod6 and go up the stack where they arrive (IPv6 input
 takes a packet from the node's own address on any device: no turn
 through lo, and no sysctl for it).

@@ -165,7 +165,7 @@ KEYS: tuple[Key, ...] = (
     Key("socket_lb", bool, True,
         "translate Services at connect()/sendmsg() (cgroup hooks); off, the node's own TCP "
         "and UDP to Services (ClusterIPs, external and load-balancer IPs, its own NodePorts) "
-        "are not translated at all, only its SCTP is (per packet)"),
+        "are translated per packet on its interfaces and lo instead, as its SCTP always is"),
     Key("socket_lb_hostns_only", bool, True,
         "socket-LB for the node's own sockets only; pods get per-packet translation at tc"),
     Key("node_port", bool, True, "serve NodePort Services"),

@@ -41,16 +41,15 @@ from chainer.plugin import container_id_problem, ifname_problem
 log = logging.getLogger("fastpath.agent")
 
 
-def socket_lb_off_warning(config: Config) -> str | None:
-    """What a node loses with socket-LB off while fastpath replaces
-    kube-proxy: only SCTP is translated per packet for the node's own
-    sockets (fp_to_vpc, fp_lo); nothing stands in for TCP and UDP."""
+def socket_lb_off_note(config: Config) -> str | None:
+    """What socket_lb: false means while fastpath replaces kube-proxy: the
+    node's own TCP and UDP to Services are translated per packet where they
+    leave the node (fp_to_vpc, fp_lo), as its SCTP always is."""
     if not (config.kube_proxy_replacement and not config.socket_lb):
         return None
-    return ("kube_proxy_replacement is on and socket_lb is off: the node's own TCP and UDP "
-            "to ClusterIPs, external and load-balancer IPs and its own NodePorts are not "
-            "translated at all (only SCTP is, per packet); pods and traffic from outside "
-            "are unaffected")
+    return ("socket_lb is off: the node's own TCP and UDP to ClusterIPs, external and "
+            "load-balancer IPs and its own NodePorts are translated per packet on its "
+            "interfaces and lo, not at connect()")
 
 DEL_QUEUE = "cni-del-queue"
 # The state dir names containers, netns paths, pods and policies: root's
@@ -203,11 +202,17 @@ class Agent:
         for pods and traffic from outside; at the socket for host sockets,
         or all sockets when not host-namespace-only), local pods' hostPorts
         with them; healthCheckNodePorts answered."""
+        if not self.config.socket_lb:
+            # the programs translate the node's TCP and UDP per packet
+            # while the flag is clear: a previous run's may still be set
+            self.datapath.settings.set(socket_lb=False,
+                                       hostns_only=self.config.socket_lb_hostns_only,
+                                       host_netns_cookie=0)
         if not self.config.kube_proxy_replacement:
             return
-        warning = socket_lb_off_warning(self.config)
-        if warning:
-            log.warning("%s", warning)
+        note = socket_lb_off_note(self.config)
+        if note:
+            log.info("%s", note)
         if self.source is not None:
             from agent.daemon.hcserver import HealthCheckServer
             from agent.daemon.services import ServiceSync

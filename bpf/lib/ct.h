@@ -445,7 +445,7 @@ static __always_inline void fp_ct_reply_entry(struct fp_ct4 *reply, const struct
  * flow conntrack does not know), FP_DROP_CSUM.
  * `outside`: the packet arrived on one of the node's interfaces (the
  * primary NIC or an ENI), not from a local pod. */
-/* fp_ct_service_from's `outside` for the node's own packets (fp_to_vpc_sctp,
+/* fp_ct_service_from's `outside` for the node's own packets (fp_to_vpc_node,
  * fp_lo): the inside view as for a pod, but a backend at the client's own
  * address is the node reaching itself (lib/lo.h), not a pod's hairpin. */
 #define FP_CT_FROM_NODE 2

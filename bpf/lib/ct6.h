@@ -527,7 +527,7 @@ static __always_inline int fp_ct6_snat_port(struct fp_ct6_work *w, const __u32 *
  * FP_SNAT_PORT_MIN..MAX, so that its reply comes back here. */
 #define FP_CT6_OUTSIDE      1    /* `outside`: TCP and UDP (fp_vpc6_node) */
 #define FP_CT6_OUTSIDE_SCTP 2    /* `outside`: SCTP (fp_vpc6_sctp) */
-/* the node's own packets (fp_to_vpc6_sctp, fp_lo), FP_CT_FROM_NODE's twin:
+/* the node's own packets (fp_to_vpc6_node, fp_lo), FP_CT_FROM_NODE's twin:
  * the inside view, but a backend at the client's own address is the node
  * reaching itself (lib/lo.h), not a pod's hairpin */
 #define FP_CT6_FROM_NODE    3

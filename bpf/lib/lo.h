@@ -1,6 +1,6 @@
 /* The node talking to itself through a Service: an association from one of
  * the node's own addresses whose frontend, or whose chosen backend, is one
- * of the node's own addresses too (fp_lo on lo's egress, fp_to_vpc_sctp).
+ * of the node's own addresses too (fp_lo on lo's egress, fp_to_vpc_node).
  *
  * Such a packet can only reach the node's socket again through lo: input
  * routing refuses a packet whose source is one of the node's own addresses
@@ -33,7 +33,7 @@ static __always_inline int fp_lo_self(const struct fp_ipv4 *ip)
 	return ip->saddr == ip->daddr;
 }
 
-/* IPv6: the same test (fp_to_vpc6_sctp) */
+/* IPv6: the same test (fp_to_vpc6_node) */
 static __always_inline int fp_lo6_self(const struct fp_ipv6 *ip)
 {
 	return fp_ip6_eq(ip->saddr, ip->daddr);

@@ -154,6 +154,18 @@ def node_datapath(bpffs: str, net, name: str, service_cidrs: str, node_ip: str, 
         d.close()
 
 
+@contextlib.contextmanager
+def socket_lb_on(dp):
+    """dp's FP_CFG_F_SOCKLB set, as the agent sets it while its cgroup
+    programs are attached (the node's TCP and UDP are then the sockets'
+    to translate, not fp_to_vpc's and fp_lo's); cleared again after."""
+    dp.settings.set(socket_lb=True, hostns_only=True, host_netns_cookie=0)
+    try:
+        yield
+    finally:
+        dp.settings.set(socket_lb=False, hostns_only=False, host_netns_cookie=0)
+
+
 def ct_rows(dp, **match):
     """dp's conntrack rows (both families) whose fields equal match's."""
     return [r for r in dp.lb.conntrack()

@@ -23,7 +23,8 @@ from agent.daemon.services import apply_ops
 from agent.datapath.maps import DEFS
 from agent.lb.maglev import flow_hash
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                ct_rows, node_datapath, node_netns, node_run as run, node_services)
+                                ct_rows, node_datapath, node_netns, node_run as run, node_services,
+                                socket_lb_on)
 from tests.bpf.test_lb import assert_checksums_valid
 from tests.lb.lbdata import ep, eslice, service
 
@@ -496,7 +497,11 @@ def test_the_nodes_own_packets_that_kube_proxy_would_drop_are_dropped_on_the_way
     assert run(dp, net, "fp_to_vpc", own("172.16.9.9", 80), "eth0")[2] == \
         "dropped-service-unallocated"
     assert run(dp, net, "fp_to_vpc", own(REMOTE, 8080), "eth0")[0] == TC_ACT_UNSPEC
-    assert run(dp, net, "fp_to_vpc", own(LB_IP, 80, src=CLIENT), "eth0")[0] == TC_ACT_UNSPEC
+    # (socket-LB off, the node's TCP to a frontend is translated here:
+    # tests/bpf/test_node_pkt_lb.py)
+    with socket_lb_on(dp):
+        assert run(dp, net, "fp_to_vpc", own(LB_IP, 80, src=CLIENT), "eth0")[0] == \
+            TC_ACT_UNSPEC
 
 
 # -- hostPort ------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from scapy.layers.l2 import Ether
 
 from agent.datapath.maps import DEFS
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                ct_rows, node_datapath, node_netns, node_run as run, node_services)
+                                ct_rows, node_datapath, node_netns, node_run as run, node_services,
+                                socket_lb_on)
 from tests.bpf.sctpnode import SctpNode, counters, whatif
 from tests.lb.lbdata import ep, eslice, service
 
@@ -180,10 +181,11 @@ def test_no_endpoints_rejects_into_the_nodes_own_stack(dp, net, svcs):
     assert Ether(bytes(fresh))[ICMPv6DestUnreach].cksum == o[ICMPv6DestUnreach].cksum
 
 
-def test_tcp_leaves_unchanged(dp, net, svcs):
+def test_tcp_leaves_unchanged_while_socket_lb_is_on(dp, net, svcs):
     syn = Ether(src=net.mac("eth0"), dst=GW_MAC) / IPv6(src=NODE_IP6, dst=NEAR) / \
         TCP(sport=45000, dport=80, flags="S")
-    v, out, *_ = run(dp, net, "fp_to_vpc", syn, "eth0")
+    with socket_lb_on(dp):
+        v, out, *_ = run(dp, net, "fp_to_vpc", syn, "eth0")
     assert v == TC_ACT_UNSPEC and out == bytes(syn)
 
 

@@ -21,7 +21,8 @@ from scapy.layers.sctp import SCTP
 
 from agent.datapath.maps import DEFS
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                ct_rows, node_datapath, node_netns, node_run as run, node_services)
+                                ct_rows, node_datapath, node_netns, node_run as run, node_services,
+                                socket_lb_on)
 from tests.bpf.sctpnode import SctpNode, counters, prog_run, whatif
 from tests.lb.lbdata import ep, eslice, service
 
@@ -237,8 +238,9 @@ def test_a_chunk_of_an_unknown_association_is_dropped(dp, net, svcs):
 def test_tcp_and_non_service_sctp_leave_unchanged(dp, net, svcs):
     syn = Ether(src=net.mac("eth0"), dst=GW_MAC) / IP(src=NODE_IP, dst=NEAR) / \
         TCP(sport=45000, dport=80, flags="S")
-    v, out, *_ = run(dp, net, "fp_to_vpc", syn, "eth0")
-    assert v == TC_ACT_UNSPEC and out == bytes(syn), "TCP is socket-LB's"
+    with socket_lb_on(dp):
+        v, out, *_ = run(dp, net, "fp_to_vpc", syn, "eth0")
+    assert v == TC_ACT_UNSPEC and out == bytes(syn), "TCP is socket-LB's while it is on"
     plain = init(net, REMOTE, next(_sport), dport=2906)
     v, out, *_ = run(dp, net, "fp_to_vpc", plain, "eth0")
     assert v == TC_ACT_UNSPEC and out == bytes(plain)

@@ -29,7 +29,7 @@ from agent.datapath.maps import DEFS
 from agent.datapath.nsenter import in_netns
 from tests.bpf.conftest import (NODE_NAME as NODE, NOT_RECORDED, TC_ACT_REDIRECT, TC_ACT_SHOT,
                                 TC_ACT_UNSPEC, ct_rows, node_datapath, node_netns, node_run,
-                                node_services)
+                                node_services, socket_lb_on)
 from tests.lb.lbdata import ep, eslice, service
 
 NODE_IP, GW, GW_MAC = "10.240.0.11", "10.240.0.253", "02:00:00:00:02:54"
@@ -353,9 +353,11 @@ def test_a_strangers_packet_from_the_nodes_own_address_is_never_handed_to_lo(dp,
     assert (kind, idx) != ("redirect-ingress", LO) and tuple_of(out)[0] == REMOTE
 
 
-def test_the_production_build_translates_sctp_on_lo_and_lets_tcp_pass(bpffs, net, dp):
+def test_the_production_build_translates_sctp_on_lo_and_tcp_only_while_socket_lb_is_off(
+        bpffs, net, dp):
     """The build the agent runs (no FP_TEST): SCTP to the node's own
-    NodePort is translated on lo, TCP to it is left to socket-LB."""
+    NodePort is translated on lo; TCP to it is left to socket-LB while that
+    is on, and translated like SCTP while it is off."""
     from agent.config import Config
     from agent.datapath.node import Datapath
     cfg = Config.defaults().replace(bpffs_root=f"{bpffs}/sctpselfprod",
@@ -375,12 +377,18 @@ def test_the_production_build_translates_sctp_on_lo_and_lets_tcp_pass(bpffs, net
                 assert tuple_of(res.data) == (NODE_IP, sport, POD_B, 2906) and crc_ok(res.data)
                 syn = Ether(src=ZERO_MAC, dst=ZERO_MAC) / IP(src=NODE_IP, dst=NODE_IP) / \
                     TCP(sport=sport, dport=NP_NEAR, flags="S")
+                with socket_lb_on(prod):
+                    res = prog_test_run(prod.prog_fd("fp_lo"), bytes(syn), ifindex=LO)
+                    assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn))
+                    # IPv6 alike: TCP to a frontend the node holds passes
+                    # (the test build translates it, the next test)
+                    res = prog_test_run(prod.prog_fd("fp_lo"), bytes(syn6(sport)), ifindex=LO)
+                    assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn6(sport)))
+                # socket-LB off: the SYN is the node's to translate here
                 res = prog_test_run(prod.prog_fd("fp_lo"), bytes(syn), ifindex=LO)
-                assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn))
-                # IPv6 alike: TCP to a frontend the node holds passes (the
-                # test build translates it, the next test)
-                res = prog_test_run(prod.prog_fd("fp_lo"), bytes(syn6(sport)), ifindex=LO)
-                assert (res.retval, res.data) == (TC_ACT_UNSPEC, bytes(syn6(sport)))
+                assert res.retval == TC_ACT_REDIRECT
+                o = Ether(res.data)
+                assert (o[IP].dst, o[TCP].dport) == (POD_B, 8080)
     finally:
         prod.close()
 

@@ -314,27 +314,33 @@ def test_local_router_ipv6_takes_a_link_local_address_and_the_sim_uses_its_defau
             cfg.with_values({"local_router_ipv6": bad}, "flag")
 
 
-# -- socket_lb off while replacing kube-proxy: one plain warning at start -----
+# -- socket_lb off while replacing kube-proxy: said once at start, flag cleared -----
 
-@pytest.mark.parametrize("kpr,socket_lb,warned", [(True, False, True), (True, True, False),
-                                                  (False, False, False)])
-def test_socket_lb_off_is_said_plainly_once_at_start(caplog, kpr, socket_lb, warned):
+@pytest.mark.parametrize("kpr,socket_lb,said", [(True, False, True), (True, True, False),
+                                                (False, False, False)])
+def test_socket_lb_off_is_said_once_at_start_and_clears_the_programs_flag(caplog, kpr, socket_lb,
+                                                                         said):
+    from types import SimpleNamespace
     from agent.daemon import agent as agent_mod
     cfg = Config.defaults().replace(kube_proxy_replacement=kpr, socket_lb=socket_lb)
     a = agent_mod.Agent.__new__(agent_mod.Agent)
     a.config = cfg
     a.source = None
-    # no datapath: the warning comes before anything that needs one (the
-    # walk then stops at the first use of it)
-    a.datapath = None
-    caplog.set_level(logging.WARNING, logger="fastpath.agent")
+    # a datapath with settings only: the walk stops at the first other use
+    # of it, after the note and the flag
+    calls = []
+    a.datapath = SimpleNamespace(settings=SimpleNamespace(set=lambda **kw: calls.append(kw)))
+    caplog.set_level(logging.INFO, logger="fastpath.agent")
     with pytest.raises(AttributeError) if kpr else contextlib.nullcontext():
         a._start_services()
-    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    if warned:
+    msgs = [r.getMessage() for r in caplog.records if "socket_lb" in r.getMessage()]
+    if said:
         assert len(msgs) == 1
-        for words in ("kube_proxy_replacement", "socket_lb", "TCP and UDP", "ClusterIPs",
-                      "NodePorts", "not translated"):
+        for words in ("socket_lb is off", "TCP and UDP", "ClusterIPs", "NodePorts",
+                      "per packet"):
             assert words in msgs[0]
     else:
         assert msgs == []
+    # socket-LB off: FP_CFG_F_SOCKLB cleared (a previous run's flag would
+    # keep the programs from translating the node's TCP and UDP)
+    assert [c["socket_lb"] for c in calls] == ([] if socket_lb else [False])
