@@ -124,6 +124,10 @@ def _node(stack: contextlib.ExitStack, conns: int, tree: Optional[str]) -> dict:
         dp.maps.endpoint_put(Endpoint(ip, cali, c["ifindex"], c["address"], mac, "eth1",
                                       e1["ifindex"]))
     dp.settings.set_node(ENI_IP, e1["ifindex"])
+    # socket-LB on, as the DaemonSet runs the agent (off, the node's
+    # interfaces also look for replies to the node's own clients; an older
+    # tree's --baseline build ignores the flag there)
+    dp.settings.set(socket_lb=True, hostns_only=True, host_netns_cookie=0)
     d = DEFS.defines
     dp.lb.put_backend(1, POD_B, BACKEND_PORT, "TCP")
     dp.lb.put_slots(1, [1])

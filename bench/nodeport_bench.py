@@ -34,6 +34,8 @@ the client's address for a backend on the node itself (VPC-native routing:
 the reply goes back through this node anyway) - that difference is part of
 what is measured, and is listed in docs/services.md.
 
+fastpath's agent runs as the DaemonSet runs it, socket-LB on (product_agent).
+
 Method as bench/lb_bench.py: alternating arms per round, medians, client and
 server pinned to CPU 0; kube-proxy's rule loads (minutes for 10,000 with
 iptables-restore) run on the other CPU before any arm is measured.
@@ -49,7 +51,7 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from agent.sim import World
@@ -58,7 +60,7 @@ from bench import kubeproxy_rules as kp
 from bench import lb_cluster as lc
 from bench import lb_bench
 from bench.lb_bench import (CLUSTER_CIDR, MODES, Client, Loader, assert_no_bpf,
-                            assert_no_netfilter, log, start_server)
+                            assert_no_netfilter, log, own_cgroup, start_server)
 from bench.nodeport_profile import NodePortFloor, node_programs
 
 COMMAND = "python -m bench.nodeport_bench"
@@ -77,6 +79,22 @@ def kube_services(n: int, backend_ip: str) -> list[kp.ServicePort]:
                            ((backend_ip if i == n - 1 else lc.endpoint_ip(i), PORT),),
                            node_port=NODE_PORT_BASE + i)
             for i in range(n)]
+
+
+@contextmanager
+def product_agent(node):
+    """fastpath on `node` as the DaemonSet runs it: socket-LB on (the
+    simulated agent's default is off, so that nothing attaches to the
+    machine's own cgroups; with it off the node's interfaces also look for
+    replies to the node's own TCP and UDP clients, a conntrack lookup per
+    packet to the node). Its hooks go on a cgroup v2 child of our own that
+    holds no process: no connection measured here is translated at a
+    socket."""
+    from agent.sim.agent import sim_attach
+    with own_cgroup() as cg, sim_attach(node, socket_lb=True, cgroup_root=cg) as agent:
+        if not agent.datapath.settings.socket_lb():
+            raise RuntimeError("the agent did not turn socket-LB on")
+        yield agent
 
 
 def program_maps(lb, n: int, node_ip: str, backend_ip: str) -> None:
@@ -110,7 +128,6 @@ def queue_load(loader: Loader, mode: str, node, n: int, backend_ip: str) -> None
 
 
 def run(args) -> dict:
-    from agent.sim.agent import sim_attach
     started = time.monotonic()
     harness.build_fprr()
     ncpu = os.cpu_count() or 1
@@ -144,7 +161,7 @@ def run(args) -> dict:
         try:
             harness.tune_client(ext)
             client = Client(ext, ext.ip)
-            with sim_attach(n1) as agent, ExitStack() as stack:
+            with product_agent(n1) as agent, ExitStack() as stack:
                 assert_no_netfilter(n1)
                 for node, _ in twins.values():
                     assert_no_bpf(node)

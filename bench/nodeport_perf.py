@@ -3,7 +3,8 @@
 bench.nodeport_bench says how much longer a short connection to a NodePort
 takes than one to the pod's own address, and how much of that is program
 time (the kernel's BPF run-time statistics). This says where the rest goes:
-the same world (fastpath node n1 with 1,000 NodePort Services and its pod;
+the same world (fastpath node n1 with 1,000 NodePort Services and its pod,
+its agent as bench.nodeport_bench runs it (socket-LB on);
 node n3 running the bare NodePort program, bench/nodeport_profile.NodePortFloor,
 and its pod; the external client), the same four arms alternated round by
 round (fastpath's NodePort, its pod directly, the floor's NodePort, the
@@ -47,7 +48,7 @@ from pathlib import Path
 from agent.sim import World
 from bench import harness
 from bench.lb_bench import Client, log, start_server
-from bench.nodeport_bench import NODE_PORT_BASE, PORT, program_maps
+from bench.nodeport_bench import NODE_PORT_BASE, PORT, product_agent, program_maps
 from bench.nodeport_profile import NodePortFloor
 
 COMMAND = "python -m bench.nodeport_perf"
@@ -161,7 +162,6 @@ def profile_round(client: Client, ip: str, port: int, seconds: float, tmp: Path,
 def run(args) -> dict:
     if not shutil.which("perf"):
         raise SystemExit("nodeport_perf needs perf (Debian: apt install linux-perf)")
-    from agent.sim.agent import sim_attach
     harness.build_fprr()
     arms = {name: Arm() for pair in PAIRS for name in pair}
     with World() as w, tempfile.TemporaryDirectory(prefix="fp-npperf-") as tmpdir:
@@ -175,7 +175,7 @@ def run(args) -> dict:
         try:
             harness.tune_client(ext)
             client = Client(ext, ext.ip)
-            with sim_attach(n1) as agent, ExitStack() as stack:
+            with product_agent(n1) as agent, ExitStack() as stack:
                 lb = agent.datapath.lb
                 program_maps(lb, SERVICES, n1.ip, b.ip)
                 probe = NODE_PORT_BASE + SERVICES - 1

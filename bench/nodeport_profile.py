@@ -40,11 +40,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from agent.sim import World
 from bench import harness
-from bench.lb_bench import Client, bpf_run_stats, log, prog_counters, start_server
+from bench.lb_bench import Client, bpf_run_stats, log, own_cgroup, prog_counters, start_server
 from bench.pod_to_pod import BARE_FIB_OUT4
 
 COMMAND = "python -m bench.nodeport_profile"
@@ -61,7 +62,9 @@ from agent.sim.agent import sim_attach
 from bench.nodeport_bench import program_maps
 pod = types.SimpleNamespace(**spec["pod"])
 node = types.SimpleNamespace(name=spec["name"], netns=spec["netns"], pods=[pod])
-with sim_attach(node) as agent:
+# socket-LB on, as the DaemonSet runs it (bench.nodeport_bench.product_agent),
+# its hooks on an empty cgroup child of the parent's
+with sim_attach(node, socket_lb=True, cgroup_root=spec["cgroup"]) as agent:
     program_maps(agent.datapath.lb, spec["services"], spec["node_ip"], pod.ip)
     print(json.dumps({"ready": True}), flush=True)
     sys.stdin.read()
@@ -113,9 +116,10 @@ class ArmAgent(ChildAgent):
     """An agent from `tree` serving `node` and its backend `pod`, with
     `services` NodePort Services."""
 
-    def __init__(self, tree: str, node, pod, services: int):
+    def __init__(self, tree: str, node, pod, services: int, cgroup: str):
         super().__init__(tree, CHILD, {
             "name": node.name, "netns": node.netns, "node_ip": node.ip, "services": services,
+            "cgroup": cgroup,
             "pod": {"name": pod.name, "netns_path": pod.netns_path, "ifname": pod.ifname,
                     "ip": pod.ip}})
 
@@ -398,9 +402,12 @@ def run(args) -> dict:
             floor_pod = floor_node.add_pod("n3b")
             ext = w.add_client("ext")
             servers = [start_server(p) for p in [*pods.values(), floor_pod]]
+            cgroups = ExitStack()
+            cg = {a: cgroups.enter_context(own_cgroup()) for a in ("baseline", "tree")}
             agents = {"baseline": ArmAgent(tmp, nodes["baseline"], pods["baseline"],
-                                           args.services),
-                      "tree": ArmAgent(str(REPO), nodes["tree"], pods["tree"], args.services)}
+                                           args.services, cg["baseline"]),
+                      "tree": ArmAgent(str(REPO), nodes["tree"], pods["tree"], args.services,
+                                       cg["tree"])}
             try:
                 for ag in agents.values():      # (one compile at a time on 2 CPUs)
                     ag.wait_ready()
@@ -434,6 +441,7 @@ def run(args) -> dict:
             finally:
                 for ag in agents.values():
                     ag.stop()
+                cgroups.close()          # (after the agents let go of them)
                 harness.stop(servers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

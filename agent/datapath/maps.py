@@ -1021,6 +1021,10 @@ class ConfigMap:
         self._update(set_flags=(sock if socket_lb else 0) | (hostns if hostns_only else 0),
                      clear_flags=sock | hostns, host_netns_cookie=host_netns_cookie)
 
+    def socket_lb(self) -> bool:
+        """Whether the programs see socket-LB on (FP_CFG_F_SOCKLB)."""
+        return bool(self._t[self._t.Key(0)].flags & DEFS.defines["FP_CFG_F_SOCKLB"])
+
     def set_node(self, ip4: str, primary_ifindex: int, ip6: str = "") -> None:
         """The node's primary addresses and NIC (SNAT source, unbound sockets)."""
         addr6 = (ct.c_uint8 * 16)(*(socket.inet_pton(socket.AF_INET6, ip6) if ip6
