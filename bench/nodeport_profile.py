@@ -222,6 +222,7 @@ class NodePortFloor:
         struct ct_key k = {}, rk = {};
         struct ct_val *v, nv = {}, rv = {};
         __u32 port;
+        int found;
 
         if ((void *)(th + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
             return TC_ACT_UNSPEC;
@@ -249,27 +250,25 @@ class NodePortFloor:
         /* a SYN opens a connection: its entries are (re)written, as a
          * reply entry of an earlier one on the tuple may be gone */
         v = th->syn && !th->ack ? NULL : npf_ct.lookup(&k);
-        if (v) {
-            nv = *v;
-            rk.saddr = nv.addr;
-            rk.daddr = k.saddr;
-            rk.sport = nv.port;
-            rk.dport = k.sport;
-            rk.proto = IPPROTO_TCP;
-            close_seen(th, v, &k, &rk, FIN_CLIENT);
-        } else {
+        found = v != NULL;
+        if (!found) {
             if (!th->syn || th->ack)
                 return TC_ACT_UNSPEC;
             port = th->dest;
             v = npf_svc.lookup(&port);
             if (!v)
                 return TC_ACT_UNSPEC;
-            nv = *v;
-            rk.saddr = nv.addr;
-            rk.daddr = k.saddr;
-            rk.sport = nv.port;
-            rk.dport = k.sport;
-            rk.proto = IPPROTO_TCP;
+        }
+        nv = *v;
+        /* the reply entry's key: backend -> client */
+        rk.saddr = nv.addr;
+        rk.daddr = k.saddr;
+        rk.sport = nv.port;
+        rk.dport = k.sport;
+        rk.proto = IPPROTO_TCP;
+        if (found) {
+            close_seen(th, v, &k, &rk, FIN_CLIENT);
+        } else {
             rv.addr = k.daddr;
             rv.port = k.dport;
             npf_ct.update(&k, &nv);

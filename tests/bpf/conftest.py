@@ -99,6 +99,24 @@ def node_netns(prefix: str, ip_commands, sysctls=()):
         subprocess.run(f"ip netns del {ns}", shell=True)
 
 
+def routed_node(prefix: str, node_ip: str, gw: str, gw_mac: str, eni_ip: str, eni_gw: str,
+                eni_gw_mac: str, pod_b: str):
+    """node_netns laid out as a Terway node that forwards: the node's address
+    on eth0 with the default route to the VPC gateway, an ENI (eth1) with
+    the route to the other ENIs' pods (10.243.0.0/16), pod B's veth; both
+    gateways' neighbours permanent. The node walks' tests
+    (test_sctp_node.py, test_node_pkt_lb.py) send through it."""
+    return node_netns(prefix, [
+        f"addr add {node_ip}/24 dev eth0",
+        f"route add default via {gw} dev eth0",
+        f"neigh add {gw} lladdr {gw_mac} dev eth0 nud permanent",
+        f"addr add {eni_ip}/32 dev eth1",
+        f"route add 10.243.0.0/16 via {eni_gw} dev eth1 onlink",
+        f"neigh add {eni_gw} lladdr {eni_gw_mac} dev eth1 nud permanent",
+        f"route add {pod_b} dev caliB scope link",
+    ], sysctls=["net.ipv4.ip_forward=1"])
+
+
 @contextlib.contextmanager
 def node_services(dp, objects, node_ip: str, service_cidr: str, extra=None):
     """objects compiled, planned and written the agent's way with node_ip as

@@ -23,7 +23,7 @@ from agent.datapath.libbpf import prog_test_run
 from agent.datapath.maps import DEFS
 from agent.datapath.nsenter import in_netns
 from tests.bpf.conftest import (NOT_RECORDED, NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                ct_rows, node_datapath, node_netns, node_run as run, node_services,
+                                ct_rows, node_datapath, node_run as run, node_services, routed_node,
                                 socket_lb_on)
 from tests.lb.lbdata import ep, eslice, service
 
@@ -42,15 +42,7 @@ _sport = itertools.count(42000)
 
 @pytest.fixture(scope="module")
 def net():
-    with node_netns("fpt-npl", [
-        f"addr add {NODE_IP}/24 dev eth0",
-        f"route add default via {GW} dev eth0",
-        f"neigh add {GW} lladdr {GW_MAC} dev eth0 nud permanent",
-        f"addr add {ENI_IP}/32 dev eth1",
-        f"route add 10.243.0.0/16 via {ENI_GW} dev eth1 onlink",
-        f"neigh add {ENI_GW} lladdr {ENI_GW_MAC} dev eth1 nud permanent",
-        f"route add {POD_B} dev caliB scope link",
-    ], sysctls=["net.ipv4.ip_forward=1"]) as n:
+    with routed_node("fpt-npl", NODE_IP, GW, GW_MAC, ENI_IP, ENI_GW, ENI_GW_MAC, POD_B) as n:
         yield n
 
 
