@@ -121,16 +121,28 @@ def counted(path: Path) -> Counter:
     return counts
 
 
+def crr_recorded(perfs: list[list[str]], client: Client, ip: str, port: int,
+                 seconds: float) -> float:
+    """CRR to ip:port for `seconds` while each perf command line (without its
+    workload) records: every recorder running before the load, all of it
+    covered. Returns the CRR's connections per second."""
+    span = str(seconds + 0.6)
+    procs = [subprocess.Popen([*cmd, "--", "sleep", span],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for cmd in perfs]
+    time.sleep(0.3)
+    rate = client.run("crr", ip, seconds, port)
+    for p in procs:
+        if p.wait(timeout=120) != 0:
+            raise RuntimeError(f"perf failed: {p.args}")
+    return rate
+
+
 def count_round(client: Client, ip: str, port: int, seconds: float, tmp: Path,
                 arm: Arm) -> float:
     stat = tmp / "stat.csv"
-    proc = subprocess.Popen(["perf", "stat", "-C", CPU, "-x,", "-e", ",".join(COUNTED),
-                             "-o", str(stat), "--", "sleep", str(seconds + 0.6)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
-    rate = client.run("crr", ip, seconds, port)
-    if proc.wait(timeout=120) != 0:
-        raise RuntimeError(f"perf failed: {proc.args}")
+    rate = crr_recorded([["perf", "stat", "-C", CPU, "-x,", "-e", ",".join(COUNTED),
+                          "-o", str(stat)]], client, ip, port, seconds)
     arm.counted_conns += rate * seconds
     arm.counted += counted(stat)
     return rate
@@ -139,18 +151,9 @@ def count_round(client: Client, ip: str, port: int, seconds: float, tmp: Path,
 def profile_round(client: Client, ip: str, port: int, seconds: float, tmp: Path,
                   arm: Arm) -> float:
     data, sched = tmp / "perf.data", tmp / "sched.data"
-    span = str(seconds + 0.6)
-    procs = [subprocess.Popen(["perf", "record", "-C", CPU, "-F", str(SAMPLE_HZ), "-o", str(data),
-                               "--", "sleep", span],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-             subprocess.Popen(["perf", "record", "-C", CPU, "-e", EVENTS, "-o", str(sched),
-                               "--", "sleep", span],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    time.sleep(0.3)                      # every recorder running before the load
-    rate = client.run("crr", ip, seconds, port)
-    for p in procs:
-        if p.wait(timeout=120) != 0:
-            raise RuntimeError(f"perf failed: {p.args}")
+    rate = crr_recorded([["perf", "record", "-C", CPU, "-F", str(SAMPLE_HZ), "-o", str(data)],
+                         ["perf", "record", "-C", CPU, "-e", EVENTS, "-o", str(sched)]],
+                        client, ip, port, seconds)
     arm.conns += rate * seconds
     arm.samples += symbol_samples(data)
     switches, events = scheduling(sched)

@@ -195,10 +195,20 @@ def ct_rows(dp, **match):
 def node_run(dp, net, prog, pkt, dev):
     """prog run on pkt arriving on net's dev: (retval, data, reason,
     redirect kind, redirect ifindex) from the program's decision record."""
+    return _run_at(dp, net, prog, pkt, net.idx(dev))
+
+
+def lo_run(dp, net, pkt):
+    """node_run of fp_lo on pkt leaving the node's lo (ifindex 1 in any
+    netns)."""
+    return _run_at(dp, net, "fp_lo", pkt, 1)
+
+
+def _run_at(dp, net, prog, pkt, ifindex):
     from agent.datapath.maps import DEFS
     dp.maps.decision_reset(NOT_RECORDED)
     with in_netns(net.ns):
-        res = prog_test_run(dp.prog_fd(prog), bytes(pkt), ifindex=net.idx(dev))
+        res = prog_test_run(dp.prog_fd(prog), bytes(pkt), ifindex=ifindex)
     rec = dp.maps.decision()
     return res.retval, res.data, DEFS.reason(rec.reason), DEFS.redirect_kinds[rec.kind].label, \
         rec.ifindex

@@ -19,12 +19,9 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, defragment, fragment
 from scapy.layers.l2 import Ether
 
-from agent.datapath.libbpf import prog_test_run
-from agent.datapath.maps import DEFS
-from agent.datapath.nsenter import in_netns
-from tests.bpf.conftest import (NOT_RECORDED, NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                ct_rows, node_datapath, node_run as run, node_services, routed_node,
-                                socket_lb_on)
+from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+                                ct_rows, lo_run as on_lo, node_datapath, node_run as run, node_services,
+                                routed_node, socket_lb_on)
 from tests.lb.lbdata import ep, eslice, service
 
 NODE_IP, GW, GW_MAC = "10.240.0.11", "10.240.0.253", "02:00:00:00:02:54"
@@ -282,16 +279,6 @@ def lo_frame(pkt):
     """pkt as lo carries it: both MACs zero."""
     pkt[Ether].src = pkt[Ether].dst = "00:00:00:00:00:00"
     return pkt
-
-
-def on_lo(dp, net, pkt):
-    """fp_lo run on pkt leaving the node's lo (ifindex 1)."""
-    dp.maps.decision_reset(NOT_RECORDED)
-    with in_netns(net.ns):
-        res = prog_test_run(dp.prog_fd("fp_lo"), bytes(pkt), ifindex=1)
-    rec = dp.maps.decision()
-    return res.retval, res.data, DEFS.reason(rec.reason), DEFS.redirect_kinds[rec.kind].label, \
-        rec.ifindex
 
 
 def test_the_nodes_udp_to_its_own_nodeport_is_translated_on_lo(dp, net, svcs):

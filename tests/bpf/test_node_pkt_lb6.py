@@ -18,12 +18,9 @@ from scapy.layers.inet import TCP, UDP
 from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6, IPv6ExtHdrFragment, fragment6
 from scapy.layers.l2 import Ether
 
-from agent.datapath.libbpf import prog_test_run
-from agent.datapath.maps import DEFS
-from agent.datapath.nsenter import in_netns
-from tests.bpf.conftest import (NOT_RECORDED, NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT,
+from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT,
                                 TC_ACT_UNSPEC, ct_rows, node_datapath, node_netns,
-                                node_run as run, node_services, socket_lb_on)
+                                lo_run as on_lo, node_run as run, node_services, socket_lb_on)
 from tests.lb.lbdata import ep, eslice, service
 
 NODE_IP, NODE_IP6 = "10.240.0.11", "2001:db8:240::11"
@@ -190,15 +187,6 @@ def test_a_host_network_backend_is_reached_through_lo(dp, net, svcs):
 
 
 # -- the node's own NodePort, through lo ---------------------------------------------
-
-def on_lo(dp, net, pkt):
-    dp.maps.decision_reset(NOT_RECORDED)
-    with in_netns(net.ns):
-        res = prog_test_run(dp.prog_fd("fp_lo"), bytes(pkt), ifindex=1)
-    rec = dp.maps.decision()
-    return res.retval, res.data, DEFS.reason(rec.reason), DEFS.redirect_kinds[rec.kind].label, \
-        rec.ifindex
-
 
 ZERO = ("00:00:00:00:00:00", "00:00:00:00:00:00")
 

@@ -29,7 +29,7 @@ from agent.datapath.maps import DEFS
 from agent.datapath.nsenter import in_netns
 from tests.bpf.conftest import (NODE_NAME as NODE, NOT_RECORDED, TC_ACT_REDIRECT, TC_ACT_SHOT,
                                 TC_ACT_UNSPEC, ct_rows, node_datapath, node_netns, node_run,
-                                node_services, socket_lb_on)
+                                lo_run as on_lo, node_services, socket_lb_on)
 from tests.lb.lbdata import ep, eslice, service
 
 NODE_IP, GW, GW_MAC = "10.240.0.11", "10.240.0.253", "02:00:00:00:02:54"
@@ -158,16 +158,6 @@ def crc_ok(out: bytes) -> bool:
 def tuple_of(out: bytes):
     o = Ether(out)
     return o[IP].src, o[SCTP].sport, o[IP].dst, o[SCTP].dport
-
-
-def on_lo(dp, net, pkt):
-    """fp_lo run on pkt leaving the node's lo."""
-    dp.maps.decision_reset(NOT_RECORDED)
-    with in_netns(net.ns):
-        res = prog_test_run(dp.prog_fd("fp_lo"), bytes(pkt), ifindex=LO)
-    rec = dp.maps.decision()
-    return res.retval, res.data, DEFS.reason(rec.reason), DEFS.redirect_kinds[rec.kind].label, \
-        rec.ifindex
 
 
 def into_lo(out: bytes) -> bool:
