@@ -256,7 +256,7 @@ static __always_inline int fp_from_pod_run(struct __sk_buff *skb)
 						&seen, &l4, NULL);
 		if (rc == 0) {
 			translated = 1;
-			fp_count_family(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len, FP_FAM_IPV6);
+			fp_count(skb->ifindex, FP_DIR_FROM_POD, FP_FWD_SVC, skb->len);
 			hairpin = ip.saddr == FP_HAIRPIN_IP;
 		} else if (l4.kind == FP_L4_ICMP_ERR) {
 			/* a client's error about a reply it got from a VIP */

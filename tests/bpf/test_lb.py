@@ -76,6 +76,21 @@ def test_a_connection_to_a_clusterip_is_translated_to_its_backend_and_redirected
     assert (rev.nat_addr, rev.nat_port) == (VIP, 80)
 
 
+def test_a_translated_ipv4_packet_counts_as_service_translated_ipv4(dp, bpfnet, services):
+    # (the IPv4 walk once counted it under the IPv6 family)
+    def translated():
+        return {r.family: r.packets for r in dp.maps.counters(by_family=True)
+                if (r.ifindex, r.direction, r.reason) == (bpfnet.cali_a.ifindex, "from-pod",
+                                                            "service-translated")}
+    before = translated()
+    r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP, sport=40009)),
+                 bpfnet.cali_a.ifindex)
+    assert r.verdict == TC_ACT_REDIRECT
+    after = translated()
+    assert after.get("ipv4", 0) == before.get("ipv4", 0) + 1
+    assert after.get("ipv6", 0) == before.get("ipv6", 0)
+
+
 def test_the_reply_gets_the_vip_back_as_its_source(dp, bpfnet, services):
     run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP, sport=40001)), bpfnet.cali_a.ifindex)
     reply = Ether(src=bpfnet.pod_b_mac, dst=bpfnet.cali_b.mac) / IP(src=POD_B, dst=POD_A) \
