@@ -400,14 +400,16 @@ def run(args) -> dict:
                                                                  key=lambda x: x[1].name)}
             floor_pod = floor_node.add_pod("n3b")
             ext = w.add_client("ext")
-            servers = [start_server(p) for p in [*pods.values(), floor_pod]]
-            cgroups = ExitStack()
-            cg = {a: cgroups.enter_context(own_cgroup()) for a in ("baseline", "tree")}
-            agents = {"baseline": ArmAgent(tmp, nodes["baseline"], pods["baseline"],
-                                           args.services, cg["baseline"]),
-                      "tree": ArmAgent(str(REPO), nodes["tree"], pods["tree"], args.services,
-                                       cg["tree"])}
-            try:
+            # torn down in reverse, also when a step fails: the agents, then
+            # their cgroups (after the agents let go of them), then the servers
+            with ExitStack() as stack:
+                servers = [start_server(p) for p in [*pods.values(), floor_pod]]
+                stack.callback(harness.stop, servers)
+                agents = {}
+                for a, tree in (("baseline", tmp), ("tree", str(REPO))):
+                    cg = stack.enter_context(own_cgroup())
+                    agents[a] = ArmAgent(tree, nodes[a], pods[a], args.services, cg)
+                    stack.callback(agents[a].stop)
                 for ag in agents.values():      # (one compile at a time on 2 CPUs)
                     ag.wait_ready()
                 harness.tune_client(ext)
@@ -437,11 +439,6 @@ def run(args) -> dict:
                         f"({time.monotonic() - started:.0f}s)")
                     res.update(profile(arms, args.rounds, args.seconds))
                 res["client_errors"] = client.errors
-            finally:
-                for ag in agents.values():
-                    ag.stop()
-                cgroups.close()          # (after the agents let go of them)
-                harness.stop(servers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["elapsed"] = time.monotonic() - started

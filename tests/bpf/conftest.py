@@ -186,6 +186,12 @@ def socket_lb_on(dp):
         assert not dp.settings.socket_lb()
 
 
+def counters(dp, by_family: bool = False) -> dict:
+    """Packets per (ifindex, direction, reason[, family])."""
+    return {(c.ifindex, c.direction, c.reason, c.family)[:4 if by_family else 3]: c.packets
+            for c in dp.maps.counters(by_family=by_family)}
+
+
 def ct_rows(dp, **match):
     """dp's conntrack rows (both families) whose fields equal match's."""
     return [r for r in dp.lb.conntrack()

@@ -65,12 +65,6 @@ class SctpNode:
         return o[self.ip_layer].src, o[SCTP].sport, o[self.ip_layer].dst, o[SCTP].dport
 
 
-def counters(dp, by_family: bool = False) -> dict:
-    """Packets per (ifindex, direction, reason[, family])."""
-    return {(c.ifindex, c.direction, c.reason, c.family)[:4 if by_family else 3]: c.packets
-            for c in dp.maps.counters(by_family=by_family)}
-
-
 def prog_run(dp, net, prog, pkt, dev, **kw):
     """prog run on pkt arriving on net's dev with prog_test_run's options
     (`mark`, `gso_size`, ...): its result and the decision it recorded."""

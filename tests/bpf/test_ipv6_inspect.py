@@ -12,17 +12,12 @@ from scapy.layers.l2 import Ether
 from agent.datapath.maps import DEFS
 from agent.inspect.events import decode_event, event_line, event_row
 from tests.bpf.conftest import (POD_A, POD_A6, POD_B, POD_B6, REMOTE6, TC_ACT_REDIRECT,
-                                TC_ACT_SHOT, run_prog)
+                                TC_ACT_SHOT, counters, run_prog)
 from tests.bpf.test_ipv6 import dual, from_pod, from_vpc, run  # noqa: F401 (fixture)
 
 
 def drained(events) -> list[dict]:
     return [decode_event(raw, events.schema) for raw in events.poll()]
-
-
-def by_family(dp) -> dict:
-    return {(c.ifindex, c.direction, c.reason, c.family): c.packets
-            for c in dp.maps.counters(by_family=True)}
 
 
 def test_an_ipv6_drop_from_the_vpc_is_reported_with_its_addresses_and_ports(dp, bpfnet, dual,
@@ -52,7 +47,7 @@ def test_the_guards_ipv6_drop_names_both_addresses(dp, bpfnet, dual, events):
     drained(events)
     spoofed = Ether(src=n.pod_a_mac, dst=n.cali_a.mac) / IPv6(src=POD_B6, dst=REMOTE6) / UDP(
         sport=41002, dport=53)
-    before = by_family(dp)
+    before = counters(dp, by_family=True)
     r = run(dp, n, "fp_from_pod", spoofed, "cali_a")
     assert (r.verdict, r.reason) == (TC_ACT_SHOT, "dropped-source-spoofed")
     evs = [e for e in drained(events) if e["reason_label"] == "dropped-source-spoofed"]
@@ -60,7 +55,7 @@ def test_the_guards_ipv6_drop_names_both_addresses(dp, bpfnet, dual, events):
     assert (evs[0]["family"], evs[0]["saddr"], evs[0]["daddr"], evs[0]["proto_label"]) == (
         "ipv6", POD_B6, REMOTE6, "UDP")
     key = (n.cali_a.ifindex, "from-pod", "dropped-source-spoofed", "ipv6")
-    assert by_family(dp).get(key, 0) == before.get(key, 0) + 1, "counted as IPv6"
+    assert counters(dp, by_family=True).get(key, 0) == before.get(key, 0) + 1, "counted as IPv6"
 
 
 def test_ipv6_forwarding_is_traced_with_its_addresses_while_a_monitor_asks(dp, bpfnet, dual,
@@ -83,20 +78,20 @@ def test_ipv6_forwarding_is_traced_with_its_addresses_while_a_monitor_asks(dp, b
 
 def test_counters_are_kept_per_family_and_summed_without_it(dp, bpfnet, dual):
     n = bpfnet
-    before = by_family(dp)
-    before_all = {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()}
+    before = counters(dp, by_family=True)
+    before_all = counters(dp)
     assert run(dp, n, "fp_from_pod", from_pod(n, "a", POD_B6), "cali_a").verdict == \
         TC_ACT_REDIRECT
     four = Ether(src=n.pod_a_mac, dst=n.cali_a.mac) / IP(src=POD_A, dst=POD_B) / UDP(
         sport=41004, dport=53) / b"q"
     assert run_prog(dp, n.ns, "fp_from_pod", bytes(four), n.cali_a.ifindex).verdict == \
         TC_ACT_REDIRECT
-    after = by_family(dp)
+    after = counters(dp, by_family=True)
     for fam in ("ipv4", "ipv6"):
         key = (n.cali_a.ifindex, "from-pod", "redirected-local", fam)
         assert after.get(key, 0) == before.get(key, 0) + 1, fam
     key = (n.cali_a.ifindex, "from-pod", "redirected-local")
-    after_all = {(c.ifindex, c.direction, c.reason): c.packets for c in dp.maps.counters()}
+    after_all = counters(dp)
     assert after_all[key] == before_all.get(key, 0) + 2, "both families in the plain rows"
 
 
@@ -109,7 +104,7 @@ def test_the_traces_ipv6_packets_get_the_decisions_of_real_ones_and_change_nothi
     from agent.cli.trace import build_packet
     n = bpfnet
     whatif = DEFS.defines["FP_WHATIF_MARK"]
-    before = by_family(dp)
+    before = counters(dp, by_family=True)
     drained(events)
     dp.monitor.set_events(DEFS.defines["FP_MON_EV_TRACE"])
     try:
@@ -126,7 +121,7 @@ def test_the_traces_ipv6_packets_get_the_decisions_of_real_ones_and_change_nothi
         assert drained(events) == [], "a what-if run reports nothing"
     finally:
         dp.monitor.set_events(0)
-    assert by_family(dp) == before, "nor counts"
+    assert counters(dp, by_family=True) == before, "nor counts"
 
 
 def test_an_ipv6_packet_whose_program_is_missing_is_counted_as_ipv6(dp, bpfnet, dual):
@@ -135,7 +130,7 @@ def test_an_ipv6_packet_whose_program_is_missing_is_counted_as_ipv6(dp, bpfnet, 
     import ctypes
     n = bpfnet
     tails = dp.module.table(DEFS.maps["FP_MAP_TAILS"])
-    before = by_family(dp)
+    before = counters(dp, by_family=True)
     del tails[ctypes.c_int(int(DEFS.defines["FP_TAIL_FROM_POD6"]))]
     try:
         r = run(dp, n, "fp_from_pod", from_pod(n, "a", POD_B6), "cali_a")
@@ -143,7 +138,7 @@ def test_an_ipv6_packet_whose_program_is_missing_is_counted_as_ipv6(dp, bpfnet, 
         dp.module.fill_tail_calls()
     assert (r.verdict, r.reason) == (TC_ACT_SHOT, "dropped-tail-call-missing")
     key = (n.cali_a.ifindex, "from-pod", "dropped-tail-call-missing")
-    after = by_family(dp)
+    after = counters(dp, by_family=True)
     assert after.get(key + ("ipv6",), 0) == before.get(key + ("ipv6",), 0) + 1
     assert after.get(key + ("ipv4",), 0) == before.get(key + ("ipv4",), 0)
     assert run(dp, n, "fp_from_pod", from_pod(n, "a", POD_B6), "cali_a").verdict == \

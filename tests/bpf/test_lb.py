@@ -15,7 +15,7 @@ from scapy.layers.l2 import Ether
 
 from agent.datapath.maps import DEFS
 from tests.bpf.conftest import (POD_A, POD_B, REMOTE, TC_ACT_REDIRECT, TC_ACT_SHOT,
-                                TC_ACT_UNSPEC, frontends, run_prog)
+                                TC_ACT_UNSPEC, counters, frontends, run_prog)
 
 VIP = "192.168.50.10"
 VIP_AFF = "192.168.50.11"
@@ -78,17 +78,14 @@ def test_a_connection_to_a_clusterip_is_translated_to_its_backend_and_redirected
 
 def test_a_translated_ipv4_packet_counts_as_service_translated_ipv4(dp, bpfnet, services):
     # (the IPv4 walk once counted it under the IPv6 family)
-    def translated():
-        return {r.family: r.packets for r in dp.maps.counters(by_family=True)
-                if (r.ifindex, r.direction, r.reason) == (bpfnet.cali_a.ifindex, "from-pod",
-                                                            "service-translated")}
-    before = translated()
+    key = (bpfnet.cali_a.ifindex, "from-pod", "service-translated")
+    before = counters(dp, by_family=True)
     r = run_prog(dp, bpfnet.ns, "fp_from_pod", bytes(syn(bpfnet, VIP, sport=40009)),
                  bpfnet.cali_a.ifindex)
     assert r.verdict == TC_ACT_REDIRECT
-    after = translated()
-    assert after.get("ipv4", 0) == before.get("ipv4", 0) + 1
-    assert after.get("ipv6", 0) == before.get("ipv6", 0)
+    after = counters(dp, by_family=True)
+    assert after.get((*key, "ipv4"), 0) == before.get((*key, "ipv4"), 0) + 1
+    assert after.get((*key, "ipv6"), 0) == before.get((*key, "ipv6"), 0)
 
 
 def test_the_reply_gets_the_vip_back_as_its_source(dp, bpfnet, services):

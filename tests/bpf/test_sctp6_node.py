@@ -20,9 +20,9 @@ from scapy.layers.l2 import Ether
 
 from agent.datapath.maps import DEFS
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                ct_rows, node_datapath, node_netns, node_run as run, node_services,
-                                socket_lb_on)
-from tests.bpf.sctpnode import SctpNode, counters, whatif
+                                counters, ct_rows, node_datapath, node_netns, node_run as run,
+                                node_services, socket_lb_on)
+from tests.bpf.sctpnode import SctpNode, whatif
 from tests.lb.lbdata import ep, eslice, service
 
 NODE_IP, NODE_IP6 = "10.240.0.11", "2001:db8:240::11"

@@ -21,9 +21,9 @@ from scapy.layers.sctp import SCTP
 
 from agent.datapath.maps import DEFS
 from tests.bpf.conftest import (NODE_NAME as NODE, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
-                                ct_rows, node_datapath, node_run as run, node_services, routed_node,
-                                socket_lb_on)
-from tests.bpf.sctpnode import SctpNode, counters, prog_run, whatif
+                                counters, ct_rows, node_datapath, node_run as run, node_services,
+                                routed_node, socket_lb_on)
+from tests.bpf.sctpnode import SctpNode, prog_run, whatif
 from tests.lb.lbdata import ep, eslice, service
 
 NODE_IP, GW, GW_MAC = "10.240.0.11", "10.240.0.253", "02:00:00:00:02:54"
